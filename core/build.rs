@@ -1,0 +1,14 @@
+//! Compiles the wire protocol in `proto/` with protox (pure Rust: no `protoc` needed).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/ionet/common.proto",
+        "proto/ionet/gcs.proto",
+        "proto/ionet/node.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

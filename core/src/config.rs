@@ -1,0 +1,174 @@
+//! Cluster configuration: defaults, then a TOML file, then `IONET_*` environment
+//! variables, then command-line flags (applied by the caller), each overriding the last.
+//!
+//! The file is the one named by `--config` or `IONET_CONFIG`. Environment variables are
+//! the upper-case field names with an `IONET_` prefix, e.g. `IONET_HEARTBEAT_TIMEOUT_MS`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IonetError, IonetResult};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// How often node daemons heartbeat to the control store.
+    pub heartbeat_interval_ms: u64,
+    /// A node silent for this long is declared dead.
+    pub heartbeat_timeout_ms: u64,
+    /// Largest gRPC message accepted by servers.
+    pub max_message_bytes: usize,
+    /// Largest value the internal KV accepts.
+    pub max_kv_value_bytes: usize,
+    /// Longest key the internal KV accepts.
+    pub max_kv_key_bytes: usize,
+    /// First and largest wait between a node daemon's reconnection attempts.
+    pub reconnect_initial_backoff_ms: u64,
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 10_000,
+            max_message_bytes: crate::rpc::DEFAULT_MAX_MESSAGE_BYTES,
+            max_kv_value_bytes: 16 * 1024 * 1024,
+            max_kv_key_bytes: 4096,
+            reconnect_initial_backoff_ms: 100,
+            reconnect_max_backoff_ms: 5_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Defaults, overridden by the file (if any), then by the environment.
+    pub fn load(file: Option<&Path>) -> IonetResult<Self> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("IONET_CONFIG").map(Into::into));
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|err| {
+                    IonetError::Config(format!("cannot read {}: {err}", path.display()))
+                })?;
+                Self::from_toml(&text)
+                    .map_err(|err| IonetError::Config(format!("{}: {err}", path.display())))?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> IonetResult<Self> {
+        toml::from_str(text).map_err(|err| IonetError::Config(err.to_string()))
+    }
+
+    /// Applies `IONET_<FIELD>` overrides read through `lookup`.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> IonetResult<()> {
+        fn read<T: std::str::FromStr>(
+            lookup: &impl Fn(&str) -> Option<String>,
+            name: &str,
+            slot: &mut T,
+        ) -> IonetResult<()> {
+            if let Some(text) = lookup(name) {
+                *slot = text.trim().parse().map_err(|_| {
+                    IonetError::Config(format!("{name}={text:?} is not a valid number"))
+                })?;
+            }
+            Ok(())
+        }
+        read(
+            &lookup,
+            "IONET_HEARTBEAT_INTERVAL_MS",
+            &mut self.heartbeat_interval_ms,
+        )?;
+        read(
+            &lookup,
+            "IONET_HEARTBEAT_TIMEOUT_MS",
+            &mut self.heartbeat_timeout_ms,
+        )?;
+        read(
+            &lookup,
+            "IONET_MAX_MESSAGE_BYTES",
+            &mut self.max_message_bytes,
+        )?;
+        read(
+            &lookup,
+            "IONET_MAX_KV_VALUE_BYTES",
+            &mut self.max_kv_value_bytes,
+        )?;
+        read(
+            &lookup,
+            "IONET_MAX_KV_KEY_BYTES",
+            &mut self.max_kv_key_bytes,
+        )?;
+        read(
+            &lookup,
+            "IONET_RECONNECT_INITIAL_BACKOFF_MS",
+            &mut self.reconnect_initial_backoff_ms,
+        )?;
+        read(
+            &lookup,
+            "IONET_RECONNECT_MAX_BACKOFF_MS",
+            &mut self.reconnect_max_backoff_ms,
+        )?;
+        Ok(())
+    }
+
+    pub fn validate(&self) -> IonetResult<()> {
+        if self.heartbeat_interval_ms == 0 {
+            return Err(IonetError::Config(
+                "heartbeat_interval_ms must be positive".into(),
+            ));
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(IonetError::Config(format!(
+                "heartbeat_timeout_ms ({}) must exceed heartbeat_interval_ms ({})",
+                self.heartbeat_timeout_ms, self.heartbeat_interval_ms
+            )));
+        }
+        if self.max_kv_value_bytes >= self.max_message_bytes {
+            return Err(IonetError::Config(
+                "max_kv_value_bytes must be below max_message_bytes".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let mut config =
+            ClusterConfig::from_toml("heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n")
+                .unwrap();
+        assert_eq!(config.heartbeat_interval_ms, 200);
+        assert_eq!(config.max_kv_key_bytes, 4096);
+        config
+            .apply_env(|name| (name == "IONET_HEARTBEAT_TIMEOUT_MS").then(|| "1500".to_string()))
+            .unwrap();
+        assert_eq!(config.heartbeat_timeout_ms, 1500);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = ClusterConfig::from_toml("heartbeat_interval = 5").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let mut config = ClusterConfig::default();
+        let err = config.apply_env(|_| Some("soon".into())).unwrap_err();
+        assert!(err.to_string().contains("is not a valid number"), "{err}");
+        let config = ClusterConfig {
+            heartbeat_timeout_ms: 500,
+            ..Default::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

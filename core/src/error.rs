@@ -1,0 +1,44 @@
+//! The error type every ionet crate converts into at its boundary.
+//!
+//! Variants are chosen by what a caller does next: retry later (`Unavailable`,
+//! `Timeout`), fix the request (`InvalidArgument`, `NotFound`, `AlreadyExists`,
+//! `Unauthenticated`), or give up (`Internal`). The mapping to gRPC status codes
+//! and back lives in [`crate::rpc::status`], the one place that knows both.
+
+use thiserror::Error;
+
+pub type IonetResult<T> = Result<T, IonetError>;
+
+#[derive(Debug, Error)]
+pub enum IonetError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The peer could not be reached or went away; retrying later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IonetError {
+    /// Whether the same request may succeed if sent again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, IonetError::Unavailable(_) | IonetError::Timeout(_))
+    }
+}

@@ -1,0 +1,32 @@
+//! ionet: a Rust-native task and actor runtime for ML work on rented, heterogeneous GPUs.
+//!
+//! This crate is what users depend on. Today it holds the vocabulary every other
+//! crate shares:
+//!
+//! - [`ids`]: fixed-size binary ids (job, node, worker, task, actor, object,
+//!   placement group), hex on display;
+//! - [`resources`]: exact fixed-point resource quantities (`GPU` down to 1/10000)
+//!   and resource sets, prices in integer micro-USD;
+//! - [`config`]: cluster configuration from defaults, a TOML file and `IONET_*`
+//!   environment variables;
+//! - [`auth`]: the cluster token carried by every RPC;
+//! - [`rpc`]: the wire protocol generated from `core/proto/*.proto` (tonic + prost),
+//!   authenticated channel helpers and the one error ↔ gRPC status mapping;
+//! - [`error`]: [`IonetError`], the error every layer converts into.
+//!
+//! How the processes talk: node daemons register with the global control store
+//! (`ionet-gcs`) and heartbeat their available resources to it; the control store
+//! keeps the node, job and KV tables and publishes changes on a stream. The task
+//! API (`init`, `remote`, `get`, `put`, actors) builds on these pieces.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod resources;
+pub mod rpc;
+
+pub use error::{IonetError, IonetResult};
+pub use ids::{ActorId, JobId, NodeId, ObjectId, PlacementGroupId, TaskId, WorkerId};
+pub use resources::{Quantity, ResourceSet};
