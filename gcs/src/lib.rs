@@ -1,0 +1,28 @@
+//! ionet-gcs: the global control store (GCS), served by the head.
+//!
+//! Data model: a node table (one row per node daemon: address, total and available
+//! resources, GPUs, labels, price, payout wallet, state ALIVE → DRAINING → DEAD), a job
+//! table (ids assigned in sequence), a namespaced internal KV, and a pub/sub stream of
+//! membership changes (node added, drained, dead; job started, finished).
+//!
+//! How it talks: node daemons call `RegisterNode` once and `Heartbeat` every
+//! interval with their available resources; a health task declares dead any node
+//! silent past the timeout and publishes it. Drivers add jobs and read the tables;
+//! anyone with the cluster token may `Subscribe`. The GCS is never on the per-task
+//! path: it holds membership, not work.
+//!
+//! Layout: [`state`] holds the tables and every rule that changes them; [`service`]
+//! is the thin tonic adapter; [`storage`] is the backend trait with an in-memory and
+//! an embedded-file (redb) implementation; [`server`] wires them to a socket with the
+//! token check and the health task.
+
+pub mod error;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod storage;
+
+pub use error::{GcsError, GcsResult};
+pub use server::{GcsServer, GcsServerOptions};
+pub use state::GcsState;
+pub use storage::{GcsStorage, MemoryStorage, RedbStorage};

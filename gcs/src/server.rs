@@ -1,0 +1,140 @@
+//! Serving the control store on a socket: token check, message size caps, the
+//! health task, and an orderly shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ionet::auth::{CheckToken, ClusterToken};
+use ionet::clock::{Clock, SystemClock};
+use ionet::config::ClusterConfig;
+use ionet::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::error::{GcsError, GcsResult};
+use crate::service::GcsService;
+use crate::state::GcsState;
+use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
+
+pub struct GcsServerOptions {
+    pub config: ClusterConfig,
+    pub token: ClusterToken,
+    /// `None`: tables in memory only.
+    pub storage_path: Option<PathBuf>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl GcsServerOptions {
+    pub fn new(config: ClusterConfig, token: ClusterToken) -> Self {
+        Self {
+            config,
+            token,
+            storage_path: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// A running control store. Dropping it does not stop it: call [`GcsServer::shutdown`].
+pub struct GcsServer {
+    address: SocketAddr,
+    state: Arc<GcsState>,
+    stop: watch::Sender<bool>,
+    serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    health_task: JoinHandle<()>,
+}
+
+impl GcsServer {
+    /// Opens storage, loads the tables and serves on `listener`.
+    pub async fn start(options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
+        let storage: Arc<dyn GcsStorage> = match &options.storage_path {
+            Some(path) => {
+                let path = path.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || RedbStorage::open(&path))
+                        .await
+                        .map_err(|err| GcsError::Storage(err.to_string()))??,
+                )
+            }
+            None => Arc::new(MemoryStorage::new()),
+        };
+        let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
+        let address = listener
+            .local_addr()
+            .map_err(|err| GcsError::Storage(format!("listener has no address: {err}")))?;
+        let (stop, stopped) = watch::channel(false);
+
+        let max_bytes = options.config.max_message_bytes;
+        let service = GeneratedGcsServer::new(GcsService::new(state.clone()))
+            .max_decoding_message_size(max_bytes)
+            .max_encoding_message_size(max_bytes);
+        let service = InterceptedService::new(service, CheckToken::new(options.token.clone()));
+        let mut stop_serving = stopped.clone();
+        let serve_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop_serving.wait_for(|stop| *stop).await;
+                }),
+        );
+        let health_task = tokio::spawn(run_health_checks(state.clone(), stopped));
+        tracing::info!(%address, "control store serving");
+        Ok(Self {
+            address,
+            state,
+            stop,
+            serve_task,
+            health_task,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn state(&self) -> &Arc<GcsState> {
+        &self.state
+    }
+
+    /// Stops accepting calls, ends the health task and waits for both.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.health_task.await;
+        match self.serve_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "control store server ended with an error")
+            }
+            Err(err) => tracing::warn!(error = %err, "control store server task failed"),
+        }
+    }
+
+    /// Waits until the server stops on its own (it does not, unless its socket fails).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.serve_task).await;
+    }
+}
+
+/// Checks heartbeat deadlines a few times per interval, so a node is declared dead
+/// within timeout + one interval of its last heartbeat.
+async fn run_health_checks(state: Arc<GcsState>, mut stopped: watch::Receiver<bool>) {
+    let period = Duration::from_millis((state.config.heartbeat_interval_ms / 4).clamp(10, 1_000));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(err) = state.check_heartbeats().await {
+                    tracing::error!(error = %err, "health check could not record a dead node");
+                }
+            }
+            _ = stopped.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The tonic service: decodes requests, calls [`GcsState`], encodes replies. No
+//! decisions are made here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ionet::rpc::proto::common::JobInfo;
+use ionet::rpc::proto::gcs::gcs_server::Gcs;
+use ionet::rpc::proto::gcs::*;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::state::GcsState;
+
+pub struct GcsService {
+    state: Arc<GcsState>,
+}
+
+impl GcsService {
+    pub fn new(state: Arc<GcsState>) -> Self {
+        Self { state }
+    }
+}
+
+fn wants(channels: &[Channel], event: &ClusterEvent) -> bool {
+    if channels.is_empty() {
+        return true;
+    }
+    let channel = match event.event {
+        Some(cluster_event::Event::NodeAdded(_))
+        | Some(cluster_event::Event::NodeDead(_))
+        | Some(cluster_event::Event::NodeDrained(_)) => Channel::Nodes,
+        Some(cluster_event::Event::JobStarted(_)) | Some(cluster_event::Event::JobFinished(_)) => {
+            Channel::Jobs
+        }
+        None => return false,
+    };
+    channels.contains(&channel)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ClusterEvent, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Gcs for GcsService {
+    async fn register_node(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeReply>, Status> {
+        let node = request
+            .into_inner()
+            .node
+            .ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
+        self.state.register_node(node).await?;
+        Ok(Response::new(RegisterNodeReply {
+            heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        self.state.heartbeat(&request.node_id, request.available)?;
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeReply>, Status> {
+        let request = request.into_inner();
+        self.state
+            .drain_node(&request.node_id, &request.reason, request.exiting)
+            .await?;
+        Ok(Response::new(DrainNodeReply {}))
+    }
+
+    async fn get_all_nodes(
+        &self,
+        request: Request<GetAllNodesRequest>,
+    ) -> Result<Response<GetAllNodesReply>, Status> {
+        Ok(Response::new(GetAllNodesReply {
+            nodes: self.state.nodes(request.into_inner().include_dead),
+        }))
+    }
+
+    async fn add_job(
+        &self,
+        request: Request<AddJobRequest>,
+    ) -> Result<Response<AddJobReply>, Status> {
+        let request = request.into_inner();
+        let job = self
+            .state
+            .add_job(JobInfo {
+                driver_address: request.driver_address,
+                driver_pid: request.driver_pid,
+                namespace: request.namespace,
+                entrypoint: request.entrypoint,
+                payer_account: request.payer_account,
+                ..Default::default()
+            })
+            .await?;
+        Ok(Response::new(AddJobReply { job: Some(job) }))
+    }
+
+    async fn mark_job_finished(
+        &self,
+        request: Request<MarkJobFinishedRequest>,
+    ) -> Result<Response<MarkJobFinishedReply>, Status> {
+        self.state.finish_job(&request.into_inner().job_id).await?;
+        Ok(Response::new(MarkJobFinishedReply {}))
+    }
+
+    async fn get_all_jobs(
+        &self,
+        _request: Request<GetAllJobsRequest>,
+    ) -> Result<Response<GetAllJobsReply>, Status> {
+        Ok(Response::new(GetAllJobsReply {
+            jobs: self.state.jobs(),
+        }))
+    }
+
+    async fn kv_put(&self, request: Request<KvPutRequest>) -> Result<Response<KvPutReply>, Status> {
+        let request = request.into_inner();
+        let added = self
+            .state
+            .kv_put(
+                &request.namespace,
+                &request.key,
+                request.value,
+                request.overwrite,
+            )
+            .await?;
+        Ok(Response::new(KvPutReply { added }))
+    }
+
+    async fn kv_get(&self, request: Request<KvGetRequest>) -> Result<Response<KvGetReply>, Status> {
+        let request = request.into_inner();
+        let value = self.state.kv_get(&request.namespace, &request.key).await?;
+        Ok(Response::new(KvGetReply { value }))
+    }
+
+    async fn kv_del(&self, request: Request<KvDelRequest>) -> Result<Response<KvDelReply>, Status> {
+        let request = request.into_inner();
+        let deleted = self
+            .state
+            .kv_del(&request.namespace, &request.key, request.by_prefix)
+            .await?;
+        Ok(Response::new(KvDelReply { deleted }))
+    }
+
+    async fn kv_keys(
+        &self,
+        request: Request<KvKeysRequest>,
+    ) -> Result<Response<KvKeysReply>, Status> {
+        let request = request.into_inner();
+        let keys = self
+            .state
+            .kv_keys(&request.namespace, &request.prefix)
+            .await?;
+        Ok(Response::new(KvKeysReply { keys }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let channels: Vec<Channel> = request
+            .into_inner()
+            .channels
+            .into_iter()
+            .filter_map(|raw| Channel::try_from(raw).ok())
+            .collect();
+        let stream = BroadcastStream::new(self.state.subscribe()).filter_map(move |item| match item {
+            Ok(event) if wants(&channels, &event) => Some(Ok(event)),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(format!(
+                "subscriber fell behind and missed {missed} events: subscribe again and re-read the tables"
+            )))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_cluster_info(
+        &self,
+        _request: Request<GetClusterInfoRequest>,
+    ) -> Result<Response<GetClusterInfoReply>, Status> {
+        Ok(Response::new(GetClusterInfoReply {
+            cluster_id: self.state.cluster_id().to_string(),
+            started_at_ms: self.state.started_at_ms(),
+            heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
+        }))
+    }
+}

@@ -1,0 +1,593 @@
+//! The control store's tables and the rules that change them.
+//!
+//! Invariants:
+//! - The node and job tables live in memory (DashMaps) and are written through to
+//!   storage on every change of membership or state. Heartbeats touch memory only:
+//!   they carry volatile data (available resources, liveness) that a restarted head
+//!   learns again within one heartbeat interval.
+//! - A node's `last_heartbeat_ms` and every time in the tables come from the control
+//!   store's [`Clock`], never from a node's report.
+//! - After a restart from storage, nodes that were alive get a fresh deadline, so a
+//!   node that never comes back is declared dead one timeout later, and one that is
+//!   still running re-registers and carries on.
+//! - Every change of membership publishes exactly one [`ClusterEvent`], numbered in
+//!   order by `sequence`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use ionet::clock::Clock;
+use ionet::config::ClusterConfig;
+use ionet::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
+use ionet::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
+use ionet::{IonetError, JobId, NodeId};
+use prost::Message;
+use tokio::sync::broadcast;
+
+use crate::error::{GcsError, GcsResult};
+use crate::storage::{GcsStorage, Table};
+
+const JOB_COUNTER_KEY: &[u8] = b"job_counter";
+const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+/// How many events a slow subscriber may fall behind before its stream is cut.
+const EVENT_BUFFER: usize = 4096;
+
+pub struct GcsState {
+    pub(crate) config: ClusterConfig,
+    storage: Arc<dyn GcsStorage>,
+    clock: Arc<dyn Clock>,
+    nodes: DashMap<NodeId, NodeInfo>,
+    jobs: DashMap<JobId, JobInfo>,
+    events: broadcast::Sender<ClusterEvent>,
+    sequence: AtomicU64,
+    /// Serialises job id allocation (a read-modify-write of the stored counter).
+    job_counter: tokio::sync::Mutex<()>,
+    cluster_id: String,
+    started_at_ms: u64,
+}
+
+/// Runs a storage call on the blocking pool: storage does file I/O and fsync.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> GcsResult<T> + Send + 'static,
+) -> GcsResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|err| GcsError::Storage(format!("storage task failed: {err}")))?
+}
+
+fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> GcsResult<M> {
+    M::decode(bytes).map_err(|err| GcsError::Corrupt {
+        what: what.to_string(),
+        why: err.to_string(),
+    })
+}
+
+fn invalid(message: String) -> GcsError {
+    GcsError::Ionet(IonetError::InvalidArgument(message))
+}
+
+impl GcsState {
+    /// Loads the tables from `storage` (empty for a new store) and prepares the event stream.
+    pub async fn open(
+        config: ClusterConfig,
+        storage: Arc<dyn GcsStorage>,
+        clock: Arc<dyn Clock>,
+    ) -> GcsResult<Arc<Self>> {
+        let now = clock.now_ms();
+        let loader = storage.clone();
+        let (nodes, jobs, cluster_id) = blocking(move || {
+            let nodes = loader.scan_prefix(Table::Nodes, b"")?;
+            let jobs = loader.scan_prefix(Table::Jobs, b"")?;
+            let fresh_id = hex::encode(rand::random::<[u8; 8]>());
+            loader.put_if_absent(Table::Meta, CLUSTER_ID_KEY, fresh_id.as_bytes())?;
+            let cluster_id = loader.get(Table::Meta, CLUSTER_ID_KEY)?.unwrap_or_default();
+            Ok((
+                nodes,
+                jobs,
+                String::from_utf8_lossy(&cluster_id).into_owned(),
+            ))
+        })
+        .await?;
+
+        let node_table = DashMap::new();
+        for (key, bytes) in nodes {
+            let mut node: NodeInfo = decode(&format!("node {}", hex::encode(&key)), &bytes)?;
+            let node_id = NodeId::from_bytes(&node.node_id).map_err(GcsError::from)?;
+            if node.state != NodeState::Dead as i32 {
+                // A fresh deadline: the node has one timeout to reach the restarted head.
+                node.last_heartbeat_ms = now;
+            }
+            node_table.insert(node_id, node);
+        }
+        let job_table = DashMap::new();
+        for (_, bytes) in jobs {
+            let job: JobInfo = decode("job", &bytes)?;
+            let job_id = JobId::from_bytes(&job.job_id).map_err(GcsError::from)?;
+            job_table.insert(job_id, job);
+        }
+        tracing::info!(
+            storage = %storage.describe(),
+            nodes = node_table.len(),
+            jobs = job_table.len(),
+            cluster_id = %cluster_id,
+            "control store opened"
+        );
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Ok(Arc::new(Self {
+            config,
+            storage,
+            clock,
+            nodes: node_table,
+            jobs: job_table,
+            events,
+            sequence: AtomicU64::new(0),
+            job_counter: tokio::sync::Mutex::new(()),
+            cluster_id,
+            started_at_ms: now,
+        }))
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    pub fn started_at_ms(&self) -> u64 {
+        self.started_at_ms
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, event: Event) {
+        let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        // No subscriber is not an error: the event is simply not wanted by anyone.
+        let _ = self.events.send(ClusterEvent {
+            sequence,
+            time_ms: self.clock.now_ms(),
+            event: Some(event),
+        });
+    }
+
+    async fn persist_node(&self, node: &NodeInfo) -> GcsResult<()> {
+        let storage = self.storage.clone();
+        let key = node.node_id.clone();
+        let bytes = node.encode_to_vec();
+        blocking(move || storage.put(Table::Nodes, &key, &bytes)).await
+    }
+
+    async fn persist_job(&self, job: &JobInfo) -> GcsResult<()> {
+        let storage = self.storage.clone();
+        let key = job.job_id.clone();
+        let bytes = job.encode_to_vec();
+        blocking(move || storage.put(Table::Jobs, &key, &bytes)).await
+    }
+
+    // ---- nodes ----
+
+    /// Adds a node, or takes back one that registers again (after a head restart or
+    /// a lost connection) under the same id.
+    pub async fn register_node(&self, mut node: NodeInfo) -> GcsResult<()> {
+        let node_id = NodeId::from_bytes(&node.node_id)?;
+        if node.address.trim().is_empty() {
+            return Err(invalid(format!(
+                "node {} registered without an address",
+                node_id.short()
+            )));
+        }
+        let total = node.total.clone().unwrap_or_default().to_set()?;
+        let available = node.available.clone().unwrap_or_default().to_set()?;
+        if !total.contains(&available) {
+            return Err(invalid(format!(
+                "node {} reports available {available} beyond its total {total}",
+                node_id.short()
+            )));
+        }
+        if let Some(key) = node.labels.keys().find(|key| key.trim().is_empty()) {
+            return Err(invalid(format!(
+                "node {} has a label with an empty name {key:?}",
+                node_id.short()
+            )));
+        }
+        let now = self.clock.now_ms();
+        node.registered_at_ms = self
+            .nodes
+            .get(&node_id)
+            .map(|known| known.registered_at_ms)
+            .unwrap_or(now);
+        node.last_heartbeat_ms = now;
+        node.state = NodeState::Alive as i32;
+        node.death_cause.clear();
+        self.persist_node(&node).await?;
+        tracing::info!(node = %node_id.short(), address = %node.address, resources = %total, "node registered");
+        self.nodes.insert(node_id, node.clone());
+        self.publish(Event::NodeAdded(node));
+        Ok(())
+    }
+
+    /// Records a heartbeat: the node is alive now and has `available` free.
+    pub fn heartbeat(
+        &self,
+        node_id: &[u8],
+        available: Option<ResourceQuantities>,
+    ) -> GcsResult<()> {
+        let node_id = NodeId::from_bytes(node_id)?;
+        let available = available
+            .map(|quantities| quantities.to_set())
+            .transpose()?;
+        let mut node = self.nodes.get_mut(&node_id).ok_or_else(|| {
+            IonetError::NotFound(format!(
+                "node {} is not registered with this control store",
+                node_id.short()
+            ))
+        })?;
+        if node.state == NodeState::Dead as i32 {
+            return Err(IonetError::FailedPrecondition(format!(
+                "node {} was declared dead ({}); register again",
+                node_id.short(),
+                node.death_cause
+            ))
+            .into());
+        }
+        if let Some(available) = available {
+            node.available = Some(ResourceQuantities::from_set(&available));
+        }
+        node.last_heartbeat_ms = self.clock.now_ms();
+        Ok(())
+    }
+
+    /// Marks a node draining (no new work) or, when `exiting`, gone.
+    pub async fn drain_node(&self, node_id: &[u8], reason: &str, exiting: bool) -> GcsResult<()> {
+        let node_id = NodeId::from_bytes(node_id)?;
+        let node = {
+            let mut entry = self.nodes.get_mut(&node_id).ok_or_else(|| {
+                IonetError::NotFound(format!(
+                    "node {} is not registered with this control store",
+                    node_id.short()
+                ))
+            })?;
+            if entry.state == NodeState::Dead as i32 {
+                return Ok(());
+            }
+            if exiting {
+                entry.state = NodeState::Dead as i32;
+                entry.death_cause = format!("drained: {reason}");
+            } else {
+                entry.state = NodeState::Draining as i32;
+            }
+            entry.clone()
+        };
+        self.persist_node(&node).await?;
+        tracing::info!(node = %node_id.short(), reason, exiting, "node drained");
+        if exiting {
+            self.publish(Event::NodeDead(node));
+        } else {
+            self.publish(Event::NodeDrained(node));
+        }
+        Ok(())
+    }
+
+    /// Declares dead every live node silent for longer than the heartbeat timeout.
+    /// Returns the nodes declared dead by this call.
+    pub async fn check_heartbeats(&self) -> GcsResult<Vec<NodeId>> {
+        let now = self.clock.now_ms();
+        let timeout = self.config.heartbeat_timeout_ms;
+        let mut dead = Vec::new();
+        for mut entry in self.nodes.iter_mut() {
+            let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
+            if entry.state != NodeState::Dead as i32 && silent_for > timeout {
+                entry.state = NodeState::Dead as i32;
+                entry.death_cause =
+                    format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
+                dead.push((*entry.key(), entry.clone()));
+            }
+        }
+        let mut ids = Vec::with_capacity(dead.len());
+        for (node_id, node) in dead {
+            tracing::warn!(node = %node_id.short(), address = %node.address, cause = %node.death_cause, "node declared dead");
+            self.persist_node(&node).await?;
+            self.publish(Event::NodeDead(node));
+            ids.push(node_id);
+        }
+        Ok(ids)
+    }
+
+    /// Every node, oldest registration first.
+    pub fn nodes(&self, include_dead: bool) -> Vec<NodeInfo> {
+        let mut nodes: Vec<NodeInfo> = self
+            .nodes
+            .iter()
+            .filter(|entry| include_dead || entry.state != NodeState::Dead as i32)
+            .map(|entry| entry.value().clone())
+            .collect();
+        nodes.sort_by(|a, b| {
+            a.registered_at_ms
+                .cmp(&b.registered_at_ms)
+                .then_with(|| a.node_id.cmp(&b.node_id))
+        });
+        nodes
+    }
+
+    pub fn node(&self, node_id: &NodeId) -> Option<NodeInfo> {
+        self.nodes.get(node_id).map(|entry| entry.clone())
+    }
+
+    // ---- jobs ----
+
+    pub async fn add_job(&self, mut job: JobInfo) -> GcsResult<JobInfo> {
+        let _serialised = self.job_counter.lock().await;
+        let storage = self.storage.clone();
+        let sequence = blocking(move || {
+            let current = storage
+                .get(Table::Meta, JOB_COUNTER_KEY)?
+                .map(|bytes| bytes.try_into().map(u32::from_be_bytes).unwrap_or(0))
+                .unwrap_or(0);
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| GcsError::Storage("job ids exhausted".into()))?;
+            storage.put(Table::Meta, JOB_COUNTER_KEY, &next.to_be_bytes())?;
+            Ok(next)
+        })
+        .await?;
+        let job_id = JobId::from_sequence(sequence);
+        job.job_id = job_id.to_vec();
+        job.state = JobState::Running as i32;
+        job.start_time_ms = self.clock.now_ms();
+        job.end_time_ms = 0;
+        self.persist_job(&job).await?;
+        self.jobs.insert(job_id, job.clone());
+        tracing::info!(job = %job_id, driver = %job.driver_address, "job started");
+        self.publish(Event::JobStarted(job.clone()));
+        Ok(job)
+    }
+
+    pub async fn finish_job(&self, job_id: &[u8]) -> GcsResult<()> {
+        let job_id = JobId::from_bytes(job_id)?;
+        let job = {
+            let mut entry = self
+                .jobs
+                .get_mut(&job_id)
+                .ok_or_else(|| IonetError::NotFound(format!("job {job_id} does not exist")))?;
+            if entry.state == JobState::Finished as i32 {
+                return Ok(());
+            }
+            entry.state = JobState::Finished as i32;
+            entry.end_time_ms = self.clock.now_ms();
+            entry.clone()
+        };
+        self.persist_job(&job).await?;
+        tracing::info!(job = %job_id, "job finished");
+        self.publish(Event::JobFinished(job));
+        Ok(())
+    }
+
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let mut jobs: Vec<JobInfo> = self
+            .jobs
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        jobs
+    }
+
+    // ---- internal KV ----
+
+    fn kv_key(&self, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
+        if namespace.contains('\0') {
+            return Err(invalid("kv namespace must not contain a NUL byte".into()));
+        }
+        if key.len() > self.config.max_kv_key_bytes {
+            return Err(invalid(format!(
+                "kv key is {} bytes, above the limit of {}",
+                key.len(),
+                self.config.max_kv_key_bytes
+            )));
+        }
+        let mut full = Vec::with_capacity(namespace.len() + 1 + key.len());
+        full.extend_from_slice(namespace.as_bytes());
+        full.push(0);
+        full.extend_from_slice(key);
+        Ok(full)
+    }
+
+    pub async fn kv_put(
+        &self,
+        namespace: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        overwrite: bool,
+    ) -> GcsResult<bool> {
+        if key.is_empty() {
+            return Err(invalid("kv key is empty".into()));
+        }
+        if value.len() > self.config.max_kv_value_bytes {
+            return Err(IonetError::ResourceExhausted(format!(
+                "kv value is {} bytes, above the limit of {}",
+                value.len(),
+                self.config.max_kv_value_bytes
+            ))
+            .into());
+        }
+        let full = self.kv_key(namespace, key)?;
+        let storage = self.storage.clone();
+        blocking(move || {
+            if overwrite {
+                let existed = storage.get(Table::Kv, &full)?.is_some();
+                storage.put(Table::Kv, &full, &value)?;
+                Ok(!existed)
+            } else {
+                storage.put_if_absent(Table::Kv, &full, &value)
+            }
+        })
+        .await
+    }
+
+    pub async fn kv_get(&self, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
+        let full = self.kv_key(namespace, key)?;
+        let storage = self.storage.clone();
+        blocking(move || storage.get(Table::Kv, &full))
+            .await?
+            .ok_or_else(|| {
+                IonetError::NotFound(format!(
+                    "kv key {:?} in namespace {namespace:?}",
+                    String::from_utf8_lossy(key)
+                ))
+                .into()
+            })
+    }
+
+    pub async fn kv_del(&self, namespace: &str, key: &[u8], by_prefix: bool) -> GcsResult<u64> {
+        let full = self.kv_key(namespace, key)?;
+        let storage = self.storage.clone();
+        blocking(move || {
+            if by_prefix {
+                storage.delete_prefix(Table::Kv, &full)
+            } else {
+                Ok(u64::from(storage.delete(Table::Kv, &full)?))
+            }
+        })
+        .await
+    }
+
+    pub async fn kv_keys(&self, namespace: &str, prefix: &[u8]) -> GcsResult<Vec<Vec<u8>>> {
+        let full = self.kv_key(namespace, prefix)?;
+        let skip = namespace.len() + 1;
+        let storage = self.storage.clone();
+        let entries = blocking(move || storage.scan_prefix(Table::Kv, &full)).await?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, _)| key[skip..].to_vec())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+    use ionet::clock::ManualClock;
+    use ionet::resources::{Quantity, ResourceSet, GPU};
+
+    fn node(node_id: NodeId, gpus: i64) -> NodeInfo {
+        let total = ResourceSet::new().with(GPU, Quantity::whole(gpus));
+        NodeInfo {
+            node_id: node_id.to_vec(),
+            address: "127.0.0.1:1".into(),
+            total: Some((&total).into()),
+            available: Some((&total).into()),
+            ..Default::default()
+        }
+    }
+
+    async fn state(clock: &ManualClock) -> Arc<GcsState> {
+        let config = ClusterConfig {
+            heartbeat_interval_ms: 100,
+            heartbeat_timeout_ms: 1000,
+            ..Default::default()
+        };
+        GcsState::open(
+            config,
+            Arc::new(MemoryStorage::new()),
+            Arc::new(clock.clone()),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn silent_node_is_declared_dead_once_and_published() {
+        let clock = ManualClock::new(1_000_000);
+        let gcs = state(&clock).await;
+        let mut events = gcs.subscribe();
+        let (quiet, chatty) = (NodeId::random(), NodeId::random());
+        gcs.register_node(node(quiet, 1)).await.unwrap();
+        gcs.register_node(node(chatty, 1)).await.unwrap();
+        clock.advance_ms(900);
+        gcs.heartbeat(chatty.as_bytes(), None).unwrap();
+        clock.advance_ms(200);
+        assert_eq!(gcs.check_heartbeats().await.unwrap(), vec![quiet]);
+        assert!(
+            gcs.check_heartbeats().await.unwrap().is_empty(),
+            "declared dead once"
+        );
+        let kinds: Vec<_> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|event| event.event.unwrap())
+            .collect();
+        assert!(
+            matches!(kinds.last(), Some(Event::NodeDead(dead)) if dead.node_id == quiet.to_vec())
+        );
+        let err = gcs.heartbeat(quiet.as_bytes(), None).unwrap_err();
+        assert!(err.to_string().contains("declared dead"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_registrations_are_refused() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        let mut overdrawn = node(NodeId::random(), 1);
+        overdrawn.available = Some((&ResourceSet::new().with(GPU, Quantity::whole(2))).into());
+        assert!(gcs
+            .register_node(overdrawn)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("beyond its total"));
+        let mut short_id = node(NodeId::random(), 1);
+        short_id.node_id = vec![1, 2];
+        assert!(gcs
+            .register_node(short_id)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("28 bytes"));
+        let unknown = gcs
+            .heartbeat(NodeId::random().as_bytes(), None)
+            .unwrap_err();
+        assert!(unknown.to_string().contains("not registered"));
+    }
+
+    #[tokio::test]
+    async fn kv_is_namespaced_and_bounded() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        assert!(gcs.kv_put("a", b"k", b"1".to_vec(), false).await.unwrap());
+        assert!(!gcs.kv_put("a", b"k", b"2".to_vec(), false).await.unwrap());
+        assert_eq!(gcs.kv_get("a", b"k").await.unwrap(), b"1");
+        assert!(gcs.kv_get("b", b"k").await.is_err());
+        gcs.kv_put("a", b"k2", b"3".to_vec(), true).await.unwrap();
+        assert_eq!(
+            gcs.kv_keys("a", b"k").await.unwrap(),
+            vec![b"k".to_vec(), b"k2".to_vec()]
+        );
+        assert_eq!(gcs.kv_del("a", b"k", true).await.unwrap(), 2);
+        let big = vec![0u8; gcs.config.max_kv_value_bytes + 1];
+        assert!(gcs
+            .kv_put("a", b"big", big, true)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("above the limit"));
+    }
+
+    #[tokio::test]
+    async fn job_ids_are_sequential_and_finish_publishes() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        let first = gcs.add_job(JobInfo::default()).await.unwrap();
+        let second = gcs.add_job(JobInfo::default()).await.unwrap();
+        assert_eq!(first.job_id, JobId::from_sequence(1).to_vec());
+        assert_eq!(second.job_id, JobId::from_sequence(2).to_vec());
+        gcs.finish_job(&first.job_id).await.unwrap();
+        assert_eq!(gcs.jobs()[0].state, JobState::Finished as i32);
+        assert!(gcs
+            .finish_job(&JobId::from_sequence(99).to_vec())
+            .await
+            .is_err());
+    }
+}
