@@ -23,14 +23,15 @@ use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
 
 pub struct GcsServerOptions {
     pub config: ClusterConfig,
-    pub token: ClusterToken,
+    /// `None`: the token kept in storage from an earlier run, else a fresh one.
+    pub token: Option<ClusterToken>,
     /// `None`: tables in memory only.
     pub storage_path: Option<PathBuf>,
     pub clock: Arc<dyn Clock>,
 }
 
 impl GcsServerOptions {
-    pub fn new(config: ClusterConfig, token: ClusterToken) -> Self {
+    pub fn new(config: ClusterConfig, token: Option<ClusterToken>) -> Self {
         Self {
             config,
             token,
@@ -44,6 +45,7 @@ impl GcsServerOptions {
 pub struct GcsServer {
     address: SocketAddr,
     state: Arc<GcsState>,
+    token: ClusterToken,
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
     health_task: JoinHandle<()>,
@@ -64,6 +66,7 @@ impl GcsServer {
             None => Arc::new(MemoryStorage::new()),
         };
         let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
+        let token = state.resolve_token(options.token.clone()).await?;
         let address = listener
             .local_addr()
             .map_err(|err| GcsError::Storage(format!("listener has no address: {err}")))?;
@@ -73,7 +76,7 @@ impl GcsServer {
         let service = GeneratedGcsServer::new(GcsService::new(state.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
-        let service = InterceptedService::new(service, CheckToken::new(options.token.clone()));
+        let service = InterceptedService::new(service, CheckToken::new(token.clone()));
         let mut stop_serving = stopped.clone();
         let serve_task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -88,6 +91,7 @@ impl GcsServer {
         Ok(Self {
             address,
             state,
+            token,
             stop,
             serve_task,
             health_task,
@@ -96,6 +100,11 @@ impl GcsServer {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// The cluster token every call must carry.
+    pub fn token(&self) -> &ClusterToken {
+        &self.token
     }
 
     pub fn state(&self) -> &Arc<GcsState> {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use ionet::auth::ClusterToken;
 use ionet::clock::Clock;
 use ionet::config::ClusterConfig;
 use ionet::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
@@ -30,6 +31,7 @@ use crate::storage::{GcsStorage, Table};
 
 const JOB_COUNTER_KEY: &[u8] = b"job_counter";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+const TOKEN_KEY: &[u8] = b"cluster_token";
 /// How many events a slow subscriber may fall behind before its stream is cut.
 const EVENT_BUFFER: usize = 4096;
 
@@ -126,6 +128,25 @@ impl GcsState {
             cluster_id,
             started_at_ms: now,
         }))
+    }
+
+    /// The token to serve with: `explicit` if given (and kept for next time), else the
+    /// one kept from an earlier run, else a fresh one. Keeping it lets node daemons that
+    /// outlive a head restart with the same storage carry on with the token they have.
+    pub async fn resolve_token(&self, explicit: Option<ClusterToken>) -> GcsResult<ClusterToken> {
+        let storage = self.storage.clone();
+        blocking(move || {
+            let token = match explicit {
+                Some(token) => token,
+                None => match storage.get(Table::Meta, TOKEN_KEY)? {
+                    Some(bytes) => ClusterToken::new(&String::from_utf8_lossy(&bytes))?,
+                    None => ClusterToken::generate(),
+                },
+            };
+            storage.put(Table::Meta, TOKEN_KEY, token.as_str().as_bytes())?;
+            Ok(token)
+        })
+        .await
     }
 
     pub fn cluster_id(&self) -> &str {

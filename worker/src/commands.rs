@@ -1,0 +1,395 @@
+//! What each `ionet` command does: wiring of the control store, node daemon and
+//! session directory. Argument parsing lives in [`crate::cli`].
+
+use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ionet::auth::ClusterToken;
+use ionet::config::ClusterConfig;
+use ionet::resources::{parse_usd, Quantity, ResourceSet};
+use ionet::rpc::proto::gcs::GetAllNodesRequest;
+use ionet_gcs::{GcsServer, GcsServerOptions};
+use tokio::net::TcpListener;
+
+use crate::cli::{ResourceArgs, StartArgs, StatusArgs, StopArgs};
+use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
+use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
+use crate::session::SessionDir;
+use crate::{logging, status};
+
+/// Set in the environment of a daemon that `ionet start` launched in the background.
+const DAEMONIZED_ENV: &str = "IONET_DAEMONIZED";
+
+fn declared(args: &ResourceArgs) -> Result<Declared> {
+    Ok(Declared {
+        num_cpus: args
+            .num_cpus
+            .as_deref()
+            .map(str::parse::<Quantity>)
+            .transpose()?,
+        num_gpus: args.num_gpus,
+        gpu_type: args.gpu_type.clone(),
+        gpu_memory_bytes: args.gpu_memory.as_deref().map(parse_size).transpose()?,
+        memory_bytes: args.memory.as_deref().map(parse_size).transpose()?,
+        custom: args
+            .resources
+            .as_deref()
+            .map(ResourceSet::from_json)
+            .transpose()?
+            .unwrap_or_default(),
+        labels: args
+            .labels
+            .as_deref()
+            .map(parse_labels)
+            .transpose()?
+            .unwrap_or_default(),
+        price_per_gpu_hour: args
+            .price_per_gpu_hour
+            .as_deref()
+            .map(parse_usd)
+            .transpose()?
+            .unwrap_or(0),
+        wallet: args.wallet.clone().unwrap_or_default(),
+    })
+}
+
+fn explicit_token(token: Option<&str>) -> Result<Option<ClusterToken>> {
+    Ok(token.map(ClusterToken::new).transpose()?)
+}
+
+/// `ionet start`: in the foreground with `--block`, else relaunched in the background
+/// and returned from once the daemon is ready.
+pub fn start(args: StartArgs) -> Result<()> {
+    if !args.head && args.address.is_none() {
+        bail!("say what to start: --head for the head, or --address HOST:PORT to join one");
+    }
+    // Refuse bad declarations here, before anything is launched.
+    NodeSpec::build(declared(&args.resources)?)?;
+    let session = SessionDir::resolve(args.session.temp_dir.as_deref());
+    session.create()?;
+    if args.block {
+        let role = if args.head { "head" } else { "node" };
+        let daemonized = std::env::var_os(DAEMONIZED_ENV).is_some();
+        let _guard = logging::init_daemon(
+            &session.logs(),
+            &format!("{role}-{}.log", std::process::id()),
+            !daemonized,
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(async {
+            if args.head {
+                run_head(args, session).await
+            } else {
+                run_node(args, session).await
+            }
+        });
+    }
+    launch_in_background(&args, &session)
+}
+
+fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
+    let role = if args.head { "head" } else { "node" };
+    let out_path = session.logs().join(format!("{role}.out"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out_path)?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--block")
+        .arg("--temp-dir")
+        .arg(session.path())
+        .env(DAEMONIZED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(out));
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from this terminal's
+    // session so that closing the terminal does not end it.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("cannot launch the daemon")?;
+    let pid = child.id();
+    let ready = session.pid_file(role, pid);
+    let deadline = Instant::now() + Duration::from_secs(args.connect_timeout + 30);
+    while !ready.exists() {
+        if let Some(exit) = child.try_wait()? {
+            let log = std::fs::read_to_string(&out_path).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            bail!(
+                "the {role} exited during start-up ({exit}); its last output:\n{}",
+                tail.join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {role} (pid {pid}) did not become ready; see {}",
+                session.logs().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if args.head {
+        let address = session.head_address().unwrap_or_default();
+        println!(
+            "ionet head started at {address} (pid {pid}); session {}",
+            session.path().display()
+        );
+        println!(
+            "join machines with: ionet start --address {address} --token <token from {}>",
+            session.path().join("token").display()
+        );
+    } else {
+        println!(
+            "ionet node started (pid {pid}); session {}",
+            session.path().display()
+        );
+    }
+    Ok(())
+}
+
+/// The host other machines should use to reach this one.
+fn advertise_host(explicit: Option<&str>, bind_host: &str, peer: Option<&str>) -> String {
+    if let Some(host) = explicit {
+        return host.to_string();
+    }
+    if bind_host != "0.0.0.0" && bind_host != "::" {
+        return bind_host.to_string();
+    }
+    // The local address of the route to the head; connecting a UDP socket sends nothing.
+    let route = peer
+        .and_then(|peer| peer.to_socket_addrs().ok()?.next())
+        .and_then(|peer| {
+            let socket = UdpSocket::bind(if peer.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })
+            .ok()?;
+            socket.connect(peer).ok()?;
+            socket.local_addr().ok().map(|local| local.ip())
+        });
+    match route {
+        Some(IpAddr::V4(ip)) if !ip.is_unspecified() => ip.to_string(),
+        Some(IpAddr::V6(ip)) if !ip.is_unspecified() => format!("[{ip}]"),
+        _ => "127.0.0.1".to_string(),
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
+    let config = ClusterConfig::load(args.config.as_deref())?;
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let port = listener.local_addr()?.port();
+    let mut options = GcsServerOptions::new(config.clone(), explicit_token(args.token.as_deref())?);
+    options.storage_path = args.storage.clone();
+    let gcs = GcsServer::start(options, listener).await?;
+    let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
+    let address = format!("{host}:{port}");
+    let token = gcs.token().clone();
+    session.write_token(&token)?;
+    session.write_head_address(&address)?;
+
+    let spec = NodeSpec::build(declared(&args.resources)?)?;
+    let node = NodeDaemon::start(NodeDaemonOptions {
+        gcs_address: address.clone(),
+        token,
+        config,
+        spec,
+        bind_host: args.host.clone(),
+        advertise_host: host,
+        is_head: true,
+    })
+    .await?;
+    node.wait_registered(Duration::from_secs(args.connect_timeout))
+        .await?;
+    let pid_file = session.write_pid("head", std::process::id())?;
+    tracing::info!(%address, node = %node.node_id(), "head ready");
+
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "head shutting down");
+    node.shutdown(signal).await;
+    gcs.shutdown().await;
+    let _ = std::fs::remove_file(pid_file);
+    Ok(())
+}
+
+fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
+    match explicit_token(explicit)? {
+        Some(token) => Ok(token),
+        None => session.token().ok_or_else(|| {
+            anyhow!(
+                "no cluster token: pass --token or set IONET_TOKEN (the head wrote it to {})",
+                session.path().join("token").display()
+            )
+        }),
+    }
+}
+
+async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
+    let config = ClusterConfig::load(args.config.as_deref())?;
+    let gcs_address = args.address.clone().expect("checked by start");
+    let token = resolve_token(args.token.as_deref(), &session)?;
+    let spec = NodeSpec::build(declared(&args.resources)?)?;
+    let node = NodeDaemon::start(NodeDaemonOptions {
+        advertise_host: advertise_host(
+            args.node_ip_address.as_deref(),
+            &args.host,
+            Some(&gcs_address),
+        ),
+        gcs_address: gcs_address.clone(),
+        token,
+        config,
+        spec,
+        bind_host: args.host.clone(),
+        is_head: false,
+    })
+    .await?;
+    if let Err(err) = node
+        .wait_registered(Duration::from_secs(args.connect_timeout))
+        .await
+    {
+        node.shutdown("could not join").await;
+        bail!("could not join the head at {gcs_address}: {err}");
+    }
+    let pid_file = session.write_pid("node", std::process::id())?;
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "node shutting down");
+    node.shutdown(signal).await;
+    let _ = std::fs::remove_file(pid_file);
+    Ok(())
+}
+
+/// `ionet status`.
+pub fn status(args: StatusArgs) -> Result<()> {
+    logging::init_client();
+    let session = SessionDir::resolve(args.session.temp_dir.as_deref());
+    let address = args.address.clone().or_else(|| session.head_address()).ok_or_else(|| {
+        anyhow!("no head address: pass --address HOST:PORT, or start a head on this machine (none found in {})", session.path().display())
+    })?;
+    let token = resolve_token(args.token.as_deref(), &session)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nodes = runtime.block_on(async {
+        let mut client = ionet::rpc::gcs_client(&address, &token).await?;
+        let reply = client
+            .get_all_nodes(GetAllNodesRequest { include_dead: true })
+            .await?;
+        Ok::<_, ionet::IonetError>(reply.into_inner().nodes)
+    })?;
+    let now = ionet::clock::now_ms();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status::nodes_json(&nodes, now)?)?
+        );
+    } else {
+        print!("{}", status::nodes_table(&nodes, now)?);
+    }
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); /proc tells it apart.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && stat
+            .rsplit(')')
+            .next()
+            .map(|rest| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false)
+}
+
+fn is_ionet_daemon(pid: u32) -> bool {
+    // Guards against a pid reused by an unrelated process since the file was written.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline
+        .split(|byte| *byte == 0)
+        .any(|arg| arg == b"--block")
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we read and checked; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// `ionet stop`: nodes first (so they can drain to a live head), then heads.
+pub fn stop(args: StopArgs) -> Result<()> {
+    logging::init_client();
+    let session = SessionDir::resolve(args.session.temp_dir.as_deref());
+    let daemons = session.daemons();
+    let mut stopped = 0;
+    for role in ["node", "head"] {
+        let group: Vec<_> = daemons
+            .iter()
+            .filter(|daemon| daemon.role == role)
+            .collect();
+        for daemon in &group {
+            if alive(daemon.pid) && is_ionet_daemon(daemon.pid) {
+                signal(
+                    daemon.pid,
+                    if args.force {
+                        libc::SIGKILL
+                    } else {
+                        libc::SIGTERM
+                    },
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.grace_period);
+        for daemon in &group {
+            while alive(daemon.pid) && is_ionet_daemon(daemon.pid) {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "{} (pid {}) did not stop within {}s; killing it",
+                        daemon.role, daemon.pid, args.grace_period
+                    );
+                    signal(daemon.pid, libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_file(&daemon.path);
+            stopped += 1;
+        }
+    }
+    if stopped == 0 {
+        println!("no ionet daemons to stop in {}", session.path().display());
+    } else {
+        println!(
+            "stopped {stopped} ionet daemon(s) of {}",
+            session.path().display()
+        );
+    }
+    Ok(())
+}

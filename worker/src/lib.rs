@@ -1,0 +1,21 @@
+//! ionet-worker: the node daemon and the `ionet` command-line binary.
+//!
+//! A node daemon runs on every machine of a cluster (the head runs one beside the
+//! control store). It works out what the machine offers ([`node_spec`]: detected CPUs
+//! and memory, GPUs found through the CUDA driver loaded at run time ([`gpu`]), or
+//! what the operator declares), serves its own gRPC endpoint, registers with the
+//! control store and heartbeats its available resources ([`node_daemon`]), and drains
+//! on SIGTERM.
+//!
+//! The binary is thin: [`cli`] parses arguments, [`commands`] wires the parts
+//! together. Daemons started on one machine find each other, and `ionet status` and
+//! `ionet stop` find them, through the session directory ([`session`]).
+
+pub mod cli;
+pub mod commands;
+pub mod gpu;
+pub mod logging;
+pub mod node_daemon;
+pub mod node_spec;
+pub mod session;
+pub mod status;

@@ -1,0 +1,302 @@
+//! The node daemon: one per machine. It serves its own gRPC endpoint, registers with
+//! the control store, heartbeats its available resources, and drains on shutdown.
+//!
+//! Connection protocol with the control store:
+//! 1. `RegisterNode` until it succeeds, backing off (with jitter) from
+//!    `reconnect_initial_backoff_ms` up to `reconnect_max_backoff_ms`.
+//! 2. `Heartbeat` every interval. A heartbeat the head cannot place (`NOT_FOUND`: a
+//!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away)
+//!    goes straight back to step 1. A transport failure (head away) also goes back to
+//!    step 1 after the backoff, so a restarted head learns the node's current record.
+//! 3. On shutdown: `DrainNode` (no new work), then `DrainNode { exiting }` (gone).
+//!    Both are best effort: a daemon whose head is away still exits.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ionet::auth::{CheckToken, ClusterToken};
+use ionet::config::ClusterConfig;
+use ionet::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
+use ionet::rpc::proto::node::{GetNodeStatsReply, GetNodeStatsRequest};
+use ionet::rpc::{self, GcsClient};
+use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Code, Request, Response, Status};
+
+use crate::node_spec::NodeSpec;
+
+pub struct NodeDaemonOptions {
+    pub gcs_address: String,
+    pub token: ClusterToken,
+    pub config: ClusterConfig,
+    pub spec: NodeSpec,
+    /// Host the node's own server binds to.
+    pub bind_host: String,
+    /// Host other processes use to reach this node.
+    pub advertise_host: String,
+    pub is_head: bool,
+}
+
+/// Shared state of a running node daemon.
+struct NodeShared {
+    node_id: NodeId,
+    info: NodeInfo,
+    available: Mutex<ResourceSet>,
+    started: Instant,
+    connected: AtomicBool,
+    registrations: AtomicU64,
+}
+
+impl NodeShared {
+    fn available(&self) -> ResourceSet {
+        self.available
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// A running node daemon.
+pub struct NodeDaemon {
+    shared: Arc<NodeShared>,
+    address: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct NodeManagerService {
+    shared: Arc<NodeShared>,
+}
+
+#[tonic::async_trait]
+impl NodeManager for NodeManagerService {
+    async fn get_node_stats(
+        &self,
+        _request: Request<GetNodeStatsRequest>,
+    ) -> Result<Response<GetNodeStatsReply>, Status> {
+        let mut node = self.shared.info.clone();
+        node.available = Some(ResourceQuantities::from_set(&self.shared.available()));
+        node.state = NodeState::Alive as i32;
+        Ok(Response::new(GetNodeStatsReply {
+            node: Some(node),
+            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
+            connected_to_gcs: self.shared.connected.load(Ordering::SeqCst),
+            registrations: self.shared.registrations.load(Ordering::SeqCst),
+        }))
+    }
+}
+
+impl NodeDaemon {
+    /// Binds the node's server and starts the registration/heartbeat loop. Returns once
+    /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
+    pub async fn start(options: NodeDaemonOptions) -> IonetResult<Self> {
+        let listener = TcpListener::bind((options.bind_host.as_str(), 0))
+            .await
+            .map_err(|err| {
+                IonetError::Unavailable(format!(
+                    "cannot bind node server on {}: {err}",
+                    options.bind_host
+                ))
+            })?;
+        let address = listener.local_addr()?;
+        let node_id = NodeId::random();
+        let advertised = format!("{}:{}", options.advertise_host, address.port());
+        let info = options
+            .spec
+            .to_node_info(&node_id, &advertised, options.is_head);
+        let shared = Arc::new(NodeShared {
+            node_id,
+            info,
+            available: Mutex::new(options.spec.total.clone()),
+            started: Instant::now(),
+            connected: AtomicBool::new(false),
+            registrations: AtomicU64::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+
+        let service = InterceptedService::new(
+            NodeManagerServer::new(NodeManagerService {
+                shared: shared.clone(),
+            }),
+            CheckToken::new(options.token.clone()),
+        );
+        let mut stop_serving = stopped.clone();
+        let serve = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop_serving.changed().await;
+                })
+                .await;
+            if let Err(err) = result {
+                tracing::error!(error = %err, "node server failed");
+            }
+        });
+        let channel =
+            rpc::connect_lazy(&options.gcs_address, &options.token, Duration::from_secs(2))?;
+        let client = GcsClient::new(channel);
+        let heartbeat = tokio::spawn(run_membership(
+            shared.clone(),
+            client,
+            options.config.clone(),
+            stopped,
+        ));
+        tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");
+        Ok(Self {
+            shared,
+            address,
+            stop,
+            tasks: vec![serve, heartbeat],
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Waits until the node has registered at least once.
+    pub async fn wait_registered(&self, timeout: Duration) -> IonetResult<()> {
+        let deadline = Instant::now() + timeout;
+        while self.shared.registrations.load(Ordering::SeqCst) == 0 {
+            if Instant::now() >= deadline {
+                return Err(IonetError::Timeout(format!(
+                    "node {} did not register with the control store within {timeout:?}",
+                    self.shared.node_id.short()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Drains and stops: tells the control store, then ends the server and loops.
+    pub async fn shutdown(self, reason: &str) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!(node = %self.shared.node_id.short(), reason, "node daemon stopped");
+    }
+}
+
+fn backoff(config: &ClusterConfig, attempt: u32) -> Duration {
+    let base = config
+        .reconnect_initial_backoff_ms
+        .saturating_mul(1u64 << attempt.min(16));
+    let capped = base.min(config.reconnect_max_backoff_ms).max(1);
+    // Jitter spreads out a fleet of nodes reconnecting to a head that just came back.
+    let jittered = rand::thread_rng().gen_range(capped / 2..=capped);
+    Duration::from_millis(jittered)
+}
+
+/// Registers, heartbeats, re-registers after any loss, and drains on stop.
+async fn run_membership(
+    shared: Arc<NodeShared>,
+    mut client: GcsClient,
+    config: ClusterConfig,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let interval = Duration::from_millis(config.heartbeat_interval_ms);
+    let mut attempt = 0u32;
+    'membership: loop {
+        // Step 1: register.
+        loop {
+            if *stopped.borrow() {
+                break 'membership;
+            }
+            let mut info = shared.info.clone();
+            info.available = Some(ResourceQuantities::from_set(&shared.available()));
+            match client
+                .register_node(RegisterNodeRequest { node: Some(info) })
+                .await
+            {
+                Ok(_) => {
+                    attempt = 0;
+                    shared.connected.store(true, Ordering::SeqCst);
+                    let count = shared.registrations.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::info!(node = %shared.node_id.short(), registrations = count, "registered with the control store");
+                    break;
+                }
+                Err(status)
+                    if status.code() == Code::Unauthenticated
+                        || status.code() == Code::InvalidArgument =>
+                {
+                    tracing::error!(node = %shared.node_id.short(), error = %status.message(), "the control store refused this node; retrying");
+                }
+                Err(status) => {
+                    tracing::warn!(node = %shared.node_id.short(), error = %status.message(), "cannot register yet; retrying");
+                }
+            }
+            let wait = backoff(&config, attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped.changed() => break 'membership,
+            }
+        }
+        // Step 2: heartbeat until something goes wrong.
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stopped.changed() => break 'membership,
+            }
+            let request = HeartbeatRequest {
+                node_id: shared.node_id.to_vec(),
+                available: Some(ResourceQuantities::from_set(&shared.available())),
+            };
+            match client.heartbeat(request).await {
+                Ok(_) => {}
+                Err(status) => {
+                    shared.connected.store(false, Ordering::SeqCst);
+                    let unknown =
+                        matches!(status.code(), Code::NotFound | Code::FailedPrecondition);
+                    tracing::warn!(node = %shared.node_id.short(), error = %status.message(), "heartbeat failed; registering again");
+                    if !unknown {
+                        let wait = backoff(&config, attempt);
+                        attempt = attempt.saturating_add(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stopped.changed() => break 'membership,
+                        }
+                    }
+                    continue 'membership;
+                }
+            }
+        }
+    }
+    // Step 3: drain, best effort and bounded, so a daemon whose head is gone still exits.
+    if shared.registrations.load(Ordering::SeqCst) > 0 {
+        for exiting in [false, true] {
+            let request = DrainNodeRequest {
+                node_id: shared.node_id.to_vec(),
+                reason: "node daemon shutting down".into(),
+                exiting,
+            };
+            match tokio::time::timeout(Duration::from_secs(2), client.drain_node(request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::warn!(error = %status.message(), "could not tell the control store this node is draining");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("control store did not answer the drain in time");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The session directory: how `ionet` commands on one machine find each other.
+//!
+//! Layout (as Ray's `session_latest`):
+//! - `head_address`: `host:port` of the control store, written by the head once serving;
+//! - `token`: the cluster token (mode 0600), written by the head;
+//! - `pids/<role>-<pid>.pid`: one file per daemon started here, written once it is ready
+//!   and removed when it exits; `ionet stop` signals every pid listed;
+//! - `logs/<role>-<pid>.log`: each daemon's log; `logs/<role>.out` its raw stderr.
+//!
+//! The default is `<system temp dir>/ionet/session_latest`; `--temp-dir` or
+//! `IONET_SESSION_DIR` point elsewhere, so several clusters can share one machine.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ionet::auth::ClusterToken;
+use ionet::{IonetError, IonetResult};
+
+pub const SESSION_DIR_ENV: &str = "IONET_SESSION_DIR";
+
+#[derive(Clone, Debug)]
+pub struct SessionDir {
+    root: PathBuf,
+}
+
+/// What a pid file says about one daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonRecord {
+    pub role: String,
+    pub pid: u32,
+    pub path: PathBuf,
+}
+
+fn io_error(path: &Path, err: std::io::Error) -> IonetError {
+    IonetError::Io(std::io::Error::new(
+        err.kind(),
+        format!("{}: {err}", path.display()),
+    ))
+}
+
+impl SessionDir {
+    /// `explicit`, else `IONET_SESSION_DIR`, else the default under the temp dir.
+    pub fn resolve(explicit: Option<&Path>) -> Self {
+        let root = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| {
+                std::env::var_os(SESSION_DIR_ENV)
+                    .filter(|value| !value.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| std::env::temp_dir().join("ionet").join("session_latest"));
+        Self { root }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    fn pids(&self) -> PathBuf {
+        self.root.join("pids")
+    }
+
+    pub fn create(&self) -> IonetResult<()> {
+        for dir in [self.root.clone(), self.logs(), self.pids()] {
+            fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
+        }
+        Ok(())
+    }
+
+    /// Writes atomically (temp file + rename), so readers never see half a file.
+    fn write_file(&self, name: &str, contents: &str, private: bool) -> IonetResult<()> {
+        self.create()?;
+        let path = self.root.join(name);
+        let staging = self.root.join(format!(".{name}.{}", std::process::id()));
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if private {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options
+            .open(&staging)
+            .map_err(|err| io_error(&staging, err))?;
+        file.write_all(contents.as_bytes())
+            .map_err(|err| io_error(&staging, err))?;
+        fs::rename(&staging, &path).map_err(|err| io_error(&path, err))
+    }
+
+    fn read_file(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.root.join(name))
+            .ok()
+            .map(|text| text.trim().to_string())
+            .filter(|text| !text.is_empty())
+    }
+
+    pub fn write_head_address(&self, address: &str) -> IonetResult<()> {
+        self.write_file("head_address", address, false)
+    }
+
+    pub fn head_address(&self) -> Option<String> {
+        self.read_file("head_address")
+    }
+
+    pub fn write_token(&self, token: &ClusterToken) -> IonetResult<()> {
+        self.write_file("token", token.as_str(), true)
+    }
+
+    pub fn token(&self) -> Option<ClusterToken> {
+        self.read_file("token")
+            .and_then(|text| ClusterToken::new(&text).ok())
+    }
+
+    pub fn pid_file(&self, role: &str, pid: u32) -> PathBuf {
+        self.pids().join(format!("{role}-{pid}.pid"))
+    }
+
+    /// Records a ready daemon; returns the file to remove when it exits.
+    pub fn write_pid(&self, role: &str, pid: u32) -> IonetResult<PathBuf> {
+        self.create()?;
+        let path = self.pid_file(role, pid);
+        fs::write(&path, format!("{pid}\n")).map_err(|err| io_error(&path, err))?;
+        Ok(path)
+    }
+
+    /// Every daemon recorded here, nodes before heads (the order `stop` uses).
+    pub fn daemons(&self) -> Vec<DaemonRecord> {
+        let Ok(entries) = fs::read_dir(self.pids()) else {
+            return Vec::new();
+        };
+        let mut records: Vec<DaemonRecord> = entries
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let path = entry.path();
+                let stem = path.file_stem()?.to_str()?.to_string();
+                let (role, pid) = stem.rsplit_once('-')?;
+                Some(DaemonRecord {
+                    role: role.to_string(),
+                    pid: pid.parse().ok()?,
+                    path,
+                })
+            })
+            .collect();
+        records.sort_by_key(|record| (record.role == "head", record.pid));
+        records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_round_trip_and_daemons_list_nodes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = SessionDir::resolve(Some(dir.path()));
+        assert!(session.head_address().is_none());
+        session.write_head_address("127.0.0.1:6380").unwrap();
+        assert_eq!(session.head_address().unwrap(), "127.0.0.1:6380");
+        let token = ClusterToken::generate();
+        session.write_token(&token).unwrap();
+        assert_eq!(session.token().unwrap(), token);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        session.write_pid("head", 10).unwrap();
+        session.write_pid("node", 20).unwrap();
+        let roles: Vec<_> = session
+            .daemons()
+            .into_iter()
+            .map(|record| (record.role, record.pid))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![("node".to_string(), 20), ("head".to_string(), 10)]
+        );
+    }
+}

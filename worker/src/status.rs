@@ -1,0 +1,156 @@
+//! `ionet status`: the node table as a person or a script reads it.
+
+use ionet::resources::{self, format_usd, ResourceSet};
+use ionet::rpc::proto::common::{NodeInfo, NodeState};
+use ionet::IonetResult;
+use serde_json::{json, Value};
+
+fn state_name(state: i32) -> &'static str {
+    match NodeState::try_from(state).unwrap_or(NodeState::Unspecified) {
+        NodeState::Alive => "ALIVE",
+        NodeState::Draining => "DRAINING",
+        NodeState::Dead => "DEAD",
+        NodeState::Unspecified => "UNKNOWN",
+    }
+}
+
+fn resource_map(set: &ResourceSet) -> Value {
+    Value::Object(
+        set.iter()
+            .map(|(name, quantity)| (name.to_string(), json!(quantity.as_f64())))
+            .collect(),
+    )
+}
+
+fn sets(node: &NodeInfo) -> IonetResult<(ResourceSet, ResourceSet)> {
+    let total = node.total.clone().unwrap_or_default().to_set()?;
+    let available = node.available.clone().unwrap_or_default().to_set()?;
+    Ok((total, available))
+}
+
+/// One JSON object per node; resource quantities as numbers, as Ray prints them.
+pub fn nodes_json(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Value> {
+    let mut rows = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let (total, available) = sets(node)?;
+        rows.push(json!({
+            "node_id": hex::encode(&node.node_id),
+            "address": node.address,
+            "hostname": node.hostname,
+            "state": state_name(node.state),
+            "is_head": node.is_head,
+            "resources_total": resource_map(&total),
+            "resources_available": resource_map(&available),
+            "gpus": node.gpus.iter().map(|gpu| json!({"index": gpu.index, "model": gpu.model, "memory_bytes": gpu.memory_bytes})).collect::<Vec<_>>(),
+            "accelerator_type": node.accelerator_type,
+            "price_per_gpu_hour": node.price_per_gpu_hour_micros as f64 / 1e6,
+            "price_per_gpu_hour_micros": node.price_per_gpu_hour_micros,
+            "wallet": node.wallet,
+            "labels": node.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "pid": node.pid,
+            "registered_at_ms": node.registered_at_ms,
+            "last_heartbeat_ms": node.last_heartbeat_ms,
+            "heartbeat_age_ms": now_ms.saturating_sub(node.last_heartbeat_ms),
+            "death_cause": node.death_cause,
+        }));
+    }
+    Ok(Value::Array(rows))
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.0}GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// A fixed-width table, one line per node.
+pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
+    let header = [
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "CPU",
+        "GPU",
+        "GPU MODEL",
+        "VRAM",
+        "$/GPU-H",
+        "LABELS",
+        "HEARTBEAT",
+    ];
+    let mut rows: Vec<[String; 10]> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let (total, available) = sets(node)?;
+        let pair = |name: &str| format!("{}/{}", available.get(name), total.get(name));
+        let vram = node
+            .gpus
+            .first()
+            .map(|gpu| gib(gpu.memory_bytes))
+            .unwrap_or_else(|| "-".into());
+        let labels: Vec<String> = {
+            let mut labels: Vec<_> = node
+                .labels
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            labels.sort();
+            labels
+        };
+        let age = if node.state == NodeState::Dead as i32 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.1}s",
+                now_ms.saturating_sub(node.last_heartbeat_ms) as f64 / 1000.0
+            )
+        };
+        let mut id = hex::encode(&node.node_id);
+        id.truncate(8);
+        if node.is_head {
+            id.push_str(" (head)");
+        }
+        rows.push([
+            id,
+            node.address.clone(),
+            state_name(node.state).to_string(),
+            pair(resources::CPU),
+            pair(resources::GPU),
+            if node.accelerator_type.is_empty() {
+                "-".into()
+            } else {
+                node.accelerator_type.clone()
+            },
+            vram,
+            format_usd(node.price_per_gpu_hour_micros),
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
+            age,
+        ]);
+    }
+    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row.iter()) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    let alive = nodes
+        .iter()
+        .filter(|node| node.state == NodeState::Alive as i32)
+        .count();
+    out.push_str(&format!("{alive} alive of {} nodes\n", nodes.len()));
+    Ok(out)
+}
