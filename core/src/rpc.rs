@@ -131,9 +131,10 @@ pub fn connect_lazy(
 
 pub async fn gcs_client(address: &str, token: &ClusterToken) -> IonetResult<GcsClient> {
     let channel = connect(address, token, Duration::from_secs(5)).await?;
-    Ok(GcsClient::new(channel)
-        .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
+    // No cap on what the client sends: an oversize request then meets the server's cap,
+    // which answers with a status naming both sizes, where a client-side cap would only
+    // surface as an HTTP/2 reset.
+    Ok(GcsClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
 }
 
 impl proto::common::ResourceQuantities {

@@ -56,6 +56,7 @@ impl Gcs for GcsService {
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
+            incarnation: self.state.incarnation(),
         }))
     }
 
@@ -65,7 +66,9 @@ impl Gcs for GcsService {
     ) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
         self.state.heartbeat(&request.node_id, request.available)?;
-        Ok(Response::new(HeartbeatReply {}))
+        Ok(Response::new(HeartbeatReply {
+            incarnation: self.state.incarnation(),
+        }))
     }
 
     async fn drain_node(
@@ -196,6 +199,7 @@ impl Gcs for GcsService {
             started_at_ms: self.state.started_at_ms(),
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
+            incarnation: self.state.incarnation(),
         }))
     }
 }

@@ -47,6 +47,7 @@ pub struct GcsState {
     job_counter: tokio::sync::Mutex<()>,
     cluster_id: String,
     started_at_ms: u64,
+    incarnation: u64,
 }
 
 /// Runs a storage call on the blocking pool: storage does file I/O and fsync.
@@ -127,6 +128,7 @@ impl GcsState {
             job_counter: tokio::sync::Mutex::new(()),
             cluster_id,
             started_at_ms: now,
+            incarnation: rand::random::<u64>().max(1),
         }))
     }
 
@@ -151,6 +153,11 @@ impl GcsState {
 
     pub fn cluster_id(&self) -> &str {
         &self.cluster_id
+    }
+
+    /// Changes with every start of the control store process, storage or not.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     pub fn started_at_ms(&self) -> u64 {

@@ -5,8 +5,9 @@
 //! 1. `RegisterNode` until it succeeds, backing off (with jitter) from
 //!    `reconnect_initial_backoff_ms` up to `reconnect_max_backoff_ms`.
 //! 2. `Heartbeat` every interval. A heartbeat the head cannot place (`NOT_FOUND`: a
-//!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away)
-//!    goes straight back to step 1. A transport failure (head away) also goes back to
+//!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away),
+//!    or whose reply carries another incarnation than the registration's (the head
+//!    restarted between two heartbeats), goes straight back to step 1. A transport failure (head away) also goes back to
 //!    step 1 after the backoff, so a restarted head learns the node's current record.
 //! 3. On shutdown: `DrainNode` (no new work), then `DrainNode { exiting }` (gone).
 //!    Both are best effort: a daemon whose head is away still exits.
@@ -210,6 +211,7 @@ async fn run_membership(
 ) {
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
     let mut attempt = 0u32;
+    let mut incarnation: u64;
     'membership: loop {
         // Step 1: register.
         loop {
@@ -222,7 +224,8 @@ async fn run_membership(
                 .register_node(RegisterNodeRequest { node: Some(info) })
                 .await
             {
-                Ok(_) => {
+                Ok(reply) => {
+                    incarnation = reply.into_inner().incarnation;
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
                     let count = shared.registrations.fetch_add(1, Ordering::SeqCst) + 1;
@@ -259,7 +262,11 @@ async fn run_membership(
                 available: Some(ResourceQuantities::from_set(&shared.available())),
             };
             match client.heartbeat(request).await {
-                Ok(_) => {}
+                Ok(reply) if reply.get_ref().incarnation == incarnation => {}
+                Ok(_) => {
+                    tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
+                    continue 'membership;
+                }
                 Err(status) => {
                     shared.connected.store(false, Ordering::SeqCst);
                     let unknown =

@@ -1,0 +1,153 @@
+//! Accounts and entries of the double-entry ledger.
+//!
+//! Every entry moves a positive amount of micro-USD from one account (`debit`, whose
+//! balance falls) to another (`credit`, whose balance rises). A balance is therefore
+//! credits − debits, and the sum of all balances is zero at every committed state:
+//! money enters and leaves through the external [`Account::Funding`] account, whose
+//! balance is minus everything deposited (and rewards emitted) and not yet refunded.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ionet::resources::MicroUsd;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{SettlementError, SettlementResult};
+
+/// An account of the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Account {
+    /// The outside world: deposits come from it, refunds return to it, reward pools are
+    /// emitted from it (by default). Its balance is normally negative.
+    Funding,
+    /// The protocol treasury: receives the fee and reward-split remainders.
+    Treasury,
+    /// A payer's prepaid credits (1 credit = 1 USD). Negative means debt.
+    Payer(String),
+    /// A provider's earnings, keyed by wallet.
+    Provider(String),
+}
+
+impl Account {
+    pub fn payer(name: impl Into<String>) -> Self {
+        Account::Payer(name.into())
+    }
+
+    pub fn provider(wallet: impl Into<String>) -> Self {
+        Account::Provider(wallet.into())
+    }
+
+    /// The stable string key used in storage and on the CLI: `funding`, `treasury`,
+    /// `payer:<name>`, `provider:<wallet>`.
+    pub fn key(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Funding => f.write_str("funding"),
+            Account::Treasury => f.write_str("treasury"),
+            Account::Payer(name) => write!(f, "payer:{name}"),
+            Account::Provider(wallet) => write!(f, "provider:{wallet}"),
+        }
+    }
+}
+
+impl FromStr for Account {
+    type Err = SettlementError;
+
+    fn from_str(text: &str) -> SettlementResult<Self> {
+        match text {
+            "funding" => return Ok(Account::Funding),
+            "treasury" => return Ok(Account::Treasury),
+            _ => {}
+        }
+        let invalid = |why| SettlementError::InvalidAccount(text.to_string(), why);
+        let (kind, name) = text.split_once(':').ok_or_else(|| {
+            invalid("expected funding, treasury, payer:<name> or provider:<wallet>")
+        })?;
+        if name.is_empty() {
+            return Err(invalid("name is empty"));
+        }
+        match kind {
+            "payer" => Ok(Account::Payer(name.to_string())),
+            "provider" => Ok(Account::Provider(name.to_string())),
+            _ => Err(invalid(
+                "expected funding, treasury, payer:<name> or provider:<wallet>",
+            )),
+        }
+    }
+}
+
+/// Why an entry was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// Funding → payer: prepaid credits bought.
+    Deposit,
+    /// Payer → funding: unused prepaid credits returned.
+    Refund,
+    /// Payer → provider: usage at the provider's price, one entry per (payer, provider)
+    /// per epoch.
+    Usage,
+    /// Payer → treasury: the protocol fee, one entry per payer per epoch.
+    Fee,
+    /// Reward source → provider: availability reward.
+    Reward,
+    /// Reward source → treasury: what integer division left of the reward pool.
+    RewardRemainder,
+}
+
+/// One posted transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Position in the ledger, assigned by the store at commit (0 in a plan).
+    pub sequence: u64,
+    /// The epoch whose settlement made this entry; `None` for deposits and refunds.
+    pub epoch_id: Option<u64>,
+    pub kind: EntryKind,
+    /// The account whose balance falls.
+    pub debit: Account,
+    /// The account whose balance rises.
+    pub credit: Account,
+    pub amount: MicroUsd,
+}
+
+impl LedgerEntry {
+    pub fn new(
+        epoch_id: Option<u64>,
+        kind: EntryKind,
+        debit: Account,
+        credit: Account,
+        amount: MicroUsd,
+    ) -> Self {
+        LedgerEntry {
+            sequence: 0,
+            epoch_id,
+            kind,
+            debit,
+            credit,
+            amount,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_keys_round_trip() {
+        for account in [
+            Account::Funding,
+            Account::Treasury,
+            Account::payer("alice"),
+            Account::provider("So1ana:Wallet"),
+        ] {
+            assert_eq!(account.key().parse::<Account>().unwrap(), account);
+        }
+        let err = "bank:x".parse::<Account>().unwrap_err().to_string();
+        assert!(err.contains("\"bank:x\""), "{err}");
+    }
+}

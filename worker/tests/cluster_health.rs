@@ -1,0 +1,127 @@
+//! Health: a node daemon killed with SIGKILL is declared dead within the heartbeat
+//! timeout plus one interval, and subscribers hear of it; a SIGTERM drains instead.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS};
+use ionet::rpc::proto::common::NodeState;
+use ionet::rpc::proto::gcs::{cluster_event::Event, Channel, GetAllNodesRequest, SubscribeRequest};
+use tokio_stream::StreamExt;
+
+/// Collects node events from a subscription into a channel, from a background task.
+fn subscribe_nodes(cluster: &TestCluster) -> std::sync::mpsc::Receiver<(Instant, Event)> {
+    let mut client = cluster.client();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let mut stream = cluster
+        .runtime
+        .block_on(client.subscribe(SubscribeRequest {
+            channels: vec![Channel::Nodes as i32],
+        }))
+        .expect("subscribe")
+        .into_inner();
+    cluster.runtime.spawn(async move {
+        while let Some(Ok(event)) = stream.next().await {
+            if let Some(event) = event.event {
+                if sender.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    receiver
+}
+
+#[test]
+fn killed_node_is_declared_dead_within_timeout_and_published() {
+    let mut cluster = TestCluster::start(&[]);
+    let index = cluster.add_node(&["--num-gpus", "2", "--gpu-type", "RTX4090"]);
+    let events = subscribe_nodes(&cluster);
+    let node_pid = cluster.nodes[index].id();
+
+    cluster.nodes[index].kill().unwrap(); // SIGKILL: no drain, no goodbye.
+    let killed_at = Instant::now();
+    cluster.nodes[index].wait().unwrap();
+
+    let limit = Duration::from_millis(HEARTBEAT_TIMEOUT_MS + HEARTBEAT_INTERVAL_MS);
+    // Generous slack for a loaded CI machine; the head's own timestamps are checked exactly below.
+    let (seen_at, dead) = loop {
+        let (at, event) = events.recv_timeout(limit * 10).expect("a node_dead event");
+        if let Event::NodeDead(node) = event {
+            break (at, node);
+        }
+    };
+    assert_eq!(dead.pid, node_pid);
+    assert_eq!(dead.state, NodeState::Dead as i32);
+    assert!(
+        dead.death_cause.contains("missed heartbeats"),
+        "{}",
+        dead.death_cause
+    );
+    // By the control store's clock: declared dead after the timeout, and within timeout + one interval
+    // (+ the health check period, a quarter interval) of the last heartbeat.
+    let silent_for = dead
+        .death_cause
+        .split_whitespace()
+        .nth(3)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .expect("cause names the silence in ms");
+    assert!(silent_for > HEARTBEAT_TIMEOUT_MS, "{silent_for}");
+    assert!(
+        silent_for <= HEARTBEAT_TIMEOUT_MS + HEARTBEAT_INTERVAL_MS + HEARTBEAT_INTERVAL_MS / 2,
+        "{silent_for}"
+    );
+    assert!(
+        seen_at.duration_since(killed_at)
+            >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - HEARTBEAT_INTERVAL_MS)
+    );
+
+    let nodes = cluster
+        .runtime
+        .block_on(
+            cluster
+                .client()
+                .get_all_nodes(GetAllNodesRequest { include_dead: true }),
+        )
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let recorded = nodes
+        .iter()
+        .find(|node| node.pid == node_pid)
+        .expect("dead nodes stay listed");
+    assert_eq!(recorded.state, NodeState::Dead as i32);
+    let status = cluster.status_json();
+    assert!(status
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|node| node["pid"] == node_pid && node["state"] == "DEAD"));
+}
+
+#[test]
+fn sigterm_drains_the_node_and_publishes_it() {
+    let mut cluster = TestCluster::start(&[]);
+    let index = cluster.add_node(&[]);
+    let events = subscribe_nodes(&cluster);
+    let pid = cluster.nodes[index].id();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(cluster.nodes[index].wait().unwrap().success());
+    let mut drained = false;
+    let mut dead_cause = String::new();
+    while dead_cause.is_empty() {
+        match events
+            .recv_timeout(Duration::from_secs(30))
+            .expect("drain events")
+            .1
+        {
+            Event::NodeDrained(node) if node.pid == pid => drained = true,
+            Event::NodeDead(node) if node.pid == pid => dead_cause = node.death_cause,
+            _ => {}
+        }
+    }
+    assert!(drained, "node_drained comes before node_dead");
+    assert!(dead_cause.starts_with("drained"), "{dead_cause}");
+}
