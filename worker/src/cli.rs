@@ -34,6 +34,7 @@ pub struct SessionArgs {
 }
 
 #[derive(Debug, Args, Clone)]
+#[command(args_override_self = true)]
 pub struct StartArgs {
     /// Start the head: the control store plus a node daemon.
     #[arg(long, conflicts_with = "address")]

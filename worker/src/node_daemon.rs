@@ -212,6 +212,7 @@ async fn run_membership(
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
     let mut attempt = 0u32;
     let mut incarnation: u64;
+    let mut reported: Option<ResourceSet>;
     'membership: loop {
         // Step 1: register.
         loop {
@@ -219,7 +220,9 @@ async fn run_membership(
                 break 'membership;
             }
             let mut info = shared.info.clone();
-            info.available = Some(ResourceQuantities::from_set(&shared.available()));
+            let available = shared.available();
+            info.available = Some(ResourceQuantities::from_set(&available));
+            reported = Some(available);
             match client
                 .register_node(RegisterNodeRequest { node: Some(info) })
                 .await
@@ -257,12 +260,18 @@ async fn run_membership(
                 _ = ticker.tick() => {}
                 _ = stopped.changed() => break 'membership,
             }
+            // Available resources travel only when they changed since the last report
+            // (registration carries them too): an idle fleet sends ids and nothing else.
+            let available = shared.available();
+            let changed = reported.as_ref() != Some(&available);
             let request = HeartbeatRequest {
                 node_id: shared.node_id.to_vec(),
-                available: Some(ResourceQuantities::from_set(&shared.available())),
+                available: changed.then(|| ResourceQuantities::from_set(&available)),
             };
             match client.heartbeat(request).await {
-                Ok(reply) if reply.get_ref().incarnation == incarnation => {}
+                Ok(reply) if reply.get_ref().incarnation == incarnation => {
+                    reported = Some(available)
+                }
                 Ok(_) => {
                     tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
                     continue 'membership;

@@ -1,0 +1,165 @@
+//! How many node heartbeats one head absorbs, and at what CPU cost.
+//!
+//! The bench re-executes itself as the head (a real control store in its own
+//! process), registers N simulated nodes from this process, each on its own
+//! connection, and has every node heartbeat at 1 Hz (staggered) for the measured
+//! window. It reports heartbeats/s absorbed and the head process's CPU share of one
+//! core, read from /proc.
+//!
+//! As node daemons do, each heartbeat carries the node's available resources only
+//! when they changed; `--changing 1` makes every heartbeat carry them (the worst case).
+//!
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ionet::auth::ClusterToken;
+use ionet::config::ClusterConfig;
+use ionet::rpc::proto::common::{NodeInfo, ResourceQuantities};
+use ionet::rpc::proto::gcs::{HeartbeatRequest, RegisterNodeRequest};
+use ionet::rpc::GcsClient;
+use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_gcs::{GcsServer, GcsServerOptions};
+
+const TOKEN: &str = "bench-token";
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn serve_head() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = ClusterConfig {
+            heartbeat_timeout_ms: 30_000,
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = GcsServer::start(
+            GcsServerOptions::new(config, Some(ClusterToken::new(TOKEN).unwrap())),
+            listener,
+        )
+        .await
+        .unwrap();
+        println!("{}", server.address());
+        // Serve until the parent closes our stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin()
+                .read_line(&mut sink)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        })
+        .await
+        .unwrap();
+        server.shutdown().await;
+    });
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--serve-head") {
+        return serve_head();
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo bench --list
+    }
+    let nodes = arg("--nodes", 1000) as usize;
+    let seconds = arg("--seconds", 10).max(2);
+    let changing = arg("--changing", 0) == 1;
+    let mut head = Command::new(std::env::current_exe().unwrap())
+        .arg("--serve-head")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the head");
+    let mut line = String::new();
+    BufReader::new(head.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line.trim().to_string();
+    let head_pid = head.id();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (absorbed, cpu, wall) = runtime.block_on(async {
+        let token = ClusterToken::new(TOKEN).unwrap();
+        let total = ResourceSet::new()
+            .with("CPU", Quantity::whole(8))
+            .with("GPU", Quantity::whole(8));
+        let mut clients: Vec<(GcsClient, NodeId)> = Vec::with_capacity(nodes);
+        for index in 0..nodes {
+            let mut client = ionet::rpc::gcs_client(&address, &token)
+                .await
+                .expect("connect");
+            let node_id = NodeId::random();
+            let info = NodeInfo {
+                node_id: node_id.to_vec(),
+                address: format!("127.0.0.1:{}", 10_000 + index),
+                total: Some(ResourceQuantities::from_set(&total)),
+                available: Some(ResourceQuantities::from_set(&total)),
+                ..Default::default()
+            };
+            client
+                .register_node(RegisterNodeRequest { node: Some(info) })
+                .await
+                .expect("register");
+            clients.push((client, node_id));
+        }
+        let absorbed = Arc::new(AtomicU64::new(0));
+        let stop_at = Instant::now() + Duration::from_secs(seconds + 1);
+        let mut tasks = Vec::new();
+        for (index, (mut client, node_id)) in clients.into_iter().enumerate() {
+            let absorbed = absorbed.clone();
+            let available = ResourceQuantities::from_set(&total);
+            tasks.push(tokio::spawn(async move {
+                // Stagger the fleet across the second, as real nodes started at different times are.
+                tokio::time::sleep(Duration::from_micros(
+                    (index as u64 * 1_000_000) / nodes as u64,
+                ))
+                .await;
+                let mut ticker = tokio::time::interval(Duration::from_secs(1));
+                while Instant::now() < stop_at {
+                    ticker.tick().await;
+                    let request = HeartbeatRequest {
+                        node_id: node_id.to_vec(),
+                        available: changing.then(|| available.clone()),
+                    };
+                    if client.heartbeat(request).await.is_ok() {
+                        absorbed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        // Skip the first second (ramp-up), then measure a steady window.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (cpu_start, beats_start, wall_start) = (
+            ionet_benches::process_cpu_seconds(head_pid).unwrap(),
+            absorbed.load(Ordering::Relaxed),
+            Instant::now(),
+        );
+        tokio::time::sleep(Duration::from_secs(seconds - 1)).await;
+        let cpu = ionet_benches::process_cpu_seconds(head_pid).unwrap() - cpu_start;
+        let beats = absorbed.load(Ordering::Relaxed) - beats_start;
+        let wall = wall_start.elapsed().as_secs_f64();
+        futures::future::join_all(tasks).await;
+        (beats, cpu, wall)
+    });
+    drop(head.stdin.take());
+    let _ = head.wait();
+    println!(
+        "gcs heartbeats: {nodes} nodes at 1 Hz ({}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
+        if changing { "resources in every heartbeat" } else { "resources only on change" },
+        absorbed as f64 / wall,
+        100.0 * cpu / wall,
+        1e6 * cpu / absorbed.max(1) as f64
+    );
+}
