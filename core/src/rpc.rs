@@ -21,6 +21,12 @@ pub mod proto {
     pub mod node {
         tonic::include_proto!("ionet.node");
     }
+    pub mod object {
+        tonic::include_proto!("ionet.object");
+    }
+    pub mod metering {
+        tonic::include_proto!("ionet.metering");
+    }
 }
 
 /// Domain errors to gRPC codes and back.

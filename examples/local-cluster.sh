@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The main job, on a fresh machine: builds ionet, starts a local head and two node
+# daemons with declared GPUs (as a GPU provider would join them), prints `ionet status`,
+# and stops the cluster. Needs only the Rust toolchain.
+#   bash examples/local-cluster.sh            start, show, stop
+#   KEEP=1 bash examples/local-cluster.sh     leave the cluster running
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet -p ionet-worker --bin ionet
+ionet=target/debug/ionet
+export IONET_SESSION_DIR="${IONET_SESSION_DIR:-$(mktemp -d -t ionet-session.XXXXXX)}"
+if [ -z "${KEEP:-}" ]; then trap '"$ionet" stop >/dev/null' EXIT; fi
+
+"$ionet" start --head --port 0 --num-cpus 2
+address=$(cat "$IONET_SESSION_DIR/head_address")
+"$ionet" start --address "$address" --num-cpus 16 --num-gpus 4 --gpu-type A100-80GB \
+  --price-per-gpu-hour 1.20 --labels region=eu,provider=dc-frankfurt --wallet provider-eu-1
+"$ionet" start --address "$address" --num-cpus 8 --num-gpus 2 --gpu-type RTX4090 \
+  --price-per-gpu-hour 0.35 --labels region=us,provider=miner-ohio --wallet provider-us-7
+echo
+"$ionet" status
+if [ -n "${KEEP:-}" ]; then
+  echo
+  echo "cluster left running: IONET_SESSION_DIR=$IONET_SESSION_DIR $ionet status | stop"
+fi

@@ -1,0 +1,1 @@
+//! ionet-object-store (being written).
