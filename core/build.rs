@@ -4,6 +4,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ionet/common.proto",
         "proto/ionet/gcs.proto",
         "proto/ionet/node.proto",
+        "proto/ionet/object.proto",
+        "proto/ionet/metering.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
