@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ionet/node.proto",
         "proto/ionet/object.proto",
         "proto/ionet/metering.proto",
+        "proto/ionet/worker.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

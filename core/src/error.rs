@@ -34,6 +34,18 @@ pub enum IonetError {
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A remote task returned an error or panicked; `message` is the remote one.
+    #[error("task {function} failed on node {node}: {message}")]
+    TaskFailed { function: String, node: String, message: String },
+    /// The worker process running a task died, on every attempt allowed.
+    #[error("worker running task {function} crashed ({attempts} attempt(s)): {reason}")]
+    WorkerCrashed { function: String, attempts: u32, reason: String },
+    /// Every copy of an object is gone and it cannot be made again.
+    #[error("object lost: {0}")]
+    ObjectLost(String),
+    /// No node of the cluster could ever satisfy the demand.
+    #[error("infeasible: {0}")]
+    Infeasible(String),
 }
 
 impl IonetError {

@@ -27,6 +27,9 @@ pub mod proto {
     pub mod metering {
         tonic::include_proto!("ionet.metering");
     }
+    pub mod worker {
+        tonic::include_proto!("ionet.worker");
+    }
 }
 
 /// Domain errors to gRPC codes and back.
@@ -47,6 +50,9 @@ pub mod status {
                 IonetError::Unavailable(_) => Code::Unavailable,
                 IonetError::Timeout(_) => Code::DeadlineExceeded,
                 IonetError::Io(_) | IonetError::Internal(_) => Code::Internal,
+                IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } => Code::Aborted,
+                IonetError::ObjectLost(_) => Code::DataLoss,
+                IonetError::Infeasible(_) => Code::FailedPrecondition,
             };
             // The message keeps the variant's own text only, so it is not prefixed twice
             // when the client maps it back.
@@ -60,8 +66,12 @@ pub mod status {
                 | IonetError::ResourceExhausted(m)
                 | IonetError::Unavailable(m)
                 | IonetError::Timeout(m)
-                | IonetError::Internal(m) => m,
-                IonetError::Io(err) => err.to_string(),
+                | IonetError::Internal(m)
+                | IonetError::ObjectLost(m)
+                | IonetError::Infeasible(m) => m,
+                other @ (IonetError::Io(_) | IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. }) => {
+                    other.to_string()
+                }
             };
             Status::new(code, message)
         }
@@ -81,6 +91,7 @@ pub mod status {
                 Code::ResourceExhausted => IonetError::ResourceExhausted(message),
                 Code::Unavailable | Code::Cancelled => IonetError::Unavailable(message),
                 Code::DeadlineExceeded => IonetError::Timeout(message),
+                Code::DataLoss => IonetError::ObjectLost(message),
                 _ => IonetError::Internal(format!("{:?}: {message}", status.code())),
             }
         }
@@ -92,6 +103,7 @@ pub type AuthChannel = InterceptedService<Channel, AttachToken>;
 
 pub type GcsClient = proto::gcs::gcs_client::GcsClient<AuthChannel>;
 pub type NodeManagerClient = proto::node::node_manager_client::NodeManagerClient<AuthChannel>;
+pub type CoreWorkerClient = proto::worker::core_worker_client::CoreWorkerClient<AuthChannel>;
 
 /// Default cap on one gRPC message, both ways.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -1,0 +1,1 @@
+//! ionet (being written)
