@@ -38,9 +38,7 @@ impl ClusterToken {
             return Err(IonetError::InvalidArgument("cluster token is empty".into()));
         }
         if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
-            return Err(IonetError::InvalidArgument(
-                "cluster token must be printable ASCII without spaces".into(),
-            ));
+            return Err(IonetError::InvalidArgument("cluster token must be printable ASCII without spaces".into()));
         }
         Ok(Self(token.into()))
     }
@@ -55,11 +53,7 @@ impl ClusterToken {
         if expected.len() != candidate.len() {
             return false;
         }
-        expected
-            .iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        expected.iter().zip(candidate).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
@@ -83,10 +77,7 @@ impl CheckToken {
 
 impl tonic::service::Interceptor for CheckToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get(AUTHORIZATION)
-            .map(|value| value.as_bytes());
+        let presented = request.metadata().get(AUTHORIZATION).map(|value| value.as_bytes());
         let verdict = match presented {
             None => Err("missing cluster token (no authorization metadata)"),
             Some(value) => match value.strip_prefix(BEARER.as_bytes()) {
@@ -98,14 +89,9 @@ impl tonic::service::Interceptor for CheckToken {
         match verdict {
             Ok(()) => Ok(request),
             Err(why) => {
-                let peer = request
-                    .remote_addr()
-                    .map(|addr| addr.to_string())
-                    .unwrap_or_else(|| "unknown".into());
+                let peer = request.remote_addr().map(|addr| addr.to_string()).unwrap_or_else(|| "unknown".into());
                 tracing::warn!(peer = %peer, reason = why, "refused unauthenticated request");
-                Err(Status::unauthenticated(format!(
-                    "{why}: pass the cluster token (--token or IONET_TOKEN)"
-                )))
+                Err(Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN)")))
             }
         }
     }
@@ -119,18 +105,15 @@ pub struct AttachToken {
 
 impl AttachToken {
     pub fn new(token: &ClusterToken) -> Self {
-        let header = format!("{BEARER}{}", token.as_str())
-            .parse()
-            .expect("a ClusterToken is printable ASCII by construction");
+        let header =
+            format!("{BEARER}{}", token.as_str()).parse().expect("a ClusterToken is printable ASCII by construction");
         Self { header }
     }
 }
 
 impl tonic::service::Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert(AUTHORIZATION, self.header.clone());
+        request.metadata_mut().insert(AUTHORIZATION, self.header.clone());
         Ok(request)
     }
 }
@@ -148,9 +131,7 @@ mod tests {
         assert!(check.call(attach.call(Request::new(())).unwrap()).is_ok());
 
         let mut wrong = AttachToken::new(&ClusterToken::new("nope").unwrap());
-        let status = check
-            .call(wrong.call(Request::new(())).unwrap())
-            .unwrap_err();
+        let status = check.call(wrong.call(Request::new(())).unwrap()).unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
         assert!(status.message().contains("wrong cluster token"));
 

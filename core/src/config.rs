@@ -26,6 +26,13 @@ pub struct ClusterConfig {
     /// First and largest wait between a node daemon's reconnection attempts.
     pub reconnect_initial_backoff_ms: u64,
     pub reconnect_max_backoff_ms: u64,
+    /// Length of a settlement epoch; epochs end on multiples of it since the Unix epoch
+    /// (hourly by default, on the hour).
+    pub epoch_length_ms: u64,
+    /// Protocol fee charged to payers on top of usage, in basis points (at most 10000).
+    pub protocol_fee_bps: u32,
+    /// Availability-reward pool shared among providers each epoch, micro-USD (0: none).
+    pub reward_pool_per_epoch_micros: u64,
 }
 
 impl Default for ClusterConfig {
@@ -38,6 +45,9 @@ impl Default for ClusterConfig {
             max_kv_key_bytes: 4096,
             reconnect_initial_backoff_ms: 100,
             reconnect_max_backoff_ms: 5_000,
+            epoch_length_ms: 3_600_000,
+            protocol_fee_bps: 250,
+            reward_pool_per_epoch_micros: 0,
         }
     }
 }
@@ -45,16 +55,12 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     /// Defaults, overridden by the file (if any), then by the environment.
     pub fn load(file: Option<&Path>) -> IonetResult<Self> {
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("IONET_CONFIG").map(Into::into));
+        let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("IONET_CONFIG").map(Into::into));
         let mut config = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|err| {
-                    IonetError::Config(format!("cannot read {}: {err}", path.display()))
-                })?;
-                Self::from_toml(&text)
-                    .map_err(|err| IonetError::Config(format!("{}: {err}", path.display())))?
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|err| IonetError::Config(format!("cannot read {}: {err}", path.display())))?;
+                Self::from_toml(&text).map_err(|err| IonetError::Config(format!("{}: {err}", path.display())))?
             }
             None => Self::default(),
         };
@@ -75,55 +81,29 @@ impl ClusterConfig {
             slot: &mut T,
         ) -> IonetResult<()> {
             if let Some(text) = lookup(name) {
-                *slot = text.trim().parse().map_err(|_| {
-                    IonetError::Config(format!("{name}={text:?} is not a valid number"))
-                })?;
+                *slot = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| IonetError::Config(format!("{name}={text:?} is not a valid number")))?;
             }
             Ok(())
         }
-        read(
-            &lookup,
-            "IONET_HEARTBEAT_INTERVAL_MS",
-            &mut self.heartbeat_interval_ms,
-        )?;
-        read(
-            &lookup,
-            "IONET_HEARTBEAT_TIMEOUT_MS",
-            &mut self.heartbeat_timeout_ms,
-        )?;
-        read(
-            &lookup,
-            "IONET_MAX_MESSAGE_BYTES",
-            &mut self.max_message_bytes,
-        )?;
-        read(
-            &lookup,
-            "IONET_MAX_KV_VALUE_BYTES",
-            &mut self.max_kv_value_bytes,
-        )?;
-        read(
-            &lookup,
-            "IONET_MAX_KV_KEY_BYTES",
-            &mut self.max_kv_key_bytes,
-        )?;
-        read(
-            &lookup,
-            "IONET_RECONNECT_INITIAL_BACKOFF_MS",
-            &mut self.reconnect_initial_backoff_ms,
-        )?;
-        read(
-            &lookup,
-            "IONET_RECONNECT_MAX_BACKOFF_MS",
-            &mut self.reconnect_max_backoff_ms,
-        )?;
+        read(&lookup, "IONET_HEARTBEAT_INTERVAL_MS", &mut self.heartbeat_interval_ms)?;
+        read(&lookup, "IONET_HEARTBEAT_TIMEOUT_MS", &mut self.heartbeat_timeout_ms)?;
+        read(&lookup, "IONET_MAX_MESSAGE_BYTES", &mut self.max_message_bytes)?;
+        read(&lookup, "IONET_MAX_KV_VALUE_BYTES", &mut self.max_kv_value_bytes)?;
+        read(&lookup, "IONET_MAX_KV_KEY_BYTES", &mut self.max_kv_key_bytes)?;
+        read(&lookup, "IONET_RECONNECT_INITIAL_BACKOFF_MS", &mut self.reconnect_initial_backoff_ms)?;
+        read(&lookup, "IONET_RECONNECT_MAX_BACKOFF_MS", &mut self.reconnect_max_backoff_ms)?;
+        read(&lookup, "IONET_EPOCH_LENGTH_MS", &mut self.epoch_length_ms)?;
+        read(&lookup, "IONET_PROTOCOL_FEE_BPS", &mut self.protocol_fee_bps)?;
+        read(&lookup, "IONET_REWARD_POOL_PER_EPOCH_MICROS", &mut self.reward_pool_per_epoch_micros)?;
         Ok(())
     }
 
     pub fn validate(&self) -> IonetResult<()> {
         if self.heartbeat_interval_ms == 0 {
-            return Err(IonetError::Config(
-                "heartbeat_interval_ms must be positive".into(),
-            ));
+            return Err(IonetError::Config("heartbeat_interval_ms must be positive".into()));
         }
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
             return Err(IonetError::Config(format!(
@@ -131,10 +111,17 @@ impl ClusterConfig {
                 self.heartbeat_timeout_ms, self.heartbeat_interval_ms
             )));
         }
+        if self.epoch_length_ms == 0 {
+            return Err(IonetError::Config("epoch_length_ms must be positive".into()));
+        }
+        if self.protocol_fee_bps > 10_000 {
+            return Err(IonetError::Config(format!(
+                "protocol_fee_bps ({}) must be at most 10000",
+                self.protocol_fee_bps
+            )));
+        }
         if self.max_kv_value_bytes >= self.max_message_bytes {
-            return Err(IonetError::Config(
-                "max_kv_value_bytes must be below max_message_bytes".into(),
-            ));
+            return Err(IonetError::Config("max_kv_value_bytes must be below max_message_bytes".into()));
         }
         Ok(())
     }
@@ -147,13 +134,10 @@ mod tests {
     #[test]
     fn file_then_env_override_defaults() {
         let mut config =
-            ClusterConfig::from_toml("heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n")
-                .unwrap();
+            ClusterConfig::from_toml("heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n").unwrap();
         assert_eq!(config.heartbeat_interval_ms, 200);
         assert_eq!(config.max_kv_key_bytes, 4096);
-        config
-            .apply_env(|name| (name == "IONET_HEARTBEAT_TIMEOUT_MS").then(|| "1500".to_string()))
-            .unwrap();
+        config.apply_env(|name| (name == "IONET_HEARTBEAT_TIMEOUT_MS").then(|| "1500".to_string())).unwrap();
         assert_eq!(config.heartbeat_timeout_ms, 1500);
         config.validate().unwrap();
     }
@@ -165,10 +149,30 @@ mod tests {
         let mut config = ClusterConfig::default();
         let err = config.apply_env(|_| Some("soon".into())).unwrap_err();
         assert!(err.to_string().contains("is not a valid number"), "{err}");
-        let config = ClusterConfig {
-            heartbeat_timeout_ms: 500,
-            ..Default::default()
-        };
+        let config = ClusterConfig { heartbeat_timeout_ms: 500, ..Default::default() };
         assert!(config.validate().is_err());
+        let config = ClusterConfig { protocol_fee_bps: 10_001, ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("10001"));
+    }
+
+    #[test]
+    fn metering_settings_have_defaults_and_env_overrides() {
+        let mut config = ClusterConfig::default();
+        assert_eq!(
+            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_epoch_micros),
+            (3_600_000, 250, 0)
+        );
+        config
+            .apply_env(|name| match name {
+                "IONET_EPOCH_LENGTH_MS" => Some("60000".into()),
+                "IONET_PROTOCOL_FEE_BPS" => Some("100".into()),
+                "IONET_REWARD_POOL_PER_EPOCH_MICROS" => Some("5000000".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_epoch_micros),
+            (60_000, 100, 5_000_000)
+        );
     }
 }

@@ -129,6 +129,11 @@ define_id!(
     ObjectId, 28, "object id"
 );
 define_id!(
+    /// A lease of resources and a worker, granted by a node daemon and metered by the
+    /// control store.
+    LeaseId, 16, "lease id"
+);
+define_id!(
     /// A placement group.
     PlacementGroupId, 18, "placement group id"
 );
@@ -160,10 +165,7 @@ mod tests {
     #[test]
     fn wrong_length_is_refused_with_the_length() {
         let err = NodeId::from_bytes(&[1, 2, 3]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid argument: node id must be 28 bytes, got 3"
-        );
+        assert_eq!(err.to_string(), "invalid argument: node id must be 28 bytes, got 3");
         assert!("zz".parse::<JobId>().is_err());
     }
 

@@ -28,5 +28,5 @@ pub mod resources;
 pub mod rpc;
 
 pub use error::{IonetError, IonetResult};
-pub use ids::{ActorId, JobId, NodeId, ObjectId, PlacementGroupId, TaskId, WorkerId};
+pub use ids::{ActorId, JobId, LeaseId, NodeId, ObjectId, PlacementGroupId, TaskId, WorkerId};
 pub use resources::{Quantity, ResourceSet};

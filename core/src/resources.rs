@@ -29,9 +29,7 @@ pub const ACCELERATOR_PREFIX: &str = "accelerator_type:";
 pub const SCALE: i64 = 10_000;
 
 /// An exact quantity of a resource, in 1/10000 units.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Quantity(i64);
 
@@ -60,9 +58,7 @@ impl Quantity {
         }
         let scaled = (value * SCALE as f64).round();
         if scaled > i64::MAX as f64 {
-            return Err(IonetError::InvalidArgument(format!(
-                "resource quantity {value} is too large"
-            )));
+            return Err(IonetError::InvalidArgument(format!("resource quantity {value} is too large")));
         }
         Ok(Self(scaled as i64))
     }
@@ -119,28 +115,19 @@ impl FromStr for Quantity {
     /// Parses a decimal exactly ("0.0001", "2", "1.5"); more than four decimals is refused
     /// rather than silently rounded.
     fn from_str(text: &str) -> IonetResult<Self> {
-        let invalid =
-            |why: &str| IonetError::InvalidArgument(format!("resource quantity {text:?} {why}"));
+        let invalid = |why: &str| IonetError::InvalidArgument(format!("resource quantity {text:?} {why}"));
         let trimmed = text.trim();
         let (whole, fraction) = trimmed.split_once('.').unwrap_or((trimmed, ""));
         if whole.is_empty() && fraction.is_empty() {
             return Err(invalid("is empty"));
         }
-        if !whole.chars().all(|c| c.is_ascii_digit())
-            || !fraction.chars().all(|c| c.is_ascii_digit())
-        {
+        if !whole.chars().all(|c| c.is_ascii_digit()) || !fraction.chars().all(|c| c.is_ascii_digit()) {
             return Err(invalid("is not a non-negative decimal number"));
         }
         if fraction.len() > 4 {
-            return Err(invalid(
-                "has more than 4 decimals (the resolution is 0.0001)",
-            ));
+            return Err(invalid("has more than 4 decimals (the resolution is 0.0001)"));
         }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| invalid("is too large"))?
-        };
+        let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| invalid("is too large"))? };
         let fraction_units: i64 = format!("{fraction:0<4}").parse().unwrap_or(0);
         whole
             .checked_mul(SCALE)
@@ -179,9 +166,7 @@ impl ResourceSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, Quantity)> {
-        self.0
-            .iter()
-            .map(|(name, quantity)| (name.as_str(), *quantity))
+        self.0.iter().map(|(name, quantity)| (name.as_str(), *quantity))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -194,9 +179,7 @@ impl ResourceSet {
 
     /// Whether every quantity in `demand` is available here.
     pub fn contains(&self, demand: &ResourceSet) -> bool {
-        demand
-            .iter()
-            .all(|(name, quantity)| self.get(name) >= quantity)
+        demand.iter().all(|(name, quantity)| self.get(name) >= quantity)
     }
 
     /// Adds `other` entry by entry.
@@ -209,10 +192,7 @@ impl ResourceSet {
 
     /// Subtracts `demand`, refusing (and changing nothing) when any entry would go negative.
     pub fn try_subtract(&mut self, demand: &ResourceSet) -> IonetResult<()> {
-        if let Some((name, quantity)) = demand
-            .iter()
-            .find(|(name, quantity)| self.get(name) < *quantity)
-        {
+        if let Some((name, quantity)) = demand.iter().find(|(name, quantity)| self.get(name) < *quantity) {
             return Err(IonetError::InvalidArgument(format!(
                 "cannot take {quantity} {name}: only {} available",
                 self.get(name)
@@ -227,25 +207,18 @@ impl ResourceSet {
 
     /// The units map used on the wire.
     pub fn to_units(&self) -> std::collections::HashMap<String, i64> {
-        self.0
-            .iter()
-            .map(|(name, quantity)| (name.clone(), quantity.units()))
-            .collect()
+        self.0.iter().map(|(name, quantity)| (name.clone(), quantity.units())).collect()
     }
 
     /// Reads the wire form, refusing negative or empty-named entries.
-    pub fn from_units<'a>(
-        units: impl IntoIterator<Item = (&'a String, &'a i64)>,
-    ) -> IonetResult<Self> {
+    pub fn from_units<'a>(units: impl IntoIterator<Item = (&'a String, &'a i64)>) -> IonetResult<Self> {
         let mut set = ResourceSet::new();
         for (name, units) in units {
             if name.is_empty() {
                 return Err(IonetError::InvalidArgument("resource name is empty".into()));
             }
             if *units < 0 {
-                return Err(IonetError::InvalidArgument(format!(
-                    "resource {name} has negative quantity {units}"
-                )));
+                return Err(IonetError::InvalidArgument(format!("resource {name} has negative quantity {units}")));
             }
             set.set(name.clone(), Quantity::from_units(*units));
         }
@@ -255,9 +228,7 @@ impl ResourceSet {
     /// Parses a JSON object of custom resources such as `{"tpu": 2, "ssd": 0.5}`.
     pub fn from_json(text: &str) -> IonetResult<Self> {
         let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|err| {
-            IonetError::InvalidArgument(format!(
-                "resources must be a JSON object of name to number: {err}"
-            ))
+            IonetError::InvalidArgument(format!("resources must be a JSON object of name to number: {err}"))
         })?;
         let mut set = ResourceSet::new();
         for (name, value) in map {
@@ -298,15 +269,9 @@ pub fn parse_usd(text: &str) -> IonetResult<MicroUsd> {
         return Err(invalid("is not a non-negative decimal number of USD"));
     }
     if fraction.len() > 6 {
-        return Err(invalid(
-            "has more than 6 decimals (the resolution is one micro-USD)",
-        ));
+        return Err(invalid("has more than 6 decimals (the resolution is one micro-USD)"));
     }
-    let whole: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| invalid("is too large"))?
-    };
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| invalid("is too large"))? };
     let fraction_micros: u64 = format!("{fraction:0<6}").parse().unwrap_or(0);
     whole
         .checked_mul(1_000_000)
@@ -362,22 +327,12 @@ mod tests {
 
     #[test]
     fn subtract_refuses_overdraw_and_changes_nothing() {
-        let mut available = ResourceSet::new()
-            .with(GPU, Quantity::whole(2))
-            .with(CPU, Quantity::whole(4));
-        let demand = ResourceSet::new()
-            .with(GPU, Quantity::whole(3))
-            .with(CPU, Quantity::whole(1));
+        let mut available = ResourceSet::new().with(GPU, Quantity::whole(2)).with(CPU, Quantity::whole(4));
+        let demand = ResourceSet::new().with(GPU, Quantity::whole(3)).with(CPU, Quantity::whole(1));
         let err = available.try_subtract(&demand).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("cannot take 3 GPU: only 2 available"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cannot take 3 GPU: only 2 available"), "{err}");
         assert_eq!(available.get(CPU), Quantity::whole(4));
-        available
-            .try_subtract(&ResourceSet::new().with(GPU, Quantity::whole(2)))
-            .unwrap();
+        available.try_subtract(&ResourceSet::new().with(GPU, Quantity::whole(2))).unwrap();
         assert_eq!(available.get(GPU), Quantity::ZERO);
         assert_eq!(available.len(), 1, "zero entries are dropped");
     }

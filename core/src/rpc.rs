@@ -84,9 +84,7 @@ pub mod status {
                 Code::InvalidArgument | Code::OutOfRange => IonetError::InvalidArgument(message),
                 Code::NotFound => IonetError::NotFound(message),
                 Code::AlreadyExists => IonetError::AlreadyExists(message),
-                Code::Unauthenticated | Code::PermissionDenied => {
-                    IonetError::Unauthenticated(message)
-                }
+                Code::Unauthenticated | Code::PermissionDenied => IonetError::Unauthenticated(message),
                 Code::FailedPrecondition | Code::Aborted => IonetError::FailedPrecondition(message),
                 Code::ResourceExhausted => IonetError::ResourceExhausted(message),
                 Code::Unavailable | Code::Cancelled => IonetError::Unavailable(message),
@@ -103,21 +101,16 @@ pub type AuthChannel = InterceptedService<Channel, AttachToken>;
 
 pub type GcsClient = proto::gcs::gcs_client::GcsClient<AuthChannel>;
 pub type NodeManagerClient = proto::node::node_manager_client::NodeManagerClient<AuthChannel>;
+pub type MeteringClient = proto::metering::metering_client::MeteringClient<AuthChannel>;
 pub type CoreWorkerClient = proto::worker::core_worker_client::CoreWorkerClient<AuthChannel>;
 
 /// Default cap on one gRPC message, both ways.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
+    let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
     Ok(Endpoint::from_shared(uri)
-        .map_err(|err| {
-            IonetError::InvalidArgument(format!("address {address:?} is not valid: {err}"))
-        })?
+        .map_err(|err| IonetError::InvalidArgument(format!("address {address:?} is not valid: {err}")))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -125,11 +118,7 @@ fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
 }
 
 /// Connects to `address` now, failing with `Unavailable` if nothing answers.
-pub async fn connect(
-    address: &str,
-    token: &ClusterToken,
-    connect_timeout: Duration,
-) -> IonetResult<AuthChannel> {
+pub async fn connect(address: &str, token: &ClusterToken, connect_timeout: Duration) -> IonetResult<AuthChannel> {
     let channel = endpoint(address, connect_timeout)?
         .connect()
         .await
@@ -138,11 +127,7 @@ pub async fn connect(
 }
 
 /// A channel that connects on first use and reconnects after failures.
-pub fn connect_lazy(
-    address: &str,
-    token: &ClusterToken,
-    connect_timeout: Duration,
-) -> IonetResult<AuthChannel> {
+pub fn connect_lazy(address: &str, token: &ClusterToken, connect_timeout: Duration) -> IonetResult<AuthChannel> {
     let channel = endpoint(address, connect_timeout)?.connect_lazy();
     Ok(InterceptedService::new(channel, AttachToken::new(token)))
 }
@@ -155,11 +140,15 @@ pub async fn gcs_client(address: &str, token: &ClusterToken) -> IonetResult<GcsC
     Ok(GcsClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
 }
 
+/// A client of the head's metering and ledger service (same address and token as the GCS).
+pub async fn metering_client(address: &str, token: &ClusterToken) -> IonetResult<MeteringClient> {
+    let channel = connect(address, token, Duration::from_secs(5)).await?;
+    Ok(MeteringClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
+}
+
 impl proto::common::ResourceQuantities {
     pub fn from_set(set: &ResourceSet) -> Self {
-        Self {
-            units: set.to_units(),
-        }
+        Self { units: set.to_units() }
     }
 
     pub fn to_set(&self) -> IonetResult<ResourceSet> {

@@ -14,15 +14,19 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ionet::auth::{CheckToken, ClusterToken};
 use ionet::config::ClusterConfig;
 use ionet::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet::rpc::proto::gcs::GetAllNodesRequest;
 use ionet::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
 use ionet::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
-use ionet::rpc::proto::node::{GetNodeStatsReply, GetNodeStatsRequest};
+use ionet::rpc::proto::node::{
+    GetNodeStatsReply, GetNodeStatsRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
+    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest,
+};
 use ionet::rpc::{self, GcsClient};
 use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
 use rand::Rng;
@@ -32,6 +36,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status};
 
+use crate::lease::{Leases, WorkerPoolOptions};
 use crate::node_spec::NodeSpec;
 
 pub struct NodeDaemonOptions {
@@ -44,13 +49,14 @@ pub struct NodeDaemonOptions {
     /// Host other processes use to reach this node.
     pub advertise_host: String,
     pub is_head: bool,
+    pub workers: WorkerPoolOptions,
 }
 
 /// Shared state of a running node daemon.
 struct NodeShared {
     node_id: NodeId,
     info: NodeInfo,
-    available: Mutex<ResourceSet>,
+    leases: Arc<Leases>,
     started: Instant,
     connected: AtomicBool,
     registrations: AtomicU64,
@@ -58,10 +64,7 @@ struct NodeShared {
 
 impl NodeShared {
     fn available(&self) -> ResourceSet {
-        self.available
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.leases.available()
     }
 }
 
@@ -93,30 +96,56 @@ impl NodeManager for NodeManagerService {
             registrations: self.shared.registrations.load(Ordering::SeqCst),
         }))
     }
+
+    async fn request_worker_lease(
+        &self,
+        request: Request<RequestWorkerLeaseRequest>,
+    ) -> Result<Response<RequestWorkerLeaseReply>, Status> {
+        Ok(Response::new(self.shared.leases.request(request.into_inner()).await?))
+    }
+
+    async fn return_worker_lease(
+        &self,
+        request: Request<ReturnWorkerLeaseRequest>,
+    ) -> Result<Response<ReturnWorkerLeaseReply>, Status> {
+        let request = request.into_inner();
+        self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
+        Ok(Response::new(ReturnWorkerLeaseReply {}))
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerReply>, Status> {
+        let request = request.into_inner();
+        self.shared.leases.register_worker(&request.worker_id, request.address)?;
+        Ok(Response::new(RegisterWorkerReply { node_id: self.shared.node_id.to_vec() }))
+    }
 }
 
 impl NodeDaemon {
     /// Binds the node's server and starts the registration/heartbeat loop. Returns once
     /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
     pub async fn start(options: NodeDaemonOptions) -> IonetResult<Self> {
-        let listener = TcpListener::bind((options.bind_host.as_str(), 0))
-            .await
-            .map_err(|err| {
-                IonetError::Unavailable(format!(
-                    "cannot bind node server on {}: {err}",
-                    options.bind_host
-                ))
-            })?;
+        let listener = TcpListener::bind((options.bind_host.as_str(), 0)).await.map_err(|err| {
+            IonetError::Unavailable(format!("cannot bind node server on {}: {err}", options.bind_host))
+        })?;
         let address = listener.local_addr()?;
         let node_id = NodeId::random();
         let advertised = format!("{}:{}", options.advertise_host, address.port());
-        let info = options
-            .spec
-            .to_node_info(&node_id, &advertised, options.is_head);
+        let info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
+        let leases = Arc::new(Leases::new(
+            node_id,
+            advertised.clone(),
+            options.token.as_str().to_string(),
+            options.spec.total.clone(),
+            options.spec.gpus.iter().map(|gpu| gpu.index).collect(),
+            options.workers,
+        ));
         let shared = Arc::new(NodeShared {
             node_id,
             info,
-            available: Mutex::new(options.spec.total.clone()),
+            leases,
             started: Instant::now(),
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
@@ -124,9 +153,7 @@ impl NodeDaemon {
         let (stop, stopped) = watch::channel(false);
 
         let service = InterceptedService::new(
-            NodeManagerServer::new(NodeManagerService {
-                shared: shared.clone(),
-            }),
+            NodeManagerServer::new(NodeManagerService { shared: shared.clone() }),
             CheckToken::new(options.token.clone()),
         );
         let mut stop_serving = stopped.clone();
@@ -141,22 +168,12 @@ impl NodeDaemon {
                 tracing::error!(error = %err, "node server failed");
             }
         });
-        let channel =
-            rpc::connect_lazy(&options.gcs_address, &options.token, Duration::from_secs(2))?;
+        let channel = rpc::connect_lazy(&options.gcs_address, &options.token, Duration::from_secs(2))?;
         let client = GcsClient::new(channel);
-        let heartbeat = tokio::spawn(run_membership(
-            shared.clone(),
-            client,
-            options.config.clone(),
-            stopped,
-        ));
+        let heartbeat = tokio::spawn(run_membership(shared.clone(), client, options.config.clone(), stopped.clone()));
+        let reaper = tokio::spawn(reap_idle_workers(shared.leases.clone(), stopped));
         tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");
-        Ok(Self {
-            shared,
-            address,
-            stop,
-            tasks: vec![serve, heartbeat],
-        })
+        Ok(Self { shared, address, stop, tasks: vec![serve, heartbeat, reaper] })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -165,6 +182,11 @@ impl NodeDaemon {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// The address other processes reach this node at.
+    pub fn advertised_address(&self) -> &str {
+        &self.shared.info.address
     }
 
     /// Waits until the node has registered at least once.
@@ -185,6 +207,7 @@ impl NodeDaemon {
     /// Drains and stops: tells the control store, then ends the server and loops.
     pub async fn shutdown(self, reason: &str) {
         let _ = self.stop.send(true);
+        self.shared.leases.stop_all_workers();
         for task in self.tasks {
             let _ = task.await;
         }
@@ -193,13 +216,21 @@ impl NodeDaemon {
 }
 
 fn backoff(config: &ClusterConfig, attempt: u32) -> Duration {
-    let base = config
-        .reconnect_initial_backoff_ms
-        .saturating_mul(1u64 << attempt.min(16));
+    let base = config.reconnect_initial_backoff_ms.saturating_mul(1u64 << attempt.min(16));
     let capped = base.min(config.reconnect_max_backoff_ms).max(1);
     // Jitter spreads out a fleet of nodes reconnecting to a head that just came back.
     let jittered = rand::thread_rng().gen_range(capped / 2..=capped);
     Duration::from_millis(jittered)
+}
+
+async fn reap_idle_workers(leases: Arc<Leases>, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => leases.reap_idle(),
+            _ = stopped.changed() => return,
+        }
+    }
 }
 
 /// Registers, heartbeats, re-registers after any loss, and drains on stop.
@@ -223,22 +254,19 @@ async fn run_membership(
             let available = shared.available();
             info.available = Some(ResourceQuantities::from_set(&available));
             reported = Some(available);
-            match client
-                .register_node(RegisterNodeRequest { node: Some(info) })
-                .await
-            {
+            match client.register_node(RegisterNodeRequest { node: Some(info) }).await {
                 Ok(reply) => {
                     incarnation = reply.into_inner().incarnation;
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
+                    if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
+                        shared.leases.refresh_view(&reply.into_inner().nodes);
+                    }
                     let count = shared.registrations.fetch_add(1, Ordering::SeqCst) + 1;
                     tracing::info!(node = %shared.node_id.short(), registrations = count, "registered with the control store");
                     break;
                 }
-                Err(status)
-                    if status.code() == Code::Unauthenticated
-                        || status.code() == Code::InvalidArgument =>
-                {
+                Err(status) if status.code() == Code::Unauthenticated || status.code() == Code::InvalidArgument => {
                     tracing::error!(node = %shared.node_id.short(), error = %status.message(), "the control store refused this node; retrying");
                 }
                 Err(status) => {
@@ -270,7 +298,11 @@ async fn run_membership(
             };
             match client.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
-                    reported = Some(available)
+                    reported = Some(available);
+                    // Refresh the cluster view used for spillback.
+                    if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
+                        shared.leases.refresh_view(&reply.into_inner().nodes);
+                    }
                 }
                 Ok(_) => {
                     tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
@@ -278,8 +310,7 @@ async fn run_membership(
                 }
                 Err(status) => {
                     shared.connected.store(false, Ordering::SeqCst);
-                    let unknown =
-                        matches!(status.code(), Code::NotFound | Code::FailedPrecondition);
+                    let unknown = matches!(status.code(), Code::NotFound | Code::FailedPrecondition);
                     tracing::warn!(node = %shared.node_id.short(), error = %status.message(), "heartbeat failed; registering again");
                     if !unknown {
                         let wait = backoff(&config, attempt);

@@ -1,1 +1,51 @@
-//! ionet (being written)
+//! ionet: a Rust-native task and actor runtime for ML work on rented, heterogeneous GPUs.
+//!
+//! ```ignore
+//! #[ionet::remote]
+//! fn square(x: u64) -> u64 { x * x }
+//!
+//! fn main() -> ionet::IonetResult<()> {
+//!     ionet::init(ionet::InitConfig::default())?;       // embedded local cluster
+//!     let refs: Vec<_> = (0..100).map(|i| square::remote(i)).collect();
+//!     let squares = ionet::get_all(&refs)?;
+//!     ionet::shutdown();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! - [`init`] joins a cluster (`address`) or starts an embedded one (head + node daemon
+//!   in this process). Call it first in `main`: worker processes are the same binary
+//!   re-executed, and there `init` serves tasks and never returns.
+//! - `#[ionet::remote]` on a function generates `f::remote(args)` and
+//!   `f::options(TaskOptions).remote(args)`, returning a typed [`ObjectRef`]; arguments
+//!   are values or refs (the task starts once they exist).
+//! - [`get`], [`get_all`], [`get_timeout`], [`put`], [`wait`] read and write objects.
+//! - Errors a caller can match on are [`IonetError`] variants: `TaskFailed` (the remote
+//!   message, function and node), `WorkerCrashed` (after `max_retries`), `Timeout`,
+//!   `ObjectLost`, `Infeasible`.
+//!
+//! The shared vocabulary (ids, resources, protocol) is re-exported from `ionet-common`.
+
+extern crate self as ionet;
+
+mod api;
+mod context;
+mod init;
+mod object_ref;
+mod object_store;
+mod options;
+mod runtime;
+mod service;
+pub mod task;
+pub mod testing;
+
+pub use api::{get, get_all, get_timeout, put, wait};
+pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
+pub use init::{init, is_initialized, shutdown, InitConfig};
+pub use ionet_common::*;
+pub use ionet_macros::remote;
+pub use object_ref::{Arg, IntoArg, ObjectRef};
+pub use options::{SchedulingStrategy, TaskOptions};
+
+#[doc(hidden)]
+pub use inventory;

@@ -33,18 +33,25 @@ fn result_ok_type(ty: &Type) -> Option<&Type> {
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
-        return syn::Error::new(proc_macro2::Span::call_site(), "#[ionet::remote] takes no arguments; pass options per call with `f::options(..)`")
-            .to_compile_error()
-            .into();
+        return syn::Error::new(
+            proc_macro2::Span::call_site(),
+            "#[ionet::remote] takes no arguments; pass options per call with `f::options(..)`",
+        )
+        .to_compile_error()
+        .into();
     }
     let function = parse_macro_input!(item as ItemFn);
     let name = &function.sig.ident;
     let visibility = &function.vis;
     if let Some(asyncness) = &function.sig.asyncness {
-        return syn::Error::new_spanned(asyncness, "remote functions are synchronous for now").to_compile_error().into();
+        return syn::Error::new_spanned(asyncness, "remote functions are synchronous for now")
+            .to_compile_error()
+            .into();
     }
     if !function.sig.generics.params.is_empty() {
-        return syn::Error::new_spanned(&function.sig.generics, "remote functions cannot be generic").to_compile_error().into();
+        return syn::Error::new_spanned(&function.sig.generics, "remote functions cannot be generic")
+            .to_compile_error()
+            .into();
     }
 
     let mut arg_names = Vec::new();
@@ -60,7 +67,9 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
                 arg_types.push((*typed.ty).clone());
             }
             FnArg::Receiver(receiver) => {
-                return syn::Error::new_spanned(receiver, "remote functions cannot take self").to_compile_error().into();
+                return syn::Error::new_spanned(receiver, "remote functions cannot take self")
+                    .to_compile_error()
+                    .into();
             }
         }
     }

@@ -1,0 +1,42 @@
+//! The runtime context a task reads: its task, node and job ids and its GPUs.
+
+use std::cell::RefCell;
+
+use ionet_common::{JobId, NodeId, TaskId};
+
+thread_local! {
+    static CURRENT_TASK: RefCell<Option<TaskId>> = const { RefCell::new(None) };
+}
+
+pub(crate) fn set_current_task(task: Option<TaskId>) {
+    CURRENT_TASK.with(|current| *current.borrow_mut() = task);
+}
+
+/// What the running process and task know about themselves.
+#[derive(Clone, Debug)]
+pub struct RuntimeContext {
+    pub job_id: JobId,
+    pub node_id: NodeId,
+    /// The task being executed by this thread, if any.
+    pub task_id: Option<TaskId>,
+    /// GPU ids granted to this worker (`CUDA_VISIBLE_DEVICES` holds the same).
+    pub gpu_ids: Vec<u32>,
+    pub is_worker: bool,
+}
+
+/// The context of the calling thread.
+pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
+    let runtime = crate::runtime::current()?;
+    Ok(RuntimeContext {
+        job_id: runtime.job_id,
+        node_id: runtime.node_id,
+        task_id: CURRENT_TASK.with(|current| *current.borrow()),
+        gpu_ids: runtime.gpu_ids.clone(),
+        is_worker: runtime.is_worker,
+    })
+}
+
+/// GPU ids granted to this worker, as Ray's `get_gpu_ids`.
+pub fn get_gpu_ids() -> Vec<u32> {
+    crate::runtime::current().map(|runtime| runtime.gpu_ids.clone()).unwrap_or_default()
+}

@@ -1,0 +1,337 @@
+//! `ionet::init` and `ionet::shutdown`: joining a cluster, or starting an embedded one,
+//! and the worker-process entry that `init` diverts to.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ionet_common::auth::ClusterToken;
+use ionet_common::config::ClusterConfig;
+use ionet_common::rpc::proto::common::NodeState;
+use ionet_common::rpc::proto::gcs::{AddJobRequest, GetAllNodesRequest, MarkJobFinishedRequest};
+use ionet_common::rpc::proto::node::{RegisterWorkerRequest, WorkerCommand};
+use ionet_common::rpc::proto::worker::core_worker_server::CoreWorkerServer;
+use ionet_common::rpc::{self, NodeManagerClient};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, Quantity, ResourceSet};
+use ionet_gcs::{GcsServer, GcsServerOptions};
+use ionet_worker::lease::{self as node_lease, WorkerPoolOptions};
+use ionet_worker::node_daemon::{NodeDaemon, NodeDaemonOptions};
+use ionet_worker::node_spec::{Declared, NodeSpec};
+use ionet_worker::session::SessionDir;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::runtime::{self, block_on, CoreWorker, DEFAULT_INLINE_THRESHOLD};
+use crate::service::CoreWorkerService;
+
+/// How `ionet::init` joins or makes a cluster.
+#[derive(Clone, Debug, Default)]
+pub struct InitConfig {
+    /// `None`: start an embedded local cluster for this program. `"auto"`: the head of
+    /// this machine's session. Otherwise `host:port` of a head.
+    pub address: Option<String>,
+    /// Cluster token (default: `IONET_TOKEN`, then the session directory).
+    pub token: Option<String>,
+    /// Embedded cluster only: CPUs and GPUs to offer (default: detected).
+    pub num_cpus: Option<f64>,
+    pub num_gpus: Option<u32>,
+    pub gpu_type: Option<String>,
+    pub resources: BTreeMap<String, f64>,
+    pub namespace: String,
+    /// Account billed for this job's usage.
+    pub payer_account: String,
+    /// Session directory used to find a head with `address: "auto"`.
+    pub session_dir: Option<PathBuf>,
+    /// Values up to this many bytes travel inline (default 100 KiB).
+    pub inline_threshold: Option<usize>,
+}
+
+impl InitConfig {
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    pub fn num_cpus(mut self, cpus: f64) -> Self {
+        self.num_cpus = Some(cpus);
+        self
+    }
+
+    pub fn num_gpus(mut self, gpus: u32) -> Self {
+        self.num_gpus = Some(gpus);
+        self
+    }
+
+    pub fn gpu_type(mut self, model: impl Into<String>) -> Self {
+        self.gpu_type = Some(model.into());
+        self
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+}
+
+struct Embedded {
+    gcs: GcsServer,
+    node: NodeDaemon,
+}
+
+static EMBEDDED: Mutex<Option<Embedded>> = Mutex::new(None);
+
+/// Connects this program to a cluster (or starts an embedded one) as a driver.
+///
+/// Call it first in `main`: worker processes are this same binary re-executed, and in
+/// them `init` never returns: it serves tasks until the node daemon stops the worker.
+pub fn init(config: InitConfig) -> IonetResult<()> {
+    if std::env::var_os(node_lease::WORKER_MODE_ENV).is_some() {
+        run_worker();
+    }
+    if runtime::current().is_ok() {
+        return Err(IonetError::FailedPrecondition(
+            "ionet is already initialised; call ionet::shutdown() first".into(),
+        ));
+    }
+    block_on(init_driver(config))
+}
+
+/// Whether `init` has run (and `shutdown` has not).
+pub fn is_initialized() -> bool {
+    runtime::current().is_ok()
+}
+
+fn worker_command() -> WorkerCommand {
+    let mut argv: Vec<String> = std::env::args().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(first) = argv.first_mut() {
+            *first = exe.to_string_lossy().into_owned();
+        } else {
+            argv.push(exe.to_string_lossy().into_owned());
+        }
+    }
+    let env = std::env::vars().filter(|(name, _)| name == "RUST_LOG" || name == "RUST_BACKTRACE").collect();
+    let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
+    WorkerCommand { argv, env, cwd }
+}
+
+async fn serve_core_worker(host: &str) -> IonetResult<(tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind((host, 0)).await?;
+    let address = format!("{host}:{}", listener.local_addr()?.port());
+    Ok((listener, address))
+}
+
+fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpListener) {
+    let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        ionet_common::auth::CheckToken::new(worker.token.clone()),
+    );
+    tokio::spawn(async move {
+        if let Err(err) = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+        {
+            tracing::error!(error = %err, "core worker server failed");
+        }
+    });
+    tokio::spawn(runtime::upkeep(Arc::downgrade(&worker)));
+}
+
+fn host_of(address: &str) -> String {
+    address.rsplit_once(':').map(|(host, _)| host.to_string()).unwrap_or_else(|| "127.0.0.1".into())
+}
+
+async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)> {
+    let token = ClusterToken::generate();
+    let cluster_config = ClusterConfig::load(None)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gcs = GcsServer::start(GcsServerOptions::new(cluster_config.clone(), Some(token.clone())), listener)
+        .await
+        .map_err(IonetError::from)?;
+    let gcs_address = gcs.address().to_string();
+    let mut custom = ResourceSet::new();
+    for (name, quantity) in &config.resources {
+        custom.set(name.clone(), Quantity::from_f64(*quantity)?);
+    }
+    let spec = NodeSpec::build(Declared {
+        num_cpus: config.num_cpus.map(Quantity::from_f64).transpose()?,
+        num_gpus: config.num_gpus,
+        gpu_type: config.gpu_type.clone(),
+        custom,
+        ..Default::default()
+    })?;
+    let cpus = spec.total.get(ionet_common::resources::CPU).as_f64().ceil() as usize;
+    let node = NodeDaemon::start(NodeDaemonOptions {
+        gcs_address: gcs_address.clone(),
+        token: token.clone(),
+        config: cluster_config,
+        spec,
+        bind_host: "127.0.0.1".into(),
+        advertise_host: "127.0.0.1".into(),
+        is_head: true,
+        workers: WorkerPoolOptions {
+            idle_timeout: Duration::from_secs(60),
+            max_idle_workers: cpus.max(1),
+            log_dir: None,
+        },
+    })
+    .await?;
+    node.wait_registered(Duration::from_secs(30)).await?;
+    let node_address = node.advertised_address().to_string();
+    *EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Embedded { gcs, node });
+    Ok((gcs_address, node_address, token))
+}
+
+async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)> {
+    let session = SessionDir::resolve(config.session_dir.as_deref());
+    let address = match config.address.as_deref() {
+        Some("auto") => session
+            .head_address()
+            .ok_or_else(|| IonetError::NotFound(format!("no head running in session {}", session.path().display())))?,
+        Some(address) => address.to_string(),
+        None => unreachable!("join is for a given address"),
+    };
+    let token = match config.token.clone().or_else(|| std::env::var("IONET_TOKEN").ok()) {
+        Some(token) => ClusterToken::new(&token)?,
+        None => session.token().ok_or_else(|| {
+            IonetError::Unauthenticated("no cluster token: pass InitConfig::token or set IONET_TOKEN".into())
+        })?,
+    };
+    let mut gcs = rpc::gcs_client(&address, &token).await?;
+    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?.into_inner().nodes;
+    let host = host_of(&address);
+    let alive: Vec<_> = nodes.into_iter().filter(|node| node.state == NodeState::Alive as i32).collect();
+    // The node daemon on this machine: the head's if the head is here, else any local one.
+    let local = alive
+        .iter()
+        .find(|node| node.is_head && host_of(&node.address) == host)
+        .or_else(|| alive.iter().find(|node| host_of(&node.address) == host))
+        .or_else(|| alive.first())
+        .ok_or_else(|| IonetError::Unavailable(format!("the cluster at {address} has no alive node")))?;
+    Ok((address, local.address.clone(), token))
+}
+
+async fn init_driver(config: InitConfig) -> IonetResult<()> {
+    let (gcs_address, node_address, token) = match config.address {
+        None => start_embedded(&config).await?,
+        Some(_) => join(&config).await?,
+    };
+    let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(5)).await?);
+    let stats = node.get_node_stats(ionet_common::rpc::proto::node::GetNodeStatsRequest {}).await?.into_inner();
+    let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
+    let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
+    let mut gcs = rpc::gcs_client(&gcs_address, &token).await?;
+    let job = gcs
+        .add_job(AddJobRequest {
+            driver_address: address.clone(),
+            driver_pid: std::process::id(),
+            namespace: config.namespace.clone(),
+            entrypoint: std::env::args().collect::<Vec<_>>().join(" "),
+            payer_account: if config.payer_account.is_empty() {
+                "default".into()
+            } else {
+                config.payer_account.clone()
+            },
+        })
+        .await?
+        .into_inner()
+        .job
+        .ok_or_else(|| IonetError::Internal("the control store added a job but returned none".into()))?;
+    let job_id = JobId::from_bytes(&job.job_id)?;
+    let worker = CoreWorker::new(
+        address,
+        node_id,
+        node_address,
+        job_id,
+        token,
+        Vec::new(),
+        false,
+        gcs_address,
+        worker_command(),
+        config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
+    );
+    spawn_core_worker_server(worker.clone(), listener);
+    runtime::install(worker);
+    tracing::info!(job = %job_id, "driver connected");
+    Ok(())
+}
+
+/// Ends this driver's job: returns its leases, marks the job finished, and stops the
+/// embedded cluster if `init` started one.
+pub fn shutdown() {
+    let Some(worker) = runtime::uninstall() else { return };
+    block_on(async {
+        worker.return_idle_leases(true).await;
+        if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.token).await {
+            let _ = gcs.mark_job_finished(MarkJobFinishedRequest { job_id: worker.job_id.to_vec() }).await;
+        }
+        let embedded = EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(embedded) = embedded {
+            embedded.node.shutdown("driver shut down").await;
+            embedded.gcs.shutdown().await;
+        }
+    });
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        eprintln!("ionet worker: {name} is not set; worker processes are started by node daemons");
+        std::process::exit(2)
+    })
+}
+
+/// The worker process: serves tasks for its node daemon until told to stop.
+fn run_worker() -> ! {
+    // A panicking task is reported to its caller with its message; one line here is enough.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("ionet worker {}: task panicked{location}", std::process::id());
+    }));
+    let result: IonetResult<()> = block_on(async {
+        let node_address = env(node_lease::NODE_ADDRESS_ENV);
+        let token = ClusterToken::new(&env(node_lease::TOKEN_ENV))?;
+        let worker_id = env(node_lease::WORKER_ID_ENV);
+        let node_id: NodeId = env(node_lease::NODE_ID_ENV).parse()?;
+        let job_id: JobId = env(node_lease::JOB_ID_ENV).parse()?;
+        let gpu_ids = env(node_lease::GPU_IDS_ENV).split(',').filter_map(|id| id.parse().ok()).collect();
+        let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
+        let worker = CoreWorker::new(
+            address.clone(),
+            node_id,
+            node_address.clone(),
+            job_id,
+            token.clone(),
+            gpu_ids,
+            true,
+            String::new(),
+            WorkerCommand::default(),
+            DEFAULT_INLINE_THRESHOLD,
+        );
+        spawn_core_worker_server(worker.clone(), listener);
+        runtime::install(worker);
+        let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(10)).await?);
+        node.register_worker(RegisterWorkerRequest {
+            worker_id: hex_bytes(&worker_id)?,
+            address,
+            pid: std::process::id(),
+        })
+        .await?;
+        // Serve until the daemon kills this process (it dies with the daemon too).
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    if let Err(err) = result {
+        eprintln!("ionet worker failed: {err}");
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}
+
+fn hex_bytes(text: &str) -> IonetResult<Vec<u8>> {
+    Ok(text.parse::<ionet_common::WorkerId>()?.to_vec())
+}

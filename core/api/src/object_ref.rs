@@ -1,0 +1,137 @@
+//! `ObjectRef<T>`: a typed handle to a value that exists, or will, somewhere in the
+//! cluster.
+//!
+//! A ref carries its object id and its owner's address (the process that created it
+//! by `.remote()` or `put`). Handles created in the owner count references: the owner
+//! frees the value and every copy when the last handle (including those held by
+//! pending tasks as arguments) is dropped. A ref serialised into another process
+//! (inside a value, or sent to a task) is a *borrowed* handle there: it resolves
+//! through the owner and does not count.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use ionet_common::ObjectId;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime;
+
+pub struct ObjectRef<T> {
+    pub(crate) id: ObjectId,
+    pub(crate) owner: Arc<str>,
+    /// Whether this handle counts in the owner's table (it lives in the owner).
+    pub(crate) counted: bool,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> ObjectRef<T> {
+    /// A handle in the owner; the caller has already counted it.
+    pub(crate) fn counted(id: ObjectId, owner: Arc<str>) -> Self {
+        Self { id, owner, counted: true, _value: PhantomData }
+    }
+
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// Address of the core worker that owns the object.
+    pub fn owner_address(&self) -> &str {
+        &self.owner
+    }
+
+    /// The same handle, untyped, as task arguments hold it.
+    pub(crate) fn erase(&self) -> ObjectRef<()> {
+        let clone = self.clone();
+        let erased =
+            ObjectRef { id: clone.id, owner: clone.owner.clone(), counted: clone.counted, _value: PhantomData };
+        std::mem::forget(clone); // the count moves to `erased`
+        erased
+    }
+}
+
+impl<T> Clone for ObjectRef<T> {
+    fn clone(&self) -> Self {
+        if self.counted {
+            runtime::add_local_reference(&self.id);
+        }
+        Self { id: self.id, owner: self.owner.clone(), counted: self.counted, _value: PhantomData }
+    }
+}
+
+impl<T> Drop for ObjectRef<T> {
+    fn drop(&mut self) {
+        if self.counted {
+            runtime::remove_local_reference(&self.id);
+        }
+    }
+}
+
+impl<T> fmt::Debug for ObjectRef<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectRef({})", self.id.short())
+    }
+}
+
+impl<T> PartialEq for ObjectRef<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl<T> Eq for ObjectRef<T> {}
+
+impl<T> std::hash::Hash for ObjectRef<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireRef {
+    id: ObjectId,
+    owner: String,
+}
+
+impl<T> Serialize for ObjectRef<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireRef { id: self.id, owner: self.owner.to_string() }.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for ObjectRef<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = WireRef::deserialize(deserializer)?;
+        // Back in its owner the handle counts again; elsewhere it borrows.
+        Ok(runtime::revive_reference(wire.id, wire.owner.into()))
+    }
+}
+
+/// One argument of a remote call: a value, or a ref whose value the task receives.
+pub enum Arg {
+    Value(Result<Vec<u8>, String>),
+    Ref(ObjectRef<()>),
+}
+
+/// What may be passed where a remote function takes a `T`.
+pub trait IntoArg<T> {
+    fn into_arg(self) -> Arg;
+}
+
+impl<T: Serialize> IntoArg<T> for T {
+    fn into_arg(self) -> Arg {
+        Arg::Value(crate::task::encode_value(&self))
+    }
+}
+
+impl<T> IntoArg<T> for ObjectRef<T> {
+    fn into_arg(self) -> Arg {
+        Arg::Ref(self.erase())
+    }
+}
+
+impl<T> IntoArg<T> for &ObjectRef<T> {
+    fn into_arg(self) -> Arg {
+        Arg::Ref(self.erase())
+    }
+}

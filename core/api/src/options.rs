@@ -1,0 +1,115 @@
+//! Per-call options of remote functions, with Ray's names.
+
+use std::collections::BTreeMap;
+
+use ionet_common::NodeId;
+
+/// Where a task may run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum SchedulingStrategy {
+    /// Prefer the caller's node until it is half used, then the least used node.
+    #[default]
+    Default,
+    /// Spread over the nodes that fit.
+    Spread,
+    /// On this node; with `soft`, elsewhere when it cannot.
+    NodeAffinity { node_id: NodeId, soft: bool },
+}
+
+/// Options of one call (`f::options(TaskOptions { .. }).remote(..)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOptions {
+    /// CPUs held while the task runs (default 1, as Ray).
+    pub num_cpus: f64,
+    /// GPUs held; fractions share a GPU (0.5 = half of one).
+    pub num_gpus: f64,
+    /// Bytes of memory held.
+    pub memory: u64,
+    /// Only on nodes with this GPU model (e.g. "A100-80GB").
+    pub accelerator_type: Option<String>,
+    pub resources: BTreeMap<String, f64>,
+    /// Retries when the worker process dies (default 3, as Ray).
+    pub max_retries: u32,
+    /// Also retry when the task returns an error or panics.
+    pub retry_exceptions: bool,
+    pub scheduling_strategy: SchedulingStrategy,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self {
+            num_cpus: 1.0,
+            num_gpus: 0.0,
+            memory: 0,
+            accelerator_type: None,
+            resources: BTreeMap::new(),
+            max_retries: 3,
+            retry_exceptions: false,
+            scheduling_strategy: SchedulingStrategy::Default,
+        }
+    }
+}
+
+impl TaskOptions {
+    pub fn num_cpus(mut self, cpus: f64) -> Self {
+        self.num_cpus = cpus;
+        self
+    }
+
+    pub fn num_gpus(mut self, gpus: f64) -> Self {
+        self.num_gpus = gpus;
+        self
+    }
+
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+
+    pub fn accelerator_type(mut self, model: impl Into<String>) -> Self {
+        self.accelerator_type = Some(model.into());
+        self
+    }
+
+    pub fn resource(mut self, name: impl Into<String>, quantity: f64) -> Self {
+        self.resources.insert(name.into(), quantity);
+        self
+    }
+
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    pub fn retry_exceptions(mut self, retry: bool) -> Self {
+        self.retry_exceptions = retry;
+        self
+    }
+
+    pub fn scheduling_strategy(mut self, strategy: SchedulingStrategy) -> Self {
+        self.scheduling_strategy = strategy;
+        self
+    }
+
+    /// The resource demand these options make.
+    pub(crate) fn demand(&self) -> ionet_common::IonetResult<ionet_common::ResourceSet> {
+        use ionet_common::resources::{Quantity, ACCELERATOR_PREFIX, CPU, GPU, MEMORY};
+        let mut demand = ionet_common::ResourceSet::new()
+            .with(CPU, Quantity::from_f64(self.num_cpus)?)
+            .with(GPU, Quantity::from_f64(self.num_gpus)?)
+            .with(MEMORY, Quantity::from_units((self.memory as i64).saturating_mul(ionet_common::resources::SCALE)));
+        if self.num_gpus > 1.0 && self.num_gpus.fract() != 0.0 {
+            return Err(ionet_common::IonetError::InvalidArgument(format!(
+                "num_gpus {} must be whole above 1 (fractions share one GPU)",
+                self.num_gpus
+            )));
+        }
+        if let Some(model) = &self.accelerator_type {
+            demand.set(format!("{ACCELERATOR_PREFIX}{model}"), Quantity::from_units(1));
+        }
+        for (name, quantity) in &self.resources {
+            demand.set(name.clone(), Quantity::from_f64(*quantity)?);
+        }
+        Ok(demand)
+    }
+}

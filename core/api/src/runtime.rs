@@ -1,0 +1,584 @@
+//! The core worker: the part of every ionet process (driver or worker) that owns
+//! objects, submits tasks over leases, and serves `CoreWorker` RPCs.
+//!
+//! Ownership: the process that creates an object (`put`, or the return of a task it
+//! submits) owns it: its entry lives in `objects` with a count of local handles (task
+//! arguments included), and it answers other processes' `GetObject` for it. At zero
+//! handles the entry is removed.
+//!
+//! Submission (the hot path; the control store is never on it):
+//! 1. `submit_task` creates the return object (PENDING) and spawns the task's driver
+//!    future, returning the `ObjectRef` at once.
+//! 2. Arguments that are refs are resolved first (a task starts only once its argument
+//!    objects exist): from this process's table, or from their owner.
+//! 3. A lease for the task's resource shape is taken from the shape's pool: an idle one
+//!    is reused; otherwise up to `MAX_PENDING_LEASE_REQUESTS` requests go to the local
+//!    node daemon, following spillbacks to other nodes.
+//! 4. The task is pushed straight to the leased worker; the reply carries the value.
+//!    A transport failure means the worker died: the lease is returned as failed and
+//!    the task retried up to `max_retries`, then fails as worker-crashed.
+//! 5. Leases idle for `LEASE_LINGER` with nobody waiting go back to their daemon.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ionet_common::auth::ClusterToken;
+use ionet_common::rpc::proto::node::{
+    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest, SchedulingKind,
+    SchedulingStrategy as WireStrategy, WorkerCommand,
+};
+use ionet_common::rpc::proto::worker::{
+    get_object_reply, push_task_reply, task_arg, GetObjectRequest, PushTaskRequest, StoredObject, TaskArg,
+};
+use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, ResourceSet, TaskId};
+use tokio::sync::{watch, Notify};
+
+use crate::object_ref::{Arg, ObjectRef};
+use crate::object_store::Bytes;
+use crate::options::{SchedulingStrategy, TaskOptions};
+
+/// At most this many lease requests in flight per resource shape (Ray's default too).
+const MAX_PENDING_LEASE_REQUESTS: usize = 10;
+/// An idle lease is kept this long for the next task of its shape.
+const LEASE_LINGER: Duration = Duration::from_millis(300);
+/// Values up to this size travel inline and live in their owner's memory.
+pub(crate) const DEFAULT_INLINE_THRESHOLD: usize = 100 * 1024;
+
+/// Where an object's value is.
+#[derive(Clone)]
+pub(crate) enum ObjectState {
+    Pending,
+    Inline(Bytes),
+    Stored(StoredObject),
+    Failed(Arc<IonetError>),
+}
+
+pub(crate) struct ObjectEntry {
+    pub(crate) state: watch::Sender<ObjectState>,
+    references: AtomicUsize,
+}
+
+/// Rebuilds an error for another reader (errors are not `Clone`: `Io` holds an io::Error).
+pub(crate) fn copy_error(error: &IonetError) -> IonetError {
+    match error {
+        IonetError::InvalidArgument(m) => IonetError::InvalidArgument(m.clone()),
+        IonetError::NotFound(m) => IonetError::NotFound(m.clone()),
+        IonetError::AlreadyExists(m) => IonetError::AlreadyExists(m.clone()),
+        IonetError::Unauthenticated(m) => IonetError::Unauthenticated(m.clone()),
+        IonetError::FailedPrecondition(m) => IonetError::FailedPrecondition(m.clone()),
+        IonetError::ResourceExhausted(m) => IonetError::ResourceExhausted(m.clone()),
+        IonetError::Unavailable(m) => IonetError::Unavailable(m.clone()),
+        IonetError::Timeout(m) => IonetError::Timeout(m.clone()),
+        IonetError::Config(m) => IonetError::Config(m.clone()),
+        IonetError::Io(err) => IonetError::Internal(err.to_string()),
+        IonetError::Internal(m) => IonetError::Internal(m.clone()),
+        IonetError::TaskFailed { function, node, message } => {
+            IonetError::TaskFailed { function: function.clone(), node: node.clone(), message: message.clone() }
+        }
+        IonetError::WorkerCrashed { function, attempts, reason } => {
+            IonetError::WorkerCrashed { function: function.clone(), attempts: *attempts, reason: reason.clone() }
+        }
+        IonetError::ObjectLost(m) => IonetError::ObjectLost(m.clone()),
+        IonetError::Infeasible(m) => IonetError::Infeasible(m.clone()),
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Lease {
+    lease_id: Vec<u8>,
+    node_address: String,
+    worker: AuthChannel,
+}
+
+struct ShapePool {
+    request: RequestWorkerLeaseRequest,
+    idle: Mutex<Vec<(Lease, Instant)>>,
+    notify: Notify,
+    requesting: AtomicUsize,
+    waiting: AtomicUsize,
+    infeasible: Mutex<Option<String>>,
+}
+
+pub(crate) struct CoreWorker {
+    pub(crate) address: Arc<str>,
+    pub(crate) node_id: NodeId,
+    pub(crate) node_address: String,
+    pub(crate) job_id: JobId,
+    pub(crate) token: ClusterToken,
+    pub(crate) gpu_ids: Vec<u32>,
+    pub(crate) is_worker: bool,
+    pub(crate) gcs_address: String,
+    pub(crate) objects: DashMap<ObjectId, Arc<ObjectEntry>>,
+    pools: DashMap<String, Arc<ShapePool>>,
+    worker_command: WorkerCommand,
+    channels: DashMap<String, AuthChannel>,
+    pub(crate) inline_threshold: usize,
+    pub(crate) handle: tokio::runtime::Handle,
+}
+
+static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+static CURRENT: RwLock<Option<Arc<CoreWorker>>> = RwLock::new(None);
+
+/// The process's async runtime (created on first use, lives as long as the process).
+pub(crate) fn tokio_runtime() -> &'static tokio::runtime::Runtime {
+    TOKIO.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name("ionet")
+            .enable_all()
+            .build()
+            .expect("the ionet runtime cannot start: the OS refused threads")
+    })
+}
+
+pub(crate) fn install(worker: Arc<CoreWorker>) {
+    *CURRENT.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(worker);
+}
+
+pub(crate) fn uninstall() -> Option<Arc<CoreWorker>> {
+    CURRENT.write().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+}
+
+pub(crate) fn current() -> IonetResult<Arc<CoreWorker>> {
+    CURRENT
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+        .ok_or_else(|| IonetError::FailedPrecondition("ionet is not initialised: call ionet::init() first".into()))
+}
+
+fn current_or_panic() -> Arc<CoreWorker> {
+    current().unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// Runs `future` to completion from synchronous code (user threads, task threads).
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio_runtime().handle().block_on(future)
+}
+
+pub(crate) fn add_local_reference(id: &ObjectId) {
+    if let Ok(worker) = current() {
+        if let Some(entry) = worker.objects.get(id) {
+            entry.references.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(crate) fn remove_local_reference(id: &ObjectId) {
+    if let Ok(worker) = current() {
+        let last =
+            worker.objects.get(id).map(|entry| entry.references.fetch_sub(1, Ordering::AcqRel) == 1).unwrap_or(false);
+        if last {
+            worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0);
+        }
+    }
+}
+
+/// A ref arriving in a process: counted again in its owner, borrowed elsewhere.
+pub(crate) fn revive_reference<T>(id: ObjectId, owner: Arc<str>) -> ObjectRef<T> {
+    if let Ok(worker) = current() {
+        if *worker.address == *owner {
+            if let Some(entry) = worker.objects.get(&id) {
+                entry.references.fetch_add(1, Ordering::Relaxed);
+                return ObjectRef::counted(id, worker.address.clone());
+            }
+        }
+    }
+    let mut borrowed = ObjectRef::counted(id, owner);
+    borrowed.counted = false;
+    borrowed
+}
+
+impl CoreWorker {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        address: String,
+        node_id: NodeId,
+        node_address: String,
+        job_id: JobId,
+        token: ClusterToken,
+        gpu_ids: Vec<u32>,
+        is_worker: bool,
+        gcs_address: String,
+        worker_command: WorkerCommand,
+        inline_threshold: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            address: address.into(),
+            node_id,
+            node_address,
+            job_id,
+            token,
+            gpu_ids,
+            is_worker,
+            gcs_address,
+            objects: DashMap::new(),
+            pools: DashMap::new(),
+            worker_command,
+            channels: DashMap::new(),
+            inline_threshold,
+            handle: tokio_runtime().handle().clone(),
+        })
+    }
+
+    /// A channel to `address`, opened once and shared.
+    pub(crate) fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = rpc::connect_lazy(address, &self.token, Duration::from_secs(5))?;
+        self.channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// A new owned object in `state`, with one handle.
+    pub(crate) fn new_object<T>(&self, id: ObjectId, state: ObjectState) -> ObjectRef<T> {
+        let (sender, _) = watch::channel(state);
+        self.objects.insert(id, Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1) }));
+        ObjectRef::counted(id, self.address.clone())
+    }
+
+    fn settle(&self, id: &ObjectId, state: ObjectState) {
+        if let Some(entry) = self.objects.get(id) {
+            entry.state.send_replace(state);
+        }
+        // Else every handle was dropped before the task finished: nobody wants the value.
+    }
+
+    /// Waits until the object is no longer pending, here or at its owner.
+    pub(crate) async fn resolve(
+        &self,
+        id: ObjectId,
+        owner: &str,
+        deadline: Option<Instant>,
+    ) -> IonetResult<ObjectState> {
+        let entry = self.objects.get(&id).map(|entry| entry.clone());
+        if let Some(entry) = entry {
+            let mut receiver = entry.state.subscribe();
+            let ready = receiver.wait_for(|state| !matches!(state, ObjectState::Pending));
+            let state = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), ready)
+                    .await
+                    .map_err(|_| IonetError::Timeout(format!("object {} not ready in time", id.short())))?,
+                None => ready.await,
+            }
+            .map_err(|_| IonetError::ObjectLost(format!("object {} was freed", id.short())))?
+            .clone();
+            return Ok(state);
+        }
+        if owner == &*self.address {
+            return Err(IonetError::ObjectLost(format!("object {} was freed by its owner (this process)", id.short())));
+        }
+        let mut client = CoreWorkerClient::new(self.channel(owner)?);
+        loop {
+            let wait_ms = match deadline {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+                None => 10_000,
+            };
+            let reply = client
+                .get_object(GetObjectRequest { object_id: id.to_vec(), timeout_ms: wait_ms })
+                .await
+                .map_err(|status| {
+                    IonetError::ObjectLost(format!(
+                        "owner {owner} of object {} is unreachable: {}",
+                        id.short(),
+                        status.message()
+                    ))
+                })?
+                .into_inner();
+            match reply.result {
+                Some(get_object_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
+                Some(get_object_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
+                Some(get_object_reply::Result::Failure(failure)) => {
+                    return Ok(ObjectState::Failed(Arc::new(IonetError::TaskFailed {
+                        function: failure.function_name,
+                        node: hex_short(&failure.node_id),
+                        message: failure.message,
+                    })))
+                }
+                Some(get_object_reply::Result::Unknown(why)) => return Err(IonetError::ObjectLost(why)),
+                Some(get_object_reply::Result::Pending(_)) | None => {
+                    if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        return Err(IonetError::Timeout(format!("object {} not ready in time", id.short())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The value's bytes, wherever it is.
+    pub(crate) async fn fetch(&self, id: ObjectId, owner: &str, deadline: Option<Instant>) -> IonetResult<Bytes> {
+        match self.resolve(id, owner, deadline).await? {
+            ObjectState::Inline(bytes) => Ok(bytes),
+            ObjectState::Failed(error) => Err(copy_error(&error)),
+            ObjectState::Stored(stored) => Err(IonetError::Internal(format!(
+                "object {} is in the store of node {}, which this build cannot read yet",
+                id.short(),
+                stored.node_address
+            ))),
+            ObjectState::Pending => unreachable!("resolve waits past pending"),
+        }
+    }
+
+    fn pool(&self, demand: &ResourceSet, strategy: &SchedulingStrategy) -> Arc<ShapePool> {
+        let key = format!("{demand}|{strategy:?}");
+        if let Some(pool) = self.pools.get(&key) {
+            return pool.clone();
+        }
+        let wire = match strategy {
+            SchedulingStrategy::Default => WireStrategy::default(),
+            SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
+            SchedulingStrategy::NodeAffinity { node_id, soft } => {
+                WireStrategy { kind: SchedulingKind::NodeAffinity as i32, node_id: node_id.to_vec(), soft: *soft }
+            }
+        };
+        let pool = Arc::new(ShapePool {
+            request: RequestWorkerLeaseRequest {
+                job_id: self.job_id.to_vec(),
+                resources: Some(demand.into()),
+                strategy: Some(wire),
+                worker_command: Some(self.worker_command.clone()),
+                no_spillback: false,
+            },
+            idle: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            requesting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            infeasible: Mutex::new(None),
+        });
+        self.pools.entry(key).or_insert(pool).clone()
+    }
+
+    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>) -> IonetResult<Lease> {
+        pool.waiting.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            let notified = pool.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((lease, _)) = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                break Ok(lease);
+            }
+            if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                break Err(IonetError::Infeasible(reason));
+            }
+            let waiting = pool.waiting.load(Ordering::SeqCst);
+            if pool.requesting.load(Ordering::SeqCst) < waiting.min(MAX_PENDING_LEASE_REQUESTS) {
+                pool.requesting.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(request_lease(self.clone(), pool.clone()));
+            }
+            notified.await;
+        };
+        if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last waiter has heard the verdict; later tasks ask the cluster again.
+            pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        result
+    }
+
+    fn release(&self, pool: &ShapePool, lease: Lease) {
+        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push((lease, Instant::now()));
+        pool.notify.notify_one();
+    }
+
+    async fn return_lease(&self, lease: Lease, worker_failed: bool) {
+        if let Ok(channel) = self.channel(&lease.node_address) {
+            let mut node = NodeManagerClient::new(channel);
+            let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id, worker_failed };
+            if let Err(status) = node.return_worker_lease(request).await {
+                // The daemon also ends a lease whose worker died; a lost return is logged, not fatal.
+                tracing::debug!(error = %status.message(), "returning a lease failed");
+            }
+        }
+    }
+
+    /// Returns leases idle past the linger time whose shape nobody waits for.
+    pub(crate) async fn return_idle_leases(&self, everything: bool) {
+        let mut doomed = Vec::new();
+        for pool in self.pools.iter() {
+            if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            idle.retain(|(lease, since)| {
+                let expired = everything || now.duration_since(*since) >= LEASE_LINGER;
+                if expired {
+                    doomed.push(lease.clone());
+                }
+                !expired
+            });
+        }
+        for lease in doomed {
+            self.return_lease(lease, false).await;
+        }
+    }
+}
+
+fn hex_short(bytes: &[u8]) -> String {
+    let mut text =
+        ionet_common::ids::NodeId::from_bytes(bytes).map(|id| id.short()).unwrap_or_else(|_| "unknown".into());
+    text.truncate(8);
+    text
+}
+
+/// Asks the local daemon for a lease, following spillbacks; puts it in the pool.
+async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
+    let mut address = worker.node_address.clone();
+    let mut request = pool.request.clone();
+    let mut failures = 0u32;
+    let outcome = loop {
+        let channel = match worker.channel(&address) {
+            Ok(channel) => channel,
+            Err(err) => break Err(err.to_string()),
+        };
+        match NodeManagerClient::new(channel).request_worker_lease(request.clone()).await {
+            Ok(reply) => match reply.into_inner().outcome {
+                Some(Outcome::Granted(granted)) => break Ok((granted, address)),
+                Some(Outcome::Spillback(spillback)) => {
+                    address = spillback.node_address;
+                    request.no_spillback = true;
+                }
+                Some(Outcome::Infeasible(reason)) => break Err(reason),
+                None => break Err("the node daemon answered a lease request with nothing".into()),
+            },
+            Err(status) => {
+                failures += 1;
+                tracing::warn!(node = %address, error = %status.message(), "lease request failed; retrying");
+                if status.code() == tonic::Code::InvalidArgument || failures > 50 {
+                    break Err(format!("lease requests to {address} keep failing: {}", status.message()));
+                }
+                // Back to our own node, which knows the cluster afresh.
+                address = worker.node_address.clone();
+                request.no_spillback = false;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    pool.requesting.fetch_sub(1, Ordering::SeqCst);
+    match outcome.and_then(|(granted, node_address)| {
+        let channel = worker.channel(&granted.worker_address).map_err(|err| err.to_string())?;
+        Ok(Lease { lease_id: granted.lease_id, node_address, worker: channel })
+    }) {
+        Ok(lease) => worker.release(&pool, lease),
+        Err(reason) => {
+            tracing::warn!(%reason, "lease request refused");
+            *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+            pool.notify.notify_waiters();
+        }
+    }
+}
+
+struct TaskSpec {
+    task_id: TaskId,
+    function: &'static str,
+    options: TaskOptions,
+    args: Vec<Arg>,
+    return_id: ObjectId,
+}
+
+/// `f::remote(..)`: creates the return object and starts the task.
+pub(crate) fn submit_task<R>(function: &'static str, options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
+    let worker = current_or_panic();
+    let spec = TaskSpec { task_id: TaskId::random(), function, options, args, return_id: ObjectId::random() };
+    let object = worker.new_object(spec.return_id, ObjectState::Pending);
+    let runner = worker.clone();
+    worker.handle.spawn(async move {
+        let state = match execute(&runner, &spec).await {
+            Ok(state) => state,
+            Err(error) => ObjectState::Failed(Arc::new(error)),
+        };
+        runner.settle(&spec.return_id, state);
+        drop(spec); // releases the argument refs held while the task was pending
+    });
+    object
+}
+
+async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<TaskArg>> {
+    let mut args = Vec::with_capacity(spec.args.len());
+    for (index, arg) in spec.args.iter().enumerate() {
+        let value = match arg {
+            Arg::Value(Ok(bytes)) => task_arg::Value::Inline(bytes.clone()),
+            Arg::Value(Err(why)) => {
+                return Err(IonetError::InvalidArgument(format!("argument {index} of {}: {why}", spec.function)))
+            }
+            Arg::Ref(reference) => match worker.resolve(reference.id(), reference.owner_address(), None).await? {
+                ObjectState::Inline(bytes) => task_arg::Value::Inline(bytes.to_vec()),
+                ObjectState::Stored(stored) => task_arg::Value::Stored(stored),
+                ObjectState::Failed(error) => return Err(copy_error(&error)),
+                ObjectState::Pending => unreachable!("resolve waits past pending"),
+            },
+        };
+        args.push(TaskArg { value: Some(value) });
+    }
+    Ok(args)
+}
+
+async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<ObjectState> {
+    let demand = spec.options.demand()?;
+    let pool = worker.pool(&demand, &spec.options.scheduling_strategy);
+    let mut attempt = 0u32;
+    loop {
+        let args = resolve_args(worker, spec).await?;
+        let lease = worker.acquire(&pool).await?;
+        let request = PushTaskRequest {
+            task_id: spec.task_id.to_vec(),
+            job_id: worker.job_id.to_vec(),
+            function_name: spec.function.to_string(),
+            args,
+            attempt,
+            return_object_id: spec.return_id.to_vec(),
+            inline_threshold: worker.inline_threshold as u64,
+        };
+        let mut client = CoreWorkerClient::new(lease.worker.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        match client.push_task(request).await {
+            Ok(reply) => {
+                worker.release(&pool, lease);
+                match reply.into_inner().result {
+                    Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
+                    Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
+                    Some(push_task_reply::Result::Failure(failure)) => {
+                        if spec.options.retry_exceptions && attempt < spec.options.max_retries {
+                            attempt += 1;
+                            continue;
+                        }
+                        return Err(IonetError::TaskFailed {
+                            function: failure.function_name,
+                            node: hex_short(&failure.node_id),
+                            message: failure.message,
+                        });
+                    }
+                    None => {
+                        return Err(IonetError::Internal(format!("worker sent an empty reply for {}", spec.function)))
+                    }
+                }
+            }
+            Err(status) => {
+                worker.return_lease(lease, true).await;
+                if attempt < spec.options.max_retries {
+                    attempt += 1;
+                    tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");
+                    continue;
+                }
+                return Err(IonetError::WorkerCrashed {
+                    function: spec.function.to_string(),
+                    attempts: attempt + 1,
+                    reason: status.message().to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Background upkeep of a core worker: returns idle leases.
+pub(crate) async fn upkeep(worker: std::sync::Weak<CoreWorker>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        ticker.tick().await;
+        let Some(worker) = worker.upgrade() else { return };
+        worker.return_idle_leases(false).await;
+    }
+}

@@ -1,0 +1,85 @@
+//! What `#[ionet::remote]` expands into: the registry of remote functions, argument
+//! and return encoding (bincode over serde), and the submission entry point.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::object_ref::{Arg, ObjectRef};
+use crate::options::TaskOptions;
+use crate::runtime;
+
+/// A function a worker process can run by name.
+pub struct RemoteFunction {
+    pub name: &'static str,
+    pub invoke: fn(Vec<ArgBytes>) -> Result<Vec<u8>, Failure>,
+}
+
+inventory::collect!(RemoteFunction);
+
+/// Looks a function up by its registered name.
+pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
+    inventory::iter::<RemoteFunction>.into_iter().find(|function| function.name == name)
+}
+
+/// One argument's encoded value, as the worker receives it.
+pub struct ArgBytes(pub(crate) crate::object_store::Bytes);
+
+impl ArgBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Why a task did not produce a value, as the function's side reports it.
+#[derive(Debug)]
+pub struct Failure {
+    pub(crate) kind: FailureKind,
+    pub(crate) message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    Error,
+    Panic,
+    UnknownFunction,
+    BadArguments,
+}
+
+impl Failure {
+    pub fn error(message: String) -> Self {
+        Self { kind: FailureKind::Error, message }
+    }
+
+    pub fn bad_arguments(message: String) -> Self {
+        Self { kind: FailureKind::BadArguments, message }
+    }
+}
+
+pub(crate) fn codec() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a value for the wire or the store.
+pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(value, codec())
+        .map_err(|err| format!("cannot serialise {}: {err}", std::any::type_name::<T>()))
+}
+
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(bytes, codec())
+        .map(|(value, _)| value)
+        .map_err(|err| format!("cannot deserialise {}: {err}", std::any::type_name::<T>()))
+}
+
+pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
+    encode_value(value).map_err(Failure::error)
+}
+
+pub fn decode_arg<T: DeserializeOwned>(arg: &ArgBytes, index: usize) -> Result<T, Failure> {
+    decode_value(arg.as_slice()).map_err(|why| Failure::bad_arguments(format!("argument {index}: {why}")))
+}
+
+/// Submits a call of the registered function `name`; returns at once.
+pub fn submit<R>(name: &'static str, options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
+    runtime::submit_task(name, options, args)
+}

@@ -1,0 +1,50 @@
+//! Helpers for tests that need a real multi-process cluster from one test binary.
+//!
+//! A test binary calls [`run_cli_if_requested`] first in `main`: when re-executed with
+//! `IONET_TEST_CLI_ARGS` set (a JSON array of arguments), it runs as the `ionet` command
+//! line (a head or node daemon) instead, so the test needs no separately built binary.
+
+/// Environment variable carrying the `ionet` arguments for a re-executed test binary.
+pub const CLI_ARGS_ENV: &str = "IONET_TEST_CLI_ARGS";
+
+/// Runs the `ionet` command line and exits, if this process was started for that.
+pub fn run_cli_if_requested() {
+    let Ok(json) = std::env::var(CLI_ARGS_ENV) else { return };
+    // Worker processes this daemon starts inherit its environment: they must not become
+    // daemons too.
+    std::env::remove_var(CLI_ARGS_ENV);
+    let args: Vec<String> = match serde_json_lite(&json) {
+        Some(args) => args,
+        None => {
+            eprintln!("{CLI_ARGS_ENV} must be a JSON array of strings");
+            std::process::exit(2);
+        }
+    };
+    use clap::Parser;
+    let cli = ionet_worker::cli::Cli::parse_from(std::iter::once("ionet".to_string()).chain(args));
+    let result = match cli.command {
+        ionet_worker::cli::Command::Start(args) => ionet_worker::commands::start(args),
+        ionet_worker::cli::Command::Status(args) => ionet_worker::commands::status(args),
+        ionet_worker::cli::Command::Stop(args) => ionet_worker::commands::stop(args),
+        #[allow(unreachable_patterns)]
+        _ => Err(anyhow::anyhow!("this command is not available from a test binary")),
+    };
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn serde_json_lite(text: &str) -> Option<Vec<String>> {
+    serde_json::from_str(text).ok()
+}
+
+/// In a worker process (started by a node daemon), serves tasks and never returns.
+pub fn run_worker_if_requested() {
+    if std::env::var_os(ionet_worker::lease::WORKER_MODE_ENV).is_some() {
+        let _ = crate::init(crate::InitConfig::default());
+    }
+}

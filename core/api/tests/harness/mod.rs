@@ -1,0 +1,141 @@
+//! A small test runner for test binaries that double as ionet workers and daemons
+//! (`harness = false`): runs each case in turn with a timeout, and prints libtest-style
+//! lines and a closing `N passed, N failed` line.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub type Case = (&'static str, fn());
+
+/// Runs the cases named on the command line (all if none), each within `timeout`.
+pub fn run(cases: &[Case], timeout: Duration) -> ! {
+    ionet::testing::run_cli_if_requested();
+    ionet::testing::run_worker_if_requested();
+    let filters: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with('-')).collect();
+    let selected: Vec<&Case> = cases
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|filter| name.contains(filter.as_str())))
+        .collect();
+    println!("running {} tests", selected.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, case) in selected {
+        let (sender, receiver) = mpsc::channel();
+        let case = *case;
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(case);
+            let _ = sender.send(outcome.is_ok());
+        });
+        match receiver.recv_timeout(timeout) {
+            Ok(true) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1}s)", started.elapsed().as_secs_f64());
+            }
+            Ok(false) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+                // A failed case may leave ionet initialised; the next starts afresh.
+                ionet::shutdown();
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED (timed out after {timeout:?})");
+                println!("{} passed, {} failed", passed, failed + 1);
+                std::process::exit(1);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// Polls `condition` until it holds, or panics naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real cluster: a head and node daemons, each this test binary re-executed as `ionet start`.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    daemons: Vec<Child>,
+}
+
+impl Cluster {
+    pub fn start(head_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Self { dir, daemons: Vec::new() };
+        cluster.spawn("head", &[&["--head", "--port", "0"], head_args].concat());
+        cluster
+    }
+
+    pub fn add_node(&mut self, args: &[&str]) {
+        let address = self.address();
+        self.spawn("node", &[&["--address", address.as_str()], args].concat());
+    }
+
+    fn spawn(&mut self, role: &str, args: &[&str]) {
+        let mut argv: Vec<String> = vec!["start".into(), "--block".into(), "--host".into(), "127.0.0.1".into()];
+        argv.extend(args.iter().map(|arg| arg.to_string()));
+        argv.push("--temp-dir".into());
+        argv.push(self.dir.path().to_string_lossy().into_owned());
+        let log = std::fs::File::create(self.dir.path().join(format!("{role}-{}.out", self.daemons.len()))).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
+            .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
+            .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
+            .env_remove("IONET_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid_file = self.dir.path().join("pids").join(format!("{role}-{}.pid", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pid_file.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{role} exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "{role} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.daemons.push(child);
+    }
+
+    pub fn address(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("head_address")).unwrap().trim().to_string()
+    }
+
+    pub fn session(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connects this process to the cluster as a driver.
+    pub fn init(&self) {
+        ionet::init(
+            ionet::InitConfig { session_dir: Some(self.dir.path().to_path_buf()), ..Default::default() }
+                .address("auto"),
+        )
+        .expect("driver joins the cluster");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        ionet::shutdown();
+        for child in &mut self.daemons {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ionet-test-{}-{name}", std::process::id()))
+}

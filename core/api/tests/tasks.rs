@@ -1,0 +1,213 @@
+//! Remote tasks end to end: an embedded cluster and a real multi-process one on
+//! loopback, worker processes being this test binary re-executed.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use harness::{temp_path, wait_until, Cluster};
+use ionet::{InitConfig, IonetError, SchedulingStrategy, TaskOptions};
+
+#[ionet::remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[ionet::remote]
+fn add_one(x: u64) -> u64 {
+    x + 1
+}
+
+#[ionet::remote]
+fn where_am_i() -> String {
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
+#[ionet::remote]
+fn boom(message: String) -> u64 {
+    panic!("{message}")
+}
+
+#[ionet::remote]
+fn fallible(fail: bool) -> Result<u64, String> {
+    if fail {
+        Err("the input was rejected".to_string())
+    } else {
+        Ok(42)
+    }
+}
+
+/// First attempt: records its pid and hangs (to be killed). Later attempts: answer.
+#[ionet::remote]
+fn crash_once(marker: String) -> u64 {
+    if std::path::Path::new(&marker).exists() {
+        return 7;
+    }
+    std::fs::write(&marker, std::process::id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+    0
+}
+
+/// Waits until `expected` tasks have checked in under `dir`: proves they run at once.
+#[ionet::remote]
+fn rendezvous(dir: String, expected: usize) -> (String, Vec<u32>) {
+    let me = format!("{dir}/{}", std::process::id());
+    std::fs::write(&me, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&dir).unwrap().count() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {expected} tasks ran at once",
+            std::fs::read_dir(&dir).unwrap().count()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(), ionet::get_gpu_ids())
+}
+
+fn embedded_thousand_tasks_and_a_chain() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let refs: Vec<_> = (0..1000u64).map(square::remote).collect();
+    let values = ionet::get_all(&refs).unwrap();
+    assert_eq!(values, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+
+    // A chain of 100 dependent tasks, each taking the previous one's ref.
+    let mut current = add_one::remote(0u64);
+    for _ in 1..100 {
+        current = add_one::remote(current);
+    }
+    assert_eq!(ionet::get(&current).unwrap(), 100);
+
+    // put, get, wait.
+    let stored = ionet::put(&vec![1u8, 2, 3]).unwrap();
+    assert_eq!(ionet::get(&stored).unwrap(), vec![1, 2, 3]);
+    assert_eq!(ionet::get(&square::remote(&ionet::put(&9u64).unwrap())).unwrap(), 81);
+    let (ready, rest) = ionet::wait(&refs[..10], 10, Some(Duration::from_secs(30))).unwrap();
+    assert_eq!((ready.len(), rest.len()), (10, 0));
+    ionet::shutdown();
+}
+
+fn errors_reach_the_caller() {
+    ionet::init(InitConfig::default().num_cpus(2.0).num_gpus(4).gpu_type("A100-80GB")).unwrap();
+    match ionet::get(&boom::remote("the model diverged".to_string())) {
+        Err(IonetError::TaskFailed { function, message, node }) => {
+            assert!(function.ends_with("boom"), "{function}");
+            assert!(message.contains("panicked: the model diverged"), "{message}");
+            assert_eq!(node.len(), 8);
+        }
+        other => panic!("expected a task failure, got {other:?}"),
+    }
+    match ionet::get(&fallible::remote(true)) {
+        Err(IonetError::TaskFailed { message, .. }) => assert_eq!(message, "the input was rejected"),
+        other => panic!("expected a task failure, got {other:?}"),
+    }
+    assert_eq!(ionet::get(&fallible::remote(false)).unwrap(), 42);
+
+    // A demand no node can ever fit fails clearly instead of hanging.
+    let started = Instant::now();
+    match ionet::get(&square::options(TaskOptions::default().num_gpus(64.0)).remote(1u64)) {
+        Err(IonetError::Infeasible(message)) => {
+            assert!(message.contains("GPU: 64"), "{message}");
+        }
+        other => panic!("expected infeasible, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // A get that cannot finish in time says so.
+    let marker = temp_path("never");
+    let _ = std::fs::remove_file(&marker);
+    let hanging = crash_once::remote(marker.to_string_lossy().into_owned());
+    assert!(matches!(ionet::get_timeout(&hanging, Duration::from_millis(300)), Err(IonetError::Timeout(_))));
+    let _ = std::fs::remove_file(&marker);
+    ionet::shutdown();
+}
+
+fn killed_worker_is_retried_or_reported() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    for (retries, expect_success) in [(2u32, true), (0u32, false)] {
+        let marker = temp_path(&format!("crash-{retries}"));
+        let _ = std::fs::remove_file(&marker);
+        let result = crash_once::options(TaskOptions::default().max_retries(retries))
+            .remote(marker.to_string_lossy().into_owned());
+        let mut pid = String::new();
+        wait_until("the task to record its pid", Duration::from_secs(60), || {
+            pid = std::fs::read_to_string(&marker).unwrap_or_default();
+            !pid.is_empty()
+        });
+        // SAFETY: killing the worker process our task runs in.
+        unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
+        match ionet::get_timeout(&result, Duration::from_secs(60)) {
+            Ok(value) => assert!(expect_success && value == 7, "retries {retries}: got {value}"),
+            Err(IonetError::WorkerCrashed { attempts, .. }) => {
+                assert!(!expect_success && attempts == 1, "retries {retries}")
+            }
+            Err(other) => panic!("retries {retries}: unexpected {other:?}"),
+        }
+        let _ = std::fs::remove_file(&marker);
+    }
+    ionet::shutdown();
+}
+
+fn gpu_tasks_get_their_own_devices() {
+    ionet::init(InitConfig::default().num_cpus(4.0).num_gpus(2).gpu_type("RTX4090")).unwrap();
+    for (per_task, count) in [(1.0, 2usize), (0.5, 4usize)] {
+        let dir = temp_path(&format!("gpus-{count}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = TaskOptions::default().num_gpus(per_task).num_cpus(0.5);
+        let refs: Vec<_> = (0..count)
+            .map(|_| rendezvous::options(options.clone()).remote(dir.to_string_lossy().into_owned(), count))
+            .collect();
+        let seen = ionet::get_all(&refs).unwrap();
+        let devices: Vec<String> = seen.iter().map(|(visible, _)| visible.clone()).collect();
+        for (visible, ids) in &seen {
+            assert_eq!(visible, &ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+            assert_eq!(ids.len(), 1, "each task sees exactly one GPU");
+        }
+        let distinct: BTreeSet<_> = devices.iter().collect();
+        assert_eq!(distinct.len(), 2, "{count} tasks of {per_task} GPU use both GPUs: {devices:?}");
+        if count == 4 {
+            for device in &distinct {
+                assert_eq!(devices.iter().filter(|d| d == device).count(), 2, "two halves per GPU: {devices:?}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    ionet::shutdown();
+}
+
+fn thousand_tasks_spread_over_two_nodes() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2"]);
+    cluster.add_node(&["--num-cpus", "2"]);
+    cluster.init();
+    let spread = TaskOptions::default().scheduling_strategy(SchedulingStrategy::Spread);
+    let refs: Vec<_> = (0..1000u64).map(|x| square::options(spread.clone()).remote(x)).collect();
+    assert_eq!(ionet::get_all(&refs).unwrap(), (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+    let nodes: BTreeSet<String> =
+        ionet::get_all(&(0..40).map(|_| where_am_i::options(spread.clone()).remote()).collect::<Vec<_>>())
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(nodes.len(), 2, "tasks ran on both worker nodes: {nodes:?}");
+    let mut current = add_one::remote(0u64);
+    for _ in 1..100 {
+        current = add_one::remote(current);
+    }
+    assert_eq!(ionet::get(&current).unwrap(), 100);
+    drop(cluster);
+}
+
+fn main() {
+    harness::run(
+        &[
+            ("embedded_thousand_tasks_and_a_chain", embedded_thousand_tasks_and_a_chain),
+            ("errors_reach_the_caller", errors_reach_the_caller),
+            ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
+            ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
+            ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
+        ],
+        Duration::from_secs(180),
+    );
+}

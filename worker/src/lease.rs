@@ -1,0 +1,535 @@
+//! Leases on a node daemon: resource accounting, GPU ids, the worker pool, spillback.
+//!
+//! Invariants (all under the one `LeaseState` lock, never held across an await):
+//! - `available = total − Σ granted leases' resources`; a lease's resources come back
+//!   exactly once, when it is returned or its worker dies.
+//! - A granted lease holds one worker process exclusively; the worker was started with
+//!   `CUDA_VISIBLE_DEVICES` set to exactly the GPU ids of the lease (whole GPUs exclusive,
+//!   fractions packed by [`GpuAllocator`]). Idle workers are reused only for the same job,
+//!   command and GPU ids.
+//! - A request this node cannot serve now is answered with a node that can (spillback,
+//!   from the cluster view refreshed every heartbeat), or waits here if only this node
+//!   could; one no node could ever serve is answered `infeasible`, never left waiting.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ionet::resources::{Quantity, ResourceSet, GPU};
+use ionet::rpc::proto::common::NodeInfo;
+use ionet::rpc::proto::node::{
+    request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
+    SchedulingKind, Spillback, WorkerCommand,
+};
+use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, WorkerId};
+use ionet_scheduler::{ClusterView, Decision, Demand, GpuAllocator, GpuAssignment, SchedulingStrategy};
+use tokio::sync::{oneshot, Notify};
+
+use crate::cluster_view::node_view;
+
+/// Environment a worker process finds its node, job and GPUs in.
+pub const WORKER_MODE_ENV: &str = "IONET_WORKER_MODE";
+pub const WORKER_ID_ENV: &str = "IONET_WORKER_ID";
+pub const NODE_ADDRESS_ENV: &str = "IONET_NODE_ADDRESS";
+pub const NODE_ID_ENV: &str = "IONET_NODE_ID";
+pub const JOB_ID_ENV: &str = "IONET_JOB_ID";
+pub const GPU_IDS_ENV: &str = "IONET_GPU_IDS";
+pub const TOKEN_ENV: &str = "IONET_TOKEN";
+
+/// How long a started worker may take to register.
+const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct WorkerPoolOptions {
+    /// Idle workers are stopped after this long.
+    pub idle_timeout: Duration,
+    /// Most idle workers kept (a soft limit on the pool).
+    pub max_idle_workers: usize,
+    /// Where worker output goes; `None`: inherited from the daemon.
+    pub log_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    job_id: Vec<u8>,
+    argv: Vec<String>,
+    gpu_ids: Vec<u32>,
+}
+
+struct Worker {
+    worker_id: WorkerId,
+    address: String,
+    pid: u32,
+    key: PoolKey,
+}
+
+struct Granted {
+    resources: ResourceSet,
+    gpus: Option<GpuAssignment>,
+    worker: WorkerId,
+}
+
+struct LeaseState {
+    total: ResourceSet,
+    available: ResourceSet,
+    gpus: GpuAllocator,
+    leases: HashMap<LeaseId, Granted>,
+    idle: Vec<(Worker, Instant)>,
+    view: ClusterView,
+}
+
+/// The lease side of a node daemon.
+pub struct Leases {
+    node_id: NodeId,
+    address: String,
+    token: String,
+    state: Mutex<LeaseState>,
+    freed: Notify,
+    starting: DashMap<WorkerId, oneshot::Sender<String>>,
+    /// Worker processes alive now, by id, with the lease each holds (if any).
+    workers: DashMap<WorkerId, (u32, Option<LeaseId>)>,
+    /// Workers currently leased, by id.
+    leased: DashMap<WorkerId, Worker>,
+    /// Node addresses by id, from the last refresh of the view.
+    addresses: DashMap<NodeId, String>,
+    options: WorkerPoolOptions,
+}
+
+enum Step {
+    Grant(ResourceSet, Option<GpuAssignment>),
+    Spill(NodeId, String),
+    Wait(String),
+    Infeasible(String),
+}
+
+fn strategy(request: &RequestWorkerLeaseRequest) -> IonetResult<SchedulingStrategy> {
+    let wire = request.strategy.clone().unwrap_or_default();
+    Ok(match SchedulingKind::try_from(wire.kind).unwrap_or(SchedulingKind::Default) {
+        SchedulingKind::Default => SchedulingStrategy::Default,
+        SchedulingKind::Spread => SchedulingStrategy::Spread,
+        SchedulingKind::NodeAffinity => {
+            SchedulingStrategy::NodeAffinity { node_id: NodeId::from_bytes(&wire.node_id)?, soft: wire.soft }
+        }
+    })
+}
+
+impl Leases {
+    pub fn new(
+        node_id: NodeId,
+        address: String,
+        token: String,
+        total: ResourceSet,
+        gpu_indices: Vec<u32>,
+        options: WorkerPoolOptions,
+    ) -> Self {
+        Self {
+            node_id,
+            address,
+            token,
+            state: Mutex::new(LeaseState {
+                available: total.clone(),
+                total,
+                gpus: GpuAllocator::new(gpu_indices),
+                leases: HashMap::new(),
+                idle: Vec::new(),
+                view: ClusterView::new(),
+            }),
+            freed: Notify::new(),
+            starting: DashMap::new(),
+            workers: DashMap::new(),
+            leased: DashMap::new(),
+            addresses: DashMap::new(),
+            options,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn available(&self) -> ResourceSet {
+        self.lock().available.clone()
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Replaces the cluster view with the control store's node table.
+    pub fn refresh_view(&self, nodes: &[NodeInfo]) {
+        let mut view = ClusterView::new();
+        for node in nodes {
+            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
+                self.addresses.insert(node_id, node.address.clone());
+            }
+            match node_view(node) {
+                Ok(node) => {
+                    let _ = view.upsert_node(node);
+                }
+                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
+            }
+        }
+        self.lock().view = view;
+    }
+
+    fn decide(&self, demand: &ResourceSet, strategy: &SchedulingStrategy, no_spillback: bool) -> Step {
+        let mut state = self.lock();
+        let gpus = demand.get(GPU);
+        let fits_now = |state: &LeaseState| {
+            state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
+        };
+        let fits_ever = state.total.contains(demand);
+        let grant = |state: &mut LeaseState| -> Step {
+            let assignment = if gpus.is_zero() {
+                None
+            } else {
+                match state.gpus.allocate(gpus) {
+                    Ok(Some(assignment)) => Some(assignment),
+                    Ok(None) => return Step::Wait("GPUs are busy".into()),
+                    Err(err) => return Step::Infeasible(err.to_string()),
+                }
+            };
+            if state.available.try_subtract(demand).is_err() {
+                if let Some(assignment) = &assignment {
+                    let _ = state.gpus.release(assignment);
+                }
+                return Step::Wait("resources are busy".into());
+            }
+            Step::Grant(demand.clone(), assignment)
+        };
+        let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
+            if !fits_ever {
+                Step::Infeasible(format!("node {} has {} in all, short of {demand}", self.node_id.short(), state.total))
+            } else if fits_now(state) {
+                grant(state)
+            } else {
+                Step::Wait(why.to_string())
+            }
+        };
+        if no_spillback {
+            return local_or_wait(&mut state, "waiting for resources on the node chosen for it");
+        }
+        if let SchedulingStrategy::NodeAffinity { node_id, soft } = strategy {
+            if *node_id == self.node_id {
+                if fits_ever || !soft {
+                    return local_or_wait(&mut state, "waiting for resources on the node it is pinned to");
+                }
+            } else if let Some(target) =
+                state.view.node(node_id).filter(|node| node.state == ionet_scheduler::NodeState::Alive)
+            {
+                let address = self.address_of(&target.node_id);
+                if let Some(address) = address {
+                    return Step::Spill(*node_id, address);
+                }
+            } else if !soft {
+                return Step::Infeasible(format!("node {} it is pinned to is not alive", node_id.short()));
+            }
+        }
+        // Our own entry in the view is exact; the others are as of their last heartbeat.
+        let (own_total, own_available) = (state.total.clone(), state.available.clone());
+        let _ = state.view.update_available(&self.node_id, own_available);
+        if state.view.node(&self.node_id).is_none() {
+            let mut own = ionet_scheduler::NodeView::new(self.node_id, own_total);
+            own.available = state.available.clone();
+            let _ = state.view.upsert_node(own);
+        }
+        let policy = match strategy {
+            SchedulingStrategy::NodeAffinity { .. } => SchedulingStrategy::Default,
+            other => other.clone(),
+        };
+        match state.view.schedule(&Demand::new(demand.clone()), &policy, Some(&self.node_id)) {
+            Decision::Place(node_id) if node_id == self.node_id => local_or_wait(&mut state, "resources are busy"),
+            Decision::Place(node_id) => match self.address_of(&node_id) {
+                Some(address) => {
+                    // Count it there until the next refresh, so a burst spreads.
+                    let _ = state.view.allocate(&node_id, demand);
+                    Step::Spill(node_id, address)
+                }
+                None => local_or_wait(&mut state, "resources are busy"),
+            },
+            Decision::Wait { reason } => {
+                if fits_ever {
+                    Step::Wait(reason)
+                } else {
+                    // Queue on a node that could take it once free.
+                    let target = state
+                        .view
+                        .nodes()
+                        .find(|node| node.state == ionet_scheduler::NodeState::Alive && node.total.contains(demand))
+                        .map(|node| node.node_id);
+                    match target.and_then(|node_id| self.address_of(&node_id).map(|address| (node_id, address))) {
+                        Some((node_id, address)) => Step::Spill(node_id, address),
+                        None => Step::Wait(reason),
+                    }
+                }
+            }
+            Decision::Infeasible { reason } => {
+                if fits_ever {
+                    local_or_wait(&mut state, "resources are busy")
+                } else {
+                    Step::Infeasible(reason)
+                }
+            }
+        }
+    }
+
+    fn address_of(&self, node_id: &NodeId) -> Option<String> {
+        self.addresses.get(node_id).map(|entry| entry.clone())
+    }
+
+    /// Serves one lease request: grant, spill back, wait, or refuse.
+    pub async fn request(self: &Arc<Self>, request: RequestWorkerLeaseRequest) -> IonetResult<RequestWorkerLeaseReply> {
+        let demand = request.resources.clone().unwrap_or_default().to_set()?;
+        let gpus = demand.get(GPU);
+        if gpus > Quantity::whole(1) && gpus.units() % Quantity::whole(1).units() != 0 {
+            return Err(IonetError::InvalidArgument(format!("a demand of {gpus} GPUs must be whole above 1")));
+        }
+        let job_id = JobId::from_bytes(&request.job_id)?;
+        let command = request.worker_command.clone().unwrap_or_default();
+        if command.argv.is_empty() {
+            return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
+        }
+        let strategy = strategy(&request)?;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.decide(&demand, &strategy, request.no_spillback) {
+                Step::Grant(resources, gpus) => return self.grant(job_id, &command, resources, gpus).await,
+                Step::Spill(node_id, node_address) => {
+                    return Ok(RequestWorkerLeaseReply {
+                        outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
+                    })
+                }
+                Step::Infeasible(reason) => {
+                    let message = format!("no node can ever fit {demand}: {reason}");
+                    tracing::warn!(demand = %demand, %reason, "infeasible lease request");
+                    return Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Infeasible(message)) });
+                }
+                Step::Wait(reason) => {
+                    tracing::debug!(demand = %demand, %reason, "lease request waits");
+                    // Woken when a lease ends; re-decided at least once a second, since
+                    // the cluster view changes too.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+                }
+            }
+        }
+    }
+
+    async fn grant(
+        self: &Arc<Self>,
+        job_id: JobId,
+        command: &WorkerCommand,
+        resources: ResourceSet,
+        gpus: Option<GpuAssignment>,
+    ) -> IonetResult<RequestWorkerLeaseReply> {
+        let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
+        let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
+        let idle = {
+            let mut state = self.lock();
+            state.idle.iter().position(|(worker, _)| worker.key == key).map(|index| state.idle.swap_remove(index).0)
+        };
+        let worker = match idle {
+            Some(worker) => worker,
+            None => match self.start_worker(job_id, command, key).await {
+                Ok(worker) => worker,
+                Err(err) => {
+                    self.give_back(&resources, gpus.as_ref());
+                    return Err(err);
+                }
+            },
+        };
+        let lease_id = LeaseId::random();
+        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id });
+        if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
+            entry.1 = Some(lease_id);
+        }
+        let reply = LeaseGranted {
+            lease_id: lease_id.to_vec(),
+            worker_id: worker.worker_id.to_vec(),
+            worker_address: worker.address.clone(),
+            gpu_ids,
+            node_id: self.node_id.to_vec(),
+        };
+        // The worker is leased, not idle: it goes back to the pool on return.
+        self.leased.insert(worker.worker_id, worker);
+        Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Granted(reply)) })
+    }
+
+    fn give_back(&self, resources: &ResourceSet, gpus: Option<&GpuAssignment>) {
+        {
+            let mut state = self.lock();
+            state.available.add(resources);
+            if let Some(assignment) = gpus {
+                if let Err(err) = state.gpus.release(assignment) {
+                    tracing::error!(error = %err, "gpu accounting refused a release");
+                }
+            }
+        }
+        self.freed.notify_waiters();
+    }
+
+    /// Ends a lease: resources back, the worker back to the pool (or stopped if it failed).
+    pub fn return_lease(&self, lease_id: &[u8], worker_failed: bool) -> IonetResult<()> {
+        let lease_id = LeaseId::from_bytes(lease_id)?;
+        let granted = self
+            .lock()
+            .leases
+            .remove(&lease_id)
+            .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
+        self.give_back(&granted.resources, granted.gpus.as_ref());
+        if let Some(mut entry) = self.workers.get_mut(&granted.worker) {
+            entry.1 = None;
+        }
+        if let Some((_, worker)) = self.leased.remove(&granted.worker) {
+            if worker_failed {
+                kill(worker.pid);
+            } else {
+                self.lock().idle.push((worker, Instant::now()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A worker announced its address.
+    pub fn register_worker(&self, worker_id: &[u8], address: String) -> IonetResult<()> {
+        let worker_id = WorkerId::from_bytes(worker_id)?;
+        let (_, sender) = self.starting.remove(&worker_id).ok_or_else(|| {
+            IonetError::NotFound(format!("worker {} was not started by this node", worker_id.short()))
+        })?;
+        let _ = sender.send(address);
+        Ok(())
+    }
+
+    async fn start_worker(
+        self: &Arc<Self>,
+        job_id: JobId,
+        command: &WorkerCommand,
+        key: PoolKey,
+    ) -> IonetResult<Worker> {
+        let worker_id = WorkerId::random();
+        let mut process = tokio::process::Command::new(&command.argv[0]);
+        process
+            .args(&command.argv[1..])
+            .envs(&command.env)
+            .env(WORKER_MODE_ENV, "1")
+            .env(WORKER_ID_ENV, worker_id.hex())
+            .env(NODE_ADDRESS_ENV, &self.address)
+            .env(NODE_ID_ENV, self.node_id.hex())
+            .env(JOB_ID_ENV, job_id.hex())
+            .env(TOKEN_ENV, &self.token)
+            .env(GPU_IDS_ENV, key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .env("CUDA_VISIBLE_DEVICES", key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .stdin(Stdio::null());
+        if !command.cwd.is_empty() {
+            process.current_dir(&command.cwd);
+        }
+        if let Some(dir) = &self.options.log_dir {
+            let path = dir.join(format!("worker-{}.log", worker_id.short()));
+            let file = std::fs::File::create(&path)?;
+            process.stdout(file.try_clone()?).stderr(file);
+        }
+        // SAFETY: prctl is async-signal-safe; a worker must not outlive its node daemon.
+        unsafe {
+            process.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let (sender, receiver) = oneshot::channel();
+        self.starting.insert(worker_id, sender);
+        let mut child = match process.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                self.starting.remove(&worker_id);
+                return Err(IonetError::Internal(format!("cannot start worker {:?}: {err}", command.argv[0])));
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        self.workers.insert(worker_id, (pid, None));
+        let address = tokio::select! {
+            address = receiver => address.map_err(|_| IonetError::Internal("worker registration dropped".into())),
+            status = child.wait() => Err(IonetError::Internal(format!(
+                "worker {} exited before registering ({}); is ionet::init() called first in main?",
+                worker_id.short(),
+                status.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string())
+            ))),
+            _ = tokio::time::sleep(WORKER_START_TIMEOUT) => Err(IonetError::Timeout(format!(
+                "worker {} did not register within {WORKER_START_TIMEOUT:?}", worker_id.short()
+            ))),
+        };
+        let address = match address {
+            Ok(address) => address,
+            Err(err) => {
+                self.starting.remove(&worker_id);
+                self.workers.remove(&worker_id);
+                let _ = child.start_kill();
+                return Err(err);
+            }
+        };
+        // Watch the process: when it exits, its lease (if any) ends with it.
+        let leases = self.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            leases.worker_exited(worker_id, status.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string()));
+        });
+        tracing::debug!(worker = %worker_id.short(), pid, %address, "worker started");
+        Ok(Worker { worker_id, address, pid, key })
+    }
+
+    fn worker_exited(&self, worker_id: WorkerId, status: String) {
+        let lease = self.workers.remove(&worker_id).and_then(|(_, (_, lease))| lease);
+        self.leased.remove(&worker_id);
+        self.lock().idle.retain(|(worker, _)| worker.worker_id != worker_id);
+        if let Some(lease_id) = lease {
+            tracing::warn!(worker = %worker_id.short(), %status, lease = %lease_id.short(), "leased worker died; its lease ends");
+            let granted = self.lock().leases.remove(&lease_id);
+            if let Some(granted) = granted {
+                self.give_back(&granted.resources, granted.gpus.as_ref());
+            }
+        }
+    }
+
+    /// Stops workers idle past the timeout, and the excess over the pool's soft limit.
+    pub fn reap_idle(&self) {
+        let doomed: Vec<u32> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            state.idle.sort_by_key(|(_, since)| std::cmp::Reverse(*since));
+            let limit = self.options.max_idle_workers;
+            let timeout = self.options.idle_timeout;
+            let mut keep = Vec::new();
+            let mut doomed = Vec::new();
+            for (index, (worker, since)) in state.idle.drain(..).enumerate() {
+                if index >= limit || now.duration_since(since) > timeout {
+                    doomed.push(worker.pid);
+                } else {
+                    keep.push((worker, since));
+                }
+            }
+            state.idle = keep;
+            doomed
+        };
+        for pid in doomed {
+            kill(pid);
+        }
+    }
+
+    /// Stops every worker (daemon shutdown).
+    pub fn stop_all_workers(&self) {
+        for entry in self.workers.iter() {
+            kill(entry.value().0);
+        }
+    }
+}
+
+fn kill(pid: u32) {
+    if pid > 0 {
+        // SAFETY: signalling a child process this daemon started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
