@@ -29,36 +29,22 @@ const TOKEN: &str = "bench-token";
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn serve_head() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let config = ClusterConfig {
-            heartbeat_timeout_ms: 30_000,
-            ..Default::default()
-        };
+        let config = ClusterConfig { heartbeat_timeout_ms: 30_000, ..Default::default() };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = GcsServer::start(
-            GcsServerOptions::new(config, Some(ClusterToken::new(TOKEN).unwrap())),
-            listener,
-        )
-        .await
-        .unwrap();
+        let server = GcsServer::start(GcsServerOptions::new(config, Some(ClusterToken::new(TOKEN).unwrap())), listener)
+            .await
+            .unwrap();
         println!("{}", server.address());
         // Serve until the parent closes our stdin.
         tokio::task::spawn_blocking(|| {
             let mut sink = String::new();
-            while std::io::stdin()
-                .read_line(&mut sink)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {}
+            while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
         })
         .await
         .unwrap();
@@ -83,23 +69,17 @@ fn main() {
         .spawn()
         .expect("start the head");
     let mut line = String::new();
-    BufReader::new(head.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(head.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let address = line.trim().to_string();
     let head_pid = head.id();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (absorbed, cpu, wall) = runtime.block_on(async {
         let token = ClusterToken::new(TOKEN).unwrap();
-        let total = ResourceSet::new()
-            .with("CPU", Quantity::whole(8))
-            .with("GPU", Quantity::whole(8));
+        let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("GPU", Quantity::whole(8));
         let mut clients: Vec<(GcsClient, NodeId)> = Vec::with_capacity(nodes);
         for index in 0..nodes {
-            let mut client = ionet::rpc::gcs_client(&address, &token)
-                .await
-                .expect("connect");
+            let mut client = ionet::rpc::gcs_client(&address, &token).await.expect("connect");
             let node_id = NodeId::random();
             let info = NodeInfo {
                 node_id: node_id.to_vec(),
@@ -108,10 +88,7 @@ fn main() {
                 available: Some(ResourceQuantities::from_set(&total)),
                 ..Default::default()
             };
-            client
-                .register_node(RegisterNodeRequest { node: Some(info) })
-                .await
-                .expect("register");
+            client.register_node(RegisterNodeRequest { node: Some(info) }).await.expect("register");
             clients.push((client, node_id));
         }
         let absorbed = Arc::new(AtomicU64::new(0));
@@ -122,17 +99,12 @@ fn main() {
             let available = ResourceQuantities::from_set(&total);
             tasks.push(tokio::spawn(async move {
                 // Stagger the fleet across the second, as real nodes started at different times are.
-                tokio::time::sleep(Duration::from_micros(
-                    (index as u64 * 1_000_000) / nodes as u64,
-                ))
-                .await;
+                tokio::time::sleep(Duration::from_micros((index as u64 * 1_000_000) / nodes as u64)).await;
                 let mut ticker = tokio::time::interval(Duration::from_secs(1));
                 while Instant::now() < stop_at {
                     ticker.tick().await;
-                    let request = HeartbeatRequest {
-                        node_id: node_id.to_vec(),
-                        available: changing.then(|| available.clone()),
-                    };
+                    let request =
+                        HeartbeatRequest { node_id: node_id.to_vec(), available: changing.then(|| available.clone()) };
                     if client.heartbeat(request).await.is_ok() {
                         absorbed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -141,11 +113,8 @@ fn main() {
         }
         // Skip the first second (ramp-up), then measure a steady window.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (cpu_start, beats_start, wall_start) = (
-            ionet_benches::process_cpu_seconds(head_pid).unwrap(),
-            absorbed.load(Ordering::Relaxed),
-            Instant::now(),
-        );
+        let (cpu_start, beats_start, wall_start) =
+            (ionet_benches::process_cpu_seconds(head_pid).unwrap(), absorbed.load(Ordering::Relaxed), Instant::now());
         tokio::time::sleep(Duration::from_secs(seconds - 1)).await;
         let cpu = ionet_benches::process_cpu_seconds(head_pid).unwrap() - cpu_start;
         let beats = absorbed.load(Ordering::Relaxed) - beats_start;

@@ -1,4 +1,5 @@
 use ionet::IonetError;
+use ionet_settlement::SettlementError;
 use thiserror::Error;
 
 pub type GcsResult<T> = Result<T, GcsError>;
@@ -11,12 +12,38 @@ pub enum GcsError {
     Corrupt { what: String, why: String },
     #[error(transparent)]
     Ionet(#[from] IonetError),
+    /// The ledger refused or failed an operation.
+    #[error("ledger: {0}")]
+    Settlement(#[from] SettlementError),
+}
+
+/// How a ledger error reads to a caller: bad input, a state that forbids the call, or a
+/// failure worth retrying.
+fn settlement_to_ionet(error: SettlementError) -> IonetError {
+    let message = error.to_string();
+    match error {
+        SettlementError::InvalidRecord { .. }
+        | SettlementError::ConflictingRecord(_)
+        | SettlementError::InvalidFeeBps(_)
+        | SettlementError::InvalidAmount { .. }
+        | SettlementError::InvalidAccount(..) => IonetError::InvalidArgument(message),
+        SettlementError::EpochOutOfOrder { .. }
+        | SettlementError::EpochAlreadySettled(_)
+        | SettlementError::RecordNotPending(_) => IonetError::FailedPrecondition(message),
+        SettlementError::Interrupted(_) => IonetError::Unavailable(message),
+        SettlementError::Overflow(_)
+        | SettlementError::Database(_)
+        | SettlementError::Codec(_)
+        | SettlementError::Json(_)
+        | SettlementError::Io(_) => IonetError::Internal(message),
+    }
 }
 
 impl From<GcsError> for tonic::Status {
     fn from(error: GcsError) -> tonic::Status {
         match error {
             GcsError::Ionet(inner) => inner.into(),
+            GcsError::Settlement(inner) => settlement_to_ionet(inner).into(),
             other => IonetError::Internal(other.to_string()).into(),
         }
     }
@@ -26,6 +53,7 @@ impl From<GcsError> for IonetError {
     fn from(error: GcsError) -> IonetError {
         match error {
             GcsError::Ionet(inner) => inner,
+            GcsError::Settlement(inner) => settlement_to_ionet(inner),
             other => IonetError::Internal(other.to_string()),
         }
     }

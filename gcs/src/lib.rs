@@ -15,14 +15,22 @@
 //! is the thin tonic adapter; [`storage`] is the backend trait with an in-memory and
 //! an embedded-file (redb) implementation; [`server`] wires them to a socket with the
 //! token check and the health task.
+//!
+//! Metering ([`metering`], served by [`metering_service`] on the same socket): node
+//! daemons report leases starting and ending; the control store stamps both with its own
+//! clock, joins the node and job tables into usage records, feeds them to the
+//! `ionet-settlement` ledger (and an optional JSON-lines export) and settles each epoch.
 
 pub mod error;
+pub mod metering;
+pub mod metering_service;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod storage;
 
 pub use error::{GcsError, GcsResult};
+pub use metering::{Metering, MeteringOptions};
 pub use server::{GcsServer, GcsServerOptions};
 pub use state::GcsState;
 pub use storage::{GcsStorage, MemoryStorage, RedbStorage};

@@ -10,6 +10,7 @@ use ionet::auth::{CheckToken, ClusterToken};
 use ionet::clock::{Clock, SystemClock};
 use ionet::config::ClusterConfig;
 use ionet::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
+use ionet::rpc::proto::metering::metering_server::MeteringServer as GeneratedMeteringServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,6 +18,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::error::{GcsError, GcsResult};
+use crate::metering::{Metering, MeteringOptions};
+use crate::metering_service::MeteringService;
 use crate::service::GcsService;
 use crate::state::GcsState;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
@@ -28,6 +31,10 @@ pub struct GcsServerOptions {
     /// `None`: tables in memory only.
     pub storage_path: Option<PathBuf>,
     pub clock: Arc<dyn Clock>,
+    /// The settlement ledger's file; `None`: the ledger in memory only.
+    pub ledger_path: Option<PathBuf>,
+    /// Usage records are also appended to this file as JSON lines.
+    pub usage_export_path: Option<PathBuf>,
 }
 
 impl GcsServerOptions {
@@ -37,6 +44,8 @@ impl GcsServerOptions {
             token,
             storage_path: None,
             clock: Arc::new(SystemClock),
+            ledger_path: None,
+            usage_export_path: None,
         }
     }
 }
@@ -45,6 +54,8 @@ impl GcsServerOptions {
 pub struct GcsServer {
     address: SocketAddr,
     state: Arc<GcsState>,
+    metering: Arc<Metering>,
+    metering_tasks: Vec<JoinHandle<()>>,
     token: ClusterToken,
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -67,9 +78,18 @@ impl GcsServer {
         };
         let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
         let token = state.resolve_token(options.token.clone()).await?;
-        let address = listener
-            .local_addr()
-            .map_err(|err| GcsError::Storage(format!("listener has no address: {err}")))?;
+        // Subscribed before metering sweeps for dead nodes, so no death falls in between.
+        let events = state.subscribe();
+        let metering = Metering::open(
+            state.clone(),
+            MeteringOptions {
+                ledger_path: options.ledger_path.clone(),
+                usage_export_path: options.usage_export_path.clone(),
+            },
+        )
+        .await?;
+        let address =
+            listener.local_addr().map_err(|err| GcsError::Storage(format!("listener has no address: {err}")))?;
         let (stop, stopped) = watch::channel(false);
 
         let max_bytes = options.config.max_message_bytes;
@@ -77,25 +97,24 @@ impl GcsServer {
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
         let service = InterceptedService::new(service, CheckToken::new(token.clone()));
+        let metering_service = GeneratedMeteringServer::new(MeteringService::new(metering.clone()))
+            .max_decoding_message_size(max_bytes)
+            .max_encoding_message_size(max_bytes);
+        let metering_service = InterceptedService::new(metering_service, CheckToken::new(token.clone()));
         let mut stop_serving = stopped.clone();
         let serve_task = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)
+                .add_service(metering_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );
+        let metering_tasks = metering.spawn_tasks(events, stopped.clone());
         let health_task = tokio::spawn(run_health_checks(state.clone(), stopped));
         tracing::info!(%address, "control store serving");
-        Ok(Self {
-            address,
-            state,
-            token,
-            stop,
-            serve_task,
-            health_task,
-        })
+        Ok(Self { address, state, metering, metering_tasks, token, stop, serve_task, health_task })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -111,10 +130,17 @@ impl GcsServer {
         &self.state
     }
 
-    /// Stops accepting calls, ends the health task and waits for both.
+    pub fn metering(&self) -> &Arc<Metering> {
+        &self.metering
+    }
+
+    /// Stops accepting calls, ends the background tasks and waits for them.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.health_task.await;
+        for task in self.metering_tasks {
+            let _ = task.await;
+        }
         match self.serve_task.await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {

@@ -32,9 +32,7 @@ fn wants(channels: &[Channel], event: &ClusterEvent) -> bool {
         Some(cluster_event::Event::NodeAdded(_))
         | Some(cluster_event::Event::NodeDead(_))
         | Some(cluster_event::Event::NodeDrained(_)) => Channel::Nodes,
-        Some(cluster_event::Event::JobStarted(_)) | Some(cluster_event::Event::JobFinished(_)) => {
-            Channel::Jobs
-        }
+        Some(cluster_event::Event::JobStarted(_)) | Some(cluster_event::Event::JobFinished(_)) => Channel::Jobs,
         None => return false,
     };
     channels.contains(&channel)
@@ -48,10 +46,7 @@ impl Gcs for GcsService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeReply>, Status> {
-        let node = request
-            .into_inner()
-            .node
-            .ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
+        let node = request.into_inner().node.ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
         self.state.register_node(node).await?;
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
@@ -60,41 +55,23 @@ impl Gcs for GcsService {
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        request: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
         self.state.heartbeat(&request.node_id, request.available)?;
-        Ok(Response::new(HeartbeatReply {
-            incarnation: self.state.incarnation(),
-        }))
+        Ok(Response::new(HeartbeatReply { incarnation: self.state.incarnation() }))
     }
 
-    async fn drain_node(
-        &self,
-        request: Request<DrainNodeRequest>,
-    ) -> Result<Response<DrainNodeReply>, Status> {
+    async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeReply>, Status> {
         let request = request.into_inner();
-        self.state
-            .drain_node(&request.node_id, &request.reason, request.exiting)
-            .await?;
+        self.state.drain_node(&request.node_id, &request.reason, request.exiting).await?;
         Ok(Response::new(DrainNodeReply {}))
     }
 
-    async fn get_all_nodes(
-        &self,
-        request: Request<GetAllNodesRequest>,
-    ) -> Result<Response<GetAllNodesReply>, Status> {
-        Ok(Response::new(GetAllNodesReply {
-            nodes: self.state.nodes(request.into_inner().include_dead),
-        }))
+    async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {
+        Ok(Response::new(GetAllNodesReply { nodes: self.state.nodes(request.into_inner().include_dead) }))
     }
 
-    async fn add_job(
-        &self,
-        request: Request<AddJobRequest>,
-    ) -> Result<Response<AddJobReply>, Status> {
+    async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {
         let request = request.into_inner();
         let job = self
             .state
@@ -118,26 +95,13 @@ impl Gcs for GcsService {
         Ok(Response::new(MarkJobFinishedReply {}))
     }
 
-    async fn get_all_jobs(
-        &self,
-        _request: Request<GetAllJobsRequest>,
-    ) -> Result<Response<GetAllJobsReply>, Status> {
-        Ok(Response::new(GetAllJobsReply {
-            jobs: self.state.jobs(),
-        }))
+    async fn get_all_jobs(&self, _request: Request<GetAllJobsRequest>) -> Result<Response<GetAllJobsReply>, Status> {
+        Ok(Response::new(GetAllJobsReply { jobs: self.state.jobs() }))
     }
 
     async fn kv_put(&self, request: Request<KvPutRequest>) -> Result<Response<KvPutReply>, Status> {
         let request = request.into_inner();
-        let added = self
-            .state
-            .kv_put(
-                &request.namespace,
-                &request.key,
-                request.value,
-                request.overwrite,
-            )
-            .await?;
+        let added = self.state.kv_put(&request.namespace, &request.key, request.value, request.overwrite).await?;
         Ok(Response::new(KvPutReply { added }))
     }
 
@@ -149,37 +113,21 @@ impl Gcs for GcsService {
 
     async fn kv_del(&self, request: Request<KvDelRequest>) -> Result<Response<KvDelReply>, Status> {
         let request = request.into_inner();
-        let deleted = self
-            .state
-            .kv_del(&request.namespace, &request.key, request.by_prefix)
-            .await?;
+        let deleted = self.state.kv_del(&request.namespace, &request.key, request.by_prefix).await?;
         Ok(Response::new(KvDelReply { deleted }))
     }
 
-    async fn kv_keys(
-        &self,
-        request: Request<KvKeysRequest>,
-    ) -> Result<Response<KvKeysReply>, Status> {
+    async fn kv_keys(&self, request: Request<KvKeysRequest>) -> Result<Response<KvKeysReply>, Status> {
         let request = request.into_inner();
-        let keys = self
-            .state
-            .kv_keys(&request.namespace, &request.prefix)
-            .await?;
+        let keys = self.state.kv_keys(&request.namespace, &request.prefix).await?;
         Ok(Response::new(KvKeysReply { keys }))
     }
 
     type SubscribeStream = EventStream;
 
-    async fn subscribe(
-        &self,
-        request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let channels: Vec<Channel> = request
-            .into_inner()
-            .channels
-            .into_iter()
-            .filter_map(|raw| Channel::try_from(raw).ok())
-            .collect();
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let channels: Vec<Channel> =
+            request.into_inner().channels.into_iter().filter_map(|raw| Channel::try_from(raw).ok()).collect();
         let stream = BroadcastStream::new(self.state.subscribe()).filter_map(move |item| match item {
             Ok(event) if wants(&channels, &event) => Some(Ok(event)),
             Ok(_) => None,

@@ -51,19 +51,12 @@ pub struct GcsState {
 }
 
 /// Runs a storage call on the blocking pool: storage does file I/O and fsync.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> GcsResult<T> + Send + 'static,
-) -> GcsResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|err| GcsError::Storage(format!("storage task failed: {err}")))?
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> GcsResult<T> + Send + 'static) -> GcsResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|err| GcsError::Storage(format!("storage task failed: {err}")))?
 }
 
 fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> GcsResult<M> {
-    M::decode(bytes).map_err(|err| GcsError::Corrupt {
-        what: what.to_string(),
-        why: err.to_string(),
-    })
+    M::decode(bytes).map_err(|err| GcsError::Corrupt { what: what.to_string(), why: err.to_string() })
 }
 
 fn invalid(message: String) -> GcsError {
@@ -85,11 +78,7 @@ impl GcsState {
             let fresh_id = hex::encode(rand::random::<[u8; 8]>());
             loader.put_if_absent(Table::Meta, CLUSTER_ID_KEY, fresh_id.as_bytes())?;
             let cluster_id = loader.get(Table::Meta, CLUSTER_ID_KEY)?.unwrap_or_default();
-            Ok((
-                nodes,
-                jobs,
-                String::from_utf8_lossy(&cluster_id).into_owned(),
-            ))
+            Ok((nodes, jobs, String::from_utf8_lossy(&cluster_id).into_owned()))
         })
         .await?;
 
@@ -168,6 +157,18 @@ impl GcsState {
         self.clock.now_ms()
     }
 
+    pub(crate) fn storage(&self) -> &Arc<dyn GcsStorage> {
+        &self.storage
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn job(&self, job_id: &JobId) -> Option<JobInfo> {
+        self.jobs.get(job_id).map(|entry| entry.clone())
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
         self.events.subscribe()
     }
@@ -175,11 +176,7 @@ impl GcsState {
     fn publish(&self, event: Event) {
         let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
         // No subscriber is not an error: the event is simply not wanted by anyone.
-        let _ = self.events.send(ClusterEvent {
-            sequence,
-            time_ms: self.clock.now_ms(),
-            event: Some(event),
-        });
+        let _ = self.events.send(ClusterEvent { sequence, time_ms: self.clock.now_ms(), event: Some(event) });
     }
 
     async fn persist_node(&self, node: &NodeInfo) -> GcsResult<()> {
@@ -203,10 +200,7 @@ impl GcsState {
     pub async fn register_node(&self, mut node: NodeInfo) -> GcsResult<()> {
         let node_id = NodeId::from_bytes(&node.node_id)?;
         if node.address.trim().is_empty() {
-            return Err(invalid(format!(
-                "node {} registered without an address",
-                node_id.short()
-            )));
+            return Err(invalid(format!("node {} registered without an address", node_id.short())));
         }
         let total = node.total.clone().unwrap_or_default().to_set()?;
         let available = node.available.clone().unwrap_or_default().to_set()?;
@@ -217,17 +211,10 @@ impl GcsState {
             )));
         }
         if let Some(key) = node.labels.keys().find(|key| key.trim().is_empty()) {
-            return Err(invalid(format!(
-                "node {} has a label with an empty name {key:?}",
-                node_id.short()
-            )));
+            return Err(invalid(format!("node {} has a label with an empty name {key:?}", node_id.short())));
         }
         let now = self.clock.now_ms();
-        node.registered_at_ms = self
-            .nodes
-            .get(&node_id)
-            .map(|known| known.registered_at_ms)
-            .unwrap_or(now);
+        node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
         node.last_heartbeat_ms = now;
         node.state = NodeState::Alive as i32;
         node.death_cause.clear();
@@ -239,20 +226,11 @@ impl GcsState {
     }
 
     /// Records a heartbeat: the node is alive now and has `available` free.
-    pub fn heartbeat(
-        &self,
-        node_id: &[u8],
-        available: Option<ResourceQuantities>,
-    ) -> GcsResult<()> {
+    pub fn heartbeat(&self, node_id: &[u8], available: Option<ResourceQuantities>) -> GcsResult<()> {
         let node_id = NodeId::from_bytes(node_id)?;
-        let available = available
-            .map(|quantities| quantities.to_set())
-            .transpose()?;
+        let available = available.map(|quantities| quantities.to_set()).transpose()?;
         let mut node = self.nodes.get_mut(&node_id).ok_or_else(|| {
-            IonetError::NotFound(format!(
-                "node {} is not registered with this control store",
-                node_id.short()
-            ))
+            IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
         })?;
         if node.state == NodeState::Dead as i32 {
             return Err(IonetError::FailedPrecondition(format!(
@@ -274,10 +252,7 @@ impl GcsState {
         let node_id = NodeId::from_bytes(node_id)?;
         let node = {
             let mut entry = self.nodes.get_mut(&node_id).ok_or_else(|| {
-                IonetError::NotFound(format!(
-                    "node {} is not registered with this control store",
-                    node_id.short()
-                ))
+                IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
             })?;
             if entry.state == NodeState::Dead as i32 {
                 return Ok(());
@@ -310,8 +285,7 @@ impl GcsState {
             let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
             if entry.state != NodeState::Dead as i32 && silent_for > timeout {
                 entry.state = NodeState::Dead as i32;
-                entry.death_cause =
-                    format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
+                entry.death_cause = format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
                 dead.push((*entry.key(), entry.clone()));
             }
         }
@@ -333,11 +307,7 @@ impl GcsState {
             .filter(|entry| include_dead || entry.state != NodeState::Dead as i32)
             .map(|entry| entry.value().clone())
             .collect();
-        nodes.sort_by(|a, b| {
-            a.registered_at_ms
-                .cmp(&b.registered_at_ms)
-                .then_with(|| a.node_id.cmp(&b.node_id))
-        });
+        nodes.sort_by(|a, b| a.registered_at_ms.cmp(&b.registered_at_ms).then_with(|| a.node_id.cmp(&b.node_id)));
         nodes
     }
 
@@ -355,9 +325,7 @@ impl GcsState {
                 .get(Table::Meta, JOB_COUNTER_KEY)?
                 .map(|bytes| bytes.try_into().map(u32::from_be_bytes).unwrap_or(0))
                 .unwrap_or(0);
-            let next = current
-                .checked_add(1)
-                .ok_or_else(|| GcsError::Storage("job ids exhausted".into()))?;
+            let next = current.checked_add(1).ok_or_else(|| GcsError::Storage("job ids exhausted".into()))?;
             storage.put(Table::Meta, JOB_COUNTER_KEY, &next.to_be_bytes())?;
             Ok(next)
         })
@@ -395,11 +363,7 @@ impl GcsState {
     }
 
     pub fn jobs(&self) -> Vec<JobInfo> {
-        let mut jobs: Vec<JobInfo> = self
-            .jobs
-            .iter()
-            .map(|entry| entry.value().clone())
-            .collect();
+        let mut jobs: Vec<JobInfo> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
         jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         jobs
     }
@@ -424,13 +388,7 @@ impl GcsState {
         Ok(full)
     }
 
-    pub async fn kv_put(
-        &self,
-        namespace: &str,
-        key: &[u8],
-        value: Vec<u8>,
-        overwrite: bool,
-    ) -> GcsResult<bool> {
+    pub async fn kv_put(&self, namespace: &str, key: &[u8], value: Vec<u8>, overwrite: bool) -> GcsResult<bool> {
         if key.is_empty() {
             return Err(invalid("kv key is empty".into()));
         }
@@ -459,15 +417,9 @@ impl GcsState {
     pub async fn kv_get(&self, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
         let full = self.kv_key(namespace, key)?;
         let storage = self.storage.clone();
-        blocking(move || storage.get(Table::Kv, &full))
-            .await?
-            .ok_or_else(|| {
-                IonetError::NotFound(format!(
-                    "kv key {:?} in namespace {namespace:?}",
-                    String::from_utf8_lossy(key)
-                ))
-                .into()
-            })
+        blocking(move || storage.get(Table::Kv, &full)).await?.ok_or_else(|| {
+            IonetError::NotFound(format!("kv key {:?} in namespace {namespace:?}", String::from_utf8_lossy(key))).into()
+        })
     }
 
     pub async fn kv_del(&self, namespace: &str, key: &[u8], by_prefix: bool) -> GcsResult<u64> {
@@ -488,10 +440,7 @@ impl GcsState {
         let skip = namespace.len() + 1;
         let storage = self.storage.clone();
         let entries = blocking(move || storage.scan_prefix(Table::Kv, &full)).await?;
-        Ok(entries
-            .into_iter()
-            .map(|(key, _)| key[skip..].to_vec())
-            .collect())
+        Ok(entries.into_iter().map(|(key, _)| key[skip..].to_vec()).collect())
     }
 }
 
@@ -514,18 +463,8 @@ mod tests {
     }
 
     async fn state(clock: &ManualClock) -> Arc<GcsState> {
-        let config = ClusterConfig {
-            heartbeat_interval_ms: 100,
-            heartbeat_timeout_ms: 1000,
-            ..Default::default()
-        };
-        GcsState::open(
-            config,
-            Arc::new(MemoryStorage::new()),
-            Arc::new(clock.clone()),
-        )
-        .await
-        .unwrap()
+        let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1000, ..Default::default() };
+        GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap()
     }
 
     #[tokio::test]
@@ -540,16 +479,9 @@ mod tests {
         gcs.heartbeat(chatty.as_bytes(), None).unwrap();
         clock.advance_ms(200);
         assert_eq!(gcs.check_heartbeats().await.unwrap(), vec![quiet]);
-        assert!(
-            gcs.check_heartbeats().await.unwrap().is_empty(),
-            "declared dead once"
-        );
-        let kinds: Vec<_> = std::iter::from_fn(|| events.try_recv().ok())
-            .map(|event| event.event.unwrap())
-            .collect();
-        assert!(
-            matches!(kinds.last(), Some(Event::NodeDead(dead)) if dead.node_id == quiet.to_vec())
-        );
+        assert!(gcs.check_heartbeats().await.unwrap().is_empty(), "declared dead once");
+        let kinds: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).map(|event| event.event.unwrap()).collect();
+        assert!(matches!(kinds.last(), Some(Event::NodeDead(dead)) if dead.node_id == quiet.to_vec()));
         let err = gcs.heartbeat(quiet.as_bytes(), None).unwrap_err();
         assert!(err.to_string().contains("declared dead"), "{err}");
     }
@@ -560,23 +492,11 @@ mod tests {
         let gcs = state(&clock).await;
         let mut overdrawn = node(NodeId::random(), 1);
         overdrawn.available = Some((&ResourceSet::new().with(GPU, Quantity::whole(2))).into());
-        assert!(gcs
-            .register_node(overdrawn)
-            .await
-            .unwrap_err()
-            .to_string()
-            .contains("beyond its total"));
+        assert!(gcs.register_node(overdrawn).await.unwrap_err().to_string().contains("beyond its total"));
         let mut short_id = node(NodeId::random(), 1);
         short_id.node_id = vec![1, 2];
-        assert!(gcs
-            .register_node(short_id)
-            .await
-            .unwrap_err()
-            .to_string()
-            .contains("28 bytes"));
-        let unknown = gcs
-            .heartbeat(NodeId::random().as_bytes(), None)
-            .unwrap_err();
+        assert!(gcs.register_node(short_id).await.unwrap_err().to_string().contains("28 bytes"));
+        let unknown = gcs.heartbeat(NodeId::random().as_bytes(), None).unwrap_err();
         assert!(unknown.to_string().contains("not registered"));
     }
 
@@ -589,18 +509,10 @@ mod tests {
         assert_eq!(gcs.kv_get("a", b"k").await.unwrap(), b"1");
         assert!(gcs.kv_get("b", b"k").await.is_err());
         gcs.kv_put("a", b"k2", b"3".to_vec(), true).await.unwrap();
-        assert_eq!(
-            gcs.kv_keys("a", b"k").await.unwrap(),
-            vec![b"k".to_vec(), b"k2".to_vec()]
-        );
+        assert_eq!(gcs.kv_keys("a", b"k").await.unwrap(), vec![b"k".to_vec(), b"k2".to_vec()]);
         assert_eq!(gcs.kv_del("a", b"k", true).await.unwrap(), 2);
         let big = vec![0u8; gcs.config.max_kv_value_bytes + 1];
-        assert!(gcs
-            .kv_put("a", b"big", big, true)
-            .await
-            .unwrap_err()
-            .to_string()
-            .contains("above the limit"));
+        assert!(gcs.kv_put("a", b"big", big, true).await.unwrap_err().to_string().contains("above the limit"));
     }
 
     #[tokio::test]
@@ -613,9 +525,6 @@ mod tests {
         assert_eq!(second.job_id, JobId::from_sequence(2).to_vec());
         gcs.finish_job(&first.job_id).await.unwrap();
         assert_eq!(gcs.jobs()[0].state, JobState::Finished as i32);
-        assert!(gcs
-            .finish_job(&JobId::from_sequence(99).to_vec())
-            .await
-            .is_err());
+        assert!(gcs.finish_job(&JobId::from_sequence(99).to_vec()).await.is_err());
     }
 }

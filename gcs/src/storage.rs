@@ -24,10 +24,14 @@ pub enum Table {
     Kv,
     /// Counters and identity of the store itself.
     Meta,
+    /// Metering: leases still open, keyed by lease id.
+    Leases,
+    /// Metering: usage records made, keyed by record id.
+    Usage,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Nodes, Table::Jobs, Table::Kv, Table::Meta];
+    pub const ALL: [Table; 6] = [Table::Nodes, Table::Jobs, Table::Kv, Table::Meta, Table::Leases, Table::Usage];
 
     fn name(self) -> &'static str {
         match self {
@@ -35,6 +39,8 @@ impl Table {
             Table::Jobs => "jobs",
             Table::Kv => "kv",
             Table::Meta => "meta",
+            Table::Leases => "leases",
+            Table::Usage => "usage",
         }
     }
 }
@@ -66,15 +72,8 @@ impl MemoryStorage {
         Self::default()
     }
 
-    fn with_table<T>(
-        &self,
-        table: Table,
-        f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>) -> T,
-    ) -> T {
-        let mut tables = self
-            .tables
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with_table<T>(&self, table: Table, f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>) -> T) -> T {
+        let mut tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(tables.entry(table).or_default())
     }
 }
@@ -155,10 +154,7 @@ impl RedbStorage {
             }
         }
         let database = redb::Database::create(path).map_err(|err| storage_error(path, err))?;
-        let storage = Self {
-            database,
-            path: path.to_path_buf(),
-        };
+        let storage = Self { database, path: path.to_path_buf() };
         storage.write(|txn| {
             for table in Table::ALL {
                 txn.open_table(definition(table))?;
@@ -168,14 +164,8 @@ impl RedbStorage {
         Ok(storage)
     }
 
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
-    ) -> GcsResult<T> {
-        let txn = self
-            .database
-            .begin_write()
-            .map_err(|err| storage_error(&self.path, err))?;
+    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> GcsResult<T> {
+        let txn = self.database.begin_write().map_err(|err| storage_error(&self.path, err))?;
         let result = f(&txn).map_err(|err| storage_error(&self.path, err))?;
         txn.commit().map_err(|err| storage_error(&self.path, err))?;
         Ok(result)
@@ -186,13 +176,8 @@ impl RedbStorage {
         table: Table,
         f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T, redb::Error>,
     ) -> GcsResult<T> {
-        let txn = self
-            .database
-            .begin_read()
-            .map_err(|err| storage_error(&self.path, err))?;
-        let opened = txn
-            .open_table(definition(table))
-            .map_err(|err| storage_error(&self.path, err))?;
+        let txn = self.database.begin_read().map_err(|err| storage_error(&self.path, err))?;
+        let opened = txn.open_table(definition(table)).map_err(|err| storage_error(&self.path, err))?;
         f(&opened).map_err(|err| storage_error(&self.path, err))
     }
 }
@@ -221,9 +206,7 @@ impl GcsStorage for RedbStorage {
     }
 
     fn get(&self, table: Table, key: &[u8]) -> GcsResult<Option<Vec<u8>>> {
-        self.read(table, |opened| {
-            Ok(opened.get(key)?.map(|value| value.value().to_vec()))
-        })
+        self.read(table, |opened| Ok(opened.get(key)?.map(|value| value.value().to_vec())))
     }
 
     fn delete(&self, table: Table, key: &[u8]) -> GcsResult<bool> {
@@ -279,17 +262,8 @@ mod tests {
         storage.put(Table::Kv, b"nt\0a", b"3").unwrap();
         assert!(!storage.put_if_absent(Table::Kv, b"ns\0a", b"9").unwrap());
         assert_eq!(storage.get(Table::Kv, b"ns\0a").unwrap().unwrap(), b"1");
-        assert_eq!(
-            storage.get(Table::Jobs, b"ns\0a").unwrap(),
-            None,
-            "tables are separate"
-        );
-        let keys: Vec<_> = storage
-            .scan_prefix(Table::Kv, b"ns\0")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        assert_eq!(storage.get(Table::Jobs, b"ns\0a").unwrap(), None, "tables are separate");
+        let keys: Vec<_> = storage.scan_prefix(Table::Kv, b"ns\0").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"ns\0a".to_vec(), b"ns\0ab".to_vec()]);
         assert_eq!(storage.delete_prefix(Table::Kv, b"ns\0a").unwrap(), 2);
         assert!(storage.delete(Table::Kv, b"nt\0a").unwrap());

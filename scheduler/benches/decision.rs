@@ -17,16 +17,14 @@ fn demands() -> Vec<Demand> {
     (0..256)
         .map(|_| {
             let gpus = ["0", "0.5", "1", "1", "2", "4"][rng.next(6) as usize];
-            let resources = ResourceSet::new()
-                .with(CPU, Quantity::whole(1 + rng.next(4) as i64))
-                .with(GPU, gpus.parse().unwrap());
+            let resources =
+                ResourceSet::new().with(CPU, Quantity::whole(1 + rng.next(4) as i64)).with(GPU, gpus.parse().unwrap());
             let mut demand = Demand::new(resources);
             if gpus != "0" && rng.next(4) > 0 {
                 demand = demand.with_accelerator_type(MODELS[rng.next(10) as usize]);
             }
             if rng.next(5) == 0 {
-                demand =
-                    demand.with_label_selector(LabelSelector::parse("region in (eu, us)").unwrap());
+                demand = demand.with_label_selector(LabelSelector::parse("region in (eu, us)").unwrap());
             }
             demand
         })

@@ -182,18 +182,11 @@ impl ClusterView {
 
     /// Alive nodes from least to most utilised (ties by node id).
     pub fn alive_nodes_by_utilisation(&self) -> impl DoubleEndedIterator<Item = &NodeView> + '_ {
-        self.everyone
-            .all
-            .by_util
-            .iter()
-            .map(|(_, _, slot)| &self.entry(*slot).view)
+        self.everyone.all.by_util.iter().map(|(_, _, slot)| &self.entry(*slot).view)
     }
 
     /// Alive nodes of one accelerator model (all alive nodes for `None`), least utilised first.
-    pub(crate) fn alive_nodes_of(
-        &self,
-        accelerator: Option<&str>,
-    ) -> Box<dyn Iterator<Item = &NodeView> + '_> {
+    pub(crate) fn alive_nodes_of(&self, accelerator: Option<&str>) -> Box<dyn Iterator<Item = &NodeView> + '_> {
         let tier = match accelerator {
             None => &self.everyone,
             Some(model) => match self.by_accelerator.get(model) {
@@ -201,18 +194,11 @@ impl ClusterView {
                 None => return Box::new(std::iter::empty()),
             },
         };
-        Box::new(
-            tier.all
-                .by_util
-                .iter()
-                .map(|(_, _, slot)| &self.entry(*slot).view),
-        )
+        Box::new(tier.all.by_util.iter().map(|(_, _, slot)| &self.entry(*slot).view))
     }
 
     pub(crate) fn entry(&self, slot: Slot) -> &Entry {
-        self.slots[slot as usize]
-            .as_ref()
-            .expect("index and id map only hold live slots")
+        self.slots[slot as usize].as_ref().expect("index and id map only hold live slots")
     }
 
     /// Adds a node or replaces what is known about it.
@@ -251,17 +237,10 @@ impl ClusterView {
     }
 
     /// Replaces a node's available resources (e.g. from a heartbeat).
-    pub fn update_available(
-        &mut self,
-        node_id: &NodeId,
-        available: ResourceSet,
-    ) -> SchedulerResult<()> {
+    pub fn update_available(&mut self, node_id: &NodeId, available: ResourceSet) -> SchedulerResult<()> {
         self.modify(node_id, |view| {
             if !view.total.contains(&available) {
-                return Err(format!(
-                    "available {available} exceeds total {}",
-                    view.total
-                ));
+                return Err(format!("available {available} exceeds total {}", view.total));
             }
             view.available = available;
             Ok(())
@@ -299,10 +278,7 @@ impl ClusterView {
             let mut after = view.available.clone();
             after.add(resources);
             if !view.total.contains(&after) {
-                return Err(format!(
-                    "returning {resources} would make available {after} exceed total {}",
-                    view.total
-                ));
+                return Err(format!("returning {resources} would make available {after} exceed total {}", view.total));
             }
             view.available = after;
             Ok(())
@@ -310,25 +286,16 @@ impl ClusterView {
     }
 
     /// Takes every bundle's resources from its node, all or nothing.
-    pub fn reserve_bundles(
-        &mut self,
-        bundles: &[ResourceSet],
-        nodes: &[NodeId],
-    ) -> SchedulerResult<()> {
+    pub fn reserve_bundles(&mut self, bundles: &[ResourceSet], nodes: &[NodeId]) -> SchedulerResult<()> {
         if bundles.len() != nodes.len() {
-            return Err(SchedulerError::InvalidRequest(format!(
-                "{} bundles but {} nodes",
-                bundles.len(),
-                nodes.len()
-            )));
+            return Err(SchedulerError::InvalidRequest(format!("{} bundles but {} nodes", bundles.len(), nodes.len())));
         }
         for (index, (bundle, node)) in bundles.iter().zip(nodes).enumerate() {
             let bundle = crate::demand::split_accelerator(bundle.clone()).0;
             if let Err(err) = self.allocate(node, &bundle) {
                 for (bundle, node) in bundles[..index].iter().zip(nodes) {
                     let bundle = crate::demand::split_accelerator(bundle.clone()).0;
-                    self.release(node, &bundle)
-                        .expect("returning what was just taken fits");
+                    self.release(node, &bundle).expect("returning what was just taken fits");
                 }
                 return Err(err);
             }
@@ -341,16 +308,10 @@ impl ClusterView {
         node_id: &NodeId,
         change: impl FnOnce(&mut NodeView) -> Result<(), String>,
     ) -> SchedulerResult<()> {
-        let slot = *self
-            .ids
-            .get(node_id)
-            .ok_or(SchedulerError::UnknownNode(*node_id))?;
+        let slot = *self.ids.get(node_id).ok_or(SchedulerError::UnknownNode(*node_id))?;
         self.unindex(slot);
         let entry = self.slots[slot as usize].as_mut().expect("live slot");
-        let result = change(&mut entry.view).map_err(|reason| SchedulerError::Accounting {
-            node: *node_id,
-            reason,
-        });
+        let result = change(&mut entry.view).map_err(|reason| SchedulerError::Accounting { node: *node_id, reason });
         self.index(slot);
         result
     }
@@ -373,10 +334,7 @@ impl ClusterView {
         let id = entry.view.node_id;
         self.everyone.insert(&key, id, slot);
         if let Some(model) = &key.accelerator {
-            self.by_accelerator
-                .entry(model.clone())
-                .or_default()
-                .insert(&key, id, slot);
+            self.by_accelerator.entry(model.clone()).or_default().insert(&key, id, slot);
         }
         entry.key = Some(key);
     }
@@ -399,10 +357,7 @@ impl ClusterView {
     }
 
     pub(crate) fn utilisation_of(&self, slot: Slot) -> u32 {
-        self.entry(slot)
-            .key
-            .as_ref()
-            .map_or(u32::MAX, |key| key.util)
+        self.entry(slot).key.as_ref().map_or(u32::MAX, |key| key.util)
     }
 
     pub(crate) fn slot_of(&self, node_id: &NodeId) -> Option<Slot> {
@@ -410,22 +365,14 @@ impl ClusterView {
     }
 
     /// The best alive node that can take `demand` now, by `order`, skipping `exclude`.
-    pub(crate) fn best_feasible(
-        &self,
-        demand: &Demand,
-        order: Order,
-        exclude: Option<Slot>,
-    ) -> Option<Slot> {
+    pub(crate) fn best_feasible(&self, demand: &Demand, order: Order, exclude: Option<Slot>) -> Option<Slot> {
         let tier = match &demand.accelerator_type {
             Some(model) => self.by_accelerator.get(model)?,
             None => &self.everyone,
         };
         let gpus = demand.gpus();
-        let sets: &[Ordered] = if gpus.is_zero() {
-            std::slice::from_ref(&tier.all)
-        } else {
-            &tier.buckets[gpu_bucket(gpus)..]
-        };
+        let sets: &[Ordered] =
+            if gpus.is_zero() { std::slice::from_ref(&tier.all) } else { &tier.buckets[gpu_bucket(gpus)..] };
         let fits = |slot: Slot| Some(slot) != exclude && demand.fits_now(&self.entry(slot).view);
         match order {
             Order::LeastUtilised => {

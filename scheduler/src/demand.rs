@@ -30,11 +30,7 @@ impl Demand {
     /// constraint.
     pub fn new(resources: ResourceSet) -> Self {
         let (resources, accelerator_type) = split_accelerator(resources);
-        Self {
-            resources,
-            accelerator_type,
-            ..Self::default()
-        }
+        Self { resources, accelerator_type, ..Self::default() }
     }
 
     pub fn with_accelerator_type(mut self, model: impl Into<String>) -> Self {
@@ -58,8 +54,7 @@ impl Demand {
         selectors: impl IntoIterator<Item = S>,
     ) -> SchedulerResult<Self> {
         for text in selectors {
-            self.label_selectors
-                .push(LabelSelector::parse(text.as_ref())?);
+            self.label_selectors.push(LabelSelector::parse(text.as_ref())?);
         }
         Ok(self)
     }
@@ -80,23 +75,17 @@ impl Demand {
                 return false;
             }
         }
-        self.label_selectors
-            .iter()
-            .all(|selector| selector.matches(&node.labels))
+        self.label_selectors.iter().all(|selector| selector.matches(&node.labels))
     }
 
     /// Whether an alive `node` can take this demand with what it has free now.
     pub fn fits_now(&self, node: &NodeView) -> bool {
-        node.state == NodeState::Alive
-            && node.available.contains(&self.resources)
-            && self.fits_constraints(node)
+        node.state == NodeState::Alive && node.available.contains(&self.resources) && self.fits_constraints(node)
     }
 
     /// Whether an alive `node` could take this demand once idle.
     pub fn fits_when_idle(&self, node: &NodeView) -> bool {
-        node.state == NodeState::Alive
-            && node.total.contains(&self.resources)
-            && self.fits_constraints(node)
+        node.state == NodeState::Alive && node.total.contains(&self.resources) && self.fits_constraints(node)
     }
 }
 
@@ -113,15 +102,10 @@ impl fmt::Display for Demand {
             write!(f, " on {model}")?;
         }
         if let Some(bytes) = self.min_gpu_memory_per_gpu {
-            write!(
-                f,
-                " with >= {} GiB per GPU",
-                bytes as f64 / (1u64 << 30) as f64
-            )?;
+            write!(f, " with >= {} GiB per GPU", bytes as f64 / (1u64 << 30) as f64)?;
         }
         if !self.label_selectors.is_empty() {
-            let selectors: Vec<String> =
-                self.label_selectors.iter().map(|s| s.to_string()).collect();
+            let selectors: Vec<String> = self.label_selectors.iter().map(|s| s.to_string()).collect();
             write!(f, " where {}", selectors.join(" and "))?;
         }
         Ok(())

@@ -36,9 +36,7 @@ impl GpuAssignment {
     }
 
     pub fn total(&self) -> Quantity {
-        self.shares
-            .iter()
-            .fold(Quantity::ZERO, |sum, (_, share)| sum + *share)
+        self.shares.iter().fold(Quantity::ZERO, |sum, (_, share)| sum + *share)
     }
 }
 
@@ -51,12 +49,7 @@ pub struct GpuAllocator {
 impl GpuAllocator {
     /// All of these GPUs free.
     pub fn new(indices: impl IntoIterator<Item = u32>) -> Self {
-        Self {
-            free: indices
-                .into_iter()
-                .map(|index| (index, Quantity::whole(1)))
-                .collect(),
-        }
+        Self { free: indices.into_iter().map(|index| (index, Quantity::whole(1))).collect() }
     }
 
     /// The node's detected GPUs, or `0..GPU` when they were only declared as a count.
@@ -79,9 +72,7 @@ impl GpuAllocator {
     }
 
     pub fn total_free(&self) -> Quantity {
-        self.free
-            .values()
-            .fold(Quantity::ZERO, |sum, free| sum + *free)
+        self.free.values().fold(Quantity::ZERO, |sum, free| sum + *free)
     }
 
     /// Assigns GPUs for a demand of `gpus`. `Ok(None)` when the GPUs are busy now; an error
@@ -89,18 +80,14 @@ impl GpuAllocator {
     pub fn allocate(&mut self, gpus: Quantity) -> SchedulerResult<Option<GpuAssignment>> {
         let units = gpus.units();
         if units < 0 {
-            return Err(SchedulerError::GpuAllocation(format!(
-                "cannot allocate a negative amount of GPU ({gpus})"
-            )));
+            return Err(SchedulerError::GpuAllocation(format!("cannot allocate a negative amount of GPU ({gpus})")));
         }
         if units == 0 {
             return Ok(Some(GpuAssignment::default()));
         }
         if units > SCALE {
             if units % SCALE != 0 {
-                return Err(SchedulerError::GpuAllocation(format!(
-                    "a demand above 1 GPU must be whole, got {gpus}"
-                )));
+                return Err(SchedulerError::GpuAllocation(format!("a demand above 1 GPU must be whole, got {gpus}")));
             }
             return Ok(self.allocate_whole((units / SCALE) as usize));
         }
@@ -117,9 +104,7 @@ impl GpuAllocator {
         Ok(best.map(|index| {
             let free = self.free.get_mut(&index).expect("chosen from the map");
             *free = *free - gpus;
-            GpuAssignment {
-                shares: vec![(index, gpus)],
-            }
+            GpuAssignment { shares: vec![(index, gpus)] }
         }))
     }
 
@@ -137,12 +122,7 @@ impl GpuAllocator {
         for index in &whole {
             self.free.insert(*index, Quantity::ZERO);
         }
-        Some(GpuAssignment {
-            shares: whole
-                .into_iter()
-                .map(|index| (index, Quantity::whole(1)))
-                .collect(),
-        })
+        Some(GpuAssignment { shares: whole.into_iter().map(|index| (index, Quantity::whole(1))).collect() })
     }
 
     /// Returns an assignment's shares; refuses (changing nothing) a release that does not
@@ -150,9 +130,9 @@ impl GpuAllocator {
     pub fn release(&mut self, assignment: &GpuAssignment) -> SchedulerResult<()> {
         let mut after = self.free.clone();
         for (index, share) in &assignment.shares {
-            let free = after.get_mut(index).ok_or_else(|| {
-                SchedulerError::GpuAllocation(format!("release of unknown GPU {index}"))
-            })?;
+            let free = after
+                .get_mut(index)
+                .ok_or_else(|| SchedulerError::GpuAllocation(format!("release of unknown GPU {index}")))?;
             let sum = *free + *share;
             if sum > Quantity::whole(1) || share.units() <= 0 {
                 return Err(SchedulerError::GpuAllocation(format!(
@@ -190,15 +170,9 @@ mod tests {
     #[test]
     fn four_halves_fill_two_gpus() {
         let mut gpus = GpuAllocator::new([0, 1, 2]);
-        let ids: Vec<u32> = (0..4)
-            .map(|_| gpus.allocate(q("0.5")).unwrap().unwrap().gpu_ids()[0])
-            .collect();
+        let ids: Vec<u32> = (0..4).map(|_| gpus.allocate(q("0.5")).unwrap().unwrap().gpu_ids()[0]).collect();
         assert_eq!(ids, vec![0, 0, 1, 1]);
-        assert_eq!(
-            gpus.free_share(2),
-            Some(q("1")),
-            "the third GPU stays whole"
-        );
+        assert_eq!(gpus.free_share(2), Some(q("1")), "the third GPU stays whole");
         assert_eq!(gpus.total_free(), q("1"));
     }
 
@@ -208,15 +182,8 @@ mod tests {
         let a = gpus.allocate(q("0.7")).unwrap().unwrap(); // GPU 0: 0.3 left
         let b = gpus.allocate(q("0.5")).unwrap().unwrap(); // does not fit 0.3 -> GPU 1: 0.5 left
         let c = gpus.allocate(q("0.25")).unwrap().unwrap(); // best fit is GPU 0 (0.3 left)
-        assert_eq!(
-            (a.gpu_ids(), b.gpu_ids(), c.gpu_ids()),
-            (vec![0], vec![1], vec![0])
-        );
-        assert_eq!(
-            gpus.allocate(q("1")).unwrap(),
-            None,
-            "no whole GPU is left even though 1.05 is free in total"
-        );
+        assert_eq!((a.gpu_ids(), b.gpu_ids(), c.gpu_ids()), (vec![0], vec![1], vec![0]));
+        assert_eq!(gpus.allocate(q("1")).unwrap(), None, "no whole GPU is left even though 1.05 is free in total");
         assert_eq!(c.cuda_visible_devices(), "0");
     }
 

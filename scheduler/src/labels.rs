@@ -38,49 +38,30 @@ impl LabelSelector {
         if trimmed.is_empty() {
             return Err(error("is empty"));
         }
-        let key_end = trimmed
-            .find(|c: char| !is_token_char(c))
-            .unwrap_or(trimmed.len());
+        let key_end = trimmed.find(|c: char| !is_token_char(c)).unwrap_or(trimmed.len());
         let key = &trimmed[..key_end];
         if key.is_empty() {
             return Err(error("must start with a label key"));
         }
         let rest = trimmed[key_end..].trim_start();
         if rest.is_empty() {
-            return Err(error(
-                "has no operator after the key (expected =, !=, in (...) or not in (...))",
-            ));
+            return Err(error("has no operator after the key (expected =, !=, in (...) or not in (...))"));
         }
         let key = key.to_string();
         if let Some(value) = rest.strip_prefix("!=") {
-            return Ok(LabelSelector::NotEquals {
-                key,
-                value: parse_value(value).map_err(|why| error(&why))?,
-            });
+            return Ok(LabelSelector::NotEquals { key, value: parse_value(value).map_err(|why| error(&why))? });
         }
         if let Some(value) = rest.strip_prefix("==").or_else(|| rest.strip_prefix('=')) {
-            return Ok(LabelSelector::Equals {
-                key,
-                value: parse_value(value).map_err(|why| error(&why))?,
-            });
+            return Ok(LabelSelector::Equals { key, value: parse_value(value).map_err(|why| error(&why))? });
         }
         if let Some(list) = strip_keyword(rest, "not") {
-            let list =
-                strip_keyword(list, "in").ok_or_else(|| error("expected `in` after `not`"))?;
-            return Ok(LabelSelector::NotIn {
-                key,
-                values: parse_list(list).map_err(|why| error(&why))?,
-            });
+            let list = strip_keyword(list, "in").ok_or_else(|| error("expected `in` after `not`"))?;
+            return Ok(LabelSelector::NotIn { key, values: parse_list(list).map_err(|why| error(&why))? });
         }
         if let Some(list) = strip_keyword(rest, "in") {
-            return Ok(LabelSelector::In {
-                key,
-                values: parse_list(list).map_err(|why| error(&why))?,
-            });
+            return Ok(LabelSelector::In { key, values: parse_list(list).map_err(|why| error(&why))? });
         }
-        Err(error(&format!(
-            "unknown operator at {rest:?} (expected =, !=, in (...) or not in (...))"
-        )))
+        Err(error(&format!("unknown operator at {rest:?} (expected =, !=, in (...) or not in (...))")))
     }
 
     pub fn key(&self) -> &str {
@@ -98,12 +79,8 @@ impl LabelSelector {
         match self {
             LabelSelector::Equals { value: want, .. } => value == Some(want.as_str()),
             LabelSelector::NotEquals { value: want, .. } => value != Some(want.as_str()),
-            LabelSelector::In { values, .. } => {
-                value.is_some_and(|v| values.iter().any(|w| w == v))
-            }
-            LabelSelector::NotIn { values, .. } => {
-                value.is_none_or(|v| values.iter().all(|w| w != v))
-            }
+            LabelSelector::In { values, .. } => value.is_some_and(|v| values.iter().any(|w| w == v)),
+            LabelSelector::NotIn { values, .. } => value.is_none_or(|v| values.iter().all(|w| w != v)),
         }
     }
 }
@@ -151,9 +128,7 @@ fn parse_value(text: &str) -> Result<String, String> {
         return Err("has no value after the operator".into());
     }
     if !is_token(value) {
-        return Err(format!(
-            "value {value:?} may only hold letters, digits and _ - . / :"
-        ));
+        return Err(format!("value {value:?} may only hold letters, digits and _ - . / :"));
     }
     Ok(value.to_string())
 }
@@ -173,9 +148,7 @@ fn parse_list(text: &str) -> Result<Vec<String>, String> {
             } else if v.is_empty() {
                 Err("has an empty value in its list".to_string())
             } else {
-                Err(format!(
-                    "list value {v:?} may only hold letters, digits and _ - . / :"
-                ))
+                Err(format!("list value {v:?} may only hold letters, digits and _ - . / :"))
             }
         })
         .collect::<Result<_, _>>()?;
@@ -187,52 +160,31 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn parses_every_form() {
         assert_eq!(
             LabelSelector::parse("region in (eu, us)").unwrap(),
-            LabelSelector::In {
-                key: "region".into(),
-                values: vec!["eu".into(), "us".into()]
-            }
+            LabelSelector::In { key: "region".into(), values: vec!["eu".into(), "us".into()] }
         );
         assert_eq!(
             LabelSelector::parse(" provider != x ").unwrap(),
-            LabelSelector::NotEquals {
-                key: "provider".into(),
-                value: "x".into()
-            }
+            LabelSelector::NotEquals { key: "provider".into(), value: "x".into() }
         );
         assert_eq!(
             LabelSelector::parse("region=eu").unwrap(),
-            LabelSelector::Equals {
-                key: "region".into(),
-                value: "eu".into()
-            }
+            LabelSelector::Equals { key: "region".into(), value: "eu".into() }
         );
-        assert_eq!(
-            LabelSelector::parse("region == eu").unwrap(),
-            LabelSelector::parse("region = eu").unwrap()
-        );
+        assert_eq!(LabelSelector::parse("region == eu").unwrap(), LabelSelector::parse("region = eu").unwrap());
         assert_eq!(
             LabelSelector::parse("tier not in(spot,preemptible)").unwrap(),
-            LabelSelector::NotIn {
-                key: "tier".into(),
-                values: vec!["spot".into(), "preemptible".into()]
-            }
+            LabelSelector::NotIn { key: "tier".into(), values: vec!["spot".into(), "preemptible".into()] }
         );
         let selector = LabelSelector::parse("region in (eu, us)").unwrap();
         assert_eq!(selector.to_string(), "region in (eu, us)");
-        assert_eq!(
-            LabelSelector::parse(&selector.to_string()).unwrap(),
-            selector
-        );
+        assert_eq!(LabelSelector::parse(&selector.to_string()).unwrap(), selector);
     }
 
     #[test]
@@ -259,8 +211,7 @@ mod tests {
     fn matching_follows_kubernetes_for_missing_labels() {
         let node = labels(&[("region", "eu"), ("provider", "acme")]);
         let bare = labels(&[]);
-        let check =
-            |s: &str, l: &BTreeMap<String, String>| LabelSelector::parse(s).unwrap().matches(l);
+        let check = |s: &str, l: &BTreeMap<String, String>| LabelSelector::parse(s).unwrap().matches(l);
         assert!(check("region = eu", &node));
         assert!(!check("region = us", &node));
         assert!(!check("region = eu", &bare));

@@ -63,19 +63,10 @@ impl NodeView {
     pub fn with_gpus(mut self, model: &str, count: u32, memory_bytes: u64) -> Self {
         let first = self.gpus.len() as u32;
         for index in first..first + count {
-            self.gpus.push(Gpu {
-                index,
-                model: model.to_string(),
-                memory_bytes,
-            });
+            self.gpus.push(Gpu { index, model: model.to_string(), memory_bytes });
         }
         let gpus = ionet::Quantity::whole(self.gpus.len() as i64);
-        let memory = ionet::Quantity::whole(
-            self.gpus
-                .iter()
-                .map(|gpu| gpu.memory_bytes as i64)
-                .sum::<i64>(),
-        );
+        let memory = ionet::Quantity::whole(self.gpus.iter().map(|gpu| gpu.memory_bytes as i64).sum::<i64>());
         let accelerator = format!("{ACCELERATOR_PREFIX}{model}");
         for set in [&mut self.total, &mut self.available] {
             set.set(GPU, gpus);
@@ -107,11 +98,7 @@ impl NodeView {
         if let Some(model) = &self.accelerator_type {
             return Some(model);
         }
-        if let Some((name, _)) = self
-            .total
-            .iter()
-            .find(|(name, _)| name.starts_with(ACCELERATOR_PREFIX))
-        {
+        if let Some((name, _)) = self.total.iter().find(|(name, _)| name.starts_with(ACCELERATOR_PREFIX)) {
             return Some(&name[ACCELERATOR_PREFIX.len()..]);
         }
         self.gpus.first().map(|gpu| gpu.model.as_str())

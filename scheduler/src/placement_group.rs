@@ -66,26 +66,16 @@ pub fn solve_placement_group(
     strategy: PlacementStrategy,
 ) -> PlacementDecision {
     if bundles.is_empty() {
-        return PlacementDecision::Infeasible {
-            reason: "a placement group needs at least one bundle".to_string(),
-        };
+        return PlacementDecision::Infeasible { reason: "a placement group needs at least one bundle".to_string() };
     }
     let problem = Problem::new(view, bundles);
     if problem.nodes.is_empty() {
         return PlacementDecision::Infeasible {
-            reason: format!(
-                "{strategy} placement group of {} bundles: the cluster has no alive nodes",
-                bundles.len()
-            ),
+            reason: format!("{strategy} placement group of {} bundles: the cluster has no alive nodes", bundles.len()),
         };
     }
     if let Some(placement) = problem.solve(strategy, Capacity::Available) {
-        return PlacementDecision::Placed(
-            placement
-                .into_iter()
-                .map(|node| problem.nodes[node].node_id)
-                .collect(),
-        );
+        return PlacementDecision::Placed(placement.into_iter().map(|node| problem.nodes[node].node_id).collect());
     }
     if problem.solve(strategy, Capacity::Total).is_some() {
         return PlacementDecision::Wait {
@@ -96,9 +86,7 @@ pub fn solve_placement_group(
             ),
         };
     }
-    PlacementDecision::Infeasible {
-        reason: problem.explain_infeasible(view, strategy),
-    }
+    PlacementDecision::Infeasible { reason: problem.explain_infeasible(view, strategy) }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -184,24 +172,15 @@ impl<'a> Problem<'a> {
             _ => 4,
         };
         names.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
-        let needs = consumed
-            .iter()
-            .flat_map(|bundle| names.iter().map(|name| bundle.get(name).units()))
-            .collect();
+        let needs = consumed.iter().flat_map(|bundle| names.iter().map(|name| bundle.get(name).units())).collect();
         // If every bundle wants the same model only that model's nodes are candidates.
-        let common = accelerators.first().cloned().flatten().filter(|first| {
-            accelerators
-                .iter()
-                .all(|a| a.as_deref() == Some(first.as_str()))
-        });
+        let common = accelerators
+            .first()
+            .cloned()
+            .flatten()
+            .filter(|first| accelerators.iter().all(|a| a.as_deref() == Some(first.as_str())));
         let nodes = view.alive_nodes_of(common.as_deref()).collect();
-        Self {
-            names,
-            needs,
-            accelerators,
-            bundles: consumed,
-            nodes,
-        }
+        Self { names, needs, accelerators, bundles: consumed, nodes }
     }
 
     fn need(&self, bundle: usize) -> &[i64] {
@@ -211,12 +190,7 @@ impl<'a> Problem<'a> {
 
     fn table(&self, capacity: Capacity) -> Table<'_, 'a> {
         let k = self.names.len();
-        Table {
-            problem: self,
-            capacity,
-            cells: vec![0; self.nodes.len() * k],
-            loaded: vec![false; self.nodes.len()],
-        }
+        Table { problem: self, capacity, cells: vec![0; self.nodes.len() * k], loaded: vec![false; self.nodes.len()] }
     }
 
     /// Bundle indices, biggest first (by GPU, then CPU, ...), ties in bundle order.
@@ -230,9 +204,7 @@ impl<'a> Problem<'a> {
         let mut table = self.table(capacity);
         match strategy {
             PlacementStrategy::StrictPack => self.strict_pack(&mut table),
-            PlacementStrategy::Pack => self
-                .strict_pack(&mut table)
-                .or_else(|| self.pack(&mut self.table(capacity))),
+            PlacementStrategy::Pack => self.strict_pack(&mut table).or_else(|| self.pack(&mut self.table(capacity))),
             PlacementStrategy::StrictSpread => self.spread(&mut table, true),
             PlacementStrategy::Spread => self.spread(&mut table, false),
         }
@@ -259,9 +231,7 @@ impl<'a> Problem<'a> {
             }
         }
         // Best fit: the most utilised node that holds everything.
-        let node = (0..self.nodes.len())
-            .rev()
-            .find(|node| table.fits(*node, &sum, accelerator))?;
+        let node = (0..self.nodes.len()).rev().find(|node| table.fits(*node, &sum, accelerator))?;
         Some(vec![node; self.bundles.len()])
     }
 
@@ -274,17 +244,13 @@ impl<'a> Problem<'a> {
         for bundle in self.biggest_first() {
             let need = self.need(bundle);
             let accelerator = self.accelerators[bundle].as_deref();
-            let node = opened
-                .iter()
-                .copied()
-                .find(|node| table.fits(*node, need, accelerator))
-                .or_else(|| {
-                    let node = (0..self.nodes.len())
-                        .find(|node| !is_open[*node] && table.fits(*node, need, accelerator))?;
-                    opened.push(node);
-                    is_open[node] = true;
-                    Some(node)
-                })?;
+            let node = opened.iter().copied().find(|node| table.fits(*node, need, accelerator)).or_else(|| {
+                let node =
+                    (0..self.nodes.len()).find(|node| !is_open[*node] && table.fits(*node, need, accelerator))?;
+                opened.push(node);
+                is_open[node] = true;
+                Some(node)
+            })?;
             table.take(node, need);
             placement[bundle] = node;
         }
@@ -296,11 +262,7 @@ impl<'a> Problem<'a> {
         if strict && self.bundles.len() > n {
             return None;
         }
-        let order: Vec<usize> = if strict {
-            self.biggest_first()
-        } else {
-            (0..self.bundles.len()).collect()
-        };
+        let order: Vec<usize> = if strict { self.biggest_first() } else { (0..self.bundles.len()).collect() };
         let mut placement = vec![usize::MAX; self.bundles.len()];
         let mut used = vec![false; n];
         let mut used_list: Vec<usize> = Vec::new();
@@ -344,10 +306,7 @@ impl<'a> Problem<'a> {
         let count = self.bundles.len();
         let head = format!("{strategy} placement group of {count} bundles can never be placed");
         if strategy == PlacementStrategy::StrictSpread && count > self.nodes.len() {
-            return format!(
-                "{head}: it needs {count} distinct nodes but only {} alive nodes match",
-                self.nodes.len()
-            );
+            return format!("{head}: it needs {count} distinct nodes but only {} alive nodes match", self.nodes.len());
         }
         let mut table = self.table(Capacity::Total);
         for bundle in 0..count {
@@ -375,10 +334,7 @@ impl<'a> Problem<'a> {
                 view.largest_nodes_summary()
             );
         }
-        format!(
-            "{head}: together the bundles need more than the alive nodes have; {}",
-            view.largest_nodes_summary()
-        )
+        format!("{head}: together the bundles need more than the alive nodes have; {}", view.largest_nodes_summary())
     }
 }
 
@@ -397,11 +353,7 @@ mod tests {
     }
 
     fn four_gpu_nodes(count: u32) -> ClusterView {
-        view(
-            (1..=count)
-                .map(|n| gpu_node(n, 16, "A100-80GB", 4, 190))
-                .collect(),
-        )
+        view((1..=count).map(|n| gpu_node(n, 16, "A100-80GB", 4, 190)).collect())
     }
 
     fn placed(decision: PlacementDecision) -> Vec<NodeId> {
@@ -423,23 +375,11 @@ mod tests {
         let mut view = four_gpu_nodes(3);
         view.allocate(&id(2), &gpus(0, "1")).unwrap();
         let bundles = vec![gpus(2, "1"); 3];
-        let nodes = placed(solve_placement_group(
-            &view,
-            &bundles,
-            PlacementStrategy::StrictPack,
-        ));
-        assert_eq!(
-            nodes,
-            vec![id(2); 3],
-            "best fit: the most utilised node that holds all"
-        );
+        let nodes = placed(solve_placement_group(&view, &bundles, PlacementStrategy::StrictPack));
+        assert_eq!(nodes, vec![id(2); 3], "best fit: the most utilised node that holds all");
         let four = vec![gpus(2, "1"); 4];
         assert_eq!(
-            placed(solve_placement_group(
-                &view,
-                &four,
-                PlacementStrategy::StrictPack
-            )),
+            placed(solve_placement_group(&view, &four, PlacementStrategy::StrictPack)),
             vec![id(3); 4],
             "equally utilised: the scan from the most utilised end meets the highest id first"
         );
@@ -455,31 +395,17 @@ mod tests {
         else {
             panic!("5 GPUs never fit one 4-GPU node")
         };
-        assert!(
-            reason.contains("more than any one alive node has"),
-            "{reason}"
-        );
+        assert!(reason.contains("more than any one alive node has"), "{reason}");
     }
 
     #[test]
     fn pack_uses_as_few_nodes_as_it_can() {
         let view = four_gpu_nodes(4);
         let bundles = vec![gpus(1, "1"); 6];
-        let nodes = placed(solve_placement_group(
-            &view,
-            &bundles,
-            PlacementStrategy::Pack,
-        ));
+        let nodes = placed(solve_placement_group(&view, &bundles, PlacementStrategy::Pack));
         assert_eq!(distinct(&nodes), 2);
         let fits_one = vec![gpus(1, "1"); 3];
-        assert_eq!(
-            distinct(&placed(solve_placement_group(
-                &view,
-                &fits_one,
-                PlacementStrategy::Pack
-            ))),
-            1
-        );
+        assert_eq!(distinct(&placed(solve_placement_group(&view, &fits_one, PlacementStrategy::Pack))), 1);
         let too_many = vec![gpus(1, "1"); 17];
         assert!(matches!(
             solve_placement_group(&view, &too_many, PlacementStrategy::Pack),
@@ -491,39 +417,17 @@ mod tests {
     fn spread_uses_distinct_nodes_then_reuses() {
         let view = four_gpu_nodes(3);
         let three = vec![gpus(1, "1"); 3];
-        assert_eq!(
-            distinct(&placed(solve_placement_group(
-                &view,
-                &three,
-                PlacementStrategy::Spread
-            ))),
-            3
-        );
+        assert_eq!(distinct(&placed(solve_placement_group(&view, &three, PlacementStrategy::Spread))), 3);
         let five = vec![gpus(1, "1"); 5];
-        let nodes = placed(solve_placement_group(
-            &view,
-            &five,
-            PlacementStrategy::Spread,
-        ));
-        assert_eq!(
-            distinct(&nodes),
-            3,
-            "best effort: reuses nodes when bundles outnumber them"
-        );
+        let nodes = placed(solve_placement_group(&view, &five, PlacementStrategy::Spread));
+        assert_eq!(distinct(&nodes), 3, "best effort: reuses nodes when bundles outnumber them");
     }
 
     #[test]
     fn strict_spread_needs_distinct_nodes() {
         let mut view = four_gpu_nodes(3);
         let three = vec![gpus(1, "1"); 3];
-        assert_eq!(
-            distinct(&placed(solve_placement_group(
-                &view,
-                &three,
-                PlacementStrategy::StrictSpread
-            ))),
-            3
-        );
+        assert_eq!(distinct(&placed(solve_placement_group(&view, &three, PlacementStrategy::StrictSpread))), 3);
         let four = vec![gpus(1, "1"); 4];
         let PlacementDecision::Infeasible { reason } =
             solve_placement_group(&view, &four, PlacementStrategy::StrictSpread)
@@ -547,16 +451,9 @@ mod tests {
 
     #[test]
     fn bundles_never_overcommit_a_node_and_reserve_is_atomic() {
-        let mut view = view(vec![
-            gpu_node(1, 4, "T4", 2, 30),
-            gpu_node(2, 4, "T4", 2, 30),
-        ]);
+        let mut view = view(vec![gpu_node(1, 4, "T4", 2, 30), gpu_node(2, 4, "T4", 2, 30)]);
         let bundles = vec![gpus(2, "1"), gpus(2, "1"), gpus(2, "1")];
-        let nodes = placed(solve_placement_group(
-            &view,
-            &bundles,
-            PlacementStrategy::Pack,
-        ));
+        let nodes = placed(solve_placement_group(&view, &bundles, PlacementStrategy::Pack));
         view.reserve_bundles(&bundles, &nodes).unwrap();
         // The fourth bundle's node is the one left with room; a wrong plan is refused whole.
         let before = view.clone().node(&id(1)).unwrap().available.clone();
@@ -567,27 +464,16 @@ mod tests {
 
     #[test]
     fn accelerator_bundles_and_infeasible_reasons() {
-        let view = view(vec![
-            gpu_node(1, 8, "T4", 2, 30),
-            gpu_node(2, 8, "H100", 8, 250),
-        ]);
+        let view = view(vec![gpu_node(1, 8, "T4", 2, 30), gpu_node(2, 8, "H100", 8, 250)]);
         let h100 = gpus(1, "1").with("accelerator_type:H100", q("0.001"));
-        let nodes = placed(solve_placement_group(
-            &view,
-            &vec![h100.clone(); 3],
-            PlacementStrategy::Spread,
-        ));
+        let nodes = placed(solve_placement_group(&view, &vec![h100.clone(); 3], PlacementStrategy::Spread));
         assert_eq!(nodes, vec![id(2); 3]);
         let big = vec![gpus(1, "16")];
-        let PlacementDecision::Infeasible { reason } =
-            solve_placement_group(&view, &big, PlacementStrategy::Pack)
+        let PlacementDecision::Infeasible { reason } = solve_placement_group(&view, &big, PlacementStrategy::Pack)
         else {
             panic!()
         };
-        assert!(
-            reason.contains("bundle 0 {CPU: 1, GPU: 16} fits no alive node"),
-            "{reason}"
-        );
+        assert!(reason.contains("bundle 0 {CPU: 1, GPU: 16} fits no alive node"), "{reason}");
         assert!(matches!(
             solve_placement_group(&view, &[], PlacementStrategy::Pack),
             PlacementDecision::Infeasible { .. }

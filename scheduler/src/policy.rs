@@ -61,12 +61,7 @@ impl fmt::Display for Decision {
 impl ClusterView {
     /// Decides where `demand` runs. `local_node` is the node asking (the hybrid policy's
     /// preference); `None` when the control store decides.
-    pub fn schedule(
-        &self,
-        demand: &Demand,
-        strategy: &SchedulingStrategy,
-        local_node: Option<&NodeId>,
-    ) -> Decision {
+    pub fn schedule(&self, demand: &Demand, strategy: &SchedulingStrategy, local_node: Option<&NodeId>) -> Decision {
         match strategy {
             SchedulingStrategy::Default => self.schedule_hybrid(demand, local_node),
             SchedulingStrategy::Spread => self.place_or_diagnose(demand, Order::LeastUtilised),
@@ -122,10 +117,7 @@ impl ClusterView {
                 ),
             },
             Some(node) => Decision::Wait {
-                reason: format!(
-                    "{demand} is pinned to node {short}, which has only {} free now",
-                    node.available
-                ),
+                reason: format!("{demand} is pinned to node {short}, which has only {} free now", node.available),
             },
         }
     }
@@ -139,9 +131,8 @@ impl ClusterView {
 
     /// Why nothing can take `demand` now: `Wait` if an alive node could when idle.
     pub(crate) fn diagnose(&self, demand: &Demand) -> Decision {
-        let could_fit = self
-            .alive_nodes_of(demand.accelerator_type.as_deref())
-            .find(|node| demand.fits_when_idle(node));
+        let could_fit =
+            self.alive_nodes_of(demand.accelerator_type.as_deref()).find(|node| demand.fits_when_idle(node));
         if let Some(node) = could_fit {
             return Decision::Wait {
                 reason: format!(
@@ -151,10 +142,7 @@ impl ClusterView {
             };
         }
         Decision::Infeasible {
-            reason: format!(
-                "no alive node can ever fit {demand}; {}",
-                self.largest_nodes_summary()
-            ),
+            reason: format!("no alive node can ever fit {demand}; {}", self.largest_nodes_summary()),
         }
     }
 
@@ -166,8 +154,7 @@ impl ClusterView {
             return "the cluster has no alive nodes".to_string();
         }
         nodes.sort_by(|a, b| {
-            let size =
-                |n: &crate::NodeView| (n.total.get(GPU), n.total.get(CPU), n.total.get(MEMORY));
+            let size = |n: &crate::NodeView| (n.total.get(GPU), n.total.get(CPU), n.total.get(MEMORY));
             size(b).cmp(&size(a)).then(a.node_id.cmp(&b.node_id))
         });
         for node in nodes {
@@ -193,11 +180,7 @@ fn describe_node(node: &crate::NodeView) -> String {
         text.push(')');
     }
     if !node.labels.is_empty() {
-        let labels: Vec<String> = node
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         text.push_str(&format!(" [{}]", labels.join(", ")));
     }
     text
@@ -217,16 +200,9 @@ mod tests {
         view
     }
 
-    fn place(
-        view: &mut ClusterView,
-        demand: &Demand,
-        strategy: &SchedulingStrategy,
-        local: Option<&NodeId>,
-    ) -> NodeId {
+    fn place(view: &mut ClusterView, demand: &Demand, strategy: &SchedulingStrategy, local: Option<&NodeId>) -> NodeId {
         let decision = view.schedule(demand, strategy, local);
-        let node = decision
-            .node()
-            .unwrap_or_else(|| panic!("expected a placement, got {decision}"));
+        let node = decision.node().unwrap_or_else(|| panic!("expected a placement, got {decision}"));
         view.allocate(&node, &demand.resources).unwrap();
         node
     }
@@ -237,70 +213,24 @@ mod tests {
         let demand = Demand::new(cpus(1));
         let local = id(2);
         // Local at 0% and 25% utilisation: stays local.
-        assert_eq!(
-            place(
-                &mut view,
-                &demand,
-                &SchedulingStrategy::Default,
-                Some(&local)
-            ),
-            local
-        );
-        assert_eq!(
-            place(
-                &mut view,
-                &demand,
-                &SchedulingStrategy::Default,
-                Some(&local)
-            ),
-            local
-        );
+        assert_eq!(place(&mut view, &demand, &SchedulingStrategy::Default, Some(&local)), local);
+        assert_eq!(place(&mut view, &demand, &SchedulingStrategy::Default, Some(&local)), local);
         // Local at 50%: not below the threshold, so the least utilised (ties by id) node 1.
-        assert_eq!(
-            place(
-                &mut view,
-                &demand,
-                &SchedulingStrategy::Default,
-                Some(&local)
-            ),
-            id(1)
-        );
-        assert_eq!(
-            place(
-                &mut view,
-                &demand,
-                &SchedulingStrategy::Default,
-                Some(&local)
-            ),
-            id(3)
-        );
+        assert_eq!(place(&mut view, &demand, &SchedulingStrategy::Default, Some(&local)), id(1));
+        assert_eq!(place(&mut view, &demand, &SchedulingStrategy::Default, Some(&local)), id(3));
         // A higher threshold keeps more on the local node.
         let relaxed = view.clone().with_hybrid_threshold(0.9);
-        assert_eq!(
-            relaxed.schedule(&demand, &SchedulingStrategy::Default, Some(&local)),
-            Decision::Place(local)
-        );
+        assert_eq!(relaxed.schedule(&demand, &SchedulingStrategy::Default, Some(&local)), Decision::Place(local));
         // Without a local node: least utilised.
-        assert_eq!(
-            view.schedule(&demand, &SchedulingStrategy::Default, None),
-            Decision::Place(id(1))
-        );
+        assert_eq!(view.schedule(&demand, &SchedulingStrategy::Default, None), Decision::Place(id(1)));
     }
 
     #[test]
     fn spread_goes_round_the_nodes() {
         let mut view = view(vec![cpu_node(1, 4), cpu_node(2, 4), cpu_node(3, 4)]);
         let demand = Demand::new(cpus(1));
-        let chosen: Vec<NodeId> = (0..6)
-            .map(|_| {
-                place(
-                    &mut view,
-                    &demand,
-                    &SchedulingStrategy::Spread,
-                    Some(&id(1)),
-                )
-            })
-            .collect();
+        let chosen: Vec<NodeId> =
+            (0..6).map(|_| place(&mut view, &demand, &SchedulingStrategy::Spread, Some(&id(1)))).collect();
         assert_eq!(chosen, vec![id(1), id(2), id(3), id(1), id(2), id(3)]);
     }
 
@@ -315,51 +245,28 @@ mod tests {
         let demand = Demand::new(gpus(1, "1"));
         let cost = SchedulingStrategy::Cost;
         assert_eq!(place(&mut view, &demand, &cost, None), id(2));
-        assert_eq!(
-            place(&mut view, &demand, &cost, None),
-            id(3),
-            "same price, less utilised"
-        );
+        assert_eq!(place(&mut view, &demand, &cost, None), id(3), "same price, less utilised");
         assert_eq!(place(&mut view, &demand, &cost, None), id(2));
         assert_eq!(place(&mut view, &demand, &cost, None), id(3));
-        assert_eq!(
-            place(&mut view, &demand, &cost, None),
-            id(1),
-            "4090s are full"
-        );
+        assert_eq!(place(&mut view, &demand, &cost, None), id(1), "4090s are full");
         let h100 = Demand::new(gpus(1, "1")).with_accelerator_type("H100");
         assert_eq!(view.schedule(&h100, &cost, None), Decision::Place(id(4)));
         let big_memory = Demand::new(gpus(1, "1")).with_min_gpu_memory_per_gpu(40 * GIB);
-        assert_eq!(
-            view.schedule(&big_memory, &cost, None),
-            Decision::Place(id(1))
-        );
+        assert_eq!(view.schedule(&big_memory, &cost, None), Decision::Place(id(1)));
         // A price change re-ranks the nodes.
         view.set_price(&id(4), 100 * 10_000).unwrap();
-        assert_eq!(
-            view.schedule(&big_memory, &cost, None),
-            Decision::Place(id(4))
-        );
+        assert_eq!(view.schedule(&big_memory, &cost, None), Decision::Place(id(4)));
     }
 
     #[test]
     fn node_affinity_hard_and_soft() {
         let mut view = view(vec![cpu_node(1, 4), cpu_node(2, 2)]);
         let demand = Demand::new(cpus(2));
-        let hard = SchedulingStrategy::NodeAffinity {
-            node_id: id(2),
-            soft: false,
-        };
-        let soft = SchedulingStrategy::NodeAffinity {
-            node_id: id(2),
-            soft: true,
-        };
+        let hard = SchedulingStrategy::NodeAffinity { node_id: id(2), soft: false };
+        let soft = SchedulingStrategy::NodeAffinity { node_id: id(2), soft: true };
         assert_eq!(view.schedule(&demand, &hard, None), Decision::Place(id(2)));
         view.allocate(&id(2), &cpus(1)).unwrap();
-        assert!(matches!(
-            view.schedule(&demand, &hard, None),
-            Decision::Wait { .. }
-        ));
+        assert!(matches!(view.schedule(&demand, &hard, None), Decision::Wait { .. }));
         assert_eq!(view.schedule(&demand, &soft, None), Decision::Place(id(1)));
         let too_big = Demand::new(cpus(3));
         let Decision::Infeasible { reason } = view.schedule(&too_big, &hard, None) else {
@@ -371,82 +278,41 @@ mod tests {
             panic!("draining node");
         };
         assert!(reason.contains("draining"), "{reason}");
-        let gone = SchedulingStrategy::NodeAffinity {
-            node_id: id(9),
-            soft: false,
-        };
-        assert!(matches!(
-            view.schedule(&demand, &gone, None),
-            Decision::Infeasible { .. }
-        ));
-        let gone_soft = SchedulingStrategy::NodeAffinity {
-            node_id: id(9),
-            soft: true,
-        };
-        assert_eq!(
-            view.schedule(&demand, &gone_soft, None),
-            Decision::Place(id(1))
-        );
+        let gone = SchedulingStrategy::NodeAffinity { node_id: id(9), soft: false };
+        assert!(matches!(view.schedule(&demand, &gone, None), Decision::Infeasible { .. }));
+        let gone_soft = SchedulingStrategy::NodeAffinity { node_id: id(9), soft: true };
+        assert_eq!(view.schedule(&demand, &gone_soft, None), Decision::Place(id(1)));
     }
 
     #[test]
     fn wait_when_busy_infeasible_when_never() {
         let mut view = view(vec![gpu_node(1, 16, "A100-80GB", 4, 190), cpu_node(2, 8)]);
         let four = Demand::new(gpus(1, "4"));
-        for strategy in [
-            SchedulingStrategy::Default,
-            SchedulingStrategy::Spread,
-            SchedulingStrategy::Cost,
-        ] {
-            assert_eq!(
-                view.schedule(&four, &strategy, None),
-                Decision::Place(id(1))
-            );
+        for strategy in [SchedulingStrategy::Default, SchedulingStrategy::Spread, SchedulingStrategy::Cost] {
+            assert_eq!(view.schedule(&four, &strategy, None), Decision::Place(id(1)));
         }
         view.allocate(&id(1), &gpus(0, "1")).unwrap();
-        for strategy in [
-            SchedulingStrategy::Default,
-            SchedulingStrategy::Spread,
-            SchedulingStrategy::Cost,
-        ] {
+        for strategy in [SchedulingStrategy::Default, SchedulingStrategy::Spread, SchedulingStrategy::Cost] {
             let decision = view.schedule(&four, &strategy, None);
-            let Decision::Wait { reason } = decision else {
-                panic!("{decision}")
-            };
+            let Decision::Wait { reason } = decision else { panic!("{decision}") };
             assert!(reason.contains("no node has room"), "{reason}");
         }
         let eight = Demand::new(gpus(1, "8"));
-        let Decision::Infeasible { reason } =
-            view.schedule(&eight, &SchedulingStrategy::Default, None)
-        else {
+        let Decision::Infeasible { reason } = view.schedule(&eight, &SchedulingStrategy::Default, None) else {
             panic!("8 GPUs never fit");
         };
         assert!(reason.contains("GPU: 8"), "names the demand: {reason}");
-        assert!(
-            reason.contains("the largest alive nodes have {CPU: 16, GPU: 4"),
-            "{reason}"
-        );
+        assert!(reason.contains("the largest alive nodes have {CPU: 16, GPU: 4"), "{reason}");
         assert!(reason.contains("A100-80GB"), "{reason}");
         // Wrong model: infeasible. A dead node does not count.
         let h100 = Demand::new(gpus(1, "1")).with_accelerator_type("H100");
-        assert!(matches!(
-            view.schedule(&h100, &SchedulingStrategy::Default, None),
-            Decision::Infeasible { .. }
-        ));
+        assert!(matches!(view.schedule(&h100, &SchedulingStrategy::Default, None), Decision::Infeasible { .. }));
         view.set_state(&id(1), NodeState::Dead).unwrap();
-        assert!(matches!(
-            view.schedule(&four, &SchedulingStrategy::Default, None),
-            Decision::Infeasible { .. }
-        ));
+        assert!(matches!(view.schedule(&four, &SchedulingStrategy::Default, None), Decision::Infeasible { .. }));
         view.set_state(&id(1), NodeState::Alive).unwrap();
-        assert!(matches!(
-            view.schedule(&four, &SchedulingStrategy::Default, None),
-            Decision::Wait { .. }
-        ));
+        assert!(matches!(view.schedule(&four, &SchedulingStrategy::Default, None), Decision::Wait { .. }));
         let empty = ClusterView::new();
-        let Decision::Infeasible { reason } =
-            empty.schedule(&four, &SchedulingStrategy::Default, None)
-        else {
+        let Decision::Infeasible { reason } = empty.schedule(&four, &SchedulingStrategy::Default, None) else {
             panic!()
         };
         assert!(reason.contains("no alive nodes"), "{reason}");
@@ -457,15 +323,8 @@ mod tests {
         let mut view = view(vec![cpu_node(1, 4), cpu_node(2, 64)]);
         view.set_state(&id(2), NodeState::Draining).unwrap();
         let demand = Demand::new(cpus(1));
-        for strategy in [
-            SchedulingStrategy::Default,
-            SchedulingStrategy::Spread,
-            SchedulingStrategy::Cost,
-        ] {
-            assert_eq!(
-                view.schedule(&demand, &strategy, Some(&id(2))),
-                Decision::Place(id(1))
-            );
+        for strategy in [SchedulingStrategy::Default, SchedulingStrategy::Spread, SchedulingStrategy::Cost] {
+            assert_eq!(view.schedule(&demand, &strategy, Some(&id(2))), Decision::Place(id(1)));
         }
         assert_eq!(view.alive_count(), 1);
         assert_eq!(view.len(), 2);
@@ -476,19 +335,13 @@ mod tests {
     #[test]
     fn label_selectors_and_accelerator_resources_constrain() {
         let view = view(vec![
-            gpu_node(1, 8, "RTX4090", 1, 40)
-                .with_label("region", "us")
-                .with_label("provider", "x"),
-            gpu_node(2, 8, "RTX4090", 1, 50)
-                .with_label("region", "eu")
-                .with_label("provider", "y"),
+            gpu_node(1, 8, "RTX4090", 1, 40).with_label("region", "us").with_label("provider", "x"),
+            gpu_node(2, 8, "RTX4090", 1, 50).with_label("region", "eu").with_label("provider", "y"),
             gpu_node(3, 8, "RTX4090", 1, 60).with_label("region", "ap"),
         ]);
         let cost = SchedulingStrategy::Cost;
         let decide = |selectors: &[&str]| {
-            let demand = Demand::new(gpus(1, "1"))
-                .with_label_selectors(selectors)
-                .unwrap();
+            let demand = Demand::new(gpus(1, "1")).with_label_selectors(selectors).unwrap();
             view.schedule(&demand, &cost, None).node()
         };
         assert_eq!(decide(&[]), Some(id(1)));
@@ -497,9 +350,7 @@ mod tests {
         assert_eq!(decide(&["region not in (us, eu)"]), Some(id(3)));
         assert_eq!(decide(&["region = ap", "provider != y"]), Some(id(3)));
         assert_eq!(decide(&["region = mars"]), None);
-        assert!(Demand::new(cpus(1))
-            .with_label_selectors(["region ~ eu"])
-            .is_err());
+        assert!(Demand::new(cpus(1)).with_label_selectors(["region ~ eu"]).is_err());
         // `accelerator_type:<model>` in the resources is a constraint, not consumed.
         let demand = Demand::new(gpus(1, "0.5").with("accelerator_type:RTX4090", q("0.001")));
         assert_eq!(demand.accelerator_type.as_deref(), Some("RTX4090"));
@@ -511,25 +362,13 @@ mod tests {
         let mut view = view(vec![cpu_node(1, 4), cpu_node(2, 4)]);
         let demand = Demand::new(cpus(3));
         view.update_available(&id(1), cpus(2)).unwrap();
-        assert_eq!(
-            view.schedule(&demand, &SchedulingStrategy::Spread, None),
-            Decision::Place(id(2))
-        );
-        assert!(
-            view.update_available(&id(1), cpus(5)).is_err(),
-            "more than total"
-        );
+        assert_eq!(view.schedule(&demand, &SchedulingStrategy::Spread, None), Decision::Place(id(2)));
+        assert!(view.update_available(&id(1), cpus(5)).is_err(), "more than total");
         assert!(view.allocate(&id(1), &cpus(3)).is_err(), "only 2 free");
         assert!(view.release(&id(2), &cpus(1)).is_err(), "more than total");
-        assert!(matches!(
-            view.allocate(&id(7), &cpus(1)),
-            Err(crate::SchedulerError::UnknownNode(_))
-        ));
+        assert!(matches!(view.allocate(&id(7), &cpus(1)), Err(crate::SchedulerError::UnknownNode(_))));
         view.upsert_node(cpu_node(1, 16)).unwrap();
-        assert_eq!(
-            view.schedule(&Demand::new(cpus(8)), &SchedulingStrategy::Spread, None),
-            Decision::Place(id(1))
-        );
+        assert_eq!(view.schedule(&Demand::new(cpus(8)), &SchedulingStrategy::Spread, None), Decision::Place(id(1)));
         let mut bad = cpu_node(3, 4);
         bad.available = cpus(8);
         assert!(view.upsert_node(bad).is_err());

@@ -52,11 +52,7 @@ struct PriceFileEntry {
 }
 
 fn model_key(model: &str) -> String {
-    model
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_uppercase())
-        .collect()
+    model.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
 }
 
 impl PriceTable {
@@ -66,27 +62,14 @@ impl PriceTable {
     }
 
     pub fn from_toml(text: &str) -> SchedulerResult<Self> {
-        let file: PriceFile =
-            toml::from_str(text).map_err(|err| SchedulerError::PriceTable(err.to_string()))?;
+        let file: PriceFile = toml::from_str(text).map_err(|err| SchedulerError::PriceTable(err.to_string()))?;
         let mut by_model = BTreeMap::new();
         for entry in file.gpu {
-            let per_gpu_hour = parse_usd(&entry.usd_per_gpu_hour).map_err(|err| {
-                SchedulerError::PriceTable(format!("model {}: {err}", entry.model))
-            })?;
-            let price = ListPrice {
-                model: entry.model,
-                per_gpu_hour,
-                source: entry.source,
-                as_of: entry.as_of,
-            };
-            if by_model
-                .insert(model_key(&price.model), price.clone())
-                .is_some()
-            {
-                return Err(SchedulerError::PriceTable(format!(
-                    "model {} is listed twice",
-                    price.model
-                )));
+            let per_gpu_hour = parse_usd(&entry.usd_per_gpu_hour)
+                .map_err(|err| SchedulerError::PriceTable(format!("model {}: {err}", entry.model)))?;
+            let price = ListPrice { model: entry.model, per_gpu_hour, source: entry.source, as_of: entry.as_of };
+            if by_model.insert(model_key(&price.model), price.clone()).is_some() {
+                return Err(SchedulerError::PriceTable(format!("model {} is listed twice", price.model)));
             }
         }
         Ok(Self { by_model })
@@ -169,28 +152,19 @@ impl fmt::Display for Quote {
                 placement.gpus,
                 placement.accelerator_type.as_deref().unwrap_or("GPU"),
                 format_usd(placement.price_per_gpu_hour),
-                placement
-                    .region
-                    .as_deref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
+                placement.region.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
             )?;
         }
         match (self.list_total, self.saving, self.saving_percent()) {
             (Some(list), Some(saving), percent) => {
-                let (word, amount) = if saving >= 0 {
-                    ("saves", saving as u64)
-                } else {
-                    ("costs more by", saving.unsigned_abs())
-                };
+                let (word, amount) =
+                    if saving >= 0 { ("saves", saving as u64) } else { ("costs more by", saving.unsigned_abs()) };
                 write!(
                     f,
                     "on-demand list price ${}: {word} ${}{}",
                     format_usd(list),
                     format_usd(amount),
-                    percent
-                        .map(|p| format!(" ({:.1}%)", p.abs()))
-                        .unwrap_or_default()
+                    percent.map(|p| format!(" ({:.1}%)", p.abs())).unwrap_or_default()
                 )?;
                 for price in &self.list_prices {
                     write!(
@@ -233,36 +207,19 @@ fn whole_gpus(quantity: ionet::Quantity) -> u32 {
 }
 
 /// Quotes the cheapest placement of `request.gpus` GPUs on the cluster as it is now.
-pub fn quote(
-    view: &ClusterView,
-    request: QuoteRequest,
-    prices: &PriceTable,
-) -> Result<Quote, QuoteRefusal> {
+pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> Result<Quote, QuoteRefusal> {
     if request.gpus == 0 {
-        return Err(QuoteRefusal::InvalidRequest(
-            "asked for 0 GPUs; ask for at least 1".into(),
-        ));
+        return Err(QuoteRefusal::InvalidRequest("asked for 0 GPUs; ask for at least 1".into()));
     }
     if !request.hours.is_finite() || request.hours <= 0.0 || request.hours > 1e9 {
-        return Err(QuoteRefusal::InvalidRequest(format!(
-            "hours must be a positive number, got {}",
-            request.hours
-        )));
+        return Err(QuoteRefusal::InvalidRequest(format!("hours must be a positive number, got {}", request.hours)));
     }
     let matches_except_price = |node: &NodeView| {
-        request
-            .min_gpu_memory_bytes
-            .is_none_or(|min| node.min_gpu_memory_bytes().is_some_and(|have| have >= min))
-            && request
-                .region
-                .as_ref()
-                .is_none_or(|region| node.labels.get("region") == Some(region))
+        request.min_gpu_memory_bytes.is_none_or(|min| node.min_gpu_memory_bytes().is_some_and(|have| have >= min))
+            && request.region.as_ref().is_none_or(|region| node.labels.get("region") == Some(region))
     };
-    let within_price = |node: &NodeView| {
-        request
-            .max_price_per_gpu_hour
-            .is_none_or(|max| node.price_per_gpu_hour <= max)
-    };
+    let within_price =
+        |node: &NodeView| request.max_price_per_gpu_hour.is_none_or(|max| node.price_per_gpu_hour <= max);
     let mut candidates: Vec<(&NodeView, u32)> = Vec::new();
     let (mut busy, mut above_price) = (0u32, 0u32);
     for node in view.alive_nodes_of(request.gpu_type.as_deref()) {
@@ -280,10 +237,7 @@ pub fn quote(
         }
     }
     candidates.sort_by(|(a, a_free), (b, b_free)| {
-        a.price_per_gpu_hour
-            .cmp(&b.price_per_gpu_hour)
-            .then(b_free.cmp(a_free))
-            .then(a.node_id.cmp(&b.node_id))
+        a.price_per_gpu_hour.cmp(&b.price_per_gpu_hour).then(b_free.cmp(a_free)).then(a.node_id.cmp(&b.node_id))
     });
     let available: u32 = candidates.iter().map(|(_, free)| *free).sum();
     if available < request.gpus {
@@ -307,21 +261,14 @@ pub fn quote(
     }
     let millihours = (request.hours * 1000.0).round() as u128;
     let for_hours = |hourly: MicroUsd| (hourly as u128 * millihours / 1000) as MicroUsd;
-    let hourly: MicroUsd = placements
-        .iter()
-        .map(|p| p.gpus as MicroUsd * p.price_per_gpu_hour)
-        .sum();
+    let hourly: MicroUsd = placements.iter().map(|p| p.gpus as MicroUsd * p.price_per_gpu_hour).sum();
     let mut list_prices: Vec<ListPrice> = Vec::new();
     let mut list_hourly: Option<MicroUsd> = Some(0);
     for placement in &placements {
-        let list = placement
-            .accelerator_type
-            .as_deref()
-            .and_then(|model| prices.get(model));
+        let list = placement.accelerator_type.as_deref().and_then(|model| prices.get(model));
         match list {
             Some(list) => {
-                list_hourly =
-                    list_hourly.map(|sum| sum + placement.gpus as MicroUsd * list.per_gpu_hour);
+                list_hourly = list_hourly.map(|sum| sum + placement.gpus as MicroUsd * list.per_gpu_hour);
                 if !list_prices.contains(list) {
                     list_prices.push(list.clone());
                 }
@@ -348,11 +295,7 @@ fn refusal(request: &QuoteRequest, available: u32, busy: u32, above_price: u32) 
     let mut ask = format!(
         "asked for {} {}GPU{}",
         request.gpus,
-        request
-            .gpu_type
-            .as_deref()
-            .map(|model| format!("{model} "))
-            .unwrap_or_default(),
+        request.gpu_type.as_deref().map(|model| format!("{model} ")).unwrap_or_default(),
         if request.gpus == 1 { "" } else { "s" }
     );
     if let Some(min) = request.min_gpu_memory_bytes {
@@ -361,9 +304,7 @@ fn refusal(request: &QuoteRequest, available: u32, busy: u32, above_price: u32) 
     if let Some(region) = &request.region {
         ask.push_str(&format!(" in region {region}"));
     }
-    let cap = request
-        .max_price_per_gpu_hour
-        .map(|max| format!("${}/GPU-h", format_usd(max)));
+    let cap = request.max_price_per_gpu_hour.map(|max| format!("${}/GPU-h", format_usd(max)));
     if let Some(cap) = &cap {
         ask.push_str(&format!(" at most {cap}"));
     }
@@ -376,11 +317,7 @@ fn refusal(request: &QuoteRequest, available: u32, busy: u32, above_price: u32) 
             notes.push(format!("{above_price} more are available above {cap}"));
         }
     }
-    let notes = if notes.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", notes.join("; "))
-    };
+    let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
     let message = format!("{ask}; the cluster has {available} available that match{notes}");
     QuoteRefusal::NotEnoughGpus {
         asked: request.gpus,
@@ -424,20 +361,8 @@ mod tests {
     #[test]
     fn the_shipped_table_has_every_required_model() {
         let table = PriceTable::builtin();
-        for model in [
-            "A100-80GB",
-            "A100-40GB",
-            "H100",
-            "L40S",
-            "A10G",
-            "RTX4090",
-            "RTX3090",
-            "V100",
-            "T4",
-        ] {
-            let price = table
-                .get(model)
-                .unwrap_or_else(|| panic!("{model} missing"));
+        for model in ["A100-80GB", "A100-40GB", "H100", "L40S", "A10G", "RTX4090", "RTX3090", "V100", "T4"] {
+            let price = table.get(model).unwrap_or_else(|| panic!("{model} missing"));
             assert!(price.per_gpu_hour > 0 && !price.source.is_empty() && !price.as_of.is_empty());
         }
         assert_eq!(table.get("a100 80gb").unwrap().model, "A100-80GB");
@@ -450,21 +375,14 @@ mod tests {
     #[test]
     fn fills_the_cheapest_nodes_first() {
         let quote = quote(&cluster(), request(10), &PriceTable::builtin()).unwrap();
-        let taken: Vec<(NodeId, u32)> = quote
-            .placements
-            .iter()
-            .map(|p| (p.node_id, p.gpus))
-            .collect();
+        let taken: Vec<(NodeId, u32)> = quote.placements.iter().map(|p| (p.node_id, p.gpus)).collect();
         assert_eq!(taken, vec![(id(2), 4), (id(1), 6)]);
         assert_eq!(quote.hourly, 4 * 1_500_000 + 6 * 1_900_000);
         assert_eq!(quote.total, 2 * quote.hourly);
         assert_eq!(quote.list_hourly, Some(10 * 5_120_000));
         assert_eq!(quote.saving, Some(2 * (51_200_000 - 17_400_000)));
         let text = quote.to_string();
-        assert!(
-            text.contains("$17.40/h") && text.contains("AWS p4de.24xlarge"),
-            "{text}"
-        );
+        assert!(text.contains("$17.40/h") && text.contains("AWS p4de.24xlarge"), "{text}");
     }
 
     #[test]
@@ -481,23 +399,13 @@ mod tests {
         );
         let mut ask = request(11);
         ask.max_price_per_gpu_hour = Some(2_000_000);
-        let QuoteRefusal::NotEnoughGpus {
-            matching_available,
-            matching_busy,
-            available_above_price,
-            ..
-        } = quote(&view, ask, &PriceTable::builtin()).unwrap_err()
+        let QuoteRefusal::NotEnoughGpus { matching_available, matching_busy, available_above_price, .. } =
+            quote(&view, ask, &PriceTable::builtin()).unwrap_err()
         else {
             panic!()
         };
-        assert_eq!(
-            (matching_available, matching_busy, available_above_price),
-            (10, 2, 2)
-        );
-        assert!(matches!(
-            quote(&view, request(0), &PriceTable::builtin()),
-            Err(QuoteRefusal::InvalidRequest(_))
-        ));
+        assert_eq!((matching_available, matching_busy, available_above_price), (10, 2, 2));
+        assert!(matches!(quote(&view, request(0), &PriceTable::builtin()), Err(QuoteRefusal::InvalidRequest(_))));
     }
 
     #[test]
@@ -505,10 +413,7 @@ mod tests {
         let mut ask = request(4);
         ask.gpu_type = None;
         let cheapest = quote(&cluster(), ask.clone(), &PriceTable::builtin()).unwrap();
-        assert_eq!(
-            cheapest.placements[0].accelerator_type.as_deref(),
-            Some("RTX4090")
-        );
+        assert_eq!(cheapest.placements[0].accelerator_type.as_deref(), Some("RTX4090"));
         ask.min_gpu_memory_bytes = Some(40 * GIB);
         let big = quote(&cluster(), ask, &PriceTable::builtin()).unwrap();
         assert_eq!(big.placements[0].node_id, id(2));

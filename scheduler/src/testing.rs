@@ -23,27 +23,13 @@ pub(crate) fn cpus(n: i64) -> ResourceSet {
 }
 
 pub(crate) fn gpus(cpu: i64, gpu: &str) -> ResourceSet {
-    ResourceSet::new()
-        .with(CPU, Quantity::whole(cpu))
-        .with(GPU, q(gpu))
+    ResourceSet::new().with(CPU, Quantity::whole(cpu)).with(GPU, q(gpu))
 }
 
 /// A node with `cpu` CPUs, 64 GiB of memory and `gpu_count` GPUs of `model`.
-pub(crate) fn gpu_node(
-    n: u32,
-    cpu: i64,
-    model: &str,
-    gpu_count: u32,
-    price_usd_cents: u64,
-) -> NodeView {
-    let total = ResourceSet::new()
-        .with(CPU, Quantity::whole(cpu))
-        .with(MEMORY, Quantity::whole(64 * GIB as i64));
-    let memory = if model.contains("80GB") || model == "H100" {
-        80
-    } else {
-        24
-    };
+pub(crate) fn gpu_node(n: u32, cpu: i64, model: &str, gpu_count: u32, price_usd_cents: u64) -> NodeView {
+    let total = ResourceSet::new().with(CPU, Quantity::whole(cpu)).with(MEMORY, Quantity::whole(64 * GIB as i64));
+    let memory = if model.contains("80GB") || model == "H100" { 80 } else { 24 };
     let mut node = NodeView::new(id(n), total);
     if gpu_count > 0 {
         node = node.with_gpus(model, gpu_count, memory * GIB);

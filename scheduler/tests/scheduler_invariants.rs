@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use ionet::resources::{CPU, GPU, MEMORY};
 use ionet::{NodeId, Quantity, ResourceSet};
 use ionet_scheduler::{
-    solve_placement_group, ClusterView, Decision, Demand, LabelSelector, NodeState, NodeView,
-    PlacementDecision, PlacementStrategy, SchedulingStrategy,
+    solve_placement_group, ClusterView, Decision, Demand, LabelSelector, NodeState, NodeView, PlacementDecision,
+    PlacementStrategy, SchedulingStrategy,
 };
 use proptest::prelude::*;
 
@@ -59,9 +59,8 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
 fn build(specs: &[NodeSpec]) -> ClusterView {
     let mut view = ClusterView::new();
     for (n, spec) in specs.iter().enumerate() {
-        let total = ResourceSet::new()
-            .with(CPU, Quantity::whole(spec.cpus))
-            .with(MEMORY, Quantity::whole(32 * GIB as i64));
+        let total =
+            ResourceSet::new().with(CPU, Quantity::whole(spec.cpus)).with(MEMORY, Quantity::whole(32 * GIB as i64));
         let mut node = NodeView::new(id(n as u32 + 1), total);
         if spec.gpus > 0 {
             let memory = if spec.model == 1 { 80 } else { 24 };
@@ -102,12 +101,7 @@ fn demand() -> impl Strategy<Value = Demand> {
         prop::option::weighted(0.3, 0usize..3),
         prop::option::weighted(
             0.2,
-            prop::sample::select(vec![
-                "region = eu",
-                "region != us",
-                "region in (eu, ap)",
-                "region not in (eu)",
-            ]),
+            prop::sample::select(vec!["region = eu", "region != us", "region in (eu, ap)", "region not in (eu)"]),
         ),
         prop::option::weighted(0.15, Just(40 * GIB)),
     )
@@ -133,12 +127,8 @@ fn op(node_count: u32) -> impl Strategy<Value = Op> {
         Just(SchedulingStrategy::Default),
         Just(SchedulingStrategy::Spread),
         Just(SchedulingStrategy::Cost),
-        (1..=node_count + 1, any::<bool>()).prop_map(|(n, soft)| {
-            SchedulingStrategy::NodeAffinity {
-                node_id: id(n),
-                soft,
-            }
-        }),
+        (1..=node_count + 1, any::<bool>())
+            .prop_map(|(n, soft)| { SchedulingStrategy::NodeAffinity { node_id: id(n), soft } }),
     ];
     prop_oneof![
         6 => (demand(), strategy, prop::option::of(1..=node_count))
@@ -190,19 +180,10 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                 }
             }
             Op::SetState(n, state) => {
-                let state = [
-                    NodeState::Alive,
-                    NodeState::Alive,
-                    NodeState::Draining,
-                    NodeState::Dead,
-                ][*state as usize];
+                let state = [NodeState::Alive, NodeState::Alive, NodeState::Draining, NodeState::Dead][*state as usize];
                 view.set_state(&id(*n), state).unwrap();
             }
-            Op::Schedule {
-                demand,
-                strategy,
-                local,
-            } => {
+            Op::Schedule { demand, strategy, local } => {
                 let local = local.map(id);
                 let decision = view.schedule(demand, strategy, local.as_ref());
                 let any_fits_now = view.nodes().any(|node| demand.fits_now(node));
@@ -215,9 +196,9 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                             SchedulingStrategy::Spread => reference(&view, demand, false),
                             SchedulingStrategy::Cost => reference(&view, demand, true),
                             SchedulingStrategy::Default => {
-                                let local_ok = local.and_then(|l| view.node(&l)).filter(|l| {
-                                    demand.fits_now(l) && l.utilisation_ppm() < 500_000
-                                });
+                                let local_ok = local
+                                    .and_then(|l| view.node(&l))
+                                    .filter(|l| demand.fits_now(l) && l.utilisation_ppm() < 500_000);
                                 match local_ok {
                                     Some(l) => Some(l.node_id),
                                     None => reference(&view, demand, false),
@@ -235,10 +216,7 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                         held.push((*node, demand.resources.clone()));
                     }
                     Decision::Wait { .. } => {
-                        if !matches!(
-                            strategy,
-                            SchedulingStrategy::NodeAffinity { soft: false, .. }
-                        ) {
+                        if !matches!(strategy, SchedulingStrategy::NodeAffinity { soft: false, .. }) {
                             prop_assert!(!any_fits_now && any_fits_idle, "{decision}");
                         }
                     }
@@ -260,15 +238,9 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
 
 fn bundles() -> impl Strategy<Value = Vec<ResourceSet>> {
     prop::collection::vec(
-        (
-            0i64..4,
-            prop::sample::select(vec!["0", "0.5", "1", "1", "2"]),
-        )
-            .prop_map(|(cpus, gpus)| {
-                ResourceSet::new()
-                    .with(CPU, Quantity::whole(cpus))
-                    .with(GPU, gpus.parse().unwrap())
-            }),
+        (0i64..4, prop::sample::select(vec!["0", "0.5", "1", "1", "2"])).prop_map(|(cpus, gpus)| {
+            ResourceSet::new().with(CPU, Quantity::whole(cpus)).with(GPU, gpus.parse().unwrap())
+        }),
         1..10,
     )
 }

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use ionet::resources::{CPU, GPU};
 use ionet::{JobId, NodeId, Quantity, ResourceSet};
-use ionet_settlement::{
-    EpochSpec, Ledger, LedgerConfig, LedgerStore, MemoryStore, RecordId, RedbStore, UsageRecord,
-};
+use ionet_settlement::{EpochSpec, Ledger, LedgerConfig, LedgerStore, MemoryStore, RecordId, RedbStore, UsageRecord};
 
 const PAYERS: usize = 1_000;
 const PROVIDERS: usize = 200;
@@ -29,10 +27,7 @@ fn records(count: usize) -> Vec<UsageRecord> {
                 node_id: NodeId::from_array([(mix % 251) as u8; 28]),
                 provider_wallet: wallets[((mix >> 20) % PROVIDERS as u64) as usize].clone(),
                 resources: ResourceSet::new()
-                    .with(
-                        GPU,
-                        Quantity::from_units(2_500 * (1 + (mix >> 40) as i64 % 32)),
-                    )
+                    .with(GPU, Quantity::from_units(2_500 * (1 + (mix >> 40) as i64 % 32)))
                     .with(CPU, Quantity::whole(1 + (mix >> 50) as i64 % 16)),
                 start_ms: (mix >> 8) % EPOCH_END_MS / 2,
                 end_ms: EPOCH_END_MS / 2 + (mix >> 16) % (EPOCH_END_MS / 2),
@@ -46,9 +41,7 @@ fn records(count: usize) -> Vec<UsageRecord> {
 fn loaded<S: LedgerStore>(store: S, records: &[UsageRecord]) -> Ledger<S> {
     let mut ledger = Ledger::new(store, LedgerConfig::default()).unwrap();
     for payer in 0..PAYERS {
-        ledger
-            .add_credits(&format!("payer-{payer}"), 1_000_000_000)
-            .unwrap();
+        ledger.add_credits(&format!("payer-{payer}"), 1_000_000_000).unwrap();
     }
     for chunk in records.chunks(50_000) {
         ledger.accept_records(chunk).unwrap();
@@ -67,9 +60,7 @@ fn settle_memory(c: &mut Criterion) {
         b.iter_batched(
             || Ledger::new(template.clone(), LedgerConfig::default()).unwrap(),
             |mut ledger| {
-                let outcome = ledger
-                    .settle_epoch(&EpochSpec::new(0, EPOCH_END_MS))
-                    .unwrap();
+                let outcome = ledger.settle_epoch(&EpochSpec::new(0, EPOCH_END_MS)).unwrap();
                 assert_eq!(outcome.summary().records, COUNT as u64);
                 ledger
             },
@@ -91,14 +82,9 @@ fn settle_redb(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iterations {
                 let dir = tempfile::tempdir().unwrap();
-                let mut ledger = loaded(
-                    RedbStore::open(dir.path().join("l.redb")).unwrap(),
-                    &records,
-                );
+                let mut ledger = loaded(RedbStore::open(dir.path().join("l.redb")).unwrap(), &records);
                 let start = Instant::now();
-                let outcome = ledger
-                    .settle_epoch(&EpochSpec::new(0, EPOCH_END_MS))
-                    .unwrap();
+                let outcome = ledger.settle_epoch(&EpochSpec::new(0, EPOCH_END_MS)).unwrap();
                 total += start.elapsed();
                 assert_eq!(outcome.summary().records, COUNT as u64);
             }

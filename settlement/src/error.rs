@@ -21,13 +21,10 @@ pub enum SettlementError {
     #[error("account name {0:?} is invalid: {1}")]
     InvalidAccount(String, &'static str),
     /// Epochs close in order; an older epoch cannot be settled after a newer one.
-    #[error("epoch {epoch} (end {end_ms} ms) is out of order: epoch {last_epoch} (end {last_end_ms} ms) is already settled")]
-    EpochOutOfOrder {
-        epoch: u64,
-        end_ms: u64,
-        last_epoch: u64,
-        last_end_ms: u64,
-    },
+    #[error(
+        "epoch {epoch} (end {end_ms} ms) is out of order: epoch {last_epoch} (end {last_end_ms} ms) is already settled"
+    )]
+    EpochOutOfOrder { epoch: u64, end_ms: u64, last_epoch: u64, last_end_ms: u64 },
     /// Raised by a store's commit when the epoch was closed by someone else in between.
     #[error("epoch {0} is already settled")]
     EpochAlreadySettled(u64),
@@ -54,10 +51,7 @@ impl SettlementError {
     /// Whether the same call may succeed if made again (settlement is idempotent, so
     /// retrying an interrupted or failed settle is always safe).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SettlementError::Interrupted(_) | SettlementError::Database(_) | SettlementError::Io(_)
-        )
+        matches!(self, SettlementError::Interrupted(_) | SettlementError::Database(_) | SettlementError::Io(_))
     }
 }
 

@@ -38,9 +38,8 @@ pub mod usage;
 
 pub use error::{SettlementError, SettlementResult};
 pub use ledger::{
-    Account, EntryKind, EpochSpec, EpochSummary, Ledger, LedgerConfig, LedgerEntry, LedgerHandle,
-    LedgerStore, MemoryStore, NodeAvailability, ProviderEarnings, RedbStore, SettleOutcome,
-    SettleStep, SettlementPlan,
+    Account, EntryKind, EpochSpec, EpochSummary, Ledger, LedgerConfig, LedgerEntry, LedgerHandle, LedgerStore,
+    MemoryStore, NodeAvailability, ProviderEarnings, RedbStore, SettleOutcome, SettleStep, SettlementPlan,
 };
 pub use meter::{read_json_lines, JsonLinesExporter, MeterFanout, MeterSink};
 pub use usage::{RecordId, UsageRecord};

@@ -34,15 +34,11 @@ pub struct JsonLinesExporter<W: Write + Send> {
 
 impl<W: Write + Send> JsonLinesExporter<W> {
     pub fn new(writer: W) -> Self {
-        JsonLinesExporter {
-            writer: Mutex::new(writer),
-        }
+        JsonLinesExporter { writer: Mutex::new(writer) }
     }
 
     pub fn into_inner(self) -> W {
-        self.writer
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.writer.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -64,10 +60,7 @@ impl<W: Write + Send> MeterSink for JsonLinesExporter<W> {
     }
 
     fn flush(&self) -> SettlementResult<()> {
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush()?;
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).flush()?;
         Ok(())
     }
 }
@@ -108,9 +101,7 @@ impl MeterSink for MeterFanout {
     }
 
     fn record_batch(&self, records: &[UsageRecord]) -> SettlementResult<()> {
-        self.sinks
-            .iter()
-            .try_for_each(|sink| sink.record_batch(records))
+        self.sinks.iter().try_for_each(|sink| sink.record_batch(records))
     }
 
     fn flush(&self) -> SettlementResult<()> {
@@ -147,12 +138,7 @@ mod tests {
         let bytes = exporter.into_inner();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert_eq!(text.lines().count(), 2);
-        assert!(
-            text.starts_with(
-                r#"{"record_id":"00000000000000000000000000000001","job_id":"00000003""#
-            ),
-            "{text}"
-        );
+        assert!(text.starts_with(r#"{"record_id":"00000000000000000000000000000001","job_id":"00000003""#), "{text}");
         assert!(text.contains(r#""resources":{"GPU":2500}"#), "{text}");
         let back = read_json_lines(bytes.as_slice()).unwrap();
         assert_eq!(back, vec![sample(1), sample(2)]);

@@ -46,12 +46,10 @@ impl FromStr for RecordId {
     type Err = SettlementError;
 
     fn from_str(text: &str) -> SettlementResult<Self> {
-        u128::from_str_radix(text, 16)
-            .map(RecordId)
-            .map_err(|err| SettlementError::InvalidRecord {
-                record_id: text.to_string(),
-                reason: format!("record id is not a 128-bit hex number: {err}"),
-            })
+        u128::from_str_radix(text, 16).map(RecordId).map_err(|err| SettlementError::InvalidRecord {
+            record_id: text.to_string(),
+            reason: format!("record id is not a 128-bit hex number: {err}"),
+        })
     }
 }
 
@@ -96,10 +94,7 @@ impl UsageRecord {
     /// Refuses a record that could never be settled: an empty account name, an end
     /// before the start, or a cost too large to represent.
     pub fn validate(&self) -> SettlementResult<()> {
-        let invalid = |reason: String| SettlementError::InvalidRecord {
-            record_id: self.record_id.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| SettlementError::InvalidRecord { record_id: self.record_id.to_string(), reason };
         if self.payer_account.is_empty() {
             return Err(invalid("payer account is empty".into()));
         }
@@ -107,10 +102,7 @@ impl UsageRecord {
             return Err(invalid("provider wallet is empty".into()));
         }
         if self.end_ms < self.start_ms {
-            return Err(invalid(format!(
-                "end {} ms is before start {} ms",
-                self.end_ms, self.start_ms
-            )));
+            return Err(invalid(format!("end {} ms is before start {} ms", self.end_ms, self.start_ms)));
         }
         let numerator = self.cost_numerator()?;
         if numerator / COST_DENOMINATOR > i64::MAX as u128 {
@@ -127,8 +119,7 @@ impl UsageRecord {
         let duration = self.duration_ms() as u128;
         let gpu = self.resources.get(GPU).units().max(0) as u128;
         let cpu = self.resources.get(CPU).units().max(0) as u128;
-        let overflow =
-            || SettlementError::Overflow(format!("cost of usage record {}", self.record_id));
+        let overflow = || SettlementError::Overflow(format!("cost of usage record {}", self.record_id));
         let gpu_cost = gpu
             .checked_mul(duration)
             .and_then(|v| v.checked_mul(self.price_per_gpu_hour as u128))
@@ -196,9 +187,7 @@ mod tests {
             payer_account: "alice".into(),
             node_id: NodeId::from_array([1; 28]),
             provider_wallet: "wallet-a".into(),
-            resources: ResourceSet::new()
-                .with(GPU, gpus.parse().unwrap())
-                .with(CPU, Quantity::whole(cpus)),
+            resources: ResourceSet::new().with(GPU, gpus.parse().unwrap()).with(CPU, Quantity::whole(cpus)),
             start_ms: 1_000,
             end_ms: 1_000 + ms,
             price_per_gpu_hour: ionet::resources::parse_usd(gpu_price).unwrap(),
@@ -236,11 +225,7 @@ mod tests {
         assert!(err.contains("end 0 ms is before start 1000 ms"), "{err}");
         let mut r = record("1", 0, 10, "1");
         r.payer_account.clear();
-        assert!(r
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("payer account is empty"));
+        assert!(r.validate().unwrap_err().to_string().contains("payer account is empty"));
     }
 
     #[test]

@@ -25,33 +25,14 @@ const DAEMONIZED_ENV: &str = "IONET_DAEMONIZED";
 
 fn declared(args: &ResourceArgs) -> Result<Declared> {
     Ok(Declared {
-        num_cpus: args
-            .num_cpus
-            .as_deref()
-            .map(str::parse::<Quantity>)
-            .transpose()?,
+        num_cpus: args.num_cpus.as_deref().map(str::parse::<Quantity>).transpose()?,
         num_gpus: args.num_gpus,
         gpu_type: args.gpu_type.clone(),
         gpu_memory_bytes: args.gpu_memory.as_deref().map(parse_size).transpose()?,
         memory_bytes: args.memory.as_deref().map(parse_size).transpose()?,
-        custom: args
-            .resources
-            .as_deref()
-            .map(ResourceSet::from_json)
-            .transpose()?
-            .unwrap_or_default(),
-        labels: args
-            .labels
-            .as_deref()
-            .map(parse_labels)
-            .transpose()?
-            .unwrap_or_default(),
-        price_per_gpu_hour: args
-            .price_per_gpu_hour
-            .as_deref()
-            .map(parse_usd)
-            .transpose()?
-            .unwrap_or(0),
+        custom: args.resources.as_deref().map(ResourceSet::from_json).transpose()?.unwrap_or_default(),
+        labels: args.labels.as_deref().map(parse_labels).transpose()?.unwrap_or_default(),
+        price_per_gpu_hour: args.price_per_gpu_hour.as_deref().map(parse_usd).transpose()?.unwrap_or(0),
         wallet: args.wallet.clone().unwrap_or_default(),
     })
 }
@@ -73,14 +54,8 @@ pub fn start(args: StartArgs) -> Result<()> {
     if args.block {
         let role = if args.head { "head" } else { "node" };
         let daemonized = std::env::var_os(DAEMONIZED_ENV).is_some();
-        let _guard = logging::init_daemon(
-            &session.logs(),
-            &format!("{role}-{}.log", std::process::id()),
-            !daemonized,
-        );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
+        let _guard = logging::init_daemon(&session.logs(), &format!("{role}-{}.log", std::process::id()), !daemonized);
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return runtime.block_on(async {
             if args.head {
                 run_head(args, session).await
@@ -95,10 +70,7 @@ pub fn start(args: StartArgs) -> Result<()> {
 fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     let role = if args.head { "head" } else { "node" };
     let out_path = session.logs().join(format!("{role}.out"));
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out_path)?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .args(std::env::args_os().skip(1))
@@ -125,42 +97,23 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     while !ready.exists() {
         if let Some(exit) = child.try_wait()? {
             let log = std::fs::read_to_string(&out_path).unwrap_or_default();
-            let tail: Vec<&str> = log
-                .lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            bail!(
-                "the {role} exited during start-up ({exit}); its last output:\n{}",
-                tail.join("\n")
-            );
+            let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("the {role} exited during start-up ({exit}); its last output:\n{}", tail.join("\n"));
         }
         if Instant::now() > deadline {
-            bail!(
-                "the {role} (pid {pid}) did not become ready; see {}",
-                session.logs().display()
-            );
+            bail!("the {role} (pid {pid}) did not become ready; see {}", session.logs().display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     if args.head {
         let address = session.head_address().unwrap_or_default();
-        println!(
-            "ionet head started at {address} (pid {pid}); session {}",
-            session.path().display()
-        );
+        println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
         println!(
             "join machines with: ionet start --address {address} --token <token from {}>",
             session.path().join("token").display()
         );
     } else {
-        println!(
-            "ionet node started (pid {pid}); session {}",
-            session.path().display()
-        );
+        println!("ionet node started (pid {pid}); session {}", session.path().display());
     }
     Ok(())
 }
@@ -174,18 +127,11 @@ fn advertise_host(explicit: Option<&str>, bind_host: &str, peer: Option<&str>) -
         return bind_host.to_string();
     }
     // The local address of the route to the head; connecting a UDP socket sends nothing.
-    let route = peer
-        .and_then(|peer| peer.to_socket_addrs().ok()?.next())
-        .and_then(|peer| {
-            let socket = UdpSocket::bind(if peer.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            })
-            .ok()?;
-            socket.connect(peer).ok()?;
-            socket.local_addr().ok().map(|local| local.ip())
-        });
+    let route = peer.and_then(|peer| peer.to_socket_addrs().ok()?.next()).and_then(|peer| {
+        let socket = UdpSocket::bind(if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        socket.connect(peer).ok()?;
+        socket.local_addr().ok().map(|local| local.ip())
+    });
     match route {
         Some(IpAddr::V4(ip)) if !ip.is_unspecified() => ip.to_string(),
         Some(IpAddr::V6(ip)) if !ip.is_unspecified() => format!("[{ip}]"),
@@ -211,6 +157,8 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let port = listener.local_addr()?.port();
     let mut options = GcsServerOptions::new(config.clone(), explicit_token(args.token.as_deref())?);
     options.storage_path = args.storage.clone();
+    options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
+    options.usage_export_path = args.usage_export.clone();
     let gcs = GcsServer::start(options, listener).await?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
     let address = format!("{host}:{port}");
@@ -227,10 +175,10 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         bind_host: args.host.clone(),
         advertise_host: host,
         is_head: true,
+        workers: worker_pool_options(&session),
     })
     .await?;
-    node.wait_registered(Duration::from_secs(args.connect_timeout))
-        .await?;
+    node.wait_registered(Duration::from_secs(args.connect_timeout)).await?;
     let pid_file = session.write_pid("head", std::process::id())?;
     tracing::info!(%address, node = %node.node_id(), "head ready");
 
@@ -242,7 +190,17 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     Ok(())
 }
 
-fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
+/// The head to talk to: `explicit`, else the one this machine's session started.
+pub(crate) fn resolve_head_address(explicit: Option<&str>, session: &SessionDir) -> Result<String> {
+    explicit.map(str::to_string).or_else(|| session.head_address()).ok_or_else(|| {
+        anyhow!(
+            "no head address: pass --address HOST:PORT, or start a head on this machine (none found in {})",
+            session.path().display()
+        )
+    })
+}
+
+pub(crate) fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
     match explicit_token(explicit)? {
         Some(token) => Ok(token),
         None => session.token().ok_or_else(|| {
@@ -260,23 +218,17 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let token = resolve_token(args.token.as_deref(), &session)?;
     let spec = NodeSpec::build(declared(&args.resources)?)?;
     let node = NodeDaemon::start(NodeDaemonOptions {
-        advertise_host: advertise_host(
-            args.node_ip_address.as_deref(),
-            &args.host,
-            Some(&gcs_address),
-        ),
+        advertise_host: advertise_host(args.node_ip_address.as_deref(), &args.host, Some(&gcs_address)),
         gcs_address: gcs_address.clone(),
         token,
         config,
         spec,
         bind_host: args.host.clone(),
         is_head: false,
+        workers: worker_pool_options(&session),
     })
     .await?;
-    if let Err(err) = node
-        .wait_registered(Duration::from_secs(args.connect_timeout))
-        .await
-    {
+    if let Err(err) = node.wait_registered(Duration::from_secs(args.connect_timeout)).await {
         node.shutdown("could not join").await;
         bail!("could not join the head at {gcs_address}: {err}");
     }
@@ -288,30 +240,29 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     Ok(())
 }
 
+fn worker_pool_options(session: &SessionDir) -> crate::lease::WorkerPoolOptions {
+    crate::lease::WorkerPoolOptions {
+        idle_timeout: Duration::from_secs(60),
+        max_idle_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
+        log_dir: Some(session.logs()),
+    }
+}
+
 /// `ionet status`.
 pub fn status(args: StatusArgs) -> Result<()> {
     logging::init_client();
     let session = SessionDir::resolve(args.session.temp_dir.as_deref());
-    let address = args.address.clone().or_else(|| session.head_address()).ok_or_else(|| {
-        anyhow!("no head address: pass --address HOST:PORT, or start a head on this machine (none found in {})", session.path().display())
-    })?;
+    let address = resolve_head_address(args.address.as_deref(), &session)?;
     let token = resolve_token(args.token.as_deref(), &session)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
         let mut client = ionet::rpc::gcs_client(&address, &token).await?;
-        let reply = client
-            .get_all_nodes(GetAllNodesRequest { include_dead: true })
-            .await?;
+        let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?;
         Ok::<_, ionet::IonetError>(reply.into_inner().nodes)
     })?;
     let now = ionet::clock::now_ms();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status::nodes_json(&nodes, now)?)?
-        );
+        println!("{}", serde_json::to_string_pretty(&status::nodes_json(&nodes, now)?)?);
     } else {
         print!("{}", status::nodes_table(&nodes, now)?);
     }
@@ -321,20 +272,13 @@ pub fn status(args: StatusArgs) -> Result<()> {
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc tells it apart.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty()
-        && stat
-            .rsplit(')')
-            .next()
-            .map(|rest| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false)
+    !stat.is_empty() && stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')).unwrap_or(false)
 }
 
 fn is_ionet_daemon(pid: u32) -> bool {
     // Guards against a pid reused by an unrelated process since the file was written.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cmdline
-        .split(|byte| *byte == 0)
-        .any(|arg| arg == b"--block")
+    cmdline.split(|byte| *byte == 0).any(|arg| arg == b"--block")
 }
 
 fn signal(pid: u32, signal: i32) {
@@ -351,20 +295,10 @@ pub fn stop(args: StopArgs) -> Result<()> {
     let daemons = session.daemons();
     let mut stopped = 0;
     for role in ["node", "head"] {
-        let group: Vec<_> = daemons
-            .iter()
-            .filter(|daemon| daemon.role == role)
-            .collect();
+        let group: Vec<_> = daemons.iter().filter(|daemon| daemon.role == role).collect();
         for daemon in &group {
             if alive(daemon.pid) && is_ionet_daemon(daemon.pid) {
-                signal(
-                    daemon.pid,
-                    if args.force {
-                        libc::SIGKILL
-                    } else {
-                        libc::SIGTERM
-                    },
-                );
+                signal(daemon.pid, if args.force { libc::SIGKILL } else { libc::SIGTERM });
             }
         }
         let deadline = Instant::now() + Duration::from_secs(args.grace_period);
@@ -386,10 +320,7 @@ pub fn stop(args: StopArgs) -> Result<()> {
     if stopped == 0 {
         println!("no ionet daemons to stop in {}", session.path().display());
     } else {
-        println!(
-            "stopped {stopped} ionet daemon(s) of {}",
-            session.path().display()
-        );
+        println!("stopped {stopped} ionet daemon(s) of {}", session.path().display());
     }
     Ok(())
 }

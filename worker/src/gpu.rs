@@ -18,22 +18,15 @@ pub fn detect() -> Result<Vec<GpuInfo>, String> {
     }
     use cudarc::driver::result;
     result::init().map_err(|err| format!("CUDA driver failed to initialise: {err:?}"))?;
-    let count =
-        result::device::get_count().map_err(|err| format!("CUDA device count failed: {err:?}"))?;
+    let count = result::device::get_count().map_err(|err| format!("CUDA device count failed: {err:?}"))?;
     let mut gpus = Vec::with_capacity(count.max(0) as usize);
     for ordinal in 0..count {
-        let device = result::device::get(ordinal)
-            .map_err(|err| format!("CUDA device {ordinal}: {err:?}"))?;
-        let model = result::device::get_name(device)
-            .map_err(|err| format!("CUDA device {ordinal} name: {err:?}"))?;
+        let device = result::device::get(ordinal).map_err(|err| format!("CUDA device {ordinal}: {err:?}"))?;
+        let model = result::device::get_name(device).map_err(|err| format!("CUDA device {ordinal} name: {err:?}"))?;
         // SAFETY: `device` is a valid handle returned by the driver just above.
         let memory = unsafe { result::device::total_mem(device) }
             .map_err(|err| format!("CUDA device {ordinal} memory: {err:?}"))?;
-        gpus.push(GpuInfo {
-            index: ordinal as u32,
-            model: normalise_model(&model),
-            memory_bytes: memory as u64,
-        });
+        gpus.push(GpuInfo { index: ordinal as u32, model: normalise_model(&model), memory_bytes: memory as u64 });
     }
     Ok(gpus)
 }
@@ -41,20 +34,9 @@ pub fn detect() -> Result<Vec<GpuInfo>, String> {
 /// Turns a driver name such as "NVIDIA A100-SXM4-80GB" or "NVIDIA GeForce RTX 4090"
 /// into the short accelerator type used for scheduling ("A100-80GB", "RTX4090").
 pub fn normalise_model(driver_name: &str) -> String {
-    let name = driver_name
-        .trim()
-        .trim_start_matches("NVIDIA")
-        .trim()
-        .trim_start_matches("GeForce")
-        .trim();
+    let name = driver_name.trim().trim_start_matches("NVIDIA").trim().trim_start_matches("GeForce").trim();
     let upper = name.to_ascii_uppercase();
-    for (marker, short) in [
-        ("A100", "A100"),
-        ("H100", "H100"),
-        ("H200", "H200"),
-        ("L40S", "L40S"),
-        ("A10G", "A10G"),
-    ] {
+    for (marker, short) in [("A100", "A100"), ("H100", "H100"), ("H200", "H200"), ("L40S", "L40S"), ("A10G", "A10G")] {
         if upper.contains(marker) {
             return match upper.split(['-', ' ']).find(|part| part.ends_with("GB")) {
                 Some(size) if short == "A100" => format!("{short}-{size}"),

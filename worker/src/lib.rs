@@ -12,10 +12,14 @@
 //! `ionet stop` find them, through the session directory ([`session`]).
 
 pub mod cli;
+pub mod cluster_view;
 pub mod commands;
 pub mod gpu;
+pub mod lease;
 pub mod logging;
+pub mod metering_commands;
 pub mod node_daemon;
 pub mod node_spec;
+pub mod quote_command;
 pub mod session;
 pub mod status;

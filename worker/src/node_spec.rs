@@ -38,28 +38,15 @@ impl NodeSpec {
     /// Detects what the operator did not declare.
     pub fn build(declared: Declared) -> IonetResult<Self> {
         if declared.num_gpus.is_none() && declared.gpu_type.is_some() {
-            return Err(IonetError::InvalidArgument(
-                "--gpu-type needs --num-gpus".into(),
-            ));
+            return Err(IonetError::InvalidArgument("--gpu-type needs --num-gpus".into()));
         }
         let cpus = match declared.num_cpus {
             Some(cpus) => cpus,
-            None => Quantity::whole(
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as i64)
-                    .unwrap_or(1),
-            ),
+            None => Quantity::whole(std::thread::available_parallelism().map(|n| n.get() as i64).unwrap_or(1)),
         };
-        let memory = declared
-            .memory_bytes
-            .or_else(detect_memory_bytes)
-            .unwrap_or(0);
+        let memory = declared.memory_bytes.or_else(detect_memory_bytes).unwrap_or(0);
         let gpus = match declared.num_gpus {
-            Some(count) => declared_gpus(
-                count,
-                declared.gpu_type.as_deref(),
-                declared.gpu_memory_bytes,
-            )?,
+            Some(count) => declared_gpus(count, declared.gpu_type.as_deref(), declared.gpu_memory_bytes)?,
             None => match gpu::detect() {
                 Ok(gpus) => gpus,
                 Err(reason) => {
@@ -68,39 +55,20 @@ impl NodeSpec {
                 }
             },
         };
-        let accelerator_type = gpus
-            .first()
-            .map(|gpu| gpu.model.clone())
-            .unwrap_or_default();
+        let accelerator_type = gpus.first().map(|gpu| gpu.model.clone()).unwrap_or_default();
         let mut total = ResourceSet::new().with(resources::CPU, cpus).with(
             resources::MEMORY,
-            Quantity::from_units(
-                memory
-                    .saturating_mul(resources::SCALE as u64)
-                    .min(i64::MAX as u64) as i64,
-            ),
+            Quantity::from_units(memory.saturating_mul(resources::SCALE as u64).min(i64::MAX as u64) as i64),
         );
         if !gpus.is_empty() {
             let gpu_memory: u64 = gpus.iter().map(|gpu| gpu.memory_bytes).sum();
             total.set(resources::GPU, Quantity::whole(gpus.len() as i64));
-            total.set(
-                resources::GPU_MEMORY,
-                Quantity::from_units((gpu_memory as i64).saturating_mul(resources::SCALE)),
-            );
-            total.set(
-                format!("{}{accelerator_type}", resources::ACCELERATOR_PREFIX),
-                Quantity::whole(1),
-            );
+            total
+                .set(resources::GPU_MEMORY, Quantity::from_units((gpu_memory as i64).saturating_mul(resources::SCALE)));
+            total.set(format!("{}{accelerator_type}", resources::ACCELERATOR_PREFIX), Quantity::whole(1));
         }
         for (name, quantity) in declared.custom.iter() {
-            if [
-                resources::CPU,
-                resources::GPU,
-                resources::MEMORY,
-                resources::GPU_MEMORY,
-            ]
-            .contains(&name)
-            {
+            if [resources::CPU, resources::GPU, resources::MEMORY, resources::GPU_MEMORY].contains(&name) {
                 return Err(IonetError::InvalidArgument(format!(
                     "--resources may not set {name}: use its own flag (--num-cpus, --num-gpus, --memory, --gpu-memory)"
                 )));
@@ -137,27 +105,13 @@ impl NodeSpec {
     }
 }
 
-fn declared_gpus(
-    count: u32,
-    model: Option<&str>,
-    memory: Option<u64>,
-) -> IonetResult<Vec<GpuInfo>> {
+fn declared_gpus(count: u32, model: Option<&str>, memory: Option<u64>) -> IonetResult<Vec<GpuInfo>> {
     if count == 0 {
         return Ok(Vec::new());
     }
-    let model = model
-        .map(str::to_string)
-        .unwrap_or_else(|| "GPU".to_string());
-    let memory_bytes = memory
-        .or_else(|| gpu::known_memory_bytes(&model))
-        .unwrap_or(0);
-    Ok((0..count)
-        .map(|index| GpuInfo {
-            index,
-            model: model.clone(),
-            memory_bytes,
-        })
-        .collect())
+    let model = model.map(str::to_string).unwrap_or_else(|| "GPU".to_string());
+    let memory_bytes = memory.or_else(|| gpu::known_memory_bytes(&model)).unwrap_or(0);
+    Ok((0..count).map(|index| GpuInfo { index, model: model.clone(), memory_bytes }).collect())
 }
 
 fn detect_memory_bytes() -> Option<u64> {
@@ -178,14 +132,10 @@ pub fn hostname() -> String {
 /// operators mean them for memory.
 pub fn parse_size(text: &str) -> IonetResult<u64> {
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
     let value: f64 = number.parse().map_err(|_| {
-        IonetError::InvalidArgument(format!(
-            "size {text:?} must be a number with an optional unit (80GB, 24GiB)"
-        ))
+        IonetError::InvalidArgument(format!("size {text:?} must be a number with an optional unit (80GB, 24GiB)"))
     })?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -197,11 +147,7 @@ pub fn parse_size(text: &str) -> IonetResult<u64> {
         "m" | "mib" => 1 << 20,
         "g" | "gib" => 1 << 30,
         "t" | "tib" => 1 << 40,
-        other => {
-            return Err(IonetError::InvalidArgument(format!(
-                "size {text:?} has an unknown unit {other:?}"
-            )))
-        }
+        other => return Err(IonetError::InvalidArgument(format!("size {text:?} has an unknown unit {other:?}"))),
     };
     Ok((value * multiplier as f64).round() as u64)
 }
@@ -209,19 +155,13 @@ pub fn parse_size(text: &str) -> IonetResult<u64> {
 /// Parses `region=eu,provider=acme`.
 pub fn parse_labels(text: &str) -> IonetResult<BTreeMap<String, String>> {
     let mut labels = BTreeMap::new();
-    for pair in text
-        .split(',')
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty())
-    {
-        let (key, value) = pair.split_once('=').ok_or_else(|| {
-            IonetError::InvalidArgument(format!("label {pair:?} must be key=value"))
-        })?;
+    for pair in text.split(',').map(str::trim).filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| IonetError::InvalidArgument(format!("label {pair:?} must be key=value")))?;
         let (key, value) = (key.trim(), value.trim());
         if key.is_empty() {
-            return Err(IonetError::InvalidArgument(format!(
-                "label {pair:?} has an empty key"
-            )));
+            return Err(IonetError::InvalidArgument(format!("label {pair:?} has an empty key")));
         }
         labels.insert(key.to_string(), value.to_string());
     }
@@ -245,14 +185,8 @@ mod tests {
         .unwrap();
         assert_eq!(spec.total.get("GPU"), Quantity::whole(4));
         assert_eq!(spec.total.get("CPU"), Quantity::whole(8));
-        assert_eq!(
-            spec.total.get("accelerator_type:A100-80GB"),
-            Quantity::whole(1)
-        );
-        assert_eq!(
-            spec.total.get("GPU_memory").units(),
-            4 * 80 * (1i64 << 30) * 10_000
-        );
+        assert_eq!(spec.total.get("accelerator_type:A100-80GB"), Quantity::whole(1));
+        assert_eq!(spec.total.get("GPU_memory").units(), 4 * 80 * (1i64 << 30) * 10_000);
         assert_eq!(spec.gpus.len(), 4);
         assert_eq!(spec.total.get("nvlink"), Quantity::whole(1));
     }
@@ -265,11 +199,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("--num-gpus"), "{err}");
-        assert!(NodeSpec::build(Declared {
-            gpu_type: Some("A100".into()),
-            ..Default::default()
-        })
-        .is_err());
+        assert!(NodeSpec::build(Declared { gpu_type: Some("A100".into()), ..Default::default() }).is_err());
     }
 
     #[test]

@@ -33,10 +33,7 @@ pub struct DaemonRecord {
 }
 
 fn io_error(path: &Path, err: std::io::Error) -> IonetError {
-    IonetError::Io(std::io::Error::new(
-        err.kind(),
-        format!("{}: {err}", path.display()),
-    ))
+    IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display())))
 }
 
 impl SessionDir {
@@ -44,11 +41,7 @@ impl SessionDir {
     pub fn resolve(explicit: Option<&Path>) -> Self {
         let root = explicit
             .map(Path::to_path_buf)
-            .or_else(|| {
-                std::env::var_os(SESSION_DIR_ENV)
-                    .filter(|value| !value.is_empty())
-                    .map(PathBuf::from)
-            })
+            .or_else(|| std::env::var_os(SESSION_DIR_ENV).filter(|value| !value.is_empty()).map(PathBuf::from))
             .unwrap_or_else(|| std::env::temp_dir().join("ionet").join("session_latest"));
         Self { root }
     }
@@ -83,11 +76,8 @@ impl SessionDir {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        let mut file = options
-            .open(&staging)
-            .map_err(|err| io_error(&staging, err))?;
-        file.write_all(contents.as_bytes())
-            .map_err(|err| io_error(&staging, err))?;
+        let mut file = options.open(&staging).map_err(|err| io_error(&staging, err))?;
+        file.write_all(contents.as_bytes()).map_err(|err| io_error(&staging, err))?;
         fs::rename(&staging, &path).map_err(|err| io_error(&path, err))
     }
 
@@ -111,8 +101,7 @@ impl SessionDir {
     }
 
     pub fn token(&self) -> Option<ClusterToken> {
-        self.read_file("token")
-            .and_then(|text| ClusterToken::new(&text).ok())
+        self.read_file("token").and_then(|text| ClusterToken::new(&text).ok())
     }
 
     pub fn pid_file(&self, role: &str, pid: u32) -> PathBuf {
@@ -138,11 +127,7 @@ impl SessionDir {
                 let path = entry.path();
                 let stem = path.file_stem()?.to_str()?.to_string();
                 let (role, pid) = stem.rsplit_once('-')?;
-                Some(DaemonRecord {
-                    role: role.to_string(),
-                    pid: pid.parse().ok()?,
-                    path,
-                })
+                Some(DaemonRecord { role: role.to_string(), pid: pid.parse().ok()?, path })
             })
             .collect();
         records.sort_by_key(|record| (record.role == "head", record.pid));
@@ -165,21 +150,11 @@ mod tests {
         session.write_token(&token).unwrap();
         assert_eq!(session.token().unwrap(), token);
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.path().join("token"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.path().join("token")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         session.write_pid("head", 10).unwrap();
         session.write_pid("node", 20).unwrap();
-        let roles: Vec<_> = session
-            .daemons()
-            .into_iter()
-            .map(|record| (record.role, record.pid))
-            .collect();
-        assert_eq!(
-            roles,
-            vec![("node".to_string(), 20), ("head".to_string(), 10)]
-        );
+        let roles: Vec<_> = session.daemons().into_iter().map(|record| (record.role, record.pid)).collect();
+        assert_eq!(roles, vec![("node".to_string(), 20), ("head".to_string(), 10)]);
     }
 }

@@ -15,11 +15,7 @@ fn state_name(state: i32) -> &'static str {
 }
 
 fn resource_map(set: &ResourceSet) -> Value {
-    Value::Object(
-        set.iter()
-            .map(|(name, quantity)| (name.to_string(), json!(quantity.as_f64())))
-            .collect(),
-    )
+    Value::Object(set.iter().map(|(name, quantity)| (name.to_string(), json!(quantity.as_f64()))).collect())
 }
 
 fn sets(node: &NodeInfo) -> IonetResult<(ResourceSet, ResourceSet)> {
@@ -63,43 +59,21 @@ fn gib(bytes: u64) -> String {
 
 /// A fixed-width table, one line per node.
 pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
-    let header = [
-        "NODE",
-        "ADDRESS",
-        "STATE",
-        "CPU",
-        "GPU",
-        "GPU MODEL",
-        "VRAM",
-        "$/GPU-H",
-        "LABELS",
-        "HEARTBEAT",
-    ];
+    let header = ["NODE", "ADDRESS", "STATE", "CPU", "GPU", "GPU MODEL", "VRAM", "$/GPU-H", "LABELS", "HEARTBEAT"];
     let mut rows: Vec<[String; 10]> = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (total, available) = sets(node)?;
         let pair = |name: &str| format!("{}/{}", available.get(name), total.get(name));
-        let vram = node
-            .gpus
-            .first()
-            .map(|gpu| gib(gpu.memory_bytes))
-            .unwrap_or_else(|| "-".into());
+        let vram = node.gpus.first().map(|gpu| gib(gpu.memory_bytes)).unwrap_or_else(|| "-".into());
         let labels: Vec<String> = {
-            let mut labels: Vec<_> = node
-                .labels
-                .iter()
-                .map(|(key, value)| format!("{key}={value}"))
-                .collect();
+            let mut labels: Vec<_> = node.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
             labels.sort();
             labels
         };
         let age = if node.state == NodeState::Dead as i32 {
             "-".to_string()
         } else {
-            format!(
-                "{:.1}s",
-                now_ms.saturating_sub(node.last_heartbeat_ms) as f64 / 1000.0
-            )
+            format!("{:.1}s", now_ms.saturating_sub(node.last_heartbeat_ms) as f64 / 1000.0)
         };
         let mut id = hex::encode(&node.node_id);
         id.truncate(8);
@@ -112,18 +86,10 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
             state_name(node.state).to_string(),
             pair(resources::CPU),
             pair(resources::GPU),
-            if node.accelerator_type.is_empty() {
-                "-".into()
-            } else {
-                node.accelerator_type.clone()
-            },
+            if node.accelerator_type.is_empty() { "-".into() } else { node.accelerator_type.clone() },
             vram,
             format_usd(node.price_per_gpu_hour_micros),
-            if labels.is_empty() {
-                "-".into()
-            } else {
-                labels.join(",")
-            },
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
             age,
         ]);
     }
@@ -135,11 +101,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
     }
     let mut out = String::new();
     let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         out.push_str(padded.join("  ").trim_end());
         out.push('\n');
     };
@@ -147,10 +109,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
-    let alive = nodes
-        .iter()
-        .filter(|node| node.state == NodeState::Alive as i32)
-        .count();
+    let alive = nodes.iter().filter(|node| node.state == NodeState::Alive as i32).count();
     out.push_str(&format!("{alive} alive of {} nodes\n", nodes.len()));
     Ok(out)
 }

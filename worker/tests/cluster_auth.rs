@@ -58,12 +58,8 @@ mod bytes_codec {
 
 fn assert_still_serving(cluster: &TestCluster) {
     let mut client = cluster.client();
-    let nodes = cluster
-        .runtime
-        .block_on(client.get_all_nodes(GetAllNodesRequest::default()))
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes =
+        cluster.runtime.block_on(client.get_all_nodes(GetAllNodesRequest::default())).unwrap().into_inner().nodes;
     assert!(!nodes.is_empty(), "the head still answers other clients");
 }
 
@@ -71,48 +67,26 @@ fn assert_still_serving(cluster: &TestCluster) {
 fn wrong_or_missing_token_is_unauthenticated() {
     let cluster = TestCluster::start(&[]);
     let mut intruder = cluster.client_with(&ClusterToken::new("not-the-token").unwrap());
-    let status = cluster
-        .runtime
-        .block_on(intruder.get_all_nodes(GetAllNodesRequest::default()))
-        .unwrap_err();
+    let status = cluster.runtime.block_on(intruder.get_all_nodes(GetAllNodesRequest::default())).unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("wrong cluster token"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("wrong cluster token"), "{}", status.message());
 
     // No token at all: a plain channel without the interceptor.
     let address = cluster.address();
     let status = cluster.runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
         let mut bare = gcs_client::GcsClient::new(channel);
-        bare.kv_get(KvGetRequest {
-            namespace: "x".into(),
-            key: b"k".to_vec(),
-        })
-        .await
-        .unwrap_err()
+        bare.kv_get(KvGetRequest { namespace: "x".into(), key: b"k".to_vec() }).await.unwrap_err()
     });
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("missing cluster token"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("missing cluster token"), "{}", status.message());
 
     // The CLI says so too.
     let output = cluster.ionet(&["status", "--token", "not-the-token"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("unauthenticated") && stderr.contains("wrong cluster token"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("unauthenticated") && stderr.contains("wrong cluster token"), "{stderr}");
 
     // And the head logged the refusal with the peer address.
     let logs = std::fs::read_dir(cluster.session().join("logs")).unwrap();
@@ -121,11 +95,7 @@ fn wrong_or_missing_token_is_unauthenticated() {
         .find(|entry| entry.file_name().to_string_lossy().starts_with("head-"))
         .map(|entry| std::fs::read_to_string(entry.path()).unwrap())
         .unwrap();
-    assert!(
-        head_log.contains("refused unauthenticated request")
-            && head_log.contains("peer=127.0.0.1:"),
-        "{head_log}"
-    );
+    assert!(head_log.contains("refused unauthenticated request") && head_log.contains("peer=127.0.0.1:"), "{head_log}");
     assert_still_serving(&cluster);
 }
 
@@ -137,25 +107,14 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
 
     // Malformed: bytes that are not a protobuf message.
     let status = cluster.runtime.block_on(async {
-        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/ionet.gcs.Gcs/KvPut");
-        grpc.unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(vec![0xff; 64]), path, RawCodec)
-            .await
-            .unwrap_err()
+        grpc.unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(vec![0xff; 64]), path, RawCodec).await.unwrap_err()
     });
-    assert!(
-        matches!(status.code(), Code::Internal | Code::InvalidArgument),
-        "{status:?}"
-    );
-    assert!(
-        status.message().to_lowercase().contains("decode"),
-        "{}",
-        status.message()
-    );
+    assert!(matches!(status.code(), Code::Internal | Code::InvalidArgument), "{status:?}");
+    assert!(status.message().to_lowercase().contains("decode"), "{}", status.message());
 
     let mut client = cluster.client();
     // Oversize: a KV value above the limit, and a message above the server's cap.
@@ -169,11 +128,7 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
         }))
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(
-        status.message().contains("above the limit"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("above the limit"), "{}", status.message());
     let status = cluster
         .runtime
         .block_on(client.kv_put(KvPutRequest {
@@ -183,79 +138,42 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
             overwrite: true,
         }))
         .unwrap_err();
-    assert!(
-        matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
-        "{status:?}"
-    );
-    assert!(
-        status.message().contains("too large"),
-        "{}",
-        status.message()
-    );
+    assert!(matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange), "{status:?}");
+    assert!(status.message().contains("too large"), "{}", status.message());
 
     // Unknown ids and ids of the wrong size.
     let status = cluster
         .runtime
-        .block_on(client.heartbeat(HeartbeatRequest {
-            node_id: NodeId::random().to_vec(),
-            available: None,
-        }))
+        .block_on(client.heartbeat(HeartbeatRequest { node_id: NodeId::random().to_vec(), available: None }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    assert!(
-        status.message().contains("is not registered"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("is not registered"), "{}", status.message());
     let status = cluster
         .runtime
-        .block_on(client.heartbeat(HeartbeatRequest {
-            node_id: vec![1, 2, 3],
-            available: None,
-        }))
+        .block_on(client.heartbeat(HeartbeatRequest { node_id: vec![1, 2, 3], available: None }))
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("node id must be 28 bytes, got 3"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("node id must be 28 bytes, got 3"), "{}", status.message());
     let status = cluster
         .runtime
-        .block_on(client.mark_job_finished(MarkJobFinishedRequest {
-            job_id: vec![0, 0, 0, 42],
-        }))
+        .block_on(client.mark_job_finished(MarkJobFinishedRequest { job_id: vec![0, 0, 0, 42] }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = cluster
         .runtime
-        .block_on(client.kv_get(KvGetRequest {
-            namespace: "n".into(),
-            key: b"missing".to_vec(),
-        }))
+        .block_on(client.kv_get(KvGetRequest { namespace: "n".into(), key: b"missing".to_vec() }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = cluster
-        .runtime
-        .block_on(client.register_node(RegisterNodeRequest { node: None }))
-        .unwrap_err();
+    let status = cluster.runtime.block_on(client.register_node(RegisterNodeRequest { node: None })).unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = cluster
         .runtime
         .block_on(client.register_node(RegisterNodeRequest {
-            node: Some(NodeInfo {
-                node_id: NodeId::random().to_vec(),
-                address: String::new(),
-                ..Default::default()
-            }),
+            node: Some(NodeInfo { node_id: NodeId::random().to_vec(), address: String::new(), ..Default::default() }),
         }))
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("without an address"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("without an address"), "{}", status.message());
 
     assert_still_serving(&cluster);
     let value = cluster

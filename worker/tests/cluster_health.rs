@@ -16,9 +16,7 @@ fn subscribe_nodes(cluster: &TestCluster) -> std::sync::mpsc::Receiver<(Instant,
     let (sender, receiver) = std::sync::mpsc::channel();
     let mut stream = cluster
         .runtime
-        .block_on(client.subscribe(SubscribeRequest {
-            channels: vec![Channel::Nodes as i32],
-        }))
+        .block_on(client.subscribe(SubscribeRequest { channels: vec![Channel::Nodes as i32] }))
         .expect("subscribe")
         .into_inner();
     cluster.runtime.spawn(async move {
@@ -54,11 +52,7 @@ fn killed_node_is_declared_dead_within_timeout_and_published() {
     };
     assert_eq!(dead.pid, node_pid);
     assert_eq!(dead.state, NodeState::Dead as i32);
-    assert!(
-        dead.death_cause.contains("missed heartbeats"),
-        "{}",
-        dead.death_cause
-    );
+    assert!(dead.death_cause.contains("missed heartbeats"), "{}", dead.death_cause);
     // By the control store's clock: declared dead after the timeout, and within timeout + one interval
     // (+ the health check period, a quarter interval) of the last heartbeat.
     let silent_for = dead
@@ -68,36 +62,19 @@ fn killed_node_is_declared_dead_within_timeout_and_published() {
         .and_then(|ms| ms.parse::<u64>().ok())
         .expect("cause names the silence in ms");
     assert!(silent_for > HEARTBEAT_TIMEOUT_MS, "{silent_for}");
-    assert!(
-        silent_for <= HEARTBEAT_TIMEOUT_MS + HEARTBEAT_INTERVAL_MS + HEARTBEAT_INTERVAL_MS / 2,
-        "{silent_for}"
-    );
-    assert!(
-        seen_at.duration_since(killed_at)
-            >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - HEARTBEAT_INTERVAL_MS)
-    );
+    assert!(silent_for <= HEARTBEAT_TIMEOUT_MS + HEARTBEAT_INTERVAL_MS + HEARTBEAT_INTERVAL_MS / 2, "{silent_for}");
+    assert!(seen_at.duration_since(killed_at) >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - HEARTBEAT_INTERVAL_MS));
 
     let nodes = cluster
         .runtime
-        .block_on(
-            cluster
-                .client()
-                .get_all_nodes(GetAllNodesRequest { include_dead: true }),
-        )
+        .block_on(cluster.client().get_all_nodes(GetAllNodesRequest { include_dead: true }))
         .unwrap()
         .into_inner()
         .nodes;
-    let recorded = nodes
-        .iter()
-        .find(|node| node.pid == node_pid)
-        .expect("dead nodes stay listed");
+    let recorded = nodes.iter().find(|node| node.pid == node_pid).expect("dead nodes stay listed");
     assert_eq!(recorded.state, NodeState::Dead as i32);
     let status = cluster.status_json();
-    assert!(status
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|node| node["pid"] == node_pid && node["state"] == "DEAD"));
+    assert!(status.as_array().unwrap().iter().any(|node| node["pid"] == node_pid && node["state"] == "DEAD"));
 }
 
 #[test]
@@ -112,11 +89,7 @@ fn sigterm_drains_the_node_and_publishes_it() {
     let mut drained = false;
     let mut dead_cause = String::new();
     while dead_cause.is_empty() {
-        match events
-            .recv_timeout(Duration::from_secs(30))
-            .expect("drain events")
-            .1
-        {
+        match events.recv_timeout(Duration::from_secs(30)).expect("drain events").1 {
             Event::NodeDrained(node) if node.pid == pid => drained = true,
             Event::NodeDead(node) if node.pid == pid => dead_cause = node.death_cause,
             _ => {}

@@ -46,9 +46,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
         .unwrap();
     let node_id = cluster
         .runtime
-        .block_on(client.get_all_nodes(GetAllNodesRequest {
-            include_dead: false,
-        }))
+        .block_on(client.get_all_nodes(GetAllNodesRequest { include_dead: false }))
         .unwrap()
         .into_inner()
         .nodes
@@ -59,44 +57,23 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
 
     cluster.kill_head(); // SIGKILL: no clean shutdown.
     cluster.start_head(&["--port", &port, "--storage", storage_arg]);
-    assert_eq!(
-        cluster.token(),
-        token,
-        "the token is kept in storage across restarts"
-    );
+    assert_eq!(cluster.token(), token, "the token is kept in storage across restarts");
 
     let mut client = cluster.client();
-    let jobs = cluster
-        .runtime
-        .block_on(client.get_all_jobs(GetAllJobsRequest {}))
-        .unwrap()
-        .into_inner()
-        .jobs;
-    let kept = jobs
-        .iter()
-        .find(|kept| kept.job_id == job.job_id)
-        .expect("job survives the restart");
+    let jobs = cluster.runtime.block_on(client.get_all_jobs(GetAllJobsRequest {})).unwrap().into_inner().jobs;
+    let kept = jobs.iter().find(|kept| kept.job_id == job.job_id).expect("job survives the restart");
     assert_eq!(kept.entrypoint, "train.py");
     assert_eq!(kept.payer_account, "acme");
     assert_eq!(kept.state, JobState::Running as i32);
     let value = cluster
         .runtime
-        .block_on(client.kv_get(KvGetRequest {
-            namespace: "models".into(),
-            key: b"llama".to_vec(),
-        }))
+        .block_on(client.kv_get(KvGetRequest { namespace: "models".into(), key: b"llama".to_vec() }))
         .unwrap()
         .into_inner()
         .value;
     assert_eq!(value, b"weights at s3://x");
     // A new job gets the next id, not a reused one.
-    let next = cluster
-        .runtime
-        .block_on(client.add_job(AddJobRequest::default()))
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let next = cluster.runtime.block_on(client.add_job(AddJobRequest::default())).unwrap().into_inner().job.unwrap();
     assert!(next.job_id > job.job_id);
 
     // The node daemon never restarted, yet registers again with the same id.
@@ -109,32 +86,21 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
             .into_inner()
             .nodes;
         nodes.iter().any(|node| {
-            let fresh = node.node_id == node_id
-                && node.state == NodeState::Alive as i32
-                && node.pid == node_pid;
+            let fresh = node.node_id == node_id && node.state == NodeState::Alive as i32 && node.pid == node_pid;
             if fresh {
                 *node_address.borrow_mut() = node.address.clone();
             }
             fresh
         })
     });
-    assert!(
-        cluster.nodes[index].try_wait().unwrap().is_none(),
-        "the node daemon kept running"
-    );
+    assert!(cluster.nodes[index].try_wait().unwrap().is_none(), "the node daemon kept running");
     let address = node_address.borrow().clone();
     let stats = cluster.runtime.block_on(async {
-        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
         let mut node = NodeManagerClient::new(channel);
         let poll = async {
             loop {
-                let stats = node
-                    .get_node_stats(GetNodeStatsRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let stats = node.get_node_stats(GetNodeStatsRequest {}).await.unwrap().into_inner();
                 if stats.registrations >= 2 && stats.connected_to_gcs {
                     return stats;
                 }
@@ -143,11 +109,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
         };
         tokio::time::timeout(Duration::from_secs(30), poll).await
     });
-    let stats = stats.unwrap_or_else(|_| {
-        panic!(
-            "node stats never showed a second registration:\n{}",
-            cluster.daemon_output()
-        )
-    });
+    let stats =
+        stats.unwrap_or_else(|_| panic!("node stats never showed a second registration:\n{}", cluster.daemon_output()));
     assert_eq!(stats.node.unwrap().node_id, node_id);
 }

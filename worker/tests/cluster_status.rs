@@ -9,13 +9,7 @@ use common::{wait_until, TestCluster};
 use serde_json::Value;
 
 fn worker_nodes(status: &Value) -> Vec<Value> {
-    status
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|node| node["is_head"] == false)
-        .cloned()
-        .collect()
+    status.as_array().unwrap().iter().filter(|node| node["is_head"] == false).cloned().collect()
 }
 
 #[test]
@@ -52,11 +46,7 @@ fn declared_nodes_appear_with_their_resources_prices_and_labels() {
     let status = cluster.status_json();
     let mut nodes = worker_nodes(&status);
     assert_eq!(nodes.len(), 2, "{status:#}");
-    nodes.sort_by(|a, b| {
-        a["accelerator_type"]
-            .as_str()
-            .cmp(&b["accelerator_type"].as_str())
-    });
+    nodes.sort_by(|a, b| a["accelerator_type"].as_str().cmp(&b["accelerator_type"].as_str()));
     let (a100, rtx) = (&nodes[0], &nodes[1]);
 
     assert_eq!(a100["accelerator_type"], "A100-80GB");
@@ -82,10 +72,7 @@ fn declared_nodes_appear_with_their_resources_prices_and_labels() {
     // The table view names the same facts.
     let table = cluster.ionet(&["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        text.contains("A100-80GB") && text.contains("1.20") && text.contains("region=eu"),
-        "{text}"
-    );
+    assert!(text.contains("A100-80GB") && text.contains("1.20") && text.contains("region=eu"), "{text}");
     assert!(text.contains("0/0") || text.contains("(head)"), "{text}");
     assert!(text.contains("3 alive of 3 nodes"), "{text}");
 }
@@ -94,30 +81,17 @@ fn declared_nodes_appear_with_their_resources_prices_and_labels() {
 fn stop_drains_every_daemon_and_clears_the_session() {
     let mut cluster = TestCluster::start(&[]);
     cluster.add_node(&["--num-gpus", "1", "--gpu-type", "T4"]);
-    let pids: Vec<u32> = cluster
-        .nodes
-        .iter()
-        .map(|child| child.id())
-        .chain(cluster.head.as_ref().map(|child| child.id()))
-        .collect();
+    let pids: Vec<u32> =
+        cluster.nodes.iter().map(|child| child.id()).chain(cluster.head.as_ref().map(|child| child.id())).collect();
     let output = cluster.ionet(&["stop", "--grace-period", "20"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("stopped 2 ionet daemon(s)"));
     for child in cluster.nodes.iter_mut().chain(cluster.head.iter_mut()) {
         let status = child.wait().unwrap();
-        assert!(
-            status.success(),
-            "a drained daemon exits cleanly, got {status}"
-        );
+        assert!(status.success(), "a drained daemon exits cleanly, got {status}");
     }
     let pid_dir = cluster.session().join("pids");
-    wait_until("pid files removed", Duration::from_secs(5), || {
-        std::fs::read_dir(&pid_dir).unwrap().next().is_none()
-    });
+    wait_until("pid files removed", Duration::from_secs(5), || std::fs::read_dir(&pid_dir).unwrap().next().is_none());
     assert_eq!(pids.len(), 2);
     let again = cluster.ionet(&["stop"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("no ionet daemons"));
@@ -144,15 +118,7 @@ fn status_without_a_head_says_what_is_missing() {
 fn bad_declarations_fail_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(common::ionet_binary())
-        .args([
-            "start",
-            "--head",
-            "--port",
-            "0",
-            "--labels",
-            "region",
-            "--temp-dir",
-        ])
+        .args(["start", "--head", "--port", "0", "--labels", "region", "--temp-dir"])
         .arg(dir.path())
         .output()
         .unwrap();

@@ -4,28 +4,15 @@ use ionet::resources::{CPU, GPU, MEMORY};
 use ionet::{NodeId, Quantity, ResourceSet};
 use ionet_scheduler::{ClusterView, NodeView};
 
-pub const MODELS: [&str; 10] = [
-    "H100",
-    "A100-80GB",
-    "A100-40GB",
-    "L40S",
-    "A10G",
-    "RTX4090",
-    "RTX3090",
-    "V100",
-    "T4",
-    "L4",
-];
+pub const MODELS: [&str; 10] =
+    ["H100", "A100-80GB", "A100-40GB", "L40S", "A10G", "RTX4090", "RTX3090", "V100", "T4", "L4"];
 
 /// A small deterministic generator, so every run benches the same cluster.
 pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) % bound
     }
 }
@@ -44,9 +31,7 @@ pub fn cluster(count: u32, gpus_per_node: Option<u32>) -> ClusterView {
     let mut view = ClusterView::new();
     for n in 0..count {
         let cpus = [8, 16, 32, 64][rng.next(4) as usize];
-        let total = ResourceSet::new()
-            .with(CPU, Quantity::whole(cpus))
-            .with(MEMORY, Quantity::whole(256 << 30));
+        let total = ResourceSet::new().with(CPU, Quantity::whole(cpus)).with(MEMORY, Quantity::whole(256 << 30));
         let mut node = NodeView::new(id(n), total);
         let gpu_count = gpus_per_node.unwrap_or([0, 1, 2, 4, 8, 8, 8, 4][rng.next(8) as usize]);
         if gpu_count > 0 {
@@ -57,11 +42,7 @@ pub fn cluster(count: u32, gpus_per_node: Option<u32>) -> ClusterView {
         }
         node = node.with_label("region", ["eu", "us", "ap"][rng.next(3) as usize]);
         // Random load: take some CPUs and GPUs.
-        let used_gpus = if gpu_count > 0 {
-            rng.next(gpu_count as u64 + 1) as i64
-        } else {
-            0
-        };
+        let used_gpus = if gpu_count > 0 { rng.next(gpu_count as u64 + 1) as i64 } else { 0 };
         let used = ResourceSet::new()
             .with(CPU, Quantity::whole(rng.next(cpus as u64 / 2) as i64))
             .with(GPU, Quantity::whole(used_gpus));

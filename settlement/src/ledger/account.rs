@@ -65,18 +65,16 @@ impl FromStr for Account {
             _ => {}
         }
         let invalid = |why| SettlementError::InvalidAccount(text.to_string(), why);
-        let (kind, name) = text.split_once(':').ok_or_else(|| {
-            invalid("expected funding, treasury, payer:<name> or provider:<wallet>")
-        })?;
+        let (kind, name) = text
+            .split_once(':')
+            .ok_or_else(|| invalid("expected funding, treasury, payer:<name> or provider:<wallet>"))?;
         if name.is_empty() {
             return Err(invalid("name is empty"));
         }
         match kind {
             "payer" => Ok(Account::Payer(name.to_string())),
             "provider" => Ok(Account::Provider(name.to_string())),
-            _ => Err(invalid(
-                "expected funding, treasury, payer:<name> or provider:<wallet>",
-            )),
+            _ => Err(invalid("expected funding, treasury, payer:<name> or provider:<wallet>")),
         }
     }
 }
@@ -115,21 +113,8 @@ pub struct LedgerEntry {
 }
 
 impl LedgerEntry {
-    pub fn new(
-        epoch_id: Option<u64>,
-        kind: EntryKind,
-        debit: Account,
-        credit: Account,
-        amount: MicroUsd,
-    ) -> Self {
-        LedgerEntry {
-            sequence: 0,
-            epoch_id,
-            kind,
-            debit,
-            credit,
-            amount,
-        }
+    pub fn new(epoch_id: Option<u64>, kind: EntryKind, debit: Account, credit: Account, amount: MicroUsd) -> Self {
+        LedgerEntry { sequence: 0, epoch_id, kind, debit, credit, amount }
     }
 }
 
@@ -139,12 +124,9 @@ mod tests {
 
     #[test]
     fn account_keys_round_trip() {
-        for account in [
-            Account::Funding,
-            Account::Treasury,
-            Account::payer("alice"),
-            Account::provider("So1ana:Wallet"),
-        ] {
+        for account in
+            [Account::Funding, Account::Treasury, Account::payer("alice"), Account::provider("So1ana:Wallet")]
+        {
             assert_eq!(account.key().parse::<Account>().unwrap(), account);
         }
         let err = "bank:x".parse::<Account>().unwrap_err().to_string();

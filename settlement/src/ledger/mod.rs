@@ -24,8 +24,8 @@ use tracing::info;
 
 pub use account::{Account, EntryKind, LedgerEntry};
 pub use plan::{
-    plan_epoch, split_rewards, EpochPlanner, EpochSpec, EpochSummary, LedgerConfig,
-    NodeAvailability, PayerEpoch, ProviderEarnings, ProviderEpoch, SettlementPlan, DEFAULT_FEE_BPS,
+    plan_epoch, split_rewards, EpochPlanner, EpochSpec, EpochSummary, LedgerConfig, NodeAvailability, PayerEpoch,
+    ProviderEarnings, ProviderEpoch, SettlementPlan, DEFAULT_FEE_BPS,
 };
 pub use redb_store::RedbStore;
 pub use store::{CommitBatch, LedgerStore, MemoryStore, SettleStep};
@@ -70,11 +70,7 @@ fn check_name(name: &str, what: &'static str) -> SettlementResult<()> {
 impl<S: LedgerStore> Ledger<S> {
     pub fn new(store: S, config: LedgerConfig) -> SettlementResult<Self> {
         config.validate()?;
-        Ok(Ledger {
-            store,
-            config,
-            interrupt_after: None,
-        })
+        Ok(Ledger { store, config, interrupt_after: None })
     }
 
     pub fn config(&self) -> &LedgerConfig {
@@ -115,13 +111,7 @@ impl<S: LedgerStore> Ledger<S> {
         }
         let account = Account::payer(payer);
         self.commit(CommitBatch {
-            entries: vec![LedgerEntry::new(
-                None,
-                EntryKind::Deposit,
-                Account::Funding,
-                account.clone(),
-                amount,
-            )],
+            entries: vec![LedgerEntry::new(None, EntryKind::Deposit, Account::Funding, account.clone(), amount)],
             ..CommitBatch::default()
         })?;
         info!(payer, amount, "credits added");
@@ -139,13 +129,7 @@ impl<S: LedgerStore> Ledger<S> {
         }
         let amount = balance as MicroUsd;
         self.commit(CommitBatch {
-            entries: vec![LedgerEntry::new(
-                None,
-                EntryKind::Refund,
-                account,
-                Account::Funding,
-                amount,
-            )],
+            entries: vec![LedgerEntry::new(None, EntryKind::Refund, account, Account::Funding, amount)],
             ..CommitBatch::default()
         })?;
         info!(payer, amount, "credits refunded");
@@ -193,13 +177,7 @@ impl<S: LedgerStore> Ledger<S> {
             .store
             .epochs()?
             .iter()
-            .filter_map(|epoch| {
-                epoch
-                    .providers
-                    .iter()
-                    .find(|p| p.wallet == wallet)
-                    .map(|p| p.earnings(epoch.epoch_id))
-            })
+            .filter_map(|epoch| epoch.providers.iter().find(|p| p.wallet == wallet).map(|p| p.earnings(epoch.epoch_id)))
             .collect())
     }
 
@@ -207,8 +185,7 @@ impl<S: LedgerStore> Ledger<S> {
     /// this is what a new epoch with the same bounds would settle now.
     pub fn dry_run(&self, spec: &EpochSpec) -> SettlementResult<SettlementPlan> {
         let mut planner = EpochPlanner::new();
-        self.store
-            .scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
+        self.store.scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
         let store = &self.store;
         planner.finish(spec, &self.config, &mut |account| store.balance(account))
     }
@@ -240,8 +217,7 @@ impl<S: LedgerStore> Ledger<S> {
 
         let pending = self.store.pending_count()? as usize;
         let mut planner = EpochPlanner::with_capacity(pending);
-        self.store
-            .scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
+        self.store.scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
         stop(SettleStep::LoadPending)?;
 
         let store = &self.store;
@@ -280,25 +256,19 @@ pub struct LedgerHandle<S: LedgerStore> {
 
 impl<S: LedgerStore> Clone for LedgerHandle<S> {
     fn clone(&self) -> Self {
-        LedgerHandle {
-            ledger: Arc::clone(&self.ledger),
-        }
+        LedgerHandle { ledger: Arc::clone(&self.ledger) }
     }
 }
 
 impl<S: LedgerStore> LedgerHandle<S> {
     pub fn new(ledger: Ledger<S>) -> Self {
-        LedgerHandle {
-            ledger: Arc::new(Mutex::new(ledger)),
-        }
+        LedgerHandle { ledger: Arc::new(Mutex::new(ledger)) }
     }
 
     /// Locks the ledger. Every ledger operation leaves the store consistent even if it
     /// panics half-way (commits are atomic), so a poisoned lock is simply taken over.
     pub fn lock(&self) -> MutexGuard<'_, Ledger<S>> {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -44,11 +44,7 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig {
-            fee_bps: DEFAULT_FEE_BPS,
-            reward_pool_per_epoch: 0,
-            reward_source: Account::Funding,
-        }
+        LedgerConfig { fee_bps: DEFAULT_FEE_BPS, reward_pool_per_epoch: 0, reward_source: Account::Funding }
     }
 }
 
@@ -91,10 +87,7 @@ impl NodeAvailability {
 
     /// `floor(watts × uptime_ms × price_per_kWh / 3.6e9)`: W·ms → kWh is ÷ 1000 ÷ 3.6e6.
     pub fn power_cost(&self) -> u128 {
-        self.declared_watts as u128
-            * self.uptime_ms as u128
-            * self.electricity_price_per_kwh as u128
-            / 3_600_000_000
+        self.declared_watts as u128 * self.uptime_ms as u128 * self.electricity_price_per_kwh as u128 / 3_600_000_000
     }
 }
 
@@ -110,11 +103,7 @@ pub struct EpochSpec {
 
 impl EpochSpec {
     pub fn new(epoch_id: u64, end_ms: u64) -> Self {
-        EpochSpec {
-            epoch_id,
-            end_ms,
-            availability: Vec::new(),
-        }
+        EpochSpec { epoch_id, end_ms, availability: Vec::new() }
     }
 
     /// Epoch `epoch_id` of a fixed-length schedule starting at `origin_ms`:
@@ -255,10 +244,7 @@ impl EpochPlanner {
     }
 
     pub fn with_capacity(records: usize) -> Self {
-        EpochPlanner {
-            record_ids: Vec::with_capacity(records),
-            ..Self::default()
-        }
+        EpochPlanner { record_ids: Vec::with_capacity(records), ..Self::default() }
     }
 
     /// Adds one record to the epoch. The caller guarantees each record is offered once.
@@ -269,31 +255,18 @@ impl EpochPlanner {
         let numerator = gpu_unit_ms
             .checked_mul(record.price_per_gpu_hour as u128)
             .and_then(|gpu| {
-                cpu_unit_ms
-                    .checked_mul(record.price_per_cpu_hour as u128)
-                    .and_then(|cpu| gpu.checked_add(cpu))
+                cpu_unit_ms.checked_mul(record.price_per_cpu_hour as u128).and_then(|cpu| gpu.checked_add(cpu))
             })
             .ok_or_else(|| overflow(format!("cost of usage record {}", record.record_id)))?;
 
-        let payer = intern(
-            &mut self.payer_index,
-            &mut self.payer_names,
-            record.payer_account,
-        );
-        let provider = intern(
-            &mut self.provider_index,
-            &mut self.provider_names,
-            record.provider_wallet,
-        );
+        let payer = intern(&mut self.payer_index, &mut self.payer_names, record.payer_account);
+        let provider = intern(&mut self.provider_index, &mut self.provider_names, record.provider_wallet);
         if provider as usize == self.provider_totals.len() {
             self.provider_totals.push(ProviderTotal::default());
         }
         let pair = self.pairs.entry((payer, provider)).or_default();
         pair.numerator = pair.numerator.checked_add(numerator).ok_or_else(|| {
-            overflow(format!(
-                "usage of payer {} at provider {}",
-                record.payer_account, record.provider_wallet
-            ))
+            overflow(format!("usage of payer {} at provider {}", record.payer_account, record.provider_wallet))
         })?;
         let totals = &mut self.provider_totals[provider as usize];
         totals.gpu_unit_ms += gpu_unit_ms;
@@ -318,14 +291,8 @@ impl EpochPlanner {
         let epoch = Some(spec.epoch_id);
         let mut pairs: Vec<((u32, u32), PairTotal)> = self.pairs.into_iter().collect();
         pairs.sort_unstable_by(|((pa, qa), _), ((pb, qb), _)| {
-            (
-                &self.payer_names[*pa as usize],
-                &self.provider_names[*qa as usize],
-            )
-                .cmp(&(
-                    &self.payer_names[*pb as usize],
-                    &self.provider_names[*qb as usize],
-                ))
+            (&self.payer_names[*pa as usize], &self.provider_names[*qa as usize])
+                .cmp(&(&self.payer_names[*pb as usize], &self.provider_names[*qb as usize]))
         });
 
         let mut entries = Vec::with_capacity(pairs.len() + self.payer_names.len());
@@ -349,39 +316,20 @@ impl EpochPlanner {
                 ));
             }
             let sums = payer_totals.entry(payer_name.as_str()).or_default();
-            sums.0 = sums
-                .0
-                .checked_add(payout)
-                .ok_or_else(|| overflow("payer usage"))?;
-            sums.1 = sums
-                .1
-                .checked_add(fee)
-                .ok_or_else(|| overflow("payer fee"))?;
-            total_usage = total_usage
-                .checked_add(payout)
-                .ok_or_else(|| overflow("total usage"))?;
-            total_fee = total_fee
-                .checked_add(fee)
-                .ok_or_else(|| overflow("total fee"))?;
+            sums.0 = sums.0.checked_add(payout).ok_or_else(|| overflow("payer usage"))?;
+            sums.1 = sums.1.checked_add(fee).ok_or_else(|| overflow("payer fee"))?;
+            total_usage = total_usage.checked_add(payout).ok_or_else(|| overflow("total usage"))?;
+            total_fee = total_fee.checked_add(fee).ok_or_else(|| overflow("total fee"))?;
             let entry = providers
                 .entry(wallet.clone())
-                .or_insert_with(|| ProviderEpoch {
-                    wallet: wallet.clone(),
-                    ..ProviderEpoch::default()
-                });
-            entry.revenue = entry
-                .revenue
-                .checked_add(payout)
-                .ok_or_else(|| overflow("revenue"))?;
+                .or_insert_with(|| ProviderEpoch { wallet: wallet.clone(), ..ProviderEpoch::default() });
+            entry.revenue = entry.revenue.checked_add(payout).ok_or_else(|| overflow("revenue"))?;
         }
         for (index, wallet) in self.provider_names.iter().enumerate() {
             let totals = self.provider_totals[index];
             let entry = providers
                 .entry(wallet.clone())
-                .or_insert_with(|| ProviderEpoch {
-                    wallet: wallet.clone(),
-                    ..ProviderEpoch::default()
-                });
+                .or_insert_with(|| ProviderEpoch { wallet: wallet.clone(), ..ProviderEpoch::default() });
             entry.gpu_unit_ms = totals.gpu_unit_ms;
             entry.records = totals.records;
         }
@@ -390,18 +338,12 @@ impl EpochPlanner {
         for (payer, (usage, fee)) in payer_totals {
             let account = Account::payer(payer);
             if fee > 0 {
-                entries.push(LedgerEntry::new(
-                    epoch,
-                    EntryKind::Fee,
-                    account.clone(),
-                    Account::Treasury,
-                    fee,
-                ));
+                entries.push(LedgerEntry::new(epoch, EntryKind::Fee, account.clone(), Account::Treasury, fee));
             }
             let before = balance_of(&account)?;
             let charge = usage as i128 + fee as i128;
-            let after = i64::try_from(before as i128 - charge)
-                .map_err(|_| overflow(format!("balance of {account}")))?;
+            let after =
+                i64::try_from(before as i128 - charge).map_err(|_| overflow(format!("balance of {account}")))?;
             let debt_before = (-(before as i128)).max(0);
             let debt_after = (-(after as i128)).max(0);
             payers.push(PayerEpoch {
@@ -417,19 +359,14 @@ impl EpochPlanner {
         let mut weights: BTreeMap<&str, u128> = BTreeMap::new();
         for node in &spec.availability {
             let weight = weights.entry(node.provider_wallet.as_str()).or_default();
-            *weight = weight
-                .checked_add(node.weight())
-                .ok_or_else(|| overflow("reward weight"))?;
+            *weight = weight.checked_add(node.weight()).ok_or_else(|| overflow("reward weight"))?;
             let entry = providers
                 .entry(node.provider_wallet.clone())
-                .or_insert_with(|| ProviderEpoch {
-                    wallet: node.provider_wallet.clone(),
-                    ..ProviderEpoch::default()
-                });
+                .or_insert_with(|| ProviderEpoch { wallet: node.provider_wallet.clone(), ..ProviderEpoch::default() });
             entry.uptime_ms = entry.uptime_ms.saturating_add(node.uptime_ms);
             entry.gpu_capacity = entry.gpu_capacity + node.gpu_capacity;
-            entry.power_cost = u64::try_from(entry.power_cost as u128 + node.power_cost())
-                .map_err(|_| overflow("power cost"))?;
+            entry.power_cost =
+                u64::try_from(entry.power_cost as u128 + node.power_cost()).map_err(|_| overflow("power cost"))?;
         }
         let weights: Vec<(&str, u128)> = weights.into_iter().collect();
         let (shares, reward_remainder) = split_rewards(config.reward_pool_per_epoch, &weights)?;
@@ -439,10 +376,7 @@ impl EpochPlanner {
                 continue;
             }
             total_rewards += share;
-            providers
-                .get_mut(wallet)
-                .expect("weighted wallet has an entry")
-                .reward = share;
+            providers.get_mut(wallet).expect("weighted wallet has an entry").reward = share;
             entries.push(LedgerEntry::new(
                 epoch,
                 EntryKind::Reward,
@@ -495,10 +429,7 @@ pub fn split_rewards<'a>(
         .try_fold(0u128, |sum, (_, weight)| sum.checked_add(*weight))
         .ok_or_else(|| overflow("total reward weight"))?;
     let shift = 64u32.saturating_sub(total.leading_zeros());
-    let total = weights
-        .iter()
-        .map(|(_, weight)| weight >> shift)
-        .sum::<u128>();
+    let total = weights.iter().map(|(_, weight)| weight >> shift).sum::<u128>();
     if pool == 0 || total == 0 {
         return Ok((Vec::new(), 0));
     }

@@ -25,10 +25,7 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const EPOCHS: TableDefinition<u64, &[u8]> = TableDefinition::new("epochs");
 
 fn encode<T: serde::Serialize>(value: &T) -> SettlementResult<Vec<u8>> {
-    Ok(bincode::serde::encode_to_vec(
-        value,
-        bincode::config::standard(),
-    )?)
+    Ok(bincode::serde::encode_to_vec(value, bincode::config::standard())?)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> SettlementResult<T> {
@@ -80,9 +77,7 @@ impl LedgerStore for RedbStore {
                     if existing.value() != bytes.as_slice() {
                         let existing: UsageRecord = decode(existing.value())?;
                         if &existing != record {
-                            return Err(SettlementError::ConflictingRecord(
-                                record.record_id.to_string(),
-                            ));
+                            return Err(SettlementError::ConflictingRecord(record.record_id.to_string()));
                         }
                     }
                     continue;
@@ -137,10 +132,7 @@ impl LedgerStore for RedbStore {
     fn balance(&self, account: &Account) -> SettlementResult<i64> {
         let transaction = self.database.begin_read()?;
         let balances = transaction.open_table(BALANCES)?;
-        Ok(balances
-            .get(account.key().as_str())?
-            .map(|b| b.value())
-            .unwrap_or(0))
+        Ok(balances.get(account.key().as_str())?.map(|b| b.value()).unwrap_or(0))
     }
 
     fn balances(&self) -> SettlementResult<BTreeMap<Account, i64>> {
@@ -168,19 +160,13 @@ impl LedgerStore for RedbStore {
     fn epoch(&self, epoch_id: u64) -> SettlementResult<Option<EpochSummary>> {
         let transaction = self.database.begin_read()?;
         let epochs = transaction.open_table(EPOCHS)?;
-        epochs
-            .get(epoch_id)?
-            .map(|bytes| decode(bytes.value()))
-            .transpose()
+        epochs.get(epoch_id)?.map(|bytes| decode(bytes.value())).transpose()
     }
 
     fn last_epoch(&self) -> SettlementResult<Option<EpochSummary>> {
         let transaction = self.database.begin_read()?;
         let epochs = transaction.open_table(EPOCHS)?;
-        let last = epochs
-            .last()?
-            .map(|(_, bytes)| decode(bytes.value()))
-            .transpose();
+        let last = epochs.last()?.map(|(_, bytes)| decode(bytes.value())).transpose();
         last
     }
 
@@ -217,10 +203,7 @@ impl LedgerStore for RedbStore {
 
             let mut balances = transaction.open_table(BALANCES)?;
             let staged = stage_balances(&batch.entries, &mut |account| {
-                Ok(balances
-                    .get(account.key().as_str())?
-                    .map(|b| b.value())
-                    .unwrap_or(0))
+                Ok(balances.get(account.key().as_str())?.map(|b| b.value()).unwrap_or(0))
             })?;
             for (account, balance) in staged {
                 balances.insert(account.key().as_str(), balance)?;
@@ -229,11 +212,7 @@ impl LedgerStore for RedbStore {
 
             let mut pending = transaction.open_table(PENDING)?;
             let mut settled = transaction.open_table(SETTLED)?;
-            let epoch_id = batch
-                .close_epoch
-                .as_ref()
-                .map(|s| s.epoch_id)
-                .unwrap_or(u64::MAX);
+            let epoch_id = batch.close_epoch.as_ref().map(|s| s.epoch_id).unwrap_or(u64::MAX);
             for id in &batch.settle_records {
                 if pending.remove(id.0)?.is_none() {
                     return Err(SettlementError::RecordNotPending(id.to_string()));

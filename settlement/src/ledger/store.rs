@@ -133,8 +133,7 @@ pub(crate) fn stage_balances<'a>(
     let mut staged = Vec::with_capacity(deltas.len());
     for (account, delta) in deltas {
         let balance = current(account)? as i128 + delta;
-        let balance = i64::try_from(balance)
-            .map_err(|_| SettlementError::Overflow(format!("balance of {account}")))?;
+        let balance = i64::try_from(balance).map_err(|_| SettlementError::Overflow(format!("balance of {account}")))?;
         staged.push((account, balance));
     }
     Ok(staged)
@@ -203,17 +202,13 @@ impl LedgerStore for MemoryStore {
         for record in records {
             if let Some(&slot) = self.slot_of.get(&record.record_id) {
                 if self.records[slot as usize].as_ref() != Some(record) {
-                    return Err(SettlementError::ConflictingRecord(
-                        record.record_id.to_string(),
-                    ));
+                    return Err(SettlementError::ConflictingRecord(record.record_id.to_string()));
                 }
             }
         }
         let mut added = 0;
         for record in records {
-            if self.settled.contains_key(&record.record_id)
-                || self.slot_of.contains_key(&record.record_id)
-            {
+            if self.settled.contains_key(&record.record_id) || self.slot_of.contains_key(&record.record_id) {
                 continue;
             }
             let usage = record.metered();
@@ -291,13 +286,7 @@ impl LedgerStore for MemoryStore {
     }
 
     fn entries(&self, from_sequence: u64, limit: usize) -> SettlementResult<Vec<LedgerEntry>> {
-        Ok(self
-            .entries
-            .iter()
-            .skip(from_sequence as usize)
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(self.entries.iter().skip(from_sequence as usize).take(limit).cloned().collect())
     }
 
     fn epoch(&self, epoch_id: u64) -> SettlementResult<Option<EpochSummary>> {
@@ -322,15 +311,9 @@ impl LedgerStore for MemoryStore {
         let first_sequence = self.entries.len() as u64;
         check_interrupt(&batch, SettleStep::AppendEntries)?;
         let balances = &self.balances;
-        let staged = stage_balances(&batch.entries, &mut |account| {
-            Ok(balances.get(account).copied().unwrap_or(0))
-        })?;
+        let staged = stage_balances(&batch.entries, &mut |account| Ok(balances.get(account).copied().unwrap_or(0)))?;
         check_interrupt(&batch, SettleStep::ApplyBalances)?;
-        if let Some(missing) = batch
-            .settle_records
-            .iter()
-            .find(|id| !self.slot_of.contains_key(id))
-        {
+        if let Some(missing) = batch.settle_records.iter().find(|id| !self.slot_of.contains_key(id)) {
             return Err(SettlementError::RecordNotPending(missing.to_string()));
         }
         check_interrupt(&batch, SettleStep::MarkRecordsSettled)?;
@@ -340,11 +323,7 @@ impl LedgerStore for MemoryStore {
         for (account, balance) in staged {
             self.balances.insert(account.clone(), balance);
         }
-        let epoch_id = batch
-            .close_epoch
-            .as_ref()
-            .map(|s| s.epoch_id)
-            .unwrap_or(u64::MAX);
+        let epoch_id = batch.close_epoch.as_ref().map(|s| s.epoch_id).unwrap_or(u64::MAX);
         self.settled.reserve(batch.settle_records.len());
         let first_freed = self.free_slots.len();
         for id in &batch.settle_records {
@@ -379,5 +358,61 @@ impl LedgerStore for MemoryStore {
             return Err(SettlementError::Interrupted(SettleStep::Acknowledge));
         }
         Ok(())
+    }
+}
+
+/// A boxed store is a store, so the backend can be chosen at run time
+/// (`Ledger<Box<dyn LedgerStore>>`: the control store picks redb or memory from its flags).
+impl<S: LedgerStore + ?Sized> LedgerStore for Box<S> {
+    fn insert_records(&mut self, records: &[UsageRecord]) -> SettlementResult<usize> {
+        (**self).insert_records(records)
+    }
+
+    fn scan_pending(
+        &self,
+        end_ms: u64,
+        visit: &mut dyn FnMut(&MeteredUsage<'_>) -> SettlementResult<()>,
+    ) -> SettlementResult<()> {
+        (**self).scan_pending(end_ms, visit)
+    }
+
+    fn pending_records(&self, limit: usize) -> SettlementResult<Vec<UsageRecord>> {
+        (**self).pending_records(limit)
+    }
+
+    fn pending_count(&self) -> SettlementResult<u64> {
+        (**self).pending_count()
+    }
+
+    fn settled_in(&self, record_id: RecordId) -> SettlementResult<Option<u64>> {
+        (**self).settled_in(record_id)
+    }
+
+    fn balance(&self, account: &Account) -> SettlementResult<i64> {
+        (**self).balance(account)
+    }
+
+    fn balances(&self) -> SettlementResult<BTreeMap<Account, i64>> {
+        (**self).balances()
+    }
+
+    fn entries(&self, from_sequence: u64, limit: usize) -> SettlementResult<Vec<LedgerEntry>> {
+        (**self).entries(from_sequence, limit)
+    }
+
+    fn epoch(&self, epoch_id: u64) -> SettlementResult<Option<EpochSummary>> {
+        (**self).epoch(epoch_id)
+    }
+
+    fn last_epoch(&self) -> SettlementResult<Option<EpochSummary>> {
+        (**self).last_epoch()
+    }
+
+    fn epochs(&self) -> SettlementResult<Vec<EpochSummary>> {
+        (**self).epochs()
+    }
+
+    fn commit(&mut self, batch: CommitBatch) -> SettlementResult<()> {
+        (**self).commit(batch)
     }
 }

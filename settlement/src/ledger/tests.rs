@@ -14,24 +14,14 @@ use crate::usage::{RecordId, UsageRecord, COST_DENOMINATOR};
 const PAYERS: [&str; 3] = ["alice", "bob", "carol"];
 const WALLETS: [&str; 3] = ["wallet-a", "wallet-b", "wallet-c"];
 
-fn record(
-    id: u128,
-    payer: &str,
-    wallet: &str,
-    gpu_units: i64,
-    cpus: i64,
-    start: u64,
-    end: u64,
-) -> UsageRecord {
+fn record(id: u128, payer: &str, wallet: &str, gpu_units: i64, cpus: i64, start: u64, end: u64) -> UsageRecord {
     UsageRecord {
         record_id: RecordId(id),
         job_id: JobId::from_sequence(id as u32),
         payer_account: payer.into(),
         node_id: NodeId::from_array([id as u8; 28]),
         provider_wallet: wallet.into(),
-        resources: ResourceSet::new()
-            .with(GPU, Quantity::from_units(gpu_units))
-            .with(CPU, Quantity::whole(cpus)),
+        resources: ResourceSet::new().with(GPU, Quantity::from_units(gpu_units)).with(CPU, Quantity::whole(cpus)),
         start_ms: start,
         end_ms: end,
         price_per_gpu_hour: 2_000_000,
@@ -48,23 +38,11 @@ fn memory_ledger() -> Ledger<MemoryStore> {
 }
 
 fn sum_of_balances<S: LedgerStore>(ledger: &Ledger<S>) -> i128 {
-    ledger
-        .balances()
-        .unwrap()
-        .values()
-        .map(|b| *b as i128)
-        .sum()
+    ledger.balances().unwrap().values().map(|b| *b as i128).sum()
 }
 
 /// Everything observable about a ledger, to compare two histories.
-fn snapshot<S: LedgerStore>(
-    ledger: &Ledger<S>,
-) -> (
-    BTreeMap<Account, i64>,
-    Vec<LedgerEntry>,
-    Vec<EpochSummary>,
-    u64,
-) {
+fn snapshot<S: LedgerStore>(ledger: &Ledger<S>) -> (BTreeMap<Account, i64>, Vec<LedgerEntry>, Vec<EpochSummary>, u64) {
     (
         ledger.balances().unwrap(),
         ledger.entries(0, usize::MAX).unwrap(),
@@ -92,22 +70,13 @@ fn arb_record() -> impl Strategy<Value = RawRecord> {
 fn build_records(raw: &[RawRecord]) -> Vec<UsageRecord> {
     raw.iter()
         .enumerate()
-        .map(
-            |(index, &(payer, wallet, gpu, cpu, end, duration, gpu_price, cpu_price))| {
-                let mut r = record(
-                    index as u128 + 1,
-                    PAYERS[payer],
-                    WALLETS[wallet],
-                    gpu,
-                    cpu,
-                    end.saturating_sub(duration),
-                    end,
-                );
-                r.price_per_gpu_hour = gpu_price;
-                r.price_per_cpu_hour = cpu_price;
-                r
-            },
-        )
+        .map(|(index, &(payer, wallet, gpu, cpu, end, duration, gpu_price, cpu_price))| {
+            let mut r =
+                record(index as u128 + 1, PAYERS[payer], WALLETS[wallet], gpu, cpu, end.saturating_sub(duration), end);
+            r.price_per_gpu_hour = gpu_price;
+            r.price_per_cpu_hour = cpu_price;
+            r
+        })
         .collect()
 }
 
@@ -137,10 +106,7 @@ fn spec(index: usize) -> EpochSpec {
 }
 
 fn rewarding_config() -> LedgerConfig {
-    LedgerConfig {
-        reward_pool_per_epoch: 1_000_003,
-        ..LedgerConfig::default()
-    }
+    LedgerConfig { reward_pool_per_epoch: 1_000_003, ..LedgerConfig::default() }
 }
 
 /// Deposits, records and three epochs; returns the ledger.
@@ -162,10 +128,7 @@ fn run_history<S: LedgerStore>(
             if at_epoch == epoch {
                 ledger.interrupt_after(step);
                 let err = ledger.settle_epoch(&spec(epoch)).unwrap_err();
-                assert!(
-                    matches!(err, SettlementError::Interrupted(s) if s == step),
-                    "{err}"
-                );
+                assert!(matches!(err, SettlementError::Interrupted(s) if s == step), "{err}");
                 assert!(err.is_retryable());
                 // Re-delivery of the whole stream after the crash changes nothing.
                 ledger.accept_records(records).unwrap();
@@ -173,10 +136,7 @@ fn run_history<S: LedgerStore>(
         }
         let first = ledger.settle_epoch(&spec(epoch)).unwrap();
         let second = ledger.settle_epoch(&spec(epoch)).unwrap();
-        assert_eq!(
-            second,
-            SettleOutcome::AlreadySettled(first.summary().clone())
-        );
+        assert_eq!(second, SettleOutcome::AlreadySettled(first.summary().clone()));
     }
     ledger
 }
@@ -283,17 +243,8 @@ fn interruption_at_every_step_with_redb_settles_exactly_once() {
         for step in SettleStep::ALL {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("ledger.redb");
-            let ledger = run_history(
-                RedbStore::open(&path).unwrap(),
-                &records,
-                &deposits,
-                Some((epoch, step)),
-            );
-            assert_eq!(
-                snapshot(&ledger),
-                snapshot(&clean),
-                "epoch {epoch} step {step:?}"
-            );
+            let ledger = run_history(RedbStore::open(&path).unwrap(), &records, &deposits, Some((epoch, step)));
+            assert_eq!(snapshot(&ledger), snapshot(&clean), "epoch {epoch} step {step:?}");
         }
     }
 }
@@ -315,35 +266,21 @@ fn shortfall_becomes_debt_and_credits_repay_it() {
     let mut ledger = memory_ledger();
     ledger.add_credits("alice", 1_000_000).unwrap();
     // Three GPU-hours at $2: $6 usage + 2.5% fee = $6.15 against $1 of credit.
-    let records: Vec<_> = (0..3)
-        .map(|i| gpu_hour(i, "alice", "wallet-a", 4_000_000))
-        .collect();
+    let records: Vec<_> = (0..3).map(|i| gpu_hour(i, "alice", "wallet-a", 4_000_000)).collect();
     ledger.accept_records(&records).unwrap();
     let outcome = ledger.settle_epoch(&EpochSpec::new(0, 4_000_000)).unwrap();
     let payer = &outcome.summary().payers[0];
     assert_eq!((payer.usage, payer.fee), (6_000_000, 150_000));
     assert_eq!(payer.shortfall, 5_150_000);
     assert_eq!(payer.balance_after, -5_150_000);
-    assert_eq!(
-        ledger.balance(&Account::payer("alice")).unwrap(),
-        -5_150_000
-    );
+    assert_eq!(ledger.balance(&Account::payer("alice")).unwrap(), -5_150_000);
     // The provider is paid in full; the debt is not dropped.
-    assert_eq!(
-        ledger.balance(&Account::provider("wallet-a")).unwrap(),
-        6_000_000
-    );
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 6_000_000);
     assert_eq!(ledger.balance(&Account::Treasury).unwrap(), 150_000);
-    assert_eq!(
-        ledger.refund("alice").unwrap(),
-        0,
-        "nothing to refund while in debt"
-    );
+    assert_eq!(ledger.refund("alice").unwrap(), 0, "nothing to refund while in debt");
     assert_eq!(ledger.add_credits("alice", 6_000_000).unwrap(), 850_000);
     // A second epoch in debt adds only the new debt as shortfall.
-    ledger
-        .accept_records(&[gpu_hour(10, "alice", "wallet-a", 8_000_000)])
-        .unwrap();
+    ledger.accept_records(&[gpu_hour(10, "alice", "wallet-a", 8_000_000)]).unwrap();
     let outcome = ledger.settle_epoch(&EpochSpec::new(1, 8_000_000)).unwrap();
     assert_eq!(outcome.summary().payers[0].shortfall, 2_050_000 - 850_000);
     assert_eq!(sum_of_balances(&ledger), 0);
@@ -353,29 +290,14 @@ fn shortfall_becomes_debt_and_credits_repay_it() {
 fn refund_returns_unused_credit_once() {
     let mut ledger = memory_ledger();
     ledger.add_credits("bob", 10_000_000).unwrap();
-    ledger
-        .accept_records(&[gpu_hour(1, "bob", "wallet-a", 3_600_000)])
-        .unwrap();
+    ledger.accept_records(&[gpu_hour(1, "bob", "wallet-a", 3_600_000)]).unwrap();
     ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
     assert_eq!(ledger.refund("bob").unwrap(), 10_000_000 - 2_050_000);
     assert_eq!(ledger.refund("bob").unwrap(), 0);
     assert_eq!(ledger.balance(&Account::payer("bob")).unwrap(), 0);
     assert_eq!(ledger.balance(&Account::Funding).unwrap(), -2_050_000);
-    let kinds: Vec<_> = ledger
-        .entries(0, 10)
-        .unwrap()
-        .iter()
-        .map(|e| e.kind)
-        .collect();
-    assert_eq!(
-        kinds,
-        [
-            EntryKind::Deposit,
-            EntryKind::Usage,
-            EntryKind::Fee,
-            EntryKind::Refund
-        ]
-    );
+    let kinds: Vec<_> = ledger.entries(0, 10).unwrap().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EntryKind::Deposit, EntryKind::Usage, EntryKind::Fee, EntryKind::Refund]);
     assert!(ledger.add_credits("bob", 0).is_err());
     assert!(ledger.add_credits("", 5).is_err());
 }
@@ -388,19 +310,13 @@ fn redelivered_records_are_settled_once() {
     ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
     assert_eq!(ledger.accept_records(std::slice::from_ref(&r)).unwrap(), 0);
     ledger.settle_epoch(&EpochSpec::new(1, 7_200_000)).unwrap();
-    assert_eq!(
-        ledger.balance(&Account::provider("wallet-a")).unwrap(),
-        2_000_000
-    );
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 2_000_000);
     // A different record under a pending id is refused, not merged.
     let mut a = gpu_hour(2, "alice", "wallet-a", 9_000_000);
     ledger.accept_records(std::slice::from_ref(&a)).unwrap();
     a.price_per_gpu_hour += 1;
     let err = ledger.accept_records(&[a]).unwrap_err();
-    assert!(
-        matches!(err, SettlementError::ConflictingRecord(_)),
-        "{err}"
-    );
+    assert!(matches!(err, SettlementError::ConflictingRecord(_)), "{err}");
 }
 
 #[test]
@@ -408,31 +324,19 @@ fn late_records_go_to_the_next_epoch_and_epochs_run_in_order() {
     let mut ledger = memory_ledger();
     ledger.settle_epoch(&EpochSpec::new(5, 10_000)).unwrap();
     // Ended in epoch 5 but arrived after it closed.
-    ledger
-        .accept_records(&[record(1, "alice", "wallet-a", 10_000, 0, 0, 9_000)])
-        .unwrap();
+    ledger.accept_records(&[record(1, "alice", "wallet-a", 10_000, 0, 0, 9_000)]).unwrap();
     let outcome = ledger.settle_epoch(&EpochSpec::new(6, 20_000)).unwrap();
     assert_eq!(outcome.summary().records, 1);
     let err = ledger.settle_epoch(&EpochSpec::new(4, 30_000)).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("epoch 4 (end 30000 ms) is out of order"),
-        "{err}"
-    );
-    assert!(matches!(
-        ledger.settle_epoch(&EpochSpec::new(5, 0)).unwrap(),
-        SettleOutcome::AlreadySettled(_)
-    ));
+    assert!(err.to_string().contains("epoch 4 (end 30000 ms) is out of order"), "{err}");
+    assert!(matches!(ledger.settle_epoch(&EpochSpec::new(5, 0)).unwrap(), SettleOutcome::AlreadySettled(_)));
 }
 
 #[test]
 fn dry_run_writes_nothing_and_matches_the_settlement() {
     let mut ledger = memory_ledger();
     ledger
-        .accept_records(&[
-            gpu_hour(1, "alice", "wallet-a", 3_600_000),
-            gpu_hour(2, "bob", "wallet-b", 3_600_000),
-        ])
+        .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000), gpu_hour(2, "bob", "wallet-b", 3_600_000)])
         .unwrap();
     let before = snapshot(&ledger);
     let plan = ledger.dry_run(&EpochSpec::new(0, 3_600_000)).unwrap();
@@ -444,10 +348,7 @@ fn dry_run_writes_nothing_and_matches_the_settlement() {
 
 #[test]
 fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
-    let config = LedgerConfig {
-        reward_pool_per_epoch: 1_000_000,
-        ..LedgerConfig::default()
-    };
+    let config = LedgerConfig { reward_pool_per_epoch: 1_000_000, ..LedgerConfig::default() };
     let mut ledger = Ledger::new(MemoryStore::new(), config).unwrap();
     let node = |byte: u8, wallet: &str, uptime_ms: u64, gpus: i64| NodeAvailability {
         node_id: NodeId::from_array([byte; 28]),
@@ -465,63 +366,34 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
         node(3, "wallet-b", 3_600_000, 1),
         node(4, "wallet-c", 0, 4),
     ];
-    ledger
-        .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)])
-        .unwrap();
+    ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
     ledger.settle_epoch(&spec).unwrap();
-    assert_eq!(
-        ledger.balance(&Account::provider("wallet-a")).unwrap(),
-        2_000_000 + 800_000
-    );
-    assert_eq!(
-        ledger.balance(&Account::provider("wallet-b")).unwrap(),
-        200_000
-    );
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 2_000_000 + 800_000);
+    assert_eq!(ledger.balance(&Account::provider("wallet-b")).unwrap(), 200_000);
     assert_eq!(ledger.balance(&Account::provider("wallet-c")).unwrap(), 0);
 
     // An indivisible pool: 3 equal weights share 100 → 33 each, 1 to the treasury.
-    let config = LedgerConfig {
-        reward_pool_per_epoch: 100,
-        fee_bps: 0,
-        ..LedgerConfig::default()
-    };
+    let config = LedgerConfig { reward_pool_per_epoch: 100, fee_bps: 0, ..LedgerConfig::default() };
     let mut ledger = Ledger::new(MemoryStore::new(), config).unwrap();
     let mut spec = EpochSpec::new(0, 1);
-    spec.availability = vec![
-        node(1, "a", 10, 1),
-        node(2, "b", 10, 1),
-        node(3, "c", 10, 1),
-    ];
+    spec.availability = vec![node(1, "a", 10, 1), node(2, "b", 10, 1), node(3, "c", 10, 1)];
     let summary = ledger.settle_epoch(&spec).unwrap().summary().clone();
     assert_eq!((summary.total_rewards, summary.reward_remainder), (99, 1));
     assert_eq!(ledger.balance(&Account::Treasury).unwrap(), 1);
     assert_eq!(ledger.balance(&Account::Funding).unwrap(), -100);
 
     // Earnings: revenue, reward, power cost (1 kW × 1 h × $0.10/kWh) and net.
-    let mut ledger = Ledger::new(
-        MemoryStore::new(),
-        LedgerConfig {
-            reward_pool_per_epoch: 1_000_000,
-            ..LedgerConfig::default()
-        },
-    )
-    .unwrap();
+    let mut ledger =
+        Ledger::new(MemoryStore::new(), LedgerConfig { reward_pool_per_epoch: 1_000_000, ..LedgerConfig::default() })
+            .unwrap();
     let mut spec = EpochSpec::new(0, 3_600_000);
-    spec.availability = vec![
-        node(1, "wallet-a", 3_600_000, 8),
-        node(2, "wallet-b", 3_600_000, 2),
-    ];
-    ledger
-        .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)])
-        .unwrap();
+    spec.availability = vec![node(1, "wallet-a", 3_600_000, 8), node(2, "wallet-b", 3_600_000, 2)];
+    ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
     ledger.settle_epoch(&spec).unwrap();
     let earnings = ledger.earnings("wallet-a").unwrap();
     assert_eq!(earnings.len(), 1);
     let e = &earnings[0];
-    assert_eq!(
-        (e.revenue, e.reward, e.power_cost, e.net),
-        (2_000_000, 800_000, 100_000, 2_700_000)
-    );
+    assert_eq!((e.revenue, e.reward, e.power_cost, e.net), (2_000_000, 800_000, 100_000, 2_700_000));
     assert!(ledger.earnings("nobody").unwrap().is_empty());
 }
 
@@ -530,47 +402,24 @@ fn redb_ledger_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.redb");
     {
-        let mut ledger =
-            Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
+        let mut ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
         ledger.add_credits("alice", 5_000_000).unwrap();
         ledger
-            .accept_records(&[
-                gpu_hour(1, "alice", "wallet-a", 3_600_000),
-                gpu_hour(2, "alice", "wallet-a", 9_000_000),
-            ])
+            .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000), gpu_hour(2, "alice", "wallet-a", 9_000_000)])
             .unwrap();
         ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
     }
     let mut ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
-    assert_eq!(
-        ledger.balance(&Account::payer("alice")).unwrap(),
-        5_000_000 - 2_050_000
-    );
+    assert_eq!(ledger.balance(&Account::payer("alice")).unwrap(), 5_000_000 - 2_050_000);
     assert_eq!(ledger.pending_count().unwrap(), 1);
     assert_eq!(ledger.epochs().unwrap().len(), 1);
     assert_eq!(ledger.entries(0, 100).unwrap().len(), 3);
-    assert!(matches!(
-        ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap(),
-        SettleOutcome::AlreadySettled(_)
-    ));
-    assert_eq!(
-        ledger
-            .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)])
-            .unwrap(),
-        0
-    );
+    assert!(matches!(ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap(), SettleOutcome::AlreadySettled(_)));
+    assert_eq!(ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap(), 0);
     ledger.settle_epoch(&EpochSpec::new(1, 9_000_000)).unwrap();
-    assert_eq!(
-        ledger.balance(&Account::payer("alice")).unwrap(),
-        5_000_000 - 2 * 2_050_000
-    );
+    assert_eq!(ledger.balance(&Account::payer("alice")).unwrap(), 5_000_000 - 2 * 2_050_000);
     assert_eq!(sum_of_balances(&ledger), 0);
-    let sequences: Vec<u64> = ledger
-        .entries(0, 100)
-        .unwrap()
-        .iter()
-        .map(|e| e.sequence)
-        .collect();
+    let sequences: Vec<u64> = ledger.entries(0, 100).unwrap().iter().map(|e| e.sequence).collect();
     assert_eq!(sequences, [0, 1, 2, 3, 4]);
 }
 
@@ -580,15 +429,9 @@ fn ledger_handle_is_a_meter_sink() {
     use std::sync::Arc;
     let handle = LedgerHandle::new(memory_ledger());
     let exporter = Arc::new(JsonLinesExporter::new(Vec::new()));
-    let fanout = MeterFanout::new()
-        .with(Arc::new(handle.clone()))
-        .with(exporter.clone());
-    fanout
-        .record(&gpu_hour(1, "alice", "wallet-a", 3_600_000))
-        .unwrap();
-    fanout
-        .record_batch(&[gpu_hour(2, "bob", "wallet-a", 3_600_000)])
-        .unwrap();
+    let fanout = MeterFanout::new().with(Arc::new(handle.clone())).with(exporter.clone());
+    fanout.record(&gpu_hour(1, "alice", "wallet-a", 3_600_000)).unwrap();
+    fanout.record_batch(&[gpu_hour(2, "bob", "wallet-a", 3_600_000)]).unwrap();
     assert_eq!(handle.lock().pending_count().unwrap(), 2);
     let invalid = record(3, "", "wallet-a", 1, 0, 0, 1);
     assert!(handle.record(&invalid).is_err());
@@ -596,53 +439,29 @@ fn ledger_handle_is_a_meter_sink() {
 
 #[test]
 fn invalid_config_is_refused() {
-    let err = Ledger::new(
-        MemoryStore::new(),
-        LedgerConfig {
-            fee_bps: 10_001,
-            ..LedgerConfig::default()
-        },
-    )
-    .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "fee of 10001 basis points is out of range (at most 10000)"
-    );
+    let err = Ledger::new(MemoryStore::new(), LedgerConfig { fee_bps: 10_001, ..LedgerConfig::default() }).unwrap_err();
+    assert_eq!(err.to_string(), "fee of 10001 basis points is out of range (at most 10000)");
 }
 
 #[test]
 fn memory_store_reuses_slots_after_a_partial_settlement() {
     let mut ledger = memory_ledger();
     ledger
-        .accept_records(&[
-            gpu_hour(1, "alice", "wallet-a", 3_600_000),
-            gpu_hour(2, "bob", "wallet-b", 9_000_000),
-        ])
+        .accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000), gpu_hour(2, "bob", "wallet-b", 9_000_000)])
         .unwrap();
     ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
     assert_eq!(ledger.pending_count().unwrap(), 1);
     ledger
-        .accept_records(&[
-            gpu_hour(3, "carol", "wallet-a", 9_000_000),
-            gpu_hour(4, "carol", "wallet-c", 20_000_000),
-        ])
+        .accept_records(&[gpu_hour(3, "carol", "wallet-a", 9_000_000), gpu_hour(4, "carol", "wallet-c", 20_000_000)])
         .unwrap();
-    let mut pending: Vec<u128> = ledger
-        .pending_records(10)
-        .unwrap()
-        .iter()
-        .map(|r| r.record_id.0)
-        .collect();
+    let mut pending: Vec<u128> = ledger.pending_records(10).unwrap().iter().map(|r| r.record_id.0).collect();
     pending.sort();
     assert_eq!(pending, [2, 3, 4]);
     let outcome = ledger.settle_epoch(&EpochSpec::new(1, 9_000_000)).unwrap();
     assert_eq!(outcome.summary().records, 2);
     assert_eq!(ledger.settled_in(RecordId(3)).unwrap(), Some(1));
     assert_eq!(ledger.settled_in(RecordId(4)).unwrap(), None);
-    assert_eq!(
-        ledger.pending_records(10).unwrap()[0].record_id,
-        RecordId(4)
-    );
+    assert_eq!(ledger.pending_records(10).unwrap()[0].record_id, RecordId(4));
 }
 
 #[test]
@@ -651,9 +470,7 @@ fn commit_of_a_record_not_pending_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         Box::new(RedbStore::open(dir.path().join("l.redb")).unwrap())
     }] {
-        store
-            .insert_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)])
-            .unwrap();
+        store.insert_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
         let batch = CommitBatch {
             entries: vec![LedgerEntry::new(
                 Some(0),
@@ -667,11 +484,7 @@ fn commit_of_a_record_not_pending_changes_nothing() {
             interrupt_after: None,
         };
         let err = store.commit(batch).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("usage record 00000000000000000000000000000063 is not pending"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("usage record 00000000000000000000000000000063 is not pending"), "{err}");
         assert_eq!(store.pending_count().unwrap(), 1);
         assert!(store.balances().unwrap().is_empty());
         assert!(store.entries(0, 10).unwrap().is_empty());
@@ -685,8 +498,6 @@ trait PipeSummary {
 
 impl PipeSummary for EpochSpec {
     fn pipe_summary(&self) -> EpochSummary {
-        plan_epoch(self, &LedgerConfig::default(), [], &mut |_| Ok(0))
-            .unwrap()
-            .summary
+        plan_epoch(self, &LedgerConfig::default(), [], &mut |_| Ok(0)).unwrap().summary
     }
 }

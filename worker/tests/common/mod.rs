@@ -25,10 +25,7 @@ pub fn ionet_binary() -> &'static str {
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -45,18 +42,8 @@ impl TestCluster {
     /// A head with `extra` flags, ready (its pid file written) before this returns.
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut cluster = Self {
-            dir,
-            head: None,
-            nodes: Vec::new(),
-            runtime,
-            spawned: 0,
-        };
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut cluster = Self { dir, head: None, nodes: Vec::new(), runtime, spawned: 0 };
         cluster.start_head(&[&["--port", "0"], extra].concat());
         cluster
     }
@@ -67,28 +54,13 @@ impl TestCluster {
 
     fn daemon(&mut self, args: &[&str]) -> Child {
         self.spawned += 1;
-        let out =
-            File::create(self.dir.path().join(format!("daemon-{}.out", self.spawned))).unwrap();
+        let out = File::create(self.dir.path().join(format!("daemon-{}.out", self.spawned))).unwrap();
         Command::new(ionet_binary())
-            .args([
-                "start",
-                "--block",
-                "--host",
-                "127.0.0.1",
-                "--num-cpus",
-                "1",
-                "--temp-dir",
-            ])
+            .args(["start", "--block", "--host", "127.0.0.1", "--num-cpus", "1", "--temp-dir"])
             .arg(self.dir.path())
             .args(args)
-            .env(
-                "IONET_HEARTBEAT_INTERVAL_MS",
-                HEARTBEAT_INTERVAL_MS.to_string(),
-            )
-            .env(
-                "IONET_HEARTBEAT_TIMEOUT_MS",
-                HEARTBEAT_TIMEOUT_MS.to_string(),
-            )
+            .env("IONET_HEARTBEAT_INTERVAL_MS", HEARTBEAT_INTERVAL_MS.to_string())
+            .env("IONET_HEARTBEAT_TIMEOUT_MS", HEARTBEAT_TIMEOUT_MS.to_string())
             .env("IONET_RECONNECT_INITIAL_BACKOFF_MS", "50")
             .env("IONET_RECONNECT_MAX_BACKOFF_MS", "300")
             .env_remove("IONET_TOKEN")
@@ -101,10 +73,7 @@ impl TestCluster {
     }
 
     fn pid_file(&self, role: &str, pid: u32) -> PathBuf {
-        self.dir
-            .path()
-            .join("pids")
-            .join(format!("{role}-{pid}.pid"))
+        self.dir.path().join("pids").join(format!("{role}-{pid}.pid"))
     }
 
     fn wait_ready(&self, role: &str, child: &mut Child) {
@@ -112,16 +81,9 @@ impl TestCluster {
         let deadline = Instant::now() + START_TIMEOUT;
         while !pid_file.exists() {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "{role} exited during start-up with {status}:\n{}",
-                    self.daemon_output()
-                );
+                panic!("{role} exited during start-up with {status}:\n{}", self.daemon_output());
             }
-            assert!(
-                Instant::now() < deadline,
-                "{role} not ready in time:\n{}",
-                self.daemon_output()
-            );
+            assert!(Instant::now() < deadline, "{role} not ready in time:\n{}", self.daemon_output());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -131,10 +93,7 @@ impl TestCluster {
         let mut text = String::new();
         for index in 1..=self.spawned {
             let path = self.dir.path().join(format!("daemon-{index}.out"));
-            text.push_str(&format!(
-                "--- daemon {index} ---\n{}\n",
-                std::fs::read_to_string(path).unwrap_or_default()
-            ));
+            text.push_str(&format!("--- daemon {index} ---\n{}\n", std::fs::read_to_string(path).unwrap_or_default()));
         }
         text
     }
@@ -155,15 +114,11 @@ impl TestCluster {
     }
 
     pub fn address(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("head_address"))
-            .expect("head address")
-            .trim()
-            .to_string()
+        std::fs::read_to_string(self.dir.path().join("head_address")).expect("head address").trim().to_string()
     }
 
     pub fn token(&self) -> ClusterToken {
-        ClusterToken::new(&std::fs::read_to_string(self.dir.path().join("token")).expect("token"))
-            .unwrap()
+        ClusterToken::new(&std::fs::read_to_string(self.dir.path().join("token")).expect("token")).unwrap()
     }
 
     /// Runs an `ionet` command against this cluster's session directory.
@@ -179,11 +134,7 @@ impl TestCluster {
 
     pub fn status_json(&self) -> serde_json::Value {
         let output = self.ionet(&["status", "--json"]);
-        assert!(
-            output.status.success(),
-            "ionet status failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "ionet status failed: {}", String::from_utf8_lossy(&output.stderr));
         serde_json::from_slice(&output.stdout).expect("status --json prints JSON")
     }
 
@@ -193,9 +144,39 @@ impl TestCluster {
 
     pub fn client_with(&self, token: &ClusterToken) -> GcsClient {
         let address = self.address();
+        self.runtime.block_on(ionet::rpc::gcs_client(&address, token)).expect("connect to the head")
+    }
+
+    /// A client of the head's metering service, as node daemons use it.
+    pub fn metering_client(&self) -> ionet::rpc::MeteringClient {
+        let address = self.address();
         self.runtime
-            .block_on(ionet::rpc::gcs_client(&address, token))
-            .expect("connect to the head")
+            .block_on(ionet::rpc::metering_client(&address, &self.token()))
+            .expect("connect to the head's metering service")
+    }
+
+    /// Runs an `ionet` command that must succeed; returns its stdout.
+    pub fn ionet_ok(&self, args: &[&str]) -> String {
+        let output = self.ionet(args);
+        assert!(
+            output.status.success(),
+            "ionet {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// Runs an `ionet` command that must fail with exit code 1; returns its stderr.
+    pub fn ionet_err(&self, args: &[&str]) -> String {
+        let output = self.ionet(args);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "ionet {args:?} should fail: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).expect("utf-8 output")
     }
 
     pub fn kill_head(&mut self) {

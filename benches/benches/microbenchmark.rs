@@ -1,0 +1,147 @@
+//! `ionet microbenchmark`: Ray's `ray microbenchmark` lines, measured on ionet.
+//!
+//! Runs against an embedded local cluster (this binary is also the worker binary).
+//! Prints one line per benchmark in Ray's format, `<name> per second <mean> +- <stddev>`,
+//! so the output can be set beside `../shared/bench/ray-baseline.sh`.
+//!
+//!   cargo bench -p ionet-benches --bench microbenchmark [-- FILTER] [--seconds S]
+//!
+//! "multi client" lines use several driver threads in one process (Ray uses several
+//! actor processes); the cluster is the same for all lines: one node with this
+//! machine's CPUs.
+
+use std::time::{Duration, Instant};
+
+use ionet::{InitConfig, ObjectRef};
+
+#[ionet::remote]
+fn small_value() -> u8 {
+    0
+}
+
+const TRIALS: usize = 5;
+
+fn arg_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+/// Runs `body` (which reports how many operations it did) repeatedly for about
+/// `seconds` per trial, and prints Ray's line.
+fn timeit(name: &str, filter: &Option<String>, seconds: f64, mut body: impl FnMut() -> usize) {
+    if filter.as_ref().is_some_and(|filter| !name.contains(filter.as_str())) {
+        return;
+    }
+    body(); // warm up: workers started, leases held
+    let mut rates = Vec::with_capacity(TRIALS);
+    for _ in 0..TRIALS {
+        let started = Instant::now();
+        let mut count = 0;
+        while started.elapsed().as_secs_f64() < seconds {
+            count += body();
+        }
+        rates.push(count as f64 / started.elapsed().as_secs_f64());
+    }
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    let variance = rates.iter().map(|rate| (rate - mean).powi(2)).sum::<f64>() / rates.len() as f64;
+    println!("{name} per second {mean:.2} +- {:.2}", variance.sqrt());
+}
+
+fn main() {
+    ionet::testing::run_worker_if_requested();
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-') && a.parse::<f64>().is_err());
+    let seconds: f64 = arg_value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    ionet::init(InitConfig::default()).expect("embedded cluster");
+    let clients = 4;
+
+    let value = ionet::put(&0u8).unwrap();
+    timeit("single client get calls", &filter, seconds, || {
+        for _ in 0..1000 {
+            ionet::get(&value).unwrap();
+        }
+        1000
+    });
+    timeit("single client put calls", &filter, seconds, || {
+        for _ in 0..1000 {
+            ionet::put(&0u8).unwrap();
+        }
+        1000
+    });
+    timeit("multi client put calls", &filter, seconds, || {
+        std::thread::scope(|scope| {
+            for _ in 0..clients {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        ionet::put(&0u8).unwrap();
+                    }
+                });
+            }
+        });
+        clients * 1000
+    });
+    let gigabyte_chunk = vec![7u8; 100 * 1024 * 1024];
+    timeit("single client put gigabytes", &filter, seconds, || {
+        for _ in 0..10 {
+            ionet::put(&gigabyte_chunk).unwrap();
+        }
+        1 // gigabytes
+    });
+    timeit("multi client put gigabytes", &filter, seconds, || {
+        std::thread::scope(|scope| {
+            for _ in 0..clients {
+                scope.spawn(|| {
+                    for _ in 0..10 {
+                        ionet::put(&gigabyte_chunk).unwrap();
+                    }
+                });
+            }
+        });
+        clients
+    });
+    timeit("single client tasks and get batch", &filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| small_value::remote()).collect();
+        ionet::get_all(&refs).unwrap();
+        1
+    });
+    let many: Vec<ObjectRef<u8>> = (0..10_000).map(|_| ionet::put(&0u8).unwrap()).collect();
+    let container = ionet::put(&many).unwrap();
+    timeit("single client get object containing 10k refs", &filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = ionet::get(&container).unwrap();
+        assert_eq!(refs.len(), 10_000);
+        1
+    });
+    timeit("single client wait 1k refs", &filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| small_value::remote()).collect();
+        let (ready, _) = ionet::wait(&refs, 1000, None).unwrap();
+        assert_eq!(ready.len(), 1000);
+        1
+    });
+    timeit("single client tasks sync", &filter, seconds, || {
+        for _ in 0..100 {
+            ionet::get(&small_value::remote()).unwrap();
+        }
+        100
+    });
+    timeit("single client tasks async", &filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| small_value::remote()).collect();
+        ionet::get_all(&refs).unwrap();
+        1000
+    });
+    timeit("multi client tasks async", &filter, seconds, || {
+        std::thread::scope(|scope| {
+            for _ in 0..clients {
+                scope.spawn(|| {
+                    let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| small_value::remote()).collect();
+                    ionet::get_all(&refs).unwrap();
+                });
+            }
+        });
+        clients * 1000
+    });
+    drop((value, many, container));
+    ionet::shutdown();
+    let _ = Duration::ZERO;
+}

@@ -1,0 +1,144 @@
+//! The tonic adapter of the metering service: decodes requests, calls [`Metering`],
+//! encodes replies. No decisions are made here.
+
+use std::sync::Arc;
+
+use ionet::rpc::proto::metering::metering_server::Metering as MeteringRpc;
+use ionet::rpc::proto::metering::*;
+use ionet::{JobId, NodeId};
+use ionet_settlement as settlement;
+use tonic::{Request, Response, Status};
+
+use crate::error::GcsError;
+use crate::metering::Metering;
+
+pub struct MeteringService {
+    metering: Arc<Metering>,
+}
+
+impl MeteringService {
+    pub fn new(metering: Arc<Metering>) -> Self {
+        Self { metering }
+    }
+}
+
+/// An optional id: empty bytes mean "any".
+fn optional<T>(bytes: &[u8], parse: impl Fn(&[u8]) -> ionet::IonetResult<T>) -> Result<Option<T>, Status> {
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(parse(bytes).map_err(GcsError::from)?))
+    }
+}
+
+pub fn summary_to_proto(summary: &settlement::EpochSummary) -> EpochSummary {
+    EpochSummary {
+        epoch_id: summary.epoch_id,
+        end_ms: summary.end_ms,
+        fee_bps: summary.fee_bps,
+        records: summary.records,
+        total_usage_micros: summary.total_usage,
+        total_fee_micros: summary.total_fee,
+        total_rewards_micros: summary.total_rewards,
+        reward_remainder_micros: summary.reward_remainder,
+        payers: summary
+            .payers
+            .iter()
+            .map(|payer| PayerEpoch {
+                payer: payer.payer.clone(),
+                usage_micros: payer.usage,
+                fee_micros: payer.fee,
+                shortfall_micros: payer.shortfall,
+                balance_after_micros: payer.balance_after,
+            })
+            .collect(),
+        providers: summary
+            .providers
+            .iter()
+            .map(|provider| ProviderEpoch {
+                wallet: provider.wallet.clone(),
+                revenue_micros: provider.revenue,
+                reward_micros: provider.reward,
+                power_cost_micros: provider.power_cost,
+                uptime_ms: provider.uptime_ms,
+                gpu_capacity_units: provider.gpu_capacity.units(),
+                records: provider.records,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl MeteringRpc for MeteringService {
+    async fn lease_started(
+        &self,
+        request: Request<LeaseStartedRequest>,
+    ) -> Result<Response<LeaseStartedReply>, Status> {
+        let request = request.into_inner();
+        let start_ms = self
+            .metering
+            .lease_started(&request.lease_id, &request.node_id, &request.job_id, request.resources)
+            .await?;
+        Ok(Response::new(LeaseStartedReply { start_ms }))
+    }
+
+    async fn lease_ended(&self, request: Request<LeaseEndedRequest>) -> Result<Response<LeaseEndedReply>, Status> {
+        let record = self.metering.lease_ended(&request.into_inner().lease_id).await?;
+        Ok(Response::new(LeaseEndedReply { record: Some(record) }))
+    }
+
+    async fn list_usage(&self, request: Request<ListUsageRequest>) -> Result<Response<ListUsageReply>, Status> {
+        let request = request.into_inner();
+        let job_id = optional(&request.job_id, JobId::from_bytes)?;
+        let node_id = optional(&request.node_id, NodeId::from_bytes)?;
+        let records = self.metering.list_usage(job_id, node_id).await?;
+        Ok(Response::new(ListUsageReply { records }))
+    }
+
+    async fn add_credits(&self, request: Request<AddCreditsRequest>) -> Result<Response<AddCreditsReply>, Status> {
+        let request = request.into_inner();
+        let balance_micros = self.metering.add_credits(&request.account, request.amount_micros).await?;
+        Ok(Response::new(AddCreditsReply { balance_micros }))
+    }
+
+    async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<RefundReply>, Status> {
+        let refunded_micros = self.metering.refund(&request.into_inner().account).await?;
+        Ok(Response::new(RefundReply { refunded_micros }))
+    }
+
+    async fn balances(&self, _request: Request<BalancesRequest>) -> Result<Response<BalancesReply>, Status> {
+        let balances = self
+            .metering
+            .balances()
+            .await?
+            .into_iter()
+            .map(|(account, balance_micros)| AccountBalance { account: account.key(), balance_micros })
+            .collect();
+        Ok(Response::new(BalancesReply { balances }))
+    }
+
+    async fn settle(&self, request: Request<SettleRequest>) -> Result<Response<SettleReply>, Status> {
+        let dry_run = request.into_inner().dry_run;
+        let summary = self.metering.settle_now(dry_run).await?;
+        Ok(Response::new(SettleReply { summary: Some(summary_to_proto(&summary)), dry_run }))
+    }
+
+    async fn earnings(&self, request: Request<EarningsRequest>) -> Result<Response<EarningsReply>, Status> {
+        let (epochs, balance_micros) = self.metering.earnings(&request.into_inner().wallet).await?;
+        Ok(Response::new(EarningsReply {
+            epochs: epochs
+                .into_iter()
+                .map(|epoch| ProviderEarnings {
+                    epoch_id: epoch.epoch_id,
+                    revenue_micros: epoch.revenue,
+                    reward_micros: epoch.reward,
+                    power_cost_micros: epoch.power_cost,
+                    net_micros: epoch.net,
+                    uptime_ms: epoch.uptime_ms,
+                    gpu_capacity_units: epoch.gpu_capacity.units(),
+                })
+                .collect(),
+            balance_micros,
+        }))
+    }
+}

@@ -1,0 +1,88 @@
+//! The on-disk layout of a store directory, shared by the owning store and by clients in
+//! other processes, which know nothing but the directory path.
+//!
+//! - `<dir>/<object id hex>`: a sealed object, mode 0444, immutable.
+//! - `<dir>/<object id hex>.unsealed`: an object being written (sized up front).
+//! - `<dir>/<object id hex>.restoring`: a spilled object being copied back.
+//!
+//! Publication is a `rename` from `.unsealed` to the bare name, atomic within the
+//! directory, so a reader either finds no file or the complete object.
+
+use std::fs::{self, File, Permissions};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use ionet::ObjectId;
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::error::{ObjectStoreError, ObjectStoreResult};
+
+pub(crate) fn sealed_path(dir: &Path, id: &ObjectId) -> PathBuf {
+    dir.join(id.hex())
+}
+
+pub(crate) fn unsealed_path(dir: &Path, id: &ObjectId) -> PathBuf {
+    dir.join(format!("{}.unsealed", id.hex()))
+}
+
+pub(crate) fn restoring_path(dir: &Path, id: &ObjectId) -> PathBuf {
+    dir.join(format!("{}.restoring", id.hex()))
+}
+
+/// Sizes a fresh file and allocates its pages now, so that running out of tmpfs space is
+/// an error here instead of a SIGBUS on the first write through a mapping.
+pub(crate) fn allocate(file: &File, size: u64, path: &Path) -> ObjectStoreResult<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(size).map_err(|_| {
+        ObjectStoreError::io_at(
+            "size",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "size overflows off_t"),
+        )
+    })?;
+    // SAFETY: plain syscall on a file descriptor we own; posix_fallocate returns the
+    // error number instead of setting errno.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        return Err(ObjectStoreError::io_at(
+            &format!("allocate {size} bytes for"),
+            path,
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps a sized, unsealed file writable (shared, so other processes see the bytes).
+pub(crate) fn map_writable(file: &File, size: u64, path: &Path) -> ObjectStoreResult<Option<MmapMut>> {
+    if size == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the unsealed file is written only by the one process that created it or
+    // was handed it for writing; nobody reads it before it is sealed.
+    // Populated: one kernel call faults in every (already allocated) page, instead of
+    // one fault per page during the write.
+    let map = unsafe { MmapOptions::new().len(size as usize).populate().map_mut(file) }
+        .map_err(|err| ObjectStoreError::io_at("map", path, err))?;
+    Ok(Some(map))
+}
+
+/// Makes `from` read-only and renames it to `to`: the atomic publication step.
+pub(crate) fn publish(from: &Path, to: &Path) -> ObjectStoreResult<()> {
+    fs::set_permissions(from, Permissions::from_mode(0o444))
+        .map_err(|err| ObjectStoreError::io_at("make read-only", from, err))?;
+    fs::rename(from, to).map_err(|err| ObjectStoreError::io_at("publish", to, err))
+}
+
+/// Removes a file if present; a file that is still mapped by a reader stays readable
+/// through that mapping (Linux frees the pages when the last mapping goes).
+pub(crate) fn remove_if_present(path: &Path) -> ObjectStoreResult<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(ObjectStoreError::io_at("remove", path, err)),
+    }
+}

@@ -1,0 +1,505 @@
+//! [`LocalObjectStore`]: the node-local store, owned by the node daemon.
+//!
+//! Every object is in one of these states; each transition happens under the one lock:
+//!
+//! | state | shm file | spill file | counted in `bytes_in_memory` |
+//! | --- | --- | --- | --- |
+//! | unsealed (being written) | `<id>.unsealed` | – | yes, from `create` on |
+//! | sealed, in memory | `<id>` | maybe (an earlier spill) | yes |
+//! | sealed, spilled | – | `<id>` in the spill dir | no |
+//!
+//! Invariants:
+//! - `bytes_in_memory <= capacity` at all times: capacity is reserved *before* a file is
+//!   allocated (`create`, restore, or the seal of a file a client made itself).
+//! - Only sealed, in-memory, unpinned objects are spill candidates, least recently used
+//!   first (`lru` holds exactly the sealed in-memory objects, keyed by last use).
+//! - Objects are immutable once sealed, so a spill copy stays valid: an object restored
+//!   to memory keeps it, and spilling it again only unlinks the shm file.
+//!
+//! Spill and restore copy files while holding the lock (simple and correct; a node with
+//! heavy spill traffic would want them off the lock). The daemon calls these methods from
+//! blocking threads (`spawn_blocking`), never on an async worker thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, Weak};
+
+use ionet::ObjectId;
+use memmap2::MmapMut;
+
+use crate::error::{ObjectStoreError, ObjectStoreResult};
+use crate::layout;
+use crate::view::{ObjectView, ViewInner};
+
+/// Where and how big the store is.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Bytes of shared memory the store may hold (sealed objects plus reservations).
+    pub capacity: u64,
+    /// Where the store makes its own directory `ionet-objects-<pid>-<random>`;
+    /// `None`: `/dev/shm`, or the system temp dir where `/dev/shm` is absent.
+    pub root: Option<PathBuf>,
+    /// Where the store makes its spill directory `ionet-spill-<pid>-<random>` (should be
+    /// a disk, not tmpfs); `None`: the system temp dir.
+    pub spill_root: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    pub fn with_capacity(capacity: u64) -> StoreConfig {
+        StoreConfig { capacity, root: None, spill_root: None }
+    }
+}
+
+/// Usage figures. An object restored from spill is counted in both memory and spill
+/// figures, since it keeps its spill copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub capacity: u64,
+    /// Sealed objects in memory plus space reserved for objects being written.
+    pub bytes_in_memory: u64,
+    pub bytes_spilled: u64,
+    /// Sealed objects in memory.
+    pub objects_in_memory: u64,
+    pub objects_spilled: u64,
+    /// Objects created but not sealed yet.
+    pub objects_unsealed: u64,
+    pub bytes_pinned: u64,
+}
+
+/// An object created and not yet sealed: its file exists at [`CreatedObject::path`],
+/// sized and allocated, and is mapped writable here. Dropping it only unmaps; the object
+/// stays unsealed (for another process to write) until `seal` or `abort`.
+pub struct CreatedObject {
+    id: ObjectId,
+    path: PathBuf,
+    size: u64,
+    map: Option<MmapMut>,
+}
+
+impl CreatedObject {
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The unsealed file, for a writer in another process (`StoreClient::write_unsealed`
+    /// finds it by id too).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+struct Entry {
+    size: u64,
+    sealed: bool,
+    in_memory: bool,
+    spilled: bool,
+    pins: u32,
+    /// Key in `Inner::lru` while sealed and in memory.
+    lru_key: Option<u64>,
+    /// The mapping handed out last, reused while any view of it is alive.
+    view: Weak<ViewInner>,
+}
+
+impl Entry {
+    fn unsealed(size: u64) -> Entry {
+        Entry { size, sealed: false, in_memory: true, spilled: false, pins: 0, lru_key: None, view: Weak::new() }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<ObjectId, Entry>,
+    lru: BTreeMap<u64, ObjectId>,
+    tick: u64,
+    bytes_in_memory: u64,
+}
+
+impl Inner {
+    fn touch(&mut self, id: ObjectId) {
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = self.entries.get_mut(&id).expect("touched entry exists");
+        if let Some(old) = entry.lru_key.replace(tick) {
+            self.lru.remove(&old);
+        }
+        self.lru.insert(tick, id);
+    }
+
+    fn forget_lru(&mut self, id: &ObjectId) {
+        if let Some(entry) = self.entries.get_mut(id) {
+            if let Some(key) = entry.lru_key.take() {
+                self.lru.remove(&key);
+            }
+        }
+    }
+}
+
+/// The node's shared-memory object store. See the module docs for states and invariants.
+pub struct LocalObjectStore {
+    dir: PathBuf,
+    spill_dir: PathBuf,
+    capacity: u64,
+    inner: Mutex<Inner>,
+}
+
+impl LocalObjectStore {
+    /// Creates the store and spill directories. Dropping the store removes both.
+    pub fn new(config: StoreConfig) -> ObjectStoreResult<LocalObjectStore> {
+        let root = config.root.unwrap_or_else(default_root);
+        let spill_root = config.spill_root.unwrap_or_else(std::env::temp_dir);
+        let dir = make_unique_dir(&root, "ionet-objects")?;
+        let spill_dir = match make_unique_dir(&spill_root, "ionet-spill") {
+            Ok(spill_dir) => spill_dir,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(err);
+            }
+        };
+        tracing::info!(dir = %dir.display(), spill_dir = %spill_dir.display(),
+            capacity = config.capacity, "object store ready");
+        Ok(LocalObjectStore { dir, spill_dir, capacity: config.capacity, inner: Mutex::new(Inner::default()) })
+    }
+
+    /// The shared-memory directory; hand it to workers for [`crate::StoreClient::open`].
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn spill_dir(&self) -> &Path {
+        &self.spill_dir
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves counters that are still consistent with
+        // the files for every completed step, so poisoning is not fatal.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reserves `size` bytes for a new object and creates its unsealed file, mapped
+    /// writable. Spills least recently used objects if needed.
+    pub fn create(&self, id: ObjectId, size: u64) -> ObjectStoreResult<CreatedObject> {
+        // Allocated now: a writer through the mapping would get SIGBUS, not an error, if
+        // tmpfs ran out of space mid-write.
+        let (file, path) = self.create_file(id, size, true)?;
+        let map = match layout::map_writable(&file, size, &path) {
+            Ok(map) => map,
+            Err(err) => {
+                let _ = self.abort(&id);
+                return Err(err);
+            }
+        };
+        Ok(CreatedObject { id, path, size, map })
+    }
+
+    /// Reserves room and creates the unsealed file, allocated up front or not.
+    fn create_file(&self, id: ObjectId, size: u64, preallocate: bool) -> ObjectStoreResult<(File, PathBuf)> {
+        let path = layout::unsealed_path(&self.dir, &id);
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&id) {
+            return Err(ObjectStoreError::AlreadyExists { id });
+        }
+        self.reserve(&mut inner, id, size)?;
+        let created = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|err| ObjectStoreError::io_at("create", &path, err))
+            .and_then(|file| {
+                if preallocate {
+                    layout::allocate(&file, size, &path)?;
+                }
+                Ok(file)
+            });
+        match created {
+            Ok(file) => {
+                inner.entries.insert(id, Entry::unsealed(size));
+                Ok((file, path))
+            }
+            Err(err) => {
+                inner.bytes_in_memory -= size;
+                let _ = layout::remove_if_present(&path);
+                Err(err)
+            }
+        }
+    }
+
+    /// Publishes an object: renames its unsealed file into place, after which every
+    /// process can map it. The file may come from [`LocalObjectStore::create`] or from a
+    /// client that created it itself; the latter is accounted now, and discarded if it
+    /// does not fit.
+    pub fn seal(&self, id: &ObjectId) -> ObjectStoreResult<ObjectView> {
+        let unsealed = layout::unsealed_path(&self.dir, id);
+        let sealed = layout::sealed_path(&self.dir, id);
+        let mut inner = self.lock();
+        match inner.entries.get(id) {
+            Some(entry) if entry.sealed => return Err(ObjectStoreError::AlreadyExists { id: *id }),
+            Some(_) => {}
+            None => {
+                let size = match fs::metadata(&unsealed) {
+                    Ok(meta) => meta.len(),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(ObjectStoreError::NotFound { id: *id })
+                    }
+                    Err(err) => return Err(ObjectStoreError::io_at("stat", &unsealed, err)),
+                };
+                if let Err(err) = self.reserve(&mut inner, *id, size) {
+                    let _ = layout::remove_if_present(&unsealed);
+                    return Err(err);
+                }
+                inner.entries.insert(*id, Entry::unsealed(size));
+            }
+        }
+        layout::publish(&unsealed, &sealed)?;
+        inner.entries.get_mut(id).expect("entry checked above").sealed = true;
+        inner.touch(*id);
+        self.view_locked(&mut inner, id)
+    }
+
+    /// Discards an unsealed object and its reservation (a failed write or transfer).
+    pub fn abort(&self, id: &ObjectId) -> ObjectStoreResult<()> {
+        let mut inner = self.lock();
+        match inner.entries.get(id) {
+            Some(entry) if entry.sealed => return Err(ObjectStoreError::AlreadyExists { id: *id }),
+            Some(entry) => {
+                inner.bytes_in_memory -= entry.size;
+                inner.entries.remove(id);
+            }
+            None => {}
+        }
+        layout::remove_if_present(&layout::unsealed_path(&self.dir, id))?;
+        Ok(())
+    }
+
+    /// Creates, writes and seals in one call.
+    pub fn put(&self, id: ObjectId, data: &[u8]) -> ObjectStoreResult<ObjectView> {
+        // One `pwrite` instead of a mapping: the kernel allocates and fills each page in
+        // one pass (no zeroing by fallocate, no page faults), and a full tmpfs is ENOSPC.
+        let (file, path) = self.create_file(id, data.len() as u64, false)?;
+        if let Err(err) = file.write_all_at(data, 0) {
+            let _ = self.abort(&id);
+            return Err(ObjectStoreError::io_at("write", &path, err));
+        }
+        drop(file);
+        self.seal(&id)
+    }
+
+    /// Whether the object is sealed (in memory or spilled).
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.lock().entries.get(id).is_some_and(|entry| entry.sealed)
+    }
+
+    /// Maps a sealed object, restoring it from spill first if needed. `Ok(None)`: absent
+    /// or not sealed yet.
+    pub fn get(&self, id: &ObjectId) -> ObjectStoreResult<Option<ObjectView>> {
+        let mut inner = self.lock();
+        match inner.entries.get(id) {
+            Some(entry) if entry.sealed => {}
+            _ => return Ok(None),
+        }
+        self.ensure_in_memory(&mut inner, id)?;
+        inner.touch(*id);
+        self.view_locked(&mut inner, id).map(Some)
+    }
+
+    /// Marks a sealed object as in use by a running task (restoring it if spilled): it is
+    /// not spilled until every pin is released with [`LocalObjectStore::unpin`].
+    pub fn pin(&self, id: &ObjectId) -> ObjectStoreResult<ObjectView> {
+        let mut inner = self.lock();
+        match inner.entries.get(id) {
+            Some(entry) if entry.sealed => {}
+            Some(_) => return Err(ObjectStoreError::NotSealed { id: *id }),
+            None => return Err(ObjectStoreError::NotFound { id: *id }),
+        }
+        self.ensure_in_memory(&mut inner, id)?;
+        inner.touch(*id);
+        inner.entries.get_mut(id).expect("checked").pins += 1;
+        self.view_locked(&mut inner, id)
+    }
+
+    pub fn unpin(&self, id: &ObjectId) -> ObjectStoreResult<()> {
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or(ObjectStoreError::NotFound { id: *id })?;
+        if entry.pins == 0 {
+            return Err(ObjectStoreError::NotPinned { id: *id });
+        }
+        entry.pins -= 1;
+        Ok(())
+    }
+
+    /// Frees the object's memory and spill copy. Returns whether it was present.
+    /// Processes that still map it keep reading valid bytes: unlinking a mapped file on
+    /// Linux removes the name only, and the pages are freed with the last mapping.
+    pub fn delete(&self, id: &ObjectId) -> ObjectStoreResult<bool> {
+        let mut inner = self.lock();
+        inner.forget_lru(id);
+        let Some(entry) = inner.entries.remove(id) else {
+            return Ok(false);
+        };
+        if entry.in_memory {
+            inner.bytes_in_memory -= entry.size;
+            let path =
+                if entry.sealed { layout::sealed_path(&self.dir, id) } else { layout::unsealed_path(&self.dir, id) };
+            layout::remove_if_present(&path)?;
+        }
+        if entry.spilled {
+            layout::remove_if_present(&self.spill_path(id))?;
+        }
+        Ok(true)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let inner = self.lock();
+        let mut stats =
+            StoreStats { capacity: self.capacity, bytes_in_memory: inner.bytes_in_memory, ..StoreStats::default() };
+        for entry in inner.entries.values() {
+            if !entry.sealed {
+                stats.objects_unsealed += 1;
+                continue;
+            }
+            if entry.in_memory {
+                stats.objects_in_memory += 1;
+            }
+            if entry.spilled {
+                stats.objects_spilled += 1;
+                stats.bytes_spilled += entry.size;
+            }
+            if entry.pins > 0 {
+                stats.bytes_pinned += entry.size;
+            }
+        }
+        stats
+    }
+
+    fn spill_path(&self, id: &ObjectId) -> PathBuf {
+        self.spill_dir.join(id.hex())
+    }
+
+    /// Makes room for `size` more bytes in memory by spilling unpinned objects, least
+    /// recently used first, then counts them as used.
+    fn reserve(&self, inner: &mut Inner, id: ObjectId, size: u64) -> ObjectStoreResult<()> {
+        if size > self.capacity {
+            return Err(ObjectStoreError::ObjectTooLarge { id, size, capacity: self.capacity });
+        }
+        while inner.bytes_in_memory + size > self.capacity {
+            let victim = inner.lru.values().find(|candidate| inner.entries[*candidate].pins == 0).copied();
+            match victim {
+                Some(victim) => self.spill_locked(inner, &victim)?,
+                None => {
+                    let unspillable: u64 =
+                        inner.entries.values().filter(|entry| entry.in_memory).map(|entry| entry.size).sum();
+                    return Err(ObjectStoreError::ObjectStoreFull {
+                        id,
+                        size,
+                        used: inner.bytes_in_memory,
+                        pinned: unspillable,
+                        capacity: self.capacity,
+                    });
+                }
+            }
+        }
+        inner.bytes_in_memory += size;
+        Ok(())
+    }
+
+    /// Moves a sealed, in-memory object to the spill directory and frees its memory.
+    fn spill_locked(&self, inner: &mut Inner, id: &ObjectId) -> ObjectStoreResult<()> {
+        let shm = layout::sealed_path(&self.dir, id);
+        let entry = &inner.entries[id];
+        let size = entry.size;
+        if !entry.spilled {
+            let spill = self.spill_path(id);
+            let partial = self.spill_dir.join(format!("{}.partial", id.hex()));
+            fs::copy(&shm, &partial)
+                .map_err(|err| {
+                    let _ = fs::remove_file(&partial);
+                    ObjectStoreError::io_at("spill to", &partial, err)
+                })
+                .and_then(|_| {
+                    fs::rename(&partial, &spill).map_err(|err| ObjectStoreError::io_at("spill to", &spill, err))
+                })?;
+        }
+        layout::remove_if_present(&shm)?;
+        inner.forget_lru(id);
+        let entry = inner.entries.get_mut(id).expect("spilled entry exists");
+        entry.spilled = true;
+        entry.in_memory = false;
+        entry.view = Weak::new();
+        inner.bytes_in_memory -= size;
+        tracing::debug!(object = %id.short(), size, "spilled object");
+        Ok(())
+    }
+
+    /// Restores a spilled object into memory (reserving room for it first).
+    fn ensure_in_memory(&self, inner: &mut Inner, id: &ObjectId) -> ObjectStoreResult<()> {
+        let entry = &inner.entries[id];
+        if entry.in_memory {
+            return Ok(());
+        }
+        let size = entry.size;
+        self.reserve(inner, *id, size)?;
+        let restoring = layout::restoring_path(&self.dir, id);
+        let restored = fs::copy(self.spill_path(id), &restoring)
+            .map_err(|err| ObjectStoreError::io_at("restore into", &restoring, err))
+            .and_then(|_| layout::publish(&restoring, &layout::sealed_path(&self.dir, id)));
+        if let Err(err) = restored {
+            inner.bytes_in_memory -= size;
+            let _ = layout::remove_if_present(&restoring);
+            return Err(err);
+        }
+        inner.entries.get_mut(id).expect("checked").in_memory = true;
+        tracing::debug!(object = %id.short(), size, "restored object from spill");
+        Ok(())
+    }
+
+    /// The live mapping of an in-memory sealed object, or a fresh one.
+    fn view_locked(&self, inner: &mut Inner, id: &ObjectId) -> ObjectStoreResult<ObjectView> {
+        let entry = inner.entries.get_mut(id).expect("viewed entry exists");
+        if let Some(live) = entry.view.upgrade() {
+            return Ok(ObjectView::from_inner(live));
+        }
+        let view = ObjectView::map_file(*id, &layout::sealed_path(&self.dir, id))?;
+        entry.view = view.downgrade();
+        Ok(view)
+    }
+}
+
+impl Drop for LocalObjectStore {
+    fn drop(&mut self) {
+        for dir in [&self.dir, &self.spill_dir] {
+            if let Err(err) = fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %err,
+                    "could not remove object store directory");
+            }
+        }
+    }
+}
+
+fn default_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn make_unique_dir(root: &Path, prefix: &str) -> ObjectStoreResult<PathBuf> {
+    let dir = root.join(format!("{prefix}-{}-{}", std::process::id(), ObjectId::random().short()));
+    fs::create_dir_all(&dir).map_err(|err| ObjectStoreError::io_at("create", &dir, err))?;
+    Ok(dir)
+}

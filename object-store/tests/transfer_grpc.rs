@@ -1,0 +1,271 @@
+//! Chunked pulls between two stores over real gRPC on loopback, with the token check.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{contents, id, matches, store, MIB};
+use futures::Stream;
+use ionet::auth::{CheckToken, ClusterToken};
+use ionet::rpc::proto::object::object_manager_client::ObjectManagerClient;
+use ionet::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
+use ionet::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
+use ionet::IonetError;
+use ionet_object_store::{LocalObjectStore, ObjectManagerService, ObjectStoreError, Puller};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A server on an ephemeral loopback port; stops when dropped.
+struct Served {
+    address: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn serve_router(router: tonic::transport::server::Router) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = stopped.await;
+    }));
+    Served { address, _stop: stop }
+}
+
+async fn serve(service: ObjectManagerService, token: &ClusterToken) -> Served {
+    serve_router(tonic::transport::Server::builder().add_service(service.into_server(token.clone()))).await
+}
+
+fn two_nodes(capacity: u64) -> (Arc<LocalObjectStore>, Arc<LocalObjectStore>) {
+    (Arc::new(store(capacity)), Arc::new(store(capacity)))
+}
+
+async fn with_timeout<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, future).await.expect("test timed out")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_is_pulled_in_chunks_intact() {
+    with_timeout(async {
+        let token = ClusterToken::generate();
+        let (remote, local) = two_nodes(512 * MIB);
+        let size = 200 * MIB + 12_345;
+        remote.put(id(1), &contents(size, 1)).unwrap();
+        let service = ObjectManagerService::new(remote.clone());
+        let server = serve(service.clone(), &token).await;
+
+        let puller = Puller::new(local.clone(), token.clone());
+        let view = puller.pull(&server.address.to_string(), id(1)).await.unwrap();
+        assert!(matches(&view, size, 1));
+        assert_eq!(local.stats().bytes_in_memory, size);
+        assert!(matches(&local.get(&id(1)).unwrap().unwrap(), size, 1));
+        assert_eq!(service.pulls_served(), 1);
+
+        // Already local: no second transfer.
+        puller.pull(&server.address.to_string(), id(1)).await.unwrap();
+        assert_eq!(service.pulls_served(), 1);
+        assert_eq!(puller.transfers_started(), 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_object_share_one_transfer() {
+    with_timeout(async {
+        let token = ClusterToken::generate();
+        let (remote, local) = two_nodes(256 * MIB);
+        let size = 24 * MIB + 1;
+        remote.put(id(2), &contents(size, 2)).unwrap();
+        // Small chunks make the transfer long enough for every pull to overlap it.
+        let service = ObjectManagerService::new(remote.clone()).with_chunk_bytes(256 * 1024);
+        let server = serve(service.clone(), &token).await;
+        let address = server.address.to_string();
+
+        let puller = Puller::new(local.clone(), token.clone());
+        let pulls = (0..8).map(|_| {
+            let puller = puller.clone();
+            let address = address.clone();
+            tokio::spawn(async move { puller.pull(&address, id(2)).await })
+        });
+        let views: Vec<_> =
+            futures::future::join_all(pulls).await.into_iter().map(|joined| joined.unwrap().unwrap()).collect();
+        assert_eq!(service.pulls_served(), 1, "pulls were not merged");
+        assert_eq!(puller.transfers_started(), 1);
+        for view in &views {
+            assert!(matches(view, size, 2));
+        }
+        assert_eq!(local.stats().objects_in_memory, 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulling_an_unknown_object_is_not_found() {
+    with_timeout(async {
+        let token = ClusterToken::generate();
+        let (remote, local) = two_nodes(64 * MIB);
+        let server = serve(ObjectManagerService::new(remote), &token).await;
+        let puller = Puller::new(local.clone(), token);
+        let err = puller.pull(&server.address.to_string(), id(3)).await.unwrap_err();
+        match &err {
+            ObjectStoreError::PullFailed { code, message, .. } => {
+                assert_eq!(*code, tonic::Code::NotFound);
+                assert!(message.contains(&id(3).hex()), "{message}");
+            }
+            other => panic!("expected NOT_FOUND, got {other}"),
+        }
+        assert!(matches!(IonetError::from(err), IonetError::NotFound(_)));
+        assert_eq!(local.stats().bytes_in_memory, 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_unauthenticated() {
+    with_timeout(async {
+        let (remote, local) = two_nodes(64 * MIB);
+        remote.put(id(4), &contents(MIB, 4)).unwrap();
+        let server = serve(ObjectManagerService::new(remote), &ClusterToken::generate()).await;
+        let puller = Puller::new(local.clone(), ClusterToken::generate());
+        let err = puller.pull(&server.address.to_string(), id(4)).await.unwrap_err();
+        assert!(matches!(&err, ObjectStoreError::PullFailed { code: tonic::Code::Unauthenticated, .. }), "{err}");
+        assert!(matches!(IonetError::from(err), IonetError::Unauthenticated(_)));
+        assert!(local.get(&id(4)).unwrap().is_none());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_unavailable() {
+    with_timeout(async {
+        let local = Arc::new(store(64 * MIB));
+        // Bind then drop to get a port nobody listens on.
+        let address = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let puller = Puller::new(local, ClusterToken::generate());
+        let err = puller.pull(&address.to_string(), id(5)).await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(matches!(IonetError::from(err), IonetError::Unavailable(_)));
+    })
+    .await
+}
+
+/// A peer that misbehaves after sending part of an object.
+struct BrokenPeer {
+    /// Chunks to send, then optionally an error status.
+    chunks: Vec<ObjectChunk>,
+    fail_with: Option<Status>,
+}
+
+#[tonic::async_trait]
+impl ObjectManager for BrokenPeer {
+    type PullStream = Pin<Box<dyn Stream<Item = Result<ObjectChunk, Status>> + Send>>;
+
+    async fn pull(&self, _: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        let mut items: Vec<Result<ObjectChunk, Status>> = self.chunks.iter().cloned().map(Ok).collect();
+        if let Some(status) = &self.fail_with {
+            items.push(Err(status.clone()));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(items))))
+    }
+
+    async fn free(&self, _: Request<FreeRequest>) -> Result<Response<FreeReply>, Status> {
+        Err(Status::unimplemented("broken peer"))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        Err(Status::unimplemented("broken peer"))
+    }
+}
+
+async fn pull_from_broken(peer: BrokenPeer) -> (ObjectStoreError, Arc<LocalObjectStore>) {
+    let token = ClusterToken::generate();
+    let service = InterceptedService::new(ObjectManagerServer::new(peer), CheckToken::new(token.clone()));
+    let server = serve_router(tonic::transport::Server::builder().add_service(service)).await;
+    let local = Arc::new(store(64 * MIB));
+    let err = Puller::new(local.clone(), token).pull(&server.address.to_string(), id(6)).await.unwrap_err();
+    (err, local)
+}
+
+fn assert_nothing_left(local: &LocalObjectStore) {
+    assert!(local.get(&id(6)).unwrap().is_none());
+    let stats = local.stats();
+    assert_eq!((stats.bytes_in_memory, stats.objects_unsealed), (0, 0), "{stats:?}");
+    assert_eq!(std::fs::read_dir(local.dir()).unwrap().count(), 0, "partial file left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_breaks_off_leaves_no_partial_object() {
+    with_timeout(async {
+        let chunk = |offset: u64, len: usize| ObjectChunk { total_size: MIB, offset, data: vec![7; len] };
+
+        // The peer fails mid-stream.
+        let (err, local) = pull_from_broken(BrokenPeer {
+            chunks: vec![chunk(0, 1000)],
+            fail_with: Some(Status::unavailable("peer going away")),
+        })
+        .await;
+        assert!(matches!(&err, ObjectStoreError::TransferBroken { .. }), "{err}");
+        assert!(err.to_string().contains("after 1000 bytes"), "{err}");
+        assert_nothing_left(&local);
+
+        // The stream ends short of the announced size.
+        let (err, local) =
+            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 1000), chunk(1000, 24)], fail_with: None }).await;
+        assert!(err.to_string().contains(&format!("ended after 1024 of {MIB} bytes")), "{err}");
+        assert!(err.is_retryable());
+        assert_nothing_left(&local);
+
+        // A chunk out of order.
+        let (err, local) =
+            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 10), chunk(20, 10)], fail_with: None }).await;
+        assert!(err.to_string().contains("does not follow"), "{err}");
+        assert_nothing_left(&local);
+
+        // More bytes than announced.
+        let (err, local) = pull_from_broken(BrokenPeer {
+            chunks: vec![ObjectChunk { total_size: 4, offset: 0, data: vec![1; 8] }],
+            fail_with: None,
+        })
+        .await;
+        assert!(err.to_string().contains("does not follow"), "{err}");
+        assert_nothing_left(&local);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_objects_travel_and_free_and_stats_answer() {
+    with_timeout(async {
+        let token = ClusterToken::generate();
+        let (remote, local) = two_nodes(64 * MIB);
+        remote.put(id(7), &[]).unwrap();
+        remote.put(id(8), &contents(MIB, 8)).unwrap();
+        let server = serve(ObjectManagerService::new(remote.clone()), &token).await;
+        let address = server.address.to_string();
+        let view = Puller::new(local.clone(), token.clone()).pull(&address, id(7)).await.unwrap();
+        assert!(view.is_empty());
+        assert!(local.contains(&id(7)));
+
+        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let mut client = ObjectManagerClient::new(channel);
+        let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
+        assert_eq!((stats.objects_in_memory, stats.bytes_in_memory, stats.pulls_served), (2, MIB, 1));
+        let freed = client
+            .free(FreeRequest { object_ids: vec![id(7).to_vec(), id(8).to_vec(), id(9).to_vec()] })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(freed.freed, 2);
+        assert_eq!(remote.stats().objects_in_memory, 0);
+        let status = client.free(FreeRequest { object_ids: vec![vec![1, 2, 3]] }).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    })
+    .await
+}

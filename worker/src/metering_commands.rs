@@ -1,0 +1,323 @@
+//! `ionet usage`, `ionet ledger balances`, `ionet settle`, `ionet earnings` and
+//! `ionet credits add|refund`: thin clients of the head's metering service. Amounts travel
+//! as integer micro-USD and are shown as USD; `--json` prints both.
+
+use anyhow::{anyhow, bail, Result};
+use ionet::resources::{format_usd, parse_usd, ResourceSet};
+use ionet::rpc::proto::metering::*;
+use ionet::rpc::MeteringClient;
+use ionet::{IonetError, JobId, NodeId};
+use serde_json::{json, Value};
+
+use crate::cli::{BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, SettleArgs, UsageArgs};
+use crate::commands::{resolve_head_address, resolve_token};
+use crate::logging;
+use crate::session::SessionDir;
+
+/// Runs `call` against the head's metering service, on a runtime of its own.
+fn with_metering<T>(head: &HeadArgs, call: impl AsyncFnOnce(MeteringClient) -> Result<T, tonic::Status>) -> Result<T> {
+    logging::init_client();
+    let session = SessionDir::resolve(head.session.temp_dir.as_deref());
+    let address = resolve_head_address(head.address.as_deref(), &session)?;
+    let token = resolve_token(head.token.as_deref(), &session)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime
+        .block_on(async {
+            let client = ionet::rpc::metering_client(&address, &token).await?;
+            call(client).await.map_err(IonetError::from)
+        })
+        .map_err(Into::into)
+}
+
+/// USD with a sign, e.g. `-12.50`.
+fn signed_usd(micros: i64) -> String {
+    let text = format_usd(micros.unsigned_abs());
+    if micros < 0 {
+        format!("-{text}")
+    } else {
+        text
+    }
+}
+
+fn short_hex(bytes: &[u8]) -> String {
+    let mut text = hex::encode(bytes);
+    text.truncate(8);
+    text
+}
+
+fn resources_of(record: &UsageRecord) -> ResourceSet {
+    record.resources.clone().unwrap_or_default().to_set().unwrap_or_default()
+}
+
+fn record_json(record: &UsageRecord) -> Value {
+    let resources = resources_of(record);
+    json!({
+        "record_id": record.record_id,
+        "lease_id": hex::encode(&record.lease_id),
+        "job_id": hex::encode(&record.job_id),
+        "payer_account": record.payer_account,
+        "node_id": hex::encode(&record.node_id),
+        "provider_wallet": record.provider_wallet,
+        "resources": resources.iter().map(|(name, quantity)| (name.to_string(), json!(quantity.as_f64()))).collect::<serde_json::Map<_, _>>(),
+        "start_ms": record.start_ms,
+        "end_ms": if record.open { Value::Null } else { json!(record.end_ms) },
+        "duration_ms": if record.open { Value::Null } else { json!(record.end_ms.saturating_sub(record.start_ms)) },
+        "open": record.open,
+        "segment": record.segment,
+        "price_per_gpu_hour_micros": record.price_per_gpu_hour_micros,
+        "price_per_cpu_hour_micros": record.price_per_cpu_hour_micros,
+        "cost_micros": record.cost_micros,
+        "cost": format_usd(record.cost_micros),
+        "settled": record.settled,
+        "settled_epoch": if record.settled { json!(record.settled_epoch) } else { Value::Null },
+    })
+}
+
+/// `ionet usage`.
+pub fn usage(args: UsageArgs) -> Result<()> {
+    let job_id = args.job.as_deref().map(str::parse::<JobId>).transpose()?;
+    let node_id = args.node.as_deref().map(str::parse::<NodeId>).transpose()?;
+    let request = ListUsageRequest {
+        job_id: job_id.map(|id| id.to_vec()).unwrap_or_default(),
+        node_id: node_id.map(|id| id.to_vec()).unwrap_or_default(),
+    };
+    let records =
+        with_metering(&args.head, async move |mut client| Ok(client.list_usage(request).await?.into_inner().records))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&Value::Array(records.iter().map(record_json).collect()))?);
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no usage recorded");
+        return Ok(());
+    }
+    println!(
+        "{:<8}  {:<8}  {:<8}  {:<14}  {:<16}  {:<14}  {:>10}  {:>12}  {}",
+        "RECORD", "JOB", "NODE", "PAYER", "PROVIDER", "RESOURCES", "SECONDS", "COST (USD)", "STATE"
+    );
+    for record in &records {
+        let resources = resources_of(record);
+        let state = if record.open {
+            "open".to_string()
+        } else if record.settled {
+            format!("settled in epoch {}", record.settled_epoch)
+        } else {
+            "pending".to_string()
+        };
+        let seconds = if record.open {
+            "-".to_string()
+        } else {
+            format!("{:.3}", record.end_ms.saturating_sub(record.start_ms) as f64 / 1000.0)
+        };
+        println!(
+            "{:<8}  {:<8}  {:<8}  {:<14}  {:<16}  {:<14}  {:>10}  {:>12}  {}",
+            &record.record_id[..8.min(record.record_id.len())],
+            hex::encode(&record.job_id),
+            short_hex(&record.node_id),
+            record.payer_account,
+            record.provider_wallet,
+            resources.to_string(),
+            seconds,
+            format_usd(record.cost_micros),
+            state
+        );
+    }
+    Ok(())
+}
+
+/// `ionet ledger balances`.
+pub fn balances(args: BalancesArgs) -> Result<()> {
+    let balances = with_metering(&args.head, async |mut client| {
+        Ok(client.balances(BalancesRequest {}).await?.into_inner().balances)
+    })?;
+    let sum: i64 = balances.iter().map(|b| b.balance_micros).sum();
+    if args.json {
+        let rows: Vec<Value> = balances
+            .iter()
+            .map(|b| json!({"account": b.account, "balance_micros": b.balance_micros, "balance": signed_usd(b.balance_micros)}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({"balances": rows, "sum_micros": sum}))?);
+        return Ok(());
+    }
+    if balances.is_empty() {
+        println!("the ledger is empty");
+        return Ok(());
+    }
+    println!("{:<40}  {:>16}", "ACCOUNT", "BALANCE (USD)");
+    for balance in &balances {
+        println!("{:<40}  {:>16}", balance.account, signed_usd(balance.balance_micros));
+    }
+    println!("{:<40}  {:>16}", "(sum)", signed_usd(sum));
+    Ok(())
+}
+
+fn summary_json(summary: &EpochSummary, dry_run: bool) -> Value {
+    json!({
+        "dry_run": dry_run,
+        "epoch_id": summary.epoch_id,
+        "end_ms": summary.end_ms,
+        "fee_bps": summary.fee_bps,
+        "records": summary.records,
+        "total_usage_micros": summary.total_usage_micros,
+        "total_fee_micros": summary.total_fee_micros,
+        "total_rewards_micros": summary.total_rewards_micros,
+        "reward_remainder_micros": summary.reward_remainder_micros,
+        "payers": summary.payers.iter().map(|p| json!({
+            "payer": p.payer,
+            "usage_micros": p.usage_micros,
+            "fee_micros": p.fee_micros,
+            "shortfall_micros": p.shortfall_micros,
+            "balance_after_micros": p.balance_after_micros,
+        })).collect::<Vec<_>>(),
+        "providers": summary.providers.iter().map(|p| json!({
+            "wallet": p.wallet,
+            "revenue_micros": p.revenue_micros,
+            "reward_micros": p.reward_micros,
+            "power_cost_micros": p.power_cost_micros,
+            "uptime_ms": p.uptime_ms,
+            "gpu_capacity": p.gpu_capacity_units as f64 / ionet::resources::SCALE as f64,
+            "records": p.records,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `ionet settle`.
+pub fn settle(args: SettleArgs) -> Result<()> {
+    let dry_run = args.dry_run;
+    let summary = with_metering(&args.head, async move |mut client| {
+        Ok(client.settle(SettleRequest { dry_run }).await?.into_inner().summary.unwrap_or_default())
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary_json(&summary, dry_run))?);
+        return Ok(());
+    }
+    println!(
+        "{} epoch {} (ending at {} ms): {} record(s), usage ${}, fee ${} ({} bps), rewards ${}",
+        if dry_run { "dry run: would close" } else { "closed" },
+        summary.epoch_id,
+        summary.end_ms,
+        summary.records,
+        format_usd(summary.total_usage_micros),
+        format_usd(summary.total_fee_micros),
+        summary.fee_bps,
+        format_usd(summary.total_rewards_micros)
+    );
+    for payer in &summary.payers {
+        println!(
+            "  payer {}: usage ${} + fee ${}; balance after ${}{}",
+            payer.payer,
+            format_usd(payer.usage_micros),
+            format_usd(payer.fee_micros),
+            signed_usd(payer.balance_after_micros),
+            if payer.shortfall_micros > 0 {
+                format!(" (short by ${})", format_usd(payer.shortfall_micros))
+            } else {
+                String::new()
+            }
+        );
+    }
+    for provider in &summary.providers {
+        println!(
+            "  provider {}: revenue ${}, reward ${}, uptime {} s",
+            provider.wallet,
+            format_usd(provider.revenue_micros),
+            format_usd(provider.reward_micros),
+            provider.uptime_ms / 1000
+        );
+    }
+    Ok(())
+}
+
+/// `ionet earnings`.
+pub fn earnings(args: EarningsArgs) -> Result<()> {
+    let wallet = args.wallet.clone();
+    let reply = with_metering(&args.head, async move |mut client| {
+        Ok(client.earnings(EarningsRequest { wallet }).await?.into_inner())
+    })?;
+    let total_revenue: u64 = reply.epochs.iter().map(|e| e.revenue_micros).sum();
+    let total_reward: u64 = reply.epochs.iter().map(|e| e.reward_micros).sum();
+    if args.json {
+        let epochs: Vec<Value> = reply
+            .epochs
+            .iter()
+            .map(|e| {
+                json!({
+                    "epoch_id": e.epoch_id,
+                    "revenue_micros": e.revenue_micros,
+                    "reward_micros": e.reward_micros,
+                    "power_cost_micros": e.power_cost_micros,
+                    "net_micros": e.net_micros,
+                    "uptime_ms": e.uptime_ms,
+                    "gpu_capacity": e.gpu_capacity_units as f64 / ionet::resources::SCALE as f64,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "wallet": args.wallet,
+                "balance_micros": reply.balance_micros,
+                "total_revenue_micros": total_revenue,
+                "total_reward_micros": total_reward,
+                "epochs": epochs,
+            }))?
+        );
+        return Ok(());
+    }
+    if reply.epochs.is_empty() {
+        println!("no settled earnings for wallet {}", args.wallet);
+    } else {
+        println!(
+            "{:>6}  {:>14}  {:>14}  {:>14}  {:>10}",
+            "EPOCH", "REVENUE (USD)", "REWARD (USD)", "NET (USD)", "UPTIME S"
+        );
+        for e in &reply.epochs {
+            println!(
+                "{:>6}  {:>14}  {:>14}  {:>14}  {:>10}",
+                e.epoch_id,
+                format_usd(e.revenue_micros),
+                format_usd(e.reward_micros),
+                signed_usd(e.net_micros),
+                e.uptime_ms / 1000
+            );
+        }
+    }
+    println!(
+        "wallet {}: revenue ${}, rewards ${}; balance ${}",
+        args.wallet,
+        format_usd(total_revenue),
+        format_usd(total_reward),
+        signed_usd(reply.balance_micros)
+    );
+    Ok(())
+}
+
+/// `ionet credits add`.
+pub fn credits_add(args: CreditsAddArgs) -> Result<()> {
+    let amount_micros = parse_usd(&args.amount).map_err(|_| {
+        anyhow!("amount {:?} is not a valid USD amount: give a positive number such as 100 or 12.50", args.amount)
+    })?;
+    if amount_micros == 0 {
+        bail!("amount {:?} is zero: give a positive number of USD", args.amount);
+    }
+    let account = args.account.clone();
+    let balance = with_metering(&args.head, async move |mut client| {
+        Ok(client.add_credits(AddCreditsRequest { account, amount_micros }).await?.into_inner().balance_micros)
+    })?;
+    println!("added ${} to payer {}; balance ${}", format_usd(amount_micros), args.account, signed_usd(balance));
+    Ok(())
+}
+
+/// `ionet credits refund`.
+pub fn credits_refund(args: CreditsRefundArgs) -> Result<()> {
+    let account = args.account.clone();
+    let refunded = with_metering(&args.head, async move |mut client| {
+        Ok(client.refund(RefundRequest { account }).await?.into_inner().refunded_micros)
+    })?;
+    if refunded == 0 {
+        println!("payer {} has no unused credit to refund", args.account);
+    } else {
+        println!("refunded ${} to payer {}", format_usd(refunded), args.account);
+    }
+    Ok(())
+}
