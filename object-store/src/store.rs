@@ -503,3 +503,41 @@ fn make_unique_dir(root: &Path, prefix: &str) -> ObjectStoreResult<PathBuf> {
     fs::create_dir_all(&dir).map_err(|err| ObjectStoreError::io_at("create", &dir, err))?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ObjectId {
+        let mut bytes = [0u8; ObjectId::LEN];
+        bytes[0] = n;
+        ObjectId::from_array(bytes)
+    }
+
+    #[test]
+    fn a_get_makes_an_object_recently_used() {
+        let store = LocalObjectStore::new(StoreConfig::with_capacity(3000)).unwrap();
+        for n in 0..3 {
+            store.put(id(n), &[n; 1000]).unwrap();
+        }
+        store.get(&id(0)).unwrap().unwrap();
+        store.put(id(3), &[3; 1000]).unwrap();
+        // Object 1 was the least recently used, not object 0.
+        let inner = store.lock();
+        assert!(inner.entries[&id(0)].in_memory);
+        assert!(!inner.entries[&id(1)].in_memory);
+        assert_eq!(inner.lru.len(), 3);
+        assert_eq!(inner.bytes_in_memory, 3000);
+    }
+
+    #[test]
+    fn a_failed_create_releases_its_reservation() {
+        let store = LocalObjectStore::new(StoreConfig::with_capacity(1000)).unwrap();
+        store.create(id(1), 600).unwrap();
+        assert!(matches!(store.create(id(1), 10), Err(ObjectStoreError::AlreadyExists { .. })));
+        assert!(matches!(store.create(id(2), 600), Err(ObjectStoreError::ObjectStoreFull { .. })));
+        store.abort(&id(1)).unwrap();
+        assert_eq!(store.stats().bytes_in_memory, 0);
+        store.create(id(2), 1000).unwrap();
+    }
+}

@@ -265,3 +265,20 @@ pub struct QuoteArgs {
     #[command(flatten)]
     pub head: HeadArgs,
 }
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    use crate::{commands, metering_commands, quote_command};
+    match cli.command {
+        Command::Start(args) => commands::start(args),
+        Command::Status(args) => commands::status(args),
+        Command::Stop(args) => commands::stop(args),
+        Command::Usage(args) => metering_commands::usage(args),
+        Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),
+        Command::Settle(args) => metering_commands::settle(args),
+        Command::Earnings(args) => metering_commands::earnings(args),
+        Command::Credits(CreditsCommand::Add(args)) => metering_commands::credits_add(args),
+        Command::Credits(CreditsCommand::Refund(args)) => metering_commands::credits_refund(args),
+        Command::Quote(args) => quote_command::quote(args),
+    }
+}

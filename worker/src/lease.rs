@@ -80,6 +80,52 @@ struct LeaseState {
     view: ClusterView,
 }
 
+/// What the control store is told about leases, in order, off the lease path.
+enum MeterEvent {
+    Started { lease_id: LeaseId, job_id: JobId, resources: ResourceSet },
+    Ended { lease_id: LeaseId },
+}
+
+/// Sends lease starts and ends to the head's metering service. A send that fails while
+/// the head is away is retried; one the head refuses is logged and dropped (metering
+/// never blocks a lease; the head also ends the leases of a node it declares dead).
+async fn report_leases(
+    node_id: NodeId,
+    mut client: ionet::rpc::MeteringClient,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<MeterEvent>,
+) {
+    use ionet::rpc::proto::common::ResourceQuantities;
+    use ionet::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest};
+    while let Some(event) = events.recv().await {
+        for attempt in 0..20u32 {
+            let result = match &event {
+                MeterEvent::Started { lease_id, job_id, resources } => client
+                    .lease_started(LeaseStartedRequest {
+                        lease_id: lease_id.to_vec(),
+                        node_id: node_id.to_vec(),
+                        job_id: job_id.to_vec(),
+                        resources: Some(ResourceQuantities::from_set(resources)),
+                    })
+                    .await
+                    .map(|_| ()),
+                MeterEvent::Ended { lease_id } => {
+                    client.lease_ended(LeaseEndedRequest { lease_id: lease_id.to_vec() }).await.map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(status) if status.code() == tonic::Code::Unavailable && attempt < 19 => {
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "the control store did not take a lease report");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// The lease side of a node daemon.
 pub struct Leases {
     node_id: NodeId,
@@ -95,6 +141,8 @@ pub struct Leases {
     /// Node addresses by id, from the last refresh of the view.
     addresses: DashMap<NodeId, String>,
     options: WorkerPoolOptions,
+    metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
+    gcs: Mutex<Option<ionet::rpc::GcsClient>>,
 }
 
 enum Step {
@@ -142,6 +190,40 @@ impl Leases {
             leased: DashMap::new(),
             addresses: DashMap::new(),
             options,
+            metering: Mutex::new(None),
+            gcs: Mutex::new(None),
+        }
+    }
+
+    /// Reads the node table now; whether it could.
+    async fn refresh_from_control_store(&self) -> bool {
+        let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(mut client) = client else { return false };
+        match client.get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest { include_dead: false }).await {
+            Ok(reply) => {
+                self.refresh_view(&reply.into_inner().nodes);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Connects the leases to the control store: for fresh views, and to report every
+    /// lease to the head's metering service.
+    pub fn attach_control_store(&self, channel: ionet::rpc::AuthChannel) {
+        *self.gcs.lock().unwrap_or_else(|p| p.into_inner()) = Some(ionet::rpc::GcsClient::new(channel.clone()));
+        self.attach_metering(ionet::rpc::MeteringClient::new(channel));
+    }
+
+    fn attach_metering(&self, client: ionet::rpc::MeteringClient) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(report_leases(self.node_id, client, receiver));
+        *self.metering.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+
+    fn meter(&self, event: MeterEvent) {
+        if let Some(sender) = self.metering.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = sender.send(event);
         }
     }
 
@@ -188,7 +270,7 @@ impl Leases {
                 match state.gpus.allocate(gpus) {
                     Ok(Some(assignment)) => Some(assignment),
                     Ok(None) => return Step::Wait("GPUs are busy".into()),
-                    Err(err) => return Step::Infeasible(err.to_string()),
+                    Err(err) => return Step::Infeasible(format!("no node can ever fit {demand}: {err}")),
                 }
             };
             if state.available.try_subtract(demand).is_err() {
@@ -201,7 +283,11 @@ impl Leases {
         };
         let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
             if !fits_ever {
-                Step::Infeasible(format!("node {} has {} in all, short of {demand}", self.node_id.short(), state.total))
+                Step::Infeasible(format!(
+                    "no node can ever fit {demand}: node {} has {} in all",
+                    self.node_id.short(),
+                    state.total
+                ))
             } else if fits_now(state) {
                 grant(state)
             } else {
@@ -224,7 +310,7 @@ impl Leases {
                     return Step::Spill(*node_id, address);
                 }
             } else if !soft {
-                return Step::Infeasible(format!("node {} it is pinned to is not alive", node_id.short()));
+                return Step::Infeasible(format!("{demand} is pinned to node {}, which is not alive", node_id.short()));
             }
         }
         // Our own entry in the view is exact; the others are as of their last heartbeat.
@@ -292,6 +378,7 @@ impl Leases {
             return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
         }
         let strategy = strategy(&request)?;
+        let mut refreshed = false;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -304,9 +391,15 @@ impl Leases {
                     })
                 }
                 Step::Infeasible(reason) => {
-                    let message = format!("no node can ever fit {demand}: {reason}");
+                    // The view may predate a node that just joined: look again before refusing.
+                    if !refreshed {
+                        refreshed = true;
+                        if self.refresh_from_control_store().await {
+                            continue;
+                        }
+                    }
                     tracing::warn!(demand = %demand, %reason, "infeasible lease request");
-                    return Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Infeasible(message)) });
+                    return Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Infeasible(reason)) });
                 }
                 Step::Wait(reason) => {
                     tracing::debug!(demand = %demand, %reason, "lease request waits");
@@ -342,6 +435,7 @@ impl Leases {
             },
         };
         let lease_id = LeaseId::random();
+        self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
         self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
@@ -379,6 +473,7 @@ impl Leases {
             .leases
             .remove(&lease_id)
             .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
+        self.meter(MeterEvent::Ended { lease_id });
         self.give_back(&granted.resources, granted.gpus.as_ref());
         if let Some(mut entry) = self.workers.get_mut(&granted.worker) {
             entry.1 = None;
@@ -487,6 +582,7 @@ impl Leases {
             tracing::warn!(worker = %worker_id.short(), %status, lease = %lease_id.short(), "leased worker died; its lease ends");
             let granted = self.lock().leases.remove(&lease_id);
             if let Some(granted) = granted {
+                self.meter(MeterEvent::Ended { lease_id });
                 self.give_back(&granted.resources, granted.gpus.as_ref());
             }
         }

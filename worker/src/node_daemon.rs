@@ -169,7 +169,8 @@ impl NodeDaemon {
             }
         });
         let channel = rpc::connect_lazy(&options.gcs_address, &options.token, Duration::from_secs(2))?;
-        let client = GcsClient::new(channel);
+        let client = GcsClient::new(channel.clone());
+        shared.leases.attach_control_store(channel);
         let heartbeat = tokio::spawn(run_membership(shared.clone(), client, options.config.clone(), stopped.clone()));
         let reaper = tokio::spawn(reap_idle_workers(shared.leases.clone(), stopped));
         tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");

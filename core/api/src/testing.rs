@@ -22,13 +22,7 @@ pub fn run_cli_if_requested() {
     };
     use clap::Parser;
     let cli = ionet_worker::cli::Cli::parse_from(std::iter::once("ionet".to_string()).chain(args));
-    let result = match cli.command {
-        ionet_worker::cli::Command::Start(args) => ionet_worker::commands::start(args),
-        ionet_worker::cli::Command::Status(args) => ionet_worker::commands::status(args),
-        ionet_worker::cli::Command::Stop(args) => ionet_worker::commands::stop(args),
-        #[allow(unreachable_patterns)]
-        _ => Err(anyhow::anyhow!("this command is not available from a test binary")),
-    };
+    let result = ionet_worker::cli::run(cli);
     match result {
         Ok(()) => std::process::exit(0),
         Err(err) => {

@@ -20,8 +20,8 @@ fn add_one(x: u64) -> u64 {
 }
 
 #[ionet::remote]
-fn where_am_i() -> String {
-    ionet::get_runtime_context().unwrap().node_id.hex()
+fn square_where(x: u64) -> (u64, String) {
+    (x * x, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
 #[ionet::remote]
@@ -183,13 +183,13 @@ fn thousand_tasks_spread_over_two_nodes() {
     cluster.add_node(&["--num-cpus", "2"]);
     cluster.init();
     let spread = TaskOptions::default().scheduling_strategy(SchedulingStrategy::Spread);
-    let refs: Vec<_> = (0..1000u64).map(|x| square::options(spread.clone()).remote(x)).collect();
-    assert_eq!(ionet::get_all(&refs).unwrap(), (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
-    let nodes: BTreeSet<String> =
-        ionet::get_all(&(0..40).map(|_| where_am_i::options(spread.clone()).remote()).collect::<Vec<_>>())
-            .unwrap()
-            .into_iter()
-            .collect();
+    let refs: Vec<_> = (0..1000u64).map(|x| square_where::options(spread.clone()).remote(x)).collect();
+    let results = ionet::get_all(&refs).unwrap();
+    assert_eq!(
+        results.iter().map(|(square, _)| *square).collect::<Vec<_>>(),
+        (0..1000u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let nodes: BTreeSet<String> = results.into_iter().map(|(_, node)| node).collect();
     assert_eq!(nodes.len(), 2, "tasks ran on both worker nodes: {nodes:?}");
     let mut current = add_one::remote(0u64);
     for _ in 1..100 {
@@ -197,6 +197,82 @@ fn thousand_tasks_spread_over_two_nodes() {
     }
     assert_eq!(ionet::get(&current).unwrap(), 100);
     drop(cluster);
+}
+
+#[ionet::remote]
+fn hold_gpus(millis: u64) -> Vec<u32> {
+    std::thread::sleep(Duration::from_millis(millis));
+    ionet::get_gpu_ids()
+}
+
+/// A job holding 2 GPUs on a $1.20/GPU-hour node is charged for the interval the
+/// control plane measured, and the provider is credited.
+fn gpu_lease_is_metered_and_settled_to_the_provider() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&[
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "2",
+        "--gpu-type",
+        "A100-80GB",
+        "--price-per-gpu-hour",
+        "1.20",
+        "--wallet",
+        "wallet-eu-1",
+    ]);
+    cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
+    cluster.init_as("acme");
+    let started = Instant::now();
+    let gpus = ionet::get(&hold_gpus::options(TaskOptions::default().num_gpus(2.0)).remote(2_000u64)).unwrap();
+    assert_eq!(gpus.len(), 2);
+    ionet::shutdown(); // returns the lease now
+    let held_at_most = started.elapsed().as_millis() as u64;
+
+    let mut record = serde_json::Value::Null;
+    wait_until("the lease to be recorded as ended", Duration::from_secs(30), || {
+        let usage: serde_json::Value = serde_json::from_str(&cluster.ionet(&["usage", "--json"])).unwrap();
+        let records = usage.get("records").cloned().unwrap_or(usage);
+        record = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["resources"]["GPU"] == 2.0 && record["open"] == false)
+            .cloned()
+            .unwrap_or_default();
+        !record.is_null()
+    });
+    let duration = record["duration_ms"].as_u64().unwrap();
+    assert!(
+        duration >= 2_000 && duration <= held_at_most,
+        "lease of {duration} ms, task 2000 ms, held at most {held_at_most} ms"
+    );
+    assert_eq!(record["provider_wallet"], "wallet-eu-1");
+    assert_eq!(record["payer_account"], "acme");
+    let expected = duration as f64 * 2.0 * 1_200_000.0 / 3_600_000.0;
+    let cost = record["cost_micros"].as_f64().unwrap();
+    assert!(
+        (cost - expected).abs() <= expected * 0.01,
+        "charged {cost} micro-USD for {duration} ms of 2 GPUs at $1.20/h, expected {expected}"
+    );
+
+    cluster.ionet(&["settle"]);
+    let balances: serde_json::Value = serde_json::from_str(&cluster.ionet(&["ledger", "balances", "--json"])).unwrap();
+    let balance = |suffix: &str| {
+        balances["balances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["account"].as_str().unwrap().ends_with(suffix))
+            .map(|row| row["balance_micros"].as_f64().unwrap())
+            .unwrap_or_else(|| panic!("no account {suffix} in {balances:#}"))
+    };
+    let provider = balance("wallet-eu-1");
+    assert!((provider - expected).abs() <= expected * 0.01, "provider credited {provider}, expected {expected}");
+    let payer = balance("acme");
+    let fee = (provider * 250.0 / 10_000.0).floor();
+    assert!((100_000_000.0 - payer - provider - fee).abs() <= 1.0, "payer {payer}, provider {provider}, fee {fee}");
+    assert_eq!(balances["sum_micros"], 0);
 }
 
 fn main() {
@@ -207,6 +283,7 @@ fn main() {
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
+            ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
         ],
         Duration::from_secs(180),
     );

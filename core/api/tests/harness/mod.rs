@@ -116,13 +116,33 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Runs an `ionet` command (this binary as the CLI) against the cluster; its stdout.
+    pub fn ionet(&self, args: &[&str]) -> String {
+        let mut argv: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        argv.push("--temp-dir".into());
+        argv.push(self.dir.path().to_string_lossy().into_owned());
+        let output = Command::new(std::env::current_exe().unwrap())
+            .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
+            .env_remove("IONET_TOKEN")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "ionet {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// Connects this process to the cluster as a driver.
     pub fn init(&self) {
-        ionet::init(
-            ionet::InitConfig { session_dir: Some(self.dir.path().to_path_buf()), ..Default::default() }
-                .address("auto"),
-        )
-        .expect("driver joins the cluster");
+        self.init_as("default");
+    }
+
+    /// Connects as a driver whose usage is billed to `payer`.
+    pub fn init_as(&self, payer: &str) {
+        let config = ionet::InitConfig {
+            session_dir: Some(self.dir.path().to_path_buf()),
+            payer_account: payer.to_string(),
+            ..Default::default()
+        };
+        ionet::init(config.address("auto")).expect("driver joins the cluster");
     }
 }
 
