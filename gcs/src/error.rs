@@ -31,11 +31,9 @@ fn settlement_to_ionet(error: SettlementError) -> IonetError {
         | SettlementError::EpochAlreadySettled(_)
         | SettlementError::RecordNotPending(_) => IonetError::FailedPrecondition(message),
         SettlementError::Interrupted(_) => IonetError::Unavailable(message),
-        SettlementError::Overflow(_)
-        | SettlementError::Database(_)
-        | SettlementError::Codec(_)
-        | SettlementError::Json(_)
-        | SettlementError::Io(_) => IonetError::Internal(message),
+        // Storage, codec and payout failures: retryable ones say so.
+        other if other.is_retryable() => IonetError::Unavailable(message),
+        _ => IonetError::Internal(message),
     }
 }
 

@@ -45,13 +45,38 @@ pub enum SettlementError {
     Json(#[from] serde_json::Error),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The payout configuration cannot pay this epoch as asked (bad rate, mint,
+    /// keypair, or an epoch planned under another configuration). Final until fixed.
+    #[error("payout configuration error: {0}")]
+    PayoutConfig(String),
+    /// A call to the chain (RPC) failed; nothing is known to have changed.
+    #[error("chain call {operation} failed: {message}")]
+    Chain { operation: &'static str, message: String },
+    /// A payout transaction was sent (and stored) but is not confirmed yet; running the
+    /// payout again checks its status first and never pays twice.
+    #[error("epoch {epoch} payout batch {batch}: transaction {signature} is not confirmed yet")]
+    PayoutUnconfirmed { epoch: u64, batch: u32, signature: String },
+    /// A payout transaction landed with an error: it moved nothing (transactions are
+    /// atomic). Running the payout again signs a fresh one, once the cause is fixed.
+    #[error("epoch {epoch} payout batch {batch}: transaction {signature} failed on chain: {error}")]
+    PayoutFailed { epoch: u64, batch: u32, signature: String, error: String },
+    /// The paying account holds less than the next batch needs; nothing was signed.
+    #[error("payout account {account} holds {available} base units, batch {batch} of epoch {epoch} needs {needed}")]
+    PayoutFundsShort { epoch: u64, batch: u32, account: String, available: u64, needed: u64 },
 }
 
 impl SettlementError {
-    /// Whether the same call may succeed if made again (settlement is idempotent, so
-    /// retrying an interrupted or failed settle is always safe).
+    /// Whether the same call may succeed if made again (settlement and payouts are
+    /// idempotent, so retrying an interrupted or failed call is always safe).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SettlementError::Interrupted(_) | SettlementError::Database(_) | SettlementError::Io(_))
+        matches!(
+            self,
+            SettlementError::Interrupted(_)
+                | SettlementError::Database(_)
+                | SettlementError::Io(_)
+                | SettlementError::Chain { .. }
+                | SettlementError::PayoutUnconfirmed { .. }
+        )
     }
 }
 

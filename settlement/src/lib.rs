@@ -28,12 +28,16 @@
 //! in a deployment). The control store (`ionet-gcs`) owns a [`LedgerHandle`], feeds it
 //! records as leases end and calls `settle_epoch` at each epoch boundary with the
 //! uptime its heartbeats verified; the CLI (`ionet usage/ledger/settle/credits/
-//! earnings`) reads the same API. Nothing here does network I/O or reads a clock.
+//! earnings`) reads the same API. Nothing here does network I/O or reads a clock,
+//! except [`solana`] (feature `solana`): paying each settled epoch's provider earnings
+//! out in SOL or an SPL token, crash-safe and at most once (`src/solana/README.md`).
 
 pub mod error;
 mod fast_hash;
 pub mod ledger;
 pub mod meter;
+#[cfg(feature = "solana")]
+pub mod solana;
 pub mod usage;
 
 pub use error::{SettlementError, SettlementResult};

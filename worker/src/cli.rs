@@ -77,6 +77,9 @@ pub struct StartArgs {
     /// Configuration file (TOML); IONET_* variables override it.
     #[arg(long, env = "IONET_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Shared memory for this node's object store, e.g. 8GiB (default: 30% of memory).
+    #[arg(long = "object-store-memory")]
+    pub object_store_memory: Option<String>,
     /// Stay in the foreground until stopped.
     #[arg(long)]
     pub block: bool,

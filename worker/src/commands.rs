@@ -176,6 +176,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         advertise_host: host,
         is_head: true,
         workers: worker_pool_options(&session),
+        object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })
     .await?;
     node.wait_registered(Duration::from_secs(args.connect_timeout)).await?;
@@ -226,6 +227,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         bind_host: args.host.clone(),
         is_head: false,
         workers: worker_pool_options(&session),
+        object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })
     .await?;
     if let Err(err) = node.wait_registered(Duration::from_secs(args.connect_timeout)).await {

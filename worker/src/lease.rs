@@ -38,6 +38,7 @@ pub const NODE_ID_ENV: &str = "IONET_NODE_ID";
 pub const JOB_ID_ENV: &str = "IONET_JOB_ID";
 pub const GPU_IDS_ENV: &str = "IONET_GPU_IDS";
 pub const TOKEN_ENV: &str = "IONET_TOKEN";
+pub const OBJECT_STORE_DIR_ENV: &str = "IONET_OBJECT_STORE_DIR";
 
 /// How long a started worker may take to register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -143,6 +144,7 @@ pub struct Leases {
     options: WorkerPoolOptions,
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
     gcs: Mutex<Option<ionet::rpc::GcsClient>>,
+    object_store_dir: Mutex<String>,
 }
 
 enum Step {
@@ -192,7 +194,13 @@ impl Leases {
             options,
             metering: Mutex::new(None),
             gcs: Mutex::new(None),
+            object_store_dir: Mutex::new(String::new()),
         }
+    }
+
+    /// Where workers started from now on find the node's object store.
+    pub fn set_object_store_dir(&self, dir: String) {
+        *self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
     /// Reads the node table now; whether it could.
@@ -515,6 +523,7 @@ impl Leases {
             .env(NODE_ID_ENV, self.node_id.hex())
             .env(JOB_ID_ENV, job_id.hex())
             .env(TOKEN_ENV, &self.token)
+            .env(OBJECT_STORE_DIR_ENV, self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .env(GPU_IDS_ENV, key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
             .env("CUDA_VISIBLE_DEVICES", key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
             .stdin(Stdio::null());

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metering_commands;
 pub mod node_daemon;
 pub mod node_spec;
+pub mod objects;
 pub mod quote_command;
 pub mod session;
 pub mod status;

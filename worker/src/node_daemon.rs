@@ -24,8 +24,10 @@ use ionet::rpc::proto::gcs::GetAllNodesRequest;
 use ionet::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
 use ionet::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet::rpc::proto::node::{
-    GetNodeStatsReply, GetNodeStatsRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
-    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest,
+    AddObjectLocationReply, AddObjectLocationRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply,
+    EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest,
+    RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
+    ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
 };
 use ionet::rpc::{self, GcsClient};
 use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
@@ -38,6 +40,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::lease::{Leases, WorkerPoolOptions};
 use crate::node_spec::NodeSpec;
+use crate::objects::NodeObjects;
 
 pub struct NodeDaemonOptions {
     pub gcs_address: String,
@@ -50,6 +53,8 @@ pub struct NodeDaemonOptions {
     pub advertise_host: String,
     pub is_head: bool,
     pub workers: WorkerPoolOptions,
+    /// Bytes of shared memory for the object store; 0: 30% of the machine's memory.
+    pub object_store_capacity: u64,
 }
 
 /// Shared state of a running node daemon.
@@ -57,6 +62,7 @@ struct NodeShared {
     node_id: NodeId,
     info: NodeInfo,
     leases: Arc<Leases>,
+    objects: Arc<NodeObjects>,
     started: Instant,
     connected: AtomicBool,
     registrations: AtomicU64,
@@ -94,7 +100,45 @@ impl NodeManager for NodeManagerService {
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
             connected_to_gcs: self.shared.connected.load(Ordering::SeqCst),
             registrations: self.shared.registrations.load(Ordering::SeqCst),
+            object_store_dir: self.shared.objects.dir(),
         }))
+    }
+
+    async fn create_object(
+        &self,
+        request: Request<CreateObjectRequest>,
+    ) -> Result<Response<CreateObjectReply>, Status> {
+        let request = request.into_inner();
+        self.shared.objects.create(&request.object_id, request.size).await?;
+        Ok(Response::new(CreateObjectReply {}))
+    }
+
+    async fn seal_object(&self, request: Request<SealObjectRequest>) -> Result<Response<SealObjectReply>, Status> {
+        self.shared.objects.seal(&request.into_inner().object_id).await?;
+        Ok(Response::new(SealObjectReply {}))
+    }
+
+    async fn ensure_object_local(
+        &self,
+        request: Request<EnsureObjectLocalRequest>,
+    ) -> Result<Response<EnsureObjectLocalReply>, Status> {
+        let request = request.into_inner();
+        self.shared.objects.ensure_local(&request.object_id, &request.source_address).await?;
+        Ok(Response::new(EnsureObjectLocalReply {}))
+    }
+
+    async fn add_object_location(
+        &self,
+        request: Request<AddObjectLocationRequest>,
+    ) -> Result<Response<AddObjectLocationReply>, Status> {
+        let request = request.into_inner();
+        self.shared.objects.add_location(&request.object_id, request.holder_address)?;
+        Ok(Response::new(AddObjectLocationReply {}))
+    }
+
+    async fn free_objects(&self, request: Request<FreeObjectsRequest>) -> Result<Response<FreeObjectsReply>, Status> {
+        let freed = self.shared.objects.free(&request.into_inner().object_ids).await?;
+        Ok(Response::new(FreeObjectsReply { freed }))
     }
 
     async fn request_worker_lease(
@@ -142,10 +186,14 @@ impl NodeDaemon {
             options.spec.gpus.iter().map(|gpu| gpu.index).collect(),
             options.workers,
         ));
+        let objects =
+            Arc::new(NodeObjects::new(options.object_store_capacity, options.token.clone(), advertised.clone())?);
+        leases.set_object_store_dir(objects.dir());
         let shared = Arc::new(NodeShared {
             node_id,
             info,
             leases,
+            objects: objects.clone(),
             started: Instant::now(),
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
@@ -157,9 +205,12 @@ impl NodeDaemon {
             CheckToken::new(options.token.clone()),
         );
         let mut stop_serving = stopped.clone();
+        let object_service =
+            ionet_object_store::ObjectManagerService::new(objects.store.clone()).into_server(options.token.clone());
         let serve = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(object_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = stop_serving.changed().await;
                 })

@@ -15,7 +15,36 @@ use crate::task;
 pub fn put<T: Serialize>(value: &T) -> IonetResult<ObjectRef<T>> {
     let worker = runtime::current()?;
     let bytes = task::encode_value(value).map_err(IonetError::InvalidArgument)?;
-    Ok(worker.new_object(ObjectId::random(), ObjectState::Inline(std::sync::Arc::new(bytes))))
+    let id = ObjectId::random();
+    if bytes.len() <= worker.inline_threshold {
+        return Ok(worker.new_object(id, ObjectState::Inline(std::sync::Arc::new(bytes))));
+    }
+    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64)?;
+    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+}
+
+/// Stores an Arrow record batch as Arrow IPC in this node's shared-memory store.
+pub fn put_record_batch(batch: &arrow_array::RecordBatch) -> IonetResult<ObjectRef<arrow_array::RecordBatch>> {
+    let worker = runtime::current()?;
+    let bytes = ionet_object_store::encode_record_batch(batch)
+        .map_err(|err| IonetError::InvalidArgument(format!("cannot encode the record batch as Arrow IPC: {err}")))?;
+    let id = ObjectId::random();
+    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64)?;
+    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+}
+
+/// Reads a record batch stored by [`put_record_batch`]; its column buffers point into
+/// the shared-memory mapping (no copy on this node).
+pub fn get_record_batch(object: &ObjectRef<arrow_array::RecordBatch>) -> IonetResult<arrow_array::RecordBatch> {
+    let worker = runtime::current()?;
+    match block_on(worker.fetch(object.id(), object.owner_address(), None))? {
+        crate::object_store::Bytes::Mapped(view) => {
+            ionet_object_store::decode_record_batch(&view).map_err(IonetError::from)
+        }
+        crate::object_store::Bytes::Owned(_) => {
+            Err(IonetError::InvalidArgument(format!("object {} is not a stored record batch", object.id().short())))
+        }
+    }
 }
 
 /// The value of `object`, waiting for it as long as it takes.
@@ -93,4 +122,14 @@ pub fn wait<T>(
         }
     }
     Ok((done, rest))
+}
+
+/// The cluster's nodes, alive and dead, as the control store records them (Ray's `nodes()`).
+pub fn nodes() -> IonetResult<Vec<ionet_common::rpc::proto::common::NodeInfo>> {
+    let worker = runtime::current()?;
+    block_on(async {
+        let mut gcs = ionet_common::rpc::gcs_client(&worker.gcs_address, &worker.token).await?;
+        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: true };
+        Ok(gcs.get_all_nodes(request).await?.into_inner().nodes)
+    })
 }

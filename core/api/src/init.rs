@@ -44,6 +44,9 @@ pub struct InitConfig {
     pub session_dir: Option<PathBuf>,
     /// Values up to this many bytes travel inline (default 100 KiB).
     pub inline_threshold: Option<usize>,
+    /// Embedded cluster only: bytes of shared memory for the object store (default 30%
+    /// of the machine's memory); beyond it objects spill to disk.
+    pub object_store_memory: Option<u64>,
 }
 
 impl InitConfig {
@@ -179,6 +182,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
             max_idle_workers: cpus.max(1),
             log_dir: None,
         },
+        object_store_capacity: config.object_store_memory.unwrap_or(0),
     })
     .await?;
     node.wait_registered(Duration::from_secs(30)).await?;
@@ -224,6 +228,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
     let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(5)).await?);
     let stats = node.get_node_stats(ionet_common::rpc::proto::node::GetNodeStatsRequest {}).await?.into_inner();
     let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
+    let store_dir = stats.object_store_dir;
     let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
     let mut gcs = rpc::gcs_client(&gcs_address, &token).await?;
     let job = gcs
@@ -254,6 +259,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         gcs_address,
         worker_command(),
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
+        &store_dir,
     );
     spawn_core_worker_server(worker.clone(), listener);
     runtime::install(worker);
@@ -311,6 +317,7 @@ fn run_worker() -> ! {
             String::new(),
             WorkerCommand::default(),
             DEFAULT_INLINE_THRESHOLD,
+            &std::env::var(node_lease::OBJECT_STORE_DIR_ENV).unwrap_or_default(),
         );
         spawn_core_worker_server(worker.clone(), listener);
         runtime::install(worker);

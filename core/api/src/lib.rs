@@ -39,7 +39,8 @@ mod service;
 pub mod task;
 pub mod testing;
 
-pub use api::{get, get_all, get_timeout, put, wait};
+pub use api::{get, get_all, get_record_batch, get_timeout, nodes, put, put_record_batch, wait};
+pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
 pub use init::{init, is_initialized, shutdown, InitConfig};
 pub use ionet_common::*;

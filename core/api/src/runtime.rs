@@ -51,7 +51,7 @@ pub(crate) const DEFAULT_INLINE_THRESHOLD: usize = 100 * 1024;
 #[derive(Clone)]
 pub(crate) enum ObjectState {
     Pending,
-    Inline(Bytes),
+    Inline(Arc<Vec<u8>>),
     Stored(StoredObject),
     Failed(Arc<IonetError>),
 }
@@ -117,6 +117,8 @@ pub(crate) struct CoreWorker {
     channels: DashMap<String, AuthChannel>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
+    /// The node's shared-memory store, mapped directly.
+    pub(crate) store: Option<ionet_object_store::StoreClient>,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -171,7 +173,13 @@ pub(crate) fn remove_local_reference(id: &ObjectId) {
         let last =
             worker.objects.get(id).map(|entry| entry.references.fetch_sub(1, Ordering::AcqRel) == 1).unwrap_or(false);
         if last {
-            worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0);
+            if let Some((_, entry)) =
+                worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0)
+            {
+                if let ObjectState::Stored(stored) = &*entry.state.borrow() {
+                    worker.free_stored(stored.clone());
+                }
+            }
         }
     }
 }
@@ -204,6 +212,7 @@ impl CoreWorker {
         gcs_address: String,
         worker_command: WorkerCommand,
         inline_threshold: usize,
+        store_dir: &str,
     ) -> Arc<Self> {
         Arc::new(Self {
             address: address.into(),
@@ -220,6 +229,7 @@ impl CoreWorker {
             channels: DashMap::new(),
             inline_threshold,
             handle: tokio_runtime().handle().clone(),
+            store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
         })
     }
 
@@ -228,6 +238,9 @@ impl CoreWorker {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
+        // A lazy channel spawns its connection task: it needs the runtime, even when
+        // called from a user thread.
+        let _entered = self.handle.enter();
         let channel = rpc::connect_lazy(address, &self.token, Duration::from_secs(5))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(channel)
@@ -311,13 +324,9 @@ impl CoreWorker {
     /// The value's bytes, wherever it is.
     pub(crate) async fn fetch(&self, id: ObjectId, owner: &str, deadline: Option<Instant>) -> IonetResult<Bytes> {
         match self.resolve(id, owner, deadline).await? {
-            ObjectState::Inline(bytes) => Ok(bytes),
+            ObjectState::Inline(bytes) => Ok(Bytes::Owned(bytes)),
             ObjectState::Failed(error) => Err(copy_error(&error)),
-            ObjectState::Stored(stored) => Err(IonetError::Internal(format!(
-                "object {} is in the store of node {}, which this build cannot read yet",
-                id.short(),
-                stored.node_address
-            ))),
+            ObjectState::Stored(stored) => self.read_stored(&stored).await,
             ObjectState::Pending => unreachable!("resolve waits past pending"),
         }
     }

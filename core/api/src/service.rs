@@ -14,6 +14,7 @@ use ionet_common::{IonetError, ObjectId, TaskId};
 use tonic::{Request, Response, Status};
 
 use crate::context;
+use crate::object_store::Bytes;
 use crate::runtime::{CoreWorker, ObjectState};
 use crate::task::{self, ArgBytes, Failure, FailureKind};
 
@@ -67,28 +68,51 @@ impl CoreWorkerRpc for CoreWorkerService {
         let mut args = Vec::with_capacity(request.args.len());
         for (index, arg) in request.args.into_iter().enumerate() {
             match arg.value {
-                Some(task_arg::Value::Inline(bytes)) => args.push(ArgBytes(Arc::new(bytes))),
-                Some(task_arg::Value::Stored(stored)) => {
-                    return Err(IonetError::Internal(format!(
-                        "argument {index} is in the store of {}, which this build cannot read yet",
-                        stored.node_address
-                    ))
-                    .into())
-                }
+                Some(task_arg::Value::Inline(bytes)) => args.push(ArgBytes(Bytes::Owned(Arc::new(bytes)))),
+                Some(task_arg::Value::Stored(stored)) => match self.worker.read_stored(&stored).await {
+                    Ok(bytes) => args.push(ArgBytes(bytes)),
+                    Err(err) => {
+                        let failure = Failure {
+                            kind: FailureKind::BadArguments,
+                            message: format!("argument {index} could not be read: {err}"),
+                        };
+                        return Ok(Response::new(failure_reply(
+                            &self.worker,
+                            &function_name,
+                            &request.task_id,
+                            failure,
+                        )));
+                    }
+                },
                 None => return Err(Status::invalid_argument(format!("argument {index} has no value"))),
             }
         }
         let task_id = TaskId::from_bytes(&request.task_id).ok();
+        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
+        let inline_threshold = request.inline_threshold as usize;
+        let worker = self.worker.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             context::set_current_task(task_id);
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| (function.invoke)(args)));
             context::set_current_task(None);
-            result
+            // Large values go to this node's store, and only their location travels back.
+            result.map(|value| {
+                value.and_then(|bytes| {
+                    if bytes.len() <= inline_threshold {
+                        return Ok(push_task_reply::Result::Inline(bytes));
+                    }
+                    let size = bytes.len() as u64;
+                    worker
+                        .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
+                        .map(push_task_reply::Result::Stored)
+                        .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
+                })
+            })
         })
         .await
         .map_err(|err| Status::internal(format!("task thread failed: {err}")))?;
         let reply = match outcome {
-            Ok(Ok(bytes)) => PushTaskReply { result: Some(push_task_reply::Result::Inline(bytes)) },
+            Ok(Ok(result)) => PushTaskReply { result: Some(result) },
             Ok(Err(failure)) => failure_reply(&self.worker, &function_name, &request.task_id, failure),
             Err(payload) => {
                 let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };

@@ -24,6 +24,12 @@ pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
 /// One argument's encoded value, as the worker receives it.
 pub struct ArgBytes(pub(crate) crate::object_store::Bytes);
 
+impl std::fmt::Debug for ArgBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ArgBytes({} bytes)", self.0.len())
+    }
+}
+
 impl ArgBytes {
     pub fn as_slice(&self) -> &[u8] {
         &self.0

@@ -42,3 +42,20 @@ pub fn run_worker_if_requested() {
         let _ = crate::init(crate::InitConfig::default());
     }
 }
+
+/// The object store statistics of the node daemon at `node_address`.
+pub fn object_store_stats(
+    node_address: &str,
+) -> ionet_common::IonetResult<ionet_common::rpc::proto::object::StatsReply> {
+    let worker = crate::runtime::current()?;
+    crate::runtime::block_on(async {
+        let channel = worker.channel(node_address)?;
+        let mut client = ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient::new(channel);
+        Ok(client.stats(ionet_common::rpc::proto::object::StatsRequest {}).await?.into_inner())
+    })
+}
+
+/// The address of this process's own node daemon.
+pub fn local_node_address() -> ionet_common::IonetResult<String> {
+    Ok(crate::runtime::current()?.node_address.clone())
+}

@@ -1,0 +1,139 @@
+//! The distributed object store end to end: large values in shared memory, spilling,
+//! transfers between nodes, freeing every copy, and Arrow without copies.
+
+mod harness;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{wait_until, Cluster};
+use ionet::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use ionet::{InitConfig, NodeId, ObjectRef, SchedulingStrategy, TaskOptions};
+
+const MIB: usize = 1024 * 1024;
+
+fn checksum(bytes: &[u8]) -> u64 {
+    // FNV-1a over 8-byte words with the position mixed in: tells a corrupted or
+    // reordered transfer from an intact one.
+    let mut hash = 0xcbf29ce484222325u64;
+    let mut words = bytes.chunks_exact(8);
+    for (index, word) in (&mut words).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().unwrap());
+        hash = (hash ^ word ^ index as u64).wrapping_mul(0x100000001b3);
+    }
+    words.remainder().iter().fold(hash, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x100000001b3))
+}
+
+fn pattern(size: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; size];
+    for (index, word) in bytes.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&(index as u64).wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(seed).to_le_bytes());
+    }
+    bytes
+}
+
+#[ionet::remote]
+fn make_blob(size: u64, seed: u64) -> (Vec<u8>, u64) {
+    let blob = pattern(size as usize, seed);
+    let sum = checksum(&blob);
+    (blob, sum)
+}
+
+#[ionet::remote]
+fn blob_checksum(blob: (Vec<u8>, u64)) -> (u64, u64, String) {
+    (checksum(&blob.0), blob.1, ionet::get_runtime_context().unwrap().node_id.hex())
+}
+
+fn store_bytes(node_address: &str) -> u64 {
+    let stats = ionet::testing::object_store_stats(node_address).unwrap();
+    stats.bytes_in_memory + stats.bytes_spilled
+}
+
+fn puts_beyond_capacity_spill_and_read_back() {
+    ionet::init(InitConfig { object_store_memory: Some(64 * MIB as u64), ..InitConfig::default().num_cpus(1.0) })
+        .unwrap();
+    let node = ionet::testing::local_node_address().unwrap();
+    let mut refs: Vec<(ObjectRef<Vec<u8>>, u64)> = Vec::new();
+    for seed in 0..32u64 {
+        let value = pattern(16 * MIB, seed);
+        refs.push((ionet::put(&value).unwrap(), checksum(&value)));
+    }
+    let stats = ionet::testing::object_store_stats(&node).unwrap();
+    assert!(stats.bytes_in_memory <= 64 * MIB as u64, "{stats:?}");
+    assert!(stats.bytes_spilled >= 400 * MIB as u64, "512 MiB in a 64 MiB store must spill: {stats:?}");
+    for (object, sum) in &refs {
+        assert_eq!(checksum(&ionet::get(object).unwrap()), *sum);
+    }
+    drop(refs);
+    wait_until("the store to be empty after every ref is dropped", Duration::from_secs(30), || store_bytes(&node) == 0);
+    ionet::shutdown();
+}
+
+fn arrow_batches_read_back_without_copies() {
+    ionet::init(InitConfig::default().num_cpus(1.0)).unwrap();
+    let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(0..100_000));
+    let scores: ArrayRef = Arc::new(Float64Array::from_iter_values((0..100_000).map(|i| i as f64 / 3.0)));
+    let batch = RecordBatch::try_from_iter([("id", ids), ("score", scores)]).unwrap();
+    let object = ionet::put_record_batch(&batch).unwrap();
+    let read = ionet::get_record_batch(&object).unwrap();
+    assert_eq!(read, batch);
+    // The column's bytes lie in a shared-memory mapping of the store, not in a copy.
+    let pointer = read.column(0).to_data().buffers()[0].as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mapped = maps.lines().filter(|line| line.contains("ionet-objects")).any(|line| {
+        let range = line.split_whitespace().next().unwrap();
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (usize::from_str_radix(start, 16).unwrap(), usize::from_str_radix(end, 16).unwrap());
+        (start..end).contains(&pointer)
+    });
+    assert!(mapped, "column data at {pointer:#x} is not inside a mapping of the object store");
+    drop((read, object));
+    ionet::shutdown();
+}
+
+fn a_large_object_moves_between_nodes_and_every_copy_is_freed() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    cluster.init();
+    let nodes = ionet::nodes().unwrap();
+    let node =
+        |name: &str| nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap();
+    let (a, b) = (node("a"), node("b"));
+    let pinned = |node: &ionet::rpc::proto::common::NodeInfo| {
+        TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity {
+            node_id: NodeId::from_bytes(&node.node_id).unwrap(),
+            soft: false,
+        })
+    };
+    let blob = make_blob::options(pinned(a)).remote(200 * MIB as u64, 7u64);
+    let verdict = blob_checksum::options(pinned(b)).remote(&blob);
+    let (sum_on_b, sum_on_a, ran_on) = ionet::get_timeout(&verdict, Duration::from_secs(120)).unwrap();
+    assert_eq!(sum_on_b, sum_on_a, "the 200 MiB object arrived intact");
+    assert_eq!(ran_on, hex(&b.node_id));
+    assert!(store_bytes(&a.address) >= 200 * MIB as u64, "the primary copy is on node a");
+    assert!(store_bytes(&b.address) >= 200 * MIB as u64, "node b pulled a copy");
+    drop((blob, verdict));
+    wait_until("both stores to be empty", Duration::from_secs(30), || {
+        store_bytes(&a.address) == 0 && store_bytes(&b.address) == 0
+    });
+    drop(cluster);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    NodeId::from_bytes(bytes).unwrap().hex()
+}
+
+fn main() {
+    harness::run(
+        &[
+            ("puts_beyond_capacity_spill_and_read_back", puts_beyond_capacity_spill_and_read_back),
+            ("arrow_batches_read_back_without_copies", arrow_batches_read_back_without_copies),
+            (
+                "a_large_object_moves_between_nodes_and_every_copy_is_freed",
+                a_large_object_moves_between_nodes_and_every_copy_is_freed,
+            ),
+        ],
+        Duration::from_secs(240),
+    );
+}

@@ -1,0 +1,502 @@
+//! Solana payouts against an in-process SVM (litesvm) running the real SPL Token,
+//! Associated Token Account and Memo programs: exact amounts, packet-sized batches with
+//! memos, and at-most-once payment across re-runs, crashes, lost acknowledgements and
+//! expired blockhashes.
+#![cfg(feature = "solana")]
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use ionet::resources::{CPU, GPU};
+use ionet::{JobId, NodeId, Quantity, ResourceSet};
+use ionet_settlement::solana::plan::associated_token_address;
+use ionet_settlement::solana::{
+    AttemptState, ChainAccount, EpochPayouts, MemoryPayoutStore, PayoutAsset, PayoutChain, PayoutConfig, PayoutOutcome,
+    PayoutReport, PayoutStore, RedbPayoutStore, SignatureStatus, SolanaPayouter, PACKET_DATA_SIZE, TOKEN_PROGRAM_ID,
+};
+use ionet_settlement::{EpochSpec, EpochSummary, Ledger, LedgerConfig, MemoryStore, SettlementError, SettlementResult};
+use ionet_settlement::{RecordId, UsageRecord};
+use litesvm::LiteSVM;
+use solana_hash::Hash;
+use solana_keypair::Keypair;
+use solana_pubkey::Pubkey;
+use solana_signature::Signature;
+use solana_signer::Signer;
+use solana_transaction::Transaction;
+
+const SOL: u64 = 1_000_000_000;
+
+/// The in-process chain: a blockhash is valid while it is the latest (litesvm's rule),
+/// a signature's status is its entry in the transaction history.
+#[derive(Clone)]
+struct SvmChain {
+    svm: Rc<RefCell<LiteSVM>>,
+}
+
+impl SvmChain {
+    fn new() -> Self {
+        SvmChain { svm: Rc::new(RefCell::new(LiteSVM::new())) }
+    }
+
+    fn token_balance(&self, account: &Pubkey) -> u64 {
+        self.svm
+            .borrow()
+            .get_account(account)
+            .map(|account| u64::from_le_bytes(account.data[64..72].try_into().unwrap()))
+            .unwrap_or(0)
+    }
+
+    fn lamports(&self, account: &Pubkey) -> u64 {
+        self.svm.borrow().get_balance(account).unwrap_or(0)
+    }
+
+    fn logs(&self, signature: &str) -> Vec<String> {
+        let signature: Signature = signature.parse().unwrap();
+        match self.svm.borrow().get_transaction(&signature).expect("transaction in history") {
+            Ok(meta) => meta.logs.clone(),
+            Err(failed) => panic!("transaction {signature} failed: {:?}", failed.err),
+        }
+    }
+
+    fn expire_blockhash(&self) {
+        self.svm.borrow_mut().expire_blockhash();
+    }
+
+    fn execute(&self, instructions: &[solana_instruction::Instruction], signers: &[&Keypair]) {
+        let mut svm = self.svm.borrow_mut();
+        let transaction = Transaction::new_signed_with_payer(
+            instructions,
+            Some(&signers[0].pubkey()),
+            signers,
+            svm.latest_blockhash(),
+        );
+        svm.send_transaction(transaction).expect("setup transaction");
+    }
+}
+
+impl PayoutChain for SvmChain {
+    fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
+        let signature = transaction.signatures[0];
+        let result = self.svm.borrow_mut().send_transaction(transaction.clone());
+        match result {
+            Ok(meta) => Ok(meta.signature),
+            // Included with an error: like an RPC node without preflight, the send "works".
+            Err(_) if self.svm.borrow().get_transaction(&signature).is_some() => Ok(signature),
+            Err(failed) => {
+                Err(SettlementError::Chain { operation: "send_transaction", message: format!("{:?}", failed.err) })
+            }
+        }
+    }
+
+    fn signature_status(&mut self, signature: &Signature) -> SettlementResult<Option<SignatureStatus>> {
+        Ok(self.svm.borrow().get_transaction(signature).map(|result| match result {
+            Ok(_) => SignatureStatus::Landed,
+            Err(failed) => SignatureStatus::Failed(failed.err.to_string()),
+        }))
+    }
+
+    fn latest_blockhash(&mut self) -> SettlementResult<Hash> {
+        Ok(self.svm.borrow().latest_blockhash())
+    }
+
+    fn is_blockhash_valid(&mut self, blockhash: &Hash) -> SettlementResult<bool> {
+        Ok(*blockhash == self.svm.borrow().latest_blockhash())
+    }
+
+    fn get_account(&mut self, address: &Pubkey) -> SettlementResult<Option<ChainAccount>> {
+        Ok(self.svm.borrow().get_account(address).map(|account| ChainAccount {
+            lamports: account.lamports,
+            owner: account.owner,
+            data: account.data,
+        }))
+    }
+}
+
+/// How a [`FaultyChain`] mishandles the next send of a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendFault {
+    None,
+    /// The transaction executes, the caller hears an error (timeout, crash after send).
+    LoseAck {
+        after_sends: usize,
+    },
+    /// The transaction never reaches the chain; the caller hears an error.
+    Drop {
+        after_sends: usize,
+    },
+}
+
+struct FaultyChain {
+    inner: SvmChain,
+    fault: SendFault,
+    sends: usize,
+}
+
+impl PayoutChain for FaultyChain {
+    fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
+        let sends = self.sends;
+        self.sends += 1;
+        let lost = || Err(SettlementError::Chain { operation: "send_transaction", message: "connection reset".into() });
+        match self.fault {
+            SendFault::Drop { after_sends } if sends == after_sends => {
+                self.fault = SendFault::None;
+                lost()
+            }
+            SendFault::LoseAck { after_sends } if sends == after_sends => {
+                self.fault = SendFault::None;
+                self.inner.send_transaction(transaction)?;
+                lost()
+            }
+            _ => self.inner.send_transaction(transaction),
+        }
+    }
+
+    fn signature_status(&mut self, signature: &Signature) -> SettlementResult<Option<SignatureStatus>> {
+        self.inner.signature_status(signature)
+    }
+
+    fn latest_blockhash(&mut self) -> SettlementResult<Hash> {
+        self.inner.latest_blockhash()
+    }
+
+    fn is_blockhash_valid(&mut self, blockhash: &Hash) -> SettlementResult<bool> {
+        self.inner.is_blockhash_valid(blockhash)
+    }
+
+    fn get_account(&mut self, address: &Pubkey) -> SettlementResult<Option<ChainAccount>> {
+        self.inner.get_account(address)
+    }
+}
+
+/// A store whose process "dies" on the first write recording a landed batch: the
+/// transaction went out and landed, the record of it did not.
+struct CrashBeforeRecordingLanded<S> {
+    inner: S,
+    armed: bool,
+}
+
+impl<S: PayoutStore> PayoutStore for CrashBeforeRecordingLanded<S> {
+    fn epoch_payouts(&self, epoch_id: u64) -> SettlementResult<Option<EpochPayouts>> {
+        self.inner.epoch_payouts(epoch_id)
+    }
+
+    fn put_epoch_payouts(&mut self, payouts: &EpochPayouts) -> SettlementResult<()> {
+        let landed = payouts.batches.iter().any(|batch| batch.landed().is_some());
+        if self.armed && landed {
+            self.armed = false;
+            return Err(SettlementError::Io(std::io::Error::other("simulated crash before recording")));
+        }
+        self.inner.put_epoch_payouts(payouts)
+    }
+
+    fn epochs(&self) -> SettlementResult<Vec<u64>> {
+        self.inner.epochs()
+    }
+}
+
+fn usage(id: u128, wallet: &str, gpu_minutes: u64, end_ms: u64) -> UsageRecord {
+    UsageRecord {
+        record_id: RecordId(id),
+        job_id: JobId::from_sequence(id as u32),
+        payer_account: "acme".into(),
+        node_id: NodeId::from_array([id as u8; 28]),
+        provider_wallet: wallet.into(),
+        resources: ResourceSet::new().with(GPU, Quantity::whole(1)).with(CPU, Quantity::whole(4)),
+        start_ms: end_ms - gpu_minutes * 60_000,
+        end_ms,
+        price_per_gpu_hour: 2_345_678,
+        price_per_cpu_hour: 10_001,
+    }
+}
+
+/// Settles an epoch in which each wallet sold a different, odd number of GPU-minutes,
+/// through the real ledger: the summary the head would hand to `pay_epoch`.
+fn settled_epoch(epoch_id: u64, wallets: &[Pubkey]) -> EpochSummary {
+    let mut ledger = Ledger::new(MemoryStore::new(), LedgerConfig::default()).unwrap();
+    ledger.add_credits("acme", 1_000_000_000).unwrap();
+    let end_ms = 100 * 3_600_000;
+    let records: Vec<_> = wallets
+        .iter()
+        .enumerate()
+        .map(|(i, wallet)| usage(i as u128 + 1, &wallet.to_string(), 7 + 13 * i as u64, end_ms))
+        .collect();
+    ledger.accept_records(&records).unwrap();
+    ledger.settle_epoch(&EpochSpec::new(epoch_id, end_ms)).unwrap().summary().clone()
+}
+
+struct TokenSetup {
+    chain: SvmChain,
+    authority: Keypair,
+    mint: Pubkey,
+    providers: Vec<Pubkey>,
+}
+
+/// A 6-decimal mint whose authority holds `funds` base units in its associated account.
+fn token_setup(providers: usize, funds: u64) -> TokenSetup {
+    let chain = SvmChain::new();
+    let authority = Keypair::new();
+    chain.svm.borrow_mut().airdrop(&authority.pubkey(), 100 * SOL).unwrap();
+    let mint = Keypair::new();
+    let rent = chain.svm.borrow().minimum_balance_for_rent_exemption(82);
+    chain.execute(
+        &[
+            solana_system_interface::instruction::create_account(
+                &authority.pubkey(),
+                &mint.pubkey(),
+                rent,
+                82,
+                &TOKEN_PROGRAM_ID,
+            ),
+            spl_token_interface::instruction::initialize_mint2(
+                &TOKEN_PROGRAM_ID,
+                &mint.pubkey(),
+                &authority.pubkey(),
+                None,
+                6,
+            )
+            .unwrap(),
+            spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent(
+                &authority.pubkey(),
+                &authority.pubkey(),
+                &mint.pubkey(),
+                &TOKEN_PROGRAM_ID,
+            ),
+            spl_token_interface::instruction::mint_to(
+                &TOKEN_PROGRAM_ID,
+                &mint.pubkey(),
+                &associated_token_address(&authority.pubkey(), &mint.pubkey()),
+                &authority.pubkey(),
+                &[],
+                funds,
+            )
+            .unwrap(),
+        ],
+        &[&authority, &mint],
+    );
+    let providers = (0..providers).map(|_| Keypair::new().pubkey()).collect();
+    TokenSetup { chain, authority, mint: mint.pubkey(), providers }
+}
+
+fn config(asset: PayoutAsset) -> PayoutConfig {
+    PayoutConfig {
+        confirm_timeout: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(1),
+        ..PayoutConfig::new(asset)
+    }
+}
+
+fn token_payouter<C: PayoutChain, S: PayoutStore>(setup: &TokenSetup, chain: C, store: S) -> SolanaPayouter<C, S> {
+    let asset = PayoutAsset::Token { mint: setup.mint, decimals: 6 };
+    SolanaPayouter::new(chain, store, setup.authority.insecure_clone(), config(asset)).unwrap()
+}
+
+fn provider_token_balances(setup: &TokenSetup) -> Vec<u64> {
+    setup
+        .providers
+        .iter()
+        .map(|wallet| setup.chain.token_balance(&associated_token_address(wallet, &setup.mint)))
+        .collect()
+}
+
+/// What each provider must receive: revenue + reward, micro-USD = base units at 6 decimals.
+fn expected(summary: &EpochSummary, providers: &[Pubkey]) -> Vec<u64> {
+    providers
+        .iter()
+        .map(|wallet| {
+            let provider = summary.providers.iter().find(|p| p.wallet == wallet.to_string()).unwrap();
+            provider.revenue + provider.reward
+        })
+        .collect()
+}
+
+fn assert_each_batch_landed_once(report: &PayoutReport) {
+    for batch in &report.batches {
+        assert!(!batch.signature.is_empty(), "batch {} has no landed transaction", batch.index);
+    }
+}
+
+#[test]
+fn token_payout_to_25_providers_moves_exact_amounts_in_packet_sized_batches_with_memos() {
+    let setup = token_setup(25, 10_000_000_000);
+    let summary = settled_epoch(7, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    assert!(want.iter().all(|&amount| amount > 0));
+    assert!(want.iter().any(|amount| amount % 1_000_000 != 0), "amounts should have sub-dollar digits");
+    let source = associated_token_address(&setup.authority.pubkey(), &setup.mint);
+    let source_before = setup.chain.token_balance(&source);
+
+    let mut payouter = token_payouter(&setup, setup.chain.clone(), MemoryPayoutStore::new());
+    let report = payouter.pay_epoch(&summary).unwrap();
+
+    assert_eq!(report.outcome, PayoutOutcome::Paid);
+    assert_eq!(provider_token_balances(&setup), want);
+    let total: u64 = want.iter().sum();
+    assert_eq!(report.total_amount, total);
+    assert_eq!(report.total_micro_usd, summary.total_usage + summary.total_rewards);
+    assert_eq!(setup.chain.token_balance(&source), source_before - total);
+    assert!(report.batches.len() >= 2, "25 token payouts cannot fit one transaction");
+    assert_each_batch_landed_once(&report);
+
+    let record = payouter.store().epoch_payouts(7).unwrap().unwrap();
+    let count = record.batches.len();
+    for batch in &record.batches {
+        assert_eq!(batch.attempts.len(), 1);
+        let attempt = batch.landed().unwrap();
+        assert!(
+            attempt.transaction.len() <= PACKET_DATA_SIZE,
+            "batch {} is {} bytes",
+            batch.index,
+            attempt.transaction.len()
+        );
+        let memo = format!("ionet settlement epoch 7 batch {}/{count}", batch.index);
+        let logs = setup.chain.logs(&attempt.signature);
+        assert!(logs.iter().any(|line| line.contains(&memo)), "no memo {memo:?} in {logs:#?}");
+    }
+    // Batches are as full as the packet allows: all but the last cannot take one more.
+    let sizes: Vec<_> = record.batches.iter().map(|b| b.payouts.len()).collect();
+    assert!(sizes[..count - 1].iter().all(|&n| n >= *sizes.last().unwrap()), "{sizes:?}");
+
+    // Re-running the completed epoch moves nothing, not even a fee.
+    let authority_lamports = setup.chain.lamports(&setup.authority.pubkey());
+    let again = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(again.outcome, PayoutOutcome::AlreadyPaid);
+    assert_eq!(again.batches, report.batches);
+    assert_eq!(provider_token_balances(&setup), want);
+    assert_eq!(setup.chain.lamports(&setup.authority.pubkey()), authority_lamports);
+
+    // A new payouter over the same store (a restart) agrees.
+    let (_, store) = payouter.into_parts();
+    let mut restarted = token_payouter(&setup, setup.chain.clone(), store);
+    assert_eq!(restarted.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    assert_eq!(provider_token_balances(&setup), want);
+}
+
+#[test]
+fn crash_after_sending_before_recording_then_rerun_pays_once() {
+    let setup = token_setup(25, 10_000_000_000);
+    let summary = settled_epoch(3, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("payouts.redb");
+
+    let store = CrashBeforeRecordingLanded { inner: RedbPayoutStore::open(&path).unwrap(), armed: true };
+    let mut payouter = token_payouter(&setup, setup.chain.clone(), store);
+    let err = payouter.pay_epoch(&summary).unwrap_err();
+    assert!(matches!(err, SettlementError::Io(_)), "{err}");
+    drop(payouter);
+
+    // The first batch landed on chain; its record still says in flight.
+    let paid_first: Vec<u64> = provider_token_balances(&setup);
+    assert!(paid_first.iter().any(|&b| b > 0) && paid_first.contains(&0), "{paid_first:?}");
+    let store = RedbPayoutStore::open(&path).unwrap();
+    let record = store.epoch_payouts(3).unwrap().unwrap();
+    assert_eq!(record.batches[0].attempts.len(), 1);
+    assert_eq!(record.batches[0].attempts[0].state, AttemptState::InFlight);
+
+    // Its blockhash expires before the restart: found landed, it must not be re-signed.
+    setup.chain.expire_blockhash();
+    let mut payouter = token_payouter(&setup, setup.chain.clone(), store);
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(report.outcome, PayoutOutcome::Paid);
+    assert_eq!(provider_token_balances(&setup), want);
+    assert!(report.batches.iter().all(|batch| batch.attempts == 1), "{:?}", report.batches);
+    assert_eq!(payouter.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    assert_eq!(provider_token_balances(&setup), want);
+}
+
+#[test]
+fn lost_send_acknowledgement_then_rerun_pays_once() {
+    let setup = token_setup(25, 10_000_000_000);
+    let summary = settled_epoch(4, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    let chain = FaultyChain { inner: setup.chain.clone(), fault: SendFault::LoseAck { after_sends: 1 }, sends: 0 };
+    let mut payouter = token_payouter(&setup, chain, MemoryPayoutStore::new());
+    let err = payouter.pay_epoch(&summary).unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(provider_token_balances(&setup), want);
+    assert!(report.batches.iter().all(|batch| batch.attempts == 1), "{:?}", report.batches);
+}
+
+#[test]
+fn dropped_transaction_is_resent_as_is_or_resigned_only_after_its_blockhash_expired() {
+    let setup = token_setup(25, 10_000_000_000);
+    let summary = settled_epoch(5, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    // Batch 1 is dropped on the way; its blockhash is still valid on the re-run, so the
+    // same bytes go out again. Batch 2 is dropped and its blockhash expires: a new
+    // transaction is signed for it, once.
+    let chain = FaultyChain { inner: setup.chain.clone(), fault: SendFault::Drop { after_sends: 0 }, sends: 0 };
+    let mut payouter = token_payouter(&setup, chain, MemoryPayoutStore::new());
+    payouter.pay_epoch(&summary).unwrap_err();
+    assert_eq!(provider_token_balances(&setup), vec![0; 25]);
+    payouter.chain().fault = SendFault::Drop { after_sends: 2 };
+    payouter.pay_epoch(&summary).unwrap_err();
+    setup.chain.expire_blockhash();
+    let report = payouter.pay_epoch(&summary).unwrap();
+
+    assert_eq!(provider_token_balances(&setup), want);
+    let attempts: Vec<_> = report.batches.iter().map(|batch| batch.attempts).collect();
+    assert_eq!(attempts[..2], [1, 2], "{attempts:?}");
+    let record = payouter.store().epoch_payouts(5).unwrap().unwrap();
+    assert_eq!(record.batches[1].attempts[0].state, AttemptState::Expired);
+    assert_eq!(record.batches[1].attempts[1].state, AttemptState::Landed);
+}
+
+#[test]
+fn short_funds_sign_nothing_and_a_funded_rerun_pays() {
+    let setup = token_setup(3, 10);
+    let summary = settled_epoch(9, &setup.providers);
+    let mut payouter = token_payouter(&setup, setup.chain.clone(), MemoryPayoutStore::new());
+    let err = payouter.pay_epoch(&summary).unwrap_err();
+    assert!(matches!(err, SettlementError::PayoutFundsShort { available: 10, .. }), "{err}");
+    let record = payouter.store().epoch_payouts(9).unwrap().unwrap();
+    assert!(record.batches.iter().all(|batch| batch.attempts.is_empty()));
+
+    setup.chain.execute(
+        &[spl_token_interface::instruction::mint_to(
+            &TOKEN_PROGRAM_ID,
+            &setup.mint,
+            &associated_token_address(&setup.authority.pubkey(), &setup.mint),
+            &setup.authority.pubkey(),
+            &[],
+            1_000_000_000,
+        )
+        .unwrap()],
+        &[&setup.authority],
+    );
+    payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(provider_token_balances(&setup), expected(&summary, &setup.providers));
+}
+
+#[test]
+fn sol_payout_to_a_few_providers() {
+    let chain = SvmChain::new();
+    let authority = Keypair::new();
+    chain.svm.borrow_mut().airdrop(&authority.pubkey(), 1_000 * SOL).unwrap();
+    let providers: Vec<Pubkey> = (0..4).map(|_| Keypair::new().pubkey()).collect();
+    // Providers need no account beforehand, but a new one must end rent-exempt:
+    // make the payouts large enough (at 150 USD/SOL).
+    let summary = settled_epoch(2, &providers);
+    let lamports_per_usd = SOL / 150;
+    let asset = PayoutAsset::Sol { lamports_per_usd };
+    let mut payouter =
+        SolanaPayouter::new(chain.clone(), MemoryPayoutStore::new(), authority.insecure_clone(), config(asset.clone()))
+            .unwrap();
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(report.batches.len(), 1);
+    let want: Vec<u64> = expected(&summary, &providers)
+        .into_iter()
+        .map(|micro| (micro as u128 * lamports_per_usd as u128 / 1_000_000) as u64)
+        .collect();
+    let got: Vec<u64> = providers.iter().map(|wallet| chain.lamports(wallet)).collect();
+    assert_eq!(got, want);
+    let logs = chain.logs(&report.batches[0].signature);
+    assert!(logs.iter().any(|line| line.contains("ionet settlement epoch 2 batch 1/1")), "{logs:#?}");
+
+    assert_eq!(payouter.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    let got: Vec<u64> = providers.iter().map(|wallet| chain.lamports(wallet)).collect();
+    assert_eq!(got, want);
+}

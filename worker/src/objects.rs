@@ -1,0 +1,145 @@
+//! The node daemon's object store: the shared-memory store of this node, pulls from
+//! other nodes, and the record of which nodes hold copies of objects made here.
+//!
+//! Invariants:
+//! - Processes on the node write objects straight into the store's files and read them
+//!   by mapping; the daemon only reserves room (`create`), publishes (`seal`), restores
+//!   from spill and pulls, so bytes never cross a socket on one node.
+//! - A copy pulled from another node is reported to the node holding the primary copy,
+//!   so that freeing the primary frees every copy.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use ionet::auth::ClusterToken;
+use ionet::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
+use ionet::rpc::{self, NodeManagerClient};
+use ionet::{IonetError, IonetResult, ObjectId};
+use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig};
+
+pub struct NodeObjects {
+    pub store: Arc<LocalObjectStore>,
+    puller: Puller,
+    token: ClusterToken,
+    own_address: String,
+    /// For objects whose primary copy is here: the nodes that pulled a copy.
+    copies: DashMap<ObjectId, Vec<String>>,
+}
+
+/// Default store capacity: 30% of the machine's memory, as Ray's default.
+pub fn default_capacity() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find(|line| line.starts_with("MemTotal:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(8 * 1024 * 1024);
+    kib * 1024 * 3 / 10
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ObjectStoreError> + Send + 'static,
+) -> IonetResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|err| IonetError::Internal(format!("object store task failed: {err}")))?
+        .map_err(Into::into)
+}
+
+impl NodeObjects {
+    pub fn new(capacity: u64, token: ClusterToken, own_address: String) -> IonetResult<Self> {
+        let capacity = if capacity == 0 { default_capacity() } else { capacity };
+        let store = Arc::new(LocalObjectStore::new(StoreConfig::with_capacity(capacity)).map_err(IonetError::from)?);
+        Ok(Self {
+            puller: Puller::new(store.clone(), token.clone()),
+            store,
+            token,
+            own_address,
+            copies: DashMap::new(),
+        })
+    }
+
+    pub fn dir(&self) -> String {
+        self.store.dir().to_string_lossy().into_owned()
+    }
+
+    pub async fn create(&self, id: &[u8], size: u64) -> IonetResult<()> {
+        let id = ObjectId::from_bytes(id)?;
+        let store = self.store.clone();
+        // The reservation stays; the mapping made here is not needed.
+        blocking(move || store.create(id, size).map(drop)).await
+    }
+
+    pub async fn seal(&self, id: &[u8]) -> IonetResult<()> {
+        let id = ObjectId::from_bytes(id)?;
+        let store = self.store.clone();
+        blocking(move || store.seal(&id).map(drop)).await
+    }
+
+    /// Makes the object readable here: restored from spill, or pulled from `source`.
+    pub async fn ensure_local(&self, id: &[u8], source: &str) -> IonetResult<()> {
+        let id = ObjectId::from_bytes(id)?;
+        let store = self.store.clone();
+        if blocking(move || store.get(&id)).await?.is_some() {
+            return Ok(());
+        }
+        if source.is_empty() || source == self.own_address {
+            return Err(IonetError::ObjectLost(format!("object {} is not in the store of this node", id.short())));
+        }
+        self.puller.pull(source, id).await.map_err(|err| {
+            IonetError::ObjectLost(format!("object {} could not be pulled from {source}: {err}", id.short()))
+        })?;
+        // Tell the primary's node, so freeing the object frees this copy too.
+        let (token, source, own) = (self.token.clone(), source.to_string(), self.own_address.clone());
+        tokio::spawn(async move {
+            if let Ok(channel) = rpc::connect(&source, &token, std::time::Duration::from_secs(5)).await {
+                let request = AddObjectLocationRequest { object_id: id.to_vec(), holder_address: own };
+                let _ = NodeManagerClient::new(channel).add_object_location(request).await;
+            }
+        });
+        Ok(())
+    }
+
+    pub fn add_location(&self, id: &[u8], holder: String) -> IonetResult<()> {
+        let id = ObjectId::from_bytes(id)?;
+        let mut holders = self.copies.entry(id).or_default();
+        if !holders.contains(&holder) {
+            holders.push(holder);
+        }
+        Ok(())
+    }
+
+    /// Deletes the objects here and asks every node holding a copy to do the same.
+    pub async fn free(&self, ids: &[Vec<u8>]) -> IonetResult<u64> {
+        let ids = ids.iter().map(|id| ObjectId::from_bytes(id)).collect::<IonetResult<Vec<_>>>()?;
+        let mut forward: std::collections::HashMap<String, Vec<Vec<u8>>> = std::collections::HashMap::new();
+        for id in &ids {
+            if let Some((_, holders)) = self.copies.remove(id) {
+                for holder in holders {
+                    forward.entry(holder).or_default().push(id.to_vec());
+                }
+            }
+        }
+        let store = self.store.clone();
+        let freed = blocking(move || {
+            let mut freed = 0;
+            for id in &ids {
+                if store.delete(id)? {
+                    freed += 1;
+                }
+            }
+            Ok(freed)
+        })
+        .await?;
+        for (holder, object_ids) in forward {
+            let token = self.token.clone();
+            tokio::spawn(async move {
+                if let Ok(channel) = rpc::connect(&holder, &token, std::time::Duration::from_secs(5)).await {
+                    let _ = NodeManagerClient::new(channel).free_objects(FreeObjectsRequest { object_ids }).await;
+                }
+            });
+        }
+        Ok(freed)
+    }
+}
