@@ -82,19 +82,27 @@ fn main() {
         });
         clients * 1000
     });
+    // Ray puts numpy arrays (its one-copy path); the Rust counterpart is `put_bytes`.
     let gigabyte_chunk = vec![7u8; 100 * 1024 * 1024];
     timeit("single client put gigabytes", &filter, seconds, || {
         for _ in 0..10 {
-            ionet::put(&gigabyte_chunk).unwrap();
+            ionet::put_bytes(&gigabyte_chunk).unwrap();
         }
         1 // gigabytes
+    });
+    let mut target = vec![0u8; gigabyte_chunk.len()];
+    timeit("single thread memcpy gigabytes (reference)", &filter, seconds, || {
+        for _ in 0..10 {
+            target.copy_from_slice(std::hint::black_box(&gigabyte_chunk));
+        }
+        1
     });
     timeit("multi client put gigabytes", &filter, seconds, || {
         std::thread::scope(|scope| {
             for _ in 0..clients {
                 scope.spawn(|| {
                     for _ in 0..10 {
-                        ionet::put(&gigabyte_chunk).unwrap();
+                        ionet::put_bytes(&gigabyte_chunk).unwrap();
                     }
                 });
             }

@@ -133,3 +133,99 @@ pub fn nodes() -> IonetResult<Vec<ionet_common::rpc::proto::common::NodeInfo>> {
         Ok(gcs.get_all_nodes(request).await?.into_inner().nodes)
     })
 }
+
+/// Bytes of an object, borrowed from the node's shared-memory store when the object
+/// lives there (no copy), or from the owner's memory.
+pub struct ObjectBytes {
+    bytes: crate::object_store::Bytes,
+    offset: usize,
+}
+
+impl std::ops::Deref for ObjectBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.offset..]
+    }
+}
+
+/// The header bincode (standard configuration) writes before a `Vec<u8>`'s bytes: its
+/// length as a variable-length integer. Writing it ourselves lets a byte buffer go into
+/// the store with a single copy, and still decode as a `Vec<u8>`.
+fn byte_vec_header(len: usize) -> Vec<u8> {
+    let len = len as u64;
+    let mut header = Vec::with_capacity(9);
+    if len < 251 {
+        header.push(len as u8);
+    } else if len <= u64::from(u16::MAX) {
+        header.push(251);
+        header.extend_from_slice(&(len as u16).to_le_bytes());
+    } else if len <= u64::from(u32::MAX) {
+        header.push(252);
+        header.extend_from_slice(&(len as u32).to_le_bytes());
+    } else {
+        header.push(253);
+        header.extend_from_slice(&len.to_le_bytes());
+    }
+    header
+}
+
+/// Stores a byte buffer with one copy (straight into shared memory when large); reads
+/// back as a `Vec<u8>` with [`get`], or without copying with [`get_bytes`].
+pub fn put_bytes(data: &[u8]) -> IonetResult<ObjectRef<Vec<u8>>> {
+    let worker = runtime::current()?;
+    let header = byte_vec_header(data.len());
+    let id = ObjectId::random();
+    let size = header.len() + data.len();
+    if size <= worker.inline_threshold {
+        let mut bytes = header;
+        bytes.extend_from_slice(data);
+        return Ok(worker.new_object(id, ObjectState::Inline(std::sync::Arc::new(bytes))));
+    }
+    let stored = worker.store_value(
+        id,
+        |buffer| {
+            buffer[..header.len()].copy_from_slice(&header);
+            buffer[header.len()..].copy_from_slice(data);
+        },
+        size as u64,
+    )?;
+    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+}
+
+/// The bytes of a `Vec<u8>` object without copying them (a view of the store's mapping
+/// for large objects).
+pub fn get_bytes(object: &ObjectRef<Vec<u8>>) -> IonetResult<ObjectBytes> {
+    let worker = runtime::current()?;
+    let bytes = block_on(worker.fetch(object.id(), object.owner_address(), None))?;
+    let (len, offset) = match bytes.first() {
+        Some(&small) if small < 251 => (small as usize, 1),
+        Some(251) if bytes.len() >= 3 => (u16::from_le_bytes([bytes[1], bytes[2]]) as usize, 3),
+        Some(252) if bytes.len() >= 5 => (u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize, 5),
+        Some(253) if bytes.len() >= 9 => (u64::from_le_bytes(bytes[1..9].try_into().unwrap()) as usize, 9),
+        _ => return Err(IonetError::InvalidArgument(format!("object {} is not a byte vector", object.id().short()))),
+    };
+    if bytes.len() != offset + len {
+        return Err(IonetError::InvalidArgument(format!(
+            "object {} holds {} bytes, not a byte vector of {len}",
+            object.id().short(),
+            bytes.len()
+        )));
+    }
+    Ok(ObjectBytes { bytes, offset })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_vec_header;
+
+    #[test]
+    fn byte_vec_header_matches_bincode() {
+        for len in [0usize, 1, 250, 251, 65_535, 65_536, 5_000_000] {
+            let data = vec![3u8; len];
+            let encoded = crate::task::encode_value(&data).unwrap();
+            let mut ours = byte_vec_header(len);
+            ours.extend_from_slice(&data);
+            assert_eq!(ours, encoded, "length {len}");
+        }
+    }
+}

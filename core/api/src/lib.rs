@@ -39,7 +39,9 @@ mod service;
 pub mod task;
 pub mod testing;
 
-pub use api::{get, get_all, get_record_batch, get_timeout, nodes, put, put_record_batch, wait};
+pub use api::{
+    get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait, ObjectBytes,
+};
 pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
 pub use init::{init, is_initialized, shutdown, InitConfig};

@@ -79,15 +79,19 @@ fn arrow_batches_read_back_without_copies() {
     assert_eq!(read, batch);
     // The column's bytes lie in a shared-memory mapping of the store, not in a copy.
     let pointer = read.column(0).to_data().buffers()[0].as_ptr() as usize;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let mapped = maps.lines().filter(|line| line.contains("ionet-objects")).any(|line| {
-        let range = line.split_whitespace().next().unwrap();
-        let (start, end) = range.split_once('-').unwrap();
-        let (start, end) = (usize::from_str_radix(start, 16).unwrap(), usize::from_str_radix(end, 16).unwrap());
-        (start..end).contains(&pointer)
-    });
+    let mapped = in_store_mapping(pointer);
     assert!(mapped, "column data at {pointer:#x} is not inside a mapping of the object store");
     drop((read, object));
+
+    // Raw bytes: one copy in, none out, and still a Vec<u8> to `get`.
+    let data = pattern(8 * MIB, 3);
+    let object = ionet::put_bytes(&data).unwrap();
+    let view = ionet::get_bytes(&object).unwrap();
+    assert_eq!(&*view, &data[..]);
+    assert!(in_store_mapping(view.as_ptr() as usize), "get_bytes copied the object");
+    assert_eq!(ionet::get(&object).unwrap(), data);
+    let small = ionet::put_bytes(b"tiny").unwrap();
+    assert_eq!(&*ionet::get_bytes(&small).unwrap(), b"tiny");
     ionet::shutdown();
 }
 
@@ -118,6 +122,17 @@ fn a_large_object_moves_between_nodes_and_every_copy_is_freed() {
         store_bytes(&a.address) == 0 && store_bytes(&b.address) == 0
     });
     drop(cluster);
+}
+
+/// Whether `pointer` lies in this process's mapping of an object-store file.
+fn in_store_mapping(pointer: usize) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().filter(|line| line.contains("ionet-objects")).any(|line| {
+        let range = line.split_whitespace().next().unwrap();
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (usize::from_str_radix(start, 16).unwrap(), usize::from_str_radix(end, 16).unwrap());
+        (start..end).contains(&pointer)
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
