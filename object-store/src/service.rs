@@ -116,17 +116,7 @@ impl ObjectManager for ObjectManagerService {
 
     async fn free(&self, request: Request<FreeRequest>) -> Result<Response<FreeReply>, Status> {
         let ids = request.get_ref().object_ids.iter().map(|bytes| parse_id(bytes)).collect::<Result<Vec<_>, _>>()?;
-        let freed = self
-            .blocking(move |store| {
-                let mut freed = 0;
-                for id in &ids {
-                    if store.delete(id)? {
-                        freed += 1;
-                    }
-                }
-                Ok(freed)
-            })
-            .await?;
+        let freed = self.blocking(move |store| store.delete_many(&ids)).await?;
         Ok(Response::new(FreeReply { freed }))
     }
 

@@ -362,6 +362,17 @@ impl LocalObjectStore {
         Ok(true)
     }
 
+    /// Deletes each object (see [`LocalObjectStore::delete`]); returns how many existed.
+    pub fn delete_many(&self, ids: &[ObjectId]) -> ObjectStoreResult<u64> {
+        let mut freed = 0;
+        for id in ids {
+            if self.delete(id)? {
+                freed += 1;
+            }
+        }
+        Ok(freed)
+    }
+
     pub fn stats(&self) -> StoreStats {
         let inner = self.lock();
         let mut stats =

@@ -344,13 +344,6 @@ mod tests {
     use crate::testing::*;
     use crate::NodeState;
 
-    fn view(nodes: Vec<NodeView>) -> ClusterView {
-        let mut view = ClusterView::new();
-        for node in nodes {
-            view.upsert_node(node).unwrap();
-        }
-        view
-    }
 
     fn four_gpu_nodes(count: u32) -> ClusterView {
         view((1..=count).map(|n| gpu_node(n, 16, "A100-80GB", 4, 190)).collect())

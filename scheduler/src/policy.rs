@@ -190,15 +190,8 @@ fn describe_node(node: &crate::NodeView) -> String {
 mod tests {
     use super::*;
     use crate::testing::*;
-    use crate::{LabelSelector, NodeView};
+    use crate::LabelSelector;
 
-    fn view(nodes: Vec<NodeView>) -> ClusterView {
-        let mut view = ClusterView::new();
-        for node in nodes {
-            view.upsert_node(node).unwrap();
-        }
-        view
-    }
 
     fn place(view: &mut ClusterView, demand: &Demand, strategy: &SchedulingStrategy, local: Option<&NodeId>) -> NodeId {
         let decision = view.schedule(demand, strategy, local);

@@ -3,7 +3,17 @@
 use ionet::resources::{CPU, GPU, MEMORY};
 use ionet::{NodeId, Quantity, ResourceSet};
 
+use crate::cluster::ClusterView;
 use crate::node::NodeView;
+
+/// A cluster view of these nodes.
+pub(crate) fn view(nodes: Vec<NodeView>) -> ClusterView {
+    let mut view = ClusterView::new();
+    for node in nodes {
+        view.upsert_node(node).unwrap();
+    }
+    view
+}
 
 pub(crate) const GIB: u64 = 1 << 30;
 

@@ -122,16 +122,7 @@ impl NodeObjects {
             }
         }
         let store = self.store.clone();
-        let freed = blocking(move || {
-            let mut freed = 0;
-            for id in &ids {
-                if store.delete(id)? {
-                    freed += 1;
-                }
-            }
-            Ok(freed)
-        })
-        .await?;
+        let freed = blocking(move || store.delete_many(&ids)).await?;
         for (holder, object_ids) in forward {
             let token = self.token.clone();
             tokio::spawn(async move {
