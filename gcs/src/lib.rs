@@ -20,10 +20,15 @@
 //! daemons report leases starting and ending; the control store stamps both with its own
 //! clock, joins the node and job tables into usage records, feeds them to the
 //! `ionet-settlement` ledger (and an optional JSON-lines export) and settles each epoch.
+//!
+//! Placement groups ([`placement_groups`]): a table of groups of resource bundles, placed by a
+//! background task with the scheduler's solver and reserved on the node daemons in two phases
+//! (prepare on all, then commit; cancel the prepared ones on any refusal).
 
 pub mod error;
 pub mod metering;
 pub mod metering_service;
+pub mod placement_groups;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -31,6 +36,7 @@ pub mod storage;
 
 pub use error::{GcsError, GcsResult};
 pub use metering::{Metering, MeteringOptions};
+pub use placement_groups::{BundleAgent, GrpcBundleAgent, PlacementGroups};
 pub use server::{GcsServer, GcsServerOptions};
 pub use state::GcsState;
 pub use storage::{GcsStorage, MemoryStorage, RedbStorage};

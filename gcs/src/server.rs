@@ -20,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::error::{GcsError, GcsResult};
 use crate::metering::{Metering, MeteringOptions};
 use crate::metering_service::MeteringService;
+use crate::placement_groups::{GrpcBundleAgent, PlacementGroups};
 use crate::service::GcsService;
 use crate::state::GcsState;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
@@ -60,6 +61,8 @@ pub struct GcsServer {
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
     health_task: JoinHandle<()>,
+    placement_task: JoinHandle<()>,
+    placement_groups: Arc<PlacementGroups>,
 }
 
 impl GcsServer {
@@ -93,7 +96,8 @@ impl GcsServer {
         let (stop, stopped) = watch::channel(false);
 
         let max_bytes = options.config.max_message_bytes;
-        let service = GeneratedGcsServer::new(GcsService::new(state.clone()))
+        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(token.clone())));
+        let service = GeneratedGcsServer::new(GcsService::new(state.clone(), placement_groups.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
         let service = InterceptedService::new(service, CheckToken::new(token.clone()));
@@ -112,9 +116,21 @@ impl GcsServer {
                 }),
         );
         let metering_tasks = metering.spawn_tasks(events, stopped.clone());
+        let placement_task = tokio::spawn(placement_groups.clone().run(stopped.clone()));
         let health_task = tokio::spawn(run_health_checks(state.clone(), stopped));
         tracing::info!(%address, "control store serving");
-        Ok(Self { address, state, metering, metering_tasks, token, stop, serve_task, health_task })
+        Ok(Self {
+            address,
+            state,
+            metering,
+            metering_tasks,
+            token,
+            stop,
+            serve_task,
+            health_task,
+            placement_task,
+            placement_groups,
+        })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -134,10 +150,15 @@ impl GcsServer {
         &self.metering
     }
 
+    pub fn placement_groups(&self) -> &Arc<PlacementGroups> {
+        &self.placement_groups
+    }
+
     /// Stops accepting calls, ends the background tasks and waits for them.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.health_task.await;
+        let _ = self.placement_task.await;
         for task in self.metering_tasks {
             let _ = task.await;
         }

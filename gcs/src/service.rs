@@ -12,15 +12,17 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::placement_groups::{strategy_from_wire, PlacementGroups};
 use crate::state::GcsState;
 
 pub struct GcsService {
     state: Arc<GcsState>,
+    placement_groups: Arc<PlacementGroups>,
 }
 
 impl GcsService {
-    pub fn new(state: Arc<GcsState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<GcsState>, placement_groups: Arc<PlacementGroups>) -> Self {
+        Self { state, placement_groups }
     }
 }
 
@@ -149,5 +151,33 @@ impl Gcs for GcsService {
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
             incarnation: self.state.incarnation(),
         }))
+    }
+
+    async fn create_placement_group(
+        &self,
+        request: Request<CreatePlacementGroupRequest>,
+    ) -> Result<Response<CreatePlacementGroupReply>, Status> {
+        let request = request.into_inner();
+        let bundles = request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet::IonetResult<Vec<_>>>()?;
+        let strategy = strategy_from_wire(request.strategy)?;
+        let id = self.placement_groups.create(bundles, strategy, request.name)?;
+        Ok(Response::new(CreatePlacementGroupReply { placement_group_id: id.to_vec() }))
+    }
+
+    async fn get_placement_group(
+        &self,
+        request: Request<GetPlacementGroupRequest>,
+    ) -> Result<Response<GetPlacementGroupReply>, Status> {
+        let id = ionet::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
+        Ok(Response::new(self.placement_groups.get(&id)?))
+    }
+
+    async fn remove_placement_group(
+        &self,
+        request: Request<RemovePlacementGroupRequest>,
+    ) -> Result<Response<RemovePlacementGroupReply>, Status> {
+        let id = ionet::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
+        self.placement_groups.remove(&id).await?;
+        Ok(Response::new(RemovePlacementGroupReply {}))
     }
 }

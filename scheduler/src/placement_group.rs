@@ -344,7 +344,6 @@ mod tests {
     use crate::testing::*;
     use crate::NodeState;
 
-
     fn four_gpu_nodes(count: u32) -> ClusterView {
         view((1..=count).map(|n| gpu_node(n, 16, "A100-80GB", 4, 190)).collect())
     }

@@ -192,7 +192,6 @@ mod tests {
     use crate::testing::*;
     use crate::LabelSelector;
 
-
     fn place(view: &mut ClusterView, demand: &Demand, strategy: &SchedulingStrategy, local: Option<&NodeId>) -> NodeId {
         let decision = view.schedule(demand, strategy, local);
         let node = decision.node().unwrap_or_else(|| panic!("expected a placement, got {decision}"));

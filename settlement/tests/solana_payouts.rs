@@ -36,7 +36,8 @@ struct SvmChain {
 
 impl SvmChain {
     fn new() -> Self {
-        SvmChain { svm: Rc::new(RefCell::new(LiteSVM::new())) }
+        // No log limit: the memo is logged last, after every transfer.
+        SvmChain { svm: Rc::new(RefCell::new(LiteSVM::new().with_log_bytes_limit(None))) }
     }
 
     fn token_balance(&self, account: &Pubkey) -> u64 {

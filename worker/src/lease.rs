@@ -10,6 +10,11 @@
 //! - A request this node cannot serve now is answered with a node that can (spillback,
 //!   from the cluster view refreshed every heartbeat), or waits here if only this node
 //!   could; one no node could ever serve is answered `infeasible`, never left waiting.
+//! - Placement-group bundles are held apart: preparing one moves its resources out of
+//!   `available` into the bundle (or refuses); a lease naming the bundle is granted only
+//!   from the bundle's own free resources, and returns there. Cancelling a bundle gives its
+//!   free part back at once; leases still running in it give theirs back to the general
+//!   pool when they end.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,7 +29,7 @@ use ionet::rpc::proto::node::{
     request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
     SchedulingKind, Spillback, WorkerCommand,
 };
-use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, WorkerId};
+use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
 use ionet_scheduler::{ClusterView, Decision, Demand, GpuAllocator, GpuAssignment, SchedulingStrategy};
 use tokio::sync::{oneshot, Notify};
 
@@ -70,6 +75,18 @@ struct Granted {
     resources: ResourceSet,
     gpus: Option<GpuAssignment>,
     worker: WorkerId,
+    bundle: Option<BundleKey>,
+}
+
+/// A placement-group bundle: its id and index in the group.
+type BundleKey = (PlacementGroupId, u32);
+
+/// Resources reserved on this node for one bundle.
+struct Bundle {
+    total: ResourceSet,
+    available: ResourceSet,
+    /// Leases are granted from a bundle only once the control store committed it.
+    committed: bool,
 }
 
 struct LeaseState {
@@ -79,6 +96,7 @@ struct LeaseState {
     leases: HashMap<LeaseId, Granted>,
     idle: Vec<(Worker, Instant)>,
     view: ClusterView,
+    bundles: HashMap<BundleKey, Bundle>,
 }
 
 /// What the control store is told about leases, in order, off the lease path.
@@ -185,6 +203,7 @@ impl Leases {
                 leases: HashMap::new(),
                 idle: Vec::new(),
                 view: ClusterView::new(),
+                bundles: HashMap::new(),
             }),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -369,6 +388,101 @@ impl Leases {
         }
     }
 
+    /// A request naming a bundle: granted only from the bundle's free resources here.
+    fn decide_bundle(&self, key: &BundleKey, demand: &ResourceSet) -> Step {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(bundle) = state.bundles.get_mut(key) else {
+            return Step::Infeasible(format!(
+                "bundle {} of placement group {} is not reserved on node {}",
+                key.1,
+                key.0.short(),
+                self.node_id.short()
+            ));
+        };
+        if !bundle.total.contains(demand) {
+            return Step::Infeasible(format!(
+                "{demand} does not fit bundle {} of placement group {} ({})",
+                key.1,
+                key.0.short(),
+                bundle.total
+            ));
+        }
+        if !bundle.committed || !bundle.available.contains(demand) {
+            return Step::Wait("waiting for room in the placement-group bundle".into());
+        }
+        let gpus = demand.get(GPU);
+        let assignment = if gpus.is_zero() {
+            None
+        } else {
+            match state.gpus.allocate(gpus) {
+                Ok(Some(assignment)) => Some(assignment),
+                Ok(None) => return Step::Wait("GPUs are busy".into()),
+                Err(err) => return Step::Infeasible(format!("{demand} cannot get GPUs: {err}")),
+            }
+        };
+        if bundle.available.try_subtract(demand).is_err() {
+            if let Some(assignment) = &assignment {
+                let _ = state.gpus.release(assignment);
+            }
+            return Step::Wait("waiting for room in the placement-group bundle".into());
+        }
+        Step::Grant(demand.clone(), assignment)
+    }
+
+    /// Phase one of placing a bundle here: takes its resources out of the general pool,
+    /// or refuses with `ResourceExhausted`. Preparing a bundle already held is a no-op.
+    pub fn prepare_bundle(&self, placement_group_id: &[u8], index: u32, resources: ResourceSet) -> IonetResult<()> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let mut state = self.lock();
+        if state.bundles.contains_key(&key) {
+            return Ok(());
+        }
+        if state.available.try_subtract(&resources).is_err() {
+            return Err(IonetError::ResourceExhausted(format!(
+                "node {} cannot reserve bundle {index} of placement group {}: it needs {resources}, {} is free",
+                self.node_id.short(),
+                key.0.short(),
+                state.available
+            )));
+        }
+        state.bundles.insert(key, Bundle { total: resources.clone(), available: resources, committed: false });
+        Ok(())
+    }
+
+    /// Phase two: the bundle may now serve leases.
+    pub fn commit_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<()> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let mut state = self.lock();
+        let bundle = state.bundles.get_mut(&key).ok_or_else(|| {
+            IonetError::NotFound(format!("bundle {index} of placement group {} is not prepared here", key.0.short()))
+        })?;
+        bundle.committed = true;
+        drop(state);
+        self.freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Gives a bundle's free resources back to the general pool; whether it was held.
+    pub fn cancel_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<bool> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let removed = {
+            let mut state = self.lock();
+            let removed = state.bundles.remove(&key);
+            if let Some(bundle) = &removed {
+                state.available.add(&bundle.available);
+            }
+            removed.is_some()
+        };
+        self.freed.notify_waiters();
+        Ok(removed)
+    }
+
+    /// How many placement-group bundles are reserved here.
+    pub fn bundle_count(&self) -> usize {
+        self.lock().bundles.len()
+    }
+
     fn address_of(&self, node_id: &NodeId) -> Option<String> {
         self.addresses.get(node_id).map(|entry| entry.clone())
     }
@@ -386,13 +500,22 @@ impl Leases {
             return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
         }
         let strategy = strategy(&request)?;
+        let bundle = if request.placement_group_id.is_empty() {
+            None
+        } else {
+            Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
+        };
         let mut refreshed = false;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.decide(&demand, &strategy, request.no_spillback) {
-                Step::Grant(resources, gpus) => return self.grant(job_id, &command, resources, gpus).await,
+            let step = match &bundle {
+                Some(key) => self.decide_bundle(key, &demand),
+                None => self.decide(&demand, &strategy, request.no_spillback),
+            };
+            match step {
+                Step::Grant(resources, gpus) => return self.grant(job_id, &command, resources, gpus, bundle).await,
                 Step::Spill(node_id, node_address) => {
                     return Ok(RequestWorkerLeaseReply {
                         outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
@@ -425,6 +548,7 @@ impl Leases {
         command: &WorkerCommand,
         resources: ResourceSet,
         gpus: Option<GpuAssignment>,
+        bundle: Option<BundleKey>,
     ) -> IonetResult<RequestWorkerLeaseReply> {
         let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
         let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
@@ -437,14 +561,14 @@ impl Leases {
             None => match self.start_worker(job_id, command, key).await {
                 Ok(worker) => worker,
                 Err(err) => {
-                    self.give_back(&resources, gpus.as_ref());
+                    self.give_back(&resources, gpus.as_ref(), bundle.as_ref());
                     return Err(err);
                 }
             },
         };
         let lease_id = LeaseId::random();
         self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
-        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id });
+        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
         }
@@ -460,10 +584,15 @@ impl Leases {
         Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Granted(reply)) })
     }
 
-    fn give_back(&self, resources: &ResourceSet, gpus: Option<&GpuAssignment>) {
+    fn give_back(&self, resources: &ResourceSet, gpus: Option<&GpuAssignment>, bundle: Option<&BundleKey>) {
         {
-            let mut state = self.lock();
-            state.available.add(resources);
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            // A lease of a bundle cancelled meanwhile gives back to the general pool.
+            match bundle.and_then(|key| state.bundles.get_mut(key)) {
+                Some(bundle) => bundle.available.add(resources),
+                None => state.available.add(resources),
+            }
             if let Some(assignment) = gpus {
                 if let Err(err) = state.gpus.release(assignment) {
                     tracing::error!(error = %err, "gpu accounting refused a release");
@@ -482,7 +611,7 @@ impl Leases {
             .remove(&lease_id)
             .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
         self.meter(MeterEvent::Ended { lease_id });
-        self.give_back(&granted.resources, granted.gpus.as_ref());
+        self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
         if let Some(mut entry) = self.workers.get_mut(&granted.worker) {
             entry.1 = None;
         }
@@ -592,7 +721,7 @@ impl Leases {
             let granted = self.lock().leases.remove(&lease_id);
             if let Some(granted) = granted {
                 self.meter(MeterEvent::Ended { lease_id });
-                self.give_back(&granted.resources, granted.gpus.as_ref());
+                self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
             }
         }
     }
@@ -636,5 +765,51 @@ fn kill(pid: u32) {
         unsafe {
             libc::kill(pid as i32, libc::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ionet::resources::CPU;
+
+    use super::*;
+
+    fn leases(cpus: i64) -> Leases {
+        let options = WorkerPoolOptions { idle_timeout: Duration::from_secs(1), max_idle_workers: 1, log_dir: None };
+        let total = ResourceSet::new().with(CPU, Quantity::whole(cpus));
+        Leases::new(NodeId::random(), "127.0.0.1:1".into(), "token".into(), total, Vec::new(), options)
+    }
+
+    #[test]
+    fn bundles_are_held_apart_from_the_general_pool() {
+        let leases = leases(2);
+        let group = PlacementGroupId::random();
+        let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+        leases.prepare_bundle(group.as_bytes(), 0, one.clone()).unwrap();
+        assert_eq!(leases.available(), one, "the bundle's CPU left the general pool");
+        // Preparing again is a no-op; a bundle beyond what is free is refused untouched.
+        leases.prepare_bundle(group.as_bytes(), 0, one.clone()).unwrap();
+        let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+        assert!(matches!(
+            leases.prepare_bundle(group.as_bytes(), 1, two.clone()),
+            Err(IonetError::ResourceExhausted(_))
+        ));
+        assert_eq!((leases.available(), leases.bundle_count()), (one.clone(), 1));
+
+        // Uncommitted: a lease naming it waits; committed: granted from the bundle only.
+        let key = (group, 0);
+        assert!(matches!(leases.decide_bundle(&key, &one), Step::Wait(_)));
+        leases.commit_bundle(group.as_bytes(), 0).unwrap();
+        let Step::Grant(resources, gpus) = leases.decide_bundle(&key, &one) else { panic!("expected a grant") };
+        assert_eq!(leases.available(), one, "the general pool is untouched by the bundle's lease");
+        assert!(matches!(leases.decide_bundle(&key, &one), Step::Wait(_)), "the bundle is full");
+        assert!(matches!(leases.decide_bundle(&(group, 7), &one), Step::Infeasible(_)));
+
+        // Cancelled while the lease runs: the free part comes back now, the lease's on return.
+        assert!(leases.cancel_bundle(group.as_bytes(), 0).unwrap());
+        assert_eq!(leases.available(), one);
+        leases.give_back(&resources, gpus.as_ref(), Some(&key));
+        assert_eq!(leases.available(), two);
+        assert!(!leases.cancel_bundle(group.as_bytes(), 0).unwrap(), "cancelling twice is harmless");
     }
 }

@@ -24,10 +24,11 @@ use ionet::rpc::proto::gcs::GetAllNodesRequest;
 use ionet::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
 use ionet::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet::rpc::proto::node::{
-    AddObjectLocationReply, AddObjectLocationRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply,
-    EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest,
-    RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
-    ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
+    AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
+    CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest,
+    FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, PrepareBundleReply,
+    PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
+    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
 };
 use ionet::rpc::{self, GcsClient};
 use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
@@ -155,6 +156,34 @@ impl NodeManager for NodeManagerService {
         let request = request.into_inner();
         self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
         Ok(Response::new(ReturnWorkerLeaseReply {}))
+    }
+
+    async fn prepare_bundle(
+        &self,
+        request: Request<PrepareBundleRequest>,
+    ) -> Result<Response<PrepareBundleReply>, Status> {
+        let request = request.into_inner();
+        let resources = request.resources.unwrap_or_default().to_set()?;
+        self.shared.leases.prepare_bundle(&request.placement_group_id, request.bundle_index, resources)?;
+        Ok(Response::new(PrepareBundleReply {}))
+    }
+
+    async fn commit_bundle(
+        &self,
+        request: Request<CommitBundleRequest>,
+    ) -> Result<Response<CommitBundleReply>, Status> {
+        let request = request.into_inner();
+        self.shared.leases.commit_bundle(&request.placement_group_id, request.bundle_index)?;
+        Ok(Response::new(CommitBundleReply {}))
+    }
+
+    async fn cancel_bundle(
+        &self,
+        request: Request<CancelBundleRequest>,
+    ) -> Result<Response<CancelBundleReply>, Status> {
+        let request = request.into_inner();
+        self.shared.leases.cancel_bundle(&request.placement_group_id, request.bundle_index)?;
+        Ok(Response::new(CancelBundleReply {}))
     }
 
     async fn register_worker(

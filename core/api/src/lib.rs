@@ -19,6 +19,8 @@
 //! - `#[ionet::remote]` on a function generates `f::remote(args)` and
 //!   `f::options(TaskOptions).remote(args)`, returning a typed [`ObjectRef`]; arguments
 //!   are values or refs (the task starts once they exist).
+//! - [`placement_group`] reserves bundles of resources together over nodes;
+//!   `TaskOptions::placement_group(&group, index)` runs a task inside bundle `index`.
 //! - [`get`], [`get_all`], [`get_timeout`], [`put`], [`wait`] read and write objects.
 //! - Errors a caller can match on are [`IonetError`] variants: `TaskFailed` (the remote
 //!   message, function and node), `WorkerCrashed` (after `max_retries`), `Timeout`,
@@ -34,6 +36,7 @@ mod init;
 mod object_ref;
 mod object_store;
 mod options;
+mod placement_group;
 mod runtime;
 mod service;
 pub mod task;
@@ -49,6 +52,7 @@ pub use ionet_common::*;
 pub use ionet_macros::remote;
 pub use object_ref::{Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
+pub use placement_group::{placement_group, remove_placement_group, PlacementGroup, PlacementStrategy};
 
 #[doc(hidden)]
 pub use inventory;

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use ionet_common::NodeId;
+use ionet_common::{NodeId, PlacementGroupId};
+
+use crate::placement_group::PlacementGroup;
 
 /// Where a task may run.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -33,6 +35,8 @@ pub struct TaskOptions {
     /// Also retry when the task returns an error or panics.
     pub retry_exceptions: bool,
     pub scheduling_strategy: SchedulingStrategy,
+    /// Run inside this bundle (group id, bundle index), from its reserved resources.
+    pub placement_group: Option<(PlacementGroupId, u32)>,
 }
 
 impl Default for TaskOptions {
@@ -46,6 +50,7 @@ impl Default for TaskOptions {
             max_retries: 3,
             retry_exceptions: false,
             scheduling_strategy: SchedulingStrategy::Default,
+            placement_group: None,
         }
     }
 }
@@ -88,6 +93,13 @@ impl TaskOptions {
 
     pub fn scheduling_strategy(mut self, strategy: SchedulingStrategy) -> Self {
         self.scheduling_strategy = strategy;
+        self
+    }
+
+    /// Runs the task inside bundle `bundle_index` of `group`, on the bundle's node and from
+    /// its reserved resources.
+    pub fn placement_group(mut self, group: &PlacementGroup, bundle_index: u32) -> Self {
+        self.placement_group = Some((group.id(), bundle_index));
         self
     }
 

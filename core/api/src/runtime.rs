@@ -331,8 +331,13 @@ impl CoreWorker {
         }
     }
 
-    fn pool(&self, demand: &ResourceSet, strategy: &SchedulingStrategy) -> Arc<ShapePool> {
-        let key = format!("{demand}|{strategy:?}");
+    fn pool(
+        &self,
+        demand: &ResourceSet,
+        strategy: &SchedulingStrategy,
+        bundle: Option<(ionet_common::PlacementGroupId, u32)>,
+    ) -> Arc<ShapePool> {
+        let key = format!("{demand}|{strategy:?}|{bundle:?}");
         if let Some(pool) = self.pools.get(&key) {
             return pool.clone();
         }
@@ -350,6 +355,8 @@ impl CoreWorker {
                 strategy: Some(wire),
                 worker_command: Some(self.worker_command.clone()),
                 no_spillback: false,
+                placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
+                bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
             },
             idle: Mutex::new(Vec::new()),
             notify: Notify::new(),
@@ -438,6 +445,16 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
     let mut request = pool.request.clone();
     let mut failures = 0u32;
     let outcome = loop {
+        // A bundle's lease is asked of the node holding the bundle, once the group is placed.
+        if !request.placement_group_id.is_empty() {
+            match bundle_address(&worker, &request).await {
+                Ok(bundle_node) => {
+                    address = bundle_node;
+                    request.no_spillback = true;
+                }
+                Err(reason) => break Err(reason),
+            }
+        }
         let channel = match worker.channel(&address) {
             Ok(channel) => channel,
             Err(err) => break Err(err.to_string()),
@@ -476,6 +493,40 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
             *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
             pool.notify.notify_waiters();
         }
+    }
+}
+
+/// The address of the node holding the request's bundle, waiting while the group is pending.
+async fn bundle_address(worker: &CoreWorker, request: &RequestWorkerLeaseRequest) -> Result<String, String> {
+    let group =
+        ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id).map_err(|err| err.to_string())?;
+    let mut failures = 0u32;
+    loop {
+        use ionet_common::rpc::proto::gcs::PlacementGroupState;
+        match crate::placement_group::get_group(worker, &group).await {
+            Ok(reply) => match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
+                PlacementGroupState::Created => {
+                    return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
+                        format!(
+                            "placement group {} has no bundle {} ({} bundles)",
+                            group.short(),
+                            request.bundle_index,
+                            reply.bundle_node_addresses.len()
+                        )
+                    })
+                }
+                PlacementGroupState::Removed => return Err(format!("placement group {} was removed", group.short())),
+                PlacementGroupState::Pending => {}
+            },
+            Err(IonetError::NotFound(message)) => return Err(message),
+            Err(err) => {
+                failures += 1;
+                if failures > 50 {
+                    return Err(format!("cannot read placement group {}: {err}", group.short()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -526,7 +577,7 @@ async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<T
 
 async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<ObjectState> {
     let demand = spec.options.demand()?;
-    let pool = worker.pool(&demand, &spec.options.scheduling_strategy);
+    let pool = worker.pool(&demand, &spec.options.scheduling_strategy, spec.options.placement_group);
     let mut attempt = 0u32;
     loop {
         let args = resolve_args(worker, spec).await?;

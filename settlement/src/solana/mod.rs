@@ -279,7 +279,8 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
             }
             fresh_attempts += 1;
             self.check_funds(record, position)?;
-            let transaction = self.sign_batch(record, position, self.chain.latest_blockhash()?)?;
+            let blockhash = self.chain.latest_blockhash()?;
+            let transaction = self.sign_batch(record, position, blockhash)?;
             // The attempt is durable before the transaction leaves this process.
             self.store.put_epoch_payouts(record)?;
             self.chain.send_transaction(&transaction)?;

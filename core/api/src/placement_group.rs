@@ -1,0 +1,129 @@
+//! Placement groups from the driver's side: ask the control store to reserve bundles of
+//! resources together, wait until they are placed, run tasks inside a bundle, remove them.
+//!
+//! The control store places and reserves the bundles (see `ionet_gcs::placement_groups`);
+//! a task naming a bundle asks the node holding it directly, which grants it only from the
+//! bundle's reserved resources.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ionet_common::resources::{Quantity, ResourceSet};
+use ionet_common::rpc::proto::common::ResourceQuantities;
+use ionet_common::rpc::proto::gcs::{
+    CreatePlacementGroupRequest, GetPlacementGroupReply, GetPlacementGroupRequest, PlacementGroupState,
+    PlacementStrategy as WireStrategy, RemovePlacementGroupRequest,
+};
+use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
+
+use crate::runtime::{self, block_on, CoreWorker};
+
+/// How a group's bundles are laid over nodes (Ray's names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlacementStrategy {
+    /// As few nodes as possible (best effort).
+    #[default]
+    Pack,
+    /// Over as many nodes as possible (best effort).
+    Spread,
+    /// All bundles on one node.
+    StrictPack,
+    /// Every bundle on a different node.
+    StrictSpread,
+}
+
+/// A handle to a placement group in the control store (cheap to clone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacementGroup {
+    id: PlacementGroupId,
+    bundle_count: usize,
+}
+
+impl PlacementGroup {
+    pub fn id(&self) -> PlacementGroupId {
+        self.id
+    }
+
+    pub fn bundle_count(&self) -> usize {
+        self.bundle_count
+    }
+
+    /// Waits until every bundle is reserved: `true` once it is, `false` if `timeout`
+    /// passes first; an error if the group was removed.
+    pub fn wait(&self, timeout: Duration) -> IonetResult<bool> {
+        let worker = runtime::current()?;
+        let deadline = Instant::now() + timeout;
+        block_on(async {
+            loop {
+                let reply = get_group(&worker, &self.id).await?;
+                match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
+                    PlacementGroupState::Created => return Ok(true),
+                    PlacementGroupState::Removed => {
+                        return Err(IonetError::FailedPrecondition(format!(
+                            "placement group {} was removed",
+                            self.id.short()
+                        )))
+                    }
+                    PlacementGroupState::Pending if Instant::now() >= deadline => return Ok(false),
+                    PlacementGroupState::Pending => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+    }
+
+    /// The node of each bundle, in bundle order; empty while the group is pending.
+    pub fn bundle_nodes(&self) -> IonetResult<Vec<NodeId>> {
+        let worker = runtime::current()?;
+        let reply = block_on(get_group(&worker, &self.id))?;
+        reply.bundle_node_ids.iter().map(|id| NodeId::from_bytes(id)).collect()
+    }
+}
+
+pub(crate) async fn get_group(worker: &CoreWorker, id: &PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
+    let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
+    Ok(gcs.get_placement_group(GetPlacementGroupRequest { placement_group_id: id.to_vec() }).await?.into_inner())
+}
+
+/// Asks the control store to reserve `bundles` (resource name → amount, e.g.
+/// `{"CPU": 1.0, "GPU": 1.0}`) laid out by `strategy`. Returns at once; see
+/// [`PlacementGroup::wait`].
+pub fn placement_group(
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: PlacementStrategy,
+) -> IonetResult<PlacementGroup> {
+    let worker = runtime::current()?;
+    let sets = bundles
+        .iter()
+        .map(|bundle| {
+            bundle.iter().try_fold(ResourceSet::new(), |set, (name, amount)| {
+                Ok::<_, IonetError>(set.with(name.clone(), Quantity::from_f64(*amount)?))
+            })
+        })
+        .collect::<IonetResult<Vec<_>>>()?;
+    let wire = match strategy {
+        PlacementStrategy::Pack => WireStrategy::Pack,
+        PlacementStrategy::Spread => WireStrategy::Spread,
+        PlacementStrategy::StrictPack => WireStrategy::StrictPack,
+        PlacementStrategy::StrictSpread => WireStrategy::StrictSpread,
+    };
+    let request = CreatePlacementGroupRequest {
+        bundles: sets.iter().map(ResourceQuantities::from_set).collect(),
+        strategy: wire as i32,
+        name: String::new(),
+    };
+    let reply = block_on(async {
+        let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
+        Ok::<_, IonetError>(gcs.create_placement_group(request).await?.into_inner())
+    })?;
+    Ok(PlacementGroup { id: PlacementGroupId::from_bytes(&reply.placement_group_id)?, bundle_count: bundles.len() })
+}
+
+/// Releases every bundle of the group; tasks waiting for it fail.
+pub fn remove_placement_group(group: &PlacementGroup) -> IonetResult<()> {
+    let worker = runtime::current()?;
+    block_on(async {
+        let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
+        gcs.remove_placement_group(RemovePlacementGroupRequest { placement_group_id: group.id.to_vec() }).await?;
+        Ok(())
+    })
+}

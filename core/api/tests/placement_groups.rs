@@ -1,0 +1,73 @@
+//! Placement groups end to end on a real multi-process cluster: a head with no CPUs and
+//! three two-CPU nodes, worker processes being this test binary re-executed.
+
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use harness::Cluster;
+use ionet::resources::Quantity;
+use ionet::rpc::proto::common::NodeState;
+use ionet::{PlacementStrategy, TaskOptions};
+
+#[ionet::remote]
+fn where_am_i(bundle: u32) -> (u32, String) {
+    (bundle, ionet::get_runtime_context().unwrap().node_id.hex())
+}
+
+fn cpu_bundles(count: usize) -> Vec<BTreeMap<String, f64>> {
+    (0..count).map(|_| BTreeMap::from([("CPU".to_string(), 1.0)])).collect()
+}
+
+fn strict_spread_group_runs_each_task_on_its_bundles_node() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    for _ in 0..3 {
+        cluster.add_node(&["--num-cpus", "2"]);
+    }
+    cluster.init();
+    harness::wait_until("three nodes with CPUs to register", Duration::from_secs(30), || {
+        ionet::nodes().unwrap().iter().filter(|node| node.state == NodeState::Alive as i32 && !node.is_head).count()
+            == 3
+    });
+
+    let group = ionet::placement_group(cpu_bundles(3), PlacementStrategy::StrictSpread).unwrap();
+    assert!(group.wait(Duration::from_secs(30)).unwrap(), "a strict-spread group of 3 fits 3 nodes");
+    let nodes: Vec<String> = group.bundle_nodes().unwrap().iter().map(|node| node.hex()).collect();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes.iter().collect::<BTreeSet<_>>().len(), 3, "bundles on three different nodes: {nodes:?}");
+    for (index, node) in nodes.iter().enumerate() {
+        let options = TaskOptions::default().placement_group(&group, index as u32);
+        let task = where_am_i::options(options).remote(index as u32);
+        let (_, ran_on) = ionet::get_timeout(&task, Duration::from_secs(60)).unwrap();
+        assert_eq!(&ran_on, node, "the task of bundle {index} runs on the bundle's node");
+    }
+
+    // Four bundles on three nodes never fit strictly spread: it stays pending, then goes.
+    let too_big = ionet::placement_group(cpu_bundles(4), PlacementStrategy::StrictSpread).unwrap();
+    assert!(!too_big.wait(Duration::from_millis(1_500)).unwrap(), "4 strict-spread bundles cannot fit 3 nodes");
+    assert!(too_big.bundle_nodes().unwrap().is_empty());
+    ionet::remove_placement_group(&too_big).unwrap();
+    assert!(too_big.wait(Duration::from_millis(100)).is_err(), "a removed group is not waited for");
+
+    // Removing the placed group gives its CPUs back: each node again has 2 free.
+    ionet::remove_placement_group(&group).unwrap();
+    harness::wait_until("every node to have its 2 CPUs free again", Duration::from_secs(30), || {
+        ionet::nodes()
+            .unwrap()
+            .iter()
+            .filter(|node| node.state == NodeState::Alive as i32 && !node.is_head)
+            .all(|node| node.available.clone().unwrap_or_default().to_set().unwrap().get("CPU") == Quantity::whole(2))
+    });
+    drop(cluster);
+}
+
+fn main() {
+    harness::run(
+        &[(
+            "strict_spread_group_runs_each_task_on_its_bundles_node",
+            strict_spread_group_runs_each_task_on_its_bundles_node,
+        )],
+        Duration::from_secs(180),
+    );
+}

@@ -1,0 +1,535 @@
+//! Placement groups: bundles of resources reserved together on nodes the scheduler chose.
+//!
+//! A group is created PENDING. A background pass (every 200 ms, and at once after a
+//! create) solves each pending group against the node table with
+//! [`ionet_scheduler::solve_placement_group`], then reserves it in two phases:
+//! 1. `PrepareBundle` on the node of every bundle, in bundle order: the node daemon moves the
+//!    bundle's resources out of its general pool, or refuses.
+//! 2. All prepared: `CommitBundle` on every node, and the group is CREATED. Any refusal or
+//!    transport failure: `CancelBundle` on every node that prepared, and the group stays
+//!    PENDING for the next pass. No partial reservation outlives a pass.
+//!
+//! A CREATED group whose node is no longer alive is cancelled on its other nodes and goes
+//! back to PENDING. `RemovePlacementGroup` cancels every bundle and marks it REMOVED (kept,
+//! so a late `GetPlacementGroup` still answers). Passes and removals are serialised by one
+//! async lock, so a removal never races a reservation in flight.
+//!
+//! Groups live in memory only: a head restarted from storage forgets them (the node
+//! daemons keep their reservations until they restart).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ionet::auth::ClusterToken;
+use ionet::resources::{ResourceSet, ACCELERATOR_PREFIX};
+use ionet::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
+use ionet::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
+use ionet::rpc::proto::node::{CancelBundleRequest, CommitBundleRequest, PrepareBundleRequest};
+use ionet::rpc::{AuthChannel, NodeManagerClient};
+use ionet::{IonetError, IonetResult, NodeId, PlacementGroupId};
+use ionet_scheduler::{
+    solve_placement_group, ClusterView, Gpu, NodeState, NodeView, PlacementDecision, PlacementStrategy,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::state::GcsState;
+
+/// How often pending groups are tried again.
+const PLACEMENT_PERIOD: Duration = Duration::from_millis(200);
+
+/// What the control store asks of the node daemons that hold bundles (a trait, so tests
+/// can stand in a node that refuses).
+#[tonic::async_trait]
+pub trait BundleAgent: Send + Sync + 'static {
+    async fn prepare(
+        &self,
+        node_address: &str,
+        group: PlacementGroupId,
+        index: u32,
+        resources: &ResourceSet,
+    ) -> IonetResult<()>;
+    async fn commit(&self, node_address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()>;
+    async fn cancel(&self, node_address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()>;
+}
+
+/// The real agent: the nodes' `NodeManager` service over gRPC.
+pub struct GrpcBundleAgent {
+    token: ClusterToken,
+    channels: DashMap<String, AuthChannel>,
+}
+
+impl GrpcBundleAgent {
+    pub fn new(token: ClusterToken) -> Self {
+        Self { token, channels: DashMap::new() }
+    }
+
+    fn client(&self, address: &str) -> IonetResult<NodeManagerClient> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(NodeManagerClient::new(channel.clone()));
+        }
+        let channel = ionet::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        self.channels.insert(address.to_string(), channel.clone());
+        Ok(NodeManagerClient::new(channel))
+    }
+}
+
+#[tonic::async_trait]
+impl BundleAgent for GrpcBundleAgent {
+    async fn prepare(
+        &self,
+        node_address: &str,
+        group: PlacementGroupId,
+        index: u32,
+        resources: &ResourceSet,
+    ) -> IonetResult<()> {
+        let request = PrepareBundleRequest {
+            placement_group_id: group.to_vec(),
+            bundle_index: index,
+            resources: Some(ResourceQuantities::from_set(resources)),
+        };
+        self.client(node_address)?.prepare_bundle(request).await?;
+        Ok(())
+    }
+
+    async fn commit(&self, node_address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+        let request = CommitBundleRequest { placement_group_id: group.to_vec(), bundle_index: index };
+        self.client(node_address)?.commit_bundle(request).await?;
+        Ok(())
+    }
+
+    async fn cancel(&self, node_address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+        let request = CancelBundleRequest { placement_group_id: group.to_vec(), bundle_index: index };
+        self.client(node_address)?.cancel_bundle(request).await?;
+        Ok(())
+    }
+}
+
+struct Group {
+    /// Creation order, so older groups are placed first.
+    sequence: u64,
+    name: String,
+    bundles: Vec<ResourceSet>,
+    strategy: PlacementStrategy,
+    state: PlacementGroupState,
+    /// Once CREATED: the node and address of each bundle.
+    nodes: Vec<(NodeId, String)>,
+    pending_reason: String,
+}
+
+/// The placement-group table and its placement passes.
+pub struct PlacementGroups {
+    state: Arc<GcsState>,
+    agent: Arc<dyn BundleAgent>,
+    groups: Mutex<BTreeMap<PlacementGroupId, Group>>,
+    sequence: std::sync::atomic::AtomicU64,
+    wake: Notify,
+    /// Held across a whole pass or removal: they touch the same nodes' reservations.
+    placing: tokio::sync::Mutex<()>,
+}
+
+pub fn strategy_from_wire(raw: i32) -> IonetResult<PlacementStrategy> {
+    Ok(match WireStrategy::try_from(raw) {
+        Ok(WireStrategy::Pack) => PlacementStrategy::Pack,
+        Ok(WireStrategy::Spread) => PlacementStrategy::Spread,
+        Ok(WireStrategy::StrictPack) => PlacementStrategy::StrictPack,
+        Ok(WireStrategy::StrictSpread) => PlacementStrategy::StrictSpread,
+        Err(_) => return Err(IonetError::InvalidArgument(format!("unknown placement strategy {raw}"))),
+    })
+}
+
+/// The scheduler's view of one node as the node table holds it.
+fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
+    let node_id = NodeId::from_bytes(&node.node_id)?;
+    let mut view = NodeView::new(node_id, node.total.clone().unwrap_or_default().to_set()?);
+    view.available = node.available.clone().unwrap_or_default().to_set()?;
+    view.gpus = node
+        .gpus
+        .iter()
+        .map(|gpu| Gpu { index: gpu.index, model: gpu.model.clone(), memory_bytes: gpu.memory_bytes })
+        .collect();
+    view.accelerator_type = (!node.accelerator_type.is_empty()).then(|| node.accelerator_type.clone());
+    view.labels = node.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+    view.price_per_gpu_hour = node.price_per_gpu_hour_micros;
+    view.state = match WireNodeState::try_from(node.state).unwrap_or(WireNodeState::Unspecified) {
+        WireNodeState::Alive => NodeState::Alive,
+        WireNodeState::Draining => NodeState::Draining,
+        WireNodeState::Dead | WireNodeState::Unspecified => NodeState::Dead,
+    };
+    Ok(view)
+}
+
+/// What a node reserves for a bundle: an `accelerator_type:` entry constrains the node,
+/// it is not consumed.
+fn consumed(bundle: &ResourceSet) -> ResourceSet {
+    let mut out = ResourceSet::new();
+    for (name, quantity) in bundle.iter().filter(|(name, _)| !name.starts_with(ACCELERATOR_PREFIX)) {
+        out.set(name.to_string(), quantity);
+    }
+    out
+}
+
+impl PlacementGroups {
+    pub fn new(state: Arc<GcsState>, agent: Arc<dyn BundleAgent>) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            agent,
+            groups: Mutex::new(BTreeMap::new()),
+            sequence: std::sync::atomic::AtomicU64::new(0),
+            wake: Notify::new(),
+            placing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PlacementGroupId, Group>> {
+        self.groups.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a new PENDING group; placement follows in the background.
+    pub fn create(
+        &self,
+        bundles: Vec<ResourceSet>,
+        strategy: PlacementStrategy,
+        name: String,
+    ) -> IonetResult<PlacementGroupId> {
+        if bundles.is_empty() {
+            return Err(IonetError::InvalidArgument("a placement group needs at least one bundle".into()));
+        }
+        if let Some(index) = bundles.iter().position(|bundle| consumed(bundle).iter().next().is_none()) {
+            return Err(IonetError::InvalidArgument(format!("bundle {index} of the placement group is empty")));
+        }
+        let id = PlacementGroupId::random();
+        let sequence = self.sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(group = %id.short(), %strategy, bundles = bundles.len(), %name, "placement group created");
+        self.lock().insert(
+            id,
+            Group {
+                sequence,
+                name,
+                bundles,
+                strategy,
+                state: PlacementGroupState::Pending,
+                nodes: Vec::new(),
+                pending_reason: String::new(),
+            },
+        );
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    pub fn get(&self, id: &PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
+        let groups = self.lock();
+        let group = groups
+            .get(id)
+            .ok_or_else(|| IonetError::NotFound(format!("placement group {} does not exist", id.short())))?;
+        Ok(GetPlacementGroupReply {
+            state: group.state as i32,
+            bundle_node_ids: group.nodes.iter().map(|(node, _)| node.to_vec()).collect(),
+            bundle_node_addresses: group.nodes.iter().map(|(_, address)| address.clone()).collect(),
+            pending_reason: group.pending_reason.clone(),
+        })
+    }
+
+    /// The group's state, if it exists.
+    pub fn state_of(&self, id: &PlacementGroupId) -> Option<PlacementGroupState> {
+        self.lock().get(id).map(|group| group.state)
+    }
+
+    /// Cancels every bundle of the group and marks it REMOVED.
+    pub async fn remove(&self, id: &PlacementGroupId) -> IonetResult<()> {
+        let _placing = self.placing.lock().await;
+        let nodes = {
+            let mut groups = self.lock();
+            let group = groups
+                .get_mut(id)
+                .ok_or_else(|| IonetError::NotFound(format!("placement group {} does not exist", id.short())))?;
+            group.state = PlacementGroupState::Removed;
+            std::mem::take(&mut group.nodes)
+        };
+        for (index, (node, address)) in nodes.iter().enumerate() {
+            if let Err(err) = self.agent.cancel(address, *id, index as u32).await {
+                tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a bundle");
+            }
+        }
+        tracing::info!(group = %id.short(), "placement group removed");
+        Ok(())
+    }
+
+    /// Places pending groups until `stopped`.
+    pub async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(PLACEMENT_PERIOD);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.wake.notified() => {}
+                _ = stopped.changed() => return,
+            }
+            self.place_pending().await;
+        }
+    }
+
+    /// One pass: groups on a node that is gone go back to pending; each pending group,
+    /// oldest first, is solved and reserved (two-phase) or left pending with the reason.
+    pub async fn place_pending(&self) {
+        let _placing = self.placing.lock().await;
+        let nodes = self.state.nodes(false);
+        let alive: HashSet<Vec<u8>> = nodes
+            .iter()
+            .filter(|node| node.state == WireNodeState::Alive as i32)
+            .map(|node| node.node_id.clone())
+            .collect();
+        self.requeue_groups_on_lost_nodes(&alive).await;
+
+        let mut pending: Vec<(u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy)> = self
+            .lock()
+            .iter()
+            .filter(|(_, group)| group.state == PlacementGroupState::Pending)
+            .map(|(id, group)| (group.sequence, *id, group.bundles.clone(), group.strategy))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort_by_key(|(sequence, ..)| *sequence);
+        let mut view = ClusterView::new();
+        let mut addresses = HashMap::new();
+        for node in &nodes {
+            match node_view(node) {
+                Ok(node_view) => {
+                    addresses.insert(node_view.node_id, node.address.clone());
+                    let _ = view.upsert_node(node_view);
+                }
+                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
+            }
+        }
+        for (_, id, bundles, strategy) in pending {
+            let outcome = match solve_placement_group(&view, &bundles, strategy) {
+                PlacementDecision::Placed(chosen) => match self.reserve(id, &bundles, &chosen, &addresses).await {
+                    Ok(placed) => {
+                        // Later groups of this pass see what this one took.
+                        let _ = view.reserve_bundles(&bundles, &chosen);
+                        Ok(placed)
+                    }
+                    Err(reason) => Err(reason),
+                },
+                PlacementDecision::Wait { reason } | PlacementDecision::Infeasible { reason } => Err(reason),
+            };
+            let mut groups = self.lock();
+            let Some(group) = groups.get_mut(&id) else { continue };
+            match outcome {
+                Ok(placed) => {
+                    tracing::info!(group = %id.short(), name = %group.name, "placement group created on its nodes");
+                    group.state = PlacementGroupState::Created;
+                    group.nodes = placed;
+                    group.pending_reason.clear();
+                }
+                Err(reason) => {
+                    if group.pending_reason != reason {
+                        tracing::debug!(group = %id.short(), %reason, "placement group stays pending");
+                    }
+                    group.pending_reason = reason;
+                }
+            }
+        }
+    }
+
+    /// Two-phase reservation of one group on the chosen nodes; on failure nothing stays
+    /// reserved and the reason is returned.
+    async fn reserve(
+        &self,
+        id: PlacementGroupId,
+        bundles: &[ResourceSet],
+        chosen: &[NodeId],
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<Vec<(NodeId, String)>, String> {
+        let mut prepared: Vec<(NodeId, String)> = Vec::new();
+        let mut failure = None;
+        for (index, (bundle, node)) in bundles.iter().zip(chosen).enumerate() {
+            let Some(address) = addresses.get(node) else {
+                failure = Some(format!("node {} of bundle {index} has no address", node.short()));
+                break;
+            };
+            match self.agent.prepare(address, id, index as u32, &consumed(bundle)).await {
+                Ok(()) => prepared.push((*node, address.clone())),
+                Err(err) => {
+                    failure = Some(format!("node {} refused bundle {index}: {err}", node.short()));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            for (index, (node, address)) in prepared.iter().enumerate() {
+                if let Err(err) = self.agent.commit(address, id, index as u32).await {
+                    failure = Some(format!("node {} did not commit bundle {index}: {err}", node.short()));
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => Ok(prepared),
+            Some(reason) => {
+                for (index, (node, address)) in prepared.iter().enumerate() {
+                    if let Err(err) = self.agent.cancel(address, id, index as u32).await {
+                        tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a prepared bundle");
+                    }
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    async fn requeue_groups_on_lost_nodes(&self, alive: &HashSet<Vec<u8>>) {
+        let lost: Vec<(PlacementGroupId, Vec<(NodeId, String)>)> = {
+            let mut groups = self.lock();
+            groups
+                .iter_mut()
+                .filter(|(_, group)| {
+                    group.state == PlacementGroupState::Created
+                        && group.nodes.iter().any(|(node, _)| !alive.contains(&node.to_vec()))
+                })
+                .map(|(id, group)| {
+                    group.state = PlacementGroupState::Pending;
+                    group.pending_reason = "a node holding one of its bundles died".into();
+                    (*id, std::mem::take(&mut group.nodes))
+                })
+                .collect()
+        };
+        for (id, nodes) in lost {
+            tracing::warn!(group = %id.short(), "a node of the placement group is gone; placing it again");
+            // The dead node too, best effort and bounded: one cut off but running (declared
+            // dead while away) would otherwise keep the bundle reserved when it rejoins.
+            for (index, (node, address)) in nodes.iter().enumerate() {
+                let wait =
+                    if alive.contains(&node.to_vec()) { Duration::from_secs(10) } else { Duration::from_secs(1) };
+                let _ = tokio::time::timeout(wait, self.agent.cancel(address, id, index as u32)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ionet::clock::ManualClock;
+    use ionet::config::ClusterConfig;
+    use ionet::resources::{Quantity, CPU};
+    use ionet::rpc::proto::common::NodeInfo;
+
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    /// Nodes that keep their reservations in memory; the node at `refusing` refuses.
+    #[derive(Default)]
+    struct FakeNodes {
+        refusing: Mutex<HashSet<String>>,
+        reserved: Mutex<HashMap<(String, PlacementGroupId, u32), bool>>,
+    }
+
+    #[tonic::async_trait]
+    impl BundleAgent for FakeNodes {
+        async fn prepare(
+            &self,
+            address: &str,
+            group: PlacementGroupId,
+            index: u32,
+            _resources: &ResourceSet,
+        ) -> IonetResult<()> {
+            if self.refusing.lock().unwrap().contains(address) {
+                return Err(IonetError::ResourceExhausted(format!("{address} has no room")));
+            }
+            self.reserved.lock().unwrap().insert((address.to_string(), group, index), false);
+            Ok(())
+        }
+        async fn commit(&self, address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+            self.reserved.lock().unwrap().insert((address.to_string(), group, index), true);
+            Ok(())
+        }
+        async fn cancel(&self, address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+            self.reserved.lock().unwrap().remove(&(address.to_string(), group, index));
+            Ok(())
+        }
+    }
+
+    async fn cluster_of(nodes: usize) -> Arc<GcsState> {
+        let state =
+            GcsState::open(ClusterConfig::default(), Arc::new(MemoryStorage::new()), Arc::new(ManualClock::new(0)))
+                .await
+                .unwrap();
+        for index in 0..nodes {
+            let cpus = ResourceSet::new().with(CPU, Quantity::whole(2));
+            let node = NodeInfo {
+                node_id: NodeId::random().to_vec(),
+                address: format!("node-{index}:1"),
+                total: Some((&cpus).into()),
+                available: Some((&cpus).into()),
+                ..Default::default()
+            };
+            state.register_node(node).await.unwrap();
+        }
+        state
+    }
+
+    fn cpu_bundles(count: usize) -> Vec<ResourceSet> {
+        (0..count).map(|_| ResourceSet::new().with(CPU, Quantity::whole(1))).collect()
+    }
+
+    #[tokio::test]
+    async fn a_refused_prepare_leaves_no_reservation_and_the_group_pending() {
+        let state = cluster_of(3).await;
+        let nodes = Arc::new(FakeNodes::default());
+        nodes.refusing.lock().unwrap().insert("node-2:1".into());
+        let groups = PlacementGroups::new(state, nodes.clone());
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
+        assert!(nodes.reserved.lock().unwrap().is_empty(), "a failed prepare left reservations behind");
+        assert!(groups.get(&id).unwrap().pending_reason.contains("refused"), "{:?}", groups.get(&id).unwrap());
+
+        // Once the node has room the next pass places and commits every bundle.
+        nodes.refusing.lock().unwrap().clear();
+        tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+        let reserved = nodes.reserved.lock().unwrap().clone();
+        assert_eq!(reserved.len(), 3);
+        assert!(reserved.values().all(|committed| *committed));
+        let distinct: HashSet<&String> = reserved.keys().map(|(address, ..)| address).collect();
+        assert_eq!(distinct.len(), 3, "strict spread uses three nodes");
+
+        tokio::time::timeout(Duration::from_secs(10), groups.remove(&id)).await.unwrap().unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Removed));
+        assert!(nodes.reserved.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_group_on_a_dead_node_is_released_and_placed_again() {
+        let state = cluster_of(4).await;
+        let nodes = Arc::new(FakeNodes::default());
+        let groups = PlacementGroups::new(state.clone(), nodes.clone());
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+        let placed = groups.get(&id).unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+
+        state.drain_node(&placed.bundle_node_ids[0], "gone", true).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+        let replaced = groups.get(&id).unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+        assert!(!replaced.bundle_node_ids.contains(&placed.bundle_node_ids[0]), "the dead node holds no bundle");
+        let reserved = nodes.reserved.lock().unwrap().clone();
+        assert_eq!(reserved.len(), 3, "the old reservations were cancelled: {reserved:?}");
+        assert!(!reserved.keys().any(|(address, ..)| *address == placed.bundle_node_addresses[0]));
+    }
+
+    #[tokio::test]
+    async fn a_group_that_cannot_fit_stays_pending_without_reserving() {
+        let state = cluster_of(3).await;
+        let nodes = Arc::new(FakeNodes::default());
+        let groups = PlacementGroups::new(state, nodes.clone());
+        let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+        assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
+        assert!(nodes.reserved.lock().unwrap().is_empty());
+    }
+}
