@@ -140,7 +140,7 @@ pub fn strategy_from_wire(raw: i32) -> IonetResult<PlacementStrategy> {
 }
 
 /// The scheduler's view of one node as the node table holds it.
-fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
+pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     let node_id = NodeId::from_bytes(&node.node_id)?;
     let mut view = NodeView::new(node_id, node.total.clone().unwrap_or_default().to_set()?);
     view.available = node.available.clone().unwrap_or_default().to_set()?;
