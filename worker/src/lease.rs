@@ -466,14 +466,28 @@ impl Leases {
     /// Gives a bundle's free resources back to the general pool; whether it was held.
     pub fn cancel_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<bool> {
         let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
-        let removed = {
+        let (removed, doomed) = {
             let mut state = self.lock();
             let removed = state.bundles.remove(&key);
             if let Some(bundle) = &removed {
                 state.available.add(&bundle.available);
             }
-            removed.is_some()
+            let doomed: Vec<WorkerId> = state
+                .leases
+                .values()
+                .filter(|granted| granted.bundle == Some(key))
+                .map(|granted| granted.worker)
+                .collect();
+            (removed.is_some(), doomed)
         };
+        // Removing a group ends what runs inside it: its workers are stopped, and their
+        // leases end (resources back to the general pool) as their processes exit.
+        for worker in doomed {
+            if let Some(entry) = self.workers.get(&worker) {
+                tracing::info!(worker = %worker.short(), "stopping a worker of a removed placement-group bundle");
+                kill(entry.value().0);
+            }
+        }
         self.freed.notify_waiters();
         Ok(removed)
     }

@@ -16,6 +16,18 @@ fn where_am_i(bundle: u32) -> (u32, String) {
     (bundle, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
+fn started_marker() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ionet-pg-test-{}", std::env::var("IONET_PG_TEST_DRIVER").unwrap_or_default()))
+}
+
+/// Marks that it started, then sleeps (to be ended by the group's removal).
+#[ionet::remote]
+fn sleep_in_bundle(millis: u64) -> u64 {
+    std::fs::write(started_marker(), "").unwrap();
+    std::thread::sleep(Duration::from_millis(millis));
+    millis
+}
+
 fn cpu_bundles(count: usize) -> Vec<BTreeMap<String, f64>> {
     (0..count).map(|_| BTreeMap::from([("CPU".to_string(), 1.0)])).collect()
 }
@@ -50,8 +62,22 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
     ionet::remove_placement_group(&too_big).unwrap();
     assert!(too_big.wait(Duration::from_millis(100)).is_err(), "a removed group is not waited for");
 
-    // Removing the placed group gives its CPUs back: each node again has 2 free.
+    // Removing the placed group ends the task running inside it and gives its CPUs
+    // back: each node again has 2 free.
+    let inside =
+        sleep_in_bundle::options(TaskOptions::default().placement_group(&group, 0).max_retries(0)).remote(120_000u64);
+    let marker_deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ionet::wait(std::slice::from_ref(&inside), 1, Some(Duration::from_millis(200))).unwrap().0.is_empty()
+        && !started_marker().exists()
+    {
+        assert!(std::time::Instant::now() < marker_deadline, "the task in the bundle never started");
+    }
     ionet::remove_placement_group(&group).unwrap();
+    let ended = ionet::get_timeout(&inside, Duration::from_secs(60));
+    assert!(
+        matches!(ended, Err(ionet::IonetError::WorkerCrashed { .. })),
+        "a task in a removed group ends with its worker, got {ended:?}"
+    );
     harness::wait_until("every node to have its 2 CPUs free again", Duration::from_secs(30), || {
         ionet::nodes()
             .unwrap()
@@ -63,6 +89,11 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
 }
 
 fn main() {
+    // Workers inherit the driver's environment through their node daemon's: the marker
+    // path is shared by the driver and its workers.
+    if std::env::var_os("IONET_PG_TEST_DRIVER").is_none() {
+        std::env::set_var("IONET_PG_TEST_DRIVER", std::process::id().to_string());
+    }
     harness::run(
         &[(
             "strict_spread_group_runs_each_task_on_its_bundles_node",
