@@ -640,8 +640,8 @@ impl Metering {
                 provider_wallet: wallet_of(&node, &node_id),
                 uptime_ms: to.saturating_sub(from),
                 gpu_capacity: gpus,
-                declared_watts: 0,
-                electricity_price_per_kwh: 0,
+                declared_watts: node.power_watts,
+                electricity_price_per_kwh: node.electricity_price_per_kwh_micros,
             });
         }
         availability

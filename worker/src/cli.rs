@@ -118,6 +118,15 @@ pub struct ResourceArgs {
     /// Price asked per GPU-hour in USD, e.g. 1.20.
     #[arg(long = "price-per-gpu-hour")]
     pub price_per_gpu_hour: Option<String>,
+    /// Price asked per CPU-hour in USD, e.g. 0.02.
+    #[arg(long = "price-per-cpu-hour")]
+    pub price_per_cpu_hour: Option<String>,
+    /// Power the machine draws, in watts (reported as power cost beside earnings).
+    #[arg(long = "power-watts")]
+    pub power_watts: Option<u64>,
+    /// What the provider pays for electricity, in USD per kWh, e.g. 0.15.
+    #[arg(long = "electricity-price")]
+    pub electricity_price: Option<String>,
     /// Payout wallet of the provider.
     #[arg(long)]
     pub wallet: Option<String>,

@@ -33,7 +33,10 @@ fn declared(args: &ResourceArgs) -> Result<Declared> {
         custom: args.resources.as_deref().map(ResourceSet::from_json).transpose()?.unwrap_or_default(),
         labels: args.labels.as_deref().map(parse_labels).transpose()?.unwrap_or_default(),
         price_per_gpu_hour: args.price_per_gpu_hour.as_deref().map(parse_usd).transpose()?.unwrap_or(0),
+        price_per_cpu_hour: args.price_per_cpu_hour.as_deref().map(parse_usd).transpose()?.unwrap_or(0),
         wallet: args.wallet.clone().unwrap_or_default(),
+        power_watts: args.power_watts.unwrap_or(0),
+        electricity_price_per_kwh: args.electricity_price.as_deref().map(parse_usd).transpose()?.unwrap_or(0),
     })
 }
 

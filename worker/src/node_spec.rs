@@ -20,7 +20,10 @@ pub struct Declared {
     pub custom: ResourceSet,
     pub labels: BTreeMap<String, String>,
     pub price_per_gpu_hour: MicroUsd,
+    pub price_per_cpu_hour: MicroUsd,
     pub wallet: String,
+    pub power_watts: u64,
+    pub electricity_price_per_kwh: MicroUsd,
 }
 
 /// The resources and identity a node registers with.
@@ -31,7 +34,10 @@ pub struct NodeSpec {
     pub accelerator_type: String,
     pub labels: BTreeMap<String, String>,
     pub price_per_gpu_hour: MicroUsd,
+    pub price_per_cpu_hour: MicroUsd,
     pub wallet: String,
+    pub power_watts: u64,
+    pub electricity_price_per_kwh: MicroUsd,
 }
 
 impl NodeSpec {
@@ -81,7 +87,10 @@ impl NodeSpec {
             accelerator_type,
             labels: declared.labels,
             price_per_gpu_hour: declared.price_per_gpu_hour,
+            price_per_cpu_hour: declared.price_per_cpu_hour,
             wallet: declared.wallet,
+            power_watts: declared.power_watts,
+            electricity_price_per_kwh: declared.electricity_price_per_kwh,
         })
     }
 
@@ -97,6 +106,9 @@ impl NodeSpec {
             accelerator_type: self.accelerator_type.clone(),
             labels: self.labels.clone().into_iter().collect(),
             price_per_gpu_hour_micros: self.price_per_gpu_hour,
+            price_per_cpu_hour_micros: self.price_per_cpu_hour,
+            power_watts: self.power_watts,
+            electricity_price_per_kwh_micros: self.electricity_price_per_kwh,
             wallet: self.wallet.clone(),
             pid: std::process::id(),
             is_head,

@@ -220,6 +220,10 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
         "1.20",
         "--wallet",
         "wallet-eu-1",
+        "--power-watts",
+        "700",
+        "--electricity-price",
+        "0.15",
     ]);
     cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
     cluster.init_as("acme");
@@ -273,6 +277,15 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
     let fee = (provider * 250.0 / 10_000.0).floor();
     assert!((100_000_000.0 - payer - provider - fee).abs() <= 1.0, "payer {payer}, provider {provider}, fee {fee}");
     assert_eq!(balances["sum_micros"], 0);
+
+    // The provider's earnings show its power cost beside revenue: 700 W at $0.15/kWh.
+    let earnings: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["earnings", "--wallet", "wallet-eu-1", "--json"])).unwrap();
+    let epoch = &earnings["epochs"][0];
+    let uptime = epoch["uptime_ms"].as_u64().unwrap();
+    assert!(uptime > 0, "{earnings:#}");
+    assert_eq!(epoch["power_cost_micros"].as_u64().unwrap(), 700 * uptime * 150_000 / 3_600_000_000, "{earnings:#}");
+    assert_eq!(epoch["revenue_micros"].as_f64().unwrap(), provider, "{earnings:#}");
 }
 
 fn main() {
