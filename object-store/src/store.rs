@@ -152,11 +152,31 @@ pub struct LocalObjectStore {
     inner: Mutex<Inner>,
 }
 
+/// Removes `<root>/<prefix>-<pid>-*` directories whose process no longer exists.
+fn remove_orphans(root: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('-')) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            if let Err(err) = fs::remove_dir_all(entry.path()) {
+                tracing::debug!(dir = %entry.path().display(), error = %err, "could not remove an orphaned store directory");
+            } else {
+                tracing::info!(dir = %entry.path().display(), "removed the store directory of a dead process");
+            }
+        }
+    }
+}
+
 impl LocalObjectStore {
     /// Creates the store and spill directories. Dropping the store removes both.
     pub fn new(config: StoreConfig) -> ObjectStoreResult<LocalObjectStore> {
         let root = config.root.unwrap_or_else(default_root);
         let spill_root = config.spill_root.unwrap_or_else(std::env::temp_dir);
+        // A daemon killed with SIGKILL never drops its store: reclaim what it left.
+        remove_orphans(&root, "ionet-objects");
+        remove_orphans(&spill_root, "ionet-spill");
         let dir = make_unique_dir(&root, "ionet-objects")?;
         let spill_dir = match make_unique_dir(&spill_root, "ionet-spill") {
             Ok(spill_dir) => spill_dir,
@@ -517,6 +537,25 @@ fn make_unique_dir(root: &Path, prefix: &str) -> ObjectStoreResult<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn directories_of_dead_processes_are_reclaimed() {
+        let root = tempfile::tempdir().unwrap();
+        // No process has this id (above the kernel's pid limit); the live one is ours.
+        let orphan = root.path().join("ionet-objects-999999999-dead");
+        let live = root.path().join(format!("ionet-objects-{}-live", std::process::id()));
+        std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::create_dir_all(&live).unwrap();
+        let config = StoreConfig {
+            root: Some(root.path().to_path_buf()),
+            spill_root: Some(root.path().to_path_buf()),
+            ..StoreConfig::with_capacity(1 << 20)
+        };
+        let store = LocalObjectStore::new(config).unwrap();
+        assert!(!orphan.exists(), "the dead process's directory is removed");
+        assert!(live.exists(), "a live process's directory is kept");
+        drop(store);
+    }
     use super::*;
 
     fn id(n: u8) -> ObjectId {
