@@ -291,22 +291,8 @@ impl Leases {
         };
         let fits_ever = state.total.contains(demand);
         let grant = |state: &mut LeaseState| -> Step {
-            let assignment = if gpus.is_zero() {
-                None
-            } else {
-                match state.gpus.allocate(gpus) {
-                    Ok(Some(assignment)) => Some(assignment),
-                    Ok(None) => return Step::Wait("GPUs are busy".into()),
-                    Err(err) => return Step::Infeasible(format!("no node can ever fit {demand}: {err}")),
-                }
-            };
-            if state.available.try_subtract(demand).is_err() {
-                if let Some(assignment) = &assignment {
-                    let _ = state.gpus.release(assignment);
-                }
-                return Step::Wait("resources are busy".into());
-            }
-            Step::Grant(demand.clone(), assignment)
+            let state = &mut *state;
+            take(&mut state.gpus, &mut state.available, demand, "resources are busy")
         };
         let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
             if !fits_ever {
@@ -411,23 +397,7 @@ impl Leases {
         if !bundle.committed || !bundle.available.contains(demand) {
             return Step::Wait("waiting for room in the placement-group bundle".into());
         }
-        let gpus = demand.get(GPU);
-        let assignment = if gpus.is_zero() {
-            None
-        } else {
-            match state.gpus.allocate(gpus) {
-                Ok(Some(assignment)) => Some(assignment),
-                Ok(None) => return Step::Wait("GPUs are busy".into()),
-                Err(err) => return Step::Infeasible(format!("{demand} cannot get GPUs: {err}")),
-            }
-        };
-        if bundle.available.try_subtract(demand).is_err() {
-            if let Some(assignment) = &assignment {
-                let _ = state.gpus.release(assignment);
-            }
-            return Step::Wait("waiting for room in the placement-group bundle".into());
-        }
-        Step::Grant(demand.clone(), assignment)
+        take(&mut state.gpus, &mut bundle.available, demand, "waiting for room in the placement-group bundle")
     }
 
     /// Phase one of placing a bundle here: takes its resources out of the general pool,
@@ -771,6 +741,28 @@ impl Leases {
             kill(entry.value().0);
         }
     }
+}
+
+/// Takes `demand` out of `pool`, with GPU ids from `gpus`: all of it or, changing
+/// nothing, a wait (`busy` says why) or a refusal.
+fn take(gpus: &mut GpuAllocator, pool: &mut ResourceSet, demand: &ResourceSet, busy: &str) -> Step {
+    let wanted = demand.get(GPU);
+    let assignment = if wanted.is_zero() {
+        None
+    } else {
+        match gpus.allocate(wanted) {
+            Ok(Some(assignment)) => Some(assignment),
+            Ok(None) => return Step::Wait("GPUs are busy".into()),
+            Err(err) => return Step::Infeasible(format!("no node can ever fit {demand}: {err}")),
+        }
+    };
+    if pool.try_subtract(demand).is_err() {
+        if let Some(assignment) = &assignment {
+            let _ = gpus.release(assignment);
+        }
+        return Step::Wait(busy.to_string());
+    }
+    Step::Grant(demand.clone(), assignment)
 }
 
 fn kill(pid: u32) {
