@@ -29,6 +29,7 @@ fn settlement_to_ionet(error: SettlementError) -> IonetError {
         | SettlementError::InvalidAccount(..) => IonetError::InvalidArgument(message),
         SettlementError::EpochOutOfOrder { .. }
         | SettlementError::EpochAlreadySettled(_)
+        | SettlementError::AlreadyApplied(_)
         | SettlementError::RecordNotPending(_) => IonetError::FailedPrecondition(message),
         SettlementError::Interrupted(_) => IonetError::Unavailable(message),
         // Storage, codec and payout failures: retryable ones say so.

@@ -21,6 +21,9 @@
 //! clock, joins the node and job tables into usage records, feeds them to the
 //! `ionet-settlement` ledger (and an optional JSON-lines export) and settles each epoch.
 //!
+//! Payouts ([`payouts`], feature `solana`): a background task pays each settled epoch's
+//! provider earnings on Solana and posts what landed back to the ledger.
+//!
 //! Placement groups ([`placement_groups`]): a table of groups of resource bundles, placed by a
 //! background task with the scheduler's solver and reserved on the node daemons in two phases
 //! (prepare on all, then commit; cancel the prepared ones on any refusal).
@@ -28,6 +31,8 @@
 pub mod error;
 pub mod metering;
 pub mod metering_service;
+#[cfg(feature = "solana")]
+pub mod payouts;
 pub mod placement_groups;
 pub mod server;
 pub mod service;

@@ -76,6 +76,13 @@ pub fn record_id(lease: &LeaseId, segment: u32) -> RecordId {
 
 pub type GcsLedger = LedgerHandle<Box<dyn LedgerStore>>;
 
+/// What the metering service shows of on-chain payouts (the `solana` feature's
+/// `Payouts` implements it; without it, the head pays nothing on chain).
+#[tonic::async_trait]
+pub trait PayoutView: Send + Sync {
+    async fn list(&self) -> GcsResult<Vec<proto::EpochPayoutInfo>>;
+}
+
 /// Where the ledger and the usage export live.
 #[derive(Clone, Debug, Default)]
 pub struct MeteringOptions {
@@ -237,6 +244,10 @@ pub struct Metering {
     settling: tokio::sync::Mutex<()>,
     /// End of the last closed epoch, or the time metering opened if none.
     last_epoch_end_ms: AtomicU64,
+    /// Signalled after every settlement that closed an epoch (the payer waits on it).
+    settled: tokio::sync::Notify,
+    /// Weak: the payer holds the metering, and its task owns the payer.
+    payouts: std::sync::OnceLock<std::sync::Weak<dyn PayoutView>>,
 }
 
 fn invalid(message: String) -> GcsError {
@@ -344,6 +355,8 @@ impl Metering {
             book: Mutex::new(book),
             settling: tokio::sync::Mutex::new(()),
             last_epoch_end_ms: AtomicU64::new(last_end.unwrap_or(now)),
+            settled: tokio::sync::Notify::new(),
+            payouts: std::sync::OnceLock::new(),
         });
         metering.end_leases_of_dead_nodes().await?;
         Ok(metering)
@@ -351,6 +364,24 @@ impl Metering {
 
     pub fn ledger(&self) -> &GcsLedger {
         &self.ledger
+    }
+
+    /// Notified after each settlement that closed an epoch (one stored permit, so a
+    /// settlement while the waiter is busy is not missed).
+    pub fn settled(&self) -> &tokio::sync::Notify {
+        &self.settled
+    }
+
+    /// Attaches the on-chain payer, once.
+    pub fn set_payouts(&self, payouts: std::sync::Weak<dyn PayoutView>) {
+        if self.payouts.set(payouts).is_err() {
+            tracing::warn!("payouts attached twice; keeping the first");
+        }
+    }
+
+    /// The payer, while its task runs.
+    pub fn payouts(&self) -> Option<Arc<dyn PayoutView>> {
+        self.payouts.get().and_then(std::sync::Weak::upgrade)
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -667,6 +698,7 @@ impl Metering {
         self.cut_open_leases(end_ms).await?;
         let outcome = blocking(move || Ok(ledger.lock().settle_epoch(&spec)?)).await?;
         self.last_epoch_end_ms.store(end_ms, Ordering::SeqCst);
+        self.settled.notify_one();
         Ok(match outcome {
             SettleOutcome::Settled(summary) | SettleOutcome::AlreadySettled(summary) => summary,
         })

@@ -123,6 +123,14 @@ impl MeteringRpc for MeteringService {
         Ok(Response::new(SettleReply { summary: Some(summary_to_proto(&summary)), dry_run }))
     }
 
+    async fn list_payouts(&self, _request: Request<ListPayoutsRequest>) -> Result<Response<ListPayoutsReply>, Status> {
+        let reply = match self.metering.payouts() {
+            Some(payouts) => ListPayoutsReply { enabled: true, epochs: payouts.list().await? },
+            None => ListPayoutsReply { enabled: false, epochs: Vec::new() },
+        };
+        Ok(Response::new(reply))
+    }
+
     async fn earnings(&self, request: Request<EarningsRequest>) -> Result<Response<EarningsReply>, Status> {
         let (epochs, balance_micros) = self.metering.earnings(&request.into_inner().wallet).await?;
         Ok(Response::new(EarningsReply {

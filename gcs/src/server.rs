@@ -36,6 +36,9 @@ pub struct GcsServerOptions {
     pub ledger_path: Option<PathBuf>,
     /// Usage records are also appended to this file as JSON lines.
     pub usage_export_path: Option<PathBuf>,
+    /// Pay each settled epoch out on Solana.
+    #[cfg(feature = "solana")]
+    pub payouts: Option<crate::payouts::PayoutSettings>,
 }
 
 impl GcsServerOptions {
@@ -47,6 +50,8 @@ impl GcsServerOptions {
             clock: Arc::new(SystemClock),
             ledger_path: None,
             usage_export_path: None,
+            #[cfg(feature = "solana")]
+            payouts: None,
         }
     }
 }
@@ -67,7 +72,7 @@ pub struct GcsServer {
 
 impl GcsServer {
     /// Opens storage, loads the tables and serves on `listener`.
-    pub async fn start(options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
+    pub async fn start(mut options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
         let storage: Arc<dyn GcsStorage> = match &options.storage_path {
             Some(path) => {
                 let path = path.clone();
@@ -115,7 +120,13 @@ impl GcsServer {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );
-        let metering_tasks = metering.spawn_tasks(events, stopped.clone());
+        #[allow(unused_mut)]
+        let mut metering_tasks = metering.spawn_tasks(events, stopped.clone());
+        #[cfg(feature = "solana")]
+        if let Some(settings) = options.payouts.take() {
+            let payouts = crate::payouts::Payouts::open(settings, metering.clone()).await?;
+            metering_tasks.push(tokio::spawn(payouts.run(stopped.clone())));
+        }
         let placement_task = tokio::spawn(placement_groups.clone().run(stopped.clone()));
         let health_task = tokio::spawn(run_health_checks(state.clone(), stopped));
         tracing::info!(%address, "control store serving");

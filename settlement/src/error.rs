@@ -28,6 +28,9 @@ pub enum SettlementError {
     /// Raised by a store's commit when the epoch was closed by someone else in between.
     #[error("epoch {0} is already settled")]
     EpochAlreadySettled(u64),
+    /// Raised by a store's commit when a commit with the same once-only key was made.
+    #[error("{0} is already recorded")]
+    AlreadyApplied(String),
     /// Raised by a store's commit when a record to settle is no longer pending.
     #[error("usage record {0} is not pending (already settled or never accepted)")]
     RecordNotPending(String),

@@ -2,22 +2,20 @@
 //! Associated Token Account and Memo programs: exact amounts, packet-sized batches with
 //! memos, and at-most-once payment across re-runs, crashes, lost acknowledgements and
 //! expired blockhashes.
-#![cfg(feature = "solana")]
+#![cfg(feature = "svm")]
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::Duration;
 
 use ionet::resources::{CPU, GPU};
 use ionet::{JobId, NodeId, Quantity, ResourceSet};
 use ionet_settlement::solana::plan::associated_token_address;
+use ionet_settlement::solana::svm::SvmChain;
 use ionet_settlement::solana::{
     AttemptState, ChainAccount, EpochPayouts, MemoryPayoutStore, PayoutAsset, PayoutChain, PayoutConfig, PayoutOutcome,
     PayoutReport, PayoutStore, RedbPayoutStore, SignatureStatus, SolanaPayouter, PACKET_DATA_SIZE, TOKEN_PROGRAM_ID,
 };
 use ionet_settlement::{EpochSpec, EpochSummary, Ledger, LedgerConfig, MemoryStore, SettlementError, SettlementResult};
 use ionet_settlement::{RecordId, UsageRecord};
-use litesvm::LiteSVM;
 use solana_hash::Hash;
 use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
@@ -26,93 +24,6 @@ use solana_signer::Signer;
 use solana_transaction::Transaction;
 
 const SOL: u64 = 1_000_000_000;
-
-/// The in-process chain: a blockhash is valid while it is the latest (litesvm's rule),
-/// a signature's status is its entry in the transaction history.
-#[derive(Clone)]
-struct SvmChain {
-    svm: Rc<RefCell<LiteSVM>>,
-}
-
-impl SvmChain {
-    fn new() -> Self {
-        // No log limit: the memo is logged last, after every transfer.
-        SvmChain { svm: Rc::new(RefCell::new(LiteSVM::new().with_log_bytes_limit(None))) }
-    }
-
-    fn token_balance(&self, account: &Pubkey) -> u64 {
-        self.svm
-            .borrow()
-            .get_account(account)
-            .map(|account| u64::from_le_bytes(account.data[64..72].try_into().unwrap()))
-            .unwrap_or(0)
-    }
-
-    fn lamports(&self, account: &Pubkey) -> u64 {
-        self.svm.borrow().get_balance(account).unwrap_or(0)
-    }
-
-    fn logs(&self, signature: &str) -> Vec<String> {
-        let signature: Signature = signature.parse().unwrap();
-        match self.svm.borrow().get_transaction(&signature).expect("transaction in history") {
-            Ok(meta) => meta.logs.clone(),
-            Err(failed) => panic!("transaction {signature} failed: {:?}", failed.err),
-        }
-    }
-
-    fn expire_blockhash(&self) {
-        self.svm.borrow_mut().expire_blockhash();
-    }
-
-    fn execute(&self, instructions: &[solana_instruction::Instruction], signers: &[&Keypair]) {
-        let mut svm = self.svm.borrow_mut();
-        let transaction = Transaction::new_signed_with_payer(
-            instructions,
-            Some(&signers[0].pubkey()),
-            signers,
-            svm.latest_blockhash(),
-        );
-        svm.send_transaction(transaction).expect("setup transaction");
-    }
-}
-
-impl PayoutChain for SvmChain {
-    fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
-        let signature = transaction.signatures[0];
-        let result = self.svm.borrow_mut().send_transaction(transaction.clone());
-        match result {
-            Ok(meta) => Ok(meta.signature),
-            // Included with an error: like an RPC node without preflight, the send "works".
-            Err(_) if self.svm.borrow().get_transaction(&signature).is_some() => Ok(signature),
-            Err(failed) => {
-                Err(SettlementError::Chain { operation: "send_transaction", message: format!("{:?}", failed.err) })
-            }
-        }
-    }
-
-    fn signature_status(&mut self, signature: &Signature) -> SettlementResult<Option<SignatureStatus>> {
-        Ok(self.svm.borrow().get_transaction(signature).map(|result| match result {
-            Ok(_) => SignatureStatus::Landed,
-            Err(failed) => SignatureStatus::Failed(failed.err.to_string()),
-        }))
-    }
-
-    fn latest_blockhash(&mut self) -> SettlementResult<Hash> {
-        Ok(self.svm.borrow().latest_blockhash())
-    }
-
-    fn is_blockhash_valid(&mut self, blockhash: &Hash) -> SettlementResult<bool> {
-        Ok(*blockhash == self.svm.borrow().latest_blockhash())
-    }
-
-    fn get_account(&mut self, address: &Pubkey) -> SettlementResult<Option<ChainAccount>> {
-        Ok(self.svm.borrow().get_account(address).map(|account| ChainAccount {
-            lamports: account.lamports,
-            owner: account.owner,
-            data: account.data,
-        }))
-    }
-}
 
 /// How a [`FaultyChain`] mishandles the next send of a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,46 +148,10 @@ struct TokenSetup {
 fn token_setup(providers: usize, funds: u64) -> TokenSetup {
     let chain = SvmChain::new();
     let authority = Keypair::new();
-    chain.svm.borrow_mut().airdrop(&authority.pubkey(), 100 * SOL).unwrap();
-    let mint = Keypair::new();
-    let rent = chain.svm.borrow().minimum_balance_for_rent_exemption(82);
-    chain.execute(
-        &[
-            solana_system_interface::instruction::create_account(
-                &authority.pubkey(),
-                &mint.pubkey(),
-                rent,
-                82,
-                &TOKEN_PROGRAM_ID,
-            ),
-            spl_token_interface::instruction::initialize_mint2(
-                &TOKEN_PROGRAM_ID,
-                &mint.pubkey(),
-                &authority.pubkey(),
-                None,
-                6,
-            )
-            .unwrap(),
-            spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent(
-                &authority.pubkey(),
-                &authority.pubkey(),
-                &mint.pubkey(),
-                &TOKEN_PROGRAM_ID,
-            ),
-            spl_token_interface::instruction::mint_to(
-                &TOKEN_PROGRAM_ID,
-                &mint.pubkey(),
-                &associated_token_address(&authority.pubkey(), &mint.pubkey()),
-                &authority.pubkey(),
-                &[],
-                funds,
-            )
-            .unwrap(),
-        ],
-        &[&authority, &mint],
-    );
+    chain.airdrop(&authority.pubkey(), 100 * SOL);
+    let mint = chain.create_funded_mint(&authority, 6, funds);
     let providers = (0..providers).map(|_| Keypair::new().pubkey()).collect();
-    TokenSetup { chain, authority, mint: mint.pubkey(), providers }
+    TokenSetup { chain, authority, mint, providers }
 }
 
 fn config(asset: PayoutAsset) -> PayoutConfig {
@@ -476,7 +351,7 @@ fn short_funds_sign_nothing_and_a_funded_rerun_pays() {
 fn sol_payout_to_a_few_providers() {
     let chain = SvmChain::new();
     let authority = Keypair::new();
-    chain.svm.borrow_mut().airdrop(&authority.pubkey(), 1_000 * SOL).unwrap();
+    chain.airdrop(&authority.pubkey(), 1_000 * SOL);
     let providers: Vec<Pubkey> = (0..4).map(|_| Keypair::new().pubkey()).collect();
     // Providers need no account beforehand, but a new one must end rent-exempt:
     // make the payouts large enough (at 150 USD/SOL).

@@ -14,7 +14,7 @@ use ionet::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
-use crate::cli::{ResourceArgs, StartArgs, StatusArgs, StopArgs};
+use crate::cli::{PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs};
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
 use crate::session::SessionDir;
@@ -52,6 +52,7 @@ pub fn start(args: StartArgs) -> Result<()> {
     }
     // Refuse bad declarations here, before anything is launched.
     NodeSpec::build(declared(&args.resources)?)?;
+    check_payout_args(&args.payout, args.head)?;
     let session = SessionDir::resolve(args.session.temp_dir.as_deref());
     session.create()?;
     if args.block {
@@ -152,6 +153,39 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
+/// Refuses an incomplete payout configuration before anything is launched.
+fn check_payout_args(args: &PayoutArgs, head: bool) -> Result<()> {
+    if args.rpc_url.is_none() {
+        return Ok(());
+    }
+    if !head {
+        bail!("--payout-rpc-url is for the head (--head): nodes do not pay");
+    }
+    if !cfg!(feature = "solana") {
+        bail!("--payout-rpc-url needs an ionet binary built with Solana payouts (cargo feature `solana`)");
+    }
+    if args.keypair.is_none() || args.asset.is_none() {
+        bail!("--payout-rpc-url needs --payout-keypair and --payout-asset");
+    }
+    Ok(())
+}
+
+/// Adds Solana payouts to the head's options when `--payout-rpc-url` is given.
+#[cfg(feature = "solana")]
+fn configure_payouts(options: &mut GcsServerOptions, args: &PayoutArgs, session: &SessionDir) -> Result<()> {
+    let (Some(rpc_url), Some(keypair), Some(asset)) = (&args.rpc_url, &args.keypair, &args.asset) else {
+        return Ok(());
+    };
+    let store = args.store.clone().unwrap_or_else(|| session.path().join("payouts.redb"));
+    options.payouts = Some(ionet_gcs::payouts::PayoutSettings::rpc(rpc_url, keypair, asset, store)?);
+    Ok(())
+}
+
+#[cfg(not(feature = "solana"))]
+fn configure_payouts(_options: &mut GcsServerOptions, _args: &PayoutArgs, _session: &SessionDir) -> Result<()> {
+    Ok(())
+}
+
 async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let config = ClusterConfig::load(args.config.as_deref())?;
     let listener = TcpListener::bind((args.host.as_str(), args.port))
@@ -162,6 +196,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     options.storage_path = args.storage.clone();
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
+    configure_payouts(&mut options, &args.payout, &session)?;
     let gcs = GcsServer::start(options, listener).await?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
     let address = format!("{host}:{port}");

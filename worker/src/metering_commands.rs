@@ -9,7 +9,9 @@ use ionet::rpc::MeteringClient;
 use ionet::{IonetError, JobId, NodeId};
 use serde_json::{json, Value};
 
-use crate::cli::{BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, SettleArgs, UsageArgs};
+use crate::cli::{
+    BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, PayoutsArgs, SettleArgs, UsageArgs,
+};
 use crate::commands::{resolve_head_address, resolve_token};
 use crate::logging;
 use crate::session::SessionDir;
@@ -289,6 +291,63 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
         format_usd(total_reward),
         signed_usd(reply.balance_micros)
     );
+    Ok(())
+}
+
+/// `ionet payouts`.
+pub fn payouts(args: PayoutsArgs) -> Result<()> {
+    let reply = with_metering(&args.head, async move |mut client| {
+        Ok(client.list_payouts(ListPayoutsRequest {}).await?.into_inner())
+    })?;
+    if args.json {
+        let epochs: Vec<Value> = reply
+            .epochs
+            .iter()
+            .map(|epoch| {
+                let batches: Vec<Value> = epoch
+                    .batches
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "index": b.index, "payouts": b.payouts, "micro_usd": b.micro_usd, "amount": b.amount,
+                            "state": b.state, "signature": b.signature, "attempts": b.attempts,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "epoch_id": epoch.epoch_id, "asset": epoch.asset, "authority": epoch.authority,
+                    "complete": epoch.complete, "skipped": epoch.skipped, "batches": batches,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({ "enabled": reply.enabled, "epochs": epochs }))?);
+        return Ok(());
+    }
+    if !reply.enabled {
+        println!("the head does not pay out on chain (start it with --payout-rpc-url, --payout-keypair, --payout-asset)");
+        return Ok(());
+    }
+    if reply.epochs.is_empty() {
+        println!("no epoch has been paid out yet");
+        return Ok(());
+    }
+    println!("{:>6}  {:>5}  {:>8}  {:>12}  {:<10}  SIGNATURE", "EPOCH", "BATCH", "PAYOUTS", "USD", "STATE");
+    for epoch in &reply.epochs {
+        for b in &epoch.batches {
+            println!(
+                "{:>6}  {:>5}  {:>8}  {:>12}  {:<10}  {}",
+                epoch.epoch_id,
+                b.index,
+                b.payouts,
+                format_usd(b.micro_usd),
+                b.state,
+                b.signature
+            );
+        }
+        if epoch.skipped > 0 {
+            println!("{:>6}  {} provider(s) skipped (not a Solana wallet, or under one base unit)", epoch.epoch_id, epoch.skipped);
+        }
+    }
     Ok(())
 }
 

@@ -213,6 +213,16 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
         }))
         .unwrap_err();
     assert!(status.message().contains("job 00000063 does not exist"), "{}", status.message());
+
+    // This head pays nothing on chain, and says how to make it.
+    let payouts = cluster.ionet_ok(&["payouts"]);
+    assert!(payouts.contains("does not pay out on chain") && payouts.contains("--payout-rpc-url"), "{payouts}");
+    let json: Value = serde_json::from_str(&cluster.ionet_ok(&["payouts", "--json"])).unwrap();
+    assert_eq!(json["enabled"], false);
+    // A payout configuration missing its keypair is refused before anything starts.
+    let stderr = cluster.ionet_err(&["start", "--head", "--port", "0", "--payout-rpc-url", "http://127.0.0.1:1"]);
+    let refused = stderr.contains("needs --payout-keypair") || stderr.contains("cargo feature `solana`");
+    assert!(refused, "{stderr}");
     cluster.status_json();
 }
 

@@ -95,6 +95,8 @@ pub enum EntryKind {
     Reward,
     /// Reward source → treasury: what integer division left of the reward pool.
     RewardRemainder,
+    /// Provider → funding: earnings paid out of the ledger (a landed on-chain payout).
+    Payout,
 }
 
 /// One posted transfer.

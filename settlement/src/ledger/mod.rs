@@ -229,6 +229,7 @@ impl<S: LedgerStore> Ledger<S> {
             entries: plan.entries,
             settle_records: plan.record_ids,
             close_epoch: Some(plan.summary),
+            once_key: None,
             interrupt_after,
         })?;
         info!(
@@ -240,6 +241,46 @@ impl<S: LedgerStore> Ledger<S> {
             "epoch settled"
         );
         Ok(SettleOutcome::Settled(summary))
+    }
+
+    /// Records earnings paid out of the ledger (provider → funding, one entry per wallet),
+    /// at most once per `reference` (e.g. `solana:<epoch>:<batch>`): recording the same
+    /// reference again posts nothing and returns false. The amounts may exceed a
+    /// provider's balance only if the ledger was edited behind the payer's back; that is
+    /// refused, so a payout can never make earnings negative.
+    pub fn record_payout(
+        &mut self,
+        epoch_id: u64,
+        reference: &str,
+        payouts: &[(String, MicroUsd)],
+    ) -> SettlementResult<bool> {
+        check_name(reference, "payout reference is empty")?;
+        let once_key = format!("payout:{reference}");
+        if self.store.is_applied(&once_key)? {
+            return Ok(false);
+        }
+        let mut entries = Vec::with_capacity(payouts.len());
+        for (wallet, amount) in payouts.iter().filter(|(_, amount)| *amount > 0) {
+            check_name(wallet, "provider wallet is empty")?;
+            let account = Account::provider(wallet.as_str());
+            let balance = self.store.balance(&account)?;
+            if balance < *amount as i64 {
+                return Err(SettlementError::InvalidAmount {
+                    what: format!("payout {reference} to {account} (balance {balance})"),
+                    value: amount.to_string(),
+                });
+            }
+            entries.push(LedgerEntry::new(Some(epoch_id), EntryKind::Payout, account, Account::Funding, *amount));
+        }
+        let batch = CommitBatch { entries, once_key: Some(once_key), ..CommitBatch::default() };
+        match self.commit(batch) {
+            Ok(()) => {
+                info!(epoch = epoch_id, reference, providers = payouts.len(), "payout recorded in the ledger");
+                Ok(true)
+            }
+            Err(SettlementError::AlreadyApplied(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
     fn commit(&mut self, mut batch: CommitBatch) -> SettlementResult<()> {

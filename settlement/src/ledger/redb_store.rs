@@ -2,7 +2,8 @@
 //!
 //! Tables: `pending` (record id → bincode record), `settled` (record id → epoch),
 //! `balances` (account key → micro-USD), `entries` (sequence → bincode entry),
-//! `epochs` (epoch id → bincode summary). A [`CommitBatch`] runs in a single redb write
+//! `epochs` (epoch id → bincode summary), `applied_keys` (the once-only keys of
+//! commits such as payouts). A [`CommitBatch`] runs in a single redb write
 //! transaction that is aborted on any error or simulated interruption, so the file holds
 //! either all of a settlement or none of it, including after a crash (redb commits are
 //! durable and crash-safe).
@@ -23,6 +24,7 @@ const SETTLED: TableDefinition<u128, u64> = TableDefinition::new("settled");
 const BALANCES: TableDefinition<&str, i64> = TableDefinition::new("balances");
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const EPOCHS: TableDefinition<u64, &[u8]> = TableDefinition::new("epochs");
+const APPLIED: TableDefinition<&str, ()> = TableDefinition::new("applied_keys");
 
 fn encode<T: serde::Serialize>(value: &T) -> SettlementResult<Vec<u8>> {
     Ok(bincode::serde::encode_to_vec(value, bincode::config::standard())?)
@@ -54,6 +56,7 @@ impl RedbStore {
             transaction.open_table(BALANCES)?;
             transaction.open_table(ENTRIES)?;
             transaction.open_table(EPOCHS)?;
+            transaction.open_table(APPLIED)?;
         }
         transaction.commit()?;
         Ok(RedbStore { database })
@@ -170,6 +173,11 @@ impl LedgerStore for RedbStore {
         last
     }
 
+    fn is_applied(&self, key: &str) -> SettlementResult<bool> {
+        let transaction = self.database.begin_read()?;
+        Ok(transaction.open_table(APPLIED)?.get(key)?.is_some())
+    }
+
     fn epochs(&self) -> SettlementResult<Vec<EpochSummary>> {
         let transaction = self.database.begin_read()?;
         let epochs = transaction.open_table(EPOCHS)?;
@@ -189,6 +197,12 @@ impl LedgerStore for RedbStore {
             if let Some(summary) = &batch.close_epoch {
                 if epochs.get(summary.epoch_id)?.is_some() {
                     return Err(SettlementError::EpochAlreadySettled(summary.epoch_id));
+                }
+            }
+            if let Some(key) = &batch.once_key {
+                let mut applied = transaction.open_table(APPLIED)?;
+                if applied.insert(key.as_str(), ())?.is_some() {
+                    return Err(SettlementError::AlreadyApplied(key.clone()));
                 }
             }
 

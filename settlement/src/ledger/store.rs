@@ -66,6 +66,9 @@ pub struct CommitBatch {
     pub settle_records: Vec<RecordId>,
     /// The epoch to close; the commit fails with `EpochAlreadySettled` if it is closed.
     pub close_epoch: Option<EpochSummary>,
+    /// Makes the commit happen at most once: a commit carrying a key already committed
+    /// fails with `AlreadyApplied` and changes nothing.
+    pub once_key: Option<String>,
     /// Test seam: stop after this step (see the module docs).
     pub interrupt_after: Option<SettleStep>,
 }
@@ -108,6 +111,9 @@ pub trait LedgerStore: Send {
 
     /// Every closed epoch, by id.
     fn epochs(&self) -> SettlementResult<Vec<EpochSummary>>;
+
+    /// Whether a commit carrying this once-only key was made.
+    fn is_applied(&self, key: &str) -> SettlementResult<bool>;
 
     /// Applies the batch atomically (see the module docs).
     fn commit(&mut self, batch: CommitBatch) -> SettlementResult<()>;
@@ -165,6 +171,7 @@ pub struct MemoryStore {
     balances: HashMap<Account, i64>,
     entries: Vec<LedgerEntry>,
     epochs: BTreeMap<u64, EpochSummary>,
+    applied_keys: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -301,12 +308,19 @@ impl LedgerStore for MemoryStore {
         Ok(self.epochs.values().cloned().collect())
     }
 
+    fn is_applied(&self, key: &str) -> SettlementResult<bool> {
+        Ok(self.applied_keys.contains(key))
+    }
+
     fn commit(&mut self, batch: CommitBatch) -> SettlementResult<()> {
         // Check and stage; nothing below mutates until every step has passed.
         if let Some(summary) = &batch.close_epoch {
             if self.epochs.contains_key(&summary.epoch_id) {
                 return Err(SettlementError::EpochAlreadySettled(summary.epoch_id));
             }
+        }
+        if let Some(key) = batch.once_key.as_ref().filter(|key| self.applied_keys.contains(*key)) {
+            return Err(SettlementError::AlreadyApplied(key.clone()));
         }
         let first_sequence = self.entries.len() as u64;
         check_interrupt(&batch, SettleStep::AppendEntries)?;
@@ -353,6 +367,9 @@ impl LedgerStore for MemoryStore {
         }
         if let Some(summary) = batch.close_epoch {
             self.epochs.insert(summary.epoch_id, summary);
+        }
+        if let Some(key) = batch.once_key {
+            self.applied_keys.insert(key);
         }
         if interrupt_after == Some(SettleStep::Acknowledge) {
             return Err(SettlementError::Interrupted(SettleStep::Acknowledge));
@@ -410,6 +427,10 @@ impl<S: LedgerStore + ?Sized> LedgerStore for Box<S> {
 
     fn epochs(&self) -> SettlementResult<Vec<EpochSummary>> {
         (**self).epochs()
+    }
+
+    fn is_applied(&self, key: &str) -> SettlementResult<bool> {
+        (**self).is_applied(key)
     }
 
     fn commit(&mut self, batch: CommitBatch) -> SettlementResult<()> {

@@ -481,6 +481,7 @@ fn commit_of_a_record_not_pending_changes_nothing() {
             )],
             settle_records: vec![RecordId(1), RecordId(99)],
             close_epoch: Some(EpochSpec::new(0, 1).pipe_summary()),
+            once_key: Some("payout:x".into()),
             interrupt_after: None,
         };
         let err = store.commit(batch).unwrap_err();
@@ -488,6 +489,7 @@ fn commit_of_a_record_not_pending_changes_nothing() {
         assert_eq!(store.pending_count().unwrap(), 1);
         assert!(store.balances().unwrap().is_empty());
         assert!(store.entries(0, 10).unwrap().is_empty());
+        assert!(!store.is_applied("payout:x").unwrap(), "a failed commit spends no once-only key");
         assert!(store.epochs().unwrap().is_empty());
     }
 }
@@ -500,4 +502,44 @@ impl PipeSummary for EpochSpec {
     fn pipe_summary(&self) -> EpochSummary {
         plan_epoch(self, &LedgerConfig::default(), [], &mut |_| Ok(0)).unwrap().summary
     }
+}
+
+fn payouts_are_recorded_once_on<S: LedgerStore>(mut ledger: Ledger<S>, reopen: impl FnOnce(Ledger<S>) -> Ledger<S>) {
+    ledger.add_credits("alice", 5_000_000).unwrap();
+    ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
+    ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
+    let provider = Account::provider("wallet-a");
+    assert_eq!(ledger.balance(&provider).unwrap(), 2_000_000);
+
+    let paid = [("wallet-a".to_string(), 1_500_000)];
+    assert!(ledger.record_payout(0, "solana:0:1", &paid).unwrap());
+    assert!(!ledger.record_payout(0, "solana:0:1", &paid).unwrap(), "the same reference posts nothing");
+    let mut ledger = reopen(ledger);
+    assert!(!ledger.record_payout(0, "solana:0:1", &paid).unwrap(), "still nothing after a reopen");
+    assert_eq!(ledger.balance(&provider).unwrap(), 500_000);
+    assert_eq!(sum_of_balances(&ledger), 0);
+    let last = ledger.entries(0, 100).unwrap().pop().unwrap();
+    assert_eq!((last.kind, last.debit, last.credit, last.amount), (EntryKind::Payout, provider, Account::Funding, 1_500_000));
+
+    // More than the provider has earned is refused, and posts nothing.
+    let err = ledger.record_payout(0, "solana:0:2", &[("wallet-a".to_string(), 500_001)]).unwrap_err().to_string();
+    assert!(err.contains("provider:wallet-a") && err.contains("500001"), "{err}");
+    assert!(ledger.record_payout(0, "solana:0:2", &[("wallet-a".to_string(), 500_000)]).unwrap());
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 0);
+}
+
+#[test]
+fn payouts_are_recorded_once_in_memory() {
+    payouts_are_recorded_once_on(memory_ledger(), |ledger| ledger);
+}
+
+#[test]
+fn payouts_are_recorded_once_in_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
+    payouts_are_recorded_once_on(ledger, |ledger| {
+        drop(ledger);
+        Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap()
+    });
 }

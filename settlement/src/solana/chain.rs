@@ -74,6 +74,28 @@ impl<C: PayoutChain + ?Sized> PayoutChain for &mut C {
     }
 }
 
+impl<C: PayoutChain + ?Sized> PayoutChain for Box<C> {
+    fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
+        (**self).send_transaction(transaction)
+    }
+
+    fn signature_status(&mut self, signature: &Signature) -> SettlementResult<Option<SignatureStatus>> {
+        (**self).signature_status(signature)
+    }
+
+    fn latest_blockhash(&mut self) -> SettlementResult<Hash> {
+        (**self).latest_blockhash()
+    }
+
+    fn is_blockhash_valid(&mut self, blockhash: &Hash) -> SettlementResult<bool> {
+        (**self).is_blockhash_valid(blockhash)
+    }
+
+    fn get_account(&mut self, address: &Pubkey) -> SettlementResult<Option<ChainAccount>> {
+        (**self).get_account(address)
+    }
+}
+
 /// A Solana RPC node, through the blocking client. Call it from a plain thread or
 /// `spawn_blocking`, never from a tokio worker (each call blocks until the node answers).
 pub struct RpcChain {

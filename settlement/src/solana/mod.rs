@@ -26,6 +26,8 @@
 pub mod chain;
 pub mod plan;
 pub mod store;
+#[cfg(feature = "svm")]
+pub mod svm;
 
 use std::time::{Duration, Instant};
 

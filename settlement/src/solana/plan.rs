@@ -74,6 +74,32 @@ impl PayoutAsset {
     }
 }
 
+/// The operator's spelling (`--payout-asset`): `sol:<lamports per USD>` or
+/// `spl:<mint address>:<decimals>`.
+impl std::str::FromStr for PayoutAsset {
+    type Err = SettlementError;
+
+    fn from_str(text: &str) -> SettlementResult<Self> {
+        let invalid = |why: String| {
+            SettlementError::PayoutConfig(format!(
+                "payout asset {text:?}: {why} (expected sol:<lamports per USD> or spl:<mint>:<decimals>)"
+            ))
+        };
+        let asset = match text.split(':').collect::<Vec<_>>().as_slice() {
+            ["sol", rate] => PayoutAsset::Sol {
+                lamports_per_usd: rate.parse().map_err(|err| invalid(format!("bad lamports per USD: {err}")))?,
+            },
+            ["spl", mint, decimals] => PayoutAsset::Token {
+                mint: mint.parse().map_err(|err| invalid(format!("bad mint address: {err}")))?,
+                decimals: decimals.parse().map_err(|err| invalid(format!("bad decimals: {err}")))?,
+            },
+            _ => return Err(invalid("unknown form".into())),
+        };
+        asset.validate()?;
+        Ok(asset)
+    }
+}
+
 /// Stable text stored with a planned epoch: a later run under another asset refuses to
 /// continue it (its amounts were computed for this one).
 impl fmt::Display for PayoutAsset {
@@ -327,6 +353,17 @@ mod tests {
 
     fn wallet(seed: u8) -> String {
         Pubkey::new_from_array([seed; 32]).to_string()
+    }
+
+    #[test]
+    fn assets_parse_from_the_operators_spelling() {
+        let mint = Pubkey::new_unique();
+        assert_eq!(format!("spl:{mint}:6").parse::<PayoutAsset>().unwrap(), PayoutAsset::Token { mint, decimals: 6 });
+        assert_eq!("sol:6000000".parse::<PayoutAsset>().unwrap(), PayoutAsset::Sol { lamports_per_usd: 6_000_000 });
+        for bad in ["sol:0", "sol:x", "spl:notakey:6", "spl:11111111111111111111111111111111:40", "usdc", ""] {
+            let err = bad.parse::<PayoutAsset>().unwrap_err().to_string();
+            assert!(err.contains("payout") || err.contains("decimals") || err.contains("lamports"), "{bad}: {err}");
+        }
     }
 
     #[test]

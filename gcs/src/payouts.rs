@@ -1,0 +1,248 @@
+//! Paying settled epochs out on Solana from the head (feature `solana`).
+//!
+//! A background task walks the ledger's closed epochs in order and hands each one that is
+//! not yet fully paid to the settlement crate's [`SolanaPayouter`], on a blocking thread
+//! (the RPC client blocks). It runs on every tick and right after each settlement.
+//!
+//! Invariants:
+//! - The payouter's store (its own redb file beside the ledger) holds each epoch's plan
+//!   and every signed transaction before it is sent, so a head killed at any point
+//!   resumes the payout without paying anyone twice (see `ionet_settlement::solana`).
+//! - Every landed batch is then posted to the ledger (provider → funding, kind `Payout`)
+//!   under the once-only reference `solana:<epoch>:<batch>`; posting is repeated for every
+//!   landed batch on every pass until the epoch is complete and posted, so a crash between
+//!   the chain and the ledger loses nothing and posts nothing twice.
+//! - An epoch that cannot be paid now (the authority is short of funds, the RPC node is
+//!   down) stops the pass: later epochs wait, so payouts land in epoch order.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ionet_settlement::solana::{
+    read_keypair_file, EpochPayouts, MemoryPayoutStore, PayoutAsset, PayoutChain, PayoutConfig, PayoutStore,
+    RedbPayoutStore, RpcChain, SolanaPayouter,
+};
+use ionet_settlement::EpochSummary;
+use solana_keypair::Keypair;
+use tokio::sync::watch;
+
+use ionet::rpc::proto::metering::{EpochPayoutInfo, PayoutBatchInfo};
+use ionet::IonetError;
+use ionet_settlement::solana::AttemptState;
+
+use crate::error::{GcsError, GcsResult};
+use crate::metering::{GcsLedger, Metering, PayoutView};
+use crate::state::blocking;
+
+type Payouter = SolanaPayouter<Box<dyn PayoutChain + Send>, Box<dyn PayoutStore>>;
+
+/// How the head pays: the chain, the paying keypair, the asset, where the state lives.
+pub struct PayoutSettings {
+    pub chain: Box<dyn PayoutChain + Send>,
+    pub authority: Keypair,
+    pub config: PayoutConfig,
+    /// The payout state file; `None`: in memory (tests only: a restart would forget
+    /// transactions in flight).
+    pub store_path: Option<PathBuf>,
+    /// How often pending payouts are retried.
+    pub retry_interval: Duration,
+}
+
+impl std::fmt::Debug for PayoutSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayoutSettings").field("asset", &self.config.asset).field("store_path", &self.store_path).finish()
+    }
+}
+
+impl PayoutSettings {
+    /// Settings for a Solana RPC node at `rpc_url`, paying from the keypair file at
+    /// `keypair_path` (the Solana CLI's JSON format) in `asset` (`sol:<lamports per USD>`
+    /// or `spl:<mint>:<decimals>`).
+    pub fn rpc(rpc_url: &str, keypair_path: &std::path::Path, asset: &str, store_path: PathBuf) -> GcsResult<Self> {
+        let asset: PayoutAsset = asset.parse()?;
+        let authority = read_keypair_file(keypair_path)?;
+        if !(rpc_url.starts_with("http://") || rpc_url.starts_with("https://")) {
+            let why = format!("payout RPC URL {rpc_url:?} is not an http(s) URL");
+            return Err(GcsError::Ionet(IonetError::InvalidArgument(why)));
+        }
+        Ok(PayoutSettings {
+            chain: Box::new(RpcChain::new(rpc_url)),
+            authority,
+            config: PayoutConfig::new(asset),
+            store_path: Some(store_path),
+            retry_interval: Duration::from_secs(30),
+        })
+    }
+}
+
+/// The head's payer: one payouter, used by one pass at a time.
+pub struct Payouts {
+    payouter: Arc<Mutex<Payouter>>,
+    metering: Arc<Metering>,
+    ledger: GcsLedger,
+    /// Epochs paid in full and posted to the ledger: never looked at again.
+    done: Mutex<BTreeSet<u64>>,
+    retry_interval: Duration,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Payouts {
+    /// Opens the payout store and attaches the payer to `metering` (for `ListPayouts`).
+    pub async fn open(settings: PayoutSettings, metering: Arc<Metering>) -> GcsResult<Arc<Self>> {
+        let PayoutSettings { chain, authority, config, store_path, retry_interval } = settings;
+        let payouter = blocking(move || {
+            let store: Box<dyn PayoutStore> = match &store_path {
+                Some(path) => Box::new(RedbPayoutStore::open(path).map_err(|err| {
+                    GcsError::Storage(format!("cannot open payout store {}: {err}", path.display()))
+                })?),
+                None => Box::new(MemoryPayoutStore::new()),
+            };
+            Ok(SolanaPayouter::new(chain, store, authority, config)?)
+        })
+        .await?;
+        tracing::info!(authority = %payouter.authority(), source = %payouter.source_account(), "solana payouts enabled");
+        let payouts = Arc::new(Payouts {
+            payouter: Arc::new(Mutex::new(payouter)),
+            ledger: metering.ledger().clone(),
+            metering: metering.clone(),
+            done: Mutex::new(BTreeSet::new()),
+            retry_interval,
+        });
+        let view: Arc<dyn PayoutView> = payouts.clone();
+        metering.set_payouts(Arc::downgrade(&view));
+        Ok(payouts)
+    }
+
+    /// The payout state of every epoch that has one, oldest first.
+    pub async fn records(&self) -> GcsResult<Vec<EpochPayouts>> {
+        let payouter = self.payouter.clone();
+        blocking(move || {
+            let payouter = lock(&payouter);
+            let store = payouter.store();
+            let mut all = Vec::new();
+            for epoch in store.epochs()? {
+                all.extend(store.epoch_payouts(epoch)?);
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    /// One pass: pays and posts every closed epoch not yet done, in order, stopping at
+    /// the first that cannot be finished now. Returns how many epochs are done in all.
+    pub async fn pay_pending(&self) -> GcsResult<usize> {
+        let ledger = self.ledger.clone();
+        let epochs: Vec<EpochSummary> = blocking(move || Ok(ledger.lock().epochs()?)).await?;
+        for summary in epochs {
+            if lock(&self.done).contains(&summary.epoch_id) {
+                continue;
+            }
+            let epoch_id = summary.epoch_id;
+            let payouter = self.payouter.clone();
+            let ledger = self.ledger.clone();
+            let complete = blocking(move || {
+                let mut payouter = lock(&payouter);
+                let paid = payouter.pay_epoch(&summary);
+                // Post what landed even when the rest failed: it moved money.
+                let record = payouter.store().epoch_payouts(summary.epoch_id)?;
+                if let Some(record) = &record {
+                    post_landed(&ledger, record)?;
+                }
+                let report = paid?;
+                tracing::info!(
+                    epoch = report.epoch_id,
+                    outcome = ?report.outcome,
+                    batches = report.batches.len(),
+                    total = report.total_amount,
+                    "epoch payout finished"
+                );
+                Ok(record.is_some_and(|record| record.is_complete()))
+            })
+            .await;
+            match complete {
+                Ok(true) => {
+                    lock(&self.done).insert(epoch_id);
+                }
+                Ok(false) => break,
+                Err(err) => {
+                    tracing::warn!(epoch = epoch_id, error = %err, "epoch payout not finished; retrying later");
+                    break;
+                }
+            }
+        }
+        Ok(lock(&self.done).len())
+    }
+
+    /// Runs passes on every wake-up and every retry interval until `stopped`.
+    pub async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.retry_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.metering.settled().notified() => {}
+                _ = stopped.changed() => return,
+            }
+            if let Err(err) = self.pay_pending().await {
+                tracing::warn!(error = %err, "payout pass failed; retrying later");
+            }
+        }
+    }
+}
+
+/// Posts each landed batch of `record` to the ledger, once per batch.
+fn post_landed(ledger: &GcsLedger, record: &EpochPayouts) -> GcsResult<()> {
+    for batch in record.batches.iter().filter(|batch| batch.landed().is_some()) {
+        let reference = format!("solana:{}:{}", record.epoch_id, batch.index);
+        let payouts: Vec<(String, u64)> =
+            batch.payouts.iter().map(|payout| (payout.wallet.clone(), payout.micro_usd)).collect();
+        ledger.lock().record_payout(record.epoch_id, &reference, &payouts)?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl PayoutView for Payouts {
+    async fn list(&self) -> GcsResult<Vec<EpochPayoutInfo>> {
+        Ok(self.records().await?.iter().map(epoch_info).collect())
+    }
+}
+
+fn epoch_info(record: &EpochPayouts) -> EpochPayoutInfo {
+    let batches = record
+        .batches
+        .iter()
+        .map(|batch| {
+            let shown = batch.landed().or(batch.attempts.last());
+            let state = match shown.map(|attempt| &attempt.state) {
+                None => "not sent".to_string(),
+                Some(AttemptState::Landed) => "landed".to_string(),
+                Some(AttemptState::InFlight) => "in flight".to_string(),
+                Some(AttemptState::Failed { error }) => format!("failed: {error}"),
+                Some(AttemptState::Expired) => "expired".to_string(),
+            };
+            PayoutBatchInfo {
+                index: batch.index,
+                payouts: batch.payouts.len() as u32,
+                micro_usd: batch.payouts.iter().map(|payout| payout.micro_usd).sum(),
+                amount: batch.total_amount(),
+                state,
+                signature: shown.map(|attempt| attempt.signature.clone()).unwrap_or_default(),
+                attempts: batch.attempts.len() as u32,
+            }
+        })
+        .collect();
+    EpochPayoutInfo {
+        epoch_id: record.epoch_id,
+        asset: record.asset.clone(),
+        authority: record.authority.clone(),
+        batches,
+        skipped: record.skipped.len() as u32,
+        complete: record.is_complete(),
+    }
+}
