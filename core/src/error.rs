@@ -46,6 +46,10 @@ pub enum IonetError {
     /// No node of the cluster could ever satisfy the demand.
     #[error("infeasible: {0}")]
     Infeasible(String),
+    /// The actor a call was made on is dead (or died while the call ran and the call has
+    /// no retries left): carries the actor and the cause of death.
+    #[error("actor died: {0}")]
+    ActorDied(String),
 }
 
 impl IonetError {

@@ -53,6 +53,7 @@ pub mod status {
                 IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } => Code::Aborted,
                 IonetError::ObjectLost(_) => Code::DataLoss,
                 IonetError::Infeasible(_) => Code::FailedPrecondition,
+                IonetError::ActorDied(_) => Code::Aborted,
             };
             // The message keeps the variant's own text only, so it is not prefixed twice
             // when the client maps it back.
@@ -68,7 +69,8 @@ pub mod status {
                 | IonetError::Timeout(m)
                 | IonetError::Internal(m)
                 | IonetError::ObjectLost(m)
-                | IonetError::Infeasible(m) => m,
+                | IonetError::Infeasible(m)
+                | IonetError::ActorDied(m) => m,
                 other @ (IonetError::Io(_) | IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. }) => {
                     other.to_string()
                 }

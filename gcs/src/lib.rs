@@ -24,10 +24,14 @@
 //! Payouts ([`payouts`], feature `solana`): a background task pays each settled epoch's
 //! provider earnings on Solana and posts what landed back to the ledger.
 //!
+//! Actors ([`actors`]): the actor table; the control store places each actor on a worker it
+//! leases, watches the worker and the owner, and restarts or buries the actor.
+//!
 //! Placement groups ([`placement_groups`]): a table of groups of resource bundles, placed by a
 //! background task with the scheduler's solver and reserved on the node daemons in two phases
 //! (prepare on all, then commit; cancel the prepared ones on any refusal).
 
+pub mod actors;
 pub mod error;
 pub mod metering;
 pub mod metering_service;

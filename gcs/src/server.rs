@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::actors::Actors;
 use crate::error::{GcsError, GcsResult};
 use crate::metering::{Metering, MeteringOptions};
 use crate::metering_service::MeteringService;
@@ -61,7 +62,7 @@ pub struct GcsServer {
     address: SocketAddr,
     state: Arc<GcsState>,
     metering: Arc<Metering>,
-    metering_tasks: Vec<JoinHandle<()>>,
+    background_tasks: Vec<JoinHandle<()>>,
     token: ClusterToken,
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -72,7 +73,7 @@ pub struct GcsServer {
 
 impl GcsServer {
     /// Opens storage, loads the tables and serves on `listener`.
-    pub async fn start(mut options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
+    pub async fn start(options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
         let storage: Arc<dyn GcsStorage> = match &options.storage_path {
             Some(path) => {
                 let path = path.clone();
@@ -102,7 +103,8 @@ impl GcsServer {
 
         let max_bytes = options.config.max_message_bytes;
         let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(token.clone())));
-        let service = GeneratedGcsServer::new(GcsService::new(state.clone(), placement_groups.clone()))
+        let actors = Actors::new(state.clone(), token.clone());
+        let service = GeneratedGcsServer::new(GcsService::new(state.clone(), placement_groups.clone(), actors.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
         let service = InterceptedService::new(service, CheckToken::new(token.clone()));
@@ -120,21 +122,21 @@ impl GcsServer {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );
-        #[allow(unused_mut)]
-        let mut metering_tasks = metering.spawn_tasks(events, stopped.clone());
+        let mut background_tasks = metering.spawn_tasks(events, stopped.clone());
         #[cfg(feature = "solana")]
-        if let Some(settings) = options.payouts.take() {
+        if let Some(settings) = options.payouts {
             let payouts = crate::payouts::Payouts::open(settings, metering.clone()).await?;
-            metering_tasks.push(tokio::spawn(payouts.run(stopped.clone())));
+            background_tasks.push(tokio::spawn(payouts.run(stopped.clone())));
         }
         let placement_task = tokio::spawn(placement_groups.clone().run(stopped.clone()));
+        background_tasks.push(tokio::spawn(actors.clone().run(stopped.clone())));
         let health_task = tokio::spawn(run_health_checks(state.clone(), stopped));
         tracing::info!(%address, "control store serving");
         Ok(Self {
             address,
             state,
             metering,
-            metering_tasks,
+            background_tasks,
             token,
             stop,
             serve_task,
@@ -170,7 +172,7 @@ impl GcsServer {
         let _ = self.stop.send(true);
         let _ = self.health_task.await;
         let _ = self.placement_task.await;
-        for task in self.metering_tasks {
+        for task in self.background_tasks {
             let _ = task.await;
         }
         match self.serve_task.await {

@@ -12,19 +12,24 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
 use crate::state::GcsState;
 
 pub struct GcsService {
     state: Arc<GcsState>,
     placement_groups: Arc<PlacementGroups>,
+    actors: Arc<Actors>,
 }
 
 impl GcsService {
-    pub fn new(state: Arc<GcsState>, placement_groups: Arc<PlacementGroups>) -> Self {
-        Self { state, placement_groups }
+    pub fn new(state: Arc<GcsState>, placement_groups: Arc<PlacementGroups>, actors: Arc<Actors>) -> Self {
+        Self { state, placement_groups, actors }
     }
 }
+
+/// Longest a `GetActor` waits before answering with the row as it is.
+const MAX_ACTOR_WAIT_MS: u64 = 60_000;
 
 fn wants(channels: &[Channel], event: &ClusterEvent) -> bool {
     if channels.is_empty() {
@@ -179,5 +184,39 @@ impl Gcs for GcsService {
         let id = ionet::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
+    }
+
+    async fn create_actor(&self, request: Request<CreateActorRequest>) -> Result<Response<CreateActorReply>, Status> {
+        let request = request.into_inner();
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateActor without a spec"))?;
+        let actor = self.actors.create(spec, request.get_if_exists)?;
+        Ok(Response::new(CreateActorReply { actor: Some(actor) }))
+    }
+
+    async fn get_actor(&self, request: Request<GetActorRequest>) -> Result<Response<GetActorReply>, Status> {
+        let request = request.into_inner();
+        let actor = if request.timeout_ms == 0 {
+            self.actors.get(&request.actor_id)?
+        } else {
+            let timeout = std::time::Duration::from_millis(request.timeout_ms.min(MAX_ACTOR_WAIT_MS));
+            self.actors.wait(&request.actor_id, request.wait_newer_than, timeout).await?
+        };
+        Ok(Response::new(GetActorReply { actor: Some(actor) }))
+    }
+
+    async fn get_named_actor(&self, request: Request<GetNamedActorRequest>) -> Result<Response<GetActorReply>, Status> {
+        let request = request.into_inner();
+        let actor = self.actors.get_named(&request.name, &request.namespace)?;
+        Ok(Response::new(GetActorReply { actor: Some(actor) }))
+    }
+
+    async fn list_actors(&self, request: Request<ListActorsRequest>) -> Result<Response<ListActorsReply>, Status> {
+        Ok(Response::new(ListActorsReply { actors: self.actors.list(request.into_inner().include_dead) }))
+    }
+
+    async fn kill_actor(&self, request: Request<KillActorRequest>) -> Result<Response<KillActorReply>, Status> {
+        let request = request.into_inner();
+        self.actors.kill(&request.actor_id, request.no_restart).await?;
+        Ok(Response::new(KillActorReply {}))
     }
 }

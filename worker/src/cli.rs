@@ -15,8 +15,11 @@ pub struct Cli {
 pub enum Command {
     /// Start the head (--head) or a node daemon that joins a head (--address).
     Start(StartArgs),
-    /// Show the cluster's nodes.
+    /// Show the cluster's nodes (or its actors, with --actors).
     Status(StatusArgs),
+    /// List cluster state: `ionet list actors`.
+    #[command(subcommand)]
+    List(ListCommand),
     /// Stop the daemons this machine started (found through the session directory).
     Stop(StopArgs),
     /// Usage records the head metered (ended and open leases).
@@ -166,6 +169,12 @@ pub struct StatusArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+    /// Show the actors instead of the nodes.
+    #[arg(long)]
+    pub actors: bool,
+    /// With --actors: include dead actors.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub session: SessionArgs,
 }
@@ -202,6 +211,24 @@ pub struct UsageArgs {
     /// Only this node (hex id).
     #[arg(long)]
     pub node: Option<String>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub head: HeadArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListCommand {
+    /// Actors: state, node, resources, restarts, cause of death.
+    Actors(ListActorsArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ListActorsArgs {
+    /// Include dead actors.
+    #[arg(long)]
+    pub all: bool,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -317,6 +344,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => commands::start(args),
         Command::Status(args) => commands::status(args),
+        Command::List(ListCommand::Actors(args)) => commands::list_actors(args),
         Command::Stop(args) => commands::stop(args),
         Command::Usage(args) => metering_commands::usage(args),
         Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),

@@ -14,7 +14,7 @@ use ionet::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
-use crate::cli::{PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs};
+use crate::cli::{ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs};
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
 use crate::session::SessionDir;
@@ -294,6 +294,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let session = SessionDir::resolve(args.session.temp_dir.as_deref());
     let address = resolve_head_address(args.address.as_deref(), &session)?;
     let token = resolve_token(args.token.as_deref(), &session)?;
+    if args.actors {
+        return show_actors(&address, &token, args.all, args.json);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
         let mut client = ionet::rpc::gcs_client(&address, &token).await?;
@@ -305,6 +308,30 @@ pub fn status(args: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&status::nodes_json(&nodes, now)?)?);
     } else {
         print!("{}", status::nodes_table(&nodes, now)?);
+    }
+    Ok(())
+}
+
+/// `ionet list actors`.
+pub fn list_actors(args: ListActorsArgs) -> Result<()> {
+    logging::init_client();
+    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
+    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
+    let token = resolve_token(args.head.token.as_deref(), &session)?;
+    show_actors(&address, &token, args.all, args.json)
+}
+
+fn show_actors(address: &str, token: &ClusterToken, include_dead: bool, json: bool) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let actors = runtime.block_on(async {
+        let mut client = ionet::rpc::gcs_client(address, token).await?;
+        let reply = client.list_actors(ionet::rpc::proto::gcs::ListActorsRequest { include_dead }).await?;
+        Ok::<_, ionet::IonetError>(reply.into_inner().actors)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status::actors_json(&actors)?)?);
+    } else {
+        print!("{}", status::actors_table(&actors)?);
     }
     Ok(())
 }

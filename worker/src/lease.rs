@@ -44,6 +44,7 @@ pub const JOB_ID_ENV: &str = "IONET_JOB_ID";
 pub const GPU_IDS_ENV: &str = "IONET_GPU_IDS";
 pub const TOKEN_ENV: &str = "IONET_TOKEN";
 pub const OBJECT_STORE_DIR_ENV: &str = "IONET_OBJECT_STORE_DIR";
+pub const GCS_ADDRESS_ENV: &str = "IONET_GCS_ADDRESS";
 
 /// How long a started worker may take to register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -163,6 +164,7 @@ pub struct Leases {
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
     gcs: Mutex<Option<ionet::rpc::GcsClient>>,
     object_store_dir: Mutex<String>,
+    gcs_address: Mutex<String>,
 }
 
 enum Step {
@@ -214,10 +216,16 @@ impl Leases {
             metering: Mutex::new(None),
             gcs: Mutex::new(None),
             object_store_dir: Mutex::new(String::new()),
+            gcs_address: Mutex::new(String::new()),
         }
     }
 
     /// Where workers started from now on find the node's object store.
+    /// Told to workers, which reach the control store for actors.
+    pub fn set_gcs_address(&self, address: String) {
+        *self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()) = address;
+    }
+
     pub fn set_object_store_dir(&self, dir: String) {
         *self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
@@ -551,7 +559,10 @@ impl Leases {
             },
         };
         let lease_id = LeaseId::random();
-        self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
+        // A lease of nothing (an actor holding no resources) costs nothing: not metered.
+        if !resources.is_empty() {
+            self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
+        }
         self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
@@ -594,7 +605,9 @@ impl Leases {
             .leases
             .remove(&lease_id)
             .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
-        self.meter(MeterEvent::Ended { lease_id });
+        if !granted.resources.is_empty() {
+            self.meter(MeterEvent::Ended { lease_id });
+        }
         self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
         if let Some(mut entry) = self.workers.get_mut(&granted.worker) {
             entry.1 = None;
@@ -637,6 +650,7 @@ impl Leases {
             .env(JOB_ID_ENV, job_id.hex())
             .env(TOKEN_ENV, &self.token)
             .env(OBJECT_STORE_DIR_ENV, self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .env(GCS_ADDRESS_ENV, self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .env(GPU_IDS_ENV, key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
             .env("CUDA_VISIBLE_DEVICES", key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
             .stdin(Stdio::null());

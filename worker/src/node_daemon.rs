@@ -218,6 +218,7 @@ impl NodeDaemon {
         let objects =
             Arc::new(NodeObjects::new(options.object_store_capacity, options.token.clone(), advertised.clone())?);
         leases.set_object_store_dir(objects.dir());
+        leases.set_gcs_address(options.gcs_address.clone());
         let shared = Arc::new(NodeShared {
             node_id,
             info,

@@ -258,6 +258,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         false,
         gcs_address,
         worker_command(),
+        config.namespace.clone(),
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,
     );
@@ -271,6 +272,8 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
 /// embedded cluster if `init` started one.
 pub fn shutdown() {
     let Some(worker) = runtime::uninstall() else { return };
+    // Ends the control store's watch on this driver: its non-detached actors die now.
+    worker.stopping.send_replace(true);
     block_on(async {
         worker.return_idle_leases(true).await;
         if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.token).await {
@@ -314,8 +317,9 @@ fn run_worker() -> ! {
             token.clone(),
             gpu_ids,
             true,
+            std::env::var(node_lease::GCS_ADDRESS_ENV).unwrap_or_default(),
+            worker_command(),
             String::new(),
-            WorkerCommand::default(),
             DEFAULT_INLINE_THRESHOLD,
             &std::env::var(node_lease::OBJECT_STORE_DIR_ENV).unwrap_or_default(),
         );

@@ -30,6 +30,7 @@
 
 extern crate self as ionet;
 
+pub mod actor;
 mod api;
 mod context;
 mod init;
@@ -49,10 +50,13 @@ pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
 pub use init::{init, is_initialized, shutdown, InitConfig};
 pub use ionet_common::*;
-pub use ionet_macros::remote;
+pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
+pub use ionet_macros::{actor, remote};
 pub use object_ref::{Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
 pub use placement_group::{placement_group, remove_placement_group, PlacementGroup, PlacementStrategy};
 
 #[doc(hidden)]
 pub use inventory;
+#[doc(hidden)]
+pub use serde;

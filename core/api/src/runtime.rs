@@ -83,6 +83,7 @@ pub(crate) fn copy_error(error: &IonetError) -> IonetError {
         }
         IonetError::ObjectLost(m) => IonetError::ObjectLost(m.clone()),
         IonetError::Infeasible(m) => IonetError::Infeasible(m.clone()),
+        IonetError::ActorDied(m) => IonetError::ActorDied(m.clone()),
     }
 }
 
@@ -113,7 +114,16 @@ pub(crate) struct CoreWorker {
     pub(crate) gcs_address: String,
     pub(crate) objects: DashMap<ObjectId, Arc<ObjectEntry>>,
     pools: DashMap<String, Arc<ShapePool>>,
-    worker_command: WorkerCommand,
+    pub(crate) worker_command: WorkerCommand,
+    /// The driver's namespace (named actors are found in it by default).
+    pub(crate) namespace: String,
+    /// Identifies this process to the actors it calls (their per-caller call order).
+    pub(crate) caller_id: ObjectId,
+    pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
+    /// The actor this worker process hosts, once created.
+    pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
+    /// Set when the process leaves the cluster: `Watch` streams end.
+    pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
@@ -211,6 +221,7 @@ impl CoreWorker {
         is_worker: bool,
         gcs_address: String,
         worker_command: WorkerCommand,
+        namespace: String,
         inline_threshold: usize,
         store_dir: &str,
     ) -> Arc<Self> {
@@ -226,6 +237,11 @@ impl CoreWorker {
             objects: DashMap::new(),
             pools: DashMap::new(),
             worker_command,
+            namespace,
+            caller_id: ObjectId::random(),
+            actor_clients: DashMap::new(),
+            hosted: OnceLock::new(),
+            stopping: watch::channel(false).0,
             channels: DashMap::new(),
             inline_threshold,
             handle: tokio_runtime().handle().clone(),
@@ -253,7 +269,7 @@ impl CoreWorker {
         ObjectRef::counted(id, self.address.clone())
     }
 
-    fn settle(&self, id: &ObjectId, state: ObjectState) {
+    pub(crate) fn settle_object(&self, id: &ObjectId, state: ObjectState) {
         if let Some(entry) = self.objects.get(id) {
             entry.state.send_replace(state);
         }
@@ -341,13 +357,7 @@ impl CoreWorker {
         if let Some(pool) = self.pools.get(&key) {
             return pool.clone();
         }
-        let wire = match strategy {
-            SchedulingStrategy::Default => WireStrategy::default(),
-            SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
-            SchedulingStrategy::NodeAffinity { node_id, soft } => {
-                WireStrategy { kind: SchedulingKind::NodeAffinity as i32, node_id: node_id.to_vec(), soft: *soft }
-            }
-        };
+        let wire = wire_strategy(strategy);
         let pool = Arc::new(ShapePool {
             request: RequestWorkerLeaseRequest {
                 job_id: self.job_id.to_vec(),
@@ -432,7 +442,18 @@ impl CoreWorker {
     }
 }
 
-fn hex_short(bytes: &[u8]) -> String {
+/// A scheduling strategy as the node daemons read it.
+pub(crate) fn wire_strategy(strategy: &SchedulingStrategy) -> WireStrategy {
+    match strategy {
+        SchedulingStrategy::Default => WireStrategy::default(),
+        SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
+        SchedulingStrategy::NodeAffinity { node_id, soft } => {
+            WireStrategy { kind: SchedulingKind::NodeAffinity as i32, node_id: node_id.to_vec(), soft: *soft }
+        }
+    }
+}
+
+pub(crate) fn hex_short(bytes: &[u8]) -> String {
     let mut text =
         ionet_common::ids::NodeId::from_bytes(bytes).map(|id| id.short()).unwrap_or_else(|_| "unknown".into());
     text.truncate(8);
@@ -549,19 +570,25 @@ pub(crate) fn submit_task<R>(function: &'static str, options: TaskOptions, args:
             Ok(state) => state,
             Err(error) => ObjectState::Failed(Arc::new(error)),
         };
-        runner.settle(&spec.return_id, state);
+        runner.settle_object(&spec.return_id, state);
         drop(spec); // releases the argument refs held while the task was pending
     });
     object
 }
 
 async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<TaskArg>> {
-    let mut args = Vec::with_capacity(spec.args.len());
-    for (index, arg) in spec.args.iter().enumerate() {
+    resolve_call_args(worker, spec.function, &spec.args).await
+}
+
+/// The arguments of a call as they travel: values inline, refs resolved to their value or
+/// its location (waiting until the objects exist).
+pub(crate) async fn resolve_call_args(worker: &CoreWorker, function: &str, call_args: &[Arg]) -> IonetResult<Vec<TaskArg>> {
+    let mut args = Vec::with_capacity(call_args.len());
+    for (index, arg) in call_args.iter().enumerate() {
         let value = match arg {
             Arg::Value(Ok(bytes)) => task_arg::Value::Inline(bytes.clone()),
             Arg::Value(Err(why)) => {
-                return Err(IonetError::InvalidArgument(format!("argument {index} of {}: {why}", spec.function)))
+                return Err(IonetError::InvalidArgument(format!("argument {index} of {function}: {why}")))
             }
             Arg::Ref(reference) => match worker.resolve(reference.id(), reference.owner_address(), None).await? {
                 ObjectState::Inline(bytes) => task_arg::Value::Inline(bytes.to_vec()),

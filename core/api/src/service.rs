@@ -7,16 +7,82 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, task_failure, ExitReply, ExitRequest, GetObjectReply,
-    GetObjectRequest, PushTaskReply, PushTaskRequest, TaskFailure,
+    get_object_reply, push_task_reply, task_arg, task_failure, CreateActorReply, CreateActorRequest, ExitReply,
+    ExitRequest, GetObjectReply, GetObjectRequest, PushActorTaskRequest, PushTaskReply, PushTaskRequest, TaskArg,
+    TaskFailure, WatchEvent, WatchRequest,
 };
-use ionet_common::{IonetError, ObjectId, TaskId};
+use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tonic::{Request, Response, Status};
 
+use crate::actor::{self, HostedActor};
 use crate::context;
 use crate::object_store::Bytes;
 use crate::runtime::{CoreWorker, ObjectState};
 use crate::task::{self, ArgBytes, Failure, FailureKind};
+
+/// Reads a call's arguments (stored ones from the object store). The outer error is a
+/// malformed request; the inner one an argument that could not be read.
+async fn read_args(worker: &CoreWorker, args: Vec<TaskArg>) -> Result<Result<Vec<ArgBytes>, Failure>, Status> {
+    let mut read = Vec::with_capacity(args.len());
+    for (index, arg) in args.into_iter().enumerate() {
+        match arg.value {
+            Some(task_arg::Value::Inline(bytes)) => read.push(ArgBytes(Bytes::Owned(Arc::new(bytes)))),
+            Some(task_arg::Value::Stored(stored)) => match worker.read_stored(&stored).await {
+                Ok(bytes) => read.push(ArgBytes(bytes)),
+                Err(err) => {
+                    return Ok(Err(Failure {
+                        kind: FailureKind::BadArguments,
+                        message: format!("argument {index} could not be read: {err}"),
+                    }))
+                }
+            },
+            None => return Err(Status::invalid_argument(format!("argument {index} has no value"))),
+        }
+    }
+    Ok(Ok(read))
+}
+
+/// Runs a call on a blocking thread, catching panics; large values go to this node's
+/// store and only their location travels back.
+async fn run_call(
+    worker: &Arc<CoreWorker>,
+    function_name: &str,
+    task_bytes: &[u8],
+    task_id: Option<TaskId>,
+    return_id: ObjectId,
+    inline_threshold: u64,
+    call: impl FnOnce() -> Result<Vec<u8>, Failure> + Send + 'static,
+) -> Result<PushTaskReply, Status> {
+    let inline_threshold = inline_threshold as usize;
+    let store = worker.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        context::set_current_task(task_id);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(call));
+        context::set_current_task(None);
+        result.map(|value| {
+            value.and_then(|bytes| {
+                if bytes.len() <= inline_threshold {
+                    return Ok(push_task_reply::Result::Inline(bytes));
+                }
+                let size = bytes.len() as u64;
+                store
+                    .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
+                    .map(push_task_reply::Result::Stored)
+                    .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
+            })
+        })
+    })
+    .await
+    .map_err(|err| Status::internal(format!("task thread failed: {err}")))?;
+    Ok(match outcome {
+        Ok(Ok(result)) => PushTaskReply { result: Some(result) },
+        Ok(Err(failure)) => failure_reply(worker, function_name, task_bytes, failure),
+        Err(payload) => {
+            let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };
+            failure_reply(worker, function_name, task_bytes, failure)
+        }
+    })
+}
 
 pub(crate) struct CoreWorkerService {
     pub(crate) worker: Arc<CoreWorker>,
@@ -65,60 +131,16 @@ impl CoreWorkerRpc for CoreWorkerService {
             };
             return Ok(Response::new(failure_reply(&self.worker, &function_name, &request.task_id, failure)));
         };
-        let mut args = Vec::with_capacity(request.args.len());
-        for (index, arg) in request.args.into_iter().enumerate() {
-            match arg.value {
-                Some(task_arg::Value::Inline(bytes)) => args.push(ArgBytes(Bytes::Owned(Arc::new(bytes)))),
-                Some(task_arg::Value::Stored(stored)) => match self.worker.read_stored(&stored).await {
-                    Ok(bytes) => args.push(ArgBytes(bytes)),
-                    Err(err) => {
-                        let failure = Failure {
-                            kind: FailureKind::BadArguments,
-                            message: format!("argument {index} could not be read: {err}"),
-                        };
-                        return Ok(Response::new(failure_reply(
-                            &self.worker,
-                            &function_name,
-                            &request.task_id,
-                            failure,
-                        )));
-                    }
-                },
-                None => return Err(Status::invalid_argument(format!("argument {index} has no value"))),
-            }
-        }
-        let task_id = TaskId::from_bytes(&request.task_id).ok();
-        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-        let inline_threshold = request.inline_threshold as usize;
-        let worker = self.worker.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            context::set_current_task(task_id);
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| (function.invoke)(args)));
-            context::set_current_task(None);
-            // Large values go to this node's store, and only their location travels back.
-            result.map(|value| {
-                value.and_then(|bytes| {
-                    if bytes.len() <= inline_threshold {
-                        return Ok(push_task_reply::Result::Inline(bytes));
-                    }
-                    let size = bytes.len() as u64;
-                    worker
-                        .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
-                        .map(push_task_reply::Result::Stored)
-                        .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
-                })
-            })
-        })
-        .await
-        .map_err(|err| Status::internal(format!("task thread failed: {err}")))?;
-        let reply = match outcome {
-            Ok(Ok(result)) => PushTaskReply { result: Some(result) },
-            Ok(Err(failure)) => failure_reply(&self.worker, &function_name, &request.task_id, failure),
-            Err(payload) => {
-                let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };
-                failure_reply(&self.worker, &function_name, &request.task_id, failure)
+        let args = match read_args(&self.worker, request.args).await? {
+            Ok(args) => args,
+            Err(failure) => {
+                return Ok(Response::new(failure_reply(&self.worker, &function_name, &request.task_id, failure)))
             }
         };
+        let task_id = TaskId::from_bytes(&request.task_id).ok();
+        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
+        let invoke = function.invoke;
+        let reply = run_call(&self.worker, &function_name, &request.task_id, task_id, return_id, request.inline_threshold, move || invoke(args)).await?;
         Ok(Response::new(reply))
     }
 
@@ -150,5 +172,102 @@ impl CoreWorkerRpc for CoreWorkerService {
             });
         }
         Ok(Response::new(ExitReply {}))
+    }
+
+    async fn create_actor(&self, request: Request<CreateActorRequest>) -> Result<Response<CreateActorReply>, Status> {
+        if !self.worker.is_worker {
+            return Err(Status::failed_precondition("this process is a driver; actors live in leased workers"));
+        }
+        let request = request.into_inner();
+        let actor_id = ActorId::from_bytes(&request.actor_id)?;
+        let failed = |kind, message: String| {
+            let failure = TaskFailure {
+                kind: kind as i32,
+                function_name: request.class_name.clone(),
+                message,
+                node_id: self.worker.node_id.to_vec(),
+                task_id: Vec::new(),
+            };
+            Ok(Response::new(CreateActorReply { failure: Some(failure) }))
+        };
+        if let Some(hosted) = self.worker.hosted.get() {
+            return Err(Status::failed_precondition(format!(
+                "this worker already hosts actor {}",
+                hosted.id.short()
+            )));
+        }
+        let Some(class) = actor::lookup_class(&request.class_name) else {
+            let why = format!("no actor class named {} in this binary", request.class_name);
+            return failed(task_failure::Kind::UnknownFunction, why);
+        };
+        let args: Vec<ArgBytes> =
+            request.args.into_iter().map(|bytes| ArgBytes(Bytes::Owned(Arc::new(bytes)))).collect();
+        let construct = class.construct;
+        let built = tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(|| construct(args))))
+            .await
+            .map_err(|err| Status::internal(format!("constructor thread failed: {err}")))?;
+        let instance = match built {
+            Ok(Ok(instance)) => instance,
+            Ok(Err(failure)) => return failed(task_failure::Kind::Error, failure.message),
+            Err(payload) => return failed(task_failure::Kind::Panic, panic_message(payload.as_ref())),
+        };
+        let hosted = HostedActor::new(actor_id, request.incarnation, class, instance, request.max_concurrency);
+        if self.worker.hosted.set(Arc::new(hosted)).is_err() {
+            return Err(Status::failed_precondition("this worker started another actor meanwhile"));
+        }
+        tracing::info!(actor = %actor_id, class = class.name, "actor constructed");
+        Ok(Response::new(CreateActorReply { failure: None }))
+    }
+
+    async fn push_actor_task(&self, request: Request<PushActorTaskRequest>) -> Result<Response<PushTaskReply>, Status> {
+        let request = request.into_inner();
+        let actor_id = ActorId::from_bytes(&request.actor_id)?;
+        let Some(hosted) = self.worker.hosted.get().cloned() else {
+            return Err(Status::failed_precondition(format!("this worker hosts no actor (asked for {})", actor_id.short())));
+        };
+        if hosted.id != actor_id || hosted.incarnation != request.incarnation {
+            return Err(Status::failed_precondition(format!(
+                "this worker hosts actor {} incarnation {}, not {} incarnation {}",
+                hosted.id.short(),
+                hosted.incarnation,
+                actor_id.short(),
+                request.incarnation
+            )));
+        }
+        let args = read_args(&self.worker, request.args).await?;
+        hosted.wait_turn(&request.caller_id, request.sequence).await;
+        let permit = hosted.permits.clone().acquire_owned().await.map_err(|_| Status::unavailable("actor stopping"))?;
+        let method = request.method.clone();
+        let reply = match args {
+            Ok(args) => {
+                let task_id = TaskId::from_bytes(&request.task_id).ok();
+                let return_id = ObjectId::from_bytes(&request.return_object_id)?;
+                let call = hosted.class.call;
+                let instance = hosted.instance.clone();
+                let name = method.clone();
+                run_call(&self.worker, &method, &request.task_id, task_id, return_id, request.inline_threshold, move || {
+                    call(&instance, &name, args)
+                })
+                .await
+            }
+            Err(failure) => Ok(failure_reply(&self.worker, &method, &request.task_id, failure)),
+        };
+        drop(permit);
+        hosted.finish_turn(&request.caller_id, request.sequence);
+        Ok(Response::new(reply?))
+    }
+
+    type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut stopping = self.worker.stopping.subscribe();
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(1);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stopping.wait_for(|stopping| *stopping) => {}
+                _ = sender.closed() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 }

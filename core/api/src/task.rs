@@ -59,6 +59,10 @@ impl Failure {
     pub fn bad_arguments(message: String) -> Self {
         Self { kind: FailureKind::BadArguments, message }
     }
+
+    pub fn unknown_function(message: String) -> Self {
+        Self { kind: FailureKind::UnknownFunction, message }
+    }
 }
 
 pub(crate) fn codec() -> bincode::config::Configuration {

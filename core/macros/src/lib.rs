@@ -143,3 +143,301 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     };
     expanded.into()
 }
+
+/// The receiver of a method: `&self` (shared) or `&mut self` (exclusive).
+enum Receiver {
+    Shared,
+    Exclusive,
+}
+
+struct Method {
+    name: syn::Ident,
+    receiver: Receiver,
+    arg_names: Vec<syn::Ident>,
+    arg_types: Vec<Type>,
+    value_type: Type,
+    fallible: bool,
+}
+
+fn typed_args(inputs: impl Iterator<Item = FnArg>) -> syn::Result<(Vec<syn::Ident>, Vec<Type>)> {
+    let mut names = Vec::new();
+    let mut types = Vec::new();
+    for (index, input) in inputs.enumerate() {
+        let FnArg::Typed(typed) = input else { continue };
+        names.push(match &*typed.pat {
+            Pat::Ident(ident) => ident.ident.clone(),
+            _ => format_ident!("arg{}", index),
+        });
+        types.push((*typed.ty).clone());
+    }
+    Ok((names, types))
+}
+
+fn returns(output: &ReturnType) -> (Type, bool) {
+    let unit: Type = syn::parse_quote!(());
+    let return_type = match output {
+        ReturnType::Default => unit,
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    match result_ok_type(&return_type) {
+        Some(ok) => (ok.clone(), true),
+        None => (return_type, false),
+    }
+}
+
+/// `#[ionet::actor]` on an `impl` block: the type becomes an actor class.
+///
+/// For `impl Counter { fn new(start: i64) -> Self; fn incr(&mut self, by: i64) -> i64 }`:
+/// - `Counter::remote(start) -> IonetResult<CounterHandle>` and
+///   `Counter::options(ActorOptions).remote(start)` create an actor (the constructor is the
+///   method `new`, returning `Self` or `Result<Self, E>`);
+/// - `CounterHandle` (clonable, serialisable) has one method per `&self`/`&mut self`
+///   method, taking values or refs and returning `ObjectRef<R>` at once;
+/// - the class is registered so worker processes (the same binary) can host it.
+///
+/// `&self` methods may run concurrently (with `max_concurrency > 1`); `&mut self` methods
+/// run alone. The type must be `Send + Sync + 'static`.
+#[proc_macro_attribute]
+pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(
+            proc_macro2::Span::call_site(),
+            "#[ionet::actor] takes no arguments; pass options at creation with `T::options(..)`",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let block = parse_macro_input!(item as syn::ItemImpl);
+    match expand_actor(&block) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => err.to_compile_error().into(),
+    }
+}
+
+fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
+    if block.trait_.is_some() || !block.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &block.self_ty,
+            "#[ionet::actor] goes on a plain inherent `impl Type { .. }` block without generics",
+        ));
+    }
+    let Type::Path(type_path) = &*block.self_ty else {
+        return Err(syn::Error::new_spanned(&block.self_ty, "#[ionet::actor] needs a named type"));
+    };
+    let type_name = type_path.path.segments.last().expect("a path has a segment").ident.clone();
+    let handle_name = format_ident!("{}Handle", type_name);
+    let create_name = format_ident!("{}Create", type_name);
+    let class_name = type_name.to_string();
+
+    let mut constructor: Option<(Vec<syn::Ident>, Vec<Type>, bool)> = None;
+    let mut methods = Vec::new();
+    for item in &block.items {
+        let syn::ImplItem::Fn(function) = item else { continue };
+        let sig = &function.sig;
+        let receiver = sig.inputs.iter().find_map(|input| match input {
+            FnArg::Receiver(receiver) => Some(receiver.clone()),
+            _ => None,
+        });
+        match receiver {
+            None => {
+                if sig.ident == "new" {
+                    let (names, types) = typed_args(sig.inputs.iter().cloned())?;
+                    let (_, fallible) = returns(&sig.output);
+                    constructor = Some((names, types, fallible));
+                }
+            }
+            Some(receiver) => {
+                if let Some(asyncness) = &sig.asyncness {
+                    return Err(syn::Error::new_spanned(asyncness, "async actor methods are not supported yet"));
+                }
+                if !sig.generics.params.is_empty() {
+                    return Err(syn::Error::new_spanned(&sig.generics, "actor methods cannot be generic"));
+                }
+                let kind = match (&receiver.reference, &receiver.mutability) {
+                    (Some(_), None) => Receiver::Shared,
+                    (Some(_), Some(_)) => Receiver::Exclusive,
+                    (None, _) => {
+                        return Err(syn::Error::new_spanned(receiver, "actor methods take &self or &mut self"))
+                    }
+                };
+                let (arg_names, arg_types) = typed_args(sig.inputs.iter().cloned())?;
+                let (value_type, fallible) = returns(&sig.output);
+                methods.push(Method { name: sig.ident.clone(), receiver: kind, arg_names, arg_types, value_type, fallible });
+            }
+        }
+    }
+    let Some((ctor_names, ctor_types, ctor_fallible)) = constructor else {
+        return Err(syn::Error::new_spanned(
+            &block.self_ty,
+            "an actor needs a constructor in this block: `fn new(..) -> Self` (or -> Result<Self, E>)",
+        ));
+    };
+
+    let ctor_indices: Vec<usize> = (0..ctor_names.len()).collect();
+    let ctor_count = ctor_names.len();
+    let construct_value = if ctor_fallible {
+        quote! {
+            match #type_name::new(#(#ctor_names),*) {
+                ::std::result::Result::Ok(value) => value,
+                ::std::result::Result::Err(error) => return ::std::result::Result::Err(::ionet::task::Failure::error(error.to_string())),
+            }
+        }
+    } else {
+        quote! { #type_name::new(#(#ctor_names),*) }
+    };
+
+    let mut handle_methods = Vec::new();
+    let mut dispatch_arms = Vec::new();
+    for method in &methods {
+        let Method { name, receiver, arg_names, arg_types, value_type, fallible } = method;
+        let method_name = name.to_string();
+        let count = arg_names.len();
+        let indices: Vec<usize> = (0..count).collect();
+        handle_methods.push(quote! {
+            pub fn #name(&self, #(#arg_names: impl ::ionet::IntoArg<#arg_types>),*) -> ::ionet::ObjectRef<#value_type> {
+                self.0.call(#method_name, ::std::vec![#(::ionet::IntoArg::<#arg_types>::into_arg(#arg_names)),*])
+            }
+        });
+        let (lock, access) = match receiver {
+            Receiver::Shared => (
+                quote! { let guard = ::ionet::actor::read_state::<#type_name>(instance)?; },
+                quote! { guard.downcast_ref::<#type_name>() },
+            ),
+            Receiver::Exclusive => (
+                quote! { let mut guard = ::ionet::actor::write_state::<#type_name>(instance)?; },
+                quote! { guard.downcast_mut::<#type_name>() },
+            ),
+        };
+        let encode = if *fallible {
+            quote! {
+                match this.#name(#(#arg_names),*) {
+                    ::std::result::Result::Ok(value) => ::ionet::task::encode_return(&value),
+                    ::std::result::Result::Err(error) => ::std::result::Result::Err(::ionet::task::Failure::error(error.to_string())),
+                }
+            }
+        } else {
+            quote! {
+                let value = this.#name(#(#arg_names),*);
+                ::ionet::task::encode_return(&value)
+            }
+        };
+        dispatch_arms.push(quote! {
+            #method_name => {
+                if args.len() != #count {
+                    return ::std::result::Result::Err(::ionet::task::Failure::bad_arguments(
+                        ::std::format!("{}.{} takes {} argument(s), got {}", #class_name, #method_name, #count, args.len()),
+                    ));
+                }
+                #(let #arg_names: #arg_types = ::ionet::task::decode_arg(&args[#indices], #indices)?;)*
+                #lock
+                let this = #access.expect("the state type was checked");
+                #encode
+            }
+        });
+    }
+
+    Ok(quote! {
+        #block
+
+        /// A handle to an actor of this class: clone it, send it to tasks and actors.
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        pub struct #handle_name(::ionet::ActorHandle);
+
+        impl ::ionet::ActorClassHandle for #handle_name {
+            const CLASS: &'static str = ::std::concat!(::std::module_path!(), "::", #class_name);
+            fn from_handle(handle: ::ionet::ActorHandle) -> Self {
+                #handle_name(handle)
+            }
+            fn handle(&self) -> &::ionet::ActorHandle {
+                &self.0
+            }
+        }
+
+        impl ::ionet::serde::Serialize for #handle_name {
+            fn serialize<S: ::ionet::serde::Serializer>(&self, serializer: S) -> ::std::result::Result<S::Ok, S::Error> {
+                ::ionet::serde::Serialize::serialize(&self.0, serializer)
+            }
+        }
+
+        impl<'de> ::ionet::serde::Deserialize<'de> for #handle_name {
+            fn deserialize<D: ::ionet::serde::Deserializer<'de>>(deserializer: D) -> ::std::result::Result<Self, D::Error> {
+                <::ionet::ActorHandle as ::ionet::serde::Deserialize>::deserialize(deserializer).map(#handle_name)
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        impl #handle_name {
+            #(#handle_methods)*
+
+            /// The untyped handle (its id, its row in the control store).
+            pub fn actor_handle(&self) -> &::ionet::ActorHandle {
+                &self.0
+            }
+        }
+
+        /// Creates actors of this class with options.
+        pub struct #create_name(::ionet::ActorOptions);
+
+        #[allow(clippy::too_many_arguments)]
+        impl #create_name {
+            pub fn remote(self, #(#ctor_names: impl ::ionet::IntoArg<#ctor_types>),*) -> ::ionet::IonetResult<#handle_name> {
+                ::ionet::create_actor(
+                    <#handle_name as ::ionet::ActorClassHandle>::CLASS,
+                    self.0,
+                    ::std::vec![#(::ionet::IntoArg::<#ctor_types>::into_arg(#ctor_names)),*],
+                )
+                .map(#handle_name)
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        impl #type_name {
+            /// Creates an actor with default options (runs `new` in a worker).
+            pub fn remote(#(#ctor_names: impl ::ionet::IntoArg<#ctor_types>),*) -> ::ionet::IonetResult<#handle_name> {
+                #create_name(::ionet::ActorOptions::default()).remote(#(#ctor_names),*)
+            }
+
+            /// Creates actors with these options.
+            pub fn options(options: ::ionet::ActorOptions) -> #create_name {
+                #create_name(options)
+            }
+        }
+
+        const _: () = {
+            fn construct(
+                args: ::std::vec::Vec<::ionet::task::ArgBytes>,
+            ) -> ::std::result::Result<::std::boxed::Box<dyn ::std::any::Any + Send + Sync>, ::ionet::task::Failure> {
+                if args.len() != #ctor_count {
+                    return ::std::result::Result::Err(::ionet::task::Failure::bad_arguments(
+                        ::std::format!("{}::new takes {} argument(s), got {}", #class_name, #ctor_count, args.len()),
+                    ));
+                }
+                #(let #ctor_names: #ctor_types = ::ionet::task::decode_arg(&args[#ctor_indices], #ctor_indices)?;)*
+                let value: #type_name = #construct_value;
+                ::std::result::Result::Ok(::std::boxed::Box::new(value))
+            }
+
+            #[allow(unused_variables, unused_mut)]
+            fn call(
+                instance: &::ionet::actor::ActorInstance,
+                method: &str,
+                args: ::std::vec::Vec<::ionet::task::ArgBytes>,
+            ) -> ::std::result::Result<::std::vec::Vec<u8>, ::ionet::task::Failure> {
+                match method {
+                    #(#dispatch_arms)*
+                    other => ::std::result::Result::Err(::ionet::task::Failure::unknown_function(
+                        ::std::format!("actor class {} has no method {}", #class_name, other),
+                    )),
+                }
+            }
+
+            ::ionet::inventory::submit! {
+                ::ionet::actor::ActorClass {
+                    name: <#handle_name as ::ionet::ActorClassHandle>::CLASS,
+                    construct,
+                    call,
+                }
+            }
+        };
+    })
+}

@@ -1,0 +1,608 @@
+//! Actors from Rust: creating them, calling them, and hosting one in a worker.
+//!
+//! `#[ionet::actor]` on an `impl` block registers the type as an [`ActorClass`] and
+//! generates a typed handle (`CounterHandle` for `Counter`) whose methods submit calls.
+//!
+//! Caller side: every process keeps one [`ActorClient`] per actor it calls. Its sender task
+//! takes calls in submission order, resolves their arguments, learns the actor's address
+//! from the control store (waiting while it is pending or restarting), numbers each call
+//! with the caller's next sequence number for that incarnation and sends it straight to the
+//! actor's worker without waiting for the previous reply. A send that fails because the
+//! worker died marks the incarnation broken; the call is retried on the next incarnation up
+//! to `max_task_retries` (a call that never reached the worker is always retried), else it
+//! fails with `ActorDied` and the cause the control store recorded.
+//!
+//! Worker side: a worker hosts at most one actor ([`HostedActor`]). With
+//! `max_concurrency == 1` each caller's calls run one at a time in sequence order; with
+//! more, up to `max_concurrency` calls run at once on blocking threads (`&self` methods
+//! share a read lock, `&mut self` methods take the write lock).
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ionet_common::rpc::proto::gcs::{
+    ActorInfo, ActorSpec, ActorState, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
+};
+use ionet_common::rpc::proto::worker::{push_task_reply, PushActorTaskRequest};
+use ionet_common::rpc::{CoreWorkerClient, GcsClient};
+use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::object_ref::{Arg, ObjectRef};
+use crate::options::{SchedulingStrategy, TaskOptions};
+use crate::runtime::{self, CoreWorker, ObjectState};
+use crate::task::{ArgBytes, Failure};
+
+/// An actor's state as its worker holds it.
+pub type ActorInstance = RwLock<Box<dyn Any + Send + Sync>>;
+
+/// A class of actors a worker process can host, registered by `#[ionet::actor]`.
+pub struct ActorClass {
+    pub name: &'static str,
+    pub construct: fn(Vec<ArgBytes>) -> Result<Box<dyn Any + Send + Sync>, Failure>,
+    pub call: fn(&ActorInstance, &str, Vec<ArgBytes>) -> Result<Vec<u8>, Failure>,
+}
+
+inventory::collect!(ActorClass);
+
+pub fn lookup_class(name: &str) -> Option<&'static ActorClass> {
+    inventory::iter::<ActorClass>.into_iter().find(|class| class.name == name)
+}
+
+/// Reads the actor's state for a `&self` method.
+pub fn read_state<T: 'static>(instance: &ActorInstance) -> Result<std::sync::RwLockReadGuard<'_, Box<dyn Any + Send + Sync>>, Failure> {
+    let guard = instance.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !guard.is::<T>() {
+        return Err(Failure::error(format!("this worker's actor is not a {}", std::any::type_name::<T>())));
+    }
+    Ok(guard)
+}
+
+/// Locks the actor's state for a `&mut self` method.
+pub fn write_state<T: 'static>(instance: &ActorInstance) -> Result<std::sync::RwLockWriteGuard<'_, Box<dyn Any + Send + Sync>>, Failure> {
+    let guard = instance.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !guard.is::<T>() {
+        return Err(Failure::error(format!("this worker's actor is not a {}", std::any::type_name::<T>())));
+    }
+    Ok(guard)
+}
+
+/// How an actor is created (Ray's actor options).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActorOptions {
+    /// Resources held for the actor's life. CPUs default to 0 (as Ray: an actor is placed
+    /// without holding a CPU); GPUs, memory, accelerator type and custom resources as set.
+    pub resources: TaskOptions,
+    /// A name others can find it by (`get_actor`), unique in its namespace.
+    pub name: Option<String>,
+    /// Default: the driver's namespace ("" if none).
+    pub namespace: Option<String>,
+    /// Outlives its creator (Ray's `lifetime="detached"`); else it dies with it.
+    pub detached: bool,
+    /// With a name: return the live actor of that name instead of refusing.
+    pub get_if_exists: bool,
+    /// Restarts after its process or node dies (-1: forever).
+    pub max_restarts: i32,
+    /// Retries of a call whose actor died while it ran (-1: forever).
+    pub max_task_retries: i32,
+    /// Calls run at once (1: one at a time, in each caller's order).
+    pub max_concurrency: u32,
+}
+
+impl Default for ActorOptions {
+    fn default() -> Self {
+        ActorOptions {
+            resources: TaskOptions { num_cpus: 0.0, ..TaskOptions::default() },
+            name: None,
+            namespace: None,
+            detached: false,
+            get_if_exists: false,
+            max_restarts: 0,
+            max_task_retries: 0,
+            max_concurrency: 1,
+        }
+    }
+}
+
+impl ActorOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn num_cpus(mut self, cpus: f64) -> Self {
+        self.resources.num_cpus = cpus;
+        self
+    }
+
+    pub fn num_gpus(mut self, gpus: f64) -> Self {
+        self.resources.num_gpus = gpus;
+        self
+    }
+
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.resources.memory = bytes;
+        self
+    }
+
+    pub fn accelerator_type(mut self, model: impl Into<String>) -> Self {
+        self.resources.accelerator_type = Some(model.into());
+        self
+    }
+
+    pub fn resource(mut self, name: impl Into<String>, quantity: f64) -> Self {
+        self.resources.resources.insert(name.into(), quantity);
+        self
+    }
+
+    pub fn scheduling_strategy(mut self, strategy: SchedulingStrategy) -> Self {
+        self.resources.scheduling_strategy = strategy;
+        self
+    }
+
+    pub fn placement_group(mut self, group: &crate::PlacementGroup, bundle_index: u32) -> Self {
+        self.resources.placement_group = Some((group.id(), bundle_index));
+        self
+    }
+
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Ray's `lifetime="detached"`.
+    pub fn detached(mut self) -> Self {
+        self.detached = true;
+        self
+    }
+
+    pub fn get_if_exists(mut self, get: bool) -> Self {
+        self.get_if_exists = get;
+        self
+    }
+
+    pub fn max_restarts(mut self, restarts: i32) -> Self {
+        self.max_restarts = restarts;
+        self
+    }
+
+    pub fn max_task_retries(mut self, retries: i32) -> Self {
+        self.max_task_retries = retries;
+        self
+    }
+
+    pub fn max_concurrency(mut self, calls: u32) -> Self {
+        self.max_concurrency = calls;
+        self
+    }
+}
+
+/// An untyped handle to an actor: cheap to clone, serialisable (pass it to tasks and
+/// other actors). The typed handles `#[ionet::actor]` generates wrap one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ActorHandle {
+    id: ActorId,
+    class: String,
+}
+
+/// A typed actor handle (generated by `#[ionet::actor]`).
+pub trait ActorClassHandle: Sized {
+    /// The registered class name.
+    const CLASS: &'static str;
+    fn from_handle(handle: ActorHandle) -> Self;
+    fn handle(&self) -> &ActorHandle;
+}
+
+impl ActorHandle {
+    pub fn id(&self) -> ActorId {
+        self.id
+    }
+
+    pub fn class_name(&self) -> &str {
+        &self.class
+    }
+
+    /// Submits a call of `method`; returns at once.
+    pub fn call<R>(&self, method: &'static str, args: Vec<Arg>) -> ObjectRef<R> {
+        let worker = runtime::current().unwrap_or_else(|err| panic!("{err}"));
+        let return_id = ObjectId::random();
+        let object = worker.new_object(return_id, ObjectState::Pending);
+        let client = worker.actor_client(self);
+        let call = ActorCall { method, args, return_id, task_id: TaskId::random(), attempt: 0 };
+        if let Err(mpsc::error::SendError(call)) = client.queue.send(call) {
+            worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::Internal(
+                "the actor's call queue is closed".into(),
+            ))));
+        }
+        object
+    }
+
+    /// The actor's row in the control store.
+    pub fn info(&self) -> IonetResult<ActorInfo> {
+        let worker = runtime::current()?;
+        runtime::block_on(async {
+            let request = GetActorRequest { actor_id: self.id.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
+            actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)
+        })
+    }
+}
+
+fn actor_row(row: Option<ActorInfo>) -> IonetResult<ActorInfo> {
+    row.ok_or_else(|| IonetError::Internal("the control store answered without the actor".into()))
+}
+
+/// Creates an actor of `class` (a registered class name) with `args` for its constructor.
+/// Returns as soon as the control store has it; calls wait until it runs.
+pub fn create_actor(class: &'static str, options: ActorOptions, args: Vec<Arg>) -> IonetResult<ActorHandle> {
+    let worker = runtime::current()?;
+    let resources = options.resources.demand()?;
+    if options.max_concurrency == 0 {
+        return Err(IonetError::InvalidArgument("max_concurrency must be at least 1".into()));
+    }
+    runtime::block_on(async {
+        // Constructor arguments are kept by value, so a restart can run it again.
+        let mut constructor_args = Vec::with_capacity(args.len());
+        for (index, arg) in args.iter().enumerate() {
+            constructor_args.push(match arg {
+                Arg::Value(Ok(bytes)) => bytes.clone(),
+                Arg::Value(Err(why)) => {
+                    return Err(IonetError::InvalidArgument(format!("argument {index} of {class}: {why}")))
+                }
+                Arg::Ref(reference) => {
+                    worker.fetch(reference.id(), reference.owner_address(), None).await?.to_vec()
+                }
+            });
+        }
+        let bundle = options.resources.placement_group;
+        let spec = ActorSpec {
+            actor_id: ActorId::random().to_vec(),
+            job_id: worker.job_id.to_vec(),
+            class_name: class.to_string(),
+            constructor_args,
+            resources: Some((&resources).into()),
+            name: options.name.clone().unwrap_or_default(),
+            namespace: options.namespace.clone().unwrap_or_else(|| worker.namespace.clone()),
+            detached: options.detached,
+            max_restarts: options.max_restarts,
+            max_task_retries: options.max_task_retries,
+            max_concurrency: options.max_concurrency,
+            worker_command: Some(worker.worker_command.clone()),
+            owner_address: worker.address.to_string(),
+            node_address: worker.node_address.clone(),
+            placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
+            bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
+            strategy: Some(runtime::wire_strategy(&options.resources.scheduling_strategy)),
+        };
+        let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
+        let info = actor_row(worker.gcs()?.create_actor(request).await?.into_inner().actor)?;
+        handle_of(info)
+    })
+}
+
+fn handle_of(info: ActorInfo) -> IonetResult<ActorHandle> {
+    let spec = info.spec.unwrap_or_default();
+    Ok(ActorHandle { id: ActorId::from_bytes(&spec.actor_id)?, class: spec.class_name })
+}
+
+/// The live actor named `name` in `namespace` (`None`: the driver's namespace).
+pub fn get_actor<H: ActorClassHandle>(name: &str, namespace: Option<&str>) -> IonetResult<H> {
+    let worker = runtime::current()?;
+    let namespace = namespace.map(str::to_string).unwrap_or_else(|| worker.namespace.clone());
+    let info = runtime::block_on(async {
+        let request = GetNamedActorRequest { name: name.to_string(), namespace };
+        actor_row(worker.gcs()?.get_named_actor(request).await?.into_inner().actor)
+    })?;
+    let handle = handle_of(info)?;
+    if handle.class != H::CLASS {
+        return Err(IonetError::InvalidArgument(format!(
+            "the actor named {name:?} is a {}, not a {}",
+            handle.class,
+            H::CLASS
+        )));
+    }
+    Ok(H::from_handle(handle))
+}
+
+/// Kills the actor's process. `no_restart`: it is DEAD for good (its resources and name
+/// are freed); else it restarts if it has restarts left.
+pub fn kill(actor: &impl ActorClassHandle, no_restart: bool) -> IonetResult<()> {
+    kill_handle(actor.handle(), no_restart)
+}
+
+pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
+    let worker = runtime::current()?;
+    runtime::block_on(async {
+        worker.gcs()?.kill_actor(KillActorRequest { actor_id: actor.id.to_vec(), no_restart }).await?;
+        Ok(())
+    })
+}
+
+struct ActorCall {
+    method: &'static str,
+    args: Vec<Arg>,
+    return_id: ObjectId,
+    task_id: TaskId,
+    attempt: u32,
+}
+
+/// This process's side of one actor: the ordered queue of its calls.
+pub(crate) struct ActorClient {
+    queue: mpsc::UnboundedSender<ActorCall>,
+}
+
+/// The connection the sender uses: the actor's current incarnation and the caller's next
+/// sequence number in it.
+struct Connection {
+    incarnation: u32,
+    channel: ionet_common::rpc::AuthChannel,
+    next_sequence: u64,
+}
+
+struct SenderShared {
+    worker: Arc<CoreWorker>,
+    actor: ActorHandle,
+    queue: mpsc::UnboundedSender<ActorCall>,
+    /// The newest incarnation a send found dead (-1: none).
+    broken: AtomicI64,
+    /// From the actor's spec, once known.
+    max_task_retries: AtomicI64,
+}
+
+impl ActorClient {
+    pub(crate) fn start(worker: &Arc<CoreWorker>, actor: &ActorHandle) -> Arc<Self> {
+        let (queue, calls) = mpsc::unbounded_channel();
+        let shared = Arc::new(SenderShared {
+            worker: worker.clone(),
+            actor: actor.clone(),
+            queue: queue.clone(),
+            broken: AtomicI64::new(-1),
+            max_task_retries: AtomicI64::new(0),
+        });
+        worker.handle.spawn(send_calls(shared, calls));
+        Arc::new(ActorClient { queue })
+    }
+}
+
+/// How long the sender waits for an actor that is pending or restarting before asking again.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceiver<ActorCall>) {
+    let worker = shared.worker.clone();
+    let mut connection: Option<Connection> = None;
+    let mut dead: Option<String> = None;
+    while let Some(call) = calls.recv().await {
+        if let Some(cause) = &dead {
+            worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))));
+            continue;
+        }
+        let args = match runtime::resolve_call_args(&worker, call.method, &call.args).await {
+            Ok(args) => args,
+            Err(error) => {
+                worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                continue;
+            }
+        };
+        let broken = shared.broken.load(Ordering::SeqCst);
+        if connection.as_ref().is_none_or(|c| i64::from(c.incarnation) <= broken) {
+            connection = None;
+            match connect(&shared, broken).await {
+                Ok(Ok(fresh)) => connection = Some(fresh),
+                Ok(Err(cause)) => {
+                    worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))));
+                    dead = Some(cause);
+                    continue;
+                }
+                Err(error) => {
+                    worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                    continue;
+                }
+            }
+        }
+        let connection = connection.as_mut().expect("connected above");
+        let sequence = connection.next_sequence;
+        connection.next_sequence += 1;
+        let request = PushActorTaskRequest {
+            actor_id: shared.actor.id.to_vec(),
+            incarnation: connection.incarnation,
+            caller_id: worker.caller_id.to_vec(),
+            sequence,
+            method: call.method.to_string(),
+            args,
+            task_id: call.task_id.to_vec(),
+            return_object_id: call.return_id.to_vec(),
+            inline_threshold: worker.inline_threshold as u64,
+        };
+        let channel = connection.channel.clone();
+        let incarnation = connection.incarnation;
+        worker.handle.spawn(send_one(shared.clone(), call, request, channel, incarnation));
+    }
+}
+
+/// Waits until the actor runs in an incarnation newer than `broken`. `Ok(Err(cause))`: it is dead.
+async fn connect(shared: &SenderShared, broken: i64) -> IonetResult<Result<Connection, String>> {
+    let worker = &shared.worker;
+    loop {
+        let request = GetActorRequest {
+            actor_id: shared.actor.id.to_vec(),
+            wait_newer_than: broken,
+            timeout_ms: CONNECT_WAIT.as_millis() as u64,
+        };
+        let info = actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)?;
+        let spec = info.spec.clone().unwrap_or_default();
+        shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
+        match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
+            ActorState::Dead => return Ok(Err(death_message(&shared.actor, &info))),
+            ActorState::Alive if i64::from(info.incarnation) > broken => {
+                let channel = worker.channel(&info.address)?;
+                return Ok(Ok(Connection { incarnation: info.incarnation, channel, next_sequence: 0 }));
+            }
+            _ => continue,
+        }
+    }
+}
+
+fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
+    let cause = if info.death_cause.is_empty() { "cause unknown" } else { info.death_cause.as_str() };
+    format!("actor {} ({}) is dead: {cause}", actor.id.short(), actor.class)
+}
+
+/// Whether a failed send certainly never reached the worker (nothing ran).
+fn never_delivered(status: &tonic::Status) -> bool {
+    let message = status.message();
+    message.contains("tcp connect error") || message.contains("Connection refused")
+}
+
+async fn send_one(
+    shared: Arc<SenderShared>,
+    mut call: ActorCall,
+    request: PushActorTaskRequest,
+    channel: ionet_common::rpc::AuthChannel,
+    incarnation: u32,
+) {
+    let worker = shared.worker.clone();
+    let mut client =
+        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let method = call.method;
+    let state = match client.push_actor_task(request).await {
+        Ok(reply) => match reply.into_inner().result {
+            Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+            Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
+            Some(push_task_reply::Result::Failure(failure)) => ObjectState::Failed(Arc::new(IonetError::TaskFailed {
+                function: format!("{}.{}", shared.actor.class, failure.function_name),
+                node: runtime::hex_short(&failure.node_id),
+                message: failure.message,
+            })),
+            None => ObjectState::Failed(Arc::new(IonetError::Internal(format!("empty reply to {method}")))),
+        },
+        Err(status) => {
+            // The worker is gone (or no longer hosts this incarnation).
+            shared.broken.fetch_max(i64::from(incarnation), Ordering::SeqCst);
+            let retries = shared.max_task_retries.load(Ordering::SeqCst);
+            if never_delivered(&status) || retries == -1 || i64::from(call.attempt) < retries {
+                if !never_delivered(&status) {
+                    call.attempt += 1;
+                }
+                let return_id = call.return_id;
+                if let Err(mpsc::error::SendError(_)) = shared.queue.send(call) {
+                    let closed = IonetError::Internal("the actor's call queue is closed".into());
+                    worker.settle_object(&return_id, ObjectState::Failed(Arc::new(closed)));
+                }
+                return;
+            }
+            // Out of retries: say why the actor died, if the control store knows by now.
+            let request = GetActorRequest {
+                actor_id: shared.actor.id.to_vec(),
+                wait_newer_than: i64::from(incarnation),
+                timeout_ms: 2_000,
+            };
+            let cause = match worker.gcs() {
+                Ok(mut gcs) => match gcs.get_actor(request).await {
+                    Ok(reply) => reply.into_inner().actor.map(|info| death_message(&shared.actor, &info)),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            let cause = cause.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class));
+            ObjectState::Failed(Arc::new(IonetError::ActorDied(format!(
+                "{cause}; call {method} was lost ({})",
+                status.message()
+            ))))
+        }
+    };
+    worker.settle_object(&call.return_id, state);
+    drop(call); // releases argument refs
+}
+
+/// The actor a worker process hosts.
+pub(crate) struct HostedActor {
+    pub(crate) id: ActorId,
+    pub(crate) incarnation: u32,
+    pub(crate) class: &'static ActorClass,
+    pub(crate) instance: Arc<ActorInstance>,
+    pub(crate) permits: Arc<Semaphore>,
+    ordered: bool,
+    turns: Mutex<HashMap<Vec<u8>, Turn>>,
+}
+
+#[derive(Default)]
+struct Turn {
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl HostedActor {
+    pub(crate) fn new(
+        id: ActorId,
+        incarnation: u32,
+        class: &'static ActorClass,
+        instance: Box<dyn Any + Send + Sync>,
+        max_concurrency: u32,
+    ) -> Self {
+        let max_concurrency = max_concurrency.max(1);
+        HostedActor {
+            id,
+            incarnation,
+            class,
+            instance: Arc::new(RwLock::new(instance)),
+            permits: Arc::new(Semaphore::new(max_concurrency as usize)),
+            ordered: max_concurrency == 1,
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until `sequence` is this caller's next call (ordered actors only).
+    pub(crate) async fn wait_turn(&self, caller: &[u8], sequence: u64) {
+        if !self.ordered {
+            return;
+        }
+        let waiter = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            let turn = turns.entry(caller.to_vec()).or_default();
+            if sequence <= turn.next {
+                return;
+            }
+            let (sender, receiver) = oneshot::channel();
+            turn.waiting.insert(sequence, sender);
+            receiver
+        };
+        let _ = waiter.await;
+    }
+
+    /// Marks `sequence` done and wakes the caller's next call.
+    pub(crate) fn finish_turn(&self, caller: &[u8], sequence: u64) {
+        if !self.ordered {
+            return;
+        }
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        let turn = turns.entry(caller.to_vec()).or_default();
+        turn.next = turn.next.max(sequence + 1);
+        if let Some(next) = turn.waiting.remove(&turn.next) {
+            let _ = next.send(());
+        }
+    }
+}
+
+/// The control store client of this process.
+impl CoreWorker {
+    pub(crate) fn gcs(&self) -> IonetResult<GcsClient> {
+        if self.gcs_address.is_empty() {
+            return Err(IonetError::FailedPrecondition("this process does not know the control store's address".into()));
+        }
+        Ok(GcsClient::new(self.channel(&self.gcs_address)?))
+    }
+
+    pub(crate) fn actor_client(self: &Arc<Self>, actor: &ActorHandle) -> Arc<ActorClient> {
+        if let Some(client) = self.actor_clients.get(&actor.id) {
+            return client.clone();
+        }
+        self.actor_clients.entry(actor.id).or_insert_with(|| ActorClient::start(self, actor)).clone()
+    }
+}

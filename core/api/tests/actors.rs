@@ -1,0 +1,297 @@
+//! Actors end to end: ordered calls, handles passed to tasks on two nodes, named detached
+//! actors reached from a second driver process, restarts after SIGKILL, GPU actors waiting
+//! for their GPU, concurrent calls, and the errors a caller gets.
+
+mod harness;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{wait_until, Cluster};
+use ionet::{ActorOptions, InitConfig, IonetError, SchedulingStrategy, TaskOptions};
+
+/// Set in a re-executed test binary that plays a second driver.
+const DRIVER_ENV: &str = "IONET_TEST_DRIVER";
+const SESSION_ENV: &str = "IONET_TEST_DRIVER_SESSION";
+
+pub struct Counter {
+    value: i64,
+    seen: Vec<i64>,
+}
+
+#[ionet::actor]
+impl Counter {
+    pub fn new(start: i64) -> Self {
+        Counter { value: start, seen: Vec::new() }
+    }
+
+    pub fn incr(&mut self, by: i64) -> i64 {
+        self.value += by;
+        self.value
+    }
+
+    pub fn record(&mut self, call: i64) -> usize {
+        self.seen.push(call);
+        self.seen.len()
+    }
+
+    pub fn seen(&self) -> Vec<i64> {
+        self.seen.clone()
+    }
+
+    pub fn get(&self) -> i64 {
+        self.value
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    pub fn devices(&self) -> (String, Vec<u32>) {
+        (std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(), ionet::get_gpu_ids())
+    }
+
+    pub fn slow_incr(&mut self, millis: u64) -> i64 {
+        std::thread::sleep(Duration::from_millis(millis));
+        self.value += 1;
+        self.value
+    }
+
+    pub fn refuse(&self, why: String) -> Result<i64, String> {
+        Err(why)
+    }
+}
+
+pub struct Sleeper;
+
+#[ionet::actor]
+impl Sleeper {
+    pub fn new() -> Self {
+        Sleeper
+    }
+
+    pub fn nap(&self, millis: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(millis));
+        millis
+    }
+}
+
+pub struct Picky;
+
+#[ionet::actor]
+impl Picky {
+    pub fn new(ok: bool) -> Result<Self, String> {
+        if ok {
+            Ok(Picky)
+        } else {
+            Err("refusing to start without a model".to_string())
+        }
+    }
+
+    pub fn hello(&self) -> String {
+        "hello".into()
+    }
+}
+
+/// Increments the counter `times` times, one call after the other; returns the node it ran on.
+#[ionet::remote]
+fn bump(counter: CounterHandle, times: u32) -> String {
+    for _ in 0..times {
+        ionet::get(&counter.incr(1)).unwrap();
+    }
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
+fn ten_thousand_calls_run_in_order() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let counter = Counter::remote(0i64).unwrap();
+    let refs: Vec<_> = (0..10_000i64).map(|call| counter.record(call)).collect();
+    let lengths = ionet::get_all(&refs).unwrap();
+    assert_eq!(lengths, (1..=10_000usize).collect::<Vec<_>>(), "each call saw every earlier one");
+    assert_eq!(ionet::get(&counter.seen()).unwrap(), (0..10_000i64).collect::<Vec<_>>());
+    // Values and refs as arguments; a method's error reaches the caller.
+    let five = ionet::put(&5i64).unwrap();
+    assert_eq!(ionet::get(&counter.incr(&five)).unwrap(), 5);
+    match ionet::get(&counter.refuse("no".to_string())) {
+        Err(IonetError::TaskFailed { function, message, .. }) => {
+            assert!(function.ends_with("Counter.refuse") && message == "no", "{function}: {message}")
+        }
+        other => panic!("expected the method's error, got {other:?}"),
+    }
+    // A handle is cheap to clone and serialise; its clone reaches the same actor.
+    let again: CounterHandle = ionet::task::decode_value(&ionet::task::encode_value(&counter.clone()).unwrap()).unwrap();
+    assert_eq!(ionet::get(&again.get()).unwrap(), 5);
+    ionet::shutdown();
+}
+
+fn handle_passed_to_tasks_on_two_nodes() {
+    let mut cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.add_node(&["--num-cpus", "2"]);
+    cluster.init();
+    wait_until("two nodes", Duration::from_secs(30), || ionet::nodes().map(|n| n.len() == 2).unwrap_or(false));
+    let counter = Counter::remote(0i64).unwrap();
+    let options = TaskOptions::default().scheduling_strategy(SchedulingStrategy::Spread);
+    let refs: Vec<_> = (0..10).map(|_| bump::options(options.clone()).remote(counter.clone(), 100u32)).collect();
+    let nodes: std::collections::BTreeSet<String> = ionet::get_all(&refs).unwrap().into_iter().collect();
+    assert_eq!(nodes.len(), 2, "the tasks ran on both nodes: {nodes:?}");
+    assert_eq!(ionet::get(&counter.get()).unwrap(), 1000);
+}
+
+/// The second driver: creates a named detached actor and a named owned one, then exits.
+fn second_driver() {
+    let session = std::env::var(SESSION_ENV).expect("session dir");
+    let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
+    ionet::init(config.address("auto")).unwrap();
+    let detached = Counter::options(ActorOptions::new().name("keeper").namespace("shared").detached()).remote(41i64);
+    let detached = detached.unwrap();
+    assert_eq!(ionet::get(&detached.incr(1)).unwrap(), 42);
+    let owned = Counter::options(ActorOptions::new().name("owned").namespace("shared")).remote(0i64).unwrap();
+    assert_eq!(ionet::get(&owned.incr(1)).unwrap(), 1);
+    ionet::shutdown();
+}
+
+fn named_detached_actor_outlives_its_driver() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    let status = Command::new(std::env::current_exe().unwrap())
+        .env(DRIVER_ENV, "second_driver")
+        .env(SESSION_ENV, cluster.session())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the second driver failed: {status}");
+    cluster.init();
+    let keeper: CounterHandle = ionet::get_actor("keeper", Some("shared")).unwrap();
+    assert_eq!(ionet::get(&keeper.incr(1)).unwrap(), 43, "the detached actor kept its state");
+    // The owned one died with its driver, freeing its name.
+    wait_until("the owned actor to die with its driver", Duration::from_secs(30), || {
+        matches!(ionet::get_actor::<CounterHandle>("owned", Some("shared")), Err(IonetError::NotFound(_)))
+    });
+    // Names: a duplicate is refused, get_if_exists returns the live one, unknown is not found.
+    let duplicate = Counter::options(ActorOptions::new().name("keeper").namespace("shared")).remote(0i64);
+    match duplicate {
+        Err(IonetError::AlreadyExists(message)) => assert!(message.contains("\"keeper\""), "{message}"),
+        other => panic!("a duplicate name must be refused, got {other:?}"),
+    }
+    let same = Counter::options(ActorOptions::new().name("keeper").namespace("shared").get_if_exists(true))
+        .remote(0i64)
+        .unwrap();
+    assert_eq!(same.actor_handle().id(), keeper.actor_handle().id());
+    match ionet::get_actor::<CounterHandle>("nobody", Some("shared")) {
+        Err(IonetError::NotFound(message)) => assert!(message.contains("\"nobody\""), "{message}"),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    match ionet::get_actor::<SleeperHandle>("keeper", Some("shared")) {
+        Err(IonetError::InvalidArgument(message)) => assert!(message.contains("Counter"), "{message}"),
+        other => panic!("expected a class mismatch, got {other:?}"),
+    }
+    // Killing frees the name.
+    ionet::kill(&keeper, true).unwrap();
+    match ionet::get(&keeper.get()) {
+        Err(IonetError::ActorDied(message)) => assert!(message.contains("killed by ionet::kill"), "{message}"),
+        other => panic!("a call on a killed actor must fail, got {other:?}"),
+    }
+    let fresh = Counter::options(ActorOptions::new().name("keeper").namespace("shared")).remote(7i64).unwrap();
+    assert_eq!(ionet::get(&fresh.get()).unwrap(), 7);
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: killing a worker process of this test's cluster.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+fn killed_actor_restarts_or_dies() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init();
+    // With restarts: a later call succeeds on a fresh instance.
+    let restarting = Counter::options(ActorOptions::new().max_restarts(2)).remote(0i64).unwrap();
+    assert_eq!(ionet::get(&restarting.incr(5)).unwrap(), 5);
+    let first_pid = ionet::get(&restarting.pid()).unwrap();
+    sigkill(first_pid);
+    let value = ionet::get_timeout(&restarting.incr(1), Duration::from_secs(60)).unwrap();
+    assert_eq!(value, 1, "the constructor ran again: state reset");
+    assert_ne!(ionet::get(&restarting.pid()).unwrap(), first_pid);
+    let info = restarting.actor_handle().info().unwrap();
+    assert_eq!((info.restarts, info.incarnation), (1, 1));
+
+    // Without: calls queued behind a running one, and later ones, fail as actor-died.
+    let mortal = Counter::options(ActorOptions::new().max_restarts(0)).remote(0i64).unwrap();
+    let pid = ionet::get(&mortal.pid()).unwrap();
+    let queued: Vec<_> = (0..3).map(|_| mortal.slow_incr(30_000)).collect();
+    sigkill(pid);
+    for call in &queued {
+        match ionet::get_timeout(call, Duration::from_secs(60)) {
+            Err(IonetError::ActorDied(message)) => assert!(message.contains("died"), "{message}"),
+            other => panic!("a queued call must fail as actor-died, got {other:?}"),
+        }
+    }
+    match ionet::get_timeout(&mortal.get(), Duration::from_secs(60)) {
+        Err(IonetError::ActorDied(message)) => assert!(message.contains("worker process"), "{message}"),
+        other => panic!("a later call must fail as actor-died, got {other:?}"),
+    }
+    // The actor table shows both, with restarts and the cause of death.
+    let listed: serde_json::Value = serde_json::from_str(&cluster.ionet(&["list", "actors", "--all", "--json"])).unwrap();
+    let rows = listed.as_array().unwrap();
+    let row = |id: &ionet::ActorId| rows.iter().find(|row| row["actor_id"] == id.hex()).unwrap().clone();
+    let alive = row(&restarting.actor_handle().id());
+    assert_eq!((alive["state"].as_str(), alive["restarts"].as_u64()), (Some("ALIVE"), Some(1)), "{alive}");
+    let dead = row(&mortal.actor_handle().id());
+    assert_eq!(dead["state"], "DEAD", "{dead}");
+    assert!(dead["death_cause"].as_str().unwrap().contains("worker process"), "{dead}");
+
+    // A constructor that fails: the actor is dead with its message.
+    let picky = Picky::remote(false).unwrap();
+    match ionet::get_timeout(&picky.hello(), Duration::from_secs(60)) {
+        Err(IonetError::ActorDied(message)) => assert!(message.contains("refusing to start"), "{message}"),
+        other => panic!("expected the constructor's failure, got {other:?}"),
+    }
+}
+
+fn gpu_actor_waits_for_the_gpu() {
+    let cluster = Cluster::start(&["--num-cpus", "4", "--num-gpus", "1", "--gpu-type", "A100-80GB"]);
+    cluster.init();
+    let options = ActorOptions::new().num_gpus(1.0).accelerator_type("A100-80GB");
+    let first = Counter::options(options.clone()).remote(0i64).unwrap();
+    assert_eq!(ionet::get(&first.devices()).unwrap(), ("0".to_string(), vec![0]));
+    let second = Counter::options(options).remote(0i64).unwrap();
+    let devices = second.devices();
+    match ionet::get_timeout(&devices, Duration::from_secs(2)) {
+        Err(IonetError::Timeout(_)) => {}
+        other => panic!("the second GPU actor must wait for the GPU, got {other:?}"),
+    }
+    let state = second.actor_handle().info().unwrap().state;
+    assert_eq!(state, ionet::rpc::proto::gcs::ActorState::PendingCreation as i32);
+    ionet::kill(&first, true).unwrap();
+    assert_eq!(ionet::get_timeout(&devices, Duration::from_secs(60)).unwrap(), ("0".to_string(), vec![0]));
+}
+
+fn hundred_concurrent_calls_share_one_actor() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let sleeper = Sleeper::options(ActorOptions::new().max_concurrency(100)).remote().unwrap();
+    assert_eq!(ionet::get(&sleeper.nap(0)).unwrap(), 0);
+    let started = Instant::now();
+    let naps: Vec<_> = (0..100).map(|_| sleeper.nap(1_000)).collect();
+    assert_eq!(ionet::get_all(&naps).unwrap(), vec![1_000; 100]);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(30), "100 one-second calls took {elapsed:?}: they did not overlap");
+    ionet::shutdown();
+}
+
+fn main() {
+    if let Ok(driver) = std::env::var(DRIVER_ENV) {
+        match driver.as_str() {
+            "second_driver" => second_driver(),
+            other => panic!("unknown driver {other}"),
+        }
+        std::process::exit(0);
+    }
+    harness::run(
+        &[
+            ("ten_thousand_calls_run_in_order", ten_thousand_calls_run_in_order),
+            ("handle_passed_to_tasks_on_two_nodes", handle_passed_to_tasks_on_two_nodes),
+            ("named_detached_actor_outlives_its_driver", named_detached_actor_outlives_its_driver),
+            ("killed_actor_restarts_or_dies", killed_actor_restarts_or_dies),
+            ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
+            ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
+        ],
+        Duration::from_secs(180),
+    );
+}

@@ -1,0 +1,486 @@
+//! Actors: the control store's table of stateful workers, and their life cycle.
+//!
+//! An actor is created PENDING_CREATION. A task of the control store then places it like
+//! a task: it asks the creator's node daemon for a worker lease of the actor's resources
+//! (following spillbacks, waiting while the cluster is busy), runs the constructor on the
+//! leased worker (`CreateActor`), and marks it ALIVE with the worker's address. Callers
+//! then talk to that worker directly; the control store is off the call path.
+//!
+//! Invariants:
+//! - At most one incarnation of an actor runs: a new one is placed only after the old
+//!   worker's lease was returned as failed (which kills the process).
+//! - The control store holds a `Watch` stream to every ALIVE actor's worker, and one to the
+//!   owner of every non-detached actor. A worker's stream ending means the worker died: the
+//!   actor RESTARTS (incarnation + 1, constructor re-run) while `restarts < max_restarts`
+//!   (`-1`: forever), else it is DEAD with the cause. An owner's stream ending kills its
+//!   non-detached actors. A node declared dead ends the actors on it the same way.
+//! - A name is unique per namespace among actors not DEAD; a DEAD actor frees its name.
+//! - Every change bumps `version`, which `GetActor` waiters watch.
+//!
+//! Actors live in memory only, like placement groups: a head restarted from storage
+//! forgets them (their workers are killed when their node daemons restart).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ionet::auth::ClusterToken;
+use ionet::rpc::proto::common::NodeState as WireNodeState;
+use ionet::rpc::proto::gcs::cluster_event::Event;
+use ionet::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
+use ionet::rpc::proto::node::{request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+use ionet::rpc::proto::worker::{CreateActorRequest, WatchRequest};
+use ionet::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
+use ionet::{ActorId, IonetError, IonetResult, JobId};
+use tokio::sync::watch;
+
+use crate::state::GcsState;
+
+/// Pause between placement attempts that failed for a reason that may pass.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+struct Row {
+    info: ActorInfo,
+    /// The lease the current incarnation runs on: (lease id, node daemon address).
+    lease: Option<(Vec<u8>, String)>,
+}
+
+pub struct Actors {
+    state: Arc<GcsState>,
+    token: ClusterToken,
+    rows: Mutex<HashMap<ActorId, Row>>,
+    /// (namespace, name) → actor, for actors not DEAD.
+    names: Mutex<HashMap<(String, String), ActorId>>,
+    /// Owners already watched.
+    owners: DashMap<String, ()>,
+    channels: DashMap<String, AuthChannel>,
+    version: watch::Sender<u64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn state_of(info: &ActorInfo) -> ActorState {
+    ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified)
+}
+
+impl Actors {
+    pub fn new(state: Arc<GcsState>, token: ClusterToken) -> Arc<Self> {
+        Arc::new(Actors {
+            state,
+            token,
+            rows: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            owners: DashMap::new(),
+            channels: DashMap::new(),
+            version: watch::channel(0).0,
+        })
+    }
+
+    fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = ionet::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        self.channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|version| *version += 1);
+    }
+
+    /// Registers an actor and starts placing it. With `get_if_exists`, a live actor of the
+    /// same name is returned instead of refusing the name.
+    pub fn create(self: &Arc<Self>, mut spec: ActorSpec, get_if_exists: bool) -> IonetResult<ActorInfo> {
+        let actor_id = ActorId::from_bytes(&spec.actor_id)?;
+        JobId::from_bytes(&spec.job_id)?;
+        if spec.class_name.is_empty() {
+            return Err(IonetError::InvalidArgument("actor without a class name".into()));
+        }
+        if spec.worker_command.as_ref().is_none_or(|command| command.argv.is_empty()) {
+            return Err(IonetError::InvalidArgument(format!("actor {} has no worker command", spec.class_name)));
+        }
+        if spec.max_restarts < -1 || spec.max_task_retries < -1 {
+            return Err(IonetError::InvalidArgument(format!(
+                "max_restarts and max_task_retries must be -1 (forever) or more, got {} and {}",
+                spec.max_restarts, spec.max_task_retries
+            )));
+        }
+        spec.max_concurrency = spec.max_concurrency.max(1);
+        let info = {
+            let mut rows = lock(&self.rows);
+            if rows.contains_key(&actor_id) {
+                return Err(IonetError::AlreadyExists(format!("actor {} exists", actor_id.short())));
+            }
+            if !spec.name.is_empty() {
+                let mut names = lock(&self.names);
+                let key = (spec.namespace.clone(), spec.name.clone());
+                if let Some(existing) = names.get(&key) {
+                    if get_if_exists {
+                        if let Some(row) = rows.get(existing) {
+                            return Ok(row.info.clone());
+                        }
+                    }
+                    return Err(IonetError::AlreadyExists(format!(
+                        "an actor named {:?} already exists in namespace {:?}",
+                        spec.name, spec.namespace
+                    )));
+                }
+                names.insert(key, actor_id);
+            }
+            let info = ActorInfo {
+                spec: Some(spec.clone()),
+                state: ActorState::PendingCreation as i32,
+                created_at_ms: self.state.now_ms(),
+                ..Default::default()
+            };
+            rows.insert(actor_id, Row { info: info.clone(), lease: None });
+            info
+        };
+        tracing::info!(actor = %actor_id, class = %spec.class_name, name = %spec.name, "actor registered");
+        self.bump();
+        if !spec.detached && !spec.owner_address.is_empty() && self.owners.insert(spec.owner_address.clone(), ()).is_none()
+        {
+            tokio::spawn(self.clone().watch_owner(spec.owner_address.clone()));
+        }
+        tokio::spawn(self.clone().place(actor_id, 0));
+        Ok(info)
+    }
+
+    pub fn get(&self, actor_id: &[u8]) -> IonetResult<ActorInfo> {
+        let actor_id = ActorId::from_bytes(actor_id)?;
+        lock(&self.rows)
+            .get(&actor_id)
+            .map(|row| row.info.clone())
+            .ok_or_else(|| IonetError::NotFound(format!("actor {} does not exist", actor_id.short())))
+    }
+
+    /// Waits until the actor is ALIVE in an incarnation newer than `newer_than` (-1: any),
+    /// or DEAD; returns its row then, or as it is when `timeout` passes.
+    pub async fn wait(&self, actor_id: &[u8], newer_than: i64, timeout: Duration) -> IonetResult<ActorInfo> {
+        let mut version = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            version.borrow_and_update();
+            let info = self.get(actor_id)?;
+            let state = state_of(&info);
+            if state == ActorState::Dead || (state == ActorState::Alive && i64::from(info.incarnation) > newer_than) {
+                return Ok(info);
+            }
+            if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                return Ok(info);
+            }
+        }
+    }
+
+    pub fn get_named(&self, name: &str, namespace: &str) -> IonetResult<ActorInfo> {
+        let id = lock(&self.names).get(&(namespace.to_string(), name.to_string())).copied();
+        match id {
+            Some(id) => self.get(id.as_bytes()),
+            None => Err(IonetError::NotFound(format!("no actor named {name:?} in namespace {namespace:?}"))),
+        }
+    }
+
+    pub fn list(&self, include_dead: bool) -> Vec<ActorInfo> {
+        let mut actors: Vec<ActorInfo> = lock(&self.rows)
+            .values()
+            .filter(|row| include_dead || state_of(&row.info) != ActorState::Dead)
+            .map(|row| row.info.clone())
+            .collect();
+        actors.sort_by_key(|info| info.created_at_ms);
+        actors
+    }
+
+    /// Kills the actor's worker. `no_restart`: DEAD for good (resources and name freed);
+    /// else it restarts if it has restarts left.
+    pub async fn kill(self: &Arc<Self>, actor_id: &[u8], no_restart: bool) -> IonetResult<()> {
+        let info = self.get(actor_id)?;
+        let actor_id = ActorId::from_bytes(actor_id)?;
+        if state_of(&info) == ActorState::Dead {
+            return Ok(());
+        }
+        let cause = if no_restart { "killed by ionet::kill" } else { "killed by ionet::kill (restart allowed)" };
+        self.worker_ended(actor_id, info.incarnation, cause, no_restart).await;
+        Ok(())
+    }
+
+    /// The current incarnation's worker ended (died, was killed, or its node died). Returns
+    /// its lease as failed, then restarts the actor or marks it DEAD.
+    async fn worker_ended(self: &Arc<Self>, actor_id: ActorId, incarnation: u32, cause: &str, no_restart: bool) {
+        let (lease, restart) = {
+            let mut rows = lock(&self.rows);
+            let Some(row) = rows.get_mut(&actor_id) else { return };
+            let state = state_of(&row.info);
+            if row.info.incarnation != incarnation || state == ActorState::Dead {
+                return; // A stale report about an incarnation already handled.
+            }
+            let spec = row.info.spec.clone().unwrap_or_default();
+            let restarts_left = spec.max_restarts == -1 || (row.info.restarts as i64) < i64::from(spec.max_restarts);
+            let restart = !no_restart && restarts_left;
+            let info = &mut row.info;
+            info.death_cause = cause.to_string();
+            info.address.clear();
+            if restart {
+                info.state = ActorState::Restarting as i32;
+                info.restarts += 1;
+                info.incarnation += 1;
+            } else {
+                info.state = ActorState::Dead as i32;
+                if !spec.name.is_empty() {
+                    lock(&self.names).remove(&(spec.namespace.clone(), spec.name.clone()));
+                }
+            }
+            (row.lease.take(), restart.then_some(info.incarnation))
+        };
+        tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
+        self.bump();
+        if let Some((lease_id, node_address)) = lease {
+            self.return_lease(lease_id, &node_address, true).await;
+        }
+        if let Some(incarnation) = restart {
+            tokio::spawn(self.clone().place(actor_id, incarnation));
+        }
+    }
+
+    async fn return_lease(&self, lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
+        let Ok(channel) = self.channel(node_address) else { return };
+        let request = ReturnWorkerLeaseRequest { lease_id, worker_failed };
+        if let Err(status) = NodeManagerClient::new(channel).return_worker_lease(request).await {
+            tracing::debug!(node = %node_address, error = %status.message(), "returning an actor's lease failed");
+        }
+    }
+
+    /// Whether `incarnation` is still the one to place (not killed or superseded meanwhile).
+    fn still_wanted(&self, actor_id: &ActorId, incarnation: u32) -> bool {
+        lock(&self.rows).get(actor_id).is_some_and(|row| {
+            row.info.incarnation == incarnation
+                && matches!(state_of(&row.info), ActorState::PendingCreation | ActorState::Restarting)
+        })
+    }
+
+    /// An alive node daemon to ask first: the creator's if it is alive, else any.
+    fn first_node(&self, preferred: &str) -> Option<String> {
+        let nodes = self.state.nodes(false);
+        let alive = |address: &str| {
+            nodes.iter().any(|node| node.address == address && node.state == WireNodeState::Alive as i32)
+        };
+        if alive(preferred) {
+            return Some(preferred.to_string());
+        }
+        nodes.iter().find(|node| node.state == WireNodeState::Alive as i32).map(|node| node.address.clone())
+    }
+
+    /// Places incarnation `incarnation`: a lease, then the constructor, until it runs, the
+    /// constructor fails (DEAD), or the actor is killed meanwhile.
+    async fn place(self: Arc<Self>, actor_id: ActorId, incarnation: u32) {
+        let Ok(info) = self.get(actor_id.as_bytes()) else { return };
+        let spec = info.spec.unwrap_or_default();
+        let mut warned = false;
+        while self.still_wanted(&actor_id, incarnation) {
+            let granted = match self.lease(&spec).await {
+                Ok(granted) => granted,
+                Err(reason) => {
+                    if !warned {
+                        tracing::warn!(actor = %actor_id, %reason, "actor cannot be placed yet; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            };
+            let (lease, node_address) = granted;
+            if !self.still_wanted(&actor_id, incarnation) {
+                self.return_lease(lease.lease_id, &node_address, false).await;
+                return;
+            }
+            let created = match self.channel(&lease.worker_address) {
+                Ok(channel) => CoreWorkerClient::new(channel)
+                    .create_actor(CreateActorRequest {
+                        actor_id: actor_id.to_vec(),
+                        class_name: spec.class_name.clone(),
+                        args: spec.constructor_args.clone(),
+                        max_concurrency: spec.max_concurrency,
+                        incarnation,
+                        job_id: spec.job_id.clone(),
+                    })
+                    .await
+                    .map(|reply| reply.into_inner().failure),
+                Err(err) => Err(tonic::Status::unavailable(err.to_string())),
+            };
+            match created {
+                Ok(None) => {}
+                Ok(Some(failure)) => {
+                    self.return_lease(lease.lease_id, &node_address, true).await;
+                    let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
+                    self.mark_dead(actor_id, incarnation, &cause);
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
+                    self.return_lease(lease.lease_id, &node_address, true).await;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            }
+            let alive = {
+                let mut rows = lock(&self.rows);
+                match rows.get_mut(&actor_id) {
+                    Some(row) if row.info.incarnation == incarnation && state_of(&row.info) != ActorState::Dead => {
+                        row.info.state = ActorState::Alive as i32;
+                        row.info.address = lease.worker_address.clone();
+                        row.info.node_id = lease.node_id.clone();
+                        row.info.node_address = node_address.clone();
+                        row.info.gpu_ids = lease.gpu_ids.clone();
+                        row.lease = Some((lease.lease_id.clone(), node_address.clone()));
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !alive {
+                // Killed while its constructor ran.
+                self.return_lease(lease.lease_id, &node_address, true).await;
+                return;
+            }
+            tracing::info!(actor = %actor_id, incarnation, worker = %lease.worker_address, "actor alive");
+            self.bump();
+            tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address));
+            return;
+        }
+    }
+
+    fn mark_dead(&self, actor_id: ActorId, incarnation: u32, cause: &str) {
+        {
+            let mut rows = lock(&self.rows);
+            let Some(row) = rows.get_mut(&actor_id) else { return };
+            if row.info.incarnation != incarnation {
+                return;
+            }
+            row.info.state = ActorState::Dead as i32;
+            row.info.death_cause = cause.to_string();
+            let spec = row.info.spec.clone().unwrap_or_default();
+            if !spec.name.is_empty() {
+                lock(&self.names).remove(&(spec.namespace, spec.name));
+            }
+        }
+        tracing::warn!(actor = %actor_id, cause, "actor dead");
+        self.bump();
+    }
+
+    /// One lease for the actor's resources, following spillbacks.
+    async fn lease(
+        &self,
+        spec: &ActorSpec,
+    ) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), String> {
+        let mut address = self.first_node(&spec.node_address).ok_or("the cluster has no alive node")?;
+        let mut request = RequestWorkerLeaseRequest {
+            job_id: spec.job_id.clone(),
+            resources: spec.resources.clone(),
+            strategy: spec.strategy.clone(),
+            worker_command: spec.worker_command.clone(),
+            no_spillback: false,
+            placement_group_id: spec.placement_group_id.clone(),
+            bundle_index: spec.bundle_index,
+        };
+        for _ in 0..16 {
+            let channel = self.channel(&address).map_err(|err| err.to_string())?;
+            let reply = NodeManagerClient::new(channel)
+                .request_worker_lease(request.clone())
+                .await
+                .map_err(|status| format!("lease request to {address} failed: {}", status.message()))?;
+            match reply.into_inner().outcome {
+                Some(Outcome::Granted(granted)) => return Ok((granted, address)),
+                Some(Outcome::Spillback(spillback)) => {
+                    address = spillback.node_address;
+                    request.no_spillback = true;
+                }
+                Some(Outcome::Infeasible(reason)) => return Err(format!("infeasible: {reason}")),
+                None => return Err("the node daemon answered a lease request with nothing".into()),
+            }
+        }
+        Err("lease request spilled back too many times".into())
+    }
+
+    /// Holds a `Watch` stream to the worker; when it ends, the worker is gone. (Boxed: it
+    /// closes the cycle place → watch → restart → place.)
+    fn watch_worker(
+        self: Arc<Self>,
+        actor_id: ActorId,
+        incarnation: u32,
+        address: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let cause = match self.watch(&address).await {
+                Ok(()) => "the actor's worker process exited".to_string(),
+                Err(why) => format!("the actor's worker process died ({why})"),
+            };
+            self.worker_ended(actor_id, incarnation, &cause, false).await;
+        })
+    }
+
+    /// Holds a `Watch` stream to an owner; when it ends, its non-detached actors die.
+    async fn watch_owner(self: Arc<Self>, owner: String) {
+        let _ = self.watch(&owner).await;
+        self.owners.remove(&owner);
+        let owned: Vec<(ActorId, u32)> = lock(&self.rows)
+            .iter()
+            .filter(|(_, row)| {
+                let spec = row.info.spec.as_ref();
+                spec.is_some_and(|spec| spec.owner_address == owner && !spec.detached)
+                    && state_of(&row.info) != ActorState::Dead
+            })
+            .map(|(id, row)| (*id, row.info.incarnation))
+            .collect();
+        for (actor_id, incarnation) in owned {
+            self.worker_ended(actor_id, incarnation, "its owner exited", true).await;
+        }
+    }
+
+    /// Returns when the stream to `address` ends: `Ok` for an orderly end, `Err` for a
+    /// broken connection.
+    async fn watch(&self, address: &str) -> Result<(), String> {
+        let channel = self.channel(address).map_err(|err| err.to_string())?;
+        let mut stream = CoreWorkerClient::new(channel)
+            .watch(WatchRequest {})
+            .await
+            .map_err(|status| status.message().to_string())?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status.message().to_string()),
+            }
+        }
+    }
+
+    /// Ends the actors of nodes declared dead, until `stopped`.
+    pub async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut events = self.state.subscribe();
+        loop {
+            let dead = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => match event.event {
+                        Some(Event::NodeDead(node)) => Some(node.node_id),
+                        _ => None,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = stopped.changed() => return,
+            };
+            let Some(node_id) = dead else { continue };
+            let on_node: Vec<(ActorId, u32)> = lock(&self.rows)
+                .iter()
+                .filter(|(_, row)| row.info.node_id == node_id && state_of(&row.info) == ActorState::Alive)
+                .map(|(id, row)| (*id, row.info.incarnation))
+                .collect();
+            for (actor_id, incarnation) in on_node {
+                self.worker_ended(actor_id, incarnation, "its node died", false).await;
+            }
+        }
+    }
+}
