@@ -19,6 +19,24 @@ fn small_value() -> u8 {
     0
 }
 
+/// The actor of the actor lines (Ray's `Actor` with `small_value`).
+pub struct Bench;
+
+#[ionet::actor]
+impl Bench {
+    pub fn new() -> Self {
+        Bench
+    }
+
+    pub fn small_value(&self) -> u8 {
+        0
+    }
+
+    pub fn small_value_arg(&self, x: u8) -> u8 {
+        x
+    }
+}
+
 const TRIALS: usize = 5;
 
 fn arg_value(name: &str) -> Option<String> {
@@ -45,6 +63,82 @@ fn timeit(name: &str, filter: &Option<String>, seconds: f64, mut body: impl FnMu
     let mean = rates.iter().sum::<f64>() / rates.len() as f64;
     let variance = rates.iter().map(|rate| (rate - mean).powi(2)).sum::<f64>() / rates.len() as f64;
     println!("{name} per second {mean:.2} +- {:.2}", variance.sqrt());
+}
+
+fn actor_lines(filter: &Option<String>, seconds: f64, clients: usize) {
+    let wanted = |name: &str| filter.as_ref().is_none_or(|filter| name.contains(filter.as_str()));
+    let names = [
+        "1:1 actor calls sync",
+        "1:1 actor calls async",
+        "1:1 actor calls concurrent",
+        "1:n actor calls async",
+        "n:n actor calls async",
+        "n:n actor calls with arg async",
+        "actor creations",
+    ];
+    if !names.iter().any(|name| wanted(name)) {
+        return;
+    }
+    let actor = Bench::remote().unwrap();
+    timeit("1:1 actor calls sync", filter, seconds, || {
+        for _ in 0..100 {
+            ionet::get(&actor.small_value()).unwrap();
+        }
+        100
+    });
+    timeit("1:1 actor calls async", filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| actor.small_value()).collect();
+        ionet::get_all(&refs).unwrap();
+        1000
+    });
+    let concurrent = Bench::options(ionet::ActorOptions::new().max_concurrency(16)).remote().unwrap();
+    timeit("1:1 actor calls concurrent", filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| concurrent.small_value()).collect();
+        ionet::get_all(&refs).unwrap();
+        1000
+    });
+    let actors: Vec<BenchHandle> = (0..clients).map(|_| Bench::remote().unwrap()).collect();
+    timeit("1:n actor calls async", filter, seconds, || {
+        let refs: Vec<ObjectRef<u8>> = (0..1000).map(|i| actors[i % actors.len()].small_value()).collect();
+        ionet::get_all(&refs).unwrap();
+        1000
+    });
+    timeit("n:n actor calls async", filter, seconds, || {
+        std::thread::scope(|scope| {
+            for actor in &actors {
+                scope.spawn(move || {
+                    let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| actor.small_value()).collect();
+                    ionet::get_all(&refs).unwrap();
+                });
+            }
+        });
+        clients * 1000
+    });
+    let arg = ionet::put(&1u8).unwrap();
+    timeit("n:n actor calls with arg async", filter, seconds, || {
+        std::thread::scope(|scope| {
+            for actor in &actors {
+                let arg = &arg;
+                scope.spawn(move || {
+                    let refs: Vec<ObjectRef<u8>> = (0..1000).map(|_| actor.small_value_arg(arg)).collect();
+                    ionet::get_all(&refs).unwrap();
+                });
+            }
+        });
+        clients * 1000
+    });
+    timeit("actor creations", filter, seconds, || {
+        let created: Vec<BenchHandle> = (0..10).map(|_| Bench::remote().unwrap()).collect();
+        let ready: Vec<ObjectRef<u8>> = created.iter().map(|actor| actor.small_value()).collect();
+        ionet::get_all(&ready).unwrap();
+        for actor in &created {
+            ionet::kill(actor, true).unwrap();
+        }
+        10
+    });
+    for actor in actors.iter().chain([&actor, &concurrent]) {
+        let _ = ionet::kill(actor, true);
+    }
 }
 
 fn main() {
@@ -149,6 +243,7 @@ fn main() {
         });
         clients * 1000
     });
+    actor_lines(&filter, seconds, clients);
     drop((value, many, container));
     ionet::shutdown();
     let _ = Duration::ZERO;
