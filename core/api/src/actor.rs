@@ -20,7 +20,7 @@
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ionet_common::rpc::proto::gcs::{
@@ -37,14 +37,27 @@ use crate::options::{SchedulingStrategy, TaskOptions};
 use crate::runtime::{self, CoreWorker, ObjectState};
 use crate::task::{ArgBytes, Failure};
 
-/// An actor's state as its worker holds it.
-pub type ActorInstance = RwLock<Box<dyn Any + Send + Sync>>;
+/// An actor's state as its worker holds it: `&self` methods share it, `&mut self` methods
+/// hold it alone; blocking methods lock it from their thread, async ones across awaits.
+pub type ActorInstance = tokio::sync::RwLock<Box<dyn Any + Send + Sync>>;
+
+/// An async method's run, on the worker's event loop.
+pub type MethodFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, Failure>> + Send>>;
+
+/// One decoded method call, ready to run.
+pub enum MethodCall {
+    /// A plain method: runs on a blocking thread.
+    Blocking(Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>),
+    /// An `async fn` method: runs on the event loop.
+    Async(MethodFuture),
+}
 
 /// A class of actors a worker process can host, registered by `#[ionet::actor]`.
 pub struct ActorClass {
     pub name: &'static str,
     pub construct: fn(Vec<ArgBytes>) -> Result<Box<dyn Any + Send + Sync>, Failure>,
-    pub call: fn(&ActorInstance, &str, Vec<ArgBytes>) -> Result<Vec<u8>, Failure>,
+    /// Decodes a call of `method` (an error: unknown method or bad arguments).
+    pub call: fn(Arc<ActorInstance>, &str, Vec<ArgBytes>) -> Result<MethodCall, Failure>,
 }
 
 inventory::collect!(ActorClass);
@@ -53,21 +66,45 @@ pub fn lookup_class(name: &str) -> Option<&'static ActorClass> {
     inventory::iter::<ActorClass>.into_iter().find(|class| class.name == name)
 }
 
-/// Reads the actor's state for a `&self` method.
-pub fn read_state<T: 'static>(instance: &ActorInstance) -> Result<std::sync::RwLockReadGuard<'_, Box<dyn Any + Send + Sync>>, Failure> {
-    let guard = instance.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !guard.is::<T>() {
-        return Err(Failure::error(format!("this worker's actor is not a {}", std::any::type_name::<T>())));
+type State = Box<dyn Any + Send + Sync>;
+
+fn check_type<T: 'static>(state: &State) -> Result<(), Failure> {
+    if state.is::<T>() {
+        Ok(())
+    } else {
+        Err(Failure::error(format!("this worker's actor is not a {}", std::any::type_name::<T>())))
     }
+}
+
+/// Reads the actor's state for a blocking `&self` method (from its blocking thread).
+pub fn read_state<T: 'static>(instance: &ActorInstance) -> Result<tokio::sync::RwLockReadGuard<'_, State>, Failure> {
+    let guard = instance.blocking_read();
+    check_type::<T>(&guard)?;
     Ok(guard)
 }
 
-/// Locks the actor's state for a `&mut self` method.
-pub fn write_state<T: 'static>(instance: &ActorInstance) -> Result<std::sync::RwLockWriteGuard<'_, Box<dyn Any + Send + Sync>>, Failure> {
-    let guard = instance.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !guard.is::<T>() {
-        return Err(Failure::error(format!("this worker's actor is not a {}", std::any::type_name::<T>())));
-    }
+/// Locks the actor's state for a blocking `&mut self` method.
+pub fn write_state<T: 'static>(instance: &ActorInstance) -> Result<tokio::sync::RwLockWriteGuard<'_, State>, Failure> {
+    let guard = instance.blocking_write();
+    check_type::<T>(&guard)?;
+    Ok(guard)
+}
+
+/// Reads the actor's state for an async `&self` method.
+pub async fn read_state_async<T: 'static>(
+    instance: Arc<ActorInstance>,
+) -> Result<tokio::sync::OwnedRwLockReadGuard<State>, Failure> {
+    let guard = instance.read_owned().await;
+    check_type::<T>(&guard)?;
+    Ok(guard)
+}
+
+/// Locks the actor's state for an async `&mut self` method.
+pub async fn write_state_async<T: 'static>(
+    instance: Arc<ActorInstance>,
+) -> Result<tokio::sync::OwnedRwLockWriteGuard<State>, Failure> {
+    let guard = instance.write_owned().await;
+    check_type::<T>(&guard)?;
     Ok(guard)
 }
 
@@ -228,10 +265,14 @@ impl ActorHandle {
     /// The actor's row in the control store.
     pub fn info(&self) -> IonetResult<ActorInfo> {
         let worker = runtime::current()?;
-        runtime::block_on(async {
+        let info = runtime::block_on(async {
             let request = GetActorRequest { actor_id: self.id.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
             actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)
-        })
+        })?;
+        if let Some(client) = worker.actor_clients.get(&self.id) {
+            client.learn(&info);
+        }
+        Ok(info)
     }
 }
 
@@ -336,6 +377,71 @@ struct ActorCall {
 /// This process's side of one actor: the ordered queue of its calls.
 pub(crate) struct ActorClient {
     queue: mpsc::UnboundedSender<ActorCall>,
+    shared: Arc<SenderShared>,
+}
+
+impl ActorClient {
+    /// Something in this process learnt the actor's current row: a newer incarnation
+    /// means every older one is gone.
+    pub(crate) fn learn(&self, info: &ActorInfo) {
+        self.shared.learn(info);
+    }
+}
+
+impl SenderShared {
+    fn learn(&self, info: &ActorInfo) {
+        match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
+            ActorState::Alive => {
+                self.broken.fetch_max(i64::from(info.incarnation) - 1, Ordering::SeqCst);
+            }
+            ActorState::Restarting | ActorState::Dead => {
+                // The incarnation recorded is the next one (restarting) or the last (dead).
+                let dead_up_to = if info.state == ActorState::Dead as i32 { 0 } else { 1 };
+                self.broken.fetch_max(i64::from(info.incarnation) - dead_up_to, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Follows the actor's row in the control store (a long poll), so that calls made after a
+/// restart go to the new incarnation without first failing on the old one. Ends with the
+/// process's core worker.
+async fn watch_actor(shared: std::sync::Weak<SenderShared>) {
+    let mut known: i64 = -1;
+    loop {
+        let Some(current) = shared.upgrade() else { return };
+        if *current.worker.stopping.borrow() {
+            return;
+        }
+        let request = GetActorRequest {
+            actor_id: current.actor.id.to_vec(),
+            wait_newer_than: known,
+            timeout_ms: CONNECT_WAIT.as_millis() as u64,
+        };
+        let gcs = current.worker.gcs();
+        drop(current);
+        let reply = match gcs {
+            Ok(mut gcs) => gcs.get_actor(request).await,
+            Err(_) => return,
+        };
+        let Some(current) = shared.upgrade() else { return };
+        match reply.map(|reply| reply.into_inner().actor) {
+            Ok(Some(info)) => {
+                current.learn(&info);
+                if info.state == ActorState::Dead as i32 {
+                    return;
+                }
+                if info.state == ActorState::Alive as i32 {
+                    known = known.max(i64::from(info.incarnation));
+                }
+            }
+            Ok(None) | Err(_) => {
+                drop(current);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// The connection the sender uses: the actor's current incarnation and the caller's next
@@ -346,8 +452,12 @@ struct Connection {
     next_sequence: u64,
 }
 
+/// Calls one process may have in flight to one actor; more wait in the queue.
+const MAX_IN_FLIGHT: usize = 1_000;
+
 struct SenderShared {
     worker: Arc<CoreWorker>,
+    in_flight: Arc<Semaphore>,
     actor: ActorHandle,
     queue: mpsc::UnboundedSender<ActorCall>,
     /// The newest incarnation a send found dead (-1: none).
@@ -361,13 +471,15 @@ impl ActorClient {
         let (queue, calls) = mpsc::unbounded_channel();
         let shared = Arc::new(SenderShared {
             worker: worker.clone(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             actor: actor.clone(),
             queue: queue.clone(),
             broken: AtomicI64::new(-1),
             max_task_retries: AtomicI64::new(0),
         });
-        worker.handle.spawn(send_calls(shared, calls));
-        Arc::new(ActorClient { queue })
+        worker.handle.spawn(send_calls(shared.clone(), calls));
+        worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
+        Arc::new(ActorClient { queue, shared })
     }
 }
 
@@ -422,7 +534,12 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
         };
         let channel = connection.channel.clone();
         let incarnation = connection.incarnation;
-        worker.handle.spawn(send_one(shared.clone(), call, request, channel, incarnation));
+        let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+        let sender = shared.clone();
+        worker.handle.spawn(async move {
+            send_one(sender, call, request, channel, incarnation).await;
+            drop(permit);
+        });
     }
 }
 
@@ -551,7 +668,7 @@ impl HostedActor {
             id,
             incarnation,
             class,
-            instance: Arc::new(RwLock::new(instance)),
+            instance: Arc::new(tokio::sync::RwLock::new(instance)),
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
             ordered: max_concurrency == 1,
             turns: Mutex::new(HashMap::new()),

@@ -14,7 +14,7 @@ use ionet_common::rpc::proto::worker::{
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tonic::{Request, Response, Status};
 
-use crate::actor::{self, HostedActor};
+use crate::actor::{self, HostedActor, MethodCall};
 use crate::context;
 use crate::object_store::Bytes;
 use crate::runtime::{CoreWorker, ObjectState};
@@ -59,29 +59,64 @@ async fn run_call(
         context::set_current_task(task_id);
         let result = std::panic::catch_unwind(AssertUnwindSafe(call));
         context::set_current_task(None);
-        result.map(|value| {
-            value.and_then(|bytes| {
-                if bytes.len() <= inline_threshold {
-                    return Ok(push_task_reply::Result::Inline(bytes));
-                }
-                let size = bytes.len() as u64;
-                store
-                    .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
-                    .map(push_task_reply::Result::Stored)
-                    .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
-            })
-        })
+        result.map(|value| value.and_then(|bytes| placed(&store, return_id, inline_threshold, bytes)))
     })
     .await
     .map_err(|err| Status::internal(format!("task thread failed: {err}")))?;
-    Ok(match outcome {
+    Ok(reply_of(worker, function_name, task_bytes, outcome))
+}
+
+/// A value inline when small, else written to this node's store.
+fn placed(
+    worker: &CoreWorker,
+    return_id: ObjectId,
+    inline_threshold: usize,
+    bytes: Vec<u8>,
+) -> Result<push_task_reply::Result, Failure> {
+    if bytes.len() <= inline_threshold {
+        return Ok(push_task_reply::Result::Inline(bytes));
+    }
+    let size = bytes.len() as u64;
+    worker
+        .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
+        .map(push_task_reply::Result::Stored)
+        .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
+}
+
+type Outcome = Result<Result<push_task_reply::Result, Failure>, Box<dyn std::any::Any + Send>>;
+
+fn reply_of(worker: &CoreWorker, function_name: &str, task_bytes: &[u8], outcome: Outcome) -> PushTaskReply {
+    match outcome {
         Ok(Ok(result)) => PushTaskReply { result: Some(result) },
         Ok(Err(failure)) => failure_reply(worker, function_name, task_bytes, failure),
         Err(payload) => {
             let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };
             failure_reply(worker, function_name, task_bytes, failure)
         }
-    })
+    }
+}
+
+/// Runs an async method on this worker's event loop (a panic is caught by its task).
+async fn run_async_call(
+    worker: &Arc<CoreWorker>,
+    function_name: &str,
+    task_bytes: &[u8],
+    return_id: ObjectId,
+    inline_threshold: u64,
+    call: actor::MethodFuture,
+) -> PushTaskReply {
+    let outcome: Outcome = match tokio::spawn(call).await {
+        Ok(value) => {
+            let store = worker.clone();
+            Ok(value.and_then(|bytes| {
+                // Storing a large value copies it: off the event loop's other tasks.
+                tokio::task::block_in_place(|| placed(&store, return_id, inline_threshold as usize, bytes))
+            }))
+        }
+        Err(err) if err.is_panic() => Err(err.into_panic()),
+        Err(err) => Ok(Err(Failure::error(format!("the method's task was cancelled: {err}")))),
+    };
+    reply_of(worker, function_name, task_bytes, outcome)
 }
 
 pub(crate) struct CoreWorkerService {
@@ -238,19 +273,13 @@ impl CoreWorkerRpc for CoreWorkerService {
         hosted.wait_turn(&request.caller_id, request.sequence).await;
         let permit = hosted.permits.clone().acquire_owned().await.map_err(|_| Status::unavailable("actor stopping"))?;
         let method = request.method.clone();
-        let reply = match args {
-            Ok(args) => {
-                let task_id = TaskId::from_bytes(&request.task_id).ok();
-                let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-                let call = hosted.class.call;
-                let instance = hosted.instance.clone();
-                let name = method.clone();
-                run_call(&self.worker, &method, &request.task_id, task_id, return_id, request.inline_threshold, move || {
-                    call(&instance, &name, args)
-                })
-                .await
-            }
-            Err(failure) => Ok(failure_reply(&self.worker, &method, &request.task_id, failure)),
+        let task_id = TaskId::from_bytes(&request.task_id).ok();
+        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
+        let (worker, task_bytes, threshold) = (&self.worker, &request.task_id, request.inline_threshold);
+        let reply = match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &method, args)) {
+            Ok(MethodCall::Blocking(call)) => run_call(worker, &method, task_bytes, task_id, return_id, threshold, call).await,
+            Ok(MethodCall::Async(call)) => Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, call).await),
+            Err(failure) => Ok(failure_reply(worker, &method, task_bytes, failure)),
         };
         drop(permit);
         hosted.finish_turn(&request.caller_id, request.sequence);

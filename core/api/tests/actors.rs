@@ -76,6 +76,31 @@ impl Sleeper {
     }
 }
 
+/// An actor whose methods are async: they run on the worker's event loop.
+pub struct Waiter {
+    woken: std::sync::atomic::AtomicU64,
+}
+
+#[ionet::actor]
+impl Waiter {
+    pub fn new() -> Self {
+        Waiter { woken: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    pub async fn wait(&self, millis: u64) -> u64 {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        self.woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    pub async fn reset(&mut self) -> u64 {
+        self.woken.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn woken(&self) -> u64 {
+        self.woken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 pub struct Picky;
 
 #[ionet::actor]
@@ -130,8 +155,14 @@ fn handle_passed_to_tasks_on_two_nodes() {
     cluster.init();
     wait_until("two nodes", Duration::from_secs(30), || ionet::nodes().map(|n| n.len() == 2).unwrap_or(false));
     let counter = Counter::remote(0i64).unwrap();
-    let options = TaskOptions::default().scheduling_strategy(SchedulingStrategy::Spread);
-    let refs: Vec<_> = (0..10).map(|_| bump::options(options.clone()).remote(counter.clone(), 100u32)).collect();
+    let nodes = ionet::nodes().unwrap();
+    let refs: Vec<_> = (0..10)
+        .map(|task| {
+            let node_id = ionet::NodeId::from_bytes(&nodes[task % 2].node_id).unwrap();
+            let options = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id, soft: false });
+            bump::options(options).remote(counter.clone(), 100u32)
+        })
+        .collect();
     let nodes: std::collections::BTreeSet<String> = ionet::get_all(&refs).unwrap().into_iter().collect();
     assert_eq!(nodes.len(), 2, "the tasks ran on both nodes: {nodes:?}");
     assert_eq!(ionet::get(&counter.get()).unwrap(), 1000);
@@ -206,6 +237,9 @@ fn killed_actor_restarts_or_dies() {
     assert_eq!(ionet::get(&restarting.incr(5)).unwrap(), 5);
     let first_pid = ionet::get(&restarting.pid()).unwrap();
     sigkill(first_pid);
+    wait_until("the actor to restart", Duration::from_secs(60), || {
+        restarting.actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::rpc::proto::gcs::ActorState::Alive as i32)
+    });
     let value = ionet::get_timeout(&restarting.incr(1), Duration::from_secs(60)).unwrap();
     assert_eq!(value, 1, "the constructor ran again: state reset");
     assert_ne!(ionet::get(&restarting.pid()).unwrap(), first_pid);
@@ -272,6 +306,18 @@ fn hundred_concurrent_calls_share_one_actor() {
     assert_eq!(ionet::get_all(&naps).unwrap(), vec![1_000; 100]);
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(30), "100 one-second calls took {elapsed:?}: they did not overlap");
+
+    // Async methods interleave on the event loop: 200 one-second waits on two threads.
+    let waiter = Waiter::options(ActorOptions::new().max_concurrency(1000)).remote().unwrap();
+    let started = Instant::now();
+    let waits: Vec<_> = (0..200).map(|_| waiter.wait(1_000)).collect();
+    let mut woken = ionet::get_all(&waits).unwrap();
+    woken.sort_unstable();
+    assert_eq!(woken, (1..=200).collect::<Vec<u64>>());
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(30), "200 async waits took {elapsed:?}: they did not interleave");
+    assert_eq!(ionet::get(&waiter.reset()).unwrap(), 200);
+    assert_eq!(ionet::get(&waiter.woken()).unwrap(), 0);
     ionet::shutdown();
 }
 

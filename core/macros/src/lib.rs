@@ -153,6 +153,7 @@ enum Receiver {
 struct Method {
     name: syn::Ident,
     receiver: Receiver,
+    is_async: bool,
     arg_names: Vec<syn::Ident>,
     arg_types: Vec<Type>,
     value_type: Type,
@@ -196,7 +197,9 @@ fn returns(output: &ReturnType) -> (Type, bool) {
 /// - the class is registered so worker processes (the same binary) can host it.
 ///
 /// `&self` methods may run concurrently (with `max_concurrency > 1`); `&mut self` methods
-/// run alone. The type must be `Send + Sync + 'static`.
+/// run alone. Plain methods run on blocking threads; `async fn` methods run on the
+/// worker's event loop (with `max_concurrency > 1`, interleaved at their awaits). The type
+/// must be `Send + Sync + 'static`, and an async method's future `Send`.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
@@ -247,9 +250,6 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                 }
             }
             Some(receiver) => {
-                if let Some(asyncness) = &sig.asyncness {
-                    return Err(syn::Error::new_spanned(asyncness, "async actor methods are not supported yet"));
-                }
                 if !sig.generics.params.is_empty() {
                     return Err(syn::Error::new_spanned(&sig.generics, "actor methods cannot be generic"));
                 }
@@ -262,7 +262,15 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                 };
                 let (arg_names, arg_types) = typed_args(sig.inputs.iter().cloned())?;
                 let (value_type, fallible) = returns(&sig.output);
-                methods.push(Method { name: sig.ident.clone(), receiver: kind, arg_names, arg_types, value_type, fallible });
+                methods.push(Method {
+                    name: sig.ident.clone(),
+                    receiver: kind,
+                    is_async: sig.asyncness.is_some(),
+                    arg_names,
+                    arg_types,
+                    value_type,
+                    fallible,
+                });
             }
         }
     }
@@ -289,7 +297,7 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
     let mut handle_methods = Vec::new();
     let mut dispatch_arms = Vec::new();
     for method in &methods {
-        let Method { name, receiver, arg_names, arg_types, value_type, fallible } = method;
+        let Method { name, receiver, is_async, arg_names, arg_types, value_type, fallible } = method;
         let method_name = name.to_string();
         let count = arg_names.len();
         let indices: Vec<usize> = (0..count).collect();
@@ -298,28 +306,49 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                 self.0.call(#method_name, ::std::vec![#(::ionet::IntoArg::<#arg_types>::into_arg(#arg_names)),*])
             }
         });
-        let (lock, access) = match receiver {
-            Receiver::Shared => (
-                quote! { let guard = ::ionet::actor::read_state::<#type_name>(instance)?; },
-                quote! { guard.downcast_ref::<#type_name>() },
-            ),
-            Receiver::Exclusive => (
-                quote! { let mut guard = ::ionet::actor::write_state::<#type_name>(instance)?; },
-                quote! { guard.downcast_mut::<#type_name>() },
-            ),
-        };
-        let encode = if *fallible {
+        let awaited = if *is_async { quote! { .await } } else { quote! {} };
+        let invoke = if *fallible {
             quote! {
-                match this.#name(#(#arg_names),*) {
+                match this.#name(#(#arg_names),*) #awaited {
                     ::std::result::Result::Ok(value) => ::ionet::task::encode_return(&value),
                     ::std::result::Result::Err(error) => ::std::result::Result::Err(::ionet::task::Failure::error(error.to_string())),
                 }
             }
         } else {
             quote! {
-                let value = this.#name(#(#arg_names),*);
+                let value = this.#name(#(#arg_names),*) #awaited;
                 ::ionet::task::encode_return(&value)
             }
+        };
+        let run = match (receiver, is_async) {
+            (Receiver::Shared, false) => quote! {
+                ::ionet::actor::MethodCall::Blocking(::std::boxed::Box::new(move || {
+                    let guard = ::ionet::actor::read_state::<#type_name>(&instance)?;
+                    let this = guard.downcast_ref::<#type_name>().expect("the state type was checked");
+                    #invoke
+                }))
+            },
+            (Receiver::Exclusive, false) => quote! {
+                ::ionet::actor::MethodCall::Blocking(::std::boxed::Box::new(move || {
+                    let mut guard = ::ionet::actor::write_state::<#type_name>(&instance)?;
+                    let this = guard.downcast_mut::<#type_name>().expect("the state type was checked");
+                    #invoke
+                }))
+            },
+            (Receiver::Shared, true) => quote! {
+                ::ionet::actor::MethodCall::Async(::std::boxed::Box::pin(async move {
+                    let guard = ::ionet::actor::read_state_async::<#type_name>(instance).await?;
+                    let this = guard.downcast_ref::<#type_name>().expect("the state type was checked");
+                    #invoke
+                }))
+            },
+            (Receiver::Exclusive, true) => quote! {
+                ::ionet::actor::MethodCall::Async(::std::boxed::Box::pin(async move {
+                    let mut guard = ::ionet::actor::write_state_async::<#type_name>(instance).await?;
+                    let this = guard.downcast_mut::<#type_name>().expect("the state type was checked");
+                    #invoke
+                }))
+            },
         };
         dispatch_arms.push(quote! {
             #method_name => {
@@ -329,9 +358,7 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                     ));
                 }
                 #(let #arg_names: #arg_types = ::ionet::task::decode_arg(&args[#indices], #indices)?;)*
-                #lock
-                let this = #access.expect("the state type was checked");
-                #encode
+                ::std::result::Result::Ok(#run)
             }
         });
     }
@@ -419,10 +446,10 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
 
             #[allow(unused_variables, unused_mut)]
             fn call(
-                instance: &::ionet::actor::ActorInstance,
+                instance: ::std::sync::Arc<::ionet::actor::ActorInstance>,
                 method: &str,
                 args: ::std::vec::Vec<::ionet::task::ArgBytes>,
-            ) -> ::std::result::Result<::std::vec::Vec<u8>, ::ionet::task::Failure> {
+            ) -> ::std::result::Result<::ionet::actor::MethodCall, ::ionet::task::Failure> {
                 match method {
                     #(#dispatch_arms)*
                     other => ::std::result::Result::Err(::ionet::task::Failure::unknown_function(

@@ -146,8 +146,28 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The last lines of every daemon's log, for a failing test's output.
+    fn print_logs(&self) {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        logs.extend(std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path()));
+        logs.sort();
+        for path in logs.iter().filter(|path| path.is_file() && !path.to_string_lossy().ends_with("token")) {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("----- {} (last 40 lines)", path.display());
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
         ionet::shutdown();
         for child in &mut self.daemons {
             let _ = child.kill();
