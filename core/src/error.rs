@@ -50,6 +50,9 @@ pub enum IonetError {
     /// no retries left): carries the actor and the cause of death.
     #[error("actor died: {0}")]
     ActorDied(String),
+    /// The caller cancelled the task before its value was produced.
+    #[error("task cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl IonetError {

@@ -54,6 +54,7 @@ pub mod status {
                 IonetError::ObjectLost(_) => Code::DataLoss,
                 IonetError::Infeasible(_) => Code::FailedPrecondition,
                 IonetError::ActorDied(_) => Code::Aborted,
+                IonetError::Cancelled(_) => Code::Cancelled,
             };
             // The message keeps the variant's own text only, so it is not prefixed twice
             // when the client maps it back.
@@ -70,7 +71,8 @@ pub mod status {
                 | IonetError::Internal(m)
                 | IonetError::ObjectLost(m)
                 | IonetError::Infeasible(m)
-                | IonetError::ActorDied(m) => m,
+                | IonetError::ActorDied(m)
+                | IonetError::Cancelled(m) => m,
                 other @ (IonetError::Io(_) | IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. }) => {
                     other.to_string()
                 }

@@ -139,6 +139,15 @@ pub fn strategy_from_wire(raw: i32) -> IonetResult<PlacementStrategy> {
     })
 }
 
+fn strategy_to_wire(strategy: PlacementStrategy) -> WireStrategy {
+    match strategy {
+        PlacementStrategy::Pack => WireStrategy::Pack,
+        PlacementStrategy::Spread => WireStrategy::Spread,
+        PlacementStrategy::StrictPack => WireStrategy::StrictPack,
+        PlacementStrategy::StrictSpread => WireStrategy::StrictSpread,
+    }
+}
+
 /// The scheduler's view of one node as the node table holds it.
 pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     let node_id = NodeId::from_bytes(&node.node_id)?;
@@ -228,6 +237,9 @@ impl PlacementGroups {
             bundle_node_ids: group.nodes.iter().map(|(node, _)| node.to_vec()).collect(),
             bundle_node_addresses: group.nodes.iter().map(|(_, address)| address.clone()).collect(),
             pending_reason: group.pending_reason.clone(),
+            bundles: group.bundles.iter().map(ResourceQuantities::from_set).collect(),
+            strategy: strategy_to_wire(group.strategy) as i32,
+            name: group.name.clone(),
         })
     }
 

@@ -248,12 +248,12 @@ impl ActorHandle {
     }
 
     /// Submits a call of `method`; returns at once.
-    pub fn call<R>(&self, method: &'static str, args: Vec<Arg>) -> ObjectRef<R> {
+    pub fn call<R>(&self, method: &str, args: Vec<Arg>) -> ObjectRef<R> {
         let worker = runtime::current().unwrap_or_else(|err| panic!("{err}"));
         let return_id = ObjectId::random();
         let object = worker.new_object(return_id, ObjectState::Pending);
         let client = worker.actor_client(self);
-        let call = ActorCall { method, args, return_id, task_id: TaskId::random(), attempt: 0 };
+        let call = ActorCall { method: method.into(), args, return_id, task_id: TaskId::random(), attempt: 0 };
         if let Err(mpsc::error::SendError(call)) = client.queue.send(call) {
             worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::Internal(
                 "the actor's call queue is closed".into(),
@@ -282,7 +282,7 @@ fn actor_row(row: Option<ActorInfo>) -> IonetResult<ActorInfo> {
 
 /// Creates an actor of `class` (a registered class name) with `args` for its constructor.
 /// Returns as soon as the control store has it; calls wait until it runs.
-pub fn create_actor(class: &'static str, options: ActorOptions, args: Vec<Arg>) -> IonetResult<ActorHandle> {
+pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> IonetResult<ActorHandle> {
     let worker = runtime::current()?;
     let resources = options.resources.demand()?;
     if options.max_concurrency == 0 {
@@ -367,7 +367,7 @@ pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
 }
 
 struct ActorCall {
-    method: &'static str,
+    method: Arc<str>,
     args: Vec<Arg>,
     return_id: ObjectId,
     task_id: TaskId,
@@ -495,7 +495,7 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))));
             continue;
         }
-        let args = match runtime::resolve_call_args(&worker, call.method, &call.args).await {
+        let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
             Ok(args) => args,
             Err(error) => {
                 worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
@@ -587,7 +587,7 @@ async fn send_one(
     let worker = shared.worker.clone();
     let mut client =
         CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    let method = call.method;
+    let method = call.method.clone();
     let state = match client.push_actor_task(request).await {
         Ok(reply) => match reply.into_inner().result {
             Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),

@@ -141,6 +141,13 @@ pub struct ObjectBytes {
     offset: usize,
 }
 
+impl ObjectBytes {
+    /// All of an object's bytes.
+    pub(crate) fn whole(bytes: crate::object_store::Bytes) -> Self {
+        ObjectBytes { bytes, offset: 0 }
+    }
+}
+
 impl std::ops::Deref for ObjectBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

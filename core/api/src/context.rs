@@ -22,6 +22,9 @@ pub struct RuntimeContext {
     /// GPU ids granted to this worker (`CUDA_VISIBLE_DEVICES` holds the same).
     pub gpu_ids: Vec<u32>,
     pub is_worker: bool,
+    /// The actor this worker hosts, if any.
+    pub actor_id: Option<ionet_common::ActorId>,
+    pub namespace: String,
 }
 
 /// The context of the calling thread.
@@ -33,6 +36,8 @@ pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
         task_id: CURRENT_TASK.with(|current| *current.borrow()),
         gpu_ids: runtime.gpu_ids.clone(),
         is_worker: runtime.is_worker,
+        actor_id: runtime.hosted.get().map(|hosted| hosted.id),
+        namespace: runtime.namespace.clone(),
     })
 }
 

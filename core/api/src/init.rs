@@ -47,6 +47,10 @@ pub struct InitConfig {
     /// Embedded cluster only: bytes of shared memory for the object store (default 30%
     /// of the machine's memory); beyond it objects spill to disk.
     pub object_store_memory: Option<u64>,
+    /// How node daemons start this job's worker processes (default: this binary,
+    /// re-executed with the same arguments). Language bindings set their own (Python:
+    /// `python -m ionet._worker`).
+    pub worker_command: Option<WorkerCommand>,
 }
 
 impl InitConfig {
@@ -113,7 +117,10 @@ fn worker_command() -> WorkerCommand {
             argv.push(exe.to_string_lossy().into_owned());
         }
     }
-    let env = std::env::vars().filter(|(name, _)| name == "RUST_LOG" || name == "RUST_BACKTRACE").collect();
+    // What a worker must inherit: logging, and a Python driver's module path.
+    let env = std::env::vars()
+        .filter(|(name, _)| name == "RUST_LOG" || name == "RUST_BACKTRACE" || name == "IONET_PYTHONPATH")
+        .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
     WorkerCommand { argv, env, cwd }
 }
@@ -257,7 +264,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         Vec::new(),
         false,
         gcs_address,
-        worker_command(),
+        config.worker_command.clone().unwrap_or_else(worker_command),
         config.namespace.clone(),
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,

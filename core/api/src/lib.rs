@@ -38,6 +38,7 @@ mod object_ref;
 mod object_store;
 mod options;
 mod placement_group;
+pub mod raw;
 mod runtime;
 mod service;
 pub mod task;
@@ -54,7 +55,9 @@ pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, Ac
 pub use ionet_macros::{actor, remote};
 pub use object_ref::{Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
-pub use placement_group::{placement_group, remove_placement_group, PlacementGroup, PlacementStrategy};
+pub use placement_group::{
+    named_placement_group, placement_group, remove_placement_group, PlacementGroup, PlacementStrategy,
+};
 
 #[doc(hidden)]
 pub use inventory;

@@ -72,6 +72,41 @@ impl PlacementGroup {
     }
 
     /// The node of each bundle, in bundle order; empty while the group is pending.
+    /// The group with this id, as the control store has it.
+    pub fn from_id(id: PlacementGroupId) -> IonetResult<Self> {
+        let worker = runtime::current()?;
+        let reply = block_on(get_group(&worker, &id))?;
+        Ok(PlacementGroup { id, bundle_count: reply.bundles.len() })
+    }
+
+    /// The control store's row of the group (state, bundles, their nodes).
+    pub fn table(&self) -> IonetResult<GetPlacementGroupReply> {
+        let worker = runtime::current()?;
+        block_on(get_group(&worker, &self.id))
+    }
+
+    /// An object that becomes `value` once the group is created (Ray's `pg.ready()`), or
+    /// fails if the group is removed first.
+    pub fn ready_raw(&self, value: Vec<u8>) -> IonetResult<crate::ObjectRef<crate::raw::Raw>> {
+        let worker = runtime::current()?;
+        let id = self.id;
+        crate::raw::pending_raw(async move {
+            loop {
+                let reply = get_group(&worker, &id).await?;
+                match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
+                    PlacementGroupState::Created => return Ok(value),
+                    PlacementGroupState::Removed => {
+                        return Err(IonetError::FailedPrecondition(format!(
+                            "placement group {} was removed",
+                            id.short()
+                        )))
+                    }
+                    PlacementGroupState::Pending => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+    }
+
     pub fn bundle_nodes(&self) -> IonetResult<Vec<NodeId>> {
         let worker = runtime::current()?;
         let reply = block_on(get_group(&worker, &self.id))?;
@@ -91,6 +126,15 @@ pub fn placement_group(
     bundles: Vec<BTreeMap<String, f64>>,
     strategy: PlacementStrategy,
 ) -> IonetResult<PlacementGroup> {
+    named_placement_group(bundles, strategy, "")
+}
+
+/// [`placement_group`] with a name (shown in the table).
+pub fn named_placement_group(
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: PlacementStrategy,
+    name: &str,
+) -> IonetResult<PlacementGroup> {
     let worker = runtime::current()?;
     let sets = bundles
         .iter()
@@ -109,7 +153,7 @@ pub fn placement_group(
     let request = CreatePlacementGroupRequest {
         bundles: sets.iter().map(ResourceQuantities::from_set).collect(),
         strategy: wire as i32,
-        name: String::new(),
+        name: name.to_string(),
     };
     let reply = block_on(async {
         let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);

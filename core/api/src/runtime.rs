@@ -84,6 +84,7 @@ pub(crate) fn copy_error(error: &IonetError) -> IonetError {
         IonetError::ObjectLost(m) => IonetError::ObjectLost(m.clone()),
         IonetError::Infeasible(m) => IonetError::Infeasible(m.clone()),
         IonetError::ActorDied(m) => IonetError::ActorDied(m.clone()),
+        IonetError::Cancelled(m) => IonetError::Cancelled(m.clone()),
     }
 }
 

@@ -1,0 +1,124 @@
+//! Untyped objects for language bindings (the Python package): bytes in, bytes out.
+//!
+//! A raw object's bytes are exactly what its producer wrote: a `put_raw` fill, a task's
+//! returned bytes (`RemoteFunction::invoke`), an actor method's. The binding chooses the
+//! encoding (Python: pickle protocol 5 with out-of-band buffers). Reading returns
+//! [`ObjectBytes`], a view of the node's shared memory for stored objects (no copy).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ionet_common::{IonetError, IonetResult, ObjectId};
+
+use crate::api::ObjectBytes;
+use crate::object_ref::ObjectRef;
+use crate::runtime::{self, block_on, ObjectState};
+
+/// The value type of a raw object.
+pub enum Raw {}
+
+/// Stores `size` bytes written by `fill` (straight into shared memory above the inline
+/// threshold: one copy).
+pub fn put_raw(size: usize, fill: impl FnOnce(&mut [u8])) -> IonetResult<ObjectRef<Raw>> {
+    let worker = runtime::current()?;
+    let id = ObjectId::random();
+    if size <= worker.inline_threshold {
+        let mut bytes = vec![0u8; size];
+        fill(&mut bytes);
+        return Ok(worker.new_object(id, ObjectState::Inline(Arc::new(bytes))));
+    }
+    let stored = worker.store_value(id, fill, size as u64)?;
+    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+}
+
+/// An object of this process holding `bytes` once `ready` completes (or its error).
+pub fn pending_raw<F>(ready: F) -> IonetResult<ObjectRef<Raw>>
+where
+    F: std::future::Future<Output = IonetResult<Vec<u8>>> + Send + 'static,
+{
+    let worker = runtime::current()?;
+    let id = ObjectId::random();
+    let object = worker.new_object(id, ObjectState::Pending);
+    let settler = worker.clone();
+    worker.handle.spawn(async move {
+        let state = match ready.await {
+            Ok(bytes) => ObjectState::Inline(Arc::new(bytes)),
+            Err(error) => ObjectState::Failed(Arc::new(error)),
+        };
+        settler.settle_object(&id, state);
+    });
+    Ok(object)
+}
+
+/// The bytes of every object, fetched concurrently; fails with the first error.
+pub fn get_raw(objects: &[ObjectRef<Raw>], timeout: Option<Duration>) -> IonetResult<Vec<ObjectBytes>> {
+    let worker = runtime::current()?;
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    let fetched = block_on(futures::future::join_all(
+        objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), deadline)),
+    ));
+    fetched.into_iter().map(|bytes| bytes.map(ObjectBytes::whole)).collect()
+}
+
+/// Calls `callback` (on a runtime thread) once the object is ready or failed.
+pub fn on_ready(object: &ObjectRef<Raw>, callback: impl FnOnce() + Send + 'static) -> IonetResult<()> {
+    let worker = runtime::current()?;
+    let (id, owner) = (object.id(), object.owner_address().to_string());
+    let waiter = worker.clone();
+    worker.handle.spawn(async move {
+        let _ = waiter.resolve(id, &owner, None).await;
+        callback();
+    });
+    Ok(())
+}
+
+/// Fails a pending object this process owns with `Cancelled` (the task may still run;
+/// its value is dropped). An object already produced is left alone.
+pub fn cancel(object: &ObjectRef<Raw>) -> IonetResult<()> {
+    let worker = runtime::current()?;
+    let Some(entry) = worker.objects.get(&object.id()).map(|entry| entry.clone()) else {
+        return Err(IonetError::InvalidArgument(format!(
+            "object {} is not owned by this process: only its owner can cancel it",
+            object.id().short()
+        )));
+    };
+    entry.state.send_if_modified(|state| {
+        if matches!(state, ObjectState::Pending) {
+            *state = ObjectState::Failed(Arc::new(IonetError::Cancelled(format!(
+                "object {} was cancelled by its owner",
+                object.id().short()
+            ))));
+            true
+        } else {
+            false
+        }
+    });
+    Ok(())
+}
+
+/// Puts a value into the control store's KV (`overwrite: false` keeps an existing one).
+pub fn kv_put(namespace: &str, key: &[u8], value: Vec<u8>, overwrite: bool) -> IonetResult<bool> {
+    let worker = runtime::current()?;
+    block_on(async {
+        let request = ionet_common::rpc::proto::gcs::KvPutRequest {
+            namespace: namespace.to_string(),
+            key: key.to_vec(),
+            value,
+            overwrite,
+        };
+        Ok(worker.gcs()?.kv_put(request).await?.into_inner().added)
+    })
+}
+
+/// A value of the control store's KV, if present.
+pub fn kv_get(namespace: &str, key: &[u8]) -> IonetResult<Option<Vec<u8>>> {
+    let worker = runtime::current()?;
+    block_on(async {
+        let request = ionet_common::rpc::proto::gcs::KvGetRequest { namespace: namespace.to_string(), key: key.to_vec() };
+        match worker.gcs()?.kv_get(request).await {
+            Ok(reply) => Ok(Some(reply.into_inner().value)),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+            Err(status) => Err(status.into()),
+        }
+    })
+}
