@@ -333,9 +333,12 @@ fn init(
     session_dir: Option<String>,
     object_store_memory: Option<u64>,
     worker_argv: Vec<String>,
-    worker_env: HashMap<String, String>,
+    mut worker_env: HashMap<String, String>,
     worker_cwd: String,
 ) -> PyResult<()> {
+    // Workers start workers too (nested tasks and actors): they need the command.
+    let argv_json = serde_json::to_string(&worker_argv).map_err(|err| PyValueError::new_err(err.to_string()))?;
+    worker_env.insert(ionet::WORKER_ARGV_ENV.to_string(), argv_json);
     let config = InitConfig {
         address,
         num_cpus,

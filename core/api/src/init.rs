@@ -108,18 +108,28 @@ pub fn is_initialized() -> bool {
     runtime::current().is_ok()
 }
 
+/// Set in a worker's environment by a language binding: the JSON argv that starts a
+/// worker of that language (a worker's own nested tasks and actors need it).
+pub const WORKER_ARGV_ENV: &str = "IONET_WORKER_ARGV";
+
 fn worker_command() -> WorkerCommand {
-    let mut argv: Vec<String> = std::env::args().collect();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(first) = argv.first_mut() {
-            *first = exe.to_string_lossy().into_owned();
-        } else {
-            argv.push(exe.to_string_lossy().into_owned());
+    let inherited = std::env::var(WORKER_ARGV_ENV).ok().and_then(|json| serde_json::from_str::<Vec<String>>(&json).ok());
+    let argv = inherited.unwrap_or_else(|| {
+        let mut argv: Vec<String> = std::env::args().collect();
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(first) = argv.first_mut() {
+                *first = exe.to_string_lossy().into_owned();
+            } else {
+                argv.push(exe.to_string_lossy().into_owned());
+            }
         }
-    }
-    // What a worker must inherit: logging, and a Python driver's module path.
+        argv
+    });
+    // What a worker must inherit: logging, and a binding's module path and worker command.
     let env = std::env::vars()
-        .filter(|(name, _)| name == "RUST_LOG" || name == "RUST_BACKTRACE" || name == "IONET_PYTHONPATH")
+        .filter(|(name, _)| {
+            ["RUST_LOG", "RUST_BACKTRACE", "IONET_PYTHONPATH", WORKER_ARGV_ENV].contains(&name.as_str())
+        })
         .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
     WorkerCommand { argv, env, cwd }

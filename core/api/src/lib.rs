@@ -49,7 +49,7 @@ pub use api::{
 };
 pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
-pub use init::{init, is_initialized, shutdown, InitConfig};
+pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
 pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
 pub use ionet_macros::{actor, remote};

@@ -1,0 +1,5 @@
+"""`python -m ionet ...` runs the `ionet` command."""
+
+from ionet._cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Options of tasks and actors, as Ray names them: checked, then turned into the dict the
+native `submit_task` / `create_actor` take.
+
+Translation happens when a remote function or class is decorated or given `.options()`,
+not on each call. Options left unset are left out, so the native defaults apply (a task
+takes 1 CPU and is retried 3 times; an actor takes no CPU).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any, Callable, Dict, Tuple
+
+from ionet.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
+        raise ValueError(f"option {name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _integer(minimum: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"option {name} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"option {name} must be True or False, got {value!r}")
+    return value
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"option {name} must be a string, got {value!r}")
+    return value
+
+
+def _optional_string(name: str, value: Any) -> Any:
+    return None if value is None else _string(name, value)
+
+
+def _custom_resources(name: str, value: Any) -> Dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"option {name} must be a dict of resource name to quantity, got {value!r}")
+    for reserved in ("CPU", "GPU"):
+        if reserved in value:
+            raise ValueError(f"option {name} cannot hold {reserved!r}: use num_{reserved.lower()}s")
+    return {str(resource): _number(f"{name}[{resource!r}]", amount) for resource, amount in value.items()}
+
+
+def _lifetime(name: str, value: Any) -> Any:
+    if value not in (None, "detached", "non_detached"):
+        raise ValueError(f"option {name} must be None, 'detached' or 'non_detached', got {value!r}")
+    return "detached" if value == "detached" else None
+
+
+def _scheduling_strategy(name: str, value: Any) -> Any:
+    """The native form: None, "DEFAULT", "SPREAD", ("node", id, soft), ("placement_group", id, index)."""
+    if value is None or value in ("DEFAULT", "SPREAD"):
+        return value
+    if isinstance(value, NodeAffinitySchedulingStrategy):
+        return ("node", str(value.node_id), bool(value.soft))
+    if isinstance(value, PlacementGroupSchedulingStrategy):
+        index = max(value.placement_group_bundle_index, 0)
+        return ("placement_group", str(value.placement_group.id), index)
+    raise ValueError(
+        f"option {name} must be 'DEFAULT', 'SPREAD', a NodeAffinitySchedulingStrategy or a "
+        f"PlacementGroupSchedulingStrategy, got {value!r}"
+    )
+
+
+_RESOURCE_OPTIONS = {
+    "num_cpus": _number,
+    "num_gpus": _number,
+    "memory": _integer(0),
+    "resources": _custom_resources,
+    "accelerator_type": _string,
+    "scheduling_strategy": _scheduling_strategy,
+}
+
+_TASK_OPTIONS = {
+    **_RESOURCE_OPTIONS,
+    "max_retries": _integer(-1),
+    "retry_exceptions": _flag,
+}
+
+_ACTOR_OPTIONS = {
+    **_RESOURCE_OPTIONS,
+    "name": _string,
+    "namespace": _optional_string,
+    "lifetime": _lifetime,
+    "get_if_exists": _flag,
+    "max_restarts": _integer(-1),
+    "max_task_retries": _integer(-1),
+    "max_concurrency": _integer(1),
+}
+
+
+def _translate(options: Dict[str, Any], checks: Dict[str, Callable], what: str) -> Dict[str, Any]:
+    native = {}
+    for name, value in options.items():
+        check = checks.get(name)
+        if check is None:
+            raise ValueError(f"invalid option {name!r} for {what}; valid options: {', '.join(sorted(checks))}")
+        translated = check(name, value)
+        if translated is not None:
+            native[name] = translated
+    return native
+
+
+def task_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
+    """The native options of a task, and its `num_returns` (handled on this side)."""
+    options = dict(options)
+    num_returns = _integer(1)("num_returns", options.pop("num_returns", 1))
+    return _translate(options, _TASK_OPTIONS, "remote functions"), num_returns
+
+
+def actor_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The native options of an actor."""
+    native = _translate(options, _ACTOR_OPTIONS, "actors")
+    if native.get("get_if_exists") and "name" not in native:
+        raise ValueError("option get_if_exists needs a name")
+    return native
+
+
+def method_num_returns(options: Dict[str, Any]) -> int:
+    """The `num_returns` of an actor method call, its only option."""
+    unknown = set(options) - {"num_returns"}
+    if unknown:
+        raise ValueError(f"invalid option(s) {', '.join(sorted(unknown))} for actor methods; valid: num_returns")
+    return _integer(1)("num_returns", options.get("num_returns", 1))

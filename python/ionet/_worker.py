@@ -1,0 +1,23 @@
+"""Entry of a worker process: `python -m ionet._worker`, started by a node daemon.
+
+The driver passes its `sys.path` in `IONET_PYTHONPATH`, so the worker imports what the
+driver can (the modules of its scripts and tests, which functions pickled by reference
+name). Then the native worker serves tasks until the daemon stops it.
+"""
+
+import os
+import sys
+
+from ionet import _ionet
+
+
+def main() -> None:
+    driver_path = os.environ.get("IONET_PYTHONPATH")
+    if driver_path:
+        entries = driver_path.split(os.pathsep)
+        sys.path[:] = entries + [entry for entry in sys.path if entry not in entries]
+    _ionet.run_worker()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Errors raised by ionet, with Ray's names as aliases (`RayError`, `RayTaskError`, ...).
+
+The native module raises every error through `_native_error(kind, message)`, which maps
+its error kinds to these classes.
+
+A task (or actor method) that raises is reported as the exception it raised: the worker
+sends a text that holds a readable summary with the remote traceback, then
+`_EXCEPTION_MARKER`, then the exception pickled and base64-encoded. The caller rebuilds
+the exception and raises an instance of a class derived from both `IonetTaskError` and
+the exception's own class, so `except ValueError:` catches a remote `ValueError`, and
+`str()` shows the remote traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import traceback
+import weakref
+from types import TracebackType
+from typing import Optional
+
+import cloudpickle
+
+# Separates a task failure's readable summary from its pickled exception.
+_EXCEPTION_MARKER = "\n--ionet-exception--\n"
+
+
+class IonetError(Exception):
+    """Base class of every error ionet raises."""
+
+
+class IonetTaskError(IonetError):
+    """A task or actor method raised an exception.
+
+    Raised as an instance of a class derived from both this class and the class of the
+    remote exception (`cause`). `traceback_str` (also `str()`) is the remote traceback.
+    `cause` is None when the remote exception could not be rebuilt in this process; the
+    error is then a plain `IonetTaskError`.
+    """
+
+    def __init__(self, traceback_str: str, cause: Optional[BaseException] = None):
+        super().__init__(traceback_str)
+        self.traceback_str = traceback_str
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.traceback_str
+
+    def __reduce__(self):
+        # The derived classes are made at run time and cannot be found by name, so an
+        # error travelling to another process is rebuilt from its parts.
+        return (_task_error, (self.traceback_str, self.cause))
+
+
+class IonetActorError(IonetError):
+    """An actor could not run a method call."""
+
+
+class ActorDiedError(IonetActorError):
+    """The actor died (killed, crashed past its restarts, or its constructor failed)."""
+
+
+class GetTimeoutError(IonetError, TimeoutError):
+    """`get` (or another wait) ran out of time before the objects were ready."""
+
+
+class ObjectLostError(IonetError):
+    """Every copy of an object was lost (its node died) and it cannot be rebuilt."""
+
+
+class WorkerCrashedError(IonetError):
+    """The worker process running a task died, and the task had no retries left."""
+
+
+class TaskCancelledError(IonetError):
+    """The task was cancelled with `ionet.cancel`."""
+
+
+class TaskUnschedulableError(IonetError):
+    """No node of the cluster can ever provide the resources the task asks for."""
+
+
+class ObjectStoreFullError(IonetError):
+    """The object store has no room for the object, even after spilling."""
+
+
+class SerializationError(IonetError, TypeError):
+    """A value could not be pickled to be stored or sent."""
+
+
+class InvalidArgumentError(IonetError, ValueError):
+    """The cluster refused an argument (an option or a value out of range)."""
+
+
+class NotFoundError(IonetError, ValueError):
+    """No such actor, placement group or object (e.g. `get_actor` of an unknown name)."""
+
+
+class AlreadyExistsError(IonetError, ValueError):
+    """The name is taken (e.g. a second live actor with the same name and namespace)."""
+
+
+class AuthenticationError(IonetError):
+    """The cluster refused this process's token."""
+
+
+class IonetSystemError(IonetError):
+    """An error inside ionet itself, or one that fits no other class."""
+
+
+class UnavailableError(IonetSystemError, ConnectionError):
+    """The cluster, or the node holding what was asked for, could not be reached."""
+
+
+# Ray's names.
+RayError = IonetError
+RayTaskError = IonetTaskError
+RayActorError = IonetActorError
+RaySystemError = IonetSystemError
+
+_ERRORS_BY_KIND = {
+    "worker_crashed": WorkerCrashedError,
+    "actor_died": ActorDiedError,
+    "timeout": GetTimeoutError,
+    "object_lost": ObjectLostError,
+    "infeasible": TaskUnschedulableError,
+    "cancelled": TaskCancelledError,
+    "object_store_full": ObjectStoreFullError,
+    "invalid_argument": InvalidArgumentError,
+    "not_found": NotFoundError,
+    "already_exists": AlreadyExistsError,
+    "unauthenticated": AuthenticationError,
+    "unavailable": UnavailableError,
+    "other": IonetSystemError,
+}
+
+
+def _native_error(kind: str, message: str) -> BaseException:
+    """The exception the native module raises for an error of `kind` (its contract)."""
+    if kind == "task_failed":
+        return _decode_task_failure(message)
+    error_class = _ERRORS_BY_KIND.get(kind)
+    if error_class is None:
+        return IonetSystemError(f"{kind}: {message}")
+    # Only a task failure carries a pickled exception worth rebuilding; elsewhere (an
+    # actor that died of its constructor) the readable part is what the user needs.
+    return error_class(message.partition(_EXCEPTION_MARKER)[0])
+
+
+# --- task failures: written by the worker, read by the caller ---------------------------
+
+
+def describe_failure(exc: BaseException, tb: Optional[TracebackType], what: str) -> str:
+    """A readable account of `exc` raised by `what` in this process, with traceback `tb`."""
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return f"{what} failed (pid={os.getpid()}, host={socket.gethostname()})\n{''.join(lines).rstrip()}"
+
+
+def encode_task_failure(exc: BaseException, tb: Optional[TracebackType], what: str) -> str:
+    """The failure text a worker returns for `exc`: its description, then `exc` pickled."""
+    try:
+        payload = cloudpickle.dumps(exc)
+    except Exception:
+        payload = cloudpickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    encoded = base64.b64encode(payload).decode("ascii")
+    return describe_failure(exc, tb, what) + _EXCEPTION_MARKER + encoded
+
+
+def _decode_task_failure(message: str) -> IonetTaskError:
+    summary, marker, encoded = message.partition(_EXCEPTION_MARKER)
+    cause = None
+    if marker:
+        try:
+            cause = cloudpickle.loads(base64.b64decode(encoded.split()[0]))
+        except Exception as exc:
+            # E.g. the exception's class lives in a module this process cannot import.
+            summary += f"\n(the remote exception could not be rebuilt here: {exc!r})"
+    return _task_error(summary, cause)
+
+
+# Derived error class for each remote exception class seen, made once.
+_task_error_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+
+
+def _task_error(traceback_str: str, cause: Optional[BaseException]) -> IonetTaskError:
+    """An error that is both an `IonetTaskError` and an instance of `cause`'s class."""
+    if isinstance(cause, IonetTaskError):
+        # A task that let a failed task's error escape: `traceback_str` already shows the
+        # inner traceback, and the inner cause is what the user may catch.
+        cause = cause.cause
+    if cause is None:
+        return IonetTaskError(traceback_str)
+    cause_class = type(cause)
+    try:
+        error_class = _task_error_classes.get(cause_class)
+        if error_class is None:
+            # Built as the cause was unpickled: its class's __init__ with its args.
+            error_class = type(
+                f"IonetTaskError({cause_class.__name__})",
+                (IonetTaskError, cause_class),
+                {"__module__": __name__, "__init__": cause_class.__init__},
+            )
+            _task_error_classes[cause_class] = error_class
+        error = error_class(*cause.args)
+        error.__dict__.update(cause.__dict__)
+    except Exception:
+        # A class that cannot be derived from or built this way: keep the cause beside.
+        return IonetTaskError(traceback_str, cause)
+    error.args = cause.args
+    error.traceback_str = traceback_str
+    error.cause = cause
+    return error

@@ -1,0 +1,76 @@
+"""Exceptions raised in tasks reach the caller with their class and remote traceback."""
+
+import pytest
+
+import ionet
+from ionet.exceptions import IonetTaskError, RayError, RayTaskError
+
+pytestmark = pytest.mark.usefixtures("local_cluster")
+
+
+class CodedError(Exception):
+    def __init__(self, code):
+        super().__init__(f"failed with code {code}")
+        self.code = code
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("this exception refuses to be pickled")
+
+
+@ionet.remote
+def fail_with_value_error(message):
+    raise ValueError(message)
+
+
+@ionet.remote
+def fail_with_coded_error(code):
+    raise CodedError(code)
+
+
+@ionet.remote
+def fail_unpicklably():
+    raise Unpicklable("cannot travel")
+
+
+@ionet.remote
+def call_failing_task():
+    return ionet.get(fail_with_value_error.remote("inner failure"))
+
+
+def test_remote_value_error_is_caught_as_value_error():
+    with pytest.raises(ValueError) as info:
+        ionet.get(fail_with_value_error.remote("boom"), timeout=60)
+    error = info.value
+    assert isinstance(error, IonetTaskError) and isinstance(error, RayTaskError) and isinstance(error, RayError)
+    assert isinstance(error.cause, ValueError)
+    text = str(error)
+    assert "raise ValueError(message)" in text and "boom" in text and "fail_with_value_error" in text
+
+
+def test_custom_exception_keeps_its_class_and_fields():
+    with pytest.raises(CodedError) as info:
+        ionet.get(fail_with_coded_error.remote(7), timeout=60)
+    assert info.value.code == 7 and "raise CodedError(code)" in str(info.value)
+
+
+def test_error_of_a_nested_task_keeps_the_inner_class():
+    with pytest.raises(ValueError) as info:
+        ionet.get(call_failing_task.remote(), timeout=60)
+    assert "inner failure" in str(info.value)
+
+
+def test_unpicklable_exception_still_reports_its_traceback():
+    with pytest.raises(IonetTaskError) as info:
+        ionet.get(fail_unpicklably.remote(), timeout=60)
+    assert "cannot travel" in str(info.value) and "Unpicklable" in str(info.value)
+
+
+def test_failed_ref_as_argument_fails_the_dependent_task():
+    @ionet.remote
+    def add_one(x):
+        return x + 1
+
+    with pytest.raises(ValueError, match="upstream"):
+        ionet.get(add_one.remote(fail_with_value_error.remote("upstream")), timeout=60)

@@ -1,0 +1,109 @@
+"""A cluster of three daemons started with the `ionet` command: placement across nodes,
+node affinity, objects moving between nodes, and a second driver."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import ionet
+from ionet.util import placement_group, placement_group_table, remove_placement_group
+from ionet.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+
+pytestmark = pytest.mark.usefixtures("process_cluster")
+
+
+@ionet.remote(num_cpus=1)
+def node_of_task():
+    return ionet.get_runtime_context().get_node_id()
+
+
+@ionet.remote
+def make_array(megabytes):
+    import numpy as np
+
+    return ionet.get_runtime_context().get_node_id(), np.full(megabytes * 1024 * 1024, 7, dtype=np.uint8)
+
+
+@ionet.remote
+class Registry:
+    def __init__(self):
+        self.entries = {}
+
+    def put(self, key, value):
+        self.entries[key] = value
+
+    def get(self, key):
+        return self.entries.get(key)
+
+
+def alive_node_ids():
+    return sorted(node["NodeID"] for node in ionet.nodes() if node["Alive"])
+
+
+def test_three_nodes_joined():
+    assert len(alive_node_ids()) == 3
+    assert ionet.cluster_resources()["CPU"] == 6.0
+
+
+def test_strict_spread_places_each_bundle_on_its_own_node():
+    group = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    assert group.wait(60)
+    table = placement_group_table(group)
+    assert sorted(table["bundles_to_node_id"].values()) == alive_node_ids()
+    refs = [
+        node_of_task.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+        for index in range(3)
+    ]
+    nodes = ionet.get(refs, timeout=60)
+    assert sorted(nodes) == alive_node_ids()
+    assert nodes == [table["bundles_to_node_id"][index] for index in range(3)]
+    remove_placement_group(group)
+
+
+def test_node_affinity_runs_on_the_named_node():
+    for node_id in alive_node_ids():
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        assert ionet.get(node_of_task.options(scheduling_strategy=strategy).remote(), timeout=60) == node_id
+
+
+def test_arrays_made_on_other_nodes_are_read_here():
+    np = pytest.importorskip("numpy")
+    refs = [
+        make_array.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(16)
+        for node_id in alive_node_ids()
+    ]
+    results = ionet.get(refs, timeout=120)
+    assert sorted(node for node, _ in results) == alive_node_ids()
+    for _, array in results:
+        assert array.nbytes == 16 * 1024 * 1024 and np.all(array == 7)
+
+
+def test_detached_actor_is_reached_from_another_driver(process_cluster):
+    registry = Registry.options(name="registry", namespace="shared", lifetime="detached").remote()
+    ionet.get(registry.put.remote("greeting", "hello from the first driver"), timeout=60)
+    script = textwrap.dedent(
+        """
+        import sys
+        import ionet
+
+        ionet.init(address="auto", _session_dir=sys.argv[1])
+        registry = ionet.get_actor("registry", namespace="shared")
+        print(ionet.get(registry.get.remote("greeting"), timeout=60))
+        ionet.shutdown()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(process_cluster.session_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hello from the first driver"
+    ionet.kill(registry)

@@ -1,0 +1,131 @@
+"""Remote functions on an embedded cluster: arguments, results, options, retries."""
+
+import os
+import signal
+
+import pytest
+
+import ionet
+from ionet.exceptions import WorkerCrashedError
+
+pytestmark = pytest.mark.usefixtures("local_cluster")
+
+
+@ionet.remote
+def add(a, b=0):
+    return a + b
+
+
+@ionet.remote
+def identity(value):
+    return value
+
+
+@ionet.remote
+def describe(*args, **kwargs):
+    return args, kwargs
+
+
+@ionet.remote(num_returns=3)
+def three_values(x):
+    return x, x + 1, x + 2
+
+
+@ionet.remote
+def sum_of_squares(n):
+    # Submits tasks from inside a task.
+    return sum(ionet.get([add.remote(i * i) for i in range(n)]))
+
+
+@ionet.remote
+def first_of(refs):
+    # A ref nested in a value travels as a ref.
+    assert isinstance(refs[0], ionet.ObjectRef)
+    return ionet.get(refs[0])
+
+
+def test_values_come_back():
+    assert ionet.get(add.remote(1, 2), timeout=60) == 3
+    assert ionet.get([add.remote(i, i) for i in range(20)], timeout=60) == [2 * i for i in range(20)]
+
+
+def test_keyword_arguments():
+    assert ionet.get(add.remote(1, b=5), timeout=60) == 6
+    assert ionet.get(add.remote(a=2, b=3), timeout=60) == 5
+    args, kwargs = ionet.get(describe.remote(1, "x", key=[1], other=None), timeout=60)
+    assert args == (1, "x") and kwargs == {"key": [1], "other": None}
+
+
+def test_top_level_ref_arguments_pass_their_values():
+    ref = ionet.put(40)
+    assert ionet.get(add.remote(ref, 2), timeout=60) == 42
+    assert ionet.get(add.remote(1, b=ref), timeout=60) == 41
+
+
+def test_nested_refs_travel_as_refs():
+    assert ionet.get(first_of.remote([ionet.put("inner")]), timeout=60) == "inner"
+
+
+def test_chains_of_tasks():
+    ref = ionet.put(0)
+    for _ in range(10):
+        ref = add.remote(ref, 1)
+    assert ionet.get(ref, timeout=60) == 10
+
+
+def test_tasks_submitted_from_tasks():
+    assert ionet.get(sum_of_squares.remote(10), timeout=60) == sum(i * i for i in range(10))
+
+
+def test_num_returns_gives_one_ref_per_value():
+    refs = three_values.remote(1)
+    assert isinstance(refs, list) and len(refs) == 3
+    assert ionet.get(refs, timeout=60) == [1, 2, 3]
+    assert ionet.get(identity.options(num_returns=2).remote((5, 6)), timeout=60) == [5, 6]
+
+
+def test_options_override_the_decorator():
+    assert ionet.get(add.options(num_cpus=0.5, max_retries=0).remote(1, 1), timeout=60) == 2
+
+
+def test_custom_resources():
+    assert ionet.get(identity.options(resources={"custom": 2}).remote("ok"), timeout=60) == "ok"
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(ValueError, match="invalid option"):
+        add.options(bogus=1)
+    with pytest.raises(ValueError):
+        add.options(num_cpus=-1)
+    with pytest.raises(ValueError):
+        add.options(resources={"CPU": 1})
+
+
+def test_remote_functions_cannot_be_called_directly():
+    with pytest.raises(TypeError, match="remote"):
+        add(1, 2)
+
+
+@ionet.remote(max_retries=1)
+def crash_once(marker):
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(1)
+    return "survived"
+
+
+@ionet.remote(max_retries=0)
+def crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_task_whose_worker_crashes_is_retried(tmp_path):
+    marker = str(tmp_path / "crashed-once")
+    assert ionet.get(crash_once.remote(marker), timeout=90) == "survived"
+    assert os.path.exists(marker)
+
+
+def test_task_whose_worker_crashes_without_retries_fails():
+    with pytest.raises(WorkerCrashedError):
+        ionet.get(crash.remote(), timeout=90)
