@@ -291,6 +291,11 @@ impl Leases {
         self.lock().view = view;
     }
 
+    /// Alive nodes in the cluster view that spillback decisions read.
+    pub fn nodes_in_view(&self) -> usize {
+        self.lock().view.alive_count()
+    }
+
     fn decide(&self, demand: &ResourceSet, strategy: &SchedulingStrategy, no_spillback: bool) -> Step {
         let mut state = self.lock();
         let gpus = demand.get(GPU);

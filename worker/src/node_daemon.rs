@@ -102,6 +102,7 @@ impl NodeManager for NodeManagerService {
             connected_to_gcs: self.shared.connected.load(Ordering::SeqCst),
             registrations: self.shared.registrations.load(Ordering::SeqCst),
             object_store_dir: self.shared.objects.dir(),
+            nodes_in_view: self.shared.leases.nodes_in_view() as u32,
         }))
     }
 

@@ -208,7 +208,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
     Ok((gcs_address, node_address, token))
 }
 
-async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)> {
+async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, usize)> {
     let session = SessionDir::resolve(config.session_dir.as_deref());
     let address = match config.address.as_deref() {
         Some("auto") => session
@@ -234,16 +234,37 @@ async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)
         .or_else(|| alive.iter().find(|node| host_of(&node.address) == host))
         .or_else(|| alive.first())
         .ok_or_else(|| IonetError::Unavailable(format!("the cluster at {address} has no alive node")))?;
-    Ok((address, local.address.clone(), token))
+    Ok((address, local.address.clone(), token, alive.len()))
+}
+
+/// Waits (briefly) until the driver's node daemon knows every node the control store
+/// listed: its view is refreshed each heartbeat, and until then its spillback decisions
+/// would leave out nodes that joined just before this driver. Past the deadline the
+/// driver goes on: a node that died meanwhile never appears.
+async fn wait_for_cluster_view(
+    node: &mut NodeManagerClient,
+    alive: usize,
+) -> IonetResult<ionet_common::rpc::proto::node::GetNodeStatsReply> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = node.get_node_stats(ionet_common::rpc::proto::node::GetNodeStatsRequest {}).await?.into_inner();
+        if stats.nodes_in_view as usize >= alive || tokio::time::Instant::now() >= deadline {
+            return Ok(stats);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn init_driver(config: InitConfig) -> IonetResult<()> {
-    let (gcs_address, node_address, token) = match config.address {
-        None => start_embedded(&config).await?,
+    let (gcs_address, node_address, token, alive) = match config.address {
+        None => {
+            let (gcs_address, node_address, token) = start_embedded(&config).await?;
+            (gcs_address, node_address, token, 1)
+        }
         Some(_) => join(&config).await?,
     };
     let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(5)).await?);
-    let stats = node.get_node_stats(ionet_common::rpc::proto::node::GetNodeStatsRequest {}).await?.into_inner();
+    let stats = wait_for_cluster_view(&mut node, alive).await?;
     let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
     let store_dir = stats.object_store_dir;
     let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
