@@ -12,6 +12,9 @@ fi
 # From the repository root, so that the source tree's python/ionet (without the native
 # module) is not on sys.path in place of the installed package.
 cd "$root"
-# maturin is in the venv already: build without an isolated build environment.
-"$venv/bin/pip" install -q --no-build-isolation ./python
+# maturin is in the venv already: build without an isolated build environment (pip runs
+# the `maturin` on PATH). The tests take the unoptimised build, which shares its compiled
+# dependencies with `cargo test`; benchmarks install with `pip install ./python`.
+export PATH="$venv/bin:$PATH"
+MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --no-build-isolation ./python
 exec "$venv/bin/python" -m pytest -q python/tests "$@"

@@ -29,7 +29,9 @@ use ionet::auth::ClusterToken;
 use ionet::rpc::proto::common::NodeState as WireNodeState;
 use ionet::rpc::proto::gcs::cluster_event::Event;
 use ionet::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
-use ionet::rpc::proto::node::{request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+use ionet::rpc::proto::node::{
+    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
+};
 use ionet::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet::{ActorId, IonetError, IonetResult, JobId};
@@ -142,7 +144,9 @@ impl Actors {
         };
         tracing::info!(actor = %actor_id, class = %spec.class_name, name = %spec.name, "actor registered");
         self.bump();
-        if !spec.detached && !spec.owner_address.is_empty() && self.owners.insert(spec.owner_address.clone(), ()).is_none()
+        if !spec.detached
+            && !spec.owner_address.is_empty()
+            && self.owners.insert(spec.owner_address.clone(), ()).is_none()
         {
             tokio::spawn(self.clone().watch_owner(spec.owner_address.clone()));
         }
@@ -371,10 +375,7 @@ impl Actors {
     }
 
     /// One lease for the actor's resources, following spillbacks.
-    async fn lease(
-        &self,
-        spec: &ActorSpec,
-    ) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), String> {
+    async fn lease(&self, spec: &ActorSpec) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), String> {
         let mut address = self.first_node(&spec.node_address).ok_or("the cluster has no alive node")?;
         let mut request = RequestWorkerLeaseRequest {
             job_id: spec.job_id.clone(),

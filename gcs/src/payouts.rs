@@ -52,7 +52,10 @@ pub struct PayoutSettings {
 
 impl std::fmt::Debug for PayoutSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PayoutSettings").field("asset", &self.config.asset).field("store_path", &self.store_path).finish()
+        f.debug_struct("PayoutSettings")
+            .field("asset", &self.config.asset)
+            .field("store_path", &self.store_path)
+            .finish()
     }
 }
 
@@ -96,12 +99,13 @@ impl Payouts {
     pub async fn open(settings: PayoutSettings, metering: Arc<Metering>) -> GcsResult<Arc<Self>> {
         let PayoutSettings { chain, authority, config, store_path, retry_interval } = settings;
         let payouter = blocking(move || {
-            let store: Box<dyn PayoutStore> = match &store_path {
-                Some(path) => Box::new(RedbPayoutStore::open(path).map_err(|err| {
-                    GcsError::Storage(format!("cannot open payout store {}: {err}", path.display()))
-                })?),
-                None => Box::new(MemoryPayoutStore::new()),
-            };
+            let store: Box<dyn PayoutStore> =
+                match &store_path {
+                    Some(path) => Box::new(RedbPayoutStore::open(path).map_err(|err| {
+                        GcsError::Storage(format!("cannot open payout store {}: {err}", path.display()))
+                    })?),
+                    None => Box::new(MemoryPayoutStore::new()),
+                };
             Ok(SolanaPayouter::new(chain, store, authority, config)?)
         })
         .await?;

@@ -243,6 +243,11 @@ impl PlacementGroups {
         })
     }
 
+    /// The ids of every group, removed ones included, in id order.
+    pub fn ids(&self) -> Vec<PlacementGroupId> {
+        self.lock().keys().copied().collect()
+    }
+
     /// The group's state, if it exists.
     pub fn state_of(&self, id: &PlacementGroupId) -> Option<PlacementGroupState> {
         self.lock().get(id).map(|group| group.state)

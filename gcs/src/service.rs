@@ -177,6 +177,14 @@ impl Gcs for GcsService {
         Ok(Response::new(self.placement_groups.get(&id)?))
     }
 
+    async fn list_placement_groups(
+        &self,
+        _request: Request<ListPlacementGroupsRequest>,
+    ) -> Result<Response<ListPlacementGroupsReply>, Status> {
+        let placement_group_ids = self.placement_groups.ids().iter().map(|id| id.to_vec()).collect();
+        Ok(Response::new(ListPlacementGroupsReply { placement_group_ids }))
+    }
+
     async fn remove_placement_group(
         &self,
         request: Request<RemovePlacementGroupRequest>,

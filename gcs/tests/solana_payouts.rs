@@ -66,7 +66,10 @@ impl Chain {
     }
 
     fn balances(&self) -> Vec<u64> {
-        self.providers.iter().map(|wallet| self.svm.token_balance(&associated_token_address(wallet, &self.mint))).collect()
+        self.providers
+            .iter()
+            .map(|wallet| self.svm.token_balance(&associated_token_address(wallet, &self.mint)))
+            .collect()
     }
 }
 

@@ -18,12 +18,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use ionet_api as ionet;
 use ionet::actor::{ActorClass, ActorHandle, ActorInstance, ActorOptions, MethodCall};
 use ionet::raw::{self, Raw};
 use ionet::rpc::proto::node::WorkerCommand;
 use ionet::task::{ArgBytes, Failure};
 use ionet::{Arg, InitConfig, IonetError, IonetResult, ObjectBytes, ObjectRef, SchedulingStrategy, TaskOptions};
+use ionet_api as ionet;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -55,7 +55,8 @@ fn to_py(error: IonetError) -> PyErr {
         _ => ("other", error.to_string()),
     };
     Python::attach(|py| {
-        let built = py.import("ionet.exceptions").and_then(|module| module.call_method1("_native_error", (kind, &message)));
+        let built =
+            py.import("ionet.exceptions").and_then(|module| module.call_method1("_native_error", (kind, &message)));
         match built {
             Ok(exception) => PyErr::from_value(exception),
             Err(_) => PyRuntimeError::new_err(message),
@@ -181,7 +182,13 @@ impl PyActorHandle {
     }
 
     #[pyo3(signature = (method, args, options = None))]
-    fn call(&self, py: Python<'_>, method: &str, args: &Bound<'_, PyList>, options: Option<&Bound<'_, PyDict>>) -> PyResult<PyObjectRef> {
+    fn call(
+        &self,
+        py: Python<'_>,
+        method: &str,
+        args: &Bound<'_, PyList>,
+        options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyObjectRef> {
         let _ = options;
         let args = convert_args(args)?;
         let handle = self.inner.clone();
@@ -298,7 +305,9 @@ fn apply_strategy(task: &mut TaskOptions, strategy: &Bound<'_, PyAny>) -> PyResu
         return Ok(());
     }
     let tuple = strategy.cast::<PyTuple>().map_err(|_| {
-        PyTypeError::new_err("scheduling_strategy must be DEFAULT, SPREAD, ('node', id, soft) or ('placement_group', id, index)")
+        PyTypeError::new_err(
+            "scheduling_strategy must be DEFAULT, SPREAD, ('node', id, soft) or ('placement_group', id, index)",
+        )
     })?;
     let kind: String = tuple.get_item(0)?.extract()?;
     match kind.as_str() {
@@ -500,7 +509,12 @@ fn get_objects(py: Python<'_>, refs: &Bound<'_, PyList>, timeout: Option<f64>) -
 /// Indices of the ready refs (up to `num_returns`) and of the others.
 #[pyfunction]
 #[pyo3(signature = (refs, num_returns, timeout = None))]
-fn wait(py: Python<'_>, refs: &Bound<'_, PyList>, num_returns: usize, timeout: Option<f64>) -> PyResult<(Vec<usize>, Vec<usize>)> {
+fn wait(
+    py: Python<'_>,
+    refs: &Bound<'_, PyList>,
+    num_returns: usize,
+    timeout: Option<f64>,
+) -> PyResult<(Vec<usize>, Vec<usize>)> {
     let objects = objects(refs)?;
     let timeout = timeout.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
     let ids: Vec<_> = objects.iter().map(|object| object.id()).collect();
@@ -518,7 +532,12 @@ fn wait(py: Python<'_>, refs: &Bound<'_, PyList>, num_returns: usize, timeout: O
 }
 
 #[pyfunction]
-fn submit_task(py: Python<'_>, function_key: &[u8], args: &Bound<'_, PyList>, options: &Bound<'_, PyDict>) -> PyResult<PyObjectRef> {
+fn submit_task(
+    py: Python<'_>,
+    function_key: &[u8],
+    args: &Bound<'_, PyList>,
+    options: &Bound<'_, PyDict>,
+) -> PyResult<PyObjectRef> {
     let mut all = vec![Arg::Value(Ok(function_key.to_vec()))];
     all.extend(convert_args(args)?);
     let task = task_options(options, 1.0)?;
@@ -527,7 +546,12 @@ fn submit_task(py: Python<'_>, function_key: &[u8], args: &Bound<'_, PyList>, op
 }
 
 #[pyfunction]
-fn create_actor(py: Python<'_>, class_key: &[u8], args: &Bound<'_, PyList>, options: &Bound<'_, PyDict>) -> PyResult<PyActorHandle> {
+fn create_actor(
+    py: Python<'_>,
+    class_key: &[u8],
+    args: &Bound<'_, PyList>,
+    options: &Bound<'_, PyDict>,
+) -> PyResult<PyActorHandle> {
     let mut all = vec![Arg::Value(Ok(class_key.to_vec()))];
     all.extend(convert_args(args)?);
     let mut actor = ActorOptions { resources: task_options(options, 0.0)?, ..ActorOptions::default() };
@@ -603,7 +627,10 @@ fn nodes<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let row = PyDict::new(py);
         row.set_item("NodeID", hex(&node.node_id))?;
         row.set_item("Alive", node.state == ionet::rpc::proto::common::NodeState::Alive as i32)?;
-        row.set_item("NodeManagerAddress", node.address.rsplit_once(':').map(|(host, _)| host).unwrap_or(&node.address))?;
+        row.set_item(
+            "NodeManagerAddress",
+            node.address.rsplit_once(':').map(|(host, _)| host).unwrap_or(&node.address),
+        )?;
         row.set_item("NodeManagerHostname", &node.hostname)?;
         row.set_item("Resources", resources_dict(py, &total)?)?;
         row.set_item("Labels", node.labels.clone())?;
@@ -658,7 +685,12 @@ fn group(id: &str) -> PyResult<ionet::PlacementGroupId> {
 
 #[pyfunction]
 #[pyo3(signature = (bundles, strategy, name = String::new()))]
-fn placement_group(py: Python<'_>, bundles: Vec<BTreeMap<String, f64>>, strategy: &str, name: String) -> PyResult<String> {
+fn placement_group(
+    py: Python<'_>,
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: &str,
+    name: String,
+) -> PyResult<String> {
     use ionet::PlacementStrategy;
     let strategy = match strategy {
         "PACK" => PlacementStrategy::Pack,
@@ -703,9 +735,13 @@ fn group_row<'py>(py: Python<'py>, id: ionet::PlacementGroupId) -> PyResult<Boun
     let row = PyDict::new(py);
     row.set_item("placement_group_id", id.hex())?;
     row.set_item("name", &reply.name)?;
-    let strategy = PlacementStrategy::try_from(reply.strategy).map(|s| s.as_str_name().to_string()).unwrap_or_default();
+    let strategy = PlacementStrategy::try_from(reply.strategy)
+        .map(|s| s.as_str_name().trim_start_matches("PLACEMENT_STRATEGY_").to_string())
+        .unwrap_or_default();
     row.set_item("strategy", strategy)?;
-    let state = PlacementGroupState::try_from(reply.state).map(|s| s.as_str_name().to_string()).unwrap_or_default();
+    let state = PlacementGroupState::try_from(reply.state)
+        .map(|s| s.as_str_name().trim_start_matches("PLACEMENT_GROUP_STATE_").to_string())
+        .unwrap_or_default();
     row.set_item("state", state)?;
     let bundles = PyDict::new(py);
     for (index, bundle) in reply.bundles.iter().enumerate() {
@@ -725,7 +761,13 @@ fn group_row<'py>(py: Python<'py>, id: ionet::PlacementGroupId) -> PyResult<Boun
 fn placement_group_table<'py>(py: Python<'py>, pg_id: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
     match pg_id {
         Some(id) => group_row(py, group(id)?),
-        None => Err(PyValueError::new_err("placement_group_table needs a group id here")),
+        None => {
+            let table = PyDict::new(py);
+            for id in py.detach(ionet::placement_group_ids).or_raise()? {
+                table.set_item(id.hex(), group_row(py, id)?)?;
+            }
+            Ok(table)
+        }
     }
 }
 
@@ -740,7 +782,9 @@ fn result_of(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Result<Vec<u
     if let Ok(text) = value.cast::<PyString>() {
         return Err(Failure::error(text.to_string()));
     }
-    let list = value.cast::<PyList>().map_err(|_| Failure::error("the Python worker runtime returned neither parts nor a failure".into()))?;
+    let list = value
+        .cast::<PyList>()
+        .map_err(|_| Failure::error("the Python worker runtime returned neither parts nor a failure".into()))?;
     let parts = parts_of(list).map_err(|err| Failure::error(err.to_string()))?;
     Ok(concatenated(&parts, py))
 }

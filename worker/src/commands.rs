@@ -71,11 +71,22 @@ pub fn start(args: StartArgs) -> Result<()> {
     launch_in_background(&args, &session)
 }
 
+/// The program to re-execute as the daemon: argv[0] when it is a path (an interpreter
+/// such as a virtualenv's `python`, whose resolved executable would lose the virtualenv),
+/// else this executable.
+fn this_program() -> Result<std::path::PathBuf> {
+    let invoked = std::env::args_os().next().map(std::path::PathBuf::from);
+    match invoked {
+        Some(path) if path.components().count() > 1 && path.is_file() => Ok(path),
+        _ => Ok(std::env::current_exe()?),
+    }
+}
+
 fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     let role = if args.head { "head" } else { "node" };
     let out_path = session.logs().join(format!("{role}.out"));
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path)?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
+    let mut command = std::process::Command::new(this_program()?);
     command
         .args(std::env::args_os().skip(1))
         .arg("--block")

@@ -324,7 +324,9 @@ pub fn payouts(args: PayoutsArgs) -> Result<()> {
         return Ok(());
     }
     if !reply.enabled {
-        println!("the head does not pay out on chain (start it with --payout-rpc-url, --payout-keypair, --payout-asset)");
+        println!(
+            "the head does not pay out on chain (start it with --payout-rpc-url, --payout-keypair, --payout-asset)"
+        );
         return Ok(());
     }
     if reply.epochs.is_empty() {
@@ -345,7 +347,10 @@ pub fn payouts(args: PayoutsArgs) -> Result<()> {
             );
         }
         if epoch.skipped > 0 {
-            println!("{:>6}  {} provider(s) skipped (not a Solana wallet, or under one base unit)", epoch.epoch_id, epoch.skipped);
+            println!(
+                "{:>6}  {} provider(s) skipped (not a Solana wallet, or under one base unit)",
+                epoch.epoch_id, epoch.skipped
+            );
         }
     }
     Ok(())

@@ -255,9 +255,10 @@ impl ActorHandle {
         let client = worker.actor_client(self);
         let call = ActorCall { method: method.into(), args, return_id, task_id: TaskId::random(), attempt: 0 };
         if let Err(mpsc::error::SendError(call)) = client.queue.send(call) {
-            worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::Internal(
-                "the actor's call queue is closed".into(),
-            ))));
+            worker.settle_object(
+                &call.return_id,
+                ObjectState::Failed(Arc::new(IonetError::Internal("the actor's call queue is closed".into()))),
+            );
         }
         object
     }
@@ -297,9 +298,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
                 Arg::Value(Err(why)) => {
                     return Err(IonetError::InvalidArgument(format!("argument {index} of {class}: {why}")))
                 }
-                Arg::Ref(reference) => {
-                    worker.fetch(reference.id(), reference.owner_address(), None).await?.to_vec()
-                }
+                Arg::Ref(reference) => worker.fetch(reference.id(), reference.owner_address(), None).await?.to_vec(),
             });
         }
         let bundle = options.resources.placement_group;
@@ -508,7 +507,10 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             match connect(&shared, broken).await {
                 Ok(Ok(fresh)) => connection = Some(fresh),
                 Ok(Err(cause)) => {
-                    worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))));
+                    worker.settle_object(
+                        &call.return_id,
+                        ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
+                    );
                     dead = Some(cause);
                     continue;
                 }
@@ -627,7 +629,8 @@ async fn send_one(
                 },
                 Err(_) => None,
             };
-            let cause = cause.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class));
+            let cause =
+                cause.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class));
             ObjectState::Failed(Arc::new(IonetError::ActorDied(format!(
                 "{cause}; call {method} was lost ({})",
                 status.message()
@@ -711,7 +714,9 @@ impl HostedActor {
 impl CoreWorker {
     pub(crate) fn gcs(&self) -> IonetResult<GcsClient> {
         if self.gcs_address.is_empty() {
-            return Err(IonetError::FailedPrecondition("this process does not know the control store's address".into()));
+            return Err(IonetError::FailedPrecondition(
+                "this process does not know the control store's address".into(),
+            ));
         }
         Ok(GcsClient::new(self.channel(&self.gcs_address)?))
     }

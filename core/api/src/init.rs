@@ -113,7 +113,8 @@ pub fn is_initialized() -> bool {
 pub const WORKER_ARGV_ENV: &str = "IONET_WORKER_ARGV";
 
 fn worker_command() -> WorkerCommand {
-    let inherited = std::env::var(WORKER_ARGV_ENV).ok().and_then(|json| serde_json::from_str::<Vec<String>>(&json).ok());
+    let inherited =
+        std::env::var(WORKER_ARGV_ENV).ok().and_then(|json| serde_json::from_str::<Vec<String>>(&json).ok());
     let argv = inherited.unwrap_or_else(|| {
         let mut argv: Vec<String> = std::env::args().collect();
         if let Ok(exe) = std::env::current_exe() {

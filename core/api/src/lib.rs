@@ -44,6 +44,7 @@ mod service;
 pub mod task;
 pub mod testing;
 
+pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
 pub use api::{
     get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait, ObjectBytes,
 };
@@ -51,12 +52,12 @@ pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
 pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
-pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
 pub use ionet_macros::{actor, remote};
 pub use object_ref::{Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
 pub use placement_group::{
-    named_placement_group, placement_group, remove_placement_group, PlacementGroup, PlacementStrategy,
+    named_placement_group, placement_group, placement_group_ids, remove_placement_group, PlacementGroup,
+    PlacementStrategy,
 };
 
 #[doc(hidden)]

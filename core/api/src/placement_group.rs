@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use ionet_common::resources::{Quantity, ResourceSet};
 use ionet_common::rpc::proto::common::ResourceQuantities;
 use ionet_common::rpc::proto::gcs::{
-    CreatePlacementGroupRequest, GetPlacementGroupReply, GetPlacementGroupRequest, PlacementGroupState,
-    PlacementStrategy as WireStrategy, RemovePlacementGroupRequest,
+    CreatePlacementGroupRequest, GetPlacementGroupReply, GetPlacementGroupRequest, ListPlacementGroupsRequest,
+    PlacementGroupState, PlacementStrategy as WireStrategy, RemovePlacementGroupRequest,
 };
 use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
 
@@ -117,6 +117,17 @@ impl PlacementGroup {
 pub(crate) async fn get_group(worker: &CoreWorker, id: &PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
     let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
     Ok(gcs.get_placement_group(GetPlacementGroupRequest { placement_group_id: id.to_vec() }).await?.into_inner())
+}
+
+/// The ids of every placement group of the cluster, removed ones included (Ray's
+/// `placement_group_table()` with no argument).
+pub fn placement_group_ids() -> IonetResult<Vec<PlacementGroupId>> {
+    let worker = runtime::current()?;
+    block_on(async {
+        let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
+        let reply = gcs.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner();
+        reply.placement_group_ids.iter().map(|id| Ok(PlacementGroupId::from_bytes(id)?)).collect()
+    })
 }
 
 /// Asks the control store to reserve `bundles` (resource name → amount, e.g.

@@ -114,7 +114,8 @@ pub fn kv_put(namespace: &str, key: &[u8], value: Vec<u8>, overwrite: bool) -> I
 pub fn kv_get(namespace: &str, key: &[u8]) -> IonetResult<Option<Vec<u8>>> {
     let worker = runtime::current()?;
     block_on(async {
-        let request = ionet_common::rpc::proto::gcs::KvGetRequest { namespace: namespace.to_string(), key: key.to_vec() };
+        let request =
+            ionet_common::rpc::proto::gcs::KvGetRequest { namespace: namespace.to_string(), key: key.to_vec() };
         match worker.gcs()?.kv_get(request).await {
             Ok(reply) => Ok(Some(reply.into_inner().value)),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),

@@ -583,7 +583,11 @@ async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<T
 
 /// The arguments of a call as they travel: values inline, refs resolved to their value or
 /// its location (waiting until the objects exist).
-pub(crate) async fn resolve_call_args(worker: &CoreWorker, function: &str, call_args: &[Arg]) -> IonetResult<Vec<TaskArg>> {
+pub(crate) async fn resolve_call_args(
+    worker: &CoreWorker,
+    function: &str,
+    call_args: &[Arg],
+) -> IonetResult<Vec<TaskArg>> {
     let mut args = Vec::with_capacity(call_args.len());
     for (index, arg) in call_args.iter().enumerate() {
         let value = match arg {

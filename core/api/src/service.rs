@@ -175,7 +175,16 @@ impl CoreWorkerRpc for CoreWorkerService {
         let task_id = TaskId::from_bytes(&request.task_id).ok();
         let return_id = ObjectId::from_bytes(&request.return_object_id)?;
         let invoke = function.invoke;
-        let reply = run_call(&self.worker, &function_name, &request.task_id, task_id, return_id, request.inline_threshold, move || invoke(args)).await?;
+        let reply = run_call(
+            &self.worker,
+            &function_name,
+            &request.task_id,
+            task_id,
+            return_id,
+            request.inline_threshold,
+            move || invoke(args),
+        )
+        .await?;
         Ok(Response::new(reply))
     }
 
@@ -226,10 +235,7 @@ impl CoreWorkerRpc for CoreWorkerService {
             Ok(Response::new(CreateActorReply { failure: Some(failure) }))
         };
         if let Some(hosted) = self.worker.hosted.get() {
-            return Err(Status::failed_precondition(format!(
-                "this worker already hosts actor {}",
-                hosted.id.short()
-            )));
+            return Err(Status::failed_precondition(format!("this worker already hosts actor {}", hosted.id.short())));
         }
         let Some(class) = actor::lookup_class(&request.class_name) else {
             let why = format!("no actor class named {} in this binary", request.class_name);
@@ -258,7 +264,10 @@ impl CoreWorkerRpc for CoreWorkerService {
         let request = request.into_inner();
         let actor_id = ActorId::from_bytes(&request.actor_id)?;
         let Some(hosted) = self.worker.hosted.get().cloned() else {
-            return Err(Status::failed_precondition(format!("this worker hosts no actor (asked for {})", actor_id.short())));
+            return Err(Status::failed_precondition(format!(
+                "this worker hosts no actor (asked for {})",
+                actor_id.short()
+            )));
         };
         if hosted.id != actor_id || hosted.incarnation != request.incarnation {
             return Err(Status::failed_precondition(format!(
@@ -277,8 +286,12 @@ impl CoreWorkerRpc for CoreWorkerService {
         let return_id = ObjectId::from_bytes(&request.return_object_id)?;
         let (worker, task_bytes, threshold) = (&self.worker, &request.task_id, request.inline_threshold);
         let reply = match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &method, args)) {
-            Ok(MethodCall::Blocking(call)) => run_call(worker, &method, task_bytes, task_id, return_id, threshold, call).await,
-            Ok(MethodCall::Async(call)) => Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, call).await),
+            Ok(MethodCall::Blocking(call)) => {
+                run_call(worker, &method, task_bytes, task_id, return_id, threshold, call).await
+            }
+            Ok(MethodCall::Async(call)) => {
+                Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, call).await)
+            }
             Err(failure) => Ok(failure_reply(worker, &method, task_bytes, failure)),
         };
         drop(permit);

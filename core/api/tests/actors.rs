@@ -144,7 +144,8 @@ fn ten_thousand_calls_run_in_order() {
         other => panic!("expected the method's error, got {other:?}"),
     }
     // A handle is cheap to clone and serialise; its clone reaches the same actor.
-    let again: CounterHandle = ionet::task::decode_value(&ionet::task::encode_value(&counter.clone()).unwrap()).unwrap();
+    let again: CounterHandle =
+        ionet::task::decode_value(&ionet::task::encode_value(&counter.clone()).unwrap()).unwrap();
     assert_eq!(ionet::get(&again.get()).unwrap(), 5);
     ionet::shutdown();
 }
@@ -159,7 +160,8 @@ fn handle_passed_to_tasks_on_two_nodes() {
     let refs: Vec<_> = (0..10)
         .map(|task| {
             let node_id = ionet::NodeId::from_bytes(&nodes[task % 2].node_id).unwrap();
-            let options = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id, soft: false });
+            let options =
+                TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id, soft: false });
             bump::options(options).remote(counter.clone(), 100u32)
         })
         .collect();
@@ -238,7 +240,10 @@ fn killed_actor_restarts_or_dies() {
     let first_pid = ionet::get(&restarting.pid()).unwrap();
     sigkill(first_pid);
     wait_until("the actor to restart", Duration::from_secs(60), || {
-        restarting.actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::rpc::proto::gcs::ActorState::Alive as i32)
+        restarting
+            .actor_handle()
+            .info()
+            .is_ok_and(|info| info.incarnation == 1 && info.state == ionet::rpc::proto::gcs::ActorState::Alive as i32)
     });
     let value = ionet::get_timeout(&restarting.incr(1), Duration::from_secs(60)).unwrap();
     assert_eq!(value, 1, "the constructor ran again: state reset");
@@ -262,7 +267,8 @@ fn killed_actor_restarts_or_dies() {
         other => panic!("a later call must fail as actor-died, got {other:?}"),
     }
     // The actor table shows both, with restarts and the cause of death.
-    let listed: serde_json::Value = serde_json::from_str(&cluster.ionet(&["list", "actors", "--all", "--json"])).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["list", "actors", "--all", "--json"])).unwrap();
     let rows = listed.as_array().unwrap();
     let row = |id: &ionet::ActorId| rows.iter().find(|row| row["actor_id"] == id.hex()).unwrap().clone();
     let alive = row(&restarting.actor_handle().id());

@@ -306,7 +306,11 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                 self.0.call(#method_name, ::std::vec![#(::ionet::IntoArg::<#arg_types>::into_arg(#arg_names)),*])
             }
         });
-        let awaited = if *is_async { quote! { .await } } else { quote! {} };
+        let awaited = if *is_async {
+            quote! { .await }
+        } else {
+            quote! {}
+        };
         let invoke = if *fallible {
             quote! {
                 match this.#name(#(#arg_names),*) #awaited {

@@ -519,7 +519,10 @@ fn payouts_are_recorded_once_on<S: LedgerStore>(mut ledger: Ledger<S>, reopen: i
     assert_eq!(ledger.balance(&provider).unwrap(), 500_000);
     assert_eq!(sum_of_balances(&ledger), 0);
     let last = ledger.entries(0, 100).unwrap().pop().unwrap();
-    assert_eq!((last.kind, last.debit, last.credit, last.amount), (EntryKind::Payout, provider, Account::Funding, 1_500_000));
+    assert_eq!(
+        (last.kind, last.debit, last.credit, last.amount),
+        (EntryKind::Payout, provider, Account::Funding, 1_500_000)
+    );
 
     // More than the provider has earned is refused, and posts nothing.
     let err = ledger.record_payout(0, "solana:0:2", &[("wallet-a".to_string(), 500_001)]).unwrap_err().to_string();

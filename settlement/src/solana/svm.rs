@@ -81,8 +81,12 @@ impl SvmChain {
     /// Runs a set-up transaction paid by `signers[0]` (panics if it fails).
     pub fn execute(&self, instructions: &[Instruction], signers: &[&Keypair]) {
         let mut svm = self.svm();
-        let transaction =
-            Transaction::new_signed_with_payer(instructions, Some(&signers[0].pubkey()), signers, svm.latest_blockhash());
+        let transaction = Transaction::new_signed_with_payer(
+            instructions,
+            Some(&signers[0].pubkey()),
+            signers,
+            svm.latest_blockhash(),
+        );
         svm.send_transaction(transaction).expect("setup transaction");
     }
 

@@ -149,7 +149,8 @@ impl Cluster {
 impl Cluster {
     /// The last lines of every daemon's log, for a failing test's output.
     fn print_logs(&self) {
-        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let mut logs: Vec<PathBuf> =
+            std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten().map(|e| e.path()).collect();
         logs.extend(std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path()));
         logs.sort();
         for path in logs.iter().filter(|path| path.is_file() && !path.to_string_lossy().ends_with("token")) {
