@@ -7,8 +7,13 @@
 //! owner `create` (reserves capacity first) → client `write_unsealed` → owner `seal`;
 //! a client may also create the unsealed file itself, and the owner accounts it at seal.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::MmapMut;
 
 use ionet::ObjectId;
 
@@ -20,6 +25,56 @@ use crate::view::ObjectView;
 #[derive(Clone, Debug)]
 pub struct StoreClient {
     dir: PathBuf,
+    write_maps: Arc<Mutex<WriteMaps>>,
+}
+
+/// Writable mappings of files this client wrote, kept for when the store recycles the
+/// file for a new object (see `store`): mapping 100 MiB and unmapping it again costs
+/// more than copying it, so a recycled file already mapped here is written through the
+/// old mapping. A mapping holds its file open, so an inode in this cache is never reused
+/// for another file; an entry whose file was unlinked (not recycled) is dropped at the
+/// next write, and the cache holds at most `WRITE_MAPS_MAX` mappings and
+/// `WRITE_MAPS_MAX_BYTES`, the most memory of freed objects it can keep alive.
+#[derive(Default)]
+struct WriteMaps {
+    entries: Vec<WriteMap>,
+}
+
+struct WriteMap {
+    inode: (u64, u64),
+    file: File,
+    map: MmapMut,
+}
+
+const WRITE_MAPS_MAX: usize = 4;
+const WRITE_MAPS_MAX_BYTES: usize = 1 << 30;
+/// Smaller objects are cheap to map: not cached.
+const WRITE_MAPS_MIN_BYTES: u64 = 1 << 20;
+
+impl fmt::Debug for WriteMaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteMaps").field("entries", &self.entries.len()).finish()
+    }
+}
+
+impl WriteMaps {
+    /// Drops the mappings of files that were unlinked, then takes the one of `inode` if
+    /// it can hold `size` bytes.
+    fn take(&mut self, inode: (u64, u64), size: u64) -> Option<WriteMap> {
+        self.entries.retain(|entry| entry.file.metadata().is_ok_and(|meta| meta.nlink() > 0));
+        let index = self.entries.iter().position(|entry| entry.inode == inode && entry.map.len() as u64 >= size)?;
+        Some(self.entries.remove(index))
+    }
+
+    fn keep(&mut self, entry: WriteMap) {
+        self.entries.retain(|old| old.inode != entry.inode);
+        self.entries.push(entry);
+        while self.entries.len() > WRITE_MAPS_MAX
+            || self.entries.iter().map(|entry| entry.map.len()).sum::<usize>() > WRITE_MAPS_MAX_BYTES
+        {
+            self.entries.remove(0);
+        }
+    }
 }
 
 impl StoreClient {
@@ -33,7 +88,7 @@ impl StoreClient {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
             ));
         }
-        Ok(StoreClient { dir })
+        Ok(StoreClient { dir, write_maps: Arc::default() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -66,8 +121,23 @@ impl StoreClient {
         }
         let path = layout::unsealed_path(&self.dir, id);
         let file = open_unsealed(*id, &path, size)?;
-        let mut map = layout::map_writable(&file, size, &path)?;
-        let result = fill(map.as_deref_mut().unwrap_or(&mut []));
+        if size < WRITE_MAPS_MIN_BYTES {
+            let mut map = layout::map_writable(&file, size, &path)?;
+            return Ok(fill(map.as_deref_mut().unwrap_or(&mut [])));
+        }
+        let meta = file.metadata().map_err(|err| ObjectStoreError::io_at("stat", &path, err))?;
+        let inode = (meta.dev(), meta.ino());
+        let cached = self.write_maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take(inode, size);
+        let mut entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let map = layout::map_writable(&file, size, &path)?.expect("a sized object has a mapping");
+                WriteMap { inode, file, map }
+            }
+        };
+        // Exactly the object's bytes: a recycled file may be shorter than the old mapping.
+        let result = fill(&mut entry.map[..size as usize]);
+        self.write_maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keep(entry);
         Ok(result)
     }
 }

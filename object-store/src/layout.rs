@@ -77,6 +77,40 @@ pub(crate) fn publish(from: &Path, to: &Path) -> ObjectStoreResult<()> {
     fs::rename(from, to).map_err(|err| ObjectStoreError::io_at("publish", to, err))
 }
 
+/// Takes a shared `flock` on a sealed object's file without waiting: `false` while the
+/// store holds the exclusive lock (it is recycling the file: the object is gone).
+pub(crate) fn lock_shared(file: &File) -> bool {
+    // SAFETY: plain syscall on a descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
+}
+
+/// Takes the exclusive `flock` without waiting: `true` when no view in any process holds
+/// the file, so its pages may be reused for another object. Released when `file` closes.
+pub(crate) fn lock_for_reuse(file: &File) -> bool {
+    // SAFETY: plain syscall on a descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Releases a lock taken by [`lock_for_reuse`] (the file is about to become an object).
+pub(crate) fn unlock(file: &File) {
+    // SAFETY: plain syscall on a descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+/// Whether `path` names the open `file` (same device and inode).
+pub(crate) fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// `<dir>/free-<n>`: the file of a deleted object, kept allocated for a new one.
+pub(crate) fn free_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("free-{n}"))
+}
+
 /// Removes a file if present; a file that is still mapped by a reader stays readable
 /// through that mapping (Linux frees the pages when the last mapping goes).
 pub(crate) fn remove_if_present(path: &Path) -> ObjectStoreResult<bool> {

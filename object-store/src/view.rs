@@ -10,13 +10,16 @@ use ionet::ObjectId;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};
+use crate::layout;
 
 /// The bytes of one sealed object, mapped read-only from the store's shared memory.
 ///
 /// Reads are zero-copy: the slice points into the page cache pages of the object's file,
 /// which every process on the node maps. Cloning is an `Arc` increment. The mapping stays
-/// valid after the object is spilled or deleted (the store only unlinks the file; the
-/// pages live until the last mapping goes), so a view never dangles.
+/// valid after the object is spilled or deleted, so a view never dangles: a view holds a
+/// shared `flock` on the object's file for its life, and the store recycles a deleted
+/// object's file for a new object only when it can take the exclusive lock (no view
+/// anywhere); otherwise it unlinks the file, whose pages live until the last mapping goes.
 #[derive(Clone)]
 pub struct ObjectView {
     inner: Arc<ViewInner>,
@@ -26,6 +29,9 @@ pub(crate) struct ViewInner {
     id: ObjectId,
     /// `None` for an empty object: a zero-length file cannot be mapped.
     map: Option<Mmap>,
+    /// Open for the view's life: it carries the shared lock that keeps the store from
+    /// recycling the file (see `layout::lock_for_reuse`).
+    _file: File,
 }
 
 impl ObjectView {
@@ -36,6 +42,12 @@ impl ObjectView {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(ObjectStoreError::NotFound { id }),
             Err(err) => return Err(ObjectStoreError::io_at("open", path, err)),
         };
+        // The shared lock, then a check that `path` still names this file: the store
+        // renames a file away (to recycle it) only while holding the exclusive lock, so a
+        // file opened just before that rename is caught here, never mapped as the object.
+        if !layout::lock_shared(&file) || !layout::same_file(&file, path) {
+            return Err(ObjectStoreError::NotFound { id });
+        }
         let len = file.metadata().map_err(|err| ObjectStoreError::io_at("stat", path, err))?.len();
         let map = if len == 0 {
             None
@@ -50,7 +62,7 @@ impl ObjectView {
                     .map_err(|err| ObjectStoreError::io_at("map", path, err))?,
             )
         };
-        Ok(ObjectView { inner: Arc::new(ViewInner { id, map }) })
+        Ok(ObjectView { inner: Arc::new(ViewInner { id, map, _file: file }) })
     }
 
     pub(crate) fn from_inner(inner: Arc<ViewInner>) -> ObjectView {

@@ -284,3 +284,91 @@ fn errors_map_onto_the_shared_error() {
     let status: tonic::Status = ObjectStoreError::AlreadyExists { id: id(1) }.into();
     assert_eq!(status.code(), tonic::Code::AlreadyExists);
 }
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+fn object_file(store: &ionet_object_store::LocalObjectStore, n: u8) -> std::path::PathBuf {
+    store.dir().join(id(n).hex())
+}
+
+#[test]
+fn a_deleted_objects_file_is_reused_for_the_next_object_of_its_size() {
+    let store = store(64 * MIB);
+    store.put(id(1), &contents(4 * MIB, 1)).unwrap();
+    let first = inode(&object_file(&store, 1));
+    assert!(store.delete(&id(1)).unwrap());
+    assert_eq!(store.stats().bytes_in_memory, 0, "a free file is not counted as used");
+
+    // A client writes the next object through the owner's create, as workers do.
+    let mut created = store.create(id(2), 3 * MIB).unwrap();
+    fill(created.as_mut_slice(), 9);
+    drop(created);
+    store.seal(&id(2)).unwrap();
+    assert_eq!(inode(&object_file(&store, 2)), first, "the free file was reused");
+    assert!(matches(&store.get(&id(2)).unwrap().unwrap(), 3 * MIB, 9));
+    assert_eq!(store.stats().bytes_in_memory, 3 * MIB);
+
+    // Too small to be worth keeping: unlinked.
+    store.put(id(3), &contents(100 * 1024, 3)).unwrap();
+    assert!(store.delete(&id(3)).unwrap());
+    assert_eq!(free_files(&store), 0);
+    // More than twice smaller than the free file: a fresh file, the free one stays.
+    assert!(store.delete(&id(2)).unwrap());
+    assert_eq!(free_files(&store), 1);
+    store.put(id(4), &contents(MIB, 4)).unwrap();
+    assert_ne!(inode(&object_file(&store, 4)), first);
+    assert_eq!(free_files(&store), 1);
+}
+
+fn free_files(store: &ionet_object_store::LocalObjectStore) -> usize {
+    std::fs::read_dir(store.dir())
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().starts_with("free-"))
+        .count()
+}
+
+#[test]
+fn a_file_still_mapped_by_a_reader_is_never_reused() {
+    let store = store(64 * MIB);
+    store.put(id(1), &contents(2 * MIB, 1)).unwrap();
+    let first = inode(&object_file(&store, 1));
+    // A reader in another "process": its own descriptor and mapping.
+    let reader = StoreClient::open(store.dir()).unwrap().map(&id(1)).unwrap();
+    assert!(store.delete(&id(1)).unwrap());
+    store.put(id(2), &contents(2 * MIB, 2)).unwrap();
+    assert_ne!(inode(&object_file(&store, 2)), first, "a mapped file is unlinked, not reused");
+    assert_eq!(&reader[..], &contents(2 * MIB, 1)[..], "the reader still sees the deleted object");
+
+    // Once the reader is gone the next deletion recycles.
+    drop(reader);
+    let second = inode(&object_file(&store, 2));
+    assert!(store.delete(&id(2)).unwrap());
+    store.put(id(3), &contents(2 * MIB, 3)).unwrap();
+    assert_eq!(inode(&object_file(&store, 3)), second);
+    assert_eq!(&store.get(&id(3)).unwrap().unwrap()[..], &contents(2 * MIB, 3)[..]);
+}
+
+#[test]
+fn free_files_give_way_before_anything_is_spilled() {
+    // Free files may hold an eighth of the capacity: 2 MiB of 16.
+    let store = store(16 * MIB);
+    store.put(id(1), &contents(2 * MIB, 1)).unwrap();
+    assert!(store.delete(&id(1)).unwrap());
+    assert_eq!(free_files(&store), 1);
+    // 17 objects of 960 KiB (below the recycling size) fill 16,320 KiB of 16,384: the
+    // free file's 2 MiB must go, and nothing may be spilled.
+    let size = 960 * 1024;
+    for n in 2..19u8 {
+        store.put(id(n), &contents(size, n as u64)).unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.bytes_in_memory, 17 * size);
+    assert_eq!(stats.objects_spilled, 0, "the free file was dropped instead of spilling an object");
+    assert_eq!(free_files(&store), 0);
+    for n in 2..19u8 {
+        assert_eq!(&store.get(&id(n)).unwrap().unwrap()[..], &contents(size, n as u64)[..]);
+    }
+}

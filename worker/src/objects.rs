@@ -67,8 +67,8 @@ impl NodeObjects {
     pub async fn create(&self, id: &[u8], size: u64) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
         let store = self.store.clone();
-        // The reservation stays; the mapping made here is not needed.
-        blocking(move || store.create(id, size).map(drop)).await
+        // The writer is another process: no mapping here.
+        blocking(move || store.create_for_client(id, size)).await
     }
 
     pub async fn seal(&self, id: &[u8]) -> IonetResult<()> {
