@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet -p ionet-worker --bin ionet
-ionet=target/debug/ionet
+ionet="${CARGO_TARGET_DIR:-target}/debug/ionet"
 export IONET_SESSION_DIR="${IONET_SESSION_DIR:-$(mktemp -d -t ionet-session.XXXXXX)}"
 if [ -z "${KEEP:-}" ]; then trap '"$ionet" stop >/dev/null' EXIT; fi
 
