@@ -385,6 +385,8 @@ impl Actors {
             no_spillback: false,
             placement_group_id: spec.placement_group_id.clone(),
             bundle_index: spec.bundle_index,
+            // The control store ends actor leases itself (kill, owner death, node death).
+            holder_address: String::new(),
         };
         for _ in 0..16 {
             let channel = self.channel(&address).map_err(|err| err.to_string())?;

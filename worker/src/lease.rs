@@ -77,6 +77,8 @@ struct Granted {
     gpus: Option<GpuAssignment>,
     worker: WorkerId,
     bundle: Option<BundleKey>,
+    /// Where the holder serves (see `RequestWorkerLeaseRequest::holder_address`).
+    holder: String,
 }
 
 /// A placement-group bundle: its id and index in the group.
@@ -512,7 +514,9 @@ impl Leases {
                 None => self.decide(&demand, &strategy, request.no_spillback),
             };
             match step {
-                Step::Grant(resources, gpus) => return self.grant(job_id, &command, resources, gpus, bundle).await,
+                Step::Grant(resources, gpus) => {
+                    return self.grant(job_id, &command, resources, gpus, bundle, request.holder_address.clone()).await
+                }
                 Step::Spill(node_id, node_address) => {
                     return Ok(RequestWorkerLeaseReply {
                         outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
@@ -546,6 +550,7 @@ impl Leases {
         resources: ResourceSet,
         gpus: Option<GpuAssignment>,
         bundle: Option<BundleKey>,
+        holder: String,
     ) -> IonetResult<RequestWorkerLeaseReply> {
         let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
         let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
@@ -568,7 +573,7 @@ impl Leases {
         if !resources.is_empty() {
             self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
         }
-        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle });
+        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
         }
@@ -727,6 +732,34 @@ impl Leases {
                 self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
             }
         }
+    }
+
+    /// Ends the leases whose holder's address refuses connections (its process is gone;
+    /// a probe that times out proves nothing, as with a partitioned network), as failed: the
+    /// leased workers are killed, since they may still run the dead holder's tasks, and
+    /// the resources come back. Returns how many leases ended.
+    pub async fn end_leases_of_dead_holders(&self, timeout: Duration) -> usize {
+        let holders: std::collections::BTreeSet<String> =
+            self.lock().leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect();
+        let mut ended = 0;
+        for holder in holders {
+            let refused = matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
+                Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+            if !refused {
+                continue;
+            }
+            let doomed: Vec<LeaseId> =
+                self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
+            for lease_id in doomed {
+                tracing::warn!(lease = %lease_id.short(), %holder, "the lease holder is gone; its lease ends");
+                if self.return_lease(&lease_id.to_vec(), true).is_ok() {
+                    ended += 1;
+                }
+            }
+        }
+        ended
     }
 
     /// Stops workers idle past the timeout, and the excess over the pool's soft limit.

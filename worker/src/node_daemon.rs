@@ -306,11 +306,20 @@ fn backoff(config: &ClusterConfig, attempt: u32) -> Duration {
     Duration::from_millis(jittered)
 }
 
+/// Every half second: stops idle workers past their time, and ends the leases of holders
+/// that are gone (every other tick).
 async fn reap_idle_workers(leases: Arc<Leases>, mut stopped: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut probe = false;
     loop {
         tokio::select! {
-            _ = ticker.tick() => leases.reap_idle(),
+            _ = ticker.tick() => {
+                leases.reap_idle();
+                probe = !probe;
+                if probe {
+                    leases.end_leases_of_dead_holders(Duration::from_secs(2)).await;
+                }
+            }
             _ = stopped.changed() => return,
         }
     }

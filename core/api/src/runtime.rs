@@ -368,6 +368,7 @@ impl CoreWorker {
                 no_spillback: false,
                 placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
                 bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
+                holder_address: self.address.to_string(),
             },
             idle: Mutex::new(Vec::new()),
             notify: Notify::new(),

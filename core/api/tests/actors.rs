@@ -118,6 +118,26 @@ impl Picky {
     }
 }
 
+/// An actor that submits tasks: it holds CPU leases of its own.
+pub struct Submitter;
+
+#[ionet::actor]
+impl Submitter {
+    pub fn new() -> Self {
+        Submitter
+    }
+
+    pub fn flood(&self, tasks: u64) -> u64 {
+        let refs: Vec<_> = (0..tasks).map(one::remote).collect();
+        ionet::get_all(&refs).unwrap().into_iter().sum()
+    }
+}
+
+#[ionet::remote]
+fn one(_index: u64) -> u64 {
+    1
+}
+
 /// Increments the counter `times` times, one call after the other; returns the node it ran on.
 #[ionet::remote]
 fn bump(counter: CounterHandle, times: u32) -> String {
@@ -303,6 +323,22 @@ fn gpu_actor_waits_for_the_gpu() {
     assert_eq!(ionet::get_timeout(&devices, Duration::from_secs(60)).unwrap(), ("0".to_string(), vec![0]));
 }
 
+/// Regression: an actor killed while it held leases for its own tasks left those CPUs
+/// leased forever, and every later task waited.
+fn leases_of_a_killed_actor_come_back() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let submitters: Vec<_> =
+        (0..2).map(|_| Submitter::options(ActorOptions::new().num_cpus(0.0)).remote().unwrap()).collect();
+    let floods: Vec<_> = submitters.iter().map(|submitter| submitter.flood(500)).collect();
+    assert_eq!(ionet::get_all(&floods).unwrap(), vec![500, 500]);
+    for submitter in &submitters {
+        ionet::kill(submitter, true).unwrap();
+    }
+    let both_cpus = one::options(TaskOptions::default().num_cpus(2.0)).remote(0);
+    assert_eq!(ionet::get_timeout(&both_cpus, Duration::from_secs(30)).unwrap(), 1, "the CPUs came back");
+    ionet::shutdown();
+}
+
 fn hundred_concurrent_calls_share_one_actor() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let sleeper = Sleeper::options(ActorOptions::new().max_concurrency(100)).remote().unwrap();
@@ -341,6 +377,7 @@ fn main() {
             ("handle_passed_to_tasks_on_two_nodes", handle_passed_to_tasks_on_two_nodes),
             ("named_detached_actor_outlives_its_driver", named_detached_actor_outlives_its_driver),
             ("killed_actor_restarts_or_dies", killed_actor_restarts_or_dies),
+            ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
         ],
