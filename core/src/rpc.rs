@@ -108,6 +108,20 @@ pub type NodeManagerClient = proto::node::node_manager_client::NodeManagerClient
 pub type MeteringClient = proto::metering::metering_client::MeteringClient<AuthChannel>;
 pub type CoreWorkerClient = proto::worker::core_worker_client::CoreWorkerClient<AuthChannel>;
 
+/// The connections accepted on `listener`, with Nagle's algorithm off: a server given its
+/// own listener (`serve_with_incoming`) does not apply `Server::tcp_nodelay` to them, and a
+/// small reply held back until the peer's delayed ACK costs a request its latency.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    })
+}
+
 /// Default cap on one gRPC message, both ways.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 

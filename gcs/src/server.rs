@@ -14,7 +14,6 @@ use ionet::rpc::proto::metering::metering_server::MeteringServer as GeneratedMet
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::actors::Actors;
@@ -118,7 +117,7 @@ impl GcsServer {
                 .tcp_nodelay(true)
                 .add_service(service)
                 .add_service(metering_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(ionet::rpc::incoming(listener), async move {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );

@@ -35,7 +35,6 @@ use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status};
 
@@ -242,7 +241,7 @@ impl NodeDaemon {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(object_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(ionet::rpc::incoming(listener), async move {
                     let _ = stop_serving.changed().await;
                 })
                 .await;

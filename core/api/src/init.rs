@@ -19,7 +19,6 @@ use ionet_worker::lease::{self as node_lease, WorkerPoolOptions};
 use ionet_worker::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use ionet_worker::node_spec::{Declared, NodeSpec};
 use ionet_worker::session::SessionDir;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::runtime::{self, block_on, CoreWorker, DEFAULT_INLINE_THRESHOLD};
 use crate::service::CoreWorkerService;
@@ -154,7 +153,7 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
         if let Err(err) = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(ionet_common::rpc::incoming(listener))
             .await
         {
             tracing::error!(error = %err, "core worker server failed");

@@ -55,14 +55,12 @@ async fn run_call(
 ) -> Result<PushTaskReply, Status> {
     let inline_threshold = inline_threshold as usize;
     let store = worker.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
+    let outcome = tokio::task::block_in_place(move || {
         context::set_current_task(task_id);
         let result = std::panic::catch_unwind(AssertUnwindSafe(call));
         context::set_current_task(None);
         result.map(|value| value.and_then(|bytes| placed(&store, return_id, inline_threshold, bytes)))
-    })
-    .await
-    .map_err(|err| Status::internal(format!("task thread failed: {err}")))?;
+    });
     Ok(reply_of(worker, function_name, task_bytes, outcome))
 }
 
