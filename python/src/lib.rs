@@ -789,11 +789,36 @@ fn result_of(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Result<Vec<u
     Ok(concatenated(&parts, py))
 }
 
+std::thread_local! {
+    static THREAD_STATE_KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `Python::attach` for the runtime threads that run tasks and actor calls. Attaching a
+/// thread that has no Python thread state creates one and detaching destroys it again,
+/// which costs more than a small call itself; so the first attach on a thread makes a
+/// state that stays (one `PyGILState_Ensure` never released, the GIL itself released),
+/// and later attaches only take the GIL.
+fn attach_runtime_thread<R>(call: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+    THREAD_STATE_KEPT.with(|kept| {
+        // SAFETY: the interpreter runs (this is a Python worker process), and a thread
+        // without a thread state cannot hold the GIL, so releasing the GIL right after
+        // the ensure leaves the thread as it was, plus a lasting thread state.
+        if !kept.get() && unsafe { pyo3::ffi::PyGILState_GetThisThreadState() }.is_null() {
+            unsafe {
+                let _ = pyo3::ffi::PyGILState_Ensure();
+                pyo3::ffi::PyEval_SaveThread();
+            }
+            kept.set(true);
+        }
+    });
+    Python::attach(call)
+}
+
 fn python_task(args: Vec<ArgBytes>) -> Result<Vec<u8>, Failure> {
     let mut args = args.into_iter();
     let key = args.next().ok_or_else(|| Failure::bad_arguments("a Python task needs its function key".into()))?;
     let buffers = arg_buffers(args.collect());
-    Python::attach(|py| {
+    attach_runtime_thread(|py| {
         let call = py.import("ionet._worker_runtime").and_then(|runtime| {
             let key = PyBytes::new(py, key.as_slice());
             runtime.call_method1("execute_task", (key, buffers))
@@ -834,7 +859,7 @@ fn python_actor_call(
         let actor = state
             .downcast_ref::<PythonInstance>()
             .ok_or_else(|| Failure::error("this worker's actor is not a Python actor".into()))?;
-        Python::attach(|py| {
+        attach_runtime_thread(|py| {
             let call = py
                 .import("ionet._worker_runtime")
                 .and_then(|runtime| runtime.call_method1("call_actor", (actor.0.bind(py), method, buffers)));
