@@ -87,32 +87,49 @@ pub fn wait<T>(
     }
     let worker = runtime::current()?;
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
-    let ready_flags = block_on(async {
-        let mut ready = vec![false; objects.len()];
-        let mut pending: FuturesUnordered<_> = objects
-            .iter()
-            .enumerate()
-            .map(|(index, object)| {
-                let worker = worker.clone();
-                async move { (index, worker.resolve(object.id(), object.owner_address(), deadline).await) }
-            })
-            .collect();
-        let mut count = 0;
-        while count < num_returns {
-            match pending.next().await {
-                Some((index, Ok(_))) | Some((index, Err(IonetError::ObjectLost(_)))) => {
-                    ready[index] = true;
-                    count += 1;
-                }
-                Some((_, Err(IonetError::Timeout(_)))) | None => break,
-                Some((index, Err(_))) => {
-                    ready[index] = true;
-                    count += 1;
+    // Fast path: enough of the objects this process owns are ready already (the common
+    // case of a loop of waits over a shrinking list).
+    let mut ready_here = vec![false; objects.len()];
+    let mut count = 0;
+    for (index, object) in objects.iter().enumerate() {
+        if count == num_returns {
+            break;
+        }
+        if worker.is_ready_here(&object.id()) {
+            ready_here[index] = true;
+            count += 1;
+        }
+    }
+    let ready_flags = if count == num_returns {
+        ready_here
+    } else {
+        block_on(async {
+            let mut ready = vec![false; objects.len()];
+            let mut pending: FuturesUnordered<_> = objects
+                .iter()
+                .enumerate()
+                .map(|(index, object)| {
+                    let worker = worker.clone();
+                    async move { (index, worker.resolve(object.id(), object.owner_address(), deadline).await) }
+                })
+                .collect();
+            let mut count = 0;
+            while count < num_returns {
+                match pending.next().await {
+                    Some((index, Ok(_))) | Some((index, Err(IonetError::ObjectLost(_)))) => {
+                        ready[index] = true;
+                        count += 1;
+                    }
+                    Some((_, Err(IonetError::Timeout(_)))) | None => break,
+                    Some((index, Err(_))) => {
+                        ready[index] = true;
+                        count += 1;
+                    }
                 }
             }
-        }
-        ready
-    });
+            ready
+        })
+    };
     let (mut done, mut rest) = (Vec::new(), Vec::new());
     for (object, is_ready) in objects.iter().zip(ready_flags) {
         if is_ready {

@@ -277,6 +277,11 @@ impl CoreWorker {
         // Else every handle was dropped before the task finished: nobody wants the value.
     }
 
+    /// Whether this process owns the object and it is no longer pending (no waiting).
+    pub(crate) fn is_ready_here(&self, id: &ObjectId) -> bool {
+        self.objects.get(id).is_some_and(|entry| !matches!(*entry.state.borrow(), ObjectState::Pending))
+    }
+
     /// Waits until the object is no longer pending, here or at its owner.
     pub(crate) async fn resolve(
         &self,
