@@ -515,14 +515,15 @@ fn wait(
     num_returns: usize,
     timeout: Option<f64>,
 ) -> PyResult<(Vec<usize>, Vec<usize>)> {
-    let objects = objects(refs)?;
+    // Borrowed, not copied: a copy of a ref is a count in its owner's table.
+    let handles =
+        refs.iter().map(|reference| Ok(reference.cast_into::<PyObjectRef>()?)).collect::<PyResult<Vec<_>>>()?;
+    let objects: Vec<&ObjectRef<Raw>> = handles.iter().map(|handle| &handle.get().inner).collect();
     let timeout = timeout.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
-    let ids: Vec<_> = objects.iter().map(|object| object.id()).collect();
-    let (ready, _) = py.detach(move || ionet::wait(&objects, num_returns, timeout)).or_raise()?;
-    let ready_ids: std::collections::HashSet<_> = ready.iter().map(|object| object.id()).collect();
+    let flags = py.detach(|| ionet::wait_flags(&objects, num_returns, timeout)).or_raise()?;
     let (mut done, mut rest) = (Vec::new(), Vec::new());
-    for (index, id) in ids.iter().enumerate() {
-        if ready_ids.contains(id) {
+    for (index, ready) in flags.into_iter().enumerate() {
+        if ready {
             done.push(index);
         } else {
             rest.push(index);

@@ -79,6 +79,26 @@ pub fn wait<T>(
     num_returns: usize,
     timeout: Option<Duration>,
 ) -> IonetResult<(Vec<ObjectRef<T>>, Vec<ObjectRef<T>>)> {
+    let borrowed: Vec<&ObjectRef<T>> = objects.iter().collect();
+    let ready_flags = wait_flags(&borrowed, num_returns, timeout)?;
+    let (mut done, mut rest) = (Vec::new(), Vec::new());
+    for (object, is_ready) in objects.iter().zip(ready_flags) {
+        if is_ready {
+            done.push(object.clone());
+        } else {
+            rest.push(object.clone());
+        }
+    }
+    Ok((done, rest))
+}
+
+/// [`wait`] without copying refs: which of `objects` are counted ready (exactly
+/// `num_returns` of them unless the timeout passed first).
+pub fn wait_flags<T>(
+    objects: &[&ObjectRef<T>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> IonetResult<Vec<bool>> {
     if num_returns > objects.len() {
         return Err(IonetError::InvalidArgument(format!(
             "num_returns {num_returns} exceeds the {} refs given",
@@ -130,15 +150,7 @@ pub fn wait<T>(
             ready
         })
     };
-    let (mut done, mut rest) = (Vec::new(), Vec::new());
-    for (object, is_ready) in objects.iter().zip(ready_flags) {
-        if is_ready {
-            done.push(object.clone());
-        } else {
-            rest.push(object.clone());
-        }
-    }
-    Ok((done, rest))
+    Ok(ready_flags)
 }
 
 /// The cluster's nodes, alive and dead, as the control store records them (Ray's `nodes()`).

@@ -374,9 +374,15 @@ fn run_worker() -> ! {
         std::future::pending::<()>().await;
         Ok(())
     });
-    if let Err(err) = result {
-        eprintln!("ionet worker failed: {err}");
-        std::process::exit(1);
+    match result {
+        // The daemon that started this worker stopped before it registered (a cluster
+        // shutting down): nobody is left to tell.
+        Err(IonetError::Unavailable(_)) => std::process::exit(1),
+        Err(err) => {
+            eprintln!("ionet worker failed: {err}");
+            std::process::exit(1);
+        }
+        Ok(()) => {}
     }
     std::process::exit(0)
 }
