@@ -46,8 +46,8 @@ struct WriteMap {
     map: MmapMut,
 }
 
-const WRITE_MAPS_MAX: usize = 4;
-const WRITE_MAPS_MAX_BYTES: usize = 1 << 30;
+const WRITE_MAPS_MAX: usize = 16;
+const WRITE_MAPS_MAX_BYTES: usize = 2 << 30;
 /// Smaller objects are cheap to map: not cached.
 const WRITE_MAPS_MIN_BYTES: u64 = 1 << 20;
 

@@ -21,7 +21,7 @@
 //! and handed to the next object of about its size (between its size and half of it),
 //! which is then written at memory speed. A file is recycled only when no view anywhere
 //! maps it (the exclusive `flock`, see `view`), and free files count against capacity:
-//! they are the first thing dropped when room is needed, and they hold at most an eighth
+//! they are the first thing dropped when room is needed, and they hold at most half
 //! of the capacity.
 //!
 //! Spill and restore copy files while holding the lock (simple and correct; a node with
@@ -74,6 +74,9 @@ pub struct StoreStats {
     /// Objects created but not sealed yet.
     pub objects_unsealed: u64,
     pub bytes_pinned: u64,
+    /// Files of freed objects kept allocated for reuse (not counted in `bytes_in_memory`;
+    /// dropped first when room is needed).
+    pub bytes_free_for_reuse: u64,
 }
 
 /// An object created and not yet sealed: its file exists at [`CreatedObject::path`],
@@ -336,7 +339,7 @@ impl LocalObjectStore {
     /// Keeps a deleted object's file for reuse if it is worth it, room allows, and no
     /// view maps it; otherwise unlinks it.
     fn recycle_or_remove(&self, inner: &mut Inner, path: &Path, size: u64) -> ObjectStoreResult<()> {
-        if size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 8 {
+        if size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 2 {
             // Writable again (sealed files are 0444); readers keep their descriptors.
             let reopened = fs::set_permissions(path, fs::Permissions::from_mode(0o600))
                 .and_then(|_| OpenOptions::new().read(true).write(true).open(path));
@@ -493,8 +496,12 @@ impl LocalObjectStore {
 
     pub fn stats(&self) -> StoreStats {
         let inner = self.lock();
-        let mut stats =
-            StoreStats { capacity: self.capacity, bytes_in_memory: inner.bytes_in_memory, ..StoreStats::default() };
+        let mut stats = StoreStats {
+            capacity: self.capacity,
+            bytes_in_memory: inner.bytes_in_memory,
+            bytes_free_for_reuse: inner.free_bytes,
+            ..StoreStats::default()
+        };
         for entry in inner.entries.values() {
             if !entry.sealed {
                 stats.objects_unsealed += 1;
