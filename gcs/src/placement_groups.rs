@@ -43,11 +43,13 @@ const PLACEMENT_PERIOD: Duration = Duration::from_millis(200);
 /// can stand in a node that refuses).
 #[tonic::async_trait]
 pub trait BundleAgent: Send + Sync + 'static {
+    /// `job_id`: the group's creator, billed for the bundle once committed.
     async fn prepare(
         &self,
         node_address: &str,
         group: PlacementGroupId,
         index: u32,
+        job_id: &[u8],
         resources: &ResourceSet,
     ) -> IonetResult<()>;
     async fn commit(&self, node_address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()>;
@@ -82,12 +84,14 @@ impl BundleAgent for GrpcBundleAgent {
         node_address: &str,
         group: PlacementGroupId,
         index: u32,
+        job_id: &[u8],
         resources: &ResourceSet,
     ) -> IonetResult<()> {
         let request = PrepareBundleRequest {
             placement_group_id: group.to_vec(),
             bundle_index: index,
             resources: Some(ResourceQuantities::from_set(resources)),
+            job_id: job_id.to_vec(),
         };
         self.client(node_address)?.prepare_bundle(request).await?;
         Ok(())
@@ -110,6 +114,8 @@ struct Group {
     /// Creation order, so older groups are placed first.
     sequence: u64,
     name: String,
+    /// The creating job (empty: unknown, not metered).
+    job_id: Vec<u8>,
     bundles: Vec<ResourceSet>,
     strategy: PlacementStrategy,
     state: PlacementGroupState,
@@ -201,6 +207,7 @@ impl PlacementGroups {
         bundles: Vec<ResourceSet>,
         strategy: PlacementStrategy,
         name: String,
+        job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
         if bundles.is_empty() {
             return Err(IonetError::InvalidArgument("a placement group needs at least one bundle".into()));
@@ -216,6 +223,7 @@ impl PlacementGroups {
             Group {
                 sequence,
                 name,
+                job_id,
                 bundles,
                 strategy,
                 state: PlacementGroupState::Pending,
@@ -251,6 +259,22 @@ impl PlacementGroups {
     /// The group's state, if it exists.
     pub fn state_of(&self, id: &PlacementGroupId) -> Option<PlacementGroupState> {
         self.lock().get(id).map(|group| group.state)
+    }
+
+    /// Removes every group the job created (Ray's behaviour for non-detached groups when
+    /// their job ends): their bundles stop being held, and billed.
+    pub async fn remove_groups_of_job(&self, job_id: &[u8]) {
+        let ids: Vec<PlacementGroupId> = self
+            .lock()
+            .iter()
+            .filter(|(_, group)| group.job_id == job_id && group.state != PlacementGroupState::Removed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Err(err) = self.remove(&id).await {
+                tracing::warn!(group = %id.short(), error = %err, "could not remove a finished job's placement group");
+            }
+        }
     }
 
     /// Cancels every bundle of the group and marks it REMOVED.
@@ -299,11 +323,11 @@ impl PlacementGroups {
             .collect();
         self.requeue_groups_on_lost_nodes(&alive).await;
 
-        let mut pending: Vec<(u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy)> = self
+        let mut pending: Vec<(u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy, Vec<u8>)> = self
             .lock()
             .iter()
             .filter(|(_, group)| group.state == PlacementGroupState::Pending)
-            .map(|(id, group)| (group.sequence, *id, group.bundles.clone(), group.strategy))
+            .map(|(id, group)| (group.sequence, *id, group.bundles.clone(), group.strategy, group.job_id.clone()))
             .collect();
         if pending.is_empty() {
             return;
@@ -320,16 +344,18 @@ impl PlacementGroups {
                 Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
             }
         }
-        for (_, id, bundles, strategy) in pending {
+        for (_, id, bundles, strategy, job_id) in pending {
             let outcome = match solve_placement_group(&view, &bundles, strategy) {
-                PlacementDecision::Placed(chosen) => match self.reserve(id, &bundles, &chosen, &addresses).await {
-                    Ok(placed) => {
-                        // Later groups of this pass see what this one took.
-                        let _ = view.reserve_bundles(&bundles, &chosen);
-                        Ok(placed)
+                PlacementDecision::Placed(chosen) => {
+                    match self.reserve(id, &job_id, &bundles, &chosen, &addresses).await {
+                        Ok(placed) => {
+                            // Later groups of this pass see what this one took.
+                            let _ = view.reserve_bundles(&bundles, &chosen);
+                            Ok(placed)
+                        }
+                        Err(reason) => Err(reason),
                     }
-                    Err(reason) => Err(reason),
-                },
+                }
                 PlacementDecision::Wait { reason } | PlacementDecision::Infeasible { reason } => Err(reason),
             };
             let mut groups = self.lock();
@@ -356,6 +382,7 @@ impl PlacementGroups {
     async fn reserve(
         &self,
         id: PlacementGroupId,
+        job_id: &[u8],
         bundles: &[ResourceSet],
         chosen: &[NodeId],
         addresses: &HashMap<NodeId, String>,
@@ -367,7 +394,7 @@ impl PlacementGroups {
                 failure = Some(format!("node {} of bundle {index} has no address", node.short()));
                 break;
             };
-            match self.agent.prepare(address, id, index as u32, &consumed(bundle)).await {
+            match self.agent.prepare(address, id, index as u32, job_id, &consumed(bundle)).await {
                 Ok(()) => prepared.push((*node, address.clone())),
                 Err(err) => {
                     failure = Some(format!("node {} refused bundle {index}: {err}", node.short()));
@@ -451,6 +478,7 @@ mod tests {
             address: &str,
             group: PlacementGroupId,
             index: u32,
+            _job_id: &[u8],
             _resources: &ResourceSet,
         ) -> IonetResult<()> {
             if self.refusing.lock().unwrap().contains(address) {
@@ -498,7 +526,7 @@ mod tests {
         let nodes = Arc::new(FakeNodes::default());
         nodes.refusing.lock().unwrap().insert("node-2:1".into());
         let groups = PlacementGroups::new(state, nodes.clone());
-        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into()).unwrap();
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), Vec::new()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
         assert!(nodes.reserved.lock().unwrap().is_empty(), "a failed prepare left reservations behind");
@@ -524,7 +552,7 @@ mod tests {
         let state = cluster_of(4).await;
         let nodes = Arc::new(FakeNodes::default());
         let groups = PlacementGroups::new(state.clone(), nodes.clone());
-        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new()).unwrap();
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), Vec::new()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         let placed = groups.get(&id).unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
@@ -544,7 +572,7 @@ mod tests {
         let state = cluster_of(3).await;
         let nodes = Arc::new(FakeNodes::default());
         let groups = PlacementGroups::new(state, nodes.clone());
-        let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new()).unwrap();
+        let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), Vec::new()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
         assert!(nodes.reserved.lock().unwrap().is_empty());

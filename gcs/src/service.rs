@@ -98,7 +98,9 @@ impl Gcs for GcsService {
         &self,
         request: Request<MarkJobFinishedRequest>,
     ) -> Result<Response<MarkJobFinishedReply>, Status> {
-        self.state.finish_job(&request.into_inner().job_id).await?;
+        let job_id = request.into_inner().job_id;
+        self.state.finish_job(&job_id).await?;
+        self.placement_groups.remove_groups_of_job(&job_id).await;
         Ok(Response::new(MarkJobFinishedReply {}))
     }
 
@@ -165,7 +167,7 @@ impl Gcs for GcsService {
         let request = request.into_inner();
         let bundles = request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
-        let id = self.placement_groups.create(bundles, strategy, request.name)?;
+        let id = self.placement_groups.create(bundles, strategy, request.name, request.job_id)?;
         Ok(Response::new(CreatePlacementGroupReply { placement_group_id: id.to_vec() }))
     }
 

@@ -79,6 +79,8 @@ struct Granted {
     bundle: Option<BundleKey>,
     /// Where the holder serves (see `RequestWorkerLeaseRequest::holder_address`).
     holder: String,
+    /// Whether a metering lease was started for it.
+    metered: bool,
 }
 
 /// A placement-group bundle: its id and index in the group.
@@ -90,6 +92,11 @@ struct Bundle {
     available: ResourceSet,
     /// Leases are granted from a bundle only once the control store committed it.
     committed: bool,
+    /// The creating job, billed for the whole bundle from commit to cancel (the leases
+    /// granted inside it are not metered again).
+    job_id: Option<JobId>,
+    /// The metering lease of the committed bundle.
+    metered_as: Option<LeaseId>,
 }
 
 struct LeaseState {
@@ -417,8 +424,15 @@ impl Leases {
 
     /// Phase one of placing a bundle here: takes its resources out of the general pool,
     /// or refuses with `ResourceExhausted`. Preparing a bundle already held is a no-op.
-    pub fn prepare_bundle(&self, placement_group_id: &[u8], index: u32, resources: ResourceSet) -> IonetResult<()> {
+    pub fn prepare_bundle(
+        &self,
+        placement_group_id: &[u8],
+        index: u32,
+        job_id: &[u8],
+        resources: ResourceSet,
+    ) -> IonetResult<()> {
         let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let job_id = if job_id.is_empty() { None } else { Some(JobId::from_bytes(job_id)?) };
         let mut state = self.lock();
         if state.bundles.contains_key(&key) {
             return Ok(());
@@ -431,7 +445,10 @@ impl Leases {
                 state.available
             )));
         }
-        state.bundles.insert(key, Bundle { total: resources.clone(), available: resources, committed: false });
+        state.bundles.insert(
+            key,
+            Bundle { total: resources.clone(), available: resources, committed: false, job_id, metered_as: None },
+        );
         Ok(())
     }
 
@@ -442,8 +459,20 @@ impl Leases {
         let bundle = state.bundles.get_mut(&key).ok_or_else(|| {
             IonetError::NotFound(format!("bundle {index} of placement group {} is not prepared here", key.0.short()))
         })?;
+        let newly = !bundle.committed;
         bundle.committed = true;
+        let meter = match (newly, bundle.job_id) {
+            (true, Some(job_id)) if !bundle.total.is_empty() => {
+                let lease_id = LeaseId::random();
+                bundle.metered_as = Some(lease_id);
+                Some(MeterEvent::Started { lease_id, job_id, resources: bundle.total.clone() })
+            }
+            _ => None,
+        };
         drop(state);
+        if let Some(event) = meter {
+            self.meter(event);
+        }
         self.freed.notify_waiters();
         Ok(())
     }
@@ -456,6 +485,9 @@ impl Leases {
             let removed = state.bundles.remove(&key);
             if let Some(bundle) = &removed {
                 state.available.add(&bundle.available);
+                if let Some(lease_id) = bundle.metered_as {
+                    self.meter(MeterEvent::Ended { lease_id });
+                }
             }
             let doomed: Vec<WorkerId> = state
                 .leases
@@ -569,11 +601,15 @@ impl Leases {
             },
         };
         let lease_id = LeaseId::random();
-        // A lease of nothing (an actor holding no resources) costs nothing: not metered.
-        if !resources.is_empty() {
+        // A lease of nothing (an actor holding no resources) costs nothing, and one inside a
+        // placement-group bundle is paid with the bundle: neither is metered.
+        let metered = !resources.is_empty() && bundle.is_none();
+        if metered {
             self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
         }
-        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder });
+        self.lock()
+            .leases
+            .insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder, metered });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
         }
@@ -615,7 +651,7 @@ impl Leases {
             .leases
             .remove(&lease_id)
             .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
-        if !granted.resources.is_empty() {
+        if granted.metered {
             self.meter(MeterEvent::Ended { lease_id });
         }
         self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
@@ -728,7 +764,9 @@ impl Leases {
             tracing::warn!(worker = %worker_id.short(), %status, lease = %lease_id.short(), "leased worker died; its lease ends");
             let granted = self.lock().leases.remove(&lease_id);
             if let Some(granted) = granted {
-                self.meter(MeterEvent::Ended { lease_id });
+                if granted.metered {
+                    self.meter(MeterEvent::Ended { lease_id });
+                }
                 self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
             }
         }
@@ -843,13 +881,13 @@ mod tests {
         let leases = leases(2);
         let group = PlacementGroupId::random();
         let one = ResourceSet::new().with(CPU, Quantity::whole(1));
-        leases.prepare_bundle(group.as_bytes(), 0, one.clone()).unwrap();
+        leases.prepare_bundle(group.as_bytes(), 0, &[], one.clone()).unwrap();
         assert_eq!(leases.available(), one, "the bundle's CPU left the general pool");
         // Preparing again is a no-op; a bundle beyond what is free is refused untouched.
-        leases.prepare_bundle(group.as_bytes(), 0, one.clone()).unwrap();
+        leases.prepare_bundle(group.as_bytes(), 0, &[], one.clone()).unwrap();
         let two = ResourceSet::new().with(CPU, Quantity::whole(2));
         assert!(matches!(
-            leases.prepare_bundle(group.as_bytes(), 1, two.clone()),
+            leases.prepare_bundle(group.as_bytes(), 1, &[], two.clone()),
             Err(IonetError::ResourceExhausted(_))
         ));
         assert_eq!((leases.available(), leases.bundle_count()), (one.clone(), 1));

@@ -164,7 +164,12 @@ impl NodeManager for NodeManagerService {
     ) -> Result<Response<PrepareBundleReply>, Status> {
         let request = request.into_inner();
         let resources = request.resources.unwrap_or_default().to_set()?;
-        self.shared.leases.prepare_bundle(&request.placement_group_id, request.bundle_index, resources)?;
+        self.shared.leases.prepare_bundle(
+            &request.placement_group_id,
+            request.bundle_index,
+            &request.job_id,
+            resources,
+        )?;
         Ok(Response::new(PrepareBundleReply {}))
     }
 

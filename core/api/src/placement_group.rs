@@ -165,6 +165,7 @@ pub fn named_placement_group(
         bundles: sets.iter().map(ResourceQuantities::from_set).collect(),
         strategy: wire as i32,
         name: name.to_string(),
+        job_id: worker.job_id.to_vec(),
     };
     let reply = block_on(async {
         let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);

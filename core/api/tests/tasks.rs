@@ -288,6 +288,53 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
     assert_eq!(epoch["revenue_micros"].as_f64().unwrap(), provider, "{earnings:#}");
 }
 
+/// A placement-group bundle holding a GPU is billed from its reservation to its removal,
+/// once: the task that ran inside it is not billed again.
+fn placement_group_bundle_is_metered_once() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&[
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "2",
+        "--gpu-type",
+        "A100-80GB",
+        "--price-per-gpu-hour",
+        "1.20",
+        "--wallet",
+        "wallet-pg",
+    ]);
+    cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
+    cluster.init_as("acme");
+    let bundle = [("GPU".to_string(), 1.0), ("CPU".to_string(), 1.0)].into_iter().collect();
+    let group = ionet::placement_group(vec![bundle], ionet::PlacementStrategy::StrictPack).unwrap();
+    assert!(group.wait(Duration::from_secs(30)).unwrap(), "the group was placed");
+    let placed = Instant::now();
+    let inside = TaskOptions::default().num_gpus(1.0).placement_group(&group, 0);
+    assert_eq!(ionet::get(&hold_gpus::options(inside).remote(500u64)).unwrap().len(), 1);
+    // The user keeps the reservation, idle, for a while: a reserved GPU is billed too.
+    std::thread::sleep(Duration::from_millis(2_000).saturating_sub(placed.elapsed()));
+    ionet::remove_placement_group(&group).unwrap();
+
+    let mut gpu_records = Vec::new();
+    wait_until("the bundle's lease to be recorded as ended", Duration::from_secs(30), || {
+        let usage: serde_json::Value = serde_json::from_str(&cluster.ionet(&["usage", "--json"])).unwrap();
+        let records = usage.get("records").cloned().unwrap_or(usage);
+        gpu_records = records.as_array().unwrap().iter().filter(|r| r["resources"]["GPU"] == 1.0).cloned().collect();
+        !gpu_records.is_empty() && gpu_records.iter().all(|record| record["open"] == false)
+    });
+    assert_eq!(gpu_records.len(), 1, "one lease for the bundle, none for the task inside: {gpu_records:#?}");
+    let record = &gpu_records[0];
+    let duration = record["duration_ms"].as_u64().unwrap();
+    assert!(duration >= 2_000, "the bundle was held 2000 ms (its task ran 500 ms), billed {duration} ms");
+    assert_eq!(record["provider_wallet"], "wallet-pg");
+    assert_eq!(record["payer_account"], "acme");
+    let expected = duration as f64 * 1_200_000.0 / 3_600_000.0;
+    let cost = record["cost_micros"].as_f64().unwrap();
+    assert!((cost - expected).abs() <= expected * 0.01, "charged {cost}, expected {expected}");
+    ionet::shutdown();
+}
+
 fn main() {
     harness::run(
         &[
@@ -297,6 +344,7 @@ fn main() {
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
             ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
+            ("placement_group_bundle_is_metered_once", placement_group_bundle_is_metered_once),
         ],
         Duration::from_secs(180),
     );
