@@ -779,15 +779,20 @@ impl Leases {
     pub async fn end_leases_of_dead_holders(&self, timeout: Duration) -> usize {
         let holders: std::collections::BTreeSet<String> =
             self.lock().leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect();
-        let mut ended = 0;
+        // All probes at once: a holder that does not answer costs one timeout, not one each.
+        let mut probes = tokio::task::JoinSet::new();
         for holder in holders {
-            let refused = matches!(
-                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
-                Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
-            );
-            if !refused {
-                continue;
-            }
+            probes.spawn(async move {
+                let refused = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
+                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
+                );
+                (holder, refused)
+            });
+        }
+        let mut ended = 0;
+        while let Some(probe) = probes.join_next().await {
+            let Ok((holder, true)) = probe else { continue };
             let doomed: Vec<LeaseId> =
                 self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
             for lease_id in doomed {
