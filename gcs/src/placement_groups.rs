@@ -240,20 +240,12 @@ impl PlacementGroups {
         let group = groups
             .get(id)
             .ok_or_else(|| IonetError::NotFound(format!("placement group {} does not exist", id.short())))?;
-        Ok(GetPlacementGroupReply {
-            state: group.state as i32,
-            bundle_node_ids: group.nodes.iter().map(|(node, _)| node.to_vec()).collect(),
-            bundle_node_addresses: group.nodes.iter().map(|(_, address)| address.clone()).collect(),
-            pending_reason: group.pending_reason.clone(),
-            bundles: group.bundles.iter().map(ResourceQuantities::from_set).collect(),
-            strategy: strategy_to_wire(group.strategy) as i32,
-            name: group.name.clone(),
-        })
+        Ok(row(id, group))
     }
 
-    /// The ids of every group, removed ones included, in id order.
-    pub fn ids(&self) -> Vec<PlacementGroupId> {
-        self.lock().keys().copied().collect()
+    /// Every group's row, removed ones included, in id order.
+    pub fn list(&self) -> Vec<GetPlacementGroupReply> {
+        self.lock().iter().map(|(id, group)| row(id, group)).collect()
     }
 
     /// The group's state, if it exists.
@@ -449,6 +441,20 @@ impl PlacementGroups {
                 let _ = tokio::time::timeout(wait, self.agent.cancel(address, id, index as u32)).await;
             }
         }
+    }
+}
+
+/// A group as the control store answers for it.
+fn row(id: &PlacementGroupId, group: &Group) -> GetPlacementGroupReply {
+    GetPlacementGroupReply {
+        state: group.state as i32,
+        bundle_node_ids: group.nodes.iter().map(|(node, _)| node.to_vec()).collect(),
+        bundle_node_addresses: group.nodes.iter().map(|(_, address)| address.clone()).collect(),
+        pending_reason: group.pending_reason.clone(),
+        bundles: group.bundles.iter().map(ResourceQuantities::from_set).collect(),
+        strategy: strategy_to_wire(group.strategy) as i32,
+        name: group.name.clone(),
+        placement_group_id: id.to_vec(),
     }
 }
 

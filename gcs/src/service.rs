@@ -183,8 +183,7 @@ impl Gcs for GcsService {
         &self,
         _request: Request<ListPlacementGroupsRequest>,
     ) -> Result<Response<ListPlacementGroupsReply>, Status> {
-        let placement_group_ids = self.placement_groups.ids().iter().map(|id| id.to_vec()).collect();
-        Ok(Response::new(ListPlacementGroupsReply { placement_group_ids }))
+        Ok(Response::new(ListPlacementGroupsReply { groups: self.placement_groups.list() }))
     }
 
     async fn remove_placement_group(

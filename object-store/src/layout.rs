@@ -97,13 +97,11 @@ pub(crate) fn unlock(file: &File) {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
-/// Whether `path` names the open `file` (same device and inode).
-pub(crate) fn same_file(file: &File, path: &Path) -> bool {
+/// Whether `path` still names the open file whose metadata is `opened` (same device
+/// and inode).
+pub(crate) fn still_named(path: &Path, opened: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
-        _ => false,
-    }
+    fs::metadata(path).is_ok_and(|named| named.dev() == opened.dev() && named.ino() == opened.ino())
 }
 
 /// `<dir>/free-<n>`: the file of a deleted object, kept allocated for a new one.

@@ -45,16 +45,21 @@ impl ObjectView {
         // The shared lock, then a check that `path` still names this file: the store
         // renames a file away (to recycle it) only while holding the exclusive lock, so a
         // file opened just before that rename is caught here, never mapped as the object.
-        if !layout::lock_shared(&file) || !layout::same_file(&file, path) {
+        if !layout::lock_shared(&file) {
             return Err(ObjectStoreError::NotFound { id });
         }
-        let len = file.metadata().map_err(|err| ObjectStoreError::io_at("stat", path, err))?.len();
+        let opened = file.metadata().map_err(|err| ObjectStoreError::io_at("stat", path, err))?;
+        if !layout::still_named(path, &opened) {
+            return Err(ObjectStoreError::NotFound { id });
+        }
+        let len = opened.len();
         let map = if len == 0 {
             None
         } else {
             // SAFETY: a sealed object file is immutable by protocol: it is made read-only
-            // (0444) before the rename that publishes it, no ionet process opens it for
-            // writing again, and removal only unlinks it. A hostile local process with
+            // (0444) before the rename that publishes it, and it is written again only
+            // after the store recycled it, which it does only holding the exclusive lock
+            // that this view's shared lock excludes (else removal only unlinks it). A hostile local process with
             // the same uid could still truncate it; that is outside the trust boundary of
             // a node (same as Ray's plasma store).
             Some(

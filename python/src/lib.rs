@@ -730,11 +730,14 @@ fn remove_placement_group(py: Python<'_>, pg_id: &str) -> PyResult<()> {
     py.detach(move || ionet::remove_placement_group(&ionet::PlacementGroup::from_id(id)?)).or_raise()
 }
 
-fn group_row<'py>(py: Python<'py>, id: ionet::PlacementGroupId) -> PyResult<Bound<'py, PyDict>> {
+/// A group's row as Ray's `placement_group_table` shows it.
+fn group_row<'py>(
+    py: Python<'py>,
+    reply: &ionet::rpc::proto::gcs::GetPlacementGroupReply,
+) -> PyResult<Bound<'py, PyDict>> {
     use ionet::rpc::proto::gcs::{PlacementGroupState, PlacementStrategy};
-    let reply = py.detach(move || ionet::PlacementGroup::from_id(id)?.table()).or_raise()?;
     let row = PyDict::new(py);
-    row.set_item("placement_group_id", id.hex())?;
+    row.set_item("placement_group_id", hex(&reply.placement_group_id))?;
     row.set_item("name", &reply.name)?;
     let strategy = PlacementStrategy::try_from(reply.strategy)
         .map(|s| s.as_str_name().trim_start_matches("PLACEMENT_STRATEGY_").to_string())
@@ -761,11 +764,14 @@ fn group_row<'py>(py: Python<'py>, id: ionet::PlacementGroupId) -> PyResult<Boun
 #[pyo3(signature = (pg_id = None))]
 fn placement_group_table<'py>(py: Python<'py>, pg_id: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
     match pg_id {
-        Some(id) => group_row(py, group(id)?),
+        Some(id) => {
+            let id = group(id)?;
+            group_row(py, &py.detach(move || ionet::placement_group_info(id)).or_raise()?)
+        }
         None => {
             let table = PyDict::new(py);
-            for id in py.detach(ionet::placement_group_ids).or_raise()? {
-                table.set_item(id.hex(), group_row(py, id)?)?;
+            for reply in py.detach(ionet::placement_group_table).or_raise()? {
+                table.set_item(hex(&reply.placement_group_id), group_row(py, &reply)?)?;
             }
             Ok(table)
         }

@@ -79,8 +79,14 @@ struct Granted {
     bundle: Option<BundleKey>,
     /// Where the holder serves (see `RequestWorkerLeaseRequest::holder_address`).
     holder: String,
-    /// Whether a metering lease was started for it.
-    metered: bool,
+}
+
+impl Granted {
+    /// Whether the lease is metered: a lease of nothing (an actor holding no resources)
+    /// costs nothing, and one inside a placement-group bundle is paid with the bundle.
+    fn metered(resources: &ResourceSet, bundle: Option<&BundleKey>) -> bool {
+        !resources.is_empty() && bundle.is_none()
+    }
 }
 
 /// A placement-group bundle: its id and index in the group.
@@ -601,15 +607,10 @@ impl Leases {
             },
         };
         let lease_id = LeaseId::random();
-        // A lease of nothing (an actor holding no resources) costs nothing, and one inside a
-        // placement-group bundle is paid with the bundle: neither is metered.
-        let metered = !resources.is_empty() && bundle.is_none();
-        if metered {
+        if Granted::metered(&resources, bundle.as_ref()) {
             self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
         }
-        self.lock()
-            .leases
-            .insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder, metered });
+        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder });
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
         }
@@ -645,16 +646,25 @@ impl Leases {
 
     /// Ends a lease: resources back, the worker back to the pool (or stopped if it failed).
     pub fn return_lease(&self, lease_id: &[u8], worker_failed: bool) -> IonetResult<()> {
-        let lease_id = LeaseId::from_bytes(lease_id)?;
-        let granted = self
-            .lock()
-            .leases
-            .remove(&lease_id)
-            .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
-        if granted.metered {
+        self.end_lease(LeaseId::from_bytes(lease_id)?, worker_failed)
+    }
+
+    /// Removes a lease and gives its resources back (metering its end); `None` if it is
+    /// not held here.
+    fn release(&self, lease_id: LeaseId) -> Option<Granted> {
+        let granted = self.lock().leases.remove(&lease_id)?;
+        if Granted::metered(&granted.resources, granted.bundle.as_ref()) {
             self.meter(MeterEvent::Ended { lease_id });
         }
         self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
+        Some(granted)
+    }
+
+    /// [`Leases::return_lease`] by id.
+    fn end_lease(&self, lease_id: LeaseId, worker_failed: bool) -> IonetResult<()> {
+        let granted = self
+            .release(lease_id)
+            .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))?;
         if let Some(mut entry) = self.workers.get_mut(&granted.worker) {
             entry.1 = None;
         }
@@ -762,13 +772,7 @@ impl Leases {
         self.lock().idle.retain(|(worker, _)| worker.worker_id != worker_id);
         if let Some(lease_id) = lease {
             tracing::warn!(worker = %worker_id.short(), %status, lease = %lease_id.short(), "leased worker died; its lease ends");
-            let granted = self.lock().leases.remove(&lease_id);
-            if let Some(granted) = granted {
-                if granted.metered {
-                    self.meter(MeterEvent::Ended { lease_id });
-                }
-                self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
-            }
+            self.release(lease_id);
         }
     }
 
@@ -797,7 +801,7 @@ impl Leases {
                 self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
             for lease_id in doomed {
                 tracing::warn!(lease = %lease_id.short(), %holder, "the lease holder is gone; its lease ends");
-                if self.return_lease(&lease_id.to_vec(), true).is_ok() {
+                if self.end_lease(lease_id, true).is_ok() {
                     ended += 1;
                 }
             }

@@ -120,37 +120,35 @@ pub fn wait_flags<T>(
             count += 1;
         }
     }
-    let ready_flags = if count == num_returns {
-        ready_here
-    } else {
-        block_on(async {
-            let mut ready = vec![false; objects.len()];
-            let mut pending: FuturesUnordered<_> = objects
-                .iter()
-                .enumerate()
-                .map(|(index, object)| {
-                    let worker = worker.clone();
-                    async move { (index, worker.resolve(object.id(), object.owner_address(), deadline).await) }
-                })
-                .collect();
-            let mut count = 0;
-            while count < num_returns {
-                match pending.next().await {
-                    Some((index, Ok(_))) | Some((index, Err(IonetError::ObjectLost(_)))) => {
-                        ready[index] = true;
-                        count += 1;
-                    }
-                    Some((_, Err(IonetError::Timeout(_)))) | None => break,
-                    Some((index, Err(_))) => {
-                        ready[index] = true;
-                        count += 1;
-                    }
+    if count == num_returns {
+        return Ok(ready_here);
+    }
+    Ok(block_on(async {
+        let mut ready = vec![false; objects.len()];
+        let mut pending: FuturesUnordered<_> = objects
+            .iter()
+            .enumerate()
+            .map(|(index, object)| {
+                let worker = worker.clone();
+                async move { (index, worker.resolve(object.id(), object.owner_address(), deadline).await) }
+            })
+            .collect();
+        let mut count = 0;
+        while count < num_returns {
+            match pending.next().await {
+                Some((index, Ok(_))) | Some((index, Err(IonetError::ObjectLost(_)))) => {
+                    ready[index] = true;
+                    count += 1;
+                }
+                Some((_, Err(IonetError::Timeout(_)))) | None => break,
+                Some((index, Err(_))) => {
+                    ready[index] = true;
+                    count += 1;
                 }
             }
-            ready
-        })
-    };
-    Ok(ready_flags)
+        }
+        ready
+    }))
 }
 
 /// The cluster's nodes, alive and dead, as the control store records them (Ray's `nodes()`).

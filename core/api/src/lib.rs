@@ -57,8 +57,8 @@ pub use ionet_macros::{actor, remote};
 pub use object_ref::{Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
 pub use placement_group::{
-    named_placement_group, placement_group, placement_group_ids, remove_placement_group, PlacementGroup,
-    PlacementStrategy,
+    named_placement_group, placement_group, placement_group_info, placement_group_table, remove_placement_group,
+    PlacementGroup, PlacementStrategy,
 };
 
 #[doc(hidden)]

@@ -115,18 +115,22 @@ impl PlacementGroup {
 }
 
 pub(crate) async fn get_group(worker: &CoreWorker, id: &PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
-    let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
-    Ok(gcs.get_placement_group(GetPlacementGroupRequest { placement_group_id: id.to_vec() }).await?.into_inner())
+    let request = GetPlacementGroupRequest { placement_group_id: id.to_vec() };
+    Ok(worker.gcs()?.get_placement_group(request).await?.into_inner())
 }
 
-/// The ids of every placement group of the cluster, removed ones included (Ray's
-/// `placement_group_table()` with no argument).
-pub fn placement_group_ids() -> IonetResult<Vec<PlacementGroupId>> {
+/// The control store's row of one group (state, bundles, their nodes), by id.
+pub fn placement_group_info(id: PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
+    let worker = runtime::current()?;
+    block_on(get_group(&worker, &id))
+}
+
+/// The control store's row of every placement group of the cluster, removed ones
+/// included, in one call (Ray's `placement_group_table()` with no argument).
+pub fn placement_group_table() -> IonetResult<Vec<GetPlacementGroupReply>> {
     let worker = runtime::current()?;
     block_on(async {
-        let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);
-        let reply = gcs.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner();
-        reply.placement_group_ids.iter().map(|id| Ok(PlacementGroupId::from_bytes(id)?)).collect()
+        Ok(worker.gcs()?.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner().groups)
     })
 }
 

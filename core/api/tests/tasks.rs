@@ -205,26 +205,19 @@ fn hold_gpus(millis: u64) -> Vec<u32> {
     ionet::get_gpu_ids()
 }
 
+/// A head with no CPUs and one provider node: 2 CPUs, 2 A100s at $1.20/GPU-hour, paying
+/// `wallet`, with `extra` arguments.
+fn provider_cluster(wallet: &str, extra: &[&str]) -> Cluster {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let node = ["--num-cpus", "2", "--num-gpus", "2", "--gpu-type", "A100-80GB", "--price-per-gpu-hour", "1.20"];
+    cluster.add_node(&[&node[..], &["--wallet", wallet], extra].concat());
+    cluster
+}
+
 /// A job holding 2 GPUs on a $1.20/GPU-hour node is charged for the interval the
 /// control plane measured, and the provider is credited.
 fn gpu_lease_is_metered_and_settled_to_the_provider() {
-    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
-    cluster.add_node(&[
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "2",
-        "--gpu-type",
-        "A100-80GB",
-        "--price-per-gpu-hour",
-        "1.20",
-        "--wallet",
-        "wallet-eu-1",
-        "--power-watts",
-        "700",
-        "--electricity-price",
-        "0.15",
-    ]);
+    let cluster = provider_cluster("wallet-eu-1", &["--power-watts", "700", "--electricity-price", "0.15"]);
     cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
     cluster.init_as("acme");
     let started = Instant::now();
@@ -291,19 +284,7 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
 /// A placement-group bundle holding a GPU is billed from its reservation to its removal,
 /// once: the task that ran inside it is not billed again.
 fn placement_group_bundle_is_metered_once() {
-    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
-    cluster.add_node(&[
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "2",
-        "--gpu-type",
-        "A100-80GB",
-        "--price-per-gpu-hour",
-        "1.20",
-        "--wallet",
-        "wallet-pg",
-    ]);
+    let cluster = provider_cluster("wallet-pg", &[]);
     cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
     cluster.init_as("acme");
     let bundle = [("GPU".to_string(), 1.0), ("CPU".to_string(), 1.0)].into_iter().collect();
