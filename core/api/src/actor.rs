@@ -6,11 +6,13 @@
 //! Caller side: every process keeps one [`ActorClient`] per actor it calls. Its sender task
 //! takes calls in submission order, resolves their arguments, learns the actor's address
 //! from the control store (waiting while it is pending or restarting), numbers each call
-//! with the caller's next sequence number for that incarnation and sends it straight to the
-//! actor's worker without waiting for the previous reply. A send that fails because the
-//! worker died marks the incarnation broken; the call is retried on the next incarnation up
-//! to `max_task_retries` (a call that never reached the worker is always retried), else it
-//! fails with `ActorDied` and the cause the control store recorded.
+//! with the caller's next sequence number for that incarnation and sends it on a call
+//! stream to the actor's worker (`ActorCalls`) without waiting for earlier replies. Calls
+//! queued together go out as one message, and the worker answers with every reply ready
+//! at once, so a busy caller pays one message per batch. When the stream breaks, the calls
+//! it left unanswered mark the incarnation broken; each is retried on the next incarnation
+//! up to `max_task_retries` (a call that never reached the worker is always retried), else
+//! it fails with `ActorDied` and the cause the control store recorded.
 //!
 //! Worker side: a worker hosts at most one actor ([`HostedActor`]). With
 //! `max_concurrency == 1` each caller's calls run one at a time in sequence order; with
@@ -26,11 +28,13 @@ use std::time::Duration;
 use ionet_common::rpc::proto::gcs::{
     ActorInfo, ActorSpec, ActorState, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
 };
-use ionet_common::rpc::proto::worker::{push_task_reply, PushActorTaskRequest};
+use ionet_common::rpc::proto::worker::{
+    push_task_reply, ActorCallBatch, ActorReply, PushActorTaskRequest, PushTaskReply,
+};
 use ionet_common::rpc::{CoreWorkerClient, GcsClient};
 use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::{SchedulingStrategy, TaskOptions};
@@ -443,16 +447,28 @@ async fn watch_actor(shared: std::sync::Weak<SenderShared>) {
     }
 }
 
-/// The connection the sender uses: the actor's current incarnation and the caller's next
-/// sequence number in it.
+/// The connection the sender uses: a call stream to the actor's current incarnation and
+/// the caller's next sequence number in it.
 struct Connection {
     incarnation: u32,
-    channel: ionet_common::rpc::AuthChannel,
     next_sequence: u64,
+    batches: mpsc::UnboundedSender<ActorCallBatch>,
+    sent: Arc<Mutex<SentCalls>>,
+}
+
+/// Calls sent on a stream and not yet answered. Once the stream has ended (`closed`), the
+/// reply reader has taken them over and nothing more may be added.
+#[derive(Default)]
+struct SentCalls {
+    calls: HashMap<u64, (ActorCall, OwnedSemaphorePermit)>,
+    closed: bool,
 }
 
 /// Calls one process may have in flight to one actor; more wait in the queue.
 const MAX_IN_FLIGHT: usize = 1_000;
+
+/// Calls sent in one message at most.
+const MAX_BATCH: usize = 256;
 
 struct SenderShared {
     worker: Arc<CoreWorker>,
@@ -489,64 +505,223 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
     let worker = shared.worker.clone();
     let mut connection: Option<Connection> = None;
     let mut dead: Option<String> = None;
-    while let Some(call) = calls.recv().await {
-        if let Some(cause) = &dead {
-            worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))));
-            continue;
+    let mut batch: Vec<PushActorTaskRequest> = Vec::new();
+    while let Some(first) = calls.recv().await {
+        let mut taken = vec![first];
+        while taken.len() < MAX_BATCH {
+            match calls.try_recv() {
+                Ok(call) => taken.push(call),
+                Err(_) => break,
+            }
         }
-        let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
-            Ok(args) => args,
-            Err(error) => {
-                worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+        for call in taken {
+            if let Some(cause) = &dead {
+                worker.settle_object(
+                    &call.return_id,
+                    ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
+                );
                 continue;
             }
-        };
-        let broken = shared.broken.load(Ordering::SeqCst);
-        if connection.as_ref().is_none_or(|c| i64::from(c.incarnation) <= broken) {
-            connection = None;
-            match connect(&shared, broken).await {
-                Ok(Ok(fresh)) => connection = Some(fresh),
-                Ok(Err(cause)) => {
-                    worker.settle_object(
-                        &call.return_id,
-                        ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
-                    );
-                    dead = Some(cause);
-                    continue;
-                }
+            // Whatever may wait goes after the calls gathered so far are on their way: an
+            // argument may be the result of one of them.
+            if call.args.iter().any(|arg| matches!(arg, Arg::Ref(_))) {
+                flush(&connection, &mut batch);
+            }
+            let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
+                Ok(args) => args,
                 Err(error) => {
                     worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
                     continue;
                 }
+            };
+            let broken = shared.broken.load(Ordering::SeqCst);
+            let usable = connection.as_ref().is_some_and(|c| {
+                i64::from(c.incarnation) > broken && !c.sent.lock().unwrap_or_else(|p| p.into_inner()).closed
+            });
+            if !usable {
+                flush(&connection, &mut batch);
+                connection = None;
+                match connect(&shared, broken).await {
+                    Ok(Ok(fresh)) => connection = Some(fresh),
+                    Ok(Err(cause)) => {
+                        worker.settle_object(
+                            &call.return_id,
+                            ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
+                        );
+                        dead = Some(cause);
+                        continue;
+                    }
+                    Err(error) => {
+                        worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                        continue;
+                    }
+                }
+            }
+            let permit = match shared.in_flight.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    flush(&connection, &mut batch);
+                    let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+                    permit
+                }
+            };
+            let current = connection.as_mut().expect("connected above");
+            let sequence = current.next_sequence;
+            let request = PushActorTaskRequest {
+                actor_id: shared.actor.id.to_vec(),
+                incarnation: current.incarnation,
+                caller_id: worker.caller_id.to_vec(),
+                sequence,
+                method: call.method.to_string(),
+                args,
+                task_id: call.task_id.to_vec(),
+                return_object_id: call.return_id.to_vec(),
+                inline_threshold: worker.inline_threshold as u64,
+            };
+            let mut sent = current.sent.lock().unwrap_or_else(|p| p.into_inner());
+            if sent.closed {
+                // The stream ended meanwhile: the call goes round again, to the next incarnation.
+                drop(sent);
+                requeue(&shared, call);
+                continue;
+            }
+            sent.calls.insert(sequence, (call, permit));
+            drop(sent);
+            current.next_sequence += 1;
+            batch.push(request);
+        }
+        flush(&connection, &mut batch);
+    }
+}
+
+/// Sends the gathered calls as one message.
+fn flush(connection: &Option<Connection>, batch: &mut Vec<PushActorTaskRequest>) {
+    if batch.is_empty() {
+        return;
+    }
+    let calls = std::mem::take(batch);
+    if let Some(connection) = connection {
+        // A closed stream has already handed its sent calls back for retry.
+        let _ = connection.batches.send(ActorCallBatch { calls });
+    }
+}
+
+fn requeue(shared: &SenderShared, call: ActorCall) {
+    let return_id = call.return_id;
+    if let Err(mpsc::error::SendError(_)) = shared.queue.send(call) {
+        let closed = IonetError::Internal("the actor's call queue is closed".into());
+        shared.worker.settle_object(&return_id, ObjectState::Failed(Arc::new(closed)));
+    }
+}
+
+/// Opens a call stream to the actor's worker; its reader settles the replies.
+fn open_stream(shared: &Arc<SenderShared>, incarnation: u32, channel: ionet_common::rpc::AuthChannel) -> Connection {
+    let (batches, outgoing) = mpsc::unbounded_channel();
+    let sent = Arc::new(Mutex::new(SentCalls::default()));
+    shared.worker.handle.spawn(read_replies(shared.clone(), incarnation, channel, outgoing, sent.clone()));
+    Connection { incarnation, next_sequence: 0, batches, sent }
+}
+
+/// Settles each reply as it comes; when the stream ends, the calls still unanswered are
+/// retried or failed.
+async fn read_replies(
+    shared: Arc<SenderShared>,
+    incarnation: u32,
+    channel: ionet_common::rpc::AuthChannel,
+    outgoing: mpsc::UnboundedReceiver<ActorCallBatch>,
+    sent: Arc<Mutex<SentCalls>>,
+) {
+    let mut client =
+        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let ended = match client.actor_calls(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing)).await {
+        Err(status) => status,
+        Ok(response) => {
+            let mut replies = response.into_inner();
+            loop {
+                match replies.message().await {
+                    Ok(Some(batch)) => {
+                        for ActorReply { sequence, reply } in batch.replies {
+                            let Some((call, permit)) =
+                                sent.lock().unwrap_or_else(|p| p.into_inner()).calls.remove(&sequence)
+                            else {
+                                tracing::warn!(sequence, "a reply to a call this caller did not send");
+                                continue;
+                            };
+                            let state = reply_state(&shared, &call.method, reply.unwrap_or_default());
+                            shared.worker.settle_object(&call.return_id, state);
+                            drop((call, permit)); // releases argument refs and the in-flight slot
+                        }
+                    }
+                    Ok(None) => break tonic::Status::unavailable("the actor's worker ended the call stream"),
+                    Err(status) => break status,
+                }
             }
         }
-        let connection = connection.as_mut().expect("connected above");
-        let sequence = connection.next_sequence;
-        connection.next_sequence += 1;
-        let request = PushActorTaskRequest {
-            actor_id: shared.actor.id.to_vec(),
-            incarnation: connection.incarnation,
-            caller_id: worker.caller_id.to_vec(),
-            sequence,
-            method: call.method.to_string(),
-            args,
-            task_id: call.task_id.to_vec(),
-            return_object_id: call.return_id.to_vec(),
-            inline_threshold: worker.inline_threshold as u64,
-        };
-        let channel = connection.channel.clone();
-        let incarnation = connection.incarnation;
-        let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
-        let sender = shared.clone();
-        worker.handle.spawn(async move {
-            send_one(sender, call, request, channel, incarnation).await;
-            drop(permit);
-        });
+    };
+    let unanswered = {
+        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.closed = true;
+        std::mem::take(&mut sent.calls)
+    };
+    if unanswered.is_empty() {
+        return; // the caller let go of the stream: nothing was lost
+    }
+    // The worker is gone (or no longer hosts this incarnation).
+    shared.broken.fetch_max(i64::from(incarnation), Ordering::SeqCst);
+    let mut unanswered: Vec<_> = unanswered.into_iter().collect();
+    unanswered.sort_by_key(|(sequence, _)| *sequence);
+    let retries = shared.max_task_retries.load(Ordering::SeqCst);
+    let mut cause: Option<String> = None;
+    for (_, (mut call, permit)) in unanswered {
+        drop(permit);
+        if never_delivered(&ended) || retries == -1 || i64::from(call.attempt) < retries {
+            if !never_delivered(&ended) {
+                call.attempt += 1;
+            }
+            requeue(&shared, call);
+            continue;
+        }
+        if cause.is_none() {
+            cause = Some(death_cause(&shared, incarnation).await);
+        }
+        let cause = cause.as_deref().unwrap_or_default();
+        let error = IonetError::ActorDied(format!("{cause}; call {} was lost ({})", call.method, ended.message()));
+        shared.worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+    }
+}
+
+/// Why the actor died, if the control store knows by now.
+async fn death_cause(shared: &SenderShared, incarnation: u32) -> String {
+    let request = GetActorRequest {
+        actor_id: shared.actor.id.to_vec(),
+        wait_newer_than: i64::from(incarnation),
+        timeout_ms: 2_000,
+    };
+    let known = match shared.worker.gcs() {
+        Ok(mut gcs) => match gcs.get_actor(request).await {
+            Ok(reply) => reply.into_inner().actor.map(|info| death_message(&shared.actor, &info)),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    known.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class))
+}
+
+fn reply_state(shared: &SenderShared, method: &str, reply: PushTaskReply) -> ObjectState {
+    match reply.result {
+        Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+        Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
+        Some(push_task_reply::Result::Failure(failure)) => ObjectState::Failed(Arc::new(IonetError::TaskFailed {
+            function: format!("{}.{}", shared.actor.class, failure.function_name),
+            node: runtime::hex_short(&failure.node_id),
+            message: failure.message,
+        })),
+        None => ObjectState::Failed(Arc::new(IonetError::Internal(format!("empty reply to {method}")))),
     }
 }
 
 /// Waits until the actor runs in an incarnation newer than `broken`. `Ok(Err(cause))`: it is dead.
-async fn connect(shared: &SenderShared, broken: i64) -> IonetResult<Result<Connection, String>> {
+async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<Connection, String>> {
     let worker = &shared.worker;
     loop {
         let request = GetActorRequest {
@@ -561,7 +736,7 @@ async fn connect(shared: &SenderShared, broken: i64) -> IonetResult<Result<Conne
             ActorState::Dead => return Ok(Err(death_message(&shared.actor, &info))),
             ActorState::Alive if i64::from(info.incarnation) > broken => {
                 let channel = worker.channel(&info.address)?;
-                return Ok(Ok(Connection { incarnation: info.incarnation, channel, next_sequence: 0 }));
+                return Ok(Ok(open_stream(shared, info.incarnation, channel)));
             }
             _ => continue,
         }
@@ -577,68 +752,6 @@ fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
 fn never_delivered(status: &tonic::Status) -> bool {
     let message = status.message();
     message.contains("tcp connect error") || message.contains("Connection refused")
-}
-
-async fn send_one(
-    shared: Arc<SenderShared>,
-    mut call: ActorCall,
-    request: PushActorTaskRequest,
-    channel: ionet_common::rpc::AuthChannel,
-    incarnation: u32,
-) {
-    let worker = shared.worker.clone();
-    let mut client =
-        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    let method = call.method.clone();
-    let state = match client.push_actor_task(request).await {
-        Ok(reply) => match reply.into_inner().result {
-            Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
-            Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
-            Some(push_task_reply::Result::Failure(failure)) => ObjectState::Failed(Arc::new(IonetError::TaskFailed {
-                function: format!("{}.{}", shared.actor.class, failure.function_name),
-                node: runtime::hex_short(&failure.node_id),
-                message: failure.message,
-            })),
-            None => ObjectState::Failed(Arc::new(IonetError::Internal(format!("empty reply to {method}")))),
-        },
-        Err(status) => {
-            // The worker is gone (or no longer hosts this incarnation).
-            shared.broken.fetch_max(i64::from(incarnation), Ordering::SeqCst);
-            let retries = shared.max_task_retries.load(Ordering::SeqCst);
-            if never_delivered(&status) || retries == -1 || i64::from(call.attempt) < retries {
-                if !never_delivered(&status) {
-                    call.attempt += 1;
-                }
-                let return_id = call.return_id;
-                if let Err(mpsc::error::SendError(_)) = shared.queue.send(call) {
-                    let closed = IonetError::Internal("the actor's call queue is closed".into());
-                    worker.settle_object(&return_id, ObjectState::Failed(Arc::new(closed)));
-                }
-                return;
-            }
-            // Out of retries: say why the actor died, if the control store knows by now.
-            let request = GetActorRequest {
-                actor_id: shared.actor.id.to_vec(),
-                wait_newer_than: i64::from(incarnation),
-                timeout_ms: 2_000,
-            };
-            let cause = match worker.gcs() {
-                Ok(mut gcs) => match gcs.get_actor(request).await {
-                    Ok(reply) => reply.into_inner().actor.map(|info| death_message(&shared.actor, &info)),
-                    Err(_) => None,
-                },
-                Err(_) => None,
-            };
-            let cause =
-                cause.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class));
-            ObjectState::Failed(Arc::new(IonetError::ActorDied(format!(
-                "{cause}; call {method} was lost ({})",
-                status.message()
-            ))))
-        }
-    };
-    worker.settle_object(&call.return_id, state);
-    drop(call); // releases argument refs
 }
 
 /// The actor a worker process hosts.
@@ -676,6 +789,11 @@ impl HostedActor {
             ordered: max_concurrency == 1,
             turns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether each caller's calls run one at a time, in order (`max_concurrency == 1`).
+    pub(crate) fn ordered(&self) -> bool {
+        self.ordered
     }
 
     /// Waits until `sequence` is this caller's next call (ordered actors only).

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, task_failure, CreateActorReply, CreateActorRequest, ExitReply,
-    ExitRequest, GetObjectReply, GetObjectRequest, PushActorTaskRequest, PushTaskReply, PushTaskRequest, TaskArg,
-    TaskFailure, WatchEvent, WatchRequest,
+    get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, ActorReply, ActorReplyBatch,
+    CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest,
+    PushActorTaskRequest, PushTaskReply, PushTaskRequest, TaskArg, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::actor::{self, HostedActor, MethodCall};
@@ -115,6 +116,78 @@ async fn run_async_call(
         Err(err) => Ok(Err(Failure::error(format!("the method's task was cancelled: {err}")))),
     };
     reply_of(worker, function_name, task_bytes, outcome)
+}
+
+/// The actor this worker hosts, if it is the one (and incarnation) the call is for.
+fn hosted_actor(worker: &CoreWorker, call: &PushActorTaskRequest) -> Result<Arc<HostedActor>, Status> {
+    let actor_id = ActorId::from_bytes(&call.actor_id)?;
+    let Some(hosted) = worker.hosted.get().cloned() else {
+        return Err(Status::failed_precondition(format!(
+            "this worker hosts no actor (asked for {})",
+            actor_id.short()
+        )));
+    };
+    if hosted.id != actor_id || hosted.incarnation != call.incarnation {
+        return Err(Status::failed_precondition(format!(
+            "this worker hosts actor {} incarnation {}, not {} incarnation {}",
+            hosted.id.short(),
+            hosted.incarnation,
+            actor_id.short(),
+            call.incarnation
+        )));
+    }
+    Ok(hosted)
+}
+
+/// Runs one method call on the hosted actor, in its caller's order when the actor is
+/// ordered, within its concurrency limit.
+async fn actor_call(
+    worker: &Arc<CoreWorker>,
+    hosted: &HostedActor,
+    call: PushActorTaskRequest,
+) -> Result<PushTaskReply, Status> {
+    let args = read_args(worker, call.args).await?;
+    hosted.wait_turn(&call.caller_id, call.sequence).await;
+    let permit = hosted.permits.clone().acquire_owned().await.map_err(|_| Status::unavailable("actor stopping"))?;
+    let method = call.method;
+    let task_id = TaskId::from_bytes(&call.task_id).ok();
+    let return_id = ObjectId::from_bytes(&call.return_object_id)?;
+    let (task_bytes, threshold) = (&call.task_id, call.inline_threshold);
+    let reply = match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &method, args)) {
+        Ok(MethodCall::Blocking(run)) => {
+            run_call(worker, &method, task_bytes, task_id, return_id, threshold, run).await
+        }
+        Ok(MethodCall::Async(run)) => Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, run).await),
+        Err(failure) => Ok(failure_reply(worker, &method, task_bytes, failure)),
+    };
+    drop(permit);
+    hosted.finish_turn(&call.caller_id, call.sequence);
+    reply
+}
+
+/// The reply stream of a call stream: each message carries every reply ready by then.
+fn reply_batches(
+    finished: mpsc::UnboundedReceiver<Result<ActorReply, Status>>,
+) -> impl tokio_stream::Stream<Item = Result<ActorReplyBatch, Status>> + Send {
+    futures::stream::unfold((finished, None::<Status>), |(mut finished, failed)| async move {
+        if let Some(status) = failed {
+            return Some((Err(status), (finished, None)));
+        }
+        let mut batch = ActorReplyBatch::default();
+        match finished.recv().await? {
+            Ok(reply) => batch.replies.push(reply),
+            Err(status) => return Some((Err(status), (finished, None))),
+        }
+        let mut failed = None;
+        while failed.is_none() {
+            match finished.try_recv() {
+                Ok(Ok(reply)) => batch.replies.push(reply),
+                Ok(Err(status)) => failed = Some(status),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(batch), (finished, failed)))
+    })
 }
 
 pub(crate) struct CoreWorkerService {
@@ -258,43 +331,43 @@ impl CoreWorkerRpc for CoreWorkerService {
         Ok(Response::new(CreateActorReply { failure: None }))
     }
 
-    async fn push_actor_task(&self, request: Request<PushActorTaskRequest>) -> Result<Response<PushTaskReply>, Status> {
-        let request = request.into_inner();
-        let actor_id = ActorId::from_bytes(&request.actor_id)?;
-        let Some(hosted) = self.worker.hosted.get().cloned() else {
-            return Err(Status::failed_precondition(format!(
-                "this worker hosts no actor (asked for {})",
-                actor_id.short()
-            )));
-        };
-        if hosted.id != actor_id || hosted.incarnation != request.incarnation {
-            return Err(Status::failed_precondition(format!(
-                "this worker hosts actor {} incarnation {}, not {} incarnation {}",
-                hosted.id.short(),
-                hosted.incarnation,
-                actor_id.short(),
-                request.incarnation
-            )));
-        }
-        let args = read_args(&self.worker, request.args).await?;
-        hosted.wait_turn(&request.caller_id, request.sequence).await;
-        let permit = hosted.permits.clone().acquire_owned().await.map_err(|_| Status::unavailable("actor stopping"))?;
-        let method = request.method.clone();
-        let task_id = TaskId::from_bytes(&request.task_id).ok();
-        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-        let (worker, task_bytes, threshold) = (&self.worker, &request.task_id, request.inline_threshold);
-        let reply = match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &method, args)) {
-            Ok(MethodCall::Blocking(call)) => {
-                run_call(worker, &method, task_bytes, task_id, return_id, threshold, call).await
+    type ActorCallsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ActorReplyBatch, Status>> + Send>>;
+
+    async fn actor_calls(
+        &self,
+        request: Request<tonic::Streaming<ActorCallBatch>>,
+    ) -> Result<Response<Self::ActorCallsStream>, Status> {
+        let mut incoming = request.into_inner();
+        let worker = self.worker.clone();
+        let (replies, finished) = mpsc::unbounded_channel::<Result<ActorReply, Status>>();
+        tokio::spawn(async move {
+            // Ends when the caller closes its side (or goes away); the reply stream ends
+            // once every call taken has answered.
+            while let Ok(Some(batch)) = incoming.message().await {
+                for call in batch.calls {
+                    let hosted = match hosted_actor(&worker, &call) {
+                        Ok(hosted) => hosted,
+                        Err(status) => {
+                            let _ = replies.send(Err(status));
+                            return;
+                        }
+                    };
+                    let sequence = call.sequence;
+                    if hosted.ordered() {
+                        // One at a time in arrival order, which is this caller's order.
+                        let reply = actor_call(&worker, &hosted, call).await;
+                        let _ = replies.send(reply.map(|reply| ActorReply { sequence, reply: Some(reply) }));
+                    } else {
+                        let (worker, replies) = (worker.clone(), replies.clone());
+                        tokio::spawn(async move {
+                            let reply = actor_call(&worker, &hosted, call).await;
+                            let _ = replies.send(reply.map(|reply| ActorReply { sequence, reply: Some(reply) }));
+                        });
+                    }
+                }
             }
-            Ok(MethodCall::Async(call)) => {
-                Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, call).await)
-            }
-            Err(failure) => Ok(failure_reply(worker, &method, task_bytes, failure)),
-        };
-        drop(permit);
-        hosted.finish_turn(&request.caller_id, request.sequence);
-        Ok(Response::new(reply?))
+        });
+        Ok(Response::new(Box::pin(reply_batches(finished))))
     }
 
     type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchEvent, Status>> + Send>>;
