@@ -29,7 +29,7 @@ use ionet_common::rpc::proto::gcs::{
     ActorInfo, ActorSpec, ActorState, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
 };
 use ionet_common::rpc::proto::worker::{
-    push_task_reply, ActorCallBatch, ActorReply, PushActorTaskRequest, PushTaskReply,
+    push_task_reply, ActorCallBatch, NumberedReply, PushActorTaskRequest, PushTaskReply,
 };
 use ionet_common::rpc::{CoreWorkerClient, GcsClient};
 use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
@@ -640,7 +640,7 @@ async fn read_replies(
             loop {
                 match replies.message().await {
                     Ok(Some(batch)) => {
-                        for ActorReply { sequence, reply } in batch.replies {
+                        for NumberedReply { sequence, reply } in batch.replies {
                             let Some((call, permit)) =
                                 sent.lock().unwrap_or_else(|p| p.into_inner()).calls.remove(&sequence)
                             else {

@@ -19,7 +19,7 @@
 //!    the task retried up to `max_retries`, then fails as worker-crashed.
 //! 5. Leases idle for `LEASE_LINGER` with nobody waiting go back to their daemon.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,11 +30,15 @@ use ionet_common::rpc::proto::node::{
     SchedulingStrategy as WireStrategy, WorkerCommand,
 };
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, GetObjectRequest, PushTaskRequest, StoredObject, TaskArg,
+    get_object_reply, push_task_reply, task_arg, GetObjectRequest, NumberedReply, PushTaskReply, PushTaskRequest,
+    StoredObject, TaskArg, TaskBatch,
 };
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, ResourceSet, TaskId};
-use tokio::sync::{watch, Notify};
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tonic::Status;
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::object_store::Bytes;
@@ -42,6 +46,10 @@ use crate::options::{SchedulingStrategy, TaskOptions};
 
 /// At most this many lease requests in flight per resource shape (Ray's default too).
 const MAX_PENDING_LEASE_REQUESTS: usize = 10;
+/// Work one lease may have queued on its worker, in microseconds of run time.
+const PIPELINE_BUDGET_MICROS: u64 = 2_000;
+/// Tasks one lease may have in flight at most.
+const MAX_PIPELINE: u64 = 32;
 /// An idle lease is kept this long for the next task of its shape.
 const LEASE_LINGER: Duration = Duration::from_millis(300);
 /// Values up to this size travel inline and live in their owner's memory.
@@ -88,20 +96,48 @@ pub(crate) fn copy_error(error: &IonetError) -> IonetError {
     }
 }
 
-#[derive(Clone)]
+/// A worker leased for one resource shape, and the task stream to it.
 pub(crate) struct Lease {
     lease_id: Vec<u8>,
     node_address: String,
-    worker: AuthChannel,
+    tasks: TaskStream,
+    /// Tasks pushed and not answered yet (changed under the pool's `leases` lock).
+    in_flight: AtomicUsize,
+    /// When `in_flight` last fell to zero.
+    idle_since: Mutex<Instant>,
+    /// Set once the lease is on its way back to its daemon.
+    returned: AtomicBool,
 }
 
 struct ShapePool {
     request: RequestWorkerLeaseRequest,
-    idle: Mutex<Vec<(Lease, Instant)>>,
+    /// Every lease held for the shape, busy or idle.
+    leases: Mutex<Vec<Arc<Lease>>>,
     notify: Notify,
     requesting: AtomicUsize,
     waiting: AtomicUsize,
     infeasible: Mutex<Option<String>>,
+    /// How long the shape's tasks run, in microseconds (a moving average; `u64::MAX`
+    /// until a task has answered).
+    run_micros: AtomicU64,
+}
+
+impl ShapePool {
+    /// Tasks one lease may have in flight: enough queued work to keep its worker busy
+    /// between replies when tasks are short, one at a time when they are not (a task
+    /// queued behind a long one would wait where another worker could run it).
+    fn depth(&self) -> usize {
+        match self.run_micros.load(Ordering::Relaxed) {
+            u64::MAX => 1,
+            micros => (PIPELINE_BUDGET_MICROS / micros.max(1)).clamp(1, MAX_PIPELINE) as usize,
+        }
+    }
+
+    fn observe(&self, run_micros: u64) {
+        let old = self.run_micros.load(Ordering::Relaxed);
+        let new = if old == u64::MAX { run_micros } else { (old * 7 + run_micros) / 8 };
+        self.run_micros.store(new, Ordering::Relaxed);
+    }
 }
 
 pub(crate) struct CoreWorker {
@@ -375,22 +411,25 @@ impl CoreWorker {
                 bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
                 holder_address: self.address.to_string(),
             },
-            idle: Mutex::new(Vec::new()),
+            leases: Mutex::new(Vec::new()),
             notify: Notify::new(),
             requesting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             infeasible: Mutex::new(None),
+            run_micros: AtomicU64::new(u64::MAX),
         });
         self.pools.entry(key).or_insert(pool).clone()
     }
 
-    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>) -> IonetResult<Lease> {
+    /// A slot on one of the shape's leases (the least busy with room), asking the
+    /// cluster for more leases while tasks wait.
+    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>) -> IonetResult<Arc<Lease>> {
         pool.waiting.fetch_add(1, Ordering::SeqCst);
         let result = loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some((lease, _)) = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            if let Some(lease) = take_slot(pool) {
                 break Ok(lease);
             }
             if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -406,19 +445,39 @@ impl CoreWorker {
         if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
             // The last waiter has heard the verdict; later tasks ask the cluster again.
             pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
+        } else if result.is_ok() {
+            // Room may be left for the next waiter (a deeper pipeline, a fresh lease).
+            pool.notify.notify_one();
         }
         result
     }
 
-    fn release(&self, pool: &ShapePool, lease: Lease) {
-        pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push((lease, Instant::now()));
+    /// A task on `lease` has answered.
+    fn release(&self, pool: &ShapePool, lease: &Lease) {
+        {
+            let _leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if lease.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                *lease.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            }
+        }
         pool.notify.notify_one();
     }
 
-    async fn return_lease(&self, lease: Lease, worker_failed: bool) {
+    /// A fresh lease joins its pool.
+    fn add_lease(&self, pool: &ShapePool, lease: Lease) {
+        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(lease));
+        pool.notify.notify_one();
+    }
+
+    /// Gives a lease back to its daemon (once, whoever asks first).
+    async fn return_lease(&self, pool: &ShapePool, lease: &Lease, worker_failed: bool) {
+        if lease.returned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).retain(|held| !std::ptr::eq(&**held, lease));
         if let Ok(channel) = self.channel(&lease.node_address) {
             let mut node = NodeManagerClient::new(channel);
-            let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id, worker_failed };
+            let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id.clone(), worker_failed };
             if let Err(status) = node.return_worker_lease(request).await {
                 // The daemon also ends a lease whose worker died; a lost return is logged, not fatal.
                 tracing::debug!(error = %status.message(), "returning a lease failed");
@@ -433,20 +492,32 @@ impl CoreWorker {
             if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
                 continue;
             }
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            idle.retain(|(lease, since)| {
-                let expired = everything || now.duration_since(*since) >= LEASE_LINGER;
-                if expired {
-                    doomed.push(lease.clone());
+            for lease in leases.iter() {
+                let idle = lease.in_flight.load(Ordering::SeqCst) == 0
+                    && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= LEASE_LINGER;
+                if everything || idle {
+                    doomed.push((pool.clone(), lease.clone()));
                 }
-                !expired
-            });
+            }
         }
-        for lease in doomed {
-            self.return_lease(lease, false).await;
+        for (pool, lease) in doomed {
+            self.return_lease(&pool, &lease, false).await;
         }
     }
+}
+
+/// Takes a slot on the pool's least busy lease with room, if any.
+fn take_slot(pool: &ShapePool) -> Option<Arc<Lease>> {
+    let depth = pool.depth();
+    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+    let lease = leases
+        .iter()
+        .filter(|lease| lease.in_flight.load(Ordering::SeqCst) < depth)
+        .min_by_key(|lease| lease.in_flight.load(Ordering::SeqCst))?;
+    lease.in_flight.fetch_add(1, Ordering::SeqCst);
+    Some(lease.clone())
 }
 
 /// A scheduling strategy as the node daemons read it.
@@ -513,9 +584,16 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
     pool.requesting.fetch_sub(1, Ordering::SeqCst);
     match outcome.and_then(|(granted, node_address)| {
         let channel = worker.channel(&granted.worker_address).map_err(|err| err.to_string())?;
-        Ok(Lease { lease_id: granted.lease_id, node_address, worker: channel })
+        Ok(Lease {
+            lease_id: granted.lease_id,
+            node_address,
+            tasks: TaskStream::open(&worker.handle, channel),
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            returned: AtomicBool::new(false),
+        })
     }) {
-        Ok(lease) => worker.release(&pool, lease),
+        Ok(lease) => worker.add_lease(&pool, lease),
         Err(reason) => {
             tracing::warn!(%reason, "lease request refused");
             *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
@@ -628,14 +706,13 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             attempt,
             return_object_id: spec.return_id.to_vec(),
             inline_threshold: worker.inline_threshold as u64,
+            sequence: 0,
         };
-        let mut client = CoreWorkerClient::new(lease.worker.clone())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        match client.push_task(request).await {
+        match lease.tasks.push(request).await {
             Ok(reply) => {
-                worker.release(&pool, lease);
-                match reply.into_inner().result {
+                pool.observe(reply.run_micros);
+                worker.release(&pool, &lease);
+                match reply.result {
                     Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
                     Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
                     Some(push_task_reply::Result::Failure(failure)) => {
@@ -655,7 +732,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
                 }
             }
             Err(status) => {
-                worker.return_lease(lease, true).await;
+                worker.return_lease(&pool, &lease, true).await;
                 if attempt < spec.options.max_retries {
                     attempt += 1;
                     tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");
@@ -669,6 +746,93 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             }
         }
     }
+}
+
+/// The task stream of one lease: tasks go out numbered, each push waits for the reply with
+/// its number. When the stream ends, every push still waiting gets the stream's error.
+pub(crate) struct TaskStream {
+    outgoing: mpsc::UnboundedSender<PushTaskRequest>,
+    waiting: Arc<Mutex<WaitingPushes>>,
+    next: AtomicU64,
+}
+
+#[derive(Default)]
+struct WaitingPushes {
+    replies: HashMap<u64, oneshot::Sender<Result<PushTaskReply, Status>>>,
+    /// Why the stream ended, once it has.
+    ended: Option<Status>,
+}
+
+/// Tasks sent in one message at most.
+const MAX_TASK_BATCH: usize = 256;
+
+impl TaskStream {
+    fn open(handle: &tokio::runtime::Handle, channel: AuthChannel) -> TaskStream {
+        let (outgoing, queued) = mpsc::unbounded_channel();
+        let waiting = Arc::new(Mutex::new(WaitingPushes::default()));
+        handle.spawn(read_task_replies(channel, queued, waiting.clone()));
+        TaskStream { outgoing, waiting, next: AtomicU64::new(0) }
+    }
+
+    async fn push(&self, mut request: PushTaskRequest) -> Result<PushTaskReply, Status> {
+        request.sequence = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, replied) = oneshot::channel();
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(status) = &waiting.ended {
+                return Err(status.clone());
+            }
+            waiting.replies.insert(request.sequence, reply);
+        }
+        if self.outgoing.send(request).is_err() {
+            return Err(Status::unavailable("the lease's task stream is closed"));
+        }
+        replied.await.unwrap_or_else(|_| Err(Status::unavailable("the lease's task stream was dropped")))
+    }
+}
+
+async fn read_task_replies(
+    channel: AuthChannel,
+    queued: mpsc::UnboundedReceiver<PushTaskRequest>,
+    waiting: Arc<Mutex<WaitingPushes>>,
+) {
+    let mut client =
+        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let batches = futures::stream::unfold(queued, |mut queued| async move {
+        let mut tasks = vec![queued.recv().await?];
+        while tasks.len() < MAX_TASK_BATCH {
+            match queued.try_recv() {
+                Ok(task) => tasks.push(task),
+                Err(_) => break,
+            }
+        }
+        Some((TaskBatch { tasks }, queued))
+    });
+    let ended = match client.tasks(batches).await {
+        Err(status) => status,
+        Ok(response) => {
+            let mut replies = response.into_inner();
+            loop {
+                match replies.message().await {
+                    Ok(Some(batch)) => {
+                        let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                        for NumberedReply { sequence, reply } in batch.replies {
+                            if let Some(sender) = waiting.replies.remove(&sequence) {
+                                let _ = sender.send(Ok(reply.unwrap_or_default()));
+                            }
+                        }
+                    }
+                    Ok(None) => break Status::unavailable("the worker ended the lease's task stream"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, sender) in waiting.replies.drain() {
+        let _ = sender.send(Err(ended.clone()));
+    }
+    waiting.ended = Some(ended);
 }
 
 /// Background upkeep of a core worker: returns idle leases.

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, ActorReply, ActorReplyBatch,
-    CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest,
-    PushActorTaskRequest, PushTaskReply, PushTaskRequest, TaskArg, TaskFailure, WatchEvent, WatchRequest,
+    get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CreateActorReply, CreateActorRequest,
+    ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply,
+    PushTaskRequest, ReplyBatch, TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -56,13 +56,16 @@ async fn run_call(
 ) -> Result<PushTaskReply, Status> {
     let inline_threshold = inline_threshold as usize;
     let store = worker.clone();
+    let started = Instant::now();
     let outcome = tokio::task::block_in_place(move || {
         context::set_current_task(task_id);
         let result = std::panic::catch_unwind(AssertUnwindSafe(call));
         context::set_current_task(None);
         result.map(|value| value.and_then(|bytes| placed(&store, return_id, inline_threshold, bytes)))
     });
-    Ok(reply_of(worker, function_name, task_bytes, outcome))
+    let mut reply = reply_of(worker, function_name, task_bytes, outcome);
+    reply.run_micros = started.elapsed().as_micros() as u64;
+    Ok(reply)
 }
 
 /// A value inline when small, else written to this node's store.
@@ -86,7 +89,7 @@ type Outcome = Result<Result<push_task_reply::Result, Failure>, Box<dyn std::any
 
 fn reply_of(worker: &CoreWorker, function_name: &str, task_bytes: &[u8], outcome: Outcome) -> PushTaskReply {
     match outcome {
-        Ok(Ok(result)) => PushTaskReply { result: Some(result) },
+        Ok(Ok(result)) => PushTaskReply { result: Some(result), run_micros: 0 },
         Ok(Err(failure)) => failure_reply(worker, function_name, task_bytes, failure),
         Err(payload) => {
             let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };
@@ -116,6 +119,27 @@ async fn run_async_call(
         Err(err) => Ok(Err(Failure::error(format!("the method's task was cancelled: {err}")))),
     };
     reply_of(worker, function_name, task_bytes, outcome)
+}
+
+/// Runs one pushed task.
+async fn run_task(worker: &Arc<CoreWorker>, request: PushTaskRequest) -> Result<PushTaskReply, Status> {
+    let function_name = request.function_name;
+    let Some(function) = task::lookup(&function_name) else {
+        let failure = Failure {
+            kind: FailureKind::UnknownFunction,
+            message: format!("no remote function named {function_name} in this binary"),
+        };
+        return Ok(failure_reply(worker, &function_name, &request.task_id, failure));
+    };
+    let args = match read_args(worker, request.args).await? {
+        Ok(args) => args,
+        Err(failure) => return Ok(failure_reply(worker, &function_name, &request.task_id, failure)),
+    };
+    let task_id = TaskId::from_bytes(&request.task_id).ok();
+    let return_id = ObjectId::from_bytes(&request.return_object_id)?;
+    let invoke = function.invoke;
+    let (task_bytes, threshold) = (&request.task_id, request.inline_threshold);
+    run_call(worker, &function_name, task_bytes, task_id, return_id, threshold, move || invoke(args)).await
 }
 
 /// The actor this worker hosts, if it is the one (and incarnation) the call is for.
@@ -167,13 +191,13 @@ async fn actor_call(
 
 /// The reply stream of a call stream: each message carries every reply ready by then.
 fn reply_batches(
-    finished: mpsc::UnboundedReceiver<Result<ActorReply, Status>>,
-) -> impl tokio_stream::Stream<Item = Result<ActorReplyBatch, Status>> + Send {
+    finished: mpsc::UnboundedReceiver<Result<NumberedReply, Status>>,
+) -> impl tokio_stream::Stream<Item = Result<ReplyBatch, Status>> + Send {
     futures::stream::unfold((finished, None::<Status>), |(mut finished, failed)| async move {
         if let Some(status) = failed {
             return Some((Err(status), (finished, None)));
         }
-        let mut batch = ActorReplyBatch::default();
+        let mut batch = ReplyBatch::default();
         match finished.recv().await? {
             Ok(reply) => batch.replies.push(reply),
             Err(status) => return Some((Err(status), (finished, None))),
@@ -209,6 +233,7 @@ fn failure_reply(worker: &CoreWorker, function: &str, task_id: &[u8], failure: F
             node_id: worker.node_id.to_vec(),
             task_id: task_id.to_vec(),
         })),
+        run_micros: 0,
     }
 }
 
@@ -224,39 +249,33 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[tonic::async_trait]
 impl CoreWorkerRpc for CoreWorkerService {
-    async fn push_task(&self, request: Request<PushTaskRequest>) -> Result<Response<PushTaskReply>, Status> {
+    type TasksStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplyBatch, Status>> + Send>>;
+
+    async fn tasks(
+        &self,
+        request: Request<tonic::Streaming<TaskBatch>>,
+    ) -> Result<Response<Self::TasksStream>, Status> {
         if !self.worker.is_worker {
             return Err(Status::failed_precondition("this process is a driver; tasks go to leased workers"));
         }
-        let request = request.into_inner();
-        let function_name = request.function_name.clone();
-        let Some(function) = task::lookup(&function_name) else {
-            let failure = Failure {
-                kind: FailureKind::UnknownFunction,
-                message: format!("no remote function named {function_name} in this binary"),
-            };
-            return Ok(Response::new(failure_reply(&self.worker, &function_name, &request.task_id, failure)));
-        };
-        let args = match read_args(&self.worker, request.args).await? {
-            Ok(args) => args,
-            Err(failure) => {
-                return Ok(Response::new(failure_reply(&self.worker, &function_name, &request.task_id, failure)))
+        let mut incoming = request.into_inner();
+        let worker = self.worker.clone();
+        let (replies, finished) = mpsc::unbounded_channel::<Result<NumberedReply, Status>>();
+        tokio::spawn(async move {
+            // A leased worker runs its holder's tasks one at a time, in the order sent.
+            while let Ok(Some(batch)) = incoming.message().await {
+                for task in batch.tasks {
+                    let sequence = task.sequence;
+                    let reply = run_task(&worker, task).await;
+                    let failed = reply.is_err();
+                    let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
+                    if failed {
+                        return;
+                    }
+                }
             }
-        };
-        let task_id = TaskId::from_bytes(&request.task_id).ok();
-        let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-        let invoke = function.invoke;
-        let reply = run_call(
-            &self.worker,
-            &function_name,
-            &request.task_id,
-            task_id,
-            return_id,
-            request.inline_threshold,
-            move || invoke(args),
-        )
-        .await?;
-        Ok(Response::new(reply))
+        });
+        Ok(Response::new(Box::pin(reply_batches(finished))))
     }
 
     async fn get_object(&self, request: Request<GetObjectRequest>) -> Result<Response<GetObjectReply>, Status> {
@@ -331,7 +350,7 @@ impl CoreWorkerRpc for CoreWorkerService {
         Ok(Response::new(CreateActorReply { failure: None }))
     }
 
-    type ActorCallsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ActorReplyBatch, Status>> + Send>>;
+    type ActorCallsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplyBatch, Status>> + Send>>;
 
     async fn actor_calls(
         &self,
@@ -339,7 +358,7 @@ impl CoreWorkerRpc for CoreWorkerService {
     ) -> Result<Response<Self::ActorCallsStream>, Status> {
         let mut incoming = request.into_inner();
         let worker = self.worker.clone();
-        let (replies, finished) = mpsc::unbounded_channel::<Result<ActorReply, Status>>();
+        let (replies, finished) = mpsc::unbounded_channel::<Result<NumberedReply, Status>>();
         tokio::spawn(async move {
             // Ends when the caller closes its side (or goes away); the reply stream ends
             // once every call taken has answered.
@@ -356,12 +375,12 @@ impl CoreWorkerRpc for CoreWorkerService {
                     if hosted.ordered() {
                         // One at a time in arrival order, which is this caller's order.
                         let reply = actor_call(&worker, &hosted, call).await;
-                        let _ = replies.send(reply.map(|reply| ActorReply { sequence, reply: Some(reply) }));
+                        let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
                     } else {
                         let (worker, replies) = (worker.clone(), replies.clone());
                         tokio::spawn(async move {
                             let reply = actor_call(&worker, &hosted, call).await;
-                            let _ = replies.send(reply.map(|reply| ActorReply { sequence, reply: Some(reply) }));
+                            let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
                         });
                     }
                 }
