@@ -8,6 +8,7 @@
 //! (inside a value, or sent to a task) is a *borrowed* handle there: it resolves
 //! through the owner and does not count.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -15,20 +16,25 @@ use std::sync::Arc;
 use ionet_common::ObjectId;
 use serde::{Deserialize, Serialize};
 
-use crate::runtime;
+use crate::runtime::{self, ObjectEntry};
 
 pub struct ObjectRef<T> {
     pub(crate) id: ObjectId,
     pub(crate) owner: Arc<str>,
-    /// Whether this handle counts in the owner's table (it lives in the owner).
-    pub(crate) counted: bool,
+    /// The owner's entry, when this handle counts in it (it lives in the owner).
+    pub(crate) entry: Option<Arc<ObjectEntry>>,
     _value: PhantomData<fn() -> T>,
 }
 
 impl<T> ObjectRef<T> {
-    /// A handle in the owner; the caller has already counted it.
-    pub(crate) fn counted(id: ObjectId, owner: Arc<str>) -> Self {
-        Self { id, owner, counted: true, _value: PhantomData }
+    /// A handle in the owner; the caller has already counted it in `entry`.
+    pub(crate) fn counted(id: ObjectId, owner: Arc<str>, entry: Arc<ObjectEntry>) -> Self {
+        Self { id, owner, entry: Some(entry), _value: PhantomData }
+    }
+
+    /// A handle outside the owner: it resolves through the owner and does not count.
+    pub(crate) fn borrowed(id: ObjectId, owner: Arc<str>) -> Self {
+        Self { id, owner, entry: None, _value: PhantomData }
     }
 
     pub fn id(&self) -> ObjectId {
@@ -44,7 +50,7 @@ impl<T> ObjectRef<T> {
     pub(crate) fn erase(&self) -> ObjectRef<()> {
         let clone = self.clone();
         let erased =
-            ObjectRef { id: clone.id, owner: clone.owner.clone(), counted: clone.counted, _value: PhantomData };
+            ObjectRef { id: clone.id, owner: clone.owner.clone(), entry: clone.entry.clone(), _value: PhantomData };
         std::mem::forget(clone); // the count moves to `erased`
         erased
     }
@@ -52,17 +58,19 @@ impl<T> ObjectRef<T> {
 
 impl<T> Clone for ObjectRef<T> {
     fn clone(&self) -> Self {
-        if self.counted {
-            runtime::add_local_reference(&self.id);
+        if let Some(entry) = &self.entry {
+            entry.add_reference();
         }
-        Self { id: self.id, owner: self.owner.clone(), counted: self.counted, _value: PhantomData }
+        Self { id: self.id, owner: self.owner.clone(), entry: self.entry.clone(), _value: PhantomData }
     }
 }
 
 impl<T> Drop for ObjectRef<T> {
     fn drop(&mut self) {
-        if self.counted {
-            runtime::remove_local_reference(&self.id);
+        if let Some(entry) = &self.entry {
+            if entry.remove_reference() {
+                runtime::forget_object(&self.id);
+            }
         }
     }
 }
@@ -88,14 +96,15 @@ impl<T> std::hash::Hash for ObjectRef<T> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireRef {
+struct WireRef<'a> {
     id: ObjectId,
-    owner: String,
+    #[serde(borrow)]
+    owner: Cow<'a, str>,
 }
 
 impl<T> Serialize for ObjectRef<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        WireRef { id: self.id, owner: self.owner.to_string() }.serialize(serializer)
+        WireRef { id: self.id, owner: Cow::Borrowed(&self.owner) }.serialize(serializer)
     }
 }
 
@@ -103,7 +112,7 @@ impl<'de, T> Deserialize<'de> for ObjectRef<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let wire = WireRef::deserialize(deserializer)?;
         // Back in its owner the handle counts again; elsewhere it borrows.
-        Ok(runtime::revive_reference(wire.id, wire.owner.into()))
+        Ok(runtime::revive_reference(wire.id, &wire.owner))
     }
 }
 

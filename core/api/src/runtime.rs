@@ -69,6 +69,17 @@ pub(crate) struct ObjectEntry {
     references: AtomicUsize,
 }
 
+impl ObjectEntry {
+    pub(crate) fn add_reference(&self) {
+        self.references.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether that was the last reference.
+    pub(crate) fn remove_reference(&self) -> bool {
+        self.references.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
 /// Rebuilds an error for another reader (errors are not `Clone`: `Io` holds an io::Error).
 pub(crate) fn copy_error(error: &IonetError) -> IonetError {
     match error {
@@ -207,43 +218,31 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio_runtime().handle().block_on(future)
 }
 
-pub(crate) fn add_local_reference(id: &ObjectId) {
+/// The last counted handle of `id` is gone: the owner forgets it (unless a handle was
+/// revived meanwhile) and frees its stored copies.
+pub(crate) fn forget_object(id: &ObjectId) {
     if let Ok(worker) = current() {
-        if let Some(entry) = worker.objects.get(id) {
-            entry.references.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-pub(crate) fn remove_local_reference(id: &ObjectId) {
-    if let Ok(worker) = current() {
-        let last =
-            worker.objects.get(id).map(|entry| entry.references.fetch_sub(1, Ordering::AcqRel) == 1).unwrap_or(false);
-        if last {
-            if let Some((_, entry)) =
-                worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0)
-            {
-                if let ObjectState::Stored(stored) = &*entry.state.borrow() {
-                    worker.free_stored(stored.clone());
-                }
+        if let Some((_, entry)) = worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0)
+        {
+            if let ObjectState::Stored(stored) = &*entry.state.borrow() {
+                worker.free_stored(stored.clone());
             }
         }
     }
 }
 
 /// A ref arriving in a process: counted again in its owner, borrowed elsewhere.
-pub(crate) fn revive_reference<T>(id: ObjectId, owner: Arc<str>) -> ObjectRef<T> {
+pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
     if let Ok(worker) = current() {
         if *worker.address == *owner {
             if let Some(entry) = worker.objects.get(&id) {
-                entry.references.fetch_add(1, Ordering::Relaxed);
-                return ObjectRef::counted(id, worker.address.clone());
+                entry.add_reference();
+                return ObjectRef::counted(id, worker.address.clone(), entry.clone());
             }
+            return ObjectRef::borrowed(id, worker.address.clone());
         }
     }
-    let mut borrowed = ObjectRef::counted(id, owner);
-    borrowed.counted = false;
-    borrowed
+    ObjectRef::borrowed(id, owner.into())
 }
 
 impl CoreWorker {
@@ -302,8 +301,9 @@ impl CoreWorker {
     /// A new owned object in `state`, with one handle.
     pub(crate) fn new_object<T>(&self, id: ObjectId, state: ObjectState) -> ObjectRef<T> {
         let (sender, _) = watch::channel(state);
-        self.objects.insert(id, Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1) }));
-        ObjectRef::counted(id, self.address.clone())
+        let entry = Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1) });
+        self.objects.insert(id, entry.clone());
+        ObjectRef::counted(id, self.address.clone(), entry)
     }
 
     pub(crate) fn settle_object(&self, id: &ObjectId, state: ObjectState) {
