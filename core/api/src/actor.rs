@@ -761,6 +761,7 @@ pub(crate) struct HostedActor {
     pub(crate) class: &'static ActorClass,
     pub(crate) instance: Arc<ActorInstance>,
     pub(crate) permits: Arc<Semaphore>,
+    pub(crate) max_concurrency: usize,
     ordered: bool,
     turns: Mutex<HashMap<Vec<u8>, Turn>>,
 }
@@ -786,6 +787,7 @@ impl HostedActor {
             class,
             instance: Arc::new(tokio::sync::RwLock::new(instance)),
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
+            max_concurrency: max_concurrency as usize,
             ordered: max_concurrency == 1,
             turns: Mutex::new(HashMap::new()),
         }

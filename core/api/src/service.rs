@@ -43,8 +43,9 @@ async fn read_args(worker: &CoreWorker, args: Vec<TaskArg>) -> Result<Result<Vec
     Ok(Ok(read))
 }
 
-/// Runs a call on a blocking thread, catching panics; large values go to this node's
-/// store and only their location travels back.
+/// Runs a call in place on this runtime thread (the runtime moves its other work to
+/// another thread meanwhile), catching panics; large values go to this node's store and
+/// only their location travels back.
 async fn run_call(
     worker: &Arc<CoreWorker>,
     function_name: &str,
@@ -54,18 +55,30 @@ async fn run_call(
     inline_threshold: u64,
     call: impl FnOnce() -> Result<Vec<u8>, Failure> + Send + 'static,
 ) -> Result<PushTaskReply, Status> {
-    let inline_threshold = inline_threshold as usize;
-    let store = worker.clone();
+    Ok(tokio::task::block_in_place(|| {
+        run_blocking(worker, function_name, task_bytes, task_id, return_id, inline_threshold, call)
+    }))
+}
+
+/// Runs a call on the current (blocking) thread: see [`run_call`].
+fn run_blocking(
+    worker: &CoreWorker,
+    function_name: &str,
+    task_bytes: &[u8],
+    task_id: Option<TaskId>,
+    return_id: ObjectId,
+    inline_threshold: u64,
+    call: impl FnOnce() -> Result<Vec<u8>, Failure>,
+) -> PushTaskReply {
     let started = Instant::now();
-    let outcome = tokio::task::block_in_place(move || {
-        context::set_current_task(task_id);
-        let result = std::panic::catch_unwind(AssertUnwindSafe(call));
-        context::set_current_task(None);
-        result.map(|value| value.and_then(|bytes| placed(&store, return_id, inline_threshold, bytes)))
-    });
+    context::set_current_task(task_id);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(call));
+    context::set_current_task(None);
+    let outcome =
+        result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
     reply.run_micros = started.elapsed().as_micros() as u64;
-    Ok(reply)
+    reply
 }
 
 /// A value inline when small, else written to this node's store.
@@ -187,6 +200,84 @@ async fn actor_call(
     drop(permit);
     hosted.finish_turn(&call.caller_id, call.sequence);
     reply
+}
+
+/// A call of a concurrent actor, decoded and ready to run.
+struct DecodedCall {
+    sequence: u64,
+    method: String,
+    task_id: Vec<u8>,
+    return_id: ObjectId,
+    threshold: u64,
+}
+
+enum Decoded {
+    /// Answered already (its arguments could not be read, or the method is unknown).
+    Done(PushTaskReply),
+    Blocking((DecodedCall, Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>)),
+    Async(DecodedCall, actor::MethodFuture),
+}
+
+async fn decode_call(
+    worker: &Arc<CoreWorker>,
+    hosted: &HostedActor,
+    call: PushActorTaskRequest,
+) -> Result<Decoded, Status> {
+    let args = read_args(worker, call.args).await?;
+    let decoded = DecodedCall {
+        sequence: call.sequence,
+        return_id: ObjectId::from_bytes(&call.return_object_id)?,
+        method: call.method,
+        task_id: call.task_id,
+        threshold: call.inline_threshold,
+    };
+    Ok(match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
+        Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
+        Ok(MethodCall::Async(run)) => Decoded::Async(decoded, run),
+        Err(failure) => Decoded::Done(failure_reply(worker, &decoded.method, &decoded.task_id, failure)),
+    })
+}
+
+/// Runs a concurrent actor's blocking calls on up to `max_concurrency` blocking threads
+/// ("lanes"), each taking the next call from a shared queue until none is left: a busy
+/// stream wakes one thread per lane, not one per call.
+fn run_in_lanes(
+    worker: &Arc<CoreWorker>,
+    hosted: &HostedActor,
+    calls: Vec<(DecodedCall, Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>)>,
+    replies: &mpsc::UnboundedSender<Result<NumberedReply, Status>>,
+) {
+    if calls.is_empty() {
+        return;
+    }
+    let lanes = calls.len().min(hosted.max_concurrency);
+    let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(calls)));
+    for _ in 0..lanes {
+        let (worker, queue, replies, permits) =
+            (worker.clone(), queue.clone(), replies.clone(), hosted.permits.clone());
+        tokio::spawn(async move {
+            let Ok(permit) = permits.acquire_owned().await else { return };
+            let _ = tokio::task::spawn_blocking(move || {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let Some((call, run)) = next else { break };
+                    let task_id = TaskId::from_bytes(&call.task_id).ok();
+                    let reply = run_blocking(
+                        &worker,
+                        &call.method,
+                        &call.task_id,
+                        task_id,
+                        call.return_id,
+                        call.threshold,
+                        run,
+                    );
+                    let _ = replies.send(Ok(NumberedReply { sequence: call.sequence, reply: Some(reply) }));
+                }
+                drop(permit);
+            })
+            .await;
+        });
+    }
 }
 
 /// The reply stream of a call stream: each message carries every reply ready by then.
@@ -363,6 +454,7 @@ impl CoreWorkerRpc for CoreWorkerService {
             // Ends when the caller closes its side (or goes away); the reply stream ends
             // once every call taken has answered.
             while let Ok(Some(batch)) = incoming.message().await {
+                let mut blocking = Vec::new();
                 for call in batch.calls {
                     let hosted = match hosted_actor(&worker, &call) {
                         Ok(hosted) => hosted,
@@ -376,13 +468,37 @@ impl CoreWorkerRpc for CoreWorkerService {
                         // One at a time in arrival order, which is this caller's order.
                         let reply = actor_call(&worker, &hosted, call).await;
                         let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
-                    } else {
-                        let (worker, replies) = (worker.clone(), replies.clone());
-                        tokio::spawn(async move {
-                            let reply = actor_call(&worker, &hosted, call).await;
-                            let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
-                        });
+                        continue;
                     }
+                    match decode_call(&worker, &hosted, call).await {
+                        Ok(Decoded::Done(reply)) => {
+                            let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                        }
+                        Ok(Decoded::Blocking(call)) => blocking.push(call),
+                        Ok(Decoded::Async(call, run)) => {
+                            let (worker, replies) = (worker.clone(), replies.clone());
+                            tokio::spawn(async move {
+                                let Ok(_permit) = hosted.permits.clone().acquire_owned().await else { return };
+                                let reply = run_async_call(
+                                    &worker,
+                                    &call.method,
+                                    &call.task_id,
+                                    call.return_id,
+                                    call.threshold,
+                                    run,
+                                )
+                                .await;
+                                let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                            });
+                        }
+                        Err(status) => {
+                            let _ = replies.send(Err(status));
+                            return;
+                        }
+                    }
+                }
+                if let Some(hosted) = worker.hosted.get() {
+                    run_in_lanes(&worker, hosted, blocking, &replies);
                 }
             }
         });
