@@ -20,7 +20,7 @@
 //! share a read lock, `&mut self` methods take the write lock).
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,7 +34,7 @@ use ionet_common::rpc::proto::worker::{
 use ionet_common::rpc::{CoreWorkerClient, GcsClient};
 use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::{SchedulingStrategy, TaskOptions};
@@ -763,13 +763,6 @@ pub(crate) struct HostedActor {
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) max_concurrency: usize,
     ordered: bool,
-    turns: Mutex<HashMap<Vec<u8>, Turn>>,
-}
-
-#[derive(Default)]
-struct Turn {
-    next: u64,
-    waiting: BTreeMap<u64, oneshot::Sender<()>>,
 }
 
 impl HostedActor {
@@ -789,44 +782,12 @@ impl HostedActor {
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
             max_concurrency: max_concurrency as usize,
             ordered: max_concurrency == 1,
-            turns: Mutex::new(HashMap::new()),
         }
     }
 
     /// Whether each caller's calls run one at a time, in order (`max_concurrency == 1`).
     pub(crate) fn ordered(&self) -> bool {
         self.ordered
-    }
-
-    /// Waits until `sequence` is this caller's next call (ordered actors only).
-    pub(crate) async fn wait_turn(&self, caller: &[u8], sequence: u64) {
-        if !self.ordered {
-            return;
-        }
-        let waiter = {
-            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-            let turn = turns.entry(caller.to_vec()).or_default();
-            if sequence <= turn.next {
-                return;
-            }
-            let (sender, receiver) = oneshot::channel();
-            turn.waiting.insert(sequence, sender);
-            receiver
-        };
-        let _ = waiter.await;
-    }
-
-    /// Marks `sequence` done and wakes the caller's next call.
-    pub(crate) fn finish_turn(&self, caller: &[u8], sequence: u64) {
-        if !self.ordered {
-            return;
-        }
-        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-        let turn = turns.entry(caller.to_vec()).or_default();
-        turn.next = turn.next.max(sequence + 1);
-        if let Some(next) = turn.waiting.remove(&turn.next) {
-            let _ = next.send(());
-        }
     }
 }
 

@@ -59,6 +59,7 @@ pub fn get_timeout<T: DeserializeOwned>(object: &ObjectRef<T>, timeout: Duration
 
 fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Option<Instant>) -> IonetResult<T> {
     let worker = runtime::current()?;
+    worker.spin_while_pending(&object.id());
     let bytes = block_on(worker.fetch(object.id(), object.owner_address(), deadline))?;
     task::decode_value(&bytes).map_err(IonetError::InvalidArgument)
 }

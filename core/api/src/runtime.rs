@@ -44,6 +44,12 @@ use crate::object_ref::{Arg, ObjectRef};
 use crate::object_store::Bytes;
 use crate::options::{SchedulingStrategy, TaskOptions};
 
+/// How long a thread about to wait for an object polls first.
+const SPIN_BUDGET: Duration = Duration::from_micros(200);
+
+/// Work for the executor thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
 /// At most this many lease requests in flight per resource shape (Ray's default too).
 const MAX_PENDING_LEASE_REQUESTS: usize = 10;
 /// Work one lease may have queued on its worker, in microseconds of run time.
@@ -170,6 +176,9 @@ pub(crate) struct CoreWorker {
     pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
     /// The actor this worker process hosts, once created.
     pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
+    /// The thread that runs this worker's tasks and its ordered actor's calls, one at a
+    /// time in the order given (started on first use).
+    executor: OnceLock<std::sync::mpsc::Sender<Job>>,
     /// Set when the process leaves the cluster: `Watch` streams end.
     pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
@@ -185,7 +194,13 @@ static CURRENT: RwLock<Option<Arc<CoreWorker>>> = RwLock::new(None);
 /// The process's async runtime (created on first use, lives as long as the process).
 pub(crate) fn tokio_runtime() -> &'static tokio::runtime::Runtime {
     TOKIO.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if std::env::var_os(ionet_worker::lease::WORKER_MODE_ENV).is_some() {
+            // A worker runs user code on its executor thread (or a concurrent actor's
+            // lanes); one runtime thread serves its network, and each call wakes fewer.
+            builder.worker_threads(1);
+        }
+        builder
             .thread_name("ionet")
             .enable_all()
             .build()
@@ -277,6 +292,7 @@ impl CoreWorker {
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
             hosted: OnceLock::new(),
+            executor: OnceLock::new(),
             stopping: watch::channel(false).0,
             channels: DashMap::new(),
             inline_threshold,
@@ -296,6 +312,41 @@ impl CoreWorker {
         let channel = rpc::connect_lazy(address, &self.token, Duration::from_secs(5))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// Queues `job` on the executor thread: user code runs there, off the runtime's
+    /// threads, so a task may block (or call `get`) as long as it likes, and the runtime
+    /// needs no hand-over of its thread per call.
+    pub(crate) fn run_in_order(&self, job: Job) {
+        let executor = self.executor.get_or_init(|| {
+            let (jobs, queued) = std::sync::mpsc::channel::<Job>();
+            let handle = self.handle.clone();
+            std::thread::Builder::new()
+                .name("ionet-executor".into())
+                .spawn(move || {
+                    let _runtime = handle.enter(); // for user code that spawns or needs a handle
+                    while let Ok(job) = queued.recv() {
+                        job();
+                    }
+                })
+                .expect("the OS refused the executor thread");
+            jobs
+        });
+        if executor.send(job).is_err() {
+            tracing::error!("the executor thread is gone: a job was dropped");
+        }
+    }
+
+    /// Briefly polls, yielding the CPU, while an object this process owns is pending: a
+    /// small task's reply comes within tens of microseconds, and a parked thread takes
+    /// about as long again to be woken (longer on a virtual machine, whose idle CPU
+    /// must be roused first). Past the budget the caller parks as usual.
+    pub(crate) fn spin_while_pending(&self, id: &ObjectId) {
+        let Some(entry) = self.objects.get(id).map(|entry| entry.clone()) else { return };
+        let started = Instant::now();
+        while matches!(*entry.state.borrow(), ObjectState::Pending) && started.elapsed() < SPIN_BUDGET {
+            std::thread::yield_now();
+        }
     }
 
     /// A new owned object in `state`, with one handle.

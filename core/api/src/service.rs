@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::actor::{self, HostedActor, MethodCall};
 use crate::context;
 use crate::object_store::Bytes;
-use crate::runtime::{CoreWorker, ObjectState};
+use crate::runtime::{CoreWorker, Job, ObjectState};
 use crate::task::{self, ArgBytes, Failure, FailureKind};
 
 /// Reads a call's arguments (stored ones from the object store). The outer error is a
@@ -43,24 +43,9 @@ async fn read_args(worker: &CoreWorker, args: Vec<TaskArg>) -> Result<Result<Vec
     Ok(Ok(read))
 }
 
-/// Runs a call in place on this runtime thread (the runtime moves its other work to
-/// another thread meanwhile), catching panics; large values go to this node's store and
-/// only their location travels back.
-async fn run_call(
-    worker: &Arc<CoreWorker>,
-    function_name: &str,
-    task_bytes: &[u8],
-    task_id: Option<TaskId>,
-    return_id: ObjectId,
-    inline_threshold: u64,
-    call: impl FnOnce() -> Result<Vec<u8>, Failure> + Send + 'static,
-) -> Result<PushTaskReply, Status> {
-    Ok(tokio::task::block_in_place(|| {
-        run_blocking(worker, function_name, task_bytes, task_id, return_id, inline_threshold, call)
-    }))
-}
-
-/// Runs a call on the current (blocking) thread: see [`run_call`].
+/// Runs a call on the current thread (the executor, or a lane of a concurrent actor),
+/// catching panics; large values go to this node's store and only their location travels
+/// back.
 fn run_blocking(
     worker: &CoreWorker,
     function_name: &str,
@@ -134,25 +119,34 @@ async fn run_async_call(
     reply_of(worker, function_name, task_bytes, outcome)
 }
 
-/// Runs one pushed task.
-async fn run_task(worker: &Arc<CoreWorker>, request: PushTaskRequest) -> Result<PushTaskReply, Status> {
+/// Checks a pushed task and reads its arguments: the reply at once when it cannot run,
+/// else the task as a job for the executor that sends its reply when done.
+async fn prepare_task(
+    worker: &Arc<CoreWorker>,
+    request: PushTaskRequest,
+    replies: &mpsc::UnboundedSender<Result<NumberedReply, Status>>,
+) -> Result<Result<Job, PushTaskReply>, Status> {
     let function_name = request.function_name;
     let Some(function) = task::lookup(&function_name) else {
         let failure = Failure {
             kind: FailureKind::UnknownFunction,
             message: format!("no remote function named {function_name} in this binary"),
         };
-        return Ok(failure_reply(worker, &function_name, &request.task_id, failure));
+        return Ok(Err(failure_reply(worker, &function_name, &request.task_id, failure)));
     };
     let args = match read_args(worker, request.args).await? {
         Ok(args) => args,
-        Err(failure) => return Ok(failure_reply(worker, &function_name, &request.task_id, failure)),
+        Err(failure) => return Ok(Err(failure_reply(worker, &function_name, &request.task_id, failure))),
     };
-    let task_id = TaskId::from_bytes(&request.task_id).ok();
     let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-    let invoke = function.invoke;
-    let (task_bytes, threshold) = (&request.task_id, request.inline_threshold);
-    run_call(worker, &function_name, task_bytes, task_id, return_id, threshold, move || invoke(args)).await
+    let (worker, replies, invoke, sequence) = (worker.clone(), replies.clone(), function.invoke, request.sequence);
+    let (task_bytes, threshold) = (request.task_id, request.inline_threshold);
+    Ok(Ok(Box::new(move || {
+        let task_id = TaskId::from_bytes(&task_bytes).ok();
+        let reply =
+            run_blocking(&worker, &function_name, &task_bytes, task_id, return_id, threshold, move || invoke(args));
+        let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+    })))
 }
 
 /// The actor this worker hosts, if it is the one (and incarnation) the call is for.
@@ -176,33 +170,7 @@ fn hosted_actor(worker: &CoreWorker, call: &PushActorTaskRequest) -> Result<Arc<
     Ok(hosted)
 }
 
-/// Runs one method call on the hosted actor, in its caller's order when the actor is
-/// ordered, within its concurrency limit.
-async fn actor_call(
-    worker: &Arc<CoreWorker>,
-    hosted: &HostedActor,
-    call: PushActorTaskRequest,
-) -> Result<PushTaskReply, Status> {
-    let args = read_args(worker, call.args).await?;
-    hosted.wait_turn(&call.caller_id, call.sequence).await;
-    let permit = hosted.permits.clone().acquire_owned().await.map_err(|_| Status::unavailable("actor stopping"))?;
-    let method = call.method;
-    let task_id = TaskId::from_bytes(&call.task_id).ok();
-    let return_id = ObjectId::from_bytes(&call.return_object_id)?;
-    let (task_bytes, threshold) = (&call.task_id, call.inline_threshold);
-    let reply = match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &method, args)) {
-        Ok(MethodCall::Blocking(run)) => {
-            run_call(worker, &method, task_bytes, task_id, return_id, threshold, run).await
-        }
-        Ok(MethodCall::Async(run)) => Ok(run_async_call(worker, &method, task_bytes, return_id, threshold, run).await),
-        Err(failure) => Ok(failure_reply(worker, &method, task_bytes, failure)),
-    };
-    drop(permit);
-    hosted.finish_turn(&call.caller_id, call.sequence);
-    reply
-}
-
-/// A call of a concurrent actor, decoded and ready to run.
+/// An actor call, decoded and ready to run.
 struct DecodedCall {
     sequence: u64,
     method: String,
@@ -353,15 +321,20 @@ impl CoreWorkerRpc for CoreWorkerService {
         let worker = self.worker.clone();
         let (replies, finished) = mpsc::unbounded_channel::<Result<NumberedReply, Status>>();
         tokio::spawn(async move {
-            // A leased worker runs its holder's tasks one at a time, in the order sent.
+            // A leased worker runs its holder's tasks one at a time, in the order sent, on
+            // its executor thread; this loop reads the next ones meanwhile.
             while let Ok(Some(batch)) = incoming.message().await {
                 for task in batch.tasks {
                     let sequence = task.sequence;
-                    let reply = run_task(&worker, task).await;
-                    let failed = reply.is_err();
-                    let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
-                    if failed {
-                        return;
+                    match prepare_task(&worker, task, &replies).await {
+                        Ok(Ok(job)) => worker.run_in_order(job),
+                        Ok(Err(reply)) => {
+                            let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                        }
+                        Err(status) => {
+                            let _ = replies.send(Err(status));
+                            return;
+                        }
                     }
                 }
             }
@@ -464,15 +437,43 @@ impl CoreWorkerRpc for CoreWorkerService {
                         }
                     };
                     let sequence = call.sequence;
-                    if hosted.ordered() {
-                        // One at a time in arrival order, which is this caller's order.
-                        let reply = actor_call(&worker, &hosted, call).await;
-                        let _ = replies.send(reply.map(|reply| NumberedReply { sequence, reply: Some(reply) }));
-                        continue;
-                    }
+                    let ordered = hosted.ordered();
                     match decode_call(&worker, &hosted, call).await {
                         Ok(Decoded::Done(reply)) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                        }
+                        // An ordered actor runs every call on the executor thread, one at a
+                        // time in arrival order (each caller's stream keeps its order).
+                        Ok(Decoded::Blocking((call, run))) if ordered => {
+                            let (worker_ref, replies) = (worker.clone(), replies.clone());
+                            worker.run_in_order(Box::new(move || {
+                                let task_id = TaskId::from_bytes(&call.task_id).ok();
+                                let reply = run_blocking(
+                                    &worker_ref,
+                                    &call.method,
+                                    &call.task_id,
+                                    task_id,
+                                    call.return_id,
+                                    call.threshold,
+                                    run,
+                                );
+                                let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                            }));
+                        }
+                        Ok(Decoded::Async(call, run)) if ordered => {
+                            let (worker_ref, replies) = (worker.clone(), replies.clone());
+                            worker.run_in_order(Box::new(move || {
+                                let handle = worker_ref.handle.clone();
+                                let reply = handle.block_on(run_async_call(
+                                    &worker_ref,
+                                    &call.method,
+                                    &call.task_id,
+                                    call.return_id,
+                                    call.threshold,
+                                    run,
+                                ));
+                                let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                            }));
                         }
                         Ok(Decoded::Blocking(call)) => blocking.push(call),
                         Ok(Decoded::Async(call, run)) => {
