@@ -862,7 +862,7 @@ fn python_actor_call(
     let method = method.to_string();
     let buffers = arg_buffers(args);
     Ok(MethodCall::Blocking(Box::new(move || {
-        let state = instance.blocking_read();
+        let state = ionet::actor::read_state::<PythonInstance>(&instance)?;
         let actor = state
             .downcast_ref::<PythonInstance>()
             .ok_or_else(|| Failure::error("this worker's actor is not a Python actor".into()))?;

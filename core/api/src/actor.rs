@@ -80,16 +80,23 @@ fn check_type<T: 'static>(state: &State) -> Result<(), Failure> {
     }
 }
 
-/// Reads the actor's state for a blocking `&self` method (from its blocking thread).
+/// Reads the actor's state for a blocking `&self` method (from the thread running it:
+/// the executor, a lane, or a runtime thread for a short call).
 pub fn read_state<T: 'static>(instance: &ActorInstance) -> Result<tokio::sync::RwLockReadGuard<'_, State>, Failure> {
-    let guard = instance.blocking_read();
+    let guard = match instance.try_read() {
+        Ok(guard) => guard,
+        Err(_) => tokio::task::block_in_place(|| instance.blocking_read()),
+    };
     check_type::<T>(&guard)?;
     Ok(guard)
 }
 
 /// Locks the actor's state for a blocking `&mut self` method.
 pub fn write_state<T: 'static>(instance: &ActorInstance) -> Result<tokio::sync::RwLockWriteGuard<'_, State>, Failure> {
-    let guard = instance.blocking_write();
+    let guard = match instance.try_write() {
+        Ok(guard) => guard,
+        Err(_) => tokio::task::block_in_place(|| instance.blocking_write()),
+    };
     check_type::<T>(&guard)?;
     Ok(guard)
 }

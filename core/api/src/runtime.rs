@@ -44,8 +44,13 @@ use crate::object_ref::{Arg, ObjectRef};
 use crate::object_store::Bytes;
 use crate::options::{SchedulingStrategy, TaskOptions};
 
+/// Calls recently shorter than this (in microseconds) may run in place on the runtime.
+const INLINE_LIMIT_MICROS: u64 = 50;
 /// How long a thread about to wait for an object polls first.
 const SPIN_BUDGET: Duration = Duration::from_micros(200);
+
+/// Runtime threads of a driver or worker process (default 1).
+pub const RUNTIME_THREADS_ENV: &str = "IONET_RUNTIME_THREADS";
 
 /// Work for the executor thread.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
@@ -179,6 +184,13 @@ pub(crate) struct CoreWorker {
     /// The thread that runs this worker's tasks and its ordered actor's calls, one at a
     /// time in the order given (started on first use).
     executor: OnceLock<std::sync::mpsc::Sender<Job>>,
+    /// Jobs queued on the executor and not finished.
+    executor_pending: Arc<AtomicUsize>,
+    /// Held while a job runs (on the executor, or in place): one at a time.
+    running: Arc<Mutex<()>>,
+    /// Recent run time of each function or method run here, in microseconds (a moving
+    /// average).
+    run_times: DashMap<String, u64>,
     /// Set when the process leaves the cluster: `Watch` streams end.
     pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
@@ -194,12 +206,13 @@ static CURRENT: RwLock<Option<Arc<CoreWorker>>> = RwLock::new(None);
 /// The process's async runtime (created on first use, lives as long as the process).
 pub(crate) fn tokio_runtime() -> &'static tokio::runtime::Runtime {
     TOKIO.get_or_init(|| {
+        // One runtime thread by default, as Ray's core worker has one event loop: it only
+        // moves messages (user code runs on user threads and the executor), and a second
+        // thread mostly wakes up to find nothing to steal, which costs every call a
+        // context switch or two. `IONET_RUNTIME_THREADS` sets another count.
+        let threads = std::env::var(RUNTIME_THREADS_ENV).ok().and_then(|text| text.parse::<usize>().ok());
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if std::env::var_os(ionet_worker::lease::WORKER_MODE_ENV).is_some() {
-            // A worker runs user code on its executor thread (or a concurrent actor's
-            // lanes); one runtime thread serves its network, and each call wakes fewer.
-            builder.worker_threads(1);
-        }
+        builder.worker_threads(threads.unwrap_or(1).max(1));
         builder
             .thread_name("ionet")
             .enable_all()
@@ -229,8 +242,10 @@ fn current_or_panic() -> Arc<CoreWorker> {
 }
 
 /// Runs `future` to completion from synchronous code (user threads, task threads).
+/// From a runtime thread (a short call running in place that waits after all), the
+/// runtime first moves its other work to another thread.
 pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio_runtime().handle().block_on(future)
+    tokio::task::block_in_place(|| tokio_runtime().handle().block_on(future))
 }
 
 /// The last counted handle of `id` is gone: the owner forgets it (unless a handle was
@@ -293,6 +308,9 @@ impl CoreWorker {
             actor_clients: DashMap::new(),
             hosted: OnceLock::new(),
             executor: OnceLock::new(),
+            executor_pending: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(Mutex::new(())),
+            run_times: DashMap::new(),
             stopping: watch::channel(false).0,
             channels: DashMap::new(),
             inline_threshold,
@@ -314,26 +332,53 @@ impl CoreWorker {
         Ok(channel)
     }
 
-    /// Queues `job` on the executor thread: user code runs there, off the runtime's
-    /// threads, so a task may block (or call `get`) as long as it likes, and the runtime
-    /// needs no hand-over of its thread per call.
-    pub(crate) fn run_in_order(&self, job: Job) {
+    /// Runs `job` (a call of `function`) after every job given before it, one at a time.
+    ///
+    /// User code runs on the executor thread, off the runtime's threads, so it may block
+    /// (or call `get`) as long as it likes. A call of a function that recently ran in
+    /// under `INLINE_LIMIT` runs in place instead when nothing is queued: waking the
+    /// executor and then the runtime again for the reply costs more than such a call.
+    pub(crate) fn run_in_order(&self, function: Option<&str>, job: Job) {
+        let short = function
+            .and_then(|function| self.run_times.get(function).map(|micros| *micros < INLINE_LIMIT_MICROS))
+            .unwrap_or(false);
+        if short && self.executor_pending.load(Ordering::SeqCst) == 0 {
+            if let Ok(_running) = self.running.try_lock() {
+                job();
+                return;
+            }
+        }
         let executor = self.executor.get_or_init(|| {
             let (jobs, queued) = std::sync::mpsc::channel::<Job>();
-            let handle = self.handle.clone();
+            let (handle, pending, running) = (self.handle.clone(), self.executor_pending.clone(), self.running.clone());
             std::thread::Builder::new()
                 .name("ionet-executor".into())
                 .spawn(move || {
                     let _runtime = handle.enter(); // for user code that spawns or needs a handle
                     while let Ok(job) = queued.recv() {
+                        let turn = running.lock().unwrap_or_else(|p| p.into_inner());
                         job();
+                        drop(turn);
+                        pending.fetch_sub(1, Ordering::SeqCst);
                     }
                 })
                 .expect("the OS refused the executor thread");
             jobs
         });
+        self.executor_pending.fetch_add(1, Ordering::SeqCst);
         if executor.send(job).is_err() {
+            self.executor_pending.fetch_sub(1, Ordering::SeqCst);
             tracing::error!("the executor thread is gone: a job was dropped");
+        }
+    }
+
+    /// Notes how long a call of `function` ran.
+    pub(crate) fn record_run(&self, function: &str, micros: u64) {
+        match self.run_times.get_mut(function) {
+            Some(mut average) => *average = (*average * 3 + micros) / 4,
+            None => {
+                self.run_times.insert(function.to_string(), micros);
+            }
         }
     }
 

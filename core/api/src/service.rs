@@ -63,6 +63,7 @@ fn run_blocking(
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
     reply.run_micros = started.elapsed().as_micros() as u64;
+    worker.record_run(function_name, reply.run_micros);
     reply
 }
 
@@ -125,7 +126,7 @@ async fn prepare_task(
     worker: &Arc<CoreWorker>,
     request: PushTaskRequest,
     replies: &mpsc::UnboundedSender<Result<NumberedReply, Status>>,
-) -> Result<Result<Job, PushTaskReply>, Status> {
+) -> Result<Result<(String, Job), PushTaskReply>, Status> {
     let function_name = request.function_name;
     let Some(function) = task::lookup(&function_name) else {
         let failure = Failure {
@@ -141,12 +142,15 @@ async fn prepare_task(
     let return_id = ObjectId::from_bytes(&request.return_object_id)?;
     let (worker, replies, invoke, sequence) = (worker.clone(), replies.clone(), function.invoke, request.sequence);
     let (task_bytes, threshold) = (request.task_id, request.inline_threshold);
-    Ok(Ok(Box::new(move || {
-        let task_id = TaskId::from_bytes(&task_bytes).ok();
-        let reply =
-            run_blocking(&worker, &function_name, &task_bytes, task_id, return_id, threshold, move || invoke(args));
-        let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-    })))
+    Ok(Ok((
+        function_name.clone(),
+        Box::new(move || {
+            let task_id = TaskId::from_bytes(&task_bytes).ok();
+            let reply =
+                run_blocking(&worker, &function_name, &task_bytes, task_id, return_id, threshold, move || invoke(args));
+            let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+        }),
+    )))
 }
 
 /// The actor this worker hosts, if it is the one (and incarnation) the call is for.
@@ -327,7 +331,7 @@ impl CoreWorkerRpc for CoreWorkerService {
                 for task in batch.tasks {
                     let sequence = task.sequence;
                     match prepare_task(&worker, task, &replies).await {
-                        Ok(Ok(job)) => worker.run_in_order(job),
+                        Ok(Ok((function, job))) => worker.run_in_order(Some(&function), job),
                         Ok(Err(reply)) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
                         }
@@ -442,38 +446,45 @@ impl CoreWorkerRpc for CoreWorkerService {
                         Ok(Decoded::Done(reply)) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
                         }
-                        // An ordered actor runs every call on the executor thread, one at a
-                        // time in arrival order (each caller's stream keeps its order).
+                        // An ordered actor runs its calls one at a time in arrival order
+                        // (each caller's stream keeps its order): see `run_in_order`.
                         Ok(Decoded::Blocking((call, run))) if ordered => {
-                            let (worker_ref, replies) = (worker.clone(), replies.clone());
-                            worker.run_in_order(Box::new(move || {
-                                let task_id = TaskId::from_bytes(&call.task_id).ok();
-                                let reply = run_blocking(
-                                    &worker_ref,
-                                    &call.method,
-                                    &call.task_id,
-                                    task_id,
-                                    call.return_id,
-                                    call.threshold,
-                                    run,
-                                );
-                                let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-                            }));
+                            let (worker_ref, replies, method) = (worker.clone(), replies.clone(), call.method.clone());
+                            worker.run_in_order(
+                                Some(&method),
+                                Box::new(move || {
+                                    let task_id = TaskId::from_bytes(&call.task_id).ok();
+                                    let reply = run_blocking(
+                                        &worker_ref,
+                                        &call.method,
+                                        &call.task_id,
+                                        task_id,
+                                        call.return_id,
+                                        call.threshold,
+                                        run,
+                                    );
+                                    let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                                }),
+                            );
                         }
                         Ok(Decoded::Async(call, run)) if ordered => {
                             let (worker_ref, replies) = (worker.clone(), replies.clone());
-                            worker.run_in_order(Box::new(move || {
-                                let handle = worker_ref.handle.clone();
-                                let reply = handle.block_on(run_async_call(
-                                    &worker_ref,
-                                    &call.method,
-                                    &call.task_id,
-                                    call.return_id,
-                                    call.threshold,
-                                    run,
-                                ));
-                                let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-                            }));
+                            // Never in place: it runs on the event loop, waited for here.
+                            worker.run_in_order(
+                                None,
+                                Box::new(move || {
+                                    let handle = worker_ref.handle.clone();
+                                    let reply = handle.block_on(run_async_call(
+                                        &worker_ref,
+                                        &call.method,
+                                        &call.task_id,
+                                        call.return_id,
+                                        call.threshold,
+                                        run,
+                                    ));
+                                    let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
+                                }),
+                            );
                         }
                         Ok(Decoded::Blocking(call)) => blocking.push(call),
                         Ok(Decoded::Async(call, run)) => {
