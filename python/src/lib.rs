@@ -542,7 +542,7 @@ fn submit_task(
     let mut all = vec![Arg::Value(Ok(function_key.to_vec()))];
     all.extend(convert_args(args)?);
     let task = task_options(options, 1.0)?;
-    let inner = py.detach(move || ionet::task::submit::<Raw>(PYTHON_TASK, task, all));
+    let inner = py.detach(move || ionet::task::submit_kind::<Raw>(PYTHON_TASK, function_key, task, all));
     Ok(PyObjectRef { inner })
 }
 

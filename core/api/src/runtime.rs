@@ -60,7 +60,7 @@ const MAX_PENDING_LEASE_REQUESTS: usize = 10;
 /// Work one lease may have queued on its worker, in microseconds of run time.
 const PIPELINE_BUDGET_MICROS: u64 = 2_000;
 /// Tasks one lease may have in flight at most.
-const MAX_PIPELINE: u64 = 32;
+const MAX_PIPELINE: usize = 32;
 /// An idle lease is kept this long for the next task of its shape.
 const LEASE_LINGER: Duration = Duration::from_millis(300);
 /// Values up to this size travel inline and live in their owner's memory.
@@ -123,8 +123,10 @@ pub(crate) struct Lease {
     lease_id: Vec<u8>,
     node_address: String,
     tasks: TaskStream,
-    /// Tasks pushed and not answered yet (changed under the pool's `leases` lock).
+    /// Tasks pushed and not answered yet, and the sum of their expected run times in
+    /// microseconds (both changed under the pool's `leases` lock).
     in_flight: AtomicUsize,
+    queued_micros: AtomicU64,
     /// When `in_flight` last fell to zero.
     idle_since: Mutex<Instant>,
     /// Set once the lease is on its way back to its daemon.
@@ -139,26 +141,23 @@ struct ShapePool {
     requesting: AtomicUsize,
     waiting: AtomicUsize,
     infeasible: Mutex<Option<String>>,
-    /// How long the shape's tasks run, in microseconds (a moving average; `u64::MAX`
-    /// until a task has answered).
-    run_micros: AtomicU64,
+    /// How long each function's tasks of this shape run, in microseconds (a moving
+    /// average per function, keyed by `TaskSpec::profile`).
+    run_micros: Mutex<HashMap<u64, u64>>,
 }
 
 impl ShapePool {
-    /// Tasks one lease may have in flight: enough queued work to keep its worker busy
-    /// between replies when tasks are short, one at a time when they are not (a task
-    /// queued behind a long one would wait where another worker could run it).
-    fn depth(&self) -> usize {
-        match self.run_micros.load(Ordering::Relaxed) {
-            u64::MAX => 1,
-            micros => (PIPELINE_BUDGET_MICROS / micros.max(1)).clamp(1, MAX_PIPELINE) as usize,
-        }
+    /// How long a task of `profile` is expected to run: the whole pipeline budget while
+    /// unknown, so that a function's first tasks never queue behind others.
+    fn estimate(&self, profile: u64) -> u64 {
+        let known = self.run_micros.lock().unwrap_or_else(|p| p.into_inner()).get(&profile).copied();
+        known.unwrap_or(PIPELINE_BUDGET_MICROS).max(1)
     }
 
-    fn observe(&self, run_micros: u64) {
-        let old = self.run_micros.load(Ordering::Relaxed);
-        let new = if old == u64::MAX { run_micros } else { (old * 7 + run_micros) / 8 };
-        self.run_micros.store(new, Ordering::Relaxed);
+    fn observe(&self, profile: u64, run_micros: u64) {
+        let mut known = self.run_micros.lock().unwrap_or_else(|p| p.into_inner());
+        let average = known.entry(profile).or_insert(run_micros);
+        *average = (*average * 7 + run_micros) / 8;
     }
 }
 
@@ -512,20 +511,20 @@ impl CoreWorker {
             requesting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             infeasible: Mutex::new(None),
-            run_micros: AtomicU64::new(u64::MAX),
+            run_micros: Mutex::new(HashMap::new()),
         });
         self.pools.entry(key).or_insert(pool).clone()
     }
 
     /// A slot on one of the shape's leases (the least busy with room), asking the
     /// cluster for more leases while tasks wait.
-    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>) -> IonetResult<Arc<Lease>> {
+    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>, estimate: u64) -> IonetResult<Arc<Lease>> {
         pool.waiting.fetch_add(1, Ordering::SeqCst);
         let result = loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(lease) = take_slot(pool) {
+            if let Some(lease) = take_slot(pool, estimate) {
                 break Ok(lease);
             }
             if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -548,10 +547,11 @@ impl CoreWorker {
         result
     }
 
-    /// A task on `lease` has answered.
-    fn release(&self, pool: &ShapePool, lease: &Lease) {
+    /// A task on `lease` (expected to run `estimate`) has answered.
+    fn release(&self, pool: &ShapePool, lease: &Lease, estimate: u64) {
         {
             let _leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+            lease.queued_micros.fetch_sub(estimate, Ordering::SeqCst);
             if lease.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
                 *lease.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             }
@@ -604,15 +604,24 @@ impl CoreWorker {
     }
 }
 
-/// Takes a slot on the pool's least busy lease with room, if any.
-fn take_slot(pool: &ShapePool) -> Option<Arc<Lease>> {
-    let depth = pool.depth();
+/// Takes a slot for a task expected to run `estimate` on the pool's least busy lease with
+/// room: an idle one, or one whose queued work stays within the pipeline budget. Short
+/// tasks thus queue several deep on a worker (its next task is there when one ends),
+/// while a long or unknown task waits for an idle worker (or a new lease) rather than
+/// behind another, and nothing queues behind it.
+fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
     let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
     let lease = leases
         .iter()
-        .filter(|lease| lease.in_flight.load(Ordering::SeqCst) < depth)
+        .filter(|lease| {
+            let in_flight = lease.in_flight.load(Ordering::SeqCst);
+            in_flight == 0
+                || (in_flight < MAX_PIPELINE
+                    && lease.queued_micros.load(Ordering::SeqCst) + estimate <= PIPELINE_BUDGET_MICROS)
+        })
         .min_by_key(|lease| lease.in_flight.load(Ordering::SeqCst))?;
     lease.in_flight.fetch_add(1, Ordering::SeqCst);
+    lease.queued_micros.fetch_add(estimate, Ordering::SeqCst);
     Some(lease.clone())
 }
 
@@ -685,6 +694,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
             node_address,
             tasks: TaskStream::open(&worker.handle, channel),
             in_flight: AtomicUsize::new(0),
+            queued_micros: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
             returned: AtomicBool::new(false),
         })
@@ -735,15 +745,29 @@ async fn bundle_address(worker: &CoreWorker, request: &RequestWorkerLeaseRequest
 struct TaskSpec {
     task_id: TaskId,
     function: &'static str,
+    /// What the task's run time is learnt under: its function (for Python, the Python
+    /// function the generic task runs).
+    profile: u64,
     options: TaskOptions,
     args: Vec<Arg>,
     return_id: ObjectId,
 }
 
 /// `f::remote(..)`: creates the return object and starts the task.
-pub(crate) fn submit_task<R>(function: &'static str, options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
+pub(crate) fn submit_task<R>(
+    function: &'static str,
+    profile_key: &[u8],
+    options: TaskOptions,
+    args: Vec<Arg>,
+) -> ObjectRef<R> {
     let worker = current_or_panic();
-    let spec = TaskSpec { task_id: TaskId::random(), function, options, args, return_id: ObjectId::random() };
+    let profile = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (function, profile_key).hash(&mut hasher);
+        hasher.finish()
+    };
+    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id: ObjectId::random() };
     let object = worker.new_object(spec.return_id, ObjectState::Pending);
     let runner = worker.clone();
     worker.handle.spawn(async move {
@@ -793,7 +817,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
     let mut attempt = 0u32;
     loop {
         let args = resolve_args(worker, spec).await?;
-        let lease = worker.acquire(&pool).await?;
+        let estimate = pool.estimate(spec.profile);
+        let lease = worker.acquire(&pool, estimate).await?;
         let request = PushTaskRequest {
             task_id: spec.task_id.to_vec(),
             job_id: worker.job_id.to_vec(),
@@ -806,8 +831,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
         };
         match lease.tasks.push(request).await {
             Ok(reply) => {
-                pool.observe(reply.run_micros);
-                worker.release(&pool, &lease);
+                pool.observe(spec.profile, reply.run_micros);
+                worker.release(&pool, &lease, estimate);
                 match reply.result {
                     Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
                     Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),

@@ -91,5 +91,12 @@ pub fn decode_arg<T: DeserializeOwned>(arg: &ArgBytes, index: usize) -> Result<T
 
 /// Submits a call of the registered function `name`; returns at once.
 pub fn submit<R>(name: &'static str, options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
-    runtime::submit_task(name, options, args)
+    runtime::submit_task(name, &[], options, args)
+}
+
+/// [`submit`] for a generic function that runs many kinds of work (the Python task runs
+/// any Python function): `kind` names the work, so that run times are learnt per kind
+/// (they decide how deep tasks may queue on one worker).
+pub fn submit_kind<R>(name: &'static str, kind: &[u8], options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
+    runtime::submit_task(name, kind, options, args)
 }

@@ -66,6 +66,53 @@ fn rendezvous(dir: String, expected: usize) -> (String, Vec<u32>) {
     (std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(), ionet::get_gpu_ids())
 }
 
+/// Sums the values of `refs`, when asked to look at them.
+#[ionet::remote]
+fn sum_of(refs: Vec<ionet::ObjectRef<u64>>, look: bool) -> u64 {
+    if !look {
+        return 0;
+    }
+    ionet::get_all(&refs).unwrap().into_iter().sum()
+}
+
+#[ionet::remote]
+fn slow_value(millis: u64, value: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(millis));
+    value
+}
+
+/// Short tasks queue several deep on a worker, but a long task never queues behind
+/// another: after a thousand short tasks, four tasks that can only finish together (on a
+/// 4-CPU node) still run at once.
+fn long_tasks_never_queue_behind_short_ones() {
+    ionet::init(InitConfig::default().num_cpus(4.0)).unwrap();
+    for _ in 0..2 {
+        let refs: Vec<_> = (0..500u64).map(square::remote).collect();
+        assert_eq!(ionet::get_all(&refs).unwrap().len(), 500);
+    }
+    let dir = temp_path("rendezvous-after-short");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let together: Vec<_> = (0..4).map(|_| rendezvous::remote(dir.to_string_lossy().into_owned(), 4)).collect();
+    assert_eq!(ionet::get_all(&together).unwrap().len(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+    ionet::shutdown();
+}
+
+/// A task learnt to be short runs in place on its worker's event loop; when such a task
+/// waits for an object after all (a `get` inside it), the wait still works.
+fn a_short_task_may_wait_inside() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let ready: Vec<_> = (0..3u64).map(|x| ionet::put(&x).unwrap()).collect();
+    for _ in 0..50 {
+        assert_eq!(ionet::get(&sum_of::remote(ready.clone(), false)).unwrap(), 0);
+    }
+    let late = slow_value::remote(300u64, 40u64); // held: a ref inside a value is not counted
+    let waiting = sum_of::remote(vec![late.clone(), ready[2].clone()], true);
+    assert_eq!(ionet::get_timeout(&waiting, Duration::from_secs(60)).unwrap(), 42);
+    ionet::shutdown();
+}
+
 fn embedded_thousand_tasks_and_a_chain() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let refs: Vec<_> = (0..1000u64).map(square::remote).collect();
@@ -321,6 +368,8 @@ fn main() {
         &[
             ("embedded_thousand_tasks_and_a_chain", embedded_thousand_tasks_and_a_chain),
             ("errors_reach_the_caller", errors_reach_the_caller),
+            ("long_tasks_never_queue_behind_short_ones", long_tasks_never_queue_behind_short_ones),
+            ("a_short_task_may_wait_inside", a_short_task_may_wait_inside),
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
