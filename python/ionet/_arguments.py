@@ -52,10 +52,11 @@ def unpack(buffers: List[Any]) -> Tuple[list, Dict[str, Any]]:
 def _pack_value(value: Any) -> Any:
     if isinstance(value, ObjectRef):
         return value
-    parts = serialize(value)
+    # Refs inside the value are held by the call (or the object) while it needs them.
+    parts, held = _ionet._serialize_holding(serialize, value)
     if len(parts) == 1:
-        return parts[0]
-    return _ionet.put_parts(parts)
+        return parts[0] if held is None else (parts[0], held)
+    return _ionet.put_parts(parts, held)
 
 
 @functools.lru_cache(maxsize=256)

@@ -113,7 +113,8 @@ def put(value: Any) -> ObjectRef:
     if isinstance(value, ObjectRef):
         raise TypeError("calling put() on an ObjectRef is not allowed; pass the ref itself instead")
     ensure_initialized()
-    return _ionet.put_parts(serialize(value))
+    parts, held = _ionet._serialize_holding(serialize, value)
+    return _ionet.put_parts(parts, held)
 
 
 def get(object_refs: Union[ObjectRef, List[ObjectRef]], *, timeout: Optional[float] = None) -> Any:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple, Union
 # native side may read while it holds `keepalive`.
 Part = Union[bytes, Tuple[int, int, Any]]
 # A call argument: a serialized value, or a ref whose object's bytes the worker receives.
-Argument = Union[bytes, "ObjectRef"]
+Argument = Union[bytes, Tuple[bytes, "HeldRefs"], "ObjectRef"]
 # None / "DEFAULT", "SPREAD", ("node", node_id_hex, soft), ("placement_group", pg_id_hex, index)
 SchedulingStrategy = Union[None, str, Tuple[str, str, Union[bool, int]]]
 
@@ -73,8 +73,15 @@ def cli_main(argv: List[str]) -> int:
 
 def kv_put(namespace: str, key: bytes, value: bytes, overwrite: bool) -> bool: ...
 def kv_get(namespace: str, key: bytes) -> Optional[bytes]: ...
-def put_parts(parts: List[Part]) -> ObjectRef:
-    """Stores one object whose bytes are the parts concatenated (one copy)."""
+class HeldRefs:
+    """Refs found inside a serialised value, held by whatever carries the value."""
+
+def _serialize_holding(serialize: Any, value: Any) -> Tuple[List[Part], Optional[HeldRefs]]:
+    """`serialize(value)`, and the refs owned by this process that it wrote (None if none)."""
+
+def put_parts(parts: List[Part], held: Optional[HeldRefs] = None) -> ObjectRef:
+    """Stores one object whose bytes are the parts concatenated (one copy); it holds the
+    refs in `held` as long as it lives."""
 
 def get_objects(refs: List[ObjectRef], timeout: Optional[float]) -> List[Buffer]: ...
 def wait(refs: List[ObjectRef], num_returns: int, timeout: Optional[float]) -> Tuple[List[int], List[int]]:

@@ -234,12 +234,32 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// Task and constructor arguments: `bytes` travel by value, `ObjectRef`s by reference.
+/// Refs found inside a value while it was serialised (`_serialize_holding`): whatever
+/// carries the value (a call's argument, a stored object) holds them as long as it lives.
+#[pyclass(frozen, name = "HeldRefs")]
+pub struct HeldRefs {
+    refs: Vec<ObjectRef<()>>,
+}
+
+/// `serialize(value)`, and the refs this process owns that it wrote (None if none).
+#[pyfunction]
+fn _serialize_holding<'py>(
+    serialize: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Option<HeldRefs>)> {
+    let (serialized, refs) = ionet::collect_contained(|| serialize.call1((value,)));
+    Ok((serialized?, (!refs.is_empty()).then_some(HeldRefs { refs })))
+}
+
+/// Task and constructor arguments: `bytes` travel by value (a `(bytes, HeldRefs)` pair
+/// with the refs inside them), `ObjectRef`s by reference.
 fn convert_args(args: &Bound<'_, PyList>) -> PyResult<Vec<Arg>> {
     let mut converted = Vec::with_capacity(args.len());
     for (index, arg) in args.iter().enumerate() {
         if let Ok(bytes) = arg.cast::<PyBytes>() {
             converted.push(Arg::Value(Ok(bytes.as_bytes().to_vec())));
+        } else if let Ok((bytes, held)) = arg.extract::<(Bound<'_, PyBytes>, Bound<'_, HeldRefs>)>() {
+            converted.push(Arg::Holding(bytes.as_bytes().to_vec(), held.get().refs.clone()));
         } else if let Ok(reference) = arg.cast::<PyObjectRef>() {
             converted.push(ionet::IntoArg::<Raw>::into_arg(reference.get().inner.clone()));
         } else {
@@ -454,7 +474,9 @@ fn concatenated(parts: &[Part], py: Python<'_>) -> Vec<u8> {
 
 /// Stores the concatenation of `parts` as one object (one copy into shared memory).
 #[pyfunction]
-fn put_parts(py: Python<'_>, parts: &Bound<'_, PyList>) -> PyResult<PyObjectRef> {
+#[pyo3(signature = (parts, held = None))]
+fn put_parts(py: Python<'_>, parts: &Bound<'_, PyList>, held: Option<&Bound<'_, HeldRefs>>) -> PyResult<PyObjectRef> {
+    let holding = held.map(|held| held.get().refs.clone()).unwrap_or_default();
     let parts = parts_of(parts)?;
     let slices: Vec<(usize, usize)> =
         parts.iter().map(|part| part_slice(part, py)).map(|slice| (slice.as_ptr() as usize, slice.len())).collect();
@@ -462,15 +484,19 @@ fn put_parts(py: Python<'_>, parts: &Bound<'_, PyList>) -> PyResult<PyObjectRef>
     // The parts stay alive (held by `parts`) while the GIL is released for the copy.
     let inner = py
         .detach(move || {
-            raw::put_raw(size, |buffer| {
-                let mut offset = 0;
-                for (address, length) in slices {
-                    // SAFETY: each (address, length) is a live part held by `parts` above.
-                    let part = unsafe { std::slice::from_raw_parts(address as *const u8, length) };
-                    buffer[offset..offset + length].copy_from_slice(part);
-                    offset += length;
-                }
-            })
+            raw::put_raw_holding(
+                size,
+                |buffer| {
+                    let mut offset = 0;
+                    for (address, length) in slices {
+                        // SAFETY: each (address, length) is a live part held by `parts` above.
+                        let part = unsafe { std::slice::from_raw_parts(address as *const u8, length) };
+                        buffer[offset..offset + length].copy_from_slice(part);
+                        offset += length;
+                    }
+                },
+                holding,
+            )
         })
         .or_raise()?;
     drop(parts);
@@ -882,6 +908,7 @@ ionet::inventory::submit! {
 #[pymodule]
 fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PyObjectRef>()?;
+    module.add_class::<HeldRefs>()?;
     module.add_class::<PyActorHandle>()?;
     module.add_class::<Buffer>()?;
     for function in [
@@ -895,6 +922,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(kv_put, module)?,
         wrap_pyfunction!(kv_get, module)?,
         wrap_pyfunction!(put_parts, module)?,
+        wrap_pyfunction!(_serialize_holding, module)?,
         wrap_pyfunction!(get_objects, module)?,
         wrap_pyfunction!(wait, module)?,
         wrap_pyfunction!(submit_task, module)?,

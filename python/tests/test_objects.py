@@ -99,6 +99,28 @@ def test_arrow_table_round_trips():
     assert ionet.get(ionet.put(batch), timeout=60).equals(batch)
 
 
+@ionet.remote
+def total_of(refs):
+    return sum(ionet.get(list(refs)))
+
+
+@ionet.remote
+def first_of(items):
+    return ionet.get(items[0])
+
+
+def test_refs_inside_arguments_and_values_outlive_the_callers_handles():
+    # The inner refs are temporaries: only the call, or the outer object, holds them.
+    assert ionet.get(total_of.remote([ionet.put(40), ionet.put(2)])) == 42
+    # Large enough to travel as an object of its own, which then holds the ref.
+    assert ionet.get(first_of.remote([ionet.put(1), b"x" * 300_000])) == 1
+    outer = ionet.put({"inner": ionet.put("kept")})
+    import gc
+
+    gc.collect()
+    assert ionet.get(ionet.get(outer)["inner"]) == "kept"
+
+
 def test_wait_splits_ready_from_pending():
     fast = identity.remote("fast")
     slow = sleep_then_return.remote(60)

@@ -305,7 +305,8 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
         let mut constructor_args = Vec::with_capacity(args.len());
         for (index, arg) in args.iter().enumerate() {
             constructor_args.push(match arg {
-                Arg::Value(Ok(bytes)) => bytes.clone(),
+                // A ref inside a constructor argument is held only while this call runs.
+                Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => bytes.clone(),
                 Arg::Value(Err(why)) => {
                     return Err(IonetError::InvalidArgument(format!("argument {index} of {class}: {why}")))
                 }

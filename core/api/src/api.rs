@@ -14,13 +14,14 @@ use crate::task;
 /// Stores `value` in the cluster; this process owns it.
 pub fn put<T: Serialize>(value: &T) -> IonetResult<ObjectRef<T>> {
     let worker = runtime::current()?;
-    let bytes = task::encode_value(value).map_err(IonetError::InvalidArgument)?;
+    let (encoded, holding) = crate::object_ref::collect_contained(|| task::encode_value(value));
+    let bytes = encoded.map_err(IonetError::InvalidArgument)?;
     let id = ObjectId::random();
     if bytes.len() <= worker.inline_threshold {
-        return Ok(worker.new_object(id, ObjectState::Inline(std::sync::Arc::new(bytes))));
+        return Ok(worker.new_object_holding(id, ObjectState::Inline(std::sync::Arc::new(bytes)), holding));
     }
     let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64)?;
-    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+    Ok(worker.new_object_holding(id, ObjectState::Stored(stored), holding))
 }
 
 /// Stores an Arrow record batch as Arrow IPC in this node's shared-memory store.

@@ -54,7 +54,7 @@ pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
 pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
 pub use ionet_macros::{actor, remote};
-pub use object_ref::{Arg, IntoArg, ObjectRef};
+pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
 pub use options::{SchedulingStrategy, TaskOptions};
 pub use placement_group::{
     named_placement_group, placement_group, placement_group_info, placement_group_table, remove_placement_group,

@@ -102,8 +102,32 @@ struct WireRef<'a> {
     owner: Cow<'a, str>,
 }
 
+std::thread_local! {
+    /// While a value is encoded for a task argument or a `put`: the counted refs written
+    /// inside it, which the caller keeps alive as long as the value needs them.
+    static CONTAINED: std::cell::RefCell<Option<Vec<ObjectRef<()>>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `encode` and returns, with its result, a counted handle of every ref owned by this
+/// process that it serialised: a ref inside a task's argument or a stored value must
+/// outlive the caller's own handles for as long as the task or the value does.
+pub fn collect_contained<R>(encode: impl FnOnce() -> R) -> (R, Vec<ObjectRef<()>>) {
+    let outer = CONTAINED.with(|contained| contained.borrow_mut().replace(Vec::new()));
+    let result = encode();
+    let found = CONTAINED.with(|contained| std::mem::replace(&mut *contained.borrow_mut(), outer));
+    (result, found.unwrap_or_default())
+}
+
 impl<T> Serialize for ObjectRef<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.entry.is_some() {
+            let held = self.erase();
+            CONTAINED.with(|contained| {
+                if let Some(found) = contained.borrow_mut().as_mut() {
+                    found.push(held);
+                }
+            });
+        }
         WireRef { id: self.id, owner: Cow::Borrowed(&self.owner) }.serialize(serializer)
     }
 }
@@ -119,7 +143,19 @@ impl<'de, T> Deserialize<'de> for ObjectRef<T> {
 /// One argument of a remote call: a value, or a ref whose value the task receives.
 pub enum Arg {
     Value(Result<Vec<u8>, String>),
+    /// A value with refs inside: the call holds them until it has finished.
+    Holding(Vec<u8>, Vec<ObjectRef<()>>),
     Ref(ObjectRef<()>),
+}
+
+impl Arg {
+    /// An encoded value, holding the refs found inside it.
+    pub fn encoded(encoded: Result<Vec<u8>, String>, contained: Vec<ObjectRef<()>>) -> Arg {
+        match encoded {
+            Ok(bytes) if !contained.is_empty() => Arg::Holding(bytes, contained),
+            other => Arg::Value(other),
+        }
+    }
 }
 
 /// What may be passed where a remote function takes a `T`.
@@ -129,7 +165,8 @@ pub trait IntoArg<T> {
 
 impl<T: Serialize> IntoArg<T> for T {
     fn into_arg(self) -> Arg {
-        Arg::Value(crate::task::encode_value(&self))
+        let (encoded, contained) = collect_contained(|| crate::task::encode_value(&self));
+        Arg::encoded(encoded, contained)
     }
 }
 

@@ -20,15 +20,25 @@ pub enum Raw {}
 /// Stores `size` bytes written by `fill` (straight into shared memory above the inline
 /// threshold: one copy).
 pub fn put_raw(size: usize, fill: impl FnOnce(&mut [u8])) -> IonetResult<ObjectRef<Raw>> {
+    put_raw_holding(size, fill, Vec::new())
+}
+
+/// [`put_raw`] of a value with the refs `holding` inside (see [`crate::collect_contained`]):
+/// the object keeps them alive as long as it lives.
+pub fn put_raw_holding(
+    size: usize,
+    fill: impl FnOnce(&mut [u8]),
+    holding: Vec<ObjectRef<()>>,
+) -> IonetResult<ObjectRef<Raw>> {
     let worker = runtime::current()?;
     let id = ObjectId::random();
     if size <= worker.inline_threshold {
         let mut bytes = vec![0u8; size];
         fill(&mut bytes);
-        return Ok(worker.new_object(id, ObjectState::Inline(Arc::new(bytes))));
+        return Ok(worker.new_object_holding(id, ObjectState::Inline(Arc::new(bytes)), holding));
     }
     let stored = worker.store_value(id, fill, size as u64)?;
-    Ok(worker.new_object(id, ObjectState::Stored(stored)))
+    Ok(worker.new_object_holding(id, ObjectState::Stored(stored), holding))
 }
 
 /// An object of this process holding `bytes` once `ready` completes (or its error).

@@ -78,6 +78,8 @@ pub(crate) enum ObjectState {
 pub(crate) struct ObjectEntry {
     pub(crate) state: watch::Sender<ObjectState>,
     references: AtomicUsize,
+    /// Refs written inside the value: alive as long as it is (held, never read).
+    _holding: Vec<ObjectRef<()>>,
 }
 
 impl ObjectEntry {
@@ -395,8 +397,18 @@ impl CoreWorker {
 
     /// A new owned object in `state`, with one handle.
     pub(crate) fn new_object<T>(&self, id: ObjectId, state: ObjectState) -> ObjectRef<T> {
+        self.new_object_holding(id, state, Vec::new())
+    }
+
+    /// A new owned object whose value has the refs `holding` inside.
+    pub(crate) fn new_object_holding<T>(
+        &self,
+        id: ObjectId,
+        state: ObjectState,
+        holding: Vec<ObjectRef<()>>,
+    ) -> ObjectRef<T> {
         let (sender, _) = watch::channel(state);
-        let entry = Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1) });
+        let entry = Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1), _holding: holding });
         self.objects.insert(id, entry.clone());
         ObjectRef::counted(id, self.address.clone(), entry)
     }
@@ -795,7 +807,7 @@ pub(crate) async fn resolve_call_args(
     let mut args = Vec::with_capacity(call_args.len());
     for (index, arg) in call_args.iter().enumerate() {
         let value = match arg {
-            Arg::Value(Ok(bytes)) => task_arg::Value::Inline(bytes.clone()),
+            Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => task_arg::Value::Inline(bytes.clone()),
             Arg::Value(Err(why)) => {
                 return Err(IonetError::InvalidArgument(format!("argument {index} of {function}: {why}")))
             }

@@ -113,6 +113,18 @@ fn a_short_task_may_wait_inside() {
     ionet::shutdown();
 }
 
+/// A ref written inside an argument or a stored value lives as long as the call or the
+/// value needs it, though the caller keeps no handle of its own.
+fn refs_inside_values_outlive_the_callers_handles() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let total = sum_of::remote(vec![ionet::put(&40u64).unwrap(), ionet::put(&2u64).unwrap()], true);
+    assert_eq!(ionet::get(&total).unwrap(), 42);
+    let outer = ionet::put(&vec![ionet::put(&7u64).unwrap()]).unwrap();
+    let inner: Vec<ionet::ObjectRef<u64>> = ionet::get(&outer).unwrap();
+    assert_eq!(ionet::get(&inner[0]).unwrap(), 7);
+    ionet::shutdown();
+}
+
 fn embedded_thousand_tasks_and_a_chain() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let refs: Vec<_> = (0..1000u64).map(square::remote).collect();
@@ -370,6 +382,7 @@ fn main() {
             ("errors_reach_the_caller", errors_reach_the_caller),
             ("long_tasks_never_queue_behind_short_ones", long_tasks_never_queue_behind_short_ones),
             ("a_short_task_may_wait_inside", a_short_task_may_wait_inside),
+            ("refs_inside_values_outlive_the_callers_handles", refs_inside_values_outlive_the_callers_handles),
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
