@@ -630,8 +630,7 @@ fn kill(py: Python<'_>, handle: &PyActorHandle, no_restart: bool) -> PyResult<()
 #[pyfunction]
 #[pyo3(signature = (reference, force = false))]
 fn cancel(reference: &PyObjectRef, force: bool) -> PyResult<()> {
-    let _ = force;
-    raw::cancel(&reference.inner).or_raise()
+    raw::cancel(&reference.inner, force).or_raise()
 }
 
 fn resources_dict<'py>(py: Python<'py>, set: &ionet::ResourceSet) -> PyResult<Bound<'py, PyDict>> {

@@ -1,5 +1,6 @@
 """Objects on an embedded cluster: put, get, wait, cancel, zero-copy reads."""
 
+import os
 import threading
 import time
 
@@ -156,8 +157,33 @@ def test_cancel_a_task_waiting_for_its_argument():
     ionet.cancel(slow, force=True)
 
 
-def test_force_cancel_a_running_task():
-    running = sleep_then_return.remote(60)
+@ionet.remote
+def record_pid_then_sleep(path, seconds):
+    with open(path, "w") as marker:
+        marker.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_force_cancel_a_running_task(tmp_path):
+    marker = tmp_path / "pid"
+    running = record_pid_then_sleep.remote(str(marker), 60)
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text()):
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.02)
+    pid = int(marker.read_text())
     ionet.cancel(running, force=True)
     with pytest.raises(TaskCancelledError):
         ionet.get(running, timeout=30)
+    # The worker running it is killed (its CPU comes back).
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"worker {pid} still runs the cancelled task"
+        time.sleep(0.02)

@@ -644,26 +644,20 @@ async fn read_replies(
     let ended = match client.actor_calls(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing)).await {
         Err(status) => status,
         Ok(response) => {
-            let mut replies = response.into_inner();
-            loop {
-                match replies.message().await {
-                    Ok(Some(batch)) => {
-                        for NumberedReply { sequence, reply } in batch.replies {
-                            let Some((call, permit)) =
-                                sent.lock().unwrap_or_else(|p| p.into_inner()).calls.remove(&sequence)
-                            else {
-                                tracing::warn!(sequence, "a reply to a call this caller did not send");
-                                continue;
-                            };
-                            let state = reply_state(&shared, &call.method, reply.unwrap_or_default());
-                            shared.worker.settle_object(&call.return_id, state);
-                            drop((call, permit)); // releases argument refs and the in-flight slot
-                        }
-                    }
-                    Ok(None) => break tonic::Status::unavailable("the actor's worker ended the call stream"),
-                    Err(status) => break status,
+            let ended_by_worker = "the actor's worker ended the call stream";
+            runtime::read_reply_batches(response.into_inner(), ended_by_worker, |replies| {
+                for NumberedReply { sequence, reply } in replies {
+                    let Some((call, permit)) = sent.lock().unwrap_or_else(|p| p.into_inner()).calls.remove(&sequence)
+                    else {
+                        tracing::warn!(sequence, "a reply to a call this caller did not send");
+                        continue;
+                    };
+                    let state = reply_state(&shared, &call.method, reply.unwrap_or_default());
+                    shared.worker.settle_object(&call.return_id, state);
+                    drop((call, permit)); // releases argument refs and the in-flight slot
                 }
-            }
+            })
+            .await
         }
     };
     let unanswered = {

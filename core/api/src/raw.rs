@@ -82,9 +82,10 @@ pub fn on_ready(object: &ObjectRef<Raw>, callback: impl FnOnce() + Send + 'stati
     Ok(())
 }
 
-/// Fails a pending object this process owns with `Cancelled` (the task may still run;
-/// its value is dropped). An object already produced is left alone.
-pub fn cancel(object: &ObjectRef<Raw>) -> IonetResult<()> {
+/// Fails a pending object this process owns with `Cancelled`. Without `force` a task
+/// already running runs on (its value is dropped); with `force` its worker process is
+/// killed. An object already produced is left alone.
+pub fn cancel(object: &ObjectRef<Raw>, force: bool) -> IonetResult<()> {
     let worker = runtime::current()?;
     let Some(entry) = worker.objects.get(&object.id()).map(|entry| entry.clone()) else {
         return Err(IonetError::InvalidArgument(format!(
@@ -103,6 +104,9 @@ pub fn cancel(object: &ObjectRef<Raw>) -> IonetResult<()> {
             false
         }
     });
+    if force {
+        worker.kill_running_task(&object.id());
+    }
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use ionet_common::rpc::proto::node::{
 };
 use ionet_common::rpc::proto::worker::{
     get_object_reply, push_task_reply, task_arg, GetObjectRequest, NumberedReply, PushTaskReply, PushTaskRequest,
-    StoredObject, TaskArg, TaskBatch,
+    ReplyBatch, StoredObject, TaskArg, TaskBatch,
 };
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, ResourceSet, TaskId};
@@ -195,6 +195,8 @@ pub(crate) struct CoreWorker {
     /// Set when the process leaves the cluster: `Watch` streams end.
     pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
+    /// The lease each pushed task (by return object) runs on, until it answers.
+    running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>)>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
@@ -314,6 +316,7 @@ impl CoreWorker {
             run_times: DashMap::new(),
             stopping: watch::channel(false).0,
             channels: DashMap::new(),
+            running_tasks: DashMap::new(),
             inline_threshold,
             handle: tokio_runtime().handle().clone(),
             store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
@@ -383,6 +386,21 @@ impl CoreWorker {
         }
     }
 
+    /// Whether an object this process owns has its outcome already.
+    fn is_settled(&self, id: &ObjectId) -> bool {
+        self.objects.get(id).is_some_and(|entry| !matches!(*entry.state.borrow(), ObjectState::Pending))
+    }
+
+    /// Cancels the task producing `id` if it is running: its lease goes back as failed,
+    /// so the node daemon kills the worker (tasks queued behind it on that worker are
+    /// retried as after a crash).
+    pub(crate) fn kill_running_task(&self, id: &ObjectId) {
+        if let Some((_, (pool, lease))) = self.running_tasks.remove(id) {
+            let worker = current_or_panic();
+            self.handle.spawn(async move { worker.return_lease(&pool, &lease, true).await });
+        }
+    }
+
     /// Briefly polls, yielding the CPU, while an object this process owns is pending: a
     /// small task's reply comes within tens of microseconds, and a parked thread takes
     /// about as long again to be woken (longer on a virtual machine, whose idle CPU
@@ -413,9 +431,16 @@ impl CoreWorker {
         ObjectRef::counted(id, self.address.clone(), entry)
     }
 
+    /// Gives a pending object its outcome (one already settled, say cancelled, keeps its own).
     pub(crate) fn settle_object(&self, id: &ObjectId, state: ObjectState) {
         if let Some(entry) = self.objects.get(id) {
-            entry.state.send_replace(state);
+            entry.state.send_if_modified(|current| {
+                let pending = matches!(current, ObjectState::Pending);
+                if pending {
+                    *current = state;
+                }
+                pending
+            });
         }
         // Else every handle was dropped before the task finished: nobody wants the value.
     }
@@ -831,6 +856,11 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
         let lease = worker.acquire(&pool, estimate).await?;
+        if worker.is_settled(&spec.return_id) {
+            // Cancelled while it waited: it never runs.
+            worker.release(&pool, &lease, estimate);
+            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
+        }
         let request = PushTaskRequest {
             task_id: spec.task_id.to_vec(),
             job_id: worker.job_id.to_vec(),
@@ -841,7 +871,18 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             inline_threshold: worker.inline_threshold as u64,
             sequence: 0,
         };
-        match lease.tasks.push(request).await {
+        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone()));
+        let pushed = lease.tasks.push(request).await;
+        worker.running_tasks.remove(&spec.return_id);
+        if worker.is_settled(&spec.return_id) {
+            // Cancelled meanwhile: its answer no longer matters.
+            match pushed {
+                Ok(_) => worker.release(&pool, &lease, estimate),
+                Err(_) => worker.return_lease(&pool, &lease, true).await,
+            }
+            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
+        }
+        match pushed {
             Ok(reply) => {
                 pool.observe(spec.profile, reply.run_micros);
                 worker.release(&pool, &lease, estimate);
@@ -944,21 +985,16 @@ async fn read_task_replies(
     let ended = match client.tasks(batches).await {
         Err(status) => status,
         Ok(response) => {
-            let mut replies = response.into_inner();
-            loop {
-                match replies.message().await {
-                    Ok(Some(batch)) => {
-                        let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
-                        for NumberedReply { sequence, reply } in batch.replies {
-                            if let Some(sender) = waiting.replies.remove(&sequence) {
-                                let _ = sender.send(Ok(reply.unwrap_or_default()));
-                            }
-                        }
+            let ended_by_worker = "the worker ended the lease's task stream";
+            read_reply_batches(response.into_inner(), ended_by_worker, |replies| {
+                let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                for NumberedReply { sequence, reply } in replies {
+                    if let Some(sender) = waiting.replies.remove(&sequence) {
+                        let _ = sender.send(Ok(reply.unwrap_or_default()));
                     }
-                    Ok(None) => break Status::unavailable("the worker ended the lease's task stream"),
-                    Err(status) => break status,
                 }
-            }
+            })
+            .await
         }
     };
     let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
@@ -966,6 +1002,22 @@ async fn read_task_replies(
         let _ = sender.send(Err(ended.clone()));
     }
     waiting.ended = Some(ended);
+}
+
+/// Reads a stream of reply batches to its end, handing each batch to `each`; returns why
+/// it ended (`ended_by_peer` when the other side closed it).
+pub(crate) async fn read_reply_batches(
+    mut replies: tonic::Streaming<ReplyBatch>,
+    ended_by_peer: &str,
+    mut each: impl FnMut(Vec<NumberedReply>),
+) -> Status {
+    loop {
+        match replies.message().await {
+            Ok(Some(batch)) => each(batch.replies),
+            Ok(None) => return Status::unavailable(ended_by_peer),
+            Err(status) => return status,
+        }
+    }
 }
 
 /// Background upkeep of a core worker: returns idle leases.

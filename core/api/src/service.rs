@@ -125,7 +125,7 @@ async fn run_async_call(
 async fn prepare_task(
     worker: &Arc<CoreWorker>,
     request: PushTaskRequest,
-    replies: &mpsc::UnboundedSender<Result<NumberedReply, Status>>,
+    replies: &ReplySender,
 ) -> Result<Result<(String, Job), PushTaskReply>, Status> {
     let function_name = request.function_name;
     let Some(function) = task::lookup(&function_name) else {
@@ -183,10 +183,24 @@ struct DecodedCall {
     threshold: u64,
 }
 
+impl DecodedCall {
+    /// Runs the call on this thread (see [`run_blocking`]) and sends its numbered reply.
+    fn run_and_reply(self, worker: &CoreWorker, run: BlockingCall, replies: &ReplySender) {
+        let task_id = TaskId::from_bytes(&self.task_id).ok();
+        let reply = run_blocking(worker, &self.method, &self.task_id, task_id, self.return_id, self.threshold, run);
+        let _ = replies.send(Ok(NumberedReply { sequence: self.sequence, reply: Some(reply) }));
+    }
+}
+
+/// A blocking method call, decoded.
+type BlockingCall = Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>;
+/// Where a stream's replies go, in the order they are ready.
+type ReplySender = mpsc::UnboundedSender<Result<NumberedReply, Status>>;
+
 enum Decoded {
     /// Answered already (its arguments could not be read, or the method is unknown).
     Done(PushTaskReply),
-    Blocking((DecodedCall, Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>)),
+    Blocking((DecodedCall, BlockingCall)),
     Async(DecodedCall, actor::MethodFuture),
 }
 
@@ -216,8 +230,8 @@ async fn decode_call(
 fn run_in_lanes(
     worker: &Arc<CoreWorker>,
     hosted: &HostedActor,
-    calls: Vec<(DecodedCall, Box<dyn FnOnce() -> Result<Vec<u8>, Failure> + Send>)>,
-    replies: &mpsc::UnboundedSender<Result<NumberedReply, Status>>,
+    calls: Vec<(DecodedCall, BlockingCall)>,
+    replies: &ReplySender,
 ) {
     if calls.is_empty() {
         return;
@@ -233,17 +247,7 @@ fn run_in_lanes(
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                     let Some((call, run)) = next else { break };
-                    let task_id = TaskId::from_bytes(&call.task_id).ok();
-                    let reply = run_blocking(
-                        &worker,
-                        &call.method,
-                        &call.task_id,
-                        task_id,
-                        call.return_id,
-                        call.threshold,
-                        run,
-                    );
-                    let _ = replies.send(Ok(NumberedReply { sequence: call.sequence, reply: Some(reply) }));
+                    call.run_and_reply(&worker, run, &replies);
                 }
                 drop(permit);
             })
@@ -452,19 +456,7 @@ impl CoreWorkerRpc for CoreWorkerService {
                             let (worker_ref, replies, method) = (worker.clone(), replies.clone(), call.method.clone());
                             worker.run_in_order(
                                 Some(&method),
-                                Box::new(move || {
-                                    let task_id = TaskId::from_bytes(&call.task_id).ok();
-                                    let reply = run_blocking(
-                                        &worker_ref,
-                                        &call.method,
-                                        &call.task_id,
-                                        task_id,
-                                        call.return_id,
-                                        call.threshold,
-                                        run,
-                                    );
-                                    let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-                                }),
+                                Box::new(move || call.run_and_reply(&worker_ref, run, &replies)),
                             );
                         }
                         Ok(Decoded::Async(call, run)) if ordered => {
