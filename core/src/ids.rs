@@ -12,9 +12,6 @@ use rand::RngCore;
 
 use crate::error::{IonetError, IonetResult};
 
-/// Reads an id's raw bytes (binary formats).
-struct IdBytes<T>(std::marker::PhantomData<T>);
-
 macro_rules! define_id {
     ($(#[$doc:meta])* $name:ident, $len:expr, $label:literal) => {
         $(#[$doc])*
@@ -34,6 +31,10 @@ macro_rules! define_id {
 
             pub const fn from_array(bytes: [u8; $len]) -> Self {
                 Self(bytes)
+            }
+
+            pub const fn to_array(&self) -> [u8; $len] {
+                self.0
             }
 
             /// Parses the binary form, refusing any other length.
@@ -92,45 +93,16 @@ macro_rules! define_id {
             }
         }
 
-        /// Hex in readable formats (JSON, TOML), raw bytes in binary ones (bincode).
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                if serializer.is_human_readable() {
-                    serializer.serialize_str(&self.hex())
-                } else {
-                    serializer.serialize_bytes(&self.0)
-                }
+                serializer.serialize_str(&self.hex())
             }
         }
 
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                if deserializer.is_human_readable() {
-                    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
-                    text.parse().map_err(serde::de::Error::custom)
-                } else {
-                    deserializer.deserialize_bytes(IdBytes::<$name>(std::marker::PhantomData))
-                }
-            }
-        }
-
-        impl<'de> serde::de::Visitor<'de> for IdBytes<$name> {
-            type Value = $name;
-
-            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-                write!(formatter, "the {} bytes of a {}", $len, $label)
-            }
-
-            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<$name, E> {
-                $name::from_bytes(bytes).map_err(E::custom)
-            }
-
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$name, A::Error> {
-                let mut bytes = [0u8; $len];
-                for (index, byte) in bytes.iter_mut().enumerate() {
-                    *byte = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(index, &self))?;
-                }
-                Ok($name(bytes))
+                let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
             }
         }
     };
@@ -214,18 +186,5 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json, format!("\"{}\"", id.hex()));
         assert_eq!(serde_json::from_str::<ActorId>(&json).unwrap(), id);
-    }
-
-    #[test]
-    fn bincode_carries_raw_bytes() {
-        let id = ObjectId::random();
-        let bytes = bincode::serde::encode_to_vec(id, bincode::config::standard()).unwrap();
-        assert_eq!(bytes.len(), 1 + 28, "a length and the id's bytes, not its hex");
-        let (back, _): (ObjectId, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-        assert_eq!(back, id);
-        let short = bincode::serde::encode_to_vec(&b"too short"[..], bincode::config::standard()).unwrap();
-        let err = bincode::serde::decode_from_slice::<ObjectId, _>(&short, bincode::config::standard()).unwrap_err();
-        assert!(err.to_string().contains("object id"), "{err}");
     }
 }

@@ -209,6 +209,11 @@ impl PlacementGroups {
         name: String,
         job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
+        ionet::JobId::from_bytes(&job_id).map_err(|err| {
+            IonetError::InvalidArgument(format!(
+                "a placement group needs the job creating it (its bundles are billed to that job): {err}"
+            ))
+        })?;
         if bundles.is_empty() {
             return Err(IonetError::InvalidArgument("a placement group needs at least one bundle".into()));
         }
@@ -470,6 +475,9 @@ mod tests {
     use super::*;
     use crate::storage::MemoryStorage;
 
+    /// The job creating the groups under test.
+    const JOB: [u8; 4] = [0, 0, 0, 7];
+
     /// Nodes that keep their reservations in memory; the node at `refusing` refuses.
     #[derive(Default)]
     struct FakeNodes {
@@ -532,7 +540,9 @@ mod tests {
         let nodes = Arc::new(FakeNodes::default());
         nodes.refusing.lock().unwrap().insert("node-2:1".into());
         let groups = PlacementGroups::new(state, nodes.clone());
-        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), Vec::new()).unwrap();
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), JOB.to_vec()).unwrap();
+        let unbilled = groups.create(cpu_bundles(1), PlacementStrategy::Pack, String::new(), Vec::new()).unwrap_err();
+        assert!(unbilled.to_string().contains("billed to that job"), "{unbilled}");
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
         assert!(nodes.reserved.lock().unwrap().is_empty(), "a failed prepare left reservations behind");
@@ -558,7 +568,7 @@ mod tests {
         let state = cluster_of(4).await;
         let nodes = Arc::new(FakeNodes::default());
         let groups = PlacementGroups::new(state.clone(), nodes.clone());
-        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), Vec::new()).unwrap();
+        let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         let placed = groups.get(&id).unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
@@ -578,7 +588,7 @@ mod tests {
         let state = cluster_of(3).await;
         let nodes = Arc::new(FakeNodes::default());
         let groups = PlacementGroups::new(state, nodes.clone());
-        let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), Vec::new()).unwrap();
+        let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
         assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
         assert!(nodes.reserved.lock().unwrap().is_empty());

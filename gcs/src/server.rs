@@ -114,7 +114,6 @@ impl GcsServer {
         let mut stop_serving = stopped.clone();
         let serve_task = tokio::spawn(
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(service)
                 .add_service(metering_service)
                 .serve_with_incoming_shutdown(ionet::rpc::incoming(listener), async move {

@@ -114,6 +114,11 @@ impl PyObjectRef {
     fn __await__(slf: Py<Self>, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(py.import("ionet._private")?.call_method1("object_ref_await", (slf,))?.unbind())
     }
+
+    /// Ray's `ObjectRef.future()` (see `ionet._private.object_ref_future`).
+    fn future(slf: Py<Self>, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(py.import("ionet._private")?.call_method1("object_ref_future", (slf,))?.unbind())
+    }
 }
 
 #[pyfunction]
@@ -251,6 +256,15 @@ fn _serialize_holding<'py>(
     Ok((serialized?, (!refs.is_empty()).then_some(HeldRefs { refs })))
 }
 
+/// The arguments of the generic Python task or actor class: the key of the pickled
+/// function or class, then the call's own.
+fn keyed_args(key: &[u8], args: &Bound<'_, PyList>) -> PyResult<Vec<Arg>> {
+    let mut all = Vec::with_capacity(args.len() + 1);
+    all.push(Arg::Value(Ok(key.to_vec())));
+    all.extend(convert_args(args)?);
+    Ok(all)
+}
+
 /// Task and constructor arguments: `bytes` travel by value (a `(bytes, HeldRefs)` pair
 /// with the refs inside them), `ObjectRef`s by reference.
 fn convert_args(args: &Bound<'_, PyList>) -> PyResult<Vec<Arg>> {
@@ -300,8 +314,17 @@ fn task_options(options: &Bound<'_, PyDict>, default_cpus: f64) -> PyResult<Task
     if let Some(resources) = option::<BTreeMap<String, f64>>(options, "resources")? {
         task.resources = resources;
     }
-    if let Some(retries) = option::<u32>(options, "max_retries")? {
-        task.max_retries = retries;
+    if let Some(retries) = option::<i64>(options, "max_retries")? {
+        // Ray's -1: retry for ever.
+        task.max_retries = match retries {
+            -1 => u32::MAX,
+            0.. => u32::try_from(retries).unwrap_or(u32::MAX),
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "max_retries must be -1 (retry for ever) or at least 0, got {retries}"
+                )))
+            }
+        };
     }
     if let Some(retry) = option::<bool>(options, "retry_exceptions")? {
         task.retry_exceptions = retry;
@@ -565,8 +588,7 @@ fn submit_task(
     args: &Bound<'_, PyList>,
     options: &Bound<'_, PyDict>,
 ) -> PyResult<PyObjectRef> {
-    let mut all = vec![Arg::Value(Ok(function_key.to_vec()))];
-    all.extend(convert_args(args)?);
+    let all = keyed_args(function_key, args)?;
     let task = task_options(options, 1.0)?;
     let inner = py.detach(move || ionet::task::submit_kind::<Raw>(PYTHON_TASK, function_key, task, all));
     Ok(PyObjectRef { inner })
@@ -579,8 +601,7 @@ fn create_actor(
     args: &Bound<'_, PyList>,
     options: &Bound<'_, PyDict>,
 ) -> PyResult<PyActorHandle> {
-    let mut all = vec![Arg::Value(Ok(class_key.to_vec()))];
-    all.extend(convert_args(args)?);
+    let all = keyed_args(class_key, args)?;
     let mut actor = ActorOptions { resources: task_options(options, 0.0)?, ..ActorOptions::default() };
     actor.name = option::<String>(options, "name")?.filter(|name| !name.is_empty());
     actor.namespace = option::<String>(options, "namespace")?;
@@ -860,7 +881,7 @@ fn python_task(args: Vec<ArgBytes>) -> Result<Vec<u8>, Failure> {
 }
 
 ionet::inventory::submit! {
-    ionet::task::RemoteFunction { name: PYTHON_TASK, invoke: python_task }
+    ionet::task::RemoteFunction { name: PYTHON_TASK, invoke: python_task, in_place: false }
 }
 
 /// A Python actor instance, as the Rust actor runtime holds it.
@@ -901,7 +922,7 @@ fn python_actor_call(
 }
 
 ionet::inventory::submit! {
-    ActorClass { name: PYTHON_ACTOR, construct: python_actor_construct, call: python_actor_call }
+    ActorClass { name: PYTHON_ACTOR, construct: python_actor_construct, call: python_actor_call, in_place: false }
 }
 
 #[pymodule]

@@ -6,7 +6,6 @@ import time
 import pytest
 
 import ionet
-from ionet import _private
 
 pytestmark = pytest.mark.usefixtures("local_cluster")
 
@@ -50,7 +49,7 @@ def test_awaiting_a_failed_ref_raises():
 
 
 def test_future_of_a_ref():
-    assert _private.object_ref_future(square.remote(7)).result(timeout=60) == 49
+    assert square.remote(7).future().result(timeout=60) == 49
 
 
 def test_async_actor_calls_run_concurrently():

@@ -86,6 +86,7 @@ def test_num_returns_gives_one_ref_per_value():
 
 def test_options_override_the_decorator():
     assert ionet.get(add.options(num_cpus=0.5, max_retries=0).remote(1, 1), timeout=60) == 2
+    assert ionet.get(add.options(max_retries=-1).remote(1, 2), timeout=60) == 3  # Ray's "for ever"
 
 
 def test_custom_resources():

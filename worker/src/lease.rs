@@ -475,10 +475,12 @@ impl Leases {
             }
             _ => None,
         };
-        drop(state);
+        // Sent under the lock, as `cancel_bundle` sends the end: a cancel that follows
+        // cannot report the end before the start.
         if let Some(event) = meter {
             self.meter(event);
         }
+        drop(state);
         self.freed.notify_waiters();
         Ok(())
     }

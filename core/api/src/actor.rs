@@ -62,6 +62,11 @@ pub struct ActorClass {
     pub construct: fn(Vec<ArgBytes>) -> Result<Box<dyn Any + Send + Sync>, Failure>,
     /// Decodes a call of `method` (an error: unknown method or bad arguments).
     pub call: fn(Arc<ActorInstance>, &str, Vec<ArgBytes>) -> Result<MethodCall, Failure>,
+    /// Whether a call learnt to be short may run in place on the worker's event loop.
+    /// True for Rust code, whose waits go through ionet (which hands the event loop's
+    /// work to another thread first); false for code that may wait in ways the runtime
+    /// cannot see (Python's asyncio needs the event loop to deliver its results).
+    pub in_place: bool,
 }
 
 inventory::collect!(ActorClass);
@@ -646,9 +651,15 @@ async fn read_replies(
         Ok(response) => {
             let ended_by_worker = "the actor's worker ended the call stream";
             runtime::read_reply_batches(response.into_inner(), ended_by_worker, |replies| {
-                for NumberedReply { sequence, reply } in replies {
-                    let Some((call, permit)) = sent.lock().unwrap_or_else(|p| p.into_inner()).calls.remove(&sequence)
-                    else {
+                let answered: Vec<_> = {
+                    let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                    replies
+                        .into_iter()
+                        .map(|NumberedReply { sequence, reply }| (sent.calls.remove(&sequence), sequence, reply))
+                        .collect()
+                };
+                for (call, sequence, reply) in answered {
+                    let Some((call, permit)) = call else {
                         tracing::warn!(sequence, "a reply to a call this caller did not send");
                         continue;
                     };
@@ -764,7 +775,6 @@ pub(crate) struct HostedActor {
     pub(crate) instance: Arc<ActorInstance>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) max_concurrency: usize,
-    ordered: bool,
 }
 
 impl HostedActor {
@@ -783,13 +793,12 @@ impl HostedActor {
             instance: Arc::new(tokio::sync::RwLock::new(instance)),
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
             max_concurrency: max_concurrency as usize,
-            ordered: max_concurrency == 1,
         }
     }
 
     /// Whether each caller's calls run one at a time, in order (`max_concurrency == 1`).
     pub(crate) fn ordered(&self) -> bool {
-        self.ordered
+        self.max_concurrency == 1
     }
 }
 

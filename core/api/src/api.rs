@@ -60,7 +60,9 @@ pub fn get_timeout<T: DeserializeOwned>(object: &ObjectRef<T>, timeout: Duration
 
 fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Option<Instant>) -> IonetResult<T> {
     let worker = runtime::current()?;
-    worker.spin_while_pending(&object.id());
+    if let Some(entry) = &object.entry {
+        entry.spin_while_pending(deadline);
+    }
     let bytes = block_on(worker.fetch(object.id(), object.owner_address(), deadline))?;
     task::decode_value(&bytes).map_err(IonetError::InvalidArgument)
 }

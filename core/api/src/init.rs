@@ -151,7 +151,6 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
     );
     tokio::spawn(async move {
         if let Err(err) = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming(ionet_common::rpc::incoming(listener))
             .await

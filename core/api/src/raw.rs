@@ -93,17 +93,10 @@ pub fn cancel(object: &ObjectRef<Raw>, force: bool) -> IonetResult<()> {
             object.id().short()
         )));
     };
-    entry.state.send_if_modified(|state| {
-        if matches!(state, ObjectState::Pending) {
-            *state = ObjectState::Failed(Arc::new(IonetError::Cancelled(format!(
-                "object {} was cancelled by its owner",
-                object.id().short()
-            ))));
-            true
-        } else {
-            false
-        }
-    });
+    entry.settle(ObjectState::Failed(Arc::new(IonetError::Cancelled(format!(
+        "object {} was cancelled by its owner",
+        object.id().short()
+    )))));
     if force {
         worker.kill_running_task(&object.id());
     }

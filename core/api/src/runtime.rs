@@ -91,6 +91,35 @@ impl ObjectEntry {
     pub(crate) fn remove_reference(&self) -> bool {
         self.references.fetch_sub(1, Ordering::AcqRel) == 1
     }
+
+    /// Briefly polls, yielding the CPU, while the object is pending (at most until
+    /// `deadline`): a small task's reply comes within tens of microseconds, and a parked
+    /// thread takes about as long again to be woken (longer on a virtual machine, whose
+    /// idle CPU must be roused first). Past the budget the caller parks as usual.
+    pub(crate) fn spin_while_pending(&self, deadline: Option<Instant>) {
+        let budget = Instant::now() + SPIN_BUDGET;
+        let until = deadline.map_or(budget, |deadline| deadline.min(budget));
+        while !self.is_settled() && Instant::now() < until {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether the object has its outcome (a value, or a failure such as a cancel).
+    pub(crate) fn is_settled(&self) -> bool {
+        !matches!(*self.state.borrow(), ObjectState::Pending)
+    }
+
+    /// Gives a pending object its outcome (one already settled keeps its own); whether
+    /// this call settled it.
+    pub(crate) fn settle(&self, state: ObjectState) -> bool {
+        self.state.send_if_modified(|current| {
+            let pending = matches!(current, ObjectState::Pending);
+            if pending {
+                *current = state;
+            }
+            pending
+        })
+    }
 }
 
 /// Rebuilds an error for another reader (errors are not `Clone`: `Io` holds an io::Error).
@@ -133,6 +162,8 @@ pub(crate) struct Lease {
     idle_since: Mutex<Instant>,
     /// Set once the lease is on its way back to its daemon.
     returned: AtomicBool,
+    /// Set when a forced cancel of one of its tasks killed the worker.
+    killed_by_cancel: AtomicBool,
 }
 
 struct ShapePool {
@@ -386,30 +417,14 @@ impl CoreWorker {
         }
     }
 
-    /// Whether an object this process owns has its outcome already.
-    fn is_settled(&self, id: &ObjectId) -> bool {
-        self.objects.get(id).is_some_and(|entry| !matches!(*entry.state.borrow(), ObjectState::Pending))
-    }
-
     /// Cancels the task producing `id` if it is running: its lease goes back as failed,
-    /// so the node daemon kills the worker (tasks queued behind it on that worker are
-    /// retried as after a crash).
+    /// so the node daemon kills the worker. Tasks queued behind it on that worker are
+    /// pushed again without spending an attempt.
     pub(crate) fn kill_running_task(&self, id: &ObjectId) {
         if let Some((_, (pool, lease))) = self.running_tasks.remove(id) {
+            lease.killed_by_cancel.store(true, Ordering::SeqCst);
             let worker = current_or_panic();
             self.handle.spawn(async move { worker.return_lease(&pool, &lease, true).await });
-        }
-    }
-
-    /// Briefly polls, yielding the CPU, while an object this process owns is pending: a
-    /// small task's reply comes within tens of microseconds, and a parked thread takes
-    /// about as long again to be woken (longer on a virtual machine, whose idle CPU
-    /// must be roused first). Past the budget the caller parks as usual.
-    pub(crate) fn spin_while_pending(&self, id: &ObjectId) {
-        let Some(entry) = self.objects.get(id).map(|entry| entry.clone()) else { return };
-        let started = Instant::now();
-        while matches!(*entry.state.borrow(), ObjectState::Pending) && started.elapsed() < SPIN_BUDGET {
-            std::thread::yield_now();
         }
     }
 
@@ -434,20 +449,14 @@ impl CoreWorker {
     /// Gives a pending object its outcome (one already settled, say cancelled, keeps its own).
     pub(crate) fn settle_object(&self, id: &ObjectId, state: ObjectState) {
         if let Some(entry) = self.objects.get(id) {
-            entry.state.send_if_modified(|current| {
-                let pending = matches!(current, ObjectState::Pending);
-                if pending {
-                    *current = state;
-                }
-                pending
-            });
+            entry.settle(state);
         }
         // Else every handle was dropped before the task finished: nobody wants the value.
     }
 
     /// Whether this process owns the object and it is no longer pending (no waiting).
     pub(crate) fn is_ready_here(&self, id: &ObjectId) -> bool {
-        self.objects.get(id).is_some_and(|entry| !matches!(*entry.state.borrow(), ObjectState::Pending))
+        self.objects.get(id).is_some_and(|entry| entry.is_settled())
     }
 
     /// Waits until the object is no longer pending, here or at its owner.
@@ -608,6 +617,10 @@ impl CoreWorker {
             return;
         }
         pool.leases.lock().unwrap_or_else(|p| p.into_inner()).retain(|held| !std::ptr::eq(&**held, lease));
+        self.send_lease_back(lease, worker_failed).await;
+    }
+
+    async fn send_lease_back(&self, lease: &Lease, worker_failed: bool) {
         if let Ok(channel) = self.channel(&lease.node_address) {
             let mut node = NodeManagerClient::new(channel);
             let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id.clone(), worker_failed };
@@ -618,25 +631,28 @@ impl CoreWorker {
         }
     }
 
-    /// Returns leases idle past the linger time whose shape nobody waits for.
+    /// Returns leases idle past the linger time whose shape nobody waits for. They leave
+    /// their pool under its lock, so no task takes a slot on one being given back.
     pub(crate) async fn return_idle_leases(&self, everything: bool) {
         let mut doomed = Vec::new();
         for pool in self.pools.iter() {
             if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
                 continue;
             }
-            let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let mut leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            for lease in leases.iter() {
+            leases.retain(|lease| {
                 let idle = lease.in_flight.load(Ordering::SeqCst) == 0
                     && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= LEASE_LINGER;
-                if everything || idle {
-                    doomed.push((pool.clone(), lease.clone()));
+                let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
+                if leaving {
+                    doomed.push(lease.clone());
                 }
-            }
+                !leaving
+            });
         }
-        for (pool, lease) in doomed {
-            self.return_lease(&pool, &lease, false).await;
+        for lease in doomed {
+            self.send_lease_back(&lease, false).await;
         }
     }
 }
@@ -734,6 +750,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
             queued_micros: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
             returned: AtomicBool::new(false),
+            killed_by_cancel: AtomicBool::new(false),
         })
     }) {
         Ok(lease) => worker.add_lease(&pool, lease),
@@ -788,6 +805,8 @@ struct TaskSpec {
     options: TaskOptions,
     args: Vec<Arg>,
     return_id: ObjectId,
+    /// The return object's entry (held by the caller's handle too).
+    entry: Arc<ObjectEntry>,
 }
 
 /// `f::remote(..)`: creates the return object and starts the task.
@@ -804,15 +823,17 @@ pub(crate) fn submit_task<R>(
         (function, profile_key).hash(&mut hasher);
         hasher.finish()
     };
-    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id: ObjectId::random() };
-    let object = worker.new_object(spec.return_id, ObjectState::Pending);
+    let return_id = ObjectId::random();
+    let object = worker.new_object(return_id, ObjectState::Pending);
+    let entry = object.entry.clone().expect("a new object is counted");
+    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id, entry };
     let runner = worker.clone();
     worker.handle.spawn(async move {
         let state = match execute(&runner, &spec).await {
             Ok(state) => state,
             Err(error) => ObjectState::Failed(Arc::new(error)),
         };
-        runner.settle_object(&spec.return_id, state);
+        spec.entry.settle(state);
         drop(spec); // releases the argument refs held while the task was pending
     });
     object
@@ -856,8 +877,12 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
         let lease = worker.acquire(&pool, estimate).await?;
-        if worker.is_settled(&spec.return_id) {
+        // Known before the settled check, so a forced cancel either finds the lease or is
+        // seen by the check.
+        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone()));
+        if spec.entry.is_settled() {
             // Cancelled while it waited: it never runs.
+            worker.running_tasks.remove(&spec.return_id);
             worker.release(&pool, &lease, estimate);
             return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
         }
@@ -871,10 +896,9 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             inline_threshold: worker.inline_threshold as u64,
             sequence: 0,
         };
-        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone()));
         let pushed = lease.tasks.push(request).await;
         worker.running_tasks.remove(&spec.return_id);
-        if worker.is_settled(&spec.return_id) {
+        if spec.entry.is_settled() {
             // Cancelled meanwhile: its answer no longer matters.
             match pushed {
                 Ok(_) => worker.release(&pool, &lease, estimate),
@@ -907,6 +931,9 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             }
             Err(status) => {
                 worker.return_lease(&pool, &lease, true).await;
+                if lease.killed_by_cancel.load(Ordering::SeqCst) {
+                    continue; // another task's forced cancel killed the worker: not this one's fault
+                }
                 if attempt < spec.options.max_retries {
                     attempt += 1;
                     tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");

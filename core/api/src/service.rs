@@ -120,37 +120,48 @@ async fn run_async_call(
     reply_of(worker, function_name, task_bytes, outcome)
 }
 
-/// Checks a pushed task and reads its arguments: the reply at once when it cannot run,
-/// else the task as a job for the executor that sends its reply when done.
+/// Checks a pushed task and reads its arguments: the reply at once when it cannot run
+/// (unknown function, unreadable or malformed arguments), else the task as a job that
+/// sends its reply when done, with the name it may run in place under.
 async fn prepare_task(
     worker: &Arc<CoreWorker>,
     request: PushTaskRequest,
     replies: &ReplySender,
-) -> Result<Result<(String, Job), PushTaskReply>, Status> {
+) -> Result<(Option<&'static str>, Job), PushTaskReply> {
     let function_name = request.function_name;
     let Some(function) = task::lookup(&function_name) else {
         let failure = Failure {
             kind: FailureKind::UnknownFunction,
             message: format!("no remote function named {function_name} in this binary"),
         };
-        return Ok(Err(failure_reply(worker, &function_name, &request.task_id, failure)));
+        return Err(failure_reply(worker, &function_name, &request.task_id, failure));
     };
-    let args = match read_args(worker, request.args).await? {
-        Ok(args) => args,
-        Err(failure) => return Ok(Err(failure_reply(worker, &function_name, &request.task_id, failure))),
+    let return_id = match ObjectId::from_bytes(&request.return_object_id) {
+        Ok(id) => id,
+        Err(why) => return Err(malformed_reply(worker, &function_name, &request.task_id, why)),
     };
-    let return_id = ObjectId::from_bytes(&request.return_object_id)?;
-    let (worker, replies, invoke, sequence) = (worker.clone(), replies.clone(), function.invoke, request.sequence);
-    let (task_bytes, threshold) = (request.task_id, request.inline_threshold);
-    Ok(Ok((
-        function_name.clone(),
-        Box::new(move || {
-            let task_id = TaskId::from_bytes(&task_bytes).ok();
-            let reply =
-                run_blocking(&worker, &function_name, &task_bytes, task_id, return_id, threshold, move || invoke(args));
-            let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-        }),
-    )))
+    let args = match read_args(worker, request.args).await {
+        Ok(Ok(args)) => args,
+        Ok(Err(failure)) => return Err(failure_reply(worker, &function_name, &request.task_id, failure)),
+        Err(why) => return Err(malformed_reply(worker, &function_name, &request.task_id, why.message())),
+    };
+    let invoke = function.invoke;
+    let call = DecodedCall {
+        sequence: request.sequence,
+        method: function_name,
+        task_id: request.task_id,
+        return_id,
+        threshold: request.inline_threshold,
+    };
+    let (worker, replies) = (worker.clone(), replies.clone());
+    let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
+    Ok((function.in_place.then_some(function.name), job))
+}
+
+/// The failure reply to a call the caller sent malformed.
+fn malformed_reply(worker: &CoreWorker, function: &str, task_id: &[u8], why: impl std::fmt::Display) -> PushTaskReply {
+    let failure = Failure { kind: FailureKind::BadArguments, message: format!("malformed call: {why}") };
+    failure_reply(worker, function, task_id, failure)
 }
 
 /// The actor this worker hosts, if it is the one (and incarnation) the call is for.
@@ -204,24 +215,29 @@ enum Decoded {
     Async(DecodedCall, actor::MethodFuture),
 }
 
-async fn decode_call(
-    worker: &Arc<CoreWorker>,
-    hosted: &HostedActor,
-    call: PushActorTaskRequest,
-) -> Result<Decoded, Status> {
-    let args = read_args(worker, call.args).await?;
+/// Decodes an actor call; a malformed one is answered at once, as one whose arguments
+/// cannot be read or whose method is unknown.
+async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushActorTaskRequest) -> Decoded {
+    let return_id = match ObjectId::from_bytes(&call.return_object_id) {
+        Ok(id) => id,
+        Err(why) => return Decoded::Done(malformed_reply(worker, &call.method, &call.task_id, why)),
+    };
+    let args = match read_args(worker, call.args).await {
+        Ok(args) => args,
+        Err(why) => return Decoded::Done(malformed_reply(worker, &call.method, &call.task_id, why.message())),
+    };
     let decoded = DecodedCall {
         sequence: call.sequence,
-        return_id: ObjectId::from_bytes(&call.return_object_id)?,
+        return_id,
         method: call.method,
         task_id: call.task_id,
         threshold: call.inline_threshold,
     };
-    Ok(match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
+    match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
         Ok(MethodCall::Async(run)) => Decoded::Async(decoded, run),
         Err(failure) => Decoded::Done(failure_reply(worker, &decoded.method, &decoded.task_id, failure)),
-    })
+    }
 }
 
 /// Runs a concurrent actor's blocking calls on up to `max_concurrency` blocking threads
@@ -335,13 +351,9 @@ impl CoreWorkerRpc for CoreWorkerService {
                 for task in batch.tasks {
                     let sequence = task.sequence;
                     match prepare_task(&worker, task, &replies).await {
-                        Ok(Ok((function, job))) => worker.run_in_order(Some(&function), job),
-                        Ok(Err(reply)) => {
+                        Ok((in_place_as, job)) => worker.run_in_order(in_place_as, job),
+                        Err(reply) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
-                        }
-                        Err(status) => {
-                            let _ = replies.send(Err(status));
-                            return;
                         }
                     }
                 }
@@ -447,19 +459,19 @@ impl CoreWorkerRpc for CoreWorkerService {
                     let sequence = call.sequence;
                     let ordered = hosted.ordered();
                     match decode_call(&worker, &hosted, call).await {
-                        Ok(Decoded::Done(reply)) => {
+                        Decoded::Done(reply) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
                         }
                         // An ordered actor runs its calls one at a time in arrival order
                         // (each caller's stream keeps its order): see `run_in_order`.
-                        Ok(Decoded::Blocking((call, run))) if ordered => {
+                        Decoded::Blocking((call, run)) if ordered => {
                             let (worker_ref, replies, method) = (worker.clone(), replies.clone(), call.method.clone());
                             worker.run_in_order(
-                                Some(&method),
+                                hosted.class.in_place.then_some(method.as_str()),
                                 Box::new(move || call.run_and_reply(&worker_ref, run, &replies)),
                             );
                         }
-                        Ok(Decoded::Async(call, run)) if ordered => {
+                        Decoded::Async(call, run) if ordered => {
                             let (worker_ref, replies) = (worker.clone(), replies.clone());
                             // Never in place: it runs on the event loop, waited for here.
                             worker.run_in_order(
@@ -478,8 +490,8 @@ impl CoreWorkerRpc for CoreWorkerService {
                                 }),
                             );
                         }
-                        Ok(Decoded::Blocking(call)) => blocking.push(call),
-                        Ok(Decoded::Async(call, run)) => {
+                        Decoded::Blocking(call) => blocking.push(call),
+                        Decoded::Async(call, run) => {
                             let (worker, replies) = (worker.clone(), replies.clone());
                             tokio::spawn(async move {
                                 let Ok(_permit) = hosted.permits.clone().acquire_owned().await else { return };
@@ -494,10 +506,6 @@ impl CoreWorkerRpc for CoreWorkerService {
                                 .await;
                                 let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
                             });
-                        }
-                        Err(status) => {
-                            let _ = replies.send(Err(status));
-                            return;
                         }
                     }
                 }

@@ -12,6 +12,11 @@ use crate::runtime;
 pub struct RemoteFunction {
     pub name: &'static str,
     pub invoke: fn(Vec<ArgBytes>) -> Result<Vec<u8>, Failure>,
+    /// Whether a call learnt to be short may run in place on the worker's event loop.
+    /// True for Rust code, whose waits go through ionet (which hands the event loop's
+    /// work to another thread first); false for code that may wait in ways the runtime
+    /// cannot see (Python's asyncio needs the event loop to deliver its results).
+    pub in_place: bool,
 }
 
 inventory::collect!(RemoteFunction);

@@ -183,8 +183,8 @@ fn ten_thousand_calls_run_in_order() {
     for _ in 0..50 {
         assert_eq!(ionet::get(&counter.add_from(vec![zero.clone()], false)).unwrap(), 5);
     }
-    let late = late_value::remote(300u64, 10i64); // held: a ref inside a value is not counted
-    let waits = counter.add_from(vec![late.clone(), zero.clone()], true);
+    // The slow task's ref lives only inside the argument: the call holds it.
+    let waits = counter.add_from(vec![late_value::remote(300u64, 10i64), zero.clone()], true);
     let after = counter.incr(1);
     assert_eq!(ionet::get_timeout(&waits, Duration::from_secs(60)).unwrap(), 15);
     assert_eq!(ionet::get(&after).unwrap(), 16);

@@ -107,8 +107,8 @@ fn a_short_task_may_wait_inside() {
     for _ in 0..50 {
         assert_eq!(ionet::get(&sum_of::remote(ready.clone(), false)).unwrap(), 0);
     }
-    let late = slow_value::remote(300u64, 40u64); // held: a ref inside a value is not counted
-    let waiting = sum_of::remote(vec![late.clone(), ready[2].clone()], true);
+    // The slow task's ref lives only inside the argument: the call holds it.
+    let waiting = sum_of::remote(vec![slow_value::remote(300u64, 40u64), ready[2].clone()], true);
     assert_eq!(ionet::get_timeout(&waiting, Duration::from_secs(60)).unwrap(), 42);
     ionet::shutdown();
 }

@@ -137,7 +137,7 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
             }
 
             ::ionet::inventory::submit! {
-                ::ionet::task::RemoteFunction { name: NAME, invoke }
+                ::ionet::task::RemoteFunction { name: NAME, invoke, in_place: true }
             }
         }
     };
@@ -467,6 +467,7 @@ fn expand_actor(block: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> 
                     name: <#handle_name as ::ionet::ActorClassHandle>::CLASS,
                     construct,
                     call,
+                    in_place: true,
                 }
             }
         };
