@@ -33,6 +33,10 @@ pub struct ClusterConfig {
     pub protocol_fee_bps: u32,
     /// Availability-reward pool shared among providers each epoch, micro-USD (0: none).
     pub reward_pool_per_epoch_micros: u64,
+    /// Most workers on one node whose task is blocked in `get`/`wait` may lend their
+    /// lease's CPUs at once (each may make the node start another worker); 0: eight per
+    /// CPU, at least 64.
+    pub max_blocked_workers: usize,
 }
 
 impl Default for ClusterConfig {
@@ -48,11 +52,20 @@ impl Default for ClusterConfig {
             epoch_length_ms: 3_600_000,
             protocol_fee_bps: 250,
             reward_pool_per_epoch_micros: 0,
+            max_blocked_workers: 0,
         }
     }
 }
 
 impl ClusterConfig {
+    /// [`ClusterConfig::max_blocked_workers`] for a node of `cpus` CPUs.
+    pub fn max_blocked_workers_for(&self, cpus: f64) -> usize {
+        if self.max_blocked_workers > 0 {
+            return self.max_blocked_workers;
+        }
+        (cpus.max(1.0) as usize).saturating_mul(8).max(64)
+    }
+
     /// Defaults, overridden by the file (if any), then by the environment.
     pub fn load(file: Option<&Path>) -> IonetResult<Self> {
         let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("IONET_CONFIG").map(Into::into));
@@ -98,6 +111,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_EPOCH_LENGTH_MS", &mut self.epoch_length_ms)?;
         read(&lookup, "IONET_PROTOCOL_FEE_BPS", &mut self.protocol_fee_bps)?;
         read(&lookup, "IONET_REWARD_POOL_PER_EPOCH_MICROS", &mut self.reward_pool_per_epoch_micros)?;
+        read(&lookup, "IONET_MAX_BLOCKED_WORKERS", &mut self.max_blocked_workers)?;
         Ok(())
     }
 

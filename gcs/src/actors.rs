@@ -387,6 +387,8 @@ impl Actors {
             bundle_index: spec.bundle_index,
             // The control store ends actor leases itself (kill, owner death, node death).
             holder_address: String::new(),
+            // Actors are not tasks in a tree: served with the driver's tasks.
+            depth: 1,
         };
         for _ in 0..16 {
             let channel = self.channel(&address).map_err(|err| err.to_string())?;

@@ -536,6 +536,8 @@ fn objects(refs: &Bound<'_, PyList>) -> PyResult<Vec<ObjectRef<Raw>>> {
 fn get_objects(py: Python<'_>, refs: &Bound<'_, PyList>, timeout: Option<f64>) -> PyResult<Vec<Buffer>> {
     let objects = objects(refs)?;
     let deadline = timeout.map(|seconds| Instant::now() + Duration::from_secs_f64(seconds.max(0.0)));
+    // One wait for the daemon, however many slices it takes.
+    let _blocked = raw::waiting_for_objects();
     loop {
         let slice = match deadline {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK),

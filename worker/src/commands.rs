@@ -216,6 +216,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     session.write_head_address(&address)?;
 
     let spec = NodeSpec::build(declared(&args.resources)?)?;
+    let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: address.clone(),
         token,
@@ -224,7 +225,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         bind_host: args.host.clone(),
         advertise_host: host,
         is_head: true,
-        workers: worker_pool_options(&session),
+        workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })
     .await?;
@@ -267,6 +268,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let gcs_address = args.address.clone().expect("checked by start");
     let token = resolve_token(args.token.as_deref(), &session)?;
     let spec = NodeSpec::build(declared(&args.resources)?)?;
+    let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
         advertise_host: advertise_host(args.node_ip_address.as_deref(), &args.host, Some(&gcs_address)),
         gcs_address: gcs_address.clone(),
@@ -275,7 +277,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         spec,
         bind_host: args.host.clone(),
         is_head: false,
-        workers: worker_pool_options(&session),
+        workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })
     .await?;
@@ -291,11 +293,17 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     Ok(())
 }
 
-fn worker_pool_options(session: &SessionDir) -> crate::lease::WorkerPoolOptions {
+fn worker_pool_options(
+    session: &SessionDir,
+    spec: &NodeSpec,
+    config: &ClusterConfig,
+) -> crate::lease::WorkerPoolOptions {
+    let cpus = spec.total.get(ionet::resources::CPU).as_f64();
     crate::lease::WorkerPoolOptions {
         idle_timeout: Duration::from_secs(60),
         max_idle_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
         log_dir: Some(session.logs()),
+        max_blocked_workers: config.max_blocked_workers_for(cpus),
     }
 }
 

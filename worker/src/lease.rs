@@ -10,6 +10,17 @@
 //! - A request this node cannot serve now is answered with a node that can (spillback,
 //!   from the cluster view refreshed every heartbeat), or waits here if only this node
 //!   could; one no node could ever serve is answered `infeasible`, never left waiting.
+//! - A leased worker whose task is blocked in `get`/`wait` gives its lease's CPUs back
+//!   (`released`) while at most `max_blocked_workers` leases have done so, so the tasks it
+//!   waits for can run (Ray's blocked-worker release); past the cap a blocked worker keeps
+//!   its CPUs, which bounds the extra workers a tree of tasks starts. Resuming takes them
+//!   back even past what is free: `available` may then be negative for CPU until leases
+//!   end (it is reported clamped at zero). So `available = total − Σ held`, where a
+//!   lease holds its resources less what it released.
+//! - Waiting requests are served deepest task first: a request is not granted here while
+//!   a deeper one that fits waits, so the leaves of a task tree run before new parents
+//!   start and every blocked parent eventually resumes. A request that waits presses the
+//!   holders of this node's leases to give back the ones they keep idle for reuse.
 //! - Placement-group bundles are held apart: preparing one moves its resources out of
 //!   `available` into the bundle (or refuses); a lease naming the bundle is granted only
 //!   from the bundle's own free resources, and returns there. Cancelling a bundle gives its
@@ -23,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use ionet::resources::{Quantity, ResourceSet, GPU};
+use ionet::resources::{Quantity, ResourceSet, CPU, GPU};
 use ionet::rpc::proto::common::NodeInfo;
 use ionet::rpc::proto::node::{
     request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
@@ -56,6 +67,9 @@ pub struct WorkerPoolOptions {
     pub max_idle_workers: usize,
     /// Where worker output goes; `None`: inherited from the daemon.
     pub log_dir: Option<PathBuf>,
+    /// Most leases whose blocked worker has released its CPUs at once (see the module
+    /// invariants): the cap on extra workers a tree of blocked tasks makes this node start.
+    pub max_blocked_workers: usize,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -79,6 +93,10 @@ struct Granted {
     bundle: Option<BundleKey>,
     /// Where the holder serves (see `RequestWorkerLeaseRequest::holder_address`).
     holder: String,
+    /// The worker said its task is blocked in `get`/`wait`.
+    blocked: bool,
+    /// CPUs given back while blocked (zero when none): the lease holds `resources` less these.
+    released: Quantity,
 }
 
 impl Granted {
@@ -113,6 +131,75 @@ struct LeaseState {
     idle: Vec<(Worker, Instant)>,
     view: ClusterView,
     bundles: HashMap<BundleKey, Bundle>,
+    /// Requests for the general pool waiting here: their depth and demand, by ticket.
+    waiters: HashMap<u64, (u32, ResourceSet)>,
+    next_ticket: u64,
+    /// Leases whose blocked worker released its CPUs now.
+    released_leases: usize,
+    /// When holders were last pressed to give back idle leases.
+    pressed_at: Option<Instant>,
+}
+
+impl LeaseState {
+    /// The pool a lease's resources come from: its bundle's, or the general one (also
+    /// for a lease whose bundle was cancelled meanwhile).
+    fn pool_of(&mut self, bundle: Option<&BundleKey>) -> &mut ResourceSet {
+        match bundle.and_then(|key| self.bundles.get_mut(key)) {
+            Some(bundle) => &mut bundle.available,
+            None => &mut self.available,
+        }
+    }
+
+    /// Releases the CPUs of a blocked lease to its pool, if under the cap.
+    fn release_blocked_cpus(&mut self, lease_id: &LeaseId, cap: usize) -> bool {
+        if self.released_leases >= cap {
+            tracing::info!(
+                cap,
+                lease = %lease_id.short(),
+                "a blocked worker keeps its CPUs: the cap of blocked workers lending theirs is reached \
+                 (a tree of tasks deeper than cap / CPUs may stall; raise IONET_MAX_BLOCKED_WORKERS)"
+            );
+            return false;
+        }
+        let Some(granted) = self.leases.get_mut(lease_id) else { return false };
+        let cpus = granted.resources.get(CPU);
+        if !granted.blocked || !granted.released.is_zero() || cpus.is_zero() {
+            return false;
+        }
+        granted.released = cpus;
+        let bundle = granted.bundle;
+        let pool = self.pool_of(bundle.as_ref());
+        pool.set(CPU, pool.get(CPU) + cpus);
+        self.released_leases += 1;
+        true
+    }
+
+    /// Whether granting `demand` now would take the room of a waiting request (other
+    /// than `ticket`) deeper than `depth` that fits now: that one goes first.
+    fn outranked(&self, ticket: Option<u64>, depth: u32, demand: &ResourceSet) -> bool {
+        let mut after = self.available.clone();
+        if after.try_subtract(demand).is_err() {
+            return false;
+        }
+        self.waiters.iter().any(|(other, (other_depth, wanted))| {
+            Some(*other) != ticket
+                && *other_depth > depth
+                && self.available.contains(wanted)
+                && !after.contains(wanted)
+                && (wanted.get(GPU).is_zero() || self.gpus.total_free() >= wanted.get(GPU))
+        })
+    }
+}
+
+/// `set` without its negative entries (CPUs taken back past what was free).
+fn clamped(set: &ResourceSet) -> ResourceSet {
+    let mut clamped = set.clone();
+    for (name, quantity) in set.iter() {
+        if quantity < Quantity::ZERO {
+            clamped.set(name.to_string(), Quantity::ZERO);
+        }
+    }
+    clamped
 }
 
 /// What the control store is told about leases, in order, off the lease path.
@@ -180,6 +267,24 @@ pub struct Leases {
     gcs: Mutex<Option<ionet::rpc::GcsClient>>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
+    /// Channels to lease holders, for pressing them to give back idle leases.
+    holder_channels: DashMap<String, ionet::rpc::AuthChannel>,
+}
+
+/// How often, at most, waiting requests press the holders of this node's leases.
+const PRESS_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Removes a waiting request's entry when its wait ends, however it ends (the caller may
+/// give up and drop the request).
+struct WaiterTicket<'a> {
+    leases: &'a Leases,
+    ticket: u64,
+}
+
+impl Drop for WaiterTicket<'_> {
+    fn drop(&mut self) {
+        self.leases.lock().waiters.remove(&self.ticket);
+    }
 }
 
 enum Step {
@@ -221,6 +326,10 @@ impl Leases {
                 idle: Vec::new(),
                 view: ClusterView::new(),
                 bundles: HashMap::new(),
+                waiters: HashMap::new(),
+                next_ticket: 0,
+                released_leases: 0,
+                pressed_at: None,
             }),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -232,6 +341,7 @@ impl Leases {
             gcs: Mutex::new(None),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
+            holder_channels: DashMap::new(),
         }
     }
 
@@ -281,8 +391,9 @@ impl Leases {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// What is free now (CPUs taken back past what was free count as none).
     pub fn available(&self) -> ResourceSet {
-        self.lock().available.clone()
+        clamped(&self.lock().available)
     }
 
     pub fn worker_count(&self) -> usize {
@@ -311,7 +422,14 @@ impl Leases {
         self.lock().view.alive_count()
     }
 
-    fn decide(&self, demand: &ResourceSet, strategy: &SchedulingStrategy, no_spillback: bool) -> Step {
+    fn decide(
+        &self,
+        demand: &ResourceSet,
+        strategy: &SchedulingStrategy,
+        no_spillback: bool,
+        ticket: Option<u64>,
+        depth: u32,
+    ) -> Step {
         let mut state = self.lock();
         let gpus = demand.get(GPU);
         let fits_now = |state: &LeaseState| {
@@ -329,8 +447,10 @@ impl Leases {
                     self.node_id.short(),
                     state.total
                 ))
-            } else if fits_now(state) {
+            } else if fits_now(state) && !state.outranked(ticket, depth, demand) {
                 grant(state)
+            } else if fits_now(state) {
+                Step::Wait("a deeper task waiting here goes first".to_string())
             } else {
                 Step::Wait(why.to_string())
             }
@@ -355,11 +475,11 @@ impl Leases {
             }
         }
         // Our own entry in the view is exact; the others are as of their last heartbeat.
-        let (own_total, own_available) = (state.total.clone(), state.available.clone());
+        let (own_total, own_available) = (state.total.clone(), clamped(&state.available));
         let _ = state.view.update_available(&self.node_id, own_available);
         if state.view.node(&self.node_id).is_none() {
             let mut own = ionet_scheduler::NodeView::new(self.node_id, own_total);
-            own.available = state.available.clone();
+            own.available = clamped(&state.available);
             let _ = state.view.upsert_node(own);
         }
         let policy = match strategy {
@@ -545,13 +665,15 @@ impl Leases {
             Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
         };
         let mut refreshed = false;
+        let mut waiting: Option<WaiterTicket<'_>> = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            let ticket = waiting.as_ref().map(|waiting| waiting.ticket);
             let step = match &bundle {
                 Some(key) => self.decide_bundle(key, &demand),
-                None => self.decide(&demand, &strategy, request.no_spillback),
+                None => self.decide(&demand, &strategy, request.no_spillback, ticket, request.depth),
             };
             match step {
                 Step::Grant(resources, gpus) => {
@@ -575,6 +697,15 @@ impl Leases {
                 }
                 Step::Wait(reason) => {
                     tracing::debug!(demand = %demand, %reason, "lease request waits");
+                    if waiting.is_none() && bundle.is_none() {
+                        let mut state = self.lock();
+                        let ticket = state.next_ticket;
+                        state.next_ticket += 1;
+                        state.waiters.insert(ticket, (request.depth, demand.clone()));
+                        drop(state);
+                        waiting = Some(WaiterTicket { leases: self, ticket });
+                    }
+                    self.press_holders();
                     // Woken when a lease ends; re-decided at least once a second, since
                     // the cluster view changes too.
                     let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
@@ -612,7 +743,16 @@ impl Leases {
         if Granted::metered(&resources, bundle.as_ref()) {
             self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
         }
-        self.lock().leases.insert(lease_id, Granted { resources, gpus, worker: worker.worker_id, bundle, holder });
+        let granted = Granted {
+            resources,
+            gpus,
+            worker: worker.worker_id,
+            bundle,
+            holder,
+            blocked: false,
+            released: Quantity::ZERO,
+        };
+        self.lock().leases.insert(lease_id, granted);
         if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
             entry.1 = Some(lease_id);
         }
@@ -654,12 +794,109 @@ impl Leases {
     /// Removes a lease and gives its resources back (metering its end); `None` if it is
     /// not held here.
     fn release(&self, lease_id: LeaseId) -> Option<Granted> {
-        let granted = self.lock().leases.remove(&lease_id)?;
+        let granted = {
+            let mut state = self.lock();
+            let granted = state.leases.remove(&lease_id)?;
+            if !granted.released.is_zero() {
+                state.released_leases -= 1;
+                self.release_next_blocked(&mut state);
+            }
+            granted
+        };
         if Granted::metered(&granted.resources, granted.bundle.as_ref()) {
             self.meter(MeterEvent::Ended { lease_id });
         }
-        self.give_back(&granted.resources, granted.gpus.as_ref(), granted.bundle.as_ref());
+        // What it released while blocked is back in the pool already.
+        let mut held = granted.resources.clone();
+        held.set(CPU, held.get(CPU) - granted.released);
+        self.give_back(&held, granted.gpus.as_ref(), granted.bundle.as_ref());
         Some(granted)
+    }
+
+    /// Under the cap again: the CPUs of a blocked lease that kept them go back too.
+    fn release_next_blocked(&self, state: &mut LeaseState) {
+        let next = state
+            .leases
+            .iter()
+            .find(|(_, granted)| granted.blocked && granted.released.is_zero() && !granted.resources.get(CPU).is_zero())
+            .map(|(lease_id, _)| *lease_id);
+        if let Some(lease_id) = next {
+            state.release_blocked_cpus(&lease_id, self.options.max_blocked_workers);
+        }
+    }
+
+    /// The worker says its task is blocked in `get`/`wait` (or resumed): its lease's
+    /// CPUs go back to their pool while it waits (up to the cap), and are taken back, even
+    /// past what is free, when it resumes. A worker that holds no lease is told so.
+    pub fn set_worker_blocked(&self, worker_id: &[u8], blocked: bool) -> IonetResult<()> {
+        let worker_id = WorkerId::from_bytes(worker_id)?;
+        let lease_id = self
+            .workers
+            .get(&worker_id)
+            .and_then(|entry| entry.1)
+            .ok_or_else(|| IonetError::NotFound(format!("worker {} holds no lease here", worker_id.short())))?;
+        let mut state = self.lock();
+        let Some(granted) = state.leases.get_mut(&lease_id) else {
+            return Err(IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())));
+        };
+        if granted.blocked == blocked {
+            return Ok(());
+        }
+        granted.blocked = blocked;
+        if blocked {
+            let released = state.release_blocked_cpus(&lease_id, self.options.max_blocked_workers);
+            drop(state);
+            if released {
+                self.freed.notify_waiters();
+            }
+            return Ok(());
+        }
+        let taken_back = std::mem::replace(&mut granted.released, Quantity::ZERO);
+        if !taken_back.is_zero() {
+            let bundle = granted.bundle;
+            let pool = state.pool_of(bundle.as_ref());
+            pool.set(CPU, pool.get(CPU) - taken_back);
+            state.released_leases -= 1;
+            self.release_next_blocked(&mut state);
+        }
+        Ok(())
+    }
+
+    /// Asks the holders of this node's leases to give back the leases they keep idle
+    /// for reuse (a request waits for room). At most once per `PRESS_INTERVAL`; the asks
+    /// go out in the background and their failures are ignored (a holder that is gone is
+    /// found by the probe of dead holders).
+    fn press_holders(&self) {
+        let holders: std::collections::BTreeSet<String> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            if state.pressed_at.is_some_and(|at| now.duration_since(at) < PRESS_INTERVAL) {
+                return;
+            }
+            state.pressed_at = Some(now);
+            state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
+        };
+        let Ok(token) = ionet::auth::ClusterToken::new(&self.token) else { return };
+        if self.holder_channels.len() > 4096 {
+            self.holder_channels.clear();
+        }
+        for holder in holders {
+            let channel = match self.holder_channels.get(&holder) {
+                Some(channel) => channel.clone(),
+                None => match ionet::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
+                    Ok(channel) => {
+                        self.holder_channels.insert(holder.clone(), channel.clone());
+                        channel
+                    }
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                let mut client = ionet::rpc::CoreWorkerClient::new(channel);
+                let request = ionet::rpc::proto::worker::ReturnIdleLeasesRequest {};
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.return_idle_leases(request)).await;
+            });
+        }
     }
 
     /// [`Leases::return_lease`] by id.
@@ -882,7 +1119,12 @@ mod tests {
     use super::*;
 
     fn leases(cpus: i64) -> Leases {
-        let options = WorkerPoolOptions { idle_timeout: Duration::from_secs(1), max_idle_workers: 1, log_dir: None };
+        let options = WorkerPoolOptions {
+            idle_timeout: Duration::from_secs(1),
+            max_idle_workers: 1,
+            log_dir: None,
+            max_blocked_workers: 2,
+        };
         let total = ResourceSet::new().with(CPU, Quantity::whole(cpus));
         Leases::new(NodeId::random(), "127.0.0.1:1".into(), "token".into(), total, Vec::new(), options)
     }
@@ -918,5 +1160,70 @@ mod tests {
         leases.give_back(&resources, gpus.as_ref(), Some(&key));
         assert_eq!(leases.available(), two);
         assert!(!leases.cancel_bundle(group.as_bytes(), 0).unwrap(), "cancelling twice is harmless");
+    }
+
+    /// Puts a lease of one CPU on a fresh worker, as a grant would.
+    fn lease_one_cpu(leases: &Leases) -> (WorkerId, LeaseId) {
+        let (worker, lease_id) = (WorkerId::random(), LeaseId::random());
+        let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+        let mut state = leases.lock();
+        state.available.try_subtract(&one).unwrap();
+        let granted = Granted {
+            resources: one,
+            gpus: None,
+            worker,
+            bundle: None,
+            holder: String::new(),
+            blocked: false,
+            released: Quantity::ZERO,
+        };
+        state.leases.insert(lease_id, granted);
+        drop(state);
+        leases.workers.insert(worker, (0, Some(lease_id)));
+        (worker, lease_id)
+    }
+
+    fn cpus(leases: &Leases) -> i64 {
+        leases.lock().available.get(CPU).units() / Quantity::whole(1).units()
+    }
+
+    #[test]
+    fn blocked_workers_lend_their_cpus_up_to_the_cap() {
+        let leases = leases(3); // the cap of released blocked workers is 2
+        let (a, lease_a) = lease_one_cpu(&leases);
+        let (b, _) = lease_one_cpu(&leases);
+        let (c, _) = lease_one_cpu(&leases);
+        assert_eq!(cpus(&leases), 0);
+        leases.set_worker_blocked(a.as_bytes(), true).unwrap();
+        leases.set_worker_blocked(a.as_bytes(), true).unwrap(); // said twice: counted once
+        leases.set_worker_blocked(b.as_bytes(), true).unwrap();
+        assert_eq!(cpus(&leases), 2, "two blocked workers lend their CPUs");
+        leases.set_worker_blocked(c.as_bytes(), true).unwrap();
+        assert_eq!(cpus(&leases), 2, "past the cap a blocked worker keeps its CPU");
+
+        // Both lent CPUs are taken by new leases; the first worker resumes: it takes its
+        // CPU back past what is free, which is reported as none free.
+        let (d, _) = lease_one_cpu(&leases);
+        let (_, lease_e) = lease_one_cpu(&leases);
+        assert_eq!(cpus(&leases), 0);
+        leases.set_worker_blocked(a.as_bytes(), false).unwrap();
+        assert_eq!(cpus(&leases), 0, "under the cap again, the third lends its CPU: -1 + 1");
+        leases.set_worker_blocked(b.as_bytes(), false).unwrap();
+        assert_eq!(cpus(&leases), -1, "the second takes its CPU back past what is free");
+        assert_eq!(leases.available().get(CPU), Quantity::ZERO, "reported clamped");
+
+        // Leases end: each gives back what it holds, exactly once.
+        leases.end_lease(lease_a, false).unwrap();
+        leases.end_lease(lease_e, false).unwrap();
+        assert_eq!(cpus(&leases), 1);
+        leases.set_worker_blocked(d.as_bytes(), true).unwrap();
+        assert_eq!(cpus(&leases), 2, "one lent (c), so d may lend too");
+        assert!(matches!(leases.set_worker_blocked(WorkerId::random().as_bytes(), true), Err(IonetError::NotFound(_))));
+        for worker in [b, c, d] {
+            let lease_id = leases.workers.get(&worker).and_then(|entry| entry.1).unwrap();
+            leases.end_lease(lease_id, false).unwrap();
+        }
+        assert_eq!(cpus(&leases), 3, "available = total once every lease has ended");
+        assert_eq!(leases.lock().released_leases, 0);
     }
 }

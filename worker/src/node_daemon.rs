@@ -29,6 +29,7 @@ use ionet::rpc::proto::node::{
     FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, PrepareBundleReply,
     PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
+    SetWorkerBlockedReply, SetWorkerBlockedRequest,
 };
 use ionet::rpc::{self, GcsClient};
 use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
@@ -189,6 +190,15 @@ impl NodeManager for NodeManagerService {
         let request = request.into_inner();
         self.shared.leases.cancel_bundle(&request.placement_group_id, request.bundle_index)?;
         Ok(Response::new(CancelBundleReply {}))
+    }
+
+    async fn set_worker_blocked(
+        &self,
+        request: Request<SetWorkerBlockedRequest>,
+    ) -> Result<Response<SetWorkerBlockedReply>, Status> {
+        let request = request.into_inner();
+        self.shared.leases.set_worker_blocked(&request.worker_id, request.blocked)?;
+        Ok(Response::new(SetWorkerBlockedReply {}))
     }
 
     async fn register_worker(

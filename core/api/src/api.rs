@@ -38,7 +38,7 @@ pub fn put_record_batch(batch: &arrow_array::RecordBatch) -> IonetResult<ObjectR
 /// the shared-memory mapping (no copy on this node).
 pub fn get_record_batch(object: &ObjectRef<arrow_array::RecordBatch>) -> IonetResult<arrow_array::RecordBatch> {
     let worker = runtime::current()?;
-    match block_on(worker.fetch(object.id(), object.owner_address(), None))? {
+    match worker.block_on_objects(worker.fetch(object.id(), object.owner_address(), None))? {
         crate::object_store::Bytes::Mapped(view) => {
             ionet_object_store::decode_record_batch(&view).map_err(IonetError::from)
         }
@@ -63,14 +63,18 @@ fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Optio
     if let Some(entry) = &object.entry {
         entry.spin_while_pending(deadline);
     }
-    let bytes = block_on(worker.fetch(object.id(), object.owner_address(), deadline))?;
+    let bytes = if object.entry.as_ref().is_some_and(|entry| entry.is_settled()) {
+        block_on(worker.fetch(object.id(), object.owner_address(), deadline))?
+    } else {
+        worker.block_on_objects(worker.fetch(object.id(), object.owner_address(), deadline))?
+    };
     task::decode_value(&bytes).map_err(IonetError::InvalidArgument)
 }
 
 /// The values of all `objects`, in order.
 pub fn get_all<T: DeserializeOwned>(objects: &[ObjectRef<T>]) -> IonetResult<Vec<T>> {
     let worker = runtime::current()?;
-    let all = block_on(futures::future::join_all(
+    let all = worker.block_on_objects(futures::future::join_all(
         objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), None)),
     ));
     all.into_iter().map(|bytes| task::decode_value(&bytes?).map_err(IonetError::InvalidArgument)).collect()
@@ -127,7 +131,7 @@ pub fn wait_flags<T>(
     if count == num_returns {
         return Ok(ready_here);
     }
-    Ok(block_on(async {
+    Ok(worker.block_on_objects(async {
         let mut ready = vec![false; objects.len()];
         let mut pending: FuturesUnordered<_> = objects
             .iter()
@@ -234,7 +238,7 @@ pub fn put_bytes(data: &[u8]) -> IonetResult<ObjectRef<Vec<u8>>> {
 /// for large objects).
 pub fn get_bytes(object: &ObjectRef<Vec<u8>>) -> IonetResult<ObjectBytes> {
     let worker = runtime::current()?;
-    let bytes = block_on(worker.fetch(object.id(), object.owner_address(), None))?;
+    let bytes = worker.block_on_objects(worker.fetch(object.id(), object.owner_address(), None))?;
     let (len, offset) = match bytes.first() {
         Some(&small) if small < 251 => (small as usize, 1),
         Some(251) if bytes.len() >= 3 => (u16::from_le_bytes([bytes[1], bytes[2]]) as usize, 3),

@@ -6,10 +6,18 @@ use ionet_common::{JobId, NodeId, TaskId};
 
 thread_local! {
     static CURRENT_TASK: RefCell<Option<TaskId>> = const { RefCell::new(None) };
+    /// The running task's depth in its tree of tasks (0 outside a task: a driver, an actor).
+    static CURRENT_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-pub(crate) fn set_current_task(task: Option<TaskId>) {
+pub(crate) fn set_current_task(task: Option<TaskId>, depth: u32) {
     CURRENT_TASK.with(|current| *current.borrow_mut() = task);
+    CURRENT_DEPTH.with(|current| current.set(depth));
+}
+
+/// The depth of the tasks the calling thread submits: one below the task it runs.
+pub(crate) fn child_depth() -> u32 {
+    CURRENT_DEPTH.with(|current| current.get()).saturating_add(1)
 }
 
 /// What the running process and task know about themselves.

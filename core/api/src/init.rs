@@ -185,6 +185,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
         ..Default::default()
     })?;
     let cpus = spec.total.get(ionet_common::resources::CPU).as_f64().ceil() as usize;
+    let max_blocked_workers = cluster_config.max_blocked_workers_for(cpus as f64);
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: gcs_address.clone(),
         token: token.clone(),
@@ -197,6 +198,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
             idle_timeout: Duration::from_secs(60),
             max_idle_workers: cpus.max(1),
             log_dir: None,
+            max_blocked_workers,
         },
         object_store_capacity: config.object_store_memory.unwrap_or(0),
     })
@@ -312,7 +314,7 @@ pub fn shutdown() {
     // Ends the control store's watch on this driver: its non-detached actors die now.
     worker.stopping.send_replace(true);
     block_on(async {
-        worker.return_idle_leases(true).await;
+        worker.return_idle_leases(true, Duration::ZERO).await;
         if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.token).await {
             let _ = gcs.mark_job_finished(MarkJobFinishedRequest { job_id: worker.job_id.to_vec() }).await;
         }
@@ -369,6 +371,10 @@ fn run_worker() -> ! {
             pid: std::process::id(),
         })
         .await?;
+        if let Ok(worker) = runtime::current() {
+            let reporter = crate::blocked::BlockedReporter::start(&worker.handle, node.clone(), hex_bytes(&worker_id)?);
+            let _ = worker.blocked.set(reporter);
+        }
         // Serve until the daemon kills this process (it dies with the daemon too).
         std::future::pending::<()>().await;
         Ok(())

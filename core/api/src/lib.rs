@@ -32,6 +32,7 @@ extern crate self as ionet;
 
 pub mod actor;
 mod api;
+mod blocked;
 mod context;
 mod init;
 mod object_ref;

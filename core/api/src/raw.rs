@@ -64,10 +64,20 @@ where
 pub fn get_raw(objects: &[ObjectRef<Raw>], timeout: Option<Duration>) -> IonetResult<Vec<ObjectBytes>> {
     let worker = runtime::current()?;
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
-    let fetched = block_on(futures::future::join_all(
+    let fetched = worker.block_on_objects(futures::future::join_all(
         objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), deadline)),
     ));
     fetched.into_iter().map(|bytes| bytes.map(ObjectBytes::whole)).collect()
+}
+
+pub use crate::blocked::BlockedGuard;
+
+/// Marks the calling thread as waiting for objects until the guard drops: in a worker,
+/// its node daemon lends the lease's CPUs to other tasks meanwhile. For a binding that
+/// waits in slices (to let signals through) across several calls; `get_raw` and the
+/// other waits mark themselves.
+pub fn waiting_for_objects() -> Option<BlockedGuard> {
+    runtime::current().ok().and_then(|worker| worker.waiting_for_objects())
 }
 
 /// Calls `callback` (on a runtime thread) once the object is ready or failed.

@@ -17,7 +17,13 @@
 //! 4. The task is pushed straight to the leased worker; the reply carries the value.
 //!    A transport failure means the worker died: the lease is returned as failed and
 //!    the task retried up to `max_retries`, then fails as worker-crashed.
-//! 5. Leases idle for `LEASE_LINGER` with nobody waiting go back to their daemon.
+//! 5. Leases idle for `LEASE_LINGER` with nobody waiting go back to their daemon, or at
+//!    once when a daemon with requests waiting asks (`ReturnIdleLeases`).
+//!
+//! A worker whose task waits in `get`/`wait` tells its daemon (`crate::blocked`), which
+//! lends the lease's CPUs to the tasks it waits for. Tasks carry their depth in the tree
+//! of tasks (`context::child_depth`); lease requests carry it so daemons serve the
+//! deepest first.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -232,6 +238,8 @@ pub(crate) struct CoreWorker {
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
     pub(crate) store: Option<ionet_object_store::StoreClient>,
+    /// Reports waits for objects to the node daemon (worker processes only).
+    pub(crate) blocked: OnceLock<Arc<crate::blocked::BlockedReporter>>,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -351,7 +359,20 @@ impl CoreWorker {
             inline_threshold,
             handle: tokio_runtime().handle().clone(),
             store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
+            blocked: OnceLock::new(),
         })
+    }
+
+    /// The calling thread is about to wait for objects: in a worker, its daemon lends the
+    /// lease's CPUs to other tasks until the guard drops.
+    pub(crate) fn waiting_for_objects(&self) -> Option<crate::blocked::BlockedGuard> {
+        self.blocked.get().map(|reporter| reporter.enter())
+    }
+
+    /// [`block_on`] for a wait for objects (see [`CoreWorker::waiting_for_objects`]).
+    pub(crate) fn block_on_objects<F: std::future::Future>(&self, future: F) -> F::Output {
+        let _blocked = self.waiting_for_objects();
+        block_on(future)
     }
 
     /// A channel to `address`, opened once and shared.
@@ -551,6 +572,7 @@ impl CoreWorker {
                 placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
                 bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
                 holder_address: self.address.to_string(),
+                depth: 1,
             },
             leases: Mutex::new(Vec::new()),
             notify: Notify::new(),
@@ -564,7 +586,7 @@ impl CoreWorker {
 
     /// A slot on one of the shape's leases (the least busy with room), asking the
     /// cluster for more leases while tasks wait.
-    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>, estimate: u64) -> IonetResult<Arc<Lease>> {
+    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>, estimate: u64, depth: u32) -> IonetResult<Arc<Lease>> {
         pool.waiting.fetch_add(1, Ordering::SeqCst);
         let result = loop {
             let notified = pool.notify.notified();
@@ -579,7 +601,7 @@ impl CoreWorker {
             let waiting = pool.waiting.load(Ordering::SeqCst);
             if pool.requesting.load(Ordering::SeqCst) < waiting.min(MAX_PENDING_LEASE_REQUESTS) {
                 pool.requesting.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(request_lease(self.clone(), pool.clone()));
+                tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
             }
             notified.await;
         };
@@ -631,9 +653,10 @@ impl CoreWorker {
         }
     }
 
-    /// Returns leases idle past the linger time whose shape nobody waits for. They leave
-    /// their pool under its lock, so no task takes a slot on one being given back.
-    pub(crate) async fn return_idle_leases(&self, everything: bool) {
+    /// Returns leases idle for `linger` whose shape nobody waits for (`everything`: all
+    /// leases, busy or not). They leave their pool under its lock, so no task takes a slot
+    /// on one being given back. Returns how many went back.
+    pub(crate) async fn return_idle_leases(&self, everything: bool, linger: Duration) -> usize {
         let mut doomed = Vec::new();
         for pool in self.pools.iter() {
             if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
@@ -643,7 +666,7 @@ impl CoreWorker {
             let now = Instant::now();
             leases.retain(|lease| {
                 let idle = lease.in_flight.load(Ordering::SeqCst) == 0
-                    && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= LEASE_LINGER;
+                    && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= linger;
                 let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
                 if leaving {
                     doomed.push(lease.clone());
@@ -651,9 +674,11 @@ impl CoreWorker {
                 !leaving
             });
         }
+        let returned = doomed.len();
         for lease in doomed {
             self.send_lease_back(&lease, false).await;
         }
+        returned
     }
 }
 
@@ -697,9 +722,10 @@ pub(crate) fn hex_short(bytes: &[u8]) -> String {
 }
 
 /// Asks the local daemon for a lease, following spillbacks; puts it in the pool.
-async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>) {
+async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32) {
     let mut address = worker.node_address.clone();
     let mut request = pool.request.clone();
+    request.depth = depth;
     let mut failures = 0u32;
     let outcome = loop {
         // A bundle's lease is asked of the node holding the bundle, once the group is placed.
@@ -807,6 +833,8 @@ struct TaskSpec {
     return_id: ObjectId,
     /// The return object's entry (held by the caller's handle too).
     entry: Arc<ObjectEntry>,
+    /// Its depth in the tree of tasks (1: submitted by a driver).
+    depth: u32,
 }
 
 /// `f::remote(..)`: creates the return object and starts the task.
@@ -826,7 +854,8 @@ pub(crate) fn submit_task<R>(
     let return_id = ObjectId::random();
     let object = worker.new_object(return_id, ObjectState::Pending);
     let entry = object.entry.clone().expect("a new object is counted");
-    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id, entry };
+    let depth = crate::context::child_depth();
+    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id, entry, depth };
     let runner = worker.clone();
     worker.handle.spawn(async move {
         let state = match execute(&runner, &spec).await {
@@ -876,7 +905,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
     loop {
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
-        let lease = worker.acquire(&pool, estimate).await?;
+        let lease = worker.acquire(&pool, estimate, spec.depth).await?;
         // Known before the settled check, so a forced cancel either finds the lease or is
         // seen by the check.
         worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone()));
@@ -895,6 +924,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             return_object_id: spec.return_id.to_vec(),
             inline_threshold: worker.inline_threshold as u64,
             sequence: 0,
+            depth: spec.depth,
         };
         let pushed = lease.tasks.push(request).await;
         worker.running_tasks.remove(&spec.return_id);
@@ -1053,6 +1083,6 @@ pub(crate) async fn upkeep(worker: std::sync::Weak<CoreWorker>) {
     loop {
         ticker.tick().await;
         let Some(worker) = worker.upgrade() else { return };
-        worker.return_idle_leases(false).await;
+        worker.return_idle_leases(false, LEASE_LINGER).await;
     }
 }

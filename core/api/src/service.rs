@@ -9,7 +9,8 @@ use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWork
 use ionet_common::rpc::proto::worker::{
     get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CreateActorReply, CreateActorRequest,
     ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply,
-    PushTaskRequest, ReplyBatch, TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
+    PushTaskRequest, ReplyBatch, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
+    WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -46,19 +47,21 @@ async fn read_args(worker: &CoreWorker, args: Vec<TaskArg>) -> Result<Result<Vec
 /// Runs a call on the current thread (the executor, or a lane of a concurrent actor),
 /// catching panics; large values go to this node's store and only their location travels
 /// back.
+#[allow(clippy::too_many_arguments)]
 fn run_blocking(
     worker: &CoreWorker,
     function_name: &str,
     task_bytes: &[u8],
     task_id: Option<TaskId>,
+    depth: u32,
     return_id: ObjectId,
     inline_threshold: u64,
     call: impl FnOnce() -> Result<Vec<u8>, Failure>,
 ) -> PushTaskReply {
     let started = Instant::now();
-    context::set_current_task(task_id);
+    context::set_current_task(task_id, depth);
     let result = std::panic::catch_unwind(AssertUnwindSafe(call));
-    context::set_current_task(None);
+    context::set_current_task(None, 0);
     let outcome =
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
@@ -152,6 +155,7 @@ async fn prepare_task(
         task_id: request.task_id,
         return_id,
         threshold: request.inline_threshold,
+        depth: request.depth,
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -192,13 +196,16 @@ struct DecodedCall {
     task_id: Vec<u8>,
     return_id: ObjectId,
     threshold: u64,
+    /// Its depth in a tree of tasks (actor calls: 0, so what they submit is at depth 1).
+    depth: u32,
 }
 
 impl DecodedCall {
     /// Runs the call on this thread (see [`run_blocking`]) and sends its numbered reply.
     fn run_and_reply(self, worker: &CoreWorker, run: BlockingCall, replies: &ReplySender) {
         let task_id = TaskId::from_bytes(&self.task_id).ok();
-        let reply = run_blocking(worker, &self.method, &self.task_id, task_id, self.return_id, self.threshold, run);
+        let reply =
+            run_blocking(worker, &self.method, &self.task_id, task_id, self.depth, self.return_id, self.threshold, run);
         let _ = replies.send(Ok(NumberedReply { sequence: self.sequence, reply: Some(reply) }));
     }
 }
@@ -232,6 +239,7 @@ async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushA
         method: call.method,
         task_id: call.task_id,
         threshold: call.inline_threshold,
+        depth: 0,
     };
     match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
@@ -380,6 +388,14 @@ impl CoreWorkerRpc for CoreWorkerService {
             Err(error) => get_object_reply::Result::Unknown(error.to_string()),
         };
         Ok(Response::new(GetObjectReply { result: Some(result) }))
+    }
+
+    async fn return_idle_leases(
+        &self,
+        _request: Request<ReturnIdleLeasesRequest>,
+    ) -> Result<Response<ReturnIdleLeasesReply>, Status> {
+        let returned = self.worker.return_idle_leases(false, Duration::ZERO).await;
+        Ok(Response::new(ReturnIdleLeasesReply { returned: returned as u32 }))
     }
 
     async fn exit(&self, _request: Request<ExitRequest>) -> Result<Response<ExitReply>, Status> {

@@ -59,3 +59,16 @@ pub fn object_store_stats(
 pub fn local_node_address() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.node_address.clone())
 }
+
+/// The CPUs this process's node daemon has free now, as it reports them.
+pub fn available_cpus() -> Option<f64> {
+    let worker = crate::runtime::current().ok()?;
+    let reply = crate::runtime::block_on(async {
+        let mut client = ionet_common::rpc::NodeManagerClient::new(worker.channel(&worker.node_address)?);
+        let request = ionet_common::rpc::proto::node::GetNodeStatsRequest {};
+        ionet_common::IonetResult::Ok(client.get_node_stats(request).await?.into_inner())
+    })
+    .ok()?;
+    let available = reply.node?.available?.to_set().ok()?;
+    Some(available.get(ionet_common::resources::CPU).as_f64())
+}
