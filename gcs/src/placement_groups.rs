@@ -122,6 +122,8 @@ struct Group {
     /// Once CREATED: the node and address of each bundle.
     nodes: Vec<(NodeId, String)>,
     pending_reason: String,
+    /// Outlives its job (removed only by `remove`).
+    detached: bool,
 }
 
 /// The placement-group table and its placement passes.
@@ -209,6 +211,18 @@ impl PlacementGroups {
         name: String,
         job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
+        self.create_with_lifetime(bundles, strategy, name, job_id, false)
+    }
+
+    /// [`PlacementGroups::create`]; a `detached` group outlives its job.
+    pub fn create_with_lifetime(
+        &self,
+        bundles: Vec<ResourceSet>,
+        strategy: PlacementStrategy,
+        name: String,
+        job_id: Vec<u8>,
+        detached: bool,
+    ) -> IonetResult<PlacementGroupId> {
         ionet::JobId::from_bytes(&job_id).map_err(|err| {
             IonetError::InvalidArgument(format!(
                 "a placement group needs the job creating it (its bundles are billed to that job): {err}"
@@ -234,6 +248,7 @@ impl PlacementGroups {
                 state: PlacementGroupState::Pending,
                 nodes: Vec::new(),
                 pending_reason: String::new(),
+                detached,
             },
         );
         self.wake.notify_one();
@@ -264,7 +279,9 @@ impl PlacementGroups {
         let ids: Vec<PlacementGroupId> = self
             .lock()
             .iter()
-            .filter(|(_, group)| group.job_id == job_id && group.state != PlacementGroupState::Removed)
+            .filter(|(_, group)| {
+                group.job_id == job_id && !group.detached && group.state != PlacementGroupState::Removed
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in ids {

@@ -167,7 +167,13 @@ impl Gcs for GcsService {
         let request = request.into_inner();
         let bundles = request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
-        let id = self.placement_groups.create(bundles, strategy, request.name, request.job_id)?;
+        let id = self.placement_groups.create_with_lifetime(
+            bundles,
+            strategy,
+            request.name,
+            request.job_id,
+            request.detached,
+        )?;
         Ok(Response::new(CreatePlacementGroupReply { placement_group_id: id.to_vec() }))
     }
 

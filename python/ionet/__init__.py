@@ -25,6 +25,8 @@ the object store client, the embedded cluster). This package gives it Ray's API:
 from importlib import metadata as _metadata
 from typing import Any as _Any
 
+import cloudpickle
+
 from ionet import exceptions, util
 from ionet._core import (
     available_resources,
@@ -40,7 +42,7 @@ from ionet._core import (
     wait,
 )
 from ionet._ionet import ObjectRef
-from ionet.actor import ActorClass, ActorHandle, get_actor, kill
+from ionet.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, method
 from ionet.remote_function import RemoteFunction
 from ionet.runtime_context import get_runtime_context
 
@@ -78,8 +80,10 @@ __all__ = [
     "RemoteFunction",
     "available_resources",
     "cancel",
+    "cloudpickle",
     "cluster_resources",
     "exceptions",
+    "exit_actor",
     "get",
     "get_actor",
     "get_gpu_ids",
@@ -87,6 +91,7 @@ __all__ = [
     "init",
     "is_initialized",
     "kill",
+    "method",
     "nodes",
     "put",
     "remote",

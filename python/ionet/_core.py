@@ -45,6 +45,7 @@ def init(
     ignore_reinit_error: bool = False,
     _session_dir: Optional[str] = None,
     _gpu_type: Optional[str] = None,
+    payer_account: Optional[str] = None,
     **kwargs: Any,
 ) -> None:
     """Joins a cluster, or starts one inside this process, as `ray.init`.
@@ -58,6 +59,8 @@ def init(
         type (e.g. "A100-80GB").
     namespace: where actor names live; default a fresh anonymous one, as in Ray.
     ignore_reinit_error: return quietly if already initialized instead of raising.
+    payer_account: the account this job's metered usage is billed to (its credits pay
+        the providers); default: the account the cluster bills jobs to by default.
 
     Ray's logging and dashboard arguments are accepted and ignored; unlike Ray, nothing
     is returned.
@@ -82,6 +85,7 @@ def init(
         # Workers import what the driver can: its modules, tests, scripts' folders.
         {"IONET_PYTHONPATH": os.pathsep.join(sys.path)},
         os.getcwd(),
+        payer_account or "",
     )
     _export.forget_exports()
     global _shutdown_registered
@@ -121,7 +125,9 @@ def get(object_refs: Union[ObjectRef, List[ObjectRef]], *, timeout: Optional[flo
     """The value of a ref, or the list of values of a list of refs, waiting for them.
 
     Raises the task's error when a task failed (`IonetTaskError` derived from the task's
-    exception class), and `GetTimeoutError` when `timeout` seconds pass first.
+    exception class), and `GetTimeoutError` when `timeout` seconds pass first. A
+    `DynamicObjectRefGenerator` (the value of a `num_returns="dynamic"` task) is
+    returned as it is; its refs are read with `get` in turn.
     """
     if isinstance(object_refs, ObjectRef):
         return deserialize(_ionet.get_objects([object_refs], timeout)[0])

@@ -9,7 +9,7 @@ takes 1 CPU and is retried 3 times; an actor takes no CPU).
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ionet.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -63,14 +63,44 @@ def _lifetime(name: str, value: Any) -> Any:
     return "detached" if value == "detached" else None
 
 
+def _retry_exceptions(name: str, value: Any) -> bool:
+    """True, False, or a list of exception classes (only those are retried: the remote
+    function filters on the worker, the native side retries what it is told may be)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(cls, type) and issubclass(cls, BaseException) for cls in value
+    ):
+        return True
+    raise ValueError(f"option {name} must be True, False or a non-empty list of exception classes, got {value!r}")
+
+
+def _concurrency_groups(name: str, value: Any) -> Any:
+    """Checked here; handled by `ionet.actor` (it never reaches the native side)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(group, str) and isinstance(size, int) and not isinstance(size, bool) and size >= 1
+        for group, size in value.items()
+    ):
+        raise ValueError(f"option {name} must be a dict of group name to a concurrency >= 1, got {value!r}")
+    return None
+
+
 def _scheduling_strategy(name: str, value: Any) -> Any:
-    """The native form: None, "DEFAULT", "SPREAD", ("node", id, soft), ("placement_group", id, index)."""
+    """The native form: None, "DEFAULT", "SPREAD", ("node", id, soft), ("placement_group", id, index);
+    index -1 is any bundle of the group."""
     if value is None or value in ("DEFAULT", "SPREAD"):
         return value
     if isinstance(value, NodeAffinitySchedulingStrategy):
         return ("node", str(value.node_id), bool(value.soft))
     if isinstance(value, PlacementGroupSchedulingStrategy):
-        index = max(value.placement_group_bundle_index, 0)
+        index = value.placement_group_bundle_index
+        if not isinstance(index, int) or index < -1:
+            raise ValueError(f"placement_group_bundle_index must be -1 (any bundle) or an index, got {index!r}")
+        if index >= value.placement_group.bundle_count:
+            raise ValueError(
+                f"placement_group_bundle_index {index} is out of range: the group has "
+                f"{value.placement_group.bundle_count} bundles"
+            )
         return ("placement_group", str(value.placement_group.id), index)
     raise ValueError(
         f"option {name} must be 'DEFAULT', 'SPREAD', a NodeAffinitySchedulingStrategy or a "
@@ -90,7 +120,7 @@ _RESOURCE_OPTIONS = {
 _TASK_OPTIONS = {
     **_RESOURCE_OPTIONS,
     "max_retries": _integer(-1),
-    "retry_exceptions": _flag,
+    "retry_exceptions": _retry_exceptions,
 }
 
 _ACTOR_OPTIONS = {
@@ -102,6 +132,7 @@ _ACTOR_OPTIONS = {
     "max_restarts": _integer(-1),
     "max_task_retries": _integer(-1),
     "max_concurrency": _integer(1),
+    "concurrency_groups": _concurrency_groups,
 }
 
 
@@ -115,6 +146,21 @@ def _translate(options: Dict[str, Any], checks: Dict[str, Callable], what: str) 
         if translated is not None:
             native[name] = translated
     return native
+
+
+_RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory", "resources")
+
+
+def assigned_resources(options: Dict[str, Any]) -> Optional[Dict[str, float]]:
+    """What a task or actor with `options` is given, by resource name, when any resource
+    option is set (else None: the defaults apply)."""
+    if not any(name in options for name in _RESOURCE_NAMES):
+        return None
+    assigned = {"CPU": float(options.get("num_cpus", 1)), "GPU": float(options.get("num_gpus", 0))}
+    if options.get("memory"):
+        assigned["memory"] = float(options["memory"])
+    assigned.update({name: float(amount) for name, amount in (options.get("resources") or {}).items()})
+    return {name: amount for name, amount in assigned.items() if amount}
 
 
 def task_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
@@ -132,9 +178,19 @@ def actor_options(options: Dict[str, Any]) -> Dict[str, Any]:
     return native
 
 
-def method_num_returns(options: Dict[str, Any]) -> int:
-    """The `num_returns` of an actor method call, its only option."""
-    unknown = set(options) - {"num_returns"}
+_METHOD_OPTIONS = ("num_returns", "concurrency_group")
+
+
+def method_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The options of an actor method (`@ionet.method(...)` or `.options(...)`), checked."""
+    unknown = set(options) - set(_METHOD_OPTIONS)
     if unknown:
-        raise ValueError(f"invalid option(s) {', '.join(sorted(unknown))} for actor methods; valid: num_returns")
-    return _integer(1)("num_returns", options.get("num_returns", 1))
+        raise ValueError(
+            f"invalid option(s) {', '.join(sorted(unknown))} for actor methods; valid: {', '.join(_METHOD_OPTIONS)}"
+        )
+    checked = dict(options)
+    if "num_returns" in checked:
+        checked["num_returns"] = _integer(1)("num_returns", checked["num_returns"])
+    if "concurrency_group" in checked:
+        checked["concurrency_group"] = _string("concurrency_group", checked["concurrency_group"])
+    return checked

@@ -15,15 +15,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import os
+import sys
 import threading
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from ionet import _arguments, _export, _ionet
+from ionet import _arguments, _context, _export, _ionet
 from ionet._serialization import Part, serialize
 from ionet.exceptions import IonetSystemError, describe_failure, encode_task_failure
+from ionet.remote_function import NotRetryable
+from ionet.remote_function import __file__ as _remote_function_file
 
 _definitions: Dict[Tuple[str, bytes], Any] = {}
 
@@ -39,16 +43,52 @@ def _load(namespace: str, key: bytes) -> Any:
     return definition
 
 
-def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str]:
+def _exit_process(code: Any) -> None:
+    """`sys.exit()` in a task or actor method ends this worker process, as in Ray: the
+    caller sees a crashed worker (a task is retried per max_retries, an actor restarted
+    per max_restarts). Never returns."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+class _ExitRequested(Exception):
+    """`SystemExit` raised inside a coroutine, carried out of the event loop (which
+    would otherwise stop on it)."""
+
+    def __init__(self, code: Any):
+        super().__init__(code)
+        self.code = code
+
+
+async def _guarded(coroutine: Any) -> Any:
+    try:
+        return await coroutine
+    except SystemExit as exc:
+        raise _ExitRequested(exc.code) from None
+
+
+def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str, Tuple[str, bool]]:
     """Runs the function exported under `function_key` with the arguments in `args`."""
     function = None
     try:
         function = _load(_export.FUNCTIONS, function_key)
         positional, keywords = _arguments.unpack(args)
-        return serialize(function(*positional, **keywords))
+        with _context.task_scope(keywords):
+            return serialize(function(*positional, **keywords))
+    except SystemExit as exc:
+        _exit_process(exc.code)
     except BaseException as exc:
         name = getattr(function, "__qualname__", f"task {function_key.hex()[:16]}")
-        return encode_task_failure(exc, _user_traceback(exc), name)
+        final = isinstance(exc, NotRetryable)
+        if final:
+            exc = exc.error
+        failure = encode_task_failure(exc, _user_traceback(exc), name)
+        # A tuple tells the native side never to retry it.
+        return (failure, False) if final else failure
 
 
 def create_actor(class_key: bytes, args: List[Any]) -> Any:
@@ -61,7 +101,11 @@ def create_actor(class_key: bytes, args: List[Any]) -> Any:
     try:
         cls = _load(_export.CLASSES, class_key)
         positional, keywords = _arguments.unpack(args)
-        return cls(*positional, **keywords)
+        context = keywords.pop(_context.CONTEXT_KEY, None) or {}
+        _groups.configure(cls, context.get("concurrency_groups"), context.get("max_concurrency"))
+        _actor_context.update(context)
+        with _context.task_scope({_context.CONTEXT_KEY: context}):
+            return cls(*positional, **keywords)
     except BaseException as exc:
         name = f"{getattr(cls, '__qualname__', 'actor')}.__init__"
         raise RuntimeError(describe_failure(exc, _user_traceback(exc), name)) from exc
@@ -76,15 +120,81 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
     try:
         bound = getattr(instance, method)
         positional, keywords = _arguments.unpack(args)
-        if _is_coroutine_method(type(instance), method, bound):
-            coroutine = bound(*positional, **keywords)
-            result = asyncio.run_coroutine_threadsafe(coroutine, _event_loop()).result()
-        else:
-            result = bound(*positional, **keywords)
+        keywords.setdefault(_context.CONTEXT_KEY, _actor_context or None)
+        with _context.task_scope(keywords):
+            if _is_coroutine_method(type(instance), method, bound):
+                coroutine = _guarded(_groups.run_async(method, bound(*positional, **keywords)))
+                result = asyncio.run_coroutine_threadsafe(coroutine, _event_loop()).result()
+            else:
+                with _groups.slot(method):
+                    result = bound(*positional, **keywords)
         return serialize(result)
+    except SystemExit as exc:
+        _exit_process(exc.code)
+    except _ExitRequested as exc:
+        _exit_process(exc.code)
     except BaseException as exc:
         return encode_task_failure(exc, _user_traceback(exc), f"{type(instance).__qualname__}.{method}")
 
+
+# What the actor hosted here was created with (its placement group, for captured tasks).
+_actor_context: Dict[str, Any] = {}
+
+
+class _ConcurrencyGroups:
+    """Ray's concurrency groups for the actor this process hosts: each group runs at most
+    its size of calls at once; methods name their group with `@ionet.method(
+    concurrency_group=...)`, others share the default group of `max_concurrency`. The
+    native side lets the sum of all groups run at once; these limits split it."""
+
+    def __init__(self) -> None:
+        self._methods: Dict[str, str] = {}
+        self._sizes: Dict[str, int] = {}
+        self._threads: Dict[str, threading.Semaphore] = {}
+        self._tasks: Dict[str, asyncio.Semaphore] = {}
+
+    def configure(self, cls: type, groups: Optional[Dict[str, int]], default_size: Optional[int]) -> None:
+        if not groups:
+            return
+        self._sizes = {**groups, "_ray_system_default": default_size or 1}
+        self._threads = {group: threading.Semaphore(size) for group, size in self._sizes.items()}
+        for name, member in inspect.getmembers(cls, callable):
+            group = getattr(member, "__ionet_method_options__", {}).get("concurrency_group")
+            if group is not None:
+                if group not in groups:
+                    raise ValueError(f"method {name} names concurrency group {group!r}, which the actor does not have")
+                self._methods[name] = group
+
+    def _group(self, method: str) -> Optional[str]:
+        if not self._sizes:
+            return None
+        return self._methods.get(method, "_ray_system_default")
+
+    def slot(self, method: str) -> Any:
+        group = self._group(method)
+        return self._threads[group] if group is not None else _NO_LIMIT
+
+    async def run_async(self, method: str, coroutine: Any) -> Any:
+        group = self._group(method)
+        if group is None:
+            return await coroutine
+        semaphore = self._tasks.get(group)
+        if semaphore is None:  # made on the event loop's thread, where it is used
+            semaphore = self._tasks[group] = asyncio.Semaphore(self._sizes[group])
+        async with semaphore:
+            return await coroutine
+
+
+class _NoLimit:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+_groups = _ConcurrencyGroups()
 
 _coroutine_methods: Dict[Tuple[type, str], bool] = {}
 
@@ -112,7 +222,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 # Frames of these files lead to the user's code; tracebacks shown to users start after them.
-_MACHINERY_FILES = frozenset({__file__, concurrent.futures._base.__file__})
+_MACHINERY_FILES = frozenset({__file__, concurrent.futures._base.__file__, _remote_function_file})
 
 
 def _user_traceback(exc: BaseException) -> Optional[TracebackType]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence
 
-from ionet import _arguments, _core, _ionet, _options
+from ionet import _arguments, _context, _core, _ionet, _options
 from ionet._export import CLASSES, ExportedDefinition
-from ionet.remote_function import split_returns
+from ionet.remote_function import capture_options, captured_options, split_returns
 
 # An async actor serves this many calls at once unless told otherwise, as in Ray.
 ASYNC_ACTOR_DEFAULT_MAX_CONCURRENCY = 1000
@@ -32,6 +33,17 @@ class ActorClass:
         self._native_options = _options.actor_options(options)
         if "max_concurrency" not in self._native_options and _has_async_methods(cls):
             self._native_options["max_concurrency"] = ASYNC_ACTOR_DEFAULT_MAX_CONCURRENCY
+        self._method_options = _declared_method_options(cls)
+        self._context = dict(capture_options(options) or {})
+        groups = options.get("concurrency_groups")
+        if groups:
+            # The native side runs up to every group's calls at once; the worker splits them.
+            default = self._native_options.get("max_concurrency", 1)
+            self._context.update(concurrency_groups=dict(groups), max_concurrency=default)
+            self._native_options["max_concurrency"] = default + sum(groups.values())
+        if "name" in options:
+            self._context["name"] = options["name"]
+        self._context["resources"] = _options.assigned_resources({"num_cpus": 0, **options})
         # Shared with the copies `options()` makes: the class is exported once.
         self._exported = exported or ExportedDefinition(cls, CLASSES)
         self.__name__ = cls.__name__
@@ -41,8 +53,21 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
         """Creates an actor, passing the arguments to the class's constructor."""
         _core.ensure_initialized()
+        context = _context.current()
+        if context is not None and context.get("capture") and "scheduling_strategy" not in self._options:
+            return self.options(**captured_options(self._options)).remote(*args, **kwargs)
+        if self._context:
+            kwargs = {**kwargs, _context.CONTEXT_KEY: self._context}
         native = _ionet.create_actor(self._exported.key(), _arguments.pack(args, kwargs), self._native_options)
-        return ActorHandle(native, self.__name__)
+        return ActorHandle(native, self.__name__, self._method_options)
+
+    def _remote(
+        self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None, **options: Any
+    ) -> "ActorHandle":
+        """`remote` with the arguments as a list and a dict, and options for this actor
+        (Ray's form, used by libraries and Ray's own benchmarks)."""
+        target = self.options(**options) if options else self
+        return target.remote(*(args or ()), **(kwargs or {}))
 
     def options(self, **options: Any) -> "ActorClass":
         """This class with `options` overriding the decorator's."""
@@ -60,6 +85,43 @@ class ActorClass:
         return f"<ionet actor class {self.__qualname__}>"
 
 
+def _declared_method_options(cls: type) -> Dict[str, Dict[str, Any]]:
+    """The options each method declared with `@ionet.method(...)`."""
+    return {
+        name: dict(member.__ionet_method_options__)
+        for name, member in inspect.getmembers(cls, callable)
+        if hasattr(member, "__ionet_method_options__")
+    }
+
+
+def method(*args: Any, **options: Any) -> Callable:
+    """Declares an actor method's options, as Ray's `@ray.method(num_returns=2,
+    concurrency_group="io")`."""
+    if args:
+        raise TypeError("method() takes only keyword options: @ionet.method(num_returns=2)")
+    checked = _options.method_options(options)
+
+    def declare(function: Callable) -> Callable:
+        function.__ionet_method_options__ = checked  # type: ignore[attr-defined]
+        return function
+
+    return declare
+
+
+def exit_actor() -> None:
+    """Ends the actor whose method calls this, for good (no restart), as Ray's
+    `ray.actor.exit_actor()`: the call and those queued fail with `ActorDiedError`, and
+    the worker process exits. Raises outside an actor."""
+    if _ionet.runtime_context()["actor_id"] is None:
+        raise TypeError("exit_actor() is called from inside an actor's method")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    _ionet.exit_actor()
+
+
 def _has_async_methods(cls: type) -> bool:
     return any(inspect.iscoroutinefunction(member) for _, member in inspect.getmembers(cls, inspect.isfunction))
 
@@ -73,20 +135,23 @@ class ActorHandle:
     the class. Handles can be passed to tasks and actors.
     """
 
-    def __init__(self, native: Any, class_name: Optional[str] = None):
+    def __init__(
+        self, native: Any, class_name: Optional[str] = None, method_options: Optional[Dict[str, Dict[str, Any]]] = None
+    ):
         self._native = native
         self._class_name = class_name
+        self._method_options = method_options or {}
 
     def __getattr__(self, name: str) -> "ActorMethod":
         if name.startswith("_"):
             raise AttributeError(name)
-        method = ActorMethod(self._native, name, 1)
+        method = ActorMethod(self._native, name, self._method_options.get(name, {}).get("num_returns", 1))
         # Found directly on the next access, without __getattr__.
         self.__dict__[name] = method
         return method
 
     def __reduce__(self):
-        return (ActorHandle, (self._native, self._class_name))
+        return (ActorHandle, (self._native, self._class_name, self._method_options))
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, ActorHandle) and other._native.hex() == self._native.hex()
@@ -114,9 +179,18 @@ class ActorMethod:
             return ref
         return split_returns(ref, self._num_returns)
 
+    def _remote(
+        self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None, **options: Any
+    ) -> Any:
+        """`remote` with the arguments as a list and a dict (Ray's form)."""
+        target = self.options(**options) if options else self
+        return target.remote(*(args or ()), **(kwargs or {}))
+
     def options(self, **options: Any) -> "ActorMethod":
-        """This method with other call options (only num_returns)."""
-        return ActorMethod(self._native_handle, self._name, _options.method_num_returns(options))
+        """This method with other call options (num_returns; concurrency_group is the
+        method's own, declared with `@ionet.method`)."""
+        checked = _options.method_options(options)
+        return ActorMethod(self._native_handle, self._name, checked.get("num_returns", self._num_returns))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(

@@ -114,6 +114,35 @@ class UnavailableError(IonetSystemError, ConnectionError):
     """The cluster, or the node holding what was asked for, could not be reached."""
 
 
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object (created it) died, so it cannot be read."""
+
+
+class ObjectFetchTimedOutError(ObjectLostError):
+    """The object's copies could not be fetched in time."""
+
+
+class NodeDiedError(IonetError):
+    """The node running the task or actor died."""
+
+
+class ActorUnavailableError(IonetActorError):
+    """The actor cannot be reached now (restarting, or its node unreachable); a later
+    call may succeed."""
+
+
+class OutOfMemoryError(IonetError):
+    """The task's worker was killed because its node ran out of memory."""
+
+
+class PendingCallsLimitExceeded(IonetError):
+    """The actor has too many calls queued (its `max_pending_calls`)."""
+
+
+class RuntimeEnvSetupError(IonetError):
+    """The task's or actor's runtime environment could not be set up."""
+
+
 # Ray's names.
 RayError = IonetError
 RayTaskError = IonetTaskError

@@ -362,7 +362,9 @@ fn apply_strategy(task: &mut TaskOptions, strategy: &Bound<'_, PyAny>) -> PyResu
         }
         "placement_group" => {
             let group: String = tuple.get_item(1)?.extract()?;
-            let index: u32 = tuple.get_item(2)?.extract()?;
+            // Negative: any bundle of the group (Ray's bundle_index=-1).
+            let index: i64 = tuple.get_item(2)?.extract()?;
+            let index = u32::try_from(index).unwrap_or(ionet::ANY_BUNDLE);
             let group = group.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))?;
             task.placement_group = Some((group, index));
         }
@@ -372,7 +374,7 @@ fn apply_strategy(task: &mut TaskOptions, strategy: &Bound<'_, PyAny>) -> PyResu
 }
 
 #[pyfunction]
-#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd))]
+#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new()))]
 #[allow(clippy::too_many_arguments)]
 fn init(
     py: Python<'_>,
@@ -387,6 +389,7 @@ fn init(
     worker_argv: Vec<String>,
     mut worker_env: HashMap<String, String>,
     worker_cwd: String,
+    payer_account: String,
 ) -> PyResult<()> {
     // Workers start workers too (nested tasks and actors): they need the command.
     let argv_json = serde_json::to_string(&worker_argv).map_err(|err| PyValueError::new_err(err.to_string()))?;
@@ -401,6 +404,7 @@ fn init(
         session_dir: session_dir.map(Into::into),
         object_store_memory,
         worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd }),
+        payer_account,
         ..InitConfig::default()
     };
     py.detach(move || ionet::init(config)).or_raise()
@@ -725,7 +729,18 @@ fn runtime_context(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("actor_id", context.actor_id.map(|id| id.hex()))?;
     dict.set_item("gpu_ids", context.gpu_ids)?;
     dict.set_item("namespace", context.namespace)?;
+    dict.set_item("actor_incarnation", context.actor_incarnation)?;
+    dict.set_item("worker_id", context.worker_id)?;
     Ok(dict)
+}
+
+/// Ends the actor this worker hosts for good (Ray's `exit_actor`); the process exits.
+#[pyfunction]
+fn exit_actor(py: Python<'_>) -> PyResult<()> {
+    match py.detach(ionet::exit_actor) {
+        Ok(never) => match never {},
+        Err(err) => Err(to_py(err)),
+    }
 }
 
 fn group(id: &str) -> PyResult<ionet::PlacementGroupId> {
@@ -733,12 +748,13 @@ fn group(id: &str) -> PyResult<ionet::PlacementGroupId> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (bundles, strategy, name = String::new()))]
+#[pyo3(signature = (bundles, strategy, name = String::new(), detached = false))]
 fn placement_group(
     py: Python<'_>,
     bundles: Vec<BTreeMap<String, f64>>,
     strategy: &str,
     name: String,
+    detached: bool,
 ) -> PyResult<String> {
     use ionet::PlacementStrategy;
     let strategy = match strategy {
@@ -752,7 +768,15 @@ fn placement_group(
             )))
         }
     };
-    let created = py.detach(move || ionet::named_placement_group(bundles, strategy, &name)).or_raise()?;
+    let created = py
+        .detach(move || {
+            if detached {
+                ionet::detached_placement_group(bundles, strategy, &name)
+            } else {
+                ionet::named_placement_group(bundles, strategy, &name)
+            }
+        })
+        .or_raise()?;
     Ok(created.id().hex())
 }
 
@@ -836,6 +860,12 @@ fn result_of(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Result<Vec<u
     let value = result.map_err(|err| Failure::error(format!("the Python worker runtime failed: {err}")))?;
     if let Ok(text) = value.cast::<PyString>() {
         return Err(Failure::error(text.to_string()));
+    }
+    // (text, False): a failure never to be retried (see `_worker_runtime`).
+    if let Ok(tuple) = value.cast::<pyo3::types::PyTuple>() {
+        let text: String =
+            tuple.get_item(0).and_then(|item| item.extract()).map_err(|err| Failure::error(err.to_string()))?;
+        return Err(Failure::final_error(text));
     }
     let list = value
         .cast::<PyList>()
@@ -957,6 +987,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(available_resources, module)?,
         wrap_pyfunction!(get_gpu_ids, module)?,
         wrap_pyfunction!(runtime_context, module)?,
+        wrap_pyfunction!(exit_actor, module)?,
         wrap_pyfunction!(placement_group, module)?,
         wrap_pyfunction!(placement_group_wait, module)?,
         wrap_pyfunction!(placement_group_ready, module)?,

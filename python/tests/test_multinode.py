@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 import ionet
+from conftest import wait_for
 from ionet.util import placement_group, placement_group_table, remove_placement_group
 from ionet.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -107,3 +108,46 @@ def test_detached_actor_is_reached_from_another_driver(process_cluster):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "hello from the first driver"
     ionet.kill(registry)
+
+
+def test_detached_named_placement_group_is_found_from_a_second_driver(process_cluster):
+    # A first driver makes a detached group and a plain one, then ends its job.
+    script = textwrap.dedent(
+        """
+        import sys
+        import ionet
+        from ionet.util import placement_group
+
+        ionet.init(address="auto", _session_dir=sys.argv[1])
+        kept = placement_group([{"CPU": 1}], name="kept-group", lifetime="detached")
+        gone = placement_group([{"CPU": 1}], name="job-group")
+        assert kept.wait(60) and gone.wait(60)
+        print(kept.id)
+        ionet.shutdown()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(process_cluster.session_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = ionet.util.get_placement_group("kept-group")
+    assert str(found.id) == done.stdout.strip()
+    assert found.bundle_specs == [{"CPU": 1.0}]
+    assert placement_group_table(found)["state"] == "CREATED"
+    strategy = PlacementGroupSchedulingStrategy(found, 0)
+    assert ionet.get(node_of_task.options(scheduling_strategy=strategy).remote(), timeout=60)
+    # The first driver's other group ended with its job.
+    def job_group_gone():
+        try:
+            ionet.util.get_placement_group("job-group")
+            return False
+        except ValueError:
+            return True
+
+    wait_for(job_group_gone, what="the finished job's group to be removed")
+    remove_placement_group(found)
+    with pytest.raises(ValueError):
+        ionet.util.get_placement_group("kept-group")

@@ -72,6 +72,10 @@ impl NodeSpec {
             total
                 .set(resources::GPU_MEMORY, Quantity::from_units((gpu_memory as i64).saturating_mul(resources::SCALE)));
             total.set(format!("{}{accelerator_type}", resources::ACCELERATOR_PREFIX), Quantity::whole(1));
+            // The model family too ("A100" for "A100-80GB"), as Ray's accelerator constants name it.
+            if let Some((family, _)) = accelerator_type.split_once('-').filter(|(family, _)| !family.is_empty()) {
+                total.set(format!("{}{family}", resources::ACCELERATOR_PREFIX), Quantity::whole(1));
+            }
         }
         for (name, quantity) in declared.custom.iter() {
             if [resources::CPU, resources::GPU, resources::MEMORY, resources::GPU_MEMORY].contains(&name) {

@@ -374,6 +374,23 @@ pub fn kill(actor: &impl ActorClassHandle, no_restart: bool) -> IonetResult<()> 
     kill_handle(actor.handle(), no_restart)
 }
 
+/// Ends the actor this worker hosts for good, from inside one of its methods (Ray's
+/// `exit_actor`): it is DEAD without restarts, the call running and those queued fail
+/// with `ActorDied`, and this process exits. Returns only with the error that says why it
+/// could not (called outside an actor, or the control store unreachable).
+pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
+    let worker = runtime::current()?;
+    let Some(hosted) = worker.hosted.get().cloned() else {
+        return Err(IonetError::FailedPrecondition("exit_actor() is called from inside an actor's method".into()));
+    };
+    runtime::block_on(async {
+        let request = KillActorRequest { actor_id: hosted.id.to_vec(), no_restart: true };
+        worker.gcs()?.kill_actor(request).await?;
+        IonetResult::Ok(())
+    })?;
+    std::process::exit(0)
+}
+
 pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
     let worker = runtime::current()?;
     runtime::block_on(async {

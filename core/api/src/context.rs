@@ -32,6 +32,10 @@ pub struct RuntimeContext {
     pub is_worker: bool,
     /// The actor this worker hosts, if any.
     pub actor_id: Option<ionet_common::ActorId>,
+    /// How many times the hosted actor was restarted (0: its first life).
+    pub actor_incarnation: u32,
+    /// This worker process's id (as its node daemon knows it); `None` in a driver.
+    pub worker_id: Option<String>,
     pub namespace: String,
 }
 
@@ -45,6 +49,8 @@ pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
         gpu_ids: runtime.gpu_ids.clone(),
         is_worker: runtime.is_worker,
         actor_id: runtime.hosted.get().map(|hosted| hosted.id),
+        actor_incarnation: runtime.hosted.get().map_or(0, |hosted| hosted.incarnation),
+        worker_id: std::env::var(ionet_worker::lease::WORKER_ID_ENV).ok().filter(|_| runtime.is_worker),
         namespace: runtime.namespace.clone(),
     })
 }

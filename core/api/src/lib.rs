@@ -45,7 +45,7 @@ mod service;
 pub mod task;
 pub mod testing;
 
-pub use actor::{create_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
+pub use actor::{create_actor, exit_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
 pub use api::{
     get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait, wait_flags,
     ObjectBytes,
@@ -56,10 +56,10 @@ pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
 pub use ionet_macros::{actor, remote};
 pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
-pub use options::{SchedulingStrategy, TaskOptions};
+pub use options::{SchedulingStrategy, TaskOptions, ANY_BUNDLE};
 pub use placement_group::{
-    named_placement_group, placement_group, placement_group_info, placement_group_table, remove_placement_group,
-    PlacementGroup, PlacementStrategy,
+    detached_placement_group, named_placement_group, placement_group, placement_group_info, placement_group_table,
+    remove_placement_group, PlacementGroup, PlacementStrategy,
 };
 
 #[doc(hidden)]

@@ -6,6 +6,9 @@ use ionet_common::{NodeId, PlacementGroupId};
 
 use crate::placement_group::PlacementGroup;
 
+/// The bundle index that stands for "any bundle of the group".
+pub const ANY_BUNDLE: u32 = u32::MAX;
+
 /// Where a task may run.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum SchedulingStrategy {
@@ -100,6 +103,14 @@ impl TaskOptions {
     /// its reserved resources.
     pub fn placement_group(mut self, group: &PlacementGroup, bundle_index: u32) -> Self {
         self.placement_group = Some((group.id(), bundle_index));
+        self
+    }
+
+    /// Runs the task inside any bundle of `group` with room (Ray's `bundle_index=-1`):
+    /// the task's lease requests go to the group's bundles in turn, and the first bundle
+    /// to grant one runs it.
+    pub fn placement_group_any_bundle(mut self, group: &PlacementGroup) -> Self {
+        self.placement_group = Some((group.id(), ANY_BUNDLE));
         self
     }
 

@@ -150,6 +150,25 @@ pub fn named_placement_group(
     strategy: PlacementStrategy,
     name: &str,
 ) -> IonetResult<PlacementGroup> {
+    create_placement_group(bundles, strategy, name, false)
+}
+
+/// [`named_placement_group`] that outlives this job (Ray's `lifetime="detached"`): it
+/// stays reserved, and billed to this job's payer, until [`remove_placement_group`].
+pub fn detached_placement_group(
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: PlacementStrategy,
+    name: &str,
+) -> IonetResult<PlacementGroup> {
+    create_placement_group(bundles, strategy, name, true)
+}
+
+fn create_placement_group(
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: PlacementStrategy,
+    name: &str,
+    detached: bool,
+) -> IonetResult<PlacementGroup> {
     let worker = runtime::current()?;
     let sets = bundles
         .iter()
@@ -170,6 +189,7 @@ pub fn named_placement_group(
         strategy: wire as i32,
         name: name.to_string(),
         job_id: worker.job_id.to_vec(),
+        detached,
     };
     let reply = block_on(async {
         let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);

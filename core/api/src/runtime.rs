@@ -36,8 +36,8 @@ use ionet_common::rpc::proto::node::{
     SchedulingStrategy as WireStrategy, WorkerCommand,
 };
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, GetObjectRequest, NumberedReply, PushTaskReply, PushTaskRequest,
-    ReplyBatch, StoredObject, TaskArg, TaskBatch,
+    get_object_reply, push_task_reply, task_arg, task_failure, GetObjectRequest, NumberedReply, PushTaskReply,
+    PushTaskRequest, ReplyBatch, StoredObject, TaskArg, TaskBatch,
 };
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, ResourceSet, TaskId};
@@ -183,6 +183,8 @@ struct ShapePool {
     /// How long each function's tasks of this shape run, in microseconds (a moving
     /// average per function, keyed by `TaskSpec::profile`).
     run_micros: Mutex<HashMap<u64, u64>>,
+    /// For a task in any bundle of a group: the bundle the next lease request asks.
+    next_bundle: AtomicUsize,
 }
 
 impl ShapePool {
@@ -580,6 +582,7 @@ impl CoreWorker {
             waiting: AtomicUsize::new(0),
             infeasible: Mutex::new(None),
             run_micros: Mutex::new(HashMap::new()),
+            next_bundle: AtomicUsize::new(0),
         });
         self.pools.entry(key).or_insert(pool).clone()
     }
@@ -730,7 +733,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
     let outcome = loop {
         // A bundle's lease is asked of the node holding the bundle, once the group is placed.
         if !request.placement_group_id.is_empty() {
-            match bundle_address(&worker, &request).await {
+            match bundle_address(&worker, &mut request, &pool.next_bundle).await {
                 Ok(bundle_node) => {
                     address = bundle_node;
                     request.no_spillback = true;
@@ -789,7 +792,13 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
 }
 
 /// The address of the node holding the request's bundle, waiting while the group is pending.
-async fn bundle_address(worker: &CoreWorker, request: &RequestWorkerLeaseRequest) -> Result<String, String> {
+/// For a request naming any bundle (`ANY_BUNDLE`), the bundle is chosen here, in turn
+/// (`rotation`), and written into the request.
+async fn bundle_address(
+    worker: &CoreWorker,
+    request: &mut RequestWorkerLeaseRequest,
+    rotation: &AtomicUsize,
+) -> Result<String, String> {
     let group =
         ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id).map_err(|err| err.to_string())?;
     let mut failures = 0u32;
@@ -798,6 +807,10 @@ async fn bundle_address(worker: &CoreWorker, request: &RequestWorkerLeaseRequest
         match crate::placement_group::get_group(worker, &group).await {
             Ok(reply) => match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
                 PlacementGroupState::Created => {
+                    if request.bundle_index == crate::options::ANY_BUNDLE && !reply.bundle_node_addresses.is_empty() {
+                        let turn = rotation.fetch_add(1, Ordering::Relaxed) % reply.bundle_node_addresses.len();
+                        request.bundle_index = turn as u32;
+                    }
                     return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
                         format!(
                             "placement group {} has no bundle {} ({} bundles)",
@@ -805,7 +818,7 @@ async fn bundle_address(worker: &CoreWorker, request: &RequestWorkerLeaseRequest
                             request.bundle_index,
                             reply.bundle_node_addresses.len()
                         )
-                    })
+                    });
                 }
                 PlacementGroupState::Removed => return Err(format!("placement group {} was removed", group.short())),
                 PlacementGroupState::Pending => {}
@@ -944,7 +957,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
                     Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
                     Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
                     Some(push_task_reply::Result::Failure(failure)) => {
-                        if spec.options.retry_exceptions && attempt < spec.options.max_retries {
+                        let retryable = failure.kind != task_failure::Kind::FinalError as i32;
+                        if spec.options.retry_exceptions && retryable && attempt < spec.options.max_retries {
                             attempt += 1;
                             continue;
                         }

@@ -315,6 +315,7 @@ fn failure_reply(worker: &CoreWorker, function: &str, task_id: &[u8], failure: F
         FailureKind::Panic => task_failure::Kind::Panic,
         FailureKind::UnknownFunction => task_failure::Kind::UnknownFunction,
         FailureKind::BadArguments => task_failure::Kind::BadArguments,
+        FailureKind::FinalError => task_failure::Kind::FinalError,
     };
     PushTaskReply {
         result: Some(push_task_reply::Result::Failure(TaskFailure {

@@ -54,11 +54,18 @@ pub(crate) enum FailureKind {
     Panic,
     UnknownFunction,
     BadArguments,
+    /// An error the task's options say is never retried.
+    FinalError,
 }
 
 impl Failure {
     pub fn error(message: String) -> Self {
         Self { kind: FailureKind::Error, message }
+    }
+
+    /// An error never retried, whatever `retry_exceptions` says.
+    pub fn final_error(message: String) -> Self {
+        Self { kind: FailureKind::FinalError, message }
     }
 
     pub fn bad_arguments(message: String) -> Self {

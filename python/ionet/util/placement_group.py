@@ -53,18 +53,50 @@ class PlacementGroup:
         return f"PlacementGroup({self.id}, {self.bundle_specs})"
 
 
-def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", name: str = "") -> PlacementGroup:
+def placement_group(
+    bundles: List[Dict[str, float]],
+    strategy: str = "PACK",
+    name: str = "",
+    lifetime: Optional[str] = None,
+    **ignored: Any,
+) -> PlacementGroup:
     """Asks for a group of `bundles` (each a dict of resource name to quantity).
 
     strategy: PACK (as few nodes as possible), SPREAD (as many as possible),
     STRICT_PACK (one node), STRICT_SPREAD (one node per bundle).
+    name: found again with `get_placement_group(name)`, from any driver.
+    lifetime: None (removed when this job ends) or "detached" (kept until removed).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"lifetime must be None or 'detached', got {lifetime!r}")
     if not isinstance(bundles, list) or not bundles:
         raise ValueError("bundles must be a non-empty list of dicts")
     specs = [_bundle(index, bundle) for index, bundle in enumerate(bundles)]
-    return PlacementGroup(_ionet.placement_group(specs, strategy, name), specs)
+    return PlacementGroup(_ionet.placement_group(specs, strategy, name, lifetime == "detached"), specs)
+
+
+def get_placement_group(placement_group_name: str) -> PlacementGroup:
+    """The live group named `placement_group_name` (made by this or any other driver).
+
+    Raises `ValueError` when there is none.
+    """
+    for group_id, state in _ionet.placement_group_table(None).items():
+        if state.get("name") == placement_group_name and state.get("state") != "REMOVED":
+            bundles = state.get("bundles") or {}
+            specs = [dict(bundles[index]) for index in sorted(bundles)]
+            return PlacementGroup(group_id, specs)
+    raise ValueError(f"no placement group named {placement_group_name!r}")
+
+
+def get_current_placement_group() -> Optional[PlacementGroup]:
+    """The group the running task or actor was scheduled in, if it captures its child
+    tasks (Ray's rule); None in a driver or outside a group."""
+    from ionet import _context
+
+    context = _context.current() or {}
+    return context.get("placement_group") if context.get("capture") else None
 
 
 def _bundle(index: int, bundle: Any) -> Dict[str, float]:

@@ -12,9 +12,9 @@ from typing import Any, Optional
 class PlacementGroupSchedulingStrategy:
     """Run in a bundle of a placement group.
 
-    `placement_group_bundle_index` -1 (Ray's "any bundle") means bundle 0 here.
-    `placement_group_capture_child_tasks` is accepted for Ray's sake; child tasks are not
-    captured.
+    `placement_group_bundle_index` -1 (the default) runs in any bundle with room.
+    With `placement_group_capture_child_tasks`, the tasks and actors the task submits
+    without a scheduling strategy of their own run in the same group (any bundle).
     """
 
     def __init__(
