@@ -31,9 +31,11 @@
 extern crate self as ionet;
 
 pub mod actor;
+mod actor_pool;
 mod api;
 mod blocked;
 mod context;
+pub mod generator;
 mod init;
 mod object_ref;
 mod object_store;
@@ -46,12 +48,14 @@ pub mod task;
 pub mod testing;
 
 pub use actor::{create_actor, exit_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
+pub use actor_pool::ActorPool;
 pub use api::{
     get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait, wait_flags,
     ObjectBytes,
 };
 pub use arrow_array;
 pub use context::{get_gpu_ids, get_runtime_context, RuntimeContext};
+pub use generator::{stream, stream_with_backpressure, GeneratorSink, ObjectRefGenerator};
 pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
 pub use ionet_macros::{actor, remote};

@@ -46,6 +46,12 @@ impl<T> ObjectRef<T> {
         &self.owner
     }
 
+    /// The same handle as a ref to another type (the count moves with it).
+    pub(crate) fn retype<U>(self) -> ObjectRef<U> {
+        let this = std::mem::ManuallyDrop::new(self);
+        ObjectRef { id: this.id, owner: this.owner.clone(), entry: this.entry.clone(), _value: PhantomData }
+    }
+
     /// The same handle, untyped, as task arguments hold it.
     pub(crate) fn erase(&self) -> ObjectRef<()> {
         let clone = self.clone();

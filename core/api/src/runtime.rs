@@ -242,6 +242,8 @@ pub(crate) struct CoreWorker {
     pub(crate) store: Option<ionet_object_store::StoreClient>,
     /// Reports waits for objects to the node daemon (worker processes only).
     pub(crate) blocked: OnceLock<Arc<crate::blocked::BlockedReporter>>,
+    /// Streams of generator tasks this process consumes, by id (`crate::generator`).
+    pub(crate) generators: DashMap<ObjectId, Arc<crate::generator::GeneratorState>>,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -362,6 +364,7 @@ impl CoreWorker {
             handle: tokio_runtime().handle().clone(),
             store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
             blocked: OnceLock::new(),
+            generators: DashMap::new(),
         })
     }
 

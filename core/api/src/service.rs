@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CreateActorReply, CreateActorRequest,
-    ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply,
-    PushTaskRequest, ReplyBatch, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
+    get_object_reply, push_task_reply, report_generator_item_request, task_arg, task_failure, ActorCallBatch,
+    CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply,
+    PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch, ReportGeneratorItemReply,
+    ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
     WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
@@ -389,6 +390,24 @@ impl CoreWorkerRpc for CoreWorkerService {
             Err(error) => get_object_reply::Result::Unknown(error.to_string()),
         };
         Ok(Response::new(GetObjectReply { result: Some(result) }))
+    }
+
+    async fn report_generator_item(
+        &self,
+        request: Request<ReportGeneratorItemRequest>,
+    ) -> Result<Response<ReportGeneratorItemReply>, Status> {
+        let request = request.into_inner();
+        let id = ObjectId::from_bytes(&request.generator_id)?;
+        let value = match request.value {
+            Some(report_generator_item_request::Value::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+            Some(report_generator_item_request::Value::Stored(stored)) => ObjectState::Stored(stored),
+            None => return Err(Status::invalid_argument(format!("generator item {} has no value", request.index))),
+        };
+        let Some(state) = self.worker.generators.get(&id).map(|state| state.clone()) else {
+            return Ok(Response::new(ReportGeneratorItemReply { closed: true }));
+        };
+        let open = state.report(&self.worker, &id, request.index, value).await?;
+        Ok(Response::new(ReportGeneratorItemReply { closed: !open }))
     }
 
     async fn return_idle_leases(

@@ -1,13 +1,49 @@
-//! Tasks that wait for tasks they submitted: a worker blocked in `get`/`wait` lends its
-//! CPU to the tasks it waits for, so a tree of tasks deeper than the node's CPUs finishes
-//! (Ray's divide-and-conquer pattern), and the daemon starts a bounded number of extra
-//! workers for it.
+//! Ray's task patterns from Rust: tasks that wait for tasks they submitted (a worker
+//! blocked in `get`/`wait` lends its CPU to the tasks it waits for, so a tree of tasks
+//! deeper than the node's CPUs finishes, and the daemon starts a bounded number of extra
+//! workers for it), generator tasks streaming items to their caller, and `ActorPool`.
 
 mod harness;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ionet::InitConfig;
+use ionet::{GeneratorSink, InitConfig, IonetError};
+
+/// Sends `0..n`, each after `millis`, writing how many were sent so far to `progress`.
+#[ionet::remote]
+fn count_up(n: u64, millis: u64, progress: String, sink: GeneratorSink<u64>) -> u64 {
+    for i in 0..n {
+        std::thread::sleep(Duration::from_millis(millis));
+        if !sink.send(&i).unwrap() {
+            return i;
+        }
+        if !progress.is_empty() {
+            std::fs::write(&progress, (i + 1).to_string()).unwrap();
+        }
+    }
+    n
+}
+
+/// Sends two items, then fails.
+#[ionet::remote]
+fn two_then_fail(sink: GeneratorSink<String>) -> u64 {
+    sink.send(&"first".to_string()).unwrap();
+    sink.send(&"x".repeat(300_000)).unwrap(); // a large item: through the store
+    panic!("the generator broke")
+}
+
+pub struct Doubler;
+
+#[ionet::actor]
+impl Doubler {
+    pub fn new() -> Self {
+        Doubler
+    }
+
+    pub fn double(&self, value: u64) -> u64 {
+        2 * value
+    }
+}
 
 /// 2^depth, by a binary tree of tasks that each wait for their two children.
 #[ionet::remote]
@@ -142,9 +178,79 @@ fn tree_of_tasks_quicksorts_two_million_numbers() {
     ionet::shutdown();
 }
 
+fn streaming_generator_items_arrive_while_it_runs() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let mut items = ionet::stream(|sink| count_up::remote(1000u64, 1u64, String::new(), sink)).unwrap();
+    let first = items.next().unwrap().unwrap();
+    assert_eq!(ionet::get(&first).unwrap(), 0);
+    assert!(
+        ionet::wait(&[items.task().clone()], 1, Some(Duration::ZERO)).unwrap().0.is_empty(),
+        "the first item came only after the generator finished"
+    );
+    let rest: Vec<u64> = items.map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(rest, (1..1000).collect::<Vec<_>>());
+
+    // A failing generator: its items, then its error, then the end.
+    let mut failing = ionet::stream(two_then_fail::remote).unwrap();
+    assert_eq!(ionet::get(&failing.next().unwrap().unwrap()).unwrap(), "first");
+    assert_eq!(ionet::get(&failing.next().unwrap().unwrap()).unwrap().len(), 300_000);
+    match failing.next() {
+        Some(Err(IonetError::TaskFailed { message, .. })) => {
+            assert!(message.contains("the generator broke"), "{message}")
+        }
+        other => panic!("expected the generator's failure, got {other:?}"),
+    }
+    assert!(failing.next().is_none());
+    ionet::shutdown();
+}
+
+fn a_generator_waits_for_a_slow_consumer() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let progress = harness::temp_path("generator-progress");
+    let _ = std::fs::remove_file(&progress);
+    let path = progress.to_string_lossy().into_owned();
+    let mut items =
+        ionet::stream_with_backpressure(3, |sink| count_up::remote(20u64, 0u64, path.clone(), sink)).unwrap();
+    let sent = || std::fs::read_to_string(&progress).ok().and_then(|text| text.parse::<u64>().ok()).unwrap_or(0);
+    harness::wait_until("three items to be sent", Duration::from_secs(60), || sent() == 3);
+    // Nothing is consumed: the producer stays three ahead (checked for a while).
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert_eq!(sent(), 3, "the producer ran past its backpressure");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let values: Vec<u64> = items.by_ref().map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(values, (0..20).collect::<Vec<_>>());
+    // Dropping a consumer early stops the producer.
+    let task = {
+        let mut early =
+            ionet::stream_with_backpressure(1, |sink| count_up::remote(1000u64, 0u64, String::new(), sink)).unwrap();
+        early.next().unwrap().unwrap();
+        early.task_as::<u64>()
+    };
+    assert!(ionet::get_timeout(&task, Duration::from_secs(60)).unwrap() < 1000);
+    ionet::shutdown();
+}
+
+fn actor_pool_maps_over_four_actors() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let actors: Vec<DoublerHandle> = (0..4).map(|_| Doubler::remote().unwrap()).collect();
+    let mut pool = ionet::ActorPool::new(actors);
+    let results = pool.map(|actor: &DoublerHandle, value: u64| actor.double(value), 0..20u64);
+    let results: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(results, (0..20).map(|v| 2 * v).collect::<Vec<_>>());
+    pool.submit(|actor, value| actor.double(value), 21);
+    assert_eq!(pool.get_next_unordered(Some(Duration::from_secs(60))).unwrap().unwrap(), 42);
+    assert!(!pool.has_next() && pool.has_free());
+    ionet::shutdown();
+}
+
 fn main() {
     harness::run(
         &[
+            ("streaming_generator_items_arrive_while_it_runs", streaming_generator_items_arrive_while_it_runs),
+            ("a_generator_waits_for_a_slow_consumer", a_generator_waits_for_a_slow_consumer),
+            ("actor_pool_maps_over_four_actors", actor_pool_maps_over_four_actors),
             ("recursion_deeper_than_the_cpus_finishes", recursion_deeper_than_the_cpus_finishes),
             ("extra_workers_are_capped", extra_workers_are_capped),
             ("tree_of_tasks_quicksorts_two_million_numbers", tree_of_tasks_quicksorts_two_million_numbers),

@@ -1,0 +1,296 @@
+//! Generator tasks: a task that yields items, each an object its caller owns, consumed
+//! while the task still runs (Ray's `num_returns="streaming"`), with backpressure.
+//!
+//! ```ignore
+//! #[ionet::remote]
+//! fn count(n: u64, sink: ionet::GeneratorSink<u64>) -> u64 {
+//!     for i in 0..n { sink.send(&i).unwrap(); }
+//!     n
+//! }
+//! let items = ionet::stream(|sink| count::remote(10u64, sink))?;
+//! for item in items { println!("{}", ionet::get(&item?)?); }
+//! ```
+//!
+//! Protocol: the caller opens a stream (an id in its `generators` table) and passes the
+//! task a [`GeneratorSink`] naming itself and the id. The task sends each item with
+//! `ReportGeneratorItem` to the caller, numbered from 0; the caller makes it an object it
+//! owns (the value inline, or the location in the producing node's store) and answers
+//! once the consumer is within `backpressure` items of it, so a fast producer waits for a
+//! slow consumer. Items are kept by index: a retried task that sends them again changes
+//! nothing. The stream ends when the task's own return object settles: every item was
+//! acknowledged before the task returned. If the task failed, the consumer gets its error
+//! after the items it sent. Dropping the consumer closes the stream: later sends answer
+//! "closed" and the producer stops.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ionet_common::rpc::proto::worker::{report_generator_item_request, ReportGeneratorItemRequest};
+use ionet_common::rpc::CoreWorkerClient;
+use ionet_common::{IonetError, IonetResult, ObjectId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::object_ref::ObjectRef;
+use crate::runtime::{self, CoreWorker, ObjectState};
+
+/// Items a producer may run ahead of its consumer by default.
+pub const DEFAULT_BACKPRESSURE: u64 = 1024;
+
+/// The caller's side of one stream: the items so far, and how far the consumer read.
+pub(crate) struct GeneratorState {
+    items: Mutex<Vec<ObjectRef<()>>>,
+    /// Items the consumer has taken.
+    taken: AtomicU64,
+    backpressure: u64,
+    changed: Notify,
+}
+
+impl GeneratorState {
+    /// Records item `index` (ignoring one already recorded), then waits until the consumer
+    /// is within `backpressure` of it. `false`: the stream is closed.
+    pub(crate) async fn report(
+        self: &Arc<Self>,
+        worker: &CoreWorker,
+        id: &ObjectId,
+        index: u64,
+        value: ObjectState,
+    ) -> IonetResult<bool> {
+        {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            let recorded = items.len() as u64;
+            if index > recorded {
+                return Err(IonetError::InvalidArgument(format!(
+                    "generator item {index} came before item {recorded} of stream {}",
+                    id.short()
+                )));
+            }
+            if index == recorded {
+                items.push(worker.new_object(ObjectId::random(), value));
+            }
+        }
+        self.changed.notify_waiters();
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !worker.generators.contains_key(id) {
+                return Ok(false);
+            }
+            if index < self.taken.load(Ordering::SeqCst) + self.backpressure {
+                return Ok(true);
+            }
+            // Woken when the consumer takes an item or closes the stream.
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+        }
+    }
+}
+
+/// Where a generator task sends its items: the caller's address and the stream's id.
+/// Serialisable: pass it to the task as an argument.
+#[derive(Serialize, Deserialize)]
+pub struct GeneratorSink<T> {
+    owner: String,
+    id: ObjectId,
+    #[serde(skip)]
+    next: AtomicU64,
+    #[serde(skip)]
+    _item: PhantomData<fn(T)>,
+}
+
+impl<T: Serialize> GeneratorSink<T> {
+    /// Sends the next item, waiting while the consumer is too far behind. `Ok(false)`:
+    /// the consumer is gone, so the producer may stop.
+    pub fn send(&self, item: &T) -> IonetResult<bool> {
+        let bytes = crate::task::encode_value(item).map_err(IonetError::InvalidArgument)?;
+        let index = self.next.fetch_add(1, Ordering::SeqCst);
+        send_item(&self.owner, &self.id, index, bytes)
+    }
+}
+
+/// Sends item `index` of stream `id` to its owner (see the module protocol); large
+/// values go to this node's store first. `Ok(false)`: the stream is closed.
+pub fn send_item(owner: &str, id: &ObjectId, index: u64, bytes: Vec<u8>) -> IonetResult<bool> {
+    let worker = runtime::current()?;
+    let value = if bytes.len() <= worker.inline_threshold {
+        report_generator_item_request::Value::Inline(bytes)
+    } else {
+        let size = bytes.len() as u64;
+        let stored = worker.store_value(ObjectId::random(), |buffer| buffer.copy_from_slice(&bytes), size)?;
+        report_generator_item_request::Value::Stored(stored)
+    };
+    let request = ReportGeneratorItemRequest { generator_id: id.to_vec(), index, value: Some(value) };
+    // Backpressure may hold the reply: this task waits, lending its CPU meanwhile.
+    worker.block_on_objects(async {
+        let mut client = CoreWorkerClient::new(worker.channel(owner)?);
+        let reply = client.report_generator_item(request).await.map_err(|status| {
+            IonetError::Unavailable(format!(
+                "the consumer of stream {} at {owner} is unreachable: {}",
+                id.short(),
+                status.message()
+            ))
+        })?;
+        Ok(!reply.into_inner().closed)
+    })
+}
+
+/// The consumer of a stream: yields each item's ref as it arrives, then the task's error
+/// if it failed. Dropping it closes the stream.
+pub struct ObjectRefGenerator<T> {
+    id: ObjectId,
+    state: Arc<GeneratorState>,
+    /// The producing task's return object: settled once every item has been sent.
+    task: ObjectRef<()>,
+    position: usize,
+    finished: bool,
+    _item: PhantomData<fn() -> T>,
+}
+
+/// Opens a stream and starts its producer: `submit` gets the sink and submits the task
+/// that fills it (returning that task's ref).
+pub fn stream<T, R>(submit: impl FnOnce(GeneratorSink<T>) -> ObjectRef<R>) -> IonetResult<ObjectRefGenerator<T>> {
+    stream_with_backpressure(DEFAULT_BACKPRESSURE, submit)
+}
+
+/// [`stream`] letting the producer run at most `backpressure` items ahead of the consumer.
+pub fn stream_with_backpressure<T, R>(
+    backpressure: u64,
+    submit: impl FnOnce(GeneratorSink<T>) -> ObjectRef<R>,
+) -> IonetResult<ObjectRefGenerator<T>> {
+    let (id, owner, state) = open(backpressure)?;
+    let sink = GeneratorSink { owner, id, next: AtomicU64::new(0), _item: PhantomData };
+    let task = submit(sink).erase();
+    Ok(ObjectRefGenerator { id, state, task, position: 0, finished: false, _item: PhantomData })
+}
+
+/// Opens a stream in this process: its id, this process's address, and its state.
+pub(crate) fn open(backpressure: u64) -> IonetResult<(ObjectId, String, Arc<GeneratorState>)> {
+    let worker = runtime::current()?;
+    let id = ObjectId::random();
+    let state = Arc::new(GeneratorState {
+        items: Mutex::new(Vec::new()),
+        taken: AtomicU64::new(0),
+        backpressure: backpressure.max(1),
+        changed: Notify::new(),
+    });
+    worker.generators.insert(id, state.clone());
+    Ok((id, worker.address.to_string(), state))
+}
+
+/// Closes a stream this process opened (later sends answer "closed").
+pub(crate) fn close(id: &ObjectId) {
+    if let Ok(worker) = runtime::current() {
+        if let Some((_, state)) = worker.generators.remove(id) {
+            state.changed.notify_waiters();
+        }
+    }
+}
+
+/// The next item of stream `state`, waiting for it: `Some(Ok(item))`, `Some(Err(..))` once
+/// if the task failed, `None` at the end. `timeout`: `Err(Timeout)` if nothing came.
+pub(crate) fn next_item(
+    state: &GeneratorState,
+    task: &ObjectRef<()>,
+    position: usize,
+    timeout: Option<Duration>,
+) -> Option<IonetResult<ObjectRef<()>>> {
+    let worker = match runtime::current() {
+        Ok(worker) => worker,
+        Err(err) => return Some(Err(err)),
+    };
+    let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+    let taken = |item: ObjectRef<()>| {
+        state.taken.fetch_max(position as u64 + 1, Ordering::SeqCst);
+        state.changed.notify_waiters();
+        Some(Ok(item))
+    };
+    if let Some(item) = state.items.lock().unwrap_or_else(|p| p.into_inner()).get(position).cloned() {
+        return taken(item);
+    }
+    worker.block_on_objects(async {
+        loop {
+            let changed = state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(item) = state.items.lock().unwrap_or_else(|p| p.into_inner()).get(position).cloned() {
+                return taken(item);
+            }
+            if let Some(entry) = &task.entry {
+                if entry.is_settled() {
+                    // Every item was acknowledged before the task answered: none is coming.
+                    if let Some(item) = state.items.lock().unwrap_or_else(|p| p.into_inner()).get(position).cloned() {
+                        return taken(item);
+                    }
+                    return match &*entry.state.borrow() {
+                        ObjectState::Failed(error) => Some(Err(runtime::copy_error(error))),
+                        _ => None,
+                    };
+                }
+                let mut settled = entry.state.subscribe();
+                let ended = settled.wait_for(|state| !matches!(state, ObjectState::Pending));
+                let wait = async {
+                    tokio::select! {
+                        _ = changed.as_mut() => {}
+                        _ = ended => {}
+                    }
+                };
+                match deadline {
+                    Some(deadline) => {
+                        if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                            return Some(Err(IonetError::Timeout("no generator item within the timeout".into())));
+                        }
+                    }
+                    None => wait.await,
+                }
+            } else {
+                return Some(Err(IonetError::InvalidArgument("a stream's task must be owned by its consumer".into())));
+            }
+        }
+    })
+}
+
+impl<T> ObjectRefGenerator<T> {
+    /// The next item, waiting at most `timeout`: `Err(Timeout)` if none came by then.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<IonetResult<ObjectRef<T>>> {
+        self.advance(Some(timeout))
+    }
+
+    /// The producing task's return value's ref (untyped: see [`Self::task_as`]).
+    pub fn task(&self) -> &ObjectRef<()> {
+        &self.task
+    }
+
+    /// The producing task's return value's ref, as the type `R` the task returns.
+    pub fn task_as<R>(&self) -> ObjectRef<R> {
+        self.task.clone().retype()
+    }
+
+    fn advance(&mut self, timeout: Option<Duration>) -> Option<IonetResult<ObjectRef<T>>> {
+        if self.finished {
+            return None;
+        }
+        let next = next_item(&self.state, &self.task, self.position, timeout);
+        match &next {
+            Some(Ok(_)) => self.position += 1,
+            Some(Err(IonetError::Timeout(_))) => {}
+            _ => self.finished = true,
+        }
+        next.map(|item| item.map(ObjectRef::retype))
+    }
+}
+
+impl<T> Iterator for ObjectRefGenerator<T> {
+    type Item = IonetResult<ObjectRef<T>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.advance(None)
+    }
+}
+
+impl<T> Drop for ObjectRefGenerator<T> {
+    fn drop(&mut self) {
+        close(&self.id);
+    }
+}
