@@ -41,6 +41,7 @@ from ionet._core import (
     shutdown,
     wait,
 )
+from ionet._generator import DynamicObjectRefGenerator, ObjectRefGenerator
 from ionet._ionet import ObjectRef
 from ionet.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, method
 from ionet.remote_function import RemoteFunction
@@ -76,7 +77,9 @@ def _make_remote(function_or_class: _Any, options: dict) -> _Any:
 __all__ = [
     "ActorClass",
     "ActorHandle",
+    "DynamicObjectRefGenerator",
     "ObjectRef",
+    "ObjectRefGenerator",
     "RemoteFunction",
     "available_resources",
     "cancel",

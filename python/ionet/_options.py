@@ -163,11 +163,19 @@ def assigned_resources(options: Dict[str, Any]) -> Optional[Dict[str, float]]:
     return {name: amount for name, amount in assigned.items() if amount}
 
 
-def task_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
+def num_returns(value: Any) -> Any:
+    """A count >= 1, or "streaming" / "dynamic" (a generator task)."""
+    if value in ("streaming", "dynamic"):
+        return value
+    return _integer(1)("num_returns", value)
+
+
+def task_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
     """The native options of a task, and its `num_returns` (handled on this side)."""
     options = dict(options)
-    num_returns = _integer(1)("num_returns", options.pop("num_returns", 1))
-    return _translate(options, _TASK_OPTIONS, "remote functions"), num_returns
+    returns = num_returns(options.pop("num_returns", 1))
+    options.pop("_generator_backpressure_num_objects", None)
+    return _translate(options, _TASK_OPTIONS, "remote functions"), returns
 
 
 def actor_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -190,7 +198,7 @@ def method_options(options: Dict[str, Any]) -> Dict[str, Any]:
         )
     checked = dict(options)
     if "num_returns" in checked:
-        checked["num_returns"] = _integer(1)("num_returns", checked["num_returns"])
+        checked["num_returns"] = num_returns(checked["num_returns"])
     if "concurrency_group" in checked:
         checked["concurrency_group"] = _string("concurrency_group", checked["concurrency_group"])
     return checked

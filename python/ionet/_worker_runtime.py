@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from ionet import _arguments, _context, _export, _ionet
+from ionet import _arguments, _context, _export, _generator, _ionet
 from ionet._serialization import Part, serialize
 from ionet.exceptions import IonetSystemError, describe_failure, encode_task_failure
 from ionet.remote_function import NotRetryable
@@ -78,7 +78,11 @@ def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str,
         function = _load(_export.FUNCTIONS, function_key)
         positional, keywords = _arguments.unpack(args)
         with _context.task_scope(keywords):
-            return serialize(function(*positional, **keywords))
+            result = function(*positional, **keywords)
+            stream = (_context.current() or {}).get("generator")
+            if stream is not None:
+                result = _generator.send_items(result, stream)
+            return serialize(result)
     except SystemExit as exc:
         _exit_process(exc.code)
     except BaseException as exc:
@@ -128,6 +132,9 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
             else:
                 with _groups.slot(method):
                     result = bound(*positional, **keywords)
+                    stream = (_context.current() or {}).get("generator")
+                    if stream is not None:
+                        result = _generator.send_items(result, stream)
         return serialize(result)
     except SystemExit as exc:
         _exit_process(exc.code)

@@ -6,7 +6,7 @@ import inspect
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from ionet import _arguments, _context, _core, _ionet, _options
+from ionet import _arguments, _context, _core, _generator, _ionet, _options
 from ionet._export import CLASSES, ExportedDefinition
 from ionet.remote_function import capture_options, captured_options, split_returns
 
@@ -174,9 +174,16 @@ class ActorMethod:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Calls the method on the actor; returns the ref of its result (or refs)."""
+        stream = None
+        if self._num_returns in (_generator.STREAMING, _generator.DYNAMIC):
+            stream = _generator.open_stream(None)
+            dynamic = self._num_returns == _generator.DYNAMIC
+            kwargs = {**kwargs, _context.CONTEXT_KEY: {"generator": (stream[1], stream[0], dynamic)}}
         ref = self._native_handle.call(self._name, _arguments.pack(args, kwargs), _NO_CALL_OPTIONS)
-        if self._num_returns == 1:
+        if self._num_returns == 1 or self._num_returns == _generator.DYNAMIC:
             return ref
+        if stream is not None:
+            return _generator.ObjectRefGenerator(stream[0], ref)
         return split_returns(ref, self._num_returns)
 
     def _remote(

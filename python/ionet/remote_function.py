@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ionet import _arguments, _context, _core, _ionet, _options
+from ionet import _arguments, _context, _core, _generator, _ionet, _options
 from ionet._export import FUNCTIONS, ExportedDefinition
 from ionet._ionet import ObjectRef
 
@@ -100,11 +100,18 @@ class RemoteFunction:
         context = _context.current()
         if context is not None and context.get("capture") and "scheduling_strategy" not in self._options:
             return self.options(**captured_options(self._options)).remote(*args, **kwargs)
-        if self._context is not None:
+        stream = None
+        if self._num_returns in (_generator.STREAMING, _generator.DYNAMIC):
+            stream = _generator.open_stream(self._options.get("_generator_backpressure_num_objects"))
+            dynamic = self._num_returns == _generator.DYNAMIC
+            kwargs = {**kwargs, _context.CONTEXT_KEY: {**(self._context or {}), "generator": (stream[1], stream[0], dynamic)}}
+        elif self._context is not None:
             kwargs = {**kwargs, _context.CONTEXT_KEY: self._context}
         ref = _ionet.submit_task(self._exported.key(), _arguments.pack(args, kwargs), self._native_options)
-        if self._num_returns == 1:
+        if self._num_returns == 1 or self._num_returns == _generator.DYNAMIC:
             return ref
+        if stream is not None:
+            return _generator.ObjectRefGenerator(stream[0], ref)
         return split_returns(ref, self._num_returns)
 
     def _remote(self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None, **options: Any) -> Any:

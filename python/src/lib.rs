@@ -734,6 +734,69 @@ fn runtime_context(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(dict)
 }
 
+fn stream_id(id: &str) -> PyResult<ionet::ObjectId> {
+    id.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))
+}
+
+/// Opens a stream for a generator task this process consumes: (its id, this process's
+/// address), which the task's sink names.
+#[pyfunction]
+fn generator_open(backpressure: u64) -> PyResult<(String, String)> {
+    let (id, owner) = ionet::generator::open_stream(backpressure).or_raise()?;
+    Ok((id.hex(), owner))
+}
+
+/// Item `position` of the stream (waiting, GIL released), None at its end; raises the
+/// task's error after its items if it failed, `GetTimeoutError` past `timeout`.
+#[pyfunction]
+#[pyo3(signature = (id, task, position, timeout = None))]
+fn generator_next(
+    py: Python<'_>,
+    id: &str,
+    task: &PyObjectRef,
+    position: usize,
+    timeout: Option<f64>,
+) -> PyResult<Option<PyObjectRef>> {
+    let id = stream_id(id)?;
+    let task = task.inner.clone();
+    let deadline = timeout.map(|seconds| Instant::now() + Duration::from_secs_f64(seconds.max(0.0)));
+    loop {
+        let slice = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK),
+            None => SIGNAL_CHECK,
+        };
+        let waited = task.clone();
+        match py.detach(move || ionet::generator::next_of_stream(&id, &waited, position, Some(slice))) {
+            None => return Ok(None),
+            Some(Ok(inner)) => return Ok(Some(PyObjectRef { inner })),
+            Some(Err(IonetError::Timeout(message))) => {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    return Err(to_py(IonetError::Timeout(message)));
+                }
+                py.check_signals()?;
+            }
+            Some(Err(error)) => return Err(to_py(error)),
+        }
+    }
+}
+
+/// Closes a stream this process consumes: its producer stops at its next item.
+#[pyfunction]
+fn generator_close(id: &str) -> PyResult<()> {
+    ionet::generator::close_stream(&stream_id(id)?);
+    Ok(())
+}
+
+/// Sends item `index` (the concatenation of `parts`) of stream `id` to its consumer at
+/// `owner`, waiting while the consumer is too far behind; False: the consumer is gone.
+#[pyfunction]
+fn generator_send(py: Python<'_>, owner: String, id: &str, index: u64, parts: &Bound<'_, PyList>) -> PyResult<bool> {
+    let id = stream_id(id)?;
+    let parts = parts_of(parts)?;
+    let bytes = concatenated(&parts, py);
+    py.detach(move || ionet::generator::send_item(&owner, &id, index, bytes)).or_raise()
+}
+
 /// Ends the actor this worker hosts for good (Ray's `exit_actor`); the process exits.
 #[pyfunction]
 fn exit_actor(py: Python<'_>) -> PyResult<()> {
@@ -988,6 +1051,10 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(get_gpu_ids, module)?,
         wrap_pyfunction!(runtime_context, module)?,
         wrap_pyfunction!(exit_actor, module)?,
+        wrap_pyfunction!(generator_open, module)?,
+        wrap_pyfunction!(generator_next, module)?,
+        wrap_pyfunction!(generator_close, module)?,
+        wrap_pyfunction!(generator_send, module)?,
         wrap_pyfunction!(placement_group, module)?,
         wrap_pyfunction!(placement_group_wait, module)?,
         wrap_pyfunction!(placement_group_ready, module)?,

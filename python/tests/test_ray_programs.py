@@ -350,3 +350,70 @@ def test_runtime_context_in_an_actor():
     name, worker_id, assigned = ionet.get(actor.describe.remote(), timeout=60)
     assert name == "described" and len(worker_id) > 0 and assigned == {"CPU": 1.0}
     ionet.kill(actor)
+
+
+@ionet.remote(num_returns="streaming")
+def count_up(n, pause):
+    for i in range(n):
+        time.sleep(pause)
+        yield i
+
+
+@ionet.remote(num_returns="streaming")
+def two_then_fail():
+    yield "first"
+    yield np.zeros(200_000)  # a large item: through the store
+    raise ValueError("the generator broke")
+
+
+def test_streaming_generator_items_arrive_while_it_runs():
+    generator = count_up.remote(1000, 0.001)
+    assert isinstance(generator, ionet.ObjectRefGenerator)
+    first = next(generator)
+    assert ionet.get(first, timeout=60) == 0
+    ready, _ = ionet.wait([generator.completed()], timeout=0)
+    assert not ready, "the first item came only after the generator finished"
+    assert [ionet.get(ref, timeout=60) for ref in generator] == list(range(1, 1000))
+
+    failing = two_then_fail.remote()
+    assert ionet.get(next(failing), timeout=60) == "first"
+    assert ionet.get(next(failing), timeout=60).shape == (200_000,)
+    with pytest.raises(ValueError, match="the generator broke"):
+        ionet.get(next(failing), timeout=60)
+    with pytest.raises(StopIteration):
+        next(failing)
+
+
+def test_async_iteration_and_a_dropped_consumer():
+    import asyncio
+
+    async def consume():
+        return [await ref async for ref in count_up.remote(5, 0)]
+
+    assert asyncio.run(consume()) == [0, 1, 2, 3, 4]
+    generator = count_up.options(_generator_backpressure_num_objects=1).remote(10_000, 0)
+    next(generator)
+    task = generator.completed()
+    del generator  # the producer stops at its next item
+    assert ionet.get(task, timeout=60) < 10_000
+
+
+@ionet.remote(num_returns="dynamic")
+def split(n):
+    for i in range(n):
+        yield i * 10
+
+
+@ionet.remote(num_cpus=0)
+class Streamer:
+    @ionet.method(num_returns="streaming")
+    def letters(self, word):
+        yield from word
+
+
+def test_dynamic_generators_and_streaming_actor_methods():
+    items = ionet.get(split.remote(4), timeout=60)
+    assert isinstance(items, ionet.DynamicObjectRefGenerator)
+    assert [ionet.get(ref, timeout=60) for ref in items] == [0, 10, 20, 30]
+    streamer = Streamer.remote()
+    assert [ionet.get(ref, timeout=60) for ref in streamer.letters.remote("ionet")] == list("ionet")

@@ -179,6 +179,35 @@ pub(crate) fn open(backpressure: u64) -> IonetResult<(ObjectId, String, Arc<Gene
     Ok((id, worker.address.to_string(), state))
 }
 
+/// For bindings that keep the consumer themselves: opens a stream in this process and
+/// returns its id and this process's address (what the producer's sink names).
+pub fn open_stream(backpressure: u64) -> IonetResult<(ObjectId, String)> {
+    open(backpressure).map(|(id, owner, _)| (id, owner))
+}
+
+/// For bindings: item `position` of stream `id` produced by `task` (see
+/// [`ObjectRefGenerator`] for what each answer means).
+pub fn next_of_stream<T>(
+    id: &ObjectId,
+    task: &ObjectRef<T>,
+    position: usize,
+    timeout: Option<Duration>,
+) -> Option<IonetResult<ObjectRef<T>>> {
+    let state = match runtime::current() {
+        Ok(worker) => worker.generators.get(id).map(|state| state.clone()),
+        Err(err) => return Some(Err(err)),
+    };
+    let Some(state) = state else {
+        return Some(Err(IonetError::NotFound(format!("stream {} is closed", id.short()))));
+    };
+    next_item(&state, task, position, timeout).map(|item| item.map(ObjectRef::retype))
+}
+
+/// Closes a stream this process opened (later sends answer "closed").
+pub fn close_stream(id: &ObjectId) {
+    close(id)
+}
+
 /// Closes a stream this process opened (later sends answer "closed").
 pub(crate) fn close(id: &ObjectId) {
     if let Ok(worker) = runtime::current() {
@@ -190,9 +219,9 @@ pub(crate) fn close(id: &ObjectId) {
 
 /// The next item of stream `state`, waiting for it: `Some(Ok(item))`, `Some(Err(..))` once
 /// if the task failed, `None` at the end. `timeout`: `Err(Timeout)` if nothing came.
-pub(crate) fn next_item(
+pub(crate) fn next_item<R>(
     state: &GeneratorState,
-    task: &ObjectRef<()>,
+    task: &ObjectRef<R>,
     position: usize,
     timeout: Option<Duration>,
 ) -> Option<IonetResult<ObjectRef<()>>> {
