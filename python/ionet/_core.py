@@ -162,8 +162,11 @@ def wait(
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancels the task producing `object_ref`: its `get` raises `TaskCancelledError`.
 
-    `force` kills the worker running it. `recursive` is accepted for Ray's sake; tasks
-    the cancelled task submitted are not cancelled.
+    A call already running is told: an async actor method gets `asyncio.CancelledError`
+    at its next await (and may clean up in `except`), a sync one sees
+    `get_runtime_context().is_canceled()` turn true. `force` kills the worker running a
+    task instead. `recursive` is accepted for Ray's sake: tasks the cancelled task
+    submitted are not cancelled yet.
     """
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")

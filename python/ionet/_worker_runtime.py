@@ -128,7 +128,13 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
         with _context.task_scope(keywords):
             if _is_coroutine_method(type(instance), method, bound):
                 coroutine = _guarded(_groups.run_async(method, bound(*positional, **keywords)))
-                result = asyncio.run_coroutine_threadsafe(coroutine, _event_loop()).result()
+                future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop())
+                task_id = _ionet.runtime_context()["task_id"]
+                _running_coroutines[task_id] = future
+                try:
+                    result = future.result()
+                finally:
+                    _running_coroutines.pop(task_id, None)
             else:
                 with _groups.slot(method):
                     result = bound(*positional, **keywords)
@@ -142,6 +148,19 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
         _exit_process(exc.code)
     except BaseException as exc:
         return encode_task_failure(exc, _user_traceback(exc), f"{type(instance).__qualname__}.{method}")
+
+
+# The futures of the coroutine calls running now, by task id (hex): a cancel cancels them.
+_running_coroutines: Dict[Optional[str], "concurrent.futures.Future[Any]"] = {}
+
+
+def cancel_task(task_id: str) -> None:
+    """The caller cancelled call `task_id`: a coroutine running it gets
+    `asyncio.CancelledError` at its next await (a sync call may poll
+    `get_runtime_context().is_canceled()`)."""
+    future = _running_coroutines.get(task_id)
+    if future is not None:
+        future.cancel()
 
 
 # What the actor hosted here was created with (its placement group, for captured tasks).

@@ -32,6 +32,11 @@ class RuntimeContext:
         """The accelerators assigned to this task or actor: {"GPU": ["0", ...]}."""
         return {"GPU": [str(gpu) for gpu in _ionet.runtime_context()["gpu_ids"]]}
 
+    def is_canceled(self) -> bool:
+        """Whether the caller cancelled the task or actor call running on this thread
+        (`ionet.cancel`): a long call may poll this and stop early."""
+        return _ionet.is_canceled()
+
     def get_worker_id(self) -> Optional[str]:
         """This worker process's id (hex); None in a driver."""
         return _ionet.runtime_context()["worker_id"]

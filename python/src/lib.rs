@@ -423,7 +423,24 @@ fn is_initialized() -> bool {
 /// In a worker process started by a node daemon: serves tasks until killed.
 #[pyfunction]
 fn run_worker(py: Python<'_>) -> PyResult<()> {
+    // A cancelled call is interrupted where Python can: a coroutine at its next await.
+    ionet::set_cancel_hook(Box::new(|task_id| {
+        Python::attach(|py| {
+            let cancelled = py
+                .import("ionet._worker_runtime")
+                .and_then(|runtime| runtime.call_method1("cancel_task", (task_id.hex(),)).map(|_| ()));
+            if let Err(err) = cancelled {
+                err.print(py);
+            }
+        })
+    }));
     py.detach(|| ionet::init(InitConfig::default())).or_raise()
+}
+
+/// Whether the caller cancelled the task or actor call running on this thread.
+#[pyfunction]
+fn is_canceled() -> bool {
+    ionet::is_canceled()
 }
 
 /// The `ionet` command line; returns its exit code.
@@ -1051,6 +1068,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(get_gpu_ids, module)?,
         wrap_pyfunction!(runtime_context, module)?,
         wrap_pyfunction!(exit_actor, module)?,
+        wrap_pyfunction!(is_canceled, module)?,
         wrap_pyfunction!(generator_open, module)?,
         wrap_pyfunction!(generator_next, module)?,
         wrap_pyfunction!(generator_close, module)?,

@@ -417,3 +417,74 @@ def test_dynamic_generators_and_streaming_actor_methods():
     assert [ionet.get(ref, timeout=60) for ref in items] == [0, 10, 20, 30]
     streamer = Streamer.remote()
     assert [ionet.get(ref, timeout=60) for ref in streamer.letters.remote("ionet")] == list("ionet")
+
+
+@ionet.remote(num_cpus=0)
+class Cancellable:
+    def __init__(self):
+        self.cleaned_up = False
+        self.noticed = False
+
+    async def wait_long(self, marker):
+        import asyncio
+
+        open(marker, "w").close()
+        try:
+            await asyncio.sleep(120)
+        except asyncio.CancelledError:
+            print("wait_long was cancelled: cleaning up", flush=True)
+            self.cleaned_up = True
+            raise
+        return "not cancelled"
+
+    async def was_cleaned_up(self):
+        return self.cleaned_up
+
+
+@ionet.remote(num_cpus=0)
+class Poller:
+    def __init__(self):
+        self.noticed = False
+
+    def poll(self, marker):
+        open(marker, "w").close()
+        deadline = time.monotonic() + 120
+        while not ionet.get_runtime_context().is_canceled():
+            assert time.monotonic() < deadline, "the cancel never arrived"
+            time.sleep(0.01)
+        self.noticed = True
+        return "stopped early"
+
+    def started(self):
+        return True
+
+    def noticed_cancel(self):
+        return self.noticed
+
+
+def test_cancel_interrupts_a_running_async_call_and_is_seen_by_a_sync_one(tmp_path):
+    actor = Cancellable.remote()
+    assert ionet.get(actor.was_cleaned_up.remote(), timeout=60) is False
+    ref = actor.wait_long.remote(str(tmp_path / "waiting"))
+    # Cancelled once running (cancelling a queued call is the other case).
+    wait_for_true(lambda: (tmp_path / "waiting").exists())
+    ionet.cancel(ref)
+    with pytest.raises(ionet.exceptions.TaskCancelledError):
+        ionet.get(ref, timeout=60)
+    wait_for_true(lambda: ionet.get(actor.was_cleaned_up.remote(), timeout=60))
+
+    poller = Poller.remote()
+    assert ionet.get(poller.started.remote(), timeout=60)
+    polling = poller.poll.remote(str(tmp_path / "polling"))
+    wait_for_true(lambda: (tmp_path / "polling").exists())
+    ionet.cancel(polling)
+    with pytest.raises(ionet.exceptions.TaskCancelledError):
+        ionet.get(polling, timeout=60)
+    assert ionet.get(poller.noticed_cancel.remote(), timeout=120) is True
+
+
+def wait_for_true(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)

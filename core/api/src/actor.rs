@@ -414,6 +414,16 @@ pub(crate) struct ActorClient {
 }
 
 impl ActorClient {
+    /// Where the call producing `id` runs, if it was sent and not answered yet: the
+    /// actor worker's address and the call's task id.
+    pub(crate) fn running_call(&self, id: &ObjectId) -> Option<(String, TaskId)> {
+        let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner());
+        let (address, sent) = current.as_ref()?;
+        let sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+        let task_id = sent.calls.values().find(|(call, _)| call.return_id == *id)?.0.task_id;
+        Some((address.clone(), task_id))
+    }
+
     /// Something in this process learnt the actor's current row: a newer incarnation
     /// means every older one is gone.
     pub(crate) fn learn(&self, info: &ActorInfo) {
@@ -509,6 +519,8 @@ struct SenderShared {
     broken: AtomicI64,
     /// From the actor's spec, once known.
     max_task_retries: AtomicI64,
+    /// The worker address and sent calls of the current stream (read by cancels).
+    current: Mutex<Option<(String, Arc<Mutex<SentCalls>>)>>,
 }
 
 impl ActorClient {
@@ -521,6 +533,7 @@ impl ActorClient {
             queue: queue.clone(),
             broken: AtomicI64::new(-1),
             max_task_retries: AtomicI64::new(0),
+            current: Mutex::new(None),
         });
         worker.handle.spawn(send_calls(shared.clone(), calls));
         worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
@@ -766,7 +779,10 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
             ActorState::Dead => return Ok(Err(death_message(&shared.actor, &info))),
             ActorState::Alive if i64::from(info.incarnation) > broken => {
                 let channel = worker.channel(&info.address)?;
-                return Ok(Ok(open_stream(shared, info.incarnation, channel)));
+                let connection = open_stream(shared, info.incarnation, channel);
+                *shared.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((info.address.clone(), connection.sent.clone()));
+                return Ok(Ok(connection));
             }
             _ => continue,
         }

@@ -20,6 +20,46 @@ pub(crate) fn child_depth() -> u32 {
     CURRENT_DEPTH.with(|current| current.get()).saturating_add(1)
 }
 
+/// What a language binding does when a call it runs is cancelled (e.g. interrupt a
+/// coroutine), called on a runtime thread with the call's task id.
+pub type CancelHook = Box<dyn Fn(TaskId) + Send + Sync>;
+
+static CANCEL_HOOK: std::sync::OnceLock<CancelHook> = std::sync::OnceLock::new();
+
+/// Sets this process's [`CancelHook`] (once; later calls are ignored).
+pub fn set_cancel_hook(hook: CancelHook) {
+    let _ = CANCEL_HOOK.set(hook);
+}
+
+/// The caller of the task or actor call running on this thread cancelled it (Ray's
+/// `get_runtime_context().is_canceled()`): a long call may poll this and stop early.
+pub fn is_canceled() -> bool {
+    let Some(task) = CURRENT_TASK.with(|current| *current.borrow()) else { return false };
+    let Ok(runtime) = crate::runtime::current() else { return false };
+    runtime.any_cancelled.load(std::sync::atomic::Ordering::SeqCst)
+        && runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner()).contains(&task)
+}
+
+/// A cancel for `task` arrived: marks it, and tells the binding running it.
+pub(crate) fn cancelled(runtime: &crate::runtime::CoreWorker, task: TaskId) {
+    runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(task);
+    runtime.any_cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(hook) = CANCEL_HOOK.get() {
+        hook(task);
+    }
+}
+
+/// The call of `task` ended: forget its cancel, if any.
+pub(crate) fn call_ended(runtime: &crate::runtime::CoreWorker, task: TaskId) {
+    if runtime.any_cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut cancelled = runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner());
+        cancelled.remove(&task);
+        if cancelled.is_empty() {
+            runtime.any_cancelled.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// What the running process and task know about themselves.
 #[derive(Clone, Debug)]
 pub struct RuntimeContext {

@@ -109,6 +109,8 @@ pub fn cancel(object: &ObjectRef<Raw>, force: bool) -> IonetResult<()> {
     )))));
     if force {
         worker.kill_running_task(&object.id());
+    } else {
+        worker.notify_cancelled(&object.id());
     }
     Ok(())
 }

@@ -159,6 +159,8 @@ pub(crate) fn copy_error(error: &IonetError) -> IonetError {
 pub(crate) struct Lease {
     lease_id: Vec<u8>,
     node_address: String,
+    /// The leased worker's own address (for cancels).
+    worker_address: String,
     tasks: TaskStream,
     /// Tasks pushed and not answered yet, and the sum of their expected run times in
     /// microseconds (both changed under the pool's `leases` lock).
@@ -235,7 +237,11 @@ pub(crate) struct CoreWorker {
     pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
     /// The lease each pushed task (by return object) runs on, until it answers.
-    running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>)>,
+    running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>, TaskId)>,
+    /// Tasks and calls running here whose caller cancelled them (`CancelTask`), and
+    /// whether there are any (read before locking, on every call's end).
+    pub(crate) cancelled: Mutex<std::collections::HashSet<TaskId>>,
+    pub(crate) any_cancelled: AtomicBool,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
@@ -360,6 +366,8 @@ impl CoreWorker {
             stopping: watch::channel(false).0,
             channels: DashMap::new(),
             running_tasks: DashMap::new(),
+            cancelled: Mutex::new(std::collections::HashSet::new()),
+            any_cancelled: AtomicBool::new(false),
             inline_threshold,
             handle: tokio_runtime().handle().clone(),
             store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
@@ -443,11 +451,29 @@ impl CoreWorker {
         }
     }
 
+    /// Tells the worker running the task or actor call producing `id` (if any is) that
+    /// it was cancelled. Best effort: a call that already ended is past cancelling.
+    pub(crate) fn notify_cancelled(&self, id: &ObjectId) {
+        let target = self
+            .running_tasks
+            .get(id)
+            .map(|entry| (entry.1.worker_address.clone(), entry.2))
+            .or_else(|| self.actor_clients.iter().find_map(|client| client.running_call(id)));
+        let Some((address, task_id)) = target else { return };
+        let Ok(channel) = self.channel(&address) else { return };
+        self.handle.spawn(async move {
+            let request = ionet_common::rpc::proto::worker::CancelTaskRequest { task_id: task_id.to_vec() };
+            if let Err(status) = CoreWorkerClient::new(channel).cancel_task(request).await {
+                tracing::debug!(error = %status.message(), "the cancel did not reach the worker");
+            }
+        });
+    }
+
     /// Cancels the task producing `id` if it is running: its lease goes back as failed,
     /// so the node daemon kills the worker. Tasks queued behind it on that worker are
     /// pushed again without spending an attempt.
     pub(crate) fn kill_running_task(&self, id: &ObjectId) {
-        if let Some((_, (pool, lease))) = self.running_tasks.remove(id) {
+        if let Some((_, (pool, lease, _))) = self.running_tasks.remove(id) {
             lease.killed_by_cancel.store(true, Ordering::SeqCst);
             let worker = current_or_panic();
             self.handle.spawn(async move { worker.return_lease(&pool, &lease, true).await });
@@ -777,6 +803,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
         Ok(Lease {
             lease_id: granted.lease_id,
             node_address,
+            worker_address: granted.worker_address.clone(),
             tasks: TaskStream::open(&worker.handle, channel),
             in_flight: AtomicUsize::new(0),
             queued_micros: AtomicU64::new(0),
@@ -924,7 +951,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
         let lease = worker.acquire(&pool, estimate, spec.depth).await?;
         // Known before the settled check, so a forced cancel either finds the lease or is
         // seen by the check.
-        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone()));
+        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone(), spec.task_id));
         if spec.entry.is_settled() {
             // Cancelled while it waited: it never runs.
             worker.running_tasks.remove(&spec.return_id);

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
     get_object_reply, push_task_reply, report_generator_item_request, task_arg, task_failure, ActorCallBatch,
-    CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply,
-    PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch, ReportGeneratorItemReply,
-    ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
-    WatchEvent, WatchRequest,
+    CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply,
+    GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch,
+    ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg,
+    TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -63,6 +63,9 @@ fn run_blocking(
     context::set_current_task(task_id, depth);
     let result = std::panic::catch_unwind(AssertUnwindSafe(call));
     context::set_current_task(None, 0);
+    if let Some(task_id) = task_id {
+        context::call_ended(worker, task_id);
+    }
     let outcome =
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
@@ -408,6 +411,14 @@ impl CoreWorkerRpc for CoreWorkerService {
         };
         let open = state.report(&self.worker, &id, request.index, value).await?;
         Ok(Response::new(ReportGeneratorItemReply { closed: !open }))
+    }
+
+    async fn cancel_task(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskReply>, Status> {
+        let task_id = TaskId::from_bytes(&request.into_inner().task_id)?;
+        // The hook may take a language's lock (Python's GIL): off the event loop.
+        let worker = self.worker.clone();
+        let _ = tokio::task::spawn_blocking(move || context::cancelled(&worker, task_id)).await;
+        Ok(Response::new(CancelTaskReply {}))
     }
 
     async fn return_idle_leases(
