@@ -17,6 +17,8 @@ ray_out=$(mktemp)
 trap 'rm -f "$ionet_out" "$ray_out"' EXIT
 "$python" -m ionet.microbenchmark "$filter" "$@" | tee "$ionet_out"
 bash "$baseline" ${filter:+"$filter"} | tee "$ray_out"
+# The patterns Ray's microbenchmark leaves out, timed on Ray by the same file.
+"${RAY_BASELINE_VENV:-$HOME/.cache/ionet-ray-baseline}/bin/python" "$here/ionet/_patterns.py" "$filter" 2>/dev/null | tee -a "$ray_out"
 
 echo
 # Lines read "<name> per second <mean> +- <stddev>"; names are joined on the text before " per second ".

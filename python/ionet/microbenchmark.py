@@ -24,6 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 import ionet
+from ionet import _patterns
 
 TRIALS = 4
 
@@ -292,6 +293,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.filter in name:
                 with setup() as body:
                     timeit(name, body, multiplier, args.seconds)
+        # Ray patterns its microbenchmark leaves out (Ray's lines: run _patterns.py with Ray).
+        for name, multiplier, body in _patterns.make_benchmarks(ionet):
+            if args.filter in name:
+                _patterns.time_body(name, multiplier, body)
     finally:
         ionet.shutdown()
 
