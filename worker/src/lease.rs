@@ -1226,4 +1226,26 @@ mod tests {
         assert_eq!(cpus(&leases), 3, "available = total once every lease has ended");
         assert_eq!(leases.lock().released_leases, 0);
     }
+
+    #[test]
+    fn deeper_waiting_requests_go_first() {
+        let leases = leases(1);
+        let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+        let strategy = SchedulingStrategy::Default;
+        // A request at depth 3 waits here (ticket 7); one CPU comes free.
+        leases.lock().waiters.insert(7, (3, one.clone()));
+        assert!(
+            matches!(leases.decide(&one, &strategy, true, None, 1), Step::Wait(_)),
+            "a shallower request took the CPU a deeper one waits for"
+        );
+        assert!(matches!(leases.decide(&one, &strategy, true, Some(7), 3), Step::Grant(..)));
+        // With room for both, nobody waits.
+        let leases = leases_with(2);
+        leases.lock().waiters.insert(7, (3, one.clone()));
+        assert!(matches!(leases.decide(&one, &strategy, true, None, 1), Step::Grant(..)));
+    }
+
+    fn leases_with(cpus: i64) -> Leases {
+        leases(cpus)
+    }
 }
