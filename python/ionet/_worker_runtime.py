@@ -71,6 +71,13 @@ async def _guarded(coroutine: Any) -> Any:
         raise _ExitRequested(exc.code) from None
 
 
+def _streamed(result: Any) -> Any:
+    """A generator call's result sent item by item to its consumer (the call's value is
+    then the count); any other call's result as it is."""
+    stream = (_context.current() or {}).get("generator")
+    return result if stream is None else _generator.send_items(result, stream)
+
+
 def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str, Tuple[str, bool]]:
     """Runs the function exported under `function_key` with the arguments in `args`."""
     function = None
@@ -78,11 +85,7 @@ def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str,
         function = _load(_export.FUNCTIONS, function_key)
         positional, keywords = _arguments.unpack(args)
         with _context.task_scope(keywords):
-            result = function(*positional, **keywords)
-            stream = (_context.current() or {}).get("generator")
-            if stream is not None:
-                result = _generator.send_items(result, stream)
-            return serialize(result)
+            return serialize(_streamed(function(*positional, **keywords)))
     except SystemExit as exc:
         _exit_process(exc.code)
     except BaseException as exc:
@@ -137,10 +140,7 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
                     _running_coroutines.pop(task_id, None)
             else:
                 with _groups.slot(method):
-                    result = bound(*positional, **keywords)
-                    stream = (_context.current() or {}).get("generator")
-                    if stream is not None:
-                        result = _generator.send_items(result, stream)
+                    result = _streamed(bound(*positional, **keywords))
         return serialize(result)
     except SystemExit as exc:
         _exit_process(exc.code)
