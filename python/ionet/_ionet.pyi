@@ -56,6 +56,7 @@ def init(
     worker_argv: List[str],
     worker_env: Dict[str, str],
     worker_cwd: str,
+    payer_account: str = "",
 ) -> None:
     """Joins the cluster at `address` ("auto" or "host:port"), or starts an embedded one
     (None). Node daemons start this job's workers with `worker_argv` in `worker_cwd`,
@@ -107,7 +108,7 @@ def get_gpu_ids() -> List[int]: ...
 def runtime_context() -> Dict[str, Any]:
     """job_id, node_id, task_id, actor_id, gpu_ids, namespace."""
 
-def placement_group(bundles: List[Dict[str, float]], strategy: str, name: str) -> str:
+def placement_group(bundles: List[Dict[str, float]], strategy: str, name: str, detached: bool = False) -> str:
     """Asks for a group; its id (hex)."""
 
 def placement_group_wait(pg_id: str, timeout: Optional[float]) -> bool: ...
@@ -116,3 +117,16 @@ def placement_group_ready(pg_id: str, value: bytes) -> ObjectRef:
 
 def remove_placement_group(pg_id: str) -> None: ...
 def placement_group_table(pg_id: Optional[str]) -> Dict[str, Any]: ...
+def exit_actor() -> NoReturn:
+    """Ends the actor this worker hosts for good (no restart); the process exits."""
+def is_canceled() -> bool:
+    """Whether the caller cancelled the task or actor call running on this thread."""
+def current_task_id() -> Optional[str]:
+    """The id (hex) of the task or actor call running on this thread, if any."""
+def generator_open(backpressure: int) -> Tuple[str, str]:
+    """Opens a stream this process consumes: (its id, this process's address)."""
+def generator_next(id: str, task: ObjectRef, position: int, timeout: Optional[float] = None) -> Optional[ObjectRef]:
+    """Item `position` of the stream, None at its end; raises the task's error after its items."""
+def generator_close(id: str) -> None: ...
+def generator_send(owner: str, id: str, index: int, parts: List[Part]) -> bool:
+    """Sends item `index` to the stream's consumer; False once it is gone."""

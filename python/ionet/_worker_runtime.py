@@ -132,7 +132,7 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
             if _is_coroutine_method(type(instance), method, bound):
                 coroutine = _guarded(_groups.run_async(method, bound(*positional, **keywords)))
                 future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop())
-                task_id = _ionet.runtime_context()["task_id"]
+                task_id = _ionet.current_task_id()
                 _running_coroutines[task_id] = future
                 try:
                     result = future.result()

@@ -437,6 +437,12 @@ fn run_worker(py: Python<'_>) -> PyResult<()> {
     py.detach(|| ionet::init(InitConfig::default())).or_raise()
 }
 
+/// The id (hex) of the task or actor call running on this thread, if any.
+#[pyfunction]
+fn current_task_id() -> Option<String> {
+    ionet::current_task_id().map(|id| id.hex())
+}
+
 /// Whether the caller cancelled the task or actor call running on this thread.
 #[pyfunction]
 fn is_canceled() -> bool {
@@ -1069,6 +1075,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(runtime_context, module)?,
         wrap_pyfunction!(exit_actor, module)?,
         wrap_pyfunction!(is_canceled, module)?,
+        wrap_pyfunction!(current_task_id, module)?,
         wrap_pyfunction!(generator_open, module)?,
         wrap_pyfunction!(generator_next, module)?,
         wrap_pyfunction!(generator_close, module)?,

@@ -19,6 +19,19 @@ from ionet.util.scheduling_strategies import (
 pytestmark = pytest.mark.usefixtures("process_cluster")
 
 
+def run_second_driver(script, process_cluster):
+    """Runs `script` as another driver of the cluster (its argv[1] is the session
+    directory); its standard output, stripped. Fails the test with its errors."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(process_cluster.session_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @ionet.remote(num_cpus=1)
 def node_of_task():
     return ionet.get_runtime_context().get_node_id()
@@ -99,14 +112,7 @@ def test_detached_actor_is_reached_from_another_driver(process_cluster):
         ionet.shutdown()
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(process_cluster.session_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "hello from the first driver"
+    assert run_second_driver(script, process_cluster) == "hello from the first driver"
     ionet.kill(registry)
 
 
@@ -126,15 +132,9 @@ def test_detached_named_placement_group_is_found_from_a_second_driver(process_cl
         ionet.shutdown()
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(process_cluster.session_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    kept_id = run_second_driver(script, process_cluster)
     found = ionet.util.get_placement_group("kept-group")
-    assert str(found.id) == done.stdout.strip()
+    assert str(found.id) == kept_id
     assert found.bundle_specs == [{"CPU": 1.0}]
     assert placement_group_table(found)["state"] == "CREATED"
     strategy = PlacementGroupSchedulingStrategy(found, 0)

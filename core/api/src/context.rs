@@ -15,6 +15,12 @@ pub(crate) fn set_current_task(task: Option<TaskId>, depth: u32) {
     CURRENT_DEPTH.with(|current| current.set(depth));
 }
 
+/// The task or actor call running on this thread, if any (cheaper than
+/// [`get_runtime_context`] when that is all a caller needs).
+pub fn current_task_id() -> Option<TaskId> {
+    CURRENT_TASK.with(|current| *current.borrow())
+}
+
 /// The depth of the tasks the calling thread submits: one below the task it runs.
 pub(crate) fn child_depth() -> u32 {
     CURRENT_DEPTH.with(|current| current.get()).saturating_add(1)

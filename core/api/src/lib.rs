@@ -54,7 +54,9 @@ pub use api::{
     ObjectBytes,
 };
 pub use arrow_array;
-pub use context::{get_gpu_ids, get_runtime_context, is_canceled, set_cancel_hook, CancelHook, RuntimeContext};
+pub use context::{
+    current_task_id, get_gpu_ids, get_runtime_context, is_canceled, set_cancel_hook, CancelHook, RuntimeContext,
+};
 pub use generator::{stream, stream_with_backpressure, GeneratorSink, ObjectRefGenerator};
 pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;

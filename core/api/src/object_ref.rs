@@ -46,19 +46,19 @@ impl<T> ObjectRef<T> {
         &self.owner
     }
 
-    /// The same handle as a ref to another type (the count moves with it).
+    /// The same handle as a ref to another type: its count, owner and entry move over
+    /// (nothing is counted or leaked twice).
     pub(crate) fn retype<U>(self) -> ObjectRef<U> {
-        let this = std::mem::ManuallyDrop::new(self);
-        ObjectRef { id: this.id, owner: this.owner.clone(), entry: this.entry.clone(), _value: PhantomData }
+        let mut this = std::mem::ManuallyDrop::new(self);
+        let entry = this.entry.take();
+        // SAFETY: `this` is never dropped, so its `owner` is moved out exactly once.
+        let owner = unsafe { std::ptr::read(&this.owner) };
+        ObjectRef { id: this.id, owner, entry, _value: PhantomData }
     }
 
     /// The same handle, untyped, as task arguments hold it.
     pub(crate) fn erase(&self) -> ObjectRef<()> {
-        let clone = self.clone();
-        let erased =
-            ObjectRef { id: clone.id, owner: clone.owner.clone(), entry: clone.entry.clone(), _value: PhantomData };
-        std::mem::forget(clone); // the count moves to `erased`
-        erased
+        self.clone().retype()
     }
 }
 
