@@ -92,6 +92,12 @@ def init(
     if not _shutdown_registered:
         atexit.register(shutdown)
         _shutdown_registered = True
+    for hook in list(_after_init):
+        hook()
+
+
+# Called at the end of every `init` (e.g. tqdm_ray starts the actor its bars report to).
+_after_init: List[Any] = []
 
 
 def shutdown() -> None:
@@ -165,12 +171,12 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     A call already running is told: an async actor method gets `asyncio.CancelledError`
     at its next await (and may clean up in `except`), a sync one sees
     `get_runtime_context().is_canceled()` turn true. `force` kills the worker running a
-    task instead. `recursive` is accepted for Ray's sake: tasks the cancelled task
-    submitted are not cancelled yet.
+    task instead. With `recursive` (the default) the tasks the cancelled task submitted
+    are cancelled too, and theirs.
     """
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")
-    _ionet.cancel(object_ref, force)
+    _ionet.cancel(object_ref, force, recursive)
 
 
 def nodes() -> List[Dict[str, Any]]:

@@ -121,6 +121,7 @@ _TASK_OPTIONS = {
     **_RESOURCE_OPTIONS,
     "max_retries": _integer(-1),
     "retry_exceptions": _retry_exceptions,
+    "max_calls": _integer(0),
 }
 
 _ACTOR_OPTIONS = {

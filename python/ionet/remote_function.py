@@ -68,6 +68,7 @@ class RemoteFunction:
 
     `f.options(**options)` gives the same function with other options: num_cpus,
     num_gpus, memory, resources, accelerator_type, max_retries, retry_exceptions,
+    max_calls (a worker runs at most this many calls, then a fresh one takes over),
     num_returns, scheduling_strategy.
     """
 

@@ -329,6 +329,9 @@ fn task_options(options: &Bound<'_, PyDict>, default_cpus: f64) -> PyResult<Task
     if let Some(retry) = option::<bool>(options, "retry_exceptions")? {
         task.retry_exceptions = retry;
     }
+    if let Some(calls) = option::<u32>(options, "max_calls")? {
+        task.max_calls = calls;
+    }
     if let Some(strategy) = options.get_item("scheduling_strategy")? {
         if !strategy.is_none() {
             apply_strategy(&mut task, &strategy)?;
@@ -678,9 +681,9 @@ fn kill(py: Python<'_>, handle: &PyActorHandle, no_restart: bool) -> PyResult<()
 }
 
 #[pyfunction]
-#[pyo3(signature = (reference, force = false))]
-fn cancel(reference: &PyObjectRef, force: bool) -> PyResult<()> {
-    raw::cancel(&reference.inner, force).or_raise()
+#[pyo3(signature = (reference, force = false, recursive = true))]
+fn cancel(reference: &PyObjectRef, force: bool, recursive: bool) -> PyResult<()> {
+    raw::cancel(&reference.inner, force, recursive).or_raise()
 }
 
 fn resources_dict<'py>(py: Python<'py>, set: &ionet::ResourceSet) -> PyResult<Bound<'py, PyDict>> {
@@ -754,6 +757,7 @@ fn runtime_context(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("namespace", context.namespace)?;
     dict.set_item("actor_incarnation", context.actor_incarnation)?;
     dict.set_item("worker_id", context.worker_id)?;
+    dict.set_item("is_worker", context.is_worker)?;
     Ok(dict)
 }
 

@@ -483,6 +483,101 @@ def test_cancel_interrupts_a_running_async_call_and_is_seen_by_a_sync_one(tmp_pa
     assert ionet.get(poller.noticed_cancel.remote(), timeout=120) is True
 
 
+@ionet.remote
+def wait_to_be_cancelled(marker):
+    with open(marker, "w") as file:
+        file.write("started")
+    deadline = time.monotonic() + 120
+    while not ionet.get_runtime_context().is_canceled():
+        assert time.monotonic() < deadline, "the cancel never arrived"
+        time.sleep(0.01)
+    with open(marker, "w") as file:
+        file.write("cancelled")
+    return 1
+
+
+@ionet.remote
+def parent_of_waiter(marker):
+    try:
+        return ionet.get(wait_to_be_cancelled.remote(marker))
+    except ionet.exceptions.TaskCancelledError:
+        return 0
+
+
+def test_a_recursive_cancel_reaches_the_tasks_the_task_submitted(tmp_path):
+    marker = tmp_path / "grandchild"
+    read = lambda: marker.read_text() if marker.exists() else ""
+    parent = parent_of_waiter.remote(str(marker))
+    wait_for_true(lambda: read() == "started")
+    ionet.cancel(parent)  # recursive by default, as in Ray
+    with pytest.raises(ionet.exceptions.TaskCancelledError):
+        ionet.get(parent, timeout=60)
+    wait_for_true(lambda: read() == "cancelled")
+
+
+@ionet.remote(max_calls=1)
+def pid_once():
+    return os.getpid()
+
+
+def test_max_calls_gives_each_call_a_fresh_worker():
+    pids = [ionet.get(pid_once.remote(), timeout=60) for _ in range(3)]
+    assert len(set(pids)) == 3
+    pids = ionet.get([pid_once.remote() for _ in range(4)], timeout=60)
+    assert len(set(pids)) == 4
+    with pytest.raises(ValueError, match="max_calls"):
+        pid_once.options(max_calls=-1)
+
+
+@ionet.remote(num_cpus=0)
+class Tally:
+    def __init__(self):
+        self.count = 0
+
+    def add(self):
+        self.count += 1
+        return self.count
+
+
+@ionet.remote
+def add_to_named(name):
+    return ionet.get(ionet.get_actor(name).add.remote())
+
+
+def test_tasks_find_the_drivers_named_actors_in_its_namespace():
+    tally = Tally.options(name="tally").remote()
+    assert ionet.get(add_to_named.remote("tally"), timeout=60) == 1
+    assert ionet.get(tally.add.remote(), timeout=60) == 2
+
+
+def test_tqdm_ray_bars_of_tasks_are_drawn_by_the_driver(capfd):
+    from ionet.experimental import tqdm_ray
+
+    @ionet.remote
+    def count(n, name):
+        bar = tqdm_ray.tqdm(total=n, desc=name)
+        for _ in range(n):
+            bar.update(1)
+        bar.close()
+        return sum(1 for _ in tqdm_ray.tqdm(range(n), desc=name + "-iterated"))
+
+    assert ionet.get([count.remote(50, "first"), count.remote(30, "second")], timeout=60) == [50, 30]
+    seen = ""
+
+    def drawn():
+        nonlocal seen
+        seen += capfd.readouterr().err
+        return all(line in seen for line in ("first: 100%", "50/50", "second: 100%", "30/30", "second-iterated: 100%"))
+
+    wait_for_true(drawn)
+    # A driver's own bar draws directly.
+    with tqdm_ray.tqdm(total=3, desc="driver") as bar:
+        bar.update(3)
+    assert "driver: 100%" in capfd.readouterr().err
+    # Later test modules' clusters need no bar actor.
+    ionet._core._after_init.remove(tqdm_ray._after_init)
+
+
 def wait_for_true(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():

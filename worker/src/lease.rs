@@ -13,7 +13,8 @@
 //! - A leased worker whose task is blocked in `get`/`wait` gives its lease's CPUs back
 //!   (`released`) while at most `max_blocked_workers` leases have done so, so the tasks it
 //!   waits for can run (Ray's blocked-worker release); past the cap a blocked worker keeps
-//!   its CPUs, which bounds the extra workers a tree of tasks starts. Resuming takes them
+//!   its CPUs, which bounds the extra workers a tree of tasks starts, unless every lease
+//!   holding CPUs is blocked (then nothing else could ever run, so it lends them anyway). Resuming takes them
 //!   back even past what is free: `available` may then be negative for CPU until leases
 //!   end (it is reported clamped at zero). So `available = total − Σ held`, where a
 //!   lease holds its resources less what it released.
@@ -150,9 +151,16 @@ impl LeaseState {
         }
     }
 
-    /// Releases the CPUs of a blocked lease to its pool, if under the cap.
+    /// Releases the CPUs of a blocked lease to its pool, if under the cap, or past it when
+    /// every lease holding CPUs here is blocked (nothing could run otherwise: the tasks
+    /// they wait for would never start).
     fn release_blocked_cpus(&mut self, lease_id: &LeaseId, cap: usize) -> bool {
-        if self.released_leases >= cap {
+        let stalled = || {
+            self.leases
+                .values()
+                .all(|granted| granted.blocked || !granted.released.is_zero() || granted.resources.get(CPU).is_zero())
+        };
+        if self.released_leases >= cap && !stalled() {
             tracing::info!(
                 cap,
                 lease = %lease_id.short(),
@@ -1189,7 +1197,8 @@ mod tests {
 
     #[test]
     fn blocked_workers_lend_their_cpus_up_to_the_cap() {
-        let leases = leases(3); // the cap of released blocked workers is 2
+        let leases = leases(4); // the cap of released blocked workers is 2
+        let (x, _) = lease_one_cpu(&leases); // runs without blocking until the end
         let (a, lease_a) = lease_one_cpu(&leases);
         let (b, _) = lease_one_cpu(&leases);
         let (c, _) = lease_one_cpu(&leases);
@@ -1218,12 +1227,20 @@ mod tests {
         assert_eq!(cpus(&leases), 1);
         leases.set_worker_blocked(d.as_bytes(), true).unwrap();
         assert_eq!(cpus(&leases), 2, "one lent (c), so d may lend too");
+
+        // Past the cap, a blocked worker keeps its CPU while another runs; once every
+        // holder of CPUs is blocked, nothing could run, so the last to block lends anyway.
+        leases.set_worker_blocked(x.as_bytes(), true).unwrap();
+        assert_eq!(cpus(&leases), 2, "b still runs: x keeps its CPU");
+        leases.set_worker_blocked(b.as_bytes(), true).unwrap();
+        assert_eq!(cpus(&leases), 3, "every holder blocked: b lends past the cap");
+
         assert!(matches!(leases.set_worker_blocked(WorkerId::random().as_bytes(), true), Err(IonetError::NotFound(_))));
-        for worker in [b, c, d] {
+        for worker in [b, c, d, x] {
             let lease_id = leases.workers.get(&worker).and_then(|entry| entry.1).unwrap();
             leases.end_lease(lease_id, false).unwrap();
         }
-        assert_eq!(cpus(&leases), 3, "available = total once every lease has ended");
+        assert_eq!(cpus(&leases), 4, "available = total once every lease has ended");
         assert_eq!(leases.lock().released_leases, 0);
     }
 

@@ -80,6 +80,15 @@ pub fn get_all<T: DeserializeOwned>(objects: &[ObjectRef<T>]) -> IonetResult<Vec
     all.into_iter().map(|bytes| task::decode_value(&bytes?).map_err(IonetError::InvalidArgument)).collect()
 }
 
+/// Cancels the task or actor call producing `object` (Ray's `cancel`); this process must
+/// own it. Its `get` fails with `Cancelled`. A call already running is told
+/// ([`crate::is_canceled`] turns true in it); `force` kills the worker running a task
+/// instead. With `recursive` the tasks it submitted are cancelled too, and theirs. An
+/// object already produced is left alone.
+pub fn cancel<T>(object: &ObjectRef<T>, force: bool, recursive: bool) -> IonetResult<()> {
+    runtime::current()?.cancel_owned(&object.id(), force, recursive)
+}
+
 /// Waits until `num_returns` of `objects` are ready (or `timeout` passes); returns the
 /// ready ones and the rest, each in their input order, as Ray's `wait`.
 pub fn wait<T>(

@@ -46,10 +46,14 @@ pub fn is_canceled() -> bool {
         && runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner()).contains(&task)
 }
 
-/// A cancel for `task` arrived: marks it, and tells the binding running it.
-pub(crate) fn cancelled(runtime: &crate::runtime::CoreWorker, task: TaskId) {
+/// A cancel for `task` arrived: marks it, tells the binding running it and, with
+/// `recursive`, cancels the tasks it submitted.
+pub(crate) fn cancelled(runtime: &crate::runtime::CoreWorker, task: TaskId, recursive: bool) {
     runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(task);
     runtime.any_cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+    if recursive {
+        runtime.cancel_children(task);
+    }
     if let Some(hook) = CANCEL_HOOK.get() {
         hook(task);
     }
@@ -57,6 +61,9 @@ pub(crate) fn cancelled(runtime: &crate::runtime::CoreWorker, task: TaskId) {
 
 /// The call of `task` ended: forget its cancel, if any.
 pub(crate) fn call_ended(runtime: &crate::runtime::CoreWorker, task: TaskId) {
+    if !runtime.children.is_empty() {
+        runtime.children.remove(&task);
+    }
     if runtime.any_cancelled.load(std::sync::atomic::Ordering::SeqCst) {
         let mut cancelled = runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner());
         cancelled.remove(&task);

@@ -50,8 +50,8 @@ pub mod testing;
 pub use actor::{create_actor, exit_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};
 pub use actor_pool::ActorPool;
 pub use api::{
-    get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait, wait_flags,
-    ObjectBytes,
+    cancel, get, get_all, get_bytes, get_record_batch, get_timeout, nodes, put, put_bytes, put_record_batch, wait,
+    wait_flags, ObjectBytes,
 };
 pub use arrow_array;
 pub use context::{

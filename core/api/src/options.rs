@@ -37,6 +37,9 @@ pub struct TaskOptions {
     pub max_retries: u32,
     /// Also retry when the task returns an error or panics.
     pub retry_exceptions: bool,
+    /// A worker process runs at most this many calls of the function, then is replaced
+    /// (Ray's `max_calls`, for code that leaks memory, GPU memory say); 0: no limit.
+    pub max_calls: u32,
     pub scheduling_strategy: SchedulingStrategy,
     /// Run inside this bundle (group id, bundle index), from its reserved resources.
     pub placement_group: Option<(PlacementGroupId, u32)>,
@@ -52,6 +55,7 @@ impl Default for TaskOptions {
             resources: BTreeMap::new(),
             max_retries: 3,
             retry_exceptions: false,
+            max_calls: 0,
             scheduling_strategy: SchedulingStrategy::Default,
             placement_group: None,
         }
@@ -66,6 +70,12 @@ impl TaskOptions {
 
     pub fn num_gpus(mut self, gpus: f64) -> Self {
         self.num_gpus = gpus;
+        self
+    }
+
+    /// See [`TaskOptions::max_calls`].
+    pub fn max_calls(mut self, calls: u32) -> Self {
+        self.max_calls = calls;
         self
     }
 

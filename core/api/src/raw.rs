@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet_common::{IonetError, IonetResult, ObjectId};
+use ionet_common::{IonetResult, ObjectId};
 
 use crate::api::ObjectBytes;
 use crate::object_ref::ObjectRef;
@@ -92,27 +92,9 @@ pub fn on_ready(object: &ObjectRef<Raw>, callback: impl FnOnce() + Send + 'stati
     Ok(())
 }
 
-/// Fails a pending object this process owns with `Cancelled`. Without `force` a task
-/// already running runs on (its value is dropped); with `force` its worker process is
-/// killed. An object already produced is left alone.
-pub fn cancel(object: &ObjectRef<Raw>, force: bool) -> IonetResult<()> {
-    let worker = runtime::current()?;
-    let Some(entry) = worker.objects.get(&object.id()).map(|entry| entry.clone()) else {
-        return Err(IonetError::InvalidArgument(format!(
-            "object {} is not owned by this process: only its owner can cancel it",
-            object.id().short()
-        )));
-    };
-    entry.settle(ObjectState::Failed(Arc::new(IonetError::Cancelled(format!(
-        "object {} was cancelled by its owner",
-        object.id().short()
-    )))));
-    if force {
-        worker.kill_running_task(&object.id());
-    } else {
-        worker.notify_cancelled(&object.id());
-    }
-    Ok(())
+/// [`crate::cancel`] of an untyped ref.
+pub fn cancel(object: &ObjectRef<Raw>, force: bool, recursive: bool) -> IonetResult<()> {
+    crate::api::cancel(object, force, recursive)
 }
 
 /// Puts a value into the control store's KV (`overwrite: false` keeps an existing one).

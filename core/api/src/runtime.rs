@@ -25,7 +25,7 @@
 //! of tasks (`context::child_depth`); lease requests carry it so daemons serve the
 //! deepest first.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,8 @@ pub(crate) struct Lease {
     returned: AtomicBool,
     /// Set when a forced cancel of one of its tasks killed the worker.
     killed_by_cancel: AtomicBool,
+    /// Tasks given a slot on it (counted only in pools with `max_calls`).
+    started: AtomicU32,
 }
 
 struct ShapePool {
@@ -187,6 +189,9 @@ struct ShapePool {
     run_micros: Mutex<HashMap<u64, u64>>,
     /// For a task in any bundle of a group: the bundle the next lease request asks.
     next_bundle: AtomicUsize,
+    /// Calls one worker may run before it is replaced (0: no limit); such a pool holds
+    /// one function's tasks only.
+    max_calls: u32,
 }
 
 impl ShapePool {
@@ -242,6 +247,9 @@ pub(crate) struct CoreWorker {
     /// whether there are any (read before locking, on every call's end).
     pub(crate) cancelled: Mutex<std::collections::HashSet<TaskId>>,
     pub(crate) any_cancelled: AtomicBool,
+    /// The tasks each running task or call here submitted (by return object), so that
+    /// a recursive cancel reaches them; forgotten when the call ends.
+    pub(crate) children: DashMap<TaskId, Vec<ObjectId>>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
@@ -366,6 +374,7 @@ impl CoreWorker {
             stopping: watch::channel(false).0,
             channels: DashMap::new(),
             running_tasks: DashMap::new(),
+            children: DashMap::new(),
             cancelled: Mutex::new(std::collections::HashSet::new()),
             any_cancelled: AtomicBool::new(false),
             inline_threshold,
@@ -451,9 +460,44 @@ impl CoreWorker {
         }
     }
 
+    /// Fails the pending object `id` (owned here) with `Cancelled` and stops its task:
+    /// `force` kills the worker running it, else that worker is told, and with
+    /// `recursive` it cancels the tasks the cancelled one submitted in turn. An object
+    /// already produced is left alone.
+    pub(crate) fn cancel_owned(&self, id: &ObjectId, force: bool, recursive: bool) -> IonetResult<()> {
+        let Some(entry) = self.objects.get(id).map(|entry| entry.clone()) else {
+            return Err(IonetError::InvalidArgument(format!(
+                "object {} is not owned by this process: only its owner can cancel it",
+                id.short()
+            )));
+        };
+        if entry.is_settled() {
+            return Ok(());
+        }
+        entry.settle(ObjectState::Failed(Arc::new(IonetError::Cancelled(format!(
+            "object {} was cancelled by its owner",
+            id.short()
+        )))));
+        if force {
+            self.kill_running_task(id);
+        } else {
+            self.notify_cancelled(id, recursive);
+        }
+        Ok(())
+    }
+
+    /// Cancels the pending tasks that `task` (running here) submitted, and theirs.
+    pub(crate) fn cancel_children(&self, task: TaskId) {
+        let Some((_, children)) = self.children.remove(&task) else { return };
+        for child in children {
+            // A child already finished, or whose every handle was dropped, is past cancelling.
+            let _ = self.cancel_owned(&child, false, true);
+        }
+    }
+
     /// Tells the worker running the task or actor call producing `id` (if any is) that
     /// it was cancelled. Best effort: a call that already ended is past cancelling.
-    pub(crate) fn notify_cancelled(&self, id: &ObjectId) {
+    pub(crate) fn notify_cancelled(&self, id: &ObjectId, recursive: bool) {
         let target = self
             .running_tasks
             .get(id)
@@ -462,7 +506,7 @@ impl CoreWorker {
         let Some((address, task_id)) = target else { return };
         let Ok(channel) = self.channel(&address) else { return };
         self.handle.spawn(async move {
-            let request = ionet_common::rpc::proto::worker::CancelTaskRequest { task_id: task_id.to_vec() };
+            let request = ionet_common::rpc::proto::worker::CancelTaskRequest { task_id: task_id.to_vec(), recursive };
             if let Err(status) = CoreWorkerClient::new(channel).cancel_task(request).await {
                 tracing::debug!(error = %status.message(), "the cancel did not reach the worker");
             }
@@ -587,8 +631,9 @@ impl CoreWorker {
         demand: &ResourceSet,
         strategy: &SchedulingStrategy,
         bundle: Option<(ionet_common::PlacementGroupId, u32)>,
+        max_calls: Option<(&str, u32)>,
     ) -> Arc<ShapePool> {
-        let key = format!("{demand}|{strategy:?}|{bundle:?}");
+        let key = format!("{demand}|{strategy:?}|{bundle:?}|{max_calls:?}");
         if let Some(pool) = self.pools.get(&key) {
             return pool.clone();
         }
@@ -612,6 +657,7 @@ impl CoreWorker {
             infeasible: Mutex::new(None),
             run_micros: Mutex::new(HashMap::new()),
             next_bundle: AtomicUsize::new(0),
+            max_calls: max_calls.map_or(0, |(_, calls)| calls),
         });
         self.pools.entry(key).or_insert(pool).clone()
     }
@@ -659,6 +705,17 @@ impl CoreWorker {
         pool.notify.notify_one();
     }
 
+    /// A lease of a pool with `max_calls` that has run its last call goes back with its
+    /// worker discarded: the daemon ends the process and starts a fresh one when asked.
+    async fn retire_if_spent(&self, pool: &ShapePool, lease: &Lease) {
+        if pool.max_calls > 0
+            && lease.started.load(Ordering::SeqCst) >= pool.max_calls
+            && lease.in_flight.load(Ordering::SeqCst) == 0
+        {
+            self.return_lease(pool, lease, true).await;
+        }
+    }
+
     /// A fresh lease joins its pool.
     fn add_lease(&self, pool: &ShapePool, lease: Lease) {
         pool.leases.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(lease));
@@ -701,14 +758,16 @@ impl CoreWorker {
                     && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= linger;
                 let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
                 if leaving {
-                    doomed.push(lease.clone());
+                    // A worker that ran calls with `max_calls` is not handed to anyone else.
+                    let discard = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0;
+                    doomed.push((lease.clone(), discard));
                 }
                 !leaving
             });
         }
         let returned = doomed.len();
-        for lease in doomed {
-            self.send_lease_back(&lease, false).await;
+        for (lease, discard) in doomed {
+            self.send_lease_back(&lease, discard).await;
         }
         returned
     }
@@ -725,11 +784,16 @@ fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
         .iter()
         .filter(|lease| {
             let in_flight = lease.in_flight.load(Ordering::SeqCst);
-            in_flight == 0
-                || (in_flight < MAX_PIPELINE
-                    && lease.queued_micros.load(Ordering::SeqCst) + estimate <= PIPELINE_BUDGET_MICROS)
+            let spent = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls;
+            !spent
+                && (in_flight == 0
+                    || (in_flight < MAX_PIPELINE
+                        && lease.queued_micros.load(Ordering::SeqCst) + estimate <= PIPELINE_BUDGET_MICROS))
         })
         .min_by_key(|lease| lease.in_flight.load(Ordering::SeqCst))?;
+    if pool.max_calls > 0 {
+        lease.started.fetch_add(1, Ordering::SeqCst);
+    }
     lease.in_flight.fetch_add(1, Ordering::SeqCst);
     lease.queued_micros.fetch_add(estimate, Ordering::SeqCst);
     Some(lease.clone())
@@ -810,6 +874,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
             idle_since: Mutex::new(Instant::now()),
             returned: AtomicBool::new(false),
             killed_by_cancel: AtomicBool::new(false),
+            started: AtomicU32::new(0),
         })
     }) {
         Ok(lease) => worker.add_lease(&pool, lease),
@@ -898,6 +963,9 @@ pub(crate) fn submit_task<R>(
     let object = worker.new_object(return_id, ObjectState::Pending);
     let entry = object.entry.clone().expect("a new object is counted");
     let depth = crate::context::child_depth();
+    if let Some(parent) = crate::context::current_task_id() {
+        worker.children.entry(parent).or_default().push(return_id);
+    }
     let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id, entry, depth };
     let runner = worker.clone();
     worker.handle.spawn(async move {
@@ -943,7 +1011,8 @@ pub(crate) async fn resolve_call_args(
 
 async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<ObjectState> {
     let demand = spec.options.demand()?;
-    let pool = worker.pool(&demand, &spec.options.scheduling_strategy, spec.options.placement_group);
+    let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
+    let pool = worker.pool(&demand, &spec.options.scheduling_strategy, spec.options.placement_group, max_calls);
     let mut attempt = 0u32;
     loop {
         let args = resolve_args(worker, spec).await?;
@@ -983,6 +1052,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             Ok(reply) => {
                 pool.observe(spec.profile, reply.run_micros);
                 worker.release(&pool, &lease, estimate);
+                worker.retire_if_spent(&pool, &lease).await;
                 match reply.result {
                     Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
                     Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),

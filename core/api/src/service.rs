@@ -414,10 +414,11 @@ impl CoreWorkerRpc for CoreWorkerService {
     }
 
     async fn cancel_task(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskReply>, Status> {
-        let task_id = TaskId::from_bytes(&request.into_inner().task_id)?;
+        let request = request.into_inner();
+        let task_id = TaskId::from_bytes(&request.task_id)?;
         // The hook may take a language's lock (Python's GIL): off the event loop.
         let worker = self.worker.clone();
-        let _ = tokio::task::spawn_blocking(move || context::cancelled(&worker, task_id)).await;
+        let _ = tokio::task::spawn_blocking(move || context::cancelled(&worker, task_id, request.recursive)).await;
         Ok(Response::new(CancelTaskReply {}))
     }
 

@@ -45,6 +45,44 @@ impl Doubler {
     }
 }
 
+/// The squares of `0..n`: a generator task by its return type.
+#[ionet::remote]
+fn squares_below(n: u64) -> impl Iterator<Item = u64> {
+    (0..n).map(|i| i * i)
+}
+
+/// The words of `text`, boxed.
+#[ionet::remote]
+fn words(text: String) -> Box<dyn Iterator<Item = String>> {
+    Box::new(text.split_whitespace().map(str::to_string).collect::<Vec<_>>().into_iter())
+}
+
+/// 0, 1, 2, ... for ever, one every `millis`.
+#[ionet::remote]
+fn naturals(millis: u64) -> impl Iterator<Item = u64> {
+    (0..).inspect(move |_| std::thread::sleep(Duration::from_millis(millis)))
+}
+
+/// Notes in `marker` that it started, then waits until its caller cancels it and notes
+/// that too.
+#[ionet::remote]
+fn wait_for_cancel(marker: String) -> u64 {
+    std::fs::write(&marker, "started").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ionet::is_canceled() {
+        assert!(Instant::now() < deadline, "the cancel never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&marker, "cancelled").unwrap();
+    1
+}
+
+/// Waits for a child that waits to be cancelled.
+#[ionet::remote]
+fn parent_of_waiter(marker: String) -> u64 {
+    ionet::get(&wait_for_cancel::remote(marker)).unwrap_or(0)
+}
+
 /// 2^depth, by a binary tree of tasks that each wait for their two children.
 #[ionet::remote]
 fn tree(depth: u32) -> u64 {
@@ -73,6 +111,14 @@ fn tree_by_wait(depth: u32) -> u64 {
 
 #[ionet::remote]
 fn slow_value(millis: u64, value: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(millis));
+    value
+}
+
+/// `value` after `millis`, writing `marker` first.
+#[ionet::remote]
+fn marked_slow_value(marker: String, millis: u64, value: u64) -> u64 {
+    std::fs::write(&marker, "started").unwrap();
     std::thread::sleep(Duration::from_millis(millis));
     value
 }
@@ -141,10 +187,16 @@ fn extra_workers_are_capped() {
     // own. With at most 8 blocked workers lending their CPUs, the ninth keeps its CPU and
     // the rest wait for room: at most 2 + 8 workers (and the slow task's) at once, and
     // every task still finishes.
+    //
+    // The slow task is running before the others start: were it still waiting for a CPU
+    // when every worker holding one blocked, the daemon would lend past the cap (else
+    // nothing could ever run), and which waiting task took that CPU would be luck.
     std::env::set_var("IONET_MAX_BLOCKED_WORKERS", "8");
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     std::env::remove_var("IONET_MAX_BLOCKED_WORKERS");
-    let gate = slow_value::remote(1_500u64, 1u64);
+    let started = harness::temp_path("gate-started");
+    let gate = marked_slow_value::remote(started.display().to_string(), 1_500u64, 1u64);
+    harness::wait_until("the slow task to start", Duration::from_secs(60), || started.exists());
     let waiters: Vec<_> = (0..20).map(|_| first_of::remote(vec![gate.clone()])).collect();
     let mut most = 0;
     while ionet::wait(&waiters, waiters.len(), Some(Duration::from_millis(20))).unwrap().1.len() > 0 {
@@ -245,12 +297,55 @@ fn actor_pool_maps_over_four_actors() {
     ionet::shutdown();
 }
 
+fn an_iterator_returning_function_is_a_generator_task() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let squares: Vec<u64> = squares_below::remote(1000u64).map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(squares, (0..1000u64).map(|i| i * i).collect::<Vec<_>>());
+    assert_eq!(squares_below(3).collect::<Vec<_>>(), vec![0, 1, 4], "still callable in place");
+    let mut said = words::options(ionet::TaskOptions::default()).backpressure(1).remote("to be or not".to_string());
+    let task = said.task_as::<u64>();
+    let read: Vec<String> = said.by_ref().map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(read, ["to", "be", "or", "not"]);
+    assert_eq!(ionet::get_timeout(&task, Duration::from_secs(60)).unwrap(), 4, "the task's value counts the items");
+    // An endless generator: items arrive while it runs, and dropping the consumer stops it.
+    let mut endless = naturals::remote(5u64);
+    let task = endless.task_as::<u64>();
+    let first: Vec<u64> = endless.by_ref().take(3).map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(first, [0, 1, 2]);
+    drop(endless);
+    let sent = ionet::get_timeout(&task, Duration::from_secs(60)).unwrap();
+    assert!(sent >= 3, "{sent} items sent");
+    ionet::shutdown();
+}
+
+fn a_recursive_cancel_reaches_the_tasks_a_task_submitted() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let marker = harness::temp_path("grandchild");
+    let read = || std::fs::read_to_string(&marker).unwrap_or_default();
+    let parent = parent_of_waiter::remote(marker.display().to_string());
+    harness::wait_until("the child to start", Duration::from_secs(60), || read() == "started");
+    ionet::cancel(&parent, false, true).unwrap();
+    assert!(matches!(ionet::get_timeout(&parent, Duration::from_secs(60)), Err(IonetError::Cancelled(_))));
+    harness::wait_until("the child to see the cancel", Duration::from_secs(60), || read() == "cancelled");
+    // Cancelling what is already done changes nothing; a ref this process does not own is refused.
+    let done = slow_value::remote(0u64, 5u64);
+    assert_eq!(ionet::get_timeout(&done, Duration::from_secs(60)).unwrap(), 5);
+    ionet::cancel(&done, false, true).unwrap();
+    assert_eq!(ionet::get(&done).unwrap(), 5);
+    ionet::shutdown();
+}
+
 fn main() {
     harness::run(
         &[
             ("streaming_generator_items_arrive_while_it_runs", streaming_generator_items_arrive_while_it_runs),
             ("a_generator_waits_for_a_slow_consumer", a_generator_waits_for_a_slow_consumer),
             ("actor_pool_maps_over_four_actors", actor_pool_maps_over_four_actors),
+            ("an_iterator_returning_function_is_a_generator_task", an_iterator_returning_function_is_a_generator_task),
+            (
+                "a_recursive_cancel_reaches_the_tasks_a_task_submitted",
+                a_recursive_cancel_reaches_the_tasks_a_task_submitted,
+            ),
             ("recursion_deeper_than_the_cpus_finishes", recursion_deeper_than_the_cpus_finishes),
             ("extra_workers_are_capped", extra_workers_are_capped),
             ("tree_of_tasks_quicksorts_two_million_numbers", tree_of_tasks_quicksorts_two_million_numbers),

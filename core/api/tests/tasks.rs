@@ -125,6 +125,36 @@ fn refs_inside_values_outlive_the_callers_handles() {
     ionet::shutdown();
 }
 
+/// The worker process a call ran in.
+#[ionet::remote]
+fn worker_pid() -> u32 {
+    std::process::id()
+}
+
+/// `max_calls`: a worker runs at most that many calls of the function, then a fresh
+/// process takes over; without it the same worker serves call after call.
+fn max_calls_replaces_the_worker() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let run = |options: TaskOptions| {
+        ionet::get_timeout(&worker_pid::options(options).remote(), Duration::from_secs(60)).unwrap()
+    };
+    let reused: BTreeSet<u32> = (0..4).map(|_| run(TaskOptions::default())).collect();
+    assert!(reused.len() < 4, "idle workers serve calls in turn: {reused:?}");
+    let once: Vec<u32> = (0..4).map(|_| run(TaskOptions::default().max_calls(1))).collect();
+    assert_eq!(once.iter().collect::<BTreeSet<_>>().len(), 4, "a worker per call: {once:?}");
+    let twice: Vec<u32> = (0..4).map(|_| run(TaskOptions::default().max_calls(2))).collect();
+    let mut per_worker = std::collections::BTreeMap::new();
+    for pid in &twice {
+        *per_worker.entry(pid).or_insert(0) += 1;
+    }
+    assert!(per_worker.values().all(|calls| *calls <= 2), "at most two calls a worker: {twice:?}");
+    // Submitted together, the calls still never share a worker.
+    let together: Vec<_> = (0..6).map(|_| worker_pid::options(TaskOptions::default().max_calls(1)).remote()).collect();
+    let pids = ionet::get_all(&together).unwrap();
+    assert_eq!(pids.iter().collect::<BTreeSet<_>>().len(), 6, "a worker per call: {pids:?}");
+    ionet::shutdown();
+}
+
 fn embedded_thousand_tasks_and_a_chain() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let refs: Vec<_> = (0..1000u64).map(square::remote).collect();
@@ -380,6 +410,7 @@ fn main() {
         &[
             ("embedded_thousand_tasks_and_a_chain", embedded_thousand_tasks_and_a_chain),
             ("errors_reach_the_caller", errors_reach_the_caller),
+            ("max_calls_replaces_the_worker", max_calls_replaces_the_worker),
             ("long_tasks_never_queue_behind_short_ones", long_tasks_never_queue_behind_short_ones),
             ("a_short_task_may_wait_inside", a_short_task_may_wait_inside),
             ("refs_inside_values_outlive_the_callers_handles", refs_inside_values_outlive_the_callers_handles),

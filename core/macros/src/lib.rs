@@ -11,6 +11,12 @@
 //!
 //! A function returning `Result<T, E>` (E: Display) yields `ObjectRef<T>`; an `Err`
 //! becomes a task error carrying `E`'s message.
+//!
+//! A function returning an iterator (`impl Iterator<Item = T>`, or a
+//! `Box<dyn Iterator<Item = T>>`) is a generator task: `f::remote(..)` returns an
+//! `ObjectRefGenerator<T>` whose items arrive while the task still runs, with
+//! backpressure (see `ionet::generator`); the task's own value is the number of items
+//! it produced (it stops early once the consumer drops the generator).
 
 use proc_macro::TokenStream;
 use quote::{format_ident, quote};
@@ -28,6 +34,35 @@ fn result_ok_type(ty: &Type) -> Option<&Type> {
         GenericArgument::Type(ok) => Some(ok),
         _ => None,
     }
+}
+
+/// The `T` of `impl Iterator<Item = T>` or `Box<dyn Iterator<Item = T>>`.
+fn iterator_item_type(ty: &Type) -> Option<Type> {
+    let bounds = match ty {
+        Type::ImplTrait(bounds) => &bounds.bounds,
+        Type::Path(path) => {
+            let last = path.path.segments.last()?;
+            if last.ident != "Box" {
+                return None;
+            }
+            let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+            let Some(GenericArgument::Type(Type::TraitObject(object))) = args.args.first() else { return None };
+            &object.bounds
+        }
+        _ => return None,
+    };
+    bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else { return None };
+        let last = bound.path.segments.last()?;
+        if last.ident != "Iterator" {
+            return None;
+        }
+        let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+        args.args.iter().find_map(|arg| match arg {
+            GenericArgument::AssocType(assoc) if assoc.ident == "Item" => Some(assoc.ty.clone()),
+            _ => None,
+        })
+    })
 }
 
 #[proc_macro_attribute]
@@ -78,6 +113,9 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
         ReturnType::Default => unit.clone(),
         ReturnType::Type(_, ty) => (**ty).clone(),
     };
+    if let Some(item_type) = iterator_item_type(&return_type) {
+        return generator_task(&function, &arg_names, &arg_types, &item_type);
+    }
     let (value_type, fallible) = match result_ok_type(&return_type) {
         Some(ok) => (ok.clone(), true),
         None => (return_type.clone(), false),
@@ -134,6 +172,89 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
                 }
                 #(let #arg_names: #arg_types = ::ionet::task::decode_arg(&args[#indices], #indices)?;)*
                 #call_body
+            }
+
+            ::ionet::inventory::submit! {
+                ::ionet::task::RemoteFunction { name: NAME, invoke, in_place: true }
+            }
+        }
+    };
+    expanded.into()
+}
+
+/// `#[ionet::remote]` on a function returning an iterator of `item_type`: the task takes
+/// a `GeneratorSink` after the function's own arguments and sends each item through it,
+/// stopping early when the consumer is gone.
+fn generator_task(function: &ItemFn, arg_names: &[syn::Ident], arg_types: &[Type], item_type: &Type) -> TokenStream {
+    let name = &function.sig.ident;
+    let visibility = &function.vis;
+    let indices: Vec<usize> = (0..arg_names.len()).collect();
+    let count = arg_names.len();
+    let sink_index = count;
+    let expanded = quote! {
+        #function
+
+        #[allow(non_snake_case, non_camel_case_types, dead_code, clippy::too_many_arguments)]
+        #visibility mod #name {
+            use super::*;
+
+            /// The name the function is registered under.
+            pub const NAME: &str = ::std::module_path!();
+
+            /// Starts the generator with default options: its items, as they are produced.
+            pub fn remote(#(#arg_names: impl ::ionet::IntoArg<#arg_types>),*) -> ::ionet::ObjectRefGenerator<#item_type> {
+                Call(::ionet::TaskOptions::default(), ::ionet::generator::DEFAULT_BACKPRESSURE).remote(#(#arg_names),*)
+            }
+
+            /// Starts generators with these options.
+            pub fn options(options: ::ionet::TaskOptions) -> Call {
+                Call(options, ::ionet::generator::DEFAULT_BACKPRESSURE)
+            }
+
+            pub struct Call(::ionet::TaskOptions, u64);
+
+            impl Call {
+                /// The producer waits while this many items are unread (Ray's
+                /// `_generator_backpressure_num_objects`).
+                pub fn backpressure(self, items: u64) -> Self {
+                    Call(self.0, items.max(1))
+                }
+
+                pub fn remote(self, #(#arg_names: impl ::ionet::IntoArg<#arg_types>),*) -> ::ionet::ObjectRefGenerator<#item_type> {
+                    let Call(options, backpressure) = self;
+                    let mut args = ::std::vec![#(::ionet::IntoArg::<#arg_types>::into_arg(#arg_names)),*];
+                    ::ionet::stream_with_backpressure(backpressure, |sink: ::ionet::GeneratorSink<#item_type>| {
+                        args.push(::ionet::IntoArg::<::ionet::GeneratorSink<#item_type>>::into_arg(sink));
+                        ::ionet::task::submit::<u64>(NAME, options, args)
+                    })
+                    .expect("ionet::init must be called before a remote function")
+                }
+            }
+
+            fn invoke(args: ::std::vec::Vec<::ionet::task::ArgBytes>) -> ::std::result::Result<::std::vec::Vec<u8>, ::ionet::task::Failure> {
+                if args.len() != #count + 1 {
+                    return ::std::result::Result::Err(::ionet::task::Failure::bad_arguments(
+                        ::std::format!("{} takes {} argument(s) and a sink, got {}", NAME, #count, args.len()),
+                    ));
+                }
+                #(let #arg_names: #arg_types = ::ionet::task::decode_arg(&args[#indices], #indices)?;)*
+                let sink: ::ionet::GeneratorSink<#item_type> = ::ionet::task::decode_arg(&args[#sink_index], #sink_index)?;
+                let mut sent = 0u64;
+                for item in super::#name(#(#arg_names),*) {
+                    match sink.send(&item) {
+                        ::std::result::Result::Ok(true) => sent += 1,
+                        ::std::result::Result::Ok(false) => {
+                            sent += 1; // handed over, but the consumer is gone: stop
+                            break;
+                        }
+                        ::std::result::Result::Err(error) => {
+                            return ::std::result::Result::Err(::ionet::task::Failure::error(::std::format!(
+                                "item {} of {}: {}", sent, NAME, error
+                            )))
+                        }
+                    }
+                }
+                ::ionet::task::encode_return(&sent)
             }
 
             ::ionet::inventory::submit! {

@@ -1,0 +1,1 @@
+"""Ray's `ray.experimental` names that ionet has: `tqdm_ray`."""
