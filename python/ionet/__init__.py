@@ -22,7 +22,6 @@ the object store client, the embedded cluster). This package gives it Ray's API:
 - `util`: placement groups and scheduling strategies.
 """
 
-from importlib import metadata as _metadata
 from typing import Any as _Any
 
 import cloudpickle
@@ -47,10 +46,17 @@ from ionet.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, me
 from ionet.remote_function import RemoteFunction
 from ionet.runtime_context import get_runtime_context
 
-try:
-    __version__ = _metadata.version("ionet")
-except _metadata.PackageNotFoundError:  # imported from a source tree, not installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> _Any:
+    # `__version__` on first use: importlib.metadata costs a worker process's start 80 ms.
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            return metadata.version("ionet")
+        except metadata.PackageNotFoundError:  # imported from a source tree, not installed
+            return "0+unknown"
+    raise AttributeError(f"module 'ionet' has no attribute {name!r}")
 
 
 def remote(*args: _Any, **options: _Any) -> _Any:

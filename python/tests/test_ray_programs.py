@@ -544,6 +544,14 @@ def add_to_named(name):
     return ionet.get(ionet.get_actor(name).add.remote())
 
 
+def test_version_is_the_installed_packages():
+    from importlib import metadata
+
+    assert ionet.__version__ == metadata.version("ionet")
+    with pytest.raises(AttributeError):
+        ionet.no_such_name
+
+
 def test_tasks_find_the_drivers_named_actors_in_its_namespace():
     tally = Tally.options(name="tally").remote()
     assert ionet.get(add_to_named.remote("tally"), timeout=60) == 1

@@ -58,6 +58,11 @@ pub const TOKEN_ENV: &str = "IONET_TOKEN";
 pub const OBJECT_STORE_DIR_ENV: &str = "IONET_OBJECT_STORE_DIR";
 pub const GCS_ADDRESS_ENV: &str = "IONET_GCS_ADDRESS";
 
+/// How long an idle worker past the pool's soft limit is kept for reuse (Ray's
+/// `idle_worker_killing_time_threshold_ms`): starting a worker costs far more than
+/// keeping one a second.
+const EXCESS_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a started worker may take to register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1056,7 +1061,8 @@ impl Leases {
         ended
     }
 
-    /// Stops workers idle past the timeout, and the excess over the pool's soft limit.
+    /// Stops workers idle past the timeout, and the excess over the pool's soft limit once
+    /// idle for `EXCESS_IDLE_GRACE` (a tree of tasks or the next batch reuses them meanwhile).
     pub fn reap_idle(&self) {
         let doomed: Vec<u32> = {
             let mut state = self.lock();
@@ -1067,7 +1073,8 @@ impl Leases {
             let mut keep = Vec::new();
             let mut doomed = Vec::new();
             for (index, (worker, since)) in state.idle.drain(..).enumerate() {
-                if index >= limit || now.duration_since(since) > timeout {
+                let idle = now.duration_since(since);
+                if idle > timeout || (index >= limit && idle > EXCESS_IDLE_GRACE) {
                     doomed.push(worker.pid);
                 } else {
                     keep.push((worker, since));
@@ -1242,6 +1249,44 @@ mod tests {
         }
         assert_eq!(cpus(&leases), 4, "available = total once every lease has ended");
         assert_eq!(leases.lock().released_leases, 0);
+    }
+
+    #[test]
+    fn idle_workers_past_the_soft_limit_get_a_grace() {
+        let leases = leases(2); // keeps 1 idle worker; idle timeout 1 s
+        let mut children: Vec<std::process::Child> =
+            (0..3).map(|_| std::process::Command::new("sleep").arg("60").spawn().unwrap()).collect();
+        let now = Instant::now();
+        let idle = |child: &std::process::Child, since: Instant| {
+            let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
+            (Worker { worker_id: WorkerId::random(), address: String::new(), pid: child.id(), key }, since)
+        };
+        {
+            let mut state = leases.lock();
+            state.idle.push(idle(&children[0], now));
+            state.idle.push(idle(&children[1], now)); // past the limit, idle just now: kept
+            state.idle.push(idle(&children[2], now - EXCESS_IDLE_GRACE * 2)); // past it, idle long: stopped
+        }
+        leases.reap_idle();
+        assert_eq!(leases.lock().idle.len(), 2);
+        let ended = |child: &mut std::process::Child| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        assert!(ended(&mut children[2]), "the long-idle excess worker was stopped");
+        assert!(children[0].try_wait().unwrap().is_none() && children[1].try_wait().unwrap().is_none());
+        for child in &mut children[..2] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 
     #[test]

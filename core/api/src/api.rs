@@ -60,6 +60,7 @@ pub fn get_timeout<T: DeserializeOwned>(object: &ObjectRef<T>, timeout: Duration
 
 fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Option<Instant>) -> IonetResult<T> {
     let worker = runtime::current()?;
+    crate::inline::run_waited_tasks(&worker, std::iter::once(object.id()));
     if let Some(entry) = &object.entry {
         entry.spin_while_pending(deadline);
     }
@@ -74,6 +75,7 @@ fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Optio
 /// The values of all `objects`, in order.
 pub fn get_all<T: DeserializeOwned>(objects: &[ObjectRef<T>]) -> IonetResult<Vec<T>> {
     let worker = runtime::current()?;
+    crate::inline::run_waited_tasks(&worker, objects.iter().map(ObjectRef::id));
     let all = worker.block_on_objects(futures::future::join_all(
         objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), None)),
     ));

@@ -15,6 +15,11 @@ pub(crate) fn set_current_task(task: Option<TaskId>, depth: u32) {
     CURRENT_DEPTH.with(|current| current.set(depth));
 }
 
+/// The task running on this thread and its depth, to restore after running another.
+pub(crate) fn current_task_and_depth() -> (Option<TaskId>, u32) {
+    (CURRENT_TASK.with(|current| *current.borrow()), CURRENT_DEPTH.with(|current| current.get()))
+}
+
 /// The task or actor call running on this thread, if any (cheaper than
 /// [`get_runtime_context`] when that is all a caller needs).
 pub fn current_task_id() -> Option<TaskId> {

@@ -92,6 +92,14 @@ pub fn on_ready(object: &ObjectRef<Raw>, callback: impl FnOnce() + Send + 'stati
     Ok(())
 }
 
+/// Before a wait for `objects` (a binding's `get`): runs here those that are tasks this
+/// process submitted from the running task and nobody has started (see `crate::inline`).
+pub fn run_waited_tasks(objects: &[ObjectRef<Raw>]) {
+    if let Ok(worker) = runtime::current() {
+        crate::inline::run_waited_tasks(&worker, objects.iter().map(ObjectRef::id));
+    }
+}
+
 /// [`crate::cancel`] of an untyped ref.
 pub fn cancel(object: &ObjectRef<Raw>, force: bool, recursive: bool) -> IonetResult<()> {
     crate::api::cancel(object, force, recursive)

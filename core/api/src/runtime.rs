@@ -63,6 +63,9 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// At most this many lease requests in flight per resource shape (Ray's default too).
 const MAX_PENDING_LEASE_REQUESTS: usize = 10;
+/// The executor thread's stack.
+const EXECUTOR_STACK_BYTES: usize = 64 << 20;
+
 /// Work one lease may have queued on its worker, in microseconds of run time.
 const PIPELINE_BUDGET_MICROS: u64 = 2_000;
 /// Tasks one lease may have in flight at most.
@@ -250,6 +253,10 @@ pub(crate) struct CoreWorker {
     /// The tasks each running task or call here submitted (by return object), so that
     /// a recursive cancel reaches them; forgotten when the call ends.
     pub(crate) children: DashMap<TaskId, Vec<ObjectId>>,
+    /// Tasks submitted here that this process may run itself while it waits for them,
+    /// until started (`crate::inline`), and those it is running so (for cancels).
+    pub(crate) stealable: DashMap<ObjectId, Arc<TaskSpec>>,
+    pub(crate) inline_running: DashMap<ObjectId, TaskId>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
@@ -375,6 +382,8 @@ impl CoreWorker {
             channels: DashMap::new(),
             running_tasks: DashMap::new(),
             children: DashMap::new(),
+            stealable: DashMap::new(),
+            inline_running: DashMap::new(),
             cancelled: Mutex::new(std::collections::HashSet::new()),
             any_cancelled: AtomicBool::new(false),
             inline_threshold,
@@ -431,8 +440,11 @@ impl CoreWorker {
             let (handle, pending, running) = (self.handle.clone(), self.executor_pending.clone(), self.running.clone());
             std::thread::Builder::new()
                 .name("ionet-executor".into())
+                // Room for tasks run inside the tasks waiting for them (`crate::inline`).
+                .stack_size(EXECUTOR_STACK_BYTES)
                 .spawn(move || {
                     let _runtime = handle.enter(); // for user code that spawns or needs a handle
+                    crate::inline::mark_executor_thread();
                     while let Ok(job) = queued.recv() {
                         let turn = running.lock().unwrap_or_else(|p| p.into_inner());
                         job();
@@ -498,6 +510,12 @@ impl CoreWorker {
     /// Tells the worker running the task or actor call producing `id` (if any is) that
     /// it was cancelled. Best effort: a call that already ended is past cancelling.
     pub(crate) fn notify_cancelled(&self, id: &ObjectId, recursive: bool) {
+        if let Some(task_id) = self.inline_running.get(id).map(|entry| *entry) {
+            // Running here, inside the task that waits for it.
+            let worker = current_or_panic();
+            self.handle.spawn_blocking(move || crate::context::cancelled(&worker, task_id, recursive));
+            return;
+        }
         let target = self
             .running_tasks
             .get(id)
@@ -930,19 +948,32 @@ async fn bundle_address(
     }
 }
 
-struct TaskSpec {
-    task_id: TaskId,
-    function: &'static str,
+pub(crate) struct TaskSpec {
+    pub(crate) task_id: TaskId,
+    pub(crate) function: &'static str,
     /// What the task's run time is learnt under: its function (for Python, the Python
     /// function the generic task runs).
     profile: u64,
     options: TaskOptions,
-    args: Vec<Arg>,
-    return_id: ObjectId,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) return_id: ObjectId,
     /// The return object's entry (held by the caller's handle too).
-    entry: Arc<ObjectEntry>,
+    pub(crate) entry: Arc<ObjectEntry>,
     /// Its depth in the tree of tasks (1: submitted by a driver).
-    depth: u32,
+    pub(crate) depth: u32,
+    /// Taken by whoever starts it first: its pushing future, once a lease came, or this
+    /// process running it itself while it waits for it (`crate::inline`).
+    pub(crate) claimed: AtomicBool,
+}
+
+impl TaskSpec {
+    /// Whether its arguments can be read now, without waiting for another task.
+    pub(crate) fn args_ready(&self, worker: &CoreWorker) -> bool {
+        self.args.iter().all(|arg| match arg {
+            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
+            _ => true,
+        })
+    }
 }
 
 /// `f::remote(..)`: creates the return object and starts the task.
@@ -966,14 +997,35 @@ pub(crate) fn submit_task<R>(
     if let Some(parent) = crate::context::current_task_id() {
         worker.children.entry(parent).or_default().push(return_id);
     }
-    let spec = TaskSpec { task_id: TaskId::random(), function, profile, options, args, return_id, entry, depth };
+    let stealable = crate::inline::eligible(&worker, &options);
+    let spec = Arc::new(TaskSpec {
+        task_id: TaskId::random(),
+        function,
+        profile,
+        options,
+        args,
+        return_id,
+        entry,
+        depth,
+        claimed: AtomicBool::new(false),
+    });
+    if stealable {
+        worker.stealable.insert(return_id, spec.clone());
+    }
     let runner = worker.clone();
     worker.handle.spawn(async move {
-        let state = match execute(&runner, &spec).await {
-            Ok(state) => state,
-            Err(error) => ObjectState::Failed(Arc::new(error)),
-        };
-        spec.entry.settle(state);
+        match execute(&runner, &spec).await {
+            Ok(None) => {} // run by this process while it waited: settled there
+            Ok(Some(state)) => {
+                spec.entry.settle(state);
+            }
+            Err(error) => {
+                spec.entry.settle(ObjectState::Failed(Arc::new(error)));
+            }
+        }
+        if stealable {
+            runner.stealable.remove(&return_id);
+        }
         drop(spec); // releases the argument refs held while the task was pending
     });
     object
@@ -1009,11 +1061,14 @@ pub(crate) async fn resolve_call_args(
     Ok(args)
 }
 
-async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<ObjectState> {
+/// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
+/// `None` when this process ran it itself meanwhile (see `crate::inline`).
+async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
     let demand = spec.options.demand()?;
     let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
     let pool = worker.pool(&demand, &spec.options.scheduling_strategy, spec.options.placement_group, max_calls);
     let mut attempt = 0u32;
+    let mut claimed = false;
     loop {
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
@@ -1026,6 +1081,15 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
             worker.running_tasks.remove(&spec.return_id);
             worker.release(&pool, &lease, estimate);
             return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
+        }
+        if !claimed {
+            if spec.claimed.swap(true, Ordering::SeqCst) {
+                // Its caller ran it itself while waiting for it; the lease serves others.
+                worker.running_tasks.remove(&spec.return_id);
+                worker.release(&pool, &lease, estimate);
+                return Ok(None);
+            }
+            claimed = true;
         }
         let request = PushTaskRequest {
             task_id: spec.task_id.to_vec(),
@@ -1054,8 +1118,10 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Objec
                 worker.release(&pool, &lease, estimate);
                 worker.retire_if_spent(&pool, &lease).await;
                 match reply.result {
-                    Some(push_task_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
-                    Some(push_task_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
+                    Some(push_task_reply::Result::Inline(bytes)) => {
+                        return Ok(Some(ObjectState::Inline(Arc::new(bytes))))
+                    }
+                    Some(push_task_reply::Result::Stored(stored)) => return Ok(Some(ObjectState::Stored(stored))),
                     Some(push_task_reply::Result::Failure(failure)) => {
                         let retryable = failure.kind != task_failure::Kind::FinalError as i32;
                         if spec.options.retry_exceptions && retryable && attempt < spec.options.max_retries {

@@ -60,9 +60,11 @@ fn run_blocking(
     call: impl FnOnce() -> Result<Vec<u8>, Failure>,
 ) -> PushTaskReply {
     let started = Instant::now();
+    // A task may run inside another that waits for it (`inline`): that one resumes after.
+    let (outer_task, outer_depth) = context::current_task_and_depth();
     context::set_current_task(task_id, depth);
     let result = std::panic::catch_unwind(AssertUnwindSafe(call));
-    context::set_current_task(None, 0);
+    context::set_current_task(outer_task, outer_depth);
     if let Some(task_id) = task_id {
         context::call_ended(worker, task_id);
     }
@@ -72,6 +74,35 @@ fn run_blocking(
     reply.run_micros = started.elapsed().as_micros() as u64;
     worker.record_run(function_name, reply.run_micros);
     reply
+}
+
+/// Runs a task this process submitted on the calling thread, as a worker it was pushed
+/// to would (see `crate::inline`), and gives the reply that worker would send.
+pub(crate) fn run_task_here(
+    worker: &Arc<CoreWorker>,
+    function_name: &str,
+    task_id: TaskId,
+    depth: u32,
+    return_id: ObjectId,
+    inline_threshold: u64,
+    args: Vec<TaskArg>,
+) -> PushTaskReply {
+    let task_bytes = task_id.to_vec();
+    let Some(function) = task::lookup(function_name) else {
+        let failure = Failure {
+            kind: FailureKind::UnknownFunction,
+            message: format!("no remote function named {function_name} in this binary"),
+        };
+        return failure_reply(worker, function_name, &task_bytes, failure);
+    };
+    let args = match crate::runtime::block_on(read_args(worker, args)) {
+        Ok(Ok(args)) => args,
+        Ok(Err(failure)) => return failure_reply(worker, function_name, &task_bytes, failure),
+        Err(why) => return malformed_reply(worker, function_name, &task_bytes, why.message()),
+    };
+    let invoke = function.invoke;
+    let call = move || invoke(args);
+    run_blocking(worker, function_name, &task_bytes, Some(task_id), depth, return_id, inline_threshold, call)
 }
 
 /// A value inline when small, else written to this node's store.

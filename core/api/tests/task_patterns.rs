@@ -63,6 +63,19 @@ fn naturals(millis: u64) -> impl Iterator<Item = u64> {
     (0..).inspect(move |_| std::thread::sleep(Duration::from_millis(millis)))
 }
 
+/// The processes a binary tree of tasks of `depth` ran in, each task's and its children's.
+#[ionet::remote]
+fn tree_pids(depth: u32) -> Vec<u32> {
+    let mut pids = vec![std::process::id()];
+    if depth > 0 {
+        let children = [tree_pids::remote(depth - 1), tree_pids::remote(depth - 1)];
+        for child in ionet::get_all(&children).unwrap() {
+            pids.extend(child);
+        }
+    }
+    pids
+}
+
 /// Notes in `marker` that it started, then waits until its caller cancels it and notes
 /// that too.
 #[ionet::remote]
@@ -315,6 +328,18 @@ fn an_iterator_returning_function_is_a_generator_task() {
     drop(endless);
     let sent = ionet::get_timeout(&task, Duration::from_secs(60)).unwrap();
     assert!(sent >= 3, "{sent} items sent");
+    ionet::shutdown();
+}
+
+fn a_waiting_task_runs_the_children_nobody_started() {
+    // One CPU, held by the tree's root: its children's leases cannot be granted, so the
+    // root runs them itself as it waits (and they theirs), all in its process, instead of
+    // lending its CPU to a new worker for each.
+    ionet::init(InitConfig::default().num_cpus(1.0)).unwrap();
+    let pids = ionet::get_timeout(&tree_pids::remote(4u32), Duration::from_secs(60)).unwrap();
+    assert_eq!(pids.len(), 31);
+    let processes: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+    assert_eq!(processes.len(), 1, "the tree ran in {} processes", processes.len());
     ionet::shutdown();
 }
 

@@ -1,0 +1,118 @@
+//! Work-first waits: a task that waits in `get` for tasks it submitted, which have not
+//! started anywhere yet, runs them itself, on its own thread and lease, before it waits
+//! for the rest.
+//!
+//! A tree of tasks (each waiting for its children) otherwise costs, per task, a lease
+//! request, often a new worker process (the parent lends its CPU while it waits), and a
+//! push and reply; run here, the child costs a function call. Its siblings still go out
+//! to other workers as leases come, so the tree spreads over the cluster's free CPUs,
+//! and the waiting task only runs what nobody took (the newest first, as work-first
+//! schedulers do).
+//!
+//! Which tasks: submitted from inside a task (not a driver or an actor, whose leases may
+//! hold no CPU), by a worker holding no GPUs, asking at most one CPU and nothing else,
+//! with the default strategy, no placement group, no `max_calls`, and no retries on
+//! exceptions (a retry would need a worker); their arguments already resolved. A task is
+//! claimed once: by its pushing future when a lease came first (`TaskSpec::claimed`), or
+//! here. Run here, it is still its own task (its id, depth, cancel and context), and a
+//! cancel reaches it through `CoreWorker::inline_running`.
+
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ionet_common::rpc::proto::worker::push_task_reply;
+use ionet_common::{IonetError, ObjectId};
+
+use crate::options::{SchedulingStrategy, TaskOptions};
+use crate::runtime::{self, CoreWorker, ObjectState, TaskSpec};
+
+/// Tasks run here inside one another at most this deep on the executor thread (each
+/// level is a few frames of its large stack), and on other threads (a short Rust task
+/// run in place on the event loop) far less; deeper waits wait.
+const MAX_NESTING: u32 = 32;
+const MAX_NESTING_ELSEWHERE: u32 = 2;
+
+thread_local! {
+    static NESTING: Cell<u32> = const { Cell::new(0) };
+    static ON_EXECUTOR: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as the executor (whose stack is sized for nesting).
+pub(crate) fn mark_executor_thread() {
+    ON_EXECUTOR.with(|on| on.set(true));
+}
+
+/// Whether a task with `options`, submitted now on this thread, may be run by its
+/// submitter while it waits.
+pub(crate) fn eligible(worker: &CoreWorker, options: &TaskOptions) -> bool {
+    worker.is_worker
+        && worker.gpu_ids.is_empty()
+        && worker.hosted.get().is_none()
+        && crate::context::current_task_id().is_some()
+        && options.num_cpus <= 1.0
+        && options.num_gpus == 0.0
+        && options.memory == 0
+        && options.resources.is_empty()
+        && options.accelerator_type.is_none()
+        && matches!(options.scheduling_strategy, SchedulingStrategy::Default)
+        && options.placement_group.is_none()
+        && options.max_calls == 0
+        && !options.retry_exceptions
+}
+
+/// Before a wait for `ids`: runs here, newest first, those of them that are tasks this
+/// process submitted and nobody has started.
+pub(crate) fn run_waited_tasks(worker: &Arc<CoreWorker>, ids: impl DoubleEndedIterator<Item = ObjectId>) {
+    if worker.stealable.is_empty() {
+        return;
+    }
+    let limit = if ON_EXECUTOR.with(Cell::get) { MAX_NESTING } else { MAX_NESTING_ELSEWHERE };
+    if NESTING.with(Cell::get) >= limit {
+        return;
+    }
+    for id in ids.rev() {
+        let Some(spec) = worker.stealable.get(&id).map(|entry| entry.clone()) else { continue };
+        if !spec.args_ready(worker) || spec.claimed.swap(true, Ordering::SeqCst) {
+            continue;
+        }
+        worker.stealable.remove(&id);
+        if spec.entry.is_settled() {
+            continue; // cancelled before it started
+        }
+        NESTING.with(|nesting| nesting.set(nesting.get() + 1));
+        worker.inline_running.insert(id, spec.task_id);
+        let state = run_here(worker, &spec);
+        worker.inline_running.remove(&id);
+        NESTING.with(|nesting| nesting.set(nesting.get() - 1));
+        spec.entry.settle(state);
+    }
+}
+
+/// Runs the task on this thread as a worker would, and gives its outcome.
+fn run_here(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> ObjectState {
+    let failed = |error: IonetError| ObjectState::Failed(Arc::new(error));
+    let args = match runtime::block_on(runtime::resolve_call_args(worker, spec.function, &spec.args)) {
+        Ok(args) => args,
+        Err(error) => return failed(error),
+    };
+    let reply = crate::service::run_task_here(
+        worker,
+        spec.function,
+        spec.task_id,
+        spec.depth,
+        spec.return_id,
+        worker.inline_threshold as u64,
+        args,
+    );
+    match reply.result {
+        Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+        Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
+        Some(push_task_reply::Result::Failure(failure)) => failed(IonetError::TaskFailed {
+            function: failure.function_name,
+            node: runtime::hex_short(&failure.node_id),
+            message: failure.message,
+        }),
+        None => failed(IonetError::Internal(format!("{} ran here and gave no result", spec.function))),
+    }
+}
