@@ -160,4 +160,6 @@ def send_items(items: Any, stream: Tuple[str, str, bool]) -> Any:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        # Every item reaches the consumer before the task's own value does.
+        _ionet.generator_flush(stream_id)
     return _DynamicResult(stream_id, count) if dynamic else count

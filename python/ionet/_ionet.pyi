@@ -128,5 +128,6 @@ def generator_open(backpressure: int) -> Tuple[str, str]:
 def generator_next(id: str, task: ObjectRef, position: int, timeout: Optional[float] = None) -> Optional[ObjectRef]:
     """Item `position` of the stream, None at its end; raises the task's error after its items."""
 def generator_close(id: str) -> None: ...
+def generator_flush(id: str) -> bool: ...
 def generator_send(owner: str, id: str, index: int, parts: List[Part]) -> bool:
     """Sends item `index` to the stream's consumer; False once it is gone."""

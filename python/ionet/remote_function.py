@@ -108,7 +108,8 @@ class RemoteFunction:
             kwargs = {**kwargs, _context.CONTEXT_KEY: {**(self._context or {}), "generator": (stream[1], stream[0], dynamic)}}
         elif self._context is not None:
             kwargs = {**kwargs, _context.CONTEXT_KEY: self._context}
-        ref = _ionet.submit_task(self._exported.key(), _arguments.pack(args, kwargs), self._native_options)
+        native = self._native_options if stream is None else {**self._native_options, "_generator": True}
+        ref = _ionet.submit_task(self._exported.key(), _arguments.pack(args, kwargs), native)
         if self._num_returns == 1 or self._num_returns == _generator.DYNAMIC:
             return ref
         if stream is not None:

@@ -625,7 +625,16 @@ fn submit_task(
 ) -> PyResult<PyObjectRef> {
     let all = keyed_args(function_key, args)?;
     let task = task_options(options, 1.0)?;
-    let inner = py.detach(move || ionet::task::submit_kind::<Raw>(PYTHON_TASK, function_key, task, all));
+    // A generator task's consumer reads it while it runs: never run inside a wait for it.
+    let generator = option::<bool>(options, "_generator")?.unwrap_or(false);
+    let inner = py.detach(move || {
+        let submit = move || ionet::task::submit_kind::<Raw>(PYTHON_TASK, function_key, task, all);
+        if generator {
+            ionet::inline::kept_apart(submit)
+        } else {
+            submit()
+        }
+    });
     Ok(PyObjectRef { inner })
 }
 
@@ -825,6 +834,14 @@ fn generator_send(py: Python<'_>, owner: String, id: &str, index: u64, parts: &B
     let parts = parts_of(parts)?;
     let bytes = concatenated(&parts, py);
     py.detach(move || ionet::generator::send_item(&owner, &id, index, bytes)).or_raise()
+}
+
+/// Waits until every item this process sent on stream `id` reached its consumer (a
+/// generator task does before it returns); False: the consumer is gone.
+#[pyfunction]
+fn generator_flush(py: Python<'_>, id: &str) -> PyResult<bool> {
+    let id = stream_id(id)?;
+    py.detach(move || ionet::generator::flush_stream(&id)).or_raise()
 }
 
 /// Ends the actor this worker hosts for good (Ray's `exit_actor`); the process exits.
@@ -1087,6 +1104,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(generator_next, module)?,
         wrap_pyfunction!(generator_close, module)?,
         wrap_pyfunction!(generator_send, module)?,
+        wrap_pyfunction!(generator_flush, module)?,
         wrap_pyfunction!(placement_group, module)?,
         wrap_pyfunction!(placement_group_wait, module)?,
         wrap_pyfunction!(placement_group_ready, module)?,

@@ -12,11 +12,14 @@
 //! ```
 //!
 //! Protocol: the caller opens a stream (an id in its `generators` table) and passes the
-//! task a [`GeneratorSink`] naming itself and the id. The task sends each item with
-//! `ReportGeneratorItem` to the caller, numbered from 0; the caller makes it an object it
-//! owns (the value inline, or the location in the producing node's store) and answers
-//! once the consumer is within `backpressure` items of it, so a fast producer waits for a
-//! slow consumer. Items are kept by index: a retried task that sends them again changes
+//! task a [`GeneratorSink`] naming itself and the id. The task sends its items with
+//! `ReportGeneratorItem` to the caller, numbered from 0, one report at a time, each with
+//! every item yielded while the previous one was on its way; the caller makes each an
+//! object it owns (the value inline, or the location in the producing node's store) and
+//! answers once the consumer is within `backpressure` items of the last, with the index
+//! below which the producer may go on without waiting. So a fast producer neither waits
+//! for a round trip per item nor runs past a slow consumer; before the task returns, its
+//! last report is answered ([`flush_stream`]). Items are kept by index: a retried task that sends them again changes
 //! nothing. The stream ends when the task's own return object settles: every item was
 //! acknowledged before the task returned. If the task failed, the consumer gets its error
 //! after the items it sent. Dropping the consumer closes the stream: later sends answer
@@ -27,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ionet_common::rpc::proto::worker::{report_generator_item_request, ReportGeneratorItemRequest};
+use ionet_common::rpc::proto::worker::{generator_item, GeneratorItem, ReportGeneratorItemRequest};
 use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::{IonetError, IonetResult, ObjectId};
 use serde::{Deserialize, Serialize};
@@ -49,26 +52,31 @@ pub(crate) struct GeneratorState {
 }
 
 impl GeneratorState {
-    /// Records item `index` (ignoring one already recorded), then waits until the consumer
-    /// is within `backpressure` of it. `false`: the stream is closed.
+    /// Records consecutive `items` (ignoring those already recorded), then waits until the
+    /// consumer is within `backpressure` of the last. `None`: the stream is closed; else
+    /// the index below which the producer may send without waiting.
     pub(crate) async fn report(
         self: &Arc<Self>,
         worker: &CoreWorker,
         id: &ObjectId,
-        index: u64,
-        value: ObjectState,
-    ) -> IonetResult<bool> {
+        items: Vec<(u64, ObjectState)>,
+    ) -> IonetResult<Option<u64>> {
+        let Some(last) = items.last().map(|(index, _)| *index) else {
+            return Ok(worker.generators.contains_key(id).then(|| self.allowed_until()));
+        };
         {
-            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-            let recorded = items.len() as u64;
-            if index > recorded {
-                return Err(IonetError::InvalidArgument(format!(
-                    "generator item {index} came before item {recorded} of stream {}",
-                    id.short()
-                )));
-            }
-            if index == recorded {
-                items.push(worker.new_object(ObjectId::random(), value));
+            let mut recorded_items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            for (index, value) in items {
+                let recorded = recorded_items.len() as u64;
+                if index > recorded {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "generator item {index} came before item {recorded} of stream {}",
+                        id.short()
+                    )));
+                }
+                if index == recorded {
+                    recorded_items.push(worker.new_object(ObjectId::random(), value));
+                }
             }
         }
         self.changed.notify_waiters();
@@ -77,14 +85,19 @@ impl GeneratorState {
             tokio::pin!(changed);
             changed.as_mut().enable();
             if !worker.generators.contains_key(id) {
-                return Ok(false);
+                return Ok(None);
             }
-            if index < self.taken.load(Ordering::SeqCst) + self.backpressure {
-                return Ok(true);
+            if last < self.allowed_until() {
+                return Ok(Some(self.allowed_until()));
             }
             // Woken when the consumer takes an item or closes the stream.
             let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
         }
+    }
+
+    /// Items numbered below this are within the backpressure of the consumer's position.
+    fn allowed_until(&self) -> u64 {
+        self.taken.load(Ordering::SeqCst) + self.backpressure
     }
 }
 
@@ -100,6 +113,16 @@ pub struct GeneratorSink<T> {
     _item: PhantomData<fn(T)>,
 }
 
+impl<T> Drop for GeneratorSink<T> {
+    /// The producer's sink goes with its task: every item it sent reaches the consumer
+    /// before the task's own value does (the caller's copy, which sent nothing, does nothing).
+    fn drop(&mut self) {
+        if self.next.load(Ordering::SeqCst) > 0 {
+            let _ = flush_stream(&self.id);
+        }
+    }
+}
+
 impl<T: Serialize> GeneratorSink<T> {
     /// Sends the next item, waiting while the consumer is too far behind. `Ok(false)`:
     /// the consumer is gone, so the producer may stop.
@@ -111,29 +134,136 @@ impl<T: Serialize> GeneratorSink<T> {
 }
 
 /// Sends item `index` of stream `id` to its owner (see the module protocol); large
-/// values go to this node's store first. `Ok(false)`: the stream is closed.
+/// values go to this node's store first. Returns at once while the consumer's last
+/// answer allows the item; else waits for an answer that does. `Ok(false)`: the stream is
+/// closed. The producer calls [`flush_stream`] before it returns.
 pub fn send_item(owner: &str, id: &ObjectId, index: u64, bytes: Vec<u8>) -> IonetResult<bool> {
     let worker = runtime::current()?;
     let value = if bytes.len() <= worker.inline_threshold {
-        report_generator_item_request::Value::Inline(bytes)
+        generator_item::Value::Inline(bytes)
     } else {
         let size = bytes.len() as u64;
         let stored = worker.store_value(ObjectId::random(), |buffer| buffer.copy_from_slice(&bytes), size)?;
-        report_generator_item_request::Value::Stored(stored)
+        generator_item::Value::Stored(stored)
     };
-    let request = ReportGeneratorItemRequest { generator_id: id.to_vec(), index, value: Some(value) };
-    // Backpressure may hold the reply: this task waits, lending its CPU meanwhile.
-    worker.block_on_objects(async {
-        let mut client = CoreWorkerClient::new(worker.channel(owner)?);
-        let reply = client.report_generator_item(request).await.map_err(|status| {
-            IonetError::Unavailable(format!(
-                "the consumer of stream {} at {owner} is unreachable: {}",
-                id.short(),
-                status.message()
-            ))
-        })?;
-        Ok(!reply.into_inner().closed)
-    })
+    let outgoing = worker
+        .outgoing_streams
+        .entry(*id)
+        .or_insert_with(|| Arc::new(Outgoing { owner: owner.to_string(), ..Outgoing::default() }))
+        .clone();
+    {
+        let mut sending = outgoing.sending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(answer) = sending.verdict() {
+            return answer;
+        }
+        sending.queued.push(GeneratorItem { index, value: Some(value) });
+        if !sending.in_flight {
+            sending.in_flight = true;
+            worker.handle.spawn(send_reports(worker.clone(), *id, outgoing.clone()));
+        }
+        if index < sending.allowed_until {
+            return Ok(true);
+        }
+    }
+    // Past what the consumer allowed: wait for an answer (lending the CPU meanwhile).
+    worker
+        .block_on_objects(outgoing.wait_until(|sending| sending.verdict().is_some() || index < sending.allowed_until));
+    let verdict = outgoing.sending.lock().unwrap_or_else(|p| p.into_inner()).verdict();
+    verdict.unwrap_or(Ok(true))
+}
+
+/// Waits until every item this process sent on stream `id` has reached its consumer (a
+/// generator task calls it before it returns: its stream ends with it). `Ok(false)`: the
+/// stream was closed.
+pub fn flush_stream(id: &ObjectId) -> IonetResult<bool> {
+    let worker = runtime::current()?;
+    let Some((_, outgoing)) = worker.outgoing_streams.remove(id) else { return Ok(true) };
+    worker.block_on_objects(outgoing.wait_until(|sending| !sending.in_flight));
+    let verdict = outgoing.sending.lock().unwrap_or_else(|p| p.into_inner()).verdict();
+    verdict.unwrap_or(Ok(true))
+}
+
+/// The producer's side of one stream: items waiting to go, and what the consumer said.
+#[derive(Default)]
+pub(crate) struct Outgoing {
+    owner: String,
+    sending: Mutex<Sending>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct Sending {
+    /// Items waiting for the report on its way to answer.
+    queued: Vec<GeneratorItem>,
+    /// A report is on its way (its task sends what queued meanwhile next).
+    in_flight: bool,
+    /// Items numbered below this go without waiting (from the consumer's last answer).
+    allowed_until: u64,
+    closed: bool,
+    failed: Option<String>,
+}
+
+impl Sending {
+    /// How every later send ends, once the stream is closed or unreachable.
+    fn verdict(&self) -> Option<IonetResult<bool>> {
+        if let Some(why) = &self.failed {
+            return Some(Err(IonetError::Unavailable(why.clone())));
+        }
+        self.closed.then_some(Ok(false))
+    }
+}
+
+impl Outgoing {
+    async fn wait_until(&self, done: impl Fn(&Sending) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(&self.sending.lock().unwrap_or_else(|p| p.into_inner())) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Sends a stream's queued items to its consumer, a report at a time, each with every
+/// item queued while the previous one was on its way, until none is left.
+async fn send_reports(worker: Arc<CoreWorker>, id: ObjectId, outgoing: Arc<Outgoing>) {
+    loop {
+        let items = {
+            let mut sending = outgoing.sending.lock().unwrap_or_else(|p| p.into_inner());
+            if sending.queued.is_empty() || sending.verdict().is_some() {
+                sending.in_flight = false;
+                sending.queued.clear();
+                drop(sending);
+                outgoing.changed.notify_waiters();
+                return;
+            }
+            std::mem::take(&mut sending.queued)
+        };
+        let request = ReportGeneratorItemRequest { generator_id: id.to_vec(), items };
+        let answer = async {
+            let mut client = CoreWorkerClient::new(worker.channel(&outgoing.owner)?);
+            Ok::<_, IonetError>(client.report_generator_item(request).await?.into_inner())
+        }
+        .await;
+        {
+            let mut sending = outgoing.sending.lock().unwrap_or_else(|p| p.into_inner());
+            match answer {
+                Ok(reply) if reply.closed => sending.closed = true,
+                Ok(reply) => sending.allowed_until = sending.allowed_until.max(reply.allowed_until),
+                Err(error) => {
+                    sending.failed = Some(format!(
+                        "the consumer of stream {} at {} is unreachable: {error}",
+                        id.short(),
+                        outgoing.owner
+                    ))
+                }
+            }
+        }
+        outgoing.changed.notify_waiters();
+    }
 }
 
 /// The consumer of a stream: yields each item's ref as it arrives, then the task's error
@@ -161,7 +291,7 @@ pub fn stream_with_backpressure<T, R>(
 ) -> IonetResult<ObjectRefGenerator<T>> {
     let (id, owner, state) = open(backpressure)?;
     let sink = GeneratorSink { owner, id, next: AtomicU64::new(0), _item: PhantomData };
-    let task = submit(sink).erase();
+    let task = crate::inline::kept_apart(|| submit(sink)).erase();
     Ok(ObjectRefGenerator { id, state, task, position: 0, finished: false, _item: PhantomData })
 }
 

@@ -10,7 +10,7 @@
 //! schedulers do).
 //!
 //! Which tasks: submitted from inside a task (not a driver or an actor, whose leases may
-//! hold no CPU), by a worker holding no GPUs, asking at most one CPU and nothing else,
+//! hold no CPU), not generator tasks ([`kept_apart`]), by a worker holding no GPUs, asking at most one CPU and nothing else,
 //! with the default strategy, no placement group, no `max_calls`, and no retries on
 //! exceptions (a retry would need a worker); their arguments already resolved. A task is
 //! claimed once: by its pushing future when a lease came first (`TaskSpec::claimed`), or
@@ -36,6 +36,17 @@ const MAX_NESTING_ELSEWHERE: u32 = 2;
 thread_local! {
     static NESTING: Cell<u32> = const { Cell::new(0) };
     static ON_EXECUTOR: Cell<bool> = const { Cell::new(false) };
+    static SUBMITTING_KEPT_APART: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Submits, in `submit`, tasks their submitter never runs itself: generator tasks, whose
+/// consumer reads items while they run (run inside a wait for their value, one would
+/// wait on its own backpressure).
+pub fn kept_apart<R>(submit: impl FnOnce() -> R) -> R {
+    let before = SUBMITTING_KEPT_APART.with(|flag| flag.replace(true));
+    let result = submit();
+    SUBMITTING_KEPT_APART.with(|flag| flag.set(before));
+    result
 }
 
 /// Marks the calling thread as the executor (whose stack is sized for nesting).
@@ -47,6 +58,7 @@ pub(crate) fn mark_executor_thread() {
 /// submitter while it waits.
 pub(crate) fn eligible(worker: &CoreWorker, options: &TaskOptions) -> bool {
     worker.is_worker
+        && !SUBMITTING_KEPT_APART.with(Cell::get)
         && worker.gpu_ids.is_empty()
         && worker.hosted.get().is_none()
         && crate::context::current_task_id().is_some()

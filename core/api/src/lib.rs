@@ -37,7 +37,7 @@ mod blocked;
 mod context;
 pub mod generator;
 mod init;
-mod inline;
+pub mod inline;
 mod object_ref;
 mod object_store;
 mod options;

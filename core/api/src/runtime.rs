@@ -257,6 +257,8 @@ pub(crate) struct CoreWorker {
     /// until started (`crate::inline`), and those it is running so (for cancels).
     pub(crate) stealable: DashMap<ObjectId, Arc<TaskSpec>>,
     pub(crate) inline_running: DashMap<ObjectId, TaskId>,
+    /// Streams this process produces items for, by id (`crate::generator::send_item`).
+    pub(crate) outgoing_streams: DashMap<ObjectId, Arc<crate::generator::Outgoing>>,
     pub(crate) inline_threshold: usize,
     pub(crate) handle: tokio::runtime::Handle,
     /// The node's shared-memory store, mapped directly.
@@ -384,6 +386,7 @@ impl CoreWorker {
             children: DashMap::new(),
             stealable: DashMap::new(),
             inline_running: DashMap::new(),
+            outgoing_streams: DashMap::new(),
             cancelled: Mutex::new(std::collections::HashSet::new()),
             any_cancelled: AtomicBool::new(false),
             inline_threshold,

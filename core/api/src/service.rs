@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, report_generator_item_request, task_arg, task_failure, ActorCallBatch,
-    CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply,
-    GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch,
-    ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg,
-    TaskBatch, TaskFailure, WatchEvent, WatchRequest,
+    generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CancelTaskReply,
+    CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest,
+    NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch, ReportGeneratorItemReply,
+    ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
+    WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -432,16 +432,23 @@ impl CoreWorkerRpc for CoreWorkerService {
     ) -> Result<Response<ReportGeneratorItemReply>, Status> {
         let request = request.into_inner();
         let id = ObjectId::from_bytes(&request.generator_id)?;
-        let value = match request.value {
-            Some(report_generator_item_request::Value::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
-            Some(report_generator_item_request::Value::Stored(stored)) => ObjectState::Stored(stored),
-            None => return Err(Status::invalid_argument(format!("generator item {} has no value", request.index))),
-        };
+        let mut items = Vec::with_capacity(request.items.len());
+        for item in request.items {
+            let value = match item.value {
+                Some(generator_item::Value::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+                Some(generator_item::Value::Stored(stored)) => ObjectState::Stored(stored),
+                None => return Err(Status::invalid_argument(format!("generator item {} has no value", item.index))),
+            };
+            items.push((item.index, value));
+        }
         let Some(state) = self.worker.generators.get(&id).map(|state| state.clone()) else {
-            return Ok(Response::new(ReportGeneratorItemReply { closed: true }));
+            return Ok(Response::new(ReportGeneratorItemReply { closed: true, allowed_until: 0 }));
         };
-        let open = state.report(&self.worker, &id, request.index, value).await?;
-        Ok(Response::new(ReportGeneratorItemReply { closed: !open }))
+        let allowed_until = state.report(&self.worker, &id, items).await?;
+        Ok(Response::new(ReportGeneratorItemReply {
+            closed: allowed_until.is_none(),
+            allowed_until: allowed_until.unwrap_or(0),
+        }))
     }
 
     async fn cancel_task(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskReply>, Status> {

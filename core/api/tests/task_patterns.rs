@@ -371,6 +371,7 @@ fn main() {
                 "a_recursive_cancel_reaches_the_tasks_a_task_submitted",
                 a_recursive_cancel_reaches_the_tasks_a_task_submitted,
             ),
+            ("a_waiting_task_runs_the_children_nobody_started", a_waiting_task_runs_the_children_nobody_started),
             ("recursion_deeper_than_the_cpus_finishes", recursion_deeper_than_the_cpus_finishes),
             ("extra_workers_are_capped", extra_workers_are_capped),
             ("tree_of_tasks_quicksorts_two_million_numbers", tree_of_tasks_quicksorts_two_million_numbers),
