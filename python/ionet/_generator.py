@@ -143,6 +143,24 @@ def _dynamic_from_stream(stream_id: str, count: int) -> DynamicObjectRefGenerato
     return DynamicObjectRefGenerator([ref for ref in refs if ref is not None])
 
 
+async def send_items_async(items: Any, stream: Tuple[str, str, bool]) -> Any:
+    """`send_items` for an async generator method, on the actor's event loop: each send
+    (which waits only when the consumer is too far behind) runs off the loop, so the
+    actor's other calls go on meanwhile."""
+    owner, stream_id, dynamic = stream
+    loop = asyncio.get_running_loop()
+    count = 0
+    try:
+        async for item in items:
+            if not await loop.run_in_executor(None, _ionet.generator_send, owner, stream_id, count, serialize(item)):
+                break  # the consumer dropped the generator
+            count += 1
+    finally:
+        await items.aclose()
+        await loop.run_in_executor(None, _ionet.generator_flush, stream_id)
+    return _DynamicResult(stream_id, count) if dynamic else count
+
+
 def send_items(items: Any, stream: Tuple[str, str, bool]) -> Any:
     """Runs a generator task's result (an iterable) on the worker: sends each item to the
     consumer, stopping early if it is gone; returns the task's own value."""

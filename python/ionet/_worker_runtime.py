@@ -130,7 +130,13 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
         keywords.setdefault(_context.CONTEXT_KEY, _actor_context or None)
         with _context.task_scope(keywords):
             if _is_coroutine_method(type(instance), method, bound):
-                coroutine = _guarded(_groups.run_async(method, bound(*positional, **keywords)))
+                called = bound(*positional, **keywords)
+                if inspect.isasyncgen(called):
+                    stream = (_context.current() or {}).get("generator")
+                    if stream is None:
+                        raise TypeError(f"{method} is an async generator: call it with num_returns='streaming'")
+                    called = _generator.send_items_async(called, stream)
+                coroutine = _guarded(_groups.run_async(method, called))
                 future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop())
                 task_id = _ionet.current_task_id()
                 _running_coroutines[task_id] = future
@@ -228,7 +234,8 @@ _coroutine_methods: Dict[Tuple[type, str], bool] = {}
 def _is_coroutine_method(cls: type, name: str, bound: Callable) -> bool:
     known = _coroutine_methods.get((cls, name))
     if known is None:
-        known = _coroutine_methods[(cls, name)] = inspect.iscoroutinefunction(bound)
+        known = inspect.iscoroutinefunction(bound) or inspect.isasyncgenfunction(bound)
+        _coroutine_methods[(cls, name)] = known
     return known
 
 

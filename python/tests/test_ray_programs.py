@@ -411,12 +411,34 @@ class Streamer:
         yield from word
 
 
+@ionet.remote(num_cpus=0)
+class AsyncStreamer:
+    @ionet.method(num_returns="streaming")
+    async def tick(self, n):
+        import asyncio
+
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+
+    async def ping(self):
+        return "pong"
+
+
 def test_dynamic_generators_and_streaming_actor_methods():
     items = ionet.get(split.remote(4), timeout=60)
     assert isinstance(items, ionet.DynamicObjectRefGenerator)
     assert [ionet.get(ref, timeout=60) for ref in items] == [0, 10, 20, 30]
     streamer = Streamer.remote()
     assert [ionet.get(ref, timeout=60) for ref in streamer.letters.remote("ionet")] == list("ionet")
+    # An async generator method of an async actor streams too; the actor serves other
+    # calls while a stream is open.
+    ticker = AsyncStreamer.remote()
+    ticks = ticker.tick.remote(300)
+    assert ionet.get(next(ticks), timeout=60) == 0
+    assert ionet.get(ticker.ping.remote(), timeout=60) == "pong"
+    assert [ionet.get(ref, timeout=60) for ref in ticks] == list(range(1, 300))
+    assert [ionet.get(ref, timeout=60) for ref in ticker.tick.options(num_returns="streaming").remote(3)] == [0, 1, 2]
 
 
 @ionet.remote(num_cpus=0)
