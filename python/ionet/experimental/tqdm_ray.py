@@ -21,6 +21,11 @@ import ionet
 from ionet import _ionet
 
 _MANAGER_NAME = "__ionet_tqdm_ray__"
+
+
+def _manager_namespace() -> str:
+    """The bars' actor lives in a namespace of its job's own, found from every worker."""
+    return "_ionet_tqdm_ray_" + _ionet.runtime_context()["job_id"]
 _POLL_SECONDS = 0.2
 _BAR_WIDTH = 20
 
@@ -139,7 +144,7 @@ def _send(state: Dict[str, Any]) -> None:
     global _manager_handle, _manager_missing_warned
     if _manager_handle is None:
         try:
-            _manager_handle = ionet.get_actor(_MANAGER_NAME)
+            _manager_handle = ionet.get_actor(_MANAGER_NAME, namespace=_manager_namespace())
         except ValueError:
             if not _manager_missing_warned:
                 _manager_missing_warned = True
@@ -213,7 +218,9 @@ class _Renderer:
         """Starts the actor the workers' bars report to (at most one per job)."""
         with self.lock:
             if self.manager is None:
-                self.manager = _BarManager.options(name=_MANAGER_NAME, get_if_exists=True).remote()
+                self.manager = _BarManager.options(
+                    name=_MANAGER_NAME, namespace=_manager_namespace(), get_if_exists=True
+                ).remote()
 
     def _poll(self) -> None:
         if not _ionet.is_initialized():
