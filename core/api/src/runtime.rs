@@ -684,15 +684,30 @@ impl CoreWorker {
     }
 
     /// A slot on one of the shape's leases (the least busy with room), asking the
-    /// cluster for more leases while tasks wait.
-    async fn acquire(self: &Arc<Self>, pool: &Arc<ShapePool>, estimate: u64, depth: u32) -> IonetResult<Arc<Lease>> {
+    /// cluster for more leases while tasks wait. `None`: the task was taken meanwhile by
+    /// the process that submitted it, to run itself (`crate::inline`); `unclaimed` says
+    /// it still may be (a retry was claimed by its first attempt).
+    async fn acquire(
+        self: &Arc<Self>,
+        pool: &Arc<ShapePool>,
+        estimate: u64,
+        spec: &TaskSpec,
+        unclaimed: bool,
+    ) -> IonetResult<Option<Arc<Lease>>> {
+        let depth = spec.depth;
         pool.waiting.fetch_add(1, Ordering::SeqCst);
         let result = loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let taken = spec.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if unclaimed && spec.claimed.load(Ordering::SeqCst) {
+                break Ok(None); // nobody else needs a lease asked for it
+            }
             if let Some(lease) = take_slot(pool, estimate) {
-                break Ok(lease);
+                break Ok(Some(lease));
             }
             if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 break Err(IonetError::Infeasible(reason));
@@ -702,12 +717,15 @@ impl CoreWorker {
                 pool.requesting.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
             }
-            notified.await;
+            tokio::select! {
+                _ = notified => {}
+                _ = taken => {}
+            }
         };
         if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
             // The last waiter has heard the verdict; later tasks ask the cluster again.
             pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
-        } else if result.is_ok() {
+        } else if matches!(result, Ok(Some(_))) {
             // Room may be left for the next waiter (a deeper pipeline, a fresh lease).
             pool.notify.notify_one();
         }
@@ -967,6 +985,9 @@ pub(crate) struct TaskSpec {
     /// Taken by whoever starts it first: its pushing future, once a lease came, or this
     /// process running it itself while it waits for it (`crate::inline`).
     pub(crate) claimed: AtomicBool,
+    /// Told when this process took it to run itself: its pushing future stops waiting for
+    /// a lease at once (else every such task would still cost a lease, and a worker).
+    pub(crate) taken: Notify,
 }
 
 impl TaskSpec {
@@ -1011,6 +1032,7 @@ pub(crate) fn submit_task<R>(
         entry,
         depth,
         claimed: AtomicBool::new(false),
+        taken: Notify::new(),
     });
     if stealable {
         worker.stealable.insert(return_id, spec.clone());
@@ -1075,7 +1097,9 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
     loop {
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
-        let lease = worker.acquire(&pool, estimate, spec.depth).await?;
+        let Some(lease) = worker.acquire(&pool, estimate, spec, !claimed).await? else {
+            return Ok(None); // run by this process while it waited: settled there
+        };
         // Known before the settled check, so a forced cancel either finds the lease or is
         // seen by the check.
         worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone(), spec.task_id));
