@@ -60,6 +60,12 @@ pub fn local_node_address() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.node_address.clone())
 }
 
+/// The address this process's core worker serves on (streams report to it, cancels
+/// reach it there).
+pub fn core_worker_address() -> ionet_common::IonetResult<String> {
+    Ok(crate::runtime::current()?.address.to_string())
+}
+
 /// The CPUs this process's node daemon has free now, as it reports them.
 pub fn available_cpus() -> Option<f64> {
     let worker = crate::runtime::current().ok()?;

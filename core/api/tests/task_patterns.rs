@@ -363,12 +363,36 @@ fn a_recursive_cancel_reaches_the_tasks_a_task_submitted() {
     ionet::shutdown();
 }
 
+/// The core worker's calls that move work (reporting generator items, cancelling) refuse
+/// a caller without the cluster's token, and the stream is untouched.
+fn a_stranger_cannot_report_items_or_cancel() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let mut items =
+        ionet::stream_with_backpressure(4, |sink| count_up::remote(3u64, 0u64, String::new(), sink)).unwrap();
+    let address = ionet::testing::core_worker_address().unwrap();
+    let stranger = ionet::auth::ClusterToken::new("not-the-cluster-token").unwrap();
+    let refused = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = ionet::rpc::connect(&address, &stranger, Duration::from_secs(5)).await.unwrap();
+        let mut client = ionet::rpc::CoreWorkerClient::new(channel);
+        let report = ionet::rpc::proto::worker::ReportGeneratorItemRequest { generator_id: vec![0; 28], items: vec![] };
+        let cancel = ionet::rpc::proto::worker::CancelTaskRequest { task_id: vec![0; 24], recursive: true };
+        [client.report_generator_item(report).await.unwrap_err(), client.cancel_task(cancel).await.unwrap_err()]
+    });
+    for status in refused {
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    let values: Vec<u64> = items.by_ref().map(|item| ionet::get(&item.unwrap()).unwrap()).collect();
+    assert_eq!(values, [0, 1, 2]);
+    ionet::shutdown();
+}
+
 fn main() {
     harness::run(
         &[
             ("streaming_generator_items_arrive_while_it_runs", streaming_generator_items_arrive_while_it_runs),
             ("a_generator_waits_for_a_slow_consumer", a_generator_waits_for_a_slow_consumer),
             ("actor_pool_maps_over_four_actors", actor_pool_maps_over_four_actors),
+            ("a_stranger_cannot_report_items_or_cancel", a_stranger_cannot_report_items_or_cancel),
             ("an_iterator_returning_function_is_a_generator_task", an_iterator_returning_function_is_a_generator_task),
             (
                 "a_recursive_cancel_reaches_the_tasks_a_task_submitted",

@@ -120,7 +120,7 @@ class tqdm:  # noqa: N801 (Ray's and tqdm's name)
         if _in_worker():
             _send(self._state())
         else:
-            _renderer().update(self._state(), local=True)
+            _renderer().update(self._state())
 
 
 def safe_print(*args: Any, **kwargs: Any) -> None:
@@ -229,9 +229,9 @@ class _Renderer:
         if self.manager is None:
             return  # made by `init` (or at import, after it)
         for state in ionet.get(self.manager.take.remote(), timeout=30):
-            self.update(state, local=False)
+            self.update(state)
 
-    def update(self, state: Dict[str, Any], local: bool) -> None:
+    def update(self, state: Dict[str, Any]) -> None:
         with self.lock:
             self.bars[state["uuid"]] = state
             self._draw()
