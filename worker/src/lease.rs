@@ -187,6 +187,31 @@ impl LeaseState {
         true
     }
 
+    /// One line on who holds what here, for an operator reading why a request waits.
+    fn describe(&self) -> String {
+        let blocked = self.leases.values().filter(|granted| granted.blocked).count();
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        for (lease_id, granted) in &self.leases {
+            let holder = if granted.holder.is_empty() { "the control store (actors)" } else { &granted.holder };
+            holders.entry(holder.to_string()).or_default().push(format!(
+                "{} {} on worker {}",
+                lease_id.short(),
+                granted.resources,
+                granted.worker.short()
+            ));
+        }
+        let waiting: Vec<String> =
+            self.waiters.values().map(|(depth, wanted)| format!("{wanted} at depth {depth}")).collect();
+        format!(
+            "available {}, {} leases ({blocked} blocked, {} lending CPUs) held by {holders:?}, {} idle workers, waiting: [{}]",
+            self.available,
+            self.leases.len(),
+            self.released_leases,
+            self.idle.len(),
+            waiting.join(", ")
+        )
+    }
+
     /// Whether granting `demand` now would take the room of a waiting request (other
     /// than `ticket`) deeper than `depth` that fits now: that one goes first.
     fn outranked(&self, ticket: Option<u64>, depth: u32, demand: &ResourceSet) -> bool {
@@ -283,6 +308,9 @@ pub struct Leases {
     /// Channels to lease holders, for pressing them to give back idle leases.
     holder_channels: DashMap<String, ionet::rpc::AuthChannel>,
 }
+
+/// A request waiting this long (then twice as long, and so on) logs what the node holds.
+const LONG_WAIT: Duration = Duration::from_secs(10);
 
 /// How often, at most, waiting requests press the holders of this node's leases.
 const PRESS_INTERVAL: Duration = Duration::from_millis(20);
@@ -679,6 +707,8 @@ impl Leases {
         };
         let mut refreshed = false;
         let mut waiting: Option<WaiterTicket<'_>> = None;
+        let since = Instant::now();
+        let mut next_report = LONG_WAIT;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -690,7 +720,25 @@ impl Leases {
             };
             match step {
                 Step::Grant(resources, gpus) => {
-                    return self.grant(job_id, &command, resources, gpus, bundle, request.holder_address.clone()).await
+                    // The resources are taken: the grant runs to its end in a task of its
+                    // own, so a requester that goes away meanwhile (its process killed,
+                    // its call dropped) cannot strand them; a lease nobody received ends.
+                    let (reply_to, reply) = oneshot::channel();
+                    let leases = self.clone();
+                    let holder = request.holder_address.clone();
+                    let command = command.clone();
+                    tokio::spawn(async move {
+                        let granted = leases.grant(job_id, &command, resources, gpus, bundle, holder).await;
+                        if let Err(Ok(unheard)) = reply_to.send(granted) {
+                            if let Some(Outcome::Granted(lease)) = unheard.outcome {
+                                tracing::info!("a lease was granted to a requester that went away; it ends");
+                                let _ = leases.return_lease(&lease.lease_id, false);
+                            }
+                        }
+                    });
+                    return reply
+                        .await
+                        .map_err(|_| IonetError::Internal("the lease grant was dropped unfinished".into()))?;
                 }
                 Step::Spill(node_id, node_address) => {
                     return Ok(RequestWorkerLeaseReply {
@@ -710,6 +758,11 @@ impl Leases {
                 }
                 Step::Wait(reason) => {
                     tracing::debug!(demand = %demand, %reason, "lease request waits");
+                    if since.elapsed() >= next_report {
+                        next_report *= 2;
+                        let state = self.lock().describe();
+                        tracing::warn!(demand = %demand, %reason, waited = ?since.elapsed(), %state, "a lease request is waiting long");
+                    }
                     if waiting.is_none() && bundle.is_none() {
                         let mut state = self.lock();
                         let ticket = state.next_ticket;
@@ -738,26 +791,49 @@ impl Leases {
     ) -> IonetResult<RequestWorkerLeaseReply> {
         let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
         let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
-        let idle = {
-            let mut state = self.lock();
-            state.idle.iter().position(|(worker, _)| worker.key == key).map(|index| state.idle.swap_remove(index).0)
-        };
-        let worker = match idle {
-            Some(worker) => worker,
-            None => match self.start_worker(job_id, command, key).await {
-                Ok(worker) => worker,
-                Err(err) => {
-                    self.give_back(&resources, gpus.as_ref(), bundle.as_ref());
-                    return Err(err);
-                }
-            },
-        };
-        let lease_id = LeaseId::random();
-        if Granted::metered(&resources, bundle.as_ref()) {
-            self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
+        loop {
+            let idle = {
+                let mut state = self.lock();
+                state.idle.iter().position(|(worker, _)| worker.key == key).map(|index| state.idle.swap_remove(index).0)
+            };
+            let worker = match idle {
+                Some(worker) => worker,
+                None => match self.start_worker(job_id, command, key.clone()).await {
+                    Ok(worker) => worker,
+                    Err(err) => {
+                        self.give_back(&resources, gpus.as_ref(), bundle.as_ref());
+                        return Err(err);
+                    }
+                },
+            };
+            match self.lease_to(worker, job_id, &resources, &gpus, bundle, &holder) {
+                Some(reply) => return Ok(reply),
+                // The worker exited as it was leased: another one, same resources.
+                None => continue,
+            }
         }
+    }
+
+    /// Records a lease of `resources` on `worker`, or `None` (nothing recorded) when the
+    /// worker's process has exited meanwhile. The lease is in the lease table before it is
+    /// in the worker's entry, and the exit watcher removes the entry before it reads it:
+    /// whichever runs second sees the other, so a lease never outlives its worker.
+    fn lease_to(
+        &self,
+        worker: Worker,
+        job_id: JobId,
+        resources: &ResourceSet,
+        gpus: &Option<GpuAssignment>,
+        bundle: Option<BundleKey>,
+        holder: &str,
+    ) -> Option<RequestWorkerLeaseReply> {
+        let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
+        let gpus = gpus.clone();
+        let holder = holder.to_string();
+        let lease_id = LeaseId::random();
+        let metered = Granted::metered(&resources, bundle.as_ref());
         let granted = Granted {
-            resources,
+            resources: resources.clone(),
             gpus,
             worker: worker.worker_id,
             bundle,
@@ -765,10 +841,6 @@ impl Leases {
             blocked: false,
             released: Quantity::ZERO,
         };
-        self.lock().leases.insert(lease_id, granted);
-        if let Some(mut entry) = self.workers.get_mut(&worker.worker_id) {
-            entry.1 = Some(lease_id);
-        }
         let reply = LeaseGranted {
             lease_id: lease_id.to_vec(),
             worker_id: worker.worker_id.to_vec(),
@@ -776,9 +848,32 @@ impl Leases {
             gpu_ids,
             node_id: self.node_id.to_vec(),
         };
+        let worker_id = worker.worker_id;
+        // Metered from before anyone can end it, so its end is never metered first.
+        if metered {
+            self.meter(MeterEvent::Started { lease_id, job_id, resources: resources.clone() });
+        }
         // The worker is leased, not idle: it goes back to the pool on return.
-        self.leased.insert(worker.worker_id, worker);
-        Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Granted(reply)) })
+        self.leased.insert(worker_id, worker);
+        self.lock().leases.insert(lease_id, granted);
+        let recorded = match self.workers.get_mut(&worker_id) {
+            Some(mut entry) => {
+                entry.1 = Some(lease_id);
+                true
+            }
+            None => false,
+        };
+        if !recorded {
+            // Its exit was seen before the lease was written: take the lease back out,
+            // keeping the resources for the next worker (metered as a lease of no length).
+            self.lock().leases.remove(&lease_id);
+            self.leased.remove(&worker_id);
+            if metered {
+                self.meter(MeterEvent::Ended { lease_id });
+            }
+            return None;
+        }
+        Some(RequestWorkerLeaseReply { outcome: Some(Outcome::Granted(reply)) })
     }
 
     fn give_back(&self, resources: &ResourceSet, gpus: Option<&GpuAssignment>, bundle: Option<&BundleKey>) {
@@ -1305,6 +1400,32 @@ mod tests {
         let leases = leases_with(2);
         leases.lock().waiters.insert(7, (3, one.clone()));
         assert!(matches!(leases.decide(&one, &strategy, true, None, 1), Step::Grant(..)));
+    }
+
+    /// A lease request whose caller goes away while its worker starts (the caller's
+    /// process killed, its call dropped) leaves the node's resources as they were.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_requester_that_goes_away_strands_nothing() {
+        let leases = Arc::new(leases(1));
+        let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+        // A worker that never registers and exits after a moment.
+        let command = WorkerCommand { argv: vec!["sleep".into(), "1".into()], ..Default::default() };
+        let request = RequestWorkerLeaseRequest {
+            job_id: JobId::from_sequence(1).to_vec(),
+            resources: Some((&one).into()),
+            worker_command: Some(command),
+            no_spillback: true,
+            ..Default::default()
+        };
+        let abandoned = tokio::time::timeout(Duration::from_millis(200), leases.request(request)).await;
+        assert!(abandoned.is_err(), "the request was still starting its worker");
+        assert_eq!(cpus(&leases), 0, "the starting worker's CPU is taken");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cpus(&leases) != 1 {
+            assert!(Instant::now() < deadline, "the abandoned request's CPU never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(leases.lock().leases.is_empty());
     }
 
     fn leases_with(cpus: i64) -> Leases {

@@ -128,7 +128,7 @@ fn worker_command() -> WorkerCommand {
     // What a worker must inherit: logging, and a binding's module path and worker command.
     let env = std::env::vars()
         .filter(|(name, _)| {
-            ["RUST_LOG", "RUST_BACKTRACE", "IONET_PYTHONPATH", WORKER_ARGV_ENV].contains(&name.as_str())
+            ["IONET_LOG", "RUST_LOG", "RUST_BACKTRACE", "IONET_PYTHONPATH", WORKER_ARGV_ENV].contains(&name.as_str())
         })
         .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
@@ -166,6 +166,7 @@ fn host_of(address: &str) -> String {
 }
 
 async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)> {
+    ionet_worker::logging::init_when_asked();
     let token = ClusterToken::generate();
     let cluster_config = ClusterConfig::load(None)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -340,6 +341,7 @@ fn run_worker() -> ! {
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("ionet worker {}: task panicked{location}", std::process::id());
     }));
+    ionet_worker::logging::init_when_asked();
     let result: IonetResult<()> = block_on(async {
         let node_address = env(node_lease::NODE_ADDRESS_ENV);
         let token = ClusterToken::new(&env(node_lease::TOKEN_ENV))?;

@@ -70,6 +70,8 @@ const EXECUTOR_STACK_BYTES: usize = 64 << 20;
 const PIPELINE_BUDGET_MICROS: u64 = 2_000;
 /// Tasks one lease may have in flight at most.
 const MAX_PIPELINE: usize = 32;
+/// A task waiting this long for a worker (then twice as long, and so on) logs why.
+const LONG_LEASE_WAIT: Duration = Duration::from_secs(10);
 /// An idle lease is kept this long for the next task of its shape.
 const LEASE_LINGER: Duration = Duration::from_millis(300);
 /// Values up to this size travel inline and live in their owner's memory.
@@ -696,6 +698,8 @@ impl CoreWorker {
     ) -> IonetResult<Option<Arc<Lease>>> {
         let depth = spec.depth;
         pool.waiting.fetch_add(1, Ordering::SeqCst);
+        let since = tokio::time::Instant::now();
+        let mut next_report = since + LONG_LEASE_WAIT;
         let result = loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
@@ -717,9 +721,24 @@ impl CoreWorker {
                 pool.requesting.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
             }
+            let report = tokio::time::sleep_until(next_report);
             tokio::select! {
                 _ = notified => {}
                 _ = taken => {}
+                _ = report => {
+                    next_report += next_report.duration_since(since);
+                    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    let busy: Vec<usize> = leases.iter().map(|lease| lease.in_flight.load(Ordering::SeqCst)).collect();
+                    tracing::warn!(
+                        task = %spec.task_id.short(),
+                        function = spec.function,
+                        waited = ?since.elapsed(),
+                        waiting = pool.waiting.load(Ordering::SeqCst),
+                        requesting = pool.requesting.load(Ordering::SeqCst),
+                        calls_per_lease = ?busy,
+                        "a task is waiting long for a worker"
+                    );
+                }
             }
         };
         if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
