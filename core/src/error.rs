@@ -56,6 +56,29 @@ pub enum IonetError {
 }
 
 impl IonetError {
+    /// The variant's name: what travels in a status's details (see [`crate::rpc::status`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IonetError::InvalidArgument(_) => "InvalidArgument",
+            IonetError::NotFound(_) => "NotFound",
+            IonetError::AlreadyExists(_) => "AlreadyExists",
+            IonetError::Unauthenticated(_) => "Unauthenticated",
+            IonetError::FailedPrecondition(_) => "FailedPrecondition",
+            IonetError::ResourceExhausted(_) => "ResourceExhausted",
+            IonetError::Unavailable(_) => "Unavailable",
+            IonetError::Timeout(_) => "Timeout",
+            IonetError::Config(_) => "Config",
+            IonetError::Io(_) => "Io",
+            IonetError::Internal(_) => "Internal",
+            IonetError::TaskFailed { .. } => "TaskFailed",
+            IonetError::WorkerCrashed { .. } => "WorkerCrashed",
+            IonetError::ObjectLost(_) => "ObjectLost",
+            IonetError::Infeasible(_) => "Infeasible",
+            IonetError::ActorDied(_) => "ActorDied",
+            IonetError::Cancelled(_) => "Cancelled",
+        }
+    }
+
     /// Whether the same request may succeed if sent again later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, IonetError::Unavailable(_) | IonetError::Timeout(_))

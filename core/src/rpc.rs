@@ -34,55 +34,120 @@ pub mod proto {
 
 /// Domain errors to gRPC codes and back.
 pub mod status {
+    //! One mapping between [`IonetError`] and gRPC statuses, both ways. An error sent by
+    //! an ionet server carries its variant in the status's details ([`ErrorDetail`]), so
+    //! it comes back as the same variant with the same text, whatever its code; a status
+    //! from elsewhere (the transport, a proxy) is read from its code alone.
+
+    use prost::Message;
     use tonic::{Code, Status};
 
+    use super::proto::common::ErrorDetail;
     use crate::error::IonetError;
+
+    /// The code a caller that reads only codes acts on.
+    fn code_of(error: &IonetError) -> Code {
+        match error {
+            IonetError::InvalidArgument(_) | IonetError::Config(_) => Code::InvalidArgument,
+            IonetError::NotFound(_) => Code::NotFound,
+            IonetError::AlreadyExists(_) => Code::AlreadyExists,
+            IonetError::Unauthenticated(_) => Code::Unauthenticated,
+            IonetError::FailedPrecondition(_) | IonetError::Infeasible(_) => Code::FailedPrecondition,
+            IonetError::ResourceExhausted(_) => Code::ResourceExhausted,
+            IonetError::Unavailable(_) => Code::Unavailable,
+            IonetError::Timeout(_) => Code::DeadlineExceeded,
+            IonetError::Io(_) | IonetError::Internal(_) => Code::Internal,
+            IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } | IonetError::ActorDied(_) => {
+                Code::Aborted
+            }
+            IonetError::ObjectLost(_) => Code::DataLoss,
+            IonetError::Cancelled(_) => Code::Cancelled,
+        }
+    }
+
+    /// The error as its detail: the variant's name and fields.
+    fn detail_of(error: &IonetError) -> ErrorDetail {
+        let plain = |message: &String| ErrorDetail { message: message.clone(), ..Default::default() };
+        let mut detail = match error {
+            IonetError::InvalidArgument(m)
+            | IonetError::NotFound(m)
+            | IonetError::AlreadyExists(m)
+            | IonetError::Unauthenticated(m)
+            | IonetError::FailedPrecondition(m)
+            | IonetError::ResourceExhausted(m)
+            | IonetError::Unavailable(m)
+            | IonetError::Timeout(m)
+            | IonetError::Config(m)
+            | IonetError::Internal(m)
+            | IonetError::ObjectLost(m)
+            | IonetError::Infeasible(m)
+            | IonetError::ActorDied(m)
+            | IonetError::Cancelled(m) => plain(m),
+            IonetError::Io(error) => plain(&error.to_string()),
+            IonetError::TaskFailed { function, node, message } => ErrorDetail {
+                function: function.clone(),
+                node: node.clone(),
+                message: message.clone(),
+                ..Default::default()
+            },
+            IonetError::WorkerCrashed { function, attempts, reason } => ErrorDetail {
+                function: function.clone(),
+                attempts: *attempts,
+                message: reason.clone(),
+                ..Default::default()
+            },
+        };
+        detail.kind = error.kind().to_string();
+        detail
+    }
+
+    /// The error a detail names; `None` for a kind this build does not know.
+    fn error_of(detail: ErrorDetail) -> Option<IonetError> {
+        let ErrorDetail { kind, message: m, function, node, attempts } = detail;
+        Some(match kind.as_str() {
+            "InvalidArgument" => IonetError::InvalidArgument(m),
+            "NotFound" => IonetError::NotFound(m),
+            "AlreadyExists" => IonetError::AlreadyExists(m),
+            "Unauthenticated" => IonetError::Unauthenticated(m),
+            "FailedPrecondition" => IonetError::FailedPrecondition(m),
+            "ResourceExhausted" => IonetError::ResourceExhausted(m),
+            "Unavailable" => IonetError::Unavailable(m),
+            "Timeout" => IonetError::Timeout(m),
+            "Config" => IonetError::Config(m),
+            "Io" => IonetError::Io(std::io::Error::other(m)),
+            "Internal" => IonetError::Internal(m),
+            "TaskFailed" => IonetError::TaskFailed { function, node, message: m },
+            "WorkerCrashed" => IonetError::WorkerCrashed { function, attempts, reason: m },
+            "ObjectLost" => IonetError::ObjectLost(m),
+            "Infeasible" => IonetError::Infeasible(m),
+            "ActorDied" => IonetError::ActorDied(m),
+            "Cancelled" => IonetError::Cancelled(m),
+            _ => return None,
+        })
+    }
 
     impl From<IonetError> for Status {
         fn from(error: IonetError) -> Status {
-            let code = match &error {
-                IonetError::InvalidArgument(_) | IonetError::Config(_) => Code::InvalidArgument,
-                IonetError::NotFound(_) => Code::NotFound,
-                IonetError::AlreadyExists(_) => Code::AlreadyExists,
-                IonetError::Unauthenticated(_) => Code::Unauthenticated,
-                IonetError::FailedPrecondition(_) => Code::FailedPrecondition,
-                IonetError::ResourceExhausted(_) => Code::ResourceExhausted,
-                IonetError::Unavailable(_) => Code::Unavailable,
-                IonetError::Timeout(_) => Code::DeadlineExceeded,
-                IonetError::Io(_) | IonetError::Internal(_) => Code::Internal,
-                IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } => Code::Aborted,
-                IonetError::ObjectLost(_) => Code::DataLoss,
-                IonetError::Infeasible(_) => Code::FailedPrecondition,
-                IonetError::ActorDied(_) => Code::Aborted,
-                IonetError::Cancelled(_) => Code::Cancelled,
-            };
-            // The message keeps the variant's own text only, so it is not prefixed twice
-            // when the client maps it back.
-            let message = match error {
-                IonetError::InvalidArgument(m)
-                | IonetError::Config(m)
-                | IonetError::NotFound(m)
-                | IonetError::AlreadyExists(m)
-                | IonetError::Unauthenticated(m)
-                | IonetError::FailedPrecondition(m)
-                | IonetError::ResourceExhausted(m)
-                | IonetError::Unavailable(m)
-                | IonetError::Timeout(m)
-                | IonetError::Internal(m)
-                | IonetError::ObjectLost(m)
-                | IonetError::Infeasible(m)
-                | IonetError::ActorDied(m)
-                | IonetError::Cancelled(m) => m,
-                other @ (IonetError::Io(_) | IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. }) => {
-                    other.to_string()
+            let detail = detail_of(&error);
+            // The message is the variant's own text (a code-only reader's mapping back adds
+            // the prefix again); the structured variants' whole text.
+            let message = match &error {
+                IonetError::Io(_) | IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } => {
+                    error.to_string()
                 }
+                _ => detail.message.clone(),
             };
-            Status::new(code, message)
+            Status::with_details(code_of(&error), message, detail.encode_to_vec().into())
         }
     }
 
     impl From<Status> for IonetError {
         fn from(status: Status) -> IonetError {
+            if !status.details().is_empty() {
+                if let Some(error) = ErrorDetail::decode(status.details()).ok().and_then(error_of) {
+                    return error;
+                }
+            }
             let message = status.message().to_string();
             match status.code() {
                 Code::InvalidArgument | Code::OutOfRange => IonetError::InvalidArgument(message),
@@ -91,11 +156,95 @@ pub mod status {
                 Code::Unauthenticated | Code::PermissionDenied => IonetError::Unauthenticated(message),
                 Code::FailedPrecondition | Code::Aborted => IonetError::FailedPrecondition(message),
                 Code::ResourceExhausted => IonetError::ResourceExhausted(message),
+                // Without a detail, a cancelled call is the transport's doing (a reset
+                // stream, a peer gone): worth retrying.
                 Code::Unavailable | Code::Cancelled => IonetError::Unavailable(message),
                 Code::DeadlineExceeded => IonetError::Timeout(message),
                 Code::DataLoss => IonetError::ObjectLost(message),
                 _ => IonetError::Internal(format!("{:?}: {message}", status.code())),
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// One of each variant; the match makes a new variant fail to compile here until
+        /// it is added.
+        fn every_variant() -> Vec<IonetError> {
+            let all = vec![
+                IonetError::InvalidArgument("bad".into()),
+                IonetError::NotFound("gone".into()),
+                IonetError::AlreadyExists("twice".into()),
+                IonetError::Unauthenticated("who".into()),
+                IonetError::FailedPrecondition("not yet".into()),
+                IonetError::ResourceExhausted("full".into()),
+                IonetError::Unavailable("later".into()),
+                IonetError::Timeout("slow".into()),
+                IonetError::Config("typo".into()),
+                IonetError::Io(std::io::Error::other("disk")),
+                IonetError::Internal("bug".into()),
+                IonetError::TaskFailed { function: "f".into(), node: "ab12".into(), message: "boom".into() },
+                IonetError::WorkerCrashed { function: "g".into(), attempts: 3, reason: "killed".into() },
+                IonetError::ObjectLost("lost".into()),
+                IonetError::Infeasible("no GPU".into()),
+                IonetError::ActorDied("dead".into()),
+                IonetError::Cancelled("stop".into()),
+            ];
+            for error in &all {
+                match error {
+                    IonetError::InvalidArgument(_)
+                    | IonetError::NotFound(_)
+                    | IonetError::AlreadyExists(_)
+                    | IonetError::Unauthenticated(_)
+                    | IonetError::FailedPrecondition(_)
+                    | IonetError::ResourceExhausted(_)
+                    | IonetError::Unavailable(_)
+                    | IonetError::Timeout(_)
+                    | IonetError::Config(_)
+                    | IonetError::Io(_)
+                    | IonetError::Internal(_)
+                    | IonetError::TaskFailed { .. }
+                    | IonetError::WorkerCrashed { .. }
+                    | IonetError::ObjectLost(_)
+                    | IonetError::Infeasible(_)
+                    | IonetError::ActorDied(_)
+                    | IonetError::Cancelled(_) => {}
+                }
+            }
+            all
+        }
+
+        #[test]
+        fn every_error_comes_back_as_itself() {
+            let all = every_variant();
+            let kinds: std::collections::BTreeSet<_> = all.iter().map(IonetError::kind).collect();
+            assert_eq!(kinds.len(), all.len(), "two variants share a kind");
+            for error in all {
+                let (kind, text, retryable) = (error.kind(), error.to_string(), error.is_retryable());
+                let status = Status::from(error);
+                assert!(text.ends_with(status.message()), "a code-only reader sees the variant's text");
+                // Through the wire: the status as a client receives it.
+                let mut headers = tonic::codegen::http::HeaderMap::new();
+                status.add_header(&mut headers).unwrap();
+                let status = Status::from_header_map(&headers).unwrap();
+                let back = IonetError::from(status);
+                assert_eq!((back.kind(), back.to_string(), back.is_retryable()), (kind, text, retryable));
+            }
+        }
+
+        #[test]
+        fn a_status_from_elsewhere_is_read_by_its_code() {
+            let read = |code, message: &str| IonetError::from(Status::new(code, message));
+            assert!(matches!(read(Code::Unavailable, "connection refused"), IonetError::Unavailable(_)));
+            assert!(read(Code::Cancelled, "stream reset").is_retryable());
+            assert!(matches!(read(Code::NotFound, "x"), IonetError::NotFound(m) if m == "x"));
+            assert!(matches!(read(Code::Unknown, "h2"), IonetError::Internal(m) if m.contains("h2")));
+            // A detail of a kind this build does not know falls back to the code.
+            let unknown = ErrorDetail { kind: "FromTheFuture".into(), message: "m".into(), ..Default::default() };
+            let status = Status::with_details(Code::NotFound, "m", unknown.encode_to_vec().into());
+            assert!(matches!(IonetError::from(status), IonetError::NotFound(_)));
         }
     }
 }

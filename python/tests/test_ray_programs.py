@@ -551,12 +551,33 @@ def test_max_calls_gives_each_call_a_fresh_worker():
         pid_once.options(max_calls=-1)
 
 
+@ionet.remote(num_cpus=0)
+class Tally:
+    def __init__(self):
+        self.count = 0
+
+    def add(self):
+        self.count += 1
+        return self.count
+
+
+@ionet.remote
+def add_to_named(name):
+    return ionet.get(ionet.get_actor(name).add.remote())
+
+
 def test_version_is_the_installed_packages():
     from importlib import metadata
 
     assert ionet.__version__ == metadata.version("ionet")
     with pytest.raises(AttributeError):
         ionet.no_such_name
+
+
+def test_tasks_find_the_drivers_named_actors_in_its_namespace():
+    tally = Tally.options(name="tally").remote()
+    assert ionet.get(add_to_named.remote("tally"), timeout=60) == 1
+    assert ionet.get(tally.add.remote(), timeout=60) == 2
 
 
 def test_tqdm_ray_bars_of_tasks_are_drawn_by_the_driver(capfd):

@@ -34,6 +34,8 @@ pub fn init_client() {
 /// stderr when `IONET_LOG` asks it to (a worker's stderr is its log file, or its daemon's).
 pub fn init_when_asked() {
     if std::env::var_os("IONET_LOG").is_some() {
-        let _ = tracing_subscriber::registry().with(fmt::layer().with_writer(std::io::stderr).with_filter(filter())).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(fmt::layer().with_writer(std::io::stderr).with_filter(filter()))
+            .try_init();
     }
 }

@@ -111,6 +111,9 @@ pub fn is_initialized() -> bool {
 /// worker of that language (a worker's own nested tasks and actors need it).
 pub const WORKER_ARGV_ENV: &str = "IONET_WORKER_ARGV";
 
+/// The job's namespace, in a worker's environment.
+const NAMESPACE_ENV: &str = "IONET_NAMESPACE";
+
 fn worker_command() -> WorkerCommand {
     let inherited =
         std::env::var(WORKER_ARGV_ENV).ok().and_then(|json| serde_json::from_str::<Vec<String>>(&json).ok());
@@ -128,7 +131,8 @@ fn worker_command() -> WorkerCommand {
     // What a worker must inherit: logging, and a binding's module path and worker command.
     let env = std::env::vars()
         .filter(|(name, _)| {
-            ["IONET_LOG", "RUST_LOG", "RUST_BACKTRACE", "IONET_PYTHONPATH", WORKER_ARGV_ENV].contains(&name.as_str())
+            ["IONET_LOG", "RUST_LOG", "RUST_BACKTRACE", "IONET_PYTHONPATH", WORKER_ARGV_ENV, NAMESPACE_ENV]
+                .contains(&name.as_str())
         })
         .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
@@ -297,7 +301,12 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         Vec::new(),
         false,
         gcs_address,
-        config.worker_command.clone().unwrap_or_else(worker_command),
+        {
+            // The job's tasks and actors find named actors in the driver's namespace.
+            let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
+            command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
+            command
+        },
         config.namespace.clone(),
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,
@@ -360,7 +369,7 @@ fn run_worker() -> ! {
             true,
             std::env::var(node_lease::GCS_ADDRESS_ENV).unwrap_or_default(),
             worker_command(),
-            String::new(),
+            std::env::var(NAMESPACE_ENV).unwrap_or_default(),
             DEFAULT_INLINE_THRESHOLD,
             &std::env::var(node_lease::OBJECT_STORE_DIR_ENV).unwrap_or_default(),
         );

@@ -1,4 +1,4 @@
-//! Work-first waits (opt-in: [`WORK_FIRST_ENV`]): a task that waits in `get` for tasks
+//! Work-first waits (on unless [`WORK_FIRST_ENV`] is `0`): a task that waits in `get` for tasks
 //! it submitted, which have not started anywhere yet, runs them itself, on its own thread and lease, before it waits
 //! for the rest.
 //!
@@ -54,15 +54,13 @@ pub(crate) fn mark_executor_thread() {
     ON_EXECUTOR.with(|on| on.set(true));
 }
 
-/// Opt-in for now (`IONET_WORK_FIRST=1` in the environment of the node daemons, which
-/// their workers inherit): with it, the Python suite's run of a crashing task after two
-/// task trees times out on a loaded 2-core machine (about one run in two), which is not
-/// understood yet.
+/// `IONET_WORK_FIRST=0` in the environment of the node daemons (which their workers
+/// inherit) turns work-first waits off: every task then goes to a leased worker.
 pub const WORK_FIRST_ENV: &str = "IONET_WORK_FIRST";
 
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var(WORK_FIRST_ENV).is_ok_and(|value| value == "1"))
+    *ENABLED.get_or_init(|| std::env::var(WORK_FIRST_ENV).map_or(true, |value| value != "0"))
 }
 
 /// Whether a task with `options`, submitted now on this thread, may be run by its

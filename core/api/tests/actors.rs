@@ -161,6 +161,13 @@ fn bump(counter: CounterHandle, times: u32) -> String {
     ionet::get_runtime_context().unwrap().node_id.hex()
 }
 
+/// Finds an actor by name in the job's namespace (the driver's) and bumps it once.
+#[ionet::remote]
+fn bump_named(name: String) -> i64 {
+    let counter: CounterHandle = ionet::get_actor(&name, None).unwrap();
+    ionet::get(&counter.incr(1)).unwrap()
+}
+
 fn ten_thousand_calls_run_in_order() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let counter = Counter::remote(0i64).unwrap();
@@ -193,6 +200,9 @@ fn ten_thousand_calls_run_in_order() {
     let again: CounterHandle =
         ionet::task::decode_value(&ionet::task::encode_value(&counter.clone()).unwrap()).unwrap();
     assert_eq!(ionet::get(&again.get()).unwrap(), 5);
+    // The driver's named actors are found by name from its tasks, as in Ray.
+    let _tally = Counter::options(ActorOptions::new().name("tally")).remote(41i64).unwrap();
+    assert_eq!(ionet::get_timeout(&bump_named::remote("tally".to_string()), Duration::from_secs(60)).unwrap(), 42);
     ionet::shutdown();
 }
 

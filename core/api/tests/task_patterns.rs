@@ -335,14 +335,20 @@ fn a_waiting_task_runs_the_children_nobody_started() {
     // One CPU, held by the tree's root: its children's leases cannot be granted, so the
     // root runs them itself as it waits (and they theirs), all in its process, instead of
     // lending its CPU to a new worker for each.
-    // Opt-in for now: the workers inherit the variable from the embedded daemon.
-    std::env::set_var(ionet::inline::WORK_FIRST_ENV, "1");
     ionet::init(InitConfig::default().num_cpus(1.0)).unwrap();
     let pids = ionet::get_timeout(&tree_pids::remote(4u32), Duration::from_secs(60)).unwrap();
-    std::env::remove_var(ionet::inline::WORK_FIRST_ENV);
     assert_eq!(pids.len(), 31);
     let processes: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
     assert_eq!(processes.len(), 1, "the tree ran in {} processes", processes.len());
+    ionet::shutdown();
+    // Turned off (the workers inherit the variable from the embedded daemon), each
+    // waiting task lends its CPU and the children go to other workers.
+    std::env::set_var(ionet::inline::WORK_FIRST_ENV, "0");
+    ionet::init(InitConfig::default().num_cpus(1.0)).unwrap();
+    let pids = ionet::get_timeout(&tree_pids::remote(2u32), Duration::from_secs(60)).unwrap();
+    std::env::remove_var(ionet::inline::WORK_FIRST_ENV);
+    let processes: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+    assert!(processes.len() > 1, "with work-first off the tree still ran in one process");
     ionet::shutdown();
 }
 
