@@ -1,0 +1,55 @@
+//! Lease starts and ends, told to the head's metering service in order, off the lease
+//! path: a send that fails while the head is away is retried, one the head refuses is
+//! logged and dropped (metering never blocks a lease; the head also ends the leases of
+//! a node it declares dead).
+
+use std::time::Duration;
+
+use ionet::resources::ResourceSet;
+use ionet::{JobId, LeaseId, NodeId};
+
+/// What the control store is told about leases, in order, off the lease path.
+pub(super) enum MeterEvent {
+    Started { lease_id: LeaseId, job_id: JobId, resources: ResourceSet },
+    Ended { lease_id: LeaseId },
+}
+
+/// Sends lease starts and ends to the head's metering service. A send that fails while
+/// the head is away is retried; one the head refuses is logged and dropped (metering
+/// never blocks a lease; the head also ends the leases of a node it declares dead).
+pub(super) async fn report_leases(
+    node_id: NodeId,
+    mut client: ionet::rpc::MeteringClient,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<MeterEvent>,
+) {
+    use ionet::rpc::proto::common::ResourceQuantities;
+    use ionet::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest};
+    while let Some(event) = events.recv().await {
+        for attempt in 0..20u32 {
+            let result = match &event {
+                MeterEvent::Started { lease_id, job_id, resources } => client
+                    .lease_started(LeaseStartedRequest {
+                        lease_id: lease_id.to_vec(),
+                        node_id: node_id.to_vec(),
+                        job_id: job_id.to_vec(),
+                        resources: Some(ResourceQuantities::from_set(resources)),
+                    })
+                    .await
+                    .map(|_| ()),
+                MeterEvent::Ended { lease_id } => {
+                    client.lease_ended(LeaseEndedRequest { lease_id: lease_id.to_vec() }).await.map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(status) if status.code() == tonic::Code::Unavailable && attempt < 19 => {
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "the control store did not take a lease report");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,729 @@
+//! Leases on a node daemon: resource accounting, GPU ids, the worker pool, spillback.
+//!
+//! The book itself (pools, leases, bundles, worker processes) and its accounting
+//! invariants are in [`state`], one struct under one lock, never held across an await;
+//! this module does the I/O around it: requests, starting and stopping processes,
+//! metering, pressing holders. Its own rules:
+//! - A granted lease holds one worker process exclusively; the worker was started with
+//!   `CUDA_VISIBLE_DEVICES` set to exactly the GPU ids of the lease (whole GPUs exclusive,
+//!   fractions packed by [`GpuAllocator`]). Idle workers are reused only for the same job,
+//!   command and GPU ids.
+//! - A request this node cannot serve now is answered with a node that can (spillback,
+//!   from the cluster view refreshed every heartbeat), or waits here if only this node
+//!   could; one no node could ever serve is answered `infeasible`, never left waiting.
+//! - A leased worker whose task is blocked in `get`/`wait` gives its lease's CPUs back
+//!   (`released`) while at most `max_blocked_workers` leases have done so, so the tasks it
+//!   waits for can run (Ray's blocked-worker release); past the cap a blocked worker keeps
+//!   its CPUs, which bounds the extra workers a tree of tasks starts, unless every lease
+//!   holding CPUs is blocked (then nothing else could ever run, so it lends them anyway). Resuming takes them
+//!   back even past what is free: `available` may then be negative for CPU until leases
+//!   end (it is reported clamped at zero). So `available = total − Σ held`, where a
+//!   lease holds its resources less what it released.
+//! - Waiting requests are served deepest task first: a request is not granted here while
+//!   a deeper one that fits waits, so the leaves of a task tree run before new parents
+//!   start and every blocked parent eventually resumes. A request that waits presses the
+//!   holders of this node's leases to give back the ones they keep idle for reuse.
+//! - Placement-group bundles are held apart: preparing one moves its resources out of
+//!   `available` into the bundle (or refuses); a lease naming the bundle is granted only
+//!   from the bundle's own free resources, and returns there. Cancelling a bundle gives its
+//!   free part back at once; leases still running in it give theirs back to the general
+//!   pool when they end.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ionet::resources::{Quantity, ResourceSet, GPU};
+use ionet::rpc::proto::common::NodeInfo;
+use ionet::rpc::proto::node::{
+    request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
+    SchedulingKind, Spillback, WorkerCommand,
+};
+use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
+use ionet_scheduler::{ClusterView, Decision, Demand, GpuAssignment, SchedulingStrategy};
+use tokio::sync::{oneshot, Notify};
+
+use crate::cluster_view::node_view;
+
+mod metering;
+mod process;
+mod state;
+
+use metering::{report_leases, MeterEvent};
+use process::kill;
+pub use process::{
+    GCS_ADDRESS_ENV, GPU_IDS_ENV, JOB_ID_ENV, NODE_ADDRESS_ENV, NODE_ID_ENV, OBJECT_STORE_DIR_ENV, TOKEN_ENV,
+    WORKER_ID_ENV, WORKER_MODE_ENV,
+};
+use state::{clamped, BundleKey, Granted, LeaseState, PoolKey, Step};
+
+pub struct WorkerPoolOptions {
+    /// Idle workers are stopped after this long.
+    pub idle_timeout: Duration,
+    /// Most idle workers kept (a soft limit on the pool).
+    pub max_idle_workers: usize,
+    /// Where worker output goes; `None`: inherited from the daemon.
+    pub log_dir: Option<PathBuf>,
+    /// Most leases whose blocked worker has released its CPUs at once (see the module
+    /// invariants): the cap on extra workers a tree of blocked tasks makes this node start.
+    pub max_blocked_workers: usize,
+}
+
+/// A registered worker process handed to a grant, and where it serves.
+struct Worker {
+    worker_id: WorkerId,
+    address: String,
+}
+
+/// The lease side of a node daemon.
+pub struct Leases {
+    node_id: NodeId,
+    address: String,
+    token: String,
+    state: Mutex<LeaseState>,
+    freed: Notify,
+    /// Started workers not registered yet: where to tell the grant their address.
+    starting: DashMap<WorkerId, oneshot::Sender<String>>,
+    /// Node addresses by id, from the last refresh of the view.
+    addresses: DashMap<NodeId, String>,
+    options: WorkerPoolOptions,
+    metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
+    gcs: Mutex<Option<ionet::rpc::GcsClient>>,
+    object_store_dir: Mutex<String>,
+    gcs_address: Mutex<String>,
+    /// Channels to lease holders, for pressing them to give back idle leases.
+    holder_channels: DashMap<String, ionet::rpc::AuthChannel>,
+}
+
+/// A request waiting this long (then twice as long, and so on) logs what the node holds.
+const LONG_WAIT: Duration = Duration::from_secs(10);
+
+/// How often, at most, waiting requests press the holders of this node's leases.
+const PRESS_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Removes a waiting request's entry when its wait ends, however it ends (the caller may
+/// give up and drop the request).
+struct WaiterTicket<'a> {
+    leases: &'a Leases,
+    ticket: u64,
+}
+
+impl Drop for WaiterTicket<'_> {
+    fn drop(&mut self) {
+        self.leases.lock().waiters.remove(&self.ticket);
+    }
+}
+
+fn strategy(request: &RequestWorkerLeaseRequest) -> IonetResult<SchedulingStrategy> {
+    let wire = request.strategy.clone().unwrap_or_default();
+    Ok(match SchedulingKind::try_from(wire.kind).unwrap_or(SchedulingKind::Default) {
+        SchedulingKind::Default => SchedulingStrategy::Default,
+        SchedulingKind::Spread => SchedulingStrategy::Spread,
+        SchedulingKind::NodeAffinity => {
+            SchedulingStrategy::NodeAffinity { node_id: NodeId::from_bytes(&wire.node_id)?, soft: wire.soft }
+        }
+    })
+}
+
+impl Leases {
+    pub fn new(
+        node_id: NodeId,
+        address: String,
+        token: String,
+        total: ResourceSet,
+        gpu_indices: Vec<u32>,
+        options: WorkerPoolOptions,
+    ) -> Self {
+        Self {
+            node_id,
+            address,
+            token,
+            state: Mutex::new(LeaseState::new(total, gpu_indices)),
+            freed: Notify::new(),
+            starting: DashMap::new(),
+            addresses: DashMap::new(),
+            options,
+            metering: Mutex::new(None),
+            gcs: Mutex::new(None),
+            object_store_dir: Mutex::new(String::new()),
+            gcs_address: Mutex::new(String::new()),
+            holder_channels: DashMap::new(),
+        }
+    }
+
+    /// Where workers started from now on find the node's object store.
+    /// Told to workers, which reach the control store for actors.
+    pub fn set_gcs_address(&self, address: String) {
+        *self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()) = address;
+    }
+
+    pub fn set_object_store_dir(&self, dir: String) {
+        *self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// Reads the node table now; whether it could.
+    async fn refresh_from_control_store(&self) -> bool {
+        let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(mut client) = client else { return false };
+        match client.get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest { include_dead: false }).await {
+            Ok(reply) => {
+                self.refresh_view(&reply.into_inner().nodes);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Connects the leases to the control store: for fresh views, and to report every
+    /// lease to the head's metering service.
+    pub fn attach_control_store(&self, channel: ionet::rpc::AuthChannel) {
+        *self.gcs.lock().unwrap_or_else(|p| p.into_inner()) = Some(ionet::rpc::GcsClient::new(channel.clone()));
+        self.attach_metering(ionet::rpc::MeteringClient::new(channel));
+    }
+
+    fn attach_metering(&self, client: ionet::rpc::MeteringClient) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(report_leases(self.node_id, client, receiver));
+        *self.metering.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+
+    fn meter(&self, event: MeterEvent) {
+        if let Some(sender) = self.metering.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = sender.send(event);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What is free now (CPUs taken back past what was free count as none).
+    pub fn available(&self) -> ResourceSet {
+        clamped(&self.lock().available)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.lock().processes.len()
+    }
+
+    /// Replaces the cluster view with the control store's node table.
+    pub fn refresh_view(&self, nodes: &[NodeInfo]) {
+        let mut view = ClusterView::new();
+        for node in nodes {
+            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
+                self.addresses.insert(node_id, node.address.clone());
+            }
+            match node_view(node) {
+                Ok(node) => {
+                    let _ = view.upsert_node(node);
+                }
+                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
+            }
+        }
+        self.lock().view = view;
+    }
+
+    /// Alive nodes in the cluster view that spillback decisions read.
+    pub fn nodes_in_view(&self) -> usize {
+        self.lock().view.alive_count()
+    }
+
+    fn decide(
+        &self,
+        demand: &ResourceSet,
+        strategy: &SchedulingStrategy,
+        no_spillback: bool,
+        ticket: Option<u64>,
+        depth: u32,
+    ) -> Step {
+        let mut state = self.lock();
+        let gpus = demand.get(GPU);
+        let fits_now = |state: &LeaseState| {
+            state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
+        };
+        let fits_ever = state.total.contains(demand);
+        let grant = |state: &mut LeaseState| -> Step { state.take(demand, None, "resources are busy") };
+        let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
+            if !fits_ever {
+                Step::Infeasible(format!(
+                    "no node can ever fit {demand}: node {} has {} in all",
+                    self.node_id.short(),
+                    state.total
+                ))
+            } else if fits_now(state) && !state.outranked(ticket, depth, demand) {
+                grant(state)
+            } else if fits_now(state) {
+                Step::Wait("a deeper task waiting here goes first".to_string())
+            } else {
+                Step::Wait(why.to_string())
+            }
+        };
+        if no_spillback {
+            return local_or_wait(&mut state, "waiting for resources on the node chosen for it");
+        }
+        if let SchedulingStrategy::NodeAffinity { node_id, soft } = strategy {
+            if *node_id == self.node_id {
+                if fits_ever || !soft {
+                    return local_or_wait(&mut state, "waiting for resources on the node it is pinned to");
+                }
+            } else if let Some(target) =
+                state.view.node(node_id).filter(|node| node.state == ionet_scheduler::NodeState::Alive)
+            {
+                let address = self.address_of(&target.node_id);
+                if let Some(address) = address {
+                    return Step::Spill(*node_id, address);
+                }
+            } else if !soft {
+                return Step::Infeasible(format!("{demand} is pinned to node {}, which is not alive", node_id.short()));
+            }
+        }
+        // Our own entry in the view is exact; the others are as of their last heartbeat.
+        let (own_total, own_available) = (state.total.clone(), clamped(&state.available));
+        let _ = state.view.update_available(&self.node_id, own_available);
+        if state.view.node(&self.node_id).is_none() {
+            let mut own = ionet_scheduler::NodeView::new(self.node_id, own_total);
+            own.available = clamped(&state.available);
+            let _ = state.view.upsert_node(own);
+        }
+        let policy = match strategy {
+            SchedulingStrategy::NodeAffinity { .. } => SchedulingStrategy::Default,
+            other => other.clone(),
+        };
+        match state.view.schedule(&Demand::new(demand.clone()), &policy, Some(&self.node_id)) {
+            Decision::Place(node_id) if node_id == self.node_id => local_or_wait(&mut state, "resources are busy"),
+            Decision::Place(node_id) => match self.address_of(&node_id) {
+                Some(address) => {
+                    // Count it there until the next refresh, so a burst spreads.
+                    let _ = state.view.allocate(&node_id, demand);
+                    Step::Spill(node_id, address)
+                }
+                None => local_or_wait(&mut state, "resources are busy"),
+            },
+            Decision::Wait { reason } => {
+                if fits_ever {
+                    Step::Wait(reason)
+                } else {
+                    // Queue on a node that could take it once free.
+                    let target = state
+                        .view
+                        .nodes()
+                        .find(|node| node.state == ionet_scheduler::NodeState::Alive && node.total.contains(demand))
+                        .map(|node| node.node_id);
+                    match target.and_then(|node_id| self.address_of(&node_id).map(|address| (node_id, address))) {
+                        Some((node_id, address)) => Step::Spill(node_id, address),
+                        None => Step::Wait(reason),
+                    }
+                }
+            }
+            Decision::Infeasible { reason } => {
+                if fits_ever {
+                    local_or_wait(&mut state, "resources are busy")
+                } else {
+                    Step::Infeasible(reason)
+                }
+            }
+        }
+    }
+
+    /// A request naming a bundle: granted only from the bundle's free resources here.
+    fn decide_bundle(&self, key: &BundleKey, demand: &ResourceSet) -> Step {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(bundle) = state.bundles.get_mut(key) else {
+            return Step::Infeasible(format!(
+                "bundle {} of placement group {} is not reserved on node {}",
+                key.1,
+                key.0.short(),
+                self.node_id.short()
+            ));
+        };
+        if !bundle.total.contains(demand) {
+            return Step::Infeasible(format!(
+                "{demand} does not fit bundle {} of placement group {} ({})",
+                key.1,
+                key.0.short(),
+                bundle.total
+            ));
+        }
+        if !bundle.committed || !bundle.available.contains(demand) {
+            return Step::Wait("waiting for room in the placement-group bundle".into());
+        }
+        state.take(demand, Some(key), "waiting for room in the placement-group bundle")
+    }
+
+    /// Phase one of placing a bundle here: takes its resources out of the general pool,
+    /// or refuses with `ResourceExhausted`. Preparing a bundle already held is a no-op.
+    pub fn prepare_bundle(
+        &self,
+        placement_group_id: &[u8],
+        index: u32,
+        job_id: &[u8],
+        resources: ResourceSet,
+    ) -> IonetResult<()> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let job_id = if job_id.is_empty() { None } else { Some(JobId::from_bytes(job_id)?) };
+        let prepared = self.lock().prepare_bundle(key, resources.clone(), job_id);
+        match prepared {
+            Ok(_) => Ok(()),
+            Err(free) => Err(IonetError::ResourceExhausted(format!(
+                "node {} cannot reserve bundle {index} of placement group {}: it needs {resources}, {free} is free",
+                self.node_id.short(),
+                key.0.short(),
+            ))),
+        }
+    }
+
+    /// Phase two: the bundle may now serve leases.
+    pub fn commit_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<()> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let mut state = self.lock();
+        let bundle = state.bundles.get_mut(&key).ok_or_else(|| {
+            IonetError::NotFound(format!("bundle {index} of placement group {} is not prepared here", key.0.short()))
+        })?;
+        let newly = !bundle.committed;
+        bundle.committed = true;
+        let meter = match (newly, bundle.job_id) {
+            (true, Some(job_id)) if !bundle.total.is_empty() => {
+                let lease_id = LeaseId::random();
+                bundle.metered_as = Some(lease_id);
+                Some(MeterEvent::Started { lease_id, job_id, resources: bundle.total.clone() })
+            }
+            _ => None,
+        };
+        // Sent under the lock, as `cancel_bundle` sends the end: a cancel that follows
+        // cannot report the end before the start.
+        if let Some(event) = meter {
+            self.meter(event);
+        }
+        drop(state);
+        self.freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Gives a bundle's free resources back to the general pool; whether it was held.
+    pub fn cancel_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<bool> {
+        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
+        let (removed, doomed) = {
+            let mut state = self.lock();
+            let (removed, doomed) = state.cancel_bundle(&key);
+            if let Some(lease_id) = removed.as_ref().and_then(|bundle| bundle.metered_as) {
+                // Under the lock, as `commit_bundle` meters the start.
+                self.meter(MeterEvent::Ended { lease_id });
+            }
+            (removed.is_some(), doomed)
+        };
+        // Removing a group ends what runs inside it: its workers are stopped, and their
+        // leases end (resources back to the general pool) as their processes exit.
+        for pid in doomed {
+            tracing::info!(pid, "stopping a worker of a removed placement-group bundle");
+            kill(pid);
+        }
+        self.freed.notify_waiters();
+        Ok(removed)
+    }
+
+    /// How many placement-group bundles are reserved here.
+    pub fn bundle_count(&self) -> usize {
+        self.lock().bundles.len()
+    }
+
+    fn address_of(&self, node_id: &NodeId) -> Option<String> {
+        self.addresses.get(node_id).map(|entry| entry.clone())
+    }
+
+    /// Serves one lease request: grant, spill back, wait, or refuse.
+    pub async fn request(self: &Arc<Self>, request: RequestWorkerLeaseRequest) -> IonetResult<RequestWorkerLeaseReply> {
+        let demand = request.resources.clone().unwrap_or_default().to_set()?;
+        let gpus = demand.get(GPU);
+        if gpus > Quantity::whole(1) && gpus.units() % Quantity::whole(1).units() != 0 {
+            return Err(IonetError::InvalidArgument(format!("a demand of {gpus} GPUs must be whole above 1")));
+        }
+        let job_id = JobId::from_bytes(&request.job_id)?;
+        let command = request.worker_command.clone().unwrap_or_default();
+        if command.argv.is_empty() {
+            return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
+        }
+        let strategy = strategy(&request)?;
+        let bundle = if request.placement_group_id.is_empty() {
+            None
+        } else {
+            Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
+        };
+        let mut refreshed = false;
+        let mut waiting: Option<WaiterTicket<'_>> = None;
+        let since = Instant::now();
+        let mut next_report = LONG_WAIT;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let ticket = waiting.as_ref().map(|waiting| waiting.ticket);
+            let step = match &bundle {
+                Some(key) => self.decide_bundle(key, &demand),
+                None => self.decide(&demand, &strategy, request.no_spillback, ticket, request.depth),
+            };
+            match step {
+                Step::Grant(resources, gpus) => {
+                    // The resources are taken: the grant runs to its end in a task of its
+                    // own, so a requester that goes away meanwhile (its process killed,
+                    // its call dropped) cannot strand them; a lease nobody received ends.
+                    let (reply_to, reply) = oneshot::channel();
+                    let leases = self.clone();
+                    let holder = request.holder_address.clone();
+                    let command = command.clone();
+                    tokio::spawn(async move {
+                        let granted = leases.grant(job_id, &command, resources, gpus, bundle, holder).await;
+                        if let Err(Ok(unheard)) = reply_to.send(granted) {
+                            if let Some(Outcome::Granted(lease)) = unheard.outcome {
+                                tracing::info!("a lease was granted to a requester that went away; it ends");
+                                let _ = leases.return_lease(&lease.lease_id, false);
+                            }
+                        }
+                    });
+                    return reply
+                        .await
+                        .map_err(|_| IonetError::Internal("the lease grant was dropped unfinished".into()))?;
+                }
+                Step::Spill(node_id, node_address) => {
+                    return Ok(RequestWorkerLeaseReply {
+                        outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
+                    })
+                }
+                Step::Infeasible(reason) => {
+                    // The view may predate a node that just joined: look again before refusing.
+                    if !refreshed {
+                        refreshed = true;
+                        if self.refresh_from_control_store().await {
+                            continue;
+                        }
+                    }
+                    tracing::warn!(demand = %demand, %reason, "infeasible lease request");
+                    return Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Infeasible(reason)) });
+                }
+                Step::Wait(reason) => {
+                    tracing::debug!(demand = %demand, %reason, "lease request waits");
+                    if since.elapsed() >= next_report {
+                        next_report *= 2;
+                        let state = self.lock().describe();
+                        tracing::warn!(demand = %demand, %reason, waited = ?since.elapsed(), %state, "a lease request is waiting long");
+                    }
+                    if waiting.is_none() && bundle.is_none() {
+                        let mut state = self.lock();
+                        let ticket = state.next_ticket;
+                        state.next_ticket += 1;
+                        state.waiters.insert(ticket, (request.depth, demand.clone()));
+                        drop(state);
+                        waiting = Some(WaiterTicket { leases: self, ticket });
+                    }
+                    self.press_holders();
+                    // Woken when a lease ends; re-decided at least once a second, since
+                    // the cluster view changes too.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+                }
+            }
+        }
+    }
+
+    /// Leases an idle worker of the pool, or a fresh one, with resources already taken;
+    /// gives them back if no worker can be had.
+    async fn grant(
+        self: &Arc<Self>,
+        job_id: JobId,
+        command: &WorkerCommand,
+        resources: ResourceSet,
+        gpus: Option<GpuAssignment>,
+        bundle: Option<BundleKey>,
+        holder: String,
+    ) -> IonetResult<RequestWorkerLeaseReply> {
+        let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
+        let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
+        let granted = |worker: WorkerId| Granted {
+            resources: resources.clone(),
+            gpus: gpus.clone(),
+            worker,
+            bundle,
+            pool: bundle,
+            holder: holder.clone(),
+            blocked: false,
+            released: Quantity::ZERO,
+        };
+        // An idle worker of the pool, found and leased in one step.
+        let idle = {
+            let mut state = self.lock();
+            state.idle_of(&key).and_then(|worker| {
+                let address = state.processes.get(&worker).map(|process| process.address.clone())?;
+                let lease_id = self.record(&mut state, job_id, granted(worker))?;
+                Some((lease_id, worker, address))
+            })
+        };
+        let (lease_id, worker, address) = match idle {
+            Some(leased) => leased,
+            None => loop {
+                let started = match self.start_worker(job_id, command, key.clone()).await {
+                    Ok(started) => started,
+                    Err(err) => {
+                        self.give_back(&resources, gpus.as_ref(), bundle.as_ref());
+                        return Err(err);
+                    }
+                };
+                let recorded = self.record(&mut self.lock(), job_id, granted(started.worker_id));
+                match recorded {
+                    Some(lease_id) => break (lease_id, started.worker_id, started.address),
+                    // It exited as it was leased (its exit watcher ran first): another.
+                    None => continue,
+                }
+            },
+        };
+        let reply = LeaseGranted {
+            lease_id: lease_id.to_vec(),
+            worker_id: worker.to_vec(),
+            worker_address: address,
+            gpu_ids,
+            node_id: self.node_id.to_vec(),
+        };
+        Ok(RequestWorkerLeaseReply { outcome: Some(Outcome::Granted(reply)) })
+    }
+
+    /// Records a lease under the lock, metering its start there (so its end, metered
+    /// under the lock too, never comes first); `None` when its worker is gone.
+    fn record(&self, state: &mut LeaseState, job_id: JobId, granted: Granted) -> Option<LeaseId> {
+        let lease_id = LeaseId::random();
+        let start = Granted::metered(&granted.resources, granted.bundle.as_ref()).then(|| MeterEvent::Started {
+            lease_id,
+            job_id,
+            resources: granted.resources.clone(),
+        });
+        if !state.record_lease(lease_id, granted) {
+            return None;
+        }
+        if let Some(event) = start {
+            self.meter(event);
+        }
+        Some(lease_id)
+    }
+
+    fn give_back(&self, resources: &ResourceSet, gpus: Option<&GpuAssignment>, bundle: Option<&BundleKey>) {
+        self.lock().give_back(resources, gpus, bundle);
+        self.freed.notify_waiters();
+    }
+
+    /// Ends a lease: resources back, the worker back to the pool (or stopped if it failed).
+    pub fn return_lease(&self, lease_id: &[u8], worker_failed: bool) -> IonetResult<()> {
+        self.end_lease(LeaseId::from_bytes(lease_id)?, worker_failed)
+    }
+
+    /// Ends a lease in the book (metering its end under the lock) and stops its worker
+    /// when it failed; `None` if it is not held here.
+    fn end(&self, lease_id: LeaseId, failed: bool) -> Option<Granted> {
+        let ended = {
+            let mut state = self.lock();
+            let ended = state.end_lease(lease_id, failed, Instant::now(), self.options.max_blocked_workers)?;
+            if Granted::metered(&ended.granted.resources, ended.granted.bundle.as_ref()) {
+                self.meter(MeterEvent::Ended { lease_id });
+            }
+            ended
+        };
+        if let Some(pid) = ended.stop {
+            kill(pid);
+        }
+        self.freed.notify_waiters();
+        Some(ended.granted)
+    }
+
+    /// The worker says its task is blocked in `get`/`wait` (or resumed): its lease's
+    /// CPUs go back to their pool while it waits (up to the cap), and are taken back, even
+    /// past what is free, when it resumes. A worker that holds no lease is told so.
+    pub fn set_worker_blocked(&self, worker_id: &[u8], blocked: bool) -> IonetResult<()> {
+        let worker_id = WorkerId::from_bytes(worker_id)?;
+        let lent = self.lock().set_blocked(worker_id, blocked, self.options.max_blocked_workers);
+        match lent {
+            Ok(true) => {
+                self.freed.notify_waiters();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(unknown) => Err(IonetError::NotFound(unknown)),
+        }
+    }
+
+    /// Asks the holders of this node's leases to give back the leases they keep idle
+    /// for reuse (a request waits for room). At most once per `PRESS_INTERVAL`; the asks
+    /// go out in the background and their failures are ignored (a holder that is gone is
+    /// found by the probe of dead holders).
+    fn press_holders(&self) {
+        let holders: std::collections::BTreeSet<String> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            if state.pressed_at.is_some_and(|at| now.duration_since(at) < PRESS_INTERVAL) {
+                return;
+            }
+            state.pressed_at = Some(now);
+            state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
+        };
+        let Ok(token) = ionet::auth::ClusterToken::new(&self.token) else { return };
+        if self.holder_channels.len() > 4096 {
+            self.holder_channels.clear();
+        }
+        for holder in holders {
+            let channel = match self.holder_channels.get(&holder) {
+                Some(channel) => channel.clone(),
+                None => match ionet::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
+                    Ok(channel) => {
+                        self.holder_channels.insert(holder.clone(), channel.clone());
+                        channel
+                    }
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                let mut client = ionet::rpc::CoreWorkerClient::new(channel);
+                let request = ionet::rpc::proto::worker::ReturnIdleLeasesRequest {};
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.return_idle_leases(request)).await;
+            });
+        }
+    }
+
+    /// [`Leases::return_lease`] by id.
+    fn end_lease(&self, lease_id: LeaseId, worker_failed: bool) -> IonetResult<()> {
+        self.end(lease_id, worker_failed)
+            .map(|_| ())
+            .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))
+    }
+
+    /// Ends the leases whose holder's address refuses connections (its process is gone;
+    /// a probe that times out proves nothing, as with a partitioned network), as failed: the
+    /// leased workers are killed, since they may still run the dead holder's tasks, and
+    /// the resources come back. Returns how many leases ended.
+    pub async fn end_leases_of_dead_holders(&self, timeout: Duration) -> usize {
+        let holders: std::collections::BTreeSet<String> =
+            self.lock().leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect();
+        // All probes at once: a holder that does not answer costs one timeout, not one each.
+        let mut probes = tokio::task::JoinSet::new();
+        for holder in holders {
+            probes.spawn(async move {
+                let refused = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
+                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
+                );
+                (holder, refused)
+            });
+        }
+        let mut ended = 0;
+        while let Some(probe) = probes.join_next().await {
+            let Ok((holder, true)) = probe else { continue };
+            let doomed: Vec<LeaseId> =
+                self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
+            for lease_id in doomed {
+                tracing::warn!(lease = %lease_id.short(), %holder, "the lease holder is gone; its lease ends");
+                if self.end_lease(lease_id, true).is_ok() {
+                    ended += 1;
+                }
+            }
+        }
+        ended
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,673 @@
+//! The node's lease book: what it has, who holds what, which worker processes exist and
+//! what each is doing. Every field lives under the one lock of [`super::Leases`], and
+//! every method here is a synchronous step that leaves the book whole: no I/O, no await.
+//!
+//! Invariants (checked by [`LeaseState::check`], after every step of the property test):
+//! - General pool: `available + Σ live bundles' totals + Σ held by leases whose pool is
+//!   the general one = total`, where a lease holds its resources less the CPUs it lent
+//!   while blocked. `available` may go negative for CPU (a lender resumed past what was
+//!   free). A lease's pool is its bundle's until that bundle is cancelled.
+//! - Each live bundle: `its available + Σ held by the leases of its pool = its total`.
+//! - A lease's resources come back once: when it ends, or when its worker's process
+//!   exits, whichever is first.
+//! - Every lease names a process that is leased to exactly that lease, and every leased
+//!   process's lease exists: a lease never outlives its worker, a worker never holds two.
+//! - `released_leases` counts the leases lending CPUs now.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ionet::resources::{Quantity, ResourceSet, CPU, GPU};
+use ionet::{JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
+use ionet_scheduler::{ClusterView, GpuAllocator, GpuAssignment};
+
+/// What a pool of reusable workers is keyed by: an idle worker serves only the same job,
+/// command and GPU ids.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub(super) struct PoolKey {
+    pub job_id: Vec<u8>,
+    pub argv: Vec<String>,
+    pub gpu_ids: Vec<u32>,
+}
+
+/// A worker process this daemon started.
+pub(super) struct Process {
+    pub pid: u32,
+    pub key: PoolKey,
+    /// Where its core worker serves (empty until it registers).
+    pub address: String,
+    pub doing: Doing,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Doing {
+    /// Started for a grant, not leased yet.
+    Starting,
+    Idle {
+        since: Instant,
+    },
+    Leased(LeaseId),
+}
+
+pub(super) struct Granted {
+    pub resources: ResourceSet,
+    pub gpus: Option<GpuAssignment>,
+    pub worker: WorkerId,
+    pub bundle: Option<BundleKey>,
+    /// Where its resources go back: its bundle's pool, or the general one (from the
+    /// start, or once its bundle was cancelled: a bundle prepared again under the same
+    /// key is another bundle).
+    pub pool: Option<BundleKey>,
+    /// Where the holder serves (see `RequestWorkerLeaseRequest::holder_address`).
+    pub holder: String,
+    /// The worker said its task is blocked in `get`/`wait`.
+    pub blocked: bool,
+    /// CPUs given back while blocked (zero when none): the lease holds `resources` less these.
+    pub released: Quantity,
+}
+
+impl Granted {
+    /// Whether the lease is metered: a lease of nothing (an actor holding no resources)
+    /// costs nothing, and one inside a placement-group bundle is paid with the bundle.
+    pub fn metered(resources: &ResourceSet, bundle: Option<&BundleKey>) -> bool {
+        !resources.is_empty() && bundle.is_none()
+    }
+
+    /// What the lease holds now: its resources less the CPUs it lent.
+    pub fn held(&self) -> ResourceSet {
+        let mut held = self.resources.clone();
+        held.set(CPU, held.get(CPU) - self.released);
+        held
+    }
+}
+
+/// A placement-group bundle: its id and index in the group.
+pub(super) type BundleKey = (PlacementGroupId, u32);
+
+/// Resources reserved on this node for one bundle.
+pub(super) struct Bundle {
+    pub total: ResourceSet,
+    pub available: ResourceSet,
+    /// Leases are granted from a bundle only once the control store committed it.
+    pub committed: bool,
+    /// The creating job, billed for the whole bundle from commit to cancel (the leases
+    /// granted inside it are not metered again).
+    pub job_id: Option<JobId>,
+    /// The metering lease of the committed bundle.
+    pub metered_as: Option<LeaseId>,
+}
+
+/// How one request is answered, decided under the lock.
+pub(super) enum Step {
+    /// The resources (and GPU ids) are taken out of their pool for it.
+    Grant(ResourceSet, Option<GpuAssignment>),
+    Spill(NodeId, String),
+    Wait(String),
+    Infeasible(String),
+}
+
+/// A lease that ended, and what becomes of its worker process.
+pub(super) struct Ended {
+    pub granted: Granted,
+    /// The process to stop (its lease ended as failed); `None` when it went back to idle
+    /// or is gone already.
+    pub stop: Option<u32>,
+}
+
+pub(super) struct LeaseState {
+    pub total: ResourceSet,
+    pub available: ResourceSet,
+    pub gpus: GpuAllocator,
+    pub leases: HashMap<LeaseId, Granted>,
+    pub processes: HashMap<WorkerId, Process>,
+    pub view: ClusterView,
+    pub bundles: HashMap<BundleKey, Bundle>,
+    /// Requests for the general pool waiting here: their depth and demand, by ticket.
+    pub waiters: HashMap<u64, (u32, ResourceSet)>,
+    pub next_ticket: u64,
+    /// Leases whose blocked worker released its CPUs now.
+    pub released_leases: usize,
+    /// When holders were last pressed to give back idle leases.
+    pub pressed_at: Option<Instant>,
+}
+
+impl LeaseState {
+    pub fn new(total: ResourceSet, gpu_indices: Vec<u32>) -> Self {
+        LeaseState {
+            available: total.clone(),
+            total,
+            gpus: GpuAllocator::new(gpu_indices),
+            leases: HashMap::new(),
+            processes: HashMap::new(),
+            view: ClusterView::new(),
+            bundles: HashMap::new(),
+            waiters: HashMap::new(),
+            next_ticket: 0,
+            released_leases: 0,
+            pressed_at: None,
+        }
+    }
+
+    /// The pool a lease's resources come from: its bundle's, or the general one (also
+    /// for a lease whose bundle was cancelled meanwhile).
+    pub fn pool_of(&mut self, bundle: Option<&BundleKey>) -> &mut ResourceSet {
+        match bundle.and_then(|key| self.bundles.get_mut(key)) {
+            Some(bundle) => &mut bundle.available,
+            None => &mut self.available,
+        }
+    }
+
+    /// Takes `demand` out of the general pool (or `bundle`'s), with GPU ids: all of it
+    /// or, changing nothing, a wait (`busy` says why) or a refusal.
+    pub fn take(&mut self, demand: &ResourceSet, bundle: Option<&BundleKey>, busy: &str) -> Step {
+        let wanted = demand.get(GPU);
+        let assignment = if wanted.is_zero() {
+            None
+        } else {
+            match self.gpus.allocate(wanted) {
+                Ok(Some(assignment)) => Some(assignment),
+                Ok(None) => return Step::Wait("GPUs are busy".into()),
+                Err(err) => return Step::Infeasible(format!("no node can ever fit {demand}: {err}")),
+            }
+        };
+        if self.pool_of(bundle).try_subtract(demand).is_err() {
+            if let Some(assignment) = &assignment {
+                let _ = self.gpus.release(assignment);
+            }
+            return Step::Wait(busy.to_string());
+        }
+        Step::Grant(demand.clone(), assignment)
+    }
+
+    /// Puts back what a grant took and never leased (or a lease held at its end).
+    pub fn give_back(&mut self, resources: &ResourceSet, gpus: Option<&GpuAssignment>, bundle: Option<&BundleKey>) {
+        self.pool_of(bundle).add(resources);
+        if let Some(assignment) = gpus {
+            if let Err(err) = self.gpus.release(assignment) {
+                tracing::error!(error = %err, "gpu accounting refused a release");
+            }
+        }
+    }
+
+    /// An idle process of `key`, if any (the most recently idle: its caches are warm).
+    pub fn idle_of(&self, key: &PoolKey) -> Option<WorkerId> {
+        self.processes
+            .iter()
+            .filter_map(|(id, process)| match process.doing {
+                Doing::Idle { since } if process.key == *key => Some((since, *id)),
+                _ => None,
+            })
+            .max_by_key(|(since, _)| *since)
+            .map(|(_, id)| id)
+    }
+
+    /// Records `granted` as lease `lease_id` on its worker; `false` (nothing changed)
+    /// when that process is gone or already leased.
+    pub fn record_lease(&mut self, lease_id: LeaseId, granted: Granted) -> bool {
+        let Some(process) = self.processes.get_mut(&granted.worker) else { return false };
+        if matches!(process.doing, Doing::Leased(_)) {
+            return false;
+        }
+        process.doing = Doing::Leased(lease_id);
+        self.leases.insert(lease_id, granted);
+        true
+    }
+
+    /// Ends a lease: what it holds back to its pool, its worker idle again (or to be
+    /// stopped, when `failed`). `None` if no such lease is held here.
+    pub fn end_lease(&mut self, lease_id: LeaseId, failed: bool, now: Instant, cap: usize) -> Option<Ended> {
+        let granted = self.leases.remove(&lease_id)?;
+        if !granted.released.is_zero() {
+            self.released_leases -= 1;
+            self.release_next_blocked(cap);
+        }
+        self.give_back(&granted.held(), granted.gpus.as_ref(), granted.pool.as_ref());
+        let mut stop = None;
+        if let Some(process) = self.processes.get_mut(&granted.worker) {
+            if failed {
+                stop = Some(process.pid);
+                self.processes.remove(&granted.worker);
+            } else {
+                process.doing = Doing::Idle { since: now };
+            }
+        }
+        Some(Ended { granted, stop })
+    }
+
+    /// A worker process exited: it leaves the book, and its lease (if any) ends.
+    pub fn process_exited(&mut self, worker: WorkerId, now: Instant, cap: usize) -> Option<(LeaseId, Granted)> {
+        let process = self.processes.remove(&worker)?;
+        let Doing::Leased(lease_id) = process.doing else { return None };
+        self.end_lease(lease_id, false, now, cap).map(|ended| (lease_id, ended.granted))
+    }
+
+    /// The worker's task blocked (or resumed): a blocked lease lends its CPUs (up to the
+    /// cap); a resumed one takes them back, even past what is free. Whether CPUs were
+    /// lent now. `Err` names what is unknown.
+    pub fn set_blocked(&mut self, worker: WorkerId, blocked: bool, cap: usize) -> Result<bool, String> {
+        let lease_id = match self.processes.get(&worker).map(|process| process.doing) {
+            Some(Doing::Leased(lease_id)) => lease_id,
+            _ => return Err(format!("worker {} holds no lease here", worker.short())),
+        };
+        let Some(granted) = self.leases.get_mut(&lease_id) else {
+            return Err(format!("lease {} is not held on this node", lease_id.short()));
+        };
+        if granted.blocked == blocked {
+            return Ok(false);
+        }
+        granted.blocked = blocked;
+        if blocked {
+            return Ok(self.release_blocked_cpus(&lease_id, cap));
+        }
+        let taken_back = std::mem::replace(&mut granted.released, Quantity::ZERO);
+        if !taken_back.is_zero() {
+            let bundle = granted.pool;
+            let pool = self.pool_of(bundle.as_ref());
+            pool.set(CPU, pool.get(CPU) - taken_back);
+            self.released_leases -= 1;
+            self.release_next_blocked(cap);
+        }
+        Ok(false)
+    }
+
+    /// Releases the CPUs of a blocked lease to its pool, if under the cap, or past it when
+    /// every lease holding CPUs here is blocked (nothing could run otherwise: the tasks
+    /// they wait for would never start).
+    pub fn release_blocked_cpus(&mut self, lease_id: &LeaseId, cap: usize) -> bool {
+        let stalled = || {
+            self.leases
+                .values()
+                .all(|granted| granted.blocked || !granted.released.is_zero() || granted.resources.get(CPU).is_zero())
+        };
+        if self.released_leases >= cap && !stalled() {
+            tracing::info!(
+                cap,
+                lease = %lease_id.short(),
+                "a blocked worker keeps its CPUs: the cap of blocked workers lending theirs is reached \
+                 (a tree of tasks deeper than cap / CPUs may stall; raise IONET_MAX_BLOCKED_WORKERS)"
+            );
+            return false;
+        }
+        let Some(granted) = self.leases.get_mut(lease_id) else { return false };
+        let cpus = granted.resources.get(CPU);
+        if !granted.blocked || !granted.released.is_zero() || cpus.is_zero() {
+            return false;
+        }
+        granted.released = cpus;
+        let bundle = granted.pool;
+        let pool = self.pool_of(bundle.as_ref());
+        pool.set(CPU, pool.get(CPU) + cpus);
+        self.released_leases += 1;
+        true
+    }
+
+    /// Under the cap again: the CPUs of a blocked lease that kept them go back too.
+    fn release_next_blocked(&mut self, cap: usize) {
+        let next = self
+            .leases
+            .iter()
+            .find(|(_, granted)| granted.blocked && granted.released.is_zero() && !granted.resources.get(CPU).is_zero())
+            .map(|(lease_id, _)| *lease_id);
+        if let Some(lease_id) = next {
+            self.release_blocked_cpus(&lease_id, cap);
+        }
+    }
+
+    /// Phase one of placing a bundle: its resources leave the general pool. `Ok(false)`:
+    /// held already; `Err`: what is free.
+    pub fn prepare_bundle(
+        &mut self,
+        key: BundleKey,
+        resources: ResourceSet,
+        job_id: Option<JobId>,
+    ) -> Result<bool, String> {
+        if self.bundles.contains_key(&key) {
+            return Ok(false);
+        }
+        if self.available.try_subtract(&resources).is_err() {
+            return Err(self.available.to_string());
+        }
+        self.bundles.insert(
+            key,
+            Bundle { total: resources.clone(), available: resources, committed: false, job_id, metered_as: None },
+        );
+        Ok(true)
+    }
+
+    /// Removes a bundle, its free part back to the general pool (its leases give theirs
+    /// back there when they end). The bundle, and the workers of its running leases.
+    pub fn cancel_bundle(&mut self, key: &BundleKey) -> (Option<Bundle>, Vec<u32>) {
+        let removed = self.bundles.remove(key);
+        if let Some(bundle) = &removed {
+            self.available.add(&bundle.available);
+        }
+        for granted in self.leases.values_mut().filter(|granted| granted.pool == Some(*key)) {
+            granted.pool = None;
+        }
+        let doomed = self
+            .leases
+            .values()
+            .filter(|granted| granted.bundle == Some(*key))
+            .filter_map(|granted| self.processes.get(&granted.worker).map(|process| process.pid))
+            .collect();
+        (removed, doomed)
+    }
+
+    /// Idle processes to stop now: those idle past `timeout`, and those past the `limit`
+    /// most recently idle that have been idle `grace`. They leave the book.
+    pub fn reap_idle(&mut self, now: Instant, limit: usize, timeout: Duration, grace: Duration) -> Vec<u32> {
+        let mut idle: Vec<(Instant, WorkerId)> = self
+            .processes
+            .iter()
+            .filter_map(|(id, process)| match process.doing {
+                Doing::Idle { since } => Some((since, *id)),
+                _ => None,
+            })
+            .collect();
+        idle.sort_by_key(|(since, _)| std::cmp::Reverse(*since));
+        let mut doomed = Vec::new();
+        for (index, (since, id)) in idle.into_iter().enumerate() {
+            let idle_for = now.duration_since(since);
+            if idle_for > timeout || (index >= limit && idle_for > grace) {
+                if let Some(process) = self.processes.remove(&id) {
+                    doomed.push(process.pid);
+                }
+            }
+        }
+        doomed
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.processes.values().filter(|process| matches!(process.doing, Doing::Idle { .. })).count()
+    }
+
+    /// Whether granting `demand` now would take the room of a waiting request (other
+    /// than `ticket`) deeper than `depth` that fits now: that one goes first.
+    pub fn outranked(&self, ticket: Option<u64>, depth: u32, demand: &ResourceSet) -> bool {
+        let mut after = self.available.clone();
+        if after.try_subtract(demand).is_err() {
+            return false;
+        }
+        self.waiters.iter().any(|(other, (other_depth, wanted))| {
+            Some(*other) != ticket
+                && *other_depth > depth
+                && self.available.contains(wanted)
+                && !after.contains(wanted)
+                && (wanted.get(GPU).is_zero() || self.gpus.total_free() >= wanted.get(GPU))
+        })
+    }
+
+    /// One line on who holds what here, for an operator reading why a request waits.
+    pub fn describe(&self) -> String {
+        let blocked = self.leases.values().filter(|granted| granted.blocked).count();
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        for (lease_id, granted) in &self.leases {
+            let holder = if granted.holder.is_empty() { "the control store (actors)" } else { &granted.holder };
+            holders.entry(holder.to_string()).or_default().push(format!(
+                "{} {} on worker {}",
+                lease_id.short(),
+                granted.resources,
+                granted.worker.short()
+            ));
+        }
+        let waiting: Vec<String> =
+            self.waiters.values().map(|(depth, wanted)| format!("{wanted} at depth {depth}")).collect();
+        format!(
+            "available {}, {} leases ({blocked} blocked, {} lending CPUs) held by {holders:?}, {} idle workers, waiting: [{}]",
+            self.available,
+            self.leases.len(),
+            self.released_leases,
+            self.idle_count(),
+            waiting.join(", ")
+        )
+    }
+
+    /// The module's invariants; the first that fails, said.
+    #[cfg(test)]
+    pub fn check(&self) -> Result<(), String> {
+        let mut general = self.available.clone();
+        for bundle in self.bundles.values() {
+            general.add(&bundle.total);
+        }
+        let mut in_bundles: HashMap<BundleKey, ResourceSet> =
+            self.bundles.iter().map(|(key, bundle)| (*key, bundle.available.clone())).collect();
+        let mut lending = 0;
+        for (lease_id, granted) in &self.leases {
+            match granted.pool.and_then(|key| in_bundles.get_mut(&key)) {
+                Some(pool) => pool.add(&granted.held()),
+                None => general.add(&granted.held()),
+            }
+            if !granted.released.is_zero() {
+                lending += 1;
+            }
+            match self.processes.get(&granted.worker).map(|process| process.doing) {
+                Some(Doing::Leased(held)) if held == *lease_id => {}
+                other => {
+                    return Err(format!(
+                        "lease {} names worker {} doing {other:?}",
+                        lease_id.short(),
+                        granted.worker.short()
+                    ))
+                }
+            }
+        }
+        if !same(&general, &self.total) {
+            return Err(format!("the general pool accounts for {general}, the node has {}", self.total));
+        }
+        for (key, accounted) in &in_bundles {
+            if !same(accounted, &self.bundles[key].total) {
+                return Err(format!("bundle {} accounts for {accounted}, it has {}", key.1, self.bundles[key].total));
+            }
+        }
+        if lending != self.released_leases {
+            return Err(format!("{lending} leases lend CPUs, {} are counted", self.released_leases));
+        }
+        for (worker, process) in &self.processes {
+            if let Doing::Leased(lease_id) = process.doing {
+                if self.leases.get(&lease_id).map(|granted| granted.worker) != Some(*worker) {
+                    return Err(format!(
+                        "worker {} is leased to {}, which is not its lease",
+                        worker.short(),
+                        lease_id.short()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Equal, an entry of zero counting as absent.
+#[cfg(test)]
+fn same(a: &ResourceSet, b: &ResourceSet) -> bool {
+    let covers = |x: &ResourceSet, y: &ResourceSet| x.iter().all(|(name, quantity)| y.get(name) == quantity);
+    covers(a, b) && covers(b, a)
+}
+
+/// `set` without its negative entries (CPUs taken back past what was free).
+pub(super) fn clamped(set: &ResourceSet) -> ResourceSet {
+    let mut clamped = set.clone();
+    for (name, quantity) in set.iter() {
+        if quantity < Quantity::ZERO {
+            clamped.set(name.to_string(), Quantity::ZERO);
+        }
+    }
+    clamped
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One step a node's book may take, in any order.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A grant of `cpus` (and `gpus`), from bundle `bundle` if `Some`, on a fresh or idle worker.
+        Grant {
+            cpus: i64,
+            gpus: i64,
+            bundle: Option<u32>,
+            reuse: bool,
+        },
+        /// Lease number `n` (mod the number held) ends; its worker failed or not.
+        End {
+            n: usize,
+            failed: bool,
+        },
+        /// The worker of lease `n` exits.
+        Exit {
+            n: usize,
+        },
+        /// An idle worker exits.
+        IdleExit,
+        Block {
+            n: usize,
+            blocked: bool,
+        },
+        Prepare {
+            bundle: u32,
+            cpus: i64,
+        },
+        Commit {
+            bundle: u32,
+        },
+        Cancel {
+            bundle: u32,
+        },
+        Reap,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3i64, 0..2i64, prop::option::of(0..3u32), any::<bool>())
+                .prop_map(|(cpus, gpus, bundle, reuse)| Op::Grant { cpus, gpus, bundle, reuse }),
+            2 => (any::<usize>(), any::<bool>()).prop_map(|(n, failed)| Op::End { n, failed }),
+            1 => any::<usize>().prop_map(|n| Op::Exit { n }),
+            1 => Just(Op::IdleExit),
+            3 => (any::<usize>(), any::<bool>()).prop_map(|(n, blocked)| Op::Block { n, blocked }),
+            1 => (0..3u32, 0..3i64).prop_map(|(bundle, cpus)| Op::Prepare { bundle, cpus }),
+            1 => (0..3u32).prop_map(|bundle| Op::Commit { bundle }),
+            1 => (0..3u32).prop_map(|bundle| Op::Cancel { bundle }),
+            1 => Just(Op::Reap),
+        ]
+    }
+
+    fn nth_lease(state: &LeaseState, n: usize) -> Option<LeaseId> {
+        let mut ids: Vec<LeaseId> = state.leases.keys().copied().collect();
+        ids.sort_by_key(|id| id.to_vec());
+        (!ids.is_empty()).then(|| ids[n % ids.len()])
+    }
+
+    fn key() -> PoolKey {
+        PoolKey { job_id: vec![1], argv: vec!["worker".into()], gpu_ids: Vec::new() }
+    }
+
+    /// Applies `op` as `Leases` would (the same calls in the same order).
+    fn apply(state: &mut LeaseState, group: PlacementGroupId, op: Op, cap: usize) {
+        let now = Instant::now();
+        match op {
+            Op::Grant { cpus, gpus, bundle, reuse } => {
+                let demand = ResourceSet::new().with(CPU, Quantity::whole(cpus)).with(GPU, Quantity::whole(gpus));
+                let bundle = bundle.map(|index| (group, index));
+                if bundle.is_some_and(|key| !state.bundles.get(&key).is_some_and(|b| b.committed)) {
+                    return; // a request for an uncommitted or unknown bundle waits or is refused
+                }
+                let Step::Grant(resources, assignment) = state.take(&demand, bundle.as_ref(), "busy") else { return };
+                let worker = match state.idle_of(&key()).filter(|_| reuse) {
+                    Some(idle) => idle,
+                    None => {
+                        let worker = WorkerId::random();
+                        let process = Process { pid: 0, key: key(), address: String::new(), doing: Doing::Starting };
+                        state.processes.insert(worker, process);
+                        worker
+                    }
+                };
+                let granted = Granted {
+                    resources,
+                    gpus: assignment,
+                    worker,
+                    bundle,
+                    pool: bundle,
+                    holder: String::new(),
+                    blocked: false,
+                    released: Quantity::ZERO,
+                };
+                let (resources, gpus) = (granted.resources.clone(), granted.gpus.clone());
+                if !state.record_lease(LeaseId::random(), granted) {
+                    state.give_back(&resources, gpus.as_ref(), bundle.as_ref());
+                }
+            }
+            Op::End { n, failed } => {
+                if let Some(lease_id) = nth_lease(state, n) {
+                    state.end_lease(lease_id, failed, now, cap).unwrap();
+                }
+            }
+            Op::Exit { n } => {
+                if let Some(lease_id) = nth_lease(state, n) {
+                    let worker = state.leases[&lease_id].worker;
+                    assert!(state.process_exited(worker, now, cap).is_some(), "a leased worker's exit ends its lease");
+                    assert!(state.process_exited(worker, now, cap).is_none(), "an exit is seen once");
+                }
+            }
+            Op::IdleExit => {
+                if let Some(worker) = state.idle_of(&key()) {
+                    assert!(state.process_exited(worker, now, cap).is_none(), "an idle worker held no lease");
+                }
+            }
+            Op::Block { n, blocked } => {
+                if let Some(lease_id) = nth_lease(state, n) {
+                    let worker = state.leases[&lease_id].worker;
+                    state.set_blocked(worker, blocked, cap).unwrap();
+                }
+            }
+            Op::Prepare { bundle, cpus } => {
+                let _ =
+                    state.prepare_bundle((group, bundle), ResourceSet::new().with(CPU, Quantity::whole(cpus)), None);
+            }
+            Op::Commit { bundle } => {
+                if let Some(bundle) = state.bundles.get_mut(&(group, bundle)) {
+                    bundle.committed = true;
+                }
+            }
+            Op::Cancel { bundle } => {
+                let _ = state.cancel_bundle(&(group, bundle));
+            }
+            Op::Reap => {
+                let _ = state.reap_idle(now, 1, Duration::from_secs(3600), Duration::ZERO);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// "available = total − Σ held" (per pool), one lease per worker and one worker per
+        /// lease, under any order of grants, returns, exits, blocks and bundle changes;
+        /// and once every lease has ended and every bundle is gone, all is free again.
+        #[test]
+        fn the_book_balances_under_any_order(ops in prop::collection::vec(op(), 1..80), cap in 0..3usize) {
+            let total = ResourceSet::new().with(CPU, Quantity::whole(4)).with(GPU, Quantity::whole(2));
+            let mut state = LeaseState::new(total.clone(), vec![0, 1]);
+            let group = PlacementGroupId::random();
+            for op in ops {
+                let said = format!("{op:?}");
+                apply(&mut state, group, op, cap);
+                if let Err(why) = state.check() {
+                    prop_assert!(false, "after {said}: {why}");
+                }
+            }
+            for index in 0..3 {
+                let _ = state.cancel_bundle(&(group, index));
+            }
+            while let Some(lease_id) = nth_lease(&state, 0) {
+                state.end_lease(lease_id, false, Instant::now(), cap).unwrap();
+                prop_assert!(state.check().is_ok(), "{:?}", state.check());
+            }
+            prop_assert!(same(&state.available, &total), "all ended, {} free of {}", state.available, total);
+            prop_assert_eq!(state.gpus.total_free(), Quantity::whole(2));
+            prop_assert_eq!(state.released_leases, 0);
+        }
+    }
+}

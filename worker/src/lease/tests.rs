@@ -1,0 +1,219 @@
+//! The lease side's own tests: lending blocked CPUs, idle grace, deepest first, requesters
+//! that go away.
+
+use ionet::resources::CPU;
+
+use super::process::EXCESS_IDLE_GRACE;
+use super::state::{Doing, Process};
+use super::*;
+
+fn leases(cpus: i64) -> Leases {
+    let options = WorkerPoolOptions {
+        idle_timeout: Duration::from_secs(1),
+        max_idle_workers: 1,
+        log_dir: None,
+        max_blocked_workers: 2,
+    };
+    let total = ResourceSet::new().with(CPU, Quantity::whole(cpus));
+    Leases::new(NodeId::random(), "127.0.0.1:1".into(), "token".into(), total, Vec::new(), options)
+}
+
+#[test]
+fn bundles_are_held_apart_from_the_general_pool() {
+    let leases = leases(2);
+    let group = PlacementGroupId::random();
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    leases.prepare_bundle(group.as_bytes(), 0, &[], one.clone()).unwrap();
+    assert_eq!(leases.available(), one, "the bundle's CPU left the general pool");
+    // Preparing again is a no-op; a bundle beyond what is free is refused untouched.
+    leases.prepare_bundle(group.as_bytes(), 0, &[], one.clone()).unwrap();
+    let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+    assert!(matches!(
+        leases.prepare_bundle(group.as_bytes(), 1, &[], two.clone()),
+        Err(IonetError::ResourceExhausted(_))
+    ));
+    assert_eq!((leases.available(), leases.bundle_count()), (one.clone(), 1));
+
+    // Uncommitted: a lease naming it waits; committed: granted from the bundle only.
+    let key = (group, 0);
+    assert!(matches!(leases.decide_bundle(&key, &one), Step::Wait(_)));
+    leases.commit_bundle(group.as_bytes(), 0).unwrap();
+    let Step::Grant(resources, gpus) = leases.decide_bundle(&key, &one) else { panic!("expected a grant") };
+    assert_eq!(leases.available(), one, "the general pool is untouched by the bundle's lease");
+    assert!(matches!(leases.decide_bundle(&key, &one), Step::Wait(_)), "the bundle is full");
+    assert!(matches!(leases.decide_bundle(&(group, 7), &one), Step::Infeasible(_)));
+
+    // Cancelled while the lease runs: the free part comes back now, the lease's on return.
+    assert!(leases.cancel_bundle(group.as_bytes(), 0).unwrap());
+    assert_eq!(leases.available(), one);
+    leases.give_back(&resources, gpus.as_ref(), Some(&key));
+    assert_eq!(leases.available(), two);
+    assert!(!leases.cancel_bundle(group.as_bytes(), 0).unwrap(), "cancelling twice is harmless");
+}
+
+/// Puts a lease of one CPU on a fresh worker, as a grant would.
+fn lease_one_cpu(leases: &Leases) -> (WorkerId, LeaseId) {
+    let (worker, lease_id) = (WorkerId::random(), LeaseId::random());
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    let mut state = leases.lock();
+    state.available.try_subtract(&one).unwrap();
+    let granted = Granted {
+        resources: one,
+        gpus: None,
+        worker,
+        bundle: None,
+        pool: None,
+        holder: String::new(),
+        blocked: false,
+        released: Quantity::ZERO,
+    };
+    let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
+    state.processes.insert(worker, Process { pid: 0, key, address: String::new(), doing: Doing::Starting });
+    assert!(state.record_lease(lease_id, granted));
+    state.check().unwrap();
+    (worker, lease_id)
+}
+
+fn cpus(leases: &Leases) -> i64 {
+    leases.lock().available.get(CPU).units() / Quantity::whole(1).units()
+}
+
+#[test]
+fn blocked_workers_lend_their_cpus_up_to_the_cap() {
+    let leases = leases(4); // the cap of released blocked workers is 2
+    let (x, _) = lease_one_cpu(&leases); // runs without blocking until the end
+    let (a, lease_a) = lease_one_cpu(&leases);
+    let (b, _) = lease_one_cpu(&leases);
+    let (c, _) = lease_one_cpu(&leases);
+    assert_eq!(cpus(&leases), 0);
+    leases.set_worker_blocked(a.as_bytes(), true).unwrap();
+    leases.set_worker_blocked(a.as_bytes(), true).unwrap(); // said twice: counted once
+    leases.set_worker_blocked(b.as_bytes(), true).unwrap();
+    assert_eq!(cpus(&leases), 2, "two blocked workers lend their CPUs");
+    leases.set_worker_blocked(c.as_bytes(), true).unwrap();
+    assert_eq!(cpus(&leases), 2, "past the cap a blocked worker keeps its CPU");
+
+    // Both lent CPUs are taken by new leases; the first worker resumes: it takes its
+    // CPU back past what is free, which is reported as none free.
+    let (d, _) = lease_one_cpu(&leases);
+    let (_, lease_e) = lease_one_cpu(&leases);
+    assert_eq!(cpus(&leases), 0);
+    leases.set_worker_blocked(a.as_bytes(), false).unwrap();
+    assert_eq!(cpus(&leases), 0, "under the cap again, the third lends its CPU: -1 + 1");
+    leases.set_worker_blocked(b.as_bytes(), false).unwrap();
+    assert_eq!(cpus(&leases), -1, "the second takes its CPU back past what is free");
+    assert_eq!(leases.available().get(CPU), Quantity::ZERO, "reported clamped");
+
+    // Leases end: each gives back what it holds, exactly once.
+    leases.end_lease(lease_a, false).unwrap();
+    leases.end_lease(lease_e, false).unwrap();
+    assert_eq!(cpus(&leases), 1);
+    leases.set_worker_blocked(d.as_bytes(), true).unwrap();
+    assert_eq!(cpus(&leases), 2, "one lent (c), so d may lend too");
+
+    // Past the cap, a blocked worker keeps its CPU while another runs; once every
+    // holder of CPUs is blocked, nothing could run, so the last to block lends anyway.
+    leases.set_worker_blocked(x.as_bytes(), true).unwrap();
+    assert_eq!(cpus(&leases), 2, "b still runs: x keeps its CPU");
+    leases.set_worker_blocked(b.as_bytes(), true).unwrap();
+    assert_eq!(cpus(&leases), 3, "every holder blocked: b lends past the cap");
+
+    assert!(matches!(leases.set_worker_blocked(WorkerId::random().as_bytes(), true), Err(IonetError::NotFound(_))));
+    for worker in [b, c, d, x] {
+        let Some(Doing::Leased(lease_id)) = leases.lock().processes.get(&worker).map(|process| process.doing) else {
+            panic!("worker {} holds no lease", worker.short())
+        };
+        leases.end_lease(lease_id, false).unwrap();
+    }
+    assert_eq!(cpus(&leases), 4, "available = total once every lease has ended");
+    assert_eq!(leases.lock().released_leases, 0);
+    leases.lock().check().unwrap();
+}
+
+#[test]
+fn idle_workers_past_the_soft_limit_get_a_grace() {
+    let leases = leases(2); // keeps 1 idle worker; idle timeout 1 s
+    let mut children: Vec<std::process::Child> =
+        (0..3).map(|_| std::process::Command::new("sleep").arg("60").spawn().unwrap()).collect();
+    let now = Instant::now();
+    let idle = |child: &std::process::Child, since: Instant| {
+        let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
+        (WorkerId::random(), Process { pid: child.id(), key, address: String::new(), doing: Doing::Idle { since } })
+    };
+    {
+        let mut state = leases.lock();
+        state.processes.extend([
+            idle(&children[0], now),
+            idle(&children[1], now), // past the limit, idle just now: kept
+            idle(&children[2], now - EXCESS_IDLE_GRACE * 2), // past it, idle long: stopped
+        ]);
+    }
+    leases.reap_idle();
+    assert_eq!(leases.lock().idle_count(), 2);
+    let ended = |child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    assert!(ended(&mut children[2]), "the long-idle excess worker was stopped");
+    assert!(children[0].try_wait().unwrap().is_none() && children[1].try_wait().unwrap().is_none());
+    for child in &mut children[..2] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[test]
+fn deeper_waiting_requests_go_first() {
+    let leases = leases(1);
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    let strategy = SchedulingStrategy::Default;
+    // A request at depth 3 waits here (ticket 7); one CPU comes free.
+    leases.lock().waiters.insert(7, (3, one.clone()));
+    assert!(
+        matches!(leases.decide(&one, &strategy, true, None, 1), Step::Wait(_)),
+        "a shallower request took the CPU a deeper one waits for"
+    );
+    assert!(matches!(leases.decide(&one, &strategy, true, Some(7), 3), Step::Grant(..)));
+    // With room for both, nobody waits.
+    let leases = leases_with(2);
+    leases.lock().waiters.insert(7, (3, one.clone()));
+    assert!(matches!(leases.decide(&one, &strategy, true, None, 1), Step::Grant(..)));
+}
+
+/// A lease request whose caller goes away while its worker starts (the caller's
+/// process killed, its call dropped) leaves the node's resources as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_that_goes_away_strands_nothing() {
+    let leases = Arc::new(leases(1));
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    // A worker that never registers and exits after a moment.
+    let command = WorkerCommand { argv: vec!["sleep".into(), "1".into()], ..Default::default() };
+    let request = RequestWorkerLeaseRequest {
+        job_id: JobId::from_sequence(1).to_vec(),
+        resources: Some((&one).into()),
+        worker_command: Some(command),
+        no_spillback: true,
+        ..Default::default()
+    };
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), leases.request(request)).await;
+    assert!(abandoned.is_err(), "the request was still starting its worker");
+    assert_eq!(cpus(&leases), 0, "the starting worker's CPU is taken");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cpus(&leases) != 1 {
+        assert!(Instant::now() < deadline, "the abandoned request's CPU never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(leases.lock().leases.is_empty());
+}
+
+fn leases_with(cpus: i64) -> Leases {
+    leases(cpus)
+}
