@@ -66,7 +66,7 @@ pub mod status {
     }
 
     /// The error as its detail: the variant's name and fields.
-    fn detail_of(error: &IonetError) -> ErrorDetail {
+    pub fn detail_of(error: &IonetError) -> ErrorDetail {
         let plain = |message: &String| ErrorDetail { message: message.clone(), ..Default::default() };
         let mut detail = match error {
             IonetError::InvalidArgument(m)
@@ -102,7 +102,7 @@ pub mod status {
     }
 
     /// The error a detail names; `None` for a kind this build does not know.
-    fn error_of(detail: ErrorDetail) -> Option<IonetError> {
+    pub fn error_of(detail: ErrorDetail) -> Option<IonetError> {
         let ErrorDetail { kind, message: m, function, node, attempts } = detail;
         Some(match kind.as_str() {
             "InvalidArgument" => IonetError::InvalidArgument(m),

@@ -286,6 +286,13 @@ impl Actors {
         while self.still_wanted(&actor_id, incarnation) {
             let granted = match self.lease(&spec).await {
                 Ok(granted) => granted,
+                Err(IonetError::Infeasible(reason)) => {
+                    // No node can ever fit it (the daemon looked at the whole cluster): its
+                    // creation fails, and so do its calls, rather than waiting for ever.
+                    let error = IonetError::Infeasible(format!("actor {} cannot be placed: {reason}", spec.class_name));
+                    self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error));
+                    return;
+                }
                 Err(reason) => {
                     if !warned {
                         tracing::warn!(actor = %actor_id, %reason, "actor cannot be placed yet; retrying");
@@ -357,6 +364,11 @@ impl Actors {
     }
 
     fn mark_dead(&self, actor_id: ActorId, incarnation: u32, cause: &str) {
+        self.mark_dead_with(actor_id, incarnation, cause, None);
+    }
+
+    /// Marks the actor dead; `error`: the error its calls fail with (else ActorDied).
+    fn mark_dead_with(&self, actor_id: ActorId, incarnation: u32, cause: &str, error: Option<&IonetError>) {
         {
             let mut rows = lock(&self.rows);
             let Some(row) = rows.get_mut(&actor_id) else { return };
@@ -365,6 +377,7 @@ impl Actors {
             }
             row.info.state = ActorState::Dead as i32;
             row.info.death_cause = cause.to_string();
+            row.info.death_error = error.map(ionet::rpc::status::detail_of);
             let spec = row.info.spec.clone().unwrap_or_default();
             if !spec.name.is_empty() {
                 lock(&self.names).remove(&(spec.namespace, spec.name));
@@ -375,8 +388,11 @@ impl Actors {
     }
 
     /// One lease for the actor's resources, following spillbacks.
-    async fn lease(&self, spec: &ActorSpec) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), String> {
-        let mut address = self.first_node(&spec.node_address).ok_or("the cluster has no alive node")?;
+    /// `Infeasible` when no node can ever fit it; any other error may pass.
+    async fn lease(&self, spec: &ActorSpec) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), IonetError> {
+        let mut address = self
+            .first_node(&spec.node_address)
+            .ok_or_else(|| IonetError::Unavailable("the cluster has no alive node".into()))?;
         let mut request = RequestWorkerLeaseRequest {
             job_id: spec.job_id.clone(),
             resources: spec.resources.clone(),
@@ -391,22 +407,24 @@ impl Actors {
             depth: 1,
         };
         for _ in 0..16 {
-            let channel = self.channel(&address).map_err(|err| err.to_string())?;
-            let reply = NodeManagerClient::new(channel)
-                .request_worker_lease(request.clone())
-                .await
-                .map_err(|status| format!("lease request to {address} failed: {}", status.message()))?;
+            let channel = self.channel(&address).map_err(|err| IonetError::Unavailable(err.to_string()))?;
+            let reply =
+                NodeManagerClient::new(channel).request_worker_lease(request.clone()).await.map_err(|status| {
+                    IonetError::Unavailable(format!("lease request to {address} failed: {}", status.message()))
+                })?;
             match reply.into_inner().outcome {
                 Some(Outcome::Granted(granted)) => return Ok((granted, address)),
                 Some(Outcome::Spillback(spillback)) => {
                     address = spillback.node_address;
                     request.no_spillback = true;
                 }
-                Some(Outcome::Infeasible(reason)) => return Err(format!("infeasible: {reason}")),
-                None => return Err("the node daemon answered a lease request with nothing".into()),
+                Some(Outcome::Infeasible(reason)) => return Err(IonetError::Infeasible(reason)),
+                None => {
+                    return Err(IonetError::Internal("the node daemon answered a lease request with nothing".into()))
+                }
             }
         }
-        Err("lease request spilled back too many times".into())
+        Err(IonetError::Unavailable("lease request spilled back too many times".into()))
     }
 
     /// Holds a `Watch` stream to the worker; when it ends, the worker is gone. (Boxed: it

@@ -547,7 +547,7 @@ const CONNECT_WAIT: Duration = Duration::from_secs(30);
 async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceiver<ActorCall>) {
     let worker = shared.worker.clone();
     let mut connection: Option<Connection> = None;
-    let mut dead: Option<String> = None;
+    let mut dead: Option<Arc<IonetError>> = None;
     let mut batch: Vec<PushActorTaskRequest> = Vec::new();
     while let Some(first) = calls.recv().await {
         let mut taken = vec![first];
@@ -558,11 +558,8 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             }
         }
         for call in taken {
-            if let Some(cause) = &dead {
-                worker.settle_object(
-                    &call.return_id,
-                    ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
-                );
+            if let Some(error) = &dead {
+                worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
                 continue;
             }
             // Whatever may wait goes after the calls gathered so far are on their way: an
@@ -586,12 +583,10 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 connection = None;
                 match connect(&shared, broken).await {
                     Ok(Ok(fresh)) => connection = Some(fresh),
-                    Ok(Err(cause)) => {
-                        worker.settle_object(
-                            &call.return_id,
-                            ObjectState::Failed(Arc::new(IonetError::ActorDied(cause.clone()))),
-                        );
-                        dead = Some(cause);
+                    Ok(Err(error)) => {
+                        let error = Arc::new(error);
+                        worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
+                        dead = Some(error);
                         continue;
                     }
                     Err(error) => {
@@ -763,8 +758,9 @@ fn reply_state(shared: &SenderShared, method: &str, reply: PushTaskReply) -> Obj
     }
 }
 
-/// Waits until the actor runs in an incarnation newer than `broken`. `Ok(Err(cause))`: it is dead.
-async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<Connection, String>> {
+/// Waits until the actor runs in an incarnation newer than `broken`. `Ok(Err(error))`: it
+/// is dead, and calls fail with `error`.
+async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<Connection, IonetError>> {
     let worker = &shared.worker;
     loop {
         let request = GetActorRequest {
@@ -776,7 +772,7 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
         let spec = info.spec.clone().unwrap_or_default();
         shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
         match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
-            ActorState::Dead => return Ok(Err(death_message(&shared.actor, &info))),
+            ActorState::Dead => return Ok(Err(death_error(&shared.actor, &info))),
             ActorState::Alive if i64::from(info.incarnation) > broken => {
                 let channel = worker.channel(&info.address)?;
                 let connection = open_stream(shared, info.incarnation, channel);
@@ -786,6 +782,16 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
             }
             _ => continue,
         }
+    }
+}
+
+/// The error calls on a dead actor fail with: the one it died of when it has a kind of
+/// its own (infeasible), else `ActorDied` with its cause.
+fn death_error(actor: &ActorHandle, info: &ActorInfo) -> IonetError {
+    let message = death_message(actor, info);
+    match info.death_error.clone().and_then(ionet_common::rpc::status::error_of) {
+        Some(IonetError::Infeasible(_)) => IonetError::Infeasible(message),
+        _ => IonetError::ActorDied(message),
     }
 }
 

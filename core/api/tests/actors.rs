@@ -399,6 +399,24 @@ fn hundred_concurrent_calls_share_one_actor() {
     ionet::shutdown();
 }
 
+/// An actor whose demand no node can ever meet fails (its creation and every call) with
+/// `Infeasible`, instead of waiting for ever; a feasible one created after it still runs.
+fn an_actor_no_node_can_fit_fails_as_infeasible() {
+    ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
+    let giant = Counter::options(ActorOptions::new().num_cpus(64.0)).remote(0i64).unwrap();
+    for _ in 0..2 {
+        match ionet::get_timeout(&giant.incr(1), Duration::from_secs(60)) {
+            Err(IonetError::Infeasible(message)) => assert!(message.contains("64"), "{message}"),
+            other => panic!("a call on an actor no node can fit must fail as infeasible, got {other:?}"),
+        }
+    }
+    let state = giant.actor_handle().info().unwrap().state;
+    assert_eq!(state, ionet::rpc::proto::gcs::ActorState::Dead as i32);
+    let small = Counter::remote(1i64).unwrap();
+    assert_eq!(ionet::get_timeout(&small.incr(1), Duration::from_secs(60)).unwrap(), 2);
+    ionet::shutdown();
+}
+
 fn main() {
     if let Ok(driver) = std::env::var(DRIVER_ENV) {
         match driver.as_str() {
@@ -416,6 +434,7 @@ fn main() {
             ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
+            ("an_actor_no_node_can_fit_fails_as_infeasible", an_actor_no_node_can_fit_fails_as_infeasible),
         ],
         Duration::from_secs(180),
     );
