@@ -86,9 +86,10 @@ def _concurrency_groups(name: str, value: Any) -> Any:
 
 
 def _scheduling_strategy(name: str, value: Any) -> Any:
-    """The native form: None, "DEFAULT", "SPREAD", ("node", id, soft), ("placement_group", id, index);
+    """The native form: None, a name ("DEFAULT", "SPREAD", "COST": the native side parses
+    it, and refuses an unknown one), ("node", id, soft), ("placement_group", id, index);
     index -1 is any bundle of the group."""
-    if value is None or value in ("DEFAULT", "SPREAD"):
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, NodeAffinitySchedulingStrategy):
         return ("node", str(value.node_id), bool(value.soft))
@@ -103,9 +104,17 @@ def _scheduling_strategy(name: str, value: Any) -> Any:
             )
         return ("placement_group", str(value.placement_group.id), index)
     raise ValueError(
-        f"option {name} must be 'DEFAULT', 'SPREAD', a NodeAffinitySchedulingStrategy or a "
+        f"option {name} must be 'DEFAULT', 'SPREAD', 'COST', a NodeAffinitySchedulingStrategy or a "
         f"PlacementGroupSchedulingStrategy, got {value!r}"
     )
+
+
+def _label_selector(name: str, value: Any) -> Dict[str, str]:
+    """Ray's form, label to "value", "!value", "in(a,b)" or "!in(a,b)"; the native side
+    parses each entry (and refuses, naming it, one that does not)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"option {name} must be a dict of label to a string such as 'eu' or 'in(eu,us)', got {value!r}")
+    return dict(value)
 
 
 _RESOURCE_OPTIONS = {
@@ -115,6 +124,7 @@ _RESOURCE_OPTIONS = {
     "resources": _custom_resources,
     "accelerator_type": _string,
     "scheduling_strategy": _scheduling_strategy,
+    "label_selector": _label_selector,
 }
 
 _TASK_OPTIONS = {

@@ -337,22 +337,23 @@ fn task_options(options: &Bound<'_, PyDict>, default_cpus: f64) -> PyResult<Task
             apply_strategy(&mut task, &strategy)?;
         }
     }
+    if let Some(selector) = option::<BTreeMap<String, String>>(options, "label_selector")? {
+        task.label_selector = selector;
+        // Parsed now, so a bad entry fails the `.options()`/`.remote()` call naming it.
+        task.wire_strategy().or_raise()?;
+    }
     Ok(task)
 }
 
 fn apply_strategy(task: &mut TaskOptions, strategy: &Bound<'_, PyAny>) -> PyResult<()> {
     if strategy.cast::<PyString>().is_ok() {
         let name: String = strategy.extract()?;
-        task.scheduling_strategy = match name.as_str() {
-            "DEFAULT" => SchedulingStrategy::Default,
-            "SPREAD" => SchedulingStrategy::Spread,
-            other => return Err(PyValueError::new_err(format!("unknown scheduling strategy {other:?}"))),
-        };
+        task.scheduling_strategy = name.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))?;
         return Ok(());
     }
     let tuple = strategy.cast::<PyTuple>().map_err(|_| {
         PyTypeError::new_err(
-            "scheduling_strategy must be DEFAULT, SPREAD, ('node', id, soft) or ('placement_group', id, index)",
+            "scheduling_strategy must be DEFAULT, SPREAD, COST, ('node', id, soft) or ('placement_group', id, index)",
         )
     })?;
     let kind: String = tuple.get_item(0)?.extract()?;

@@ -130,3 +130,31 @@ def test_task_whose_worker_crashes_is_retried(tmp_path):
 def test_task_whose_worker_crashes_without_retries_fails():
     with pytest.raises(WorkerCrashedError):
         ionet.get(crash.remote(), timeout=90)
+
+
+def test_cost_strategy_and_label_selectors():
+    # One node here: COST runs on it; a selector no node's labels match is unschedulable,
+    # and a malformed one is refused when the options are given.
+    assert ionet.get(add.options(scheduling_strategy="COST").remote(1, 2), timeout=60) == 3
+    assert ionet.get(add.options(label_selector={"region": "!asia"}).remote(2, 2), timeout=60) == 4
+    with pytest.raises(ionet.exceptions.TaskUnschedulableError, match="region"):
+        ionet.get(add.options(label_selector={"region": "in(asia, eu)"}).remote(1), timeout=60)
+    with pytest.raises(ValueError, match="label_selector"):
+        add.options(label_selector={"region": "in(asia"}).remote(1)
+    with pytest.raises(ValueError, match="scheduling strategy"):
+        add.options(scheduling_strategy="CHEAPEST").remote(1)
+    with pytest.raises(ValueError, match="label_selector"):
+        add.options(label_selector={"region": 7})
+
+
+@ionet.remote
+class Echo:
+    def echo(self, value):
+        return value
+
+
+def test_actor_label_selector_no_node_matches_is_unschedulable():
+    assert ionet.get(Echo.options(scheduling_strategy="COST").remote().echo.remote(5), timeout=60) == 5
+    stranded = Echo.options(label_selector={"region": "asia"}).remote()
+    with pytest.raises(ionet.exceptions.TaskUnschedulableError, match="asia"):
+        ionet.get(stranded.echo.remote(1), timeout=60)

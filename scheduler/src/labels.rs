@@ -64,6 +64,23 @@ impl LabelSelector {
         Err(error(&format!("unknown operator at {rest:?} (expected =, !=, in (...) or not in (...))")))
     }
 
+    /// One entry of Ray's `label_selector` dict: `"eu"` (equals), `"!eu"` (not equals),
+    /// `"in(eu,us)"` and `"!in(eu,us)"`; checked by the same grammar as [`Self::parse`].
+    pub fn from_ray(key: &str, value: &str) -> SchedulerResult<Self> {
+        let value = value.trim();
+        let (negated, rest) = match value.strip_prefix('!') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, value),
+        };
+        let text = match strip_keyword(rest, "in") {
+            Some(list) if list.trim_start().starts_with('(') => {
+                format!("{key} {}in {}", if negated { "not " } else { "" }, list.trim())
+            }
+            _ => format!("{key} {} {rest}", if negated { "!=" } else { "=" }),
+        };
+        Self::parse(&text)
+    }
+
     pub fn key(&self) -> &str {
         match self {
             LabelSelector::Equals { key, .. }
@@ -161,6 +178,19 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn rays_label_selector_entries_read_as_selectors() {
+        let read = |key, value| LabelSelector::from_ray(key, value).unwrap().to_string();
+        assert_eq!(read("region", "eu"), "region = eu");
+        assert_eq!(read("region", "!eu"), "region != eu");
+        assert_eq!(read("region", "in(eu, us)"), "region in (eu, us)");
+        assert_eq!(read("region", "!in(eu,us)"), "region not in (eu, us)");
+        assert_eq!(read("region", "india"), "region = india", "a value that begins with `in`");
+        for (key, value) in [("region", ""), ("region", "in("), ("bad key", "eu"), ("region", "!")] {
+            assert!(LabelSelector::from_ray(key, value).is_err(), "{key:?}: {value:?} was accepted");
+        }
     }
 
     #[test]

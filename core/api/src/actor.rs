@@ -336,7 +336,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             node_address: worker.node_address.clone(),
             placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
             bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
-            strategy: Some(runtime::wire_strategy(&options.resources.scheduling_strategy)),
+            strategy: Some(options.resources.wire_strategy()?),
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
         let info = actor_row(worker.gcs()?.create_actor(request).await?.into_inner().actor)?;

@@ -78,6 +78,7 @@ pub(crate) fn eligible(worker: &CoreWorker, options: &TaskOptions) -> bool {
         && options.resources.is_empty()
         && options.accelerator_type.is_none()
         && matches!(options.scheduling_strategy, SchedulingStrategy::Default)
+        && options.label_selector.is_empty()
         && options.placement_group.is_none()
         && options.max_calls == 0
         && !options.retry_exceptions

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use ionet_common::rpc::proto::node::{SchedulingKind, SchedulingStrategy as WireStrategy};
 use ionet_common::{NodeId, PlacementGroupId};
 
 use crate::placement_group::PlacementGroup;
@@ -19,6 +20,25 @@ pub enum SchedulingStrategy {
     Spread,
     /// On this node; with `soft`, elsewhere when it cannot.
     NodeAffinity { node_id: NodeId, soft: bool },
+    /// On the cheapest node that fits, by its price per GPU-hour (ties: the least used).
+    Cost,
+}
+
+impl std::str::FromStr for SchedulingStrategy {
+    type Err = ionet_common::IonetError;
+
+    /// A strategy by name, as Python's `scheduling_strategy="..."` gives it: `DEFAULT`,
+    /// `SPREAD` or `COST` (any case).
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name.to_ascii_uppercase().as_str() {
+            "DEFAULT" => Ok(SchedulingStrategy::Default),
+            "SPREAD" => Ok(SchedulingStrategy::Spread),
+            "COST" => Ok(SchedulingStrategy::Cost),
+            _ => Err(ionet_common::IonetError::InvalidArgument(format!(
+                "unknown scheduling strategy {name:?} (DEFAULT, SPREAD or COST; a node or a placement group by their own types)"
+            ))),
+        }
+    }
 }
 
 /// Options of one call (`f::options(TaskOptions { .. }).remote(..)`).
@@ -41,6 +61,9 @@ pub struct TaskOptions {
     /// (Ray's `max_calls`, for code that leaks memory, GPU memory say); 0: no limit.
     pub max_calls: u32,
     pub scheduling_strategy: SchedulingStrategy,
+    /// Only on nodes whose labels match, as Ray's `label_selector`: label → `"eu"`,
+    /// `"!eu"`, `"in(eu,us)"` or `"!in(eu,us)"`.
+    pub label_selector: BTreeMap<String, String>,
     /// Run inside this bundle (group id, bundle index), from its reserved resources.
     pub placement_group: Option<(PlacementGroupId, u32)>,
 }
@@ -57,6 +80,7 @@ impl Default for TaskOptions {
             retry_exceptions: false,
             max_calls: 0,
             scheduling_strategy: SchedulingStrategy::Default,
+            label_selector: BTreeMap::new(),
             placement_group: None,
         }
     }
@@ -107,6 +131,34 @@ impl TaskOptions {
     pub fn scheduling_strategy(mut self, strategy: SchedulingStrategy) -> Self {
         self.scheduling_strategy = strategy;
         self
+    }
+
+    /// Only on nodes whose label `key` matches `value` (see [`TaskOptions::label_selector`]).
+    pub fn label_selector(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.label_selector.insert(key.into(), value.into());
+        self
+    }
+
+    /// The strategy and label selectors as the node daemons read them; a selector that
+    /// does not parse is refused here, naming it.
+    pub fn wire_strategy(&self) -> ionet_common::IonetResult<WireStrategy> {
+        let mut wire = match &self.scheduling_strategy {
+            SchedulingStrategy::Default => WireStrategy::default(),
+            SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
+            SchedulingStrategy::Cost => WireStrategy { kind: SchedulingKind::Cost as i32, ..Default::default() },
+            SchedulingStrategy::NodeAffinity { node_id, soft } => WireStrategy {
+                kind: SchedulingKind::NodeAffinity as i32,
+                node_id: node_id.to_vec(),
+                soft: *soft,
+                ..Default::default()
+            },
+        };
+        for (key, value) in &self.label_selector {
+            let selector = ionet_scheduler::LabelSelector::from_ray(key, value)
+                .map_err(|err| ionet_common::IonetError::InvalidArgument(format!("label_selector: {err}")))?;
+            wire.label_selectors.push(selector.to_string());
+        }
+        Ok(wire)
     }
 
     /// Runs the task inside bundle `bundle_index` of `group`, on the bundle's node and from

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use ionet_common::auth::ClusterToken;
 use ionet_common::rpc::proto::node::{
-    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest, SchedulingKind,
+    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
     SchedulingStrategy as WireStrategy, WorkerCommand,
 };
 use ionet_common::rpc::proto::worker::{
@@ -48,7 +48,7 @@ use tonic::Status;
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::object_store::Bytes;
-use crate::options::{SchedulingStrategy, TaskOptions};
+use crate::options::TaskOptions;
 
 /// Calls recently shorter than this (in microseconds) may run in place on the runtime.
 const INLINE_LIMIT_MICROS: u64 = 50;
@@ -652,15 +652,14 @@ impl CoreWorker {
     fn pool(
         &self,
         demand: &ResourceSet,
-        strategy: &SchedulingStrategy,
+        wire: WireStrategy,
         bundle: Option<(ionet_common::PlacementGroupId, u32)>,
         max_calls: Option<(&str, u32)>,
     ) -> Arc<ShapePool> {
-        let key = format!("{demand}|{strategy:?}|{bundle:?}|{max_calls:?}");
+        let key = format!("{demand}|{wire:?}|{bundle:?}|{max_calls:?}");
         if let Some(pool) = self.pools.get(&key) {
             return pool.clone();
         }
-        let wire = wire_strategy(strategy);
         let pool = Arc::new(ShapePool {
             request: RequestWorkerLeaseRequest {
                 job_id: self.job_id.to_vec(),
@@ -855,17 +854,6 @@ fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
     lease.in_flight.fetch_add(1, Ordering::SeqCst);
     lease.queued_micros.fetch_add(estimate, Ordering::SeqCst);
     Some(lease.clone())
-}
-
-/// A scheduling strategy as the node daemons read it.
-pub(crate) fn wire_strategy(strategy: &SchedulingStrategy) -> WireStrategy {
-    match strategy {
-        SchedulingStrategy::Default => WireStrategy::default(),
-        SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
-        SchedulingStrategy::NodeAffinity { node_id, soft } => {
-            WireStrategy { kind: SchedulingKind::NodeAffinity as i32, node_id: node_id.to_vec(), soft: *soft }
-        }
-    }
 }
 
 pub(crate) fn hex_short(bytes: &[u8]) -> String {
@@ -1110,7 +1098,8 @@ pub(crate) async fn resolve_call_args(
 async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
     let demand = spec.options.demand()?;
     let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
-    let pool = worker.pool(&demand, &spec.options.scheduling_strategy, spec.options.placement_group, max_calls);
+    let strategy = spec.options.wire_strategy()?;
+    let pool = worker.pool(&demand, strategy, spec.options.placement_group, max_calls);
     let mut attempt = 0u32;
     let mut claimed = false;
     loop {

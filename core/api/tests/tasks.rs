@@ -288,6 +288,52 @@ fn thousand_tasks_spread_over_two_nodes() {
     drop(cluster);
 }
 
+/// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
+/// label, and one no node matches is refused as infeasible.
+fn cost_and_label_selectors_choose_the_node() {
+    let gpu_node = |region: &str, price: &str| {
+        let labels = format!("region={region}");
+        let args = ["--num-cpus", "2", "--num-gpus", "1", "--gpu-type", "A100-80GB", "--labels", &labels];
+        [args.as_slice(), &["--price-per-gpu-hour", price]].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    for (region, price) in [("eu", "3.0"), ("us", "1.0")] {
+        let args = gpu_node(region, price);
+        cluster.add_node(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    cluster.init();
+    let region_of = |node_hex: &str| -> String {
+        let nodes = ionet::nodes().unwrap();
+        let node = nodes.iter().find(|node| ionet::NodeId::from_bytes(&node.node_id).unwrap().hex() == node_hex);
+        node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
+    };
+    let run = |options: TaskOptions| {
+        ionet::get_timeout(&square_where::options(options).remote(3u64), Duration::from_secs(60)).map(|(_, node)| node)
+    };
+    let gpu = TaskOptions::default().num_gpus(1.0);
+    for _ in 0..3 {
+        let node = run(gpu.clone().scheduling_strategy(SchedulingStrategy::Cost)).unwrap();
+        assert_eq!(region_of(&node), "us", "COST chose the dearer node");
+    }
+    assert_eq!("cost".parse::<SchedulingStrategy>().unwrap(), SchedulingStrategy::Cost);
+    assert!(matches!("cheapest".parse::<SchedulingStrategy>(), Err(IonetError::InvalidArgument(_))));
+    for (selector, region) in [("eu", "eu"), ("!eu", "us"), ("in(eu, asia)", "eu"), ("!in(eu,asia)", "us")] {
+        for _ in 0..3 {
+            let node = run(TaskOptions::default().label_selector("region", selector)).unwrap();
+            assert_eq!(region_of(&node), region, "label_selector region={selector}");
+        }
+    }
+    match run(TaskOptions::default().label_selector("region", "asia")) {
+        Err(IonetError::Infeasible(message)) => assert!(message.contains("region"), "{message}"),
+        other => panic!("no node is in asia: the task must be refused as infeasible, got {other:?}"),
+    }
+    match run(TaskOptions::default().label_selector("region", "in(eu")) {
+        Err(IonetError::InvalidArgument(message)) => assert!(message.contains("label_selector"), "{message}"),
+        other => panic!("a malformed selector must be refused, got {other:?}"),
+    }
+    drop(cluster);
+}
+
 #[ionet::remote]
 fn hold_gpus(millis: u64) -> Vec<u32> {
     std::thread::sleep(Duration::from_millis(millis));
@@ -417,6 +463,7 @@ fn main() {
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
+            ("cost_and_label_selectors_choose_the_node", cost_and_label_selectors_choose_the_node),
             ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
             ("placement_group_bundle_is_metered_once", placement_group_bundle_is_metered_once),
         ],

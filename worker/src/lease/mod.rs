@@ -41,7 +41,7 @@ use ionet::rpc::proto::node::{
     SchedulingKind, Spillback, WorkerCommand,
 };
 use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
-use ionet_scheduler::{ClusterView, Decision, Demand, GpuAssignment, SchedulingStrategy};
+use ionet_scheduler::{ClusterView, Decision, Demand, GpuAssignment, LabelSelector, SchedulingStrategy};
 use tokio::sync::{oneshot, Notify};
 
 use crate::cluster_view::node_view;
@@ -115,15 +115,23 @@ impl Drop for WaiterTicket<'_> {
     }
 }
 
-fn strategy(request: &RequestWorkerLeaseRequest) -> IonetResult<SchedulingStrategy> {
+/// Where a request may run: its strategy, and the label selectors a node must match.
+fn placement(request: &RequestWorkerLeaseRequest) -> IonetResult<(SchedulingStrategy, Vec<LabelSelector>)> {
     let wire = request.strategy.clone().unwrap_or_default();
-    Ok(match SchedulingKind::try_from(wire.kind).unwrap_or(SchedulingKind::Default) {
+    let strategy = match SchedulingKind::try_from(wire.kind).unwrap_or(SchedulingKind::Default) {
         SchedulingKind::Default => SchedulingStrategy::Default,
         SchedulingKind::Spread => SchedulingStrategy::Spread,
+        SchedulingKind::Cost => SchedulingStrategy::Cost,
         SchedulingKind::NodeAffinity => {
             SchedulingStrategy::NodeAffinity { node_id: NodeId::from_bytes(&wire.node_id)?, soft: wire.soft }
         }
-    })
+    };
+    let selectors = wire
+        .label_selectors
+        .iter()
+        .map(|text| LabelSelector::parse(text).map_err(|err| IonetError::InvalidArgument(err.to_string())))
+        .collect::<IonetResult<Vec<_>>>()?;
+    Ok((strategy, selectors))
 }
 
 impl Leases {
@@ -233,6 +241,7 @@ impl Leases {
         &self,
         demand: &ResourceSet,
         strategy: &SchedulingStrategy,
+        selectors: &[LabelSelector],
         no_spillback: bool,
         ticket: Option<u64>,
         depth: u32,
@@ -242,10 +251,19 @@ impl Leases {
         let fits_now = |state: &LeaseState| {
             state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
         };
-        let fits_ever = state.total.contains(demand);
+        let own_labels = state.view.node(&self.node_id).map(|node| node.labels.clone()).unwrap_or_default();
+        let labelled = selectors.iter().all(|selector| selector.matches(&own_labels));
+        let fits_ever = state.total.contains(demand) && labelled;
         let grant = |state: &mut LeaseState| -> Step { state.take(demand, None, "resources are busy") };
         let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
-            if !fits_ever {
+            if !labelled {
+                let wanted: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+                Step::Infeasible(format!(
+                    "no node can ever fit {demand} with labels [{}]: node {} is labelled {own_labels:?}",
+                    wanted.join(", "),
+                    self.node_id.short()
+                ))
+            } else if !fits_ever {
                 Step::Infeasible(format!(
                     "no node can ever fit {demand}: node {} has {} in all",
                     self.node_id.short(),
@@ -290,7 +308,11 @@ impl Leases {
             SchedulingStrategy::NodeAffinity { .. } => SchedulingStrategy::Default,
             other => other.clone(),
         };
-        match state.view.schedule(&Demand::new(demand.clone()), &policy, Some(&self.node_id)) {
+        let mut wanted = Demand::new(demand.clone());
+        for selector in selectors {
+            wanted = wanted.with_label_selector(selector.clone());
+        }
+        match state.view.schedule(&wanted, &policy, Some(&self.node_id)) {
             Decision::Place(node_id) if node_id == self.node_id => local_or_wait(&mut state, "resources are busy"),
             Decision::Place(node_id) => match self.address_of(&node_id) {
                 Some(address) => {
@@ -444,7 +466,7 @@ impl Leases {
         if command.argv.is_empty() {
             return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
         }
-        let strategy = strategy(&request)?;
+        let (strategy, selectors) = placement(&request)?;
         let bundle = if request.placement_group_id.is_empty() {
             None
         } else {
@@ -461,7 +483,7 @@ impl Leases {
             let ticket = waiting.as_ref().map(|waiting| waiting.ticket);
             let step = match &bundle {
                 Some(key) => self.decide_bundle(key, &demand),
-                None => self.decide(&demand, &strategy, request.no_spillback, ticket, request.depth),
+                None => self.decide(&demand, &strategy, &selectors, request.no_spillback, ticket, request.depth),
             };
             match step {
                 Step::Grant(resources, gpus) => {
