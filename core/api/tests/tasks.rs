@@ -323,6 +323,12 @@ fn cost_and_label_selectors_choose_the_node() {
             assert_eq!(region_of(&node), region, "label_selector region={selector}");
         }
     }
+    // The only matching node busy: the task waits for it, never goes to the other.
+    let us = TaskOptions::default().label_selector("region", "us");
+    let busy: Vec<_> = (0..2).map(|_| hold_gpus::options(us.clone()).remote(1500u64)).collect();
+    let node = run(TaskOptions::default().label_selector("region", "!eu")).unwrap();
+    assert_eq!(region_of(&node), "us", "a task waiting for its labelled node went elsewhere");
+    ionet::get_all(&busy).unwrap();
     match run(TaskOptions::default().label_selector("region", "asia")) {
         Err(IonetError::Infeasible(message)) => assert!(message.contains("region"), "{message}"),
         other => panic!("no node is in asia: the task must be refused as infeasible, got {other:?}"),

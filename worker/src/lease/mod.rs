@@ -330,7 +330,11 @@ impl Leases {
                     let target = state
                         .view
                         .nodes()
-                        .find(|node| node.state == ionet_scheduler::NodeState::Alive && node.total.contains(demand))
+                        .find(|node| {
+                            node.state == ionet_scheduler::NodeState::Alive
+                                && node.total.contains(demand)
+                                && selectors.iter().all(|selector| selector.matches(&node.labels))
+                        })
                         .map(|node| node.node_id);
                     match target.and_then(|node_id| self.address_of(&node_id).map(|address| (node_id, address))) {
                         Some((node_id, address)) => Step::Spill(node_id, address),
