@@ -38,6 +38,7 @@ mod context;
 pub mod generator;
 mod init;
 pub mod inline;
+mod lease_pool;
 mod object_ref;
 mod object_store;
 mod options;
@@ -45,7 +46,10 @@ mod placement_group;
 pub mod raw;
 mod runtime;
 mod service;
+mod slots;
+mod submit;
 pub mod task;
+mod task_stream;
 pub mod testing;
 
 pub use actor::{create_actor, exit_actor, get_actor, kill, ActorClassHandle, ActorHandle, ActorOptions};

@@ -6,6 +6,12 @@
 //! arguments included), and it answers other processes' `GetObject` for it. At zero
 //! handles the entry is removed.
 //!
+//! The parts around it: `crate::submit` (a task's spec and the future that runs it),
+//! `crate::lease_pool` (leases held per shape, requests for more), `crate::slots` (which
+//! lease a task joins, run-time estimates: pure), `crate::task_stream` (the stream to a
+//! leased worker), `crate::inline` (work-first waits), `crate::actor` (actor calls),
+//! `crate::service` (the RPCs this process serves).
+//!
 //! Submission (the hot path; the control store is never on it):
 //! 1. `submit_task` creates the return object (PENDING) and spawns the task's driver
 //!    future, returning the `ObjectRef` at once.
@@ -25,30 +31,24 @@
 //! of tasks (`context::child_depth`); lease requests carry it so daemons serve the
 //! deepest first.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ionet_common::auth::ClusterToken;
-use ionet_common::rpc::proto::node::{
-    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
-    SchedulingStrategy as WireStrategy, WorkerCommand,
-};
-use ionet_common::rpc::proto::worker::{
-    get_object_reply, push_task_reply, task_arg, task_failure, GetObjectRequest, NumberedReply, PushTaskReply,
-    PushTaskRequest, ReplyBatch, StoredObject, TaskArg, TaskBatch,
-};
-use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
-use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, ResourceSet, TaskId};
-use std::collections::HashMap;
+use ionet_common::rpc::proto::node::WorkerCommand;
+use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest, StoredObject};
+use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId};
 
-use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tonic::Status;
+use tokio::sync::watch;
 
-use crate::object_ref::{Arg, ObjectRef};
+use crate::lease_pool::{Lease, ShapePool, LEASE_LINGER};
+use crate::object_ref::ObjectRef;
 use crate::object_store::Bytes;
-use crate::options::TaskOptions;
+pub(crate) use crate::submit::{resolve_call_args, submit_task, TaskSpec};
+pub(crate) use crate::task_stream::{read_reply_batches, TaskStream};
 
 /// Calls recently shorter than this (in microseconds) may run in place on the runtime.
 const INLINE_LIMIT_MICROS: u64 = 50;
@@ -61,19 +61,9 @@ pub const RUNTIME_THREADS_ENV: &str = "IONET_RUNTIME_THREADS";
 /// Work for the executor thread.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
-/// At most this many lease requests in flight per resource shape (Ray's default too).
-const MAX_PENDING_LEASE_REQUESTS: usize = 10;
 /// The executor thread's stack.
 const EXECUTOR_STACK_BYTES: usize = 64 << 20;
 
-/// Work one lease may have queued on its worker, in microseconds of run time.
-const PIPELINE_BUDGET_MICROS: u64 = 2_000;
-/// Tasks one lease may have in flight at most.
-const MAX_PIPELINE: usize = 32;
-/// A task waiting this long for a worker (then twice as long, and so on) logs why.
-const LONG_LEASE_WAIT: Duration = Duration::from_secs(10);
-/// An idle lease is kept this long for the next task of its shape.
-const LEASE_LINGER: Duration = Duration::from_millis(300);
 /// Values up to this size travel inline and live in their owner's memory.
 pub(crate) const DEFAULT_INLINE_THRESHOLD: usize = 100 * 1024;
 
@@ -160,60 +150,6 @@ pub(crate) fn copy_error(error: &IonetError) -> IonetError {
     }
 }
 
-/// A worker leased for one resource shape, and the task stream to it.
-pub(crate) struct Lease {
-    lease_id: Vec<u8>,
-    node_address: String,
-    /// The leased worker's own address (for cancels).
-    worker_address: String,
-    tasks: TaskStream,
-    /// Tasks pushed and not answered yet, and the sum of their expected run times in
-    /// microseconds (both changed under the pool's `leases` lock).
-    in_flight: AtomicUsize,
-    queued_micros: AtomicU64,
-    /// When `in_flight` last fell to zero.
-    idle_since: Mutex<Instant>,
-    /// Set once the lease is on its way back to its daemon.
-    returned: AtomicBool,
-    /// Set when a forced cancel of one of its tasks killed the worker.
-    killed_by_cancel: AtomicBool,
-    /// Tasks given a slot on it (counted only in pools with `max_calls`).
-    started: AtomicU32,
-}
-
-struct ShapePool {
-    request: RequestWorkerLeaseRequest,
-    /// Every lease held for the shape, busy or idle.
-    leases: Mutex<Vec<Arc<Lease>>>,
-    notify: Notify,
-    requesting: AtomicUsize,
-    waiting: AtomicUsize,
-    infeasible: Mutex<Option<String>>,
-    /// How long each function's tasks of this shape run, in microseconds (a moving
-    /// average per function, keyed by `TaskSpec::profile`).
-    run_micros: Mutex<HashMap<u64, u64>>,
-    /// For a task in any bundle of a group: the bundle the next lease request asks.
-    next_bundle: AtomicUsize,
-    /// Calls one worker may run before it is replaced (0: no limit); such a pool holds
-    /// one function's tasks only.
-    max_calls: u32,
-}
-
-impl ShapePool {
-    /// How long a task of `profile` is expected to run: the whole pipeline budget while
-    /// unknown, so that a function's first tasks never queue behind others.
-    fn estimate(&self, profile: u64) -> u64 {
-        let known = self.run_micros.lock().unwrap_or_else(|p| p.into_inner()).get(&profile).copied();
-        known.unwrap_or(PIPELINE_BUDGET_MICROS).max(1)
-    }
-
-    fn observe(&self, profile: u64, run_micros: u64) {
-        let mut known = self.run_micros.lock().unwrap_or_else(|p| p.into_inner());
-        let average = known.entry(profile).or_insert(run_micros);
-        *average = (*average * 7 + run_micros) / 8;
-    }
-}
-
 pub(crate) struct CoreWorker {
     pub(crate) address: Arc<str>,
     pub(crate) node_id: NodeId,
@@ -224,7 +160,7 @@ pub(crate) struct CoreWorker {
     pub(crate) is_worker: bool,
     pub(crate) gcs_address: String,
     pub(crate) objects: DashMap<ObjectId, Arc<ObjectEntry>>,
-    pools: DashMap<String, Arc<ShapePool>>,
+    pub(crate) pools: DashMap<String, Arc<ShapePool>>,
     pub(crate) worker_command: WorkerCommand,
     /// The driver's namespace (named actors are found in it by default).
     pub(crate) namespace: String,
@@ -247,7 +183,7 @@ pub(crate) struct CoreWorker {
     pub(crate) stopping: watch::Sender<bool>,
     channels: DashMap<String, AuthChannel>,
     /// The lease each pushed task (by return object) runs on, until it answers.
-    running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>, TaskId)>,
+    pub(crate) running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>, TaskId)>,
     /// Tasks and calls running here whose caller cancelled them (`CancelTask`), and
     /// whether there are any (read before locking, on every call's end).
     pub(crate) cancelled: Mutex<std::collections::HashSet<TaskId>>,
@@ -308,7 +244,7 @@ pub(crate) fn current() -> IonetResult<Arc<CoreWorker>> {
         .ok_or_else(|| IonetError::FailedPrecondition("ionet is not initialised: call ionet::init() first".into()))
 }
 
-fn current_or_panic() -> Arc<CoreWorker> {
+pub(crate) fn current_or_panic() -> Arc<CoreWorker> {
     current().unwrap_or_else(|err| panic!("{err}"))
 }
 
@@ -648,212 +584,6 @@ impl CoreWorker {
             ObjectState::Pending => unreachable!("resolve waits past pending"),
         }
     }
-
-    fn pool(
-        &self,
-        demand: &ResourceSet,
-        wire: WireStrategy,
-        bundle: Option<(ionet_common::PlacementGroupId, u32)>,
-        max_calls: Option<(&str, u32)>,
-    ) -> Arc<ShapePool> {
-        let key = format!("{demand}|{wire:?}|{bundle:?}|{max_calls:?}");
-        if let Some(pool) = self.pools.get(&key) {
-            return pool.clone();
-        }
-        let pool = Arc::new(ShapePool {
-            request: RequestWorkerLeaseRequest {
-                job_id: self.job_id.to_vec(),
-                resources: Some(demand.into()),
-                strategy: Some(wire),
-                worker_command: Some(self.worker_command.clone()),
-                no_spillback: false,
-                placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
-                bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
-                holder_address: self.address.to_string(),
-                depth: 1,
-            },
-            leases: Mutex::new(Vec::new()),
-            notify: Notify::new(),
-            requesting: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            infeasible: Mutex::new(None),
-            run_micros: Mutex::new(HashMap::new()),
-            next_bundle: AtomicUsize::new(0),
-            max_calls: max_calls.map_or(0, |(_, calls)| calls),
-        });
-        self.pools.entry(key).or_insert(pool).clone()
-    }
-
-    /// A slot on one of the shape's leases (the least busy with room), asking the
-    /// cluster for more leases while tasks wait. `None`: the task was taken meanwhile by
-    /// the process that submitted it, to run itself (`crate::inline`); `unclaimed` says
-    /// it still may be (a retry was claimed by its first attempt).
-    async fn acquire(
-        self: &Arc<Self>,
-        pool: &Arc<ShapePool>,
-        estimate: u64,
-        spec: &TaskSpec,
-        unclaimed: bool,
-    ) -> IonetResult<Option<Arc<Lease>>> {
-        let depth = spec.depth;
-        pool.waiting.fetch_add(1, Ordering::SeqCst);
-        let since = tokio::time::Instant::now();
-        let mut next_report = since + LONG_LEASE_WAIT;
-        let result = loop {
-            let notified = pool.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let taken = spec.taken.notified();
-            tokio::pin!(taken);
-            taken.as_mut().enable();
-            if unclaimed && spec.claimed.load(Ordering::SeqCst) {
-                break Ok(None); // nobody else needs a lease asked for it
-            }
-            if let Some(lease) = take_slot(pool, estimate) {
-                break Ok(Some(lease));
-            }
-            if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                break Err(IonetError::Infeasible(reason));
-            }
-            let waiting = pool.waiting.load(Ordering::SeqCst);
-            if pool.requesting.load(Ordering::SeqCst) < waiting.min(MAX_PENDING_LEASE_REQUESTS) {
-                pool.requesting.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
-            }
-            let report = tokio::time::sleep_until(next_report);
-            tokio::select! {
-                _ = notified => {}
-                _ = taken => {}
-                _ = report => {
-                    next_report += next_report.duration_since(since);
-                    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
-                    let busy: Vec<usize> = leases.iter().map(|lease| lease.in_flight.load(Ordering::SeqCst)).collect();
-                    tracing::warn!(
-                        task = %spec.task_id.short(),
-                        function = spec.function,
-                        waited = ?since.elapsed(),
-                        waiting = pool.waiting.load(Ordering::SeqCst),
-                        requesting = pool.requesting.load(Ordering::SeqCst),
-                        calls_per_lease = ?busy,
-                        "a task is waiting long for a worker"
-                    );
-                }
-            }
-        };
-        if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
-            // The last waiter has heard the verdict; later tasks ask the cluster again.
-            pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
-        } else if matches!(result, Ok(Some(_))) {
-            // Room may be left for the next waiter (a deeper pipeline, a fresh lease).
-            pool.notify.notify_one();
-        }
-        result
-    }
-
-    /// A task on `lease` (expected to run `estimate`) has answered.
-    fn release(&self, pool: &ShapePool, lease: &Lease, estimate: u64) {
-        {
-            let _leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
-            lease.queued_micros.fetch_sub(estimate, Ordering::SeqCst);
-            if lease.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                *lease.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            }
-        }
-        pool.notify.notify_one();
-    }
-
-    /// A lease of a pool with `max_calls` that has run its last call goes back with its
-    /// worker discarded: the daemon ends the process and starts a fresh one when asked.
-    async fn retire_if_spent(&self, pool: &ShapePool, lease: &Lease) {
-        if pool.max_calls > 0
-            && lease.started.load(Ordering::SeqCst) >= pool.max_calls
-            && lease.in_flight.load(Ordering::SeqCst) == 0
-        {
-            self.return_lease(pool, lease, true).await;
-        }
-    }
-
-    /// A fresh lease joins its pool.
-    fn add_lease(&self, pool: &ShapePool, lease: Lease) {
-        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(lease));
-        pool.notify.notify_one();
-    }
-
-    /// Gives a lease back to its daemon (once, whoever asks first).
-    async fn return_lease(&self, pool: &ShapePool, lease: &Lease, worker_failed: bool) {
-        if lease.returned.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).retain(|held| !std::ptr::eq(&**held, lease));
-        self.send_lease_back(lease, worker_failed).await;
-    }
-
-    async fn send_lease_back(&self, lease: &Lease, worker_failed: bool) {
-        if let Ok(channel) = self.channel(&lease.node_address) {
-            let mut node = NodeManagerClient::new(channel);
-            let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id.clone(), worker_failed };
-            if let Err(status) = node.return_worker_lease(request).await {
-                // The daemon also ends a lease whose worker died; a lost return is logged, not fatal.
-                tracing::debug!(error = %status.message(), "returning a lease failed");
-            }
-        }
-    }
-
-    /// Returns leases idle for `linger` whose shape nobody waits for (`everything`: all
-    /// leases, busy or not). They leave their pool under its lock, so no task takes a slot
-    /// on one being given back. Returns how many went back.
-    pub(crate) async fn return_idle_leases(&self, everything: bool, linger: Duration) -> usize {
-        let mut doomed = Vec::new();
-        for pool in self.pools.iter() {
-            if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
-                continue;
-            }
-            let mut leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            leases.retain(|lease| {
-                let idle = lease.in_flight.load(Ordering::SeqCst) == 0
-                    && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= linger;
-                let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
-                if leaving {
-                    // A worker that ran calls with `max_calls` is not handed to anyone else.
-                    let discard = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0;
-                    doomed.push((lease.clone(), discard));
-                }
-                !leaving
-            });
-        }
-        let returned = doomed.len();
-        for (lease, discard) in doomed {
-            self.send_lease_back(&lease, discard).await;
-        }
-        returned
-    }
-}
-
-/// Takes a slot for a task expected to run `estimate` on the pool's least busy lease with
-/// room: an idle one, or one whose queued work stays within the pipeline budget. Short
-/// tasks thus queue several deep on a worker (its next task is there when one ends),
-/// while a long or unknown task waits for an idle worker (or a new lease) rather than
-/// behind another, and nothing queues behind it.
-fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
-    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
-    let lease = leases
-        .iter()
-        .filter(|lease| {
-            let in_flight = lease.in_flight.load(Ordering::SeqCst);
-            let spent = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls;
-            !spent
-                && (in_flight == 0
-                    || (in_flight < MAX_PIPELINE
-                        && lease.queued_micros.load(Ordering::SeqCst) + estimate <= PIPELINE_BUDGET_MICROS))
-        })
-        .min_by_key(|lease| lease.in_flight.load(Ordering::SeqCst))?;
-    if pool.max_calls > 0 {
-        lease.started.fetch_add(1, Ordering::SeqCst);
-    }
-    lease.in_flight.fetch_add(1, Ordering::SeqCst);
-    lease.queued_micros.fetch_add(estimate, Ordering::SeqCst);
-    Some(lease.clone())
 }
 
 pub(crate) fn hex_short(bytes: &[u8]) -> String {
@@ -861,435 +591,6 @@ pub(crate) fn hex_short(bytes: &[u8]) -> String {
         ionet_common::ids::NodeId::from_bytes(bytes).map(|id| id.short()).unwrap_or_else(|_| "unknown".into());
     text.truncate(8);
     text
-}
-
-/// Asks the local daemon for a lease, following spillbacks; puts it in the pool.
-async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32) {
-    let mut address = worker.node_address.clone();
-    let mut request = pool.request.clone();
-    request.depth = depth;
-    let mut failures = 0u32;
-    let outcome = loop {
-        // A bundle's lease is asked of the node holding the bundle, once the group is placed.
-        if !request.placement_group_id.is_empty() {
-            match bundle_address(&worker, &mut request, &pool.next_bundle).await {
-                Ok(bundle_node) => {
-                    address = bundle_node;
-                    request.no_spillback = true;
-                }
-                Err(reason) => break Err(reason),
-            }
-        }
-        let channel = match worker.channel(&address) {
-            Ok(channel) => channel,
-            Err(err) => break Err(err.to_string()),
-        };
-        match NodeManagerClient::new(channel).request_worker_lease(request.clone()).await {
-            Ok(reply) => match reply.into_inner().outcome {
-                Some(Outcome::Granted(granted)) => break Ok((granted, address)),
-                Some(Outcome::Spillback(spillback)) => {
-                    address = spillback.node_address;
-                    request.no_spillback = true;
-                }
-                Some(Outcome::Infeasible(reason)) => break Err(reason),
-                None => break Err("the node daemon answered a lease request with nothing".into()),
-            },
-            Err(status) => {
-                failures += 1;
-                tracing::warn!(node = %address, error = %status.message(), "lease request failed; retrying");
-                if status.code() == tonic::Code::InvalidArgument || failures > 50 {
-                    break Err(format!("lease requests to {address} keep failing: {}", status.message()));
-                }
-                // Back to our own node, which knows the cluster afresh.
-                address = worker.node_address.clone();
-                request.no_spillback = false;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    pool.requesting.fetch_sub(1, Ordering::SeqCst);
-    match outcome.and_then(|(granted, node_address)| {
-        let channel = worker.channel(&granted.worker_address).map_err(|err| err.to_string())?;
-        Ok(Lease {
-            lease_id: granted.lease_id,
-            node_address,
-            worker_address: granted.worker_address.clone(),
-            tasks: TaskStream::open(&worker.handle, channel),
-            in_flight: AtomicUsize::new(0),
-            queued_micros: AtomicU64::new(0),
-            idle_since: Mutex::new(Instant::now()),
-            returned: AtomicBool::new(false),
-            killed_by_cancel: AtomicBool::new(false),
-            started: AtomicU32::new(0),
-        })
-    }) {
-        Ok(lease) => worker.add_lease(&pool, lease),
-        Err(reason) => {
-            tracing::warn!(%reason, "lease request refused");
-            *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-            pool.notify.notify_waiters();
-        }
-    }
-}
-
-/// The address of the node holding the request's bundle, waiting while the group is pending.
-/// For a request naming any bundle (`ANY_BUNDLE`), the bundle is chosen here, in turn
-/// (`rotation`), and written into the request.
-async fn bundle_address(
-    worker: &CoreWorker,
-    request: &mut RequestWorkerLeaseRequest,
-    rotation: &AtomicUsize,
-) -> Result<String, String> {
-    let group =
-        ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id).map_err(|err| err.to_string())?;
-    let mut failures = 0u32;
-    loop {
-        use ionet_common::rpc::proto::gcs::PlacementGroupState;
-        match crate::placement_group::get_group(worker, &group).await {
-            Ok(reply) => match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
-                PlacementGroupState::Created => {
-                    if request.bundle_index == crate::options::ANY_BUNDLE && !reply.bundle_node_addresses.is_empty() {
-                        let turn = rotation.fetch_add(1, Ordering::Relaxed) % reply.bundle_node_addresses.len();
-                        request.bundle_index = turn as u32;
-                    }
-                    return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
-                        format!(
-                            "placement group {} has no bundle {} ({} bundles)",
-                            group.short(),
-                            request.bundle_index,
-                            reply.bundle_node_addresses.len()
-                        )
-                    });
-                }
-                PlacementGroupState::Removed => return Err(format!("placement group {} was removed", group.short())),
-                PlacementGroupState::Pending => {}
-            },
-            Err(IonetError::NotFound(message)) => return Err(message),
-            Err(err) => {
-                failures += 1;
-                if failures > 50 {
-                    return Err(format!("cannot read placement group {}: {err}", group.short()));
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub(crate) struct TaskSpec {
-    pub(crate) task_id: TaskId,
-    pub(crate) function: &'static str,
-    /// What the task's run time is learnt under: its function (for Python, the Python
-    /// function the generic task runs).
-    profile: u64,
-    options: TaskOptions,
-    pub(crate) args: Vec<Arg>,
-    pub(crate) return_id: ObjectId,
-    /// The return object's entry (held by the caller's handle too).
-    pub(crate) entry: Arc<ObjectEntry>,
-    /// Its depth in the tree of tasks (1: submitted by a driver).
-    pub(crate) depth: u32,
-    /// Taken by whoever starts it first: its pushing future, once a lease came, or this
-    /// process running it itself while it waits for it (`crate::inline`).
-    pub(crate) claimed: AtomicBool,
-    /// Told when this process took it to run itself: its pushing future stops waiting for
-    /// a lease at once (else every such task would still cost a lease, and a worker).
-    pub(crate) taken: Notify,
-}
-
-impl TaskSpec {
-    /// Whether its arguments can be read now, without waiting for another task.
-    pub(crate) fn args_ready(&self, worker: &CoreWorker) -> bool {
-        self.args.iter().all(|arg| match arg {
-            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
-            _ => true,
-        })
-    }
-}
-
-/// `f::remote(..)`: creates the return object and starts the task.
-pub(crate) fn submit_task<R>(
-    function: &'static str,
-    profile_key: &[u8],
-    options: TaskOptions,
-    args: Vec<Arg>,
-) -> ObjectRef<R> {
-    let worker = current_or_panic();
-    let profile = {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (function, profile_key).hash(&mut hasher);
-        hasher.finish()
-    };
-    let return_id = ObjectId::random();
-    let object = worker.new_object(return_id, ObjectState::Pending);
-    let entry = object.entry.clone().expect("a new object is counted");
-    let depth = crate::context::child_depth();
-    if let Some(parent) = crate::context::current_task_id() {
-        worker.children.entry(parent).or_default().push(return_id);
-    }
-    let stealable = crate::inline::eligible(&worker, &options);
-    let spec = Arc::new(TaskSpec {
-        task_id: TaskId::random(),
-        function,
-        profile,
-        options,
-        args,
-        return_id,
-        entry,
-        depth,
-        claimed: AtomicBool::new(false),
-        taken: Notify::new(),
-    });
-    if stealable {
-        worker.stealable.insert(return_id, spec.clone());
-    }
-    let runner = worker.clone();
-    worker.handle.spawn(async move {
-        match execute(&runner, &spec).await {
-            Ok(None) => {} // run by this process while it waited: settled there
-            Ok(Some(state)) => {
-                spec.entry.settle(state);
-            }
-            Err(error) => {
-                spec.entry.settle(ObjectState::Failed(Arc::new(error)));
-            }
-        }
-        if stealable {
-            runner.stealable.remove(&return_id);
-        }
-        drop(spec); // releases the argument refs held while the task was pending
-    });
-    object
-}
-
-async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<TaskArg>> {
-    resolve_call_args(worker, spec.function, &spec.args).await
-}
-
-/// The arguments of a call as they travel: values inline, refs resolved to their value or
-/// its location (waiting until the objects exist).
-pub(crate) async fn resolve_call_args(
-    worker: &CoreWorker,
-    function: &str,
-    call_args: &[Arg],
-) -> IonetResult<Vec<TaskArg>> {
-    let mut args = Vec::with_capacity(call_args.len());
-    for (index, arg) in call_args.iter().enumerate() {
-        let value = match arg {
-            Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => task_arg::Value::Inline(bytes.clone()),
-            Arg::Value(Err(why)) => {
-                return Err(IonetError::InvalidArgument(format!("argument {index} of {function}: {why}")))
-            }
-            Arg::Ref(reference) => match worker.resolve(reference.id(), reference.owner_address(), None).await? {
-                ObjectState::Inline(bytes) => task_arg::Value::Inline(bytes.to_vec()),
-                ObjectState::Stored(stored) => task_arg::Value::Stored(stored),
-                ObjectState::Failed(error) => return Err(copy_error(&error)),
-                ObjectState::Pending => unreachable!("resolve waits past pending"),
-            },
-        };
-        args.push(TaskArg { value: Some(value) });
-    }
-    Ok(args)
-}
-
-/// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
-/// `None` when this process ran it itself meanwhile (see `crate::inline`).
-async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
-    let demand = spec.options.demand()?;
-    let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
-    let strategy = spec.options.wire_strategy()?;
-    let pool = worker.pool(&demand, strategy, spec.options.placement_group, max_calls);
-    let mut attempt = 0u32;
-    let mut claimed = false;
-    loop {
-        let args = resolve_args(worker, spec).await?;
-        let estimate = pool.estimate(spec.profile);
-        let Some(lease) = worker.acquire(&pool, estimate, spec, !claimed).await? else {
-            return Ok(None); // run by this process while it waited: settled there
-        };
-        // Known before the settled check, so a forced cancel either finds the lease or is
-        // seen by the check.
-        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone(), spec.task_id));
-        if spec.entry.is_settled() {
-            // Cancelled while it waited: it never runs.
-            worker.running_tasks.remove(&spec.return_id);
-            worker.release(&pool, &lease, estimate);
-            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
-        }
-        if !claimed {
-            if spec.claimed.swap(true, Ordering::SeqCst) {
-                // Its caller ran it itself while waiting for it; the lease serves others.
-                worker.running_tasks.remove(&spec.return_id);
-                worker.release(&pool, &lease, estimate);
-                return Ok(None);
-            }
-            claimed = true;
-        }
-        let request = PushTaskRequest {
-            task_id: spec.task_id.to_vec(),
-            job_id: worker.job_id.to_vec(),
-            function_name: spec.function.to_string(),
-            args,
-            attempt,
-            return_object_id: spec.return_id.to_vec(),
-            inline_threshold: worker.inline_threshold as u64,
-            sequence: 0,
-            depth: spec.depth,
-        };
-        let pushed = lease.tasks.push(request).await;
-        worker.running_tasks.remove(&spec.return_id);
-        if spec.entry.is_settled() {
-            // Cancelled meanwhile: its answer no longer matters.
-            match pushed {
-                Ok(_) => worker.release(&pool, &lease, estimate),
-                Err(_) => worker.return_lease(&pool, &lease, true).await,
-            }
-            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
-        }
-        match pushed {
-            Ok(reply) => {
-                pool.observe(spec.profile, reply.run_micros);
-                worker.release(&pool, &lease, estimate);
-                worker.retire_if_spent(&pool, &lease).await;
-                match reply.result {
-                    Some(push_task_reply::Result::Inline(bytes)) => {
-                        return Ok(Some(ObjectState::Inline(Arc::new(bytes))))
-                    }
-                    Some(push_task_reply::Result::Stored(stored)) => return Ok(Some(ObjectState::Stored(stored))),
-                    Some(push_task_reply::Result::Failure(failure)) => {
-                        let retryable = failure.kind != task_failure::Kind::FinalError as i32;
-                        if spec.options.retry_exceptions && retryable && attempt < spec.options.max_retries {
-                            attempt += 1;
-                            continue;
-                        }
-                        return Err(IonetError::TaskFailed {
-                            function: failure.function_name,
-                            node: hex_short(&failure.node_id),
-                            message: failure.message,
-                        });
-                    }
-                    None => {
-                        return Err(IonetError::Internal(format!("worker sent an empty reply for {}", spec.function)))
-                    }
-                }
-            }
-            Err(status) => {
-                worker.return_lease(&pool, &lease, true).await;
-                if lease.killed_by_cancel.load(Ordering::SeqCst) {
-                    continue; // another task's forced cancel killed the worker: not this one's fault
-                }
-                if attempt < spec.options.max_retries {
-                    attempt += 1;
-                    tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");
-                    continue;
-                }
-                return Err(IonetError::WorkerCrashed {
-                    function: spec.function.to_string(),
-                    attempts: attempt + 1,
-                    reason: status.message().to_string(),
-                });
-            }
-        }
-    }
-}
-
-/// The task stream of one lease: tasks go out numbered, each push waits for the reply with
-/// its number. When the stream ends, every push still waiting gets the stream's error.
-pub(crate) struct TaskStream {
-    outgoing: mpsc::UnboundedSender<PushTaskRequest>,
-    waiting: Arc<Mutex<WaitingPushes>>,
-    next: AtomicU64,
-}
-
-#[derive(Default)]
-struct WaitingPushes {
-    replies: HashMap<u64, oneshot::Sender<Result<PushTaskReply, Status>>>,
-    /// Why the stream ended, once it has.
-    ended: Option<Status>,
-}
-
-/// Tasks sent in one message at most.
-const MAX_TASK_BATCH: usize = 256;
-
-impl TaskStream {
-    fn open(handle: &tokio::runtime::Handle, channel: AuthChannel) -> TaskStream {
-        let (outgoing, queued) = mpsc::unbounded_channel();
-        let waiting = Arc::new(Mutex::new(WaitingPushes::default()));
-        handle.spawn(read_task_replies(channel, queued, waiting.clone()));
-        TaskStream { outgoing, waiting, next: AtomicU64::new(0) }
-    }
-
-    async fn push(&self, mut request: PushTaskRequest) -> Result<PushTaskReply, Status> {
-        request.sequence = self.next.fetch_add(1, Ordering::Relaxed);
-        let (reply, replied) = oneshot::channel();
-        {
-            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(status) = &waiting.ended {
-                return Err(status.clone());
-            }
-            waiting.replies.insert(request.sequence, reply);
-        }
-        if self.outgoing.send(request).is_err() {
-            return Err(Status::unavailable("the lease's task stream is closed"));
-        }
-        replied.await.unwrap_or_else(|_| Err(Status::unavailable("the lease's task stream was dropped")))
-    }
-}
-
-async fn read_task_replies(
-    channel: AuthChannel,
-    queued: mpsc::UnboundedReceiver<PushTaskRequest>,
-    waiting: Arc<Mutex<WaitingPushes>>,
-) {
-    let mut client =
-        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    let batches = futures::stream::unfold(queued, |mut queued| async move {
-        let mut tasks = vec![queued.recv().await?];
-        while tasks.len() < MAX_TASK_BATCH {
-            match queued.try_recv() {
-                Ok(task) => tasks.push(task),
-                Err(_) => break,
-            }
-        }
-        Some((TaskBatch { tasks }, queued))
-    });
-    let ended = match client.tasks(batches).await {
-        Err(status) => status,
-        Ok(response) => {
-            let ended_by_worker = "the worker ended the lease's task stream";
-            read_reply_batches(response.into_inner(), ended_by_worker, |replies| {
-                let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
-                for NumberedReply { sequence, reply } in replies {
-                    if let Some(sender) = waiting.replies.remove(&sequence) {
-                        let _ = sender.send(Ok(reply.unwrap_or_default()));
-                    }
-                }
-            })
-            .await
-        }
-    };
-    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
-    for (_, sender) in waiting.replies.drain() {
-        let _ = sender.send(Err(ended.clone()));
-    }
-    waiting.ended = Some(ended);
-}
-
-/// Reads a stream of reply batches to its end, handing each batch to `each`; returns why
-/// it ended (`ended_by_peer` when the other side closed it).
-pub(crate) async fn read_reply_batches(
-    mut replies: tonic::Streaming<ReplyBatch>,
-    ended_by_peer: &str,
-    mut each: impl FnMut(Vec<NumberedReply>),
-) -> Status {
-    loop {
-        match replies.message().await {
-            Ok(Some(batch)) => each(batch.replies),
-            Ok(None) => return Status::unavailable(ended_by_peer),
-            Err(status) => return status,
-        }
-    }
 }
 
 /// Background upkeep of a core worker: returns idle leases.

@@ -1,0 +1,398 @@
+//! The core worker's lease pools: per resource shape (and strategy, bundle, `max_calls`)
+//! the leases this process holds, the tasks waiting for a slot on one, and the requests
+//! for more. Which lease a task joins and how long it is expected to run are the pure
+//! policies of [`crate::slots`]; this module applies them under the pool's lock and does
+//! the I/O: lease requests (following spillbacks, and to a bundle's node for a group),
+//! returns, and the pressure of the daemons to give idle leases back.
+//!
+//! Invariants: a lease is in its pool's list until it is returned, and returned once
+//! (`returned`); `in_flight`/`queued_micros` change only under the pool's `leases` lock;
+//! at most [`MAX_PENDING_LEASE_REQUESTS`] requests per pool are in flight, and no more
+//! than tasks wait; a refusal is told to every waiter once, then forgotten.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ionet_common::rpc::proto::node::{
+    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
+    SchedulingStrategy as WireStrategy,
+};
+use ionet_common::rpc::NodeManagerClient;
+use ionet_common::{IonetError, IonetResult, ResourceSet};
+use tokio::sync::Notify;
+
+use crate::runtime::{CoreWorker, TaskSpec, TaskStream};
+use crate::slots::{self, RunTimes, Slot};
+
+/// At most this many lease requests in flight per resource shape (Ray's default too).
+const MAX_PENDING_LEASE_REQUESTS: usize = 10;
+/// A task waiting this long for a worker (then twice as long, and so on) logs why.
+const LONG_LEASE_WAIT: Duration = Duration::from_secs(10);
+/// An idle lease is kept this long for the next task of its shape.
+pub(crate) const LEASE_LINGER: Duration = Duration::from_millis(300);
+
+/// A worker leased for one resource shape, and the task stream to it.
+pub(crate) struct Lease {
+    pub(crate) lease_id: Vec<u8>,
+    pub(crate) node_address: String,
+    /// The leased worker's own address (for cancels).
+    pub(crate) worker_address: String,
+    pub(crate) tasks: TaskStream,
+    /// Tasks pushed and not answered yet, and the sum of their expected run times in
+    /// microseconds (both changed under the pool's `leases` lock).
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) queued_micros: AtomicU64,
+    /// When `in_flight` last fell to zero.
+    pub(crate) idle_since: Mutex<Instant>,
+    /// Set once the lease is on its way back to its daemon.
+    pub(crate) returned: AtomicBool,
+    /// Set when a forced cancel of one of its tasks killed the worker.
+    pub(crate) killed_by_cancel: AtomicBool,
+    /// Tasks given a slot on it (counted only in pools with `max_calls`).
+    pub(crate) started: AtomicU32,
+}
+
+pub(crate) struct ShapePool {
+    request: RequestWorkerLeaseRequest,
+    /// Every lease held for the shape, busy or idle.
+    leases: Mutex<Vec<Arc<Lease>>>,
+    notify: Notify,
+    requesting: AtomicUsize,
+    waiting: AtomicUsize,
+    infeasible: Mutex<Option<String>>,
+    /// How long each function's tasks of this shape run (keyed by `TaskSpec::profile`).
+    run_times: Mutex<RunTimes>,
+    /// For a task in any bundle of a group: the bundle the next lease request asks.
+    next_bundle: AtomicUsize,
+    /// Calls one worker may run before it is replaced (0: no limit); such a pool holds
+    /// one function's tasks only.
+    max_calls: u32,
+}
+
+impl ShapePool {
+    /// How long a task of `profile` is expected to run (see [`RunTimes::estimate`]).
+    pub(crate) fn estimate(&self, profile: u64) -> u64 {
+        self.run_times.lock().unwrap_or_else(|p| p.into_inner()).estimate(profile)
+    }
+
+    pub(crate) fn observe(&self, profile: u64, run_micros: u64) {
+        self.run_times.lock().unwrap_or_else(|p| p.into_inner()).observe(profile, run_micros);
+    }
+}
+
+impl CoreWorker {
+    pub(crate) fn pool(
+        &self,
+        demand: &ResourceSet,
+        wire: WireStrategy,
+        bundle: Option<(ionet_common::PlacementGroupId, u32)>,
+        max_calls: Option<(&str, u32)>,
+    ) -> Arc<ShapePool> {
+        let key = format!("{demand}|{wire:?}|{bundle:?}|{max_calls:?}");
+        if let Some(pool) = self.pools.get(&key) {
+            return pool.clone();
+        }
+        let pool = Arc::new(ShapePool {
+            request: RequestWorkerLeaseRequest {
+                job_id: self.job_id.to_vec(),
+                resources: Some(demand.into()),
+                strategy: Some(wire),
+                worker_command: Some(self.worker_command.clone()),
+                no_spillback: false,
+                placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
+                bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
+                holder_address: self.address.to_string(),
+                depth: 1,
+            },
+            leases: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            requesting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            infeasible: Mutex::new(None),
+            run_times: Mutex::new(RunTimes::default()),
+            next_bundle: AtomicUsize::new(0),
+            max_calls: max_calls.map_or(0, |(_, calls)| calls),
+        });
+        self.pools.entry(key).or_insert(pool).clone()
+    }
+
+    /// A slot on one of the shape's leases (the least busy with room), asking the
+    /// cluster for more leases while tasks wait. `None`: the task was taken meanwhile by
+    /// the process that submitted it, to run itself (`crate::inline`); `unclaimed` says
+    /// it still may be (a retry was claimed by its first attempt).
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        pool: &Arc<ShapePool>,
+        estimate: u64,
+        spec: &TaskSpec,
+        unclaimed: bool,
+    ) -> IonetResult<Option<Arc<Lease>>> {
+        let depth = spec.depth;
+        pool.waiting.fetch_add(1, Ordering::SeqCst);
+        let since = tokio::time::Instant::now();
+        let mut next_report = since + LONG_LEASE_WAIT;
+        let result = loop {
+            let notified = pool.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let taken = spec.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if unclaimed && spec.claimed.load(Ordering::SeqCst) {
+                break Ok(None); // nobody else needs a lease asked for it
+            }
+            if let Some(lease) = take_slot(pool, estimate) {
+                break Ok(Some(lease));
+            }
+            if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                break Err(IonetError::Infeasible(reason));
+            }
+            let waiting = pool.waiting.load(Ordering::SeqCst);
+            if pool.requesting.load(Ordering::SeqCst) < waiting.min(MAX_PENDING_LEASE_REQUESTS) {
+                pool.requesting.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
+            }
+            let report = tokio::time::sleep_until(next_report);
+            tokio::select! {
+                _ = notified => {}
+                _ = taken => {}
+                _ = report => {
+                    next_report += next_report.duration_since(since);
+                    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    let busy: Vec<usize> = leases.iter().map(|lease| lease.in_flight.load(Ordering::SeqCst)).collect();
+                    tracing::warn!(
+                        task = %spec.task_id.short(),
+                        function = spec.function,
+                        waited = ?since.elapsed(),
+                        waiting = pool.waiting.load(Ordering::SeqCst),
+                        requesting = pool.requesting.load(Ordering::SeqCst),
+                        calls_per_lease = ?busy,
+                        "a task is waiting long for a worker"
+                    );
+                }
+            }
+        };
+        if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last waiter has heard the verdict; later tasks ask the cluster again.
+            pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
+        } else if matches!(result, Ok(Some(_))) {
+            // Room may be left for the next waiter (a deeper pipeline, a fresh lease).
+            pool.notify.notify_one();
+        }
+        result
+    }
+
+    /// A task on `lease` (expected to run `estimate`) has answered.
+    pub(crate) fn release(&self, pool: &ShapePool, lease: &Lease, estimate: u64) {
+        {
+            let _leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+            lease.queued_micros.fetch_sub(estimate, Ordering::SeqCst);
+            if lease.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                *lease.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            }
+        }
+        pool.notify.notify_one();
+    }
+
+    /// A lease of a pool with `max_calls` that has run its last call goes back with its
+    /// worker discarded: the daemon ends the process and starts a fresh one when asked.
+    pub(crate) async fn retire_if_spent(&self, pool: &ShapePool, lease: &Lease) {
+        if pool.max_calls > 0
+            && lease.started.load(Ordering::SeqCst) >= pool.max_calls
+            && lease.in_flight.load(Ordering::SeqCst) == 0
+        {
+            self.return_lease(pool, lease, true).await;
+        }
+    }
+
+    /// A fresh lease joins its pool.
+    pub(crate) fn add_lease(&self, pool: &ShapePool, lease: Lease) {
+        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(lease));
+        pool.notify.notify_one();
+    }
+
+    /// Gives a lease back to its daemon (once, whoever asks first).
+    pub(crate) async fn return_lease(&self, pool: &ShapePool, lease: &Lease, worker_failed: bool) {
+        if lease.returned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).retain(|held| !std::ptr::eq(&**held, lease));
+        self.send_lease_back(lease, worker_failed).await;
+    }
+
+    async fn send_lease_back(&self, lease: &Lease, worker_failed: bool) {
+        if let Ok(channel) = self.channel(&lease.node_address) {
+            let mut node = NodeManagerClient::new(channel);
+            let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id.clone(), worker_failed };
+            if let Err(status) = node.return_worker_lease(request).await {
+                // The daemon also ends a lease whose worker died; a lost return is logged, not fatal.
+                tracing::debug!(error = %status.message(), "returning a lease failed");
+            }
+        }
+    }
+
+    /// Returns leases idle for `linger` whose shape nobody waits for (`everything`: all
+    /// leases, busy or not). They leave their pool under its lock, so no task takes a slot
+    /// on one being given back. Returns how many went back.
+    pub(crate) async fn return_idle_leases(&self, everything: bool, linger: Duration) -> usize {
+        let mut doomed = Vec::new();
+        for pool in self.pools.iter() {
+            if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            let mut leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            leases.retain(|lease| {
+                let idle = lease.in_flight.load(Ordering::SeqCst) == 0
+                    && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= linger;
+                let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
+                if leaving {
+                    // A worker that ran calls with `max_calls` is not handed to anyone else.
+                    let discard = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0;
+                    doomed.push((lease.clone(), discard));
+                }
+                !leaving
+            });
+        }
+        let returned = doomed.len();
+        for (lease, discard) in doomed {
+            self.send_lease_back(&lease, discard).await;
+        }
+        returned
+    }
+}
+
+/// Takes a slot for a task expected to run `estimate` on the lease [`slots::choose`]
+/// picks, under the pool's lock (so two tasks never both take a lease's last room).
+fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
+    let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
+    let slots: Vec<Slot> = leases
+        .iter()
+        .map(|lease| Slot {
+            in_flight: lease.in_flight.load(Ordering::SeqCst),
+            queued_micros: lease.queued_micros.load(Ordering::SeqCst),
+            spent: pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls,
+        })
+        .collect();
+    let lease = &leases[slots::choose(&slots, estimate)?];
+    if pool.max_calls > 0 {
+        lease.started.fetch_add(1, Ordering::SeqCst);
+    }
+    lease.in_flight.fetch_add(1, Ordering::SeqCst);
+    lease.queued_micros.fetch_add(estimate, Ordering::SeqCst);
+    Some(lease.clone())
+}
+
+/// Asks the local daemon for a lease, following spillbacks; puts it in the pool.
+async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32) {
+    let mut address = worker.node_address.clone();
+    let mut request = pool.request.clone();
+    request.depth = depth;
+    let mut failures = 0u32;
+    let outcome = loop {
+        // A bundle's lease is asked of the node holding the bundle, once the group is placed.
+        if !request.placement_group_id.is_empty() {
+            match bundle_address(&worker, &mut request, &pool.next_bundle).await {
+                Ok(bundle_node) => {
+                    address = bundle_node;
+                    request.no_spillback = true;
+                }
+                Err(reason) => break Err(reason),
+            }
+        }
+        let channel = match worker.channel(&address) {
+            Ok(channel) => channel,
+            Err(err) => break Err(err.to_string()),
+        };
+        match NodeManagerClient::new(channel).request_worker_lease(request.clone()).await {
+            Ok(reply) => match reply.into_inner().outcome {
+                Some(Outcome::Granted(granted)) => break Ok((granted, address)),
+                Some(Outcome::Spillback(spillback)) => {
+                    address = spillback.node_address;
+                    request.no_spillback = true;
+                }
+                Some(Outcome::Infeasible(reason)) => break Err(reason),
+                None => break Err("the node daemon answered a lease request with nothing".into()),
+            },
+            Err(status) => {
+                failures += 1;
+                tracing::warn!(node = %address, error = %status.message(), "lease request failed; retrying");
+                if status.code() == tonic::Code::InvalidArgument || failures > 50 {
+                    break Err(format!("lease requests to {address} keep failing: {}", status.message()));
+                }
+                // Back to our own node, which knows the cluster afresh.
+                address = worker.node_address.clone();
+                request.no_spillback = false;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    pool.requesting.fetch_sub(1, Ordering::SeqCst);
+    match outcome.and_then(|(granted, node_address)| {
+        let channel = worker.channel(&granted.worker_address).map_err(|err| err.to_string())?;
+        Ok(Lease {
+            lease_id: granted.lease_id,
+            node_address,
+            worker_address: granted.worker_address.clone(),
+            tasks: TaskStream::open(&worker.handle, channel),
+            in_flight: AtomicUsize::new(0),
+            queued_micros: AtomicU64::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            returned: AtomicBool::new(false),
+            killed_by_cancel: AtomicBool::new(false),
+            started: AtomicU32::new(0),
+        })
+    }) {
+        Ok(lease) => worker.add_lease(&pool, lease),
+        Err(reason) => {
+            tracing::warn!(%reason, "lease request refused");
+            *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+            pool.notify.notify_waiters();
+        }
+    }
+}
+
+/// The address of the node holding the request's bundle, waiting while the group is pending.
+/// For a request naming any bundle (`ANY_BUNDLE`), the bundle is chosen here, in turn
+/// (`rotation`), and written into the request.
+async fn bundle_address(
+    worker: &CoreWorker,
+    request: &mut RequestWorkerLeaseRequest,
+    rotation: &AtomicUsize,
+) -> Result<String, String> {
+    let group =
+        ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id).map_err(|err| err.to_string())?;
+    let mut failures = 0u32;
+    loop {
+        use ionet_common::rpc::proto::gcs::PlacementGroupState;
+        match crate::placement_group::get_group(worker, &group).await {
+            Ok(reply) => match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
+                PlacementGroupState::Created => {
+                    if request.bundle_index == crate::options::ANY_BUNDLE && !reply.bundle_node_addresses.is_empty() {
+                        let turn = rotation.fetch_add(1, Ordering::Relaxed) % reply.bundle_node_addresses.len();
+                        request.bundle_index = turn as u32;
+                    }
+                    return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
+                        format!(
+                            "placement group {} has no bundle {} ({} bundles)",
+                            group.short(),
+                            request.bundle_index,
+                            reply.bundle_node_addresses.len()
+                        )
+                    });
+                }
+                PlacementGroupState::Removed => return Err(format!("placement group {} was removed", group.short())),
+                PlacementGroupState::Pending => {}
+            },
+            Err(IonetError::NotFound(message)) => return Err(message),
+            Err(err) => {
+                failures += 1;
+                if failures > 50 {
+                    return Err(format!("cannot read placement group {}: {err}", group.short()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,233 @@
+//! Submitting a task: its spec, the future that resolves its arguments, takes a slot
+//! on a lease of its shape (`crate::lease_pool`), pushes it and settles its return
+//! object, retrying per its options; and the run of a task its submitter took to run
+//! itself while waiting (`crate::inline`) is told apart by the task's `claimed` flag.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ionet_common::rpc::proto::worker::{push_task_reply, task_arg, task_failure, PushTaskRequest, TaskArg};
+use ionet_common::{IonetError, IonetResult, ObjectId, TaskId};
+use tokio::sync::Notify;
+
+use crate::object_ref::{Arg, ObjectRef};
+use crate::options::TaskOptions;
+use crate::runtime::{copy_error, current_or_panic, hex_short, CoreWorker, ObjectEntry, ObjectState};
+
+pub(crate) struct TaskSpec {
+    pub(crate) task_id: TaskId,
+    pub(crate) function: &'static str,
+    /// What the task's run time is learnt under: its function (for Python, the Python
+    /// function the generic task runs).
+    profile: u64,
+    options: TaskOptions,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) return_id: ObjectId,
+    /// The return object's entry (held by the caller's handle too).
+    pub(crate) entry: Arc<ObjectEntry>,
+    /// Its depth in the tree of tasks (1: submitted by a driver).
+    pub(crate) depth: u32,
+    /// Taken by whoever starts it first: its pushing future, once a lease came, or this
+    /// process running it itself while it waits for it (`crate::inline`).
+    pub(crate) claimed: AtomicBool,
+    /// Told when this process took it to run itself: its pushing future stops waiting for
+    /// a lease at once (else every such task would still cost a lease, and a worker).
+    pub(crate) taken: Notify,
+}
+
+impl TaskSpec {
+    /// Whether its arguments can be read now, without waiting for another task.
+    pub(crate) fn args_ready(&self, worker: &CoreWorker) -> bool {
+        self.args.iter().all(|arg| match arg {
+            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
+            _ => true,
+        })
+    }
+}
+
+/// `f::remote(..)`: creates the return object and starts the task.
+pub(crate) fn submit_task<R>(
+    function: &'static str,
+    profile_key: &[u8],
+    options: TaskOptions,
+    args: Vec<Arg>,
+) -> ObjectRef<R> {
+    let worker = current_or_panic();
+    let profile = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (function, profile_key).hash(&mut hasher);
+        hasher.finish()
+    };
+    let return_id = ObjectId::random();
+    let object = worker.new_object(return_id, ObjectState::Pending);
+    let entry = object.entry.clone().expect("a new object is counted");
+    let depth = crate::context::child_depth();
+    if let Some(parent) = crate::context::current_task_id() {
+        worker.children.entry(parent).or_default().push(return_id);
+    }
+    let stealable = crate::inline::eligible(&worker, &options);
+    let spec = Arc::new(TaskSpec {
+        task_id: TaskId::random(),
+        function,
+        profile,
+        options,
+        args,
+        return_id,
+        entry,
+        depth,
+        claimed: AtomicBool::new(false),
+        taken: Notify::new(),
+    });
+    if stealable {
+        worker.stealable.insert(return_id, spec.clone());
+    }
+    let runner = worker.clone();
+    worker.handle.spawn(async move {
+        match execute(&runner, &spec).await {
+            Ok(None) => {} // run by this process while it waited: settled there
+            Ok(Some(state)) => {
+                spec.entry.settle(state);
+            }
+            Err(error) => {
+                spec.entry.settle(ObjectState::Failed(Arc::new(error)));
+            }
+        }
+        if stealable {
+            runner.stealable.remove(&return_id);
+        }
+        drop(spec); // releases the argument refs held while the task was pending
+    });
+    object
+}
+
+async fn resolve_args(worker: &CoreWorker, spec: &TaskSpec) -> IonetResult<Vec<TaskArg>> {
+    resolve_call_args(worker, spec.function, &spec.args).await
+}
+
+/// The arguments of a call as they travel: values inline, refs resolved to their value or
+/// its location (waiting until the objects exist).
+pub(crate) async fn resolve_call_args(
+    worker: &CoreWorker,
+    function: &str,
+    call_args: &[Arg],
+) -> IonetResult<Vec<TaskArg>> {
+    let mut args = Vec::with_capacity(call_args.len());
+    for (index, arg) in call_args.iter().enumerate() {
+        let value = match arg {
+            Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => task_arg::Value::Inline(bytes.clone()),
+            Arg::Value(Err(why)) => {
+                return Err(IonetError::InvalidArgument(format!("argument {index} of {function}: {why}")))
+            }
+            Arg::Ref(reference) => match worker.resolve(reference.id(), reference.owner_address(), None).await? {
+                ObjectState::Inline(bytes) => task_arg::Value::Inline(bytes.to_vec()),
+                ObjectState::Stored(stored) => task_arg::Value::Stored(stored),
+                ObjectState::Failed(error) => return Err(copy_error(&error)),
+                ObjectState::Pending => unreachable!("resolve waits past pending"),
+            },
+        };
+        args.push(TaskArg { value: Some(value) });
+    }
+    Ok(args)
+}
+
+/// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
+/// `None` when this process ran it itself meanwhile (see `crate::inline`).
+async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
+    let demand = spec.options.demand()?;
+    let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
+    let strategy = spec.options.wire_strategy()?;
+    let pool = worker.pool(&demand, strategy, spec.options.placement_group, max_calls);
+    let mut attempt = 0u32;
+    let mut claimed = false;
+    loop {
+        let args = resolve_args(worker, spec).await?;
+        let estimate = pool.estimate(spec.profile);
+        let Some(lease) = worker.acquire(&pool, estimate, spec, !claimed).await? else {
+            return Ok(None); // run by this process while it waited: settled there
+        };
+        // Known before the settled check, so a forced cancel either finds the lease or is
+        // seen by the check.
+        worker.running_tasks.insert(spec.return_id, (pool.clone(), lease.clone(), spec.task_id));
+        if spec.entry.is_settled() {
+            // Cancelled while it waited: it never runs.
+            worker.running_tasks.remove(&spec.return_id);
+            worker.release(&pool, &lease, estimate);
+            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
+        }
+        if !claimed {
+            if spec.claimed.swap(true, Ordering::SeqCst) {
+                // Its caller ran it itself while waiting for it; the lease serves others.
+                worker.running_tasks.remove(&spec.return_id);
+                worker.release(&pool, &lease, estimate);
+                return Ok(None);
+            }
+            claimed = true;
+        }
+        let request = PushTaskRequest {
+            task_id: spec.task_id.to_vec(),
+            job_id: worker.job_id.to_vec(),
+            function_name: spec.function.to_string(),
+            args,
+            attempt,
+            return_object_id: spec.return_id.to_vec(),
+            inline_threshold: worker.inline_threshold as u64,
+            sequence: 0,
+            depth: spec.depth,
+        };
+        let pushed = lease.tasks.push(request).await;
+        worker.running_tasks.remove(&spec.return_id);
+        if spec.entry.is_settled() {
+            // Cancelled meanwhile: its answer no longer matters.
+            match pushed {
+                Ok(_) => worker.release(&pool, &lease, estimate),
+                Err(_) => worker.return_lease(&pool, &lease, true).await,
+            }
+            return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
+        }
+        match pushed {
+            Ok(reply) => {
+                pool.observe(spec.profile, reply.run_micros);
+                worker.release(&pool, &lease, estimate);
+                worker.retire_if_spent(&pool, &lease).await;
+                match reply.result {
+                    Some(push_task_reply::Result::Inline(bytes)) => {
+                        return Ok(Some(ObjectState::Inline(Arc::new(bytes))))
+                    }
+                    Some(push_task_reply::Result::Stored(stored)) => return Ok(Some(ObjectState::Stored(stored))),
+                    Some(push_task_reply::Result::Failure(failure)) => {
+                        let retryable = failure.kind != task_failure::Kind::FinalError as i32;
+                        if spec.options.retry_exceptions && retryable && attempt < spec.options.max_retries {
+                            attempt += 1;
+                            continue;
+                        }
+                        return Err(IonetError::TaskFailed {
+                            function: failure.function_name,
+                            node: hex_short(&failure.node_id),
+                            message: failure.message,
+                        });
+                    }
+                    None => {
+                        return Err(IonetError::Internal(format!("worker sent an empty reply for {}", spec.function)))
+                    }
+                }
+            }
+            Err(status) => {
+                worker.return_lease(&pool, &lease, true).await;
+                if lease.killed_by_cancel.load(Ordering::SeqCst) {
+                    continue; // another task's forced cancel killed the worker: not this one's fault
+                }
+                if attempt < spec.options.max_retries {
+                    attempt += 1;
+                    tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");
+                    continue;
+                }
+                return Err(IonetError::WorkerCrashed {
+                    function: spec.function.to_string(),
+                    attempts: attempt + 1,
+                    reason: status.message().to_string(),
+                });
+            }
+        }
+    }
+}
