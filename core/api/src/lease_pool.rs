@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::node::{
     request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
-    SchedulingStrategy as WireStrategy,
 };
 use ionet_common::rpc::NodeManagerClient;
 use ionet_common::{IonetError, IonetResult, ResourceSet};
 use tokio::sync::Notify;
 
+use crate::options::TaskOptions;
 use crate::runtime::{CoreWorker, TaskSpec, TaskStream};
 use crate::slots::{self, RunTimes, Slot};
 
@@ -85,14 +85,16 @@ impl CoreWorker {
     pub(crate) fn pool(
         &self,
         demand: &ResourceSet,
-        wire: WireStrategy,
-        bundle: Option<(ionet_common::PlacementGroupId, u32)>,
+        options: &TaskOptions,
         max_calls: Option<(&str, u32)>,
-    ) -> Arc<ShapePool> {
-        let key = format!("{demand}|{wire:?}|{bundle:?}|{max_calls:?}");
+    ) -> IonetResult<Arc<ShapePool>> {
+        let bundle = options.placement_group;
+        let (strategy, labels) = (&options.scheduling_strategy, &options.label_selector);
+        let key = format!("{demand}|{strategy:?}|{labels:?}|{bundle:?}|{max_calls:?}");
         if let Some(pool) = self.pools.get(&key) {
-            return pool.clone();
+            return Ok(pool.clone());
         }
+        let wire = options.wire_strategy()?;
         let pool = Arc::new(ShapePool {
             request: RequestWorkerLeaseRequest {
                 job_id: self.job_id.to_vec(),
@@ -114,7 +116,7 @@ impl CoreWorker {
             next_bundle: AtomicUsize::new(0),
             max_calls: max_calls.map_or(0, |(_, calls)| calls),
         });
-        self.pools.entry(key).or_insert(pool).clone()
+        Ok(self.pools.entry(key).or_insert(pool).clone())
     }
 
     /// A slot on one of the shape's leases (the least busy with room), asking the
@@ -132,6 +134,8 @@ impl CoreWorker {
         pool.waiting.fetch_add(1, Ordering::SeqCst);
         let since = tokio::time::Instant::now();
         let mut next_report = since + LONG_LEASE_WAIT;
+        // Made at the first wait, not on the fast path; re-armed after each report.
+        let mut report: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let result = loop {
             let notified = pool.notify.notified();
             tokio::pin!(notified);
@@ -153,12 +157,16 @@ impl CoreWorker {
                 pool.requesting.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(request_lease(self.clone(), pool.clone(), depth));
             }
-            let report = tokio::time::sleep_until(next_report);
-            tokio::select! {
-                _ = notified => {}
-                _ = taken => {}
-                _ = report => {
-                    next_report += next_report.duration_since(since);
+            let timer = report.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next_report)));
+            let fired = tokio::select! {
+                _ = notified => false,
+                _ = taken => false,
+                _ = timer.as_mut() => true,
+            };
+            if fired {
+                next_report += next_report.duration_since(since);
+                timer.as_mut().reset(next_report);
+                {
                     let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
                     let busy: Vec<usize> = leases.iter().map(|lease| lease.in_flight.load(Ordering::SeqCst)).collect();
                     tracing::warn!(
@@ -267,15 +275,12 @@ impl CoreWorker {
 /// picks, under the pool's lock (so two tasks never both take a lease's last room).
 fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
     let leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
-    let slots: Vec<Slot> = leases
-        .iter()
-        .map(|lease| Slot {
-            in_flight: lease.in_flight.load(Ordering::SeqCst),
-            queued_micros: lease.queued_micros.load(Ordering::SeqCst),
-            spent: pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls,
-        })
-        .collect();
-    let lease = &leases[slots::choose(&slots, estimate)?];
+    let slots = leases.iter().map(|lease| Slot {
+        in_flight: lease.in_flight.load(Ordering::SeqCst),
+        queued_micros: lease.queued_micros.load(Ordering::SeqCst),
+        spent: pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls,
+    });
+    let lease = &leases[slots::choose(slots, estimate)?];
     if pool.max_calls > 0 {
         lease.started.fetch_add(1, Ordering::SeqCst);
     }

@@ -32,9 +32,9 @@ pub(crate) struct Slot {
 }
 
 /// The lease (index into `slots`) a task expected to run `estimate` µs joins, if any.
-pub(crate) fn choose(slots: &[Slot], estimate: u64) -> Option<usize> {
+pub(crate) fn choose(slots: impl IntoIterator<Item = Slot>, estimate: u64) -> Option<usize> {
     slots
-        .iter()
+        .into_iter()
         .enumerate()
         .filter(|(_, slot)| {
             !slot.spent
@@ -78,12 +78,12 @@ mod tests {
     #[test]
     fn short_tasks_queue_long_ones_wait_for_an_idle_worker() {
         let busy = [slot(3, 300), slot(1, 100)];
-        assert_eq!(choose(&busy, 50), Some(1), "the least busy lease with room");
-        assert_eq!(choose(&busy, PIPELINE_BUDGET_MICROS), None, "a long task does not queue");
-        assert_eq!(choose(&[slot(2, 100), slot(0, 0)], PIPELINE_BUDGET_MICROS), Some(1), "an idle lease always fits");
-        assert_eq!(choose(&[slot(MAX_PIPELINE, 0)], 1), None, "a full pipeline takes nothing");
-        assert_eq!(choose(&[Slot { in_flight: 0, queued_micros: 0, spent: true }], 1), None, "spent");
-        assert_eq!(choose(&[], 1), None);
+        assert_eq!(choose(busy, 50), Some(1), "the least busy lease with room");
+        assert_eq!(choose(busy, PIPELINE_BUDGET_MICROS), None, "a long task does not queue");
+        assert_eq!(choose([slot(2, 100), slot(0, 0)], PIPELINE_BUDGET_MICROS), Some(1), "an idle lease always fits");
+        assert_eq!(choose([slot(MAX_PIPELINE, 0)], 1), None, "a full pipeline takes nothing");
+        assert_eq!(choose([Slot { in_flight: 0, queued_micros: 0, spent: true }], 1), None, "spent");
+        assert_eq!(choose([], 1), None);
     }
 
     #[test]
@@ -111,7 +111,7 @@ mod tests {
                     && (slot.in_flight == 0
                         || (slot.in_flight < MAX_PIPELINE && slot.queued_micros + estimate <= PIPELINE_BUDGET_MICROS))
             };
-            match choose(&slots, estimate) {
+            match choose(slots.iter().copied(), estimate) {
                 Some(index) => {
                     let chosen = slots[index];
                     prop_assert!(fits(&chosen));

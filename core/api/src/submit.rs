@@ -136,8 +136,7 @@ pub(crate) async fn resolve_call_args(
 async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
     let demand = spec.options.demand()?;
     let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
-    let strategy = spec.options.wire_strategy()?;
-    let pool = worker.pool(&demand, strategy, spec.options.placement_group, max_calls);
+    let pool = worker.pool(&demand, &spec.options, max_calls)?;
     let mut attempt = 0u32;
     let mut claimed = false;
     loop {
