@@ -800,10 +800,45 @@ fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
     format!("actor {} ({}) is dead: {cause}", actor.id.short(), actor.class)
 }
 
-/// Whether a failed send certainly never reached the worker (nothing ran).
+/// Whether a failed send certainly never reached the worker (nothing ran): its cause,
+/// somewhere down the error's source chain, is a refused connection. Read from the
+/// error's type, not its text: a worker's own error that says "connection refused" was
+/// delivered.
 fn never_delivered(status: &tonic::Status) -> bool {
-    let message = status.message();
-    message.contains("tcp connect error") || message.contains("Connection refused")
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_is_never_delivered_and_a_message_proves_nothing() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            // A port nothing listens on.
+            let address = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().to_string()
+            };
+            let token = ionet_common::auth::ClusterToken::generate();
+            let channel = ionet_common::rpc::connect_lazy(&address, &token, Duration::from_secs(2)).unwrap();
+            let refused = CoreWorkerClient::new(channel)
+                .watch(ionet_common::rpc::proto::worker::WatchRequest {})
+                .await
+                .expect_err("nothing listens there");
+            assert!(never_delivered(&refused), "a refused connection: {refused:?}");
+        });
+        // A worker that answered, whatever its words, got the call.
+        assert!(!never_delivered(&tonic::Status::unavailable("tcp connect error: Connection refused")));
+    }
 }
 
 /// The actor a worker process hosts.
