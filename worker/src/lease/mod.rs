@@ -2,8 +2,9 @@
 //!
 //! The book itself (pools, leases, bundles, worker processes) and its accounting
 //! invariants are in [`state`], one struct under one lock, never held across an await;
-//! this module does the I/O around it: requests, starting and stopping processes,
-//! metering, pressing holders. Its own rules:
+//! this module serves requests around it (decide, grant, return, blocked workers), with
+//! `process` (starting and stopping workers), `bundles` (placement-group reservations),
+//! `holders` (pressing and probing lease holders) and `metering`. Its own rules:
 //! - A granted lease holds one worker process exclusively; the worker was started with
 //!   `CUDA_VISIBLE_DEVICES` set to exactly the GPU ids of the lease (whole GPUs exclusive,
 //!   fractions packed by [`GpuAllocator`]). Idle workers are reused only for the same job,
@@ -46,6 +47,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::cluster_view::node_view;
 
+mod bundles;
+mod holders;
 mod metering;
 mod process;
 mod state;
@@ -352,108 +355,6 @@ impl Leases {
         }
     }
 
-    /// A request naming a bundle: granted only from the bundle's free resources here.
-    fn decide_bundle(&self, key: &BundleKey, demand: &ResourceSet) -> Step {
-        let mut state = self.lock();
-        let state = &mut *state;
-        let Some(bundle) = state.bundles.get_mut(key) else {
-            return Step::Infeasible(format!(
-                "bundle {} of placement group {} is not reserved on node {}",
-                key.1,
-                key.0.short(),
-                self.node_id.short()
-            ));
-        };
-        if !bundle.total.contains(demand) {
-            return Step::Infeasible(format!(
-                "{demand} does not fit bundle {} of placement group {} ({})",
-                key.1,
-                key.0.short(),
-                bundle.total
-            ));
-        }
-        if !bundle.committed || !bundle.available.contains(demand) {
-            return Step::Wait("waiting for room in the placement-group bundle".into());
-        }
-        state.take(demand, Some(key), "waiting for room in the placement-group bundle")
-    }
-
-    /// Phase one of placing a bundle here: takes its resources out of the general pool,
-    /// or refuses with `ResourceExhausted`. Preparing a bundle already held is a no-op.
-    pub fn prepare_bundle(
-        &self,
-        placement_group_id: &[u8],
-        index: u32,
-        job_id: &[u8],
-        resources: ResourceSet,
-    ) -> IonetResult<()> {
-        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
-        let job_id = if job_id.is_empty() { None } else { Some(JobId::from_bytes(job_id)?) };
-        let prepared = self.lock().prepare_bundle(key, resources.clone(), job_id);
-        match prepared {
-            Ok(_) => Ok(()),
-            Err(free) => Err(IonetError::ResourceExhausted(format!(
-                "node {} cannot reserve bundle {index} of placement group {}: it needs {resources}, {free} is free",
-                self.node_id.short(),
-                key.0.short(),
-            ))),
-        }
-    }
-
-    /// Phase two: the bundle may now serve leases.
-    pub fn commit_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<()> {
-        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
-        let mut state = self.lock();
-        let bundle = state.bundles.get_mut(&key).ok_or_else(|| {
-            IonetError::NotFound(format!("bundle {index} of placement group {} is not prepared here", key.0.short()))
-        })?;
-        let newly = !bundle.committed;
-        bundle.committed = true;
-        let meter = match (newly, bundle.job_id) {
-            (true, Some(job_id)) if !bundle.total.is_empty() => {
-                let lease_id = LeaseId::random();
-                bundle.metered_as = Some(lease_id);
-                Some(MeterEvent::Started { lease_id, job_id, resources: bundle.total.clone() })
-            }
-            _ => None,
-        };
-        // Sent under the lock, as `cancel_bundle` sends the end: a cancel that follows
-        // cannot report the end before the start.
-        if let Some(event) = meter {
-            self.meter(event);
-        }
-        drop(state);
-        self.freed.notify_waiters();
-        Ok(())
-    }
-
-    /// Gives a bundle's free resources back to the general pool; whether it was held.
-    pub fn cancel_bundle(&self, placement_group_id: &[u8], index: u32) -> IonetResult<bool> {
-        let key = (PlacementGroupId::from_bytes(placement_group_id)?, index);
-        let (removed, doomed) = {
-            let mut state = self.lock();
-            let (removed, doomed) = state.cancel_bundle(&key);
-            if let Some(lease_id) = removed.as_ref().and_then(|bundle| bundle.metered_as) {
-                // Under the lock, as `commit_bundle` meters the start.
-                self.meter(MeterEvent::Ended { lease_id });
-            }
-            (removed.is_some(), doomed)
-        };
-        // Removing a group ends what runs inside it: its workers are stopped, and their
-        // leases end (resources back to the general pool) as their processes exit.
-        for pid in doomed {
-            tracing::info!(pid, "stopping a worker of a removed placement-group bundle");
-            kill(pid);
-        }
-        self.freed.notify_waiters();
-        Ok(removed)
-    }
-
-    /// How many placement-group bundles are reserved here.
-    pub fn bundle_count(&self) -> usize {
-        self.lock().bundles.len()
-    }
-
     fn address_of(&self, node_id: &NodeId) -> Option<String> {
         self.addresses.get(node_id).map(|entry| entry.clone())
     }
@@ -673,81 +574,11 @@ impl Leases {
         }
     }
 
-    /// Asks the holders of this node's leases to give back the leases they keep idle
-    /// for reuse (a request waits for room). At most once per `PRESS_INTERVAL`; the asks
-    /// go out in the background and their failures are ignored (a holder that is gone is
-    /// found by the probe of dead holders).
-    fn press_holders(&self) {
-        let holders: std::collections::BTreeSet<String> = {
-            let mut state = self.lock();
-            let now = Instant::now();
-            if state.pressed_at.is_some_and(|at| now.duration_since(at) < PRESS_INTERVAL) {
-                return;
-            }
-            state.pressed_at = Some(now);
-            state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
-        };
-        let Ok(token) = ionet::auth::ClusterToken::new(&self.token) else { return };
-        if self.holder_channels.len() > 4096 {
-            self.holder_channels.clear();
-        }
-        for holder in holders {
-            let channel = match self.holder_channels.get(&holder) {
-                Some(channel) => channel.clone(),
-                None => match ionet::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
-                    Ok(channel) => {
-                        self.holder_channels.insert(holder.clone(), channel.clone());
-                        channel
-                    }
-                    Err(_) => continue,
-                },
-            };
-            tokio::spawn(async move {
-                let mut client = ionet::rpc::CoreWorkerClient::new(channel);
-                let request = ionet::rpc::proto::worker::ReturnIdleLeasesRequest {};
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.return_idle_leases(request)).await;
-            });
-        }
-    }
-
     /// [`Leases::return_lease`] by id.
     fn end_lease(&self, lease_id: LeaseId, worker_failed: bool) -> IonetResult<()> {
         self.end(lease_id, worker_failed)
             .map(|_| ())
             .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))
-    }
-
-    /// Ends the leases whose holder's address refuses connections (its process is gone;
-    /// a probe that times out proves nothing, as with a partitioned network), as failed: the
-    /// leased workers are killed, since they may still run the dead holder's tasks, and
-    /// the resources come back. Returns how many leases ended.
-    pub async fn end_leases_of_dead_holders(&self, timeout: Duration) -> usize {
-        let holders: std::collections::BTreeSet<String> =
-            self.lock().leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect();
-        // All probes at once: a holder that does not answer costs one timeout, not one each.
-        let mut probes = tokio::task::JoinSet::new();
-        for holder in holders {
-            probes.spawn(async move {
-                let refused = matches!(
-                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
-                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
-                );
-                (holder, refused)
-            });
-        }
-        let mut ended = 0;
-        while let Some(probe) = probes.join_next().await {
-            let Ok((holder, true)) = probe else { continue };
-            let doomed: Vec<LeaseId> =
-                self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
-            for lease_id in doomed {
-                tracing::warn!(lease = %lease_id.short(), %holder, "the lease holder is gone; its lease ends");
-                if self.end_lease(lease_id, true).is_ok() {
-                    ended += 1;
-                }
-            }
-        }
-        ended
     }
 }
 

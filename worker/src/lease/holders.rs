@@ -1,0 +1,81 @@
+//! The holders of this node's leases (the core workers that asked for them): pressed to
+//! give back the leases they keep idle when requests wait here, and probed so that the
+//! leases of a holder that is gone end.
+
+use std::time::{Duration, Instant};
+
+use ionet::LeaseId;
+
+use super::{Leases, PRESS_INTERVAL};
+
+impl Leases {
+    /// Asks the holders of this node's leases to give back the leases they keep idle
+    /// for reuse (a request waits for room). At most once per `PRESS_INTERVAL`; the asks
+    /// go out in the background and their failures are ignored (a holder that is gone is
+    /// found by the probe of dead holders).
+    pub(super) fn press_holders(&self) {
+        let holders: std::collections::BTreeSet<String> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            if state.pressed_at.is_some_and(|at| now.duration_since(at) < PRESS_INTERVAL) {
+                return;
+            }
+            state.pressed_at = Some(now);
+            state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
+        };
+        let Ok(token) = ionet::auth::ClusterToken::new(&self.token) else { return };
+        if self.holder_channels.len() > 4096 {
+            self.holder_channels.clear();
+        }
+        for holder in holders {
+            let channel = match self.holder_channels.get(&holder) {
+                Some(channel) => channel.clone(),
+                None => match ionet::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
+                    Ok(channel) => {
+                        self.holder_channels.insert(holder.clone(), channel.clone());
+                        channel
+                    }
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                let mut client = ionet::rpc::CoreWorkerClient::new(channel);
+                let request = ionet::rpc::proto::worker::ReturnIdleLeasesRequest {};
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.return_idle_leases(request)).await;
+            });
+        }
+    }
+
+    /// Ends the leases whose holder's address refuses connections (its process is gone;
+    /// a probe that times out proves nothing, as with a partitioned network), as failed: the
+    /// leased workers are killed, since they may still run the dead holder's tasks, and
+    /// the resources come back. Returns how many leases ended.
+    pub async fn end_leases_of_dead_holders(&self, timeout: Duration) -> usize {
+        let holders: std::collections::BTreeSet<String> =
+            self.lock().leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect();
+        // All probes at once: a holder that does not answer costs one timeout, not one each.
+        let mut probes = tokio::task::JoinSet::new();
+        for holder in holders {
+            probes.spawn(async move {
+                let refused = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
+                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
+                );
+                (holder, refused)
+            });
+        }
+        let mut ended = 0;
+        while let Some(probe) = probes.join_next().await {
+            let Ok((holder, true)) = probe else { continue };
+            let doomed: Vec<LeaseId> =
+                self.lock().leases.iter().filter(|(_, granted)| granted.holder == holder).map(|(id, _)| *id).collect();
+            for lease_id in doomed {
+                tracing::warn!(lease = %lease_id.short(), %holder, "the lease holder is gone; its lease ends");
+                if self.end_lease(lease_id, true).is_ok() {
+                    ended += 1;
+                }
+            }
+        }
+        ended
+    }
+}
