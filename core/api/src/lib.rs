@@ -31,6 +31,7 @@
 extern crate self as ionet;
 
 pub mod actor;
+mod actor_client;
 mod actor_pool;
 mod api;
 mod blocked;

@@ -1,0 +1,469 @@
+//! The caller side of actors: one [`ActorClient`] per actor a process calls. Its sender
+//! task takes calls in submission order, resolves their arguments, learns the actor's
+//! address from the control store (waiting while it is pending or restarting), numbers
+//! each call per (caller, incarnation) and sends it on one `ActorCalls` stream without
+//! waiting for earlier replies; replies come back in batches. When the stream breaks, the
+//! calls it left unanswered are retried on the next incarnation up to `max_task_retries`
+//! (one that never reached the worker, always), else fail with `ActorDied`, or with the
+//! error the actor died of (`Infeasible`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorState, GetActorRequest};
+use ionet_common::rpc::proto::worker::{
+    push_task_reply, ActorCallBatch, NumberedReply, PushActorTaskRequest, PushTaskReply,
+};
+use ionet_common::rpc::CoreWorkerClient;
+use ionet_common::{IonetError, IonetResult, ObjectId, TaskId};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::object_ref::Arg;
+use crate::runtime::{self, CoreWorker, ObjectState};
+
+/// An actor's state as its worker holds it: `&self` methods share it, `&mut self` methods
+/// hold it alone; blocking methods lock it from their thread, async ones across awaits.
+use crate::actor::{actor_row, ActorHandle};
+pub(crate) struct ActorCall {
+    pub(crate) method: Arc<str>,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) return_id: ObjectId,
+    pub(crate) task_id: TaskId,
+    pub(crate) attempt: u32,
+}
+
+/// This process's side of one actor: the ordered queue of its calls.
+pub(crate) struct ActorClient {
+    pub(crate) queue: mpsc::UnboundedSender<ActorCall>,
+    shared: Arc<SenderShared>,
+}
+
+impl ActorClient {
+    /// Where the call producing `id` runs, if it was sent and not answered yet: the
+    /// actor worker's address and the call's task id.
+    pub(crate) fn running_call(&self, id: &ObjectId) -> Option<(String, TaskId)> {
+        let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner());
+        let (address, sent) = current.as_ref()?;
+        let sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+        let task_id = sent.calls.values().find(|(call, _)| call.return_id == *id)?.0.task_id;
+        Some((address.clone(), task_id))
+    }
+
+    /// Something in this process learnt the actor's current row: a newer incarnation
+    /// means every older one is gone.
+    pub(crate) fn learn(&self, info: &ActorInfo) {
+        self.shared.learn(info);
+    }
+}
+
+impl SenderShared {
+    fn learn(&self, info: &ActorInfo) {
+        match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
+            ActorState::Alive => {
+                self.broken.fetch_max(i64::from(info.incarnation) - 1, Ordering::SeqCst);
+            }
+            ActorState::Restarting | ActorState::Dead => {
+                // The incarnation recorded is the next one (restarting) or the last (dead).
+                let dead_up_to = if info.state == ActorState::Dead as i32 { 0 } else { 1 };
+                self.broken.fetch_max(i64::from(info.incarnation) - dead_up_to, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Follows the actor's row in the control store (a long poll), so that calls made after a
+/// restart go to the new incarnation without first failing on the old one. Ends with the
+/// process's core worker.
+async fn watch_actor(shared: std::sync::Weak<SenderShared>) {
+    let mut known: i64 = -1;
+    loop {
+        let Some(current) = shared.upgrade() else { return };
+        if *current.worker.stopping.borrow() {
+            return;
+        }
+        let request = GetActorRequest {
+            actor_id: current.actor.id.to_vec(),
+            wait_newer_than: known,
+            timeout_ms: CONNECT_WAIT.as_millis() as u64,
+        };
+        let gcs = current.worker.gcs();
+        drop(current);
+        let reply = match gcs {
+            Ok(mut gcs) => gcs.get_actor(request).await,
+            Err(_) => return,
+        };
+        let Some(current) = shared.upgrade() else { return };
+        match reply.map(|reply| reply.into_inner().actor) {
+            Ok(Some(info)) => {
+                current.learn(&info);
+                if info.state == ActorState::Dead as i32 {
+                    return;
+                }
+                if info.state == ActorState::Alive as i32 {
+                    known = known.max(i64::from(info.incarnation));
+                }
+            }
+            Ok(None) | Err(_) => {
+                drop(current);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The connection the sender uses: a call stream to the actor's current incarnation and
+/// the caller's next sequence number in it.
+struct Connection {
+    incarnation: u32,
+    next_sequence: u64,
+    batches: mpsc::UnboundedSender<ActorCallBatch>,
+    sent: Arc<Mutex<SentCalls>>,
+}
+
+/// Calls sent on a stream and not yet answered. Once the stream has ended (`closed`), the
+/// reply reader has taken them over and nothing more may be added.
+#[derive(Default)]
+struct SentCalls {
+    calls: HashMap<u64, (ActorCall, OwnedSemaphorePermit)>,
+    closed: bool,
+}
+
+/// Calls one process may have in flight to one actor; more wait in the queue.
+const MAX_IN_FLIGHT: usize = 1_000;
+
+/// Calls sent in one message at most.
+const MAX_BATCH: usize = 256;
+
+struct SenderShared {
+    worker: Arc<CoreWorker>,
+    in_flight: Arc<Semaphore>,
+    actor: ActorHandle,
+    queue: mpsc::UnboundedSender<ActorCall>,
+    /// The newest incarnation a send found dead (-1: none).
+    broken: AtomicI64,
+    /// From the actor's spec, once known.
+    max_task_retries: AtomicI64,
+    /// The worker address and sent calls of the current stream (read by cancels).
+    current: Mutex<Option<(String, Arc<Mutex<SentCalls>>)>>,
+}
+
+impl ActorClient {
+    pub(crate) fn start(worker: &Arc<CoreWorker>, actor: &ActorHandle) -> Arc<Self> {
+        let (queue, calls) = mpsc::unbounded_channel();
+        let shared = Arc::new(SenderShared {
+            worker: worker.clone(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            actor: actor.clone(),
+            queue: queue.clone(),
+            broken: AtomicI64::new(-1),
+            max_task_retries: AtomicI64::new(0),
+            current: Mutex::new(None),
+        });
+        worker.handle.spawn(send_calls(shared.clone(), calls));
+        worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
+        Arc::new(ActorClient { queue, shared })
+    }
+}
+
+/// How long the sender waits for an actor that is pending or restarting before asking again.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceiver<ActorCall>) {
+    let worker = shared.worker.clone();
+    let mut connection: Option<Connection> = None;
+    let mut dead: Option<Arc<IonetError>> = None;
+    let mut batch: Vec<PushActorTaskRequest> = Vec::new();
+    while let Some(first) = calls.recv().await {
+        let mut taken = vec![first];
+        while taken.len() < MAX_BATCH {
+            match calls.try_recv() {
+                Ok(call) => taken.push(call),
+                Err(_) => break,
+            }
+        }
+        for call in taken {
+            if let Some(error) = &dead {
+                worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
+                continue;
+            }
+            // Whatever may wait goes after the calls gathered so far are on their way: an
+            // argument may be the result of one of them.
+            if call.args.iter().any(|arg| matches!(arg, Arg::Ref(_))) {
+                flush(&connection, &mut batch);
+            }
+            let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
+                Ok(args) => args,
+                Err(error) => {
+                    worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                    continue;
+                }
+            };
+            let broken = shared.broken.load(Ordering::SeqCst);
+            let usable = connection.as_ref().is_some_and(|c| {
+                i64::from(c.incarnation) > broken && !c.sent.lock().unwrap_or_else(|p| p.into_inner()).closed
+            });
+            if !usable {
+                flush(&connection, &mut batch);
+                connection = None;
+                match connect(&shared, broken).await {
+                    Ok(Ok(fresh)) => connection = Some(fresh),
+                    Ok(Err(error)) => {
+                        let error = Arc::new(error);
+                        worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
+                        dead = Some(error);
+                        continue;
+                    }
+                    Err(error) => {
+                        worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                        continue;
+                    }
+                }
+            }
+            let permit = match shared.in_flight.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    flush(&connection, &mut batch);
+                    let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+                    permit
+                }
+            };
+            let current = connection.as_mut().expect("connected above");
+            let sequence = current.next_sequence;
+            let request = PushActorTaskRequest {
+                actor_id: shared.actor.id.to_vec(),
+                incarnation: current.incarnation,
+                caller_id: worker.caller_id.to_vec(),
+                sequence,
+                method: call.method.to_string(),
+                args,
+                task_id: call.task_id.to_vec(),
+                return_object_id: call.return_id.to_vec(),
+                inline_threshold: worker.inline_threshold as u64,
+            };
+            let mut sent = current.sent.lock().unwrap_or_else(|p| p.into_inner());
+            if sent.closed {
+                // The stream ended meanwhile: the call goes round again, to the next incarnation.
+                drop(sent);
+                requeue(&shared, call);
+                continue;
+            }
+            sent.calls.insert(sequence, (call, permit));
+            drop(sent);
+            current.next_sequence += 1;
+            batch.push(request);
+        }
+        flush(&connection, &mut batch);
+    }
+}
+
+/// Sends the gathered calls as one message.
+fn flush(connection: &Option<Connection>, batch: &mut Vec<PushActorTaskRequest>) {
+    if batch.is_empty() {
+        return;
+    }
+    let calls = std::mem::take(batch);
+    if let Some(connection) = connection {
+        // A closed stream has already handed its sent calls back for retry.
+        let _ = connection.batches.send(ActorCallBatch { calls });
+    }
+}
+
+fn requeue(shared: &SenderShared, call: ActorCall) {
+    let return_id = call.return_id;
+    if let Err(mpsc::error::SendError(_)) = shared.queue.send(call) {
+        let closed = IonetError::Internal("the actor's call queue is closed".into());
+        shared.worker.settle_object(&return_id, ObjectState::Failed(Arc::new(closed)));
+    }
+}
+
+/// Opens a call stream to the actor's worker; its reader settles the replies.
+fn open_stream(shared: &Arc<SenderShared>, incarnation: u32, channel: ionet_common::rpc::AuthChannel) -> Connection {
+    let (batches, outgoing) = mpsc::unbounded_channel();
+    let sent = Arc::new(Mutex::new(SentCalls::default()));
+    shared.worker.handle.spawn(read_replies(shared.clone(), incarnation, channel, outgoing, sent.clone()));
+    Connection { incarnation, next_sequence: 0, batches, sent }
+}
+
+/// Settles each reply as it comes; when the stream ends, the calls still unanswered are
+/// retried or failed.
+async fn read_replies(
+    shared: Arc<SenderShared>,
+    incarnation: u32,
+    channel: ionet_common::rpc::AuthChannel,
+    outgoing: mpsc::UnboundedReceiver<ActorCallBatch>,
+    sent: Arc<Mutex<SentCalls>>,
+) {
+    let mut client =
+        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let ended = match client.actor_calls(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing)).await {
+        Err(status) => status,
+        Ok(response) => {
+            let ended_by_worker = "the actor's worker ended the call stream";
+            runtime::read_reply_batches(response.into_inner(), ended_by_worker, |replies| {
+                let answered: Vec<_> = {
+                    let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                    replies
+                        .into_iter()
+                        .map(|NumberedReply { sequence, reply }| (sent.calls.remove(&sequence), sequence, reply))
+                        .collect()
+                };
+                for (call, sequence, reply) in answered {
+                    let Some((call, permit)) = call else {
+                        tracing::warn!(sequence, "a reply to a call this caller did not send");
+                        continue;
+                    };
+                    let state = reply_state(&shared, &call.method, reply.unwrap_or_default());
+                    shared.worker.settle_object(&call.return_id, state);
+                    drop((call, permit)); // releases argument refs and the in-flight slot
+                }
+            })
+            .await
+        }
+    };
+    let unanswered = {
+        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.closed = true;
+        std::mem::take(&mut sent.calls)
+    };
+    if unanswered.is_empty() {
+        return; // the caller let go of the stream: nothing was lost
+    }
+    // The worker is gone (or no longer hosts this incarnation).
+    shared.broken.fetch_max(i64::from(incarnation), Ordering::SeqCst);
+    let mut unanswered: Vec<_> = unanswered.into_iter().collect();
+    unanswered.sort_by_key(|(sequence, _)| *sequence);
+    let retries = shared.max_task_retries.load(Ordering::SeqCst);
+    let mut cause: Option<String> = None;
+    for (_, (mut call, permit)) in unanswered {
+        drop(permit);
+        if never_delivered(&ended) || retries == -1 || i64::from(call.attempt) < retries {
+            if !never_delivered(&ended) {
+                call.attempt += 1;
+            }
+            requeue(&shared, call);
+            continue;
+        }
+        if cause.is_none() {
+            cause = Some(death_cause(&shared, incarnation).await);
+        }
+        let cause = cause.as_deref().unwrap_or_default();
+        let error = IonetError::ActorDied(format!("{cause}; call {} was lost ({})", call.method, ended.message()));
+        shared.worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+    }
+}
+
+/// Why the actor died, if the control store knows by now.
+async fn death_cause(shared: &SenderShared, incarnation: u32) -> String {
+    let request = GetActorRequest {
+        actor_id: shared.actor.id.to_vec(),
+        wait_newer_than: i64::from(incarnation),
+        timeout_ms: 2_000,
+    };
+    let known = match shared.worker.gcs() {
+        Ok(mut gcs) => match gcs.get_actor(request).await {
+            Ok(reply) => reply.into_inner().actor.map(|info| death_message(&shared.actor, &info)),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    known.unwrap_or_else(|| format!("actor {} ({}) died", shared.actor.id.short(), shared.actor.class))
+}
+
+fn reply_state(shared: &SenderShared, method: &str, reply: PushTaskReply) -> ObjectState {
+    match reply.result {
+        Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
+        Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
+        Some(push_task_reply::Result::Failure(failure)) => ObjectState::Failed(Arc::new(IonetError::TaskFailed {
+            function: format!("{}.{}", shared.actor.class, failure.function_name),
+            node: runtime::hex_short(&failure.node_id),
+            message: failure.message,
+        })),
+        None => ObjectState::Failed(Arc::new(IonetError::Internal(format!("empty reply to {method}")))),
+    }
+}
+
+/// Waits until the actor runs in an incarnation newer than `broken`. `Ok(Err(error))`: it
+/// is dead, and calls fail with `error`.
+async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<Connection, IonetError>> {
+    let worker = &shared.worker;
+    loop {
+        let request = GetActorRequest {
+            actor_id: shared.actor.id.to_vec(),
+            wait_newer_than: broken,
+            timeout_ms: CONNECT_WAIT.as_millis() as u64,
+        };
+        let info = actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)?;
+        let spec = info.spec.clone().unwrap_or_default();
+        shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
+        match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
+            ActorState::Dead => return Ok(Err(death_error(&shared.actor, &info))),
+            ActorState::Alive if i64::from(info.incarnation) > broken => {
+                let channel = worker.channel(&info.address)?;
+                let connection = open_stream(shared, info.incarnation, channel);
+                *shared.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((info.address.clone(), connection.sent.clone()));
+                return Ok(Ok(connection));
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The error calls on a dead actor fail with: the one it died of when it has a kind of
+/// its own (infeasible), else `ActorDied` with its cause.
+fn death_error(actor: &ActorHandle, info: &ActorInfo) -> IonetError {
+    let message = death_message(actor, info);
+    match info.death_error.clone().and_then(ionet_common::rpc::status::error_of) {
+        Some(IonetError::Infeasible(_)) => IonetError::Infeasible(message),
+        _ => IonetError::ActorDied(message),
+    }
+}
+
+fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
+    let cause = if info.death_cause.is_empty() { "cause unknown" } else { info.death_cause.as_str() };
+    format!("actor {} ({}) is dead: {cause}", actor.id.short(), actor.class)
+}
+
+/// Whether a failed send certainly never reached the worker (nothing ran): its cause,
+/// somewhere down the error's source chain, is a refused connection. Read from the
+/// error's type, not its text: a worker's own error that says "connection refused" was
+/// delivered.
+fn never_delivered(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_is_never_delivered_and_a_message_proves_nothing() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            // A port nothing listens on.
+            let address = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().to_string()
+            };
+            let token = ionet_common::auth::ClusterToken::generate();
+            let channel = ionet_common::rpc::connect_lazy(&address, &token, Duration::from_secs(2)).unwrap();
+            let refused = CoreWorkerClient::new(channel)
+                .watch(ionet_common::rpc::proto::worker::WatchRequest {})
+                .await
+                .expect_err("nothing listens there");
+            assert!(never_delivered(&refused), "a refused connection: {refused:?}");
+        });
+        // A worker that answered, whatever its words, got the call.
+        assert!(!never_delivered(&tonic::Status::unavailable("tcp connect error: Connection refused")));
+    }
+}
