@@ -254,7 +254,12 @@ impl Leases {
         let fits_now = |state: &LeaseState| {
             state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
         };
-        let own_labels = state.view.node(&self.node_id).map(|node| node.labels.clone()).unwrap_or_default();
+        // This node's labels, read only when the request names some.
+        let own_labels = if selectors.is_empty() {
+            Default::default()
+        } else {
+            state.view.node(&self.node_id).map(|node| node.labels.clone()).unwrap_or_default()
+        };
         let labelled = selectors.iter().all(|selector| selector.matches(&own_labels));
         let fits_ever = state.total.contains(demand) && labelled;
         let grant = |state: &mut LeaseState| -> Step { state.take(demand, None, "resources are busy") };
