@@ -286,9 +286,11 @@ impl Actors {
         while self.still_wanted(&actor_id, incarnation) {
             let granted = match self.lease(&spec).await {
                 Ok(granted) => granted,
-                Err(IonetError::Infeasible(reason)) => {
-                    // No node can ever fit it (the daemon looked at the whole cluster): its
-                    // creation fails, and so do its calls, rather than waiting for ever.
+                // No node can ever fit its first incarnation (the daemon looked at the whole
+                // cluster): its creation fails, and so do its calls, rather than waiting for
+                // ever. Not for a restart (its node may be coming back) nor in a placement
+                // group (a daemon refuses a bundle it has not reserved yet: it waits).
+                Err(IonetError::Infeasible(reason)) if incarnation == 0 && spec.placement_group_id.is_empty() => {
                     let error = IonetError::Infeasible(format!("actor {} cannot be placed: {reason}", spec.class_name));
                     self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error));
                     return;

@@ -428,13 +428,17 @@ fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
 }
 
 /// Whether a failed send certainly never reached the worker (nothing ran): its cause,
-/// somewhere down the error's source chain, is a refused connection. Read from the
-/// error's type, not its text: a worker's own error that says "connection refused" was
-/// delivered.
+/// somewhere down the error's source chain, is a connection that could not be made
+/// (refused, host or network unreachable). Read from the error's type, not its text: a
+/// worker's own error that says "connection refused" was delivered. (A connect that timed
+/// out is not counted: the peer may have taken the call.)
 fn never_delivered(status: &tonic::Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(error) = cause {
-        if error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+        if error.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            use std::io::ErrorKind::{AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable};
+            matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable)
+        }) {
             return true;
         }
         cause = error.source();

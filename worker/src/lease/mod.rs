@@ -99,6 +99,9 @@ pub struct Leases {
     holder_channels: DashMap<String, ionet::rpc::AuthChannel>,
 }
 
+/// Fresh workers a grant starts at most when each exits as it is leased.
+const MAX_STARTS_PER_GRANT: u32 = 3;
+
 /// A request waiting this long (then twice as long, and so on) logs what the node holds.
 const LONG_WAIT: Duration = Duration::from_secs(10);
 
@@ -413,6 +416,8 @@ impl Leases {
                             }
                         }
                     });
+                    // Served: no longer a waiting request that others must yield to.
+                    drop(waiting.take());
                     return reply
                         .await
                         .map_err(|_| IonetError::Internal("the lease grant was dropped unfinished".into()))?;
@@ -489,9 +494,17 @@ impl Leases {
                 Some((lease_id, worker, address))
             })
         };
+        let mut starts = 0;
         let (lease_id, worker, address) = match idle {
             Some(leased) => leased,
             None => loop {
+                if starts == MAX_STARTS_PER_GRANT {
+                    self.give_back(&resources, gpus.as_ref(), bundle.as_ref());
+                    return Err(IonetError::Unavailable(format!(
+                        "{MAX_STARTS_PER_GRANT} workers in a row exited as they were leased; see the worker logs"
+                    )));
+                }
+                starts += 1;
                 let started = match self.start_worker(job_id, command, key.clone()).await {
                     Ok(started) => started,
                     Err(err) => {
