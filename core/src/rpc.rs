@@ -126,6 +126,12 @@ pub mod status {
         })
     }
 
+    /// A copy of `error` (it is not `Clone`: an `Io` error holds an `std::io::Error`), the
+    /// same variant with the same text, as the wire would carry it.
+    pub fn copy_of(error: &IonetError) -> IonetError {
+        error_of(detail_of(error)).unwrap_or_else(|| IonetError::Internal(error.to_string()))
+    }
+
     impl From<IonetError> for Status {
         fn from(error: IonetError) -> Status {
             let detail = detail_of(&error);
@@ -230,7 +236,9 @@ pub mod status {
                 status.add_header(&mut headers).unwrap();
                 let status = Status::from_header_map(&headers).unwrap();
                 let back = IonetError::from(status);
-                assert_eq!((back.kind(), back.to_string(), back.is_retryable()), (kind, text, retryable));
+                assert_eq!((back.kind(), back.to_string(), back.is_retryable()), (kind, text.clone(), retryable));
+                let copy = copy_of(&back);
+                assert_eq!((copy.kind(), copy.to_string()), (kind, text), "a copy is the same error");
             }
         }
 

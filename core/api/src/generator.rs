@@ -383,7 +383,7 @@ pub(crate) fn next_item<R>(
                         return taken(item);
                     }
                     return match &*entry.state.borrow() {
-                        ObjectState::Failed(error) => Some(Err(runtime::copy_error(error))),
+                        ObjectState::Failed(error) => Some(Err(ionet_common::rpc::status::copy_of(error))),
                         _ => None,
                     };
                 }

@@ -123,33 +123,6 @@ impl ObjectEntry {
     }
 }
 
-/// Rebuilds an error for another reader (errors are not `Clone`: `Io` holds an io::Error).
-pub(crate) fn copy_error(error: &IonetError) -> IonetError {
-    match error {
-        IonetError::InvalidArgument(m) => IonetError::InvalidArgument(m.clone()),
-        IonetError::NotFound(m) => IonetError::NotFound(m.clone()),
-        IonetError::AlreadyExists(m) => IonetError::AlreadyExists(m.clone()),
-        IonetError::Unauthenticated(m) => IonetError::Unauthenticated(m.clone()),
-        IonetError::FailedPrecondition(m) => IonetError::FailedPrecondition(m.clone()),
-        IonetError::ResourceExhausted(m) => IonetError::ResourceExhausted(m.clone()),
-        IonetError::Unavailable(m) => IonetError::Unavailable(m.clone()),
-        IonetError::Timeout(m) => IonetError::Timeout(m.clone()),
-        IonetError::Config(m) => IonetError::Config(m.clone()),
-        IonetError::Io(err) => IonetError::Internal(err.to_string()),
-        IonetError::Internal(m) => IonetError::Internal(m.clone()),
-        IonetError::TaskFailed { function, node, message } => {
-            IonetError::TaskFailed { function: function.clone(), node: node.clone(), message: message.clone() }
-        }
-        IonetError::WorkerCrashed { function, attempts, reason } => {
-            IonetError::WorkerCrashed { function: function.clone(), attempts: *attempts, reason: reason.clone() }
-        }
-        IonetError::ObjectLost(m) => IonetError::ObjectLost(m.clone()),
-        IonetError::Infeasible(m) => IonetError::Infeasible(m.clone()),
-        IonetError::ActorDied(m) => IonetError::ActorDied(m.clone()),
-        IonetError::Cancelled(m) => IonetError::Cancelled(m.clone()),
-    }
-}
-
 pub(crate) struct CoreWorker {
     pub(crate) address: Arc<str>,
     pub(crate) node_id: NodeId,
@@ -579,7 +552,7 @@ impl CoreWorker {
     pub(crate) async fn fetch(&self, id: ObjectId, owner: &str, deadline: Option<Instant>) -> IonetResult<Bytes> {
         match self.resolve(id, owner, deadline).await? {
             ObjectState::Inline(bytes) => Ok(Bytes::Owned(bytes)),
-            ObjectState::Failed(error) => Err(copy_error(&error)),
+            ObjectState::Failed(error) => Err(ionet_common::rpc::status::copy_of(&error)),
             ObjectState::Stored(stored) => self.read_stored(&stored).await,
             ObjectState::Pending => unreachable!("resolve waits past pending"),
         }

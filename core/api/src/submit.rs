@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::TaskOptions;
-use crate::runtime::{copy_error, current_or_panic, hex_short, CoreWorker, ObjectEntry, ObjectState};
+use crate::runtime::{current_or_panic, hex_short, CoreWorker, ObjectEntry, ObjectState};
 
 pub(crate) struct TaskSpec {
     pub(crate) task_id: TaskId,
@@ -122,7 +122,7 @@ pub(crate) async fn resolve_call_args(
             Arg::Ref(reference) => match worker.resolve(reference.id(), reference.owner_address(), None).await? {
                 ObjectState::Inline(bytes) => task_arg::Value::Inline(bytes.to_vec()),
                 ObjectState::Stored(stored) => task_arg::Value::Stored(stored),
-                ObjectState::Failed(error) => return Err(copy_error(&error)),
+                ObjectState::Failed(error) => return Err(ionet_common::rpc::status::copy_of(&error)),
                 ObjectState::Pending => unreachable!("resolve waits past pending"),
             },
         };
