@@ -12,6 +12,7 @@
 //! - [`auth`]: the cluster token carried by every RPC;
 //! - [`rpc`]: the wire protocol generated from `core/proto/*.proto` (tonic + prost),
 //!   authenticated channel helpers and the one error ↔ gRPC status mapping;
+//! - [`lease`]: the one lease requester (tasks and actors) and its typed outcome;
 //! - [`error`]: [`IonetError`], the error every layer converts into.
 //!
 //! How the processes talk: node daemons register with the global control store
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod lease;
 pub mod resources;
 pub mod rpc;
 

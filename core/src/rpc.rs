@@ -173,12 +173,12 @@ pub mod status {
     }
 
     #[cfg(test)]
-    mod tests {
+    pub(crate) mod tests {
         use super::*;
 
         /// One of each variant; the match makes a new variant fail to compile here until
         /// it is added.
-        fn every_variant() -> Vec<IonetError> {
+        pub(crate) fn every_variant() -> Vec<IonetError> {
             let all = vec![
                 IonetError::InvalidArgument("bad".into()),
                 IonetError::NotFound("gone".into()),

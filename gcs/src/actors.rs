@@ -26,12 +26,11 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ionet::auth::ClusterToken;
+use ionet::lease::{self, Backoff, LeaseOutcome};
 use ionet::rpc::proto::common::NodeState as WireNodeState;
 use ionet::rpc::proto::gcs::cluster_event::Event;
 use ionet::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
-use ionet::rpc::proto::node::{
-    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
-};
+use ionet::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet::{ActorId, IonetError, IonetResult, JobId};
@@ -283,28 +282,43 @@ impl Actors {
         let Ok(info) = self.get(actor_id.as_bytes()) else { return };
         let spec = info.spec.unwrap_or_default();
         let mut warned = false;
+        let mut backoff = Backoff::new(None);
         while self.still_wanted(&actor_id, incarnation) {
-            let granted = match self.lease(&spec).await {
-                Ok(granted) => granted,
+            let outcome = match self.first_node(&spec.node_address) {
+                Some(address) => {
+                    lease::request(|address| self.channel(address), address, self.lease_request(&spec)).await
+                }
+                None => LeaseOutcome::Unavailable("the cluster has no alive node".into()),
+            };
+            let (lease, node_address) = match outcome {
+                LeaseOutcome::Granted { lease, node_address } => {
+                    backoff.reset();
+                    (lease, node_address)
+                }
                 // No node can ever fit its first incarnation (the daemon looked at the whole
                 // cluster): its creation fails, and so do its calls, rather than waiting for
                 // ever. Not for a restart (its node may be coming back) nor in a placement
                 // group (a daemon refuses a bundle it has not reserved yet: it waits).
-                Err(IonetError::Infeasible(reason)) if incarnation == 0 && spec.placement_group_id.is_empty() => {
+                LeaseOutcome::Infeasible(reason) if incarnation == 0 && spec.placement_group_id.is_empty() => {
                     let error = IonetError::Infeasible(format!("actor {} cannot be placed: {reason}", spec.class_name));
                     self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error));
                     return;
                 }
-                Err(reason) => {
+                // The request itself is wrong: asking again cannot help.
+                LeaseOutcome::Refused(error) => {
+                    let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
+                    self.mark_dead_with(actor_id, incarnation, &cause, Some(&error));
+                    return;
+                }
+                LeaseOutcome::Infeasible(reason) | LeaseOutcome::Unavailable(reason) => {
                     if !warned {
                         tracing::warn!(actor = %actor_id, %reason, "actor cannot be placed yet; retrying");
                         warned = true;
                     }
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(backoff.after_failure().unwrap_or(Backoff::LONGEST)).await;
                     continue;
                 }
             };
-            let (lease, node_address) = granted;
             if !self.still_wanted(&actor_id, incarnation) {
                 self.return_lease(lease.lease_id, &node_address, false).await;
                 return;
@@ -389,13 +403,9 @@ impl Actors {
         self.bump();
     }
 
-    /// One lease for the actor's resources, following spillbacks.
-    /// `Infeasible` when no node can ever fit it; any other error may pass.
-    async fn lease(&self, spec: &ActorSpec) -> Result<(ionet::rpc::proto::node::LeaseGranted, String), IonetError> {
-        let mut address = self
-            .first_node(&spec.node_address)
-            .ok_or_else(|| IonetError::Unavailable("the cluster has no alive node".into()))?;
-        let mut request = RequestWorkerLeaseRequest {
+    /// The lease request for the actor's resources.
+    fn lease_request(&self, spec: &ActorSpec) -> RequestWorkerLeaseRequest {
+        RequestWorkerLeaseRequest {
             job_id: spec.job_id.clone(),
             resources: spec.resources.clone(),
             strategy: spec.strategy.clone(),
@@ -407,26 +417,7 @@ impl Actors {
             holder_address: String::new(),
             // Actors are not tasks in a tree: served with the driver's tasks.
             depth: 1,
-        };
-        for _ in 0..16 {
-            let channel = self.channel(&address).map_err(|err| IonetError::Unavailable(err.to_string()))?;
-            let reply =
-                NodeManagerClient::new(channel).request_worker_lease(request.clone()).await.map_err(|status| {
-                    IonetError::Unavailable(format!("lease request to {address} failed: {}", status.message()))
-                })?;
-            match reply.into_inner().outcome {
-                Some(Outcome::Granted(granted)) => return Ok((granted, address)),
-                Some(Outcome::Spillback(spillback)) => {
-                    address = spillback.node_address;
-                    request.no_spillback = true;
-                }
-                Some(Outcome::Infeasible(reason)) => return Err(IonetError::Infeasible(reason)),
-                None => {
-                    return Err(IonetError::Internal("the node daemon answered a lease request with nothing".into()))
-                }
-            }
         }
-        Err(IonetError::Unavailable("lease request spilled back too many times".into()))
     }
 
     /// Holds a `Watch` stream to the worker; when it ends, the worker is gone. (Boxed: it

@@ -60,6 +60,10 @@ pub struct StartArgs {
     /// Port of the control store (head only; 0 picks a free one).
     #[arg(long, default_value_t = 6380)]
     pub port: u16,
+    /// Port of this node's daemon (0 picks a free one). Fixed, a daemon restarted on the
+    /// same machine comes back at the address drivers and the cluster already know.
+    #[arg(long = "node-manager-port", default_value_t = 0)]
+    pub node_manager_port: u16,
     /// Host the servers bind to.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,

@@ -50,6 +50,9 @@ pub struct NodeDaemonOptions {
     pub spec: NodeSpec,
     /// Host the node's own server binds to.
     pub bind_host: String,
+    /// Port of the node's own server (0: any free one). A fixed port lets a restarted
+    /// daemon come back at the address its drivers and the cluster already know.
+    pub port: u16,
     /// Host other processes use to reach this node.
     pub advertise_host: String,
     pub is_head: bool,
@@ -215,8 +218,8 @@ impl NodeDaemon {
     /// Binds the node's server and starts the registration/heartbeat loop. Returns once
     /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
     pub async fn start(options: NodeDaemonOptions) -> IonetResult<Self> {
-        let listener = TcpListener::bind((options.bind_host.as_str(), 0)).await.map_err(|err| {
-            IonetError::Unavailable(format!("cannot bind node server on {}: {err}", options.bind_host))
+        let listener = TcpListener::bind((options.bind_host.as_str(), options.port)).await.map_err(|err| {
+            IonetError::Unavailable(format!("cannot bind node server on {}:{}: {err}", options.bind_host, options.port))
         })?;
         let address = listener.local_addr()?;
         let node_id = NodeId::random();

@@ -197,6 +197,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
         config: cluster_config,
         spec,
         bind_host: "127.0.0.1".into(),
+        port: 0,
         advertise_host: "127.0.0.1".into(),
         is_head: true,
         workers: WorkerPoolOptions {

@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ionet_common::rpc::proto::node::{
-    request_worker_lease_reply::Outcome, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest,
-};
+use ionet_common::lease::{self, Backoff, LeaseOutcome};
+use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::NodeManagerClient;
 use ionet_common::{IonetError, IonetResult, ResourceSet};
 use tokio::sync::Notify;
@@ -29,6 +28,9 @@ use crate::slots::{self, RunTimes, Slot};
 const MAX_PENDING_LEASE_REQUESTS: usize = 10;
 /// A task waiting this long for a worker (then twice as long, and so on) logs why.
 const LONG_LEASE_WAIT: Duration = Duration::from_secs(10);
+/// Lease requests that keep coming to `Unavailable` (a daemon restarting or unreachable)
+/// are asked again for this long before the tasks waiting for them fail `Unavailable`.
+const LEASE_UNAVAILABLE_LIMIT: Duration = Duration::from_secs(60);
 /// An idle lease is kept this long for the next task of its shape.
 pub(crate) const LEASE_LINGER: Duration = Duration::from_millis(300);
 
@@ -60,7 +62,8 @@ pub(crate) struct ShapePool {
     notify: Notify,
     requesting: AtomicUsize,
     waiting: AtomicUsize,
-    infeasible: Mutex<Option<String>>,
+    /// The final verdict of a lease request, told to every task waiting at the time.
+    refusal: Mutex<Option<IonetError>>,
     /// How long each function's tasks of this shape run (keyed by `TaskSpec::profile`).
     run_times: Mutex<RunTimes>,
     /// For a task in any bundle of a group: the bundle the next lease request asks.
@@ -111,7 +114,7 @@ impl CoreWorker {
             notify: Notify::new(),
             requesting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
-            infeasible: Mutex::new(None),
+            refusal: Mutex::new(None),
             run_times: Mutex::new(RunTimes::default()),
             next_bundle: AtomicUsize::new(0),
             max_calls: max_calls.map_or(0, |(_, calls)| calls),
@@ -149,8 +152,8 @@ impl CoreWorker {
             if let Some(lease) = take_slot(pool, estimate) {
                 break Ok(Some(lease));
             }
-            if let Some(reason) = pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                break Err(IonetError::Infeasible(reason));
+            if let Some(refusal) = pool.refusal.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                break Err(ionet_common::rpc::status::copy_of(refusal));
             }
             let waiting = pool.waiting.load(Ordering::SeqCst);
             if pool.requesting.load(Ordering::SeqCst) < waiting.min(MAX_PENDING_LEASE_REQUESTS) {
@@ -183,7 +186,7 @@ impl CoreWorker {
         };
         if pool.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
             // The last waiter has heard the verdict; later tasks ask the cluster again.
-            pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()).take();
+            pool.refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
         } else if matches!(result, Ok(Some(_))) {
             // Room may be left for the next waiter (a deeper pipeline, a fresh lease).
             pool.notify.notify_one();
@@ -289,13 +292,17 @@ fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
     Some(lease.clone())
 }
 
-/// Asks the local daemon for a lease, following spillbacks; puts it in the pool.
+/// Asks the local daemon for a lease (a bundle's node for a placement group), following
+/// spillbacks ([`lease::request`]); puts it in the pool, or tells the waiters the final
+/// verdict. An unavailable daemon (restarting, unreachable) is asked again, from our own
+/// node, paced by [`Backoff`], for up to [`LEASE_UNAVAILABLE_LIMIT`].
 async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32) {
-    let mut address = worker.node_address.clone();
-    let mut request = pool.request.clone();
-    request.depth = depth;
-    let mut failures = 0u32;
-    let outcome = loop {
+    let mut backoff = Backoff::new(Some(LEASE_UNAVAILABLE_LIMIT));
+    let mut warned = false;
+    let verdict = loop {
+        let mut request = pool.request.clone();
+        request.depth = depth;
+        let mut address = worker.node_address.clone();
         // A bundle's lease is asked of the node holding the bundle, once the group is placed.
         if !request.placement_group_id.is_empty() {
             match bundle_address(&worker, &mut request, &pool.next_bundle).await {
@@ -303,39 +310,31 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
                     address = bundle_node;
                     request.no_spillback = true;
                 }
-                Err(reason) => break Err(reason),
+                Err(error) => break Err(error),
             }
         }
-        let channel = match worker.channel(&address) {
-            Ok(channel) => channel,
-            Err(err) => break Err(err.to_string()),
-        };
-        match NodeManagerClient::new(channel).request_worker_lease(request.clone()).await {
-            Ok(reply) => match reply.into_inner().outcome {
-                Some(Outcome::Granted(granted)) => break Ok((granted, address)),
-                Some(Outcome::Spillback(spillback)) => {
-                    address = spillback.node_address;
-                    request.no_spillback = true;
+        match lease::request(|address| worker.channel(address), address, request).await {
+            LeaseOutcome::Granted { lease, node_address } => break Ok((lease, node_address)),
+            LeaseOutcome::Unavailable(reason) => match backoff.after_failure() {
+                Some(pause) => {
+                    if !warned {
+                        tracing::warn!(%reason, "no lease for now; asking again");
+                        warned = true;
+                    }
+                    tokio::time::sleep(pause).await;
                 }
-                Some(Outcome::Infeasible(reason)) => break Err(reason),
-                None => break Err("the node daemon answered a lease request with nothing".into()),
+                None => {
+                    break Err(IonetError::Unavailable(format!(
+                        "no node answered lease requests for {LEASE_UNAVAILABLE_LIMIT:?}: {reason}"
+                    )))
+                }
             },
-            Err(status) => {
-                failures += 1;
-                tracing::warn!(node = %address, error = %status.message(), "lease request failed; retrying");
-                if status.code() == tonic::Code::InvalidArgument || failures > 50 {
-                    break Err(format!("lease requests to {address} keep failing: {}", status.message()));
-                }
-                // Back to our own node, which knows the cluster afresh.
-                address = worker.node_address.clone();
-                request.no_spillback = false;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            refused => break Err(refused.into_error().expect("not a grant")),
         }
     };
     pool.requesting.fetch_sub(1, Ordering::SeqCst);
-    match outcome.and_then(|(granted, node_address)| {
-        let channel = worker.channel(&granted.worker_address).map_err(|err| err.to_string())?;
+    match verdict.and_then(|(granted, node_address)| {
+        let channel = worker.channel(&granted.worker_address)?;
         Ok(Lease {
             lease_id: granted.lease_id,
             node_address,
@@ -350,9 +349,9 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
         })
     }) {
         Ok(lease) => worker.add_lease(&pool, lease),
-        Err(reason) => {
-            tracing::warn!(%reason, "lease request refused");
-            *pool.infeasible.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        Err(error) => {
+            tracing::warn!(%error, "lease request refused");
+            *pool.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
             pool.notify.notify_waiters();
         }
     }
@@ -365,10 +364,9 @@ async fn bundle_address(
     worker: &CoreWorker,
     request: &mut RequestWorkerLeaseRequest,
     rotation: &AtomicUsize,
-) -> Result<String, String> {
-    let group =
-        ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id).map_err(|err| err.to_string())?;
-    let mut failures = 0u32;
+) -> IonetResult<String> {
+    let group = ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id)?;
+    let mut backoff = Backoff::new(Some(LEASE_UNAVAILABLE_LIMIT));
     loop {
         use ionet_common::rpc::proto::gcs::PlacementGroupState;
         match crate::placement_group::get_group(worker, &group).await {
@@ -379,25 +377,33 @@ async fn bundle_address(
                         request.bundle_index = turn as u32;
                     }
                     return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
-                        format!(
+                        IonetError::InvalidArgument(format!(
                             "placement group {} has no bundle {} ({} bundles)",
                             group.short(),
                             request.bundle_index,
                             reply.bundle_node_addresses.len()
-                        )
+                        ))
                     });
                 }
-                PlacementGroupState::Removed => return Err(format!("placement group {} was removed", group.short())),
-                PlacementGroupState::Pending => {}
-            },
-            Err(IonetError::NotFound(message)) => return Err(message),
-            Err(err) => {
-                failures += 1;
-                if failures > 50 {
-                    return Err(format!("cannot read placement group {}: {err}", group.short()));
+                PlacementGroupState::Removed => {
+                    return Err(IonetError::FailedPrecondition(format!(
+                        "placement group {} was removed",
+                        group.short()
+                    )))
                 }
-            }
+                // Not reserved yet: asked again in a moment.
+                PlacementGroupState::Pending => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            Err(err) if !err.is_retryable() => return Err(err),
+            Err(err) => match backoff.after_failure() {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => {
+                    return Err(IonetError::Unavailable(format!(
+                        "cannot read placement group {}: {err}",
+                        group.short()
+                    )))
+                }
+            },
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

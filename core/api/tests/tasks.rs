@@ -6,7 +6,7 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use harness::{temp_path, wait_until, Cluster};
+use harness::{free_port, temp_path, wait_until, Cluster};
 use ionet::{InitConfig, IonetError, SchedulingStrategy, TaskOptions};
 
 #[ionet::remote]
@@ -288,6 +288,41 @@ fn thousand_tasks_spread_over_two_nodes() {
     drop(cluster);
 }
 
+/// A node daemon down for a few seconds, then back at the same address, delays the tasks
+/// queued for it: none fails meanwhile, all run once it is back. (Lease requests to it
+/// are refused connections, which are worth asking again, not a verdict of infeasible.)
+fn queued_tasks_wait_out_a_daemon_restart() {
+    // The head keeps the node in its view while it is down (as it would for a daemon
+    // restarted under a supervisor), so it keeps spilling the tasks there.
+    let mut cluster = Cluster::start_with_env(&["--num-cpus", "0"], &[("IONET_HEARTBEAT_TIMEOUT_MS", "60000")]);
+    let port = free_port().to_string();
+    let node = ["--num-cpus", "1", "--node-manager-port", port.as_str()];
+    let first = cluster.add_node(&node);
+    cluster.init();
+    let (_, before) = ionet::get(&square_where::remote(1)).unwrap();
+
+    cluster.kill(first);
+    let down = Instant::now();
+    let refs: Vec<_> = (0..8u64).map(|x| square_where::remote(x)).collect();
+    // Longer than the old path's fifty retries (about 5 s) before it gave up as infeasible.
+    while down.elapsed() < Duration::from_secs(7) {
+        let (ready, _) = ionet::wait(&refs, 1, Some(Duration::from_millis(200))).unwrap();
+        if let Some(early) = ready.first() {
+            panic!("a task ended while its daemon was down: {:?}", ionet::get(early));
+        }
+    }
+    cluster.add_node(&node);
+    let results = ionet::get_all(&refs).unwrap();
+    assert_eq!(
+        results.iter().map(|(square, _)| *square).collect::<Vec<_>>(),
+        (0..8u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let after: BTreeSet<String> = results.into_iter().map(|(_, node)| node).collect();
+    assert_eq!(after.len(), 1, "all ran on the restarted daemon: {after:?}");
+    assert!(!after.contains(&before), "the restarted daemon is a new node");
+    drop(cluster);
+}
+
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
 fn cost_and_label_selectors_choose_the_node() {
@@ -469,6 +504,7 @@ fn main() {
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
+            ("queued_tasks_wait_out_a_daemon_restart", queued_tasks_wait_out_a_daemon_restart),
             ("cost_and_label_selectors_choose_the_node", cost_and_label_selectors_choose_the_node),
             ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
             ("placement_group_bundle_is_metered_once", placement_group_bundle_is_metered_once),

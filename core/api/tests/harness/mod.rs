@@ -65,19 +65,36 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     daemons: Vec<Child>,
+    /// Variables set for every daemon, after the harness's own.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     pub fn start(head_args: &[&str]) -> Self {
+        Self::start_with_env(head_args, &[])
+    }
+
+    /// A cluster whose daemons run with `env` set (a longer heartbeat timeout, say).
+    pub fn start_with_env(head_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut cluster = Self { dir, daemons: Vec::new() };
+        let env = env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        let mut cluster = Self { dir, daemons: Vec::new(), env };
         cluster.spawn("head", &[&["--head", "--port", "0"], head_args].concat());
         cluster
     }
 
-    pub fn add_node(&mut self, args: &[&str]) {
+    /// Adds a node; its index for [`Cluster::kill`].
+    pub fn add_node(&mut self, args: &[&str]) -> usize {
         let address = self.address();
         self.spawn("node", &[&["--address", address.as_str()], args].concat());
+        self.daemons.len() - 1
+    }
+
+    /// Kills daemon `index` (SIGKILL: no goodbye to the cluster); its workers die with it.
+    pub fn kill(&mut self, index: usize) {
+        let daemon = &mut self.daemons[index];
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
     }
 
     fn spawn(&mut self, role: &str, args: &[&str]) {
@@ -90,6 +107,7 @@ impl Cluster {
             .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
             .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
             .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .env_remove("IONET_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -175,6 +193,11 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
+}
+
+/// A port free on loopback now (for a daemon that must come back at the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn temp_path(name: &str) -> PathBuf {
