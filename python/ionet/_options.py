@@ -1,5 +1,7 @@
-"""Options of tasks and actors, as Ray names them: checked, then turned into the dict the
-native `submit_task` / `create_actor` take.
+"""Options of tasks and actors, as Ray names them: checked here (Python types), then
+converted once into the native `ionet._ionet.Options` that `submit_task` / `create_actor`
+take; the native side parses strategies, selectors and counts with the same parsers Rust
+callers use.
 
 Translation happens when a remote function or class is decorated or given `.options()`,
 not on each call. Options left unset are left out, so the native defaults apply (a task
@@ -11,6 +13,7 @@ from __future__ import annotations
 from numbers import Real
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ionet import _ionet
 from ionet.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
@@ -86,13 +89,13 @@ def _concurrency_groups(name: str, value: Any) -> Any:
 
 
 def _scheduling_strategy(name: str, value: Any) -> Any:
-    """The native form: None, a name ("DEFAULT", "SPREAD", "COST": the native side parses
-    it, and refuses an unknown one), ("node", id, soft), ("placement_group", id, index);
-    index -1 is any bundle of the group."""
+    """The native form: None, a strategy's text ("DEFAULT", "SPREAD", "COST",
+    "node:<id>[:soft]": the native side parses it, and refuses an unknown one), or
+    ("placement_group", id, index); index -1 is any bundle of the group."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, NodeAffinitySchedulingStrategy):
-        return ("node", str(value.node_id), bool(value.soft))
+        return f"node:{value.node_id}" + (":soft" if value.soft else "")
     if isinstance(value, PlacementGroupSchedulingStrategy):
         index = value.placement_group_bundle_index
         if not isinstance(index, int) or index < -1:
@@ -157,6 +160,17 @@ def _translate(options: Dict[str, Any], checks: Dict[str, Callable], what: str) 
         if translated is not None:
             native[name] = translated
     return native
+
+
+def native(checked: Dict[str, Any], *, actor: bool = False, generator: bool = False) -> Any:
+    """The native options (`ionet._ionet.Options`) of translated options."""
+    options = dict(checked)
+    strategy = options.pop("scheduling_strategy", None)
+    if isinstance(strategy, tuple):
+        _, options["placement_group"], options["bundle_index"] = strategy
+    elif strategy is not None:
+        options["scheduling_strategy"] = strategy
+    return _ionet.Options(actor=actor, generator=generator, **options)
 
 
 _RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory", "resources")

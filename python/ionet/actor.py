@@ -30,17 +30,18 @@ class ActorClass:
     def __init__(self, cls: type, options: Dict[str, Any], exported: Optional[ExportedDefinition] = None):
         self._class = cls
         self._options = options
-        self._native_options = _options.actor_options(options)
-        if "max_concurrency" not in self._native_options and _has_async_methods(cls):
-            self._native_options["max_concurrency"] = ASYNC_ACTOR_DEFAULT_MAX_CONCURRENCY
+        checked = _options.actor_options(options)
+        if "max_concurrency" not in checked and _has_async_methods(cls):
+            checked["max_concurrency"] = ASYNC_ACTOR_DEFAULT_MAX_CONCURRENCY
         self._method_options = _declared_method_options(cls)
         self._context = dict(capture_options(options) or {})
         groups = options.get("concurrency_groups")
         if groups:
             # The native side runs up to every group's calls at once; the worker splits them.
-            default = self._native_options.get("max_concurrency", 1)
+            default = checked.get("max_concurrency", 1)
             self._context.update(concurrency_groups=dict(groups), max_concurrency=default)
-            self._native_options["max_concurrency"] = default + sum(groups.values())
+            checked["max_concurrency"] = default + sum(groups.values())
+        self._native_options = _options.native(checked, actor=True)
         if "name" in options:
             self._context["name"] = options["name"]
         self._context["resources"] = _options.assigned_resources({"num_cpus": 0, **options})

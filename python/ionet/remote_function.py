@@ -80,7 +80,9 @@ class RemoteFunction:
     ):
         self._function = function
         self._options = options
-        self._native_options, self._num_returns = _options.task_options(options)
+        checked, self._num_returns = _options.task_options(options)
+        streams = self._num_returns in (_generator.STREAMING, _generator.DYNAMIC)
+        self._native_options = _options.native(checked, generator=streams)
         self._context = capture_options(options)
         assigned = _options.assigned_resources(options)
         if assigned is not None:
@@ -108,8 +110,7 @@ class RemoteFunction:
             kwargs = {**kwargs, _context.CONTEXT_KEY: {**(self._context or {}), "generator": (stream[1], stream[0], dynamic)}}
         elif self._context is not None:
             kwargs = {**kwargs, _context.CONTEXT_KEY: self._context}
-        native = self._native_options if stream is None else {**self._native_options, "_generator": True}
-        ref = _ionet.submit_task(self._exported.key(), _arguments.pack(args, kwargs), native)
+        ref = _ionet.submit_task(self._exported.key(), _arguments.pack(args, kwargs), self._native_options)
         if self._num_returns == 1 or self._num_returns == _generator.DYNAMIC:
             return ref
         if stream is not None:

@@ -35,6 +35,10 @@ const PYTHON_ACTOR: &str = "ionet.python.actor";
 /// Longest a blocking get waits before checking for Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(200);
 
+mod options;
+
+use options::Options;
+
 /// An error as the Python side raises it: `ionet.exceptions._native_error(kind, message)`.
 fn to_py(error: IonetError) -> PyErr {
     let (kind, message) = match &error {
@@ -286,97 +290,6 @@ fn convert_args(args: &Bound<'_, PyList>) -> PyResult<Vec<Arg>> {
     Ok(converted)
 }
 
-fn option<'py, T>(options: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>>
-where
-    T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
-{
-    match options.get_item(key)? {
-        Some(value) if !value.is_none() => Ok(Some(value.extract()?)),
-        _ => Ok(None),
-    }
-}
-
-/// Resource and scheduling options shared by tasks and actors.
-fn task_options(options: &Bound<'_, PyDict>, default_cpus: f64) -> PyResult<TaskOptions> {
-    let mut task = TaskOptions { num_cpus: default_cpus, ..TaskOptions::default() };
-    if let Some(cpus) = option::<f64>(options, "num_cpus")? {
-        task.num_cpus = cpus;
-    }
-    if let Some(gpus) = option::<f64>(options, "num_gpus")? {
-        task.num_gpus = gpus;
-    }
-    if let Some(memory) = option::<u64>(options, "memory")? {
-        task.memory = memory;
-    }
-    if let Some(model) = option::<String>(options, "accelerator_type")? {
-        task.accelerator_type = Some(model);
-    }
-    if let Some(resources) = option::<BTreeMap<String, f64>>(options, "resources")? {
-        task.resources = resources;
-    }
-    if let Some(retries) = option::<i64>(options, "max_retries")? {
-        // Ray's -1: retry for ever.
-        task.max_retries = match retries {
-            -1 => u32::MAX,
-            0.. => u32::try_from(retries).unwrap_or(u32::MAX),
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "max_retries must be -1 (retry for ever) or at least 0, got {retries}"
-                )))
-            }
-        };
-    }
-    if let Some(retry) = option::<bool>(options, "retry_exceptions")? {
-        task.retry_exceptions = retry;
-    }
-    if let Some(calls) = option::<u32>(options, "max_calls")? {
-        task.max_calls = calls;
-    }
-    if let Some(strategy) = options.get_item("scheduling_strategy")? {
-        if !strategy.is_none() {
-            apply_strategy(&mut task, &strategy)?;
-        }
-    }
-    if let Some(selector) = option::<BTreeMap<String, String>>(options, "label_selector")? {
-        task.label_selector = selector;
-        // Parsed now, so a bad entry fails the `.options()`/`.remote()` call naming it.
-        task.wire_strategy().or_raise()?;
-    }
-    Ok(task)
-}
-
-fn apply_strategy(task: &mut TaskOptions, strategy: &Bound<'_, PyAny>) -> PyResult<()> {
-    if strategy.cast::<PyString>().is_ok() {
-        let name: String = strategy.extract()?;
-        task.scheduling_strategy = name.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))?;
-        return Ok(());
-    }
-    let tuple = strategy.cast::<PyTuple>().map_err(|_| {
-        PyTypeError::new_err(
-            "scheduling_strategy must be DEFAULT, SPREAD, COST, ('node', id, soft) or ('placement_group', id, index)",
-        )
-    })?;
-    let kind: String = tuple.get_item(0)?.extract()?;
-    match kind.as_str() {
-        "node" => {
-            let node_id: String = tuple.get_item(1)?.extract()?;
-            let soft: bool = tuple.get_item(2)?.extract()?;
-            let node_id = node_id.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))?;
-            task.scheduling_strategy = SchedulingStrategy::NodeAffinity { node_id, soft };
-        }
-        "placement_group" => {
-            let group: String = tuple.get_item(1)?.extract()?;
-            // Negative: any bundle of the group (Ray's bundle_index=-1).
-            let index: i64 = tuple.get_item(2)?.extract()?;
-            let index = u32::try_from(index).unwrap_or(ionet::ANY_BUNDLE);
-            let group = group.parse().map_err(|err: IonetError| PyValueError::new_err(err.to_string()))?;
-            task.placement_group = Some((group, index));
-        }
-        other => return Err(PyValueError::new_err(format!("unknown scheduling strategy kind {other:?}"))),
-    }
-    Ok(())
-}
-
 #[pyfunction]
 #[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new()))]
 #[allow(clippy::too_many_arguments)]
@@ -622,12 +535,11 @@ fn submit_task(
     py: Python<'_>,
     function_key: &[u8],
     args: &Bound<'_, PyList>,
-    options: &Bound<'_, PyDict>,
+    options: &Options,
 ) -> PyResult<PyObjectRef> {
     let all = keyed_args(function_key, args)?;
-    let task = task_options(options, 1.0)?;
-    // A generator task's consumer reads it while it runs: never run inside a wait for it.
-    let generator = option::<bool>(options, "_generator")?.unwrap_or(false);
+    let task = options.task();
+    let generator = options.generator;
     let inner = py.detach(move || {
         let submit = move || ionet::task::submit_kind::<Raw>(PYTHON_TASK, function_key, task, all);
         if generator {
@@ -644,23 +556,10 @@ fn create_actor(
     py: Python<'_>,
     class_key: &[u8],
     args: &Bound<'_, PyList>,
-    options: &Bound<'_, PyDict>,
+    options: &Options,
 ) -> PyResult<PyActorHandle> {
     let all = keyed_args(class_key, args)?;
-    let mut actor = ActorOptions { resources: task_options(options, 0.0)?, ..ActorOptions::default() };
-    actor.name = option::<String>(options, "name")?.filter(|name| !name.is_empty());
-    actor.namespace = option::<String>(options, "namespace")?;
-    actor.detached = option::<String>(options, "lifetime")?.as_deref() == Some("detached");
-    actor.get_if_exists = option::<bool>(options, "get_if_exists")?.unwrap_or(false);
-    if let Some(restarts) = option::<i32>(options, "max_restarts")? {
-        actor.max_restarts = restarts;
-    }
-    if let Some(retries) = option::<i32>(options, "max_task_retries")? {
-        actor.max_task_retries = retries;
-    }
-    if let Some(concurrency) = option::<u32>(options, "max_concurrency")? {
-        actor.max_concurrency = concurrency;
-    }
+    let actor = options.actor.clone();
     let inner = py.detach(move || ionet::create_actor(PYTHON_ACTOR, actor, all)).or_raise()?;
     Ok(PyActorHandle { inner })
 }
@@ -1074,6 +973,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<HeldRefs>()?;
     module.add_class::<PyActorHandle>()?;
     module.add_class::<Buffer>()?;
+    module.add_class::<Options>()?;
     for function in [
         wrap_pyfunction!(_object_ref_from_wire, module)?,
         wrap_pyfunction!(_actor_handle_from_wire, module)?,

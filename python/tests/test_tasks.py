@@ -147,6 +147,30 @@ def test_cost_strategy_and_label_selectors():
         add.options(label_selector={"region": 7})
 
 
+def test_native_options_are_typed_and_parsed_once():
+    # The native options take Ray's names as typed keywords and parse with the Rust
+    # parsers: a strategy's text (the same grammar Rust users write), Ray's -1 counts.
+    from ionet import _ionet
+
+    node = ionet.get_runtime_context().get_node_id()
+    pinned = _ionet.Options(scheduling_strategy=f"node:{node}:soft", max_retries=-1, num_gpus=0.5)
+    assert f"NodeAffinity {{ node_id: NodeId({node[:8]}), soft: true }}" in repr(pinned)
+    assert "max_retries: 4294967295" in repr(pinned)
+    with pytest.raises(TypeError):
+        _ionet.Options(num_cpus="two")
+    with pytest.raises(TypeError):
+        _ionet.Options(num_cpu=2)  # a misspelt option is refused, not ignored
+    with pytest.raises(ValueError, match="max_retries"):
+        _ionet.Options(max_retries=-2)
+    with pytest.raises(ValueError, match="node:zz"):
+        _ionet.Options(scheduling_strategy="node:zz")
+    with pytest.raises(ValueError, match="bundle"):
+        _ionet.Options(placement_group="00" * 18, bundle_index=-3)
+    # An actor's defaults differ from a task's: no CPU held.
+    assert "num_cpus: 0.0" in repr(_ionet.Options(actor=True))
+    assert "num_cpus: 1.0" in repr(_ionet.Options())
+
+
 @ionet.remote
 class Echo:
     def echo(self, value):

@@ -68,7 +68,7 @@ pub use init::{init, is_initialized, shutdown, InitConfig, WORKER_ARGV_ENV};
 pub use ionet_common::*;
 pub use ionet_macros::{actor, remote};
 pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
-pub use options::{SchedulingStrategy, TaskOptions, ANY_BUNDLE};
+pub use options::{bundle_from_ray, retries_from_ray, SchedulingStrategy, TaskOptions, ANY_BUNDLE};
 pub use placement_group::{
     detached_placement_group, named_placement_group, placement_group, placement_group_info, placement_group_table,
     remove_placement_group, PlacementGroup, PlacementStrategy,

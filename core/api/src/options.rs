@@ -27,17 +27,67 @@ pub enum SchedulingStrategy {
 impl std::str::FromStr for SchedulingStrategy {
     type Err = ionet_common::IonetError;
 
-    /// A strategy by name, as Python's `scheduling_strategy="..."` gives it: `DEFAULT`,
-    /// `SPREAD` or `COST` (any case).
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name.to_ascii_uppercase().as_str() {
+    /// A strategy by its text, the one grammar Rust and Python share: `DEFAULT`, `SPREAD`,
+    /// `COST` (any case), `node:<hex id>` (only that node) or `node:<hex id>:soft`
+    /// (elsewhere when it cannot). [`Display`](std::fmt::Display) writes the same forms.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = |why: String| ionet_common::IonetError::InvalidArgument(why);
+        if let Some(rest) = text.strip_prefix("node:") {
+            let (id, soft) = match rest.split_once(':') {
+                Some((id, "soft")) => (id, true),
+                Some((_, other)) => {
+                    return Err(invalid(format!("scheduling strategy {text:?}: {other:?} is not \"soft\"")))
+                }
+                None => (rest, false),
+            };
+            let node_id = id.parse().map_err(|err| invalid(format!("scheduling strategy {text:?}: {err}")))?;
+            return Ok(SchedulingStrategy::NodeAffinity { node_id, soft });
+        }
+        match text.to_ascii_uppercase().as_str() {
             "DEFAULT" => Ok(SchedulingStrategy::Default),
             "SPREAD" => Ok(SchedulingStrategy::Spread),
             "COST" => Ok(SchedulingStrategy::Cost),
-            _ => Err(ionet_common::IonetError::InvalidArgument(format!(
-                "unknown scheduling strategy {name:?} (DEFAULT, SPREAD or COST; a node or a placement group by their own types)"
+            _ => Err(invalid(format!(
+                "unknown scheduling strategy {text:?} (DEFAULT, SPREAD, COST, node:<id> or node:<id>:soft)"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for SchedulingStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SchedulingStrategy::Default => f.write_str("DEFAULT"),
+            SchedulingStrategy::Spread => f.write_str("SPREAD"),
+            SchedulingStrategy::Cost => f.write_str("COST"),
+            SchedulingStrategy::NodeAffinity { node_id, soft: false } => write!(f, "node:{}", node_id.hex()),
+            SchedulingStrategy::NodeAffinity { node_id, soft: true } => write!(f, "node:{}:soft", node_id.hex()),
+        }
+    }
+}
+
+/// Ray's retry count: `-1` retries for ever ([`u32::MAX`]), `n >= 0` that many times.
+pub fn retries_from_ray(retries: i64) -> ionet_common::IonetResult<u32> {
+    match retries {
+        -1 => Ok(u32::MAX),
+        0.. => Ok(u32::try_from(retries).unwrap_or(u32::MAX)),
+        _ => Err(ionet_common::IonetError::InvalidArgument(format!(
+            "max_retries must be -1 (retry for ever) or at least 0, got {retries}"
+        ))),
+    }
+}
+
+/// Ray's bundle index: `-1` is any bundle of the group ([`ANY_BUNDLE`]).
+pub fn bundle_from_ray(index: i64) -> ionet_common::IonetResult<u32> {
+    match index {
+        -1 => Ok(ANY_BUNDLE),
+        0.. => u32::try_from(index)
+            .ok()
+            .filter(|&index| index != ANY_BUNDLE)
+            .ok_or_else(|| ionet_common::IonetError::InvalidArgument(format!("bundle index {index} is too large"))),
+        _ => Err(ionet_common::IonetError::InvalidArgument(format!(
+            "placement_group_bundle_index must be -1 (any bundle) or an index, got {index}"
+        ))),
     }
 }
 
@@ -196,5 +246,54 @@ impl TaskOptions {
             demand.set(name.clone(), Quantity::from_f64(*quantity)?);
         }
         Ok(demand)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn strategies() -> impl Strategy<Value = SchedulingStrategy> {
+        prop_oneof![
+            Just(SchedulingStrategy::Default),
+            Just(SchedulingStrategy::Spread),
+            Just(SchedulingStrategy::Cost),
+            (any::<[u8; 28]>(), any::<bool>()).prop_map(|(id, soft)| SchedulingStrategy::NodeAffinity {
+                node_id: NodeId::from_bytes(&id).unwrap(),
+                soft
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Every strategy's text parses back to it: Python sends that text, Rust users
+        /// may write it, and both go through the one parser.
+        #[test]
+        fn a_strategy_survives_its_text(strategy in strategies()) {
+            prop_assert_eq!(strategy.to_string().parse::<SchedulingStrategy>().unwrap(), strategy);
+        }
+    }
+
+    #[test]
+    fn malformed_strategies_are_refused_naming_them() {
+        for text in ["cheapest", "node:", "node:zz", "node:ab:hard", ""] {
+            match text.parse::<SchedulingStrategy>() {
+                Err(ionet_common::IonetError::InvalidArgument(message)) => assert!(message.contains(text), "{message}"),
+                other => panic!("{text:?} must be refused, got {other:?}"),
+            }
+        }
+        assert_eq!("spread".parse::<SchedulingStrategy>().unwrap(), SchedulingStrategy::Spread);
+    }
+
+    #[test]
+    fn ray_counts_convert() {
+        assert_eq!(retries_from_ray(-1).unwrap(), u32::MAX);
+        assert_eq!(retries_from_ray(3).unwrap(), 3);
+        assert!(retries_from_ray(-2).is_err());
+        assert_eq!(bundle_from_ray(-1).unwrap(), ANY_BUNDLE);
+        assert_eq!(bundle_from_ray(2).unwrap(), 2);
+        assert!(bundle_from_ray(-5).is_err());
+        assert!(bundle_from_ray(i64::from(u32::MAX)).is_err());
     }
 }
