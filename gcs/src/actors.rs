@@ -25,15 +25,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ionet::auth::ClusterToken;
-use ionet::lease::{self, Backoff, LeaseOutcome};
-use ionet::rpc::proto::common::NodeState as WireNodeState;
-use ionet::rpc::proto::gcs::cluster_event::Event;
-use ionet::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
-use ionet::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
-use ionet::rpc::proto::worker::{CreateActorRequest, WatchRequest};
-use ionet::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
-use ionet::{ActorId, IonetError, IonetResult, JobId};
+use ionet_common::auth::ClusterToken;
+use ionet_common::lease::{self, Backoff, LeaseOutcome};
+use ionet_common::rpc::proto::common::NodeState as WireNodeState;
+use ionet_common::rpc::proto::gcs::cluster_event::Event;
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
+use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
+use ionet_common::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
+use ionet_common::{ActorId, IonetError, IonetResult, JobId};
 use tokio::sync::watch;
 
 use crate::state::GcsState;
@@ -84,7 +84,7 @@ impl Actors {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = ionet::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        let channel = ionet_common::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -393,7 +393,7 @@ impl Actors {
             }
             row.info.state = ActorState::Dead as i32;
             row.info.death_cause = cause.to_string();
-            row.info.death_error = error.map(ionet::rpc::status::detail_of);
+            row.info.death_error = error.map(ionet_common::rpc::status::detail_of);
             let spec = row.info.spec.clone().unwrap_or_default();
             if !spec.name.is_empty() {
                 lock(&self.names).remove(&(spec.namespace, spec.name));

@@ -1,4 +1,4 @@
-use ionet::IonetError;
+use ionet_common::IonetError;
 use ionet_settlement::SettlementError;
 use thiserror::Error;
 

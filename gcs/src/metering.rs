@@ -2,7 +2,7 @@
 //!
 //! Protocol: a node daemon calls `LeaseStarted(lease, node, job, resources)` when it
 //! grants a lease and `LeaseEnded(lease)` when the lease is returned. The control store
-//! stamps both ends with its own [`Clock`](ionet::clock::Clock), never the node's, and
+//! stamps both ends with its own [`Clock`](ionet_common::clock::Clock), never the node's, and
 //! joins the node table (provider wallet, prices) and the job table (payer account)
 //! *when the lease starts*: a price changed later does not reprice a running lease.
 //!
@@ -36,12 +36,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ionet::resources::{MicroUsd, GPU};
-use ionet::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
-use ionet::rpc::proto::gcs::cluster_event::Event;
-use ionet::rpc::proto::gcs::ClusterEvent;
-use ionet::rpc::proto::metering as proto;
-use ionet::{IonetError, JobId, LeaseId, NodeId, ResourceSet};
+use ionet_common::resources::{MicroUsd, GPU};
+use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::cluster_event::Event;
+use ionet_common::rpc::proto::gcs::ClusterEvent;
+use ionet_common::rpc::proto::metering as proto;
+use ionet_common::{IonetError, JobId, LeaseId, NodeId, ResourceSet};
 use ionet_settlement::{
     Account, EpochSpec, EpochSummary, JsonLinesExporter, Ledger, LedgerConfig, LedgerHandle, LedgerStore, MemoryStore,
     MeterFanout, MeterSink, NodeAvailability, ProviderEarnings, RecordId, RedbStore, SettleOutcome, UsageRecord,
@@ -789,10 +789,10 @@ async fn close_epochs(metering: Arc<Metering>, mut stopped: watch::Receiver<bool
 mod tests {
     use super::*;
     use crate::storage::{GcsStorage, MemoryStorage};
-    use ionet::clock::ManualClock;
-    use ionet::config::ClusterConfig;
-    use ionet::resources::{parse_usd, Quantity, CPU};
-    use ionet::rpc::proto::common::JobInfo;
+    use ionet_common::clock::ManualClock;
+    use ionet_common::config::ClusterConfig;
+    use ionet_common::resources::{parse_usd, Quantity, CPU};
+    use ionet_common::rpc::proto::common::JobInfo;
 
     const START: u64 = 1_700_000_000_000;
 

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use ionet::rpc::proto::metering::metering_server::Metering as MeteringRpc;
-use ionet::rpc::proto::metering::*;
-use ionet::{JobId, NodeId};
+use ionet_common::rpc::proto::metering::metering_server::Metering as MeteringRpc;
+use ionet_common::rpc::proto::metering::*;
+use ionet_common::{JobId, NodeId};
 use ionet_settlement as settlement;
 use tonic::{Request, Response, Status};
 
@@ -23,7 +23,7 @@ impl MeteringService {
 }
 
 /// An optional id: empty bytes mean "any".
-fn optional<T>(bytes: &[u8], parse: impl Fn(&[u8]) -> ionet::IonetResult<T>) -> Result<Option<T>, Status> {
+fn optional<T>(bytes: &[u8], parse: impl Fn(&[u8]) -> ionet_common::IonetResult<T>) -> Result<Option<T>, Status> {
     if bytes.is_empty() {
         Ok(None)
     } else {

@@ -28,8 +28,8 @@ use ionet_settlement::EpochSummary;
 use solana_keypair::Keypair;
 use tokio::sync::watch;
 
-use ionet::rpc::proto::metering::{EpochPayoutInfo, PayoutBatchInfo};
-use ionet::IonetError;
+use ionet_common::rpc::proto::metering::{EpochPayoutInfo, PayoutBatchInfo};
+use ionet_common::IonetError;
 use ionet_settlement::solana::AttemptState;
 
 use crate::error::{GcsError, GcsResult};

@@ -22,13 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ionet::auth::ClusterToken;
-use ionet::resources::{ResourceSet, ACCELERATOR_PREFIX};
-use ionet::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
-use ionet::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
-use ionet::rpc::proto::node::{CancelBundleRequest, CommitBundleRequest, PrepareBundleRequest};
-use ionet::rpc::{AuthChannel, NodeManagerClient};
-use ionet::{IonetError, IonetResult, NodeId, PlacementGroupId};
+use ionet_common::auth::ClusterToken;
+use ionet_common::resources::{ResourceSet, ACCELERATOR_PREFIX};
+use ionet_common::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
+use ionet_common::rpc::proto::node::{CancelBundleRequest, CommitBundleRequest, PrepareBundleRequest};
+use ionet_common::rpc::{AuthChannel, NodeManagerClient};
+use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
 use ionet_scheduler::{
     solve_placement_group, ClusterView, Gpu, NodeState, NodeView, PlacementDecision, PlacementStrategy,
 };
@@ -71,7 +71,7 @@ impl GrpcBundleAgent {
         if let Some(channel) = self.channels.get(address) {
             return Ok(NodeManagerClient::new(channel.clone()));
         }
-        let channel = ionet::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        let channel = ionet_common::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(NodeManagerClient::new(channel))
     }
@@ -223,7 +223,7 @@ impl PlacementGroups {
         job_id: Vec<u8>,
         detached: bool,
     ) -> IonetResult<PlacementGroupId> {
-        ionet::JobId::from_bytes(&job_id).map_err(|err| {
+        ionet_common::JobId::from_bytes(&job_id).map_err(|err| {
             IonetError::InvalidArgument(format!(
                 "a placement group needs the job creating it (its bundles are billed to that job): {err}"
             ))
@@ -484,10 +484,10 @@ fn row(id: &PlacementGroupId, group: &Group) -> GetPlacementGroupReply {
 mod tests {
     use std::sync::Arc;
 
-    use ionet::clock::ManualClock;
-    use ionet::config::ClusterConfig;
-    use ionet::resources::{Quantity, CPU};
-    use ionet::rpc::proto::common::NodeInfo;
+    use ionet_common::clock::ManualClock;
+    use ionet_common::config::ClusterConfig;
+    use ionet_common::resources::{Quantity, CPU};
+    use ionet_common::rpc::proto::common::NodeInfo;
 
     use super::*;
     use crate::storage::MemoryStorage;

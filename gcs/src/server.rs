@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ionet::auth::{CheckToken, ClusterToken};
-use ionet::clock::{Clock, SystemClock};
-use ionet::config::ClusterConfig;
-use ionet::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
-use ionet::rpc::proto::metering::metering_server::MeteringServer as GeneratedMeteringServer;
+use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::clock::{Clock, SystemClock};
+use ionet_common::config::ClusterConfig;
+use ionet_common::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
+use ionet_common::rpc::proto::metering::metering_server::MeteringServer as GeneratedMeteringServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -116,7 +116,7 @@ impl GcsServer {
             tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(metering_service)
-                .serve_with_incoming_shutdown(ionet::rpc::incoming(listener), async move {
+                .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );

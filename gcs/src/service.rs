@@ -4,9 +4,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ionet::rpc::proto::common::JobInfo;
-use ionet::rpc::proto::gcs::gcs_server::Gcs;
-use ionet::rpc::proto::gcs::*;
+use ionet_common::rpc::proto::common::JobInfo;
+use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
+use ionet_common::rpc::proto::gcs::*;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -165,7 +165,8 @@ impl Gcs for GcsService {
         request: Request<CreatePlacementGroupRequest>,
     ) -> Result<Response<CreatePlacementGroupReply>, Status> {
         let request = request.into_inner();
-        let bundles = request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet::IonetResult<Vec<_>>>()?;
+        let bundles =
+            request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet_common::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
         let id = self.placement_groups.create_with_lifetime(
             bundles,
@@ -181,7 +182,7 @@ impl Gcs for GcsService {
         &self,
         request: Request<GetPlacementGroupRequest>,
     ) -> Result<Response<GetPlacementGroupReply>, Status> {
-        let id = ionet::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
+        let id = ionet_common::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
         Ok(Response::new(self.placement_groups.get(&id)?))
     }
 
@@ -196,7 +197,7 @@ impl Gcs for GcsService {
         &self,
         request: Request<RemovePlacementGroupRequest>,
     ) -> Result<Response<RemovePlacementGroupReply>, Status> {
-        let id = ionet::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
+        let id = ionet_common::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
     }

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use ionet::auth::ClusterToken;
-use ionet::clock::Clock;
-use ionet::config::ClusterConfig;
-use ionet::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
-use ionet::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
-use ionet::{IonetError, JobId, NodeId};
+use ionet_common::auth::ClusterToken;
+use ionet_common::clock::Clock;
+use ionet_common::config::ClusterConfig;
+use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
+use ionet_common::{IonetError, JobId, NodeId};
 use prost::Message;
 use tokio::sync::broadcast;
 
@@ -448,8 +448,8 @@ impl GcsState {
 mod tests {
     use super::*;
     use crate::storage::MemoryStorage;
-    use ionet::clock::ManualClock;
-    use ionet::resources::{Quantity, ResourceSet, GPU};
+    use ionet_common::clock::ManualClock;
+    use ionet_common::resources::{Quantity, ResourceSet, GPU};
 
     fn node(node_id: NodeId, gpus: i64) -> NodeInfo {
         let total = ResourceSet::new().with(GPU, Quantity::whole(gpus));

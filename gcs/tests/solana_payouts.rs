@@ -10,12 +10,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet::clock::ManualClock;
-use ionet::config::ClusterConfig;
-use ionet::resources::{parse_usd, Quantity, CPU, GPU};
-use ionet::rpc::proto::common::{JobInfo, NodeInfo};
-use ionet::rpc::proto::metering::{ListPayoutsReply, ListPayoutsRequest, SettleRequest};
-use ionet::{JobId, LeaseId, NodeId, ResourceSet};
+use ionet_common::clock::ManualClock;
+use ionet_common::config::ClusterConfig;
+use ionet_common::resources::{parse_usd, Quantity, CPU, GPU};
+use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
+use ionet_common::rpc::proto::metering::{ListPayoutsReply, ListPayoutsRequest, SettleRequest};
+use ionet_common::{JobId, LeaseId, NodeId, ResourceSet};
 use ionet_gcs::payouts::PayoutSettings;
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use ionet_settlement::solana::plan::associated_token_address;
@@ -132,7 +132,7 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
 }
 
 async fn list_payouts(server: &GcsServer) -> ListPayoutsReply {
-    let mut client = ionet::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
     client.list_payouts(ListPayoutsRequest {}).await.unwrap().into_inner()
 }
 
@@ -168,7 +168,7 @@ async fn settled_epoch_is_paid_to_each_provider_once_and_posted_to_the_ledger() 
     wallets.push("not-a-solana-wallet".into());
     run_leases(&server, &clock, &wallets, 3).await;
 
-    let mut client = ionet::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
     let summary = client.settle(SettleRequest { dry_run: false }).await.unwrap().into_inner().summary.unwrap();
     // 2 GPUs × 3 h × $1.20 = $7.20 per provider.
     for provider in &summary.providers {
@@ -212,7 +212,7 @@ async fn settled_epoch_is_paid_to_each_provider_once_and_posted_to_the_ledger() 
     let reply = wait_paid(&server, 1).await;
     assert_eq!(reply.epochs[0].batches, epoch.batches);
     // A second epoch with nothing in it completes without a transaction.
-    client = ionet::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
     client.settle(SettleRequest { dry_run: false }).await.unwrap();
     let reply = wait_paid(&server, 2).await;
     assert!(reply.epochs[1].batches.iter().all(|batch| batch.payouts == 0 || batch.state == "landed"));

@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use ionet::ObjectId;
+use ionet_common::ObjectId;
 use ionet_object_store::{LocalObjectStore, StoreClient, StoreConfig};
 
 const MIB: usize = 1024 * 1024;

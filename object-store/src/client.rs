@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
 
-use ionet::ObjectId;
+use ionet_common::ObjectId;
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};
 use crate::layout;

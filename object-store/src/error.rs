@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use ionet::{IonetError, ObjectId};
+use ionet_common::{IonetError, ObjectId};
 use thiserror::Error;
 
 pub type ObjectStoreResult<T> = Result<T, ObjectStoreError>;

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use ionet::ObjectId;
+use ionet_common::ObjectId;
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};

@@ -2,7 +2,7 @@
 //! chunked transfer of objects between nodes.
 //!
 //! Data model. An object is an immutable byte string named by an [`ObjectId`]
-//! (`ionet::ObjectId`, 28 bytes). On a node it lives as one file in the store directory,
+//! (`ionet_common::ObjectId`, 28 bytes). On a node it lives as one file in the store directory,
 //! a tmpfs (`/dev/shm/ionet-objects-…` by default), so every process on the node can
 //! map it read-only and read it without copying ([`ObjectView`]). An object is created
 //! at its final size, written once, then *sealed*: an atomic rename publishes it, and
@@ -18,7 +18,7 @@
 //!   daemon `create`d for them (then ask the daemon to `seal`). Those requests to the
 //!   daemon travel over the node daemon's own RPC, not this crate.
 //! - Between nodes, the daemon serves [`ObjectManagerService`] (`ionet.object.
-//!   ObjectManager` in `core/proto/ionet/object.proto`); a [`Puller`] on another node
+//!   ObjectManager` in `core/common/proto/ionet/object.proto`); a [`Puller`] on another node
 //!   streams an object from it in chunks straight into a created object, merging
 //!   concurrent pulls of one object into one transfer.
 //! - [`encode_record_batch`] / [`decode_record_batch`] store Arrow tables as IPC streams
@@ -31,7 +31,7 @@
 //! or deleted, because files are only ever unlinked, never truncated.
 //!
 //! Every fallible call returns [`ObjectStoreError`], which converts into
-//! `ionet::IonetError` (and from there into a gRPC status). The store's methods are
+//! `ionet_common::IonetError` (and from there into a gRPC status). The store's methods are
 //! blocking (they may copy files to spill or restore): call them from blocking threads.
 
 mod arrow;
@@ -46,7 +46,7 @@ mod view;
 pub use arrow::{decode_record_batch, decode_record_batches, encode_record_batch, view_buffer};
 pub use client::StoreClient;
 pub use error::{ObjectStoreError, ObjectStoreResult};
-pub use ionet::ObjectId;
+pub use ionet_common::ObjectId;
 pub use pull::Puller;
 pub use service::{ObjectManagerService, PullStream, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES};
 pub use store::{CreatedObject, LocalObjectStore, StoreConfig, StoreStats};

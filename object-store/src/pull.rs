@@ -19,11 +19,11 @@ use std::time::Duration;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use ionet::auth::ClusterToken;
-use ionet::rpc::proto::object::object_manager_client::ObjectManagerClient;
-use ionet::rpc::proto::object::PullRequest;
-use ionet::rpc::AuthChannel;
-use ionet::ObjectId;
+use ionet_common::auth::ClusterToken;
+use ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient;
+use ionet_common::rpc::proto::object::PullRequest;
+use ionet_common::rpc::AuthChannel;
+use ionet_common::ObjectId;
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};
 use crate::service::MAX_CHUNK_BYTES;
@@ -109,7 +109,7 @@ impl PullerInner {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = ionet::rpc::connect(address, &self.token, self.connect_timeout).await.map_err(|err| {
+        let channel = ionet_common::rpc::connect(address, &self.token, self.connect_timeout).await.map_err(|err| {
             ObjectStoreError::PullFailed {
                 id: ObjectId::from_array([0; ObjectId::LEN]),
                 address: address.to_string(),

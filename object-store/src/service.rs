@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::Stream;
-use ionet::auth::{CheckToken, ClusterToken};
-use ionet::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
-use ionet::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
-use ionet::ObjectId;
+use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
+use ionet_common::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
+use ionet_common::ObjectId;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -61,7 +61,7 @@ impl ObjectManagerService {
         token: ClusterToken,
     ) -> InterceptedService<ObjectManagerServer<ObjectManagerService>, CheckToken> {
         let server = ObjectManagerServer::new(self)
-            .max_decoding_message_size(ionet::rpc::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_CHUNK_BYTES + 1024 * 1024);
         InterceptedService::new(server, CheckToken::new(token))
     }

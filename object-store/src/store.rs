@@ -34,7 +34,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, Weak};
 
-use ionet::ObjectId;
+use ionet_common::ObjectId;
 use memmap2::MmapMut;
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};

@@ -6,7 +6,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
-use ionet::ObjectId;
+use ionet_common::ObjectId;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{contents, fill, id, matches, store, MIB};
-use ionet::IonetError;
+use ionet_common::IonetError;
 use ionet_object_store::{ObjectStoreError, StoreClient};
 
 #[test]
@@ -71,7 +71,7 @@ fn child_process_writer() {
     };
     let parts: Vec<&str> = spec.split('|').collect();
     let client = StoreClient::open(parts[0]).unwrap();
-    let id: ionet::ObjectId = parts[1].parse().unwrap();
+    let id: ionet_common::ObjectId = parts[1].parse().unwrap();
     let size: u64 = parts[2].parse().unwrap();
     let seed: u64 = parts[3].parse().unwrap();
     client.write_unsealed(&id, size, |buf| fill(buf, seed)).unwrap();

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use common::{contents, id, matches, store, MIB};
 use futures::Stream;
-use ionet::auth::{CheckToken, ClusterToken};
-use ionet::rpc::proto::object::object_manager_client::ObjectManagerClient;
-use ionet::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
-use ionet::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
-use ionet::IonetError;
+use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient;
+use ionet_common::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
+use ionet_common::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
+use ionet_common::IonetError;
 use ionet_object_store::{LocalObjectStore, ObjectManagerService, ObjectStoreError, Puller};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -253,7 +253,7 @@ async fn empty_objects_travel_and_free_and_stats_answer() {
         assert!(view.is_empty());
         assert!(local.contains(&id(7)));
 
-        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let channel = ionet_common::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
         let mut client = ObjectManagerClient::new(channel);
         let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
         assert_eq!((stats.objects_in_memory, stats.bytes_in_memory, stats.pulls_served), (2, MIB, 1));

@@ -23,7 +23,6 @@ use ionet::raw::{self, Raw};
 use ionet::rpc::proto::node::WorkerCommand;
 use ionet::task::{ArgBytes, Failure};
 use ionet::{Arg, InitConfig, IonetError, IonetResult, ObjectBytes, ObjectRef, SchedulingStrategy, TaskOptions};
-use ionet_api as ionet;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -606,7 +605,7 @@ fn resources_dict<'py>(py: Python<'py>, set: &ionet::ResourceSet) -> PyResult<Bo
     Ok(dict)
 }
 
-fn node_table(py: Python<'_>) -> PyResult<Vec<ionet::rpc::proto::common::NodeInfo>> {
+fn node_table(py: Python<'_>) -> PyResult<Vec<ionet::Node>> {
     py.detach(ionet::nodes).or_raise()
 }
 
@@ -614,16 +613,15 @@ fn node_table(py: Python<'_>) -> PyResult<Vec<ionet::rpc::proto::common::NodeInf
 fn nodes<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let mut rows = Vec::new();
     for node in node_table(py)? {
-        let total = node.total.clone().unwrap_or_default().to_set().or_raise()?;
         let row = PyDict::new(py);
-        row.set_item("NodeID", hex(&node.node_id))?;
-        row.set_item("Alive", node.state == ionet::rpc::proto::common::NodeState::Alive as i32)?;
+        row.set_item("NodeID", node.node_id.hex())?;
+        row.set_item("Alive", node.is_alive())?;
         row.set_item(
             "NodeManagerAddress",
             node.address.rsplit_once(':').map(|(host, _)| host).unwrap_or(&node.address),
         )?;
         row.set_item("NodeManagerHostname", &node.hostname)?;
-        row.set_item("Resources", resources_dict(py, &total)?)?;
+        row.set_item("Resources", resources_dict(py, &node.total)?)?;
         row.set_item("Labels", node.labels.clone())?;
         rows.push(row);
     }
@@ -633,11 +631,9 @@ fn nodes<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
 fn summed<'py>(py: Python<'py>, available: bool) -> PyResult<Bound<'py, PyDict>> {
     let mut sum = ionet::ResourceSet::new();
     for node in node_table(py)? {
-        if node.state != ionet::rpc::proto::common::NodeState::Alive as i32 {
-            continue;
+        if node.is_alive() {
+            sum.add(if available { &node.available } else { &node.total });
         }
-        let set = if available { node.available.clone() } else { node.total.clone() };
-        sum.add(&set.unwrap_or_default().to_set().or_raise()?);
     }
     resources_dict(py, &sum)
 }
@@ -813,30 +809,32 @@ fn remove_placement_group(py: Python<'_>, pg_id: &str) -> PyResult<()> {
 }
 
 /// A group's row as Ray's `placement_group_table` shows it.
-fn group_row<'py>(
-    py: Python<'py>,
-    reply: &ionet::rpc::proto::gcs::GetPlacementGroupReply,
-) -> PyResult<Bound<'py, PyDict>> {
-    use ionet::rpc::proto::gcs::{PlacementGroupState, PlacementStrategy};
+fn group_row<'py>(py: Python<'py>, group: &ionet::PlacementGroupInfo) -> PyResult<Bound<'py, PyDict>> {
+    use ionet::{PlacementGroupState, PlacementStrategy};
     let row = PyDict::new(py);
-    row.set_item("placement_group_id", hex(&reply.placement_group_id))?;
-    row.set_item("name", &reply.name)?;
-    let strategy = PlacementStrategy::try_from(reply.strategy)
-        .map(|s| s.as_str_name().trim_start_matches("PLACEMENT_STRATEGY_").to_string())
-        .unwrap_or_default();
+    row.set_item("placement_group_id", group.id.hex())?;
+    row.set_item("name", &group.name)?;
+    let strategy = match group.strategy {
+        PlacementStrategy::Pack => "PACK",
+        PlacementStrategy::Spread => "SPREAD",
+        PlacementStrategy::StrictPack => "STRICT_PACK",
+        PlacementStrategy::StrictSpread => "STRICT_SPREAD",
+    };
     row.set_item("strategy", strategy)?;
-    let state = PlacementGroupState::try_from(reply.state)
-        .map(|s| s.as_str_name().trim_start_matches("PLACEMENT_GROUP_STATE_").to_string())
-        .unwrap_or_default();
+    let state = match group.state {
+        PlacementGroupState::Pending => "PENDING",
+        PlacementGroupState::Created => "CREATED",
+        PlacementGroupState::Removed => "REMOVED",
+    };
     row.set_item("state", state)?;
     let bundles = PyDict::new(py);
-    for (index, bundle) in reply.bundles.iter().enumerate() {
-        bundles.set_item(index, resources_dict(py, &bundle.to_set().or_raise()?)?)?;
+    for (index, bundle) in group.bundles.iter().enumerate() {
+        bundles.set_item(index, resources_dict(py, bundle)?)?;
     }
     row.set_item("bundles", bundles)?;
     let nodes = PyDict::new(py);
-    for (index, node) in reply.bundle_node_ids.iter().enumerate() {
-        nodes.set_item(index, hex(node))?;
+    for (index, node) in group.bundle_nodes.iter().enumerate() {
+        nodes.set_item(index, node.hex())?;
     }
     row.set_item("bundles_to_node_id", nodes)?;
     Ok(row)
@@ -852,8 +850,8 @@ fn placement_group_table<'py>(py: Python<'py>, pg_id: Option<&str>) -> PyResult<
         }
         None => {
             let table = PyDict::new(py);
-            for reply in py.detach(ionet::placement_group_table).or_raise()? {
-                table.set_item(hex(&reply.placement_group_id), group_row(py, &reply)?)?;
+            for group in py.detach(ionet::placement_group_table).or_raise()? {
+                table.set_item(group.id.hex(), group_row(py, &group)?)?;
             }
             Ok(table)
         }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use ionet::actor::ActorOptions;
 use ionet::{bundle_from_ray, retries_from_ray, IonetResult, SchedulingStrategy, TaskOptions};
-use ionet_api as ionet;
 use pyo3::prelude::*;
 
 use crate::OrRaise;

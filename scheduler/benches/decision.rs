@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use common::{cluster, Lcg, MODELS};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ionet::resources::{CPU, GPU};
-use ionet::{Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU};
+use ionet_common::{Quantity, ResourceSet};
 use ionet_scheduler::{Demand, LabelSelector, SchedulingStrategy};
 
 /// A mix: GPU counts 0.5 to 4, a model named three times in four, a region selector one

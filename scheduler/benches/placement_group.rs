@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use common::cluster;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ionet::resources::{CPU, GPU};
-use ionet::{Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU};
+use ionet_common::{Quantity, ResourceSet};
 use ionet_scheduler::{solve_placement_group, PlacementStrategy};
 
 fn bench_placement_groups(c: &mut Criterion) {

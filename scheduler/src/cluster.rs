@@ -23,8 +23,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ionet::resources::{MicroUsd, GPU, SCALE};
-use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{MicroUsd, GPU, SCALE};
+use ionet_common::{NodeId, Quantity, ResourceSet};
 
 use crate::demand::Demand;
 use crate::error::{SchedulerError, SchedulerResult};

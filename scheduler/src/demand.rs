@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use ionet::resources::{ACCELERATOR_PREFIX, GPU};
-use ionet::{Quantity, ResourceSet};
+use ionet_common::resources::{ACCELERATOR_PREFIX, GPU};
+use ionet_common::{Quantity, ResourceSet};
 
 use crate::error::SchedulerResult;
 use crate::labels::LabelSelector;

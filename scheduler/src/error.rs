@@ -2,7 +2,7 @@
 //! contradicts itself, a release of something never allocated. "No node has room" and "no
 //! node can ever fit" are not errors: they are [`crate::Decision`]s.
 
-use ionet::NodeId;
+use ionet_common::NodeId;
 use thiserror::Error;
 
 pub type SchedulerResult<T> = Result<T, SchedulerError>;

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use ionet::resources::{GPU, SCALE};
-use ionet::Quantity;
+use ionet_common::resources::{GPU, SCALE};
+use ionet_common::Quantity;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{SchedulerError, SchedulerResult};

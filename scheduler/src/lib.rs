@@ -1,7 +1,7 @@
 //! ionet-scheduler: where work runs. Pure placement logic, no I/O, no async.
 //!
 //! The control store (`ionet-gcs`) and every node daemon keep a [`ClusterView`]: one
-//! [`NodeView`] per node (total and available [`ionet::ResourceSet`]s, its GPUs and their
+//! [`NodeView`] per node (total and available [`ionet_common::ResourceSet`]s, its GPUs and their
 //! model, labels such as `region`, the provider's price per GPU-hour, and whether it is
 //! alive, draining or dead), fed from registrations and heartbeats through
 //! [`ClusterView::upsert_node`], [`ClusterView::update_available`] and

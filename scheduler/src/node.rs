@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use ionet::resources::{MicroUsd, ACCELERATOR_PREFIX, GPU, GPU_MEMORY, SCALE};
-use ionet::{NodeId, ResourceSet};
+use ionet_common::resources::{MicroUsd, ACCELERATOR_PREFIX, GPU, GPU_MEMORY, SCALE};
+use ionet_common::{NodeId, ResourceSet};
 use serde::{Deserialize, Serialize};
 
 /// One physical GPU of a node, as detected at start or declared by the operator.
@@ -65,13 +65,13 @@ impl NodeView {
         for index in first..first + count {
             self.gpus.push(Gpu { index, model: model.to_string(), memory_bytes });
         }
-        let gpus = ionet::Quantity::whole(self.gpus.len() as i64);
-        let memory = ionet::Quantity::whole(self.gpus.iter().map(|gpu| gpu.memory_bytes as i64).sum::<i64>());
+        let gpus = ionet_common::Quantity::whole(self.gpus.len() as i64);
+        let memory = ionet_common::Quantity::whole(self.gpus.iter().map(|gpu| gpu.memory_bytes as i64).sum::<i64>());
         let accelerator = format!("{ACCELERATOR_PREFIX}{model}");
         for set in [&mut self.total, &mut self.available] {
             set.set(GPU, gpus);
             set.set(GPU_MEMORY, memory);
-            set.set(accelerator.clone(), ionet::Quantity::whole(1));
+            set.set(accelerator.clone(), ionet_common::Quantity::whole(1));
         }
         self.accelerator_type = Some(model.to_string());
         self

@@ -21,8 +21,8 @@
 
 use std::fmt;
 
-use ionet::resources::{CPU, GPU, GPU_MEMORY, MEMORY};
-use ionet::{NodeId, ResourceSet};
+use ionet_common::resources::{CPU, GPU, GPU_MEMORY, MEMORY};
+use ionet_common::{NodeId, ResourceSet};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterView;

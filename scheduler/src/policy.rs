@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use ionet::resources::{CPU, GPU, MEMORY};
-use ionet::NodeId;
+use ionet_common::resources::{CPU, GPU, MEMORY};
+use ionet_common::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, Order};

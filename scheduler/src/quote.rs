@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ionet::resources::{format_usd, parse_usd, MicroUsd, GPU, SCALE};
-use ionet::NodeId;
+use ionet_common::resources::{format_usd, parse_usd, MicroUsd, GPU, SCALE};
+use ionet_common::NodeId;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -202,7 +202,7 @@ pub enum QuoteRefusal {
     InvalidRequest(String),
 }
 
-fn whole_gpus(quantity: ionet::Quantity) -> u32 {
+fn whole_gpus(quantity: ionet_common::Quantity) -> u32 {
     (quantity.units().max(0) / SCALE) as u32
 }
 

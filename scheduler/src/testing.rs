@@ -1,7 +1,7 @@
 //! Builders shared by the unit tests.
 
-use ionet::resources::{CPU, GPU, MEMORY};
-use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU, MEMORY};
+use ionet_common::{NodeId, Quantity, ResourceSet};
 
 use crate::cluster::ClusterView;
 use crate::node::NodeView;

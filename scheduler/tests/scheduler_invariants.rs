@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use ionet::resources::{CPU, GPU, MEMORY};
-use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU, MEMORY};
+use ionet_common::{NodeId, Quantity, ResourceSet};
 use ionet_scheduler::{
     solve_placement_group, ClusterView, Decision, Demand, LabelSelector, NodeState, NodeView, PlacementDecision,
     PlacementStrategy, SchedulingStrategy,

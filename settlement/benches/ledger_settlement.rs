@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
-use ionet::resources::{CPU, GPU};
-use ionet::{JobId, NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU};
+use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
 use ionet_settlement::{EpochSpec, Ledger, LedgerConfig, LedgerStore, MemoryStore, RecordId, RedbStore, UsageRecord};
 
 const PAYERS: usize = 1_000;

@@ -11,7 +11,7 @@
 //! 1 USD = 1,000,000 micro-USD), providers (by wallet), the protocol treasury and an
 //! external funding account through which deposits, refunds and reward emissions
 //! enter and leave, so every balance sums to zero, always. Amounts are integer
-//! micro-USD ([`MicroUsd`](ionet::resources::MicroUsd)).
+//! micro-USD ([`MicroUsd`](ionet_common::resources::MicroUsd)).
 //!
 //! Per epoch, [`Ledger::settle_epoch`] takes every pending record ending by the
 //! epoch's end, credits each provider its usage at its price, debits the payer that

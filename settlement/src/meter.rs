@@ -113,8 +113,8 @@ impl MeterSink for MeterFanout {
 mod tests {
     use super::*;
     use crate::usage::RecordId;
-    use ionet::resources::GPU;
-    use ionet::{JobId, NodeId, Quantity, ResourceSet};
+    use ionet_common::resources::GPU;
+    use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
 
     fn sample(id: u128) -> UsageRecord {
         UsageRecord {

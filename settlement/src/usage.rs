@@ -7,8 +7,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ionet::resources::{MicroUsd, CPU, GPU, SCALE};
-use ionet::{JobId, NodeId, ResourceSet};
+use ionet_common::resources::{MicroUsd, CPU, GPU, SCALE};
+use ionet_common::{JobId, NodeId, ResourceSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{SettlementError, SettlementResult};
@@ -178,7 +178,7 @@ pub struct MeteredUsage<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ionet::Quantity;
+    use ionet_common::Quantity;
 
     pub(crate) fn record(gpus: &str, cpus: i64, ms: u64, gpu_price: &str) -> UsageRecord {
         UsageRecord {
@@ -190,8 +190,8 @@ mod tests {
             resources: ResourceSet::new().with(GPU, gpus.parse().unwrap()).with(CPU, Quantity::whole(cpus)),
             start_ms: 1_000,
             end_ms: 1_000 + ms,
-            price_per_gpu_hour: ionet::resources::parse_usd(gpu_price).unwrap(),
-            price_per_cpu_hour: ionet::resources::parse_usd("0.01").unwrap(),
+            price_per_gpu_hour: ionet_common::resources::parse_usd(gpu_price).unwrap(),
+            price_per_cpu_hour: ionet_common::resources::parse_usd("0.01").unwrap(),
         }
     }
 

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use ionet::resources::{CPU, GPU};
-use ionet::{JobId, NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU};
+use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
 use ionet_settlement::solana::plan::associated_token_address;
 use ionet_settlement::solana::svm::SvmChain;
 use ionet_settlement::solana::{

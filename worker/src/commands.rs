@@ -7,10 +7,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ionet::auth::ClusterToken;
-use ionet::config::ClusterConfig;
-use ionet::resources::{parse_usd, Quantity, ResourceSet};
-use ionet::rpc::proto::gcs::GetAllNodesRequest;
+use ionet_common::auth::ClusterToken;
+use ionet_common::config::ClusterConfig;
+use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
+use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
@@ -300,7 +300,7 @@ fn worker_pool_options(
     spec: &NodeSpec,
     config: &ClusterConfig,
 ) -> crate::lease::WorkerPoolOptions {
-    let cpus = spec.total.get(ionet::resources::CPU).as_f64();
+    let cpus = spec.total.get(ionet_common::resources::CPU).as_f64();
     crate::lease::WorkerPoolOptions {
         idle_timeout: Duration::from_secs(60),
         max_idle_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
@@ -320,11 +320,11 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
-        let mut client = ionet::rpc::gcs_client(&address, &token).await?;
+        let mut client = ionet_common::rpc::gcs_client(&address, &token).await?;
         let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?;
-        Ok::<_, ionet::IonetError>(reply.into_inner().nodes)
+        Ok::<_, ionet_common::IonetError>(reply.into_inner().nodes)
     })?;
-    let now = ionet::clock::now_ms();
+    let now = ionet_common::clock::now_ms();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status::nodes_json(&nodes, now)?)?);
     } else {
@@ -345,9 +345,9 @@ pub fn list_actors(args: ListActorsArgs) -> Result<()> {
 fn show_actors(address: &str, token: &ClusterToken, include_dead: bool, json: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let actors = runtime.block_on(async {
-        let mut client = ionet::rpc::gcs_client(address, token).await?;
-        let reply = client.list_actors(ionet::rpc::proto::gcs::ListActorsRequest { include_dead }).await?;
-        Ok::<_, ionet::IonetError>(reply.into_inner().actors)
+        let mut client = ionet_common::rpc::gcs_client(address, token).await?;
+        let reply = client.list_actors(ionet_common::rpc::proto::gcs::ListActorsRequest { include_dead }).await?;
+        Ok::<_, ionet_common::IonetError>(reply.into_inner().actors)
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status::actors_json(&actors)?)?);

@@ -6,7 +6,7 @@
 //! to "no GPUs" with one log line. Operators may declare GPUs instead
 //! (`--num-gpus 4 --gpu-type A100-80GB`), which is also how tests simulate them.
 
-use ionet::rpc::proto::common::GpuInfo;
+use ionet_common::rpc::proto::common::GpuInfo;
 
 const GIB: u64 = 1 << 30;
 

@@ -3,10 +3,10 @@
 //! as integer micro-USD and are shown as USD; `--json` prints both.
 
 use anyhow::{anyhow, bail, Result};
-use ionet::resources::{format_usd, parse_usd, ResourceSet};
-use ionet::rpc::proto::metering::*;
-use ionet::rpc::MeteringClient;
-use ionet::{IonetError, JobId, NodeId};
+use ionet_common::resources::{format_usd, parse_usd, ResourceSet};
+use ionet_common::rpc::proto::metering::*;
+use ionet_common::rpc::MeteringClient;
+use ionet_common::{IonetError, JobId, NodeId};
 use serde_json::{json, Value};
 
 use crate::cli::{
@@ -25,7 +25,7 @@ fn with_metering<T>(head: &HeadArgs, call: impl AsyncFnOnce(MeteringClient) -> R
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async {
-            let client = ionet::rpc::metering_client(&address, &token).await?;
+            let client = ionet_common::rpc::metering_client(&address, &token).await?;
             call(client).await.map_err(IonetError::from)
         })
         .map_err(Into::into)
@@ -177,7 +177,7 @@ fn summary_json(summary: &EpochSummary, dry_run: bool) -> Value {
             "reward_micros": p.reward_micros,
             "power_cost_micros": p.power_cost_micros,
             "uptime_ms": p.uptime_ms,
-            "gpu_capacity": p.gpu_capacity_units as f64 / ionet::resources::SCALE as f64,
+            "gpu_capacity": p.gpu_capacity_units as f64 / ionet_common::resources::SCALE as f64,
             "records": p.records,
         })).collect::<Vec<_>>(),
     })
@@ -250,7 +250,7 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
                     "power_cost_micros": e.power_cost_micros,
                     "net_micros": e.net_micros,
                     "uptime_ms": e.uptime_ms,
-                    "gpu_capacity": e.gpu_capacity_units as f64 / ionet::resources::SCALE as f64,
+                    "gpu_capacity": e.gpu_capacity_units as f64 / ionet_common::resources::SCALE as f64,
                 })
             })
             .collect();

@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet::auth::{CheckToken, ClusterToken};
-use ionet::config::ClusterConfig;
-use ionet::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
-use ionet::rpc::proto::gcs::GetAllNodesRequest;
-use ionet::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
-use ionet::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
-use ionet::rpc::proto::node::{
+use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::config::ClusterConfig;
+use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
+use ionet_common::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
+use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
     CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest,
     FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, PrepareBundleReply,
@@ -31,8 +31,8 @@ use ionet::rpc::proto::node::{
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
     SetWorkerBlockedReply, SetWorkerBlockedRequest,
 };
-use ionet::rpc::{self, GcsClient};
-use ionet::{IonetError, IonetResult, NodeId, ResourceSet};
+use ionet_common::rpc::{self, GcsClient};
+use ionet_common::{IonetError, IonetResult, NodeId, ResourceSet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -259,7 +259,7 @@ impl NodeDaemon {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(object_service)
-                .serve_with_incoming_shutdown(ionet::rpc::incoming(listener), async move {
+                .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
                     let _ = stop_serving.changed().await;
                 })
                 .await;

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use ionet::resources::{self, MicroUsd, Quantity, ResourceSet};
-use ionet::rpc::proto::common::{GpuInfo, NodeInfo, ResourceQuantities};
-use ionet::{IonetError, IonetResult};
+use ionet_common::resources::{self, MicroUsd, Quantity, ResourceSet};
+use ionet_common::rpc::proto::common::{GpuInfo, NodeInfo, ResourceQuantities};
+use ionet_common::{IonetError, IonetResult};
 
 use crate::gpu;
 
@@ -99,7 +99,7 @@ impl NodeSpec {
     }
 
     /// The registration record for this node, before the control store stamps times.
-    pub fn to_node_info(&self, node_id: &ionet::NodeId, address: &str, is_head: bool) -> NodeInfo {
+    pub fn to_node_info(&self, node_id: &ionet_common::NodeId, address: &str, is_head: bool) -> NodeInfo {
         NodeInfo {
             node_id: node_id.to_vec(),
             address: address.to_string(),

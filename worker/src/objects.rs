@@ -11,10 +11,10 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use ionet::auth::ClusterToken;
-use ionet::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
-use ionet::rpc::{self, NodeManagerClient};
-use ionet::{IonetError, IonetResult, ObjectId};
+use ionet_common::auth::ClusterToken;
+use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
+use ionet_common::rpc::{self, NodeManagerClient};
+use ionet_common::{IonetError, IonetResult, ObjectId};
 use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig};
 
 pub struct NodeObjects {

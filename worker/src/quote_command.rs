@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
-use ionet::resources::{format_usd, parse_usd};
-use ionet::rpc::proto::common::NodeInfo;
-use ionet::rpc::proto::gcs::GetAllNodesRequest;
-use ionet::IonetError;
+use ionet_common::resources::{format_usd, parse_usd};
+use ionet_common::rpc::proto::common::NodeInfo;
+use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
+use ionet_common::IonetError;
 use ionet_scheduler::{ClusterView, PriceTable, Quote, QuoteRequest};
 use serde_json::{json, Value};
 
@@ -129,7 +129,7 @@ pub fn quote(args: QuoteArgs) -> Result<()> {
     let token = resolve_token(args.head.token.as_deref(), &session)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
-        let mut client = ionet::rpc::gcs_client(&address, &token).await?;
+        let mut client = ionet_common::rpc::gcs_client(&address, &token).await?;
         let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?;
         Ok::<_, IonetError>(reply.into_inner().nodes)
     })?;
@@ -147,8 +147,8 @@ pub fn quote(args: QuoteArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ionet::resources::{Quantity, ResourceSet, GPU};
-    use ionet::NodeId;
+    use ionet_common::resources::{Quantity, ResourceSet, GPU};
+    use ionet_common::NodeId;
 
     #[test]
     fn the_live_table_prices_like_the_scheduler() {
@@ -162,7 +162,7 @@ mod tests {
                 accelerator_type: "A100-80GB".into(),
                 price_per_gpu_hour_micros: parse_usd(price).unwrap(),
                 labels: [("region".to_string(), region.to_string())].into(),
-                state: ionet::rpc::proto::common::NodeState::Alive as i32,
+                state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
                 ..Default::default()
             }
         };

@@ -14,8 +14,8 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ionet::auth::ClusterToken;
-use ionet::{IonetError, IonetResult};
+use ionet_common::auth::ClusterToken;
+use ionet_common::{IonetError, IonetResult};
 
 pub const SESSION_DIR_ENV: &str = "IONET_SESSION_DIR";
 

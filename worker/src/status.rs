@@ -1,8 +1,8 @@
 //! `ionet status`: the node table as a person or a script reads it.
 
-use ionet::resources::{self, format_usd, ResourceSet};
-use ionet::rpc::proto::common::{NodeInfo, NodeState};
-use ionet::IonetResult;
+use ionet_common::resources::{self, format_usd, ResourceSet};
+use ionet_common::rpc::proto::common::{NodeInfo, NodeState};
+use ionet_common::IonetResult;
 use serde_json::{json, Value};
 
 fn state_name(state: i32) -> &'static str {
@@ -115,7 +115,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
 }
 
 fn actor_state_name(state: i32) -> &'static str {
-    use ionet::rpc::proto::gcs::ActorState;
+    use ionet_common::rpc::proto::gcs::ActorState;
     match ActorState::try_from(state).unwrap_or(ActorState::Unspecified) {
         ActorState::PendingCreation => "PENDING_CREATION",
         ActorState::Alive => "ALIVE",
@@ -126,7 +126,7 @@ fn actor_state_name(state: i32) -> &'static str {
 }
 
 /// One JSON object per actor (Ray's `ray list actors` fields where they exist).
-pub fn actors_json(actors: &[ionet::rpc::proto::gcs::ActorInfo]) -> IonetResult<Value> {
+pub fn actors_json(actors: &[ionet_common::rpc::proto::gcs::ActorInfo]) -> IonetResult<Value> {
     let mut rows = Vec::with_capacity(actors.len());
     for actor in actors {
         let spec = actor.spec.clone().unwrap_or_default();
@@ -152,7 +152,7 @@ pub fn actors_json(actors: &[ionet::rpc::proto::gcs::ActorInfo]) -> IonetResult<
 }
 
 /// A fixed-width table, one line per actor.
-pub fn actors_table(actors: &[ionet::rpc::proto::gcs::ActorInfo]) -> IonetResult<String> {
+pub fn actors_table(actors: &[ionet_common::rpc::proto::gcs::ActorInfo]) -> IonetResult<String> {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(

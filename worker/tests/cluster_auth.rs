@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes_codec::RawCodec;
 use common::TestCluster;
-use ionet::auth::ClusterToken;
-use ionet::rpc::proto::common::NodeInfo;
-use ionet::rpc::proto::gcs::*;
-use ionet::NodeId;
+use ionet_common::auth::ClusterToken;
+use ionet_common::rpc::proto::common::NodeInfo;
+use ionet_common::rpc::proto::gcs::*;
+use ionet_common::NodeId;
 use tonic::Code;
 
 /// A codec that sends and receives raw bytes, to put malformed messages on the wire.
@@ -107,7 +107,7 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
 
     // Malformed: bytes that are not a protobuf message.
     let status = cluster.runtime.block_on(async {
-        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let channel = ionet_common::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/ionet.gcs.Gcs/KvPut");

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS};
-use ionet::rpc::proto::common::NodeState;
-use ionet::rpc::proto::gcs::{cluster_event::Event, Channel, GetAllNodesRequest, SubscribeRequest};
+use ionet_common::rpc::proto::common::NodeState;
+use ionet_common::rpc::proto::gcs::{cluster_event::Event, Channel, GetAllNodesRequest, SubscribeRequest};
 use tokio_stream::StreamExt;
 
 /// Collects node events from a subscription into a channel, from a background task.

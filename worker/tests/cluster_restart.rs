@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{wait_until, TestCluster};
-use ionet::rpc::proto::common::{JobState, NodeState};
-use ionet::rpc::proto::gcs::*;
-use ionet::rpc::proto::node::GetNodeStatsRequest;
-use ionet::rpc::NodeManagerClient;
+use ionet_common::rpc::proto::common::{JobState, NodeState};
+use ionet_common::rpc::proto::gcs::*;
+use ionet_common::rpc::proto::node::GetNodeStatsRequest;
+use ionet_common::rpc::NodeManagerClient;
 
 #[test]
 fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
@@ -96,7 +96,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     assert!(cluster.nodes[index].try_wait().unwrap().is_none(), "the node daemon kept running");
     let address = node_address.borrow().clone();
     let stats = cluster.runtime.block_on(async {
-        let channel = ionet::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let channel = ionet_common::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
         let mut node = NodeManagerClient::new(channel);
         let poll = async {
             loop {

@@ -9,11 +9,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS};
-use ionet::resources::{Quantity, ResourceSet, GPU};
-use ionet::rpc::proto::common::ResourceQuantities;
-use ionet::rpc::proto::gcs::AddJobRequest;
-use ionet::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest, UsageRecord};
-use ionet::LeaseId;
+use ionet_common::resources::{Quantity, ResourceSet, GPU};
+use ionet_common::rpc::proto::common::ResourceQuantities;
+use ionet_common::rpc::proto::gcs::AddJobRequest;
+use ionet_common::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest, UsageRecord};
+use ionet_common::LeaseId;
 use serde_json::Value;
 use tonic::Code;
 
@@ -114,7 +114,7 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
     let job = add_job(&cluster, "alice");
 
     let lease = LeaseId::random();
-    let before = ionet::clock::now_ms();
+    let before = ionet_common::clock::now_ms();
     let start_ms = start_lease(&cluster, &lease, &node, &job, 2);
     assert!(start_ms >= before, "the head's clock stamps the start");
     let open = usage(&cluster);
@@ -122,7 +122,7 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
     assert_eq!(open[0]["open"], true);
     std::thread::sleep(Duration::from_millis(300)); // the lease's length, not a wait for an event
     let record = end_lease(&cluster, &lease).expect("lease ended");
-    let after = ionet::clock::now_ms();
+    let after = ionet_common::clock::now_ms();
     assert_eq!(record.start_ms, start_ms);
     assert!(record.end_ms >= start_ms + 300 && record.end_ms <= after, "{record:?}");
     let duration = record.end_ms - record.start_ms;
@@ -181,7 +181,7 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
 
     let refunded = cluster.ionet_ok(&["credits", "refund", "--account", "alice"]);
     let left = 100_000_000 - cost - fee;
-    assert!(refunded.contains(&format!("refunded ${}", ionet::resources::format_usd(left))), "{refunded}");
+    assert!(refunded.contains(&format!("refunded ${}", ionet_common::resources::format_usd(left))), "{refunded}");
     let (rows, sum) = balances(&cluster);
     assert_eq!((balance(&rows, "payer:alice"), sum), (0, 0));
 
@@ -208,7 +208,7 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
         .block_on(client.lease_started(LeaseStartedRequest {
             lease_id: LeaseId::random().to_vec(),
             node_id: node.clone(),
-            job_id: ionet::JobId::from_sequence(99).to_vec(),
+            job_id: ionet_common::JobId::from_sequence(99).to_vec(),
             resources: gpus(1),
         }))
         .unwrap_err();
@@ -251,7 +251,7 @@ fn a_killed_node_ends_its_open_lease_at_its_last_heartbeat() {
     });
     cluster.nodes[index].kill().unwrap(); // SIGKILL: the node never reports the lease's end.
     cluster.nodes[index].wait().unwrap();
-    let killed_ms = ionet::clock::now_ms();
+    let killed_ms = ionet_common::clock::now_ms();
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let ended = loop {
@@ -262,7 +262,7 @@ fn a_killed_node_ends_its_open_lease_at_its_last_heartbeat() {
         assert!(Instant::now() < deadline, "the lease never ended: {records:?}\n{}", cluster.daemon_output());
         std::thread::sleep(Duration::from_millis(100));
     };
-    let checked_ms = ionet::clock::now_ms();
+    let checked_ms = ionet_common::clock::now_ms();
     let (_, dead) = node_id_of(&cluster, pid);
     assert_eq!(dead["state"], "DEAD");
     let last_heartbeat_ms = dead["last_heartbeat_ms"].as_u64().unwrap();

@@ -171,13 +171,13 @@ pub fn wait_flags<T>(
 }
 
 /// The cluster's nodes, alive and dead, as the control store records them (Ray's `nodes()`).
-pub fn nodes() -> IonetResult<Vec<ionet_common::rpc::proto::common::NodeInfo>> {
+pub fn nodes() -> IonetResult<Vec<crate::Node>> {
     let worker = runtime::current()?;
-    block_on(async {
-        let mut gcs = ionet_common::rpc::gcs_client(&worker.gcs_address, &worker.token).await?;
+    let rows = block_on(async {
         let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: true };
-        Ok(gcs.get_all_nodes(request).await?.into_inner().nodes)
-    })
+        Ok::<_, IonetError>(worker.gcs()?.get_all_nodes(request).await?.into_inner().nodes)
+    })?;
+    rows.into_iter().map(crate::Node::try_from).collect()
 }
 
 /// Bytes of an object, borrowed from the node's shared-memory store when the object

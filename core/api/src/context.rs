@@ -108,7 +108,7 @@ pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
         is_worker: runtime.is_worker,
         actor_id: runtime.hosted.get().map(|hosted| hosted.id),
         actor_incarnation: runtime.hosted.get().map_or(0, |hosted| hosted.incarnation),
-        worker_id: std::env::var(ionet_worker::lease::WORKER_ID_ENV).ok().filter(|_| runtime.is_worker),
+        worker_id: runtime.worker_id.map(|id| id.hex()),
         namespace: runtime.namespace.clone(),
     })
 }

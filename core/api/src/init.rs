@@ -13,9 +13,10 @@ use ionet_common::rpc::proto::gcs::{AddJobRequest, GetAllNodesRequest, MarkJobFi
 use ionet_common::rpc::proto::node::{RegisterWorkerRequest, WorkerCommand};
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorkerServer;
 use ionet_common::rpc::{self, NodeManagerClient};
+use ionet_common::worker_env::WorkerEnv;
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
-use ionet_worker::lease::{self as node_lease, WorkerPoolOptions};
+use ionet_worker::lease::WorkerPoolOptions;
 use ionet_worker::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use ionet_worker::node_spec::{Declared, NodeSpec};
 use ionet_worker::session::SessionDir;
@@ -91,7 +92,7 @@ static EMBEDDED: Mutex<Option<Embedded>> = Mutex::new(None);
 /// Call it first in `main`: worker processes are this same binary re-executed, and in
 /// them `init` never returns: it serves tasks until the node daemon stops the worker.
 pub fn init(config: InitConfig) -> IonetResult<()> {
-    if std::env::var_os(node_lease::WORKER_MODE_ENV).is_some() {
+    if WorkerEnv::is_worker() {
         run_worker();
     }
     if runtime::current().is_ok() {
@@ -300,7 +301,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         job_id,
         token,
         Vec::new(),
-        false,
+        None,
         gcs_address,
         {
             // The job's tasks and actors find named actors in the driver's namespace.
@@ -337,13 +338,6 @@ pub fn shutdown() {
     });
 }
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        eprintln!("ionet worker: {name} is not set; worker processes are started by node daemons");
-        std::process::exit(2)
-    })
-}
-
 /// The worker process: serves tasks for its node daemon until told to stop.
 fn run_worker() -> ! {
     // A panicking task is reported to its caller with its message; one line here is enough.
@@ -353,38 +347,34 @@ fn run_worker() -> ! {
     }));
     ionet_worker::logging::init_when_asked();
     let result: IonetResult<()> = block_on(async {
-        let node_address = env(node_lease::NODE_ADDRESS_ENV);
-        let token = ClusterToken::new(&env(node_lease::TOKEN_ENV))?;
-        let worker_id = env(node_lease::WORKER_ID_ENV);
-        let node_id: NodeId = env(node_lease::NODE_ID_ENV).parse()?;
-        let job_id: JobId = env(node_lease::JOB_ID_ENV).parse()?;
-        let gpu_ids = env(node_lease::GPU_IDS_ENV).split(',').filter_map(|id| id.parse().ok()).collect();
+        let told = WorkerEnv::from_process().unwrap_or_else(|err| {
+            eprintln!("ionet worker: {err}; worker processes are started by node daemons");
+            std::process::exit(2)
+        });
+        let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
+        let token = ClusterToken::new(&told.token)?;
         let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
         let worker = CoreWorker::new(
             address.clone(),
-            node_id,
+            told.node_id,
             node_address.clone(),
-            job_id,
+            told.job_id,
             token.clone(),
-            gpu_ids,
-            true,
-            std::env::var(node_lease::GCS_ADDRESS_ENV).unwrap_or_default(),
+            told.gpu_ids,
+            Some(worker_id),
+            told.gcs_address,
             worker_command(),
             std::env::var(NAMESPACE_ENV).unwrap_or_default(),
             DEFAULT_INLINE_THRESHOLD,
-            &std::env::var(node_lease::OBJECT_STORE_DIR_ENV).unwrap_or_default(),
+            &told.object_store_dir,
         );
         spawn_core_worker_server(worker.clone(), listener);
         runtime::install(worker);
         let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(10)).await?);
-        node.register_worker(RegisterWorkerRequest {
-            worker_id: hex_bytes(&worker_id)?,
-            address,
-            pid: std::process::id(),
-        })
-        .await?;
+        node.register_worker(RegisterWorkerRequest { worker_id: worker_id.to_vec(), address, pid: std::process::id() })
+            .await?;
         if let Ok(worker) = runtime::current() {
-            let reporter = crate::blocked::BlockedReporter::start(&worker.handle, node.clone(), hex_bytes(&worker_id)?);
+            let reporter = crate::blocked::BlockedReporter::start(&worker.handle, node.clone(), worker_id.to_vec());
             let _ = worker.blocked.set(reporter);
         }
         // Serve until the daemon kills this process (it dies with the daemon too).
@@ -402,8 +392,4 @@ fn run_worker() -> ! {
         Ok(()) => {}
     }
     std::process::exit(0)
-}
-
-fn hex_bytes(text: &str) -> IonetResult<Vec<u8>> {
-    Ok(text.parse::<ionet_common::WorkerId>()?.to_vec())
 }

@@ -35,6 +35,7 @@ mod actor_client;
 mod actor_pool;
 mod api;
 mod blocked;
+mod cluster_info;
 mod context;
 pub mod generator;
 mod init;
@@ -60,6 +61,7 @@ pub use api::{
     wait_flags, ObjectBytes,
 };
 pub use arrow_array;
+pub use cluster_info::{Gpu, Node, NodeState, PlacementGroupInfo, PlacementGroupState};
 pub use context::{
     current_task_id, get_gpu_ids, get_runtime_context, is_canceled, set_cancel_hook, CancelHook, RuntimeContext,
 };

@@ -16,6 +16,7 @@ use ionet_common::rpc::proto::gcs::{
 };
 use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
 
+use crate::cluster_info::PlacementGroupInfo;
 use crate::runtime::{self, block_on, CoreWorker};
 
 /// How a group's bundles are laid over nodes (Ray's names).
@@ -80,9 +81,8 @@ impl PlacementGroup {
     }
 
     /// The control store's row of the group (state, bundles, their nodes).
-    pub fn table(&self) -> IonetResult<GetPlacementGroupReply> {
-        let worker = runtime::current()?;
-        block_on(get_group(&worker, &self.id))
+    pub fn info(&self) -> IonetResult<PlacementGroupInfo> {
+        placement_group_info(self.id)
     }
 
     /// An object that becomes `value` once the group is created (Ray's `pg.ready()`), or
@@ -120,18 +120,21 @@ pub(crate) async fn get_group(worker: &CoreWorker, id: &PlacementGroupId) -> Ion
 }
 
 /// The control store's row of one group (state, bundles, their nodes), by id.
-pub fn placement_group_info(id: PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
+pub fn placement_group_info(id: PlacementGroupId) -> IonetResult<PlacementGroupInfo> {
     let worker = runtime::current()?;
-    block_on(get_group(&worker, &id))
+    block_on(get_group(&worker, &id))?.try_into()
 }
 
 /// The control store's row of every placement group of the cluster, removed ones
 /// included, in one call (Ray's `placement_group_table()` with no argument).
-pub fn placement_group_table() -> IonetResult<Vec<GetPlacementGroupReply>> {
+pub fn placement_group_table() -> IonetResult<Vec<PlacementGroupInfo>> {
     let worker = runtime::current()?;
-    block_on(async {
-        Ok(worker.gcs()?.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner().groups)
-    })
+    let rows = block_on(async {
+        Ok::<_, IonetError>(
+            worker.gcs()?.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner().groups,
+        )
+    })?;
+    rows.into_iter().map(PlacementGroupInfo::try_from).collect()
 }
 
 /// Asks the control store to reserve `bundles` (resource name → amount, e.g.

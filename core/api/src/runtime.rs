@@ -40,7 +40,7 @@ use ionet_common::auth::ClusterToken;
 use ionet_common::rpc::proto::node::WorkerCommand;
 use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest, StoredObject};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
-use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId, WorkerId};
 
 use tokio::sync::watch;
 
@@ -131,6 +131,8 @@ pub(crate) struct CoreWorker {
     pub(crate) token: ClusterToken,
     pub(crate) gpu_ids: Vec<u32>,
     pub(crate) is_worker: bool,
+    /// This worker process's id (`None` in a driver).
+    pub(crate) worker_id: Option<WorkerId>,
     pub(crate) gcs_address: String,
     pub(crate) objects: DashMap<ObjectId, Arc<ObjectEntry>>,
     pub(crate) pools: DashMap<String, Arc<ShapePool>>,
@@ -264,7 +266,7 @@ impl CoreWorker {
         job_id: JobId,
         token: ClusterToken,
         gpu_ids: Vec<u32>,
-        is_worker: bool,
+        worker_id: Option<WorkerId>,
         gcs_address: String,
         worker_command: WorkerCommand,
         namespace: String,
@@ -278,7 +280,8 @@ impl CoreWorker {
             job_id,
             token,
             gpu_ids,
-            is_worker,
+            is_worker: worker_id.is_some(),
+            worker_id,
             gcs_address,
             objects: DashMap::new(),
             pools: DashMap::new(),

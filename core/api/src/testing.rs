@@ -38,7 +38,7 @@ fn serde_json_lite(text: &str) -> Option<Vec<String>> {
 
 /// In a worker process (started by a node daemon), serves tasks and never returns.
 pub fn run_worker_if_requested() {
-    if std::env::var_os(ionet_worker::lease::WORKER_MODE_ENV).is_some() {
+    if ionet_common::worker_env::WorkerEnv::is_worker() {
         let _ = crate::init(crate::InitConfig::default());
     }
 }

@@ -215,7 +215,7 @@ fn handle_passed_to_tasks_on_two_nodes() {
     let nodes = ionet::nodes().unwrap();
     let refs: Vec<_> = (0..10)
         .map(|task| {
-            let node_id = ionet::NodeId::from_bytes(&nodes[task % 2].node_id).unwrap();
+            let node_id = nodes[task % 2].node_id;
             let options =
                 TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id, soft: false });
             bump::options(options).remote(counter.clone(), 100u32)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use harness::{wait_until, Cluster};
 use ionet::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
-use ionet::{InitConfig, NodeId, ObjectRef, SchedulingStrategy, TaskOptions};
+use ionet::{InitConfig, ObjectRef, SchedulingStrategy, TaskOptions};
 
 const MIB: usize = 1024 * 1024;
 
@@ -104,17 +104,15 @@ fn a_large_object_moves_between_nodes_and_every_copy_is_freed() {
     let node =
         |name: &str| nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap();
     let (a, b) = (node("a"), node("b"));
-    let pinned = |node: &ionet::rpc::proto::common::NodeInfo| {
-        TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity {
-            node_id: NodeId::from_bytes(&node.node_id).unwrap(),
-            soft: false,
-        })
+    let pinned = |node: &ionet::Node| {
+        TaskOptions::default()
+            .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node.node_id, soft: false })
     };
     let blob = make_blob::options(pinned(a)).remote(200 * MIB as u64, 7u64);
     let verdict = blob_checksum::options(pinned(b)).remote(&blob);
     let (sum_on_b, sum_on_a, ran_on) = ionet::get_timeout(&verdict, Duration::from_secs(120)).unwrap();
     assert_eq!(sum_on_b, sum_on_a, "the 200 MiB object arrived intact");
-    assert_eq!(ran_on, hex(&b.node_id));
+    assert_eq!(ran_on, b.node_id.hex());
     assert!(store_bytes(&a.address) >= 200 * MIB as u64, "the primary copy is on node a");
     assert!(store_bytes(&b.address) >= 200 * MIB as u64, "node b pulled a copy");
     drop((blob, verdict));
@@ -133,10 +131,6 @@ fn in_store_mapping(pointer: usize) -> bool {
         let (start, end) = (usize::from_str_radix(start, 16).unwrap(), usize::from_str_radix(end, 16).unwrap());
         (start..end).contains(&pointer)
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    NodeId::from_bytes(bytes).unwrap().hex()
 }
 
 fn main() {

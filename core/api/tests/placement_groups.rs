@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use harness::Cluster;
 use ionet::resources::Quantity;
-use ionet::rpc::proto::common::NodeState;
 use ionet::{PlacementStrategy, TaskOptions};
 
 #[ionet::remote]
@@ -39,8 +38,7 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
     }
     cluster.init();
     harness::wait_until("three nodes with CPUs to register", Duration::from_secs(30), || {
-        ionet::nodes().unwrap().iter().filter(|node| node.state == NodeState::Alive as i32 && !node.is_head).count()
-            == 3
+        ionet::nodes().unwrap().iter().filter(|node| node.is_alive() && !node.is_head).count() == 3
     });
 
     let group = ionet::placement_group(cpu_bundles(3), PlacementStrategy::StrictSpread).unwrap();
@@ -82,8 +80,8 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
         ionet::nodes()
             .unwrap()
             .iter()
-            .filter(|node| node.state == NodeState::Alive as i32 && !node.is_head)
-            .all(|node| node.available.clone().unwrap_or_default().to_set().unwrap().get("CPU") == Quantity::whole(2))
+            .filter(|node| node.is_alive() && !node.is_head)
+            .all(|node| node.available.get("CPU") == Quantity::whole(2))
     });
     drop(cluster);
 }

@@ -339,7 +339,7 @@ fn cost_and_label_selectors_choose_the_node() {
     cluster.init();
     let region_of = |node_hex: &str| -> String {
         let nodes = ionet::nodes().unwrap();
-        let node = nodes.iter().find(|node| ionet::NodeId::from_bytes(&node.node_id).unwrap().hex() == node_hex);
+        let node = nodes.iter().find(|node| node.node_id.hex() == node_hex);
         node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
     };
     let run = |options: TaskOptions| {

@@ -54,9 +54,9 @@ pub fn store(capacity: u64) -> LocalObjectStore {
     LocalObjectStore::new(StoreConfig::with_capacity(capacity)).expect("store opens")
 }
 
-pub fn id(n: u8) -> ionet::ObjectId {
+pub fn id(n: u8) -> ionet_common::ObjectId {
     let mut bytes = [0u8; 28];
     bytes[0] = n;
     bytes[27] = 0xAB;
-    ionet::ObjectId::from_array(bytes)
+    ionet_common::ObjectId::from_array(bytes)
 }

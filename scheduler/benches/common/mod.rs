@@ -1,7 +1,7 @@
 //! A synthetic heterogeneous cluster shared by the benches.
 
-use ionet::resources::{CPU, GPU, MEMORY};
-use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU, MEMORY};
+use ionet_common::{NodeId, Quantity, ResourceSet};
 use ionet_scheduler::{ClusterView, NodeView};
 
 pub const MODELS: [&str; 10] =

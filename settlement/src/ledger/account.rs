@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ionet::resources::MicroUsd;
+use ionet_common::resources::MicroUsd;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{SettlementError, SettlementResult};

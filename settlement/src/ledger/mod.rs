@@ -19,7 +19,7 @@ pub mod store;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ionet::resources::MicroUsd;
+use ionet_common::resources::MicroUsd;
 use tracing::info;
 
 pub use account::{Account, EntryKind, LedgerEntry};

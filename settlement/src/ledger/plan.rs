@@ -15,8 +15,8 @@
 
 use std::collections::BTreeMap;
 
-use ionet::resources::MicroUsd;
-use ionet::{NodeId, Quantity};
+use ionet_common::resources::MicroUsd;
+use ionet_common::{NodeId, Quantity};
 use serde::{Deserialize, Serialize};
 
 use super::account::{Account, EntryKind, LedgerEntry};

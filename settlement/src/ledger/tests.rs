@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ionet::resources::{CPU, GPU};
-use ionet::{JobId, NodeId, Quantity, ResourceSet};
+use ionet_common::resources::{CPU, GPU};
+use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
 use proptest::prelude::*;
 
 use super::*;

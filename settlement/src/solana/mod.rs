@@ -31,7 +31,7 @@ pub mod svm;
 
 use std::time::{Duration, Instant};
 
-use ionet::resources::MicroUsd;
+use ionet_common::resources::MicroUsd;
 use solana_hash::Hash;
 use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ionet::resources::MicroUsd;
+use ionet_common::resources::MicroUsd;
 use serde::{Deserialize, Serialize};
 use solana_hash::Hash;
 use solana_instruction::{AccountMeta, Instruction};

@@ -2,8 +2,8 @@
 //! once the control store has placed every bundle), leases granted only from a bundle's
 //! own free resources, and cancellation, which stops what runs inside.
 
-use ionet::resources::ResourceSet;
-use ionet::{IonetError, IonetResult, JobId, LeaseId, PlacementGroupId};
+use ionet_common::resources::ResourceSet;
+use ionet_common::{IonetError, IonetResult, JobId, LeaseId, PlacementGroupId};
 
 use super::process::kill;
 use super::state::{BundleKey, Step};

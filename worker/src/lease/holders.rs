@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ionet::LeaseId;
+use ionet_common::LeaseId;
 
 use super::{Leases, PRESS_INTERVAL};
 
@@ -23,14 +23,14 @@ impl Leases {
             state.pressed_at = Some(now);
             state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
         };
-        let Ok(token) = ionet::auth::ClusterToken::new(&self.token) else { return };
+        let Ok(token) = ionet_common::auth::ClusterToken::new(&self.token) else { return };
         if self.holder_channels.len() > 4096 {
             self.holder_channels.clear();
         }
         for holder in holders {
             let channel = match self.holder_channels.get(&holder) {
                 Some(channel) => channel.clone(),
-                None => match ionet::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
+                None => match ionet_common::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
                     Ok(channel) => {
                         self.holder_channels.insert(holder.clone(), channel.clone());
                         channel
@@ -39,8 +39,8 @@ impl Leases {
                 },
             };
             tokio::spawn(async move {
-                let mut client = ionet::rpc::CoreWorkerClient::new(channel);
-                let request = ionet::rpc::proto::worker::ReturnIdleLeasesRequest {};
+                let mut client = ionet_common::rpc::CoreWorkerClient::new(channel);
+                let request = ionet_common::rpc::proto::worker::ReturnIdleLeasesRequest {};
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.return_idle_leases(request)).await;
             });
         }

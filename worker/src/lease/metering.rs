@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use ionet::resources::ResourceSet;
-use ionet::{JobId, LeaseId, NodeId};
+use ionet_common::resources::ResourceSet;
+use ionet_common::{JobId, LeaseId, NodeId};
 
 /// What the control store is told about leases, in order, off the lease path.
 pub(super) enum MeterEvent {
@@ -19,11 +19,11 @@ pub(super) enum MeterEvent {
 /// never blocks a lease; the head also ends the leases of a node it declares dead).
 pub(super) async fn report_leases(
     node_id: NodeId,
-    mut client: ionet::rpc::MeteringClient,
+    mut client: ionet_common::rpc::MeteringClient,
     mut events: tokio::sync::mpsc::UnboundedReceiver<MeterEvent>,
 ) {
-    use ionet::rpc::proto::common::ResourceQuantities;
-    use ionet::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest};
+    use ionet_common::rpc::proto::common::ResourceQuantities;
+    use ionet_common::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest};
     while let Some(event) = events.recv().await {
         for attempt in 0..20u32 {
             let result = match &event {

@@ -35,13 +35,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use ionet::resources::{Quantity, ResourceSet, GPU};
-use ionet::rpc::proto::common::NodeInfo;
-use ionet::rpc::proto::node::{
+use ionet_common::resources::{Quantity, ResourceSet, GPU};
+use ionet_common::rpc::proto::common::NodeInfo;
+use ionet_common::rpc::proto::node::{
     request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
     SchedulingKind, Spillback, WorkerCommand,
 };
-use ionet::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
+use ionet_common::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
 use ionet_scheduler::{ClusterView, Decision, Demand, GpuAssignment, LabelSelector, SchedulingStrategy};
 use tokio::sync::{oneshot, Notify};
 
@@ -55,10 +55,6 @@ mod state;
 
 use metering::{report_leases, MeterEvent};
 use process::kill;
-pub use process::{
-    GCS_ADDRESS_ENV, GPU_IDS_ENV, JOB_ID_ENV, NODE_ADDRESS_ENV, NODE_ID_ENV, OBJECT_STORE_DIR_ENV, TOKEN_ENV,
-    WORKER_ID_ENV, WORKER_MODE_ENV,
-};
 use state::{clamped, BundleKey, Granted, LeaseState, PoolKey, Step};
 
 pub struct WorkerPoolOptions {
@@ -92,11 +88,11 @@ pub struct Leases {
     addresses: DashMap<NodeId, String>,
     options: WorkerPoolOptions,
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
-    gcs: Mutex<Option<ionet::rpc::GcsClient>>,
+    gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
     /// Channels to lease holders, for pressing them to give back idle leases.
-    holder_channels: DashMap<String, ionet::rpc::AuthChannel>,
+    holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
 }
 
 /// Fresh workers a grant starts at most when each exits as it is leased.
@@ -180,7 +176,7 @@ impl Leases {
     async fn refresh_from_control_store(&self) -> bool {
         let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut client) = client else { return false };
-        match client.get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest { include_dead: false }).await {
+        match client.get_all_nodes(ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false }).await {
             Ok(reply) => {
                 self.refresh_view(&reply.into_inner().nodes);
                 true
@@ -191,12 +187,12 @@ impl Leases {
 
     /// Connects the leases to the control store: for fresh views, and to report every
     /// lease to the head's metering service.
-    pub fn attach_control_store(&self, channel: ionet::rpc::AuthChannel) {
-        *self.gcs.lock().unwrap_or_else(|p| p.into_inner()) = Some(ionet::rpc::GcsClient::new(channel.clone()));
-        self.attach_metering(ionet::rpc::MeteringClient::new(channel));
+    pub fn attach_control_store(&self, channel: ionet_common::rpc::AuthChannel) {
+        *self.gcs.lock().unwrap_or_else(|p| p.into_inner()) = Some(ionet_common::rpc::GcsClient::new(channel.clone()));
+        self.attach_metering(ionet_common::rpc::MeteringClient::new(channel));
     }
 
-    fn attach_metering(&self, client: ionet::rpc::MeteringClient) {
+    fn attach_metering(&self, client: ionet_common::rpc::MeteringClient) {
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(report_leases(self.node_id, client, receiver));
         *self.metering.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);

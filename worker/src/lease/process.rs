@@ -1,27 +1,17 @@
-//! Worker processes: how a daemon starts one (the environment protocol a worker reads,
-//! in one place for both sides), learns its address, stops it, and sees it exit.
+//! Worker processes: how a daemon starts one (telling it its place in the environment
+//! protocol of `ionet_common::worker_env`), learns its address, stops it, and sees it exit.
 
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet::rpc::proto::node::WorkerCommand;
-use ionet::{IonetError, IonetResult, JobId, WorkerId};
+use ionet_common::rpc::proto::node::WorkerCommand;
+use ionet_common::worker_env::WorkerEnv;
+use ionet_common::{IonetError, IonetResult, JobId, WorkerId};
 use tokio::sync::oneshot;
 
 use super::state::{Doing, Granted, PoolKey, Process};
 use super::{Leases, MeterEvent, Worker};
-
-/// Environment a worker process finds its node, job and GPUs in.
-pub const WORKER_MODE_ENV: &str = "IONET_WORKER_MODE";
-pub const WORKER_ID_ENV: &str = "IONET_WORKER_ID";
-pub const NODE_ADDRESS_ENV: &str = "IONET_NODE_ADDRESS";
-pub const NODE_ID_ENV: &str = "IONET_NODE_ID";
-pub const JOB_ID_ENV: &str = "IONET_JOB_ID";
-pub const GPU_IDS_ENV: &str = "IONET_GPU_IDS";
-pub const TOKEN_ENV: &str = "IONET_TOKEN";
-pub const OBJECT_STORE_DIR_ENV: &str = "IONET_OBJECT_STORE_DIR";
-pub const GCS_ADDRESS_ENV: &str = "IONET_GCS_ADDRESS";
 
 /// How long an idle worker past the pool's soft limit is kept for reuse (Ray's
 /// `idle_worker_killing_time_threshold_ms`): starting a worker costs far more than
@@ -32,6 +22,20 @@ pub(super) const EXCESS_IDLE_GRACE: Duration = Duration::from_secs(1);
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Leases {
+    /// What a worker this daemon starts is told (the protocol both sides share).
+    fn worker_env(&self, worker_id: WorkerId, job_id: JobId, gpu_ids: &[u32]) -> WorkerEnv {
+        WorkerEnv {
+            worker_id,
+            node_id: self.node_id,
+            node_address: self.address.clone(),
+            job_id,
+            gpu_ids: gpu_ids.to_vec(),
+            token: self.token.clone(),
+            object_store_dir: self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            gcs_address: self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
     /// A worker announced its address.
     pub fn register_worker(&self, worker_id: &[u8], address: String) -> IonetResult<()> {
         let worker_id = WorkerId::from_bytes(worker_id)?;
@@ -53,16 +57,7 @@ impl Leases {
         process
             .args(&command.argv[1..])
             .envs(&command.env)
-            .env(WORKER_MODE_ENV, "1")
-            .env(WORKER_ID_ENV, worker_id.hex())
-            .env(NODE_ADDRESS_ENV, &self.address)
-            .env(NODE_ID_ENV, self.node_id.hex())
-            .env(JOB_ID_ENV, job_id.hex())
-            .env(TOKEN_ENV, &self.token)
-            .env(OBJECT_STORE_DIR_ENV, self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .env(GCS_ADDRESS_ENV, self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .env(GPU_IDS_ENV, key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
-            .env("CUDA_VISIBLE_DEVICES", key.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
             .stdin(Stdio::null());
         if !command.cwd.is_empty() {
             process.current_dir(&command.cwd);

@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ionet::resources::{Quantity, ResourceSet, CPU, GPU};
-use ionet::{JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
+use ionet_common::resources::{Quantity, ResourceSet, CPU, GPU};
+use ionet_common::{JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
 use ionet_scheduler::{ClusterView, GpuAllocator, GpuAssignment};
 
 /// What a pool of reusable workers is keyed by: an idle worker serves only the same job,

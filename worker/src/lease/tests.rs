@@ -1,7 +1,7 @@
 //! The lease side's own tests: lending blocked CPUs, idle grace, deepest first, requesters
 //! that go away.
 
-use ionet::resources::CPU;
+use ionet_common::resources::CPU;
 
 use super::process::EXCESS_IDLE_GRACE;
 use super::state::{Doing, Process};

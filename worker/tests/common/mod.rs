@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ionet::auth::ClusterToken;
-use ionet::rpc::GcsClient;
+use ionet_common::auth::ClusterToken;
+use ionet_common::rpc::GcsClient;
 
 pub const HEARTBEAT_INTERVAL_MS: u64 = 200;
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 1_500;
@@ -144,14 +144,14 @@ impl TestCluster {
 
     pub fn client_with(&self, token: &ClusterToken) -> GcsClient {
         let address = self.address();
-        self.runtime.block_on(ionet::rpc::gcs_client(&address, token)).expect("connect to the head")
+        self.runtime.block_on(ionet_common::rpc::gcs_client(&address, token)).expect("connect to the head")
     }
 
     /// A client of the head's metering service, as node daemons use it.
-    pub fn metering_client(&self) -> ionet::rpc::MeteringClient {
+    pub fn metering_client(&self) -> ionet_common::rpc::MeteringClient {
         let address = self.address();
         self.runtime
-            .block_on(ionet::rpc::metering_client(&address, &self.token()))
+            .block_on(ionet_common::rpc::metering_client(&address, &self.token()))
             .expect("connect to the head's metering service")
     }
 

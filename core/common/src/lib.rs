@@ -10,9 +10,10 @@
 //! - [`config`]: cluster configuration from defaults, a TOML file and `IONET_*`
 //!   environment variables;
 //! - [`auth`]: the cluster token carried by every RPC;
-//! - [`rpc`]: the wire protocol generated from `core/proto/*.proto` (tonic + prost),
+//! - [`rpc`]: the wire protocol generated from `core/common/proto/*.proto` (tonic + prost),
 //!   authenticated channel helpers and the one error ↔ gRPC status mapping;
 //! - [`lease`]: the one lease requester (tasks and actors) and its typed outcome;
+//! - [`worker_env`]: the worker-process protocol (what a daemon tells a worker it starts);
 //! - [`error`]: [`IonetError`], the error every layer converts into.
 //!
 //! How the processes talk: node daemons register with the global control store
@@ -28,6 +29,7 @@ pub mod ids;
 pub mod lease;
 pub mod resources;
 pub mod rpc;
+pub mod worker_env;
 
 pub use error::{IonetError, IonetResult};
 pub use ids::{ActorId, JobId, LeaseId, NodeId, ObjectId, PlacementGroupId, TaskId, WorkerId};

@@ -1,4 +1,4 @@
-//! The wire protocol: generated messages and tonic clients/servers from `core/proto/`,
+//! The wire protocol: generated messages and tonic clients/servers from `core/common/proto/`,
 //! the one mapping between [`IonetError`] and gRPC status codes, and the helpers
 //! that open authenticated channels.
 

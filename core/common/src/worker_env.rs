@@ -1,0 +1,130 @@
+//! The worker-process protocol: what a node daemon puts in the environment of a worker it
+//! starts (`ionet_worker::lease`), and what the worker reads back (`ionet::init`), in one
+//! type both sides use, so the two can never drift apart.
+//!
+//! A worker is a program re-executed with [`WORKER_MODE`] set; everything else it needs
+//! to join its node is in the variables [`WorkerEnv::to_vars`] lists. The language
+//! bindings' own variables (worker argv, namespace) travel in the lease request's
+//! `WorkerCommand` and are not part of this protocol.
+
+use crate::error::{IonetError, IonetResult};
+use crate::ids::{JobId, NodeId, WorkerId};
+
+/// Set (to `1`) in a worker's environment: `ionet::init` serves tasks instead of returning.
+pub const WORKER_MODE: &str = "IONET_WORKER_MODE";
+const WORKER_ID: &str = "IONET_WORKER_ID";
+const NODE_ADDRESS: &str = "IONET_NODE_ADDRESS";
+const NODE_ID: &str = "IONET_NODE_ID";
+const JOB_ID: &str = "IONET_JOB_ID";
+const GPU_IDS: &str = "IONET_GPU_IDS";
+const TOKEN: &str = "IONET_TOKEN";
+const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
+const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
+
+/// What a worker process is told about its place in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerEnv {
+    pub worker_id: WorkerId,
+    pub node_id: NodeId,
+    /// Its node daemon's address (it registers there).
+    pub node_address: String,
+    pub job_id: JobId,
+    /// The GPUs leased to it (also in `CUDA_VISIBLE_DEVICES`).
+    pub gpu_ids: Vec<u32>,
+    /// The cluster token its calls carry.
+    pub token: String,
+    /// The node's object-store directory (shared memory).
+    pub object_store_dir: String,
+    pub gcs_address: String,
+}
+
+impl WorkerEnv {
+    /// The variables to set in the worker's environment (worker mode included).
+    pub fn to_vars(&self) -> Vec<(&'static str, String)> {
+        let gpus = self.gpu_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        vec![
+            (WORKER_MODE, "1".into()),
+            (WORKER_ID, self.worker_id.hex()),
+            (NODE_ADDRESS, self.node_address.clone()),
+            (NODE_ID, self.node_id.hex()),
+            (JOB_ID, self.job_id.hex()),
+            (TOKEN, self.token.clone()),
+            (OBJECT_STORE_DIR, self.object_store_dir.clone()),
+            (GCS_ADDRESS, self.gcs_address.clone()),
+            ("CUDA_VISIBLE_DEVICES", gpus.clone()),
+            (GPU_IDS, gpus),
+        ]
+    }
+
+    /// Whether this process was started as a worker.
+    pub fn is_worker() -> bool {
+        std::env::var_os(WORKER_MODE).is_some()
+    }
+
+    /// This worker's environment, read by `lookup` (`std::env::var` in a worker).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> IonetResult<Self> {
+        let var = |name: &str| {
+            lookup(name).ok_or_else(|| IonetError::Config(format!("a worker process needs {name} in its environment")))
+        };
+        let worker_id = var(WORKER_ID)?.parse()?;
+        let gpu_ids = var(GPU_IDS)?
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(|id| id.parse().map_err(|_| IonetError::Config(format!("{GPU_IDS}: {id:?} is not a GPU index"))))
+            .collect::<IonetResult<_>>()?;
+        Ok(WorkerEnv {
+            worker_id,
+            node_id: var(NODE_ID)?.parse()?,
+            node_address: var(NODE_ADDRESS)?,
+            job_id: var(JOB_ID)?.parse()?,
+            gpu_ids,
+            token: var(TOKEN)?,
+            object_store_dir: lookup(OBJECT_STORE_DIR).unwrap_or_default(),
+            gcs_address: lookup(GCS_ADDRESS).unwrap_or_default(),
+        })
+    }
+
+    /// This process's worker environment.
+    pub fn from_process() -> IonetResult<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reads_back_what_its_daemon_wrote() {
+        let written = WorkerEnv {
+            worker_id: WorkerId::random(),
+            node_id: NodeId::random(),
+            node_address: "10.0.0.7:4000".into(),
+            job_id: JobId::from_bytes(&[0, 0, 0, 9]).unwrap(),
+            gpu_ids: vec![0, 3],
+            token: "secret".into(),
+            object_store_dir: "/dev/shm/ionet-objects".into(),
+            gcs_address: "10.0.0.1:6380".into(),
+        };
+        let vars: std::collections::HashMap<_, _> = written.to_vars().into_iter().collect();
+        assert_eq!(vars["CUDA_VISIBLE_DEVICES"], "0,3");
+        let read = WorkerEnv::from_vars(|name| vars.get(name).cloned()).unwrap();
+        assert_eq!(read, written);
+        let no_gpus = WorkerEnv { gpu_ids: Vec::new(), ..written };
+        let vars: std::collections::HashMap<_, _> = no_gpus.to_vars().into_iter().collect();
+        assert_eq!(WorkerEnv::from_vars(|name| vars.get(name).cloned()).unwrap(), no_gpus);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_variable_is_named() {
+        let vars: std::collections::HashMap<&str, String> = [(WORKER_ID, "zz".to_string())].into_iter().collect();
+        match WorkerEnv::from_vars(|name| vars.get(name).cloned()) {
+            Err(error) => assert!(error.to_string().contains("zz"), "{error}"),
+            Ok(env) => panic!("read {env:?}"),
+        }
+        match WorkerEnv::from_vars(|_| None) {
+            Err(IonetError::Config(message)) => assert!(message.contains(WORKER_ID), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
