@@ -29,22 +29,24 @@
 //! - Availability for an epoch `(previous end, end]`: each node with GPUs counts from
 //!   `max(registered_at, previous end)` to its end (its last heartbeat if dead), times
 //!   its GPU count.
+//!
+//! Submodules: `book` holds the in-memory bookkeeping (open leases, records made, record
+//! ids); `settlement` closes epochs (cutting open leases, availability, the task closing
+//! scheduled epochs); `tests` holds the unit tests.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use ionet_common::resources::{MicroUsd, GPU};
-use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::resources::MicroUsd;
+use ionet_common::rpc::proto::common::{NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::ClusterEvent;
 use ionet_common::rpc::proto::metering as proto;
-use ionet_common::{IonetError, JobId, LeaseId, NodeId, ResourceSet};
+use ionet_common::{IonetError, JobId, LeaseId, NodeId};
 use ionet_settlement::{
-    Account, EpochSpec, EpochSummary, JsonLinesExporter, Ledger, LedgerConfig, LedgerHandle, LedgerStore, MemoryStore,
-    MeterFanout, MeterSink, NodeAvailability, ProviderEarnings, RecordId, RedbStore, SettleOutcome, UsageRecord,
+    Account, JsonLinesExporter, Ledger, LedgerConfig, LedgerHandle, LedgerStore, MemoryStore, MeterFanout, MeterSink,
+    ProviderEarnings, RedbStore, UsageRecord,
 };
 use prost::Message;
 use tokio::sync::{broadcast, watch};
@@ -54,25 +56,16 @@ use crate::error::{GcsError, GcsResult};
 use crate::state::{blocking, GcsState};
 use crate::storage::Table;
 
+mod book;
+mod settlement;
+#[cfg(test)]
+mod tests;
+
+pub use book::record_id;
+use book::{invalid, not_found, wallet_of, Book, Changes, Made, OpenLease};
+
 /// The payer billed for jobs added without a payer account.
 pub const DEFAULT_PAYER: &str = "default";
-
-/// Mixes a segment number into a lease id (an odd 128-bit constant: distinct segments of
-/// one lease never share an id).
-const SEGMENT_MIX: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835;
-
-/// The record id of segment `segment` of `lease`: the lease id itself for the first
-/// (usually only) piece, a mix of both for later pieces of a lease cut at epoch ends.
-pub fn record_id(lease: &LeaseId, segment: u32) -> RecordId {
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(lease.as_bytes());
-    let base = u128::from_be_bytes(bytes);
-    if segment == 0 {
-        RecordId(base)
-    } else {
-        RecordId(base ^ (segment as u128).wrapping_mul(SEGMENT_MIX))
-    }
-}
 
 pub type GcsLedger = LedgerHandle<Box<dyn LedgerStore>>;
 
@@ -92,148 +85,6 @@ pub struct MeteringOptions {
     pub usage_export_path: Option<PathBuf>,
 }
 
-/// A lease still running, with everything its record needs.
-#[derive(Clone, Debug, PartialEq)]
-struct OpenLease {
-    lease_id: LeaseId,
-    job_id: JobId,
-    payer_account: String,
-    node_id: NodeId,
-    provider_wallet: String,
-    resources: ResourceSet,
-    /// Start of the current segment.
-    start_ms: u64,
-    price_per_gpu_hour: MicroUsd,
-    price_per_cpu_hour: MicroUsd,
-    segment: u32,
-}
-
-impl OpenLease {
-    /// The record of the current segment, ending at `end_ms` (never before its start).
-    fn record_until(&self, end_ms: u64) -> Made {
-        Made {
-            lease_id: self.lease_id,
-            segment: self.segment,
-            record: UsageRecord {
-                record_id: record_id(&self.lease_id, self.segment),
-                job_id: self.job_id,
-                payer_account: self.payer_account.clone(),
-                node_id: self.node_id,
-                provider_wallet: self.provider_wallet.clone(),
-                resources: self.resources.clone(),
-                start_ms: self.start_ms,
-                end_ms: end_ms.max(self.start_ms),
-                price_per_gpu_hour: self.price_per_gpu_hour,
-                price_per_cpu_hour: self.price_per_cpu_hour,
-            },
-        }
-    }
-
-    fn to_proto(&self) -> proto::UsageRecord {
-        let made = self.record_until(self.start_ms);
-        proto::UsageRecord { open: true, end_ms: 0, ..made.to_proto(None) }
-    }
-
-    fn from_proto(stored: &proto::UsageRecord) -> GcsResult<Self> {
-        let made = Made::from_proto(stored)?;
-        Ok(OpenLease {
-            lease_id: made.lease_id,
-            job_id: made.record.job_id,
-            payer_account: made.record.payer_account,
-            node_id: made.record.node_id,
-            provider_wallet: made.record.provider_wallet,
-            resources: made.record.resources,
-            start_ms: made.record.start_ms,
-            price_per_gpu_hour: made.record.price_per_gpu_hour,
-            price_per_cpu_hour: made.record.price_per_cpu_hour,
-            segment: made.segment,
-        })
-    }
-}
-
-/// A usage record this control store made, with the lease it came from.
-#[derive(Clone, Debug, PartialEq)]
-struct Made {
-    lease_id: LeaseId,
-    segment: u32,
-    record: UsageRecord,
-}
-
-impl Made {
-    fn to_proto(&self, settled_epoch: Option<u64>) -> proto::UsageRecord {
-        let record = &self.record;
-        proto::UsageRecord {
-            record_id: record.record_id.to_string(),
-            lease_id: self.lease_id.to_vec(),
-            job_id: record.job_id.to_vec(),
-            payer_account: record.payer_account.clone(),
-            node_id: record.node_id.to_vec(),
-            provider_wallet: record.provider_wallet.clone(),
-            resources: Some(ResourceQuantities::from_set(&record.resources)),
-            start_ms: record.start_ms,
-            end_ms: record.end_ms,
-            price_per_gpu_hour_micros: record.price_per_gpu_hour,
-            price_per_cpu_hour_micros: record.price_per_cpu_hour,
-            cost_micros: record.cost_micro_usd().unwrap_or(u64::MAX),
-            open: false,
-            settled: settled_epoch.is_some(),
-            settled_epoch: settled_epoch.unwrap_or(0),
-            segment: self.segment,
-        }
-    }
-
-    fn from_proto(stored: &proto::UsageRecord) -> GcsResult<Self> {
-        let lease_id = LeaseId::from_bytes(&stored.lease_id)?;
-        Ok(Made {
-            lease_id,
-            segment: stored.segment,
-            record: UsageRecord {
-                record_id: record_id(&lease_id, stored.segment),
-                job_id: JobId::from_bytes(&stored.job_id)?,
-                payer_account: stored.payer_account.clone(),
-                node_id: NodeId::from_bytes(&stored.node_id)?,
-                provider_wallet: stored.provider_wallet.clone(),
-                resources: stored.resources.clone().unwrap_or_default().to_set()?,
-                start_ms: stored.start_ms,
-                end_ms: stored.end_ms,
-                price_per_gpu_hour: stored.price_per_gpu_hour_micros,
-                price_per_cpu_hour: stored.price_per_cpu_hour_micros,
-            },
-        })
-    }
-
-    fn storage_key(&self) -> Vec<u8> {
-        self.record.record_id.0.to_be_bytes().to_vec()
-    }
-}
-
-/// Leases and records in memory. Guarded by a std mutex never held across an await.
-#[derive(Default)]
-struct Book {
-    open: HashMap<LeaseId, OpenLease>,
-    /// Every record made, in the order made.
-    records: Vec<Made>,
-    /// Lease → index in `records` of its last record, for leases that ended.
-    ended: HashMap<LeaseId, usize>,
-}
-
-impl Book {
-    fn push(&mut self, made: Made, lease_ended: bool) {
-        if lease_ended {
-            self.ended.insert(made.lease_id, self.records.len());
-        }
-        self.records.push(made);
-    }
-}
-
-/// What the storage and sinks must learn after a change of the book.
-#[derive(Default)]
-struct Changes {
-    records: Vec<Made>,
-    put_leases: Vec<OpenLease>,
-    delete_leases: Vec<LeaseId>,
-}
-
 /// The metering service's state: open leases, records made, the ledger and the sinks.
 pub struct Metering {
     state: Arc<GcsState>,
@@ -248,22 +99,6 @@ pub struct Metering {
     settled: tokio::sync::Notify,
     /// Weak: the payer holds the metering, and its task owns the payer.
     payouts: std::sync::OnceLock<std::sync::Weak<dyn PayoutView>>,
-}
-
-fn invalid(message: String) -> GcsError {
-    GcsError::Ionet(IonetError::InvalidArgument(message))
-}
-
-fn not_found(message: String) -> GcsError {
-    GcsError::Ionet(IonetError::NotFound(message))
-}
-
-fn wallet_of(node: &NodeInfo, node_id: &NodeId) -> String {
-    if node.wallet.trim().is_empty() {
-        format!("node-{node_id}")
-    } else {
-        node.wallet.clone()
-    }
 }
 
 impl Metering {
@@ -544,30 +379,6 @@ impl Metering {
         Ok(ended)
     }
 
-    /// Cuts every lease open before `end_ms` there: a record for the part before, the
-    /// rest stays open as the next segment.
-    async fn cut_open_leases(&self, end_ms: u64) -> GcsResult<()> {
-        let changes = {
-            let mut book = self.book();
-            let mut changes = Changes::default();
-            let mut cuts = Vec::new();
-            for lease in book.open.values_mut() {
-                if lease.start_ms < end_ms {
-                    cuts.push(lease.record_until(end_ms));
-                    lease.start_ms = end_ms;
-                    lease.segment += 1;
-                    changes.put_leases.push(lease.clone());
-                }
-            }
-            for made in cuts {
-                book.push(made.clone(), false);
-                changes.records.push(made);
-            }
-            changes
-        };
-        self.apply(changes).await
-    }
-
     /// Adds the epoch that settled each record, if any.
     async fn with_settlement(&self, made: Vec<Made>) -> GcsResult<Vec<proto::UsageRecord>> {
         let ledger = self.ledger.clone();
@@ -653,74 +464,6 @@ impl Metering {
         .await
     }
 
-    /// Each GPU node's verified uptime in `(previous_end_ms, end_ms]`.
-    fn availability(&self, previous_end_ms: u64, end_ms: u64) -> Vec<NodeAvailability> {
-        let mut availability = Vec::new();
-        for node in self.state.nodes(true) {
-            let Ok(node_id) = NodeId::from_bytes(&node.node_id) else {
-                continue;
-            };
-            let gpus = node.total.clone().unwrap_or_default().to_set().map(|total| total.get(GPU)).unwrap_or_default();
-            if gpus.is_zero() {
-                continue;
-            }
-            let from = node.registered_at_ms.max(previous_end_ms);
-            let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
-            availability.push(NodeAvailability {
-                node_id,
-                provider_wallet: wallet_of(&node, &node_id),
-                uptime_ms: to.saturating_sub(from),
-                gpu_capacity: gpus,
-                declared_watts: node.power_watts,
-                electricity_price_per_kwh: node.electricity_price_per_kwh_micros,
-            });
-        }
-        availability
-    }
-
-    /// Closes the next epoch at `end_ms` (or plans it, when `dry_run`: open leases are
-    /// then not cut, so the plan covers ended leases only). Serialised with every other
-    /// settlement.
-    pub async fn settle_at(&self, end_ms: u64, dry_run: bool) -> GcsResult<EpochSummary> {
-        let _settling = self.settling.lock().await;
-        let ledger = self.ledger.clone();
-        let last = blocking(move || Ok(ledger.lock().epochs()?.last().cloned())).await?;
-        let (epoch_id, previous_end) = match &last {
-            Some(last) => (last.epoch_id + 1, last.end_ms),
-            None => (0, 0),
-        };
-        let end_ms = end_ms.max(previous_end);
-        let spec = EpochSpec { epoch_id, end_ms, availability: self.availability(previous_end, end_ms) };
-        let ledger = self.ledger.clone();
-        if dry_run {
-            return blocking(move || Ok(ledger.lock().dry_run(&spec)?.summary)).await;
-        }
-        self.cut_open_leases(end_ms).await?;
-        let outcome = blocking(move || Ok(ledger.lock().settle_epoch(&spec)?)).await?;
-        self.last_epoch_end_ms.store(end_ms, Ordering::SeqCst);
-        self.settled.notify_one();
-        Ok(match outcome {
-            SettleOutcome::Settled(summary) | SettleOutcome::AlreadySettled(summary) => summary,
-        })
-    }
-
-    /// Closes the epoch now (control-store clock).
-    pub async fn settle_now(&self, dry_run: bool) -> GcsResult<EpochSummary> {
-        self.settle_at(self.state.now_ms(), dry_run).await
-    }
-
-    /// Settles the latest scheduled boundary if it is past and not yet closed. Returns
-    /// the summary when it closed one.
-    pub async fn settle_due(&self) -> GcsResult<Option<EpochSummary>> {
-        let length = self.state.config().epoch_length_ms.max(1);
-        let boundary = self.state.now_ms() / length * length;
-        if boundary <= self.last_epoch_end_ms.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
-        let summary = self.settle_at(boundary, false).await?;
-        Ok(Some(summary))
-    }
-
     /// Starts the two background tasks: ending leases of dead nodes (on `events`, plus a
     /// sweep every tick) and closing epochs at their boundaries. Both stop with `stopped`.
     pub fn spawn_tasks(
@@ -730,7 +473,7 @@ impl Metering {
     ) -> Vec<JoinHandle<()>> {
         vec![
             tokio::spawn(watch_deaths(self.clone(), events, stopped.clone())),
-            tokio::spawn(close_epochs(self.clone(), stopped)),
+            tokio::spawn(settlement::close_epochs(self.clone(), stopped)),
         ]
     }
 }
@@ -756,240 +499,5 @@ async fn watch_deaths(
                 tracing::error!(error = %err, "could not end the leases of a dead node");
             }
         }
-    }
-}
-
-async fn close_epochs(metering: Arc<Metering>, mut stopped: watch::Receiver<bool>) {
-    let length = metering.state.config().epoch_length_ms;
-    let period = Duration::from_millis((length / 4).clamp(10, 1_000));
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        if let Err(err) = metering.end_leases_of_dead_nodes().await {
-            tracing::error!(error = %err, "could not end the leases of dead nodes");
-        }
-        match metering.settle_due().await {
-            Ok(Some(summary)) => tracing::info!(
-                epoch = summary.epoch_id,
-                end_ms = summary.end_ms,
-                records = summary.records,
-                "scheduled epoch closed"
-            ),
-            Ok(None) => {}
-            Err(err) => tracing::error!(error = %err, "scheduled settlement failed; retrying next tick"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::{GcsStorage, MemoryStorage};
-    use ionet_common::clock::ManualClock;
-    use ionet_common::config::ClusterConfig;
-    use ionet_common::resources::{parse_usd, Quantity, CPU};
-    use ionet_common::rpc::proto::common::JobInfo;
-
-    const START: u64 = 1_700_000_000_000;
-
-    fn gpu_node(node_id: NodeId, gpus: i64, price: &str, wallet: &str) -> NodeInfo {
-        let total = ResourceSet::new().with(GPU, Quantity::whole(gpus)).with(CPU, Quantity::whole(8));
-        NodeInfo {
-            node_id: node_id.to_vec(),
-            address: "127.0.0.1:1".into(),
-            total: Some((&total).into()),
-            available: Some((&total).into()),
-            price_per_gpu_hour_micros: parse_usd(price).unwrap(),
-            wallet: wallet.into(),
-            ..Default::default()
-        }
-    }
-
-    struct Fixture {
-        clock: ManualClock,
-        state: Arc<GcsState>,
-        metering: Arc<Metering>,
-        storage: Arc<dyn GcsStorage>,
-    }
-
-    async fn fixture_on(storage: Arc<dyn GcsStorage>, clock: ManualClock) -> Fixture {
-        let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1_000, ..Default::default() };
-        let state = GcsState::open(config, storage.clone(), Arc::new(clock.clone())).await.unwrap();
-        let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
-        Fixture { clock, state, metering, storage }
-    }
-
-    async fn fixture() -> Fixture {
-        fixture_on(Arc::new(MemoryStorage::new()), ManualClock::new(START)).await
-    }
-
-    fn gpus(count: &str) -> Option<ResourceQuantities> {
-        Some((&ResourceSet::new().with(GPU, count.parse().unwrap())).into())
-    }
-
-    async fn job(state: &GcsState, payer: &str) -> JobId {
-        let job = state.add_job(JobInfo { payer_account: payer.into(), ..Default::default() }).await.unwrap();
-        JobId::from_bytes(&job.job_id).unwrap()
-    }
-
-    fn balance(balances: &[(Account, i64)], account: Account) -> i64 {
-        balances.iter().find(|(a, _)| *a == account).map(|(_, b)| *b).unwrap_or(0)
-    }
-
-    #[tokio::test]
-    async fn interval_times_price_is_exact_and_settles_once() {
-        let f = fixture().await;
-        let node = NodeId::random();
-        f.state.register_node(gpu_node(node, 4, "2.50", "wallet-a")).await.unwrap();
-        let job = job(&f.state, "alice").await;
-        f.metering.add_credits("alice", 100_000_000).await.unwrap();
-        let lease = LeaseId::random();
-        let start =
-            f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap();
-        assert_eq!(start, START);
-        // The same report again is harmless.
-        f.clock.advance_ms(5);
-        assert_eq!(
-            f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap(),
-            START
-        );
-        f.clock.advance_ms(90 * 60_000 - 5);
-        let record = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
-        assert_eq!((record.start_ms, record.end_ms), (START, START + 5_400_000));
-        // 2 GPUs × 1.5 h × $2.50 = $7.50, exactly.
-        assert_eq!(record.cost_micros, 7_500_000);
-        assert_eq!(record.payer_account, "alice");
-        assert_eq!(record.provider_wallet, "wallet-a");
-        assert_eq!(record.record_id, record_id(&lease, 0).to_string());
-        // Ending twice returns the same record.
-        f.clock.advance_ms(1_000);
-        let again = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
-        assert_eq!(again.end_ms, record.end_ms);
-
-        let summary = f.metering.settle_now(false).await.unwrap();
-        assert_eq!(
-            (summary.epoch_id, summary.records, summary.total_usage, summary.total_fee),
-            (0, 1, 7_500_000, 187_500)
-        );
-        let balances = f.metering.balances().await.unwrap();
-        assert_eq!(balance(&balances, Account::provider("wallet-a")), 7_500_000);
-        assert_eq!(balance(&balances, Account::Treasury), 187_500);
-        assert_eq!(balance(&balances, Account::payer("alice")), 100_000_000 - 7_500_000 - 187_500);
-        assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 0);
-        let listed = f.metering.list_usage(Some(job), None).await.unwrap();
-        assert_eq!(listed.len(), 1);
-        assert!(listed[0].settled && listed[0].settled_epoch == 0);
-
-        f.clock.advance_ms(1_000);
-        let second = f.metering.settle_now(false).await.unwrap();
-        assert_eq!((second.epoch_id, second.records, second.total_usage), (1, 0, 0));
-        assert_eq!(f.metering.balances().await.unwrap(), balances);
-        let (earnings, provider_balance) = f.metering.earnings("wallet-a").await.unwrap();
-        assert_eq!(earnings[0].revenue, 7_500_000);
-        assert_eq!(provider_balance, 7_500_000);
-    }
-
-    #[tokio::test]
-    async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
-        let f = fixture().await;
-        let node = NodeId::random();
-        f.state.register_node(gpu_node(node, 1, "3.60", "")).await.unwrap();
-        let job = job(&f.state, "").await;
-        let lease = LeaseId::random();
-        f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("0.5")).await.unwrap();
-        f.clock.advance_ms(700);
-        f.state.heartbeat(node.as_bytes(), None).unwrap();
-        f.clock.advance_ms(1_500);
-        assert_eq!(f.state.check_heartbeats().await.unwrap(), vec![node]);
-        assert_eq!(f.metering.end_leases_of_dead_nodes().await.unwrap(), 1);
-        let records = f.metering.list_usage(None, Some(node)).await.unwrap();
-        assert_eq!(records.len(), 1);
-        assert!(!records[0].open);
-        assert_eq!(records[0].end_ms, START + 700);
-        assert_eq!(records[0].payer_account, DEFAULT_PAYER);
-        assert_eq!(records[0].provider_wallet, format!("node-{node}"));
-        // 0.5 GPU × 0.7 s × $3.60/h = $0.00035.
-        assert_eq!(records[0].cost_micros, 350);
-        let err = f
-            .metering
-            .lease_started(LeaseId::random().as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1"))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("is dead"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn an_open_lease_is_cut_at_the_epoch_end_and_survives_a_restart() {
-        let storage: Arc<dyn GcsStorage> = Arc::new(MemoryStorage::new());
-        let clock = ManualClock::new(START);
-        let f = fixture_on(storage.clone(), clock.clone()).await;
-        let node = NodeId::random();
-        f.state.register_node(gpu_node(node, 1, "1", "w")).await.unwrap();
-        let job = job(&f.state, "bob").await;
-        let lease = LeaseId::random();
-        f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1")).await.unwrap();
-        f.clock.advance_ms(3_600_000);
-        let summary = f.metering.settle_now(false).await.unwrap();
-        assert_eq!((summary.records, summary.total_usage), (1, 1_000_000));
-        f.clock.advance_ms(1_800_000);
-        drop(f);
-
-        // A head restarted on the same storage still has the lease open.
-        let g = fixture_on(storage, clock).await;
-        let record = g.metering.lease_ended(lease.as_bytes()).await.unwrap();
-        assert_eq!(record.segment, 1);
-        assert_eq!(record.start_ms, START + 3_600_000);
-        assert_eq!(record.cost_micros, 500_000);
-        assert_ne!(record.record_id, record_id(&lease, 0).to_string());
-        let err = g.metering.lease_ended(LeaseId::random().as_bytes()).await.unwrap_err();
-        assert!(err.to_string().contains("is not open"), "{err}");
-        let _ = g.storage.describe();
-    }
-
-    #[tokio::test]
-    async fn bad_input_is_refused_with_the_value() {
-        let f = fixture().await;
-        let err = f.metering.add_credits("alice", 0).await.unwrap_err();
-        assert!(err.to_string().contains("invalid amount"), "{err}");
-        let err = f.metering.refund("nobody").await.unwrap_err();
-        assert!(err.to_string().contains("\"nobody\" has never been credited"), "{err}");
-        let err = f.metering.lease_ended(&[1, 2, 3]).await.unwrap_err();
-        assert!(err.to_string().contains("lease id must be 16 bytes"), "{err}");
-        let err = f
-            .metering
-            .lease_started(
-                LeaseId::random().as_bytes(),
-                NodeId::random().as_bytes(),
-                JobId::from_sequence(1).as_bytes(),
-                gpus("1"),
-            )
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("not registered"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn scheduled_epochs_close_on_boundaries() {
-        let config = ClusterConfig {
-            heartbeat_interval_ms: 100,
-            heartbeat_timeout_ms: 1_000,
-            epoch_length_ms: 60_000,
-            ..Default::default()
-        };
-        let clock = ManualClock::new(600_000 + 30_000);
-        let state = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
-        let metering = Metering::open(state, MeteringOptions::default()).await.unwrap();
-        assert!(metering.settle_due().await.unwrap().is_none());
-        clock.advance_ms(30_000);
-        let closed = metering.settle_due().await.unwrap().unwrap();
-        assert_eq!((closed.epoch_id, closed.end_ms), (0, 660_000));
-        assert!(metering.settle_due().await.unwrap().is_none());
-        clock.advance_ms(185_000);
-        let closed = metering.settle_due().await.unwrap().unwrap();
-        assert_eq!((closed.epoch_id, closed.end_ms), (1, 840_000));
     }
 }

@@ -1,6 +1,6 @@
 """The native module (pyo3): the core worker, object store client and embedded cluster.
 
-Errors are raised as the exception `ionet.exceptions._native_error(kind, message)`
+Errors are raised as the exception `ionet.exceptions._native_error(kind, message, payload)`
 returns. Calls that wait release the GIL, and Ctrl-C interrupts them.
 """
 

@@ -2,9 +2,9 @@
 method calls. The native side calls these from its worker threads, holding the GIL.
 
 Results follow one convention: a list of parts (as `put_parts` takes) holding the
-serialized return value, or, when the call raised, a `str` made by
-`ionet.exceptions.encode_task_failure` (readable traceback plus the pickled exception,
-which the caller raises again).
+serialized return value, or, when the call raised, a tuple (readable traceback, the
+exception pickled, whether it may be retried) from `ionet.exceptions.encode_task_failure`;
+the caller raises the exception again.
 
 Functions and classes are loaded from the control store's KV by key on first use and
 kept for the life of the process.
@@ -78,7 +78,7 @@ def _streamed(result: Any) -> Any:
     return result if stream is None else _generator.send_items(result, stream)
 
 
-def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str, Tuple[str, bool]]:
+def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], Tuple[str, bytes, bool]]:
     """Runs the function exported under `function_key` with the arguments in `args`."""
     function = None
     try:
@@ -93,9 +93,9 @@ def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], str,
         final = isinstance(exc, NotRetryable)
         if final:
             exc = exc.error
-        failure = encode_task_failure(exc, _user_traceback(exc), name)
-        # A tuple tells the native side never to retry it.
-        return (failure, False) if final else failure
+        text, payload = encode_task_failure(exc, _user_traceback(exc), name)
+        # (text, pickled exception, whether the native side may retry it)
+        return (text, payload, not final)
 
 
 def create_actor(class_key: bytes, args: List[Any]) -> Any:
@@ -118,7 +118,7 @@ def create_actor(class_key: bytes, args: List[Any]) -> Any:
         raise RuntimeError(describe_failure(exc, _user_traceback(exc), name)) from exc
 
 
-def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part], str]:
+def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part], Tuple[str, bytes, bool]]:
     """Calls `instance.method` with the arguments in `args`.
 
     A coroutine method runs on the actor's event loop, so that calls on several worker
@@ -153,7 +153,8 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
     except _ExitRequested as exc:
         _exit_process(exc.code)
     except BaseException as exc:
-        return encode_task_failure(exc, _user_traceback(exc), f"{type(instance).__qualname__}.{method}")
+        text, payload = encode_task_failure(exc, _user_traceback(exc), f"{type(instance).__qualname__}.{method}")
+        return (text, payload, True)
 
 
 # The futures of the coroutine calls running now, by task id (hex): a cancel cancels them.

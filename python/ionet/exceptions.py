@@ -1,31 +1,26 @@
 """Errors raised by ionet, with Ray's names as aliases (`RayError`, `RayTaskError`, ...).
 
-The native module raises every error through `_native_error(kind, message)`, which maps
-its error kinds to these classes.
+The native module raises every error through `_native_error(kind, message, payload)`,
+which maps its error kinds to these classes.
 
 A task (or actor method) that raises is reported as the exception it raised: the worker
-sends a text that holds a readable summary with the remote traceback, then
-`_EXCEPTION_MARKER`, then the exception pickled and base64-encoded. The caller rebuilds
-the exception and raises an instance of a class derived from both `IonetTaskError` and
+sends a readable summary with the remote traceback as the failure's text, and the
+exception pickled as its payload, a bytes field of its own that no text can pass for.
+The caller rebuilds the exception and raises an instance of a class derived from both `IonetTaskError` and
 the exception's own class, so `except ValueError:` catches a remote `ValueError`, and
 `str()` shows the remote traceback.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import socket
 import traceback
 import weakref
 from types import TracebackType
-from typing import Optional
+from typing import Optional, Tuple
 
 import cloudpickle
-
-# Separates a task failure's readable summary from its pickled exception.
-_EXCEPTION_MARKER = "\n--ionet-exception--\n"
-
 
 class IonetError(Exception):
     """Base class of every error ionet raises."""
@@ -166,16 +161,15 @@ _ERRORS_BY_KIND = {
 }
 
 
-def _native_error(kind: str, message: str) -> BaseException:
-    """The exception the native module raises for an error of `kind` (its contract)."""
+def _native_error(kind: str, message: str, payload: bytes = b"") -> BaseException:
+    """The exception the native module raises for an error of `kind` (its contract);
+    a task failure's `payload` is its pickled exception (empty: a Rust task's)."""
     if kind == "task_failed":
-        return _decode_task_failure(message)
+        return _decode_task_failure(message, payload)
     error_class = _ERRORS_BY_KIND.get(kind)
     if error_class is None:
         return IonetSystemError(f"{kind}: {message}")
-    # Only a task failure carries a pickled exception worth rebuilding; elsewhere (an
-    # actor that died of its constructor) the readable part is what the user needs.
-    return error_class(message.partition(_EXCEPTION_MARKER)[0])
+    return error_class(message)
 
 
 # --- task failures: written by the worker, read by the caller ---------------------------
@@ -187,22 +181,20 @@ def describe_failure(exc: BaseException, tb: Optional[TracebackType], what: str)
     return f"{what} failed (pid={os.getpid()}, host={socket.gethostname()})\n{''.join(lines).rstrip()}"
 
 
-def encode_task_failure(exc: BaseException, tb: Optional[TracebackType], what: str) -> str:
-    """The failure text a worker returns for `exc`: its description, then `exc` pickled."""
+def encode_task_failure(exc: BaseException, tb: Optional[TracebackType], what: str) -> Tuple[str, bytes]:
+    """What a worker returns for `exc`: its description, and `exc` pickled."""
     try:
         payload = cloudpickle.dumps(exc)
     except Exception:
         payload = cloudpickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
-    encoded = base64.b64encode(payload).decode("ascii")
-    return describe_failure(exc, tb, what) + _EXCEPTION_MARKER + encoded
+    return describe_failure(exc, tb, what), payload
 
 
-def _decode_task_failure(message: str) -> IonetTaskError:
-    summary, marker, encoded = message.partition(_EXCEPTION_MARKER)
+def _decode_task_failure(summary: str, payload: bytes) -> IonetTaskError:
     cause = None
-    if marker:
+    if payload:
         try:
-            cause = cloudpickle.loads(base64.b64decode(encoded.split()[0]))
+            cause = cloudpickle.loads(payload)
         except Exception as exc:
             # E.g. the exception's class lives in a module this process cannot import.
             summary += f"\n(the remote exception could not be rebuilt here: {exc!r})"

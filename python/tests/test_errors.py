@@ -61,6 +61,19 @@ def test_error_of_a_nested_task_keeps_the_inner_class():
     assert "inner failure" in str(info.value)
 
 
+@ionet.remote(max_retries=0)
+def fail_with_tricky_text():
+    raise ValueError("before\n--ionet-exception--\nnot a pickle at all")
+
+
+def test_exception_text_never_passes_for_its_payload():
+    # The pickled exception travels in a bytes field of its own: no text the exception
+    # holds can be mistaken for it.
+    with pytest.raises(ValueError) as info:
+        ionet.get(fail_with_tricky_text.remote(), timeout=60)
+    assert "not a pickle at all" in str(info.value) and isinstance(info.value.cause, ValueError)
+
+
 def test_unpicklable_exception_still_reports_its_traceback():
     with pytest.raises(IonetTaskError) as info:
         ionet.get(fail_unpicklably.remote(), timeout=60)

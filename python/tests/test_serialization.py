@@ -128,7 +128,7 @@ class CodedError(Exception):
         self.code = code
 
 
-def _failure_text(exc: BaseException) -> str:
+def _failure(exc: BaseException):
     try:
         raise exc
     except BaseException as raised:
@@ -136,7 +136,7 @@ def _failure_text(exc: BaseException) -> str:
 
 
 def test_task_failure_is_raised_as_the_remote_exception_class():
-    error = _native_error("task_failed", _failure_text(CodedError(7)))
+    error = _native_error("task_failed", *_failure(CodedError(7)))
     assert isinstance(error, CodedError) and isinstance(error, IonetTaskError) and isinstance(error, RayTaskError)
     assert error.code == 7 and isinstance(error.cause, CodedError)
     assert "remote_function failed" in str(error) and "raise exc" in str(error) and "failure 7" in str(error)
@@ -145,7 +145,7 @@ def test_task_failure_is_raised_as_the_remote_exception_class():
 
 
 def test_os_errors_keep_their_fields():
-    error = _native_error("task_failed", _failure_text(FileNotFoundError(2, "missing")))
+    error = _native_error("task_failed", *_failure(FileNotFoundError(2, "missing")))
     assert isinstance(error, FileNotFoundError) and error.errno == 2
 
 

@@ -376,11 +376,10 @@ fn reply_state(shared: &SenderShared, method: &str, reply: PushTaskReply) -> Obj
     match reply.result {
         Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
         Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
-        Some(push_task_reply::Result::Failure(failure)) => ObjectState::Failed(Arc::new(IonetError::TaskFailed {
-            function: format!("{}.{}", shared.actor.class, failure.function_name),
-            node: runtime::hex_short(&failure.node_id),
-            message: failure.message,
-        })),
+        Some(push_task_reply::Result::Failure(failure)) => {
+            let function = format!("{}.{}", shared.actor.class, failure.function_name);
+            ObjectState::Failed(Arc::new(crate::task::task_failed(function, failure)))
+        }
         None => ObjectState::Failed(Arc::new(IonetError::Internal(format!("empty reply to {method}")))),
     }
 }

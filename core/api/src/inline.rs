@@ -132,11 +132,9 @@ fn run_here(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> ObjectState {
     match reply.result {
         Some(push_task_reply::Result::Inline(bytes)) => ObjectState::Inline(Arc::new(bytes)),
         Some(push_task_reply::Result::Stored(stored)) => ObjectState::Stored(stored),
-        Some(push_task_reply::Result::Failure(failure)) => failed(IonetError::TaskFailed {
-            function: failure.function_name,
-            node: runtime::hex_short(&failure.node_id),
-            message: failure.message,
-        }),
+        Some(push_task_reply::Result::Failure(failure)) => {
+            failed(crate::task::task_failed(failure.function_name.clone(), failure))
+        }
         None => failed(IonetError::Internal(format!("{} ran here and gave no result", spec.function))),
     }
 }

@@ -534,12 +534,11 @@ impl CoreWorker {
             match reply.result {
                 Some(get_object_reply::Result::Inline(bytes)) => return Ok(ObjectState::Inline(Arc::new(bytes))),
                 Some(get_object_reply::Result::Stored(stored)) => return Ok(ObjectState::Stored(stored)),
-                Some(get_object_reply::Result::Failure(failure)) => {
-                    return Ok(ObjectState::Failed(Arc::new(IonetError::TaskFailed {
-                        function: failure.function_name,
-                        node: hex_short(&failure.node_id),
-                        message: failure.message,
-                    })))
+                Some(get_object_reply::Result::Error(detail)) => {
+                    let error = rpc::status::error_of(detail).unwrap_or_else(|| {
+                        IonetError::Internal(format!("object {} failed in an unknown way", id.short()))
+                    });
+                    return Ok(ObjectState::Failed(Arc::new(error)));
                 }
                 Some(get_object_reply::Result::Unknown(why)) => return Err(IonetError::ObjectLost(why)),
                 Some(get_object_reply::Result::Pending(_)) | None => {

@@ -33,10 +33,7 @@ async fn read_args(worker: &CoreWorker, args: Vec<TaskArg>) -> Result<Result<Vec
             Some(task_arg::Value::Stored(stored)) => match worker.read_stored(&stored).await {
                 Ok(bytes) => read.push(ArgBytes(bytes)),
                 Err(err) => {
-                    return Ok(Err(Failure {
-                        kind: FailureKind::BadArguments,
-                        message: format!("argument {index} could not be read: {err}"),
-                    }))
+                    return Ok(Err(Failure::bad_arguments(format!("argument {index} could not be read: {err}"))))
                 }
             },
             None => return Err(Status::invalid_argument(format!("argument {index} has no value"))),
@@ -89,10 +86,7 @@ pub(crate) fn run_task_here(
 ) -> PushTaskReply {
     let task_bytes = task_id.to_vec();
     let Some(function) = task::lookup(function_name) else {
-        let failure = Failure {
-            kind: FailureKind::UnknownFunction,
-            message: format!("no remote function named {function_name} in this binary"),
-        };
+        let failure = Failure::unknown_function(format!("no remote function named {function_name} in this binary"));
         return failure_reply(worker, function_name, &task_bytes, failure);
     };
     let args = match crate::runtime::block_on(read_args(worker, args)) {
@@ -129,7 +123,7 @@ fn reply_of(worker: &CoreWorker, function_name: &str, task_bytes: &[u8], outcome
         Ok(Ok(result)) => PushTaskReply { result: Some(result), run_micros: 0 },
         Ok(Err(failure)) => failure_reply(worker, function_name, task_bytes, failure),
         Err(payload) => {
-            let failure = Failure { kind: FailureKind::Panic, message: panic_message(payload.as_ref()) };
+            let failure = Failure::panic(panic_message(payload.as_ref()));
             failure_reply(worker, function_name, task_bytes, failure)
         }
     }
@@ -168,10 +162,7 @@ async fn prepare_task(
 ) -> Result<(Option<&'static str>, Job), PushTaskReply> {
     let function_name = request.function_name;
     let Some(function) = task::lookup(&function_name) else {
-        let failure = Failure {
-            kind: FailureKind::UnknownFunction,
-            message: format!("no remote function named {function_name} in this binary"),
-        };
+        let failure = Failure::unknown_function(format!("no remote function named {function_name} in this binary"));
         return Err(failure_reply(worker, &function_name, &request.task_id, failure));
     };
     let return_id = match ObjectId::from_bytes(&request.return_object_id) {
@@ -199,7 +190,7 @@ async fn prepare_task(
 
 /// The failure reply to a call the caller sent malformed.
 fn malformed_reply(worker: &CoreWorker, function: &str, task_id: &[u8], why: impl std::fmt::Display) -> PushTaskReply {
-    let failure = Failure { kind: FailureKind::BadArguments, message: format!("malformed call: {why}") };
+    let failure = Failure::bad_arguments(format!("malformed call: {why}"));
     failure_reply(worker, function, task_id, failure)
 }
 
@@ -359,6 +350,7 @@ fn failure_reply(worker: &CoreWorker, function: &str, task_id: &[u8], failure: F
             message: failure.message,
             node_id: worker.node_id.to_vec(),
             task_id: task_id.to_vec(),
+            payload: failure.payload,
         })),
         run_micros: 0,
     }
@@ -413,13 +405,9 @@ impl CoreWorkerRpc for CoreWorkerService {
         let result = match self.worker.resolve(id, &self.worker.address, Some(deadline)).await {
             Ok(ObjectState::Inline(bytes)) => get_object_reply::Result::Inline(bytes.to_vec()),
             Ok(ObjectState::Stored(stored)) => get_object_reply::Result::Stored(stored),
-            Ok(ObjectState::Failed(error)) => get_object_reply::Result::Failure(TaskFailure {
-                kind: task_failure::Kind::Error as i32,
-                function_name: String::new(),
-                message: error.to_string(),
-                node_id: self.worker.node_id.to_vec(),
-                task_id: Vec::new(),
-            }),
+            Ok(ObjectState::Failed(error)) => {
+                get_object_reply::Result::Error(ionet_common::rpc::status::detail_of(&error))
+            }
             Ok(ObjectState::Pending) | Err(IonetError::Timeout(_)) => get_object_reply::Result::Pending(true),
             Err(error) => get_object_reply::Result::Unknown(error.to_string()),
         };
@@ -491,6 +479,7 @@ impl CoreWorkerRpc for CoreWorkerService {
                 message,
                 node_id: self.worker.node_id.to_vec(),
                 task_id: Vec::new(),
+                payload: Vec::new(),
             };
             Ok(Response::new(CreateActorReply { failure: Some(failure) }))
         };

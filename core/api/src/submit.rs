@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::TaskOptions;
-use crate::runtime::{current_or_panic, hex_short, CoreWorker, ObjectEntry, ObjectState};
+use crate::runtime::{current_or_panic, CoreWorker, ObjectEntry, ObjectState};
 
 pub(crate) struct TaskSpec {
     pub(crate) task_id: TaskId,
@@ -200,11 +200,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
                             attempt += 1;
                             continue;
                         }
-                        return Err(IonetError::TaskFailed {
-                            function: failure.function_name,
-                            node: hex_short(&failure.node_id),
-                            message: failure.message,
-                        });
+                        return Err(crate::task::task_failed(failure.function_name.clone(), failure));
                     }
                     None => {
                         return Err(IonetError::Internal(format!("worker sent an empty reply for {}", spec.function)))

@@ -46,6 +46,9 @@ impl ArgBytes {
 pub struct Failure {
     pub(crate) kind: FailureKind,
     pub(crate) message: String,
+    /// The failure as the function's language wrote it (a pickled Python exception),
+    /// carried apart from the text; empty for a Rust function.
+    pub(crate) payload: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,20 +63,43 @@ pub(crate) enum FailureKind {
 
 impl Failure {
     pub fn error(message: String) -> Self {
-        Self { kind: FailureKind::Error, message }
+        Self { kind: FailureKind::Error, message, payload: Vec::new() }
     }
 
     /// An error never retried, whatever `retry_exceptions` says.
     pub fn final_error(message: String) -> Self {
-        Self { kind: FailureKind::FinalError, message }
+        Self { kind: FailureKind::FinalError, message, payload: Vec::new() }
     }
 
     pub fn bad_arguments(message: String) -> Self {
-        Self { kind: FailureKind::BadArguments, message }
+        Self { kind: FailureKind::BadArguments, message, payload: Vec::new() }
     }
 
     pub fn unknown_function(message: String) -> Self {
-        Self { kind: FailureKind::UnknownFunction, message }
+        Self { kind: FailureKind::UnknownFunction, message, payload: Vec::new() }
+    }
+
+    /// The same failure, carrying its language's own form of it.
+    pub fn with_payload(mut self, payload: Vec<u8>) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    pub(crate) fn panic(message: String) -> Self {
+        Self { kind: FailureKind::Panic, message, payload: Vec::new() }
+    }
+}
+
+/// The error a caller sees for a failure reply of `function`.
+pub(crate) fn task_failed(
+    function: String,
+    failure: ionet_common::rpc::proto::worker::TaskFailure,
+) -> ionet_common::IonetError {
+    ionet_common::IonetError::TaskFailed {
+        function,
+        node: crate::runtime::hex_short(&failure.node_id),
+        message: failure.message,
+        payload: failure.payload,
     }
 }
 

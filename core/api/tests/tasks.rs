@@ -75,6 +75,20 @@ fn sum_of(refs: Vec<ionet::ObjectRef<u64>>, look: bool) -> u64 {
     ionet::get_all(&refs).unwrap().into_iter().sum()
 }
 
+/// The kind of error a get of the first of `refs` ends with, read as a borrower.
+#[ionet::remote]
+fn error_kind_of(refs: Vec<ionet::ObjectRef<u64>>) -> String {
+    match ionet::get(&refs[0]) {
+        Ok(value) => format!("a value: {value}"),
+        Err(error) => format!("{}: {error}", error.kind()),
+    }
+}
+
+#[ionet::remote]
+fn exit_worker() -> u64 {
+    std::process::exit(3)
+}
+
 #[ionet::remote]
 fn slow_value(millis: u64, value: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(millis));
@@ -180,10 +194,11 @@ fn embedded_thousand_tasks_and_a_chain() {
 fn errors_reach_the_caller() {
     ionet::init(InitConfig::default().num_cpus(2.0).num_gpus(4).gpu_type("A100-80GB")).unwrap();
     match ionet::get(&boom::remote("the model diverged".to_string())) {
-        Err(IonetError::TaskFailed { function, message, node }) => {
+        Err(IonetError::TaskFailed { function, message, node, payload }) => {
             assert!(function.ends_with("boom"), "{function}");
             assert!(message.contains("panicked: the model diverged"), "{message}");
             assert_eq!(node.len(), 8);
+            assert!(payload.is_empty(), "a Rust task has no language payload");
         }
         other => panic!("expected a task failure, got {other:?}"),
     }
@@ -192,6 +207,15 @@ fn errors_reach_the_caller() {
         other => panic!("expected a task failure, got {other:?}"),
     }
     assert_eq!(ionet::get(&fallible::remote(false)).unwrap(), 42);
+
+    // A borrower reading a failed object sees the error its owner holds, kind and all.
+    let crashed = exit_worker::options(TaskOptions::default().max_retries(0)).remote();
+    assert!(matches!(ionet::get(&crashed), Err(IonetError::WorkerCrashed { .. })));
+    let seen = ionet::get(&error_kind_of::remote(vec![crashed])).unwrap();
+    assert!(seen.starts_with("WorkerCrashed: "), "{seen}");
+    let failed = fallible::remote(true);
+    let seen = ionet::get(&error_kind_of::remote(vec![failed])).unwrap();
+    assert!(seen.starts_with("TaskFailed: ") && seen.ends_with("the input was rejected"), "{seen}");
 
     // A demand no node can ever fit fails clearly instead of hanging.
     let started = Instant::now();

@@ -34,9 +34,11 @@ pub enum IonetError {
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
-    /// A remote task returned an error or panicked; `message` is the remote one.
+    /// A remote task returned an error or panicked; `message` is the remote one, and
+    /// `payload` the failure as the task's language wrote it (a pickled Python
+    /// exception; empty for a Rust task), carried apart from the text.
     #[error("task {function} failed on node {node}: {message}")]
-    TaskFailed { function: String, node: String, message: String },
+    TaskFailed { function: String, node: String, message: String, payload: Vec<u8> },
     /// The worker process running a task died, on every attempt allowed.
     #[error("worker running task {function} crashed ({attempts} attempt(s)): {reason}")]
     WorkerCrashed { function: String, attempts: u32, reason: String },

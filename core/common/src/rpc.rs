@@ -84,10 +84,11 @@ pub mod status {
             | IonetError::ActorDied(m)
             | IonetError::Cancelled(m) => plain(m),
             IonetError::Io(error) => plain(&error.to_string()),
-            IonetError::TaskFailed { function, node, message } => ErrorDetail {
+            IonetError::TaskFailed { function, node, message, payload } => ErrorDetail {
                 function: function.clone(),
                 node: node.clone(),
                 message: message.clone(),
+                payload: payload.clone(),
                 ..Default::default()
             },
             IonetError::WorkerCrashed { function, attempts, reason } => ErrorDetail {
@@ -103,7 +104,7 @@ pub mod status {
 
     /// The error a detail names; `None` for a kind this build does not know.
     pub fn error_of(detail: ErrorDetail) -> Option<IonetError> {
-        let ErrorDetail { kind, message: m, function, node, attempts } = detail;
+        let ErrorDetail { kind, message: m, function, node, attempts, payload } = detail;
         Some(match kind.as_str() {
             "InvalidArgument" => IonetError::InvalidArgument(m),
             "NotFound" => IonetError::NotFound(m),
@@ -116,7 +117,7 @@ pub mod status {
             "Config" => IonetError::Config(m),
             "Io" => IonetError::Io(std::io::Error::other(m)),
             "Internal" => IonetError::Internal(m),
-            "TaskFailed" => IonetError::TaskFailed { function, node, message: m },
+            "TaskFailed" => IonetError::TaskFailed { function, node, message: m, payload },
             "WorkerCrashed" => IonetError::WorkerCrashed { function, attempts, reason: m },
             "ObjectLost" => IonetError::ObjectLost(m),
             "Infeasible" => IonetError::Infeasible(m),
@@ -191,7 +192,12 @@ pub mod status {
                 IonetError::Config("typo".into()),
                 IonetError::Io(std::io::Error::other("disk")),
                 IonetError::Internal("bug".into()),
-                IonetError::TaskFailed { function: "f".into(), node: "ab12".into(), message: "boom".into() },
+                IonetError::TaskFailed {
+                    function: "f".into(),
+                    node: "ab12".into(),
+                    message: "boom".into(),
+                    payload: b"pickled".to_vec(),
+                },
                 IonetError::WorkerCrashed { function: "g".into(), attempts: 3, reason: "killed".into() },
                 IonetError::ObjectLost("lost".into()),
                 IonetError::Infeasible("no GPU".into()),
@@ -236,6 +242,9 @@ pub mod status {
                 status.add_header(&mut headers).unwrap();
                 let status = Status::from_header_map(&headers).unwrap();
                 let back = IonetError::from(status);
+                if let IonetError::TaskFailed { payload, .. } = &back {
+                    assert_eq!(payload, b"pickled", "a failure's payload crosses apart from its text");
+                }
                 assert_eq!((back.kind(), back.to_string(), back.is_retryable()), (kind, text.clone(), retryable));
                 let copy = copy_of(&back);
                 assert_eq!((copy.kind(), copy.to_string()), (kind, text), "a copy is the same error");

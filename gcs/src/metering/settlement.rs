@@ -1,0 +1,137 @@
+//! Epoch settlement: cutting the leases still open at an epoch's end, measuring each GPU
+//! node's availability in the epoch, closing the epoch in the ledger, and the background
+//! task that closes scheduled epochs. Settlements are serialised by `Metering::settling`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ionet_common::resources::GPU;
+use ionet_common::rpc::proto::common::NodeState;
+use ionet_common::NodeId;
+use ionet_settlement::{EpochSpec, EpochSummary, NodeAvailability, SettleOutcome};
+use tokio::sync::watch;
+
+use super::{wallet_of, Changes, Metering};
+use crate::error::GcsResult;
+use crate::state::blocking;
+
+impl Metering {
+    /// Cuts every lease open before `end_ms` there: a record for the part before, the
+    /// rest stays open as the next segment.
+    async fn cut_open_leases(&self, end_ms: u64) -> GcsResult<()> {
+        let changes = {
+            let mut book = self.book();
+            let mut changes = Changes::default();
+            let mut cuts = Vec::new();
+            for lease in book.open.values_mut() {
+                if lease.start_ms < end_ms {
+                    cuts.push(lease.record_until(end_ms));
+                    lease.start_ms = end_ms;
+                    lease.segment += 1;
+                    changes.put_leases.push(lease.clone());
+                }
+            }
+            for made in cuts {
+                book.push(made.clone(), false);
+                changes.records.push(made);
+            }
+            changes
+        };
+        self.apply(changes).await
+    }
+
+    /// Each GPU node's verified uptime in `(previous_end_ms, end_ms]`.
+    fn availability(&self, previous_end_ms: u64, end_ms: u64) -> Vec<NodeAvailability> {
+        let mut availability = Vec::new();
+        for node in self.state.nodes(true) {
+            let Ok(node_id) = NodeId::from_bytes(&node.node_id) else {
+                continue;
+            };
+            let gpus = node.total.clone().unwrap_or_default().to_set().map(|total| total.get(GPU)).unwrap_or_default();
+            if gpus.is_zero() {
+                continue;
+            }
+            let from = node.registered_at_ms.max(previous_end_ms);
+            let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
+            availability.push(NodeAvailability {
+                node_id,
+                provider_wallet: wallet_of(&node, &node_id),
+                uptime_ms: to.saturating_sub(from),
+                gpu_capacity: gpus,
+                declared_watts: node.power_watts,
+                electricity_price_per_kwh: node.electricity_price_per_kwh_micros,
+            });
+        }
+        availability
+    }
+
+    /// Closes the next epoch at `end_ms` (or plans it, when `dry_run`: open leases are
+    /// then not cut, so the plan covers ended leases only). Serialised with every other
+    /// settlement.
+    pub async fn settle_at(&self, end_ms: u64, dry_run: bool) -> GcsResult<EpochSummary> {
+        let _settling = self.settling.lock().await;
+        let ledger = self.ledger.clone();
+        let last = blocking(move || Ok(ledger.lock().epochs()?.last().cloned())).await?;
+        let (epoch_id, previous_end) = match &last {
+            Some(last) => (last.epoch_id + 1, last.end_ms),
+            None => (0, 0),
+        };
+        let end_ms = end_ms.max(previous_end);
+        let spec = EpochSpec { epoch_id, end_ms, availability: self.availability(previous_end, end_ms) };
+        let ledger = self.ledger.clone();
+        if dry_run {
+            return blocking(move || Ok(ledger.lock().dry_run(&spec)?.summary)).await;
+        }
+        self.cut_open_leases(end_ms).await?;
+        let outcome = blocking(move || Ok(ledger.lock().settle_epoch(&spec)?)).await?;
+        self.last_epoch_end_ms.store(end_ms, Ordering::SeqCst);
+        self.settled.notify_one();
+        Ok(match outcome {
+            SettleOutcome::Settled(summary) | SettleOutcome::AlreadySettled(summary) => summary,
+        })
+    }
+
+    /// Closes the epoch now (control-store clock).
+    pub async fn settle_now(&self, dry_run: bool) -> GcsResult<EpochSummary> {
+        self.settle_at(self.state.now_ms(), dry_run).await
+    }
+
+    /// Settles the latest scheduled boundary if it is past and not yet closed. Returns
+    /// the summary when it closed one.
+    pub async fn settle_due(&self) -> GcsResult<Option<EpochSummary>> {
+        let length = self.state.config().epoch_length_ms.max(1);
+        let boundary = self.state.now_ms() / length * length;
+        if boundary <= self.last_epoch_end_ms.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let summary = self.settle_at(boundary, false).await?;
+        Ok(Some(summary))
+    }
+}
+
+pub(super) async fn close_epochs(metering: Arc<Metering>, mut stopped: watch::Receiver<bool>) {
+    let length = metering.state.config().epoch_length_ms;
+    let period = Duration::from_millis((length / 4).clamp(10, 1_000));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        if let Err(err) = metering.end_leases_of_dead_nodes().await {
+            tracing::error!(error = %err, "could not end the leases of dead nodes");
+        }
+        match metering.settle_due().await {
+            Ok(Some(summary)) => tracing::info!(
+                epoch = summary.epoch_id,
+                end_ms = summary.end_ms,
+                records = summary.records,
+                "scheduled epoch closed"
+            ),
+            Ok(None) => {}
+            Err(err) => tracing::error!(error = %err, "scheduled settlement failed; retrying next tick"),
+        }
+    }
+}

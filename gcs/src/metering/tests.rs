@@ -1,0 +1,202 @@
+use super::*;
+use crate::storage::{GcsStorage, MemoryStorage};
+use ionet_common::clock::ManualClock;
+use ionet_common::config::ClusterConfig;
+use ionet_common::resources::{parse_usd, Quantity, CPU, GPU};
+use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
+use ionet_common::ResourceSet;
+
+const START: u64 = 1_700_000_000_000;
+
+fn gpu_node(node_id: NodeId, gpus: i64, price: &str, wallet: &str) -> NodeInfo {
+    let total = ResourceSet::new().with(GPU, Quantity::whole(gpus)).with(CPU, Quantity::whole(8));
+    NodeInfo {
+        node_id: node_id.to_vec(),
+        address: "127.0.0.1:1".into(),
+        total: Some((&total).into()),
+        available: Some((&total).into()),
+        price_per_gpu_hour_micros: parse_usd(price).unwrap(),
+        wallet: wallet.into(),
+        ..Default::default()
+    }
+}
+
+struct Fixture {
+    clock: ManualClock,
+    state: Arc<GcsState>,
+    metering: Arc<Metering>,
+    storage: Arc<dyn GcsStorage>,
+}
+
+async fn fixture_on(storage: Arc<dyn GcsStorage>, clock: ManualClock) -> Fixture {
+    let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1_000, ..Default::default() };
+    let state = GcsState::open(config, storage.clone(), Arc::new(clock.clone())).await.unwrap();
+    let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
+    Fixture { clock, state, metering, storage }
+}
+
+async fn fixture() -> Fixture {
+    fixture_on(Arc::new(MemoryStorage::new()), ManualClock::new(START)).await
+}
+
+fn gpus(count: &str) -> Option<ResourceQuantities> {
+    Some((&ResourceSet::new().with(GPU, count.parse().unwrap())).into())
+}
+
+async fn job(state: &GcsState, payer: &str) -> JobId {
+    let job = state.add_job(JobInfo { payer_account: payer.into(), ..Default::default() }).await.unwrap();
+    JobId::from_bytes(&job.job_id).unwrap()
+}
+
+fn balance(balances: &[(Account, i64)], account: Account) -> i64 {
+    balances.iter().find(|(a, _)| *a == account).map(|(_, b)| *b).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn interval_times_price_is_exact_and_settles_once() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 4, "2.50", "wallet-a")).await.unwrap();
+    let job = job(&f.state, "alice").await;
+    f.metering.add_credits("alice", 100_000_000).await.unwrap();
+    let lease = LeaseId::random();
+    let start = f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap();
+    assert_eq!(start, START);
+    // The same report again is harmless.
+    f.clock.advance_ms(5);
+    assert_eq!(
+        f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap(),
+        START
+    );
+    f.clock.advance_ms(90 * 60_000 - 5);
+    let record = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    assert_eq!((record.start_ms, record.end_ms), (START, START + 5_400_000));
+    // 2 GPUs × 1.5 h × $2.50 = $7.50, exactly.
+    assert_eq!(record.cost_micros, 7_500_000);
+    assert_eq!(record.payer_account, "alice");
+    assert_eq!(record.provider_wallet, "wallet-a");
+    assert_eq!(record.record_id, record_id(&lease, 0).to_string());
+    // Ending twice returns the same record.
+    f.clock.advance_ms(1_000);
+    let again = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    assert_eq!(again.end_ms, record.end_ms);
+
+    let summary = f.metering.settle_now(false).await.unwrap();
+    assert_eq!((summary.epoch_id, summary.records, summary.total_usage, summary.total_fee), (0, 1, 7_500_000, 187_500));
+    let balances = f.metering.balances().await.unwrap();
+    assert_eq!(balance(&balances, Account::provider("wallet-a")), 7_500_000);
+    assert_eq!(balance(&balances, Account::Treasury), 187_500);
+    assert_eq!(balance(&balances, Account::payer("alice")), 100_000_000 - 7_500_000 - 187_500);
+    assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 0);
+    let listed = f.metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].settled && listed[0].settled_epoch == 0);
+
+    f.clock.advance_ms(1_000);
+    let second = f.metering.settle_now(false).await.unwrap();
+    assert_eq!((second.epoch_id, second.records, second.total_usage), (1, 0, 0));
+    assert_eq!(f.metering.balances().await.unwrap(), balances);
+    let (earnings, provider_balance) = f.metering.earnings("wallet-a").await.unwrap();
+    assert_eq!(earnings[0].revenue, 7_500_000);
+    assert_eq!(provider_balance, 7_500_000);
+}
+
+#[tokio::test]
+async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "3.60", "")).await.unwrap();
+    let job = job(&f.state, "").await;
+    let lease = LeaseId::random();
+    f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("0.5")).await.unwrap();
+    f.clock.advance_ms(700);
+    f.state.heartbeat(node.as_bytes(), None).unwrap();
+    f.clock.advance_ms(1_500);
+    assert_eq!(f.state.check_heartbeats().await.unwrap(), vec![node]);
+    assert_eq!(f.metering.end_leases_of_dead_nodes().await.unwrap(), 1);
+    let records = f.metering.list_usage(None, Some(node)).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].open);
+    assert_eq!(records[0].end_ms, START + 700);
+    assert_eq!(records[0].payer_account, DEFAULT_PAYER);
+    assert_eq!(records[0].provider_wallet, format!("node-{node}"));
+    // 0.5 GPU × 0.7 s × $3.60/h = $0.00035.
+    assert_eq!(records[0].cost_micros, 350);
+    let err = f
+        .metering
+        .lease_started(LeaseId::random().as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is dead"), "{err}");
+}
+
+#[tokio::test]
+async fn an_open_lease_is_cut_at_the_epoch_end_and_survives_a_restart() {
+    let storage: Arc<dyn GcsStorage> = Arc::new(MemoryStorage::new());
+    let clock = ManualClock::new(START);
+    let f = fixture_on(storage.clone(), clock.clone()).await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "1", "w")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    let lease = LeaseId::random();
+    f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1")).await.unwrap();
+    f.clock.advance_ms(3_600_000);
+    let summary = f.metering.settle_now(false).await.unwrap();
+    assert_eq!((summary.records, summary.total_usage), (1, 1_000_000));
+    f.clock.advance_ms(1_800_000);
+    drop(f);
+
+    // A head restarted on the same storage still has the lease open.
+    let g = fixture_on(storage, clock).await;
+    let record = g.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    assert_eq!(record.segment, 1);
+    assert_eq!(record.start_ms, START + 3_600_000);
+    assert_eq!(record.cost_micros, 500_000);
+    assert_ne!(record.record_id, record_id(&lease, 0).to_string());
+    let err = g.metering.lease_ended(LeaseId::random().as_bytes()).await.unwrap_err();
+    assert!(err.to_string().contains("is not open"), "{err}");
+    let _ = g.storage.describe();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_value() {
+    let f = fixture().await;
+    let err = f.metering.add_credits("alice", 0).await.unwrap_err();
+    assert!(err.to_string().contains("invalid amount"), "{err}");
+    let err = f.metering.refund("nobody").await.unwrap_err();
+    assert!(err.to_string().contains("\"nobody\" has never been credited"), "{err}");
+    let err = f.metering.lease_ended(&[1, 2, 3]).await.unwrap_err();
+    assert!(err.to_string().contains("lease id must be 16 bytes"), "{err}");
+    let err = f
+        .metering
+        .lease_started(
+            LeaseId::random().as_bytes(),
+            NodeId::random().as_bytes(),
+            JobId::from_sequence(1).as_bytes(),
+            gpus("1"),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not registered"), "{err}");
+}
+
+#[tokio::test]
+async fn scheduled_epochs_close_on_boundaries() {
+    let config = ClusterConfig {
+        heartbeat_interval_ms: 100,
+        heartbeat_timeout_ms: 1_000,
+        epoch_length_ms: 60_000,
+        ..Default::default()
+    };
+    let clock = ManualClock::new(600_000 + 30_000);
+    let state = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
+    let metering = Metering::open(state, MeteringOptions::default()).await.unwrap();
+    assert!(metering.settle_due().await.unwrap().is_none());
+    clock.advance_ms(30_000);
+    let closed = metering.settle_due().await.unwrap().unwrap();
+    assert_eq!((closed.epoch_id, closed.end_ms), (0, 660_000));
+    assert!(metering.settle_due().await.unwrap().is_none());
+    clock.advance_ms(185_000);
+    let closed = metering.settle_due().await.unwrap().unwrap();
+    assert_eq!((closed.epoch_id, closed.end_ms), (1, 840_000));
+}

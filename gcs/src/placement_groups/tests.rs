@@ -1,0 +1,127 @@
+use std::sync::Arc;
+
+use ionet_common::clock::ManualClock;
+use ionet_common::config::ClusterConfig;
+use ionet_common::resources::{Quantity, CPU};
+use ionet_common::rpc::proto::common::NodeInfo;
+
+use super::*;
+use crate::storage::MemoryStorage;
+
+/// The job creating the groups under test.
+const JOB: [u8; 4] = [0, 0, 0, 7];
+
+/// Nodes that keep their reservations in memory; the node at `refusing` refuses.
+#[derive(Default)]
+struct FakeNodes {
+    refusing: Mutex<HashSet<String>>,
+    reserved: Mutex<HashMap<(String, PlacementGroupId, u32), bool>>,
+}
+
+#[tonic::async_trait]
+impl BundleAgent for FakeNodes {
+    async fn prepare(
+        &self,
+        address: &str,
+        group: PlacementGroupId,
+        index: u32,
+        _job_id: &[u8],
+        _resources: &ResourceSet,
+    ) -> IonetResult<()> {
+        if self.refusing.lock().unwrap().contains(address) {
+            return Err(IonetError::ResourceExhausted(format!("{address} has no room")));
+        }
+        self.reserved.lock().unwrap().insert((address.to_string(), group, index), false);
+        Ok(())
+    }
+    async fn commit(&self, address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+        self.reserved.lock().unwrap().insert((address.to_string(), group, index), true);
+        Ok(())
+    }
+    async fn cancel(&self, address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+        self.reserved.lock().unwrap().remove(&(address.to_string(), group, index));
+        Ok(())
+    }
+}
+
+async fn cluster_of(nodes: usize) -> Arc<GcsState> {
+    let state = GcsState::open(ClusterConfig::default(), Arc::new(MemoryStorage::new()), Arc::new(ManualClock::new(0)))
+        .await
+        .unwrap();
+    for index in 0..nodes {
+        let cpus = ResourceSet::new().with(CPU, Quantity::whole(2));
+        let node = NodeInfo {
+            node_id: NodeId::random().to_vec(),
+            address: format!("node-{index}:1"),
+            total: Some((&cpus).into()),
+            available: Some((&cpus).into()),
+            ..Default::default()
+        };
+        state.register_node(node).await.unwrap();
+    }
+    state
+}
+
+fn cpu_bundles(count: usize) -> Vec<ResourceSet> {
+    (0..count).map(|_| ResourceSet::new().with(CPU, Quantity::whole(1))).collect()
+}
+
+#[tokio::test]
+async fn a_refused_prepare_leaves_no_reservation_and_the_group_pending() {
+    let state = cluster_of(3).await;
+    let nodes = Arc::new(FakeNodes::default());
+    nodes.refusing.lock().unwrap().insert("node-2:1".into());
+    let groups = PlacementGroups::new(state, nodes.clone());
+    let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), JOB.to_vec()).unwrap();
+    let unbilled = groups.create(cpu_bundles(1), PlacementStrategy::Pack, String::new(), Vec::new()).unwrap_err();
+    assert!(unbilled.to_string().contains("billed to that job"), "{unbilled}");
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
+    assert!(nodes.reserved.lock().unwrap().is_empty(), "a failed prepare left reservations behind");
+    assert!(groups.get(&id).unwrap().pending_reason.contains("refused"), "{:?}", groups.get(&id).unwrap());
+
+    // Once the node has room the next pass places and commits every bundle.
+    nodes.refusing.lock().unwrap().clear();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+    let reserved = nodes.reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 3);
+    assert!(reserved.values().all(|committed| *committed));
+    let distinct: HashSet<&String> = reserved.keys().map(|(address, ..)| address).collect();
+    assert_eq!(distinct.len(), 3, "strict spread uses three nodes");
+
+    tokio::time::timeout(Duration::from_secs(10), groups.remove(&id)).await.unwrap().unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Removed));
+    assert!(nodes.reserved.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_group_on_a_dead_node_is_released_and_placed_again() {
+    let state = cluster_of(4).await;
+    let nodes = Arc::new(FakeNodes::default());
+    let groups = PlacementGroups::new(state.clone(), nodes.clone());
+    let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    let placed = groups.get(&id).unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+
+    state.drain_node(&placed.bundle_node_ids[0], "gone", true).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    let replaced = groups.get(&id).unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+    assert!(!replaced.bundle_node_ids.contains(&placed.bundle_node_ids[0]), "the dead node holds no bundle");
+    let reserved = nodes.reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 3, "the old reservations were cancelled: {reserved:?}");
+    assert!(!reserved.keys().any(|(address, ..)| *address == placed.bundle_node_addresses[0]));
+}
+
+#[tokio::test]
+async fn a_group_that_cannot_fit_stays_pending_without_reserving() {
+    let state = cluster_of(3).await;
+    let nodes = Arc::new(FakeNodes::default());
+    let groups = PlacementGroups::new(state, nodes.clone());
+    let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
+    assert!(nodes.reserved.lock().unwrap().is_empty());
+}
