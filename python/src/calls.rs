@@ -39,7 +39,7 @@ impl PyActorHandle {
     /// The actor's row: state, name, namespace, restarts, death_cause, node_id, class_key.
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let handle = self.inner.clone();
-        let info = py.detach(move || handle.info()).or_raise()?;
+        let info = py.detach(move || handle.row()).or_raise()?;
         let spec = info.spec.clone().unwrap_or_default();
         let state = ionet::rpc::proto::gcs::ActorState::try_from(info.state)
             .map(|state| state.as_str_name().to_string())

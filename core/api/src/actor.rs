@@ -268,7 +268,14 @@ impl ActorHandle {
     }
 
     /// The actor's row in the control store.
-    pub fn info(&self) -> IonetResult<ActorInfo> {
+    pub fn info(&self) -> IonetResult<crate::ActorInfo> {
+        self.row()?.try_into()
+    }
+
+    /// The control store's row of the actor as it travels (for language bindings that
+    /// read fields of their own from its spec).
+    #[doc(hidden)]
+    pub fn row(&self) -> IonetResult<ActorInfo> {
         let worker = runtime::current()?;
         let info = runtime::block_on(async {
             let request = GetActorRequest { actor_id: self.id.to_vec(), wait_newer_than: -1, timeout_ms: 0 };

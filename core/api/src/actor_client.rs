@@ -20,6 +20,7 @@ use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::{IonetError, IonetResult, ObjectId, TaskId};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::actor_policy::{self, AfterBreak, Delivery};
 use crate::object_ref::Arg;
 use crate::runtime::{self, CoreWorker, ObjectState};
 
@@ -60,16 +61,9 @@ impl ActorClient {
 
 impl SenderShared {
     fn learn(&self, info: &ActorInfo) {
-        match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
-            ActorState::Alive => {
-                self.broken.fetch_max(i64::from(info.incarnation) - 1, Ordering::SeqCst);
-            }
-            ActorState::Restarting | ActorState::Dead => {
-                // The incarnation recorded is the next one (restarting) or the last (dead).
-                let dead_up_to = if info.state == ActorState::Dead as i32 { 0 } else { 1 };
-                self.broken.fetch_max(i64::from(info.incarnation) - dead_up_to, Ordering::SeqCst);
-            }
-            _ => {}
+        let state = ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified);
+        if let Some(dead) = actor_policy::dead_through(state, info.incarnation) {
+            self.broken.fetch_max(dead, Ordering::SeqCst);
         }
     }
 }
@@ -337,12 +331,11 @@ async fn read_replies(
     unanswered.sort_by_key(|(sequence, _)| *sequence);
     let retries = shared.max_task_retries.load(Ordering::SeqCst);
     let mut cause: Option<String> = None;
+    let delivery = if actor_policy::never_delivered(&ended) { Delivery::Never } else { Delivery::Maybe };
     for (_, (mut call, permit)) in unanswered {
         drop(permit);
-        if never_delivered(&ended) || retries == -1 || i64::from(call.attempt) < retries {
-            if !never_delivered(&ended) {
-                call.attempt += 1;
-            }
+        if let AfterBreak::Resend { attempt } = actor_policy::after_break(delivery, call.attempt, retries) {
+            call.attempt = attempt;
             requeue(&shared, call);
             continue;
         }
@@ -424,49 +417,4 @@ fn death_error(actor: &ActorHandle, info: &ActorInfo) -> IonetError {
 fn death_message(actor: &ActorHandle, info: &ActorInfo) -> String {
     let cause = if info.death_cause.is_empty() { "cause unknown" } else { info.death_cause.as_str() };
     format!("actor {} ({}) is dead: {cause}", actor.id.short(), actor.class)
-}
-
-/// Whether a failed send certainly never reached the worker (nothing ran): its cause,
-/// somewhere down the error's source chain, is a connection that could not be made
-/// (refused, host or network unreachable). Read from the error's type, not its text: a
-/// worker's own error that says "connection refused" was delivered. (A connect that timed
-/// out is not counted: the peer may have taken the call.)
-fn never_delivered(status: &tonic::Status) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(error) = cause {
-        if error.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            use std::io::ErrorKind::{AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable};
-            matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable)
-        }) {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refused_connection_is_never_delivered_and_a_message_proves_nothing() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            // A port nothing listens on.
-            let address = {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                listener.local_addr().unwrap().to_string()
-            };
-            let token = ionet_common::auth::ClusterToken::generate();
-            let channel = ionet_common::rpc::connect_lazy(&address, &token, Duration::from_secs(2)).unwrap();
-            let refused = CoreWorkerClient::new(channel)
-                .watch(ionet_common::rpc::proto::worker::WatchRequest {})
-                .await
-                .expect_err("nothing listens there");
-            assert!(never_delivered(&refused), "a refused connection: {refused:?}");
-        });
-        // A worker that answered, whatever its words, got the call.
-        assert!(!never_delivered(&tonic::Status::unavailable("tcp connect error: Connection refused")));
-    }
 }

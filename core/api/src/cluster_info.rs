@@ -1,6 +1,7 @@
 //! What the public API reports about the cluster, in domain types rather than wire
 //! messages: a [`Node`] of [`nodes`](crate::nodes), a [`PlacementGroupInfo`] of
-//! [`placement_group_info`](crate::placement_group_info). Converting a wire row checks it
+//! [`placement_group_info`](crate::placement_group_info), an [`ActorInfo`] of
+//! [`ActorHandle::info`](crate::ActorHandle::info). Converting a wire row checks it
 //! once (ids of the right length, resources that parse), so a caller never meets raw
 //! bytes or an enum stored as a number.
 
@@ -8,10 +9,9 @@ use std::collections::BTreeMap;
 
 use ionet_common::resources::{MicroUsd, ResourceSet};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState as WireNodeState};
+use ionet_common::rpc::proto::gcs::{ActorInfo as WireActorInfo, ActorState as WireActorState};
 use ionet_common::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState as WireGroupState};
-use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
-
-use crate::placement_group::PlacementStrategy;
+use ionet_common::{ActorId, IonetError, IonetResult, NodeId, PlacementGroupId};
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +92,20 @@ impl TryFrom<NodeInfo> for Node {
     }
 }
 
+/// How a group's bundles are laid over nodes (Ray's names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlacementStrategy {
+    /// As few nodes as possible (best effort).
+    #[default]
+    Pack,
+    /// Over as many nodes as possible (best effort).
+    Spread,
+    /// All bundles on one node.
+    StrictPack,
+    /// Every bundle on a different node.
+    StrictSpread,
+}
+
 /// Where a placement group is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlacementGroupState {
@@ -141,6 +155,66 @@ impl TryFrom<GetPlacementGroupReply> for PlacementGroupInfo {
             bundles: reply.bundles.iter().map(|bundle| bundle.to_set()).collect::<IonetResult<_>>()?,
             bundle_nodes: reply.bundle_node_ids.iter().map(|id| NodeId::from_bytes(id)).collect::<IonetResult<_>>()?,
             pending_reason: reply.pending_reason,
+        })
+    }
+}
+
+/// Where an actor is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActorState {
+    /// Waiting for a worker (room, or its placement group).
+    PendingCreation,
+    Alive,
+    /// Its worker died; a new incarnation is being placed.
+    Restarting,
+    Dead,
+}
+
+/// One actor as the control store records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActorInfo {
+    pub id: ActorId,
+    pub class_name: String,
+    /// Empty: unnamed.
+    pub name: String,
+    pub namespace: String,
+    pub state: ActorState,
+    /// 0 for the first creation, +1 per restart.
+    pub incarnation: u32,
+    pub restarts: u32,
+    /// Its node while alive.
+    pub node_id: Option<NodeId>,
+    /// Its worker's address while alive.
+    pub address: String,
+    pub gpu_ids: Vec<u32>,
+    /// Why it is dead, or why its last incarnation ended.
+    pub death_cause: String,
+}
+
+impl TryFrom<WireActorInfo> for ActorInfo {
+    type Error = IonetError;
+
+    fn try_from(info: WireActorInfo) -> IonetResult<Self> {
+        let spec = info.spec.unwrap_or_default();
+        let state = match WireActorState::try_from(info.state) {
+            Ok(WireActorState::PendingCreation) => ActorState::PendingCreation,
+            Ok(WireActorState::Alive) => ActorState::Alive,
+            Ok(WireActorState::Restarting) => ActorState::Restarting,
+            Ok(WireActorState::Dead) => ActorState::Dead,
+            _ => return Err(IonetError::Internal(format!("actor row with unknown state {}", info.state))),
+        };
+        Ok(ActorInfo {
+            id: ActorId::from_bytes(&spec.actor_id)?,
+            class_name: spec.class_name,
+            name: spec.name,
+            namespace: spec.namespace,
+            state,
+            incarnation: info.incarnation,
+            restarts: info.restarts,
+            node_id: (!info.node_id.is_empty()).then(|| NodeId::from_bytes(&info.node_id)).transpose()?,
+            address: info.address,
+            gpu_ids: info.gpu_ids,
+            death_cause: info.death_cause,
         })
     }
 }

@@ -53,7 +53,7 @@ pub fn is_canceled() -> bool {
 
 /// A cancel for `task` arrived: marks it, tells the binding running it and, with
 /// `recursive`, cancels the tasks it submitted.
-pub(crate) fn cancelled(runtime: &crate::runtime::CoreWorker, task: TaskId, recursive: bool) {
+pub(crate) fn cancelled(runtime: &std::sync::Arc<crate::runtime::CoreWorker>, task: TaskId, recursive: bool) {
     runtime.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(task);
     runtime.any_cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
     if recursive {

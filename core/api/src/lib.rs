@@ -32,6 +32,7 @@ extern crate self as ionet;
 
 pub mod actor;
 mod actor_client;
+mod actor_policy;
 mod actor_pool;
 mod api;
 mod blocked;
@@ -61,7 +62,9 @@ pub use api::{
     wait_flags, ObjectBytes,
 };
 pub use arrow_array;
-pub use cluster_info::{Gpu, Node, NodeState, PlacementGroupInfo, PlacementGroupState};
+pub use cluster_info::{
+    ActorInfo, ActorState, Gpu, Node, NodeState, PlacementGroupInfo, PlacementGroupState, PlacementStrategy,
+};
 pub use context::{
     current_task_id, get_gpu_ids, get_runtime_context, is_canceled, set_cancel_hook, CancelHook, RuntimeContext,
 };
@@ -73,7 +76,7 @@ pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
 pub use options::{bundle_from_ray, retries_from_ray, SchedulingStrategy, TaskOptions, ANY_BUNDLE};
 pub use placement_group::{
     detached_placement_group, named_placement_group, placement_group, placement_group_info, placement_group_table,
-    remove_placement_group, PlacementGroup, PlacementStrategy,
+    remove_placement_group, PlacementGroup,
 };
 
 #[doc(hidden)]

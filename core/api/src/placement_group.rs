@@ -16,22 +16,8 @@ use ionet_common::rpc::proto::gcs::{
 };
 use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
 
-use crate::cluster_info::PlacementGroupInfo;
+use crate::cluster_info::{PlacementGroupInfo, PlacementStrategy};
 use crate::runtime::{self, block_on, CoreWorker};
-
-/// How a group's bundles are laid over nodes (Ray's names).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PlacementStrategy {
-    /// As few nodes as possible (best effort).
-    #[default]
-    Pack,
-    /// Over as many nodes as possible (best effort).
-    Spread,
-    /// All bundles on one node.
-    StrictPack,
-    /// Every bundle on a different node.
-    StrictSpread,
-}
 
 /// A handle to a placement group in the control store (cheap to clone).
 #[derive(Clone, Debug, PartialEq, Eq)]

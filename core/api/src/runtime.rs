@@ -393,7 +393,7 @@ impl CoreWorker {
     /// `force` kills the worker running it, else that worker is told, and with
     /// `recursive` it cancels the tasks the cancelled one submitted in turn. An object
     /// already produced is left alone.
-    pub(crate) fn cancel_owned(&self, id: &ObjectId, force: bool, recursive: bool) -> IonetResult<()> {
+    pub(crate) fn cancel_owned(self: &Arc<Self>, id: &ObjectId, force: bool, recursive: bool) -> IonetResult<()> {
         let Some(entry) = self.objects.get(id).map(|entry| entry.clone()) else {
             return Err(IonetError::InvalidArgument(format!(
                 "object {} is not owned by this process: only its owner can cancel it",
@@ -416,7 +416,7 @@ impl CoreWorker {
     }
 
     /// Cancels the pending tasks that `task` (running here) submitted, and theirs.
-    pub(crate) fn cancel_children(&self, task: TaskId) {
+    pub(crate) fn cancel_children(self: &Arc<Self>, task: TaskId) {
         let Some((_, children)) = self.children.remove(&task) else { return };
         for child in children {
             // A child already finished, or whose every handle was dropped, is past cancelling.
@@ -426,10 +426,10 @@ impl CoreWorker {
 
     /// Tells the worker running the task or actor call producing `id` (if any is) that
     /// it was cancelled. Best effort: a call that already ended is past cancelling.
-    pub(crate) fn notify_cancelled(&self, id: &ObjectId, recursive: bool) {
+    pub(crate) fn notify_cancelled(self: &Arc<Self>, id: &ObjectId, recursive: bool) {
         if let Some(task_id) = self.inline_running.get(id).map(|entry| *entry) {
             // Running here, inside the task that waits for it.
-            let worker = current_or_panic();
+            let worker = self.clone();
             self.handle.spawn_blocking(move || crate::context::cancelled(&worker, task_id, recursive));
             return;
         }
@@ -451,10 +451,10 @@ impl CoreWorker {
     /// Cancels the task producing `id` if it is running: its lease goes back as failed,
     /// so the node daemon kills the worker. Tasks queued behind it on that worker are
     /// pushed again without spending an attempt.
-    pub(crate) fn kill_running_task(&self, id: &ObjectId) {
+    pub(crate) fn kill_running_task(self: &Arc<Self>, id: &ObjectId) {
         if let Some((_, (pool, lease, _))) = self.running_tasks.remove(id) {
             lease.killed_by_cancel.store(true, Ordering::SeqCst);
-            let worker = current_or_panic();
+            let worker = self.clone();
             self.handle.spawn(async move { worker.return_lease(&pool, &lease, true).await });
         }
     }

@@ -299,7 +299,7 @@ fn killed_actor_restarts_or_dies() {
         restarting
             .actor_handle()
             .info()
-            .is_ok_and(|info| info.incarnation == 1 && info.state == ionet::rpc::proto::gcs::ActorState::Alive as i32)
+            .is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
     });
     let value = ionet::get_timeout(&restarting.incr(1), Duration::from_secs(60)).unwrap();
     assert_eq!(value, 1, "the constructor ran again: state reset");
@@ -354,7 +354,7 @@ fn gpu_actor_waits_for_the_gpu() {
         other => panic!("the second GPU actor must wait for the GPU, got {other:?}"),
     }
     let state = second.actor_handle().info().unwrap().state;
-    assert_eq!(state, ionet::rpc::proto::gcs::ActorState::PendingCreation as i32);
+    assert_eq!(state, ionet::ActorState::PendingCreation);
     ionet::kill(&first, true).unwrap();
     assert_eq!(ionet::get_timeout(&devices, Duration::from_secs(60)).unwrap(), ("0".to_string(), vec![0]));
 }
@@ -411,7 +411,7 @@ fn an_actor_no_node_can_fit_fails_as_infeasible() {
         }
     }
     let state = giant.actor_handle().info().unwrap().state;
-    assert_eq!(state, ionet::rpc::proto::gcs::ActorState::Dead as i32);
+    assert_eq!(state, ionet::ActorState::Dead);
     let small = Counter::remote(1i64).unwrap();
     assert_eq!(ionet::get_timeout(&small.incr(1), Duration::from_secs(60)).unwrap(), 2);
     ionet::shutdown();
