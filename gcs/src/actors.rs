@@ -29,13 +29,14 @@ use ionet_common::auth::ClusterToken;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::NodeState as WireNodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
-use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, PlacementGroupState};
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
-use ionet_common::{ActorId, IonetError, IonetResult, JobId};
+use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
 use tokio::sync::watch;
 
+use crate::placement_groups::PlacementGroups;
 use crate::state::GcsState;
 
 /// Pause between placement attempts that failed for a reason that may pass.
@@ -50,6 +51,8 @@ struct Row {
 pub struct Actors {
     state: Arc<GcsState>,
     token: ClusterToken,
+    /// Where an actor in a placement group is placed: its bundle's node.
+    placement_groups: Arc<PlacementGroups>,
     rows: Mutex<HashMap<ActorId, Row>>,
     /// (namespace, name) → actor, for actors not DEAD.
     names: Mutex<HashMap<(String, String), ActorId>>,
@@ -68,10 +71,11 @@ fn state_of(info: &ActorInfo) -> ActorState {
 }
 
 impl Actors {
-    pub fn new(state: Arc<GcsState>, token: ClusterToken) -> Arc<Self> {
+    pub fn new(state: Arc<GcsState>, token: ClusterToken, placement_groups: Arc<PlacementGroups>) -> Arc<Self> {
         Arc::new(Actors {
             state,
             token,
+            placement_groups,
             rows: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             owners: DashMap::new(),
@@ -284,11 +288,9 @@ impl Actors {
         let mut warned = false;
         let mut backoff = Backoff::new(None);
         while self.still_wanted(&actor_id, incarnation) {
-            let outcome = match self.first_node(&spec.node_address) {
-                Some(address) => {
-                    lease::request(|address| self.channel(address), address, self.lease_request(&spec)).await
-                }
-                None => LeaseOutcome::Unavailable("the cluster has no alive node".into()),
+            let outcome = match self.target(&spec, incarnation) {
+                Ok((address, request)) => lease::request(|address| self.channel(address), address, request).await,
+                Err(outcome) => outcome,
             };
             let (lease, node_address) = match outcome {
                 LeaseOutcome::Granted { lease, node_address } => {
@@ -401,6 +403,44 @@ impl Actors {
         }
         tracing::warn!(actor = %actor_id, cause, "actor dead");
         self.bump();
+    }
+
+    /// Whom to ask for the actor's lease, and what: outside a placement group, the
+    /// creator's node (or any alive one), which may spill it; inside one, the node holding
+    /// its bundle, asked directly (any bundle: the groups' bundles in turn, by
+    /// incarnation). A pending group is asked again later; a removed one is final.
+    fn target(&self, spec: &ActorSpec, incarnation: u32) -> Result<(String, RequestWorkerLeaseRequest), LeaseOutcome> {
+        let mut request = self.lease_request(spec);
+        if spec.placement_group_id.is_empty() {
+            let address = self
+                .first_node(&spec.node_address)
+                .ok_or_else(|| LeaseOutcome::Unavailable("the cluster has no alive node".into()))?;
+            return Ok((address, request));
+        }
+        let group = PlacementGroupId::from_bytes(&spec.placement_group_id).map_err(LeaseOutcome::Refused)?;
+        let row = self.placement_groups.get(&group).map_err(LeaseOutcome::Refused)?;
+        match PlacementGroupState::try_from(row.state).unwrap_or(PlacementGroupState::Pending) {
+            PlacementGroupState::Created => {}
+            PlacementGroupState::Removed => {
+                let removed = format!("placement group {} was removed", group.short());
+                return Err(LeaseOutcome::Refused(IonetError::FailedPrecondition(removed)));
+            }
+            PlacementGroupState::Pending => {
+                let pending = format!("placement group {} is not placed yet", group.short());
+                return Err(LeaseOutcome::Unavailable(pending));
+            }
+        }
+        let bundles = row.bundle_node_addresses.len();
+        if spec.bundle_index == u32::MAX && bundles > 0 {
+            request.bundle_index = incarnation % bundles as u32;
+        }
+        let address = row.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
+            let why =
+                format!("placement group {} has no bundle {} ({bundles} bundles)", group.short(), spec.bundle_index);
+            LeaseOutcome::Refused(IonetError::InvalidArgument(why))
+        })?;
+        request.no_spillback = true;
+        Ok((address, request))
     }
 
     /// The lease request for the actor's resources.

@@ -15,6 +15,20 @@ fn where_am_i(bundle: u32) -> (u32, String) {
     (bundle, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
+/// Says where it lives.
+pub struct Locator;
+
+#[ionet::actor]
+impl Locator {
+    pub fn new() -> Self {
+        Locator
+    }
+
+    pub fn node(&self) -> String {
+        ionet::get_runtime_context().unwrap().node_id.hex()
+    }
+}
+
 fn started_marker() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("ionet-pg-test-{}", std::env::var("IONET_PG_TEST_DRIVER").unwrap_or_default()))
 }
@@ -51,6 +65,15 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
         let task = where_am_i::options(options).remote(index as u32);
         let (_, ran_on) = ionet::get_timeout(&task, Duration::from_secs(60)).unwrap();
         assert_eq!(&ran_on, node, "the task of bundle {index} runs on the bundle's node");
+    }
+    // An actor in a bundle lives on the bundle's node, not on the node that created it
+    // (the driver's, the head, has no bundle at all).
+    for (index, node) in nodes.iter().enumerate() {
+        let options = ionet::ActorOptions::new().placement_group(&group, index as u32);
+        let locator = Locator::options(options).remote().unwrap();
+        let lives_on = ionet::get_timeout(&locator.node(), Duration::from_secs(60)).unwrap();
+        assert_eq!(&lives_on, node, "the actor of bundle {index} lives on the bundle's node");
+        ionet::kill(&locator, true).unwrap();
     }
 
     // Four bundles on three nodes never fit strictly spread: it stays pending, then goes.
