@@ -233,9 +233,12 @@ pub(crate) fn objects(refs: &Bound<'_, PyList>) -> PyResult<Vec<ObjectRef<Raw>>>
 pub(crate) fn get_objects(py: Python<'_>, refs: &Bound<'_, PyList>, timeout: Option<f64>) -> PyResult<Vec<Buffer>> {
     let objects = objects(refs)?;
     let deadline = timeout.map(|seconds| Instant::now() + Duration::from_secs_f64(seconds.max(0.0)));
-    // Tasks this one submitted that nobody started yet run here first (see `ionet::inline`).
-    let waited = objects.clone();
-    py.detach(move || raw::run_waited_tasks(&waited));
+    // Tasks this one submitted that nobody started yet run here first (see `ionet::inline`),
+    // unless the get has a deadline: such a task could outlast it.
+    if deadline.is_none() {
+        let waited = objects.clone();
+        py.detach(move || raw::run_waited_tasks(&waited));
+    }
     // One wait for the daemon, however many slices it takes.
     let _blocked = raw::waiting_for_objects();
     loop {

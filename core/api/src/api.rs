@@ -60,7 +60,10 @@ pub fn get_timeout<T: DeserializeOwned>(object: &ObjectRef<T>, timeout: Duration
 
 fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Option<Instant>) -> IonetResult<T> {
     let worker = runtime::current()?;
-    crate::inline::run_waited_tasks(&worker, std::iter::once(object.id()));
+    // A get with a deadline never runs the task itself: the task could outlast it.
+    if deadline.is_none() {
+        crate::inline::run_waited_tasks(&worker, std::iter::once(object.id()));
+    }
     if let Some(entry) = &object.entry {
         entry.spin_while_pending(deadline);
     }

@@ -9,6 +9,9 @@
 //! and the waiting task only runs what nobody took (the newest first, as work-first
 //! schedulers do).
 //!
+//! Which waits: a `get` without a timeout (one with a deadline could be outlasted by the
+//! task it would run).
+//!
 //! Which tasks: submitted from inside a task (not a driver or an actor, whose leases may
 //! hold no CPU), not generator tasks ([`kept_apart`]), by a worker holding no GPUs, asking at most one CPU and nothing else,
 //! with the default strategy, no placement group, no `max_calls`, and no retries on

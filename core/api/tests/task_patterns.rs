@@ -128,6 +128,16 @@ fn slow_value(millis: u64, value: u64) -> u64 {
     value
 }
 
+/// Submits a child that sleeps `child_millis`, then waits for it `millis` at most: whether
+/// the wait timed out, and how long it took.
+#[ionet::remote]
+fn timed_wait_for_child(child_millis: u64, millis: u64) -> (bool, u64) {
+    let child = slow_value::remote(child_millis, 1u64);
+    let started = std::time::Instant::now();
+    let timed_out = matches!(ionet::get_timeout(&child, Duration::from_millis(millis)), Err(IonetError::Timeout(_)));
+    (timed_out, started.elapsed().as_millis() as u64)
+}
+
 /// `value` after `millis`, writing `marker` first.
 #[ionet::remote]
 fn marked_slow_value(marker: String, millis: u64, value: u64) -> u64 {
@@ -352,6 +362,17 @@ fn a_waiting_task_runs_the_children_nobody_started() {
     ionet::shutdown();
 }
 
+/// A get with a timeout returns by its deadline even where work-first would have run the
+/// awaited task in place (one CPU, held by the waiting task: the child's lease waits).
+fn a_timed_get_keeps_its_deadline() {
+    ionet::init(InitConfig::default().num_cpus(1.0)).unwrap();
+    let waiter = timed_wait_for_child::remote(5_000u64, 200u64);
+    let (timed_out, waited) = ionet::get_timeout(&waiter, Duration::from_secs(60)).unwrap();
+    assert!(timed_out, "the child sleeps 5 s: a 200 ms get must time out");
+    assert!(waited < 2_000, "a get with a 200 ms timeout returned after {waited} ms");
+    ionet::shutdown();
+}
+
 fn a_recursive_cancel_reaches_the_tasks_a_task_submitted() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let marker = harness::temp_path("grandchild");
@@ -404,6 +425,7 @@ fn main() {
                 "a_recursive_cancel_reaches_the_tasks_a_task_submitted",
                 a_recursive_cancel_reaches_the_tasks_a_task_submitted,
             ),
+            ("a_timed_get_keeps_its_deadline", a_timed_get_keeps_its_deadline),
             ("a_waiting_task_runs_the_children_nobody_started", a_waiting_task_runs_the_children_nobody_started),
             ("recursion_deeper_than_the_cpus_finishes", recursion_deeper_than_the_cpus_finishes),
             ("extra_workers_are_capped", extra_workers_are_capped),
