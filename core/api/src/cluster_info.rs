@@ -106,6 +106,25 @@ pub enum PlacementStrategy {
     StrictSpread,
 }
 
+/// A handle to a placement group in the control store (cheap to clone). What it does
+/// (wait, ready, remove, ...) is in `placement_group`; the type lives here, with the other
+/// domain types, so that options can name it without depending on the I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacementGroup {
+    pub(crate) id: PlacementGroupId,
+    pub(crate) bundle_count: usize,
+}
+
+impl PlacementGroup {
+    pub fn id(&self) -> PlacementGroupId {
+        self.id
+    }
+
+    pub fn bundle_count(&self) -> usize {
+        self.bundle_count
+    }
+}
+
 /// Where a placement group is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlacementGroupState {

@@ -63,7 +63,8 @@ pub use api::{
 };
 pub use arrow_array;
 pub use cluster_info::{
-    ActorInfo, ActorState, Gpu, Node, NodeState, PlacementGroupInfo, PlacementGroupState, PlacementStrategy,
+    ActorInfo, ActorState, Gpu, Node, NodeState, PlacementGroup, PlacementGroupInfo, PlacementGroupState,
+    PlacementStrategy,
 };
 pub use context::{
     current_task_id, get_gpu_ids, get_runtime_context, is_canceled, set_cancel_hook, CancelHook, RuntimeContext,
@@ -76,7 +77,7 @@ pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
 pub use options::{bundle_from_ray, retries_from_ray, SchedulingStrategy, TaskOptions, ANY_BUNDLE};
 pub use placement_group::{
     detached_placement_group, named_placement_group, placement_group, placement_group_info, placement_group_table,
-    remove_placement_group, PlacementGroup,
+    remove_placement_group,
 };
 
 #[doc(hidden)]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use ionet_common::rpc::proto::node::{SchedulingKind, SchedulingStrategy as WireStrategy};
 use ionet_common::{NodeId, PlacementGroupId};
 
-use crate::placement_group::PlacementGroup;
+use crate::cluster_info::PlacementGroup;
 
 /// The bundle index that stands for "any bundle of the group".
 pub const ANY_BUNDLE: u32 = u32::MAX;

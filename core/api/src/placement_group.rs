@@ -16,25 +16,10 @@ use ionet_common::rpc::proto::gcs::{
 };
 use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
 
-use crate::cluster_info::{PlacementGroupInfo, PlacementStrategy};
+use crate::cluster_info::{PlacementGroup, PlacementGroupInfo, PlacementStrategy};
 use crate::runtime::{self, block_on, CoreWorker};
 
-/// A handle to a placement group in the control store (cheap to clone).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlacementGroup {
-    id: PlacementGroupId,
-    bundle_count: usize,
-}
-
 impl PlacementGroup {
-    pub fn id(&self) -> PlacementGroupId {
-        self.id
-    }
-
-    pub fn bundle_count(&self) -> usize {
-        self.bundle_count
-    }
-
     /// Waits until every bundle is reserved: `true` once it is, `false` if `timeout`
     /// passes first; an error if the group was removed.
     pub fn wait(&self, timeout: Duration) -> IonetResult<bool> {
