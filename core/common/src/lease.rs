@@ -28,8 +28,8 @@ pub const MAX_SPILLBACKS: usize = 16;
 /// What one lease request came to.
 #[derive(Debug)]
 pub enum LeaseOutcome {
-    /// A worker leased on the daemon at `node_address`.
-    Granted { lease: LeaseGranted, node_address: String },
+    /// A worker leased on the daemon at `node_address` (boxed: the other outcomes are small).
+    Granted { lease: Box<LeaseGranted>, node_address: String },
     /// No node can ever meet the demand: final.
     Infeasible(String),
     /// Not now (a daemon unreachable or restarting, spillbacks without end): ask again.
@@ -88,7 +88,9 @@ pub async fn request(
             }
         };
         match reply.outcome {
-            Some(Outcome::Granted(lease)) => return LeaseOutcome::Granted { lease, node_address: address },
+            Some(Outcome::Granted(lease)) => {
+                return LeaseOutcome::Granted { lease: Box::new(lease), node_address: address }
+            }
             Some(Outcome::Spillback(spillback)) => {
                 address = spillback.node_address;
                 request.no_spillback = true;

@@ -32,7 +32,6 @@ pub mod proto {
     }
 }
 
-/// Domain errors to gRPC codes and back.
 pub mod status {
     //! One mapping between [`IonetError`] and gRPC statuses, both ways. An error sent by
     //! an ionet server carries its variant in the status's details ([`ErrorDetail`]), so
