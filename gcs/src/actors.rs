@@ -29,7 +29,7 @@ use ionet_common::auth::ClusterToken;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::NodeState as WireNodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
-use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, PlacementGroupState};
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
@@ -419,26 +419,8 @@ impl Actors {
         }
         let group = PlacementGroupId::from_bytes(&spec.placement_group_id).map_err(LeaseOutcome::Refused)?;
         let row = self.placement_groups.get(&group).map_err(LeaseOutcome::Refused)?;
-        match PlacementGroupState::try_from(row.state).unwrap_or(PlacementGroupState::Pending) {
-            PlacementGroupState::Created => {}
-            PlacementGroupState::Removed => {
-                let removed = format!("placement group {} was removed", group.short());
-                return Err(LeaseOutcome::Refused(IonetError::FailedPrecondition(removed)));
-            }
-            PlacementGroupState::Pending => {
-                let pending = format!("placement group {} is not placed yet", group.short());
-                return Err(LeaseOutcome::Unavailable(pending));
-            }
-        }
-        let bundles = row.bundle_node_addresses.len();
-        if spec.bundle_index == u32::MAX && bundles > 0 {
-            request.bundle_index = incarnation % bundles as u32;
-        }
-        let address = row.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
-            let why =
-                format!("placement group {} has no bundle {} ({bundles} bundles)", group.short(), spec.bundle_index);
-            LeaseOutcome::Refused(IonetError::InvalidArgument(why))
-        })?;
+        let (address, bundle) = lease::bundle_target(&row, spec.bundle_index, incarnation as usize)?;
+        request.bundle_index = bundle;
         request.no_spillback = true;
         Ok((address, request))
     }

@@ -357,9 +357,9 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
     }
 }
 
-/// The address of the node holding the request's bundle, waiting while the group is pending.
-/// For a request naming any bundle (`ANY_BUNDLE`), the bundle is chosen here, in turn
-/// (`rotation`), and written into the request.
+/// The address of the node holding the request's bundle ([`lease::bundle_target`]),
+/// waiting while the group is pending. For a request naming any bundle (`ANY_BUNDLE`), the
+/// bundle is chosen in turn (`rotation`) and written into the request.
 async fn bundle_address(
     worker: &CoreWorker,
     request: &mut RequestWorkerLeaseRequest,
@@ -368,32 +368,23 @@ async fn bundle_address(
     let group = ionet_common::PlacementGroupId::from_bytes(&request.placement_group_id)?;
     let mut backoff = Backoff::new(Some(LEASE_UNAVAILABLE_LIMIT));
     loop {
-        use ionet_common::rpc::proto::gcs::PlacementGroupState;
         match crate::placement_group::get_group(worker, &group).await {
-            Ok(reply) => match PlacementGroupState::try_from(reply.state).unwrap_or(PlacementGroupState::Pending) {
-                PlacementGroupState::Created => {
-                    if request.bundle_index == crate::options::ANY_BUNDLE && !reply.bundle_node_addresses.is_empty() {
-                        let turn = rotation.fetch_add(1, Ordering::Relaxed) % reply.bundle_node_addresses.len();
-                        request.bundle_index = turn as u32;
+            Ok(row) => {
+                let turn = if request.bundle_index == lease::ANY_BUNDLE {
+                    rotation.fetch_add(1, Ordering::Relaxed)
+                } else {
+                    0
+                };
+                match lease::bundle_target(&row, request.bundle_index, turn) {
+                    Ok((address, bundle)) => {
+                        request.bundle_index = bundle;
+                        return Ok(address);
                     }
-                    return reply.bundle_node_addresses.get(request.bundle_index as usize).cloned().ok_or_else(|| {
-                        IonetError::InvalidArgument(format!(
-                            "placement group {} has no bundle {} ({} bundles)",
-                            group.short(),
-                            request.bundle_index,
-                            reply.bundle_node_addresses.len()
-                        ))
-                    });
+                    // Not reserved yet: asked again in a moment.
+                    Err(LeaseOutcome::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(refused) => return Err(refused.into_error().expect("not a grant")),
                 }
-                PlacementGroupState::Removed => {
-                    return Err(IonetError::FailedPrecondition(format!(
-                        "placement group {} was removed",
-                        group.short()
-                    )))
-                }
-                // Not reserved yet: asked again in a moment.
-                PlacementGroupState::Pending => tokio::time::sleep(Duration::from_millis(100)).await,
-            },
+            }
             Err(err) if !err.is_retryable() => return Err(err),
             Err(err) => match backoff.after_failure() {
                 Some(pause) => tokio::time::sleep(pause).await,

@@ -7,8 +7,7 @@ use ionet_common::{NodeId, PlacementGroupId};
 
 use crate::cluster_info::PlacementGroup;
 
-/// The bundle index that stands for "any bundle of the group".
-pub const ANY_BUNDLE: u32 = u32::MAX;
+pub use ionet_common::lease::ANY_BUNDLE;
 
 /// Where a task may run.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -12,14 +12,20 @@
 //! | `Unavailable` | a daemon could not be reached, is restarting, or spilled too often | the caller, paced by [`Backoff`] |
 //! | `Refused` | the request itself is wrong (bad argument, credentials, unknown group) | nobody: the work fails with that error |
 //!
-//! [`outcome_of`] (which errors are worth retrying) and [`Backoff`] (how long to pause,
-//! when to give up) are pure; [`request`] is the I/O around them.
+//! [`outcome_of`] (which errors are worth retrying), [`bundle_target`] (where a lease in a
+//! placement group is asked) and [`Backoff`] (how long to pause, when to give up) are
+//! pure; [`request`] is the I/O around them.
 
 use std::time::Duration;
 
 use crate::error::IonetError;
+use crate::ids::PlacementGroupId;
+use crate::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState};
 use crate::rpc::proto::node::{request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseRequest};
 use crate::rpc::{AuthChannel, NodeManagerClient};
+
+/// The bundle index that stands for "any bundle of the group" (Ray's `bundle_index=-1`).
+pub const ANY_BUNDLE: u32 = u32::MAX;
 
 /// Spillbacks one request follows before it counts as unavailable (a cluster view that
 /// keeps moving under it).
@@ -61,6 +67,36 @@ pub fn outcome_of(error: IonetError) -> LeaseOutcome {
         IonetError::Io(err) => LeaseOutcome::Unavailable(err.to_string()),
         IonetError::Infeasible(m) => LeaseOutcome::Infeasible(m),
         other => LeaseOutcome::Refused(other),
+    }
+}
+
+/// Where a lease in bundle `index` of the placement group whose row is `group` is asked:
+/// the address of the node holding the bundle, and the bundle (for [`ANY_BUNDLE`], the
+/// group's bundles in turn: `turn` picks one). The lease goes to that node alone (no
+/// spillback: only it holds the bundle). A group not placed yet is `Unavailable` (ask
+/// again); a removed group, or a bundle it does not have, is `Refused`.
+pub fn bundle_target(group: &GetPlacementGroupReply, index: u32, turn: usize) -> Result<(String, u32), LeaseOutcome> {
+    let name = PlacementGroupId::from_bytes(&group.placement_group_id)
+        .map(|id| id.short())
+        .unwrap_or_else(|_| "(malformed id)".into());
+    match PlacementGroupState::try_from(group.state).unwrap_or(PlacementGroupState::Pending) {
+        PlacementGroupState::Created => {}
+        PlacementGroupState::Removed => {
+            let removed = format!("placement group {name} was removed");
+            return Err(LeaseOutcome::Refused(IonetError::FailedPrecondition(removed)));
+        }
+        PlacementGroupState::Pending => {
+            return Err(LeaseOutcome::Unavailable(format!("placement group {name} is not placed yet")))
+        }
+    }
+    let nodes = &group.bundle_node_addresses;
+    let index = if index == ANY_BUNDLE && !nodes.is_empty() { (turn % nodes.len()) as u32 } else { index };
+    match nodes.get(index as usize) {
+        Some(address) => Ok((address.clone(), index)),
+        None => {
+            let why = format!("placement group {name} has no bundle {index} ({} bundles)", nodes.len());
+            Err(LeaseOutcome::Refused(IonetError::InvalidArgument(why)))
+        }
     }
 }
 
@@ -171,6 +207,34 @@ mod tests {
         // A status from the transport, without ionet's detail: a refused connection.
         let refused: IonetError = tonic::Status::unavailable("error trying to connect").into();
         assert!(matches!(outcome_of(refused), LeaseOutcome::Unavailable(_)));
+    }
+
+    #[test]
+    fn a_bundle_is_asked_of_its_node_once_its_group_is_placed() {
+        let mut group = GetPlacementGroupReply {
+            placement_group_id: PlacementGroupId::random().to_vec(),
+            state: PlacementGroupState::Created as i32,
+            bundle_node_addresses: vec!["10.0.0.1:1".into(), "10.0.0.2:1".into()],
+            ..Default::default()
+        };
+        assert_eq!(bundle_target(&group, 1, 0).unwrap(), ("10.0.0.2:1".to_string(), 1));
+        let any: Vec<u32> = (0..4).map(|turn| bundle_target(&group, ANY_BUNDLE, turn).unwrap().1).collect();
+        assert_eq!(any, [0, 1, 0, 1], "any bundle: the group's bundles in turn");
+        match bundle_target(&group, 5, 0) {
+            Err(LeaseOutcome::Refused(IonetError::InvalidArgument(why))) => {
+                assert!(why.contains("no bundle 5"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        group.state = PlacementGroupState::Pending as i32;
+        assert!(matches!(bundle_target(&group, 0, 0), Err(LeaseOutcome::Unavailable(_))), "pending: ask again");
+        group.state = PlacementGroupState::Removed as i32;
+        match bundle_target(&group, 0, 0) {
+            Err(LeaseOutcome::Refused(IonetError::FailedPrecondition(why))) => {
+                assert!(why.contains("removed"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
