@@ -382,13 +382,13 @@ pub(crate) fn next_item<R>(
                     if let Some(item) = state.items.lock().unwrap_or_else(|p| p.into_inner()).get(position).cloned() {
                         return taken(item);
                     }
-                    return match &*entry.state.borrow() {
-                        ObjectState::Failed(error) => Some(Err(ionet_common::rpc::status::copy_of(error))),
+                    return match entry.state() {
+                        ObjectState::Failed(error) => Some(Err(ionet_common::rpc::status::copy_of(&error))),
                         _ => None,
                     };
                 }
-                let mut settled = entry.state.subscribe();
-                let ended = settled.wait_for(|state| !matches!(state, ObjectState::Pending));
+                let mut settled = entry.subscribe();
+                let ended = settled.wait_for(|state| !state.is_pending());
                 let wait = async {
                     tokio::select! {
                         _ = changed.as_mut() => {}

@@ -31,97 +31,35 @@
 //! of tasks (`context::child_depth`); lease requests carry it so daemons serve the
 //! deepest first.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ionet_common::auth::ClusterToken;
 use ionet_common::rpc::proto::node::WorkerCommand;
-use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest, StoredObject};
+use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId, WorkerId};
 
 use tokio::sync::watch;
 
+use crate::channels::Channels;
+use crate::executor::Executor;
+pub(crate) use crate::executor::Job;
 use crate::lease_pool::{Lease, ShapePool, LEASE_LINGER};
 use crate::object_ref::ObjectRef;
 use crate::object_store::Bytes;
+use crate::owner::{KeepAlive, OwnedObjects};
+pub(crate) use crate::owner::{ObjectEntry, ObjectState};
 pub(crate) use crate::submit::{resolve_call_args, submit_task, TaskSpec};
 pub(crate) use crate::task_stream::{read_reply_batches, TaskStream};
-
-/// Calls recently shorter than this (in microseconds) may run in place on the runtime.
-const INLINE_LIMIT_MICROS: u64 = 50;
-/// How long a thread about to wait for an object polls first.
-const SPIN_BUDGET: Duration = Duration::from_micros(200);
 
 /// Runtime threads of a driver or worker process (default 1).
 pub const RUNTIME_THREADS_ENV: &str = "IONET_RUNTIME_THREADS";
 
-/// Work for the executor thread.
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
-
-/// The executor thread's stack.
-const EXECUTOR_STACK_BYTES: usize = 64 << 20;
-
 /// Values up to this size travel inline and live in their owner's memory.
 pub(crate) const DEFAULT_INLINE_THRESHOLD: usize = 100 * 1024;
-
-/// Where an object's value is.
-#[derive(Clone)]
-pub(crate) enum ObjectState {
-    Pending,
-    Inline(Arc<Vec<u8>>),
-    Stored(StoredObject),
-    Failed(Arc<IonetError>),
-}
-
-pub(crate) struct ObjectEntry {
-    pub(crate) state: watch::Sender<ObjectState>,
-    references: AtomicUsize,
-    /// Refs written inside the value: alive as long as it is (held, never read).
-    _holding: Vec<ObjectRef<()>>,
-}
-
-impl ObjectEntry {
-    pub(crate) fn add_reference(&self) {
-        self.references.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether that was the last reference.
-    pub(crate) fn remove_reference(&self) -> bool {
-        self.references.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-
-    /// Briefly polls, yielding the CPU, while the object is pending (at most until
-    /// `deadline`): a small task's reply comes within tens of microseconds, and a parked
-    /// thread takes about as long again to be woken (longer on a virtual machine, whose
-    /// idle CPU must be roused first). Past the budget the caller parks as usual.
-    pub(crate) fn spin_while_pending(&self, deadline: Option<Instant>) {
-        let budget = Instant::now() + SPIN_BUDGET;
-        let until = deadline.map_or(budget, |deadline| deadline.min(budget));
-        while !self.is_settled() && Instant::now() < until {
-            std::thread::yield_now();
-        }
-    }
-
-    /// Whether the object has its outcome (a value, or a failure such as a cancel).
-    pub(crate) fn is_settled(&self) -> bool {
-        !matches!(*self.state.borrow(), ObjectState::Pending)
-    }
-
-    /// Gives a pending object its outcome (one already settled keeps its own); whether
-    /// this call settled it.
-    pub(crate) fn settle(&self, state: ObjectState) -> bool {
-        self.state.send_if_modified(|current| {
-            let pending = matches!(current, ObjectState::Pending);
-            if pending {
-                *current = state;
-            }
-            pending
-        })
-    }
-}
 
 pub(crate) struct CoreWorker {
     pub(crate) address: Arc<str>,
@@ -134,7 +72,7 @@ pub(crate) struct CoreWorker {
     /// This worker process's id (`None` in a driver).
     pub(crate) worker_id: Option<WorkerId>,
     pub(crate) gcs_address: String,
-    pub(crate) objects: DashMap<ObjectId, Arc<ObjectEntry>>,
+    pub(crate) objects: OwnedObjects,
     pub(crate) pools: DashMap<String, Arc<ShapePool>>,
     pub(crate) worker_command: WorkerCommand,
     /// The driver's namespace (named actors are found in it by default).
@@ -144,19 +82,11 @@ pub(crate) struct CoreWorker {
     pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
     /// The actor this worker process hosts, once created.
     pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
-    /// The thread that runs this worker's tasks and its ordered actor's calls, one at a
-    /// time in the order given (started on first use).
-    executor: OnceLock<std::sync::mpsc::Sender<Job>>,
-    /// Jobs queued on the executor and not finished.
-    executor_pending: Arc<AtomicUsize>,
-    /// Held while a job runs (on the executor, or in place): one at a time.
-    running: Arc<Mutex<()>>,
-    /// Recent run time of each function or method run here, in microseconds (a moving
-    /// average).
-    run_times: DashMap<String, u64>,
+    /// The thread that runs this worker's tasks and its ordered actor's calls.
+    executor: Executor,
     /// Set when the process leaves the cluster: `Watch` streams end.
     pub(crate) stopping: watch::Sender<bool>,
-    channels: DashMap<String, AuthChannel>,
+    channels: Channels,
     /// The lease each pushed task (by return object) runs on, until it answers.
     pub(crate) running_tasks: DashMap<ObjectId, (Arc<ShapePool>, Arc<Lease>, TaskId)>,
     /// Tasks and calls running here whose caller cancelled them (`CancelTask`), and
@@ -234,11 +164,8 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
 /// revived meanwhile) and frees its stored copies.
 pub(crate) fn forget_object(id: &ObjectId) {
     if let Ok(worker) = current() {
-        if let Some((_, entry)) = worker.objects.remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0)
-        {
-            if let ObjectState::Stored(stored) = &*entry.state.borrow() {
-                worker.free_stored(stored.clone());
-            }
+        if let Some(ObjectState::Stored(stored)) = worker.objects.forget(id) {
+            worker.free_stored(stored);
         }
     }
 }
@@ -247,9 +174,8 @@ pub(crate) fn forget_object(id: &ObjectId) {
 pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
     if let Ok(worker) = current() {
         if *worker.address == *owner {
-            if let Some(entry) = worker.objects.get(&id) {
-                entry.add_reference();
-                return ObjectRef::counted(id, worker.address.clone(), entry.clone());
+            if let Some(entry) = worker.objects.revive(&id) {
+                return ObjectRef::counted(id, worker.address.clone(), entry);
             }
             return ObjectRef::borrowed(id, worker.address.clone());
         }
@@ -278,24 +204,21 @@ impl CoreWorker {
             node_id,
             node_address,
             job_id,
-            token,
+            token: token.clone(),
             gpu_ids,
             is_worker: worker_id.is_some(),
             worker_id,
             gcs_address,
-            objects: DashMap::new(),
+            objects: OwnedObjects::default(),
             pools: DashMap::new(),
             worker_command,
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
             hosted: OnceLock::new(),
-            executor: OnceLock::new(),
-            executor_pending: Arc::new(AtomicUsize::new(0)),
-            running: Arc::new(Mutex::new(())),
-            run_times: DashMap::new(),
+            executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,
-            channels: DashMap::new(),
+            channels: Channels::new(token.clone(), tokio_runtime().handle().clone()),
             running_tasks: DashMap::new(),
             children: DashMap::new(),
             stealable: DashMap::new(),
@@ -325,68 +248,18 @@ impl CoreWorker {
 
     /// A channel to `address`, opened once and shared.
     pub(crate) fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
-        if let Some(channel) = self.channels.get(address) {
-            return Ok(channel.clone());
-        }
-        // A lazy channel spawns its connection task: it needs the runtime, even when
-        // called from a user thread.
-        let _entered = self.handle.enter();
-        let channel = rpc::connect_lazy(address, &self.token, Duration::from_secs(5))?;
-        self.channels.insert(address.to_string(), channel.clone());
-        Ok(channel)
+        self.channels.get(address)
     }
 
-    /// Runs `job` (a call of `function`) after every job given before it, one at a time.
-    ///
-    /// User code runs on the executor thread, off the runtime's threads, so it may block
-    /// (or call `get`) as long as it likes. A call of a function that recently ran in
-    /// under `INLINE_LIMIT` runs in place instead when nothing is queued: waking the
-    /// executor and then the runtime again for the reply costs more than such a call.
+    /// Runs `job` (a call of `function`) after every job given before it, one at a time
+    /// (see [`Executor`]).
     pub(crate) fn run_in_order(&self, function: Option<&str>, job: Job) {
-        let short = function
-            .and_then(|function| self.run_times.get(function).map(|micros| *micros < INLINE_LIMIT_MICROS))
-            .unwrap_or(false);
-        if short && self.executor_pending.load(Ordering::SeqCst) == 0 {
-            if let Ok(_running) = self.running.try_lock() {
-                job();
-                return;
-            }
-        }
-        let executor = self.executor.get_or_init(|| {
-            let (jobs, queued) = std::sync::mpsc::channel::<Job>();
-            let (handle, pending, running) = (self.handle.clone(), self.executor_pending.clone(), self.running.clone());
-            std::thread::Builder::new()
-                .name("ionet-executor".into())
-                // Room for tasks run inside the tasks waiting for them (`crate::inline`).
-                .stack_size(EXECUTOR_STACK_BYTES)
-                .spawn(move || {
-                    let _runtime = handle.enter(); // for user code that spawns or needs a handle
-                    crate::inline::mark_executor_thread();
-                    while let Ok(job) = queued.recv() {
-                        let turn = running.lock().unwrap_or_else(|p| p.into_inner());
-                        job();
-                        drop(turn);
-                        pending.fetch_sub(1, Ordering::SeqCst);
-                    }
-                })
-                .expect("the OS refused the executor thread");
-            jobs
-        });
-        self.executor_pending.fetch_add(1, Ordering::SeqCst);
-        if executor.send(job).is_err() {
-            self.executor_pending.fetch_sub(1, Ordering::SeqCst);
-            tracing::error!("the executor thread is gone: a job was dropped");
-        }
+        self.executor.run_in_order(function, job)
     }
 
     /// Notes how long a call of `function` ran.
     pub(crate) fn record_run(&self, function: &str, micros: u64) {
-        match self.run_times.get_mut(function) {
-            Some(mut average) => *average = (*average * 3 + micros) / 4,
-            None => {
-                self.run_times.insert(function.to_string(), micros);
-            }
-        }
+        self.executor.record_run(function, micros)
     }
 
     /// Fails the pending object `id` (owned here) with `Cancelled` and stops its task:
@@ -394,7 +267,7 @@ impl CoreWorker {
     /// `recursive` it cancels the tasks the cancelled one submitted in turn. An object
     /// already produced is left alone.
     pub(crate) fn cancel_owned(self: &Arc<Self>, id: &ObjectId, force: bool, recursive: bool) -> IonetResult<()> {
-        let Some(entry) = self.objects.get(id).map(|entry| entry.clone()) else {
+        let Some(entry) = self.objects.get(id) else {
             return Err(IonetError::InvalidArgument(format!(
                 "object {} is not owned by this process: only its owner can cancel it",
                 id.short()
@@ -471,23 +344,20 @@ impl CoreWorker {
         state: ObjectState,
         holding: Vec<ObjectRef<()>>,
     ) -> ObjectRef<T> {
-        let (sender, _) = watch::channel(state);
-        let entry = Arc::new(ObjectEntry { state: sender, references: AtomicUsize::new(1), _holding: holding });
-        self.objects.insert(id, entry.clone());
+        let holding = (!holding.is_empty()).then(|| Box::new(holding) as KeepAlive);
+        let entry = self.objects.insert(id, state, holding);
         ObjectRef::counted(id, self.address.clone(), entry)
     }
 
     /// Gives a pending object its outcome (one already settled, say cancelled, keeps its own).
     pub(crate) fn settle_object(&self, id: &ObjectId, state: ObjectState) {
-        if let Some(entry) = self.objects.get(id) {
-            entry.settle(state);
-        }
-        // Else every handle was dropped before the task finished: nobody wants the value.
+        // An object whose every handle was dropped before the task finished is gone.
+        self.objects.settle(id, state);
     }
 
     /// Whether this process owns the object and it is no longer pending (no waiting).
     pub(crate) fn is_ready_here(&self, id: &ObjectId) -> bool {
-        self.objects.get(id).is_some_and(|entry| entry.is_settled())
+        self.objects.is_ready(id)
     }
 
     /// Waits until the object is no longer pending, here or at its owner.
@@ -497,19 +367,8 @@ impl CoreWorker {
         owner: &str,
         deadline: Option<Instant>,
     ) -> IonetResult<ObjectState> {
-        let entry = self.objects.get(&id).map(|entry| entry.clone());
-        if let Some(entry) = entry {
-            let mut receiver = entry.state.subscribe();
-            let ready = receiver.wait_for(|state| !matches!(state, ObjectState::Pending));
-            let state = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline.into(), ready)
-                    .await
-                    .map_err(|_| IonetError::Timeout(format!("object {} not ready in time", id.short())))?,
-                None => ready.await,
-            }
-            .map_err(|_| IonetError::ObjectLost(format!("object {} was freed", id.short())))?
-            .clone();
-            return Ok(state);
+        if let Some(entry) = self.objects.get(&id) {
+            return entry.wait(&id, deadline).await;
         }
         if owner == &*self.address {
             return Err(IonetError::ObjectLost(format!("object {} was freed by its owner (this process)", id.short())));

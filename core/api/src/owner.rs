@@ -1,0 +1,268 @@
+//! The owner table: the objects this process owns, each with its outcome and a count of
+//! the local handles that keep it alive.
+//!
+//! Invariants (unit-tested below):
+//! - an object's outcome is set once: the first `settle` of a pending object wins (a
+//!   cancel that comes first is not overwritten by the late reply), later ones are no-ops;
+//! - an entry leaves the table only through [`OwnedObjects::forget`], and only while its
+//!   count is zero: a handle revived meanwhile ([`OwnedObjects::revive`]) keeps it;
+//! - a wait on an entry ends with its outcome or, at its deadline, with `Timeout` (the
+//!   waiter holds the entry, so it cannot vanish underneath).
+//!
+//! The table knows nothing of tasks, leases or the network: it depends only on the
+//! vocabulary crate, so the parts above it (submission, actor calls, services) share it
+//! through the core worker without it depending on any of them.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ionet_common::rpc::proto::worker::StoredObject;
+use ionet_common::{IonetError, IonetResult, ObjectId};
+use tokio::sync::watch;
+
+/// How long a thread about to wait for an object polls first.
+const SPIN_BUDGET: Duration = Duration::from_micros(200);
+
+/// Where an object's value is.
+#[derive(Clone, Debug)]
+pub(crate) enum ObjectState {
+    Pending,
+    Inline(Arc<Vec<u8>>),
+    Stored(StoredObject),
+    Failed(Arc<IonetError>),
+}
+
+impl ObjectState {
+    pub(crate) fn is_pending(&self) -> bool {
+        matches!(self, ObjectState::Pending)
+    }
+}
+
+/// Whatever the value holds that must live as long as it does (the refs written inside
+/// it): kept, never read.
+pub(crate) type KeepAlive = Box<dyn Any + Send + Sync>;
+
+pub(crate) struct ObjectEntry {
+    state: watch::Sender<ObjectState>,
+    references: AtomicUsize,
+    _holding: Option<KeepAlive>,
+}
+
+impl ObjectEntry {
+    /// A new entry in `state` with one handle.
+    fn new(state: ObjectState, holding: Option<KeepAlive>) -> Self {
+        Self { state: watch::channel(state).0, references: AtomicUsize::new(1), _holding: holding }
+    }
+
+    pub(crate) fn add_reference(&self) {
+        self.references.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether that was the last reference.
+    pub(crate) fn remove_reference(&self) -> bool {
+        self.references.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// The outcome so far (`Pending` until settled).
+    pub(crate) fn state(&self) -> ObjectState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees the outcome when it comes (for streams that wait on it).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<ObjectState> {
+        self.state.subscribe()
+    }
+
+    /// Briefly polls, yielding the CPU, while the object is pending (at most until
+    /// `deadline`): a small task's reply comes within tens of microseconds, and a parked
+    /// thread takes about as long again to be woken (longer on a virtual machine, whose
+    /// idle CPU must be roused first). Past the budget the caller parks as usual.
+    pub(crate) fn spin_while_pending(&self, deadline: Option<Instant>) {
+        let budget = Instant::now() + SPIN_BUDGET;
+        let until = deadline.map_or(budget, |deadline| deadline.min(budget));
+        while !self.is_settled() && Instant::now() < until {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether the object has its outcome (a value, or a failure such as a cancel).
+    pub(crate) fn is_settled(&self) -> bool {
+        !self.state.borrow().is_pending()
+    }
+
+    /// Gives a pending object its outcome (one already settled keeps its own); whether
+    /// this call settled it.
+    pub(crate) fn settle(&self, state: ObjectState) -> bool {
+        self.state.send_if_modified(|current| {
+            let pending = current.is_pending();
+            if pending {
+                *current = state;
+            }
+            pending
+        })
+    }
+
+    /// Waits for the outcome, at most until `deadline`.
+    pub(crate) async fn wait(&self, id: &ObjectId, deadline: Option<Instant>) -> IonetResult<ObjectState> {
+        let mut receiver = self.state.subscribe();
+        let ready = receiver.wait_for(|state| !state.is_pending());
+        let state = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), ready)
+                .await
+                .map_err(|_| IonetError::Timeout(format!("object {} not ready in time", id.short())))?,
+            None => ready.await,
+        }
+        .map_err(|_| IonetError::ObjectLost(format!("object {} was freed", id.short())))?
+        .clone();
+        Ok(state)
+    }
+}
+
+/// The objects this process owns.
+#[derive(Default)]
+pub(crate) struct OwnedObjects {
+    entries: DashMap<ObjectId, Arc<ObjectEntry>>,
+}
+
+impl OwnedObjects {
+    /// Records a new object in `state` with one handle (the caller's), keeping `holding`
+    /// alive with it.
+    pub(crate) fn insert(&self, id: ObjectId, state: ObjectState, holding: Option<KeepAlive>) -> Arc<ObjectEntry> {
+        let entry = Arc::new(ObjectEntry::new(state, holding));
+        self.entries.insert(id, entry.clone());
+        entry
+    }
+
+    /// The entry of `id`, if this process owns it.
+    pub(crate) fn get(&self, id: &ObjectId) -> Option<Arc<ObjectEntry>> {
+        self.entries.get(id).map(|entry| entry.clone())
+    }
+
+    /// Whether `id` is owned here and settled (no waiting).
+    pub(crate) fn is_ready(&self, id: &ObjectId) -> bool {
+        self.entries.get(id).is_some_and(|entry| entry.is_settled())
+    }
+
+    /// Gives `id` its outcome if it is still owned and pending; whether this call did.
+    /// An object whose every handle was dropped is gone: nobody wants the value.
+    pub(crate) fn settle(&self, id: &ObjectId, state: ObjectState) -> bool {
+        self.entries.get(id).is_some_and(|entry| entry.settle(state))
+    }
+
+    /// A handle of `id` arriving back in its owner: counted again, if still owned.
+    pub(crate) fn revive(&self, id: &ObjectId) -> Option<Arc<ObjectEntry>> {
+        let entry = self.entries.get(id)?;
+        entry.add_reference();
+        Some(entry.clone())
+    }
+
+    /// The last counted handle of `id` is gone: the entry leaves the table unless a
+    /// handle was revived meanwhile. Returns the removed entry's outcome (its stored
+    /// copies are the caller's to free).
+    pub(crate) fn forget(&self, id: &ObjectId) -> Option<ObjectState> {
+        self.entries
+            .remove_if(id, |_, entry| entry.references.load(Ordering::Acquire) == 0)
+            .map(|(_, entry)| entry.state())
+    }
+
+    /// How many objects are owned here.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inline(byte: u8) -> ObjectState {
+        ObjectState::Inline(Arc::new(vec![byte]))
+    }
+
+    fn value_of(state: ObjectState) -> Vec<u8> {
+        match state {
+            ObjectState::Inline(bytes) => bytes.to_vec(),
+            other => panic!("expected an inline value, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_outcome_wins() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        table.insert(id, ObjectState::Pending, None);
+        assert!(!table.is_ready(&id));
+        let cancelled = ObjectState::Failed(Arc::new(IonetError::Cancelled("by its owner".into())));
+        assert!(table.settle(&id, cancelled));
+        assert!(!table.settle(&id, inline(1)), "a late reply must not overwrite the cancel");
+        assert!(
+            matches!(table.get(&id).unwrap().state(), ObjectState::Failed(error) if matches!(*error, IonetError::Cancelled(_)))
+        );
+        assert!(table.is_ready(&id));
+    }
+
+    #[test]
+    fn an_object_nobody_holds_is_not_settled_or_found() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        assert!(!table.settle(&id, inline(1)));
+        assert!(table.get(&id).is_none());
+        assert!(table.revive(&id).is_none());
+        assert!(table.forget(&id).is_none());
+    }
+
+    #[test]
+    fn an_entry_leaves_only_at_zero_handles() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        let entry = table.insert(id, inline(7), None);
+        // Two handles: the first one's drop leaves the entry.
+        entry.add_reference();
+        assert!(!entry.remove_reference());
+        assert_eq!(table.len(), 1);
+        // The last one goes, but a handle is revived before the owner forgets it.
+        assert!(entry.remove_reference());
+        let revived = table.revive(&id).expect("still owned");
+        assert!(table.forget(&id).is_none(), "a revived handle keeps the entry");
+        assert_eq!(table.len(), 1);
+        // Its drop is the last: now the entry goes, with its outcome for the caller.
+        assert!(revived.remove_reference());
+        assert_eq!(value_of(table.forget(&id).expect("forgotten at zero")), vec![7]);
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn the_holding_lives_as_long_as_the_entry() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        let held = Arc::new(());
+        let entry = table.insert(id, inline(1), Some(Box::new(held.clone())));
+        assert_eq!(Arc::strong_count(&held), 2);
+        assert!(entry.remove_reference());
+        table.forget(&id);
+        drop(entry);
+        assert_eq!(Arc::strong_count(&held), 1, "the value's inner refs go with it");
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_with_the_outcome_or_the_deadline() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        let entry = table.insert(id, ObjectState::Pending, None);
+
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert!(matches!(entry.wait(&id, Some(deadline)).await, Err(IonetError::Timeout(_))));
+
+        let waiting = tokio::spawn({
+            let entry = entry.clone();
+            async move { entry.wait(&id, Some(Instant::now() + Duration::from_secs(30))).await }
+        });
+        table.settle(&id, inline(3));
+        let settled = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
+        assert_eq!(value_of(settled), vec![3]);
+    }
+}
