@@ -2,9 +2,10 @@
 //! objects, submits tasks over leases, and serves `CoreWorker` RPCs.
 //!
 //! Ownership: the process that creates an object (`put`, or the return of a task it
-//! submits) owns it: its entry lives in `objects` with a count of local handles (task
-//! arguments included), and it answers other processes' `GetObject` for it. At zero
-//! handles the entry is removed.
+//! submits) owns it: its entry lives in `objects` (`crate::owner`) with a count of local
+//! handles (task arguments included), and it answers other processes' `GetObject` for
+//! it. At zero handles the entry is removed. User code runs on `crate::executor`; peers
+//! are reached through `crate::channels`.
 //!
 //! The parts around it: `crate::submit` (a task's spec and the future that runs it),
 //! `crate::lease_pool` (leases held per shape, requests for more), `crate::slots` (which
