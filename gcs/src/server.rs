@@ -6,15 +6,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::auth::ClusterToken;
+use ionet_common::authz::Authorizer;
 use ionet_common::clock::{Clock, SystemClock};
 use ionet_common::config::ClusterConfig;
+use ionet_common::credential::{Issuer, Role};
 use ionet_common::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
 use ionet_common::rpc::proto::metering::metering_server::MeteringServer as GeneratedMeteringServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::service::interceptor::InterceptedService;
 
 use crate::actors::Actors;
 use crate::error::{GcsError, GcsResult};
@@ -36,6 +37,9 @@ pub struct GcsServerOptions {
     pub ledger_path: Option<PathBuf>,
     /// Usage records are also appended to this file as JSON lines.
     pub usage_export_path: Option<PathBuf>,
+    /// The head's credential signing key (created there, mode 0600, on first start);
+    /// `None`: a fresh key in memory, so credentials end with this process.
+    pub signing_key_path: Option<PathBuf>,
     /// Pay each settled epoch out on Solana.
     #[cfg(feature = "solana")]
     pub payouts: Option<crate::payouts::PayoutSettings>,
@@ -50,6 +54,7 @@ impl GcsServerOptions {
             clock: Arc::new(SystemClock),
             ledger_path: None,
             usage_export_path: None,
+            signing_key_path: None,
             #[cfg(feature = "solana")]
             payouts: None,
         }
@@ -63,6 +68,7 @@ pub struct GcsServer {
     metering: Arc<Metering>,
     background_tasks: Vec<JoinHandle<()>>,
     token: ClusterToken,
+    issuer: Issuer,
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
     health_task: JoinHandle<()>,
@@ -86,6 +92,10 @@ impl GcsServer {
         };
         let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
         let token = state.resolve_token(options.token.clone()).await?;
+        let issuer = match &options.signing_key_path {
+            Some(path) => Issuer::load_or_create(path)?,
+            None => Issuer::generate(),
+        };
         // Subscribed before metering sweeps for dead nodes, so no death falls in between.
         let events = state.subscribe();
         let metering = Metering::open(
@@ -106,14 +116,12 @@ impl GcsServer {
         let service = GeneratedGcsServer::new(GcsService::new(state.clone(), placement_groups.clone(), actors.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
-        let service = InterceptedService::new(service, CheckToken::new(token.clone()));
         let metering_service = GeneratedMeteringServer::new(MeteringService::new(metering.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
-        let metering_service = InterceptedService::new(metering_service, CheckToken::new(token.clone()));
         let mut stop_serving = stopped.clone();
         let serve_task = tokio::spawn(
-            tonic::transport::Server::builder()
+            ionet_common::rpc::server(Authorizer::new(token.clone(), Some(issuer.verifier())))
                 .add_service(service)
                 .add_service(metering_service)
                 .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
@@ -136,6 +144,7 @@ impl GcsServer {
             metering,
             background_tasks,
             token,
+            issuer,
             stop,
             serve_task,
             health_task,
@@ -151,6 +160,11 @@ impl GcsServer {
     /// The cluster token every call must carry.
     pub fn token(&self) -> &ClusterToken {
         &self.token
+    }
+
+    /// A fresh admin credential (the operator's), valid for `ttl`.
+    pub fn admin_credential(&self, ttl: Duration) -> ClusterToken {
+        ClusterToken::new(&self.issuer.issue(Role::Admin, ttl)).expect("a credential is printable ASCII")
     }
 
     pub fn state(&self) -> &Arc<GcsState> {

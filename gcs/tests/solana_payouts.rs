@@ -168,7 +168,9 @@ async fn settled_epoch_is_paid_to_each_provider_once_and_posted_to_the_ledger() 
     wallets.push("not-a-solana-wallet".into());
     run_leases(&server, &clock, &wallets, 3).await;
 
-    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    // Settling moves money: the operator's credential, not the cluster token.
+    let admin = server.admin_credential(Duration::from_secs(600));
+    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), &admin).await.unwrap();
     let summary = client.settle(SettleRequest { dry_run: false }).await.unwrap().into_inner().summary.unwrap();
     // 2 GPUs × 3 h × $1.20 = $7.20 per provider.
     for provider in &summary.providers {
@@ -212,7 +214,8 @@ async fn settled_epoch_is_paid_to_each_provider_once_and_posted_to_the_ledger() 
     let reply = wait_paid(&server, 1).await;
     assert_eq!(reply.epochs[0].batches, epoch.batches);
     // A second epoch with nothing in it completes without a transaction.
-    client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    let admin = server.admin_credential(Duration::from_secs(600));
+    client = ionet_common::rpc::metering_client(&server.address().to_string(), &admin).await.unwrap();
     client.settle(SettleRequest { dry_run: false }).await.unwrap();
     let reply = wait_paid(&server, 2).await;
     assert!(reply.epochs[1].batches.iter().all(|batch| batch.payouts == 0 || batch.state == "landed"));

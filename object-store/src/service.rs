@@ -10,11 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::Stream;
-use ionet_common::auth::{CheckToken, ClusterToken};
 use ionet_common::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
 use ionet_common::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
 use ionet_common::ObjectId;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::error::ObjectStoreResult;
@@ -54,16 +52,13 @@ impl ObjectManagerService {
         &self.store
     }
 
-    /// The service ready for `tonic::transport::Server::add_service`, refusing calls
-    /// without the cluster token.
-    pub fn into_server(
-        self,
-        token: ClusterToken,
-    ) -> InterceptedService<ObjectManagerServer<ObjectManagerService>, CheckToken> {
-        let server = ObjectManagerServer::new(self)
+    /// The service ready for an authorized server's `add_service`
+    /// (`ionet_common::rpc::server`, which refuses calls the authorization table does not
+    /// allow before they reach it).
+    pub fn into_server(self) -> ObjectManagerServer<ObjectManagerService> {
+        ObjectManagerServer::new(self)
             .max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_CHUNK_BYTES + 1024 * 1024);
-        InterceptedService::new(server, CheckToken::new(token))
+            .max_encoding_message_size(MAX_CHUNK_BYTES + 1024 * 1024)
     }
 
     /// Runs a blocking store call (it may copy files to spill or restore) off the async

@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use common::{contents, id, matches, store, MIB};
 use futures::Stream;
-use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::auth::ClusterToken;
+use ionet_common::authz::Authorizer;
 use ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient;
 use ionet_common::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
 use ionet_common::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
+use ionet_common::rpc::AuthorizedRouter;
 use ionet_common::IonetError;
 use ionet_object_store::{LocalObjectStore, ObjectManagerService, ObjectStoreError, Puller};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -29,7 +30,7 @@ struct Served {
     _stop: oneshot::Sender<()>,
 }
 
-async fn serve_router(router: tonic::transport::server::Router) -> Served {
+async fn serve_router(router: AuthorizedRouter) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -40,7 +41,8 @@ async fn serve_router(router: tonic::transport::server::Router) -> Served {
 }
 
 async fn serve(service: ObjectManagerService, token: &ClusterToken) -> Served {
-    serve_router(tonic::transport::Server::builder().add_service(service.into_server(token.clone()))).await
+    serve_router(ionet_common::rpc::server(Authorizer::new(token.clone(), None)).add_service(service.into_server()))
+        .await
 }
 
 fn two_nodes(capacity: u64) -> (Arc<LocalObjectStore>, Arc<LocalObjectStore>) {
@@ -186,8 +188,9 @@ impl ObjectManager for BrokenPeer {
 
 async fn pull_from_broken(peer: BrokenPeer) -> (ObjectStoreError, Arc<LocalObjectStore>) {
     let token = ClusterToken::generate();
-    let service = InterceptedService::new(ObjectManagerServer::new(peer), CheckToken::new(token.clone()));
-    let server = serve_router(tonic::transport::Server::builder().add_service(service)).await;
+    let router =
+        ionet_common::rpc::server(Authorizer::new(token.clone(), None)).add_service(ObjectManagerServer::new(peer));
+    let server = serve_router(router).await;
     let local = Arc::new(store(64 * MIB));
     let err = Puller::new(local.clone(), token).pull(&server.address.to_string(), id(6)).await.unwrap_err();
     (err, local)

@@ -43,7 +43,7 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct SessionArgs {
     /// Session directory (pid files, logs, head address, token). Default:
-    /// <temp dir>/ionet/session_latest.
+    /// <temp dir>/ionet-<uid>/session_latest (this user's alone, mode 0700).
     #[arg(long = "temp-dir", env = "IONET_SESSION_DIR", global = true)]
     pub temp_dir: Option<PathBuf>,
 }
@@ -203,6 +203,10 @@ pub struct HeadArgs {
     pub address: Option<String>,
     #[arg(long, env = "IONET_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The admin credential, for the operator's calls (credits, settle). Default: the
+    /// one the head wrote into this machine's session directory.
+    #[arg(long, env = "IONET_CREDENTIAL", hide_env_values = true)]
+    pub credential: Option<String>,
     #[command(flatten)]
     pub session: SessionArgs,
 }

@@ -22,6 +22,9 @@ use crate::{logging, status};
 
 /// Set in the environment of a daemon that `ionet start` launched in the background.
 const DAEMONIZED_ENV: &str = "IONET_DAEMONIZED";
+/// How long the admin credential a head writes at start stays valid (a head started
+/// again writes a fresh one).
+const ADMIN_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn declared(args: &ResourceArgs) -> Result<Declared> {
     Ok(Declared {
@@ -207,12 +210,18 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     options.storage_path = args.storage.clone();
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
+    // The signing key lives with the tables when they persist, else with the session.
+    options.signing_key_path = Some(match &args.storage {
+        Some(storage) => storage.with_extension("signing_key"),
+        None => session.signing_key(),
+    });
     configure_payouts(&mut options, &args.payout, &session)?;
     let gcs = GcsServer::start(options, listener).await?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
     let address = format!("{host}:{port}");
     let token = gcs.token().clone();
     session.write_token(&token)?;
+    session.write_admin_credential(&gcs.admin_credential(ADMIN_CREDENTIAL_TTL))?;
     session.write_head_address(&address)?;
 
     let spec = NodeSpec::build(declared(&args.resources)?)?;
@@ -259,6 +268,21 @@ pub(crate) fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Res
             anyhow!(
                 "no cluster token: pass --token or set IONET_TOKEN (the head wrote it to {})",
                 session.path().join("token").display()
+            )
+        }),
+    }
+}
+
+/// The operator's credential: `explicit` (`--credential` / `IONET_CREDENTIAL`), else the
+/// one the head wrote into the session directory.
+pub(crate) fn resolve_admin_credential(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
+    match explicit {
+        Some(text) => Ok(ClusterToken::new(text)?),
+        None => session.admin_credential().ok_or_else(|| {
+            anyhow!(
+                "no admin credential: this call moves money, which only the operator may do; pass --credential or \
+                 set IONET_CREDENTIAL (the head wrote it to {})",
+                session.path().join("admin_credential").display()
             )
         }),
     }

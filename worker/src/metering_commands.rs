@@ -12,16 +12,32 @@ use serde_json::{json, Value};
 use crate::cli::{
     BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, PayoutsArgs, SettleArgs, UsageArgs,
 };
-use crate::commands::{resolve_head_address, resolve_token};
+use crate::commands::{resolve_admin_credential, resolve_head_address, resolve_token};
 use crate::logging;
 use crate::session::SessionDir;
 
+/// Who a metering command speaks as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum As {
+    /// A member of the cluster (the cluster token): reading usage and balances.
+    Member,
+    /// The operator (the admin credential): moving money.
+    Admin,
+}
+
 /// Runs `call` against the head's metering service, on a runtime of its own.
-fn with_metering<T>(head: &HeadArgs, call: impl AsyncFnOnce(MeteringClient) -> Result<T, tonic::Status>) -> Result<T> {
+fn with_metering<T>(
+    head: &HeadArgs,
+    role: As,
+    call: impl AsyncFnOnce(MeteringClient) -> Result<T, tonic::Status>,
+) -> Result<T> {
     logging::init_client();
     let session = SessionDir::resolve(head.session.temp_dir.as_deref());
     let address = resolve_head_address(head.address.as_deref(), &session)?;
-    let token = resolve_token(head.token.as_deref(), &session)?;
+    let token = match role {
+        As::Member => resolve_token(head.token.as_deref(), &session)?,
+        As::Admin => resolve_admin_credential(head.credential.as_deref(), &session)?,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async {
@@ -83,8 +99,9 @@ pub fn usage(args: UsageArgs) -> Result<()> {
         job_id: job_id.map(|id| id.to_vec()).unwrap_or_default(),
         node_id: node_id.map(|id| id.to_vec()).unwrap_or_default(),
     };
-    let records =
-        with_metering(&args.head, async move |mut client| Ok(client.list_usage(request).await?.into_inner().records))?;
+    let records = with_metering(&args.head, As::Member, async move |mut client| {
+        Ok(client.list_usage(request).await?.into_inner().records)
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&Value::Array(records.iter().map(record_json).collect()))?);
         return Ok(());
@@ -129,7 +146,7 @@ pub fn usage(args: UsageArgs) -> Result<()> {
 
 /// `ionet ledger balances`.
 pub fn balances(args: BalancesArgs) -> Result<()> {
-    let balances = with_metering(&args.head, async |mut client| {
+    let balances = with_metering(&args.head, As::Member, async |mut client| {
         Ok(client.balances(BalancesRequest {}).await?.into_inner().balances)
     })?;
     let sum: i64 = balances.iter().map(|b| b.balance_micros).sum();
@@ -186,7 +203,7 @@ fn summary_json(summary: &EpochSummary, dry_run: bool) -> Value {
 /// `ionet settle`.
 pub fn settle(args: SettleArgs) -> Result<()> {
     let dry_run = args.dry_run;
-    let summary = with_metering(&args.head, async move |mut client| {
+    let summary = with_metering(&args.head, As::Admin, async move |mut client| {
         Ok(client.settle(SettleRequest { dry_run }).await?.into_inner().summary.unwrap_or_default())
     })?;
     if args.json {
@@ -233,7 +250,7 @@ pub fn settle(args: SettleArgs) -> Result<()> {
 /// `ionet earnings`.
 pub fn earnings(args: EarningsArgs) -> Result<()> {
     let wallet = args.wallet.clone();
-    let reply = with_metering(&args.head, async move |mut client| {
+    let reply = with_metering(&args.head, As::Member, async move |mut client| {
         Ok(client.earnings(EarningsRequest { wallet }).await?.into_inner())
     })?;
     let total_revenue: u64 = reply.epochs.iter().map(|e| e.revenue_micros).sum();
@@ -296,7 +313,7 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
 
 /// `ionet payouts`.
 pub fn payouts(args: PayoutsArgs) -> Result<()> {
-    let reply = with_metering(&args.head, async move |mut client| {
+    let reply = with_metering(&args.head, As::Member, async move |mut client| {
         Ok(client.list_payouts(ListPayoutsRequest {}).await?.into_inner())
     })?;
     if args.json {
@@ -365,7 +382,7 @@ pub fn credits_add(args: CreditsAddArgs) -> Result<()> {
         bail!("amount {:?} is zero: give a positive number of USD", args.amount);
     }
     let account = args.account.clone();
-    let balance = with_metering(&args.head, async move |mut client| {
+    let balance = with_metering(&args.head, As::Admin, async move |mut client| {
         Ok(client.add_credits(AddCreditsRequest { account, amount_micros }).await?.into_inner().balance_micros)
     })?;
     println!("added ${} to payer {}; balance ${}", format_usd(amount_micros), args.account, signed_usd(balance));
@@ -375,7 +392,7 @@ pub fn credits_add(args: CreditsAddArgs) -> Result<()> {
 /// `ionet credits refund`.
 pub fn credits_refund(args: CreditsRefundArgs) -> Result<()> {
     let account = args.account.clone();
-    let refunded = with_metering(&args.head, async move |mut client| {
+    let refunded = with_metering(&args.head, As::Admin, async move |mut client| {
         Ok(client.refund(RefundRequest { account }).await?.into_inner().refunded_micros)
     })?;
     if refunded == 0 {

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet_common::auth::{CheckToken, ClusterToken};
+use ionet_common::auth::ClusterToken;
+use ionet_common::authz::Authorizer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
@@ -36,7 +37,6 @@ use ionet_common::{IonetError, IonetResult, NodeId, ResourceSet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status};
 
 use crate::lease::{Leases, WorkerPoolOptions};
@@ -248,15 +248,12 @@ impl NodeDaemon {
         });
         let (stop, stopped) = watch::channel(false);
 
-        let service = InterceptedService::new(
-            NodeManagerServer::new(NodeManagerService { shared: shared.clone() }),
-            CheckToken::new(options.token.clone()),
-        );
+        let service = NodeManagerServer::new(NodeManagerService { shared: shared.clone() });
         let mut stop_serving = stopped.clone();
-        let object_service =
-            ionet_object_store::ObjectManagerService::new(objects.store.clone()).into_server(options.token.clone());
+        let object_service = ionet_object_store::ObjectManagerService::new(objects.store.clone()).into_server();
+        let authorizer = Authorizer::new(options.token.clone(), None);
         let serve = tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = rpc::server(authorizer)
                 .add_service(service)
                 .add_service(object_service)
                 .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {

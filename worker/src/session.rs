@@ -3,15 +3,22 @@
 //! Layout (as Ray's `session_latest`):
 //! - `head_address`: `host:port` of the control store, written by the head once serving;
 //! - `token`: the cluster token (mode 0600), written by the head;
+//! - `admin_credential`: the operator's credential (mode 0600), signed by the head at
+//!   each start (money and the operator's controls need it);
+//! - `signing_key`: the head's credential signing key (mode 0600), unless `--storage`
+//!   keeps it beside the tables;
 //! - `pids/<role>-<pid>.pid`: one file per daemon started here, written once it is ready
 //!   and removed when it exits; `ionet stop` signals every pid listed;
 //! - `logs/<role>-<pid>.log`: each daemon's log; `logs/<role>.out` its raw stderr.
 //!
-//! The default is `<system temp dir>/ionet/session_latest`; `--temp-dir` or
+//! The directory is this user's alone (mode 0700, checked to be this user's); files are
+//! written through a new private file (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600) renamed
+//! into place, so a file or link planted there first is never followed or reused.
+//!
+//! The default is `<system temp dir>/ionet-<uid>/session_latest` (one per user); `--temp-dir` or
 //! `IONET_SESSION_DIR` point elsewhere, so several clusters can share one machine.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ionet_common::auth::ClusterToken;
@@ -42,7 +49,11 @@ impl SessionDir {
         let root = explicit
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os(SESSION_DIR_ENV).filter(|value| !value.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| std::env::temp_dir().join("ionet").join("session_latest"));
+            .unwrap_or_else(|| {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::geteuid() };
+                std::env::temp_dir().join(format!("ionet-{uid}")).join("session_latest")
+            });
         Self { root }
     }
 
@@ -60,25 +71,17 @@ impl SessionDir {
 
     pub fn create(&self) -> IonetResult<()> {
         for dir in [self.root.clone(), self.logs(), self.pids()] {
-            fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
+            ionet_common::files::private_dir(&dir).map_err(|err| io_error(&dir, err))?;
         }
         Ok(())
     }
 
-    /// Writes atomically (temp file + rename), so readers never see half a file.
-    fn write_file(&self, name: &str, contents: &str, private: bool) -> IonetResult<()> {
+    /// Writes atomically (a new private file renamed into place), so readers never see
+    /// half a file and nothing planted at the name is followed.
+    fn write_file(&self, name: &str, contents: &str) -> IonetResult<()> {
         self.create()?;
         let path = self.root.join(name);
-        let staging = self.root.join(format!(".{name}.{}", std::process::id()));
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        if private {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&staging).map_err(|err| io_error(&staging, err))?;
-        file.write_all(contents.as_bytes()).map_err(|err| io_error(&staging, err))?;
-        fs::rename(&staging, &path).map_err(|err| io_error(&path, err))
+        ionet_common::files::replace_private(&path, contents.as_bytes()).map_err(|err| io_error(&path, err))
     }
 
     fn read_file(&self, name: &str) -> Option<String> {
@@ -89,7 +92,7 @@ impl SessionDir {
     }
 
     pub fn write_head_address(&self, address: &str) -> IonetResult<()> {
-        self.write_file("head_address", address, false)
+        self.write_file("head_address", address)
     }
 
     pub fn head_address(&self) -> Option<String> {
@@ -97,7 +100,21 @@ impl SessionDir {
     }
 
     pub fn write_token(&self, token: &ClusterToken) -> IonetResult<()> {
-        self.write_file("token", token.as_str(), true)
+        self.write_file("token", token.as_str())
+    }
+
+    /// The operator's credential (see `ionet_common::authz`).
+    pub fn write_admin_credential(&self, credential: &ClusterToken) -> IonetResult<()> {
+        self.write_file("admin_credential", credential.as_str())
+    }
+
+    pub fn admin_credential(&self) -> Option<ClusterToken> {
+        self.read_file("admin_credential").and_then(|text| ClusterToken::new(&text).ok())
+    }
+
+    /// Where the head keeps its signing key when no `--storage` is given.
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("signing_key")
     }
 
     pub fn token(&self) -> Option<ClusterToken> {
@@ -112,7 +129,8 @@ impl SessionDir {
     pub fn write_pid(&self, role: &str, pid: u32) -> IonetResult<PathBuf> {
         self.create()?;
         let path = self.pid_file(role, pid);
-        fs::write(&path, format!("{pid}\n")).map_err(|err| io_error(&path, err))?;
+        ionet_common::files::replace_private(&path, format!("{pid}\n").as_bytes())
+            .map_err(|err| io_error(&path, err))?;
         Ok(path)
     }
 
@@ -152,6 +170,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.path().join("token")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700, "the directory is private");
+        // A link planted where the admin credential goes is replaced, never written through.
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("admin_credential")).unwrap();
+        session.write_admin_credential(&token).unwrap();
+        assert!(!elsewhere.exists());
+        assert_eq!(session.admin_credential().unwrap(), token);
         session.write_pid("head", 10).unwrap();
         session.write_pid("node", 20).unwrap();
         let roles: Vec<_> = session.daemons().into_iter().map(|record| (record.role, record.pid)).collect();

@@ -5,56 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use bytes_codec::RawCodec;
 use common::TestCluster;
 use ionet_common::auth::ClusterToken;
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::gcs::*;
+use ionet_common::rpc::RawCodec;
 use ionet_common::NodeId;
 use tonic::Code;
-
-/// A codec that sends and receives raw bytes, to put malformed messages on the wire.
-mod bytes_codec {
-    use prost::bytes::{Buf, BufMut};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    #[derive(Default)]
-    pub struct RawCodec;
-    pub struct RawEncoder;
-    pub struct RawDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawDecoder {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-            let bytes = src.copy_to_bytes(src.remaining());
-            Ok(Some(bytes.to_vec()))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Vec<u8>;
-        type Decode = Vec<u8>;
-        type Encoder = RawEncoder;
-        type Decoder = RawDecoder;
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-        fn decoder(&mut self) -> RawDecoder {
-            RawDecoder
-        }
-    }
-}
 
 fn assert_still_serving(cluster: &TestCluster) {
     let mut client = cluster.client();

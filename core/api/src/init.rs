@@ -150,12 +150,9 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
     let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let service = tonic::service::interceptor::InterceptedService::new(
-        service,
-        ionet_common::auth::CheckToken::new(worker.token.clone()),
-    );
+    let authorizer = ionet_common::authz::Authorizer::new(worker.token.clone(), None);
     tokio::spawn(async move {
-        if let Err(err) = tonic::transport::Server::builder()
+        if let Err(err) = rpc::server(authorizer)
             .add_service(service)
             .serve_with_incoming(ionet_common::rpc::incoming(listener))
             .await

@@ -2,9 +2,9 @@
 //!
 //! The head generates a random token (or takes one from `--token` / `IONET_TOKEN`)
 //! and writes it into the session directory, where local `ionet` commands find it.
-//! Every RPC carries `authorization: Bearer <token>`; servers check it in a tonic
-//! interceptor, so no handler runs for an unauthenticated call. A refusal is logged
-//! with the peer's address and answered with `UNAUTHENTICATED`.
+//! Every RPC carries `authorization: Bearer <token>` (or a signed credential in its
+//! place); servers check it, with the authorization table, in the layer of
+//! [`crate::authz`], so no handler runs for an unauthenticated or unauthorised call.
 
 use std::fmt;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ impl ClusterToken {
     }
 
     /// Compares in time independent of where the first difference is.
-    fn matches(&self, candidate: &[u8]) -> bool {
+    pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         if expected.len() != candidate.len() {
             return false;
@@ -60,40 +60,6 @@ impl ClusterToken {
 impl fmt::Debug for ClusterToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ClusterToken(<redacted>)")
-    }
-}
-
-/// Server side: refuses calls without the cluster token.
-#[derive(Clone, Debug)]
-pub struct CheckToken {
-    token: ClusterToken,
-}
-
-impl CheckToken {
-    pub fn new(token: ClusterToken) -> Self {
-        Self { token }
-    }
-}
-
-impl tonic::service::Interceptor for CheckToken {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request.metadata().get(AUTHORIZATION).map(|value| value.as_bytes());
-        let verdict = match presented {
-            None => Err("missing cluster token (no authorization metadata)"),
-            Some(value) => match value.strip_prefix(BEARER.as_bytes()) {
-                Some(candidate) if self.token.matches(candidate) => Ok(()),
-                Some(_) => Err("wrong cluster token"),
-                None => Err("authorization metadata is not a bearer token"),
-            },
-        };
-        match verdict {
-            Ok(()) => Ok(request),
-            Err(why) => {
-                let peer = request.remote_addr().map(|addr| addr.to_string()).unwrap_or_else(|| "unknown".into());
-                tracing::warn!(peer = %peer, reason = why, "refused unauthenticated request");
-                Err(Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN)")))
-            }
-        }
     }
 }
 
@@ -121,23 +87,6 @@ impl tonic::service::Interceptor for AttachToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::service::Interceptor;
-
-    #[test]
-    fn right_token_passes_and_wrong_or_missing_is_refused() {
-        let token = ClusterToken::generate();
-        let mut check = CheckToken::new(token.clone());
-        let mut attach = AttachToken::new(&token);
-        assert!(check.call(attach.call(Request::new(())).unwrap()).is_ok());
-
-        let mut wrong = AttachToken::new(&ClusterToken::new("nope").unwrap());
-        let status = check.call(wrong.call(Request::new(())).unwrap()).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert!(status.message().contains("wrong cluster token"));
-
-        let status = check.call(Request::new(())).unwrap_err();
-        assert!(status.message().contains("missing cluster token"));
-    }
 
     #[test]
     fn tokens_with_spaces_are_refused() {

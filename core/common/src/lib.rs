@@ -9,7 +9,9 @@
 //!   and resource sets, prices in integer micro-USD;
 //! - [`config`]: cluster configuration from defaults, a TOML file and `IONET_*`
 //!   environment variables;
-//! - [`auth`]: the cluster token carried by every RPC;
+//! - [`auth`]: the cluster token carried by every RPC; [`credential`]: credentials the
+//!   head signs (the admin's); [`authz`]: the one authorization table, enforced in front
+//!   of every server; [`files`]: private files and directories for secrets;
 //! - [`rpc`]: the wire protocol generated from `core/common/proto/*.proto` (tonic + prost),
 //!   authenticated channel helpers and the one error ↔ gRPC status mapping;
 //! - [`lease`]: the one lease requester (tasks and actors) and its typed outcome;
@@ -22,9 +24,12 @@
 //! API (`init`, `remote`, `get`, `put`, actors) builds on these pieces.
 
 pub mod auth;
+pub mod authz;
 pub mod clock;
 pub mod config;
+pub mod credential;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod lease;
 pub mod resources;

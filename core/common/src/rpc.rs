@@ -273,6 +273,19 @@ pub type NodeManagerClient = proto::node::node_manager_client::NodeManagerClient
 pub type MeteringClient = proto::metering::metering_client::MeteringClient<AuthChannel>;
 pub type CoreWorkerClient = proto::worker::core_worker_client::CoreWorkerClient<AuthChannel>;
 
+/// A server whose every call passes the authorization table first
+/// ([`crate::authz`]); add services to it as to `Server::builder()`.
+pub type AuthorizedServer =
+    tonic::transport::Server<tower_layer::Stack<crate::authz::AuthorizeLayer, tower_layer::Identity>>;
+/// The router of an [`AuthorizedServer`].
+pub type AuthorizedRouter =
+    tonic::transport::server::Router<tower_layer::Stack<crate::authz::AuthorizeLayer, tower_layer::Identity>>;
+
+/// Every ionet server starts here: no call reaches a handler unless `authorizer` admits it.
+pub fn server(authorizer: crate::authz::Authorizer) -> AuthorizedServer {
+    tonic::transport::Server::builder().layer(crate::authz::AuthorizeLayer::new(authorizer))
+}
+
 /// The connections accepted on `listener`, with Nagle's algorithm off: a server given its
 /// own listener (`serve_with_incoming`) does not apply `Server::tcp_nodelay` to them, and a
 /// small reply held back until the peer's delayed ACK costs a request its latency.
@@ -358,5 +371,50 @@ mod tests {
         assert_eq!(back.to_string(), "not found: node 3f2a… is not registered");
         let unavailable: IonetError = Status::unavailable("head away").into();
         assert!(unavailable.is_retryable());
+    }
+}
+
+/// A codec that sends and receives a message's raw bytes, unencoded: for tools and tests
+/// that put arbitrary (also malformed) messages on the wire, or call any path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawCodec;
+
+/// [`RawCodec`]'s two halves.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawCoder;
+
+impl tonic::codec::Encoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCoder;
+    type Decoder = RawCoder;
+
+    fn encoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+
+    fn decoder(&mut self) -> RawCoder {
+        RawCoder
     }
 }

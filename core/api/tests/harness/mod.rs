@@ -171,7 +171,10 @@ impl Cluster {
             std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten().map(|e| e.path()).collect();
         logs.extend(std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path()));
         logs.sort();
-        for path in logs.iter().filter(|path| path.is_file() && !path.to_string_lossy().ends_with("token")) {
+        for path in logs.iter().filter(|path| {
+            let name = path.to_string_lossy();
+            path.is_file() && !["token", "admin_credential", "signing_key"].iter().any(|secret| name.ends_with(secret))
+        }) {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("----- {} (last 40 lines)", path.display());

@@ -1,0 +1,375 @@
+//! Who may call what: the one authorization table, and the layer that enforces it in
+//! front of every gRPC server (before any handler runs).
+//!
+//! A call's bearer header names its principal ([`Authorizer::authenticate`]):
+//! - a credential the head signed ([`crate::credential`]) names its role: today the
+//!   *admin* (the operator), whose credential `ionet start --head` writes into the session
+//!   directory (mode 0600);
+//! - the cluster token names a *member*: a node daemon, driver or worker of this cluster.
+//!   Members will be split into node and job principals with their own credentials (each
+//!   bound to its node or job, checked against the ids a call names); until then a member
+//!   may make every call that is not the admin's.
+//!
+//! [`TABLE`] has one row per RPC of every service: its full gRPC path and who may make it.
+//! A call whose path has no row is refused (a new RPC is closed until it gets one: the
+//! test `every_rpc_of_every_service_has_a_row` reads the protocol files and fails on a
+//! missing row). A refusal is `UNAUTHENTICATED` for a missing or bad credential and
+//! `PERMISSION_DENIED` (naming the principal, the call and the right it lacks) for a
+//! principal the table does not allow; both are logged with the peer's address, never
+//! the credential, and nothing runs.
+//!
+//! The admitted call carries its [`Principal`] in its extensions, for handlers that check
+//! scope.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+
+use crate::auth::ClusterToken;
+use crate::credential::{Role, Verifier};
+
+const AUTHORIZATION: &str = "authorization";
+const BEARER: &[u8] = b"Bearer ";
+
+/// Who a call speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The operator (a credential with the admin role).
+    Admin,
+    /// A process of this cluster holding the cluster token.
+    Member,
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Principal::Admin => "admin",
+            Principal::Member => "cluster member (cluster token)",
+        })
+    }
+}
+
+/// Who may make a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Any member of the cluster, and the admin.
+    Member,
+    /// The admin only: money and the operator's controls.
+    Admin,
+}
+
+impl Access {
+    /// Whether `principal` has this right.
+    pub fn allows(self, principal: Principal) -> bool {
+        match self {
+            Access::Member => true,
+            Access::Admin => principal == Principal::Admin,
+        }
+    }
+
+    fn right(self) -> &'static str {
+        match self {
+            Access::Member => "cluster membership",
+            Access::Admin => "the admin role",
+        }
+    }
+}
+
+/// One row: a call, and who may make it.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    /// The gRPC path, `/<package>.<Service>/<Method>`.
+    pub path: &'static str,
+    pub access: Access,
+}
+
+const fn member(path: &'static str) -> Rule {
+    Rule { path, access: Access::Member }
+}
+
+const fn admin(path: &'static str) -> Rule {
+    Rule { path, access: Access::Admin }
+}
+
+/// Every RPC of every service, and who may call it.
+pub const TABLE: &[Rule] = &[
+    // The control store (head).
+    member("/ionet.gcs.Gcs/RegisterNode"),
+    member("/ionet.gcs.Gcs/Heartbeat"),
+    member("/ionet.gcs.Gcs/DrainNode"),
+    member("/ionet.gcs.Gcs/GetAllNodes"),
+    member("/ionet.gcs.Gcs/AddJob"),
+    member("/ionet.gcs.Gcs/MarkJobFinished"),
+    member("/ionet.gcs.Gcs/GetAllJobs"),
+    member("/ionet.gcs.Gcs/KvPut"),
+    member("/ionet.gcs.Gcs/KvGet"),
+    member("/ionet.gcs.Gcs/KvDel"),
+    member("/ionet.gcs.Gcs/KvKeys"),
+    member("/ionet.gcs.Gcs/Subscribe"),
+    member("/ionet.gcs.Gcs/GetClusterInfo"),
+    member("/ionet.gcs.Gcs/CreatePlacementGroup"),
+    member("/ionet.gcs.Gcs/GetPlacementGroup"),
+    member("/ionet.gcs.Gcs/RemovePlacementGroup"),
+    member("/ionet.gcs.Gcs/ListPlacementGroups"),
+    member("/ionet.gcs.Gcs/CreateActor"),
+    member("/ionet.gcs.Gcs/GetActor"),
+    member("/ionet.gcs.Gcs/GetNamedActor"),
+    member("/ionet.gcs.Gcs/ListActors"),
+    member("/ionet.gcs.Gcs/KillActor"),
+    // Metering and the ledger (head). Moving money is the operator's alone.
+    member("/ionet.metering.Metering/LeaseStarted"),
+    member("/ionet.metering.Metering/LeaseEnded"),
+    member("/ionet.metering.Metering/ListUsage"),
+    admin("/ionet.metering.Metering/AddCredits"),
+    admin("/ionet.metering.Metering/Refund"),
+    member("/ionet.metering.Metering/Balances"),
+    admin("/ionet.metering.Metering/Settle"),
+    member("/ionet.metering.Metering/Earnings"),
+    member("/ionet.metering.Metering/ListPayouts"),
+    // A node daemon.
+    member("/ionet.node.NodeManager/GetNodeStats"),
+    member("/ionet.node.NodeManager/RequestWorkerLease"),
+    member("/ionet.node.NodeManager/ReturnWorkerLease"),
+    member("/ionet.node.NodeManager/RegisterWorker"),
+    member("/ionet.node.NodeManager/SetWorkerBlocked"),
+    member("/ionet.node.NodeManager/CreateObject"),
+    member("/ionet.node.NodeManager/SealObject"),
+    member("/ionet.node.NodeManager/EnsureObjectLocal"),
+    member("/ionet.node.NodeManager/AddObjectLocation"),
+    member("/ionet.node.NodeManager/FreeObjects"),
+    member("/ionet.node.NodeManager/PrepareBundle"),
+    member("/ionet.node.NodeManager/CommitBundle"),
+    member("/ionet.node.NodeManager/CancelBundle"),
+    // A node's object manager (transfers between nodes).
+    member("/ionet.object.ObjectManager/Pull"),
+    member("/ionet.object.ObjectManager/Free"),
+    member("/ionet.object.ObjectManager/Stats"),
+    // A driver's or worker's core worker.
+    member("/ionet.worker.CoreWorker/Tasks"),
+    member("/ionet.worker.CoreWorker/GetObject"),
+    member("/ionet.worker.CoreWorker/Exit"),
+    member("/ionet.worker.CoreWorker/CreateActor"),
+    member("/ionet.worker.CoreWorker/ActorCalls"),
+    member("/ionet.worker.CoreWorker/Watch"),
+    member("/ionet.worker.CoreWorker/ReturnIdleLeases"),
+    member("/ionet.worker.CoreWorker/ReportGeneratorItem"),
+    member("/ionet.worker.CoreWorker/CancelTask"),
+];
+
+/// The row of `path`, if the table has one.
+pub fn rule(path: &str) -> Option<&'static Rule> {
+    TABLE.iter().find(|rule| rule.path == path)
+}
+
+/// Whether `principal` may call `path`: `Ok`, or the reason it may not.
+pub fn decide(principal: Principal, path: &str) -> Result<(), String> {
+    match rule(path) {
+        None => Err(format!("{principal} may not call {path}: the call has no row in the authorization table")),
+        Some(rule) if rule.access.allows(principal) => Ok(()),
+        Some(rule) => Err(format!("{principal} may not call {path}: it requires {}", rule.access.right())),
+    }
+}
+
+/// What a server knows to tell principals apart.
+#[derive(Clone, Debug)]
+pub struct Authorizer {
+    token: ClusterToken,
+    /// The head's public key; `None` on servers that accept no credentials yet (only the
+    /// head's services serve the admin's calls today).
+    verifier: Option<Verifier>,
+}
+
+impl Authorizer {
+    pub fn new(token: ClusterToken, verifier: Option<Verifier>) -> Self {
+        Self { token, verifier }
+    }
+
+    /// The principal a bearer header names, or why it names none.
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Principal, &'static str> {
+        let value = header.ok_or("missing credential (no authorization metadata)")?;
+        let presented = value.strip_prefix(BEARER).ok_or("authorization metadata is not a bearer credential")?;
+        if Verifier::is_credential(presented) {
+            let verifier = self.verifier.as_ref().ok_or("this server accepts no signed credentials")?;
+            return match verifier.verify(presented)?.role {
+                Role::Admin => Ok(Principal::Admin),
+            };
+        }
+        if self.token.matches(presented) {
+            Ok(Principal::Member)
+        } else {
+            Err("wrong cluster token")
+        }
+    }
+
+    /// The principal of a call to `path` with bearer `header`, if the table lets it make
+    /// the call; else the status to answer. Refusals are logged with `peer`.
+    pub fn admit(&self, path: &str, header: Option<&[u8]>, peer: &str) -> Result<Principal, Status> {
+        let principal = self.authenticate(header).map_err(|why| {
+            tracing::warn!(peer, path, reason = why, "refused an unauthenticated call");
+            Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN) or a credential"))
+        })?;
+        decide(principal, path).map_err(|why| {
+            tracing::warn!(peer, path, %principal, "refused a call: {why}");
+            Status::permission_denied(why)
+        })?;
+        Ok(principal)
+    }
+}
+
+/// The layer for `tonic::transport::Server::layer`: every call passes [`Authorizer::admit`]
+/// before routing.
+#[derive(Clone, Debug)]
+pub struct AuthorizeLayer {
+    authorizer: Arc<Authorizer>,
+}
+
+impl AuthorizeLayer {
+    pub fn new(authorizer: Authorizer) -> Self {
+        Self { authorizer: Arc::new(authorizer) }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize { inner, authorizer: self.authorizer.clone() }
+    }
+}
+
+/// The service [`AuthorizeLayer`] wraps around a server's routes.
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+    authorizer: Arc<Authorizer>,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let header = request.headers().get(AUTHORIZATION).map(|value| value.as_bytes());
+        let peer = || {
+            request
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|info| info.remote_addr())
+                .map(|address| address.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        match self.authorizer.admit(request.uri().path(), header, &peer()) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+                Box::pin(self.inner.call(request))
+            }
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::Issuer;
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    /// Every RPC the protocol files declare, as gRPC paths.
+    fn declared_rpcs() -> BTreeSet<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/ionet");
+        let mut paths = BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let package = text
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("package "))
+                .map(|package| package.trim_end_matches(';').trim().to_string());
+            let mut service = None;
+            for line in text.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("service ") {
+                    service = rest.split_whitespace().next().map(str::to_string);
+                } else if let Some(rest) = line.strip_prefix("rpc ") {
+                    let method = rest.split('(').next().unwrap().trim();
+                    let (package, service) = (package.as_ref().unwrap(), service.as_ref().unwrap());
+                    paths.insert(format!("/{package}.{service}/{method}"));
+                }
+            }
+        }
+        assert!(paths.len() > 50, "the protocol files were read: {paths:?}");
+        paths
+    }
+
+    #[test]
+    fn every_rpc_of_every_service_has_a_row() {
+        let declared = declared_rpcs();
+        let missing: Vec<_> = declared.iter().filter(|path| rule(path).is_none()).collect();
+        assert!(missing.is_empty(), "RPCs without a row in authz::TABLE: {missing:?}");
+        let mut seen = BTreeSet::new();
+        for rule in TABLE {
+            assert!(seen.insert(rule.path), "two rows for {}", rule.path);
+            assert!(declared.contains(rule.path), "a row for a call no service declares: {}", rule.path);
+        }
+    }
+
+    #[test]
+    fn money_moves_only_for_the_admin() {
+        for path in [
+            "/ionet.metering.Metering/AddCredits",
+            "/ionet.metering.Metering/Refund",
+            "/ionet.metering.Metering/Settle",
+        ] {
+            let refused = decide(Principal::Member, path).unwrap_err();
+            assert!(refused.contains("cluster member") && refused.contains(path) && refused.contains("admin role"));
+            decide(Principal::Admin, path).unwrap();
+        }
+        for rule in TABLE {
+            decide(Principal::Admin, rule.path).unwrap();
+        }
+        assert!(decide(Principal::Admin, "/ionet.gcs.Gcs/Nonexistent").unwrap_err().contains("no row"));
+    }
+
+    #[test]
+    fn the_header_names_the_principal() {
+        let token = ClusterToken::generate();
+        let head = Issuer::generate();
+        let authorizer = Authorizer::new(token.clone(), Some(head.verifier()));
+        let bearer = |text: &str| format!("Bearer {text}").into_bytes();
+
+        assert_eq!(authorizer.authenticate(Some(&bearer(token.as_str()))), Ok(Principal::Member));
+        let admin = head.issue(Role::Admin, Duration::from_secs(60));
+        assert_eq!(authorizer.authenticate(Some(&bearer(&admin))), Ok(Principal::Admin));
+
+        let stranger = Issuer::generate().issue(Role::Admin, Duration::from_secs(60));
+        assert!(authorizer.authenticate(Some(&bearer(&stranger))).is_err());
+        assert_eq!(authorizer.authenticate(Some(&bearer("nope"))), Err("wrong cluster token"));
+        assert!(authorizer.authenticate(None).unwrap_err().contains("missing"));
+        assert!(authorizer.authenticate(Some(token.as_str().as_bytes())).unwrap_err().contains("bearer"));
+
+        let without_key = Authorizer::new(token, None);
+        assert_eq!(without_key.authenticate(Some(&bearer(&admin))), Err("this server accepts no signed credentials"));
+    }
+
+    #[test]
+    fn a_refusal_has_the_right_code() {
+        let token = ClusterToken::generate();
+        let authorizer = Authorizer::new(token.clone(), None);
+        let member = format!("Bearer {}", token.as_str()).into_bytes();
+        let settle = "/ionet.metering.Metering/Settle";
+        assert_eq!(authorizer.admit(settle, Some(&member), "peer").unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(authorizer.admit(settle, None, "peer").unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(authorizer.admit("/ionet.gcs.Gcs/KvGet", Some(&member), "peer").unwrap(), Principal::Member);
+    }
+}

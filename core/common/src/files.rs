@@ -1,0 +1,95 @@
+//! Files that hold secrets or that other users must not plant: created once, never
+//! through a symbolic link, readable by their owner only.
+//!
+//! A new file is opened with `O_CREAT | O_EXCL | O_NOFOLLOW` and mode 0600, so a file or
+//! link someone placed at the path first makes the write fail instead of being followed
+//! or reused; a directory is created (or checked) with mode 0700.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Writes `contents` to a new file at `path`, mode 0600; fails if anything is there.
+pub fn write_new_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut file =
+        fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Replaces the file at `path` with `contents`, mode 0600, atomically: written to a new
+/// private file beside it, then renamed over it (a link at `path` is replaced, not
+/// followed).
+pub fn replace_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
+    let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&staging);
+    write_new_private(&staging, contents)?;
+    fs::rename(&staging, path)
+}
+
+/// Creates `dir` (and its parents) with mode 0700 for the directory itself; an existing
+/// directory must belong to this user, and is narrowed to 0700.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(err) => return Err(err),
+    }
+    let metadata = fs::symlink_metadata(dir)?;
+    if !metadata.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"));
+    }
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("belongs to uid {}, not this user ({me})", metadata.uid()),
+        ));
+    }
+    if metadata.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_private_file_is_0600_and_never_reused_or_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new_private(&path, b"one").unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(write_new_private(&path, b"two").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+
+        let target = dir.path().join("elsewhere");
+        let link = dir.path().join("planted");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(write_new_private(&link, b"x").is_err(), "a planted link is not followed");
+        assert!(!target.exists());
+
+        replace_private(&path, b"three").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"three");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_private_dir_is_0700() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = dir.path().join("a").join("session");
+        private_dir(&session).unwrap();
+        assert_eq!(fs::metadata(&session).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::set_permissions(&session, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&session).unwrap();
+        assert_eq!(fs::metadata(&session).unwrap().permissions().mode() & 0o777, 0o700, "narrowed");
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        assert!(private_dir(&file).is_err());
+    }
+}
