@@ -37,7 +37,7 @@ fn wrong_or_missing_token_is_unauthenticated() {
         bare.kv_get(KvGetRequest { namespace: "x".into(), key: b"k".to_vec() }).await.unwrap_err()
     });
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(status.message().contains("missing cluster token"), "{}", status.message());
+    assert!(status.message().contains("missing credential"), "{}", status.message());
 
     // The CLI says so too.
     let output = cluster.ionet(&["status", "--token", "not-the-token"]);
@@ -52,7 +52,7 @@ fn wrong_or_missing_token_is_unauthenticated() {
         .find(|entry| entry.file_name().to_string_lossy().starts_with("head-"))
         .map(|entry| std::fs::read_to_string(entry.path()).unwrap())
         .unwrap();
-    assert!(head_log.contains("refused unauthenticated request") && head_log.contains("peer=127.0.0.1:"), "{head_log}");
+    assert!(head_log.contains("refused an unauthenticated call") && head_log.contains("peer=127.0.0.1:"), "{head_log}");
     assert_still_serving(&cluster);
 }
 

@@ -207,11 +207,11 @@ impl Authorizer {
     /// the call; else the status to answer. Refusals are logged with `peer`.
     pub fn admit(&self, path: &str, header: Option<&[u8]>, peer: &str) -> Result<Principal, Status> {
         let principal = self.authenticate(header).map_err(|why| {
-            tracing::warn!(peer, path, reason = why, "refused an unauthenticated call");
+            tracing::warn!(peer = %peer, path = %path, reason = why, "refused an unauthenticated call");
             Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN) or a credential"))
         })?;
         decide(principal, path).map_err(|why| {
-            tracing::warn!(peer, path, %principal, "refused a call: {why}");
+            tracing::warn!(peer = %peer, path = %path, %principal, "refused a call: {why}");
             Status::permission_denied(why)
         })?;
         Ok(principal)
