@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use ionet::auth::ClusterToken;
 use ionet::config::ClusterConfig;
+use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::{NodeInfo, ResourceQuantities};
 use ionet::rpc::proto::gcs::{HeartbeatRequest, RegisterNodeRequest};
 use ionet::rpc::GcsClient;
@@ -41,6 +42,8 @@ fn serve_head() {
             .await
             .unwrap();
         println!("{}", server.address());
+        // The operator's credential, for registering the simulated nodes.
+        println!("{}", server.admin_credential(Duration::from_secs(3600)).as_str());
         // Serve until the parent closes our stdin.
         tokio::task::spawn_blocking(|| {
             let mut sink = String::new();
@@ -69,26 +72,37 @@ fn main() {
         .spawn()
         .expect("start the head");
     let mut line = String::new();
-    BufReader::new(head.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut stdout = BufReader::new(head.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
     let address = line.trim().to_string();
+    let mut admin = String::new();
+    stdout.read_line(&mut admin).unwrap();
+    let admin = ClusterToken::new(admin.trim()).unwrap();
     let head_pid = head.id();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (absorbed, cpu, wall) = runtime.block_on(async {
-        let token = ClusterToken::new(TOKEN).unwrap();
+        let mut operator = ionet::rpc::gcs_client(&address, &admin).await.expect("connect");
         let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("GPU", Quantity::whole(8));
         let mut clients: Vec<(GcsClient, NodeId)> = Vec::with_capacity(nodes);
         for index in 0..nodes {
-            let mut client = ionet::rpc::gcs_client(&address, &token).await.expect("connect");
+            // Each simulated node as a real one: its own key, registered with a proof, then
+            // heartbeating with the node credential the head issued it.
+            let key = KeyPair::generate();
             let node_id = NodeId::random();
             let info = NodeInfo {
                 node_id: node_id.to_vec(),
                 address: format!("127.0.0.1:{}", 10_000 + index),
                 total: Some(ResourceQuantities::from_set(&total)),
                 available: Some(ResourceQuantities::from_set(&total)),
+                public_key: key.public_key().to_vec(),
                 ..Default::default()
             };
-            client.register_node(RegisterNodeRequest { node: Some(info) }).await.expect("register");
+            let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
+            let reply =
+                operator.register_node(RegisterNodeRequest { node: Some(info), proof }).await.expect("register");
+            let credential = ClusterToken::new(&reply.into_inner().node_credential).unwrap();
+            let client = ionet::rpc::gcs_client(&address, &credential).await.expect("connect");
             clients.push((client, node_id));
         }
         let absorbed = Arc::new(AtomicU64::new(0));

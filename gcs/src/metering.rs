@@ -276,6 +276,13 @@ impl Metering {
             ))
             .into());
         }
+        let total = node.total.clone().unwrap_or_default().to_set()?;
+        if !total.contains(&resources) {
+            return Err(invalid(format!(
+                "lease {lease_id} reports {resources}, more than node {} has ({total})",
+                node_id.short()
+            )));
+        }
         let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
         let payer_account =
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
@@ -324,11 +331,32 @@ impl Metering {
     /// Ends a lease now and returns its record. Ending an ended lease returns the same
     /// record again.
     pub async fn lease_ended(&self, lease_id: &[u8]) -> GcsResult<proto::UsageRecord> {
+        self.lease_ended_by(lease_id, None).await
+    }
+
+    /// [`Metering::lease_ended`] reported by `reporter` (a node: only a lease on that node
+    /// may be ended by it; `None`: the control plane or the operator). A lease of another
+    /// node is refused and stays open.
+    pub async fn lease_ended_by(&self, lease_id: &[u8], reporter: Option<NodeId>) -> GcsResult<proto::UsageRecord> {
         let lease_id = LeaseId::from_bytes(lease_id)?;
         let now = self.state.now_ms();
         // (record, whether this call ended the lease)
         let (made, ended_now) = {
             let mut book = self.book();
+            let node_of = |lease_id| {
+                let open = book.open.get(lease_id).map(|lease: &OpenLease| lease.node_id);
+                open.or_else(|| book.ended.get(lease_id).map(|&index| book.records[index].record.node_id))
+            };
+            if let (Some(reporter), Some(node)) = (reporter, node_of(&lease_id)) {
+                if node != reporter {
+                    return Err(IonetError::PermissionDenied(format!(
+                        "node {} may not end lease {lease_id}: it runs on node {}",
+                        reporter.short(),
+                        node.short()
+                    ))
+                    .into());
+                }
+            }
             if let Some(lease) = book.open.remove(&lease_id) {
                 let made = lease.record_until(now);
                 book.push(made.clone(), true);

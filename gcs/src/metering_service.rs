@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ionet_common::authz::Principal;
 use ionet_common::rpc::proto::metering::metering_server::Metering as MeteringRpc;
 use ionet_common::rpc::proto::metering::*;
 use ionet_common::{JobId, NodeId};
@@ -74,7 +75,10 @@ impl MeteringRpc for MeteringService {
         &self,
         request: Request<LeaseStartedRequest>,
     ) -> Result<Response<LeaseStartedReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        // A node reports its own leases only.
+        principal.may_act_for_node(&NodeId::from_bytes(&request.node_id).map_err(GcsError::from)?)?;
         let start_ms = self
             .metering
             .lease_started(&request.lease_id, &request.node_id, &request.job_id, request.resources)
@@ -83,7 +87,11 @@ impl MeteringRpc for MeteringService {
     }
 
     async fn lease_ended(&self, request: Request<LeaseEndedRequest>) -> Result<Response<LeaseEndedReply>, Status> {
-        let record = self.metering.lease_ended(&request.into_inner().lease_id).await?;
+        let reporter = match Principal::of(&request)? {
+            Principal::Node(node) => Some(node),
+            _ => None,
+        };
+        let record = self.metering.lease_ended_by(&request.into_inner().lease_id, reporter).await?;
         Ok(Response::new(LeaseEndedReply { record: Some(record) }))
     }
 

@@ -113,9 +113,14 @@ impl GcsServer {
         let max_bytes = options.config.max_message_bytes;
         let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(token.clone())));
         let actors = Actors::new(state.clone(), token.clone(), placement_groups.clone());
-        let service = GeneratedGcsServer::new(GcsService::new(state.clone(), placement_groups.clone(), actors.clone()))
-            .max_decoding_message_size(max_bytes)
-            .max_encoding_message_size(max_bytes);
+        let service = GeneratedGcsServer::new(GcsService::new(
+            state.clone(),
+            placement_groups.clone(),
+            actors.clone(),
+            issuer.clone(),
+        ))
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes);
         let metering_service = GeneratedMeteringServer::new(MeteringService::new(metering.clone()))
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);

@@ -1,12 +1,19 @@
-//! The tonic service: decodes requests, calls [`GcsState`], encodes replies. No
-//! decisions are made here.
+//! The tonic service: decodes requests, checks the caller's scope (a node acts only for
+//! itself: [`Principal::may_act_for_node`]), calls [`GcsState`], encodes replies. Which
+//! principals may make each call at all is the authorization table's
+//! (`ionet_common::authz`), checked before a request reaches this service.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use ionet_common::authz::Principal;
+use ionet_common::credential::{self, Issuer, Role};
 use ionet_common::rpc::proto::common::JobInfo;
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
+use ionet_common::NodeId;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -20,12 +27,29 @@ pub struct GcsService {
     state: Arc<GcsState>,
     placement_groups: Arc<PlacementGroups>,
     actors: Arc<Actors>,
+    issuer: Issuer,
 }
 
 impl GcsService {
-    pub fn new(state: Arc<GcsState>, placement_groups: Arc<PlacementGroups>, actors: Arc<Actors>) -> Self {
-        Self { state, placement_groups, actors }
+    pub fn new(
+        state: Arc<GcsState>,
+        placement_groups: Arc<PlacementGroups>,
+        actors: Arc<Actors>,
+        issuer: Issuer,
+    ) -> Self {
+        Self { state, placement_groups, actors, issuer }
     }
+}
+
+/// How long a node's credential lasts; a node registering again (every head restart, or
+/// after losing touch) gets a fresh one.
+const NODE_CREDENTIAL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A join token's life when the operator does not say; and the longest allowed.
+const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
+const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn node_id_of(bytes: &[u8]) -> Result<NodeId, Status> {
+    NodeId::from_bytes(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
 }
 
 /// Longest a `GetActor` waits before answering with the row as it is.
@@ -53,23 +77,50 @@ impl Gcs for GcsService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeReply>, Status> {
-        let node = request.into_inner().node.ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let node = request.node.ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
+        let node_id = node_id_of(&node.node_id)?;
+        if let Principal::Node(own) = principal {
+            // A node registers itself again; a new node comes with a join token.
+            principal.may_act_for_node(&node_id).map_err(|_| {
+                Status::permission_denied(format!(
+                    "node {} may not register node {}: a new node joins with a join token",
+                    own.short(),
+                    node_id.short()
+                ))
+            })?;
+        }
+        let message = credential::registration_message(&node.node_id, &node.public_key);
+        if !credential::verify_signature(&node.public_key, &message, &request.proof) {
+            return Err(Status::permission_denied(format!(
+                "node {}: the registration is not signed by the key it names (a node proves its key with each registration)",
+                node_id.short()
+            )));
+        }
+        let public_key = node.public_key.clone();
         self.state.register_node(node).await?;
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
             incarnation: self.state.incarnation(),
+            node_credential: self.issuer.issue_node(node_id.as_bytes(), &public_key, NODE_CREDENTIAL_TTL),
+            head_key: self.issuer.verifier().to_bytes().to_vec(),
         }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.may_act_for_node(&node_id_of(&request.node_id)?)?;
         self.state.heartbeat(&request.node_id, request.available)?;
         Ok(Response::new(HeartbeatReply { incarnation: self.state.incarnation() }))
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.may_act_for_node(&node_id_of(&request.node_id)?)?;
         self.state.drain_node(&request.node_id, &request.reason, request.exiting).await?;
         Ok(Response::new(DrainNodeReply {}))
     }
@@ -228,6 +279,31 @@ impl Gcs for GcsService {
 
     async fn list_actors(&self, request: Request<ListActorsRequest>) -> Result<Response<ListActorsReply>, Status> {
         Ok(Response::new(ListActorsReply { actors: self.actors.list(request.into_inner().include_dead) }))
+    }
+
+    async fn create_token(&self, request: Request<CreateTokenRequest>) -> Result<Response<CreateTokenReply>, Status> {
+        let request = request.into_inner();
+        let role: Role = request.role.parse().map_err(|err: ionet_common::IonetError| Status::from(err))?;
+        if role != Role::Join {
+            return Err(Status::invalid_argument(format!(
+                "tokens are made for joining nodes (role `node`); the {role} credential is the head's to write"
+            )));
+        }
+        let ttl = match request.ttl_seconds {
+            0 => DEFAULT_JOIN_TTL,
+            seconds => Duration::from_secs(seconds),
+        };
+        if ttl > MAX_JOIN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "a join token lives at most {} days; asked for {} s",
+                MAX_JOIN_TTL.as_secs() / 86_400,
+                ttl.as_secs()
+            )));
+        }
+        let token = self.issuer.issue(role, ttl);
+        let claims = self.issuer.verifier().verify(token.as_bytes()).map_err(Status::internal)?;
+        tracing::info!(role = %role, expires_at = claims.expires_at, "issued a token");
+        Ok(Response::new(CreateTokenReply { token, expires_at: claims.expires_at }))
     }
 
     async fn kill_actor(&self, request: Request<KillActorRequest>) -> Result<Response<KillActorReply>, Status> {

@@ -213,6 +213,17 @@ impl GcsState {
         if let Some(key) = node.labels.keys().find(|key| key.trim().is_empty()) {
             return Err(invalid(format!("node {} has a label with an empty name {key:?}", node_id.short())));
         }
+        // The first registration binds the id to the key; only that key's holder may use
+        // the id again (a provider cannot take over another's record, wallet or price).
+        if let Some(known) = self.nodes.get(&node_id) {
+            if known.public_key != node.public_key {
+                return Err(IonetError::PermissionDenied(format!(
+                    "node {} is bound to another key: a node id is registered again only by the key it first registered with",
+                    node_id.short()
+                ))
+                .into());
+            }
+        }
         let now = self.clock.now_ms();
         node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
         node.last_heartbeat_ms = now;
@@ -241,6 +252,13 @@ impl GcsState {
             .into());
         }
         if let Some(available) = available {
+            let total = node.total.clone().unwrap_or_default().to_set()?;
+            if !total.contains(&available) {
+                return Err(invalid(format!(
+                    "node {} reports available {available} beyond its total {total}",
+                    node_id.short()
+                )));
+            }
             node.available = Some(ResourceQuantities::from_set(&available));
         }
         node.last_heartbeat_ms = self.clock.now_ms();
@@ -484,6 +502,30 @@ mod tests {
         assert!(matches!(kinds.last(), Some(Event::NodeDead(dead)) if dead.node_id == quiet.to_vec()));
         let err = gcs.heartbeat(quiet.as_bytes(), None).unwrap_err();
         assert!(err.to_string().contains("declared dead"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_node_id_stays_with_its_first_key_and_reports_stay_within_its_total() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        let id = NodeId::random();
+        let mut first = node(id, 2);
+        first.public_key = vec![1; 32];
+        gcs.register_node(first.clone()).await.unwrap();
+        gcs.register_node(first.clone()).await.expect("the same key registers again");
+        let mut taken = node(id, 8);
+        taken.public_key = vec![2; 32];
+        taken.wallet = "mallory".into();
+        let refused = gcs.register_node(taken).await.unwrap_err();
+        assert!(refused.to_string().contains("bound to another key"), "{refused}");
+        let row = gcs.node(&id).unwrap();
+        assert_eq!((row.public_key, row.wallet), (vec![1; 32], String::new()), "the record is unchanged");
+
+        let beyond = ResourceSet::new().with(GPU, Quantity::whole(3));
+        let refused = gcs.heartbeat(id.as_bytes(), Some((&beyond).into())).unwrap_err();
+        assert!(refused.to_string().contains("beyond its total"), "{refused}");
+        let within = ResourceSet::new().with(GPU, Quantity::whole(1));
+        gcs.heartbeat(id.as_bytes(), Some((&within).into())).unwrap();
     }
 
     #[tokio::test]

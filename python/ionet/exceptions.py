@@ -101,6 +101,11 @@ class AuthenticationError(IonetError):
     """The cluster refused this process's token."""
 
 
+class PermissionDeniedError(IonetError):
+    """The cluster knows the caller, and the caller may not do this (another job's
+    object or actor, another node's record, the operator's calls)."""
+
+
 class IonetSystemError(IonetError):
     """An error inside ionet itself, or one that fits no other class."""
 
@@ -156,6 +161,7 @@ _ERRORS_BY_KIND = {
     "not_found": NotFoundError,
     "already_exists": AlreadyExistsError,
     "unauthenticated": AuthenticationError,
+    "permission_denied": PermissionDeniedError,
     "unavailable": UnavailableError,
     "other": IonetSystemError,
 }

@@ -76,6 +76,7 @@ fn to_py(error: IonetError) -> PyErr {
         IonetError::NotFound(_) => ("not_found", error.to_string()),
         IonetError::AlreadyExists(_) => ("already_exists", error.to_string()),
         IonetError::Unauthenticated(_) => ("unauthenticated", error.to_string()),
+        IonetError::PermissionDenied(_) => ("permission_denied", error.to_string()),
         IonetError::Unavailable(_) => ("unavailable", error.to_string()),
         _ => ("other", error.to_string()),
     };

@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ionet_common::auth::ClusterToken;
 use ionet_common::config::ClusterConfig;
+use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
-use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
+use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest};
+use ionet_common::{rpc, IonetError};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
-use crate::cli::{ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs};
+use crate::cli::{ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs, TokenCreateArgs};
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
 use crate::session::SessionDir;
@@ -126,10 +128,14 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     if args.head {
         let address = session.head_address().unwrap_or_default();
         println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
-        println!(
-            "join machines with: ionet start --address {address} --token <token from {}>",
-            session.path().join("token").display()
-        );
+        match create_token(&address, session, "node", Duration::from_secs(24 * 3600)) {
+            Ok((join, _)) => println!(
+                "join machines with: ionet start --address {address} --token <token from {}> --join-token {join}\n\
+                 (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)",
+                session.path().join("token").display()
+            ),
+            Err(err) => println!("could not make a join token ({err}); make one with `ionet token create --role node`"),
+        }
     } else {
         println!("ionet node started (pid {pid}); session {}", session.path().display());
     }
@@ -221,14 +227,19 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let address = format!("{host}:{port}");
     let token = gcs.token().clone();
     session.write_token(&token)?;
-    session.write_admin_credential(&gcs.admin_credential(ADMIN_CREDENTIAL_TTL))?;
+    let admin = gcs.admin_credential(ADMIN_CREDENTIAL_TTL);
+    session.write_admin_credential(&admin)?;
     session.write_head_address(&address)?;
+    let node_key = KeyPair::load_or_create(&args.node_key.clone().unwrap_or_else(|| session.node_key()))?;
 
     let spec = NodeSpec::build(declared(&args.resources)?)?;
     let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: address.clone(),
         token,
+        // The head's own node registers as the operator's machine.
+        join_credential: admin,
+        node_key,
         config,
         spec,
         bind_host: args.host.clone(),
@@ -273,6 +284,61 @@ pub(crate) fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Res
     }
 }
 
+/// Asks the head for a token for `role` (with the session's admin credential): the token
+/// and when it expires (seconds since the Unix epoch).
+fn create_token(address: &str, session: &SessionDir, role: &str, ttl: Duration) -> Result<(String, u64)> {
+    let admin = resolve_admin_credential(None, session)?;
+    call_create_token(address, &admin, role, ttl)
+}
+
+fn call_create_token(address: &str, admin: &ClusterToken, role: &str, ttl: Duration) -> Result<(String, u64)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut client = rpc::gcs_client(address, admin).await?;
+        let request = CreateTokenRequest { role: role.to_string(), ttl_seconds: ttl.as_secs() };
+        let reply = client.create_token(request).await.map_err(IonetError::from)?.into_inner();
+        Ok((reply.token, reply.expires_at))
+    })
+}
+
+/// `ionet token create`.
+pub fn token_create(args: TokenCreateArgs) -> Result<()> {
+    logging::init_client();
+    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
+    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
+    let admin = resolve_admin_credential(args.head.credential.as_deref(), &session)?;
+    let ttl = parse_duration(&args.ttl)?;
+    let (token, expires_at) = call_create_token(&address, &admin, &args.role, ttl)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "token": token, "role": args.role, "expires_at": expires_at }));
+    } else {
+        println!("{token}");
+        eprintln!(
+            "valid until {expires_at} (Unix seconds); join with: ionet start --address {address} --join-token <it>"
+        );
+    }
+    Ok(())
+}
+
+/// A duration as an operator writes one: seconds, or `30m`, `24h`, `7d`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let seconds_per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("duration {text:?}: the unit is s, m, h or d (e.g. 24h)"),
+    };
+    let number: u64 =
+        number.parse().map_err(|_| anyhow!("duration {text:?} is not a whole number with a unit (e.g. 24h)"))?;
+    number.checked_mul(seconds_per).map(Duration::from_secs).ok_or_else(|| anyhow!("duration {text:?} is too long"))
+}
+
 /// The operator's credential: `explicit` (`--credential` / `IONET_CREDENTIAL`), else the
 /// one the head wrote into the session directory.
 pub(crate) fn resolve_admin_credential(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
@@ -292,12 +358,24 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let config = ClusterConfig::load(args.config.as_deref())?;
     let gcs_address = args.address.clone().expect("checked by start");
     let token = resolve_token(args.token.as_deref(), &session)?;
+    let join_credential = match args.join_token.as_deref() {
+        Some(join) => ClusterToken::new(join)?,
+        None => session.admin_credential().ok_or_else(|| {
+            anyhow!(
+                "no join token: a node joins with one the operator makes on the head (`ionet token create --role node`); \
+                 pass --join-token or set IONET_JOIN_TOKEN"
+            )
+        })?,
+    };
+    let node_key = KeyPair::load_or_create(&args.node_key.clone().unwrap_or_else(|| session.node_key()))?;
     let spec = NodeSpec::build(declared(&args.resources)?)?;
     let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
         advertise_host: advertise_host(args.node_ip_address.as_deref(), &args.host, Some(&gcs_address)),
         gcs_address: gcs_address.clone(),
         token,
+        join_credential,
+        node_key,
         config,
         spec,
         bind_host: args.host.clone(),

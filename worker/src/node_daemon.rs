@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ionet_common::auth::ClusterToken;
+use ionet_common::auth::SharedCredential;
 use ionet_common::authz::Authorizer;
 use ionet_common::config::ClusterConfig;
+use ionet_common::credential::{registration_message, KeyPair, Verifier};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_common::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
@@ -45,7 +47,15 @@ use crate::objects::NodeObjects;
 
 pub struct NodeDaemonOptions {
     pub gcs_address: String,
+    /// The cluster token (this node's workers and its peers' calls carry it).
     pub token: ClusterToken,
+    /// What the node first registers with: a join token the operator made
+    /// (`ionet token create --role node`), or the admin credential on the operator's own
+    /// machines. Afterwards the node speaks to the head with the node credential the
+    /// head issues it.
+    pub join_credential: ClusterToken,
+    /// The node's own key pair: the head binds the node's id to it at registration.
+    pub node_key: KeyPair,
     pub config: ClusterConfig,
     pub spec: NodeSpec,
     /// Host the node's own server binds to.
@@ -65,6 +75,12 @@ pub struct NodeDaemonOptions {
 struct NodeShared {
     node_id: NodeId,
     info: NodeInfo,
+    node_key: KeyPair,
+    /// What the node presents to the head: the join credential, then its node credential.
+    credential: SharedCredential,
+    join_credential: ClusterToken,
+    /// The node's own server's authorizer: it learns the head's key at registration.
+    authorizer: Authorizer,
     leases: Arc<Leases>,
     objects: Arc<NodeObjects>,
     started: Instant,
@@ -224,7 +240,8 @@ impl NodeDaemon {
         let address = listener.local_addr()?;
         let node_id = NodeId::random();
         let advertised = format!("{}:{}", options.advertise_host, address.port());
-        let info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
+        let mut info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
+        info.public_key = options.node_key.public_key().to_vec();
         let leases = Arc::new(Leases::new(
             node_id,
             advertised.clone(),
@@ -237,9 +254,15 @@ impl NodeDaemon {
             Arc::new(NodeObjects::new(options.object_store_capacity, options.token.clone(), advertised.clone())?);
         leases.set_object_store_dir(objects.dir());
         leases.set_gcs_address(options.gcs_address.clone());
+        let authorizer = Authorizer::new(options.token.clone(), None);
+        let credential = SharedCredential::new(&options.join_credential);
         let shared = Arc::new(NodeShared {
             node_id,
             info,
+            node_key: options.node_key.clone(),
+            credential: credential.clone(),
+            join_credential: options.join_credential.clone(),
+            authorizer: authorizer.clone(),
             leases,
             objects: objects.clone(),
             started: Instant::now(),
@@ -251,7 +274,6 @@ impl NodeDaemon {
         let service = NodeManagerServer::new(NodeManagerService { shared: shared.clone() });
         let mut stop_serving = stopped.clone();
         let object_service = ionet_object_store::ObjectManagerService::new(objects.store.clone()).into_server();
-        let authorizer = Authorizer::new(options.token.clone(), None);
         let serve = tokio::spawn(async move {
             let result = rpc::server(authorizer)
                 .add_service(service)
@@ -264,7 +286,7 @@ impl NodeDaemon {
                 tracing::error!(error = %err, "node server failed");
             }
         });
-        let channel = rpc::connect_lazy(&options.gcs_address, &options.token, Duration::from_secs(2))?;
+        let channel = rpc::connect_lazy_shared(&options.gcs_address, &credential, Duration::from_secs(2))?;
         let client = GcsClient::new(channel.clone());
         shared.leases.attach_control_store(channel);
         let heartbeat = tokio::spawn(run_membership(shared.clone(), client, options.config.clone(), stopped.clone()));
@@ -360,9 +382,20 @@ async fn run_membership(
             let available = shared.available();
             info.available = Some(ResourceQuantities::from_set(&available));
             reported = Some(available);
-            match client.register_node(RegisterNodeRequest { node: Some(info) }).await {
+            let proof = shared.node_key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
+            match client.register_node(RegisterNodeRequest { node: Some(info), proof }).await {
                 Ok(reply) => {
-                    incarnation = reply.into_inner().incarnation;
+                    let reply = reply.into_inner();
+                    incarnation = reply.incarnation;
+                    match (ClusterToken::new(&reply.node_credential), Verifier::from_bytes(&reply.head_key)) {
+                        (Ok(node_credential), Ok(head)) => {
+                            shared.credential.replace(&node_credential);
+                            shared.authorizer.learn_head_key(head);
+                        }
+                        _ => {
+                            tracing::error!(node = %shared.node_id.short(), "the control store sent no usable node credential")
+                        }
+                    }
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
                     if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
@@ -372,7 +405,13 @@ async fn run_membership(
                     tracing::info!(node = %shared.node_id.short(), registrations = count, "registered with the control store");
                     break;
                 }
-                Err(status) if status.code() == Code::Unauthenticated || status.code() == Code::InvalidArgument => {
+                Err(status) if status.code() == Code::Unauthenticated || status.code() == Code::PermissionDenied => {
+                    // A head that restarted with a new key does not know the node
+                    // credential: register with the join credential again.
+                    shared.credential.replace(&shared.join_credential);
+                    tracing::error!(node = %shared.node_id.short(), error = %status.message(), "the control store refused this node; retrying");
+                }
+                Err(status) if status.code() == Code::InvalidArgument => {
                     tracing::error!(node = %shared.node_id.short(), error = %status.message(), "the control store refused this node; retrying");
                 }
                 Err(status) => {

@@ -7,6 +7,8 @@
 //!   each start (money and the operator's controls need it);
 //! - `signing_key`: the head's credential signing key (mode 0600), unless `--storage`
 //!   keeps it beside the tables;
+//! - `node_key`: this machine's node daemons' private key (mode 0600), unless
+//!   `--node-key` puts it elsewhere;
 //! - `pids/<role>-<pid>.pid`: one file per daemon started here, written once it is ready
 //!   and removed when it exits; `ionet stop` signals every pid listed;
 //! - `logs/<role>-<pid>.log`: each daemon's log; `logs/<role>.out` its raw stderr.
@@ -110,6 +112,11 @@ impl SessionDir {
 
     pub fn admin_credential(&self) -> Option<ClusterToken> {
         self.read_file("admin_credential").and_then(|text| ClusterToken::new(&text).ok())
+    }
+
+    /// Where a node daemon keeps its private key unless `--node-key` says otherwise.
+    pub fn node_key(&self) -> PathBuf {
+        self.root.join("node_key")
     }
 
     /// Where the head keeps its signing key when no `--storage` is given.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::TestCluster;
 use ionet_common::auth::ClusterToken;
+use ionet_common::credential::{registration_message, KeyPair};
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::gcs::*;
 use ionet_common::rpc::RawCodec;
@@ -98,16 +99,18 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
     assert!(matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange), "{status:?}");
     assert!(status.message().contains("too large"), "{}", status.message());
 
-    // Unknown ids and ids of the wrong size.
+    // Unknown ids and ids of the wrong size (the operator's credential: a node may only
+    // speak for itself, so only the admin reaches the unknown-id answers).
+    let mut operator = cluster.admin_client();
     let status = cluster
         .runtime
-        .block_on(client.heartbeat(HeartbeatRequest { node_id: NodeId::random().to_vec(), available: None }))
+        .block_on(operator.heartbeat(HeartbeatRequest { node_id: NodeId::random().to_vec(), available: None }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("is not registered"), "{}", status.message());
     let status = cluster
         .runtime
-        .block_on(client.heartbeat(HeartbeatRequest { node_id: vec![1, 2, 3], available: None }))
+        .block_on(operator.heartbeat(HeartbeatRequest { node_id: vec![1, 2, 3], available: None }))
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("node id must be 28 bytes, got 3"), "{}", status.message());
@@ -121,14 +124,21 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
         .block_on(client.kv_get(KvGetRequest { namespace: "n".into(), key: b"missing".to_vec() }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = cluster.runtime.block_on(client.register_node(RegisterNodeRequest { node: None })).unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
     let status = cluster
         .runtime
-        .block_on(client.register_node(RegisterNodeRequest {
-            node: Some(NodeInfo { node_id: NodeId::random().to_vec(), address: String::new(), ..Default::default() }),
-        }))
+        .block_on(operator.register_node(RegisterNodeRequest { node: None, proof: Vec::new() }))
         .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let key = KeyPair::generate();
+    let node = NodeInfo {
+        node_id: NodeId::random().to_vec(),
+        address: String::new(),
+        public_key: key.public_key().to_vec(),
+        ..Default::default()
+    };
+    let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
+    let status =
+        cluster.runtime.block_on(operator.register_node(RegisterNodeRequest { node: Some(node), proof })).unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("without an address"), "{}", status.message());
 

@@ -192,6 +192,10 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: gcs_address.clone(),
         token: token.clone(),
+        // The embedded cluster's node is the operator's own: it joins as the admin, with
+        // a key that lives as long as the process.
+        join_credential: gcs.admin_credential(Duration::from_secs(24 * 3600)),
+        node_key: ionet_common::credential::KeyPair::generate(),
         config: cluster_config,
         spec,
         bind_host: "127.0.0.1".into(),

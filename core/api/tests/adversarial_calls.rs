@@ -1,6 +1,7 @@
 //! Calls the cluster must refuse: every RPC of every service walked with every kind of
-//! caller against the authorization table, and money moved by someone other than the
-//! operator. Real daemons on loopback, this process a driver among them.
+//! caller against the authorization table; money moved by someone other than the
+//! operator; a provider acting for another provider's node. Real daemons on loopback,
+//! this process a driver among them.
 
 mod harness;
 
@@ -8,9 +9,16 @@ use std::time::Duration;
 
 use harness::Cluster;
 use ionet::auth::ClusterToken;
-use ionet::authz::{Access, TABLE};
-use ionet::rpc::proto::metering::{AddCreditsRequest, BalancesRequest, RefundRequest, SettleRequest};
+use ionet::authz::{decide, Access, Principal, TABLE};
+use ionet::credential::{registration_message, KeyPair};
+use ionet::rpc::proto::common::NodeInfo;
+use ionet::rpc::proto::gcs::{CreateTokenRequest, DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet::rpc::proto::metering::{
+    AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
+    SettleRequest,
+};
 use ionet::rpc::RawCodec;
+use ionet::{NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
 
 /// How a call ended: its status code and message (`Ok` for a stream that ended well).
@@ -48,61 +56,239 @@ fn call(address: &str, path: &'static str, credential: Option<&str>, body: Vec<u
     })
 }
 
+/// The operator's calls, from the test: a join token, and a node of our own registered
+/// with it (its id, its key, the node credential the head issued).
+struct Provider {
+    node_id: NodeId,
+    key: KeyPair,
+    credential: ClusterToken,
+}
+
+fn admin_of(cluster: &Cluster) -> ClusterToken {
+    ClusterToken::new(&std::fs::read_to_string(cluster.session().join("admin_credential")).unwrap()).unwrap()
+}
+
+fn token_of(cluster: &Cluster) -> ClusterToken {
+    ClusterToken::new(&std::fs::read_to_string(cluster.session().join("token")).unwrap()).unwrap()
+}
+
+async fn join_token(address: &str, admin: &ClusterToken) -> ClusterToken {
+    let mut operator = ionet::rpc::gcs_client(address, admin).await.unwrap();
+    let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600 };
+    ClusterToken::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
+}
+
+/// A registration of `node_id` signed by `key`.
+fn registration(node_id: NodeId, key: &KeyPair, gpus: i64) -> RegisterNodeRequest {
+    let total = ResourceSet::new().with("CPU", Quantity::whole(1)).with("GPU", Quantity::whole(gpus));
+    let node = NodeInfo {
+        node_id: node_id.to_vec(),
+        address: "127.0.0.1:1".into(),
+        total: Some((&total).into()),
+        available: Some((&total).into()),
+        public_key: key.public_key().to_vec(),
+        wallet: "mallory-wallet".into(),
+        ..Default::default()
+    };
+    let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
+    RegisterNodeRequest { node: Some(node), proof }
+}
+
+/// Joins a node of our own (no daemon behind it) with a join token.
+async fn join_as_provider(address: &str, admin: &ClusterToken) -> Provider {
+    let join = join_token(address, admin).await;
+    let mut joiner = ionet::rpc::gcs_client(address, &join).await.unwrap();
+    let (node_id, key) = (NodeId::random(), KeyPair::generate());
+    let reply = joiner.register_node(registration(node_id, &key, 1)).await.unwrap().into_inner();
+    Provider { node_id, key, credential: ClusterToken::new(&reply.node_credential).unwrap() }
+}
+
+/// The message of a call refused with PERMISSION_DENIED (`what` names it if it was not).
+fn denied<T>(result: Result<T, tonic::Status>, what: &str) -> String {
+    let status = result.err().unwrap_or_else(|| panic!("{what} was allowed"));
+    assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+    status.message().to_string()
+}
+
 fn refused(outcome: &Outcome) -> bool {
     matches!(outcome.0, Code::Unauthenticated | Code::PermissionDenied)
 }
 
-/// Every row of the table, called at its server by nobody, by a stranger, by a member
-/// and by the admin. The message is a malformed one, so that an admitted call fails in
-/// decoding and no handler changes anything.
+/// Every row of the table, called at its server by nobody, by a stranger, by a member,
+/// by the admin, by a node and by a joining machine. The message is a malformed one, so
+/// that an admitted call fails in decoding and no handler changes anything.
 fn every_rpc_is_answered_as_the_table_says() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
     cluster.init();
-    let session = cluster.session();
-    let token = std::fs::read_to_string(session.join("token")).unwrap().trim().to_string();
-    let admin = std::fs::read_to_string(session.join("admin_credential")).unwrap().trim().to_string();
-    let stranger = ClusterToken::generate();
     let head = cluster.address();
     let node = ionet::testing::local_node_address().unwrap();
     let worker = ionet::testing::core_worker_address().unwrap();
+    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (provider, join) =
+        runtime.block_on(async { (join_as_provider(&head, &admin).await, join_token(&head, &admin).await) });
 
+    // (who, credential, the principal the table knows it as, whether it is signed)
+    let callers: Vec<(&str, Option<ClusterToken>, Option<Principal>, bool)> = vec![
+        ("nobody", None, None, false),
+        ("a stranger", Some(ClusterToken::generate()), None, false),
+        ("a member", Some(token), Some(Principal::Member), false),
+        ("the admin", Some(admin), Some(Principal::Admin), true),
+        ("a node", Some(provider.credential.clone()), Some(Principal::Node(provider.node_id)), true),
+        ("a joining machine", Some(join), Some(Principal::Joiner), true),
+    ];
     for rule in TABLE {
-        let (address, at_head) = match rule.path.split('.').nth(1) {
+        let (address, knows_head_key) = match rule.path.split('.').nth(1) {
             Some("gcs") | Some("metering") => (head.as_str(), true),
-            Some("node") | Some("object") => (node.as_str(), false),
+            // A node daemon learns the head's key when it registers.
+            Some("node") | Some("object") => (node.as_str(), true),
+            // A driver's or worker's server does not hold the head's key (yet).
             Some("worker") => (worker.as_str(), false),
             other => panic!("{}: a service of no known server ({other:?})", rule.path),
         };
-        let malformed = || vec![0xff; 8];
-
-        let nobody = call(address, rule.path, None, malformed());
-        assert_eq!(nobody.0, Code::Unauthenticated, "{} without a credential: {nobody:?}", rule.path);
-        assert!(nobody.1.contains("missing credential"), "{}: {nobody:?}", rule.path);
-
-        let wrong = call(address, rule.path, Some(stranger.as_str()), malformed());
-        assert_eq!(wrong.0, Code::Unauthenticated, "{} with a stranger's token: {wrong:?}", rule.path);
-
-        let member = call(address, rule.path, Some(&token), malformed());
-        match rule.access {
-            Access::Admin => {
-                assert_eq!(member.0, Code::PermissionDenied, "{} as a member: {member:?}", rule.path);
-                for named in ["cluster member", rule.path, "admin role"] {
-                    assert!(member.1.contains(named), "{}: the refusal names {named:?}: {member:?}", rule.path);
+        for (who, credential, principal, signed) in &callers {
+            let outcome = call(address, rule.path, credential.as_ref().map(ClusterToken::as_str), vec![0xff; 8]);
+            let context = format!("{} by {who}: {outcome:?}", rule.path);
+            match principal {
+                None => assert_eq!(outcome.0, Code::Unauthenticated, "{context}"),
+                Some(_) if *signed && !knows_head_key => {
+                    assert_eq!(outcome.0, Code::Unauthenticated, "{context}");
+                    assert!(outcome.1.contains("accepts no signed credentials"), "{context}");
                 }
+                Some(principal) => match decide(*principal, rule.path) {
+                    Ok(()) => assert!(!refused(&outcome), "{context}"),
+                    Err(why) => {
+                        assert_eq!(outcome.0, Code::PermissionDenied, "{context}");
+                        assert_eq!(outcome.1, why, "the refusal names principal, call and missing right");
+                    }
+                },
             }
-            Access::Member => assert!(!refused(&member), "{} as a member: {member:?}", rule.path),
-        }
-
-        let operator = call(address, rule.path, Some(&admin), malformed());
-        if at_head {
-            assert!(!refused(&operator), "{} as the admin: {operator:?}", rule.path);
-        } else {
-            // Servers off the head do not hold the head's public key yet: they accept no
-            // signed credential at all, rather than trust one they cannot check.
-            assert_eq!(operator.0, Code::Unauthenticated, "{} as the admin: {operator:?}", rule.path);
-            assert!(operator.1.contains("accepts no signed credentials"), "{}: {operator:?}", rule.path);
         }
     }
+    assert!(TABLE.iter().any(|rule| rule.access == Access::Admin), "the walk met admin-only calls");
+}
+
+/// A provider with a valid node credential tries to act for another provider's node:
+/// heartbeats, drains, lease reports, taking over its id; and to report resources it does
+/// not have. Each is refused, and the victim node keeps running tasks, exactly.
+fn a_provider_acts_only_for_its_own_node() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=victim"]);
+    cluster.init();
+    let victim = ionet::nodes()
+        .unwrap()
+        .into_iter()
+        .find(|node| node.labels.get("name").map(String::as_str) == Some("victim"))
+        .unwrap();
+    let pinned = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: victim.node_id, soft: false });
+    assert_eq!(ionet::get_timeout(&add::options(pinned.clone()).remote(40, 2), Duration::from_secs(60)).unwrap(), 42);
+    let head = cluster.address();
+    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mallory = join_as_provider(&head, &admin).await;
+        let mut as_mallory = ionet::rpc::gcs_client(&head, &mallory.credential).await.unwrap();
+        let mut metering = ionet::rpc::metering_client(&head, &mallory.credential).await.unwrap();
+        let balances = metering.balances(BalancesRequest {}).await.unwrap().into_inner();
+
+        let message = denied(
+            as_mallory.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
+            "a heartbeat for another node",
+        );
+        assert!(message.contains(&mallory.node_id.short()) && message.contains(&victim.node_id.short()), "{message}");
+        denied(
+            as_mallory
+                .drain_node(DrainNodeRequest {
+                    node_id: victim.node_id.to_vec(),
+                    reason: "mine now".into(),
+                    exiting: true,
+                })
+                .await,
+            "draining another node",
+        );
+        // Taking over the victim's id (and so its wallet and price) with her own key: with
+        // her node credential, and with a fresh join token.
+        denied(
+            as_mallory.register_node(registration(victim.node_id, &mallory.key, 8)).await,
+            "re-registering another node",
+        );
+        let join = join_token(&head, &admin).await;
+        let mut joiner = ionet::rpc::gcs_client(&head, &join).await.unwrap();
+        let message =
+            denied(joiner.register_node(registration(victim.node_id, &mallory.key, 8)).await, "taking over a node id");
+        assert!(message.contains("bound to another key"), "{message}");
+        // A node credential registers no other node.
+        denied(
+            as_mallory.register_node(registration(NodeId::random(), &mallory.key, 1)).await,
+            "a second node on one credential",
+        );
+        // Billing a tenant for the victim's GPUs, or ending the victim's leases.
+        let job = ionet::rpc::proto::gcs::GetAllJobsRequest::default();
+        let job_id = as_mallory.get_all_jobs(job).await.unwrap().into_inner().jobs.last().unwrap().job_id.clone();
+        let resources = Some((&ResourceSet::new().with("CPU", Quantity::whole(1))).into());
+        denied(
+            metering
+                .lease_started(LeaseStartedRequest {
+                    lease_id: ionet::LeaseId::random().to_vec(),
+                    node_id: victim.node_id.to_vec(),
+                    job_id: job_id.clone(),
+                    resources: resources.clone(),
+                })
+                .await,
+            "reporting a lease on another node",
+        );
+        // The victim's lease reaches the head's meter shortly after the task ran.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let victims_lease = loop {
+            let request = ListUsageRequest { node_id: victim.node_id.to_vec(), ..Default::default() };
+            if let Some(record) = metering.list_usage(request).await.unwrap().into_inner().records.first() {
+                break record.lease_id.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "the victim's lease was never metered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        denied(
+            metering.lease_ended(LeaseEndedRequest { lease_id: victims_lease }).await,
+            "ending another node's lease",
+        );
+        // Her own node: no more than it has.
+        let eight = Some((&ResourceSet::new().with("GPU", Quantity::whole(8))).into());
+        let status = metering
+            .lease_started(LeaseStartedRequest {
+                lease_id: ionet::LeaseId::random().to_vec(),
+                node_id: mallory.node_id.to_vec(),
+                job_id,
+                resources: eight.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let status = as_mallory
+            .heartbeat(HeartbeatRequest { node_id: mallory.node_id.to_vec(), available: eight })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        // The cluster token names no node at all.
+        let mut member = ionet::rpc::gcs_client(&head, &token).await.unwrap();
+        denied(
+            member.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
+            "a heartbeat with the cluster token",
+        );
+
+        let after = metering.balances(BalancesRequest {}).await.unwrap().into_inner();
+        assert_eq!(format!("{balances:?}"), format!("{after:?}"), "the ledger is as before");
+    });
+    // The victim is untouched: alive, its own record, and still running tasks exactly.
+    let row = ionet::nodes().unwrap().into_iter().find(|node| node.node_id == victim.node_id).unwrap();
+    assert_eq!(row.state, ionet::NodeState::Alive);
+    assert_eq!((row.total, row.price_per_gpu_hour), (victim.total, victim.price_per_gpu_hour), "its record as it was");
+    assert_eq!(ionet::get_timeout(&add::options(pinned).remote(1, 2), Duration::from_secs(60)).unwrap(), 3);
+}
+
+#[ionet::remote]
+fn add(a: u64, b: u64) -> u64 {
+    a + b
 }
 
 /// A member (any node daemon, driver or worker) cannot add credits, refund or settle;
@@ -110,10 +296,9 @@ fn every_rpc_is_answered_as_the_table_says() {
 fn only_the_operator_moves_money() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
     let session = cluster.session();
-    let token = ClusterToken::new(&std::fs::read_to_string(session.join("token")).unwrap()).unwrap();
-    let admin = ClusterToken::new(&std::fs::read_to_string(session.join("admin_credential")).unwrap()).unwrap();
+    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
     use std::os::unix::fs::PermissionsExt;
-    for secret in ["token", "admin_credential", "signing_key"] {
+    for secret in ["token", "admin_credential", "signing_key", "node_key"] {
         let mode = std::fs::metadata(session.join(secret)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{secret} is the owner's alone");
     }
@@ -150,6 +335,7 @@ fn main() {
         &[
             ("every_rpc_is_answered_as_the_table_says", every_rpc_is_answered_as_the_table_says),
             ("only_the_operator_moves_money", only_the_operator_moves_money),
+            ("a_provider_acts_only_for_its_own_node", a_provider_acts_only_for_its_own_node),
         ],
         Duration::from_secs(240),
     );

@@ -7,10 +7,10 @@
 //! [`crate::authz`], so no handler runs for an unauthenticated or unauthorised call.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rand::RngCore;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
 
 use crate::error::{IonetError, IonetResult};
@@ -63,23 +63,56 @@ impl fmt::Debug for ClusterToken {
     }
 }
 
-/// Client side: attaches the cluster token to every call.
+/// A credential that may change while channels carrying it stay open: a node daemon
+/// joins with a join token, then speaks with the node credential the head issued it.
+#[derive(Clone, Debug)]
+pub struct SharedCredential(Arc<RwLock<MetadataValue<Ascii>>>);
+
+impl SharedCredential {
+    pub fn new(credential: &ClusterToken) -> Self {
+        Self(Arc::new(RwLock::new(header_of(credential))))
+    }
+
+    /// Every channel carrying this credential presents `credential` from the next call on.
+    pub fn replace(&self, credential: &ClusterToken) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = header_of(credential);
+    }
+}
+
+fn header_of(credential: &ClusterToken) -> MetadataValue<Ascii> {
+    format!("{BEARER}{}", credential.as_str()).parse().expect("a ClusterToken is printable ASCII by construction")
+}
+
+/// Client side: attaches the caller's credential to every call.
 #[derive(Clone, Debug)]
 pub struct AttachToken {
-    header: MetadataValue<tonic::metadata::Ascii>,
+    header: Header,
+}
+
+#[derive(Clone, Debug)]
+enum Header {
+    /// The same for the channel's life (drivers and workers: nothing to lock per call).
+    Fixed(MetadataValue<Ascii>),
+    Shared(SharedCredential),
 }
 
 impl AttachToken {
     pub fn new(token: &ClusterToken) -> Self {
-        let header =
-            format!("{BEARER}{}", token.as_str()).parse().expect("a ClusterToken is printable ASCII by construction");
-        Self { header }
+        Self { header: Header::Fixed(header_of(token)) }
+    }
+
+    pub fn shared(credential: &SharedCredential) -> Self {
+        Self { header: Header::Shared(credential.clone()) }
     }
 }
 
 impl tonic::service::Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(AUTHORIZATION, self.header.clone());
+        let header = match &self.header {
+            Header::Fixed(header) => header.clone(),
+            Header::Shared(shared) => shared.0.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        request.metadata_mut().insert(AUTHORIZATION, header);
         Ok(request)
     }
 }
@@ -87,6 +120,21 @@ impl tonic::service::Interceptor for AttachToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_credential_changes_for_every_channel_carrying_it() {
+        use tonic::service::Interceptor;
+        let first = ClusterToken::new("first").unwrap();
+        let shared = SharedCredential::new(&first);
+        let mut attach = AttachToken::shared(&shared);
+        let presented = |attach: &mut AttachToken| {
+            attach.call(Request::new(())).unwrap().metadata().get(AUTHORIZATION).unwrap().to_str().unwrap().to_string()
+        };
+        assert_eq!(presented(&mut attach), "Bearer first");
+        shared.replace(&ClusterToken::new("second").unwrap());
+        assert_eq!(presented(&mut attach), "Bearer second");
+        assert_eq!(presented(&mut AttachToken::new(&first)), "Bearer first");
+    }
 
     #[test]
     fn tokens_with_spaces_are_refused() {

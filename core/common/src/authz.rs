@@ -2,13 +2,18 @@
 //! front of every gRPC server (before any handler runs).
 //!
 //! A call's bearer header names its principal ([`Authorizer::authenticate`]):
-//! - a credential the head signed ([`crate::credential`]) names its role: today the
-//!   *admin* (the operator), whose credential `ionet start --head` writes into the session
-//!   directory (mode 0600);
-//! - the cluster token names a *member*: a node daemon, driver or worker of this cluster.
-//!   Members will be split into node and job principals with their own credentials (each
-//!   bound to its node or job, checked against the ids a call names); until then a member
-//!   may make every call that is not the admin's.
+//! - a credential the head signed ([`crate::credential`]) names its role: the *admin*
+//!   (the operator, whose credential `ionet start --head` writes into the session
+//!   directory, mode 0600); a *joiner* (a join token: may register one new node); a
+//!   *node* (one node daemon, bound to its id and key at registration);
+//! - the cluster token names a *member*: a driver or worker of this cluster (node daemons
+//!   hold it too, for their workers). Members will be split into job principals with
+//!   credentials of their own; until then a member may make every call that is neither
+//!   the admin's nor a node's.
+//!
+//! Scope: a row's [`Access`] says which principals may make the call at all; a call that
+//! names a node (heartbeats, drains, lease reports) is then checked by its handler against
+//! the caller with [`Principal::may_act_for_node`], so a node acts only for itself.
 //!
 //! [`TABLE`] has one row per RPC of every service: its full gRPC path and who may make it.
 //! A call whose path has no row is refused (a new RPC is closed until it gets one: the
@@ -29,6 +34,7 @@ use tonic::Status;
 
 use crate::auth::ClusterToken;
 use crate::credential::{Role, Verifier};
+use crate::ids::NodeId;
 
 const AUTHORIZATION: &str = "authorization";
 const BEARER: &[u8] = b"Bearer ";
@@ -40,32 +46,66 @@ pub enum Principal {
     Admin,
     /// A process of this cluster holding the cluster token.
     Member,
+    /// A machine holding a join token, not yet a node.
+    Joiner,
+    /// One node daemon (its node credential).
+    Node(NodeId),
+}
+
+impl Principal {
+    /// The principal of an admitted call (the layer put it there); a request that did not
+    /// pass the layer (a handler called directly, in tests) has none and is refused.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Principal, Status> {
+        request
+            .extensions()
+            .get::<Principal>()
+            .copied()
+            .ok_or_else(|| Status::permission_denied("the call carries no principal (it did not pass authorization)"))
+    }
+
+    /// Whether this principal may act for `node`: the node itself, or the admin.
+    pub fn may_act_for_node(self, node: &NodeId) -> Result<(), Status> {
+        match self {
+            Principal::Admin => Ok(()),
+            Principal::Node(own) if own == *node => Ok(()),
+            other => Err(Status::permission_denied(format!("{other} may not act for node {}", node.short()))),
+        }
+    }
 }
 
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Principal::Admin => "admin",
-            Principal::Member => "cluster member (cluster token)",
-        })
+        match self {
+            Principal::Admin => f.write_str("admin"),
+            Principal::Member => f.write_str("cluster member (cluster token)"),
+            Principal::Joiner => f.write_str("joining machine (join token)"),
+            Principal::Node(node) => write!(f, "node {}", node.short()),
+        }
     }
 }
 
 /// Who may make a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Any member of the cluster, and the admin.
+    /// Any member of the cluster or node, and the admin.
     Member,
     /// The admin only: money and the operator's controls.
     Admin,
+    /// A node, for itself (its handler checks which), and the admin.
+    Node,
+    /// Registering a node: a joiner (a new node), a node (itself again), the admin.
+    Register,
 }
 
 impl Access {
     /// Whether `principal` has this right.
     pub fn allows(self, principal: Principal) -> bool {
-        match self {
-            Access::Member => true,
-            Access::Admin => principal == Principal::Admin,
+        match (self, principal) {
+            (_, Principal::Admin) => true,
+            (Access::Member, Principal::Member | Principal::Node(_)) => true,
+            (Access::Node, Principal::Node(_)) => true,
+            (Access::Register, Principal::Joiner | Principal::Node(_)) => true,
+            _ => false,
         }
     }
 
@@ -73,6 +113,8 @@ impl Access {
         match self {
             Access::Member => "cluster membership",
             Access::Admin => "the admin role",
+            Access::Node => "a node credential",
+            Access::Register => "a join token or a node credential",
         }
     }
 }
@@ -93,12 +135,16 @@ const fn admin(path: &'static str) -> Rule {
     Rule { path, access: Access::Admin }
 }
 
+const fn node(path: &'static str) -> Rule {
+    Rule { path, access: Access::Node }
+}
+
 /// Every RPC of every service, and who may call it.
 pub const TABLE: &[Rule] = &[
     // The control store (head).
-    member("/ionet.gcs.Gcs/RegisterNode"),
-    member("/ionet.gcs.Gcs/Heartbeat"),
-    member("/ionet.gcs.Gcs/DrainNode"),
+    Rule { path: "/ionet.gcs.Gcs/RegisterNode", access: Access::Register },
+    node("/ionet.gcs.Gcs/Heartbeat"),
+    node("/ionet.gcs.Gcs/DrainNode"),
     member("/ionet.gcs.Gcs/GetAllNodes"),
     member("/ionet.gcs.Gcs/AddJob"),
     member("/ionet.gcs.Gcs/MarkJobFinished"),
@@ -118,9 +164,10 @@ pub const TABLE: &[Rule] = &[
     member("/ionet.gcs.Gcs/GetNamedActor"),
     member("/ionet.gcs.Gcs/ListActors"),
     member("/ionet.gcs.Gcs/KillActor"),
+    admin("/ionet.gcs.Gcs/CreateToken"),
     // Metering and the ledger (head). Moving money is the operator's alone.
-    member("/ionet.metering.Metering/LeaseStarted"),
-    member("/ionet.metering.Metering/LeaseEnded"),
+    node("/ionet.metering.Metering/LeaseStarted"),
+    node("/ionet.metering.Metering/LeaseEnded"),
     member("/ionet.metering.Metering/ListUsage"),
     admin("/ionet.metering.Metering/AddCredits"),
     admin("/ionet.metering.Metering/Refund"),
@@ -176,14 +223,21 @@ pub fn decide(principal: Principal, path: &str) -> Result<(), String> {
 #[derive(Clone, Debug)]
 pub struct Authorizer {
     token: ClusterToken,
-    /// The head's public key; `None` on servers that accept no credentials yet (only the
-    /// head's services serve the admin's calls today).
-    verifier: Option<Verifier>,
+    /// The head's public key: the head's own servers know it from the start, a node learns
+    /// it when it registers ([`Authorizer::learn_head_key`]); until then, and on servers
+    /// that never learn it, no signed credential is accepted.
+    verifier: Arc<std::sync::RwLock<Option<Verifier>>>,
 }
 
 impl Authorizer {
     pub fn new(token: ClusterToken, verifier: Option<Verifier>) -> Self {
-        Self { token, verifier }
+        Self { token, verifier: Arc::new(std::sync::RwLock::new(verifier)) }
+    }
+
+    /// From now on, credentials signed by `verifier`'s key are accepted (a clone of this
+    /// authorizer, already serving, sees it too).
+    pub fn learn_head_key(&self, verifier: Verifier) {
+        *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = Some(verifier);
     }
 
     /// The principal a bearer header names, or why it names none.
@@ -191,9 +245,19 @@ impl Authorizer {
         let value = header.ok_or("missing credential (no authorization metadata)")?;
         let presented = value.strip_prefix(BEARER).ok_or("authorization metadata is not a bearer credential")?;
         if Verifier::is_credential(presented) {
-            let verifier = self.verifier.as_ref().ok_or("this server accepts no signed credentials")?;
-            return match verifier.verify(presented)?.role {
+            let claims = {
+                let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+                verifier.as_ref().ok_or("this server accepts no signed credentials")?.verify(presented)?
+            };
+            return match claims.role {
                 Role::Admin => Ok(Principal::Admin),
+                Role::Join => Ok(Principal::Joiner),
+                Role::Node => claims
+                    .node_id
+                    .and_then(|hex_id| hex::decode(hex_id).ok())
+                    .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
+                    .map(Principal::Node)
+                    .ok_or("node credential without a valid node id"),
             };
         }
         if self.token.matches(presented) {

@@ -33,13 +33,34 @@ const MAX_CREDENTIAL_BYTES: usize = 4096;
 pub enum Role {
     /// The operator: accounts, join tokens, credits, settlement, draining any node.
     Admin,
+    /// A provider's machine about to join: may register one new node, nothing else
+    /// (`ionet token create --role node`, short-lived).
+    Join,
+    /// One node daemon: [`Claims::node_id`], holding the key [`Claims::key`].
+    Node,
 }
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Role::Admin => "admin",
+            Role::Join => "join",
+            Role::Node => "node",
         })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = IonetError;
+
+    fn from_str(text: &str) -> IonetResult<Self> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "join" | "node" => Ok(Role::Join),
+            other => Err(IonetError::InvalidArgument(format!(
+                "unknown role {other:?}: a token is for `node` (to join a machine) or `admin`"
+            ))),
+        }
     }
 }
 
@@ -47,10 +68,114 @@ impl fmt::Display for Role {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub role: Role,
+    /// The node a node credential speaks for (hex), bound to `key` by the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The node's public key (hex) the head saw it prove at registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; the credential is refused from then on.
     pub expires_at: u64,
+}
+
+impl Claims {
+    fn new(role: Role, ttl: Duration) -> Self {
+        let issued_at = now_unix();
+        Self { role, node_id: None, key: None, issued_at, expires_at: issued_at.saturating_add(ttl.as_secs()) }
+    }
+}
+
+/// The message a node signs to prove, at registration, that it holds the key it names.
+pub fn registration_message(node_id: &[u8], public_key: &[u8]) -> Vec<u8> {
+    [&b"ionet-register-node\0"[..], node_id, public_key].concat()
+}
+
+/// A node daemon's own key pair: generated on first start, kept on the provider's disk
+/// (mode 0600); the head binds the node's id to its public key at first registration.
+#[derive(Clone)]
+pub struct KeyPair {
+    key: SigningKey,
+}
+
+impl fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyPair(public {})", hex::encode(self.public_key()))
+    }
+}
+
+impl KeyPair {
+    /// A fresh random key pair.
+    pub fn generate() -> Self {
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        Self { key: SigningKey::from_bytes(&secret) }
+    }
+
+    /// The key pair kept at `path` (32 bytes, mode 0600), created there on first use. A
+    /// file of another size, or readable by others, is refused rather than trusted.
+    pub fn load_or_create(path: &Path) -> IonetResult<Self> {
+        let io =
+            |err: std::io::Error| IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display())));
+        for _ in 0..2 {
+            match std::fs::read(path) {
+                Ok(bytes) => return Self::from_file(path, &bytes),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    let pair = Self::generate();
+                    match crate::files::create_private(path, &pair.key.to_bytes()) {
+                        Ok(()) => return Ok(pair),
+                        // Another process created it first: read theirs.
+                        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(err) => return Err(io(err)),
+                    }
+                }
+                Err(err) => return Err(io(err)),
+            }
+        }
+        Err(IonetError::Internal(format!("{}: created and gone again", path.display())))
+    }
+
+    fn from_file(path: &Path, bytes: &[u8]) -> IonetResult<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|err| IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(IonetError::FailedPrecondition(format!(
+                "{}: a private key readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+        let secret: [u8; 32] = bytes.try_into().map_err(|_| {
+            IonetError::FailedPrecondition(format!(
+                "{}: a private key is 32 bytes, this file has {}",
+                path.display(),
+                bytes.len()
+            ))
+        })?;
+        Ok(Self { key: SigningKey::from_bytes(&secret) })
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+/// Whether `signature` is `public_key`'s over `message`.
+pub fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let (Ok(key), Ok(signature)) = (<[u8; 32]>::try_from(public_key), <[u8; 64]>::try_from(signature)) else {
+        return false;
+    };
+    VerifyingKey::from_bytes(&key)
+        .map(|key| key.verify(message, &Signature::from_bytes(&signature)).is_ok())
+        .unwrap_or(false)
 }
 
 fn now_unix() -> u64 {
@@ -58,75 +183,47 @@ fn now_unix() -> u64 {
 }
 
 /// The head's signing key.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Issuer {
-    key: SigningKey,
-}
-
-impl fmt::Debug for Issuer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Issuer(public {})", hex::encode(self.key.verifying_key().as_bytes()))
-    }
+    pair: KeyPair,
 }
 
 impl Issuer {
     /// A fresh random key.
     pub fn generate() -> Self {
-        let mut secret = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut secret);
-        Self { key: SigningKey::from_bytes(&secret) }
+        Self { pair: KeyPair::generate() }
     }
 
-    /// The key kept at `path` (32 bytes, mode 0600), created there on first use. A file
-    /// of another size, or readable by others, is refused rather than trusted.
+    /// The key kept at `path` (mode 0600), created there on first use.
     pub fn load_or_create(path: &Path) -> IonetResult<Self> {
-        let io =
-            |err: std::io::Error| IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display())));
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    return Err(IonetError::FailedPrecondition(format!(
-                        "{}: the head's signing key is readable by others (mode {:o}); chmod 600 it",
-                        path.display(),
-                        mode & 0o777
-                    )));
-                }
-                let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    IonetError::FailedPrecondition(format!(
-                        "{}: a signing key is 32 bytes, this file has {}",
-                        path.display(),
-                        bytes.len()
-                    ))
-                })?;
-                Ok(Self { key: SigningKey::from_bytes(&secret) })
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let issuer = Self::generate();
-                crate::files::write_new_private(path, &issuer.key.to_bytes()).map_err(io)?;
-                Ok(issuer)
-            }
-            Err(err) => Err(io(err)),
-        }
+        Ok(Self { pair: KeyPair::load_or_create(path)? })
     }
 
     /// The key that checks this issuer's credentials.
     pub fn verifier(&self) -> Verifier {
-        Verifier { key: self.key.verifying_key() }
+        Verifier { key: self.pair.key.verifying_key() }
     }
 
     /// A credential for `role`, valid for `ttl` from now.
     pub fn issue(&self, role: Role, ttl: Duration) -> String {
-        let issued_at = now_unix();
-        self.sign(&Claims { role, issued_at, expires_at: issued_at.saturating_add(ttl.as_secs()) })
+        self.sign(&Claims::new(role, ttl))
+    }
+
+    /// A node's credential: `node_id`, holding `public_key`, valid for `ttl`.
+    pub fn issue_node(&self, node_id: &[u8], public_key: &[u8], ttl: Duration) -> String {
+        let claims = Claims {
+            node_id: Some(hex::encode(node_id)),
+            key: Some(hex::encode(public_key)),
+            ..Claims::new(Role::Node, ttl)
+        };
+        self.sign(&claims)
     }
 
     /// The text form of `claims`, signed.
     pub fn sign(&self, claims: &Claims) -> String {
         let body = serde_json::to_vec(claims).expect("claims are plain data");
-        let signature = self.key.sign(&body);
-        format!("{PREFIX}.{}.{}", hex::encode(&body), hex::encode(signature.to_bytes()))
+        let signature = self.pair.sign(&body);
+        format!("{PREFIX}.{}.{}", hex::encode(&body), hex::encode(signature))
     }
 }
 
@@ -137,6 +234,20 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// The head's public key, as it travels to nodes (32 bytes).
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> IonetResult<Self> {
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| IonetError::InvalidArgument(format!("a public key is 32 bytes, got {}", bytes.len())))?;
+        let key = VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| IonetError::InvalidArgument("not an ed25519 public key".into()))?;
+        Ok(Self { key })
+    }
+
     /// Whether `text` looks like a credential at all (as opposed to a cluster token).
     pub fn is_credential(text: &[u8]) -> bool {
         text.starts_with(PREFIX.as_bytes()) && text.get(PREFIX.len()) == Some(&b'.')
@@ -197,7 +308,7 @@ mod tests {
         tampered[at] = if tampered[at] == b'0' { b'1' } else { b'0' };
         assert!(verifier.verify(&tampered).is_err());
 
-        let expired = head.sign(&Claims { role: Role::Admin, issued_at: 1, expires_at: 2 });
+        let expired = head.sign(&Claims { issued_at: 1, expires_at: 2, ..Claims::new(Role::Admin, Duration::ZERO) });
         assert_eq!(verifier.verify(expired.as_bytes()), Err("credential expired"));
 
         for junk in [&b"ionet1."[..], b"ionet1.zz.zz", b"ionet1.00.00.00", b"\xff\xfe", &[b'a'; 5000]] {
@@ -218,5 +329,30 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let refused = Issuer::load_or_create(&path).unwrap_err();
         assert!(refused.to_string().contains("readable by others"), "{refused}");
+    }
+
+    #[test]
+    fn a_node_credential_names_its_node_and_key_and_a_proof_binds_them() {
+        let head = Issuer::generate();
+        let node = KeyPair::generate();
+        let node_id = [7u8; 28];
+        let credential = head.issue_node(&node_id, &node.public_key(), Duration::from_secs(60));
+        let claims = head.verifier().verify(credential.as_bytes()).unwrap();
+        assert_eq!((claims.role, claims.node_id.unwrap()), (Role::Node, hex::encode(node_id)));
+        assert_eq!(claims.key.unwrap(), hex::encode(node.public_key()));
+
+        let message = registration_message(&node_id, &node.public_key());
+        let proof = node.sign(&message);
+        assert!(verify_signature(&node.public_key(), &message, &proof));
+        let impostor = KeyPair::generate();
+        assert!(!verify_signature(&impostor.public_key(), &message, &proof), "another key's proof");
+        assert!(!verify_signature(&node.public_key(), &registration_message(&[8u8; 28], &node.public_key()), &proof));
+        assert!(!verify_signature(&[0u8; 3], &message, &proof));
+
+        let shipped = Verifier::from_bytes(&head.verifier().to_bytes()).unwrap();
+        assert_eq!(shipped, head.verifier());
+        assert!(Verifier::from_bytes(&[1, 2]).is_err());
+        assert_eq!("node".parse::<Role>().unwrap(), Role::Join);
+        assert!("root".parse::<Role>().is_err());
     }
 }

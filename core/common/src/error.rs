@@ -2,7 +2,7 @@
 //!
 //! Variants are chosen by what a caller does next: retry later (`Unavailable`,
 //! `Timeout`), fix the request (`InvalidArgument`, `NotFound`, `AlreadyExists`,
-//! `Unauthenticated`), or give up (`Internal`). The mapping to gRPC status codes
+//! `Unauthenticated`, `PermissionDenied`), or give up (`Internal`). The mapping to gRPC status codes
 //! and back lives in [`crate::rpc::status`], the one place that knows both.
 
 use thiserror::Error;
@@ -19,6 +19,10 @@ pub enum IonetError {
     AlreadyExists(String),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// The caller is known, and may not do this (the authorization table, or a scope: a
+    /// node acting for another node).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
     #[error("resource exhausted: {0}")]
@@ -65,6 +69,7 @@ impl IonetError {
             IonetError::NotFound(_) => "NotFound",
             IonetError::AlreadyExists(_) => "AlreadyExists",
             IonetError::Unauthenticated(_) => "Unauthenticated",
+            IonetError::PermissionDenied(_) => "PermissionDenied",
             IonetError::FailedPrecondition(_) => "FailedPrecondition",
             IonetError::ResourceExhausted(_) => "ResourceExhausted",
             IonetError::Unavailable(_) => "Unavailable",

@@ -18,6 +18,19 @@ pub fn write_new_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
+/// Creates the file at `path` with `contents`, mode 0600, appearing whole or not at all:
+/// written to a new private file beside it, then hard-linked into place (which fails if
+/// anything is there: `AlreadyExists`, and the existing file is left alone).
+pub fn create_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
+    let staging = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    let _ = fs::remove_file(&staging);
+    write_new_private(&staging, contents)?;
+    let linked = fs::hard_link(&staging, path);
+    let _ = fs::remove_file(&staging);
+    linked
+}
+
 /// Replaces the file at `path` with `contents`, mode 0600, atomically: written to a new
 /// private file beside it, then renamed over it (a link at `path` is replaced, not
 /// followed).
@@ -73,6 +86,13 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(write_new_private(&link, b"x").is_err(), "a planted link is not followed");
         assert!(!target.exists());
+
+        assert_eq!(create_private(&path, b"four").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        let fresh = dir.path().join("fresh");
+        create_private(&fresh, b"five").unwrap();
+        assert_eq!(fs::read(&fresh).unwrap(), b"five");
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "no staging file left behind");
 
         replace_private(&path, b"three").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"three");

@@ -51,6 +51,7 @@ pub mod status {
             IonetError::NotFound(_) => Code::NotFound,
             IonetError::AlreadyExists(_) => Code::AlreadyExists,
             IonetError::Unauthenticated(_) => Code::Unauthenticated,
+            IonetError::PermissionDenied(_) => Code::PermissionDenied,
             IonetError::FailedPrecondition(_) | IonetError::Infeasible(_) => Code::FailedPrecondition,
             IonetError::ResourceExhausted(_) => Code::ResourceExhausted,
             IonetError::Unavailable(_) => Code::Unavailable,
@@ -72,6 +73,7 @@ pub mod status {
             | IonetError::NotFound(m)
             | IonetError::AlreadyExists(m)
             | IonetError::Unauthenticated(m)
+            | IonetError::PermissionDenied(m)
             | IonetError::FailedPrecondition(m)
             | IonetError::ResourceExhausted(m)
             | IonetError::Unavailable(m)
@@ -109,6 +111,7 @@ pub mod status {
             "NotFound" => IonetError::NotFound(m),
             "AlreadyExists" => IonetError::AlreadyExists(m),
             "Unauthenticated" => IonetError::Unauthenticated(m),
+            "PermissionDenied" => IonetError::PermissionDenied(m),
             "FailedPrecondition" => IonetError::FailedPrecondition(m),
             "ResourceExhausted" => IonetError::ResourceExhausted(m),
             "Unavailable" => IonetError::Unavailable(m),
@@ -159,7 +162,8 @@ pub mod status {
                 Code::InvalidArgument | Code::OutOfRange => IonetError::InvalidArgument(message),
                 Code::NotFound => IonetError::NotFound(message),
                 Code::AlreadyExists => IonetError::AlreadyExists(message),
-                Code::Unauthenticated | Code::PermissionDenied => IonetError::Unauthenticated(message),
+                Code::Unauthenticated => IonetError::Unauthenticated(message),
+                Code::PermissionDenied => IonetError::PermissionDenied(message),
                 Code::FailedPrecondition | Code::Aborted => IonetError::FailedPrecondition(message),
                 Code::ResourceExhausted => IonetError::ResourceExhausted(message),
                 // Without a detail, a cancelled call is the transport's doing (a reset
@@ -184,6 +188,7 @@ pub mod status {
                 IonetError::NotFound("gone".into()),
                 IonetError::AlreadyExists("twice".into()),
                 IonetError::Unauthenticated("who".into()),
+                IonetError::PermissionDenied("not yours".into()),
                 IonetError::FailedPrecondition("not yet".into()),
                 IonetError::ResourceExhausted("full".into()),
                 IonetError::Unavailable("later".into()),
@@ -209,6 +214,7 @@ pub mod status {
                     | IonetError::NotFound(_)
                     | IonetError::AlreadyExists(_)
                     | IonetError::Unauthenticated(_)
+                    | IonetError::PermissionDenied(_)
                     | IonetError::FailedPrecondition(_)
                     | IonetError::ResourceExhausted(_)
                     | IonetError::Unavailable(_)
@@ -320,6 +326,16 @@ pub async fn connect(address: &str, token: &ClusterToken, connect_timeout: Durat
         .await
         .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
     Ok(InterceptedService::new(channel, AttachToken::new(token)))
+}
+
+/// [`connect_lazy`] with a credential that may change ([`crate::auth::SharedCredential`]).
+pub fn connect_lazy_shared(
+    address: &str,
+    credential: &crate::auth::SharedCredential,
+    connect_timeout: Duration,
+) -> IonetResult<AuthChannel> {
+    let channel = endpoint(address, connect_timeout)?.connect_lazy();
+    Ok(InterceptedService::new(channel, AttachToken::shared(credential)))
 }
 
 /// A channel that connects on first use and reconnects after failures.

@@ -200,3 +200,27 @@ async fn scheduled_epochs_close_on_boundaries() {
     let closed = metering.settle_due().await.unwrap().unwrap();
     assert_eq!((closed.epoch_id, closed.end_ms), (1, 840_000));
 }
+
+#[tokio::test]
+async fn a_node_ends_only_its_own_leases_and_leases_only_what_it_has() {
+    let f = fixture().await;
+    let (mine, theirs) = (NodeId::random(), NodeId::random());
+    f.state.register_node(gpu_node(mine, 2, "1.00", "wallet-mine")).await.unwrap();
+    f.state.register_node(gpu_node(theirs, 2, "1.00", "wallet-theirs")).await.unwrap();
+    let job = job(&f.state, "alice").await;
+    let lease = LeaseId::random();
+    f.metering.lease_started(lease.as_bytes(), theirs.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap();
+    f.clock.advance_ms(3_600_000);
+
+    let refused = f.metering.lease_ended_by(lease.as_bytes(), Some(mine)).await.unwrap_err();
+    assert!(matches!(IonetError::from(refused), IonetError::PermissionDenied(_)));
+    assert_eq!(f.metering.list_usage(None, None).await.unwrap().len(), 1);
+    let record = f.metering.lease_ended_by(lease.as_bytes(), Some(theirs)).await.unwrap();
+    assert_eq!(record.node_id, theirs.to_vec(), "its own node ends it");
+    // Ended: the other node still may not end it again (nor learn its record that way).
+    assert!(f.metering.lease_ended_by(lease.as_bytes(), Some(mine)).await.is_err());
+
+    let beyond =
+        f.metering.lease_started(LeaseId::random().as_bytes(), mine.as_bytes(), job.as_bytes(), gpus("3")).await;
+    assert!(beyond.unwrap_err().to_string().contains("more than node"), "a lease beyond the node's total");
+}

@@ -147,11 +147,23 @@ impl TestCluster {
         self.runtime.block_on(ionet_common::rpc::gcs_client(&address, token)).expect("connect to the head")
     }
 
-    /// A client of the head's metering service, as node daemons use it.
+    /// The operator's credential, as the head wrote it into the session directory.
+    pub fn admin_credential(&self) -> ClusterToken {
+        let text = std::fs::read_to_string(self.session().join("admin_credential")).expect("the head wrote it");
+        ClusterToken::new(&text).unwrap()
+    }
+
+    /// A client of the head's control store with the operator's credential.
+    pub fn admin_client(&self) -> GcsClient {
+        self.client_with(&self.admin_credential())
+    }
+
+    /// A client of the head's metering service with the operator's credential (which may
+    /// report leases for any node, as tests that stand in for a node do).
     pub fn metering_client(&self) -> ionet_common::rpc::MeteringClient {
         let address = self.address();
         self.runtime
-            .block_on(ionet_common::rpc::metering_client(&address, &self.token()))
+            .block_on(ionet_common::rpc::metering_client(&address, &self.admin_credential()))
             .expect("connect to the head's metering service")
     }
 
