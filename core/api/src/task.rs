@@ -113,10 +113,29 @@ pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String>
         .map_err(|err| format!("cannot serialise {}: {err}", std::any::type_name::<T>()))
 }
 
+/// Decodes a value written by [`encode_value`]. The bytes may come from a peer: bincode
+/// allocates a container's claimed length before reading it, so decoding runs with a
+/// limit on claimed bytes proportional to the input (64 times it, at least 1 MiB; no value
+/// of this many bytes needs more), and a claim no input of this size could back is an
+/// error instead of an allocation that aborts the process.
 pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    bincode::serde::decode_from_slice(bytes, codec())
-        .map(|(value, _)| value)
-        .map_err(|err| format!("cannot deserialise {}: {err}", std::any::type_name::<T>()))
+    let budget = bytes.len().saturating_mul(64);
+    let decoded = if budget <= 1 << 20 {
+        decode_within::<T, { 1 << 20 }>(bytes)
+    } else if budget <= 1 << 28 {
+        decode_within::<T, { 1 << 28 }>(bytes)
+    } else if budget <= 1 << 34 {
+        decode_within::<T, { 1 << 34 }>(bytes)
+    } else if budget <= 1 << 40 {
+        decode_within::<T, { 1 << 40 }>(bytes)
+    } else {
+        decode_within::<T, { 1 << 46 }>(bytes)
+    };
+    decoded.map_err(|err| format!("cannot deserialise {}: {err}", std::any::type_name::<T>()))
+}
+
+fn decode_within<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(bytes, codec().with_limit::<LIMIT>()).map(|(value, _)| value)
 }
 
 pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
@@ -137,4 +156,46 @@ pub fn submit<R>(name: &'static str, options: TaskOptions, args: Vec<Arg>) -> Ob
 /// (they decide how deep tasks may queue on one worker).
 pub fn submit_kind<R>(name: &'static str, kind: &[u8], options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
     runtime::submit_task(name, kind, options, args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// A task's arguments and a value's bytes come from peers: random bytes (lengths
+        /// that claim far more than is there included) are an error, never a panic and
+        /// never an allocation of what the bytes claim.
+        #[test]
+        fn random_bytes_decode_to_an_error_not_a_crash(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let _ = decode_value::<Vec<String>>(&bytes);
+            let _ = decode_value::<Vec<Vec<u8>>>(&bytes);
+            let _ = decode_value::<(String, u64, Vec<f64>)>(&bytes);
+            let _ = decode_value::<HashMap<String, Vec<u32>>>(&bytes);
+            let _ = decode_value::<Option<Box<(i64, String)>>>(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_length_claiming_exabytes_is_refused() {
+        // A varint length of u64::MAX, then nothing; and one such inside a list of one.
+        let mut huge = vec![253u8];
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_value::<Vec<u8>>(&huge).is_err());
+        assert!(decode_value::<String>(&huge).is_err());
+        assert!(decode_value::<Vec<String>>(&huge).is_err());
+        let nested = [vec![1u8], huge].concat();
+        assert!(decode_value::<Vec<String>>(&nested).is_err());
+        assert!(decode_value::<Vec<Vec<u8>>>(&nested).is_err());
+        // A real value still decodes, large ones included.
+        let big: Vec<Vec<u8>> = (0..1000).map(|i| vec![i as u8; i]).collect();
+        assert_eq!(decode_value::<Vec<Vec<u8>>>(&encode_value(&big).unwrap()).unwrap(), big);
+        let empties = vec![Vec::<u64>::new(); 100_000];
+        assert_eq!(decode_value::<Vec<Vec<u64>>>(&encode_value(&empties).unwrap()).unwrap(), empties);
+    }
 }

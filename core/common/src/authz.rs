@@ -205,9 +205,11 @@ pub const TABLE: &[Rule] = &[
     member("/ionet.worker.CoreWorker/CancelTask"),
 ];
 
-/// The row of `path`, if the table has one.
+/// The row of `path`, if the table has one (a map built once: every call looks here).
 pub fn rule(path: &str) -> Option<&'static Rule> {
-    TABLE.iter().find(|rule| rule.path == path)
+    static BY_PATH: std::sync::OnceLock<std::collections::HashMap<&'static str, &'static Rule>> =
+        std::sync::OnceLock::new();
+    BY_PATH.get_or_init(|| TABLE.iter().map(|rule| (rule.path, rule)).collect()).get(path).copied()
 }
 
 /// Whether `principal` may call `path`: `Ok`, or the reason it may not.

@@ -26,6 +26,9 @@ pub const GPU_MEMORY: &str = "GPU_memory";
 pub const ACCELERATOR_PREFIX: &str = "accelerator_type:";
 
 /// Units per whole resource.
+/// Longest resource name read from the wire.
+pub const MAX_NAME_BYTES: usize = 256;
+
 pub const SCALE: i64 = 10_000;
 
 /// An exact quantity of a resource, in 1/10000 units.
@@ -80,17 +83,20 @@ impl Quantity {
     }
 }
 
+/// Saturating: quantities come from peers (a node's declared total, a report), and a sum
+/// of hostile ones must neither wrap nor panic a daemon. `checked_add` says when it would.
 impl Add for Quantity {
     type Output = Quantity;
     fn add(self, other: Quantity) -> Quantity {
-        Quantity(self.0 + other.0)
+        Quantity(self.0.saturating_add(other.0))
     }
 }
 
+/// Saturating, as [`Add`].
 impl Sub for Quantity {
     type Output = Quantity;
     fn sub(self, other: Quantity) -> Quantity {
-        Quantity(self.0 - other.0)
+        Quantity(self.0.saturating_sub(other.0))
     }
 }
 
@@ -210,12 +216,18 @@ impl ResourceSet {
         self.0.iter().map(|(name, quantity)| (name.clone(), quantity.units())).collect()
     }
 
-    /// Reads the wire form, refusing negative or empty-named entries.
+    /// Reads the wire form, refusing negative entries and names that are blank, longer
+    /// than [`MAX_NAME_BYTES`] or hold control characters.
     pub fn from_units<'a>(units: impl IntoIterator<Item = (&'a String, &'a i64)>) -> IonetResult<Self> {
         let mut set = ResourceSet::new();
         for (name, units) in units {
-            if name.is_empty() {
+            if name.trim().is_empty() {
                 return Err(IonetError::InvalidArgument("resource name is empty".into()));
+            }
+            if name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+                return Err(IonetError::InvalidArgument(format!(
+                    "resource name {name:?} is not printable text of at most {MAX_NAME_BYTES} bytes"
+                )));
             }
             if *units < 0 {
                 return Err(IonetError::InvalidArgument(format!("resource {name} has negative quantity {units}")));

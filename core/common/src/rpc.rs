@@ -388,6 +388,85 @@ mod tests {
         let unavailable: IonetError = Status::unavailable("head away").into();
         assert!(unavailable.is_retryable());
     }
+
+    /// Decodes `bytes` as every message a peer sends a server or a client reads from one,
+    /// and runs the checks a handler runs first on what it decoded: nothing may panic.
+    fn decode_everything(bytes: &[u8]) {
+        use prost::Message;
+        macro_rules! decode {
+            ($($message:ty),* $(,)?) => { $( let _ = <$message>::decode(bytes); )* };
+        }
+        decode!(
+            proto::worker::TaskBatch,
+            proto::worker::ActorCallBatch,
+            proto::worker::ReplyBatch,
+            proto::worker::GetObjectReply,
+            proto::worker::ReportGeneratorItemRequest,
+            proto::worker::CreateActorRequest,
+            proto::object::ObjectChunk,
+            proto::object::PullRequest,
+            proto::node::RequestWorkerLeaseRequest,
+            proto::node::RequestWorkerLeaseReply,
+            proto::node::PrepareBundleRequest,
+            proto::gcs::RegisterNodeRequest,
+            proto::gcs::CreateActorRequest,
+            proto::gcs::ClusterEvent,
+            proto::metering::LeaseStartedRequest,
+            proto::metering::LeaseEndedRequest,
+        );
+        if let Ok(request) = proto::gcs::HeartbeatRequest::decode(bytes) {
+            let _ = crate::NodeId::from_bytes(&request.node_id);
+            let _ = request.available.map(|available| available.to_set());
+        }
+        if let Ok(request) = proto::gcs::RegisterNodeRequest::decode(bytes) {
+            let node = request.node.unwrap_or_default();
+            let _ = node.total.unwrap_or_default().to_set();
+            let message = crate::credential::registration_message(&node.node_id, &node.public_key);
+            let _ = crate::credential::verify_signature(&node.public_key, &message, &request.proof);
+        }
+        if let Ok(request) = proto::metering::LeaseStartedRequest::decode(bytes) {
+            let _ = request.resources.unwrap_or_default().to_set();
+            let _ = crate::LeaseId::from_bytes(&request.lease_id);
+        }
+        if let Ok(reply) = proto::worker::GetObjectReply::decode(bytes) {
+            if let Some(proto::worker::get_object_reply::Result::Error(detail)) = reply.result {
+                let _ = status::error_of(detail);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Random bytes, as a malformed or hostile peer sends them.
+        #[test]
+        fn random_bytes_never_panic_a_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            decode_everything(&bytes);
+        }
+
+        /// Well-formed messages with hostile field values: quantities at the edges of i64,
+        /// ids of any length, names of any text.
+        #[test]
+        fn hostile_fields_never_panic_a_handler_check(
+            units in proptest::collection::hash_map(".{0,8}", proptest::prelude::any::<i64>(), 0..6),
+            node_id in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            use prost::Message;
+            let quantities = proto::common::ResourceQuantities { units: units.clone() };
+            if let Ok(set) = quantities.to_set() {
+                // Read from the wire: never negative, never an empty name.
+                for (name, quantity) in set.iter() {
+                    proptest::prop_assert!(!name.trim().is_empty() && quantity.units() >= 0);
+                }
+                // Sums of hostile totals saturate instead of overflowing.
+                let mut sum = set.clone();
+                sum.add(&set);
+                sum.add(&set);
+            }
+            let request = proto::gcs::HeartbeatRequest { node_id, available: Some(quantities) };
+            decode_everything(&request.encode_to_vec());
+        }
+    }
 }
 
 /// A codec that sends and receives a message's raw bytes, unencoded: for tools and tests
