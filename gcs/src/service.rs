@@ -13,7 +13,7 @@ use ionet_common::credential::{self, Issuer, Role};
 use ionet_common::rpc::proto::common::JobInfo;
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
-use ionet_common::NodeId;
+use ionet_common::{JobId, NodeId};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -47,6 +47,15 @@ const NODE_CREDENTIAL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A join token's life when the operator does not say; and the longest allowed.
 const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
 const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// An account's API key: a year unless the operator says; at most two.
+const DEFAULT_ACCOUNT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// A job's credential outlives any job it is issued to (it ends with the job's driver).
+const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn job_id_of(bytes: &[u8]) -> Result<JobId, Status> {
+    JobId::from_bytes(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
+}
 
 fn node_id_of(bytes: &[u8]) -> Result<NodeId, Status> {
     NodeId::from_bytes(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
@@ -130,7 +139,23 @@ impl Gcs for GcsService {
     }
 
     async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {
-        let request = request.into_inner();
+        let principal = Principal::of(&request)?;
+        let mut request = request.into_inner();
+        // The payer is the account of the credential, never a field a tenant chooses.
+        match &principal {
+            Principal::Account(account) => {
+                if !request.payer_account.is_empty() && request.payer_account != **account {
+                    return Err(Status::permission_denied(format!(
+                        "account {account} may not start a job paid by {:?}: an account's jobs are paid by it",
+                        request.payer_account
+                    )));
+                }
+                request.payer_account = account.to_string();
+            }
+            Principal::Admin if request.payer_account.is_empty() => request.payer_account = "default".into(),
+            Principal::Admin => {}
+            other => return Err(Status::permission_denied(format!("{other} may not start a job"))),
+        }
         let job = self
             .state
             .add_job(JobInfo {
@@ -142,14 +167,22 @@ impl Gcs for GcsService {
                 ..Default::default()
             })
             .await?;
-        Ok(Response::new(AddJobReply { job: Some(job) }))
+        let payer = if job.payer_account.is_empty() { "default" } else { job.payer_account.as_str() };
+        let job_credential = self.issuer.issue_job(&job.job_id, payer, JOB_CREDENTIAL_TTL);
+        Ok(Response::new(AddJobReply {
+            job: Some(job),
+            job_credential,
+            head_key: self.issuer.verifier().to_bytes().to_vec(),
+        }))
     }
 
     async fn mark_job_finished(
         &self,
         request: Request<MarkJobFinishedRequest>,
     ) -> Result<Response<MarkJobFinishedReply>, Status> {
+        let principal = Principal::of(&request)?;
         let job_id = request.into_inner().job_id;
+        principal.may_act_for_job(&job_id_of(&job_id)?)?;
         self.state.finish_job(&job_id).await?;
         self.placement_groups.remove_groups_of_job(&job_id).await;
         Ok(Response::new(MarkJobFinishedReply {}))
@@ -215,7 +248,10 @@ impl Gcs for GcsService {
         &self,
         request: Request<CreatePlacementGroupRequest>,
     ) -> Result<Response<CreatePlacementGroupReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        // A group is reserved for (and billed to) the caller's own job.
+        principal.may_act_for_job(&job_id_of(&request.job_id)?)?;
         let bundles =
             request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet_common::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
@@ -254,8 +290,11 @@ impl Gcs for GcsService {
     }
 
     async fn create_actor(&self, request: Request<CreateActorRequest>) -> Result<Response<CreateActorReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateActor without a spec"))?;
+        // An actor is created for the caller's own job (and billed to it).
+        principal.may_act_for_job(&job_id_of(&spec.job_id)?)?;
         let actor = self.actors.create(spec, request.get_if_exists)?;
         Ok(Response::new(CreateActorReply { actor: Some(actor) }))
     }
@@ -284,30 +323,51 @@ impl Gcs for GcsService {
     async fn create_token(&self, request: Request<CreateTokenRequest>) -> Result<Response<CreateTokenReply>, Status> {
         let request = request.into_inner();
         let role: Role = request.role.parse().map_err(|err: ionet_common::IonetError| Status::from(err))?;
-        if role != Role::Join {
-            return Err(Status::invalid_argument(format!(
-                "tokens are made for joining nodes (role `node`); the {role} credential is the head's to write"
-            )));
-        }
+        let (default_ttl, max_ttl) = match role {
+            Role::Join => (DEFAULT_JOIN_TTL, MAX_JOIN_TTL),
+            Role::Account => (DEFAULT_ACCOUNT_TTL, MAX_ACCOUNT_TTL),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "tokens are made for joining nodes (`node`) and accounts (`account`); the {other} credential is the head's to write"
+                )))
+            }
+        };
         let ttl = match request.ttl_seconds {
-            0 => DEFAULT_JOIN_TTL,
+            0 => default_ttl,
             seconds => Duration::from_secs(seconds),
         };
-        if ttl > MAX_JOIN_TTL {
+        if ttl > max_ttl {
             return Err(Status::invalid_argument(format!(
-                "a join token lives at most {} days; asked for {} s",
-                MAX_JOIN_TTL.as_secs() / 86_400,
+                "a {role} token lives at most {} days; asked for {} s",
+                max_ttl.as_secs() / 86_400,
                 ttl.as_secs()
             )));
         }
-        let token = self.issuer.issue(role, ttl);
+        let token = match role {
+            Role::Account => {
+                let account = request.account.trim();
+                if account.is_empty() || account.len() > 128 || account.chars().any(char::is_control) {
+                    return Err(Status::invalid_argument(format!(
+                        "an account is named by printable text of 1 to 128 bytes, not {:?}",
+                        request.account
+                    )));
+                }
+                self.issuer.issue_account(account, ttl)
+            }
+            _ => self.issuer.issue(role, ttl),
+        };
         let claims = self.issuer.verifier().verify(token.as_bytes()).map_err(Status::internal)?;
         tracing::info!(role = %role, expires_at = claims.expires_at, "issued a token");
         Ok(Response::new(CreateTokenReply { token, expires_at: claims.expires_at }))
     }
 
     async fn kill_actor(&self, request: Request<KillActorRequest>) -> Result<Response<KillActorReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        // A job kills its own actors only.
+        let actor = self.actors.get(&request.actor_id)?;
+        let owner = job_id_of(&actor.spec.unwrap_or_default().job_id)?;
+        principal.may_act_for_job(&owner)?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }

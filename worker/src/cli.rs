@@ -41,6 +41,29 @@ pub enum Command {
     /// Tokens the operator hands out: `ionet token create --role node --ttl 24h`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Tenant accounts: `ionet account create acme` prints its API key.
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// An API key for a tenant account: its drivers start jobs paid by it.
+    Create(AccountCreateArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AccountCreateArgs {
+    /// The account (its jobs' payer in the ledger).
+    pub name: String,
+    /// How long the key is valid: seconds, or with a unit (`30d`).
+    #[arg(long, default_value = "365d")]
+    pub ttl: String,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub head: HeadArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -395,5 +418,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Credits(CreditsCommand::Refund(args)) => metering_commands::credits_refund(args),
         Command::Quote(args) => quote_command::quote(args),
         Command::Token(TokenCommand::Create(args)) => commands::token_create(args),
+        Command::Account(AccountCommand::Create(args)) => commands::account_create(args),
     }
 }

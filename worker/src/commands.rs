@@ -16,7 +16,9 @@ use ionet_common::{rpc, IonetError};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
-use crate::cli::{ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs, TokenCreateArgs};
+use crate::cli::{
+    AccountCreateArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs, TokenCreateArgs,
+};
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
 use crate::session::SessionDir;
@@ -288,14 +290,21 @@ pub(crate) fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Res
 /// and when it expires (seconds since the Unix epoch).
 fn create_token(address: &str, session: &SessionDir, role: &str, ttl: Duration) -> Result<(String, u64)> {
     let admin = resolve_admin_credential(None, session)?;
-    call_create_token(address, &admin, role, ttl)
+    call_create_token(address, &admin, role, "", ttl)
 }
 
-fn call_create_token(address: &str, admin: &ClusterToken, role: &str, ttl: Duration) -> Result<(String, u64)> {
+fn call_create_token(
+    address: &str,
+    admin: &ClusterToken,
+    role: &str,
+    account: &str,
+    ttl: Duration,
+) -> Result<(String, u64)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut client = rpc::gcs_client(address, admin).await?;
-        let request = CreateTokenRequest { role: role.to_string(), ttl_seconds: ttl.as_secs() };
+        let request =
+            CreateTokenRequest { role: role.to_string(), ttl_seconds: ttl.as_secs(), account: account.to_string() };
         let reply = client.create_token(request).await.map_err(IonetError::from)?.into_inner();
         Ok((reply.token, reply.expires_at))
     })
@@ -308,7 +317,7 @@ pub fn token_create(args: TokenCreateArgs) -> Result<()> {
     let address = resolve_head_address(args.head.address.as_deref(), &session)?;
     let admin = resolve_admin_credential(args.head.credential.as_deref(), &session)?;
     let ttl = parse_duration(&args.ttl)?;
-    let (token, expires_at) = call_create_token(&address, &admin, &args.role, ttl)?;
+    let (token, expires_at) = call_create_token(&address, &admin, &args.role, "", ttl)?;
     if args.json {
         println!("{}", serde_json::json!({ "token": token, "role": args.role, "expires_at": expires_at }));
     } else {
@@ -316,6 +325,24 @@ pub fn token_create(args: TokenCreateArgs) -> Result<()> {
         eprintln!(
             "valid until {expires_at} (Unix seconds); join with: ionet start --address {address} --join-token <it>"
         );
+    }
+    Ok(())
+}
+
+/// `ionet account create NAME`: the account's API key, for its drivers
+/// (`IONET_API_KEY`); their jobs are paid by the account.
+pub fn account_create(args: AccountCreateArgs) -> Result<()> {
+    logging::init_client();
+    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
+    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
+    let admin = resolve_admin_credential(args.head.credential.as_deref(), &session)?;
+    let ttl = parse_duration(&args.ttl)?;
+    let (key, expires_at) = call_create_token(&address, &admin, "account", &args.name, ttl)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "account": args.name, "api_key": key, "expires_at": expires_at }));
+    } else {
+        println!("{key}");
+        eprintln!("the API key of account {}; its drivers pass it as IONET_API_KEY", args.name);
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use ionet_common::auth::ClusterToken;
 use ionet_common::auth::SharedCredential;
-use ionet_common::authz::Authorizer;
+use ionet_common::authz::{Authorizer, Principal};
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::{registration_message, KeyPair, Verifier};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
@@ -35,7 +35,7 @@ use ionet_common::rpc::proto::node::{
     SetWorkerBlockedReply, SetWorkerBlockedRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
-use ionet_common::{IonetError, IonetResult, NodeId, ResourceSet};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, ResourceSet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -166,7 +166,11 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<RequestWorkerLeaseRequest>,
     ) -> Result<Response<RequestWorkerLeaseReply>, Status> {
-        Ok(Response::new(self.shared.leases.request(request.into_inner()).await?))
+        // A job leases workers for itself only (its usage is billed to its account).
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        principal.may_act_for_job(&JobId::from_bytes(&request.job_id).map_err(IonetError::from)?)?;
+        Ok(Response::new(self.shared.leases.request(request).await?))
     }
 
     async fn return_worker_lease(
@@ -390,6 +394,7 @@ async fn run_membership(
                     match (ClusterToken::new(&reply.node_credential), Verifier::from_bytes(&reply.head_key)) {
                         (Ok(node_credential), Ok(head)) => {
                             shared.credential.replace(&node_credential);
+                            shared.leases.set_head_key(&head.to_bytes());
                             shared.authorizer.learn_head_key(head);
                         }
                         _ => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ionet_common::auth::ClusterToken;
 use ionet_common::config::ClusterConfig;
+use ionet_common::credential::Verifier;
 use ionet_common::rpc::proto::common::NodeState;
 use ionet_common::rpc::proto::gcs::{AddJobRequest, GetAllNodesRequest, MarkJobFinishedRequest};
 use ionet_common::rpc::proto::node::{RegisterWorkerRequest, WorkerCommand};
@@ -32,6 +33,10 @@ pub struct InitConfig {
     pub address: Option<String>,
     /// Cluster token (default: `IONET_TOKEN`, then the session directory).
     pub token: Option<String>,
+    /// The API key of the account this job is paid by (`ionet account create`; default:
+    /// `IONET_API_KEY`, then, on the operator's machine, the admin credential in the
+    /// session directory). The job then speaks with a credential of its own.
+    pub api_key: Option<String>,
     /// Embedded cluster only: CPUs and GPUs to offer (default: detected).
     pub num_cpus: Option<f64>,
     pub num_gpus: Option<u32>,
@@ -77,6 +82,26 @@ impl InitConfig {
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+}
+
+/// What starts a job: `config.api_key`, else `IONET_API_KEY`, else the operator's
+/// credential in `session` (a driver on the head's own machine).
+fn job_starter(config: &InitConfig, session: &SessionDir) -> IonetResult<ClusterToken> {
+    match config.api_key.clone().or_else(|| std::env::var("IONET_API_KEY").ok().filter(|key| !key.is_empty())) {
+        Some(key) => ClusterToken::new(&key),
+        None => session.admin_credential().ok_or_else(|| {
+            IonetError::Unauthenticated(
+                "no account API key: a job is started with its account's key (`ionet account create NAME` on the \
+                 head; pass InitConfig::api_key or set IONET_API_KEY)"
+                    .into(),
+            )
+        }),
     }
 }
 
@@ -150,7 +175,7 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
     let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let authorizer = ionet_common::authz::Authorizer::new(worker.token.clone(), None);
+    let authorizer = ionet_common::authz::Authorizer::new(worker.token.clone(), worker.head_key.clone());
     tokio::spawn(async move {
         if let Err(err) = rpc::server(authorizer)
             .add_service(service)
@@ -167,7 +192,7 @@ fn host_of(address: &str) -> String {
     address.rsplit_once(':').map(|(host, _)| host.to_string()).unwrap_or_else(|| "127.0.0.1".into())
 }
 
-async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, ClusterToken)> {
+async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, ClusterToken)> {
     ionet_worker::logging::init_when_asked();
     let token = ClusterToken::generate();
     let cluster_config = ClusterConfig::load(None)?;
@@ -213,11 +238,13 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
     .await?;
     node.wait_registered(Duration::from_secs(30)).await?;
     let node_address = node.advertised_address().to_string();
+    // The embedded cluster is the program's own: its job starts as the operator's.
+    let starter = gcs.admin_credential(Duration::from_secs(24 * 3600));
     *EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Embedded { gcs, node });
-    Ok((gcs_address, node_address, token))
+    Ok((gcs_address, node_address, token, starter))
 }
 
-async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, usize)> {
+async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, ClusterToken, usize)> {
     let session = SessionDir::resolve(config.session_dir.as_deref());
     let address = match config.address.as_deref() {
         Some("auto") => session
@@ -243,7 +270,8 @@ async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken,
         .or_else(|| alive.iter().find(|node| host_of(&node.address) == host))
         .or_else(|| alive.first())
         .ok_or_else(|| IonetError::Unavailable(format!("the cluster at {address} has no alive node")))?;
-    Ok((address, local.address.clone(), token, alive.len()))
+    let starter = job_starter(config, &session)?;
+    Ok((address, local.address.clone(), token, starter, alive.len()))
 }
 
 /// Waits (briefly) until the driver's node daemon knows every node the control store
@@ -265,10 +293,10 @@ async fn wait_for_cluster_view(
 }
 
 async fn init_driver(config: InitConfig) -> IonetResult<()> {
-    let (gcs_address, node_address, token, alive) = match config.address {
+    let (gcs_address, node_address, token, starter, alive) = match config.address {
         None => {
-            let (gcs_address, node_address, token) = start_embedded(&config).await?;
-            (gcs_address, node_address, token, 1)
+            let (gcs_address, node_address, token, starter) = start_embedded(&config).await?;
+            (gcs_address, node_address, token, starter, 1)
         }
         Some(_) => join(&config).await?,
     };
@@ -277,30 +305,31 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
     let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
     let store_dir = stats.object_store_dir;
     let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
-    let mut gcs = rpc::gcs_client(&gcs_address, &token).await?;
-    let job = gcs
+    let mut gcs = rpc::gcs_client(&gcs_address, &starter).await?;
+    let started = gcs
         .add_job(AddJobRequest {
             driver_address: address.clone(),
             driver_pid: std::process::id(),
             namespace: config.namespace.clone(),
             entrypoint: std::env::args().collect::<Vec<_>>().join(" "),
-            payer_account: if config.payer_account.is_empty() {
-                "default".into()
-            } else {
-                config.payer_account.clone()
-            },
+            // Empty: the account of the key (or, for the operator, `default`).
+            payer_account: config.payer_account.clone(),
         })
         .await?
-        .into_inner()
-        .job
-        .ok_or_else(|| IonetError::Internal("the control store added a job but returned none".into()))?;
+        .into_inner();
+    let job =
+        started.job.ok_or_else(|| IonetError::Internal("the control store added a job but returned none".into()))?;
     let job_id = JobId::from_bytes(&job.job_id)?;
+    let credential = ClusterToken::new(&started.job_credential)?;
+    let head_key = Verifier::from_bytes(&started.head_key)?;
     let worker = CoreWorker::new(
         address,
         node_id,
         node_address,
         job_id,
         token,
+        credential,
+        Some(head_key),
         Vec::new(),
         None,
         gcs_address,
@@ -328,7 +357,7 @@ pub fn shutdown() {
     worker.stopping.send_replace(true);
     block_on(async {
         worker.return_idle_leases(true, Duration::ZERO).await;
-        if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.token).await {
+        if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.credential).await {
             let _ = gcs.mark_job_finished(MarkJobFinishedRequest { job_id: worker.job_id.to_vec() }).await;
         }
         let embedded = EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -354,6 +383,10 @@ fn run_worker() -> ! {
         });
         let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
         let token = ClusterToken::new(&told.token)?;
+        let head_key = match told.head_key.as_str() {
+            "" => None,
+            key => Some(Verifier::from_hex(key)?),
+        };
         let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
         let worker = CoreWorker::new(
             address.clone(),
@@ -361,6 +394,8 @@ fn run_worker() -> ! {
             node_address.clone(),
             told.job_id,
             token.clone(),
+            token.clone(),
+            head_key,
             told.gpu_ids,
             Some(worker_id),
             told.gcs_address,

@@ -67,7 +67,13 @@ pub(crate) struct CoreWorker {
     pub(crate) node_id: NodeId,
     pub(crate) node_address: String,
     pub(crate) job_id: JobId,
+    /// The cluster token: this process's server accepts calls carrying it (members).
     pub(crate) token: ClusterToken,
+    /// What this process presents: a driver its job's credential, a worker the cluster
+    /// token (until workers carry their job's credential).
+    pub(crate) credential: ClusterToken,
+    /// The head's public key: this process's server accepts credentials it signed.
+    pub(crate) head_key: Option<ionet_common::credential::Verifier>,
     pub(crate) gpu_ids: Vec<u32>,
     pub(crate) is_worker: bool,
     /// This worker process's id (`None` in a driver).
@@ -192,6 +198,8 @@ impl CoreWorker {
         node_address: String,
         job_id: JobId,
         token: ClusterToken,
+        credential: ClusterToken,
+        head_key: Option<ionet_common::credential::Verifier>,
         gpu_ids: Vec<u32>,
         worker_id: Option<WorkerId>,
         gcs_address: String,
@@ -205,7 +213,9 @@ impl CoreWorker {
             node_id,
             node_address,
             job_id,
-            token: token.clone(),
+            token,
+            credential: credential.clone(),
+            head_key,
             gpu_ids,
             is_worker: worker_id.is_some(),
             worker_id,
@@ -219,7 +229,7 @@ impl CoreWorker {
             hosted: OnceLock::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,
-            channels: Channels::new(token.clone(), tokio_runtime().handle().clone()),
+            channels: Channels::new(credential, tokio_runtime().handle().clone()),
             running_tasks: DashMap::new(),
             children: DashMap::new(),
             stealable: DashMap::new(),

@@ -12,13 +12,17 @@ use ionet::auth::ClusterToken;
 use ionet::authz::{decide, Access, Principal, TABLE};
 use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::NodeInfo;
-use ionet::rpc::proto::gcs::{CreateTokenRequest, DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet::rpc::proto::gcs::{
+    ActorSpec, AddJobRequest, CreateActorRequest, CreatePlacementGroupRequest, CreateTokenRequest, DrainNodeRequest,
+    HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest,
+};
 use ionet::rpc::proto::metering::{
     AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
     SettleRequest,
 };
+use ionet::rpc::proto::node::RequestWorkerLeaseRequest;
 use ionet::rpc::RawCodec;
-use ionet::{NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
+use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
 
 /// How a call ended: its status code and message (`Ok` for a stream that ended well).
@@ -74,8 +78,23 @@ fn token_of(cluster: &Cluster) -> ClusterToken {
 
 async fn join_token(address: &str, admin: &ClusterToken) -> ClusterToken {
     let mut operator = ionet::rpc::gcs_client(address, admin).await.unwrap();
-    let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600 };
+    let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, account: String::new() };
     ClusterToken::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
+}
+
+/// An API key for `account`, made by the operator.
+async fn account_key(address: &str, admin: &ClusterToken, account: &str) -> ClusterToken {
+    let mut operator = ionet::rpc::gcs_client(address, admin).await.unwrap();
+    let request = CreateTokenRequest { role: "account".into(), ttl_seconds: 600, account: account.into() };
+    ClusterToken::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
+}
+
+/// Starts a job with `starter` (an account key), naming `payer`: the job and its credential.
+async fn start_job(address: &str, starter: &ClusterToken, payer: &str) -> Result<(JobId, ClusterToken), tonic::Status> {
+    let mut client = ionet::rpc::gcs_client(address, starter).await.unwrap();
+    let reply = client.add_job(AddJobRequest { payer_account: payer.into(), ..Default::default() }).await?.into_inner();
+    let job = JobId::from_bytes(&reply.job.unwrap().job_id).unwrap();
+    Ok((job, ClusterToken::new(&reply.job_credential).unwrap()))
 }
 
 /// A registration of `node_id` signed by `key`.
@@ -115,8 +134,9 @@ fn refused(outcome: &Outcome) -> bool {
 }
 
 /// Every row of the table, called at its server by nobody, by a stranger, by a member,
-/// by the admin, by a node and by a joining machine. The message is a malformed one, so
-/// that an admitted call fails in decoding and no handler changes anything.
+/// by the admin, by a node, by a joining machine, by an account and by a job. The message
+/// is a malformed one, so that an admitted call fails in decoding and no handler changes
+/// anything.
 fn every_rpc_is_answered_as_the_table_says() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
     cluster.init();
@@ -125,37 +145,38 @@ fn every_rpc_is_answered_as_the_table_says() {
     let worker = ionet::testing::core_worker_address().unwrap();
     let (admin, token) = (admin_of(&cluster), token_of(&cluster));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (provider, join) =
-        runtime.block_on(async { (join_as_provider(&head, &admin).await, join_token(&head, &admin).await) });
+    let (provider, join, account, (job, job_credential)) = runtime.block_on(async {
+        let account = account_key(&head, &admin, "acme").await;
+        let job = start_job(&head, &account, "").await.unwrap();
+        (join_as_provider(&head, &admin).await, join_token(&head, &admin).await, account, job)
+    });
 
-    // (who, credential, the principal the table knows it as, whether it is signed)
-    let callers: Vec<(&str, Option<ClusterToken>, Option<Principal>, bool)> = vec![
-        ("nobody", None, None, false),
-        ("a stranger", Some(ClusterToken::generate()), None, false),
-        ("a member", Some(token), Some(Principal::Member), false),
-        ("the admin", Some(admin), Some(Principal::Admin), true),
-        ("a node", Some(provider.credential.clone()), Some(Principal::Node(provider.node_id)), true),
-        ("a joining machine", Some(join), Some(Principal::Joiner), true),
+    // (who, credential, the principal the table knows it as)
+    let callers: Vec<(&str, Option<ClusterToken>, Option<Principal>)> = vec![
+        ("nobody", None, None),
+        ("a stranger", Some(ClusterToken::generate()), None),
+        ("a member", Some(token), Some(Principal::Member)),
+        ("the admin", Some(admin), Some(Principal::Admin)),
+        ("a node", Some(provider.credential.clone()), Some(Principal::Node(provider.node_id))),
+        ("a joining machine", Some(join), Some(Principal::Joiner)),
+        ("an account", Some(account), Some(Principal::Account("acme".into()))),
+        ("a job", Some(job_credential), Some(Principal::Job { job, account: "acme".into() })),
     ];
     for rule in TABLE {
-        let (address, knows_head_key) = match rule.path.split('.').nth(1) {
-            Some("gcs") | Some("metering") => (head.as_str(), true),
-            // A node daemon learns the head's key when it registers.
-            Some("node") | Some("object") => (node.as_str(), true),
-            // A driver's or worker's server does not hold the head's key (yet).
-            Some("worker") => (worker.as_str(), false),
+        // Every server knows the head's key: the head's own, a node daemon from its
+        // registration, a driver from its job's start.
+        let address = match rule.path.split('.').nth(1) {
+            Some("gcs") | Some("metering") => head.as_str(),
+            Some("node") | Some("object") => node.as_str(),
+            Some("worker") => worker.as_str(),
             other => panic!("{}: a service of no known server ({other:?})", rule.path),
         };
-        for (who, credential, principal, signed) in &callers {
+        for (who, credential, principal) in &callers {
             let outcome = call(address, rule.path, credential.as_ref().map(ClusterToken::as_str), vec![0xff; 8]);
             let context = format!("{} by {who}: {outcome:?}", rule.path);
             match principal {
                 None => assert_eq!(outcome.0, Code::Unauthenticated, "{context}"),
-                Some(_) if *signed && !knows_head_key => {
-                    assert_eq!(outcome.0, Code::Unauthenticated, "{context}");
-                    assert!(outcome.1.contains("accepts no signed credentials"), "{context}");
-                }
-                Some(principal) => match decide(*principal, rule.path) {
+                Some(principal) => match decide(principal, rule.path) {
                     Ok(()) => assert!(!refused(&outcome), "{context}"),
                     Err(why) => {
                         assert_eq!(outcome.0, Code::PermissionDenied, "{context}");
@@ -286,6 +307,82 @@ fn a_provider_acts_only_for_its_own_node() {
     assert_eq!(ionet::get_timeout(&add::options(pinned).remote(1, 2), Duration::from_secs(60)).unwrap(), 3);
 }
 
+/// A tenant with a valid account key and a job of its own tries to bill another account,
+/// and to act on a second tenant's job running at the same time: finish it, kill its
+/// actor, create actors and reserve groups billed to it, lease workers as it. Each is
+/// refused; the victim's actor keeps its state and answers exactly.
+fn a_tenant_acts_only_for_its_own_job() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init_as("victim-co");
+    let tally = Tally::remote(40i64).unwrap();
+    assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 41);
+    let victim_job = ionet::get_runtime_context().unwrap().job_id;
+    let victim_actor = tally.actor_handle().id();
+    let head = cluster.address();
+    let node = ionet::testing::local_node_address().unwrap();
+    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mallory = account_key(&head, &admin, "mallory-co").await;
+        // The payer is the key's account: naming another is refused; naming none bills it.
+        let message = denied(start_job(&head, &mallory, "victim-co").await, "a job billed to another account");
+        assert!(message.contains("mallory-co") && message.contains("victim-co"), "{message}");
+        let (own_job, credential) = start_job(&head, &mallory, "").await.unwrap();
+        let mut as_mallory = ionet::rpc::gcs_client(&head, &credential).await.unwrap();
+        let jobs = as_mallory.get_all_jobs(ionet::rpc::proto::gcs::GetAllJobsRequest::default()).await.unwrap();
+        let own = jobs.into_inner().jobs.into_iter().find(|job| job.job_id == own_job.to_vec()).unwrap();
+        assert_eq!(own.payer_account, "mallory-co");
+        // Neither the cluster token nor a job credential starts a job.
+        let mut member = ionet::rpc::gcs_client(&head, &token).await.unwrap();
+        denied(member.add_job(AddJobRequest::default()).await, "a job started with the cluster token");
+        denied(as_mallory.add_job(AddJobRequest::default()).await, "a job started by a job");
+
+        denied(
+            as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: victim_job.to_vec() }).await,
+            "finishing another job",
+        );
+        denied(
+            as_mallory.kill_actor(KillActorRequest { actor_id: victim_actor.to_vec(), no_restart: true }).await,
+            "killing another job's actor",
+        );
+        let spec = ActorSpec {
+            actor_id: ionet::ActorId::random().to_vec(),
+            job_id: victim_job.to_vec(),
+            ..Default::default()
+        };
+        denied(
+            as_mallory.create_actor(CreateActorRequest { spec: Some(spec), ..Default::default() }).await,
+            "an actor billed to another job",
+        );
+        let group = CreatePlacementGroupRequest { job_id: victim_job.to_vec(), ..Default::default() };
+        denied(as_mallory.create_placement_group(group).await, "a placement group billed to another job");
+        let mut daemon = ionet::rpc::NodeManagerClient::new(
+            ionet::rpc::connect(&node, &credential, Duration::from_secs(5)).await.unwrap(),
+        );
+        let lease = RequestWorkerLeaseRequest { job_id: victim_job.to_vec(), ..Default::default() };
+        denied(daemon.request_worker_lease(lease).await, "a lease as another job");
+        // Her own job finishes fine.
+        as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();
+    });
+    assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 42, "the victim's actor lives on");
+}
+
+pub struct Tally {
+    value: i64,
+}
+
+#[ionet::actor]
+impl Tally {
+    pub fn new(start: i64) -> Self {
+        Tally { value: start }
+    }
+
+    pub fn bump(&mut self, by: i64) -> i64 {
+        self.value += by;
+        self.value
+    }
+}
+
 #[ionet::remote]
 fn add(a: u64, b: u64) -> u64 {
     a + b
@@ -336,6 +433,7 @@ fn main() {
             ("every_rpc_is_answered_as_the_table_says", every_rpc_is_answered_as_the_table_says),
             ("only_the_operator_moves_money", only_the_operator_moves_money),
             ("a_provider_acts_only_for_its_own_node", a_provider_acts_only_for_its_own_node),
+            ("a_tenant_acts_only_for_its_own_job", a_tenant_acts_only_for_its_own_job),
         ],
         Duration::from_secs(240),
     );

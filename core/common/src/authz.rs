@@ -34,13 +34,13 @@ use tonic::Status;
 
 use crate::auth::ClusterToken;
 use crate::credential::{Role, Verifier};
-use crate::ids::NodeId;
+use crate::ids::{JobId, NodeId};
 
 const AUTHORIZATION: &str = "authorization";
 const BEARER: &[u8] = b"Bearer ";
 
 /// Who a call speaks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
     /// The operator (a credential with the admin role).
     Admin,
@@ -50,6 +50,10 @@ pub enum Principal {
     Joiner,
     /// One node daemon (its node credential).
     Node(NodeId),
+    /// A tenant account's API key: it starts jobs, paid by the account.
+    Account(Arc<str>),
+    /// One job of one account (the credential the head issued when the job started).
+    Job { job: JobId, account: Arc<str> },
 }
 
 impl Principal {
@@ -59,16 +63,26 @@ impl Principal {
         request
             .extensions()
             .get::<Principal>()
-            .copied()
+            .cloned()
             .ok_or_else(|| Status::permission_denied("the call carries no principal (it did not pass authorization)"))
     }
 
     /// Whether this principal may act for `node`: the node itself, or the admin.
-    pub fn may_act_for_node(self, node: &NodeId) -> Result<(), Status> {
+    pub fn may_act_for_node(&self, node: &NodeId) -> Result<(), Status> {
         match self {
             Principal::Admin => Ok(()),
-            Principal::Node(own) if own == *node => Ok(()),
+            Principal::Node(own) if own == node => Ok(()),
             other => Err(Status::permission_denied(format!("{other} may not act for node {}", node.short()))),
+        }
+    }
+
+    /// Whether this principal may act for `job`: the job itself, the admin, or (until
+    /// workers carry their job's credential) a member of the cluster.
+    pub fn may_act_for_job(&self, job: &JobId) -> Result<(), Status> {
+        match self {
+            Principal::Admin | Principal::Member => Ok(()),
+            Principal::Job { job: own, .. } if own == job => Ok(()),
+            other => Err(Status::permission_denied(format!("{other} may not act for job {job}"))),
         }
     }
 }
@@ -80,6 +94,8 @@ impl fmt::Display for Principal {
             Principal::Member => f.write_str("cluster member (cluster token)"),
             Principal::Joiner => f.write_str("joining machine (join token)"),
             Principal::Node(node) => write!(f, "node {}", node.short()),
+            Principal::Account(account) => write!(f, "account {account}"),
+            Principal::Job { job, account } => write!(f, "job {job} (account {account})"),
         }
     }
 }
@@ -95,16 +111,22 @@ pub enum Access {
     Node,
     /// Registering a node: a joiner (a new node), a node (itself again), the admin.
     Register,
+    /// Starting a job: an account's API key (its jobs are paid by it), the admin.
+    StartJob,
+    /// A job's own calls (its handler checks which job), the admin.
+    Job,
 }
 
 impl Access {
     /// Whether `principal` has this right.
-    pub fn allows(self, principal: Principal) -> bool {
+    pub fn allows(self, principal: &Principal) -> bool {
         match (self, principal) {
             (_, Principal::Admin) => true,
-            (Access::Member, Principal::Member | Principal::Node(_)) => true,
+            (Access::Member, Principal::Member | Principal::Node(_) | Principal::Job { .. }) => true,
             (Access::Node, Principal::Node(_)) => true,
             (Access::Register, Principal::Joiner | Principal::Node(_)) => true,
+            (Access::StartJob, Principal::Account(_)) => true,
+            (Access::Job, Principal::Job { .. }) => true,
             _ => false,
         }
     }
@@ -115,6 +137,8 @@ impl Access {
             Access::Admin => "the admin role",
             Access::Node => "a node credential",
             Access::Register => "a join token or a node credential",
+            Access::StartJob => "an account's API key",
+            Access::Job => "the job's own credential",
         }
     }
 }
@@ -146,8 +170,8 @@ pub const TABLE: &[Rule] = &[
     node("/ionet.gcs.Gcs/Heartbeat"),
     node("/ionet.gcs.Gcs/DrainNode"),
     member("/ionet.gcs.Gcs/GetAllNodes"),
-    member("/ionet.gcs.Gcs/AddJob"),
-    member("/ionet.gcs.Gcs/MarkJobFinished"),
+    Rule { path: "/ionet.gcs.Gcs/AddJob", access: Access::StartJob },
+    Rule { path: "/ionet.gcs.Gcs/MarkJobFinished", access: Access::Job },
     member("/ionet.gcs.Gcs/GetAllJobs"),
     member("/ionet.gcs.Gcs/KvPut"),
     member("/ionet.gcs.Gcs/KvGet"),
@@ -213,7 +237,7 @@ pub fn rule(path: &str) -> Option<&'static Rule> {
 }
 
 /// Whether `principal` may call `path`: `Ok`, or the reason it may not.
-pub fn decide(principal: Principal, path: &str) -> Result<(), String> {
+pub fn decide(principal: &Principal, path: &str) -> Result<(), String> {
     match rule(path) {
         None => Err(format!("{principal} may not call {path}: the call has no row in the authorization table")),
         Some(rule) if rule.access.allows(principal) => Ok(()),
@@ -260,6 +284,20 @@ impl Authorizer {
                     .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
                     .map(Principal::Node)
                     .ok_or("node credential without a valid node id"),
+                Role::Account => claims
+                    .account
+                    .filter(|account| !account.trim().is_empty())
+                    .map(|account| Principal::Account(account.into()))
+                    .ok_or("account key without an account"),
+                Role::Job => {
+                    let job = claims
+                        .job_id
+                        .and_then(|hex_id| hex::decode(hex_id).ok())
+                        .and_then(|bytes| JobId::from_bytes(&bytes).ok())
+                        .ok_or("job credential without a valid job id")?;
+                    let account = claims.account.ok_or("job credential without an account")?;
+                    Ok(Principal::Job { job, account: account.into() })
+                }
             };
         }
         if self.token.matches(presented) {
@@ -276,7 +314,7 @@ impl Authorizer {
             tracing::warn!(peer = %peer, path = %path, reason = why, "refused an unauthenticated call");
             Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN) or a credential"))
         })?;
-        decide(principal, path).map_err(|why| {
+        decide(&principal, path).map_err(|why| {
             tracing::warn!(peer = %peer, path = %path, %principal, "refused a call: {why}");
             Status::permission_denied(why)
         })?;
@@ -397,14 +435,14 @@ mod tests {
             "/ionet.metering.Metering/Refund",
             "/ionet.metering.Metering/Settle",
         ] {
-            let refused = decide(Principal::Member, path).unwrap_err();
+            let refused = decide(&Principal::Member, path).unwrap_err();
             assert!(refused.contains("cluster member") && refused.contains(path) && refused.contains("admin role"));
-            decide(Principal::Admin, path).unwrap();
+            decide(&Principal::Admin, path).unwrap();
         }
         for rule in TABLE {
-            decide(Principal::Admin, rule.path).unwrap();
+            decide(&Principal::Admin, rule.path).unwrap();
         }
-        assert!(decide(Principal::Admin, "/ionet.gcs.Gcs/Nonexistent").unwrap_err().contains("no row"));
+        assert!(decide(&Principal::Admin, "/ionet.gcs.Gcs/Nonexistent").unwrap_err().contains("no row"));
     }
 
     #[test]
@@ -424,8 +462,61 @@ mod tests {
         assert!(authorizer.authenticate(None).unwrap_err().contains("missing"));
         assert!(authorizer.authenticate(Some(token.as_str().as_bytes())).unwrap_err().contains("bearer"));
 
+        let node_id = NodeId::random();
+        let node = head.issue_node(node_id.as_bytes(), &[1; 32], Duration::from_secs(60));
+        assert_eq!(authorizer.authenticate(Some(&bearer(&node))), Ok(Principal::Node(node_id)));
+        let join = head.issue(Role::Join, Duration::from_secs(60));
+        assert_eq!(authorizer.authenticate(Some(&bearer(&join))), Ok(Principal::Joiner));
+        let account = head.issue_account("acme", Duration::from_secs(60));
+        assert_eq!(authorizer.authenticate(Some(&bearer(&account))), Ok(Principal::Account("acme".into())));
+        let job_id = JobId::from_sequence(7);
+        let job = head.issue_job(&job_id.to_vec(), "acme", Duration::from_secs(60));
+        assert_eq!(
+            authorizer.authenticate(Some(&bearer(&job))),
+            Ok(Principal::Job { job: job_id, account: "acme".into() })
+        );
+
         let without_key = Authorizer::new(token, None);
         assert_eq!(without_key.authenticate(Some(&bearer(&admin))), Err("this server accepts no signed credentials"));
+        // A node daemon learns the head's key when it registers; its server sees it at once.
+        let serving = without_key.clone();
+        without_key.learn_head_key(head.verifier());
+        assert_eq!(serving.authenticate(Some(&bearer(&admin))), Ok(Principal::Admin));
+    }
+
+    #[test]
+    fn principals_act_only_for_themselves() {
+        let (mine, theirs) = (NodeId::random(), NodeId::random());
+        let node = Principal::Node(mine);
+        node.may_act_for_node(&mine).unwrap();
+        let refused = node.may_act_for_node(&theirs).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains(&theirs.short()), "{}", refused.message());
+        Principal::Admin.may_act_for_node(&theirs).unwrap();
+        assert!(Principal::Member.may_act_for_node(&mine).is_err());
+        assert!(Principal::Joiner.may_act_for_node(&mine).is_err());
+
+        let (own, other) = (JobId::from_sequence(1), JobId::from_sequence(2));
+        let job = Principal::Job { job: own, account: "acme".into() };
+        job.may_act_for_job(&own).unwrap();
+        assert!(job.may_act_for_job(&other).unwrap_err().message().contains("may not act for job"));
+        assert!(Principal::Account("acme".into()).may_act_for_job(&own).is_err());
+        assert!(Principal::Node(mine).may_act_for_job(&own).is_err());
+
+        for rule in TABLE {
+            let path = rule.path;
+            assert_eq!(decide(&Principal::Joiner, path).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
+            assert_eq!(
+                decide(&Principal::Account("a".into()), path).is_ok(),
+                path == "/ionet.gcs.Gcs/AddJob",
+                "{path}"
+            );
+            assert_eq!(decide(&Principal::Member, path).is_ok(), rule.access == Access::Member, "{path}");
+            let node_may = matches!(rule.access, Access::Member | Access::Node | Access::Register);
+            assert_eq!(decide(&node, path).is_ok(), node_may, "{path}");
+            let job_may = matches!(rule.access, Access::Member | Access::Job);
+            assert_eq!(decide(&job, path).is_ok(), job_may, "{path}");
+        }
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub enum Role {
     Join,
     /// One node daemon: [`Claims::node_id`], holding the key [`Claims::key`].
     Node,
+    /// A tenant account's API key (`ionet account create NAME`): starts jobs paid by
+    /// [`Claims::account`], nothing else.
+    Account,
+    /// One job ([`Claims::job_id`]) of one account, issued when the job starts.
+    Job,
 }
 
 impl fmt::Display for Role {
@@ -46,6 +51,8 @@ impl fmt::Display for Role {
             Role::Admin => "admin",
             Role::Join => "join",
             Role::Node => "node",
+            Role::Account => "account",
+            Role::Job => "job",
         })
     }
 }
@@ -57,8 +64,10 @@ impl std::str::FromStr for Role {
         match text {
             "admin" => Ok(Role::Admin),
             "join" | "node" => Ok(Role::Join),
+            "account" => Ok(Role::Account),
+            "job" => Ok(Role::Job),
             other => Err(IonetError::InvalidArgument(format!(
-                "unknown role {other:?}: a token is for `node` (to join a machine) or `admin`"
+                "unknown role {other:?}: a token is for `node` (to join a machine), `account` or `admin`"
             ))),
         }
     }
@@ -74,6 +83,12 @@ pub struct Claims {
     /// The node's public key (hex) the head saw it prove at registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The account an account key or a job credential speaks for (the job's payer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The job a job credential speaks for (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; the credential is refused from then on.
@@ -83,7 +98,15 @@ pub struct Claims {
 impl Claims {
     fn new(role: Role, ttl: Duration) -> Self {
         let issued_at = now_unix();
-        Self { role, node_id: None, key: None, issued_at, expires_at: issued_at.saturating_add(ttl.as_secs()) }
+        Self {
+            role,
+            node_id: None,
+            key: None,
+            account: None,
+            job_id: None,
+            issued_at,
+            expires_at: issued_at.saturating_add(ttl.as_secs()),
+        }
     }
 }
 
@@ -219,6 +242,21 @@ impl Issuer {
         self.sign(&claims)
     }
 
+    /// An account's API key: starts jobs paid by `account`, valid for `ttl`.
+    pub fn issue_account(&self, account: &str, ttl: Duration) -> String {
+        self.sign(&Claims { account: Some(account.to_string()), ..Claims::new(Role::Account, ttl) })
+    }
+
+    /// A job's credential: `job_id`, paid by `account`, valid for `ttl`.
+    pub fn issue_job(&self, job_id: &[u8], account: &str, ttl: Duration) -> String {
+        let claims = Claims {
+            job_id: Some(hex::encode(job_id)),
+            account: Some(account.to_string()),
+            ..Claims::new(Role::Job, ttl)
+        };
+        self.sign(&claims)
+    }
+
     /// The text form of `claims`, signed.
     pub fn sign(&self, claims: &Claims) -> String {
         let body = serde_json::to_vec(claims).expect("claims are plain data");
@@ -246,6 +284,13 @@ impl Verifier {
         let key = VerifyingKey::from_bytes(&bytes)
             .map_err(|_| IonetError::InvalidArgument("not an ed25519 public key".into()))?;
         Ok(Self { key })
+    }
+
+    /// [`Verifier::from_bytes`] of hex text (as a worker's environment carries it).
+    pub fn from_hex(text: &str) -> IonetResult<Self> {
+        let bytes = hex::decode(text)
+            .map_err(|_| IonetError::InvalidArgument(format!("the head's key {text:?} is not hex")))?;
+        Self::from_bytes(&bytes)
     }
 
     /// Whether `text` looks like a credential at all (as opposed to a cluster token).

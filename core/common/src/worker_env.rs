@@ -20,6 +20,7 @@ const GPU_IDS: &str = "IONET_GPU_IDS";
 const TOKEN: &str = "IONET_TOKEN";
 const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
 const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
+const HEAD_KEY: &str = "IONET_HEAD_KEY";
 
 /// What a worker process is told about its place in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub struct WorkerEnv {
     /// The node's object-store directory (shared memory).
     pub object_store_dir: String,
     pub gcs_address: String,
+    /// The head's public key (hex; empty before the node learned it): the worker's own
+    /// server accepts the credentials it signed (its job's driver's, the operator's).
+    pub head_key: String,
 }
 
 impl WorkerEnv {
@@ -51,6 +55,7 @@ impl WorkerEnv {
             (TOKEN, self.token.clone()),
             (OBJECT_STORE_DIR, self.object_store_dir.clone()),
             (GCS_ADDRESS, self.gcs_address.clone()),
+            (HEAD_KEY, self.head_key.clone()),
             ("CUDA_VISIBLE_DEVICES", gpus.clone()),
             (GPU_IDS, gpus),
         ]
@@ -81,6 +86,7 @@ impl WorkerEnv {
             token: var(TOKEN)?,
             object_store_dir: lookup(OBJECT_STORE_DIR).unwrap_or_default(),
             gcs_address: lookup(GCS_ADDRESS).unwrap_or_default(),
+            head_key: lookup(HEAD_KEY).unwrap_or_default(),
         })
     }
 
@@ -105,6 +111,7 @@ mod tests {
             token: "secret".into(),
             object_store_dir: "/dev/shm/ionet-objects".into(),
             gcs_address: "10.0.0.1:6380".into(),
+            head_key: "ab".repeat(32),
         };
         let vars: std::collections::HashMap<_, _> = written.to_vars().into_iter().collect();
         assert_eq!(vars["CUDA_VISIBLE_DEVICES"], "0,3");

@@ -91,6 +91,8 @@ pub struct Leases {
     gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
+    /// The head's public key (hex), once the node has registered: told to workers.
+    head_key: Mutex<String>,
     /// Channels to lease holders, for pressing them to give back idle leases.
     holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
 }
@@ -158,12 +160,18 @@ impl Leases {
             gcs: Mutex::new(None),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
+            head_key: Mutex::new(String::new()),
             holder_channels: DashMap::new(),
         }
     }
 
     /// Where workers started from now on find the node's object store.
     /// Told to workers, which reach the control store for actors.
+    /// The head's public key, learned at registration, for the workers started from now on.
+    pub fn set_head_key(&self, key: &[u8]) {
+        *self.head_key.lock().unwrap_or_else(|p| p.into_inner()) = hex::encode(key);
+    }
+
     pub fn set_gcs_address(&self, address: String) {
         *self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()) = address;
     }
