@@ -364,10 +364,12 @@ impl Gcs for GcsService {
     async fn kill_actor(&self, request: Request<KillActorRequest>) -> Result<Response<KillActorReply>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        // A job kills its own actors only.
+        // A tenant's jobs kill the tenant's actors only (its named actors are shared
+        // between its drivers, as in Ray; another tenant's are not reachable).
         let actor = self.actors.get(&request.actor_id)?;
         let owner = job_id_of(&actor.spec.unwrap_or_default().job_id)?;
-        principal.may_act_for_job(&owner)?;
+        let payer = self.state.job(&owner).map(|job| job.payer_account).unwrap_or_default();
+        principal.may_act_for_account(if payer.is_empty() { "default" } else { &payer })?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }

@@ -116,7 +116,7 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
     assert!(status.message().contains("node id must be 28 bytes, got 3"), "{}", status.message());
     let status = cluster
         .runtime
-        .block_on(client.mark_job_finished(MarkJobFinishedRequest { job_id: vec![0, 0, 0, 42] }))
+        .block_on(operator.mark_job_finished(MarkJobFinishedRequest { job_id: vec![0, 0, 0, 42] }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = cluster

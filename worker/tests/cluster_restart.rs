@@ -23,9 +23,11 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     let port = cluster.address().rsplit(':').next().unwrap().to_string();
 
     let mut client = cluster.client();
+    // A job is started by the operator here (a tenant would use its account's key).
+    let mut operator = cluster.admin_client();
     let job = cluster
         .runtime
-        .block_on(client.add_job(AddJobRequest {
+        .block_on(operator.add_job(AddJobRequest {
             driver_address: "127.0.0.1:1".into(),
             entrypoint: "train.py".into(),
             payer_account: "acme".into(),
@@ -73,7 +75,10 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
         .value;
     assert_eq!(value, b"weights at s3://x");
     // A new job gets the next id, not a reused one.
-    let next = cluster.runtime.block_on(client.add_job(AddJobRequest::default())).unwrap().into_inner().job.unwrap();
+    // The restarted head kept its signing key (beside --storage) and wrote a fresh admin
+    // credential into the session.
+    let mut operator = cluster.admin_client();
+    let next = cluster.runtime.block_on(operator.add_job(AddJobRequest::default())).unwrap().into_inner().job.unwrap();
     assert!(next.job_id > job.job_id);
 
     // The node daemon never restarted, yet registers again with the same id.

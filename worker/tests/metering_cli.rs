@@ -37,7 +37,8 @@ fn node_id_of(cluster: &TestCluster, pid: u32) -> (Vec<u8>, Value) {
 }
 
 fn add_job(cluster: &TestCluster, payer: &str) -> Vec<u8> {
-    let mut client = cluster.client();
+    // The operator starts it, naming its payer (an account's key would be the payer).
+    let mut client = cluster.admin_client();
     let reply = cluster
         .runtime
         .block_on(client.add_job(AddJobRequest { payer_account: payer.into(), ..Default::default() }))

@@ -76,6 +76,17 @@ impl Principal {
         }
     }
 
+    /// Whether this principal may act on what belongs to `account` (a named actor another
+    /// job of the same tenant created, as Ray's drivers of one team share them): a job of
+    /// that account, the admin, or (until workers carry their job's credential) a member.
+    pub fn may_act_for_account(&self, account: &str) -> Result<(), Status> {
+        match self {
+            Principal::Admin | Principal::Member => Ok(()),
+            Principal::Job { account: own, .. } if **own == *account => Ok(()),
+            other => Err(Status::permission_denied(format!("{other} may not act for account {account}"))),
+        }
+    }
+
     /// Whether this principal may act for `job`: the job itself, the admin, or (until
     /// workers carry their job's credential) a member of the cluster.
     pub fn may_act_for_job(&self, job: &JobId) -> Result<(), Status> {
@@ -502,6 +513,9 @@ mod tests {
         assert!(job.may_act_for_job(&other).unwrap_err().message().contains("may not act for job"));
         assert!(Principal::Account("acme".into()).may_act_for_job(&own).is_err());
         assert!(Principal::Node(mine).may_act_for_job(&own).is_err());
+        job.may_act_for_account("acme").unwrap();
+        assert!(job.may_act_for_account("globex").unwrap_err().message().contains("may not act for account globex"));
+        assert!(Principal::Account("acme".into()).may_act_for_account("acme").is_err(), "a key starts jobs only");
 
         for rule in TABLE {
             let path = rule.path;
