@@ -268,6 +268,11 @@ impl PlacementGroups {
         self.lock().iter().map(|(id, group)| row(id, group)).collect()
     }
 
+    /// The job that created the group (and is billed for it), if it exists.
+    pub fn job_of(&self, id: &PlacementGroupId) -> Option<Vec<u8>> {
+        self.lock().get(id).map(|group| group.job_id.clone())
+    }
+
     /// The group's state, if it exists.
     pub fn state_of(&self, id: &PlacementGroupId) -> Option<PlacementGroupState> {
         self.lock().get(id).map(|group| group.state)

@@ -28,6 +28,9 @@ pub struct GcsService {
     placement_groups: Arc<PlacementGroups>,
     actors: Arc<Actors>,
     issuer: Issuer,
+    /// When each node's current credential was issued (by this process), and its key:
+    /// heartbeats renew credentials a day old.
+    node_credentials: dashmap::DashMap<NodeId, (std::time::Instant, Vec<u8>)>,
 }
 
 impl GcsService {
@@ -37,13 +40,15 @@ impl GcsService {
         actors: Arc<Actors>,
         issuer: Issuer,
     ) -> Self {
-        Self { state, placement_groups, actors, issuer }
+        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new() }
     }
 }
 
 /// How long a node's credential lasts; a node registering again (every head restart, or
 /// after losing touch) gets a fresh one.
 const NODE_CREDENTIAL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A heartbeat from a node whose credential is older than this carries a fresh one.
+const NODE_CREDENTIAL_RENEWAL: Duration = Duration::from_secs(24 * 3600);
 /// A join token's life when the operator does not say; and the longest allowed.
 const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
 const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -52,6 +57,28 @@ const DEFAULT_ACCOUNT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 /// A job's credential outlives any job it is issued to (it ends with the job's driver).
 const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl GcsService {
+    /// A fresh credential for the node heartbeating as itself, if the one it holds was
+    /// issued a day ago or more (or by an earlier run of the head, which kept its key);
+    /// else empty.
+    fn renewed_credential(&self, principal: &Principal, node_id: NodeId) -> String {
+        if *principal != Principal::Node(node_id) {
+            return String::new();
+        }
+        let fresh = |issued: &std::time::Instant| issued.elapsed() < NODE_CREDENTIAL_RENEWAL;
+        let key = match self.node_credentials.get(&node_id) {
+            Some(entry) if fresh(&entry.0) => return String::new(),
+            Some(entry) => entry.1.clone(),
+            None => match self.state.node(&node_id) {
+                Some(row) => row.public_key,
+                None => return String::new(),
+            },
+        };
+        self.node_credentials.insert(node_id, (std::time::Instant::now(), key.clone()));
+        self.issuer.issue_node(node_id.as_bytes(), &key, NODE_CREDENTIAL_TTL)
+    }
+}
 
 fn job_id_of(bytes: &[u8]) -> Result<JobId, Status> {
     JobId::from_bytes(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
@@ -109,6 +136,7 @@ impl Gcs for GcsService {
         }
         let public_key = node.public_key.clone();
         self.state.register_node(node).await?;
+        self.node_credentials.insert(node_id, (std::time::Instant::now(), public_key.clone()));
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
@@ -121,9 +149,13 @@ impl Gcs for GcsService {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        principal.may_act_for_node(&node_id_of(&request.node_id)?)?;
+        let node_id = node_id_of(&request.node_id)?;
+        principal.may_act_for_node(&node_id)?;
         self.state.heartbeat(&request.node_id, request.available)?;
-        Ok(Response::new(HeartbeatReply { incarnation: self.state.incarnation() }))
+        Ok(Response::new(HeartbeatReply {
+            incarnation: self.state.incarnation(),
+            node_credential: self.renewed_credential(&principal, node_id),
+        }))
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeReply>, Status> {
@@ -284,7 +316,14 @@ impl Gcs for GcsService {
         &self,
         request: Request<RemovePlacementGroupRequest>,
     ) -> Result<Response<RemovePlacementGroupReply>, Status> {
+        let principal = Principal::of(&request)?;
         let id = ionet_common::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
+        // A job removes its own groups only.
+        let owner = self
+            .placement_groups
+            .job_of(&id)
+            .ok_or_else(|| Status::not_found(format!("placement group {} does not exist", id.short())))?;
+        principal.may_act_for_job(&job_id_of(&owner)?)?;
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
     }
@@ -346,6 +385,11 @@ impl Gcs for GcsService {
         let token = match role {
             Role::Account => {
                 let account = request.account.trim();
+                if account == "default" {
+                    return Err(Status::invalid_argument(
+                        "the account `default` is the operator's own jobs' payer; name the tenant's account",
+                    ));
+                }
                 if account.is_empty() || account.len() > 128 || account.chars().any(char::is_control) {
                     return Err(Status::invalid_argument(format!(
                         "an account is named by printable text of 1 to 128 bytes, not {:?}",

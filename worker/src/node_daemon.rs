@@ -449,6 +449,10 @@ async fn run_membership(
             match client.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
+                    // The head renews the node's credential before it runs out.
+                    if let Ok(renewed) = ClusterToken::new(&reply.get_ref().node_credential) {
+                        shared.credential.replace(&renewed);
+                    }
                     // Refresh the cluster view used for spillback.
                     if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
                         shared.leases.refresh_view(&reply.into_inner().nodes);

@@ -105,9 +105,39 @@ impl<T> std::hash::Hash for ObjectRef<T> {
 /// formats; a value holding 10,000 refs decodes several times faster this way).
 #[derive(Serialize, Deserialize)]
 struct WireRef<'a> {
+    #[serde(with = "id_bytes")]
     id: [u8; ObjectId::LEN],
     #[serde(borrow)]
     owner: Cow<'a, str>,
+}
+
+/// An id as one byte string (a length and the bytes), not a tuple of 28 numbers: decoded
+/// in one read, which matters where values decode under a limit on claimed bytes
+/// (`crate::task::decode_value`), as every read is then counted.
+mod id_bytes {
+    use ionet_common::ObjectId;
+
+    pub(super) fn serialize<S: serde::Serializer>(id: &[u8; ObjectId::LEN], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(id)
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<[u8; ObjectId::LEN], D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = [u8; ObjectId::LEN];
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an object id of {} bytes", ObjectId::LEN)
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
+                bytes.try_into().map_err(|_| E::invalid_length(bytes.len(), &self))
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
 }
 
 std::thread_local! {

@@ -14,7 +14,7 @@ use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::NodeInfo;
 use ionet::rpc::proto::gcs::{
     ActorSpec, AddJobRequest, CreateActorRequest, CreatePlacementGroupRequest, CreateTokenRequest, DrainNodeRequest,
-    HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest,
+    HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
 };
 use ionet::rpc::proto::metering::{
     AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
@@ -356,6 +356,15 @@ fn a_tenant_acts_only_for_its_own_job() {
         );
         let group = CreatePlacementGroupRequest { job_id: victim_job.to_vec(), ..Default::default() };
         denied(as_mallory.create_placement_group(group).await, "a placement group billed to another job");
+        // The victim's group (reserved here by the operator for it) is not hers to remove.
+        let mut operator = ionet::rpc::gcs_client(&head, &admin).await.unwrap();
+        let bundle = (&ResourceSet::new().with("CPU", Quantity::whole(1))).into();
+        let victims_group =
+            CreatePlacementGroupRequest { job_id: victim_job.to_vec(), bundles: vec![bundle], ..Default::default() };
+        let group_id = operator.create_placement_group(victims_group).await.unwrap().into_inner().placement_group_id;
+        let removal = RemovePlacementGroupRequest { placement_group_id: group_id.clone() };
+        denied(as_mallory.remove_placement_group(removal.clone()).await, "removing another job's placement group");
+        operator.remove_placement_group(removal).await.unwrap();
         let mut daemon = ionet::rpc::NodeManagerClient::new(
             ionet::rpc::connect(&node, &credential, Duration::from_secs(5)).await.unwrap(),
         );

@@ -65,8 +65,14 @@ impl fmt::Debug for ClusterToken {
 
 /// A credential that may change while channels carrying it stay open: a node daemon
 /// joins with a join token, then speaks with the node credential the head issued it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SharedCredential(Arc<RwLock<MetadataValue<Ascii>>>);
+
+impl fmt::Debug for SharedCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedCredential(<redacted>)")
+    }
+}
 
 impl SharedCredential {
     pub fn new(credential: &ClusterToken) -> Self {
@@ -79,17 +85,28 @@ impl SharedCredential {
     }
 }
 
+/// The header value; marked sensitive, so HTTP/2 never indexes it in its header tables and
+/// tonic's own debugging never prints it.
 fn header_of(credential: &ClusterToken) -> MetadataValue<Ascii> {
-    format!("{BEARER}{}", credential.as_str()).parse().expect("a ClusterToken is printable ASCII by construction")
+    let mut header: MetadataValue<Ascii> =
+        format!("{BEARER}{}", credential.as_str()).parse().expect("a ClusterToken is printable ASCII by construction");
+    header.set_sensitive(true);
+    header
 }
 
 /// Client side: attaches the caller's credential to every call.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AttachToken {
     header: Header,
 }
 
-#[derive(Clone, Debug)]
+impl fmt::Debug for AttachToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AttachToken(<redacted>)")
+    }
+}
+
+#[derive(Clone)]
 enum Header {
     /// The same for the channel's life (drivers and workers: nothing to lock per call).
     Fixed(MetadataValue<Ascii>),
@@ -134,6 +151,10 @@ mod tests {
         shared.replace(&ClusterToken::new("second").unwrap());
         assert_eq!(presented(&mut attach), "Bearer second");
         assert_eq!(presented(&mut AttachToken::new(&first)), "Bearer first");
+        // Never printed.
+        assert!(!format!("{attach:?} {shared:?}").contains("second"));
+        let request = attach.call(Request::new(())).unwrap();
+        assert!(request.metadata().get(AUTHORIZATION).unwrap().is_sensitive());
     }
 
     #[test]
