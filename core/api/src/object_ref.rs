@@ -239,8 +239,15 @@ mod tests {
         let owner = "127.0.0.1:4000";
         let reference: ObjectRef<u8> = ObjectRef::borrowed(id, owner.into());
         let bytes = crate::task::encode_value(&reference).unwrap();
-        assert_eq!(bytes.len(), ObjectId::LEN + 1 + owner.len(), "the id's bytes, not its hex");
+        // A length byte and the id's bytes (not its hex), a length byte and the owner.
+        assert_eq!(bytes.len(), 1 + ObjectId::LEN + 1 + owner.len(), "the id's bytes, not its hex");
         let back: ObjectRef<u8> = crate::task::decode_value(&bytes).unwrap();
         assert_eq!((back.id(), back.owner_address()), (id, owner));
+        // An id of another length is refused, not cut or padded.
+        let mut short = bytes.clone();
+        short[0] = ObjectId::LEN as u8 - 1;
+        short.remove(1);
+        let refused = crate::task::decode_value::<ObjectRef<u8>>(&short).err().unwrap();
+        assert!(refused.contains("object id of 28 bytes"), "{refused}");
     }
 }
