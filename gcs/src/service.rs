@@ -59,6 +59,16 @@ const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl GcsService {
+    /// The account paying for `job` (`default` for the operator's, or an unknown job).
+    fn payer_of(&self, job: &JobId) -> String {
+        let payer = self.state.job(job).map(|row| row.payer_account).unwrap_or_default();
+        if payer.is_empty() {
+            "default".into()
+        } else {
+            payer
+        }
+    }
+
     /// A fresh credential for the node heartbeating as itself, if the one it holds was
     /// issued a day ago or more (or by an earlier run of the head, which kept its key);
     /// else empty.
@@ -318,12 +328,13 @@ impl Gcs for GcsService {
     ) -> Result<Response<RemovePlacementGroupReply>, Status> {
         let principal = Principal::of(&request)?;
         let id = ionet_common::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
-        // A job removes its own groups only.
+        // A tenant's jobs remove the tenant's groups only (a detached named group is
+        // shared between one account's drivers, as in Ray).
         let owner = self
             .placement_groups
             .job_of(&id)
             .ok_or_else(|| Status::not_found(format!("placement group {} does not exist", id.short())))?;
-        principal.may_act_for_job(&job_id_of(&owner)?)?;
+        principal.may_act_for_account(&self.payer_of(&job_id_of(&owner)?))?;
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
     }
@@ -412,8 +423,7 @@ impl Gcs for GcsService {
         // between its drivers, as in Ray; another tenant's are not reachable).
         let actor = self.actors.get(&request.actor_id)?;
         let owner = job_id_of(&actor.spec.unwrap_or_default().job_id)?;
-        let payer = self.state.job(&owner).map(|job| job.payer_account).unwrap_or_default();
-        principal.may_act_for_account(if payer.is_empty() { "default" } else { &payer })?;
+        principal.may_act_for_account(&self.payer_of(&owner))?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }
