@@ -17,7 +17,8 @@ use ionet_gcs::{GcsServer, GcsServerOptions};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    AccountCreateArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs, TokenCreateArgs,
+    AccountCreateArgs, HeadArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs,
+    TokenCreateArgs,
 };
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
@@ -310,13 +311,19 @@ fn call_create_token(
     })
 }
 
+/// What an operator's command needs: the head's address, the admin credential, and the
+/// `ttl` it was given, parsed.
+fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, ClusterToken, Duration)> {
+    logging::init_client();
+    let session = SessionDir::resolve(head.session.temp_dir.as_deref());
+    let address = resolve_head_address(head.address.as_deref(), &session)?;
+    let admin = resolve_admin_credential(head.credential.as_deref(), &session)?;
+    Ok((address, admin, parse_duration(ttl)?))
+}
+
 /// `ionet token create`.
 pub fn token_create(args: TokenCreateArgs) -> Result<()> {
-    logging::init_client();
-    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let admin = resolve_admin_credential(args.head.credential.as_deref(), &session)?;
-    let ttl = parse_duration(&args.ttl)?;
+    let (address, admin, ttl) = operator_call(&args.head, &args.ttl)?;
     let (token, expires_at) = call_create_token(&address, &admin, &args.role, "", ttl)?;
     if args.json {
         println!("{}", serde_json::json!({ "token": token, "role": args.role, "expires_at": expires_at }));
@@ -332,11 +339,7 @@ pub fn token_create(args: TokenCreateArgs) -> Result<()> {
 /// `ionet account create NAME`: the account's API key, for its drivers
 /// (`IONET_API_KEY`); their jobs are paid by the account.
 pub fn account_create(args: AccountCreateArgs) -> Result<()> {
-    logging::init_client();
-    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let admin = resolve_admin_credential(args.head.credential.as_deref(), &session)?;
-    let ttl = parse_duration(&args.ttl)?;
+    let (address, admin, ttl) = operator_call(&args.head, &args.ttl)?;
     let (key, expires_at) = call_create_token(&address, &admin, "account", &args.name, ttl)?;
     if args.json {
         println!("{}", serde_json::json!({ "account": args.name, "api_key": key, "expires_at": expires_at }));

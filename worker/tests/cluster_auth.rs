@@ -155,3 +155,24 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
         .into_inner();
     assert!(value.added);
 }
+
+#[test]
+fn only_the_operator_makes_join_tokens_and_account_keys() {
+    let cluster = TestCluster::start(&[]);
+    // The operator (its credential in the session directory) makes both.
+    let key = cluster.ionet_ok(&["account", "create", "acme", "--ttl", "30d"]);
+    assert!(key.trim().starts_with("ionet1."), "{key}");
+    let join = cluster.ionet_ok(&["token", "create", "--role", "node", "--ttl", "1h"]);
+    assert!(join.trim().starts_with("ionet1."), "{join}");
+    // Bad input says what and why.
+    let stderr = cluster.ionet_err(&["account", "create", "default"]);
+    assert!(stderr.contains("operator's own jobs' payer"), "{stderr}");
+    let stderr = cluster.ionet_err(&["token", "create", "--ttl", "90d"]);
+    assert!(stderr.contains("at most 30 days"), "{stderr}");
+    let stderr = cluster.ionet_err(&["token", "create", "--ttl", "5 weeks"]);
+    assert!(stderr.contains("duration"), "{stderr}");
+    // With only the cluster token (a provider or a tenant), neither.
+    let token = cluster.token();
+    let stderr = cluster.ionet_err(&["account", "create", "mallory", "--credential", token.as_str()]);
+    assert!(stderr.contains("permission denied") && stderr.contains("CreateToken"), "{stderr}");
+}
