@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet::auth::ClusterToken;
+use ionet::auth::Bearer;
 use ionet::config::ClusterConfig;
 use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::{NodeInfo, ResourceQuantities};
@@ -25,8 +25,6 @@ use ionet::rpc::proto::gcs::{HeartbeatRequest, RegisterNodeRequest};
 use ionet::rpc::GcsClient;
 use ionet::{NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
-
-const TOKEN: &str = "bench-token";
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -38,9 +36,7 @@ fn serve_head() {
     runtime.block_on(async {
         let config = ClusterConfig { heartbeat_timeout_ms: 30_000, ..Default::default() };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = GcsServer::start(GcsServerOptions::new(config, Some(ClusterToken::new(TOKEN).unwrap())), listener)
-            .await
-            .unwrap();
+        let server = GcsServer::start(GcsServerOptions::new(config), listener).await.unwrap();
         println!("{}", server.address());
         // The operator's credential, for registering the simulated nodes.
         println!("{}", server.admin_credential(Duration::from_secs(3600)).as_str());
@@ -77,7 +73,7 @@ fn main() {
     let address = line.trim().to_string();
     let mut admin = String::new();
     stdout.read_line(&mut admin).unwrap();
-    let admin = ClusterToken::new(admin.trim()).unwrap();
+    let admin = Bearer::new(admin.trim()).unwrap();
     let head_pid = head.id();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -101,7 +97,7 @@ fn main() {
             let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
             let reply =
                 operator.register_node(RegisterNodeRequest { node: Some(info), proof }).await.expect("register");
-            let credential = ClusterToken::new(&reply.into_inner().node_credential).unwrap();
+            let credential = Bearer::new(&reply.into_inner().node_credential).unwrap();
             let client = ionet::rpc::gcs_client(&address, &credential).await.expect("connect");
             clients.push((client, node_id));
         }

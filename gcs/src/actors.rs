@@ -25,16 +25,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
+use ionet_common::credential::Issuer;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::NodeState as WireNodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
-use ionet_common::rpc::{AuthChannel, CoreWorkerClient, NodeManagerClient};
+use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 use crate::placement_groups::PlacementGroups;
 use crate::state::GcsState;
@@ -50,7 +52,11 @@ struct Row {
 
 pub struct Actors {
     state: Arc<GcsState>,
-    token: ClusterToken,
+    /// The head's own credential: it creates actors in their workers and watches them.
+    head: Bearer,
+    /// Mints the credential an actor's lease is asked with: its job's, so the node starts
+    /// the actor's worker holding that and nothing broader.
+    issuer: Issuer,
     /// Where an actor in a placement group is placed: its bundle's node.
     placement_groups: Arc<PlacementGroups>,
     rows: Mutex<HashMap<ActorId, Row>>,
@@ -58,7 +64,8 @@ pub struct Actors {
     names: Mutex<HashMap<(String, String), ActorId>>,
     /// Owners already watched.
     owners: DashMap<String, ()>,
-    channels: DashMap<String, AuthChannel>,
+    /// Connections by address, shared between the head's credential and the jobs'.
+    channels: DashMap<String, Channel>,
     version: watch::Sender<u64>,
 }
 
@@ -71,10 +78,16 @@ fn state_of(info: &ActorInfo) -> ActorState {
 }
 
 impl Actors {
-    pub fn new(state: Arc<GcsState>, token: ClusterToken, placement_groups: Arc<PlacementGroups>) -> Arc<Self> {
+    pub fn new(
+        state: Arc<GcsState>,
+        head: Bearer,
+        issuer: Issuer,
+        placement_groups: Arc<PlacementGroups>,
+    ) -> Arc<Self> {
         Arc::new(Actors {
             state,
-            token,
+            head,
+            issuer,
             placement_groups,
             rows: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
@@ -84,13 +97,25 @@ impl Actors {
         })
     }
 
-    fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
+    fn connection(&self, address: &str) -> IonetResult<Channel> {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = ionet_common::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        let channel = rpc::lazy_channel(address, Duration::from_secs(2))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// A channel to `address` speaking as the head.
+    fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
+        Ok(rpc::with_credential(self.connection(address)?, &self.head))
+    }
+
+    /// The credential of the job an actor belongs to (paid by its account).
+    fn job_credential(&self, spec: &ActorSpec) -> IonetResult<Bearer> {
+        let job = JobId::from_bytes(&spec.job_id)?;
+        let account = self.state.payer_of(&job);
+        Bearer::new(&self.issuer.issue_job(&spec.job_id, &account, crate::service::JOB_CREDENTIAL_TTL))
     }
 
     fn bump(&self) {
@@ -288,9 +313,14 @@ impl Actors {
         let mut warned = false;
         let mut backoff = Backoff::new(None);
         while self.still_wanted(&actor_id, incarnation) {
-            let outcome = match self.target(&spec, incarnation) {
-                Ok((address, request)) => lease::request(|address| self.channel(address), address, request).await,
-                Err(outcome) => outcome,
+            // The lease is the job's: asked with its credential, which its worker is given.
+            let outcome = match (self.target(&spec, incarnation), self.job_credential(&spec)) {
+                (Ok((address, request)), Ok(credential)) => {
+                    let connect = |address: &str| Ok(rpc::with_credential(self.connection(address)?, &credential));
+                    lease::request(connect, address, request).await
+                }
+                (Err(outcome), _) => outcome,
+                (_, Err(error)) => LeaseOutcome::Refused(error),
             };
             let (lease, node_address) = match outcome {
                 LeaseOutcome::Granted { lease, node_address } => {

@@ -7,14 +7,16 @@
 //!
 //! How it talks: node daemons call `RegisterNode` once and `Heartbeat` every
 //! interval with their available resources; a health task declares dead any node
-//! silent past the timeout and publishes it. Drivers add jobs and read the tables;
-//! anyone with the cluster token may `Subscribe`. The GCS is never on the per-task
+//! silent past the timeout and publishes it. Drivers add jobs and read the tables; any
+//! node, account or job may `Subscribe`. The GCS is never on the per-task
 //! path: it holds membership, not work.
 //!
 //! Layout: [`state`] holds the tables and every rule that changes them; [`service`]
 //! is the thin tonic adapter; [`storage`] is the backend trait with an in-memory and
-//! an embedded-file (redb) implementation; [`server`] wires them to a socket with the
-//! token check and the health task.
+//! an embedded-file (redb) implementation; [`server`] wires them to a socket behind the
+//! authorization layer, with the health task. The head's own calls out (bundles to node
+//! daemons, actors into workers) carry an admin credential it issues itself; an actor's
+//! lease is asked with a credential of the actor's job, which its worker is given.
 //!
 //! Metering ([`metering`], served by [`metering_service`] on the same socket): node
 //! daemons report leases starting and ending; the control store stamps both with its own

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::resources::{ResourceSet, ACCELERATOR_PREFIX};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
@@ -58,20 +58,21 @@ pub trait BundleAgent: Send + Sync + 'static {
 
 /// The real agent: the nodes' `NodeManager` service over gRPC.
 pub struct GrpcBundleAgent {
-    token: ClusterToken,
+    /// The head's own credential (bundles are the head's to reserve).
+    head: Bearer,
     channels: DashMap<String, AuthChannel>,
 }
 
 impl GrpcBundleAgent {
-    pub fn new(token: ClusterToken) -> Self {
-        Self { token, channels: DashMap::new() }
+    pub fn new(head: Bearer) -> Self {
+        Self { head, channels: DashMap::new() }
     }
 
     fn client(&self, address: &str) -> IonetResult<NodeManagerClient> {
         if let Some(channel) = self.channels.get(address) {
             return Ok(NodeManagerClient::new(channel.clone()));
         }
-        let channel = ionet_common::rpc::connect_lazy(address, &self.token, Duration::from_secs(2))?;
+        let channel = ionet_common::rpc::connect_lazy(address, &self.head, Duration::from_secs(2))?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(NodeManagerClient::new(channel))
     }

@@ -1,12 +1,12 @@
-//! Serving the control store on a socket: token check, message size caps, the
-//! health task, and an orderly shutdown.
+//! Serving the control store on a socket: the authorization layer, message size caps,
+//! the health task, and an orderly shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::authz::Authorizer;
 use ionet_common::clock::{Clock, SystemClock};
 use ionet_common::config::ClusterConfig;
@@ -26,10 +26,11 @@ use crate::service::GcsService;
 use crate::state::GcsState;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
 
+/// How long the head's own credential (its calls into daemons and workers) lasts.
+const HEAD_CREDENTIAL_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 pub struct GcsServerOptions {
     pub config: ClusterConfig,
-    /// `None`: the token kept in storage from an earlier run, else a fresh one.
-    pub token: Option<ClusterToken>,
     /// `None`: tables in memory only.
     pub storage_path: Option<PathBuf>,
     pub clock: Arc<dyn Clock>,
@@ -46,10 +47,9 @@ pub struct GcsServerOptions {
 }
 
 impl GcsServerOptions {
-    pub fn new(config: ClusterConfig, token: Option<ClusterToken>) -> Self {
+    pub fn new(config: ClusterConfig) -> Self {
         Self {
             config,
-            token,
             storage_path: None,
             clock: Arc::new(SystemClock),
             ledger_path: None,
@@ -67,7 +67,6 @@ pub struct GcsServer {
     state: Arc<GcsState>,
     metering: Arc<Metering>,
     background_tasks: Vec<JoinHandle<()>>,
-    token: ClusterToken,
     issuer: Issuer,
     stop: watch::Sender<bool>,
     serve_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -91,7 +90,6 @@ impl GcsServer {
             None => Arc::new(MemoryStorage::new()),
         };
         let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
-        let token = state.resolve_token(options.token.clone()).await?;
         let issuer = match &options.signing_key_path {
             Some(path) => Issuer::load_or_create(path)?,
             None => Issuer::generate(),
@@ -111,8 +109,11 @@ impl GcsServer {
         let (stop, stopped) = watch::channel(false);
 
         let max_bytes = options.config.max_message_bytes;
-        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(token.clone())));
-        let actors = Actors::new(state.clone(), token.clone(), placement_groups.clone());
+        // The head's own calls into node daemons and workers (bundles, actors) speak as
+        // the admin; the credential lives in memory only, as long as any head runs.
+        let head = Bearer::new(&issuer.issue(Role::Admin, HEAD_CREDENTIAL_TTL))?;
+        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(head.clone())));
+        let actors = Actors::new(state.clone(), head, issuer.clone(), placement_groups.clone());
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),
@@ -126,7 +127,7 @@ impl GcsServer {
             .max_encoding_message_size(max_bytes);
         let mut stop_serving = stopped.clone();
         let serve_task = tokio::spawn(
-            ionet_common::rpc::server(Authorizer::new(token.clone(), Some(issuer.verifier())))
+            ionet_common::rpc::server(Authorizer::new(Some(issuer.verifier())))
                 .add_service(service)
                 .add_service(metering_service)
                 .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
@@ -148,7 +149,6 @@ impl GcsServer {
             state,
             metering,
             background_tasks,
-            token,
             issuer,
             stop,
             serve_task,
@@ -162,14 +162,9 @@ impl GcsServer {
         self.address
     }
 
-    /// The cluster token every call must carry.
-    pub fn token(&self) -> &ClusterToken {
-        &self.token
-    }
-
     /// A fresh admin credential (the operator's), valid for `ttl`.
-    pub fn admin_credential(&self, ttl: Duration) -> ClusterToken {
-        ClusterToken::new(&self.issuer.issue(Role::Admin, ttl)).expect("a credential is printable ASCII")
+    pub fn admin_credential(&self, ttl: Duration) -> Bearer {
+        Bearer::new(&self.issuer.issue(Role::Admin, ttl)).expect("a credential is printable ASCII")
     }
 
     pub fn state(&self) -> &Arc<GcsState> {

@@ -56,19 +56,9 @@ const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_ACCOUNT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 /// A job's credential outlives any job it is issued to (it ends with the job's driver).
-const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl GcsService {
-    /// The account paying for `job` (`default` for the operator's, or an unknown job).
-    fn payer_of(&self, job: &JobId) -> String {
-        let payer = self.state.job(job).map(|row| row.payer_account).unwrap_or_default();
-        if payer.is_empty() {
-            "default".into()
-        } else {
-            payer
-        }
-    }
-
     /// A fresh credential for the node heartbeating as itself, if the one it holds was
     /// issued a day ago or more (or by an earlier run of the head, which kept its key);
     /// else empty.
@@ -334,7 +324,7 @@ impl Gcs for GcsService {
             .placement_groups
             .job_of(&id)
             .ok_or_else(|| Status::not_found(format!("placement group {} does not exist", id.short())))?;
-        principal.may_act_for_account(&self.payer_of(&job_id_of(&owner)?))?;
+        principal.may_act_for_account(&self.state.payer_of(&job_id_of(&owner)?))?;
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
     }
@@ -423,7 +413,7 @@ impl Gcs for GcsService {
         // between its drivers, as in Ray; another tenant's are not reachable).
         let actor = self.actors.get(&request.actor_id)?;
         let owner = job_id_of(&actor.spec.unwrap_or_default().job_id)?;
-        principal.may_act_for_account(&self.payer_of(&owner))?;
+        principal.may_act_for_account(&self.state.payer_of(&owner))?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }

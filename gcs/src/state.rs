@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
 use ionet_common::clock::Clock;
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
@@ -31,7 +30,6 @@ use crate::storage::{GcsStorage, Table};
 
 const JOB_COUNTER_KEY: &[u8] = b"job_counter";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
-const TOKEN_KEY: &[u8] = b"cluster_token";
 /// How many events a slow subscriber may fall behind before its stream is cut.
 const EVENT_BUFFER: usize = 4096;
 
@@ -121,23 +119,14 @@ impl GcsState {
         }))
     }
 
-    /// The token to serve with: `explicit` if given (and kept for next time), else the
-    /// one kept from an earlier run, else a fresh one. Keeping it lets node daemons that
-    /// outlive a head restart with the same storage carry on with the token they have.
-    pub async fn resolve_token(&self, explicit: Option<ClusterToken>) -> GcsResult<ClusterToken> {
-        let storage = self.storage.clone();
-        blocking(move || {
-            let token = match explicit {
-                Some(token) => token,
-                None => match storage.get(Table::Meta, TOKEN_KEY)? {
-                    Some(bytes) => ClusterToken::new(&String::from_utf8_lossy(&bytes))?,
-                    None => ClusterToken::generate(),
-                },
-            };
-            storage.put(Table::Meta, TOKEN_KEY, token.as_str().as_bytes())?;
-            Ok(token)
-        })
-        .await
+    /// The account paying for `job` (`default` for the operator's, or an unknown job).
+    pub fn payer_of(&self, job: &JobId) -> String {
+        let payer = self.job(job).map(|row| row.payer_account).unwrap_or_default();
+        if payer.is_empty() {
+            "default".into()
+        } else {
+            payer
+        }
     }
 
     pub fn cluster_id(&self) -> &str {

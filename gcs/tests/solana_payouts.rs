@@ -80,7 +80,7 @@ fn options(dir: &Path, clock: &ManualClock) -> GcsServerOptions {
         epoch_length_ms: 365 * 24 * HOUR,
         ..ClusterConfig::default()
     };
-    let mut options = GcsServerOptions::new(config, None);
+    let mut options = GcsServerOptions::new(config);
     options.clock = Arc::new(clock.clone());
     options.storage_path = Some(dir.join("gcs.redb"));
     options.ledger_path = Some(dir.join("ledger.redb"));
@@ -132,7 +132,12 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
 }
 
 async fn list_payouts(server: &GcsServer) -> ListPayoutsReply {
-    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), server.token()).await.unwrap();
+    let mut client = ionet_common::rpc::metering_client(
+        &server.address().to_string(),
+        &server.admin_credential(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
     client.list_payouts(ListPayoutsRequest {}).await.unwrap().into_inner()
 }
 
@@ -168,7 +173,7 @@ async fn settled_epoch_is_paid_to_each_provider_once_and_posted_to_the_ledger() 
     wallets.push("not-a-solana-wallet".into());
     run_leases(&server, &clock, &wallets, 3).await;
 
-    // Settling moves money: the operator's credential, not the cluster token.
+    // Settling moves money: the operator's credential.
     let admin = server.admin_credential(Duration::from_secs(600));
     let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), &admin).await.unwrap();
     let summary = client.settle(SettleRequest { dry_run: false }).await.unwrap().into_inner().summary.unwrap();

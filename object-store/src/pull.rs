@@ -19,7 +19,7 @@ use std::time::Duration;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::SharedCredential;
 use ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient;
 use ionet_common::rpc::proto::object::PullRequest;
 use ionet_common::rpc::AuthChannel;
@@ -40,7 +40,7 @@ pub struct Puller {
 
 struct PullerInner {
     store: Arc<LocalObjectStore>,
-    token: ClusterToken,
+    credential: SharedCredential,
     connect_timeout: Duration,
     in_flight: DashMap<ObjectId, SharedPull>,
     channels: DashMap<String, AuthChannel>,
@@ -48,12 +48,12 @@ struct PullerInner {
 }
 
 impl Puller {
-    /// Pulls into `store`, authenticating to peers with the cluster `token`.
-    pub fn new(store: Arc<LocalObjectStore>, token: ClusterToken) -> Puller {
+    /// Pulls into `store`, authenticating to peers with the node's `credential`.
+    pub fn new(store: Arc<LocalObjectStore>, credential: SharedCredential) -> Puller {
         Puller {
             inner: Arc::new(PullerInner {
                 store,
-                token,
+                credential,
                 connect_timeout: Duration::from_secs(5),
                 in_flight: DashMap::new(),
                 channels: DashMap::new(),
@@ -109,14 +109,14 @@ impl PullerInner {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = ionet_common::rpc::connect(address, &self.token, self.connect_timeout).await.map_err(|err| {
-            ObjectStoreError::PullFailed {
+        let channel = ionet_common::rpc::connect_shared(address, &self.credential, self.connect_timeout)
+            .await
+            .map_err(|err| ObjectStoreError::PullFailed {
                 id: ObjectId::from_array([0; ObjectId::LEN]),
                 address: address.to_string(),
                 code: tonic::Code::Unavailable,
                 message: err.to_string(),
-            }
-        })?;
+            })?;
         self.channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

@@ -1,4 +1,5 @@
-//! Chunked pulls between two stores over real gRPC on loopback, with the token check.
+//! Chunked pulls between two stores over real gRPC on loopback, behind the authorization
+//! layer: peers present node credentials a head signed.
 
 mod common;
 
@@ -9,8 +10,9 @@ use std::time::Duration;
 
 use common::{contents, id, matches, store, MIB};
 use futures::Stream;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::{Bearer, SharedCredential};
 use ionet_common::authz::Authorizer;
+use ionet_common::credential::Issuer;
 use ionet_common::rpc::proto::object::object_manager_client::ObjectManagerClient;
 use ionet_common::rpc::proto::object::object_manager_server::{ObjectManager, ObjectManagerServer};
 use ionet_common::rpc::proto::object::{FreeReply, FreeRequest, ObjectChunk, PullRequest, StatsReply, StatsRequest};
@@ -40,9 +42,34 @@ async fn serve_router(router: AuthorizedRouter) -> Served {
     Served { address, _stop: stop }
 }
 
-async fn serve(service: ObjectManagerService, token: &ClusterToken) -> Served {
-    serve_router(ionet_common::rpc::server(Authorizer::new(token.clone(), None)).add_service(service.into_server()))
-        .await
+/// The head of a test cluster: it signs the nodes' credentials.
+struct Head(Issuer);
+
+impl Head {
+    fn new() -> Self {
+        Head(Issuer::generate())
+    }
+
+    /// A node's credential, as a node daemon holds it.
+    fn node(&self) -> SharedCredential {
+        let node = self.0.issue_node(&[7; 28], &[1; 32], Duration::from_secs(600));
+        SharedCredential::new(&Bearer::new(&node).unwrap())
+    }
+
+    fn authorizer(&self) -> Authorizer {
+        Authorizer::new(Some(self.0.verifier()))
+    }
+}
+
+async fn serve(service: ObjectManagerService, head: &Head) -> Served {
+    serve_router(ionet_common::rpc::server(head.authorizer()).add_service(service.into_server())).await
+}
+
+/// A store holding object 4.
+fn remote_of_id4() -> Arc<LocalObjectStore> {
+    let remote = Arc::new(store(64 * MIB));
+    remote.put(id(4), &contents(MIB, 4)).unwrap();
+    remote
 }
 
 fn two_nodes(capacity: u64) -> (Arc<LocalObjectStore>, Arc<LocalObjectStore>) {
@@ -56,14 +83,14 @@ async fn with_timeout<F: std::future::Future>(future: F) -> F::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_object_is_pulled_in_chunks_intact() {
     with_timeout(async {
-        let token = ClusterToken::generate();
+        let head = Head::new();
         let (remote, local) = two_nodes(512 * MIB);
         let size = 200 * MIB + 12_345;
         remote.put(id(1), &contents(size, 1)).unwrap();
         let service = ObjectManagerService::new(remote.clone());
-        let server = serve(service.clone(), &token).await;
+        let server = serve(service.clone(), &head).await;
 
-        let puller = Puller::new(local.clone(), token.clone());
+        let puller = Puller::new(local.clone(), head.node());
         let view = puller.pull(&server.address.to_string(), id(1)).await.unwrap();
         assert!(matches(&view, size, 1));
         assert_eq!(local.stats().bytes_in_memory, size);
@@ -81,16 +108,16 @@ async fn a_large_object_is_pulled_in_chunks_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_of_one_object_share_one_transfer() {
     with_timeout(async {
-        let token = ClusterToken::generate();
+        let head = Head::new();
         let (remote, local) = two_nodes(256 * MIB);
         let size = 24 * MIB + 1;
         remote.put(id(2), &contents(size, 2)).unwrap();
         // Small chunks make the transfer long enough for every pull to overlap it.
         let service = ObjectManagerService::new(remote.clone()).with_chunk_bytes(256 * 1024);
-        let server = serve(service.clone(), &token).await;
+        let server = serve(service.clone(), &head).await;
         let address = server.address.to_string();
 
-        let puller = Puller::new(local.clone(), token.clone());
+        let puller = Puller::new(local.clone(), head.node());
         let pulls = (0..8).map(|_| {
             let puller = puller.clone();
             let address = address.clone();
@@ -111,10 +138,10 @@ async fn concurrent_pulls_of_one_object_share_one_transfer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulling_an_unknown_object_is_not_found() {
     with_timeout(async {
-        let token = ClusterToken::generate();
+        let head = Head::new();
         let (remote, local) = two_nodes(64 * MIB);
-        let server = serve(ObjectManagerService::new(remote), &token).await;
-        let puller = Puller::new(local.clone(), token);
+        let server = serve(ObjectManagerService::new(remote), &head).await;
+        let puller = Puller::new(local.clone(), head.node());
         let err = puller.pull(&server.address.to_string(), id(3)).await.unwrap_err();
         match &err {
             ObjectStoreError::PullFailed { code, message, .. } => {
@@ -130,16 +157,29 @@ async fn pulling_an_unknown_object_is_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_is_unauthenticated() {
+async fn another_clusters_node_is_unauthenticated() {
     with_timeout(async {
         let (remote, local) = two_nodes(64 * MIB);
         remote.put(id(4), &contents(MIB, 4)).unwrap();
-        let server = serve(ObjectManagerService::new(remote), &ClusterToken::generate()).await;
-        let puller = Puller::new(local.clone(), ClusterToken::generate());
+        // A node of another cluster (another head's credential) is not one of this one's.
+        let server = serve(ObjectManagerService::new(remote), &Head::new()).await;
+        let puller = Puller::new(local.clone(), Head::new().node());
         let err = puller.pull(&server.address.to_string(), id(4)).await.unwrap_err();
         assert!(matches!(&err, ObjectStoreError::PullFailed { code: tonic::Code::Unauthenticated, .. }), "{err}");
         assert!(matches!(IonetError::from(err), IonetError::Unauthenticated(_)));
         assert!(local.get(&id(4)).unwrap().is_none());
+
+        // A tenant's job of this cluster is no peer: it cannot pull a node's objects.
+        let head = Head::new();
+        let server = serve(ObjectManagerService::new(remote_of_id4()), &head).await;
+        let job = head.0.issue_job(&[0, 0, 0, 1], "acme", Duration::from_secs(600));
+        let puller = Puller::new(local.clone(), SharedCredential::new(&Bearer::new(&job).unwrap()));
+        let err = puller.pull(&server.address.to_string(), id(4)).await.unwrap_err();
+        assert!(matches!(&err, ObjectStoreError::PullFailed { code: tonic::Code::PermissionDenied, .. }), "{err}");
+        assert!(err.to_string().contains("node credential"), "the refusal names the right: {err}");
+        assert!(local.get(&id(4)).unwrap().is_none());
+        // A node of this cluster pulls it.
+        assert!(Puller::new(local.clone(), head.node()).pull(&server.address.to_string(), id(4)).await.is_ok());
     })
     .await
 }
@@ -150,7 +190,7 @@ async fn an_unreachable_peer_is_unavailable() {
         let local = Arc::new(store(64 * MIB));
         // Bind then drop to get a port nobody listens on.
         let address = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let puller = Puller::new(local, ClusterToken::generate());
+        let puller = Puller::new(local, Head::new().node());
         let err = puller.pull(&address.to_string(), id(5)).await.unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert!(matches!(IonetError::from(err), IonetError::Unavailable(_)));
@@ -187,12 +227,11 @@ impl ObjectManager for BrokenPeer {
 }
 
 async fn pull_from_broken(peer: BrokenPeer) -> (ObjectStoreError, Arc<LocalObjectStore>) {
-    let token = ClusterToken::generate();
-    let router =
-        ionet_common::rpc::server(Authorizer::new(token.clone(), None)).add_service(ObjectManagerServer::new(peer));
+    let head = Head::new();
+    let router = ionet_common::rpc::server(head.authorizer()).add_service(ObjectManagerServer::new(peer));
     let server = serve_router(router).await;
     let local = Arc::new(store(64 * MIB));
-    let err = Puller::new(local.clone(), token).pull(&server.address.to_string(), id(6)).await.unwrap_err();
+    let err = Puller::new(local.clone(), head.node()).pull(&server.address.to_string(), id(6)).await.unwrap_err();
     (err, local)
 }
 
@@ -246,17 +285,17 @@ async fn a_transfer_that_breaks_off_leaves_no_partial_object() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_objects_travel_and_free_and_stats_answer() {
     with_timeout(async {
-        let token = ClusterToken::generate();
+        let head = Head::new();
         let (remote, local) = two_nodes(64 * MIB);
         remote.put(id(7), &[]).unwrap();
         remote.put(id(8), &contents(MIB, 8)).unwrap();
-        let server = serve(ObjectManagerService::new(remote.clone()), &token).await;
+        let server = serve(ObjectManagerService::new(remote.clone()), &head).await;
         let address = server.address.to_string();
-        let view = Puller::new(local.clone(), token.clone()).pull(&address, id(7)).await.unwrap();
+        let view = Puller::new(local.clone(), head.node()).pull(&address, id(7)).await.unwrap();
         assert!(view.is_empty());
         assert!(local.contains(&id(7)));
 
-        let channel = ionet_common::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let channel = ionet_common::rpc::connect_shared(&address, &head.node(), Duration::from_secs(5)).await.unwrap();
         let mut client = ObjectManagerClient::new(channel);
         let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
         assert_eq!((stats.objects_in_memory, stats.bytes_in_memory, stats.pulls_served), (2, MIB, 1));

@@ -98,7 +98,8 @@ class AlreadyExistsError(IonetError, ValueError):
 
 
 class AuthenticationError(IonetError):
-    """The cluster refused this process's token."""
+    """The cluster refused this process's credential: missing, malformed, expired, or not
+    signed by its head."""
 
 
 class PermissionDeniedError(IonetError):

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
@@ -46,10 +46,6 @@ fn declared(args: &ResourceArgs) -> Result<Declared> {
         power_watts: args.power_watts.unwrap_or(0),
         electricity_price_per_kwh: args.electricity_price.as_deref().map(parse_usd).transpose()?.unwrap_or(0),
     })
-}
-
-fn explicit_token(token: Option<&str>) -> Result<Option<ClusterToken>> {
-    Ok(token.map(ClusterToken::new).transpose()?)
 }
 
 /// `ionet start`: in the foreground with `--block`, else relaunched in the background
@@ -133,9 +129,8 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
         println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
         match create_token(&address, session, "node", Duration::from_secs(24 * 3600)) {
             Ok((join, _)) => println!(
-                "join machines with: ionet start --address {address} --token <token from {}> --join-token {join}\n\
-                 (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)",
-                session.path().join("token").display()
+                "join machines with: ionet start --address {address} --join-token {join}\n\
+                 (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)"
             ),
             Err(err) => println!("could not make a join token ({err}); make one with `ionet token create --role node`"),
         }
@@ -215,7 +210,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
-    let mut options = GcsServerOptions::new(config.clone(), explicit_token(args.token.as_deref())?);
+    let mut options = GcsServerOptions::new(config.clone());
     options.storage_path = args.storage.clone();
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
@@ -228,8 +223,6 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let gcs = GcsServer::start(options, listener).await?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
     let address = format!("{host}:{port}");
-    let token = gcs.token().clone();
-    session.write_token(&token)?;
     let admin = gcs.admin_credential(ADMIN_CREDENTIAL_TTL);
     session.write_admin_credential(&admin)?;
     session.write_head_address(&address)?;
@@ -239,7 +232,6 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: address.clone(),
-        token,
         // The head's own node registers as the operator's machine.
         join_credential: admin,
         node_key,
@@ -275,18 +267,6 @@ pub(crate) fn resolve_head_address(explicit: Option<&str>, session: &SessionDir)
     })
 }
 
-pub(crate) fn resolve_token(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
-    match explicit_token(explicit)? {
-        Some(token) => Ok(token),
-        None => session.token().ok_or_else(|| {
-            anyhow!(
-                "no cluster token: pass --token or set IONET_TOKEN (the head wrote it to {})",
-                session.path().join("token").display()
-            )
-        }),
-    }
-}
-
 /// Asks the head for a token for `role` (with the session's admin credential): the token
 /// and when it expires (seconds since the Unix epoch).
 fn create_token(address: &str, session: &SessionDir, role: &str, ttl: Duration) -> Result<(String, u64)> {
@@ -294,13 +274,7 @@ fn create_token(address: &str, session: &SessionDir, role: &str, ttl: Duration) 
     call_create_token(address, &admin, role, "", ttl)
 }
 
-fn call_create_token(
-    address: &str,
-    admin: &ClusterToken,
-    role: &str,
-    account: &str,
-    ttl: Duration,
-) -> Result<(String, u64)> {
+fn call_create_token(address: &str, admin: &Bearer, role: &str, account: &str, ttl: Duration) -> Result<(String, u64)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut client = rpc::gcs_client(address, admin).await?;
@@ -313,7 +287,7 @@ fn call_create_token(
 
 /// What an operator's command needs: the head's address, the admin credential, and the
 /// `ttl` it was given, parsed.
-fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, ClusterToken, Duration)> {
+fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, Bearer, Duration)> {
     logging::init_client();
     let session = SessionDir::resolve(head.session.temp_dir.as_deref());
     let address = resolve_head_address(head.address.as_deref(), &session)?;
@@ -371,13 +345,24 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration> {
 
 /// The operator's credential: `explicit` (`--credential` / `IONET_CREDENTIAL`), else the
 /// one the head wrote into the session directory.
-pub(crate) fn resolve_admin_credential(explicit: Option<&str>, session: &SessionDir) -> Result<ClusterToken> {
+pub(crate) fn resolve_admin_credential(explicit: Option<&str>, session: &SessionDir) -> Result<Bearer> {
+    resolve_credential(explicit, session, "this call is the operator's alone (money, accounts, tokens)")
+}
+
+/// A credential to read the cluster with (nodes, prices, usage): `explicit`
+/// (`--credential` / `IONET_CREDENTIAL`: a tenant's API key does), else the operator's in
+/// the session directory.
+pub(crate) fn resolve_reader_credential(explicit: Option<&str>, session: &SessionDir) -> Result<Bearer> {
+    resolve_credential(explicit, session, "reading the cluster needs an API key or the admin credential")
+}
+
+fn resolve_credential(explicit: Option<&str>, session: &SessionDir, why: &str) -> Result<Bearer> {
     match explicit {
-        Some(text) => Ok(ClusterToken::new(text)?),
+        Some(text) => Ok(Bearer::new(text)?),
         None => session.admin_credential().ok_or_else(|| {
             anyhow!(
-                "no admin credential: this call moves money, which only the operator may do; pass --credential or \
-                 set IONET_CREDENTIAL (the head wrote it to {})",
+                "no credential: {why}; pass --credential or set IONET_CREDENTIAL (on the head's machine, the head \
+                 wrote the admin credential to {})",
                 session.path().join("admin_credential").display()
             )
         }),
@@ -387,9 +372,8 @@ pub(crate) fn resolve_admin_credential(explicit: Option<&str>, session: &Session
 async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let config = ClusterConfig::load(args.config.as_deref())?;
     let gcs_address = args.address.clone().expect("checked by start");
-    let token = resolve_token(args.token.as_deref(), &session)?;
     let join_credential = match args.join_token.as_deref() {
-        Some(join) => ClusterToken::new(join)?,
+        Some(join) => Bearer::new(join)?,
         None => session.admin_credential().ok_or_else(|| {
             anyhow!(
                 "no join token: a node joins with one the operator makes on the head (`ionet token create --role node`); \
@@ -403,7 +387,6 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let node = NodeDaemon::start(NodeDaemonOptions {
         advertise_host: advertise_host(args.node_ip_address.as_deref(), &args.host, Some(&gcs_address)),
         gcs_address: gcs_address.clone(),
-        token,
         join_credential,
         node_key,
         config,
@@ -446,13 +429,13 @@ pub fn status(args: StatusArgs) -> Result<()> {
     logging::init_client();
     let session = SessionDir::resolve(args.session.temp_dir.as_deref());
     let address = resolve_head_address(args.address.as_deref(), &session)?;
-    let token = resolve_token(args.token.as_deref(), &session)?;
+    let credential = resolve_reader_credential(args.credential.as_deref(), &session)?;
     if args.actors {
-        return show_actors(&address, &token, args.all, args.json);
+        return show_actors(&address, &credential, args.all, args.json);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
-        let mut client = ionet_common::rpc::gcs_client(&address, &token).await?;
+        let mut client = ionet_common::rpc::gcs_client(&address, &credential).await?;
         let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?;
         Ok::<_, ionet_common::IonetError>(reply.into_inner().nodes)
     })?;
@@ -470,14 +453,14 @@ pub fn list_actors(args: ListActorsArgs) -> Result<()> {
     logging::init_client();
     let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
     let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let token = resolve_token(args.head.token.as_deref(), &session)?;
-    show_actors(&address, &token, args.all, args.json)
+    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
+    show_actors(&address, &credential, args.all, args.json)
 }
 
-fn show_actors(address: &str, token: &ClusterToken, include_dead: bool, json: bool) -> Result<()> {
+fn show_actors(address: &str, credential: &Bearer, include_dead: bool, json: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let actors = runtime.block_on(async {
-        let mut client = ionet_common::rpc::gcs_client(address, token).await?;
+        let mut client = ionet_common::rpc::gcs_client(address, credential).await?;
         let reply = client.list_actors(ionet_common::rpc::proto::gcs::ListActorsRequest { include_dead }).await?;
         Ok::<_, ionet_common::IonetError>(reply.into_inner().actors)
     })?;

@@ -12,15 +12,15 @@ use serde_json::{json, Value};
 use crate::cli::{
     BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, PayoutsArgs, SettleArgs, UsageArgs,
 };
-use crate::commands::{resolve_admin_credential, resolve_head_address, resolve_token};
+use crate::commands::{resolve_admin_credential, resolve_head_address, resolve_reader_credential};
 use crate::logging;
 use crate::session::SessionDir;
 
 /// Who a metering command speaks as.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum As {
-    /// A member of the cluster (the cluster token): reading usage and balances.
-    Member,
+    /// A reader (an API key, or the operator's credential): usage and balances.
+    Reader,
     /// The operator (the admin credential): moving money.
     Admin,
 }
@@ -34,14 +34,14 @@ fn with_metering<T>(
     logging::init_client();
     let session = SessionDir::resolve(head.session.temp_dir.as_deref());
     let address = resolve_head_address(head.address.as_deref(), &session)?;
-    let token = match role {
-        As::Member => resolve_token(head.token.as_deref(), &session)?,
+    let credential = match role {
+        As::Reader => resolve_reader_credential(head.credential.as_deref(), &session)?,
         As::Admin => resolve_admin_credential(head.credential.as_deref(), &session)?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async {
-            let client = ionet_common::rpc::metering_client(&address, &token).await?;
+            let client = ionet_common::rpc::metering_client(&address, &credential).await?;
             call(client).await.map_err(IonetError::from)
         })
         .map_err(Into::into)
@@ -99,7 +99,7 @@ pub fn usage(args: UsageArgs) -> Result<()> {
         job_id: job_id.map(|id| id.to_vec()).unwrap_or_default(),
         node_id: node_id.map(|id| id.to_vec()).unwrap_or_default(),
     };
-    let records = with_metering(&args.head, As::Member, async move |mut client| {
+    let records = with_metering(&args.head, As::Reader, async move |mut client| {
         Ok(client.list_usage(request).await?.into_inner().records)
     })?;
     if args.json {
@@ -146,7 +146,7 @@ pub fn usage(args: UsageArgs) -> Result<()> {
 
 /// `ionet ledger balances`.
 pub fn balances(args: BalancesArgs) -> Result<()> {
-    let balances = with_metering(&args.head, As::Member, async |mut client| {
+    let balances = with_metering(&args.head, As::Reader, async |mut client| {
         Ok(client.balances(BalancesRequest {}).await?.into_inner().balances)
     })?;
     let sum: i64 = balances.iter().map(|b| b.balance_micros).sum();
@@ -250,7 +250,7 @@ pub fn settle(args: SettleArgs) -> Result<()> {
 /// `ionet earnings`.
 pub fn earnings(args: EarningsArgs) -> Result<()> {
     let wallet = args.wallet.clone();
-    let reply = with_metering(&args.head, As::Member, async move |mut client| {
+    let reply = with_metering(&args.head, As::Reader, async move |mut client| {
         Ok(client.earnings(EarningsRequest { wallet }).await?.into_inner())
     })?;
     let total_revenue: u64 = reply.epochs.iter().map(|e| e.revenue_micros).sum();
@@ -313,7 +313,7 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
 
 /// `ionet payouts`.
 pub fn payouts(args: PayoutsArgs) -> Result<()> {
-    let reply = with_metering(&args.head, As::Member, async move |mut client| {
+    let reply = with_metering(&args.head, As::Reader, async move |mut client| {
         Ok(client.list_payouts(ListPayoutsRequest {}).await?.into_inner())
     })?;
     if args.json {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::auth::SharedCredential;
 use ionet_common::authz::{Authorizer, Principal};
 use ionet_common::config::ClusterConfig;
@@ -47,13 +47,11 @@ use crate::objects::NodeObjects;
 
 pub struct NodeDaemonOptions {
     pub gcs_address: String,
-    /// The cluster token (this node's workers and its peers' calls carry it).
-    pub token: ClusterToken,
     /// What the node first registers with: a join token the operator made
     /// (`ionet token create --role node`), or the admin credential on the operator's own
     /// machines. Afterwards the node speaks to the head with the node credential the
     /// head issues it.
-    pub join_credential: ClusterToken,
+    pub join_credential: Bearer,
     /// The node's own key pair: the head binds the node's id to it at registration.
     pub node_key: KeyPair,
     pub config: ClusterConfig,
@@ -78,7 +76,7 @@ struct NodeShared {
     node_key: KeyPair,
     /// What the node presents to the head: the join credential, then its node credential.
     credential: SharedCredential,
-    join_credential: ClusterToken,
+    join_credential: Bearer,
     /// The node's own server's authorizer: it learns the head's key at registration.
     authorizer: Authorizer,
     leases: Arc<Leases>,
@@ -166,18 +164,31 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<RequestWorkerLeaseRequest>,
     ) -> Result<Response<RequestWorkerLeaseReply>, Status> {
-        // A job leases workers for itself only (its usage is billed to its account).
+        // A job leases workers for itself only (its usage is billed to its account), with
+        // its own credential: the workers started for it are given that credential.
         let principal = Principal::of(&request)?;
-        let request = request.into_inner();
-        principal.may_act_for_job(&JobId::from_bytes(&request.job_id).map_err(IonetError::from)?)?;
-        Ok(Response::new(self.shared.leases.request(request).await?))
+        let job = JobId::from_bytes(&request.get_ref().job_id)?;
+        match &principal {
+            Principal::Job { job: own, .. } if *own == job => {}
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "{other} may not lease workers for job {job}: a lease is asked with the job's own credential"
+                )))
+            }
+        }
+        let credential =
+            Bearer::of(&request).ok_or_else(|| Status::unauthenticated("the call carries no credential"))?;
+        Ok(Response::new(self.shared.leases.request(request.into_inner(), credential).await?))
     }
 
     async fn return_worker_lease(
         &self,
         request: Request<ReturnWorkerLeaseRequest>,
     ) -> Result<Response<ReturnWorkerLeaseReply>, Status> {
+        // A job returns its own leases (the head returns actors').
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.may_act_for_job(&self.shared.leases.job_of_lease(&request.lease_id)?)?;
         self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
         Ok(Response::new(ReturnWorkerLeaseReply {}))
     }
@@ -219,7 +230,9 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<SetWorkerBlockedRequest>,
     ) -> Result<Response<SetWorkerBlockedReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.may_act_for_job(&self.shared.leases.job_of_worker(&request.worker_id)?)?;
         self.shared.leases.set_worker_blocked(&request.worker_id, request.blocked)?;
         Ok(Response::new(SetWorkerBlockedReply {}))
     }
@@ -228,7 +241,10 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerReply>, Status> {
+        // A worker registers as the job it was started for.
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.may_act_for_job(&self.shared.leases.job_of_worker(&request.worker_id)?)?;
         self.shared.leases.register_worker(&request.worker_id, request.address)?;
         Ok(Response::new(RegisterWorkerReply { node_id: self.shared.node_id.to_vec() }))
     }
@@ -246,20 +262,21 @@ impl NodeDaemon {
         let advertised = format!("{}:{}", options.advertise_host, address.port());
         let mut info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
         info.public_key = options.node_key.public_key().to_vec();
+        let credential = SharedCredential::new(&options.join_credential);
         let leases = Arc::new(Leases::new(
             node_id,
             advertised.clone(),
-            options.token.as_str().to_string(),
+            credential.clone(),
             options.spec.total.clone(),
             options.spec.gpus.iter().map(|gpu| gpu.index).collect(),
             options.workers,
         ));
         let objects =
-            Arc::new(NodeObjects::new(options.object_store_capacity, options.token.clone(), advertised.clone())?);
+            Arc::new(NodeObjects::new(options.object_store_capacity, credential.clone(), advertised.clone())?);
         leases.set_object_store_dir(objects.dir());
         leases.set_gcs_address(options.gcs_address.clone());
-        let authorizer = Authorizer::new(options.token.clone(), None);
-        let credential = SharedCredential::new(&options.join_credential);
+        // No credential is accepted until the node learns the head's key (at registration).
+        let authorizer = Authorizer::new(None);
         let shared = Arc::new(NodeShared {
             node_id,
             info,
@@ -391,7 +408,7 @@ async fn run_membership(
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     incarnation = reply.incarnation;
-                    match (ClusterToken::new(&reply.node_credential), Verifier::from_bytes(&reply.head_key)) {
+                    match (Bearer::new(&reply.node_credential), Verifier::from_bytes(&reply.head_key)) {
                         (Ok(node_credential), Ok(head)) => {
                             shared.credential.replace(&node_credential);
                             shared.leases.set_head_key(&head.to_bytes());
@@ -450,7 +467,7 @@ async fn run_membership(
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
                     // The head renews the node's credential before it runs out.
-                    if let Ok(renewed) = ClusterToken::new(&reply.get_ref().node_credential) {
+                    if let Ok(renewed) = Bearer::new(&reply.get_ref().node_credential) {
                         shared.credential.replace(&renewed);
                     }
                     // Refresh the cluster view used for spillback.

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::SharedCredential;
 use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
 use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, ObjectId};
@@ -20,7 +20,8 @@ use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig
 pub struct NodeObjects {
     pub store: Arc<LocalObjectStore>,
     puller: Puller,
-    token: ClusterToken,
+    /// The node's credential: its calls to peer nodes carry it.
+    credential: SharedCredential,
     own_address: String,
     /// For objects whose primary copy is here: the nodes that pulled a copy.
     copies: DashMap<ObjectId, Vec<String>>,
@@ -48,13 +49,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl NodeObjects {
-    pub fn new(capacity: u64, token: ClusterToken, own_address: String) -> IonetResult<Self> {
+    pub fn new(capacity: u64, credential: SharedCredential, own_address: String) -> IonetResult<Self> {
         let capacity = if capacity == 0 { default_capacity() } else { capacity };
         let store = Arc::new(LocalObjectStore::new(StoreConfig::with_capacity(capacity)).map_err(IonetError::from)?);
         Ok(Self {
-            puller: Puller::new(store.clone(), token.clone()),
+            puller: Puller::new(store.clone(), credential.clone()),
             store,
-            token,
+            credential,
             own_address,
             copies: DashMap::new(),
         })
@@ -91,9 +92,9 @@ impl NodeObjects {
             IonetError::ObjectLost(format!("object {} could not be pulled from {source}: {err}", id.short()))
         })?;
         // Tell the primary's node, so freeing the object frees this copy too.
-        let (token, source, own) = (self.token.clone(), source.to_string(), self.own_address.clone());
+        let (credential, source, own) = (self.credential.clone(), source.to_string(), self.own_address.clone());
         tokio::spawn(async move {
-            if let Ok(channel) = rpc::connect(&source, &token, std::time::Duration::from_secs(5)).await {
+            if let Ok(channel) = rpc::connect_shared(&source, &credential, std::time::Duration::from_secs(5)).await {
                 let request = AddObjectLocationRequest { object_id: id.to_vec(), holder_address: own };
                 let _ = NodeManagerClient::new(channel).add_object_location(request).await;
             }
@@ -124,9 +125,10 @@ impl NodeObjects {
         let store = self.store.clone();
         let freed = blocking(move || store.delete_many(&ids)).await?;
         for (holder, object_ids) in forward {
-            let token = self.token.clone();
+            let credential = self.credential.clone();
             tokio::spawn(async move {
-                if let Ok(channel) = rpc::connect(&holder, &token, std::time::Duration::from_secs(5)).await {
+                if let Ok(channel) = rpc::connect_shared(&holder, &credential, std::time::Duration::from_secs(5)).await
+                {
                     let _ = NodeManagerClient::new(channel).free_objects(FreeObjectsRequest { object_ids }).await;
                 }
             });

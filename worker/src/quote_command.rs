@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::cli::QuoteArgs;
 use crate::cluster_view::node_view;
-use crate::commands::{resolve_head_address, resolve_token};
+use crate::commands::{resolve_head_address, resolve_reader_credential};
 use crate::logging;
 use crate::node_spec::parse_size;
 use crate::session::SessionDir;
@@ -126,10 +126,10 @@ pub fn quote(args: QuoteArgs) -> Result<()> {
     let request = request(&args)?;
     let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
     let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let token = resolve_token(args.head.token.as_deref(), &session)?;
+    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
-        let mut client = ionet_common::rpc::gcs_client(&address, &token).await?;
+        let mut client = ionet_common::rpc::gcs_client(&address, &credential).await?;
         let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?;
         Ok::<_, IonetError>(reply.into_inner().nodes)
     })?;

@@ -2,7 +2,6 @@
 //!
 //! Layout (as Ray's `session_latest`):
 //! - `head_address`: `host:port` of the control store, written by the head once serving;
-//! - `token`: the cluster token (mode 0600), written by the head;
 //! - `admin_credential`: the operator's credential (mode 0600), signed by the head at
 //!   each start (money and the operator's controls need it);
 //! - `signing_key`: the head's credential signing key (mode 0600), unless `--storage`
@@ -23,7 +22,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::{IonetError, IonetResult};
 
 pub const SESSION_DIR_ENV: &str = "IONET_SESSION_DIR";
@@ -101,17 +100,13 @@ impl SessionDir {
         self.read_file("head_address")
     }
 
-    pub fn write_token(&self, token: &ClusterToken) -> IonetResult<()> {
-        self.write_file("token", token.as_str())
-    }
-
     /// The operator's credential (see `ionet_common::authz`).
-    pub fn write_admin_credential(&self, credential: &ClusterToken) -> IonetResult<()> {
+    pub fn write_admin_credential(&self, credential: &Bearer) -> IonetResult<()> {
         self.write_file("admin_credential", credential.as_str())
     }
 
-    pub fn admin_credential(&self) -> Option<ClusterToken> {
-        self.read_file("admin_credential").and_then(|text| ClusterToken::new(&text).ok())
+    pub fn admin_credential(&self) -> Option<Bearer> {
+        self.read_file("admin_credential").and_then(|text| Bearer::new(&text).ok())
     }
 
     /// Where a node daemon keeps its private key unless `--node-key` says otherwise.
@@ -122,10 +117,6 @@ impl SessionDir {
     /// Where the head keeps its signing key when no `--storage` is given.
     pub fn signing_key(&self) -> PathBuf {
         self.root.join("signing_key")
-    }
-
-    pub fn token(&self) -> Option<ClusterToken> {
-        self.read_file("token").and_then(|text| ClusterToken::new(&text).ok())
     }
 
     pub fn pid_file(&self, role: &str, pid: u32) -> PathBuf {
@@ -171,15 +162,16 @@ mod tests {
         assert!(session.head_address().is_none());
         session.write_head_address("127.0.0.1:6380").unwrap();
         assert_eq!(session.head_address().unwrap(), "127.0.0.1:6380");
-        let token = ClusterToken::generate();
-        session.write_token(&token).unwrap();
-        assert_eq!(session.token().unwrap(), token);
+        let token = Bearer::new("ionet1.credential.signature").unwrap();
+        session.write_admin_credential(&token).unwrap();
+        assert_eq!(session.admin_credential().unwrap(), token);
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.path().join("token")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("admin_credential")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700, "the directory is private");
         // A link planted where the admin credential goes is replaced, never written through.
         let elsewhere = dir.path().join("elsewhere");
+        fs::remove_file(dir.path().join("admin_credential")).unwrap();
         std::os::unix::fs::symlink(&elsewhere, dir.path().join("admin_credential")).unwrap();
         session.write_admin_credential(&token).unwrap();
         assert!(!elsewhere.exists());

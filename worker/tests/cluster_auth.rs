@@ -1,4 +1,4 @@
-//! Bad input: a wrong or missing token is refused with UNAUTHENTICATED; malformed,
+//! Bad input: a wrong or missing credential is refused with UNAUTHENTICATED; malformed,
 //! oversize and unknown-id requests get an error; the head keeps serving others.
 
 mod common;
@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestCluster;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::credential::{registration_message, KeyPair};
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::gcs::*;
@@ -22,14 +22,20 @@ fn assert_still_serving(cluster: &TestCluster) {
 }
 
 #[test]
-fn wrong_or_missing_token_is_unauthenticated() {
+fn wrong_or_missing_credential_is_unauthenticated() {
     let cluster = TestCluster::start(&[]);
-    let mut intruder = cluster.client_with(&ClusterToken::new("not-the-token").unwrap());
+    let mut intruder = cluster.client_with(&Bearer::new("not-a-credential").unwrap());
     let status = cluster.runtime.block_on(intruder.get_all_nodes(GetAllNodesRequest::default())).unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(status.message().contains("wrong cluster token"), "{}", status.message());
+    assert!(status.message().contains("not a credential of this cluster"), "{}", status.message());
+    // One another head signed (another cluster's operator) is no better.
+    let elsewhere = ionet_common::credential::Issuer::generate();
+    let forged = elsewhere.issue(ionet_common::credential::Role::Admin, Duration::from_secs(600));
+    let mut intruder = cluster.client_with(&Bearer::new(&forged).unwrap());
+    let status = cluster.runtime.block_on(intruder.get_all_nodes(GetAllNodesRequest::default())).unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
-    // No token at all: a plain channel without the interceptor.
+    // No credential at all: a plain channel without the interceptor.
     let address = cluster.address();
     let status = cluster.runtime.block_on(async {
         let channel =
@@ -41,10 +47,10 @@ fn wrong_or_missing_token_is_unauthenticated() {
     assert!(status.message().contains("missing credential"), "{}", status.message());
 
     // The CLI says so too.
-    let output = cluster.ionet(&["status", "--token", "not-the-token"]);
+    let output = cluster.ionet(&["status", "--credential", "not-a-credential"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("unauthenticated") && stderr.contains("wrong cluster token"), "{stderr}");
+    assert!(stderr.contains("unauthenticated") && stderr.contains("not a credential"), "{stderr}");
 
     // And the head logged the refusal with the peer address.
     let logs = std::fs::read_dir(cluster.session().join("logs")).unwrap();
@@ -60,7 +66,7 @@ fn wrong_or_missing_token_is_unauthenticated() {
 #[test]
 fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving() {
     let cluster = TestCluster::start(&[]);
-    let token = cluster.token();
+    let token = cluster.admin_credential();
     let address = cluster.address();
 
     // Malformed: bytes that are not a protobuf message.
@@ -171,8 +177,12 @@ fn only_the_operator_makes_join_tokens_and_account_keys() {
     assert!(stderr.contains("at most 30 days"), "{stderr}");
     let stderr = cluster.ionet_err(&["token", "create", "--ttl", "5 weeks"]);
     assert!(stderr.contains("duration"), "{stderr}");
-    // With only the cluster token (a provider or a tenant), neither.
-    let token = cluster.token();
-    let stderr = cluster.ionet_err(&["account", "create", "mallory", "--credential", token.as_str()]);
+    // A tenant's API key makes neither (nor would a node's or a job's credential).
+    let stderr = cluster.ionet_err(&["account", "create", "mallory", "--credential", key.trim()]);
     assert!(stderr.contains("permission denied") && stderr.contains("CreateToken"), "{stderr}");
+    let stderr = cluster.ionet_err(&["token", "create", "--role", "node", "--credential", key.trim()]);
+    assert!(stderr.contains("permission denied") && stderr.contains("account acme"), "{stderr}");
+    // It reads the cluster, as a tenant choosing where to run would.
+    let status = cluster.ionet_ok(&["status", "--credential", key.trim()]);
+    assert!(status.contains("ALIVE") || status.contains("alive"), "{status}");
 }

@@ -19,7 +19,8 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     let mut cluster = TestCluster::start(&["--storage", storage_arg]);
     let index = cluster.add_node(&["--num-gpus", "1", "--gpu-type", "H100"]);
     let node_pid = cluster.nodes[index].id();
-    let token = cluster.token();
+    // The operator's credential from before the restart.
+    let admin = cluster.admin_credential();
     let port = cluster.address().rsplit(':').next().unwrap().to_string();
 
     let mut client = cluster.client();
@@ -59,9 +60,9 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
 
     cluster.kill_head(); // SIGKILL: no clean shutdown.
     cluster.start_head(&["--port", &port, "--storage", storage_arg]);
-    assert_eq!(cluster.token(), token, "the token is kept in storage across restarts");
 
-    let mut client = cluster.client();
+    // The signing key is kept beside --storage: what the head issued before still holds.
+    let mut client = cluster.client_with(&admin);
     let jobs = cluster.runtime.block_on(client.get_all_jobs(GetAllJobsRequest {})).unwrap().into_inner().jobs;
     let kept = jobs.iter().find(|kept| kept.job_id == job.job_id).expect("job survives the restart");
     assert_eq!(kept.entrypoint, "train.py");
@@ -101,7 +102,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     assert!(cluster.nodes[index].try_wait().unwrap().is_none(), "the node daemon kept running");
     let address = node_address.borrow().clone();
     let stats = cluster.runtime.block_on(async {
-        let channel = ionet_common::rpc::connect(&address, &token, Duration::from_secs(5)).await.unwrap();
+        let channel = ionet_common::rpc::connect(&address, &admin, Duration::from_secs(5)).await.unwrap();
         let mut node = NodeManagerClient::new(channel);
         let poll = async {
             loop {

@@ -148,8 +148,8 @@ mod tests {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 listener.local_addr().unwrap().to_string()
             };
-            let token = ionet_common::auth::ClusterToken::generate();
-            let channel = ionet_common::rpc::connect_lazy(&address, &token, Duration::from_secs(2)).unwrap();
+            let credential = ionet_common::auth::Bearer::new("credential").unwrap();
+            let channel = ionet_common::rpc::connect_lazy(&address, &credential, Duration::from_secs(2)).unwrap();
             let refused = CoreWorkerClient::new(channel)
                 .watch(ionet_common::rpc::proto::worker::WatchRequest {})
                 .await

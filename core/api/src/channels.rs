@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::rpc::{self, AuthChannel};
 use ionet_common::IonetResult;
 
@@ -16,15 +16,16 @@ use ionet_common::IonetResult;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Channels {
-    token: ClusterToken,
+    /// The job's credential, carried by every call.
+    credential: Bearer,
     /// The runtime the channels' connection tasks run on.
     handle: tokio::runtime::Handle,
     open: DashMap<String, AuthChannel>,
 }
 
 impl Channels {
-    pub(crate) fn new(token: ClusterToken, handle: tokio::runtime::Handle) -> Self {
-        Self { token, handle, open: DashMap::new() }
+    pub(crate) fn new(credential: Bearer, handle: tokio::runtime::Handle) -> Self {
+        Self { credential, handle, open: DashMap::new() }
     }
 
     /// The channel to `address`, opened once and shared.
@@ -38,7 +39,7 @@ impl Channels {
         let channel = self
             .open
             .entry(address.to_string())
-            .or_try_insert_with(|| rpc::connect_lazy(address, &self.token, CONNECT_TIMEOUT))?
+            .or_try_insert_with(|| rpc::connect_lazy(address, &self.credential, CONNECT_TIMEOUT))?
             .clone();
         Ok(channel)
     }
@@ -56,7 +57,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_gets_one_channel_and_a_bad_address_an_error() {
-        let channels = Channels::new(ClusterToken::generate(), tokio::runtime::Handle::current());
+        let channels = Channels::new(Bearer::new("credential").unwrap(), tokio::runtime::Handle::current());
         channels.get("127.0.0.1:1").unwrap();
         channels.get("127.0.0.1:1").unwrap();
         channels.get("127.0.0.1:2").unwrap();

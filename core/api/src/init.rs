@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::Verifier;
 use ionet_common::rpc::proto::common::NodeState;
@@ -31,8 +31,6 @@ pub struct InitConfig {
     /// `None`: start an embedded local cluster for this program. `"auto"`: the head of
     /// this machine's session. Otherwise `host:port` of a head.
     pub address: Option<String>,
-    /// Cluster token (default: `IONET_TOKEN`, then the session directory).
-    pub token: Option<String>,
     /// The API key of the account this job is paid by (`ionet account create`; default:
     /// `IONET_API_KEY`, then, on the operator's machine, the admin credential in the
     /// session directory). The job then speaks with a credential of its own.
@@ -79,11 +77,6 @@ impl InitConfig {
         self
     }
 
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
         self
@@ -92,9 +85,9 @@ impl InitConfig {
 
 /// What starts a job: `config.api_key`, else `IONET_API_KEY`, else the operator's
 /// credential in `session` (a driver on the head's own machine).
-fn job_starter(config: &InitConfig, session: &SessionDir) -> IonetResult<ClusterToken> {
+fn job_starter(config: &InitConfig, session: &SessionDir) -> IonetResult<Bearer> {
     match config.api_key.clone().or_else(|| std::env::var("IONET_API_KEY").ok().filter(|key| !key.is_empty())) {
-        Some(key) => ClusterToken::new(&key),
+        Some(key) => Bearer::new(&key),
         None => session.admin_credential().ok_or_else(|| {
             IonetError::Unauthenticated(
                 "no account API key: a job is started with its account's key (`ionet account create NAME` on the \
@@ -103,6 +96,14 @@ fn job_starter(config: &InitConfig, session: &SessionDir) -> IonetResult<Cluster
             )
         }),
     }
+}
+
+/// The account a job credential belongs to (the head signed it: checked here too).
+fn account_of(credential: &Bearer, head_key: &Verifier) -> IonetResult<String> {
+    let claims = head_key
+        .verify(credential.as_str().as_bytes())
+        .map_err(|why| IonetError::Unauthenticated(format!("this process's job credential does not verify: {why}")))?;
+    claims.account.ok_or_else(|| IonetError::Unauthenticated("this process's job credential names no account".into()))
 }
 
 struct Embedded {
@@ -175,7 +176,9 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
     let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let authorizer = ionet_common::authz::Authorizer::new(worker.token.clone(), worker.head_key.clone());
+    // Its own job's calls, its account's other jobs' (a detached actor they share), the
+    // head's; never a stranger's.
+    let authorizer = ionet_common::authz::Authorizer::for_account(worker.head_key.clone(), &worker.account);
     tokio::spawn(async move {
         if let Err(err) = rpc::server(authorizer)
             .add_service(service)
@@ -192,14 +195,21 @@ fn host_of(address: &str) -> String {
     address.rsplit_once(':').map(|(host, _)| host.to_string()).unwrap_or_else(|| "127.0.0.1".into())
 }
 
-async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, ClusterToken)> {
+/// Where a driver finds its cluster: the control store's address, its node daemon's, and
+/// the credential that starts its job (and reads the cluster until then).
+struct Found {
+    gcs_address: String,
+    node_address: String,
+    starter: Bearer,
+    alive: usize,
+}
+
+async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
     ionet_worker::logging::init_when_asked();
-    let token = ClusterToken::generate();
     let cluster_config = ClusterConfig::load(None)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gcs = GcsServer::start(GcsServerOptions::new(cluster_config.clone(), Some(token.clone())), listener)
-        .await
-        .map_err(IonetError::from)?;
+    let gcs =
+        GcsServer::start(GcsServerOptions::new(cluster_config.clone()), listener).await.map_err(IonetError::from)?;
     let gcs_address = gcs.address().to_string();
     let mut custom = ResourceSet::new();
     for (name, quantity) in &config.resources {
@@ -216,7 +226,6 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
     let max_blocked_workers = cluster_config.max_blocked_workers_for(cpus as f64);
     let node = NodeDaemon::start(NodeDaemonOptions {
         gcs_address: gcs_address.clone(),
-        token: token.clone(),
         // The embedded cluster's node is the operator's own: it joins as the admin, with
         // a key that lives as long as the process.
         join_credential: gcs.admin_credential(Duration::from_secs(24 * 3600)),
@@ -241,10 +250,10 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<(String, String, Clu
     // The embedded cluster is the program's own: its job starts as the operator's.
     let starter = gcs.admin_credential(Duration::from_secs(24 * 3600));
     *EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()) = Some(Embedded { gcs, node });
-    Ok((gcs_address, node_address, token, starter))
+    Ok(Found { gcs_address, node_address, starter, alive: 1 })
 }
 
-async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken, ClusterToken, usize)> {
+async fn join(config: &InitConfig) -> IonetResult<Found> {
     let session = SessionDir::resolve(config.session_dir.as_deref());
     let address = match config.address.as_deref() {
         Some("auto") => session
@@ -253,13 +262,9 @@ async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken,
         Some(address) => address.to_string(),
         None => unreachable!("join is for a given address"),
     };
-    let token = match config.token.clone().or_else(|| std::env::var("IONET_TOKEN").ok()) {
-        Some(token) => ClusterToken::new(&token)?,
-        None => session.token().ok_or_else(|| {
-            IonetError::Unauthenticated("no cluster token: pass InitConfig::token or set IONET_TOKEN".into())
-        })?,
-    };
-    let mut gcs = rpc::gcs_client(&address, &token).await?;
+    // The key that starts the job reads the cluster first (an account may read its nodes).
+    let starter = job_starter(config, &session)?;
+    let mut gcs = rpc::gcs_client(&address, &starter).await?;
     let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?.into_inner().nodes;
     let host = host_of(&address);
     let alive: Vec<_> = nodes.into_iter().filter(|node| node.state == NodeState::Alive as i32).collect();
@@ -270,8 +275,7 @@ async fn join(config: &InitConfig) -> IonetResult<(String, String, ClusterToken,
         .or_else(|| alive.iter().find(|node| host_of(&node.address) == host))
         .or_else(|| alive.first())
         .ok_or_else(|| IonetError::Unavailable(format!("the cluster at {address} has no alive node")))?;
-    let starter = job_starter(config, &session)?;
-    Ok((address, local.address.clone(), token, starter, alive.len()))
+    Ok(Found { gcs_address: address, node_address: local.address.clone(), starter, alive: alive.len() })
 }
 
 /// Waits (briefly) until the driver's node daemon knows every node the control store
@@ -293,14 +297,11 @@ async fn wait_for_cluster_view(
 }
 
 async fn init_driver(config: InitConfig) -> IonetResult<()> {
-    let (gcs_address, node_address, token, starter, alive) = match config.address {
-        None => {
-            let (gcs_address, node_address, token, starter) = start_embedded(&config).await?;
-            (gcs_address, node_address, token, starter, 1)
-        }
+    let Found { gcs_address, node_address, starter, alive } = match config.address {
+        None => start_embedded(&config).await?,
         Some(_) => join(&config).await?,
     };
-    let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(5)).await?);
+    let mut node = NodeManagerClient::new(rpc::connect(&node_address, &starter, Duration::from_secs(5)).await?);
     let stats = wait_for_cluster_view(&mut node, alive).await?;
     let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
     let store_dir = stats.object_store_dir;
@@ -320,16 +321,17 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
     let job =
         started.job.ok_or_else(|| IonetError::Internal("the control store added a job but returned none".into()))?;
     let job_id = JobId::from_bytes(&job.job_id)?;
-    let credential = ClusterToken::new(&started.job_credential)?;
+    let credential = Bearer::new(&started.job_credential)?;
     let head_key = Verifier::from_bytes(&started.head_key)?;
+    let account = account_of(&credential, &head_key)?;
     let worker = CoreWorker::new(
         address,
         node_id,
         node_address,
         job_id,
-        token,
         credential,
-        Some(head_key),
+        head_key,
+        &account,
         Vec::new(),
         None,
         gcs_address,
@@ -382,20 +384,18 @@ fn run_worker() -> ! {
             std::process::exit(2)
         });
         let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
-        let token = ClusterToken::new(&told.token)?;
-        let head_key = match told.head_key.as_str() {
-            "" => None,
-            key => Some(Verifier::from_hex(key)?),
-        };
+        let credential = Bearer::new(&told.credential)?;
+        let head_key = Verifier::from_hex(&told.head_key)?;
+        let account = account_of(&credential, &head_key)?;
         let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
         let worker = CoreWorker::new(
             address.clone(),
             told.node_id,
             node_address.clone(),
             told.job_id,
-            token.clone(),
-            token.clone(),
+            credential.clone(),
             head_key,
+            &account,
             told.gpu_ids,
             Some(worker_id),
             told.gcs_address,
@@ -406,7 +406,7 @@ fn run_worker() -> ! {
         );
         spawn_core_worker_server(worker.clone(), listener);
         runtime::install(worker);
-        let mut node = NodeManagerClient::new(rpc::connect(&node_address, &token, Duration::from_secs(10)).await?);
+        let mut node = NodeManagerClient::new(rpc::connect(&node_address, &credential, Duration::from_secs(10)).await?);
         node.register_worker(RegisterWorkerRequest { worker_id: worker_id.to_vec(), address, pid: std::process::id() })
             .await?;
         if let Ok(worker) = runtime::current() {

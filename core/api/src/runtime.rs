@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::rpc::proto::node::WorkerCommand;
 use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
@@ -67,13 +67,13 @@ pub(crate) struct CoreWorker {
     pub(crate) node_id: NodeId,
     pub(crate) node_address: String,
     pub(crate) job_id: JobId,
-    /// The cluster token: this process's server accepts calls carrying it (members).
-    pub(crate) token: ClusterToken,
-    /// What this process presents: a driver its job's credential, a worker the cluster
-    /// token (until workers carry their job's credential).
-    pub(crate) credential: ClusterToken,
-    /// The head's public key: this process's server accepts credentials it signed.
-    pub(crate) head_key: Option<ionet_common::credential::Verifier>,
+    /// What this process presents on every call: its job's credential (a driver's and
+    /// every worker of the job hold the same, nothing broader).
+    pub(crate) credential: Bearer,
+    /// The head's public key: this process's server accepts credentials it signed...
+    pub(crate) head_key: ionet_common::credential::Verifier,
+    /// ...for jobs of this account (the job's own), and the head's own calls.
+    pub(crate) account: Arc<str>,
     pub(crate) gpu_ids: Vec<u32>,
     pub(crate) is_worker: bool,
     /// This worker process's id (`None` in a driver).
@@ -197,9 +197,9 @@ impl CoreWorker {
         node_id: NodeId,
         node_address: String,
         job_id: JobId,
-        token: ClusterToken,
-        credential: ClusterToken,
-        head_key: Option<ionet_common::credential::Verifier>,
+        credential: Bearer,
+        head_key: ionet_common::credential::Verifier,
+        account: &str,
         gpu_ids: Vec<u32>,
         worker_id: Option<WorkerId>,
         gcs_address: String,
@@ -213,9 +213,9 @@ impl CoreWorker {
             node_id,
             node_address,
             job_id,
-            token,
             credential: credential.clone(),
             head_key,
+            account: account.into(),
             gpu_ids,
             is_worker: worker_id.is_some(),
             worker_id,

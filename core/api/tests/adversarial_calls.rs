@@ -1,17 +1,19 @@
 //! Calls the cluster must refuse: every RPC of every service walked with every kind of
 //! caller against the authorization table; money moved by someone other than the
-//! operator; a provider acting for another provider's node. Real daemons on loopback,
-//! this process a driver among them.
+//! operator; a provider acting for another provider's node; a tenant acting on another
+//! tenant's job, its actors and its processes. Real daemons on loopback, this process a
+//! driver among them.
 
 mod harness;
 
 use std::time::Duration;
 
 use harness::Cluster;
-use ionet::auth::ClusterToken;
+use ionet::auth::Bearer;
 use ionet::authz::{decide, Access, Principal, TABLE};
-use ionet::credential::{registration_message, KeyPair};
+use ionet::credential::{registration_message, Issuer, KeyPair, Role};
 use ionet::rpc::proto::common::NodeInfo;
+use ionet::rpc::proto::gcs::GetActorRequest;
 use ionet::rpc::proto::gcs::{
     ActorSpec, AddJobRequest, CreateActorRequest, CreatePlacementGroupRequest, CreateTokenRequest, DrainNodeRequest,
     HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
@@ -20,7 +22,8 @@ use ionet::rpc::proto::metering::{
     AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
     SettleRequest,
 };
-use ionet::rpc::proto::node::RequestWorkerLeaseRequest;
+use ionet::rpc::proto::node::{CancelBundleRequest, RequestWorkerLeaseRequest};
+use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest};
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
@@ -65,36 +68,37 @@ fn call(address: &str, path: &'static str, credential: Option<&str>, body: Vec<u
 struct Provider {
     node_id: NodeId,
     key: KeyPair,
-    credential: ClusterToken,
+    credential: Bearer,
 }
 
-fn admin_of(cluster: &Cluster) -> ClusterToken {
-    ClusterToken::new(&std::fs::read_to_string(cluster.session().join("admin_credential")).unwrap()).unwrap()
+fn admin_of(cluster: &Cluster) -> Bearer {
+    Bearer::new(&std::fs::read_to_string(cluster.session().join("admin_credential")).unwrap()).unwrap()
 }
 
-fn token_of(cluster: &Cluster) -> ClusterToken {
-    ClusterToken::new(&std::fs::read_to_string(cluster.session().join("token")).unwrap()).unwrap()
+/// The head's signing key, read from its file (only to check what the head issued).
+fn head_of(cluster: &Cluster) -> Issuer {
+    Issuer::load_or_create(&cluster.session().join("signing_key")).unwrap()
 }
 
-async fn join_token(address: &str, admin: &ClusterToken) -> ClusterToken {
+async fn join_token(address: &str, admin: &Bearer) -> Bearer {
     let mut operator = ionet::rpc::gcs_client(address, admin).await.unwrap();
     let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, account: String::new() };
-    ClusterToken::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
+    Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
 }
 
 /// An API key for `account`, made by the operator.
-async fn account_key(address: &str, admin: &ClusterToken, account: &str) -> ClusterToken {
+async fn account_key(address: &str, admin: &Bearer, account: &str) -> Bearer {
     let mut operator = ionet::rpc::gcs_client(address, admin).await.unwrap();
     let request = CreateTokenRequest { role: "account".into(), ttl_seconds: 600, account: account.into() };
-    ClusterToken::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
+    Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap()
 }
 
 /// Starts a job with `starter` (an account key), naming `payer`: the job and its credential.
-async fn start_job(address: &str, starter: &ClusterToken, payer: &str) -> Result<(JobId, ClusterToken), tonic::Status> {
+async fn start_job(address: &str, starter: &Bearer, payer: &str) -> Result<(JobId, Bearer), tonic::Status> {
     let mut client = ionet::rpc::gcs_client(address, starter).await.unwrap();
     let reply = client.add_job(AddJobRequest { payer_account: payer.into(), ..Default::default() }).await?.into_inner();
     let job = JobId::from_bytes(&reply.job.unwrap().job_id).unwrap();
-    Ok((job, ClusterToken::new(&reply.job_credential).unwrap()))
+    Ok((job, Bearer::new(&reply.job_credential).unwrap()))
 }
 
 /// A registration of `node_id` signed by `key`.
@@ -114,12 +118,12 @@ fn registration(node_id: NodeId, key: &KeyPair, gpus: i64) -> RegisterNodeReques
 }
 
 /// Joins a node of our own (no daemon behind it) with a join token.
-async fn join_as_provider(address: &str, admin: &ClusterToken) -> Provider {
+async fn join_as_provider(address: &str, admin: &Bearer) -> Provider {
     let join = join_token(address, admin).await;
     let mut joiner = ionet::rpc::gcs_client(address, &join).await.unwrap();
     let (node_id, key) = (NodeId::random(), KeyPair::generate());
     let reply = joiner.register_node(registration(node_id, &key, 1)).await.unwrap().into_inner();
-    Provider { node_id, key, credential: ClusterToken::new(&reply.node_credential).unwrap() }
+    Provider { node_id, key, credential: Bearer::new(&reply.node_credential).unwrap() }
 }
 
 /// The message of a call refused with PERMISSION_DENIED (`what` names it if it was not).
@@ -133,50 +137,59 @@ fn refused(outcome: &Outcome) -> bool {
     matches!(outcome.0, Code::Unauthenticated | Code::PermissionDenied)
 }
 
-/// Every row of the table, called at its server by nobody, by a stranger, by a member,
-/// by the admin, by a node, by a joining machine, by an account and by a job. The message
-/// is a malformed one, so that an admitted call fails in decoding and no handler changes
-/// anything.
+/// Every row of the table, called at its server by nobody, by a stranger (another head's
+/// admin), by the admin, by a node, by a joining machine, by an account, by a job of
+/// another account and by a job of the driver's own account. The message is a malformed
+/// one, so that an admitted call fails in decoding and no handler changes anything.
 fn every_rpc_is_answered_as_the_table_says() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
     cluster.init();
     let head = cluster.address();
     let node = ionet::testing::local_node_address().unwrap();
     let worker = ionet::testing::core_worker_address().unwrap();
-    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let admin = admin_of(&cluster);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (provider, join, account, (job, job_credential)) = runtime.block_on(async {
+    let (provider, join, account, (job, job_credential), (sibling, sibling_credential)) = runtime.block_on(async {
         let account = account_key(&head, &admin, "acme").await;
         let job = start_job(&head, &account, "").await.unwrap();
-        (join_as_provider(&head, &admin).await, join_token(&head, &admin).await, account, job)
+        // The driver's own account (`default`, the operator's): another job of it.
+        let sibling = start_job(&head, &admin, "").await.unwrap();
+        (join_as_provider(&head, &admin).await, join_token(&head, &admin).await, account, job, sibling)
     });
+    let stranger = Bearer::new(&Issuer::generate().issue(Role::Admin, Duration::from_secs(600))).unwrap();
 
     // (who, credential, the principal the table knows it as)
-    let callers: Vec<(&str, Option<ClusterToken>, Option<Principal>)> = vec![
+    let callers: Vec<(&str, Option<Bearer>, Option<Principal>)> = vec![
         ("nobody", None, None),
-        ("a stranger", Some(ClusterToken::generate()), None),
-        ("a member", Some(token), Some(Principal::Member)),
+        ("a stranger", Some(stranger), None),
+        ("not a credential", Some(Bearer::new("hunter2").unwrap()), None),
         ("the admin", Some(admin), Some(Principal::Admin)),
         ("a node", Some(provider.credential.clone()), Some(Principal::Node(provider.node_id))),
         ("a joining machine", Some(join), Some(Principal::Joiner)),
         ("an account", Some(account), Some(Principal::Account("acme".into()))),
-        ("a job", Some(job_credential), Some(Principal::Job { job, account: "acme".into() })),
+        ("another account's job", Some(job_credential), Some(Principal::Job { job, account: "acme".into() })),
+        (
+            "a job of the driver's account",
+            Some(sibling_credential),
+            Some(Principal::Job { job: sibling, account: "default".into() }),
+        ),
     ];
     for rule in TABLE {
         // Every server knows the head's key: the head's own, a node daemon from its
         // registration, a driver from its job's start.
-        let address = match rule.path.split('.').nth(1) {
-            Some("gcs") | Some("metering") => head.as_str(),
-            Some("node") | Some("object") => node.as_str(),
-            Some("worker") => worker.as_str(),
+        // The driver's core worker belongs to its account; the others to the cluster.
+        let (address, tenant) = match rule.path.split('.').nth(1) {
+            Some("gcs") | Some("metering") => (head.as_str(), None),
+            Some("node") | Some("object") => (node.as_str(), None),
+            Some("worker") => (worker.as_str(), Some("default")),
             other => panic!("{}: a service of no known server ({other:?})", rule.path),
         };
         for (who, credential, principal) in &callers {
-            let outcome = call(address, rule.path, credential.as_ref().map(ClusterToken::as_str), vec![0xff; 8]);
+            let outcome = call(address, rule.path, credential.as_ref().map(Bearer::as_str), vec![0xff; 8]);
             let context = format!("{} by {who}: {outcome:?}", rule.path);
             match principal {
                 None => assert_eq!(outcome.0, Code::Unauthenticated, "{context}"),
-                Some(principal) => match decide(principal, rule.path) {
+                Some(principal) => match decide(principal, rule.path, tenant) {
                     Ok(()) => assert!(!refused(&outcome), "{context}"),
                     Err(why) => {
                         assert_eq!(outcome.0, Code::PermissionDenied, "{context}");
@@ -187,6 +200,7 @@ fn every_rpc_is_answered_as_the_table_says() {
         }
     }
     assert!(TABLE.iter().any(|rule| rule.access == Access::Admin), "the walk met admin-only calls");
+    assert!(TABLE.iter().any(|rule| rule.access == Access::Tenant), "the walk met a tenant's own calls");
 }
 
 /// A provider with a valid node credential tries to act for another provider's node:
@@ -205,7 +219,7 @@ fn a_provider_acts_only_for_its_own_node() {
         .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: victim.node_id, soft: false });
     assert_eq!(ionet::get_timeout(&add::options(pinned.clone()).remote(40, 2), Duration::from_secs(60)).unwrap(), 42);
     let head = cluster.address();
-    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let admin = admin_of(&cluster);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mallory = join_as_provider(&head, &admin).await;
@@ -290,11 +304,12 @@ fn a_provider_acts_only_for_its_own_node() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        // The cluster token names no node at all.
-        let mut member = ionet::rpc::gcs_client(&head, &token).await.unwrap();
+        // A job's credential names no node at all.
+        let (_, job) = start_job(&head, &admin, "").await.unwrap();
+        let mut tenant = ionet::rpc::gcs_client(&head, &job).await.unwrap();
         denied(
-            member.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
-            "a heartbeat with the cluster token",
+            tenant.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
+            "a heartbeat with a job's credential",
         );
 
         let after = metering.balances(BalancesRequest {}).await.unwrap().into_inner();
@@ -320,7 +335,8 @@ fn a_tenant_acts_only_for_its_own_job() {
     let victim_actor = tally.actor_handle().id();
     let head = cluster.address();
     let node = ionet::testing::local_node_address().unwrap();
-    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let driver = ionet::testing::core_worker_address().unwrap();
+    let admin = admin_of(&cluster);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mallory = account_key(&head, &admin, "mallory-co").await;
@@ -332,9 +348,7 @@ fn a_tenant_acts_only_for_its_own_job() {
         let jobs = as_mallory.get_all_jobs(ionet::rpc::proto::gcs::GetAllJobsRequest::default()).await.unwrap();
         let own = jobs.into_inner().jobs.into_iter().find(|job| job.job_id == own_job.to_vec()).unwrap();
         assert_eq!(own.payer_account, "mallory-co");
-        // Neither the cluster token nor a job credential starts a job.
-        let mut member = ionet::rpc::gcs_client(&head, &token).await.unwrap();
-        denied(member.add_job(AddJobRequest::default()).await, "a job started with the cluster token");
+        // A job credential starts no job.
         denied(as_mallory.add_job(AddJobRequest::default()).await, "a job started by a job");
 
         denied(
@@ -370,10 +384,74 @@ fn a_tenant_acts_only_for_its_own_job() {
         );
         let lease = RequestWorkerLeaseRequest { job_id: victim_job.to_vec(), ..Default::default() };
         denied(daemon.request_worker_lease(lease).await, "a lease as another job");
+        // Bundles are the head's to reserve and cancel.
+        let cancel = CancelBundleRequest { placement_group_id: group_id, bundle_index: 0 };
+        denied(daemon.cancel_bundle(cancel).await, "cancelling a bundle on a node");
+        // The victim's own processes: its driver and its actor's worker take no calls from
+        // another account's job (no pushed tasks, no actor calls, no exit).
+        let actor =
+            operator.get_actor(GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 });
+        let actor_worker = actor.await.unwrap().into_inner().actor.unwrap().address;
+        for address in [&driver, &actor_worker] {
+            let channel = ionet::rpc::connect(address, &credential, Duration::from_secs(5)).await.unwrap();
+            let mut victim = ionet::rpc::CoreWorkerClient::new(channel);
+            let message = denied(victim.exit(ExitRequest {}).await, "stopping another tenant's process");
+            assert!(message.contains("mallory-co") && message.contains("account this process belongs to"), "{message}");
+            let cancel = CancelTaskRequest { task_id: vec![0; 24], recursive: true };
+            denied(victim.cancel_task(cancel).await, "cancelling another tenant's tasks");
+        }
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();
     });
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 42, "the victim's actor lives on");
+}
+
+/// What a worker of this job was given to call with, and whether it also sees anything
+/// broader (a cluster token, the operator's credential).
+#[ionet::remote]
+fn credentials_in_my_environment() -> (String, Vec<String>) {
+    let broader = ["IONET_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY", "IONET_JOIN_TOKEN"]
+        .into_iter()
+        .filter(|name| std::env::var_os(name).is_some())
+        .map(str::to_string)
+        .collect();
+    (std::env::var("IONET_JOB_CREDENTIAL").unwrap_or_default(), broader)
+}
+
+/// A job's workers (its tasks' and its actors') hold the job's credential and nothing
+/// broader: the head signed it for this job and its account, and with it a worker can
+/// neither move money nor start jobs.
+fn a_jobs_workers_hold_its_credential_and_nothing_broader() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init_as("acme");
+    let job = ionet::get_runtime_context().unwrap().job_id;
+    let (credential, broader) =
+        ionet::get_timeout(&credentials_in_my_environment::remote(), Duration::from_secs(60)).unwrap();
+    assert!(broader.is_empty(), "a worker sees {broader:?}");
+    let claims = head_of(&cluster).verifier().verify(credential.as_bytes()).expect("the head signed it");
+    assert_eq!(claims.role, Role::Job);
+    assert_eq!(claims.job_id.as_deref(), Some(job.hex().as_str()), "this job's");
+    assert_eq!(claims.account.as_deref(), Some("acme"), "paid by this job's account");
+    // An actor's worker (placed by the head) holds the same job's credential.
+    let tally = Tally::remote(0i64).unwrap();
+    assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 1);
+    let (actors, _) = ionet::get_timeout(&tally.credentials(), Duration::from_secs(60)).unwrap();
+    let actor_claims = head_of(&cluster).verifier().verify(actors.as_bytes()).unwrap();
+    assert_eq!(
+        (actor_claims.role, actor_claims.job_id, actor_claims.account),
+        (claims.role, claims.job_id, claims.account)
+    );
+
+    let credential = Bearer::new(&credential).unwrap();
+    let head = cluster.address();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut metering = ionet::rpc::metering_client(&head, &credential).await.unwrap();
+        let credit = AddCreditsRequest { account: "acme".into(), amount_micros: 1_000_000 };
+        denied(metering.add_credits(credit).await, "credits from a worker");
+        let mut gcs = ionet::rpc::gcs_client(&head, &credential).await.unwrap();
+        denied(gcs.add_job(AddJobRequest::default()).await, "a job started from a worker");
+    });
 }
 
 pub struct Tally {
@@ -390,6 +468,10 @@ impl Tally {
         self.value += by;
         self.value
     }
+
+    pub fn credentials(&self) -> (String, Vec<String>) {
+        (std::env::var("IONET_JOB_CREDENTIAL").unwrap_or_default(), Vec::new())
+    }
 }
 
 #[ionet::remote]
@@ -397,14 +479,15 @@ fn add(a: u64, b: u64) -> u64 {
     a + b
 }
 
-/// A member (any node daemon, driver or worker) cannot add credits, refund or settle;
-/// the ledger is as before; the operator can, with the credential the head wrote.
+/// Neither a job (a driver or worker) nor a node daemon can add credits, refund or
+/// settle; the ledger is as before; the operator can, with the credential the head wrote.
 fn only_the_operator_moves_money() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
     let session = cluster.session();
-    let (admin, token) = (admin_of(&cluster), token_of(&cluster));
+    let admin = admin_of(&cluster);
     use std::os::unix::fs::PermissionsExt;
-    for secret in ["token", "admin_credential", "signing_key", "node_key"] {
+    assert!(!session.join("token").exists(), "there is no cluster-wide token");
+    for secret in ["admin_credential", "signing_key", "node_key"] {
         let mode = std::fs::metadata(session.join(secret)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{secret} is the owner's alone");
     }
@@ -413,18 +496,21 @@ fn only_the_operator_moves_money() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let address = cluster.address();
-        let mut member = ionet::rpc::metering_client(&address, &token).await.unwrap();
-        let before = member.balances(BalancesRequest {}).await.unwrap().into_inner();
-
+        let (_, job) = start_job(&address, &admin, "").await.unwrap();
+        let provider = join_as_provider(&address, &admin).await;
         let credit = AddCreditsRequest { account: "mallory".into(), amount_micros: 1_000_000_000 };
-        let status = member.add_credits(credit.clone()).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        let status = member.refund(RefundRequest { account: "mallory".into() }).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        let status = member.settle(SettleRequest { dry_run: false }).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        let after = member.balances(BalancesRequest {}).await.unwrap().into_inner();
-        assert_eq!(format!("{before:?}"), format!("{after:?}"), "the refused calls changed nothing");
+        for (who, credential) in [("a job", job), ("a node", provider.credential)] {
+            let mut caller = ionet::rpc::metering_client(&address, &credential).await.unwrap();
+            let before = caller.balances(BalancesRequest {}).await.unwrap().into_inner();
+            let status = caller.add_credits(credit.clone()).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{who}: {status:?}");
+            let status = caller.refund(RefundRequest { account: "mallory".into() }).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{who}: {status:?}");
+            let status = caller.settle(SettleRequest { dry_run: false }).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{who}: {status:?}");
+            let after = caller.balances(BalancesRequest {}).await.unwrap().into_inner();
+            assert_eq!(format!("{before:?}"), format!("{after:?}"), "{who}: the refused calls changed nothing");
+        }
 
         let mut operator = ionet::rpc::metering_client(&address, &admin).await.unwrap();
         let balance = operator.add_credits(credit).await.unwrap().into_inner().balance_micros;
@@ -443,6 +529,10 @@ fn main() {
             ("only_the_operator_moves_money", only_the_operator_moves_money),
             ("a_provider_acts_only_for_its_own_node", a_provider_acts_only_for_its_own_node),
             ("a_tenant_acts_only_for_its_own_job", a_tenant_acts_only_for_its_own_job),
+            (
+                "a_jobs_workers_hold_its_credential_and_nothing_broader",
+                a_jobs_workers_hold_its_credential_and_nothing_broader,
+            ),
         ],
         Duration::from_secs(240),
     );

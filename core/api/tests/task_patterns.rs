@@ -391,13 +391,13 @@ fn a_recursive_cancel_reaches_the_tasks_a_task_submitted() {
 }
 
 /// The core worker's calls that move work (reporting generator items, cancelling) refuse
-/// a caller without the cluster's token, and the stream is untouched.
+/// a caller without a credential of this cluster, and the stream is untouched.
 fn a_stranger_cannot_report_items_or_cancel() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let mut items =
         ionet::stream_with_backpressure(4, |sink| count_up::remote(3u64, 0u64, String::new(), sink)).unwrap();
     let address = ionet::testing::core_worker_address().unwrap();
-    let stranger = ionet::auth::ClusterToken::new("not-the-cluster-token").unwrap();
+    let stranger = ionet::auth::Bearer::new("not-a-credential").unwrap();
     let refused = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let channel = ionet::rpc::connect(&address, &stranger, Duration::from_secs(5)).await.unwrap();
         let mut client = ionet::rpc::CoreWorkerClient::new(channel);

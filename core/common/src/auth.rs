@@ -1,15 +1,16 @@
-//! Cluster token authentication, on from the first RPC.
+//! What a caller presents: a bearer credential the head signed ([`crate::credential`]),
+//! on every RPC, from the first.
 //!
-//! The head generates a random token (or takes one from `--token` / `IONET_TOKEN`)
-//! and writes it into the session directory, where local `ionet` commands find it.
-//! Every RPC carries `authorization: Bearer <token>` (or a signed credential in its
-//! place); servers check it, with the authorization table, in the layer of
-//! [`crate::authz`], so no handler runs for an unauthenticated or unauthorised call.
+//! There is no cluster-wide secret: the operator, each node daemon, each tenant account
+//! and each job holds a credential of its own, and every RPC carries
+//! `authorization: Bearer <credential>`. Servers check it, with the authorization table,
+//! in the layer of [`crate::authz`], so no handler runs for an unauthenticated or
+//! unauthorised call. A credential is never printed: its `Debug` is redacted and its
+//! header is marked sensitive.
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use rand::RngCore;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
 
@@ -18,48 +19,38 @@ use crate::error::{IonetError, IonetResult};
 const AUTHORIZATION: &str = "authorization";
 const BEARER: &str = "Bearer ";
 
-/// The shared secret of one cluster.
+/// A credential as a caller presents it (a signed, expiring credential from the head).
 #[derive(Clone, PartialEq, Eq)]
-pub struct ClusterToken(Arc<str>);
+pub struct Bearer(Arc<str>);
 
-impl ClusterToken {
-    /// A fresh random token: 32 bytes as hex.
-    pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        Self(hex::encode(bytes).into())
+impl Bearer {
+    /// Takes a credential given as text; it must be printable ASCII without spaces so it
+    /// fits in a gRPC header.
+    pub fn new(credential: &str) -> IonetResult<Self> {
+        let credential = credential.trim();
+        if credential.is_empty() {
+            return Err(IonetError::InvalidArgument("the credential is empty".into()));
+        }
+        if !credential.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(IonetError::InvalidArgument("a credential is printable ASCII without spaces".into()));
+        }
+        Ok(Self(credential.into()))
     }
 
-    /// Takes an operator-supplied token; it must be printable ASCII without spaces so it
-    /// fits in a gRPC header.
-    pub fn new(token: &str) -> IonetResult<Self> {
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(IonetError::InvalidArgument("cluster token is empty".into()));
-        }
-        if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
-            return Err(IonetError::InvalidArgument("cluster token must be printable ASCII without spaces".into()));
-        }
-        Ok(Self(token.into()))
+    /// The credential a call carried (its bearer header), if it carried one.
+    pub fn of<T>(request: &Request<T>) -> Option<Self> {
+        let header = request.metadata().get(AUTHORIZATION)?.to_str().ok()?;
+        Self::new(header.strip_prefix(BEARER)?).ok()
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Compares in time independent of where the first difference is.
-    pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
-        let expected = self.0.as_bytes();
-        if expected.len() != candidate.len() {
-            return false;
-        }
-        expected.iter().zip(candidate).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    }
 }
 
-impl fmt::Debug for ClusterToken {
+impl fmt::Debug for Bearer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClusterToken(<redacted>)")
+        f.write_str("Bearer(<redacted>)")
     }
 }
 
@@ -75,21 +66,21 @@ impl fmt::Debug for SharedCredential {
 }
 
 impl SharedCredential {
-    pub fn new(credential: &ClusterToken) -> Self {
+    pub fn new(credential: &Bearer) -> Self {
         Self(Arc::new(RwLock::new(header_of(credential))))
     }
 
     /// Every channel carrying this credential presents `credential` from the next call on.
-    pub fn replace(&self, credential: &ClusterToken) {
+    pub fn replace(&self, credential: &Bearer) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = header_of(credential);
     }
 }
 
 /// The header value; marked sensitive, so HTTP/2 never indexes it in its header tables and
 /// tonic's own debugging never prints it.
-fn header_of(credential: &ClusterToken) -> MetadataValue<Ascii> {
+fn header_of(credential: &Bearer) -> MetadataValue<Ascii> {
     let mut header: MetadataValue<Ascii> =
-        format!("{BEARER}{}", credential.as_str()).parse().expect("a ClusterToken is printable ASCII by construction");
+        format!("{BEARER}{}", credential.as_str()).parse().expect("a Bearer is printable ASCII by construction");
     header.set_sensitive(true);
     header
 }
@@ -114,7 +105,7 @@ enum Header {
 }
 
 impl AttachToken {
-    pub fn new(token: &ClusterToken) -> Self {
+    pub fn new(token: &Bearer) -> Self {
         Self { header: Header::Fixed(header_of(token)) }
     }
 
@@ -141,14 +132,14 @@ mod tests {
     #[test]
     fn a_shared_credential_changes_for_every_channel_carrying_it() {
         use tonic::service::Interceptor;
-        let first = ClusterToken::new("first").unwrap();
+        let first = Bearer::new("first").unwrap();
         let shared = SharedCredential::new(&first);
         let mut attach = AttachToken::shared(&shared);
         let presented = |attach: &mut AttachToken| {
             attach.call(Request::new(())).unwrap().metadata().get(AUTHORIZATION).unwrap().to_str().unwrap().to_string()
         };
         assert_eq!(presented(&mut attach), "Bearer first");
-        shared.replace(&ClusterToken::new("second").unwrap());
+        shared.replace(&Bearer::new("second").unwrap());
         assert_eq!(presented(&mut attach), "Bearer second");
         assert_eq!(presented(&mut AttachToken::new(&first)), "Bearer first");
         // Never printed.
@@ -158,9 +149,9 @@ mod tests {
     }
 
     #[test]
-    fn tokens_with_spaces_are_refused() {
-        assert!(ClusterToken::new("a b").is_err());
-        assert!(ClusterToken::new("  ").is_err());
-        assert_eq!(ClusterToken::new(" abc ").unwrap().as_str(), "abc");
+    fn credentials_with_spaces_are_refused() {
+        assert!(Bearer::new("a b").is_err());
+        assert!(Bearer::new("  ").is_err());
+        assert_eq!(Bearer::new(" abc ").unwrap().as_str(), "abc");
     }
 }

@@ -1,19 +1,24 @@
 //! Who may call what: the one authorization table, and the layer that enforces it in
 //! front of every gRPC server (before any handler runs).
 //!
-//! A call's bearer header names its principal ([`Authorizer::authenticate`]):
-//! - a credential the head signed ([`crate::credential`]) names its role: the *admin*
-//!   (the operator, whose credential `ionet start --head` writes into the session
-//!   directory, mode 0600); a *joiner* (a join token: may register one new node); a
-//!   *node* (one node daemon, bound to its id and key at registration);
-//! - the cluster token names a *member*: a driver or worker of this cluster (node daemons
-//!   hold it too, for their workers). Members will be split into job principals with
-//!   credentials of their own; until then a member may make every call that is neither
-//!   the admin's nor a node's.
+//! A call's bearer header names its principal ([`Authorizer::authenticate`]): a credential
+//! the head signed ([`crate::credential`]) names its role: the *admin* (the operator,
+//! whose credential `ionet start --head` writes into the session directory, mode 0600,
+//! and the head's own services calling out); a *joiner* (a join token: may register one
+//! new node); a *node* (one node daemon, bound to its id and key at registration); an
+//! *account* (a tenant's API key: it starts jobs); a *job* (one job of one account: its
+//! driver and every worker it leases hold the job's credential, nothing broader). There is
+//! no cluster-wide token.
 //!
-//! Scope: a row's [`Access`] says which principals may make the call at all; a call that
-//! names a node (heartbeats, drains, lease reports) is then checked by its handler against
-//! the caller with [`Principal::may_act_for_node`], so a node acts only for itself.
+//! Scope, in three places:
+//! - a row's [`Access`] says which principals may make the call at all;
+//! - a server that belongs to one tenant (a driver's or worker's core worker) is built
+//!   with its account ([`Authorizer::for_account`]): its [`Access::Tenant`] rows admit jobs
+//!   of that account only, so a stranger's job can neither call its actors nor push tasks
+//!   into it;
+//! - a call that names a node, a job or an account is checked by its handler against the
+//!   caller with [`Principal::may_act_for_node`], [`Principal::may_act_for_job`] and
+//!   [`Principal::may_act_for_account`], so each acts only for itself.
 //!
 //! [`TABLE`] has one row per RPC of every service: its full gRPC path and who may make it.
 //! A call whose path has no row is refused (a new RPC is closed until it gets one: the
@@ -32,7 +37,6 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use crate::auth::ClusterToken;
 use crate::credential::{Role, Verifier};
 use crate::ids::{JobId, NodeId};
 
@@ -42,17 +46,16 @@ const BEARER: &[u8] = b"Bearer ";
 /// Who a call speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
-    /// The operator (a credential with the admin role).
+    /// The operator (a credential with the admin role), or the head's own services.
     Admin,
-    /// A process of this cluster holding the cluster token.
-    Member,
     /// A machine holding a join token, not yet a node.
     Joiner,
     /// One node daemon (its node credential).
     Node(NodeId),
     /// A tenant account's API key: it starts jobs, paid by the account.
     Account(Arc<str>),
-    /// One job of one account (the credential the head issued when the job started).
+    /// One job of one account (the credential the head issued when the job started),
+    /// held by its driver and its workers.
     Job { job: JobId, account: Arc<str> },
 }
 
@@ -78,20 +81,19 @@ impl Principal {
 
     /// Whether this principal may act on what belongs to `account` (a named actor another
     /// job of the same tenant created, as Ray's drivers of one team share them): a job of
-    /// that account, the admin, or (until workers carry their job's credential) a member.
+    /// that account, or the admin.
     pub fn may_act_for_account(&self, account: &str) -> Result<(), Status> {
         match self {
-            Principal::Admin | Principal::Member => Ok(()),
+            Principal::Admin => Ok(()),
             Principal::Job { account: own, .. } if **own == *account => Ok(()),
             other => Err(Status::permission_denied(format!("{other} may not act for account {account}"))),
         }
     }
 
-    /// Whether this principal may act for `job`: the job itself, the admin, or (until
-    /// workers carry their job's credential) a member of the cluster.
+    /// Whether this principal may act for `job`: the job itself, or the admin.
     pub fn may_act_for_job(&self, job: &JobId) -> Result<(), Status> {
         match self {
-            Principal::Admin | Principal::Member => Ok(()),
+            Principal::Admin => Ok(()),
             Principal::Job { job: own, .. } if own == job => Ok(()),
             other => Err(Status::permission_denied(format!("{other} may not act for job {job}"))),
         }
@@ -102,7 +104,6 @@ impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Principal::Admin => f.write_str("admin"),
-            Principal::Member => f.write_str("cluster member (cluster token)"),
             Principal::Joiner => f.write_str("joining machine (join token)"),
             Principal::Node(node) => write!(f, "node {}", node.short()),
             Principal::Account(account) => write!(f, "account {account}"),
@@ -111,45 +112,68 @@ impl fmt::Display for Principal {
     }
 }
 
-/// Who may make a call.
+/// Who may make a call (the admin may make every call).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Any member of the cluster or node, and the admin.
-    Member,
-    /// The admin only: money and the operator's controls.
+    /// Reading the cluster's public face (its nodes, prices, totals): any node, account or
+    /// job.
+    Read,
+    /// The admin only: money and the operator's controls, and the head's own calls into
+    /// node daemons (bundles).
     Admin,
-    /// A node, for itself (its handler checks which), and the admin.
+    /// A node, for itself (its handler checks which).
     Node,
-    /// Registering a node: a joiner (a new node), a node (itself again), the admin.
+    /// Between node daemons (object transfers): any node.
+    Peer,
+    /// Registering a node: a joiner (a new node), a node (itself again).
     Register,
-    /// Starting a job: an account's API key (its jobs are paid by it), the admin.
+    /// Starting a job: an account's API key (its jobs are paid by it).
     StartJob,
-    /// A job's own calls (its handler checks which job), the admin.
+    /// A job's own calls (its handler checks which job, or the scope is its own by
+    /// construction).
     Job,
+    /// A job's objects on a node: its workers, and the peer nodes that copy or free them.
+    JobOrPeer,
+    /// A tenant's own process (a driver's or worker's core worker): a job of the account
+    /// the server belongs to.
+    Tenant,
+    /// A tenant's own process, or a node daemon holding a lease it granted (asking for
+    /// idle leases back).
+    TenantOrNode,
 }
 
 impl Access {
-    /// Whether `principal` has this right.
-    pub fn allows(self, principal: &Principal) -> bool {
+    /// Whether `principal` has this right on a server belonging to `tenant` (`None`: a
+    /// server of the cluster, not of one account).
+    pub fn allows(self, principal: &Principal, tenant: Option<&str>) -> bool {
+        let own_tenant = |account: &str| tenant == Some(account);
         match (self, principal) {
             (_, Principal::Admin) => true,
-            (Access::Member, Principal::Member | Principal::Node(_) | Principal::Job { .. }) => true,
-            (Access::Node, Principal::Node(_)) => true,
-            (Access::Register, Principal::Joiner | Principal::Node(_)) => true,
+            (Access::Read, Principal::Node(_) | Principal::Account(_) | Principal::Job { .. }) => true,
+            (Access::Node | Access::Peer | Access::JobOrPeer | Access::Register, Principal::Node(_)) => true,
+            (Access::Register, Principal::Joiner) => true,
             (Access::StartJob, Principal::Account(_)) => true,
-            (Access::Job, Principal::Job { .. }) => true,
+            (Access::Job | Access::JobOrPeer, Principal::Job { .. }) => true,
+            (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
+            (Access::TenantOrNode, Principal::Node(_)) => true,
             _ => false,
         }
     }
 
     fn right(self) -> &'static str {
         match self {
-            Access::Member => "cluster membership",
+            Access::Read => "a node, account or job credential",
             Access::Admin => "the admin role",
             Access::Node => "a node credential",
+            Access::Peer => "a node credential (calls between nodes)",
             Access::Register => "a join token or a node credential",
             Access::StartJob => "an account's API key",
-            Access::Job => "the job's own credential",
+            Access::Job => "a job's own credential",
+            Access::JobOrPeer => "a job's own credential or a node credential",
+            Access::Tenant => "a credential of a job of the account this process belongs to",
+            Access::TenantOrNode => {
+                "a credential of a job of the account this process belongs to, or a node credential"
+            }
         }
     }
 }
@@ -162,82 +186,74 @@ pub struct Rule {
     pub access: Access,
 }
 
-const fn member(path: &'static str) -> Rule {
-    Rule { path, access: Access::Member }
-}
-
-const fn admin(path: &'static str) -> Rule {
-    Rule { path, access: Access::Admin }
-}
-
-const fn node(path: &'static str) -> Rule {
-    Rule { path, access: Access::Node }
+const fn row(path: &'static str, access: Access) -> Rule {
+    Rule { path, access }
 }
 
 /// Every RPC of every service, and who may call it.
 pub const TABLE: &[Rule] = &[
     // The control store (head).
-    Rule { path: "/ionet.gcs.Gcs/RegisterNode", access: Access::Register },
-    node("/ionet.gcs.Gcs/Heartbeat"),
-    node("/ionet.gcs.Gcs/DrainNode"),
-    member("/ionet.gcs.Gcs/GetAllNodes"),
-    Rule { path: "/ionet.gcs.Gcs/AddJob", access: Access::StartJob },
-    Rule { path: "/ionet.gcs.Gcs/MarkJobFinished", access: Access::Job },
-    member("/ionet.gcs.Gcs/GetAllJobs"),
-    member("/ionet.gcs.Gcs/KvPut"),
-    member("/ionet.gcs.Gcs/KvGet"),
-    member("/ionet.gcs.Gcs/KvDel"),
-    member("/ionet.gcs.Gcs/KvKeys"),
-    member("/ionet.gcs.Gcs/Subscribe"),
-    member("/ionet.gcs.Gcs/GetClusterInfo"),
-    member("/ionet.gcs.Gcs/CreatePlacementGroup"),
-    member("/ionet.gcs.Gcs/GetPlacementGroup"),
-    member("/ionet.gcs.Gcs/RemovePlacementGroup"),
-    member("/ionet.gcs.Gcs/ListPlacementGroups"),
-    member("/ionet.gcs.Gcs/CreateActor"),
-    member("/ionet.gcs.Gcs/GetActor"),
-    member("/ionet.gcs.Gcs/GetNamedActor"),
-    member("/ionet.gcs.Gcs/ListActors"),
-    member("/ionet.gcs.Gcs/KillActor"),
-    admin("/ionet.gcs.Gcs/CreateToken"),
+    row("/ionet.gcs.Gcs/RegisterNode", Access::Register),
+    row("/ionet.gcs.Gcs/Heartbeat", Access::Node),
+    row("/ionet.gcs.Gcs/DrainNode", Access::Node),
+    row("/ionet.gcs.Gcs/GetAllNodes", Access::Read),
+    row("/ionet.gcs.Gcs/AddJob", Access::StartJob),
+    row("/ionet.gcs.Gcs/MarkJobFinished", Access::Job),
+    row("/ionet.gcs.Gcs/GetAllJobs", Access::Read),
+    row("/ionet.gcs.Gcs/KvPut", Access::Job),
+    row("/ionet.gcs.Gcs/KvGet", Access::Job),
+    row("/ionet.gcs.Gcs/KvDel", Access::Job),
+    row("/ionet.gcs.Gcs/KvKeys", Access::Job),
+    row("/ionet.gcs.Gcs/Subscribe", Access::Read),
+    row("/ionet.gcs.Gcs/GetClusterInfo", Access::Read),
+    row("/ionet.gcs.Gcs/CreatePlacementGroup", Access::Job),
+    row("/ionet.gcs.Gcs/GetPlacementGroup", Access::Job),
+    row("/ionet.gcs.Gcs/RemovePlacementGroup", Access::Job),
+    row("/ionet.gcs.Gcs/ListPlacementGroups", Access::Job),
+    row("/ionet.gcs.Gcs/CreateActor", Access::Job),
+    row("/ionet.gcs.Gcs/GetActor", Access::Job),
+    row("/ionet.gcs.Gcs/GetNamedActor", Access::Job),
+    row("/ionet.gcs.Gcs/ListActors", Access::Job),
+    row("/ionet.gcs.Gcs/KillActor", Access::Job),
+    row("/ionet.gcs.Gcs/CreateToken", Access::Admin),
     // Metering and the ledger (head). Moving money is the operator's alone.
-    node("/ionet.metering.Metering/LeaseStarted"),
-    node("/ionet.metering.Metering/LeaseEnded"),
-    member("/ionet.metering.Metering/ListUsage"),
-    admin("/ionet.metering.Metering/AddCredits"),
-    admin("/ionet.metering.Metering/Refund"),
-    member("/ionet.metering.Metering/Balances"),
-    admin("/ionet.metering.Metering/Settle"),
-    member("/ionet.metering.Metering/Earnings"),
-    member("/ionet.metering.Metering/ListPayouts"),
+    row("/ionet.metering.Metering/LeaseStarted", Access::Node),
+    row("/ionet.metering.Metering/LeaseEnded", Access::Node),
+    row("/ionet.metering.Metering/ListUsage", Access::Read),
+    row("/ionet.metering.Metering/AddCredits", Access::Admin),
+    row("/ionet.metering.Metering/Refund", Access::Admin),
+    row("/ionet.metering.Metering/Balances", Access::Read),
+    row("/ionet.metering.Metering/Settle", Access::Admin),
+    row("/ionet.metering.Metering/Earnings", Access::Read),
+    row("/ionet.metering.Metering/ListPayouts", Access::Read),
     // A node daemon.
-    member("/ionet.node.NodeManager/GetNodeStats"),
-    member("/ionet.node.NodeManager/RequestWorkerLease"),
-    member("/ionet.node.NodeManager/ReturnWorkerLease"),
-    member("/ionet.node.NodeManager/RegisterWorker"),
-    member("/ionet.node.NodeManager/SetWorkerBlocked"),
-    member("/ionet.node.NodeManager/CreateObject"),
-    member("/ionet.node.NodeManager/SealObject"),
-    member("/ionet.node.NodeManager/EnsureObjectLocal"),
-    member("/ionet.node.NodeManager/AddObjectLocation"),
-    member("/ionet.node.NodeManager/FreeObjects"),
-    member("/ionet.node.NodeManager/PrepareBundle"),
-    member("/ionet.node.NodeManager/CommitBundle"),
-    member("/ionet.node.NodeManager/CancelBundle"),
+    row("/ionet.node.NodeManager/GetNodeStats", Access::Read),
+    row("/ionet.node.NodeManager/RequestWorkerLease", Access::Job),
+    row("/ionet.node.NodeManager/ReturnWorkerLease", Access::Job),
+    row("/ionet.node.NodeManager/RegisterWorker", Access::Job),
+    row("/ionet.node.NodeManager/SetWorkerBlocked", Access::Job),
+    row("/ionet.node.NodeManager/CreateObject", Access::Job),
+    row("/ionet.node.NodeManager/SealObject", Access::Job),
+    row("/ionet.node.NodeManager/EnsureObjectLocal", Access::Job),
+    row("/ionet.node.NodeManager/AddObjectLocation", Access::JobOrPeer),
+    row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
+    row("/ionet.node.NodeManager/PrepareBundle", Access::Admin),
+    row("/ionet.node.NodeManager/CommitBundle", Access::Admin),
+    row("/ionet.node.NodeManager/CancelBundle", Access::Admin),
     // A node's object manager (transfers between nodes).
-    member("/ionet.object.ObjectManager/Pull"),
-    member("/ionet.object.ObjectManager/Free"),
-    member("/ionet.object.ObjectManager/Stats"),
-    // A driver's or worker's core worker.
-    member("/ionet.worker.CoreWorker/Tasks"),
-    member("/ionet.worker.CoreWorker/GetObject"),
-    member("/ionet.worker.CoreWorker/Exit"),
-    member("/ionet.worker.CoreWorker/CreateActor"),
-    member("/ionet.worker.CoreWorker/ActorCalls"),
-    member("/ionet.worker.CoreWorker/Watch"),
-    member("/ionet.worker.CoreWorker/ReturnIdleLeases"),
-    member("/ionet.worker.CoreWorker/ReportGeneratorItem"),
-    member("/ionet.worker.CoreWorker/CancelTask"),
+    row("/ionet.object.ObjectManager/Pull", Access::Peer),
+    row("/ionet.object.ObjectManager/Free", Access::Peer),
+    row("/ionet.object.ObjectManager/Stats", Access::Read),
+    // A driver's or worker's core worker: its own tenant's jobs (and the head's services).
+    row("/ionet.worker.CoreWorker/Tasks", Access::Tenant),
+    row("/ionet.worker.CoreWorker/GetObject", Access::Tenant),
+    row("/ionet.worker.CoreWorker/Exit", Access::Tenant),
+    row("/ionet.worker.CoreWorker/CreateActor", Access::Tenant),
+    row("/ionet.worker.CoreWorker/ActorCalls", Access::Tenant),
+    row("/ionet.worker.CoreWorker/Watch", Access::Tenant),
+    row("/ionet.worker.CoreWorker/ReturnIdleLeases", Access::TenantOrNode),
+    row("/ionet.worker.CoreWorker/ReportGeneratorItem", Access::Tenant),
+    row("/ionet.worker.CoreWorker/CancelTask", Access::Tenant),
 ];
 
 /// The row of `path`, if the table has one (a map built once: every call looks here).
@@ -247,11 +263,12 @@ pub fn rule(path: &str) -> Option<&'static Rule> {
     BY_PATH.get_or_init(|| TABLE.iter().map(|rule| (rule.path, rule)).collect()).get(path).copied()
 }
 
-/// Whether `principal` may call `path`: `Ok`, or the reason it may not.
-pub fn decide(principal: &Principal, path: &str) -> Result<(), String> {
+/// Whether `principal` may call `path` on a server belonging to `tenant` (`None`: a
+/// server of the cluster): `Ok`, or the reason it may not.
+pub fn decide(principal: &Principal, path: &str, tenant: Option<&str>) -> Result<(), String> {
     match rule(path) {
         None => Err(format!("{principal} may not call {path}: the call has no row in the authorization table")),
-        Some(rule) if rule.access.allows(principal) => Ok(()),
+        Some(rule) if rule.access.allows(principal, tenant) => Ok(()),
         Some(rule) => Err(format!("{principal} may not call {path}: it requires {}", rule.access.right())),
     }
 }
@@ -259,16 +276,25 @@ pub fn decide(principal: &Principal, path: &str) -> Result<(), String> {
 /// What a server knows to tell principals apart.
 #[derive(Clone, Debug)]
 pub struct Authorizer {
-    token: ClusterToken,
     /// The head's public key: the head's own servers know it from the start, a node learns
-    /// it when it registers ([`Authorizer::learn_head_key`]); until then, and on servers
-    /// that never learn it, no signed credential is accepted.
+    /// it when it registers ([`Authorizer::learn_head_key`]); until then no credential is
+    /// accepted.
     verifier: Arc<std::sync::RwLock<Option<Verifier>>>,
+    /// The account a tenant's process belongs to (its [`Access::Tenant`] rows admit only
+    /// that account's jobs); `None` on the cluster's own servers.
+    tenant: Option<Arc<str>>,
 }
 
 impl Authorizer {
-    pub fn new(token: ClusterToken, verifier: Option<Verifier>) -> Self {
-        Self { token, verifier: Arc::new(std::sync::RwLock::new(verifier)) }
+    /// A server of the cluster (the head's, a node daemon's).
+    pub fn new(verifier: Option<Verifier>) -> Self {
+        Self { verifier: Arc::new(std::sync::RwLock::new(verifier)), tenant: None }
+    }
+
+    /// The server of a process that belongs to `account` (a driver or one of its job's
+    /// workers).
+    pub fn for_account(verifier: Verifier, account: &str) -> Self {
+        Self { verifier: Arc::new(std::sync::RwLock::new(Some(verifier))), tenant: Some(account.into()) }
     }
 
     /// From now on, credentials signed by `verifier`'s key are accepted (a clone of this
@@ -281,40 +307,36 @@ impl Authorizer {
     pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Principal, &'static str> {
         let value = header.ok_or("missing credential (no authorization metadata)")?;
         let presented = value.strip_prefix(BEARER).ok_or("authorization metadata is not a bearer credential")?;
-        if Verifier::is_credential(presented) {
-            let claims = {
-                let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
-                verifier.as_ref().ok_or("this server accepts no signed credentials")?.verify(presented)?
-            };
-            return match claims.role {
-                Role::Admin => Ok(Principal::Admin),
-                Role::Join => Ok(Principal::Joiner),
-                Role::Node => claims
-                    .node_id
-                    .and_then(|hex_id| hex::decode(hex_id).ok())
-                    .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
-                    .map(Principal::Node)
-                    .ok_or("node credential without a valid node id"),
-                Role::Account => claims
-                    .account
-                    .filter(|account| !account.trim().is_empty())
-                    .map(|account| Principal::Account(account.into()))
-                    .ok_or("account key without an account"),
-                Role::Job => {
-                    let job = claims
-                        .job_id
-                        .and_then(|hex_id| hex::decode(hex_id).ok())
-                        .and_then(|bytes| JobId::from_bytes(&bytes).ok())
-                        .ok_or("job credential without a valid job id")?;
-                    let account = claims.account.ok_or("job credential without an account")?;
-                    Ok(Principal::Job { job, account: account.into() })
-                }
-            };
+        if !Verifier::is_credential(presented) {
+            return Err("not a credential of this cluster");
         }
-        if self.token.matches(presented) {
-            Ok(Principal::Member)
-        } else {
-            Err("wrong cluster token")
+        let claims = {
+            let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+            verifier.as_ref().ok_or("this server does not know the head's key yet")?.verify(presented)?
+        };
+        match claims.role {
+            Role::Admin => Ok(Principal::Admin),
+            Role::Join => Ok(Principal::Joiner),
+            Role::Node => claims
+                .node_id
+                .and_then(|hex_id| hex::decode(hex_id).ok())
+                .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
+                .map(Principal::Node)
+                .ok_or("node credential without a valid node id"),
+            Role::Account => claims
+                .account
+                .filter(|account| !account.trim().is_empty())
+                .map(|account| Principal::Account(account.into()))
+                .ok_or("account key without an account"),
+            Role::Job => {
+                let job = claims
+                    .job_id
+                    .and_then(|hex_id| hex::decode(hex_id).ok())
+                    .and_then(|bytes| JobId::from_bytes(&bytes).ok())
+                    .ok_or("job credential without a valid job id")?;
+                let account = claims.account.ok_or("job credential without an account")?;
+                Ok(Principal::Job { job, account: account.into() })
+            }
         }
     }
 
@@ -331,9 +353,9 @@ impl Authorizer {
         let peer = || peer.map_or_else(|| "unknown".to_string(), |address| address.to_string());
         let principal = self.authenticate(header).map_err(|why| {
             tracing::warn!(peer = %peer(), path = %path, reason = why, "refused an unauthenticated call");
-            Status::unauthenticated(format!("{why}: pass the cluster token (--token or IONET_TOKEN) or a credential"))
+            Status::unauthenticated(format!("{why}: pass a credential the head issued (IONET_API_KEY, --credential)"))
         })?;
-        decide(&principal, path).map_err(|why| {
+        decide(&principal, path, self.tenant.as_deref()).map_err(|why| {
             tracing::warn!(peer = %peer(), path = %path, %principal, "refused a call: {why}");
             Status::permission_denied(why)
         })?;
@@ -443,37 +465,37 @@ mod tests {
 
     #[test]
     fn money_moves_only_for_the_admin() {
+        let job = Principal::Job { job: JobId::from_sequence(1), account: "acme".into() };
         for path in [
             "/ionet.metering.Metering/AddCredits",
             "/ionet.metering.Metering/Refund",
             "/ionet.metering.Metering/Settle",
         ] {
-            let refused = decide(&Principal::Member, path).unwrap_err();
-            assert!(refused.contains("cluster member") && refused.contains(path) && refused.contains("admin role"));
-            decide(&Principal::Admin, path).unwrap();
+            let refused = decide(&job, path, None).unwrap_err();
+            assert!(refused.contains("job") && refused.contains(path) && refused.contains("admin role"), "{refused}");
+            decide(&Principal::Node(NodeId::random()), path, None).unwrap_err();
+            decide(&Principal::Admin, path, None).unwrap();
         }
         for rule in TABLE {
-            decide(&Principal::Admin, rule.path).unwrap();
+            decide(&Principal::Admin, rule.path, None).unwrap();
         }
-        assert!(decide(&Principal::Admin, "/ionet.gcs.Gcs/Nonexistent").unwrap_err().contains("no row"));
+        assert!(decide(&Principal::Admin, "/ionet.gcs.Gcs/Nonexistent", None).unwrap_err().contains("no row"));
     }
 
     #[test]
     fn the_header_names_the_principal() {
-        let token = ClusterToken::generate();
         let head = Issuer::generate();
-        let authorizer = Authorizer::new(token.clone(), Some(head.verifier()));
+        let authorizer = Authorizer::new(Some(head.verifier()));
         let bearer = |text: &str| format!("Bearer {text}").into_bytes();
 
-        assert_eq!(authorizer.authenticate(Some(&bearer(token.as_str()))), Ok(Principal::Member));
         let admin = head.issue(Role::Admin, Duration::from_secs(60));
         assert_eq!(authorizer.authenticate(Some(&bearer(&admin))), Ok(Principal::Admin));
 
         let stranger = Issuer::generate().issue(Role::Admin, Duration::from_secs(60));
         assert!(authorizer.authenticate(Some(&bearer(&stranger))).is_err());
-        assert_eq!(authorizer.authenticate(Some(&bearer("nope"))), Err("wrong cluster token"));
+        assert_eq!(authorizer.authenticate(Some(&bearer("nope"))), Err("not a credential of this cluster"));
         assert!(authorizer.authenticate(None).unwrap_err().contains("missing"));
-        assert!(authorizer.authenticate(Some(token.as_str().as_bytes())).unwrap_err().contains("bearer"));
+        assert!(authorizer.authenticate(Some(admin.as_bytes())).unwrap_err().contains("bearer"));
 
         let node_id = NodeId::random();
         let node = head.issue_node(node_id.as_bytes(), &[1; 32], Duration::from_secs(60));
@@ -489,8 +511,8 @@ mod tests {
             Ok(Principal::Job { job: job_id, account: "acme".into() })
         );
 
-        let without_key = Authorizer::new(token, None);
-        assert_eq!(without_key.authenticate(Some(&bearer(&admin))), Err("this server accepts no signed credentials"));
+        let without_key = Authorizer::new(None);
+        assert!(without_key.authenticate(Some(&bearer(&admin))).unwrap_err().contains("head's key"));
         // A node daemon learns the head's key when it registers; its server sees it at once.
         let serving = without_key.clone();
         without_key.learn_head_key(head.verifier());
@@ -506,7 +528,6 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(refused.message().contains(&theirs.short()), "{}", refused.message());
         Principal::Admin.may_act_for_node(&theirs).unwrap();
-        assert!(Principal::Member.may_act_for_node(&mine).is_err());
         assert!(Principal::Joiner.may_act_for_node(&mine).is_err());
 
         let (own, other) = (JobId::from_sequence(1), JobId::from_sequence(2));
@@ -518,31 +539,49 @@ mod tests {
         job.may_act_for_account("acme").unwrap();
         assert!(job.may_act_for_account("globex").unwrap_err().message().contains("may not act for account globex"));
         assert!(Principal::Account("acme".into()).may_act_for_account("acme").is_err(), "a key starts jobs only");
+        assert!(Principal::Node(mine).may_act_for_account("acme").is_err());
 
+        let stranger = Principal::Job { job: other, account: "globex".into() };
         for rule in TABLE {
             let path = rule.path;
-            assert_eq!(decide(&Principal::Joiner, path).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
-            assert_eq!(
-                decide(&Principal::Account("a".into()), path).is_ok(),
-                path == "/ionet.gcs.Gcs/AddJob",
-                "{path}"
+            assert_eq!(decide(&Principal::Joiner, path, None).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
+            let account_may = path == "/ionet.gcs.Gcs/AddJob" || rule.access == Access::Read;
+            assert_eq!(decide(&Principal::Account("a".into()), path, None).is_ok(), account_may, "{path}");
+            let node_may = matches!(
+                rule.access,
+                Access::Read
+                    | Access::Node
+                    | Access::Peer
+                    | Access::Register
+                    | Access::JobOrPeer
+                    | Access::TenantOrNode
             );
-            assert_eq!(decide(&Principal::Member, path).is_ok(), rule.access == Access::Member, "{path}");
-            let node_may = matches!(rule.access, Access::Member | Access::Node | Access::Register);
-            assert_eq!(decide(&node, path).is_ok(), node_may, "{path}");
-            let job_may = matches!(rule.access, Access::Member | Access::Job);
-            assert_eq!(decide(&job, path).is_ok(), job_may, "{path}");
+            assert_eq!(decide(&node, path, None).is_ok(), node_may, "{path}");
+            let job_may = matches!(rule.access, Access::Read | Access::Job | Access::JobOrPeer);
+            assert_eq!(decide(&job, path, None).is_ok(), job_may, "{path}");
+            // A tenant's own process: its account's jobs, never another's.
+            let tenant_row = matches!(rule.access, Access::Tenant | Access::TenantOrNode);
+            assert_eq!(decide(&job, path, Some("acme")).is_ok(), job_may || tenant_row, "{path}");
+            assert_eq!(decide(&stranger, path, Some("acme")).is_ok(), job_may, "{path}");
         }
+        let refused = decide(&stranger, "/ionet.worker.CoreWorker/ActorCalls", Some("acme")).unwrap_err();
+        assert!(refused.contains("globex") && refused.contains("account this process belongs to"), "{refused}");
     }
 
     #[test]
     fn a_refusal_has_the_right_code() {
-        let token = ClusterToken::generate();
-        let authorizer = Authorizer::new(token.clone(), None);
-        let member = format!("Bearer {}", token.as_str()).into_bytes();
+        let head = Issuer::generate();
+        let authorizer = Authorizer::new(Some(head.verifier()));
+        let job = head.issue_job(&JobId::from_sequence(3).to_vec(), "acme", Duration::from_secs(60));
+        let job = format!("Bearer {job}").into_bytes();
         let settle = "/ionet.metering.Metering/Settle";
-        assert_eq!(authorizer.admit(settle, Some(&member), None).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(authorizer.admit(settle, Some(&job), None).unwrap_err().code(), tonic::Code::PermissionDenied);
         assert_eq!(authorizer.admit(settle, None, None).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(authorizer.admit("/ionet.gcs.Gcs/KvGet", Some(&member), None).unwrap(), Principal::Member);
+        let admitted = authorizer.admit("/ionet.gcs.Gcs/KvGet", Some(&job), None).unwrap();
+        assert_eq!(admitted, Principal::Job { job: JobId::from_sequence(3), account: "acme".into() });
+        // On a tenant's process, another account's job is refused.
+        let acme = Authorizer::for_account(head.verifier(), "globex");
+        let calls = "/ionet.worker.CoreWorker/ActorCalls";
+        assert_eq!(acme.admit(calls, Some(&job), None).unwrap_err().code(), tonic::Code::PermissionDenied);
     }
 }

@@ -293,7 +293,7 @@ impl Verifier {
         Self::from_bytes(&bytes)
     }
 
-    /// Whether `text` looks like a credential at all (as opposed to a cluster token).
+    /// Whether `text` looks like a credential at all (before checking its signature).
     pub fn is_credential(text: &[u8]) -> bool {
         text.starts_with(PREFIX.as_bytes()) && text.get(PREFIX.len()) == Some(&b'.')
     }

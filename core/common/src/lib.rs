@@ -9,7 +9,7 @@
 //!   and resource sets, prices in integer micro-USD;
 //! - [`config`]: cluster configuration from defaults, a TOML file and `IONET_*`
 //!   environment variables;
-//! - [`auth`]: the cluster token carried by every RPC; [`credential`]: credentials the
+//! - [`auth`]: the bearer credential every RPC carries; [`credential`]: credentials the
 //!   head signs (the admin's); [`authz`]: the one authorization table, enforced in front
 //!   of every server; [`files`]: private files and directories for secrets;
 //! - [`rpc`]: the wire protocol generated from `core/common/proto/*.proto` (tonic + prost),

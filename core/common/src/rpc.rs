@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::{AttachToken, ClusterToken};
+use crate::auth::{AttachToken, Bearer};
 use crate::error::{IonetError, IonetResult};
 use crate::resources::ResourceSet;
 
@@ -271,7 +271,7 @@ pub mod status {
     }
 }
 
-/// An authenticated channel: every call on it carries the cluster token.
+/// An authenticated channel: every call on it carries the caller's credential.
 pub type AuthChannel = InterceptedService<Channel, AttachToken>;
 
 pub type GcsClient = proto::gcs::gcs_client::GcsClient<AuthChannel>;
@@ -320,12 +320,26 @@ fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
 }
 
 /// Connects to `address` now, failing with `Unavailable` if nothing answers.
-pub async fn connect(address: &str, token: &ClusterToken, connect_timeout: Duration) -> IonetResult<AuthChannel> {
+pub async fn connect(address: &str, token: &Bearer, connect_timeout: Duration) -> IonetResult<AuthChannel> {
     let channel = endpoint(address, connect_timeout)?
         .connect()
         .await
         .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
     Ok(InterceptedService::new(channel, AttachToken::new(token)))
+}
+
+/// [`connect`] with a credential that may change ([`crate::auth::SharedCredential`]: a
+/// node daemon's, renewed while it runs).
+pub async fn connect_shared(
+    address: &str,
+    credential: &crate::auth::SharedCredential,
+    connect_timeout: Duration,
+) -> IonetResult<AuthChannel> {
+    let channel = endpoint(address, connect_timeout)?
+        .connect()
+        .await
+        .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
+    Ok(InterceptedService::new(channel, AttachToken::shared(credential)))
 }
 
 /// [`connect_lazy`] with a credential that may change ([`crate::auth::SharedCredential`]).
@@ -339,12 +353,23 @@ pub fn connect_lazy_shared(
 }
 
 /// A channel that connects on first use and reconnects after failures.
-pub fn connect_lazy(address: &str, token: &ClusterToken, connect_timeout: Duration) -> IonetResult<AuthChannel> {
-    let channel = endpoint(address, connect_timeout)?.connect_lazy();
-    Ok(InterceptedService::new(channel, AttachToken::new(token)))
+pub fn connect_lazy(address: &str, credential: &Bearer, connect_timeout: Duration) -> IonetResult<AuthChannel> {
+    Ok(with_credential(lazy_channel(address, connect_timeout)?, credential))
 }
 
-pub async fn gcs_client(address: &str, token: &ClusterToken) -> IonetResult<GcsClient> {
+/// A connection (made on first use) that carries no credential yet: one process speaking
+/// as several principals (the head, for the jobs whose actors it places) shares it between
+/// them with [`with_credential`].
+pub fn lazy_channel(address: &str, connect_timeout: Duration) -> IonetResult<Channel> {
+    Ok(endpoint(address, connect_timeout)?.connect_lazy())
+}
+
+/// `channel`'s connection, with every call carrying `credential`.
+pub fn with_credential(channel: Channel, credential: &Bearer) -> AuthChannel {
+    InterceptedService::new(channel, AttachToken::new(credential))
+}
+
+pub async fn gcs_client(address: &str, token: &Bearer) -> IonetResult<GcsClient> {
     let channel = connect(address, token, Duration::from_secs(5)).await?;
     // No cap on what the client sends: an oversize request then meets the server's cap,
     // which answers with a status naming both sizes, where a client-side cap would only
@@ -352,8 +377,8 @@ pub async fn gcs_client(address: &str, token: &ClusterToken) -> IonetResult<GcsC
     Ok(GcsClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
 }
 
-/// A client of the head's metering and ledger service (same address and token as the GCS).
-pub async fn metering_client(address: &str, token: &ClusterToken) -> IonetResult<MeteringClient> {
+/// A client of the head's metering and ledger service (same address as the GCS).
+pub async fn metering_client(address: &str, token: &Bearer) -> IonetResult<MeteringClient> {
     let channel = connect(address, token, Duration::from_secs(5)).await?;
     Ok(MeteringClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
 }

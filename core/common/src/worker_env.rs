@@ -17,7 +17,7 @@ const NODE_ADDRESS: &str = "IONET_NODE_ADDRESS";
 const NODE_ID: &str = "IONET_NODE_ID";
 const JOB_ID: &str = "IONET_JOB_ID";
 const GPU_IDS: &str = "IONET_GPU_IDS";
-const TOKEN: &str = "IONET_TOKEN";
+const CREDENTIAL: &str = "IONET_JOB_CREDENTIAL";
 const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
 const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
 const HEAD_KEY: &str = "IONET_HEAD_KEY";
@@ -32,8 +32,8 @@ pub struct WorkerEnv {
     pub job_id: JobId,
     /// The GPUs leased to it (also in `CUDA_VISIBLE_DEVICES`).
     pub gpu_ids: Vec<u32>,
-    /// The cluster token its calls carry.
-    pub token: String,
+    /// Its job's credential: every call it makes carries it, and nothing broader.
+    pub credential: String,
     /// The node's object-store directory (shared memory).
     pub object_store_dir: String,
     pub gcs_address: String,
@@ -52,7 +52,7 @@ impl WorkerEnv {
             (NODE_ADDRESS, self.node_address.clone()),
             (NODE_ID, self.node_id.hex()),
             (JOB_ID, self.job_id.hex()),
-            (TOKEN, self.token.clone()),
+            (CREDENTIAL, self.credential.clone()),
             (OBJECT_STORE_DIR, self.object_store_dir.clone()),
             (GCS_ADDRESS, self.gcs_address.clone()),
             (HEAD_KEY, self.head_key.clone()),
@@ -83,7 +83,7 @@ impl WorkerEnv {
             node_address: var(NODE_ADDRESS)?,
             job_id: var(JOB_ID)?.parse()?,
             gpu_ids,
-            token: var(TOKEN)?,
+            credential: var(CREDENTIAL)?,
             object_store_dir: lookup(OBJECT_STORE_DIR).unwrap_or_default(),
             gcs_address: lookup(GCS_ADDRESS).unwrap_or_default(),
             head_key: lookup(HEAD_KEY).unwrap_or_default(),
@@ -108,7 +108,7 @@ mod tests {
             node_address: "10.0.0.7:4000".into(),
             job_id: JobId::from_bytes(&[0, 0, 0, 9]).unwrap(),
             gpu_ids: vec![0, 3],
-            token: "secret".into(),
+            credential: "secret".into(),
             object_store_dir: "/dev/shm/ionet-objects".into(),
             gcs_address: "10.0.0.1:6380".into(),
             head_key: "ab".repeat(32),

@@ -23,14 +23,14 @@ impl Leases {
             state.pressed_at = Some(now);
             state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
         };
-        let Ok(token) = ionet_common::auth::ClusterToken::new(&self.token) else { return };
         if self.holder_channels.len() > 4096 {
             self.holder_channels.clear();
         }
         for holder in holders {
             let channel = match self.holder_channels.get(&holder) {
                 Some(channel) => channel.clone(),
-                None => match ionet_common::rpc::connect_lazy(&holder, &token, Duration::from_secs(2)) {
+                None => match ionet_common::rpc::connect_lazy_shared(&holder, &self.credential, Duration::from_secs(2))
+                {
                     Ok(channel) => {
                         self.holder_channels.insert(holder.clone(), channel.clone());
                         channel

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use ionet_common::auth::{Bearer, SharedCredential};
 use ionet_common::resources::{Quantity, ResourceSet, GPU};
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::node::{
@@ -79,11 +80,16 @@ struct Worker {
 pub struct Leases {
     node_id: NodeId,
     address: String,
-    token: String,
+    /// What the node presents to its peers and to lease holders (its node credential).
+    credential: SharedCredential,
+    /// Each job's credential, from its last lease request: the workers started for the
+    /// job are given it (and nothing broader).
+    job_credentials: DashMap<JobId, Bearer>,
     state: Mutex<LeaseState>,
     freed: Notify,
-    /// Started workers not registered yet: where to tell the grant their address.
-    starting: DashMap<WorkerId, oneshot::Sender<String>>,
+    /// Started workers not registered yet: their job, and where to tell the grant their
+    /// address.
+    starting: DashMap<WorkerId, (JobId, oneshot::Sender<String>)>,
     /// Node addresses by id, from the last refresh of the view.
     addresses: DashMap<NodeId, String>,
     options: WorkerPoolOptions,
@@ -142,7 +148,7 @@ impl Leases {
     pub fn new(
         node_id: NodeId,
         address: String,
-        token: String,
+        credential: SharedCredential,
         total: ResourceSet,
         gpu_indices: Vec<u32>,
         options: WorkerPoolOptions,
@@ -150,7 +156,8 @@ impl Leases {
         Self {
             node_id,
             address,
-            token,
+            credential,
+            job_credentials: DashMap::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -371,14 +378,20 @@ impl Leases {
         self.addresses.get(node_id).map(|entry| entry.clone())
     }
 
-    /// Serves one lease request: grant, spill back, wait, or refuse.
-    pub async fn request(self: &Arc<Self>, request: RequestWorkerLeaseRequest) -> IonetResult<RequestWorkerLeaseReply> {
+    /// Serves one lease request, asked with `credential` (its job's own, which the workers
+    /// started for it are given): grant, spill back, wait, or refuse.
+    pub async fn request(
+        self: &Arc<Self>,
+        request: RequestWorkerLeaseRequest,
+        credential: Bearer,
+    ) -> IonetResult<RequestWorkerLeaseReply> {
         let demand = request.resources.clone().unwrap_or_default().to_set()?;
         let gpus = demand.get(GPU);
         if gpus > Quantity::whole(1) && gpus.units() % Quantity::whole(1).units() != 0 {
             return Err(IonetError::InvalidArgument(format!("a demand of {gpus} GPUs must be whole above 1")));
         }
         let job_id = JobId::from_bytes(&request.job_id)?;
+        self.job_credentials.insert(job_id, credential);
         let command = request.worker_command.clone().unwrap_or_default();
         if command.argv.is_empty() {
             return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
@@ -594,6 +607,34 @@ impl Leases {
             Ok(false) => Ok(()),
             Err(unknown) => Err(IonetError::NotFound(unknown)),
         }
+    }
+
+    /// The job a lease here was granted to.
+    pub fn job_of_lease(&self, lease_id: &[u8]) -> IonetResult<JobId> {
+        let lease_id = LeaseId::from_bytes(lease_id)?;
+        let state = self.lock();
+        state
+            .leases
+            .get(&lease_id)
+            .and_then(|granted| state.processes.get(&granted.worker))
+            .map(|process| JobId::from_bytes(&process.key.job_id))
+            .transpose()?
+            .ok_or_else(|| IonetError::NotFound(format!("lease {} is not held on this node", lease_id.short())))
+    }
+
+    /// The job a worker this node started (or is starting) serves.
+    pub fn job_of_worker(&self, worker_id: &[u8]) -> IonetResult<JobId> {
+        let worker_id = WorkerId::from_bytes(worker_id)?;
+        if let Some(starting) = self.starting.get(&worker_id) {
+            return Ok(starting.0);
+        }
+        let state = self.lock();
+        state
+            .processes
+            .get(&worker_id)
+            .map(|process| JobId::from_bytes(&process.key.job_id))
+            .transpose()?
+            .ok_or_else(|| IonetError::NotFound(format!("worker {} was not started by this node", worker_id.short())))
     }
 
     /// [`Leases::return_lease`] by id.

@@ -23,24 +23,28 @@ const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Leases {
     /// What a worker this daemon starts is told (the protocol both sides share).
-    fn worker_env(&self, worker_id: WorkerId, job_id: JobId, gpu_ids: &[u32]) -> WorkerEnv {
-        WorkerEnv {
+    fn worker_env(&self, worker_id: WorkerId, job_id: JobId, gpu_ids: &[u32]) -> IonetResult<WorkerEnv> {
+        let credential =
+            self.job_credentials.get(&job_id).map(|entry| entry.as_str().to_string()).ok_or_else(|| {
+                IonetError::Internal(format!("no credential of job {job_id} to start its worker with"))
+            })?;
+        Ok(WorkerEnv {
             worker_id,
             node_id: self.node_id,
             node_address: self.address.clone(),
             job_id,
             gpu_ids: gpu_ids.to_vec(),
-            token: self.token.clone(),
+            credential,
             object_store_dir: self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             gcs_address: self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             head_key: self.head_key.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        }
+        })
     }
 
     /// A worker announced its address.
     pub fn register_worker(&self, worker_id: &[u8], address: String) -> IonetResult<()> {
         let worker_id = WorkerId::from_bytes(worker_id)?;
-        let (_, sender) = self.starting.remove(&worker_id).ok_or_else(|| {
+        let (_, (_, sender)) = self.starting.remove(&worker_id).ok_or_else(|| {
             IonetError::NotFound(format!("worker {} was not started by this node", worker_id.short()))
         })?;
         let _ = sender.send(address);
@@ -58,7 +62,7 @@ impl Leases {
         process
             .args(&command.argv[1..])
             .envs(&command.env)
-            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
+            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids)?.to_vars())
             .stdin(Stdio::null());
         if !command.cwd.is_empty() {
             process.current_dir(&command.cwd);
@@ -76,7 +80,7 @@ impl Leases {
             });
         }
         let (sender, receiver) = oneshot::channel();
-        self.starting.insert(worker_id, sender);
+        self.starting.insert(worker_id, (job_id, sender));
         let mut child = match process.spawn() {
             Ok(child) => child,
             Err(err) => {

@@ -15,7 +15,8 @@ fn leases(cpus: i64) -> Leases {
         max_blocked_workers: 2,
     };
     let total = ResourceSet::new().with(CPU, Quantity::whole(cpus));
-    Leases::new(NodeId::random(), "127.0.0.1:1".into(), "token".into(), total, Vec::new(), options)
+    let credential = ionet_common::auth::SharedCredential::new(&ionet_common::auth::Bearer::new("node").unwrap());
+    Leases::new(NodeId::random(), "127.0.0.1:1".into(), credential, total, Vec::new(), options)
 }
 
 #[test]
@@ -203,7 +204,11 @@ async fn a_requester_that_goes_away_strands_nothing() {
         no_spillback: true,
         ..Default::default()
     };
-    let abandoned = tokio::time::timeout(Duration::from_millis(200), leases.request(request)).await;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        leases.request(request, ionet_common::auth::Bearer::new("job").unwrap()),
+    )
+    .await;
     assert!(abandoned.is_err(), "the request was still starting its worker");
     assert_eq!(cpus(&leases), 0, "the starting worker's CPU is taken");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ionet_common::auth::ClusterToken;
+use ionet_common::auth::Bearer;
 use ionet_common::rpc::GcsClient;
 
 pub const HEARTBEAT_INTERVAL_MS: u64 = 200;
@@ -63,7 +63,8 @@ impl TestCluster {
             .env("IONET_HEARTBEAT_TIMEOUT_MS", HEARTBEAT_TIMEOUT_MS.to_string())
             .env("IONET_RECONNECT_INITIAL_BACKOFF_MS", "50")
             .env("IONET_RECONNECT_MAX_BACKOFF_MS", "300")
-            .env_remove("IONET_TOKEN")
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
             .env_remove("IONET_SESSION_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -117,17 +118,14 @@ impl TestCluster {
         std::fs::read_to_string(self.dir.path().join("head_address")).expect("head address").trim().to_string()
     }
 
-    pub fn token(&self) -> ClusterToken {
-        ClusterToken::new(&std::fs::read_to_string(self.dir.path().join("token")).expect("token")).unwrap()
-    }
-
     /// Runs an `ionet` command against this cluster's session directory.
     pub fn ionet(&self, args: &[&str]) -> Output {
         Command::new(ionet_binary())
             .args(args)
             .arg("--temp-dir")
             .arg(self.dir.path())
-            .env_remove("IONET_TOKEN")
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
             .output()
             .expect("run ionet")
     }
@@ -138,19 +136,20 @@ impl TestCluster {
         serde_json::from_slice(&output.stdout).expect("status --json prints JSON")
     }
 
+    /// A client of the head's control store, as the operator.
     pub fn client(&self) -> GcsClient {
-        self.client_with(&self.token())
+        self.admin_client()
     }
 
-    pub fn client_with(&self, token: &ClusterToken) -> GcsClient {
+    pub fn client_with(&self, credential: &Bearer) -> GcsClient {
         let address = self.address();
-        self.runtime.block_on(ionet_common::rpc::gcs_client(&address, token)).expect("connect to the head")
+        self.runtime.block_on(ionet_common::rpc::gcs_client(&address, credential)).expect("connect to the head")
     }
 
     /// The operator's credential, as the head wrote it into the session directory.
-    pub fn admin_credential(&self) -> ClusterToken {
+    pub fn admin_credential(&self) -> Bearer {
         let text = std::fs::read_to_string(self.session().join("admin_credential")).expect("the head wrote it");
-        ClusterToken::new(&text).unwrap()
+        Bearer::new(&text).unwrap()
     }
 
     /// A client of the head's control store with the operator's credential.

@@ -108,7 +108,8 @@ impl Cluster {
             .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
             .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
             .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .env_remove("IONET_TOKEN")
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -141,7 +142,8 @@ impl Cluster {
         argv.push(self.dir.path().to_string_lossy().into_owned());
         let output = Command::new(std::env::current_exe().unwrap())
             .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
-            .env_remove("IONET_TOKEN")
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
             .output()
             .unwrap();
         assert!(output.status.success(), "ionet {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -173,7 +175,8 @@ impl Cluster {
         logs.sort();
         for path in logs.iter().filter(|path| {
             let name = path.to_string_lossy();
-            path.is_file() && !["token", "admin_credential", "signing_key"].iter().any(|secret| name.ends_with(secret))
+            path.is_file()
+                && !["admin_credential", "signing_key", "node_key"].iter().any(|secret| name.ends_with(secret))
         }) {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
