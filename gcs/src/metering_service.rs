@@ -96,10 +96,16 @@ impl MeteringRpc for MeteringService {
     }
 
     async fn list_usage(&self, request: Request<ListUsageRequest>) -> Result<Response<ListUsageReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
         let job_id = optional(&request.job_id, JobId::from_bytes)?;
         let node_id = optional(&request.node_id, NodeId::from_bytes)?;
-        let records = self.metering.list_usage(job_id, node_id).await?;
+        let mut records = self.metering.list_usage(job_id, node_id).await?;
+        // A tenant sees what its account paid for, a provider what its node served.
+        records.retain(|record| match &principal {
+            Principal::Node(node) => record.node_id == node.as_bytes(),
+            other => other.sees_account(&record.payer_account),
+        });
         Ok(Response::new(ListUsageReply { records }))
     }
 
@@ -114,13 +120,19 @@ impl MeteringRpc for MeteringService {
         Ok(Response::new(RefundReply { refunded_micros }))
     }
 
-    async fn balances(&self, _request: Request<BalancesRequest>) -> Result<Response<BalancesReply>, Status> {
+    async fn balances(&self, request: Request<BalancesRequest>) -> Result<Response<BalancesReply>, Status> {
+        // The operator sees the whole ledger; a tenant its own account's balance.
+        let principal = Principal::of(&request)?;
         let balances = self
             .metering
             .balances()
             .await?
             .into_iter()
             .map(|(account, balance_micros)| AccountBalance { account: account.key(), balance_micros })
+            .filter(|balance| match &principal {
+                Principal::Admin => true,
+                other => balance.account.strip_prefix("payer:").is_some_and(|payer| other.sees_account(payer)),
+            })
             .collect();
         Ok(Response::new(BalancesReply { balances }))
     }

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
-use crate::state::GcsState;
+use crate::state::{GcsState, KvScope};
 
 pub struct GcsService {
     state: Arc<GcsState>,
@@ -59,6 +59,12 @@ const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 pub(crate) const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl GcsService {
+    /// The account an actor belongs to: its job's payer.
+    fn account_of_actor(&self, actor: &ionet_common::rpc::proto::gcs::ActorInfo) -> String {
+        let job = actor.spec.as_ref().and_then(|spec| JobId::from_bytes(&spec.job_id).ok());
+        job.map(|job| self.state.payer_of(&job)).unwrap_or_else(|| "default".into())
+    }
+
     /// A fresh credential for the node heartbeating as itself, if the one it holds was
     /// issued a day ago or more (or by an earlier run of the head, which kept its key);
     /// else empty.
@@ -220,31 +226,46 @@ impl Gcs for GcsService {
         Ok(Response::new(MarkJobFinishedReply {}))
     }
 
-    async fn get_all_jobs(&self, _request: Request<GetAllJobsRequest>) -> Result<Response<GetAllJobsReply>, Status> {
-        Ok(Response::new(GetAllJobsReply { jobs: self.state.jobs() }))
+    async fn get_all_jobs(&self, request: Request<GetAllJobsRequest>) -> Result<Response<GetAllJobsReply>, Status> {
+        // A tenant sees its own account's jobs; the operator all.
+        let principal = Principal::of(&request)?;
+        let mut jobs = self.state.jobs();
+        jobs.retain(|job| {
+            principal.sees_account(if job.payer_account.is_empty() { "default" } else { &job.payer_account })
+        });
+        Ok(Response::new(GetAllJobsReply { jobs }))
     }
 
     async fn kv_put(&self, request: Request<KvPutRequest>) -> Result<Response<KvPutReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        let added = self.state.kv_put(&request.namespace, &request.key, request.value, request.overwrite).await?;
+        let scope = KvScope::of(&principal, &request.namespace)?;
+        let added =
+            self.state.kv_put(&scope, &request.namespace, &request.key, request.value, request.overwrite).await?;
         Ok(Response::new(KvPutReply { added }))
     }
 
     async fn kv_get(&self, request: Request<KvGetRequest>) -> Result<Response<KvGetReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        let value = self.state.kv_get(&request.namespace, &request.key).await?;
+        let scope = KvScope::of(&principal, &request.namespace)?;
+        let value = self.state.kv_get(&scope, &request.namespace, &request.key).await?;
         Ok(Response::new(KvGetReply { value }))
     }
 
     async fn kv_del(&self, request: Request<KvDelRequest>) -> Result<Response<KvDelReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        let deleted = self.state.kv_del(&request.namespace, &request.key, request.by_prefix).await?;
+        let scope = KvScope::of(&principal, &request.namespace)?;
+        let deleted = self.state.kv_del(&scope, &request.namespace, &request.key, request.by_prefix).await?;
         Ok(Response::new(KvDelReply { deleted }))
     }
 
     async fn kv_keys(&self, request: Request<KvKeysRequest>) -> Result<Response<KvKeysReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        let keys = self.state.kv_keys(&request.namespace, &request.prefix).await?;
+        let scope = KvScope::of(&principal, &request.namespace)?;
+        let keys = self.state.kv_keys(&scope, &request.namespace, &request.prefix).await?;
         Ok(Response::new(KvKeysReply { keys }))
     }
 
@@ -340,7 +361,10 @@ impl Gcs for GcsService {
     }
 
     async fn get_actor(&self, request: Request<GetActorRequest>) -> Result<Response<GetActorReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        // Where an actor runs is its account's to know (and the operator's).
+        principal.may_act_for_account(&self.account_of_actor(&self.actors.get(&request.actor_id)?))?;
         let actor = if request.timeout_ms == 0 {
             self.actors.get(&request.actor_id)?
         } else {
@@ -351,13 +375,18 @@ impl Gcs for GcsService {
     }
 
     async fn get_named_actor(&self, request: Request<GetNamedActorRequest>) -> Result<Response<GetActorReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
         let actor = self.actors.get_named(&request.name, &request.namespace)?;
+        principal.may_act_for_account(&self.account_of_actor(&actor))?;
         Ok(Response::new(GetActorReply { actor: Some(actor) }))
     }
 
     async fn list_actors(&self, request: Request<ListActorsRequest>) -> Result<Response<ListActorsReply>, Status> {
-        Ok(Response::new(ListActorsReply { actors: self.actors.list(request.into_inner().include_dead) }))
+        let principal = Principal::of(&request)?;
+        let mut actors = self.actors.list(request.into_inner().include_dead);
+        actors.retain(|actor| principal.sees_account(&self.account_of_actor(actor)));
+        Ok(Response::new(ListActorsReply { actors }))
     }
 
     async fn create_token(&self, request: Request<CreateTokenRequest>) -> Result<Response<CreateTokenReply>, Status> {

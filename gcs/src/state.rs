@@ -17,12 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use ionet_common::authz::Principal;
 use ionet_common::clock::Clock;
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
 use ionet_common::{IonetError, JobId, NodeId};
 use prost::Message;
+use sha2::Digest;
 use tokio::sync::broadcast;
 
 use crate::error::{GcsError, GcsResult};
@@ -377,9 +379,9 @@ impl GcsState {
 
     // ---- internal KV ----
 
-    fn kv_key(&self, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
-        if namespace.contains('\0') {
-            return Err(invalid("kv namespace must not contain a NUL byte".into()));
+    fn kv_key(&self, scope: &KvScope<'_>, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
+        if namespace.chars().any(char::is_control) {
+            return Err(invalid("kv namespace must not contain control characters".into()));
         }
         if key.len() > self.config.max_kv_key_bytes {
             return Err(invalid(format!(
@@ -388,14 +390,24 @@ impl GcsState {
                 self.config.max_kv_key_bytes
             )));
         }
-        let mut full = Vec::with_capacity(namespace.len() + 1 + key.len());
+        let mut full = scope.prefix();
         full.extend_from_slice(namespace.as_bytes());
         full.push(0);
         full.extend_from_slice(key);
         Ok(full)
     }
 
-    pub async fn kv_put(&self, namespace: &str, key: &[u8], value: Vec<u8>, overwrite: bool) -> GcsResult<bool> {
+    /// Puts `value` under `key` in `scope`'s `namespace`. A definition export (namespace
+    /// [`EXPORT_NAMESPACES`]) is written once, under the SHA-256 of its bytes: anything
+    /// else is refused, so no job can swap the code another worker of it unpickles.
+    pub async fn kv_put(
+        &self,
+        scope: &KvScope<'_>,
+        namespace: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        overwrite: bool,
+    ) -> GcsResult<bool> {
         if key.is_empty() {
             return Err(invalid("kv key is empty".into()));
         }
@@ -407,7 +419,20 @@ impl GcsState {
             ))
             .into());
         }
-        let full = self.kv_key(namespace, key)?;
+        if is_export(namespace) {
+            if overwrite {
+                return Err(invalid(format!("{namespace} entries are written once: put it without overwrite")));
+            }
+            let digest = sha2::Sha256::digest(&value);
+            if key != digest.as_slice() {
+                return Err(invalid(format!(
+                    "{namespace} entries are keyed by the SHA-256 of their bytes: key {} is not {}",
+                    hex::encode(key),
+                    hex::encode(digest)
+                )));
+            }
+        }
+        let full = self.kv_key(scope, namespace, key)?;
         let storage = self.storage.clone();
         blocking(move || {
             if overwrite {
@@ -421,16 +446,19 @@ impl GcsState {
         .await
     }
 
-    pub async fn kv_get(&self, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
-        let full = self.kv_key(namespace, key)?;
+    pub async fn kv_get(&self, scope: &KvScope<'_>, namespace: &str, key: &[u8]) -> GcsResult<Vec<u8>> {
+        let full = self.kv_key(scope, namespace, key)?;
         let storage = self.storage.clone();
         blocking(move || storage.get(Table::Kv, &full)).await?.ok_or_else(|| {
             IonetError::NotFound(format!("kv key {:?} in namespace {namespace:?}", String::from_utf8_lossy(key))).into()
         })
     }
 
-    pub async fn kv_del(&self, namespace: &str, key: &[u8], by_prefix: bool) -> GcsResult<u64> {
-        let full = self.kv_key(namespace, key)?;
+    pub async fn kv_del(&self, scope: &KvScope<'_>, namespace: &str, key: &[u8], by_prefix: bool) -> GcsResult<u64> {
+        if is_export(namespace) {
+            return Err(invalid(format!("{namespace} entries are written once and never deleted")));
+        }
+        let full = self.kv_key(scope, namespace, key)?;
         let storage = self.storage.clone();
         blocking(move || {
             if by_prefix {
@@ -442,12 +470,54 @@ impl GcsState {
         .await
     }
 
-    pub async fn kv_keys(&self, namespace: &str, prefix: &[u8]) -> GcsResult<Vec<Vec<u8>>> {
-        let full = self.kv_key(namespace, prefix)?;
-        let skip = namespace.len() + 1;
+    pub async fn kv_keys(&self, scope: &KvScope<'_>, namespace: &str, prefix: &[u8]) -> GcsResult<Vec<Vec<u8>>> {
+        let full = self.kv_key(scope, namespace, prefix)?;
+        let skip = full.len() - prefix.len();
         let storage = self.storage.clone();
         let entries = blocking(move || storage.scan_prefix(Table::Kv, &full)).await?;
         Ok(entries.into_iter().map(|(key, _)| key[skip..].to_vec()).collect())
+    }
+}
+
+/// The KV namespaces that hold definition exports (Python's pickled functions and
+/// classes, which workers unpickle and run): per job, written once, keyed by their hash.
+pub const EXPORT_NAMESPACES: &[&str] = &["ionet_functions", "ionet_classes"];
+
+fn is_export(namespace: &str) -> bool {
+    EXPORT_NAMESPACES.contains(&namespace)
+}
+
+/// Whose KV a call reads and writes: tenants never see each other's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvScope<'a> {
+    /// The operator's own namespaces.
+    Operator,
+    /// One account's: shared by its jobs, as Ray's KV is by one team's drivers.
+    Account(&'a str),
+    /// One job's (its definition exports).
+    Job(&'a str, JobId),
+}
+
+impl KvScope<'_> {
+    /// The scope a call lands in: the operator's for the admin; for a job, its
+    /// definition exports are its own and everything else its account's.
+    pub fn of<'a>(principal: &'a Principal, namespace: &str) -> GcsResult<KvScope<'a>> {
+        match principal {
+            Principal::Admin => Ok(KvScope::Operator),
+            Principal::Job { job, account } if is_export(namespace) => Ok(KvScope::Job(account, *job)),
+            Principal::Job { account, .. } => Ok(KvScope::Account(account)),
+            other => Err(IonetError::PermissionDenied(format!("{other} has no KV")).into()),
+        }
+    }
+
+    /// What every storage key of the scope starts with. A namespace has no control
+    /// characters, so a tenant's keys (which start with one) never meet the operator's.
+    fn prefix(&self) -> Vec<u8> {
+        match self {
+            KvScope::Operator => Vec::new(),
+            KvScope::Account(account) => format!("\u{1}{account}\u{1}").into_bytes(),
+            KvScope::Job(account, job) => format!("\u{1}{account}\u{1}{}\u{1}", job.hex()).into_bytes(),
+        }
     }
 }
 
@@ -535,15 +605,57 @@ mod tests {
     async fn kv_is_namespaced_and_bounded() {
         let clock = ManualClock::new(0);
         let gcs = state(&clock).await;
-        assert!(gcs.kv_put("a", b"k", b"1".to_vec(), false).await.unwrap());
-        assert!(!gcs.kv_put("a", b"k", b"2".to_vec(), false).await.unwrap());
-        assert_eq!(gcs.kv_get("a", b"k").await.unwrap(), b"1");
-        assert!(gcs.kv_get("b", b"k").await.is_err());
-        gcs.kv_put("a", b"k2", b"3".to_vec(), true).await.unwrap();
-        assert_eq!(gcs.kv_keys("a", b"k").await.unwrap(), vec![b"k".to_vec(), b"k2".to_vec()]);
-        assert_eq!(gcs.kv_del("a", b"k", true).await.unwrap(), 2);
+        let op = KvScope::Operator;
+        assert!(gcs.kv_put(&op, "a", b"k", b"1".to_vec(), false).await.unwrap());
+        assert!(!gcs.kv_put(&op, "a", b"k", b"2".to_vec(), false).await.unwrap());
+        assert_eq!(gcs.kv_get(&op, "a", b"k").await.unwrap(), b"1");
+        assert!(gcs.kv_get(&op, "b", b"k").await.is_err());
+        gcs.kv_put(&op, "a", b"k2", b"3".to_vec(), true).await.unwrap();
+        assert_eq!(gcs.kv_keys(&op, "a", b"k").await.unwrap(), vec![b"k".to_vec(), b"k2".to_vec()]);
+        assert_eq!(gcs.kv_del(&op, "a", b"k", true).await.unwrap(), 2);
         let big = vec![0u8; gcs.config.max_kv_value_bytes + 1];
-        assert!(gcs.kv_put("a", b"big", big, true).await.unwrap_err().to_string().contains("above the limit"));
+        assert!(gcs.kv_put(&op, "a", b"big", big, true).await.unwrap_err().to_string().contains("above the limit"));
+        let control = gcs.kv_put(&op, "a\u{1}b", b"k", b"1".to_vec(), true).await.unwrap_err();
+        assert!(control.to_string().contains("control characters"), "{control}");
+    }
+
+    #[tokio::test]
+    async fn tenants_never_see_each_others_kv_and_exports_are_written_once_by_hash() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        let (acme, globex) = (KvScope::Account("acme"), KvScope::Account("globex"));
+        gcs.kv_put(&acme, "models", b"llama", b"acme's".to_vec(), true).await.unwrap();
+        gcs.kv_put(&globex, "models", b"llama", b"globex's".to_vec(), true).await.unwrap();
+        assert_eq!(gcs.kv_get(&acme, "models", b"llama").await.unwrap(), b"acme's");
+        assert_eq!(gcs.kv_get(&globex, "models", b"llama").await.unwrap(), b"globex's");
+        assert!(gcs.kv_get(&KvScope::Operator, "models", b"llama").await.is_err(), "the operator's space is apart");
+        assert_eq!(gcs.kv_del(&globex, "models", b"", true).await.unwrap(), 1);
+        assert_eq!(gcs.kv_keys(&acme, "models", b"").await.unwrap(), vec![b"llama".to_vec()], "acme's is left");
+
+        // Definition exports: one job's, under the hash of their bytes, once.
+        let definition = b"pickled function".to_vec();
+        let key = sha2::Sha256::digest(&definition).to_vec();
+        let (one, two) = (KvScope::Job("acme", JobId::from_sequence(1)), KvScope::Job("acme", JobId::from_sequence(2)));
+        assert!(gcs.kv_put(&one, "ionet_functions", &key, definition.clone(), false).await.unwrap());
+        assert!(!gcs.kv_put(&one, "ionet_functions", &key, definition.clone(), false).await.unwrap(), "once");
+        assert_eq!(gcs.kv_get(&one, "ionet_functions", &key).await.unwrap(), definition);
+        assert!(gcs.kv_get(&two, "ionet_functions", &key).await.is_err(), "another job's exports are apart");
+        let swapped = gcs.kv_put(&two, "ionet_functions", &key, b"evil".to_vec(), false).await.unwrap_err();
+        assert!(swapped.to_string().contains("SHA-256"), "{swapped}");
+        let overwrite = gcs.kv_put(&one, "ionet_functions", &key, definition, true).await.unwrap_err();
+        assert!(overwrite.to_string().contains("written once"), "{overwrite}");
+        assert!(gcs
+            .kv_del(&one, "ionet_classes", &key, false)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("never deleted"));
+
+        let job = Principal::Job { job: JobId::from_sequence(1), account: "acme".into() };
+        assert_eq!(KvScope::of(&job, "models").unwrap(), acme);
+        assert_eq!(KvScope::of(&job, "ionet_classes").unwrap(), one);
+        assert_eq!(KvScope::of(&Principal::Admin, "ionet_classes").unwrap(), KvScope::Operator);
+        assert!(KvScope::of(&Principal::Node(NodeId::random()), "models").is_err());
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 """Remote functions and actor classes, exported once to the control store's KV.
 
 A definition is pickled (as values are, by `_serialization.dumps`) and stored under the
-SHA-256 of its pickle, in the KV namespace `FUNCTIONS` or `CLASSES`; tasks and actors
+SHA-256 of its pickle, in the KV namespace `FUNCTIONS` or `CLASSES` (the job's own: the
+control store keeps each job's exports apart, written once, and refuses a key that is not
+the hash of its bytes; a worker checks the hash again before unpickling); tasks and actors
 name it by that key, and a worker loads it from the KV on first use
 (`ionet._worker_runtime`). The pickle and key are made once per definition, on its first
 call (as Ray does, so that globals defined after the decorator are captured). Each

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import inspect
 import os
 import sys
@@ -38,6 +39,10 @@ def _load(namespace: str, key: bytes) -> Any:
         payload = _ionet.kv_get(namespace, key)
         if payload is None:
             raise IonetSystemError(f"no definition under key {key.hex()} in KV namespace {namespace}")
+        # The key is the SHA-256 of the pickle: bytes that do not hash to it are not the
+        # definition the task named, and are never unpickled.
+        if hashlib.sha256(payload).digest() != key:
+            raise IonetSystemError(f"the definition under key {key.hex()} does not hash to its key: refused")
         definition = cloudpickle.loads(payload)
         _definitions[(namespace, key)] = definition
     return definition

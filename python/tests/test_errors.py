@@ -87,3 +87,24 @@ def test_failed_ref_as_argument_fails_the_dependent_task():
 
     with pytest.raises(ValueError, match="upstream"):
         ionet.get(add_one.remote(fail_with_value_error.remote("upstream")), timeout=60)
+
+
+def test_the_control_store_refuses_an_export_not_keyed_by_its_hash():
+    # A job's exports are written once, under the SHA-256 of their bytes.
+    with pytest.raises(Exception, match="SHA-256"):
+        ionet._ionet.kv_put("ionet_functions", b"\0" * 32, b"not what the key names", False)
+
+
+def test_a_definition_that_does_not_hash_to_its_key_is_never_unpickled(monkeypatch):
+    # The control store refuses such an entry, so a store that lies is the fault stood in
+    # for here: the worker checks the hash again before it unpickles anything.
+    import hashlib
+
+    from ionet import _worker_runtime
+    from ionet.exceptions import IonetSystemError
+
+    key = hashlib.sha256(b"the pickle the task named").digest()
+    monkeypatch.setattr(_worker_runtime, "_definitions", {})
+    monkeypatch.setattr(_worker_runtime._ionet, "kv_get", lambda namespace, key: b"some other pickle")
+    with pytest.raises(IonetSystemError, match="does not hash to its key"):
+        _worker_runtime._load("ionet_functions", key)

@@ -127,13 +127,15 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<CreateObjectRequest>,
     ) -> Result<Response<CreateObjectReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        self.shared.objects.create(&request.object_id, request.size).await?;
+        self.shared.objects.create(&request.object_id, request.size, &principal).await?;
         Ok(Response::new(CreateObjectReply {}))
     }
 
     async fn seal_object(&self, request: Request<SealObjectRequest>) -> Result<Response<SealObjectReply>, Status> {
-        self.shared.objects.seal(&request.into_inner().object_id).await?;
+        let principal = Principal::of(&request)?;
+        self.shared.objects.seal(&request.into_inner().object_id, &principal).await?;
         Ok(Response::new(SealObjectReply {}))
     }
 
@@ -156,7 +158,8 @@ impl NodeManager for NodeManagerService {
     }
 
     async fn free_objects(&self, request: Request<FreeObjectsRequest>) -> Result<Response<FreeObjectsReply>, Status> {
-        let freed = self.shared.objects.free(&request.into_inner().object_ids).await?;
+        let principal = Principal::of(&request)?;
+        let freed = self.shared.objects.free(&request.into_inner().object_ids, &principal).await?;
         Ok(Response::new(FreeObjectsReply { freed }))
     }
 

@@ -7,11 +7,15 @@
 //!   from spill and pulls, so bytes never cross a socket on one node.
 //! - A copy pulled from another node is reported to the node holding the primary copy,
 //!   so that freeing the primary frees every copy.
+//! - An object a job creates here is its account's: only a job of that account (or a
+//!   peer node, or the head) may seal or free it. Ids are random (224 bits), so another
+//!   tenant cannot name one it was not given; one it was given still cannot be freed.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use ionet_common::auth::SharedCredential;
+use ionet_common::authz::Principal;
 use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
 use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, ObjectId};
@@ -25,6 +29,8 @@ pub struct NodeObjects {
     own_address: String,
     /// For objects whose primary copy is here: the nodes that pulled a copy.
     copies: DashMap<ObjectId, Vec<String>>,
+    /// For objects a job created here: its account.
+    creators: DashMap<ObjectId, Arc<str>>,
 }
 
 /// Default store capacity: 30% of the machine's memory, as Ray's default.
@@ -58,6 +64,7 @@ impl NodeObjects {
             credential,
             own_address,
             copies: DashMap::new(),
+            creators: DashMap::new(),
         })
     }
 
@@ -65,17 +72,37 @@ impl NodeObjects {
         self.store.dir().to_string_lossy().into_owned()
     }
 
-    pub async fn create(&self, id: &[u8], size: u64) -> IonetResult<()> {
+    /// Reserves room for an object `creator` writes; a job's object is its account's.
+    pub async fn create(&self, id: &[u8], size: u64, creator: &Principal) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
         let store = self.store.clone();
         // The writer is another process: no mapping here.
-        blocking(move || store.create_for_client(id, size)).await
+        blocking(move || store.create_for_client(id, size)).await?;
+        if let Principal::Job { account, .. } = creator {
+            self.creators.insert(id, account.clone());
+        }
+        Ok(())
     }
 
-    pub async fn seal(&self, id: &[u8]) -> IonetResult<()> {
+    pub async fn seal(&self, id: &[u8], caller: &Principal) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
+        self.check_creator(&id, caller, "seal")?;
         let store = self.store.clone();
         blocking(move || store.seal(&id).map(drop)).await
+    }
+
+    /// Whether `caller` may change object `id`: a job only what its account created here
+    /// (or what no job did: a copy pulled from another node); a node or the head, any.
+    fn check_creator(&self, id: &ObjectId, caller: &Principal, what: &str) -> IonetResult<()> {
+        let Principal::Job { account, .. } = caller else { return Ok(()) };
+        match self.creators.get(id) {
+            Some(owner) if **owner != **account => Err(IonetError::PermissionDenied(format!(
+                "{caller} may not {what} object {}: it belongs to account {}",
+                id.short(),
+                *owner
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Makes the object readable here: restored from spill, or pulled from `source`.
@@ -111,9 +138,16 @@ impl NodeObjects {
         Ok(())
     }
 
-    /// Deletes the objects here and asks every node holding a copy to do the same.
-    pub async fn free(&self, ids: &[Vec<u8>]) -> IonetResult<u64> {
+    /// Deletes the objects here and asks every node holding a copy to do the same. A job
+    /// frees its own account's objects only: one of another's refuses the whole call.
+    pub async fn free(&self, ids: &[Vec<u8>], caller: &Principal) -> IonetResult<u64> {
         let ids = ids.iter().map(|id| ObjectId::from_bytes(id)).collect::<IonetResult<Vec<_>>>()?;
+        for id in &ids {
+            self.check_creator(id, caller, "free")?;
+        }
+        for id in &ids {
+            self.creators.remove(id);
+        }
         let mut forward: std::collections::HashMap<String, Vec<Vec<u8>>> = std::collections::HashMap::new();
         for id in &ids {
             if let Some((_, holders)) = self.copies.remove(id) {

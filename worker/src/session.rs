@@ -30,6 +30,9 @@ pub const SESSION_DIR_ENV: &str = "IONET_SESSION_DIR";
 #[derive(Clone, Debug)]
 pub struct SessionDir {
     root: PathBuf,
+    /// The per-user directory above the default root (`<temp dir>/ionet-<uid>`): checked
+    /// to be this user's and private too, so nobody can swap the session under it.
+    private_parent: Option<PathBuf>,
 }
 
 /// What a pid file says about one daemon.
@@ -47,15 +50,18 @@ fn io_error(path: &Path, err: std::io::Error) -> IonetError {
 impl SessionDir {
     /// `explicit`, else `IONET_SESSION_DIR`, else the default under the temp dir.
     pub fn resolve(explicit: Option<&Path>) -> Self {
-        let root = explicit
+        let chosen = explicit
             .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os(SESSION_DIR_ENV).filter(|value| !value.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| {
+            .or_else(|| std::env::var_os(SESSION_DIR_ENV).filter(|value| !value.is_empty()).map(PathBuf::from));
+        match chosen {
+            Some(root) => Self { root, private_parent: None },
+            None => {
                 // SAFETY: geteuid has no preconditions and cannot fail.
                 let uid = unsafe { libc::geteuid() };
-                std::env::temp_dir().join(format!("ionet-{uid}")).join("session_latest")
-            });
-        Self { root }
+                let parent = std::env::temp_dir().join(format!("ionet-{uid}"));
+                Self { root: parent.join("session_latest"), private_parent: Some(parent) }
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -71,6 +77,9 @@ impl SessionDir {
     }
 
     pub fn create(&self) -> IonetResult<()> {
+        if let Some(parent) = &self.private_parent {
+            ionet_common::files::private_dir(parent).map_err(|err| io_error(parent, err))?;
+        }
         for dir in [self.root.clone(), self.logs(), self.pids()] {
             ionet_common::files::private_dir(&dir).map_err(|err| io_error(&dir, err))?;
         }
@@ -85,11 +94,13 @@ impl SessionDir {
         ionet_common::files::replace_private(&path, contents.as_bytes()).map_err(|err| io_error(&path, err))
     }
 
+    /// A file of the session, if it is as this user wrote it: every file here is written
+    /// private, so one that is not (another user's, a link, readable by others) is not
+    /// trusted.
     fn read_file(&self, name: &str) -> Option<String> {
-        fs::read_to_string(self.root.join(name))
-            .ok()
-            .map(|text| text.trim().to_string())
-            .filter(|text| !text.is_empty())
+        let bytes = ionet_common::files::read_private(&self.root.join(name)).ok()?;
+        let text = String::from_utf8(bytes).ok()?.trim().to_string();
+        (!text.is_empty()).then_some(text)
     }
 
     pub fn write_head_address(&self, address: &str) -> IonetResult<()> {
@@ -166,6 +177,11 @@ mod tests {
         session.write_admin_credential(&token).unwrap();
         assert_eq!(session.admin_credential().unwrap(), token);
         use std::os::unix::fs::PermissionsExt;
+        // A file someone made readable to others is not trusted.
+        let path = dir.path().join("admin_credential");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(session.admin_credential().is_none());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let mode = fs::metadata(dir.path().join("admin_credential")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700, "the directory is private");

@@ -291,7 +291,7 @@ async fn read_replies(
     sent: Arc<Mutex<SentCalls>>,
 ) {
     let mut client =
-        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        CoreWorkerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
     let ended = match client.actor_calls(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing)).await {
         Err(status) => status,
         Ok(response) => {

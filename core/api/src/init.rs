@@ -174,8 +174,11 @@ async fn serve_core_worker(host: &str) -> IonetResult<(tokio::net::TcpListener, 
 
 fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpListener) {
     let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+        // One cap for what any peer may send (a batch of calls, a reply): far above what
+        // the core worker itself sends (at most 256 calls of inline values of 100 KiB),
+        // so a message past it is a peer's, refused with a status naming both sizes.
+        .max_decoding_message_size(rpc::DEFAULT_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(rpc::DEFAULT_MAX_MESSAGE_BYTES);
     // Its own job's calls, its account's other jobs' (a detached actor they share), the
     // head's; never a stranger's.
     let authorizer = ionet_common::authz::Authorizer::for_account(worker.head_key.clone(), &worker.account);

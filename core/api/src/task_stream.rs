@@ -60,7 +60,7 @@ async fn read_task_replies(
     waiting: Arc<Mutex<WaitingPushes>>,
 ) {
     let mut client =
-        CoreWorkerClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        CoreWorkerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
     let batches = futures::stream::unfold(queued, |mut queued| async move {
         let mut tasks = vec![queued.recv().await?];
         while tasks.len() < MAX_TASK_BATCH {

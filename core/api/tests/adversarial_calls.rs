@@ -13,16 +13,19 @@ use ionet::auth::Bearer;
 use ionet::authz::{decide, Access, Principal, TABLE};
 use ionet::credential::{registration_message, Issuer, KeyPair, Role};
 use ionet::rpc::proto::common::NodeInfo;
-use ionet::rpc::proto::gcs::GetActorRequest;
 use ionet::rpc::proto::gcs::{
     ActorSpec, AddJobRequest, CreateActorRequest, CreatePlacementGroupRequest, CreateTokenRequest, DrainNodeRequest,
     HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
 };
+use ionet::rpc::proto::gcs::{GetActorRequest, ListActorsRequest};
+use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
     AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
     SettleRequest,
 };
-use ionet::rpc::proto::node::{CancelBundleRequest, RequestWorkerLeaseRequest};
+use ionet::rpc::proto::node::{
+    AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
+};
 use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest};
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
@@ -225,7 +228,12 @@ fn a_provider_acts_only_for_its_own_node() {
         let mallory = join_as_provider(&head, &admin).await;
         let mut as_mallory = ionet::rpc::gcs_client(&head, &mallory.credential).await.unwrap();
         let mut metering = ionet::rpc::metering_client(&head, &mallory.credential).await.unwrap();
-        let balances = metering.balances(BalancesRequest {}).await.unwrap().into_inner();
+        let mut ledger = ionet::rpc::metering_client(&head, &admin).await.unwrap();
+        let balances = ledger.balances(BalancesRequest {}).await.unwrap().into_inner();
+        assert!(
+            metering.balances(BalancesRequest {}).await.unwrap().into_inner().balances.is_empty(),
+            "not hers to read"
+        );
 
         let message = denied(
             as_mallory.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
@@ -260,7 +268,10 @@ fn a_provider_acts_only_for_its_own_node() {
         );
         // Billing a tenant for the victim's GPUs, or ending the victim's leases.
         let job = ionet::rpc::proto::gcs::GetAllJobsRequest::default();
-        let job_id = as_mallory.get_all_jobs(job).await.unwrap().into_inner().jobs.last().unwrap().job_id.clone();
+        assert!(as_mallory.get_all_jobs(job).await.unwrap().into_inner().jobs.is_empty(), "tenants' jobs are theirs");
+        let mut operator = ionet::rpc::gcs_client(&head, &admin).await.unwrap();
+        let job = ionet::rpc::proto::gcs::GetAllJobsRequest::default();
+        let job_id = operator.get_all_jobs(job).await.unwrap().into_inner().jobs.last().unwrap().job_id.clone();
         let resources = Some((&ResourceSet::new().with("CPU", Quantity::whole(1))).into());
         denied(
             metering
@@ -277,7 +288,9 @@ fn a_provider_acts_only_for_its_own_node() {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let victims_lease = loop {
             let request = ListUsageRequest { node_id: victim.node_id.to_vec(), ..Default::default() };
-            if let Some(record) = metering.list_usage(request).await.unwrap().into_inner().records.first() {
+            if let Some(record) = ledger.list_usage(request.clone()).await.unwrap().into_inner().records.first() {
+                let hers = metering.list_usage(request).await.unwrap().into_inner().records;
+                assert!(hers.is_empty(), "another node's usage is not hers to read");
                 break record.lease_id.clone();
             }
             assert!(std::time::Instant::now() < deadline, "the victim's lease was never metered");
@@ -312,7 +325,7 @@ fn a_provider_acts_only_for_its_own_node() {
             "a heartbeat with a job's credential",
         );
 
-        let after = metering.balances(BalancesRequest {}).await.unwrap().into_inner();
+        let after = ledger.balances(BalancesRequest {}).await.unwrap().into_inner();
         assert_eq!(format!("{balances:?}"), format!("{after:?}"), "the ledger is as before");
     });
     // The victim is untouched: alive, its own record, and still running tasks exactly.
@@ -333,6 +346,10 @@ fn a_tenant_acts_only_for_its_own_job() {
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 41);
     let victim_job = ionet::get_runtime_context().unwrap().job_id;
     let victim_actor = tally.actor_handle().id();
+    // An object in the node's shared memory (above the inline threshold).
+    let weights: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let stored = ionet::put(&weights).unwrap();
+    ionet::raw::kv_put("shared", b"k", b"victim's".to_vec(), true).unwrap();
     let head = cluster.address();
     let node = ionet::testing::local_node_address().unwrap();
     let driver = ionet::testing::core_worker_address().unwrap();
@@ -384,13 +401,31 @@ fn a_tenant_acts_only_for_its_own_job() {
         );
         let lease = RequestWorkerLeaseRequest { job_id: victim_job.to_vec(), ..Default::default() };
         denied(daemon.request_worker_lease(lease).await, "a lease as another job");
+        // The victim's object: not hers to free or seal, even knowing its id.
+        let object_ids = vec![stored.id().to_vec()];
+        let message = denied(daemon.free_objects(FreeObjectsRequest { object_ids }).await, "freeing another's object");
+        assert!(message.contains("belongs to account victim-co"), "{message}");
+        denied(daemon.seal_object(SealObjectRequest { object_id: stored.id().to_vec() }).await, "sealing it");
+        // Nor to point the node at a holder of her choosing.
+        let bogus = AddObjectLocationRequest { object_id: stored.id().to_vec(), holder_address: "10.6.6.6:1".into() };
+        denied(daemon.add_object_location(bogus).await, "adding a copy's location");
+        // Her KV is her account's: the victim's key is not there, and her write lands apart.
+        let key = KvGetRequest { namespace: "shared".into(), key: b"k".to_vec() };
+        assert_eq!(as_mallory.kv_get(key.clone()).await.unwrap_err().code(), Code::NotFound);
+        let put =
+            KvPutRequest { namespace: "shared".into(), key: b"k".to_vec(), value: b"hers".to_vec(), overwrite: true };
+        assert!(as_mallory.kv_put(put).await.unwrap().into_inner().added, "a key of her own");
+        assert_eq!(as_mallory.kv_get(key).await.unwrap().into_inner().value, b"hers");
         // Bundles are the head's to reserve and cancel.
         let cancel = CancelBundleRequest { placement_group_id: group_id, bundle_index: 0 };
         denied(daemon.cancel_bundle(cancel).await, "cancelling a bundle on a node");
         // The victim's own processes: its driver and its actor's worker take no calls from
         // another account's job (no pushed tasks, no actor calls, no exit).
-        let actor =
-            operator.get_actor(GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 });
+        let lookup = GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
+        denied(as_mallory.get_actor(lookup.clone()).await, "finding where another tenant's actor runs");
+        let listed = as_mallory.list_actors(ListActorsRequest { include_dead: true }).await.unwrap().into_inner();
+        assert!(listed.actors.is_empty(), "another tenant's actors are not listed: {listed:?}");
+        let actor = operator.get_actor(lookup);
         let actor_worker = actor.await.unwrap().into_inner().actor.unwrap().address;
         for address in [&driver, &actor_worker] {
             let channel = ionet::rpc::connect(address, &credential, Duration::from_secs(5)).await.unwrap();
@@ -404,6 +439,9 @@ fn a_tenant_acts_only_for_its_own_job() {
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();
     });
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 42, "the victim's actor lives on");
+    assert_eq!(ionet::get(&stored).unwrap(), weights, "the victim's object is intact");
+    let kept = ionet::raw::kv_get("shared", b"k").unwrap();
+    assert_eq!(kept, Some(b"victim's".to_vec()), "the victim's KV is untouched");
 }
 
 /// What a worker of this job was given to call with, and whether it also sees anything

@@ -90,6 +90,17 @@ impl Principal {
         }
     }
 
+    /// Whether this principal may see what belongs to `account` (its jobs, actors, usage
+    /// and balance): the admin, the account's key, or one of its jobs. Tenants never see
+    /// each other's.
+    pub fn sees_account(&self, account: &str) -> bool {
+        match self {
+            Principal::Admin => true,
+            Principal::Account(own) | Principal::Job { account: own, .. } => **own == *account,
+            Principal::Joiner | Principal::Node(_) => false,
+        }
+    }
+
     /// Whether this principal may act for `job`: the job itself, or the admin.
     pub fn may_act_for_job(&self, job: &JobId) -> Result<(), Status> {
         match self {
@@ -235,7 +246,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/CreateObject", Access::Job),
     row("/ionet.node.NodeManager/SealObject", Access::Job),
     row("/ionet.node.NodeManager/EnsureObjectLocal", Access::Job),
-    row("/ionet.node.NodeManager/AddObjectLocation", Access::JobOrPeer),
+    row("/ionet.node.NodeManager/AddObjectLocation", Access::Peer),
     row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
     row("/ionet.node.NodeManager/PrepareBundle", Access::Admin),
     row("/ionet.node.NodeManager/CommitBundle", Access::Admin),
@@ -273,6 +284,34 @@ pub fn decide(principal: &Principal, path: &str, tenant: Option<&str>) -> Result
     }
 }
 
+/// The principal verified claims name.
+fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static str> {
+    match claims.role {
+        Role::Admin => Ok(Principal::Admin),
+        Role::Join => Ok(Principal::Joiner),
+        Role::Node => claims
+            .node_id
+            .and_then(|hex_id| hex::decode(hex_id).ok())
+            .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
+            .map(Principal::Node)
+            .ok_or("node credential without a valid node id"),
+        Role::Account => claims
+            .account
+            .filter(|account| !account.trim().is_empty())
+            .map(|account| Principal::Account(account.into()))
+            .ok_or("account key without an account"),
+        Role::Job => {
+            let job = claims
+                .job_id
+                .and_then(|hex_id| hex::decode(hex_id).ok())
+                .and_then(|bytes| JobId::from_bytes(&bytes).ok())
+                .ok_or("job credential without a valid job id")?;
+            let account = claims.account.ok_or("job credential without an account")?;
+            Ok(Principal::Job { job, account: account.into() })
+        }
+    }
+}
+
 /// What a server knows to tell principals apart.
 #[derive(Clone, Debug)]
 pub struct Authorizer {
@@ -283,24 +322,32 @@ pub struct Authorizer {
     /// The account a tenant's process belongs to (its [`Access::Tenant`] rows admit only
     /// that account's jobs); `None` on the cluster's own servers.
     tenant: Option<Arc<str>>,
+    /// Credentials this server has verified, with their principal and expiry: a caller's
+    /// next call costs a lookup, not a signature check. Bounded; emptied when full and
+    /// when the head's key changes.
+    verified: Arc<std::sync::RwLock<std::collections::HashMap<Box<[u8]>, (Principal, u64)>>>,
 }
+
+/// Most verified credentials an [`Authorizer`] remembers.
+const VERIFIED_CAPACITY: usize = 4096;
 
 impl Authorizer {
     /// A server of the cluster (the head's, a node daemon's).
     pub fn new(verifier: Option<Verifier>) -> Self {
-        Self { verifier: Arc::new(std::sync::RwLock::new(verifier)), tenant: None }
+        Self { verifier: Arc::new(std::sync::RwLock::new(verifier)), tenant: None, verified: Arc::default() }
     }
 
     /// The server of a process that belongs to `account` (a driver or one of its job's
     /// workers).
     pub fn for_account(verifier: Verifier, account: &str) -> Self {
-        Self { verifier: Arc::new(std::sync::RwLock::new(Some(verifier))), tenant: Some(account.into()) }
+        Self { tenant: Some(account.into()), ..Self::new(Some(verifier)) }
     }
 
     /// From now on, credentials signed by `verifier`'s key are accepted (a clone of this
     /// authorizer, already serving, sees it too).
     pub fn learn_head_key(&self, verifier: Verifier) {
         *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = Some(verifier);
+        self.verified.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The principal a bearer header names, or why it names none.
@@ -310,34 +357,26 @@ impl Authorizer {
         if !Verifier::is_credential(presented) {
             return Err("not a credential of this cluster");
         }
+        let now = crate::credential::now_unix();
+        if let Some((principal, expires_at)) =
+            self.verified.read().unwrap_or_else(|p| p.into_inner()).get(presented).cloned()
+        {
+            if now < expires_at {
+                return Ok(principal);
+            }
+        }
         let claims = {
             let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
             verifier.as_ref().ok_or("this server does not know the head's key yet")?.verify(presented)?
         };
-        match claims.role {
-            Role::Admin => Ok(Principal::Admin),
-            Role::Join => Ok(Principal::Joiner),
-            Role::Node => claims
-                .node_id
-                .and_then(|hex_id| hex::decode(hex_id).ok())
-                .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
-                .map(Principal::Node)
-                .ok_or("node credential without a valid node id"),
-            Role::Account => claims
-                .account
-                .filter(|account| !account.trim().is_empty())
-                .map(|account| Principal::Account(account.into()))
-                .ok_or("account key without an account"),
-            Role::Job => {
-                let job = claims
-                    .job_id
-                    .and_then(|hex_id| hex::decode(hex_id).ok())
-                    .and_then(|bytes| JobId::from_bytes(&bytes).ok())
-                    .ok_or("job credential without a valid job id")?;
-                let account = claims.account.ok_or("job credential without an account")?;
-                Ok(Principal::Job { job, account: account.into() })
-            }
+        let expires_at = claims.expires_at;
+        let principal = principal_of(claims)?;
+        let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.clear();
         }
+        verified.insert(presented.into(), (principal.clone(), expires_at));
+        Ok(principal)
     }
 
     /// The principal of a call to `path` with bearer `header`, if the table lets it make
@@ -520,6 +559,23 @@ mod tests {
     }
 
     #[test]
+    fn a_verified_credential_is_remembered_until_the_heads_key_changes() {
+        let head = Issuer::generate();
+        let authorizer = Authorizer::new(Some(head.verifier()));
+        let job = format!("Bearer {}", head.issue_job(&[0, 0, 0, 5], "acme", Duration::from_secs(60))).into_bytes();
+        let first = authorizer.authenticate(Some(&job)).unwrap();
+        assert_eq!(authorizer.authenticate(Some(&job)).unwrap(), first, "the second call hits the cache");
+        assert_eq!(authorizer.verified.read().unwrap().len(), 1);
+        // Nothing refused is remembered.
+        let expired = format!("Bearer {}", head.issue(Role::Admin, Duration::ZERO)).into_bytes();
+        assert_eq!(authorizer.authenticate(Some(&expired)), Err("credential expired"));
+        assert_eq!(authorizer.verified.read().unwrap().len(), 1);
+        // Another head's key: what the old one signed is no longer accepted.
+        authorizer.learn_head_key(Issuer::generate().verifier());
+        assert!(authorizer.authenticate(Some(&job)).is_err());
+    }
+
+    #[test]
     fn principals_act_only_for_themselves() {
         let (mine, theirs) = (NodeId::random(), NodeId::random());
         let node = Principal::Node(mine);
@@ -540,6 +596,9 @@ mod tests {
         assert!(job.may_act_for_account("globex").unwrap_err().message().contains("may not act for account globex"));
         assert!(Principal::Account("acme".into()).may_act_for_account("acme").is_err(), "a key starts jobs only");
         assert!(Principal::Node(mine).may_act_for_account("acme").is_err());
+        assert!(job.sees_account("acme") && Principal::Account("acme".into()).sees_account("acme"));
+        assert!(!job.sees_account("globex") && !Principal::Node(mine).sees_account("acme"));
+        assert!(Principal::Admin.sees_account("globex"));
 
         let stranger = Principal::Job { job: other, account: "globex".into() };
         for rule in TABLE {

@@ -142,9 +142,9 @@ impl KeyPair {
         let io =
             |err: std::io::Error| IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display())));
         for _ in 0..2 {
-            match std::fs::read(path) {
+            match crate::files::read_private(path) {
                 Ok(bytes) => return Self::from_file(path, &bytes),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Err(crate::files::NotPrivate::Io(err)) if err.kind() == std::io::ErrorKind::NotFound => {
                     let pair = Self::generate();
                     match crate::files::create_private(path, &pair.key.to_bytes()) {
                         Ok(()) => return Ok(pair),
@@ -153,25 +153,19 @@ impl KeyPair {
                         Err(err) => return Err(io(err)),
                     }
                 }
-                Err(err) => return Err(io(err)),
+                Err(crate::files::NotPrivate::Io(err)) => return Err(io(err)),
+                Err(crate::files::NotPrivate::Exposed(why)) => {
+                    return Err(IonetError::FailedPrecondition(format!(
+                        "{}: a private key must be private: {why}",
+                        path.display()
+                    )))
+                }
             }
         }
         Err(IonetError::Internal(format!("{}: created and gone again", path.display())))
     }
 
     fn from_file(path: &Path, bytes: &[u8]) -> IonetResult<Self> {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|err| IonetError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(IonetError::FailedPrecondition(format!(
-                "{}: a private key readable by others (mode {:o}); chmod 600 it",
-                path.display(),
-                mode & 0o777
-            )));
-        }
         let secret: [u8; 32] = bytes.try_into().map_err(|_| {
             IonetError::FailedPrecondition(format!(
                 "{}: a private key is 32 bytes, this file has {}",
@@ -201,7 +195,7 @@ pub fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> 
         .unwrap_or(false)
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0)
 }
 

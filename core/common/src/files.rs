@@ -42,6 +42,41 @@ pub fn replace_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     fs::rename(&staging, path)
 }
 
+/// Why a file is not private: what [`read_private`] refuses.
+#[derive(Debug)]
+pub enum NotPrivate {
+    /// It could not be opened or read (missing: `NotFound`; a link: refused as `ELOOP`).
+    Io(io::Error),
+    /// It is another user's, or others may read or write it (mode shown, octal).
+    Exposed(String),
+}
+
+/// The bytes of the private file at `path`, read through one descriptor (so the file
+/// checked is the file read): never through a symbolic link, and only a regular file of
+/// this user's that no one else may read or write.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, NotPrivate> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file =
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(NotPrivate::Io)?;
+    let metadata = file.metadata().map_err(NotPrivate::Io)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !metadata.is_file() {
+        return Err(NotPrivate::Exposed("not a regular file".into()));
+    }
+    if metadata.uid() != me {
+        return Err(NotPrivate::Exposed(format!("belongs to uid {}, not this user ({me})", metadata.uid())));
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(NotPrivate::Exposed(format!("readable by others (mode {mode:o}); chmod 600 it")));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.read_to_end(&mut bytes).map_err(NotPrivate::Io)?;
+    Ok(bytes)
+}
+
 /// Creates `dir` (and its parents) with mode 0700 for the directory itself; an existing
 /// directory must belong to this user, and is narrowed to 0700.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
@@ -97,6 +132,22 @@ mod tests {
         replace_private(&path, b"three").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"three");
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_private_file_is_read_only_if_private_and_never_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new_private(&path, b"key").unwrap();
+        assert_eq!(read_private(&path).unwrap(), b"key");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(read_private(&path), Err(NotPrivate::Exposed(why)) if why.contains("644")));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(read_private(&link), Err(NotPrivate::Io(_))), "a link is never followed");
+        let missing = read_private(&dir.path().join("missing"));
+        assert!(matches!(missing, Err(NotPrivate::Io(err)) if err.kind() == io::ErrorKind::NotFound));
     }
 
     #[test]
