@@ -40,6 +40,9 @@ pub struct GcsState {
     storage: Arc<dyn GcsStorage>,
     clock: Arc<dyn Clock>,
     nodes: DashMap<NodeId, NodeInfo>,
+    /// Each node id's key, bound at its first registration (taken atomically, before the
+    /// registration is written, so two first registrations of one id cannot both win).
+    node_keys: DashMap<NodeId, Vec<u8>>,
     jobs: DashMap<JobId, JobInfo>,
     events: broadcast::Sender<ClusterEvent>,
     sequence: AtomicU64,
@@ -83,6 +86,7 @@ impl GcsState {
         .await?;
 
         let node_table = DashMap::new();
+        let node_keys = DashMap::new();
         for (key, bytes) in nodes {
             let mut node: NodeInfo = decode(&format!("node {}", hex::encode(&key)), &bytes)?;
             let node_id = NodeId::from_bytes(&node.node_id).map_err(GcsError::from)?;
@@ -90,6 +94,7 @@ impl GcsState {
                 // A fresh deadline: the node has one timeout to reach the restarted head.
                 node.last_heartbeat_ms = now;
             }
+            node_keys.insert(node_id, node.public_key.clone());
             node_table.insert(node_id, node);
         }
         let job_table = DashMap::new();
@@ -111,6 +116,7 @@ impl GcsState {
             storage,
             clock,
             nodes: node_table,
+            node_keys,
             jobs: job_table,
             events,
             sequence: AtomicU64::new(0),
@@ -206,14 +212,13 @@ impl GcsState {
         }
         // The first registration binds the id to the key; only that key's holder may use
         // the id again (a provider cannot take over another's record, wallet or price).
-        if let Some(known) = self.nodes.get(&node_id) {
-            if known.public_key != node.public_key {
-                return Err(IonetError::PermissionDenied(format!(
-                    "node {} is bound to another key: a node id is registered again only by the key it first registered with",
-                    node_id.short()
-                ))
-                .into());
-            }
+        let bound = self.node_keys.entry(node_id).or_insert_with(|| node.public_key.clone()).clone();
+        if bound != node.public_key {
+            return Err(IonetError::PermissionDenied(format!(
+                "node {} is bound to another key: a node id is registered again only by the key it first registered with",
+                node_id.short()
+            ))
+            .into());
         }
         let now = self.clock.now_ms();
         node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
@@ -599,6 +604,26 @@ mod tests {
         assert!(gcs.register_node(short_id).await.unwrap_err().to_string().contains("28 bytes"));
         let unknown = gcs.heartbeat(NodeId::random().as_bytes(), None).unwrap_err();
         assert!(unknown.to_string().contains("not registered"));
+    }
+
+    #[tokio::test]
+    async fn two_first_registrations_of_one_id_cannot_both_win() {
+        let clock = ManualClock::new(0);
+        let gcs = state(&clock).await;
+        for _ in 0..20 {
+            let id = NodeId::random();
+            let (mut mine, mut theirs) = (node(id, 1), node(id, 1));
+            (mine.public_key, theirs.public_key) = (vec![1; 32], vec![2; 32]);
+            // Both checked before either is written: only one key may hold the id.
+            let (first, second) = tokio::join!(gcs.register_node(mine), gcs.register_node(theirs));
+            assert_eq!(u8::from(first.is_ok()) + u8::from(second.is_ok()), 1, "{first:?} {second:?}");
+            let bound = gcs.nodes(false).into_iter().find(|row| row.node_id == id.to_vec()).unwrap().public_key;
+            assert_eq!(
+                bound,
+                if first.is_ok() { vec![1; 32] } else { vec![2; 32] },
+                "the winner's key is the record's"
+            );
+        }
     }
 
     #[tokio::test]
