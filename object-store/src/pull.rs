@@ -32,6 +32,9 @@ use crate::view::ObjectView;
 
 type SharedPull = Shared<BoxFuture<'static, ObjectStoreResult<ObjectView>>>;
 
+/// How long a peer may keep a pull waiting for its answer or its next chunk.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Cheap to clone; clones share in-flight transfers and connections.
 #[derive(Clone)]
 pub struct Puller {
@@ -42,6 +45,9 @@ struct PullerInner {
     store: Arc<LocalObjectStore>,
     credential: SharedCredential,
     connect_timeout: Duration,
+    /// Longest a peer may go without answering or sending the next chunk: a peer that
+    /// stalls (crashed, or a provider holding the pull hostage) breaks the transfer.
+    stall_timeout: Duration,
     in_flight: DashMap<ObjectId, SharedPull>,
     channels: DashMap<String, AuthChannel>,
     transfers_started: AtomicU64,
@@ -55,11 +61,18 @@ impl Puller {
                 store,
                 credential,
                 connect_timeout: Duration::from_secs(5),
+                stall_timeout: DEFAULT_STALL_TIMEOUT,
                 in_flight: DashMap::new(),
                 channels: DashMap::new(),
                 transfers_started: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// With another stall deadline (see [`DEFAULT_STALL_TIMEOUT`]); before it is cloned.
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Puller {
+        Arc::get_mut(&mut self.inner).expect("set before the puller is shared").stall_timeout = timeout;
+        self
     }
 
     /// Transfers this puller started (merged pulls count once).
@@ -162,12 +175,19 @@ impl PullerInner {
             other => other,
         })?;
         let mut client = ObjectManagerClient::new(channel).max_decoding_message_size(MAX_CHUNK_BYTES + 1024 * 1024);
-        let mut stream = client.pull(PullRequest { object_id: id.to_vec() }).await.map_err(pull_failed)?.into_inner();
+        let stall = self.stall_timeout;
+        let answer = tokio::time::timeout(stall, client.pull(PullRequest { object_id: id.to_vec() }))
+            .await
+            .map_err(|_| broken(format!("the peer did not answer within {stall:?}")))?;
+        let mut stream = answer.map_err(pull_failed)?.into_inner();
 
         let mut created: Option<(CreatedObject, AbortGuard)> = None;
         let mut received: u64 = 0;
         loop {
-            let chunk = match stream.message().await {
+            let next = tokio::time::timeout(stall, stream.message())
+                .await
+                .map_err(|_| broken(format!("the peer sent nothing for {stall:?} after {received} bytes")))?;
+            let chunk = match next {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 // A status before any data is the server's answer (NOT_FOUND, …); after

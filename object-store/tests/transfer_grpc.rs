@@ -203,6 +203,8 @@ struct BrokenPeer {
     /// Chunks to send, then optionally an error status.
     chunks: Vec<ObjectChunk>,
     fail_with: Option<Status>,
+    /// Then send nothing more, keeping the stream open.
+    stall: bool,
 }
 
 #[tonic::async_trait]
@@ -214,7 +216,12 @@ impl ObjectManager for BrokenPeer {
         if let Some(status) = &self.fail_with {
             items.push(Err(status.clone()));
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(items))))
+        let sent = futures::stream::iter(items);
+        if self.stall {
+            use futures::StreamExt;
+            return Ok(Response::new(Box::pin(sent.chain(futures::stream::pending()))));
+        }
+        Ok(Response::new(Box::pin(sent)))
     }
 
     async fn free(&self, _: Request<FreeRequest>) -> Result<Response<FreeReply>, Status> {
@@ -231,7 +238,8 @@ async fn pull_from_broken(peer: BrokenPeer) -> (ObjectStoreError, Arc<LocalObjec
     let router = ionet_common::rpc::server(head.authorizer()).add_service(ObjectManagerServer::new(peer));
     let server = serve_router(router).await;
     let local = Arc::new(store(64 * MIB));
-    let err = Puller::new(local.clone(), head.node()).pull(&server.address.to_string(), id(6)).await.unwrap_err();
+    let puller = Puller::new(local.clone(), head.node()).with_stall_timeout(Duration::from_millis(300));
+    let err = puller.pull(&server.address.to_string(), id(6)).await.unwrap_err();
     (err, local)
 }
 
@@ -251,6 +259,7 @@ async fn a_transfer_that_breaks_off_leaves_no_partial_object() {
         let (err, local) = pull_from_broken(BrokenPeer {
             chunks: vec![chunk(0, 1000)],
             fail_with: Some(Status::unavailable("peer going away")),
+            stall: false,
         })
         .await;
         assert!(matches!(&err, ObjectStoreError::TransferBroken { .. }), "{err}");
@@ -258,15 +267,20 @@ async fn a_transfer_that_breaks_off_leaves_no_partial_object() {
         assert_nothing_left(&local);
 
         // The stream ends short of the announced size.
-        let (err, local) =
-            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 1000), chunk(1000, 24)], fail_with: None }).await;
+        let (err, local) = pull_from_broken(BrokenPeer {
+            chunks: vec![chunk(0, 1000), chunk(1000, 24)],
+            fail_with: None,
+            stall: false,
+        })
+        .await;
         assert!(err.to_string().contains(&format!("ended after 1024 of {MIB} bytes")), "{err}");
         assert!(err.is_retryable());
         assert_nothing_left(&local);
 
         // A chunk out of order.
         let (err, local) =
-            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 10), chunk(20, 10)], fail_with: None }).await;
+            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 10), chunk(20, 10)], fail_with: None, stall: false })
+                .await;
         assert!(err.to_string().contains("does not follow"), "{err}");
         assert_nothing_left(&local);
 
@@ -274,9 +288,21 @@ async fn a_transfer_that_breaks_off_leaves_no_partial_object() {
         let (err, local) = pull_from_broken(BrokenPeer {
             chunks: vec![ObjectChunk { total_size: 4, offset: 0, data: vec![1; 8] }],
             fail_with: None,
+            stall: false,
         })
         .await;
         assert!(err.to_string().contains("does not follow"), "{err}");
+        assert_nothing_left(&local);
+
+        // The peer stops sending, the stream held open: the pull breaks at its deadline.
+        let (err, local) =
+            pull_from_broken(BrokenPeer { chunks: vec![chunk(0, 1000)], fail_with: None, stall: true }).await;
+        assert!(err.to_string().contains("sent nothing for 300ms after 1000 bytes"), "{err}");
+        assert!(err.is_retryable());
+        assert_nothing_left(&local);
+        // Or never answers at all.
+        let (err, local) = pull_from_broken(BrokenPeer { chunks: vec![], fail_with: None, stall: true }).await;
+        assert!(err.to_string().contains("sent nothing for 300ms after 0 bytes"), "{err}");
         assert_nothing_left(&local);
     })
     .await

@@ -287,9 +287,17 @@ pub type AuthorizedServer =
 pub type AuthorizedRouter =
     tonic::transport::server::Router<tower_layer::Stack<crate::authz::AuthorizeLayer, tower_layer::Identity>>;
 
-/// Every ionet server starts here: no call reaches a handler unless `authorizer` admits it.
+/// Most streams one connection may hold open at once (HTTP/2's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; tonic's default is none). A client past it waits for
+/// a stream to end rather than failing; a peer cannot make a server hold unbounded state.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+
+/// Every ionet server starts here: no call reaches a handler unless `authorizer` admits it,
+/// and no connection holds more than [`MAX_STREAMS_PER_CONNECTION`] streams.
 pub fn server(authorizer: crate::authz::Authorizer) -> AuthorizedServer {
-    tonic::transport::Server::builder().layer(crate::authz::AuthorizeLayer::new(authorizer))
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(crate::authz::AuthorizeLayer::new(authorizer))
 }
 
 /// The connections accepted on `listener`, with Nagle's algorithm off: a server given its
