@@ -59,6 +59,12 @@ const MAX_ACCOUNT_TTL: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 pub(crate) const JOB_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl GcsService {
+    /// The account a placement group belongs to: its job's payer.
+    fn account_of_group(&self, id: &ionet_common::PlacementGroupId) -> String {
+        let job = self.placement_groups.job_of(id).and_then(|job| JobId::from_bytes(&job).ok());
+        job.map(|job| self.state.payer_of(&job)).unwrap_or_else(|| "default".into())
+    }
+
     /// The account an actor belongs to: its job's payer.
     fn account_of_actor(&self, actor: &ionet_common::rpc::proto::gcs::ActorInfo) -> String {
         let job = actor.spec.as_ref().and_then(|spec| JobId::from_bytes(&spec.job_id).ok());
@@ -322,15 +328,25 @@ impl Gcs for GcsService {
         &self,
         request: Request<GetPlacementGroupRequest>,
     ) -> Result<Response<GetPlacementGroupReply>, Status> {
+        let principal = Principal::of(&request)?;
         let id = ionet_common::PlacementGroupId::from_bytes(&request.into_inner().placement_group_id)?;
-        Ok(Response::new(self.placement_groups.get(&id)?))
+        let group = self.placement_groups.get(&id)?;
+        // Where a tenant's bundles are is its account's to know (and the operator's).
+        principal.may_act_for_account(&self.account_of_group(&id))?;
+        Ok(Response::new(group))
     }
 
     async fn list_placement_groups(
         &self,
-        _request: Request<ListPlacementGroupsRequest>,
+        request: Request<ListPlacementGroupsRequest>,
     ) -> Result<Response<ListPlacementGroupsReply>, Status> {
-        Ok(Response::new(ListPlacementGroupsReply { groups: self.placement_groups.list() }))
+        let principal = Principal::of(&request)?;
+        let mut groups = self.placement_groups.list();
+        groups.retain(|group| {
+            ionet_common::PlacementGroupId::from_bytes(&group.placement_group_id)
+                .is_ok_and(|id| principal.sees_account(&self.account_of_group(&id)))
+        });
+        Ok(Response::new(ListPlacementGroupsReply { groups }))
     }
 
     async fn remove_placement_group(

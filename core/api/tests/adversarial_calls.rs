@@ -17,7 +17,9 @@ use ionet::rpc::proto::gcs::{
     ActorSpec, AddJobRequest, CreateActorRequest, CreatePlacementGroupRequest, CreateTokenRequest, DrainNodeRequest,
     HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
 };
-use ionet::rpc::proto::gcs::{GetActorRequest, ListActorsRequest};
+use ionet::rpc::proto::gcs::{
+    GetActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListPlacementGroupsRequest,
+};
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
     AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
@@ -395,6 +397,12 @@ fn a_tenant_acts_only_for_its_own_job() {
         let group_id = operator.create_placement_group(victims_group).await.unwrap().into_inner().placement_group_id;
         let removal = RemovePlacementGroupRequest { placement_group_id: group_id.clone() };
         denied(as_mallory.remove_placement_group(removal.clone()).await, "removing another job's placement group");
+        let lookup = GetPlacementGroupRequest { placement_group_id: group_id.clone() };
+        denied(as_mallory.get_placement_group(lookup).await, "finding where another tenant's bundles are");
+        let groups = as_mallory.list_placement_groups(ListPlacementGroupsRequest {}).await.unwrap().into_inner();
+        assert!(groups.groups.is_empty(), "another tenant's groups are not listed");
+        let groups = operator.list_placement_groups(ListPlacementGroupsRequest {}).await.unwrap().into_inner();
+        assert_eq!(groups.groups.len(), 1, "the operator sees them");
         operator.remove_placement_group(removal).await.unwrap();
         let mut daemon = ionet::rpc::NodeManagerClient::new(
             ionet::rpc::connect(&node, &credential, Duration::from_secs(5)).await.unwrap(),
