@@ -86,13 +86,35 @@ fn this_program() -> Result<std::path::PathBuf> {
     }
 }
 
+/// `argv` without `--join-token T` (or `--join-token=T`), and the token it named.
+fn without_join_token(
+    argv: impl IntoIterator<Item = std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Option<std::ffi::OsString>) {
+    let (mut kept, mut token) = (Vec::new(), None);
+    let mut argv = argv.into_iter();
+    while let Some(arg) = argv.next() {
+        match arg.to_str() {
+            Some("--join-token") => token = argv.next(),
+            Some(text) if text.starts_with("--join-token=") => token = Some(text["--join-token=".len()..].into()),
+            _ => kept.push(arg),
+        }
+    }
+    (kept, token)
+}
+
 fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     let role = if args.head { "head" } else { "node" };
     let out_path = session.logs().join(format!("{role}.out"));
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path)?;
     let mut command = std::process::Command::new(this_program()?);
+    // A join token travels to the daemon in its environment (private once it runs), never
+    // on its command line, which every process on the machine may read.
+    let (argv, join_token) = without_join_token(std::env::args_os().skip(1));
+    if let Some(token) = join_token {
+        command.env("IONET_JOIN_TOKEN", token);
+    }
     command
-        .args(std::env::args_os().skip(1))
+        .args(argv)
         .arg("--block")
         .arg("--temp-dir")
         .arg(session.path())
@@ -205,6 +227,8 @@ fn configure_payouts(_options: &mut GcsServerOptions, _args: &PayoutArgs, _sessi
 }
 
 async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
+    // The head holds the signing key and the operator's credential.
+    ionet_common::worker_env::keep_memory_private();
     let config = ClusterConfig::load(args.config.as_deref())?;
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -370,6 +394,8 @@ fn resolve_credential(explicit: Option<&str>, session: &SessionDir, why: &str) -
 }
 
 async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
+    // The node holds its key and its credential: not for its workers (same user) to read.
+    ionet_common::worker_env::keep_memory_private();
     let config = ClusterConfig::load(args.config.as_deref())?;
     let gcs_address = args.address.clone().expect("checked by start");
     let join_credential = match args.join_token.as_deref() {
@@ -526,4 +552,19 @@ pub fn stop(args: StopArgs) -> Result<()> {
         println!("stopped {stopped} ionet daemon(s) of {}", session.path().display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_token_leaves_the_command_line() {
+        let argv = |words: &[&str]| words.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (kept, token) = without_join_token(argv(&["start", "--address", "h:1", "--join-token", "ionet1.j.s"]));
+        assert_eq!((kept, token), (argv(&["start", "--address", "h:1"]), Some("ionet1.j.s".into())));
+        let (kept, token) = without_join_token(argv(&["start", "--join-token=ionet1.j.s", "--num-cpus", "2"]));
+        assert_eq!((kept, token), (argv(&["start", "--num-cpus", "2"]), Some("ionet1.j.s".into())));
+        assert_eq!(without_join_token(argv(&["start", "--head"])), (argv(&["start", "--head"]), None));
+    }
 }

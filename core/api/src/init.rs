@@ -325,6 +325,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         started.job.ok_or_else(|| IonetError::Internal("the control store added a job but returned none".into()))?;
     let job_id = JobId::from_bytes(&job.job_id)?;
     let credential = Bearer::new(&started.job_credential)?;
+    ionet_common::worker_env::keep_memory_private();
     let head_key = Verifier::from_bytes(&started.head_key)?;
     let account = account_of(&credential, &head_key)?;
     let worker = CoreWorker::new(
@@ -387,7 +388,10 @@ fn run_worker() -> ! {
             std::process::exit(2)
         });
         let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
-        let credential = Bearer::new(&told.credential)?;
+        let credential = Bearer::new(&ionet_common::worker_env::take_credential(|name| std::env::var(name).ok())?)?;
+        // What this process holds (its job's credential) is not for other processes of
+        // its user to read.
+        ionet_common::worker_env::keep_memory_private();
         let head_key = Verifier::from_hex(&told.head_key)?;
         let account = account_of(&credential, &head_key)?;
         let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;

@@ -55,6 +55,11 @@ pub fn object_store_stats(
     })
 }
 
+/// The credential this process calls with (its job's).
+pub fn job_credential() -> ionet_common::IonetResult<String> {
+    Ok(crate::runtime::current()?.credential.as_str().to_string())
+}
+
 /// The address of this process's own node daemon.
 pub fn local_node_address() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.node_address.clone())

@@ -453,15 +453,38 @@ fn a_tenant_acts_only_for_its_own_job() {
 }
 
 /// What a worker of this job was given to call with, and whether it also sees anything
-/// broader (a cluster token, the operator's credential).
+/// broader (a cluster token, the operator's credential) in its environment.
 #[ionet::remote]
 fn credentials_in_my_environment() -> (String, Vec<String>) {
-    let broader = ["IONET_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY", "IONET_JOIN_TOKEN"]
+    let broader = ["IONET_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY", "IONET_JOIN_TOKEN", "IONET_JOB_CREDENTIAL"]
         .into_iter()
         .filter(|name| std::env::var_os(name).is_some())
         .map(str::to_string)
         .collect();
-    (std::env::var("IONET_JOB_CREDENTIAL").unwrap_or_default(), broader)
+    (ionet::testing::job_credential().unwrap(), broader)
+}
+
+/// What this worker can learn of credentials from the other processes on its node: the
+/// processes whose environment or command line holds one, and whether its own memory is
+/// private (`PR_GET_DUMPABLE` 0).
+#[ionet::remote]
+fn credentials_on_my_node() -> (Vec<String>, bool) {
+    let mut exposed = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|byte| byte.is_ascii_digit()) {
+            continue;
+        }
+        for file in ["environ", "cmdline"] {
+            let bytes = std::fs::read(entry.path().join(file)).unwrap_or_default();
+            if bytes.windows(7).any(|window| window == b"ionet1.") {
+                exposed.push(format!("/proc/{name}/{file}"));
+            }
+        }
+    }
+    // SAFETY: prctl PR_GET_DUMPABLE only reads this process's flag.
+    let private = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } == 0;
+    (exposed, private)
 }
 
 /// A job's workers (its tasks' and its actors') hold the job's credential and nothing
@@ -482,6 +505,12 @@ fn a_jobs_workers_hold_its_credential_and_nothing_broader() {
     let tally = Tally::remote(0i64).unwrap();
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 1);
     let (actors, _) = ionet::get_timeout(&tally.credentials(), Duration::from_secs(60)).unwrap();
+    // No process on the node shows a credential in its environment or command line (the
+    // workers read theirs from a pipe; the daemons take join tokens from their
+    // environment), and a worker's memory is its own.
+    let (exposed, private) = ionet::get_timeout(&credentials_on_my_node::remote(), Duration::from_secs(60)).unwrap();
+    assert!(exposed.is_empty(), "credentials readable at {exposed:?}");
+    assert!(private, "a worker is not dumpable");
     let actor_claims = head_of(&cluster).verifier().verify(actors.as_bytes()).unwrap();
     assert_eq!(
         (actor_claims.role, actor_claims.job_id, actor_claims.account),
@@ -516,7 +545,7 @@ impl Tally {
     }
 
     pub fn credentials(&self) -> (String, Vec<String>) {
-        (std::env::var("IONET_JOB_CREDENTIAL").unwrap_or_default(), Vec::new())
+        (ionet::testing::job_credential().unwrap(), Vec::new())
     }
 }
 

@@ -3,7 +3,11 @@
 //! type both sides use, so the two can never drift apart.
 //!
 //! A worker is a program re-executed with [`WORKER_MODE`] set; everything else it needs
-//! to join its node is in the variables [`WorkerEnv::to_vars`] lists. The language
+//! to join its node is in the variables [`WorkerEnv::to_vars`] lists, except its job's
+//! credential, which never enters the environment (where any process of the same user
+//! could read it in `/proc/<pid>/environ`): the daemon writes it into a pipe the worker
+//! inherits ([`CredentialPipe`]), and the worker reads it once ([`take_credential`]) and
+//! makes itself undumpable ([`keep_memory_private`]). The language
 //! bindings' own variables (worker argv, namespace) travel in the lease request's
 //! `WorkerCommand` and are not part of this protocol.
 
@@ -17,7 +21,7 @@ const NODE_ADDRESS: &str = "IONET_NODE_ADDRESS";
 const NODE_ID: &str = "IONET_NODE_ID";
 const JOB_ID: &str = "IONET_JOB_ID";
 const GPU_IDS: &str = "IONET_GPU_IDS";
-const CREDENTIAL: &str = "IONET_JOB_CREDENTIAL";
+const CREDENTIAL_FD: &str = "IONET_CREDENTIAL_FD";
 const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
 const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
 const HEAD_KEY: &str = "IONET_HEAD_KEY";
@@ -32,8 +36,6 @@ pub struct WorkerEnv {
     pub job_id: JobId,
     /// The GPUs leased to it (also in `CUDA_VISIBLE_DEVICES`).
     pub gpu_ids: Vec<u32>,
-    /// Its job's credential: every call it makes carries it, and nothing broader.
-    pub credential: String,
     /// The node's object-store directory (shared memory).
     pub object_store_dir: String,
     pub gcs_address: String,
@@ -52,7 +54,6 @@ impl WorkerEnv {
             (NODE_ADDRESS, self.node_address.clone()),
             (NODE_ID, self.node_id.hex()),
             (JOB_ID, self.job_id.hex()),
-            (CREDENTIAL, self.credential.clone()),
             (OBJECT_STORE_DIR, self.object_store_dir.clone()),
             (GCS_ADDRESS, self.gcs_address.clone()),
             (HEAD_KEY, self.head_key.clone()),
@@ -83,7 +84,6 @@ impl WorkerEnv {
             node_address: var(NODE_ADDRESS)?,
             job_id: var(JOB_ID)?.parse()?,
             gpu_ids,
-            credential: var(CREDENTIAL)?,
             object_store_dir: lookup(OBJECT_STORE_DIR).unwrap_or_default(),
             gcs_address: lookup(GCS_ADDRESS).unwrap_or_default(),
             head_key: lookup(HEAD_KEY).unwrap_or_default(),
@@ -93,6 +93,86 @@ impl WorkerEnv {
     /// This process's worker environment.
     pub fn from_process() -> IonetResult<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
+    }
+}
+
+/// A pipe holding a worker's credential, its write end already closed: the worker
+/// inherits the read end (its number in [`CREDENTIAL_FD`]) and reads the credential whole.
+pub struct CredentialPipe {
+    read: std::os::fd::OwnedFd,
+}
+
+impl CredentialPipe {
+    pub fn holding(credential: &str) -> IonetResult<Self> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // Far below a pipe's capacity, so the write never waits for a reader.
+        if credential.len() > 16 * 1024 {
+            return Err(IonetError::InvalidArgument("a credential is at most 16 KiB".into()));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors on success; both close on exec, so no
+        // other child inherits them (the worker's own start clears the flag on its copy).
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: the descriptors are fresh and owned here.
+        let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+        let mut write = write;
+        write.write_all(credential.as_bytes())?;
+        Ok(Self { read })
+    }
+
+    /// The variable telling the worker where to read.
+    pub fn var(&self) -> (&'static str, String) {
+        use std::os::fd::AsRawFd;
+        (CREDENTIAL_FD, self.read.as_raw_fd().to_string())
+    }
+
+    /// In the child between fork and exec: keeps the read end open across exec.
+    /// Async-signal-safe (one `fcntl`).
+    pub fn inherit_in_child(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        // SAFETY: fcntl on a descriptor this process holds.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.read.as_raw_fd()
+    }
+}
+
+/// The worker's side: reads its credential from the descriptor its daemon named, and
+/// closes it (a second call finds nothing).
+pub fn take_credential(lookup: impl Fn(&str) -> Option<String>) -> IonetResult<String> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let text = lookup(CREDENTIAL_FD)
+        .ok_or_else(|| IonetError::Config(format!("a worker process needs {CREDENTIAL_FD} in its environment")))?;
+    let fd: std::os::fd::RawFd =
+        text.parse().map_err(|_| IonetError::Config(format!("{CREDENTIAL_FD}: {text:?} is not a descriptor")))?;
+    // SAFETY: the daemon passed this descriptor for this process to read once; checked to
+    // be open before it is owned.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(IonetError::Config(format!("{CREDENTIAL_FD}: descriptor {fd} is not open")));
+    }
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut credential = String::new();
+    file.read_to_string(&mut credential)?;
+    Ok(credential.trim().to_string())
+}
+
+/// Makes this process's memory and environment unreadable to other processes of its
+/// user (`PR_SET_DUMPABLE` 0: `/proc/<pid>/mem`, `environ` and ptrace need privilege):
+/// every ionet process holding a credential or a key calls it. It also turns core dumps
+/// off.
+pub fn keep_memory_private() {
+    // SAFETY: prctl with PR_SET_DUMPABLE has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
 }
 
@@ -108,7 +188,6 @@ mod tests {
             node_address: "10.0.0.7:4000".into(),
             job_id: JobId::from_bytes(&[0, 0, 0, 9]).unwrap(),
             gpu_ids: vec![0, 3],
-            credential: "secret".into(),
             object_store_dir: "/dev/shm/ionet-objects".into(),
             gcs_address: "10.0.0.1:6380".into(),
             head_key: "ab".repeat(32),
@@ -120,6 +199,21 @@ mod tests {
         let no_gpus = WorkerEnv { gpu_ids: Vec::new(), ..written };
         let vars: std::collections::HashMap<_, _> = no_gpus.to_vars().into_iter().collect();
         assert_eq!(WorkerEnv::from_vars(|name| vars.get(name).cloned()).unwrap(), no_gpus);
+    }
+
+    #[test]
+    fn a_credential_travels_through_a_pipe_read_once() {
+        let pipe = CredentialPipe::holding("ionet1.claims.signature").unwrap();
+        let (name, fd) = pipe.var();
+        assert_eq!(fd, pipe.raw_fd().to_string());
+        // The worker owns (and closes) its end; here it is this process's own copy.
+        // SAFETY: dup of a descriptor this test holds.
+        let copy = unsafe { libc::dup(pipe.raw_fd()) };
+        let lookup = |wanted: &str| (wanted == name).then(|| copy.to_string());
+        assert_eq!(take_credential(lookup).unwrap(), "ionet1.claims.signature");
+        assert!(take_credential(|_| None).unwrap_err().to_string().contains(CREDENTIAL_FD));
+        assert!(take_credential(|_| Some("stdin".into())).is_err());
+        assert!(take_credential(|_| Some("0".into())).is_err(), "never a standard stream");
     }
 
     #[test]

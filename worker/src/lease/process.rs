@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::node::WorkerCommand;
-use ionet_common::worker_env::WorkerEnv;
+use ionet_common::worker_env::{CredentialPipe, WorkerEnv};
 use ionet_common::{IonetError, IonetResult, JobId, WorkerId};
 use tokio::sync::oneshot;
 
@@ -23,22 +23,26 @@ const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Leases {
     /// What a worker this daemon starts is told (the protocol both sides share).
-    fn worker_env(&self, worker_id: WorkerId, job_id: JobId, gpu_ids: &[u32]) -> IonetResult<WorkerEnv> {
-        let credential =
-            self.job_credentials.get(&job_id).map(|entry| entry.as_str().to_string()).ok_or_else(|| {
-                IonetError::Internal(format!("no credential of job {job_id} to start its worker with"))
-            })?;
-        Ok(WorkerEnv {
+    fn worker_env(&self, worker_id: WorkerId, job_id: JobId, gpu_ids: &[u32]) -> WorkerEnv {
+        WorkerEnv {
             worker_id,
             node_id: self.node_id,
             node_address: self.address.clone(),
             job_id,
             gpu_ids: gpu_ids.to_vec(),
-            credential,
             object_store_dir: self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             gcs_address: self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             head_key: self.head_key.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
+        }
+    }
+
+    /// The job's credential, in a pipe for its new worker to read.
+    fn credential_pipe(&self, job_id: JobId) -> IonetResult<CredentialPipe> {
+        let credential = self
+            .job_credentials
+            .get(&job_id)
+            .ok_or_else(|| IonetError::Internal(format!("no credential of job {job_id} to start its worker with")))?;
+        CredentialPipe::holding(credential.as_str())
     }
 
     /// A worker announced its address.
@@ -62,8 +66,12 @@ impl Leases {
         process
             .args(&command.argv[1..])
             .envs(&command.env)
-            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids)?.to_vars())
+            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
             .stdin(Stdio::null());
+        // The credential never enters the environment: the worker reads it from a pipe.
+        let credential = self.credential_pipe(job_id)?;
+        process.env(credential.var().0, credential.var().1);
+        let credential_fd = credential.raw_fd();
         if !command.cwd.is_empty() {
             process.current_dir(&command.cwd);
         }
@@ -72,11 +80,12 @@ impl Leases {
             let file = std::fs::File::create(&path)?;
             process.stdout(file.try_clone()?).stderr(file);
         }
-        // SAFETY: prctl is async-signal-safe; a worker must not outlive its node daemon.
+        // SAFETY: prctl and fcntl are async-signal-safe; a worker must not outlive its node
+        // daemon, and keeps the credential pipe's read end (closed on exec otherwise).
         unsafe {
-            process.pre_exec(|| {
+            process.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                CredentialPipe::inherit_in_child(credential_fd)
             });
         }
         let (sender, receiver) = oneshot::channel();
@@ -88,6 +97,8 @@ impl Leases {
                 return Err(IonetError::Internal(format!("cannot start worker {:?}: {err}", command.argv[0])));
             }
         };
+        // The worker holds its copy of the pipe now; this end closes here.
+        drop(credential);
         let pid = child.id().unwrap_or(0);
         let starting = Process { pid, key, address: String::new(), doing: Doing::Starting };
         self.lock().processes.insert(worker_id, starting);
