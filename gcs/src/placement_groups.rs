@@ -171,6 +171,8 @@ pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     view.labels = node.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
     view.price_per_gpu_hour = node.price_per_gpu_hour_micros;
     view.state = match WireNodeState::try_from(node.state).unwrap_or(WireNodeState::Unspecified) {
+        // A node that runs no workloads takes nothing new, as a draining one.
+        WireNodeState::Alive if node.no_workloads => NodeState::Draining,
         WireNodeState::Alive => NodeState::Alive,
         WireNodeState::Draining => NodeState::Draining,
         WireNodeState::Dead | WireNodeState::Unspecified => NodeState::Dead,

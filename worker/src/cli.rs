@@ -129,6 +129,11 @@ pub struct StartArgs {
     pub usage_export: Option<PathBuf>,
     #[command(flatten)]
     pub payout: PayoutArgs,
+    /// Let the head's own node daemon run tasks and actors even though the head pays out
+    /// on chain (by default a head with `--payout-rpc-url` takes no leases: the process
+    /// holding the payout keypair runs no tenant code).
+    #[arg(long = "allow-head-workloads")]
+    pub allow_head_workloads: bool,
     /// A node's join token (`ionet token create --role node` on the head). Default, on
     /// the operator's own machine: the admin credential in the session directory.
     #[arg(long = "join-token", env = "IONET_JOIN_TOKEN", hide_env_values = true)]

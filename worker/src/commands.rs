@@ -265,6 +265,8 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         port: args.node_manager_port,
         advertise_host: host,
         is_head: true,
+        // The process holding the payout keypair runs no tenant code unless allowed.
+        runs_workloads: args.payout.rpc_url.is_none() || args.allow_head_workloads,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })
@@ -420,6 +422,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         bind_host: args.host.clone(),
         port: args.node_manager_port,
         is_head: false,
+        runs_workloads: true,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
     })

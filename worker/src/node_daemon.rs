@@ -64,6 +64,10 @@ pub struct NodeDaemonOptions {
     /// Host other processes use to reach this node.
     pub advertise_host: String,
     pub is_head: bool,
+    /// Whether the node takes leases at all. The head's own daemon does not when the head
+    /// holds the payout keypair, unless the operator allows it (`--allow-head-workloads`):
+    /// the process holding the money runs no tenant code.
+    pub runs_workloads: bool,
     pub workers: WorkerPoolOptions,
     /// Bytes of shared memory for the object store; 0: 30% of the machine's memory.
     pub object_store_capacity: u64,
@@ -265,6 +269,7 @@ impl NodeDaemon {
         let advertised = format!("{}:{}", options.advertise_host, address.port());
         let mut info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
         info.public_key = options.node_key.public_key().to_vec();
+        info.no_workloads = !options.runs_workloads;
         let credential = SharedCredential::new(&options.join_credential);
         let leases = Arc::new(Leases::new(
             node_id,
@@ -277,6 +282,9 @@ impl NodeDaemon {
         let objects =
             Arc::new(NodeObjects::new(options.object_store_capacity, credential.clone(), advertised.clone())?);
         leases.set_object_store_dir(objects.dir());
+        if !options.runs_workloads {
+            leases.refuse_workloads();
+        }
         leases.set_gcs_address(options.gcs_address.clone());
         // No credential is accepted until the node learns the head's key (at registration).
         let authorizer = Authorizer::new(None);

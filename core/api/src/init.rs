@@ -239,6 +239,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
         port: 0,
         advertise_host: "127.0.0.1".into(),
         is_head: true,
+        runs_workloads: true,
         workers: WorkerPoolOptions {
             idle_timeout: Duration::from_secs(60),
             max_idle_workers: cpus.max(1),

@@ -529,6 +529,56 @@ fn a_jobs_workers_hold_its_credential_and_nothing_broader() {
     });
 }
 
+/// The node this task or actor runs on.
+#[ionet::remote]
+fn where_am_i() -> String {
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
+/// A payout keypair file as the Solana CLI writes it (a JSON array of the 32 secret and
+/// 32 public bytes).
+fn payout_keypair(dir: &std::path::Path) -> std::path::PathBuf {
+    let raw = dir.join("raw.key");
+    let pair = KeyPair::load_or_create(&raw).unwrap();
+    let mut bytes = std::fs::read(&raw).unwrap();
+    bytes.extend_from_slice(&pair.public_key());
+    let path = dir.join("payout.json");
+    std::fs::write(&path, serde_json::to_string(&bytes).unwrap()).unwrap();
+    path
+}
+
+/// A head that pays out on chain runs no tenant code: its node daemon takes no lease, so
+/// tasks and (zero-CPU) actors run on a provider's node, or fail as infeasible when there
+/// is none.
+fn the_head_that_pays_out_runs_no_tenant_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let keypair = payout_keypair(dir.path());
+    let mut cluster = Cluster::start(&[
+        "--num-cpus",
+        "2",
+        "--payout-rpc-url",
+        "http://127.0.0.1:9",
+        "--payout-keypair",
+        keypair.to_str().unwrap(),
+        "--payout-asset",
+        "sol:1000000",
+    ]);
+    cluster.init();
+    let refused = ionet::get_timeout(&where_am_i::remote(), Duration::from_secs(60)).unwrap_err();
+    assert!(refused.to_string().to_lowercase().contains("infeasible"), "{refused}");
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=provider"]);
+    let provider = ionet::nodes()
+        .unwrap()
+        .into_iter()
+        .find(|node| node.labels.get("name").map(String::as_str) == Some("provider"))
+        .unwrap()
+        .node_id
+        .hex();
+    assert_eq!(ionet::get_timeout(&where_am_i::remote(), Duration::from_secs(60)).unwrap(), provider);
+    let tally = Tally::remote(0i64).unwrap();
+    assert_eq!(ionet::get_timeout(&tally.node(), Duration::from_secs(60)).unwrap(), provider, "an actor too");
+}
+
 pub struct Tally {
     value: i64,
 }
@@ -542,6 +592,10 @@ impl Tally {
     pub fn bump(&mut self, by: i64) -> i64 {
         self.value += by;
         self.value
+    }
+
+    pub fn node(&self) -> String {
+        ionet::get_runtime_context().unwrap().node_id.hex()
     }
 
     pub fn credentials(&self) -> (String, Vec<String>) {
@@ -608,6 +662,7 @@ fn main() {
                 "a_jobs_workers_hold_its_credential_and_nothing_broader",
                 a_jobs_workers_hold_its_credential_and_nothing_broader,
             ),
+            ("the_head_that_pays_out_runs_no_tenant_code", the_head_that_pays_out_runs_no_tenant_code),
         ],
         Duration::from_secs(240),
     );

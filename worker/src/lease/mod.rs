@@ -101,6 +101,8 @@ pub struct Leases {
     head_key: Mutex<String>,
     /// Channels to lease holders, for pressing them to give back idle leases.
     holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
+    /// This node takes no leases: every request goes to another node, or is refused.
+    no_workloads: std::sync::atomic::AtomicBool,
 }
 
 /// Fresh workers a grant starts at most when each exits as it is leased.
@@ -169,7 +171,14 @@ impl Leases {
             gcs_address: Mutex::new(String::new()),
             head_key: Mutex::new(String::new()),
             holder_channels: DashMap::new(),
+            no_workloads: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on this node grants no lease: requests are sent to other nodes (the view
+    /// shows this node as draining), or refused if none could take them.
+    pub fn refuse_workloads(&self) {
+        self.no_workloads.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Where workers started from now on find the node's object store.
@@ -275,10 +284,17 @@ impl Leases {
             state.view.node(&self.node_id).map(|node| node.labels.clone()).unwrap_or_default()
         };
         let labelled = selectors.iter().all(|selector| selector.matches(&own_labels));
-        let fits_ever = state.total.contains(demand) && labelled;
+        let no_workloads = self.no_workloads.load(std::sync::atomic::Ordering::Relaxed);
+        let fits_ever = state.total.contains(demand) && labelled && !no_workloads;
         let grant = |state: &mut LeaseState| -> Step { state.take(demand, None, "resources are busy") };
         let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
-            if !labelled {
+            if no_workloads {
+                Step::Infeasible(format!(
+                    "node {} runs no workloads (the head pays out on chain; start it with --allow-head-workloads \
+                     to let it)",
+                    self.node_id.short()
+                ))
+            } else if !labelled {
                 let wanted: Vec<String> = selectors.iter().map(ToString::to_string).collect();
                 Step::Infeasible(format!(
                     "no node can ever fit {demand} with labels [{}]: node {} is labelled {own_labels:?}",
@@ -324,6 +340,9 @@ impl Leases {
         if state.view.node(&self.node_id).is_none() {
             let mut own = ionet_scheduler::NodeView::new(self.node_id, own_total);
             own.available = clamped(&state.available);
+            if no_workloads {
+                own.state = ionet_scheduler::NodeState::Draining;
+            }
             let _ = state.view.upsert_node(own);
         }
         let policy = match strategy {
