@@ -52,10 +52,11 @@ struct Row {
 
 pub struct Actors {
     state: Arc<GcsState>,
-    /// The head's own credential: it creates actors in their workers and watches them.
-    head: Bearer,
-    /// Mints the credential an actor's lease is asked with: its job's, so the node starts
-    /// the actor's worker holding that and nothing broader.
+    /// Mints the credential of an actor's job, which every call the head makes for the
+    /// actor carries (its lease, its creation, watching its worker and its owner,
+    /// returning its lease): the node starts the actor's worker holding that and nothing
+    /// broader, and whatever listens at an address a tenant named learns nothing more
+    /// than that tenant's own job's credential.
     issuer: Issuer,
     /// Where an actor in a placement group is placed: its bundle's node.
     placement_groups: Arc<PlacementGroups>,
@@ -78,15 +79,9 @@ fn state_of(info: &ActorInfo) -> ActorState {
 }
 
 impl Actors {
-    pub fn new(
-        state: Arc<GcsState>,
-        head: Bearer,
-        issuer: Issuer,
-        placement_groups: Arc<PlacementGroups>,
-    ) -> Arc<Self> {
+    pub fn new(state: Arc<GcsState>, issuer: Issuer, placement_groups: Arc<PlacementGroups>) -> Arc<Self> {
         Arc::new(Actors {
             state,
-            head,
             issuer,
             placement_groups,
             rows: Mutex::new(HashMap::new()),
@@ -106,16 +101,16 @@ impl Actors {
         Ok(channel)
     }
 
-    /// A channel to `address` speaking as the head.
-    fn channel(&self, address: &str) -> IonetResult<AuthChannel> {
-        Ok(rpc::with_credential(self.connection(address)?, &self.head))
+    /// A channel to `address` carrying `credential`.
+    fn channel(&self, address: &str, credential: &Bearer) -> IonetResult<AuthChannel> {
+        Ok(rpc::with_credential(self.connection(address)?, credential))
     }
 
-    /// The credential of the job an actor belongs to (paid by its account).
-    fn job_credential(&self, spec: &ActorSpec) -> IonetResult<Bearer> {
-        let job = JobId::from_bytes(&spec.job_id)?;
+    /// The credential of job `job_id` (paid by its account).
+    fn job_credential(&self, job_id: &[u8]) -> IonetResult<Bearer> {
+        let job = JobId::from_bytes(job_id)?;
         let account = self.state.payer_of(&job);
-        Bearer::new(&self.issuer.issue_job(&spec.job_id, &account, crate::service::JOB_CREDENTIAL_TTL))
+        Bearer::new(&self.issuer.issue_job(job_id, &account, crate::service::JOB_CREDENTIAL_TTL))
     }
 
     fn bump(&self) {
@@ -176,7 +171,9 @@ impl Actors {
             && !spec.owner_address.is_empty()
             && self.owners.insert(spec.owner_address.clone(), ()).is_none()
         {
-            tokio::spawn(self.clone().watch_owner(spec.owner_address.clone()));
+            if let Ok(credential) = self.job_credential(&spec.job_id) {
+                tokio::spawn(self.clone().watch_owner(spec.owner_address.clone(), credential));
+            }
         }
         tokio::spawn(self.clone().place(actor_id, 0));
         Ok(info)
@@ -265,20 +262,22 @@ impl Actors {
                     lock(&self.names).remove(&(spec.namespace.clone(), spec.name.clone()));
                 }
             }
-            (row.lease.take(), restart.then_some(info.incarnation))
+            (row.lease.take().map(|lease| (lease, spec.job_id)), restart.then_some(info.incarnation))
         };
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
         self.bump();
-        if let Some((lease_id, node_address)) = lease {
-            self.return_lease(lease_id, &node_address, true).await;
+        if let Some(((lease_id, node_address), job_id)) = lease {
+            self.return_lease(&job_id, lease_id, &node_address, true).await;
         }
         if let Some(incarnation) = restart {
             tokio::spawn(self.clone().place(actor_id, incarnation));
         }
     }
 
-    async fn return_lease(&self, lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
-        let Ok(channel) = self.channel(node_address) else { return };
+    /// Returns a lease of job `job_id`'s actor, with the job's credential.
+    async fn return_lease(&self, job_id: &[u8], lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
+        let Ok(credential) = self.job_credential(job_id) else { return };
+        let Ok(channel) = self.channel(node_address, &credential) else { return };
         let request = ReturnWorkerLeaseRequest { lease_id, worker_failed };
         if let Err(status) = NodeManagerClient::new(channel).return_worker_lease(request).await {
             tracing::debug!(node = %node_address, error = %status.message(), "returning an actor's lease failed");
@@ -310,17 +309,23 @@ impl Actors {
     async fn place(self: Arc<Self>, actor_id: ActorId, incarnation: u32) {
         let Ok(info) = self.get(actor_id.as_bytes()) else { return };
         let spec = info.spec.unwrap_or_default();
+        let credential = match self.job_credential(&spec.job_id) {
+            Ok(credential) => credential,
+            Err(error) => {
+                let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
+                self.mark_dead_with(actor_id, incarnation, &cause, Some(&error));
+                return;
+            }
+        };
         let mut warned = false;
         let mut backoff = Backoff::new(None);
         while self.still_wanted(&actor_id, incarnation) {
             // The lease is the job's: asked with its credential, which its worker is given.
-            let outcome = match (self.target(&spec, incarnation), self.job_credential(&spec)) {
-                (Ok((address, request)), Ok(credential)) => {
-                    let connect = |address: &str| Ok(rpc::with_credential(self.connection(address)?, &credential));
-                    lease::request(connect, address, request).await
+            let outcome = match self.target(&spec, incarnation) {
+                Ok((address, request)) => {
+                    lease::request(|address| self.channel(address, &credential), address, request).await
                 }
-                (Err(outcome), _) => outcome,
-                (_, Err(error)) => LeaseOutcome::Refused(error),
+                Err(outcome) => outcome,
             };
             let (lease, node_address) = match outcome {
                 LeaseOutcome::Granted { lease, node_address } => {
@@ -352,10 +357,10 @@ impl Actors {
                 }
             };
             if !self.still_wanted(&actor_id, incarnation) {
-                self.return_lease(lease.lease_id, &node_address, false).await;
+                self.return_lease(&spec.job_id, lease.lease_id, &node_address, false).await;
                 return;
             }
-            let created = match self.channel(&lease.worker_address) {
+            let created = match self.channel(&lease.worker_address, &credential) {
                 Ok(channel) => CoreWorkerClient::new(channel)
                     .create_actor(CreateActorRequest {
                         actor_id: actor_id.to_vec(),
@@ -372,14 +377,14 @@ impl Actors {
             match created {
                 Ok(None) => {}
                 Ok(Some(failure)) => {
-                    self.return_lease(lease.lease_id, &node_address, true).await;
+                    self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
                     self.mark_dead(actor_id, incarnation, &cause);
                     return;
                 }
                 Err(status) => {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
-                    self.return_lease(lease.lease_id, &node_address, true).await;
+                    self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
@@ -401,12 +406,12 @@ impl Actors {
             };
             if !alive {
                 // Killed while its constructor ran.
-                self.return_lease(lease.lease_id, &node_address, true).await;
+                self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
                 return;
             }
             tracing::info!(actor = %actor_id, incarnation, worker = %lease.worker_address, "actor alive");
             self.bump();
-            tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address));
+            tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
             return;
         }
     }
@@ -479,9 +484,10 @@ impl Actors {
         actor_id: ActorId,
         incarnation: u32,
         address: String,
+        credential: Bearer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
-            let cause = match self.watch(&address).await {
+            let cause = match self.watch(&address, &credential).await {
                 Ok(()) => "the actor's worker process exited".to_string(),
                 Err(why) => format!("the actor's worker process died ({why})"),
             };
@@ -490,8 +496,8 @@ impl Actors {
     }
 
     /// Holds a `Watch` stream to an owner; when it ends, its non-detached actors die.
-    async fn watch_owner(self: Arc<Self>, owner: String) {
-        let _ = self.watch(&owner).await;
+    async fn watch_owner(self: Arc<Self>, owner: String, credential: Bearer) {
+        let _ = self.watch(&owner, &credential).await;
         self.owners.remove(&owner);
         let owned: Vec<(ActorId, u32)> = lock(&self.rows)
             .iter()
@@ -509,8 +515,8 @@ impl Actors {
 
     /// Returns when the stream to `address` ends: `Ok` for an orderly end, `Err` for a
     /// broken connection.
-    async fn watch(&self, address: &str) -> Result<(), String> {
-        let channel = self.channel(address).map_err(|err| err.to_string())?;
+    async fn watch(&self, address: &str, credential: &Bearer) -> Result<(), String> {
+        let channel = self.channel(address, credential).map_err(|err| err.to_string())?;
         let mut stream = CoreWorkerClient::new(channel)
             .watch(WatchRequest {})
             .await

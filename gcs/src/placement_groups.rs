@@ -58,7 +58,7 @@ pub trait BundleAgent: Send + Sync + 'static {
 
 /// The real agent: the nodes' `NodeManager` service over gRPC.
 pub struct GrpcBundleAgent {
-    /// The head's own credential (bundles are the head's to reserve).
+    /// The head's control credential (bundles are the head's to reserve).
     head: Bearer,
     channels: DashMap<String, AuthChannel>,
 }

@@ -26,8 +26,8 @@ use crate::service::GcsService;
 use crate::state::GcsState;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
 
-/// How long the head's own credential (its calls into daemons and workers) lasts.
-const HEAD_CREDENTIAL_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long the head's control credential (its bundle calls into daemons) lasts.
+const CONTROL_CREDENTIAL_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 pub struct GcsServerOptions {
     pub config: ClusterConfig,
@@ -109,11 +109,12 @@ impl GcsServer {
         let (stop, stopped) = watch::channel(false);
 
         let max_bytes = options.config.max_message_bytes;
-        // The head's own calls into node daemons and workers (bundles, actors) speak as
-        // the admin; the credential lives in memory only, as long as any head runs.
-        let head = Bearer::new(&issuer.issue(Role::Admin, HEAD_CREDENTIAL_TTL))?;
-        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(head.clone())));
-        let actors = Actors::new(state.clone(), head, issuer.clone(), placement_groups.clone());
+        // The head's own calls into node daemons (bundles) carry its control credential,
+        // which may reserve bundles and nothing else (a provider's daemon sees it); its
+        // calls for an actor carry the actor's job's credential. It lives in memory only.
+        let control = Bearer::new(&issuer.issue(Role::Control, CONTROL_CREDENTIAL_TTL))?;
+        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(control)));
+        let actors = Actors::new(state.clone(), issuer.clone(), placement_groups.clone());
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),

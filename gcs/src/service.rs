@@ -278,10 +278,18 @@ impl Gcs for GcsService {
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = Principal::of(&request)?;
         let channels: Vec<Channel> =
             request.into_inner().channels.into_iter().filter_map(|raw| Channel::try_from(raw).ok()).collect();
+        // A job's events (its driver, entrypoint, payer) reach its own account only.
+        let visible = move |event: &ClusterEvent| match &event.event {
+            Some(cluster_event::Event::JobStarted(job)) | Some(cluster_event::Event::JobFinished(job)) => {
+                principal.sees_account(if job.payer_account.is_empty() { "default" } else { &job.payer_account })
+            }
+            _ => true,
+        };
         let stream = BroadcastStream::new(self.state.subscribe()).filter_map(move |item| match item {
-            Ok(event) if wants(&channels, &event) => Some(Ok(event)),
+            Ok(event) if wants(&channels, &event) && visible(&event) => Some(Ok(event)),
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(format!(
                 "subscriber fell behind and missed {missed} events: subscribe again and re-read the tables"
@@ -373,6 +381,8 @@ impl Gcs for GcsService {
         // An actor is created for the caller's own job (and billed to it).
         principal.may_act_for_job(&job_id_of(&spec.job_id)?)?;
         let actor = self.actors.create(spec, request.get_if_exists)?;
+        // `get_if_exists` finds a live actor by name: only one of the caller's account.
+        principal.may_act_for_account(&self.account_of_actor(&actor))?;
         Ok(Response::new(CreateActorReply { actor: Some(actor) }))
     }
 

@@ -148,7 +148,12 @@ impl NodeManager for NodeManagerService {
         request: Request<EnsureObjectLocalRequest>,
     ) -> Result<Response<EnsureObjectLocalReply>, Status> {
         let request = request.into_inner();
-        self.shared.objects.ensure_local(&request.object_id, &request.source_address).await?;
+        // The node pulls with its own credential: only from a node of this cluster.
+        let source = &request.source_address;
+        if !source.is_empty() && !self.shared.leases.is_node_address(source).await {
+            return Err(Status::invalid_argument(format!("{source} is not a node of this cluster to pull from")));
+        }
+        self.shared.objects.ensure_local(&request.object_id, source).await?;
         Ok(Response::new(EnsureObjectLocalReply {}))
     }
 
@@ -157,6 +162,10 @@ impl NodeManager for NodeManagerService {
         request: Request<AddObjectLocationRequest>,
     ) -> Result<Response<AddObjectLocationReply>, Status> {
         let request = request.into_inner();
+        // Freeing the object calls the holder with this node's credential: a node only.
+        if !self.shared.leases.is_node_address(&request.holder_address).await {
+            return Err(Status::invalid_argument(format!("{} is not a node of this cluster", request.holder_address)));
+        }
         self.shared.objects.add_location(&request.object_id, request.holder_address)?;
         Ok(Response::new(AddObjectLocationReply {}))
     }
@@ -274,7 +283,6 @@ impl NodeDaemon {
         let leases = Arc::new(Leases::new(
             node_id,
             advertised.clone(),
-            credential.clone(),
             options.spec.total.clone(),
             options.spec.gpus.iter().map(|gpu| gpu.index).collect(),
             options.workers,

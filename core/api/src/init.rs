@@ -305,10 +305,6 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         None => start_embedded(&config).await?,
         Some(_) => join(&config).await?,
     };
-    let mut node = NodeManagerClient::new(rpc::connect(&node_address, &starter, Duration::from_secs(5)).await?);
-    let stats = wait_for_cluster_view(&mut node, alive).await?;
-    let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
-    let store_dir = stats.object_store_dir;
     let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
     let mut gcs = rpc::gcs_client(&gcs_address, &starter).await?;
     let started = gcs
@@ -329,6 +325,12 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
     ionet_common::worker_env::keep_memory_private();
     let head_key = Verifier::from_bytes(&started.head_key)?;
     let account = account_of(&credential, &head_key)?;
+    // Node daemons (a provider's, maybe) see the job's credential only, never the key
+    // that starts jobs for the account.
+    let mut node = NodeManagerClient::new(rpc::connect(&node_address, &credential, Duration::from_secs(5)).await?);
+    let stats = wait_for_cluster_view(&mut node, alive).await?;
+    let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
+    let store_dir = stats.object_store_dir;
     let worker = CoreWorker::new(
         address,
         node_id,

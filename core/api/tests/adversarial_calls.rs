@@ -369,6 +369,33 @@ fn a_tenant_acts_only_for_its_own_job() {
         assert_eq!(own.payer_account, "mallory-co");
         // A job credential starts no job.
         denied(as_mallory.add_job(AddJobRequest::default()).await, "a job started by a job");
+        // She names her own listener as her actor's owner: the head, watching it, presents
+        // her own job's credential, never one that could move money or act for others.
+        let listener = Listener::default();
+        let owner = listen(listener.clone()).await;
+        let spec = ActorSpec {
+            actor_id: ionet::ActorId::random().to_vec(),
+            job_id: own_job.to_vec(),
+            class_name: "Bait".into(),
+            owner_address: owner,
+            worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
+                argv: vec!["/bin/false".into()],
+                ..Default::default()
+            }),
+            resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
+            ..Default::default()
+        };
+        as_mallory.create_actor(CreateActorRequest { spec: Some(spec), ..Default::default() }).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let presented = loop {
+            if let Some(bearer) = listener.0.lock().unwrap().first().cloned() {
+                break bearer;
+            }
+            assert!(std::time::Instant::now() < deadline, "the head never watched the owner");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let claims = head_of(&cluster).verifier().verify(presented.as_bytes()).expect("a credential the head signed");
+        assert_eq!((claims.role, claims.job_id), (Role::Job, Some(own_job.hex())), "her own job's, nothing more");
 
         denied(
             as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: victim_job.to_vec() }).await,
@@ -432,7 +459,8 @@ fn a_tenant_acts_only_for_its_own_job() {
         let lookup = GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
         denied(as_mallory.get_actor(lookup.clone()).await, "finding where another tenant's actor runs");
         let listed = as_mallory.list_actors(ListActorsRequest { include_dead: true }).await.unwrap().into_inner();
-        assert!(listed.actors.is_empty(), "another tenant's actors are not listed: {listed:?}");
+        let others = listed.actors.iter().filter(|actor| actor.spec.as_ref().unwrap().job_id != own_job.to_vec());
+        assert_eq!(others.count(), 0, "another tenant's actors are not listed: {listed:?}");
         let actor = operator.get_actor(lookup);
         let actor_worker = actor.await.unwrap().into_inner().actor.unwrap().address;
         for address in [&driver, &actor_worker] {
@@ -527,6 +555,44 @@ fn a_jobs_workers_hold_its_credential_and_nothing_broader() {
         let mut gcs = ionet::rpc::gcs_client(&head, &credential).await.unwrap();
         denied(gcs.add_job(AddJobRequest::default()).await, "a job started from a worker");
     });
+}
+
+/// A stand-in for a tenant's own process: answers every call `UNIMPLEMENTED`, and keeps
+/// the credential each call presented (what a tenant learns from whoever calls it).
+#[derive(Clone, Default)]
+struct Listener(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tonic::server::NamedService for Listener {
+    const NAME: &'static str = "ionet.worker.CoreWorker";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Listener {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(value) = request.headers().get("authorization").and_then(|value| value.to_str().ok()) {
+            self.0.lock().unwrap().push(value.trim_start_matches("Bearer ").to_string());
+        }
+        std::future::ready(Ok(tonic::Status::unimplemented("a tenant's listener").into_http()))
+    }
+}
+
+/// Serves a [`Listener`] on a loopback port; its address.
+async fn listen(listener: Listener) -> String {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(listener)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(socket)),
+    );
+    address
 }
 
 /// The node this task or actor runs on.

@@ -57,6 +57,8 @@ pub enum Principal {
     /// One job of one account (the credential the head issued when the job started),
     /// held by its driver and its workers.
     Job { job: JobId, account: Arc<str> },
+    /// The head's control plane calling a node daemon (bundles).
+    Control,
 }
 
 impl Principal {
@@ -97,7 +99,7 @@ impl Principal {
         match self {
             Principal::Admin => true,
             Principal::Account(own) | Principal::Job { account: own, .. } => **own == *account,
-            Principal::Joiner | Principal::Node(_) => false,
+            Principal::Joiner | Principal::Node(_) | Principal::Control => false,
         }
     }
 
@@ -119,6 +121,7 @@ impl fmt::Display for Principal {
             Principal::Node(node) => write!(f, "node {}", node.short()),
             Principal::Account(account) => write!(f, "account {account}"),
             Principal::Job { job, account } => write!(f, "job {job} (account {account})"),
+            Principal::Control => f.write_str("the head's control plane"),
         }
     }
 }
@@ -129,9 +132,10 @@ pub enum Access {
     /// Reading the cluster's public face (its nodes, prices, totals): any node, account or
     /// job.
     Read,
-    /// The admin only: money and the operator's controls, and the head's own calls into
-    /// node daemons (bundles).
+    /// The admin only: money and the operator's controls.
     Admin,
+    /// The head's own calls into node daemons (bundles): its control credential.
+    Control,
     /// A node, for itself (its handler checks which).
     Node,
     /// Between node daemons (object transfers): any node.
@@ -167,6 +171,7 @@ impl Access {
             (Access::Job | Access::JobOrPeer, Principal::Job { .. }) => true,
             (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
             (Access::TenantOrNode, Principal::Node(_)) => true,
+            (Access::Control, Principal::Control) => true,
             _ => false,
         }
     }
@@ -175,6 +180,7 @@ impl Access {
         match self {
             Access::Read => "a node, account or job credential",
             Access::Admin => "the admin role",
+            Access::Control => "the head's control credential",
             Access::Node => "a node credential",
             Access::Peer => "a node credential (calls between nodes)",
             Access::Register => "a join token or a node credential",
@@ -248,9 +254,9 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/EnsureObjectLocal", Access::Job),
     row("/ionet.node.NodeManager/AddObjectLocation", Access::Peer),
     row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
-    row("/ionet.node.NodeManager/PrepareBundle", Access::Admin),
-    row("/ionet.node.NodeManager/CommitBundle", Access::Admin),
-    row("/ionet.node.NodeManager/CancelBundle", Access::Admin),
+    row("/ionet.node.NodeManager/PrepareBundle", Access::Control),
+    row("/ionet.node.NodeManager/CommitBundle", Access::Control),
+    row("/ionet.node.NodeManager/CancelBundle", Access::Control),
     // A node's object manager (transfers between nodes).
     row("/ionet.object.ObjectManager/Pull", Access::Peer),
     row("/ionet.object.ObjectManager/Free", Access::Peer),
@@ -288,6 +294,7 @@ pub fn decide(principal: &Principal, path: &str, tenant: Option<&str>) -> Result
 fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static str> {
     match claims.role {
         Role::Admin => Ok(Principal::Admin),
+        Role::Control => Ok(Principal::Control),
         Role::Join => Ok(Principal::Joiner),
         Role::Node => claims
             .node_id
@@ -365,10 +372,11 @@ impl Authorizer {
                 return Ok(principal);
             }
         }
-        let claims = {
-            let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
-            verifier.as_ref().ok_or("this server does not know the head's key yet")?.verify(presented)?
-        };
+        // The key stays read-locked until the principal is remembered, so a new head key
+        // (which empties the cache under the write lock) never meets an entry the old key
+        // admitted.
+        let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+        let claims = verifier.as_ref().ok_or("this server does not know the head's key yet")?.verify(presented)?;
         let expires_at = claims.expires_at;
         let principal = principal_of(claims)?;
         let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
@@ -376,6 +384,8 @@ impl Authorizer {
             verified.clear();
         }
         verified.insert(presented.into(), (principal.clone(), expires_at));
+        drop(verified);
+        drop(verifier);
         Ok(principal)
     }
 

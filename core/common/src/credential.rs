@@ -43,6 +43,9 @@ pub enum Role {
     Account,
     /// One job ([`Claims::job_id`]) of one account, issued when the job starts.
     Job,
+    /// The head's own control plane calling node daemons (bundle reservations): nothing
+    /// else, so a provider's daemon that keeps what the head presented gains no more.
+    Control,
 }
 
 impl fmt::Display for Role {
@@ -53,6 +56,7 @@ impl fmt::Display for Role {
             Role::Node => "node",
             Role::Account => "account",
             Role::Job => "job",
+            Role::Control => "control",
         })
     }
 }

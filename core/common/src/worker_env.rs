@@ -160,6 +160,13 @@ pub fn take_credential(lookup: impl Fn(&str) -> Option<String>) -> IonetResult<S
         return Err(IonetError::Config(format!("{CREDENTIAL_FD}: descriptor {fd} is not open")));
     }
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    use std::os::unix::fs::FileTypeExt;
+    if !file.metadata()?.file_type().is_fifo() {
+        // Not the daemon's pipe (a child that inherited the variable, not the descriptor):
+        // leave it alone.
+        std::mem::forget(file);
+        return Err(IonetError::Config(format!("{CREDENTIAL_FD}: descriptor {fd} is not the credential pipe")));
+    }
     let mut credential = String::new();
     file.read_to_string(&mut credential)?;
     Ok(credential.trim().to_string())

@@ -14,29 +14,46 @@ impl Leases {
     /// go out in the background and their failures are ignored (a holder that is gone is
     /// found by the probe of dead holders).
     pub(super) fn press_holders(&self) {
-        let holders: std::collections::BTreeSet<String> = {
+        // Each holder with the job its leases are for: it is asked with that job's own
+        // credential, never the node's (a holder's address is the requester's to name).
+        let holders: std::collections::BTreeMap<String, Option<ionet_common::JobId>> = {
             let mut state = self.lock();
             let now = Instant::now();
             if state.pressed_at.is_some_and(|at| now.duration_since(at) < PRESS_INTERVAL) {
                 return;
             }
             state.pressed_at = Some(now);
-            state.leases.values().map(|granted| granted.holder.clone()).filter(|h| !h.is_empty()).collect()
+            state
+                .leases
+                .values()
+                .filter(|granted| !granted.holder.is_empty())
+                .map(|granted| {
+                    let job = state
+                        .processes
+                        .get(&granted.worker)
+                        .and_then(|process| ionet_common::JobId::from_bytes(&process.key.job_id).ok());
+                    (granted.holder.clone(), job)
+                })
+                .collect()
         };
         if self.holder_channels.len() > 4096 {
             self.holder_channels.clear();
         }
-        for holder in holders {
+        for (holder, job) in holders {
             let channel = match self.holder_channels.get(&holder) {
                 Some(channel) => channel.clone(),
-                None => match ionet_common::rpc::connect_lazy_shared(&holder, &self.credential, Duration::from_secs(2))
-                {
-                    Ok(channel) => {
-                        self.holder_channels.insert(holder.clone(), channel.clone());
-                        channel
+                None => {
+                    let Some(credential) = job.and_then(|job| self.job_credentials.get(&job).map(|c| c.clone())) else {
+                        continue;
+                    };
+                    match ionet_common::rpc::connect_lazy(&holder, &credential, Duration::from_secs(2)) {
+                        Ok(channel) => {
+                            self.holder_channels.insert(holder.clone(), channel.clone());
+                            channel
+                        }
+                        Err(_) => continue,
                     }
-                    Err(_) => continue,
-                },
+                }
             };
             tokio::spawn(async move {
                 let mut client = ionet_common::rpc::CoreWorkerClient::new(channel);

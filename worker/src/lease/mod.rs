@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use ionet_common::auth::{Bearer, SharedCredential};
+use ionet_common::auth::Bearer;
 use ionet_common::resources::{Quantity, ResourceSet, GPU};
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::node::{
@@ -80,8 +80,6 @@ struct Worker {
 pub struct Leases {
     node_id: NodeId,
     address: String,
-    /// What the node presents to its peers and to lease holders (its node credential).
-    credential: SharedCredential,
     /// Each job's credential, from its last lease request: the workers started for the
     /// job are given it (and nothing broader).
     job_credentials: DashMap<JobId, Bearer>,
@@ -150,7 +148,6 @@ impl Leases {
     pub fn new(
         node_id: NodeId,
         address: String,
-        credential: SharedCredential,
         total: ResourceSet,
         gpu_indices: Vec<u32>,
         options: WorkerPoolOptions,
@@ -158,7 +155,6 @@ impl Leases {
         Self {
             node_id,
             address,
-            credential,
             job_credentials: DashMap::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
@@ -173,6 +169,15 @@ impl Leases {
             holder_channels: DashMap::new(),
             no_workloads: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether `address` is a node of this cluster (this one, or one in the last view):
+    /// the only addresses a node daemon calls with its own credential.
+    pub async fn is_node_address(&self, address: &str) -> bool {
+        let known =
+            |leases: &Self| address == leases.address || leases.addresses.iter().any(|entry| entry.value() == address);
+        // A node that joined since the last refresh is found by one more.
+        known(self) || (self.refresh_from_control_store().await && known(self))
     }
 
     /// From now on this node grants no lease: requests are sent to other nodes (the view

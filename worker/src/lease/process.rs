@@ -67,6 +67,10 @@ impl Leases {
             .args(&command.argv[1..])
             .envs(&command.env)
             .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
+            // Secrets the daemon itself was started with are not its workers' to inherit.
+            .env_remove("IONET_JOIN_TOKEN")
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
             .stdin(Stdio::null());
         // The credential never enters the environment: the worker reads it from a pipe.
         let credential = self.credential_pipe(job_id)?;

@@ -15,8 +15,7 @@ fn leases(cpus: i64) -> Leases {
         max_blocked_workers: 2,
     };
     let total = ResourceSet::new().with(CPU, Quantity::whole(cpus));
-    let credential = ionet_common::auth::SharedCredential::new(&ionet_common::auth::Bearer::new("node").unwrap());
-    Leases::new(NodeId::random(), "127.0.0.1:1".into(), credential, total, Vec::new(), options)
+    Leases::new(NodeId::random(), "127.0.0.1:1".into(), total, Vec::new(), options)
 }
 
 #[test]
