@@ -14,7 +14,8 @@
 //!   actor RESTARTS (incarnation + 1, constructor re-run) while `restarts < max_restarts`
 //!   (`-1`: forever), else it is DEAD with the cause. An owner's stream ending kills its
 //!   non-detached actors. A node declared dead ends the actors on it the same way.
-//! - A name is unique per namespace among actors not DEAD; a DEAD actor frees its name.
+//! - A name is unique per namespace among one account's actors not DEAD (tenants' names
+//!   never meet: one cannot take or find another's); a DEAD actor frees its name.
 //! - Every change bumps `version`, which `GetActor` waiters watch.
 //!
 //! Actors live in memory only, like placement groups: a head restarted from storage
@@ -61,8 +62,8 @@ pub struct Actors {
     /// Where an actor in a placement group is placed: its bundle's node.
     placement_groups: Arc<PlacementGroups>,
     rows: Mutex<HashMap<ActorId, Row>>,
-    /// (namespace, name) → actor, for actors not DEAD.
-    names: Mutex<HashMap<(String, String), ActorId>>,
+    /// (account, namespace, name) → actor, for actors not DEAD.
+    names: Mutex<HashMap<(String, String, String), ActorId>>,
     /// Owners already watched.
     owners: DashMap<String, ()>,
     /// Connections by address, shared between the head's credential and the jobs'.
@@ -142,7 +143,7 @@ impl Actors {
             }
             if !spec.name.is_empty() {
                 let mut names = lock(&self.names);
-                let key = (spec.namespace.clone(), spec.name.clone());
+                let key = self.name_key(&spec);
                 if let Some(existing) = names.get(&key) {
                     if get_if_exists {
                         if let Some(row) = rows.get(existing) {
@@ -205,8 +206,24 @@ impl Actors {
         }
     }
 
-    pub fn get_named(&self, name: &str, namespace: &str) -> IonetResult<ActorInfo> {
-        let id = lock(&self.names).get(&(namespace.to_string(), name.to_string())).copied();
+    /// Where an actor's name lives: its account's namespace.
+    fn name_key(&self, spec: &ActorSpec) -> (String, String, String) {
+        let account = JobId::from_bytes(&spec.job_id).map(|job| self.state.payer_of(&job)).unwrap_or_default();
+        (account, spec.namespace.clone(), spec.name.clone())
+    }
+
+    /// The live actor named `name` in `namespace` of `account` (`None`: the operator's
+    /// look-up, in any account).
+    pub fn get_named(&self, account: Option<&str>, name: &str, namespace: &str) -> IonetResult<ActorInfo> {
+        let id = {
+            let names = lock(&self.names);
+            match account {
+                Some(account) => names.get(&(account.to_string(), namespace.to_string(), name.to_string())).copied(),
+                None => {
+                    names.iter().find(|((_, space, named), _)| space == namespace && named == name).map(|(_, id)| *id)
+                }
+            }
+        };
         match id {
             Some(id) => self.get(id.as_bytes()),
             None => Err(IonetError::NotFound(format!("no actor named {name:?} in namespace {namespace:?}"))),
@@ -259,7 +276,7 @@ impl Actors {
             } else {
                 info.state = ActorState::Dead as i32;
                 if !spec.name.is_empty() {
-                    lock(&self.names).remove(&(spec.namespace.clone(), spec.name.clone()));
+                    lock(&self.names).remove(&self.name_key(&spec));
                 }
             }
             (row.lease.take().map(|lease| (lease, spec.job_id)), restart.then_some(info.incarnation))
@@ -433,7 +450,7 @@ impl Actors {
             row.info.death_error = error.map(ionet_common::rpc::status::detail_of);
             let spec = row.info.spec.clone().unwrap_or_default();
             if !spec.name.is_empty() {
-                lock(&self.names).remove(&(spec.namespace, spec.name));
+                lock(&self.names).remove(&self.name_key(&spec));
             }
         }
         tracing::warn!(actor = %actor_id, cause, "actor dead");

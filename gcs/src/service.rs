@@ -403,7 +403,12 @@ impl Gcs for GcsService {
     async fn get_named_actor(&self, request: Request<GetNamedActorRequest>) -> Result<Response<GetActorReply>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        let actor = self.actors.get_named(&request.name, &request.namespace)?;
+        // A tenant finds its own account's names; the operator any.
+        let account = match &principal {
+            Principal::Job { account, .. } => Some(account.as_ref()),
+            _ => None,
+        };
+        let actor = self.actors.get_named(account, &request.name, &request.namespace)?;
         principal.may_act_for_account(&self.account_of_actor(&actor))?;
         Ok(Response::new(GetActorReply { actor: Some(actor) }))
     }

@@ -18,7 +18,7 @@ use ionet::rpc::proto::gcs::{
     HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
 };
 use ionet::rpc::proto::gcs::{
-    GetActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListPlacementGroupsRequest,
+    GetActorRequest, GetNamedActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListPlacementGroupsRequest,
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
@@ -352,6 +352,8 @@ fn a_tenant_acts_only_for_its_own_job() {
     let weights: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let stored = ionet::put(&weights).unwrap();
     ionet::raw::kv_put("shared", b"k", b"victim's".to_vec(), true).unwrap();
+    let named = Tally::options(ionet::ActorOptions::new().name("ledger").namespace("shared")).remote(7i64).unwrap();
+    assert_eq!(ionet::get_timeout(&named.bump(1), Duration::from_secs(60)).unwrap(), 8);
     let head = cluster.address();
     let node = ionet::testing::local_node_address().unwrap();
     let driver = ionet::testing::core_worker_address().unwrap();
@@ -369,6 +371,24 @@ fn a_tenant_acts_only_for_its_own_job() {
         assert_eq!(own.payer_account, "mallory-co");
         // A job credential starts no job.
         denied(as_mallory.add_job(AddJobRequest::default()).await, "a job started by a job");
+        // Actor names are per account: the victim's is not hers to find, and she takes
+        // the same name in her own account without touching the victim's.
+        let lookup = GetNamedActorRequest { name: "ledger".into(), namespace: "shared".into() };
+        assert_eq!(as_mallory.get_named_actor(lookup).await.unwrap_err().code(), Code::NotFound);
+        let homonym = ActorSpec {
+            actor_id: ionet::ActorId::random().to_vec(),
+            job_id: own_job.to_vec(),
+            class_name: "Homonym".into(),
+            name: "ledger".into(),
+            namespace: "shared".into(),
+            worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
+                argv: vec!["/bin/false".into()],
+                ..Default::default()
+            }),
+            resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
+            ..Default::default()
+        };
+        as_mallory.create_actor(CreateActorRequest { spec: Some(homonym), ..Default::default() }).await.unwrap();
         // She names her own listener as her actor's owner: the head, watching it, presents
         // her own job's credential, never one that could move money or act for others.
         let listener = Listener::default();
@@ -476,6 +496,8 @@ fn a_tenant_acts_only_for_its_own_job() {
     });
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 42, "the victim's actor lives on");
     assert_eq!(ionet::get(&stored).unwrap(), weights, "the victim's object is intact");
+    let found = ionet::get_actor::<TallyHandle>("ledger", Some("shared")).unwrap();
+    assert_eq!(ionet::get_timeout(&found.bump(1), Duration::from_secs(60)).unwrap(), 9, "its named actor is its own");
     let kept = ionet::raw::kv_get("shared", b"k").unwrap();
     assert_eq!(kept, Some(b"victim's".to_vec()), "the victim's KV is untouched");
 }
