@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
-use crate::state::{GcsState, KvScope};
+use crate::state::{payer_account, GcsState, KvScope};
 
 pub struct GcsService {
     state: Arc<GcsState>,
@@ -211,7 +211,7 @@ impl Gcs for GcsService {
                 ..Default::default()
             })
             .await?;
-        let payer = if job.payer_account.is_empty() { "default" } else { job.payer_account.as_str() };
+        let payer = payer_account(&job);
         let job_credential = self.issuer.issue_job(&job.job_id, payer, JOB_CREDENTIAL_TTL);
         Ok(Response::new(AddJobReply {
             job: Some(job),
@@ -236,9 +236,7 @@ impl Gcs for GcsService {
         // A tenant sees its own account's jobs; the operator all.
         let principal = Principal::of(&request)?;
         let mut jobs = self.state.jobs();
-        jobs.retain(|job| {
-            principal.sees_account(if job.payer_account.is_empty() { "default" } else { &job.payer_account })
-        });
+        jobs.retain(|job| principal.sees_account(payer_account(job)));
         Ok(Response::new(GetAllJobsReply { jobs }))
     }
 
@@ -284,7 +282,7 @@ impl Gcs for GcsService {
         // A job's events (its driver, entrypoint, payer) reach its own account only.
         let visible = move |event: &ClusterEvent| match &event.event {
             Some(cluster_event::Event::JobStarted(job)) | Some(cluster_event::Event::JobFinished(job)) => {
-                principal.sees_account(if job.payer_account.is_empty() { "default" } else { &job.payer_account })
+                principal.sees_account(payer_account(job))
             }
             _ => true,
         };

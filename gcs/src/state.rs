@@ -129,12 +129,7 @@ impl GcsState {
 
     /// The account paying for `job` (`default` for the operator's, or an unknown job).
     pub fn payer_of(&self, job: &JobId) -> String {
-        let payer = self.job(job).map(|row| row.payer_account).unwrap_or_default();
-        if payer.is_empty() {
-            "default".into()
-        } else {
-            payer
-        }
+        self.job(job).map(|row| payer_account(&row).to_string()).unwrap_or_else(|| "default".into())
     }
 
     pub fn cluster_id(&self) -> &str {
@@ -481,6 +476,15 @@ impl GcsState {
         let storage = self.storage.clone();
         let entries = blocking(move || storage.scan_prefix(Table::Kv, &full)).await?;
         Ok(entries.into_iter().map(|(key, _)| key[skip..].to_vec()).collect())
+    }
+}
+
+/// The account a job row is paid by (`default`: the operator's own jobs).
+pub fn payer_account(job: &JobInfo) -> &str {
+    if job.payer_account.is_empty() {
+        "default"
+    } else {
+        &job.payer_account
     }
 }
 

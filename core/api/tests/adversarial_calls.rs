@@ -375,36 +375,14 @@ fn a_tenant_acts_only_for_its_own_job() {
         // the same name in her own account without touching the victim's.
         let lookup = GetNamedActorRequest { name: "ledger".into(), namespace: "shared".into() };
         assert_eq!(as_mallory.get_named_actor(lookup).await.unwrap_err().code(), Code::NotFound);
-        let homonym = ActorSpec {
-            actor_id: ionet::ActorId::random().to_vec(),
-            job_id: own_job.to_vec(),
-            class_name: "Homonym".into(),
-            name: "ledger".into(),
-            namespace: "shared".into(),
-            worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
-                argv: vec!["/bin/false".into()],
-                ..Default::default()
-            }),
-            resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
-            ..Default::default()
-        };
+        let homonym =
+            ActorSpec { name: "ledger".into(), namespace: "shared".into(), ..unplaceable_actor(own_job, "Homonym") };
         as_mallory.create_actor(CreateActorRequest { spec: Some(homonym), ..Default::default() }).await.unwrap();
         // She names her own listener as her actor's owner: the head, watching it, presents
         // her own job's credential, never one that could move money or act for others.
         let listener = Listener::default();
         let owner = listen(listener.clone()).await;
-        let spec = ActorSpec {
-            actor_id: ionet::ActorId::random().to_vec(),
-            job_id: own_job.to_vec(),
-            class_name: "Bait".into(),
-            owner_address: owner,
-            worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
-                argv: vec!["/bin/false".into()],
-                ..Default::default()
-            }),
-            resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
-            ..Default::default()
-        };
+        let spec = ActorSpec { owner_address: owner, ..unplaceable_actor(own_job, "Bait") };
         as_mallory.create_actor(CreateActorRequest { spec: Some(spec), ..Default::default() }).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let presented = loop {
@@ -602,6 +580,22 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
             self.0.lock().unwrap().push(value.trim_start_matches("Bearer ").to_string());
         }
         std::future::ready(Ok(tonic::Status::unimplemented("a tenant's listener").into_http()))
+    }
+}
+
+/// An actor of `job` no node can ever fit (it dies infeasible once placed): what a test
+/// creates to see what the head does on the way.
+fn unplaceable_actor(job: JobId, class_name: &str) -> ActorSpec {
+    ActorSpec {
+        actor_id: ionet::ActorId::random().to_vec(),
+        job_id: job.to_vec(),
+        class_name: class_name.into(),
+        worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
+            argv: vec!["/bin/false".into()],
+            ..Default::default()
+        }),
+        resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
+        ..Default::default()
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Leases {
     starting: DashMap<WorkerId, (JobId, oneshot::Sender<String>)>,
     /// Node addresses by id, from the last refresh of the view.
     addresses: DashMap<NodeId, String>,
+    /// The same addresses as a set: every pull from a peer checks its source here.
+    node_addresses: dashmap::DashSet<String>,
     options: WorkerPoolOptions,
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
     gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
@@ -160,6 +162,7 @@ impl Leases {
             freed: Notify::new(),
             starting: DashMap::new(),
             addresses: DashMap::new(),
+            node_addresses: dashmap::DashSet::new(),
             options,
             metering: Mutex::new(None),
             gcs: Mutex::new(None),
@@ -174,8 +177,7 @@ impl Leases {
     /// Whether `address` is a node of this cluster (this one, or one in the last view):
     /// the only addresses a node daemon calls with its own credential.
     pub async fn is_node_address(&self, address: &str) -> bool {
-        let known =
-            |leases: &Self| address == leases.address || leases.addresses.iter().any(|entry| entry.value() == address);
+        let known = |leases: &Self| address == leases.address || leases.node_addresses.contains(address);
         // A node that joined since the last refresh is found by one more.
         known(self) || (self.refresh_from_control_store().await && known(self))
     }
@@ -252,6 +254,7 @@ impl Leases {
         for node in nodes {
             if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
                 self.addresses.insert(node_id, node.address.clone());
+                self.node_addresses.insert(node.address.clone());
             }
             match node_view(node) {
                 Ok(node) => {
