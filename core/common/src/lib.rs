@@ -34,6 +34,7 @@ pub mod ids;
 pub mod lease;
 pub mod resources;
 pub mod rpc;
+pub mod tls;
 pub mod worker_env;
 
 pub use error::{IonetError, IonetResult};
