@@ -95,8 +95,10 @@ fn main() {
                 ..Default::default()
             };
             let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
-            let reply =
-                operator.register_node(RegisterNodeRequest { node: Some(info), proof }).await.expect("register");
+            let reply = operator
+                .register_node(RegisterNodeRequest { node: Some(info), proof, ..Default::default() })
+                .await
+                .expect("register");
             let credential = Bearer::new(&reply.into_inner().node_credential).unwrap();
             let client = ionet::rpc::gcs_client(&address, &credential).await.expect("connect");
             clients.push((client, node_id));

@@ -49,5 +49,6 @@ pub use error::{GcsError, GcsResult};
 pub use metering::{Metering, MeteringOptions};
 pub use placement_groups::{BundleAgent, GrpcBundleAgent, PlacementGroups};
 pub use server::{GcsServer, GcsServerOptions};
+pub use service::HeadTls;
 pub use state::GcsState;
 pub use storage::{GcsStorage, MemoryStorage, RedbStorage};

@@ -13,6 +13,7 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::credential::{Issuer, Role};
 use ionet_common::rpc::proto::gcs::gcs_server::GcsServer as GeneratedGcsServer;
 use ionet_common::rpc::proto::metering::metering_server::MeteringServer as GeneratedMeteringServer;
+use ionet_common::tls::ServerCert;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,7 +23,7 @@ use crate::error::{GcsError, GcsResult};
 use crate::metering::{Metering, MeteringOptions};
 use crate::metering_service::MeteringService;
 use crate::placement_groups::{GrpcBundleAgent, PlacementGroups};
-use crate::service::GcsService;
+use crate::service::{GcsService, HeadTls};
 use crate::state::GcsState;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
 
@@ -41,6 +42,9 @@ pub struct GcsServerOptions {
     /// The head's credential signing key (created there, mode 0600, on first start);
     /// `None`: a fresh key in memory, so credentials end with this process.
     pub signing_key_path: Option<PathBuf>,
+    /// Serve TLS only (the cluster CA, the hosts the head's certificate names); `None`:
+    /// plain, which only a listener on loopback may be.
+    pub tls: Option<HeadTls>,
     /// Pay each settled epoch out on Solana.
     #[cfg(feature = "solana")]
     pub payouts: Option<crate::payouts::PayoutSettings>,
@@ -55,6 +59,7 @@ impl GcsServerOptions {
             ledger_path: None,
             usage_export_path: None,
             signing_key_path: None,
+            tls: None,
             #[cfg(feature = "solana")]
             payouts: None,
         }
@@ -120,6 +125,7 @@ impl GcsServer {
             placement_groups.clone(),
             actors.clone(),
             issuer.clone(),
+            options.tls.clone(),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -127,11 +133,16 @@ impl GcsServer {
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes);
         let mut stop_serving = stopped.clone();
+        let certificate = match &options.tls {
+            Some(tls) => Some(ServerCert::new(Some(tls.ca.server_identity(&tls.hosts)?))),
+            None => None,
+        };
+        let incoming = ionet_common::rpc::incoming(listener, certificate.as_ref())?;
         let serve_task = tokio::spawn(
             ionet_common::rpc::server(Authorizer::new(Some(issuer.verifier())))
                 .add_service(service)
                 .add_service(metering_service)
-                .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop_serving.wait_for(|stop| *stop).await;
                 }),
         );

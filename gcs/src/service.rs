@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use ionet_common::authz::Principal;
 use ionet_common::credential::{self, Issuer, Role};
-use ionet_common::rpc::proto::common::JobInfo;
+use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
-use ionet_common::{JobId, NodeId};
+use ionet_common::{tls, JobId, NodeId};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -31,6 +31,8 @@ pub struct GcsService {
     /// When each node's current credential was issued (by this process), and its key:
     /// heartbeats renew credentials a day old.
     node_credentials: dashmap::DashMap<NodeId, (std::time::Instant, Vec<u8>)>,
+    /// The head serving TLS: the CA that certifies each node for its host.
+    tls: Option<HeadTls>,
 }
 
 impl GcsService {
@@ -39,9 +41,53 @@ impl GcsService {
         placement_groups: Arc<PlacementGroups>,
         actors: Arc<Actors>,
         issuer: Issuer,
+        tls: Option<HeadTls>,
     ) -> Self {
-        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new() }
+        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new(), tls }
     }
+
+    /// The intermediate certificate a registering node asked for (empty: it did not ask,
+    /// or the head does not speak TLS). A node is certified for the host of its own
+    /// address only; a provider's node naming the head's host (other than loopback, where
+    /// every process is the operator's machine's) is refused: it could pose as the head.
+    fn certify(&self, principal: &Principal, node: &NodeInfo, public_key: &[u8]) -> Result<Vec<u8>, Status> {
+        let Some(tls) = &self.tls else {
+            if public_key.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Err(Status::failed_precondition(
+                "this head does not speak TLS: a node joins it with a plain host:port address",
+            ));
+        };
+        if public_key.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "this head speaks TLS only: node {} must join with its https:// address and --ca-hash",
+                NodeId::from_bytes(&node.node_id).map(|id| id.short()).unwrap_or_default()
+            )));
+        }
+        if !ionet_common::rpc::is_tls_address(&node.address) {
+            return Err(Status::invalid_argument(format!(
+                "a node of a TLS cluster serves TLS: its address {:?} must start with https://",
+                node.address
+            )));
+        }
+        let host = tls::host_of(&node.address);
+        let operator = matches!(principal, Principal::Admin);
+        if !operator && !tls::is_loopback_host(host) && tls.hosts.iter().any(|head| head == host) {
+            return Err(Status::permission_denied(format!(
+                "node {} may not be certified for {host}: that is the head's host",
+                NodeId::from_bytes(&node.node_id).map(|id| id.short()).unwrap_or_default()
+            )));
+        }
+        tls.ca.certify_node(&hex::encode(&node.node_id), host, public_key).map_err(Status::from)
+    }
+}
+
+/// The head serving TLS: its CA, and the hosts its own certificate names.
+#[derive(Clone, Debug)]
+pub struct HeadTls {
+    pub ca: Arc<tls::ClusterCa>,
+    pub hosts: Vec<String>,
 }
 
 /// How long a node's credential lasts; a node registering again (every head restart, or
@@ -147,6 +193,7 @@ impl Gcs for GcsService {
             )));
         }
         let public_key = node.public_key.clone();
+        let tls_certificate = self.certify(&principal, &node, &request.tls_public_key)?;
         self.state.register_node(node).await?;
         self.node_credentials.insert(node_id, (std::time::Instant::now(), public_key.clone()));
         Ok(Response::new(RegisterNodeReply {
@@ -155,6 +202,7 @@ impl Gcs for GcsService {
             incarnation: self.state.incarnation(),
             node_credential: self.issuer.issue_node(node_id.as_bytes(), &public_key, NODE_CREDENTIAL_TTL),
             head_key: self.issuer.verifier().to_bytes().to_vec(),
+            tls_certificate,
         }))
     }
 

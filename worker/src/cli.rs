@@ -101,9 +101,18 @@ pub struct StartArgs {
     /// Start the head: the control store plus a node daemon.
     #[arg(long, conflicts_with = "address")]
     pub head: bool,
-    /// Join the head at HOST:PORT.
+    /// Join the head at HOST:PORT (https://HOST:PORT for a head serving TLS).
     #[arg(long)]
     pub address: Option<String>,
+    /// Joining a head that serves TLS: the SHA-256 of its cluster CA, as `ionet start
+    /// --head` prints it (`sha256:<hex>`). The node trusts the head only if the CA it
+    /// presents has this hash.
+    #[arg(long = "ca-hash", requires = "address")]
+    pub ca_hash: Option<String>,
+    /// Head: serve TLS even when bound to loopback (anything else is TLS always). The
+    /// head makes the cluster CA at its first start and certifies each node at join.
+    #[arg(long, conflicts_with = "address")]
+    pub tls: bool,
     /// Port of the control store (head only; 0 picks a free one).
     #[arg(long, default_value_t = 6380)]
     pub port: u16,
@@ -111,8 +120,9 @@ pub struct StartArgs {
     /// same machine comes back at the address drivers and the cluster already know.
     #[arg(long = "node-manager-port", default_value_t = 0)]
     pub node_manager_port: u16,
-    /// Host the servers bind to.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address the servers bind to. Loopback by default; bound to anything else, they
+    /// speak TLS only (a node there joins a head serving TLS).
+    #[arg(long = "bind", visible_alias = "host", default_value = "127.0.0.1")]
     pub host: String,
     /// Address other machines use to reach this one (default: found from the route to the head).
     #[arg(long = "node-ip-address")]

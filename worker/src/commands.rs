@@ -4,6 +4,7 @@
 use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,8 +13,9 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
 use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest};
+use ionet_common::tls::{self, ClusterCa};
 use ionet_common::{rpc, IonetError};
-use ionet_gcs::{GcsServer, GcsServerOptions};
+use ionet_gcs::{GcsServer, GcsServerOptions, HeadTls};
 use tokio::net::TcpListener;
 
 use crate::cli::{
@@ -149,9 +151,13 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     if args.head {
         let address = session.head_address().unwrap_or_default();
         println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
+        let pin = match session.cluster_ca().filter(|_| rpc::is_tls_address(&address)) {
+            Some(pem) => format!(" --ca-hash {}", tls::ca_hash_of_pem(&pem)?),
+            None => String::new(),
+        };
         match create_token(&address, session, "node", Duration::from_secs(24 * 3600)) {
             Ok((join, _)) => println!(
-                "join machines with: ionet start --address {address} --join-token {join}\n\
+                "join machines with: ionet start --address {address}{pin} --join-token {join}\n\
                  (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)"
             ),
             Err(err) => println!("could not make a join token ({err}); make one with `ionet token create --role node`"),
@@ -244,9 +250,26 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         None => session.signing_key(),
     });
     configure_payouts(&mut options, &args.payout, &session)?;
-    let gcs = GcsServer::start(options, listener).await?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
-    let address = format!("{host}:{port}");
+    // TLS when asked, and always when other machines can reach the head.
+    let cluster_ca = if args.tls || !tls::is_loopback_host(&args.host) {
+        let (key, certificate) = match &args.storage {
+            Some(storage) => (storage.with_extension("ca_key"), storage.with_extension("ca.pem")),
+            None => session.ca_paths(),
+        };
+        let ca = Arc::new(ClusterCa::load_or_create(&key, &certificate)?);
+        session.write_cluster_ca(&ca.pem())?;
+        tls::trust(&ca.pem())?;
+        let mut hosts = vec![host.clone(), "127.0.0.1".to_string(), "localhost".to_string()];
+        hosts.dedup();
+        options.tls = Some(HeadTls { ca: ca.clone(), hosts });
+        Some(ca.pem())
+    } else {
+        None
+    };
+    let gcs = GcsServer::start(options, listener).await?;
+    let scheme = if cluster_ca.is_some() { "https://" } else { "" };
+    let address = format!("{scheme}{host}:{port}");
     let admin = gcs.admin_credential(ADMIN_CREDENTIAL_TTL);
     session.write_admin_credential(&admin)?;
     session.write_head_address(&address)?;
@@ -269,6 +292,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         runs_workloads: args.payout.rpc_url.is_none() || args.allow_head_workloads,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        cluster_ca,
     })
     .await?;
     node.wait_registered(Duration::from_secs(args.connect_timeout)).await?;
@@ -284,19 +308,23 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
 }
 
 /// The head to talk to: `explicit`, else the one this machine's session started.
+/// Trusts its cluster CA if it serves TLS (see [`SessionDir::trust_cluster_ca`]).
 pub(crate) fn resolve_head_address(explicit: Option<&str>, session: &SessionDir) -> Result<String> {
-    explicit.map(str::to_string).or_else(|| session.head_address()).ok_or_else(|| {
+    let address = explicit.map(str::to_string).or_else(|| session.head_address()).ok_or_else(|| {
         anyhow!(
             "no head address: pass --address HOST:PORT, or start a head on this machine (none found in {})",
             session.path().display()
         )
-    })
+    })?;
+    session.trust_cluster_ca(&address)?;
+    Ok(address)
 }
 
 /// Asks the head for a token for `role` (with the session's admin credential): the token
 /// and when it expires (seconds since the Unix epoch).
 fn create_token(address: &str, session: &SessionDir, role: &str, ttl: Duration) -> Result<(String, u64)> {
     let admin = resolve_admin_credential(None, session)?;
+    session.trust_cluster_ca(address)?;
     call_create_token(address, &admin, role, "", ttl)
 }
 
@@ -399,7 +427,13 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     // The node holds its key and its credential: not for its workers (same user) to read.
     ionet_common::worker_env::keep_memory_private();
     let config = ClusterConfig::load(args.config.as_deref())?;
-    let gcs_address = args.address.clone().expect("checked by start");
+    let given = args.address.clone().expect("checked by start");
+    // A pinned CA hash means the head serves TLS, whatever the address says.
+    let gcs_address = match &args.ca_hash {
+        Some(_) if !rpc::is_tls_address(&given) => format!("https://{}", given.trim_start_matches("http://")),
+        _ => given,
+    };
+    let cluster_ca = join_cluster_ca(&gcs_address, args.ca_hash.as_deref(), &session).await?;
     let join_credential = match args.join_token.as_deref() {
         Some(join) => Bearer::new(join)?,
         None => session.admin_credential().ok_or_else(|| {
@@ -413,7 +447,11 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let spec = NodeSpec::build(declared(&args.resources)?)?;
     let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
-        advertise_host: advertise_host(args.node_ip_address.as_deref(), &args.host, Some(&gcs_address)),
+        advertise_host: advertise_host(
+            args.node_ip_address.as_deref(),
+            &args.host,
+            Some(gcs_address.trim_start_matches("https://")),
+        ),
         gcs_address: gcs_address.clone(),
         join_credential,
         node_key,
@@ -425,6 +463,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         runs_workloads: true,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        cluster_ca,
     })
     .await?;
     if let Err(err) = node.wait_registered(Duration::from_secs(args.connect_timeout)).await {
@@ -437,6 +476,29 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     node.shutdown(signal).await;
     let _ = std::fs::remove_file(pid_file);
     Ok(())
+}
+
+/// The CA of the cluster a node joins, if its head serves TLS: fetched from the head and
+/// trusted only if its hash is `ca_hash`; without a hash, the one in this machine's
+/// session (the head's own machine). Written to the session for this machine's commands.
+async fn join_cluster_ca(address: &str, ca_hash: Option<&str>, session: &SessionDir) -> Result<Option<String>> {
+    if !rpc::is_tls_address(address) {
+        return Ok(None);
+    }
+    let pem = match ca_hash {
+        Some(hash) => {
+            let pem = tls::fetch_ca(address, hash, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("cannot trust the head at {address}"))?;
+            session.write_cluster_ca(&pem)?;
+            pem
+        }
+        None => session.cluster_ca().ok_or_else(|| {
+            anyhow!("the head at {address} serves TLS: pass --ca-hash sha256:... as `ionet start --head` printed it")
+        })?,
+    };
+    tls::trust(&pem)?;
+    Ok(Some(pem))
 }
 
 fn worker_pool_options(

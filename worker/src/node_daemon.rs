@@ -29,13 +29,13 @@ use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManag
 use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
     CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest,
-    FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, PrepareBundleReply,
-    PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
-    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
-    SetWorkerBlockedReply, SetWorkerBlockedRequest,
+    FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply,
+    IssueCertificateRequest, PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest,
+    RequestWorkerLeaseReply, RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest,
+    SealObjectReply, SealObjectRequest, SetWorkerBlockedReply, SetWorkerBlockedRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
-use ionet_common::{IonetError, IonetResult, JobId, NodeId, ResourceSet};
+use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -71,6 +71,15 @@ pub struct NodeDaemonOptions {
     pub workers: WorkerPoolOptions,
     /// Bytes of shared memory for the object store; 0: 30% of the machine's memory.
     pub object_store_capacity: u64,
+    /// The cluster CA (PEM) when the cluster speaks TLS: the node then serves TLS only,
+    /// under the certificate the head issues it at registration, and its workers too.
+    pub cluster_ca: Option<String>,
+}
+
+/// A node serving TLS: what signs its certificates, and what its server presents.
+struct NodeTls {
+    authority: tls::NodeAuthority,
+    certificate: Arc<tls::ServerCert>,
 }
 
 /// Shared state of a running node daemon.
@@ -88,6 +97,7 @@ struct NodeShared {
     started: Instant,
     connected: AtomicBool,
     registrations: AtomicU64,
+    tls: Option<NodeTls>,
 }
 
 impl NodeShared {
@@ -253,6 +263,17 @@ impl NodeManager for NodeManagerService {
         Ok(Response::new(SetWorkerBlockedReply {}))
     }
 
+    async fn issue_certificate(
+        &self,
+        request: Request<IssueCertificateRequest>,
+    ) -> Result<Response<IssueCertificateReply>, Status> {
+        let tls = self.shared.tls.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this node does not speak TLS: its processes serve plain on loopback")
+        })?;
+        let chain = tls.authority.issue(&request.into_inner().public_key)?;
+        Ok(Response::new(IssueCertificateReply { chain }))
+    }
+
     async fn register_worker(
         &self,
         request: Request<RegisterWorkerRequest>,
@@ -275,7 +296,16 @@ impl NodeDaemon {
         })?;
         let address = listener.local_addr()?;
         let node_id = NodeId::random();
-        let advertised = format!("{}:{}", options.advertise_host, address.port());
+        let node_tls = match &options.cluster_ca {
+            Some(_) => Some(NodeTls {
+                authority: tls::NodeAuthority::new(&node_id.hex(), &options.advertise_host)?,
+                certificate: tls::ServerCert::new(None),
+            }),
+            None => None,
+        };
+        let scheme = if node_tls.is_some() { "https://" } else { "" };
+        let advertised = format!("{scheme}{}:{}", options.advertise_host, address.port());
+        let incoming = rpc::incoming(listener, node_tls.as_ref().map(|tls| &tls.certificate))?;
         let mut info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
         info.public_key = options.node_key.public_key().to_vec();
         info.no_workloads = !options.runs_workloads;
@@ -294,6 +324,9 @@ impl NodeDaemon {
             leases.refuse_workloads();
         }
         leases.set_gcs_address(options.gcs_address.clone());
+        if let Some(ca) = &options.cluster_ca {
+            leases.set_cluster_ca(ca);
+        }
         // No credential is accepted until the node learns the head's key (at registration).
         let authorizer = Authorizer::new(None);
         let shared = Arc::new(NodeShared {
@@ -308,6 +341,7 @@ impl NodeDaemon {
             started: Instant::now(),
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
+            tls: node_tls,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -318,7 +352,7 @@ impl NodeDaemon {
             let result = rpc::server(authorizer)
                 .add_service(service)
                 .add_service(object_service)
-                .serve_with_incoming_shutdown(ionet_common::rpc::incoming(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop_serving.changed().await;
                 })
                 .await;
@@ -423,10 +457,19 @@ async fn run_membership(
             info.available = Some(ResourceQuantities::from_set(&available));
             reported = Some(available);
             let proof = shared.node_key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
-            match client.register_node(RegisterNodeRequest { node: Some(info), proof }).await {
+            let tls_public_key = shared.tls.as_ref().map(|tls| tls.authority.public_key()).unwrap_or_default();
+            match client.register_node(RegisterNodeRequest { node: Some(info), proof, tls_public_key }).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     incarnation = reply.incarnation;
+                    if let Some(tls) = &shared.tls {
+                        match tls.authority.install(reply.tls_certificate) {
+                            Ok(identity) => tls.certificate.set(identity),
+                            Err(err) => {
+                                tracing::error!(node = %shared.node_id.short(), error = %err, "the head issued no usable certificate")
+                            }
+                        }
+                    }
                     match (Bearer::new(&reply.node_credential), Verifier::from_bytes(&reply.head_key)) {
                         (Ok(node_credential), Ok(head)) => {
                             shared.credential.replace(&node_credential);

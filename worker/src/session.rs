@@ -8,6 +8,10 @@
 //!   keeps it beside the tables;
 //! - `node_key`: this machine's node daemons' private key (mode 0600), unless
 //!   `--node-key` puts it elsewhere;
+//! - `ca.pem`: the cluster CA of a head serving TLS (the head writes it; a node joining
+//!   with `--ca-hash` writes the one it fetched and checked), which this machine's
+//!   commands and drivers trust; `ca_key`: the CA's key (mode 0600), on the head's
+//!   machine, unless `--storage` keeps it beside the tables;
 //! - `pids/<role>-<pid>.pid`: one file per daemon started here, written once it is ready
 //!   and removed when it exits; `ionet stop` signals every pid listed;
 //! - `logs/<role>-<pid>.log`: each daemon's log; `logs/<role>.out` its raw stderr.
@@ -26,6 +30,9 @@ use ionet_common::auth::Bearer;
 use ionet_common::{IonetError, IonetResult};
 
 pub const SESSION_DIR_ENV: &str = "IONET_SESSION_DIR";
+/// A file holding the cluster CA (PEM) to trust, for a process outside the cluster's
+/// session directories.
+pub const CA_FILE_ENV: &str = "IONET_CA_FILE";
 
 #[derive(Clone, Debug)]
 pub struct SessionDir {
@@ -123,6 +130,38 @@ impl SessionDir {
     /// Where a node daemon keeps its private key unless `--node-key` says otherwise.
     pub fn node_key(&self) -> PathBuf {
         self.root.join("node_key")
+    }
+
+    /// The cluster CA this machine trusts (PEM), if its cluster speaks TLS.
+    pub fn write_cluster_ca(&self, pem: &str) -> IonetResult<()> {
+        self.write_file("ca.pem", pem)
+    }
+
+    pub fn cluster_ca(&self) -> Option<String> {
+        self.read_file("ca.pem").map(|pem| pem + "\n")
+    }
+
+    /// Where the head keeps its CA (key, certificate) when no `--storage` is given.
+    pub fn ca_paths(&self) -> (PathBuf, PathBuf) {
+        (self.root.join("ca_key"), self.root.join("ca.pem"))
+    }
+
+    /// Makes this process trust the cluster at `address` if it speaks TLS: the CA in
+    /// `IONET_CA_FILE`, else the one in this session.
+    pub fn trust_cluster_ca(&self, address: &str) -> IonetResult<()> {
+        if !ionet_common::rpc::is_tls_address(address) {
+            return Ok(());
+        }
+        let pem = match std::env::var_os(CA_FILE_ENV).filter(|path| !path.is_empty()) {
+            Some(path) => fs::read_to_string(&path).map_err(|err| io_error(Path::new(&path), err))?,
+            None => self.cluster_ca().ok_or_else(|| {
+                IonetError::Config(format!(
+                    "{address} speaks TLS and this machine has not its CA: set {CA_FILE_ENV} to the CA file \
+                     (ca.pem in the head's session directory), or join the machine with `ionet start --ca-hash`"
+                ))
+            })?,
+        };
+        ionet_common::tls::trust(&pem)
     }
 
     /// Where the head keeps its signing key when no `--storage` is given.

@@ -130,10 +130,7 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
         .block_on(client.kv_get(KvGetRequest { namespace: "n".into(), key: b"missing".to_vec() }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = cluster
-        .runtime
-        .block_on(operator.register_node(RegisterNodeRequest { node: None, proof: Vec::new() }))
-        .unwrap_err();
+    let status = cluster.runtime.block_on(operator.register_node(RegisterNodeRequest::default())).unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let key = KeyPair::generate();
     let node = NodeInfo {
@@ -143,8 +140,10 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
         ..Default::default()
     };
     let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
-    let status =
-        cluster.runtime.block_on(operator.register_node(RegisterNodeRequest { node: Some(node), proof })).unwrap_err();
+    let status = cluster
+        .runtime
+        .block_on(operator.register_node(RegisterNodeRequest { node: Some(node), proof, ..Default::default() }))
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("without an address"), "{}", status.message());
 

@@ -11,9 +11,10 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::credential::Verifier;
 use ionet_common::rpc::proto::common::NodeState;
 use ionet_common::rpc::proto::gcs::{AddJobRequest, GetAllNodesRequest, MarkJobFinishedRequest};
-use ionet_common::rpc::proto::node::{RegisterWorkerRequest, WorkerCommand};
+use ionet_common::rpc::proto::node::{IssueCertificateRequest, RegisterWorkerRequest, WorkerCommand};
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorkerServer;
 use ionet_common::rpc::{self, NodeManagerClient};
+use ionet_common::tls::{self, ServerCert};
 use ionet_common::worker_env::WorkerEnv;
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
@@ -166,13 +167,34 @@ fn worker_command() -> WorkerCommand {
     WorkerCommand { argv, env, cwd }
 }
 
-async fn serve_core_worker(host: &str) -> IonetResult<(tokio::net::TcpListener, String)> {
-    let listener = tokio::net::TcpListener::bind((host, 0)).await?;
-    let address = format!("{host}:{}", listener.local_addr()?.port());
+/// Binds this process's own server at its node's host: TLS (`https://`) when its node's
+/// is.
+async fn serve_core_worker(node_address: &str) -> IonetResult<(tokio::net::TcpListener, String)> {
+    let host = tls::host_of(node_address);
+    let listener = tokio::net::TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), 0)).await?;
+    let scheme = if rpc::is_tls_address(node_address) { "https://" } else { "" };
+    let address = format!("{scheme}{host}:{}", listener.local_addr()?.port());
     Ok((listener, address))
 }
 
-fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpListener) {
+/// The certificate this process's server presents when its node serves TLS: a leaf for
+/// a key made here, which the node certifies for its own host. `None` on a plain node.
+async fn certificate_from(node_address: &str, node: &mut NodeManagerClient) -> IonetResult<Option<Arc<ServerCert>>> {
+    if !rpc::is_tls_address(node_address) {
+        return Ok(None);
+    }
+    let key = tls::generate_key()?;
+    let request = IssueCertificateRequest { public_key: key.public_key_raw().to_vec() };
+    let chain = node.issue_certificate(request).await?.into_inner().chain;
+    Ok(Some(ServerCert::new(Some(tls::identity(&key, chain)?))))
+}
+
+fn spawn_core_worker_server(
+    worker: Arc<CoreWorker>,
+    listener: tokio::net::TcpListener,
+    certificate: Option<Arc<ServerCert>>,
+) -> IonetResult<()> {
+    let incoming = rpc::incoming(listener, certificate.as_ref())?;
     let service = CoreWorkerServer::new(CoreWorkerService { worker: worker.clone() })
         // One cap for what any peer may send (a batch of calls, a reply): far above what
         // the core worker itself sends (at most 256 calls of inline values of 100 KiB),
@@ -183,19 +205,16 @@ fn spawn_core_worker_server(worker: Arc<CoreWorker>, listener: tokio::net::TcpLi
     // head's; never a stranger's.
     let authorizer = ionet_common::authz::Authorizer::for_account(worker.head_key.clone(), &worker.account);
     tokio::spawn(async move {
-        if let Err(err) = rpc::server(authorizer)
-            .add_service(service)
-            .serve_with_incoming(ionet_common::rpc::incoming(listener))
-            .await
-        {
+        if let Err(err) = rpc::server(authorizer).add_service(service).serve_with_incoming(incoming).await {
             tracing::error!(error = %err, "core worker server failed");
         }
     });
     tokio::spawn(runtime::upkeep(Arc::downgrade(&worker)));
+    Ok(())
 }
 
 fn host_of(address: &str) -> String {
-    address.rsplit_once(':').map(|(host, _)| host.to_string()).unwrap_or_else(|| "127.0.0.1".into())
+    tls::host_of(address).to_string()
 }
 
 /// Where a driver finds its cluster: the control store's address, its node daemon's, and
@@ -247,6 +266,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
             max_blocked_workers,
         },
         object_store_capacity: config.object_store_memory.unwrap_or(0),
+        cluster_ca: None,
     })
     .await?;
     node.wait_registered(Duration::from_secs(30)).await?;
@@ -266,6 +286,7 @@ async fn join(config: &InitConfig) -> IonetResult<Found> {
         Some(address) => address.to_string(),
         None => unreachable!("join is for a given address"),
     };
+    session.trust_cluster_ca(&address)?;
     // The key that starts the job reads the cluster first (an account may read its nodes).
     let starter = job_starter(config, &session)?;
     let mut gcs = rpc::gcs_client(&address, &starter).await?;
@@ -305,7 +326,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         None => start_embedded(&config).await?,
         Some(_) => join(&config).await?,
     };
-    let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
+    let (listener, address) = serve_core_worker(&node_address).await?;
     let mut gcs = rpc::gcs_client(&gcs_address, &starter).await?;
     let started = gcs
         .add_job(AddJobRequest {
@@ -331,6 +352,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
     let stats = wait_for_cluster_view(&mut node, alive).await?;
     let node_id = NodeId::from_bytes(&stats.node.unwrap_or_default().node_id)?;
     let store_dir = stats.object_store_dir;
+    let certificate = certificate_from(&node_address, &mut node).await?;
     let worker = CoreWorker::new(
         address,
         node_id,
@@ -352,7 +374,7 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,
     );
-    spawn_core_worker_server(worker.clone(), listener);
+    spawn_core_worker_server(worker.clone(), listener, certificate)?;
     runtime::install(worker);
     tracing::info!(job = %job_id, "driver connected");
     Ok(())
@@ -397,7 +419,12 @@ fn run_worker() -> ! {
         ionet_common::worker_env::keep_memory_private();
         let head_key = Verifier::from_hex(&told.head_key)?;
         let account = account_of(&credential, &head_key)?;
-        let (listener, address) = serve_core_worker(&host_of(&node_address)).await?;
+        if !told.cluster_ca.is_empty() {
+            tls::trust(&told.cluster_ca)?;
+        }
+        let (listener, address) = serve_core_worker(&node_address).await?;
+        let mut node = NodeManagerClient::new(rpc::connect(&node_address, &credential, Duration::from_secs(10)).await?);
+        let certificate = certificate_from(&node_address, &mut node).await?;
         let worker = CoreWorker::new(
             address.clone(),
             told.node_id,
@@ -414,9 +441,8 @@ fn run_worker() -> ! {
             DEFAULT_INLINE_THRESHOLD,
             &told.object_store_dir,
         );
-        spawn_core_worker_server(worker.clone(), listener);
+        spawn_core_worker_server(worker.clone(), listener, certificate)?;
         runtime::install(worker);
-        let mut node = NodeManagerClient::new(rpc::connect(&node_address, &credential, Duration::from_secs(10)).await?);
         node.register_worker(RegisterWorkerRequest { worker_id: worker_id.to_vec(), address, pid: std::process::id() })
             .await?;
         if let Ok(worker) = runtime::current() {

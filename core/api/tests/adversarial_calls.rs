@@ -119,7 +119,7 @@ fn registration(node_id: NodeId, key: &KeyPair, gpus: i64) -> RegisterNodeReques
         ..Default::default()
     };
     let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
-    RegisterNodeRequest { node: Some(node), proof }
+    RegisterNodeRequest { node: Some(node), proof, ..Default::default() }
 }
 
 /// Joins a node of our own (no daemon behind it) with a join token.

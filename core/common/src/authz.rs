@@ -249,6 +249,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/ReturnWorkerLease", Access::Job),
     row("/ionet.node.NodeManager/RegisterWorker", Access::Job),
     row("/ionet.node.NodeManager/SetWorkerBlocked", Access::Job),
+    row("/ionet.node.NodeManager/IssueCertificate", Access::Job),
     row("/ionet.node.NodeManager/CreateObject", Access::Job),
     row("/ionet.node.NodeManager/SealObject", Access::Job),
     row("/ionet.node.NodeManager/EnsureObjectLocal", Access::Job),

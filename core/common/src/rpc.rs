@@ -300,31 +300,175 @@ pub fn server(authorizer: crate::authz::Authorizer) -> AuthorizedServer {
         .layer(crate::authz::AuthorizeLayer::new(authorizer))
 }
 
-/// The connections accepted on `listener`, with Nagle's algorithm off: a server given its
-/// own listener (`serve_with_incoming`) does not apply `Server::tcp_nodelay` to them, and a
-/// small reply held back until the peer's delayed ACK costs a request its latency.
+/// A connection a server accepted: plain (loopback only) or TLS.
+pub enum ServerStream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl ServerStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        match self {
+            ServerStream::Plain(stream) => stream,
+            ServerStream::Tls(stream) => stream.get_ref().0,
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for ServerStream {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.tcp().local_addr().ok(),
+            remote_addr: self.tcp().peer_addr().ok(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ServerStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ServerStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
+            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Plain(stream) => stream.is_write_vectored(),
+            ServerStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The connections a server takes from `listener`.
+pub type Incoming = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<ServerStream>> + Send>>;
+
+/// The connections accepted on `listener`, with Nagle's algorithm off (a server given its
+/// own listener does not apply `Server::tcp_nodelay` to them, and a small reply held back
+/// until the peer's delayed ACK costs a request its latency); with `tls`, each after its
+/// TLS handshake, made concurrently and dropped past [`crate::tls::HANDSHAKE_TIMEOUT`]
+/// (a client speaking plain text to it never gets a call through).
+///
+/// Refuses a plain server bound to anything but loopback: there, servers speak TLS only.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tls: Option<&std::sync::Arc<crate::tls::ServerCert>>,
+) -> IonetResult<Incoming> {
     use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
+    crate::tls::check_plain_bind(listener.local_addr()?, tls.is_some())?;
+    let Some(cert) = tls else {
+        return Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+            accepted.map(|stream| {
+                let _ = stream.set_nodelay(true);
+                ServerStream::Plain(stream)
+            })
+        })));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config()?);
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = sender.closed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, most likely: the next accept may succeed.
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
-        })
-    })
+            let (acceptor, sender) = (acceptor.clone(), sender.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = sender.send(Ok(ServerStream::Tls(Box::new(stream)))).await;
+                    }
+                    Ok(Err(err)) => tracing::info!(%peer, error = %err, "refused a connection: no TLS handshake"),
+                    Err(_) => tracing::info!(%peer, "refused a connection: no TLS handshake within the deadline"),
+                }
+            });
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
 }
 
 /// Default cap on one gRPC message, both ways.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Whether the server at `address` speaks TLS (its address says so: `https://`).
+pub fn is_tls_address(address: &str) -> bool {
+    address.starts_with("https://")
+}
+
 fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
     let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)
+    let endpoint = Endpoint::from_shared(uri)
         .map_err(|err| IonetError::InvalidArgument(format!("address {address:?} is not valid: {err}")))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    if !is_tls_address(address) {
+        return Ok(endpoint);
+    }
+    endpoint
+        .tls_config(crate::tls::client_config(address)?)
+        .map_err(|err| IonetError::Config(format!("TLS to {address}: {err}")))
 }
 
 /// Connects to `address` now, failing with `Unavailable` if nothing answers.

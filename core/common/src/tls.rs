@@ -337,7 +337,12 @@ impl NodeAuthority {
     /// the node advertises (the only one it may certify).
     pub fn new(node: &str, host: &str) -> IonetResult<Self> {
         Host::parse(host)?;
-        Ok(Self { key: generate_key()?, node: node.to_string(), host: host.to_string(), intermediate: RwLock::new(None) })
+        Ok(Self {
+            key: generate_key()?,
+            node: node.to_string(),
+            host: host.to_string(),
+            intermediate: RwLock::new(None),
+        })
     }
 
     /// The public key the head certifies (ed25519, 32 bytes).
@@ -466,7 +471,9 @@ pub async fn fetch_ca(address: &str, expected: &str, timeout: Duration) -> Ionet
             .await
             .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
         connector.connect(server_name, stream).await.map_err(|err| {
-            IonetError::PermissionDenied(format!("the head at {address} is not the cluster pinned by {expected}: {err}"))
+            IonetError::PermissionDenied(format!(
+                "the head at {address} is not the cluster pinned by {expected}: {err}"
+            ))
         })
     };
     tokio::time::timeout(timeout, handshake)
@@ -499,9 +506,10 @@ impl ServerCertVerifier for PinnedCa {
         })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|err| rustls::Error::General(err.to_string()))?;
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         *self.found.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.clone().into_owned());
         Ok(ServerCertVerified::assertion())

@@ -25,6 +25,7 @@ const CREDENTIAL_FD: &str = "IONET_CREDENTIAL_FD";
 const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
 const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
 const HEAD_KEY: &str = "IONET_HEAD_KEY";
+const CLUSTER_CA: &str = "IONET_CLUSTER_CA";
 
 /// What a worker process is told about its place in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub struct WorkerEnv {
     /// The head's public key (hex; empty before the node learned it): the worker's own
     /// server accepts the credentials it signed (its job's driver's, the operator's).
     pub head_key: String,
+    /// The cluster CA (PEM; public) when the cluster speaks TLS, else empty: the worker
+    /// trusts it for its calls and serves TLS itself.
+    pub cluster_ca: String,
 }
 
 impl WorkerEnv {
@@ -57,6 +61,7 @@ impl WorkerEnv {
             (OBJECT_STORE_DIR, self.object_store_dir.clone()),
             (GCS_ADDRESS, self.gcs_address.clone()),
             (HEAD_KEY, self.head_key.clone()),
+            (CLUSTER_CA, self.cluster_ca.clone()),
             ("CUDA_VISIBLE_DEVICES", gpus.clone()),
             (GPU_IDS, gpus),
         ]
@@ -87,6 +92,7 @@ impl WorkerEnv {
             object_store_dir: lookup(OBJECT_STORE_DIR).unwrap_or_default(),
             gcs_address: lookup(GCS_ADDRESS).unwrap_or_default(),
             head_key: lookup(HEAD_KEY).unwrap_or_default(),
+            cluster_ca: lookup(CLUSTER_CA).unwrap_or_default(),
         })
     }
 
@@ -198,6 +204,7 @@ mod tests {
             object_store_dir: "/dev/shm/ionet-objects".into(),
             gcs_address: "10.0.0.1:6380".into(),
             head_key: "ab".repeat(32),
+            cluster_ca: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
         };
         let vars: std::collections::HashMap<_, _> = written.to_vars().into_iter().collect();
         assert_eq!(vars["CUDA_VISIBLE_DEVICES"], "0,3");

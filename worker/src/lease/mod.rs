@@ -99,6 +99,7 @@ pub struct Leases {
     gcs_address: Mutex<String>,
     /// The head's public key (hex), once the node has registered: told to workers.
     head_key: Mutex<String>,
+    cluster_ca: Mutex<String>,
     /// Channels to lease holders, for pressing them to give back idle leases.
     holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
     /// This node takes no leases: every request goes to another node, or is refused.
@@ -169,6 +170,7 @@ impl Leases {
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
             head_key: Mutex::new(String::new()),
+            cluster_ca: Mutex::new(String::new()),
             holder_channels: DashMap::new(),
             no_workloads: std::sync::atomic::AtomicBool::new(false),
         }
@@ -193,6 +195,11 @@ impl Leases {
     /// The head's public key, learned at registration, for the workers started from now on.
     pub fn set_head_key(&self, key: &[u8]) {
         *self.head_key.lock().unwrap_or_else(|p| p.into_inner()) = hex::encode(key);
+    }
+
+    /// The cluster CA (PEM) the workers started from now on trust (the cluster speaks TLS).
+    pub fn set_cluster_ca(&self, pem: &str) {
+        *self.cluster_ca.lock().unwrap_or_else(|p| p.into_inner()) = pem.to_string();
     }
 
     pub fn set_gcs_address(&self, address: String) {

@@ -33,6 +33,7 @@ impl Leases {
             object_store_dir: self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             gcs_address: self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             head_key: self.head_key.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            cluster_ca: self.cluster_ca.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 

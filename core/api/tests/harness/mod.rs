@@ -97,11 +97,22 @@ impl Cluster {
         daemon.wait().unwrap();
     }
 
+    /// Adds a node as another machine would: its own session directory `session` (no
+    /// admin credential, no cluster CA of the head's), joining with what `args` give it.
+    pub fn add_machine(&mut self, session: &Path, args: &[&str]) -> usize {
+        self.spawn_in("node", args, &session.to_path_buf());
+        self.daemons.len() - 1
+    }
+
     fn spawn(&mut self, role: &str, args: &[&str]) {
+        self.spawn_in(role, args, &self.dir.path().to_path_buf());
+    }
+
+    fn spawn_in(&mut self, role: &str, args: &[&str], session: &PathBuf) {
         let mut argv: Vec<String> = vec!["start".into(), "--block".into(), "--host".into(), "127.0.0.1".into()];
         argv.extend(args.iter().map(|arg| arg.to_string()));
         argv.push("--temp-dir".into());
-        argv.push(self.dir.path().to_string_lossy().into_owned());
+        argv.push(session.to_string_lossy().into_owned());
         let log = std::fs::File::create(self.dir.path().join(format!("{role}-{}.out", self.daemons.len()))).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
@@ -115,7 +126,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        let pid_file = self.dir.path().join("pids").join(format!("{role}-{}.pid", child.id()));
+        let pid_file = session.join("pids").join(format!("{role}-{}.pid", child.id()));
         let deadline = Instant::now() + Duration::from_secs(60);
         while !pid_file.exists() {
             if let Some(status) = child.try_wait().unwrap() {
