@@ -5,8 +5,22 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/python/.venv"
+# A node daemon running as root starts each job's workers as a user of their own, so the
+# interpreter must be one every user may run: the system's, not one under a private
+# home (pyenv's in /root, say). A venv made from such a one is made again.
+base_python=python3
+if [ -x /usr/bin/python3 ]; then base_python=/usr/bin/python3; fi
+runnable_by_all='import os, stat, sys
+path = os.path.realpath(sys.executable)
+while path != "/":
+    if not os.stat(path).st_mode & stat.S_IXOTH:
+        sys.exit(1)
+    path = os.path.dirname(path)'
+if [ -x "$venv/bin/python" ] && ! "$venv/bin/python" -c "$runnable_by_all"; then
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  "$base_python" -m venv "$venv"
   "$venv/bin/pip" install -q "maturin==1.16.*" cloudpickle numpy pyarrow pytest pytest-timeout
 fi
 # From the repository root, so that the source tree's python/ionet (without the native

@@ -143,8 +143,10 @@ impl StoreClient {
 }
 
 /// Opens the unsealed file the owner created (checking its size), or creates it.
+/// A file this process creates is its own alone until the owner seals it.
 fn open_unsealed(id: ObjectId, path: &Path, size: u64) -> ObjectStoreResult<File> {
-    match OpenOptions::new().read(true).write(true).create_new(true).open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path) {
         Ok(file) => {
             if let Err(err) = layout::allocate(&file, size, path) {
                 let _ = layout::remove_if_present(path);

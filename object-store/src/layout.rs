@@ -1,7 +1,8 @@
 //! The on-disk layout of a store directory, shared by the owning store and by clients in
 //! other processes, which know nothing but the directory path.
 //!
-//! - `<dir>/<object id hex>`: a sealed object, mode 0444, immutable.
+//! - `<dir>/<object id hex>`: a sealed object, immutable: mode 0444, or 0440 readable by
+//!   its account's group when the store's users are separate (a root daemon's jobs).
 //! - `<dir>/<object id hex>.unsealed`: an object being written (sized up front).
 //! - `<dir>/<object id hex>.restoring`: a spilled object being copied back.
 //!
@@ -70,11 +71,24 @@ pub(crate) fn map_writable(file: &File, size: u64, path: &Path) -> ObjectStoreRe
     Ok(Some(map))
 }
 
-/// Makes `from` read-only and renames it to `to`: the atomic publication step.
-pub(crate) fn publish(from: &Path, to: &Path) -> ObjectStoreResult<()> {
-    fs::set_permissions(from, Permissions::from_mode(0o444))
+/// Makes `from` read-only (`mode`) and renames it to `to`: the atomic publication step.
+pub(crate) fn publish(from: &Path, to: &Path, mode: u32) -> ObjectStoreResult<()> {
+    fs::set_permissions(from, Permissions::from_mode(mode))
         .map_err(|err| ObjectStoreError::io_at("make read-only", from, err))?;
     fs::rename(from, to).map_err(|err| ObjectStoreError::io_at("publish", to, err))
+}
+
+/// Makes `path`'s group `group` (its readers, once sealed 0440).
+pub(crate) fn give_to_group(path: &Path, group: u32) -> ObjectStoreResult<()> {
+    std::os::unix::fs::chown(path, None, Some(group)).map_err(|err| ObjectStoreError::io_at("give", path, err))
+}
+
+/// Makes the open `file` this process's user's and group's again (a recycled file that
+/// another user wrote).
+pub(crate) fn own(file: &File, path: &Path) -> ObjectStoreResult<()> {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(|err| ObjectStoreError::io_at("take back", path, err))
 }
 
 /// Takes a shared `flock` on a sealed object's file without waiting: `false` while the

@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, Weak};
 
@@ -56,11 +56,17 @@ pub struct StoreConfig {
     /// Where the store makes its spill directory `ionet-spill-<pid>-<random>` (should be
     /// a disk, not tmpfs); `None`: the system temp dir.
     pub spill_root: Option<PathBuf>,
+    /// Its writers and readers run as other users than the store's (a root daemon's
+    /// jobs, each with a uid of its own): the directory lets them create and open files
+    /// by name but not list them (mode 1733), and a sealed object is readable by its
+    /// group alone (0440; [`LocalObjectStore::seal_for`] names the group). Otherwise the
+    /// directory is the store's user's alone (0700) and sealed objects are 0444.
+    pub separate_users: bool,
 }
 
 impl StoreConfig {
     pub fn with_capacity(capacity: u64) -> StoreConfig {
-        StoreConfig { capacity, root: None, spill_root: None }
+        StoreConfig { capacity, root: None, spill_root: None, separate_users: false }
     }
 }
 
@@ -123,11 +129,22 @@ struct Entry {
     lru_key: Option<u64>,
     /// The mapping handed out last, reused while any view of it is alive.
     view: Weak<ViewInner>,
+    /// The group that may read the sealed file (stores with separate users).
+    group: Option<u32>,
 }
 
 impl Entry {
     fn unsealed(size: u64) -> Entry {
-        Entry { size, sealed: false, in_memory: true, spilled: false, pins: 0, lru_key: None, view: Weak::new() }
+        Entry {
+            size,
+            sealed: false,
+            in_memory: true,
+            spilled: false,
+            pins: 0,
+            lru_key: None,
+            view: Weak::new(),
+            group: None,
+        }
     }
 }
 
@@ -178,6 +195,9 @@ pub struct LocalObjectStore {
     dir: PathBuf,
     spill_dir: PathBuf,
     capacity: u64,
+    /// Mode of a sealed object's file: 0440 with separate users, else 0444.
+    sealed_mode: u32,
+    separate_users: bool,
     inner: Mutex<Inner>,
 }
 
@@ -207,6 +227,11 @@ impl LocalObjectStore {
         remove_orphans(&root, "ionet-objects");
         remove_orphans(&spill_root, "ionet-spill");
         let dir = make_unique_dir(&root, "ionet-objects")?;
+        let mode = if config.separate_users { 0o1733 } else { 0o700 };
+        if let Err(err) = fs::set_permissions(&dir, fs::Permissions::from_mode(mode)) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(ObjectStoreError::io_at("restrict", &dir, err));
+        }
         let spill_dir = match make_unique_dir(&spill_root, "ionet-spill") {
             Ok(spill_dir) => spill_dir,
             Err(err) => {
@@ -216,7 +241,14 @@ impl LocalObjectStore {
         };
         tracing::info!(dir = %dir.display(), spill_dir = %spill_dir.display(),
             capacity = config.capacity, "object store ready");
-        Ok(LocalObjectStore { dir, spill_dir, capacity: config.capacity, inner: Mutex::new(Inner::default()) })
+        Ok(LocalObjectStore {
+            dir,
+            spill_dir,
+            capacity: config.capacity,
+            sealed_mode: if config.separate_users { 0o440 } else { 0o444 },
+            separate_users: config.separate_users,
+            inner: Mutex::new(Inner::default()),
+        })
     }
 
     /// The shared-memory directory; hand it to workers for [`crate::StoreClient::open`].
@@ -276,7 +308,7 @@ impl LocalObjectStore {
             return Err(err);
         }
         if let Some(free) = recycled {
-            match Self::reuse(free, size, &path) {
+            match self.reuse(free, size, &path) {
                 Ok(file) => {
                     inner.entries.insert(id, Entry::unsealed(size));
                     return Ok((file, path));
@@ -288,6 +320,7 @@ impl LocalObjectStore {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|err| ObjectStoreError::io_at("create", &path, err))
             .and_then(|file| {
@@ -326,11 +359,15 @@ impl LocalObjectStore {
     }
 
     /// Makes a free file the unsealed file of a new object of `size` bytes.
-    fn reuse(free: FreeFile, size: u64, path: &Path) -> ObjectStoreResult<File> {
+    fn reuse(&self, free: FreeFile, size: u64, path: &Path) -> ObjectStoreResult<File> {
         let undo = |err| {
             let _ = layout::remove_if_present(&free.path);
             err
         };
+        if self.separate_users {
+            // The file was another job's: it is the store's again before anyone writes it.
+            layout::own(&free.file, &free.path).map_err(undo)?;
+        }
         if free.size != size {
             // Shrinking keeps the remaining pages allocated.
             free.file.set_len(size).map_err(|err| undo(ObjectStoreError::io_at("resize", &free.path, err)))?;
@@ -366,6 +403,12 @@ impl LocalObjectStore {
     /// client that created it itself; the latter is accounted now, and discarded if it
     /// does not fit.
     pub fn seal(&self, id: &ObjectId) -> ObjectStoreResult<ObjectView> {
+        self.seal_for(id, None)
+    }
+
+    /// [`LocalObjectStore::seal`], the sealed file readable by `group` (and the store's
+    /// user) alone when the store has separate users.
+    pub fn seal_for(&self, id: &ObjectId, group: Option<u32>) -> ObjectStoreResult<ObjectView> {
         let unsealed = layout::unsealed_path(&self.dir, id);
         let sealed = layout::sealed_path(&self.dir, id);
         let mut inner = self.lock();
@@ -387,8 +430,14 @@ impl LocalObjectStore {
                 inner.entries.insert(*id, Entry::unsealed(size));
             }
         }
-        layout::publish(&unsealed, &sealed)?;
-        inner.entries.get_mut(id).expect("entry checked above").sealed = true;
+        let group = group.filter(|_| self.separate_users);
+        if let Some(group) = group {
+            layout::give_to_group(&unsealed, group)?;
+        }
+        layout::publish(&unsealed, &sealed, self.sealed_mode)?;
+        let entry = inner.entries.get_mut(id).expect("entry checked above");
+        entry.sealed = true;
+        entry.group = group;
         inner.touch(*id);
         self.view_locked(&mut inner, id)
     }
@@ -589,18 +638,46 @@ impl LocalObjectStore {
         Ok(())
     }
 
+    /// Lets `group` write the unsealed file of `id` (mode 0660), when the store has
+    /// separate users: the store created it, a process of that group writes it.
+    pub fn hand_over(&self, id: &ObjectId, group: u32) -> ObjectStoreResult<()> {
+        if !self.separate_users {
+            return Ok(());
+        }
+        let path = layout::unsealed_path(&self.dir, id);
+        layout::give_to_group(&path, group)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o660))
+            .map_err(|err| ObjectStoreError::io_at("hand over", &path, err))
+    }
+
+    /// Makes a sealed object (one this store made: a copy pulled from another node)
+    /// readable by `group` alone, when the store has separate users.
+    pub fn set_group(&self, id: &ObjectId, group: u32) -> ObjectStoreResult<()> {
+        if !self.separate_users {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or(ObjectStoreError::NotFound { id: *id })?;
+        entry.group = Some(group);
+        if entry.in_memory && entry.sealed {
+            layout::give_to_group(&layout::sealed_path(&self.dir, id), group)?;
+        }
+        Ok(())
+    }
+
     /// Restores a spilled object into memory (reserving room for it first).
     fn ensure_in_memory(&self, inner: &mut Inner, id: &ObjectId) -> ObjectStoreResult<()> {
         let entry = &inner.entries[id];
         if entry.in_memory {
             return Ok(());
         }
-        let size = entry.size;
+        let (size, group) = (entry.size, entry.group);
         self.reserve(inner, *id, size)?;
         let restoring = layout::restoring_path(&self.dir, id);
         let restored = fs::copy(self.spill_path(id), &restoring)
             .map_err(|err| ObjectStoreError::io_at("restore into", &restoring, err))
-            .and_then(|_| layout::publish(&restoring, &layout::sealed_path(&self.dir, id)));
+            .and_then(|_| group.map_or(Ok(()), |group| layout::give_to_group(&restoring, group)))
+            .and_then(|_| layout::publish(&restoring, &layout::sealed_path(&self.dir, id), self.sealed_mode));
         if let Err(err) = restored {
             inner.bytes_in_memory -= size;
             let _ = layout::remove_if_present(&restoring);

@@ -144,6 +144,16 @@ pub struct StartArgs {
     /// holding the payout keypair runs no tenant code).
     #[arg(long = "allow-head-workloads")]
     pub allow_head_workloads: bool,
+    /// First id for jobs' workers on this machine: a daemon started as root runs each
+    /// job's workers as a uid of their own (and each account's as a group of its own),
+    /// taken in order from here and never reused.
+    #[arg(long = "worker-uid-base", default_value_t = crate::identities::DEFAULT_UID_BASE)]
+    pub worker_uid_base: u32,
+    /// INSECURE: run jobs' workers as the daemon's own user even when it is root, so that
+    /// tenant code can read the node's key, the session and every job's objects. Only for
+    /// a machine whose sole tenant is its operator.
+    #[arg(long = "insecure-workers-as-daemon-user")]
+    pub workers_as_daemon_user: bool,
     /// A node's join token (`ionet token create --role node` on the head). Default, on
     /// the operator's own machine: the admin credential in the session directory.
     #[arg(long = "join-token", env = "IONET_JOIN_TOKEN", hide_env_values = true)]

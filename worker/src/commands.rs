@@ -22,6 +22,7 @@ use crate::cli::{
     AccountCreateArgs, HeadArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs,
     TokenCreateArgs,
 };
+use crate::identities::WorkerIdentities;
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
 use crate::node_spec::{parse_labels, parse_size, Declared, NodeSpec};
 use crate::session::SessionDir;
@@ -292,6 +293,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         runs_workloads: args.payout.rpc_url.is_none() || args.allow_head_workloads,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
     })
     .await?;
@@ -463,6 +465,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         runs_workloads: true,
         workers,
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
     })
     .await?;
@@ -499,6 +502,28 @@ async fn join_cluster_ca(address: &str, ca_hash: Option<&str>, session: &Session
     };
     tls::trust(&pem)?;
     Ok(Some(pem))
+}
+
+/// Who jobs' workers run as on this machine (see `crate::identities`): a uid per job when
+/// the daemon is root, unless the operator insists on the daemon's own user.
+fn worker_identities(args: &StartArgs, session: &SessionDir) -> Result<Option<Arc<WorkerIdentities>>> {
+    if args.workers_as_daemon_user {
+        tracing::warn!(
+            "--insecure-workers-as-daemon-user: jobs' workers run as this daemon's user and can read its key, \
+             its session and every job's objects"
+        );
+        return Ok(None);
+    }
+    match WorkerIdentities::new(args.worker_uid_base, session.path().join("worker_uids"))? {
+        Some(identities) => Ok(Some(Arc::new(identities))),
+        None => {
+            tracing::warn!(
+                "not running as root: jobs' workers run as this daemon's user (start the node daemon as root so \
+                 that each job runs as a user of its own and cannot read the node's key or other jobs' objects)"
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn worker_pool_options(

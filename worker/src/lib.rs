@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster_view;
 pub mod commands;
 pub mod gpu;
+pub mod identities;
 pub mod lease;
 pub mod logging;
 pub mod metering_commands;

@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
+use crate::identities::WorkerIdentities;
 use crate::lease::{Leases, WorkerPoolOptions};
 use crate::node_spec::NodeSpec;
 use crate::objects::NodeObjects;
@@ -71,6 +72,9 @@ pub struct NodeDaemonOptions {
     pub workers: WorkerPoolOptions,
     /// Bytes of shared memory for the object store; 0: 30% of the machine's memory.
     pub object_store_capacity: u64,
+    /// Who jobs' workers run as: a uid per job and a gid per account (a daemon running
+    /// as root); `None`: as the daemon's own user.
+    pub worker_identities: Option<Arc<WorkerIdentities>>,
     /// The cluster CA (PEM) when the cluster speaks TLS: the node then serves TLS only,
     /// under the certificate the head issues it at registration, and its workers too.
     pub cluster_ca: Option<String>,
@@ -157,13 +161,14 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<EnsureObjectLocalRequest>,
     ) -> Result<Response<EnsureObjectLocalReply>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
         // The node pulls with its own credential: only from a node of this cluster.
         let source = &request.source_address;
         if !source.is_empty() && !self.shared.leases.is_node_address(source).await {
             return Err(Status::invalid_argument(format!("{source} is not a node of this cluster to pull from")));
         }
-        self.shared.objects.ensure_local(&request.object_id, source).await?;
+        self.shared.objects.ensure_local(&request.object_id, source, &principal).await?;
         Ok(Response::new(EnsureObjectLocalReply {}))
     }
 
@@ -204,7 +209,8 @@ impl NodeManager for NodeManagerService {
         }
         let credential =
             Bearer::of(&request).ok_or_else(|| Status::unauthenticated("the call carries no credential"))?;
-        Ok(Response::new(self.shared.leases.request(request.into_inner(), credential).await?))
+        let Principal::Job { account, .. } = principal else { unreachable!("checked above") };
+        Ok(Response::new(self.shared.leases.request(request.into_inner(), credential, account).await?))
     }
 
     async fn return_worker_lease(
@@ -317,8 +323,15 @@ impl NodeDaemon {
             options.spec.gpus.iter().map(|gpu| gpu.index).collect(),
             options.workers,
         ));
-        let objects =
-            Arc::new(NodeObjects::new(options.object_store_capacity, credential.clone(), advertised.clone())?);
+        let objects = Arc::new(NodeObjects::new(
+            options.object_store_capacity,
+            credential.clone(),
+            advertised.clone(),
+            options.worker_identities.clone(),
+        )?);
+        if let Some(identities) = &options.worker_identities {
+            leases.set_identities(identities.clone());
+        }
         leases.set_object_store_dir(objects.dir());
         if !options.runs_workloads {
             leases.refuse_workloads();

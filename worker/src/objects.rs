@@ -21,6 +21,8 @@ use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, ObjectId};
 use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig};
 
+use crate::identities::WorkerIdentities;
+
 pub struct NodeObjects {
     pub store: Arc<LocalObjectStore>,
     puller: Puller,
@@ -31,6 +33,9 @@ pub struct NodeObjects {
     copies: DashMap<ObjectId, Vec<String>>,
     /// For objects a job created here: its account.
     creators: DashMap<ObjectId, Arc<str>>,
+    /// Jobs' identities when they run as users of their own: an account's objects are
+    /// readable by its group alone.
+    identities: Option<Arc<WorkerIdentities>>,
 }
 
 /// Default store capacity: 30% of the machine's memory, as Ray's default.
@@ -55,9 +60,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl NodeObjects {
-    pub fn new(capacity: u64, credential: SharedCredential, own_address: String) -> IonetResult<Self> {
+    pub fn new(
+        capacity: u64,
+        credential: SharedCredential,
+        own_address: String,
+        identities: Option<Arc<WorkerIdentities>>,
+    ) -> IonetResult<Self> {
         let capacity = if capacity == 0 { default_capacity() } else { capacity };
-        let store = Arc::new(LocalObjectStore::new(StoreConfig::with_capacity(capacity)).map_err(IonetError::from)?);
+        let config = StoreConfig { separate_users: identities.is_some(), ..StoreConfig::with_capacity(capacity) };
+        let store = Arc::new(LocalObjectStore::new(config).map_err(IonetError::from)?);
         Ok(Self {
             puller: Puller::new(store.clone(), credential.clone()),
             store,
@@ -65,7 +76,16 @@ impl NodeObjects {
             own_address,
             copies: DashMap::new(),
             creators: DashMap::new(),
+            identities,
         })
+    }
+
+    /// The group that may read `caller`'s objects here, when jobs run as users of their own.
+    fn group_of(&self, caller: &Principal) -> IonetResult<Option<u32>> {
+        match (caller, &self.identities) {
+            (Principal::Job { account, .. }, Some(identities)) => identities.group_of_account(account).map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub fn dir(&self) -> String {
@@ -77,7 +97,12 @@ impl NodeObjects {
         let id = ObjectId::from_bytes(id)?;
         let store = self.store.clone();
         // The writer is another process: no mapping here.
-        blocking(move || store.create_for_client(id, size)).await?;
+        let group = self.group_of(creator)?;
+        blocking(move || {
+            store.create_for_client(id, size)?;
+            group.map_or(Ok(()), |group| store.hand_over(&id, group))
+        })
+        .await?;
         if let Principal::Job { account, .. } = creator {
             self.creators.insert(id, account.clone());
         }
@@ -88,7 +113,8 @@ impl NodeObjects {
         let id = ObjectId::from_bytes(id)?;
         self.check_creator(&id, caller, "seal")?;
         let store = self.store.clone();
-        blocking(move || store.seal(&id).map(drop)).await
+        let group = self.group_of(caller)?;
+        blocking(move || store.seal_for(&id, group).map(drop)).await
     }
 
     /// Whether `caller` may change object `id`: a job only what its account created here
@@ -105,8 +131,9 @@ impl NodeObjects {
         }
     }
 
-    /// Makes the object readable here: restored from spill, or pulled from `source`.
-    pub async fn ensure_local(&self, id: &[u8], source: &str) -> IonetResult<()> {
+    /// Makes the object readable here: restored from spill, or pulled from `source` (a
+    /// copy pulled for `caller` is readable by its account's group).
+    pub async fn ensure_local(&self, id: &[u8], source: &str, caller: &Principal) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
         let store = self.store.clone();
         if blocking(move || store.get(&id)).await?.is_some() {
@@ -118,6 +145,10 @@ impl NodeObjects {
         self.puller.pull(source, id).await.map_err(|err| {
             IonetError::ObjectLost(format!("object {} could not be pulled from {source}: {err}", id.short()))
         })?;
+        if let Some(group) = self.group_of(caller)? {
+            let store = self.store.clone();
+            blocking(move || store.set_group(&id, group)).await?;
+        }
         // Tell the primary's node, so freeing the object frees this copy too.
         let (credential, source, own) = (self.credential.clone(), source.to_string(), self.own_address.clone());
         tokio::spawn(async move {

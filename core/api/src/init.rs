@@ -266,6 +266,8 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
             max_blocked_workers,
         },
         object_store_capacity: config.object_store_memory.unwrap_or(0),
+        // The embedded cluster runs the program's own code: as the program's user.
+        worker_identities: None,
         cluster_ca: None,
     })
     .await?;

@@ -60,6 +60,17 @@ pub fn job_credential() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.credential.as_str().to_string())
 }
 
+/// The directory of this process's node's object store: an object's file there is named
+/// by its id in hex.
+pub fn object_store_dir() -> ionet_common::IonetResult<String> {
+    let worker = crate::runtime::current()?;
+    let store = worker
+        .store
+        .as_ref()
+        .ok_or_else(|| ionet_common::IonetError::NotFound("this process has no object store on its node".into()))?;
+    Ok(store.dir().to_string_lossy().into_owned())
+}
+
 /// The address of this process's own node daemon.
 pub fn local_node_address() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.node_address.clone())

@@ -515,6 +515,111 @@ fn credentials_on_my_node() -> (Vec<String>, bool) {
     (exposed, private)
 }
 
+/// What a task may do with each of `paths` on its node: `read` (a file read whole, or a
+/// directory, named with a trailing `/`, listed), or the kind of error it got.
+#[ionet::remote]
+fn try_to_read(paths: Vec<String>) -> Vec<(String, String)> {
+    paths
+        .into_iter()
+        .map(|path| {
+            let outcome = match path.strip_suffix('/') {
+                Some(dir) => std::fs::read_dir(dir).and_then(|mut entries| entries.next().transpose()).map(drop),
+                None => std::fs::read(&path).map(drop),
+            };
+            let verdict = outcome.map(|_| "read".to_string()).unwrap_or_else(|err| format!("{:?}", err.kind()));
+            (path, verdict)
+        })
+        .collect()
+}
+
+/// The user and group this task runs as, and a file it wrote (with its default mode).
+#[ionet::remote]
+fn who_am_i_and_a_file() -> (u32, u32, String) {
+    let path = std::env::temp_dir().join(format!("ionet-task-file-{}", std::process::id()));
+    std::fs::write(&path, b"mine").unwrap();
+    // SAFETY: getuid and getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    (uid, gid, path.to_string_lossy().into_owned())
+}
+
+const DRIVER_ENV: &str = "IONET_TEST_DRIVER";
+const SESSION_ENV: &str = "IONET_TEST_DRIVER_SESSION";
+const PATHS_ENV: &str = "IONET_TEST_PATHS";
+
+/// Another tenant's driver (a process of its own, account `mallory`): its task tries the
+/// paths it is given and reports who it ran as; printed as one JSON line.
+fn intruder_driver() {
+    let session = std::env::var(SESSION_ENV).expect("session dir");
+    let paths: Vec<String> = serde_json::from_str(&std::env::var(PATHS_ENV).expect("paths")).unwrap();
+    let config =
+        ionet::InitConfig { session_dir: Some(session.into()), payer_account: "mallory".into(), ..Default::default() };
+    ionet::init(config.address("auto")).unwrap();
+    let verdicts = ionet::get_timeout(&try_to_read::remote(paths), Duration::from_secs(60)).unwrap();
+    let (uid, gid, _) = ionet::get_timeout(&who_am_i_and_a_file::remote(), Duration::from_secs(60)).unwrap();
+    println!("RESULT {}", serde_json::json!({ "verdicts": verdicts, "uid": uid, "gid": gid }));
+    ionet::shutdown();
+}
+
+/// A tenant's code on a provider's machine runs as a user of its own: it reads neither the
+/// node's key nor the session's credentials nor another tenant's objects or files, and
+/// lists neither the session nor the object store; the owner's own tasks read them.
+fn a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: only a node daemon running as root gives jobs users of their own");
+        return;
+    }
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init_as("victim");
+    let secret: Vec<u8> = (0..1024 * 1024u32).map(|n| (n % 251) as u8).collect();
+    let object = ionet::put(&secret).unwrap();
+    let store = ionet::testing::object_store_dir().unwrap();
+    let object_file = format!("{store}/{}", object.id().hex());
+    assert!(std::path::Path::new(&object_file).exists(), "the object's file is {object_file}");
+    let session = cluster.session().to_string_lossy().into_owned();
+    let (victim_uid, victim_gid, victim_file) =
+        ionet::get_timeout(&who_am_i_and_a_file::remote(), Duration::from_secs(60)).unwrap();
+    assert!(victim_uid != 0 && victim_gid != 0, "a tenant's task does not run as root ({victim_uid}:{victim_gid})");
+    // The owner's own tasks read its object's file.
+    let own = ionet::get_timeout(&try_to_read::remote(vec![object_file.clone()]), Duration::from_secs(60)).unwrap();
+    assert_eq!(own[0].1, "read", "a task reads its own account's object: {own:?}");
+
+    let targets = vec![
+        format!("{session}/node_key"),
+        format!("{session}/admin_credential"),
+        format!("{session}/signing_key"),
+        format!("{session}/"),
+        object_file.clone(),
+        format!("{store}/"),
+        victim_file.clone(),
+    ];
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(DRIVER_ENV, "intruder")
+        .env(SESSION_ENV, cluster.session())
+        .env(PATHS_ENV, serde_json::to_string(&targets).unwrap())
+        .env_remove("IONET_CREDENTIAL")
+        .env_remove("IONET_API_KEY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the intruder's driver failed: {}", String::from_utf8_lossy(&output.stderr));
+    let line = stdout.lines().find_map(|line| line.strip_prefix("RESULT ")).expect("the intruder reports");
+    let report: serde_json::Value = serde_json::from_str(line).unwrap();
+    let (uid, gid) = (report["uid"].as_u64().unwrap() as u32, report["gid"].as_u64().unwrap() as u32);
+    assert!(uid != 0 && uid != victim_uid, "each job runs as a user of its own ({uid} vs {victim_uid})");
+    assert!(gid != 0 && gid != victim_gid, "each account as a group of its own ({gid} vs {victim_gid})");
+    for verdict in report["verdicts"].as_array().unwrap() {
+        let (path, outcome) = (verdict[0].as_str().unwrap(), verdict[1].as_str().unwrap());
+        assert_eq!(outcome, "PermissionDenied", "another tenant's task tried {path}");
+    }
+    // The victim's object and file are as they were, and still its own.
+    assert_eq!(ionet::get(&object).unwrap(), secret);
+    let again = ionet::get_timeout(&try_to_read::remote(vec![victim_file.clone()]), Duration::from_secs(60)).unwrap();
+    assert_eq!(again[0].1, "read");
+    let _ = std::fs::remove_file(&victim_file);
+    drop(cluster);
+}
+
 /// A job's workers (its tasks' and its actors') hold the job's credential and nothing
 /// broader: the head signed it for this job and its account, and with it a worker can
 /// neither move money nor start jobs.
@@ -734,6 +839,14 @@ fn only_the_operator_moves_money() {
 }
 
 fn main() {
+    if let Ok(driver) = std::env::var(DRIVER_ENV) {
+        ionet::testing::run_worker_if_requested();
+        match driver.as_str() {
+            "intruder" => intruder_driver(),
+            other => panic!("unknown driver {other}"),
+        }
+        std::process::exit(0);
+    }
     harness::run(
         &[
             ("every_rpc_is_answered_as_the_table_says", every_rpc_is_answered_as_the_table_says),
@@ -745,6 +858,10 @@ fn main() {
                 a_jobs_workers_hold_its_credential_and_nothing_broader,
             ),
             ("the_head_that_pays_out_runs_no_tenant_code", the_head_that_pays_out_runs_no_tenant_code),
+            (
+                "a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs",
+                a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs,
+            ),
         ],
         Duration::from_secs(240),
     );

@@ -83,6 +83,10 @@ pub struct Leases {
     /// Each job's credential, from its last lease request: the workers started for the
     /// job are given it (and nothing broader).
     job_credentials: DashMap<JobId, Bearer>,
+    /// The account of each job that asked for a lease here.
+    job_accounts: DashMap<JobId, Arc<str>>,
+    /// Who jobs' workers run as, when this daemon may choose (root).
+    identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     state: Mutex<LeaseState>,
     freed: Notify,
     /// Started workers not registered yet: their job, and where to tell the grant their
@@ -159,6 +163,8 @@ impl Leases {
             node_id,
             address,
             job_credentials: DashMap::new(),
+            job_accounts: DashMap::new(),
+            identities: std::sync::OnceLock::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -195,6 +201,11 @@ impl Leases {
     /// The head's public key, learned at registration, for the workers started from now on.
     pub fn set_head_key(&self, key: &[u8]) {
         *self.head_key.lock().unwrap_or_else(|p| p.into_inner()) = hex::encode(key);
+    }
+
+    /// Jobs' workers run as users of their own from now on.
+    pub fn set_identities(&self, identities: Arc<crate::identities::WorkerIdentities>) {
+        let _ = self.identities.set(identities);
     }
 
     /// The cluster CA (PEM) the workers started from now on trust (the cluster speaks TLS).
@@ -418,6 +429,7 @@ impl Leases {
         self: &Arc<Self>,
         request: RequestWorkerLeaseRequest,
         credential: Bearer,
+        account: Arc<str>,
     ) -> IonetResult<RequestWorkerLeaseReply> {
         let demand = request.resources.clone().unwrap_or_default().to_set()?;
         let gpus = demand.get(GPU);
@@ -426,6 +438,7 @@ impl Leases {
         }
         let job_id = JobId::from_bytes(&request.job_id)?;
         self.job_credentials.insert(job_id, credential);
+        self.job_accounts.insert(job_id, account);
         let command = request.worker_command.clone().unwrap_or_default();
         if command.argv.is_empty() {
             return Err(IonetError::InvalidArgument("lease request without a worker command".into()));

@@ -77,6 +77,17 @@ impl Leases {
         let credential = self.credential_pipe(job_id)?;
         process.env(credential.var().0, credential.var().1);
         let credential_fd = credential.raw_fd();
+        // A root daemon runs each job's workers as a user of their own.
+        let mut runs_as = None;
+        if let Some(identities) = self.identities.get() {
+            let account =
+                self.job_accounts.get(&job_id).map(|account| account.clone()).ok_or_else(|| {
+                    IonetError::Internal(format!("no account of job {job_id} to start its worker as"))
+                })?;
+            let identity = identities.of_job(job_id, &account)?;
+            process.uid(identity.uid).gid(identity.gid);
+            runs_as = Some(identity.uid);
+        }
         if !command.cwd.is_empty() {
             process.current_dir(&command.cwd);
         }
@@ -90,6 +101,8 @@ impl Leases {
         unsafe {
             process.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // What the worker writes is its own alone unless it says otherwise.
+                libc::umask(0o077);
                 CredentialPipe::inherit_in_child(credential_fd)
             });
         }
@@ -99,7 +112,22 @@ impl Leases {
             Ok(child) => child,
             Err(err) => {
                 self.starting.remove(&worker_id);
-                return Err(IonetError::Internal(format!("cannot start worker {:?}: {err}", command.argv[0])));
+                let why = match runs_as {
+                    Some(uid) if err.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                        " (the job's workers run as uid {uid}, a user of their own: its program, and every \
+                         directory above it, must be readable and executable by all users)"
+                    ),
+                    _ => String::new(),
+                };
+                let message = format!("cannot start a worker of job {job_id} with {:?}: {err}{why}", command.argv[0]);
+                // A program that is missing or not runnable stays so: the job hears it; a
+                // fork that failed for want of memory or processes is tried again.
+                return Err(match err.kind() {
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => {
+                        IonetError::FailedPrecondition(message)
+                    }
+                    _ => IonetError::Internal(message),
+                });
             }
         };
         // The worker holds its copy of the pipe now; this end closes here.

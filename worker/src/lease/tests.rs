@@ -205,7 +205,7 @@ async fn a_requester_that_goes_away_strands_nothing() {
     };
     let abandoned = tokio::time::timeout(
         Duration::from_millis(200),
-        leases.request(request, ionet_common::auth::Bearer::new("job").unwrap()),
+        leases.request(request, ionet_common::auth::Bearer::new("job").unwrap(), "default".into()),
     )
     .await;
     assert!(abandoned.is_err(), "the request was still starting its worker");
