@@ -126,9 +126,6 @@ impl Actors {
         if spec.class_name.is_empty() {
             return Err(IonetError::InvalidArgument("actor without a class name".into()));
         }
-        if spec.worker_command.as_ref().is_none_or(|command| command.argv.is_empty()) {
-            return Err(IonetError::InvalidArgument(format!("actor {} has no worker command", spec.class_name)));
-        }
         if spec.max_restarts < -1 || spec.max_task_retries < -1 {
             return Err(IonetError::InvalidArgument(format!(
                 "max_restarts and max_task_retries must be -1 (forever) or more, got {} and {}",
@@ -483,7 +480,6 @@ impl Actors {
             job_id: spec.job_id.clone(),
             resources: spec.resources.clone(),
             strategy: spec.strategy.clone(),
-            worker_command: spec.worker_command.clone(),
             no_spillback: false,
             placement_group_id: spec.placement_group_id.clone(),
             bundle_index: spec.bundle_index,

@@ -83,6 +83,30 @@ impl GcsService {
     }
 }
 
+/// Most bytes of a job's worker command (argv, environment and working directory).
+const MAX_WORKER_COMMAND_BYTES: usize = 256 * 1024;
+
+/// A job's declared worker command, refused when empty or oversize.
+fn checked_worker_command(
+    command: Option<ionet_common::rpc::proto::common::WorkerCommand>,
+) -> Result<ionet_common::rpc::proto::common::WorkerCommand, Status> {
+    let command = command.unwrap_or_default();
+    if command.argv.first().is_none_or(|program| program.is_empty()) {
+        return Err(Status::invalid_argument(
+            "a job declares the command that starts its workers (AddJob.worker_command): none was given",
+        ));
+    }
+    let size = command.argv.iter().map(String::len).sum::<usize>()
+        + command.env.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+        + command.cwd.len();
+    if size > MAX_WORKER_COMMAND_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "a job's worker command is {size} bytes; at most {MAX_WORKER_COMMAND_BYTES} are taken"
+        )));
+    }
+    Ok(command)
+}
+
 /// The head serving TLS: its CA, and the hosts its own certificate names.
 #[derive(Clone, Debug)]
 pub struct HeadTls {
@@ -248,6 +272,7 @@ impl Gcs for GcsService {
             Principal::Admin => {}
             other => return Err(Status::permission_denied(format!("{other} may not start a job"))),
         }
+        let worker_command = checked_worker_command(request.worker_command)?;
         let job = self
             .state
             .add_job(JobInfo {
@@ -256,6 +281,7 @@ impl Gcs for GcsService {
                 namespace: request.namespace,
                 entrypoint: request.entrypoint,
                 payer_account: request.payer_account,
+                worker_command: Some(worker_command),
                 ..Default::default()
             })
             .await?;
@@ -266,6 +292,15 @@ impl Gcs for GcsService {
             job_credential,
             head_key: self.issuer.verifier().to_bytes().to_vec(),
         }))
+    }
+
+    async fn get_job_worker_command(
+        &self,
+        request: Request<GetJobWorkerCommandRequest>,
+    ) -> Result<Response<GetJobWorkerCommandReply>, Status> {
+        let job_id = JobId::from_bytes(&request.into_inner().job_id)?;
+        let job = self.state.job(&job_id).ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+        Ok(Response::new(GetJobWorkerCommandReply { worker_command: job.worker_command }))
     }
 
     async fn mark_job_finished(

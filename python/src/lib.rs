@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use ionet::actor::{ActorClass, ActorHandle, ActorInstance, MethodCall};
 use ionet::raw::{self, Raw};
-use ionet::rpc::proto::node::WorkerCommand;
+use ionet::rpc::proto::common::WorkerCommand;
 use ionet::task::{ArgBytes, Failure};
 use ionet::{Arg, InitConfig, IonetError, IonetResult, ObjectBytes, ObjectRef};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

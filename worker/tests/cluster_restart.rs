@@ -32,6 +32,10 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
             driver_address: "127.0.0.1:1".into(),
             entrypoint: "train.py".into(),
             payer_account: "acme".into(),
+            worker_command: Some(ionet_common::rpc::proto::common::WorkerCommand {
+                argv: vec!["python".into(), "train.py".into()],
+                ..Default::default()
+            }),
             ..Default::default()
         }))
         .unwrap()

@@ -41,7 +41,14 @@ fn add_job(cluster: &TestCluster, payer: &str) -> Vec<u8> {
     let mut client = cluster.admin_client();
     let reply = cluster
         .runtime
-        .block_on(client.add_job(AddJobRequest { payer_account: payer.into(), ..Default::default() }))
+        .block_on(client.add_job(AddJobRequest {
+            payer_account: payer.into(),
+            worker_command: Some(ionet_common::rpc::proto::common::WorkerCommand {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
         .expect("add job");
     reply.into_inner().job.unwrap().job_id
 }

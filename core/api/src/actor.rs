@@ -326,7 +326,6 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             max_restarts: options.max_restarts,
             max_task_retries: options.max_task_retries,
             max_concurrency: options.max_concurrency,
-            worker_command: Some(worker.worker_command.clone()),
             owner_address: worker.address.to_string(),
             node_address: worker.node_address.clone(),
             placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),

@@ -10,8 +10,9 @@ use ionet_common::auth::Bearer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::Verifier;
 use ionet_common::rpc::proto::common::NodeState;
+use ionet_common::rpc::proto::common::WorkerCommand;
 use ionet_common::rpc::proto::gcs::{AddJobRequest, GetAllNodesRequest, MarkJobFinishedRequest};
-use ionet_common::rpc::proto::node::{IssueCertificateRequest, RegisterWorkerRequest, WorkerCommand};
+use ionet_common::rpc::proto::node::{IssueCertificateRequest, RegisterWorkerRequest};
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorkerServer;
 use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::tls::{self, ServerCert};
@@ -338,6 +339,13 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
             entrypoint: std::env::args().collect::<Vec<_>>().join(" "),
             // Empty: the account of the key (or, for the operator, `default`).
             payer_account: config.payer_account.clone(),
+            // The only command node daemons will start the job's workers with.
+            worker_command: Some({
+                // The job's tasks and actors find named actors in the driver's namespace.
+                let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
+                command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
+                command
+            }),
         })
         .await?
         .into_inner();
@@ -366,12 +374,6 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         Vec::new(),
         None,
         gcs_address,
-        {
-            // The job's tasks and actors find named actors in the driver's namespace.
-            let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
-            command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
-            command
-        },
         config.namespace.clone(),
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,
@@ -438,7 +440,6 @@ fn run_worker() -> ! {
             told.gpu_ids,
             Some(worker_id),
             told.gcs_address,
-            worker_command(),
             std::env::var(NAMESPACE_ENV).unwrap_or_default(),
             DEFAULT_INLINE_THRESHOLD,
             &told.object_store_dir,

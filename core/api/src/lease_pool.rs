@@ -103,7 +103,6 @@ impl CoreWorker {
                 job_id: self.job_id.to_vec(),
                 resources: Some(demand.into()),
                 strategy: Some(wire),
-                worker_command: Some(self.worker_command.clone()),
                 no_spillback: false,
                 placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
                 bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),

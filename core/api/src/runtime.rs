@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ionet_common::auth::Bearer;
-use ionet_common::rpc::proto::node::WorkerCommand;
 use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId, WorkerId};
@@ -81,7 +80,6 @@ pub(crate) struct CoreWorker {
     pub(crate) gcs_address: String,
     pub(crate) objects: OwnedObjects,
     pub(crate) pools: DashMap<String, Arc<ShapePool>>,
-    pub(crate) worker_command: WorkerCommand,
     /// The driver's namespace (named actors are found in it by default).
     pub(crate) namespace: String,
     /// Identifies this process to the actors it calls (their per-caller call order).
@@ -203,7 +201,6 @@ impl CoreWorker {
         gpu_ids: Vec<u32>,
         worker_id: Option<WorkerId>,
         gcs_address: String,
-        worker_command: WorkerCommand,
         namespace: String,
         inline_threshold: usize,
         store_dir: &str,
@@ -222,7 +219,6 @@ impl CoreWorker {
             gcs_address,
             objects: OwnedObjects::default(),
             pools: DashMap::new(),
-            worker_command,
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),

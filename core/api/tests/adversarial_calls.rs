@@ -101,7 +101,15 @@ async fn account_key(address: &str, admin: &Bearer, account: &str) -> Bearer {
 /// Starts a job with `starter` (an account key), naming `payer`: the job and its credential.
 async fn start_job(address: &str, starter: &Bearer, payer: &str) -> Result<(JobId, Bearer), tonic::Status> {
     let mut client = ionet::rpc::gcs_client(address, starter).await.unwrap();
-    let reply = client.add_job(AddJobRequest { payer_account: payer.into(), ..Default::default() }).await?.into_inner();
+    let request = AddJobRequest {
+        payer_account: payer.into(),
+        worker_command: Some(ionet::rpc::proto::common::WorkerCommand {
+            argv: vec![std::env::current_exe().unwrap().to_string_lossy().into_owned()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let reply = client.add_job(request).await?.into_inner();
     let job = JobId::from_bytes(&reply.job.unwrap().job_id).unwrap();
     Ok((job, Bearer::new(&reply.job_credential).unwrap()))
 }
@@ -515,6 +523,43 @@ fn credentials_on_my_node() -> (Vec<String>, bool) {
     (exposed, private)
 }
 
+/// A node starts the command a job declared when it was created, never one a lease
+/// request names: a tenant's request carrying a command of its own (in the field lease
+/// requests once had) still gets a worker of the job's declared program.
+fn a_node_runs_only_the_jobs_declared_command() {
+    use prost::Message;
+    let cluster = Cluster::start(&["--num-cpus", "1"]);
+    let (head, admin) = (cluster.address(), admin_of(&cluster));
+    // Where the request's own command would leave its mark, writable by any user.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let marker = open.path().join("the-requests-command-ran");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (job, credential, node) = runtime.block_on(async {
+        let (job, credential) = start_job(&head, &admin, "").await.unwrap();
+        let mut gcs = ionet::rpc::gcs_client(&head, &admin).await.unwrap();
+        let nodes = gcs.get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest::default()).await.unwrap();
+        (job, credential, nodes.into_inner().nodes[0].address.clone())
+    });
+    let mut body = RequestWorkerLeaseRequest {
+        job_id: job.to_vec(),
+        resources: Some((&ResourceSet::new().with("CPU", Quantity::whole(1))).into()),
+        no_spillback: true,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command = ionet::rpc::proto::common::WorkerCommand {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("touch {}", marker.display())],
+        ..Default::default()
+    };
+    // Field 4, length-delimited: a command, as lease requests once carried one.
+    prost::encoding::message::encode(4, &command, &mut body);
+    let (code, message) = call(&node, "/ionet.node.NodeManager/RequestWorkerLease", Some(credential.as_str()), body);
+    assert_eq!(code, Code::Ok, "the lease is granted with the job's own program: {message}");
+    assert!(!marker.exists(), "the command in the request never ran");
+    drop(cluster);
+}
+
 /// What a task may do with each of `paths` on its node: `read` (a file read whole, or a
 /// directory, named with a trailing `/`, listed), or the kind of error it got.
 #[ionet::remote]
@@ -695,10 +740,6 @@ fn unplaceable_actor(job: JobId, class_name: &str) -> ActorSpec {
         actor_id: ionet::ActorId::random().to_vec(),
         job_id: job.to_vec(),
         class_name: class_name.into(),
-        worker_command: Some(ionet::rpc::proto::node::WorkerCommand {
-            argv: vec!["/bin/false".into()],
-            ..Default::default()
-        }),
         resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
         ..Default::default()
     }
@@ -858,6 +899,7 @@ fn main() {
                 a_jobs_workers_hold_its_credential_and_nothing_broader,
             ),
             ("the_head_that_pays_out_runs_no_tenant_code", the_head_that_pays_out_runs_no_tenant_code),
+            ("a_node_runs_only_the_jobs_declared_command", a_node_runs_only_the_jobs_declared_command),
             (
                 "a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs",
                 a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs,

@@ -590,7 +590,28 @@ mod tests {
             proto::gcs::ClusterEvent,
             proto::metering::LeaseStartedRequest,
             proto::metering::LeaseEndedRequest,
+            proto::gcs::AddJobRequest,
+            proto::gcs::GetJobWorkerCommandReply,
+            proto::node::IssueCertificateRequest,
+            proto::node::IssueCertificateReply,
         );
+        // What a head certifies at registration, and a node for its processes: refused
+        // or signed, never a panic.
+        static AUTHORITIES: std::sync::OnceLock<(crate::tls::ClusterCa, crate::tls::NodeAuthority)> =
+            std::sync::OnceLock::new();
+        let (ca, node) = AUTHORITIES.get_or_init(|| {
+            let ca = crate::tls::ClusterCa::generate().unwrap();
+            let node = crate::tls::NodeAuthority::new("n", "10.0.0.5").unwrap();
+            node.install(ca.certify_node("n", "10.0.0.5", &node.public_key()).unwrap()).unwrap();
+            (ca, node)
+        });
+        if let Ok(request) = proto::node::IssueCertificateRequest::decode(bytes) {
+            let _ = node.issue(&request.public_key);
+        }
+        if let Ok(request) = proto::gcs::RegisterNodeRequest::decode(bytes) {
+            let address = request.node.map(|node| node.address).unwrap_or_default();
+            let _ = ca.certify_node("n", crate::tls::host_of(&address), &request.tls_public_key);
+        }
         if let Ok(request) = proto::gcs::HeartbeatRequest::decode(bytes) {
             let _ = crate::NodeId::from_bytes(&request.node_id);
             let _ = request.available.map(|available| available.to_set());

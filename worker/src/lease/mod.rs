@@ -38,9 +38,11 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::resources::{Quantity, ResourceSet, GPU};
 use ionet_common::rpc::proto::common::NodeInfo;
+use ionet_common::rpc::proto::common::WorkerCommand;
+use ionet_common::rpc::proto::gcs::GetJobWorkerCommandRequest;
 use ionet_common::rpc::proto::node::{
     request_worker_lease_reply::Outcome, LeaseGranted, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
-    SchedulingKind, Spillback, WorkerCommand,
+    SchedulingKind, Spillback,
 };
 use ionet_common::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
 use ionet_scheduler::{ClusterView, Decision, Demand, GpuAssignment, LabelSelector, SchedulingStrategy};
@@ -85,6 +87,8 @@ pub struct Leases {
     job_credentials: DashMap<JobId, Bearer>,
     /// The account of each job that asked for a lease here.
     job_accounts: DashMap<JobId, Arc<str>>,
+    /// What starts each job's workers, as the control store has it.
+    job_commands: DashMap<JobId, WorkerCommand>,
     /// Who jobs' workers run as, when this daemon may choose (root).
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     state: Mutex<LeaseState>,
@@ -164,6 +168,7 @@ impl Leases {
             address,
             job_credentials: DashMap::new(),
             job_accounts: DashMap::new(),
+            job_commands: DashMap::new(),
             identities: std::sync::OnceLock::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
@@ -201,6 +206,30 @@ impl Leases {
     /// The head's public key, learned at registration, for the workers started from now on.
     pub fn set_head_key(&self, key: &[u8]) {
         *self.head_key.lock().unwrap_or_else(|p| p.into_inner()) = hex::encode(key);
+    }
+
+    /// The command that starts `job_id`'s workers: the one its driver declared when the
+    /// job was created under its credential, asked of the control store once per job.
+    async fn job_command(&self, job_id: JobId) -> IonetResult<WorkerCommand> {
+        if let Some(command) = self.job_commands.get(&job_id) {
+            return Ok(command.clone());
+        }
+        let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut client =
+            client.ok_or_else(|| IonetError::Unavailable("this node has not reached its control store yet".into()))?;
+        let reply = client.get_job_worker_command(GetJobWorkerCommandRequest { job_id: job_id.to_vec() }).await?;
+        let command =
+            reply.into_inner().worker_command.filter(|command| !command.argv.is_empty()).ok_or_else(|| {
+                IonetError::FailedPrecondition(format!("job {job_id} declared no command to start its workers"))
+            })?;
+        self.job_commands.insert(job_id, command.clone());
+        Ok(command)
+    }
+
+    /// Declares `job_id`'s worker command here, as the control store would tell it.
+    #[cfg(test)]
+    pub(crate) fn declare_job_command(&self, job_id: JobId, command: WorkerCommand) {
+        self.job_commands.insert(job_id, command);
     }
 
     /// Jobs' workers run as users of their own from now on.
@@ -439,10 +468,8 @@ impl Leases {
         let job_id = JobId::from_bytes(&request.job_id)?;
         self.job_credentials.insert(job_id, credential);
         self.job_accounts.insert(job_id, account);
-        let command = request.worker_command.clone().unwrap_or_default();
-        if command.argv.is_empty() {
-            return Err(IonetError::InvalidArgument("lease request without a worker command".into()));
-        }
+        // What the job declared when it was created, never what a request says.
+        let command = self.job_command(job_id).await?;
         let (strategy, selectors) = placement(&request)?;
         let bundle = if request.placement_group_id.is_empty() {
             None

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet_common::rpc::proto::node::WorkerCommand;
+use ionet_common::rpc::proto::common::WorkerCommand;
 use ionet_common::worker_env::{CredentialPipe, WorkerEnv};
 use ionet_common::{IonetError, IonetResult, JobId, WorkerId};
 use tokio::sync::oneshot;

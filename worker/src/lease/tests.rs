@@ -196,10 +196,10 @@ async fn a_requester_that_goes_away_strands_nothing() {
     let one = ResourceSet::new().with(CPU, Quantity::whole(1));
     // A worker that never registers and exits after a moment.
     let command = WorkerCommand { argv: vec!["sleep".into(), "1".into()], ..Default::default() };
+    leases.declare_job_command(JobId::from_sequence(1), command);
     let request = RequestWorkerLeaseRequest {
         job_id: JobId::from_sequence(1).to_vec(),
         resources: Some((&one).into()),
-        worker_command: Some(command),
         no_spillback: true,
         ..Default::default()
     };
