@@ -6,6 +6,10 @@
 //!
 //!   cargo bench -p ionet-benches --bench microbenchmark [-- FILTER] [--seconds S]
 //!
+//! With `IONET_BENCH_ADDRESS` set (`auto`, or a head's address), it joins a cluster
+//! started with `ionet start` instead: how TLS (`ionet start --head --tls`) and jobs
+//! running as users of their own cost against the same cluster served plain.
+//!
 //! "multi client" lines use several driver threads in one process (Ray uses several
 //! actor processes); the cluster is the same for all lines: one node with this
 //! machine's CPUs.
@@ -148,7 +152,11 @@ fn main() {
     }
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-') && a.parse::<f64>().is_err());
     let seconds: f64 = arg_value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    ionet::init(InitConfig::default()).expect("embedded cluster");
+    let config = match std::env::var("IONET_BENCH_ADDRESS") {
+        Ok(address) if !address.is_empty() => InitConfig::default().address(address),
+        _ => InitConfig::default(),
+    };
+    ionet::init(config).expect("a cluster to measure");
     let clients = 4;
 
     let value = ionet::put(&0u8).unwrap();

@@ -83,7 +83,9 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     // The restarted head kept its signing key (beside --storage) and wrote a fresh admin
     // credential into the session.
     let mut operator = cluster.admin_client();
-    let next = cluster.runtime.block_on(operator.add_job(AddJobRequest::default())).unwrap().into_inner().job.unwrap();
+    let command = ionet_common::rpc::proto::common::WorkerCommand { argv: vec!["python".into()], ..Default::default() };
+    let request = AddJobRequest { worker_command: Some(command), ..Default::default() };
+    let next = cluster.runtime.block_on(operator.add_job(request)).unwrap().into_inner().job.unwrap();
     assert!(next.job_id > job.job_id);
 
     // The node daemon never restarted, yet registers again with the same id.

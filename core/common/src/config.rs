@@ -23,6 +23,11 @@ pub struct ClusterConfig {
     pub max_kv_value_bytes: usize,
     /// Longest key the internal KV accepts.
     pub max_kv_key_bytes: usize,
+    /// Most bytes (keys and values) one account may keep in the KV, its jobs' definition
+    /// exports included; the operator's namespaces have no quota.
+    pub max_kv_bytes_per_account: u64,
+    /// Most KV namespaces one account may use.
+    pub max_kv_namespaces_per_account: usize,
     /// First and largest wait between a node daemon's reconnection attempts.
     pub reconnect_initial_backoff_ms: u64,
     pub reconnect_max_backoff_ms: u64,
@@ -47,6 +52,8 @@ impl Default for ClusterConfig {
             max_message_bytes: crate::rpc::DEFAULT_MAX_MESSAGE_BYTES,
             max_kv_value_bytes: 16 * 1024 * 1024,
             max_kv_key_bytes: 4096,
+            max_kv_bytes_per_account: 256 * 1024 * 1024,
+            max_kv_namespaces_per_account: 1024,
             reconnect_initial_backoff_ms: 100,
             reconnect_max_backoff_ms: 5_000,
             epoch_length_ms: 3_600_000,
@@ -106,6 +113,8 @@ impl ClusterConfig {
         read(&lookup, "IONET_MAX_MESSAGE_BYTES", &mut self.max_message_bytes)?;
         read(&lookup, "IONET_MAX_KV_VALUE_BYTES", &mut self.max_kv_value_bytes)?;
         read(&lookup, "IONET_MAX_KV_KEY_BYTES", &mut self.max_kv_key_bytes)?;
+        read(&lookup, "IONET_MAX_KV_BYTES_PER_ACCOUNT", &mut self.max_kv_bytes_per_account)?;
+        read(&lookup, "IONET_MAX_KV_NAMESPACES_PER_ACCOUNT", &mut self.max_kv_namespaces_per_account)?;
         read(&lookup, "IONET_RECONNECT_INITIAL_BACKOFF_MS", &mut self.reconnect_initial_backoff_ms)?;
         read(&lookup, "IONET_RECONNECT_MAX_BACKOFF_MS", &mut self.reconnect_max_backoff_ms)?;
         read(&lookup, "IONET_EPOCH_LENGTH_MS", &mut self.epoch_length_ms)?;

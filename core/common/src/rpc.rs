@@ -300,17 +300,78 @@ pub fn server(authorizer: crate::authz::Authorizer) -> AuthorizedServer {
         .layer(crate::authz::AuthorizeLayer::new(authorizer))
 }
 
-/// A connection a server accepted: plain (loopback only) or TLS.
-pub enum ServerStream {
+/// A connection a server accepted: plain (loopback only) or TLS, holding its place in
+/// its peer's count of open connections until it closes.
+pub struct ServerStream {
+    io: Io,
+    _slot: Option<PeerSlot>,
+}
+
+enum Io {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
+/// Most connections one remote host may hold open to one server at once. Loopback is
+/// not counted: a node's own drivers and workers all connect from it.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 1024;
+
+/// Open connections per remote host of one server.
+#[derive(Debug)]
+pub struct PeerConnections {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One open connection of a remote host; its count goes down when this drops.
+pub struct PeerSlot {
+    peers: std::sync::Arc<PeerConnections>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerConnections {
+    pub fn new(max: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { max, open: std::sync::Mutex::new(std::collections::HashMap::new()) })
+    }
+
+    /// A place for one more connection from `ip`, or `Err` when it holds the most
+    /// already. Loopback always gets one (`Ok(None)`: not counted).
+    pub fn admit(self: &std::sync::Arc<Self>, ip: std::net::IpAddr) -> Result<Option<PeerSlot>, usize> {
+        if ip.is_loopback() {
+            return Ok(None);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= self.max {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(Some(PeerSlot { peers: self.clone(), ip }))
+    }
+
+    /// Connections `ip` holds open now.
+    pub fn open(&self, ip: std::net::IpAddr) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl ServerStream {
     fn tcp(&self) -> &tokio::net::TcpStream {
-        match self {
-            ServerStream::Plain(stream) => stream,
-            ServerStream::Tls(stream) => stream.get_ref().0,
+        match &self.io {
+            Io::Plain(stream) => stream,
+            Io::Tls(stream) => stream.get_ref().0,
         }
     }
 }
@@ -332,9 +393,9 @@ impl tokio::io::AsyncRead for ServerStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
-            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            Io::Tls(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -345,9 +406,9 @@ impl tokio::io::AsyncWrite for ServerStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
-            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            Io::Tls(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -356,16 +417,16 @@ impl tokio::io::AsyncWrite for ServerStream {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
-            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
+            Io::Tls(stream) => std::pin::Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ServerStream::Plain(stream) => stream.is_write_vectored(),
-            ServerStream::Tls(stream) => stream.is_write_vectored(),
+        match &self.io {
+            Io::Plain(stream) => stream.is_write_vectored(),
+            Io::Tls(stream) => stream.is_write_vectored(),
         }
     }
 
@@ -373,9 +434,9 @@ impl tokio::io::AsyncWrite for ServerStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
-            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            Io::Tls(stream) => std::pin::Pin::new(stream).poll_flush(cx),
         }
     }
 
@@ -383,9 +444,9 @@ impl tokio::io::AsyncWrite for ServerStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
-            ServerStream::Tls(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            Io::Tls(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
         }
     }
 }
@@ -397,7 +458,8 @@ pub type Incoming = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::R
 /// own listener does not apply `Server::tcp_nodelay` to them, and a small reply held back
 /// until the peer's delayed ACK costs a request its latency); with `tls`, each after its
 /// TLS handshake, made concurrently and dropped past [`crate::tls::HANDSHAKE_TIMEOUT`]
-/// (a client speaking plain text to it never gets a call through).
+/// (a client speaking plain text to it never gets a call through). A remote host holds
+/// at most [`MAX_CONNECTIONS_PER_PEER`] of them open at once; more are closed at accept.
 ///
 /// Refuses a plain server bound to anything but loopback: there, servers speak TLS only.
 pub fn incoming(
@@ -406,12 +468,17 @@ pub fn incoming(
 ) -> IonetResult<Incoming> {
     use tokio_stream::StreamExt;
     crate::tls::check_plain_bind(listener.local_addr()?, tls.is_some())?;
+    let peers = PeerConnections::new(MAX_CONNECTIONS_PER_PEER);
     let Some(cert) = tls else {
-        return Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-            accepted.map(|stream| {
-                let _ = stream.set_nodelay(true);
-                ServerStream::Plain(stream)
-            })
+        return Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
+            match accepted {
+                Ok(stream) => {
+                    let slot = admit(&peers, &stream)?;
+                    let _ = stream.set_nodelay(true);
+                    Some(Ok(ServerStream { io: Io::Plain(stream), _slot: slot }))
+                }
+                Err(err) => Some(Err(err)),
+            }
         })));
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config()?);
@@ -431,12 +498,13 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(slot) = admit(&peers, &stream) else { continue };
             let _ = stream.set_nodelay(true);
             let (acceptor, sender) = (acceptor.clone(), sender.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(ServerStream::Tls(Box::new(stream)))).await;
+                        let _ = sender.send(Ok(ServerStream { io: Io::Tls(Box::new(stream)), _slot: slot })).await;
                     }
                     Ok(Err(err)) => tracing::info!(%peer, error = %err, "refused a connection: no TLS handshake"),
                     Err(_) => tracing::info!(%peer, "refused a connection: no TLS handshake within the deadline"),
@@ -445,6 +513,19 @@ pub fn incoming(
         }
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+}
+
+/// A place among its peer's connections for `stream`, or `None` (and the connection
+/// closed) when the peer holds the most already.
+fn admit(peers: &std::sync::Arc<PeerConnections>, stream: &tokio::net::TcpStream) -> Option<Option<PeerSlot>> {
+    let Ok(peer) = stream.peer_addr() else { return None };
+    match peers.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(open) => {
+            tracing::warn!(%peer, open, "refused a connection: its host holds the most connections a peer may");
+            None
+        }
+    }
 }
 
 /// Default cap on one gRPC message, both ways.
@@ -630,6 +711,24 @@ mod tests {
             if let Some(proto::worker::get_object_reply::Result::Error(detail)) = reply.result {
                 let _ = status::error_of(detail);
             }
+        }
+    }
+
+    #[test]
+    fn a_remote_host_holds_at_most_so_many_connections() {
+        let peers = PeerConnections::new(2);
+        let (far, other) = ("10.0.0.9".parse().unwrap(), "10.0.0.10".parse().unwrap());
+        let first = peers.admit(far).unwrap();
+        let second = peers.admit(far).unwrap();
+        assert!(first.is_some() && second.is_some());
+        assert_eq!(peers.admit(far).err(), Some(2), "a third is refused");
+        assert!(peers.admit(other).unwrap().is_some(), "another host has its own count");
+        drop(first);
+        assert_eq!(peers.open(far), 1);
+        assert!(peers.admit(far).unwrap().is_some(), "a closed connection makes room");
+        // The node's own processes connect from loopback: never counted.
+        for _ in 0..10 {
+            assert!(peers.admit("127.0.0.1".parse().unwrap()).unwrap().is_none());
         }
     }
 
