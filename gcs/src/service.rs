@@ -73,7 +73,7 @@ impl GcsService {
         }
         let host = tls::host_of(&node.address);
         let operator = matches!(principal, Principal::Admin);
-        if !operator && !tls::is_loopback_host(host) && tls.hosts.iter().any(|head| head == host) {
+        if !operator && !tls::is_loopback_host(host) && tls.hosts.iter().any(|head| tls::same_host(head, host)) {
             return Err(Status::permission_denied(format!(
                 "node {} may not be certified for {host}: that is the head's host",
                 NodeId::from_bytes(&node.node_id).map(|id| id.short()).unwrap_or_default()
@@ -298,7 +298,10 @@ impl Gcs for GcsService {
         &self,
         request: Request<GetJobWorkerCommandRequest>,
     ) -> Result<Response<GetJobWorkerCommandReply>, Status> {
+        let principal = Principal::of(&request)?;
         let job_id = JobId::from_bytes(&request.into_inner().job_id)?;
+        // A job's command is its own (a node asks with the job's credential).
+        principal.may_act_for_job(&job_id)?;
         let job = self.state.job(&job_id).ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         Ok(Response::new(GetJobWorkerCommandReply { worker_command: job.worker_command }))
     }

@@ -78,6 +78,59 @@ pub(crate) fn publish(from: &Path, to: &Path, mode: u32) -> ObjectStoreResult<()
     fs::rename(from, to).map_err(|err| ObjectStoreError::io_at("publish", to, err))
 }
 
+/// Opens the file under `path` to seal it, never through a link: a regular file with
+/// one name, and its metadata (from the descriptor).
+pub(crate) fn open_to_seal(path: &Path) -> ObjectStoreResult<(File, fs::Metadata)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|err| ObjectStoreError::io_at("open to seal", path, err))?;
+    let opened = file.metadata().map_err(|err| ObjectStoreError::io_at("stat", path, err))?;
+    if !opened.file_type().is_file() || opened.nlink() != 1 {
+        return Err(ObjectStoreError::io_at(
+            "seal",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file of one name"),
+        ));
+    }
+    Ok((file, opened))
+}
+
+/// Makes the open `file` the store's user's, its group `group` (else the store's), mode
+/// `mode`: through the descriptor, whatever its name now points at.
+pub(crate) fn take_for_group(file: &File, path: &Path, group: Option<u32>, mode: u32) -> ObjectStoreResult<()> {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    std::os::unix::fs::fchown(file, Some(uid), Some(group.unwrap_or(gid)))
+        .map_err(|err| ObjectStoreError::io_at("take", path, err))?;
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|err| ObjectStoreError::io_at("make read-only", path, err))
+}
+
+/// Whether `path` itself (not a link's target) is the file whose metadata is `opened`.
+pub(crate) fn still_named_exactly(path: &Path, opened: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).is_ok_and(|named| named.dev() == opened.dev() && named.ino() == opened.ino())
+}
+
+/// Copies `from` into a new file at `to` (mode 0600; failing if anything is there, a
+/// link included); the new file.
+pub(crate) fn copy_into_new(from: &Path, to: &Path) -> ObjectStoreResult<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)
+        .map_err(|err| ObjectStoreError::io_at("create", to, err))?;
+    let mut source = File::open(from).map_err(|err| ObjectStoreError::io_at("open", from, err))?;
+    std::io::copy(&mut source, &mut out).map_err(|err| ObjectStoreError::io_at("restore into", to, err))?;
+    Ok(out)
+}
+
 /// Makes `path`'s group `group` (its readers, once sealed 0440).
 pub(crate) fn give_to_group(path: &Path, group: u32) -> ObjectStoreResult<()> {
     std::os::unix::fs::chown(path, None, Some(group)).map_err(|err| ObjectStoreError::io_at("give", path, err))

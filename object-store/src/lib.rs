@@ -48,6 +48,6 @@ pub use client::StoreClient;
 pub use error::{ObjectStoreError, ObjectStoreResult};
 pub use ionet_common::ObjectId;
 pub use pull::Puller;
-pub use service::{ObjectManagerService, PullStream, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES};
+pub use service::{ObjectManagerService, OwnerCheck, PullStream, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES};
 pub use store::{CreatedObject, LocalObjectStore, StoreConfig, StoreStats};
 pub use view::ObjectView;

@@ -84,6 +84,13 @@ impl Puller {
     /// (`host:port` of its `ObjectManager` service) if it is not here yet. Concurrent
     /// pulls of one object share one transfer and its result.
     pub async fn pull(&self, address: &str, id: ObjectId) -> ObjectStoreResult<ObjectView> {
+        self.pull_for(address, id, "").await
+    }
+
+    /// [`Puller::pull`] of a copy for `account` (a job's): the node at `address` gives
+    /// it only if the object is that account's. Callers pulling for different accounts
+    /// must not overlap on one object (a concurrent pull shares the first's transfer).
+    pub async fn pull_for(&self, address: &str, id: ObjectId, account: &str) -> ObjectStoreResult<ObjectView> {
         if let Some(view) = local_get(&self.inner.store, id).await? {
             return Ok(view);
         }
@@ -93,8 +100,9 @@ impl Puller {
                 let inner = self.inner.clone();
                 let address = address.to_string();
                 let task_address = address.clone();
+                let account = account.to_string();
                 let task = tokio::spawn(async move {
-                    let result = inner.transfer(&task_address, id).await;
+                    let result = inner.transfer(&task_address, id, &account).await;
                     inner.in_flight.remove(&id);
                     result
                 });
@@ -134,13 +142,13 @@ impl PullerInner {
         Ok(channel)
     }
 
-    async fn transfer(&self, address: &str, id: ObjectId) -> ObjectStoreResult<ObjectView> {
+    async fn transfer(&self, address: &str, id: ObjectId, account: &str) -> ObjectStoreResult<ObjectView> {
         // A transfer that finished between the caller's check and this task's start.
         if let Some(view) = local_get(&self.store, id).await? {
             return Ok(view);
         }
         self.transfers_started.fetch_add(1, Ordering::Relaxed);
-        let result = self.transfer_once(address, id).await;
+        let result = self.transfer_once(address, id, account).await;
         let reconnect = match &result {
             Err(ObjectStoreError::TransferBroken { .. }) => true,
             Err(ObjectStoreError::PullFailed { code, .. }) => matches!(
@@ -160,7 +168,7 @@ impl PullerInner {
         result
     }
 
-    async fn transfer_once(&self, address: &str, id: ObjectId) -> ObjectStoreResult<ObjectView> {
+    async fn transfer_once(&self, address: &str, id: ObjectId, account: &str) -> ObjectStoreResult<ObjectView> {
         let pull_failed = |status: tonic::Status| ObjectStoreError::PullFailed {
             id,
             address: address.to_string(),
@@ -176,9 +184,12 @@ impl PullerInner {
         })?;
         let mut client = ObjectManagerClient::new(channel).max_decoding_message_size(MAX_CHUNK_BYTES + 1024 * 1024);
         let stall = self.stall_timeout;
-        let answer = tokio::time::timeout(stall, client.pull(PullRequest { object_id: id.to_vec() }))
-            .await
-            .map_err(|_| broken(format!("the peer did not answer within {stall:?}")))?;
+        let answer = tokio::time::timeout(
+            stall,
+            client.pull(PullRequest { object_id: id.to_vec(), account: account.to_string() }),
+        )
+        .await
+        .map_err(|_| broken(format!("the peer did not answer within {stall:?}")))?;
         let mut stream = answer.map_err(pull_failed)?.into_inner();
 
         let mut created: Option<(CreatedObject, AbortGuard)> = None;

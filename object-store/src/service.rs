@@ -30,11 +30,26 @@ pub struct ObjectManagerService {
     store: Arc<LocalObjectStore>,
     chunk_bytes: usize,
     pulls_served: Arc<AtomicU64>,
+    owned_by: Option<OwnerCheck>,
 }
+
+/// Whether an object is an account's (what a pull for that account must show).
+pub type OwnerCheck = Arc<dyn Fn(&ObjectId, &str) -> bool + Send + Sync>;
 
 impl ObjectManagerService {
     pub fn new(store: Arc<LocalObjectStore>) -> ObjectManagerService {
-        ObjectManagerService { store, chunk_bytes: DEFAULT_CHUNK_BYTES, pulls_served: Arc::new(AtomicU64::new(0)) }
+        ObjectManagerService {
+            store,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            pulls_served: Arc::new(AtomicU64::new(0)),
+            owned_by: None,
+        }
+    }
+
+    /// A pull for an account is served only if `owned_by` says the object is its.
+    pub fn with_owner_check(mut self, owned_by: OwnerCheck) -> ObjectManagerService {
+        self.owned_by = Some(owned_by);
+        self
     }
 
     /// Sets the chunk size, clamped to 1 byte ..= [`MAX_CHUNK_BYTES`].
@@ -87,6 +102,15 @@ impl ObjectManager for ObjectManagerService {
 
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
         let id = parse_id(&request.get_ref().object_id)?;
+        let account = &request.get_ref().account;
+        if let Some(owned_by) = &self.owned_by {
+            if !account.is_empty() && !owned_by(&id, account) {
+                return Err(Status::permission_denied(format!(
+                    "object {} is not account {account}'s: a copy goes to its own account's jobs only",
+                    id.short()
+                )));
+            }
+        }
         let view = self
             .blocking(move |store| store.get(&id))
             .await?

@@ -379,8 +379,10 @@ impl LocalObjectStore {
 
     /// Keeps a deleted object's file for reuse if it is worth it, room allows, and no
     /// view maps it; otherwise unlinks it.
+    /// With separate users nothing is recycled: a writer of another account may still
+    /// hold a mapping of the old file, which would then be the new object's pages.
     fn recycle_or_remove(&self, inner: &mut Inner, path: &Path, size: u64) -> ObjectStoreResult<()> {
-        if size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 2 {
+        if !self.separate_users && size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 2 {
             // Writable again (sealed files are 0444); readers keep their descriptors.
             let reopened = fs::set_permissions(path, fs::Permissions::from_mode(0o600))
                 .and_then(|_| OpenOptions::new().read(true).write(true).open(path));
@@ -411,18 +413,21 @@ impl LocalObjectStore {
     pub fn seal_for(&self, id: &ObjectId, group: Option<u32>) -> ObjectStoreResult<ObjectView> {
         let unsealed = layout::unsealed_path(&self.dir, id);
         let sealed = layout::sealed_path(&self.dir, id);
+        // The file under the unsealed name, opened without following a link (a writer
+        // may have put anything there): the file accounted, given to its group, published.
+        let (file, opened) = match layout::open_to_seal(&unsealed) {
+            Ok(opened) => opened,
+            Err(ObjectStoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ObjectStoreError::NotFound { id: *id })
+            }
+            Err(err) => return Err(err),
+        };
         let mut inner = self.lock();
         match inner.entries.get(id) {
             Some(entry) if entry.sealed => return Err(ObjectStoreError::AlreadyExists { id: *id }),
             Some(_) => {}
             None => {
-                let size = match fs::metadata(&unsealed) {
-                    Ok(meta) => meta.len(),
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(ObjectStoreError::NotFound { id: *id })
-                    }
-                    Err(err) => return Err(ObjectStoreError::io_at("stat", &unsealed, err)),
-                };
+                let size = opened.len();
                 if let Err(err) = self.reserve(&mut inner, *id, size) {
                     let _ = layout::remove_if_present(&unsealed);
                     return Err(err);
@@ -431,10 +436,21 @@ impl LocalObjectStore {
             }
         }
         let group = group.filter(|_| self.separate_users);
-        if let Some(group) = group {
-            layout::give_to_group(&unsealed, group)?;
+        if self.separate_users {
+            // The store's from now on, so its writer can neither change nor move it (the
+            // directory is sticky); readable by the account's group.
+            layout::take_for_group(&file, &unsealed, group, self.sealed_mode)?;
+            if !layout::still_named_exactly(&unsealed, &opened) {
+                return Err(ObjectStoreError::io_at(
+                    "seal",
+                    &unsealed,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "the file was replaced while being sealed"),
+                ));
+            }
+            fs::rename(&unsealed, &sealed).map_err(|err| ObjectStoreError::io_at("publish", &sealed, err))?;
+        } else {
+            layout::publish(&unsealed, &sealed, self.sealed_mode)?;
         }
-        layout::publish(&unsealed, &sealed, self.sealed_mode)?;
         let entry = inner.entries.get_mut(id).expect("entry checked above");
         entry.sealed = true;
         entry.group = group;
@@ -674,9 +690,14 @@ impl LocalObjectStore {
         let (size, group) = (entry.size, entry.group);
         self.reserve(inner, *id, size)?;
         let restoring = layout::restoring_path(&self.dir, id);
-        let restored = fs::copy(self.spill_path(id), &restoring)
-            .map_err(|err| ObjectStoreError::io_at("restore into", &restoring, err))
-            .and_then(|_| group.map_or(Ok(()), |group| layout::give_to_group(&restoring, group)))
+        // Whatever someone planted under the name goes first; the copy is a new file,
+        // never a link followed.
+        let restored = layout::remove_if_present(&restoring)
+            .and_then(|_| layout::copy_into_new(&self.spill_path(id), &restoring))
+            .and_then(|file| match group {
+                Some(group) => layout::take_for_group(&file, &restoring, Some(group), self.sealed_mode),
+                None => Ok(()),
+            })
             .and_then(|_| layout::publish(&restoring, &layout::sealed_path(&self.dir, id), self.sealed_mode));
         if let Err(err) = restored {
             inner.bytes_in_memory -= size;

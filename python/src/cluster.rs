@@ -132,10 +132,7 @@ pub(crate) fn nodes<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let row = PyDict::new(py);
         row.set_item("NodeID", node.node_id.hex())?;
         row.set_item("Alive", node.is_alive())?;
-        row.set_item(
-            "NodeManagerAddress",
-            node.address.rsplit_once(':').map(|(host, _)| host).unwrap_or(&node.address),
-        )?;
+        row.set_item("NodeManagerAddress", ionet::tls::host_of(&node.address))?;
         row.set_item("NodeManagerHostname", &node.hostname)?;
         row.set_item("Resources", resources_dict(py, &node.total)?)?;
         row.set_item("Labels", node.labels.clone())?;

@@ -276,6 +276,14 @@ impl NodeManager for NodeManagerService {
         let tls = self.shared.tls.as_ref().ok_or_else(|| {
             Status::failed_precondition("this node does not speak TLS: its processes serve plain on loopback")
         })?;
+        // Certificates for this node's address go to processes on this machine alone.
+        let peer = request.remote_addr().map(|peer| peer.ip());
+        if !peer.is_some_and(|peer| tls.authority.is_local(peer)) {
+            return Err(Status::permission_denied(format!(
+                "a certificate of this node is for the processes on its machine, not for {}",
+                peer.map(|peer| peer.to_string()).unwrap_or_else(|| "a caller of unknown address".into())
+            )));
+        }
         let chain = tls.authority.issue(&request.into_inner().public_key)?;
         Ok(Response::new(IssueCertificateReply { chain }))
     }
@@ -360,7 +368,9 @@ impl NodeDaemon {
 
         let service = NodeManagerServer::new(NodeManagerService { shared: shared.clone() });
         let mut stop_serving = stopped.clone();
-        let object_service = ionet_object_store::ObjectManagerService::new(objects.store.clone()).into_server();
+        let object_service = ionet_object_store::ObjectManagerService::new(objects.store.clone())
+            .with_owner_check(objects.owner_check())
+            .into_server();
         let serve = tokio::spawn(async move {
             let result = rpc::server(authorizer)
                 .add_service(service)

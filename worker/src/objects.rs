@@ -31,8 +31,11 @@ pub struct NodeObjects {
     own_address: String,
     /// For objects whose primary copy is here: the nodes that pulled a copy.
     copies: DashMap<ObjectId, Vec<String>>,
-    /// For objects a job created here: its account.
-    creators: DashMap<ObjectId, Arc<str>>,
+    /// For objects a job created or pulled here: its account.
+    creators: Arc<DashMap<ObjectId, Arc<str>>>,
+    /// One `ensure_local` at a time per object: the account a copy is pulled for is the
+    /// one recorded for it.
+    ensuring: DashMap<ObjectId, Arc<tokio::sync::Mutex<()>>>,
     /// Jobs' identities when they run as users of their own: an account's objects are
     /// readable by its group alone.
     identities: Option<Arc<WorkerIdentities>>,
@@ -75,7 +78,8 @@ impl NodeObjects {
             credential,
             own_address,
             copies: DashMap::new(),
-            creators: DashMap::new(),
+            creators: Arc::new(DashMap::new()),
+            ensuring: DashMap::new(),
             identities,
         })
     }
@@ -86,6 +90,13 @@ impl NodeObjects {
             (Principal::Job { account, .. }, Some(identities)) => identities.group_of_account(account).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Whether an object here is `account`'s (for peers pulling a copy for one of its
+    /// jobs). An object of no record (none a job made) is no account's.
+    pub fn owner_check(&self) -> ionet_object_store::OwnerCheck {
+        let creators = self.creators.clone();
+        Arc::new(move |id, account| creators.get(id).is_some_and(|owner| **owner == *account))
     }
 
     pub fn dir(&self) -> String {
@@ -114,7 +125,12 @@ impl NodeObjects {
         self.check_creator(&id, caller, "seal")?;
         let store = self.store.clone();
         let group = self.group_of(caller)?;
-        blocking(move || store.seal_for(&id, group).map(drop)).await
+        blocking(move || store.seal_for(&id, group).map(drop)).await?;
+        // A file its writer made itself is recorded now.
+        if let Principal::Job { account, .. } = caller {
+            self.creators.entry(id).or_insert_with(|| account.clone());
+        }
+        Ok(())
     }
 
     /// Whether `caller` may change object `id`: a job only what its account created here
@@ -135,19 +151,49 @@ impl NodeObjects {
     /// copy pulled for `caller` is readable by its account's group).
     pub async fn ensure_local(&self, id: &[u8], source: &str, caller: &Principal) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
+        let account = match caller {
+            Principal::Job { account, .. } => Some(account.clone()),
+            _ => None,
+        };
+        let turn = self.ensuring.entry(id).or_default().clone();
+        let _turn = turn.lock().await;
+        let result = self.ensure_local_in_turn(id, source, account).await;
+        drop(_turn);
+        self.ensuring.remove_if(&id, |_, turn| Arc::strong_count(turn) == 1);
+        result
+    }
+
+    async fn ensure_local_in_turn(&self, id: ObjectId, source: &str, account: Option<Arc<str>>) -> IonetResult<()> {
         let store = self.store.clone();
         if blocking(move || store.get(&id)).await?.is_some() {
+            // Here already: a job's only if its account's.
+            if let Some(account) = &account {
+                if self.creators.get(&id).is_none_or(|owner| **owner != **account) {
+                    return Err(IonetError::PermissionDenied(format!(
+                        "object {} on this node is not account {account}'s",
+                        id.short()
+                    )));
+                }
+            }
             return Ok(());
         }
         if source.is_empty() || source == self.own_address {
             return Err(IonetError::ObjectLost(format!("object {} is not in the store of this node", id.short())));
         }
-        self.puller.pull(source, id).await.map_err(|err| {
-            IonetError::ObjectLost(format!("object {} could not be pulled from {source}: {err}", id.short()))
+        let for_account = account.as_deref().unwrap_or("");
+        self.puller.pull_for(source, id, for_account).await.map_err(|err| match err {
+            ObjectStoreError::PullFailed { code: tonic::Code::PermissionDenied, message, .. } => {
+                IonetError::PermissionDenied(message)
+            }
+            err => IonetError::ObjectLost(format!("object {} could not be pulled from {source}: {err}", id.short())),
         })?;
-        if let Some(group) = self.group_of(caller)? {
-            let store = self.store.clone();
-            blocking(move || store.set_group(&id, group)).await?;
+        if let Some(account) = &account {
+            // The copy is the account's the source vouched for.
+            self.creators.insert(id, account.clone());
+            if let Some(group) = self.identities.as_ref().map(|identities| identities.group_of_account(account)) {
+                let (store, group) = (self.store.clone(), group?);
+                blocking(move || store.set_group(&id, group)).await?;
+            }
         }
         // Tell the primary's node, so freeing the object frees this copy too.
         let (credential, source, own) = (self.credential.clone(), source.to_string(), self.own_address.clone());

@@ -560,6 +560,52 @@ fn a_node_runs_only_the_jobs_declared_command() {
     drop(cluster);
 }
 
+/// The length and byte sum of a value, read where the task runs.
+#[ionet::remote]
+fn length_and_sum(bytes: Vec<u8>) -> (u64, u64) {
+    (bytes.len() as u64, bytes.iter().map(|&byte| u64::from(byte)).sum())
+}
+
+/// An object is copied only to its own account's jobs: another tenant that names its id
+/// gets it neither pulled to another node (the holder refuses the copy) nor opened on
+/// the node that holds it; the owner's own task on the other node then reads it.
+fn another_accounts_object_is_never_copied_to_a_tenant() {
+    use ionet::rpc::proto::node::EnsureObjectLocalRequest;
+    let mut cluster = Cluster::start(&["--num-cpus", "1"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    cluster.init_as("victim");
+    let secret: Vec<u8> = (0..1024 * 1024u32).map(|n| (n % 253) as u8).collect();
+    let object = ionet::put(&secret).unwrap();
+    let holder = ionet::testing::local_node_address().unwrap();
+    let b = ionet::nodes().unwrap().into_iter().find(|node| node.labels.get("name").map(String::as_str) == Some("b"));
+    let b = b.expect("node b");
+    let pinned = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: b.node_id, soft: false });
+    let (head, admin) = (cluster.address(), admin_of(&cluster));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (_, mallory) = start_job(&head, &admin, "mallory").await.unwrap();
+        let id = object.id().to_vec();
+        for (node, source) in [(b.address.clone(), holder.clone()), (holder.clone(), String::new())] {
+            let channel = ionet::rpc::connect(&node, &mallory, Duration::from_secs(5)).await.unwrap();
+            let mut client = ionet::rpc::NodeManagerClient::new(channel);
+            let request = EnsureObjectLocalRequest { object_id: id.clone(), source_address: source };
+            let status = client.ensure_object_local(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(status.message().contains("mallory"), "{}", status.message());
+        }
+    });
+    // Node b has no copy yet: the owner's own task there gets one, whole.
+    let expected = (secret.len() as u64, secret.iter().map(|&byte| u64::from(byte)).sum());
+    assert_eq!(
+        ionet::get_timeout(&length_and_sum::options(pinned).remote(&object), Duration::from_secs(60)).unwrap(),
+        expected,
+        "the owner's task on node b reads its object"
+    );
+    assert_eq!(ionet::get(&object).unwrap(), secret, "the victim's object is unharmed");
+    drop(cluster);
+}
+
 /// What a task may do with each of `paths` on its node: `read` (a file read whole, or a
 /// directory, named with a trailing `/`, listed), or the kind of error it got.
 #[ionet::remote]
@@ -900,6 +946,10 @@ fn main() {
             ),
             ("the_head_that_pays_out_runs_no_tenant_code", the_head_that_pays_out_runs_no_tenant_code),
             ("a_node_runs_only_the_jobs_declared_command", a_node_runs_only_the_jobs_declared_command),
+            (
+                "another_accounts_object_is_never_copied_to_a_tenant",
+                another_accounts_object_is_never_copied_to_a_tenant,
+            ),
             (
                 "a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs",
                 a_tenants_code_reads_nothing_of_the_node_or_of_other_jobs,

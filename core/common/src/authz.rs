@@ -217,7 +217,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/AddJob", Access::StartJob),
     row("/ionet.gcs.Gcs/MarkJobFinished", Access::Job),
     row("/ionet.gcs.Gcs/GetAllJobs", Access::Read),
-    row("/ionet.gcs.Gcs/GetJobWorkerCommand", Access::Node),
+    row("/ionet.gcs.Gcs/GetJobWorkerCommand", Access::Job),
     row("/ionet.gcs.Gcs/KvPut", Access::Job),
     row("/ionet.gcs.Gcs/KvGet", Access::Job),
     row("/ionet.gcs.Gcs/KvDel", Access::Job),

@@ -337,6 +337,7 @@ impl PeerConnections {
     /// A place for one more connection from `ip`, or `Err` when it holds the most
     /// already. Loopback always gets one (`Ok(None)`: not counted).
     pub fn admit(self: &std::sync::Arc<Self>, ip: std::net::IpAddr) -> Result<Option<PeerSlot>, usize> {
+        let ip = Self::host_of(ip);
         if ip.is_loopback() {
             return Ok(None);
         }
@@ -351,7 +352,19 @@ impl PeerConnections {
 
     /// Connections `ip` holds open now.
     pub fn open(&self, ip: std::net::IpAddr) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&Self::host_of(ip)).copied().unwrap_or(0)
+    }
+
+    /// Who is counted for `ip`: an IPv4 address as itself (also when mapped into IPv6),
+    /// an IPv6 address by its /64, which one host commonly holds whole.
+    fn host_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+        match ip.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        }
     }
 }
 
@@ -530,6 +543,11 @@ fn admit(peers: &std::sync::Arc<PeerConnections>, stream: &tokio::net::TcpStream
 
 /// Default cap on one gRPC message, both ways.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// `host:port` of an address, without its scheme (`https://10.0.0.5:7000` → `10.0.0.5:7000`).
+pub fn socket_address_of(address: &str) -> &str {
+    address.split_once("://").map(|(_, rest)| rest).unwrap_or(address)
+}
 
 /// Whether the server at `address` speaks TLS (its address says so: `https://`).
 pub fn is_tls_address(address: &str) -> bool {
@@ -726,6 +744,11 @@ mod tests {
         drop(first);
         assert_eq!(peers.open(far), 1);
         assert!(peers.admit(far).unwrap().is_some(), "a closed connection makes room");
+        // One IPv6 host's /64 counts as one peer; a mapped IPv4 address as itself.
+        let (one, two) = ("2001:db8::1".parse().unwrap(), "2001:db8::ffff".parse().unwrap());
+        let _kept = (peers.admit(one).unwrap(), peers.admit(two).unwrap());
+        assert!(peers.admit("2001:db8::2".parse().unwrap()).is_err(), "the /64 holds two already");
+        assert_eq!(peers.open("::ffff:10.0.0.9".parse().unwrap()), 1, "10.0.0.9 written as mapped is itself");
         // The node's own processes connect from loopback: never counted.
         for _ in 0..10 {
             assert!(peers.admit("127.0.0.1".parse().unwrap()).unwrap().is_none());

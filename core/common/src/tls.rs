@@ -5,14 +5,17 @@
 //! - the **cluster CA**, created by the head at its first start and kept beside its
 //!   storage (key mode 0600); its SHA-256 (`sha256:<hex>`) is what a joining machine pins;
 //! - one **node intermediate** per node daemon, issued by the head at each registration
-//!   for a key the daemon made for itself, limited to the node's own host (X.509 name
-//!   constraints) and to signing end certificates (path length 0);
+//!   for a key the daemon made for itself, limited by X.509 name constraints to the
+//!   node's own IP address (no other address, no DNS name) and to signing end
+//!   certificates (path length 0);
 //! - **leaf** certificates the node signs itself: its own server's, and one for each
-//!   process of its jobs that serves calls (drivers and workers), all for that host.
+//!   process on its machine that serves calls (drivers and workers), all for that IP.
 //!
-//! A client trusts the CA alone and checks the host it dialled against the leaf, so a
-//! provider can vouch for servers at its own host and nowhere else. The head's own
-//! server certificate is signed by the CA directly.
+//! A client trusts the CA alone and checks the IP it dialled against the leaf, so a
+//! provider can vouch for servers at its own IP and nowhere else. The head's own server
+//! certificate is signed by the CA directly. What a leaf does not say is which job's
+//! server it is: a process on a machine can pose as another server on that machine to a
+//! peer whose traffic it intercepts (see ARCHITECTURE.md).
 //!
 //! Which servers speak TLS is written in their address: `https://host:port` is a TLS
 //! server, `host:port` a plain one (allowed on loopback only: [`check_plain_bind`]).
@@ -227,16 +230,44 @@ fn ca_params() -> CertificateParams {
     params
 }
 
+/// A host name no certificate of a node may carry: permitting only names under it
+/// permits no DNS name at all (a name constraint binds only names of its own type).
+const NO_DNS_NAME: &str = "no-names.ionet.invalid";
+
 /// A node intermediate's parameters: what the head puts in it and what the node signs as.
-fn node_params(node: &str, host: &Host) -> CertificateParams {
+/// It may vouch for its node's IP address alone: no other address, no DNS name.
+fn node_params(node: &str, ip: IpAddr) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&format!("ionet node {node}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    params.name_constraints =
-        Some(NameConstraints { permitted_subtrees: vec![host.subtree()], excluded_subtrees: Vec::new() });
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: vec![Host::Ip(ip).subtree(), GeneralSubtree::DnsName(NO_DNS_NAME.into())],
+        excluded_subtrees: Vec::new(),
+    });
     params.use_authority_key_identifier_extension = true;
     params
+}
+
+/// The IP address a node of a TLS cluster is reached at (a DNS name is refused: a name
+/// constraint on one would cover every name below it).
+pub fn node_ip(host: &str) -> IonetResult<IpAddr> {
+    match Host::parse(host)? {
+        Host::Ip(ip) => Ok(ip.to_canonical()),
+        Host::Dns(_) => Err(IonetError::InvalidArgument(format!(
+            "a node of a TLS cluster is reached at an IP address, not the name {host:?} (pass --node-ip-address)"
+        ))),
+    }
+}
+
+/// Whether two hosts as written in addresses name the same machine (`[::1]` and `::1`,
+/// `10.0.0.1` and `::ffff:10.0.0.1`, names in any case).
+pub fn same_host(a: &str, b: &str) -> bool {
+    match (Host::parse(a), Host::parse(b)) {
+        (Ok(Host::Ip(a)), Ok(Host::Ip(b))) => a.to_canonical() == b.to_canonical(),
+        (Ok(Host::Dns(a)), Ok(Host::Dns(b))) => a == b,
+        _ => false,
+    }
 }
 
 impl ClusterCa {
@@ -307,8 +338,7 @@ impl ClusterCa {
     /// A node's intermediate (DER): for its `public_key` (ed25519, 32 bytes), able to
     /// certify servers at `host` and nowhere else.
     pub fn certify_node(&self, node: &str, host: &str, public_key: &[u8]) -> IonetResult<Vec<u8>> {
-        let host = Host::parse(host)?;
-        let mut params = node_params(node, &host);
+        let mut params = node_params(node, node_ip(host)?);
         validity(&mut params, NODE_CERTIFICATE_LIFETIME);
         let certificate = params
             .signed_by(&ed25519_public(public_key)?, &self.issuer())
@@ -323,6 +353,7 @@ pub struct NodeAuthority {
     key: KeyPair,
     node: String,
     host: String,
+    ip: IpAddr,
     intermediate: RwLock<Option<CertificateDer<'static>>>,
 }
 
@@ -336,13 +367,20 @@ impl NodeAuthority {
     /// `node`: the node id (hex) the head names the intermediate after; `host`: the host
     /// the node advertises (the only one it may certify).
     pub fn new(node: &str, host: &str) -> IonetResult<Self> {
-        Host::parse(host)?;
         Ok(Self {
+            ip: node_ip(host)?,
             key: generate_key()?,
             node: node.to_string(),
             host: host.to_string(),
             intermediate: RwLock::new(None),
         })
+    }
+
+    /// Whether a caller at `peer` is on this node's machine (a loopback address, or the
+    /// node's own): only its own processes are given certificates.
+    pub fn is_local(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        peer.is_loopback() || peer == self.ip
     }
 
     /// The public key the head certifies (ed25519, 32 bytes).
@@ -368,8 +406,7 @@ impl NodeAuthority {
         let intermediate = self.intermediate.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
             IonetError::Unavailable("this node has no certificate yet (it has not registered with the head)".into())
         })?;
-        let host = Host::parse(&self.host)?;
-        let issuer = Issuer::new(node_params(&self.node, &host), &self.key);
+        let issuer = Issuer::new(node_params(&self.node, self.ip), &self.key);
         let leaf = leaf_params(std::slice::from_ref(&self.host), NODE_CERTIFICATE_LIFETIME)?
             .signed_by(&ed25519_public(public_key)?, &issuer)
             .map_err(|err| failed("signing a certificate", err))?;
@@ -569,6 +606,13 @@ mod tests {
         // A node whose intermediate names 10.0.0.5 but which signs a leaf for another
         // host (a provider forging the head's address) is refused by the name constraint.
         let rogue = NodeAuthority { host: "10.0.0.1".into(), ..NodeAuthority::new("abcd", "10.0.0.5").unwrap() };
+        let rogue_name =
+            NodeAuthority { host: "head.example.net".into(), ..NodeAuthority::new("abcd", "10.0.0.5").unwrap() };
+        let intermediate = ca.certify_node("abcd", "10.0.0.5", &rogue_name.public_key()).unwrap();
+        *rogue_name.intermediate.write().unwrap() = Some(CertificateDer::from(intermediate));
+        let named = rogue_name.issue(worker.public_key_raw()).unwrap();
+        let refused = verify(&ca, &named, "head.example.net").unwrap_err();
+        assert!(format!("{refused:?}").contains("NameConstraint"), "a DNS name too: {refused:?}");
         let intermediate = ca.certify_node("abcd", "10.0.0.5", &rogue.public_key()).unwrap();
         *rogue.intermediate.write().unwrap() = Some(CertificateDer::from(intermediate));
         let forged = rogue.issue(worker.public_key_raw()).unwrap();
@@ -602,6 +646,15 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         assert!(matches!(ca.certify_node("n", "10.0.0.5", &[1, 2, 3]), Err(IonetError::InvalidArgument(_))));
         assert!(matches!(ca.certify_node("n", "no spaces", &[0; 32]), Err(IonetError::InvalidArgument(_))));
+        // A node is certified for an IP address, never a name (whose constraint would
+        // cover every name below it).
+        assert!(matches!(ca.certify_node("n", "example.net", &[0; 32]), Err(IonetError::InvalidArgument(_))));
+        assert!(
+            same_host("[::1]", "::1") && same_host("10.0.0.1", "::ffff:10.0.0.1") && !same_host("10.0.0.1", "10.0.0.2")
+        );
+        let node = NodeAuthority::new("n", "10.0.0.5").unwrap();
+        assert!(node.is_local("127.0.0.1".parse().unwrap()) && node.is_local("10.0.0.5".parse().unwrap()));
+        assert!(!node.is_local("10.0.0.6".parse().unwrap()), "another machine gets no certificate");
         assert!(check_plain_bind("0.0.0.0:1".parse().unwrap(), false).is_err());
         assert!(check_plain_bind("127.0.0.1:1".parse().unwrap(), false).is_ok());
         assert!(check_plain_bind("0.0.0.0:1".parse().unwrap(), true).is_ok());

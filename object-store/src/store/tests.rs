@@ -51,3 +51,66 @@ fn a_failed_create_releases_its_reservation() {
     assert_eq!(store.stats().bytes_in_memory, 0);
     store.create(id(2), 1000).unwrap();
 }
+
+/// A store whose writers are other users (a root daemon's jobs): names its writers plant
+/// are never followed, sealed files are the store's and their group's alone, and no file
+/// is recycled into another object.
+#[test]
+fn writers_of_other_users_cannot_turn_the_store_on_other_files() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: only root stores objects for other users");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        root: Some(root.path().to_path_buf()),
+        spill_root: Some(root.path().to_path_buf()),
+        separate_users: true,
+        ..StoreConfig::with_capacity(4 * RECYCLE_MIN_SIZE)
+    };
+    let store = LocalObjectStore::new(config).unwrap();
+    assert_eq!(fs::metadata(store.dir()).unwrap().permissions().mode() & 0o7777, 0o1733);
+
+    // A link planted as an object being written, pointing at a file of the machine's.
+    let precious = root.path().join("precious");
+    fs::write(&precious, b"not an object").unwrap();
+    fs::set_permissions(&precious, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&precious, layout::unsealed_path(store.dir(), &id(1))).unwrap();
+    assert!(store.seal_for(&id(1), Some(4242)).is_err(), "a link is not sealed");
+    let after = fs::metadata(&precious).unwrap();
+    assert_eq!((after.gid(), after.permissions().mode() & 0o777), (0, 0o600), "its target is untouched");
+
+    // A client's own file: sealed, it is the store's, the group's, 0440.
+    let written = layout::unsealed_path(store.dir(), &id(2));
+    fs::write(&written, vec![7u8; 100]).unwrap();
+    std::os::unix::fs::chown(&written, Some(4243), Some(4243)).unwrap();
+    store.seal_for(&id(2), Some(4242)).unwrap();
+    let sealed = fs::metadata(layout::sealed_path(store.dir(), &id(2))).unwrap();
+    assert_eq!((sealed.uid(), sealed.gid(), sealed.permissions().mode() & 0o777), (0, 4242, 0o440));
+
+    // A restore never writes through a name planted in its place.
+    store.put(id(3), &vec![3u8; RECYCLE_MIN_SIZE as usize]).unwrap();
+    store.set_group(&id(3), 4242).unwrap();
+    {
+        let mut inner = store.lock();
+        store.spill_locked(&mut inner, &id(3)).unwrap();
+    }
+    std::os::unix::fs::symlink(&precious, layout::restoring_path(store.dir(), &id(3))).unwrap();
+    let restored = store.get(&id(3)).unwrap().unwrap();
+    assert_eq!(restored.len(), RECYCLE_MIN_SIZE as usize);
+    assert_eq!(fs::read(&precious).unwrap(), b"not an object", "the link's target is not overwritten");
+    let sealed = fs::metadata(layout::sealed_path(store.dir(), &id(3))).unwrap();
+    assert_eq!((sealed.gid(), sealed.permissions().mode() & 0o777), (4242, 0o440), "restored with its group");
+
+    // Freed, a file is removed, never kept to become another object (a writer of
+    // another account might still map it).
+    drop(restored);
+    store.delete(&id(3)).unwrap();
+    assert_eq!(store.stats().bytes_free_for_reuse, 0);
+    assert!(!fs::read_dir(store.dir())
+        .unwrap()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("free-")));
+}

@@ -74,8 +74,10 @@ impl Leases {
         let mut probes = tokio::task::JoinSet::new();
         for holder in holders {
             probes.spawn(async move {
+                // A TLS holder's address carries its scheme; the probe is a bare connect.
+                let target = ionet_common::rpc::socket_address_of(&holder).to_string();
                 let refused = matches!(
-                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&holder)).await,
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&target)).await,
                     Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
                 );
                 (holder, refused)

@@ -89,6 +89,9 @@ pub struct Leases {
     job_accounts: DashMap<JobId, Arc<str>>,
     /// What starts each job's workers, as the control store has it.
     job_commands: DashMap<JobId, WorkerCommand>,
+    /// A connection to the control store shared by the jobs' own calls (each with its
+    /// job's credential).
+    gcs_channel: std::sync::OnceLock<tonic::transport::Channel>,
     /// Who jobs' workers run as, when this daemon may choose (root).
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     state: Mutex<LeaseState>,
@@ -169,6 +172,7 @@ impl Leases {
             job_credentials: DashMap::new(),
             job_accounts: DashMap::new(),
             job_commands: DashMap::new(),
+            gcs_channel: std::sync::OnceLock::new(),
             identities: std::sync::OnceLock::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
@@ -214,9 +218,20 @@ impl Leases {
         if let Some(command) = self.job_commands.get(&job_id) {
             return Ok(command.clone());
         }
-        let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut client =
-            client.ok_or_else(|| IonetError::Unavailable("this node has not reached its control store yet".into()))?;
+        // Asked with the job's own credential: the head tells a job's command to that job
+        // alone, not to every node of the cluster.
+        let credential = self.job_credentials.get(&job_id).map(|credential| credential.clone()).ok_or_else(|| {
+            IonetError::Internal(format!("no credential of job {job_id} to ask its worker command with"))
+        })?;
+        let channel = match self.gcs_channel.get() {
+            Some(channel) => channel.clone(),
+            None => {
+                let address = self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let channel = ionet_common::rpc::lazy_channel(&address, Duration::from_secs(5))?;
+                self.gcs_channel.get_or_init(|| channel).clone()
+            }
+        };
+        let mut client = ionet_common::rpc::GcsClient::new(ionet_common::rpc::with_credential(channel, &credential));
         let reply = client.get_job_worker_command(GetJobWorkerCommandRequest { job_id: job_id.to_vec() }).await?;
         let command =
             reply.into_inner().worker_command.filter(|command| !command.argv.is_empty()).ok_or_else(|| {
