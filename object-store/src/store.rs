@@ -413,6 +413,10 @@ impl LocalObjectStore {
     pub fn seal_for(&self, id: &ObjectId, group: Option<u32>) -> ObjectStoreResult<ObjectView> {
         let unsealed = layout::unsealed_path(&self.dir, id);
         let sealed = layout::sealed_path(&self.dir, id);
+        let mut inner = self.lock();
+        if inner.entries.get(id).is_some_and(|entry| entry.sealed) {
+            return Err(ObjectStoreError::AlreadyExists { id: *id });
+        }
         // The file under the unsealed name, opened without following a link (a writer
         // may have put anything there): the file accounted, given to its group, published.
         let (file, opened) = match layout::open_to_seal(&unsealed) {
@@ -422,18 +426,13 @@ impl LocalObjectStore {
             }
             Err(err) => return Err(err),
         };
-        let mut inner = self.lock();
-        match inner.entries.get(id) {
-            Some(entry) if entry.sealed => return Err(ObjectStoreError::AlreadyExists { id: *id }),
-            Some(_) => {}
-            None => {
-                let size = opened.len();
-                if let Err(err) = self.reserve(&mut inner, *id, size) {
-                    let _ = layout::remove_if_present(&unsealed);
-                    return Err(err);
-                }
-                inner.entries.insert(*id, Entry::unsealed(size));
+        if !inner.entries.contains_key(id) {
+            let size = opened.len();
+            if let Err(err) = self.reserve(&mut inner, *id, size) {
+                let _ = layout::remove_if_present(&unsealed);
+                return Err(err);
             }
+            inner.entries.insert(*id, Entry::unsealed(size));
         }
         let group = group.filter(|_| self.separate_users);
         if self.separate_users {
