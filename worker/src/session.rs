@@ -12,6 +12,9 @@
 //!   with `--ca-hash` writes the one it fetched and checked), which this machine's
 //!   commands and drivers trust; `ca_key`: the CA's key (mode 0600), on the head's
 //!   machine, unless `--storage` keeps it beside the tables;
+//! - `worker_uids`: the next id for jobs' workers (uids) and accounts (gids) on this
+//!   machine, taken under a lock by every root node daemon of the session (see
+//!   `crate::identities`);
 //! - `pids/<role>-<pid>.pid`: one file per daemon started here, written once it is ready
 //!   and removed when it exits; `ionet stop` signals every pid listed;
 //! - `logs/<role>-<pid>.log`: each daemon's log; `logs/<role>.out` its raw stderr.
