@@ -136,14 +136,6 @@ pub(crate) fn give_to_group(path: &Path, group: u32) -> ObjectStoreResult<()> {
     std::os::unix::fs::chown(path, None, Some(group)).map_err(|err| ObjectStoreError::io_at("give", path, err))
 }
 
-/// Makes the open `file` this process's user's and group's again (a recycled file that
-/// another user wrote).
-pub(crate) fn own(file: &File, path: &Path) -> ObjectStoreResult<()> {
-    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(|err| ObjectStoreError::io_at("take back", path, err))
-}
-
 /// Takes a shared `flock` on a sealed object's file without waiting: `false` while the
 /// store holds the exclusive lock (it is recycling the file: the object is gone).
 pub(crate) fn lock_shared(file: &File) -> bool {

@@ -165,6 +165,9 @@ struct FreeFile {
     size: u64,
     path: PathBuf,
     file: File,
+    /// The group whose object it was: with separate users, it becomes an object of that
+    /// group only (a writer of the group may still map it).
+    group: Option<u32>,
 }
 
 /// Objects smaller than this are not worth recycling: their allocation is cheap.
@@ -275,7 +278,7 @@ impl LocalObjectStore {
     pub fn create(&self, id: ObjectId, size: u64) -> ObjectStoreResult<CreatedObject> {
         // Allocated now: a writer through the mapping would get SIGBUS, not an error, if
         // tmpfs ran out of space mid-write.
-        let (file, path) = self.create_file(id, size, true)?;
+        let (file, path) = self.create_file(id, size, true, None)?;
         let map = match layout::map_writable(&file, size, &path) {
             Ok(map) => map,
             Err(err) => {
@@ -289,18 +292,34 @@ impl LocalObjectStore {
     /// Reserves `size` bytes for a new object and creates its unsealed file, allocated,
     /// for another process to write (`StoreClient::write_unsealed`) before `seal`: as
     /// `create`, without mapping the file here.
-    pub fn create_for_client(&self, id: ObjectId, size: u64) -> ObjectStoreResult<()> {
-        self.create_file(id, size, true).map(drop)
+    ///
+    /// With separate users, the writer is a process of `group`: the file is 0660 to it.
+    pub fn create_for_client(&self, id: ObjectId, size: u64, group: Option<u32>) -> ObjectStoreResult<()> {
+        let group = group.filter(|_| self.separate_users);
+        let (file, path) = self.create_file(id, size, true, group)?;
+        if let Some(group) = group {
+            if let Err(err) = layout::take_for_group(&file, &path, Some(group), 0o660) {
+                let _ = self.abort(&id);
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     /// Reserves room and creates the unsealed file, allocated up front or not.
-    fn create_file(&self, id: ObjectId, size: u64, preallocate: bool) -> ObjectStoreResult<(File, PathBuf)> {
+    fn create_file(
+        &self,
+        id: ObjectId,
+        size: u64,
+        preallocate: bool,
+        group: Option<u32>,
+    ) -> ObjectStoreResult<(File, PathBuf)> {
         let path = layout::unsealed_path(&self.dir, &id);
         let mut inner = self.lock();
         if inner.entries.contains_key(&id) {
             return Err(ObjectStoreError::AlreadyExists { id });
         }
-        let recycled = Self::take_free_file(&mut inner, size);
+        let recycled = Self::take_free_file(&mut inner, size, group);
         if let Err(err) = self.reserve(&mut inner, id, size) {
             if let Some(free) = recycled {
                 let _ = layout::remove_if_present(&free.path);
@@ -343,14 +362,15 @@ impl LocalObjectStore {
     }
 
     /// The smallest free file that can hold `size` bytes without wasting more than half.
-    fn take_free_file(inner: &mut Inner, size: u64) -> Option<FreeFile> {
+    /// With separate users, only a file of the same group (`None`: the store's own).
+    fn take_free_file(inner: &mut Inner, size: u64, group: Option<u32>) -> Option<FreeFile> {
         if size < RECYCLE_MIN_SIZE {
             return None;
         }
         let index = (0..inner.free_files.len())
             .filter(|&index| {
-                let free = inner.free_files[index].size;
-                free >= size && free / 2 <= size
+                let free = &inner.free_files[index];
+                free.size >= size && free.size / 2 <= size && free.group == group
             })
             .min_by_key(|&index| inner.free_files[index].size)?;
         let free = inner.free_files.swap_remove(index);
@@ -364,10 +384,6 @@ impl LocalObjectStore {
             let _ = layout::remove_if_present(&free.path);
             err
         };
-        if self.separate_users {
-            // The file was another job's: it is the store's again before anyone writes it.
-            layout::own(&free.file, &free.path).map_err(undo)?;
-        }
         if free.size != size {
             // Shrinking keeps the remaining pages allocated.
             free.file.set_len(size).map_err(|err| undo(ObjectStoreError::io_at("resize", &free.path, err)))?;
@@ -378,20 +394,28 @@ impl LocalObjectStore {
     }
 
     /// Keeps a deleted object's file for reuse if it is worth it, room allows, and no
-    /// view maps it; otherwise unlinks it.
-    /// With separate users nothing is recycled: a writer of another account may still
-    /// hold a mapping of the old file, which would then be the new object's pages.
-    fn recycle_or_remove(&self, inner: &mut Inner, path: &Path, size: u64) -> ObjectStoreResult<()> {
-        if !self.separate_users && size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 2 {
-            // Writable again (sealed files are 0444); readers keep their descriptors.
+    /// view maps it; otherwise unlinks it. With separate users the file is the store's
+    /// alone (0600) while it waits, and is reused for an object of its `group` only: a
+    /// writer of that group may still map it.
+    fn recycle_or_remove(
+        &self,
+        inner: &mut Inner,
+        path: &Path,
+        size: u64,
+        group: Option<u32>,
+    ) -> ObjectStoreResult<()> {
+        if size >= RECYCLE_MIN_SIZE && inner.free_bytes + size <= self.capacity / 2 {
+            // Writable again (sealed files are read-only); readers keep their descriptors.
+            // A sealed file is the store's (with separate users, made so at seal).
             let reopened = fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                .and_then(|_| OpenOptions::new().read(true).write(true).open(path));
+                .and_then(|_| OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(path));
             if let Some(file) = reopened.ok().filter(layout::lock_for_reuse) {
                 inner.free_serial += 1;
                 let free_path = layout::free_path(&self.dir, inner.free_serial);
                 if fs::rename(path, &free_path).is_ok() {
                     inner.free_bytes += size;
-                    inner.free_files.push(FreeFile { size, path: free_path, file });
+                    let group = group.filter(|_| self.separate_users);
+                    inner.free_files.push(FreeFile { size, path: free_path, file, group });
                     return Ok(());
                 }
             }
@@ -417,8 +441,24 @@ impl LocalObjectStore {
         if inner.entries.get(id).is_some_and(|entry| entry.sealed) {
             return Err(ObjectStoreError::AlreadyExists { id: *id });
         }
-        // The file under the unsealed name, opened without following a link (a writer
-        // may have put anything there): the file accounted, given to its group, published.
+        if !self.separate_users {
+            // One user writes and seals: the name is taken as it is (no open on this path).
+            if !inner.entries.contains_key(id) {
+                let size = match fs::metadata(&unsealed) {
+                    Ok(meta) => meta.len(),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(ObjectStoreError::NotFound { id: *id })
+                    }
+                    Err(err) => return Err(ObjectStoreError::io_at("stat", &unsealed, err)),
+                };
+                self.reserve_unsealed(&mut inner, id, size, &unsealed)?;
+            }
+            layout::publish(&unsealed, &sealed, self.sealed_mode)?;
+            return self.sealed_locked(&mut inner, id, None);
+        }
+        // Writers are other users: the file under the unsealed name is opened without
+        // following a link (a writer may have put anything there), and that file is the
+        // one accounted, given to its group and published.
         let (file, opened) = match layout::open_to_seal(&unsealed) {
             Ok(opened) => opened,
             Err(ObjectStoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -427,34 +467,39 @@ impl LocalObjectStore {
             Err(err) => return Err(err),
         };
         if !inner.entries.contains_key(id) {
-            let size = opened.len();
-            if let Err(err) = self.reserve(&mut inner, *id, size) {
-                let _ = layout::remove_if_present(&unsealed);
-                return Err(err);
-            }
-            inner.entries.insert(*id, Entry::unsealed(size));
+            self.reserve_unsealed(&mut inner, id, opened.len(), &unsealed)?;
         }
-        let group = group.filter(|_| self.separate_users);
-        if self.separate_users {
-            // The store's from now on, so its writer can neither change nor move it (the
-            // directory is sticky); readable by the account's group.
-            layout::take_for_group(&file, &unsealed, group, self.sealed_mode)?;
-            if !layout::still_named_exactly(&unsealed, &opened) {
-                return Err(ObjectStoreError::io_at(
-                    "seal",
-                    &unsealed,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "the file was replaced while being sealed"),
-                ));
-            }
-            fs::rename(&unsealed, &sealed).map_err(|err| ObjectStoreError::io_at("publish", &sealed, err))?;
-        } else {
-            layout::publish(&unsealed, &sealed, self.sealed_mode)?;
+        // The store's from now on, so its writer can neither change nor move it (the
+        // directory is sticky); readable by the account's group.
+        layout::take_for_group(&file, &unsealed, group, self.sealed_mode)?;
+        if !layout::still_named_exactly(&unsealed, &opened) {
+            return Err(ObjectStoreError::io_at(
+                "seal",
+                &unsealed,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "the file was replaced while being sealed"),
+            ));
         }
-        let entry = inner.entries.get_mut(id).expect("entry checked above");
+        fs::rename(&unsealed, &sealed).map_err(|err| ObjectStoreError::io_at("publish", &sealed, err))?;
+        self.sealed_locked(&mut inner, id, group)
+    }
+
+    /// Accounts a file a client made itself, or removes it if it does not fit.
+    fn reserve_unsealed(&self, inner: &mut Inner, id: &ObjectId, size: u64, path: &Path) -> ObjectStoreResult<()> {
+        if let Err(err) = self.reserve(inner, *id, size) {
+            let _ = layout::remove_if_present(path);
+            return Err(err);
+        }
+        inner.entries.insert(*id, Entry::unsealed(size));
+        Ok(())
+    }
+
+    /// Records a published object as sealed (readable by `group`); its view.
+    fn sealed_locked(&self, inner: &mut Inner, id: &ObjectId, group: Option<u32>) -> ObjectStoreResult<ObjectView> {
+        let entry = inner.entries.get_mut(id).expect("an entry is made before publishing");
         entry.sealed = true;
         entry.group = group;
         inner.touch(*id);
-        self.view_locked(&mut inner, id)
+        self.view_locked(inner, id)
     }
 
     /// Discards an unsealed object and its reservation (a failed write or transfer).
@@ -476,7 +521,7 @@ impl LocalObjectStore {
     pub fn put(&self, id: ObjectId, data: &[u8]) -> ObjectStoreResult<ObjectView> {
         // One `pwrite` instead of a mapping: the kernel allocates and fills each page in
         // one pass (no zeroing by fallocate, no page faults), and a full tmpfs is ENOSPC.
-        let (file, path) = self.create_file(id, data.len() as u64, false)?;
+        let (file, path) = self.create_file(id, data.len() as u64, false, None)?;
         if let Err(err) = file.write_all_at(data, 0) {
             let _ = self.abort(&id);
             return Err(ObjectStoreError::io_at("write", &path, err));
@@ -540,7 +585,7 @@ impl LocalObjectStore {
         if entry.in_memory {
             inner.bytes_in_memory -= entry.size;
             if entry.sealed {
-                self.recycle_or_remove(&mut inner, &layout::sealed_path(&self.dir, id), entry.size)?;
+                self.recycle_or_remove(&mut inner, &layout::sealed_path(&self.dir, id), entry.size, entry.group)?;
             } else {
                 layout::remove_if_present(&layout::unsealed_path(&self.dir, id))?;
             }
@@ -651,18 +696,6 @@ impl LocalObjectStore {
         inner.bytes_in_memory -= size;
         tracing::debug!(object = %id.short(), size, "spilled object");
         Ok(())
-    }
-
-    /// Lets `group` write the unsealed file of `id` (mode 0660), when the store has
-    /// separate users: the store created it, a process of that group writes it.
-    pub fn hand_over(&self, id: &ObjectId, group: u32) -> ObjectStoreResult<()> {
-        if !self.separate_users {
-            return Ok(());
-        }
-        let path = layout::unsealed_path(&self.dir, id);
-        layout::give_to_group(&path, group)?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o660))
-            .map_err(|err| ObjectStoreError::io_at("hand over", &path, err))
     }
 
     /// Makes a sealed object (one this store made: a copy pulled from another node)

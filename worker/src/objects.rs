@@ -109,11 +109,7 @@ impl NodeObjects {
         let store = self.store.clone();
         // The writer is another process: no mapping here.
         let group = self.group_of(creator)?;
-        blocking(move || {
-            store.create_for_client(id, size)?;
-            group.map_or(Ok(()), |group| store.hand_over(&id, group))
-        })
-        .await?;
+        blocking(move || store.create_for_client(id, size, group)).await?;
         if let Principal::Job { account, .. } = creator {
             self.creators.insert(id, account.clone());
         }

@@ -215,14 +215,14 @@ fn plaintext_and_impostors_are_refused() {
     let token = join_token(&cluster);
     let wrong = ionet::tls::ClusterCa::generate().unwrap().hash();
     let stranger = machine(&cluster, "stranger");
-    let output = join_once(&stranger, &head, &wrong, &token);
+    let output = join_once(&stranger, &head, Some(&wrong), &token);
     assert!(!output.status.success(), "a node pinning the wrong CA does not start");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not the cluster pinned by"), "it says why: {stderr}");
     // A hash that is not even one is refused too, and a TLS head without a hash.
-    let output = join_once(&stranger, &head, "sha256:00", &token);
+    let output = join_once(&stranger, &head, Some("sha256:00"), &token);
     assert!(!output.status.success());
-    let output = join_without_hash(&stranger, &head, &token);
+    let output = join_once(&stranger, &head, None, &token);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--ca-hash"), "it names the missing pin");
     assert_eq!(cluster_nodes(&cluster), 1, "only the head's own node is in the cluster");
@@ -250,36 +250,16 @@ fn run_cli(args: &[&str]) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
-fn join_once(session: &Path, head: &str, hash: &str, token: &str) -> std::process::Output {
-    run_cli(&[
-        "start",
-        "--block",
-        "--address",
-        head,
-        "--ca-hash",
-        hash,
-        "--join-token",
-        token,
-        "--connect-timeout",
-        "5",
-        "--temp-dir",
-        session.to_str().unwrap(),
-    ])
-}
-
-fn join_without_hash(session: &Path, head: &str, token: &str) -> std::process::Output {
-    run_cli(&[
-        "start",
-        "--block",
-        "--address",
-        head,
-        "--join-token",
-        token,
-        "--connect-timeout",
-        "5",
-        "--temp-dir",
-        session.to_str().unwrap(),
-    ])
+/// A node started once in the foreground, joining `head` with `token` and the CA `hash`
+/// (none: `None`), from its own session directory; how it ended.
+fn join_once(session: &Path, head: &str, hash: Option<&str>, token: &str) -> std::process::Output {
+    let session = session.to_str().unwrap();
+    let mut args = vec!["start", "--block", "--address", head, "--join-token", token, "--connect-timeout", "5"];
+    if let Some(hash) = hash {
+        args.extend(["--ca-hash", hash]);
+    }
+    args.extend(["--temp-dir", session]);
+    run_cli(&args)
 }
 
 fn cluster_nodes(cluster: &Cluster) -> usize {

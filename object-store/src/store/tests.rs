@@ -53,8 +53,8 @@ fn a_failed_create_releases_its_reservation() {
 }
 
 /// A store whose writers are other users (a root daemon's jobs): names its writers plant
-/// are never followed, sealed files are the store's and their group's alone, and no file
-/// is recycled into another object.
+/// are never followed, sealed files are the store's and their group's alone, and a freed
+/// file becomes an object of its own group only.
 #[test]
 fn writers_of_other_users_cannot_turn_the_store_on_other_files() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -104,13 +104,26 @@ fn writers_of_other_users_cannot_turn_the_store_on_other_files() {
     let sealed = fs::metadata(layout::sealed_path(store.dir(), &id(3))).unwrap();
     assert_eq!((sealed.gid(), sealed.permissions().mode() & 0o777), (4242, 0o440), "restored with its group");
 
-    // Freed, a file is removed, never kept to become another object (a writer of
-    // another account might still map it).
+    // Freed, a file waits as the store's alone, and becomes an object of its own group
+    // only (a writer of that group may still map it), never another's.
     drop(restored);
     store.delete(&id(3)).unwrap();
-    assert_eq!(store.stats().bytes_free_for_reuse, 0);
-    assert!(!fs::read_dir(store.dir())
+    assert_eq!(store.stats().bytes_free_for_reuse, RECYCLE_MIN_SIZE);
+    let waiting = fs::read_dir(store.dir())
         .unwrap()
         .flatten()
-        .any(|entry| entry.file_name().to_string_lossy().starts_with("free-")));
+        .find(|entry| entry.file_name().to_string_lossy().starts_with("free-"))
+        .expect("a free file")
+        .metadata()
+        .unwrap();
+    assert_eq!(waiting.permissions().mode() & 0o777, 0o600);
+    store.create_for_client(id(5), RECYCLE_MIN_SIZE, Some(4343)).unwrap();
+    assert_eq!(store.stats().bytes_free_for_reuse, RECYCLE_MIN_SIZE, "another group's object gets a new file");
+    let fresh = fs::metadata(layout::unsealed_path(store.dir(), &id(5))).unwrap();
+    assert_ne!(fresh.ino(), waiting.ino());
+    assert_eq!((fresh.gid(), fresh.permissions().mode() & 0o777), (4343, 0o660), "its writers' group may write it");
+    store.create_for_client(id(6), RECYCLE_MIN_SIZE, Some(4242)).unwrap();
+    assert_eq!(store.stats().bytes_free_for_reuse, 0, "the group's own object takes it");
+    let reused = fs::metadata(layout::unsealed_path(store.dir(), &id(6))).unwrap();
+    assert_eq!((reused.ino(), reused.gid(), reused.permissions().mode() & 0o777), (waiting.ino(), 4242, 0o660));
 }
