@@ -568,7 +568,8 @@ fn length_and_sum(bytes: Vec<u8>) -> (u64, u64) {
 
 /// An object is copied only to its own account's jobs: another tenant that names its id
 /// gets it neither pulled to another node (the holder refuses the copy) nor opened on
-/// the node that holds it; the owner's own task on the other node then reads it.
+/// the node that holds it; the owner's own task on the other node then reads it. Nor is
+/// the owner's job's worker command told to that tenant or to a provider.
 fn another_accounts_object_is_never_copied_to_a_tenant() {
     use ionet::rpc::proto::node::EnsureObjectLocalRequest;
     let mut cluster = Cluster::start(&["--num-cpus", "1"]);
@@ -594,6 +595,22 @@ fn another_accounts_object_is_never_copied_to_a_tenant() {
             assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
             assert!(status.message().contains("mallory"), "{}", status.message());
         }
+        // A job's worker command is told to that job alone: not to another tenant's job,
+        // not to a provider's node.
+        use ionet::rpc::proto::gcs::GetJobWorkerCommandRequest;
+        let (own_job, mallory_job) = start_job(&head, &admin, "mallory").await.unwrap();
+        let victim = ionet::get_runtime_context().unwrap().job_id.to_vec();
+        let mut as_mallory = ionet::rpc::gcs_client(&head, &mallory_job).await.unwrap();
+        let refused =
+            as_mallory.get_job_worker_command(GetJobWorkerCommandRequest { job_id: victim.clone() }).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let own = as_mallory.get_job_worker_command(GetJobWorkerCommandRequest { job_id: own_job.to_vec() }).await;
+        assert!(own.unwrap().into_inner().worker_command.is_some_and(|command| !command.argv.is_empty()));
+        let provider = join_as_provider(&head, &admin).await;
+        let mut as_provider = ionet::rpc::gcs_client(&head, &provider.credential).await.unwrap();
+        let refused =
+            as_provider.get_job_worker_command(GetJobWorkerCommandRequest { job_id: victim }).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     });
     // Node b has no copy yet: the owner's own task there gets one, whole.
     let expected = (secret.len() as u64, secret.iter().map(|&byte| u64::from(byte)).sum());

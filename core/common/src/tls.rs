@@ -153,16 +153,6 @@ impl Host {
             }
         })
     }
-
-    /// Exactly this host, as a name constraint.
-    fn subtree(&self) -> GeneralSubtree {
-        match self {
-            Host::Ip(ip) => {
-                GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(*ip, if ip.is_ipv4() { 32 } else { 128 }))
-            }
-            Host::Dns(name) => GeneralSubtree::DnsName(name.clone()),
-        }
-    }
 }
 
 /// The host part of an address (`https://10.0.0.5:7000` → `10.0.0.5`).
@@ -242,7 +232,10 @@ fn node_params(node: &str, ip: IpAddr) -> CertificateParams {
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
     params.name_constraints = Some(NameConstraints {
-        permitted_subtrees: vec![Host::Ip(ip).subtree(), GeneralSubtree::DnsName(NO_DNS_NAME.into())],
+        permitted_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })),
+            GeneralSubtree::DnsName(NO_DNS_NAME.into()),
+        ],
         excluded_subtrees: Vec::new(),
     });
     params.use_authority_key_identifier_extension = true;
@@ -434,10 +427,6 @@ impl ServerCert {
 
     pub fn set(&self, identity: Arc<CertifiedKey>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(identity);
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// The rustls configuration of a server presenting this (HTTP/2 only).
