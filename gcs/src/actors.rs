@@ -32,6 +32,7 @@ use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::NodeState as WireNodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
+use ionet_common::rpc::proto::metering::HeldLease;
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
@@ -39,6 +40,7 @@ use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::metering::Metering;
 use crate::placement_groups::PlacementGroups;
 use crate::state::GcsState;
 
@@ -61,6 +63,8 @@ pub struct Actors {
     issuer: Issuer,
     /// Where an actor in a placement group is placed: its bundle's node.
     placement_groups: Arc<PlacementGroups>,
+    /// The head holds actors' leases: it gives the holder's word for them.
+    metering: Arc<Metering>,
     rows: Mutex<HashMap<ActorId, Row>>,
     /// (account, namespace, name) → actor, for actors not DEAD.
     names: Mutex<HashMap<(String, String, String), ActorId>>,
@@ -80,11 +84,17 @@ fn state_of(info: &ActorInfo) -> ActorState {
 }
 
 impl Actors {
-    pub fn new(state: Arc<GcsState>, issuer: Issuer, placement_groups: Arc<PlacementGroups>) -> Arc<Self> {
+    pub fn new(
+        state: Arc<GcsState>,
+        issuer: Issuer,
+        placement_groups: Arc<PlacementGroups>,
+        metering: Arc<Metering>,
+    ) -> Arc<Self> {
         Arc::new(Actors {
             state,
             issuer,
             placement_groups,
+            metering,
             rows: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             owners: DashMap::new(),
@@ -288,8 +298,19 @@ impl Actors {
         }
     }
 
+    /// Says, as the holder of an actor's lease (the head holds them), that it was granted
+    /// or given back; a record runs only while both the node and its holder say so.
+    async fn held(&self, job_id: &[u8], lease_id: &[u8], node_id: &[u8], granted: bool) {
+        let Ok(job) = JobId::from_bytes(job_id) else { return };
+        let word = HeldLease { lease_id: lease_id.to_vec(), node_id: node_id.to_vec(), granted, age_ms: 0 };
+        if let Err(err) = self.metering.holder_report(job, &[word]).await {
+            tracing::warn!(job = %job, error = %err, "could not report an actor's lease to metering");
+        }
+    }
+
     /// Returns a lease of job `job_id`'s actor, with the job's credential.
     async fn return_lease(&self, job_id: &[u8], lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
+        self.held(job_id, &lease_id, &[], false).await;
         let Ok(credential) = self.job_credential(job_id) else { return };
         let Ok(channel) = self.channel(node_address, &credential) else { return };
         let request = ReturnWorkerLeaseRequest { lease_id, worker_failed };
@@ -344,6 +365,7 @@ impl Actors {
             let (lease, node_address) = match outcome {
                 LeaseOutcome::Granted { lease, node_address } => {
                     backoff.reset();
+                    self.held(&spec.job_id, &lease.lease_id, &lease.node_id, true).await;
                     (lease, node_address)
                 }
                 // No node can ever fit its first incarnation (the daemon looked at the whole

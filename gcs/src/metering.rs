@@ -34,12 +34,13 @@
 //! ids); `settlement` closes epochs (cutting open leases, availability, the task closing
 //! scheduled epochs); `tests` holds the unit tests.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ionet_common::resources::MicroUsd;
-use ionet_common::rpc::proto::common::{NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::common::NodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::ClusterEvent;
 use ionet_common::rpc::proto::metering as proto;
@@ -60,9 +61,35 @@ mod book;
 mod settlement;
 #[cfg(test)]
 mod tests;
+pub mod two_party;
 
 pub use book::record_id;
-use book::{invalid, not_found, wallet_of, Book, Changes, Made, OpenLease};
+use book::{invalid, not_found, wallet_of, Book, Changes, Lease, Made, NodeSide};
+use two_party::EndedBy;
+
+/// How long a node's grant may wait for its holder's word before it ends without a
+/// record (holders report every 100 ms; this covers a head restart and slow links).
+pub const CONFIRM_WINDOW_MS: u64 = 30_000;
+/// How long a word that found no match from the other side is kept.
+pub const UNMATCHED_EXPIRY_MS: u64 = 10 * 60_000;
+/// How long after its holder gave a lease back the node is told to end it, unless it
+/// said so first.
+pub const STOP_GRACE_MS: u64 = 500;
+/// The most leases one holder report may name.
+pub const MAX_HELD_PER_REPORT: usize = 10_000;
+
+/// Tells node daemons to end leases (the head's control credential over gRPC).
+#[tonic::async_trait]
+pub trait LeaseStopper: Send + Sync {
+    /// Returns how many of `leases` the node held and ended.
+    async fn end_leases(&self, node_address: &str, leases: &[LeaseId], reason: &str) -> ionet_common::IonetResult<u32>;
+}
+
+/// What the head itself holds, for vouching for the leases it holds as their holder.
+pub trait HeadHoldings: Send + Sync {
+    /// Whether bundle `index` of placement group `group` is `job`'s and placed on `node`.
+    fn holds_bundle(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> bool;
+}
 
 /// The payer billed for jobs added without a payer account.
 pub const DEFAULT_PAYER: &str = "default";
@@ -99,6 +126,10 @@ pub struct Metering {
     settled: tokio::sync::Notify,
     /// Weak: the payer holds the metering, and its task owns the payer.
     payouts: std::sync::OnceLock<std::sync::Weak<dyn PayoutView>>,
+    /// The head's own leases (bundles), to vouch for as their holder.
+    head_holdings: std::sync::OnceLock<Arc<dyn HeadHoldings>>,
+    /// How nodes are told to end leases whose holder gave them back.
+    stopper: std::sync::OnceLock<Arc<dyn LeaseStopper>>,
 }
 
 impl Metering {
@@ -148,17 +179,22 @@ impl Metering {
         let mut book = Book::default();
         let mut stale_leases = Vec::new();
         for (key, bytes) in &leases {
-            let lease = OpenLease::from_proto(&decode(&format!("lease {}", hex::encode(key)), bytes)?)?;
+            let mut lease = Lease::from_proto(&decode(&format!("lease {}", hex::encode(key)), bytes)?)?;
+            let pieces = made.iter().filter(|m| m.lease_id == lease.lease_id && m.segment >= lease.segment);
             // Ended, but the head stopped before it removed the lease row.
-            let already = made.iter().any(|m| m.lease_id == lease.lease_id && m.segment >= lease.segment);
-            if already {
+            if pieces.clone().any(|m| m.ended_by != "epoch") {
                 stale_leases.push(lease.lease_id);
-            } else {
-                book.open.insert(lease.lease_id, lease);
+                continue;
             }
+            // Cut at an epoch's end, but the head stopped before it stored the remainder.
+            if let Some(cut) = pieces.max_by_key(|m| m.segment) {
+                lease.segment = cut.segment + 1;
+                lease.segment_start = Some(cut.record.end_ms);
+            }
+            book.open.insert(lease.lease_id, lease);
         }
         for m in made {
-            let lease_ended = !book.open.contains_key(&m.lease_id);
+            let lease_ended = !book.open.contains_key(&m.lease_id) && m.ended_by != "epoch";
             book.push(m, lease_ended);
         }
         let all: Vec<UsageRecord> = book.records.iter().map(|m| m.record.clone()).collect();
@@ -192,6 +228,8 @@ impl Metering {
             last_epoch_end_ms: AtomicU64::new(last_end.unwrap_or(now)),
             settled: tokio::sync::Notify::new(),
             payouts: std::sync::OnceLock::new(),
+            head_holdings: std::sync::OnceLock::new(),
+            stopper: std::sync::OnceLock::new(),
         });
         metering.end_leases_of_dead_nodes().await?;
         Ok(metering)
@@ -214,6 +252,50 @@ impl Metering {
         }
     }
 
+    /// Attaches what the head holds itself, once.
+    pub fn set_head_holdings(&self, holdings: Arc<dyn HeadHoldings>) {
+        if self.head_holdings.set(holdings).is_err() {
+            tracing::warn!("head holdings attached twice; keeping the first");
+        }
+    }
+
+    /// Attaches how nodes are told to end leases, once.
+    pub fn set_stopper(&self, stopper: Arc<dyn LeaseStopper>) {
+        if self.stopper.set(stopper).is_err() {
+            tracing::warn!("lease stopper attached twice; keeping the first");
+        }
+    }
+
+    /// Tells each node to end the leases due to end there; a node that cannot be
+    /// reached is told again on the next round. Returns how many leases were asked.
+    pub async fn stop_due_leases(&self) -> usize {
+        let Some(stopper) = self.stopper.get().cloned() else {
+            return 0;
+        };
+        let mut asked = 0;
+        for (node_id, leases) in self.due_stops() {
+            let Some(node) = self.state.node(&node_id) else { continue };
+            if node.state == NodeState::Dead as i32 {
+                continue;
+            }
+            asked += leases.len();
+            match stopper.end_leases(&node.address, &leases, "the lease's holder gave it back").await {
+                Ok(ended) => {
+                    tracing::info!(node = %node_id.short(), asked = leases.len(), ended, "told a node to end leases its holders gave back")
+                }
+                Err(err) => {
+                    tracing::warn!(node = %node_id.short(), error = %err, "could not tell a node to end leases; trying again");
+                    let again = self.state.now_ms() + STOP_GRACE_MS;
+                    let mut book = self.book();
+                    for lease in leases {
+                        book.stop_due.entry(lease).or_insert((node_id, again));
+                    }
+                }
+            }
+        }
+        asked
+    }
+
     /// The payer, while its task runs.
     pub fn payouts(&self) -> Option<Arc<dyn PayoutView>> {
         self.payouts.get().and_then(std::sync::Weak::upgrade)
@@ -228,6 +310,7 @@ impl Metering {
         if changes.records.is_empty() && changes.put_leases.is_empty() && changes.delete_leases.is_empty() {
             return Ok(());
         }
+        let now = self.state.now_ms();
         let storage = self.state.storage().clone();
         let sinks = self.sinks.clone();
         blocking(move || {
@@ -235,7 +318,7 @@ impl Metering {
                 storage.put(Table::Usage, &made.storage_key(), &made.to_proto(None).encode_to_vec())?;
             }
             for lease in &changes.put_leases {
-                storage.put(Table::Leases, lease.lease_id.as_bytes(), &lease.to_proto().encode_to_vec())?;
+                storage.put(Table::Leases, lease.lease_id.as_bytes(), &lease.to_proto(now).encode_to_vec())?;
             }
             for lease in &changes.delete_leases {
                 storage.delete(Table::Leases, lease.as_bytes())?;
@@ -248,19 +331,15 @@ impl Metering {
         .await
     }
 
-    /// Opens a lease now (control-store clock) and returns its start. Reporting an open
-    /// lease again returns its first start.
-    pub async fn lease_started(
-        &self,
-        lease_id: &[u8],
-        node_id: &[u8],
-        job_id: &[u8],
-        resources: Option<ResourceQuantities>,
-    ) -> GcsResult<u64> {
-        let lease_id = LeaseId::from_bytes(lease_id)?;
-        let node_id = NodeId::from_bytes(node_id)?;
-        let job_id = JobId::from_bytes(job_id)?;
-        let resources = resources.unwrap_or_default().to_set()?;
+    /// The node's side of a lease: it granted `request.lease_id` to `request.job_id`. The
+    /// record starts once the holder says so too (for a bundle, the head is the holder and
+    /// says so here, when the group is the job's and placed on that node). Returns the
+    /// node's start (control-store clock); reporting an open lease again returns it again.
+    pub async fn lease_started(&self, request: &proto::LeaseStartedRequest) -> GcsResult<u64> {
+        let lease_id = LeaseId::from_bytes(&request.lease_id)?;
+        let node_id = NodeId::from_bytes(&request.node_id)?;
+        let job_id = JobId::from_bytes(&request.job_id)?;
+        let resources = request.resources.clone().unwrap_or_default().to_set()?;
         if resources.is_empty() {
             return Err(invalid(format!("lease {lease_id} leases no resources")));
         }
@@ -286,65 +365,96 @@ impl Metering {
         let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
         let payer_account =
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
-        let lease = OpenLease {
-            lease_id,
-            job_id,
+        let bundle = (!request.placement_group_id.is_empty())
+            .then(|| (request.placement_group_id.clone(), request.bundle_index));
+        // A bundle's holder is the head: it vouches when the group is the job's, there.
+        let head_holds = match &bundle {
+            Some((group, index)) => {
+                let holds =
+                    self.head_holdings.get().is_some_and(|head| head.holds_bundle(&job_id, &node_id, group, *index));
+                if !holds {
+                    return Err(IonetError::PermissionDenied(format!(
+                        "lease {lease_id}: bundle {index} of placement group {} is not job {job_id}'s on node {}",
+                        hex::encode(group),
+                        node_id.short()
+                    ))
+                    .into());
+                }
+                true
+            }
+            None => false,
+        };
+        let now = self.state.now_ms();
+        let started = two_party::stamp(now, request.age_ms);
+        let node_side = NodeSide {
             payer_account,
-            node_id,
             provider_wallet: wallet_of(&node, &node_id),
             resources,
-            start_ms: self.state.now_ms(),
             price_per_gpu_hour: node.price_per_gpu_hour_micros,
             price_per_cpu_hour: node.price_per_cpu_hour_micros,
-            segment: 0,
+            bundle,
         };
-        {
+        let changes = {
             let mut book = self.book();
-            if let Some(open) = book.open.get(&lease_id) {
-                if open.node_id == node_id && open.job_id == job_id {
-                    return Ok(open.start_ms);
+            if let Some(&index) = book.ended.get(&lease_id) {
+                let record = &book.records[index];
+                if record.record.node_id == node_id && record.record.job_id == job_id {
+                    return Ok(record.sides.node_started.unwrap_or(record.record.start_ms));
                 }
-                return Err(IonetError::AlreadyExists(format!(
-                    "lease {lease_id} is already open on node {} for job {}",
-                    open.node_id.short(),
-                    open.job_id
-                ))
-                .into());
-            }
-            if book.ended.contains_key(&lease_id) {
                 return Err(IonetError::AlreadyExists(format!(
                     "lease {lease_id} already ended; a new lease needs a new id"
                 ))
                 .into());
             }
-            book.open.insert(lease_id, lease.clone());
-        }
-        let start_ms = lease.start_ms;
-        if let Err(err) = self.apply(Changes { put_leases: vec![lease], ..Changes::default() }).await {
-            self.book().open.remove(&lease_id);
-            return Err(err);
-        }
-        tracing::debug!(lease = %lease_id, node = %node_id.short(), job = %job_id, start_ms, "lease started");
-        Ok(start_ms)
+            let lease = book.open.entry(lease_id).or_insert_with(|| Lease::new(lease_id, job_id, node_id, now));
+            if lease.node_id != node_id || lease.job_id != job_id {
+                return Err(IonetError::AlreadyExists(format!(
+                    "lease {lease_id} is already known on node {} for job {}",
+                    lease.node_id.short(),
+                    lease.job_id
+                ))
+                .into());
+            }
+            if let Some(first) = lease.sides.node_started {
+                return Ok(first);
+            }
+            lease.node = Some(node_side);
+            lease.sides.node_started = Some(started);
+            if head_holds {
+                lease.sides.holder_started = Some(started);
+            }
+            lease.last_word_ms = now;
+            let mut changes = Changes::default();
+            book.after_word(lease_id, now, &mut changes);
+            changes
+        };
+        self.apply(changes).await?;
+        tracing::debug!(lease = %lease_id, node = %node_id.short(), job = %job_id, started, "node started a lease");
+        Ok(started)
     }
 
-    /// Ends a lease now and returns its record. Ending an ended lease returns the same
-    /// record again.
-    pub async fn lease_ended(&self, lease_id: &[u8]) -> GcsResult<proto::UsageRecord> {
-        self.lease_ended_by(lease_id, None).await
+    /// Ends a lease now, as the control plane (tests and the operator), and returns its
+    /// record, if both sides had started it.
+    pub async fn lease_ended(&self, lease_id: &[u8]) -> GcsResult<Option<proto::UsageRecord>> {
+        self.lease_ended_by(lease_id, 0, None).await
     }
 
-    /// [`Metering::lease_ended`] reported by `reporter` (a node: only a lease on that node
-    /// may be ended by it; `None`: the control plane or the operator). A lease of another
-    /// node is refused and stays open.
-    pub async fn lease_ended_by(&self, lease_id: &[u8], reporter: Option<NodeId>) -> GcsResult<proto::UsageRecord> {
+    /// The node's end of a lease, said `age_ms` ago by `reporter` (a node: only a lease on
+    /// that node; `None`: the control plane). Returns the lease's record when there is
+    /// one (the same again for an ended lease); a lease the holder never confirmed ends
+    /// with none.
+    pub async fn lease_ended_by(
+        &self,
+        lease_id: &[u8],
+        age_ms: u64,
+        reporter: Option<NodeId>,
+    ) -> GcsResult<Option<proto::UsageRecord>> {
         let lease_id = LeaseId::from_bytes(lease_id)?;
         let now = self.state.now_ms();
-        // (record, whether this call ended the lease)
-        let (made, ended_now) = {
+        let (changes, done) = {
             let mut book = self.book();
             let node_of = |lease_id| {
-                let open = book.open.get(lease_id).map(|lease: &OpenLease| lease.node_id);
+                let open = book.open.get(lease_id).map(|lease: &Lease| lease.node_id);
                 open.or_else(|| book.ended.get(lease_id).map(|&index| book.records[index].record.node_id))
             };
             if let (Some(reporter), Some(node)) = (reporter, node_of(&lease_id)) {
@@ -357,29 +467,105 @@ impl Metering {
                     .into());
                 }
             }
-            if let Some(lease) = book.open.remove(&lease_id) {
-                let made = lease.record_until(now);
-                book.push(made.clone(), true);
-                (made, true)
-            } else if let Some(&index) = book.ended.get(&lease_id) {
-                (book.records[index].clone(), false)
+            // The node has ended it: nothing left to tell it.
+            book.stop_due.remove(&lease_id);
+            if let Some(&index) = book.ended.get(&lease_id) {
+                (Changes::default(), Some(book.records[index].clone()))
+            } else if let Some(lease) = book.open.get_mut(&lease_id) {
+                lease.sides.node_ended.get_or_insert(two_party::stamp(now, age_ms));
+                lease.last_word_ms = now;
+                let mut changes = Changes::default();
+                book.after_word(lease_id, now, &mut changes);
+                let made = changes.records.iter().find(|made| made.lease_id == lease_id).cloned();
+                (changes, made)
             } else {
                 return Err(not_found(format!("lease {lease_id} is not open on this control store")));
             }
         };
-        if !ended_now {
-            let mut records = self.with_settlement(vec![made]).await?;
-            return records.pop().ok_or_else(|| GcsError::Storage("record vanished".into()));
+        let fresh = !changes.records.is_empty();
+        self.apply(changes).await?;
+        match done {
+            Some(made) if fresh => Ok(Some(made.to_proto(None))),
+            Some(made) => Ok(self.with_settlement(vec![made]).await?.pop()),
+            None => Ok(None),
         }
-        self.apply(Changes { records: vec![made.clone()], delete_leases: vec![lease_id], ..Changes::default() })
-            .await?;
-        tracing::debug!(lease = %lease_id, end_ms = made.record.end_ms, "lease ended");
-        Ok(made.to_proto(None))
+    }
+
+    /// The holder's side, in a batch: the leases a process of `job_id` (or the head, for
+    /// actors) was granted and gave back (or never got). A word naming no node is about a
+    /// lease already known.
+    pub async fn holder_report(&self, job_id: JobId, leases: &[proto::HeldLease]) -> GcsResult<()> {
+        if leases.len() > MAX_HELD_PER_REPORT {
+            return Err(invalid(format!(
+                "a report names {} leases; at most {MAX_HELD_PER_REPORT} fit in one",
+                leases.len()
+            )));
+        }
+        let mut words = Vec::with_capacity(leases.len());
+        for held in leases {
+            // No node: whichever node the lease is known on (it must be known already).
+            let node = if held.node_id.is_empty() { None } else { Some(NodeId::from_bytes(&held.node_id)?) };
+            words.push((LeaseId::from_bytes(&held.lease_id)?, node, held));
+        }
+        let now = self.state.now_ms();
+        let changes = {
+            let mut book = self.book();
+            let mut changes = Changes::default();
+            for (lease_id, node_id, held) in words {
+                if book.ended.contains_key(&lease_id) {
+                    continue;
+                }
+                let Some(node_id) = node_id.or_else(|| book.open.get(&lease_id).map(|lease| lease.node_id)) else {
+                    continue;
+                };
+                let lease = book.open.entry(lease_id).or_insert_with(|| Lease::new(lease_id, job_id, node_id, now));
+                if lease.job_id != job_id || lease.node_id != node_id {
+                    // Not this job's lease there: a word about another's lease counts for nothing.
+                    tracing::warn!(lease = %lease_id, job = %job_id, "a holder reported a lease that is not its job's; ignored");
+                    continue;
+                }
+                let at = two_party::stamp(now, held.age_ms);
+                if held.granted {
+                    if lease.sides.holder_ended.is_none() {
+                        lease.sides.holder_started.get_or_insert(at);
+                    }
+                } else {
+                    lease.sides.holder_ended.get_or_insert(at);
+                }
+                lease.last_word_ms = now;
+                book.after_word(lease_id, now, &mut changes);
+            }
+            changes
+        };
+        self.apply(changes).await
+    }
+
+    /// Ends every running lease of a finished job now (its holders are gone with it),
+    /// and tells the nodes. Returns how many ended.
+    pub async fn end_leases_of_job(&self, job_id: JobId) -> GcsResult<usize> {
+        let now = self.state.now_ms();
+        let changes = {
+            let mut book = self.book();
+            let mine: Vec<LeaseId> =
+                book.open.values().filter(|lease| lease.job_id == job_id).map(|lease| lease.lease_id).collect();
+            let mut changes = Changes::default();
+            for lease_id in mine {
+                if let Some(lease) = book.open.get_mut(&lease_id) {
+                    lease.sides.forced_end.get_or_insert((now, EndedBy::JobFinished));
+                }
+                book.after_word(lease_id, now, &mut changes);
+            }
+            changes
+        };
+        let ended = changes.records.len();
+        self.apply(changes).await?;
+        Ok(ended)
     }
 
     /// Ends every open lease whose node the control store declared dead, at the node's
-    /// last heartbeat. Returns how many ended.
+    /// last heartbeat. Returns how many records that closed.
     pub async fn end_leases_of_dead_nodes(&self) -> GcsResult<usize> {
+        let now = self.state.now_ms();
         let changes = {
             let mut book = self.book();
             let dead: Vec<(LeaseId, u64)> = book
@@ -392,19 +578,71 @@ impl Metering {
                 .collect();
             let mut changes = Changes::default();
             for (lease_id, last_heartbeat_ms) in dead {
-                if let Some(lease) = book.open.remove(&lease_id) {
-                    let made = lease.record_until(last_heartbeat_ms);
-                    tracing::info!(lease = %lease_id, node = %lease.node_id.short(), end_ms = made.record.end_ms, "lease ended by its node's death");
-                    book.push(made.clone(), true);
-                    changes.records.push(made);
-                    changes.delete_leases.push(lease_id);
+                if let Some(lease) = book.open.get_mut(&lease_id) {
+                    lease.sides.forced_end.get_or_insert((last_heartbeat_ms, EndedBy::NodeDead));
+                    tracing::info!(lease = %lease_id, node = %lease.node_id.short(), end_ms = last_heartbeat_ms, "lease ended by its node's death");
                 }
+                book.after_word(lease_id, now, &mut changes);
+                book.stop_due.remove(&lease_id);
             }
             changes
         };
         let ended = changes.records.len();
         self.apply(changes).await?;
         Ok(ended)
+    }
+
+    /// Drops leases one side spoke of and the other never did: a node's grant no holder
+    /// confirmed within [`CONFIRM_WINDOW_MS`] (no record; the node is told to end it), and
+    /// words that found no match within [`UNMATCHED_EXPIRY_MS`].
+    pub async fn drop_unmatched(&self) -> GcsResult<usize> {
+        let now = self.state.now_ms();
+        let changes = {
+            let mut book = self.book();
+            let mut changes = Changes::default();
+            let doomed: Vec<(LeaseId, bool)> = book
+                .open
+                .values()
+                .filter_map(|lease| {
+                    let holder_silent = lease.sides.holder_started.is_none() && lease.sides.holder_ended.is_none();
+                    let unconfirmed = lease.node.is_some()
+                        && holder_silent
+                        && lease.sides.node_ended.is_none()
+                        && now.saturating_sub(lease.last_word_ms) >= CONFIRM_WINDOW_MS;
+                    let stale = !lease.is_running() && now.saturating_sub(lease.last_word_ms) >= UNMATCHED_EXPIRY_MS;
+                    (unconfirmed || stale).then_some((lease.lease_id, unconfirmed))
+                })
+                .collect();
+            for (lease_id, unconfirmed) in doomed {
+                let Some(lease) = book.open.remove(&lease_id) else { continue };
+                if unconfirmed {
+                    tracing::warn!(lease = %lease_id, node = %lease.node_id.short(), job = %lease.job_id,
+                        "no holder confirmed this lease; it ends without a record");
+                    book.stop_due.insert(lease_id, (lease.node_id, now));
+                }
+                changes.delete_leases.push(lease_id);
+            }
+            changes
+        };
+        let dropped = changes.delete_leases.len();
+        self.apply(changes).await?;
+        Ok(dropped)
+    }
+
+    /// Takes the leases due to be ended on their nodes (the holder gave them back
+    /// [`STOP_GRACE_MS`] ago and the node has not said it ended them), by node.
+    pub fn due_stops(&self) -> HashMap<NodeId, Vec<LeaseId>> {
+        let now = self.state.now_ms();
+        let mut book = self.book();
+        let due: Vec<LeaseId> =
+            book.stop_due.iter().filter(|(_, (_, at))| *at <= now).map(|(lease, _)| *lease).collect();
+        let mut by_node: HashMap<NodeId, Vec<LeaseId>> = HashMap::new();
+        for lease_id in due {
+            if let Some((node, _)) = book.stop_due.remove(&lease_id) {
+                by_node.entry(node).or_default().push(lease_id);
+            }
+        }
+        by_node
     }
 
     /// Adds the epoch that settled each record, if any.
@@ -432,16 +670,17 @@ impl Metering {
             let book = self.book();
             let made: Vec<Made> =
                 book.records.iter().filter(|m| keep(&m.record.job_id, &m.record.node_id)).cloned().collect();
-            let mut open: Vec<OpenLease> =
-                book.open.values().filter(|lease| keep(&lease.job_id, &lease.node_id)).cloned().collect();
-            open.sort_by_key(|lease| (lease.start_ms, lease.lease_id));
+            let mut open: Vec<Lease> = book
+                .open
+                .values()
+                .filter(|lease| lease.is_running() && keep(&lease.job_id, &lease.node_id))
+                .cloned()
+                .collect();
+            open.sort_by_key(|lease| (lease.segment_start(), lease.lease_id));
             (made, open)
         };
         let mut records = self.with_settlement(made).await?;
-        records.extend(open.drain(..).map(|lease| proto::UsageRecord {
-            cost_micros: lease.record_until(now).record.cost_micro_usd().unwrap_or(u64::MAX),
-            ..lease.to_proto()
-        }));
+        records.extend(open.drain(..).map(|lease| lease.to_proto(now)));
         Ok(records)
     }
 
@@ -501,6 +740,7 @@ impl Metering {
     ) -> Vec<JoinHandle<()>> {
         vec![
             tokio::spawn(watch_deaths(self.clone(), events, stopped.clone())),
+            tokio::spawn(stop_leases(self.clone(), stopped.clone())),
             tokio::spawn(settlement::close_epochs(self.clone(), stopped)),
         ]
     }
@@ -515,6 +755,14 @@ async fn watch_deaths(
         let sweep = tokio::select! {
             event = events.recv() => match event {
                 Ok(ClusterEvent { event: Some(Event::NodeDead(_)), .. }) => true,
+                Ok(ClusterEvent { event: Some(Event::JobFinished(job)), .. }) => {
+                    if let Ok(job_id) = JobId::from_bytes(&job.job_id) {
+                        if let Err(err) = metering.end_leases_of_job(job_id).await {
+                            tracing::error!(error = %err, job = %job_id, "could not end a finished job's leases");
+                        }
+                    }
+                    false
+                }
                 Ok(_) => false,
                 // Missed events: the sweep reads the node table, which is authoritative.
                 Err(broadcast::error::RecvError::Lagged(_)) => true,
@@ -527,5 +775,18 @@ async fn watch_deaths(
                 tracing::error!(error = %err, "could not end the leases of a dead node");
             }
         }
+    }
+}
+
+/// Tells nodes, every 100 ms, to end the leases their holders gave back.
+async fn stop_leases(metering: Arc<Metering>, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        metering.stop_due_leases().await;
     }
 }

@@ -79,10 +79,7 @@ impl MeteringRpc for MeteringService {
         let request = request.into_inner();
         // A node reports its own leases only.
         principal.may_act_for_node(&NodeId::from_bytes(&request.node_id).map_err(GcsError::from)?)?;
-        let start_ms = self
-            .metering
-            .lease_started(&request.lease_id, &request.node_id, &request.job_id, request.resources)
-            .await?;
+        let start_ms = self.metering.lease_started(&request).await?;
         Ok(Response::new(LeaseStartedReply { start_ms }))
     }
 
@@ -91,8 +88,22 @@ impl MeteringRpc for MeteringService {
             Principal::Node(node) => Some(node),
             _ => None,
         };
-        let record = self.metering.lease_ended_by(&request.into_inner().lease_id, reporter).await?;
-        Ok(Response::new(LeaseEndedReply { record: Some(record) }))
+        let request = request.into_inner();
+        let record = self.metering.lease_ended_by(&request.lease_id, request.age_ms, reporter).await?;
+        Ok(Response::new(LeaseEndedReply { record }))
+    }
+
+    async fn report_held_leases(
+        &self,
+        request: Request<ReportHeldLeasesRequest>,
+    ) -> Result<Response<ReportHeldLeasesReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        // A holder speaks for its own job's leases only.
+        let job_id = JobId::from_bytes(&request.job_id).map_err(GcsError::from)?;
+        principal.may_act_for_job(&job_id)?;
+        self.metering.holder_report(job_id, &request.leases).await?;
+        Ok(Response::new(ReportHeldLeasesReply {}))
     }
 
     async fn list_usage(&self, request: Request<ListUsageRequest>) -> Result<Response<ListUsageReply>, Status> {

@@ -26,9 +26,11 @@ use ionet_common::auth::Bearer;
 use ionet_common::resources::{ResourceSet, ACCELERATOR_PREFIX};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
-use ionet_common::rpc::proto::node::{CancelBundleRequest, CommitBundleRequest, PrepareBundleRequest};
+use ionet_common::rpc::proto::node::{
+    CancelBundleRequest, CommitBundleRequest, EndLeasesRequest, PrepareBundleRequest,
+};
 use ionet_common::rpc::{AuthChannel, NodeManagerClient};
-use ionet_common::{IonetError, IonetResult, NodeId, PlacementGroupId};
+use ionet_common::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId};
 use ionet_scheduler::{
     solve_placement_group, ClusterView, Gpu, NodeState, NodeView, PlacementDecision, PlacementStrategy,
 };
@@ -79,6 +81,17 @@ impl GrpcBundleAgent {
 }
 
 #[tonic::async_trait]
+impl crate::metering::LeaseStopper for GrpcBundleAgent {
+    async fn end_leases(&self, node_address: &str, leases: &[LeaseId], reason: &str) -> IonetResult<u32> {
+        let request = EndLeasesRequest {
+            lease_ids: leases.iter().map(|lease| lease.to_vec()).collect(),
+            reason: reason.to_string(),
+        };
+        Ok(self.client(node_address)?.end_leases(request).await?.into_inner().ended)
+    }
+}
+
+#[tonic::async_trait]
 impl BundleAgent for GrpcBundleAgent {
     async fn prepare(
         &self,
@@ -125,6 +138,9 @@ struct Group {
     pending_reason: String,
     /// Outlives its job (removed only by `remove`).
     detached: bool,
+    /// Bundles being committed or committed, by index: the node holding each. The head
+    /// vouches, as their holder, for the bundle leases these nodes report.
+    committed: HashMap<u32, NodeId>,
 }
 
 /// The placement-group table and its placement passes.
@@ -190,6 +206,16 @@ fn consumed(bundle: &ResourceSet) -> ResourceSet {
     out
 }
 
+impl crate::metering::HeadHoldings for PlacementGroups {
+    fn holds_bundle(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> bool {
+        let Ok(id) = PlacementGroupId::from_bytes(group) else {
+            return false;
+        };
+        let groups = self.lock();
+        groups.get(&id).is_some_and(|group| group.job_id == job.as_bytes() && group.committed.get(&index) == Some(node))
+    }
+}
+
 impl PlacementGroups {
     pub fn new(state: Arc<GcsState>, agent: Arc<dyn BundleAgent>) -> Arc<Self> {
         Arc::new(Self {
@@ -250,6 +276,7 @@ impl PlacementGroups {
                 strategy,
                 state: PlacementGroupState::Pending,
                 nodes: Vec::new(),
+                committed: HashMap::new(),
                 pending_reason: String::new(),
                 detached,
             },
@@ -308,6 +335,7 @@ impl PlacementGroups {
                 .get_mut(id)
                 .ok_or_else(|| IonetError::NotFound(format!("placement group {} does not exist", id.short())))?;
             group.state = PlacementGroupState::Removed;
+            group.committed.clear();
             std::mem::take(&mut group.nodes)
         };
         for (index, (node, address)) in nodes.iter().enumerate() {
@@ -426,6 +454,9 @@ impl PlacementGroups {
         }
         if failure.is_none() {
             for (index, (node, address)) in prepared.iter().enumerate() {
+                if let Some(group) = self.lock().get_mut(&id) {
+                    group.committed.insert(index as u32, *node);
+                }
                 if let Err(err) = self.agent.commit(address, id, index as u32).await {
                     failure = Some(format!("node {} did not commit bundle {index}: {err}", node.short()));
                     break;
@@ -435,6 +466,9 @@ impl PlacementGroups {
         match failure {
             None => Ok(prepared),
             Some(reason) => {
+                if let Some(group) = self.lock().get_mut(&id) {
+                    group.committed.clear();
+                }
                 for (index, (node, address)) in prepared.iter().enumerate() {
                     if let Err(err) = self.agent.cancel(address, id, index as u32).await {
                         tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a prepared bundle");

@@ -118,8 +118,11 @@ impl GcsServer {
         // which may reserve bundles and nothing else (a provider's daemon sees it); its
         // calls for an actor carry the actor's job's credential. It lives in memory only.
         let control = Bearer::new(&issuer.issue(Role::Control, CONTROL_CREDENTIAL_TTL))?;
-        let placement_groups = PlacementGroups::new(state.clone(), Arc::new(GrpcBundleAgent::new(control)));
-        let actors = Actors::new(state.clone(), issuer.clone(), placement_groups.clone());
+        let nodes = Arc::new(GrpcBundleAgent::new(control));
+        let placement_groups = PlacementGroups::new(state.clone(), nodes.clone());
+        metering.set_stopper(nodes);
+        metering.set_head_holdings(placement_groups.clone());
+        let actors = Actors::new(state.clone(), issuer.clone(), placement_groups.clone(), metering.clone());
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),

@@ -14,7 +14,9 @@ use ionet_common::clock::ManualClock;
 use ionet_common::config::ClusterConfig;
 use ionet_common::resources::{parse_usd, Quantity, CPU, GPU};
 use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
-use ionet_common::rpc::proto::metering::{ListPayoutsReply, ListPayoutsRequest, SettleRequest};
+use ionet_common::rpc::proto::metering::{
+    HeldLease, LeaseStartedRequest, ListPayoutsReply, ListPayoutsRequest, SettleRequest,
+};
 use ionet_common::{JobId, LeaseId, NodeId, ResourceSet};
 use ionet_gcs::payouts::PayoutSettings;
 use ionet_gcs::{GcsServer, GcsServerOptions};
@@ -118,11 +120,16 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
         let node = gpu_node(wallet, "1.20");
         state.register_node(node.clone()).await.unwrap();
         let lease = LeaseId::random();
-        server
-            .metering()
-            .lease_started(lease.as_bytes(), &node.node_id, job.as_bytes(), Some((&gpus).into()))
-            .await
-            .unwrap();
+        let started = LeaseStartedRequest {
+            lease_id: lease.to_vec(),
+            node_id: node.node_id.clone(),
+            job_id: job.to_vec(),
+            resources: Some((&gpus).into()),
+            ..Default::default()
+        };
+        server.metering().lease_started(&started).await.unwrap();
+        let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
+        server.metering().holder_report(job, &[word]).await.unwrap();
         leases.push(lease);
     }
     clock.advance_ms(hours * HOUR);

@@ -28,11 +28,12 @@ use ionet_common::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, Register
 use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
-    CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest,
-    FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply,
-    IssueCertificateRequest, PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest,
-    RequestWorkerLeaseReply, RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest,
-    SealObjectReply, SealObjectRequest, SetWorkerBlockedReply, SetWorkerBlockedRequest,
+    CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EndLeasesReply, EndLeasesRequest,
+    EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply,
+    GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply, PrepareBundleRequest,
+    RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
+    ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest, SetWorkerBlockedReply,
+    SetWorkerBlockedRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
@@ -223,6 +224,17 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&self.shared.leases.job_of_lease(&request.lease_id)?)?;
         self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
         Ok(Response::new(ReturnWorkerLeaseReply {}))
+    }
+
+    async fn end_leases(&self, request: Request<EndLeasesRequest>) -> Result<Response<EndLeasesReply>, Status> {
+        // The head's control credential only (the authorization table): it ends leases
+        // whose holders gave them back.
+        let request = request.into_inner();
+        if request.lease_ids.len() > 100_000 {
+            return Err(Status::invalid_argument("at most 100000 leases may be ended in one call"));
+        }
+        let ended = self.shared.leases.end_leases(&request.lease_ids, &request.reason)?;
+        Ok(Response::new(EndLeasesReply { ended }))
     }
 
     async fn prepare_bundle(

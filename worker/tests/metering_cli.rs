@@ -12,7 +12,9 @@ use common::{TestCluster, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS};
 use ionet_common::resources::{Quantity, ResourceSet, GPU};
 use ionet_common::rpc::proto::common::ResourceQuantities;
 use ionet_common::rpc::proto::gcs::AddJobRequest;
-use ionet_common::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest, UsageRecord};
+use ionet_common::rpc::proto::metering::{
+    HeldLease, LeaseEndedRequest, LeaseStartedRequest, ReportHeldLeasesRequest, UsageRecord,
+};
 use ionet_common::LeaseId;
 use serde_json::Value;
 use tonic::Code;
@@ -57,26 +59,40 @@ fn gpus(count: i64) -> Option<ResourceQuantities> {
     Some((&ResourceSet::new().with(GPU, Quantity::whole(count))).into())
 }
 
+/// Both sides of a lease say it started: the node (here the operator in its stead), then
+/// its holder (the operator may speak for any job).
 fn start_lease(cluster: &TestCluster, lease: &LeaseId, node: &[u8], job: &[u8], gpu_count: i64) -> u64 {
     let mut client = cluster.metering_client();
-    cluster
+    let node_start_ms = cluster
         .runtime
         .block_on(client.lease_started(LeaseStartedRequest {
             lease_id: lease.to_vec(),
             node_id: node.to_vec(),
             job_id: job.to_vec(),
             resources: gpus(gpu_count),
+            ..Default::default()
         }))
         .expect("lease started")
         .into_inner()
-        .start_ms
+        .start_ms;
+    let word = HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted: true, age_ms: 0 };
+    cluster
+        .runtime
+        .block_on(client.report_held_leases(ReportHeldLeasesRequest { job_id: job.to_vec(), leases: vec![word] }))
+        .expect("the holder's word");
+    // The record runs from the later of the two words.
+    let open = usage(cluster);
+    let record = open.iter().find(|record| record["lease_id"] == lease.hex()).expect("the lease runs");
+    let start_ms = record["start_ms"].as_u64().unwrap();
+    assert!(start_ms >= node_start_ms, "{record}");
+    start_ms
 }
 
 fn end_lease(cluster: &TestCluster, lease: &LeaseId) -> Result<UsageRecord, tonic::Status> {
     let mut client = cluster.metering_client();
     cluster
         .runtime
-        .block_on(client.lease_ended(LeaseEndedRequest { lease_id: lease.to_vec() }))
+        .block_on(client.lease_ended(LeaseEndedRequest { lease_id: lease.to_vec(), age_ms: 0 }))
         .map(|reply| reply.into_inner().record.expect("a record"))
 }
 
@@ -199,8 +215,10 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains(&format!("lease {} is not open", unknown.hex())), "{}", status.message());
     let mut client = cluster.metering_client();
-    let status =
-        cluster.runtime.block_on(client.lease_ended(LeaseEndedRequest { lease_id: vec![1, 2, 3] })).unwrap_err();
+    let status = cluster
+        .runtime
+        .block_on(client.lease_ended(LeaseEndedRequest { lease_id: vec![1, 2, 3], age_ms: 0 }))
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("lease id must be 16 bytes, got 3"), "{}", status.message());
     for amount in ["-5", "abc", "1.2345678"] {
@@ -218,6 +236,7 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
             node_id: node.clone(),
             job_id: ionet_common::JobId::from_sequence(99).to_vec(),
             resources: gpus(1),
+            ..Default::default()
         }))
         .unwrap_err();
     assert!(status.message().contains("job 00000063 does not exist"), "{}", status.message());

@@ -392,6 +392,8 @@ pub fn shutdown() {
     worker.stopping.send_replace(true);
     block_on(async {
         worker.return_idle_leases(true, Duration::ZERO).await;
+        // The head hears the returns from the holder before the job is marked finished.
+        worker.held.flush(Duration::from_secs(2)).await;
         if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.credential).await {
             let _ = gcs.mark_job_finished(MarkJobFinishedRequest { job_id: worker.job_id.to_vec() }).await;
         }

@@ -41,6 +41,7 @@ mod cluster_info;
 mod context;
 mod executor;
 pub mod generator;
+mod held;
 mod init;
 pub mod inline;
 mod lease_pool;

@@ -115,6 +115,8 @@ pub(crate) struct CoreWorker {
     pub(crate) blocked: OnceLock<Arc<crate::blocked::BlockedReporter>>,
     /// Streams of generator tasks this process consumes, by id (`crate::generator`).
     pub(crate) generators: DashMap<ObjectId, Arc<crate::generator::GeneratorState>>,
+    /// The holder's word on this process's leases, for the head's metering.
+    pub(crate) held: crate::held::HeldLeases,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -216,7 +218,7 @@ impl CoreWorker {
             gpu_ids,
             is_worker: worker_id.is_some(),
             worker_id,
-            gcs_address,
+            gcs_address: gcs_address.clone(),
             objects: OwnedObjects::default(),
             pools: DashMap::new(),
             namespace,
@@ -225,7 +227,7 @@ impl CoreWorker {
             hosted: OnceLock::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,
-            channels: Channels::new(credential, tokio_runtime().handle().clone()),
+            channels: Channels::new(credential.clone(), tokio_runtime().handle().clone()),
             running_tasks: DashMap::new(),
             children: DashMap::new(),
             stealable: DashMap::new(),
@@ -238,6 +240,12 @@ impl CoreWorker {
             store: (!store_dir.is_empty()).then(|| ionet_object_store::StoreClient::open(store_dir).ok()).flatten(),
             blocked: OnceLock::new(),
             generators: DashMap::new(),
+            held: crate::held::HeldLeases::start(
+                tokio_runtime().handle(),
+                gcs_address.clone(),
+                credential.clone(),
+                job_id,
+            ),
         })
     }
 

@@ -22,8 +22,8 @@ use ionet::rpc::proto::gcs::{
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
-    AddCreditsRequest, BalancesRequest, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest, RefundRequest,
-    SettleRequest,
+    AddCreditsRequest, BalancesRequest, HeldLease, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest,
+    RefundRequest, ReportHeldLeasesRequest, SettleRequest,
 };
 use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
@@ -290,6 +290,7 @@ fn a_provider_acts_only_for_its_own_node() {
                     node_id: victim.node_id.to_vec(),
                     job_id: job_id.clone(),
                     resources: resources.clone(),
+                    ..Default::default()
                 })
                 .await,
             "reporting a lease on another node",
@@ -307,7 +308,7 @@ fn a_provider_acts_only_for_its_own_node() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         denied(
-            metering.lease_ended(LeaseEndedRequest { lease_id: victims_lease }).await,
+            metering.lease_ended(LeaseEndedRequest { lease_id: victims_lease, age_ms: 0 }).await,
             "ending another node's lease",
         );
         // Her own node: no more than it has.
@@ -316,12 +317,27 @@ fn a_provider_acts_only_for_its_own_node() {
             .lease_started(LeaseStartedRequest {
                 lease_id: ionet::LeaseId::random().to_vec(),
                 node_id: mallory.node_id.to_vec(),
-                job_id,
+                job_id: job_id.clone(),
                 resources: eight.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        // Her own node, within its size, for a job that never asked her: no record, ever.
+        let forged = ionet::LeaseId::random().to_vec();
+        let one_cpu = LeaseStartedRequest {
+            lease_id: forged.clone(),
+            node_id: mallory.node_id.to_vec(),
+            job_id: job_id.clone(),
+            resources: resources.clone(),
+            ..Default::default()
+        };
+        metering.lease_started(one_cpu).await.unwrap();
+        let ended = metering.lease_ended(LeaseEndedRequest { lease_id: forged, age_ms: 0 }).await.unwrap();
+        assert_eq!(ended.into_inner().record, None, "a lease the job never asked for is billed to nobody");
+        let request = ListUsageRequest { node_id: mallory.node_id.to_vec(), ..Default::default() };
+        assert!(ledger.list_usage(request).await.unwrap().into_inner().records.is_empty());
         let status = as_mallory
             .heartbeat(HeartbeatRequest { node_id: mallory.node_id.to_vec(), available: eight })
             .await
@@ -379,6 +395,11 @@ fn a_tenant_acts_only_for_its_own_job() {
         assert_eq!(own.payer_account, "mallory-co");
         // A job credential starts no job.
         denied(as_mallory.add_job(AddJobRequest::default()).await, "a job started by a job");
+        // Nor speaks, as a lease's holder, for another job's leases.
+        let mut her_meter = ionet::rpc::metering_client(&head, &credential).await.unwrap();
+        let word = HeldLease { lease_id: ionet::LeaseId::random().to_vec(), granted: false, ..Default::default() };
+        let report = ReportHeldLeasesRequest { job_id: victim_job.to_vec(), leases: vec![word] };
+        denied(her_meter.report_held_leases(report).await, "ending another job's leases as their holder");
         // Actor names are per account: the victim's is not hers to find, and she takes
         // the same name in her own account without touching the victim's.
         let lookup = GetNamedActorRequest { name: "ledger".into(), namespace: "shared".into() };
@@ -942,6 +963,58 @@ fn only_the_operator_moves_money() {
     assert!(text.contains("refunded $1000"), "{text}");
 }
 
+#[ionet::remote]
+fn spin_for(seconds: u64) -> u32 {
+    std::thread::sleep(Duration::from_secs(seconds));
+    std::process::id()
+}
+
+/// A tenant that tells the head its lease is over while its task still runs: the record
+/// ends at its word, and the head has the node stop the lease's worker.
+fn a_lease_its_holder_ended_stops_its_worker_there() {
+    let cluster = Cluster::start(&["--num-cpus", "1"]);
+    cluster.init();
+    let head = cluster.address();
+    let admin = admin_of(&cluster);
+    let job = ionet::get_runtime_context().unwrap().job_id;
+    let credential = Bearer::new(&ionet::testing::job_credential().unwrap()).unwrap();
+    let long = spin_for::options(TaskOptions::default().max_retries(0)).remote(300);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let said = runtime.block_on(async {
+        let mut ledger = ionet::rpc::metering_client(&head, &admin).await.unwrap();
+        let usage = ListUsageRequest { job_id: job.to_vec(), ..Default::default() };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let running = loop {
+            let records = ledger.list_usage(usage.clone()).await.unwrap().into_inner().records;
+            if let Some(record) = records.into_iter().find(|record| record.open) {
+                break record;
+            }
+            assert!(std::time::Instant::now() < deadline, "the task's lease never ran with both sides' word");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(running.node_started_ms > 0 && running.holder_started_ms > 0, "{running:?}");
+        let mut tenant = ionet::rpc::metering_client(&head, &credential).await.unwrap();
+        let word = HeldLease {
+            lease_id: running.lease_id.clone(),
+            node_id: running.node_id.clone(),
+            granted: false,
+            age_ms: 0,
+        };
+        let said = std::time::Instant::now();
+        tenant.report_held_leases(ReportHeldLeasesRequest { job_id: job.to_vec(), leases: vec![word] }).await.unwrap();
+        let records = ledger.list_usage(usage).await.unwrap().into_inner().records;
+        let closed = records.iter().find(|record| record.lease_id == running.lease_id).unwrap();
+        assert!(!closed.open, "the record ends at the holder's word: {closed:?}");
+        assert_eq!((closed.ended_by.as_str(), closed.end_ms), ("holder", closed.holder_ended_ms));
+        said
+    });
+    // The node stops the worker: the task fails (no retries), soon after the word.
+    let failed = ionet::get_timeout(&long, Duration::from_secs(60));
+    assert!(failed.is_err(), "the task ran on after its lease was ended: {failed:?}");
+    assert!(said.elapsed() < Duration::from_secs(30), "the worker was stopped {:?} after the word", said.elapsed());
+    ionet::shutdown();
+}
+
 fn main() {
     if let Ok(driver) = std::env::var(DRIVER_ENV) {
         ionet::testing::run_worker_if_requested();
@@ -957,6 +1030,7 @@ fn main() {
             ("only_the_operator_moves_money", only_the_operator_moves_money),
             ("a_provider_acts_only_for_its_own_node", a_provider_acts_only_for_its_own_node),
             ("a_tenant_acts_only_for_its_own_job", a_tenant_acts_only_for_its_own_job),
+            ("a_lease_its_holder_ended_stops_its_worker_there", a_lease_its_holder_ended_stops_its_worker_there),
             (
                 "a_jobs_workers_hold_its_credential_and_nothing_broader",
                 a_jobs_workers_hold_its_credential_and_nothing_broader,

@@ -237,6 +237,7 @@ pub const TABLE: &[Rule] = &[
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
+    row("/ionet.metering.Metering/ReportHeldLeases", Access::Job),
     row("/ionet.metering.Metering/ListUsage", Access::Read),
     row("/ionet.metering.Metering/AddCredits", Access::Admin),
     row("/ionet.metering.Metering/Refund", Access::Admin),
@@ -248,6 +249,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/GetNodeStats", Access::Read),
     row("/ionet.node.NodeManager/RequestWorkerLease", Access::Job),
     row("/ionet.node.NodeManager/ReturnWorkerLease", Access::Job),
+    row("/ionet.node.NodeManager/EndLeases", Access::Control),
     row("/ionet.node.NodeManager/RegisterWorker", Access::Job),
     row("/ionet.node.NodeManager/SetWorkerBlocked", Access::Job),
     row("/ionet.node.NodeManager/IssueCertificate", Access::Job),

@@ -7,7 +7,8 @@
 //!   lease's last record in `Book::records`.
 //! - A record's id is `record_id(lease, segment)`, so a stored record maps back to the
 //!   same id whatever process reloads it, and two segments of one lease never collide.
-//! - A record never ends before it starts (`OpenLease::record_until` clamps).
+//! - A record never ends before it starts (`Lease::record_until` clamps), and starts only
+//!   once both sides said the lease started (`two_party`).
 
 use std::collections::HashMap;
 
@@ -17,6 +18,8 @@ use ionet_common::rpc::proto::metering as proto;
 use ionet_common::{IonetError, JobId, LeaseId, NodeId, ResourceSet};
 use ionet_settlement::{RecordId, UsageRecord};
 
+use super::two_party::Sides;
+use super::STOP_GRACE_MS;
 use crate::error::{GcsError, GcsResult};
 
 /// Mixes a segment number into a lease id (an odd 128-bit constant: distinct segments of
@@ -36,61 +39,165 @@ pub fn record_id(lease: &LeaseId, segment: u32) -> RecordId {
     }
 }
 
-/// A lease still running, with everything its record needs.
+/// What the node said of a lease when it reported the grant, with what the control store
+/// joined to it then (a price changed later does not reprice a running lease).
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct OpenLease {
-    pub(super) lease_id: LeaseId,
-    pub(super) job_id: JobId,
+pub(super) struct NodeSide {
     pub(super) payer_account: String,
-    pub(super) node_id: NodeId,
     pub(super) provider_wallet: String,
     pub(super) resources: ResourceSet,
-    /// Start of the current segment.
-    pub(super) start_ms: u64,
     pub(super) price_per_gpu_hour: MicroUsd,
     pub(super) price_per_cpu_hour: MicroUsd,
-    pub(super) segment: u32,
+    /// A committed bundle's `(group, index)`: the head is its holder.
+    pub(super) bundle: Option<(Vec<u8>, u32)>,
 }
 
-impl OpenLease {
-    /// The record of the current segment, ending at `end_ms` (never before its start).
-    pub(super) fn record_until(&self, end_ms: u64) -> Made {
-        Made {
-            lease_id: self.lease_id,
-            segment: self.segment,
-            record: UsageRecord {
-                record_id: record_id(&self.lease_id, self.segment),
-                job_id: self.job_id,
-                payer_account: self.payer_account.clone(),
-                node_id: self.node_id,
-                provider_wallet: self.provider_wallet.clone(),
-                resources: self.resources.clone(),
-                start_ms: self.start_ms,
-                end_ms: end_ms.max(self.start_ms),
-                price_per_gpu_hour: self.price_per_gpu_hour,
-                price_per_cpu_hour: self.price_per_cpu_hour,
-            },
+/// A lease not yet over, as far as either side has spoken of it.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Lease {
+    pub(super) lease_id: LeaseId,
+    pub(super) job_id: JobId,
+    pub(super) node_id: NodeId,
+    /// `None` until the node reports the grant.
+    pub(super) node: Option<NodeSide>,
+    pub(super) sides: Sides,
+    /// Start of the current segment once cut at an epoch end.
+    pub(super) segment_start: Option<u64>,
+    pub(super) segment: u32,
+    /// When either side last spoke of it (for dropping words that never found a match).
+    pub(super) last_word_ms: u64,
+}
+
+impl Lease {
+    pub(super) fn new(lease_id: LeaseId, job_id: JobId, node_id: NodeId, now_ms: u64) -> Self {
+        Lease {
+            lease_id,
+            job_id,
+            node_id,
+            node: None,
+            sides: Sides::default(),
+            segment_start: None,
+            segment: 0,
+            last_word_ms: now_ms,
         }
     }
 
-    pub(super) fn to_proto(&self) -> proto::UsageRecord {
-        let made = self.record_until(self.start_ms);
-        proto::UsageRecord { open: true, end_ms: 0, ..made.to_proto(None) }
+    /// Whether a record runs: both sides said it started, nobody ended it.
+    pub(super) fn is_running(&self) -> bool {
+        self.node.is_some() && self.sides.start().is_some() && !self.sides.is_over()
+    }
+
+    /// Where the current segment's record starts.
+    pub(super) fn segment_start(&self) -> Option<u64> {
+        self.segment_start.or(self.sides.start())
+    }
+
+    /// The record of the current segment from its start to `end_ms` (never before its
+    /// start), closed by `ended_by`; `None` without both starts or the node's side.
+    pub(super) fn record_until(&self, end_ms: u64, ended_by: &str) -> Option<Made> {
+        let node = self.node.as_ref()?;
+        let start_ms = self.segment_start()?;
+        Some(Made {
+            lease_id: self.lease_id,
+            segment: self.segment,
+            sides: self.sides,
+            ended_by: ended_by.to_string(),
+            record: UsageRecord {
+                record_id: record_id(&self.lease_id, self.segment),
+                job_id: self.job_id,
+                payer_account: node.payer_account.clone(),
+                node_id: self.node_id,
+                provider_wallet: node.provider_wallet.clone(),
+                resources: node.resources.clone(),
+                start_ms,
+                end_ms: end_ms.max(start_ms),
+                price_per_gpu_hour: node.price_per_gpu_hour,
+                price_per_cpu_hour: node.price_per_cpu_hour,
+            },
+        })
+    }
+
+    /// The stored (and listed) form: an open usage record.
+    pub(super) fn to_proto(&self, now_ms: u64) -> proto::UsageRecord {
+        let node = self.node.clone().unwrap_or(NodeSide {
+            payer_account: String::new(),
+            provider_wallet: String::new(),
+            resources: ResourceSet::new(),
+            price_per_gpu_hour: 0,
+            price_per_cpu_hour: 0,
+            bundle: None,
+        });
+        let start_ms = self.segment_start().unwrap_or(0);
+        let cost = self.record_until(now_ms, "").map(|made| made.record.cost_micro_usd().unwrap_or(u64::MAX));
+        let (group, index) = node.bundle.clone().unwrap_or_default();
+        proto::UsageRecord {
+            record_id: record_id(&self.lease_id, self.segment).to_string(),
+            lease_id: self.lease_id.to_vec(),
+            job_id: self.job_id.to_vec(),
+            payer_account: node.payer_account,
+            node_id: self.node_id.to_vec(),
+            provider_wallet: node.provider_wallet,
+            resources: Some(ResourceQuantities::from_set(&node.resources)),
+            start_ms,
+            end_ms: 0,
+            price_per_gpu_hour_micros: node.price_per_gpu_hour,
+            price_per_cpu_hour_micros: node.price_per_cpu_hour,
+            cost_micros: cost.unwrap_or(0),
+            open: true,
+            settled: false,
+            settled_epoch: 0,
+            segment: self.segment,
+            node_started_ms: self.sides.node_started.unwrap_or(0),
+            holder_started_ms: self.sides.holder_started.unwrap_or(0),
+            node_ended_ms: self.sides.node_ended.unwrap_or(0),
+            holder_ended_ms: self.sides.holder_ended.unwrap_or(0),
+            ended_by: String::new(),
+            placement_group_id: group,
+            bundle_index: index,
+            last_word_ms: self.last_word_ms,
+        }
     }
 
     pub(super) fn from_proto(stored: &proto::UsageRecord) -> GcsResult<Self> {
-        let made = Made::from_proto(stored)?;
-        Ok(OpenLease {
-            lease_id: made.lease_id,
-            job_id: made.record.job_id,
-            payer_account: made.record.payer_account,
-            node_id: made.record.node_id,
-            provider_wallet: made.record.provider_wallet,
-            resources: made.record.resources,
-            start_ms: made.record.start_ms,
-            price_per_gpu_hour: made.record.price_per_gpu_hour,
-            price_per_cpu_hour: made.record.price_per_cpu_hour,
-            segment: made.segment,
+        let said = |ms: u64| (ms != 0).then_some(ms);
+        // Stored before leases had two sides: the node's word was the whole of it.
+        let legacy = stored.node_started_ms == 0 && stored.holder_started_ms == 0 && stored.start_ms != 0;
+        if legacy {
+            let upgraded = proto::UsageRecord {
+                node_started_ms: stored.start_ms,
+                holder_started_ms: stored.start_ms,
+                last_word_ms: stored.start_ms,
+                segment: stored.segment,
+                ..stored.clone()
+            };
+            return Self::from_proto(&upgraded);
+        }
+        let node = said(stored.node_started_ms).map(|_| -> GcsResult<NodeSide> {
+            Ok(NodeSide {
+                payer_account: stored.payer_account.clone(),
+                provider_wallet: stored.provider_wallet.clone(),
+                resources: stored.resources.clone().unwrap_or_default().to_set()?,
+                price_per_gpu_hour: stored.price_per_gpu_hour_micros,
+                price_per_cpu_hour: stored.price_per_cpu_hour_micros,
+                bundle: (!stored.placement_group_id.is_empty())
+                    .then(|| (stored.placement_group_id.clone(), stored.bundle_index)),
+            })
+        });
+        Ok(Lease {
+            lease_id: LeaseId::from_bytes(&stored.lease_id)?,
+            job_id: JobId::from_bytes(&stored.job_id)?,
+            node_id: NodeId::from_bytes(&stored.node_id)?,
+            node: node.transpose()?,
+            sides: Sides {
+                node_started: said(stored.node_started_ms),
+                holder_started: said(stored.holder_started_ms),
+                node_ended: said(stored.node_ended_ms),
+                holder_ended: said(stored.holder_ended_ms),
+                forced_end: None,
+            },
+            segment_start: (stored.segment > 0).then_some(stored.start_ms),
+            segment: stored.segment,
+            last_word_ms: stored.last_word_ms,
         })
     }
 }
@@ -100,6 +207,10 @@ impl OpenLease {
 pub(super) struct Made {
     pub(super) lease_id: LeaseId,
     pub(super) segment: u32,
+    /// What both sides had said when the record was made.
+    pub(super) sides: Sides,
+    /// [`EndedBy::as_str`], or "epoch" for a piece cut at an epoch's end.
+    pub(super) ended_by: String,
     pub(super) record: UsageRecord,
 }
 
@@ -123,14 +234,31 @@ impl Made {
             settled: settled_epoch.is_some(),
             settled_epoch: settled_epoch.unwrap_or(0),
             segment: self.segment,
+            node_started_ms: self.sides.node_started.unwrap_or(0),
+            holder_started_ms: self.sides.holder_started.unwrap_or(0),
+            node_ended_ms: self.sides.node_ended.unwrap_or(0),
+            holder_ended_ms: self.sides.holder_ended.unwrap_or(0),
+            ended_by: self.ended_by.clone(),
+            placement_group_id: Vec::new(),
+            bundle_index: 0,
+            last_word_ms: 0,
         }
     }
 
     pub(super) fn from_proto(stored: &proto::UsageRecord) -> GcsResult<Self> {
         let lease_id = LeaseId::from_bytes(&stored.lease_id)?;
+        let said = |ms: u64| (ms != 0).then_some(ms);
         Ok(Made {
             lease_id,
             segment: stored.segment,
+            sides: Sides {
+                node_started: said(stored.node_started_ms),
+                holder_started: said(stored.holder_started_ms),
+                node_ended: said(stored.node_ended_ms),
+                holder_ended: said(stored.holder_ended_ms),
+                forced_end: None,
+            },
+            ended_by: stored.ended_by.clone(),
             record: UsageRecord {
                 record_id: record_id(&lease_id, stored.segment),
                 job_id: JobId::from_bytes(&stored.job_id)?,
@@ -154,14 +282,45 @@ impl Made {
 /// Leases and records in memory. Guarded by a std mutex never held across an await.
 #[derive(Default)]
 pub(super) struct Book {
-    pub(super) open: HashMap<LeaseId, OpenLease>,
+    /// Leases either side has spoken of that are not over with a record yet: running
+    /// ones, ones waiting for the other side's word, and ones over before both spoke
+    /// (kept a while, so a late word from the other side finds them).
+    pub(super) open: HashMap<LeaseId, Lease>,
     /// Every record made, in the order made.
     pub(super) records: Vec<Made>,
     /// Lease → index in `records` of its last record, for leases that ended.
     pub(super) ended: HashMap<LeaseId, usize>,
+    /// Leases a node must be told to end, and from when (after a grace, so the node's own
+    /// end, usually on its way, makes the call unneeded).
+    pub(super) stop_due: HashMap<LeaseId, (NodeId, u64)>,
 }
 
 impl Book {
+    /// After a word about `lease_id` arrived at `now`: closes its record when both sides
+    /// started it and anyone ended it, schedules telling the node when the lease is over
+    /// but the node still runs it, and otherwise keeps the lease (to storage).
+    pub(super) fn after_word(&mut self, lease_id: LeaseId, now: u64, changes: &mut Changes) {
+        let Some(lease) = self.open.get(&lease_id) else {
+            return;
+        };
+        let closed = match lease.sides.billed_span() {
+            Some((_, end, by)) => lease.record_until(end, by.as_str()),
+            None => None,
+        };
+        if lease.sides.node_must_stop() {
+            self.stop_due.entry(lease_id).or_insert((lease.node_id, now + STOP_GRACE_MS));
+        }
+        match closed {
+            Some(made) => {
+                self.open.remove(&lease_id);
+                self.push(made.clone(), true);
+                changes.records.push(made);
+                changes.delete_leases.push(lease_id);
+            }
+            None => changes.put_leases.push(lease.clone()),
+        }
+    }
+
     pub(super) fn push(&mut self, made: Made, lease_ended: bool) {
         if lease_ended {
             self.ended.insert(made.lease_id, self.records.len());
@@ -174,7 +333,7 @@ impl Book {
 #[derive(Default)]
 pub(super) struct Changes {
     pub(super) records: Vec<Made>,
-    pub(super) put_leases: Vec<OpenLease>,
+    pub(super) put_leases: Vec<Lease>,
     pub(super) delete_leases: Vec<LeaseId>,
 }
 

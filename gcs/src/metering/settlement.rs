@@ -25,9 +25,12 @@ impl Metering {
             let mut changes = Changes::default();
             let mut cuts = Vec::new();
             for lease in book.open.values_mut() {
-                if lease.start_ms < end_ms {
-                    cuts.push(lease.record_until(end_ms));
-                    lease.start_ms = end_ms;
+                if !lease.is_running() || lease.segment_start().is_none_or(|start| start >= end_ms) {
+                    continue;
+                }
+                if let Some(made) = lease.record_until(end_ms, "epoch") {
+                    cuts.push(made);
+                    lease.segment_start = Some(end_ms);
                     lease.segment += 1;
                     changes.put_leases.push(lease.clone());
                 }
@@ -122,6 +125,9 @@ pub(super) async fn close_epochs(metering: Arc<Metering>, mut stopped: watch::Re
         }
         if let Err(err) = metering.end_leases_of_dead_nodes().await {
             tracing::error!(error = %err, "could not end the leases of dead nodes");
+        }
+        if let Err(err) = metering.drop_unmatched().await {
+            tracing::error!(error = %err, "could not drop unmatched lease reports");
         }
         match metering.settle_due().await {
             Ok(Some(summary)) => tracing::info!(

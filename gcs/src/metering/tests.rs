@@ -3,6 +3,7 @@ use crate::storage::{GcsStorage, MemoryStorage};
 use ionet_common::clock::ManualClock;
 use ionet_common::config::ClusterConfig;
 use ionet_common::resources::{parse_usd, Quantity, CPU, GPU};
+use ionet_common::rpc::proto::common::ResourceQuantities;
 use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::ResourceSet;
 
@@ -48,6 +49,38 @@ async fn job(state: &GcsState, payer: &str) -> JobId {
     JobId::from_bytes(&job.job_id).unwrap()
 }
 
+fn node_says(
+    lease: LeaseId,
+    node: NodeId,
+    job: JobId,
+    resources: Option<ResourceQuantities>,
+) -> proto::LeaseStartedRequest {
+    proto::LeaseStartedRequest {
+        lease_id: lease.to_vec(),
+        node_id: node.to_vec(),
+        job_id: job.to_vec(),
+        resources,
+        ..Default::default()
+    }
+}
+
+fn holder_says(lease: LeaseId, node: NodeId, granted: bool) -> proto::HeldLease {
+    proto::HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted, age_ms: 0 }
+}
+
+/// Both sides say the lease started: the node, then its holder.
+async fn start_both(
+    metering: &Metering,
+    lease: LeaseId,
+    node: NodeId,
+    job: JobId,
+    resources: Option<ResourceQuantities>,
+) -> GcsResult<u64> {
+    let start = metering.lease_started(&node_says(lease, node, job, resources)).await?;
+    metering.holder_report(job, &[holder_says(lease, node, true)]).await?;
+    Ok(start)
+}
+
 fn balance(balances: &[(Account, i64)], account: Account) -> i64 {
     balances.iter().find(|(a, _)| *a == account).map(|(_, b)| *b).unwrap_or(0)
 }
@@ -60,16 +93,13 @@ async fn interval_times_price_is_exact_and_settles_once() {
     let job = job(&f.state, "alice").await;
     f.metering.add_credits("alice", 100_000_000).await.unwrap();
     let lease = LeaseId::random();
-    let start = f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap();
+    let start = start_both(&f.metering, lease, node, job, gpus("2")).await.unwrap();
     assert_eq!(start, START);
     // The same report again is harmless.
     f.clock.advance_ms(5);
-    assert_eq!(
-        f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap(),
-        START
-    );
+    assert_eq!(start_both(&f.metering, lease, node, job, gpus("2")).await.unwrap(), START);
     f.clock.advance_ms(90 * 60_000 - 5);
-    let record = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    let record = f.metering.lease_ended(lease.as_bytes()).await.unwrap().unwrap();
     assert_eq!((record.start_ms, record.end_ms), (START, START + 5_400_000));
     // 2 GPUs × 1.5 h × $2.50 = $7.50, exactly.
     assert_eq!(record.cost_micros, 7_500_000);
@@ -78,7 +108,7 @@ async fn interval_times_price_is_exact_and_settles_once() {
     assert_eq!(record.record_id, record_id(&lease, 0).to_string());
     // Ending twice returns the same record.
     f.clock.advance_ms(1_000);
-    let again = f.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    let again = f.metering.lease_ended(lease.as_bytes()).await.unwrap().unwrap();
     assert_eq!(again.end_ms, record.end_ms);
 
     let summary = f.metering.settle_now(false).await.unwrap();
@@ -108,7 +138,7 @@ async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     f.state.register_node(gpu_node(node, 1, "3.60", "")).await.unwrap();
     let job = job(&f.state, "").await;
     let lease = LeaseId::random();
-    f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("0.5")).await.unwrap();
+    start_both(&f.metering, lease, node, job, gpus("0.5")).await.unwrap();
     f.clock.advance_ms(700);
     f.state.heartbeat(node.as_bytes(), None).unwrap();
     f.clock.advance_ms(1_500);
@@ -122,11 +152,7 @@ async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     assert_eq!(records[0].provider_wallet, format!("node-{node}"));
     // 0.5 GPU × 0.7 s × $3.60/h = $0.00035.
     assert_eq!(records[0].cost_micros, 350);
-    let err = f
-        .metering
-        .lease_started(LeaseId::random().as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1"))
-        .await
-        .unwrap_err();
+    let err = f.metering.lease_started(&node_says(LeaseId::random(), node, job, gpus("1"))).await.unwrap_err();
     assert!(err.to_string().contains("is dead"), "{err}");
 }
 
@@ -139,7 +165,7 @@ async fn an_open_lease_is_cut_at_the_epoch_end_and_survives_a_restart() {
     f.state.register_node(gpu_node(node, 1, "1", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     let lease = LeaseId::random();
-    f.metering.lease_started(lease.as_bytes(), node.as_bytes(), job.as_bytes(), gpus("1")).await.unwrap();
+    start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
     f.clock.advance_ms(3_600_000);
     let summary = f.metering.settle_now(false).await.unwrap();
     assert_eq!((summary.records, summary.total_usage), (1, 1_000_000));
@@ -148,7 +174,7 @@ async fn an_open_lease_is_cut_at_the_epoch_end_and_survives_a_restart() {
 
     // A head restarted on the same storage still has the lease open.
     let g = fixture_on(storage, clock).await;
-    let record = g.metering.lease_ended(lease.as_bytes()).await.unwrap();
+    let record = g.metering.lease_ended(lease.as_bytes()).await.unwrap().unwrap();
     assert_eq!(record.segment, 1);
     assert_eq!(record.start_ms, START + 3_600_000);
     assert_eq!(record.cost_micros, 500_000);
@@ -169,12 +195,7 @@ async fn bad_input_is_refused_with_the_value() {
     assert!(err.to_string().contains("lease id must be 16 bytes"), "{err}");
     let err = f
         .metering
-        .lease_started(
-            LeaseId::random().as_bytes(),
-            NodeId::random().as_bytes(),
-            JobId::from_sequence(1).as_bytes(),
-            gpus("1"),
-        )
+        .lease_started(&node_says(LeaseId::random(), NodeId::random(), JobId::from_sequence(1), gpus("1")))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not registered"), "{err}");
@@ -209,18 +230,141 @@ async fn a_node_ends_only_its_own_leases_and_leases_only_what_it_has() {
     f.state.register_node(gpu_node(theirs, 2, "1.00", "wallet-theirs")).await.unwrap();
     let job = job(&f.state, "alice").await;
     let lease = LeaseId::random();
-    f.metering.lease_started(lease.as_bytes(), theirs.as_bytes(), job.as_bytes(), gpus("2")).await.unwrap();
+    start_both(&f.metering, lease, theirs, job, gpus("2")).await.unwrap();
     f.clock.advance_ms(3_600_000);
 
-    let refused = f.metering.lease_ended_by(lease.as_bytes(), Some(mine)).await.unwrap_err();
+    let refused = f.metering.lease_ended_by(lease.as_bytes(), 0, Some(mine)).await.unwrap_err();
     assert!(matches!(IonetError::from(refused), IonetError::PermissionDenied(_)));
     assert_eq!(f.metering.list_usage(None, None).await.unwrap().len(), 1);
-    let record = f.metering.lease_ended_by(lease.as_bytes(), Some(theirs)).await.unwrap();
+    let record = f.metering.lease_ended_by(lease.as_bytes(), 0, Some(theirs)).await.unwrap().unwrap();
     assert_eq!(record.node_id, theirs.to_vec(), "its own node ends it");
     // Ended: the other node still may not end it again (nor learn its record that way).
-    assert!(f.metering.lease_ended_by(lease.as_bytes(), Some(mine)).await.is_err());
+    assert!(f.metering.lease_ended_by(lease.as_bytes(), 0, Some(mine)).await.is_err());
 
-    let beyond =
-        f.metering.lease_started(LeaseId::random().as_bytes(), mine.as_bytes(), job.as_bytes(), gpus("3")).await;
+    let beyond = start_both(&f.metering, LeaseId::random(), mine, job, gpus("3")).await;
     assert!(beyond.unwrap_err().to_string().contains("more than node"), "a lease beyond the node's total");
+}
+
+#[tokio::test]
+async fn a_node_that_withholds_its_end_is_billed_only_to_the_holders_return() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
+    let job = job(&f.state, "alice").await;
+    let lease = LeaseId::random();
+    start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
+    f.clock.advance_ms(10_000);
+    // The holder gives the lease back; the node keeps quiet for 30 s.
+    f.metering.holder_report(job, &[holder_says(lease, node, false)]).await.unwrap();
+    let usage = f.metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert!(!usage[0].open, "the record closed at the holder's word");
+    assert_eq!((usage[0].start_ms, usage[0].end_ms), (START, START + 10_000));
+    assert_eq!(usage[0].ended_by, "holder");
+    // The node is told to end it once the grace has passed without its own word.
+    assert!(f.metering.due_stops().is_empty(), "not before the grace");
+    f.clock.advance_ms(STOP_GRACE_MS);
+    assert_eq!(f.metering.due_stops().get(&node), Some(&vec![lease]));
+    f.clock.advance_ms(30_000 - STOP_GRACE_MS);
+    let record = f.metering.lease_ended_by(lease.as_bytes(), 0, Some(node)).await.unwrap().unwrap();
+    assert_eq!(record.end_ms, START + 10_000, "the node's late end changes nothing");
+    assert_eq!(record.holder_ended_ms, START + 10_000);
+    // 10 s of one GPU at $3.60/h = $0.01.
+    assert_eq!(record.cost_micros, 10_000);
+}
+
+#[tokio::test]
+async fn a_lease_no_holder_asked_for_makes_no_record() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 2, "2.00", "provider")).await.unwrap();
+    let other = job(&f.state, "mallory").await;
+    let job = job(&f.state, "alice").await;
+    // The node says it granted a lease the job never asked for.
+    let forged = LeaseId::random();
+    f.metering.lease_started(&node_says(forged, node, job, gpus("2"))).await.unwrap();
+    f.clock.advance_ms(60_000);
+    assert!(f.metering.list_usage(None, None).await.unwrap().is_empty(), "nothing runs on one side's word");
+    assert_eq!(f.metering.lease_ended_by(forged.as_bytes(), 0, Some(node)).await.unwrap(), None);
+    // Another unconfirmed grant is dropped after the window, and the node told to end it.
+    let unconfirmed = LeaseId::random();
+    f.metering.lease_started(&node_says(unconfirmed, node, job, gpus("1"))).await.unwrap();
+    f.clock.advance_ms(CONFIRM_WINDOW_MS);
+    assert!(f.metering.drop_unmatched().await.unwrap() >= 1);
+    assert_eq!(f.metering.due_stops().get(&node), Some(&vec![unconfirmed]));
+    // Another job's holder cannot speak for this job's lease either.
+    let lease = LeaseId::random();
+    f.metering.lease_started(&node_says(lease, node, job, gpus("1"))).await.unwrap();
+    f.metering.holder_report(other, &[holder_says(lease, node, true)]).await.unwrap();
+    f.clock.advance_ms(1_000);
+    assert_eq!(f.metering.lease_ended_by(lease.as_bytes(), 0, Some(node)).await.unwrap(), None);
+    let summary = f.metering.settle_now(false).await.unwrap();
+    assert_eq!((summary.records, summary.total_usage), (0, 0));
+}
+
+#[tokio::test]
+async fn a_holder_that_ends_a_lease_early_ends_it_for_the_node_too() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "1.00", "provider")).await.unwrap();
+    let job = job(&f.state, "alice").await;
+    let lease = LeaseId::random();
+    // The holder's words come late (batched): their ages date them back, by 2 s at most.
+    f.metering.lease_started(&node_says(lease, node, job, gpus("1"))).await.unwrap();
+    f.clock.advance_ms(5_000);
+    let late = proto::HeldLease { age_ms: 60_000, ..holder_says(lease, node, true) };
+    f.metering.holder_report(job, &[late]).await.unwrap();
+    let usage = f.metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!(usage[0].start_ms, START + 5_000 - two_party::MAX_AGE_MS, "the later start, dated back 2 s at most");
+    f.clock.advance_ms(1_000);
+    f.metering.holder_report(job, &[holder_says(lease, node, false)]).await.unwrap();
+    f.clock.advance_ms(STOP_GRACE_MS);
+    assert_eq!(f.metering.due_stops().get(&node), Some(&vec![lease]));
+    // A node that ends it first needs no telling.
+    let quick = LeaseId::random();
+    start_both(&f.metering, quick, node, job, gpus("1")).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(quick, node, false)]).await.unwrap();
+    f.metering.lease_ended_by(quick.as_bytes(), 0, Some(node)).await.unwrap().unwrap();
+    f.clock.advance_ms(STOP_GRACE_MS);
+    assert!(f.metering.due_stops().is_empty());
+}
+
+#[tokio::test]
+async fn half_said_leases_survive_a_restart() {
+    let storage: Arc<dyn GcsStorage> = Arc::new(MemoryStorage::new());
+    let clock = ManualClock::new(START);
+    let f = fixture_on(storage.clone(), clock.clone()).await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    let (node_first, holder_first) = (LeaseId::random(), LeaseId::random());
+    f.metering.lease_started(&node_says(node_first, node, job, gpus("1"))).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(holder_first, node, true)]).await.unwrap();
+    drop(f);
+    let g = fixture_on(storage, clock.clone()).await;
+    clock.advance_ms(1_000);
+    g.metering.holder_report(job, &[holder_says(node_first, node, true)]).await.unwrap();
+    g.metering.lease_started(&node_says(holder_first, node, job, gpus("1"))).await.unwrap();
+    clock.advance_ms(1_000);
+    for lease in [node_first, holder_first] {
+        let record = g.metering.lease_ended_by(lease.as_bytes(), 0, Some(node)).await.unwrap().unwrap();
+        assert_eq!((record.start_ms, record.end_ms), (START + 1_000, START + 2_000));
+        assert_eq!(record.ended_by, "node");
+    }
+}
+
+#[tokio::test]
+async fn a_finished_jobs_leases_end_with_it() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    let lease = LeaseId::random();
+    start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
+    f.clock.advance_ms(4_000);
+    assert_eq!(f.metering.end_leases_of_job(job).await.unwrap(), 1);
+    let usage = f.metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!((usage[0].end_ms, usage[0].ended_by.as_str()), (START + 4_000, "job finished"));
+    f.clock.advance_ms(STOP_GRACE_MS);
+    assert_eq!(f.metering.due_stops().get(&node), Some(&vec![lease]));
 }

@@ -71,7 +71,7 @@ impl Leases {
             (true, Some(job_id)) if !bundle.total.is_empty() => {
                 let lease_id = LeaseId::random();
                 bundle.metered_as = Some(lease_id);
-                Some(MeterEvent::Started { lease_id, job_id, resources: bundle.total.clone() })
+                Some(MeterEvent::Started { lease_id, job_id, resources: bundle.total.clone(), bundle: Some(key) })
             }
             _ => None,
         };

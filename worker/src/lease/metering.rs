@@ -3,15 +3,23 @@
 //! logged and dropped (metering never blocks a lease; the head also ends the leases of
 //! a node it declares dead).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ionet_common::resources::ResourceSet;
-use ionet_common::{JobId, LeaseId, NodeId};
+use ionet_common::{JobId, LeaseId, NodeId, PlacementGroupId};
 
 /// What the control store is told about leases, in order, off the lease path.
 pub(super) enum MeterEvent {
-    Started { lease_id: LeaseId, job_id: JobId, resources: ResourceSet },
-    Ended { lease_id: LeaseId },
+    /// `bundle`: a committed bundle's group and index (the head is its holder).
+    Started {
+        lease_id: LeaseId,
+        job_id: JobId,
+        resources: ResourceSet,
+        bundle: Option<(PlacementGroupId, u32)>,
+    },
+    Ended {
+        lease_id: LeaseId,
+    },
 }
 
 /// Sends lease starts and ends to the head's metering service. A send that fails while
@@ -20,24 +28,29 @@ pub(super) enum MeterEvent {
 pub(super) async fn report_leases(
     node_id: NodeId,
     mut client: ionet_common::rpc::MeteringClient,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<MeterEvent>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<(Instant, MeterEvent)>,
 ) {
     use ionet_common::rpc::proto::common::ResourceQuantities;
     use ionet_common::rpc::proto::metering::{LeaseEndedRequest, LeaseStartedRequest};
-    while let Some(event) = events.recv().await {
+    while let Some((at, event)) = events.recv().await {
         for attempt in 0..20u32 {
+            // How long the event waited here: the head dates it back (by a few seconds at most).
+            let age_ms = at.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
             let result = match &event {
-                MeterEvent::Started { lease_id, job_id, resources } => client
+                MeterEvent::Started { lease_id, job_id, resources, bundle } => client
                     .lease_started(LeaseStartedRequest {
                         lease_id: lease_id.to_vec(),
                         node_id: node_id.to_vec(),
                         job_id: job_id.to_vec(),
                         resources: Some(ResourceQuantities::from_set(resources)),
+                        placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
+                        bundle_index: bundle.map(|(_, index)| index).unwrap_or(0),
+                        age_ms,
                     })
                     .await
                     .map(|_| ()),
                 MeterEvent::Ended { lease_id } => {
-                    client.lease_ended(LeaseEndedRequest { lease_id: lease_id.to_vec() }).await.map(|_| ())
+                    client.lease_ended(LeaseEndedRequest { lease_id: lease_id.to_vec(), age_ms }).await.map(|_| ())
                 }
             };
             match result {

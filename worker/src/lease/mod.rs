@@ -104,7 +104,7 @@ pub struct Leases {
     /// The same addresses as a set: every pull from a peer checks its source here.
     node_addresses: dashmap::DashSet<String>,
     options: WorkerPoolOptions,
-    metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<MeterEvent>>>,
+    metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Instant, MeterEvent)>>>,
     gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
@@ -293,7 +293,7 @@ impl Leases {
 
     fn meter(&self, event: MeterEvent) {
         if let Some(sender) = self.metering.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = sender.send(event);
+            let _ = sender.send((Instant::now(), event));
         }
     }
 
@@ -644,6 +644,7 @@ impl Leases {
             lease_id,
             job_id,
             resources: granted.resources.clone(),
+            bundle: None,
         });
         if !state.record_lease(lease_id, granted) {
             return None;
@@ -724,6 +725,21 @@ impl Leases {
             .map(|process| JobId::from_bytes(&process.key.job_id))
             .transpose()?
             .ok_or_else(|| IonetError::NotFound(format!("worker {} was not started by this node", worker_id.short())))
+    }
+
+    /// Ends the leases the head says are over (their holders gave them back, or nobody
+    /// asked for them): their workers are stopped, as a failed lease's. Leases not held
+    /// here are skipped; returns how many were.
+    pub fn end_leases(&self, lease_ids: &[Vec<u8>], reason: &str) -> IonetResult<u32> {
+        let mut ended = 0;
+        for lease_id in lease_ids {
+            let lease_id = LeaseId::from_bytes(lease_id)?;
+            if self.end(lease_id, true).is_some() {
+                tracing::info!(lease = %lease_id.short(), %reason, "lease ended on the head's word");
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// [`Leases::return_lease`] by id.
