@@ -141,7 +141,7 @@ impl Metering {
         let config = state.config().clone();
         let ledger_config = LedgerConfig {
             fee_bps: config.protocol_fee_bps,
-            reward_pool_per_epoch: config.reward_pool_per_epoch_micros,
+            reward_pool_per_hour: config.reward_pool_per_hour_micros,
             reward_source: Account::Funding,
         };
         let storage = state.storage().clone();

@@ -297,6 +297,10 @@ pub struct UsageArgs {
     /// Only this node (hex id).
     #[arg(long)]
     pub node: Option<String>,
+    /// Under each record, who said the lease started and ended, when, and which word
+    /// counted (a record runs only while both the node and the lease's holder say so).
+    #[arg(long)]
+    pub explain: bool,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,

@@ -88,7 +88,81 @@ fn record_json(record: &UsageRecord) -> Value {
         "cost": format_usd(record.cost_micros),
         "settled": record.settled,
         "settled_epoch": if record.settled { json!(record.settled_epoch) } else { Value::Null },
+        "node_started_ms": said(record.node_started_ms),
+        "holder_started_ms": said(record.holder_started_ms),
+        "node_ended_ms": said(record.node_ended_ms),
+        "holder_ended_ms": said(record.holder_ended_ms),
+        "ended_by": if record.open { Value::Null } else { json!(record.ended_by) },
     })
+}
+
+/// A side's word (0: not said).
+fn said(ms: u64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        json!(ms)
+    }
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
+pub(crate) fn utc(ms: u64) -> String {
+    let (days, of_day) = ((ms / 86_400_000) as i64, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
+        of_day / 3_600_000,
+        of_day / 60_000 % 60,
+        of_day / 1_000 % 60,
+        of_day % 1_000
+    )
+}
+
+/// Who said what of a record's lease, and which word counted (`ionet usage --explain`).
+fn explain(record: &UsageRecord) -> Vec<String> {
+    let word = |ms: u64| if ms == 0 { "not said".to_string() } else { utc(ms) };
+    let mut lines = Vec::new();
+    if record.segment > 0 {
+        lines.push(format!(
+            "continued  {} (cut {} time(s) at an epoch's end before)",
+            utc(record.start_ms),
+            record.segment
+        ));
+    } else {
+        let later = if record.holder_started_ms >= record.node_started_ms { "holder" } else { "node" };
+        lines
+            .push(format!("started    {} when both had said so (the {later}'s word, the later)", utc(record.start_ms)));
+    }
+    lines.push(format!("  node     granted {}", word(record.node_started_ms)));
+    lines.push(format!("  holder   confirmed {}", word(record.holder_started_ms)));
+    if record.open {
+        lines.push("ended      not yet (the record runs while both sides say the lease runs)".to_string());
+        return lines;
+    }
+    let by = match record.ended_by.as_str() {
+        "holder" => "the holder gave the lease back first",
+        "node" => "the node ended it first",
+        "node dead" => "its node was declared dead (its last heartbeat)",
+        "job finished" => "its job finished",
+        "epoch" => "cut at an epoch's end; the lease went on in the next record",
+        "" => "ended before leases had two sides",
+        other => other,
+    };
+    lines.push(format!("ended      {} ({by})", utc(record.end_ms)));
+    if record.ended_by != "epoch" {
+        lines.push(format!("  holder   gave back {}", word(record.holder_ended_ms)));
+        lines.push(format!("  node     ended {}", word(record.node_ended_ms)));
+    }
+    lines
 }
 
 /// `ionet usage`.
@@ -140,6 +214,11 @@ pub fn usage(args: UsageArgs) -> Result<()> {
             format_usd(record.cost_micros),
             state
         );
+        if args.explain {
+            for line in explain(record) {
+                println!("    {line}");
+            }
+        }
     }
     Ok(())
 }
@@ -401,4 +480,16 @@ pub fn credits_refund(args: CreditsRefundArgs) -> Result<()> {
         println!("refunded ${} to payer {}", format_usd(refunded), args.account);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(utc(1_700_000_000_123), "2023-11-14 22:13:20.123 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
+    }
 }

@@ -152,6 +152,13 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
     let duration = record.end_ms - record.start_ms;
     let cost = 2 * duration * MICROS_PER_GPU_MS;
     assert_eq!(record.cost_micros, cost);
+    // Who said what, and which word counted.
+    let explained = cluster.ionet_ok(&["usage", "--job", &hex::encode(&job), "--explain"]);
+    for said in
+        ["node     granted 20", "holder   confirmed 20", "the node ended it first", "holder   gave back not said"]
+    {
+        assert!(explained.contains(said), "{said:?} in {explained}");
+    }
 
     let records = usage(&cluster);
     assert_eq!(records.len(), 1);

@@ -36,8 +36,10 @@ pub struct ClusterConfig {
     pub epoch_length_ms: u64,
     /// Protocol fee charged to payers on top of usage, in basis points (at most 10000).
     pub protocol_fee_bps: u32,
-    /// Availability-reward pool shared among providers each epoch, micro-USD (0: none).
-    pub reward_pool_per_epoch_micros: u64,
+    /// Availability-reward pool shared among providers, micro-USD per hour of epoch length
+    /// (0: none): an epoch of half an hour shares half of it, so closing epochs more often
+    /// pays no more in total.
+    pub reward_pool_per_hour_micros: u64,
     /// Most workers on one node whose task is blocked in `get`/`wait` may lend their
     /// lease's CPUs at once (each may make the node start another worker); 0: eight per
     /// CPU, at least 64.
@@ -58,7 +60,7 @@ impl Default for ClusterConfig {
             reconnect_max_backoff_ms: 5_000,
             epoch_length_ms: 3_600_000,
             protocol_fee_bps: 250,
-            reward_pool_per_epoch_micros: 0,
+            reward_pool_per_hour_micros: 0,
             max_blocked_workers: 0,
         }
     }
@@ -119,7 +121,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_RECONNECT_MAX_BACKOFF_MS", &mut self.reconnect_max_backoff_ms)?;
         read(&lookup, "IONET_EPOCH_LENGTH_MS", &mut self.epoch_length_ms)?;
         read(&lookup, "IONET_PROTOCOL_FEE_BPS", &mut self.protocol_fee_bps)?;
-        read(&lookup, "IONET_REWARD_POOL_PER_EPOCH_MICROS", &mut self.reward_pool_per_epoch_micros)?;
+        read(&lookup, "IONET_REWARD_POOL_PER_HOUR_MICROS", &mut self.reward_pool_per_hour_micros)?;
         read(&lookup, "IONET_MAX_BLOCKED_WORKERS", &mut self.max_blocked_workers)?;
         Ok(())
     }
@@ -182,19 +184,19 @@ mod tests {
     fn metering_settings_have_defaults_and_env_overrides() {
         let mut config = ClusterConfig::default();
         assert_eq!(
-            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_epoch_micros),
+            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_hour_micros),
             (3_600_000, 250, 0)
         );
         config
             .apply_env(|name| match name {
                 "IONET_EPOCH_LENGTH_MS" => Some("60000".into()),
                 "IONET_PROTOCOL_FEE_BPS" => Some("100".into()),
-                "IONET_REWARD_POOL_PER_EPOCH_MICROS" => Some("5000000".into()),
+                "IONET_REWARD_POOL_PER_HOUR_MICROS" => Some("5000000".into()),
                 _ => None,
             })
             .unwrap();
         assert_eq!(
-            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_epoch_micros),
+            (config.epoch_length_ms, config.protocol_fee_bps, config.reward_pool_per_hour_micros),
             (60_000, 100, 5_000_000)
         );
     }

@@ -81,7 +81,10 @@ impl Metering {
             None => (0, 0),
         };
         let end_ms = end_ms.max(previous_end);
-        let spec = EpochSpec { epoch_id, end_ms, availability: self.availability(previous_end, end_ms) };
+        // The first epoch's reward pool accrues from when metering began.
+        let start_ms =
+            if last.is_some() { previous_end } else { self.last_epoch_end_ms.load(Ordering::SeqCst).min(end_ms) };
+        let spec = EpochSpec { epoch_id, start_ms, end_ms, availability: self.availability(previous_end, end_ms) };
         let ledger = self.ledger.clone();
         if dry_run {
             return blocking(move || Ok(ledger.lock().dry_run(&spec)?.summary)).await;

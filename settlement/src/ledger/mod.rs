@@ -184,10 +184,21 @@ impl<S: LedgerStore> Ledger<S> {
     /// Computes what settling `spec` would post, writing nothing. For a closed epoch
     /// this is what a new epoch with the same bounds would settle now.
     pub fn dry_run(&self, spec: &EpochSpec) -> SettlementResult<SettlementPlan> {
+        let spec = &self.started(spec)?;
         let mut planner = EpochPlanner::new();
         self.store.scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
         let store = &self.store;
         planner.finish(spec, &self.config, &mut |account| store.balance(account))
+    }
+
+    /// `spec` beginning where the last closed epoch ended, if any (its reward pool covers
+    /// exactly the time since).
+    fn started(&self, spec: &EpochSpec) -> SettlementResult<EpochSpec> {
+        let mut spec = spec.clone();
+        if let Some(last) = self.store.last_epoch()? {
+            spec.start_ms = last.end_ms;
+        }
+        Ok(spec)
     }
 
     /// Settles one epoch: see the module docs. Idempotent: a closed epoch returns
@@ -196,6 +207,7 @@ impl<S: LedgerStore> Ledger<S> {
         if let Some(summary) = self.store.epoch(spec.epoch_id)? {
             return Ok(SettleOutcome::AlreadySettled(summary));
         }
+        let spec = &self.started(spec)?;
         if let Some(last) = self.store.last_epoch()? {
             if spec.epoch_id < last.epoch_id || spec.end_ms < last.end_ms {
                 return Err(SettlementError::EpochOutOfOrder {

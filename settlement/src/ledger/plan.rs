@@ -35,8 +35,11 @@ pub const DEFAULT_FEE_BPS: u32 = 250;
 pub struct LedgerConfig {
     /// Protocol fee charged to payers on top of usage, in basis points (≤ 10000).
     pub fee_bps: u32,
-    /// Availability-reward pool emitted each epoch, micro-USD (0 disables rewards).
-    pub reward_pool_per_epoch: MicroUsd,
+    /// Availability-reward pool, micro-USD per hour of epoch length (0 disables
+    /// rewards). An epoch `(start, end]` shares [`reward_pool_between`]`(start, end)`, so
+    /// the total over any run of epochs depends on its span only, not on how often
+    /// epochs close.
+    pub reward_pool_per_hour: MicroUsd,
     /// Where the reward pool is paid from ([`Account::Funding`] by default: new money
     /// from outside; [`Account::Treasury`] to pay it out of fees).
     pub reward_source: Account,
@@ -44,7 +47,7 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { fee_bps: DEFAULT_FEE_BPS, reward_pool_per_epoch: 0, reward_source: Account::Funding }
+        LedgerConfig { fee_bps: DEFAULT_FEE_BPS, reward_pool_per_hour: 0, reward_source: Account::Funding }
     }
 }
 
@@ -97,13 +100,18 @@ impl NodeAvailability {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochSpec {
     pub epoch_id: u64,
+    /// Where the epoch began, for its reward pool: the ledger takes the previous epoch's
+    /// end instead when there is one; for the first, when metering began.
+    pub start_ms: u64,
     pub end_ms: u64,
     pub availability: Vec<NodeAvailability>,
 }
 
 impl EpochSpec {
+    /// An epoch ending at `end_ms`, beginning where the previous one ended (at 0 for the
+    /// first).
     pub fn new(epoch_id: u64, end_ms: u64) -> Self {
-        EpochSpec { epoch_id, end_ms, availability: Vec::new() }
+        EpochSpec { epoch_id, start_ms: 0, end_ms, availability: Vec::new() }
     }
 
     /// Epoch `epoch_id` of a fixed-length schedule starting at `origin_ms`:
@@ -369,7 +377,8 @@ impl EpochPlanner {
                 u64::try_from(entry.power_cost as u128 + node.power_cost()).map_err(|_| overflow("power cost"))?;
         }
         let weights: Vec<(&str, u128)> = weights.into_iter().collect();
-        let (shares, reward_remainder) = split_rewards(config.reward_pool_per_epoch, &weights)?;
+        let pool = reward_pool_between(config.reward_pool_per_hour, spec.start_ms, spec.end_ms)?;
+        let (shares, reward_remainder) = split_rewards(pool, &weights)?;
         let mut total_rewards = 0u64;
         for (wallet, share) in shares {
             if share == 0 {
@@ -443,6 +452,16 @@ pub fn split_rewards<'a>(
     Ok((shares, pool - paid))
 }
 
+/// The reward pool of the epoch `(start_ms, end_ms]` at `per_hour` micro-USD per hour:
+/// what accrued by `end_ms` less what accrued by `start_ms`, each floored from the Unix
+/// epoch, so consecutive epochs sum to exactly the pool of their whole span.
+pub fn reward_pool_between(per_hour: MicroUsd, start_ms: u64, end_ms: u64) -> SettlementResult<MicroUsd> {
+    const HOUR_MS: u128 = 3_600_000;
+    let accrued = |at: u64| u128::from(per_hour) * u128::from(at) / HOUR_MS;
+    let pool = accrued(end_ms).saturating_sub(accrued(start_ms.min(end_ms)));
+    u64::try_from(pool).map_err(|_| overflow("reward pool"))
+}
+
 /// The pure entry point: plans one epoch from an iterator of pending records.
 pub fn plan_epoch<'a>(
     spec: &EpochSpec,
@@ -462,6 +481,23 @@ pub fn plan_epoch<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reward_pool_accrues_by_time_not_by_closing() {
+        const HOUR: u64 = 3_600_000;
+        assert_eq!(reward_pool_between(1_000_000, 0, HOUR).unwrap(), 1_000_000);
+        assert_eq!(reward_pool_between(1_000_000, HOUR, HOUR + HOUR / 2).unwrap(), 500_000);
+        // However an hour is cut into epochs, its pools sum to the hour's.
+        let ends = [7, 999, 1_234_567, 2_000_001, 3_599_999, HOUR];
+        let mut start = 0;
+        let mut total = 0;
+        for end in ends {
+            total += reward_pool_between(1_000_003, HOUR * 5 + start, HOUR * 5 + end).unwrap();
+            start = end;
+        }
+        assert_eq!(total, 1_000_003);
+        assert_eq!(reward_pool_between(1_000_000, HOUR, HOUR).unwrap(), 0);
+    }
 
     #[test]
     fn rewards_split_by_weight_and_remainder_goes_back() {

@@ -10,6 +10,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::usage::{RecordId, UsageRecord, COST_DENOMINATOR};
+use plan::reward_pool_between;
 
 const PAYERS: [&str; 3] = ["alice", "bob", "carol"];
 const WALLETS: [&str; 3] = ["wallet-a", "wallet-b", "wallet-c"];
@@ -106,7 +107,7 @@ fn spec(index: usize) -> EpochSpec {
 }
 
 fn rewarding_config() -> LedgerConfig {
-    LedgerConfig { reward_pool_per_epoch: 1_000_003, ..LedgerConfig::default() }
+    LedgerConfig { reward_pool_per_hour: 1_000_003, ..LedgerConfig::default() }
 }
 
 /// Deposits, records and three epochs; returns the ledger.
@@ -166,6 +167,7 @@ proptest! {
         let mut provider_credits: HashMap<String, i128> = HashMap::new();
         let mut payer_debits: HashMap<String, i128> = HashMap::new();
         let mut treasury = 0i128;
+        let mut pools = 0u64;
         for (index, epoch) in ledger.epochs().unwrap().iter().enumerate() {
             let low = if index == 0 { 0 } else { EPOCH_ENDS[index - 1] + 1 };
             let mut pairs: BTreeMap<(&str, &str), u128> = BTreeMap::new();
@@ -184,8 +186,12 @@ proptest! {
             }
             prop_assert_eq!(epoch.total_usage, usage);
             prop_assert_eq!(epoch.total_fee, fee);
-            // The reward pool is paid out entirely: shares plus remainder.
-            prop_assert_eq!(epoch.total_rewards + epoch.reward_remainder, 1_000_003);
+            // The reward pool, accrued over the epoch's length, is paid out entirely:
+            // shares plus remainder.
+            let start = if index == 0 { 0 } else { EPOCH_ENDS[index - 1] };
+            let pool = reward_pool_between(1_000_003, start, EPOCH_ENDS[index]).unwrap();
+            prop_assert_eq!(epoch.total_rewards + epoch.reward_remainder, pool);
+            pools += pool;
             treasury += (fee + epoch.reward_remainder) as i128;
             let provider_rewards: u64 = epoch.providers.iter().map(|p| p.reward).sum();
             prop_assert_eq!(provider_rewards, epoch.total_rewards);
@@ -203,6 +209,8 @@ proptest! {
             prop_assert_eq!(balances.get(&Account::payer(*payer)).copied().unwrap_or(0) as i128, *deposit as i128 - debit);
         }
         prop_assert_eq!(balances.get(&Account::Treasury).copied().unwrap_or(0) as i128, treasury);
+        // The pools over all epochs are the pool of their whole span.
+        prop_assert_eq!(pools, reward_pool_between(1_000_003, 0, EPOCH_ENDS[2]).unwrap());
     }
 
     #[test]
@@ -348,7 +356,7 @@ fn dry_run_writes_nothing_and_matches_the_settlement() {
 
 #[test]
 fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
-    let config = LedgerConfig { reward_pool_per_epoch: 1_000_000, ..LedgerConfig::default() };
+    let config = LedgerConfig { reward_pool_per_hour: 1_000_000, ..LedgerConfig::default() };
     let mut ledger = Ledger::new(MemoryStore::new(), config).unwrap();
     let node = |byte: u8, wallet: &str, uptime_ms: u64, gpus: i64| NodeAvailability {
         node_id: NodeId::from_array([byte; 28]),
@@ -373,9 +381,9 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
     assert_eq!(ledger.balance(&Account::provider("wallet-c")).unwrap(), 0);
 
     // An indivisible pool: 3 equal weights share 100 → 33 each, 1 to the treasury.
-    let config = LedgerConfig { reward_pool_per_epoch: 100, fee_bps: 0, ..LedgerConfig::default() };
+    let config = LedgerConfig { reward_pool_per_hour: 100, fee_bps: 0, ..LedgerConfig::default() };
     let mut ledger = Ledger::new(MemoryStore::new(), config).unwrap();
-    let mut spec = EpochSpec::new(0, 1);
+    let mut spec = EpochSpec::new(0, 3_600_000);
     spec.availability = vec![node(1, "a", 10, 1), node(2, "b", 10, 1), node(3, "c", 10, 1)];
     let summary = ledger.settle_epoch(&spec).unwrap().summary().clone();
     assert_eq!((summary.total_rewards, summary.reward_remainder), (99, 1));
@@ -384,7 +392,7 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
 
     // Earnings: revenue, reward, power cost (1 kW × 1 h × $0.10/kWh) and net.
     let mut ledger =
-        Ledger::new(MemoryStore::new(), LedgerConfig { reward_pool_per_epoch: 1_000_000, ..LedgerConfig::default() })
+        Ledger::new(MemoryStore::new(), LedgerConfig { reward_pool_per_hour: 1_000_000, ..LedgerConfig::default() })
             .unwrap();
     let mut spec = EpochSpec::new(0, 3_600_000);
     spec.availability = vec![node(1, "wallet-a", 3_600_000, 8), node(2, "wallet-b", 3_600_000, 2)];
