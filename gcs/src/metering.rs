@@ -205,7 +205,8 @@ impl Metering {
         }
         let redeliver = ledger.clone();
         let storage = state.storage().clone();
-        let last_end = blocking(move || {
+        let fee_bps = config.protocol_fee_bps;
+        let (last_end, owed) = blocking(move || {
             for lease in stale_leases {
                 storage.delete(Table::Leases, lease.as_bytes())?;
             }
@@ -214,9 +215,19 @@ impl Metering {
             if new > 0 {
                 tracing::info!(records = new, "usage records re-offered to the ledger");
             }
-            Ok(ledger.epochs()?.last().map(|epoch| epoch.end_ms))
+            // What payers owe for records no epoch has settled yet.
+            let mut owed: HashMap<String, u64> = HashMap::new();
+            for record in &all {
+                if ledger.settled_in(record.record_id)?.is_none() {
+                    let charge = with_fee(record.cost_micro_usd().unwrap_or(0), fee_bps);
+                    let owes = owed.entry(record.payer_account.clone()).or_default();
+                    *owes = owes.saturating_add(charge);
+                }
+            }
+            Ok((ledger.epochs()?.last().map(|epoch| epoch.end_ms), owed))
         })
         .await?;
+        book.owed = owed;
         let now = state.now_ms();
         tracing::info!(open_leases = book.open.len(), records = book.records.len(), "metering opened");
         let metering = Arc::new(Metering {
@@ -311,6 +322,15 @@ impl Metering {
             return Ok(());
         }
         let now = self.state.now_ms();
+        if !changes.records.is_empty() {
+            let fee_bps = self.state.config().protocol_fee_bps;
+            let mut book = self.book();
+            for made in &changes.records {
+                let charge = with_fee(made.record.cost_micro_usd().unwrap_or(0), fee_bps);
+                let owed = book.owed.entry(made.record.payer_account.clone()).or_default();
+                *owed = owed.saturating_add(charge);
+            }
+        }
         let storage = self.state.storage().clone();
         let sinks = self.sinks.clone();
         blocking(move || {
@@ -741,6 +761,7 @@ impl Metering {
         vec![
             tokio::spawn(watch_deaths(self.clone(), events, stopped.clone())),
             tokio::spawn(stop_leases(self.clone(), stopped.clone())),
+            tokio::spawn(watch_funding(self.clone(), stopped.clone())),
             tokio::spawn(settlement::close_epochs(self.clone(), stopped)),
         ]
     }
@@ -788,5 +809,177 @@ async fn stop_leases(metering: Arc<Metering>, mut stopped: watch::Receiver<bool>
             _ = stopped.changed() => return,
         }
         metering.stop_due_leases().await;
+    }
+}
+
+/// A payer's standing against its leases (see [`Metering::check_funding`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub payer: String,
+    /// Its ledger balance (prepaid credit less settled charges).
+    pub balance: i64,
+    /// What its records not settled yet, and its running leases so far, will charge it.
+    pub owed: u64,
+    /// Its running leases' cost per hour, fee included.
+    pub hourly: u64,
+    /// What the next credit horizon of its running leases costs, fee included.
+    pub needed: u64,
+}
+
+impl Standing {
+    /// What is left once everything owed is paid.
+    pub fn left(&self) -> i64 {
+        self.balance.saturating_sub(i64::try_from(self.owed).unwrap_or(i64::MAX))
+    }
+
+    /// Whether its jobs may lease more: what is left covers the horizon (and is not
+    /// negative).
+    pub fn may_lease(&self) -> bool {
+        self.left() >= 0 && self.left() as u64 >= self.needed
+    }
+
+    /// Whether its running leases must end: they cost something and nothing is left.
+    pub fn exhausted(&self) -> bool {
+        self.hourly > 0 && self.left() <= 0
+    }
+
+    /// The error its refused work carries: the account, its balance and what is needed.
+    pub fn refusal(&self, horizon_ms: u64) -> String {
+        format!(
+            "account {:?} cannot cover its leases: balance {}, owed {}, leases running at {}/h, and the next {} \
+             need {} more; add credit (`ionet credits add --account {}`) to lease again",
+            self.payer,
+            usd(self.balance),
+            usd(self.owed as i64),
+            usd(self.hourly as i64),
+            horizon_text(horizon_ms),
+            usd(self.needed.saturating_sub(self.left().max(0) as u64) as i64),
+            self.payer
+        )
+    }
+}
+
+fn usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}${}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+fn horizon_text(ms: u64) -> String {
+    if ms % 60_000 == 0 {
+        format!("{} min", ms / 60_000)
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// `cost` plus the protocol fee on it (floored, as the ledger charges it).
+fn with_fee(cost: u64, fee_bps: u32) -> u64 {
+    cost.saturating_add(cost.saturating_mul(u64::from(fee_bps)) / 10_000)
+}
+
+impl Metering {
+    /// Every payer's standing now: its balance, what it owes (records not settled yet and
+    /// its running leases so far) and what its running leases need for the credit horizon.
+    pub async fn standings(&self) -> GcsResult<Vec<Standing>> {
+        let config = self.state.config();
+        let (horizon, fee_bps) = (config.credit_horizon_ms, config.protocol_fee_bps);
+        let now = self.state.now_ms();
+        let mut standings: HashMap<String, Standing> = HashMap::new();
+        {
+            let book = self.book();
+            for (payer, owed) in &book.owed {
+                let standing = standings.entry(payer.clone()).or_default();
+                standing.owed = standing.owed.saturating_add(*owed);
+            }
+            for lease in book.open.values().filter(|lease| lease.is_running()) {
+                let Some(node) = &lease.node else { continue };
+                let standing = standings.entry(node.payer_account.clone()).or_default();
+                let accrued = lease.record_until(now, "").map(|made| made.record.cost_micro_usd().unwrap_or(u64::MAX));
+                standing.owed = standing.owed.saturating_add(with_fee(accrued.unwrap_or(0), fee_bps));
+                standing.hourly =
+                    standing.hourly.saturating_add(with_fee(node.hourly_cost(lease.job_id, lease.node_id), fee_bps));
+            }
+        }
+        let ledger = self.ledger.clone();
+        let balances = blocking(move || Ok(ledger.lock().balances()?)).await?;
+        for (account, balance) in balances {
+            if let Account::Payer(payer) = account {
+                standings.entry(payer.to_string()).or_default().balance = balance;
+            }
+        }
+        let mut standings: Vec<Standing> = standings
+            .into_iter()
+            .map(|(payer, standing)| {
+                let needed = (u128::from(standing.hourly) * u128::from(horizon) / 3_600_000) as u64;
+                Standing { payer, needed, ..standing }
+            })
+            .collect();
+        standings.sort_by(|a, b| a.payer.cmp(&b.payer));
+        Ok(standings)
+    }
+
+    /// Checks every payer against its leases: the jobs of one whose credit does not cover
+    /// the horizon get no new leases (nodes hear it with their heartbeats, and refuse
+    /// them with the reason); the running leases of one with nothing left end now, and
+    /// their nodes are told. Returns the payers refused.
+    pub async fn check_funding(&self) -> GcsResult<Vec<Standing>> {
+        let horizon = self.state.config().credit_horizon_ms;
+        let short: Vec<Standing> = self.standings().await?.into_iter().filter(|s| !s.may_lease()).collect();
+        let exhausted: HashMap<&str, &Standing> =
+            short.iter().filter(|s| s.exhausted()).map(|s| (s.payer.as_str(), s)).collect();
+        let refused: HashMap<&str, &Standing> = short.iter().map(|s| (s.payer.as_str(), s)).collect();
+        let mut unfunded = HashMap::new();
+        for job in self.state.jobs() {
+            if job.state == ionet_common::rpc::proto::common::JobState::Finished as i32 {
+                continue;
+            }
+            let payer = if job.payer_account.trim().is_empty() { DEFAULT_PAYER } else { job.payer_account.as_str() };
+            if let (Some(standing), Ok(job_id)) = (refused.get(payer), JobId::from_bytes(&job.job_id)) {
+                unfunded.insert(job_id, standing.refusal(horizon));
+            }
+        }
+        self.state.set_unfunded(unfunded);
+        if !exhausted.is_empty() {
+            let now = self.state.now_ms();
+            let changes = {
+                let mut book = self.book();
+                let doomed: Vec<LeaseId> = book
+                    .open
+                    .values()
+                    .filter(|lease| lease.is_running())
+                    .filter(|lease| {
+                        lease.node.as_ref().is_some_and(|node| exhausted.contains_key(node.payer_account.as_str()))
+                    })
+                    .map(|lease| lease.lease_id)
+                    .collect();
+                let mut changes = Changes::default();
+                for lease_id in doomed {
+                    if let Some(lease) = book.open.get_mut(&lease_id) {
+                        lease.sides.forced_end.get_or_insert((now, EndedBy::Unfunded));
+                        tracing::warn!(lease = %lease_id, job = %lease.job_id, "lease ended: its payer's credit ran out");
+                    }
+                    book.after_word(lease_id, now, &mut changes);
+                }
+                changes
+            };
+            self.apply(changes).await?;
+        }
+        Ok(short)
+    }
+}
+
+/// Checks payers against their leases twice a second.
+async fn watch_funding(metering: Arc<Metering>, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        if let Err(err) = metering.check_funding().await {
+            tracing::error!(error = %err, "could not check payers against their leases");
+        }
     }
 }

@@ -236,9 +236,16 @@ impl Gcs for GcsService {
         let node_id = node_id_of(&request.node_id)?;
         principal.may_act_for_node(&node_id)?;
         self.state.heartbeat(&request.node_id, request.available)?;
+        let unfunded_jobs = self
+            .state
+            .unfunded()
+            .into_iter()
+            .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
+            .collect();
         Ok(Response::new(HeartbeatReply {
             incarnation: self.state.incarnation(),
             node_credential: self.renewed_credential(&principal, node_id),
+            unfunded_jobs,
         }))
     }
 

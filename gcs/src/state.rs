@@ -55,6 +55,9 @@ pub struct GcsState {
     /// What each account keeps in the KV (its quota's use), counted from storage at
     /// open and kept with every tenant put and delete, which hold this lock throughout.
     kv_use: Arc<std::sync::Mutex<HashMap<String, KvUse>>>,
+    /// Jobs whose payer cannot cover their leases, with why (kept by metering, told to
+    /// every node with its heartbeat).
+    unfunded: std::sync::RwLock<HashMap<JobId, String>>,
 }
 
 /// One account's use of the KV.
@@ -178,6 +181,7 @@ impl GcsState {
             started_at_ms: now,
             incarnation: rand::random::<u64>().max(1),
             kv_use: Arc::new(std::sync::Mutex::new(kv_use)),
+            unfunded: std::sync::RwLock::new(HashMap::new()),
         }))
     }
 
@@ -423,6 +427,16 @@ impl GcsState {
         tracing::info!(job = %job_id, "job finished");
         self.publish(Event::JobFinished(job));
         Ok(())
+    }
+
+    /// Replaces the set of jobs whose payer cannot cover their leases.
+    pub fn set_unfunded(&self, jobs: HashMap<JobId, String>) {
+        *self.unfunded.write().unwrap_or_else(|p| p.into_inner()) = jobs;
+    }
+
+    /// The jobs nodes must grant nothing new, with why.
+    pub fn unfunded(&self) -> HashMap<JobId, String> {
+        self.unfunded.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn jobs(&self) -> Vec<JobInfo> {

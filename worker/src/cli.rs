@@ -137,6 +137,11 @@ pub struct StartArgs {
     /// Also append every usage record to this file as JSON lines (head only).
     #[arg(long = "usage-export")]
     pub usage_export: Option<PathBuf>,
+    /// How long a payer's credit must cover its running leases at their prices, after
+    /// what it already owes, for its jobs to get new leases (head only; e.g. `10m`, the
+    /// default, `90s`). At zero credit its running leases end.
+    #[arg(long = "credit-horizon")]
+    pub credit_horizon: Option<String>,
     #[command(flatten)]
     pub payout: PayoutArgs,
     /// Let the head's own node daemon run tasks and actors even though the head pays out

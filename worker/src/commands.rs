@@ -236,7 +236,14 @@ fn configure_payouts(_options: &mut GcsServerOptions, _args: &PayoutArgs, _sessi
 async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     // The head holds the signing key and the operator's credential.
     ionet_common::worker_env::keep_memory_private();
-    let config = ClusterConfig::load(args.config.as_deref())?;
+    let mut config = ClusterConfig::load(args.config.as_deref())?;
+    if let Some(horizon) = &args.credit_horizon {
+        config.credit_horizon_ms = parse_duration(horizon)
+            .with_context(|| format!("--credit-horizon {horizon:?}"))?
+            .as_millis()
+            .try_into()
+            .context("--credit-horizon is too long")?;
+    }
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;

@@ -153,6 +153,7 @@ fn explain(record: &UsageRecord) -> Vec<String> {
         "node" => "the node ended it first",
         "node dead" => "its node was declared dead (its last heartbeat)",
         "job finished" => "its job finished",
+        "unfunded" => "its payer's credit ran out",
         "epoch" => "cut at an epoch's end; the lease went on in the next record",
         "" => "ended before leases had two sides",
         other => other,

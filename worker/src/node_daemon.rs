@@ -567,6 +567,13 @@ async fn run_membership(
                     if let Ok(renewed) = Bearer::new(&reply.get_ref().node_credential) {
                         shared.credential.replace(&renewed);
                     }
+                    let unfunded = reply
+                        .get_ref()
+                        .unfunded_jobs
+                        .iter()
+                        .filter_map(|job| Some((JobId::from_bytes(&job.job_id).ok()?, job.reason.clone())))
+                        .collect();
+                    shared.leases.set_unfunded(unfunded);
                     // Refresh the cluster view used for spillback.
                     if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
                         shared.leases.refresh_view(&reply.into_inner().nodes);

@@ -360,6 +360,8 @@ fn cost_and_label_selectors_choose_the_node() {
         let args = gpu_node(region, price);
         cluster.add_node(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
+    // Priced GPUs need credit to lease (the driver's jobs are paid by `default`).
+    cluster.ionet(&["credits", "add", "--account", "default", "--amount", "10"]);
     cluster.init();
     let region_of = |node_hex: &str| -> String {
         let nodes = ionet::nodes().unwrap();
@@ -412,6 +414,39 @@ fn provider_cluster(wallet: &str, extra: &[&str]) -> Cluster {
     let node = ["--num-cpus", "2", "--num-gpus", "2", "--gpu-type", "A100-80GB", "--price-per-gpu-hour", "1.20"];
     cluster.add_node(&[&node[..], &["--wallet", wallet], extra].concat());
     cluster
+}
+
+/// A payer with about three seconds of credit for one GPU: its jobs lease GPUs until the
+/// credit no longer covers a second more (the head's credit horizon), then its work is
+/// refused with an error naming the account, its balance and what is needed; the
+/// provider is credited for what ran.
+fn an_unfunded_payer_gets_no_more_gpus() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0", "--credit-horizon", "1s"]);
+    let node = ["--num-cpus", "2", "--num-gpus", "2", "--gpu-type", "A100-80GB", "--price-per-gpu-hour", "1.20"];
+    cluster.add_node(&[&node[..], &["--wallet", "wallet-thrift"]].concat());
+    // $1.23 an hour with the fee: 342 micro-USD a second.
+    cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "0.001"]);
+    cluster.init_as("acme");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ended_running = 0;
+    let refusal = loop {
+        assert!(Instant::now() < deadline, "a payer with $0.001 leased GPUs for a minute");
+        match ionet::get(&hold_gpus::options(TaskOptions::default().num_gpus(1.0).max_retries(0)).remote(300u64)) {
+            Ok(_) => {}
+            // A lease held on (reused for the next task) runs until the credit is gone,
+            // then ends under its task; the next lease is refused.
+            Err(error) if error.to_string().contains("crashed") => ended_running += 1,
+            Err(error) => break error.to_string(),
+        }
+    };
+    assert!(ended_running <= 3, "{ended_running} running leases ended before leases were refused");
+    for part in ["account \"acme\" cannot cover its leases", "balance $0.001000", "the next 1.0 s need $"] {
+        assert!(refusal.contains(part), "{part:?} in {refusal}");
+    }
+    ionet::shutdown();
+    let usage: serde_json::Value = serde_json::from_str(&cluster.ionet(&["usage", "--json"])).unwrap();
+    let billed: u64 = usage.as_array().unwrap().iter().map(|record| record["cost_micros"].as_u64().unwrap()).sum();
+    assert!(billed > 0 && billed <= 1_000 + 200, "billed {billed} micro-USD against $0.001 of credit: {usage:#}");
 }
 
 /// A job holding 2 GPUs on a $1.20/GPU-hour node is charged for the interval the
@@ -531,6 +566,7 @@ fn main() {
             ("queued_tasks_wait_out_a_daemon_restart", queued_tasks_wait_out_a_daemon_restart),
             ("cost_and_label_selectors_choose_the_node", cost_and_label_selectors_choose_the_node),
             ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
+            ("an_unfunded_payer_gets_no_more_gpus", an_unfunded_payer_gets_no_more_gpus),
             ("placement_group_bundle_is_metered_once", placement_group_bundle_is_metered_once),
         ],
         Duration::from_secs(180),

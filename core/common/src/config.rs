@@ -40,6 +40,9 @@ pub struct ClusterConfig {
     /// (0: none): an epoch of half an hour shares half of it, so closing epochs more often
     /// pays no more in total.
     pub reward_pool_per_hour_micros: u64,
+    /// A payer must cover its open leases for this long at their prices (after what it
+    /// already owes), or its jobs get no new leases; at zero its running leases end.
+    pub credit_horizon_ms: u64,
     /// Most workers on one node whose task is blocked in `get`/`wait` may lend their
     /// lease's CPUs at once (each may make the node start another worker); 0: eight per
     /// CPU, at least 64.
@@ -61,6 +64,7 @@ impl Default for ClusterConfig {
             epoch_length_ms: 3_600_000,
             protocol_fee_bps: 250,
             reward_pool_per_hour_micros: 0,
+            credit_horizon_ms: 10 * 60_000,
             max_blocked_workers: 0,
         }
     }
@@ -122,6 +126,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_EPOCH_LENGTH_MS", &mut self.epoch_length_ms)?;
         read(&lookup, "IONET_PROTOCOL_FEE_BPS", &mut self.protocol_fee_bps)?;
         read(&lookup, "IONET_REWARD_POOL_PER_HOUR_MICROS", &mut self.reward_pool_per_hour_micros)?;
+        read(&lookup, "IONET_CREDIT_HORIZON_MS", &mut self.credit_horizon_ms)?;
         read(&lookup, "IONET_MAX_BLOCKED_WORKERS", &mut self.max_blocked_workers)?;
         Ok(())
     }

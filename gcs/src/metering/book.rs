@@ -68,6 +68,25 @@ pub(super) struct Lease {
     pub(super) last_word_ms: u64,
 }
 
+impl NodeSide {
+    /// What the lease costs per hour at the prices it was granted at, micro-USD.
+    pub(super) fn hourly_cost(&self, job_id: JobId, node_id: NodeId) -> u64 {
+        let hour = UsageRecord {
+            record_id: RecordId(0),
+            job_id,
+            payer_account: self.payer_account.clone(),
+            node_id,
+            provider_wallet: self.provider_wallet.clone(),
+            resources: self.resources.clone(),
+            start_ms: 0,
+            end_ms: 3_600_000,
+            price_per_gpu_hour: self.price_per_gpu_hour,
+            price_per_cpu_hour: self.price_per_cpu_hour,
+        };
+        hour.cost_micro_usd().unwrap_or(u64::MAX)
+    }
+}
+
 impl Lease {
     pub(super) fn new(lease_id: LeaseId, job_id: JobId, node_id: NodeId, now_ms: u64) -> Self {
         Lease {
@@ -293,6 +312,9 @@ pub(super) struct Book {
     /// Leases a node must be told to end, and from when (after a grace, so the node's own
     /// end, usually on its way, makes the call unneeded).
     pub(super) stop_due: HashMap<LeaseId, (NodeId, u64)>,
+    /// Per payer, what its records not settled yet will charge it (cost and fee),
+    /// micro-USD: what its balance must cover before any new lease.
+    pub(super) owed: HashMap<String, u64>,
 }
 
 impl Book {

@@ -91,6 +91,15 @@ impl Metering {
         }
         self.cut_open_leases(end_ms).await?;
         let outcome = blocking(move || Ok(ledger.lock().settle_epoch(&spec)?)).await?;
+        if let SettleOutcome::Settled(summary) = &outcome {
+            // What the epoch charged is owed no more: it is in the balances now.
+            let mut book = self.book();
+            for payer in &summary.payers {
+                if let Some(owed) = book.owed.get_mut(&payer.payer) {
+                    *owed = owed.saturating_sub(payer.usage.saturating_add(payer.fee));
+                }
+            }
+        }
         self.last_epoch_end_ms.store(end_ms, Ordering::SeqCst);
         self.settled.notify_one();
         Ok(match outcome {

@@ -368,3 +368,55 @@ async fn a_finished_jobs_leases_end_with_it() {
     f.clock.advance_ms(STOP_GRACE_MS);
     assert_eq!(f.metering.due_stops().get(&node), Some(&vec![lease]));
 }
+
+#[tokio::test]
+async fn a_payer_out_of_credit_gets_no_new_leases_and_its_running_ones_end() {
+    let config = ClusterConfig {
+        heartbeat_interval_ms: 100,
+        heartbeat_timeout_ms: 1_000,
+        credit_horizon_ms: 60_000,
+        ..Default::default()
+    };
+    let clock = ManualClock::new(START);
+    let state = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
+    let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
+    let node = NodeId::random();
+    // $3.60 per GPU-hour: $0.06 a minute, $0.0615 with the 2.5% fee.
+    state.register_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
+    let job = job(&state, "alice").await;
+    let thrifty = job_with_credit(&state, &metering, "bob", 1_000_000).await;
+    metering.add_credits("alice", 61_500).await.unwrap();
+    let lease = LeaseId::random();
+    start_both(&metering, lease, node, job, gpus("1")).await.unwrap();
+    assert!(metering.check_funding().await.unwrap().is_empty(), "a minute of credit covers a minute");
+    assert!(state.unfunded().is_empty());
+
+    clock.advance_ms(30_000);
+    let short = metering.check_funding().await.unwrap();
+    assert_eq!(short.len(), 1);
+    let reason = state.unfunded().get(&job).cloned().expect("alice's job may lease no more");
+    for part in ["account \"alice\"", "balance $0.061500", "owed $0.030750", "next 1 min", "need $0.030750 more"] {
+        assert!(reason.contains(part), "{part:?} in {reason}");
+    }
+    assert!(!state.unfunded().contains_key(&thrifty), "another payer's job is not touched");
+    assert_eq!(metering.list_usage(Some(job), None).await.unwrap()[0].open, true, "running leases run on");
+
+    clock.advance_ms(30_000);
+    metering.check_funding().await.unwrap();
+    let usage = metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!((usage[0].open, usage[0].end_ms, usage[0].ended_by.as_str()), (false, START + 60_000, "unfunded"));
+    assert_eq!(usage[0].cost_micros, 60_000);
+    clock.advance_ms(STOP_GRACE_MS);
+    assert_eq!(metering.due_stops().get(&node), Some(&vec![lease]), "its node is told to end it");
+    let summary = metering.settle_now(false).await.unwrap();
+    assert_eq!(summary.payers.iter().find(|p| p.payer == "alice").unwrap().shortfall, 0);
+    // Paid up: funded again.
+    metering.add_credits("alice", 1_000_000).await.unwrap();
+    metering.check_funding().await.unwrap();
+    assert!(state.unfunded().is_empty());
+}
+
+async fn job_with_credit(state: &GcsState, metering: &Metering, payer: &str, micros: u64) -> JobId {
+    metering.add_credits(payer, micros).await.unwrap();
+    job(state, payer).await
+}

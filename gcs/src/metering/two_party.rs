@@ -30,8 +30,8 @@ pub enum EndedBy {
     NodeDead,
     /// The job finished while the lease was still open.
     JobFinished,
-    /// The head held it (an actor's lease, a bundle) and ended it.
-    Head,
+    /// Its payer's credit ran out.
+    Unfunded,
 }
 
 impl EndedBy {
@@ -41,12 +41,12 @@ impl EndedBy {
             EndedBy::Node => "node",
             EndedBy::NodeDead => "node dead",
             EndedBy::JobFinished => "job finished",
-            EndedBy::Head => "head",
+            EndedBy::Unfunded => "unfunded",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [EndedBy::Holder, EndedBy::Node, EndedBy::NodeDead, EndedBy::JobFinished, EndedBy::Head]
+        [EndedBy::Holder, EndedBy::Node, EndedBy::NodeDead, EndedBy::JobFinished, EndedBy::Unfunded]
             .into_iter()
             .find(|by| by.as_str() == text)
     }

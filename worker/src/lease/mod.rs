@@ -85,6 +85,8 @@ pub struct Leases {
     /// Each job's credential, from its last lease request: the workers started for the
     /// job are given it (and nothing broader).
     job_credentials: DashMap<JobId, Bearer>,
+    /// Jobs the head says their payer cannot cover, with why (replaced every heartbeat).
+    unfunded: std::sync::RwLock<std::collections::HashMap<JobId, String>>,
     /// The account of each job that asked for a lease here.
     job_accounts: DashMap<JobId, Arc<str>>,
     /// What starts each job's workers, as the control store has it.
@@ -170,6 +172,7 @@ impl Leases {
             node_id,
             address,
             job_credentials: DashMap::new(),
+            unfunded: std::sync::RwLock::new(std::collections::HashMap::new()),
             job_accounts: DashMap::new(),
             job_commands: DashMap::new(),
             gcs_channel: std::sync::OnceLock::new(),
@@ -481,6 +484,11 @@ impl Leases {
             return Err(IonetError::InvalidArgument(format!("a demand of {gpus} GPUs must be whole above 1")));
         }
         let job_id = JobId::from_bytes(&request.job_id)?;
+        // A job whose payer cannot cover its leases gets nothing new here (the head says
+        // which with every heartbeat).
+        if let Some(reason) = self.unfunded.read().unwrap_or_else(|p| p.into_inner()).get(&job_id) {
+            return Err(IonetError::FailedPrecondition(format!("job {job_id} may not lease more: {reason}")));
+        }
         self.job_credentials.insert(job_id, credential);
         self.job_accounts.insert(job_id, account);
         // What the job declared when it was created, never what a request says.
@@ -740,6 +748,11 @@ impl Leases {
             }
         }
         Ok(ended)
+    }
+
+    /// The jobs whose payer cannot cover their leases, as the head last said.
+    pub fn set_unfunded(&self, jobs: std::collections::HashMap<JobId, String>) {
+        *self.unfunded.write().unwrap_or_else(|p| p.into_inner()) = jobs;
     }
 
     /// [`Leases::return_lease`] by id.
