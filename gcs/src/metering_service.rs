@@ -51,6 +51,7 @@ pub fn summary_to_proto(summary: &settlement::EpochSummary) -> EpochSummary {
                 fee_micros: payer.fee,
                 shortfall_micros: payer.shortfall,
                 balance_after_micros: payer.balance_after,
+                unfunded_micros: payer.unfunded,
             })
             .collect(),
         providers: summary
@@ -64,6 +65,8 @@ pub fn summary_to_proto(summary: &settlement::EpochSummary) -> EpochSummary {
                 uptime_ms: provider.uptime_ms,
                 gpu_capacity_units: provider.gpu_capacity.units(),
                 records: provider.records,
+                receivable_micros: provider.receivable,
+                repaid_micros: provider.repaid,
             })
             .collect(),
     }

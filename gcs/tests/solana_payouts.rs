@@ -303,3 +303,58 @@ fn bad_payout_configuration_is_refused_with_the_reason() {
     let url = err(PayoutSettings::rpc("127.0.0.1:8899", &keypair, "sol:1000", store));
     assert!(url.contains("not an http(s) URL"), "{url}");
 }
+
+/// A payer with $1 of credit runs $2.40 of GPUs: its provider is paid $1 on chain, the
+/// rest stays a receivable; once the payer pays its debt, the next epoch pays the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = Chain::new(1);
+    let clock = ManualClock::new(START);
+    let mut with_payouts = options(dir.path(), &clock);
+    with_payouts.payouts = Some(chain.settings(&dir.path().join("payouts.redb")));
+    let server = start(with_payouts).await;
+    let wallet = chain.providers[0].to_string();
+
+    let state = server.state();
+    let job = state.add_job(JobInfo { payer_account: "frugal".into(), ..Default::default() }).await.unwrap();
+    let job = JobId::from_bytes(&job.job_id).unwrap();
+    server.metering().add_credits("frugal", 1_000_000).await.unwrap();
+    let node = gpu_node(&wallet, "1.20");
+    state.register_node(node.clone()).await.unwrap();
+    let lease = LeaseId::random();
+    let gpus: ResourceSet = ResourceSet::new().with(GPU, Quantity::whole(2));
+    let started = LeaseStartedRequest {
+        lease_id: lease.to_vec(),
+        node_id: node.node_id.clone(),
+        job_id: job.to_vec(),
+        resources: Some((&gpus).into()),
+        ..Default::default()
+    };
+    server.metering().lease_started(&started).await.unwrap();
+    let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
+    server.metering().holder_report(job, &[word]).await.unwrap();
+    clock.advance_ms(HOUR);
+    // Ended by its node, or by the head as the credit ran out: at this moment either way.
+    let _ = server.metering().lease_ended(lease.as_bytes()).await;
+
+    let summary = server.metering().settle_now(false).await.unwrap();
+    let provider = &summary.providers[0];
+    assert_eq!((provider.revenue, provider.receivable), (1_000_000, 1_400_000), "{summary:?}");
+    assert_eq!(summary.payers[0].unfunded, 1_400_000);
+    wait_paid(&server, 1).await;
+    assert_eq!(chain.balances(), vec![1_000_000], "paid on chain what was funded, no more");
+    assert_eq!(balance(&server, Account::receivable("frugal", wallet.as_str())).await, 1_400_000);
+
+    // The payer pays its $1.46 debt and more: the next epoch pays the provider the rest.
+    server.metering().add_credits("frugal", 2_000_000).await.unwrap();
+    clock.advance_ms(1_000);
+    let summary = server.metering().settle_now(false).await.unwrap();
+    assert_eq!(summary.providers[0].repaid, 1_400_000, "{summary:?}");
+    wait_paid(&server, 2).await;
+    assert_eq!(chain.balances(), vec![2_400_000]);
+    assert_eq!(balance(&server, Account::receivable("frugal", wallet.as_str())).await, 0);
+    let sum: i64 = server.metering().balances().await.unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(sum, 0);
+    server.shutdown().await;
+}

@@ -276,6 +276,8 @@ fn a_killed_node_ends_its_open_lease_at_its_last_heartbeat() {
     let pid = cluster.nodes[index].id();
     let (node, _) = node_id_of(&cluster, pid);
     let job = add_job(&cluster, "bob");
+    // Funded: a payer with no credit would see its lease ended for that first.
+    cluster.ionet_ok(&["credits", "add", "--account", "bob", "--amount", "100"]);
     let lease = LeaseId::random();
     let start_ms = start_lease(&cluster, &lease, &node, &job, 1);
 

@@ -26,6 +26,9 @@ pub enum Account {
     Payer(String),
     /// A provider's earnings, keyed by wallet.
     Provider(String),
+    /// What a payer owes a provider for usage its balance did not fund: the provider's
+    /// claim, moved to its earnings once the payer pays (`payer`, `wallet`).
+    Receivable(String, String),
 }
 
 impl Account {
@@ -37,8 +40,13 @@ impl Account {
         Account::Provider(wallet.into())
     }
 
+    pub fn receivable(payer: impl Into<String>, wallet: impl Into<String>) -> Self {
+        Account::Receivable(payer.into(), wallet.into())
+    }
+
     /// The stable string key used in storage and on the CLI: `funding`, `treasury`,
-    /// `payer:<name>`, `provider:<wallet>`.
+    /// `payer:<name>`, `provider:<wallet>`, `receivable:<length of name>:<name>:<wallet>`
+    /// (names and wallets may hold colons; the length keeps the key unambiguous).
     pub fn key(&self) -> String {
         self.to_string()
     }
@@ -51,6 +59,7 @@ impl fmt::Display for Account {
             Account::Treasury => f.write_str("treasury"),
             Account::Payer(name) => write!(f, "payer:{name}"),
             Account::Provider(wallet) => write!(f, "provider:{wallet}"),
+            Account::Receivable(payer, wallet) => write!(f, "receivable:{}:{payer}:{wallet}", payer.len()),
         }
     }
 }
@@ -74,6 +83,17 @@ impl FromStr for Account {
         match kind {
             "payer" => Ok(Account::Payer(name.to_string())),
             "provider" => Ok(Account::Provider(name.to_string())),
+            "receivable" => {
+                let bad = || invalid("expected receivable:<length of payer>:<payer>:<wallet>");
+                let (length, rest) = name.split_once(':').ok_or_else(bad)?;
+                let length: usize = length.parse().map_err(|_| bad())?;
+                let payer = rest.get(..length).ok_or_else(bad)?;
+                let wallet = rest.get(length..).and_then(|rest| rest.strip_prefix(':')).ok_or_else(bad)?;
+                if payer.is_empty() || wallet.is_empty() {
+                    return Err(bad());
+                }
+                Ok(Account::Receivable(payer.to_string(), wallet.to_string()))
+            }
             _ => Err(invalid("expected funding, treasury, payer:<name> or provider:<wallet>")),
         }
     }
@@ -97,6 +117,10 @@ pub enum EntryKind {
     RewardRemainder,
     /// Provider → funding: earnings paid out of the ledger (a landed on-chain payout).
     Payout,
+    /// Payer → receivable: usage its balance did not fund, owed to the provider.
+    Receivable,
+    /// Receivable → provider: what the payer owed, once it has paid.
+    Repaid,
 }
 
 /// One posted transfer.
@@ -126,9 +150,13 @@ mod tests {
 
     #[test]
     fn account_keys_round_trip() {
-        for account in
-            [Account::Funding, Account::Treasury, Account::payer("alice"), Account::provider("So1ana:Wallet")]
-        {
+        for account in [
+            Account::Funding,
+            Account::Treasury,
+            Account::payer("alice"),
+            Account::provider("So1ana:Wallet"),
+            Account::receivable("a:b", "So1ana:Wallet"),
+        ] {
             assert_eq!(account.key().parse::<Account>().unwrap(), account);
         }
         let err = "bank:x".parse::<Account>().unwrap_err().to_string();

@@ -25,7 +25,7 @@ use tracing::info;
 pub use account::{Account, EntryKind, LedgerEntry};
 pub use plan::{
     plan_epoch, split_rewards, EpochPlanner, EpochSpec, EpochSummary, LedgerConfig, NodeAvailability, PayerEpoch,
-    ProviderEarnings, ProviderEpoch, SettlementPlan, DEFAULT_FEE_BPS,
+    ProviderEarnings, ProviderEpoch, Receivables, SettlementPlan, DEFAULT_FEE_BPS,
 };
 pub use redb_store::RedbStore;
 pub use store::{CommitBatch, LedgerStore, MemoryStore, SettleStep};
@@ -188,7 +188,21 @@ impl<S: LedgerStore> Ledger<S> {
         let mut planner = EpochPlanner::new();
         self.store.scan_pending(spec.end_ms, &mut |record| planner.add(record))?;
         let store = &self.store;
-        planner.finish(spec, &self.config, &mut |account| store.balance(account))
+        let receivables = self.receivables()?;
+        planner.finish(spec, &self.config, &mut |account| store.balance(account), &receivables)
+    }
+
+    /// What each payer owes providers for usage it did not fund.
+    pub fn receivables(&self) -> SettlementResult<Receivables> {
+        let mut receivables = Receivables::new();
+        for (account, balance) in self.store.balances()? {
+            if let Account::Receivable(payer, wallet) = account {
+                if balance > 0 {
+                    receivables.entry(payer).or_default().insert(wallet, balance as u64);
+                }
+            }
+        }
+        Ok(receivables)
     }
 
     /// `spec` beginning where the last closed epoch ended, if any (its reward pool covers
@@ -233,7 +247,8 @@ impl<S: LedgerStore> Ledger<S> {
         stop(SettleStep::LoadPending)?;
 
         let store = &self.store;
-        let plan = planner.finish(spec, &self.config, &mut |account| store.balance(account))?;
+        let receivables = self.receivables()?;
+        let plan = planner.finish(spec, &self.config, &mut |account| store.balance(account), &receivables)?;
         stop(SettleStep::ComputePlan)?;
 
         let summary = plan.summary.clone();

@@ -121,12 +121,19 @@ impl EpochSpec {
     }
 }
 
+/// What payers owe providers for usage they did not fund: payer → wallet → micro-USD
+/// (the balances of the `receivable` accounts).
+pub type Receivables = BTreeMap<String, BTreeMap<String, MicroUsd>>;
+
 /// A payer's part of one epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayerEpoch {
     pub payer: String,
     pub usage: MicroUsd,
     pub fee: MicroUsd,
+    /// The part of `usage` its balance did not cover: owed to the providers as
+    /// receivables (they are not paid it until the payer pays).
+    pub unfunded: MicroUsd,
     /// Debt newly incurred this epoch: the part of `usage + fee` the prepaid balance did
     /// not cover. It stays on the payer's account as a negative balance.
     pub shortfall: MicroUsd,
@@ -138,8 +145,13 @@ pub struct PayerEpoch {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderEpoch {
     pub wallet: String,
+    /// Usage credited: what its payers funded.
     pub revenue: MicroUsd,
     pub reward: MicroUsd,
+    /// Usage its payers did not fund: a receivable, credited once they pay.
+    pub receivable: MicroUsd,
+    /// Receivables of earlier epochs credited this epoch (their payers paid).
+    pub repaid: MicroUsd,
     /// Sum over the provider's nodes of [`NodeAvailability::power_cost`] (reported, not
     /// posted: the ledger does not pay electricity bills).
     pub power_cost: MicroUsd,
@@ -294,6 +306,7 @@ impl EpochPlanner {
         spec: &EpochSpec,
         config: &LedgerConfig,
         balance_of: &mut dyn FnMut(&Account) -> SettlementResult<i64>,
+        receivables: &Receivables,
     ) -> SettlementResult<SettlementPlan> {
         config.validate()?;
         let epoch = Some(spec.epoch_id);
@@ -304,7 +317,8 @@ impl EpochPlanner {
         });
 
         let mut entries = Vec::with_capacity(pairs.len() + self.payer_names.len());
-        let mut payer_totals: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        // Per payer: (usage, fee) and its pairs' payouts, in (payer, provider) order.
+        let mut payer_totals: BTreeMap<&str, (u64, u64, Vec<(&str, u64)>)> = BTreeMap::new();
         let mut providers: BTreeMap<String, ProviderEpoch> = BTreeMap::new();
         let (mut total_usage, mut total_fee) = (0u64, 0u64);
 
@@ -314,24 +328,13 @@ impl EpochPlanner {
             let payout = u64::try_from(total.numerator / COST_DENOMINATOR)
                 .map_err(|_| overflow(format!("payout of {payer_name} to {wallet}")))?;
             let fee = (payout as u128 * config.fee_bps as u128 / BPS_SCALE as u128) as u64;
-            if payout > 0 {
-                entries.push(LedgerEntry::new(
-                    epoch,
-                    EntryKind::Usage,
-                    Account::payer(payer_name.as_str()),
-                    Account::provider(wallet.as_str()),
-                    payout,
-                ));
-            }
             let sums = payer_totals.entry(payer_name.as_str()).or_default();
             sums.0 = sums.0.checked_add(payout).ok_or_else(|| overflow("payer usage"))?;
             sums.1 = sums.1.checked_add(fee).ok_or_else(|| overflow("payer fee"))?;
+            sums.2.push((wallet.as_str(), payout));
             total_usage = total_usage.checked_add(payout).ok_or_else(|| overflow("total usage"))?;
             total_fee = total_fee.checked_add(fee).ok_or_else(|| overflow("total fee"))?;
-            let entry = providers
-                .entry(wallet.clone())
-                .or_insert_with(|| ProviderEpoch { wallet: wallet.clone(), ..ProviderEpoch::default() });
-            entry.revenue = entry.revenue.checked_add(payout).ok_or_else(|| overflow("revenue"))?;
+            provider_entry(&mut providers, wallet);
         }
         for (index, wallet) in self.provider_names.iter().enumerate() {
             let totals = self.provider_totals[index];
@@ -341,14 +344,80 @@ impl EpochPlanner {
             entry.gpu_unit_ms = totals.gpu_unit_ms;
             entry.records = totals.records;
         }
+        // Payers that owe providers from earlier epochs are looked at even without usage.
+        for payer in receivables.keys() {
+            payer_totals.entry(payer.as_str()).or_default();
+        }
 
         let mut payers = Vec::with_capacity(payer_totals.len());
-        for (payer, (usage, fee)) in payer_totals {
+        for (payer, (usage, fee, payouts)) in payer_totals {
             let account = Account::payer(payer);
+            let before = balance_of(&account)?;
+            // Receivables from earlier epochs are paid once the payer's balance has come
+            // back past what it still owes (oldest wallet order, deterministic).
+            let debt = (-(before as i128)).max(0) as u128;
+            if let Some(owed) = receivables.get(payer) {
+                let outstanding: u128 = owed.values().map(|&amount| amount as u128).sum();
+                let mut repayable = outstanding.saturating_sub(debt) as u64;
+                for (wallet, &amount) in owed {
+                    let repaid = amount.min(repayable);
+                    if repaid == 0 {
+                        continue;
+                    }
+                    repayable -= repaid;
+                    entries.push(LedgerEntry::new(
+                        epoch,
+                        EntryKind::Repaid,
+                        Account::receivable(payer, wallet.as_str()),
+                        Account::provider(wallet.as_str()),
+                        repaid,
+                    ));
+                    let entry = provider_entry(&mut providers, wallet);
+                    entry.repaid = entry.repaid.checked_add(repaid).ok_or_else(|| overflow("repaid"))?;
+                }
+            }
+            // This epoch's usage is funded from what the balance holds; the rest is owed
+            // to the providers (a receivable each), spread over them in proportion.
+            let available = before.max(0) as u64;
+            let unfunded = usage.saturating_sub(available);
+            let mut spread = 0u64;
+            for (index, (wallet, payout)) in payouts.iter().enumerate() {
+                let share = if index + 1 == payouts.len() {
+                    unfunded - spread
+                } else {
+                    (unfunded as u128 * *payout as u128 / usage.max(1) as u128) as u64
+                };
+                let share = share.min(*payout);
+                spread += share;
+                let funded = payout - share;
+                let entry = provider_entry(&mut providers, wallet);
+                if funded > 0 {
+                    entries.push(LedgerEntry::new(
+                        epoch,
+                        EntryKind::Usage,
+                        account.clone(),
+                        Account::provider(*wallet),
+                        funded,
+                    ));
+                    entry.revenue = entry.revenue.checked_add(funded).ok_or_else(|| overflow("revenue"))?;
+                }
+                if share > 0 {
+                    entries.push(LedgerEntry::new(
+                        epoch,
+                        EntryKind::Receivable,
+                        account.clone(),
+                        Account::receivable(payer, *wallet),
+                        share,
+                    ));
+                    entry.receivable = entry.receivable.checked_add(share).ok_or_else(|| overflow("receivable"))?;
+                }
+            }
+            if usage == 0 && fee == 0 {
+                continue;
+            }
             if fee > 0 {
                 entries.push(LedgerEntry::new(epoch, EntryKind::Fee, account.clone(), Account::Treasury, fee));
             }
-            let before = balance_of(&account)?;
             let charge = usage as i128 + fee as i128;
             let after =
                 i64::try_from(before as i128 - charge).map_err(|_| overflow(format!("balance of {account}")))?;
@@ -358,6 +427,7 @@ impl EpochPlanner {
                 payer: payer.to_string(),
                 usage,
                 fee,
+                unfunded,
                 shortfall: (debt_after - debt_before).max(0) as u64,
                 balance_after: after,
             });
@@ -423,6 +493,13 @@ impl EpochPlanner {
     }
 }
 
+/// The epoch line of provider `wallet`, made empty if it has none yet.
+fn provider_entry<'a>(providers: &'a mut BTreeMap<String, ProviderEpoch>, wallet: &str) -> &'a mut ProviderEpoch {
+    providers
+        .entry(wallet.to_string())
+        .or_insert_with(|| ProviderEpoch { wallet: wallet.to_string(), ..ProviderEpoch::default() })
+}
+
 /// Splits `pool` among wallets in proportion to their weight:
 /// `share_i = floor(pool × weight_i / Σ weight)`; returns the shares (in input order)
 /// and the remainder `pool − Σ share_i` (less than the number of wallets with weight).
@@ -468,6 +545,7 @@ pub fn plan_epoch<'a>(
     config: &LedgerConfig,
     records: impl IntoIterator<Item = &'a UsageRecord>,
     balance_of: &mut dyn FnMut(&Account) -> SettlementResult<i64>,
+    receivables: &Receivables,
 ) -> SettlementResult<SettlementPlan> {
     let mut planner = EpochPlanner::new();
     for record in records {
@@ -475,7 +553,7 @@ pub fn plan_epoch<'a>(
             planner.add(&record.metered())?;
         }
     }
-    planner.finish(spec, config, balance_of)
+    planner.finish(spec, config, balance_of, receivables)
 }
 
 #[cfg(test)]

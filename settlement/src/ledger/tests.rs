@@ -199,10 +199,30 @@ proptest! {
                 *provider_credits.entry(p.wallet.clone()).or_default() += p.reward as i128;
             }
         }
-        // Debits equal credits plus fee, account by account.
+        // Debits equal credits plus fee, account by account: a provider's usage is in its
+        // earnings or, where its payer did not fund it, in its receivables.
         let balances = ledger.balances().unwrap();
+        let receivable_of = |wallet: &str| -> i128 {
+            balances
+                .iter()
+                .filter(|(account, _)| matches!(account, Account::Receivable(_, w) if w == wallet))
+                .map(|(_, balance)| *balance as i128)
+                .sum()
+        };
         for (wallet, credit) in &provider_credits {
-            prop_assert_eq!(balances.get(&Account::provider(wallet.as_str())).copied().unwrap_or(0) as i128, *credit);
+            let earned = balances.get(&Account::provider(wallet.as_str())).copied().unwrap_or(0) as i128;
+            prop_assert_eq!(earned + receivable_of(wallet), *credit);
+        }
+        // Nobody is credited for usage nobody funded: what a payer owes providers is at
+        // most its debt.
+        for payer in PAYERS {
+            let owed: i128 = balances
+                .iter()
+                .filter(|(account, _)| matches!(account, Account::Receivable(p, _) if p == payer))
+                .map(|(_, balance)| *balance as i128)
+                .sum();
+            let debt = (-(balances.get(&Account::payer(payer)).copied().unwrap_or(0) as i128)).max(0);
+            prop_assert!(owed <= debt, "{payer} owes providers {owed} with a debt of {debt}");
         }
         for (payer, deposit) in PAYERS.iter().zip(&deposits) {
             let debit = payer_debits.get(*payer).copied().unwrap_or(0);
@@ -282,15 +302,26 @@ fn shortfall_becomes_debt_and_credits_repay_it() {
     assert_eq!(payer.shortfall, 5_150_000);
     assert_eq!(payer.balance_after, -5_150_000);
     assert_eq!(ledger.balance(&Account::payer("alice")).unwrap(), -5_150_000);
-    // The provider is paid in full; the debt is not dropped.
-    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 6_000_000);
+    // The provider is credited what was funded; the rest is its receivable, and the
+    // payer's debt is not dropped.
+    assert_eq!(payer.unfunded, 5_000_000);
+    let provider = &outcome.summary().providers[0];
+    assert_eq!((provider.revenue, provider.receivable, provider.repaid), (1_000_000, 5_000_000, 0));
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 1_000_000);
+    assert_eq!(ledger.balance(&Account::receivable("alice", "wallet-a")).unwrap(), 5_000_000);
     assert_eq!(ledger.balance(&Account::Treasury).unwrap(), 150_000);
     assert_eq!(ledger.refund("alice").unwrap(), 0, "nothing to refund while in debt");
     assert_eq!(ledger.add_credits("alice", 6_000_000).unwrap(), 850_000);
-    // A second epoch in debt adds only the new debt as shortfall.
+    // A second epoch: the paid debt frees the receivable first (paid with this epoch),
+    // the new usage is funded from what is left, and only the new debt is shortfall.
     ledger.accept_records(&[gpu_hour(10, "alice", "wallet-a", 8_000_000)]).unwrap();
     let outcome = ledger.settle_epoch(&EpochSpec::new(1, 8_000_000)).unwrap();
     assert_eq!(outcome.summary().payers[0].shortfall, 2_050_000 - 850_000);
+    assert_eq!(outcome.summary().payers[0].unfunded, 2_000_000 - 850_000);
+    let provider = &outcome.summary().providers[0];
+    assert_eq!((provider.revenue, provider.receivable, provider.repaid), (850_000, 1_150_000, 5_000_000));
+    assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 1_000_000 + 5_000_000 + 850_000);
+    assert_eq!(ledger.balance(&Account::receivable("alice", "wallet-a")).unwrap(), 1_150_000);
     assert_eq!(sum_of_balances(&ledger), 0);
 }
 
@@ -313,6 +344,7 @@ fn refund_returns_unused_credit_once() {
 #[test]
 fn redelivered_records_are_settled_once() {
     let mut ledger = memory_ledger();
+    ledger.add_credits("alice", 100_000_000).unwrap();
     let r = gpu_hour(1, "alice", "wallet-a", 3_600_000);
     assert_eq!(ledger.accept_records(&[r.clone(), r.clone()]).unwrap(), 1);
     ledger.settle_epoch(&EpochSpec::new(0, 3_600_000)).unwrap();
@@ -374,6 +406,7 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
         node(3, "wallet-b", 3_600_000, 1),
         node(4, "wallet-c", 0, 4),
     ];
+    ledger.add_credits("alice", 100_000_000).unwrap();
     ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
     ledger.settle_epoch(&spec).unwrap();
     assert_eq!(ledger.balance(&Account::provider("wallet-a")).unwrap(), 2_000_000 + 800_000);
@@ -396,6 +429,7 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
             .unwrap();
     let mut spec = EpochSpec::new(0, 3_600_000);
     spec.availability = vec![node(1, "wallet-a", 3_600_000, 8), node(2, "wallet-b", 3_600_000, 2)];
+    ledger.add_credits("alice", 100_000_000).unwrap();
     ledger.accept_records(&[gpu_hour(1, "alice", "wallet-a", 3_600_000)]).unwrap();
     ledger.settle_epoch(&spec).unwrap();
     let earnings = ledger.earnings("wallet-a").unwrap();
@@ -508,7 +542,7 @@ trait PipeSummary {
 
 impl PipeSummary for EpochSpec {
     fn pipe_summary(&self) -> EpochSummary {
-        plan_epoch(self, &LedgerConfig::default(), [], &mut |_| Ok(0)).unwrap().summary
+        plan_epoch(self, &LedgerConfig::default(), [], &mut |_| Ok(0), &Receivables::new()).unwrap().summary
     }
 }
 

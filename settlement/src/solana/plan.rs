@@ -143,9 +143,11 @@ pub fn plan_payouts(
     let mut owed: BTreeMap<&str, MicroUsd> = BTreeMap::new();
     for provider in &summary.providers {
         let reward = if include_rewards { provider.reward } else { 0 };
+        // Funded usage and receivables its payers paid since: never usage nobody funded.
         let micro_usd = provider
             .revenue
-            .checked_add(reward)
+            .checked_add(provider.repaid)
+            .and_then(|earned| earned.checked_add(reward))
             .ok_or_else(|| SettlementError::Overflow(format!("payout of provider {}", provider.wallet)))?;
         let total = owed.entry(provider.wallet.as_str()).or_default();
         *total = total
