@@ -704,6 +704,52 @@ impl Metering {
         Ok(records)
     }
 
+    /// A job's bill so far: every record and running lease of it, with the node's GPU
+    /// model, cost and fee.
+    pub async fn job_cost(&self, job_id: JobId) -> GcsResult<proto::JobCostReply> {
+        let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
+        let config = self.state.config();
+        let fee_bps = config.protocol_fee_bps;
+        let payer_account =
+            if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
+        let mut lines = Vec::new();
+        for record in self.list_usage(Some(job_id), None).await? {
+            let node = NodeId::from_bytes(&record.node_id).ok().and_then(|node| self.state.node(&node));
+            let gpu_model = node
+                .map(|node| match node.gpus.first() {
+                    Some(gpu) => gpu.model.clone(),
+                    None => node.accelerator_type.clone(),
+                })
+                .unwrap_or_default();
+            let now = self.state.now_ms();
+            lines.push(proto::ReceiptLine {
+                fee_micros: record.cost_micros.saturating_mul(u64::from(fee_bps)) / 10_000,
+                end_ms: if record.open { now } else { record.end_ms },
+                lease_id: record.lease_id,
+                record_id: record.record_id,
+                node_id: record.node_id,
+                gpu_model,
+                resources: record.resources,
+                start_ms: record.start_ms,
+                price_per_gpu_hour_micros: record.price_per_gpu_hour_micros,
+                price_per_cpu_hour_micros: record.price_per_cpu_hour_micros,
+                cost_micros: record.cost_micros,
+                open: record.open,
+                ended_by: record.ended_by,
+            });
+        }
+        Ok(proto::JobCostReply {
+            job_id: job_id.to_vec(),
+            payer_account,
+            fee_bps,
+            as_of_ms: self.state.now_ms(),
+            running: job.state != ionet_common::rpc::proto::common::JobState::Finished as i32,
+            total_cost_micros: lines.iter().map(|line| line.cost_micros).sum(),
+            total_fee_micros: lines.iter().map(|line| line.fee_micros).sum(),
+            lines,
+        })
+    }
+
     fn check_account_name(account: &str) -> GcsResult<()> {
         if account.trim().is_empty() || account.chars().any(char::is_control) {
             return Err(invalid(format!("account name {account:?} is invalid: it must be non-empty printable text")));

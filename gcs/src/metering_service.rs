@@ -109,6 +109,17 @@ impl MeteringRpc for MeteringService {
         Ok(Response::new(ReportHeldLeasesReply {}))
     }
 
+    async fn job_cost(&self, request: Request<JobCostRequest>) -> Result<Response<JobCostReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let job_id = JobId::from_bytes(&request.into_inner().job_id).map_err(GcsError::from)?;
+        let reply = self.metering.job_cost(job_id).await?;
+        // A tenant reads its own account's bills; a node none.
+        if matches!(principal, Principal::Node(_)) || !principal.sees_account(&reply.payer_account) {
+            return Err(Status::permission_denied(format!("{principal} may not read the bill of job {job_id}")));
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn list_usage(&self, request: Request<ListUsageRequest>) -> Result<Response<ListUsageReply>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();

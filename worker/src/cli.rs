@@ -24,6 +24,10 @@ pub enum Command {
     Stop(StopArgs),
     /// Usage records the head metered (ended and open leases).
     Usage(UsageArgs),
+    /// A job's bill: `ionet job cost 00000001` (live while it runs; --json or --csv for
+    /// a receipt).
+    #[command(subcommand)]
+    Job(JobCommand),
     /// The settlement ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -44,6 +48,26 @@ pub enum Command {
     /// Tenant accounts: `ionet account create acme` prints its API key.
     #[command(subcommand)]
     Account(AccountCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Every lease of the job so far, with node, GPU model, seconds, price, cost and fee.
+    Cost(JobCostArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct JobCostArgs {
+    /// The job (hex id, e.g. 00000001).
+    pub job: String,
+    /// The receipt as JSON.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// The receipt as CSV, one lease a line.
+    #[arg(long)]
+    pub csv: bool,
+    #[command(flatten)]
+    pub head: HeadArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -442,6 +466,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(ListCommand::Actors(args)) => commands::list_actors(args),
         Command::Stop(args) => commands::stop(args),
         Command::Usage(args) => metering_commands::usage(args),
+        Command::Job(JobCommand::Cost(args)) => metering_commands::job_cost(args),
         Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),
         Command::Settle(args) => metering_commands::settle(args),
         Command::Earnings(args) => metering_commands::earnings(args),

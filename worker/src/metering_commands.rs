@@ -1,5 +1,5 @@
-//! `ionet usage`, `ionet ledger balances`, `ionet settle`, `ionet earnings` and
-//! `ionet credits add|refund`: thin clients of the head's metering service. Amounts travel
+//! `ionet usage`, `ionet job cost`, `ionet ledger balances`, `ionet settle`, `ionet
+//! earnings` and `ionet credits add|refund`: thin clients of the head's metering service. Amounts travel
 //! as integer micro-USD and are shown as USD; `--json` prints both.
 
 use anyhow::{anyhow, bail, Result};
@@ -10,7 +10,8 @@ use ionet_common::{IonetError, JobId, NodeId};
 use serde_json::{json, Value};
 
 use crate::cli::{
-    BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, PayoutsArgs, SettleArgs, UsageArgs,
+    BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, JobCostArgs, PayoutsArgs, SettleArgs,
+    UsageArgs,
 };
 use crate::commands::{resolve_admin_credential, resolve_head_address, resolve_reader_credential};
 use crate::logging;
@@ -222,6 +223,113 @@ pub fn usage(args: UsageArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ionet job cost`: a job's bill so far, as a table, JSON or CSV.
+pub fn job_cost(args: JobCostArgs) -> Result<()> {
+    let job_id: JobId = args.job.parse()?;
+    let request = JobCostRequest { job_id: job_id.to_vec() };
+    let bill = with_metering(&args.head, As::Reader, async move |mut client| {
+        Ok(client.job_cost(request).await?.into_inner())
+    })?;
+    let resources = |line: &ReceiptLine| line.resources.clone().unwrap_or_default().to_set().unwrap_or_default();
+    let seconds = |line: &ReceiptLine| line.end_ms.saturating_sub(line.start_ms) as f64 / 1000.0;
+    if args.json {
+        let lines: Vec<Value> = bill
+            .lines
+            .iter()
+            .map(|line| {
+                json!({
+                    "lease_id": hex::encode(&line.lease_id),
+                    "record_id": line.record_id,
+                    "node_id": hex::encode(&line.node_id),
+                    "gpu_model": line.gpu_model,
+                    "resources": resources(line).iter().map(|(name, quantity)| (name.to_string(), json!(quantity.as_f64()))).collect::<serde_json::Map<_, _>>(),
+                    "start_ms": line.start_ms,
+                    "end_ms": line.end_ms,
+                    "seconds": seconds(line),
+                    "price_per_gpu_hour_micros": line.price_per_gpu_hour_micros,
+                    "price_per_cpu_hour_micros": line.price_per_cpu_hour_micros,
+                    "cost_micros": line.cost_micros,
+                    "fee_micros": line.fee_micros,
+                    "open": line.open,
+                    "ended_by": line.ended_by,
+                })
+            })
+            .collect();
+        let receipt = json!({
+            "job_id": hex::encode(&bill.job_id),
+            "payer_account": bill.payer_account,
+            "fee_bps": bill.fee_bps,
+            "as_of_ms": bill.as_of_ms,
+            "running": bill.running,
+            "lines": lines,
+            "total_cost_micros": bill.total_cost_micros,
+            "total_fee_micros": bill.total_fee_micros,
+            "total_micros": bill.total_cost_micros + bill.total_fee_micros,
+        });
+        println!("{}", serde_json::to_string_pretty(&receipt)?);
+        return Ok(());
+    }
+    if args.csv {
+        println!("lease_id,record_id,node_id,gpu_model,resources,start_ms,end_ms,seconds,price_per_gpu_hour_usd,price_per_cpu_hour_usd,cost_usd,fee_usd,open");
+        for line in &bill.lines {
+            println!(
+                "{},{},{},{},\"{}\",{},{},{:.3},{},{},{},{},{}",
+                hex::encode(&line.lease_id),
+                line.record_id,
+                hex::encode(&line.node_id),
+                line.gpu_model,
+                resources(line),
+                line.start_ms,
+                line.end_ms,
+                seconds(line),
+                format_usd_exact(line.price_per_gpu_hour_micros),
+                format_usd_exact(line.price_per_cpu_hour_micros),
+                format_usd_exact(line.cost_micros),
+                format_usd_exact(line.fee_micros),
+                line.open
+            );
+        }
+        return Ok(());
+    }
+    let state = if bill.running { "running" } else { "finished" };
+    println!("job {} (payer {}), {state}; as of {}", hex::encode(&bill.job_id), bill.payer_account, utc(bill.as_of_ms));
+    if bill.lines.is_empty() {
+        println!("no leases billed");
+        return Ok(());
+    }
+    println!(
+        "{:<8}  {:<8}  {:<12}  {:<16}  {:>10}  {:>10}  {:>12}  {:>10}  {}",
+        "LEASE", "NODE", "GPU", "RESOURCES", "SECONDS", "$/GPU-H", "COST", "FEE", "STATE"
+    );
+    for line in &bill.lines {
+        println!(
+            "{:<8}  {:<8}  {:<12}  {:<16}  {:>10.3}  {:>10}  {:>12}  {:>10}  {}",
+            short_hex(&line.lease_id),
+            short_hex(&line.node_id),
+            if line.gpu_model.is_empty() { "-" } else { line.gpu_model.as_str() },
+            resources(line).to_string(),
+            seconds(line),
+            format_usd(line.price_per_gpu_hour_micros),
+            format_usd_exact(line.cost_micros),
+            format_usd_exact(line.fee_micros),
+            if line.open { "running".to_string() } else { format!("ended by {}", line.ended_by) },
+        );
+    }
+    println!(
+        "total {} + fee {} ({} bps) = {}",
+        format_usd_exact(bill.total_cost_micros),
+        format_usd_exact(bill.total_fee_micros),
+        bill.fee_bps,
+        format_usd_exact(bill.total_cost_micros + bill.total_fee_micros)
+    );
+    Ok(())
+}
+
+/// Micro-USD as dollars to the micro-dollar (`$0.000342`).
+fn format_usd_exact(micros: u64) -> String {
+    format!("${}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
 /// `ionet ledger balances`.

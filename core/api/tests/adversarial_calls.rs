@@ -22,8 +22,8 @@ use ionet::rpc::proto::gcs::{
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
-    AddCreditsRequest, BalancesRequest, HeldLease, LeaseEndedRequest, LeaseStartedRequest, ListUsageRequest,
-    RefundRequest, ReportHeldLeasesRequest, SettleRequest,
+    AddCreditsRequest, BalancesRequest, HeldLease, JobCostRequest, LeaseEndedRequest, LeaseStartedRequest,
+    ListUsageRequest, RefundRequest, ReportHeldLeasesRequest, SettleRequest,
 };
 use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
@@ -400,6 +400,9 @@ fn a_tenant_acts_only_for_its_own_job() {
         let word = HeldLease { lease_id: ionet::LeaseId::random().to_vec(), granted: false, ..Default::default() };
         let report = ReportHeldLeasesRequest { job_id: victim_job.to_vec(), leases: vec![word] };
         denied(her_meter.report_held_leases(report).await, "ending another job's leases as their holder");
+        let bill = JobCostRequest { job_id: victim_job.to_vec() };
+        let message = denied(her_meter.job_cost(bill).await, "reading another job's bill");
+        assert!(message.contains("may not read the bill"), "{message}");
         // Actor names are per account: the victim's is not hers to find, and she takes
         // the same name in her own account without touching the victim's.
         let lookup = GetNamedActorRequest { name: "ledger".into(), namespace: "shared".into() };

@@ -458,6 +458,11 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
     let started = Instant::now();
     let gpus = ionet::get(&hold_gpus::options(TaskOptions::default().num_gpus(2.0)).remote(2_000u64)).unwrap();
     assert_eq!(gpus.len(), 2);
+    let job = ionet::get_runtime_context().unwrap().job_id.hex();
+    // The bill, live while the job runs.
+    let live: serde_json::Value = serde_json::from_str(&cluster.ionet(&["job", "cost", &job, "--json"])).unwrap();
+    assert_eq!((live["running"].as_bool(), live["payer_account"].as_str()), (Some(true), Some("acme")), "{live:#}");
+    assert_eq!(live["lines"][0]["gpu_model"], "A100-80GB", "{live:#}");
     ionet::shutdown(); // returns the lease now
     let held_at_most = started.elapsed().as_millis() as u64;
 
@@ -487,6 +492,26 @@ fn gpu_lease_is_metered_and_settled_to_the_provider() {
         (cost - expected).abs() <= expected * 0.01,
         "charged {cost} micro-USD for {duration} ms of 2 GPUs at $1.20/h, expected {expected}"
     );
+
+    // The receipt: each lease's seconds at its quoted price is its cost, plus the fee.
+    let receipt: serde_json::Value = serde_json::from_str(&cluster.ionet(&["job", "cost", &job, "--json"])).unwrap();
+    assert_eq!(receipt["running"], false, "{receipt:#}");
+    let line = &receipt["lines"][0];
+    let (seconds, price) = (line["seconds"].as_f64().unwrap(), line["price_per_gpu_hour_micros"].as_f64().unwrap());
+    let quoted = seconds * 2.0 * price / 3600.0;
+    assert!((line["cost_micros"].as_f64().unwrap() - quoted).abs() <= 1.0, "{line:#}: {quoted}");
+    assert_eq!(line["fee_micros"].as_u64().unwrap(), line["cost_micros"].as_u64().unwrap() * 250 / 10_000);
+    assert_eq!(
+        receipt["total_micros"],
+        receipt["total_cost_micros"].as_u64().unwrap() + receipt["total_fee_micros"].as_u64().unwrap()
+    );
+    let csv = cluster.ionet(&["job", "cost", &job, "--csv"]);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(rows[0].starts_with("lease_id,record_id,node_id,gpu_model,") && rows.len() == 2, "{csv}");
+    assert!(rows[1].contains(",A100-80GB,\"") && rows[1].ends_with(",false"), "{csv}");
+    let table = cluster.ionet(&["job", "cost", &job]);
+    let ended = table.contains("ended by holder") || table.contains("ended by node");
+    assert!(table.contains("finished") && ended, "{table}");
 
     cluster.ionet(&["settle"]);
     let balances: serde_json::Value = serde_json::from_str(&cluster.ionet(&["ledger", "balances", "--json"])).unwrap();

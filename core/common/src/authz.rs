@@ -238,6 +238,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
     row("/ionet.metering.Metering/ReportHeldLeases", Access::Job),
+    row("/ionet.metering.Metering/JobCost", Access::Read),
     row("/ionet.metering.Metering/ListUsage", Access::Read),
     row("/ionet.metering.Metering/AddCredits", Access::Admin),
     row("/ionet.metering.Metering/Refund", Access::Admin),
