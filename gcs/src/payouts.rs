@@ -48,6 +48,10 @@ pub struct PayoutSettings {
     pub store_path: Option<PathBuf>,
     /// How often pending payouts are retried.
     pub retry_interval: Duration,
+    /// The durable nonce account every payout transaction advances, so each is signed
+    /// once (created under the authority on the first pass if it does not exist).
+    /// `None`: transactions are signed against recent blockhashes.
+    pub nonce: Option<Keypair>,
 }
 
 impl std::fmt::Debug for PayoutSettings {
@@ -66,6 +70,9 @@ impl PayoutSettings {
     pub fn rpc(rpc_url: &str, keypair_path: &std::path::Path, asset: &str, store_path: PathBuf) -> GcsResult<Self> {
         let asset: PayoutAsset = asset.parse()?;
         let authority = read_keypair_file(keypair_path)?;
+        // The nonce account's key lives beside the payout state (it only signs the
+        // account's creation; the authority advances it).
+        let nonce = load_or_create_keypair(&store_path.with_file_name("payout_nonce.json"))?;
         if !(rpc_url.starts_with("http://") || rpc_url.starts_with("https://")) {
             let why = format!("payout RPC URL {rpc_url:?} is not an http(s) URL");
             return Err(GcsError::Ionet(IonetError::InvalidArgument(why)));
@@ -76,8 +83,32 @@ impl PayoutSettings {
             config: PayoutConfig::new(asset),
             store_path: Some(store_path),
             retry_interval: Duration::from_secs(30),
+            nonce: Some(nonce),
         })
     }
+}
+
+/// The keypair in the Solana CLI's JSON file at `path`, made (0600) if absent.
+fn load_or_create_keypair(path: &std::path::Path) -> GcsResult<Keypair> {
+    if path.exists() {
+        return Ok(read_keypair_file(path)?);
+    }
+    let keypair = Keypair::new();
+    // The Solana CLI's format: a JSON array of the 64 secret and public key bytes.
+    let bytes: Vec<String> = keypair.to_bytes().iter().map(u8::to_string).collect();
+    let text = format!("[{}]", bytes.join(","));
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| GcsError::Storage(format!("cannot create {}: {err}", path.display())))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|err| GcsError::Storage(format!("cannot write {}: {err}", path.display())))?;
+    Ok(keypair)
 }
 
 /// The head's payer: one payouter, used by one pass at a time.
@@ -88,6 +119,8 @@ pub struct Payouts {
     /// Epochs paid in full and posted to the ledger: never looked at again.
     done: Mutex<BTreeSet<u64>>,
     retry_interval: Duration,
+    /// The nonce account's keypair until the account is known to exist.
+    nonce: Mutex<Option<Keypair>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,7 +130,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Payouts {
     /// Opens the payout store and attaches the payer to `metering` (for `ListPayouts`).
     pub async fn open(settings: PayoutSettings, metering: Arc<Metering>) -> GcsResult<Arc<Self>> {
-        let PayoutSettings { chain, authority, config, store_path, retry_interval } = settings;
+        let PayoutSettings { chain, authority, mut config, store_path, retry_interval, nonce } = settings;
+        config.nonce_account = nonce.as_ref().map(solana_signer::Signer::pubkey);
         let payouter = blocking(move || {
             let store: Box<dyn PayoutStore> =
                 match &store_path {
@@ -116,6 +150,7 @@ impl Payouts {
             metering: metering.clone(),
             done: Mutex::new(BTreeSet::new()),
             retry_interval,
+            nonce: Mutex::new(nonce),
         });
         let view: Arc<dyn PayoutView> = payouts.clone();
         metering.set_payouts(Arc::downgrade(&view));
@@ -140,6 +175,14 @@ impl Payouts {
     /// One pass: pays and posts every closed epoch not yet done, in order, stopping at
     /// the first that cannot be finished now. Returns how many epochs are done in all.
     pub async fn pay_pending(&self) -> GcsResult<usize> {
+        // First make sure the nonce account exists (once per process).
+        let nonce = lock(&self.nonce).as_ref().map(Keypair::insecure_clone);
+        if let Some(nonce) = nonce {
+            let payouter = self.payouter.clone();
+            let address = blocking(move || Ok(lock(&payouter).ensure_nonce_account(&nonce)?)).await?;
+            tracing::info!(nonce = %address, "payouts are signed against this durable nonce account");
+            *lock(&self.nonce) = None;
+        }
         let ledger = self.ledger.clone();
         let epochs: Vec<EpochSummary> = blocking(move || Ok(ledger.lock().epochs()?)).await?;
         for summary in epochs {

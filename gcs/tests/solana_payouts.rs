@@ -36,6 +36,8 @@ const HOUR: u64 = 3_600_000;
 struct Chain {
     svm: SvmChain,
     authority: Keypair,
+    /// The head's durable nonce account key (the same across restarts, as its file).
+    nonce: Keypair,
     mint: Pubkey,
     providers: Vec<Pubkey>,
 }
@@ -46,7 +48,8 @@ impl Chain {
         let authority = Keypair::new();
         svm.airdrop(&authority.pubkey(), 10 * SOL);
         let mint = svm.create_funded_mint(&authority, 6, 1_000_000_000);
-        Chain { svm, authority, mint, providers: (0..providers).map(|_| Keypair::new().pubkey()).collect() }
+        let providers = (0..providers).map(|_| Keypair::new().pubkey()).collect();
+        Chain { svm, authority, nonce: Keypair::new(), mint, providers }
     }
 
     fn payout_config(&self) -> PayoutConfig {
@@ -64,6 +67,7 @@ impl Chain {
             config: self.payout_config(),
             store_path: Some(store.to_path_buf()),
             retry_interval: Duration::from_millis(50),
+            nonce: Some(self.nonce.insecure_clone()),
         }
     }
 

@@ -376,3 +376,87 @@ fn sol_payout_to_a_few_providers() {
     let got: Vec<u64> = providers.iter().map(|wallet| chain.lamports(wallet)).collect();
     assert_eq!(got, want);
 }
+
+/// A payouter whose batches are signed against a durable nonce account of the authority
+/// (created here, as the head does at start).
+fn nonce_payouter<C: PayoutChain, S: PayoutStore>(
+    setup: &TokenSetup,
+    nonce: &Keypair,
+    chain: C,
+    store: S,
+) -> SolanaPayouter<C, S> {
+    let asset = PayoutAsset::Token { mint: setup.mint, decimals: 6 };
+    let config = PayoutConfig { nonce_account: Some(nonce.pubkey()), ..config(asset) };
+    // Created (or found) on the chain itself, before any fault is injected.
+    let mut setup_payouter = SolanaPayouter::new(
+        setup.chain.clone(),
+        MemoryPayoutStore::new(),
+        setup.authority.insecure_clone(),
+        config.clone(),
+    )
+    .unwrap();
+    assert_eq!(setup_payouter.ensure_nonce_account(nonce).unwrap(), nonce.pubkey());
+    SolanaPayouter::new(chain, store, setup.authority.insecure_clone(), config).unwrap()
+}
+
+#[test]
+fn nonce_payouts_are_signed_once_through_a_crash_after_signing_and_after_sending() {
+    let setup = token_setup(25, 10_000_000_000);
+    let nonce = Keypair::new();
+    let summary = settled_epoch(11, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    // Batch 1 is signed and stored, then the process "dies" before it leaves (dropped).
+    let chain = FaultyChain { inner: setup.chain.clone(), fault: SendFault::Drop { after_sends: 0 }, sends: 0 };
+    let mut payouter = nonce_payouter(&setup, &nonce, chain, MemoryPayoutStore::new());
+    payouter.pay_epoch(&summary).unwrap_err();
+    assert_eq!(provider_token_balances(&setup), vec![0; 25]);
+    // A long outage: many blockhashes expire. The stored transaction is still good.
+    for _ in 0..5 {
+        setup.chain.expire_blockhash();
+    }
+    // Batch 2 lands but the acknowledgement is lost (a crash after sending).
+    payouter.chain().fault = SendFault::LoseAck { after_sends: 2 };
+    payouter.pay_epoch(&summary).unwrap_err();
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(provider_token_balances(&setup), want);
+    assert!(report.batches.iter().all(|batch| batch.attempts == 1), "signed once each: {:?}", report.batches);
+    let record = payouter.store().epoch_payouts(11).unwrap().unwrap();
+    assert_eq!(record.nonce_account, nonce.pubkey().to_string());
+    // Every attempt was signed against the nonce (its first instruction advances it).
+    for batch in &record.batches {
+        let attempt = batch.landed().unwrap();
+        assert!(setup.chain.logs(&attempt.signature).iter().any(|line| line.contains("ionet settlement epoch 11")));
+    }
+    assert_eq!(payouter.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    // The nonce account is there once: asking again creates nothing.
+    let lamports = setup.chain.lamports(&setup.authority.pubkey());
+    assert_eq!(payouter.ensure_nonce_account(&nonce).unwrap(), nonce.pubkey());
+    assert_eq!(setup.chain.lamports(&setup.authority.pubkey()), lamports);
+}
+
+#[test]
+fn nonce_payout_landed_but_not_recorded_is_found_after_a_restart() {
+    let setup = token_setup(25, 10_000_000_000);
+    let nonce = Keypair::new();
+    let summary = settled_epoch(12, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("payouts.redb");
+    let store = CrashBeforeRecordingLanded { inner: RedbPayoutStore::open(&path).unwrap(), armed: true };
+    let mut payouter = nonce_payouter(&setup, &nonce, setup.chain.clone(), store);
+    assert!(matches!(payouter.pay_epoch(&summary).unwrap_err(), SettlementError::Io(_)));
+    drop(payouter);
+    for _ in 0..5 {
+        setup.chain.expire_blockhash();
+    }
+    // The restart finds batch 1 landed (not resent, not re-signed) and pays the rest.
+    let mut payouter = nonce_payouter(&setup, &nonce, setup.chain.clone(), RedbPayoutStore::open(&path).unwrap());
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_eq!(provider_token_balances(&setup), want);
+    assert!(report.batches.iter().all(|batch| batch.attempts == 1), "{:?}", report.batches);
+    // The epoch keeps its own nonce whatever a later config says.
+    let (_, store) = payouter.into_parts();
+    let mut plain = token_payouter(&setup, setup.chain.clone(), store);
+    assert_eq!(plain.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    assert_eq!(provider_token_balances(&setup), want);
+}

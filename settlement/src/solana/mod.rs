@@ -48,6 +48,10 @@ pub use store::{
 use crate::error::{SettlementError, SettlementResult};
 use crate::ledger::EpochSummary;
 
+/// Lamports that keep a nonce account (80 bytes) rent-exempt at the default rent:
+/// `(80 + 128) × 3480 × 2`.
+pub const NONCE_ACCOUNT_RENT: u64 = 1_447_680;
+
 /// Fresh signatures one `pay_epoch` call may make for one batch before it gives up with
 /// [`SettlementError::PayoutUnconfirmed`] (each needs the previous one expired).
 const MAX_FRESH_ATTEMPTS_PER_CALL: usize = 3;
@@ -64,6 +68,11 @@ pub struct PayoutConfig {
     pub confirm_timeout: Duration,
     /// Pause between status polls.
     pub poll_interval: Duration,
+    /// A durable nonce account under the authority (see
+    /// [`SolanaPayouter::ensure_nonce_account`]): every batch is signed once, against it,
+    /// and a resend is always the same transaction. `None`: signed against recent
+    /// blockhashes, re-signed only after one is seen expired unlanded.
+    pub nonce_account: Option<Pubkey>,
 }
 
 impl PayoutConfig {
@@ -73,6 +82,7 @@ impl PayoutConfig {
             include_rewards: true,
             confirm_timeout: Duration::from_secs(90),
             poll_interval: Duration::from_millis(500),
+            nonce_account: None,
         }
     }
 }
@@ -204,7 +214,8 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         for skip in &skipped {
             warn!(epoch = summary.epoch_id, wallet = %skip.wallet, micro_usd = skip.micro_usd, reason = %skip.reason, "payout skipped");
         }
-        let batches = plan::split_batches(summary.epoch_id, asset, &authority, &payouts)?
+        let nonce = self.config.nonce_account;
+        let batches = plan::split_batches(summary.epoch_id, asset, &authority, &payouts, nonce.as_ref())?
             .into_iter()
             .enumerate()
             .map(|(position, payouts)| PayoutBatch { index: position as u32 + 1, payouts, attempts: Vec::new() })
@@ -215,6 +226,7 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
             authority: authority.to_string(),
             batches,
             skipped,
+            nonce_account: nonce.map(|nonce| nonce.to_string()).unwrap_or_default(),
         })
     }
 
@@ -227,7 +239,69 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
                 record.epoch_id, record.asset, record.authority
             )));
         }
+        // The nonce (or none) is the epoch's own, as planned: its transactions keep using
+        // it whatever the config says now.
         Ok(())
+    }
+
+    /// Makes sure the durable nonce account `nonce` exists under the authority, creating
+    /// it (paid by the authority) if it does not; returns its address. Idempotent: call
+    /// it at every start.
+    pub fn ensure_nonce_account(&mut self, nonce: &Keypair) -> SettlementResult<Pubkey> {
+        let address = nonce.pubkey();
+        let authority = self.authority.pubkey();
+        let deadline = Instant::now() + self.config.confirm_timeout;
+        let mut sent = false;
+        loop {
+            if let Some(account) = self.chain.get_account(&address)? {
+                plan::nonce_value(&account.data, &authority)?;
+                return Ok(address);
+            }
+            if !sent || Instant::now() >= deadline {
+                if sent {
+                    warn!(nonce = %address, "the payout nonce account did not appear; creating it again");
+                }
+                let instructions = solana_system_interface::instruction::create_nonce_account(
+                    &authority,
+                    &address,
+                    &authority,
+                    NONCE_ACCOUNT_RENT,
+                );
+                let blockhash = self.chain.latest_blockhash()?;
+                let message = solana_message::Message::new(&instructions, Some(&authority));
+                let mut transaction = solana_transaction::Transaction::new_unsigned(message);
+                transaction
+                    .try_sign(&[&self.authority, nonce], blockhash)
+                    .map_err(|err| SettlementError::PayoutConfig(format!("signing the nonce account: {err}")))?;
+                // Creating an account that exists fails and moves nothing: safe to repeat.
+                if let Err(err) = self.chain.send_transaction(&transaction) {
+                    warn!(nonce = %address, error = %err, "sending the nonce account's creation failed");
+                }
+                info!(nonce = %address, authority = %authority, "payout nonce account created");
+                sent = true;
+                continue;
+            }
+            std::thread::sleep(self.config.poll_interval);
+        }
+    }
+
+    /// The value the next transaction against `nonce` must carry.
+    fn current_nonce(&mut self, nonce: &Pubkey) -> SettlementResult<Hash> {
+        let account = self
+            .chain
+            .get_account(nonce)?
+            .ok_or_else(|| SettlementError::PayoutConfig(format!("the payout nonce account {nonce} does not exist")))?;
+        plan::nonce_value(&account.data, &self.authority.pubkey())
+    }
+
+    /// The nonce account an epoch's transactions advance, as planned.
+    fn nonce_of(record: &EpochPayouts) -> SettlementResult<Option<Pubkey>> {
+        if record.nonce_account.is_empty() {
+            return Ok(None);
+        }
+        record.nonce_account.parse().map(Some).map_err(|_| {
+            SettlementError::PayoutConfig(format!("stored nonce account {:?} is not an address", record.nonce_account))
+        })
     }
 
     fn pay_batch(&mut self, record: &mut EpochPayouts, position: usize) -> SettlementResult<()> {
@@ -281,7 +355,10 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
             }
             fresh_attempts += 1;
             self.check_funds(record, position)?;
-            let blockhash = self.chain.latest_blockhash()?;
+            let blockhash = match Self::nonce_of(record)? {
+                Some(nonce) => self.current_nonce(&nonce)?,
+                None => self.chain.latest_blockhash()?,
+            };
             let transaction = self.sign_batch(record, position, blockhash)?;
             // The attempt is durable before the transaction leaves this process.
             self.store.put_epoch_payouts(record)?;
@@ -300,8 +377,16 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         let count = record.batches.len();
         let batch = &mut record.batches[position];
         let memo = plan::memo_text(record.epoch_id, batch.index as usize, count);
-        let transaction =
-            plan::batch_transaction(&self.config.asset, &self.authority, &batch.payouts, &memo, blockhash)?;
+        let nonce = Self::nonce_of(record)?;
+        let batch = &mut record.batches[position];
+        let transaction = plan::batch_transaction(
+            &self.config.asset,
+            &self.authority,
+            &batch.payouts,
+            &memo,
+            nonce.as_ref(),
+            blockhash,
+        )?;
         let bytes = plan::wire_bytes(&transaction);
         if bytes.len() > PACKET_DATA_SIZE {
             return Err(SettlementError::PayoutConfig(format!(
@@ -362,10 +447,14 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         let signature: Signature = attempt.signature.parse().map_err(|_| parse_error("signature"))?;
         let blockhash: Hash = attempt.blockhash.parse().map_err(|_| parse_error("blockhash"))?;
         let deadline = Instant::now() + self.config.confirm_timeout;
+        let nonce = Self::nonce_of(record)?;
         loop {
             // Validity first: "not found" only proves the transaction dead if the
-            // blockhash had already expired when the status was read.
-            let valid = self.chain.is_blockhash_valid(&blockhash)?;
+            // blockhash had already expired (or the nonce moved on) when the status was read.
+            let valid = match &nonce {
+                Some(nonce) => self.current_nonce(nonce)? == blockhash,
+                None => self.chain.is_blockhash_valid(&blockhash)?,
+            };
             match self.chain.signature_status(&signature)? {
                 Some(SignatureStatus::Landed) => return Ok(Resolution::Landed),
                 Some(SignatureStatus::Failed(error)) => return Ok(Resolution::Failed(error)),
@@ -397,8 +486,15 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
     ) -> SettlementResult<()> {
         let batch = &record.batches[position];
         let memo = plan::memo_text(record.epoch_id, batch.index as usize, record.batches.len());
-        let transaction =
-            plan::batch_transaction(&self.config.asset, &self.authority, &batch.payouts, &memo, blockhash)?;
+        let nonce = Self::nonce_of(record)?;
+        let transaction = plan::batch_transaction(
+            &self.config.asset,
+            &self.authority,
+            &batch.payouts,
+            &memo,
+            nonce.as_ref(),
+            blockhash,
+        )?;
         if plan::wire_bytes(&transaction) != attempt.transaction {
             return Err(SettlementError::PayoutConfig(format!(
                 "epoch {} batch {}: stored transaction {} differs from the one this config signs",

@@ -253,8 +253,14 @@ pub fn batch_message(
     authority: &Pubkey,
     payouts: &[ProviderPayout],
     memo: &str,
+    nonce: Option<&Pubkey>,
 ) -> SettlementResult<Message> {
-    let mut instructions = Vec::with_capacity(payouts.len() * 2 + 1);
+    let mut instructions = Vec::with_capacity(payouts.len() * 2 + 2);
+    // Against a durable nonce the first instruction advances it: the transaction stays
+    // valid until it lands (or another use of the nonce moves it on), so it is signed once.
+    if let Some(nonce) = nonce {
+        instructions.push(solana_system_interface::instruction::advance_nonce_account(nonce, authority));
+    }
     for payout in payouts {
         instructions.extend(payout_instructions(asset, authority, payout)?);
     }
@@ -270,10 +276,11 @@ pub fn batch_transaction(
     authority: &Keypair,
     payouts: &[ProviderPayout],
     memo: &str,
+    nonce: Option<&Pubkey>,
     blockhash: Hash,
 ) -> SettlementResult<Transaction> {
     use solana_signer::Signer;
-    let message = batch_message(asset, &authority.pubkey(), payouts, memo)?;
+    let message = batch_message(asset, &authority.pubkey(), payouts, memo, nonce)?;
     let mut transaction = Transaction::new_unsigned(message);
     transaction
         .try_sign(&[authority], blockhash)
@@ -292,6 +299,31 @@ fn short_vec_len(len: usize, out: &mut Vec<u8>) {
         }
         out.push(byte | 0x80);
     }
+}
+
+/// The size of a nonce account (its `Versions` state).
+pub const NONCE_ACCOUNT_SIZE: usize = 80;
+
+/// The value a durable-nonce transaction must carry as its blockhash now, read from the
+/// nonce account's data: bincode of `Versions::Current(State::Initialized(Data))`, that
+/// is a u32 version (1), a u32 state (1: initialized), the authority (32 bytes), the
+/// durable nonce (32 bytes), then the fee calculator. Refuses an account that is not an
+/// initialized nonce of `authority`.
+pub fn nonce_value(data: &[u8], authority: &Pubkey) -> SettlementResult<Hash> {
+    let bad = |why: &str| SettlementError::PayoutConfig(format!("the payout nonce account {why}"));
+    if data.len() < 72 {
+        return Err(bad("is not a nonce account (too short)"));
+    }
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+    if word(0) > 1 || word(4) != 1 {
+        return Err(bad("is not an initialized nonce account"));
+    }
+    let owner = Pubkey::try_from(&data[8..40]).map_err(|_| bad("has no authority"))?;
+    if owner != *authority {
+        return Err(bad(&format!("is under authority {owner}, not the payout authority {authority}")));
+    }
+    let value: [u8; 32] = data[40..72].try_into().expect("32 bytes");
+    Ok(Hash::new_from_array(value))
 }
 
 /// A transaction's wire bytes (what is sent and what must fit in a packet):
@@ -324,13 +356,14 @@ pub fn split_batches(
     asset: &PayoutAsset,
     authority: &Pubkey,
     payouts: &[ProviderPayout],
+    nonce: Option<&Pubkey>,
 ) -> SettlementResult<Vec<Vec<ProviderPayout>>> {
     let widest_memo = memo_text(epoch_id, payouts.len(), payouts.len());
     let mut batches: Vec<Vec<ProviderPayout>> = Vec::new();
     let mut current: Vec<ProviderPayout> = Vec::new();
     for payout in payouts {
         current.push(payout.clone());
-        if signed_size(&batch_message(asset, authority, &current, &widest_memo)?) <= PACKET_DATA_SIZE {
+        if signed_size(&batch_message(asset, authority, &current, &widest_memo, nonce)?) <= PACKET_DATA_SIZE {
             continue;
         }
         let payout = current.pop().expect("just pushed");
@@ -399,18 +432,18 @@ mod tests {
             PayoutAsset::Token { mint: Pubkey::new_from_array([2; 32]), decimals: 6 },
             PayoutAsset::Sol { lamports_per_usd: 1_000_000_000 },
         ] {
-            let batches = split_batches(7, &asset, &authority, &payouts).unwrap();
+            let batches = split_batches(7, &asset, &authority, &payouts, None).unwrap();
             assert!(batches.len() > 1, "{asset}: 50 payouts fit in one transaction?");
             let flat: Vec<_> = batches.iter().flatten().cloned().collect();
             assert_eq!(flat, payouts);
             for (index, batch) in batches.iter().enumerate() {
                 let memo = memo_text(7, index + 1, batches.len());
-                let size = signed_size(&batch_message(&asset, &authority, batch, &memo).unwrap());
+                let size = signed_size(&batch_message(&asset, &authority, batch, &memo, None).unwrap());
                 assert!(size <= PACKET_DATA_SIZE, "{asset}: batch {index} is {size} bytes");
                 if index + 1 < batches.len() {
                     let mut bigger = batch.clone();
                     bigger.push(batches[index + 1][0].clone());
-                    let size = signed_size(&batch_message(&asset, &authority, &bigger, &memo).unwrap());
+                    let size = signed_size(&batch_message(&asset, &authority, &bigger, &memo, None).unwrap());
                     assert!(size > PACKET_DATA_SIZE, "{asset}: batch {index} could have taken one more");
                 }
             }
@@ -423,9 +456,9 @@ mod tests {
         let asset = PayoutAsset::Token { mint: Pubkey::new_from_array([2; 32]), decimals: 6 };
         let payouts = vec![ProviderPayout { wallet: wallet(20), micro_usd: 10, amount: 10 }];
         let memo = memo_text(1, 1, 1);
-        let transaction = batch_transaction(&asset, &authority, &payouts, &memo, Hash::default()).unwrap();
+        let transaction = batch_transaction(&asset, &authority, &payouts, &memo, None, Hash::default()).unwrap();
         assert_eq!(wire_bytes(&transaction).len(), signed_size(&transaction.message));
-        let again = batch_transaction(&asset, &authority, &payouts, &memo, Hash::default()).unwrap();
+        let again = batch_transaction(&asset, &authority, &payouts, &memo, None, Hash::default()).unwrap();
         assert_eq!(wire_bytes(&again), wire_bytes(&transaction), "signing must be deterministic");
     }
 }

@@ -20,7 +20,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::plan::{ProviderPayout, SkippedPayout};
-use crate::error::SettlementResult;
+use crate::error::{SettlementError, SettlementResult};
 
 const PAYOUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("solana_payouts");
 
@@ -34,6 +34,9 @@ pub struct EpochPayouts {
     pub authority: String,
     pub batches: Vec<PayoutBatch>,
     pub skipped: Vec<SkippedPayout>,
+    /// The durable nonce account its transactions advance (base58; empty: signed
+    /// against recent blockhashes). An attempt's `blockhash` is then the nonce value.
+    pub nonce_account: String,
 }
 
 impl EpochPayouts {
@@ -171,7 +174,13 @@ impl PayoutStore for RedbPayoutStore {
         let Some(bytes) = table.get(epoch_id)? else {
             return Ok(None);
         };
-        Ok(Some(bincode::serde::decode_from_slice(bytes.value(), bincode::config::standard())?.0))
+        let record = bincode::serde::decode_from_slice(bytes.value(), bincode::config::standard()).map_err(|err| {
+            SettlementError::PayoutConfig(format!(
+                "the payout record of epoch {epoch_id} cannot be read ({err}): it was written by an ionet from before \
+                 durable-nonce payouts; finish that epoch with that version, or move the payouts file away"
+            ))
+        })?;
+        Ok(Some(record.0))
     }
 
     fn put_epoch_payouts(&mut self, payouts: &EpochPayouts) -> SettlementResult<()> {
@@ -216,6 +225,7 @@ mod tests {
                 }],
             }],
             skipped: vec![],
+            nonce_account: "nonce".into(),
         }
     }
 

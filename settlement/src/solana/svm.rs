@@ -135,10 +135,25 @@ impl SvmChain {
     }
 }
 
+/// Whether the transaction's first instruction is the System program's
+/// `AdvanceNonceAccount` (variant 4), as a durable-nonce transaction's must be.
+fn advances_a_nonce(transaction: &Transaction) -> bool {
+    let message = &transaction.message;
+    message.instructions.first().is_some_and(|first| {
+        message.account_keys.get(usize::from(first.program_id_index)) == Some(&solana_system_interface::program::ID)
+            && first.data.starts_with(&[4, 0, 0, 0])
+    })
+}
+
 impl PayoutChain for SvmChain {
     fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
         let signature = transaction.signatures[0];
         let mut svm = self.svm();
+        // A nonce advances once per blockhash; a real chain moves to a new blockhash every
+        // slot, litesvm only when told: a durable-nonce transaction starts a new slot.
+        if advances_a_nonce(transaction) {
+            svm.expire_blockhash();
+        }
         match svm.send_transaction(transaction.clone()) {
             Ok(meta) => Ok(meta.signature),
             // Included with an error: like an RPC node without preflight, the send "works".
