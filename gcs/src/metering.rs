@@ -61,10 +61,10 @@ mod book;
 mod settlement;
 #[cfg(test)]
 mod tests;
-pub mod two_party;
 
 pub use book::record_id;
 use book::{invalid, not_found, wallet_of, Book, Changes, Lease, Made, NodeSide};
+pub use ionet_settlement::two_party;
 use two_party::EndedBy;
 
 /// How long a node's grant may wait for its holder's word before it ends without a

@@ -1,5 +1,7 @@
 //! Settling one epoch of usage records: the in-memory store at 1,000,000 records and
-//! the redb store at 100,000 (its commit writes every record's move to disk).
+//! the redb store at 100,000 (its commit writes every record's move to disk); and
+//! 1,000,000 two-party leases (four words each: node and holder start, holder return,
+//! node end) made into records and settled.
 //!
 //! cargo bench -p ionet-settlement --bench ledger_settlement
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use ionet_common::resources::{CPU, GPU};
 use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
+use ionet_settlement::two_party::{stamp, Sides};
 use ionet_settlement::{EpochSpec, Ledger, LedgerConfig, LedgerStore, MemoryStore, RecordId, RedbStore, UsageRecord};
 
 const PAYERS: usize = 1_000;
@@ -41,7 +44,7 @@ fn records(count: usize) -> Vec<UsageRecord> {
 fn loaded<S: LedgerStore>(store: S, records: &[UsageRecord]) -> Ledger<S> {
     let mut ledger = Ledger::new(store, LedgerConfig::default()).unwrap();
     for payer in 0..PAYERS {
-        ledger.add_credits(&format!("payer-{payer}"), 1_000_000_000).unwrap();
+        ledger.add_credits(&format!("payer-{payer}"), 1_000_000_000_000).unwrap();
     }
     for chunk in records.chunks(50_000) {
         ledger.accept_records(chunk).unwrap();
@@ -94,5 +97,45 @@ fn settle_redb(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, settle_memory, settle_redb);
+/// Each lease's four words become its record (the later start, the earliest end), then
+/// the ledger accepts the records and settles the epoch: records per second end to end.
+fn settle_two_party(c: &mut Criterion) {
+    const COUNT: usize = 1_000_000;
+    let template = records(COUNT);
+    let mut group = c.benchmark_group("settle_epoch");
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements(COUNT as u64));
+    group.bench_function("two_party_1m_leases", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let mut ledger = loaded(MemoryStore::new(), &[]);
+                let start = Instant::now();
+                let mut made = Vec::with_capacity(COUNT);
+                for lease in &template {
+                    let sides = Sides {
+                        node_started: Some(stamp(lease.start_ms, 3)),
+                        holder_started: Some(stamp(lease.start_ms + 2, 0)),
+                        holder_ended: Some(stamp(lease.end_ms, 40)),
+                        node_ended: Some(stamp(lease.end_ms + 30_000, 0)),
+                        forced_end: None,
+                    };
+                    let (start_ms, end_ms, _) = sides.billed_span().expect("both sides spoke");
+                    made.push(UsageRecord { start_ms, end_ms, ..lease.clone() });
+                }
+                for chunk in made.chunks(50_000) {
+                    ledger.accept_records(chunk).unwrap();
+                }
+                let outcome = ledger.settle_epoch(&EpochSpec::new(0, EPOCH_END_MS)).unwrap();
+                total += start.elapsed();
+                assert_eq!(outcome.summary().records, COUNT as u64);
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, settle_memory, settle_redb, settle_two_party);
 criterion_main!(benches);

@@ -21,7 +21,8 @@
 //! Debits equal credits plus fee, exactly: see `src/ledger/README.md` for the rounding
 //! rule and the guarantees.
 //!
-//! Layout: [`usage`] (records and their exact cost), [`meter`] (sinks),
+//! Layout: [`two_party`] (a lease's two sides, node and holder, and the span a record
+//! may bill: pure, property-tested), [`usage`] (records and their exact cost), [`meter`] (sinks),
 //! [`ledger::plan`] (settlement as a pure function from pending records and balances to
 //! entries), [`ledger::store`] (the [`LedgerStore`] trait, atomic commits, the
 //! in-memory backend) and [`ledger::redb_store`] (the embedded-file backend, default
@@ -38,6 +39,7 @@ pub mod ledger;
 pub mod meter;
 #[cfg(feature = "solana")]
 pub mod solana;
+pub mod two_party;
 pub mod usage;
 
 pub use error::{SettlementError, SettlementResult};

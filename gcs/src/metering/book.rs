@@ -18,9 +18,9 @@ use ionet_common::rpc::proto::metering as proto;
 use ionet_common::{IonetError, JobId, LeaseId, NodeId, ResourceSet};
 use ionet_settlement::{RecordId, UsageRecord};
 
-use super::two_party::Sides;
 use super::STOP_GRACE_MS;
 use crate::error::{GcsError, GcsResult};
+use ionet_settlement::two_party::Sides;
 
 /// Mixes a segment number into a lease id (an odd 128-bit constant: distinct segments of
 /// one lease never share an id).

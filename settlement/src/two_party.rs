@@ -172,6 +172,61 @@ mod tests {
                 prop_assert!(sides.node_started.is_none() || sides.holder_started.is_none() || !sides.is_over());
             }
         }
+
+        /// Records made from such streams, settled by the ledger with any credit (short
+        /// or not): balances always sum to zero.
+        #[test]
+        fn records_of_two_party_spans_settle_to_balances_summing_to_zero(
+            leases in proptest::collection::vec(
+                proptest::collection::vec((word(), 0u64..600_000, 0u64..5_000, any::<bool>()), 0..10), 1..8),
+            credits in proptest::collection::vec(0u64..3_000_000, 2),
+        ) {
+            use crate::{Account, EpochSpec, Ledger, LedgerConfig, MemoryStore, RecordId, UsageRecord};
+            use ionet_common::resources::GPU;
+            use ionet_common::{JobId, NodeId, Quantity, ResourceSet};
+            let mut ledger = Ledger::new(MemoryStore::new(), LedgerConfig::default()).unwrap();
+            for (payer, credit) in ["alice", "bob"].iter().zip(&credits) {
+                if *credit > 0 {
+                    ledger.add_credits(payer, *credit).unwrap();
+                }
+            }
+            let mut records = Vec::new();
+            for (index, events) in leases.iter().enumerate() {
+                let mut sides = Sides::default();
+                let mut now = 1_000_000u64;
+                for (word, delay, age, lost) in events {
+                    now += delay;
+                    if !lost {
+                        apply(&mut sides, word, stamp(now, *age));
+                    }
+                }
+                if let Some((start, end, _)) = sides.billed_span() {
+                    records.push(UsageRecord {
+                        record_id: RecordId(index as u128 + 1),
+                        job_id: JobId::from_sequence(index as u32),
+                        payer_account: ["alice", "bob"][index % 2].into(),
+                        node_id: NodeId::from_array([index as u8; 28]),
+                        provider_wallet: format!("wallet-{}", index % 3),
+                        resources: ResourceSet::new().with(GPU, Quantity::whole(1)),
+                        start_ms: start,
+                        end_ms: end,
+                        price_per_gpu_hour: 3_600_000,
+                        price_per_cpu_hour: 0,
+                    });
+                }
+            }
+            ledger.accept_records(&records).unwrap();
+            ledger.settle_epoch(&EpochSpec::new(0, u64::MAX / 2)).unwrap();
+            let balances = ledger.balances().unwrap();
+            prop_assert_eq!(balances.values().map(|b| *b as i128).sum::<i128>(), 0);
+            // Providers are credited at most what was funded.
+            let credited: i128 = balances
+                .iter()
+                .filter(|(account, _)| matches!(account, Account::Provider(_)))
+                .map(|(_, b)| *b as i128)
+                .sum();
+            prop_assert!(credited <= credits.iter().map(|c| *c as i128).sum::<i128>());
+        }
     }
 
     #[test]
