@@ -145,6 +145,37 @@ fn actor_lines(filter: &Option<String>, seconds: f64, clients: usize) {
     }
 }
 
+/// A lease of one CPU asked of the local node daemon and given back, as a core worker
+/// does (its worker is reused): the lease path with the node's metering reports on, or
+/// off with `IONET_METERING=off` (compare the two runs).
+fn lease_line(filter: &Option<String>, seconds: f64) {
+    use ionet::rpc::proto::node::request_worker_lease_reply::Outcome;
+    use ionet::rpc::proto::node::{RequestWorkerLeaseReply, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let node = ionet::testing::local_node_address().unwrap();
+    let credential = ionet::auth::Bearer::new(&ionet::testing::job_credential().unwrap()).unwrap();
+    let job = ionet::get_runtime_context().unwrap().job_id;
+    let channel = runtime.block_on(ionet::rpc::connect(&node, &credential, Duration::from_secs(5))).unwrap();
+    let mut client = ionet::rpc::NodeManagerClient::new(channel);
+    let request = RequestWorkerLeaseRequest {
+        job_id: job.to_vec(),
+        resources: Some((&ionet::ResourceSet::new().with("CPU", ionet::Quantity::whole(1))).into()),
+        ..Default::default()
+    };
+    timeit("single client lease grant and return", filter, seconds, || {
+        runtime.block_on(async {
+            for _ in 0..100 {
+                let reply: RequestWorkerLeaseReply =
+                    client.request_worker_lease(request.clone()).await.unwrap().into_inner();
+                let Some(Outcome::Granted(lease)) = reply.outcome else { panic!("no lease: {reply:?}") };
+                let back = ReturnWorkerLeaseRequest { lease_id: lease.lease_id, worker_failed: false };
+                client.return_worker_lease(back).await.unwrap();
+            }
+        });
+        100
+    });
+}
+
 fn main() {
     ionet::testing::run_worker_if_requested();
     if std::env::args().any(|a| a == "--list") {
@@ -256,6 +287,7 @@ fn main() {
         });
         clients * 1000
     });
+    lease_line(&filter, seconds);
     actor_lines(&filter, seconds, clients);
     drop((value, many, container));
     ionet::shutdown();

@@ -629,7 +629,10 @@ impl Metering {
                         && holder_silent
                         && lease.sides.node_ended.is_none()
                         && now.saturating_sub(lease.last_word_ms) >= CONFIRM_WINDOW_MS;
-                    let stale = !lease.is_running() && now.saturating_sub(lease.last_word_ms) >= UNMATCHED_EXPIRY_MS;
+                    // A node's word alone is kept for the confirmation window only (a node
+                    // cannot grow the head's book for long); a holder's, longer.
+                    let kept_for = if holder_silent { CONFIRM_WINDOW_MS } else { UNMATCHED_EXPIRY_MS };
+                    let stale = !lease.is_running() && now.saturating_sub(lease.last_word_ms) >= kept_for;
                     (unconfirmed || stale).then_some((lease.lease_id, unconfirmed))
                 })
                 .collect();

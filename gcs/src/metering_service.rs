@@ -13,6 +13,9 @@ use tonic::{Request, Response, Status};
 use crate::error::GcsError;
 use crate::metering::Metering;
 
+/// The most lease events one `ReportLeases` call may carry.
+const MAX_LEASE_EVENTS: usize = 10_000;
+
 pub struct MeteringService {
     metering: Arc<Metering>,
 }
@@ -94,6 +97,47 @@ impl MeteringRpc for MeteringService {
         let request = request.into_inner();
         let record = self.metering.lease_ended_by(&request.lease_id, request.age_ms, reporter).await?;
         Ok(Response::new(LeaseEndedReply { record }))
+    }
+
+    async fn report_leases(
+        &self,
+        request: Request<ReportLeasesRequest>,
+    ) -> Result<Response<ReportLeasesReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let node = NodeId::from_bytes(&request.node_id).map_err(GcsError::from)?;
+        // A node reports its own leases only.
+        principal.may_act_for_node(&node)?;
+        if request.events.len() > MAX_LEASE_EVENTS {
+            return Err(Status::invalid_argument(format!(
+                "a report carries {} lease events; at most {MAX_LEASE_EVENTS} fit in one",
+                request.events.len()
+            )));
+        }
+        let reporter = match principal {
+            Principal::Node(node) => Some(node),
+            _ => None,
+        };
+        let mut refusals = Vec::with_capacity(request.events.len());
+        for event in request.events {
+            let outcome = match event.event {
+                Some(lease_event::Event::Started(started)) if started.node_id == request.node_id => {
+                    self.metering.lease_started(&started).await.map(|_| ())
+                }
+                Some(lease_event::Event::Started(_)) => {
+                    Err(GcsError::Ionet(ionet_common::IonetError::PermissionDenied(format!(
+                        "node {} may report only its own leases",
+                        node.short()
+                    ))))
+                }
+                Some(lease_event::Event::Ended(ended)) => {
+                    self.metering.lease_ended_by(&ended.lease_id, ended.age_ms, reporter).await.map(|_| ())
+                }
+                None => Err(GcsError::Ionet(ionet_common::IonetError::InvalidArgument("an empty lease event".into()))),
+            };
+            refusals.push(outcome.err().map(|err| err.to_string()).unwrap_or_default());
+        }
+        Ok(Response::new(ReportLeasesReply { refusals }))
     }
 
     async fn report_held_leases(

@@ -237,6 +237,7 @@ pub const TABLE: &[Rule] = &[
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
+    row("/ionet.metering.Metering/ReportLeases", Access::Node),
     row("/ionet.metering.Metering/ReportHeldLeases", Access::Job),
     row("/ionet.metering.Metering/JobCost", Access::Read),
     row("/ionet.metering.Metering/ListUsage", Access::Read),

@@ -57,6 +57,9 @@ mod process;
 mod state;
 
 use metering::{report_leases, MeterEvent};
+
+/// `IONET_METERING=off` in a node daemon's environment: it reports no leases to the head.
+pub const METERING_ENV: &str = "IONET_METERING";
 use process::kill;
 use state::{clamped, BundleKey, Granted, LeaseState, PoolKey, Step};
 
@@ -289,6 +292,12 @@ impl Leases {
     }
 
     fn attach_metering(&self, client: ionet_common::rpc::MeteringClient) {
+        // A node that bills nobody (a private cluster, or a benchmark of metering's cost)
+        // reports nothing; such a node is paid nothing either.
+        if std::env::var(METERING_ENV).is_ok_and(|value| value == "off") {
+            tracing::warn!("{METERING_ENV}=off: this node reports no leases and is paid for none");
+            return;
+        }
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(report_leases(self.node_id, client, receiver));
         *self.metering.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
