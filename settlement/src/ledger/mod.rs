@@ -118,6 +118,34 @@ impl<S: LedgerStore> Ledger<S> {
         self.store.balance(&account)
     }
 
+    /// Credits `payer` with `amount` once per `reference` (an on-chain deposit's
+    /// transaction signature, a payment processor's id): the same reference again, in
+    /// this process or after a restart on the same store, credits nothing and returns
+    /// false.
+    pub fn deposit_once(&mut self, payer: &str, amount: MicroUsd, reference: &str) -> SettlementResult<bool> {
+        check_name(payer, "payer account is empty")?;
+        check_name(reference, "deposit reference is empty")?;
+        if amount == 0 || amount > i64::MAX as u64 {
+            return Err(SettlementError::InvalidAmount {
+                what: format!("deposit {reference} for payer {payer}"),
+                value: amount.to_string(),
+            });
+        }
+        let once_key = format!("deposit:{reference}");
+        if self.store.is_applied(&once_key)? {
+            return Ok(false);
+        }
+        let entry = LedgerEntry::new(None, EntryKind::Deposit, Account::Funding, Account::payer(payer), amount);
+        match self.commit(CommitBatch { entries: vec![entry], once_key: Some(once_key), ..CommitBatch::default() }) {
+            Ok(()) => {
+                info!(payer, amount, reference, "deposit credited");
+                Ok(true)
+            }
+            Err(SettlementError::AlreadyApplied(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Returns a payer's unused prepaid credit (its positive balance) to funding.
     /// Returns the amount refunded: 0 for an empty or indebted account.
     pub fn refund(&mut self, payer: &str) -> SettlementResult<MicroUsd> {

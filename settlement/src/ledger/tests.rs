@@ -588,3 +588,22 @@ fn payouts_are_recorded_once_in_redb() {
         Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap()
     });
 }
+
+#[test]
+fn a_deposit_is_credited_once_per_reference_also_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    {
+        let mut ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
+        assert!(ledger.deposit_once("alice", 5_000_000, "5Sig1").unwrap());
+        assert!(!ledger.deposit_once("alice", 5_000_000, "5Sig1").unwrap(), "the same transfer again");
+        assert!(ledger.deposit_once("bob", 2_000_000, "5Sig2").unwrap());
+        assert!(ledger.deposit_once("alice", 0, "5Sig3").is_err());
+        assert!(ledger.deposit_once("alice", 1, "").is_err());
+    }
+    let mut ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
+    assert!(!ledger.deposit_once("alice", 5_000_000, "5Sig1").unwrap(), "nor after a restart");
+    assert_eq!(ledger.balance(&Account::payer("alice")).unwrap(), 5_000_000);
+    assert_eq!(ledger.balance(&Account::payer("bob")).unwrap(), 2_000_000);
+    assert_eq!(sum_of_balances(&ledger), 0);
+}
