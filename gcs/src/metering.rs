@@ -101,6 +101,8 @@ pub type GcsLedger = LedgerHandle<Box<dyn LedgerStore>>;
 #[tonic::async_trait]
 pub trait PayoutView: Send + Sync {
     async fn list(&self) -> GcsResult<Vec<proto::EpochPayoutInfo>>;
+    /// The deposit address and the deposits seen there (all of them: the caller filters).
+    async fn deposits(&self) -> GcsResult<proto::DepositsReply>;
 }
 
 /// Where the ledger and the usage export live.

@@ -220,6 +220,25 @@ impl MeteringRpc for MeteringService {
         Ok(Response::new(reply))
     }
 
+    async fn deposits(&self, request: Request<DepositsRequest>) -> Result<Response<DepositsReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let mut reply = match self.metering.payouts() {
+            Some(payouts) => payouts.deposits().await?,
+            None => DepositsReply {
+                watching: false,
+                reason: "this head does not pay out on chain (start it with --payout-rpc-url, --payout-keypair and \
+                         --payout-asset): deposits are taken in the payout asset"
+                    .into(),
+                ..DepositsReply::default()
+            },
+        };
+        // A tenant sees its own account's deposits; held ones name nobody: the operator's.
+        if principal != Principal::Admin {
+            reply.deposits.retain(|deposit| !deposit.account.is_empty() && principal.sees_account(&deposit.account));
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn earnings(&self, request: Request<EarningsRequest>) -> Result<Response<EarningsReply>, Status> {
         let (epochs, balance_micros) = self.metering.earnings(&request.into_inner().wallet).await?;
         Ok(Response::new(EarningsReply {

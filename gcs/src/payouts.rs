@@ -28,9 +28,11 @@ use ionet_settlement::EpochSummary;
 use solana_keypair::Keypair;
 use tokio::sync::watch;
 
-use ionet_common::rpc::proto::metering::{EpochPayoutInfo, PayoutBatchInfo};
+use ionet_common::rpc::proto::metering::{DepositInfo, DepositsReply, EpochPayoutInfo, PayoutBatchInfo};
 use ionet_common::IonetError;
+use ionet_settlement::solana::deposits::{self, DepositSource};
 use ionet_settlement::solana::AttemptState;
+use solana_pubkey::Pubkey;
 
 use crate::error::{GcsError, GcsResult};
 use crate::metering::{GcsLedger, Metering, PayoutView};
@@ -52,6 +54,9 @@ pub struct PayoutSettings {
     /// once (created under the authority on the first pass if it does not exist).
     /// `None`: transactions are signed against recent blockhashes.
     pub nonce: Option<Keypair>,
+    /// Where landed transfers into the deposit address are read (`None`: deposits are not
+    /// watched; over RPC this is not built yet).
+    pub deposits: Option<Box<dyn DepositSource + Send>>,
 }
 
 impl std::fmt::Debug for PayoutSettings {
@@ -84,6 +89,7 @@ impl PayoutSettings {
             store_path: Some(store_path),
             retry_interval: Duration::from_secs(30),
             nonce: Some(nonce),
+            deposits: None,
         })
     }
 }
@@ -121,6 +127,11 @@ pub struct Payouts {
     retry_interval: Duration,
     /// The nonce account's keypair until the account is known to exist.
     nonce: Mutex<Option<Keypair>>,
+    /// Landed transfers into the deposit account, and what each came to.
+    deposits: Arc<Mutex<Option<Box<dyn DepositSource + Send>>>>,
+    seen: Arc<Mutex<Vec<DepositInfo>>>,
+    asset: PayoutAsset,
+    owner: Pubkey,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,7 +141,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Payouts {
     /// Opens the payout store and attaches the payer to `metering` (for `ListPayouts`).
     pub async fn open(settings: PayoutSettings, metering: Arc<Metering>) -> GcsResult<Arc<Self>> {
-        let PayoutSettings { chain, authority, mut config, store_path, retry_interval, nonce } = settings;
+        let PayoutSettings { chain, authority, mut config, store_path, retry_interval, nonce, deposits } = settings;
+        let (asset, owner) = (config.asset.clone(), solana_signer::Signer::pubkey(&authority));
         config.nonce_account = nonce.as_ref().map(solana_signer::Signer::pubkey);
         let payouter = blocking(move || {
             let store: Box<dyn PayoutStore> =
@@ -151,6 +163,10 @@ impl Payouts {
             done: Mutex::new(BTreeSet::new()),
             retry_interval,
             nonce: Mutex::new(nonce),
+            deposits: Arc::new(Mutex::new(deposits)),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            asset,
+            owner,
         });
         let view: Arc<dyn PayoutView> = payouts.clone();
         metering.set_payouts(Arc::downgrade(&view));
@@ -225,6 +241,47 @@ impl Payouts {
         Ok(lock(&self.done).len())
     }
 
+    /// Reads the transfers into the deposit account and credits each with a valid memo
+    /// once (keyed by its signature, so a rescan after a restart credits nothing twice);
+    /// the others are held. Returns how many were newly credited.
+    pub async fn scan_deposits(&self) -> GcsResult<usize> {
+        let (source, seen, ledger) = (self.deposits.clone(), self.seen.clone(), self.ledger.clone());
+        let (asset, owner) = (self.asset.clone(), self.owner);
+        blocking(move || {
+            let mut source = lock(&source);
+            let Some(source) = source.as_mut() else { return Ok(0) };
+            let landed = source.landed_to(&deposits::deposit_account(&asset, &owner))?;
+            let mut listed = Vec::with_capacity(landed.len());
+            let mut credited = 0;
+            for (signature, transaction) in landed {
+                let Some(observed) = deposits::observe(&transaction, &asset, &owner) else { continue };
+                let micro_usd = deposits::micro_usd_of(&asset, observed.amount);
+                let (account, state) = match deposits::account_of(observed.memo.as_deref()) {
+                    Ok(account) if micro_usd > 0 => {
+                        let reference = format!("solana:{signature}");
+                        if ledger.lock().deposit_once(&account, micro_usd, &reference)? {
+                            credited += 1;
+                            tracing::info!(%account, micro_usd, %signature, "deposit credited");
+                        }
+                        (account, "credited".to_string())
+                    }
+                    Ok(_) => (String::new(), "held: worth less than a micro-USD".to_string()),
+                    Err(why) => (String::new(), format!("held: {why}")),
+                };
+                listed.push(DepositInfo {
+                    signature: signature.to_string(),
+                    amount: observed.amount,
+                    micro_usd,
+                    account,
+                    state,
+                });
+            }
+            *lock(&seen) = listed;
+            Ok(credited)
+        })
+        .await
+    }
+
     /// Runs passes on every wake-up and every retry interval until `stopped`.
     pub async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(self.retry_interval);
@@ -234,6 +291,9 @@ impl Payouts {
                 _ = ticker.tick() => {}
                 _ = self.metering.settled().notified() => {}
                 _ = stopped.changed() => return,
+            }
+            if let Err(err) = self.scan_deposits().await {
+                tracing::warn!(error = %err, "reading the deposit address failed; retrying later");
             }
             if let Err(err) = self.pay_pending().await {
                 tracing::warn!(error = %err, "payout pass failed; retrying later");
@@ -255,6 +315,22 @@ fn post_landed(ledger: &GcsLedger, record: &EpochPayouts) -> GcsResult<()> {
 
 #[tonic::async_trait]
 impl PayoutView for Payouts {
+    async fn deposits(&self) -> GcsResult<DepositsReply> {
+        let watching = lock(&self.deposits).is_some();
+        Ok(DepositsReply {
+            watching,
+            reason: if watching {
+                String::new()
+            } else {
+                "this head pays out over RPC, where watching the deposit address is not built yet".into()
+            },
+            address: deposits::deposit_account(&self.asset, &self.owner).to_string(),
+            asset: self.asset.to_string(),
+            memo: format!("{}<account>", deposits::MEMO_PREFIX),
+            deposits: lock(&self.seen).clone(),
+        })
+    }
+
     async fn list(&self) -> GcsResult<Vec<EpochPayoutInfo>> {
         Ok(self.records().await?.iter().map(epoch_info).collect())
     }

@@ -15,7 +15,7 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::resources::{parse_usd, Quantity, CPU, GPU};
 use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::rpc::proto::metering::{
-    HeldLease, LeaseStartedRequest, ListPayoutsReply, ListPayoutsRequest, SettleRequest,
+    DepositsRequest, HeldLease, LeaseStartedRequest, ListPayoutsReply, ListPayoutsRequest, SettleRequest,
 };
 use ionet_common::{JobId, LeaseId, NodeId, ResourceSet};
 use ionet_gcs::payouts::PayoutSettings;
@@ -68,6 +68,7 @@ impl Chain {
             store_path: Some(store.to_path_buf()),
             retry_interval: Duration::from_millis(50),
             nonce: Some(self.nonce.insecure_clone()),
+            deposits: Some(Box::new(self.svm.clone())),
         }
     }
 
@@ -361,4 +362,67 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
     let sum: i64 = server.metering().balances().await.unwrap().iter().map(|(_, b)| b).sum();
     assert_eq!(sum, 0);
     server.shutdown().await;
+}
+
+/// Tenants pay USDC into the head's deposit address with a memo naming their account:
+/// each transfer is credited once, also across a head restart between two of them; one
+/// without a valid memo is held, listed, and credits nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_in_deposits_credit_their_accounts_once_also_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = Chain::new(0);
+    let clock = ManualClock::new(START);
+    let mut with_payouts = options(dir.path(), &clock);
+    with_payouts.payouts = Some(chain.settings(&dir.path().join("payouts.redb")));
+    let server = start(with_payouts).await;
+    let admin = server.admin_credential(Duration::from_secs(600));
+    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), &admin).await.unwrap();
+    let reply = client.deposits(DepositsRequest {}).await.unwrap().into_inner();
+    assert!(reply.watching, "{reply:?}");
+    assert_eq!(reply.address, associated_token_address(&chain.authority.pubkey(), &chain.mint).to_string());
+    assert_eq!(reply.memo, "ionet:<account>");
+
+    let (alice, bob, mallory) = (Keypair::new(), Keypair::new(), Keypair::new());
+    for tenant in [&alice, &bob, &mallory] {
+        chain.svm.airdrop(&tenant.pubkey(), SOL);
+        chain.svm.mint_to_owner(&chain.authority, &chain.mint, &tenant.pubkey(), 10_000_000);
+    }
+    let owner = chain.authority.pubkey();
+    chain.svm.pay_token(&alice, &chain.mint, 6, &owner, 5_000_000, Some("ionet:alice"));
+    wait_balance(&server, "alice", 5_000_000).await;
+    server.shutdown().await;
+
+    // While the head is down: bob pays, and mallory pays without a memo.
+    chain.svm.pay_token(&bob, &chain.mint, 6, &owner, 3_000_000, Some("ionet:bob"));
+    let held = chain.svm.pay_token(&mallory, &chain.mint, 6, &owner, 1_000_000, None);
+    let mut again = options(dir.path(), &clock);
+    again.payouts = Some(chain.settings(&dir.path().join("payouts.redb")));
+    let server = start(again).await;
+    wait_balance(&server, "bob", 3_000_000).await;
+    assert_eq!(balance(&server, Account::payer("alice")).await, 5_000_000, "credited once, not again");
+    let admin = server.admin_credential(Duration::from_secs(600));
+    let mut client = ionet_common::rpc::metering_client(&server.address().to_string(), &admin).await.unwrap();
+    let deposits = client.deposits(DepositsRequest {}).await.unwrap().into_inner().deposits;
+    assert_eq!(deposits.len(), 3, "{deposits:?}");
+    let mallorys = deposits.iter().find(|deposit| deposit.signature == held.to_string()).unwrap();
+    assert!(mallorys.account.is_empty() && mallorys.state.starts_with("held: no memo"), "{mallorys:?}");
+    let credited: i64 = server
+        .metering()
+        .balances()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(account, _)| matches!(account, Account::Payer(_)))
+        .map(|(_, balance)| balance)
+        .sum();
+    assert_eq!(credited, 8_000_000, "the held deposit credits nobody");
+    server.shutdown().await;
+}
+
+async fn wait_balance(server: &GcsServer, payer: &str, micros: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while balance(server, Account::payer(payer)).await != micros {
+        assert!(Instant::now() < deadline, "{payer} was never credited {micros}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -409,6 +409,21 @@ pub enum CreditsCommand {
     Add(CreditsAddArgs),
     /// Return a payer account's unused credits.
     Refund(CreditsRefundArgs),
+    /// Where to pay in (the payout asset, with the memo `ionet:<account>`): each landed
+    /// transfer is credited once.
+    DepositAddress(DepositsArgs),
+    /// The deposits seen at the deposit address (a tenant sees its own; the operator
+    /// every one, held ones included).
+    Deposits(DepositsArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DepositsArgs {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub head: HeadArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -473,6 +488,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Payouts(args) => metering_commands::payouts(args),
         Command::Credits(CreditsCommand::Add(args)) => metering_commands::credits_add(args),
         Command::Credits(CreditsCommand::Refund(args)) => metering_commands::credits_refund(args),
+        Command::Credits(CreditsCommand::DepositAddress(args)) => metering_commands::deposits(args, true),
+        Command::Credits(CreditsCommand::Deposits(args)) => metering_commands::deposits(args, false),
         Command::Quote(args) => quote_command::quote(args),
         Command::Token(TokenCommand::Create(args)) => commands::token_create(args),
         Command::Account(AccountCommand::Create(args)) => commands::account_create(args),

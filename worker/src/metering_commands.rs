@@ -10,8 +10,8 @@ use ionet_common::{IonetError, JobId, NodeId};
 use serde_json::{json, Value};
 
 use crate::cli::{
-    BalancesArgs, CreditsAddArgs, CreditsRefundArgs, EarningsArgs, HeadArgs, JobCostArgs, PayoutsArgs, SettleArgs,
-    UsageArgs,
+    BalancesArgs, CreditsAddArgs, CreditsRefundArgs, DepositsArgs, EarningsArgs, HeadArgs, JobCostArgs, PayoutsArgs,
+    SettleArgs, UsageArgs,
 };
 use crate::commands::{resolve_admin_credential, resolve_head_address, resolve_reader_credential};
 use crate::logging;
@@ -587,6 +587,45 @@ pub fn credits_refund(args: CreditsRefundArgs) -> Result<()> {
         println!("payer {} has no unused credit to refund", args.account);
     } else {
         println!("refunded ${} to payer {}", format_usd(refunded), args.account);
+    }
+    Ok(())
+}
+
+/// `ionet credits deposit-address` (`address_only`) and `ionet credits deposits`.
+pub fn deposits(args: DepositsArgs, address_only: bool) -> Result<()> {
+    let reply = with_metering(&args.head, As::Reader, async |mut client| {
+        Ok(client.deposits(DepositsRequest {}).await?.into_inner())
+    })?;
+    if args.json {
+        let deposits: Vec<Value> = reply
+            .deposits
+            .iter()
+            .map(|d| json!({"signature": d.signature, "amount": d.amount, "micro_usd": d.micro_usd, "account": d.account, "state": d.state}))
+            .collect();
+        let value = json!({"watching": reply.watching, "reason": reply.reason, "address": reply.address, "asset": reply.asset, "memo": reply.memo, "deposits": deposits});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    if !reply.watching {
+        bail!("{}", reply.reason);
+    }
+    if address_only {
+        println!("pay {} to {} with the memo {}", reply.asset, reply.address, reply.memo);
+        return Ok(());
+    }
+    if reply.deposits.is_empty() {
+        println!("no deposits seen at {}", reply.address);
+        return Ok(());
+    }
+    println!("{:<88}  {:>14}  {:<16}  {}", "SIGNATURE", "USD", "ACCOUNT", "STATE");
+    for deposit in &reply.deposits {
+        println!(
+            "{:<88}  {:>14}  {:<16}  {}",
+            deposit.signature,
+            format_usd_exact(deposit.micro_usd),
+            if deposit.account.is_empty() { "-" } else { deposit.account.as_str() },
+            deposit.state
+        );
     }
     Ok(())
 }

@@ -253,6 +253,11 @@ fn leases_are_metered_on_the_head_clock_and_settled_once() {
     assert!(payouts.contains("does not pay out on chain") && payouts.contains("--payout-rpc-url"), "{payouts}");
     let json: Value = serde_json::from_str(&cluster.ionet_ok(&["payouts", "--json"])).unwrap();
     assert_eq!(json["enabled"], false);
+    // Nor takes deposits: it says so, and how to make it.
+    let stderr = cluster.ionet_err(&["credits", "deposit-address"]);
+    assert!(stderr.contains("does not pay out on chain") && stderr.contains("--payout-asset"), "{stderr}");
+    let json: Value = serde_json::from_str(&cluster.ionet_ok(&["credits", "deposits", "--json"])).unwrap();
+    assert_eq!(json["watching"], false);
     // A payout configuration missing its keypair is refused before anything starts.
     let stderr = cluster.ionet_err(&["start", "--head", "--port", "0", "--payout-rpc-url", "http://127.0.0.1:1"]);
     let refused = stderr.contains("needs --payout-keypair") || stderr.contains("cargo feature `solana`");

@@ -247,6 +247,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.metering.Metering/Settle", Access::Admin),
     row("/ionet.metering.Metering/Earnings", Access::Read),
     row("/ionet.metering.Metering/ListPayouts", Access::Read),
+    row("/ionet.metering.Metering/Deposits", Access::Read),
     // A node daemon.
     row("/ionet.node.NodeManager/GetNodeStats", Access::Read),
     row("/ionet.node.NodeManager/RequestWorkerLease", Access::Job),

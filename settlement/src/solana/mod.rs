@@ -24,6 +24,7 @@
 //! replaced by another paying the same providers.
 
 pub mod chain;
+pub mod deposits;
 pub mod plan;
 pub mod store;
 #[cfg(feature = "svm")]

@@ -16,6 +16,7 @@ use solana_signer::Signer;
 use solana_transaction::Transaction;
 
 use super::chain::{ChainAccount, PayoutChain, SignatureStatus};
+use super::deposits::DepositSource;
 use super::plan::{associated_token_address, TOKEN_PROGRAM_ID};
 use crate::error::{SettlementError, SettlementResult};
 
@@ -25,6 +26,9 @@ const MINT_SIZE: usize = 82;
 #[derive(Clone)]
 pub struct SvmChain {
     svm: Arc<Mutex<LiteSVM>>,
+    /// Every transaction that landed through this chain, in order (an RPC node's
+    /// history, for [`DepositSource`]).
+    landed: Arc<Mutex<Vec<(Signature, Transaction)>>>,
 }
 
 impl std::fmt::Debug for SvmChain {
@@ -42,7 +46,10 @@ impl Default for SvmChain {
 impl SvmChain {
     pub fn new() -> Self {
         // No log limit: the memo is logged last, after every transfer.
-        SvmChain { svm: Arc::new(Mutex::new(LiteSVM::new().with_log_bytes_limit(None))) }
+        SvmChain {
+            svm: Arc::new(Mutex::new(LiteSVM::new().with_log_bytes_limit(None))),
+            landed: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     fn svm(&self) -> MutexGuard<'_, LiteSVM> {
@@ -88,6 +95,62 @@ impl SvmChain {
             svm.latest_blockhash(),
         );
         svm.send_transaction(transaction).expect("setup transaction");
+    }
+
+    /// Mints `amount` of `mint` (whose authority is `authority`) to `owner`'s associated
+    /// token account, creating it (set-up, not recorded as landed).
+    pub fn mint_to_owner(&self, authority: &Keypair, mint: &Pubkey, owner: &Pubkey, amount: u64) {
+        self.execute(
+            &[
+                spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent(
+                    &authority.pubkey(),
+                    owner,
+                    mint,
+                    &TOKEN_PROGRAM_ID,
+                ),
+                spl_token_interface::instruction::mint_to(
+                    &TOKEN_PROGRAM_ID,
+                    mint,
+                    &associated_token_address(owner, mint),
+                    &authority.pubkey(),
+                    &[],
+                    amount,
+                )
+                .expect("mint_to"),
+            ],
+            &[authority],
+        );
+    }
+
+    /// A tenant's payment: `amount` of `mint` from `from`'s associated token account to
+    /// `to`'s, with `memo` if any, sent as a transaction of its own (recorded as landed).
+    pub fn pay_token(
+        &self,
+        from: &Keypair,
+        mint: &Pubkey,
+        decimals: u8,
+        to: &Pubkey,
+        amount: u64,
+        memo: Option<&str>,
+    ) -> Signature {
+        let mut instructions = vec![spl_token_interface::instruction::transfer_checked(
+            &TOKEN_PROGRAM_ID,
+            &associated_token_address(&from.pubkey(), mint),
+            mint,
+            &associated_token_address(to, mint),
+            &from.pubkey(),
+            &[],
+            amount,
+            decimals,
+        )
+        .expect("transfer_checked")];
+        if let Some(memo) = memo {
+            instructions.push(Instruction::new_with_bytes(super::plan::MEMO_PROGRAM_ID, memo.as_bytes(), vec![]));
+        }
+        let blockhash = self.svm().latest_blockhash();
+        let transaction = Transaction::new_signed_with_payer(&instructions, Some(&from.pubkey()), &[from], blockhash);
+        let mut chain = self.clone();
+        PayoutChain::send_transaction(&mut chain, &transaction).expect("a tenant's payment lands")
     }
 
     /// Creates a mint with `decimals` whose authority is `authority` (funded with SOL
@@ -145,6 +208,17 @@ fn advances_a_nonce(transaction: &Transaction) -> bool {
     })
 }
 
+impl DepositSource for SvmChain {
+    fn landed_to(&mut self, account: &Pubkey) -> SettlementResult<Vec<(Signature, Transaction)>> {
+        let landed = self.landed.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(landed
+            .iter()
+            .filter(|(_, transaction)| transaction.message.account_keys.contains(account))
+            .cloned()
+            .collect())
+    }
+}
+
 impl PayoutChain for SvmChain {
     fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
         let signature = transaction.signatures[0];
@@ -155,7 +229,10 @@ impl PayoutChain for SvmChain {
             svm.expire_blockhash();
         }
         match svm.send_transaction(transaction.clone()) {
-            Ok(meta) => Ok(meta.signature),
+            Ok(meta) => {
+                self.landed.lock().unwrap_or_else(|p| p.into_inner()).push((meta.signature, transaction.clone()));
+                Ok(meta.signature)
+            }
             // Included with an error: like an RPC node without preflight, the send "works".
             Err(_) if svm.get_transaction(&signature).is_some() => Ok(signature),
             Err(failed) => {
