@@ -303,7 +303,7 @@ impl Actors {
     async fn held(&self, job_id: &[u8], lease_id: &[u8], node_id: &[u8], granted: bool) {
         let Ok(job) = JobId::from_bytes(job_id) else { return };
         let word = HeldLease { lease_id: lease_id.to_vec(), node_id: node_id.to_vec(), granted, age_ms: 0 };
-        if let Err(err) = self.metering.holder_report(job, &[word]).await {
+        if let Err(err) = self.metering.holder_report(job, &[word], true).await {
             tracing::warn!(job = %job, error = %err, "could not report an actor's lease to metering");
         }
     }
@@ -365,7 +365,12 @@ impl Actors {
             let (lease, node_address) = match outcome {
                 LeaseOutcome::Granted { lease, node_address } => {
                     backoff.reset();
-                    self.held(&spec.job_id, &lease.lease_id, &lease.node_id, true).await;
+                    // Nodes meter neither a lease of nothing nor one inside a bundle.
+                    let metered = spec.placement_group_id.is_empty()
+                        && spec.resources.as_ref().is_some_and(|r| r.units.values().any(|units| *units > 0));
+                    if metered {
+                        self.held(&spec.job_id, &lease.lease_id, &lease.node_id, true).await;
+                    }
                     (lease, node_address)
                 }
                 // No node can ever fit its first incarnation (the daemon looked at the whole

@@ -1,18 +1,25 @@
-//! Metering on the head: leases in, usage records out, the ledger settled per epoch.
+//! Metering on the head: both parties' words about leases in, usage records out, the
+//! ledger settled per epoch.
 //!
-//! Protocol: a node daemon calls `LeaseStarted(lease, node, job, resources)` when it
-//! grants a lease and `LeaseEnded(lease)` when the lease is returned. The control store
-//! stamps both ends with its own [`Clock`](ionet_common::clock::Clock), never the node's, and
-//! joins the node table (provider wallet, prices) and the job table (payer account)
-//! *when the lease starts*: a price changed later does not reprice a running lease.
+//! Protocol: a node daemon reports when it granted a lease and when it ended it
+//! (`ReportLeases`, or one at a time `LeaseStarted`/`LeaseEnded`); the lease's holder (a
+//! job's core worker, `ReportHeldLeases`; the head itself for actors and committed
+//! bundles) reports when it was granted the lease and when it gave it back. Every word is
+//! stamped with the control store's [`Clock`](ionet_common::clock::Clock), less the age
+//! its reporter claims (2 s at most); the rule for what a record bills is
+//! [`ionet_settlement::two_party`]. The node's word joins the node table (provider
+//! wallet, prices) and the job table (payer account): a price changed later does not
+//! reprice a running lease.
 //!
 //! Invariants:
-//! - A lease is open in memory and in the `Leases` storage table from `LeaseStarted`
-//!   until it ends; a head restarted with the same storage carries it on.
-//! - A lease ends once: by `LeaseEnded`, or when its node is declared dead (at the node's
-//!   last heartbeat, the last moment the control store knew it was working). The
-//!   background task ending leases of dead nodes both listens to `NodeDead` events and
-//!   sweeps the node table on every tick, so a lagged subscription loses nothing.
+//! - A lease is in the book (and the `Leases` storage table) from the first word either
+//!   side says of it until its record is made, or until it is dropped unmatched (a node's
+//!   word after [`CONFIRM_WINDOW_MS`], a holder's after [`UNMATCHED_EXPIRY_MS`]); a head
+//!   restarted with the same storage carries it on.
+//! - A record is made once, when both sides have said the lease started and anyone ended
+//!   it: the holder, the node, the node's death (its last heartbeat), the job's end (not
+//!   for leases the head holds), or the payer's credit running out (not for bundles).
+//!   When the holder ended it and the node has not, the node is told (`EndLeases`).
 //! - Each usage record is written to the `Usage` storage table before it goes to the
 //!   sinks (the ledger, then the optional JSON-lines exporter). At start every stored
 //!   record is offered to the ledger again; the ledger accepts a record id once, so a
@@ -29,6 +36,10 @@
 //! - Availability for an epoch `(previous end, end]`: each node with GPUs counts from
 //!   `max(registered_at, previous end)` to its end (its last heartbeat if dead), times
 //!   its GPU count.
+//! - Funding ([`Metering::check_funding`]): jobs of a payer whose credit does not cover
+//!   its running leases for the credit horizon, and jobs whose holders left
+//!   [`MAX_UNCONFIRMED_PER_JOB`] grants unconfirmed, get no new leases (nodes hear it
+//!   with their heartbeats).
 //!
 //! Submodules: `book` holds the in-memory bookkeeping (open leases, records made, record
 //! ids); `settlement` closes epochs (cutting open leases, availability, the task closing
@@ -68,8 +79,9 @@ pub use ionet_settlement::two_party;
 use two_party::EndedBy;
 
 /// How long a node's grant may wait for its holder's word before it ends without a
-/// record (holders report every 100 ms; this covers a head restart and slow links).
-pub const CONFIRM_WINDOW_MS: u64 = 30_000;
+/// record (holders report every 100 ms and retry for 60 s while the head is away; this
+/// covers that, and is counted from the head's start for leases it reloads).
+pub const CONFIRM_WINDOW_MS: u64 = 90_000;
 /// How long a word that found no match from the other side is kept.
 pub const UNMATCHED_EXPIRY_MS: u64 = 10 * 60_000;
 /// How long after its holder gave a lease back the node is told to end it, unless it
@@ -77,6 +89,10 @@ pub const UNMATCHED_EXPIRY_MS: u64 = 10 * 60_000;
 pub const STOP_GRACE_MS: u64 = 500;
 /// The most leases one holder report may name.
 pub const MAX_HELD_PER_REPORT: usize = 10_000;
+/// The most holder words of one job no node has matched yet that the head keeps.
+pub const MAX_UNMATCHED_PER_JOB: usize = 10_000;
+/// A job whose holders left this many node grants unconfirmed gets no more leases.
+pub const MAX_UNCONFIRMED_PER_JOB: u32 = 3;
 
 /// Tells node daemons to end leases (the head's control credential over gRPC).
 #[tonic::async_trait]
@@ -87,8 +103,9 @@ pub trait LeaseStopper: Send + Sync {
 
 /// What the head itself holds, for vouching for the leases it holds as their holder.
 pub trait HeadHoldings: Send + Sync {
-    /// Whether bundle `index` of placement group `group` is `job`'s and placed on `node`.
-    fn holds_bundle(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> bool;
+    /// What bundle `index` of placement group `group` reserves, when it is `job`'s and
+    /// committed (or being committed) on `node`.
+    fn bundle_of(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> Option<ionet_common::ResourceSet>;
 }
 
 /// The payer billed for jobs added without a payer account.
@@ -132,6 +149,8 @@ pub struct Metering {
     head_holdings: std::sync::OnceLock<Arc<dyn HeadHoldings>>,
     /// How nodes are told to end leases whose holder gave them back.
     stopper: std::sync::OnceLock<Arc<dyn LeaseStopper>>,
+    /// Orders storage writes (see `apply`).
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl Metering {
@@ -193,6 +212,8 @@ impl Metering {
                 lease.segment = cut.segment + 1;
                 lease.segment_start = Some(cut.record.end_ms);
             }
+            // Its silence is counted from this start, not from before the head went away.
+            lease.last_word_ms = lease.last_word_ms.max(state.now_ms());
             book.open.insert(lease.lease_id, lease);
         }
         for m in made {
@@ -243,6 +264,7 @@ impl Metering {
             payouts: std::sync::OnceLock::new(),
             head_holdings: std::sync::OnceLock::new(),
             stopper: std::sync::OnceLock::new(),
+            writing: tokio::sync::Mutex::new(()),
         });
         metering.end_leases_of_dead_nodes().await?;
         Ok(metering)
@@ -292,7 +314,8 @@ impl Metering {
                 continue;
             }
             asked += leases.len();
-            match stopper.end_leases(&node.address, &leases, "the lease's holder gave it back").await {
+            let reason = "the head ended them: their holder gave them back, nobody asked for them, their job finished, or its payer ran out of credit";
+            match stopper.end_leases(&node.address, &leases, reason).await {
                 Ok(ended) => {
                     tracing::info!(node = %node_id.short(), asked = leases.len(), ended, "told a node to end leases its holders gave back")
                 }
@@ -333,13 +356,20 @@ impl Metering {
                 *owed = owed.saturating_add(charge);
             }
         }
+        // Writes go out one apply at a time, each lease as the book holds it now: a slower
+        // write never puts an older state of a lease back over a newer one.
+        let _writing = self.writing.lock().await;
+        let put_leases: Vec<Lease> = {
+            let book = self.book();
+            changes.put_leases.iter().filter_map(|lease| book.open.get(&lease.lease_id).cloned()).collect()
+        };
         let storage = self.state.storage().clone();
         let sinks = self.sinks.clone();
         blocking(move || {
             for made in &changes.records {
                 storage.put(Table::Usage, &made.storage_key(), &made.to_proto(None).encode_to_vec())?;
             }
-            for lease in &changes.put_leases {
+            for lease in &put_leases {
                 storage.put(Table::Leases, lease.lease_id.as_bytes(), &lease.to_proto(now).encode_to_vec())?;
             }
             for lease in &changes.delete_leases {
@@ -389,18 +419,25 @@ impl Metering {
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
         let bundle = (!request.placement_group_id.is_empty())
             .then(|| (request.placement_group_id.clone(), request.bundle_index));
-        // A bundle's holder is the head: it vouches when the group is the job's, there.
+        // A bundle's holder is the head: it vouches when the group is the job's, there, for
+        // what the bundle reserves, once.
         let head_holds = match &bundle {
             Some((group, index)) => {
-                let holds =
-                    self.head_holdings.get().is_some_and(|head| head.holds_bundle(&job_id, &node_id, group, *index));
-                if !holds {
+                let reserved =
+                    self.head_holdings.get().and_then(|head| head.bundle_of(&job_id, &node_id, group, *index));
+                let Some(reserved) = reserved else {
                     return Err(IonetError::PermissionDenied(format!(
                         "lease {lease_id}: bundle {index} of placement group {} is not job {job_id}'s on node {}",
                         hex::encode(group),
                         node_id.short()
                     ))
                     .into());
+                };
+                if reserved != resources {
+                    return Err(invalid(format!(
+                        "lease {lease_id}: bundle {index} of placement group {} reserves {reserved}, not {resources}",
+                        hex::encode(group)
+                    )));
                 }
                 true
             }
@@ -428,7 +465,28 @@ impl Metering {
                 ))
                 .into());
             }
+            if let Some(bundle) = node_side.bundle.as_ref() {
+                let metered = book.open.values().any(|open| {
+                    open.lease_id != lease_id
+                        && open.node.as_ref().and_then(|node| node.bundle.as_ref()) == Some(bundle)
+                });
+                if metered {
+                    return Err(IonetError::AlreadyExists(format!(
+                        "lease {lease_id}: bundle {} of placement group {} is already metered",
+                        bundle.1,
+                        hex::encode(&bundle.0)
+                    ))
+                    .into());
+                }
+            }
             let lease = book.open.entry(lease_id).or_insert_with(|| Lease::new(lease_id, job_id, node_id, now));
+            // A holder's word naming another node than the one that granted the lease was
+            // not about this lease: it counts for nothing (the node's word is authenticated).
+            if lease.node.is_none() && lease.node_id != node_id && lease.job_id == job_id {
+                lease.node_id = node_id;
+                lease.sides.holder_started = None;
+                lease.sides.holder_ended = None;
+            }
             if lease.node_id != node_id || lease.job_id != job_id {
                 return Err(IonetError::AlreadyExists(format!(
                     "lease {lease_id} is already known on node {} for job {}",
@@ -444,6 +502,7 @@ impl Metering {
             lease.sides.node_started = Some(started);
             if head_holds {
                 lease.sides.holder_started = Some(started);
+                lease.held_by_head = true;
             }
             lease.last_word_ms = now;
             let mut changes = Changes::default();
@@ -516,7 +575,7 @@ impl Metering {
     /// The holder's side, in a batch: the leases a process of `job_id` (or the head, for
     /// actors) was granted and gave back (or never got). A word naming no node is about a
     /// lease already known.
-    pub async fn holder_report(&self, job_id: JobId, leases: &[proto::HeldLease]) -> GcsResult<()> {
+    pub async fn holder_report(&self, job_id: JobId, leases: &[proto::HeldLease], by_head: bool) -> GcsResult<()> {
         if leases.len() > MAX_HELD_PER_REPORT {
             return Err(invalid(format!(
                 "a report names {} leases; at most {MAX_HELD_PER_REPORT} fit in one",
@@ -527,6 +586,10 @@ impl Metering {
         for held in leases {
             // No node: whichever node the lease is known on (it must be known already).
             let node = if held.node_id.is_empty() { None } else { Some(NodeId::from_bytes(&held.node_id)?) };
+            // A word about a node this control store does not know is about no lease.
+            if node.is_some_and(|node| self.state.node(&node).is_none()) {
+                continue;
+            }
             words.push((LeaseId::from_bytes(&held.lease_id)?, node, held));
         }
         let now = self.state.now_ms();
@@ -540,6 +603,14 @@ impl Metering {
                 let Some(node_id) = node_id.or_else(|| book.open.get(&lease_id).map(|lease| lease.node_id)) else {
                     continue;
                 };
+                // Words no node has matched are kept per job up to a cap.
+                if !book.open.contains_key(&lease_id) {
+                    let waiting =
+                        book.open.values().filter(|lease| lease.job_id == job_id && lease.node.is_none()).count();
+                    if waiting >= MAX_UNMATCHED_PER_JOB {
+                        continue;
+                    }
+                }
                 let lease = book.open.entry(lease_id).or_insert_with(|| Lease::new(lease_id, job_id, node_id, now));
                 if lease.job_id != job_id || lease.node_id != node_id {
                     // Not this job's lease there: a word about another's lease counts for nothing.
@@ -547,6 +618,7 @@ impl Metering {
                     continue;
                 }
                 let at = two_party::stamp(now, held.age_ms);
+                lease.held_by_head |= by_head;
                 if held.granted {
                     if lease.sides.holder_ended.is_none() {
                         lease.sides.holder_started.get_or_insert(at);
@@ -568,8 +640,13 @@ impl Metering {
         let now = self.state.now_ms();
         let changes = {
             let mut book = self.book();
-            let mine: Vec<LeaseId> =
-                book.open.values().filter(|lease| lease.job_id == job_id).map(|lease| lease.lease_id).collect();
+            // The head's own (detached actors, groups) outlive the job: it ends them itself.
+            let mine: Vec<LeaseId> = book
+                .open
+                .values()
+                .filter(|lease| lease.job_id == job_id && !lease.held_by_head)
+                .map(|lease| lease.lease_id)
+                .collect();
             let mut changes = Changes::default();
             for lease_id in mine {
                 if let Some(lease) = book.open.get_mut(&lease_id) {
@@ -581,6 +658,24 @@ impl Metering {
         };
         let ended = changes.records.len();
         self.apply(changes).await?;
+        Ok(ended)
+    }
+
+    /// [`Metering::end_leases_of_job`] for every finished job that still has leases (a
+    /// missed event, a head restarted after the job ended).
+    pub async fn end_leases_of_finished_jobs(&self) -> GcsResult<usize> {
+        let jobs: std::collections::HashSet<JobId> =
+            self.book().open.values().filter(|lease| !lease.held_by_head).map(|lease| lease.job_id).collect();
+        let mut ended = 0;
+        for job_id in jobs {
+            let finished = self
+                .state
+                .job(&job_id)
+                .is_some_and(|job| job.state == ionet_common::rpc::proto::common::JobState::Finished as i32);
+            if finished {
+                ended += self.end_leases_of_job(job_id).await?;
+            }
+        }
         Ok(ended)
     }
 
@@ -644,6 +739,7 @@ impl Metering {
                     tracing::warn!(lease = %lease_id, node = %lease.node_id.short(), job = %lease.job_id,
                         "no holder confirmed this lease; it ends without a record");
                     book.stop_due.insert(lease_id, (lease.node_id, now));
+                    *book.unconfirmed.entry(lease.job_id).or_default() += 1;
                 }
                 changes.delete_leases.push(lease_id);
             }
@@ -976,7 +1072,11 @@ impl Metering {
     /// their nodes are told. Returns the payers refused.
     pub async fn check_funding(&self) -> GcsResult<Vec<Standing>> {
         let horizon = self.state.config().credit_horizon_ms;
+        // Not while an epoch settles: its charges would count both in the balances and
+        // as still owed.
+        let settling = self.settling.lock().await;
         let short: Vec<Standing> = self.standings().await?.into_iter().filter(|s| !s.may_lease()).collect();
+        drop(settling);
         let exhausted: HashMap<&str, &Standing> =
             short.iter().filter(|s| s.exhausted()).map(|s| (s.payer.as_str(), s)).collect();
         let refused: HashMap<&str, &Standing> = short.iter().map(|s| (s.payer.as_str(), s)).collect();
@@ -990,6 +1090,11 @@ impl Metering {
                 unfunded.insert(job_id, standing.refusal(horizon));
             }
         }
+        for (job, count) in self.book().unconfirmed.iter().filter(|(_, count)| **count >= MAX_UNCONFIRMED_PER_JOB) {
+            unfunded.entry(*job).or_insert_with(|| {
+                format!("{count} leases granted to job {job} were never confirmed by the job's own processes; it gets no more")
+            });
+        }
         self.state.set_unfunded(unfunded);
         if !exhausted.is_empty() {
             let now = self.state.now_ms();
@@ -999,8 +1104,12 @@ impl Metering {
                     .open
                     .values()
                     .filter(|lease| lease.is_running())
+                    // A bundle cannot be stopped lease by lease: it stays billed (and owed)
+                    // until its group is removed.
                     .filter(|lease| {
-                        lease.node.as_ref().is_some_and(|node| exhausted.contains_key(node.payer_account.as_str()))
+                        lease.node.as_ref().is_some_and(|node| {
+                            node.bundle.is_none() && exhausted.contains_key(node.payer_account.as_str())
+                        })
                     })
                     .map(|lease| lease.lease_id)
                     .collect();

@@ -149,7 +149,7 @@ impl MeteringRpc for MeteringService {
         // A holder speaks for its own job's leases only.
         let job_id = JobId::from_bytes(&request.job_id).map_err(GcsError::from)?;
         principal.may_act_for_job(&job_id)?;
-        self.metering.holder_report(job_id, &request.leases).await?;
+        self.metering.holder_report(job_id, &request.leases, false).await?;
         Ok(Response::new(ReportHeldLeasesReply {}))
     }
 

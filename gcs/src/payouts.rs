@@ -259,11 +259,20 @@ impl Payouts {
                 let (account, state) = match deposits::account_of(observed.memo.as_deref()) {
                     Ok(account) if micro_usd > 0 => {
                         let reference = format!("solana:{signature}");
-                        if ledger.lock().deposit_once(&account, micro_usd, &reference)? {
-                            credited += 1;
-                            tracing::info!(%account, micro_usd, %signature, "deposit credited");
+                        match ledger.lock().deposit_once(&account, micro_usd, &reference) {
+                            Ok(fresh) => {
+                                if fresh {
+                                    credited += 1;
+                                    tracing::info!(%account, micro_usd, %signature, "deposit credited");
+                                }
+                                (account, "credited".to_string())
+                            }
+                            // One deposit the ledger refuses (too large) holds up no other.
+                            Err(err @ ionet_settlement::SettlementError::InvalidAmount { .. }) => {
+                                (String::new(), format!("held: {err}"))
+                            }
+                            Err(err) => return Err(err.into()),
                         }
-                        (account, "credited".to_string())
                     }
                     Ok(_) => (String::new(), "held: worth less than a micro-USD".to_string()),
                     Err(why) => (String::new(), format!("held: {why}")),

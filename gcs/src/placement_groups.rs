@@ -207,12 +207,12 @@ fn consumed(bundle: &ResourceSet) -> ResourceSet {
 }
 
 impl crate::metering::HeadHoldings for PlacementGroups {
-    fn holds_bundle(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> bool {
-        let Ok(id) = PlacementGroupId::from_bytes(group) else {
-            return false;
-        };
+    fn bundle_of(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> Option<ResourceSet> {
+        let id = PlacementGroupId::from_bytes(group).ok()?;
         let groups = self.lock();
-        groups.get(&id).is_some_and(|group| group.job_id == job.as_bytes() && group.committed.get(&index) == Some(node))
+        let group = groups.get(&id)?;
+        let placed = group.job_id == job.as_bytes() && group.committed.get(&index) == Some(node);
+        placed.then(|| group.bundles.get(index as usize).map(consumed)).flatten()
     }
 }
 

@@ -134,7 +134,7 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
         };
         server.metering().lease_started(&started).await.unwrap();
         let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
-        server.metering().holder_report(job, &[word]).await.unwrap();
+        server.metering().holder_report(job, &[word], false).await.unwrap();
         leases.push(lease);
     }
     clock.advance_ms(hours * HOUR);
@@ -338,7 +338,7 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
     };
     server.metering().lease_started(&started).await.unwrap();
     let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
-    server.metering().holder_report(job, &[word]).await.unwrap();
+    server.metering().holder_report(job, &[word], false).await.unwrap();
     clock.advance_ms(HOUR);
     // Ended by its node, or by the head as the credit ran out: at this moment either way.
     let _ = server.metering().lease_ended(lease.as_bytes()).await;

@@ -460,3 +460,14 @@ fn nonce_payout_landed_but_not_recorded_is_found_after_a_restart() {
     assert_eq!(plain.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
     assert_eq!(provider_token_balances(&setup), want);
 }
+
+#[test]
+fn a_nonce_account_the_authority_cannot_pay_for_is_an_error_not_a_spin() {
+    let setup = token_setup(1, 1_000);
+    let poor = Keypair::new();
+    let asset = PayoutAsset::Token { mint: setup.mint, decimals: 6 };
+    let config = PayoutConfig { confirm_timeout: Duration::from_millis(20), ..config(asset) };
+    let mut payouter = SolanaPayouter::new(setup.chain.clone(), MemoryPayoutStore::new(), poor, config).unwrap();
+    let err = payouter.ensure_nonce_account(&Keypair::new()).unwrap_err();
+    assert!(err.to_string().contains("did not appear"), "{err}");
+}

@@ -39,6 +39,9 @@ pub(crate) struct Lease {
     pub(crate) lease_id: Vec<u8>,
     /// The granting node (the holder's reports to the head name it).
     pub(crate) node_id: Vec<u8>,
+    /// Whether the node meters it (not inside a bundle, which is metered whole, and not
+    /// a lease of nothing): only then does the holder report it.
+    pub(crate) metered: bool,
     pub(crate) node_address: String,
     /// The leased worker's own address (for cancels).
     pub(crate) worker_address: String,
@@ -236,7 +239,9 @@ impl CoreWorker {
     async fn send_lease_back(&self, lease: &Lease, worker_failed: bool) {
         // The head hears it from the holder too: a node that keeps the lease open past
         // this is not paid for the rest.
-        self.held.returned(&lease.lease_id, &lease.node_id);
+        if lease.metered {
+            self.held.returned(&lease.lease_id, &lease.node_id);
+        }
         if let Ok(channel) = self.channel(&lease.node_address) {
             let mut node = NodeManagerClient::new(channel);
             let request = ReturnWorkerLeaseRequest { lease_id: lease.lease_id.clone(), worker_failed };
@@ -338,13 +343,24 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
     };
     pool.requesting.fetch_sub(1, Ordering::SeqCst);
     match verdict.and_then(|(granted, node_address)| {
-        worker.held.granted(&granted.lease_id, &granted.node_id);
+        let metered = pool.request.placement_group_id.is_empty()
+            && pool
+                .request
+                .resources
+                .as_ref()
+                .is_some_and(|resources| resources.units.values().any(|units| *units > 0));
+        if metered {
+            worker.held.granted(&granted.lease_id, &granted.node_id);
+        }
         let channel = worker.channel(&granted.worker_address).inspect_err(|_| {
-            worker.held.returned(&granted.lease_id, &granted.node_id);
+            if metered {
+                worker.held.returned(&granted.lease_id, &granted.node_id);
+            }
         })?;
         Ok(Lease {
             lease_id: granted.lease_id,
             node_id: granted.node_id,
+            metered,
             node_address,
             worker_address: granted.worker_address.clone(),
             tasks: TaskStream::open(&worker.handle, channel),

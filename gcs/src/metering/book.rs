@@ -66,6 +66,8 @@ pub(super) struct Lease {
     pub(super) segment: u32,
     /// When either side last spoke of it (for dropping words that never found a match).
     pub(super) last_word_ms: u64,
+    /// The head is its holder (an actor's lease, a committed bundle).
+    pub(super) held_by_head: bool,
 }
 
 impl NodeSide {
@@ -98,6 +100,7 @@ impl Lease {
             segment_start: None,
             segment: 0,
             last_word_ms: now_ms,
+            held_by_head: false,
         }
     }
 
@@ -174,6 +177,7 @@ impl Lease {
             placement_group_id: group,
             bundle_index: index,
             last_word_ms: self.last_word_ms,
+            held_by_head: self.held_by_head,
         }
     }
 
@@ -217,6 +221,7 @@ impl Lease {
             segment_start: (stored.segment > 0).then_some(stored.start_ms),
             segment: stored.segment,
             last_word_ms: stored.last_word_ms,
+            held_by_head: stored.held_by_head,
         })
     }
 }
@@ -261,6 +266,7 @@ impl Made {
             placement_group_id: Vec::new(),
             bundle_index: 0,
             last_word_ms: 0,
+            held_by_head: false,
         }
     }
 
@@ -315,6 +321,9 @@ pub(super) struct Book {
     /// Per payer, what its records not settled yet will charge it (cost and fee),
     /// micro-USD: what its balance must cover before any new lease.
     pub(super) owed: HashMap<String, u64>,
+    /// Per job, how many node grants its holders never confirmed (dropped after the
+    /// confirmation window): past a few, the job gets no more leases.
+    pub(super) unconfirmed: HashMap<JobId, u32>,
 }
 
 impl Book {

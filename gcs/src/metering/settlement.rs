@@ -138,6 +138,9 @@ pub(super) async fn close_epochs(metering: Arc<Metering>, mut stopped: watch::Re
         if let Err(err) = metering.end_leases_of_dead_nodes().await {
             tracing::error!(error = %err, "could not end the leases of dead nodes");
         }
+        if let Err(err) = metering.end_leases_of_finished_jobs().await {
+            tracing::error!(error = %err, "could not end the leases of finished jobs");
+        }
         if let Err(err) = metering.drop_unmatched().await {
             tracing::error!(error = %err, "could not drop unmatched lease reports");
         }

@@ -77,7 +77,7 @@ async fn start_both(
     resources: Option<ResourceQuantities>,
 ) -> GcsResult<u64> {
     let start = metering.lease_started(&node_says(lease, node, job, resources)).await?;
-    metering.holder_report(job, &[holder_says(lease, node, true)]).await?;
+    metering.holder_report(job, &[holder_says(lease, node, true)], false).await?;
     Ok(start)
 }
 
@@ -255,7 +255,7 @@ async fn a_node_that_withholds_its_end_is_billed_only_to_the_holders_return() {
     start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
     f.clock.advance_ms(10_000);
     // The holder gives the lease back; the node keeps quiet for 30 s.
-    f.metering.holder_report(job, &[holder_says(lease, node, false)]).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(lease, node, false)], false).await.unwrap();
     let usage = f.metering.list_usage(Some(job), None).await.unwrap();
     assert_eq!(usage.len(), 1);
     assert!(!usage[0].open, "the record closed at the holder's word");
@@ -295,7 +295,7 @@ async fn a_lease_no_holder_asked_for_makes_no_record() {
     // Another job's holder cannot speak for this job's lease either.
     let lease = LeaseId::random();
     f.metering.lease_started(&node_says(lease, node, job, gpus("1"))).await.unwrap();
-    f.metering.holder_report(other, &[holder_says(lease, node, true)]).await.unwrap();
+    f.metering.holder_report(other, &[holder_says(lease, node, true)], false).await.unwrap();
     f.clock.advance_ms(1_000);
     assert_eq!(f.metering.lease_ended_by(lease.as_bytes(), 0, Some(node)).await.unwrap(), None);
     let summary = f.metering.settle_now(false).await.unwrap();
@@ -313,17 +313,17 @@ async fn a_holder_that_ends_a_lease_early_ends_it_for_the_node_too() {
     f.metering.lease_started(&node_says(lease, node, job, gpus("1"))).await.unwrap();
     f.clock.advance_ms(5_000);
     let late = proto::HeldLease { age_ms: 60_000, ..holder_says(lease, node, true) };
-    f.metering.holder_report(job, &[late]).await.unwrap();
+    f.metering.holder_report(job, &[late], false).await.unwrap();
     let usage = f.metering.list_usage(Some(job), None).await.unwrap();
     assert_eq!(usage[0].start_ms, START + 5_000 - two_party::MAX_AGE_MS, "the later start, dated back 2 s at most");
     f.clock.advance_ms(1_000);
-    f.metering.holder_report(job, &[holder_says(lease, node, false)]).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(lease, node, false)], false).await.unwrap();
     f.clock.advance_ms(STOP_GRACE_MS);
     assert_eq!(f.metering.due_stops().get(&node), Some(&vec![lease]));
     // A node that ends it first needs no telling.
     let quick = LeaseId::random();
     start_both(&f.metering, quick, node, job, gpus("1")).await.unwrap();
-    f.metering.holder_report(job, &[holder_says(quick, node, false)]).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(quick, node, false)], false).await.unwrap();
     f.metering.lease_ended_by(quick.as_bytes(), 0, Some(node)).await.unwrap().unwrap();
     f.clock.advance_ms(STOP_GRACE_MS);
     assert!(f.metering.due_stops().is_empty());
@@ -339,11 +339,11 @@ async fn half_said_leases_survive_a_restart() {
     let job = job(&f.state, "bob").await;
     let (node_first, holder_first) = (LeaseId::random(), LeaseId::random());
     f.metering.lease_started(&node_says(node_first, node, job, gpus("1"))).await.unwrap();
-    f.metering.holder_report(job, &[holder_says(holder_first, node, true)]).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(holder_first, node, true)], false).await.unwrap();
     drop(f);
     let g = fixture_on(storage, clock.clone()).await;
     clock.advance_ms(1_000);
-    g.metering.holder_report(job, &[holder_says(node_first, node, true)]).await.unwrap();
+    g.metering.holder_report(job, &[holder_says(node_first, node, true)], false).await.unwrap();
     g.metering.lease_started(&node_says(holder_first, node, job, gpus("1"))).await.unwrap();
     clock.advance_ms(1_000);
     for lease in [node_first, holder_first] {
@@ -419,4 +419,66 @@ async fn a_payer_out_of_credit_gets_no_new_leases_and_its_running_ones_end() {
 async fn job_with_credit(state: &GcsState, metering: &Metering, payer: &str, micros: u64) -> JobId {
     metering.add_credits(payer, micros).await.unwrap();
     job(state, payer).await
+}
+
+#[tokio::test]
+async fn the_heads_own_leases_outlive_their_job_and_a_holder_cannot_name_another_node() {
+    let f = fixture().await;
+    let (node, elsewhere) = (NodeId::random(), NodeId::random());
+    f.state.register_node(gpu_node(node, 2, "1.00", "w")).await.unwrap();
+    f.state.register_node(gpu_node(elsewhere, 2, "1.00", "v")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    f.metering.add_credits("bob", 100_000_000).await.unwrap();
+    // A detached actor's lease, held by the head: the job's end does not end it.
+    let actor = LeaseId::random();
+    f.metering.lease_started(&node_says(actor, node, job, gpus("1"))).await.unwrap();
+    f.metering.holder_report(job, &[holder_says(actor, node, true)], true).await.unwrap();
+    // A holder that names another node than the grantor's: its word counts for nothing.
+    let lying = LeaseId::random();
+    f.metering.holder_report(job, &[holder_says(lying, elsewhere, true)], false).await.unwrap();
+    f.metering.lease_started(&node_says(lying, node, job, gpus("1"))).await.unwrap();
+    f.clock.advance_ms(1_000);
+    assert_eq!(f.metering.end_leases_of_job(job).await.unwrap(), 0);
+    let usage = f.metering.list_usage(Some(job), None).await.unwrap();
+    assert_eq!(usage.len(), 1, "the actor's lease runs on; the other never started: {usage:?}");
+    assert_eq!(usage[0].lease_id, actor.to_vec());
+    // Holders that leave grants unconfirmed: past a few, their job gets no more leases.
+    for _ in 0..MAX_UNCONFIRMED_PER_JOB {
+        let grant = LeaseId::random();
+        f.metering.lease_started(&node_says(grant, node, job, gpus("0.1"))).await.unwrap();
+    }
+    f.clock.advance_ms(CONFIRM_WINDOW_MS);
+    f.metering.drop_unmatched().await.unwrap();
+    f.metering.check_funding().await.unwrap();
+    let reason = f.state.unfunded().get(&job).cloned().expect("refused");
+    assert!(reason.contains("never confirmed"), "{reason}");
+}
+
+struct OneBundle(ResourceSet);
+
+impl HeadHoldings for OneBundle {
+    fn bundle_of(&self, _job: &JobId, _node: &NodeId, _group: &[u8], index: u32) -> Option<ResourceSet> {
+        (index == 0).then(|| self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_bundle_is_metered_once_for_what_it_reserves() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 8, "1.00", "w")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    f.metering.set_head_holdings(Arc::new(OneBundle(ResourceSet::new().with(GPU, Quantity::whole(2)))));
+    let bundle = |lease: LeaseId, count: &str, index: u32| proto::LeaseStartedRequest {
+        placement_group_id: vec![7; 18],
+        bundle_index: index,
+        ..node_says(lease, node, job, gpus(count))
+    };
+    let err = f.metering.lease_started(&bundle(LeaseId::random(), "8", 0)).await.unwrap_err();
+    assert!(err.to_string().contains("reserves"), "more than the bundle reserves: {err}");
+    assert!(f.metering.lease_started(&bundle(LeaseId::random(), "2", 1)).await.is_err(), "not the job's bundle");
+    f.metering.lease_started(&bundle(LeaseId::random(), "2", 0)).await.unwrap();
+    let err = f.metering.lease_started(&bundle(LeaseId::random(), "2", 0)).await.unwrap_err();
+    assert!(err.to_string().contains("already metered"), "{err}");
+    assert_eq!(f.metering.list_usage(Some(job), None).await.unwrap().len(), 1);
 }

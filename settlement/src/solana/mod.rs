@@ -249,41 +249,43 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
     /// it (paid by the authority) if it does not; returns its address. Idempotent: call
     /// it at every start.
     pub fn ensure_nonce_account(&mut self, nonce: &Keypair) -> SettlementResult<Pubkey> {
+        const CREATIONS: usize = 3;
         let address = nonce.pubkey();
         let authority = self.authority.pubkey();
-        let deadline = Instant::now() + self.config.confirm_timeout;
-        let mut sent = false;
-        loop {
+        for creation in 0..=CREATIONS {
             if let Some(account) = self.chain.get_account(&address)? {
                 plan::nonce_value(&account.data, &authority)?;
                 return Ok(address);
             }
-            if !sent || Instant::now() >= deadline {
-                if sent {
-                    warn!(nonce = %address, "the payout nonce account did not appear; creating it again");
-                }
-                let instructions = solana_system_interface::instruction::create_nonce_account(
-                    &authority,
-                    &address,
-                    &authority,
-                    NONCE_ACCOUNT_RENT,
-                );
-                let blockhash = self.chain.latest_blockhash()?;
-                let message = solana_message::Message::new(&instructions, Some(&authority));
-                let mut transaction = solana_transaction::Transaction::new_unsigned(message);
-                transaction
-                    .try_sign(&[&self.authority, nonce], blockhash)
-                    .map_err(|err| SettlementError::PayoutConfig(format!("signing the nonce account: {err}")))?;
-                // Creating an account that exists fails and moves nothing: safe to repeat.
-                if let Err(err) = self.chain.send_transaction(&transaction) {
-                    warn!(nonce = %address, error = %err, "sending the nonce account's creation failed");
-                }
-                info!(nonce = %address, authority = %authority, "payout nonce account created");
-                sent = true;
-                continue;
+            if creation == CREATIONS {
+                break;
             }
-            std::thread::sleep(self.config.poll_interval);
+            let instructions = solana_system_interface::instruction::create_nonce_account(
+                &authority,
+                &address,
+                &authority,
+                NONCE_ACCOUNT_RENT,
+            );
+            let blockhash = self.chain.latest_blockhash()?;
+            let message = solana_message::Message::new(&instructions, Some(&authority));
+            let mut transaction = solana_transaction::Transaction::new_unsigned(message);
+            transaction
+                .try_sign(&[&self.authority, nonce], blockhash)
+                .map_err(|err| SettlementError::PayoutConfig(format!("signing the nonce account: {err}")))?;
+            // Creating an account that exists fails and moves nothing: safe to repeat.
+            if let Err(err) = self.chain.send_transaction(&transaction) {
+                warn!(nonce = %address, error = %err, "sending the nonce account's creation failed");
+            }
+            info!(nonce = %address, authority = %authority, "payout nonce account creation sent");
+            let deadline = Instant::now() + self.config.confirm_timeout;
+            while Instant::now() < deadline && self.chain.get_account(&address)?.is_none() {
+                std::thread::sleep(self.config.poll_interval);
+            }
         }
+        Err(SettlementError::PayoutConfig(format!(
+            "the payout nonce account {address} did not appear after {CREATIONS} creations (does the authority \
+             {authority} hold {NONCE_ACCOUNT_RENT} lamports for its rent?); trying again on the next pass"
+        )))
     }
 
     /// The value the next transaction against `nonce` must carry.
