@@ -25,6 +25,10 @@ const BALANCES: TableDefinition<&str, i64> = TableDefinition::new("balances");
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const EPOCHS: TableDefinition<u64, &[u8]> = TableDefinition::new("epochs");
 const APPLIED: TableDefinition<&str, ()> = TableDefinition::new("applied_keys");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The layout of what the tables hold; 2 added receivables to the epoch summaries.
+const FORMAT: u64 = 2;
 
 fn encode<T: serde::Serialize>(value: &T) -> SettlementResult<Vec<u8>> {
     Ok(bincode::serde::encode_to_vec(value, bincode::config::standard())?)
@@ -46,8 +50,10 @@ impl std::fmt::Debug for RedbStore {
 }
 
 impl RedbStore {
-    /// Opens the ledger file, creating it (and its tables) if absent.
+    /// Opens the ledger file, creating it (and its tables) if absent. A file whose closed
+    /// epochs were written in an older layout is refused, by name, rather than misread.
     pub fn open(path: impl AsRef<Path>) -> SettlementResult<Self> {
+        let path = path.as_ref();
         let database = Database::create(path)?;
         let transaction = database.begin_write()?;
         {
@@ -55,8 +61,24 @@ impl RedbStore {
             transaction.open_table(SETTLED)?;
             transaction.open_table(BALANCES)?;
             transaction.open_table(ENTRIES)?;
-            transaction.open_table(EPOCHS)?;
+            let epochs = transaction.open_table(EPOCHS)?;
             transaction.open_table(APPLIED)?;
+            let mut meta = transaction.open_table(META)?;
+            let format = meta.get("format")?.map(|value| value.value());
+            match format {
+                Some(FORMAT) => {}
+                None if epochs.is_empty()? => {
+                    meta.insert("format", FORMAT)?;
+                }
+                found => {
+                    return Err(SettlementError::Io(std::io::Error::other(format!(
+                        "ledger {} holds epochs in layout {} and this ionet reads layout {FORMAT}: settle and pay \
+                         them out with the ionet that wrote it, or start a new ledger",
+                        path.display(),
+                        found.unwrap_or(1)
+                    ))));
+                }
+            }
         }
         transaction.commit()?;
         Ok(RedbStore { database })

@@ -607,3 +607,21 @@ fn a_deposit_is_credited_once_per_reference_also_after_reopening() {
     assert_eq!(ledger.balance(&Account::payer("bob")).unwrap(), 2_000_000);
     assert_eq!(sum_of_balances(&ledger), 0);
 }
+
+#[test]
+fn a_ledger_of_an_older_layout_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    {
+        let mut ledger = Ledger::new(RedbStore::open(&path).unwrap(), LedgerConfig::default()).unwrap();
+        ledger.settle_epoch(&EpochSpec::new(0, 1_000)).unwrap();
+    }
+    // As an older ionet left it: epochs, and no layout mark.
+    let database = redb::Database::create(&path).unwrap();
+    let transaction = database.begin_write().unwrap();
+    transaction.delete_table(redb::TableDefinition::<&str, u64>::new("meta")).unwrap();
+    transaction.commit().unwrap();
+    drop(database);
+    let err = RedbStore::open(&path).unwrap_err().to_string();
+    assert!(err.contains("layout 1") && err.contains("reads layout 2"), "{err}");
+}
