@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::credential::Issuer;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
-use ionet_common::rpc::proto::common::NodeState as WireNodeState;
+use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
 use ionet_common::rpc::proto::metering::HeldLease;
@@ -300,9 +300,18 @@ impl Actors {
 
     /// Says, as the holder of an actor's lease (the head holds them), that it was granted
     /// or given back; a record runs only while both the node and its holder say so.
-    async fn held(&self, job_id: &[u8], lease_id: &[u8], node_id: &[u8], granted: bool) {
+    /// `asked`: what the actor's lease asked for (with `granted`).
+    async fn held(
+        &self,
+        job_id: &[u8],
+        lease_id: &[u8],
+        node_id: &[u8],
+        granted: bool,
+        asked: Option<ResourceQuantities>,
+    ) {
         let Ok(job) = JobId::from_bytes(job_id) else { return };
-        let word = HeldLease { lease_id: lease_id.to_vec(), node_id: node_id.to_vec(), granted, age_ms: 0 };
+        let word =
+            HeldLease { lease_id: lease_id.to_vec(), node_id: node_id.to_vec(), granted, age_ms: 0, resources: asked };
         if let Err(err) = self.metering.holder_report(job, &[word], true).await {
             tracing::warn!(job = %job, error = %err, "could not report an actor's lease to metering");
         }
@@ -310,7 +319,7 @@ impl Actors {
 
     /// Returns a lease of job `job_id`'s actor, with the job's credential.
     async fn return_lease(&self, job_id: &[u8], lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
-        self.held(job_id, &lease_id, &[], false).await;
+        self.held(job_id, &lease_id, &[], false, None).await;
         let Ok(credential) = self.job_credential(job_id) else { return };
         let Ok(channel) = self.channel(node_address, &credential) else { return };
         let request = ReturnWorkerLeaseRequest { lease_id, worker_failed };
@@ -369,7 +378,7 @@ impl Actors {
                     let metered = spec.placement_group_id.is_empty()
                         && spec.resources.as_ref().is_some_and(|r| r.units.values().any(|units| *units > 0));
                     if metered {
-                        self.held(&spec.job_id, &lease.lease_id, &lease.node_id, true).await;
+                        self.held(&spec.job_id, &lease.lease_id, &lease.node_id, true, spec.resources.clone()).await;
                     }
                     (lease, node_address)
                 }

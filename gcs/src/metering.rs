@@ -623,6 +623,9 @@ impl Metering {
                     if lease.sides.holder_ended.is_none() {
                         lease.sides.holder_started.get_or_insert(at);
                     }
+                    if let Some(asked) = held.resources.as_ref().and_then(|asked| asked.clone().to_set().ok()) {
+                        lease.holder_resources.get_or_insert(asked);
+                    }
                 } else {
                     lease.sides.holder_ended.get_or_insert(at);
                 }
@@ -1044,8 +1047,7 @@ impl Metering {
                 let standing = standings.entry(node.payer_account.clone()).or_default();
                 let accrued = lease.record_until(now, "").map(|made| made.record.cost_micro_usd().unwrap_or(u64::MAX));
                 standing.owed = standing.owed.saturating_add(with_fee(accrued.unwrap_or(0), fee_bps));
-                standing.hourly =
-                    standing.hourly.saturating_add(with_fee(node.hourly_cost(lease.job_id, lease.node_id), fee_bps));
+                standing.hourly = standing.hourly.saturating_add(with_fee(lease.hourly_cost(), fee_bps));
             }
         }
         let ledger = self.ledger.clone();

@@ -133,7 +133,13 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
             ..Default::default()
         };
         server.metering().lease_started(&started).await.unwrap();
-        let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
+        let word = HeldLease {
+            lease_id: lease.to_vec(),
+            node_id: node.node_id.clone(),
+            granted: true,
+            age_ms: 0,
+            resources: None,
+        };
         server.metering().holder_report(job, &[word], false).await.unwrap();
         leases.push(lease);
     }
@@ -337,7 +343,13 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
         ..Default::default()
     };
     server.metering().lease_started(&started).await.unwrap();
-    let word = HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, age_ms: 0 };
+    let word = HeldLease {
+        lease_id: lease.to_vec(),
+        node_id: node.node_id.clone(),
+        granted: true,
+        age_ms: 0,
+        resources: None,
+    };
     server.metering().holder_report(job, &[word], false).await.unwrap();
     clock.advance_ms(HOUR);
     // Ended by its node, or by the head as the credit ran out: at this moment either way.

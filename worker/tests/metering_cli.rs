@@ -75,7 +75,8 @@ fn start_lease(cluster: &TestCluster, lease: &LeaseId, node: &[u8], job: &[u8], 
         .expect("lease started")
         .into_inner()
         .start_ms;
-    let word = HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted: true, age_ms: 0 };
+    let word =
+        HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted: true, age_ms: 0, resources: None };
     cluster
         .runtime
         .block_on(client.report_held_leases(ReportHeldLeasesRequest { job_id: job.to_vec(), leases: vec![word] }))

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use ionet_common::auth::Bearer;
+use ionet_common::rpc::proto::common::ResourceQuantities;
 use ionet_common::rpc::proto::metering::{HeldLease, ReportHeldLeasesRequest};
 use ionet_common::rpc::{self, MeteringClient};
 use ionet_common::JobId;
@@ -24,7 +25,8 @@ const MAX_BATCH: usize = 4_096;
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 
 enum Message {
-    Word(Instant, Vec<u8>, Vec<u8>, bool),
+    /// When, lease, node, granted, what was asked (with a grant).
+    Word(Instant, Vec<u8>, Vec<u8>, bool, Option<ResourceQuantities>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -47,14 +49,14 @@ impl HeldLeases {
         Self { sender }
     }
 
-    /// This process was granted `lease_id` by node `node_id`.
-    pub(crate) fn granted(&self, lease_id: &[u8], node_id: &[u8]) {
-        let _ = self.sender.send(Message::Word(Instant::now(), lease_id.to_vec(), node_id.to_vec(), true));
+    /// This process was granted `lease_id` by node `node_id`, having asked for `asked`.
+    pub(crate) fn granted(&self, lease_id: &[u8], node_id: &[u8], asked: Option<ResourceQuantities>) {
+        let _ = self.sender.send(Message::Word(Instant::now(), lease_id.to_vec(), node_id.to_vec(), true, asked));
     }
 
     /// This process gave `lease_id` back (or abandoned it).
     pub(crate) fn returned(&self, lease_id: &[u8], node_id: &[u8]) {
-        let _ = self.sender.send(Message::Word(Instant::now(), lease_id.to_vec(), node_id.to_vec(), false));
+        let _ = self.sender.send(Message::Word(Instant::now(), lease_id.to_vec(), node_id.to_vec(), false, None));
     }
 
     /// Waits (up to `timeout`) until every word queued so far has been sent.
@@ -79,8 +81,8 @@ async fn report(
         let take =
             |message: Message, pending: &mut Vec<(Instant, HeldLease)>, flushes: &mut Vec<oneshot::Sender<()>>| {
                 match message {
-                    Message::Word(at, lease_id, node_id, granted) => {
-                        pending.push((at, HeldLease { lease_id, node_id, granted, age_ms: 0 }))
+                    Message::Word(at, lease_id, node_id, granted, resources) => {
+                        pending.push((at, HeldLease { lease_id, node_id, granted, age_ms: 0, resources }))
                     }
                     Message::Flush(done) => flushes.push(done),
                 }

@@ -350,7 +350,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
                 .as_ref()
                 .is_some_and(|resources| resources.units.values().any(|units| *units > 0));
         if metered {
-            worker.held.granted(&granted.lease_id, &granted.node_id);
+            worker.held.granted(&granted.lease_id, &granted.node_id, pool.request.resources.clone());
         }
         let channel = worker.channel(&granted.worker_address).inspect_err(|_| {
             if metered {

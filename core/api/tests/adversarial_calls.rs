@@ -1002,6 +1002,7 @@ fn a_lease_its_holder_ended_stops_its_worker_there() {
             node_id: running.node_id.clone(),
             granted: false,
             age_ms: 0,
+            resources: None,
         };
         let said = std::time::Instant::now();
         tenant.report_held_leases(ReportHeldLeasesRequest { job_id: job.to_vec(), leases: vec![word] }).await.unwrap();

@@ -68,25 +68,8 @@ pub(super) struct Lease {
     pub(super) last_word_ms: u64,
     /// The head is its holder (an actor's lease, a committed bundle).
     pub(super) held_by_head: bool,
-}
-
-impl NodeSide {
-    /// What the lease costs per hour at the prices it was granted at, micro-USD.
-    pub(super) fn hourly_cost(&self, job_id: JobId, node_id: NodeId) -> u64 {
-        let hour = UsageRecord {
-            record_id: RecordId(0),
-            job_id,
-            payer_account: self.payer_account.clone(),
-            node_id,
-            provider_wallet: self.provider_wallet.clone(),
-            resources: self.resources.clone(),
-            start_ms: 0,
-            end_ms: 3_600_000,
-            price_per_gpu_hour: self.price_per_gpu_hour,
-            price_per_cpu_hour: self.price_per_cpu_hour,
-        };
-        hour.cost_micro_usd().unwrap_or(u64::MAX)
-    }
+    /// What the holder said it asked for, when it said.
+    pub(super) holder_resources: Option<ResourceSet>,
 }
 
 impl Lease {
@@ -101,6 +84,7 @@ impl Lease {
             segment: 0,
             last_word_ms: now_ms,
             held_by_head: false,
+            holder_resources: None,
         }
     }
 
@@ -114,11 +98,38 @@ impl Lease {
         self.segment_start.or(self.sides.start())
     }
 
+    /// What the lease bills: what the node reported, capped resource by resource at what
+    /// the holder said it asked for (when it said).
+    pub(super) fn billed_resources(&self) -> Option<ResourceSet> {
+        let node = self.node.as_ref()?;
+        let Some(asked) = &self.holder_resources else {
+            return Some(node.resources.clone());
+        };
+        let mut billed = ResourceSet::new();
+        for (name, quantity) in node.resources.iter() {
+            let capped = quantity.min(asked.get(name));
+            if !capped.is_zero() {
+                billed.set(name.to_string(), capped);
+            }
+        }
+        Some(billed)
+    }
+
+    /// What the lease costs per hour as billed, micro-USD.
+    pub(super) fn hourly_cost(&self) -> u64 {
+        self.record_until_from(0, 3_600_000, "")
+            .map(|made| made.record.cost_micro_usd().unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+
     /// The record of the current segment from its start to `end_ms` (never before its
     /// start), closed by `ended_by`; `None` without both starts or the node's side.
     pub(super) fn record_until(&self, end_ms: u64, ended_by: &str) -> Option<Made> {
+        self.record_until_from(self.segment_start()?, end_ms, ended_by)
+    }
+
+    fn record_until_from(&self, start_ms: u64, end_ms: u64, ended_by: &str) -> Option<Made> {
         let node = self.node.as_ref()?;
-        let start_ms = self.segment_start()?;
         Some(Made {
             lease_id: self.lease_id,
             segment: self.segment,
@@ -130,7 +141,7 @@ impl Lease {
                 payer_account: node.payer_account.clone(),
                 node_id: self.node_id,
                 provider_wallet: node.provider_wallet.clone(),
-                resources: node.resources.clone(),
+                resources: self.billed_resources()?,
                 start_ms,
                 end_ms: end_ms.max(start_ms),
                 price_per_gpu_hour: node.price_per_gpu_hour,
@@ -178,6 +189,7 @@ impl Lease {
             bundle_index: index,
             last_word_ms: self.last_word_ms,
             held_by_head: self.held_by_head,
+            holder_resources: self.holder_resources.as_ref().map(ResourceQuantities::from_set),
         }
     }
 
@@ -222,6 +234,7 @@ impl Lease {
             segment: stored.segment,
             last_word_ms: stored.last_word_ms,
             held_by_head: stored.held_by_head,
+            holder_resources: stored.holder_resources.clone().map(|asked| asked.to_set()).transpose()?,
         })
     }
 }
@@ -267,6 +280,7 @@ impl Made {
             bundle_index: 0,
             last_word_ms: 0,
             held_by_head: false,
+            holder_resources: None,
         }
     }
 

@@ -65,7 +65,7 @@ fn node_says(
 }
 
 fn holder_says(lease: LeaseId, node: NodeId, granted: bool) -> proto::HeldLease {
-    proto::HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted, age_ms: 0 }
+    proto::HeldLease { lease_id: lease.to_vec(), node_id: node.to_vec(), granted, age_ms: 0, resources: None }
 }
 
 /// Both sides say the lease started: the node, then its holder.
@@ -481,4 +481,23 @@ async fn a_bundle_is_metered_once_for_what_it_reserves() {
     let err = f.metering.lease_started(&bundle(LeaseId::random(), "2", 0)).await.unwrap_err();
     assert!(err.to_string().contains("already metered"), "{err}");
     assert_eq!(f.metering.list_usage(Some(job), None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lease_bills_no_more_than_its_holder_asked_for() {
+    let f = fixture().await;
+    let node = NodeId::random();
+    f.state.register_node(gpu_node(node, 8, "3.60", "w")).await.unwrap();
+    let job = job(&f.state, "bob").await;
+    f.metering.add_credits("bob", 100_000_000).await.unwrap();
+    let lease = LeaseId::random();
+    // The node claims all 8 GPUs; the holder asked for one.
+    f.metering.lease_started(&node_says(lease, node, job, gpus("8"))).await.unwrap();
+    let asked = proto::HeldLease { resources: gpus("1"), ..holder_says(lease, node, true) };
+    f.metering.holder_report(job, &[asked], false).await.unwrap();
+    f.clock.advance_ms(10_000);
+    let record = f.metering.lease_ended_by(lease.as_bytes(), 0, Some(node)).await.unwrap().unwrap();
+    let billed = record.resources.unwrap().to_set().unwrap();
+    assert_eq!(billed.get(GPU), Quantity::whole(1));
+    assert_eq!(record.cost_micros, 10_000, "10 s of one GPU at $3.60/h");
 }
