@@ -124,23 +124,7 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
     for wallet in wallets {
         let node = gpu_node(wallet, "1.20");
         state.register_node(node.clone()).await.unwrap();
-        let lease = LeaseId::random();
-        let started = LeaseStartedRequest {
-            lease_id: lease.to_vec(),
-            node_id: node.node_id.clone(),
-            job_id: job.to_vec(),
-            resources: Some((&gpus).into()),
-            ..Default::default()
-        };
-        server.metering().lease_started(&started).await.unwrap();
-        let word = HeldLease {
-            lease_id: lease.to_vec(),
-            node_id: node.node_id.clone(),
-            granted: true,
-            age_ms: 0,
-            resources: None,
-        };
-        server.metering().holder_report(job, &[word], false).await.unwrap();
+        let lease = start_two_party(server, job, &node, &gpus).await;
         leases.push(lease);
     }
     clock.advance_ms(hours * HOUR);
@@ -157,6 +141,24 @@ async fn list_payouts(server: &GcsServer) -> ListPayoutsReply {
     .await
     .unwrap();
     client.list_payouts(ListPayoutsRequest {}).await.unwrap().into_inner()
+}
+
+/// A lease of `gpus` on `node` for `job` that both sides say started: its node, then its
+/// holder.
+async fn start_two_party(server: &GcsServer, job: JobId, node: &NodeInfo, gpus: &ResourceSet) -> LeaseId {
+    let lease = LeaseId::random();
+    let started = LeaseStartedRequest {
+        lease_id: lease.to_vec(),
+        node_id: node.node_id.clone(),
+        job_id: job.to_vec(),
+        resources: Some(gpus.into()),
+        ..Default::default()
+    };
+    server.metering().lease_started(&started).await.unwrap();
+    let word =
+        HeldLease { lease_id: lease.to_vec(), node_id: node.node_id.clone(), granted: true, ..Default::default() };
+    server.metering().holder_report(job, &[word], false).await.unwrap();
+    lease
 }
 
 /// Polls `ListPayouts` until `epochs` epochs are complete (10 s deadline).
@@ -333,24 +335,8 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
     server.metering().add_credits("frugal", 1_000_000).await.unwrap();
     let node = gpu_node(&wallet, "1.20");
     state.register_node(node.clone()).await.unwrap();
-    let lease = LeaseId::random();
     let gpus: ResourceSet = ResourceSet::new().with(GPU, Quantity::whole(2));
-    let started = LeaseStartedRequest {
-        lease_id: lease.to_vec(),
-        node_id: node.node_id.clone(),
-        job_id: job.to_vec(),
-        resources: Some((&gpus).into()),
-        ..Default::default()
-    };
-    server.metering().lease_started(&started).await.unwrap();
-    let word = HeldLease {
-        lease_id: lease.to_vec(),
-        node_id: node.node_id.clone(),
-        granted: true,
-        age_ms: 0,
-        resources: None,
-    };
-    server.metering().holder_report(job, &[word], false).await.unwrap();
+    let lease = start_two_party(&server, job, &node, &gpus).await;
     clock.advance_ms(HOUR);
     // Ended by its node, or by the head as the credit ran out: at this moment either way.
     let _ = server.metering().lease_ended(lease.as_bytes()).await;

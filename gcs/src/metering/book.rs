@@ -223,19 +223,25 @@ impl Lease {
             job_id: JobId::from_bytes(&stored.job_id)?,
             node_id: NodeId::from_bytes(&stored.node_id)?,
             node: node.transpose()?,
-            sides: Sides {
-                node_started: said(stored.node_started_ms),
-                holder_started: said(stored.holder_started_ms),
-                node_ended: said(stored.node_ended_ms),
-                holder_ended: said(stored.holder_ended_ms),
-                forced_end: None,
-            },
+            sides: sides_of(stored),
             segment_start: (stored.segment > 0).then_some(stored.start_ms),
             segment: stored.segment,
             last_word_ms: stored.last_word_ms,
             held_by_head: stored.held_by_head,
             holder_resources: stored.holder_resources.clone().map(|asked| asked.to_set()).transpose()?,
         })
+    }
+}
+
+/// The two sides' words as stored (0: not said).
+fn sides_of(stored: &proto::UsageRecord) -> Sides {
+    let said = |ms: u64| (ms != 0).then_some(ms);
+    Sides {
+        node_started: said(stored.node_started_ms),
+        holder_started: said(stored.holder_started_ms),
+        node_ended: said(stored.node_ended_ms),
+        holder_ended: said(stored.holder_ended_ms),
+        forced_end: None,
     }
 }
 
@@ -286,17 +292,10 @@ impl Made {
 
     pub(super) fn from_proto(stored: &proto::UsageRecord) -> GcsResult<Self> {
         let lease_id = LeaseId::from_bytes(&stored.lease_id)?;
-        let said = |ms: u64| (ms != 0).then_some(ms);
         Ok(Made {
             lease_id,
             segment: stored.segment,
-            sides: Sides {
-                node_started: said(stored.node_started_ms),
-                holder_started: said(stored.holder_started_ms),
-                node_ended: said(stored.node_ended_ms),
-                holder_ended: said(stored.holder_ended_ms),
-                forced_end: None,
-            },
+            sides: sides_of(stored),
             ended_by: stored.ended_by.clone(),
             record: UsageRecord {
                 record_id: record_id(&lease_id, stored.segment),

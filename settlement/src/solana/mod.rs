@@ -377,19 +377,8 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         position: usize,
         blockhash: Hash,
     ) -> SettlementResult<solana_transaction::Transaction> {
-        let count = record.batches.len();
+        let transaction = self.batch_transaction(record, position, blockhash)?;
         let batch = &mut record.batches[position];
-        let memo = plan::memo_text(record.epoch_id, batch.index as usize, count);
-        let nonce = Self::nonce_of(record)?;
-        let batch = &mut record.batches[position];
-        let transaction = plan::batch_transaction(
-            &self.config.asset,
-            &self.authority,
-            &batch.payouts,
-            &memo,
-            nonce.as_ref(),
-            blockhash,
-        )?;
         let bytes = plan::wire_bytes(&transaction);
         if bytes.len() > PACKET_DATA_SIZE {
             return Err(SettlementError::PayoutConfig(format!(
@@ -406,6 +395,21 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
             state: AttemptState::InFlight,
         });
         Ok(transaction)
+    }
+
+    /// The signed transaction of one batch with its memo, against `blockhash` (the nonce's
+    /// value when the epoch pays against a nonce): deterministic, so a stored attempt can
+    /// be rebuilt byte for byte.
+    fn batch_transaction(
+        &self,
+        record: &EpochPayouts,
+        position: usize,
+        blockhash: Hash,
+    ) -> SettlementResult<solana_transaction::Transaction> {
+        let batch = &record.batches[position];
+        let memo = plan::memo_text(record.epoch_id, batch.index as usize, record.batches.len());
+        let nonce = Self::nonce_of(record)?;
+        plan::batch_transaction(&self.config.asset, &self.authority, &batch.payouts, &memo, nonce.as_ref(), blockhash)
     }
 
     /// Refuses to sign a batch the paying account cannot cover (it would land failed and
@@ -488,16 +492,7 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         blockhash: Hash,
     ) -> SettlementResult<()> {
         let batch = &record.batches[position];
-        let memo = plan::memo_text(record.epoch_id, batch.index as usize, record.batches.len());
-        let nonce = Self::nonce_of(record)?;
-        let transaction = plan::batch_transaction(
-            &self.config.asset,
-            &self.authority,
-            &batch.payouts,
-            &memo,
-            nonce.as_ref(),
-            blockhash,
-        )?;
+        let transaction = self.batch_transaction(record, position, blockhash)?;
         if plan::wire_bytes(&transaction) != attempt.transaction {
             return Err(SettlementError::PayoutConfig(format!(
                 "epoch {} batch {}: stored transaction {} differs from the one this config signs",
