@@ -596,6 +596,7 @@ impl Metering {
         let changes = {
             let mut book = self.book();
             let mut changes = Changes::default();
+            let mut unmatched: Option<usize> = None;
             for (lease_id, node_id, held) in words {
                 if book.ended.contains_key(&lease_id) {
                     continue;
@@ -603,13 +604,16 @@ impl Metering {
                 let Some(node_id) = node_id.or_else(|| book.open.get(&lease_id).map(|lease| lease.node_id)) else {
                     continue;
                 };
-                // Words no node has matched are kept per job up to a cap.
+                // Words no node has matched are kept per job up to a cap (counted once
+                // per report, not once per word).
                 if !book.open.contains_key(&lease_id) {
-                    let waiting =
-                        book.open.values().filter(|lease| lease.job_id == job_id && lease.node.is_none()).count();
+                    let waiting = *unmatched.get_or_insert_with(|| {
+                        book.open.values().filter(|lease| lease.job_id == job_id && lease.node.is_none()).count()
+                    });
                     if waiting >= MAX_UNMATCHED_PER_JOB {
                         continue;
                     }
+                    unmatched = Some(waiting + 1);
                 }
                 let lease = book.open.entry(lease_id).or_insert_with(|| Lease::new(lease_id, job_id, node_id, now));
                 if lease.job_id != job_id || lease.node_id != node_id {

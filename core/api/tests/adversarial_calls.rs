@@ -22,8 +22,8 @@ use ionet::rpc::proto::gcs::{
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
-    AddCreditsRequest, BalancesRequest, HeldLease, JobCostRequest, LeaseEndedRequest, LeaseStartedRequest,
-    ListUsageRequest, RefundRequest, ReportHeldLeasesRequest, SettleRequest,
+    lease_event, AddCreditsRequest, BalancesRequest, HeldLease, JobCostRequest, LeaseEndedRequest, LeaseEvent,
+    LeaseStartedRequest, ListUsageRequest, RefundRequest, ReportHeldLeasesRequest, ReportLeasesRequest, SettleRequest,
 };
 use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
@@ -295,6 +295,27 @@ fn a_provider_acts_only_for_its_own_node() {
                 .await,
             "reporting a lease on another node",
         );
+        // Nor in a batch: as another node, or naming another node inside her own report.
+        let batch = |node: &NodeId| ReportLeasesRequest {
+            node_id: mallory.node_id.to_vec(),
+            events: vec![LeaseEvent {
+                event: Some(lease_event::Event::Started(LeaseStartedRequest {
+                    lease_id: ionet::LeaseId::random().to_vec(),
+                    node_id: node.to_vec(),
+                    job_id: job_id.clone(),
+                    resources: resources.clone(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        denied(
+            metering
+                .report_leases(ReportLeasesRequest { node_id: victim.node_id.to_vec(), ..batch(&victim.node_id) })
+                .await,
+            "a batch of another node's leases",
+        );
+        let refusals = metering.report_leases(batch(&victim.node_id)).await.unwrap().into_inner().refusals;
+        assert!(refusals[0].contains("may report only its own leases"), "{refusals:?}");
         // The victim's lease reaches the head's meter shortly after the task ran.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let victims_lease = loop {
