@@ -33,6 +33,7 @@ use ionet_common::IonetError;
 use ionet_settlement::solana::deposits::{self, DepositSource};
 use ionet_settlement::solana::AttemptState;
 use solana_pubkey::Pubkey;
+use solana_signature::Signature;
 
 use crate::error::{GcsError, GcsResult};
 use crate::metering::{GcsLedger, Metering, PayoutView};
@@ -55,7 +56,7 @@ pub struct PayoutSettings {
     /// `None`: transactions are signed against recent blockhashes.
     pub nonce: Option<Keypair>,
     /// Where landed transfers into the deposit address are read (`None`: deposits are not
-    /// watched; over RPC this is not built yet).
+    /// watched).
     pub deposits: Option<Box<dyn DepositSource + Send>>,
 }
 
@@ -89,7 +90,7 @@ impl PayoutSettings {
             store_path: Some(store_path),
             retry_interval: Duration::from_secs(30),
             nonce: Some(nonce),
-            deposits: None,
+            deposits: Some(Box::new(RpcChain::new(rpc_url))),
         })
     }
 }
@@ -129,6 +130,8 @@ pub struct Payouts {
     nonce: Mutex<Option<Keypair>>,
     /// Landed transfers into the deposit account, and what each came to.
     deposits: Arc<Mutex<Option<Box<dyn DepositSource + Send>>>>,
+    /// The last transaction read from the deposit source (the next scan starts after it).
+    cursor: Arc<Mutex<Option<Signature>>>,
     seen: Arc<Mutex<Vec<DepositInfo>>>,
     asset: PayoutAsset,
     owner: Pubkey,
@@ -164,6 +167,7 @@ impl Payouts {
             retry_interval,
             nonce: Mutex::new(nonce),
             deposits: Arc::new(Mutex::new(deposits)),
+            cursor: Arc::new(Mutex::new(None)),
             seen: Arc::new(Mutex::new(Vec::new())),
             asset,
             owner,
@@ -241,16 +245,20 @@ impl Payouts {
         Ok(lock(&self.done).len())
     }
 
-    /// Reads the transfers into the deposit account and credits each with a valid memo
-    /// once (keyed by its signature, so a rescan after a restart credits nothing twice);
-    /// the others are held. Returns how many were newly credited.
+    /// Reads the transfers into the deposit account that landed since the last scan and
+    /// credits each with a valid memo once (keyed by its signature, so the rescan of a
+    /// head that restarted credits nothing twice); the others are held. Returns how many
+    /// were newly credited.
     pub async fn scan_deposits(&self) -> GcsResult<usize> {
-        let (source, seen, ledger) = (self.deposits.clone(), self.seen.clone(), self.ledger.clone());
+        let (source, cursor, seen, ledger) =
+            (self.deposits.clone(), self.cursor.clone(), self.seen.clone(), self.ledger.clone());
         let (asset, owner) = (self.asset.clone(), self.owner);
         blocking(move || {
             let mut source = lock(&source);
             let Some(source) = source.as_mut() else { return Ok(0) };
-            let landed = source.landed_to(&deposits::deposit_account(&asset, &owner))?;
+            let after = *lock(&cursor);
+            let landed = source.landed_to(&deposits::deposit_account(&asset, &owner), after.as_ref())?;
+            let Some(&(last, _)) = landed.last() else { return Ok(0) };
             let mut listed = Vec::with_capacity(landed.len());
             let mut credited = 0;
             for (signature, transaction) in landed {
@@ -271,6 +279,7 @@ impl Payouts {
                             Err(err @ ionet_settlement::SettlementError::InvalidAmount { .. }) => {
                                 (String::new(), format!("held: {err}"))
                             }
+                            // The cursor stays: the next scan reads these again.
                             Err(err) => return Err(err.into()),
                         }
                     }
@@ -285,7 +294,8 @@ impl Payouts {
                     state,
                 });
             }
-            *lock(&seen) = listed;
+            lock(&seen).extend(listed);
+            *lock(&cursor) = Some(last);
             Ok(credited)
         })
         .await
@@ -328,11 +338,7 @@ impl PayoutView for Payouts {
         let watching = lock(&self.deposits).is_some();
         Ok(DepositsReply {
             watching,
-            reason: if watching {
-                String::new()
-            } else {
-                "this head pays out over RPC, where watching the deposit address is not built yet".into()
-            },
+            reason: if watching { String::new() } else { "this head watches no deposit address".into() },
             address: deposits::deposit_account(&self.asset, &self.owner).to_string(),
             asset: self.asset.to_string(),
             memo: format!("{}<account>", deposits::MEMO_PREFIX),

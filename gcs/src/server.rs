@@ -182,6 +182,12 @@ impl GcsServer {
         Bearer::new(&self.issuer.issue(Role::Admin, ttl)).expect("a credential is printable ASCII")
     }
 
+    /// A fresh tenant credential for `account` (what `ionet credentials issue` hands a
+    /// tenant), valid for `ttl`.
+    pub fn account_credential(&self, account: &str, ttl: Duration) -> Bearer {
+        Bearer::new(&self.issuer.issue_account(account, ttl)).expect("a credential is printable ASCII")
+    }
+
     pub fn state(&self) -> &Arc<GcsState> {
         &self.state
     }

@@ -22,7 +22,7 @@ use ionet_gcs::payouts::PayoutSettings;
 use ionet_gcs::{GcsServer, GcsServerOptions};
 use ionet_settlement::solana::plan::associated_token_address;
 use ionet_settlement::solana::svm::SvmChain;
-use ionet_settlement::solana::{PayoutAsset, PayoutConfig, RedbPayoutStore, SolanaPayouter};
+use ionet_settlement::solana::{PayoutAsset, PayoutConfig, RedbPayoutStore, RpcChain, SolanaPayouter};
 use ionet_settlement::{Account, EntryKind};
 use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
@@ -40,6 +40,8 @@ struct Chain {
     nonce: Keypair,
     mint: Pubkey,
     providers: Vec<Pubkey>,
+    /// The runtime's history as a Solana RPC node, where the head reads deposits.
+    rpc_url: String,
 }
 
 impl Chain {
@@ -49,7 +51,8 @@ impl Chain {
         svm.airdrop(&authority.pubkey(), 10 * SOL);
         let mint = svm.create_funded_mint(&authority, 6, 1_000_000_000);
         let providers = (0..providers).map(|_| Keypair::new().pubkey()).collect();
-        Chain { svm, authority, nonce: Keypair::new(), mint, providers }
+        let rpc_url = svm.serve_rpc().expect("a loopback RPC front");
+        Chain { svm, authority, nonce: Keypair::new(), mint, providers, rpc_url }
     }
 
     fn payout_config(&self) -> PayoutConfig {
@@ -68,7 +71,7 @@ impl Chain {
             store_path: Some(store.to_path_buf()),
             retry_interval: Duration::from_millis(50),
             nonce: Some(self.nonce.insecure_clone()),
-            deposits: Some(Box::new(self.svm.clone())),
+            deposits: Some(Box::new(RpcChain::new(&self.rpc_url))),
         }
     }
 
@@ -363,8 +366,10 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
 }
 
 /// Tenants pay USDC into the head's deposit address with a memo naming their account:
-/// each transfer is credited once, also across a head restart between two of them; one
-/// without a valid memo is held, listed, and credits nobody.
+/// the head reads them over Solana's JSON-RPC (the runtime's history behind a loopback
+/// node) and credits each transfer once, also across a head restart between two of them;
+/// one without a valid memo is held, listed to the operator, and credits nobody; a tenant
+/// sees its own deposits only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_in_deposits_credit_their_accounts_once_also_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -404,6 +409,12 @@ async fn paid_in_deposits_credit_their_accounts_once_also_across_a_restart() {
     assert_eq!(deposits.len(), 3, "{deposits:?}");
     let mallorys = deposits.iter().find(|deposit| deposit.signature == held.to_string()).unwrap();
     assert!(mallorys.account.is_empty() && mallorys.state.starts_with("held: no memo"), "{mallorys:?}");
+    // A tenant sees its own deposits only: not another's, not the held one.
+    let bobs_view = server.account_credential("bob", Duration::from_secs(600));
+    let mut as_bob = ionet_common::rpc::metering_client(&server.address().to_string(), &bobs_view).await.unwrap();
+    let seen: Vec<_> = as_bob.deposits(DepositsRequest {}).await.unwrap().into_inner().deposits;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].account.as_str(), seen[0].amount, seen[0].state.as_str()), ("bob", 3_000_000, "credited"));
     let credited: i64 = server
         .metering()
         .balances()

@@ -471,3 +471,52 @@ fn a_nonce_account_the_authority_cannot_pay_for_is_an_error_not_a_spin() {
     let err = payouter.ensure_nonce_account(&Keypair::new()).unwrap_err();
     assert!(err.to_string().contains("did not appear"), "{err}");
 }
+
+/// The head reads its deposit address over Solana's JSON-RPC: every landed transfer into
+/// it, oldest first, across more than one page of `getSignaturesForAddress`, then only
+/// those after the last one read; transfers elsewhere are not returned.
+#[test]
+fn deposits_are_read_over_rpc_across_pages_and_after_a_cursor() {
+    use ionet_settlement::solana::deposits::{self, DepositSource};
+    use ionet_settlement::solana::RpcChain;
+
+    let svm = SvmChain::new();
+    let (owner, tenant, elsewhere) = (Keypair::new().pubkey(), Keypair::new(), Keypair::new().pubkey());
+    // Both recipients exist (a transfer of a few lamports into a new account fails for rent).
+    for account in [&tenant.pubkey(), &owner, &elsewhere] {
+        svm.airdrop(account, 10 * SOL);
+    }
+    let asset = PayoutAsset::Sol { lamports_per_usd: 1 };
+    let mut sender = svm.clone();
+    let mut pay = |to: &Pubkey, lamports: u64, memo: &str| {
+        let instructions = [
+            solana_system_interface::instruction::transfer(&tenant.pubkey(), to, lamports),
+            solana_instruction::Instruction::new_with_bytes(
+                ionet_settlement::solana::MEMO_PROGRAM_ID,
+                memo.as_bytes(),
+                vec![],
+            ),
+        ];
+        let blockhash = sender.latest_blockhash().unwrap();
+        let transaction =
+            Transaction::new_signed_with_payer(&instructions, Some(&tenant.pubkey()), &[&tenant], blockhash);
+        let signature = sender.send_transaction(&transaction).unwrap();
+        assert_eq!(sender.signature_status(&signature).unwrap(), Some(SignatureStatus::Landed));
+        signature
+    };
+    // More than a page (1,000 signatures): each a distinct amount, so a distinct transaction.
+    let first: Vec<Signature> = (1..=1_001).map(|lamports| pay(&owner, lamports, "ionet:acme")).collect();
+    pay(&elsewhere, 7, "ionet:acme");
+
+    let mut rpc = RpcChain::new(svm.serve_rpc().unwrap());
+    let landed = rpc.landed_to(&owner, None).unwrap();
+    let read: Vec<Signature> = landed.iter().map(|(signature, _)| *signature).collect();
+    assert_eq!(read, first, "every transfer in, oldest first, none elsewhere");
+    let seen = deposits::observe(&landed[41].1, &asset, &owner).unwrap();
+    assert_eq!((seen.amount, seen.memo.as_deref()), (42, Some("ionet:acme")));
+
+    let later = pay(&owner, 5_000, "ionet:bob");
+    let next = rpc.landed_to(&owner, first.last()).unwrap();
+    assert_eq!(next.iter().map(|(signature, _)| *signature).collect::<Vec<_>>(), vec![later]);
+    assert!(rpc.landed_to(&owner, Some(&later)).unwrap().is_empty());
+}

@@ -6,10 +6,15 @@ use std::path::Path;
 use solana_commitment_config::CommitmentConfig;
 use solana_hash::Hash;
 use solana_keypair::Keypair;
+use solana_message::{Message, VersionedMessage};
 use solana_pubkey::Pubkey;
-use solana_rpc_client::rpc_client::RpcClient;
+use solana_rpc_client::api::config::{RpcTransactionConfig, UiTransactionEncoding};
+use solana_rpc_client::rpc_client::{GetConfirmedSignaturesForAddress2Config, RpcClient};
 use solana_signature::Signature;
+use solana_transaction::versioned::VersionedTransaction;
 use solana_transaction::Transaction;
+
+use super::deposits::DepositSource;
 
 use crate::error::{SettlementError, SettlementResult};
 
@@ -166,6 +171,109 @@ impl PayoutChain for RpcChain {
             .value;
         Ok(account.map(|account| ChainAccount { lamports: account.lamports, owner: account.owner, data: account.data }))
     }
+}
+
+/// The most signatures one `getSignaturesForAddress` call returns.
+const SIGNATURES_PER_PAGE: usize = 1_000;
+
+impl DepositSource for RpcChain {
+    /// `getSignaturesForAddress` back to `after` (paged, newest first, at the chain's
+    /// commitment), then `getTransaction` of each that succeeded.
+    fn landed_to(
+        &mut self,
+        account: &Pubkey,
+        after: Option<&Signature>,
+    ) -> SettlementResult<Vec<(Signature, Transaction)>> {
+        let mut statuses = Vec::new();
+        let mut before = None;
+        loop {
+            let config = GetConfirmedSignaturesForAddress2Config {
+                before,
+                until: after.copied(),
+                limit: Some(SIGNATURES_PER_PAGE),
+                commitment: Some(self.commitment),
+            };
+            let page = self
+                .client
+                .get_signatures_for_address_with_config(account, config)
+                .map_err(chain_error("get_signatures_for_address"))?;
+            let full = page.len() == SIGNATURES_PER_PAGE;
+            statuses.extend(page);
+            match statuses.last() {
+                Some(oldest) if full => before = Some(parse_signature(&oldest.signature)?),
+                _ => break,
+            }
+        }
+        let mut landed = Vec::with_capacity(statuses.len());
+        for status in statuses.iter().rev().filter(|status| status.err.is_none()) {
+            let signature = parse_signature(&status.signature)?;
+            let config = RpcTransactionConfig {
+                encoding: Some(UiTransactionEncoding::Base64),
+                commitment: Some(self.commitment),
+                max_supported_transaction_version: Some(0),
+            };
+            let found =
+                self.client.get_transaction_with_config(&signature, config).map_err(chain_error("get_transaction"))?;
+            let meta = found.transaction.meta;
+            if meta.as_ref().is_some_and(|meta| meta.err.is_some()) {
+                continue;
+            }
+            let Some(transaction) = found.transaction.transaction.decode() else {
+                let message = format!("transaction {signature} could not be decoded");
+                return Err(SettlementError::Chain { operation: "get_transaction", message });
+            };
+            let (writable, readonly) = meta
+                .and_then(|meta| meta.loaded_addresses.map(|loaded| (loaded.writable, loaded.readonly)))
+                .unwrap_or_default();
+            landed.push((signature, with_loaded_keys(transaction, &writable, &readonly)?));
+        }
+        Ok(landed)
+    }
+}
+
+fn parse_signature(text: &str) -> SettlementResult<Signature> {
+    text.parse().map_err(|err| SettlementError::Chain {
+        operation: "get_signatures_for_address",
+        message: format!("the node returned signature {text:?}: {err}"),
+    })
+}
+
+/// A transaction with every account its instructions index, as the runtime loaded them:
+/// a v0 message's static keys, then the writable and the read-only addresses its lookup
+/// tables resolved to (the order instruction indices count in). A v1 message has no
+/// lookup tables.
+fn with_loaded_keys(
+    transaction: VersionedTransaction,
+    writable: &[String],
+    readonly: &[String],
+) -> SettlementResult<Transaction> {
+    let signatures = transaction.signatures;
+    let message = match transaction.message {
+        VersionedMessage::Legacy(message) => message,
+        VersionedMessage::V0(message) => {
+            let mut account_keys = message.account_keys;
+            for address in writable.iter().chain(readonly) {
+                account_keys.push(address.parse().map_err(|err| SettlementError::Chain {
+                    operation: "get_transaction",
+                    message: format!("the node returned loaded address {address:?}: {err}"),
+                })?);
+            }
+            Message {
+                header: message.header,
+                account_keys,
+                recent_blockhash: message.recent_blockhash,
+                instructions: message.instructions,
+            }
+        }
+        // No lookup tables in v1: its keys are all static.
+        VersionedMessage::V1(message) => Message {
+            header: message.header,
+            account_keys: message.account_keys,
+            recent_blockhash: message.lifetime_specifier,
+            instructions: message.instructions,
+        },
+    };
+    Ok(Transaction { signatures, message })
 }
 
 /// Reads a keypair file in the Solana CLI's format (a JSON array of 64 bytes).

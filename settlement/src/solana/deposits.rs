@@ -104,8 +104,14 @@ pub fn micro_usd_of(asset: &PayoutAsset, amount: u64) -> u64 {
 
 /// Where the head learns of landed transactions that may pay into its deposit account.
 pub trait DepositSource {
-    /// Every landed, successful transaction touching `account`, oldest first.
-    fn landed_to(&mut self, account: &Pubkey) -> SettlementResult<Vec<(Signature, Transaction)>>;
+    /// The landed, successful transactions touching `account` after the one signed
+    /// `after` (every one when `None`), oldest first. The caller keeps the cursor, so a
+    /// scan that fails part-way is read again whole.
+    fn landed_to(
+        &mut self,
+        account: &Pubkey,
+        after: Option<&Signature>,
+    ) -> SettlementResult<Vec<(Signature, Transaction)>>;
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub mod plan;
 pub mod store;
 #[cfg(feature = "svm")]
 pub mod svm;
+#[cfg(feature = "svm")]
+mod svm_rpc;
 
 use std::time::{Duration, Instant};
 

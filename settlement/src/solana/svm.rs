@@ -16,7 +16,6 @@ use solana_signer::Signer;
 use solana_transaction::Transaction;
 
 use super::chain::{ChainAccount, PayoutChain, SignatureStatus};
-use super::deposits::DepositSource;
 use super::plan::{associated_token_address, TOKEN_PROGRAM_ID};
 use crate::error::{SettlementError, SettlementResult};
 
@@ -27,7 +26,7 @@ const MINT_SIZE: usize = 82;
 pub struct SvmChain {
     svm: Arc<Mutex<LiteSVM>>,
     /// Every transaction that landed through this chain, in order (an RPC node's
-    /// history, for [`DepositSource`]).
+    /// history, served by [`SvmChain::serve_rpc`]).
     landed: Arc<Mutex<Vec<(Signature, Transaction)>>>,
 }
 
@@ -54,6 +53,11 @@ impl SvmChain {
 
     fn svm(&self) -> MutexGuard<'_, LiteSVM> {
         self.svm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The transactions that landed through this chain, oldest first.
+    pub(super) fn history(&self) -> MutexGuard<'_, Vec<(Signature, Transaction)>> {
+        self.landed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn airdrop(&self, account: &Pubkey, lamports: u64) {
@@ -208,17 +212,6 @@ fn advances_a_nonce(transaction: &Transaction) -> bool {
     })
 }
 
-impl DepositSource for SvmChain {
-    fn landed_to(&mut self, account: &Pubkey) -> SettlementResult<Vec<(Signature, Transaction)>> {
-        let landed = self.landed.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(landed
-            .iter()
-            .filter(|(_, transaction)| transaction.message.account_keys.contains(account))
-            .cloned()
-            .collect())
-    }
-}
-
 impl PayoutChain for SvmChain {
     fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
         let signature = transaction.signatures[0];
@@ -230,7 +223,7 @@ impl PayoutChain for SvmChain {
         }
         match svm.send_transaction(transaction.clone()) {
             Ok(meta) => {
-                self.landed.lock().unwrap_or_else(|p| p.into_inner()).push((meta.signature, transaction.clone()));
+                self.history().push((meta.signature, transaction.clone()));
                 Ok(meta.signature)
             }
             // Included with an error: like an RPC node without preflight, the send "works".
