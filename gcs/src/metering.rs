@@ -45,7 +45,7 @@
 //! ids); `settlement` closes epochs (cutting open leases, availability, the task closing
 //! scheduled epochs); `tests` holds the unit tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,7 +66,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{GcsError, GcsResult};
 use crate::state::{blocking, GcsState};
-use crate::storage::Table;
+use crate::storage::{StorageWrite, Table};
 
 mod book;
 mod settlement;
@@ -102,10 +102,16 @@ pub trait LeaseStopper: Send + Sync {
 }
 
 /// What the head itself holds, for vouching for the leases it holds as their holder.
+#[tonic::async_trait]
 pub trait HeadHoldings: Send + Sync {
     /// What bundle `index` of placement group `group` reserves, when it is `job`'s and
     /// committed (or being committed) on `node`.
     fn bundle_of(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> Option<ionet_common::ResourceSet>;
+
+    /// Removes placement group `group` because its payer can pay for it no more (`why`):
+    /// its bundles are released on their nodes, which end their leases. A group already
+    /// removed is left as it is.
+    async fn remove_unfunded_group(&self, group: &[u8], why: &str);
 }
 
 /// The payer billed for jobs added without a payer account.
@@ -366,15 +372,21 @@ impl Metering {
         let storage = self.state.storage().clone();
         let sinks = self.sinks.clone();
         blocking(move || {
-            for made in &changes.records {
-                storage.put(Table::Usage, &made.storage_key(), &made.to_proto(None).encode_to_vec())?;
-            }
-            for lease in &put_leases {
-                storage.put(Table::Leases, lease.lease_id.as_bytes(), &lease.to_proto(now).encode_to_vec())?;
-            }
-            for lease in &changes.delete_leases {
-                storage.delete(Table::Leases, lease.as_bytes())?;
-            }
+            let usage = changes.records.iter().map(|made| StorageWrite::Put {
+                table: Table::Usage,
+                key: made.storage_key(),
+                value: made.to_proto(None).encode_to_vec(),
+            });
+            let open = put_leases.iter().map(|lease| StorageWrite::Put {
+                table: Table::Leases,
+                key: lease.lease_id.as_bytes().to_vec(),
+                value: lease.to_proto(now).encode_to_vec(),
+            });
+            let ended = changes
+                .delete_leases
+                .iter()
+                .map(|lease| StorageWrite::Delete { table: Table::Leases, key: lease.as_bytes().to_vec() });
+            storage.write_all(&usage.chain(open).chain(ended).collect::<Vec<_>>())?;
             let records: Vec<UsageRecord> = changes.records.iter().map(|m| m.record.clone()).collect();
             sinks.record_batch(&records)?;
             sinks.flush()?;
@@ -388,6 +400,45 @@ impl Metering {
     /// says so here, when the group is the job's and placed on that node). Returns the
     /// node's start (control-store clock); reporting an open lease again returns it again.
     pub async fn lease_started(&self, request: &proto::LeaseStartedRequest) -> GcsResult<u64> {
+        let (started, changes) = self.node_started(request)?;
+        self.apply(changes).await?;
+        Ok(started)
+    }
+
+    /// A node's report: its lease starts and ends in order, stored as one write. Returns
+    /// why each event was refused (empty: taken).
+    pub async fn node_report(
+        &self,
+        node_id: NodeId,
+        events: Vec<proto::LeaseEvent>,
+        reporter: Option<NodeId>,
+    ) -> GcsResult<Vec<String>> {
+        use proto::lease_event::Event;
+        let mut changes = Changes::default();
+        let mut refusals = Vec::with_capacity(events.len());
+        for event in events {
+            let outcome = match event.event {
+                Some(Event::Started(started)) if started.node_id == node_id.as_bytes() => {
+                    self.node_started(&started).map(|(_, made)| changes.extend(made))
+                }
+                Some(Event::Started(_)) => Err(IonetError::PermissionDenied(format!(
+                    "node {} may report only its own leases",
+                    node_id.short()
+                ))
+                .into()),
+                Some(Event::Ended(ended)) => {
+                    self.node_ended(&ended.lease_id, ended.age_ms, reporter).map(|(made, _)| changes.extend(made))
+                }
+                None => Err(invalid("an empty lease event".into())),
+            };
+            refusals.push(outcome.err().map(|err| err.to_string()).unwrap_or_default());
+        }
+        self.apply(changes).await?;
+        Ok(refusals)
+    }
+
+    /// [`Metering::lease_started`] in the book, not yet stored.
+    fn node_started(&self, request: &proto::LeaseStartedRequest) -> GcsResult<(u64, Changes)> {
         let lease_id = LeaseId::from_bytes(&request.lease_id)?;
         let node_id = NodeId::from_bytes(&request.node_id)?;
         let job_id = JobId::from_bytes(&request.job_id)?;
@@ -458,7 +509,7 @@ impl Metering {
             if let Some(&index) = book.ended.get(&lease_id) {
                 let record = &book.records[index];
                 if record.record.node_id == node_id && record.record.job_id == job_id {
-                    return Ok(record.sides.node_started.unwrap_or(record.record.start_ms));
+                    return Ok((record.sides.node_started.unwrap_or(record.record.start_ms), Changes::default()));
                 }
                 return Err(IonetError::AlreadyExists(format!(
                     "lease {lease_id} already ended; a new lease needs a new id"
@@ -496,7 +547,7 @@ impl Metering {
                 .into());
             }
             if let Some(first) = lease.sides.node_started {
-                return Ok(first);
+                return Ok((first, Changes::default()));
             }
             lease.node = Some(node_side);
             lease.sides.node_started = Some(started);
@@ -509,9 +560,8 @@ impl Metering {
             book.after_word(lease_id, now, &mut changes);
             changes
         };
-        self.apply(changes).await?;
         tracing::debug!(lease = %lease_id, node = %node_id.short(), job = %job_id, started, "node started a lease");
-        Ok(started)
+        Ok((started, changes))
     }
 
     /// Ends a lease now, as the control plane (tests and the operator), and returns its
@@ -530,6 +580,19 @@ impl Metering {
         age_ms: u64,
         reporter: Option<NodeId>,
     ) -> GcsResult<Option<proto::UsageRecord>> {
+        let (changes, done) = self.node_ended(lease_id, age_ms, reporter)?;
+        let fresh = !changes.records.is_empty();
+        self.apply(changes).await?;
+        match done {
+            Some(made) if fresh => Ok(Some(made.to_proto(None))),
+            Some(made) => Ok(self.with_settlement(vec![made]).await?.pop()),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Metering::lease_ended_by`] in the book, not yet stored: the changes, and the
+    /// lease's record if it has one.
+    fn node_ended(&self, lease_id: &[u8], age_ms: u64, reporter: Option<NodeId>) -> GcsResult<(Changes, Option<Made>)> {
         let lease_id = LeaseId::from_bytes(lease_id)?;
         let now = self.state.now_ms();
         let (changes, done) = {
@@ -563,13 +626,7 @@ impl Metering {
                 return Err(not_found(format!("lease {lease_id} is not open on this control store")));
             }
         };
-        let fresh = !changes.records.is_empty();
-        self.apply(changes).await?;
-        match done {
-            Some(made) if fresh => Ok(Some(made.to_proto(None))),
-            Some(made) => Ok(self.with_settlement(vec![made]).await?.pop()),
-            None => Ok(None),
-        }
+        Ok((changes, done))
     }
 
     /// The holder's side, in a batch: the leases a process of `job_id` (or the head, for
@@ -1102,23 +1159,23 @@ impl Metering {
             });
         }
         self.state.set_unfunded(unfunded);
+        let mut unfunded_groups: BTreeMap<Vec<u8>, String> = BTreeMap::new();
         if !exhausted.is_empty() {
             let now = self.state.now_ms();
             let changes = {
                 let mut book = self.book();
-                let doomed: Vec<LeaseId> = book
-                    .open
-                    .values()
-                    .filter(|lease| lease.is_running())
-                    // A bundle cannot be stopped lease by lease: it stays billed (and owed)
-                    // until its group is removed.
-                    .filter(|lease| {
-                        lease.node.as_ref().is_some_and(|node| {
-                            node.bundle.is_none() && exhausted.contains_key(node.payer_account.as_str())
-                        })
-                    })
-                    .map(|lease| lease.lease_id)
-                    .collect();
+                let mut doomed = Vec::new();
+                for lease in book.open.values().filter(|lease| lease.is_running()) {
+                    let Some(node) = lease.node.as_ref() else { continue };
+                    let Some(standing) = exhausted.get(node.payer_account.as_str()) else { continue };
+                    match &node.bundle {
+                        // A bundle is not stopped lease by lease: its group is removed.
+                        Some((group, _)) => {
+                            unfunded_groups.entry(group.clone()).or_insert_with(|| standing.refusal(horizon));
+                        }
+                        None => doomed.push(lease.lease_id),
+                    }
+                }
                 let mut changes = Changes::default();
                 for lease_id in doomed {
                     if let Some(lease) = book.open.get_mut(&lease_id) {
@@ -1130,6 +1187,11 @@ impl Metering {
                 changes
             };
             self.apply(changes).await?;
+        }
+        if let Some(head) = self.head_holdings.get() {
+            for (group, why) in &unfunded_groups {
+                head.remove_unfunded_group(group, why).await;
+            }
         }
         Ok(short)
     }

@@ -118,25 +118,7 @@ impl MeteringRpc for MeteringService {
             Principal::Node(node) => Some(node),
             _ => None,
         };
-        let mut refusals = Vec::with_capacity(request.events.len());
-        for event in request.events {
-            let outcome = match event.event {
-                Some(lease_event::Event::Started(started)) if started.node_id == request.node_id => {
-                    self.metering.lease_started(&started).await.map(|_| ())
-                }
-                Some(lease_event::Event::Started(_)) => {
-                    Err(GcsError::Ionet(ionet_common::IonetError::PermissionDenied(format!(
-                        "node {} may report only its own leases",
-                        node.short()
-                    ))))
-                }
-                Some(lease_event::Event::Ended(ended)) => {
-                    self.metering.lease_ended_by(&ended.lease_id, ended.age_ms, reporter).await.map(|_| ())
-                }
-                None => Err(GcsError::Ionet(ionet_common::IonetError::InvalidArgument("an empty lease event".into()))),
-            };
-            refusals.push(outcome.err().map(|err| err.to_string()).unwrap_or_default());
-        }
+        let refusals = self.metering.node_report(node, request.events, reporter).await?;
         Ok(Response::new(ReportLeasesReply { refusals }))
     }
 

@@ -135,6 +135,7 @@ struct Group {
     state: PlacementGroupState,
     /// Once CREATED: the node and address of each bundle.
     nodes: Vec<(NodeId, String)>,
+    /// Why it is pending, or why the head removed it (its payer ran out of credit).
     pending_reason: String,
     /// Outlives its job (removed only by `remove`).
     detached: bool,
@@ -206,6 +207,7 @@ fn consumed(bundle: &ResourceSet) -> ResourceSet {
     out
 }
 
+#[tonic::async_trait]
 impl crate::metering::HeadHoldings for PlacementGroups {
     fn bundle_of(&self, job: &JobId, node: &NodeId, group: &[u8], index: u32) -> Option<ResourceSet> {
         let id = PlacementGroupId::from_bytes(group).ok()?;
@@ -213,6 +215,20 @@ impl crate::metering::HeadHoldings for PlacementGroups {
         let group = groups.get(&id)?;
         let placed = group.job_id == job.as_bytes() && group.committed.get(&index) == Some(node);
         placed.then(|| group.bundles.get(index as usize).map(consumed)).flatten()
+    }
+
+    async fn remove_unfunded_group(&self, group: &[u8], why: &str) {
+        let Ok(id) = PlacementGroupId::from_bytes(group) else { return };
+        if self.state_of(&id).is_none_or(|state| state == PlacementGroupState::Removed) {
+            return;
+        }
+        tracing::warn!(group = %id.short(), %why, "removing a placement group: its payer's credit ran out");
+        if let Err(err) = self.remove(&id).await {
+            tracing::warn!(group = %id.short(), error = %err, "could not remove an unfunded placement group");
+        }
+        if let Some(group) = self.lock().get_mut(&id) {
+            group.pending_reason = format!("removed: {why}");
+        }
     }
 }
 

@@ -45,9 +45,29 @@ impl Table {
     }
 }
 
+/// One change of a [`GcsStorage::write_all`] batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageWrite {
+    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
+    Delete { table: Table, key: Vec<u8> },
+}
+
 pub trait GcsStorage: Send + Sync + 'static {
     /// Stores `value` under `key`, replacing what was there.
     fn put(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<()>;
+    /// Makes every change of `writes`, in order, as one transaction where the backend
+    /// has them (one commit, one sync for the lot).
+    fn write_all(&self, writes: &[StorageWrite]) -> GcsResult<()> {
+        for write in writes {
+            match write {
+                StorageWrite::Put { table, key, value } => self.put(*table, key, value)?,
+                StorageWrite::Delete { table, key } => {
+                    self.delete(*table, key)?;
+                }
+            }
+        }
+        Ok(())
+    }
     /// Stores `value` only if `key` is absent; returns whether it stored it.
     fn put_if_absent(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<bool>;
     fn get(&self, table: Table, key: &[u8]) -> GcsResult<Option<Vec<u8>>>;
@@ -194,6 +214,25 @@ impl GcsStorage for RedbStorage {
         })
     }
 
+    fn write_all(&self, writes: &[StorageWrite]) -> GcsResult<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.write(|txn| {
+            for write in writes {
+                match write {
+                    StorageWrite::Put { table, key, value } => {
+                        txn.open_table(definition(*table))?.insert(key.as_slice(), value.as_slice())?;
+                    }
+                    StorageWrite::Delete { table, key } => {
+                        txn.open_table(definition(*table))?.remove(key.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn put_if_absent(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<bool> {
         self.write(|txn| {
             let mut opened = txn.open_table(definition(table))?;
@@ -269,6 +308,13 @@ mod tests {
         assert!(storage.delete(Table::Kv, b"nt\0a").unwrap());
         assert!(!storage.delete(Table::Kv, b"nt\0a").unwrap());
         assert!(storage.scan_prefix(Table::Kv, b"").unwrap().is_empty());
+        // A batch applies in order: a put then a delete of one key leaves nothing.
+        let put =
+            |key: &[u8], value: &[u8]| StorageWrite::Put { table: Table::Leases, key: key.into(), value: value.into() };
+        let delete = |key: &[u8]| StorageWrite::Delete { table: Table::Leases, key: key.into() };
+        storage.write_all(&[put(b"a", b"1"), put(b"b", b"2"), delete(b"a"), put(b"b", b"3"), delete(b"none")]).unwrap();
+        let left = storage.scan_prefix(Table::Leases, b"").unwrap();
+        assert_eq!(left, vec![(b"b".to_vec(), b"3".to_vec())]);
     }
 
     #[test]

@@ -381,6 +381,15 @@ pub(super) struct Changes {
     pub(super) delete_leases: Vec<LeaseId>,
 }
 
+impl Changes {
+    /// Adds `later`'s changes after these (a lease put then deleted ends deleted).
+    pub(super) fn extend(&mut self, later: Changes) {
+        self.records.extend(later.records);
+        self.put_leases.extend(later.put_leases);
+        self.delete_leases.extend(later.delete_leases);
+    }
+}
+
 pub(super) fn invalid(message: String) -> GcsError {
     GcsError::Ionet(IonetError::InvalidArgument(message))
 }

@@ -456,10 +456,13 @@ async fn the_heads_own_leases_outlive_their_job_and_a_holder_cannot_name_another
 
 struct OneBundle(ResourceSet);
 
+#[tonic::async_trait]
 impl HeadHoldings for OneBundle {
     fn bundle_of(&self, _job: &JobId, _node: &NodeId, _group: &[u8], index: u32) -> Option<ResourceSet> {
         (index == 0).then(|| self.0.clone())
     }
+
+    async fn remove_unfunded_group(&self, _group: &[u8], _why: &str) {}
 }
 
 #[tokio::test]

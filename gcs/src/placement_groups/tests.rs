@@ -125,3 +125,65 @@ async fn a_group_that_cannot_fit_stays_pending_without_reserving() {
     assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
     assert!(nodes.reserved.lock().unwrap().is_empty());
 }
+
+/// A payer whose credit runs out loses its placement groups: bundles are not stopped
+/// lease by lease, so the head removes the group (its reservations are cancelled on the
+/// node, which ends the bundle's lease) and says why.
+#[tokio::test]
+async fn a_payer_out_of_credit_loses_its_placement_groups() {
+    use crate::metering::{Metering, MeteringOptions};
+    use ionet_common::resources::{parse_usd, GPU};
+    use ionet_common::rpc::proto::common::JobInfo;
+    use ionet_common::rpc::proto::metering::LeaseStartedRequest;
+    use ionet_common::LeaseId;
+
+    let clock = ManualClock::new(1_700_000_000_000);
+    let state = GcsState::open(ClusterConfig::default(), Arc::new(MemoryStorage::new()), Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let node = NodeId::random();
+    let total = ResourceSet::new().with(CPU, Quantity::whole(4)).with(GPU, Quantity::whole(1));
+    let gpu_node = NodeInfo {
+        node_id: node.to_vec(),
+        address: "gpu-node:1".into(),
+        total: Some((&total).into()),
+        available: Some((&total).into()),
+        price_per_gpu_hour_micros: parse_usd("3.60").unwrap(),
+        wallet: "provider".into(),
+        ..Default::default()
+    };
+    state.register_node(gpu_node).await.unwrap();
+    let job = state.add_job(JobInfo { payer_account: "frugal".into(), ..Default::default() }).await.unwrap().job_id;
+    let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
+    let nodes = Arc::new(FakeNodes::default());
+    let groups = PlacementGroups::new(state.clone(), nodes.clone());
+    metering.set_head_holdings(groups.clone());
+    // $1 of credit: under 1,000 s of one GPU at $3.60/h.
+    metering.add_credits("frugal", 1_000_000).await.unwrap();
+    let bundle = vec![ResourceSet::new().with(GPU, Quantity::whole(1))];
+    let id = groups.create(bundle, PlacementStrategy::Pack, "trainer".into(), job.clone()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
+    let gpu = ResourceSet::new().with(GPU, Quantity::whole(1));
+    let lease = LeaseStartedRequest {
+        lease_id: LeaseId::random().to_vec(),
+        node_id: node.to_vec(),
+        job_id: job.clone(),
+        resources: Some((&gpu).into()),
+        placement_group_id: id.to_vec(),
+        bundle_index: 0,
+        age_ms: 0,
+    };
+    metering.lease_started(&lease).await.unwrap();
+
+    clock.advance_ms(60_000);
+    metering.check_funding().await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created), "still funded after a minute");
+
+    clock.advance_ms(3_600_000);
+    metering.check_funding().await.unwrap();
+    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Removed));
+    assert!(nodes.reserved.lock().unwrap().is_empty(), "the node's reservation is cancelled");
+    let reason = groups.get(&id).unwrap().pending_reason;
+    assert!(reason.starts_with("removed: account \"frugal\" cannot cover its leases"), "{reason}");
+}

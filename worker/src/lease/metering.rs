@@ -22,8 +22,14 @@ pub(super) enum MeterEvent {
     },
 }
 
-/// Sends lease starts and ends to the head's metering service, in order, as many as are
-/// queued in one call. A call that fails while the head is away is retried; an event the
+/// The most events one report carries.
+const MAX_BATCH: usize = 4_096;
+
+/// How long the first event of a report waits for others to join it.
+const REPORT_LINGER: Duration = Duration::from_millis(20);
+
+/// Sends lease starts and ends to the head's metering service, in order, as many as
+/// arrive within [`REPORT_LINGER`] of the first in one call. A call that fails while the head is away is retried; an event the
 /// head refuses is logged and dropped (metering never blocks a lease; the head also ends
 /// the leases of a node it declares dead).
 pub(super) async fn report_leases(
@@ -35,10 +41,14 @@ pub(super) async fn report_leases(
     use ionet_common::rpc::proto::metering::{
         lease_event, LeaseEndedRequest, LeaseEvent, LeaseStartedRequest, ReportLeasesRequest,
     };
-    const MAX_BATCH: usize = 4_096;
     let mut queued: Vec<(Instant, MeterEvent)> = Vec::new();
     while let Some(first) = events.recv().await {
         queued.push(first);
+        // Let what follows gather for a moment, asleep (a waiting receiver would be woken
+        // by every send, on the lease path's cores): one call per event would cost as
+        // much as the leases themselves. Each event carries its age, so nothing is
+        // billed differently for the wait.
+        tokio::time::sleep(REPORT_LINGER).await;
         while queued.len() < MAX_BATCH {
             match events.try_recv() {
                 Ok(event) => queued.push(event),
