@@ -155,6 +155,7 @@ _ERRORS_BY_KIND = {
     "actor_died": ActorDiedError,
     "timeout": GetTimeoutError,
     "object_lost": ObjectLostError,
+    "owner_died": OwnerDiedError,
     "infeasible": TaskUnschedulableError,
     "cancelled": TaskCancelledError,
     "object_store_full": ObjectStoreFullError,

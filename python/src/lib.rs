@@ -69,6 +69,7 @@ fn to_py(error: IonetError) -> PyErr {
         IonetError::ActorDied(_) => ("actor_died", error.to_string()),
         IonetError::Timeout(_) => ("timeout", error.to_string()),
         IonetError::ObjectLost(_) => ("object_lost", error.to_string()),
+        IonetError::OwnerDied(_) => ("owner_died", error.to_string()),
         IonetError::Infeasible(_) => ("infeasible", error.to_string()),
         IonetError::Cancelled(_) => ("cancelled", error.to_string()),
         IonetError::ResourceExhausted(_) => ("object_store_full", error.to_string()),

@@ -49,6 +49,9 @@ pub struct InitConfig {
     pub session_dir: Option<PathBuf>,
     /// Values up to this many bytes travel inline (default 100 KiB).
     pub inline_threshold: Option<usize>,
+    /// Bytes of task specs kept to rebuild lost objects (default 256 MiB); past it the
+    /// oldest are dropped and their objects, if lost, are not rebuilt.
+    pub lineage_budget_bytes: Option<usize>,
     /// Embedded cluster only: bytes of shared memory for the object store (default 30%
     /// of the machine's memory); beyond it objects spill to disk.
     pub object_store_memory: Option<u64>,
@@ -378,6 +381,9 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         config.inline_threshold.unwrap_or(DEFAULT_INLINE_THRESHOLD),
         &store_dir,
     );
+    if let Some(budget) = config.lineage_budget_bytes {
+        worker.lineage.set_budget(budget);
+    }
     spawn_core_worker_server(worker.clone(), listener, certificate)?;
     runtime::install(worker);
     tracing::info!(job = %job_id, "driver connected");

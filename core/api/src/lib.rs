@@ -24,7 +24,8 @@
 //! - [`get`], [`get_all`], [`get_timeout`], [`put`], [`wait`] read and write objects.
 //! - Errors a caller can match on are [`IonetError`] variants: `TaskFailed` (the remote
 //!   message, function and node), `WorkerCrashed` (after `max_retries`), `Timeout`,
-//!   `ObjectLost`, `Infeasible`.
+//!   `ObjectLost` (every copy gone and it cannot be made again from its lineage),
+//!   `OwnerDied`, `Infeasible`.
 //!
 //! The shared vocabulary (ids, resources, protocol) is re-exported from `ionet-common`.
 
@@ -45,6 +46,7 @@ mod held;
 mod init;
 pub mod inline;
 mod lease_pool;
+mod lineage;
 mod object_ref;
 mod object_store;
 mod options;

@@ -105,6 +105,18 @@ impl ObjectEntry {
         })
     }
 
+    /// Puts an object whose stored value `lost` could not be read back to pending, for
+    /// its task to run again; whether it did (not when its state moved on meanwhile).
+    pub(crate) fn reset_lost(&self, lost: &StoredObject) -> bool {
+        self.state.send_if_modified(|current| {
+            let reset = matches!(current, ObjectState::Stored(stored) if stored == lost);
+            if reset {
+                *current = ObjectState::Pending;
+            }
+            reset
+        })
+    }
+
     /// Waits for the outcome, at most until `deadline`.
     pub(crate) async fn wait(&self, id: &ObjectId, deadline: Option<Instant>) -> IonetResult<ObjectState> {
         let mut receiver = self.state.subscribe();

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ionet_common::auth::Bearer;
-use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest};
+use ionet_common::rpc::proto::worker::{get_object_reply, GetObjectRequest, StoredObject};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient};
 use ionet_common::{IonetError, IonetResult, JobId, NodeId, ObjectId, TaskId, WorkerId};
 
@@ -117,6 +117,8 @@ pub(crate) struct CoreWorker {
     pub(crate) generators: DashMap<ObjectId, Arc<crate::generator::GeneratorState>>,
     /// The holder's word on this process's leases, for the head's metering.
     pub(crate) held: crate::held::HeldLeases,
+    /// How this process's stored task returns were made, to make them again if lost.
+    pub(crate) lineage: crate::lineage::Lineage,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -171,8 +173,11 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
 /// revived meanwhile) and frees its stored copies.
 pub(crate) fn forget_object(id: &ObjectId) {
     if let Ok(worker) = current() {
-        if let Some(ObjectState::Stored(stored)) = worker.objects.forget(id) {
-            worker.free_stored(stored);
+        if let Some(state) = worker.objects.forget(id) {
+            worker.lineage.forget(id);
+            if let ObjectState::Stored(stored) = state {
+                worker.free_stored(stored);
+            }
         }
     }
 }
@@ -246,6 +251,7 @@ impl CoreWorker {
                 credential.clone(),
                 job_id,
             ),
+            lineage: crate::lineage::Lineage::default(),
         })
     }
 
@@ -397,12 +403,19 @@ impl CoreWorker {
             let reply = client
                 .get_object(GetObjectRequest { object_id: id.to_vec(), timeout_ms: wait_ms })
                 .await
-                .map_err(|status| {
-                    IonetError::ObjectLost(format!(
+                .map_err(|status| match status.code() {
+                    // The owner's process is gone (its port refuses): nobody holds the
+                    // object's location or lineage any more.
+                    tonic::Code::Unavailable => IonetError::OwnerDied(format!(
                         "owner {owner} of object {} is unreachable: {}",
                         id.short(),
                         status.message()
-                    ))
+                    )),
+                    _ => IonetError::ObjectLost(format!(
+                        "owner {owner} of object {} could not say where it is: {}",
+                        id.short(),
+                        status.message()
+                    )),
                 })?
                 .into_inner();
             match reply.result {
@@ -429,8 +442,32 @@ impl CoreWorker {
         match self.resolve(id, owner, deadline).await? {
             ObjectState::Inline(bytes) => Ok(Bytes::Owned(bytes)),
             ObjectState::Failed(error) => Err(ionet_common::rpc::status::copy_of(&error)),
-            ObjectState::Stored(stored) => self.read_stored(&stored).await,
+            ObjectState::Stored(stored) => self.read_owned_or_rebuild(id, owner, stored, deadline).await,
             ObjectState::Pending => unreachable!("resolve waits past pending"),
+        }
+    }
+
+    /// Reads a stored value; one this process owns that cannot be read (lost with its
+    /// node) is made again from its lineage and read then.
+    async fn read_owned_or_rebuild(
+        &self,
+        id: ObjectId,
+        owner: &str,
+        mut stored: StoredObject,
+        deadline: Option<Instant>,
+    ) -> IonetResult<Bytes> {
+        loop {
+            let why = match self.read_stored(&stored).await {
+                Err(IonetError::ObjectLost(why)) if self.objects.get(&id).is_some() => why,
+                read => return read,
+            };
+            crate::submit::reconstruct(&current()?, id, stored, why).await?;
+            stored = match self.resolve(id, owner, deadline).await? {
+                ObjectState::Stored(stored) => stored,
+                ObjectState::Inline(bytes) => return Ok(Bytes::Owned(bytes)),
+                ObjectState::Failed(error) => return Err(ionet_common::rpc::status::copy_of(&error)),
+                ObjectState::Pending => unreachable!("resolve waits past pending"),
+            };
         }
     }
 }

@@ -3,13 +3,16 @@
 //! object, retrying per its options; and the run of a task its submitter took to run
 //! itself while waiting (`crate::inline`) is told apart by the task's `claimed` flag.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use ionet_common::rpc::proto::worker::{push_task_reply, task_arg, task_failure, PushTaskRequest, TaskArg};
+use ionet_common::rpc::proto::worker::{
+    push_task_reply, task_arg, task_failure, PushTaskRequest, StoredObject, TaskArg,
+};
 use ionet_common::{IonetError, IonetResult, ObjectId, TaskId};
 use tokio::sync::Notify;
 
+use crate::lineage::Recipe;
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::TaskOptions;
 use crate::runtime::{current_or_panic, CoreWorker, ObjectEntry, ObjectState};
@@ -33,6 +36,10 @@ pub(crate) struct TaskSpec {
     /// Told when this process took it to run itself: its pushing future stops waiting for
     /// a lease at once (else every such task would still cost a lease, and a worker).
     pub(crate) taken: Notify,
+    /// Re-runs spent making its lost value again (`reconstruct`), against `max_retries`.
+    reconstructions: AtomicU32,
+    /// Held while its value is being made again: one re-run for many readers.
+    rebuilding: tokio::sync::Mutex<()>,
 }
 
 impl TaskSpec {
@@ -43,6 +50,25 @@ impl TaskSpec {
             _ => true,
         })
     }
+}
+
+/// A spec for tests of what keeps specs: `arg_bytes` of inline argument, for `entry`.
+#[cfg(test)]
+pub(crate) fn spec_for_test(return_id: ObjectId, entry: Arc<ObjectEntry>, arg_bytes: usize) -> Arc<TaskSpec> {
+    Arc::new(TaskSpec {
+        task_id: TaskId::random(),
+        function: "test",
+        profile: 0,
+        options: TaskOptions::default(),
+        args: vec![Arg::Value(Ok(vec![0; arg_bytes]))],
+        return_id,
+        entry,
+        depth: 1,
+        claimed: AtomicBool::new(false),
+        taken: Notify::new(),
+        reconstructions: AtomicU32::new(0),
+        rebuilding: tokio::sync::Mutex::new(()),
+    })
 }
 
 /// `f::remote(..)`: creates the return object and starts the task.
@@ -78,6 +104,8 @@ pub(crate) fn submit_task<R>(
         depth,
         claimed: AtomicBool::new(false),
         taken: Notify::new(),
+        reconstructions: AtomicU32::new(0),
+        rebuilding: tokio::sync::Mutex::new(()),
     });
     if stealable {
         worker.stealable.insert(return_id, spec.clone());
@@ -87,7 +115,16 @@ pub(crate) fn submit_task<R>(
         match execute(&runner, &spec).await {
             Ok(None) => {} // run by this process while it waited: settled there
             Ok(Some(state)) => {
+                let stored = matches!(state, ObjectState::Stored(_));
                 spec.entry.settle(state);
+                // A value in a node's store can be lost with the node: its recipe is kept
+                // while the object is owned (forgetting the object forgets it).
+                if stored && runner.objects.get(&return_id).is_some() {
+                    runner.lineage.keep(spec.clone());
+                    if runner.objects.get(&return_id).is_none() {
+                        runner.lineage.forget(&return_id);
+                    }
+                }
             }
             Err(error) => {
                 spec.entry.settle(ObjectState::Failed(Arc::new(error)));
@@ -129,6 +166,83 @@ pub(crate) async fn resolve_call_args(
         args.push(TaskArg { value: Some(value) });
     }
     Ok(args)
+}
+
+/// Makes object `id` again after its stored value `lost` could not be read (`why`): its
+/// task runs again (its own lost arguments first), within its `max_retries`. Fails with
+/// `ObjectLost` saying why when it cannot: a put or an actor's return has no recipe, a
+/// recipe dropped for the lineage budget, retries spent.
+pub(crate) fn reconstruct(
+    worker: &Arc<CoreWorker>,
+    id: ObjectId,
+    lost: StoredObject,
+    why: String,
+) -> futures::future::BoxFuture<'_, IonetResult<()>> {
+    Box::pin(async move {
+        let Some(entry) = worker.objects.get(&id) else {
+            return Err(IonetError::ObjectLost(format!("object {} was freed by its owner (this process)", id.short())));
+        };
+        worker.lineage.mark_lost(&lost.node_id);
+        let spec = match worker.lineage.recipe(&id) {
+            Some(Recipe::Kept(spec)) => spec,
+            Some(Recipe::Dropped) => {
+                return Err(IonetError::ObjectLost(format!(
+                    "object {} was lost ({why}) and cannot be reconstructed: its lineage was dropped to keep this \
+                     process's lineage under {} bytes",
+                    id.short(),
+                    worker.lineage.budget()
+                )))
+            }
+            None => {
+                return Err(IonetError::ObjectLost(format!(
+                    "object {} was lost ({why}) and cannot be reconstructed: it was put (or returned by an actor), \
+                     not computed by a task that can run again",
+                    id.short()
+                )))
+            }
+        };
+        let _rebuilding = spec.rebuilding.lock().await;
+        match entry.state() {
+            ObjectState::Stored(now) if now == lost => {}
+            _ => return Ok(()), // made again meanwhile, by another reader
+        }
+        let spent = spec.reconstructions.fetch_add(1, Ordering::SeqCst);
+        if spent >= spec.options.max_retries {
+            return Err(IonetError::ObjectLost(format!(
+                "object {} was lost ({why}) and cannot be reconstructed from its lineage: its task {} allows {} \
+                 retries (max_retries) and {spent} were spent",
+                id.short(),
+                spec.function,
+                spec.options.max_retries
+            )));
+        }
+        // Its arguments lost with the same node are made again first.
+        for arg in &spec.args {
+            let Arg::Ref(reference) = arg else { continue };
+            let Some(argument) = worker.objects.get(&reference.id()) else { continue };
+            if let ObjectState::Stored(stored) = argument.state() {
+                if worker.lineage.is_lost(&stored.node_id) {
+                    let because = format!("its node {} is lost", crate::runtime::hex_short(&stored.node_id));
+                    reconstruct(worker, reference.id(), stored, because).await?;
+                }
+            }
+        }
+        tracing::warn!(object = %id.short(), task = %spec.task_id.short(), function = spec.function, %why, "reconstructing a lost object from its lineage");
+        if !entry.reset_lost(&lost) {
+            return Ok(());
+        }
+        spec.claimed.store(false, Ordering::SeqCst);
+        match execute(worker, &spec).await {
+            Ok(Some(state)) => {
+                entry.settle(state);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                entry.settle(ObjectState::Failed(Arc::new(error)));
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Pushes the task to a leased worker (retrying per its options) and gives its outcome;

@@ -44,6 +44,23 @@ fn blob_checksum(blob: (Vec<u8>, u64)) -> (u64, u64, String) {
     (checksum(&blob.0), blob.1, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
+/// The next link of a chain: the previous blob with `step` added to every byte.
+#[ionet::remote]
+fn grow(previous: (Vec<u8>, u64), step: u64) -> (Vec<u8>, u64) {
+    let mut blob = previous.0;
+    for byte in blob.iter_mut() {
+        *byte = byte.wrapping_add(step as u8);
+    }
+    let sum = checksum(&blob);
+    (blob, sum)
+}
+
+/// A value put by the task's worker, which owns it, returned inside a list.
+#[ionet::remote]
+fn put_inside(size: u64) -> Vec<ObjectRef<Vec<u8>>> {
+    vec![ionet::put(&pattern(size as usize, 5)).unwrap()]
+}
+
 fn store_bytes(node_address: &str) -> u64 {
     let stats = ionet::testing::object_store_stats(node_address).unwrap();
     stats.bytes_in_memory + stats.bytes_spilled
@@ -122,6 +139,65 @@ fn a_large_object_moves_between_nodes_and_every_copy_is_freed() {
     drop(cluster);
 }
 
+/// A chain of 5 tasks whose values live only on a node that is then SIGKILLed: a get of
+/// the last rebuilds the chain from its lineage on the survivors, exact; with
+/// `max_retries=0` the get fails with `ObjectLost` saying the lineage allows no re-run.
+/// The driver drops every handle but the last: the kept lineage holds the rest. An
+/// object whose owner died with the node fails with `OwnerDied`.
+fn a_lost_chain_is_rebuilt_from_its_lineage() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let doomed = cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=c"]);
+    cluster.init();
+    let nodes = ionet::nodes().unwrap();
+    let a = nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some("a")).unwrap().clone();
+    // Soft: the first run is on a, a re-run goes wherever there is room.
+    let on_a = |retries: u32| {
+        TaskOptions::default()
+            .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a.node_id, soft: true })
+            .max_retries(retries)
+    };
+    let size = MIB as u64;
+    let chain = |retries: u32, seed: u64| {
+        let mut last = make_blob::options(on_a(retries)).remote(size, seed);
+        for step in 1..5u64 {
+            last = grow::options(on_a(retries)).remote(&last, step);
+        }
+        last
+    };
+    let rebuildable = chain(3, 11);
+    let unrebuildable = chain(0, 12);
+    let pinned = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a.node_id, soft: false });
+    let owned_on_a = ionet::get_timeout(&put_inside::options(pinned).remote(size), Duration::from_secs(60)).unwrap();
+    // Ready, not read: a read would copy the values to the driver's node.
+    let ends = [rebuildable.clone(), unrebuildable.clone()];
+    let (ready, _) = ionet::wait(&ends, 2, Some(Duration::from_secs(120))).unwrap();
+    assert_eq!(ready.len(), 2);
+    drop((ends, ready));
+    assert!(store_bytes(&a.address) >= 10 * size, "every link lives on node a");
+
+    cluster.kill(doomed);
+    let mut expected = pattern(size as usize, 11);
+    for byte in expected.iter_mut() {
+        *byte = byte.wrapping_add(1 + 2 + 3 + 4);
+    }
+    let (blob, sum) = ionet::get_timeout(&rebuildable, Duration::from_secs(120)).unwrap();
+    assert!(blob == expected, "the rebuilt chain is exact");
+    assert_eq!(sum, checksum(&expected));
+
+    let error = ionet::get_timeout(&unrebuildable, Duration::from_secs(60)).unwrap_err();
+    assert!(matches!(error, ionet::IonetError::ObjectLost(_)), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("lineage") && message.contains("max_retries"), "{message}");
+
+    // Its owner died with node a: nobody can say where the value is, or make it again.
+    let error = ionet::get_timeout(&owned_on_a[0], Duration::from_secs(60)).unwrap_err();
+    assert!(matches!(error, ionet::IonetError::OwnerDied(_)), "{error}");
+    drop(cluster);
+}
+
 /// Whether `pointer` lies in this process's mapping of an object-store file.
 fn in_store_mapping(pointer: usize) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -137,6 +213,7 @@ fn main() {
     harness::run(
         &[
             ("puts_beyond_capacity_spill_and_read_back", puts_beyond_capacity_spill_and_read_back),
+            ("a_lost_chain_is_rebuilt_from_its_lineage", a_lost_chain_is_rebuilt_from_its_lineage),
             ("arrow_batches_read_back_without_copies", arrow_batches_read_back_without_copies),
             (
                 "a_large_object_moves_between_nodes_and_every_copy_is_freed",

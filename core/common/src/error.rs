@@ -49,6 +49,10 @@ pub enum IonetError {
     /// Every copy of an object is gone and it cannot be made again.
     #[error("object lost: {0}")]
     ObjectLost(String),
+    /// The process that owned an object (made or put it) is gone: nobody can say where
+    /// its value is or make it again.
+    #[error("owner died: {0}")]
+    OwnerDied(String),
     /// No node of the cluster could ever satisfy the demand.
     #[error("infeasible: {0}")]
     Infeasible(String),
@@ -80,6 +84,7 @@ impl IonetError {
             IonetError::TaskFailed { .. } => "TaskFailed",
             IonetError::WorkerCrashed { .. } => "WorkerCrashed",
             IonetError::ObjectLost(_) => "ObjectLost",
+            IonetError::OwnerDied(_) => "OwnerDied",
             IonetError::Infeasible(_) => "Infeasible",
             IonetError::ActorDied(_) => "ActorDied",
             IonetError::Cancelled(_) => "Cancelled",

@@ -60,7 +60,7 @@ pub mod status {
             IonetError::TaskFailed { .. } | IonetError::WorkerCrashed { .. } | IonetError::ActorDied(_) => {
                 Code::Aborted
             }
-            IonetError::ObjectLost(_) => Code::DataLoss,
+            IonetError::ObjectLost(_) | IonetError::OwnerDied(_) => Code::DataLoss,
             IonetError::Cancelled(_) => Code::Cancelled,
         }
     }
@@ -81,6 +81,7 @@ pub mod status {
             | IonetError::Config(m)
             | IonetError::Internal(m)
             | IonetError::ObjectLost(m)
+            | IonetError::OwnerDied(m)
             | IonetError::Infeasible(m)
             | IonetError::ActorDied(m)
             | IonetError::Cancelled(m) => plain(m),
@@ -122,6 +123,7 @@ pub mod status {
             "TaskFailed" => IonetError::TaskFailed { function, node, message: m, payload },
             "WorkerCrashed" => IonetError::WorkerCrashed { function, attempts, reason: m },
             "ObjectLost" => IonetError::ObjectLost(m),
+            "OwnerDied" => IonetError::OwnerDied(m),
             "Infeasible" => IonetError::Infeasible(m),
             "ActorDied" => IonetError::ActorDied(m),
             "Cancelled" => IonetError::Cancelled(m),
@@ -204,6 +206,7 @@ pub mod status {
                 },
                 IonetError::WorkerCrashed { function: "g".into(), attempts: 3, reason: "killed".into() },
                 IonetError::ObjectLost("lost".into()),
+                IonetError::OwnerDied("gone".into()),
                 IonetError::Infeasible("no GPU".into()),
                 IonetError::ActorDied("dead".into()),
                 IonetError::Cancelled("stop".into()),
@@ -225,6 +228,7 @@ pub mod status {
                     | IonetError::TaskFailed { .. }
                     | IonetError::WorkerCrashed { .. }
                     | IonetError::ObjectLost(_)
+                    | IonetError::OwnerDied(_)
                     | IonetError::Infeasible(_)
                     | IonetError::ActorDied(_)
                     | IonetError::Cancelled(_) => {}
