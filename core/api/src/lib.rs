@@ -37,6 +37,7 @@ mod actor_policy;
 mod actor_pool;
 mod api;
 mod blocked;
+mod borrows;
 mod channels;
 mod cluster_info;
 mod context;

@@ -6,7 +6,8 @@
 //! frees the value and every copy when the last handle (including those held by
 //! pending tasks as arguments) is dropped. A ref serialised into another process
 //! (inside a value, or sent to a task) is a *borrowed* handle there: it resolves
-//! through the owner and does not count.
+//! through the owner, and keeps the object alive only when its owner lent it to this
+//! process (`crate::borrows`: a ref in a task's return value).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use ionet_common::ObjectId;
 use serde::{Deserialize, Serialize};
 
+use crate::borrows::Borrowed;
 use crate::runtime::{self, ObjectEntry};
 
 pub struct ObjectRef<T> {
@@ -23,18 +25,22 @@ pub struct ObjectRef<T> {
     pub(crate) owner: Arc<str>,
     /// The owner's entry, when this handle counts in it (it lives in the owner).
     pub(crate) entry: Option<Arc<ObjectEntry>>,
+    /// Elsewhere, the lends this process holds of the object, when it was lent them
+    /// (`crate::borrows`): the object lives while this handle does.
+    borrow: Option<Arc<Borrowed>>,
     _value: PhantomData<fn() -> T>,
 }
 
 impl<T> ObjectRef<T> {
     /// A handle in the owner; the caller has already counted it in `entry`.
     pub(crate) fn counted(id: ObjectId, owner: Arc<str>, entry: Arc<ObjectEntry>) -> Self {
-        Self { id, owner, entry: Some(entry), _value: PhantomData }
+        Self { id, owner, entry: Some(entry), borrow: None, _value: PhantomData }
     }
 
-    /// A handle outside the owner: it resolves through the owner and does not count.
-    pub(crate) fn borrowed(id: ObjectId, owner: Arc<str>) -> Self {
-        Self { id, owner, entry: None, _value: PhantomData }
+    /// A handle outside the owner: it resolves through the owner; it keeps the object
+    /// alive only while this process holds lends of it (`borrow`).
+    pub(crate) fn borrowed(id: ObjectId, owner: Arc<str>, borrow: Option<Arc<Borrowed>>) -> Self {
+        Self { id, owner, entry: None, borrow, _value: PhantomData }
     }
 
     pub fn id(&self) -> ObjectId {
@@ -51,9 +57,10 @@ impl<T> ObjectRef<T> {
     pub(crate) fn retype<U>(self) -> ObjectRef<U> {
         let mut this = std::mem::ManuallyDrop::new(self);
         let entry = this.entry.take();
+        let borrow = this.borrow.take();
         // SAFETY: `this` is never dropped, so its `owner` is moved out exactly once.
         let owner = unsafe { std::ptr::read(&this.owner) };
-        ObjectRef { id: this.id, owner, entry, _value: PhantomData }
+        ObjectRef { id: this.id, owner, entry, borrow, _value: PhantomData }
     }
 
     /// The same handle, untyped, as task arguments hold it.
@@ -67,7 +74,13 @@ impl<T> Clone for ObjectRef<T> {
         if let Some(entry) = &self.entry {
             entry.add_reference();
         }
-        Self { id: self.id, owner: self.owner.clone(), entry: self.entry.clone(), _value: PhantomData }
+        Self {
+            id: self.id,
+            owner: self.owner.clone(),
+            entry: self.entry.clone(),
+            borrow: self.borrow.clone(),
+            _value: PhantomData,
+        }
     }
 }
 
@@ -237,7 +250,7 @@ mod tests {
     fn a_ref_travels_as_its_raw_id_bytes_and_owner() {
         let id = ObjectId::random();
         let owner = "127.0.0.1:4000";
-        let reference: ObjectRef<u8> = ObjectRef::borrowed(id, owner.into());
+        let reference: ObjectRef<u8> = ObjectRef::borrowed(id, owner.into(), None);
         let bytes = crate::task::encode_value(&reference).unwrap();
         // A length byte and the id's bytes (not its hex), a length byte and the owner.
         assert_eq!(bytes.len(), 1 + ObjectId::LEN + 1 + owner.len(), "the id's bytes, not its hex");

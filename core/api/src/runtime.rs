@@ -119,6 +119,8 @@ pub(crate) struct CoreWorker {
     pub(crate) held: crate::held::HeldLeases,
     /// How this process's stored task returns were made, to make them again if lost.
     pub(crate) lineage: crate::lineage::Lineage,
+    /// Objects lent to this process by the workers that own them, and lent by it.
+    pub(crate) borrows: crate::borrows::Borrows,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -175,6 +177,7 @@ pub(crate) fn forget_object(id: &ObjectId) {
     if let Ok(worker) = current() {
         if let Some(state) = worker.objects.forget(id) {
             worker.lineage.forget(id);
+            worker.borrows.forget_container(id);
             if let ObjectState::Stored(stored) = state {
                 worker.free_stored(stored);
             }
@@ -182,17 +185,19 @@ pub(crate) fn forget_object(id: &ObjectId) {
     }
 }
 
-/// A ref arriving in a process: counted again in its owner, borrowed elsewhere.
+/// A ref arriving in a process: counted again in its owner, borrowed elsewhere (holding
+/// the lends of it this process holds, if any).
 pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
     if let Ok(worker) = current() {
         if *worker.address == *owner {
             if let Some(entry) = worker.objects.revive(&id) {
                 return ObjectRef::counted(id, worker.address.clone(), entry);
             }
-            return ObjectRef::borrowed(id, worker.address.clone());
+            return ObjectRef::borrowed(id, worker.address.clone(), None);
         }
+        return ObjectRef::borrowed(id, owner.into(), worker.borrows.holder_of(&id));
     }
-    ObjectRef::borrowed(id, owner.into())
+    ObjectRef::borrowed(id, owner.into(), None)
 }
 
 impl CoreWorker {
@@ -252,6 +257,7 @@ impl CoreWorker {
                 job_id,
             ),
             lineage: crate::lineage::Lineage::default(),
+            borrows: crate::borrows::Borrows::default(),
         })
     }
 

@@ -9,9 +9,9 @@ use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWork
 use ionet_common::rpc::proto::worker::{
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CancelTaskReply,
     CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest,
-    NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReplyBatch, ReportGeneratorItemReply,
-    ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure,
-    WatchEvent, WatchRequest,
+    NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply, ReleaseBorrowsRequest,
+    ReplyBatch, ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest,
+    TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -54,13 +54,20 @@ fn run_blocking(
     depth: u32,
     return_id: ObjectId,
     inline_threshold: u64,
+    lend: bool,
     call: impl FnOnce() -> Result<Vec<u8>, Failure>,
 ) -> PushTaskReply {
     let started = Instant::now();
     // A task may run inside another that waits for it (`inline`): that one resumes after.
     let (outer_task, outer_depth) = context::current_task_and_depth();
     context::set_current_task(task_id, depth);
-    let result = std::panic::catch_unwind(AssertUnwindSafe(call));
+    // The refs this process owns that the value holds are lent to the caller (a remote
+    // caller of a task: `crate::borrows`).
+    let (result, contained) = if lend {
+        crate::object_ref::collect_contained(|| std::panic::catch_unwind(AssertUnwindSafe(call)))
+    } else {
+        (std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new())
+    };
     context::set_current_task(outer_task, outer_depth);
     if let Some(task_id) = task_id {
         context::call_ended(worker, task_id);
@@ -68,6 +75,9 @@ fn run_blocking(
     let outcome =
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
+    if matches!(reply.result, Some(push_task_reply::Result::Inline(_) | push_task_reply::Result::Stored(_))) {
+        reply.lent = worker.borrows.lend(&worker.address, contained);
+    }
     reply.run_micros = started.elapsed().as_micros() as u64;
     worker.record_run(function_name, reply.run_micros);
     reply
@@ -96,7 +106,7 @@ pub(crate) fn run_task_here(
     };
     let invoke = function.invoke;
     let call = move || invoke(args);
-    run_blocking(worker, function_name, &task_bytes, Some(task_id), depth, return_id, inline_threshold, call)
+    run_blocking(worker, function_name, &task_bytes, Some(task_id), depth, return_id, inline_threshold, false, call)
 }
 
 /// A value inline when small, else written to this node's store.
@@ -120,7 +130,7 @@ type Outcome = Result<Result<push_task_reply::Result, Failure>, Box<dyn std::any
 
 fn reply_of(worker: &CoreWorker, function_name: &str, task_bytes: &[u8], outcome: Outcome) -> PushTaskReply {
     match outcome {
-        Ok(Ok(result)) => PushTaskReply { result: Some(result), run_micros: 0 },
+        Ok(Ok(result)) => PushTaskReply { result: Some(result), ..Default::default() },
         Ok(Err(failure)) => failure_reply(worker, function_name, task_bytes, failure),
         Err(payload) => {
             let failure = Failure::panic(panic_message(payload.as_ref()));
@@ -182,6 +192,7 @@ async fn prepare_task(
         return_id,
         threshold: request.inline_threshold,
         depth: request.depth,
+        lend: true,
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -224,14 +235,25 @@ struct DecodedCall {
     threshold: u64,
     /// Its depth in a tree of tasks (actor calls: 0, so what they submit is at depth 1).
     depth: u32,
+    /// A task's (not an actor call's): refs its value holds are lent to the caller.
+    lend: bool,
 }
 
 impl DecodedCall {
     /// Runs the call on this thread (see [`run_blocking`]) and sends its numbered reply.
     fn run_and_reply(self, worker: &CoreWorker, run: BlockingCall, replies: &ReplySender) {
         let task_id = TaskId::from_bytes(&self.task_id).ok();
-        let reply =
-            run_blocking(worker, &self.method, &self.task_id, task_id, self.depth, self.return_id, self.threshold, run);
+        let reply = run_blocking(
+            worker,
+            &self.method,
+            &self.task_id,
+            task_id,
+            self.depth,
+            self.return_id,
+            self.threshold,
+            self.lend,
+            run,
+        );
         let _ = replies.send(Ok(NumberedReply { sequence: self.sequence, reply: Some(reply) }));
     }
 }
@@ -266,6 +288,7 @@ async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushA
         task_id: call.task_id,
         threshold: call.inline_threshold,
         depth: 0,
+        lend: false,
     };
     match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
@@ -352,7 +375,7 @@ fn failure_reply(worker: &CoreWorker, function: &str, task_id: &[u8], failure: F
             task_id: task_id.to_vec(),
             payload: failure.payload,
         })),
-        run_micros: 0,
+        ..Default::default()
     }
 }
 
@@ -446,6 +469,25 @@ impl CoreWorkerRpc for CoreWorkerService {
         let worker = self.worker.clone();
         let _ = tokio::task::spawn_blocking(move || context::cancelled(&worker, task_id, request.recursive)).await;
         Ok(Response::new(CancelTaskReply {}))
+    }
+
+    async fn release_borrows(
+        &self,
+        request: Request<ReleaseBorrowsRequest>,
+    ) -> Result<Response<ReleaseBorrowsReply>, Status> {
+        let request = request.into_inner();
+        if request.object_ids.len() != request.counts.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} object ids but {} counts: each id needs its count",
+                request.object_ids.len(),
+                request.counts.len()
+            )));
+        }
+        for (id, count) in request.object_ids.iter().zip(request.counts) {
+            let id = ObjectId::from_bytes(id)?;
+            self.worker.borrows.release(&self.worker, id, count);
+        }
+        Ok(Response::new(ReleaseBorrowsReply {}))
     }
 
     async fn return_idle_leases(

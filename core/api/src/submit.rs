@@ -293,7 +293,10 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
         if spec.entry.is_settled() {
             // Cancelled meanwhile: its answer no longer matters.
             match pushed {
-                Ok(_) => worker.release(&pool, &lease, estimate),
+                Ok(reply) => {
+                    worker.borrows.give_back(&reply.lent);
+                    worker.release(&pool, &lease, estimate)
+                }
                 Err(_) => worker.return_lease(&pool, &lease, true).await,
             }
             return Err(IonetError::Cancelled(format!("task {} was cancelled", spec.task_id.short())));
@@ -301,6 +304,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
         match pushed {
             Ok(reply) => {
                 pool.observe(spec.profile, reply.run_micros);
+                // Refs inside the value that its worker owns: held while the value is.
+                worker.borrows.register(spec.return_id, &reply.lent);
                 worker.release(&pool, &lease, estimate);
                 worker.retire_if_spent(&pool, &lease).await;
                 match reply.result {

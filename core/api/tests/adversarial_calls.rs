@@ -28,7 +28,7 @@ use ionet::rpc::proto::metering::{
 use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
 };
-use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest};
+use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest, ReleaseBorrowsRequest};
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
@@ -521,6 +521,8 @@ fn a_tenant_acts_only_for_its_own_job() {
             assert!(message.contains("mallory-co") && message.contains("account this process belongs to"), "{message}");
             let cancel = CancelTaskRequest { task_id: vec![0; 24], recursive: true };
             denied(victim.cancel_task(cancel).await, "cancelling another tenant's tasks");
+            let release = ReleaseBorrowsRequest { object_ids: vec![stored.id().to_vec()], counts: vec![1] };
+            denied(victim.release_borrows(release).await, "giving back another tenant's lent objects");
         }
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();

@@ -198,6 +198,36 @@ fn a_lost_chain_is_rebuilt_from_its_lineage() {
     drop(cluster);
 }
 
+/// A ref put by a task's worker and returned inside a list, held by the driver after
+/// every other handle is gone (the list, the worker's own): it still reads back after
+/// 10 s, and is freed everywhere once the driver drops it.
+fn a_ref_returned_inside_a_list_lives_while_the_driver_holds_it() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.init();
+    let nodes = ionet::nodes().unwrap();
+    let a = nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some("a")).unwrap().clone();
+    let head = nodes.iter().find(|node| node.is_head).unwrap().clone();
+    let pinned = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a.node_id, soft: false });
+    let size = MIB as u64;
+    let inner = {
+        let list = put_inside::options(pinned).remote(size);
+        ionet::get_timeout(&list, Duration::from_secs(60)).unwrap().pop().unwrap()
+    };
+    assert!(store_bytes(&a.address) >= size, "the value lives on node a, where its owner put it");
+    // Time for any early free to have happened (the worker's own handle went when the
+    // task returned; the list is gone).
+    std::thread::sleep(Duration::from_secs(10));
+    let value = ionet::get_timeout(&inner, Duration::from_secs(60)).unwrap();
+    assert!(value == pattern(size as usize, 5), "read back intact");
+    drop((value, inner));
+    wait_until("every copy to be freed", Duration::from_secs(30), || {
+        store_bytes(&a.address) == 0 && store_bytes(&head.address) == 0
+    });
+    drop(cluster);
+}
+
 /// Whether `pointer` lies in this process's mapping of an object-store file.
 fn in_store_mapping(pointer: usize) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -214,6 +244,10 @@ fn main() {
         &[
             ("puts_beyond_capacity_spill_and_read_back", puts_beyond_capacity_spill_and_read_back),
             ("a_lost_chain_is_rebuilt_from_its_lineage", a_lost_chain_is_rebuilt_from_its_lineage),
+            (
+                "a_ref_returned_inside_a_list_lives_while_the_driver_holds_it",
+                a_ref_returned_inside_a_list_lives_while_the_driver_holds_it,
+            ),
             ("arrow_batches_read_back_without_copies", arrow_batches_read_back_without_copies),
             (
                 "a_large_object_moves_between_nodes_and_every_copy_is_freed",

@@ -1,0 +1,138 @@
+//! Borrowers: a ref inside a task's return value keeps its object alive in the worker
+//! that owns it until the caller is done with it.
+//!
+//! The worker that ran the task *lends* each ref it owns found in the return value: it
+//! keeps one count of the object per lend (`PushTaskReply.lent`) and remembers how many
+//! it lent. The caller registers the lends as a [`Borrowed`] per object, held by the
+//! return object's entry (the value holds the refs) and by every handle of the ref it
+//! decodes; when the last holder goes, it gives the lends back (`ReleaseBorrows`) and
+//! the owner drops those counts (freeing the object at zero, as for its own handles).
+//!
+//! Invariants:
+//! - an owner gives back no more counts than it lent to anyone (a release beyond that
+//!   is ignored), so a borrower cannot free an object its owner still holds;
+//! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
+//!
+//! Not covered yet: a borrower that dies without releasing (the owner keeps the object
+//! until it exits), refs passed on from a borrower to a third process (borrowed handles
+//! there do not hold the object), and lends in actor calls' replies.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+
+use dashmap::DashMap;
+use ionet_common::rpc::proto::worker::{LentRef, ReleaseBorrowsRequest};
+use ionet_common::rpc::CoreWorkerClient;
+use ionet_common::ObjectId;
+
+use crate::object_ref::ObjectRef;
+use crate::runtime::CoreWorker;
+
+/// An object of another process this one holds lends of.
+pub(crate) struct Borrowed {
+    id: ObjectId,
+    owner: Arc<str>,
+    lends: AtomicU32,
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        let lends = self.lends.load(Ordering::Acquire);
+        let Ok(worker) = crate::runtime::current() else { return };
+        worker.borrows.held.remove_if(&self.id, |_, weak| weak.strong_count() == 0);
+        let Ok(channel) = worker.channel(&self.owner) else { return };
+        let request = ReleaseBorrowsRequest { object_ids: vec![self.id.to_vec()], counts: vec![lends] };
+        let id = self.id;
+        worker.handle.spawn(async move {
+            if let Err(status) = CoreWorkerClient::new(channel).release_borrows(request).await {
+                tracing::debug!(object = %id.short(), error = %status.message(), "giving a borrowed object back failed");
+            }
+        });
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Borrows {
+    /// Objects of other processes borrowed here, while something holds them.
+    held: DashMap<ObjectId, Weak<Borrowed>>,
+    /// The borrows each owned object's value holds (the refs inside it).
+    contained: DashMap<ObjectId, Vec<Arc<Borrowed>>>,
+    /// Objects this process owns, lent out: how many lends are still out.
+    lent: DashMap<ObjectId, u32>,
+}
+
+impl Borrows {
+    /// The task that made `container` lent it `refs`: held until `container` is forgotten.
+    pub(crate) fn register(&self, container: ObjectId, refs: &[LentRef]) {
+        if refs.is_empty() {
+            return;
+        }
+        let mut holding = Vec::with_capacity(refs.len());
+        for lent in refs {
+            let Ok(id) = ObjectId::from_bytes(&lent.object_id) else { continue };
+            let borrowed = match self.held.get(&id).and_then(|weak| weak.upgrade()) {
+                Some(borrowed) => borrowed,
+                None => {
+                    let borrowed =
+                        Arc::new(Borrowed { id, owner: Arc::from(lent.owner.as_str()), lends: AtomicU32::new(0) });
+                    self.held.insert(id, Arc::downgrade(&borrowed));
+                    borrowed
+                }
+            };
+            borrowed.lends.fetch_add(1, Ordering::AcqRel);
+            holding.push(borrowed);
+        }
+        self.contained.entry(container).or_default().extend(holding);
+    }
+
+    /// Lends that arrived for a value nobody wants any more: given back at once.
+    pub(crate) fn give_back(&self, refs: &[LentRef]) {
+        let scratch = ObjectId::random();
+        self.register(scratch, refs);
+        self.forget_container(&scratch);
+    }
+
+    /// The borrow a decoded handle of `id` holds, if this process borrows it.
+    pub(crate) fn holder_of(&self, id: &ObjectId) -> Option<Arc<Borrowed>> {
+        self.held.get(id).and_then(|weak| weak.upgrade())
+    }
+
+    /// `container` is forgotten: the borrows its value held go (given back when nothing
+    /// else holds them).
+    pub(crate) fn forget_container(&self, container: &ObjectId) {
+        self.contained.remove(container);
+    }
+
+    /// Lends `refs` (handles this process owns, found in a task's return value): each
+    /// keeps its count until the borrower gives it back.
+    pub(crate) fn lend(&self, address: &str, refs: Vec<ObjectRef<()>>) -> Vec<LentRef> {
+        refs.into_iter()
+            .filter(|handle| handle.entry.is_some())
+            .map(|handle| {
+                *self.lent.entry(handle.id()).or_default() += 1;
+                let lent = LentRef { object_id: handle.id().to_vec(), owner: address.to_string() };
+                std::mem::forget(handle); // its count is the borrower's now
+                lent
+            })
+            .collect()
+    }
+
+    /// A borrower gives back `count` lends of `id`: at most as many as are out.
+    pub(crate) fn release(&self, worker: &CoreWorker, id: ObjectId, count: u32) {
+        let returned = match self.lent.get_mut(&id) {
+            Some(mut out) => {
+                let returned = count.min(*out);
+                *out -= returned;
+                returned
+            }
+            None => 0,
+        };
+        self.lent.remove_if(&id, |_, out| *out == 0);
+        let Some(entry) = worker.objects.get(&id) else { return };
+        for _ in 0..returned {
+            if entry.remove_reference() {
+                crate::runtime::forget_object(&id);
+            }
+        }
+    }
+}
