@@ -523,6 +523,7 @@ impl Actors {
             holder_address: String::new(),
             // Actors are not tasks in a tree: served with the driver's tasks.
             depth: 1,
+            avoid_nodes: Vec::new(),
         }
     }
 

@@ -113,6 +113,7 @@ impl CoreWorker {
                 bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
                 holder_address: self.address.to_string(),
                 depth: 1,
+                avoid_nodes: Vec::new(),
             },
             leases: Mutex::new(Vec::new()),
             notify: Notify::new(),
@@ -227,6 +228,18 @@ impl CoreWorker {
         pool.notify.notify_one();
     }
 
+    /// Takes a lease whose worker failed out of its pool now and gives it back to its
+    /// daemon in the background (a gone node would hold the caller up for a connect
+    /// timeout), once, whoever asks first.
+    pub(crate) fn return_failed_lease(self: &Arc<Self>, pool: &ShapePool, lease: &Arc<Lease>) {
+        if lease.returned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        pool.leases.lock().unwrap_or_else(|p| p.into_inner()).retain(|held| !Arc::ptr_eq(held, lease));
+        let (worker, lease) = (self.clone(), lease.clone());
+        self.handle.spawn(async move { worker.send_lease_back(&lease, true).await });
+    }
+
     /// Gives a lease back to its daemon (once, whoever asks first).
     pub(crate) async fn return_lease(&self, pool: &ShapePool, lease: &Lease, worker_failed: bool) {
         if lease.returned.swap(true, Ordering::SeqCst) {
@@ -258,15 +271,16 @@ impl CoreWorker {
     pub(crate) async fn return_idle_leases(&self, everything: bool, linger: Duration) -> usize {
         let mut doomed = Vec::new();
         for pool in self.pools.iter() {
-            if !everything && pool.waiting.load(Ordering::SeqCst) > 0 {
-                continue;
-            }
+            // Leases whose stream ended go back even while tasks wait for the shape.
+            let waited_for = !everything && pool.waiting.load(Ordering::SeqCst) > 0;
             let mut leases = pool.leases.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             leases.retain(|lease| {
+                let ended = lease.tasks.has_ended();
                 let idle = lease.in_flight.load(Ordering::SeqCst) == 0
                     && now.duration_since(*lease.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= linger;
-                let leaving = (everything || idle) && !lease.returned.swap(true, Ordering::SeqCst);
+                let due = ended || (!waited_for && (everything || idle));
+                let leaving = due && !lease.returned.swap(true, Ordering::SeqCst);
                 if leaving {
                     // A worker that ran calls with `max_calls` is not handed to anyone else.
                     let discard = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0;
@@ -290,7 +304,9 @@ fn take_slot(pool: &ShapePool, estimate: u64) -> Option<Arc<Lease>> {
     let slots = leases.iter().map(|lease| Slot {
         in_flight: lease.in_flight.load(Ordering::SeqCst),
         queued_micros: lease.queued_micros.load(Ordering::SeqCst),
-        spent: pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls,
+        // A lease whose stream ended (its worker or node died) takes nothing more.
+        spent: (pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) >= pool.max_calls)
+            || lease.tasks.has_ended(),
     });
     let lease = &leases[slots::choose(slots, estimate)?];
     if pool.max_calls > 0 {

@@ -277,6 +277,13 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
             }
             claimed = true;
         }
+        if lease.tasks.has_ended() {
+            // Its worker died before this task was sent: it never ran, no attempt spent.
+            worker.running_tasks.remove(&spec.return_id);
+            worker.release(&pool, &lease, estimate);
+            worker.return_failed_lease(&pool, &lease);
+            continue;
+        }
         let request = PushTaskRequest {
             task_id: spec.task_id.to_vec(),
             job_id: worker.job_id.to_vec(),
@@ -327,7 +334,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
                 }
             }
             Err(status) => {
-                worker.return_lease(&pool, &lease, true).await;
+                worker.return_failed_lease(&pool, &lease);
                 if lease.killed_by_cancel.load(Ordering::SeqCst) {
                     continue; // another task's forced cancel killed the worker: not this one's fault
                 }

@@ -37,6 +37,12 @@ impl TaskStream {
         TaskStream { outgoing, waiting, next: AtomicU64::new(0) }
     }
 
+    /// Whether the stream has ended (its worker or node is gone): nothing pushed on it
+    /// now would run.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).ended.is_some()
+    }
+
     pub(crate) async fn push(&self, mut request: PushTaskRequest) -> Result<PushTaskReply, Status> {
         request.sequence = self.next.fetch_add(1, Ordering::Relaxed);
         let (reply, replied) = oneshot::channel();

@@ -25,6 +25,12 @@ fn square_where(x: u64) -> (u64, String) {
 }
 
 #[ionet::remote]
+fn slow_where(x: u64, millis: u64) -> (u64, String) {
+    std::thread::sleep(Duration::from_millis(millis));
+    (x, ionet::get_runtime_context().unwrap().node_id.hex())
+}
+
+#[ionet::remote]
 fn boom(message: String) -> u64 {
     panic!("{message}")
 }
@@ -347,6 +353,42 @@ fn queued_tasks_wait_out_a_daemon_restart() {
     drop(cluster);
 }
 
+/// A node SIGKILLed while its tasks run: they run again on the other node without the
+/// head having noticed (its heartbeat timeout is a minute): the callers see the broken
+/// streams, and the daemon they ask again avoids the node they could not reach.
+fn tasks_of_a_killed_node_run_elsewhere_before_the_head_notices() {
+    let mut cluster = Cluster::start_with_env(&["--num-cpus", "0"], &[("IONET_HEARTBEAT_TIMEOUT_MS", "60000")]);
+    let doomed = cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
+    cluster.init();
+    let nodes = ionet::nodes().unwrap();
+    let named = |name: &str| {
+        nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap().node_id
+    };
+    let (a, b) = (named("a"), named("b"));
+    let on_a = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a, soft: true });
+    // A first task on a, so its workers are up; then a batch that runs there when a dies.
+    let (_, first) =
+        ionet::get_timeout(&slow_where::options(on_a.clone()).remote(0, 0), Duration::from_secs(60)).unwrap();
+    assert_eq!(first, a.hex());
+    let refs: Vec<_> = (0..6u64).map(|x| slow_where::options(on_a.clone()).remote(x, 2_000)).collect();
+    // The first two finish on a; the rest are running or queued there when it dies.
+    let (ready, _) = ionet::wait(&refs, 1, Some(Duration::from_secs(60))).unwrap();
+    cluster.kill(doomed);
+    let results: Vec<(u64, String)> =
+        refs.iter().map(|reference| ionet::get_timeout(reference, Duration::from_secs(30)).unwrap()).collect();
+    assert_eq!(results.iter().map(|(x, _)| *x).collect::<Vec<_>>(), (0..6u64).collect::<Vec<_>>());
+    let rerun: Vec<_> = refs.iter().zip(&results).filter(|(reference, _)| !ready.contains(reference)).collect();
+    assert!(rerun.len() >= 2, "tasks were left on a when it died");
+    assert!(rerun.iter().all(|(_, (_, node))| *node == b.hex()), "those ran again on b: {results:?}");
+    let head_view = ionet::nodes().unwrap();
+    assert!(
+        head_view.iter().any(|node| node.node_id == a && node.state == ionet::NodeState::Alive),
+        "the head had not yet declared node a dead: recovery did not wait for it"
+    );
+    drop(cluster);
+}
+
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
 fn cost_and_label_selectors_choose_the_node() {
@@ -580,6 +622,10 @@ fn main() {
     harness::run(
         &[
             ("embedded_thousand_tasks_and_a_chain", embedded_thousand_tasks_and_a_chain),
+            (
+                "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",
+                tasks_of_a_killed_node_run_elsewhere_before_the_head_notices,
+            ),
             ("errors_reach_the_caller", errors_reach_the_caller),
             ("max_calls_replaces_the_worker", max_calls_replaces_the_worker),
             ("long_tasks_never_queue_behind_short_ones", long_tasks_never_queue_behind_short_ones),

@@ -107,6 +107,9 @@ pub async fn request(
     mut address: String,
     mut request: RequestWorkerLeaseRequest,
 ) -> LeaseOutcome {
+    let (first_address, first_no_spillback) = (address.clone(), request.no_spillback);
+    // The node a spillback sent the request to, while it is being asked.
+    let mut spilled_to: Option<Vec<u8>> = None;
     for _ in 0..=MAX_SPILLBACKS {
         let channel = match connect(&address) {
             Ok(channel) => channel,
@@ -115,11 +118,20 @@ pub async fn request(
         let reply = match NodeManagerClient::new(channel).request_worker_lease(request.clone()).await {
             Ok(reply) => reply.into_inner(),
             Err(status) => {
-                return match outcome_of(status.into()) {
-                    LeaseOutcome::Unavailable(reason) => {
-                        LeaseOutcome::Unavailable(format!("lease request to {address} failed: {reason}"))
+                match outcome_of(status.into()) {
+                    // A node it was spilled to is unreachable (gone, most likely, before
+                    // the head has declared it dead): the first daemon chooses again at
+                    // once, avoiding it.
+                    LeaseOutcome::Unavailable(_) if spilled_to.is_some() => {
+                        request.avoid_nodes.extend(spilled_to.take());
+                        request.no_spillback = first_no_spillback;
+                        address = first_address.clone();
+                        continue;
                     }
-                    other => other,
+                    LeaseOutcome::Unavailable(reason) => {
+                        return LeaseOutcome::Unavailable(format!("lease request to {address} failed: {reason}"))
+                    }
+                    other => return other,
                 }
             }
         };
@@ -129,6 +141,7 @@ pub async fn request(
             }
             Some(Outcome::Spillback(spillback)) => {
                 address = spillback.node_address;
+                spilled_to = Some(spillback.node_id);
                 request.no_spillback = true;
             }
             Some(Outcome::Infeasible(reason)) => return LeaseOutcome::Infeasible(reason),

@@ -353,6 +353,7 @@ impl Leases {
         no_spillback: bool,
         ticket: Option<u64>,
         depth: u32,
+        avoid: &[NodeId],
     ) -> Step {
         let mut state = self.lock();
         let gpus = demand.get(GPU);
@@ -405,8 +406,12 @@ impl Leases {
                 if fits_ever || !soft {
                     return local_or_wait(&mut state, "waiting for resources on the node it is pinned to");
                 }
-            } else if let Some(target) =
-                state.view.node(node_id).filter(|node| node.state == ionet_scheduler::NodeState::Alive)
+            } else if let Some(target) = state
+                .view
+                .node(node_id)
+                .filter(|node| node.state == ionet_scheduler::NodeState::Alive)
+                // A soft preference for a node its requester could not reach is dropped.
+                .filter(|node| !*soft || !avoid.contains(&node.node_id))
             {
                 let address = self.address_of(&target.node_id);
                 if let Some(address) = address {
@@ -435,7 +440,34 @@ impl Leases {
         for selector in selectors {
             wanted = wanted.with_label_selector(selector.clone());
         }
-        match state.view.schedule(&wanted, &policy, Some(&self.node_id)) {
+        // Nodes its requester could not reach are left out of this choice (their state is
+        // put back after it): a spill there would fail again until the head declares them.
+        let avoided: Vec<NodeId> = avoid
+            .iter()
+            .filter(|node_id| **node_id != self.node_id)
+            .filter(|node_id| {
+                state.view.node(node_id).is_some_and(|node| node.state == ionet_scheduler::NodeState::Alive)
+            })
+            .copied()
+            .collect();
+        for node_id in &avoided {
+            let _ = state.view.set_state(node_id, ionet_scheduler::NodeState::Draining);
+        }
+        let mut decision = state.view.schedule(&wanted, &policy, Some(&self.node_id));
+        for node_id in &avoided {
+            let _ = state.view.set_state(node_id, ionet_scheduler::NodeState::Alive);
+        }
+        // Only an avoided node could ever take it: not infeasible, it waits for that one
+        // (queued there below, as if nothing were avoided: it may be restarting).
+        if let Decision::Infeasible { reason } = &decision {
+            let an_avoided_node_fits = avoided.iter().filter_map(|node_id| state.view.node(node_id)).any(|node| {
+                node.total.contains(demand) && selectors.iter().all(|selector| selector.matches(&node.labels))
+            });
+            if an_avoided_node_fits {
+                decision = Decision::Wait { reason: reason.clone() };
+            }
+        }
+        match decision {
             Decision::Place(node_id) if node_id == self.node_id => local_or_wait(&mut state, "resources are busy"),
             Decision::Place(node_id) => match self.address_of(&node_id) {
                 Some(address) => {
@@ -449,15 +481,18 @@ impl Leases {
                 if fits_ever {
                     Step::Wait(reason)
                 } else {
-                    // Queue on a node that could take it once free.
+                    // Queue on a node that could take it once free (one its requester
+                    // could not reach only if no other could).
+                    let could = |node: &&ionet_scheduler::NodeView| {
+                        node.state == ionet_scheduler::NodeState::Alive
+                            && node.total.contains(demand)
+                            && selectors.iter().all(|selector| selector.matches(&node.labels))
+                    };
                     let target = state
                         .view
                         .nodes()
-                        .find(|node| {
-                            node.state == ionet_scheduler::NodeState::Alive
-                                && node.total.contains(demand)
-                                && selectors.iter().all(|selector| selector.matches(&node.labels))
-                        })
+                        .filter(could)
+                        .min_by_key(|node| avoided.contains(&node.node_id))
                         .map(|node| node.node_id);
                     match target.and_then(|node_id| self.address_of(&node_id).map(|address| (node_id, address))) {
                         Some((node_id, address)) => Step::Spill(node_id, address),
@@ -503,6 +538,7 @@ impl Leases {
         // What the job declared when it was created, never what a request says.
         let command = self.job_command(job_id).await?;
         let (strategy, selectors) = placement(&request)?;
+        let avoid: Vec<NodeId> = request.avoid_nodes.iter().filter_map(|id| NodeId::from_bytes(id).ok()).collect();
         let bundle = if request.placement_group_id.is_empty() {
             None
         } else {
@@ -519,7 +555,9 @@ impl Leases {
             let ticket = waiting.as_ref().map(|waiting| waiting.ticket);
             let step = match &bundle {
                 Some(key) => self.decide_bundle(key, &demand),
-                None => self.decide(&demand, &strategy, &selectors, request.no_spillback, ticket, request.depth),
+                None => {
+                    self.decide(&demand, &strategy, &selectors, request.no_spillback, ticket, request.depth, &avoid)
+                }
             };
             match step {
                 Step::Grant(resources, gpus) => {

@@ -178,14 +178,14 @@ fn deeper_waiting_requests_go_first() {
     // A request at depth 3 waits here (ticket 7); one CPU comes free.
     leases.lock().waiters.insert(7, (3, one.clone()));
     assert!(
-        matches!(leases.decide(&one, &strategy, &[], true, None, 1), Step::Wait(_)),
+        matches!(leases.decide(&one, &strategy, &[], true, None, 1, &[]), Step::Wait(_)),
         "a shallower request took the CPU a deeper one waits for"
     );
-    assert!(matches!(leases.decide(&one, &strategy, &[], true, Some(7), 3), Step::Grant(..)));
+    assert!(matches!(leases.decide(&one, &strategy, &[], true, Some(7), 3, &[]), Step::Grant(..)));
     // With room for both, nobody waits.
     let leases = leases_with(2);
     leases.lock().waiters.insert(7, (3, one.clone()));
-    assert!(matches!(leases.decide(&one, &strategy, &[], true, None, 1), Step::Grant(..)));
+    assert!(matches!(leases.decide(&one, &strategy, &[], true, None, 1, &[]), Step::Grant(..)));
 }
 
 /// A lease request whose caller goes away while its worker starts (the caller's
