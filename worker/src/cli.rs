@@ -203,6 +203,10 @@ pub struct StartArgs {
     /// Seconds a node waits for its first registration before giving up.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Notice to leave (SIGTERM): seconds a node lets its running tasks finish, taking no
+    /// new leases, before it leaves (its actors restart elsewhere at once).
+    #[arg(long = "drain-deadline", default_value_t = 30)]
+    pub drain_deadline: u64,
     #[command(flatten)]
     pub resources: ResourceArgs,
     #[command(flatten)]
@@ -296,8 +300,9 @@ pub struct StopArgs {
     /// Kill at once (SIGKILL) instead of draining (SIGTERM).
     #[arg(long)]
     pub force: bool,
-    /// Seconds to wait for a daemon to drain before killing it.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds to wait for a daemon to drain before killing it (past a node's default
+    /// drain deadline).
+    #[arg(long, default_value_t = 40)]
     pub grace_period: u64,
     #[command(flatten)]
     pub session: SessionArgs,

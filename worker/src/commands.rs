@@ -482,8 +482,8 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     }
     let pid_file = session.write_pid("node", std::process::id())?;
     let signal = wait_for_signal().await;
-    tracing::info!(signal, "node shutting down");
-    node.shutdown(signal).await;
+    tracing::info!(signal, deadline = ?args.drain_deadline, "node leaving: draining first");
+    node.drain(Duration::from_secs(args.drain_deadline), signal).await;
     let _ = std::fs::remove_file(pid_file);
     Ok(())
 }

@@ -9,8 +9,10 @@
 //!    or whose reply carries another incarnation than the registration's (the head
 //!    restarted between two heartbeats), goes straight back to step 1. A transport failure (head away) also goes back to
 //!    step 1 after the backoff, so a restarted head learns the node's current record.
-//! 3. On shutdown: `DrainNode` (no new work), then `DrainNode { exiting }` (gone).
-//!    Both are best effort: a daemon whose head is away still exits.
+//! 3. On notice to leave ([`NodeDaemon::drain`], SIGTERM): `DrainNode` (no new work; the
+//!    daemon grants nothing more, stops its actors' workers, lets running tasks finish
+//!    until the deadline), then on shutdown `DrainNode { exiting }` (gone). Both are best
+//!    effort: a daemon whose head is away still exits.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,6 +105,10 @@ struct NodeShared {
     connected: AtomicBool,
     registrations: AtomicU64,
     tls: Option<NodeTls>,
+    /// Woken when the node starts draining: the membership loop tells the head.
+    drain_requested: tokio::sync::Notify,
+    /// Set once the head has heard the node is draining.
+    drain_told: AtomicBool,
 }
 
 impl NodeShared {
@@ -375,6 +381,8 @@ impl NodeDaemon {
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
             tls: node_tls,
+            drain_requested: tokio::sync::Notify::new(),
+            drain_told: AtomicBool::new(false),
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -430,6 +438,34 @@ impl NodeDaemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
+    }
+
+    /// Notice to leave: no new leases from now on (the head hears the node is draining,
+    /// so actors restart and tasks go elsewhere), the workers of its actors stop at once
+    /// (restartable ones come back on other nodes), and running tasks may finish until
+    /// `deadline`; then it stops as [`NodeDaemon::shutdown`] does. Returns how many task
+    /// leases were still running at the deadline (and ended with the node).
+    pub async fn drain(self, deadline: Duration, reason: &str) -> usize {
+        let until = Instant::now() + deadline;
+        let leases = self.shared.leases.clone();
+        leases.start_draining();
+        self.shared.drain_requested.notify_one();
+        // The head marks it draining first (bounded), so nothing is placed back here.
+        let told_by = Instant::now() + Duration::from_secs(2).min(deadline);
+        while !self.shared.drain_told.load(Ordering::SeqCst) && Instant::now() < told_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let actors = leases.stop_actor_workers();
+        tracing::info!(node = %self.shared.node_id.short(), actors, ?deadline, "draining: no new leases; running tasks may finish");
+        while leases.task_leases() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = leases.task_leases();
+        if left > 0 {
+            tracing::warn!(node = %self.shared.node_id.short(), left, "drain deadline reached with tasks running: they end with the node");
+        }
+        self.shutdown(reason).await;
+        left
     }
 
     /// Drains and stops: tells the control store, then ends the server and loops.
@@ -550,7 +586,23 @@ async fn run_membership(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                _ = shared.drain_requested.notified() => {}
                 _ = stopped.changed() => break 'membership,
+            }
+            if shared.leases.is_draining() && !shared.drain_told.load(Ordering::SeqCst) {
+                let request = DrainNodeRequest {
+                    node_id: shared.node_id.to_vec(),
+                    reason: "the node was given notice to leave".into(),
+                    exiting: false,
+                };
+                match tokio::time::timeout(Duration::from_secs(2), client.drain_node(request)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        tracing::warn!(error = %status.message(), "the control store did not take the drain")
+                    }
+                    Err(_) => tracing::warn!("the control store did not answer the drain in time"),
+                }
+                shared.drain_told.store(true, Ordering::SeqCst);
             }
             // Available resources travel only when they changed since the last report
             // (registration carries them too): an idle fleet sends ids and nothing else.

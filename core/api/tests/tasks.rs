@@ -30,6 +30,14 @@ fn slow_where(x: u64, millis: u64) -> (u64, String) {
     (x, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
+/// Marks `path` when it starts, then runs for `millis`.
+#[ionet::remote]
+fn marked_where(path: String, millis: u64) -> String {
+    std::fs::write(&path, b"started").unwrap();
+    std::thread::sleep(Duration::from_millis(millis));
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
 #[ionet::remote]
 fn boom(message: String) -> u64 {
     panic!("{message}")
@@ -389,6 +397,52 @@ fn tasks_of_a_killed_node_run_elsewhere_before_the_head_notices() {
     drop(cluster);
 }
 
+/// Notice to leave (SIGTERM) under load: the tasks running on the node finish there (not
+/// run twice), tasks asked for it afterwards run on the other node, and the node leaves
+/// as soon as its tasks are done, before its deadline.
+fn a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let leaving = cluster.add_node(&["--num-cpus", "2", "--labels", "name=a", "--drain-deadline", "60"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
+    cluster.init();
+    let nodes = ionet::nodes().unwrap();
+    let named = |name: &str| {
+        nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap().node_id
+    };
+    let (a, b) = (named("a"), named("b"));
+    let on_a = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a, soft: true });
+    let markers: Vec<String> =
+        (0..2).map(|index| temp_path(&format!("drain-{index}")).to_string_lossy().into_owned()).collect();
+    let running: Vec<_> =
+        markers.iter().map(|marker| marked_where::options(on_a.clone()).remote(marker.clone(), 3_000)).collect();
+    wait_until("both tasks to start on a", Duration::from_secs(60), || {
+        markers.iter().all(|marker| std::path::Path::new(marker).exists())
+    });
+    let asked = Instant::now();
+    let notice = std::thread::spawn(move || {
+        let took = cluster.terminate(leaving, Duration::from_secs(50));
+        (cluster, took)
+    });
+    // Asked of a while it drains: they run on b.
+    let later_marker = temp_path("drain-later").to_string_lossy().into_owned();
+    let later: Vec<_> = (0..4).map(|_| marked_where::options(on_a.clone()).remote(later_marker.clone(), 10)).collect();
+    for reference in &running {
+        assert_eq!(ionet::get_timeout(reference, Duration::from_secs(30)).unwrap(), a.hex(), "finished where it ran");
+    }
+    for reference in &later {
+        assert_eq!(ionet::get_timeout(reference, Duration::from_secs(30)).unwrap(), b.hex(), "no new work on a");
+    }
+    let (cluster, took) = notice.join().unwrap();
+    assert!(took < Duration::from_secs(30), "left once its tasks were done, well before its deadline: {took:?}");
+    assert!(asked.elapsed() >= Duration::from_millis(1_000), "it waited for its running tasks");
+    let gone = ionet::nodes().unwrap().into_iter().find(|node| node.node_id == a);
+    assert!(gone.is_none_or(|node| node.state != ionet::NodeState::Alive), "node a left the cluster");
+    for marker in markers.iter().chain([&later_marker]) {
+        let _ = std::fs::remove_file(marker);
+    }
+    drop(cluster);
+}
+
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
 fn cost_and_label_selectors_choose_the_node() {
@@ -625,6 +679,10 @@ fn main() {
             (
                 "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",
                 tasks_of_a_killed_node_run_elsewhere_before_the_head_notices,
+            ),
+            (
+                "a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones",
+                a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones,
             ),
             ("errors_reach_the_caller", errors_reach_the_caller),
             ("max_calls_replaces_the_worker", max_calls_replaces_the_worker),

@@ -51,6 +51,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::cluster_view::node_view;
 
 mod bundles;
+mod drain;
 mod holders;
 mod metering;
 mod process;
@@ -120,6 +121,8 @@ pub struct Leases {
     holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
     /// This node takes no leases: every request goes to another node, or is refused.
     no_workloads: std::sync::atomic::AtomicBool,
+    /// Leaving: no new leases (`drain`).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Fresh workers a grant starts at most when each exits as it is leased.
@@ -194,6 +197,7 @@ impl Leases {
             cluster_ca: Mutex::new(String::new()),
             holder_channels: DashMap::new(),
             no_workloads: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -553,6 +557,21 @@ impl Leases {
             tokio::pin!(freed);
             freed.as_mut().enable();
             let ticket = waiting.as_ref().map(|waiting| waiting.ticket);
+            if self.is_draining() {
+                // Leaving: the request goes to another node, or its requester asks again
+                // elsewhere (an unreachable or leaving spill target is avoided).
+                let elsewhere =
+                    (bundle.is_none() && !request.no_spillback).then(|| self.elsewhere(&demand, &selectors)).flatten();
+                return match elsewhere {
+                    Some((node_id, node_address)) => Ok(RequestWorkerLeaseReply {
+                        outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
+                    }),
+                    None => Err(IonetError::Unavailable(format!(
+                        "node {} is draining: it takes no new leases",
+                        self.node_id.short()
+                    ))),
+                };
+            }
             let step = match &bundle {
                 Some(key) => self.decide_bundle(key, &demand),
                 None => {

@@ -90,6 +90,24 @@ impl Cluster {
         self.daemons.len() - 1
     }
 
+    /// Gives daemon `index` notice to leave (SIGTERM) and waits for it to exit, at most
+    /// `timeout`; returns how long it took.
+    pub fn terminate(&mut self, index: usize, timeout: Duration) -> Duration {
+        let daemon = &mut self.daemons[index];
+        let asked = std::time::Instant::now();
+        // SAFETY: signalling a child process this harness started.
+        unsafe {
+            libc::kill(daemon.id() as i32, libc::SIGTERM);
+        }
+        loop {
+            if daemon.try_wait().unwrap().is_some() {
+                return asked.elapsed();
+            }
+            assert!(asked.elapsed() < timeout, "daemon {index} did not leave within {timeout:?} of notice");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills daemon `index` (SIGKILL: no goodbye to the cluster); its workers die with it.
     pub fn kill(&mut self, index: usize) {
         let daemon = &mut self.daemons[index];
