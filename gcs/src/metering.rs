@@ -1188,10 +1188,13 @@ impl Metering {
             };
             self.apply(changes).await?;
         }
-        if let Some(head) = self.head_holdings.get() {
-            for (group, why) in &unfunded_groups {
-                head.remove_unfunded_group(group, why).await;
-            }
+        // Removing a group waits on its nodes: not on this check's time.
+        if let (Some(head), false) = (self.head_holdings.get().cloned(), unfunded_groups.is_empty()) {
+            tokio::spawn(async move {
+                for (group, why) in &unfunded_groups {
+                    head.remove_unfunded_group(group, why).await;
+                }
+            });
         }
         Ok(short)
     }

@@ -223,11 +223,12 @@ impl crate::metering::HeadHoldings for PlacementGroups {
             return;
         }
         tracing::warn!(group = %id.short(), %why, "removing a placement group: its payer's credit ran out");
-        if let Err(err) = self.remove(&id).await {
-            tracing::warn!(group = %id.short(), error = %err, "could not remove an unfunded placement group");
-        }
+        // Said first: whoever sees it removed sees why.
         if let Some(group) = self.lock().get_mut(&id) {
             group.pending_reason = format!("removed: {why}");
+        }
+        if let Err(err) = self.remove(&id).await {
+            tracing::warn!(group = %id.short(), error = %err, "could not remove an unfunded placement group");
         }
     }
 }

@@ -11,6 +11,8 @@
 //! Invariants:
 //! - an owner gives back no more counts than it lent to anyone (a release beyond that
 //!   is ignored), so a borrower cannot free an object its owner still holds;
+//! - a caller takes lends only from the worker that replied, for objects that worker
+//!   owns (a reply naming another owner could make it give back another's lends);
 //! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
 //!
 //! Not covered yet: a borrower that dies without releasing (the owner keeps the object
@@ -26,7 +28,6 @@ use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::ObjectId;
 
 use crate::object_ref::ObjectRef;
-use crate::runtime::CoreWorker;
 
 /// An object of another process this one holds lends of.
 pub(crate) struct Borrowed {
@@ -57,18 +58,24 @@ pub(crate) struct Borrows {
     held: DashMap<ObjectId, Weak<Borrowed>>,
     /// The borrows each owned object's value holds (the refs inside it).
     contained: DashMap<ObjectId, Vec<Arc<Borrowed>>>,
-    /// Objects this process owns, lent out: how many lends are still out.
-    lent: DashMap<ObjectId, u32>,
+    /// Objects this process owns, lent out: a counted handle per lend still out.
+    lent: DashMap<ObjectId, Vec<ObjectRef<()>>>,
 }
 
+/// The most lends one reply may carry (more are not registered, and so never released:
+/// the worker keeps those objects until it exits).
+const MAX_LENT_PER_REPLY: usize = 10_000;
+
 impl Borrows {
-    /// The task that made `container` lent it `refs`: held until `container` is forgotten.
-    pub(crate) fn register(&self, container: ObjectId, refs: &[LentRef]) {
+    /// The worker at `lender` that made `container` lent it `refs`: held until `container`
+    /// is forgotten. A worker lends only what it owns: refs naming another owner are not
+    /// taken (giving them back would free another borrower's objects).
+    pub(crate) fn register(&self, container: ObjectId, refs: &[LentRef], lender: &str) {
         if refs.is_empty() {
             return;
         }
         let mut holding = Vec::with_capacity(refs.len());
-        for lent in refs {
+        for lent in refs.iter().filter(|lent| lent.owner == lender).take(MAX_LENT_PER_REPLY) {
             let Ok(id) = ObjectId::from_bytes(&lent.object_id) else { continue };
             let borrowed = match self.held.get(&id).and_then(|weak| weak.upgrade()) {
                 Some(borrowed) => borrowed,
@@ -85,10 +92,11 @@ impl Borrows {
         self.contained.entry(container).or_default().extend(holding);
     }
 
-    /// Lends that arrived for a value nobody wants any more: given back at once.
-    pub(crate) fn give_back(&self, refs: &[LentRef]) {
+    /// Lends from `lender` that arrived for a value nobody wants any more: given back at
+    /// once.
+    pub(crate) fn give_back(&self, refs: &[LentRef], lender: &str) {
         let scratch = ObjectId::random();
-        self.register(scratch, refs);
+        self.register(scratch, refs, lender);
         self.forget_container(&scratch);
     }
 
@@ -108,31 +116,27 @@ impl Borrows {
     pub(crate) fn lend(&self, address: &str, refs: Vec<ObjectRef<()>>) -> Vec<LentRef> {
         refs.into_iter()
             .filter(|handle| handle.entry.is_some())
+            .take(MAX_LENT_PER_REPLY)
             .map(|handle| {
-                *self.lent.entry(handle.id()).or_default() += 1;
                 let lent = LentRef { object_id: handle.id().to_vec(), owner: address.to_string() };
-                std::mem::forget(handle); // its count is the borrower's now
+                // Its count is the borrower's now: kept here until given back.
+                self.lent.entry(handle.id()).or_default().push(handle);
                 lent
             })
             .collect()
     }
 
-    /// A borrower gives back `count` lends of `id`: at most as many as are out.
-    pub(crate) fn release(&self, worker: &CoreWorker, id: ObjectId, count: u32) {
-        let returned = match self.lent.get_mut(&id) {
+    /// A borrower gives back `count` lends of `id`: at most as many as are out. The
+    /// handles go after the table's lock is let go (the last may free the object).
+    pub(crate) fn release(&self, id: ObjectId, count: u32) {
+        let returned: Vec<ObjectRef<()>> = match self.lent.get_mut(&id) {
             Some(mut out) => {
-                let returned = count.min(*out);
-                *out -= returned;
-                returned
+                let keep = out.len().saturating_sub(count as usize);
+                out.split_off(keep)
             }
-            None => 0,
+            None => Vec::new(),
         };
-        self.lent.remove_if(&id, |_, out| *out == 0);
-        let Some(entry) = worker.objects.get(&id) else { return };
-        for _ in 0..returned {
-            if entry.remove_reference() {
-                crate::runtime::forget_object(&id);
-            }
-        }
+        self.lent.remove_if(&id, |_, out| out.is_empty());
+        drop(returned);
     }
 }

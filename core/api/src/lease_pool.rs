@@ -283,15 +283,21 @@ impl CoreWorker {
                 let leaving = due && !lease.returned.swap(true, Ordering::SeqCst);
                 if leaving {
                     // A worker that ran calls with `max_calls` is not handed to anyone else.
-                    let discard = pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0;
-                    doomed.push((lease.clone(), discard));
+                    let discard = ended || (pool.max_calls > 0 && lease.started.load(Ordering::SeqCst) > 0);
+                    doomed.push((lease.clone(), discard, ended));
                 }
                 !leaving
             });
         }
         let returned = doomed.len();
-        for (lease, discard) in doomed {
-            self.send_lease_back(&lease, discard).await;
+        for (lease, discard, ended) in doomed {
+            match crate::runtime::current() {
+                // Its node may be gone: not waited for (a connect timeout each).
+                Ok(worker) if ended => {
+                    self.handle.spawn(async move { worker.send_lease_back(&lease, discard).await });
+                }
+                _ => self.send_lease_back(&lease, discard).await,
+            }
         }
         returned
     }

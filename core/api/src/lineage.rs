@@ -7,8 +7,9 @@
 //! - a spec is kept only for a task whose value went to a node's store (an inline value
 //!   lives in its owner and is lost only with it) and only while its object is owned:
 //!   forgetting the object forgets its lineage;
-//! - the specs kept (their inline arguments, counted in bytes) stay under a budget: past
-//!   it the oldest are dropped, and a loss of their objects then says so;
+//! - the specs kept (their inline arguments and the stored values of the arguments they
+//!   keep alive, counted in bytes) stay under a budget: past it the oldest are dropped
+//!   (releasing those values), and a loss of their objects then says so;
 //! - a kept spec holds its arguments' refs, so their objects (and lineage) live as long
 //!   as anything that may need to rebuild from them.
 
@@ -57,15 +58,16 @@ impl Default for Lineage {
     }
 }
 
-/// Roughly what a spec costs to keep: its inline arguments and a fixed part.
-fn size_of(spec: &TaskSpec) -> usize {
+/// Roughly what a spec costs to keep: its inline arguments, the stored values of the
+/// arguments it keeps alive, and a fixed part.
+fn size_of(spec: &TaskSpec, stored_size: impl Fn(&ObjectId) -> usize) -> usize {
     let arguments: usize = spec
         .args
         .iter()
         .map(|arg| match arg {
             Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => bytes.len(),
             Arg::Value(Err(why)) => why.len(),
-            Arg::Ref(_) => 64,
+            Arg::Ref(reference) => 64 + stored_size(&reference.id()),
         })
         .sum();
     arguments + 256
@@ -81,27 +83,35 @@ impl Lineage {
     }
 
     /// Keeps `spec`, the recipe of its return object, dropping the oldest past the budget.
-    pub(crate) fn keep(&self, spec: Arc<TaskSpec>) {
+    /// `stored_size` gives the size of an owned argument's stored value: a kept spec holds
+    /// its arguments' values too, so they count against the budget.
+    pub(crate) fn keep(&self, spec: Arc<TaskSpec>, stored_size: impl Fn(&ObjectId) -> usize) {
         let id = spec.return_id;
         if self.recipes.contains_key(&id) {
             return; // kept already (a re-run)
         }
-        let size = size_of(&spec);
+        let size = size_of(&spec, stored_size);
         self.recipes.insert(id, (Recipe::Kept(spec), size));
-        let mut order = self.order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        order.push_back(id);
-        let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
-        while total > self.budget() {
-            let Some(oldest) = order.pop_front() else { break };
-            if let Some(mut recipe) = self.recipes.get_mut(&oldest) {
-                let freed = std::mem::take(&mut recipe.1);
-                recipe.0 = Recipe::Dropped;
-                total = self.bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
+        // Specs dropped here are released after every lock is let go: releasing one drops
+        // its argument refs, which may forget objects and so come back into this table.
+        let mut dropped = Vec::new();
+        {
+            let mut order = self.order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            order.push_back(id);
+            let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
+            while total > self.budget() {
+                let Some(oldest) = order.pop_front() else { break };
+                if let Some(mut recipe) = self.recipes.get_mut(&oldest) {
+                    let freed = std::mem::take(&mut recipe.1);
+                    dropped.push(std::mem::replace(&mut recipe.0, Recipe::Dropped));
+                    total = self.bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
+                }
+            }
+            if order.len() > 2 * self.recipes.len() + 1024 {
+                order.retain(|id| self.recipes.get(id).is_some_and(|recipe| recipe.1 > 0));
             }
         }
-        if order.len() > 2 * self.recipes.len() + 1024 {
-            order.retain(|id| self.recipes.get(id).is_some_and(|recipe| recipe.1 > 0));
-        }
+        drop(dropped);
     }
 
     pub(crate) fn recipe(&self, id: &ObjectId) -> Option<Recipe> {
@@ -147,14 +157,14 @@ mod tests {
         let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::random()).collect();
         for id in &ids {
             let entry = objects.insert(*id, ObjectState::Pending, None);
-            lineage.keep(spec_for_test(*id, entry, 1_000));
+            lineage.keep(spec_for_test(*id, entry, 1_000), |_| 0);
         }
         assert!(matches!(lineage.recipe(&ids[0]), Some(Recipe::Dropped)), "the oldest is dropped");
         assert!(ids[1..].iter().all(|id| kept(&lineage, id)));
         assert_eq!(lineage.kept_bytes(), 3 * 1_256);
         // Kept again (a re-run): counted once.
         let entry = objects.get(&ids[3]).unwrap();
-        lineage.keep(spec_for_test(ids[3], entry, 1_000));
+        lineage.keep(spec_for_test(ids[3], entry, 1_000), |_| 0);
         assert_eq!(lineage.kept_bytes(), 3 * 1_256);
         for id in &ids {
             lineage.forget(id);

@@ -58,6 +58,9 @@ pub(crate) use crate::task_stream::{read_reply_batches, TaskStream};
 /// Runtime threads of a driver or worker process (default 1).
 pub const RUNTIME_THREADS_ENV: &str = "IONET_RUNTIME_THREADS";
 
+/// How many times one read makes a lost value again before it gives up.
+const MAX_REBUILDS_PER_READ: usize = 8;
+
 /// Values up to this size travel inline and live in their owner's memory.
 pub(crate) const DEFAULT_INLINE_THRESHOLD: usize = 100 * 1024;
 
@@ -462,11 +465,16 @@ impl CoreWorker {
         mut stored: StoredObject,
         deadline: Option<Instant>,
     ) -> IonetResult<Bytes> {
-        loop {
+        // Each round re-runs its task (within its retries); a value lost again and again
+        // (not for its node) is given up on after a few.
+        for _ in 0..MAX_REBUILDS_PER_READ {
             let why = match self.read_stored(&stored).await {
                 Err(IonetError::ObjectLost(why)) if self.objects.get(&id).is_some() => why,
                 read => return read,
             };
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(IonetError::Timeout(format!("object {} was lost and not rebuilt in time", id.short())));
+            }
             crate::submit::reconstruct(&current()?, id, stored, why).await?;
             stored = match self.resolve(id, owner, deadline).await? {
                 ObjectState::Stored(stored) => stored,
@@ -475,6 +483,10 @@ impl CoreWorker {
                 ObjectState::Pending => unreachable!("resolve waits past pending"),
             };
         }
+        Err(IonetError::ObjectLost(format!(
+            "object {} was rebuilt {MAX_REBUILDS_PER_READ} times and could still not be read",
+            id.short()
+        )))
     }
 }
 

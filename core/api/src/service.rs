@@ -485,7 +485,7 @@ impl CoreWorkerRpc for CoreWorkerService {
         }
         for (id, count) in request.object_ids.iter().zip(request.counts) {
             let id = ObjectId::from_bytes(id)?;
-            self.worker.borrows.release(&self.worker, id, count);
+            self.worker.borrows.release(id, count);
         }
         Ok(Response::new(ReleaseBorrowsReply {}))
     }

@@ -120,7 +120,11 @@ pub(crate) fn submit_task<R>(
                 // A value in a node's store can be lost with the node: its recipe is kept
                 // while the object is owned (forgetting the object forgets it).
                 if stored && runner.objects.get(&return_id).is_some() {
-                    runner.lineage.keep(spec.clone());
+                    let stored_size = |id: &ObjectId| match runner.objects.get(id).map(|entry| entry.state()) {
+                        Some(ObjectState::Stored(stored)) => stored.size as usize,
+                        _ => 0,
+                    };
+                    runner.lineage.keep(spec.clone(), stored_size);
                     if runner.objects.get(&return_id).is_none() {
                         runner.lineage.forget(&return_id);
                     }
@@ -206,7 +210,7 @@ pub(crate) fn reconstruct(
             ObjectState::Stored(now) if now == lost => {}
             _ => return Ok(()), // made again meanwhile, by another reader
         }
-        let spent = spec.reconstructions.fetch_add(1, Ordering::SeqCst);
+        let spent = spec.reconstructions.load(Ordering::SeqCst);
         if spent >= spec.options.max_retries {
             return Err(IonetError::ObjectLost(format!(
                 "object {} was lost ({why}) and cannot be reconstructed from its lineage: its task {} allows {} \
@@ -227,6 +231,8 @@ pub(crate) fn reconstruct(
                 }
             }
         }
+        // Counted once it runs again (a failed rebuild of an argument spends none of its).
+        spec.reconstructions.fetch_add(1, Ordering::SeqCst);
         tracing::warn!(object = %id.short(), task = %spec.task_id.short(), function = spec.function, %why, "reconstructing a lost object from its lineage");
         if !entry.reset_lost(&lost) {
             return Ok(());
@@ -253,6 +259,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
     let pool = worker.pool(&demand, &spec.options, max_calls)?;
     let mut attempt = 0u32;
     let mut claimed = false;
+    // Leases found dead before a push, in a row: a few are free, then each costs an attempt.
+    let mut dead_before_push = 0u32;
     loop {
         let args = resolve_args(worker, spec).await?;
         let estimate = pool.estimate(spec.profile);
@@ -278,12 +286,25 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
             claimed = true;
         }
         if lease.tasks.has_ended() {
-            // Its worker died before this task was sent: it never ran, no attempt spent.
+            // Its worker died before this task was sent: it never ran, no attempt spent
+            // (unless workers keep dying so, which counts as failing).
             worker.running_tasks.remove(&spec.return_id);
             worker.release(&pool, &lease, estimate);
             worker.return_failed_lease(&pool, &lease);
+            dead_before_push += 1;
+            if dead_before_push > 3 {
+                if attempt >= spec.options.max_retries {
+                    return Err(IonetError::WorkerCrashed {
+                        function: spec.function.to_string(),
+                        attempts: attempt + 1,
+                        reason: "every worker leased for it had died before it could be sent".into(),
+                    });
+                }
+                attempt += 1;
+            }
             continue;
         }
+        dead_before_push = 0;
         let request = PushTaskRequest {
             task_id: spec.task_id.to_vec(),
             job_id: worker.job_id.to_vec(),
@@ -301,7 +322,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
             // Cancelled meanwhile: its answer no longer matters.
             match pushed {
                 Ok(reply) => {
-                    worker.borrows.give_back(&reply.lent);
+                    worker.borrows.give_back(&reply.lent, &lease.worker_address);
                     worker.release(&pool, &lease, estimate)
                 }
                 Err(_) => worker.return_lease(&pool, &lease, true).await,
@@ -311,8 +332,12 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
         match pushed {
             Ok(reply) => {
                 pool.observe(spec.profile, reply.run_micros);
-                // Refs inside the value that its worker owns: held while the value is.
-                worker.borrows.register(spec.return_id, &reply.lent);
+                // Refs inside the value that its worker owns: held while the value is (given
+                // back at once if the value was dropped meanwhile).
+                worker.borrows.register(spec.return_id, &reply.lent, &lease.worker_address);
+                if worker.objects.get(&spec.return_id).is_none() {
+                    worker.borrows.forget_container(&spec.return_id);
+                }
                 worker.release(&pool, &lease, estimate);
                 worker.retire_if_spent(&pool, &lease).await;
                 match reply.result {

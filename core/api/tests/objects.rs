@@ -6,7 +6,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{wait_until, Cluster};
+use harness::{node_named, wait_until, Cluster};
 use ionet::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use ionet::{InitConfig, ObjectRef, SchedulingStrategy, TaskOptions};
 
@@ -150,8 +150,7 @@ fn a_lost_chain_is_rebuilt_from_its_lineage() {
     cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
     cluster.add_node(&["--num-cpus", "1", "--labels", "name=c"]);
     cluster.init();
-    let nodes = ionet::nodes().unwrap();
-    let a = nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some("a")).unwrap().clone();
+    let a = node_named("a");
     // Soft: the first run is on a, a re-run goes wherever there is room.
     let on_a = |retries: u32| {
         TaskOptions::default()
@@ -205,9 +204,8 @@ fn a_ref_returned_inside_a_list_lives_while_the_driver_holds_it() {
     let mut cluster = Cluster::start(&["--num-cpus", "0"]);
     cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
     cluster.init();
-    let nodes = ionet::nodes().unwrap();
-    let a = nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some("a")).unwrap().clone();
-    let head = nodes.iter().find(|node| node.is_head).unwrap().clone();
+    let a = node_named("a");
+    let head = ionet::nodes().unwrap().into_iter().find(|node| node.is_head).unwrap();
     let pinned = TaskOptions::default()
         .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a.node_id, soft: false });
     let size = MIB as u64;

@@ -6,7 +6,7 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use harness::{free_port, temp_path, wait_until, Cluster};
+use harness::{free_port, node_named, temp_path, wait_until, Cluster};
 use ionet::{InitConfig, IonetError, SchedulingStrategy, TaskOptions};
 
 #[ionet::remote]
@@ -369,11 +369,7 @@ fn tasks_of_a_killed_node_run_elsewhere_before_the_head_notices() {
     let doomed = cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
     cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
     cluster.init();
-    let nodes = ionet::nodes().unwrap();
-    let named = |name: &str| {
-        nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap().node_id
-    };
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (node_named("a").node_id, node_named("b").node_id);
     let on_a = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a, soft: true });
     // A first task on a, so its workers are up; then a batch that runs there when a dies.
     let (_, first) =
@@ -405,11 +401,7 @@ fn a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones() {
     let leaving = cluster.add_node(&["--num-cpus", "2", "--labels", "name=a", "--drain-deadline", "60"]);
     cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
     cluster.init();
-    let nodes = ionet::nodes().unwrap();
-    let named = |name: &str| {
-        nodes.iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap().node_id
-    };
-    let (a, b) = (named("a"), named("b"));
+    let (a, b) = (node_named("a").node_id, node_named("b").node_id);
     let on_a = TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a, soft: true });
     let markers: Vec<String> =
         (0..2).map(|index| temp_path(&format!("drain-{index}")).to_string_lossy().into_owned()).collect();

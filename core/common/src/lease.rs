@@ -123,7 +123,10 @@ pub async fn request(
                     // the head has declared it dead): the first daemon chooses again at
                     // once, avoiding it.
                     LeaseOutcome::Unavailable(_) if spilled_to.is_some() => {
-                        request.avoid_nodes.extend(spilled_to.take());
+                        let unreachable = spilled_to.take().expect("checked");
+                        if !request.avoid_nodes.contains(&unreachable) {
+                            request.avoid_nodes.push(unreachable);
+                        }
                         request.no_spillback = first_no_spillback;
                         address = first_address.clone();
                         continue;

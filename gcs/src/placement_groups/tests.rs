@@ -182,7 +182,12 @@ async fn a_payer_out_of_credit_loses_its_placement_groups() {
 
     clock.advance_ms(3_600_000);
     metering.check_funding().await.unwrap();
-    assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Removed));
+    // Removed in the background (it waits on the group's nodes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while groups.state_of(&id) != Some(PlacementGroupState::Removed) {
+        assert!(std::time::Instant::now() < deadline, "the unfunded group was never removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(nodes.reserved.lock().unwrap().is_empty(), "the node's reservation is cancelled");
     let reason = groups.get(&id).unwrap().pending_reason;
     assert!(reason.starts_with("removed: account \"frugal\" cannot cover its leases"), "{reason}");

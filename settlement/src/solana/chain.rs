@@ -200,7 +200,13 @@ impl DepositSource for RpcChain {
             let full = page.len() == SIGNATURES_PER_PAGE;
             statuses.extend(page);
             match statuses.last() {
-                Some(oldest) if full => before = Some(parse_signature(&oldest.signature)?),
+                Some(oldest) if full => {
+                    let oldest = parse_signature(&oldest.signature)?;
+                    if before == Some(oldest) {
+                        break; // the node answered the same page again: no further back
+                    }
+                    before = Some(oldest);
+                }
                 _ => break,
             }
         }

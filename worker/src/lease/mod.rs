@@ -61,6 +61,8 @@ use metering::{report_leases, MeterEvent};
 
 /// `IONET_METERING=off` in a node daemon's environment: it reports no leases to the head.
 pub const METERING_ENV: &str = "IONET_METERING";
+/// The most unreachable nodes one lease request may ask to avoid.
+const MAX_AVOIDED: usize = 16;
 use process::kill;
 use state::{clamped, BundleKey, Granted, LeaseState, PoolKey, Step};
 
@@ -542,7 +544,10 @@ impl Leases {
         // What the job declared when it was created, never what a request says.
         let command = self.job_command(job_id).await?;
         let (strategy, selectors) = placement(&request)?;
-        let avoid: Vec<NodeId> = request.avoid_nodes.iter().filter_map(|id| NodeId::from_bytes(id).ok()).collect();
+        let mut avoid: Vec<NodeId> =
+            request.avoid_nodes.iter().take(MAX_AVOIDED).filter_map(|id| NodeId::from_bytes(id).ok()).collect();
+        avoid.sort_unstable();
+        avoid.dedup();
         let bundle = if request.placement_group_id.is_empty() {
             None
         } else {

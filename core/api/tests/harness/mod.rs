@@ -52,6 +52,13 @@ pub fn run(cases: &[Case], timeout: Duration) -> ! {
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }
 
+/// The live node labelled `name=<name>` (as the tests label their nodes).
+#[allow(dead_code)] // not every test binary looks nodes up by name
+pub fn node_named(name: &str) -> ionet::Node {
+    let nodes = ionet::nodes().unwrap();
+    nodes.into_iter().find(|node| node.labels.get("name").map(String::as_str) == Some(name)).unwrap()
+}
+
 /// Polls `condition` until it holds, or panics naming `what`.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
