@@ -22,6 +22,10 @@ pub enum Command {
     List(ListCommand),
     /// Stop the daemons this machine started (found through the session directory).
     Stop(StopArgs),
+    /// Give a node notice to leave: `ionet drain --node 3f2a --deadline 60s`. It takes no
+    /// new leases, its actors restart elsewhere, its running tasks may finish until the
+    /// deadline, then it leaves (the operator's admin credential).
+    Drain(DrainArgs),
     /// Usage records the head metered (ended and open leases).
     Usage(UsageArgs),
     /// A job's bill: `ionet job cost 00000001` (live while it runs; --json or --csv for
@@ -48,6 +52,18 @@ pub enum Command {
     /// Tenant accounts: `ionet account create acme` prints its API key.
     #[command(subcommand)]
     Account(AccountCommand),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DrainArgs {
+    /// The node: its id or a prefix of it (as `ionet status` shows it).
+    #[arg(long)]
+    pub node: String,
+    /// How long its running tasks may take to finish, e.g. 60s or 10m.
+    #[arg(long, default_value = "60s")]
+    pub deadline: String,
+    #[command(flatten)]
+    pub head: HeadArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -485,6 +501,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => commands::status(args),
         Command::List(ListCommand::Actors(args)) => commands::list_actors(args),
         Command::Stop(args) => commands::stop(args),
+        Command::Drain(args) => commands::drain(args),
         Command::Usage(args) => metering_commands::usage(args),
         Command::Job(JobCommand::Cost(args)) => metering_commands::job_cost(args),
         Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),

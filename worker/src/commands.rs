@@ -13,13 +13,15 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
 use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest};
+use ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient;
+use ionet_common::rpc::proto::node::DrainRequest;
 use ionet_common::tls::{self, ClusterCa};
 use ionet_common::{rpc, IonetError};
 use ionet_gcs::{GcsServer, GcsServerOptions, HeadTls};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    AccountCreateArgs, HeadArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs,
+    AccountCreateArgs, DrainArgs, HeadArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs,
     TokenCreateArgs,
 };
 use crate::identities::WorkerIdentities;
@@ -358,6 +360,51 @@ fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, Bearer, Duration
     Ok((address, admin, parse_duration(ttl)?))
 }
 
+/// `ionet drain --node N --deadline 60s`: gives the node notice to leave, then waits
+/// until it has left the cluster (its deadline, and a little more).
+pub fn drain(args: DrainArgs) -> Result<()> {
+    let (address, admin, deadline) = operator_call(&args.head, &args.deadline)?;
+    SessionDir::resolve(args.head.session.temp_dir.as_deref()).trust_cluster_ca(&address)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut gcs = rpc::gcs_client(&address, &admin).await?;
+        let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+        let wanted = args.node.trim().to_ascii_lowercase();
+        let matching: Vec<_> = nodes
+            .into_inner()
+            .nodes
+            .into_iter()
+            .filter(|node| hex::encode(&node.node_id).starts_with(&wanted))
+            .collect();
+        let node = match matching.as_slice() {
+            [node] => node.clone(),
+            [] => bail!("no live node's id starts with {:?} (see `ionet status`)", args.node),
+            _ => bail!("{} live nodes' ids start with {:?}: give more of the id", matching.len(), args.node),
+        };
+        let channel = rpc::connect(&node.address, &admin, Duration::from_secs(5)).await?;
+        let request = DrainRequest {
+            deadline_ms: deadline.as_millis() as u64,
+            reason: "notice from the operator (ionet drain)".into(),
+        };
+        NodeManagerClient::new(channel).drain(request).await.map_err(IonetError::from)?;
+        let short = &hex::encode(&node.node_id)[..8];
+        eprintln!("node {short} given notice to leave: its running tasks have {deadline:?}");
+        let margin = Duration::from_secs(15);
+        let until = std::time::Instant::now() + deadline + margin;
+        loop {
+            let live = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+            if !live.into_inner().nodes.iter().any(|live| live.node_id == node.node_id) {
+                println!("node {short} left the cluster");
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                bail!("node {short} had not left {margin:?} after its deadline");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
 /// `ionet token create`.
 pub fn token_create(args: TokenCreateArgs) -> Result<()> {
     let (address, admin, ttl) = operator_call(&args.head, &args.ttl)?;
@@ -481,9 +528,13 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         bail!("could not join the head at {gcs_address}: {err}");
     }
     let pid_file = session.write_pid("node", std::process::id())?;
-    let signal = wait_for_signal().await;
-    tracing::info!(signal, deadline = ?args.drain_deadline, "node leaving: draining first");
-    node.drain(Duration::from_secs(args.drain_deadline), signal).await;
+    let own_deadline = Duration::from_secs(args.drain_deadline);
+    let (deadline, reason) = tokio::select! {
+        signal = wait_for_signal() => (own_deadline, signal.to_string()),
+        (deadline, reason) = node.notice() => (if deadline.is_zero() { own_deadline } else { deadline }, reason),
+    };
+    tracing::info!(%reason, ?deadline, "node leaving: draining first");
+    node.drain(deadline, &reason).await;
     let _ = std::fs::remove_file(pid_file);
     Ok(())
 }

@@ -30,12 +30,12 @@ use ionet_common::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, Register
 use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
-    CommitBundleRequest, CreateObjectReply, CreateObjectRequest, EndLeasesReply, EndLeasesRequest,
-    EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest, GetNodeStatsReply,
-    GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply, PrepareBundleRequest,
-    RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply, RequestWorkerLeaseRequest,
-    ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest, SetWorkerBlockedReply,
-    SetWorkerBlockedRequest,
+    CommitBundleRequest, CreateObjectReply, CreateObjectRequest, DrainReply, DrainRequest, EndLeasesReply,
+    EndLeasesRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest,
+    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply,
+    PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
+    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
+    SetWorkerBlockedReply, SetWorkerBlockedRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
@@ -109,6 +109,8 @@ struct NodeShared {
     drain_requested: tokio::sync::Notify,
     /// Set once the head has heard the node is draining.
     drain_told: AtomicBool,
+    /// The operator's notice to leave (`Drain`): its deadline (zero: the node's own) and why.
+    notice: watch::Sender<Option<(Duration, String)>>,
 }
 
 impl NodeShared {
@@ -230,6 +232,17 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&self.shared.leases.job_of_lease(&request.lease_id)?)?;
         self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
         Ok(Response::new(ReturnWorkerLeaseReply {}))
+    }
+
+    async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        // The operator's admin credential only (the authorization table).
+        let request = request.into_inner();
+        let reason =
+            if request.reason.trim().is_empty() { "notice from the operator".to_string() } else { request.reason };
+        let deadline = Duration::from_millis(request.deadline_ms);
+        tracing::info!(node = %self.shared.node_id.short(), ?deadline, %reason, "notice to leave");
+        self.shared.notice.send_replace(Some((deadline, reason)));
+        Ok(Response::new(DrainReply {}))
     }
 
     async fn end_leases(&self, request: Request<EndLeasesRequest>) -> Result<Response<EndLeasesReply>, Status> {
@@ -383,6 +396,7 @@ impl NodeDaemon {
             tls: node_tls,
             drain_requested: tokio::sync::Notify::new(),
             drain_told: AtomicBool::new(false),
+            notice: watch::channel(None).0,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -438,6 +452,20 @@ impl NodeDaemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
+    }
+
+    /// Waits for the operator's notice to leave (`Drain`): its deadline (zero: the node's
+    /// own) and why.
+    pub async fn notice(&self) -> (Duration, String) {
+        let mut notice = self.shared.notice.subscribe();
+        let given = match notice.wait_for(Option::is_some).await {
+            Ok(given) => given.clone(),
+            Err(_) => None,
+        };
+        match given {
+            Some(given) => given,
+            None => std::future::pending().await,
+        }
     }
 
     /// Notice to leave: no new leases from now on (the head hears the node is draining,

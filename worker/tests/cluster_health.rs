@@ -98,3 +98,39 @@ fn sigterm_drains_the_node_and_publishes_it() {
     assert!(drained, "node_drained comes before node_dead");
     assert!(dead_cause.starts_with("drained"), "{dead_cause}");
 }
+
+/// `ionet drain --node <id prefix>`: the operator gives a node notice to leave; it leaves
+/// (the command returns once the head no longer lists it) and its process exits cleanly.
+/// The same call with a tenant's credential is refused.
+#[test]
+fn ionet_drain_gives_a_node_notice_and_it_leaves() {
+    let mut cluster = TestCluster::start(&[]);
+    let index = cluster.add_node(&[]);
+    let pid = cluster.nodes[index].id();
+    let status = cluster.status_json();
+    let node = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["pid"].as_u64() == Some(u64::from(pid)))
+        .unwrap_or_else(|| panic!("the node in {status}"))
+        .clone();
+    let node_id = node["node_id"].as_str().unwrap().to_string();
+    let address = node["address"].as_str().unwrap().to_string();
+
+    // A tenant may not send the node away.
+    let api_key = cluster.ionet_ok(&["account", "create", "acme"]).trim().to_string();
+    let tenant = ionet_common::auth::Bearer::new(&api_key).unwrap();
+    let refused = cluster.runtime.block_on(async {
+        let channel = ionet_common::rpc::connect(&address, &tenant, Duration::from_secs(5)).await.unwrap();
+        let mut node = ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient::new(channel);
+        let request = ionet_common::rpc::proto::node::DrainRequest { deadline_ms: 0, reason: "mine now".into() };
+        node.drain(request).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(cluster.nodes[index].try_wait().unwrap().is_none(), "the node is still there");
+
+    let left = cluster.ionet_ok(&["drain", "--node", &node_id[..8], "--deadline", "10s"]);
+    assert!(left.contains("left the cluster"), "{left}");
+    assert!(cluster.nodes[index].wait().unwrap().success(), "it exited cleanly");
+}

@@ -253,6 +253,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/RequestWorkerLease", Access::Job),
     row("/ionet.node.NodeManager/ReturnWorkerLease", Access::Job),
     row("/ionet.node.NodeManager/EndLeases", Access::Control),
+    row("/ionet.node.NodeManager/Drain", Access::Admin),
     row("/ionet.node.NodeManager/RegisterWorker", Access::Job),
     row("/ionet.node.NodeManager/SetWorkerBlocked", Access::Job),
     row("/ionet.node.NodeManager/IssueCertificate", Access::Job),
