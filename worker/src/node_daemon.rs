@@ -119,6 +119,9 @@ impl NodeShared {
     }
 }
 
+/// The longest notice to leave a node takes.
+const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
 /// A running node daemon.
 pub struct NodeDaemon {
     shared: Arc<NodeShared>,
@@ -239,7 +242,8 @@ impl NodeManager for NodeManagerService {
         let request = request.into_inner();
         let reason =
             if request.reason.trim().is_empty() { "notice from the operator".to_string() } else { request.reason };
-        let deadline = Duration::from_millis(request.deadline_ms);
+        // At most a day: a longer notice is no notice (and no instant overflows).
+        let deadline = Duration::from_millis(request.deadline_ms).min(MAX_DRAIN_DEADLINE);
         tracing::info!(node = %self.shared.node_id.short(), ?deadline, %reason, "notice to leave");
         self.shared.notice.send_replace(Some((deadline, reason)));
         Ok(Response::new(DrainReply {}))
@@ -474,6 +478,7 @@ impl NodeDaemon {
     /// `deadline`; then it stops as [`NodeDaemon::shutdown`] does. Returns how many task
     /// leases were still running at the deadline (and ended with the node).
     pub async fn drain(self, deadline: Duration, reason: &str) -> usize {
+        let deadline = deadline.min(MAX_DRAIN_DEADLINE);
         let until = Instant::now() + deadline;
         let leases = self.shared.leases.clone();
         leases.start_draining();
