@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use ionet_common::resources::ResourceSet;
 use ionet_common::NodeId;
-use ionet_scheduler::LabelSelector;
+use ionet_scheduler::{LabelSelector, SchedulingStrategy};
 
 use super::process::kill;
 use super::Leases;
@@ -44,13 +44,26 @@ impl Leases {
         self.lock().leases.values().filter(|granted| !granted.holder.is_empty()).count()
     }
 
-    /// Another alive node that could take `demand`, preferring one with room now.
-    pub(super) fn elsewhere(&self, demand: &ResourceSet, selectors: &[LabelSelector]) -> Option<(NodeId, String)> {
+    /// Another alive node that could take `demand`, preferring one with room now: never
+    /// one the requester could not reach (`avoid`), and only the pinned node for a hard
+    /// affinity (none when it is pinned here: its requester waits for this node to go).
+    pub(super) fn elsewhere(
+        &self,
+        demand: &ResourceSet,
+        strategy: &SchedulingStrategy,
+        selectors: &[LabelSelector],
+        avoid: &[NodeId],
+    ) -> Option<(NodeId, String)> {
+        let pinned = match strategy {
+            SchedulingStrategy::NodeAffinity { node_id, soft: false } => Some(*node_id),
+            _ => None,
+        };
         let state = self.lock();
         let candidates: Vec<_> = state
             .view
             .nodes()
             .filter(|node| node.node_id != self.node_id && node.state == ionet_scheduler::NodeState::Alive)
+            .filter(|node| !avoid.contains(&node.node_id) && pinned.is_none_or(|pinned| pinned == node.node_id))
             .filter(|node| node.total.contains(demand) && selectors.iter().all(|s| s.matches(&node.labels)))
             .collect();
         let target = candidates

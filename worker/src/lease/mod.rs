@@ -565,8 +565,9 @@ impl Leases {
             if self.is_draining() {
                 // Leaving: the request goes to another node, or its requester asks again
                 // elsewhere (an unreachable or leaving spill target is avoided).
-                let elsewhere =
-                    (bundle.is_none() && !request.no_spillback).then(|| self.elsewhere(&demand, &selectors)).flatten();
+                let elsewhere = (bundle.is_none() && !request.no_spillback)
+                    .then(|| self.elsewhere(&demand, &strategy, &selectors, &avoid))
+                    .flatten();
                 return match elsewhere {
                     Some((node_id, node_address)) => Ok(RequestWorkerLeaseReply {
                         outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),

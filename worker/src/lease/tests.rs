@@ -221,3 +221,38 @@ async fn a_requester_that_goes_away_strands_nothing() {
 fn leases_with(cpus: i64) -> Leases {
     leases(cpus)
 }
+
+/// A draining node sends a request away: never to a node its requester could not reach,
+/// only to the pinned node under a hard affinity, and nowhere when pinned to itself.
+#[test]
+fn a_draining_node_sends_requests_only_where_they_may_go() {
+    let leases = leases(2);
+    let (b, c) = (NodeId::random(), NodeId::random());
+    let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+    let nodes: Vec<NodeInfo> = [(b, "b:1"), (c, "c:1")]
+        .into_iter()
+        .map(|(id, address)| NodeInfo {
+            node_id: id.to_vec(),
+            address: address.into(),
+            total: Some((&two).into()),
+            available: Some((&two).into()),
+            state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
+            ..Default::default()
+        })
+        .collect();
+    leases.refresh_view(&nodes);
+    leases.start_draining();
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    let any = SchedulingStrategy::Default;
+    let target = |strategy: &SchedulingStrategy, avoid: &[NodeId]| {
+        leases.elsewhere(&one, strategy, &[], avoid).map(|(node, _)| node)
+    };
+    assert!(target(&any, &[]).is_some_and(|node| node == b || node == c));
+    assert_eq!(target(&any, &[b]), Some(c), "not where its requester could not reach");
+    assert_eq!(target(&any, &[b, c]), None, "nowhere left: it asks again later");
+    let on_b = SchedulingStrategy::NodeAffinity { node_id: b, soft: false };
+    assert_eq!(target(&on_b, &[]), Some(b));
+    assert_eq!(target(&on_b, &[b]), None, "pinned to a node it cannot reach");
+    let here = SchedulingStrategy::NodeAffinity { node_id: leases.node_id, soft: false };
+    assert_eq!(target(&here, &[]), None, "pinned to the leaving node");
+}
