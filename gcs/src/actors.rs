@@ -18,8 +18,14 @@
 //!   never meet: one cannot take or find another's); a DEAD actor frees its name.
 //! - Every change bumps `version`, which `GetActor` waiters watch.
 //!
-//! Actors live in memory only, like placement groups: a head restarted from storage
-//! forgets them (their workers are killed when their node daemons restart).
+//! Every change of a row is written to the head's storage (`Table::Actors`) before
+//! anyone can learn of it (a create is answered, an ALIVE address is published), with
+//! the lease an incarnation runs on written before its constructor is called. A head
+//! restarted from storage ([`Actors::restore`]) carries on where it stopped: an ALIVE
+//! actor keeps its worker and incarnation (the head watches its worker and owner again;
+//! its callers, who talk to the worker directly, never notice), one being placed is
+//! placed again (the lease of a creation cut short is returned as failed first, so no
+//! second copy ever runs), and names resolve as before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,18 +37,21 @@ use ionet_common::credential::Issuer;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
-use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState};
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, StoredActor};
 use ionet_common::rpc::proto::metering::HeldLease;
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
+use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::error::{GcsError, GcsResult};
 use crate::metering::Metering;
 use crate::placement_groups::PlacementGroups;
-use crate::state::GcsState;
+use crate::state::{blocking, GcsState};
+use crate::storage::Table;
 
 /// Pause between placement attempts that failed for a reason that may pass.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -73,6 +82,9 @@ pub struct Actors {
     /// Connections by address, shared between the head's credential and the jobs'.
     channels: DashMap<String, Channel>,
     version: watch::Sender<u64>,
+    /// Serialises writes of rows to storage: each writes the row as it is when its turn
+    /// comes, so the last write is always the newest state.
+    writing: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,7 +112,115 @@ impl Actors {
             owners: DashMap::new(),
             channels: DashMap::new(),
             version: watch::channel(0).0,
+            writing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Writes the actor's row as it is now to storage.
+    async fn persist(&self, actor_id: ActorId) -> GcsResult<()> {
+        let _writing = self.writing.lock().await;
+        let stored = lock(&self.rows).get(&actor_id).map(|row| {
+            let (lease_id, lease_node_address) = row.lease.clone().unwrap_or_default();
+            StoredActor { info: Some(row.info.clone()), lease_id, lease_node_address }.encode_to_vec()
+        });
+        let Some(bytes) = stored else { return Ok(()) };
+        let storage = self.state.storage().clone();
+        blocking(move || storage.put(Table::Actors, actor_id.as_bytes(), &bytes)).await
+    }
+
+    /// [`Actors::persist`] where the change is already made and published to no one who
+    /// could act on a lost write: a failure is logged (the row is written again with its
+    /// next change).
+    async fn persist_or_log(&self, actor_id: ActorId) {
+        if let Err(err) = self.persist(actor_id).await {
+            tracing::error!(actor = %actor_id, error = %err, "could not write the actor's row to storage");
+        }
+    }
+
+    /// Takes back the actors a previous run of the head left in storage: rows and names
+    /// as they were; ALIVE ones are watched again (worker and owner), ones being placed
+    /// are placed again. Call once, before serving.
+    pub async fn restore(self: &Arc<Self>) -> GcsResult<usize> {
+        let storage = self.state.storage().clone();
+        let stored = blocking(move || storage.scan_prefix(Table::Actors, b"")).await?;
+        let mut alive = Vec::new();
+        let mut placing = Vec::new();
+        {
+            let mut rows = lock(&self.rows);
+            let mut names = lock(&self.names);
+            for (key, bytes) in &stored {
+                let row = StoredActor::decode(bytes.as_slice()).map_err(|err| GcsError::Corrupt {
+                    what: format!("actor {}", hex::encode(key)),
+                    why: err.to_string(),
+                })?;
+                let info = row.info.unwrap_or_default();
+                let spec = info.spec.clone().unwrap_or_default();
+                let actor_id = ActorId::from_bytes(&spec.actor_id).map_err(GcsError::from)?;
+                let lease = (!row.lease_id.is_empty()).then_some((row.lease_id, row.lease_node_address));
+                match state_of(&info) {
+                    ActorState::Dead => {
+                        if let Some(lease) = lease.clone() {
+                            placing.push((actor_id, info.incarnation, Some(lease), spec.clone()));
+                        }
+                    }
+                    state => {
+                        if !spec.name.is_empty() {
+                            names.insert(self.name_key(&spec), actor_id);
+                        }
+                        if state == ActorState::Alive {
+                            alive.push((actor_id, info.incarnation, info.address.clone(), spec.clone()));
+                        } else {
+                            placing.push((actor_id, info.incarnation, lease.clone(), spec.clone()));
+                        }
+                    }
+                }
+                rows.insert(actor_id, Row { info, lease });
+            }
+        }
+        let restored = stored.len();
+        for (actor_id, incarnation, address, spec) in alive {
+            self.watch_owner_of(&spec);
+            match self.job_credential(&spec.job_id) {
+                Ok(credential) => {
+                    tokio::spawn(self.clone().watch_worker(actor_id, incarnation, address, credential));
+                }
+                Err(err) => tracing::warn!(actor = %actor_id, error = %err, "cannot watch a restored actor"),
+            }
+        }
+        for (actor_id, incarnation, lease, spec) in placing {
+            if self.get(actor_id.as_bytes()).is_ok_and(|info| state_of(&info) != ActorState::Dead) {
+                self.watch_owner_of(&spec);
+            }
+            let actors = self.clone();
+            tokio::spawn(async move {
+                // A creation (or an end) the previous run cut short: its worker may hold
+                // the actor; it goes (the lease returned as failed) before another is
+                // placed.
+                if let Some((lease_id, node_address)) = lease {
+                    actors.return_lease(&spec.job_id, lease_id.clone(), &node_address, true).await;
+                    actors.forget_lease(actor_id, &lease_id).await;
+                }
+                actors.place(actor_id, incarnation).await;
+            });
+        }
+        if restored > 0 {
+            tracing::info!(actors = restored, "actors restored from storage");
+            self.bump();
+        }
+        Ok(restored)
+    }
+
+    /// Watches the owner of a non-detached actor (once per owner): its end kills the
+    /// actors it owns.
+    fn watch_owner_of(self: &Arc<Self>, spec: &ActorSpec) {
+        if !spec.detached
+            && !spec.owner_address.is_empty()
+            && self.owners.insert(spec.owner_address.clone(), ()).is_none()
+        {
+            if let Ok(credential) = self.job_credential(&spec.job_id) {
+                tokio::spawn(self.clone().watch_owner(spec.owner_address.clone(), credential));
+            }
+        }
     }
 
     fn connection(&self, address: &str) -> IonetResult<Channel> {
@@ -129,8 +249,8 @@ impl Actors {
     }
 
     /// Registers an actor and starts placing it. With `get_if_exists`, a live actor of the
-    /// same name is returned instead of refusing the name.
-    pub fn create(self: &Arc<Self>, mut spec: ActorSpec, get_if_exists: bool) -> IonetResult<ActorInfo> {
+    /// same name is returned instead of refusing the name. Answers once the row is stored.
+    pub async fn create(self: &Arc<Self>, mut spec: ActorSpec, get_if_exists: bool) -> IonetResult<ActorInfo> {
         let actor_id = ActorId::from_bytes(&spec.actor_id)?;
         JobId::from_bytes(&spec.job_id)?;
         if spec.class_name.is_empty() {
@@ -145,7 +265,12 @@ impl Actors {
         spec.max_concurrency = spec.max_concurrency.max(1);
         let info = {
             let mut rows = lock(&self.rows);
-            if rows.contains_key(&actor_id) {
+            if let Some(row) = rows.get(&actor_id) {
+                // The same create again (its caller asked again across a head restart):
+                // the row it made.
+                if row.info.spec.as_ref() == Some(&spec) {
+                    return Ok(row.info.clone());
+                }
                 return Err(IonetError::AlreadyExists(format!("actor {} exists", actor_id.short())));
             }
             if !spec.name.is_empty() {
@@ -173,16 +298,20 @@ impl Actors {
             rows.insert(actor_id, Row { info: info.clone(), lease: None });
             info
         };
+        if let Err(err) = self.persist(actor_id).await {
+            // Not stored: not created (the caller may ask again).
+            lock(&self.rows).remove(&actor_id);
+            if !spec.name.is_empty() {
+                let mut names = lock(&self.names);
+                if names.get(&self.name_key(&spec)) == Some(&actor_id) {
+                    names.remove(&self.name_key(&spec));
+                }
+            }
+            return Err(IonetError::Unavailable(format!("the control store could not store the actor: {err}")));
+        }
         tracing::info!(actor = %actor_id, class = %spec.class_name, name = %spec.name, "actor registered");
         self.bump();
-        if !spec.detached
-            && !spec.owner_address.is_empty()
-            && self.owners.insert(spec.owner_address.clone(), ()).is_none()
-        {
-            if let Ok(credential) = self.job_credential(&spec.job_id) {
-                tokio::spawn(self.clone().watch_owner(spec.owner_address.clone(), credential));
-            }
-        }
+        self.watch_owner_of(&spec);
         tokio::spawn(self.clone().place(actor_id, 0));
         Ok(info)
     }
@@ -286,12 +415,16 @@ impl Actors {
                     lock(&self.names).remove(&self.name_key(&spec));
                 }
             }
-            (row.lease.take().map(|lease| (lease, spec.job_id)), restart.then_some(info.incarnation))
+            // Kept (and stored) until it is returned: a head that dies in between returns
+            // it when it comes back.
+            (row.lease.clone().map(|lease| (lease, spec.job_id)), restart.then_some(info.incarnation))
         };
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
+        self.persist_or_log(actor_id).await;
         self.bump();
         if let Some(((lease_id, node_address), job_id)) = lease {
-            self.return_lease(&job_id, lease_id, &node_address, true).await;
+            self.return_lease(&job_id, lease_id.clone(), &node_address, true).await;
+            self.forget_lease(actor_id, &lease_id).await;
         }
         if let Some(incarnation) = restart {
             tokio::spawn(self.clone().place(actor_id, incarnation));
@@ -328,6 +461,43 @@ impl Actors {
         }
     }
 
+    /// Forgets lease `lease_id` of the actor once returned (a newer one is kept).
+    async fn forget_lease(&self, actor_id: ActorId, lease_id: &[u8]) {
+        let forgotten = match lock(&self.rows).get_mut(&actor_id) {
+            Some(row) if row.lease.as_ref().is_some_and(|(held, _)| held == lease_id) => {
+                row.lease = None;
+                true
+            }
+            _ => false,
+        };
+        if forgotten {
+            self.persist_or_log(actor_id).await;
+        }
+    }
+
+    /// Records (and stores) the lease incarnation `incarnation` is being created on, if
+    /// that incarnation is still wanted; returns whether it is.
+    async fn record_lease(&self, actor_id: ActorId, incarnation: u32, lease_id: &[u8], node_address: &str) -> bool {
+        let wanted = match lock(&self.rows).get_mut(&actor_id) {
+            Some(row)
+                if row.info.incarnation == incarnation
+                    && matches!(state_of(&row.info), ActorState::PendingCreation | ActorState::Restarting) =>
+            {
+                row.lease = Some((lease_id.to_vec(), node_address.to_string()));
+                true
+            }
+            _ => false,
+        };
+        if wanted {
+            // Stored before the constructor runs: a head restarted meanwhile returns it.
+            if let Err(err) = self.persist(actor_id).await {
+                tracing::error!(actor = %actor_id, error = %err, "could not store the actor's lease; placing again");
+                return false;
+            }
+        }
+        wanted
+    }
+
     /// Whether `incarnation` is still the one to place (not killed or superseded meanwhile).
     fn still_wanted(&self, actor_id: &ActorId, incarnation: u32) -> bool {
         lock(&self.rows).get(actor_id).is_some_and(|row| {
@@ -357,7 +527,7 @@ impl Actors {
             Ok(credential) => credential,
             Err(error) => {
                 let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
-                self.mark_dead_with(actor_id, incarnation, &cause, Some(&error));
+                self.mark_dead_with(actor_id, incarnation, &cause, Some(&error)).await;
                 return;
             }
         };
@@ -388,13 +558,13 @@ impl Actors {
                 // group (a daemon refuses a bundle it has not reserved yet: it waits).
                 LeaseOutcome::Infeasible(reason) if incarnation == 0 && spec.placement_group_id.is_empty() => {
                     let error = IonetError::Infeasible(format!("actor {} cannot be placed: {reason}", spec.class_name));
-                    self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error));
+                    self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error)).await;
                     return;
                 }
                 // The request itself is wrong: asking again cannot help.
                 LeaseOutcome::Refused(error) => {
                     let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
-                    self.mark_dead_with(actor_id, incarnation, &cause, Some(&error));
+                    self.mark_dead_with(actor_id, incarnation, &cause, Some(&error)).await;
                     return;
                 }
                 LeaseOutcome::Infeasible(reason) | LeaseOutcome::Unavailable(reason) => {
@@ -406,8 +576,11 @@ impl Actors {
                     continue;
                 }
             };
-            if !self.still_wanted(&actor_id, incarnation) {
+            if !self.record_lease(actor_id, incarnation, &lease.lease_id, &node_address).await {
                 self.return_lease(&spec.job_id, lease.lease_id, &node_address, false).await;
+                if self.still_wanted(&actor_id, incarnation) {
+                    continue; // Its lease could not be stored: placed again.
+                }
                 return;
             }
             let created = match self.channel(&lease.worker_address, &credential) {
@@ -427,14 +600,16 @@ impl Actors {
             match created {
                 Ok(None) => {}
                 Ok(Some(failure)) => {
-                    self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
+                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.forget_lease(actor_id, &lease.lease_id).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
-                    self.mark_dead(actor_id, incarnation, &cause);
+                    self.mark_dead(actor_id, incarnation, &cause).await;
                     return;
                 }
                 Err(status) => {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
-                    self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
+                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
@@ -448,7 +623,6 @@ impl Actors {
                         row.info.node_id = lease.node_id.clone();
                         row.info.node_address = node_address.clone();
                         row.info.gpu_ids = lease.gpu_ids.clone();
-                        row.lease = Some((lease.lease_id.clone(), node_address.clone()));
                         true
                     }
                     _ => false,
@@ -456,22 +630,25 @@ impl Actors {
             };
             if !alive {
                 // Killed while its constructor ran.
-                self.return_lease(&spec.job_id, lease.lease_id, &node_address, true).await;
+                self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                self.forget_lease(actor_id, &lease.lease_id).await;
                 return;
             }
             tracing::info!(actor = %actor_id, incarnation, worker = %lease.worker_address, "actor alive");
+            // Stored before its address is published: a restarted head knows where it runs.
+            self.persist_or_log(actor_id).await;
             self.bump();
             tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
             return;
         }
     }
 
-    fn mark_dead(&self, actor_id: ActorId, incarnation: u32, cause: &str) {
-        self.mark_dead_with(actor_id, incarnation, cause, None);
+    async fn mark_dead(&self, actor_id: ActorId, incarnation: u32, cause: &str) {
+        self.mark_dead_with(actor_id, incarnation, cause, None).await;
     }
 
     /// Marks the actor dead; `error`: the error its calls fail with (else ActorDied).
-    fn mark_dead_with(&self, actor_id: ActorId, incarnation: u32, cause: &str, error: Option<&IonetError>) {
+    async fn mark_dead_with(&self, actor_id: ActorId, incarnation: u32, cause: &str, error: Option<&IonetError>) {
         {
             let mut rows = lock(&self.rows);
             let Some(row) = rows.get_mut(&actor_id) else { return };
@@ -487,6 +664,7 @@ impl Actors {
             }
         }
         tracing::warn!(actor = %actor_id, cause, "actor dead");
+        self.persist_or_log(actor_id).await;
         self.bump();
     }
 

@@ -32,6 +32,10 @@
 //! Placement groups ([`placement_groups`]): a table of groups of resource bundles, placed by a
 //! background task with the scheduler's solver and reserved on the node daemons in two phases
 //! (prepare on all, then commit; cancel the prepared ones on any refusal).
+//!
+//! Actors and placement groups are written to storage with every change and taken back
+//! when the head starts ([`actors::Actors::restore`],
+//! [`placement_groups::PlacementGroups::restore`]), so a restarted head loses neither.
 
 pub mod actors;
 pub mod error;

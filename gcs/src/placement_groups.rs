@@ -14,8 +14,11 @@
 //! so a late `GetPlacementGroup` still answers). Passes and removals are serialised by one
 //! async lock, so a removal never races a reservation in flight.
 //!
-//! Groups live in memory only: a head restarted from storage forgets them (the node
-//! daemons keep their reservations until they restart).
+//! Every change of a group's state is written to the head's storage
+//! (`Table::PlacementGroups`), and so are the nodes a reservation in flight asked to
+//! prepare, before it asks. A head restarted from storage ([`PlacementGroups::restore`])
+//! keeps its CREATED groups where they are (the node daemons kept their reservations),
+//! cancels what a reservation cut short had prepared, and places its PENDING groups.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,9 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::resources::{ResourceSet, ACCELERATOR_PREFIX};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState as WireNodeState, ResourceQuantities};
-use ionet_common::rpc::proto::gcs::{GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy};
+use ionet_common::rpc::proto::gcs::{
+    GetPlacementGroupReply, PlacementGroupState, PlacementStrategy as WireStrategy, StoredPlacementGroup,
+};
 use ionet_common::rpc::proto::node::{
     CancelBundleRequest, CommitBundleRequest, EndLeasesRequest, PrepareBundleRequest,
 };
@@ -34,9 +39,12 @@ use ionet_common::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGro
 use ionet_scheduler::{
     solve_placement_group, ClusterView, Gpu, NodeState, NodeView, PlacementDecision, PlacementStrategy,
 };
+use prost::Message;
 use tokio::sync::{watch, Notify};
 
-use crate::state::GcsState;
+use crate::error::{GcsError, GcsResult};
+use crate::state::{blocking, GcsState};
+use crate::storage::Table;
 
 /// How often pending groups are tried again.
 const PLACEMENT_PERIOD: Duration = Duration::from_millis(200);
@@ -142,6 +150,50 @@ struct Group {
     /// Bundles being committed or committed, by index: the node holding each. The head
     /// vouches, as their holder, for the bundle leases these nodes report.
     committed: HashMap<u32, NodeId>,
+    /// While a reservation is in flight: the nodes asked to prepare its bundles.
+    reserving: Vec<(NodeId, String)>,
+}
+
+impl Group {
+    fn stored(&self, id: &PlacementGroupId) -> StoredPlacementGroup {
+        StoredPlacementGroup {
+            row: Some(row(id, self)),
+            job_id: self.job_id.clone(),
+            detached: self.detached,
+            sequence: self.sequence,
+            reserving_node_ids: self.reserving.iter().map(|(node, _)| node.to_vec()).collect(),
+            reserving_node_addresses: self.reserving.iter().map(|(_, address)| address.clone()).collect(),
+        }
+    }
+
+    fn from_stored(stored: StoredPlacementGroup) -> IonetResult<(PlacementGroupId, Group)> {
+        let row = stored.row.unwrap_or_default();
+        let id = PlacementGroupId::from_bytes(&row.placement_group_id)?;
+        let nodes_of = |ids: &[Vec<u8>], addresses: &[String]| -> IonetResult<Vec<(NodeId, String)>> {
+            ids.iter().zip(addresses).map(|(node, address)| Ok((NodeId::from_bytes(node)?, address.clone()))).collect()
+        };
+        let nodes = nodes_of(&row.bundle_node_ids, &row.bundle_node_addresses)?;
+        let state = PlacementGroupState::try_from(row.state).unwrap_or(PlacementGroupState::Pending);
+        let committed = if state == PlacementGroupState::Created {
+            nodes.iter().enumerate().map(|(index, (node, _))| (index as u32, *node)).collect()
+        } else {
+            HashMap::new()
+        };
+        let group = Group {
+            sequence: stored.sequence,
+            name: row.name,
+            job_id: stored.job_id,
+            bundles: row.bundles.iter().map(|bundle| bundle.clone().to_set()).collect::<IonetResult<_>>()?,
+            strategy: strategy_from_wire(row.strategy)?,
+            state,
+            nodes,
+            pending_reason: row.pending_reason,
+            detached: stored.detached,
+            committed,
+            reserving: nodes_of(&stored.reserving_node_ids, &stored.reserving_node_addresses)?,
+        };
+        Ok((id, group))
+    }
 }
 
 /// The placement-group table and its placement passes.
@@ -153,6 +205,8 @@ pub struct PlacementGroups {
     wake: Notify,
     /// Held across a whole pass or removal: they touch the same nodes' reservations.
     placing: tokio::sync::Mutex<()>,
+    /// Serialises writes of groups to storage (each writes the group as it then is).
+    writing: tokio::sync::Mutex<()>,
 }
 
 pub fn strategy_from_wire(raw: i32) -> IonetResult<PlacementStrategy> {
@@ -242,26 +296,65 @@ impl PlacementGroups {
             sequence: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
             placing: tokio::sync::Mutex::new(()),
+            writing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Writes group `id` as it is now to storage.
+    async fn persist(&self, id: PlacementGroupId) -> GcsResult<()> {
+        let _writing = self.writing.lock().await;
+        let Some(bytes) = self.lock().get(&id).map(|group| group.stored(&id).encode_to_vec()) else { return Ok(()) };
+        let storage = self.state.storage().clone();
+        blocking(move || storage.put(Table::PlacementGroups, id.as_bytes(), &bytes)).await
+    }
+
+    /// [`PlacementGroups::persist`] for a change already made: a failure is logged (the
+    /// group is written again with its next change).
+    async fn persist_or_log(&self, id: PlacementGroupId) {
+        if let Err(err) = self.persist(id).await {
+            tracing::error!(group = %id.short(), error = %err, "could not write the placement group to storage");
+        }
+    }
+
+    /// Takes back the groups a previous run of the head left in storage; placement
+    /// passes then go on with them. Call once, before serving.
+    pub async fn restore(&self) -> GcsResult<usize> {
+        let storage = self.state.storage().clone();
+        let stored = blocking(move || storage.scan_prefix(Table::PlacementGroups, b"")).await?;
+        let mut groups = self.lock();
+        for (key, bytes) in &stored {
+            let corrupt =
+                |why: String| GcsError::Corrupt { what: format!("placement group {}", hex::encode(key)), why };
+            let decoded = StoredPlacementGroup::decode(bytes.as_slice()).map_err(|err| corrupt(err.to_string()))?;
+            let (id, group) = Group::from_stored(decoded).map_err(|err| corrupt(err.to_string()))?;
+            self.sequence.fetch_max(group.sequence + 1, std::sync::atomic::Ordering::Relaxed);
+            groups.insert(id, group);
+        }
+        drop(groups);
+        if !stored.is_empty() {
+            tracing::info!(groups = stored.len(), "placement groups restored from storage");
+            self.wake.notify_one();
+        }
+        Ok(stored.len())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PlacementGroupId, Group>> {
         self.groups.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Records a new PENDING group; placement follows in the background.
-    pub fn create(
+    /// Records (and stores) a new PENDING group; placement follows in the background.
+    pub async fn create(
         &self,
         bundles: Vec<ResourceSet>,
         strategy: PlacementStrategy,
         name: String,
         job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
-        self.create_with_lifetime(bundles, strategy, name, job_id, false)
+        self.create_with_lifetime(bundles, strategy, name, job_id, false).await
     }
 
     /// [`PlacementGroups::create`]; a `detached` group outlives its job.
-    pub fn create_with_lifetime(
+    pub async fn create_with_lifetime(
         &self,
         bundles: Vec<ResourceSet>,
         strategy: PlacementStrategy,
@@ -296,8 +389,16 @@ impl PlacementGroups {
                 committed: HashMap::new(),
                 pending_reason: String::new(),
                 detached,
+                reserving: Vec::new(),
             },
         );
+        if let Err(err) = self.persist(id).await {
+            // Not stored: not created (the caller may ask again).
+            self.lock().remove(&id);
+            return Err(IonetError::Unavailable(format!(
+                "the control store could not store the placement group: {err}"
+            )));
+        }
         self.wake.notify_one();
         Ok(id)
     }
@@ -355,6 +456,7 @@ impl PlacementGroups {
             group.committed.clear();
             std::mem::take(&mut group.nodes)
         };
+        self.persist_or_log(*id).await;
         for (index, (node, address)) in nodes.iter().enumerate() {
             if let Err(err) = self.agent.cancel(address, *id, index as u32).await {
                 tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a bundle");
@@ -382,6 +484,7 @@ impl PlacementGroups {
     /// oldest first, is solved and reserved (two-phase) or left pending with the reason.
     pub async fn place_pending(&self) {
         let _placing = self.placing.lock().await;
+        self.cancel_cut_short().await;
         let nodes = self.state.nodes(false);
         let alive: HashSet<Vec<u8>> = nodes
             .iter()
@@ -425,21 +528,29 @@ impl PlacementGroups {
                 }
                 PlacementDecision::Wait { reason } | PlacementDecision::Infeasible { reason } => Err(reason),
             };
-            let mut groups = self.lock();
-            let Some(group) = groups.get_mut(&id) else { continue };
-            match outcome {
-                Ok(placed) => {
-                    tracing::info!(group = %id.short(), name = %group.name, "placement group created on its nodes");
-                    group.state = PlacementGroupState::Created;
-                    group.nodes = placed;
-                    group.pending_reason.clear();
-                }
-                Err(reason) => {
-                    if group.pending_reason != reason {
-                        tracing::debug!(group = %id.short(), %reason, "placement group stays pending");
+            let created = {
+                let mut groups = self.lock();
+                let Some(group) = groups.get_mut(&id) else { continue };
+                match outcome {
+                    Ok(placed) => {
+                        tracing::info!(group = %id.short(), name = %group.name, "placement group created on its nodes");
+                        group.state = PlacementGroupState::Created;
+                        group.nodes = placed;
+                        group.pending_reason.clear();
+                        group.reserving.clear();
+                        true
                     }
-                    group.pending_reason = reason;
+                    Err(reason) => {
+                        if group.pending_reason != reason {
+                            tracing::debug!(group = %id.short(), %reason, "placement group stays pending");
+                        }
+                        group.pending_reason = reason;
+                        false
+                    }
                 }
+            };
+            if created {
+                self.persist_or_log(id).await;
             }
         }
     }
@@ -454,6 +565,13 @@ impl PlacementGroups {
         chosen: &[NodeId],
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Vec<(NodeId, String)>, String> {
+        // Stored before any node is asked: a head that dies in the middle cancels them.
+        let reserving: Vec<(NodeId, String)> =
+            chosen.iter().map(|node| (*node, addresses.get(node).cloned().unwrap_or_default())).collect();
+        if let Some(group) = self.lock().get_mut(&id) {
+            group.reserving = reserving;
+        }
+        self.persist(id).await.map_err(|err| format!("the control store could not store the reservation: {err}"))?;
         let mut prepared: Vec<(NodeId, String)> = Vec::new();
         let mut failure = None;
         for (index, (bundle, node)) in bundles.iter().zip(chosen).enumerate() {
@@ -491,6 +609,10 @@ impl PlacementGroups {
                         tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a prepared bundle");
                     }
                 }
+                if let Some(group) = self.lock().get_mut(&id) {
+                    group.reserving.clear();
+                }
+                self.persist_or_log(id).await;
                 Err(reason)
             }
         }
@@ -508,12 +630,16 @@ impl PlacementGroups {
                 .map(|(id, group)| {
                     group.state = PlacementGroupState::Pending;
                     group.pending_reason = "a node holding one of its bundles died".into();
-                    (*id, std::mem::take(&mut group.nodes))
+                    group.committed.clear();
+                    // Its bundles are cancelled now, or (by a restarted head) later.
+                    group.reserving = std::mem::take(&mut group.nodes);
+                    (*id, group.reserving.clone())
                 })
                 .collect()
         };
         for (id, nodes) in lost {
             tracing::warn!(group = %id.short(), "a node of the placement group is gone; placing it again");
+            self.persist_or_log(id).await;
             // The dead node too, best effort and bounded: one cut off but running (declared
             // dead while away) would otherwise keep the bundle reserved when it rejoins.
             for (index, (node, address)) in nodes.iter().enumerate() {
@@ -521,6 +647,33 @@ impl PlacementGroups {
                     if alive.contains(&node.to_vec()) { Duration::from_secs(10) } else { Duration::from_secs(1) };
                 let _ = tokio::time::timeout(wait, self.agent.cancel(address, id, index as u32)).await;
             }
+            if let Some(group) = self.lock().get_mut(&id) {
+                group.reserving.clear();
+            }
+            self.persist_or_log(id).await;
+        }
+    }
+
+    /// Cancels, on their nodes, the bundles of reservations a previous run of the head
+    /// left in flight (best effort, bounded: a node that is gone reserved nothing that
+    /// outlives it), so the group is reserved afresh.
+    async fn cancel_cut_short(&self) {
+        let cut_short: Vec<(PlacementGroupId, Vec<(NodeId, String)>)> = self
+            .lock()
+            .iter()
+            .filter(|(_, group)| group.state != PlacementGroupState::Created && !group.reserving.is_empty())
+            .map(|(id, group)| (*id, group.reserving.clone()))
+            .collect();
+        for (id, nodes) in cut_short {
+            tracing::info!(group = %id.short(), "cancelling a reservation the head's last run left in flight");
+            for (index, (_, address)) in nodes.iter().enumerate() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.agent.cancel(address, id, index as u32)).await;
+            }
+            if let Some(group) = self.lock().get_mut(&id) {
+                group.reserving.clear();
+            }
+            self.persist_or_log(id).await;
         }
     }
 }

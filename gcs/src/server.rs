@@ -123,6 +123,9 @@ impl GcsServer {
         metering.set_stopper(nodes);
         metering.set_head_holdings(placement_groups.clone());
         let actors = Actors::new(state.clone(), issuer.clone(), placement_groups.clone(), metering.clone());
+        // What a previous run of the head left: groups first (actors may sit in them).
+        placement_groups.restore().await?;
+        actors.restore().await?;
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),

@@ -413,13 +413,10 @@ impl Gcs for GcsService {
         let bundles =
             request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet_common::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
-        let id = self.placement_groups.create_with_lifetime(
-            bundles,
-            strategy,
-            request.name,
-            request.job_id,
-            request.detached,
-        )?;
+        let id = self
+            .placement_groups
+            .create_with_lifetime(bundles, strategy, request.name, request.job_id, request.detached)
+            .await?;
         Ok(Response::new(CreatePlacementGroupReply { placement_group_id: id.to_vec() }))
     }
 
@@ -471,7 +468,7 @@ impl Gcs for GcsService {
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateActor without a spec"))?;
         // An actor is created for the caller's own job (and billed to it).
         principal.may_act_for_job(&job_id_of(&spec.job_id)?)?;
-        let actor = self.actors.create(spec, request.get_if_exists)?;
+        let actor = self.actors.create(spec, request.get_if_exists).await?;
         // `get_if_exists` finds a live actor by name: only one of the caller's account.
         principal.may_act_for_account(&self.account_of_actor(&actor))?;
         Ok(Response::new(CreateActorReply { actor: Some(actor) }))

@@ -28,10 +28,23 @@ pub enum Table {
     Leases,
     /// Metering: usage records made, keyed by record id.
     Usage,
+    /// Actors, keyed by actor id (`StoredActor`).
+    Actors,
+    /// Placement groups, keyed by group id (`StoredPlacementGroup`).
+    PlacementGroups,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [Table::Nodes, Table::Jobs, Table::Kv, Table::Meta, Table::Leases, Table::Usage];
+    pub const ALL: [Table; 8] = [
+        Table::Nodes,
+        Table::Jobs,
+        Table::Kv,
+        Table::Meta,
+        Table::Leases,
+        Table::Usage,
+        Table::Actors,
+        Table::PlacementGroups,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -41,6 +54,8 @@ impl Table {
             Table::Meta => "meta",
             Table::Leases => "leases",
             Table::Usage => "usage",
+            Table::Actors => "actors",
+            Table::PlacementGroups => "placement_groups",
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ionet_common::rpc::proto::gcs::{
     ActorInfo, ActorSpec, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
@@ -279,7 +280,9 @@ impl ActorHandle {
         let worker = runtime::current()?;
         let info = runtime::block_on(async {
             let request = GetActorRequest { actor_id: self.id.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
-            actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)
+            actor_row(
+                worker.call_head(request, |mut gcs, request| async move { gcs.get_actor(request).await }).await?.actor,
+            )
         })?;
         if let Some(client) = worker.actor_clients.get(&self.id) {
             client.learn(&info);
@@ -333,7 +336,11 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             strategy: Some(options.resources.wire_strategy()?),
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
-        let info = actor_row(worker.gcs()?.create_actor(request).await?.into_inner().actor)?;
+        // Asked again while the head restarts: it answers a create it already took with
+        // the same row.
+        let info = actor_row(
+            worker.call_head(request, |mut gcs, request| async move { gcs.create_actor(request).await }).await?.actor,
+        )?;
         handle_of(info)
     })
 }
@@ -349,7 +356,12 @@ pub fn get_actor<H: ActorClassHandle>(name: &str, namespace: Option<&str>) -> Io
     let namespace = namespace.map(str::to_string).unwrap_or_else(|| worker.namespace.clone());
     let info = runtime::block_on(async {
         let request = GetNamedActorRequest { name: name.to_string(), namespace };
-        actor_row(worker.gcs()?.get_named_actor(request).await?.into_inner().actor)
+        actor_row(
+            worker
+                .call_head(request, |mut gcs, request| async move { gcs.get_named_actor(request).await })
+                .await?
+                .actor,
+        )
     })?;
     let handle = handle_of(info)?;
     if handle.class != H::CLASS {
@@ -379,7 +391,7 @@ pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
     };
     runtime::block_on(async {
         let request = KillActorRequest { actor_id: hosted.id.to_vec(), no_restart: true };
-        worker.gcs()?.kill_actor(request).await?;
+        worker.call_head(request, |mut gcs, request| async move { gcs.kill_actor(request).await }).await?;
         IonetResult::Ok(())
     })?;
     std::process::exit(0)
@@ -388,7 +400,8 @@ pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
 pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
     let worker = runtime::current()?;
     runtime::block_on(async {
-        worker.gcs()?.kill_actor(KillActorRequest { actor_id: actor.id.to_vec(), no_restart }).await?;
+        let request = KillActorRequest { actor_id: actor.id.to_vec(), no_restart };
+        worker.call_head(request, |mut gcs, request| async move { gcs.kill_actor(request).await }).await?;
         Ok(())
     })
 }
@@ -428,6 +441,10 @@ impl HostedActor {
     }
 }
 
+/// How long a call that needs the control store waits for a head that cannot be reached
+/// (restarting, or failing over to its standby) before it fails.
+pub(crate) const HEAD_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
 /// The control store client of this process.
 impl CoreWorker {
     pub(crate) fn gcs(&self) -> IonetResult<GcsClient> {
@@ -437,6 +454,31 @@ impl CoreWorker {
             ));
         }
         Ok(GcsClient::new(self.channel(&self.gcs_address)?))
+    }
+
+    /// Makes a call to the control store, asking again while it cannot be reached (a head
+    /// restarting) for up to [`HEAD_RECONNECT_WAIT`]; then, or on any other failure, the
+    /// call's error. For calls that may be made twice (reads; writes the head takes once).
+    pub(crate) async fn call_head<R: Clone, T, F, Fut>(&self, request: R, mut call: F) -> IonetResult<T>
+    where
+        F: FnMut(GcsClient, R) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + HEAD_RECONNECT_WAIT;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match call(self.gcs()?, request.clone()).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(error = %status.message(), "the control store cannot be reached; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
     }
 
     pub(crate) fn actor_client(self: &Arc<Self>, actor: &ActorHandle) -> Arc<ActorClient> {

@@ -387,7 +387,9 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
             wait_newer_than: broken,
             timeout_ms: CONNECT_WAIT.as_millis() as u64,
         };
-        let info = actor_row(worker.gcs()?.get_actor(request).await?.into_inner().actor)?;
+        let info = actor_row(
+            worker.call_head(request, |mut gcs, request| async move { gcs.get_actor(request).await }).await?.actor,
+        )?;
         let spec = info.spec.clone().unwrap_or_default();
         shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
         match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {

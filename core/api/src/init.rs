@@ -59,6 +59,11 @@ pub struct InitConfig {
     /// re-executed with the same arguments). Language bindings set their own (Python:
     /// `python -m ionet._worker`).
     pub worker_command: Option<WorkerCommand>,
+    /// Joining only: the node daemon this driver works through (its `host:port` as the
+    /// cluster lists it). Default: the head's when the head runs on this machine, else
+    /// one on this machine. A driver on a worker machine names that machine's daemon, so
+    /// it keeps working while the head restarts.
+    pub node_address: Option<String>,
 }
 
 impl InitConfig {
@@ -84,6 +89,11 @@ impl InitConfig {
 
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
+        self
+    }
+
+    pub fn node_address(mut self, address: impl Into<String>) -> Self {
+        self.node_address = Some(address.into());
         self
     }
 }
@@ -299,7 +309,14 @@ async fn join(config: &InitConfig) -> IonetResult<Found> {
     let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?.into_inner().nodes;
     let host = host_of(&address);
     let alive: Vec<_> = nodes.into_iter().filter(|node| node.state == NodeState::Alive as i32).collect();
-    // The node daemon on this machine: the head's if the head is here, else any local one.
+    // The node daemon asked for, else the one on this machine: the head's if the head is
+    // here, else any local one.
+    if let Some(wanted) = config.node_address.as_deref() {
+        let node = alive.iter().find(|node| node.address == wanted).ok_or_else(|| {
+            IonetError::NotFound(format!("no alive node of the cluster at {address} listens at {wanted}"))
+        })?;
+        return Ok(Found { gcs_address: address, node_address: node.address.clone(), starter, alive: alive.len() });
+    }
     let local = alive
         .iter()
         .find(|node| node.is_head && host_of(&node.address) == host)

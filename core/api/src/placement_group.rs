@@ -87,7 +87,7 @@ impl PlacementGroup {
 
 pub(crate) async fn get_group(worker: &CoreWorker, id: &PlacementGroupId) -> IonetResult<GetPlacementGroupReply> {
     let request = GetPlacementGroupRequest { placement_group_id: id.to_vec() };
-    Ok(worker.gcs()?.get_placement_group(request).await?.into_inner())
+    worker.call_head(request, |mut gcs, request| async move { gcs.get_placement_group(request).await }).await
 }
 
 /// The control store's row of one group (state, bundles, their nodes), by id.

@@ -417,6 +417,87 @@ fn an_actor_no_node_can_fit_fails_as_infeasible() {
     ionet::shutdown();
 }
 
+/// Leaves a file of its own in the directory `runs` each time it runs (named by `index`;
+/// workers on two nodes run as two users), then works for `millis`.
+#[ionet::remote]
+fn logged(runs: String, index: u64, millis: u64) -> u64 {
+    let unique = ionet::TaskId::random();
+    std::fs::write(format!("{runs}/{index}.{}", unique.hex()), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(millis));
+    index * 2
+}
+
+/// The index of every run recorded in `runs`.
+fn runs_in(runs: &std::path::Path) -> Vec<u64> {
+    let entries = std::fs::read_dir(runs).unwrap().flatten();
+    entries.filter_map(|entry| entry.file_name().to_str()?.split('.').next()?.parse().ok()).collect()
+}
+
+/// The head is SIGKILLed while 5 named actors serve calls and 200 tasks run (which go on
+/// while it is down), and comes back from its storage file: every call and task completes exactly once, the actors
+/// keep their state, worker and incarnation, names resolve, and a placement group left
+/// pending is created once a node that fits it joins.
+fn head_restarted_from_storage_loses_nothing() {
+    let storage = tempfile::tempdir().unwrap();
+    let storage_file = storage.path().join("gcs.redb");
+    let port = harness::free_port().to_string();
+    let head_args = ["--port", port.as_str(), "--storage", storage_file.to_str().unwrap(), "--num-cpus", "0"];
+    let mut cluster = Cluster::start(&head_args);
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
+    // The driver works through node a's daemon, as a driver on a worker machine.
+    cluster.init();
+    let node_a = harness::node_named("a").address;
+    ionet::shutdown();
+    cluster.init_through(&node_a);
+
+    let counters: Vec<CounterHandle> = (0..5)
+        .map(|index| Counter::options(ActorOptions::new().name(format!("counter-{index}"))).remote(0i64).unwrap())
+        .collect();
+    let pids: Vec<u32> = counters.iter().map(|counter| ionet::get(&counter.pid()).unwrap()).collect();
+    let special: std::collections::BTreeMap<String, f64> = [("special".to_string(), 1.0)].into();
+    let group = ionet::placement_group(vec![special], ionet::PlacementStrategy::Pack).unwrap();
+    assert!(!group.wait(Duration::from_millis(200)).unwrap(), "no node has the resource yet");
+
+    // Tasks run as the node's worker users: they write where anyone may.
+    let shared = harness::temp_path("runs");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let runs_arg = shared.to_string_lossy().into_owned();
+    let tasks: Vec<_> = (0..200u64).map(|index| logged::remote(runs_arg.clone(), index, 60)).collect();
+    let calls: Vec<Vec<_>> = counters.iter().map(|counter| (0..40).map(|_| counter.slow_incr(25)).collect()).collect();
+    wait_until("tasks to be running", Duration::from_secs(60), || runs_in(&shared).len() >= 20);
+    cluster.kill(0);
+    // While the head is down, work on held leases goes on.
+    let before = runs_in(&shared).len();
+    wait_until("tasks to run without the head", Duration::from_secs(30), || runs_in(&shared).len() >= before + 16);
+    cluster.start_head_again();
+
+    // Every task ran once, and only once.
+    let values = ionet::get_all(&tasks).unwrap();
+    assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
+    let mut runs = runs_in(&shared);
+    runs.sort_unstable();
+    assert_eq!(runs, (0..200u64).collect::<Vec<_>>(), "each task ran exactly once");
+    // Every call ran once, in order, on the same worker and incarnation.
+    for (index, (counter, calls)) in counters.iter().zip(&calls).enumerate() {
+        let results = ionet::get_all(calls).unwrap();
+        assert_eq!(results, (1..=40).collect::<Vec<i64>>(), "calls of counter-{index}");
+        assert_eq!(ionet::get(&counter.get()).unwrap(), 40);
+        assert_eq!(ionet::get(&counter.pid()).unwrap(), pids[index], "counter-{index} kept its worker");
+        let named: CounterHandle = ionet::get_actor(&format!("counter-{index}"), None).unwrap();
+        assert_eq!(named.actor_handle().id(), counter.actor_handle().id(), "the name resolves as before");
+        let info = counter.actor_handle().info().unwrap();
+        assert_eq!((info.incarnation, info.restarts), (0, 0), "counter-{index} was never restarted");
+    }
+    // The group the head had pending is placed once a node with the resource joins.
+    cluster.add_node(&["--num-cpus", "1", "--resources", r#"{"special": 1}"#, "--labels", "name=c"]);
+    assert!(group.wait(Duration::from_secs(60)).unwrap(), "the pending placement group is created");
+    // And new work still runs.
+    assert_eq!(ionet::get(&logged::remote(runs_arg, 1000, 0)).unwrap(), 2000);
+    let _ = std::fs::remove_dir_all(&shared);
+}
+
 fn main() {
     if let Ok(driver) = std::env::var(DRIVER_ENV) {
         match driver.as_str() {
@@ -435,6 +516,7 @@ fn main() {
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
             ("an_actor_no_node_can_fit_fails_as_infeasible", an_actor_no_node_can_fit_fails_as_infeasible),
+            ("head_restarted_from_storage_loses_nothing", head_restarted_from_storage_loses_nothing),
         ],
         Duration::from_secs(180),
     );

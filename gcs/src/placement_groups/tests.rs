@@ -16,6 +16,8 @@ const JOB: [u8; 4] = [0, 0, 0, 7];
 struct FakeNodes {
     refusing: Mutex<HashSet<String>>,
     reserved: Mutex<HashMap<(String, PlacementGroupId, u32), bool>>,
+    /// Commits never answer (a head that dies in the middle of a reservation).
+    hang_commits: std::sync::atomic::AtomicBool,
 }
 
 #[tonic::async_trait]
@@ -35,6 +37,9 @@ impl BundleAgent for FakeNodes {
         Ok(())
     }
     async fn commit(&self, address: &str, group: PlacementGroupId, index: u32) -> IonetResult<()> {
+        if self.hang_commits.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.reserved.lock().unwrap().insert((address.to_string(), group, index), true);
         Ok(())
     }
@@ -72,8 +77,9 @@ async fn a_refused_prepare_leaves_no_reservation_and_the_group_pending() {
     let nodes = Arc::new(FakeNodes::default());
     nodes.refusing.lock().unwrap().insert("node-2:1".into());
     let groups = PlacementGroups::new(state, nodes.clone());
-    let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), JOB.to_vec()).unwrap();
-    let unbilled = groups.create(cpu_bundles(1), PlacementStrategy::Pack, String::new(), Vec::new()).unwrap_err();
+    let id =
+        groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, "spread".into(), JOB.to_vec()).await.unwrap();
+    let unbilled = groups.create(cpu_bundles(1), PlacementStrategy::Pack, String::new(), Vec::new()).await.unwrap_err();
     assert!(unbilled.to_string().contains("billed to that job"), "{unbilled}");
     tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
     assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
@@ -100,7 +106,7 @@ async fn a_group_on_a_dead_node_is_released_and_placed_again() {
     let state = cluster_of(4).await;
     let nodes = Arc::new(FakeNodes::default());
     let groups = PlacementGroups::new(state.clone(), nodes.clone());
-    let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
+    let id = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
     let placed = groups.get(&id).unwrap();
     assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
@@ -120,7 +126,7 @@ async fn a_group_that_cannot_fit_stays_pending_without_reserving() {
     let state = cluster_of(3).await;
     let nodes = Arc::new(FakeNodes::default());
     let groups = PlacementGroups::new(state, nodes.clone());
-    let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).unwrap();
+    let id = groups.create(cpu_bundles(4), PlacementStrategy::StrictSpread, String::new(), JOB.to_vec()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
     assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Pending));
     assert!(nodes.reserved.lock().unwrap().is_empty());
@@ -161,7 +167,7 @@ async fn a_payer_out_of_credit_loses_its_placement_groups() {
     // $1 of credit: under 1,000 s of one GPU at $3.60/h.
     metering.add_credits("frugal", 1_000_000).await.unwrap();
     let bundle = vec![ResourceSet::new().with(GPU, Quantity::whole(1))];
-    let id = groups.create(bundle, PlacementStrategy::Pack, "trainer".into(), job.clone()).unwrap();
+    let id = groups.create(bundle, PlacementStrategy::Pack, "trainer".into(), job.clone()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
     assert_eq!(groups.state_of(&id), Some(PlacementGroupState::Created));
     let gpu = ResourceSet::new().with(GPU, Quantity::whole(1));
@@ -191,4 +197,48 @@ async fn a_payer_out_of_credit_loses_its_placement_groups() {
     assert!(nodes.reserved.lock().unwrap().is_empty(), "the node's reservation is cancelled");
     let reason = groups.get(&id).unwrap().pending_reason;
     assert!(reason.starts_with("removed: account \"frugal\" cannot cover its leases"), "{reason}");
+}
+
+/// A head restarted from its storage keeps its groups: a created one stays where it is
+/// (and the head still vouches for its bundles), and one whose reservation the head's
+/// death cut short is cancelled on the nodes that prepared it and reserved afresh.
+#[tokio::test]
+async fn a_restarted_head_keeps_its_groups_and_redoes_a_reservation_cut_short() {
+    let state = cluster_of(3).await;
+    let nodes = Arc::new(FakeNodes::default());
+    let groups = PlacementGroups::new(state.clone(), nodes.clone());
+    let placed =
+        groups.create(cpu_bundles(2), PlacementStrategy::StrictSpread, "kept".into(), JOB.to_vec()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&placed), Some(PlacementGroupState::Created));
+    let placed_row = groups.get(&placed).unwrap();
+
+    // The next group's reservation is cut short after its bundles were prepared.
+    nodes.hang_commits.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cut = groups.create(cpu_bundles(1), PlacementStrategy::Pack, "cut".into(), JOB.to_vec()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(300), groups.place_pending()).await.is_err());
+    drop(groups);
+    nodes.hang_commits.store(false, std::sync::atomic::Ordering::SeqCst);
+    let prepared: Vec<_> =
+        nodes.reserved.lock().unwrap().keys().filter(|(_, group, _)| *group == cut).cloned().collect();
+    assert_eq!(prepared.len(), 1, "the cut reservation left its bundle prepared");
+
+    // The head comes back on the same storage; the node daemons kept what they held.
+    let restarted = PlacementGroups::new(state.clone(), nodes.clone());
+    assert_eq!(restarted.restore().await.unwrap(), 2);
+    assert_eq!(restarted.get(&placed).unwrap(), placed_row, "a created group stays where it was");
+    let node = NodeId::from_bytes(&placed_row.bundle_node_ids[0]).unwrap();
+    let job = JobId::from_bytes(&JOB).unwrap();
+    use crate::metering::HeadHoldings;
+    assert!(restarted.bundle_of(&job, &node, placed.as_bytes(), 0).is_some(), "the head still vouches for its bundles");
+    assert_eq!(restarted.state_of(&cut), Some(PlacementGroupState::Pending));
+    tokio::time::timeout(Duration::from_secs(10), restarted.place_pending()).await.unwrap();
+    assert_eq!(restarted.state_of(&cut), Some(PlacementGroupState::Created));
+    let reserved = nodes.reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 3, "one reservation per bundle, none left over: {reserved:?}");
+    assert!(reserved.values().all(|committed| *committed));
+    // A new group is placed after the restored ones.
+    let later = restarted.create(cpu_bundles(1), PlacementStrategy::Pack, String::new(), JOB.to_vec()).await.unwrap();
+    let sequence = |id: &PlacementGroupId| restarted.lock().get(id).unwrap().sequence;
+    assert!(sequence(&later) > sequence(&cut));
 }

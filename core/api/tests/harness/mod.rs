@@ -74,6 +74,8 @@ pub struct Cluster {
     daemons: Vec<Child>,
     /// Variables set for every daemon, after the harness's own.
     env: Vec<(String, String)>,
+    /// The head's arguments, to start it again with.
+    head_args: Vec<String>,
 }
 
 impl Cluster {
@@ -85,9 +87,31 @@ impl Cluster {
     pub fn start_with_env(head_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let env = env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
-        let mut cluster = Self { dir, daemons: Vec::new(), env };
-        cluster.spawn("head", &[&["--head", "--port", "0"], head_args].concat());
+        let port: &[&str] = if head_args.contains(&"--port") { &[] } else { &["--port", "0"] };
+        let head_args: Vec<String> = [&["--head"], port, head_args].concat().into_iter().map(str::to_string).collect();
+        let mut cluster = Self { dir, daemons: Vec::new(), env, head_args };
+        cluster.spawn_head();
         cluster
+    }
+
+    fn spawn_head(&mut self) {
+        let args = self.head_args.clone();
+        self.spawn("head", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// SIGKILLs the head (its own node daemon and that node's workers die with it) and
+    /// starts it again with the same arguments: give it `--port` and `--storage` for a
+    /// head that comes back where it was, with what it stored.
+    pub fn restart_head(&mut self) {
+        self.kill(0);
+        self.start_head_again();
+    }
+
+    /// Starts the head [`Cluster::kill`]ed at index 0 again, with its arguments.
+    pub fn start_head_again(&mut self) {
+        self.spawn_head();
+        let head = self.daemons.pop().unwrap();
+        self.daemons[0] = head;
     }
 
     /// Adds a node; its index for [`Cluster::kill`].
@@ -189,6 +213,17 @@ impl Cluster {
     /// Connects this process to the cluster as a driver.
     pub fn init(&self) {
         self.init_as("default");
+    }
+
+    /// Connects as a driver working through the node daemon at `node_address` (not the
+    /// head's), as a driver on a worker machine does.
+    pub fn init_through(&self, node_address: &str) {
+        let config = ionet::InitConfig {
+            session_dir: Some(self.dir.path().to_path_buf()),
+            node_address: Some(node_address.to_string()),
+            ..Default::default()
+        };
+        ionet::init(config.address("auto")).expect("driver joins the cluster");
     }
 
     /// Connects as a driver whose usage is billed to `payer`.
