@@ -25,15 +25,15 @@ use crate::metering_service::MeteringService;
 use crate::placement_groups::{GrpcBundleAgent, PlacementGroups};
 use crate::service::{GcsService, HeadTls};
 use crate::state::GcsState;
-use crate::storage::{GcsStorage, MemoryStorage, RedbStorage};
+use crate::storage::{GcsStorage, MemoryStorage, RedbStorage, RedisStorage, StorageLocation};
 
 /// How long the head's control credential (its bundle calls into daemons) lasts.
 const CONTROL_CREDENTIAL_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 pub struct GcsServerOptions {
     pub config: ClusterConfig,
-    /// `None`: tables in memory only.
-    pub storage_path: Option<PathBuf>,
+    /// Where the tables live (default: in memory only).
+    pub storage: StorageLocation,
     pub clock: Arc<dyn Clock>,
     /// The settlement ledger's file; `None`: the ledger in memory only.
     pub ledger_path: Option<PathBuf>,
@@ -54,7 +54,7 @@ impl GcsServerOptions {
     pub fn new(config: ClusterConfig) -> Self {
         Self {
             config,
-            storage_path: None,
+            storage: StorageLocation::Memory,
             clock: Arc::new(SystemClock),
             ledger_path: None,
             usage_export_path: None,
@@ -83,17 +83,16 @@ pub struct GcsServer {
 impl GcsServer {
     /// Opens storage, loads the tables and serves on `listener`.
     pub async fn start(options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
-        let storage: Arc<dyn GcsStorage> = match &options.storage_path {
-            Some(path) => {
-                let path = path.clone();
-                Arc::new(
-                    tokio::task::spawn_blocking(move || RedbStorage::open(&path))
-                        .await
-                        .map_err(|err| GcsError::Storage(err.to_string()))??,
-                )
-            }
-            None => Arc::new(MemoryStorage::new()),
-        };
+        let location = options.storage.clone();
+        let storage: Arc<dyn GcsStorage> = tokio::task::spawn_blocking(move || -> GcsResult<Arc<dyn GcsStorage>> {
+            Ok(match location {
+                StorageLocation::Memory => Arc::new(MemoryStorage::new()),
+                StorageLocation::File(path) => Arc::new(RedbStorage::open(&path)?),
+                StorageLocation::Redis(url) => Arc::new(RedisStorage::open(&url)?),
+            })
+        })
+        .await
+        .map_err(|err| GcsError::Storage(err.to_string()))??;
         let state = GcsState::open(options.config.clone(), storage, options.clock.clone()).await?;
         let issuer = match &options.signing_key_path {
             Some(path) => Issuer::load_or_create(path)?,

@@ -92,7 +92,7 @@ fn options(dir: &Path, clock: &ManualClock) -> GcsServerOptions {
     };
     let mut options = GcsServerOptions::new(config);
     options.clock = Arc::new(clock.clone());
-    options.storage_path = Some(dir.join("gcs.redb"));
+    options.storage = ionet_gcs::storage::StorageLocation::File(dir.join("gcs.redb"));
     options.ledger_path = Some(dir.join("ledger.redb"));
     options
 }

@@ -167,10 +167,11 @@ pub struct StartArgs {
     /// Address other machines use to reach this one (default: found from the route to the head).
     #[arg(long = "node-ip-address")]
     pub node_ip_address: Option<String>,
-    /// Embedded database file for the control store's tables (head only); restarting
-    /// with the same file keeps jobs, KV and node history.
+    /// Where the control store keeps its tables (head only): an embedded database file,
+    /// or a Redis server (`redis://host:port/db`). A head restarted on the same storage
+    /// keeps its jobs, KV, nodes, actors and placement groups.
     #[arg(long)]
-    pub storage: Option<PathBuf>,
+    pub storage: Option<String>,
     /// Settlement ledger file (head only). Default: <session dir>/ledger.redb.
     #[arg(long)]
     pub ledger: Option<PathBuf>,

@@ -17,6 +17,7 @@ use ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient;
 use ionet_common::rpc::proto::node::DrainRequest;
 use ionet_common::tls::{self, ClusterCa};
 use ionet_common::{rpc, IonetError};
+use ionet_gcs::storage::StorageLocation;
 use ionet_gcs::{GcsServer, GcsServerOptions, HeadTls};
 use tokio::net::TcpListener;
 
@@ -251,21 +252,23 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
     let mut options = GcsServerOptions::new(config.clone());
-    options.storage_path = args.storage.clone();
+    let storage = args.storage.as_deref().map(StorageLocation::parse).unwrap_or_default();
+    options.storage = storage.clone();
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
-    // The signing key lives with the tables when they persist, else with the session.
-    options.signing_key_path = Some(match &args.storage {
-        Some(storage) => storage.with_extension("signing_key"),
-        None => session.signing_key(),
+    // The signing key lives beside a tables file, else with the session (a head on Redis
+    // and its standby share a session directory, or the operator copies it).
+    options.signing_key_path = Some(match &storage {
+        StorageLocation::File(file) => file.with_extension("signing_key"),
+        _ => session.signing_key(),
     });
     configure_payouts(&mut options, &args.payout, &session)?;
     let host = advertise_host(args.node_ip_address.as_deref(), &args.host, None);
     // TLS when asked, and always when other machines can reach the head.
     let cluster_ca = if args.tls || !tls::is_loopback_host(&args.host) {
-        let (key, certificate) = match &args.storage {
-            Some(storage) => (storage.with_extension("ca_key"), storage.with_extension("ca.pem")),
-            None => session.ca_paths(),
+        let (key, certificate) = match &storage {
+            StorageLocation::File(file) => (file.with_extension("ca_key"), file.with_extension("ca.pem")),
+            _ => session.ca_paths(),
         };
         let ca = Arc::new(ClusterCa::load_or_create(&key, &certificate)?);
         session.write_cluster_ca(&ca.pem())?;

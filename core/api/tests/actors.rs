@@ -439,9 +439,18 @@ fn runs_in(runs: &std::path::Path) -> Vec<u64> {
 /// pending is created once a node that fits it joins.
 fn head_restarted_from_storage_loses_nothing() {
     let storage = tempfile::tempdir().unwrap();
-    let storage_file = storage.path().join("gcs.redb");
+    head_restart_keeps_everything(storage.path().join("gcs.redb").to_str().unwrap());
+}
+
+/// The same with the head's tables on a real Redis server.
+fn head_restarted_from_redis_loses_nothing() {
+    let redis = ionet_gcs::storage::redis::testing::RedisServer::start();
+    head_restart_keeps_everything(&redis.url());
+}
+
+fn head_restart_keeps_everything(storage: &str) {
     let port = harness::free_port().to_string();
-    let head_args = ["--port", port.as_str(), "--storage", storage_file.to_str().unwrap(), "--num-cpus", "0"];
+    let head_args = ["--port", port.as_str(), "--storage", storage, "--num-cpus", "0"];
     let mut cluster = Cluster::start(&head_args);
     cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
     cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
@@ -517,6 +526,7 @@ fn main() {
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
             ("an_actor_no_node_can_fit_fails_as_infeasible", an_actor_no_node_can_fit_fails_as_infeasible),
             ("head_restarted_from_storage_loses_nothing", head_restarted_from_storage_loses_nothing),
+            ("head_restarted_from_redis_loses_nothing", head_restarted_from_redis_loses_nothing),
         ],
         Duration::from_secs(180),
     );

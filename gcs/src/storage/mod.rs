@@ -1,9 +1,10 @@
 //! Where the control store keeps its tables: a byte-keyed map per table, behind
 //! the [`GcsStorage`] trait.
 //!
-//! Two backends: [`MemoryStorage`] (lost with the process) and [`RedbStorage`], an
+//! Three backends: [`MemoryStorage`] (lost with the process), [`RedbStorage`], an
 //! embedded database file: a head restarted with the same `--storage FILE` finds
-//! its jobs, KV and node history again. Each call is one committed transaction, so a
+//! its tables again, and [`RedisStorage`] (`--storage redis://host:port/db`), the same
+//! tables on a Redis server, which a head on another machine can take over. Each call is one committed transaction, so a
 //! crash loses at most the call in flight. Calls block (file I/O, fsync): the server
 //! runs them on tokio's blocking pool, never on a runtime worker.
 
@@ -14,6 +15,32 @@ use std::sync::Mutex;
 use redb::{ReadableTable, TableDefinition};
 
 use crate::error::{GcsError, GcsResult};
+
+pub mod redis;
+pub use self::redis::{is_redis_url, RedisStorage};
+
+/// Where the head keeps its tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StorageLocation {
+    /// Lost with the process.
+    #[default]
+    Memory,
+    /// An embedded database file.
+    File(std::path::PathBuf),
+    /// A Redis server: `redis://[user:password@]host:port/db`.
+    Redis(String),
+}
+
+impl StorageLocation {
+    /// `--storage`'s argument: a Redis URL, else a file.
+    pub fn parse(argument: &str) -> Self {
+        if is_redis_url(argument) {
+            StorageLocation::Redis(argument.to_string())
+        } else {
+            StorageLocation::File(argument.into())
+        }
+    }
+}
 
 /// The tables of the control store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -330,6 +357,28 @@ mod tests {
         storage.write_all(&[put(b"a", b"1"), put(b"b", b"2"), delete(b"a"), put(b"b", b"3"), delete(b"none")]).unwrap();
         let left = storage.scan_prefix(Table::Leases, b"").unwrap();
         assert_eq!(left, vec![(b"b".to_vec(), b"3".to_vec())]);
+    }
+
+    #[test]
+    fn redis_backend() {
+        let server = redis::testing::RedisServer::start();
+        let storage = RedisStorage::open(&server.url()).unwrap();
+        exercise(&storage);
+        // Keys are bytes, ordered as bytes, whatever they hold.
+        for key in [&b"k\xff\x00"[..], b"k\xff", b"k\x00", b"k"] {
+            storage.put(Table::Meta, key, key).unwrap();
+        }
+        let keys: Vec<_> = storage.scan_prefix(Table::Meta, b"k\xff").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b"k\xff".to_vec(), b"k\xff\x00".to_vec()]);
+        // A second head's connection sees the first's writes.
+        let other = RedisStorage::open(&server.url()).unwrap();
+        assert_eq!(other.get(Table::Meta, b"k\x00").unwrap().unwrap(), b"k\x00");
+        assert!(other.describe().starts_with("redis redis://127.0.0.1:"));
+        // A server that is gone is a storage error, not a hang or a panic.
+        drop(server);
+        let error = storage.get(Table::Meta, b"k").unwrap_err();
+        assert!(error.to_string().contains("cannot be reached"), "{error}");
+        assert!(RedisStorage::open("redis://127.0.0.1:1/0").is_err());
     }
 
     #[test]

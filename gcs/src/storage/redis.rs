@@ -1,0 +1,346 @@
+//! The head's tables on a Redis server (`--storage redis://host:port/db`), so that a head
+//! on another machine can take over from the same tables.
+//!
+//! Layout, per table `t` under the key prefix (`ionet:` by default): a hash `ionet:t:v`
+//! (key → value) and a sorted set `ionet:t:k` of the same keys, all at score 0, which
+//! Redis orders by their bytes: a prefix scan is a `ZRANGEBYLEX`, in key order as the
+//! other backends give it. Every change of the two is atomic (`MULTI`, or a Lua script
+//! where the change depends on what is there), so a reader never sees a key in one and
+//! not the other.
+//!
+//! Durability is the server's: run it with `appendonly yes` (and `appendfsync always`
+//! for what a redb file gives) or a crash of Redis loses what it had not written. Calls
+//! block (network round trips): the server runs them on tokio's blocking pool, as the
+//! file backend's. A connection that breaks is made again once per call; a call that
+//! still fails is the caller's `GcsError::Storage`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::{Commands, Script};
+
+use super::{GcsStorage, StorageWrite, Table};
+use crate::error::{GcsError, GcsResult};
+
+/// How long a connection attempt, and any one command, may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tables on a Redis server.
+pub struct RedisStorage {
+    client: redis::Client,
+    connection: Mutex<Option<redis::Connection>>,
+    /// The address without credentials, for logs and errors.
+    shown: String,
+    prefix: String,
+}
+
+/// `url` is a Redis URL: `redis://[user:password@]host:port/db`.
+pub fn is_redis_url(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://")
+}
+
+impl RedisStorage {
+    /// Connects to the server at `url` (checking it answers) and keeps the tables under
+    /// keys starting `ionet:`.
+    pub fn open(url: &str) -> GcsResult<Self> {
+        let client = redis::Client::open(url).map_err(|err| GcsError::Storage(format!("{}: {err}", shown(url))))?;
+        let storage = Self { client, connection: Mutex::new(None), shown: shown(url), prefix: "ionet:".into() };
+        storage.call(|connection| redis::cmd("PING").query::<String>(connection))?;
+        Ok(storage)
+    }
+
+    fn keys_of(&self, table: Table) -> String {
+        format!("{}{}:k", self.prefix, table.name())
+    }
+
+    fn values_of(&self, table: Table) -> String {
+        format!("{}{}:v", self.prefix, table.name())
+    }
+
+    /// Runs `f` on the connection, connecting first if there is none and once more if
+    /// the connection broke.
+    fn call<T>(&self, mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>) -> GcsResult<T> {
+        let mut held = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = None;
+        for _ in 0..2 {
+            if held.is_none() {
+                match self.connect() {
+                    Ok(connection) => *held = Some(connection),
+                    Err(err) => {
+                        last = Some(err);
+                        continue;
+                    }
+                }
+            }
+            let connection = held.as_mut().expect("connected above");
+            match f(connection) {
+                Ok(value) => return Ok(value),
+                Err(err) if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() => {
+                    *held = None;
+                    last = Some(err);
+                }
+                Err(err) => return Err(GcsError::Storage(format!("redis {}: {err}", self.shown))),
+            }
+        }
+        let why = last.map(|err| err.to_string()).unwrap_or_default();
+        Err(GcsError::Storage(format!("redis {} cannot be reached: {why}", self.shown)))
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let connection = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+        connection.set_read_timeout(Some(IO_TIMEOUT))?;
+        connection.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(connection)
+    }
+}
+
+/// The URL without its password.
+fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The `ZRANGEBYLEX` bounds of the keys starting with `prefix`.
+fn lex_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if prefix.is_empty() {
+        return (b"-".to_vec(), b"+".to_vec());
+    }
+    let low = [b"[".as_slice(), prefix].concat();
+    // Past every key with the prefix: the prefix with its last byte that can grow, grown.
+    let mut next = prefix.to_vec();
+    while next.last() == Some(&0xff) {
+        next.pop();
+    }
+    let high = match next.last_mut() {
+        Some(last) => {
+            *last += 1;
+            [b"(".as_slice(), &next].concat()
+        }
+        None => b"+".to_vec(),
+    };
+    (low, high)
+}
+
+/// KEYS: sorted set, hash. ARGV: key, value. Stores the value if the key is absent.
+const PUT_IF_ABSENT: &str = r"
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[1], 0, ARGV[1])
+  return 1
+end
+return 0";
+
+/// KEYS: sorted set, hash. ARGV: low, high. Every (key, value) in range, flat.
+const SCAN: &str = r"
+local keys = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2])
+local out = {}
+for _, key in ipairs(keys) do
+  local value = redis.call('HGET', KEYS[2], key)
+  if value then
+    out[#out + 1] = key
+    out[#out + 1] = value
+  end
+end
+return out";
+
+/// KEYS: sorted set, hash. ARGV: low, high. Removes every key in range; how many.
+const DELETE_RANGE: &str = r"
+local keys = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2])
+for _, key in ipairs(keys) do
+  redis.call('HDEL', KEYS[2], key)
+  redis.call('ZREM', KEYS[1], key)
+end
+return #keys";
+
+impl GcsStorage for RedisStorage {
+    fn put(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<()> {
+        self.write_all(&[StorageWrite::Put { table, key: key.to_vec(), value: value.to_vec() }])
+    }
+
+    fn write_all(&self, writes: &[StorageWrite]) -> GcsResult<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for write in writes {
+            match write {
+                StorageWrite::Put { table, key, value } => {
+                    pipe.hset(self.values_of(*table), key, value).ignore();
+                    pipe.zadd(self.keys_of(*table), key, 0).ignore();
+                }
+                StorageWrite::Delete { table, key } => {
+                    pipe.hdel(self.values_of(*table), key).ignore();
+                    pipe.zrem(self.keys_of(*table), key).ignore();
+                }
+            }
+        }
+        self.call(|connection| pipe.query::<()>(connection))
+    }
+
+    fn put_if_absent(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<bool> {
+        let script = Script::new(PUT_IF_ABSENT);
+        let stored: i64 = self.call(|connection| {
+            script.key(self.keys_of(table)).key(self.values_of(table)).arg(key).arg(value).invoke(connection)
+        })?;
+        Ok(stored == 1)
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> GcsResult<Option<Vec<u8>>> {
+        self.call(|connection| connection.hget(self.values_of(table), key))
+    }
+
+    fn delete(&self, table: Table, key: &[u8]) -> GcsResult<bool> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().hdel(self.values_of(table), key).zrem(self.keys_of(table), key).ignore();
+        let (removed,): (i64,) = self.call(|connection| pipe.query(connection))?;
+        Ok(removed > 0)
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> GcsResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let (low, high) = lex_range(prefix);
+        let script = Script::new(SCAN);
+        let flat: Vec<Vec<u8>> = self.call(|connection| {
+            script.key(self.keys_of(table)).key(self.values_of(table)).arg(&low).arg(&high).invoke(connection)
+        })?;
+        let mut entries = Vec::with_capacity(flat.len() / 2);
+        let mut items = flat.into_iter();
+        while let (Some(key), Some(value)) = (items.next(), items.next()) {
+            entries.push((key, value));
+        }
+        Ok(entries)
+    }
+
+    fn delete_prefix(&self, table: Table, prefix: &[u8]) -> GcsResult<u64> {
+        let (low, high) = lex_range(prefix);
+        let script = Script::new(DELETE_RANGE);
+        self.call(|connection| {
+            script.key(self.keys_of(table)).key(self.values_of(table)).arg(&low).arg(&high).invoke(connection)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("redis {}", self.shown)
+    }
+}
+
+/// A real `redis-server` for tests, on a free loopback port, its files in a directory of
+/// its own; stopped when dropped. Installs Debian's `redis-server` package first when
+/// the machine has none (tests run as root on a fresh machine).
+#[doc(hidden)]
+pub mod testing {
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct RedisServer {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    /// The `redis-server` binary, installed from Debian's package if it is missing.
+    fn binary() -> PathBuf {
+        let find = || {
+            std::env::var_os("PATH")
+                .map(|path| std::env::split_paths(&path).map(|dir| dir.join("redis-server")).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .chain([PathBuf::from("/usr/bin/redis-server")])
+                .find(|candidate| candidate.is_file())
+        };
+        if let Some(found) = find() {
+            return found;
+        }
+        // One installer at a time across test processes.
+        let lock = std::fs::File::create(std::env::temp_dir().join("ionet-redis-install.lock")).unwrap();
+        // SAFETY: flock on a file this process opened (released when it closes).
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+        if let Some(found) = find() {
+            return found;
+        }
+        let install = |update: bool| {
+            if update {
+                let _ = Command::new("apt-get").args(["update", "-q"]).status();
+            }
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", "redis-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        if !install(false) && !install(true) {
+            panic!("redis-server is not installed and apt-get could not install it (tests need Debian's redis-server)");
+        }
+        find().expect("redis-server after installing it")
+    }
+
+    impl RedisServer {
+        /// Starts a server and waits until it answers.
+        pub fn start() -> Self {
+            let binary = binary();
+            for _ in 0..5 {
+                let dir = tempfile::tempdir().unwrap();
+                let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+                let child = Command::new(&binary)
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                    .args(["--appendonly", "yes", "--appendfsync", "always"])
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts");
+                let mut server = RedisServer { child, port, _dir: dir };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if server.child.try_wait().unwrap().is_some() {
+                        break; // The port was taken meanwhile: another one.
+                    }
+                    let answered = redis::Client::open(server.url())
+                        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(200)))
+                        .and_then(|mut connection| redis::cmd("PING").query::<String>(&mut connection));
+                    if answered.is_ok() {
+                        return server;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = server.child.kill();
+            }
+            panic!("redis-server did not start");
+        }
+
+        /// `redis://127.0.0.1:port/0`.
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lex_ranges_cover_exactly_the_prefix() {
+        assert_eq!(lex_range(b""), (b"-".to_vec(), b"+".to_vec()));
+        assert_eq!(lex_range(b"ab"), (b"[ab".to_vec(), b"(ac".to_vec()));
+        assert_eq!(lex_range(b"a\xff"), (b"[a\xff".to_vec(), b"(b".to_vec()));
+        assert_eq!(lex_range(b"\xff\xff"), (b"[\xff\xff".to_vec(), b"+".to_vec()));
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(shown("redis://:secret@db:6379/0"), "redis://…@db:6379/0");
+        assert_eq!(shown("redis://db:6379/0"), "redis://db:6379/0");
+    }
+}
