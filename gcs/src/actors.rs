@@ -34,6 +34,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::credential::Issuer;
+use ionet_common::failover::ClusterChannel;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
@@ -45,7 +46,6 @@ use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
 use prost::Message;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::error::{GcsError, GcsResult};
 use crate::metering::Metering;
@@ -80,7 +80,7 @@ pub struct Actors {
     /// Owners already watched.
     owners: DashMap<String, ()>,
     /// Connections by address, shared between the head's credential and the jobs'.
-    channels: DashMap<String, Channel>,
+    channels: DashMap<String, ClusterChannel>,
     version: watch::Sender<u64>,
     /// Serialises writes of rows to storage: each writes the row as it is when its turn
     /// comes, so the last write is always the newest state.
@@ -223,7 +223,7 @@ impl Actors {
         }
     }
 
-    fn connection(&self, address: &str) -> IonetResult<Channel> {
+    fn connection(&self, address: &str) -> IonetResult<ClusterChannel> {
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }

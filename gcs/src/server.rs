@@ -25,6 +25,7 @@ use crate::metering_service::MeteringService;
 use crate::placement_groups::{GrpcBundleAgent, PlacementGroups};
 use crate::service::{GcsService, HeadTls};
 use crate::state::GcsState;
+use crate::storage::redis::HeadLease;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage, RedisStorage, StorageLocation};
 
 /// How long the head's control credential (its bundle calls into daemons) lasts.
@@ -34,6 +35,8 @@ pub struct GcsServerOptions {
     pub config: ClusterConfig,
     /// Where the tables live (default: in memory only).
     pub storage: StorageLocation,
+    /// On Redis: the head lease this head holds; its writes are fenced by it.
+    pub head_lease: Option<Arc<HeadLease>>,
     pub clock: Arc<dyn Clock>,
     /// The settlement ledger's file; `None`: the ledger in memory only.
     pub ledger_path: Option<PathBuf>,
@@ -55,6 +58,7 @@ impl GcsServerOptions {
         Self {
             config,
             storage: StorageLocation::Memory,
+            head_lease: None,
             clock: Arc::new(SystemClock),
             ledger_path: None,
             usage_export_path: None,
@@ -84,11 +88,13 @@ impl GcsServer {
     /// Opens storage, loads the tables and serves on `listener`.
     pub async fn start(options: GcsServerOptions, listener: TcpListener) -> GcsResult<Self> {
         let location = options.storage.clone();
+        let lease = options.head_lease.clone();
         let storage: Arc<dyn GcsStorage> = tokio::task::spawn_blocking(move || -> GcsResult<Arc<dyn GcsStorage>> {
-            Ok(match location {
-                StorageLocation::Memory => Arc::new(MemoryStorage::new()),
-                StorageLocation::File(path) => Arc::new(RedbStorage::open(&path)?),
-                StorageLocation::Redis(url) => Arc::new(RedisStorage::open(&url)?),
+            Ok(match (location, lease) {
+                (StorageLocation::Memory, _) => Arc::new(MemoryStorage::new()),
+                (StorageLocation::File(path), _) => Arc::new(RedbStorage::open(&path)?),
+                (StorageLocation::Redis(url), Some(lease)) => Arc::new(RedisStorage::open_fenced(&url, &lease)?),
+                (StorageLocation::Redis(url), None) => Arc::new(RedisStorage::open(&url)?),
             })
         })
         .await

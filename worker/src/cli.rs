@@ -172,6 +172,17 @@ pub struct StartArgs {
     /// keeps its jobs, KV, nodes, actors and placement groups.
     #[arg(long)]
     pub storage: Option<String>,
+    /// The other heads sharing this Redis `--storage` (`host:port,...`), as their node
+    /// daemons and drivers reach them: one head is active, holding the head lease; the
+    /// others stand by (serving nothing) and take over when it lapses. Node daemons and
+    /// drivers are given every head's address (`--address a,b`) and follow the active one.
+    #[arg(long = "other-heads")]
+    pub other_heads: Option<String>,
+    /// How long the head lease on Redis lasts unless the active head renews it (it
+    /// renews every third of it): a standby takes over at most this long after the
+    /// active head dies.
+    #[arg(long = "head-lease", default_value = "5s")]
+    pub head_lease: String,
     /// Settlement ledger file (head only). Default: <session dir>/ledger.redb.
     #[arg(long)]
     pub ledger: Option<PathBuf>,

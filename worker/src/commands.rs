@@ -17,6 +17,7 @@ use ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient;
 use ionet_common::rpc::proto::node::DrainRequest;
 use ionet_common::tls::{self, ClusterCa};
 use ionet_common::{rpc, IonetError};
+use ionet_gcs::storage::redis::HeadLease;
 use ionet_gcs::storage::StorageLocation;
 use ionet_gcs::{GcsServer, GcsServerOptions, HeadTls};
 use tokio::net::TcpListener;
@@ -236,6 +237,63 @@ fn configure_payouts(_options: &mut GcsServerOptions, _args: &PayoutArgs, _sessi
     Ok(())
 }
 
+/// Stands by until this head holds the head lease on the Redis at `url`, then keeps it
+/// renewed in the background: a renewal refused (another head took it) or not confirmed
+/// within two thirds of the lease ends the process, before the lease can pass on.
+async fn take_head_lease(url: &str, args: &StartArgs) -> Result<Arc<HeadLease>> {
+    let ttl = parse_duration(&args.head_lease).with_context(|| format!("--head-lease {:?}", args.head_lease))?;
+    if ttl < Duration::from_millis(300) {
+        bail!("--head-lease must be at least 300ms, got {}", args.head_lease);
+    }
+    let label = format!("{}:{}", args.node_ip_address.as_deref().unwrap_or(&args.host), args.port);
+    let (url, label_for_open) = (url.to_string(), label.clone());
+    let lease = Arc::new(
+        tokio::task::spawn_blocking(move || HeadLease::new(&url, &label_for_open, ttl))
+            .await
+            .context("head lease")??,
+    );
+    let mut said = false;
+    loop {
+        let taking = lease.clone();
+        let taken = tokio::task::spawn_blocking(move || taking.try_take()).await.context("head lease")?;
+        match taken {
+            Ok(true) => break,
+            Ok(false) => {
+                if !said {
+                    let holder = lease.holder_now().ok().flatten().unwrap_or_default();
+                    tracing::info!(head = %label, active = %holder, "standing by: another head holds the head lease");
+                    said = true;
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot reach the head lease's Redis; asking again"),
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+    tracing::info!(head = %label, lease = ?ttl, "holding the head lease: this head is active");
+    let keeper = lease.clone();
+    tokio::spawn(async move {
+        let mut confirmed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            let renewing = keeper.clone();
+            match tokio::task::spawn_blocking(move || renewing.renew()).await {
+                Ok(Ok(true)) => confirmed = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::error!("another head holds the head lease now: this head stops");
+                    std::process::exit(1);
+                }
+                Ok(Err(err)) => tracing::warn!(error = %err, "could not renew the head lease; trying again"),
+                Err(err) => tracing::warn!(error = %err, "renewing the head lease failed; trying again"),
+            }
+            if confirmed.elapsed() >= ttl * 2 / 3 {
+                tracing::error!("the head lease could not be renewed in time: this head stops before it lapses");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(lease)
+}
+
 async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     // The head holds the signing key and the operator's credential.
     ionet_common::worker_env::keep_memory_private();
@@ -247,13 +305,19 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
             .try_into()
             .context("--credit-horizon is too long")?;
     }
+    let storage = args.storage.as_deref().map(StorageLocation::parse).unwrap_or_default();
+    // On Redis, heads share the tables: this one serves only once it holds the head lease.
+    let head_lease = match &storage {
+        StorageLocation::Redis(url) => Some(take_head_lease(url, &args).await?),
+        _ => None,
+    };
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
     let mut options = GcsServerOptions::new(config.clone());
-    let storage = args.storage.as_deref().map(StorageLocation::parse).unwrap_or_default();
     options.storage = storage.clone();
+    options.head_lease = head_lease;
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
     // The signing key lives beside a tables file, else with the session (a head on Redis
@@ -285,13 +349,18 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     let address = format!("{scheme}{host}:{port}");
     let admin = gcs.admin_credential(ADMIN_CREDENTIAL_TTL);
     session.write_admin_credential(&admin)?;
-    session.write_head_address(&address)?;
+    // Drivers and this head's node follow whichever head is active: every head's address.
+    let heads = match args.other_heads.as_deref().map(str::trim).filter(|others| !others.is_empty()) {
+        Some(others) => format!("{address},{others}"),
+        None => address.clone(),
+    };
+    session.write_head_address(&heads)?;
     let node_key = KeyPair::load_or_create(&args.node_key.clone().unwrap_or_else(|| session.node_key()))?;
 
     let spec = NodeSpec::build(declared(&args.resources)?)?;
     let workers = worker_pool_options(&session, &spec, &config);
     let node = NodeDaemon::start(NodeDaemonOptions {
-        gcs_address: address.clone(),
+        gcs_address: heads.clone(),
         // The head's own node registers as the operator's machine.
         join_credential: admin,
         node_key,
@@ -509,7 +578,8 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         advertise_host: advertise_host(
             args.node_ip_address.as_deref(),
             &args.host,
-            Some(gcs_address.trim_start_matches("https://")),
+            // The first head's host (every head of a list is on the operator's network).
+            ionet_common::failover::addresses(&gcs_address).first().map(|head| head.trim_start_matches("https://")),
         ),
         gcs_address: gcs_address.clone(),
         join_credential,

@@ -507,6 +507,82 @@ fn head_restart_keeps_everything(storage: &str) {
     let _ = std::fs::remove_dir_all(&shared);
 }
 
+/// Two heads on one Redis: the active one is SIGKILLed while 3 named actors serve calls
+/// and 200 tasks run; the standby takes over within the head lease's time (it starts
+/// serving once the lease lapses), node daemons and the driver follow it, and every call
+/// and task completes exactly once, actors keep their state and worker.
+fn standby_head_takes_over_on_redis() {
+    let redis = ionet_gcs::storage::redis::testing::RedisServer::start();
+    let url = redis.url();
+    let (active_port, standby_port) = (harness::free_port().to_string(), harness::free_port().to_string());
+    let head_args = |own: &str, other: &str| -> Vec<String> {
+        let other = format!("127.0.0.1:{other}");
+        ["--port", own, "--storage", &url, "--other-heads", &other, "--head-lease", "2s", "--num-cpus", "0"]
+            .iter()
+            .map(|arg| arg.to_string())
+            .collect()
+    };
+    let active = head_args(&active_port, &standby_port);
+    let mut cluster = Cluster::start(&active.iter().map(String::as_str).collect::<Vec<_>>());
+    let standby_args = head_args(&standby_port, &active_port);
+    let standby = cluster.add_standby_head(&standby_args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Every head's address, for node daemons and drivers.
+    assert_eq!(cluster.address(), format!("127.0.0.1:{active_port},127.0.0.1:{standby_port}"));
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
+    cluster.init();
+    let node_a = harness::node_named("a").address;
+    ionet::shutdown();
+    cluster.init_through(&node_a);
+    let serving = |port: &str| std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
+    assert!(!serving(&standby_port), "the standby serves nothing while the other head is active");
+    assert!(cluster.is_running(standby));
+
+    let counters: Vec<CounterHandle> = (0..3)
+        .map(|index| Counter::options(ActorOptions::new().name(format!("keeper-{index}"))).remote(0i64).unwrap())
+        .collect();
+    let pids: Vec<u32> = counters.iter().map(|counter| ionet::get(&counter.pid()).unwrap()).collect();
+    let shared = harness::temp_path("standby-runs");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let runs_arg = shared.to_string_lossy().into_owned();
+    let tasks: Vec<_> = (0..200u64).map(|index| logged::remote(runs_arg.clone(), index, 60)).collect();
+    let calls: Vec<Vec<_>> = counters.iter().map(|counter| (0..40).map(|_| counter.slow_incr(25)).collect()).collect();
+    wait_until("tasks to be running", Duration::from_secs(60), || runs_in(&shared).len() >= 20);
+
+    cluster.kill(0);
+    let killed = Instant::now();
+    wait_until("the standby to take over", Duration::from_secs(30), || serving(&standby_port));
+    let takeover = killed.elapsed();
+    // The lease lapses at most 2 s after the kill; the standby looks every third of it.
+    assert!(takeover < Duration::from_millis(2_900), "the standby took {takeover:?} to take over");
+
+    let values = ionet::get_all(&tasks).unwrap();
+    assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
+    let mut runs = runs_in(&shared);
+    runs.sort_unstable();
+    assert_eq!(runs, (0..200u64).collect::<Vec<_>>(), "each task ran exactly once");
+    for (index, (counter, calls)) in counters.iter().zip(&calls).enumerate() {
+        assert_eq!(ionet::get_all(calls).unwrap(), (1..=40).collect::<Vec<i64>>(), "calls of keeper-{index}");
+        assert_eq!(ionet::get(&counter.pid()).unwrap(), pids[index], "keeper-{index} kept its worker");
+        let named: CounterHandle = ionet::get_actor(&format!("keeper-{index}"), None).unwrap();
+        assert_eq!(named.actor_handle().id(), counter.actor_handle().id());
+        assert_eq!(counter.actor_handle().info().unwrap().incarnation, 0);
+    }
+    // The node daemons follow the new head.
+    wait_until("both nodes to register with the new head", Duration::from_secs(30), || {
+        let nodes = ionet::nodes().unwrap();
+        ["a", "b"].iter().all(|name| {
+            nodes.iter().any(|node| {
+                node.labels.get("name").map(String::as_str) == Some(*name) && node.state == ionet::NodeState::Alive
+            })
+        })
+    });
+    assert_eq!(ionet::get(&logged::remote(runs_arg, 1000, 0)).unwrap(), 2000);
+    let _ = std::fs::remove_dir_all(&shared);
+    eprintln!("standby took over {takeover:?} after the active head was killed");
+}
+
 fn main() {
     if let Ok(driver) = std::env::var(DRIVER_ENV) {
         match driver.as_str() {
@@ -527,6 +603,7 @@ fn main() {
             ("an_actor_no_node_can_fit_fails_as_infeasible", an_actor_no_node_can_fit_fails_as_infeasible),
             ("head_restarted_from_storage_loses_nothing", head_restarted_from_storage_loses_nothing),
             ("head_restarted_from_redis_loses_nothing", head_restarted_from_redis_loses_nothing),
+            ("standby_head_takes_over_on_redis", standby_head_takes_over_on_redis),
         ],
         Duration::from_secs(180),
     );

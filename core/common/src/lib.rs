@@ -29,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod error;
+pub mod failover;
 pub mod files;
 pub mod ids;
 pub mod lease;

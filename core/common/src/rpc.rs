@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::auth::{AttachToken, Bearer};
 use crate::error::{IonetError, IonetResult};
+use crate::failover::{self, ClusterChannel, Heads};
 use crate::resources::ResourceSet;
 
 pub mod proto {
@@ -275,8 +276,9 @@ pub mod status {
     }
 }
 
-/// An authenticated channel: every call on it carries the caller's credential.
-pub type AuthChannel = InterceptedService<Channel, AttachToken>;
+/// An authenticated channel: every call on it carries the caller's credential. To a
+/// list of heads (`a,b`), it follows the one that answers ([`crate::failover`]).
+pub type AuthChannel = InterceptedService<ClusterChannel, AttachToken>;
 
 pub type GcsClient = proto::gcs::gcs_client::GcsClient<AuthChannel>;
 pub type NodeManagerClient = proto::node::node_manager_client::NodeManagerClient<AuthChannel>;
@@ -574,13 +576,35 @@ fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
         .map_err(|err| IonetError::Config(format!("TLS to {address}: {err}")))
 }
 
+/// Connects to `address` now (to a list of heads: the first that answers), failing with
+/// `Unavailable` if nothing answers.
+async fn connect_now(address: &str, connect_timeout: Duration) -> IonetResult<ClusterChannel> {
+    let list = failover::addresses(address);
+    if list.len() <= 1 {
+        let channel = endpoint(address.trim(), connect_timeout)?
+            .connect()
+            .await
+            .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
+        return Ok(ClusterChannel::One(channel));
+    }
+    let mut channels =
+        list.iter().map(|head| Ok(endpoint(head, connect_timeout)?.connect_lazy())).collect::<IonetResult<Vec<_>>>()?;
+    let mut last = String::new();
+    for (index, head) in list.iter().enumerate() {
+        match endpoint(head, connect_timeout)?.connect().await {
+            Ok(channel) => {
+                channels[index] = channel;
+                return Ok(ClusterChannel::Heads(Heads::new(channels, index)));
+            }
+            Err(err) => last = format!("{head}: {err}"),
+        }
+    }
+    Err(IonetError::Unavailable(format!("cannot reach any head of {address} (last: {last})")))
+}
+
 /// Connects to `address` now, failing with `Unavailable` if nothing answers.
 pub async fn connect(address: &str, token: &Bearer, connect_timeout: Duration) -> IonetResult<AuthChannel> {
-    let channel = endpoint(address, connect_timeout)?
-        .connect()
-        .await
-        .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
-    Ok(InterceptedService::new(channel, AttachToken::new(token)))
+    Ok(InterceptedService::new(connect_now(address, connect_timeout).await?, AttachToken::new(token)))
 }
 
 /// [`connect`] with a credential that may change ([`crate::auth::SharedCredential`]: a
@@ -590,11 +614,7 @@ pub async fn connect_shared(
     credential: &crate::auth::SharedCredential,
     connect_timeout: Duration,
 ) -> IonetResult<AuthChannel> {
-    let channel = endpoint(address, connect_timeout)?
-        .connect()
-        .await
-        .map_err(|err| IonetError::Unavailable(format!("cannot reach {address}: {err}")))?;
-    Ok(InterceptedService::new(channel, AttachToken::shared(credential)))
+    Ok(InterceptedService::new(connect_now(address, connect_timeout).await?, AttachToken::shared(credential)))
 }
 
 /// [`connect_lazy`] with a credential that may change ([`crate::auth::SharedCredential`]).
@@ -603,8 +623,7 @@ pub fn connect_lazy_shared(
     credential: &crate::auth::SharedCredential,
     connect_timeout: Duration,
 ) -> IonetResult<AuthChannel> {
-    let channel = endpoint(address, connect_timeout)?.connect_lazy();
-    Ok(InterceptedService::new(channel, AttachToken::shared(credential)))
+    Ok(InterceptedService::new(lazy_channel(address, connect_timeout)?, AttachToken::shared(credential)))
 }
 
 /// A channel that connects on first use and reconnects after failures.
@@ -615,13 +634,19 @@ pub fn connect_lazy(address: &str, credential: &Bearer, connect_timeout: Duratio
 /// A connection (made on first use) that carries no credential yet: one process speaking
 /// as several principals (the head, for the jobs whose actors it places) shares it between
 /// them with [`with_credential`].
-pub fn lazy_channel(address: &str, connect_timeout: Duration) -> IonetResult<Channel> {
-    Ok(endpoint(address, connect_timeout)?.connect_lazy())
+pub fn lazy_channel(address: &str, connect_timeout: Duration) -> IonetResult<ClusterChannel> {
+    let list = failover::addresses(address);
+    if list.len() <= 1 {
+        return Ok(ClusterChannel::One(endpoint(address.trim(), connect_timeout)?.connect_lazy()));
+    }
+    let channels =
+        list.iter().map(|head| Ok(endpoint(head, connect_timeout)?.connect_lazy())).collect::<IonetResult<Vec<_>>>()?;
+    Ok(ClusterChannel::Heads(Heads::new(channels, 0)))
 }
 
 /// `channel`'s connection, with every call carrying `credential`.
-pub fn with_credential(channel: Channel, credential: &Bearer) -> AuthChannel {
-    InterceptedService::new(channel, AttachToken::new(credential))
+pub fn with_credential(channel: impl Into<ClusterChannel>, credential: &Bearer) -> AuthChannel {
+    InterceptedService::new(channel.into(), AttachToken::new(credential))
 }
 
 pub async fn gcs_client(address: &str, token: &Bearer) -> IonetResult<GcsClient> {

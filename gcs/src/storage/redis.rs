@@ -32,6 +32,8 @@ pub struct RedisStorage {
     /// The address without credentials, for logs and errors.
     shown: String,
     prefix: String,
+    /// Writes happen only while this holder holds the head lease (empty: any time).
+    fence: String,
 }
 
 /// `url` is a Redis URL: `redis://[user:password@]host:port/db`.
@@ -44,9 +46,41 @@ impl RedisStorage {
     /// keys starting `ionet:`.
     pub fn open(url: &str) -> GcsResult<Self> {
         let client = redis::Client::open(url).map_err(|err| GcsError::Storage(format!("{}: {err}", shown(url))))?;
-        let storage = Self { client, connection: Mutex::new(None), shown: shown(url), prefix: "ionet:".into() };
+        let storage = Self {
+            client,
+            connection: Mutex::new(None),
+            shown: shown(url),
+            prefix: "ionet:".into(),
+            fence: String::new(),
+        };
         storage.call(|connection| redis::cmd("PING").query::<String>(connection))?;
         Ok(storage)
+    }
+
+    /// [`RedisStorage::open`] for the active head: every write is made only while
+    /// `lease`'s holder holds the head lease, so a head that lost it (cut off, paused)
+    /// can never write over its successor's tables.
+    pub fn open_fenced(url: &str, lease: &HeadLease) -> GcsResult<Self> {
+        let mut storage = Self::open(url)?;
+        storage.fence = lease.holder.clone();
+        Ok(storage)
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}head_lease", self.prefix)
+    }
+
+    /// A script call on `table` with the fence first: KEYS lease, sorted set, hash;
+    /// ARGV holder, then `args`.
+    fn invoke<T: redis::FromRedisValue>(&self, script: &Script, table: Table, args: &[&[u8]]) -> GcsResult<T> {
+        self.call(|connection| {
+            let mut invocation = script.key(self.lease_key());
+            invocation.key(self.keys_of(table)).key(self.values_of(table)).arg(self.fence.as_bytes());
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            invocation.invoke(connection)
+        })
     }
 
     fn keys_of(&self, table: Table) -> String {
@@ -123,10 +157,41 @@ fn lex_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (low, high)
 }
 
-/// KEYS: sorted set, hash. ARGV: key, value. Stores the value if the key is absent.
+/// The start of every script that writes: KEYS[1] is the head lease, ARGV[1] the holder
+/// the writer must be (empty: no fence).
+const FENCE: &str = r"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this head does not hold the head lease')
+end
+";
+
+/// KEYS: lease, unused, unused. ARGV: holder, then (op, sorted set, hash, key, value)
+/// per change, `p` a put, `d` a delete.
+const WRITE: &str = r"
+local i = 2
+while i <= #ARGV do
+  if ARGV[i] == 'p' then
+    redis.call('HSET', ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    redis.call('ZADD', ARGV[i + 1], 0, ARGV[i + 3])
+  else
+    redis.call('HDEL', ARGV[i + 2], ARGV[i + 3])
+    redis.call('ZREM', ARGV[i + 1], ARGV[i + 3])
+  end
+  i = i + 5
+end
+return 0";
+
+/// KEYS: lease, sorted set, hash. ARGV: holder, key. Removes the key; whether it was there.
+const DELETE: &str = r"
+local removed = redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return removed";
+
+/// KEYS: lease, sorted set, hash. ARGV: holder, key, value. Stores the value if the key
+/// is absent.
 const PUT_IF_ABSENT: &str = r"
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[1], 0, ARGV[1])
+if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[2], 0, ARGV[2])
   return 1
 end
 return 0";
@@ -144,14 +209,24 @@ for _, key in ipairs(keys) do
 end
 return out";
 
-/// KEYS: sorted set, hash. ARGV: low, high. Removes every key in range; how many.
+/// KEYS: lease, sorted set, hash. ARGV: holder, low, high. Removes every key in range;
+/// how many.
 const DELETE_RANGE: &str = r"
-local keys = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2])
+local keys = redis.call('ZRANGEBYLEX', KEYS[2], ARGV[2], ARGV[3])
 for _, key in ipairs(keys) do
-  redis.call('HDEL', KEYS[2], key)
-  redis.call('ZREM', KEYS[1], key)
+  redis.call('HDEL', KEYS[3], key)
+  redis.call('ZREM', KEYS[2], key)
 end
 return #keys";
+
+/// A script that writes: the fence, then `body` (made once: a script's hash is its name).
+macro_rules! fenced {
+    ($body:expr) => {{
+        static SCRIPT: std::sync::LazyLock<Script> =
+            std::sync::LazyLock::new(|| Script::new(&format!("{FENCE}{}", $body)));
+        &*SCRIPT
+    }};
+}
 
 impl GcsStorage for RedisStorage {
     fn put(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<()> {
@@ -162,28 +237,22 @@ impl GcsStorage for RedisStorage {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(writes.len() * 5);
         for write in writes {
-            match write {
-                StorageWrite::Put { table, key, value } => {
-                    pipe.hset(self.values_of(*table), key, value).ignore();
-                    pipe.zadd(self.keys_of(*table), key, 0).ignore();
-                }
-                StorageWrite::Delete { table, key } => {
-                    pipe.hdel(self.values_of(*table), key).ignore();
-                    pipe.zrem(self.keys_of(*table), key).ignore();
-                }
-            }
+            let (op, table, key, value) = match write {
+                StorageWrite::Put { table, key, value } => (b"p", table, key, value.as_slice()),
+                StorageWrite::Delete { table, key } => (b"d", table, key, &[][..]),
+            };
+            args.extend([op.to_vec(), self.keys_of(*table).into_bytes(), self.values_of(*table).into_bytes()]);
+            args.extend([key.clone(), value.to_vec()]);
         }
-        self.call(|connection| pipe.query::<()>(connection))
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        // The table's keys are unused: every change names its own.
+        self.invoke::<i64>(fenced!(WRITE), writes_table(writes), &args).map(|_| ())
     }
 
     fn put_if_absent(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<bool> {
-        let script = Script::new(PUT_IF_ABSENT);
-        let stored: i64 = self.call(|connection| {
-            script.key(self.keys_of(table)).key(self.values_of(table)).arg(key).arg(value).invoke(connection)
-        })?;
+        let stored: i64 = self.invoke(fenced!(PUT_IF_ABSENT), table, &[key, value])?;
         Ok(stored == 1)
     }
 
@@ -192,9 +261,7 @@ impl GcsStorage for RedisStorage {
     }
 
     fn delete(&self, table: Table, key: &[u8]) -> GcsResult<bool> {
-        let mut pipe = redis::pipe();
-        pipe.atomic().hdel(self.values_of(table), key).zrem(self.keys_of(table), key).ignore();
-        let (removed,): (i64,) = self.call(|connection| pipe.query(connection))?;
+        let removed: i64 = self.invoke(fenced!(DELETE), table, &[key])?;
         Ok(removed > 0)
     }
 
@@ -214,14 +281,81 @@ impl GcsStorage for RedisStorage {
 
     fn delete_prefix(&self, table: Table, prefix: &[u8]) -> GcsResult<u64> {
         let (low, high) = lex_range(prefix);
-        let script = Script::new(DELETE_RANGE);
-        self.call(|connection| {
-            script.key(self.keys_of(table)).key(self.values_of(table)).arg(&low).arg(&high).invoke(connection)
-        })
+        self.invoke(fenced!(DELETE_RANGE), table, &[&low, &high])
     }
 
     fn describe(&self) -> String {
         format!("redis {}", self.shown)
+    }
+}
+
+/// The table of a batch's first change (a script names its keys; the batch's own name
+/// theirs as arguments).
+fn writes_table(writes: &[StorageWrite]) -> Table {
+    match writes.first() {
+        Some(StorageWrite::Put { table, .. } | StorageWrite::Delete { table, .. }) => *table,
+        None => Table::Meta,
+    }
+}
+
+/// Which head is active, among heads sharing one Redis: the one holding the head lease,
+/// a key that expires unless its holder renews it. A head takes it before it serves
+/// ([`HeadLease::take`], standing by until it can), renews it every third of its time,
+/// and stops (the process exits) the moment a renewal fails, before the lease can pass
+/// to another: its storage is fenced by the same key, so it could not write anyway.
+pub struct HeadLease {
+    storage: RedisStorage,
+    /// This head: its address and a random tag, unique per process.
+    holder: String,
+    ttl: Duration,
+}
+
+/// KEYS: lease. ARGV: holder, milliseconds. Extends the lease if the holder holds it.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0";
+
+impl HeadLease {
+    /// The lease on the Redis at `url`, for a head at `address`, lasting `ttl` unless
+    /// renewed.
+    pub fn new(url: &str, address: &str, ttl: Duration) -> GcsResult<Self> {
+        let holder = format!("{address} {}", hex::encode(rand::random::<[u8; 8]>()));
+        Ok(Self { storage: RedisStorage::open(url)?, holder, ttl })
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn millis(&self) -> u64 {
+        self.ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64
+    }
+
+    /// Takes the lease if no head holds it; whether this head holds it now.
+    pub fn try_take(&self) -> GcsResult<bool> {
+        let key = self.storage.lease_key();
+        let taken: Option<String> = self.storage.call(|connection| {
+            redis::cmd("SET").arg(&key).arg(&self.holder).arg("NX").arg("PX").arg(self.millis()).query(connection)
+        })?;
+        Ok(taken.is_some() || self.renew()?)
+    }
+
+    /// Extends the lease; whether this head still holds it.
+    pub fn renew(&self) -> GcsResult<bool> {
+        let script = Script::new(RENEW);
+        let renewed: i64 = self.storage.call(|connection| {
+            script.key(self.storage.lease_key()).arg(&self.holder).arg(self.millis()).invoke(connection)
+        })?;
+        Ok(renewed == 1)
+    }
+
+    /// The holder of the lease now (`address tag`), if any.
+    pub fn holder_now(&self) -> GcsResult<Option<String>> {
+        let key = self.storage.lease_key();
+        self.storage.call(|connection| connection.get(&key))
     }
 }
 
@@ -336,6 +470,41 @@ mod tests {
         assert_eq!(lex_range(b"ab"), (b"[ab".to_vec(), b"(ac".to_vec()));
         assert_eq!(lex_range(b"a\xff"), (b"[a\xff".to_vec(), b"(b".to_vec()));
         assert_eq!(lex_range(b"\xff\xff"), (b"[\xff\xff".to_vec(), b"+".to_vec()));
+    }
+
+    /// Two heads on one Redis: one holds the lease, the other stands by; the holder's
+    /// writes go through, the other's are refused; once the holder stops renewing, the
+    /// other takes over and the old holder can write no more.
+    #[test]
+    fn the_head_lease_picks_one_writer() {
+        let server = testing::RedisServer::start();
+        let ttl = Duration::from_millis(400);
+        let first = HeadLease::new(&server.url(), "127.0.0.1:1", ttl).unwrap();
+        let second = HeadLease::new(&server.url(), "127.0.0.1:2", ttl).unwrap();
+        assert!(first.try_take().unwrap());
+        assert!(!second.try_take().unwrap(), "one head at a time");
+        assert!(first.holder_now().unwrap().unwrap().starts_with("127.0.0.1:1 "));
+        let active = RedisStorage::open_fenced(&server.url(), &first).unwrap();
+        let standby = RedisStorage::open_fenced(&server.url(), &second).unwrap();
+        active.put(Table::Kv, b"k", b"1").unwrap();
+        let refused = standby.put(Table::Kv, b"k", b"2").unwrap_err();
+        assert!(refused.to_string().contains("does not hold the head lease"), "{refused}");
+        assert!(standby.delete(Table::Kv, b"k").is_err());
+        assert!(standby.put_if_absent(Table::Kv, b"other", b"2").is_err());
+        assert!(standby.delete_prefix(Table::Kv, b"").is_err());
+        assert_eq!(standby.get(Table::Kv, b"k").unwrap().unwrap(), b"1", "reads are anyone's");
+        assert!(first.renew().unwrap());
+
+        // The first stops renewing (killed): the lease lapses and the second takes it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !second.try_take().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "the lease never lapsed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!first.renew().unwrap(), "the old holder learns it lost the lease");
+        assert!(active.put(Table::Kv, b"k", b"3").is_err(), "the old holder cannot write");
+        standby.put(Table::Kv, b"k", b"4").unwrap();
+        assert_eq!(active.get(Table::Kv, b"k").unwrap().unwrap(), b"4");
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub struct Leases {
     job_commands: DashMap<JobId, WorkerCommand>,
     /// A connection to the control store shared by the jobs' own calls (each with its
     /// job's credential).
-    gcs_channel: std::sync::OnceLock<tonic::transport::Channel>,
+    gcs_channel: std::sync::OnceLock<ionet_common::failover::ClusterChannel>,
     /// Who jobs' workers run as, when this daemon may choose (root).
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     state: Mutex<LeaseState>,

@@ -107,6 +107,36 @@ impl Cluster {
         self.start_head_again();
     }
 
+    /// Starts another head in this session that stands by (it shares the head's Redis
+    /// `--storage`, and serves once it holds the head lease); its index. Not waited for:
+    /// it is ready only once it takes over.
+    pub fn add_standby_head(&mut self, args: &[&str]) -> usize {
+        let mut argv: Vec<String> = vec!["start".into(), "--block".into(), "--host".into(), "127.0.0.1".into()];
+        argv.extend(["--head"].iter().chain(args).map(|arg| arg.to_string()));
+        argv.push("--temp-dir".into());
+        argv.push(self.dir.path().to_string_lossy().into_owned());
+        let log = std::fs::File::create(self.dir.path().join(format!("standby-{}.out", self.daemons.len()))).unwrap();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
+            .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
+            .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .env_remove("IONET_CREDENTIAL")
+            .env_remove("IONET_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemons.push(child);
+        self.daemons.len() - 1
+    }
+
+    /// Whether daemon `index` is still running.
+    pub fn is_running(&mut self, index: usize) -> bool {
+        self.daemons[index].try_wait().unwrap().is_none()
+    }
+
     /// Starts the head [`Cluster::kill`]ed at index 0 again, with its arguments.
     pub fn start_head_again(&mut self) {
         self.spawn_head();
