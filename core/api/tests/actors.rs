@@ -554,8 +554,9 @@ fn standby_head_takes_over_on_redis() {
     let killed = Instant::now();
     wait_until("the standby to take over", Duration::from_secs(30), || serving(&standby_port));
     let takeover = killed.elapsed();
-    // The lease lapses at most 2 s after the kill; the standby looks every third of it.
-    assert!(takeover < Duration::from_millis(2_900), "the standby took {takeover:?} to take over");
+    // The lease lapses at most 2 s after the kill, and the standby asks every tenth of
+    // it (what is left: starting to serve, on a busy machine).
+    assert!(takeover < Duration::from_millis(3_000), "the standby took {takeover:?} to take over");
 
     let values = ionet::get_all(&tasks).unwrap();
     assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
