@@ -13,7 +13,7 @@ use ionet_common::credential::{self, Issuer, Role};
 use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
-use ionet_common::{tls, JobId, NodeId};
+use ionet_common::{tls, JobId, NodeId, ObjectId};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -247,6 +247,42 @@ impl Gcs for GcsService {
             node_credential: self.renewed_credential(&principal, node_id),
             unfunded_jobs,
         }))
+    }
+
+    async fn objects_moved(
+        &self,
+        request: Request<ObjectsMovedRequest>,
+    ) -> Result<Response<ObjectsMovedReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let node = node_id_of(&request.node_id)?;
+        principal.may_act_for_node(&node)?;
+        let objects = request
+            .moves
+            .iter()
+            .map(|moved| ObjectId::from_bytes(&moved.object_id))
+            .collect::<ionet_common::IonetResult<Vec<_>>>()?;
+        if request.forget {
+            self.state.forget_moves(&node, objects).await?;
+        } else {
+            let moves = objects.into_iter().zip(request.moves.into_iter().map(|moved| moved.holder_address)).collect();
+            self.state.objects_moved(&node, moves).await?;
+        }
+        Ok(Response::new(ObjectsMovedReply {}))
+    }
+
+    async fn get_object_moves(
+        &self,
+        request: Request<GetObjectMovesRequest>,
+    ) -> Result<Response<GetObjectMovesReply>, Status> {
+        let request = request.into_inner();
+        let objects = request
+            .object_ids
+            .iter()
+            .map(|id| ObjectId::from_bytes(id))
+            .collect::<ionet_common::IonetResult<Vec<_>>>()?;
+        let holder_addresses = self.state.object_moves(&request.from_address, &objects);
+        Ok(Response::new(GetObjectMovesReply { holder_addresses }))
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeReply>, Status> {

@@ -23,7 +23,7 @@ use ionet_common::clock::Clock;
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
-use ionet_common::{IonetError, JobId, NodeId};
+use ionet_common::{IonetError, JobId, NodeId, ObjectId};
 use prost::Message;
 use sha2::Digest;
 use tokio::sync::broadcast;
@@ -58,6 +58,9 @@ pub struct GcsState {
     /// Jobs whose payer cannot cover their leases, with why (kept by metering, told to
     /// every node with its heartbeat).
     unfunded: std::sync::RwLock<HashMap<JobId, String>>,
+    /// Objects whose primary copy a node moved elsewhere before it left: (the address
+    /// it moved from, the address holding it now).
+    moves: DashMap<ObjectId, (String, String)>,
 }
 
 /// One account's use of the KV.
@@ -125,8 +128,9 @@ impl GcsState {
     ) -> GcsResult<Arc<Self>> {
         let now = clock.now_ms();
         let loader = storage.clone();
-        let (nodes, jobs, cluster_id, kv_use) = blocking(move || {
+        let (nodes, jobs, cluster_id, kv_use, moved) = blocking(move || {
             let nodes = loader.scan_prefix(Table::Nodes, b"")?;
+            let moved = loader.scan_prefix(Table::ObjectMoves, b"")?;
             let jobs = loader.scan_prefix(Table::Jobs, b"")?;
             let mut kv_use: HashMap<String, KvUse> = HashMap::new();
             for (key, value) in loader.scan_prefix(Table::Kv, &[1])? {
@@ -137,7 +141,7 @@ impl GcsState {
             let fresh_id = hex::encode(rand::random::<[u8; 8]>());
             loader.put_if_absent(Table::Meta, CLUSTER_ID_KEY, fresh_id.as_bytes())?;
             let cluster_id = loader.get(Table::Meta, CLUSTER_ID_KEY)?.unwrap_or_default();
-            Ok((nodes, jobs, String::from_utf8_lossy(&cluster_id).into_owned(), kv_use))
+            Ok((nodes, jobs, String::from_utf8_lossy(&cluster_id).into_owned(), kv_use, moved))
         })
         .await?;
 
@@ -166,6 +170,14 @@ impl GcsState {
             cluster_id = %cluster_id,
             "control store opened"
         );
+        let moves = DashMap::new();
+        for (key, value) in moved {
+            let object = ObjectId::from_bytes(&key).map_err(GcsError::from)?;
+            let text = String::from_utf8_lossy(&value);
+            if let Some((from, holder)) = text.split_once('\n') {
+                moves.insert(object, (from.to_string(), holder.to_string()));
+            }
+        }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Arc::new(Self {
             config,
@@ -182,6 +194,7 @@ impl GcsState {
             incarnation: rand::random::<u64>().max(1),
             kv_use: Arc::new(std::sync::Mutex::new(kv_use)),
             unfunded: std::sync::RwLock::new(HashMap::new()),
+            moves,
         }))
     }
 
@@ -241,6 +254,67 @@ impl GcsState {
         let key = job.job_id.clone();
         let bytes = job.encode_to_vec();
         blocking(move || storage.put(Table::Jobs, &key, &bytes)).await
+    }
+
+    // ---- objects moved off nodes that left ----
+
+    /// Node `node_id` moved the primary copies of `moves` (object, holder address) before
+    /// leaving. Each holder must be an alive node of the cluster.
+    pub async fn objects_moved(&self, node_id: &NodeId, moves: Vec<(ObjectId, String)>) -> GcsResult<()> {
+        let from =
+            self.node(node_id).ok_or_else(|| invalid(format!("node {} is not registered", node_id.short())))?.address;
+        for (object, holder) in &moves {
+            let alive = self.nodes.iter().any(|node| node.address == *holder && node.state != NodeState::Dead as i32);
+            if !alive || *holder == from {
+                return Err(invalid(format!(
+                    "object {} cannot move to {holder:?}: not another alive node",
+                    object.short()
+                )));
+            }
+        }
+        let writes: Vec<crate::storage::StorageWrite> = moves
+            .iter()
+            .map(|(object, holder)| crate::storage::StorageWrite::Put {
+                table: Table::ObjectMoves,
+                key: object.to_vec(),
+                value: format!("{from}\n{holder}").into_bytes(),
+            })
+            .collect();
+        let storage = self.storage.clone();
+        blocking(move || storage.write_all(&writes)).await?;
+        for (object, holder) in moves {
+            self.moves.insert(object, (from.clone(), holder));
+        }
+        Ok(())
+    }
+
+    /// Node `node_id`, holder of moved objects `objects`, freed them: their moves go.
+    pub async fn forget_moves(&self, node_id: &NodeId, objects: Vec<ObjectId>) -> GcsResult<()> {
+        let Some(holder) = self.node(node_id).map(|node| node.address) else { return Ok(()) };
+        let gone: Vec<ObjectId> = objects
+            .into_iter()
+            .filter(|object| self.moves.get(object).is_some_and(|entry| entry.1 == holder))
+            .collect();
+        let writes: Vec<crate::storage::StorageWrite> = gone
+            .iter()
+            .map(|object| crate::storage::StorageWrite::Delete { table: Table::ObjectMoves, key: object.to_vec() })
+            .collect();
+        let storage = self.storage.clone();
+        blocking(move || storage.write_all(&writes)).await?;
+        for object in gone {
+            self.moves.remove(&object);
+        }
+        Ok(())
+    }
+
+    /// Where each of `objects` went from `from` (empty: it did not move from there).
+    pub fn object_moves(&self, from: &str, objects: &[ObjectId]) -> Vec<String> {
+        objects
+            .iter()
+            .map(|object| {
+                self.moves.get(object).filter(|entry| entry.0 == from).map(|entry| entry.1.clone()).unwrap_or_default()
+            })
+            .collect()
     }
 
     // ---- nodes ----
@@ -694,6 +768,44 @@ mod tests {
     async fn state(clock: &ManualClock) -> Arc<GcsState> {
         let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1000, ..Default::default() };
         GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap()
+    }
+
+    /// Moves: a node records where its objects went, only to another alive node; a
+    /// reader asking about the node they left finds the holder, one asking about any
+    /// other node finds nothing; the holder alone forgets them; they outlive a restart.
+    #[tokio::test]
+    async fn objects_moved_off_a_node_are_found_until_their_holder_frees_them() {
+        let clock = ManualClock::new(0);
+        let storage: Arc<dyn GcsStorage> = Arc::new(MemoryStorage::new());
+        let config = ClusterConfig::default();
+        let gcs = GcsState::open(config.clone(), storage.clone(), Arc::new(clock.clone())).await.unwrap();
+        let (leaving, holder, other) = (NodeId::random(), NodeId::random(), NodeId::random());
+        for (id, address) in [(leaving, "10.0.0.1:1"), (holder, "10.0.0.2:1"), (other, "10.0.0.3:1")] {
+            gcs.register_node(NodeInfo { address: address.into(), ..node(id, 1) }).await.unwrap();
+        }
+        let (moved, kept) = (ObjectId::random(), ObjectId::random());
+        let nowhere = gcs.objects_moved(&leaving, vec![(moved, "10.9.9.9:1".into())]).await.unwrap_err();
+        assert!(nowhere.to_string().contains("not another alive node"), "{nowhere}");
+        let itself = gcs.objects_moved(&leaving, vec![(moved, "10.0.0.1:1".into())]).await.unwrap_err();
+        assert!(itself.to_string().contains("not another alive node"), "{itself}");
+        gcs.objects_moved(&leaving, vec![(moved, "10.0.0.2:1".into()), (kept, "10.0.0.2:1".into())]).await.unwrap();
+        assert_eq!(
+            gcs.object_moves("10.0.0.1:1", &[moved, ObjectId::random()]),
+            vec!["10.0.0.2:1".to_string(), String::new()]
+        );
+        assert_eq!(gcs.object_moves("10.0.0.3:1", &[moved]), vec![String::new()], "only from where it was");
+
+        gcs.forget_moves(&other, vec![moved]).await.unwrap();
+        assert_eq!(
+            gcs.object_moves("10.0.0.1:1", &[moved]),
+            vec!["10.0.0.2:1".to_string()],
+            "not the other's to forget"
+        );
+        gcs.forget_moves(&holder, vec![moved]).await.unwrap();
+        assert_eq!(gcs.object_moves("10.0.0.1:1", &[moved, kept]), vec![String::new(), "10.0.0.2:1".to_string()]);
+
+        let restarted = GcsState::open(config, storage, Arc::new(clock)).await.unwrap();
+        assert_eq!(restarted.object_moves("10.0.0.1:1", &[kept]), vec!["10.0.0.2:1".to_string()], "kept in storage");
     }
 
     #[tokio::test]

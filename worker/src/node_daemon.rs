@@ -26,7 +26,9 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::credential::{registration_message, KeyPair, Verifier};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
-use ionet_common::rpc::proto::gcs::{DrainNodeRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet_common::rpc::proto::gcs::{
+    DrainNodeRequest, GetObjectMovesRequest, HeartbeatRequest, ObjectMove, ObjectsMovedRequest, RegisterNodeRequest,
+};
 use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
@@ -35,7 +37,7 @@ use ionet_common::rpc::proto::node::{
     GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply,
     PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
-    SetWorkerBlockedReply, SetWorkerBlockedRequest,
+    SetWorkerBlockedReply, SetWorkerBlockedRequest, TakeObjectsReply, TakeObjectsRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
@@ -134,6 +136,18 @@ struct NodeManagerService {
     shared: Arc<NodeShared>,
 }
 
+impl NodeManagerService {
+    /// Where the head says object `id` went from the node at `from` (one that left),
+    /// when that is a node of this cluster.
+    async fn moved_to(&self, from: &str, id: &[u8]) -> Option<String> {
+        let mut head = self.shared.leases.control_store()?;
+        let request = GetObjectMovesRequest { from_address: from.to_string(), object_ids: vec![id.to_vec()] };
+        let reply = head.get_object_moves(request).await.ok()?.into_inner();
+        let holder = reply.holder_addresses.into_iter().next().filter(|holder| !holder.is_empty())?;
+        self.shared.leases.is_node_address(&holder).await.then_some(holder)
+    }
+}
+
 #[tonic::async_trait]
 impl NodeManager for NodeManagerService {
     async fn get_node_stats(
@@ -177,10 +191,22 @@ impl NodeManager for NodeManagerService {
         let request = request.into_inner();
         // The node pulls with its own credential: only from a node of this cluster.
         let source = &request.source_address;
-        if !source.is_empty() && !self.shared.leases.is_node_address(source).await {
-            return Err(Status::invalid_argument(format!("{source} is not a node of this cluster to pull from")));
+        let known = source.is_empty() || self.shared.leases.is_node_address(source).await;
+        let first = if known {
+            self.shared.objects.ensure_local(&request.object_id, source, &principal).await
+        } else {
+            Err(IonetError::InvalidArgument(format!("{source} is not a node of this cluster to pull from")))
+        };
+        match first {
+            // The node that held it may have left, moving it: the head knows where.
+            Err(IonetError::ObjectLost(_) | IonetError::InvalidArgument(_)) if !source.is_empty() => {
+                let Some(holder) = self.moved_to(source, &request.object_id).await else {
+                    return Err(first.unwrap_err().into());
+                };
+                self.shared.objects.ensure_local(&request.object_id, &holder, &principal).await?;
+            }
+            result => result?,
         }
-        self.shared.objects.ensure_local(&request.object_id, source, &principal).await?;
         Ok(Response::new(EnsureObjectLocalReply {}))
     }
 
@@ -199,7 +225,23 @@ impl NodeManager for NodeManagerService {
 
     async fn free_objects(&self, request: Request<FreeObjectsRequest>) -> Result<Response<FreeObjectsReply>, Status> {
         let principal = Principal::of(&request)?;
-        let freed = self.shared.objects.free(&request.into_inner().object_ids, &principal).await?;
+        let (freed, taken) = self.shared.objects.free(&request.into_inner().object_ids, &principal).await?;
+        if !taken.is_empty() {
+            // Objects this node took from one that left: the head forgets where they went.
+            if let Some(mut head) = self.shared.leases.control_store() {
+                let request = ObjectsMovedRequest {
+                    node_id: self.shared.node_id.to_vec(),
+                    moves: taken
+                        .iter()
+                        .map(|id| ObjectMove { object_id: id.to_vec(), holder_address: String::new() })
+                        .collect(),
+                    forget: true,
+                };
+                tokio::spawn(async move {
+                    let _ = head.objects_moved(request).await;
+                });
+            }
+        }
         Ok(Response::new(FreeObjectsReply { freed }))
     }
 
@@ -235,6 +277,23 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&self.shared.leases.job_of_lease(&request.lease_id)?)?;
         self.shared.leases.return_lease(&request.lease_id, request.worker_failed)?;
         Ok(Response::new(ReturnWorkerLeaseReply {}))
+    }
+
+    async fn take_objects(&self, request: Request<TakeObjectsRequest>) -> Result<Response<TakeObjectsReply>, Status> {
+        // A peer node (the authorization table) that is leaving: its objects are pulled
+        // from it, so it must be a node of this cluster.
+        let request = request.into_inner();
+        if !self.shared.leases.is_node_address(&request.source_address).await {
+            return Err(Status::invalid_argument(format!(
+                "{} is not a node of this cluster to take objects from",
+                request.source_address
+            )));
+        }
+        if request.objects.len() > 100_000 {
+            return Err(Status::invalid_argument("at most 100000 objects may be taken in one call"));
+        }
+        let taken = self.shared.objects.take(&request.source_address, request.objects).await;
+        Ok(Response::new(TakeObjectsReply { taken: taken.iter().map(|id| id.to_vec()).collect() }))
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
@@ -497,8 +556,75 @@ impl NodeDaemon {
         if left > 0 {
             tracing::warn!(node = %self.shared.node_id.short(), left, "drain deadline reached with tasks running: they end with the node");
         }
+        let moved = self.move_objects(until).await;
+        tracing::info!(node = %self.shared.node_id.short(), moved, "primary copies moved to other nodes");
         self.shutdown(reason).await;
         left
+    }
+
+    /// Moves the primary copies held here to other nodes (one that already has a copy
+    /// takes it, else the nodes in turn), by `until` at the latest, and tells the head
+    /// where each went. Returns how many moved.
+    async fn move_objects(&self, until: Instant) -> usize {
+        let objects = self.shared.objects.primaries();
+        if objects.is_empty() {
+            return 0;
+        }
+        let targets = self.shared.leases.other_alive_nodes();
+        if targets.is_empty() {
+            tracing::warn!(objects = objects.len(), "no other node to take this node's objects: they leave with it");
+            return 0;
+        }
+        let own = self.advertised_address().to_string();
+        let mut batches: std::collections::HashMap<String, Vec<_>> = std::collections::HashMap::new();
+        for (index, object) in objects.into_iter().enumerate() {
+            let holder = object
+                .copies
+                .iter()
+                .find(|copy| targets.iter().any(|(_, address)| address == *copy))
+                .cloned()
+                .unwrap_or_else(|| targets[index % targets.len()].1.clone());
+            batches.entry(holder).or_default().push(object);
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for (holder, batch) in batches {
+            let (credential, own) = (self.shared.credential.clone(), own.clone());
+            calls.spawn(async move {
+                let channel = rpc::connect_shared(&holder, &credential, Duration::from_secs(5)).await?;
+                let request = TakeObjectsRequest { source_address: own, objects: batch };
+                let taken = rpc::NodeManagerClient::new(channel).take_objects(request).await?.into_inner().taken;
+                IonetResult::Ok((holder, taken))
+            });
+        }
+        let mut moves = Vec::new();
+        let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let gathered = tokio::time::timeout(left, async {
+            while let Some(result) = calls.join_next().await {
+                match result {
+                    Ok(Ok((holder, taken))) => moves.extend(
+                        taken.into_iter().map(|id| ObjectMove { object_id: id, holder_address: holder.clone() }),
+                    ),
+                    Ok(Err(err)) => tracing::warn!(error = %err, "a node did not take this node's objects"),
+                    Err(err) => tracing::warn!(error = %err, "moving objects failed"),
+                }
+            }
+        })
+        .await;
+        if gathered.is_err() {
+            tracing::warn!("the drain deadline came before every object moved");
+        }
+        let moved = moves.len();
+        if let Some(mut head) = self.shared.leases.control_store() {
+            let request = ObjectsMovedRequest { node_id: self.shared.node_id.to_vec(), moves, forget: false };
+            match tokio::time::timeout(Duration::from_secs(5), head.objects_moved(request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::warn!(error = %status.message(), "the head did not record the moved objects")
+                }
+                Err(_) => tracing::warn!("the head did not answer in time about the moved objects"),
+            }
+        }
+        moved
     }
 
     /// Drains and stops: tells the control store, then ends the server and loops.

@@ -10,13 +10,17 @@
 //! - An object a job creates here is its account's: only a job of that account (or a
 //!   peer node, or the head) may seal or free it. Ids are random (224 bits), so another
 //!   tenant cannot name one it was not given; one it was given still cannot be freed.
+//! - A node given notice moves the primary copies it holds to other nodes before it
+//!   leaves ([`NodeObjects::primaries`] → a peer's [`NodeObjects::take`]): the taker
+//!   holds each as its own primary copy (its account's, with the copies it knew of), and
+//!   the head records where each went, for readers and owners who ask the node that left.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use ionet_common::auth::SharedCredential;
 use ionet_common::authz::Principal;
-use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest};
+use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest, TakenObject};
 use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, ObjectId};
 use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig};
@@ -33,6 +37,9 @@ pub struct NodeObjects {
     copies: DashMap<ObjectId, Vec<String>>,
     /// For objects a job created or pulled here: its account.
     creators: Arc<DashMap<ObjectId, Arc<str>>>,
+    /// Objects whose primary copy is here: made here, or taken from a node that left
+    /// (`true`: taken, so the head records a move to forget when it is freed).
+    primaries: DashMap<ObjectId, bool>,
     /// One `ensure_local` at a time per object: the account a copy is pulled for is the
     /// one recorded for it.
     ensuring: DashMap<ObjectId, Arc<tokio::sync::Mutex<()>>>,
@@ -79,6 +86,7 @@ impl NodeObjects {
             own_address,
             copies: DashMap::new(),
             creators: Arc::new(DashMap::new()),
+            primaries: DashMap::new(),
             ensuring: DashMap::new(),
             identities,
         })
@@ -126,7 +134,60 @@ impl NodeObjects {
         if let Principal::Job { account, .. } = caller {
             self.creators.entry(id).or_insert_with(|| account.clone());
         }
+        self.primaries.entry(id).or_insert(false);
         Ok(())
+    }
+
+    /// The primary copies held here, as a peer takes them: account and known copies.
+    pub fn primaries(&self) -> Vec<TakenObject> {
+        self.primaries
+            .iter()
+            .filter_map(|entry| {
+                let id = *entry.key();
+                let account = self.creators.get(&id)?.to_string();
+                let copies = self.copies.get(&id).map(|holders| holders.clone()).unwrap_or_default();
+                Some(TakenObject { object_id: id.to_vec(), account, copies })
+            })
+            .collect()
+    }
+
+    /// Takes the primary copies of `objects` from `source` (a node leaving): pulls each
+    /// not here yet, for its account, and holds it as its own from now on. Returns the
+    /// ids taken (one that could not be pulled is left out).
+    pub async fn take(&self, source: &str, objects: Vec<TakenObject>) -> Vec<ObjectId> {
+        let mut taken = Vec::with_capacity(objects.len());
+        for object in objects {
+            let Ok(id) = ObjectId::from_bytes(&object.object_id) else { continue };
+            let account: Arc<str> = object.account.as_str().into();
+            let store = self.store.clone();
+            let here = blocking(move || store.get(&id)).await.is_ok_and(|found| found.is_some());
+            if !here {
+                if let Err(err) = self.puller.pull_for(source, id, &account).await {
+                    tracing::warn!(object = %id.short(), %source, error = %err, "could not take an object from a leaving node");
+                    continue;
+                }
+            }
+            if let Some(identities) = &self.identities {
+                if let Ok(group) = identities.group_of_account(&account) {
+                    let store = self.store.clone();
+                    let _ = blocking(move || store.set_group(&id, group)).await;
+                }
+            }
+            self.creators.insert(id, account);
+            self.primaries.insert(id, true);
+            let others: Vec<String> =
+                object.copies.into_iter().filter(|holder| *holder != self.own_address && holder != source).collect();
+            if !others.is_empty() {
+                let mut holders = self.copies.entry(id).or_default();
+                for holder in others {
+                    if !holders.contains(&holder) {
+                        holders.push(holder);
+                    }
+                }
+            }
+            taken.push(id);
+        }
+        taken
     }
 
     /// Whether `caller` may change object `id`: a job only what its account created here
@@ -213,13 +274,18 @@ impl NodeObjects {
 
     /// Deletes the objects here and asks every node holding a copy to do the same. A job
     /// frees its own account's objects only: one of another's refuses the whole call.
-    pub async fn free(&self, ids: &[Vec<u8>], caller: &Principal) -> IonetResult<u64> {
+    /// Returns how many were here, and which of them were taken from a node that left.
+    pub async fn free(&self, ids: &[Vec<u8>], caller: &Principal) -> IonetResult<(u64, Vec<ObjectId>)> {
         let ids = ids.iter().map(|id| ObjectId::from_bytes(id)).collect::<IonetResult<Vec<_>>>()?;
         for id in &ids {
             self.check_creator(id, caller, "free")?;
         }
+        let mut taken = Vec::new();
         for id in &ids {
             self.creators.remove(id);
+            if let Some((_, true)) = self.primaries.remove(id) {
+                taken.push(*id);
+            }
         }
         let mut forward: std::collections::HashMap<String, Vec<Vec<u8>>> = std::collections::HashMap::new();
         for id in &ids {
@@ -240,6 +306,6 @@ impl NodeObjects {
                 }
             });
         }
-        Ok(freed)
+        Ok((freed, taken))
     }
 }

@@ -5,6 +5,7 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use ionet_common::rpc::proto::gcs::GetObjectMovesRequest;
 use ionet_common::rpc::proto::node::{
     CreateObjectRequest, EnsureObjectLocalRequest, FreeObjectsRequest, SealObjectRequest,
 };
@@ -81,14 +82,38 @@ impl CoreWorker {
         Ok(Bytes::Mapped(view))
     }
 
-    /// Frees a stored object at its node (and every copy the node knows of).
+    /// Frees a stored object at its node (and every copy the node knows of); at the node
+    /// that took it, if its node left.
     pub(crate) fn free_stored(&self, stored: StoredObject) {
         let Ok(channel) = self.channel(&stored.node_address) else { return };
         self.handle.spawn(async move {
-            let request = FreeObjectsRequest { object_ids: vec![stored.object_id] };
+            let request = FreeObjectsRequest { object_ids: vec![stored.object_id.clone()] };
             if let Err(status) = NodeManagerClient::new(channel).free_objects(request).await {
                 tracing::debug!(error = %status.message(), "freeing an object failed");
+                if status.code() == tonic::Code::Unavailable {
+                    if let Ok(worker) = crate::runtime::current() {
+                        worker.free_moved(stored).await;
+                    }
+                }
             }
         });
+    }
+
+    /// Frees an object whose node is gone where the head says it moved.
+    async fn free_moved(&self, stored: StoredObject) {
+        let request = GetObjectMovesRequest {
+            from_address: stored.node_address.clone(),
+            object_ids: vec![stored.object_id.clone()],
+        };
+        let Ok(mut gcs) = self.gcs() else { return };
+        let Ok(reply) = gcs.get_object_moves(request).await else { return };
+        let Some(holder) = reply.into_inner().holder_addresses.into_iter().find(|holder| !holder.is_empty()) else {
+            return;
+        };
+        let Ok(channel) = self.channel(&holder) else { return };
+        let request = FreeObjectsRequest { object_ids: vec![stored.object_id] };
+        if let Err(status) = NodeManagerClient::new(channel).free_objects(request).await {
+            tracing::debug!(error = %status.message(), "freeing a moved object failed");
+        }
     }
 }

@@ -435,6 +435,80 @@ fn a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones() {
     drop(cluster);
 }
 
+/// `size` bytes of `seed`, past the inline threshold: stored where the task ran.
+#[ionet::remote]
+fn bulky(seed: u8, size: usize) -> Vec<u8> {
+    vec![seed; size]
+}
+
+/// A tally that takes its time: calls in flight when its node is given notice.
+pub struct Tally {
+    total: i64,
+}
+
+#[ionet::actor]
+impl Tally {
+    pub fn new() -> Self {
+        Tally { total: 0 }
+    }
+
+    pub fn add(&mut self, amount: i64, millis: u64) -> i64 {
+        std::thread::sleep(Duration::from_millis(millis));
+        self.total += amount;
+        self.total
+    }
+
+    pub fn node(&self) -> String {
+        ionet::get_runtime_context().unwrap().node_id.hex()
+    }
+}
+
+/// Notice to leave under load: the objects whose primary copies the node held (task
+/// results nothing could rebuild: `max_retries(0)`) are read back whole after it left,
+/// from the node that took them; its restartable actor runs on another node with every
+/// call completed; it leaves well before its deadline.
+fn a_node_given_notice_moves_its_objects_and_actors() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let leaving = cluster.add_node(&["--num-cpus", "2", "--labels", "name=a", "--drain-deadline", "60"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
+    cluster.init();
+    let a = node_named("a").node_id;
+    let pinned = SchedulingStrategy::NodeAffinity { node_id: a, soft: true };
+    let on_a = TaskOptions::default().max_retries(0).scheduling_strategy(pinned.clone());
+    let made: Vec<ionet::ObjectRef<Vec<u8>>> =
+        (0..12u8).map(|seed| bulky::options(on_a.clone()).remote(seed, 512 * 1024)).collect();
+    let (ready, _) = ionet::wait(&made, made.len(), Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(ready.len(), made.len(), "every value was made on a");
+    let options = ionet::ActorOptions::new().max_restarts(1).max_task_retries(-1).scheduling_strategy(pinned);
+    let tally = Tally::options(options).remote().unwrap();
+    assert_eq!(ionet::get(&tally.node()).unwrap(), a.hex());
+    let calls: Vec<_> = (0..30).map(|_| tally.add(1, 20)).collect();
+
+    let took = cluster.terminate(leaving, Duration::from_secs(50));
+    assert!(took < Duration::from_secs(30), "it left well before its 60 s deadline: {took:?}");
+    let gone = ionet::nodes().unwrap().into_iter().find(|node| node.node_id == a);
+    assert!(gone.is_none_or(|node| node.state != ionet::NodeState::Alive), "node a left the cluster");
+    for (seed, object) in made.iter().enumerate() {
+        let value = ionet::get_timeout(object, Duration::from_secs(30)).unwrap();
+        assert!(value.len() == 512 * 1024 && value.iter().all(|&byte| byte == seed as u8), "value {seed} is whole");
+    }
+    // Their owner frees them where they went: nothing is left behind on any node.
+    drop((made, ready));
+    let store_bytes = |address: &str| {
+        let stats = ionet::testing::object_store_stats(address).unwrap();
+        stats.bytes_in_memory + stats.bytes_spilled
+    };
+    wait_until("the moved objects to be freed", Duration::from_secs(30), || {
+        let nodes = ionet::nodes().unwrap();
+        nodes.iter().filter(|node| node.state == ionet::NodeState::Alive).all(|node| store_bytes(&node.address) == 0)
+    });
+    for call in &calls {
+        ionet::get_timeout(call, Duration::from_secs(60)).expect("every call completes");
+    }
+    assert_ne!(ionet::get(&tally.node()).unwrap(), a.hex(), "the actor runs on another node now");
+    drop(cluster);
+}
+
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
 fn cost_and_label_selectors_choose_the_node() {
@@ -676,6 +750,7 @@ fn main() {
                 "a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones",
                 a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones,
             ),
+            ("a_node_given_notice_moves_its_objects_and_actors", a_node_given_notice_moves_its_objects_and_actors),
             ("errors_reach_the_caller", errors_reach_the_caller),
             ("max_calls_replaces_the_worker", max_calls_replaces_the_worker),
             ("long_tasks_never_queue_behind_short_ones", long_tasks_never_queue_behind_short_ones),

@@ -234,6 +234,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/ListActors", Access::Job),
     row("/ionet.gcs.Gcs/KillActor", Access::Job),
     row("/ionet.gcs.Gcs/CreateToken", Access::Admin),
+    row("/ionet.gcs.Gcs/ObjectsMoved", Access::Node),
+    row("/ionet.gcs.Gcs/GetObjectMoves", Access::JobOrPeer),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
@@ -261,6 +263,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/SealObject", Access::Job),
     row("/ionet.node.NodeManager/EnsureObjectLocal", Access::Job),
     row("/ionet.node.NodeManager/AddObjectLocation", Access::Peer),
+    row("/ionet.node.NodeManager/TakeObjects", Access::Peer),
     row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
     row("/ionet.node.NodeManager/PrepareBundle", Access::Control),
     row("/ionet.node.NodeManager/CommitBundle", Access::Control),

@@ -59,10 +59,12 @@ pub enum Table {
     Actors,
     /// Placement groups, keyed by group id (`StoredPlacementGroup`).
     PlacementGroups,
+    /// Objects moved off nodes that left, keyed by object id (`from \n holder`).
+    ObjectMoves,
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Nodes,
         Table::Jobs,
         Table::Kv,
@@ -71,6 +73,7 @@ impl Table {
         Table::Usage,
         Table::Actors,
         Table::PlacementGroups,
+        Table::ObjectMoves,
     ];
 
     fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Table {
             Table::Usage => "usage",
             Table::Actors => "actors",
             Table::PlacementGroups => "placement_groups",
+            Table::ObjectMoves => "object_moves",
         }
     }
 }

@@ -205,6 +205,23 @@ impl Leases {
 
     /// Whether `address` is a node of this cluster (this one, or one in the last view):
     /// the only addresses a node daemon calls with its own credential.
+    /// The control store's client, once the daemon registered.
+    pub fn control_store(&self) -> Option<ionet_common::rpc::GcsClient> {
+        self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every other node the view shows alive and taking work: (id, address).
+    pub fn other_alive_nodes(&self) -> Vec<(NodeId, String)> {
+        let ids: Vec<NodeId> = self
+            .lock()
+            .view
+            .nodes()
+            .filter(|node| node.node_id != self.node_id && node.state == ionet_scheduler::NodeState::Alive)
+            .map(|node| node.node_id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.address_of(&id).map(|address| (id, address))).collect()
+    }
+
     pub async fn is_node_address(&self, address: &str) -> bool {
         let known = |leases: &Self| address == leases.address || leases.node_addresses.contains(address);
         // A node that joined since the last refresh is found by one more.
