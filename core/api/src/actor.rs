@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ionet_common::rpc::proto::gcs::{
-    ActorInfo, ActorSpec, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
+    ActorInfo, ActorSpec, ActorState, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
 };
 use ionet_common::rpc::GcsClient;
 use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
@@ -304,12 +304,17 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
         return Err(IonetError::InvalidArgument("max_concurrency must be at least 1".into()));
     }
     runtime::block_on(async {
-        // Constructor arguments are kept by value, so a restart can run it again.
+        // Constructor arguments are kept by value, so a restart can run it again; the refs
+        // inside them are held here while the actor lives (each incarnation reads them).
         let mut constructor_args = Vec::with_capacity(args.len());
+        let mut inside = Vec::new();
         for (index, arg) in args.iter().enumerate() {
             constructor_args.push(match arg {
-                // A ref inside a constructor argument is held only while this call runs.
-                Arg::Value(Ok(bytes)) | Arg::Holding(bytes, _) => bytes.clone(),
+                Arg::Value(Ok(bytes)) => bytes.clone(),
+                Arg::Holding(bytes, refs) => {
+                    inside.extend(refs.iter().cloned());
+                    bytes.clone()
+                }
                 Arg::Value(Err(why)) => {
                     return Err(IonetError::InvalidArgument(format!("argument {index} of {class}: {why}")))
                 }
@@ -341,8 +346,47 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
         let info = actor_row(
             worker.call_head(request, |mut gcs, request| async move { gcs.create_actor(request).await }).await?.actor,
         )?;
-        handle_of(info)
+        let handle = handle_of(info)?;
+        if !inside.is_empty() && worker.actor_args.insert(handle.id, inside).is_none() {
+            worker.handle.spawn(release_args_when_dead(Arc::downgrade(&worker), handle.id));
+        }
+        Ok(handle)
     })
+}
+
+/// Holds the refs inside actor `id`'s constructor arguments until the control store says
+/// it is dead (or forgot it), then lets them go. Ends with the process.
+async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId) {
+    loop {
+        let Some(current) = worker.upgrade() else { return };
+        if *current.stopping.borrow() {
+            return;
+        }
+        // Waits for an incarnation no actor reaches: answers when it is DEAD, or at the
+        // timeout.
+        let request = GetActorRequest { actor_id: id.to_vec(), wait_newer_than: i64::MAX, timeout_ms: 30_000 };
+        let gcs = current.gcs();
+        drop(current);
+        let reply = match gcs {
+            Ok(mut gcs) => gcs.get_actor(request).await,
+            Err(_) => return,
+        };
+        let dead = match reply {
+            Ok(reply) => reply.into_inner().actor.is_none_or(|info| info.state == ActorState::Dead as i32),
+            Err(status) if status.code() == tonic::Code::NotFound => true,
+            Err(_) => {
+                // The head cannot answer now (restarting): ask again in a moment.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+        };
+        if dead {
+            if let Some(current) = worker.upgrade() {
+                current.actor_args.remove(&id);
+            }
+            return;
+        }
+    }
 }
 
 fn handle_of(info: ActorInfo) -> IonetResult<ActorHandle> {

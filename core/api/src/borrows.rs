@@ -15,6 +15,10 @@
 //!   owns (a reply naming another owner could make it give back another's lends);
 //! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
 //!
+//! Refs inside an actor's constructor arguments are held by its creator while the actor
+//! lives (`CoreWorker::actor_args`, let go once the control store says it is dead): each
+//! incarnation's constructor reads them again.
+//!
 //! Not covered yet: a borrower that dies without releasing (the owner keeps the object
 //! until it exits), refs passed on from a borrower to a third process (borrowed handles
 //! there do not hold the object), and lends in actor calls' replies.

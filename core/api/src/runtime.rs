@@ -88,6 +88,9 @@ pub(crate) struct CoreWorker {
     /// Identifies this process to the actors it calls (their per-caller call order).
     pub(crate) caller_id: ObjectId,
     pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
+    /// Refs inside the constructor arguments of actors this process created, held while
+    /// the actor lives: its constructor runs again on every restart.
+    pub(crate) actor_args: DashMap<ionet_common::ActorId, Vec<crate::object_ref::ObjectRef<()>>>,
     /// The actor this worker process hosts, once created.
     pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
     /// The thread that runs this worker's tasks and its ordered actor's calls.
@@ -237,6 +240,7 @@ impl CoreWorker {
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
+            actor_args: DashMap::new(),
             hosted: OnceLock::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,

@@ -584,6 +584,64 @@ fn standby_head_takes_over_on_redis() {
     eprintln!("standby took over {takeover:?} after the active head was killed");
 }
 
+/// Holds the refs given to its constructor, which reads them (in every incarnation).
+pub struct Keeper {
+    refs: Vec<ionet::ObjectRef<Vec<u8>>>,
+    seen: usize,
+}
+
+#[ionet::actor]
+impl Keeper {
+    pub fn new(refs: Vec<ionet::ObjectRef<Vec<u8>>>) -> Self {
+        let seen = ionet::get_all(&refs).unwrap().iter().map(Vec::len).sum();
+        Keeper { refs, seen }
+    }
+
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    pub fn total(&self) -> usize {
+        ionet::get_all(&self.refs).unwrap().iter().map(Vec::len).sum()
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+/// A ref inside an actor's constructor arguments lives while the actor does, though its
+/// creator dropped every handle: the actor reads it later, and so does its constructor
+/// run again on a restart; once the actor is dead for good, the object is freed.
+fn refs_in_constructor_args_live_as_long_as_the_actor() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    cluster.init();
+    let head = ionet::nodes().unwrap().into_iter().find(|node| node.is_head).unwrap();
+    let store_bytes = || {
+        let stats = ionet::testing::object_store_stats(&head.address).unwrap();
+        stats.bytes_in_memory + stats.bytes_spilled
+    };
+    let inner = ionet::put(&vec![7u8; 1 << 20]).unwrap();
+    let keeper = Keeper::options(ActorOptions::new().max_restarts(1)).remote(vec![inner.clone()]).unwrap();
+    drop(inner);
+    assert_eq!(ionet::get(&keeper.seen()).unwrap(), 1 << 20);
+    // Without a holder the free would have happened at once: give it a moment to.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(store_bytes() >= 1 << 20, "the object is still held for the actor");
+    assert_eq!(ionet::get(&keeper.total()).unwrap(), 1 << 20, "the actor reads it later");
+
+    sigkill(ionet::get(&keeper.pid()).unwrap());
+    wait_until("the actor to restart", Duration::from_secs(60), || {
+        keeper.actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+    });
+    assert_eq!(ionet::get(&keeper.seen()).unwrap(), 1 << 20, "the constructor read it again on the restart");
+
+    ionet::kill(&keeper, true).unwrap();
+    wait_until("the object to be freed with the actor", Duration::from_secs(30), || store_bytes() == 0);
+    drop(cluster);
+}
+
 fn main() {
     if let Ok(driver) = std::env::var(DRIVER_ENV) {
         match driver.as_str() {
@@ -605,6 +663,7 @@ fn main() {
             ("head_restarted_from_storage_loses_nothing", head_restarted_from_storage_loses_nothing),
             ("head_restarted_from_redis_loses_nothing", head_restarted_from_redis_loses_nothing),
             ("standby_head_takes_over_on_redis", standby_head_takes_over_on_redis),
+            ("refs_in_constructor_args_live_as_long_as_the_actor", refs_in_constructor_args_live_as_long_as_the_actor),
         ],
         Duration::from_secs(180),
     );
