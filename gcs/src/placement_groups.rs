@@ -454,7 +454,9 @@ impl PlacementGroups {
                 .ok_or_else(|| IonetError::NotFound(format!("placement group {} does not exist", id.short())))?;
             group.state = PlacementGroupState::Removed;
             group.committed.clear();
-            std::mem::take(&mut group.nodes)
+            // Cancelled now, or (by a restarted head) later.
+            group.reserving = std::mem::take(&mut group.nodes);
+            group.reserving.clone()
         };
         self.persist_or_log(*id).await;
         for (index, (node, address)) in nodes.iter().enumerate() {
@@ -462,6 +464,10 @@ impl PlacementGroups {
                 tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a bundle");
             }
         }
+        if let Some(group) = self.lock().get_mut(id) {
+            group.reserving.clear();
+        }
+        self.persist_or_log(*id).await;
         tracing::info!(group = %id.short(), "placement group removed");
         Ok(())
     }

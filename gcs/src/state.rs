@@ -33,6 +33,8 @@ use crate::storage::{GcsStorage, Table};
 
 const JOB_COUNTER_KEY: &[u8] = b"job_counter";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+/// Most objects one `ObjectsMoved` call may record.
+const MAX_MOVES_PER_CALL: usize = 100_000;
 /// How many events a slow subscriber may fall behind before its stream is cut.
 const EVENT_BUFFER: usize = 4096;
 
@@ -263,27 +265,44 @@ impl GcsState {
     pub async fn objects_moved(&self, node_id: &NodeId, moves: Vec<(ObjectId, String)>) -> GcsResult<()> {
         let from =
             self.node(node_id).ok_or_else(|| invalid(format!("node {} is not registered", node_id.short())))?.address;
-        for (object, holder) in &moves {
-            let alive = self.nodes.iter().any(|node| node.address == *holder && node.state != NodeState::Dead as i32);
-            if !alive || *holder == from {
+        if moves.len() > MAX_MOVES_PER_CALL {
+            return Err(invalid(format!("at most {MAX_MOVES_PER_CALL} objects may move in one call")));
+        }
+        let mut rows = Vec::with_capacity(moves.len());
+        for (object, holder) in moves {
+            let alive = self.nodes.iter().any(|node| node.address == holder && node.state != NodeState::Dead as i32);
+            if !alive || holder == from {
                 return Err(invalid(format!(
                     "object {} cannot move to {holder:?}: not another alive node",
                     object.short()
                 )));
             }
+            // An object that moved here before moves on: whoever knows where it was first
+            // finds it. Only its holder moves it: no node redirects another's objects.
+            let origin = match self.moves.get(&object) {
+                Some(entry) if entry.1 == from => entry.0.clone(),
+                Some(_) => {
+                    return Err(GcsError::Ionet(IonetError::PermissionDenied(format!(
+                        "object {} moved to another node than {from}: it is not this node's to move",
+                        object.short()
+                    ))))
+                }
+                None => from.clone(),
+            };
+            rows.push((object, origin, holder));
         }
-        let writes: Vec<crate::storage::StorageWrite> = moves
+        let writes: Vec<crate::storage::StorageWrite> = rows
             .iter()
-            .map(|(object, holder)| crate::storage::StorageWrite::Put {
+            .map(|(object, origin, holder)| crate::storage::StorageWrite::Put {
                 table: Table::ObjectMoves,
                 key: object.to_vec(),
-                value: format!("{from}\n{holder}").into_bytes(),
+                value: format!("{origin}\n{holder}").into_bytes(),
             })
             .collect();
         let storage = self.storage.clone();
         blocking(move || storage.write_all(&writes)).await?;
-        for (object, holder) in moves {
-            self.moves.insert(object, (from.clone(), holder));
+        for (object, origin, holder) in rows {
+            self.moves.insert(object, (origin, holder));
         }
         Ok(())
     }
@@ -804,8 +823,15 @@ mod tests {
         gcs.forget_moves(&holder, vec![moved]).await.unwrap();
         assert_eq!(gcs.object_moves("10.0.0.1:1", &[moved, kept]), vec![String::new(), "10.0.0.2:1".to_string()]);
 
+        // The holder moves one on (it leaves too): found from where it was first; no
+        // other node may redirect it.
+        let onward = gcs.objects_moved(&other, vec![(kept, "10.0.0.1:1".into())]).await.unwrap_err();
+        assert!(onward.to_string().contains("not this node's to move"), "{onward}");
+        gcs.objects_moved(&holder, vec![(kept, "10.0.0.3:1".into())]).await.unwrap();
+        assert_eq!(gcs.object_moves("10.0.0.1:1", &[kept]), vec!["10.0.0.3:1".to_string()]);
+
         let restarted = GcsState::open(config, storage, Arc::new(clock)).await.unwrap();
-        assert_eq!(restarted.object_moves("10.0.0.1:1", &[kept]), vec!["10.0.0.2:1".to_string()], "kept in storage");
+        assert_eq!(restarted.object_moves("10.0.0.1:1", &[kept]), vec!["10.0.0.3:1".to_string()], "kept in storage");
     }
 
     #[tokio::test]

@@ -248,9 +248,11 @@ async fn take_head_lease(url: &str, args: &StartArgs) -> Result<Arc<HeadLease>> 
     let label = format!("{}:{}", args.node_ip_address.as_deref().unwrap_or(&args.host), args.port);
     let (url, label_for_open) = (url.to_string(), label.clone());
     let lease = Arc::new(
-        tokio::task::spawn_blocking(move || HeadLease::new(&url, &label_for_open, ttl))
-            .await
-            .context("head lease")??,
+        tokio::task::spawn_blocking(move || {
+            HeadLease::new(&url, &label_for_open, ttl).map(HeadLease::exiting_when_fenced)
+        })
+        .await
+        .context("head lease")??,
     );
     let mut said = false;
     loop {
@@ -278,14 +280,18 @@ async fn take_head_lease(url: &str, args: &StartArgs) -> Result<Arc<HeadLease>> 
         loop {
             tokio::time::sleep(ttl / 3).await;
             let renewing = keeper.clone();
-            match tokio::task::spawn_blocking(move || renewing.renew()).await {
-                Ok(Ok(true)) => confirmed = tokio::time::Instant::now(),
-                Ok(Ok(false)) => {
+            // A renewal that hangs (Redis unreachable) counts as failed once the lease
+            // could lapse: waited for no longer than what is left of two thirds of it.
+            let left = (ttl * 2 / 3).saturating_sub(confirmed.elapsed());
+            match tokio::time::timeout(left, tokio::task::spawn_blocking(move || renewing.renew())).await {
+                Ok(Ok(Ok(true))) => confirmed = tokio::time::Instant::now(),
+                Ok(Ok(Ok(false))) => {
                     tracing::error!("another head holds the head lease now: this head stops");
                     std::process::exit(1);
                 }
-                Ok(Err(err)) => tracing::warn!(error = %err, "could not renew the head lease; trying again"),
-                Err(err) => tracing::warn!(error = %err, "renewing the head lease failed; trying again"),
+                Ok(Ok(Err(err))) => tracing::warn!(error = %err, "could not renew the head lease; trying again"),
+                Ok(Err(err)) => tracing::warn!(error = %err, "renewing the head lease failed; trying again"),
+                Err(_) => {}
             }
             if confirmed.elapsed() >= ttl * 2 / 3 {
                 tracing::error!("the head lease could not be renewed in time: this head stops before it lapses");

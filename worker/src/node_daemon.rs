@@ -137,6 +137,11 @@ struct NodeManagerService {
 }
 
 impl NodeManagerService {
+    /// The address the cluster knows node `node` by.
+    async fn caller_address(&self, node: &NodeId) -> Option<String> {
+        self.shared.leases.node_address(node).await
+    }
+
     /// Where the head says object `id` went from the node at `from` (one that left),
     /// when that is a node of this cluster.
     async fn moved_to(&self, from: &str, id: &[u8]) -> Option<String> {
@@ -281,18 +286,32 @@ impl NodeManager for NodeManagerService {
 
     async fn take_objects(&self, request: Request<TakeObjectsRequest>) -> Result<Response<TakeObjectsReply>, Status> {
         // A peer node (the authorization table) that is leaving: its objects are pulled
-        // from it, so it must be a node of this cluster.
+        // from it, so the source is the caller itself, as the cluster knows it.
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        if !self.shared.leases.is_node_address(&request.source_address).await {
-            return Err(Status::invalid_argument(format!(
-                "{} is not a node of this cluster to take objects from",
+        let caller = match &principal {
+            Principal::Node(node) => self.caller_address(node).await,
+            _ => None,
+        };
+        if caller.as_deref() != Some(request.source_address.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{principal} may not hand over objects from {}: a node hands over its own",
                 request.source_address
             )));
         }
         if request.objects.len() > 100_000 {
             return Err(Status::invalid_argument("at most 100000 objects may be taken in one call"));
         }
-        let taken = self.shared.objects.take(&request.source_address, request.objects).await;
+        let mut nodes = std::collections::HashSet::new();
+        for object in &request.objects {
+            for copy in &object.copies {
+                if !nodes.contains(copy) && self.shared.leases.is_node_address(copy).await {
+                    nodes.insert(copy.clone());
+                }
+            }
+        }
+        let taken =
+            self.shared.objects.take(&request.source_address, request.objects, |holder| nodes.contains(holder)).await;
         Ok(Response::new(TakeObjectsReply { taken: taken.iter().map(|id| id.to_vec()).collect() }))
     }
 
@@ -601,9 +620,13 @@ impl NodeDaemon {
         let gathered = tokio::time::timeout(left, async {
             while let Some(result) = calls.join_next().await {
                 match result {
-                    Ok(Ok((holder, taken))) => moves.extend(
-                        taken.into_iter().map(|id| ObjectMove { object_id: id, holder_address: holder.clone() }),
-                    ),
+                    Ok(Ok((holder, taken))) => {
+                        for id in taken {
+                            // Until this node leaves, a free here reaches the taker too.
+                            let _ = self.shared.objects.add_location(&id, holder.clone());
+                            moves.push(ObjectMove { object_id: id, holder_address: holder.clone() });
+                        }
+                    }
                     Ok(Err(err)) => tracing::warn!(error = %err, "a node did not take this node's objects"),
                     Err(err) => tracing::warn!(error = %err, "moving objects failed"),
                 }

@@ -152,15 +152,22 @@ impl NodeObjects {
     }
 
     /// Takes the primary copies of `objects` from `source` (a node leaving): pulls each
-    /// not here yet, for its account, and holds it as its own from now on. Returns the
-    /// ids taken (one that could not be pulled is left out).
-    pub async fn take(&self, source: &str, objects: Vec<TakenObject>) -> Vec<ObjectId> {
+    /// not here yet, for its account (the source vouches for it), and holds it as its own
+    /// from now on. A copy already here stays whose it is: one of another account is not
+    /// taken. `copies` are kept only where `is_node` says a node of the cluster is (freeing
+    /// calls them with this node's credential). Returns the ids taken (one that could not
+    /// be pulled is left out).
+    pub async fn take(&self, source: &str, objects: Vec<TakenObject>, is_node: impl Fn(&str) -> bool) -> Vec<ObjectId> {
         let mut taken = Vec::with_capacity(objects.len());
         for object in objects {
             let Ok(id) = ObjectId::from_bytes(&object.object_id) else { continue };
             let account: Arc<str> = object.account.as_str().into();
             let store = self.store.clone();
             let here = blocking(move || store.get(&id)).await.is_ok_and(|found| found.is_some());
+            if here && self.creators.get(&id).is_some_and(|owner| **owner != *account) {
+                tracing::warn!(object = %id.short(), %source, "a leaving node handed over an object held here for another account; not taken");
+                continue;
+            }
             if !here {
                 if let Err(err) = self.puller.pull_for(source, id, &account).await {
                     tracing::warn!(object = %id.short(), %source, error = %err, "could not take an object from a leaving node");
@@ -175,8 +182,11 @@ impl NodeObjects {
             }
             self.creators.insert(id, account);
             self.primaries.insert(id, true);
-            let others: Vec<String> =
-                object.copies.into_iter().filter(|holder| *holder != self.own_address && holder != source).collect();
+            let others: Vec<String> = object
+                .copies
+                .into_iter()
+                .filter(|holder| *holder != self.own_address && holder != source && is_node(holder))
+                .collect();
             if !others.is_empty() {
                 let mut holders = self.copies.entry(id).or_default();
                 for holder in others {

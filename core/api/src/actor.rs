@@ -322,8 +322,9 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             });
         }
         let bundle = options.resources.placement_group;
+        let actor_id = ActorId::random().to_vec();
         let spec = ActorSpec {
-            actor_id: ActorId::random().to_vec(),
+            actor_id: actor_id.clone(),
             job_id: worker.job_id.to_vec(),
             class_name: class.to_string(),
             constructor_args,
@@ -347,8 +348,12 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             worker.call_head(request, |mut gcs, request| async move { gcs.create_actor(request).await }).await?.actor,
         )?;
         let handle = handle_of(info)?;
-        if !inside.is_empty() && worker.actor_args.insert(handle.id, inside).is_none() {
-            worker.handle.spawn(release_args_when_dead(Arc::downgrade(&worker), handle.id));
+        // Only for the actor this call made (`get_if_exists` may answer another's).
+        if !inside.is_empty() && handle.id.as_bytes() == actor_id.as_slice() {
+            if let dashmap::mapref::entry::Entry::Vacant(entry) = worker.actor_args.entry(handle.id) {
+                entry.insert(inside);
+                worker.handle.spawn(release_args_when_dead(Arc::downgrade(&worker), handle.id));
+            }
         }
         Ok(handle)
     })

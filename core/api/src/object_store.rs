@@ -88,12 +88,18 @@ impl CoreWorker {
         let Ok(channel) = self.channel(&stored.node_address) else { return };
         self.handle.spawn(async move {
             let request = FreeObjectsRequest { object_ids: vec![stored.object_id.clone()] };
-            if let Err(status) = NodeManagerClient::new(channel).free_objects(request).await {
-                tracing::debug!(error = %status.message(), "freeing an object failed");
-                if status.code() == tonic::Code::Unavailable {
-                    if let Ok(worker) = crate::runtime::current() {
-                        worker.free_moved(stored).await;
-                    }
+            // Not there (its node left, or came back anew at the same address): where the
+            // head says it went.
+            let elsewhere = match NodeManagerClient::new(channel).free_objects(request).await {
+                Ok(reply) => reply.into_inner().freed == 0,
+                Err(status) => {
+                    tracing::debug!(error = %status.message(), "freeing an object failed");
+                    status.code() == tonic::Code::Unavailable
+                }
+            };
+            if elsewhere {
+                if let Ok(worker) = crate::runtime::current() {
+                    worker.free_moved(stored).await;
                 }
             }
         });

@@ -34,6 +34,8 @@ pub struct RedisStorage {
     prefix: String,
     /// Writes happen only while this holder holds the head lease (empty: any time).
     fence: String,
+    /// A write refused by the fence ends the process (a head's storage).
+    exit_when_fenced: bool,
 }
 
 /// `url` is a Redis URL: `redis://[user:password@]host:port/db`.
@@ -52,8 +54,9 @@ impl RedisStorage {
             shown: shown(url),
             prefix: "ionet:".into(),
             fence: String::new(),
+            exit_when_fenced: false,
         };
-        storage.call(|connection| redis::cmd("PING").query::<String>(connection))?;
+        storage.call(true, |connection| redis::cmd("PING").query::<String>(connection))?;
         Ok(storage)
     }
 
@@ -63,6 +66,7 @@ impl RedisStorage {
     pub fn open_fenced(url: &str, lease: &HeadLease) -> GcsResult<Self> {
         let mut storage = Self::open(url)?;
         storage.fence = lease.holder.clone();
+        storage.exit_when_fenced = lease.exit_when_fenced;
         Ok(storage)
     }
 
@@ -73,7 +77,9 @@ impl RedisStorage {
     /// A script call on `table` with the fence first: KEYS lease, sorted set, hash;
     /// ARGV holder, then `args`.
     fn invoke<T: redis::FromRedisValue>(&self, script: &Script, table: Table, args: &[&[u8]]) -> GcsResult<T> {
-        self.call(|connection| {
+        // A write whose fate is unknown (sent, no answer) is not sent again: its result
+        // (stored or not, how many removed) would be the second's.
+        self.call(false, |connection| {
             let mut invocation = script.key(self.lease_key());
             invocation.key(self.keys_of(table)).key(self.values_of(table)).arg(self.fence.as_bytes());
             for arg in args {
@@ -91,9 +97,14 @@ impl RedisStorage {
         format!("{}{}:v", self.prefix, table.name())
     }
 
-    /// Runs `f` on the connection, connecting first if there is none and once more if
-    /// the connection broke.
-    fn call<T>(&self, mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>) -> GcsResult<T> {
+    /// Runs `f` on the connection, connecting first if there is none, and once more on a
+    /// new connection if this one broke (`resend`: only for what may run twice; else
+    /// the broken call's error).
+    fn call<T>(
+        &self,
+        resend: bool,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> GcsResult<T> {
         let mut held = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut last = None;
         for _ in 0..2 {
@@ -109,8 +120,20 @@ impl RedisStorage {
             let connection = held.as_mut().expect("connected above");
             match f(connection) {
                 Ok(value) => return Ok(value),
+                // This head lost the head lease: another is active. It stops before it
+                // does anything more on the strength of tables it can no longer write.
+                Err(err) if self.exit_when_fenced && err.to_string().contains("FENCED") => {
+                    tracing::error!(storage = %self.shown, "this head no longer holds the head lease: it stops");
+                    std::process::exit(1);
+                }
                 Err(err) if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() => {
                     *held = None;
+                    if !resend {
+                        return Err(GcsError::Storage(format!(
+                            "redis {}: {err} (the write may or may not have landed)",
+                            self.shown
+                        )));
+                    }
                     last = Some(err);
                 }
                 Err(err) => return Err(GcsError::Storage(format!("redis {}: {err}", self.shown))),
@@ -257,7 +280,7 @@ impl GcsStorage for RedisStorage {
     }
 
     fn get(&self, table: Table, key: &[u8]) -> GcsResult<Option<Vec<u8>>> {
-        self.call(|connection| connection.hget(self.values_of(table), key))
+        self.call(true, |connection| connection.hget(self.values_of(table), key))
     }
 
     fn delete(&self, table: Table, key: &[u8]) -> GcsResult<bool> {
@@ -268,7 +291,7 @@ impl GcsStorage for RedisStorage {
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> GcsResult<Vec<(Vec<u8>, Vec<u8>)>> {
         let (low, high) = lex_range(prefix);
         let script = Script::new(SCAN);
-        let flat: Vec<Vec<u8>> = self.call(|connection| {
+        let flat: Vec<Vec<u8>> = self.call(true, |connection| {
             script.key(self.keys_of(table)).key(self.values_of(table)).arg(&low).arg(&high).invoke(connection)
         })?;
         let mut entries = Vec::with_capacity(flat.len() / 2);
@@ -308,6 +331,8 @@ pub struct HeadLease {
     /// This head: its address and a random tag, unique per process.
     holder: String,
     ttl: Duration,
+    /// Storage fenced by this lease ends the process when a write is refused.
+    exit_when_fenced: bool,
 }
 
 /// KEYS: lease. ARGV: holder, milliseconds. Extends the lease if the holder holds it.
@@ -323,7 +348,14 @@ impl HeadLease {
     /// renewed.
     pub fn new(url: &str, address: &str, ttl: Duration) -> GcsResult<Self> {
         let holder = format!("{address} {}", hex::encode(rand::random::<[u8; 8]>()));
-        Ok(Self { storage: RedisStorage::open(url)?, holder, ttl })
+        Ok(Self { storage: RedisStorage::open(url)?, holder, ttl, exit_when_fenced: false })
+    }
+
+    /// A head's lease: its storage's writes refused by the fence end the process (it is
+    /// no longer the active head and must not act as one).
+    pub fn exiting_when_fenced(mut self) -> Self {
+        self.exit_when_fenced = true;
+        self
     }
 
     pub fn ttl(&self) -> Duration {
@@ -337,7 +369,7 @@ impl HeadLease {
     /// Takes the lease if no head holds it; whether this head holds it now.
     pub fn try_take(&self) -> GcsResult<bool> {
         let key = self.storage.lease_key();
-        let taken: Option<String> = self.storage.call(|connection| {
+        let taken: Option<String> = self.storage.call(true, |connection| {
             redis::cmd("SET").arg(&key).arg(&self.holder).arg("NX").arg("PX").arg(self.millis()).query(connection)
         })?;
         Ok(taken.is_some() || self.renew()?)
@@ -346,7 +378,7 @@ impl HeadLease {
     /// Extends the lease; whether this head still holds it.
     pub fn renew(&self) -> GcsResult<bool> {
         let script = Script::new(RENEW);
-        let renewed: i64 = self.storage.call(|connection| {
+        let renewed: i64 = self.storage.call(true, |connection| {
             script.key(self.storage.lease_key()).arg(&self.holder).arg(self.millis()).invoke(connection)
         })?;
         Ok(renewed == 1)
@@ -355,7 +387,7 @@ impl HeadLease {
     /// The holder of the lease now (`address tag`), if any.
     pub fn holder_now(&self) -> GcsResult<Option<String>> {
         let key = self.storage.lease_key();
-        self.storage.call(|connection| connection.get(&key))
+        self.storage.call(true, |connection| connection.get(&key))
     }
 }
 

@@ -206,6 +206,8 @@ impl Leases {
     /// Whether `address` is a node of this cluster (this one, or one in the last view):
     /// the only addresses a node daemon calls with its own credential.
     /// The control store's client, once the daemon registered.
+    ///
+    /// (See [`Leases::is_node_address`] for whether an address is a node's.)
     pub fn control_store(&self) -> Option<ionet_common::rpc::GcsClient> {
         self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -220,6 +222,14 @@ impl Leases {
             .map(|node| node.node_id)
             .collect();
         ids.into_iter().filter_map(|id| self.address_of(&id).map(|address| (id, address))).collect()
+    }
+
+    /// The address of node `node` (the view refreshed once if it is not known yet).
+    pub async fn node_address(&self, node: &NodeId) -> Option<String> {
+        match self.address_of(node) {
+            Some(address) => Some(address),
+            None => self.refresh_from_control_store().await.then(|| self.address_of(node)).flatten(),
+        }
     }
 
     pub async fn is_node_address(&self, address: &str) -> bool {
@@ -533,7 +543,7 @@ impl Leases {
         }
     }
 
-    fn address_of(&self, node_id: &NodeId) -> Option<String> {
+    pub(crate) fn address_of(&self, node_id: &NodeId) -> Option<String> {
         self.addresses.get(node_id).map(|entry| entry.clone())
     }
 
