@@ -56,6 +56,7 @@ use crate::storage::Table;
 /// Pause between placement attempts that failed for a reason that may pass.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+#[derive(Clone)]
 struct Row {
     info: ActorInfo,
     /// The lease the current incarnation runs on: (lease id, node daemon address).
@@ -116,25 +117,44 @@ impl Actors {
         })
     }
 
-    /// Writes the actor's row as it is now to storage.
-    async fn persist(&self, actor_id: ActorId) -> GcsResult<()> {
-        let _writing = self.writing.lock().await;
-        let stored = lock(&self.rows).get(&actor_id).map(|row| {
-            let (lease_id, lease_node_address) = row.lease.clone().unwrap_or_default();
-            StoredActor { info: Some(row.info.clone()), lease_id, lease_node_address }.encode_to_vec()
-        });
-        let Some(bytes) = stored else { return Ok(()) };
+    /// Writes `row` to storage (the caller holds `writing`).
+    async fn store(&self, actor_id: ActorId, row: &Row) -> GcsResult<()> {
+        let (lease_id, lease_node_address) = row.lease.clone().unwrap_or_default();
+        let bytes = StoredActor { info: Some(row.info.clone()), lease_id, lease_node_address }.encode_to_vec();
         let storage = self.state.storage().clone();
         blocking(move || storage.put(Table::Actors, actor_id.as_bytes(), &bytes)).await
     }
 
-    /// [`Actors::persist`] where the change is already made and published to no one who
-    /// could act on a lost write: a failure is logged (the row is written again with its
-    /// next change).
-    async fn persist_or_log(&self, actor_id: ActorId) {
-        if let Err(err) = self.persist(actor_id).await {
+    /// Changes the actor's row: `change` works on a copy (`None`: no change), the copy is
+    /// stored, and only then does it become the row, so nobody sees (nor acts on) a state
+    /// the head has not stored. Serialised by `writing`: the row in memory is always the
+    /// last one stored. A change that must happen whatever storage says (`must`: the
+    /// worker is gone) is made even when storing fails (logged; the next change stores
+    /// the whole row again); another is not, and the error is returned.
+    async fn transition<T>(
+        &self,
+        actor_id: ActorId,
+        must: bool,
+        change: impl FnOnce(&mut Row) -> Option<T>,
+    ) -> GcsResult<Option<T>> {
+        let _writing = self.writing.lock().await;
+        let (row, out) = {
+            let rows = lock(&self.rows);
+            let Some(current) = rows.get(&actor_id) else { return Ok(None) };
+            let mut row = current.clone();
+            match change(&mut row) {
+                Some(out) => (row, out),
+                None => return Ok(None),
+            }
+        };
+        if let Err(err) = self.store(actor_id, &row).await {
+            if !must {
+                return Err(err);
+            }
             tracing::error!(actor = %actor_id, error = %err, "could not write the actor's row to storage");
         }
+        lock(&self.rows).insert(actor_id, row);
+        Ok(Some(out))
     }
 
     /// Takes back the actors a previous run of the head left in storage: rows and names
@@ -197,7 +217,7 @@ impl Actors {
                 // the actor; it goes (the lease returned as failed) before another is
                 // placed.
                 if let Some((lease_id, node_address)) = lease {
-                    actors.return_lease(&spec.job_id, lease_id.clone(), &node_address, true).await;
+                    actors.return_lease_surely(&spec.job_id, &lease_id, &node_address).await;
                     actors.forget_lease(actor_id, &lease_id).await;
                 }
                 actors.place(actor_id, incarnation).await;
@@ -263,8 +283,10 @@ impl Actors {
             )));
         }
         spec.max_concurrency = spec.max_concurrency.max(1);
+        // One create or change at a time: the row is stored before anyone can see it.
+        let writing = self.writing.lock().await;
         let info = {
-            let mut rows = lock(&self.rows);
+            let rows = lock(&self.rows);
             if let Some(row) = rows.get(&actor_id) {
                 // The same create again (its caller asked again across a head restart):
                 // the row it made.
@@ -289,18 +311,21 @@ impl Actors {
                 }
                 names.insert(key, actor_id);
             }
-            let info = ActorInfo {
+            ActorInfo {
                 spec: Some(spec.clone()),
                 state: ActorState::PendingCreation as i32,
                 created_at_ms: self.state.now_ms(),
                 ..Default::default()
-            };
-            rows.insert(actor_id, Row { info: info.clone(), lease: None });
-            info
+            }
         };
-        if let Err(err) = self.persist(actor_id).await {
+        let row = Row { info: info.clone(), lease: None };
+        let stored = self.store(actor_id, &row).await;
+        if stored.is_ok() {
+            lock(&self.rows).insert(actor_id, row);
+        }
+        drop(writing);
+        if let Err(err) = stored {
             // Not stored: not created (the caller may ask again).
-            lock(&self.rows).remove(&actor_id);
             if !spec.name.is_empty() {
                 let mut names = lock(&self.names);
                 if names.get(&self.name_key(&spec)) == Some(&actor_id) {
@@ -385,50 +410,71 @@ impl Actors {
             return Ok(());
         }
         let cause = if no_restart { "killed by ionet::kill" } else { "killed by ionet::kill (restart allowed)" };
-        self.worker_ended(actor_id, info.incarnation, cause, no_restart).await;
-        Ok(())
+        self.worker_ended(actor_id, info.incarnation, cause, no_restart)
+            .await
+            .map_err(|err| IonetError::Unavailable(format!("the control store could not store the kill: {err}")))
     }
 
     /// The current incarnation's worker ended (died, was killed, or its node died). Returns
     /// its lease as failed, then restarts the actor or marks it DEAD.
-    async fn worker_ended(self: &Arc<Self>, actor_id: ActorId, incarnation: u32, cause: &str, no_restart: bool) {
-        let (lease, restart) = {
-            let mut rows = lock(&self.rows);
-            let Some(row) = rows.get_mut(&actor_id) else { return };
-            let state = state_of(&row.info);
-            if row.info.incarnation != incarnation || state == ActorState::Dead {
-                return; // A stale report about an incarnation already handled.
-            }
-            let spec = row.info.spec.clone().unwrap_or_default();
-            let restarts_left = spec.max_restarts == -1 || (row.info.restarts as i64) < i64::from(spec.max_restarts);
-            let restart = !no_restart && restarts_left;
-            let info = &mut row.info;
-            info.death_cause = cause.to_string();
-            info.address.clear();
-            if restart {
-                info.state = ActorState::Restarting as i32;
-                info.restarts += 1;
-                info.incarnation += 1;
-            } else {
-                info.state = ActorState::Dead as i32;
-                if !spec.name.is_empty() {
-                    lock(&self.names).remove(&self.name_key(&spec));
+    async fn worker_ended(
+        self: &Arc<Self>,
+        actor_id: ActorId,
+        incarnation: u32,
+        cause: &str,
+        no_restart: bool,
+    ) -> GcsResult<()> {
+        // A kill is the caller's to retry when it cannot be stored; a worker that is gone
+        // is gone whatever storage says.
+        let must = !cause.starts_with("killed by");
+        let name_key = |spec: &ActorSpec| self.name_key(spec);
+        let decided = self
+            .transition(actor_id, must, |row| {
+                let state = state_of(&row.info);
+                if row.info.incarnation != incarnation || state == ActorState::Dead {
+                    return None; // A stale report about an incarnation already handled.
                 }
+                let spec = row.info.spec.clone().unwrap_or_default();
+                let restarts_left =
+                    spec.max_restarts == -1 || (row.info.restarts as i64) < i64::from(spec.max_restarts);
+                let restart = !no_restart && restarts_left;
+                let info = &mut row.info;
+                info.death_cause = cause.to_string();
+                info.address.clear();
+                if restart {
+                    info.state = ActorState::Restarting as i32;
+                    info.restarts += 1;
+                    info.incarnation += 1;
+                } else {
+                    info.state = ActorState::Dead as i32;
+                }
+                let freed_name = (!restart && !spec.name.is_empty()).then(|| name_key(&spec));
+                // Kept (and stored) until it is returned: a head that dies in between
+                // returns it when it comes back.
+                let lease = row.lease.clone().map(|lease| (lease, spec.job_id));
+                Some((lease, restart.then_some(info.incarnation), freed_name))
+            })
+            .await?;
+        let Some((lease, restart, freed_name)) = decided else { return Ok(()) };
+        if let Some(key) = freed_name {
+            let mut names = lock(&self.names);
+            if names.get(&key) == Some(&actor_id) {
+                names.remove(&key);
             }
-            // Kept (and stored) until it is returned: a head that dies in between returns
-            // it when it comes back.
-            (row.lease.clone().map(|lease| (lease, spec.job_id)), restart.then_some(info.incarnation))
-        };
+        }
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
-        self.persist_or_log(actor_id).await;
         self.bump();
         if let Some(((lease_id, node_address), job_id)) = lease {
-            self.return_lease(&job_id, lease_id.clone(), &node_address, true).await;
-            self.forget_lease(actor_id, &lease_id).await;
+            // Forgotten once the node took it back (or is gone): else kept, so a head
+            // restarted meanwhile returns it again.
+            if self.return_lease(&job_id, lease_id.clone(), &node_address, true).await {
+                self.forget_lease(actor_id, &lease_id).await;
+            }
         }
         if let Some(incarnation) = restart {
             tokio::spawn(self.clone().place(actor_id, incarnation));
         }
+        Ok(())
     }
 
     /// Says, as the holder of an actor's lease (the head holds them), that it was granted
@@ -451,51 +497,65 @@ impl Actors {
     }
 
     /// Returns a lease of job `job_id`'s actor, with the job's credential.
-    async fn return_lease(&self, job_id: &[u8], lease_id: Vec<u8>, node_address: &str, worker_failed: bool) {
+    /// Returns a lease of job `job_id`'s actor, with the job's credential. Whether its
+    /// worker is surely gone: the node took the lease back or knows it not, or the node
+    /// itself is gone (not alive in the node table).
+    async fn return_lease(&self, job_id: &[u8], lease_id: Vec<u8>, node_address: &str, worker_failed: bool) -> bool {
         self.held(job_id, &lease_id, &[], false, None).await;
-        let Ok(credential) = self.job_credential(job_id) else { return };
-        let Ok(channel) = self.channel(node_address, &credential) else { return };
+        let node_gone = || {
+            !self
+                .state
+                .nodes(false)
+                .iter()
+                .any(|node| node.address == node_address && node.state != WireNodeState::Dead as i32)
+        };
+        let Ok(credential) = self.job_credential(job_id) else { return node_gone() };
+        let Ok(channel) = self.channel(node_address, &credential) else { return node_gone() };
         let request = ReturnWorkerLeaseRequest { lease_id, worker_failed };
-        if let Err(status) = NodeManagerClient::new(channel).return_worker_lease(request).await {
-            tracing::debug!(node = %node_address, error = %status.message(), "returning an actor's lease failed");
+        match NodeManagerClient::new(channel).return_worker_lease(request).await {
+            Ok(_) => true,
+            Err(status) if status.code() == tonic::Code::NotFound => true,
+            Err(status) => {
+                tracing::debug!(node = %node_address, error = %status.message(), "returning an actor's lease failed");
+                node_gone()
+            }
+        }
+    }
+
+    /// Returns a lease a previous run of the head left recorded, until its worker is
+    /// surely gone (see [`Actors::return_lease`]), asking again every second.
+    async fn return_lease_surely(&self, job_id: &[u8], lease_id: &[u8], node_address: &str) {
+        while !self.return_lease(job_id, lease_id.to_vec(), node_address, true).await {
+            tokio::time::sleep(RETRY_PAUSE * 2).await;
         }
     }
 
     /// Forgets lease `lease_id` of the actor once returned (a newer one is kept).
     async fn forget_lease(&self, actor_id: ActorId, lease_id: &[u8]) {
-        let forgotten = match lock(&self.rows).get_mut(&actor_id) {
-            Some(row) if row.lease.as_ref().is_some_and(|(held, _)| held == lease_id) => {
-                row.lease = None;
-                true
-            }
-            _ => false,
-        };
-        if forgotten {
-            self.persist_or_log(actor_id).await;
-        }
+        let forgot = self.transition(actor_id, true, |row| {
+            row.lease.as_ref().is_some_and(|(held, _)| held == lease_id).then(|| row.lease = None)
+        });
+        let _ = forgot.await;
     }
 
     /// Records (and stores) the lease incarnation `incarnation` is being created on, if
-    /// that incarnation is still wanted; returns whether it is.
+    /// that incarnation is still wanted; returns whether it is (and the lease stored).
     async fn record_lease(&self, actor_id: ActorId, incarnation: u32, lease_id: &[u8], node_address: &str) -> bool {
-        let wanted = match lock(&self.rows).get_mut(&actor_id) {
-            Some(row)
-                if row.info.incarnation == incarnation
-                    && matches!(state_of(&row.info), ActorState::PendingCreation | ActorState::Restarting) =>
-            {
-                row.lease = Some((lease_id.to_vec(), node_address.to_string()));
-                true
-            }
-            _ => false,
-        };
-        if wanted {
-            // Stored before the constructor runs: a head restarted meanwhile returns it.
-            if let Err(err) = self.persist(actor_id).await {
+        let recorded = self
+            .transition(actor_id, false, |row| {
+                let wanted = row.info.incarnation == incarnation
+                    && matches!(state_of(&row.info), ActorState::PendingCreation | ActorState::Restarting);
+                wanted.then(|| row.lease = Some((lease_id.to_vec(), node_address.to_string())))
+            })
+            .await;
+        match recorded {
+            Ok(recorded) => recorded.is_some(),
+            Err(err) => {
+                // Stored before the constructor runs, or not run at all: placed again.
                 tracing::error!(actor = %actor_id, error = %err, "could not store the actor's lease; placing again");
-                return false;
+                false
             }
         }
-        wanted
     }
 
     /// Whether `incarnation` is still the one to place (not killed or superseded meanwhile).
@@ -614,29 +674,37 @@ impl Actors {
                     continue;
                 }
             }
-            let alive = {
-                let mut rows = lock(&self.rows);
-                match rows.get_mut(&actor_id) {
-                    Some(row) if row.info.incarnation == incarnation && state_of(&row.info) != ActorState::Dead => {
+            // Stored before its address is published: a restarted head knows where it runs.
+            let alive = self
+                .transition(actor_id, false, |row| {
+                    let current = row.info.incarnation == incarnation && state_of(&row.info) != ActorState::Dead;
+                    current.then(|| {
                         row.info.state = ActorState::Alive as i32;
                         row.info.address = lease.worker_address.clone();
                         row.info.node_id = lease.node_id.clone();
                         row.info.node_address = node_address.clone();
                         row.info.gpu_ids = lease.gpu_ids.clone();
-                        true
-                    }
-                    _ => false,
+                    })
+                })
+                .await;
+            match alive {
+                Ok(Some(())) => {}
+                Ok(None) => {
+                    // Killed while its constructor ran.
+                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.forget_lease(actor_id, &lease.lease_id).await;
+                    return;
                 }
-            };
-            if !alive {
-                // Killed while its constructor ran.
-                self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
-                self.forget_lease(actor_id, &lease.lease_id).await;
-                return;
+                Err(err) => {
+                    // Not stored, so not published: this worker goes and another is placed.
+                    tracing::error!(actor = %actor_id, error = %err, "could not store the actor alive; placing again");
+                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.forget_lease(actor_id, &lease.lease_id).await;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
             }
             tracing::info!(actor = %actor_id, incarnation, worker = %lease.worker_address, "actor alive");
-            // Stored before its address is published: a restarted head knows where it runs.
-            self.persist_or_log(actor_id).await;
             self.bump();
             tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
             return;
@@ -649,22 +717,27 @@ impl Actors {
 
     /// Marks the actor dead; `error`: the error its calls fail with (else ActorDied).
     async fn mark_dead_with(&self, actor_id: ActorId, incarnation: u32, cause: &str, error: Option<&IonetError>) {
-        {
-            let mut rows = lock(&self.rows);
-            let Some(row) = rows.get_mut(&actor_id) else { return };
-            if row.info.incarnation != incarnation {
-                return;
-            }
-            row.info.state = ActorState::Dead as i32;
-            row.info.death_cause = cause.to_string();
-            row.info.death_error = error.map(ionet_common::rpc::status::detail_of);
-            let spec = row.info.spec.clone().unwrap_or_default();
-            if !spec.name.is_empty() {
-                lock(&self.names).remove(&self.name_key(&spec));
+        let name_key = |spec: &ActorSpec| self.name_key(spec);
+        let marked = self
+            .transition(actor_id, true, |row| {
+                if row.info.incarnation != incarnation {
+                    return None;
+                }
+                row.info.state = ActorState::Dead as i32;
+                row.info.death_cause = cause.to_string();
+                row.info.death_error = error.map(ionet_common::rpc::status::detail_of);
+                let spec = row.info.spec.clone().unwrap_or_default();
+                Some((!spec.name.is_empty()).then(|| name_key(&spec)))
+            })
+            .await;
+        let Ok(Some(freed_name)) = marked else { return };
+        if let Some(key) = freed_name {
+            let mut names = lock(&self.names);
+            if names.get(&key) == Some(&actor_id) {
+                names.remove(&key);
             }
         }
         tracing::warn!(actor = %actor_id, cause, "actor dead");
-        self.persist_or_log(actor_id).await;
         self.bump();
     }
 
@@ -719,7 +792,7 @@ impl Actors {
                 Ok(()) => "the actor's worker process exited".to_string(),
                 Err(why) => format!("the actor's worker process died ({why})"),
             };
-            self.worker_ended(actor_id, incarnation, &cause, false).await;
+            let _ = self.worker_ended(actor_id, incarnation, &cause, false).await;
         })
     }
 
@@ -737,7 +810,7 @@ impl Actors {
             .map(|(id, row)| (*id, row.info.incarnation))
             .collect();
         for (actor_id, incarnation) in owned {
-            self.worker_ended(actor_id, incarnation, "its owner exited", true).await;
+            let _ = self.worker_ended(actor_id, incarnation, "its owner exited", true).await;
         }
     }
 
@@ -781,7 +854,7 @@ impl Actors {
                 .map(|(id, row)| (*id, row.info.incarnation))
                 .collect();
             for (actor_id, incarnation) in on_node {
-                self.worker_ended(actor_id, incarnation, "its node died", false).await;
+                let _ = self.worker_ended(actor_id, incarnation, "its node died", false).await;
             }
         }
     }
