@@ -359,7 +359,10 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     session.write_admin_credential(&admin)?;
     // Drivers and this head's node follow whichever head is active: every head's address.
     let heads = match args.other_heads.as_deref().map(str::trim).filter(|others| !others.is_empty()) {
-        Some(others) => format!("{address},{others}"),
+        // One scheme for all: this head's (every head of a cluster speaks TLS, or none).
+        Some(others) => {
+            ionet_common::failover::one_scheme(&format!("{address},{others}")).map_err(|err| anyhow!(err))?
+        }
         None => address.clone(),
     };
     session.write_head_address(&heads)?;
@@ -566,8 +569,12 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
     let given = args.address.clone().expect("checked by start");
     // A pinned CA hash means the head serves TLS, whatever the address says.
     let gcs_address = match &args.ca_hash {
-        Some(_) if !rpc::is_tls_address(&given) => format!("https://{}", given.trim_start_matches("http://")),
-        _ => given,
+        Some(_) => ionet_common::failover::addresses(&given)
+            .iter()
+            .map(|head| format!("https://{}", head.trim_start_matches("http://").trim_start_matches("https://")))
+            .collect::<Vec<_>>()
+            .join(","),
+        None => ionet_common::failover::one_scheme(&given).map_err(|err| anyhow!(err))?,
     };
     let cluster_ca = join_cluster_ca(&gcs_address, args.ca_hash.as_deref(), &session).await?;
     let join_credential = match args.join_token.as_deref() {
@@ -629,9 +636,17 @@ async fn join_cluster_ca(address: &str, ca_hash: Option<&str>, session: &Session
     }
     let pem = match ca_hash {
         Some(hash) => {
-            let pem = tls::fetch_ca(address, hash, Duration::from_secs(10))
-                .await
-                .with_context(|| format!("cannot trust the head at {address}"))?;
+            // The first head of a list that answers (the heads share the cluster's CA).
+            let mut fetched = Err(anyhow!("no head address in {address:?}"));
+            for head in ionet_common::failover::addresses(address) {
+                fetched = tls::fetch_ca(head, hash, Duration::from_secs(10))
+                    .await
+                    .with_context(|| format!("cannot trust the head at {head}"));
+                if fetched.is_ok() {
+                    break;
+                }
+            }
+            let pem = fetched?;
             session.write_cluster_ca(&pem)?;
             pem
         }

@@ -59,6 +59,25 @@ pub fn addresses(list: &str) -> Vec<&str> {
     list.split(',').map(str::trim).filter(|address| !address.is_empty()).collect()
 }
 
+/// A head list with one scheme for all: when any head is named `https://`, every one is
+/// (the heads of one cluster all speak TLS or none do; a head dialled in plaintext would
+/// see the caller's credential). A list naming both `http://` and `https://` is refused.
+pub fn one_scheme(list: &str) -> Result<String, String> {
+    let heads = addresses(list);
+    let tls = heads.iter().any(|head| head.starts_with("https://"));
+    if tls && heads.iter().any(|head| head.starts_with("http://")) {
+        return Err(format!("the heads {list:?} mix http:// and https://: a cluster's heads all speak TLS or none"));
+    }
+    if !tls {
+        return Ok(heads.join(","));
+    }
+    let named: Vec<String> = heads
+        .iter()
+        .map(|head| if head.starts_with("https://") { head.to_string() } else { format!("https://{head}") })
+        .collect();
+    Ok(named.join(","))
+}
+
 pub enum ClusterFuture {
     One(tonic::transport::channel::ResponseFuture),
     Heads(Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>),
@@ -122,5 +141,12 @@ mod tests {
     fn head_lists_are_split_and_trimmed() {
         assert_eq!(addresses("a:1, b:2,,"), vec!["a:1", "b:2"]);
         assert_eq!(addresses("a:1"), vec!["a:1"]);
+    }
+
+    #[test]
+    fn every_head_of_a_tls_list_speaks_tls() {
+        assert_eq!(one_scheme("https://a:1,b:2").unwrap(), "https://a:1,https://b:2");
+        assert_eq!(one_scheme("a:1, b:2").unwrap(), "a:1,b:2");
+        assert!(one_scheme("https://a:1,http://b:2").unwrap_err().contains("mix"));
     }
 }

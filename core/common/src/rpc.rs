@@ -579,6 +579,7 @@ fn endpoint(address: &str, connect_timeout: Duration) -> IonetResult<Endpoint> {
 /// Connects to `address` now (to a list of heads: the first that answers), failing with
 /// `Unavailable` if nothing answers.
 async fn connect_now(address: &str, connect_timeout: Duration) -> IonetResult<ClusterChannel> {
+    let address = &failover::one_scheme(address).map_err(IonetError::InvalidArgument)?;
     let list = failover::addresses(address);
     if list.len() <= 1 {
         let channel = endpoint(address.trim(), connect_timeout)?
@@ -635,6 +636,7 @@ pub fn connect_lazy(address: &str, credential: &Bearer, connect_timeout: Duratio
 /// as several principals (the head, for the jobs whose actors it places) shares it between
 /// them with [`with_credential`].
 pub fn lazy_channel(address: &str, connect_timeout: Duration) -> IonetResult<ClusterChannel> {
+    let address = &failover::one_scheme(address).map_err(IonetError::InvalidArgument)?;
     let list = failover::addresses(address);
     if list.len() <= 1 {
         return Ok(ClusterChannel::One(endpoint(address.trim(), connect_timeout)?.connect_lazy()));
