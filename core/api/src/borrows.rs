@@ -19,9 +19,15 @@
 //! lives (`CoreWorker::actor_args`, let go once the control store says it is dead): each
 //! incarnation's constructor reads them again.
 //!
-//! Not covered yet: a borrower that dies without releasing (the owner keeps the object
-//! until it exits), refs passed on from a borrower to a third process (borrowed handles
-//! there do not hold the object), and lends in actor calls' replies.
+//! The owner keeps each lend under its borrower (the caller's address, which the caller
+//! names on its task stream): a release gives back the releasing borrower's lends only,
+//! so one borrower cannot give back another's.
+//!
+//! Not covered yet: a borrower that dies without releasing (its owner, a worker it
+//! leased, dies with its lease today, so nothing outlives it; an owner that outlives its
+//! borrower keeps the object until it exits), refs passed on from a borrower to a third
+//! process (borrowed handles there do not hold the object), and lends in actor calls'
+//! replies.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
@@ -46,7 +52,11 @@ impl Drop for Borrowed {
         let Ok(worker) = crate::runtime::current() else { return };
         worker.borrows.held.remove_if(&self.id, |_, weak| weak.strong_count() == 0);
         let Ok(channel) = worker.channel(&self.owner) else { return };
-        let request = ReleaseBorrowsRequest { object_ids: vec![self.id.to_vec()], counts: vec![lends] };
+        let request = ReleaseBorrowsRequest {
+            object_ids: vec![self.id.to_vec()],
+            counts: vec![lends],
+            borrower_address: worker.address.to_string(),
+        };
         let id = self.id;
         worker.handle.spawn(async move {
             if let Err(status) = CoreWorkerClient::new(channel).release_borrows(request).await {
@@ -62,8 +72,9 @@ pub(crate) struct Borrows {
     held: DashMap<ObjectId, Weak<Borrowed>>,
     /// The borrows each owned object's value holds (the refs inside it).
     contained: DashMap<ObjectId, Vec<Arc<Borrowed>>>,
-    /// Objects this process owns, lent out: a counted handle per lend still out.
-    lent: DashMap<ObjectId, Vec<ObjectRef<()>>>,
+    /// Objects this process owns, lent out: a counted handle per lend still out, with
+    /// the borrower it is out to.
+    lent: DashMap<ObjectId, Vec<(Arc<str>, ObjectRef<()>)>>,
 }
 
 /// The most lends one reply may carry (more are not registered, and so never released:
@@ -115,31 +126,40 @@ impl Borrows {
         self.contained.remove(container);
     }
 
-    /// Lends `refs` (handles this process owns, found in a task's return value): each
-    /// keeps its count until the borrower gives it back.
-    pub(crate) fn lend(&self, address: &str, refs: Vec<ObjectRef<()>>) -> Vec<LentRef> {
-        refs.into_iter()
+    /// Lends `refs` (handles this process owns, found in a task's return value) to the
+    /// process at `borrower`: each keeps its count until that borrower gives it back.
+    pub(crate) fn lend(&self, address: &str, refs: Vec<ObjectRef<()>>, borrower: Arc<str>) -> Vec<LentRef> {
+        let lent: Vec<LentRef> = refs
+            .into_iter()
             .filter(|handle| handle.entry.is_some())
             .take(MAX_LENT_PER_REPLY)
             .map(|handle| {
                 let lent = LentRef { object_id: handle.id().to_vec(), owner: address.to_string() };
                 // Its count is the borrower's now: kept here until given back.
-                self.lent.entry(handle.id()).or_default().push(handle);
+                self.lent.entry(handle.id()).or_default().push((borrower.clone(), handle));
                 lent
             })
-            .collect()
+            .collect();
+        lent
     }
 
-    /// A borrower gives back `count` lends of `id`: at most as many as are out. The
-    /// handles go after the table's lock is let go (the last may free the object).
-    pub(crate) fn release(&self, id: ObjectId, count: u32) {
-        let returned: Vec<ObjectRef<()>> = match self.lent.get_mut(&id) {
-            Some(mut out) => {
-                let keep = out.len().saturating_sub(count as usize);
-                out.split_off(keep)
-            }
-            None => Vec::new(),
-        };
+    /// Borrower `borrower` gives back `count` lends of `id`: at most as many as are out
+    /// to it. The handles go after the table's lock is let go (the last may free the
+    /// object).
+    pub(crate) fn release(&self, id: ObjectId, count: u32, borrower: &str) {
+        let mut returned: Vec<ObjectRef<()>> = Vec::new();
+        if let Some(mut out) = self.lent.get_mut(&id) {
+            let mut left = count as usize;
+            out.retain_mut(|(to, handle)| {
+                if left > 0 && **to == *borrower {
+                    left -= 1;
+                    returned.push(handle.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
         self.lent.remove_if(&id, |_, out| out.is_empty());
         drop(returned);
     }

@@ -385,7 +385,7 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
             metered,
             node_address,
             worker_address: granted.worker_address.clone(),
-            tasks: TaskStream::open(&worker.handle, channel),
+            tasks: TaskStream::open(&worker.handle, channel, worker.address.clone()),
             in_flight: AtomicUsize::new(0),
             queued_micros: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),

@@ -54,7 +54,7 @@ fn run_blocking(
     depth: u32,
     return_id: ObjectId,
     inline_threshold: u64,
-    lend: bool,
+    lend_to: Option<Arc<str>>,
     call: impl FnOnce() -> Result<Vec<u8>, Failure>,
 ) -> PushTaskReply {
     let started = Instant::now();
@@ -63,7 +63,7 @@ fn run_blocking(
     context::set_current_task(task_id, depth);
     // The refs this process owns that the value holds are lent to the caller (a remote
     // caller of a task: `crate::borrows`).
-    let (result, contained) = if lend {
+    let (result, contained) = if lend_to.is_some() {
         crate::object_ref::collect_contained(|| std::panic::catch_unwind(AssertUnwindSafe(call)))
     } else {
         (std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new())
@@ -76,7 +76,9 @@ fn run_blocking(
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
     if matches!(reply.result, Some(push_task_reply::Result::Inline(_) | push_task_reply::Result::Stored(_))) {
-        reply.lent = worker.borrows.lend(&worker.address, contained);
+        if let Some(borrower) = lend_to {
+            reply.lent = worker.borrows.lend(&worker.address, contained, borrower);
+        }
     }
     reply.run_micros = started.elapsed().as_micros() as u64;
     worker.record_run(function_name, reply.run_micros);
@@ -106,7 +108,7 @@ pub(crate) fn run_task_here(
     };
     let invoke = function.invoke;
     let call = move || invoke(args);
-    run_blocking(worker, function_name, &task_bytes, Some(task_id), depth, return_id, inline_threshold, false, call)
+    run_blocking(worker, function_name, &task_bytes, Some(task_id), depth, return_id, inline_threshold, None, call)
 }
 
 /// A value inline when small, else written to this node's store.
@@ -168,6 +170,7 @@ async fn run_async_call(
 async fn prepare_task(
     worker: &Arc<CoreWorker>,
     request: PushTaskRequest,
+    caller: &Arc<str>,
     replies: &ReplySender,
 ) -> Result<(Option<&'static str>, Job), PushTaskReply> {
     let function_name = request.function_name;
@@ -192,7 +195,8 @@ async fn prepare_task(
         return_id,
         threshold: request.inline_threshold,
         depth: request.depth,
-        lend: true,
+        // A caller that names no address (an older one) is lent nothing it could lose.
+        lend_to: (!caller.is_empty()).then(|| caller.clone()),
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -235,8 +239,9 @@ struct DecodedCall {
     threshold: u64,
     /// Its depth in a tree of tasks (actor calls: 0, so what they submit is at depth 1).
     depth: u32,
-    /// A task's (not an actor call's): refs its value holds are lent to the caller.
-    lend: bool,
+    /// A task's (not an actor call's): refs its value holds are lent to the caller, at
+    /// this address.
+    lend_to: Option<Arc<str>>,
 }
 
 impl DecodedCall {
@@ -251,7 +256,7 @@ impl DecodedCall {
             self.depth,
             self.return_id,
             self.threshold,
-            self.lend,
+            self.lend_to,
             run,
         );
         let _ = replies.send(Ok(NumberedReply { sequence: self.sequence, reply: Some(reply) }));
@@ -288,7 +293,7 @@ async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushA
         task_id: call.task_id,
         threshold: call.inline_threshold,
         depth: 0,
-        lend: false,
+        lend_to: None,
     };
     match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
@@ -407,9 +412,10 @@ impl CoreWorkerRpc for CoreWorkerService {
             // A leased worker runs its holder's tasks one at a time, in the order sent, on
             // its executor thread; this loop reads the next ones meanwhile.
             while let Ok(Some(batch)) = incoming.message().await {
+                let caller: Arc<str> = batch.caller_address.as_str().into();
                 for task in batch.tasks {
                     let sequence = task.sequence;
-                    match prepare_task(&worker, task, &replies).await {
+                    match prepare_task(&worker, task, &caller, &replies).await {
                         Ok((in_place_as, job)) => worker.run_in_order(in_place_as, job),
                         Err(reply) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
@@ -485,7 +491,7 @@ impl CoreWorkerRpc for CoreWorkerService {
         }
         for (id, count) in request.object_ids.iter().zip(request.counts) {
             let id = ObjectId::from_bytes(id)?;
-            self.worker.borrows.release(id, count);
+            self.worker.borrows.release(id, count, &request.borrower_address);
         }
         Ok(Response::new(ReleaseBorrowsReply {}))
     }

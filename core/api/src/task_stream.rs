@@ -30,10 +30,11 @@ struct WaitingPushes {
 const MAX_TASK_BATCH: usize = 256;
 
 impl TaskStream {
-    pub(crate) fn open(handle: &tokio::runtime::Handle, channel: AuthChannel) -> TaskStream {
+    /// `caller`: this process's address (the worker lends it the refs its replies hold).
+    pub(crate) fn open(handle: &tokio::runtime::Handle, channel: AuthChannel, caller: Arc<str>) -> TaskStream {
         let (outgoing, queued) = mpsc::unbounded_channel();
         let waiting = Arc::new(Mutex::new(WaitingPushes::default()));
-        handle.spawn(read_task_replies(channel, queued, waiting.clone()));
+        handle.spawn(read_task_replies(channel, queued, waiting.clone(), caller));
         TaskStream { outgoing, waiting, next: AtomicU64::new(0) }
     }
 
@@ -64,10 +65,11 @@ async fn read_task_replies(
     channel: AuthChannel,
     queued: mpsc::UnboundedReceiver<PushTaskRequest>,
     waiting: Arc<Mutex<WaitingPushes>>,
+    caller: Arc<str>,
 ) {
     let mut client =
         CoreWorkerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
-    let batches = futures::stream::unfold(queued, |mut queued| async move {
+    let batches = futures::stream::unfold((queued, caller), |(mut queued, caller)| async move {
         let mut tasks = vec![queued.recv().await?];
         while tasks.len() < MAX_TASK_BATCH {
             match queued.try_recv() {
@@ -75,7 +77,7 @@ async fn read_task_replies(
                 Err(_) => break,
             }
         }
-        Some((TaskBatch { tasks }, queued))
+        Some((TaskBatch { tasks, caller_address: caller.to_string() }, (queued, caller)))
     });
     let ended = match client.tasks(batches).await {
         Err(status) => status,

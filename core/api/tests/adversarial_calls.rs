@@ -521,7 +521,8 @@ fn a_tenant_acts_only_for_its_own_job() {
             assert!(message.contains("mallory-co") && message.contains("account this process belongs to"), "{message}");
             let cancel = CancelTaskRequest { task_id: vec![0; 24], recursive: true };
             denied(victim.cancel_task(cancel).await, "cancelling another tenant's tasks");
-            let release = ReleaseBorrowsRequest { object_ids: vec![stored.id().to_vec()], counts: vec![1] };
+            let release =
+                ReleaseBorrowsRequest { object_ids: vec![stored.id().to_vec()], counts: vec![1], ..Default::default() };
             denied(victim.release_borrows(release).await, "giving back another tenant's lent objects");
         }
         // Her own job finishes fine.
