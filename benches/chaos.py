@@ -63,9 +63,12 @@ class IonetNodes:
     def add(self):
         self.count += 1
         key = os.path.join(self.session, f"node-{self.count}.key")
+        # The join token travels in the environment, never on a command line (which any
+        # process of the machine may read).
         return subprocess.Popen(
             self.cli + ["start", "--block", "--address", self.address, "--ca-hash", self.ca_hash,
-                        "--join-token", self.join, "--node-key", key, "--num-cpus", "2"],
+                        "--node-key", key, "--num-cpus", "2"],
+            env={**os.environ, "IONET_JOIN_TOKEN": self.join},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

@@ -55,31 +55,38 @@ def main():
         return index
 
     cpus = lambda: rt.cluster_resources().get("CPU", 0)  # noqa: E731
+    try:
+        delays = measure(rt, cluster, nodes, work, marks, cpus)
+    finally:
+        cluster.stop(nodes)
+    print(
+        f"{runtime} failover: SIGKILL to running elsewhere "
+        + ", ".join(f"{delay:.3f}" for delay in delays)
+        + f" s (median {statistics.median(delays):.3f} s)"
+    )
+
+
+def measure(rt, cluster, nodes, work, marks, cpus):
+    """The rounds: each delay (`nodes` kept to the ones running, for the caller to stop)."""
     wait_for("two nodes", lambda: cpus() >= 4)
     delays = []
     for round_ in range(ROUNDS):
         indices = [2 * round_, 2 * round_ + 1]
         refs = [work.remote(index, marks) for index in indices]
         wait_for("both tasks to start", lambda: all(starts(marks, index) for index in indices))
-        spare = cluster.add()
+        nodes.append(cluster.add())
         wait_for("the idle node to join", lambda: cpus() >= 6)
         # Every node learns of the newcomer with its next heartbeat: a node that died
         # the moment another joined is not what is measured.
         time.sleep(2.0)
         killed_at = time.time()
-        cluster.kill(nodes[0])
+        cluster.kill(nodes.pop(0))
         wait_for("the killed node's task to start again", lambda: any(len(starts(marks, i)) > 1 for i in indices))
         again = max(starts(marks, i)[1] for i in indices if len(starts(marks, i)) > 1)
         delays.append(again - killed_at)
-        assert rt.get(refs) == indices, f"{runtime}: wrong results"
-        nodes = [nodes[1], spare]
+        assert rt.get(refs) == indices, "wrong results"
         wait_for("the killed node to be gone", lambda: cpus() <= 4)
-    print(
-        f"{runtime} failover: SIGKILL to running elsewhere "
-        + ", ".join(f"{delay:.3f}" for delay in delays)
-        + f" s (median {statistics.median(delays):.3f} s)"
-    )
-    cluster.stop(nodes)
+    return delays
 
 
 if __name__ == "__main__":

@@ -433,6 +433,76 @@ fn runs_in(runs: &std::path::Path) -> Vec<u64> {
     entries.filter_map(|entry| entry.file_name().to_str()?.split('.').next()?.parse().ok()).collect()
 }
 
+/// A load across a head's death: named counters taking 40 calls each, and 200 tasks that
+/// each leave a marker per run (in a directory anyone may write: tasks run as the node's
+/// worker users).
+struct Load {
+    counters: Vec<CounterHandle>,
+    pids: Vec<u32>,
+    prefix: &'static str,
+    shared: std::path::PathBuf,
+    tasks: Vec<ionet::ObjectRef<u64>>,
+    calls: Vec<Vec<ionet::ObjectRef<i64>>>,
+}
+
+impl Load {
+    /// `actors` counters named `prefix-N`, then the calls and tasks; returns once tasks run.
+    fn start(prefix: &'static str, actors: usize) -> Load {
+        let counters: Vec<CounterHandle> = (0..actors)
+            .map(|index| Counter::options(ActorOptions::new().name(format!("{prefix}-{index}"))).remote(0i64).unwrap())
+            .collect();
+        let pids = counters.iter().map(|counter| ionet::get(&counter.pid()).unwrap()).collect();
+        let shared = harness::temp_path(prefix);
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+        let runs = shared.to_string_lossy().into_owned();
+        let tasks = (0..200u64).map(|index| logged::remote(runs.clone(), index, 60)).collect();
+        let calls = counters.iter().map(|counter| (0..40).map(|_| counter.slow_incr(25)).collect()).collect();
+        wait_until("tasks to be running", Duration::from_secs(60), || runs_in(&shared).len() >= 20);
+        Load { counters, pids, prefix, shared, tasks, calls }
+    }
+
+    fn runs(&self) -> usize {
+        runs_in(&self.shared).len()
+    }
+
+    /// Every task ran once and only once; every call ran once, in order, on the actor's
+    /// first worker and incarnation; the names resolve as before; new work still runs.
+    fn check(self) {
+        let values = ionet::get_all(&self.tasks).unwrap();
+        assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
+        let mut runs = runs_in(&self.shared);
+        runs.sort_unstable();
+        assert_eq!(runs, (0..200u64).collect::<Vec<_>>(), "each task ran exactly once");
+        for (index, (counter, calls)) in self.counters.iter().zip(&self.calls).enumerate() {
+            let name = format!("{}-{index}", self.prefix);
+            assert_eq!(ionet::get_all(calls).unwrap(), (1..=40).collect::<Vec<i64>>(), "calls of {name}");
+            assert_eq!(ionet::get(&counter.get()).unwrap(), 40);
+            assert_eq!(ionet::get(&counter.pid()).unwrap(), self.pids[index], "{name} kept its worker");
+            let named: CounterHandle = ionet::get_actor(&name, None).unwrap();
+            assert_eq!(named.actor_handle().id(), counter.actor_handle().id(), "the name resolves as before");
+            let info = counter.actor_handle().info().unwrap();
+            assert_eq!((info.incarnation, info.restarts), (0, 0), "{name} was never restarted");
+        }
+        let runs = self.shared.to_string_lossy().into_owned();
+        assert_eq!(ionet::get(&logged::remote(runs, 1000, 0)).unwrap(), 2000, "new work runs");
+        let _ = std::fs::remove_dir_all(&self.shared);
+    }
+}
+
+/// Starts a cluster with `head_args` and nodes a and b (4 CPUs each), and connects this
+/// process as a driver through node a's daemon, as a driver on a worker machine.
+fn cluster_with_a_driver_on_a(head_args: &[&str]) -> Cluster {
+    let mut cluster = Cluster::start(head_args);
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
+    cluster.init();
+    let node_a = harness::node_named("a").address;
+    ionet::shutdown();
+    cluster.init_through(&node_a);
+    cluster
+}
+
 /// The head is SIGKILLed while 5 named actors serve calls and 200 tasks run (which go on
 /// while it is down), and comes back from its storage file: every call and task completes exactly once, the actors
 /// keep their state, worker and incarnation, names resolve, and a placement group left
@@ -450,61 +520,20 @@ fn head_restarted_from_redis_loses_nothing() {
 
 fn head_restart_keeps_everything(storage: &str) {
     let port = harness::free_port().to_string();
-    let head_args = ["--port", port.as_str(), "--storage", storage, "--num-cpus", "0"];
-    let mut cluster = Cluster::start(&head_args);
-    cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
-    cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
-    // The driver works through node a's daemon, as a driver on a worker machine.
-    cluster.init();
-    let node_a = harness::node_named("a").address;
-    ionet::shutdown();
-    cluster.init_through(&node_a);
-
-    let counters: Vec<CounterHandle> = (0..5)
-        .map(|index| Counter::options(ActorOptions::new().name(format!("counter-{index}"))).remote(0i64).unwrap())
-        .collect();
-    let pids: Vec<u32> = counters.iter().map(|counter| ionet::get(&counter.pid()).unwrap()).collect();
+    let mut cluster = cluster_with_a_driver_on_a(&["--port", port.as_str(), "--storage", storage, "--num-cpus", "0"]);
     let special: std::collections::BTreeMap<String, f64> = [("special".to_string(), 1.0)].into();
     let group = ionet::placement_group(vec![special], ionet::PlacementStrategy::Pack).unwrap();
     assert!(!group.wait(Duration::from_millis(200)).unwrap(), "no node has the resource yet");
-
-    // Tasks run as the node's worker users: they write where anyone may.
-    let shared = harness::temp_path("runs");
-    std::fs::create_dir_all(&shared).unwrap();
-    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
-    let runs_arg = shared.to_string_lossy().into_owned();
-    let tasks: Vec<_> = (0..200u64).map(|index| logged::remote(runs_arg.clone(), index, 60)).collect();
-    let calls: Vec<Vec<_>> = counters.iter().map(|counter| (0..40).map(|_| counter.slow_incr(25)).collect()).collect();
-    wait_until("tasks to be running", Duration::from_secs(60), || runs_in(&shared).len() >= 20);
+    let load = Load::start("counter", 5);
     cluster.kill(0);
     // While the head is down, work on held leases goes on.
-    let before = runs_in(&shared).len();
-    wait_until("tasks to run without the head", Duration::from_secs(30), || runs_in(&shared).len() >= before + 16);
+    let before = load.runs();
+    wait_until("tasks to run without the head", Duration::from_secs(30), || load.runs() >= before + 16);
     cluster.start_head_again();
-
-    // Every task ran once, and only once.
-    let values = ionet::get_all(&tasks).unwrap();
-    assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
-    let mut runs = runs_in(&shared);
-    runs.sort_unstable();
-    assert_eq!(runs, (0..200u64).collect::<Vec<_>>(), "each task ran exactly once");
-    // Every call ran once, in order, on the same worker and incarnation.
-    for (index, (counter, calls)) in counters.iter().zip(&calls).enumerate() {
-        let results = ionet::get_all(calls).unwrap();
-        assert_eq!(results, (1..=40).collect::<Vec<i64>>(), "calls of counter-{index}");
-        assert_eq!(ionet::get(&counter.get()).unwrap(), 40);
-        assert_eq!(ionet::get(&counter.pid()).unwrap(), pids[index], "counter-{index} kept its worker");
-        let named: CounterHandle = ionet::get_actor(&format!("counter-{index}"), None).unwrap();
-        assert_eq!(named.actor_handle().id(), counter.actor_handle().id(), "the name resolves as before");
-        let info = counter.actor_handle().info().unwrap();
-        assert_eq!((info.incarnation, info.restarts), (0, 0), "counter-{index} was never restarted");
-    }
+    load.check();
     // The group the head had pending is placed once a node with the resource joins.
     cluster.add_node(&["--num-cpus", "1", "--resources", r#"{"special": 1}"#, "--labels", "name=c"]);
     assert!(group.wait(Duration::from_secs(60)).unwrap(), "the pending placement group is created");
-    // And new work still runs.
-    assert_eq!(ionet::get(&logged::remote(runs_arg, 1000, 0)).unwrap(), 2000);
-    let _ = std::fs::remove_dir_all(&shared);
 }
 
 /// Two heads on one Redis: the active one is SIGKILLed while 3 named actors serve calls
@@ -523,33 +552,16 @@ fn standby_head_takes_over_on_redis() {
             .collect()
     };
     let active = head_args(&active_port, &standby_port);
-    let mut cluster = Cluster::start(&active.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cluster = cluster_with_a_driver_on_a(&active.iter().map(String::as_str).collect::<Vec<_>>());
     let standby_args = head_args(&standby_port, &active_port);
     let standby = cluster.add_standby_head(&standby_args.iter().map(String::as_str).collect::<Vec<_>>());
     // Every head's address, for node daemons and drivers.
     assert_eq!(cluster.address(), format!("127.0.0.1:{active_port},127.0.0.1:{standby_port}"));
-    cluster.add_node(&["--num-cpus", "4", "--labels", "name=a"]);
-    cluster.add_node(&["--num-cpus", "4", "--labels", "name=b"]);
-    cluster.init();
-    let node_a = harness::node_named("a").address;
-    ionet::shutdown();
-    cluster.init_through(&node_a);
     let serving = |port: &str| std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
     assert!(!serving(&standby_port), "the standby serves nothing while the other head is active");
     assert!(cluster.is_running(standby));
 
-    let counters: Vec<CounterHandle> = (0..3)
-        .map(|index| Counter::options(ActorOptions::new().name(format!("keeper-{index}"))).remote(0i64).unwrap())
-        .collect();
-    let pids: Vec<u32> = counters.iter().map(|counter| ionet::get(&counter.pid()).unwrap()).collect();
-    let shared = harness::temp_path("standby-runs");
-    std::fs::create_dir_all(&shared).unwrap();
-    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
-    let runs_arg = shared.to_string_lossy().into_owned();
-    let tasks: Vec<_> = (0..200u64).map(|index| logged::remote(runs_arg.clone(), index, 60)).collect();
-    let calls: Vec<Vec<_>> = counters.iter().map(|counter| (0..40).map(|_| counter.slow_incr(25)).collect()).collect();
-    wait_until("tasks to be running", Duration::from_secs(60), || runs_in(&shared).len() >= 20);
-
+    let load = Load::start("keeper", 3);
     cluster.kill(0);
     let killed = Instant::now();
     wait_until("the standby to take over", Duration::from_secs(30), || serving(&standby_port));
@@ -557,19 +569,7 @@ fn standby_head_takes_over_on_redis() {
     // The lease lapses at most 2 s after the kill, and the standby asks every tenth of
     // it (what is left: starting to serve, on a busy machine).
     assert!(takeover < Duration::from_millis(3_000), "the standby took {takeover:?} to take over");
-
-    let values = ionet::get_all(&tasks).unwrap();
-    assert_eq!(values, (0..200u64).map(|index| index * 2).collect::<Vec<_>>());
-    let mut runs = runs_in(&shared);
-    runs.sort_unstable();
-    assert_eq!(runs, (0..200u64).collect::<Vec<_>>(), "each task ran exactly once");
-    for (index, (counter, calls)) in counters.iter().zip(&calls).enumerate() {
-        assert_eq!(ionet::get_all(calls).unwrap(), (1..=40).collect::<Vec<i64>>(), "calls of keeper-{index}");
-        assert_eq!(ionet::get(&counter.pid()).unwrap(), pids[index], "keeper-{index} kept its worker");
-        let named: CounterHandle = ionet::get_actor(&format!("keeper-{index}"), None).unwrap();
-        assert_eq!(named.actor_handle().id(), counter.actor_handle().id());
-        assert_eq!(counter.actor_handle().info().unwrap().incarnation, 0);
-    }
+    load.check();
     // The node daemons follow the new head.
     wait_until("both nodes to register with the new head", Duration::from_secs(30), || {
         let nodes = ionet::nodes().unwrap();
@@ -579,8 +579,6 @@ fn standby_head_takes_over_on_redis() {
             })
         })
     });
-    assert_eq!(ionet::get(&logged::remote(runs_arg, 1000, 0)).unwrap(), 2000);
-    let _ = std::fs::remove_dir_all(&shared);
     eprintln!("standby took over {takeover:?} after the active head was killed");
 }
 

@@ -111,23 +111,8 @@ impl Cluster {
     /// `--storage`, and serves once it holds the head lease); its index. Not waited for:
     /// it is ready only once it takes over.
     pub fn add_standby_head(&mut self, args: &[&str]) -> usize {
-        let mut argv: Vec<String> = vec!["start".into(), "--block".into(), "--host".into(), "127.0.0.1".into()];
-        argv.extend(["--head"].iter().chain(args).map(|arg| arg.to_string()));
-        argv.push("--temp-dir".into());
-        argv.push(self.dir.path().to_string_lossy().into_owned());
-        let log = std::fs::File::create(self.dir.path().join(format!("standby-{}.out", self.daemons.len()))).unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
-            .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
-            .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .env_remove("IONET_CREDENTIAL")
-            .env_remove("IONET_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let argv: Vec<&str> = ["--head"].iter().chain(args).copied().collect();
+        let child = self.command("standby", &argv, &self.dir.path().to_path_buf());
         self.daemons.push(child);
         self.daemons.len() - 1
     }
@@ -187,13 +172,15 @@ impl Cluster {
         self.spawn_in(role, args, &self.dir.path().to_path_buf());
     }
 
-    fn spawn_in(&mut self, role: &str, args: &[&str], session: &PathBuf) {
+    /// This binary started as `ionet start --block ... args` in `session`, its output in
+    /// `<role>-<n>.out`.
+    fn command(&self, role: &str, args: &[&str], session: &PathBuf) -> Child {
         let mut argv: Vec<String> = vec!["start".into(), "--block".into(), "--host".into(), "127.0.0.1".into()];
         argv.extend(args.iter().map(|arg| arg.to_string()));
         argv.push("--temp-dir".into());
         argv.push(session.to_string_lossy().into_owned());
         let log = std::fs::File::create(self.dir.path().join(format!("{role}-{}.out", self.daemons.len()))).unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        Command::new(std::env::current_exe().unwrap())
             .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
             .env("IONET_HEARTBEAT_INTERVAL_MS", "200")
             .env("IONET_HEARTBEAT_TIMEOUT_MS", "2000")
@@ -204,7 +191,11 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn spawn_in(&mut self, role: &str, args: &[&str], session: &PathBuf) {
+        let mut child = self.command(role, args, session);
         let pid_file = session.join("pids").join(format!("{role}-{}.pid", child.id()));
         let deadline = Instant::now() + Duration::from_secs(60);
         while !pid_file.exists() {
