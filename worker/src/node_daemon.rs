@@ -178,7 +178,7 @@ impl NodeManager for NodeManagerService {
     ) -> Result<Response<CreateObjectReply>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        self.shared.objects.create(&request.object_id, request.size, &principal).await?;
+        self.shared.objects.create(&request.object_id, request.size, &principal, &request.owner_address).await?;
         Ok(Response::new(CreateObjectReply {}))
     }
 
@@ -454,6 +454,14 @@ impl NodeDaemon {
             leases.set_identities(identities.clone());
         }
         leases.set_object_store_dir(objects.dir());
+        // A worker's puts go with it: nobody can read an object whose owner is gone.
+        let owned = objects.clone();
+        leases.on_worker_exit(Arc::new(move |address| {
+            let owned = owned.clone();
+            tokio::spawn(async move {
+                owned.owner_exited(&address).await;
+            });
+        }));
         if !options.runs_workloads {
             leases.refuse_workloads();
         }

@@ -10,6 +10,8 @@
 //! - An object a job creates here is its account's: only a job of that account (or a
 //!   peer node, or the head) may seal or free it. Ids are random (224 bits), so another
 //!   tenant cannot name one it was not given; one it was given still cannot be freed.
+//! - An object a process of this node owns (its put) is freed here, with every copy, when
+//!   that process exits: nobody can read an object whose owner is gone.
 //! - A node given notice moves the primary copies it holds to other nodes before it
 //!   leaves ([`NodeObjects::primaries`] → a peer's [`NodeObjects::take`]): the taker
 //!   holds each as its own primary copy (its account's, with the copies it knew of), and
@@ -40,6 +42,10 @@ pub struct NodeObjects {
     /// Objects whose primary copy is here: made here, or taken from a node that left
     /// (`true`: taken, so the head records a move to forget when it is freed).
     primaries: DashMap<ObjectId, bool>,
+    /// Objects owned by a process of this node (its puts), by its address, freed when it
+    /// exits; and each such object's owner.
+    owned: DashMap<Arc<str>, std::collections::HashSet<ObjectId>>,
+    owner_of: DashMap<ObjectId, Arc<str>>,
     /// One `ensure_local` at a time per object: the account a copy is pulled for is the
     /// one recorded for it.
     ensuring: DashMap<ObjectId, Arc<tokio::sync::Mutex<()>>>,
@@ -87,6 +93,8 @@ impl NodeObjects {
             copies: DashMap::new(),
             creators: Arc::new(DashMap::new()),
             primaries: DashMap::new(),
+            owned: DashMap::new(),
+            owner_of: DashMap::new(),
             ensuring: DashMap::new(),
             identities,
         })
@@ -112,7 +120,8 @@ impl NodeObjects {
     }
 
     /// Reserves room for an object `creator` writes; a job's object is its account's.
-    pub async fn create(&self, id: &[u8], size: u64, creator: &Principal) -> IonetResult<()> {
+    /// `owner`: the address of the process owning it (empty: its owner is elsewhere).
+    pub async fn create(&self, id: &[u8], size: u64, creator: &Principal, owner: &str) -> IonetResult<()> {
         let id = ObjectId::from_bytes(id)?;
         let store = self.store.clone();
         // The writer is another process: no mapping here.
@@ -121,7 +130,34 @@ impl NodeObjects {
         if let Principal::Job { account, .. } = creator {
             self.creators.insert(id, account.clone());
         }
+        if !owner.is_empty() {
+            let owner: Arc<str> = owner.into();
+            self.owned.entry(owner.clone()).or_default().insert(id);
+            self.owner_of.insert(id, owner);
+        }
         Ok(())
+    }
+
+    /// The process at `owner` exited: the objects it owned here go, with their copies.
+    /// Returns how many were here.
+    pub async fn owner_exited(&self, owner: &str) -> u64 {
+        let Some((_, ids)) = self.owned.remove(owner) else { return 0 };
+        let ids: Vec<ObjectId> = ids.into_iter().collect();
+        for id in &ids {
+            self.owner_of.remove(id);
+        }
+        match self.free_ids(ids).await {
+            Ok((freed, _)) => {
+                if freed > 0 {
+                    tracing::debug!(%owner, freed, "an owner exited: its objects are freed");
+                }
+                freed
+            }
+            Err(err) => {
+                tracing::warn!(%owner, error = %err, "could not free the objects of an owner that exited");
+                0
+            }
+        }
     }
 
     pub async fn seal(&self, id: &[u8], caller: &Principal) -> IonetResult<()> {
@@ -290,6 +326,19 @@ impl NodeObjects {
         for id in &ids {
             self.check_creator(id, caller, "free")?;
         }
+        for id in &ids {
+            if let Some((_, owner)) = self.owner_of.remove(id) {
+                if let Some(mut owned) = self.owned.get_mut(&owner) {
+                    owned.remove(id);
+                }
+                self.owned.remove_if(&owner, |_, owned| owned.is_empty());
+            }
+        }
+        self.free_ids(ids).await
+    }
+
+    /// Deletes `ids` here and at the nodes holding copies (no check: the caller's done).
+    async fn free_ids(&self, ids: Vec<ObjectId>) -> IonetResult<(u64, Vec<ObjectId>)> {
         let mut taken = Vec::new();
         for id in &ids {
             self.creators.remove(id);

@@ -20,7 +20,7 @@ pub fn put<T: Serialize>(value: &T) -> IonetResult<ObjectRef<T>> {
     if bytes.len() <= worker.inline_threshold {
         return Ok(worker.new_object_holding(id, ObjectState::Inline(std::sync::Arc::new(bytes)), holding));
     }
-    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64)?;
+    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64, true)?;
     Ok(worker.new_object_holding(id, ObjectState::Stored(stored), holding))
 }
 
@@ -30,7 +30,7 @@ pub fn put_record_batch(batch: &arrow_array::RecordBatch) -> IonetResult<ObjectR
     let bytes = ionet_object_store::encode_record_batch(batch)
         .map_err(|err| IonetError::InvalidArgument(format!("cannot encode the record batch as Arrow IPC: {err}")))?;
     let id = ObjectId::random();
-    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64)?;
+    let stored = worker.store_value(id, |buffer| buffer.copy_from_slice(&bytes), bytes.len() as u64, true)?;
     Ok(worker.new_object(id, ObjectState::Stored(stored)))
 }
 
@@ -244,6 +244,7 @@ pub fn put_bytes(data: &[u8]) -> IonetResult<ObjectRef<Vec<u8>>> {
             buffer[header.len()..].copy_from_slice(data);
         },
         size as u64,
+        true,
     )?;
     Ok(worker.new_object(id, ObjectState::Stored(stored)))
 }

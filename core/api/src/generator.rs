@@ -143,7 +143,7 @@ pub fn send_item(owner: &str, id: &ObjectId, index: u64, bytes: Vec<u8>) -> Ione
         generator_item::Value::Inline(bytes)
     } else {
         let size = bytes.len() as u64;
-        let stored = worker.store_value(ObjectId::random(), |buffer| buffer.copy_from_slice(&bytes), size)?;
+        let stored = worker.store_value(ObjectId::random(), |buffer| buffer.copy_from_slice(&bytes), size, false)?;
         generator_item::Value::Stored(stored)
     };
     let outgoing = worker

@@ -45,14 +45,18 @@ impl CoreWorker {
     }
 
     /// Writes `bytes` as object `id` into this node's store (call from a non-async thread).
+    /// `owned_here`: this process owns it (a put), so the node frees it when this process
+    /// exits; a task's value is its caller's.
     pub(crate) fn store_value(
         &self,
         id: ObjectId,
         write: impl FnOnce(&mut [u8]),
         size: u64,
+        owned_here: bool,
     ) -> IonetResult<StoredObject> {
         let mut node = self.node()?;
-        block_on(node.create_object(CreateObjectRequest { object_id: id.to_vec(), size }))?;
+        let owner_address = if owned_here { self.address.to_string() } else { String::new() };
+        block_on(node.create_object(CreateObjectRequest { object_id: id.to_vec(), size, owner_address }))?;
         self.store()?.write_unsealed(&id, size, write).map_err(IonetError::from)?;
         block_on(node.seal_object(SealObjectRequest { object_id: id.to_vec() }))?;
         Ok(StoredObject {

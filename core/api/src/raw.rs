@@ -37,7 +37,7 @@ pub fn put_raw_holding(
         fill(&mut bytes);
         return Ok(worker.new_object_holding(id, ObjectState::Inline(Arc::new(bytes)), holding));
     }
-    let stored = worker.store_value(id, fill, size as u64)?;
+    let stored = worker.store_value(id, fill, size as u64, true)?;
     Ok(worker.new_object_holding(id, ObjectState::Stored(stored), holding))
 }
 

@@ -123,7 +123,7 @@ fn placed(
     }
     let size = bytes.len() as u64;
     worker
-        .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size)
+        .store_value(return_id, |buffer| buffer.copy_from_slice(&bytes), size, false)
         .map(push_task_reply::Result::Stored)
         .map_err(|err| Failure::error(format!("the return value could not be stored: {err}")))
 }

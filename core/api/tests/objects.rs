@@ -61,6 +61,14 @@ fn put_inside(size: u64) -> Vec<ObjectRef<Vec<u8>>> {
     vec![ionet::put(&pattern(size as usize, 5)).unwrap()]
 }
 
+/// Puts a value the worker keeps owning (held in a static); returns the worker's pid.
+#[ionet::remote]
+fn put_and_keep(size: u64) -> u32 {
+    static KEPT: std::sync::Mutex<Vec<ObjectRef<Vec<u8>>>> = std::sync::Mutex::new(Vec::new());
+    KEPT.lock().unwrap().push(ionet::put(&pattern(size as usize, 3)).unwrap());
+    std::process::id()
+}
+
 fn store_bytes(node_address: &str) -> u64 {
     let stats = ionet::testing::object_store_stats(node_address).unwrap();
     stats.bytes_in_memory + stats.bytes_spilled
@@ -237,6 +245,23 @@ fn in_store_mapping(pointer: usize) -> bool {
     })
 }
 
+/// An object whose owner (the worker that put it) dies leaves its node's store: nobody
+/// can read it any more, and a provider's memory is not held by the dead.
+fn a_dead_owners_objects_leave_its_node() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.init();
+    let a = node_named("a");
+    let pinned = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: a.node_id, soft: false });
+    let owner = ionet::get_timeout(&put_and_keep::options(pinned).remote(MIB as u64), Duration::from_secs(60)).unwrap();
+    assert!(store_bytes(&a.address) >= MIB as u64, "the value lives on node a while its owner does");
+    // SAFETY: killing a worker process of this test's cluster.
+    unsafe { libc::kill(owner as i32, libc::SIGKILL) };
+    wait_until("the dead owner's object to leave the store", Duration::from_secs(20), || store_bytes(&a.address) == 0);
+    drop(cluster);
+}
+
 fn main() {
     harness::run(
         &[
@@ -251,6 +276,7 @@ fn main() {
                 "a_large_object_moves_between_nodes_and_every_copy_is_freed",
                 a_large_object_moves_between_nodes_and_every_copy_is_freed,
             ),
+            ("a_dead_owners_objects_leave_its_node", a_dead_owners_objects_leave_its_node),
         ],
         Duration::from_secs(240),
     );

@@ -103,6 +103,8 @@ pub struct Leases {
     /// Who jobs' workers run as, when this daemon may choose (root).
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     state: Mutex<LeaseState>,
+    /// Told the address of every worker process that exits (its objects go).
+    on_worker_exit: std::sync::OnceLock<Arc<dyn Fn(String) + Send + Sync>>,
     freed: Notify,
     /// Started workers not registered yet: their job, and where to tell the grant their
     /// address.
@@ -188,6 +190,7 @@ impl Leases {
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
             starting: DashMap::new(),
+            on_worker_exit: std::sync::OnceLock::new(),
             addresses: DashMap::new(),
             node_addresses: dashmap::DashSet::new(),
             options,
@@ -205,6 +208,11 @@ impl Leases {
 
     /// Whether `address` is a node of this cluster (this one, or one in the last view):
     /// the only addresses a node daemon calls with its own credential.
+    /// `hook` is told the address of every worker process that exits from now on.
+    pub fn on_worker_exit(&self, hook: Arc<dyn Fn(String) + Send + Sync>) {
+        let _ = self.on_worker_exit.set(hook);
+    }
+
     /// The control store's client, once the daemon registered.
     ///
     /// (See [`Leases::is_node_address`] for whether an address is a node's.)

@@ -169,6 +169,11 @@ impl Leases {
     }
 
     fn worker_exited(&self, worker_id: WorkerId, status: String) {
+        let address = self.lock().processes.get(&worker_id).map(|process| process.address.clone());
+        if let (Some(address), Some(hook)) = (address.filter(|address| !address.is_empty()), self.on_worker_exit.get())
+        {
+            hook(address);
+        }
         let ended = {
             let mut state = self.lock();
             let ended = state.process_exited(worker_id, Instant::now(), self.options.max_blocked_workers);
