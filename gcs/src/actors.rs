@@ -410,9 +410,23 @@ impl Actors {
             return Ok(());
         }
         let cause = if no_restart { "killed by ionet::kill" } else { "killed by ionet::kill (restart allowed)" };
-        self.worker_ended(actor_id, info.incarnation, cause, no_restart)
-            .await
-            .map_err(|err| IonetError::Unavailable(format!("the control store could not store the kill: {err}")))
+        // The incarnation running when the kill is applied: one that ended meanwhile (its
+        // worker died, a restart began) is killed in the next.
+        let mut incarnation = info.incarnation;
+        loop {
+            let applied = self
+                .worker_ended(actor_id, incarnation, cause, no_restart)
+                .await
+                .map_err(|err| IonetError::Unavailable(format!("the control store could not store the kill: {err}")))?;
+            if applied {
+                return Ok(());
+            }
+            let now = self.get(actor_id.as_bytes())?;
+            if state_of(&now) == ActorState::Dead || (!no_restart && now.incarnation != incarnation) {
+                return Ok(());
+            }
+            incarnation = now.incarnation;
+        }
     }
 
     /// The current incarnation's worker ended (died, was killed, or its node died). Returns
@@ -423,7 +437,7 @@ impl Actors {
         incarnation: u32,
         cause: &str,
         no_restart: bool,
-    ) -> GcsResult<()> {
+    ) -> GcsResult<bool> {
         // A kill is the caller's to retry when it cannot be stored; a worker that is gone
         // is gone whatever storage says.
         let must = !cause.starts_with("killed by");
@@ -455,7 +469,7 @@ impl Actors {
                 Some((lease, restart.then_some(info.incarnation), freed_name))
             })
             .await?;
-        let Some((lease, restart, freed_name)) = decided else { return Ok(()) };
+        let Some((lease, restart, freed_name)) = decided else { return Ok(false) };
         if let Some(key) = freed_name {
             let mut names = lock(&self.names);
             if names.get(&key) == Some(&actor_id) {
@@ -465,16 +479,26 @@ impl Actors {
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
         self.bump();
         if let Some(((lease_id, node_address), job_id)) = lease {
-            // Forgotten once the node took it back (or is gone): else kept, so a head
-            // restarted meanwhile returns it again.
-            if self.return_lease(&job_id, lease_id.clone(), &node_address, true).await {
-                self.forget_lease(actor_id, &lease_id).await;
+            if !self.return_lease(&job_id, lease_id.clone(), &node_address, true).await {
+                // Its worker may still run (its node cannot be reached): the lease stays
+                // recorded, asked back until surely gone, and only then does the next
+                // incarnation start: never two at once.
+                let actors = self.clone();
+                tokio::spawn(async move {
+                    actors.return_lease_surely(&job_id, &lease_id, &node_address).await;
+                    actors.forget_lease(actor_id, &lease_id).await;
+                    if let Some(incarnation) = restart {
+                        actors.place(actor_id, incarnation).await;
+                    }
+                });
+                return Ok(true);
             }
+            self.forget_lease(actor_id, &lease_id).await;
         }
         if let Some(incarnation) = restart {
             tokio::spawn(self.clone().place(actor_id, incarnation));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Says, as the holder of an actor's lease (the head holds them), that it was granted
@@ -525,9 +549,15 @@ impl Actors {
     /// Returns a lease a previous run of the head left recorded, until its worker is
     /// surely gone (see [`Actors::return_lease`]), asking again every second.
     async fn return_lease_surely(&self, job_id: &[u8], lease_id: &[u8], node_address: &str) {
-        while !self.return_lease(job_id, lease_id.to_vec(), node_address, true).await {
+        // A node that keeps answering, but refusing, for ten minutes is not coming round:
+        // given up on (logged), so the actor is not stuck for ever.
+        for _ in 0..600 {
+            if self.return_lease(job_id, lease_id.to_vec(), node_address, true).await {
+                return;
+            }
             tokio::time::sleep(RETRY_PAUSE * 2).await;
         }
+        tracing::error!(node = %node_address, "an actor's lease could not be returned in ten minutes; going on without");
     }
 
     /// Forgets lease `lease_id` of the actor once returned (a newer one is kept).
@@ -660,7 +690,7 @@ impl Actors {
             match created {
                 Ok(None) => {}
                 Ok(Some(failure)) => {
-                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
                     self.mark_dead(actor_id, incarnation, &cause).await;
@@ -668,7 +698,7 @@ impl Actors {
                 }
                 Err(status) => {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
-                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
@@ -691,14 +721,14 @@ impl Actors {
                 Ok(Some(())) => {}
                 Ok(None) => {
                     // Killed while its constructor ran.
-                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     return;
                 }
                 Err(err) => {
                     // Not stored, so not published: this worker goes and another is placed.
                     tracing::error!(actor = %actor_id, error = %err, "could not store the actor alive; placing again");
-                    self.return_lease(&spec.job_id, lease.lease_id.clone(), &node_address, true).await;
+                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;

@@ -458,16 +458,24 @@ impl PlacementGroups {
             group.reserving = std::mem::take(&mut group.nodes);
             group.reserving.clone()
         };
-        self.persist_or_log(*id).await;
+        // Stored first: a removal a restarted head would not know of is not made.
+        if let Err(err) = self.persist(*id).await {
+            return Err(IonetError::Unavailable(format!("the control store could not store the removal: {err}")));
+        }
+        let mut all_cancelled = true;
         for (index, (node, address)) in nodes.iter().enumerate() {
             if let Err(err) = self.agent.cancel(address, *id, index as u32).await {
+                all_cancelled = false;
                 tracing::warn!(group = %id.short(), node = %node.short(), index, error = %err, "could not cancel a bundle");
             }
         }
-        if let Some(group) = self.lock().get_mut(id) {
-            group.reserving.clear();
+        // A bundle a node did not cancel stays to cancel: the next pass asks again.
+        if all_cancelled {
+            if let Some(group) = self.lock().get_mut(id) {
+                group.reserving.clear();
+            }
+            self.persist_or_log(*id).await;
         }
-        self.persist_or_log(*id).await;
         tracing::info!(group = %id.short(), "placement group removed");
         Ok(())
     }
@@ -502,7 +510,8 @@ impl PlacementGroups {
         let mut pending: Vec<(u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy, Vec<u8>)> = self
             .lock()
             .iter()
-            .filter(|(_, group)| group.state == PlacementGroupState::Pending)
+            // One whose old bundles are still to cancel waits for that first.
+            .filter(|(_, group)| group.state == PlacementGroupState::Pending && group.reserving.is_empty())
             .map(|(id, group)| (group.sequence, *id, group.bundles.clone(), group.strategy, group.job_id.clone()))
             .collect();
         if pending.is_empty() {
@@ -670,16 +679,27 @@ impl PlacementGroups {
             .filter(|(_, group)| group.state != PlacementGroupState::Created && !group.reserving.is_empty())
             .map(|(id, group)| (*id, group.reserving.clone()))
             .collect();
+        let alive: HashSet<String> = self
+            .state
+            .nodes(false)
+            .into_iter()
+            .filter(|node| node.state == WireNodeState::Alive as i32)
+            .map(|node| node.address)
+            .collect();
         for (id, nodes) in cut_short {
-            tracing::info!(group = %id.short(), "cancelling a reservation the head's last run left in flight");
+            tracing::info!(group = %id.short(), "cancelling bundles left to cancel");
+            let mut done = true;
             for (index, (_, address)) in nodes.iter().enumerate() {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), self.agent.cancel(address, id, index as u32)).await;
+                let cancel = tokio::time::timeout(Duration::from_secs(2), self.agent.cancel(address, id, index as u32));
+                // A node that is gone holds nothing any more.
+                done &= matches!(cancel.await, Ok(Ok(()))) || !alive.contains(address);
             }
-            if let Some(group) = self.lock().get_mut(&id) {
-                group.reserving.clear();
+            if done {
+                if let Some(group) = self.lock().get_mut(&id) {
+                    group.reserving.clear();
+                }
+                self.persist_or_log(id).await;
             }
-            self.persist_or_log(id).await;
         }
     }
 }

@@ -302,16 +302,14 @@ impl NodeManager for NodeManagerService {
         if request.objects.len() > 100_000 {
             return Err(Status::invalid_argument("at most 100000 objects may be taken in one call"));
         }
-        let mut nodes = std::collections::HashSet::new();
-        for object in &request.objects {
-            for copy in &object.copies {
-                if !nodes.contains(copy) && self.shared.leases.is_node_address(copy).await {
-                    nodes.insert(copy.clone());
-                }
-            }
-        }
-        let taken =
-            self.shared.objects.take(&request.source_address, request.objects, |holder| nodes.contains(holder)).await;
+        // The view was refreshed for the caller if it needed to be: copies are checked
+        // against it as it is (one look-up per copy would outlast a drain's deadline).
+        let leases = self.shared.leases.clone();
+        let taken = self
+            .shared
+            .objects
+            .take(&request.source_address, request.objects, |holder| leases.knows_node_address(holder))
+            .await;
         Ok(Response::new(TakeObjectsReply { taken: taken.iter().map(|id| id.to_vec()).collect() }))
     }
 
@@ -646,13 +644,17 @@ impl NodeDaemon {
         }
         let moved = moves.len();
         if let Some(mut head) = self.shared.leases.control_store() {
-            let request = ObjectsMovedRequest { node_id: self.shared.node_id.to_vec(), moves, forget: false };
-            match tokio::time::timeout(Duration::from_secs(5), head.objects_moved(request)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => {
-                    tracing::warn!(error = %status.message(), "the head did not record the moved objects")
+            // In calls the head takes (at most 100000 moves each).
+            for chunk in moves.chunks(50_000) {
+                let request =
+                    ObjectsMovedRequest { node_id: self.shared.node_id.to_vec(), moves: chunk.to_vec(), forget: false };
+                match tokio::time::timeout(Duration::from_secs(5), head.objects_moved(request)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        tracing::warn!(error = %status.message(), "the head did not record the moved objects")
+                    }
+                    Err(_) => tracing::warn!("the head did not answer in time about the moved objects"),
                 }
-                Err(_) => tracing::warn!("the head did not answer in time about the moved objects"),
             }
         }
         moved

@@ -174,10 +174,13 @@ impl NodeObjects {
         Ok(())
     }
 
-    /// The primary copies held here, as a peer takes them: account and known copies.
+    /// The primary copies held here that outlive this node's processes (their owners are
+    /// elsewhere), as a peer takes them: account and known copies.
     pub fn primaries(&self) -> Vec<TakenObject> {
         self.primaries
             .iter()
+            // A put of a process here dies with it (this node's processes go with it).
+            .filter(|entry| !self.owner_of.contains_key(entry.key()))
             .filter_map(|entry| {
                 let id = *entry.key();
                 let account = self.creators.get(&id)?.to_string();

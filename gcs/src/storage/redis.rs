@@ -76,10 +76,17 @@ impl RedisStorage {
 
     /// A script call on `table` with the fence first: KEYS lease, sorted set, hash;
     /// ARGV holder, then `args`.
-    fn invoke<T: redis::FromRedisValue>(&self, script: &Script, table: Table, args: &[&[u8]]) -> GcsResult<T> {
-        // A write whose fate is unknown (sent, no answer) is not sent again: its result
-        // (stored or not, how many removed) would be the second's.
-        self.call(false, |connection| {
+    /// `resend`: the write may be sent again when its answer is lost (whole puts and
+    /// deletes); one whose result says what it found (stored or not, how many removed)
+    /// may not: the second's result would be a lie.
+    fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        table: Table,
+        args: &[&[u8]],
+        resend: bool,
+    ) -> GcsResult<T> {
+        self.call(resend, |connection| {
             let mut invocation = script.key(self.lease_key());
             invocation.key(self.keys_of(table)).key(self.values_of(table)).arg(self.fence.as_bytes());
             for arg in args {
@@ -271,11 +278,11 @@ impl GcsStorage for RedisStorage {
         }
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         // The table's keys are unused: every change names its own.
-        self.invoke::<i64>(fenced!(WRITE), writes_table(writes), &args).map(|_| ())
+        self.invoke::<i64>(fenced!(WRITE), writes_table(writes), &args, true).map(|_| ())
     }
 
     fn put_if_absent(&self, table: Table, key: &[u8], value: &[u8]) -> GcsResult<bool> {
-        let stored: i64 = self.invoke(fenced!(PUT_IF_ABSENT), table, &[key, value])?;
+        let stored: i64 = self.invoke(fenced!(PUT_IF_ABSENT), table, &[key, value], false)?;
         Ok(stored == 1)
     }
 
@@ -284,7 +291,7 @@ impl GcsStorage for RedisStorage {
     }
 
     fn delete(&self, table: Table, key: &[u8]) -> GcsResult<bool> {
-        let removed: i64 = self.invoke(fenced!(DELETE), table, &[key])?;
+        let removed: i64 = self.invoke(fenced!(DELETE), table, &[key], false)?;
         Ok(removed > 0)
     }
 
@@ -304,7 +311,7 @@ impl GcsStorage for RedisStorage {
 
     fn delete_prefix(&self, table: Table, prefix: &[u8]) -> GcsResult<u64> {
         let (low, high) = lex_range(prefix);
-        self.invoke(fenced!(DELETE_RANGE), table, &[&low, &high])
+        self.invoke(fenced!(DELETE_RANGE), table, &[&low, &high], false)
     }
 
     fn describe(&self) -> String {

@@ -240,6 +240,11 @@ impl Leases {
         }
     }
 
+    /// Whether `address` is a node's in the view as it is (no refresh).
+    pub fn knows_node_address(&self, address: &str) -> bool {
+        address == self.address || self.node_addresses.contains(address)
+    }
+
     pub async fn is_node_address(&self, address: &str) -> bool {
         let known = |leases: &Self| address == leases.address || leases.node_addresses.contains(address);
         // A node that joined since the last refresh is found by one more.

@@ -158,10 +158,15 @@ impl Leases {
         if let Some(process) = self.lock().processes.get_mut(&worker_id) {
             process.address = address.clone();
         }
-        // Watch the process: when it exits, its lease (if any) ends with it.
+        // Watch the process: when it exits, its lease (if any) ends with it, and what it
+        // owned goes (however it ended: by itself, killed, or stopped by this daemon).
         let leases = self.clone();
+        let exited_address = address.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            if let Some(hook) = leases.on_worker_exit.get() {
+                hook(exited_address);
+            }
             leases.worker_exited(worker_id, status.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string()));
         });
         tracing::debug!(worker = %worker_id.short(), pid, %address, "worker started");
@@ -169,11 +174,6 @@ impl Leases {
     }
 
     fn worker_exited(&self, worker_id: WorkerId, status: String) {
-        let address = self.lock().processes.get(&worker_id).map(|process| process.address.clone());
-        if let (Some(address), Some(hook)) = (address.filter(|address| !address.is_empty()), self.on_worker_exit.get())
-        {
-            hook(address);
-        }
         let ended = {
             let mut state = self.lock();
             let ended = state.process_exited(worker_id, Instant::now(), self.options.max_blocked_workers);
