@@ -276,6 +276,21 @@ fn a_provider_acts_only_for_its_own_node() {
             as_mallory.register_node(registration(NodeId::random(), &mallory.key, 1)).await,
             "a second node on one credential",
         );
+        // Redirecting the victim's objects: moves are recorded for the calling node only,
+        // and a node hands over its own objects only, pulled from itself.
+        use ionet::rpc::proto::gcs::{ObjectMove, ObjectsMovedRequest};
+        let moved =
+            ObjectMove { object_id: ionet::ObjectId::random().to_vec(), holder_address: victim.address.clone() };
+        let request = ObjectsMovedRequest { node_id: victim.node_id.to_vec(), moves: vec![moved], forget: false };
+        denied(as_mallory.objects_moved(request).await, "recording another node's objects as moved");
+        use ionet::rpc::proto::node::{TakeObjectsRequest, TakenObject};
+        let channel = ionet::rpc::connect(&victim.address, &mallory.credential, Duration::from_secs(5)).await.unwrap();
+        let mut victim_node = ionet::rpc::NodeManagerClient::new(channel);
+        let handed =
+            TakenObject { object_id: ionet::ObjectId::random().to_vec(), account: "acme".into(), copies: vec![] };
+        let request = TakeObjectsRequest { source_address: victim.address.clone(), objects: vec![handed] };
+        let message = denied(victim_node.take_objects(request).await, "handing over objects from another node");
+        assert!(message.contains("a node hands over its own"), "{message}");
         // Billing a tenant for the victim's GPUs, or ending the victim's leases.
         let job = ionet::rpc::proto::gcs::GetAllJobsRequest::default();
         assert!(as_mallory.get_all_jobs(job).await.unwrap().into_inner().jobs.is_empty(), "tenants' jobs are theirs");
