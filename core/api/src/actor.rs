@@ -490,6 +490,17 @@ impl HostedActor {
     }
 }
 
+/// Whether a call failed because the head could not be reached: refused (`Unavailable`),
+/// or its connection broke under the call (a transport error, which tonic reports as
+/// `Unknown`: the head died with it).
+fn head_unreachable(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => status.message().contains("transport error"),
+        _ => false,
+    }
+}
+
 /// How long a call that needs the control store waits for a head that cannot be reached
 /// (restarting, or failing over to its standby) before it fails.
 pub(crate) const HEAD_RECONNECT_WAIT: Duration = Duration::from_secs(60);
@@ -518,9 +529,7 @@ impl CoreWorker {
         loop {
             match call(self.gcs()?, request.clone()).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() + pause < deadline =>
-                {
+                Err(status) if head_unreachable(&status) && tokio::time::Instant::now() + pause < deadline => {
                     tracing::debug!(error = %status.message(), "the control store cannot be reached; asking again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));

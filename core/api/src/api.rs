@@ -178,7 +178,8 @@ pub fn nodes() -> IonetResult<Vec<crate::Node>> {
     let worker = runtime::current()?;
     let rows = block_on(async {
         let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: true };
-        Ok::<_, IonetError>(worker.gcs()?.get_all_nodes(request).await?.into_inner().nodes)
+        let reply = worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await });
+        Ok::<_, IonetError>(reply.await?.nodes)
     })?;
     rows.into_iter().map(crate::Node::try_from).collect()
 }

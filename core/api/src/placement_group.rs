@@ -101,9 +101,10 @@ pub fn placement_group_info(id: PlacementGroupId) -> IonetResult<PlacementGroupI
 pub fn placement_group_table() -> IonetResult<Vec<PlacementGroupInfo>> {
     let worker = runtime::current()?;
     let rows = block_on(async {
-        Ok::<_, IonetError>(
-            worker.gcs()?.list_placement_groups(ListPlacementGroupsRequest {}).await?.into_inner().groups,
-        )
+        let request = ListPlacementGroupsRequest {};
+        let reply =
+            worker.call_head(request, |mut gcs, request| async move { gcs.list_placement_groups(request).await });
+        Ok::<_, IonetError>(reply.await?.groups)
     })?;
     rows.into_iter().map(PlacementGroupInfo::try_from).collect()
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ionet_common::{IonetResult, ObjectId};
+use ionet_common::{IonetError, IonetResult, ObjectId};
 
 use crate::api::ObjectBytes;
 use crate::object_ref::ObjectRef;
@@ -125,10 +125,10 @@ pub fn kv_get(namespace: &str, key: &[u8]) -> IonetResult<Option<Vec<u8>>> {
     block_on(async {
         let request =
             ionet_common::rpc::proto::gcs::KvGetRequest { namespace: namespace.to_string(), key: key.to_vec() };
-        match worker.gcs()?.kv_get(request).await {
-            Ok(reply) => Ok(Some(reply.into_inner().value)),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(status.into()),
+        match worker.call_head(request, |mut gcs, request| async move { gcs.kv_get(request).await }).await {
+            Ok(reply) => Ok(Some(reply.value)),
+            Err(IonetError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
         }
     })
 }

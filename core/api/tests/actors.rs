@@ -524,12 +524,19 @@ fn head_restart_keeps_everything(storage: &str) {
     let special: std::collections::BTreeMap<String, f64> = [("special".to_string(), 1.0)].into();
     let group = ionet::placement_group(vec![special], ionet::PlacementStrategy::Pack).unwrap();
     assert!(!group.wait(Duration::from_millis(200)).unwrap(), "no node has the resource yet");
+    ionet::raw::kv_put("models", b"llama", b"weights".to_vec(), true).unwrap();
     let load = Load::start("counter", 5);
     cluster.kill(0);
+    // Calls that need the head wait for it (up to a minute) rather than fail.
+    let asked =
+        std::thread::spawn(|| (ionet::raw::kv_get("models", b"llama"), ionet::nodes().map(|nodes| nodes.len())));
     // While the head is down, work on held leases goes on.
     let before = load.runs();
     wait_until("tasks to run without the head", Duration::from_secs(30), || load.runs() >= before + 16);
     cluster.start_head_again();
+    let (value, nodes) = asked.join().unwrap();
+    assert_eq!(value.unwrap(), Some(b"weights".to_vec()), "a KV read made while the head was down");
+    assert!(nodes.unwrap() >= 3, "a node listing made while the head was down");
     load.check();
     // The group the head had pending is placed once a node with the resource joins.
     cluster.add_node(&["--num-cpus", "1", "--resources", r#"{"special": 1}"#, "--labels", "name=c"]);
