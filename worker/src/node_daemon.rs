@@ -137,11 +137,6 @@ struct NodeManagerService {
 }
 
 impl NodeManagerService {
-    /// The address the cluster knows node `node` by.
-    async fn caller_address(&self, node: &NodeId) -> Option<String> {
-        self.shared.leases.node_address(node).await
-    }
-
     /// Where the head says object `id` went from the node at `from` (one that left),
     /// when that is a node of this cluster.
     async fn moved_to(&self, from: &str, id: &[u8]) -> Option<String> {
@@ -290,7 +285,7 @@ impl NodeManager for NodeManagerService {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
         let caller = match &principal {
-            Principal::Node(node) => self.caller_address(node).await,
+            Principal::Node(node) => self.shared.leases.node_address(node).await,
             _ => None,
         };
         if caller.as_deref() != Some(request.source_address.as_str()) {

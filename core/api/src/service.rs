@@ -411,8 +411,12 @@ impl CoreWorkerRpc for CoreWorkerService {
         tokio::spawn(async move {
             // A leased worker runs its holder's tasks one at a time, in the order sent, on
             // its executor thread; this loop reads the next ones meanwhile.
+            // The caller names itself in the stream's first batch.
+            let mut caller: Arc<str> = Arc::from("");
             while let Ok(Some(batch)) = incoming.message().await {
-                let caller: Arc<str> = batch.caller_address.as_str().into();
+                if !batch.caller_address.is_empty() {
+                    caller = batch.caller_address.as_str().into();
+                }
                 for task in batch.tasks {
                     let sequence = task.sequence;
                     match prepare_task(&worker, task, &caller, &replies).await {

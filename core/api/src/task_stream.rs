@@ -69,7 +69,8 @@ async fn read_task_replies(
 ) {
     let mut client =
         CoreWorkerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
-    let batches = futures::stream::unfold((queued, caller), |(mut queued, caller)| async move {
+    // The caller names itself once, in the stream's first batch.
+    let batches = futures::stream::unfold((queued, Some(caller)), |(mut queued, caller)| async move {
         let mut tasks = vec![queued.recv().await?];
         while tasks.len() < MAX_TASK_BATCH {
             match queued.try_recv() {
@@ -77,7 +78,8 @@ async fn read_task_replies(
                 Err(_) => break,
             }
         }
-        Some((TaskBatch { tasks, caller_address: caller.to_string() }, (queued, caller)))
+        let caller_address = caller.as_deref().map(str::to_string).unwrap_or_default();
+        Some((TaskBatch { tasks, caller_address }, (queued, None)))
     });
     let ended = match client.tasks(batches).await {
         Err(status) => status,
