@@ -261,7 +261,7 @@ fn flush(connection: &Option<Connection>, batch: &mut Vec<PushActorTaskRequest>)
     let calls = std::mem::take(batch);
     if let Some(connection) = connection {
         // A closed stream has already handed its sent calls back for retry.
-        let _ = connection.batches.send(ActorCallBatch { calls });
+        let _ = connection.batches.send(ActorCallBatch { calls, caller_address: String::new() });
     }
 }
 
@@ -274,10 +274,18 @@ fn requeue(shared: &SenderShared, call: ActorCall) {
 }
 
 /// Opens a call stream to the actor's worker; its reader settles the replies.
-fn open_stream(shared: &Arc<SenderShared>, incarnation: u32, channel: ionet_common::rpc::AuthChannel) -> Connection {
+fn open_stream(
+    shared: &Arc<SenderShared>,
+    incarnation: u32,
+    address: &str,
+    channel: ionet_common::rpc::AuthChannel,
+) -> Connection {
     let (batches, outgoing) = mpsc::unbounded_channel();
+    // The first batch names this process: the actor lends it refs in its replies.
+    let _ = batches.send(ActorCallBatch { calls: Vec::new(), caller_address: shared.worker.address.to_string() });
     let sent = Arc::new(Mutex::new(SentCalls::default()));
-    shared.worker.handle.spawn(read_replies(shared.clone(), incarnation, channel, outgoing, sent.clone()));
+    let reader = read_replies(shared.clone(), incarnation, address.into(), channel, outgoing, sent.clone());
+    shared.worker.handle.spawn(reader);
     Connection { incarnation, next_sequence: 0, batches, sent }
 }
 
@@ -286,6 +294,7 @@ fn open_stream(shared: &Arc<SenderShared>, incarnation: u32, channel: ionet_comm
 async fn read_replies(
     shared: Arc<SenderShared>,
     incarnation: u32,
+    address: Arc<str>,
     channel: ionet_common::rpc::AuthChannel,
     outgoing: mpsc::UnboundedReceiver<ActorCallBatch>,
     sent: Arc<Mutex<SentCalls>>,
@@ -309,7 +318,15 @@ async fn read_replies(
                         tracing::warn!(sequence, "a reply to a call this caller did not send");
                         continue;
                     };
-                    let state = reply_state(&shared, &call.method, reply.unwrap_or_default());
+                    let reply = reply.unwrap_or_default();
+                    // Refs inside the value: held while the value is; refs the actor kept:
+                    // lent to it (`crate::borrows`).
+                    let borrows = &shared.worker.borrows;
+                    borrows.settle_reply(call.return_id, &reply, &call.args, &address);
+                    if shared.worker.objects.get(&call.return_id).is_none() {
+                        borrows.forget_container(&call.return_id);
+                    }
+                    let state = reply_state(&shared, &call.method, reply);
                     shared.worker.settle_object(&call.return_id, state);
                     drop((call, permit)); // releases argument refs and the in-flight slot
                 }
@@ -396,7 +413,7 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
             ActorState::Dead => return Ok(Err(death_error(&shared.actor, &info))),
             ActorState::Alive if i64::from(info.incarnation) > broken => {
                 let channel = worker.channel(&info.address)?;
-                let connection = open_stream(shared, info.incarnation, channel);
+                let connection = open_stream(shared, info.incarnation, &info.address, channel);
                 *shared.current.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((info.address.clone(), connection.sent.clone()));
                 return Ok(Ok(connection));

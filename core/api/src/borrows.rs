@@ -1,146 +1,255 @@
-//! Borrowers: a ref inside a task's return value keeps its object alive in the worker
-//! that owns it until the caller is done with it.
+//! Borrowers: a ref that travels from one process to another keeps its object alive for
+//! as long as the process it reached holds it (Ray's ownership protocol, by lends).
 //!
-//! The worker that ran the task *lends* each ref it owns found in the return value: it
-//! keeps one count of the object per lend (`PushTaskReply.lent`) and remembers how many
-//! it lent. The caller registers the lends as a [`Borrowed`] per object, held by the
-//! return object's entry (the value holds the refs) and by every handle of the ref it
-//! decodes; when the last holder goes, it gives the lends back (`ReleaseBorrows`) and
-//! the owner drops those counts (freeing the object at zero, as for its own handles).
+//! Every handle of an object this process does not own shares one [`Borrowed`] per
+//! object: the local count. A `Borrowed` remembers who *lent* the object here, and how
+//! many times; when the last handle goes, each lender gets its lends back
+//! (`ReleaseBorrows`). A lender keeps a handle per lend still out (`Borrows::lent`, under
+//! the borrower's address): a counted handle when it owns the object, else a handle on
+//! its own `Borrowed`, so a chain of borrowers holds the object at its owner until the
+//! end of the chain lets go.
 //!
-//! Invariants:
-//! - an owner gives back no more counts than it lent to anyone (a release beyond that
-//!   is ignored), so a borrower cannot free an object its owner still holds;
-//! - a caller takes lends only from the worker that replied, for objects that worker
-//!   owns (a reply naming another owner could make it give back another's lends);
-//! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
+//! Lends travel in the replies to tasks and actor calls:
+//! - *return values*: the worker that ran the call lends the caller every ref in the
+//!   value that it holds (`PushTaskReply.lent`); the caller's entry of the return object
+//!   holds them while the value is kept. A ref the caller itself passed in the call's
+//!   arguments is held with the caller's own handle instead (and the lend given back at
+//!   once: two processes lending each other one object would hold it forever);
+//! - *arguments kept*: a worker that still holds, after a call, refs it decoded during
+//!   the call (stored in an actor's state, passed on to a task still running) counts a
+//!   lend from the caller and names them (`PushTaskReply.kept`); the caller lends it its
+//!   own handle of each (those the call's arguments held).
 //!
 //! Refs inside an actor's constructor arguments are held by its creator while the actor
 //! lives (`CoreWorker::actor_args`, let go once the control store says it is dead): each
 //! incarnation's constructor reads them again.
 //!
-//! The owner keeps each lend under its borrower (the caller's address, which the caller
-//! names on its task stream): a release gives back the releasing borrower's lends only,
-//! so one borrower cannot give back another's.
+//! Invariants:
+//! - a lender gives back no more counts than it lent to the releasing borrower (a release
+//!   beyond that is ignored), so a borrower cannot free what another still holds, and a
+//!   reply can only make its caller give back lends to the replying worker;
+//! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
 //!
-//! Not covered yet: a borrower that dies without releasing (its owner, a worker it
-//! leased, dies with its lease today, so nothing outlives it; an owner that outlives its
-//! borrower keeps the object until it exits), refs passed on from a borrower to a third
-//! process (borrowed handles there do not hold the object), and lends in actor calls'
-//! replies.
+//! Not covered yet: a borrower that dies without releasing (its lender keeps the object
+//! until it exits itself), refs decoded from a value read by `get` and kept past the call
+//! (only the call's own arguments are lent by its caller), and async actor methods (their
+//! replies lend nothing).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
-use ionet_common::rpc::proto::worker::{LentRef, ReleaseBorrowsRequest};
+use ionet_common::rpc::proto::worker::{LentRef, PushTaskReply, ReleaseBorrowsRequest};
 use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::ObjectId;
 
-use crate::object_ref::ObjectRef;
+use crate::object_ref::{Arg, ObjectRef};
+use crate::runtime::CoreWorker;
 
-/// An object of another process this one holds lends of.
+/// The local count of an object of another process: shared by every handle of it here.
 pub(crate) struct Borrowed {
     id: ObjectId,
-    owner: Arc<str>,
-    lends: AtomicU32,
+    /// The processes that lent it here, with how many lends each (given back on drop).
+    lenders: Mutex<Vec<(Arc<str>, u32)>>,
+}
+
+impl Borrowed {
+    fn add_lend(&self, lender: &Arc<str>) {
+        let mut lenders = self.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match lenders.iter_mut().find(|(known, _)| known == lender) {
+            Some((_, count)) => *count = count.saturating_add(1),
+            None => lenders.push((lender.clone(), 1)),
+        }
+    }
 }
 
 impl Drop for Borrowed {
     fn drop(&mut self) {
-        let lends = self.lends.load(Ordering::Acquire);
+        let lenders = std::mem::take(self.lenders.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let Ok(worker) = crate::runtime::current() else { return };
         worker.borrows.held.remove_if(&self.id, |_, weak| weak.strong_count() == 0);
-        let Ok(channel) = worker.channel(&self.owner) else { return };
-        let request = ReleaseBorrowsRequest {
-            object_ids: vec![self.id.to_vec()],
-            counts: vec![lends],
-            borrower_address: worker.address.to_string(),
-        };
-        let id = self.id;
-        worker.handle.spawn(async move {
-            if let Err(status) = CoreWorkerClient::new(channel).release_borrows(request).await {
-                tracing::debug!(object = %id.short(), error = %status.message(), "giving a borrowed object back failed");
-            }
-        });
+        for (lender, count) in lenders {
+            give_back(&worker, &lender, vec![(self.id, count)]);
+        }
     }
+}
+
+/// Gives `lends` back to the process at `lender` (in the background: nothing waits).
+fn give_back(worker: &CoreWorker, lender: &str, lends: Vec<(ObjectId, u32)>) {
+    if lends.is_empty() {
+        return;
+    }
+    let Ok(channel) = worker.channel(lender) else { return };
+    let request = ReleaseBorrowsRequest {
+        object_ids: lends.iter().map(|(id, _)| id.to_vec()).collect(),
+        counts: lends.iter().map(|(_, count)| *count).collect(),
+        borrower_address: worker.address.to_string(),
+    };
+    worker.handle.spawn(async move {
+        if let Err(status) = CoreWorkerClient::new(channel).release_borrows(request).await {
+            tracing::debug!(error = %status.message(), "giving borrowed objects back failed");
+        }
+    });
 }
 
 #[derive(Default)]
 pub(crate) struct Borrows {
-    /// Objects of other processes borrowed here, while something holds them.
+    /// The local count of each object of another process, while a handle holds it.
     held: DashMap<ObjectId, Weak<Borrowed>>,
-    /// The borrows each owned object's value holds (the refs inside it).
-    contained: DashMap<ObjectId, Vec<Arc<Borrowed>>>,
-    /// Objects this process owns, lent out: a counted handle per lend still out, with
-    /// the borrower it is out to.
+    /// The refs each owned object's value holds (lent with it, or the caller's own).
+    contained: DashMap<ObjectId, Vec<ObjectRef<()>>>,
+    /// Objects lent out: a handle per lend still out, with the borrower it is out to.
     lent: DashMap<ObjectId, Vec<(Arc<str>, ObjectRef<()>)>>,
 }
 
 /// The most lends one reply may carry (more are not registered, and so never released:
-/// the worker keeps those objects until it exits).
+/// the lender keeps those objects until it exits).
 const MAX_LENT_PER_REPLY: usize = 10_000;
 
+std::thread_local! {
+    /// While a call runs: the objects of other processes whose handles it decoded.
+    static REVIVED: RefCell<Option<Vec<ObjectId>>> = const { RefCell::new(None) };
+}
+
+/// Runs `call` and returns, with its result, the objects of other processes whose
+/// handles it decoded (see [`Borrows::keep_after_call`]).
+pub(crate) fn collect_revived<R>(call: impl FnOnce() -> R) -> (R, Vec<ObjectId>) {
+    /// Puts back the outer collection (none, unless nested) even if `call` panics.
+    struct Restore(Option<Option<Vec<ObjectId>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                REVIVED.with(|revived| *revived.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(REVIVED.with(|revived| revived.borrow_mut().replace(Vec::new()))));
+    let result = call();
+    let outer = restore.0.take().expect("set above");
+    let found = REVIVED.with(|revived| std::mem::replace(&mut *revived.borrow_mut(), outer));
+    (result, found.unwrap_or_default())
+}
+
+/// The handles a call's arguments hold (refs inside argument values).
+fn argument_handles(args: &[Arg]) -> impl Iterator<Item = &ObjectRef<()>> {
+    args.iter().flat_map(|arg| match arg {
+        Arg::Holding(_, handles) => handles.as_slice(),
+        _ => &[],
+    })
+}
+
 impl Borrows {
-    /// The worker at `lender` that made `container` lent it `refs`: held until `container`
-    /// is forgotten. A worker lends only what it owns: refs naming another owner are not
-    /// taken (giving them back would free another borrower's objects).
-    pub(crate) fn register(&self, container: ObjectId, refs: &[LentRef], lender: &str) {
-        if refs.is_empty() {
+    /// The local count of `id`, an object of another process, for a handle decoded here.
+    pub(crate) fn holder(&self, id: ObjectId) -> Arc<Borrowed> {
+        REVIVED.with(|revived| {
+            if let Some(revived) = revived.borrow_mut().as_mut() {
+                revived.push(id);
+            }
+        });
+        if let Some(borrowed) = self.held.get(&id).and_then(|weak| weak.upgrade()) {
+            return borrowed;
+        }
+        let mut slot = self.held.entry(id).or_default();
+        if let Some(borrowed) = slot.upgrade() {
+            return borrowed;
+        }
+        let borrowed = Arc::new(Borrowed { id, lenders: Mutex::new(Vec::new()) });
+        *slot = Arc::downgrade(&borrowed);
+        borrowed
+    }
+
+    /// The caller's side of a reply from the worker at `lender` to a call with `args`
+    /// whose value is `container`: the refs lent with the value are held while it is kept,
+    /// and the refs the worker kept from the arguments are lent to it.
+    pub(crate) fn settle_reply(&self, container: ObjectId, reply: &PushTaskReply, args: &[Arg], lender: &str) {
+        if reply.lent.is_empty() && reply.kept.is_empty() {
             return;
         }
-        let mut holding = Vec::with_capacity(refs.len());
-        for lent in refs.iter().filter(|lent| lent.owner == lender).take(MAX_LENT_PER_REPLY) {
-            let Ok(id) = ObjectId::from_bytes(&lent.object_id) else { continue };
-            let borrowed = match self.held.get(&id).and_then(|weak| weak.upgrade()) {
-                Some(borrowed) => borrowed,
-                None => {
-                    let borrowed =
-                        Arc::new(Borrowed { id, owner: Arc::from(lent.owner.as_str()), lends: AtomicU32::new(0) });
-                    self.held.insert(id, Arc::downgrade(&borrowed));
-                    borrowed
-                }
+        let lender: Arc<str> = Arc::from(lender);
+        for id in reply.kept.iter().take(MAX_LENT_PER_REPLY) {
+            let Some(handle) = argument_handles(args).find(|handle| handle.id().as_bytes() == id.as_slice()) else {
+                continue;
             };
-            borrowed.lends.fetch_add(1, Ordering::AcqRel);
-            holding.push(borrowed);
+            self.lent.entry(handle.id()).or_default().push((lender.clone(), handle.clone()));
         }
-        self.contained.entry(container).or_default().extend(holding);
+        let mut holding = Vec::new();
+        let mut returned = Vec::new();
+        for lent in reply.lent.iter().take(MAX_LENT_PER_REPLY) {
+            let Ok(id) = ObjectId::from_bytes(&lent.object_id) else { continue };
+            if let Some(own) = argument_handles(args).find(|handle| handle.id() == id) {
+                // This process passed it in: its own handle holds it, and the lend goes back
+                // (else each would hold the object for the other, for ever).
+                holding.push(own.clone());
+                returned.push((id, 1));
+                continue;
+            }
+            let borrowed = self.holder_untracked(id);
+            borrowed.add_lend(&lender);
+            holding.push(ObjectRef::borrowed(id, Arc::from(lent.owner.as_str()), Some(borrowed)));
+        }
+        if !holding.is_empty() {
+            self.contained.entry(container).or_default().extend(holding);
+        }
+        if let Ok(worker) = crate::runtime::current() {
+            give_back(&worker, &lender, returned);
+        }
     }
 
-    /// Lends from `lender` that arrived for a value nobody wants any more: given back at
-    /// once.
-    pub(crate) fn give_back(&self, refs: &[LentRef], lender: &str) {
-        let scratch = ObjectId::random();
-        self.register(scratch, refs, lender);
-        self.forget_container(&scratch);
+    /// The local count of `id` (not counted as decoded by the running call).
+    fn holder_untracked(&self, id: ObjectId) -> Arc<Borrowed> {
+        let (borrowed, _) = collect_revived(|| self.holder(id));
+        borrowed
     }
 
-    /// The borrow a decoded handle of `id` holds, if this process borrows it.
+    /// The local count of `id` if a handle here holds it.
     pub(crate) fn holder_of(&self, id: &ObjectId) -> Option<Arc<Borrowed>> {
         self.held.get(id).and_then(|weak| weak.upgrade())
     }
 
-    /// `container` is forgotten: the borrows its value held go (given back when nothing
-    /// else holds them).
+    /// `container` is forgotten: the refs its value held go (given back when nothing else
+    /// holds them).
     pub(crate) fn forget_container(&self, container: &ObjectId) {
-        self.contained.remove(container);
+        let held = self.contained.remove(container);
+        drop(held);
     }
 
-    /// Lends `refs` (handles this process owns, found in a task's return value) to the
-    /// process at `borrower`: each keeps its count until that borrower gives it back.
-    pub(crate) fn lend(&self, address: &str, refs: Vec<ObjectRef<()>>, borrower: Arc<str>) -> Vec<LentRef> {
-        let lent: Vec<LentRef> = refs
-            .into_iter()
-            .filter(|handle| handle.entry.is_some())
+    /// After a call from `caller`: which of the objects it decoded (`revived`) this
+    /// process still holds, other than in `reply_refs` (its return value's refs). Each
+    /// counts one lend from the caller, who is told to keep it (`PushTaskReply.kept`).
+    pub(crate) fn keep_after_call(
+        &self,
+        mut revived: Vec<ObjectId>,
+        reply_refs: &[ObjectRef<()>],
+        caller: &Arc<str>,
+    ) -> Vec<Vec<u8>> {
+        revived.sort_unstable();
+        revived.dedup();
+        let mut kept = Vec::new();
+        for id in revived.into_iter().take(MAX_LENT_PER_REPLY) {
+            let Some(borrowed) = self.holder_of(&id) else { continue };
+            let in_reply = reply_refs.iter().filter(|handle| handle.id() == id && handle.holds_borrow()).count();
+            // One count is `borrowed` itself.
+            if Arc::strong_count(&borrowed) > 1 + in_reply {
+                borrowed.add_lend(caller);
+                kept.push(id.to_vec());
+            }
+        }
+        kept
+    }
+
+    /// Lends `refs` (handles this process holds, found in a call's return value) to the
+    /// process at `borrower`: each keeps its object until that borrower gives it back.
+    /// Handles that hold nothing (decoded while a caller held the object for the call)
+    /// are named anyway: the borrower's release of them is ignored.
+    pub(crate) fn lend(&self, refs: Vec<ObjectRef<()>>, borrower: Arc<str>) -> Vec<LentRef> {
+        refs.into_iter()
             .take(MAX_LENT_PER_REPLY)
             .map(|handle| {
-                let lent = LentRef { object_id: handle.id().to_vec(), owner: address.to_string() };
-                // Its count is the borrower's now: kept here until given back.
+                let lent = LentRef { object_id: handle.id().to_vec(), owner: handle.owner_address().to_string() };
                 self.lent.entry(handle.id()).or_default().push((borrower.clone(), handle));
                 lent
             })
-            .collect();
-        lent
+            .collect()
     }
 
     /// Borrower `borrower` gives back `count` lends of `id`: at most as many as are out

@@ -6,8 +6,8 @@
 //! frees the value and every copy when the last handle (including those held by
 //! pending tasks as arguments) is dropped. A ref serialised into another process
 //! (inside a value, or sent to a task) is a *borrowed* handle there: it resolves
-//! through the owner, and keeps the object alive only when its owner lent it to this
-//! process (`crate::borrows`: a ref in a task's return value).
+//! through the owner, and keeps the object alive while some process lent it to this
+//! one (`crate::borrows`).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -25,8 +25,8 @@ pub struct ObjectRef<T> {
     pub(crate) owner: Arc<str>,
     /// The owner's entry, when this handle counts in it (it lives in the owner).
     pub(crate) entry: Option<Arc<ObjectEntry>>,
-    /// Elsewhere, the lends this process holds of the object, when it was lent them
-    /// (`crate::borrows`): the object lives while this handle does.
+    /// Elsewhere, the object's local count here (`crate::borrows`): the lends this
+    /// process holds of it are given back when its last handle goes.
     borrow: Option<Arc<Borrowed>>,
     _value: PhantomData<fn() -> T>,
 }
@@ -45,6 +45,11 @@ impl<T> ObjectRef<T> {
 
     pub fn id(&self) -> ObjectId {
         self.id
+    }
+
+    /// Whether this handle holds a local count of another process's object.
+    pub(crate) fn holds_borrow(&self) -> bool {
+        self.borrow.is_some()
     }
 
     /// Address of the core worker that owns the object.
@@ -159,9 +164,10 @@ std::thread_local! {
     static CONTAINED: std::cell::RefCell<Option<Vec<ObjectRef<()>>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `encode` and returns, with its result, a counted handle of every ref owned by this
-/// process that it serialised: a ref inside a task's argument or a stored value must
-/// outlive the caller's own handles for as long as the task or the value does.
+/// Runs `encode` and returns, with its result, a handle of every ref it serialised that
+/// holds its object (owned here, or borrowed: `crate::borrows`): a ref inside a task's
+/// argument or a stored value must outlive the caller's own handles for as long as the
+/// task or the value does.
 pub fn collect_contained<R>(encode: impl FnOnce() -> R) -> (R, Vec<ObjectRef<()>>) {
     /// Puts back the outer collection (none, unless nested) even if `encode` panics.
     struct Restore(Option<Option<Vec<ObjectRef<()>>>>);
@@ -181,7 +187,7 @@ pub fn collect_contained<R>(encode: impl FnOnce() -> R) -> (R, Vec<ObjectRef<()>
 
 impl<T> Serialize for ObjectRef<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.entry.is_some() {
+        if self.entry.is_some() || self.borrow.is_some() {
             CONTAINED.with(|contained| {
                 if let Some(found) = contained.borrow_mut().as_mut() {
                     found.push(self.erase());

@@ -191,8 +191,8 @@ pub(crate) fn forget_object(id: &ObjectId) {
     }
 }
 
-/// A ref arriving in a process: counted again in its owner, borrowed elsewhere (holding
-/// the lends of it this process holds, if any).
+/// A ref arriving in a process: counted again in its owner, borrowed elsewhere (sharing
+/// the object's local count there, `crate::borrows`).
 pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
     if let Ok(worker) = current() {
         if *worker.address == *owner {
@@ -201,7 +201,7 @@ pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
             }
             return ObjectRef::borrowed(id, worker.address.clone(), None);
         }
-        return ObjectRef::borrowed(id, owner.into(), worker.borrows.holder_of(&id));
+        return ObjectRef::borrowed(id, owner.into(), Some(worker.borrows.holder(id)));
     }
     ObjectRef::borrowed(id, owner.into(), None)
 }

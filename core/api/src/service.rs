@@ -54,19 +54,21 @@ fn run_blocking(
     depth: u32,
     return_id: ObjectId,
     inline_threshold: u64,
-    lend_to: Option<Arc<str>>,
+    lend_to: Option<Lending>,
     call: impl FnOnce() -> Result<Vec<u8>, Failure>,
 ) -> PushTaskReply {
     let started = Instant::now();
     // A task may run inside another that waits for it (`inline`): that one resumes after.
     let (outer_task, outer_depth) = context::current_task_and_depth();
     context::set_current_task(task_id, depth);
-    // The refs this process owns that the value holds are lent to the caller (a remote
-    // caller of a task: `crate::borrows`).
-    let (result, contained) = if lend_to.is_some() {
-        crate::object_ref::collect_contained(|| std::panic::catch_unwind(AssertUnwindSafe(call)))
+    // A remote caller is lent the refs the value holds, and keeps for this process the
+    // refs of its arguments still held here after the call (`crate::borrows`).
+    let ((result, contained), mut revived) = if lend_to.is_some() {
+        crate::borrows::collect_revived(|| {
+            crate::object_ref::collect_contained(|| std::panic::catch_unwind(AssertUnwindSafe(call)))
+        })
     } else {
-        (std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new())
+        ((std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new()), Vec::new())
     };
     context::set_current_task(outer_task, outer_depth);
     if let Some(task_id) = task_id {
@@ -75,9 +77,11 @@ fn run_blocking(
     let outcome =
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
-    if matches!(reply.result, Some(push_task_reply::Result::Inline(_) | push_task_reply::Result::Stored(_))) {
-        if let Some(borrower) = lend_to {
-            reply.lent = worker.borrows.lend(&worker.address, contained, borrower);
+    if let Some(Lending { caller, decoded }) = lend_to {
+        revived.extend(decoded);
+        reply.kept = worker.borrows.keep_after_call(revived, &contained, &caller);
+        if matches!(reply.result, Some(push_task_reply::Result::Inline(_) | push_task_reply::Result::Stored(_))) {
+            reply.lent = worker.borrows.lend(contained, caller);
         }
     }
     reply.run_micros = started.elapsed().as_micros() as u64;
@@ -195,8 +199,7 @@ async fn prepare_task(
         return_id,
         threshold: request.inline_threshold,
         depth: request.depth,
-        // A caller that names no address (an older one) is lent nothing it could lose.
-        lend_to: (!caller.is_empty()).then(|| caller.clone()),
+        lend_to: Lending::to(caller, Vec::new()),
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -239,9 +242,25 @@ struct DecodedCall {
     threshold: u64,
     /// Its depth in a tree of tasks (actor calls: 0, so what they submit is at depth 1).
     depth: u32,
-    /// A task's (not an actor call's): refs its value holds are lent to the caller, at
-    /// this address.
-    lend_to: Option<Arc<str>>,
+    /// The caller's lends (`crate::borrows`), when it named itself.
+    lend_to: Option<Lending>,
+}
+
+/// What a remote caller is lent by a call, and how to tell what the call kept.
+struct Lending {
+    /// The caller's address: lends go to it.
+    caller: Arc<str>,
+    /// Objects of other processes whose handles were decoded for the call before it ran
+    /// (an actor method's arguments): with those it decodes itself, the refs it may keep.
+    decoded: Vec<ObjectId>,
+}
+
+impl Lending {
+    /// Lends to `caller`; one that names no address (an older one) is lent nothing it
+    /// could lose.
+    fn to(caller: &Arc<str>, decoded: Vec<ObjectId>) -> Option<Lending> {
+        (!caller.is_empty()).then(|| Lending { caller: caller.clone(), decoded })
+    }
 }
 
 impl DecodedCall {
@@ -277,7 +296,12 @@ enum Decoded {
 
 /// Decodes an actor call; a malformed one is answered at once, as one whose arguments
 /// cannot be read or whose method is unknown.
-async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushActorTaskRequest) -> Decoded {
+async fn decode_call(
+    worker: &Arc<CoreWorker>,
+    hosted: &HostedActor,
+    call: PushActorTaskRequest,
+    caller: &Arc<str>,
+) -> Decoded {
     let return_id = match ObjectId::from_bytes(&call.return_object_id) {
         Ok(id) => id,
         Err(why) => return Decoded::Done(malformed_reply(worker, &call.method, &call.task_id, why)),
@@ -286,7 +310,7 @@ async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushA
         Ok(args) => args,
         Err(why) => return Decoded::Done(malformed_reply(worker, &call.method, &call.task_id, why.message())),
     };
-    let decoded = DecodedCall {
+    let mut decoded = DecodedCall {
         sequence: call.sequence,
         return_id,
         method: call.method,
@@ -295,7 +319,12 @@ async fn decode_call(worker: &Arc<CoreWorker>, hosted: &HostedActor, call: PushA
         depth: 0,
         lend_to: None,
     };
-    match args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args)) {
+    // A Rust method decodes its arguments here, before it runs.
+    let (method, revived) = crate::borrows::collect_revived(|| {
+        args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args))
+    });
+    decoded.lend_to = Lending::to(caller, revived);
+    match method {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
         Ok(MethodCall::Async(run)) => Decoded::Async(decoded, run),
         Err(failure) => Decoded::Done(failure_reply(worker, &decoded.method, &decoded.task_id, failure)),
@@ -572,8 +601,13 @@ impl CoreWorkerRpc for CoreWorkerService {
         let (replies, finished) = mpsc::unbounded_channel::<Result<NumberedReply, Status>>();
         tokio::spawn(async move {
             // Ends when the caller closes its side (or goes away); the reply stream ends
-            // once every call taken has answered.
+            // once every call taken has answered. The caller names itself in the
+            // stream's first batch.
+            let mut caller: Arc<str> = Arc::from("");
             while let Ok(Some(batch)) = incoming.message().await {
+                if caller.is_empty() && !batch.caller_address.is_empty() {
+                    caller = batch.caller_address.as_str().into();
+                }
                 let mut blocking = Vec::new();
                 for call in batch.calls {
                     let hosted = match hosted_actor(&worker, &call) {
@@ -585,7 +619,7 @@ impl CoreWorkerRpc for CoreWorkerService {
                     };
                     let sequence = call.sequence;
                     let ordered = hosted.ordered();
-                    match decode_call(&worker, &hosted, call).await {
+                    match decode_call(&worker, &hosted, call, &caller).await {
                         Decoded::Done(reply) => {
                             let _ = replies.send(Ok(NumberedReply { sequence, reply: Some(reply) }));
                         }

@@ -322,7 +322,8 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
             // Cancelled meanwhile: its answer no longer matters.
             match pushed {
                 Ok(reply) => {
-                    worker.borrows.give_back(&reply.lent, &lease.worker_address);
+                    worker.borrows.settle_reply(spec.return_id, &reply, &spec.args, &lease.worker_address);
+                    worker.borrows.forget_container(&spec.return_id);
                     worker.release(&pool, &lease, estimate)
                 }
                 Err(_) => worker.return_lease(&pool, &lease, true).await,
@@ -332,9 +333,9 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
         match pushed {
             Ok(reply) => {
                 pool.observe(spec.profile, reply.run_micros);
-                // Refs inside the value that its worker owns: held while the value is (given
-                // back at once if the value was dropped meanwhile).
-                worker.borrows.register(spec.return_id, &reply.lent, &lease.worker_address);
+                // Refs inside the value: held while the value is (given back at once if the
+                // value was dropped meanwhile); refs the worker kept: lent to it.
+                worker.borrows.settle_reply(spec.return_id, &reply, &spec.args, &lease.worker_address);
                 if worker.objects.get(&spec.return_id).is_none() {
                     worker.borrows.forget_container(&spec.return_id);
                 }

@@ -6,7 +6,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{node_named, wait_until, Cluster};
+use harness::{holds_for, node_named, wait_until, Cluster};
 use ionet::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use ionet::{InitConfig, ObjectRef, SchedulingStrategy, TaskOptions};
 
@@ -59,6 +59,46 @@ fn grow(previous: (Vec<u8>, u64), step: u64) -> (Vec<u8>, u64) {
 #[ionet::remote]
 fn put_inside(size: u64) -> Vec<ObjectRef<Vec<u8>>> {
     vec![ionet::put(&pattern(size as usize, 5)).unwrap()]
+}
+
+/// Asks a task on node `at` for a value its worker puts (`put_inside`) and returns the
+/// list it got: the ref passes from its owner through this task's worker to the caller.
+#[ionet::remote]
+fn pass_on(size: u64, at: ionet::NodeId) -> Vec<ObjectRef<Vec<u8>>> {
+    let pinned =
+        TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: at, soft: false });
+    ionet::get(&put_inside::options(pinned).remote(size)).unwrap()
+}
+
+/// Keeps refs it is given (inside its arguments) until told to forget them.
+pub struct Keeper {
+    kept: Vec<ObjectRef<Vec<u8>>>,
+}
+
+#[ionet::actor]
+impl Keeper {
+    pub fn new() -> Self {
+        Keeper { kept: Vec::new() }
+    }
+
+    pub fn keep(&mut self, refs: Vec<ObjectRef<Vec<u8>>>) -> usize {
+        self.kept.extend(refs);
+        self.kept.len()
+    }
+
+    /// The checksum of every kept value, read now.
+    pub fn read(&self) -> Vec<u64> {
+        self.kept.iter().map(|kept| checksum(&ionet::get(kept).unwrap())).collect()
+    }
+
+    pub fn forget(&mut self) -> usize {
+        std::mem::take(&mut self.kept).len()
+    }
+
+    /// A value this actor puts, returned inside a list (the actor keeps no handle).
+    pub fn put_inside(&self, size: u64) -> Vec<ObjectRef<Vec<u8>>> {
+        vec![ionet::put(&pattern(size as usize, 9)).unwrap()]
+    }
 }
 
 /// Puts a value the worker keeps owning (held in a static); returns the worker's pid.
@@ -234,6 +274,69 @@ fn a_ref_returned_inside_a_list_lives_while_the_driver_holds_it() {
     drop(cluster);
 }
 
+/// A ref that travels owner → borrower → caller (a task's worker on b returns the list a
+/// task on a made) lives while the caller holds it, though the borrower in the middle let
+/// go of it; it is freed once the caller drops it.
+fn a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    cluster.init();
+    let (a, b) = (node_named("a"), node_named("b"));
+    let on_b = TaskOptions::default()
+        .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: b.node_id, soft: false });
+    let size = MIB as u64;
+    let inner = {
+        let list = pass_on::options(on_b).remote(size, a.node_id);
+        ionet::get_timeout(&list, Duration::from_secs(60)).unwrap().pop().unwrap()
+    };
+    holds_for("the value to stay on node a", Duration::from_secs(3), || store_bytes(&a.address) >= size);
+    let value = ionet::get_timeout(&inner, Duration::from_secs(60)).unwrap();
+    assert!(value == pattern(size as usize, 5), "read back intact");
+    drop((value, inner));
+    wait_until("every copy to be freed", Duration::from_secs(30), || {
+        [&a.address, &b.address].iter().all(|node| store_bytes(node) == 0)
+    });
+    drop(cluster);
+}
+
+/// An actor keeps refs passed to it inside a call's arguments: the objects live after the
+/// caller dropped every handle, until the actor lets go of them.
+fn refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.init();
+    let head = ionet::nodes().unwrap().into_iter().find(|node| node.is_head).unwrap();
+    let size = MIB as u64;
+    let values: Vec<Vec<u8>> = (0..3).map(|seed| pattern(size as usize, seed)).collect();
+    let keeper = Keeper::remote().unwrap();
+    {
+        let refs: Vec<ObjectRef<Vec<u8>>> = values.iter().map(|value| ionet::put(value).unwrap()).collect();
+        let kept = keeper.keep(refs.clone());
+        assert_eq!(ionet::get_timeout(&kept, Duration::from_secs(60)).unwrap(), 3);
+    }
+    // The driver's own handles are gone: only the actor holds the values now.
+    holds_for("the values to stay in the driver's store", Duration::from_secs(3), || {
+        store_bytes(&head.address) >= 3 * size
+    });
+    let sums = ionet::get_timeout(&keeper.read(), Duration::from_secs(60)).unwrap();
+    assert_eq!(sums, values.iter().map(|value| checksum(value)).collect::<Vec<_>>());
+    assert_eq!(ionet::get_timeout(&keeper.forget(), Duration::from_secs(60)).unwrap(), 3);
+    wait_until("the values to be freed once the actor let go", Duration::from_secs(30), || {
+        store_bytes(&head.address) == 0
+    });
+
+    // A ref an actor puts and returns inside a list lives while the driver holds it.
+    let a = node_named("a");
+    let stored = || store_bytes(&a.address) + store_bytes(&head.address);
+    let inner = ionet::get_timeout(&keeper.put_inside(size), Duration::from_secs(60)).unwrap().pop().unwrap();
+    holds_for("the actor's value to stay", Duration::from_secs(3), || stored() >= size);
+    assert!(ionet::get_timeout(&inner, Duration::from_secs(60)).unwrap() == pattern(size as usize, 9));
+    drop(inner);
+    wait_until("the actor's value to be freed", Duration::from_secs(30), || stored() == 0);
+    drop(cluster);
+}
+
 /// Whether `pointer` lies in this process's mapping of an object-store file.
 fn in_store_mapping(pointer: usize) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -270,6 +373,14 @@ fn main() {
             (
                 "a_ref_returned_inside_a_list_lives_while_the_driver_holds_it",
                 a_ref_returned_inside_a_list_lives_while_the_driver_holds_it,
+            ),
+            (
+                "a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it",
+                a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it,
+            ),
+            (
+                "refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them",
+                refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them,
             ),
             ("arrow_batches_read_back_without_copies", arrow_batches_read_back_without_copies),
             (

@@ -68,6 +68,16 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// Asserts `condition` holds the whole time `window` lasts (checked every 20 ms): for what
+/// must *not* happen, such as an object freed under its holder.
+pub fn holds_for(what: &str, window: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        assert!(condition(), "{what}: it stopped holding within {window:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A real cluster: a head and node daemons, each this test binary re-executed as `ionet start`.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
