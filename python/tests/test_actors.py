@@ -132,3 +132,50 @@ def test_actor_id_in_context_is_the_handle_id():
 def test_actors_cannot_be_instantiated_directly():
     with pytest.raises(TypeError, match="remote"):
         Counter()
+
+
+@ionet.remote
+class Keeper:
+    """Keeps refs it is given inside its arguments, and hands out refs it puts."""
+
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, refs):
+        self.kept.extend(refs)
+        return len(self.kept)
+
+    def read(self):
+        return ionet.get(self.kept, timeout=30)
+
+    def forget(self):
+        count = len(self.kept)
+        self.kept = []
+        return count
+
+    def put_inside(self, value):
+        return [ionet.put(value)]
+
+
+def test_an_actor_keeps_refs_from_its_arguments_after_the_caller_drops_them():
+    import gc
+
+    keeper = Keeper.remote()
+    refs = [ionet.put(f"value {index}") for index in range(3)]
+    assert ionet.get(keeper.keep.remote(refs), timeout=60) == 3
+    # The driver, their owner, lets go: only the actor still holds them.
+    del refs
+    gc.collect()
+    assert ionet.get(keeper.read.remote(), timeout=60) == [f"value {index}" for index in range(3)]
+    assert ionet.get(keeper.forget.remote(), timeout=60) == 3
+
+
+def test_a_ref_an_actor_returns_in_a_list_outlives_the_actors_own_handle():
+    keeper = Keeper.remote()
+    [inner] = ionet.get(keeper.put_inside.remote("made by the actor"), timeout=60)
+    # The actor kept no handle and the list is gone: the driver's handle holds it.
+    import gc
+
+    gc.collect()
+    assert ionet.get(keeper.forget.remote(), timeout=60) == 0
+    assert ionet.get(inner, timeout=60) == "made by the actor"

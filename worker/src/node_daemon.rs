@@ -37,7 +37,8 @@ use ionet_common::rpc::proto::node::{
     GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply,
     PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
-    SetWorkerBlockedReply, SetWorkerBlockedRequest, TakeObjectsReply, TakeObjectsRequest,
+    SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, TakeObjectsReply,
+    TakeObjectsRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
@@ -373,6 +374,17 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&self.shared.leases.job_of_worker(&request.worker_id)?)?;
         self.shared.leases.set_worker_blocked(&request.worker_id, request.blocked)?;
         Ok(Response::new(SetWorkerBlockedReply {}))
+    }
+
+    async fn set_worker_holding(
+        &self,
+        request: Request<SetWorkerHoldingRequest>,
+    ) -> Result<Response<SetWorkerHoldingReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        principal.may_act_for_job(&self.shared.leases.job_of_worker(&request.worker_id)?)?;
+        self.shared.leases.set_worker_holding(&request.worker_id, request.holding)?;
+        Ok(Response::new(SetWorkerHoldingReply {}))
     }
 
     async fn issue_certificate(

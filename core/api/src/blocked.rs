@@ -9,11 +9,15 @@
 //!
 //! The daemon decides what a report means (how many blocked workers may release their
 //! CPUs at once; taking CPUs back past what is free on resuming): see `worker/src/lease.rs`.
+//!
+//! The same task reports, in the same way, whether the worker holds objects for other
+//! processes (`SetWorkerHolding`, from `crate::borrows`): a worker that lent objects out
+//! is not stopped for being idle, as its objects would go with it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ionet_common::rpc::proto::node::SetWorkerBlockedRequest;
+use ionet_common::rpc::proto::node::{SetWorkerBlockedRequest, SetWorkerHoldingRequest};
 use ionet_common::rpc::NodeManagerClient;
 use tokio::sync::Notify;
 
@@ -21,6 +25,8 @@ use tokio::sync::Notify;
 pub(crate) struct BlockedReporter {
     /// Threads of this process waiting for objects now.
     waiting: AtomicUsize,
+    /// Whether this worker holds objects for other processes now.
+    holding: AtomicBool,
     changed: Notify,
 }
 
@@ -31,7 +37,11 @@ impl BlockedReporter {
         node: NodeManagerClient,
         worker_id: Vec<u8>,
     ) -> Arc<BlockedReporter> {
-        let reporter = Arc::new(BlockedReporter { waiting: AtomicUsize::new(0), changed: Notify::new() });
+        let reporter = Arc::new(BlockedReporter {
+            waiting: AtomicUsize::new(0),
+            holding: AtomicBool::new(false),
+            changed: Notify::new(),
+        });
         handle.spawn(report(reporter.clone(), node, worker_id));
         reporter
     }
@@ -46,6 +56,13 @@ impl BlockedReporter {
 
     fn blocked(&self) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// This worker starts or stops holding objects for other processes.
+    pub(crate) fn set_holding(&self, holding: bool) {
+        if self.holding.swap(holding, Ordering::SeqCst) != holding {
+            self.changed.notify_one();
+        }
     }
 }
 
@@ -65,9 +82,19 @@ impl Drop for BlockedGuard {
 /// The reporting task: lives as long as the worker process.
 async fn report(reporter: Arc<BlockedReporter>, mut node: NodeManagerClient, worker_id: Vec<u8>) {
     let mut reported = false;
+    let mut reported_holding = false;
     loop {
         reporter.changed.notified().await;
         loop {
+            let holding = reporter.holding.load(Ordering::SeqCst);
+            if holding != reported_holding {
+                let request = SetWorkerHoldingRequest { worker_id: worker_id.clone(), holding };
+                if let Err(status) = node.set_worker_holding(request).await {
+                    tracing::debug!(error = %status.message(), holding, "the node daemon did not take a holding report");
+                }
+                reported_holding = holding;
+                continue;
+            }
             let now = reporter.blocked();
             if now == reported {
                 break;

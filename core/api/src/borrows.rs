@@ -30,6 +30,9 @@
 //!   reply can only make its caller give back lends to the replying worker;
 //! - a borrower releases each lend once: a [`Borrowed`] sends its lends when dropped.
 //!
+//! A worker with lends out tells its node so (`crate::blocked`): it is not stopped for
+//! being idle while it holds objects for others.
+//!
 //! Not covered yet: a borrower that dies without releasing (its lender keeps the object
 //! until it exits itself), refs decoded from a value read by `get` and kept past the call
 //! (only the call's own arguments are lent by its caller), and async actor methods (their
@@ -172,6 +175,9 @@ impl Borrows {
             };
             self.lent.entry(handle.id()).or_default().push((lender.clone(), handle.clone()));
         }
+        if !reply.kept.is_empty() {
+            self.report_holding();
+        }
         let mut holding = Vec::new();
         let mut returned = Vec::new();
         for lent in reply.lent.iter().take(MAX_LENT_PER_REPLY) {
@@ -242,14 +248,28 @@ impl Borrows {
     /// Handles that hold nothing (decoded while a caller held the object for the call)
     /// are named anyway: the borrower's release of them is ignored.
     pub(crate) fn lend(&self, refs: Vec<ObjectRef<()>>, borrower: Arc<str>) -> Vec<LentRef> {
-        refs.into_iter()
+        let lent: Vec<LentRef> = refs
+            .into_iter()
             .take(MAX_LENT_PER_REPLY)
             .map(|handle| {
                 let lent = LentRef { object_id: handle.id().to_vec(), owner: handle.owner_address().to_string() };
                 self.lent.entry(handle.id()).or_default().push((borrower.clone(), handle));
                 lent
             })
-            .collect()
+            .collect();
+        if !lent.is_empty() {
+            self.report_holding();
+        }
+        lent
+    }
+
+    /// Tells this worker's node whether it holds objects for others now: while it does, it
+    /// is not stopped for being idle (`crate::blocked`).
+    fn report_holding(&self) {
+        let Ok(worker) = crate::runtime::current() else { return };
+        if let Some(reporter) = worker.blocked.get() {
+            reporter.set_holding(!self.lent.is_empty());
+        }
     }
 
     /// Borrower `borrower` gives back `count` lends of `id`: at most as many as are out
@@ -270,6 +290,9 @@ impl Borrows {
             });
         }
         self.lent.remove_if(&id, |_, out| out.is_empty());
+        if !returned.is_empty() {
+            self.report_holding();
+        }
         drop(returned);
     }
 }

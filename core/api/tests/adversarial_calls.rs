@@ -27,6 +27,7 @@ use ionet::rpc::proto::metering::{
 };
 use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
+    SetWorkerHoldingRequest,
 };
 use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest, ReleaseBorrowsRequest};
 use ionet::rpc::RawCodec;
@@ -408,6 +409,8 @@ fn a_tenant_acts_only_for_its_own_job() {
     assert_eq!(ionet::get_timeout(&tally.bump(1), Duration::from_secs(60)).unwrap(), 41);
     let victim_job = ionet::get_runtime_context().unwrap().job_id;
     let victim_actor = tally.actor_handle().id();
+    let victim_worker: ionet::WorkerId =
+        ionet::get_timeout(&tally.worker_id(), Duration::from_secs(60)).unwrap().parse().unwrap();
     // An object in the node's shared memory (above the inline threshold).
     let weights: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let stored = ionet::put(&weights).unwrap();
@@ -520,6 +523,12 @@ fn a_tenant_acts_only_for_its_own_job() {
         // Bundles are the head's to reserve and cancel.
         let cancel = CancelBundleRequest { placement_group_id: group_id, bundle_index: 0 };
         denied(daemon.cancel_bundle(cancel).await, "cancelling a bundle on a node");
+        // Nor to say whether the victim's worker holds objects (keeping it from being
+        // stopped when idle, or letting it be stopped with the victim's objects).
+        for holding in [true, false] {
+            let report = SetWorkerHoldingRequest { worker_id: victim_worker.to_vec(), holding };
+            denied(daemon.set_worker_holding(report).await, "speaking for another tenant's worker");
+        }
         // The victim's own processes: its driver and its actor's worker take no calls from
         // another account's job (no pushed tasks, no actor calls, no exit).
         let lookup = GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
@@ -950,6 +959,10 @@ impl Tally {
 
     pub fn node(&self) -> String {
         ionet::get_runtime_context().unwrap().node_id.hex()
+    }
+
+    pub fn worker_id(&self) -> String {
+        ionet::get_runtime_context().unwrap().worker_id.unwrap()
     }
 
     pub fn credentials(&self) -> (String, Vec<String>) {

@@ -70,6 +70,24 @@ fn pass_on(size: u64, at: ionet::NodeId) -> Vec<ObjectRef<Vec<u8>>> {
     ionet::get(&put_inside::options(pinned).remote(size)).unwrap()
 }
 
+/// Checks in under `dir` and waits for `expected` tasks to have (so each runs on a worker
+/// of its own), then returns a value its worker puts, inside a list, with the worker's pid.
+#[ionet::remote]
+fn put_together(dir: String, expected: usize, seed: u64) -> (Vec<ObjectRef<Vec<u8>>>, u32) {
+    std::fs::write(format!("{dir}/{}", std::process::id()), "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&dir).unwrap().count() < expected {
+        assert!(std::time::Instant::now() < deadline, "the tasks did not all run at once");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (vec![ionet::put(&pattern(4096, seed)).unwrap()], std::process::id())
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
 /// Keeps refs it is given (inside its arguments) until told to forget them.
 pub struct Keeper {
     kept: Vec<ObjectRef<Vec<u8>>>,
@@ -337,6 +355,44 @@ fn refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them() {
     drop(cluster);
 }
 
+/// A node keeps only a few idle workers and stops the rest soon; a worker whose objects
+/// the driver holds (lent in a task's return value) is not stopped while it does, and is
+/// once the driver lets go.
+fn a_worker_holding_lent_objects_is_not_stopped_as_idle() {
+    // More workers at once than a node keeps idle (the number of cores, at least 2).
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let count = cores + 2;
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", &count.to_string()]);
+    cluster.init();
+    let dir = tempfile::tempdir().unwrap();
+    // The job's workers may run as a user of their own: they check in there too.
+    let mut open = std::fs::metadata(dir.path()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o1777);
+    std::fs::set_permissions(dir.path(), open).unwrap();
+    let dir_name = dir.path().to_str().unwrap().to_string();
+    let lists: Vec<_> = (0..count as u64).map(|seed| put_together::remote(dir_name.clone(), count, seed)).collect();
+    let (inner, pids): (Vec<ObjectRef<Vec<u8>>>, Vec<u32>) = lists
+        .iter()
+        .map(|list| {
+            let (mut refs, pid) = ionet::get_timeout(list, Duration::from_secs(60)).unwrap();
+            (refs.pop().unwrap(), pid)
+        })
+        .unzip();
+    drop(lists);
+    // The node stops idle workers past its limit after a second; not these.
+    holds_for("every owner to stay alive", Duration::from_secs(3), || pids.iter().all(|pid| alive(*pid)));
+    for (seed, object) in inner.iter().enumerate() {
+        let value = ionet::get_timeout(object, Duration::from_secs(60)).unwrap();
+        assert!(value == pattern(4096, seed as u64), "value {seed} read back intact");
+    }
+    drop(inner);
+    wait_until("the workers past the idle limit to stop", Duration::from_secs(30), || {
+        pids.iter().filter(|pid| alive(**pid)).count() <= cores
+    });
+    drop(cluster);
+}
+
 /// Whether `pointer` lies in this process's mapping of an object-store file.
 fn in_store_mapping(pointer: usize) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -381,6 +437,10 @@ fn main() {
             (
                 "refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them",
                 refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them,
+            ),
+            (
+                "a_worker_holding_lent_objects_is_not_stopped_as_idle",
+                a_worker_holding_lent_objects_is_not_stopped_as_idle,
             ),
             ("arrow_batches_read_back_without_copies", arrow_batches_read_back_without_copies),
             (

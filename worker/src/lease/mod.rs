@@ -819,6 +819,18 @@ impl Leases {
         }
     }
 
+    /// The worker holds objects for other processes (or no longer does): while it does,
+    /// it is not stopped for being idle (its objects would be lost with it).
+    pub fn set_worker_holding(&self, worker_id: &[u8], holding: bool) -> IonetResult<()> {
+        let worker_id = WorkerId::from_bytes(worker_id)?;
+        let mut state = self.lock();
+        let process = state.processes.get_mut(&worker_id).ok_or_else(|| {
+            IonetError::NotFound(format!("worker {} was not started by this node", worker_id.short()))
+        })?;
+        process.holding = holding;
+        Ok(())
+    }
+
     /// The job a lease here was granted to.
     pub fn job_of_lease(&self, lease_id: &[u8]) -> IonetResult<JobId> {
         let lease_id = LeaseId::from_bytes(lease_id)?;

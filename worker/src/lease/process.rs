@@ -133,7 +133,7 @@ impl Leases {
         // The worker holds its copy of the pipe now; this end closes here.
         drop(credential);
         let pid = child.id().unwrap_or(0);
-        let starting = Process { pid, key, address: String::new(), doing: Doing::Starting };
+        let starting = Process { pid, key, address: String::new(), doing: Doing::Starting, holding: false };
         self.lock().processes.insert(worker_id, starting);
         let address = tokio::select! {
             address = receiver => address.map_err(|_| IonetError::Internal("worker registration dropped".into())),

@@ -37,6 +37,8 @@ pub(super) struct Process {
     /// Where its core worker serves (empty until it registers).
     pub address: String,
     pub doing: Doing,
+    /// It holds objects for other processes (`SetWorkerHolding`): not stopped when idle.
+    pub holding: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -354,13 +356,14 @@ impl LeaseState {
     }
 
     /// Idle processes to stop now: those idle past `timeout`, and those past the `limit`
-    /// most recently idle that have been idle `grace`. They leave the book.
+    /// most recently idle that have been idle `grace`; never one holding objects for
+    /// others. They leave the book.
     pub fn reap_idle(&mut self, now: Instant, limit: usize, timeout: Duration, grace: Duration) -> Vec<u32> {
         let mut idle: Vec<(Instant, WorkerId)> = self
             .processes
             .iter()
             .filter_map(|(id, process)| match process.doing {
-                Doing::Idle { since } => Some((since, *id)),
+                Doing::Idle { since } if !process.holding => Some((since, *id)),
                 _ => None,
             })
             .collect();

@@ -82,7 +82,8 @@ fn apply(state: &mut LeaseState, group: PlacementGroupId, op: Op, cap: usize) {
                 Some(idle) => idle,
                 None => {
                     let worker = WorkerId::random();
-                    let process = Process { pid: 0, key: key(), address: String::new(), doing: Doing::Starting };
+                    let process =
+                        Process { pid: 0, key: key(), address: String::new(), doing: Doing::Starting, holding: false };
                     state.processes.insert(worker, process);
                     worker
                 }

@@ -68,7 +68,9 @@ fn lease_one_cpu(leases: &Leases) -> (WorkerId, LeaseId) {
         released: Quantity::ZERO,
     };
     let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
-    state.processes.insert(worker, Process { pid: 0, key, address: String::new(), doing: Doing::Starting });
+    state
+        .processes
+        .insert(worker, Process { pid: 0, key, address: String::new(), doing: Doing::Starting, holding: false });
     assert!(state.record_lease(lease_id, granted));
     state.check().unwrap();
     (worker, lease_id)
@@ -138,7 +140,10 @@ fn idle_workers_past_the_soft_limit_get_a_grace() {
     let now = Instant::now();
     let idle = |child: &std::process::Child, since: Instant| {
         let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
-        (WorkerId::random(), Process { pid: child.id(), key, address: String::new(), doing: Doing::Idle { since } })
+        (
+            WorkerId::random(),
+            Process { pid: child.id(), key, address: String::new(), doing: Doing::Idle { since }, holding: false },
+        )
     };
     {
         let mut state = leases.lock();
