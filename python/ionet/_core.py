@@ -136,10 +136,10 @@ def get(object_refs: Union[ObjectRef, List[ObjectRef]], *, timeout: Optional[flo
     returned as it is; its refs are read with `get` in turn.
     """
     if isinstance(object_refs, ObjectRef):
-        return deserialize(_ionet.get_objects([object_refs], timeout)[0])
+        return _ionet._deserialize_holding(deserialize, _ionet.get_objects([object_refs], timeout)[0])
     if not isinstance(object_refs, list):
         raise ValueError(f"'object_refs' must be an ObjectRef or a list of ObjectRefs, got {type(object_refs).__name__}")
-    return [deserialize(buffer) for buffer in _ionet.get_objects(object_refs, timeout)]
+    return [_ionet._deserialize_holding(deserialize, buffer) for buffer in _ionet.get_objects(object_refs, timeout)]
 
 
 def wait(

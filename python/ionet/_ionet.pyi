@@ -77,6 +77,10 @@ def kv_get(namespace: str, key: bytes) -> Optional[bytes]: ...
 class HeldRefs:
     """Refs found inside a serialised value, held by whatever carries the value."""
 
+def _deserialize_holding(deserialize: Any, buffer: Any) -> Any:
+    """`deserialize(buffer)` for a value read by `get`: refs inside it to other processes'
+    objects are then lent to this process by their owners."""
+
 def _serialize_holding(serialize: Any, value: Any) -> Tuple[List[Part], Optional[HeldRefs]]:
     """`serialize(value)`, and the refs owned by this process that it wrote (None if none)."""
 

@@ -109,7 +109,22 @@ pub(crate) struct HeldRefs {
     pub(crate) refs: Vec<ObjectRef<()>>,
 }
 
-/// `serialize(value)`, and the refs this process owns that it wrote (None if none).
+/// `deserialize(buffer)` for a value read by `get` (whose ref the caller still holds):
+/// the refs inside it to other processes' objects are then lent to this process by their
+/// owners, so they outlive the value (GIL released while the owners answer).
+#[pyfunction]
+pub(crate) fn _deserialize_holding<'py>(
+    py: Python<'py>,
+    deserialize: &Bound<'py, PyAny>,
+    buffer: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (value, decoded) = raw::collect_decoded(|| deserialize.call1((buffer,)));
+    py.detach(move || raw::borrow_decoded(decoded));
+    value
+}
+
+/// `serialize(value)`, and the refs that it wrote whose objects this process holds
+/// (None if none).
 #[pyfunction]
 pub(crate) fn _serialize_holding<'py>(
     serialize: &Bound<'py, PyAny>,

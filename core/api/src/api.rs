@@ -72,7 +72,16 @@ fn get_with_deadline<T: DeserializeOwned>(object: &ObjectRef<T>, deadline: Optio
     } else {
         worker.block_on_objects(worker.fetch(object.id(), object.owner_address(), deadline))?
     };
-    task::decode_value(&bytes).map_err(IonetError::InvalidArgument)
+    decode_holding(|| task::decode_value(&bytes).map_err(IonetError::InvalidArgument))
+}
+
+/// Decodes a value read by `get` (whose ref the caller still holds): the refs inside it
+/// to other processes' objects are then lent to this process by their owners, so they
+/// outlive the value (`crate::borrows`).
+fn decode_holding<R>(decode: impl FnOnce() -> R) -> R {
+    let (value, decoded) = crate::borrows::collect_decoded(decode);
+    crate::borrows::borrow_decoded(decoded);
+    value
 }
 
 /// The values of all `objects`, in order.
@@ -82,7 +91,9 @@ pub fn get_all<T: DeserializeOwned>(objects: &[ObjectRef<T>]) -> IonetResult<Vec
     let all = worker.block_on_objects(futures::future::join_all(
         objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), None)),
     ));
-    all.into_iter().map(|bytes| task::decode_value(&bytes?).map_err(IonetError::InvalidArgument)).collect()
+    decode_holding(|| {
+        all.into_iter().map(|bytes| task::decode_value(&bytes?).map_err(IonetError::InvalidArgument)).collect()
+    })
 }
 
 /// Cancels the task or actor call producing `object` (Ray's `cancel`); this process must

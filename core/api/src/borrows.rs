@@ -42,7 +42,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
-use ionet_common::rpc::proto::worker::{LentRef, PushTaskReply, ReleaseBorrowsRequest};
+use ionet_common::rpc::proto::worker::{BorrowObjectsRequest, LentRef, PushTaskReply, ReleaseBorrowsRequest};
 use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::ObjectId;
 
@@ -109,16 +109,34 @@ pub(crate) struct Borrows {
 /// the lender keeps those objects until it exits).
 const MAX_LENT_PER_REPLY: usize = 10_000;
 
+/// Objects of other processes whose handles were decoded, with their owners.
+pub struct DecodedRefs(Vec<(ObjectId, Arc<str>)>);
+
+impl DecodedRefs {
+    fn ids(self) -> Vec<ObjectId> {
+        self.0.into_iter().map(|(id, _)| id).collect()
+    }
+}
+
 std::thread_local! {
-    /// While a call runs: the objects of other processes whose handles it decoded.
-    static REVIVED: RefCell<Option<Vec<ObjectId>>> = const { RefCell::new(None) };
+    /// While a call runs or a value read by `get` is decoded: the objects of other
+    /// processes whose handles were decoded.
+    static REVIVED: RefCell<Option<Vec<(ObjectId, Arc<str>)>>> = const { RefCell::new(None) };
 }
 
 /// Runs `call` and returns, with its result, the objects of other processes whose
 /// handles it decoded (see [`Borrows::keep_after_call`]).
 pub(crate) fn collect_revived<R>(call: impl FnOnce() -> R) -> (R, Vec<ObjectId>) {
-    /// Puts back the outer collection (none, unless nested) even if `call` panics.
-    struct Restore(Option<Option<Vec<ObjectId>>>);
+    let (result, decoded) = collect_decoded(call);
+    (result, decoded.ids())
+}
+
+/// Runs `decode` and returns, with its result, the refs to other processes' objects it
+/// decoded: a value read by `get` holds them only while its own object lives, so
+/// [`borrow_decoded`] asks their owners for lends of their own.
+pub fn collect_decoded<R>(decode: impl FnOnce() -> R) -> (R, DecodedRefs) {
+    /// Puts back the outer collection (none, unless nested) even if `decode` panics.
+    struct Restore(Option<Option<Vec<(ObjectId, Arc<str>)>>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             if let Some(outer) = self.0.take() {
@@ -127,10 +145,63 @@ pub(crate) fn collect_revived<R>(call: impl FnOnce() -> R) -> (R, Vec<ObjectId>)
         }
     }
     let mut restore = Restore(Some(REVIVED.with(|revived| revived.borrow_mut().replace(Vec::new()))));
-    let result = call();
+    let result = decode();
     let outer = restore.0.take().expect("set above");
     let found = REVIVED.with(|revived| std::mem::replace(&mut *revived.borrow_mut(), outer));
-    (result, found.unwrap_or_default())
+    (result, DecodedRefs(found.unwrap_or_default()))
+}
+
+/// How long a reader waits for owners to lend what it decoded.
+const BORROW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Asks the owners of `decoded` (refs decoded from a value read by `get`, while the
+/// reader still holds that value's ref, so the objects are still there) for a lend each,
+/// unless this process holds one already: the refs then keep their objects on their own.
+/// Blocks until the owners answered; an owner that does not answer lends nothing (the
+/// refs then live as long as the value's object does).
+pub fn borrow_decoded(decoded: DecodedRefs) {
+    let Ok(worker) = crate::runtime::current() else { return };
+    let mut by_owner: std::collections::HashMap<Arc<str>, Vec<ObjectId>> = std::collections::HashMap::new();
+    for (id, owner) in decoded.0 {
+        let Some(borrowed) = worker.borrows.holder_of(&id) else { continue };
+        if borrowed.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty() {
+            by_owner.entry(owner).or_default().push(id);
+        }
+    }
+    if by_owner.is_empty() {
+        return;
+    }
+    let asks = by_owner.into_iter().map(|(owner, mut ids)| {
+        ids.sort_unstable();
+        ids.dedup();
+        let worker = worker.clone();
+        async move {
+            let channel = worker.channel(&owner).ok()?;
+            let request = BorrowObjectsRequest {
+                object_ids: ids.iter().map(ObjectId::to_vec).collect(),
+                borrower_address: worker.address.to_string(),
+            };
+            let mut owner_client = CoreWorkerClient::new(channel);
+            match tokio::time::timeout(BORROW_TIMEOUT, owner_client.borrow_objects(request)).await {
+                Ok(Ok(reply)) => Some((owner, reply.into_inner().lent)),
+                Ok(Err(status)) => {
+                    tracing::debug!(owner = %owner, error = %status.message(), "an owner lent nothing");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    let answers = crate::runtime::block_on(futures::future::join_all(asks));
+    for (owner, lent) in answers.into_iter().flatten() {
+        for id in lent.iter().filter_map(|id| ObjectId::from_bytes(id).ok()) {
+            match worker.borrows.holder_of(&id) {
+                Some(borrowed) => borrowed.add_lend(&owner),
+                // Dropped meanwhile: the lend goes back at once.
+                None => give_back(&worker, &owner, vec![(id, 1)]),
+            }
+        }
+    }
 }
 
 /// The handles a call's arguments hold (refs inside argument values).
@@ -143,10 +214,10 @@ fn argument_handles(args: &[Arg]) -> impl Iterator<Item = &ObjectRef<()>> {
 
 impl Borrows {
     /// The local count of `id`, an object of another process, for a handle decoded here.
-    pub(crate) fn holder(&self, id: ObjectId) -> Arc<Borrowed> {
+    pub(crate) fn holder(&self, id: ObjectId, owner: &str) -> Arc<Borrowed> {
         REVIVED.with(|revived| {
             if let Some(revived) = revived.borrow_mut().as_mut() {
-                revived.push(id);
+                revived.push((id, Arc::from(owner)));
             }
         });
         if let Some(borrowed) = self.held.get(&id).and_then(|weak| weak.upgrade()) {
@@ -189,7 +260,7 @@ impl Borrows {
                 returned.push((id, 1));
                 continue;
             }
-            let borrowed = self.holder_untracked(id);
+            let borrowed = self.holder_untracked(id, &lent.owner);
             borrowed.add_lend(&lender);
             holding.push(ObjectRef::borrowed(id, Arc::from(lent.owner.as_str()), Some(borrowed)));
         }
@@ -202,8 +273,8 @@ impl Borrows {
     }
 
     /// The local count of `id` (not counted as decoded by the running call).
-    fn holder_untracked(&self, id: ObjectId) -> Arc<Borrowed> {
-        let (borrowed, _) = collect_revived(|| self.holder(id));
+    fn holder_untracked(&self, id: ObjectId, owner: &str) -> Arc<Borrowed> {
+        let (borrowed, _) = collect_decoded(|| self.holder(id, owner));
         borrowed
     }
 
@@ -257,6 +328,23 @@ impl Borrows {
                 lent
             })
             .collect();
+        if !lent.is_empty() {
+            self.report_holding();
+        }
+        lent
+    }
+
+    /// Lends the process at `borrower` each of `ids` this process still owns (it read
+    /// them in a value it got: `BorrowObjects`); returns those lent.
+    pub(crate) fn lend_owned(&self, worker: &CoreWorker, ids: &[ObjectId], borrower: &str) -> Vec<ObjectId> {
+        let borrower: Arc<str> = Arc::from(borrower);
+        let mut lent = Vec::new();
+        for id in ids.iter().take(MAX_LENT_PER_REPLY) {
+            let Some(entry) = worker.objects.revive(id) else { continue };
+            let handle = ObjectRef::counted(*id, worker.address.clone(), entry);
+            self.lent.entry(*id).or_default().push((borrower.clone(), handle));
+            lent.push(*id);
+        }
         if !lent.is_empty() {
             self.report_holding();
         }

@@ -201,7 +201,7 @@ pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
             }
             return ObjectRef::borrowed(id, worker.address.clone(), None);
         }
-        return ObjectRef::borrowed(id, owner.into(), Some(worker.borrows.holder(id)));
+        return ObjectRef::borrowed(id, owner.into(), Some(worker.borrows.holder(id, owner)));
     }
     ObjectRef::borrowed(id, owner.into(), None)
 }

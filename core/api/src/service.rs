@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, CancelTaskReply,
-    CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest,
-    NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply, ReleaseBorrowsRequest,
-    ReplyBatch, ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest,
-    TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
+    generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
+    BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply,
+    ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest,
+    ReleaseBorrowsReply, ReleaseBorrowsRequest, ReplyBatch, ReportGeneratorItemReply, ReportGeneratorItemRequest,
+    ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -527,6 +527,19 @@ impl CoreWorkerRpc for CoreWorkerService {
             self.worker.borrows.release(id, count, &request.borrower_address);
         }
         Ok(Response::new(ReleaseBorrowsReply {}))
+    }
+
+    async fn borrow_objects(
+        &self,
+        request: Request<BorrowObjectsRequest>,
+    ) -> Result<Response<BorrowObjectsReply>, Status> {
+        let request = request.into_inner();
+        if request.borrower_address.is_empty() {
+            return Err(Status::invalid_argument("a borrower must name its address: lends are given back under it"));
+        }
+        let ids = request.object_ids.iter().map(|id| ObjectId::from_bytes(id)).collect::<Result<Vec<_>, _>>()?;
+        let lent = self.worker.borrows.lend_owned(&self.worker, &ids, &request.borrower_address);
+        Ok(Response::new(BorrowObjectsReply { lent: lent.iter().map(ObjectId::to_vec).collect() }))
     }
 
     async fn return_idle_leases(

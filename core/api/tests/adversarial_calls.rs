@@ -29,7 +29,7 @@ use ionet::rpc::proto::node::{
     AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
     SetWorkerHoldingRequest,
 };
-use ionet::rpc::proto::worker::{CancelTaskRequest, ExitRequest, ReleaseBorrowsRequest};
+use ionet::rpc::proto::worker::{BorrowObjectsRequest, CancelTaskRequest, ExitRequest, ReleaseBorrowsRequest};
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
@@ -548,6 +548,9 @@ fn a_tenant_acts_only_for_its_own_job() {
             let release =
                 ReleaseBorrowsRequest { object_ids: vec![stored.id().to_vec()], counts: vec![1], ..Default::default() };
             denied(victim.release_borrows(release).await, "giving back another tenant's lent objects");
+            let borrow =
+                BorrowObjectsRequest { object_ids: vec![stored.id().to_vec()], borrower_address: "10.6.6.6:1".into() };
+            denied(victim.borrow_objects(borrow).await, "pinning another tenant's objects");
         }
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();

@@ -61,6 +61,14 @@ fn put_inside(size: u64) -> Vec<ObjectRef<Vec<u8>>> {
     vec![ionet::put(&pattern(size as usize, 5)).unwrap()]
 }
 
+/// A value put by the task's worker holding a ref to another it put, returned inside a
+/// list: the inner one is held by the outer one's value only.
+#[ionet::remote]
+fn put_nested(size: u64) -> Vec<ObjectRef<Vec<ObjectRef<Vec<u8>>>>> {
+    let inner = ionet::put(&pattern(size as usize, 7)).unwrap();
+    vec![ionet::put(&vec![inner]).unwrap()]
+}
+
 /// Asks a task on node `at` for a value its worker puts (`put_inside`) and returns the
 /// list it got: the ref passes from its owner through this task's worker to the caller.
 #[ionet::remote]
@@ -318,6 +326,26 @@ fn a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it() {
     drop(cluster);
 }
 
+/// A ref read inside a value got from another process's object lives on its own after
+/// that value is gone: its owner lent it to the reader when it read it.
+fn a_ref_read_inside_a_value_outlives_the_value() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.init();
+    let a = node_named("a");
+    let size = MIB as u64;
+    let inner = {
+        let list = ionet::get_timeout(&put_nested::remote(size), Duration::from_secs(60)).unwrap();
+        ionet::get_timeout(&list[0], Duration::from_secs(60)).unwrap().pop().unwrap()
+    };
+    // The list and the outer value are gone (the outer value's object with them).
+    holds_for("the inner value to stay on node a", Duration::from_secs(3), || store_bytes(&a.address) >= size);
+    assert!(ionet::get_timeout(&inner, Duration::from_secs(60)).unwrap() == pattern(size as usize, 7));
+    drop(inner);
+    wait_until("the inner value to be freed", Duration::from_secs(30), || store_bytes(&a.address) == 0);
+    drop(cluster);
+}
+
 /// An actor keeps refs passed to it inside a call's arguments: the objects live after the
 /// caller dropped every handle, until the actor lets go of them.
 fn refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them() {
@@ -434,6 +462,7 @@ fn main() {
                 "a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it",
                 a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it,
             ),
+            ("a_ref_read_inside_a_value_outlives_the_value", a_ref_read_inside_a_value_outlives_the_value),
             (
                 "refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them",
                 refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them,

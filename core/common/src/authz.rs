@@ -284,6 +284,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.worker.CoreWorker/ReportGeneratorItem", Access::Tenant),
     row("/ionet.worker.CoreWorker/CancelTask", Access::Tenant),
     row("/ionet.worker.CoreWorker/ReleaseBorrows", Access::Tenant),
+    row("/ionet.worker.CoreWorker/BorrowObjects", Access::Tenant),
 ];
 
 /// The row of `path`, if the table has one (a map built once: every call looks here).
