@@ -187,3 +187,19 @@ def test_force_cancel_a_running_task(tmp_path):
     while _alive(pid):
         assert time.monotonic() < deadline, f"worker {pid} still runs the cancelled task"
         time.sleep(0.02)
+
+
+@ionet.remote
+def put_nested(value):
+    return ionet.put([ionet.put(value)])
+
+
+def test_a_ref_read_inside_a_value_outlives_the_value():
+    import gc
+
+    outer = ionet.get(put_nested.remote("inside"), timeout=60)
+    [inner] = ionet.get(outer, timeout=60)
+    # The worker owns both; only the outer value held the inner one until the read.
+    del outer
+    gc.collect()
+    assert ionet.get(inner, timeout=60) == "inside"

@@ -14,7 +14,7 @@
 //! processes (`SetWorkerHolding`, from `crate::borrows`): a worker that lent objects out
 //! is not stopped for being idle, as its objects would go with it.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ionet_common::rpc::proto::node::{SetWorkerBlockedRequest, SetWorkerHoldingRequest};
@@ -25,8 +25,8 @@ use tokio::sync::Notify;
 pub(crate) struct BlockedReporter {
     /// Threads of this process waiting for objects now.
     waiting: AtomicUsize,
-    /// Whether this worker holds objects for other processes now.
-    holding: AtomicBool,
+    /// How many lends of objects this worker has out to other processes now.
+    lends_out: AtomicUsize,
     changed: Notify,
 }
 
@@ -39,7 +39,7 @@ impl BlockedReporter {
     ) -> Arc<BlockedReporter> {
         let reporter = Arc::new(BlockedReporter {
             waiting: AtomicUsize::new(0),
-            holding: AtomicBool::new(false),
+            lends_out: AtomicUsize::new(0),
             changed: Notify::new(),
         });
         handle.spawn(report(reporter.clone(), node, worker_id));
@@ -58,11 +58,11 @@ impl BlockedReporter {
         self.waiting.load(Ordering::SeqCst) > 0
     }
 
-    /// This worker starts or stops holding objects for other processes.
-    pub(crate) fn set_holding(&self, holding: bool) {
-        if self.holding.swap(holding, Ordering::SeqCst) != holding {
-            self.changed.notify_one();
-        }
+    /// `added` lends of objects went out to other processes and `removed` came back.
+    pub(crate) fn lends_changed(&self, added: usize, removed: usize) {
+        self.lends_out.fetch_add(added, Ordering::SeqCst);
+        self.lends_out.fetch_sub(removed, Ordering::SeqCst);
+        self.changed.notify_one();
     }
 }
 
@@ -86,7 +86,7 @@ async fn report(reporter: Arc<BlockedReporter>, mut node: NodeManagerClient, wor
     loop {
         reporter.changed.notified().await;
         loop {
-            let holding = reporter.holding.load(Ordering::SeqCst);
+            let holding = reporter.lends_out.load(Ordering::SeqCst) > 0;
             if holding != reported_holding {
                 let request = SetWorkerHoldingRequest { worker_id: worker_id.clone(), holding };
                 if let Err(status) = node.set_worker_holding(request).await {

@@ -6,19 +6,24 @@
 //! many times; when the last handle goes, each lender gets its lends back
 //! (`ReleaseBorrows`). A lender keeps a handle per lend still out (`Borrows::lent`, under
 //! the borrower's address): a counted handle when it owns the object, else a handle on
-//! its own `Borrowed`, so a chain of borrowers holds the object at its owner until the
-//! end of the chain lets go.
+//! its own `Borrowed`.
 //!
-//! Lends travel in the replies to tasks and actor calls:
-//! - *return values*: the worker that ran the call lends the caller every ref in the
-//!   value that it holds (`PushTaskReply.lent`); the caller's entry of the return object
-//!   holds them while the value is kept. A ref the caller itself passed in the call's
-//!   arguments is held with the caller's own handle instead (and the lend given back at
-//!   once: two processes lending each other one object would hold it forever);
-//! - *arguments kept*: a worker that still holds, after a call, refs it decoded during
-//!   the call (stored in an actor's state, passed on to a task still running) counts a
-//!   lend from the caller and names them (`PushTaskReply.kept`); the caller lends it its
-//!   own handle of each (those the call's arguments held).
+//! How a process comes to hold lends:
+//! - *return values*: the worker that ran a task or actor call lends the caller every ref
+//!   in the value that it holds (`PushTaskReply.lent`); the caller's entry of the return
+//!   object holds them while the value is kept. A ref the caller itself passed in the
+//!   call's arguments is held with the caller's own handle instead (the lend goes back at
+//!   once). A ref the worker only borrowed is lent on through its own borrow, and the
+//!   caller then borrows it from its owner and gives the worker's lend back;
+//! - *refs kept after a call* (stored in an actor's state, passed on to a task still
+//!   running): the worker borrows each from its owner (`BorrowObjects`) before it replies,
+//!   while the caller still holds the call's arguments;
+//! - *refs read inside a value got with `get`*: the reader borrows them from their owners
+//!   before `get` returns, while it still holds the value's ref ([`borrow_decoded`]).
+//!
+//! So in a steady state every lend comes from an owner: borrowers lend each other only
+//! for the moment a relend is exchanged, and no two processes hold an object for each
+//! other for ever.
 //!
 //! Refs inside an actor's constructor arguments are held by its creator while the actor
 //! lives (`CoreWorker::actor_args`, let go once the control store says it is dead): each
@@ -34,9 +39,10 @@
 //! being idle while it holds objects for others.
 //!
 //! Not covered yet: a borrower that dies without releasing (its lender keeps the object
-//! until it exits itself), refs decoded from a value read by `get` and kept past the call
-//! (only the call's own arguments are lent by its caller), and async actor methods (their
-//! replies lend nothing).
+//! until it exits itself); a worker with lends out is still stopped when its lease fails
+//! or its lease holder dies; async actor methods lend nothing in their replies and borrow
+//! nothing they keep; the caller's address on a task or call stream is its own word
+//! (another process of the same account could name it).
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, Weak};
@@ -57,6 +63,21 @@ pub(crate) struct Borrowed {
 }
 
 impl Borrowed {
+    fn lent_by_nobody(&self) -> bool {
+        self.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty()
+    }
+
+    /// Takes back one lend of `lender` (false: none was counted).
+    fn take_lend(&self, lender: &Arc<str>) -> bool {
+        let mut lenders = self.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(index) = lenders.iter().position(|(known, _)| known == lender) else { return false };
+        lenders[index].1 -= 1;
+        if lenders[index].1 == 0 {
+            lenders.remove(index);
+        }
+        true
+    }
+
     fn add_lend(&self, lender: &Arc<str>) {
         let mut lenders = self.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match lenders.iter_mut().find(|(known, _)| known == lender) {
@@ -110,11 +131,12 @@ pub(crate) struct Borrows {
 const MAX_LENT_PER_REPLY: usize = 10_000;
 
 /// Objects of other processes whose handles were decoded, with their owners.
+#[derive(Default)]
 pub struct DecodedRefs(Vec<(ObjectId, Arc<str>)>);
 
 impl DecodedRefs {
-    fn ids(self) -> Vec<ObjectId> {
-        self.0.into_iter().map(|(id, _)| id).collect()
+    pub(crate) fn extend(&mut self, other: DecodedRefs) {
+        self.0.extend(other.0);
     }
 }
 
@@ -122,13 +144,6 @@ std::thread_local! {
     /// While a call runs or a value read by `get` is decoded: the objects of other
     /// processes whose handles were decoded.
     static REVIVED: RefCell<Option<Vec<(ObjectId, Arc<str>)>>> = const { RefCell::new(None) };
-}
-
-/// Runs `call` and returns, with its result, the objects of other processes whose
-/// handles it decoded (see [`Borrows::keep_after_call`]).
-pub(crate) fn collect_revived<R>(call: impl FnOnce() -> R) -> (R, Vec<ObjectId>) {
-    let (result, decoded) = collect_decoded(call);
-    (result, decoded.ids())
 }
 
 /// Runs `decode` and returns, with its result, the refs to other processes' objects it
@@ -161,19 +176,42 @@ const BORROW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// refs then live as long as the value's object does).
 pub fn borrow_decoded(decoded: DecodedRefs) {
     let Ok(worker) = crate::runtime::current() else { return };
-    let mut by_owner: std::collections::HashMap<Arc<str>, Vec<ObjectId>> = std::collections::HashMap::new();
-    for (id, owner) in decoded.0 {
-        let Some(borrowed) = worker.borrows.holder_of(&id) else { continue };
-        if borrowed.lenders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty() {
-            by_owner.entry(owner).or_default().push(id);
+    let wanted = decoded
+        .0
+        .into_iter()
+        .filter(|(id, _)| worker.borrows.holder_of(id).is_some_and(|borrowed| borrowed.lent_by_nobody()))
+        .collect();
+    borrow_from_owners(&worker, wanted);
+}
+
+/// Asks the owners of `wanted` for a lend of each (blocking), and counts those lent.
+fn borrow_from_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>) {
+    if wanted.is_empty() {
+        return;
+    }
+    let answers = crate::runtime::block_on(ask_owners(worker, wanted));
+    for (owner, lent) in answers {
+        for id in lent {
+            match worker.borrows.holder_of(&id) {
+                Some(borrowed) => borrowed.add_lend(&owner),
+                // Dropped meanwhile: the lend goes back at once.
+                None => give_back(worker, &owner, vec![(id, 1)]),
+            }
         }
     }
-    if by_owner.is_empty() {
-        return;
+}
+
+/// Asks each owner in `wanted` to lend this process its objects there (`BorrowObjects`);
+/// the objects each lent. An owner that does not answer lends nothing.
+async fn ask_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>) -> Vec<(Arc<str>, Vec<ObjectId>)> {
+    let mut by_owner: std::collections::HashMap<Arc<str>, Vec<ObjectId>> = std::collections::HashMap::new();
+    for (id, owner) in wanted {
+        by_owner.entry(owner).or_default().push(id);
     }
     let asks = by_owner.into_iter().map(|(owner, mut ids)| {
         ids.sort_unstable();
         ids.dedup();
+        ids.truncate(MAX_LENT_PER_REPLY);
         let worker = worker.clone();
         async move {
             let channel = worker.channel(&owner).ok()?;
@@ -183,7 +221,10 @@ pub fn borrow_decoded(decoded: DecodedRefs) {
             };
             let mut owner_client = CoreWorkerClient::new(channel);
             match tokio::time::timeout(BORROW_TIMEOUT, owner_client.borrow_objects(request)).await {
-                Ok(Ok(reply)) => Some((owner, reply.into_inner().lent)),
+                Ok(Ok(reply)) => {
+                    let lent = reply.into_inner().lent.iter().filter_map(|id| ObjectId::from_bytes(id).ok()).collect();
+                    Some((owner, lent))
+                }
                 Ok(Err(status)) => {
                     tracing::debug!(owner = %owner, error = %status.message(), "an owner lent nothing");
                     None
@@ -192,16 +233,7 @@ pub fn borrow_decoded(decoded: DecodedRefs) {
             }
         }
     });
-    let answers = crate::runtime::block_on(futures::future::join_all(asks));
-    for (owner, lent) in answers.into_iter().flatten() {
-        for id in lent.iter().filter_map(|id| ObjectId::from_bytes(id).ok()) {
-            match worker.borrows.holder_of(&id) {
-                Some(borrowed) => borrowed.add_lend(&owner),
-                // Dropped meanwhile: the lend goes back at once.
-                None => give_back(&worker, &owner, vec![(id, 1)]),
-            }
-        }
-    }
+    futures::future::join_all(asks).await.into_iter().flatten().collect()
 }
 
 /// The handles a call's arguments hold (refs inside argument values).
@@ -233,42 +265,57 @@ impl Borrows {
     }
 
     /// The caller's side of a reply from the worker at `lender` to a call with `args`
-    /// whose value is `container`: the refs lent with the value are held while it is kept,
-    /// and the refs the worker kept from the arguments are lent to it.
+    /// whose value is `container`: the refs lent with the value are held while it is kept.
+    /// A ref the worker lent on through its own borrow is then borrowed from its owner,
+    /// and the worker's lend given back (so borrowers lend each other nothing for long).
     pub(crate) fn settle_reply(&self, container: ObjectId, reply: &PushTaskReply, args: &[Arg], lender: &str) {
-        if reply.lent.is_empty() && reply.kept.is_empty() {
+        if reply.lent.is_empty() {
             return;
         }
         let lender: Arc<str> = Arc::from(lender);
-        for id in reply.kept.iter().take(MAX_LENT_PER_REPLY) {
-            let Some(handle) = argument_handles(args).find(|handle| handle.id().as_bytes() == id.as_slice()) else {
-                continue;
-            };
-            self.lent.entry(handle.id()).or_default().push((lender.clone(), handle.clone()));
-        }
-        if !reply.kept.is_empty() {
-            self.report_holding();
-        }
+        let own: std::collections::HashMap<ObjectId, &ObjectRef<()>> =
+            argument_handles(args).map(|handle| (handle.id(), handle)).collect();
         let mut holding = Vec::new();
         let mut returned = Vec::new();
+        let mut relent = Vec::new();
         for lent in reply.lent.iter().take(MAX_LENT_PER_REPLY) {
             let Ok(id) = ObjectId::from_bytes(&lent.object_id) else { continue };
-            if let Some(own) = argument_handles(args).find(|handle| handle.id() == id) {
-                // This process passed it in: its own handle holds it, and the lend goes back
-                // (else each would hold the object for the other, for ever).
-                holding.push(own.clone());
+            if let Some(own) = own.get(&id) {
+                // This process passed it in: its own handle holds it, and the lend goes back.
+                holding.push((*own).clone());
                 returned.push((id, 1));
                 continue;
             }
-            let borrowed = self.holder_untracked(id, &lent.owner);
+            let owner: Arc<str> = Arc::from(lent.owner.as_str());
+            let borrowed = self.holder_untracked(id, &owner);
             borrowed.add_lend(&lender);
-            holding.push(ObjectRef::borrowed(id, Arc::from(lent.owner.as_str()), Some(borrowed)));
+            if owner != lender {
+                relent.push((id, owner.clone()));
+            }
+            holding.push(ObjectRef::borrowed(id, owner, Some(borrowed)));
         }
         if !holding.is_empty() {
             self.contained.entry(container).or_default().extend(holding);
         }
-        if let Ok(worker) = crate::runtime::current() {
-            give_back(&worker, &lender, returned);
+        let Ok(worker) = crate::runtime::current() else { return };
+        give_back(&worker, &lender, returned);
+        if !relent.is_empty() {
+            worker.handle.clone().spawn(async move {
+                for (owner, ids) in ask_owners(&worker, relent).await {
+                    for id in ids {
+                        match worker.borrows.holder_of(&id) {
+                            Some(borrowed) => {
+                                borrowed.add_lend(&owner);
+                                if borrowed.take_lend(&lender) {
+                                    give_back(&worker, &lender, vec![(id, 1)]);
+                                }
+                            }
+                            // Dropped meanwhile (the lender's lend went back then).
+                            None => give_back(&worker, &owner, vec![(id, 1)]),
+                        }
+                    }
+                }
+            });
         }
     }
 
@@ -290,28 +337,23 @@ impl Borrows {
         drop(held);
     }
 
-    /// After a call from `caller`: which of the objects it decoded (`revived`) this
-    /// process still holds, other than in `reply_refs` (its return value's refs). Each
-    /// counts one lend from the caller, who is told to keep it (`PushTaskReply.kept`).
-    pub(crate) fn keep_after_call(
-        &self,
-        mut revived: Vec<ObjectId>,
-        reply_refs: &[ObjectRef<()>],
-        caller: &Arc<str>,
-    ) -> Vec<Vec<u8>> {
-        revived.sort_unstable();
-        revived.dedup();
+    /// After a call: the objects of others it decoded (`decoded`) that this process still
+    /// holds, other than in `reply_refs` (its return value's refs), and holds by no lend,
+    /// are borrowed from their owners before the reply goes (the caller holds them for
+    /// the call until then).
+    pub(crate) fn borrow_kept(&self, decoded: DecodedRefs, reply_refs: &[ObjectRef<()>]) {
         let mut kept = Vec::new();
-        for id in revived.into_iter().take(MAX_LENT_PER_REPLY) {
+        for (id, owner) in decoded.0 {
             let Some(borrowed) = self.holder_of(&id) else { continue };
             let in_reply = reply_refs.iter().filter(|handle| handle.id() == id && handle.holds_borrow()).count();
             // One count is `borrowed` itself.
-            if Arc::strong_count(&borrowed) > 1 + in_reply {
-                borrowed.add_lend(caller);
-                kept.push(id.to_vec());
+            if Arc::strong_count(&borrowed) > 1 + in_reply && borrowed.lent_by_nobody() {
+                kept.push((id, owner));
             }
         }
-        kept
+        if let Ok(worker) = crate::runtime::current() {
+            borrow_from_owners(&worker, kept);
+        }
     }
 
     /// Lends `refs` (handles this process holds, found in a call's return value) to the
@@ -328,9 +370,7 @@ impl Borrows {
                 lent
             })
             .collect();
-        if !lent.is_empty() {
-            self.report_holding();
-        }
+        self.lends_out(lent.len(), 0);
         lent
     }
 
@@ -345,18 +385,20 @@ impl Borrows {
             self.lent.entry(*id).or_default().push((borrower.clone(), handle));
             lent.push(*id);
         }
-        if !lent.is_empty() {
-            self.report_holding();
-        }
+        self.lends_out(lent.len(), 0);
         lent
     }
 
-    /// Tells this worker's node whether it holds objects for others now: while it does, it
-    /// is not stopped for being idle (`crate::blocked`).
-    fn report_holding(&self) {
+    /// `added` lends went out and `removed` came back: this worker's node hears when it
+    /// starts or stops holding objects for others (`crate::blocked`), and does not stop
+    /// it for being idle meanwhile.
+    fn lends_out(&self, added: usize, removed: usize) {
+        if added == removed {
+            return;
+        }
         let Ok(worker) = crate::runtime::current() else { return };
         if let Some(reporter) = worker.blocked.get() {
-            reporter.set_holding(!self.lent.is_empty());
+            reporter.lends_changed(added, removed);
         }
     }
 
@@ -378,9 +420,7 @@ impl Borrows {
             });
         }
         self.lent.remove_if(&id, |_, out| out.is_empty());
-        if !returned.is_empty() {
-            self.report_holding();
-        }
+        self.lends_out(0, returned.len());
         drop(returned);
     }
 }

@@ -61,14 +61,14 @@ fn run_blocking(
     // A task may run inside another that waits for it (`inline`): that one resumes after.
     let (outer_task, outer_depth) = context::current_task_and_depth();
     context::set_current_task(task_id, depth);
-    // A remote caller is lent the refs the value holds, and keeps for this process the
-    // refs of its arguments still held here after the call (`crate::borrows`).
-    let ((result, contained), mut revived) = if lend_to.is_some() {
-        crate::borrows::collect_revived(|| {
+    // A remote caller is lent the refs the value holds; refs of others' objects the call
+    // decoded and this process still holds are borrowed from their owners (`crate::borrows`).
+    let ((result, contained), mut decoded) = if lend_to.is_some() {
+        crate::borrows::collect_decoded(|| {
             crate::object_ref::collect_contained(|| std::panic::catch_unwind(AssertUnwindSafe(call)))
         })
     } else {
-        ((std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new()), Vec::new())
+        ((std::panic::catch_unwind(AssertUnwindSafe(call)), Vec::new()), Default::default())
     };
     context::set_current_task(outer_task, outer_depth);
     if let Some(task_id) = task_id {
@@ -77,9 +77,9 @@ fn run_blocking(
     let outcome =
         result.map(|value| value.and_then(|bytes| placed(worker, return_id, inline_threshold as usize, bytes)));
     let mut reply = reply_of(worker, function_name, task_bytes, outcome);
-    if let Some(Lending { caller, decoded }) = lend_to {
-        revived.extend(decoded);
-        reply.kept = worker.borrows.keep_after_call(revived, &contained, &caller);
+    if let Some(Lending { caller, decoded: decoded_before }) = lend_to {
+        decoded.extend(decoded_before);
+        worker.borrows.borrow_kept(decoded, &contained);
         if matches!(reply.result, Some(push_task_reply::Result::Inline(_) | push_task_reply::Result::Stored(_))) {
             reply.lent = worker.borrows.lend(contained, caller);
         }
@@ -199,7 +199,7 @@ async fn prepare_task(
         return_id,
         threshold: request.inline_threshold,
         depth: request.depth,
-        lend_to: Lending::to(caller, Vec::new()),
+        lend_to: Lending::to(caller, Default::default()),
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -250,15 +250,15 @@ struct DecodedCall {
 struct Lending {
     /// The caller's address: lends go to it.
     caller: Arc<str>,
-    /// Objects of other processes whose handles were decoded for the call before it ran
-    /// (an actor method's arguments): with those it decodes itself, the refs it may keep.
-    decoded: Vec<ObjectId>,
+    /// Refs of other processes' objects decoded for the call before it ran (an actor
+    /// method's arguments): with those it decodes itself, the refs it may keep.
+    decoded: crate::borrows::DecodedRefs,
 }
 
 impl Lending {
     /// Lends to `caller`; one that names no address (an older one) is lent nothing it
     /// could lose.
-    fn to(caller: &Arc<str>, decoded: Vec<ObjectId>) -> Option<Lending> {
+    fn to(caller: &Arc<str>, decoded: crate::borrows::DecodedRefs) -> Option<Lending> {
         (!caller.is_empty()).then(|| Lending { caller: caller.clone(), decoded })
     }
 }
@@ -320,7 +320,7 @@ async fn decode_call(
         lend_to: None,
     };
     // A Rust method decodes its arguments here, before it runs.
-    let (method, revived) = crate::borrows::collect_revived(|| {
+    let (method, revived) = crate::borrows::collect_decoded(|| {
         args.and_then(|args| (hosted.class.call)(hosted.instance.clone(), &decoded.method, args))
     });
     decoded.lend_to = Lending::to(caller, revived);
