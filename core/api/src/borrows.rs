@@ -150,20 +150,8 @@ std::thread_local! {
 /// decoded: a value read by `get` holds them only while its own object lives, so
 /// [`borrow_decoded`] asks their owners for lends of their own.
 pub fn collect_decoded<R>(decode: impl FnOnce() -> R) -> (R, DecodedRefs) {
-    /// Puts back the outer collection (none, unless nested) even if `decode` panics.
-    struct Restore(Option<Option<Vec<(ObjectId, Arc<str>)>>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                REVIVED.with(|revived| *revived.borrow_mut() = outer);
-            }
-        }
-    }
-    let mut restore = Restore(Some(REVIVED.with(|revived| revived.borrow_mut().replace(Vec::new()))));
-    let result = decode();
-    let outer = restore.0.take().expect("set above");
-    let found = REVIVED.with(|revived| std::mem::replace(&mut *revived.borrow_mut(), outer));
-    (result, DecodedRefs(found.unwrap_or_default()))
+    let (result, found) = crate::object_ref::collecting(&REVIVED, decode);
+    (result, DecodedRefs(found))
 }
 
 /// How long a reader waits for owners to lend what it decoded.

@@ -169,19 +169,32 @@ std::thread_local! {
 /// argument or a stored value must outlive the caller's own handles for as long as the
 /// task or the value does.
 pub fn collect_contained<R>(encode: impl FnOnce() -> R) -> (R, Vec<ObjectRef<()>>) {
-    /// Puts back the outer collection (none, unless nested) even if `encode` panics.
-    struct Restore(Option<Option<Vec<ObjectRef<()>>>>);
-    impl Drop for Restore {
+    collecting(&CONTAINED, encode)
+}
+
+/// Runs `run` with a fresh collection in `slot` (a thread's list of what `run` meets) and
+/// returns, with its result, what was collected; the outer collection (none, unless
+/// nested) is put back, even if `run` panics.
+pub(crate) fn collecting<T: 'static, R>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<Vec<T>>>>,
+    run: impl FnOnce() -> R,
+) -> (R, Vec<T>) {
+    struct Restore<T: 'static> {
+        slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<Vec<T>>>>,
+        outer: Option<Option<Vec<T>>>,
+    }
+    impl<T: 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                CONTAINED.with(|contained| *contained.borrow_mut() = outer);
+            if let Some(outer) = self.outer.take() {
+                self.slot.with(|collected| *collected.borrow_mut() = outer);
             }
         }
     }
-    let mut restore = Restore(Some(CONTAINED.with(|contained| contained.borrow_mut().replace(Vec::new()))));
-    let result = encode();
-    let outer = restore.0.take().expect("set above");
-    let found = CONTAINED.with(|contained| std::mem::replace(&mut *contained.borrow_mut(), outer));
+    let outer = slot.with(|collected| collected.borrow_mut().replace(Vec::new()));
+    let mut restore = Restore { slot, outer: Some(outer) };
+    let result = run();
+    let outer = restore.outer.take().expect("set above");
+    let found = slot.with(|collected| std::mem::replace(&mut *collected.borrow_mut(), outer));
     (result, found.unwrap_or_default())
 }
 
