@@ -25,8 +25,9 @@ use tokio::sync::Notify;
 pub(crate) struct BlockedReporter {
     /// Threads of this process waiting for objects now.
     waiting: AtomicUsize,
-    /// How many lends of objects this worker has out to other processes now.
-    lends_out: AtomicUsize,
+    /// How many lends of objects this worker has out to other processes now
+    /// (`crate::borrows` counts them).
+    lends_out: Arc<AtomicUsize>,
     changed: Notify,
 }
 
@@ -36,12 +37,11 @@ impl BlockedReporter {
         handle: &tokio::runtime::Handle,
         node: NodeManagerClient,
         worker_id: Vec<u8>,
+        lends_out: Arc<AtomicUsize>,
     ) -> Arc<BlockedReporter> {
-        let reporter = Arc::new(BlockedReporter {
-            waiting: AtomicUsize::new(0),
-            lends_out: AtomicUsize::new(0),
-            changed: Notify::new(),
-        });
+        let reporter = Arc::new(BlockedReporter { waiting: AtomicUsize::new(0), lends_out, changed: Notify::new() });
+        // Lends may have gone out before the reporter started: the first look reports them.
+        reporter.changed.notify_one();
         handle.spawn(report(reporter.clone(), node, worker_id));
         reporter
     }
@@ -58,10 +58,8 @@ impl BlockedReporter {
         self.waiting.load(Ordering::SeqCst) > 0
     }
 
-    /// `added` lends of objects went out to other processes and `removed` came back.
-    pub(crate) fn lends_changed(&self, added: usize, removed: usize) {
-        self.lends_out.fetch_add(added, Ordering::SeqCst);
-        self.lends_out.fetch_sub(removed, Ordering::SeqCst);
+    /// Lends of objects went out to other processes or came back.
+    pub(crate) fn lends_changed(&self) {
         self.changed.notify_one();
     }
 }

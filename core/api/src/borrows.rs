@@ -45,6 +45,7 @@
 //! (another process of the same account could name it).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
@@ -124,6 +125,9 @@ pub(crate) struct Borrows {
     contained: DashMap<ObjectId, Vec<ObjectRef<()>>>,
     /// Objects lent out: a handle per lend still out, with the borrower it is out to.
     lent: DashMap<ObjectId, Vec<(Arc<str>, ObjectRef<()>)>>,
+    /// How many handles `lent` holds (counted before each goes in, so never below it):
+    /// read by this worker's holding report (`crate::blocked`).
+    lends_out: Arc<AtomicUsize>,
 }
 
 /// The most lends one reply may carry (more are not registered, and so never released:
@@ -172,25 +176,26 @@ pub fn borrow_decoded(decoded: DecodedRefs) {
     borrow_from_owners(&worker, wanted);
 }
 
-/// Asks the owners of `wanted` for a lend of each (blocking), and counts those lent.
+/// Asks the owners of `wanted` for a lend of each (blocking up to [`BORROW_TIMEOUT`]).
 fn borrow_from_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>) {
     if wanted.is_empty() {
         return;
     }
-    let answers = crate::runtime::block_on(ask_owners(worker, wanted));
-    for (owner, lent) in answers {
-        for id in lent {
-            match worker.borrows.holder_of(&id) {
-                Some(borrowed) => borrowed.add_lend(&owner),
-                // Dropped meanwhile: the lend goes back at once.
-                None => give_back(worker, &owner, vec![(id, 1)]),
-            }
-        }
+    let asked = wanted.len();
+    let counted: usize = crate::runtime::block_on(ask_owners(worker, wanted)).iter().map(|(_, ids)| ids.len()).sum();
+    if counted < asked {
+        tracing::debug!(asked, counted, "owners lent fewer objects than asked (gone, freed, or slow)");
     }
 }
 
-/// Asks each owner in `wanted` to lend this process its objects there (`BorrowObjects`);
-/// the objects each lent. An owner that does not answer lends nothing.
+/// How long an ask of an owner may take before its answer is no longer waited for.
+const OWNER_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Asks each owner in `wanted` to lend this process its objects there (`BorrowObjects`).
+/// Each answer is settled when it comes, even after the asker stopped waiting (so no lend
+/// an owner made is lost): counted on the object's local count, or given back at once when
+/// nothing here holds the object any more. Returns, per owner, the objects whose lends
+/// were counted by the time the wait ended ([`BORROW_TIMEOUT`] at most).
 async fn ask_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>) -> Vec<(Arc<str>, Vec<ObjectId>)> {
     let mut by_owner: std::collections::HashMap<Arc<str>, Vec<ObjectId>> = std::collections::HashMap::new();
     for (id, owner) in wanted {
@@ -200,28 +205,50 @@ async fn ask_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>)
         ids.sort_unstable();
         ids.dedup();
         ids.truncate(MAX_LENT_PER_REPLY);
-        let worker = worker.clone();
-        async move {
+        let (worker, runtime) = (worker.clone(), worker.handle.clone());
+        let answer = runtime.spawn(async move {
             let channel = worker.channel(&owner).ok()?;
             let request = BorrowObjectsRequest {
                 object_ids: ids.iter().map(ObjectId::to_vec).collect(),
                 borrower_address: worker.address.to_string(),
             };
             let mut owner_client = CoreWorkerClient::new(channel);
-            match tokio::time::timeout(BORROW_TIMEOUT, owner_client.borrow_objects(request)).await {
-                Ok(Ok(reply)) => {
-                    let lent = reply.into_inner().lent.iter().filter_map(|id| ObjectId::from_bytes(id).ok()).collect();
-                    Some((owner, lent))
-                }
+            let reply = match tokio::time::timeout(OWNER_ANSWER_TIMEOUT, owner_client.borrow_objects(request)).await {
+                Ok(Ok(reply)) => reply.into_inner(),
                 Ok(Err(status)) => {
                     tracing::debug!(owner = %owner, error = %status.message(), "an owner lent nothing");
-                    None
+                    return None;
                 }
-                Err(_) => None,
+                Err(_) => return None,
+            };
+            let mut counted = Vec::new();
+            for id in reply.lent.iter().filter_map(|id| ObjectId::from_bytes(id).ok()) {
+                match worker.borrows.holder_of(&id) {
+                    Some(borrowed) => {
+                        borrowed.add_lend(&owner);
+                        counted.push(id);
+                    }
+                    // Dropped meanwhile: the lend goes back at once.
+                    None => give_back(&worker, &owner, vec![(id, 1)]),
+                }
             }
-        }
+            Some((owner, counted))
+        });
+        async move { tokio::time::timeout(BORROW_TIMEOUT, answer).await.ok().and_then(Result::ok).flatten() }
     });
     futures::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// Every handle a call's arguments hold: refs passed by ref, and refs inside values.
+fn all_argument_handles(args: &[Arg]) -> Vec<ObjectRef<()>> {
+    args.iter()
+        .flat_map(|arg| match arg {
+            Arg::Holding(_, handles) => handles.as_slice(),
+            Arg::Ref(handle) => std::slice::from_ref(handle),
+            Arg::Value(_) => &[],
+        })
+        .cloned()
+        .collect()
 }
 
 /// The handles a call's arguments hold (refs inside argument values).
@@ -288,21 +315,20 @@ impl Borrows {
         let Ok(worker) = crate::runtime::current() else { return };
         give_back(&worker, &lender, returned);
         if !relent.is_empty() {
+            // The call's arguments may be all that holds those objects at their owners
+            // (the worker may have read them out of an argument's value, holding no lend
+            // of its own): kept until the owners have answered.
+            let arguments = all_argument_handles(args);
             worker.handle.clone().spawn(async move {
-                for (owner, ids) in ask_owners(&worker, relent).await {
+                for (_, ids) in ask_owners(&worker, relent).await {
                     for id in ids {
-                        match worker.borrows.holder_of(&id) {
-                            Some(borrowed) => {
-                                borrowed.add_lend(&owner);
-                                if borrowed.take_lend(&lender) {
-                                    give_back(&worker, &lender, vec![(id, 1)]);
-                                }
-                            }
-                            // Dropped meanwhile (the lender's lend went back then).
-                            None => give_back(&worker, &owner, vec![(id, 1)]),
+                        let Some(borrowed) = worker.borrows.holder_of(&id) else { continue };
+                        if borrowed.take_lend(&lender) {
+                            give_back(&worker, &lender, vec![(id, 1)]);
                         }
                     }
                 }
+                drop(arguments);
             });
         }
     }
@@ -346,19 +372,20 @@ impl Borrows {
 
     /// Lends `refs` (handles this process holds, found in a call's return value) to the
     /// process at `borrower`: each keeps its object until that borrower gives it back.
-    /// Handles that hold nothing (decoded while a caller held the object for the call)
-    /// are named anyway: the borrower's release of them is ignored.
+    /// A handle holding no lend of its own (read out of an argument) still counts: the
+    /// borrower turns it into a lend from the owner while the caller holds the argument.
     pub(crate) fn lend(&self, refs: Vec<ObjectRef<()>>, borrower: Arc<str>) -> Vec<LentRef> {
         let lent: Vec<LentRef> = refs
             .into_iter()
             .take(MAX_LENT_PER_REPLY)
             .map(|handle| {
                 let lent = LentRef { object_id: handle.id().to_vec(), owner: handle.owner_address().to_string() };
+                self.lends_out.fetch_add(1, Ordering::SeqCst);
                 self.lent.entry(handle.id()).or_default().push((borrower.clone(), handle));
                 lent
             })
             .collect();
-        self.lends_out(lent.len(), 0);
+        self.lends_changed(lent.len());
         lent
     }
 
@@ -370,23 +397,29 @@ impl Borrows {
         for id in ids.iter().take(MAX_LENT_PER_REPLY) {
             let Some(entry) = worker.objects.revive(id) else { continue };
             let handle = ObjectRef::counted(*id, worker.address.clone(), entry);
+            self.lends_out.fetch_add(1, Ordering::SeqCst);
             self.lent.entry(*id).or_default().push((borrower.clone(), handle));
             lent.push(*id);
         }
-        self.lends_out(lent.len(), 0);
+        self.lends_changed(lent.len());
         lent
     }
 
-    /// `added` lends went out and `removed` came back: this worker's node hears when it
-    /// starts or stops holding objects for others (`crate::blocked`), and does not stop
-    /// it for being idle meanwhile.
-    fn lends_out(&self, added: usize, removed: usize) {
-        if added == removed {
+    /// The count of lends out, for this worker's holding report.
+    pub(crate) fn lends_counter(&self) -> Arc<AtomicUsize> {
+        self.lends_out.clone()
+    }
+
+    /// `changed` lends went out or came back: this worker's node hears when it starts or
+    /// stops holding objects for others (`crate::blocked`), and does not stop it for
+    /// being idle meanwhile.
+    fn lends_changed(&self, changed: usize) {
+        if changed == 0 {
             return;
         }
         let Ok(worker) = crate::runtime::current() else { return };
         if let Some(reporter) = worker.blocked.get() {
-            reporter.lends_changed(added, removed);
+            reporter.lends_changed();
         }
     }
 
@@ -408,7 +441,8 @@ impl Borrows {
             });
         }
         self.lent.remove_if(&id, |_, out| out.is_empty());
-        self.lends_out(0, returned.len());
+        self.lends_out.fetch_sub(returned.len(), Ordering::SeqCst);
+        self.lends_changed(returned.len());
         drop(returned);
     }
 }

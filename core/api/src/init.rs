@@ -475,7 +475,9 @@ fn run_worker() -> ! {
         node.register_worker(RegisterWorkerRequest { worker_id: worker_id.to_vec(), address, pid: std::process::id() })
             .await?;
         if let Ok(worker) = runtime::current() {
-            let reporter = crate::blocked::BlockedReporter::start(&worker.handle, node.clone(), worker_id.to_vec());
+            let lends = worker.borrows.lends_counter();
+            let reporter =
+                crate::blocked::BlockedReporter::start(&worker.handle, node.clone(), worker_id.to_vec(), lends);
             let _ = worker.blocked.set(reporter);
         }
         // Serve until the daemon kills this process (it dies with the daemon too).

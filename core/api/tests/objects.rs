@@ -69,6 +69,13 @@ fn put_nested(size: u64) -> Vec<ObjectRef<Vec<ObjectRef<Vec<u8>>>>> {
     vec![ionet::put(&vec![inner]).unwrap()]
 }
 
+/// The refs inside a list passed by ref (the task reads them out of the list's value,
+/// holding no lend of its own), returned.
+#[ionet::remote]
+fn unwrap_list(list: Vec<ObjectRef<Vec<u8>>>) -> Vec<ObjectRef<Vec<u8>>> {
+    list
+}
+
 /// Asks a task on node `at` for a value its worker puts (`put_inside`) and returns the
 /// list it got: the ref passes from its owner through this task's worker to the caller.
 #[ionet::remote]
@@ -346,6 +353,34 @@ fn a_ref_read_inside_a_value_outlives_the_value() {
     drop(cluster);
 }
 
+/// A ref a task read out of an argument's value and returned lives while the driver holds
+/// it, after the argument (the only other holder) is gone.
+fn a_ref_read_out_of_an_argument_and_returned_lives_on() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    cluster.init();
+    let (a, b) = (node_named("a"), node_named("b"));
+    let on = |node: &ionet::Node| {
+        TaskOptions::default()
+            .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node.node_id, soft: false })
+    };
+    let size = MIB as u64;
+    let outer =
+        ionet::get_timeout(&put_nested::options(on(&a)).remote(size), Duration::from_secs(60)).unwrap().remove(0);
+    let unwrapped = unwrap_list::options(on(&b)).remote(&outer);
+    drop(outer); // the call's argument is now all that holds the list
+    let inner = ionet::get_timeout(&unwrapped, Duration::from_secs(60)).unwrap().remove(0);
+    drop(unwrapped);
+    holds_for("the inner value to stay on node a", Duration::from_secs(3), || store_bytes(&a.address) >= size);
+    assert!(ionet::get_timeout(&inner, Duration::from_secs(60)).unwrap() == pattern(size as usize, 7));
+    drop(inner);
+    wait_until("every copy to be freed", Duration::from_secs(30), || {
+        [&a.address, &b.address].iter().all(|node| store_bytes(node) == 0)
+    });
+    drop(cluster);
+}
+
 /// An actor keeps refs passed to it inside a call's arguments: the objects live after the
 /// caller dropped every handle, until the actor lets go of them.
 fn refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them() {
@@ -463,6 +498,10 @@ fn main() {
                 a_ref_passed_on_by_a_borrower_lives_while_the_last_holder_holds_it,
             ),
             ("a_ref_read_inside_a_value_outlives_the_value", a_ref_read_inside_a_value_outlives_the_value),
+            (
+                "a_ref_read_out_of_an_argument_and_returned_lives_on",
+                a_ref_read_out_of_an_argument_and_returned_lives_on,
+            ),
             (
                 "refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them",
                 refs_an_actor_keeps_from_its_arguments_live_until_it_drops_them,
