@@ -21,7 +21,6 @@ from ionet._serialization import deserialize, serialize
 # Arguments of Ray's `init` that make no difference here; any other unknown one is refused.
 _IGNORED_RAY_ARGUMENTS = frozenset(
     {
-        "log_to_driver",
         "logging_level",
         "logging_format",
         "configure_logging",
@@ -46,6 +45,7 @@ def init(
     _session_dir: Optional[str] = None,
     _gpu_type: Optional[str] = None,
     payer_account: Optional[str] = None,
+    log_to_driver: bool = True,
     **kwargs: Any,
 ) -> None:
     """Joins a cluster, or starts one inside this process, as `ray.init`.
@@ -61,6 +61,8 @@ def init(
     ignore_reinit_error: return quietly if already initialized instead of raising.
     payer_account: the account this job's metered usage is billed to (its credits pay
         the providers); default: the account the cluster bills jobs to by default.
+    log_to_driver: print what this job's workers print, as Ray does: each line prefixed
+        with `(task pid=…, ip=…)`, repeats across workers folded.
 
     Ray's logging and dashboard arguments are accepted and ignored; unlike Ray, nothing
     is returned.
@@ -86,6 +88,7 @@ def init(
         {"IONET_PYTHONPATH": os.pathsep.join(sys.path)},
         os.getcwd(),
         payer_account or "",
+        log_to_driver,
     )
     _export.forget_exports()
     global _shutdown_registered

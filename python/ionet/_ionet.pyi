@@ -57,10 +57,12 @@ def init(
     worker_env: Dict[str, str],
     worker_cwd: str,
     payer_account: str = "",
+    log_to_driver: bool = True,
 ) -> None:
     """Joins the cluster at `address` ("auto" or "host:port"), or starts an embedded one
     (None). Node daemons start this job's workers with `worker_argv` in `worker_cwd`,
-    with `worker_env` added to their environment."""
+    with `worker_env` added to their environment. With `log_to_driver`, what the job's
+    workers print is printed here, prefixed with the task, pid and node."""
 
 def shutdown() -> None: ...
 def is_initialized() -> bool:
@@ -76,6 +78,9 @@ def kv_put(namespace: str, key: bytes, value: bytes, overwrite: bool) -> bool: .
 def kv_get(namespace: str, key: bytes) -> Optional[bytes]: ...
 class HeldRefs:
     """Refs found inside a serialised value, held by whatever carries the value."""
+
+def name_output(name: str) -> None:
+    """In a worker: names the task or actor whose lines follow in its output."""
 
 def _deserialize_holding(deserialize: Any, buffer: Any) -> Any:
     """`deserialize(buffer)` for a value read by `get`: refs inside it to other processes'

@@ -16,6 +16,11 @@ def main() -> None:
     if driver_path:
         entries = driver_path.split(os.pathsep)
         sys.path[:] = entries + [entry for entry in sys.path if entry not in entries]
+    # What tasks print reaches the output file (followed for the driver) line by line,
+    # in order with the native side's lines naming the task.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     _ionet.run_worker()
 
 

@@ -83,11 +83,19 @@ def _streamed(result: Any) -> Any:
     return result if stream is None else _generator.send_items(result, stream)
 
 
+def _name_output(name: str) -> None:
+    """Names the task or actor whose lines follow in this worker's output (Ray's prefix)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _ionet.name_output(name)
+
+
 def execute_task(function_key: bytes, args: List[Any]) -> Union[List[Part], Tuple[str, bytes, bool]]:
     """Runs the function exported under `function_key` with the arguments in `args`."""
     function = None
     try:
         function = _load(_export.FUNCTIONS, function_key)
+        _name_output(getattr(function, "__name__", "task"))
         positional, keywords = _arguments.unpack(args)
         with _context.task_scope(keywords):
             return serialize(_streamed(function(*positional, **keywords)))
@@ -112,6 +120,7 @@ def create_actor(class_key: bytes, args: List[Any]) -> Any:
     cls = None
     try:
         cls = _load(_export.CLASSES, class_key)
+        _name_output(getattr(cls, "__name__", "actor"))
         positional, keywords = _arguments.unpack(args)
         context = keywords.pop(_context.CONTEXT_KEY, None) or {}
         _groups.configure(cls, context.get("concurrency_groups"), context.get("max_concurrency"))
@@ -131,6 +140,7 @@ def call_actor(instance: Any, method: str, args: List[Any]) -> Union[List[Part],
     """
     try:
         bound = getattr(instance, method)
+        _name_output(type(instance).__name__)
         positional, keywords = _arguments.unpack(args)
         keywords.setdefault(_context.CONTEXT_KEY, _actor_context or None)
         with _context.task_scope(keywords):

@@ -4,7 +4,7 @@
 use super::*;
 
 #[pyfunction]
-#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new()))]
+#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn init(
     py: Python<'_>,
@@ -20,6 +20,7 @@ pub(crate) fn init(
     mut worker_env: HashMap<String, String>,
     worker_cwd: String,
     payer_account: String,
+    log_to_driver: bool,
 ) -> PyResult<()> {
     // Workers start workers too (nested tasks and actors): they need the command.
     let argv_json = serde_json::to_string(&worker_argv).map_err(|err| PyValueError::new_err(err.to_string()))?;
@@ -35,6 +36,7 @@ pub(crate) fn init(
         object_store_memory,
         worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd }),
         payer_account,
+        log_to_driver: Some(log_to_driver),
         ..InitConfig::default()
     };
     py.detach(move || ionet::init(config)).or_raise()

@@ -122,6 +122,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(put_parts, module)?,
         wrap_pyfunction!(_serialize_holding, module)?,
         wrap_pyfunction!(_deserialize_holding, module)?,
+        wrap_pyfunction!(name_output, module)?,
         wrap_pyfunction!(get_objects, module)?,
         wrap_pyfunction!(objects::wait, module)?,
         wrap_pyfunction!(submit_task, module)?,

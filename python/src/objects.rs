@@ -109,6 +109,12 @@ pub(crate) struct HeldRefs {
     pub(crate) refs: Vec<ObjectRef<()>>,
 }
 
+/// Names the task or actor whose lines follow in this worker's output.
+#[pyfunction]
+pub(crate) fn name_output(name: &str) {
+    raw::name_output(name);
+}
+
 /// `deserialize(buffer)` for a value read by `get` (whose ref the caller still holds):
 /// the refs inside it to other processes' objects are then lent to this process by their
 /// owners, so they outlive the value (GIL released while the owners answer).

@@ -151,3 +151,44 @@ def test_detached_named_placement_group_is_found_from_a_second_driver(process_cl
     remove_placement_group(found)
     with pytest.raises(ValueError):
         ionet.util.get_placement_group("kept-group")
+
+
+PRINTING_DRIVER = textwrap.dedent(
+    """
+    import sys
+    import ionet
+    from ionet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ionet.init(address="auto", _session_dir=sys.argv[1])
+
+    @ionet.remote
+    def shout(which):
+        print("hello from the", which, "node")
+
+    @ionet.remote
+    def chant(index):
+        print("the same line")
+
+    for node, which in zip(ionet.nodes(), ["first", "second", "third"]):
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ionet.get(shout.options(scheduling_strategy=strategy).remote(which), timeout=60)
+    ionet.get([chant.remote(index) for index in range(100)], timeout=120)
+    ionet.shutdown()
+    """
+)
+
+
+def test_what_tasks_print_reaches_the_driver_prefixed_and_folded(process_cluster):
+    # Lines that differ only in words with digits (ids, counters) fold together, as in
+    # Ray: the nodes are told apart by words.
+    output = run_second_driver(PRINTING_DRIVER, process_cluster)
+    for which in ["first", "second", "third"]:
+        lines = [line for line in output.splitlines() if line.endswith(f"hello from the {which} node")]
+        assert lines, f"the {which} node's line is missing:\n{output}"
+        assert lines[0].startswith("(shout pid=") and ", ip=" in lines[0], lines[0]
+    assert ":ionet_task:" not in output
+    chants = [line for line in output.splitlines() if "the same line" in line]
+    shown = [line for line in chants if "[repeated" not in line]
+    repeated = sum(int(line.split("[repeated ")[1].split("x")[0]) for line in chants if "[repeated" in line)
+    assert len(shown) <= 3, output
+    assert len(shown) + repeated == 100, output

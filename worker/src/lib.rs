@@ -5,7 +5,7 @@
 //! and memory, GPUs found through the CUDA driver loaded at run time ([`gpu`]), or
 //! what the operator declares), serves its own gRPC endpoint, registers with the
 //! control store and heartbeats its available resources ([`node_daemon`]), and drains
-//! on SIGTERM.
+//! on SIGTERM. It follows what each job's workers print for the job's driver ([`logs`]).
 //!
 //! The binary is thin: [`cli`] parses arguments, [`commands`] wires the parts
 //! together. Daemons started on one machine find each other, and `ionet status` and
@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod identities;
 pub mod lease;
 pub mod logging;
+pub mod logs;
 pub mod metering_commands;
 pub mod node_daemon;
 pub mod node_spec;

@@ -34,11 +34,11 @@ use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
     CommitBundleRequest, CreateObjectReply, CreateObjectRequest, DrainReply, DrainRequest, EndLeasesReply,
     EndLeasesRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest,
-    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, PrepareBundleReply,
-    PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
+    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, LogBatch,
+    PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
-    SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, TakeObjectsReply,
-    TakeObjectsRequest,
+    SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, StreamLogsRequest,
+    TakeObjectsReply, TakeObjectsRequest,
 };
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
@@ -86,6 +86,8 @@ pub struct NodeDaemonOptions {
     pub cluster_ca: Option<String>,
 }
 
+/// How often a job's output is read for a driver following it (`StreamLogs`).
+const LOG_PASS: Duration = Duration::from_millis(100);
 /// A node serving TLS: what signs its certificates, and what its server presents.
 struct NodeTls {
     authority: tls::NodeAuthority,
@@ -374,6 +376,43 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&self.shared.leases.job_of_worker(&request.worker_id)?)?;
         self.shared.leases.set_worker_blocked(&request.worker_id, request.blocked)?;
         Ok(Response::new(SetWorkerBlockedReply {}))
+    }
+
+    type StreamLogsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogBatch, Status>> + Send>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let principal = Principal::of(&request)?;
+        let job = JobId::from_bytes(&request.into_inner().job_id)?;
+        principal.may_act_for_job(&job)?;
+        let leases = self.shared.leases.clone();
+        let (batches, stream) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut tail = crate::logs::JobTail::default();
+            let mut pass = tokio::time::interval(LOG_PASS);
+            pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                pass.tick().await;
+                let files = leases.job_log_files(job);
+                let Ok((read, lines)) = tokio::task::spawn_blocking(move || {
+                    let lines = tail.pass(&files);
+                    (tail, lines)
+                })
+                .await
+                else {
+                    return;
+                };
+                tail = read;
+                // An empty batch says "nothing new as of this pass" (a driver that stops
+                // waits for one).
+                if batches.send(Ok(LogBatch { lines })).await.is_err() {
+                    return; // the driver went away
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(stream))))
     }
 
     async fn set_worker_holding(

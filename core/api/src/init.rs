@@ -52,6 +52,9 @@ pub struct InitConfig {
     /// Bytes of task specs kept to rebuild lost objects (default 256 MiB); past it the
     /// oldest are dropped and their objects, if lost, are not rebuilt.
     pub lineage_budget_bytes: Option<usize>,
+    /// Print what this job's workers print, each line prefixed with the task or actor,
+    /// pid and node, repeats folded (Ray's `log_to_driver`; default true).
+    pub log_to_driver: Option<bool>,
     /// Embedded cluster only: bytes of shared memory for the object store (default 30%
     /// of the machine's memory); beyond it objects spill to disk.
     pub object_store_memory: Option<u64>,
@@ -403,10 +406,18 @@ async fn init_driver(config: InitConfig) -> IonetResult<()> {
         worker.lineage.set_budget(budget);
     }
     spawn_core_worker_server(worker.clone(), listener, certificate)?;
+    if config.log_to_driver.unwrap_or(true) {
+        *LOG_FOLLOWER.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::output::Follower::start(&worker));
+    }
     runtime::install(worker);
     tracing::info!(job = %job_id, "driver connected");
     Ok(())
 }
+
+/// The driver's following of its job's output (`crate::output`), while it runs.
+static LOG_FOLLOWER: std::sync::Mutex<Option<std::sync::Arc<crate::output::Follower>>> = std::sync::Mutex::new(None);
+/// How long a stopping driver waits for the last of its workers' output.
+const LOG_FLUSH_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Ends this driver's job: returns its leases, marks the job finished, and stops the
 /// embedded cluster if `init` started one.
@@ -414,7 +425,12 @@ pub fn shutdown() {
     let Some(worker) = runtime::uninstall() else { return };
     // Ends the control store's watch on this driver: its non-detached actors die now.
     worker.stopping.send_replace(true);
+    let follower = LOG_FOLLOWER.lock().unwrap_or_else(|p| p.into_inner()).take();
     block_on(async {
+        // What the job's tasks printed last reaches this driver's output first.
+        if let Some(follower) = follower {
+            follower.finish(LOG_FLUSH_PATIENCE).await;
+        }
         worker.return_idle_leases(true, Duration::ZERO).await;
         // The head hears the returns from the holder before the job is marked finished.
         worker.held.flush(Duration::from_secs(2)).await;

@@ -51,6 +51,7 @@ mod lineage;
 mod object_ref;
 mod object_store;
 mod options;
+mod output;
 mod owner;
 mod placement_group;
 pub mod raw;

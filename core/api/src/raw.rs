@@ -72,6 +72,7 @@ pub fn get_raw(objects: &[ObjectRef<Raw>], timeout: Option<Duration>) -> IonetRe
 
 pub use crate::blocked::BlockedGuard;
 pub use crate::borrows::{borrow_decoded, collect_decoded, DecodedRefs};
+pub use crate::output::name_output;
 
 /// Marks the calling thread as waiting for objects until the guard drops: in a worker,
 /// its node daemon lends the lease's CPUs to other tasks meanwhile. For a binding that

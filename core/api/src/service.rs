@@ -200,6 +200,7 @@ async fn prepare_task(
         threshold: request.inline_threshold,
         depth: request.depth,
         lend_to: Lending::to(caller, Default::default()),
+        shown_as: function.name,
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -244,6 +245,8 @@ struct DecodedCall {
     depth: u32,
     /// The caller's lends (`crate::borrows`), when it named itself.
     lend_to: Option<Lending>,
+    /// What its output is shown under (its function, or its actor's class).
+    shown_as: &'static str,
 }
 
 /// What a remote caller is lent by a call, and how to tell what the call kept.
@@ -267,6 +270,7 @@ impl DecodedCall {
     /// Runs the call on this thread (see [`run_blocking`]) and sends its numbered reply.
     fn run_and_reply(self, worker: &CoreWorker, run: BlockingCall, replies: &ReplySender) {
         let task_id = TaskId::from_bytes(&self.task_id).ok();
+        crate::output::name_output(self.shown_as);
         let reply = run_blocking(
             worker,
             &self.method,
@@ -318,6 +322,7 @@ async fn decode_call(
         threshold: call.inline_threshold,
         depth: 0,
         lend_to: None,
+        shown_as: hosted.class.name,
     };
     // A Rust method decodes its arguments here, before it runs.
     let (method, revived) = crate::borrows::collect_decoded(|| {

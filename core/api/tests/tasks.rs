@@ -738,10 +738,79 @@ fn placement_group_bundle_is_metered_once() {
     ionet::shutdown();
 }
 
+/// Prints a line naming the node it runs on.
+#[ionet::remote]
+fn shout(node: String) -> u32 {
+    println!("hello from node {node}");
+    std::process::id()
+}
+
+/// Prints the same line as every other call.
+#[ionet::remote]
+fn chant(round: u32) -> u32 {
+    println!("the same line");
+    round
+}
+
+/// Set in a re-executed test binary that plays a driver whose output is read.
+const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
+
+/// The driver whose output `what_tasks_print_reaches_the_driver_prefixed_and_folded`
+/// reads: tasks print on two nodes, then 100 print the same line.
+fn printing_driver(session: String) {
+    let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
+    ionet::init(config.address("auto")).unwrap();
+    for name in ["a", "b"] {
+        let node = node_named(name);
+        let pinned = TaskOptions::default()
+            .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node.node_id, soft: false });
+        ionet::get_timeout(&shout::options(pinned).remote(name.to_string()), Duration::from_secs(60)).unwrap();
+    }
+    let rounds: Vec<_> = (0..100).map(chant::remote).collect();
+    assert_eq!(ionet::get_all(&rounds).unwrap().len(), 100);
+    ionet::shutdown();
+}
+
+/// What tasks print on remote nodes reaches their driver's stdout as it is printed, with
+/// Ray's `(task pid=…, ip=…)` prefix; 100 workers' worth of one line shows folded.
+fn what_tasks_print_reaches_the_driver_prefixed_and_folded() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "1", "--labels", "name=b"]);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(PRINTING_DRIVER_ENV, cluster.session())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the driver failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    for name in ["a", "b"] {
+        let line = stdout.lines().find(|line| line.ends_with(&format!("hello from node {name}")));
+        let line = line.unwrap_or_else(|| panic!("node {name}'s line is missing from the driver's output:\n{stdout}"));
+        assert!(line.starts_with("(shout pid=") && line.contains(", ip=127.0.0.1) "), "{line}");
+    }
+    assert!(!stdout.contains(":ionet_task:"), "markers are not passed on:\n{stdout}");
+    let chants: Vec<&str> = stdout.lines().filter(|line| line.contains("the same line")).collect();
+    let repeated: u32 =
+        chants.iter().filter_map(|line| line.split("[repeated ").nth(1)?.split('x').next()?.parse::<u32>().ok()).sum();
+    let shown = chants.iter().filter(|line| !line.contains("[repeated")).count() as u32;
+    assert!(shown <= 3, "the line is folded, not printed 100 times:\n{stdout}");
+    assert_eq!(shown + repeated, 100, "every print is counted once:\n{stdout}");
+    drop(cluster);
+}
+
 fn main() {
+    ionet::testing::run_worker_if_requested();
+    if let Ok(session) = std::env::var(PRINTING_DRIVER_ENV) {
+        printing_driver(session);
+        std::process::exit(0);
+    }
     harness::run(
         &[
             ("embedded_thousand_tasks_and_a_chain", embedded_thousand_tasks_and_a_chain),
+            (
+                "what_tasks_print_reaches_the_driver_prefixed_and_folded",
+                what_tasks_print_reaches_the_driver_prefixed_and_folded,
+            ),
             (
                 "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",
                 tasks_of_a_killed_node_run_elsewhere_before_the_head_notices,

@@ -259,6 +259,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/RegisterWorker", Access::Job),
     row("/ionet.node.NodeManager/SetWorkerBlocked", Access::Job),
     row("/ionet.node.NodeManager/SetWorkerHolding", Access::Job),
+    row("/ionet.node.NodeManager/StreamLogs", Access::Job),
     row("/ionet.node.NodeManager/IssueCertificate", Access::Job),
     row("/ionet.node.NodeManager/CreateObject", Access::Job),
     row("/ionet.node.NodeManager/SealObject", Access::Job),

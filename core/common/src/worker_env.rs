@@ -16,6 +16,12 @@ use crate::ids::{JobId, NodeId, WorkerId};
 
 /// Set (to `1`) in a worker's environment: `ionet::init` serves tasks instead of returning.
 pub const WORKER_MODE: &str = "IONET_WORKER_MODE";
+/// Set (to `1`) when the worker's output goes to a file its node daemon follows for the
+/// job's driver: the worker then names what it runs there ([`OUTPUT_NAME_MARKER`]).
+pub const OUTPUT_FOLLOWED: &str = "IONET_WORKER_OUTPUT_FOLLOWED";
+/// A line a worker writes to its output before the lines of a task or actor it starts
+/// running: this marker, then the name (Ray's `(name pid=…, ip=…)` prefix comes from it).
+pub const OUTPUT_NAME_MARKER: &str = ":ionet_task:";
 const WORKER_ID: &str = "IONET_WORKER_ID";
 const NODE_ADDRESS: &str = "IONET_NODE_ADDRESS";
 const NODE_ID: &str = "IONET_NODE_ID";

@@ -97,6 +97,9 @@ pub struct Leases {
     job_accounts: DashMap<JobId, Arc<str>>,
     /// What starts each job's workers, as the control store has it.
     job_commands: DashMap<JobId, WorkerCommand>,
+    /// Where each job's workers here write their output (pid, file), kept after they exit
+    /// so what they printed last can still be read (`crate::logs`).
+    job_logs: DashMap<JobId, Vec<(u32, std::path::PathBuf)>>,
     /// A connection to the control store shared by the jobs' own calls (each with its
     /// job's credential).
     gcs_channel: std::sync::OnceLock<ionet_common::failover::ClusterChannel>,
@@ -184,6 +187,7 @@ impl Leases {
             job_credentials: DashMap::new(),
             unfunded: std::sync::RwLock::new(std::collections::HashMap::new()),
             job_accounts: DashMap::new(),
+            job_logs: DashMap::new(),
             job_commands: DashMap::new(),
             gcs_channel: std::sync::OnceLock::new(),
             identities: std::sync::OnceLock::new(),
@@ -829,6 +833,11 @@ impl Leases {
         })?;
         process.holding = holding;
         Ok(())
+    }
+
+    /// The output files of `job`'s workers started here (pid, path), oldest first.
+    pub fn job_log_files(&self, job: JobId) -> Vec<(u32, std::path::PathBuf)> {
+        self.job_logs.get(&job).map(|files| files.clone()).unwrap_or_default()
     }
 
     /// The job a lease here was granted to.

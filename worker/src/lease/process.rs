@@ -91,10 +91,12 @@ impl Leases {
         if !command.cwd.is_empty() {
             process.current_dir(&command.cwd);
         }
+        let mut log_path = None;
         if let Some(dir) = &self.options.log_dir {
             let path = dir.join(format!("worker-{}.log", worker_id.short()));
             let file = std::fs::File::create(&path)?;
-            process.stdout(file.try_clone()?).stderr(file);
+            process.stdout(file.try_clone()?).stderr(file).env(ionet_common::worker_env::OUTPUT_FOLLOWED, "1");
+            log_path = Some(path);
         }
         // SAFETY: prctl and fcntl are async-signal-safe; a worker must not outlive its node
         // daemon, and keeps the credential pipe's read end (closed on exec otherwise).
@@ -133,6 +135,9 @@ impl Leases {
         // The worker holds its copy of the pipe now; this end closes here.
         drop(credential);
         let pid = child.id().unwrap_or(0);
+        if let Some(path) = log_path {
+            self.job_logs.entry(job_id).or_default().push((pid, path));
+        }
         let starting = Process { pid, key, address: String::new(), doing: Doing::Starting, holding: false };
         self.lock().processes.insert(worker_id, starting);
         let address = tokio::select! {

@@ -1,0 +1,142 @@
+//! Following what a job's workers print: the node daemon reads each worker's output file
+//! (stdout and stderr, `lease::process`) from where it last stopped and hands the new
+//! complete lines to the job's driver (`NodeManager/StreamLogs`), each with the pid and
+//! the task or actor that printed it.
+//!
+//! A worker names what it runs by a marker line in its output (`:ionet_task:NAME`,
+//! written by the core worker when the task or actor it runs changes, see
+//! `ionet::raw::name_output`): the lines after it are that task's. Markers are not passed on.
+//! A partial last line waits for its end; a line longer than [`MAX_LINE`] is cut there.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use ionet_common::rpc::proto::node::LogLine;
+
+use ionet_common::worker_env::OUTPUT_NAME_MARKER as TASK_MARKER;
+/// The longest line passed on whole.
+pub const MAX_LINE: usize = 16 * 1024;
+/// The most bytes read from one file in one pass (the rest waits for the next).
+const MAX_READ: u64 = 4 * 1024 * 1024;
+
+/// The part of one worker's output read so far.
+#[derive(Default)]
+struct FileTail {
+    offset: u64,
+    /// An incomplete last line.
+    partial: Vec<u8>,
+    /// The task or actor the lines are from.
+    name: String,
+}
+
+impl FileTail {
+    /// Splits `bytes` (read after `offset`) into complete lines, updating the name on
+    /// markers.
+    fn take(&mut self, pid: u32, bytes: &[u8], out: &mut Vec<LogLine>) {
+        self.offset += bytes.len() as u64;
+        let mut pending = std::mem::take(&mut self.partial);
+        pending.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(end) = pending[start..].iter().position(|byte| *byte == b'\n') {
+            self.line(pid, &pending[start..start + end], out);
+            start += end + 1;
+        }
+        pending.drain(..start);
+        self.partial = pending;
+        if self.partial.len() > MAX_LINE {
+            let long = std::mem::take(&mut self.partial);
+            self.line(pid, &long, out);
+        }
+    }
+
+    fn line(&mut self, pid: u32, line: &[u8], out: &mut Vec<LogLine>) {
+        let line = &line[..line.len().min(MAX_LINE)];
+        let text = String::from_utf8_lossy(line);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        if let Some(name) = text.strip_prefix(TASK_MARKER) {
+            self.name = name.to_string();
+            return;
+        }
+        out.push(LogLine { pid, name: self.name.clone(), text: text.to_string() });
+    }
+}
+
+/// One follower of one job's output on this node.
+#[derive(Default)]
+pub struct JobTail {
+    files: std::collections::HashMap<PathBuf, FileTail>,
+}
+
+impl JobTail {
+    /// Reads what each of `files` (pid, path) gained since the last pass; the new lines.
+    /// A file that cannot be read is skipped this pass.
+    pub fn pass(&mut self, files: &[(u32, PathBuf)]) -> Vec<LogLine> {
+        let mut lines = Vec::new();
+        for (pid, path) in files {
+            let tail = self.files.entry(path.clone()).or_default();
+            if let Ok(bytes) = read_from(path, tail.offset) {
+                tail.take(*pid, &bytes, &mut lines);
+            }
+        }
+        lines
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    let length = file.metadata()?.len();
+    if length <= offset {
+        return Ok(Vec::new());
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = Vec::with_capacity((length - offset).min(MAX_READ) as usize);
+    file.take(MAX_READ).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(lines: &[LogLine]) -> Vec<(String, String)> {
+        lines.iter().map(|line| (line.name.clone(), line.text.clone())).collect()
+    }
+
+    #[test]
+    fn lines_carry_the_task_named_before_them_and_partial_lines_wait() {
+        let mut tail = FileTail::default();
+        let mut out = Vec::new();
+        tail.take(7, b"boot\n:ionet_task:train\nepoch 1\nepo", &mut out);
+        assert_eq!(texts(&out), [("".into(), "boot".into()), ("train".into(), "epoch 1".into())]);
+        out.clear();
+        tail.take(7, b"ch 2\r\n:ionet_task:Model.step\nloss 0.5\n", &mut out);
+        assert_eq!(texts(&out), [("train".into(), "epoch 2".into()), ("Model.step".into(), "loss 0.5".into())]);
+        assert_eq!(tail.offset, 72);
+        assert!(out.iter().all(|line| line.pid == 7));
+    }
+
+    #[test]
+    fn an_endless_line_is_cut() {
+        let mut tail = FileTail::default();
+        let mut out = Vec::new();
+        tail.take(1, &vec![b'x'; MAX_LINE + 10], &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].text.len(), MAX_LINE);
+        assert!(tail.partial.is_empty());
+    }
+
+    #[test]
+    fn a_pass_reads_only_what_each_file_gained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.log");
+        std::fs::write(&path, "one\ntw").unwrap();
+        let files = vec![(3, path.clone())];
+        let mut job = JobTail::default();
+        assert_eq!(texts(&job.pass(&files)), [("".into(), "one".into())]);
+        assert!(job.pass(&files).is_empty());
+        std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
+        assert_eq!(texts(&job.pass(&files)), [("".into(), "two".into()), ("".into(), "three".into())]);
+        let missing = vec![(4, dir.path().join("gone.log"))];
+        assert!(job.pass(&missing).is_empty());
+    }
+}
