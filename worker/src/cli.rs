@@ -28,6 +28,9 @@ pub enum Command {
     Drain(DrainArgs),
     /// Usage records the head metered (ended and open leases).
     Usage(UsageArgs),
+    /// What a job's workers printed: `ionet logs --job 00000001 [--node 3f2a] [--follow]`
+    /// (each line as its driver shows it, `(task pid=…, ip=…) line`).
+    Logs(LogsArgs),
     /// A job's bill: `ionet job cost 00000001` (live while it runs; --json or --csv for
     /// a receipt).
     #[command(subcommand)]
@@ -62,6 +65,21 @@ pub struct DrainArgs {
     /// How long its running tasks may take to finish, e.g. 60s or 10m.
     #[arg(long, default_value = "60s")]
     pub deadline: String,
+    #[command(flatten)]
+    pub head: HeadArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LogsArgs {
+    /// The job (hex id, e.g. 00000001).
+    #[arg(long)]
+    pub job: String,
+    /// Only this node: its id or a prefix of it (as `ionet status` shows it).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Keep printing what the workers print, until interrupted.
+    #[arg(long)]
+    pub follow: bool,
     #[command(flatten)]
     pub head: HeadArgs,
 }
@@ -514,6 +532,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(ListCommand::Actors(args)) => commands::list_actors(args),
         Command::Stop(args) => commands::stop(args),
         Command::Drain(args) => commands::drain(args),
+        Command::Logs(args) => commands::logs(args),
         Command::Usage(args) => metering_commands::usage(args),
         Command::Job(JobCommand::Cost(args)) => metering_commands::job_cost(args),
         Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 
+use std::io::Write;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,17 +15,17 @@ use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
 use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest};
 use ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient;
-use ionet_common::rpc::proto::node::DrainRequest;
+use ionet_common::rpc::proto::node::{DrainRequest, StreamLogsRequest};
 use ionet_common::tls::{self, ClusterCa};
-use ionet_common::{rpc, IonetError};
+use ionet_common::{rpc, IonetError, JobId};
 use ionet_gcs::storage::redis::HeadLease;
 use ionet_gcs::storage::StorageLocation;
 use ionet_gcs::{GcsServer, GcsServerOptions, HeadTls};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    AccountCreateArgs, DrainArgs, HeadArgs, ListActorsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs, StopArgs,
-    TokenCreateArgs,
+    AccountCreateArgs, DrainArgs, HeadArgs, ListActorsArgs, LogsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs,
+    StopArgs, TokenCreateArgs,
 };
 use crate::identities::WorkerIdentities;
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
@@ -441,6 +442,56 @@ fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, Bearer, Duration
     let address = resolve_head_address(head.address.as_deref(), &session)?;
     let admin = resolve_admin_credential(head.credential.as_deref(), &session)?;
     Ok((address, admin, parse_duration(ttl)?))
+}
+
+/// `ionet logs --job J [--node N] [--follow]`: what the job's workers printed on each
+/// live node (or one), each line with its prefix; with `--follow`, what they print next
+/// too. Reading another's job needs the admin credential (or the job's own).
+pub fn logs(args: LogsArgs) -> Result<()> {
+    let job: JobId = args.job.parse()?;
+    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
+    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
+    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut gcs = rpc::gcs_client(&address, &credential).await?;
+        let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+        let wanted = args.node.as_deref().map(|node| node.trim().to_ascii_lowercase());
+        let nodes: Vec<_> = nodes
+            .into_inner()
+            .nodes
+            .into_iter()
+            .filter(|node| wanted.as_ref().is_none_or(|wanted| hex::encode(&node.node_id).starts_with(wanted)))
+            .collect();
+        if nodes.is_empty() {
+            bail!("no live node's id starts with {:?} (see `ionet status`)", args.node.unwrap_or_default());
+        }
+        let mut streams = Vec::new();
+        for node in nodes {
+            let channel = rpc::connect(&node.address, &credential, Duration::from_secs(5)).await?;
+            let request = StreamLogsRequest { job_id: job.to_vec() };
+            let stream = NodeManagerClient::new(channel).stream_logs(request).await.map_err(IonetError::from)?;
+            streams.push((crate::logs::ip_of(&node.address).to_string(), stream.into_inner()));
+        }
+        // Each node's first batch holds all it has so far; with --follow, the next ones too.
+        let printers = streams.into_iter().map(|(ip, mut stream)| async move {
+            while let Some(batch) = stream.message().await.map_err(IonetError::from)? {
+                let mut out = std::io::stdout().lock();
+                for line in &batch.lines {
+                    writeln!(out, "{} {}", crate::logs::prefix_of(line, &ip), line.text)?;
+                }
+                out.flush()?;
+                if !args.follow {
+                    break;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        for printed in futures::future::join_all(printers).await {
+            printed?;
+        }
+        Ok(())
+    })
 }
 
 /// `ionet drain --node N --deadline 60s`: gives the node notice to leave, then waits

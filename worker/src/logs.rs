@@ -82,6 +82,20 @@ impl JobTail {
     }
 }
 
+/// Ray's prefix of a line: `(name pid=…, ip=…)`.
+pub fn prefix_of(line: &LogLine, ip: &str) -> String {
+    if line.name.is_empty() {
+        format!("(pid={}, ip={ip})", line.pid)
+    } else {
+        format!("({} pid={}, ip={ip})", line.name, line.pid)
+    }
+}
+
+/// The host part of `host:port`.
+pub fn ip_of(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(host, _)| host)
+}
+
 fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
     let mut file = std::fs::File::open(path)?;
     let length = file.metadata()?.len();

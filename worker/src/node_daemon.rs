@@ -137,6 +137,8 @@ pub struct NodeDaemon {
 
 struct NodeManagerService {
     shared: Arc<NodeShared>,
+    /// Turns true when the daemon stops: its streams end then.
+    stopped: watch::Receiver<bool>,
 }
 
 impl NodeManagerService {
@@ -389,12 +391,20 @@ impl NodeManager for NodeManagerService {
         principal.may_act_for_job(&job)?;
         let leases = self.shared.leases.clone();
         let (batches, stream) = tokio::sync::mpsc::channel(4);
+        // The stream ends when the daemon stops (else its server would wait for it).
+        let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
             let mut tail = crate::logs::JobTail::default();
             let mut pass = tokio::time::interval(LOG_PASS);
             pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                pass.tick().await;
+                if *stopped.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    _ = pass.tick() => {}
+                    _ = stopped.changed() => return,
+                }
                 let files = leases.job_log_files(job);
                 let Ok((read, lines)) = tokio::task::spawn_blocking(move || {
                     let lines = tail.pass(&files);
@@ -534,7 +544,7 @@ impl NodeDaemon {
         });
         let (stop, stopped) = watch::channel(false);
 
-        let service = NodeManagerServer::new(NodeManagerService { shared: shared.clone() });
+        let service = NodeManagerServer::new(NodeManagerService { shared: shared.clone(), stopped: stopped.clone() });
         let mut stop_serving = stopped.clone();
         let object_service = ionet_object_store::ObjectManagerService::new(objects.store.clone())
             .with_owner_check(objects.owner_check())

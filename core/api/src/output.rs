@@ -123,15 +123,6 @@ impl Deduper {
     }
 }
 
-/// Ray's prefix: `(name pid=…, ip=…)`.
-fn prefix_of(line: &LogLine, ip: &str) -> String {
-    if line.name.is_empty() {
-        format!("(pid={}, ip={ip})", line.pid)
-    } else {
-        format!("({} pid={}, ip={ip})", line.name, line.pid)
-    }
-}
-
 /// A driver's following of its job's output on every node.
 pub(crate) struct Follower {
     dedup: Mutex<Deduper>,
@@ -162,7 +153,10 @@ impl Follower {
         let now = Instant::now();
         let printed: Vec<String> = {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            lines.into_iter().filter_map(|line| dedup.line(now, prefix_of(&line, ip), line.text)).collect()
+            lines
+                .into_iter()
+                .filter_map(|line| dedup.line(now, ionet_worker::logs::prefix_of(&line, ip), line.text))
+                .collect()
         };
         emit(&printed);
     }
@@ -253,7 +247,7 @@ async fn follow_node(
     passes: Arc<AtomicU64>,
     follower: Arc<Follower>,
 ) {
-    let ip = address.rsplit_once(':').map_or(address.as_str(), |(host, _)| host).to_string();
+    let ip = ionet_worker::logs::ip_of(&address).to_string();
     let Ok(channel) = worker.channel(&address) else { return };
     drop(worker);
     let mut client = NodeManagerClient::new(channel);

@@ -752,6 +752,14 @@ fn chant(round: u32) -> u32 {
     round
 }
 
+/// The id (hex) of the node labelled `name=<name>`, read with the operator's `ionet status`.
+fn node_named_in(cluster: &Cluster, name: &str) -> String {
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["status", "--json"])).unwrap();
+    let node =
+        nodes.iter().find(|node| node["labels"]["name"] == name).unwrap_or_else(|| panic!("no node {name}: {nodes:?}"));
+    node["node_id"].as_str().unwrap().to_string()
+}
+
 /// Set in a re-executed test binary that plays a driver whose output is read.
 const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
 
@@ -760,6 +768,7 @@ const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
 fn printing_driver(session: String) {
     let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
     ionet::init(config.address("auto")).unwrap();
+    println!("job {}", ionet::get_runtime_context().unwrap().job_id.hex());
     for name in ["a", "b"] {
         let node = node_named(name);
         let pinned = TaskOptions::default()
@@ -795,6 +804,21 @@ fn what_tasks_print_reaches_the_driver_prefixed_and_folded() {
     let shown = chants.iter().filter(|line| !line.contains("[repeated")).count() as u32;
     assert!(shown <= 3, "the line is folded, not printed 100 times:\n{stdout}");
     assert_eq!(shown + repeated, 100, "every print is counted once:\n{stdout}");
+
+    // `ionet logs` reads the same output afterwards, every line as it was printed.
+    let job = stdout.lines().find_map(|line| line.strip_prefix("job ")).expect("the driver names its job");
+    let logs = cluster.ionet(&["logs", "--job", job]);
+    for name in ["a", "b"] {
+        assert!(
+            logs.lines()
+                .any(|line| line.starts_with("(shout pid=") && line.ends_with(&format!("hello from node {name}"))),
+            "{logs}"
+        );
+    }
+    assert_eq!(logs.lines().filter(|line| line.ends_with(") the same line")).count(), 100, "{logs}");
+    let a = node_named_in(&cluster, "a");
+    let only_a = cluster.ionet(&["logs", "--job", job, "--node", &a[..8]]);
+    assert!(only_a.contains("hello from node a") && !only_a.contains("hello from node b"), "{only_a}");
     drop(cluster);
 }
 
