@@ -470,10 +470,12 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         for node in nodes {
             let channel = rpc::connect(&node.address, &credential, Duration::from_secs(5)).await?;
             let request = StreamLogsRequest { job_id: job.to_vec() };
-            let stream = NodeManagerClient::new(channel).stream_logs(request).await.map_err(IonetError::from)?;
+            let mut client = NodeManagerClient::new(channel).max_decoding_message_size(rpc::DEFAULT_MAX_MESSAGE_BYTES);
+            let stream = client.stream_logs(request).await.map_err(IonetError::from)?;
             streams.push((crate::logs::ip_of(&node.address).to_string(), stream.into_inner()));
         }
-        // Each node's first batch holds all it has so far; with --follow, the next ones too.
+        // Each node's batches up to the first caught up hold all it has so far; with
+        // --follow, the next ones too.
         let printers = streams.into_iter().map(|(ip, mut stream)| async move {
             while let Some(batch) = stream.message().await.map_err(IonetError::from)? {
                 let mut out = std::io::stdout().lock();
@@ -481,7 +483,7 @@ pub fn logs(args: LogsArgs) -> Result<()> {
                     writeln!(out, "{} {}", crate::logs::prefix_of(line, &ip), line.text)?;
                 }
                 out.flush()?;
-                if !args.follow {
+                if !args.follow && batch.caught_up {
                     break;
                 }
             }

@@ -5,8 +5,11 @@
 //!
 //! A worker names what it runs by a marker line in its output (`:ionet_task:NAME`,
 //! written by the core worker when the task or actor it runs changes, see
-//! `ionet::raw::name_output`): the lines after it are that task's. Markers are not passed on.
-//! A partial last line waits for its end; a line longer than [`MAX_LINE`] is cut there.
+//! `ionet::raw::name_output`): the lines after it are that task's. Markers are not passed
+//! on; one written after a partial line (a print without its newline) is found inside
+//! the line and split off. A partial last line waits for its end; a line longer than
+//! [`MAX_LINE`] is cut there. One pass reads at most [`MAX_PASS_READ`] bytes of a job's
+//! output (the rest waits for the next pass, and the batch says it is behind).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -16,8 +19,8 @@ use ionet_common::rpc::proto::node::LogLine;
 use ionet_common::worker_env::OUTPUT_NAME_MARKER as TASK_MARKER;
 /// The longest line passed on whole.
 pub const MAX_LINE: usize = 16 * 1024;
-/// The most bytes read from one file in one pass (the rest waits for the next).
-const MAX_READ: u64 = 4 * 1024 * 1024;
+/// The most bytes of a job's output read in one pass, over all its files.
+pub const MAX_PASS_READ: u64 = 1024 * 1024;
 
 /// The part of one worker's output read so far.
 #[derive(Default)]
@@ -53,8 +56,11 @@ impl FileTail {
         let line = &line[..line.len().min(MAX_LINE)];
         let text = String::from_utf8_lossy(line);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        if let Some(name) = text.strip_prefix(TASK_MARKER) {
-            self.name = name.to_string();
+        if let Some(at) = text.find(TASK_MARKER) {
+            if at > 0 {
+                out.push(LogLine { pid, name: self.name.clone(), text: text[..at].to_string() });
+            }
+            self.name = text[at + TASK_MARKER.len()..].to_string();
             return;
         }
         out.push(LogLine { pid, name: self.name.clone(), text: text.to_string() });
@@ -68,17 +74,22 @@ pub struct JobTail {
 }
 
 impl JobTail {
-    /// Reads what each of `files` (pid, path) gained since the last pass; the new lines.
-    /// A file that cannot be read is skipped this pass.
-    pub fn pass(&mut self, files: &[(u32, PathBuf)]) -> Vec<LogLine> {
+    /// Reads what each of `files` (pid, path) gained since the last pass, up to
+    /// [`MAX_PASS_READ`] bytes in all: the new lines, and whether every file was read to
+    /// its end. A file that cannot be read is skipped this pass.
+    pub fn pass(&mut self, files: &[(u32, PathBuf)]) -> (Vec<LogLine>, bool) {
         let mut lines = Vec::new();
+        let mut budget = MAX_PASS_READ;
+        let mut caught_up = true;
         for (pid, path) in files {
             let tail = self.files.entry(path.clone()).or_default();
-            if let Ok(bytes) = read_from(path, tail.offset) {
+            if let Ok((bytes, more)) = read_from(path, tail.offset, budget) {
+                budget -= bytes.len() as u64;
+                caught_up &= !more;
                 tail.take(*pid, &bytes, &mut lines);
             }
         }
-        lines
+        (lines, caught_up)
     }
 }
 
@@ -96,16 +107,18 @@ pub fn ip_of(address: &str) -> &str {
     address.rsplit_once(':').map_or(address, |(host, _)| host)
 }
 
-fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+/// Up to `limit` bytes of `path` from `offset`, and whether more lie beyond them.
+fn read_from(path: &Path, offset: u64, limit: u64) -> std::io::Result<(Vec<u8>, bool)> {
     let mut file = std::fs::File::open(path)?;
     let length = file.metadata()?.len();
     if length <= offset {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     file.seek(SeekFrom::Start(offset))?;
-    let mut bytes = Vec::with_capacity((length - offset).min(MAX_READ) as usize);
-    file.take(MAX_READ).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    let wanted = (length - offset).min(limit);
+    let mut bytes = Vec::with_capacity(wanted as usize);
+    file.take(wanted).read_to_end(&mut bytes)?;
+    Ok((bytes, length - offset > wanted))
 }
 
 #[cfg(test)]
@@ -126,6 +139,10 @@ mod tests {
         tail.take(7, b"ch 2\r\n:ionet_task:Model.step\nloss 0.5\n", &mut out);
         assert_eq!(texts(&out), [("train".into(), "epoch 2".into()), ("Model.step".into(), "loss 0.5".into())]);
         assert_eq!(tail.offset, 72);
+        // A marker after a print without its newline is split off that line.
+        out.clear();
+        tail.take(7, b"Loading:ionet_task:g\ndone\n", &mut out);
+        assert_eq!(texts(&out), [("Model.step".into(), "Loading".into()), ("g".into(), "done".into())]);
         assert!(out.iter().all(|line| line.pid == 7));
     }
 
@@ -146,11 +163,18 @@ mod tests {
         std::fs::write(&path, "one\ntw").unwrap();
         let files = vec![(3, path.clone())];
         let mut job = JobTail::default();
-        assert_eq!(texts(&job.pass(&files)), [("".into(), "one".into())]);
-        assert!(job.pass(&files).is_empty());
+        assert_eq!(texts(&job.pass(&files).0), [("".into(), "one".into())]);
+        assert!(job.pass(&files).0.is_empty());
         std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
-        assert_eq!(texts(&job.pass(&files)), [("".into(), "two".into()), ("".into(), "three".into())]);
+        assert_eq!(texts(&job.pass(&files).0), [("".into(), "two".into()), ("".into(), "three".into())]);
         let missing = vec![(4, dir.path().join("gone.log"))];
-        assert!(job.pass(&missing).is_empty());
+        assert!(job.pass(&missing).0.is_empty());
+        // A pass reads at most its budget, and says when it is behind.
+        let big = dir.path().join("big.log");
+        std::fs::write(&big, "x".repeat(MAX_PASS_READ as usize + 10) + "\n").unwrap();
+        let files = vec![(5, big)];
+        assert!(!job.pass(&files).1, "behind after one pass");
+        let (lines, caught_up) = job.pass(&files);
+        assert!(caught_up && lines.len() == 1, "then the rest");
     }
 }

@@ -406,9 +406,9 @@ impl NodeManager for NodeManagerService {
                     _ = stopped.changed() => return,
                 }
                 let files = leases.job_log_files(job);
-                let Ok((read, lines)) = tokio::task::spawn_blocking(move || {
-                    let lines = tail.pass(&files);
-                    (tail, lines)
+                let Ok((read, (lines, caught_up))) = tokio::task::spawn_blocking(move || {
+                    let passed = tail.pass(&files);
+                    (tail, passed)
                 })
                 .await
                 else {
@@ -417,7 +417,7 @@ impl NodeManager for NodeManagerService {
                 tail = read;
                 // An empty batch says "nothing new as of this pass" (a driver that stops
                 // waits for one).
-                if batches.send(Ok(LogBatch { lines })).await.is_err() {
+                if batches.send(Ok(LogBatch { lines, caught_up })).await.is_err() {
                     return; // the driver went away
                 }
             }

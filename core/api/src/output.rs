@@ -33,9 +33,11 @@ use crate::runtime::CoreWorker;
 pub fn name_output(name: &str) {
     static FOLLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static LAST: Mutex<String> = Mutex::new(String::new());
-    if !*FOLLOWED.get_or_init(|| std::env::var(OUTPUT_FOLLOWED).is_ok_and(|value| value == "1"))
-        || name.starts_with("ionet.")
-    {
+    let followed = FOLLOWED.get_or_init(|| {
+        std::env::var(OUTPUT_FOLLOWED).is_ok_and(|value| value == "1")
+            && crate::runtime::current().is_ok_and(|worker| worker.is_worker)
+    });
+    if !*followed || name.starts_with("ionet.") {
         return;
     }
     // Ray shows a function or class by its own name, not its module path.
@@ -58,6 +60,11 @@ const NODE_LOOK: Duration = Duration::from_secs(2);
 /// Repeats of one kind of line, waiting to be printed.
 struct Repeated {
     first_seen: Instant,
+    /// The worker that printed it first (`pid@ip`): its own lines of this kind print as
+    /// they come until another worker prints one too.
+    first_source: String,
+    /// Another worker printed it too: repeats are counted from then on.
+    folding: bool,
     count: u64,
     /// The last repeat, printed with the count.
     prefix: String,
@@ -83,14 +90,19 @@ impl Deduper {
         Deduper { enabled, seen: HashMap::new() }
     }
 
-    /// A line arrived: what to print now.
-    pub(crate) fn line(&mut self, now: Instant, prefix: String, text: String) -> Option<String> {
+    /// A line from worker `source` arrived: what to print now. Lines fold only across
+    /// workers (one worker's own `epoch 1`, `epoch 2`… all print, as in Ray).
+    pub(crate) fn line(&mut self, now: Instant, source: &str, prefix: String, text: String) -> Option<String> {
         if !self.enabled {
             return Some(format!("{prefix} {text}"));
         }
         let kind = kind_of(&text);
         match self.seen.get_mut(&kind) {
             Some(repeated) if now.duration_since(repeated.first_seen) < DEDUP_WINDOW => {
+                if !repeated.folding && repeated.first_source == source {
+                    return Some(format!("{prefix} {text}"));
+                }
+                repeated.folding = true;
                 repeated.count += 1;
                 repeated.prefix = prefix;
                 repeated.text = text;
@@ -98,7 +110,9 @@ impl Deduper {
             }
             _ => {
                 let printed = format!("{prefix} {text}");
-                self.seen.insert(kind, Repeated { first_seen: now, count: 0, prefix, text });
+                let first_source = source.to_string();
+                self.seen
+                    .insert(kind, Repeated { first_seen: now, first_source, folding: false, count: 0, prefix, text });
                 Some(printed)
             }
         }
@@ -123,12 +137,22 @@ impl Deduper {
     }
 }
 
+/// One node's stream, as its follower sees it.
+#[derive(Default)]
+struct Followed {
+    /// Passes over the node's output received.
+    passes: AtomicU64,
+    /// The stream ended (the node went, or refused): nothing more to wait for.
+    done: std::sync::atomic::AtomicBool,
+}
+
 /// A driver's following of its job's output on every node.
 pub(crate) struct Follower {
     dedup: Mutex<Deduper>,
-    /// Passes each followed node's stream has made, by node.
-    passes: Mutex<HashMap<NodeId, Arc<AtomicU64>>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Each followed node's stream.
+    nodes: Mutex<HashMap<NodeId, Arc<Followed>>>,
+    /// The tasks following; `None` once the driver stopped (a task started later stops at once).
+    tasks: Mutex<Option<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Follower {
@@ -137,13 +161,22 @@ impl Follower {
         let dedup = std::env::var("IONET_DEDUP_LOGS").map_or(true, |value| value != "0");
         let follower = Arc::new(Follower {
             dedup: Mutex::new(Deduper::new(dedup)),
-            passes: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
+            nodes: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Some(Vec::new())),
         });
         let looking = worker.handle.spawn(look_for_nodes(Arc::downgrade(worker), follower.clone()));
         let flushing = worker.handle.spawn(flush_repeats(follower.clone()));
-        follower.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([looking, flushing]);
+        follower.keep(looking);
+        follower.keep(flushing);
         follower
+    }
+
+    /// Keeps `task` to stop with the rest, or stops it now if the driver stopped.
+    fn keep(&self, task: tokio::task::JoinHandle<()>) {
+        match self.tasks.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(tasks) => tasks.push(task),
+            None => task.abort(),
+        }
     }
 
     fn print(&self, lines: Vec<LogLine>, ip: &str) {
@@ -155,40 +188,90 @@ impl Follower {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
             lines
                 .into_iter()
-                .filter_map(|line| dedup.line(now, ionet_worker::logs::prefix_of(&line, ip), line.text))
+                .filter_map(|line| {
+                    let source = format!("{}@{ip}", line.pid);
+                    dedup.line(now, &source, ionet_worker::logs::prefix_of(&line, ip), line.text)
+                })
                 .collect()
         };
-        emit(&printed);
+        emit(printed);
     }
 
     /// The driver stops: waits up to `patience` for a pass over every followed node's
     /// output that began after now, prints the repeats still counted, and stops following.
     pub(crate) async fn finish(&self, patience: Duration) {
-        let marks: Vec<(Arc<AtomicU64>, u64)> = {
-            let passes = self.passes.lock().unwrap_or_else(|p| p.into_inner());
-            passes.values().map(|passes| (passes.clone(), passes.load(Ordering::SeqCst))).collect()
+        let marks: Vec<(Arc<Followed>, u64)> = {
+            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.values().map(|followed| (followed.clone(), followed.passes.load(Ordering::SeqCst))).collect()
+        };
+        let behind = || {
+            marks.iter().any(|(followed, mark)| {
+                !followed.done.load(Ordering::SeqCst) && followed.passes.load(Ordering::SeqCst) < mark + 2
+            })
         };
         let deadline = Instant::now() + patience;
-        while Instant::now() < deadline && marks.iter().any(|(passes, mark)| passes.load(Ordering::SeqCst) < mark + 2) {
+        while Instant::now() < deadline && behind() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default() {
             task.abort();
         }
         let rest = self.dedup.lock().unwrap_or_else(|p| p.into_inner()).flush(Instant::now(), true);
-        emit(&rest);
+        emit(rest);
+        // Out before the driver's own last words.
+        let printed = tokio::task::spawn_blocking(|| writer().flush(Duration::from_secs(1)));
+        let _ = printed.await;
     }
 }
 
-fn emit(printed: &[String]) {
-    if printed.is_empty() {
-        return;
+/// What the writer thread is given.
+enum Out {
+    Lines(Vec<String>),
+    /// Told once everything before it is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Writes the followed lines to stdout on a thread of its own: a slow terminal or pipe
+/// never holds up the driver's runtime.
+struct Writer(std::sync::mpsc::Sender<Out>);
+
+impl Writer {
+    fn flush(&self, patience: Duration) {
+        let (done, flushed) = std::sync::mpsc::channel();
+        if self.0.send(Out::Flush(done)).is_ok() {
+            let _ = flushed.recv_timeout(patience);
+        }
     }
-    let mut out = std::io::stdout().lock();
-    for line in printed {
-        let _ = writeln!(out, "{line}");
+}
+
+fn writer() -> &'static Writer {
+    static WRITER: std::sync::OnceLock<Writer> = std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (sender, received) = std::sync::mpsc::channel::<Out>();
+        let _ = std::thread::Builder::new().name("ionet-output".into()).spawn(move || {
+            for out in received {
+                match out {
+                    Out::Lines(lines) => {
+                        let mut stdout = std::io::stdout().lock();
+                        for line in lines {
+                            let _ = writeln!(stdout, "{line}");
+                        }
+                        let _ = stdout.flush();
+                    }
+                    Out::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Writer(sender)
+    })
+}
+
+fn emit(printed: Vec<String>) {
+    if !printed.is_empty() {
+        let _ = writer().0.send(Out::Lines(printed));
     }
-    let _ = out.flush();
 }
 
 /// Prints the folded repeats as their windows end.
@@ -196,7 +279,7 @@ async fn flush_repeats(follower: Arc<Follower>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let printed = follower.dedup.lock().unwrap_or_else(|p| p.into_inner()).flush(Instant::now(), false);
-        emit(&printed);
+        emit(printed);
     }
 }
 
@@ -207,19 +290,18 @@ async fn look_for_nodes(worker: std::sync::Weak<CoreWorker>, follower: Arc<Follo
         let nodes = live_nodes(&core).await.unwrap_or_default();
         for (node_id, address) in nodes {
             let fresh = {
-                let mut passes = follower.passes.lock().unwrap_or_else(|p| p.into_inner());
-                if passes.contains_key(&node_id) {
+                let mut nodes = follower.nodes.lock().unwrap_or_else(|p| p.into_inner());
+                if nodes.contains_key(&node_id) {
                     None
                 } else {
-                    let counter = Arc::new(AtomicU64::new(0));
-                    passes.insert(node_id, counter.clone());
-                    Some(counter)
+                    let followed = Arc::new(Followed::default());
+                    nodes.insert(node_id, followed.clone());
+                    Some(followed)
                 }
             };
-            if let Some(passes) = fresh {
-                let stream = follow_node(core.clone(), core.job_id, address, passes, follower.clone());
-                let task = core.handle.spawn(stream);
-                follower.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+            if let Some(followed) = fresh {
+                let stream = follow_node(core.clone(), core.job_id, address, followed, follower.clone());
+                follower.keep(core.handle.spawn(stream));
             }
         }
         drop(core);
@@ -239,29 +321,29 @@ async fn live_nodes(worker: &CoreWorker) -> ionet_common::IonetResult<Vec<(NodeI
         .collect())
 }
 
-/// Follows one node's output for `job` until the node or the driver goes.
+/// Follows one node's output for `job` until the node or the driver goes. A stream that
+/// breaks is not opened again (it would start over from the first line).
 async fn follow_node(
     worker: Arc<CoreWorker>,
     job: JobId,
     address: String,
-    passes: Arc<AtomicU64>,
+    followed: Arc<Followed>,
     follower: Arc<Follower>,
 ) {
     let ip = ionet_worker::logs::ip_of(&address).to_string();
-    let Ok(channel) = worker.channel(&address) else { return };
-    drop(worker);
-    let mut client = NodeManagerClient::new(channel);
-    let Ok(response) = client.stream_logs(StreamLogsRequest { job_id: job.to_vec() }).await else {
-        // Not followed now (an older node, or gone): it counts as caught up.
-        passes.store(u64::MAX / 2, Ordering::SeqCst);
-        return;
-    };
-    let mut batches = response.into_inner();
-    while let Ok(Some(batch)) = batches.message().await {
-        follower.print(batch.lines, &ip);
-        passes.fetch_add(1, Ordering::SeqCst);
+    if let Ok(channel) = worker.channel(&address) {
+        drop(worker);
+        let mut client =
+            NodeManagerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
+        if let Ok(response) = client.stream_logs(StreamLogsRequest { job_id: job.to_vec() }).await {
+            let mut batches = response.into_inner();
+            while let Ok(Some(batch)) = batches.message().await {
+                follower.print(batch.lines, &ip);
+                followed.passes.fetch_add(1, Ordering::SeqCst);
+            }
+        }
     }
-    passes.store(u64::MAX / 2, Ordering::SeqCst);
+    followed.done.store(true, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -272,26 +354,38 @@ mod tests {
     fn the_first_of_a_kind_prints_and_repeats_fold_into_one_line() {
         let mut dedup = Deduper::new(true);
         let start = Instant::now();
-        let first = dedup.line(start, "(f pid=1, ip=a)".into(), "step 1 done".into());
+        let first = dedup.line(start, "1@a", "(f pid=1, ip=a)".into(), "step 1 done".into());
         assert_eq!(first.as_deref(), Some("(f pid=1, ip=a) step 1 done"));
         for pid in 2..=100 {
-            let repeat = dedup.line(start, format!("(f pid={pid}, ip=a)"), format!("step {pid} done"));
-            assert_eq!(repeat, None, "a repeat within the window is counted");
+            let source = format!("{pid}@a");
+            let repeat = dedup.line(start, &source, format!("(f pid={pid}, ip=a)"), format!("step {pid} done"));
+            assert_eq!(repeat, None, "a repeat from another worker within the window is counted");
         }
-        assert!(dedup.line(start, "(g pid=5, ip=b)".into(), "other".into()).is_some());
+        assert!(dedup.line(start, "5@b", "(g pid=5, ip=b)".into(), "other".into()).is_some());
         assert!(dedup.flush(start + Duration::from_secs(1), false).is_empty(), "the window is still open");
         let folded = dedup.flush(start + DEDUP_WINDOW, false);
         assert_eq!(folded, ["(f pid=100, ip=a) step 100 done [repeated 99x across cluster]"]);
         // After the window the kind prints again at once.
-        assert!(dedup.line(start + DEDUP_WINDOW, "(f pid=1, ip=a)".into(), "step 1 done".into()).is_some());
+        assert!(dedup.line(start + DEDUP_WINDOW, "1@a", "(f pid=1, ip=a)".into(), "step 1 done".into()).is_some());
+    }
+
+    #[test]
+    fn one_workers_own_lines_all_print() {
+        let mut dedup = Deduper::new(true);
+        let now = Instant::now();
+        for epoch in 0..10 {
+            let line = dedup.line(now, "7@a", "(train pid=7, ip=a)".into(), format!("epoch {epoch}"));
+            assert!(line.is_some(), "epoch {epoch} prints");
+        }
+        assert!(dedup.flush(now + DEDUP_WINDOW, true).is_empty());
     }
 
     #[test]
     fn without_dedup_every_line_prints() {
         let mut dedup = Deduper::new(false);
         let now = Instant::now();
-        assert!(dedup.line(now, "(f pid=1, ip=a)".into(), "same".into()).is_some());
-        assert!(dedup.line(now, "(f pid=2, ip=a)".into(), "same".into()).is_some());
+        assert!(dedup.line(now, "1@a", "(f pid=1, ip=a)".into(), "same".into()).is_some());
+        assert!(dedup.line(now, "2@a", "(f pid=2, ip=a)".into(), "same".into()).is_some());
         assert!(dedup.flush(now + DEDUP_WINDOW, true).is_empty());
     }
 }

@@ -18,6 +18,9 @@ use super::{Leases, MeterEvent, Worker};
 /// keeping one a second.
 pub(super) const EXCESS_IDLE_GRACE: Duration = Duration::from_secs(1);
 
+/// The most output files of one job a node follows (its latest workers').
+const MAX_FOLLOWED_FILES_PER_JOB: usize = 512;
+
 /// How long a started worker may take to register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -93,10 +96,14 @@ impl Leases {
         }
         let mut log_path = None;
         if let Some(dir) = &self.options.log_dir {
-            let path = dir.join(format!("worker-{}.log", worker_id.short()));
-            let file = std::fs::File::create(&path)?;
+            // The whole id, and a file of its own: another job's output is never appended to.
+            let path = dir.join(format!("worker-{}.log", worker_id.hex()));
+            let file = std::fs::File::options().write(true).create_new(true).open(&path)?;
             process.stdout(file.try_clone()?).stderr(file).env(ionet_common::worker_env::OUTPUT_FOLLOWED, "1");
             log_path = Some(path);
+        } else {
+            // Not followed here: the worker must not name its output (it goes to a terminal).
+            process.env_remove(ionet_common::worker_env::OUTPUT_FOLLOWED);
         }
         // SAFETY: prctl and fcntl are async-signal-safe; a worker must not outlive its node
         // daemon, and keeps the credential pipe's read end (closed on exec otherwise).
@@ -136,7 +143,13 @@ impl Leases {
         drop(credential);
         let pid = child.id().unwrap_or(0);
         if let Some(path) = log_path {
-            self.job_logs.entry(job_id).or_default().push((pid, path));
+            let mut files = self.job_logs.entry(job_id).or_default();
+            files.push((pid, path));
+            // Bounded: a job that started more workers here than this is followed for its
+            // latest ones.
+            if files.len() > MAX_FOLLOWED_FILES_PER_JOB {
+                files.remove(0);
+            }
         }
         let starting = Process { pid, key, address: String::new(), doing: Doing::Starting, holding: false };
         self.lock().processes.insert(worker_id, starting);
