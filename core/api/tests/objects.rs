@@ -89,12 +89,7 @@ fn pass_on(size: u64, at: ionet::NodeId) -> Vec<ObjectRef<Vec<u8>>> {
 /// of its own), then returns a value its worker puts, inside a list, with the worker's pid.
 #[ionet::remote]
 fn put_together(dir: String, expected: usize, seed: u64) -> (Vec<ObjectRef<Vec<u8>>>, u32) {
-    std::fs::write(format!("{dir}/{}", std::process::id()), "").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&dir).unwrap().count() < expected {
-        assert!(std::time::Instant::now() < deadline, "the tasks did not all run at once");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    harness::meet(&dir, expected);
     (vec![ionet::put(&pattern(4096, seed)).unwrap()], std::process::id())
 }
 
@@ -428,11 +423,7 @@ fn a_worker_holding_lent_objects_is_not_stopped_as_idle() {
     let mut cluster = Cluster::start(&["--num-cpus", "0"]);
     cluster.add_node(&["--num-cpus", &count.to_string()]);
     cluster.init();
-    let dir = tempfile::tempdir().unwrap();
-    // The job's workers may run as a user of their own: they check in there too.
-    let mut open = std::fs::metadata(dir.path()).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o1777);
-    std::fs::set_permissions(dir.path(), open).unwrap();
+    let dir = harness::shared_tempdir();
     let dir_name = dir.path().to_str().unwrap().to_string();
     let lists: Vec<_> = (0..count as u64).map(|seed| put_together::remote(dir_name.clone(), count, seed)).collect();
     let (inner, pids): (Vec<ObjectRef<Vec<u8>>>, Vec<u32>) = lists

@@ -66,17 +66,7 @@ fn crash_once(marker: String) -> u64 {
 /// Waits until `expected` tasks have checked in under `dir`: proves they run at once.
 #[ionet::remote]
 fn rendezvous(dir: String, expected: usize) -> (String, Vec<u32>) {
-    let me = format!("{dir}/{}", std::process::id());
-    std::fs::write(&me, "").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&dir).unwrap().count() < expected {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {expected} tasks ran at once",
-            std::fs::read_dir(&dir).unwrap().count()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    harness::meet(&dir, expected);
     (std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(), ionet::get_gpu_ids())
 }
 
@@ -749,12 +739,7 @@ fn shout(node: String) -> u32 {
 /// worker of its own).
 #[ionet::remote]
 fn chant(dir: String, expected: usize) -> u32 {
-    std::fs::write(format!("{dir}/{}", std::process::id()), "").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&dir).unwrap().count() < expected {
-        assert!(Instant::now() < deadline, "the chants did not all run at once");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    harness::meet(&dir, expected);
     println!("the same line");
     std::process::id()
 }
@@ -795,11 +780,7 @@ fn printing_driver(session: String) {
             .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node.node_id, soft: false });
         ionet::get_timeout(&shout::options(pinned).remote(name.to_string()), Duration::from_secs(60)).unwrap();
     }
-    // The job's workers may run as a user of their own: they check in there too.
-    let dir = tempfile::tempdir().unwrap();
-    let mut open = std::fs::metadata(dir.path()).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o1777);
-    std::fs::set_permissions(dir.path(), open).unwrap();
+    let dir = harness::shared_tempdir();
     let dir_name = dir.path().to_string_lossy().into_owned();
     let chants: Vec<_> = (0..CHANTS).map(|_| chant::remote(dir_name.clone(), CHANTS)).collect();
     let pids: BTreeSet<u32> = ionet::get_all(&chants).unwrap().into_iter().collect();

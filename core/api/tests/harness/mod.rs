@@ -68,6 +68,29 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// A temporary directory every user may write to (sticky): a job's workers may run as a
+/// user of their own, and check in there too.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    dir
+}
+
+/// In a task: checks in under `dir` and waits (up to a minute) until `expected` tasks have,
+/// so that they run at once, each in a worker of its own.
+pub fn meet(dir: &str, expected: usize) {
+    std::fs::write(format!("{dir}/{}", std::process::id()), "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(dir).unwrap().count() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {expected} tasks ran at once",
+            std::fs::read_dir(dir).unwrap().count()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Asserts `condition` holds the whole time `window` lasts (checked every 20 ms): for what
 /// must *not* happen, such as an object freed under its holder.
 pub fn holds_for(what: &str, window: Duration, mut condition: impl FnMut() -> bool) {
