@@ -240,31 +240,20 @@ async fn ask_owners(worker: &Arc<CoreWorker>, wanted: Vec<(ObjectId, Arc<str>)>)
 }
 
 /// Every handle a call's arguments hold: refs passed by ref, and refs inside values.
-fn all_argument_handles(args: &[Arg]) -> Vec<ObjectRef<()>> {
-    args.iter()
-        .flat_map(|arg| match arg {
-            Arg::Holding(_, handles) => handles.as_slice(),
-            Arg::Ref(handle) => std::slice::from_ref(handle),
-            Arg::Value(_) => &[],
-        })
-        .cloned()
-        .collect()
-}
-
-/// The handles a call's arguments hold (refs inside argument values).
 fn argument_handles(args: &[Arg]) -> impl Iterator<Item = &ObjectRef<()>> {
     args.iter().flat_map(|arg| match arg {
         Arg::Holding(_, handles) => handles.as_slice(),
-        _ => &[],
+        Arg::Ref(handle) => std::slice::from_ref(handle),
+        Arg::Value(_) => &[],
     })
 }
 
 impl Borrows {
     /// The local count of `id`, an object of another process, for a handle decoded here.
-    pub(crate) fn holder(&self, id: ObjectId, owner: &str) -> Arc<Borrowed> {
+    pub(crate) fn holder(&self, id: ObjectId, owner: &Arc<str>) -> Arc<Borrowed> {
         REVIVED.with(|revived| {
             if let Some(revived) = revived.borrow_mut().as_mut() {
-                revived.push((id, Arc::from(owner)));
+                revived.push((id, owner.clone()));
             }
         });
         if let Some(borrowed) = self.held.get(&id).and_then(|weak| weak.upgrade()) {
@@ -318,7 +307,7 @@ impl Borrows {
             // The call's arguments may be all that holds those objects at their owners
             // (the worker may have read them out of an argument's value, holding no lend
             // of its own): kept until the owners have answered.
-            let arguments = all_argument_handles(args);
+            let arguments: Vec<ObjectRef<()>> = argument_handles(args).cloned().collect();
             worker.handle.clone().spawn(async move {
                 for (_, ids) in ask_owners(&worker, relent).await {
                     for id in ids {
@@ -334,7 +323,7 @@ impl Borrows {
     }
 
     /// The local count of `id` (not counted as decoded by the running call).
-    fn holder_untracked(&self, id: ObjectId, owner: &str) -> Arc<Borrowed> {
+    fn holder_untracked(&self, id: ObjectId, owner: &Arc<str>) -> Arc<Borrowed> {
         let (borrowed, _) = collect_decoded(|| self.holder(id, owner));
         borrowed
     }

@@ -201,7 +201,10 @@ pub(crate) fn revive_reference<T>(id: ObjectId, owner: &str) -> ObjectRef<T> {
             }
             return ObjectRef::borrowed(id, worker.address.clone(), None);
         }
-        return ObjectRef::borrowed(id, owner.into(), Some(worker.borrows.holder(id, owner)));
+        // One copy of the owner's address, shared by the handle and the call's record.
+        let owner: Arc<str> = owner.into();
+        let borrow = worker.borrows.holder(id, &owner);
+        return ObjectRef::borrowed(id, owner, Some(borrow));
     }
     ObjectRef::borrowed(id, owner.into(), None)
 }
