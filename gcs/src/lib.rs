@@ -33,12 +33,17 @@
 //! background task with the scheduler's solver and reserved on the node daemons in two phases
 //! (prepare on all, then commit; cancel the prepared ones on any refusal).
 //!
+//! Submitted jobs ([`submissions`], served by [`job_server`]: Ray's Jobs REST API over
+//! HTTP): the head places each entrypoint on a node, which runs it under a submission
+//! credential and streams its output back; the head keeps the output and the status.
+//!
 //! Actors and placement groups are written to storage with every change and taken back
 //! when the head starts ([`actors::Actors::restore`],
 //! [`placement_groups::PlacementGroups::restore`]), so a restarted head loses neither.
 
 pub mod actors;
 pub mod error;
+pub mod job_server;
 pub mod metering;
 pub mod metering_service;
 #[cfg(feature = "solana")]
@@ -48,6 +53,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod submissions;
 
 pub use error::{GcsError, GcsResult};
 pub use metering::{Metering, MeteringOptions};

@@ -27,6 +27,8 @@ use crate::service::{GcsService, HeadTls};
 use crate::state::GcsState;
 use crate::storage::redis::HeadLease;
 use crate::storage::{GcsStorage, MemoryStorage, RedbStorage, RedisStorage, StorageLocation};
+use crate::submissions::{EntrypointRunner, Submissions};
+use ionet_common::IonetError;
 
 /// How long the head's control credential (its bundle calls into daemons) lasts.
 const CONTROL_CREDENTIAL_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -48,6 +50,9 @@ pub struct GcsServerOptions {
     /// Serve TLS only (the cluster CA, the hosts the head's certificate names); `None`:
     /// plain, which only a listener on loopback may be.
     pub tls: Option<HeadTls>,
+    /// Where the job server keeps what submitted jobs print; `None`: a directory of the
+    /// process's own, removed when it ends.
+    pub job_log_dir: Option<PathBuf>,
     /// Pay each settled epoch out on Solana.
     #[cfg(feature = "solana")]
     pub payouts: Option<crate::payouts::PayoutSettings>,
@@ -64,6 +69,7 @@ impl GcsServerOptions {
             usage_export_path: None,
             signing_key_path: None,
             tls: None,
+            job_log_dir: None,
             #[cfg(feature = "solana")]
             payouts: None,
         }
@@ -82,6 +88,13 @@ pub struct GcsServer {
     health_task: JoinHandle<()>,
     placement_task: JoinHandle<()>,
     placement_groups: Arc<PlacementGroups>,
+    submissions: Arc<Submissions>,
+    /// What the control store's server presents (TLS), and the job server's too.
+    certificate: Option<Arc<ServerCert>>,
+    /// Turns true when the server stops.
+    stopped: watch::Receiver<bool>,
+    /// The job server's own log directory, when the options named none.
+    _job_logs: Option<tempfile::TempDir>,
 }
 
 impl GcsServer {
@@ -123,7 +136,7 @@ impl GcsServer {
         // which may reserve bundles and nothing else (a provider's daemon sees it); its
         // calls for an actor carry the actor's job's credential. It lives in memory only.
         let control = Bearer::new(&issuer.issue(Role::Control, CONTROL_CREDENTIAL_TTL))?;
-        let nodes = Arc::new(GrpcBundleAgent::new(control));
+        let nodes = Arc::new(GrpcBundleAgent::new(control.clone()));
         let placement_groups = PlacementGroups::new(state.clone(), nodes.clone());
         metering.set_stopper(nodes);
         metering.set_head_holdings(placement_groups.clone());
@@ -131,12 +144,28 @@ impl GcsServer {
         // What a previous run of the head left: groups first (actors may sit in them).
         placement_groups.restore().await?;
         actors.restore().await?;
+        let (job_log_dir, job_logs) = match options.job_log_dir.clone() {
+            Some(dir) => (dir, None),
+            None => {
+                let dir = tempfile::Builder::new().prefix("ionet-job-logs").tempdir().map_err(IonetError::from)?;
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
+        let submissions = Submissions::open(
+            state.clone(),
+            placement_groups.clone(),
+            issuer.clone(),
+            EntrypointRunner::new(control.clone()),
+            job_log_dir,
+        )
+        .await?;
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),
             actors.clone(),
             issuer.clone(),
             options.tls.clone(),
+            submissions.clone(),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -148,6 +177,7 @@ impl GcsServer {
             Some(tls) => Some(ServerCert::new(Some(tls.ca.server_identity(&tls.hosts)?))),
             None => None,
         };
+        let job_server_stopped = stopped.clone();
         let incoming = ionet_common::rpc::incoming(listener, certificate.as_ref())?;
         let serve_task = tokio::spawn(
             ionet_common::rpc::server(Authorizer::new(Some(issuer.verifier())))
@@ -178,7 +208,29 @@ impl GcsServer {
             health_task,
             placement_task,
             placement_groups,
+            submissions,
+            certificate,
+            stopped: job_server_stopped,
+            _job_logs: job_logs,
         })
+    }
+
+    /// Serves the job server ([`crate::job_server`], Ray's Jobs REST API) on `listener`
+    /// until the control store stops: over TLS when the control store speaks it, with its
+    /// credentials. `head_address` is where submitted jobs' drivers join (the head's
+    /// advertised address, or the list of heads).
+    pub fn serve_jobs(&self, listener: TcpListener, head_address: &str) -> GcsResult<SocketAddr> {
+        let local = listener.local_addr().map_err(IonetError::from)?;
+        let incoming = ionet_common::rpc::incoming_http(listener, self.certificate.as_ref())?;
+        self.submissions.set_head_address(head_address);
+        let router = crate::job_server::router(self.submissions.clone(), Authorizer::new(Some(self.issuer.verifier())));
+        tokio::spawn(crate::job_server::serve(router, incoming, local, self.stopped.clone()));
+        tracing::info!(address = %local, "job server serving");
+        Ok(local)
+    }
+
+    pub fn submissions(&self) -> &Arc<Submissions> {
+        &self.submissions
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -194,6 +246,13 @@ impl GcsServer {
     /// tenant), valid for `ttl`.
     pub fn account_credential(&self, account: &str, ttl: Duration) -> Bearer {
         Bearer::new(&self.issuer.issue_account(account, ttl)).expect("a credential is printable ASCII")
+    }
+
+    /// A credential of submitted job `submission_id` of `account` (what the job server
+    /// hands the entrypoint's node), valid for `ttl`.
+    pub fn submission_credential(&self, submission_id: &str, account: &str, ttl: Duration) -> Bearer {
+        Bearer::new(&self.issuer.issue_submission(submission_id, account, ttl))
+            .expect("a credential is printable ASCII")
     }
 
     pub fn state(&self) -> &Arc<GcsState> {

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
 use crate::state::{payer_account, GcsState, KvScope};
+use crate::submissions::Submissions;
 
 pub struct GcsService {
     state: Arc<GcsState>,
@@ -33,6 +34,8 @@ pub struct GcsService {
     node_credentials: dashmap::DashMap<NodeId, (std::time::Instant, Vec<u8>)>,
     /// The head serving TLS: the CA that certifies each node for its host.
     tls: Option<HeadTls>,
+    /// Submitted jobs: a submission's credential starts jobs only while it runs.
+    submissions: Arc<Submissions>,
 }
 
 impl GcsService {
@@ -42,8 +45,9 @@ impl GcsService {
         actors: Arc<Actors>,
         issuer: Issuer,
         tls: Option<HeadTls>,
+        submissions: Arc<Submissions>,
     ) -> Self {
-        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new(), tls }
+        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new(), tls, submissions }
     }
 
     /// The intermediate certificate a registering node asked for (empty: it did not ask,
@@ -300,6 +304,7 @@ impl Gcs for GcsService {
     async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut request = request.into_inner();
+        let mut submission_id = String::new();
         // The payer is the account of the credential, never a field a tenant chooses.
         match &principal {
             Principal::Account(account) => {
@@ -310,6 +315,22 @@ impl Gcs for GcsService {
                     )));
                 }
                 request.payer_account = account.to_string();
+            }
+            // A submitted job's entrypoint starts jobs for its account, while it runs.
+            Principal::Submission { id, account } => {
+                if !self.submissions.is_live(id) {
+                    return Err(Status::permission_denied(format!(
+                        "submission {id} has ended: its credential starts no more jobs"
+                    )));
+                }
+                if !request.payer_account.is_empty() && request.payer_account != **account {
+                    return Err(Status::permission_denied(format!(
+                        "submission {id} of account {account} may not start a job paid by {:?}",
+                        request.payer_account
+                    )));
+                }
+                request.payer_account = account.to_string();
+                submission_id = id.to_string();
             }
             Principal::Admin if request.payer_account.is_empty() => request.payer_account = "default".into(),
             Principal::Admin => {}
@@ -325,6 +346,7 @@ impl Gcs for GcsService {
                 entrypoint: request.entrypoint,
                 payer_account: request.payer_account,
                 worker_command: Some(worker_command),
+                submission_id,
                 ..Default::default()
             })
             .await?;

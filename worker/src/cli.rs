@@ -31,8 +31,9 @@ pub enum Command {
     /// What a job's workers printed: `ionet logs --job 00000001 [--node 3f2a] [--follow]`
     /// (each line as its driver shows it, `(task pid=…, ip=…) line`).
     Logs(LogsArgs),
-    /// A job's bill: `ionet job cost 00000001` (live while it runs; --json or --csv for
-    /// a receipt).
+    /// Submitted jobs (the head's job server, as `ray job`): `ionet job submit -- python
+    /// train.py`, `status`, `logs --follow`, `stop`, `list`, `delete`; and a job's bill,
+    /// `ionet job cost 00000001` (live while it runs; --json or --csv for a receipt).
     #[command(subcommand)]
     Job(JobCommand),
     /// The settlement ledger.
@@ -86,6 +87,19 @@ pub struct LogsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
+    /// Submit a command line to run on the cluster as a job's driver, on a node the head
+    /// picks; follows its output until it ends (unless --no-wait).
+    Submit(crate::job_commands::JobSubmitArgs),
+    /// A submitted job's status.
+    Status(crate::job_commands::JobStatusArgs),
+    /// What a submitted job's entrypoint printed (its drivers print their workers' lines).
+    Logs(crate::job_commands::JobLogsArgs),
+    /// Stop a submitted job (its entrypoint, then every job it started).
+    Stop(crate::job_commands::JobStopArgs),
+    /// Submitted jobs (a tenant sees its own account's).
+    List(crate::job_commands::JobListArgs),
+    /// Forget a submitted job that ended, and its output.
+    Delete(crate::job_commands::JobDeleteArgs),
     /// Every lease of the job so far, with node, GPU model, seconds, price, cost and fee.
     Cost(JobCostArgs),
 }
@@ -174,6 +188,11 @@ pub struct StartArgs {
     /// Port of the control store (head only; 0 picks a free one).
     #[arg(long, default_value_t = 6380)]
     pub port: u16,
+    /// Port of the head's job server (Ray's Jobs REST API; 0 picks a free one). Default
+    /// 8265, or a free one when 8265 is taken (the session's `job_server_address` says
+    /// which).
+    #[arg(long = "dashboard-port")]
+    pub dashboard_port: Option<u16>,
     /// Port of this node's daemon (0 picks a free one). Fixed, a daemon restarted on the
     /// same machine comes back at the address drivers and the cluster already know.
     #[arg(long = "node-manager-port", default_value_t = 0)]
@@ -535,6 +554,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => commands::logs(args),
         Command::Usage(args) => metering_commands::usage(args),
         Command::Job(JobCommand::Cost(args)) => metering_commands::job_cost(args),
+        Command::Job(JobCommand::Submit(args)) => crate::job_commands::submit(args),
+        Command::Job(JobCommand::Status(args)) => crate::job_commands::status(args),
+        Command::Job(JobCommand::Logs(args)) => crate::job_commands::logs(args),
+        Command::Job(JobCommand::Stop(args)) => crate::job_commands::stop(args),
+        Command::Job(JobCommand::List(args)) => crate::job_commands::list(args),
+        Command::Job(JobCommand::Delete(args)) => crate::job_commands::delete(args),
         Command::Ledger(LedgerCommand::Balances(args)) => metering_commands::balances(args),
         Command::Settle(args) => metering_commands::settle(args),
         Command::Earnings(args) => metering_commands::earnings(args),

@@ -329,6 +329,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     options.head_lease = head_lease;
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
+    options.job_log_dir = Some(session.job_logs());
     // The signing key lives beside a tables file, else with the session (a head on Redis
     // and its standby share a session directory, or the operator copies it).
     options.signing_key_path = Some(match &storage {
@@ -367,6 +368,9 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         None => address.clone(),
     };
     session.write_head_address(&heads)?;
+    let job_server = gcs.serve_jobs(bind_job_server(&args).await?, &heads)?;
+    let http_scheme = if cluster_ca.is_some() { "https://" } else { "http://" };
+    session.write_job_server_address(&format!("{http_scheme}{host}:{}", job_server.port()))?;
     let node_key = KeyPair::load_or_create(&args.node_key.clone().unwrap_or_else(|| session.node_key()))?;
 
     let spec = NodeSpec::build(declared(&args.resources)?)?;
@@ -400,6 +404,23 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     gcs.shutdown().await;
     let _ = std::fs::remove_file(pid_file);
     Ok(())
+}
+
+/// Ray's job server port.
+const DEFAULT_DASHBOARD_PORT: u16 = 8265;
+
+/// The job server's socket: `--dashboard-port`, else 8265, else (taken: another head on
+/// this machine) any free port.
+async fn bind_job_server(args: &StartArgs) -> Result<TcpListener> {
+    let port = args.dashboard_port.unwrap_or(DEFAULT_DASHBOARD_PORT);
+    match TcpListener::bind((args.host.as_str(), port)).await {
+        Ok(listener) => Ok(listener),
+        Err(err) if args.dashboard_port.is_none() && err.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(port, "the job server's default port is taken: serving on a free one");
+            Ok(TcpListener::bind((args.host.as_str(), 0)).await?)
+        }
+        Err(err) => Err(anyhow!("cannot listen on {}:{port} for the job server (--dashboard-port): {err}", args.host)),
+    }
 }
 
 /// The head to talk to: `explicit`, else the one this machine's session started.

@@ -135,6 +135,14 @@ impl WorkerIdentities {
         Ok(identity)
     }
 
+    /// A uid of its own for a process of `account` that is no job's worker (a submitted
+    /// job's entrypoint), in the account's group (so it reads the account's objects).
+    pub fn fresh(&self, account: &Arc<str>) -> IonetResult<Identity> {
+        let gid = self.group_of_account(account)?;
+        let uid = self.with_next_uid(|_| Ok(true))?;
+        Ok(Identity { uid, gid })
+    }
+
     /// The group of `account`'s objects, given one now if it has none yet.
     pub fn group_of_account(&self, account: &Arc<str>) -> IonetResult<u32> {
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());

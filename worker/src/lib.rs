@@ -5,7 +5,8 @@
 //! and memory, GPUs found through the CUDA driver loaded at run time ([`gpu`]), or
 //! what the operator declares), serves its own gRPC endpoint, registers with the
 //! control store and heartbeats its available resources ([`node_daemon`]), and drains
-//! on SIGTERM. It follows what each job's workers print for the job's driver ([`logs`]).
+//! on SIGTERM. It follows what each job's workers print for the job's driver ([`logs`]),
+//! and runs the entrypoints of jobs submitted to the head's job server ([`entrypoints`]).
 //!
 //! The binary is thin: [`cli`] parses arguments, [`commands`] wires the parts
 //! together. Daemons started on one machine find each other, and `ionet status` and
@@ -14,8 +15,10 @@
 pub mod cli;
 pub mod cluster_view;
 pub mod commands;
+pub mod entrypoints;
 pub mod gpu;
 pub mod identities;
+pub mod job_commands;
 pub mod lease;
 pub mod logging;
 pub mod logs;

@@ -104,7 +104,9 @@ pub fn prefix_of(line: &LogLine, ip: &str) -> String {
 
 /// The host part of `host:port`.
 pub fn ip_of(address: &str) -> &str {
-    address.rsplit_once(':').map_or(address, |(host, _)| host)
+    // A node serving TLS is listed as `https://host:port`.
+    let bare = address.split_once("://").map_or(address, |(_, rest)| rest);
+    bare.rsplit_once(':').map_or(bare, |(host, _)| host)
 }
 
 /// Up to `limit` bytes of `path` from `offset`, and whether more lie beyond them.
@@ -124,6 +126,12 @@ fn read_from(path: &Path, offset: u64, limit: u64) -> std::io::Result<(Vec<u8>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_names_the_host_whatever_the_scheme() {
+        assert_eq!(ip_of("127.0.0.1:4000"), "127.0.0.1");
+        assert_eq!(ip_of("https://10.0.0.7:4000"), "10.0.0.7");
+    }
 
     fn texts(lines: &[LogLine]) -> Vec<(String, String)> {
         lines.iter().map(|line| (line.name.clone(), line.text.clone())).collect()

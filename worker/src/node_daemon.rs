@@ -40,6 +40,9 @@ use ionet_common::rpc::proto::node::{
     SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, StreamLogsRequest,
     TakeObjectsReply, TakeObjectsRequest,
 };
+use ionet_common::rpc::proto::node::{
+    EntrypointEvent, RunEntrypointRequest, StopEntrypointReply, StopEntrypointRequest,
+};
 use ionet_common::rpc::{self, GcsClient};
 use ionet_common::{tls, IonetError, IonetResult, JobId, NodeId, ResourceSet};
 use rand::Rng;
@@ -47,6 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
+use crate::entrypoints::{EntrypointSetting, Entrypoints};
 use crate::identities::WorkerIdentities;
 use crate::lease::{Leases, WorkerPoolOptions};
 use crate::node_spec::NodeSpec;
@@ -116,6 +120,8 @@ struct NodeShared {
     drain_told: AtomicBool,
     /// The operator's notice to leave (`Drain`): its deadline (zero: the node's own) and why.
     notice: watch::Sender<Option<(Duration, String)>>,
+    /// Submitted jobs' entrypoints running here.
+    entrypoints: Entrypoints,
 }
 
 impl NodeShared {
@@ -436,6 +442,55 @@ impl NodeManager for NodeManagerService {
         Ok(Response::new(SetWorkerHoldingReply {}))
     }
 
+    type RunEntrypointStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<EntrypointEvent, Status>> + Send>>;
+
+    async fn run_entrypoint(
+        &self,
+        request: Request<RunEntrypointRequest>,
+    ) -> Result<Response<Self::RunEntrypointStream>, Status> {
+        // The head's control credential only (the authorization table).
+        let request = request.into_inner();
+        if self.shared.info.no_workloads {
+            return Err(Status::failed_precondition("this node runs no tenant code (it holds the payout keypair)"));
+        }
+        let id = request.submission_id.clone();
+        let mut events = self.shared.entrypoints.run(request, &self.shared.authorizer)?;
+        let (sender, stream) = tokio::sync::mpsc::channel(16);
+        // The stream ends when the daemon stops (the entrypoint dies with it).
+        let mut stopped = self.stopped.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                if *stopped.borrow() {
+                    shared.entrypoints.stop(&id);
+                    let _ = sender.send(Err(Status::unavailable("the node daemon is stopping"))).await;
+                    return;
+                }
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => if sender.send(Ok(event)).await.is_err() { return },
+                        None => return,
+                    },
+                    changed = stopped.changed() => if changed.is_err() {
+                        shared.entrypoints.stop(&id);
+                        return;
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(stream))))
+    }
+
+    async fn stop_entrypoint(
+        &self,
+        request: Request<StopEntrypointRequest>,
+    ) -> Result<Response<StopEntrypointReply>, Status> {
+        // The head's control credential only (the authorization table).
+        let stopped = self.shared.entrypoints.stop(&request.into_inner().submission_id);
+        Ok(Response::new(StopEntrypointReply { stopped }))
+    }
+
     async fn issue_certificate(
         &self,
         request: Request<IssueCertificateRequest>,
@@ -472,6 +527,7 @@ impl NodeDaemon {
     /// Binds the node's server and starts the registration/heartbeat loop. Returns once
     /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
     pub async fn start(options: NodeDaemonOptions) -> IonetResult<Self> {
+        let entrypoint_logs = options.workers.log_dir.clone();
         let listener = TcpListener::bind((options.bind_host.as_str(), options.port)).await.map_err(|err| {
             IonetError::Unavailable(format!("cannot bind node server on {}:{}: {err}", options.bind_host, options.port))
         })?;
@@ -525,6 +581,13 @@ impl NodeDaemon {
         }
         // No credential is accepted until the node learns the head's key (at registration).
         let authorizer = Authorizer::new(None);
+        let work_root = std::env::temp_dir().join(format!("ionet-entrypoints-{}", node_id.hex()));
+        let entrypoints = Entrypoints::new(
+            options.worker_identities.clone(),
+            entrypoint_logs.unwrap_or_else(|| work_root.clone()),
+            work_root,
+        );
+        entrypoints.set(EntrypointSetting { node_address: advertised.clone(), cluster_ca: options.cluster_ca.clone() });
         let shared = Arc::new(NodeShared {
             node_id,
             info,
@@ -541,6 +604,7 @@ impl NodeDaemon {
             drain_requested: tokio::sync::Notify::new(),
             drain_told: AtomicBool::new(false),
             notice: watch::channel(None).0,
+            entrypoints,
         });
         let (stop, stopped) = watch::channel(false);
 

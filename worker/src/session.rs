@@ -2,6 +2,10 @@
 //!
 //! Layout (as Ray's `session_latest`):
 //! - `head_address`: `host:port` of the control store, written by the head once serving;
+//! - `job_server_address`: `http(s)://host:port` of the head's job server (Ray's Jobs
+//!   REST API), written by the head once serving;
+//! - `job_logs/job-driver-<submission>.log`: what each submitted job's entrypoint
+//!   printed, kept by the head;
 //! - `admin_credential`: the operator's credential (mode 0600), signed by the head at
 //!   each start (money and the operator's controls need it);
 //! - `signing_key`: the head's credential signing key (mode 0600), unless `--storage`
@@ -119,6 +123,28 @@ impl SessionDir {
 
     pub fn head_address(&self) -> Option<String> {
         self.read_file("head_address")
+    }
+
+    pub fn write_job_server_address(&self, address: &str) -> IonetResult<()> {
+        self.write_file("job_server_address", address)
+    }
+
+    pub fn job_server_address(&self) -> Option<String> {
+        self.read_file("job_server_address")
+    }
+
+    /// Where the head keeps what submitted jobs print.
+    pub fn job_logs(&self) -> PathBuf {
+        self.root.join("job_logs")
+    }
+
+    /// The cluster CA (PEM) a client of a TLS endpoint trusts: `IONET_CA_FILE`, else the
+    /// one in this session.
+    pub fn cluster_ca_to_trust(&self) -> IonetResult<Option<String>> {
+        match std::env::var_os(CA_FILE_ENV).filter(|path| !path.is_empty()) {
+            Some(path) => fs::read_to_string(&path).map(Some).map_err(|err| io_error(Path::new(&path), err)),
+            None => Ok(self.cluster_ca()),
+        }
     }
 
     /// The operator's credential (see `ionet_common::authz`).

@@ -30,8 +30,10 @@ use crate::service::CoreWorkerService;
 /// How `ionet::init` joins or makes a cluster.
 #[derive(Clone, Debug, Default)]
 pub struct InitConfig {
-    /// `None`: start an embedded local cluster for this program. `"auto"`: the head of
-    /// this machine's session. Otherwise `host:port` of a head.
+    /// `None`: the head in `IONET_ADDRESS` if set (as Ray's `RAY_ADDRESS`: a submitted
+    /// job's entrypoint is given it), else start an embedded local cluster for this
+    /// program. `"auto"`: the head of this machine's session. Otherwise `host:port` of a
+    /// head.
     pub address: Option<String>,
     /// The API key of the account this job is paid by (`ionet account create`; default:
     /// `IONET_API_KEY`, then, on the operator's machine, the admin credential in the
@@ -65,7 +67,8 @@ pub struct InitConfig {
     /// Joining only: the node daemon this driver works through (its `host:port` as the
     /// cluster lists it). Default: the head's when the head runs on this machine, else
     /// one on this machine. A driver on a worker machine names that machine's daemon, so
-    /// it keeps working while the head restarts.
+    /// it keeps working while the head restarts. A submitted job's entrypoint is given
+    /// its node's in `IONET_DRIVER_NODE`, the default then.
     pub node_address: Option<String>,
 }
 
@@ -348,7 +351,20 @@ async fn wait_for_cluster_view(
     }
 }
 
-async fn init_driver(config: InitConfig) -> IonetResult<()> {
+/// Where the cluster a submitted job's entrypoint runs in is (as Ray's `RAY_ADDRESS`).
+pub const ADDRESS_ENV: &str = "IONET_ADDRESS";
+/// The node daemon a submitted job's entrypoint's drivers work through.
+pub const DRIVER_NODE_ENV: &str = "IONET_DRIVER_NODE";
+
+async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
+    let from_env =
+        |name: &str| std::env::var(name).ok().map(|value| value.trim().to_string()).filter(|v| !v.is_empty());
+    if config.address.is_none() {
+        config.address = from_env(ADDRESS_ENV);
+    }
+    if config.address.is_some() && config.node_address.is_none() {
+        config.node_address = from_env(DRIVER_NODE_ENV);
+    }
     let Found { gcs_address, node_address, starter, alive } = match config.address {
         None => start_embedded(&config).await?,
         Some(_) => join(&config).await?,

@@ -59,6 +59,9 @@ pub enum Principal {
     Job { job: JobId, account: Arc<str> },
     /// The head's control plane calling a node daemon (bundles).
     Control,
+    /// A submitted job's entrypoint (its node holds the credential): it starts jobs paid
+    /// by `account` while submission `id` runs.
+    Submission { id: Arc<str>, account: Arc<str> },
 }
 
 impl Principal {
@@ -98,7 +101,9 @@ impl Principal {
     pub fn sees_account(&self, account: &str) -> bool {
         match self {
             Principal::Admin => true,
-            Principal::Account(own) | Principal::Job { account: own, .. } => **own == *account,
+            Principal::Account(own)
+            | Principal::Job { account: own, .. }
+            | Principal::Submission { account: own, .. } => **own == *account,
             Principal::Joiner | Principal::Node(_) | Principal::Control => false,
         }
     }
@@ -122,6 +127,7 @@ impl fmt::Display for Principal {
             Principal::Account(account) => write!(f, "account {account}"),
             Principal::Job { job, account } => write!(f, "job {job} (account {account})"),
             Principal::Control => f.write_str("the head's control plane"),
+            Principal::Submission { id, account } => write!(f, "submitted job {id} (account {account})"),
         }
     }
 }
@@ -142,8 +148,12 @@ pub enum Access {
     Peer,
     /// Registering a node: a joiner (a new node), a node (itself again).
     Register,
-    /// Starting a job: an account's API key (its jobs are paid by it).
+    /// Starting a job: an account's API key (its jobs are paid by it), or a submitted
+    /// job's entrypoint (for that account, while it runs).
     StartJob,
+    /// Submitting a job to the head's job server, or stopping or deleting one: an
+    /// account's API key (the handler checks the submission is the account's).
+    Submit,
     /// A job's own calls (its handler checks which job, or the scope is its own by
     /// construction).
     Job,
@@ -164,10 +174,14 @@ impl Access {
         let own_tenant = |account: &str| tenant == Some(account);
         match (self, principal) {
             (_, Principal::Admin) => true,
-            (Access::Read, Principal::Node(_) | Principal::Account(_) | Principal::Job { .. }) => true,
+            (
+                Access::Read,
+                Principal::Node(_) | Principal::Account(_) | Principal::Job { .. } | Principal::Submission { .. },
+            ) => true,
             (Access::Node | Access::Peer | Access::JobOrPeer | Access::Register, Principal::Node(_)) => true,
             (Access::Register, Principal::Joiner) => true,
-            (Access::StartJob, Principal::Account(_)) => true,
+            (Access::StartJob, Principal::Account(_) | Principal::Submission { .. }) => true,
+            (Access::Submit, Principal::Account(_)) => true,
             (Access::Job | Access::JobOrPeer, Principal::Job { .. }) => true,
             (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
             (Access::TenantOrNode, Principal::Node(_)) => true,
@@ -178,13 +192,14 @@ impl Access {
 
     fn right(self) -> &'static str {
         match self {
-            Access::Read => "a node, account or job credential",
+            Access::Read => "a node, account, job or submission credential",
             Access::Admin => "the admin role",
             Access::Control => "the head's control credential",
             Access::Node => "a node credential",
             Access::Peer => "a node credential (calls between nodes)",
             Access::Register => "a join token or a node credential",
-            Access::StartJob => "an account's API key",
+            Access::StartJob => "an account's API key or a submitted job's credential",
+            Access::Submit => "an account's API key",
             Access::Job => "a job's own credential",
             Access::JobOrPeer => "a job's own credential or a node credential",
             Access::Tenant => "a credential of a job of the account this process belongs to",
@@ -270,6 +285,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/PrepareBundle", Access::Control),
     row("/ionet.node.NodeManager/CommitBundle", Access::Control),
     row("/ionet.node.NodeManager/CancelBundle", Access::Control),
+    row("/ionet.node.NodeManager/RunEntrypoint", Access::Control),
+    row("/ionet.node.NodeManager/StopEntrypoint", Access::Control),
     // A node's object manager (transfers between nodes).
     row("/ionet.object.ObjectManager/Pull", Access::Peer),
     row("/ionet.object.ObjectManager/Free", Access::Peer),
@@ -287,6 +304,46 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.worker.CoreWorker/ReleaseBorrows", Access::Tenant),
     row("/ionet.worker.CoreWorker/BorrowObjects", Access::Tenant),
 ];
+
+/// One route of the head's HTTP server (the job server, Ray's Jobs REST API): its method,
+/// its path as the router declares it, and who may call it.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRule {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub access: Access,
+}
+
+const fn http(method: &'static str, route: &'static str, access: Access) -> HttpRule {
+    HttpRule { method, route, access }
+}
+
+/// Every route of the head's HTTP server, and who may call it. A request to a route with
+/// no row is refused, as a gRPC call is; handlers scope what a principal sees (a tenant
+/// its own account's submissions, the operator all).
+pub const HTTP_TABLE: &[HttpRule] = &[
+    http("GET", "/api/version", Access::Read),
+    // Ray's clients send the list and submit with and without the trailing slash.
+    http("GET", "/api/jobs/", Access::Read),
+    http("GET", "/api/jobs", Access::Read),
+    http("POST", "/api/jobs/", Access::Submit),
+    http("POST", "/api/jobs", Access::Submit),
+    http("GET", "/api/jobs/{submission_id}", Access::Read),
+    http("DELETE", "/api/jobs/{submission_id}", Access::Submit),
+    http("POST", "/api/jobs/{submission_id}/stop", Access::Submit),
+    http("GET", "/api/jobs/{submission_id}/logs", Access::Read),
+];
+
+/// Whether `principal` may make a `method` request to `route` of the head's HTTP server.
+pub fn decide_http(principal: &Principal, method: &str, route: &str) -> Result<(), String> {
+    match HTTP_TABLE.iter().find(|rule| rule.method == method && rule.route == route) {
+        None => {
+            Err(format!("{principal} may not call {method} {route}: the route has no row in the authorization table"))
+        }
+        Some(rule) if rule.access.allows(principal, None) => Ok(()),
+        Some(rule) => Err(format!("{principal} may not call {method} {route}: it requires {}", rule.access.right())),
+    }
+}
 
 /// The row of `path`, if the table has one (a map built once: every call looks here).
 pub fn rule(path: &str) -> Option<&'static Rule> {
@@ -330,6 +387,14 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
                 .ok_or("job credential without a valid job id")?;
             let account = claims.account.ok_or("job credential without an account")?;
             Ok(Principal::Job { job, account: account.into() })
+        }
+        Role::Submission => {
+            let id = claims.submission_id.filter(|id| !id.is_empty()).ok_or("submission credential without an id")?;
+            let account = claims
+                .account
+                .filter(|account| !account.trim().is_empty())
+                .ok_or("submission credential without an account")?;
+            Ok(Principal::Submission { id: id.into(), account: account.into() })
         }
     }
 }

@@ -46,6 +46,11 @@ pub enum Role {
     /// The head's own control plane calling node daemons (bundle reservations): nothing
     /// else, so a provider's daemon that keeps what the head presented gains no more.
     Control,
+    /// One submitted job's entrypoint ([`Claims::submission_id`]) of one account: it may
+    /// start jobs paid by the account while the submission runs (the head refuses it once
+    /// the submission ended), and read the cluster, nothing else. The node running the
+    /// entrypoint holds it, never the account's key.
+    Submission,
 }
 
 impl fmt::Display for Role {
@@ -57,6 +62,7 @@ impl fmt::Display for Role {
             Role::Account => "account",
             Role::Job => "job",
             Role::Control => "control",
+            Role::Submission => "submission",
         })
     }
 }
@@ -93,6 +99,9 @@ pub struct Claims {
     /// The job a job credential speaks for (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// The submitted job a submission credential speaks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; the credential is refused from then on.
@@ -108,6 +117,7 @@ impl Claims {
             key: None,
             account: None,
             job_id: None,
+            submission_id: None,
             issued_at,
             expires_at: issued_at.saturating_add(ttl.as_secs()),
         }
@@ -251,6 +261,17 @@ impl Issuer {
             job_id: Some(hex::encode(job_id)),
             account: Some(account.to_string()),
             ..Claims::new(Role::Job, ttl)
+        };
+        self.sign(&claims)
+    }
+
+    /// A submitted job's credential: its entrypoint starts jobs paid by `account` while
+    /// submission `submission_id` runs, valid for `ttl`.
+    pub fn issue_submission(&self, submission_id: &str, account: &str, ttl: Duration) -> String {
+        let claims = Claims {
+            submission_id: Some(submission_id.to_string()),
+            account: Some(account.to_string()),
+            ..Claims::new(Role::Submission, ttl)
         };
         self.sign(&claims)
     }

@@ -485,10 +485,26 @@ pub fn incoming(
     listener: tokio::net::TcpListener,
     tls: Option<&std::sync::Arc<crate::tls::ServerCert>>,
 ) -> IonetResult<Incoming> {
+    incoming_with(listener, tls.map(|cert| cert.server_config()).transpose()?)
+}
+
+/// [`incoming`] for an HTTP/1.1 server (the head's job server): the same checks, TLS
+/// offering `http/1.1`.
+pub fn incoming_http(
+    listener: tokio::net::TcpListener,
+    tls: Option<&std::sync::Arc<crate::tls::ServerCert>>,
+) -> IonetResult<Incoming> {
+    incoming_with(listener, tls.map(|cert| cert.http_server_config()).transpose()?)
+}
+
+fn incoming_with(
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> IonetResult<Incoming> {
     use tokio_stream::StreamExt;
     crate::tls::check_plain_bind(listener.local_addr()?, tls.is_some())?;
     let peers = PeerConnections::new(MAX_CONNECTIONS_PER_PEER);
-    let Some(cert) = tls else {
+    let Some(config) = tls else {
         return Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
             match accepted {
                 Ok(stream) => {
@@ -500,7 +516,7 @@ pub fn incoming(
             }
         })));
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config()?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {

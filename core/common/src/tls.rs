@@ -439,6 +439,17 @@ impl ServerCert {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
+
+    /// The rustls configuration of an HTTP/1.1 server presenting this (the job server).
+    pub fn http_server_config(self: &Arc<Self>) -> IonetResult<Arc<rustls::ServerConfig>> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| failed("configuring TLS", err))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
 }
 
 impl rustls::server::ResolvesServerCert for ServerCert {

@@ -61,10 +61,12 @@ pub enum Table {
     PlacementGroups,
     /// Objects moved off nodes that left, keyed by object id (`from \n holder`).
     ObjectMoves,
+    /// Jobs submitted to the job server, keyed by submission id (JSON, Ray's shape).
+    Submissions,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Nodes,
         Table::Jobs,
         Table::Kv,
@@ -74,6 +76,7 @@ impl Table {
         Table::Actors,
         Table::PlacementGroups,
         Table::ObjectMoves,
+        Table::Submissions,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +90,7 @@ impl Table {
             Table::Actors => "actors",
             Table::PlacementGroups => "placement_groups",
             Table::ObjectMoves => "object_moves",
+            Table::Submissions => "submissions",
         }
     }
 }

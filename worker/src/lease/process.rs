@@ -91,9 +91,10 @@ impl Leases {
             process.uid(identity.uid).gid(identity.gid);
             runs_as = Some(identity.uid);
         }
-        if !command.cwd.is_empty() {
-            process.current_dir(&command.cwd);
-        }
+        // The driver's directory, where this machine has it and the worker may enter it
+        // (a driver elsewhere, or a directory of another user: the root instead). Changed
+        // into after the worker became its job's user, so the check is the worker's own.
+        let cwd = std::ffi::CString::new(command.cwd.as_bytes()).ok().filter(|_| !command.cwd.is_empty());
         let mut log_path = None;
         if let Some(dir) = &self.options.log_dir {
             // The whole id, and a file of its own: another job's output is never appended to.
@@ -105,10 +106,13 @@ impl Leases {
             // Not followed here: the worker must not name its output (it goes to a terminal).
             process.env_remove(ionet_common::worker_env::OUTPUT_FOLLOWED);
         }
-        // SAFETY: prctl and fcntl are async-signal-safe; a worker must not outlive its node
-        // daemon, and keeps the credential pipe's read end (closed on exec otherwise).
+        // SAFETY: chdir, prctl and fcntl are async-signal-safe; a worker must not outlive its
+        // node daemon, and keeps the credential pipe's read end (closed on exec otherwise).
         unsafe {
             process.pre_exec(move || {
+                if libc::chdir(cwd.as_ref().map_or(c"/".as_ptr(), |cwd| cwd.as_ptr())) != 0 {
+                    libc::chdir(c"/".as_ptr());
+                }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 // What the worker writes is its own alone unless it says otherwise.
                 libc::umask(0o077);

@@ -121,7 +121,9 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let env = env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
         let port: &[&str] = if head_args.contains(&"--port") { &[] } else { &["--port", "0"] };
-        let head_args: Vec<String> = [&["--head"], port, head_args].concat().into_iter().map(str::to_string).collect();
+        let jobs: &[&str] = if head_args.contains(&"--dashboard-port") { &[] } else { &["--dashboard-port", "0"] };
+        let head_args: Vec<String> =
+            [&["--head"], port, jobs, head_args].concat().into_iter().map(str::to_string).collect();
         let mut cluster = Self { dir, daemons: Vec::new(), env, head_args };
         cluster.spawn_head();
         cluster
@@ -251,17 +253,32 @@ impl Cluster {
 
     /// Runs an `ionet` command (this binary as the CLI) against the cluster; its stdout.
     pub fn ionet(&self, args: &[&str]) -> String {
-        let mut argv: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        let output = self.run_ionet(args);
+        assert!(output.status.success(), "ionet {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs an `ionet` command that must fail; what it printed (stdout, then stderr).
+    pub fn ionet_fails(&self, args: &[&str]) -> String {
+        let output = self.run_ionet(args);
+        let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!output.status.success(), "ionet {args:?} succeeded: {printed}");
+        printed
+    }
+
+    fn run_ionet(&self, args: &[&str]) -> std::process::Output {
+        // The session goes before a `--` (what follows it is a command line of its own).
+        let at = args.iter().position(|arg| *arg == "--").unwrap_or(args.len());
+        let mut argv: Vec<String> = args[..at].iter().map(|arg| arg.to_string()).collect();
         argv.push("--temp-dir".into());
         argv.push(self.dir.path().to_string_lossy().into_owned());
-        let output = Command::new(std::env::current_exe().unwrap())
+        argv.extend(args[at..].iter().map(|arg| arg.to_string()));
+        Command::new(std::env::current_exe().unwrap())
             .env(ionet::testing::CLI_ARGS_ENV, serde_json::to_string(&argv).unwrap())
             .env_remove("IONET_CREDENTIAL")
             .env_remove("IONET_API_KEY")
             .output()
-            .unwrap();
-        assert!(output.status.success(), "ionet {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).unwrap()
+            .unwrap()
     }
 
     /// Connects this process to the cluster as a driver.
@@ -301,7 +318,9 @@ impl Cluster {
         for path in logs.iter().filter(|path| {
             let name = path.to_string_lossy();
             path.is_file()
-                && !["admin_credential", "signing_key", "node_key"].iter().any(|secret| name.ends_with(secret))
+                && !["admin_credential", "signing_key", "node_key", "ca_key"]
+                    .iter()
+                    .any(|secret| name.ends_with(secret))
         }) {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();

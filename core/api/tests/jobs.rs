@@ -1,0 +1,230 @@
+//! Submitted jobs: `ionet job submit` to the head's job server runs the entrypoint as a
+//! driver on a node of the cluster, under the submitting account, with its runtime
+//! environment; its output (its workers' lines prefixed) comes back through `ionet job
+//! logs`; `ionet job stop` ends it and its workers.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{wait_until, Cluster};
+use ionet::{InitConfig, SchedulingStrategy, TaskOptions};
+
+/// Set (by the runtime environment) in a submitted test binary that plays the driver:
+/// `tasks` runs tasks on both nodes and ends; `linger` leaves a task running until stopped.
+const SUBMITTED_DRIVER_ENV: &str = "IONET_TEST_SUBMITTED_DRIVER";
+
+/// Prints a line naming the node it runs on and what the environment gave it.
+#[ionet::remote]
+fn shout(node: String) -> String {
+    println!("hello from node {node}");
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
+/// Runs until its worker is stopped.
+#[ionet::remote]
+fn linger() -> u32 {
+    println!("lingering in pid {}", std::process::id());
+    std::thread::sleep(Duration::from_secs(600));
+    0
+}
+
+/// The entrypoint the tests submit (this binary, started by a node for the job server).
+fn submitted_driver(mode: &str) {
+    // No address: the entrypoint is told where its cluster is (IONET_ADDRESS).
+    ionet::init(InitConfig::default()).expect("a submitted entrypoint joins its cluster");
+    let context = ionet::get_runtime_context().unwrap();
+    println!("GREETING={}", std::env::var("GREETING").unwrap_or_default());
+    println!("driver on node {} as job {}", context.node_id.hex(), context.job_id.hex());
+    match mode {
+        "tasks" => {
+            let mut nodes = Vec::new();
+            for name in ["a", "b"] {
+                let node = harness::node_named(name);
+                let pinned = TaskOptions::default()
+                    .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node.node_id, soft: false });
+                let ran_on =
+                    ionet::get_timeout(&shout::options(pinned).remote(name.to_string()), Duration::from_secs(60));
+                nodes.push(ran_on.unwrap());
+            }
+            println!("tasks ran on {}", nodes.join(","));
+        }
+        "linger" => {
+            let _ = ionet::get(&linger::remote());
+        }
+        other => panic!("unknown driver mode {other}"),
+    }
+    ionet::shutdown();
+}
+
+/// An account's API key, made by the operator.
+fn account_key(cluster: &Cluster, name: &str) -> String {
+    let created: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["account", "create", name, "--json"])).unwrap();
+    created["api_key"].as_str().expect("the account's key").to_string()
+}
+
+fn runtime_env(mode: &str) -> String {
+    serde_json::json!({ "env_vars": { SUBMITTED_DRIVER_ENV: mode, "GREETING": "hello from the runtime env" } })
+        .to_string()
+}
+
+fn entrypoint() -> String {
+    std::env::current_exe().unwrap().to_string_lossy().into_owned()
+}
+
+/// A job submitted by a tenant to a TLS head with two nodes runs its entrypoint on a node
+/// with its environment, runs tasks on both nodes, and its output, each worker's line
+/// prefixed, comes back through `ionet job submit` (followed) and `ionet job logs`.
+fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
+    let mut cluster = Cluster::start(&["--tls", "--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
+    let key = account_key(&cluster, "acme");
+    let job_server = std::fs::read_to_string(cluster.session().join("job_server_address")).unwrap();
+    assert!(job_server.starts_with("https://"), "a TLS head's job server speaks TLS: {job_server}");
+
+    let env = runtime_env("tasks");
+    let exe = entrypoint();
+    let id = "acme-train-1";
+    let submit = ["job", "submit", "--api-key", &key, "--submission-id", id, "--runtime-env-json", &env, "--", &exe];
+    let followed = cluster.ionet(&submit);
+    assert!(followed.contains("GREETING=hello from the runtime env"), "{followed}");
+    for name in ["a", "b"] {
+        let line = followed.lines().find(|line| line.ends_with(&format!("hello from node {name}")));
+        let line = line.unwrap_or_else(|| panic!("node {name}'s line is missing:\n{followed}"));
+        assert!(line.starts_with("(shout pid=") && line.contains(", ip=127.0.0.1) "), "{line}");
+    }
+    let ran_on = followed.lines().find_map(|line| line.strip_prefix("tasks ran on ")).expect("the tasks ran");
+    let nodes: std::collections::BTreeSet<&str> = ran_on.split(',').collect();
+    assert_eq!(nodes.len(), 2, "the tasks ran on both nodes: {followed}");
+
+    // The job server kept it all, and says how it went.
+    let logs = cluster.ionet(&["job", "logs", id, "--api-key", &key]);
+    assert!(logs.contains("hello from node a") && logs.contains("hello from node b"), "{logs}");
+    let details: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["job", "status", id, "--json", "--api-key", &key])).unwrap();
+    assert_eq!(details["status"], "SUCCEEDED", "{details}");
+    assert_eq!(details["type"], "SUBMISSION");
+    assert_eq!(details["driver_exit_code"], 0);
+    assert_eq!(details["account"], "acme", "the submitting account pays");
+    let driver_node = details["driver_node_id"].as_str().unwrap();
+    let head = cluster.ionet(&["status", "--json"]);
+    let head_node = serde_json::from_str::<Vec<serde_json::Value>>(&head)
+        .unwrap()
+        .into_iter()
+        .find(|node| node["is_head"] == true)
+        .map(|node| node["node_id"].as_str().unwrap().to_string())
+        .unwrap();
+    assert_ne!(driver_node, head_node, "the entrypoint runs on a worker node, not the head");
+    let job = details["job_id"].as_str().expect("the driver's job");
+    let jobs: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["job", "list", "--json", "--api-key", &key])).unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["submission_id"], id);
+    assert!(logs.contains(&format!("as job {job}")), "{logs}");
+
+    // Another tenant sees none of it, and may not stop it.
+    let other = account_key(&cluster, "rival");
+    let theirs: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["job", "list", "--json", "--api-key", &other])).unwrap();
+    assert!(theirs.is_empty(), "a tenant lists only its own submissions: {theirs:?}");
+    let refused = cluster.ionet_fails(&["job", "logs", id, "--api-key", &other]);
+    assert!(refused.contains("404") && refused.contains(&format!("Job {id} does not exist")), "{refused}");
+
+    // Ended, it may be deleted; its id is free again.
+    cluster.ionet(&["job", "delete", id, "--api-key", &key]);
+    let gone = cluster.ionet_fails(&["job", "status", id, "--api-key", &key]);
+    assert!(gone.contains("does not exist"), "{gone}");
+    drop(cluster);
+}
+
+/// Stopping a submitted job ends its entrypoint and its workers within 5 s, and its
+/// credential starts no more jobs.
+fn a_stopped_job_ends_with_its_workers() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    let key = account_key(&cluster, "acme");
+    let env = runtime_env("linger");
+    let exe = entrypoint();
+    let submitted =
+        cluster.ionet(&["job", "submit", "--no-wait", "--api-key", &key, "--runtime-env-json", &env, "--", &exe]);
+    let id = submitted.trim().to_string();
+    assert!(id.starts_with("ionetsubmit_"), "{submitted}");
+    let mut worker_pid = None;
+    wait_until("the lingering task runs", Duration::from_secs(60), || {
+        let logs = cluster.ionet(&["job", "logs", &id, "--api-key", &key]);
+        worker_pid = logs.lines().find_map(|line| line.split("lingering in pid ").nth(1)?.trim().parse::<i32>().ok());
+        worker_pid.is_some()
+    });
+    let worker_pid = worker_pid.unwrap();
+    let details: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["job", "status", &id, "--json", "--api-key", &key])).unwrap();
+    assert_eq!(details["status"], "RUNNING", "{details}");
+    let driver_pid: i32 = details["driver_info"]["pid"].as_str().unwrap().parse().unwrap();
+
+    let asked = Instant::now();
+    let stopped = cluster.ionet(&["job", "stop", &id, "--api-key", &key]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+    wait_until("the entrypoint and its worker end", Duration::from_secs(5).saturating_sub(asked.elapsed()), || {
+        !alive(driver_pid) && !alive(worker_pid)
+    });
+    let details: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["job", "status", &id, "--json", "--api-key", &key])).unwrap();
+    assert_eq!(details["status"], "STOPPED", "{details}");
+    assert_eq!(details["message"], "Job was intentionally stopped.");
+    // A stopped job cannot be stopped again, and its record stays until deleted.
+    let again = cluster.ionet(&["job", "stop", &id, "--api-key", &key]);
+    assert!(again.contains("was not running"), "{again}");
+    drop(cluster);
+}
+
+/// Bad submissions get a clear error naming what and why; nothing runs.
+fn bad_submissions_are_refused_clearly() {
+    let cluster = Cluster::start(&["--num-cpus", "1"]);
+    let key = account_key(&cluster, "acme");
+    let exe = entrypoint();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--runtime-env-json", r#"{"colour": "blue"}"#], "unknown runtime_env key \"colour\""),
+        (&["--runtime-env-json", r#"{"env_vars": {"A": 1}}"#], "must be a string"),
+        (&["--submission-id", "../escape"], "is not valid"),
+        (&["--entrypoint-num-gpus", "4"], "no node can run the entrypoint"),
+    ];
+    for (flags, expected) in cases {
+        let args: Vec<&str> = ["job", "submit", "--api-key", &key]
+            .iter()
+            .copied()
+            .chain(flags.iter().copied())
+            .chain(["--", &exe])
+            .collect();
+        let refused = cluster.ionet_fails(&args);
+        assert!(refused.contains(expected), "{flags:?}: {refused}");
+    }
+    // A command that does not exist: the job fails, saying so.
+    let missing = cluster.ionet_fails(&["job", "submit", "--api-key", &key, "--", "/no/such/program"]);
+    assert!(missing.contains("FAILED") && missing.contains("exit code 127"), "{missing}");
+    // Without a credential, or with a job's worth of nothing, the job server refuses.
+    let anonymous = cluster.ionet_fails(&["job", "list", "--api-key", "not-a-credential"]);
+    assert!(anonymous.contains("401"), "{anonymous}");
+    drop(cluster);
+}
+
+fn main() {
+    ionet::testing::run_worker_if_requested();
+    if let Ok(mode) = std::env::var(SUBMITTED_DRIVER_ENV) {
+        submitted_driver(&mode);
+        std::process::exit(0);
+    }
+    harness::run(
+        &[
+            (
+                "a_submitted_job_runs_on_the_cluster_and_its_output_comes_back",
+                a_submitted_job_runs_on_the_cluster_and_its_output_comes_back,
+            ),
+            ("a_stopped_job_ends_with_its_workers", a_stopped_job_ends_with_its_workers),
+            ("bad_submissions_are_refused_clearly", bad_submissions_are_refused_clearly),
+        ],
+        Duration::from_secs(180),
+    );
+}

@@ -1,0 +1,266 @@
+//! The head's job server: Ray's Jobs REST API over HTTP (default port 8265), so `ionet
+//! job …`, `ionet.job_submission.JobSubmissionClient` and Ray's own `ray job submit` and
+//! `JobSubmissionClient` pointed at an ionet head all work.
+//!
+//! Same rules as every endpoint of the cluster: TLS whenever the head speaks TLS (its
+//! certificate, offering `http/1.1`); every request carries a credential the head issued
+//! (`Authorization: Bearer …`, Ray's `headers=` argument) and passes the route's row of
+//! [`ionet_common::authz::HTTP_TABLE`] before its handler runs (401 without a valid
+//! credential, 403 naming the right it lacks). Submitting, stopping and deleting take an
+//! account's API key; reading takes any credential of the cluster, and a tenant sees its
+//! own account's submissions only (another's look absent, 404).
+//!
+//! Routes and shapes are Ray's (Jobs API version 4). Deviations: `GET
+//! /api/jobs/{id}/logs?offset=N` (ionet's own) returns the output from byte `N` and the
+//! `offset` to ask from next, for following a job without re-reading it (Ray's
+//! `logs/tail` WebSocket is not served yet); job details carry ionet's `account` and
+//! `job_ids` beside Ray's fields (Ray's client ignores them); deleting a running job is
+//! a 400, not Ray's 500.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ionet_common::authz::{decide_http, Authorizer, Principal};
+use ionet_common::rpc::{Incoming, ServerStream};
+use ionet_common::IonetError;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+use crate::submissions::{Submissions, SubmitRequest};
+
+/// Ray's Jobs API version this server speaks, and the Ray version it answers as (Ray's
+/// clients check it before using newer fields).
+const JOBS_API_VERSION: &str = "4";
+const RAY_COMPATIBLE_VERSION: &str = "2.45.0";
+
+#[derive(Clone)]
+struct Served {
+    submissions: Arc<Submissions>,
+    authorizer: Arc<Authorizer>,
+}
+
+/// The job server's routes, behind the authorization table.
+pub fn router(submissions: Arc<Submissions>, authorizer: Authorizer) -> Router {
+    let served = Served { submissions, authorizer: Arc::new(authorizer) };
+    Router::new()
+        .route("/api/version", get(version))
+        .route("/api/jobs/", get(list).post(submit))
+        .route("/api/jobs", get(list).post(submit))
+        .route("/api/jobs/{submission_id}", get(details).delete(remove))
+        .route("/api/jobs/{submission_id}/stop", post(stop))
+        .route("/api/jobs/{submission_id}/logs", get(logs))
+        .route_layer(middleware::from_fn_with_state(served.clone(), authorize))
+        .with_state(served)
+}
+
+/// Serves `router` on `incoming` (see [`ionet_common::rpc::incoming_http`]) until `stopped`.
+pub async fn serve(router: Router, incoming: Incoming, local: SocketAddr, mut stopped: watch::Receiver<bool>) {
+    let listener = Connections { incoming, local };
+    let served = axum::serve(listener, router.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        },
+    );
+    if let Err(err) = served.await {
+        tracing::error!(error = %err, "the job server stopped");
+    }
+}
+
+/// The accepted connections (TLS or plain) as axum takes them.
+struct Connections {
+    incoming: Incoming,
+    local: SocketAddr,
+}
+
+/// The address a request came from (for refusals' log lines).
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Connections>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Connections>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl axum::serve::Listener for Connections {
+    type Io = ServerStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    use tonic::transport::server::Connected;
+                    let peer = stream.connect_info().remote_addr.unwrap_or(self.local);
+                    return (stream, peer);
+                }
+                Some(Err(err)) => tracing::debug!(error = %err, "a job server connection failed before its request"),
+                // The listener is gone: nothing more comes.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Every request passes its route's row before its handler; the principal goes with it.
+async fn authorize(State(served): State<Served>, matched: MatchedPath, mut request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_string();
+    let route = matched.as_str().to_string();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map_or_else(|| "unknown".to_string(), |info| info.0 .0.to_string());
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes().to_vec());
+    let principal = match served.authorizer.authenticate(header.as_deref()) {
+        Ok(principal) => principal,
+        Err(why) => {
+            tracing::warn!(%peer, %method, %route, reason = why, "refused an unauthenticated request");
+            let message = format!(
+                "{why}: send `Authorization: Bearer <credential>` with a credential the head issued (an account's \
+                 API key)"
+            );
+            return (StatusCode::UNAUTHORIZED, message).into_response();
+        }
+    };
+    if let Err(why) = decide_http(&principal, &method, &route) {
+        tracing::warn!(%peer, %method, %route, %principal, "refused a request: {why}");
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// An error as the job server answers it: a status and what went wrong.
+struct Failure(StatusCode, String);
+
+impl From<IonetError> for Failure {
+    fn from(error: IonetError) -> Self {
+        let status = match &error {
+            IonetError::InvalidArgument(_) | IonetError::AlreadyExists(_) | IonetError::FailedPrecondition(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            IonetError::NotFound(_) => StatusCode::NOT_FOUND,
+            IonetError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            IonetError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            IonetError::Unavailable(_) | IonetError::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Failure(status, error.to_string())
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+type Answer = Result<Response, Failure>;
+
+fn principal(headers: &axum::http::Extensions) -> Result<Principal, Failure> {
+    headers
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Failure(StatusCode::FORBIDDEN, "the request did not pass authorization".into()))
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "version": JOBS_API_VERSION,
+        "ray_version": RAY_COMPATIBLE_VERSION,
+        "ray_commit": format!("ionet-{}", env!("CARGO_PKG_VERSION")),
+        "session_name": "ionet",
+    }))
+}
+
+async fn submit(State(served): State<Served>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let account = match &principal {
+        Principal::Account(account) => account.to_string(),
+        // The operator's submissions are paid by `default`, as its drivers' jobs are.
+        Principal::Admin => "default".to_string(),
+        other => return Err(Failure(StatusCode::FORBIDDEN, format!("{other} may not submit a job"))),
+    };
+    let body = axum::body::to_bytes(request.into_body(), MAX_SUBMIT_BYTES)
+        .await
+        .map_err(|err| Failure(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body: {err}")))?;
+    let submit: SubmitRequest = parse(&body)?;
+    let id = served.submissions.submit(&account, submit).await?;
+    Ok(Json(serde_json::json!({ "job_id": id, "submission_id": id })).into_response())
+}
+
+/// The largest submit request (a runtime environment names packages, it does not carry them).
+const MAX_SUBMIT_BYTES: usize = 1024 * 1024;
+
+fn parse(body: &Bytes) -> Result<SubmitRequest, Failure> {
+    serde_json::from_slice(body).map_err(|err| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            format!("the request is not a job submission (Ray's JobSubmitRequest as JSON): {err}"),
+        )
+    })
+}
+
+async fn list(State(served): State<Served>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let details: Vec<serde_json::Value> = served
+        .submissions
+        .list(&principal)
+        .iter()
+        .map(|record| record.details(&served.submissions.jobs_of(&record.submission_id)))
+        .collect();
+    Ok(Json(details).into_response())
+}
+
+async fn details(State(served): State<Served>, Path(id): Path<String>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let record = served.submissions.get(&principal, &id)?;
+    Ok(Json(record.details(&served.submissions.jobs_of(&id))).into_response())
+}
+
+async fn stop(State(served): State<Served>, Path(id): Path<String>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let stopped = served.submissions.stop(&principal, &id).await?;
+    Ok(Json(serde_json::json!({ "stopped": stopped })).into_response())
+}
+
+async fn remove(State(served): State<Served>, Path(id): Path<String>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let deleted = served.submissions.delete(&principal, &id).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn logs(
+    State(served): State<Served>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Answer {
+    let principal = principal(request.extensions())?;
+    match query.get("offset") {
+        // Ray's shape: the whole output.
+        None => {
+            let (logs, _) = served.submissions.logs(&principal, &id, 0)?;
+            Ok(Json(serde_json::json!({ "logs": logs })).into_response())
+        }
+        Some(offset) => {
+            let offset: u64 = offset
+                .parse()
+                .map_err(|_| Failure(StatusCode::BAD_REQUEST, format!("offset {offset:?} is not a byte count")))?;
+            let (logs, next) = served.submissions.logs(&principal, &id, offset)?;
+            Ok(Json(serde_json::json!({ "logs": logs, "offset": next })).into_response())
+        }
+    }
+}

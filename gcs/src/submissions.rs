@@ -1,0 +1,799 @@
+//! Submitted jobs (Ray's job submission): what the head's job server ([`crate::job_server`])
+//! keeps and does for each.
+//!
+//! A submission is a command line (the entrypoint) an account asks the cluster to run.
+//! The head picks a node for it (alive, taking workloads, with the entrypoint's resources
+//! free; the cheapest first, the head's own node last), issues it a submission credential
+//! (it starts jobs paid by the account, and only while the submission runs: [`Submissions::is_live`]
+//! is checked by `AddJob`), and asks the node to run it (`NodeManager/RunEntrypoint`).
+//! The node streams what the entrypoint prints, which the head appends to
+//! `<log dir>/job-driver-<submission>.log` (at most [`MAX_LOG_BYTES`]), and how it
+//! ended. Every job the entrypoint's drivers started ends with it.
+//!
+//! Status follows Ray's: PENDING → RUNNING → SUCCEEDED (exit 0), FAILED (another exit,
+//! a node lost, no node that fits) or STOPPED (`stop`). Records are kept in storage
+//! (`Table::Submissions`, JSON); one that was not finished when the head stopped is
+//! failed when it starts again (its node stopped the entrypoint when the head's stream
+//! closed).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ionet_common::auth::Bearer;
+use ionet_common::authz::Principal;
+use ionet_common::credential::Issuer;
+use ionet_common::resources::{CPU, GPU, MEMORY};
+use ionet_common::rpc::proto::common::{JobState, NodeInfo, NodeState};
+use ionet_common::rpc::proto::node::{entrypoint_event, RunEntrypointRequest, StopEntrypointRequest};
+use ionet_common::rpc::NodeManagerClient;
+use ionet_common::{IonetError, IonetResult, JobId, Quantity, ResourceSet};
+use serde::{Deserialize, Serialize};
+
+use crate::error::GcsResult;
+use crate::placement_groups::PlacementGroups;
+use crate::state::{blocking, GcsState};
+use crate::storage::Table;
+
+/// The most bytes of one submission's output the head keeps (past it, the rest is
+/// dropped and the log says so).
+pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// How long a submission credential lasts (it is refused once the submission ends).
+const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Keys of a runtime environment the head knows.
+const RUNTIME_ENV_KEYS: [&str; 1] = ["env_vars"];
+/// Keys of Ray's runtime environments this head does not support yet.
+const RUNTIME_ENV_LATER: [&str; 8] =
+    ["working_dir", "py_modules", "pip", "uv", "conda", "container", "excludes", "java_jars"];
+
+/// Where a submission is (Ray's `JobStatus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Pending,
+    Running,
+    Stopped,
+    Succeeded,
+    Failed,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Stopped | Status::Succeeded | Status::Failed)
+    }
+}
+
+/// What a tenant asks for (Ray's `JobSubmitRequest`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub entrypoint: String,
+    #[serde(default)]
+    pub submission_id: Option<String>,
+    /// Ray's deprecated name for `submission_id`.
+    #[serde(default)]
+    pub job_id: Option<String>,
+    #[serde(default)]
+    pub runtime_env: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub entrypoint_num_cpus: Option<f64>,
+    #[serde(default)]
+    pub entrypoint_num_gpus: Option<f64>,
+    #[serde(default)]
+    pub entrypoint_memory: Option<u64>,
+    #[serde(default)]
+    pub entrypoint_resources: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    pub entrypoint_label_selector: Option<BTreeMap<String, String>>,
+}
+
+/// The node a submission's entrypoint runs on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DriverNode {
+    pub node_id: String,
+    pub address: String,
+    pub pid: u32,
+}
+
+/// One submission, as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Submission {
+    pub submission_id: String,
+    /// The account that submitted it (and pays for its jobs).
+    pub account: String,
+    pub entrypoint: String,
+    pub status: Status,
+    pub message: String,
+    pub error_type: Option<String>,
+    /// Milliseconds since the Unix epoch, from the head's clock.
+    pub start_time: u64,
+    pub end_time: Option<u64>,
+    pub metadata: BTreeMap<String, String>,
+    pub runtime_env: serde_json::Map<String, serde_json::Value>,
+    /// What the entrypoint holds on its node (CPU, GPU, memory, custom).
+    pub resources: BTreeMap<String, f64>,
+    pub label_selector: BTreeMap<String, String>,
+    pub driver: Option<DriverNode>,
+    pub driver_exit_code: Option<i32>,
+    /// A stop was asked for (its end is STOPPED, whatever the exit).
+    #[serde(default)]
+    pub stop_requested: bool,
+}
+
+impl Submission {
+    /// Ray's `JobDetails` of this submission; `jobs` are the ids of the jobs its drivers
+    /// started (the latest is Ray's `job_id`).
+    pub fn details(&self, jobs: &[JobId]) -> serde_json::Value {
+        let driver = self.driver.as_ref();
+        serde_json::json!({
+            "type": "SUBMISSION",
+            "job_id": jobs.last().map(|job| job.hex()),
+            "submission_id": self.submission_id,
+            "driver_info": match (driver, jobs.last()) {
+                (Some(driver), Some(job)) => serde_json::json!({
+                    "id": job.hex(),
+                    "node_ip_address": host_of(&driver.address),
+                    "pid": driver.pid.to_string(),
+                }),
+                _ => serde_json::Value::Null,
+            },
+            "status": self.status,
+            "entrypoint": self.entrypoint,
+            "message": self.message,
+            "error_type": self.error_type,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "metadata": self.metadata,
+            "runtime_env": self.runtime_env,
+            "driver_agent_http_address": serde_json::Value::Null,
+            "driver_node_id": driver.map(|driver| driver.node_id.clone()),
+            "driver_exit_code": self.driver_exit_code,
+            // ionet's own: the account, and every job the entrypoint started.
+            "account": self.account,
+            "job_ids": jobs.iter().map(|job| job.hex()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn host_of(address: &str) -> String {
+    let bare = address.split("://").last().unwrap_or(address);
+    bare.rsplit_once(':').map(|(host, _)| host).unwrap_or(bare).trim_matches(['[', ']']).to_string()
+}
+
+/// What runs entrypoints on nodes (the nodes' `NodeManager` over gRPC; tests may stand in).
+pub struct EntrypointRunner {
+    /// The head's control credential.
+    control: Bearer,
+}
+
+impl EntrypointRunner {
+    pub fn new(control: Bearer) -> Self {
+        Self { control }
+    }
+
+    fn client(&self, address: &str) -> IonetResult<NodeManagerClient> {
+        Ok(NodeManagerClient::new(ionet_common::rpc::connect_lazy(address, &self.control, Duration::from_secs(5))?))
+    }
+}
+
+/// The head's submissions.
+pub struct Submissions {
+    state: Arc<GcsState>,
+    placement_groups: Arc<PlacementGroups>,
+    issuer: Issuer,
+    runner: EntrypointRunner,
+    records: DashMap<String, Submission>,
+    /// Where each submission's output is kept.
+    log_dir: PathBuf,
+    /// The control store's address(es) as the cluster knows them (entrypoints' drivers
+    /// join there); set once the head knows it.
+    head_address: std::sync::Mutex<String>,
+}
+
+impl Submissions {
+    /// Loads what storage holds; a submission left unfinished by a previous head failed.
+    pub async fn open(
+        state: Arc<GcsState>,
+        placement_groups: Arc<PlacementGroups>,
+        issuer: Issuer,
+        runner: EntrypointRunner,
+        log_dir: PathBuf,
+    ) -> GcsResult<Arc<Self>> {
+        std::fs::create_dir_all(&log_dir).map_err(IonetError::from)?;
+        let storage = state.storage().clone();
+        let stored = blocking(move || storage.scan_prefix(Table::Submissions, b"")).await?;
+        let submissions = Arc::new(Self {
+            state,
+            placement_groups,
+            issuer,
+            runner,
+            records: DashMap::new(),
+            log_dir,
+            head_address: Default::default(),
+        });
+        for (key, value) in stored {
+            let mut record: Submission = match serde_json::from_slice(&value) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::error!(key = %String::from_utf8_lossy(&key), error = %err, "skipping a corrupt submission");
+                    continue;
+                }
+            };
+            let unfinished = !record.status.is_terminal();
+            if unfinished {
+                record.status = Status::Failed;
+                record.message = "the head restarted while the job ran (its node stopped the entrypoint)".into();
+                record.error_type = Some("HEAD_RESTARTED".into());
+                record.end_time = Some(submissions.state.now_ms());
+            }
+            submissions.records.insert(record.submission_id.clone(), record.clone());
+            if unfinished {
+                submissions.persist(&record).await?;
+                submissions.finish_jobs(&record.submission_id).await;
+            }
+        }
+        Ok(submissions)
+    }
+
+    /// Where entrypoints' drivers find the control store (the head's advertised
+    /// address, or the list of heads).
+    pub fn set_head_address(&self, address: &str) {
+        *self.head_address.lock().unwrap_or_else(|p| p.into_inner()) = address.to_string();
+    }
+
+    /// Whether `id` runs now (its credential may start jobs).
+    pub fn is_live(&self, id: &str) -> bool {
+        self.records.get(id).is_some_and(|record| !record.status.is_terminal())
+    }
+
+    /// Submits `request` for `account`; its submission id.
+    pub async fn submit(self: &Arc<Self>, account: &str, request: SubmitRequest) -> IonetResult<String> {
+        if request.entrypoint.trim().is_empty() {
+            return Err(IonetError::InvalidArgument("the entrypoint is empty: name the command to run".into()));
+        }
+        let resources = entrypoint_resources(&request)?;
+        let runtime_env = request.runtime_env.unwrap_or_default();
+        env_vars_of(&runtime_env)?;
+        let id = match request.submission_id.or(request.job_id).filter(|id| !id.is_empty()) {
+            Some(id) => id,
+            None => new_submission_id(),
+        };
+        checked_id(&id)?;
+        let record = Submission {
+            submission_id: id.clone(),
+            account: account.to_string(),
+            entrypoint: request.entrypoint,
+            status: Status::Pending,
+            message: "Job has not started yet.".into(),
+            error_type: None,
+            start_time: self.state.now_ms(),
+            end_time: None,
+            metadata: request.metadata.unwrap_or_default(),
+            runtime_env,
+            resources,
+            label_selector: request.entrypoint_label_selector.unwrap_or_default(),
+            driver: None,
+            driver_exit_code: None,
+            stop_requested: false,
+        };
+        match self.records.entry(id.clone()) {
+            dashmap::Entry::Occupied(_) => {
+                return Err(IonetError::AlreadyExists(format!(
+                    "Job with submission_id {id} already exists. Please use a different submission_id."
+                )))
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(record.clone());
+            }
+        }
+        if let Err(err) = self.persist(&record).await {
+            self.records.remove(&id);
+            return Err(err.into());
+        }
+        tracing::info!(submission = %id, %account, "job submitted");
+        let submissions = self.clone();
+        let supervised = id.clone();
+        tokio::spawn(async move { submissions.supervise(supervised).await });
+        Ok(id)
+    }
+
+    /// The submission `id`, if `principal` may see it (a tenant its own account's).
+    pub fn get(&self, principal: &Principal, id: &str) -> IonetResult<Submission> {
+        let record = self.records.get(id).map(|record| record.clone());
+        match record {
+            Some(record) if principal.sees_account(&record.account) => Ok(record),
+            // Another account's looks as absent as a missing one.
+            _ => Err(IonetError::NotFound(format!("Job {id} does not exist"))),
+        }
+    }
+
+    /// Every submission `principal` may see, oldest first.
+    pub fn list(&self, principal: &Principal) -> Vec<Submission> {
+        let mut all: Vec<Submission> = self
+            .records
+            .iter()
+            .filter(|record| principal.sees_account(&record.account))
+            .map(|record| record.clone())
+            .collect();
+        all.sort_by(|a, b| (a.start_time, &a.submission_id).cmp(&(b.start_time, &b.submission_id)));
+        all
+    }
+
+    /// The jobs submission `id`'s drivers started, oldest first.
+    pub fn jobs_of(&self, id: &str) -> Vec<JobId> {
+        self.state
+            .jobs()
+            .into_iter()
+            .filter(|job| job.submission_id == id)
+            .filter_map(|job| JobId::from_bytes(&job.job_id).ok())
+            .collect()
+    }
+
+    /// Stops submission `id` (the caller may act for its account); whether it was
+    /// running (Ray's `stopped`).
+    pub async fn stop(&self, principal: &Principal, id: &str) -> IonetResult<bool> {
+        let record = self.get(principal, id)?;
+        owned_by(principal, &record)?;
+        if record.status.is_terminal() {
+            return Ok(false);
+        }
+        let driver = {
+            let Some(mut entry) = self.records.get_mut(id) else { return Ok(false) };
+            entry.stop_requested = true;
+            entry.driver.clone()
+        };
+        tracing::info!(submission = %id, "stopping a submitted job");
+        match driver {
+            Some(driver) => {
+                let request = StopEntrypointRequest { submission_id: id.to_string() };
+                if let Err(err) = self.runner.client(&driver.address)?.stop_entrypoint(request).await {
+                    tracing::warn!(submission = %id, error = %err, "the entrypoint's node did not take the stop");
+                }
+            }
+            // Not started yet: the supervisor sees the request before it starts anything.
+            None => {}
+        }
+        Ok(true)
+    }
+
+    /// Forgets finished submission `id` and its output; whether it was there.
+    pub async fn delete(&self, principal: &Principal, id: &str) -> IonetResult<bool> {
+        let record = self.get(principal, id)?;
+        owned_by(principal, &record)?;
+        if !record.status.is_terminal() {
+            return Err(IonetError::FailedPrecondition(format!(
+                "Attempted to delete job '{id}', but it is in a non-terminal state {:?}: stop it first",
+                record.status
+            )));
+        }
+        let storage = self.state.storage().clone();
+        let key = id.as_bytes().to_vec();
+        blocking(move || storage.delete(Table::Submissions, &key)).await?;
+        self.records.remove(id);
+        let _ = std::fs::remove_file(self.log_path(id));
+        Ok(true)
+    }
+
+    /// What submission `id`'s entrypoint printed, from byte `offset`; and the offset after it.
+    pub fn logs(&self, principal: &Principal, id: &str, offset: u64) -> IonetResult<(String, u64)> {
+        self.get(principal, id)?;
+        let bytes = match std::fs::read(self.log_path(id)) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(err) => return Err(err.into()),
+        };
+        let from = (offset as usize).min(bytes.len());
+        // Up to the last whole character: the rest comes with the next read.
+        let mut end = bytes.len();
+        while end > from && std::str::from_utf8(&bytes[from..end]).is_err() && bytes.len() - end < 4 {
+            end -= 1;
+        }
+        Ok((String::from_utf8_lossy(&bytes[from..end]).into_owned(), end as u64))
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.log_dir.join(format!("job-driver-{id}.log"))
+    }
+
+    async fn persist(&self, record: &Submission) -> GcsResult<()> {
+        let storage = self.state.storage().clone();
+        let key = record.submission_id.as_bytes().to_vec();
+        let value = serde_json::to_vec(record).map_err(|err| IonetError::Internal(err.to_string()))?;
+        blocking(move || storage.put(Table::Submissions, &key, &value)).await
+    }
+
+    /// Changes submission `id` with `change` and stores it.
+    async fn update(&self, id: &str, change: impl FnOnce(&mut Submission)) -> Option<Submission> {
+        let record = {
+            let mut entry = self.records.get_mut(id)?;
+            change(&mut entry);
+            entry.clone()
+        };
+        if let Err(err) = self.persist(&record).await {
+            tracing::error!(submission = %id, error = %err, "could not store a submission's change");
+        }
+        Some(record)
+    }
+
+    /// Ends submission `id` with `status` (unless it ended already), and every job its
+    /// drivers started.
+    async fn end(&self, id: &str, status: Status, message: String, exit_code: Option<i32>) {
+        let now = self.state.now_ms();
+        let ended = self
+            .update(id, |record| {
+                if record.status.is_terminal() {
+                    return;
+                }
+                // A stop asked for ends STOPPED, whatever the exit it caused.
+                let status =
+                    if record.stop_requested && status != Status::Succeeded { Status::Stopped } else { status };
+                record.status = status;
+                record.message = match status {
+                    Status::Stopped => "Job was intentionally stopped.".into(),
+                    _ => message,
+                };
+                record.error_type = match status {
+                    Status::Failed => Some("JOB_ENTRYPOINT_COMMAND_ERROR".into()),
+                    _ => None,
+                };
+                record.end_time = Some(now);
+                record.driver_exit_code = exit_code;
+            })
+            .await;
+        if let Some(record) = ended {
+            tracing::info!(submission = %id, status = ?record.status, "submitted job ended");
+        }
+        self.finish_jobs(id).await;
+    }
+
+    /// Ends the jobs submission `id`'s drivers started (their leases and workers end).
+    async fn finish_jobs(&self, id: &str) {
+        for job in self.state.jobs().into_iter().filter(|job| job.submission_id == id) {
+            if job.state == JobState::Finished as i32 {
+                continue;
+            }
+            if let Err(err) = self.state.finish_job(&job.job_id).await {
+                tracing::warn!(submission = %id, error = %err, "could not end a job of a submission");
+                continue;
+            }
+            self.placement_groups.remove_groups_of_job(&job.job_id).await;
+        }
+    }
+
+    /// Runs submission `id` to its end.
+    async fn supervise(self: Arc<Self>, id: String) {
+        let Some(record) = self.records.get(&id).map(|record| record.clone()) else { return };
+        if record.stop_requested {
+            return self.end(&id, Status::Stopped, String::new(), None).await;
+        }
+        let node = match self.pick_node(&record) {
+            Ok(node) => node,
+            Err(why) => {
+                return self.end(&id, Status::Failed, format!("no node can run the entrypoint: {why}"), None).await
+            }
+        };
+        let credential = self.issuer.issue_submission(&id, &record.account, SUBMISSION_CREDENTIAL_TTL);
+        let request = RunEntrypointRequest {
+            submission_id: id.clone(),
+            entrypoint: record.entrypoint.clone(),
+            env: env_vars_of(&record.runtime_env).unwrap_or_default(),
+            credential,
+            gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        let started = match self.runner.client(&node.address) {
+            Ok(mut client) => client.run_entrypoint(request).await.map_err(IonetError::from),
+            Err(err) => Err(err),
+        };
+        let mut events = match started {
+            Ok(events) => events.into_inner(),
+            Err(err) => {
+                let message = format!("node {} could not start the entrypoint: {err}", node.address);
+                return self.end(&id, Status::Failed, message, None).await;
+            }
+        };
+        let node_id = hex::encode(&node.node_id);
+        let mut log = LogFile::create(self.log_path(&id));
+        loop {
+            let event = match events.message().await {
+                Ok(Some(event)) => event.event,
+                Ok(None) => None,
+                Err(status) => {
+                    let message =
+                        format!("lost the node running the entrypoint ({}): {}", node.address, status.message());
+                    return self.end(&id, Status::Failed, message, None).await;
+                }
+            };
+            match event {
+                Some(entrypoint_event::Event::StartedPid(pid)) => {
+                    let driver = DriverNode { node_id: node_id.clone(), address: node.address.clone(), pid };
+                    let record = self
+                        .update(&id, |record| {
+                            if !record.status.is_terminal() {
+                                record.status = Status::Running;
+                                record.message = "Job is currently running.".into();
+                                record.driver = Some(driver);
+                            }
+                        })
+                        .await;
+                    // A stop asked for while it started: it reaches the node now.
+                    if record.is_some_and(|record| record.stop_requested) {
+                        let request = StopEntrypointRequest { submission_id: id.clone() };
+                        if let Ok(mut client) = self.runner.client(&node.address) {
+                            let _ = client.stop_entrypoint(request).await;
+                        }
+                    }
+                }
+                Some(entrypoint_event::Event::Output(bytes)) => log.append(&bytes),
+                Some(entrypoint_event::Event::Exited(exit)) => {
+                    let (status, message) = if !exit.error.is_empty() {
+                        (Status::Failed, exit.error)
+                    } else if exit.signal != 0 {
+                        (Status::Failed, format!("Job entrypoint command was ended by signal {}", exit.signal))
+                    } else if exit.code == 0 {
+                        (Status::Succeeded, "Job finished successfully.".to_string())
+                    } else {
+                        (Status::Failed, format!("Job entrypoint command failed with exit code {}", exit.code))
+                    };
+                    let code = (exit.signal == 0).then_some(exit.code);
+                    return self.end(&id, status, message, code).await;
+                }
+                None => {
+                    let message = format!("the node running the entrypoint ({}) ended its stream", node.address);
+                    return self.end(&id, Status::Failed, message, None).await;
+                }
+            }
+        }
+    }
+
+    /// The node to run `record`'s entrypoint on: alive, taking workloads, matching its
+    /// labels, with its resources free; the cheapest, then not the head's, then the most
+    /// free CPUs.
+    fn pick_node(&self, record: &Submission) -> Result<NodeInfo, String> {
+        let demand = resource_set(&record.resources).map_err(|err| err.to_string())?;
+        let nodes = self.state.nodes(false);
+        let mut fits: Vec<NodeInfo> = nodes
+            .into_iter()
+            .filter(|node| node.state == NodeState::Alive as i32 && !node.no_workloads)
+            .filter(|node| record.label_selector.iter().all(|(key, value)| node.labels.get(key) == Some(value)))
+            .filter(|node| {
+                node.available
+                    .as_ref()
+                    .and_then(|available| available.to_set().ok())
+                    .is_some_and(|available| available.contains(&demand))
+            })
+            .collect();
+        if fits.is_empty() {
+            return Err(format!(
+                "no alive node taking work has {} free{}",
+                describe(&record.resources),
+                if record.label_selector.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with labels {:?}", record.label_selector)
+                }
+            ));
+        }
+        let gpus = demand.get(GPU);
+        let cost = |node: &NodeInfo| {
+            // Micro-USD per hour of what the entrypoint holds.
+            let gpu_cost = node.price_per_gpu_hour_micros as f64 * gpus.as_f64();
+            let cpu_cost = node.price_per_cpu_hour_micros as f64 * demand.get(CPU).as_f64();
+            gpu_cost + cpu_cost
+        };
+        let free_cpus = |node: &NodeInfo| {
+            node.available
+                .as_ref()
+                .and_then(|available| available.to_set().ok())
+                .map_or(0.0, |set| set.get(CPU).as_f64())
+        };
+        fits.sort_by(|a, b| {
+            cost(a).total_cmp(&cost(b)).then(a.is_head.cmp(&b.is_head)).then(free_cpus(b).total_cmp(&free_cpus(a)))
+        });
+        Ok(fits.swap_remove(0))
+    }
+}
+
+/// Whether `principal` may change `record` (stop, delete): its account's key, or the admin.
+fn owned_by(principal: &Principal, record: &Submission) -> IonetResult<()> {
+    match principal {
+        Principal::Admin => Ok(()),
+        Principal::Account(account) if **account == *record.account => Ok(()),
+        other => Err(IonetError::PermissionDenied(format!(
+            "{other} may not change submission {}: only its account's key may",
+            record.submission_id
+        ))),
+    }
+}
+
+/// A runtime environment's `env_vars`, after checking every key of it is known.
+fn env_vars_of(
+    runtime_env: &serde_json::Map<String, serde_json::Value>,
+) -> IonetResult<std::collections::HashMap<String, String>> {
+    for key in runtime_env.keys() {
+        if RUNTIME_ENV_LATER.contains(&key.as_str()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "runtime_env key {key:?} is not supported by this head yet (supported: {})",
+                RUNTIME_ENV_KEYS.join(", ")
+            )));
+        }
+        if !RUNTIME_ENV_KEYS.contains(&key.as_str()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "unknown runtime_env key {key:?}: known keys are {}",
+                RUNTIME_ENV_KEYS.join(", ")
+            )));
+        }
+    }
+    let mut env = std::collections::HashMap::new();
+    match runtime_env.get("env_vars") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(vars)) => {
+            for (name, value) in vars {
+                let serde_json::Value::String(value) = value else {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env env_vars[{name:?}] must be a string, not {value}"
+                    )));
+                };
+                if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env env_vars has an invalid variable {name:?}"
+                    )));
+                }
+                env.insert(name.clone(), value.clone());
+            }
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!(
+                "runtime_env env_vars must be an object of strings, not {other}"
+            )))
+        }
+    }
+    Ok(env)
+}
+
+/// What the entrypoint holds (Ray's defaults: no CPU, no GPU).
+fn entrypoint_resources(request: &SubmitRequest) -> IonetResult<BTreeMap<String, f64>> {
+    let mut resources = request.entrypoint_resources.clone().unwrap_or_default();
+    for name in [CPU, GPU, MEMORY] {
+        if resources.contains_key(name) {
+            return Err(IonetError::InvalidArgument(format!(
+                "entrypoint_resources may not name {name:?}: use entrypoint_num_cpus, entrypoint_num_gpus or \
+                 entrypoint_memory"
+            )));
+        }
+    }
+    let mut put = |name: &str, value: Option<f64>| {
+        if let Some(value) = value.filter(|value| *value != 0.0) {
+            resources.insert(name.to_string(), value);
+        }
+    };
+    put(CPU, request.entrypoint_num_cpus);
+    put(GPU, request.entrypoint_num_gpus);
+    put(MEMORY, request.entrypoint_memory.map(|bytes| bytes as f64));
+    resource_set(&resources)?;
+    Ok(resources)
+}
+
+fn resource_set(resources: &BTreeMap<String, f64>) -> IonetResult<ResourceSet> {
+    let mut set = ResourceSet::new();
+    for (name, value) in resources {
+        if !value.is_finite() || *value < 0.0 {
+            return Err(IonetError::InvalidArgument(format!(
+                "entrypoint resource {name:?} must be 0 or more, not {value}"
+            )));
+        }
+        set.set(name.clone(), Quantity::from_f64(*value)?);
+    }
+    Ok(set)
+}
+
+fn describe(resources: &BTreeMap<String, f64>) -> String {
+    if resources.is_empty() {
+        return "room for an entrypoint".into();
+    }
+    resources.iter().map(|(name, value)| format!("{value} {name}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Ray's form: a prefix and 16 letters and digits (no look-alikes).
+fn new_submission_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ123456789";
+    let mut rng = rand::thread_rng();
+    let tail: String = (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    format!("ionetsubmit_{tail}")
+}
+
+/// A submission id fit to name files (the node checks the same).
+fn checked_id(id: &str) -> IonetResult<()> {
+    let fits = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
+    if fits {
+        Ok(())
+    } else {
+        Err(IonetError::InvalidArgument(format!(
+            "submission_id {id:?} is not valid: 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// A submission's output as the head keeps it: appended, at most [`MAX_LOG_BYTES`].
+struct LogFile {
+    file: Option<std::fs::File>,
+    written: u64,
+    path: PathBuf,
+}
+
+impl LogFile {
+    fn create(path: PathBuf) -> Self {
+        let file = std::fs::File::create(&path)
+            .map_err(|err| tracing::error!(path = %path.display(), error = %err, "cannot keep a submission's output"))
+            .ok();
+        Self { file, written: 0, path }
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        let Some(file) = self.file.as_mut() else { return };
+        let room = MAX_LOG_BYTES.saturating_sub(self.written) as usize;
+        let result = if bytes.len() <= room {
+            file.write_all(bytes)
+        } else {
+            let note = format!("\n[ionet: output past {MAX_LOG_BYTES} bytes is not kept]\n");
+            let result = file.write_all(&bytes[..room]).and_then(|()| file.write_all(note.as_bytes()));
+            self.file = None;
+            result
+        };
+        self.written += bytes.len() as u64;
+        if let Err(err) = result {
+            tracing::error!(path = %self.path.display(), error = %err, "cannot keep a submission's output");
+            self.file = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_env_keys_are_checked_and_env_vars_must_be_strings() {
+        let env = |json: &str| env_vars_of(&serde_json::from_str(json).unwrap());
+        assert_eq!(env(r#"{"env_vars": {"A": "1"}}"#).unwrap().get("A").map(String::as_str), Some("1"));
+        let unknown = env(r#"{"colour": "blue"}"#).unwrap_err().to_string();
+        assert!(unknown.contains("unknown runtime_env key \"colour\""), "{unknown}");
+        let later = env(r#"{"pip": ["x"]}"#).unwrap_err().to_string();
+        assert!(later.contains("\"pip\" is not supported"), "{later}");
+        let number = env(r#"{"env_vars": {"A": 1}}"#).unwrap_err().to_string();
+        assert!(number.contains("must be a string"), "{number}");
+    }
+
+    #[test]
+    fn entrypoint_resources_take_ray_names_and_refuse_negative_ones() {
+        let request = SubmitRequest {
+            entrypoint: "true".into(),
+            entrypoint_num_gpus: Some(2.0),
+            entrypoint_resources: Some([("TPU".to_string(), 1.0)].into()),
+            ..Default::default()
+        };
+        let resources = entrypoint_resources(&request).unwrap();
+        assert_eq!(resources.get(GPU), Some(&2.0));
+        assert_eq!(resources.get("TPU"), Some(&1.0));
+        assert!(!resources.contains_key(CPU), "Ray's entrypoint holds no CPU by default");
+        let negative = SubmitRequest { entrypoint_num_cpus: Some(-1.0), ..request.clone() };
+        assert!(entrypoint_resources(&negative).is_err());
+        let sneaky = SubmitRequest { entrypoint_resources: Some([(GPU.to_string(), 1.0)].into()), ..request };
+        assert!(entrypoint_resources(&sneaky).is_err());
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let (one, two) = (new_submission_id(), new_submission_id());
+        assert!(checked_id(&one).is_ok() && one != two && one.starts_with("ionetsubmit_"));
+        assert!(checked_id("../etc").is_err());
+    }
+}

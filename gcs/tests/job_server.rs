@@ -1,0 +1,93 @@
+//! The head's job server refuses what its authorization table does not allow, before any
+//! handler runs, and a submission's credential starts jobs only while it runs.
+
+use std::time::Duration;
+
+use ionet_common::authz::{Access, HTTP_TABLE};
+use ionet_common::config::ClusterConfig;
+use ionet_common::rpc::proto::common::WorkerCommand;
+use ionet_common::rpc::proto::gcs::AddJobRequest;
+use ionet_gcs::{GcsServer, GcsServerOptions};
+
+async fn head() -> (GcsServer, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = GcsServer::start(GcsServerOptions::new(ClusterConfig::default()), listener).await.unwrap();
+    let jobs = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = server.serve_jobs(jobs, &server.address().to_string()).unwrap();
+    (server, format!("http://{address}"))
+}
+
+async fn call(base: &str, method: &str, route: &str, credential: Option<&str>) -> (u16, String) {
+    let path = route.replace("{submission_id}", "nobody-1");
+    let client = reqwest::Client::new();
+    let mut request = client.request(method.parse().unwrap(), format!("{base}{path}"));
+    if let Some(credential) = credential {
+        request = request.bearer_auth(credential);
+    }
+    if method == "POST" && route.starts_with("/api/jobs") && !route.ends_with("/stop") {
+        request = request.json(&serde_json::json!({ "entrypoint": "true" }));
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_route_is_served_behind_its_row() {
+    let (server, base) = head().await;
+    let job = server.submission_credential("s-1", "acme", Duration::from_secs(60));
+    for rule in HTTP_TABLE {
+        // Every row is a route the server serves, and refuses without a credential.
+        let (status, body) = call(&base, rule.method, rule.route, None).await;
+        assert_eq!(status, 401, "{} {} without a credential: {body}", rule.method, rule.route);
+        assert!(body.contains("missing credential"), "{body}");
+        let (status, _) = call(&base, rule.method, rule.route, Some("ionet1.forged.signature")).await;
+        assert_eq!(status, 401, "{} {} with a forged credential", rule.method, rule.route);
+        // A submitted job's entrypoint may read, never submit, stop or delete.
+        let (status, body) = call(&base, rule.method, rule.route, Some(job.as_str())).await;
+        if rule.access == Access::Submit {
+            assert_eq!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
+            assert!(body.contains("requires an account's API key"), "{body}");
+        } else {
+            assert_ne!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
+        }
+    }
+    // A route the server does not serve is not found, whoever asks.
+    let (status, _) = call(&base, "GET", "/api/secrets", None).await;
+    assert_eq!(status, 404);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_submission_credential_starts_jobs_only_while_its_submission_runs() {
+    let (server, base) = head().await;
+    let account = server.account_credential("acme", Duration::from_secs(60));
+    // No node can run it: it fails at once.
+    let (status, body) = call(&base, "POST", "/api/jobs/", Some(account.as_str())).await;
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["submission_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, details) = call(&base, "GET", &format!("/api/jobs/{id}"), Some(account.as_str())).await;
+        let details: serde_json::Value = serde_json::from_str(&details).unwrap();
+        if details["status"] == "FAILED" {
+            assert!(details["message"].as_str().unwrap().contains("no node can run the entrypoint"), "{details}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{details}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = server.submission_credential(&id, "acme", Duration::from_secs(60));
+    let mut gcs = ionet_common::rpc::gcs_client(&server.address().to_string(), &ended).await.unwrap();
+    let request = AddJobRequest {
+        worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let refused = gcs.add_job(request.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("has ended"), "{}", refused.message());
+    // Nor may a credential name a submission that never was.
+    let forged = server.submission_credential("never-submitted", "acme", Duration::from_secs(60));
+    let mut gcs = ionet_common::rpc::gcs_client(&server.address().to_string(), &forged).await.unwrap();
+    assert_eq!(gcs.add_job(request).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    server.shutdown().await;
+}

@@ -1,0 +1,315 @@
+//! Submitted jobs' entrypoints on this node: the head's job server picks the node and
+//! asks it to run one (`NodeManager/RunEntrypoint`, the head's control credential only).
+//!
+//! The node runs the command line with `sh -c` as a user of its own (a fresh uid in the
+//! account's group, when the daemon is root), in a working directory of its own, in a
+//! process group of its own (so stopping it stops what it started), dying with the
+//! daemon. It is told where the cluster is and how to start its jobs: `IONET_ADDRESS`
+//! (the head), `IONET_API_KEY` (the submission's credential, which starts jobs paid by
+//! the account only while the submission runs; never the account's key),
+//! `IONET_DRIVER_NODE` (this node, for its drivers), `IONET_CA_FILE` (the cluster CA),
+//! `IONET_JOB_SUBMISSION_ID`, and the runtime environment's `env_vars`. What it prints
+//! goes to `logs/entrypoint-<submission>.log` and streams to the head as written; its end
+//! closes the stream with its exit code or signal. A stream the head drops stops it.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ionet_common::authz::{Authorizer, Principal};
+use ionet_common::rpc::proto::node::{entrypoint_event, EntrypointEvent, EntrypointExit, RunEntrypointRequest};
+use ionet_common::{IonetError, IonetResult};
+use tokio::sync::mpsc;
+
+use crate::identities::WorkerIdentities;
+
+/// How often a running entrypoint's output file is read.
+const OUTPUT_PASS: Duration = Duration::from_millis(50);
+/// The most output bytes one event carries.
+const MAX_OUTPUT_EVENT: usize = 256 * 1024;
+/// How long a stopped entrypoint has between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+/// The longest submission id (they name files and directories).
+const MAX_SUBMISSION_ID: usize = 128;
+/// Variables a daemon was started with that its entrypoints must not inherit.
+const DAEMON_SECRETS: [&str; 3] = ["IONET_JOIN_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY"];
+
+/// Where an entrypoint finds the cluster, as this node knows it.
+#[derive(Clone, Debug, Default)]
+pub struct EntrypointSetting {
+    /// This node's own address (its drivers work through it).
+    pub node_address: String,
+    /// The cluster CA (PEM), when the cluster speaks TLS.
+    pub cluster_ca: Option<String>,
+}
+
+/// The entrypoints running on this node.
+pub struct Entrypoints {
+    /// Process group (= pid) of each running entrypoint, by submission.
+    running: Arc<Mutex<HashMap<String, u32>>>,
+    identities: Option<Arc<WorkerIdentities>>,
+    /// Where output files go.
+    log_dir: PathBuf,
+    /// Under it, each entrypoint's working directory.
+    work_root: PathBuf,
+    setting: Mutex<EntrypointSetting>,
+}
+
+impl Entrypoints {
+    pub fn new(identities: Option<Arc<WorkerIdentities>>, log_dir: PathBuf, work_root: PathBuf) -> Self {
+        Self {
+            running: Arc::default(),
+            identities,
+            log_dir,
+            work_root,
+            setting: Mutex::new(EntrypointSetting::default()),
+        }
+    }
+
+    /// What entrypoints started from now on are told about this node.
+    pub fn set(&self, setting: EntrypointSetting) {
+        *self.setting.lock().unwrap_or_else(|p| p.into_inner()) = setting;
+    }
+
+    /// Starts `request`'s entrypoint; its events (started, output, exited) arrive on the
+    /// receiver. `authorizer` checks the credential it is to start jobs with.
+    pub fn run(
+        &self,
+        request: RunEntrypointRequest,
+        authorizer: &Authorizer,
+    ) -> IonetResult<mpsc::Receiver<EntrypointEvent>> {
+        let id = checked_submission_id(&request.submission_id)?;
+        if request.entrypoint.trim().is_empty() {
+            return Err(IonetError::InvalidArgument("the entrypoint is empty: name a command to run".into()));
+        }
+        let account = match authorizer.authenticate(Some(format!("Bearer {}", request.credential).as_bytes())) {
+            Ok(Principal::Submission { id: named, account }) if *named == *id => account,
+            Ok(other) => {
+                return Err(IonetError::PermissionDenied(format!(
+                    "an entrypoint of submission {id} runs with that submission's credential, not that of {other}"
+                )))
+            }
+            Err(why) => return Err(IonetError::Unauthenticated(format!("the entrypoint's credential: {why}"))),
+        };
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(id) {
+            return Err(IonetError::AlreadyExists(format!("submission {id}'s entrypoint already runs on this node")));
+        }
+        let identity = self.identities.as_ref().map(|identities| identities.fresh(&account)).transpose()?;
+        let setting = self.setting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let work_dir = self.work_dir(id, identity.map(|identity| (identity.uid, identity.gid)))?;
+        let log_path = self.log_dir.join(format!("entrypoint-{id}.log"));
+        let output = std::fs::File::options().write(true).create(true).truncate(true).open(&log_path)?;
+        let mut command = tokio::process::Command::new("sh");
+        command.arg("-c").arg(&request.entrypoint).current_dir(&work_dir).stdin(Stdio::null());
+        for secret in DAEMON_SECRETS {
+            command.env_remove(secret);
+        }
+        command
+            .env("IONET_ADDRESS", &request.gcs_address)
+            .env("IONET_API_KEY", &request.credential)
+            .env("IONET_DRIVER_NODE", &setting.node_address)
+            .env("IONET_JOB_SUBMISSION_ID", id)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("HOME", &work_dir);
+        if let Some(ca) = &setting.cluster_ca {
+            let path = work_dir.join(".ionet_cluster_ca.pem");
+            std::fs::write(&path, ca)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+            command.env(crate::session::CA_FILE_ENV, path);
+        }
+        command.envs(&request.env);
+        command.stdout(output.try_clone()?).stderr(output);
+        if let Some(identity) = identity {
+            command.uid(identity.uid).gid(identity.gid);
+        }
+        // SAFETY: setsid, prctl and umask are async-signal-safe. The entrypoint leads a
+        // process group of its own (stopping it stops its children) and dies with the
+        // daemon.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|err| {
+            IonetError::FailedPrecondition(format!("cannot start the entrypoint of submission {id}: {err}"))
+        })?;
+        let pid = child.id().unwrap_or_default();
+        running.insert(id.to_string(), pid);
+        drop(running);
+        tracing::info!(submission = %id, pid, "entrypoint started");
+        let (sender, receiver) = mpsc::channel(16);
+        let running = self.running.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let _ = sender.send(event(entrypoint_event::Event::StartedPid(pid))).await;
+            let mut tail = Tail { path: log_path, offset: 0 };
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    _ = sender.closed() => {
+                        // Nobody supervises it any more: it stops.
+                        tracing::warn!(submission = %id, "the head stopped following the entrypoint: stopping it");
+                        stop_group(pid).await;
+                        break child.wait().await;
+                    }
+                    _ = tokio::time::sleep(OUTPUT_PASS) => {
+                        if !tail.send_new(&sender).await {
+                            stop_group(pid).await;
+                            break child.wait().await;
+                        }
+                    }
+                }
+            };
+            tail.send_new(&sender).await;
+            running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let exit = match status {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    EntrypointExit {
+                        code: status.code().unwrap_or(-1),
+                        signal: status.signal().unwrap_or(0),
+                        error: String::new(),
+                    }
+                }
+                Err(err) => EntrypointExit { code: -1, signal: 0, error: format!("waiting for the entrypoint: {err}") },
+            };
+            tracing::info!(submission = %id, code = exit.code, signal = exit.signal, "entrypoint ended");
+            let _ = sender.send(event(entrypoint_event::Event::Exited(exit))).await;
+        });
+        Ok(receiver)
+    }
+
+    /// Stops submission `id`'s entrypoint and what it started (SIGTERM, then SIGKILL after
+    /// [`STOP_GRACE`]); whether one ran here.
+    pub fn stop(&self, id: &str) -> bool {
+        let Some(pid) = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied() else {
+            return false;
+        };
+        tracing::info!(submission = %id, pid, "stopping the entrypoint");
+        tokio::spawn(stop_group(pid));
+        true
+    }
+
+    /// A fresh working directory for submission `id`: the entrypoint's own, its account's
+    /// group may enter it.
+    fn work_dir(&self, id: &str, owner: Option<(u32, u32)>) -> IonetResult<PathBuf> {
+        // Others may pass through the root (to their own directory), not list it.
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&self.work_root)?;
+        std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711))?;
+        let dir = self.work_root.join(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        // The entrypoint's, and readable by its account's group: its jobs' workers start
+        // there too (a driver's workers start where it runs).
+        std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        Ok(dir)
+    }
+}
+
+/// A submission id fit to name files: letters, digits, `-`, `_` and `.`, not starting
+/// with a dot, at most [`MAX_SUBMISSION_ID`] bytes.
+pub fn checked_submission_id(id: &str) -> IonetResult<&str> {
+    let fits = !id.is_empty()
+        && id.len() <= MAX_SUBMISSION_ID
+        && !id.starts_with('.')
+        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
+    if fits {
+        Ok(id)
+    } else {
+        Err(IonetError::InvalidArgument(format!(
+            "submission id {id:?} is not valid: 1 to {MAX_SUBMISSION_ID} letters, digits, '-', '_' or '.', not \
+             starting with '.'"
+        )))
+    }
+}
+
+fn event(event: entrypoint_event::Event) -> EntrypointEvent {
+    EntrypointEvent { event: Some(event) }
+}
+
+/// SIGTERM to process group `pgid`, then SIGKILL after the grace if it is still there.
+async fn stop_group(pgid: u32) {
+    let Ok(pgid) = i32::try_from(pgid) else { return };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: signalling a process group this daemon started (setsid in the child).
+    unsafe {
+        libc::kill(-pgid, libc::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    // SAFETY: signal 0 only checks whether the group still has members.
+    while tokio::time::Instant::now() < deadline && unsafe { libc::kill(-pgid, 0) } == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+/// The part of an entrypoint's output file sent so far.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    /// Sends what was written since the last pass; false when the head is gone.
+    async fn send_new(&mut self, sender: &mpsc::Sender<EntrypointEvent>) -> bool {
+        loop {
+            let chunk = match read_from(&self.path, self.offset) {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    tracing::warn!(path = %self.path.display(), error = %err, "cannot read an entrypoint's output");
+                    return true;
+                }
+            };
+            if chunk.is_empty() {
+                return true;
+            }
+            self.offset += chunk.len() as u64;
+            if sender.send(event(entrypoint_event::Event::Output(chunk))).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Up to [`MAX_OUTPUT_EVENT`] bytes of `path` from `offset`.
+fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut chunk = Vec::new();
+    file.take(MAX_OUTPUT_EVENT as u64).read_to_end(&mut chunk)?;
+    Ok(chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submission_ids_that_could_name_other_files_are_refused() {
+        for good in ["raysubmit_AbC123", "job-1.2_x"] {
+            assert!(checked_submission_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", ".hidden", "a/b", "a b", "x\0", &"x".repeat(129)] {
+            let err = checked_submission_id(bad).unwrap_err().to_string();
+            assert!(err.contains("is not valid"), "{bad:?}: {err}");
+        }
+    }
+}
