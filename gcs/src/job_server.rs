@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
 use crate::submissions::{Submissions, SubmitRequest};
+use ionet_common::jobs::MAX_PACKAGE_BYTES;
 
 /// Ray's Jobs API version this server speaks, and the Ray version it answers as (Ray's
 /// clients check it before using newer fields).
@@ -57,6 +58,12 @@ pub fn router(submissions: Arc<Submissions>, authorizer: Authorizer) -> Router {
         .route("/api/jobs/{submission_id}", get(details).delete(remove))
         .route("/api/jobs/{submission_id}/stop", post(stop))
         .route("/api/jobs/{submission_id}/logs", get(logs))
+        .route(
+            "/api/packages/{protocol}/{package_name}",
+            get(package_exists)
+                .put(upload_package)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_PACKAGE_BYTES as usize + 1)),
+        )
         .route_layer(middleware::from_fn_with_state(served.clone(), authorize))
         .with_state(served)
 }
@@ -263,4 +270,57 @@ async fn logs(
             Ok(Json(serde_json::json!({ "logs": logs, "offset": next })).into_response())
         }
     }
+}
+
+/// The account whose packages `principal` reads and writes.
+fn package_account(principal: &Principal) -> Result<String, Failure> {
+    match principal {
+        Principal::Account(account) => Ok(account.to_string()),
+        Principal::Admin => Ok("default".to_string()),
+        other => Err(Failure(StatusCode::FORBIDDEN, format!("{other} has no packages"))),
+    }
+}
+
+/// Packages live under Ray's `gcs` protocol (what its clients name them with).
+fn checked_protocol(protocol: &str) -> Result<(), Failure> {
+    if protocol == "gcs" {
+        Ok(())
+    } else {
+        Err(Failure(StatusCode::BAD_REQUEST, format!("packages are uploaded under gcs://, not {protocol}://")))
+    }
+}
+
+async fn package_exists(
+    State(served): State<Served>,
+    Path((protocol, name)): Path<(String, String)>,
+    request: Request,
+) -> Answer {
+    checked_protocol(&protocol)?;
+    let account = package_account(&principal(request.extensions())?)?;
+    if served.submissions.packages().exists(&account, &name)? {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(Failure(StatusCode::NOT_FOUND, format!("package {name} was not uploaded by account {account}")))
+    }
+}
+
+async fn upload_package(
+    State(served): State<Served>,
+    Path((protocol, name)): Path<(String, String)>,
+    request: Request,
+) -> Answer {
+    checked_protocol(&protocol)?;
+    let account = package_account(&principal(request.extensions())?)?;
+    let body = axum::body::to_bytes(request.into_body(), MAX_PACKAGE_BYTES as usize).await.map_err(|_| {
+        Failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "package {name} is larger than {} MiB, the most a package may be: leave large files out \
+                 (excludes) and fetch them in the job",
+                MAX_PACKAGE_BYTES / (1024 * 1024)
+            ),
+        )
+    })?;
+    served.submissions.packages().put(&account, &name, body).await?;
+    Ok(StatusCode::OK.into_response())
 }

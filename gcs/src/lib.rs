@@ -46,6 +46,7 @@ pub mod error;
 pub mod job_server;
 pub mod metering;
 pub mod metering_service;
+pub mod packages;
 #[cfg(feature = "solana")]
 pub mod payouts;
 pub mod placement_groups;

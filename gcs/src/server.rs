@@ -50,9 +50,10 @@ pub struct GcsServerOptions {
     /// Serve TLS only (the cluster CA, the hosts the head's certificate names); `None`:
     /// plain, which only a listener on loopback may be.
     pub tls: Option<HeadTls>,
-    /// Where the job server keeps what submitted jobs print; `None`: a directory of the
-    /// process's own, removed when it ends.
-    pub job_log_dir: Option<PathBuf>,
+    /// Where the job server keeps what submitted jobs print (`logs/`) and the packages
+    /// tenants upload (`packages/`); `None`: a directory of the process's own, removed
+    /// when it ends.
+    pub job_dir: Option<PathBuf>,
     /// Pay each settled epoch out on Solana.
     #[cfg(feature = "solana")]
     pub payouts: Option<crate::payouts::PayoutSettings>,
@@ -69,7 +70,7 @@ impl GcsServerOptions {
             usage_export_path: None,
             signing_key_path: None,
             tls: None,
-            job_log_dir: None,
+            job_dir: None,
             #[cfg(feature = "solana")]
             payouts: None,
         }
@@ -93,7 +94,7 @@ pub struct GcsServer {
     certificate: Option<Arc<ServerCert>>,
     /// Turns true when the server stops.
     stopped: watch::Receiver<bool>,
-    /// The job server's own log directory, when the options named none.
+    /// The job server's own directory, when the options named none.
     _job_logs: Option<tempfile::TempDir>,
 }
 
@@ -144,10 +145,10 @@ impl GcsServer {
         // What a previous run of the head left: groups first (actors may sit in them).
         placement_groups.restore().await?;
         actors.restore().await?;
-        let (job_log_dir, job_logs) = match options.job_log_dir.clone() {
+        let (job_dir, job_logs) = match options.job_dir.clone() {
             Some(dir) => (dir, None),
             None => {
-                let dir = tempfile::Builder::new().prefix("ionet-job-logs").tempdir().map_err(IonetError::from)?;
+                let dir = tempfile::Builder::new().prefix("ionet-jobs").tempdir().map_err(IonetError::from)?;
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
@@ -156,7 +157,8 @@ impl GcsServer {
             placement_groups.clone(),
             issuer.clone(),
             EntrypointRunner::new(control.clone()),
-            job_log_dir,
+            job_dir.join("logs"),
+            job_dir.join("packages"),
         )
         .await?;
         let service = GeneratedGcsServer::new(GcsService::new(

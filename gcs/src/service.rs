@@ -424,6 +424,29 @@ impl Gcs for GcsService {
         Ok(Response::new(KvKeysReply { keys }))
     }
 
+    type GetPackageStream = Pin<Box<dyn Stream<Item = Result<PackageChunk, Status>> + Send + 'static>>;
+
+    async fn get_package(
+        &self,
+        request: Request<GetPackageRequest>,
+    ) -> Result<Response<Self::GetPackageStream>, Status> {
+        // A package of the caller's own account (a node asks with the job's or the
+        // submission's credential it was given).
+        let principal = Principal::of(&request)?;
+        let account = match &principal {
+            Principal::Account(account) | Principal::Job { account, .. } | Principal::Submission { account, .. } => {
+                account.to_string()
+            }
+            Principal::Admin => "default".to_string(),
+            other => return Err(Status::permission_denied(format!("{other} has no account's packages to read"))),
+        };
+        let bytes = self.submissions.packages().read(&account, &request.into_inner().name).await?;
+        const CHUNK: usize = 1024 * 1024;
+        let chunks: Vec<Result<PackageChunk, Status>> =
+            bytes.chunks(CHUNK).map(|chunk| Ok(PackageChunk { data: chunk.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {

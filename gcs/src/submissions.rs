@@ -26,14 +26,16 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::authz::Principal;
 use ionet_common::credential::Issuer;
+use ionet_common::jobs::{checked_submission_id, package_name_of_uri};
 use ionet_common::resources::{CPU, GPU, MEMORY};
-use ionet_common::rpc::proto::common::{JobState, NodeInfo, NodeState};
+use ionet_common::rpc::proto::common::{JobPackages, JobState, NodeInfo, NodeState};
 use ionet_common::rpc::proto::node::{entrypoint_event, RunEntrypointRequest, StopEntrypointRequest};
 use ionet_common::rpc::NodeManagerClient;
 use ionet_common::{IonetError, IonetResult, JobId, Quantity, ResourceSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::GcsResult;
+use crate::packages::PackageStore;
 use crate::placement_groups::PlacementGroups;
 use crate::state::{blocking, GcsState};
 use crate::storage::Table;
@@ -43,11 +45,11 @@ use crate::storage::Table;
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Keys of a runtime environment the head knows.
-const RUNTIME_ENV_KEYS: [&str; 1] = ["env_vars"];
+/// Keys of a runtime environment the head knows (`excludes` is the client's: what it
+/// left out of the packages).
+const RUNTIME_ENV_KEYS: [&str; 4] = ["env_vars", "working_dir", "py_modules", "excludes"];
 /// Keys of Ray's runtime environments this head does not support yet.
-const RUNTIME_ENV_LATER: [&str; 8] =
-    ["working_dir", "py_modules", "pip", "uv", "conda", "container", "excludes", "java_jars"];
+const RUNTIME_ENV_LATER: [&str; 7] = ["pip", "uv", "conda", "container", "image_uri", "java_jars", "config"];
 
 /// Where a submission is (Ray's `JobStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +192,7 @@ pub struct Submissions {
     records: DashMap<String, Submission>,
     /// Where each submission's output is kept.
     log_dir: PathBuf,
+    packages: PackageStore,
     /// The control store's address(es) as the cluster knows them (entrypoints' drivers
     /// join there); set once the head knows it.
     head_address: std::sync::Mutex<String>,
@@ -203,8 +206,10 @@ impl Submissions {
         issuer: Issuer,
         runner: EntrypointRunner,
         log_dir: PathBuf,
+        package_dir: PathBuf,
     ) -> GcsResult<Arc<Self>> {
         std::fs::create_dir_all(&log_dir).map_err(IonetError::from)?;
+        let packages = PackageStore::new(package_dir)?;
         let storage = state.storage().clone();
         let stored = blocking(move || storage.scan_prefix(Table::Submissions, b"")).await?;
         let submissions = Arc::new(Self {
@@ -214,6 +219,7 @@ impl Submissions {
             runner,
             records: DashMap::new(),
             log_dir,
+            packages,
             head_address: Default::default(),
         });
         for (key, value) in stored {
@@ -240,6 +246,11 @@ impl Submissions {
         Ok(submissions)
     }
 
+    /// The packages accounts uploaded.
+    pub fn packages(&self) -> &PackageStore {
+        &self.packages
+    }
+
     /// Where entrypoints' drivers find the control store (the head's advertised
     /// address, or the list of heads).
     pub fn set_head_address(&self, address: &str) {
@@ -259,11 +270,21 @@ impl Submissions {
         let resources = entrypoint_resources(&request)?;
         let runtime_env = request.runtime_env.unwrap_or_default();
         env_vars_of(&runtime_env)?;
+        let packages = packages_of(&runtime_env)?;
+        for uri in packages.py_modules.iter().chain(Some(&packages.working_dir).filter(|uri| !uri.is_empty())) {
+            let name = package_name_of_uri(uri)?;
+            if !self.packages.exists(account, name)? {
+                return Err(IonetError::InvalidArgument(format!(
+                    "package {uri} was not uploaded by account {account}: upload it first (PUT \
+                     /api/packages/gcs/{name}; `ionet job submit --working-dir` and ionet.job_submission do)"
+                )));
+            }
+        }
         let id = match request.submission_id.or(request.job_id).filter(|id| !id.is_empty()) {
             Some(id) => id,
             None => new_submission_id(),
         };
-        checked_id(&id)?;
+        checked_submission_id(&id)?;
         let record = Submission {
             submission_id: id.clone(),
             account: account.to_string(),
@@ -484,6 +505,7 @@ impl Submissions {
             env: env_vars_of(&record.runtime_env).unwrap_or_default(),
             credential,
             gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            packages: packages_of(&record.runtime_env).ok(),
         };
         let started = match self.runner.client(&node.address) {
             Ok(mut client) => client.run_entrypoint(request).await.map_err(IonetError::from),
@@ -655,6 +677,46 @@ fn env_vars_of(
     Ok(env)
 }
 
+/// The packages a runtime environment names (`working_dir`, `py_modules`: uploaded
+/// packages' URIs), checked for shape.
+fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> IonetResult<JobPackages> {
+    let mut packages = JobPackages::default();
+    match runtime_env.get("working_dir") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(uri)) => {
+            package_name_of_uri(uri)?;
+            packages.working_dir = uri.clone();
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env working_dir must be a string, not {other}")))
+        }
+    }
+    match runtime_env.get("py_modules") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(uris)) => {
+            for uri in uris {
+                let serde_json::Value::String(uri) = uri else {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env py_modules must be a list of strings, not one holding {uri}"
+                    )));
+                };
+                package_name_of_uri(uri)?;
+                packages.py_modules.push(uri.clone());
+            }
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env py_modules must be a list, not {other}")))
+        }
+    }
+    match runtime_env.get("excludes") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Array(_)) => {}
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
+        }
+    }
+    Ok(packages)
+}
+
 /// What the entrypoint holds (Ray's defaults: no CPU, no GPU).
 fn entrypoint_resources(request: &SubmitRequest) -> IonetResult<BTreeMap<String, f64>> {
     let mut resources = request.entrypoint_resources.clone().unwrap_or_default();
@@ -707,21 +769,6 @@ fn new_submission_id() -> String {
     format!("ionetsubmit_{tail}")
 }
 
-/// A submission id fit to name files (the node checks the same).
-fn checked_id(id: &str) -> IonetResult<()> {
-    let fits = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-    if fits {
-        Ok(())
-    } else {
-        Err(IonetError::InvalidArgument(format!(
-            "submission_id {id:?} is not valid: 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'"
-        )))
-    }
-}
-
 /// A submission's output as the head keeps it: appended, at most [`MAX_LOG_BYTES`].
 struct LogFile {
     file: Option<std::fs::File>,
@@ -767,6 +814,9 @@ mod tests {
         let unknown = env(r#"{"colour": "blue"}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown runtime_env key \"colour\""), "{unknown}");
         let later = env(r#"{"pip": ["x"]}"#).unwrap_err().to_string();
+        let working_dir = serde_json::from_str(r#"{"working_dir": "/home/me/project"}"#).unwrap();
+        let local = packages_of(&working_dir).unwrap_err().to_string();
+        assert!(local.contains("is not an uploaded package"), "{local}");
         assert!(later.contains("\"pip\" is not supported"), "{later}");
         let number = env(r#"{"env_vars": {"A": 1}}"#).unwrap_err().to_string();
         assert!(number.contains("must be a string"), "{number}");
@@ -793,7 +843,6 @@ mod tests {
     #[test]
     fn generated_ids_are_valid_and_distinct() {
         let (one, two) = (new_submission_id(), new_submission_id());
-        assert!(checked_id(&one).is_ok() && one != two && one.starts_with("ionetsubmit_"));
-        assert!(checked_id("../etc").is_err());
+        assert!(checked_submission_id(&one).is_ok() && one != two && one.starts_with("ionetsubmit_"));
     }
 }

@@ -329,7 +329,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
     options.head_lease = head_lease;
     options.ledger_path = Some(args.ledger.clone().unwrap_or_else(|| session.path().join("ledger.redb")));
     options.usage_export_path = args.usage_export.clone();
-    options.job_log_dir = Some(session.job_logs());
+    options.job_dir = Some(session.jobs());
     // The signing key lives beside a tables file, else with the session (a head on Redis
     // and its standby share a session directory, or the operator copies it).
     options.signing_key_path = Some(match &storage {

@@ -8,7 +8,10 @@
 //! (the head), `IONET_API_KEY` (the submission's credential, which starts jobs paid by
 //! the account only while the submission runs; never the account's key),
 //! `IONET_DRIVER_NODE` (this node, for its drivers), `IONET_CA_FILE` (the cluster CA),
-//! `IONET_JOB_SUBMISSION_ID`, and the runtime environment's `env_vars`. What it prints
+//! `IONET_JOB_SUBMISSION_ID`, the runtime environment's `env_vars`, and the whole of it
+//! (`IONET_RUNTIME_ENV`, which its drivers pass on to their workers). Its directory is a
+//! copy of the job's working dir, if it ships one; that and its modules are on its
+//! `PYTHONPATH` (unpacked once per node, [`crate::packages`]). What it prints
 //! goes to `logs/entrypoint-<submission>.log` and streams to the head as written; its end
 //! closes the stream with its exit code or signal. A stream the head drops stops it.
 
@@ -21,11 +24,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ionet_common::authz::{Authorizer, Principal};
+use ionet_common::jobs::checked_submission_id;
 use ionet_common::rpc::proto::node::{entrypoint_event, EntrypointEvent, EntrypointExit, RunEntrypointRequest};
 use ionet_common::{IonetError, IonetResult};
 use tokio::sync::mpsc;
 
 use crate::identities::WorkerIdentities;
+use crate::packages::PackageCache;
+use ionet_common::auth::Bearer;
+
+/// What an entrypoint's drivers pass on to their workers: the runtime environment's
+/// packages and `env_vars`, as JSON.
+pub const RUNTIME_ENV_ENV: &str = "IONET_RUNTIME_ENV";
 
 /// How often a running entrypoint's output file is read.
 const OUTPUT_PASS: Duration = Duration::from_millis(50);
@@ -33,8 +43,6 @@ const OUTPUT_PASS: Duration = Duration::from_millis(50);
 const MAX_OUTPUT_EVENT: usize = 256 * 1024;
 /// How long a stopped entrypoint has between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
-/// The longest submission id (they name files and directories).
-const MAX_SUBMISSION_ID: usize = 128;
 /// Variables a daemon was started with that its entrypoints must not inherit.
 const DAEMON_SECRETS: [&str; 3] = ["IONET_JOIN_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY"];
 
@@ -57,17 +65,18 @@ pub struct Entrypoints {
     /// Under it, each entrypoint's working directory.
     work_root: PathBuf,
     setting: Mutex<EntrypointSetting>,
+    /// The node's unpacked packages.
+    cache: Arc<PackageCache>,
 }
 
 impl Entrypoints {
-    pub fn new(identities: Option<Arc<WorkerIdentities>>, log_dir: PathBuf, work_root: PathBuf) -> Self {
-        Self {
-            running: Arc::default(),
-            identities,
-            log_dir,
-            work_root,
-            setting: Mutex::new(EntrypointSetting::default()),
-        }
+    pub fn new(
+        identities: Option<Arc<WorkerIdentities>>,
+        log_dir: PathBuf,
+        work_root: PathBuf,
+        cache: Arc<PackageCache>,
+    ) -> Self {
+        Self { running: Arc::default(), identities, log_dir, work_root, setting: Default::default(), cache }
     }
 
     /// What entrypoints started from now on are told about this node.
@@ -77,12 +86,12 @@ impl Entrypoints {
 
     /// Starts `request`'s entrypoint; its events (started, output, exited) arrive on the
     /// receiver. `authorizer` checks the credential it is to start jobs with.
-    pub fn run(
+    pub async fn run(
         &self,
         request: RunEntrypointRequest,
         authorizer: &Authorizer,
     ) -> IonetResult<mpsc::Receiver<EntrypointEvent>> {
-        let id = checked_submission_id(&request.submission_id)?;
+        let id = checked_submission_id(&request.submission_id)?.to_string();
         if request.entrypoint.trim().is_empty() {
             return Err(IonetError::InvalidArgument("the entrypoint is empty: name a command to run".into()));
         }
@@ -95,15 +104,56 @@ impl Entrypoints {
             }
             Err(why) => return Err(IonetError::Unauthenticated(format!("the entrypoint's credential: {why}"))),
         };
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.contains_key(id) {
-            return Err(IonetError::AlreadyExists(format!("submission {id}'s entrypoint already runs on this node")));
+        {
+            // Taken now (pid 0 until it starts), so a second request waits for nothing.
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&id) {
+                return Err(IonetError::AlreadyExists(format!(
+                    "submission {id}'s entrypoint already runs on this node"
+                )));
+            }
+            running.insert(id.clone(), 0);
         }
-        let identity = self.identities.as_ref().map(|identities| identities.fresh(&account)).transpose()?;
+        let started = self.start(&id, &account, request).await;
+        if started.is_err() {
+            self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        started
+    }
+
+    async fn start(
+        &self,
+        id: &str,
+        account: &Arc<str>,
+        request: RunEntrypointRequest,
+    ) -> IonetResult<mpsc::Receiver<EntrypointEvent>> {
+        let identity = self.identities.as_ref().map(|identities| identities.fresh(account)).transpose()?;
         let setting = self.setting.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let work_dir = self.work_dir(id, identity.map(|identity| (identity.uid, identity.gid)))?;
+        let packages = request.packages.clone().unwrap_or_default();
+        let credential = Bearer::new(&request.credential)?;
+        let unpacked = self
+            .cache
+            .unpack_all(&packages, account, identity.map(|identity| identity.gid), &request.gcs_address, &credential)
+            .await
+            .map_err(|err| IonetError::FailedPrecondition(format!("the job's packages: {err}")))?;
+        let owner = identity.map(|identity| (identity.uid, identity.gid));
+        let work_dir = self.work_dir(id, unpacked.working_dir.as_deref(), owner)?;
         let log_path = self.log_dir.join(format!("entrypoint-{id}.log"));
         let output = std::fs::File::options().write(true).create(true).truncate(true).open(&log_path)?;
+        // Its own copy of the working dir comes first on its Python path, then the modules.
+        let mut python_path = unpacked.python_path.clone();
+        if unpacked.working_dir.is_some() {
+            python_path[0] = work_dir.clone();
+        }
+        let existing = request.env.get("PYTHONPATH").cloned().or_else(|| std::env::var("PYTHONPATH").ok());
+        let python_path =
+            crate::packages::Unpacked { working_dir: None, python_path }.python_path_before(existing.as_deref());
+        // What its drivers pass on to their workers (Ray's runtime environment).
+        let runtime_env = serde_json::json!({
+            "working_dir": packages.working_dir,
+            "py_modules": packages.py_modules,
+            "env_vars": request.env,
+        });
         let mut command = tokio::process::Command::new("sh");
         command.arg("-c").arg(&request.entrypoint).current_dir(&work_dir).stdin(Stdio::null());
         for secret in DAEMON_SECRETS {
@@ -115,7 +165,8 @@ impl Entrypoints {
             .env("IONET_DRIVER_NODE", &setting.node_address)
             .env("IONET_JOB_SUBMISSION_ID", id)
             .env("PYTHONUNBUFFERED", "1")
-            .env("HOME", &work_dir);
+            .env("HOME", &work_dir)
+            .env(RUNTIME_ENV_ENV, runtime_env.to_string());
         if let Some(ca) = &setting.cluster_ca {
             let path = work_dir.join(".ionet_cluster_ca.pem");
             std::fs::write(&path, ca)?;
@@ -123,6 +174,9 @@ impl Entrypoints {
             command.env(crate::session::CA_FILE_ENV, path);
         }
         command.envs(&request.env);
+        if !python_path.is_empty() {
+            command.env("PYTHONPATH", python_path);
+        }
         command.stdout(output.try_clone()?).stderr(output);
         if let Some(identity) = identity {
             command.uid(identity.uid).gid(identity.gid);
@@ -142,8 +196,7 @@ impl Entrypoints {
             IonetError::FailedPrecondition(format!("cannot start the entrypoint of submission {id}: {err}"))
         })?;
         let pid = child.id().unwrap_or_default();
-        running.insert(id.to_string(), pid);
-        drop(running);
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), pid);
         tracing::info!(submission = %id, pid, "entrypoint started");
         let (sender, receiver) = mpsc::channel(16);
         let running = self.running.clone();
@@ -193,14 +246,19 @@ impl Entrypoints {
         let Some(pid) = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied() else {
             return false;
         };
+        if pid == 0 {
+            // Still being prepared: it starts, then the head's stop reaches it again.
+            return true;
+        }
         tracing::info!(submission = %id, pid, "stopping the entrypoint");
         tokio::spawn(stop_group(pid));
         true
     }
 
-    /// A fresh working directory for submission `id`: the entrypoint's own, its account's
-    /// group may enter it.
-    fn work_dir(&self, id: &str, owner: Option<(u32, u32)>) -> IonetResult<PathBuf> {
+    /// A fresh working directory for submission `id` (a copy of `working_dir`, if it
+    /// ships one): the entrypoint's own, its account's group may enter it (its drivers'
+    /// workers on this node start where the driver runs).
+    fn work_dir(&self, id: &str, working_dir: Option<&Path>, owner: Option<(u32, u32)>) -> IonetResult<PathBuf> {
         // Others may pass through the root (to their own directory), not list it.
         std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&self.work_root)?;
         std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711))?;
@@ -208,31 +266,17 @@ impl Entrypoints {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        // The entrypoint's, and readable by its account's group: its jobs' workers start
-        // there too (a driver's workers start where it runs).
-        std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        match working_dir {
+            Some(from) => crate::packages::copy_tree(from, &dir, owner)?,
+            None => {
+                std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+                }
+            }
         }
         Ok(dir)
-    }
-}
-
-/// A submission id fit to name files: letters, digits, `-`, `_` and `.`, not starting
-/// with a dot, at most [`MAX_SUBMISSION_ID`] bytes.
-pub fn checked_submission_id(id: &str) -> IonetResult<&str> {
-    let fits = !id.is_empty()
-        && id.len() <= MAX_SUBMISSION_ID
-        && !id.starts_with('.')
-        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-    if fits {
-        Ok(id)
-    } else {
-        Err(IonetError::InvalidArgument(format!(
-            "submission id {id:?} is not valid: 1 to {MAX_SUBMISSION_ID} letters, digits, '-', '_' or '.', not \
-             starting with '.'"
-        )))
     }
 }
 
@@ -296,20 +340,4 @@ fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
     let mut chunk = Vec::new();
     file.take(MAX_OUTPUT_EVENT as u64).read_to_end(&mut chunk)?;
     Ok(chunk)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn submission_ids_that_could_name_other_files_are_refused() {
-        for good in ["raysubmit_AbC123", "job-1.2_x"] {
-            assert!(checked_submission_id(good).is_ok(), "{good}");
-        }
-        for bad in ["", "..", ".hidden", "a/b", "a b", "x\0", &"x".repeat(129)] {
-            let err = checked_submission_id(bad).unwrap_err().to_string();
-            assert!(err.contains("is not valid"), "{bad:?}: {err}");
-        }
-    }
 }

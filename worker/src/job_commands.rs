@@ -8,6 +8,7 @@
 //! machine the operator's credential is the default.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +16,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::cli::SessionArgs;
+use crate::packages::PACKAGE_URI_SCHEME;
 use crate::session::SessionDir;
 
 /// How often a followed job's output and status are read.
@@ -40,6 +42,11 @@ pub struct JobSubmitArgs {
     /// The submission's id (default: one is made up, `ionetsubmit_…`).
     #[arg(long = "submission-id")]
     pub submission_id: Option<String>,
+    /// A local directory the job runs in: packed, uploaded once (by content) and
+    /// unpacked on every node that runs the job (its entrypoint starts inside it, its
+    /// workers too). Overrides the runtime environment's `working_dir`.
+    #[arg(long = "working-dir")]
+    pub working_dir: Option<PathBuf>,
     /// The runtime environment as JSON, e.g. '{"env_vars": {"MODE": "fast"}}'.
     #[arg(long = "runtime-env-json")]
     pub runtime_env_json: Option<String>,
@@ -178,6 +185,61 @@ impl JobServer {
         serde_json::from_str(&text).with_context(|| format!("{method} {path}: the job server's answer is not JSON"))
     }
 
+    /// Uploads `dir` packed (unless the head has it already); its URI for a runtime
+    /// environment.
+    async fn upload(&self, dir: &Path, excludes: &[String], under_own_name: bool) -> Result<String> {
+        let package = crate::packages::package_directory(dir, excludes, under_own_name)?;
+        let path = format!("/api/packages/gcs/{}", package.name);
+        let url = format!("{}{path}", self.base);
+        let known = self.client.get(&url).bearer_auth(&self.credential).send().await?;
+        match known.status().as_u16() {
+            200 => {
+                eprintln!("{} is on the head already ({})", dir.display(), package.uri());
+                return Ok(package.uri());
+            }
+            404 => {}
+            status => bail!("GET {path}: {status}: {}", known.text().await.unwrap_or_default().trim()),
+        }
+        eprintln!(
+            "Uploading {} ({} files, {:.1} MiB packed) as {}",
+            dir.display(),
+            package.files,
+            package.bytes.len() as f64 / (1024.0 * 1024.0),
+            package.uri()
+        );
+        let uri = package.uri();
+        let sent = self.client.put(&url).bearer_auth(&self.credential).body(package.bytes).send().await?;
+        if !sent.status().is_success() {
+            bail!("uploading {}: {}: {}", dir.display(), sent.status(), sent.text().await.unwrap_or_default().trim());
+        }
+        Ok(uri)
+    }
+
+    /// `runtime_env` with its local directories (working_dir, py_modules) uploaded and
+    /// named by their packages.
+    async fn upload_local_dirs(&self, runtime_env: &mut Value) -> Result<()> {
+        let excludes: Vec<String> = runtime_env["excludes"]
+            .as_array()
+            .map(|list| list.iter().filter_map(|item| item.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        if let Some(dir) = runtime_env["working_dir"].as_str().filter(|dir| !dir.starts_with(PACKAGE_URI_SCHEME)) {
+            let uri = self.upload(Path::new(dir), &excludes, false).await?;
+            runtime_env["working_dir"] = Value::from(uri);
+        }
+        if let Some(modules) = runtime_env["py_modules"].as_array().cloned() {
+            let mut uris = Vec::new();
+            for module in modules {
+                match module.as_str() {
+                    Some(uri) if uri.starts_with(PACKAGE_URI_SCHEME) => uris.push(Value::from(uri)),
+                    Some(dir) => uris.push(Value::from(self.upload(Path::new(dir), &excludes, true).await?)),
+                    None => bail!("runtime_env py_modules holds {module}, not a directory or package"),
+                }
+            }
+            runtime_env["py_modules"] = Value::from(uris);
+        }
+        Ok(())
+    }
+
     async fn details(&self, id: &str) -> Result<Value> {
         self.call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None).await
     }
@@ -258,8 +320,10 @@ pub fn submit(args: JobSubmitArgs) -> Result<()> {
     if let Some(id) = &args.submission_id {
         request["submission_id"] = Value::from(id.clone());
     }
-    if let Some(env) = json_object("--runtime-env-json", args.runtime_env_json.as_deref())? {
-        request["runtime_env"] = env;
+    let mut runtime_env = json_object("--runtime-env-json", args.runtime_env_json.as_deref())?
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    if let Some(dir) = &args.working_dir {
+        runtime_env["working_dir"] = Value::from(dir.to_string_lossy().into_owned());
     }
     if let Some(metadata) = json_object("--metadata-json", args.metadata_json.as_deref())? {
         request["metadata"] = metadata;
@@ -277,6 +341,8 @@ pub fn submit(args: JobSubmitArgs) -> Result<()> {
         request["entrypoint_memory"] = Value::from(memory);
     }
     runtime()?.block_on(async {
+        server.upload_local_dirs(&mut runtime_env).await?;
+        request["runtime_env"] = runtime_env;
         let answer = server.call(reqwest::Method::POST, "/api/jobs/", Some(&request)).await?;
         let id = answer["submission_id"].as_str().ok_or_else(|| anyhow!("the job server named no submission"))?;
         eprintln!("Job '{id}' submitted successfully");

@@ -26,6 +26,7 @@ pub mod metering_commands;
 pub mod node_daemon;
 pub mod node_spec;
 pub mod objects;
+pub mod packages;
 pub mod quote_command;
 pub mod session;
 pub mod status;

@@ -55,6 +55,7 @@ use crate::identities::WorkerIdentities;
 use crate::lease::{Leases, WorkerPoolOptions};
 use crate::node_spec::NodeSpec;
 use crate::objects::NodeObjects;
+use crate::packages::PackageCache;
 
 pub struct NodeDaemonOptions {
     pub gcs_address: String,
@@ -455,7 +456,7 @@ impl NodeManager for NodeManagerService {
             return Err(Status::failed_precondition("this node runs no tenant code (it holds the payout keypair)"));
         }
         let id = request.submission_id.clone();
-        let mut events = self.shared.entrypoints.run(request, &self.shared.authorizer)?;
+        let mut events = self.shared.entrypoints.run(request, &self.shared.authorizer).await?;
         let (sender, stream) = tokio::sync::mpsc::channel(16);
         // The stream ends when the daemon stops (the entrypoint dies with it).
         let mut stopped = self.stopped.clone();
@@ -582,10 +583,14 @@ impl NodeDaemon {
         // No credential is accepted until the node learns the head's key (at registration).
         let authorizer = Authorizer::new(None);
         let work_root = std::env::temp_dir().join(format!("ionet-entrypoints-{}", node_id.hex()));
+        let packages =
+            Arc::new(PackageCache::new(std::env::temp_dir().join(format!("ionet-packages-{}", node_id.hex()))));
+        leases.set_package_cache(packages.clone());
         let entrypoints = Entrypoints::new(
             options.worker_identities.clone(),
             entrypoint_logs.unwrap_or_else(|| work_root.clone()),
             work_root,
+            packages,
         );
         entrypoints.set(EntrypointSetting { node_address: advertised.clone(), cluster_ca: options.cluster_ca.clone() });
         let shared = Arc::new(NodeShared {

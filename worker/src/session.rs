@@ -4,8 +4,8 @@
 //! - `head_address`: `host:port` of the control store, written by the head once serving;
 //! - `job_server_address`: `http(s)://host:port` of the head's job server (Ray's Jobs
 //!   REST API), written by the head once serving;
-//! - `job_logs/job-driver-<submission>.log`: what each submitted job's entrypoint
-//!   printed, kept by the head;
+//! - `jobs/logs/job-driver-<submission>.log`: what each submitted job's entrypoint
+//!   printed, and `jobs/packages/`: the packages tenants uploaded, kept by the head;
 //! - `admin_credential`: the operator's credential (mode 0600), signed by the head at
 //!   each start (money and the operator's controls need it);
 //! - `signing_key`: the head's credential signing key (mode 0600), unless `--storage`
@@ -133,9 +133,9 @@ impl SessionDir {
         self.read_file("job_server_address")
     }
 
-    /// Where the head keeps what submitted jobs print.
-    pub fn job_logs(&self) -> PathBuf {
-        self.root.join("job_logs")
+    /// Where the head keeps what submitted jobs print, and the packages they ship.
+    pub fn jobs(&self) -> PathBuf {
+        self.root.join("jobs")
     }
 
     /// The cluster CA (PEM) a client of a TLS endpoint trusts: `IONET_CA_FILE`, else the

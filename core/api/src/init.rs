@@ -184,7 +184,7 @@ fn worker_command() -> WorkerCommand {
         })
         .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
-    WorkerCommand { argv, env, cwd }
+    WorkerCommand { argv, env, cwd, packages: None }
 }
 
 /// Binds this process's own server at its node's host: TLS (`https://`) when its node's
@@ -356,6 +356,36 @@ pub const ADDRESS_ENV: &str = "IONET_ADDRESS";
 /// The node daemon a submitted job's entrypoint's drivers work through.
 pub const DRIVER_NODE_ENV: &str = "IONET_DRIVER_NODE";
 
+/// A submitted job's runtime environment (`IONET_RUNTIME_ENV`, set by the node running its
+/// entrypoint) reaches its workers: their packages and `env_vars`, as Ray's does.
+fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
+    let Some(text) = std::env::var(ionet_worker::entrypoints::RUNTIME_ENV_ENV).ok().filter(|text| !text.is_empty())
+    else {
+        return Ok(());
+    };
+    #[derive(serde::Deserialize)]
+    struct Submitted {
+        #[serde(default)]
+        working_dir: String,
+        #[serde(default)]
+        py_modules: Vec<String>,
+        #[serde(default)]
+        env_vars: std::collections::HashMap<String, String>,
+    }
+    let submitted: Submitted = serde_json::from_str(&text).map_err(|err| {
+        IonetError::InvalidArgument(format!(
+            "{} is not a runtime environment: {err}",
+            ionet_worker::entrypoints::RUNTIME_ENV_ENV
+        ))
+    })?;
+    command.env.extend(submitted.env_vars);
+    command.packages = Some(ionet_common::rpc::proto::common::JobPackages {
+        working_dir: submitted.working_dir,
+        py_modules: submitted.py_modules,
+    });
+    Ok(())
+}
+
 async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
     let from_env =
         |name: &str| std::env::var(name).ok().map(|value| value.trim().to_string()).filter(|v| !v.is_empty());
@@ -384,6 +414,7 @@ async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
                 // The job's tasks and actors find named actors in the driver's namespace.
                 let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
                 command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
+                submitted_runtime_env(&mut command)?;
                 command
             }),
         })

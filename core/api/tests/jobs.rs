@@ -14,10 +14,12 @@ use ionet::{InitConfig, SchedulingStrategy, TaskOptions};
 /// `tasks` runs tasks on both nodes and ends; `linger` leaves a task running until stopped.
 const SUBMITTED_DRIVER_ENV: &str = "IONET_TEST_SUBMITTED_DRIVER";
 
-/// Prints a line naming the node it runs on and what the environment gave it.
+/// Prints a line naming the node it runs on, and what the job's working dir and
+/// environment gave it.
 #[ionet::remote]
 fn shout(node: String) -> String {
-    println!("hello from node {node}");
+    let data = std::fs::read_to_string("data.txt").unwrap_or_else(|err| format!("no data.txt: {err}"));
+    println!("hello from node {node}: {} / {}", data.trim(), std::env::var("GREETING").unwrap_or_default());
     ionet::get_runtime_context().unwrap().node_id.hex()
 }
 
@@ -35,6 +37,9 @@ fn submitted_driver(mode: &str) {
     ionet::init(InitConfig::default()).expect("a submitted entrypoint joins its cluster");
     let context = ionet::get_runtime_context().unwrap();
     println!("GREETING={}", std::env::var("GREETING").unwrap_or_default());
+    if let Ok(data) = std::fs::read_to_string("data.txt") {
+        println!("the driver reads {}", data.trim());
+    }
     println!("driver on node {} as job {}", context.node_id.hex(), context.job_id.hex());
     match mode {
         "tasks" => {
@@ -87,11 +92,32 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     let env = runtime_env("tasks");
     let exe = entrypoint();
     let id = "acme-train-1";
-    let submit = ["job", "submit", "--api-key", &key, "--submission-id", id, "--runtime-env-json", &env, "--", &exe];
+    // The job's working dir: a data file its driver and its tasks on both nodes read.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("data.txt"), "payload 42\n").unwrap();
+    std::fs::create_dir(project.path().join(".git")).unwrap();
+    std::fs::write(project.path().join(".git/HEAD"), "not shipped").unwrap();
+    let dir = project.path().to_string_lossy().into_owned();
+    let submit = [
+        "job",
+        "submit",
+        "--api-key",
+        &key,
+        "--submission-id",
+        id,
+        "--working-dir",
+        &dir,
+        "--runtime-env-json",
+        &env,
+        "--",
+        &exe,
+    ];
     let followed = cluster.ionet(&submit);
     assert!(followed.contains("GREETING=hello from the runtime env"), "{followed}");
+    assert!(followed.contains("the driver reads payload 42"), "{followed}");
     for name in ["a", "b"] {
-        let line = followed.lines().find(|line| line.ends_with(&format!("hello from node {name}")));
+        let expected = format!("hello from node {name}: payload 42 / hello from the runtime env");
+        let line = followed.lines().find(|line| line.ends_with(&expected));
         let line = line.unwrap_or_else(|| panic!("node {name}'s line is missing:\n{followed}"));
         assert!(line.starts_with("(shout pid=") && line.contains(", ip=127.0.0.1) "), "{line}");
     }
@@ -131,6 +157,21 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     assert!(theirs.is_empty(), "a tenant lists only its own submissions: {theirs:?}");
     let refused = cluster.ionet_fails(&["job", "logs", id, "--api-key", &other]);
     assert!(refused.contains("404") && refused.contains(&format!("Job {id} does not exist")), "{refused}");
+
+    // The same directory again is the same package: not uploaded twice.
+    let again = cluster.run_ionet_output(&[
+        "job",
+        "submit",
+        "--api-key",
+        &key,
+        "--working-dir",
+        &dir,
+        "--runtime-env-json",
+        &env,
+        "--",
+        &exe,
+    ]);
+    assert!(again.contains("is on the head already"), "{again}");
 
     // Ended, it may be deleted; its id is free again.
     cluster.ionet(&["job", "delete", id, "--api-key", &key]);
@@ -201,6 +242,17 @@ fn bad_submissions_are_refused_clearly() {
         let refused = cluster.ionet_fails(&args);
         assert!(refused.contains(expected), "{flags:?}: {refused}");
     }
+    // A working dir over the limit is refused before anything is sent.
+    let huge = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(huge.path().join("weights.bin")).unwrap();
+    file.set_len(ionet_common::jobs::MAX_PACKAGE_BYTES + 1).unwrap();
+    let dir = huge.path().to_string_lossy().into_owned();
+    let refused = cluster.ionet_fails(&["job", "submit", "--api-key", &key, "--working-dir", &dir, "--", &exe]);
+    assert!(refused.contains("more than 100 MiB"), "{refused}");
+    // A working dir named by a path the head never saw.
+    let unknown = r#"{"working_dir": "gcs://_ionet_pkg_0123456789abcdef.zip"}"#;
+    let refused = cluster.ionet_fails(&["job", "submit", "--api-key", &key, "--runtime-env-json", unknown, "--", &exe]);
+    assert!(refused.contains("was not uploaded by account acme"), "{refused}");
     // A command that does not exist: the job fails, saying so.
     let missing = cluster.ionet_fails(&["job", "submit", "--api-key", &key, "--", "/no/such/program"]);
     assert!(missing.contains("FAILED") && missing.contains("exit code 127"), "{missing}");

@@ -251,6 +251,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/CreateToken", Access::Admin),
     row("/ionet.gcs.Gcs/ObjectsMoved", Access::Node),
     row("/ionet.gcs.Gcs/GetObjectMoves", Access::JobOrPeer),
+    // The handler serves the package of the caller's own account only.
+    row("/ionet.gcs.Gcs/GetPackage", Access::Read),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
@@ -332,6 +334,9 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("DELETE", "/api/jobs/{submission_id}", Access::Submit),
     http("POST", "/api/jobs/{submission_id}/stop", Access::Submit),
     http("GET", "/api/jobs/{submission_id}/logs", Access::Read),
+    // Packages (working_dir, py_modules): an account's own.
+    http("GET", "/api/packages/{protocol}/{package_name}", Access::Submit),
+    http("PUT", "/api/packages/{protocol}/{package_name}", Access::Submit),
 ];
 
 /// Whether `principal` may make a `method` request to `route` of the head's HTTP server.

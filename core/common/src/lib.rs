@@ -32,6 +32,7 @@ pub mod error;
 pub mod failover;
 pub mod files;
 pub mod ids;
+pub mod jobs;
 pub mod lease;
 pub mod resources;
 pub mod rpc;

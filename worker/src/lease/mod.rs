@@ -105,6 +105,8 @@ pub struct Leases {
     gcs_channel: std::sync::OnceLock<ionet_common::failover::ClusterChannel>,
     /// Who jobs' workers run as, when this daemon may choose (root).
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
+    /// Where jobs' packages are unpacked on this node.
+    packages: std::sync::OnceLock<Arc<crate::packages::PackageCache>>,
     state: Mutex<LeaseState>,
     /// Told the address of every worker process that exits (its objects go).
     on_worker_exit: std::sync::OnceLock<Arc<dyn Fn(String) + Send + Sync>>,
@@ -191,6 +193,7 @@ impl Leases {
             job_commands: DashMap::new(),
             gcs_channel: std::sync::OnceLock::new(),
             identities: std::sync::OnceLock::new(),
+            packages: std::sync::OnceLock::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -304,6 +307,11 @@ impl Leases {
     }
 
     /// Jobs' workers run as users of their own from now on.
+    /// Where jobs' packages (working dir, modules) are unpacked for their workers.
+    pub fn set_package_cache(&self, cache: Arc<crate::packages::PackageCache>) {
+        let _ = self.packages.set(cache);
+    }
+
     pub fn set_identities(&self, identities: Arc<crate::identities::WorkerIdentities>) {
         let _ = self.identities.set(identities);
     }

@@ -21,6 +21,9 @@ pub(super) const EXCESS_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// The most output files of one job a node follows (its latest workers').
 const MAX_FOLLOWED_FILES_PER_JOB: usize = 512;
 
+/// What a Python driver names as its path for its workers (`ionet._worker`).
+const PYTHON_DRIVER_PATH: &str = "IONET_PYTHONPATH";
+
 /// How long a started worker may take to register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -49,6 +52,37 @@ impl Leases {
         CredentialPipe::holding(credential.as_str())
     }
 
+    /// The packages `command` names for `job_id`'s workers, unpacked on this node (once
+    /// per node; fetched from the head with the job's credential).
+    async fn unpack_packages(
+        &self,
+        job_id: JobId,
+        command: &WorkerCommand,
+    ) -> IonetResult<Option<crate::packages::Unpacked>> {
+        let Some(packages) =
+            command.packages.as_ref().filter(|p| !p.working_dir.is_empty() || !p.py_modules.is_empty())
+        else {
+            return Ok(None);
+        };
+        let cache = self.packages.get().ok_or_else(|| {
+            IonetError::FailedPrecondition(format!("job {job_id} ships packages, and this node unpacks none"))
+        })?;
+        let account =
+            self.job_accounts.get(&job_id).map(|account| account.clone()).ok_or_else(|| {
+                IonetError::Internal(format!("no account of job {job_id} to unpack its packages for"))
+            })?;
+        let credential =
+            self.job_credentials.get(&job_id).map(|credential| credential.clone()).ok_or_else(|| {
+                IonetError::Internal(format!("no credential of job {job_id} to fetch its packages with"))
+            })?;
+        let gid = self.identities.get().map(|identities| identities.group_of_account(&account)).transpose()?;
+        let gcs_address = self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let unpacked = cache.unpack_all(packages, &account, gid, &gcs_address, &credential).await.map_err(|err| {
+            IonetError::FailedPrecondition(format!("cannot start a worker of job {job_id}: its packages: {err}"))
+        })?;
+        Ok(Some(unpacked))
+    }
+
     /// A worker announced its address.
     pub fn register_worker(&self, worker_id: &[u8], address: String) -> IonetResult<()> {
         let worker_id = WorkerId::from_bytes(worker_id)?;
@@ -66,6 +100,7 @@ impl Leases {
         key: PoolKey,
     ) -> IonetResult<Worker> {
         let worker_id = WorkerId::random();
+        let unpacked = self.unpack_packages(job_id, command).await?;
         let mut process = tokio::process::Command::new(&command.argv[0]);
         process
             .args(&command.argv[1..])
@@ -94,7 +129,18 @@ impl Leases {
         // The driver's directory, where this machine has it and the worker may enter it
         // (a driver elsewhere, or a directory of another user: the root instead). Changed
         // into after the worker became its job's user, so the check is the worker's own.
-        let cwd = std::ffi::CString::new(command.cwd.as_bytes()).ok().filter(|_| !command.cwd.is_empty());
+        let mut cwd = std::ffi::CString::new(command.cwd.as_bytes()).ok().filter(|_| !command.cwd.is_empty());
+        if let Some(unpacked) = &unpacked {
+            // The job ships its code: the worker starts in its working dir, with it and its
+            // modules first on its Python path.
+            if let Some(dir) = &unpacked.working_dir {
+                cwd = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok();
+            }
+            let python_path = command.env.get("PYTHONPATH").cloned().or_else(|| std::env::var("PYTHONPATH").ok());
+            process.env("PYTHONPATH", unpacked.python_path_before(python_path.as_deref()));
+            let driver_path = command.env.get(PYTHON_DRIVER_PATH).map(String::as_str);
+            process.env(PYTHON_DRIVER_PATH, unpacked.python_path_before(driver_path));
+        }
         let mut log_path = None;
         if let Some(dir) = &self.options.log_dir {
             // The whole id, and a file of its own: another job's output is never appended to.

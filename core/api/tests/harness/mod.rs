@@ -266,6 +266,14 @@ impl Cluster {
         printed
     }
 
+    /// Runs an `ionet` command that must succeed; all it printed (stdout, then stderr).
+    pub fn run_ionet_output(&self, args: &[&str]) -> String {
+        let output = self.run_ionet(args);
+        let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "ionet {args:?} failed: {printed}");
+        printed
+    }
+
     fn run_ionet(&self, args: &[&str]) -> std::process::Output {
         // The session goes before a `--` (what follows it is a command line of its own).
         let at = args.iter().position(|arg| *arg == "--").unwrap_or(args.len());

@@ -1,0 +1,76 @@
+//! Names submitted jobs share between the head and the nodes: submission ids and the
+//! packages a job ships (Ray's `working_dir` and `py_modules`, `gcs://<name>`). Both
+//! name files on the head and on nodes, so both are checked the same way everywhere.
+
+use crate::error::{IonetError, IonetResult};
+
+/// The most bytes a package holds unpacked (and the most the head takes in one upload).
+pub const MAX_PACKAGE_BYTES: u64 = 100 * 1024 * 1024;
+/// The scheme of a package's URI in a runtime environment (Ray's).
+pub const PACKAGE_URI_SCHEME: &str = "gcs://";
+/// The longest submission id.
+const MAX_SUBMISSION_ID: usize = 128;
+
+/// A submission id fit to name files: letters, digits, `-`, `_` and `.`, not starting
+/// with a dot, at most 128 bytes.
+pub fn checked_submission_id(id: &str) -> IonetResult<&str> {
+    let fits = !id.is_empty()
+        && id.len() <= MAX_SUBMISSION_ID
+        && !id.starts_with('.')
+        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
+    if fits {
+        Ok(id)
+    } else {
+        Err(IonetError::InvalidArgument(format!(
+            "submission id {id:?} is not valid: 1 to {MAX_SUBMISSION_ID} letters, digits, '-', '_' or '.', not \
+             starting with '.'"
+        )))
+    }
+}
+
+/// A package name fit to name a file: letters, digits, `-`, `_`, `.`, ending `.zip` or
+/// `.whl` (Ray's packages), at most 255 bytes.
+pub fn checked_package_name(name: &str) -> IonetResult<&str> {
+    let fits = name.len() <= 255
+        && !name.starts_with('.')
+        && (name.ends_with(".zip") || name.ends_with(".whl"))
+        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
+    if fits {
+        Ok(name)
+    } else {
+        Err(IonetError::InvalidArgument(format!(
+            "{name:?} is not a package name: letters, digits, '-', '_' and '.', ending .zip or .whl"
+        )))
+    }
+}
+
+/// The package a runtime environment's URI names (`gcs://<name>`).
+pub fn package_name_of_uri(uri: &str) -> IonetResult<&str> {
+    let name = uri.strip_prefix(PACKAGE_URI_SCHEME).ok_or_else(|| {
+        IonetError::InvalidArgument(format!(
+            "{uri:?} is not an uploaded package (gcs://<name>): upload the directory first (`ionet job submit \
+             --working-dir DIR` and ionet.job_submission do)"
+        ))
+    })?;
+    checked_package_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_reach_other_files_are_refused() {
+        for good in ["raysubmit_AbC123", "job-1.2_x"] {
+            assert!(checked_submission_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", ".hidden", "a/b", "a b", "x\0", &"x".repeat(129)] {
+            let err = checked_submission_id(bad).unwrap_err().to_string();
+            assert!(err.contains("is not valid"), "{bad:?}: {err}");
+        }
+        assert_eq!(package_name_of_uri("gcs://_ray_pkg_abc.zip").unwrap(), "_ray_pkg_abc.zip");
+        for bad in ["/home/me/project", "gcs://../x.zip", "gcs://x.tar", "gcs://.x.zip", "s3://b/x.zip"] {
+            assert!(package_name_of_uri(bad).is_err(), "{bad}");
+        }
+    }
+}
