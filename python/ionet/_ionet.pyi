@@ -111,6 +111,12 @@ def cancel(ref: ObjectRef, force: bool = False, recursive: bool = True) -> None:
 def nodes() -> List[Dict[str, Any]]:
     """NodeID, Alive, NodeManagerAddress, Resources, Labels per node."""
 
+def package_directory(path: str, excludes: List[str], under_own_name: bool) -> Tuple[str, bytes]:
+    """A directory packed for a job: its package's name (by content) and the zip."""
+
+def job_server_defaults(session_dir: Optional[str] = None) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """This machine's session's job server address, operator credential and cluster CA."""
+
 def cluster_resources() -> Dict[str, float]: ...
 def available_resources() -> Dict[str, float]: ...
 def get_gpu_ids() -> List[int]: ...

@@ -34,7 +34,7 @@ pub(crate) fn init(
         namespace,
         session_dir: session_dir.map(Into::into),
         object_store_memory,
-        worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd }),
+        worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd, packages: None }),
         payer_account,
         log_to_driver: Some(log_to_driver),
         ..InitConfig::default()
@@ -101,6 +101,35 @@ pub(crate) fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
             }
         }
     })
+}
+
+/// A directory packed for a job (`ionet.job_submission`): its package's name and bytes.
+#[pyfunction]
+#[pyo3(signature = (path, excludes, under_own_name))]
+pub(crate) fn package_directory(
+    py: Python<'_>,
+    path: String,
+    excludes: Vec<String>,
+    under_own_name: bool,
+) -> PyResult<(String, Py<PyBytes>)> {
+    let package = py
+        .detach(move || {
+            ionet_worker::packages::package_directory(std::path::Path::new(&path), &excludes, under_own_name)
+        })
+        .or_raise()?;
+    Ok((package.name, PyBytes::new(py, &package.bytes).unbind()))
+}
+
+/// What this machine's session says about its head's job server: its address, the
+/// operator's credential, and the cluster CA to trust (each `None` when absent).
+#[pyfunction]
+#[pyo3(signature = (session_dir = None))]
+pub(crate) fn job_server_defaults(
+    session_dir: Option<String>,
+) -> PyResult<(Option<String>, Option<String>, Option<String>)> {
+    let session = ionet_worker::session::SessionDir::resolve(session_dir.as_deref().map(std::path::Path::new));
+    let ca = session.cluster_ca_to_trust().or_raise()?;
+    Ok((session.job_server_address(), session.admin_credential().map(|admin| admin.as_str().to_string()), ca))
 }
 
 #[pyfunction]

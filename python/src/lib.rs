@@ -131,6 +131,8 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(kill, module)?,
         wrap_pyfunction!(cancel, module)?,
         wrap_pyfunction!(nodes, module)?,
+        wrap_pyfunction!(package_directory, module)?,
+        wrap_pyfunction!(job_server_defaults, module)?,
         wrap_pyfunction!(cluster_resources, module)?,
         wrap_pyfunction!(available_resources, module)?,
         wrap_pyfunction!(get_gpu_ids, module)?,

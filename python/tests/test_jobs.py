@@ -1,0 +1,153 @@
+"""Submitted jobs: a Python program with its working dir and environment, submitted to
+the head's job server (`ionet job submit` and `ionet.job_submission`), runs on the
+cluster's nodes; its output, with each worker's prefix, comes back; stop ends it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ProcessCluster, wait_for
+from ionet.job_submission import JobStatus, JobSubmissionClient
+
+MAIN = textwrap.dedent(
+    """
+    import os
+    import ionet
+    import helper
+
+    ionet.init()  # no address: the job server told the entrypoint where its cluster is
+
+    @ionet.remote(num_cpus=2)
+    def work(i, rendezvous):
+        import helper, time
+        # Both run at once: each holds a whole node's CPUs, so they run on both nodes.
+        open(os.path.join(rendezvous, str(i)), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open("data.txt") as data:
+            payload = data.read().strip()
+        print(f"task {i} says {helper.greet()} with {payload} and {os.environ['GREETING']}")
+        return ionet.get_runtime_context().get_node_id()
+
+    print("driver reads", open("data.txt").read().strip(), "and", os.environ["GREETING"])
+    import tempfile
+    rendezvous = tempfile.mkdtemp()
+    os.chmod(rendezvous, 0o1777)
+    nodes = ionet.get([work.remote(i, rendezvous) for i in range(2)], timeout=120)
+    print("tasks ran on", len(set(nodes)), "nodes")
+    if os.environ.get("LINGER"):
+        @ionet.remote
+        def linger():
+            print("lingering in pid", os.getpid())
+            import time
+            time.sleep(600)
+        ionet.get(linger.remote())
+    ionet.shutdown()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
+    try:
+        # The head runs no tasks: they go to the two nodes, one each (2 CPUs a task).
+        cluster.start_head(num_cpus=0)
+        cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def api_key(cluster):
+    return json.loads(cluster.command("account", "create", "acme", "--json"))["api_key"]
+
+
+@pytest.fixture()
+def project(tmp_path):
+    (tmp_path / "main.py").write_text(MAIN)
+    (tmp_path / "helper.py").write_text("def greet():\n    return 'hello from helper'\n")
+    (tmp_path / "data.txt").write_text("payload 42\n")
+    return tmp_path
+
+
+def job_cli(cluster, api_key, *args, check=True):
+    argv = [sys.executable, "-m", "ionet", "job", *args]
+    # The session and key go before `--` (what follows is the entrypoint).
+    at = argv.index("--") if "--" in argv else len(argv)
+    argv[at:at] = ["--temp-dir", str(cluster.session_dir), "--api-key", api_key]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    if check and done.returncode != 0:
+        raise AssertionError(f"ionet job {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}\n{cluster.logs()}")
+    return done
+
+
+def test_a_submitted_python_job_runs_on_both_nodes_with_its_working_dir(cluster, api_key, project):
+    env = json.dumps({"env_vars": {"GREETING": "bonjour"}})
+    done = job_cli(
+        cluster, api_key, "submit", "--submission-id", "py-1", "--working-dir", str(project),
+        "--runtime-env-json", env, "--", sys.executable, "main.py",
+    )
+    assert "driver reads payload 42 and bonjour" in done.stdout, done.stdout
+    assert "tasks ran on 2 nodes" in done.stdout, done.stdout
+    logs = job_cli(cluster, api_key, "logs", "py-1").stdout
+    lines = [line for line in logs.splitlines() if "says hello from helper with payload 42 and bonjour" in line]
+    assert len(lines) == 2, logs
+    for line in lines:
+        assert line.startswith("(work pid=") and ", ip=127.0.0.1) task " in line, line
+    status = job_cli(cluster, api_key, "status", "py-1").stdout
+    assert "SUCCEEDED" in status, status
+
+
+def test_the_python_client_submits_follows_and_stops_a_job(cluster, api_key, project):
+    client = JobSubmissionClient(api_key=api_key, _session_dir=str(cluster.session_dir))
+    assert client.get_version() == "4"
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} main.py",
+        runtime_env={"working_dir": str(project), "env_vars": {"GREETING": "hola", "LINGER": "1"}},
+        metadata={"owner": "tests"},
+    )
+    wait_for(lambda: "lingering in pid" in client.get_job_logs(job), timeout=120, what="the job's lingering task")
+    info = client.get_job_info(job)
+    assert info.status == JobStatus.RUNNING and info.metadata == {"owner": "tests"}, info
+    assert info.account == "acme" and info.driver_info is not None, info
+    worker = int(client.get_job_logs(job).split("lingering in pid")[1].split()[0])
+    driver = int(info.driver_info.pid)
+
+    asked = time.monotonic()
+    assert client.stop_job(job) is True
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+    wait_for(lambda: gone(driver) and gone(worker), timeout=5 - (time.monotonic() - asked), what="the job's end")
+    wait_for(lambda: client.get_job_status(job) == JobStatus.STOPPED, timeout=5, what="STOPPED")
+    assert client.stop_job(job) is False, "a stopped job is not running"
+    assert [details.submission_id for details in client.list_jobs() if details.submission_id == job] == [job]
+    assert client.delete_job(job) is True
+    with pytest.raises(RuntimeError, match="404"):
+        client.get_job_info(job)
+
+
+def test_bad_runtime_envs_are_refused_clearly(cluster, api_key, project):
+    client = JobSubmissionClient(api_key=api_key, _session_dir=str(cluster.session_dir))
+    with pytest.raises(RuntimeError, match='unknown runtime_env key "colour"'):
+        client.submit_job(entrypoint="true", runtime_env={"colour": "blue"})
+    with pytest.raises(ValueError, match="not a directory to pack"):
+        client.submit_job(entrypoint="true", runtime_env={"working_dir": str(project / "main.py")})
+    done = job_cli(cluster, api_key, "submit", "--", "/no/such/program", check=False)
+    assert done.returncode != 0 and "exit code 127" in done.stderr, done.stderr
