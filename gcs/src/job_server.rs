@@ -6,22 +6,24 @@
 //! certificate, offering `http/1.1`); every request carries a credential the head issued
 //! (`Authorization: Bearer …`, Ray's `headers=` argument) and passes the route's row of
 //! [`ionet_common::authz::HTTP_TABLE`] before its handler runs (401 without a valid
-//! credential, 403 naming the right it lacks). Submitting, stopping and deleting take an
-//! account's API key; reading takes any credential of the cluster, and a tenant sees its
-//! own account's submissions only (another's look absent, 404).
+//! credential, 403 naming the right it lacks). Every route but the version takes an
+//! account's API key (or the operator's credential); a tenant sees its own account's
+//! submissions only (another's look absent, 404), and a job's or a submission's
+//! credential, which providers' nodes hold, reads none (their environments may hold
+//! secrets).
 //!
 //! Routes and shapes are Ray's (Jobs API version 4). Deviations: `GET
 //! /api/jobs/{id}/logs?offset=N` (ionet's own) returns the output from byte `N` and the
 //! `offset` to ask from next, for following a job without re-reading it (Ray's
 //! `logs/tail` WebSocket is not served yet); job details carry ionet's `account` and
 //! `job_ids` beside Ray's fields (Ray's client ignores them); deleting a running job is
-//! a 400, not Ray's 500.
+//! a 400, not Ray's 500; a submit naming a field this server does not know is refused
+//! unless the field is null.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -193,32 +195,19 @@ async fn version() -> Json<serde_json::Value> {
 }
 
 async fn submit(State(served): State<Served>, request: Request) -> Answer {
-    let principal = principal(request.extensions())?;
-    let account = match &principal {
-        Principal::Account(account) => account.to_string(),
-        // The operator's submissions are paid by `default`, as its drivers' jobs are.
-        Principal::Admin => "default".to_string(),
-        other => return Err(Failure(StatusCode::FORBIDDEN, format!("{other} may not submit a job"))),
-    };
+    // An account's key (the table): the operator's submissions are paid by `default`, as
+    // its drivers' jobs are.
+    let account = package_account(&principal(request.extensions())?)?;
     let body = axum::body::to_bytes(request.into_body(), MAX_SUBMIT_BYTES)
         .await
         .map_err(|err| Failure(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body: {err}")))?;
-    let submit: SubmitRequest = parse(&body)?;
+    let submit = SubmitRequest::parse(&body)?;
     let id = served.submissions.submit(&account, submit).await?;
     Ok(Json(serde_json::json!({ "job_id": id, "submission_id": id })).into_response())
 }
 
 /// The largest submit request (a runtime environment names packages, it does not carry them).
 const MAX_SUBMIT_BYTES: usize = 1024 * 1024;
-
-fn parse(body: &Bytes) -> Result<SubmitRequest, Failure> {
-    serde_json::from_slice(body).map_err(|err| {
-        Failure(
-            StatusCode::BAD_REQUEST,
-            format!("the request is not a job submission (Ray's JobSubmitRequest as JSON): {err}"),
-        )
-    })
-}
 
 async fn list(State(served): State<Served>, request: Request) -> Answer {
     let principal = principal(request.extensions())?;
@@ -259,25 +248,25 @@ async fn logs(
     match query.get("offset") {
         // Ray's shape: the whole output.
         None => {
-            let (logs, _) = served.submissions.logs(&principal, &id, 0)?;
+            let (logs, _) = served.submissions.logs(&principal, &id, 0).await?;
             Ok(Json(serde_json::json!({ "logs": logs })).into_response())
         }
         Some(offset) => {
             let offset: u64 = offset
                 .parse()
                 .map_err(|_| Failure(StatusCode::BAD_REQUEST, format!("offset {offset:?} is not a byte count")))?;
-            let (logs, next) = served.submissions.logs(&principal, &id, offset)?;
+            let (logs, next) = served.submissions.logs(&principal, &id, offset).await?;
             Ok(Json(serde_json::json!({ "logs": logs, "offset": next })).into_response())
         }
     }
 }
 
-/// The account whose packages `principal` reads and writes.
+/// The account whose submissions and packages `principal` (an account's key, or the
+/// operator) reads and writes.
 fn package_account(principal: &Principal) -> Result<String, Failure> {
     match principal {
-        Principal::Account(account) => Ok(account.to_string()),
-        Principal::Admin => Ok("default".to_string()),
-        other => Err(Failure(StatusCode::FORBIDDEN, format!("{other} has no packages"))),
+        Principal::Account(_) | Principal::Admin => Ok(principal.account().unwrap_or_default().to_string()),
+        other => Err(Failure(StatusCode::FORBIDDEN, format!("{other} has no submissions or packages of its own"))),
     }
 }
 

@@ -250,10 +250,10 @@ impl GcsServer {
         Bearer::new(&self.issuer.issue_account(account, ttl)).expect("a credential is printable ASCII")
     }
 
-    /// A credential of submitted job `submission_id` of `account` (what the job server
-    /// hands the entrypoint's node), valid for `ttl`.
-    pub fn submission_credential(&self, submission_id: &str, account: &str, ttl: Duration) -> Bearer {
-        Bearer::new(&self.issuer.issue_submission(submission_id, account, ttl))
+    /// A credential of submitted job `submission_id` (the one given `nonce`) of `account`
+    /// (what the job server hands the entrypoint's node), valid for `ttl`.
+    pub fn submission_credential(&self, submission_id: &str, nonce: &str, account: &str, ttl: Duration) -> Bearer {
+        Bearer::new(&self.issuer.issue_submission(submission_id, nonce, account, ttl))
             .expect("a credential is printable ASCII")
     }
 

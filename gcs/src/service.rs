@@ -317,8 +317,8 @@ impl Gcs for GcsService {
                 request.payer_account = account.to_string();
             }
             // A submitted job's entrypoint starts jobs for its account, while it runs.
-            Principal::Submission { id, account } => {
-                if !self.submissions.is_live(id) {
+            Principal::Submission { id, nonce, account } => {
+                if !self.submissions.is_live(id, nonce) {
                     return Err(Status::permission_denied(format!(
                         "submission {id} has ended: its credential starts no more jobs"
                     )));
@@ -350,6 +350,13 @@ impl Gcs for GcsService {
                 ..Default::default()
             })
             .await?;
+        // A submission that ended meanwhile ends the job it just started too.
+        if let Principal::Submission { id, nonce, .. } = &principal {
+            if !self.submissions.is_live(id, nonce) {
+                self.state.finish_job(&job.job_id).await?;
+                return Err(Status::permission_denied(format!("submission {id} has ended: it starts no more jobs")));
+            }
+        }
         let payer = payer_account(&job);
         let job_credential = self.issuer.issue_job(&job.job_id, payer, JOB_CREDENTIAL_TTL);
         Ok(Response::new(AddJobReply {
@@ -388,6 +395,13 @@ impl Gcs for GcsService {
         let principal = Principal::of(&request)?;
         let mut jobs = self.state.jobs();
         jobs.retain(|job| principal.sees_account(payer_account(job)));
+        // How a job's workers start (its environment may hold secrets) is the account's
+        // and the operator's to read; a job reads its own with GetJobWorkerCommand.
+        if !matches!(principal, Principal::Admin | Principal::Account(_)) {
+            for job in &mut jobs {
+                job.worker_command = None;
+            }
+        }
         Ok(Response::new(GetAllJobsReply { jobs }))
     }
 
@@ -433,14 +447,31 @@ impl Gcs for GcsService {
         // A package of the caller's own account (a node asks with the job's or the
         // submission's credential it was given).
         let principal = Principal::of(&request)?;
-        let account = match &principal {
-            Principal::Account(account) | Principal::Job { account, .. } | Principal::Submission { account, .. } => {
-                account.to_string()
-            }
-            Principal::Admin => "default".to_string(),
-            other => return Err(Status::permission_denied(format!("{other} has no account's packages to read"))),
+        let name = request.into_inner().name;
+        let account = principal
+            .account()
+            .ok_or_else(|| Status::permission_denied(format!("{principal} has no account's packages to read")))?
+            .to_string();
+        // A job or a submission (whose credential a provider's node holds) reads only the
+        // packages it ships; the account's key, any of the account's.
+        let shipped = match &principal {
+            Principal::Job { job, .. } => self.state.job(job).is_some_and(|info| {
+                info.worker_command.and_then(|command| command.packages).is_some_and(|packages| {
+                    Some(&packages.working_dir)
+                        .into_iter()
+                        .chain(&packages.py_modules)
+                        .any(|uri| ionet_common::jobs::package_name_of_uri(uri).is_ok_and(|shipped| shipped == name))
+                })
+            }),
+            Principal::Submission { id, nonce, .. } => self.submissions.ships(id, nonce, &name),
+            _ => true,
         };
-        let bytes = self.submissions.packages().read(&account, &request.into_inner().name).await?;
+        if !shipped {
+            return Err(Status::permission_denied(format!(
+                "{principal} does not ship package {name}: a job reads the packages it runs with only"
+            )));
+        }
+        let bytes = self.submissions.packages().read(&account, &name).await?;
         const CHUNK: usize = 1024 * 1024;
         let chunks: Vec<Result<PackageChunk, Status>> =
             bytes.chunks(CHUNK).map(|chunk| Ok(PackageChunk { data: chunk.to_vec() })).collect();

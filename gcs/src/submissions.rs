@@ -43,8 +43,14 @@ use crate::storage::Table;
 /// The most bytes of one submission's output the head keeps (past it, the rest is
 /// dropped and the log says so).
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// The most output one read of a submission's logs returns (Ray's whole-output read
+/// returns all of it: the head keeps at most [`MAX_LOG_BYTES`]).
+const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long after a stop the head ends a submission whose node has not (the node's
+/// grace between SIGTERM and SIGKILL is 3 s).
+const STOP_ENFORCED_AFTER: Duration = Duration::from_secs(6);
 /// Keys of a runtime environment the head knows (`excludes` is the client's: what it
 /// left out of the packages).
 const RUNTIME_ENV_KEYS: [&str; 4] = ["env_vars", "working_dir", "py_modules", "excludes"];
@@ -68,7 +74,8 @@ impl Status {
     }
 }
 
-/// What a tenant asks for (Ray's `JobSubmitRequest`).
+/// What a tenant asks for (Ray's `JobSubmitRequest`). An unknown field is refused unless
+/// it is null (Ray's client sends every field it knows, unset ones as null).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
@@ -125,6 +132,24 @@ pub struct Submission {
     /// A stop was asked for (its end is STOPPED, whatever the exit).
     #[serde(default)]
     pub stop_requested: bool,
+    /// The nonce of this submission's credential: one of an earlier submission of the
+    /// same id (deleted, then submitted again) starts nothing.
+    #[serde(default)]
+    pub credential_nonce: String,
+}
+
+impl SubmitRequest {
+    /// The request in `body` (JSON), or why it is not one.
+    pub fn parse(body: &[u8]) -> IonetResult<Self> {
+        let invalid = |err: serde_json::Error| {
+            IonetError::InvalidArgument(format!("the request is not a job submission (Ray's JobSubmitRequest): {err}"))
+        };
+        let mut value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+        if let serde_json::Value::Object(fields) = &mut value {
+            fields.retain(|_, field| !field.is_null());
+        }
+        serde_json::from_value(value).map_err(invalid)
+    }
 }
 
 impl Submission {
@@ -257,9 +282,25 @@ impl Submissions {
         *self.head_address.lock().unwrap_or_else(|p| p.into_inner()) = address.to_string();
     }
 
-    /// Whether `id` runs now (its credential may start jobs).
-    pub fn is_live(&self, id: &str) -> bool {
-        self.records.get(id).is_some_and(|record| !record.status.is_terminal())
+    /// Whether submission `id`, the one given `nonce`, runs now (its credential may start
+    /// jobs).
+    pub fn is_live(&self, id: &str, nonce: &str) -> bool {
+        self.records
+            .get(id)
+            .is_some_and(|record| !record.status.is_terminal() && !nonce.is_empty() && record.credential_nonce == nonce)
+    }
+
+    /// Whether the live submission `id` (given `nonce`) ships package `name`.
+    pub fn ships(&self, id: &str, nonce: &str, name: &str) -> bool {
+        self.is_live(id, nonce)
+            && self.records.get(id).is_some_and(|record| {
+                packages_of(&record.runtime_env).is_ok_and(|packages| {
+                    Some(&packages.working_dir)
+                        .into_iter()
+                        .chain(&packages.py_modules)
+                        .any(|uri| package_name_of_uri(uri).is_ok_and(|shipped| shipped == name))
+                })
+            })
     }
 
     /// Submits `request` for `account`; its submission id.
@@ -301,6 +342,7 @@ impl Submissions {
             driver: None,
             driver_exit_code: None,
             stop_requested: false,
+            credential_nonce: new_nonce(),
         };
         match self.records.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => {
@@ -345,19 +387,21 @@ impl Submissions {
         all
     }
 
-    /// The jobs submission `id`'s drivers started, oldest first.
+    /// The jobs submission `id`'s drivers started, oldest first (not those of an earlier
+    /// submission of the same id).
     pub fn jobs_of(&self, id: &str) -> Vec<JobId> {
+        let since = self.records.get(id).map_or(u64::MAX, |record| record.start_time);
         self.state
             .jobs()
             .into_iter()
-            .filter(|job| job.submission_id == id)
+            .filter(|job| job.submission_id == id && job.start_time_ms >= since)
             .filter_map(|job| JobId::from_bytes(&job.job_id).ok())
             .collect()
     }
 
     /// Stops submission `id` (the caller may act for its account); whether it was
     /// running (Ray's `stopped`).
-    pub async fn stop(&self, principal: &Principal, id: &str) -> IonetResult<bool> {
+    pub async fn stop(self: &Arc<Self>, principal: &Principal, id: &str) -> IonetResult<bool> {
         let record = self.get(principal, id)?;
         owned_by(principal, &record)?;
         if record.status.is_terminal() {
@@ -369,16 +413,24 @@ impl Submissions {
             entry.driver.clone()
         };
         tracing::info!(submission = %id, "stopping a submitted job");
-        match driver {
-            Some(driver) => {
-                let request = StopEntrypointRequest { submission_id: id.to_string() };
-                if let Err(err) = self.runner.client(&driver.address)?.stop_entrypoint(request).await {
-                    tracing::warn!(submission = %id, error = %err, "the entrypoint's node did not take the stop");
-                }
+        if let Some(driver) = driver {
+            let request = StopEntrypointRequest { submission_id: id.to_string() };
+            if let Err(err) = self.runner.client(&driver.address)?.stop_entrypoint(request).await {
+                tracing::warn!(submission = %id, error = %err, "the entrypoint's node did not take the stop");
             }
-            // Not started yet: the supervisor sees the request before it starts anything.
-            None => {}
         }
+        // (Not started yet: the supervisor sees the request before it starts anything.)
+        // The head does not wait on the node's word: past the grace, the submission ends
+        // here (its credential starts nothing more, its jobs end), whatever the node does.
+        let submissions = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(STOP_ENFORCED_AFTER).await;
+            if submissions.records.get(&id).is_some_and(|record| !record.status.is_terminal()) {
+                tracing::warn!(submission = %id, "the entrypoint's node did not end it in time: ended by the head");
+                submissions.end(&id, Status::Stopped, String::new(), None).await;
+            }
+        });
         Ok(true)
     }
 
@@ -400,21 +452,32 @@ impl Submissions {
         Ok(true)
     }
 
-    /// What submission `id`'s entrypoint printed, from byte `offset`; and the offset after it.
-    pub fn logs(&self, principal: &Principal, id: &str, offset: u64) -> IonetResult<(String, u64)> {
-        self.get(principal, id)?;
-        let bytes = match std::fs::read(self.log_path(id)) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(err) => return Err(err.into()),
+    /// What submission `id`'s entrypoint printed, from byte `offset` (at most
+    /// [`MAX_LOGS_READ`] bytes, ending on a whole character unless it ended); and the offset
+    /// after it.
+    pub async fn logs(&self, principal: &Principal, id: &str, offset: u64) -> IonetResult<(String, u64)> {
+        let record = self.get(principal, id)?;
+        let path = self.log_path(id);
+        let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek};
+            let mut file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(err) => return Err(err),
+            };
+            file.seek(std::io::SeekFrom::Start(offset))?;
+            let mut bytes = Vec::new();
+            file.take(MAX_LOGS_READ).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        })
+        .await
+        .map_err(|err| IonetError::Internal(format!("reading a submission's output: {err}")))??;
+        // A character cut at the end waits for the next read (unless nothing more comes).
+        let whole = match std::str::from_utf8(&bytes) {
+            Err(err) if err.error_len().is_none() && !record.status.is_terminal() => err.valid_up_to(),
+            _ => bytes.len(),
         };
-        let from = (offset as usize).min(bytes.len());
-        // Up to the last whole character: the rest comes with the next read.
-        let mut end = bytes.len();
-        while end > from && std::str::from_utf8(&bytes[from..end]).is_err() && bytes.len() - end < 4 {
-            end -= 1;
-        }
-        Ok((String::from_utf8_lossy(&bytes[from..end]).into_owned(), end as u64))
+        Ok((String::from_utf8_lossy(&bytes[..whole]).into_owned(), offset + whole as u64))
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
@@ -498,7 +561,8 @@ impl Submissions {
                 return self.end(&id, Status::Failed, format!("no node can run the entrypoint: {why}"), None).await
             }
         };
-        let credential = self.issuer.issue_submission(&id, &record.account, SUBMISSION_CREDENTIAL_TTL);
+        let credential =
+            self.issuer.issue_submission(&id, &record.credential_nonce, &record.account, SUBMISSION_CREDENTIAL_TTL);
         let request = RunEntrypointRequest {
             submission_id: id.clone(),
             entrypoint: record.entrypoint.clone(),
@@ -760,6 +824,12 @@ fn describe(resources: &BTreeMap<String, f64>) -> String {
     resources.iter().map(|(name, value)| format!("{value} {name}")).collect::<Vec<_>>().join(", ")
 }
 
+/// A credential's nonce: 16 random bytes, hex.
+fn new_nonce() -> String {
+    use rand::Rng;
+    hex::encode(rand::thread_rng().gen::<[u8; 16]>())
+}
+
 /// Ray's form: a prefix and 16 letters and digits (no look-alikes).
 fn new_submission_id() -> String {
     use rand::Rng;
@@ -844,5 +914,18 @@ mod tests {
     fn generated_ids_are_valid_and_distinct() {
         let (one, two) = (new_submission_id(), new_submission_id());
         assert!(checked_submission_id(&one).is_ok() && one != two && one.starts_with("ionetsubmit_"));
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused_unless_null() {
+        let request = SubmitRequest::parse(br#"{"entrypoint": "x", "retry_policy": null}"#).unwrap();
+        assert_eq!(request.entrypoint, "x");
+        let err = SubmitRequest::parse(br#"{"entrypoint": "x", "retry_policy": {"n": 1}}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown field `retry_policy`"), "{err}");
     }
 }

@@ -34,7 +34,7 @@ async fn call(base: &str, method: &str, route: &str, credential: Option<&str>) -
 #[tokio::test]
 async fn every_route_is_served_behind_its_row() {
     let (server, base) = head().await;
-    let job = server.submission_credential("s-1", "acme", Duration::from_secs(60));
+    let job = server.submission_credential("s-1", "n", "acme", Duration::from_secs(60));
     for rule in HTTP_TABLE {
         // Every row is a route the server serves, and refuses without a credential.
         let (status, body) = call(&base, rule.method, rule.route, None).await;
@@ -42,13 +42,16 @@ async fn every_route_is_served_behind_its_row() {
         assert!(body.contains("missing credential"), "{body}");
         let (status, _) = call(&base, rule.method, rule.route, Some("ionet1.forged.signature")).await;
         assert_eq!(status, 401, "{} {} with a forged credential", rule.method, rule.route);
-        // A submitted job's entrypoint may read, never submit, stop or delete.
+        // A submitted job's entrypoint (a provider's node holds its credential) reads the
+        // version, nothing of the account's: no submission, no output, no package.
         let (status, body) = call(&base, rule.method, rule.route, Some(job.as_str())).await;
-        if rule.access == Access::Submit {
-            assert_eq!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
-            assert!(body.contains("requires an account's API key"), "{body}");
-        } else {
-            assert_ne!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
+        match rule.access {
+            Access::Submit => {
+                assert_eq!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
+                assert!(body.contains("requires an account's API key"), "{body}");
+            }
+            Access::Read => assert_eq!((rule.route, status), ("/api/version", 200), "{body}"),
+            other => panic!("{} {} has an unexpected row: {other:?}", rule.method, rule.route),
         }
     }
     // A route the server does not serve is not found, whoever asks.
@@ -76,7 +79,8 @@ async fn a_submission_credential_starts_jobs_only_while_its_submission_runs() {
         assert!(tokio::time::Instant::now() < deadline, "{details}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ended = server.submission_credential(&id, "acme", Duration::from_secs(60));
+    let record = server.submissions().get(&ionet_common::authz::Principal::Admin, &id).unwrap();
+    let ended = server.submission_credential(&id, &record.credential_nonce, "acme", Duration::from_secs(60));
     let mut gcs = ionet_common::rpc::gcs_client(&server.address().to_string(), &ended).await.unwrap();
     let request = AddJobRequest {
         worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
@@ -86,8 +90,34 @@ async fn a_submission_credential_starts_jobs_only_while_its_submission_runs() {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert!(refused.message().contains("has ended"), "{}", refused.message());
     // Nor may a credential name a submission that never was.
-    let forged = server.submission_credential("never-submitted", "acme", Duration::from_secs(60));
+    let forged = server.submission_credential("never-submitted", "n", "acme", Duration::from_secs(60));
     let mut gcs = ionet_common::rpc::gcs_client(&server.address().to_string(), &forged).await.unwrap();
     assert_eq!(gcs.add_job(request).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_credential_of_an_earlier_submission_of_the_same_id_starts_nothing() {
+    let (server, base) = head().await;
+    let account = server.account_credential("acme", Duration::from_secs(60));
+    let submit = |base: String, account: String| async move {
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({ "entrypoint": "true", "submission_id": "nightly" });
+        client.post(format!("{base}/api/jobs/")).bearer_auth(account).json(&body).send().await.unwrap().status()
+    };
+    assert_eq!(submit(base.clone(), account.as_str().to_string()).await, 200);
+    let admin = ionet_common::authz::Principal::Admin;
+    let first = server.submissions().get(&admin, "nightly").unwrap().credential_nonce;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !server.submissions().get(&admin, "nightly").unwrap().status.is_terminal() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = call(&base, "DELETE", "/api/jobs/nightly", Some(account.as_str())).await;
+    assert_eq!(status, 200);
+    assert_eq!(submit(base.clone(), account.as_str().to_string()).await, 200);
+    let second = server.submissions().get(&admin, "nightly").unwrap().credential_nonce;
+    assert_ne!(first, second, "each submission's credential is its own");
+    assert!(!server.submissions().is_live("nightly", &first));
     server.shutdown().await;
 }

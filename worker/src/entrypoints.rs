@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -43,8 +43,9 @@ const OUTPUT_PASS: Duration = Duration::from_millis(50);
 const MAX_OUTPUT_EVENT: usize = 256 * 1024;
 /// How long a stopped entrypoint has between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
-/// Variables a daemon was started with that its entrypoints must not inherit.
-const DAEMON_SECRETS: [&str; 3] = ["IONET_JOIN_TOKEN", "IONET_CREDENTIAL", "IONET_API_KEY"];
+/// What an entrypoint inherits of the daemon's environment (nothing else of the
+/// provider's passes).
+const INHERITED_ENV: [&str; 6] = ["PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE"];
 
 /// Where an entrypoint finds the cluster, as this node knows it.
 #[derive(Clone, Debug, Default)]
@@ -96,7 +97,7 @@ impl Entrypoints {
             return Err(IonetError::InvalidArgument("the entrypoint is empty: name a command to run".into()));
         }
         let account = match authorizer.authenticate(Some(format!("Bearer {}", request.credential).as_bytes())) {
-            Ok(Principal::Submission { id: named, account }) if *named == *id => account,
+            Ok(Principal::Submission { id: named, account, .. }) if *named == *id => account,
             Ok(other) => {
                 return Err(IonetError::PermissionDenied(format!(
                     "an entrypoint of submission {id} runs with that submission's credential, not that of {other}"
@@ -114,9 +115,12 @@ impl Entrypoints {
             }
             running.insert(id.clone(), 0);
         }
+        // Given back unless it started (also when the head gives up waiting and this
+        // future is dropped while the packages are fetched).
+        let mut slot = Slot { running: self.running.clone(), id: Some(id.clone()) };
         let started = self.start(&id, &account, request).await;
-        if started.is_err() {
-            self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        if started.is_ok() {
+            slot.id = None;
         }
         started
     }
@@ -137,9 +141,14 @@ impl Entrypoints {
             .await
             .map_err(|err| IonetError::FailedPrecondition(format!("the job's packages: {err}")))?;
         let owner = identity.map(|identity| (identity.uid, identity.gid));
-        let work_dir = self.work_dir(id, unpacked.working_dir.as_deref(), owner)?;
+        let (root, working_dir) = (self.work_root.clone(), unpacked.working_dir.clone());
+        let dir_id = id.to_string();
+        let work_dir = tokio::task::spawn_blocking(move || work_dir(&root, &dir_id, working_dir.as_deref(), owner))
+            .await
+            .map_err(|err| IonetError::Internal(format!("making the entrypoint's directory: {err}")))??;
         let log_path = self.log_dir.join(format!("entrypoint-{id}.log"));
-        let output = std::fs::File::options().write(true).create(true).truncate(true).open(&log_path)?;
+        // The tenant's output: the daemon's to read, nobody else's.
+        let output = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&log_path)?;
         // Its own copy of the working dir comes first on its Python path, then the modules.
         let mut python_path = unpacked.python_path.clone();
         if unpacked.working_dir.is_some() {
@@ -156,10 +165,16 @@ impl Entrypoints {
         });
         let mut command = tokio::process::Command::new("sh");
         command.arg("-c").arg(&request.entrypoint).current_dir(&work_dir).stdin(Stdio::null());
-        for secret in DAEMON_SECRETS {
-            command.env_remove(secret);
+        // The provider's environment is not the tenant's to read: only what a program
+        // needs to run passes (no GPU either, until the entrypoint holds some).
+        command.env_clear();
+        for name in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
         }
         command
+            .env("CUDA_VISIBLE_DEVICES", "")
             .env("IONET_ADDRESS", &request.gcs_address)
             .env("IONET_API_KEY", &request.credential)
             .env("IONET_DRIVER_NODE", &setting.node_address)
@@ -201,6 +216,7 @@ impl Entrypoints {
         let (sender, receiver) = mpsc::channel(16);
         let running = self.running.clone();
         let id = id.to_string();
+        let cleanup = work_dir.clone();
         tokio::spawn(async move {
             let _ = sender.send(event(entrypoint_event::Event::StartedPid(pid))).await;
             let mut tail = Tail { path: log_path, offset: 0 };
@@ -221,8 +237,12 @@ impl Entrypoints {
                     }
                 }
             };
-            tail.send_new(&sender).await;
+            // What it left running in its group ends with it, and its group is no longer
+            // one a stop may signal.
+            kill_group(pid);
             running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            tail.send_new(&sender).await;
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(cleanup)).await;
             let exit = match status {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -254,34 +274,57 @@ impl Entrypoints {
         tokio::spawn(stop_group(pid));
         true
     }
+}
 
-    /// A fresh working directory for submission `id` (a copy of `working_dir`, if it
-    /// ships one): the entrypoint's own, its account's group may enter it (its drivers'
-    /// workers on this node start where the driver runs).
-    fn work_dir(&self, id: &str, working_dir: Option<&Path>, owner: Option<(u32, u32)>) -> IonetResult<PathBuf> {
-        // Others may pass through the root (to their own directory), not list it.
-        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&self.work_root)?;
-        std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711))?;
-        let dir = self.work_root.join(id);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        match working_dir {
-            Some(from) => crate::packages::copy_tree(from, &dir, owner)?,
-            None => {
-                std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-                }
+/// A fresh working directory for submission `id` under `root` (a copy of
+/// `working_dir`, if it ships one): the entrypoint's own, its account's group may enter
+/// it (its drivers' workers on this node start where the driver runs).
+fn work_dir(root: &Path, id: &str, working_dir: Option<&Path>, owner: Option<(u32, u32)>) -> IonetResult<PathBuf> {
+    let dir = root.join(id);
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    match working_dir {
+        Some(from) => crate::packages::copy_tree(from, &dir, owner)?,
+        None => {
+            std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
             }
         }
-        Ok(dir)
+    }
+    Ok(dir)
+}
+
+/// Gives back an entrypoint's place in the running table unless it started.
+struct Slot {
+    running: Arc<Mutex<HashMap<String, u32>>>,
+    id: Option<String>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
     }
 }
 
 fn event(event: entrypoint_event::Event) -> EntrypointEvent {
     EntrypointEvent { event: Some(event) }
+}
+
+/// SIGKILL to what is left of process group `pgid` (its leader was just reaped).
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        if pgid > 1 {
+            // SAFETY: signalling the group this daemon started (setsid in the child).
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// SIGTERM to process group `pgid`, then SIGKILL after the grace if it is still there.

@@ -123,6 +123,8 @@ struct NodeShared {
     notice: watch::Sender<Option<(Duration, String)>>,
     /// Submitted jobs' entrypoints running here.
     entrypoints: Entrypoints,
+    /// Their directories and the unpacked packages (removed when the daemon ends).
+    _scratch: tempfile::TempDir,
 }
 
 impl NodeShared {
@@ -582,13 +584,21 @@ impl NodeDaemon {
         }
         // No credential is accepted until the node learns the head's key (at registration).
         let authorizer = Authorizer::new(None);
-        let work_root = std::env::temp_dir().join(format!("ionet-entrypoints-{}", node_id.hex()));
-        let packages =
-            Arc::new(PackageCache::new(std::env::temp_dir().join(format!("ionet-packages-{}", node_id.hex()))));
+        // Entrypoints' directories and unpacked packages: under a directory of the daemon's
+        // own, made now with a name nobody can guess, which others may pass through and
+        // not write in (so nothing a tenant plants is ever taken for them).
+        let scratch = tempfile::Builder::new().prefix("ionet-node-").tempdir()?;
+        let work_root = scratch.path().join("entrypoints");
+        let package_root = scratch.path().join("packages");
+        for dir in [scratch.path(), &work_root, &package_root] {
+            std::fs::DirBuilder::new().recursive(true).create(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        }
+        let packages = Arc::new(PackageCache::new(package_root));
         leases.set_package_cache(packages.clone());
         let entrypoints = Entrypoints::new(
             options.worker_identities.clone(),
-            entrypoint_logs.unwrap_or_else(|| work_root.clone()),
+            entrypoint_logs.unwrap_or_else(|| scratch.path().to_path_buf()),
             work_root,
             packages,
         );
@@ -610,6 +620,7 @@ impl NodeDaemon {
             drain_told: AtomicBool::new(false),
             notice: watch::channel(None).0,
             entrypoints,
+            _scratch: scratch,
         });
         let (stop, stopped) = watch::channel(false);
 

@@ -415,6 +415,30 @@ mod tests {
     }
 
     #[test]
+    fn archives_that_link_or_unpack_past_the_limit_are_refused() {
+        let out = tempfile::tempdir().unwrap();
+        let mut archive = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        archive.add_symlink("etc", "/etc", zip::write::SimpleFileOptions::default()).unwrap();
+        let linked = archive.finish().unwrap().into_inner();
+        let err = unpack(&linked, &out.path().join("linked")).unwrap_err().to_string();
+        assert!(err.contains("holds a link"), "{err}");
+        // Zeros compress to almost nothing: the limit counts what comes out.
+        let mut archive = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true);
+        archive.start_file("zeros", options).unwrap();
+        let block = vec![0u8; 1024 * 1024];
+        for _ in 0..=MAX_PACKAGE_BYTES / block.len() as u64 {
+            archive.write_all(&block).unwrap();
+        }
+        let bomb = archive.finish().unwrap().into_inner();
+        assert!(bomb.len() < 1024 * 1024, "{} bytes packed", bomb.len());
+        let err = unpack(&bomb, &out.path().join("bomb")).unwrap_err().to_string();
+        assert!(err.contains("unpacks to more than 100 MiB"), "{err}");
+    }
+
+    #[test]
     fn archives_that_escape_or_link_are_refused() {
         let mut archive = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         archive.start_file("../escape", zip::write::SimpleFileOptions::default()).unwrap();

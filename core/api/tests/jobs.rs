@@ -150,13 +150,16 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     assert_eq!(jobs[0]["submission_id"], id);
     assert!(logs.contains(&format!("as job {job}")), "{logs}");
 
-    // Another tenant sees none of it, and may not stop it.
+    // Another tenant sees none of it, and may neither stop nor delete it.
     let other = account_key(&cluster, "rival");
     let theirs: Vec<serde_json::Value> =
         serde_json::from_str(&cluster.ionet(&["job", "list", "--json", "--api-key", &other])).unwrap();
     assert!(theirs.is_empty(), "a tenant lists only its own submissions: {theirs:?}");
-    let refused = cluster.ionet_fails(&["job", "logs", id, "--api-key", &other]);
-    assert!(refused.contains("404") && refused.contains(&format!("Job {id} does not exist")), "{refused}");
+    for command in [&["job", "logs", id][..], &["job", "stop", id], &["job", "delete", id]] {
+        let args: Vec<&str> = command.iter().copied().chain(["--api-key", other.as_str()]).collect();
+        let refused = cluster.ionet_fails(&args);
+        assert!(refused.contains("404") && refused.contains(&format!("Job {id} does not exist")), "{refused}");
+    }
 
     // The same directory again is the same package: not uploaded twice.
     let again = cluster.run_ionet_output(&[

@@ -60,8 +60,8 @@ pub enum Principal {
     /// The head's control plane calling a node daemon (bundles).
     Control,
     /// A submitted job's entrypoint (its node holds the credential): it starts jobs paid
-    /// by `account` while submission `id` runs.
-    Submission { id: Arc<str>, account: Arc<str> },
+    /// by `account` while submission `id` (the one the head gave `nonce`) runs.
+    Submission { id: Arc<str>, nonce: Arc<str>, account: Arc<str> },
 }
 
 impl Principal {
@@ -108,6 +108,18 @@ impl Principal {
         }
     }
 
+    /// The account this principal acts for (the operator's is `default`, as its jobs'
+    /// payer); `None` for the cluster's own principals.
+    pub fn account(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => Some("default"),
+            Principal::Account(account) | Principal::Job { account, .. } | Principal::Submission { account, .. } => {
+                Some(account)
+            }
+            Principal::Joiner | Principal::Node(_) | Principal::Control => None,
+        }
+    }
+
     /// Whether this principal may act for `job`: the job itself, or the admin.
     pub fn may_act_for_job(&self, job: &JobId) -> Result<(), Status> {
         match self {
@@ -127,7 +139,7 @@ impl fmt::Display for Principal {
             Principal::Account(account) => write!(f, "account {account}"),
             Principal::Job { job, account } => write!(f, "job {job} (account {account})"),
             Principal::Control => f.write_str("the head's control plane"),
-            Principal::Submission { id, account } => write!(f, "submitted job {id} (account {account})"),
+            Principal::Submission { id, account, .. } => write!(f, "submitted job {id} (account {account})"),
         }
     }
 }
@@ -151,8 +163,8 @@ pub enum Access {
     /// Starting a job: an account's API key (its jobs are paid by it), or a submitted
     /// job's entrypoint (for that account, while it runs).
     StartJob,
-    /// Submitting a job to the head's job server, or stopping or deleting one: an
-    /// account's API key (the handler checks the submission is the account's).
+    /// The head's job server (submitting, reading, stopping, deleting submissions, and
+    /// packages): an account's API key (handlers keep each account to its own).
     Submit,
     /// A job's own calls (its handler checks which job, or the scope is its own by
     /// construction).
@@ -251,7 +263,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/CreateToken", Access::Admin),
     row("/ionet.gcs.Gcs/ObjectsMoved", Access::Node),
     row("/ionet.gcs.Gcs/GetObjectMoves", Access::JobOrPeer),
-    // The handler serves the package of the caller's own account only.
+    // The handler serves a package the caller's own job or submission ships (an
+    // account's key: any of the account's).
     row("/ionet.gcs.Gcs/GetPackage", Access::Read),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
@@ -322,18 +335,20 @@ const fn http(method: &'static str, route: &'static str, access: Access) -> Http
 
 /// Every route of the head's HTTP server, and who may call it. A request to a route with
 /// no row is refused, as a gRPC call is; handlers scope what a principal sees (a tenant
-/// its own account's submissions, the operator all).
+/// its own account's submissions, the operator all). Submissions (their environment may
+/// hold secrets) and their output are the account key's alone: a job's or a submission's
+/// credential, which providers' nodes hold, reads none of them.
 pub const HTTP_TABLE: &[HttpRule] = &[
     http("GET", "/api/version", Access::Read),
     // Ray's clients send the list and submit with and without the trailing slash.
-    http("GET", "/api/jobs/", Access::Read),
-    http("GET", "/api/jobs", Access::Read),
+    http("GET", "/api/jobs/", Access::Submit),
+    http("GET", "/api/jobs", Access::Submit),
     http("POST", "/api/jobs/", Access::Submit),
     http("POST", "/api/jobs", Access::Submit),
-    http("GET", "/api/jobs/{submission_id}", Access::Read),
+    http("GET", "/api/jobs/{submission_id}", Access::Submit),
     http("DELETE", "/api/jobs/{submission_id}", Access::Submit),
     http("POST", "/api/jobs/{submission_id}/stop", Access::Submit),
-    http("GET", "/api/jobs/{submission_id}/logs", Access::Read),
+    http("GET", "/api/jobs/{submission_id}/logs", Access::Submit),
     // Packages (working_dir, py_modules): an account's own.
     http("GET", "/api/packages/{protocol}/{package_name}", Access::Submit),
     http("PUT", "/api/packages/{protocol}/{package_name}", Access::Submit),
@@ -395,11 +410,13 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
         }
         Role::Submission => {
             let id = claims.submission_id.filter(|id| !id.is_empty()).ok_or("submission credential without an id")?;
+            let nonce =
+                claims.nonce.filter(|nonce| !nonce.is_empty()).ok_or("submission credential without a nonce")?;
             let account = claims
                 .account
                 .filter(|account| !account.trim().is_empty())
                 .ok_or("submission credential without an account")?;
-            Ok(Principal::Submission { id: id.into(), account: account.into() })
+            Ok(Principal::Submission { id: id.into(), nonce: nonce.into(), account: account.into() })
         }
     }
 }

@@ -102,6 +102,10 @@ pub struct Claims {
     /// The submitted job a submission credential speaks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submission_id: Option<String>,
+    /// Which submission of that id (ids are the tenant's to choose, and may be used
+    /// again after a delete): the head issued it this nonce, and no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; the credential is refused from then on.
@@ -118,6 +122,7 @@ impl Claims {
             account: None,
             job_id: None,
             submission_id: None,
+            nonce: None,
             issued_at,
             expires_at: issued_at.saturating_add(ttl.as_secs()),
         }
@@ -266,10 +271,11 @@ impl Issuer {
     }
 
     /// A submitted job's credential: its entrypoint starts jobs paid by `account` while
-    /// submission `submission_id` runs, valid for `ttl`.
-    pub fn issue_submission(&self, submission_id: &str, account: &str, ttl: Duration) -> String {
+    /// submission `submission_id` (the one given `nonce`) runs, valid for `ttl`.
+    pub fn issue_submission(&self, submission_id: &str, nonce: &str, account: &str, ttl: Duration) -> String {
         let claims = Claims {
             submission_id: Some(submission_id.to_string()),
+            nonce: Some(nonce.to_string()),
             account: Some(account.to_string()),
             ..Claims::new(Role::Submission, ttl)
         };
