@@ -26,7 +26,7 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::authz::Principal;
 use ionet_common::credential::Issuer;
-use ionet_common::jobs::{checked_submission_id, package_name_of_uri};
+use ionet_common::jobs::{check_pip, checked_submission_id, package_name_of_uri};
 use ionet_common::resources::{CPU, GPU, MEMORY};
 use ionet_common::rpc::proto::common::{JobPackages, JobState, NodeInfo, NodeState};
 use ionet_common::rpc::proto::node::{entrypoint_event, RunEntrypointRequest, StopEntrypointRequest};
@@ -53,9 +53,9 @@ const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const STOP_ENFORCED_AFTER: Duration = Duration::from_secs(6);
 /// Keys of a runtime environment the head knows (`excludes` is the client's: what it
 /// left out of the packages).
-const RUNTIME_ENV_KEYS: [&str; 4] = ["env_vars", "working_dir", "py_modules", "excludes"];
+const RUNTIME_ENV_KEYS: [&str; 6] = ["env_vars", "working_dir", "py_modules", "excludes", "pip", "uv"];
 /// Keys of Ray's runtime environments this head does not support yet.
-const RUNTIME_ENV_LATER: [&str; 7] = ["pip", "uv", "conda", "container", "image_uri", "java_jars", "config"];
+const RUNTIME_ENV_LATER: [&str; 5] = ["conda", "container", "image_uri", "java_jars", "config"];
 
 /// Where a submission is (Ray's `JobStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -778,7 +778,49 @@ fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> Ione
             return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
         }
     }
+    for tool in ["pip", "uv"] {
+        let (requirements, options) = match runtime_env.get(tool) {
+            None | Some(serde_json::Value::Null) => continue,
+            // Ray's forms: a list of requirements, or {"packages": [...], options}.
+            Some(list @ serde_json::Value::Array(_)) => (strings(tool, list)?, Vec::new()),
+            Some(serde_json::Value::Object(spec)) => {
+                let requirements = strings(tool, spec.get("packages").unwrap_or(&serde_json::Value::Null))?;
+                let options = match spec.get(&format!("{tool}_install_options")).or(spec.get("pip_install_options")) {
+                    Some(options) => strings(tool, options)?,
+                    None => Vec::new(),
+                };
+                (requirements, options)
+            }
+            Some(other) => {
+                return Err(IonetError::InvalidArgument(format!(
+                    "runtime_env {tool} must be a list of requirements or {{\"packages\": [...]}}, not {other}"
+                )))
+            }
+        };
+        if !packages.pip_tool.is_empty() {
+            return Err(IonetError::InvalidArgument("runtime_env may name pip or uv, not both".into()));
+        }
+        packages.pip = requirements;
+        packages.pip_options = options;
+        packages.pip_tool = tool.to_string();
+    }
+    check_pip(&packages)?;
     Ok(packages)
+}
+
+/// A runtime environment's list of strings under `key`.
+fn strings(key: &str, value: &serde_json::Value) -> IonetResult<Vec<String>> {
+    let serde_json::Value::Array(items) = value else {
+        return Err(IonetError::InvalidArgument(format!("runtime_env {key} needs a list of strings, not {value}")));
+    };
+    items
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| IonetError::InvalidArgument(format!("runtime_env {key} holds {item}, not a string")))
+        })
+        .collect()
 }
 
 /// What the entrypoint holds (Ray's defaults: no CPU, no GPU).
@@ -883,11 +925,16 @@ mod tests {
         assert_eq!(env(r#"{"env_vars": {"A": "1"}}"#).unwrap().get("A").map(String::as_str), Some("1"));
         let unknown = env(r#"{"colour": "blue"}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown runtime_env key \"colour\""), "{unknown}");
-        let later = env(r#"{"pip": ["x"]}"#).unwrap_err().to_string();
+        let later = env(r#"{"conda": "env.yaml"}"#).unwrap_err().to_string();
         let working_dir = serde_json::from_str(r#"{"working_dir": "/home/me/project"}"#).unwrap();
         let local = packages_of(&working_dir).unwrap_err().to_string();
         assert!(local.contains("is not an uploaded package"), "{local}");
-        assert!(later.contains("\"pip\" is not supported"), "{later}");
+        assert!(later.contains("\"conda\" is not supported"), "{later}");
+        let pip = serde_json::from_str(r#"{"pip": {"packages": ["x"], "pip_install_options": ["--user"]}}"#).unwrap();
+        let refused = packages_of(&pip).unwrap_err().to_string();
+        assert!(refused.contains("is not allowed"), "{refused}");
+        let listed = packages_of(&serde_json::from_str(r#"{"uv": ["x==1"]}"#).unwrap()).unwrap();
+        assert_eq!((listed.pip, listed.pip_tool), (vec!["x==1".to_string()], "uv".to_string()));
         let number = env(r#"{"env_vars": {"A": 1}}"#).unwrap_err().to_string();
         assert!(number.contains("must be a string"), "{number}");
     }

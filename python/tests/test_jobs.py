@@ -4,12 +4,15 @@ cluster's nodes; its output, with each worker's prefix, comes back; stop ends it
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import zipfile
 
 import pytest
 
@@ -79,6 +82,56 @@ def project(tmp_path):
     (tmp_path / "helper.py").write_text("def greet():\n    return 'hello from helper'\n")
     (tmp_path / "data.txt").write_text("payload 42\n")
     return tmp_path
+
+
+PIP_MAIN = textwrap.dedent(
+    """
+    import os
+    import ionet
+    import tinypkg
+
+    ionet.init()
+
+    @ionet.remote(num_cpus=2)
+    def work(rendezvous):
+        import time
+        import tinypkg
+        open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return tinypkg.VALUE, ionet.get_runtime_context().get_node_id()
+
+    import tempfile
+    rendezvous = tempfile.mkdtemp()
+    os.chmod(rendezvous, 0o1777)
+    results = ionet.get([work.remote(rendezvous) for _ in range(2)], timeout=120)
+    print("tasks import tinypkg", sorted(value for value, _ in results), "on", len({node for _, node in results}), "nodes")
+    print("env", os.path.dirname(os.path.dirname(tinypkg.__file__)))
+    ionet.shutdown()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def wheels():
+    """A directory holding one small pure-Python wheel, readable by every user (a node
+    installs as a user of its own), so pip needs no network."""
+    directory = tempfile.mkdtemp(prefix="ionet-wheels-")
+    os.chmod(directory, 0o755)
+    wheel = os.path.join(directory, "tinypkg-1.0-py3-none-any.whl")
+    files = {
+        "tinypkg/__init__.py": "VALUE = 42\n",
+        "tinypkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+        "tinypkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        record = "".join(f"{name},,\n" for name in files) + "tinypkg-1.0.dist-info/RECORD,,\n"
+        archive.writestr("tinypkg-1.0.dist-info/RECORD", record)
+    os.chmod(wheel, 0o644)
+    return directory
 
 
 def job_cli(cluster, api_key, *args, check=True):
@@ -151,3 +204,37 @@ def test_bad_runtime_envs_are_refused_clearly(cluster, api_key, project):
         client.submit_job(entrypoint="true", runtime_env={"working_dir": str(project / "main.py")})
     done = job_cli(cluster, api_key, "submit", "--", "/no/such/program", check=False)
     assert done.returncode != 0 and "exit code 127" in done.stderr, done.stderr
+
+
+def test_a_jobs_requirements_are_installed_once_per_node_and_shared(cluster, api_key, tmp_path, wheels):
+    (tmp_path / "main.py").write_text(PIP_MAIN)
+    env = json.dumps({"pip": {"packages": ["tinypkg"], "pip_install_options": ["--no-index", "--find-links", wheels]}})
+    outputs = []
+    for _ in range(2):
+        done = job_cli(
+            cluster, api_key, "submit", "--working-dir", str(tmp_path), "--runtime-env-json", env,
+            "--", "python3", "main.py",
+        )
+        assert "tasks import tinypkg [42, 42] on 2 nodes" in done.stdout, done.stdout
+        outputs.append(done.stdout)
+    env_dirs = [line.split("env ", 1)[1].strip() for out in outputs for line in out.splitlines() if line.startswith("env ")]
+    assert len(env_dirs) == 2 and env_dirs[0] == env_dirs[1], env_dirs
+    # Built once: the second job found the environment the first one built.
+    marker = json.loads(open(os.path.join(env_dirs[0], ".ionet-env.json")).read())
+    assert marker["packages"] == ["tinypkg"], marker
+    mode = os.stat(env_dirs[0]).st_mode & 0o777
+    assert mode == 0o755 and os.stat(env_dirs[0]).st_uid == os.geteuid(), "nobody but the daemon may change it"
+
+
+def test_a_requirement_that_fails_to_install_fails_the_job_clearly(cluster, api_key, wheels):
+    started = time.time()
+    env = json.dumps({"pip": {"packages": ["doesnotexist"], "pip_install_options": ["--no-index", "--find-links", wheels]}})
+    done = job_cli(cluster, api_key, "submit", "--runtime-env-json", env, "--", "python3", "-c", "print(1)", check=False)
+    assert done.returncode != 0, done.stdout
+    assert "runtime_env setup failed" in done.stderr and "doesnotexist" in done.stderr, done.stderr
+    # No half-built environment is left for a later job to use.
+    leftovers = [path for path in glob.glob("/tmp/ionet-node-*/envs/.building-*") if os.stat(path).st_mtime >= started]
+    assert leftovers == [], leftovers
+    client = JobSubmissionClient(api_key=api_key, _session_dir=str(cluster.session_dir))
+    with pytest.raises(RuntimeError, match="is not allowed"):
+        client.submit_job(entrypoint="true", runtime_env={"pip": {"packages": ["x"], "pip_install_options": ["--target", "/etc"]}})

@@ -31,6 +31,10 @@ use tokio::sync::mpsc;
 
 use crate::identities::WorkerIdentities;
 use crate::packages::PackageCache;
+use crate::pip_envs::PipEnvs;
+
+/// The interpreter a Python entrypoint's requirements are installed for.
+const PYTHON: &str = "python3";
 use ionet_common::auth::Bearer;
 
 /// What an entrypoint's drivers pass on to their workers: the runtime environment's
@@ -68,6 +72,8 @@ pub struct Entrypoints {
     setting: Mutex<EntrypointSetting>,
     /// The node's unpacked packages.
     cache: Arc<PackageCache>,
+    /// The node's installed requirements.
+    envs: Arc<PipEnvs>,
 }
 
 impl Entrypoints {
@@ -76,8 +82,9 @@ impl Entrypoints {
         log_dir: PathBuf,
         work_root: PathBuf,
         cache: Arc<PackageCache>,
+        envs: Arc<PipEnvs>,
     ) -> Self {
-        Self { running: Arc::default(), identities, log_dir, work_root, setting: Default::default(), cache }
+        Self { running: Arc::default(), identities, log_dir, work_root, setting: Default::default(), cache, envs }
     }
 
     /// What entrypoints started from now on are told about this node.
@@ -135,11 +142,16 @@ impl Entrypoints {
         let setting = self.setting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let packages = request.packages.clone().unwrap_or_default();
         let credential = Bearer::new(&request.credential)?;
-        let unpacked = self
+        let mut unpacked = self
             .cache
             .unpack_all(&packages, account, identity.map(|identity| identity.gid), &request.gcs_address, &credential)
             .await
             .map_err(|err| IonetError::FailedPrecondition(format!("the job's packages: {err}")))?;
+        // Its requirements, installed with the node's `python3` (what `python3` on its
+        // PATH is, which is what a Python entrypoint runs).
+        if let Some(env) = self.envs.ensure(&packages, PYTHON).await? {
+            unpacked.add_env(env);
+        }
         let owner = identity.map(|identity| (identity.uid, identity.gid));
         let (root, working_dir) = (self.work_root.clone(), unpacked.working_dir.clone());
         let dir_id = id.to_string();
@@ -155,12 +167,16 @@ impl Entrypoints {
             python_path[0] = work_dir.clone();
         }
         let existing = request.env.get("PYTHONPATH").cloned().or_else(|| std::env::var("PYTHONPATH").ok());
-        let python_path =
-            crate::packages::Unpacked { working_dir: None, python_path }.python_path_before(existing.as_deref());
+        let path = unpacked.path_before(std::env::var("PATH").ok().as_deref());
+        let python_path = crate::packages::Unpacked { working_dir: None, python_path, scripts: None }
+            .python_path_before(existing.as_deref());
         // What its drivers pass on to their workers (Ray's runtime environment).
         let runtime_env = serde_json::json!({
             "working_dir": packages.working_dir,
             "py_modules": packages.py_modules,
+            "pip": packages.pip,
+            "pip_options": packages.pip_options,
+            "pip_tool": packages.pip_tool,
             "env_vars": request.env,
         });
         let mut command = tokio::process::Command::new("sh");
@@ -191,6 +207,9 @@ impl Entrypoints {
         command.envs(&request.env);
         if !python_path.is_empty() {
             command.env("PYTHONPATH", python_path);
+        }
+        if let Some(path) = path {
+            command.env("PATH", path);
         }
         command.stdout(output.try_clone()?).stderr(output);
         if let Some(identity) = identity {

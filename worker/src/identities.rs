@@ -143,6 +143,15 @@ impl WorkerIdentities {
         Ok(Identity { uid, gid })
     }
 
+    /// A uid and a gid of their own, in no account's group: for a process that builds
+    /// something every account may use (a package environment), which nobody else may
+    /// touch while it runs.
+    pub fn builder(&self) -> IonetResult<Identity> {
+        let uid = self.with_next_uid(|_| Ok(true))?;
+        let gid = self.with_next_uid(|_| Ok(true))?;
+        Ok(Identity { uid, gid })
+    }
+
     /// The group of `account`'s objects, given one now if it has none yet.
     pub fn group_of_account(&self, account: &Arc<str>) -> IonetResult<u32> {
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());

@@ -27,6 +27,7 @@ pub mod node_daemon;
 pub mod node_spec;
 pub mod objects;
 pub mod packages;
+pub mod pip_envs;
 pub mod quote_command;
 pub mod session;
 pub mod status;

@@ -590,17 +590,20 @@ impl NodeDaemon {
         let scratch = tempfile::Builder::new().prefix("ionet-node-").tempdir()?;
         let work_root = scratch.path().join("entrypoints");
         let package_root = scratch.path().join("packages");
-        for dir in [scratch.path(), &work_root, &package_root] {
+        let env_root = scratch.path().join("envs");
+        for dir in [scratch.path(), &work_root, &package_root, &env_root] {
             std::fs::DirBuilder::new().recursive(true).create(dir)?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         }
         let packages = Arc::new(PackageCache::new(package_root));
-        leases.set_package_cache(packages.clone());
+        let envs = Arc::new(crate::pip_envs::PipEnvs::new(env_root, options.worker_identities.clone()));
+        leases.set_package_cache(packages.clone(), envs.clone());
         let entrypoints = Entrypoints::new(
             options.worker_identities.clone(),
             entrypoint_logs.unwrap_or_else(|| scratch.path().to_path_buf()),
             work_root,
             packages,
+            envs,
         );
         entrypoints.set(EntrypointSetting { node_address: advertised.clone(), cluster_ca: options.cluster_ca.clone() });
         let shared = Arc::new(NodeShared {

@@ -301,6 +301,8 @@ pub async fn fetch(gcs_address: &str, credential: &Bearer, name: &str) -> IonetR
 pub struct Unpacked {
     pub working_dir: Option<PathBuf>,
     pub python_path: Vec<PathBuf>,
+    /// The scripts of its installed requirements (`crate::pip_envs`), for `PATH`.
+    pub scripts: Option<PathBuf>,
 }
 
 impl Unpacked {
@@ -309,6 +311,21 @@ impl Unpacked {
         let mut entries: Vec<String> = self.python_path.iter().map(|dir| dir.to_string_lossy().into_owned()).collect();
         entries.extend(existing.filter(|existing| !existing.is_empty()).map(str::to_string));
         entries.join(":")
+    }
+
+    /// `existing` (a `PATH`-style list) with the installed requirements' scripts first.
+    pub fn path_before(&self, existing: Option<&str>) -> Option<String> {
+        let scripts = self.scripts.as_ref()?.to_string_lossy().into_owned();
+        Some(match existing.filter(|existing| !existing.is_empty()) {
+            Some(existing) => format!("{scripts}:{existing}"),
+            None => scripts,
+        })
+    }
+
+    /// Adds an installed requirements environment (after the packages on the path).
+    pub fn add_env(&mut self, env: crate::pip_envs::PipEnv) {
+        self.scripts = Some(env.bin());
+        self.python_path.push(env.dir);
     }
 }
 
@@ -323,7 +340,7 @@ impl PackageCache {
         gcs_address: &str,
         credential: &Bearer,
     ) -> IonetResult<Unpacked> {
-        let mut unpacked = Unpacked { working_dir: None, python_path: Vec::new() };
+        let mut unpacked = Unpacked { working_dir: None, python_path: Vec::new(), scripts: None };
         let uris = Some(&packages.working_dir).filter(|uri| !uri.is_empty()).into_iter().chain(&packages.py_modules);
         for (index, uri) in uris.enumerate() {
             let name = package_name_of_uri(uri)?;

@@ -370,6 +370,12 @@ fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
         #[serde(default)]
         py_modules: Vec<String>,
         #[serde(default)]
+        pip: Vec<String>,
+        #[serde(default)]
+        pip_options: Vec<String>,
+        #[serde(default)]
+        pip_tool: String,
+        #[serde(default)]
         env_vars: std::collections::HashMap<String, String>,
     }
     let submitted: Submitted = serde_json::from_str(&text).map_err(|err| {
@@ -382,6 +388,9 @@ fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
     command.packages = Some(ionet_common::rpc::proto::common::JobPackages {
         working_dir: submitted.working_dir,
         py_modules: submitted.py_modules,
+        pip: submitted.pip,
+        pip_options: submitted.pip_options,
+        pip_tool: submitted.pip_tool,
     });
     Ok(())
 }

@@ -3,6 +3,62 @@
 //! name files on the head and on nodes, so both are checked the same way everywhere.
 
 use crate::error::{IonetError, IonetResult};
+use crate::rpc::proto::common::JobPackages;
+
+/// Options of `pip install` a runtime environment may pass (where packages come from and
+/// which kind), each with whether it takes a value.
+pub const ALLOWED_PIP_OPTIONS: [(&str, bool); 13] = [
+    ("--index-url", true),
+    ("-i", true),
+    ("--extra-index-url", true),
+    ("--find-links", true),
+    ("-f", true),
+    ("--trusted-host", true),
+    ("--only-binary", true),
+    ("--no-binary", true),
+    ("--no-index", false),
+    ("--pre", false),
+    ("--no-deps", false),
+    ("--prefer-binary", false),
+    ("--no-build-isolation", false),
+];
+
+/// Checks a runtime environment's `pip` / `uv` requirements and options: requirements
+/// are not options, options are [`ALLOWED_PIP_OPTIONS`] (with their values), the
+/// installer is pip or uv.
+pub fn check_pip(packages: &JobPackages) -> IonetResult<()> {
+    if packages.pip.is_empty() && !packages.pip_options.is_empty() {
+        return Err(IonetError::InvalidArgument("install options without packages to install".into()));
+    }
+    for requirement in &packages.pip {
+        if requirement.trim().is_empty() || requirement.starts_with('-') || requirement.contains('\0') {
+            return Err(IonetError::InvalidArgument(format!(
+                "{requirement:?} is not a requirement (options go in pip_install_options)"
+            )));
+        }
+    }
+    let mut options = packages.pip_options.iter();
+    while let Some(option) = options.next() {
+        let (name, inline) = match option.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (option.as_str(), None),
+        };
+        let Some((_, takes_value)) = ALLOWED_PIP_OPTIONS.iter().find(|(allowed, _)| *allowed == name) else {
+            return Err(IonetError::InvalidArgument(format!(
+                "install option {option:?} is not allowed: a runtime environment chooses where packages come from \
+                 ({}), the node where they go",
+                ALLOWED_PIP_OPTIONS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        if *takes_value && inline.is_none() && options.next().is_none() {
+            return Err(IonetError::InvalidArgument(format!("install option {name} needs a value")));
+        }
+    }
+    match packages.pip_tool.as_str() {
+        "" | "pip" | "uv" => Ok(()),
+        other => Err(IonetError::InvalidArgument(format!("{other:?} is not an installer (pip or uv)"))),
+    }
+}
 
 /// The most bytes a package holds unpacked (and the most the head takes in one upload).
 pub const MAX_PACKAGE_BYTES: u64 = 100 * 1024 * 1024;
@@ -72,5 +128,26 @@ mod tests {
         for bad in ["/home/me/project", "gcs://../x.zip", "gcs://x.tar", "gcs://.x.zip", "s3://b/x.zip"] {
             assert!(package_name_of_uri(bad).is_err(), "{bad}");
         }
+    }
+
+    fn packages(pip: &[&str], options: &[&str]) -> JobPackages {
+        JobPackages {
+            pip: pip.iter().map(|item| item.to_string()).collect(),
+            pip_options: options.iter().map(|item| item.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_install_options_that_choose_where_packages_come_from_pass() {
+        assert!(check_pip(&packages(&["requests==2.31"], &["--no-index", "--find-links", "/wheels"])).is_ok());
+        assert!(check_pip(&packages(&["x"], &["--index-url=https://pypi.example/simple"])).is_ok());
+        for options in [&["--target", "/etc"][..], &["--prefix=/usr"], &["--user"], &["-e", "."]] {
+            let err = check_pip(&packages(&["x"], options)).unwrap_err().to_string();
+            assert!(err.contains("is not allowed"), "{options:?}: {err}");
+        }
+        let smuggled = check_pip(&packages(&["--target=/etc"], &[])).unwrap_err().to_string();
+        assert!(smuggled.contains("is not a requirement"), "{smuggled}");
+        assert!(check_pip(&packages(&["x"], &["--find-links"])).is_err(), "an option missing its value");
     }
 }

@@ -107,6 +107,8 @@ pub struct Leases {
     identities: std::sync::OnceLock<Arc<crate::identities::WorkerIdentities>>,
     /// Where jobs' packages are unpacked on this node.
     packages: std::sync::OnceLock<Arc<crate::packages::PackageCache>>,
+    /// Where jobs' requirements are installed on this node.
+    pip_envs: std::sync::OnceLock<Arc<crate::pip_envs::PipEnvs>>,
     state: Mutex<LeaseState>,
     /// Told the address of every worker process that exits (its objects go).
     on_worker_exit: std::sync::OnceLock<Arc<dyn Fn(String) + Send + Sync>>,
@@ -194,6 +196,7 @@ impl Leases {
             gcs_channel: std::sync::OnceLock::new(),
             identities: std::sync::OnceLock::new(),
             packages: std::sync::OnceLock::new(),
+            pip_envs: std::sync::OnceLock::new(),
             state: Mutex::new(LeaseState::new(total, gpu_indices)),
             freed: Notify::new(),
             starting: DashMap::new(),
@@ -307,9 +310,11 @@ impl Leases {
     }
 
     /// Jobs' workers run as users of their own from now on.
-    /// Where jobs' packages (working dir, modules) are unpacked for their workers.
-    pub fn set_package_cache(&self, cache: Arc<crate::packages::PackageCache>) {
+    /// Where jobs' packages (working dir, modules) are unpacked and their requirements
+    /// installed, for their workers.
+    pub fn set_package_cache(&self, cache: Arc<crate::packages::PackageCache>, envs: Arc<crate::pip_envs::PipEnvs>) {
         let _ = self.packages.set(cache);
+        let _ = self.pip_envs.set(envs);
     }
 
     pub fn set_identities(&self, identities: Arc<crate::identities::WorkerIdentities>) {

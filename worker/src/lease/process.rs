@@ -59,8 +59,10 @@ impl Leases {
         job_id: JobId,
         command: &WorkerCommand,
     ) -> IonetResult<Option<crate::packages::Unpacked>> {
-        let Some(packages) =
-            command.packages.as_ref().filter(|p| !p.working_dir.is_empty() || !p.py_modules.is_empty())
+        let Some(packages) = command
+            .packages
+            .as_ref()
+            .filter(|p| !p.working_dir.is_empty() || !p.py_modules.is_empty() || !p.pip.is_empty())
         else {
             return Ok(None);
         };
@@ -77,9 +79,24 @@ impl Leases {
             })?;
         let gid = self.identities.get().map(|identities| identities.group_of_account(&account)).transpose()?;
         let gcs_address = self.gcs_address.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let unpacked = cache.unpack_all(packages, &account, gid, &gcs_address, &credential).await.map_err(|err| {
-            IonetError::FailedPrecondition(format!("cannot start a worker of job {job_id}: its packages: {err}"))
-        })?;
+        let mut unpacked =
+            cache.unpack_all(packages, &account, gid, &gcs_address, &credential).await.map_err(|err| {
+                IonetError::FailedPrecondition(format!("cannot start a worker of job {job_id}: its packages: {err}"))
+            })?;
+        // Its requirements, installed for the interpreter the worker runs (a Python
+        // worker's command starts with it), else for the node's `python3`.
+        let program = command.argv.first().map(String::as_str).unwrap_or_default();
+        let named = std::path::Path::new(program).file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        let python = if named.starts_with("python") { program } else { "python3" };
+        if let Some(envs) = self.pip_envs.get() {
+            if let Some(env) = envs.ensure(packages, python).await? {
+                unpacked.add_env(env);
+            }
+        } else if !packages.pip.is_empty() {
+            return Err(IonetError::FailedPrecondition(format!(
+                "job {job_id} asks for packages this node installs none of"
+            )));
+        }
         Ok(Some(unpacked))
     }
 
@@ -140,6 +157,10 @@ impl Leases {
             process.env("PYTHONPATH", unpacked.python_path_before(python_path.as_deref()));
             let driver_path = command.env.get(PYTHON_DRIVER_PATH).map(String::as_str);
             process.env(PYTHON_DRIVER_PATH, unpacked.python_path_before(driver_path));
+            let path = command.env.get("PATH").cloned().or_else(|| std::env::var("PATH").ok());
+            if let Some(path) = unpacked.path_before(path.as_deref()) {
+                process.env("PATH", path);
+            }
         }
         let mut log_path = None;
         if let Some(dir) = &self.options.log_dir {
