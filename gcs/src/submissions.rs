@@ -136,7 +136,21 @@ pub struct Submission {
     /// same id (deleted, then submitted again) starts nothing.
     #[serde(default)]
     pub credential_nonce: String,
+    /// What happened to it, oldest first (at most [`MAX_EVENTS`]).
+    #[serde(default)]
+    pub events: Vec<SubmissionEvent>,
 }
+
+/// One step of a submission (`ionet job status` shows them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmissionEvent {
+    /// Milliseconds since the Unix epoch, from the head's clock.
+    pub time: u64,
+    pub message: String,
+}
+
+/// The most events a submission keeps (the first and the latest).
+const MAX_EVENTS: usize = 64;
 
 impl SubmitRequest {
     /// The request in `body` (JSON), or why it is not one.
@@ -180,6 +194,7 @@ impl Submission {
             "driver_agent_http_address": serde_json::Value::Null,
             "driver_node_id": driver.map(|driver| driver.node_id.clone()),
             "driver_exit_code": self.driver_exit_code,
+            "events": self.events,
             // ionet's own: the account, and every job the entrypoint started.
             "account": self.account,
             "job_ids": jobs.iter().map(|job| job.hex()).collect::<Vec<_>>(),
@@ -343,6 +358,10 @@ impl Submissions {
             driver_exit_code: None,
             stop_requested: false,
             credential_nonce: new_nonce(),
+            events: vec![SubmissionEvent {
+                time: self.state.now_ms(),
+                message: format!("submitted by account {account}"),
+            }],
         };
         match self.records.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => {
@@ -413,6 +432,7 @@ impl Submissions {
             entry.driver.clone()
         };
         tracing::info!(submission = %id, "stopping a submitted job");
+        self.event(id, "stop asked for".into()).await;
         if let Some(driver) = driver {
             let request = StopEntrypointRequest { submission_id: id.to_string() };
             if let Err(err) = self.runner.client(&driver.address)?.stop_entrypoint(request).await {
@@ -504,6 +524,20 @@ impl Submissions {
         Some(record)
     }
 
+    /// Records `message` as a step of submission `id`.
+    async fn event(&self, id: &str, message: String) {
+        let time = self.state.now_ms();
+        tracing::debug!(submission = %id, %message, "submission event");
+        self.update(id, |record| {
+            if record.events.len() >= MAX_EVENTS {
+                // The first (how it began) stays; the oldest after it goes.
+                record.events.remove(1);
+            }
+            record.events.push(SubmissionEvent { time, message });
+        })
+        .await;
+    }
+
     /// Ends submission `id` with `status` (unless it ended already), and every job its
     /// drivers started.
     async fn end(&self, id: &str, status: Status, message: String, exit_code: Option<i32>) {
@@ -527,6 +561,10 @@ impl Submissions {
                 };
                 record.end_time = Some(now);
                 record.driver_exit_code = exit_code;
+                if record.events.len() >= MAX_EVENTS {
+                    record.events.remove(1);
+                }
+                record.events.push(SubmissionEvent { time: now, message: format!("{status:?}: {}", record.message) });
             })
             .await;
         if let Some(record) = ended {
@@ -561,6 +599,21 @@ impl Submissions {
                 return self.end(&id, Status::Failed, format!("no node can run the entrypoint: {why}"), None).await
             }
         };
+        let packages = packages_of(&record.runtime_env).unwrap_or_default();
+        let mut preparing = Vec::new();
+        if !packages.working_dir.is_empty() || !packages.py_modules.is_empty() {
+            preparing.push("fetching and unpacking its packages".to_string());
+        }
+        if !packages.pip.is_empty() {
+            preparing.push(format!("installing {:?} (once per node)", packages.pip));
+        }
+        let placed = format!(
+            "placed on node {} ({}){}",
+            &hex::encode(&node.node_id)[..8],
+            node.address,
+            if preparing.is_empty() { String::new() } else { format!(": {}", preparing.join(", ")) }
+        );
+        self.event(&id, placed).await;
         let credential =
             self.issuer.issue_submission(&id, &record.credential_nonce, &record.account, SUBMISSION_CREDENTIAL_TTL);
         let request = RunEntrypointRequest {
@@ -569,7 +622,7 @@ impl Submissions {
             env: env_vars_of(&record.runtime_env).unwrap_or_default(),
             credential,
             gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            packages: packages_of(&record.runtime_env).ok(),
+            packages: Some(packages),
         };
         let started = match self.runner.client(&node.address) {
             Ok(mut client) => client.run_entrypoint(request).await.map_err(IonetError::from),
@@ -596,6 +649,7 @@ impl Submissions {
             };
             match event {
                 Some(entrypoint_event::Event::StartedPid(pid)) => {
+                    self.event(&id, format!("entrypoint started (pid {pid})")).await;
                     let driver = DriverNode { node_id: node_id.clone(), address: node.address.clone(), pid };
                     let record = self
                         .update(&id, |record| {

@@ -80,6 +80,7 @@ class JobDetails:
     driver_exit_code: Optional[int] = None
     account: Optional[str] = None
     job_ids: List[str] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def _from_json(cls, data: Dict[str, Any]) -> "JobDetails":
@@ -90,6 +91,7 @@ class JobDetails:
         for name in ("metadata", "runtime_env"):
             known[name] = data.get(name) or {}
         known["job_ids"] = data.get("job_ids") or []
+        known["events"] = data.get("events") or []
         return cls(**known)
 
 

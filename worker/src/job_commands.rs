@@ -208,7 +208,8 @@ impl JobServer {
             package.uri()
         );
         let uri = package.uri();
-        let sent = self.client.put(&url).bearer_auth(&self.credential).body(package.bytes).send().await?;
+        let body = with_progress(package.bytes);
+        let sent = self.client.put(&url).bearer_auth(&self.credential).body(body).send().await?;
         if !sent.status().is_success() {
             bail!("uploading {}: {}: {}", dir.display(), sent.status(), sent.text().await.unwrap_or_default().trim());
         }
@@ -266,6 +267,34 @@ impl JobServer {
             }
         }
     }
+}
+
+/// `bytes` as a request body that shows how much of it went (a bar on a terminal, a line
+/// each quarter otherwise).
+fn with_progress(bytes: Vec<u8>) -> reqwest::Body {
+    use std::io::IsTerminal;
+    const CHUNK: usize = 256 * 1024;
+    let total = bytes.len().max(1);
+    let terminal = std::io::stderr().is_terminal();
+    let chunks: Vec<Vec<u8>> = bytes.chunks(CHUNK).map(<[u8]>::to_vec).collect();
+    let (mut sent, mut shown) = (0usize, 0usize);
+    let stream = futures::stream::iter(chunks.into_iter().map(move |chunk| {
+        sent += chunk.len();
+        let percent = sent * 100 / total;
+        let mib = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
+        if terminal {
+            let bar = "#".repeat(percent / 4);
+            eprint!("\r  [{bar:<25}] {percent:>3}% of {:.1} MiB", mib(total));
+            if sent >= total {
+                eprintln!();
+            }
+        } else if percent >= shown + 25 || sent >= total {
+            shown = percent - percent % 25;
+            eprintln!("  uploaded {percent}% ({:.1} of {:.1} MiB)", mib(sent), mib(total));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    }));
+    reqwest::Body::wrap_stream(stream)
 }
 
 fn is_terminal(details: &Value) -> bool {
@@ -367,6 +396,15 @@ pub fn status(args: JobStatusArgs) -> Result<()> {
             println!("Status for job '{}': {status}", args.submission_id);
             if let Some(message) = details["message"].as_str().filter(|message| !message.is_empty()) {
                 println!("Status message: {message}");
+            }
+            let events = details["events"].as_array().cloned().unwrap_or_default();
+            if !events.is_empty() {
+                println!("Events:");
+                let start = events[0]["time"].as_u64().unwrap_or_default();
+                for event in events {
+                    let at = event["time"].as_u64().unwrap_or(start).saturating_sub(start) as f64 / 1000.0;
+                    println!("  +{at:>7.2}s  {}", event["message"].as_str().unwrap_or_default());
+                }
             }
         }
         Ok(())

@@ -385,6 +385,15 @@ fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
         ))
     })?;
     command.env.extend(submitted.env_vars);
+    // A program the job ships in its working dir (a Rust binary built elsewhere) is named
+    // relative to it: each node starts the job's workers in its own unpacked copy.
+    if !submitted.working_dir.is_empty() {
+        if let (Some(program), Ok(here)) = (command.argv.first_mut(), std::env::current_dir()) {
+            if let Ok(inside) = std::path::Path::new(program.as_str()).strip_prefix(&here) {
+                *program = format!("./{}", inside.display());
+            }
+        }
+    }
     command.packages = Some(ionet_common::rpc::proto::common::JobPackages {
         working_dir: submitted.working_dir,
         py_modules: submitted.py_modules,

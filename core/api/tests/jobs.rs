@@ -112,7 +112,9 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
         "--",
         &exe,
     ];
-    let followed = cluster.ionet(&submit);
+    let printed = cluster.run_ionet_output(&submit);
+    assert!(printed.contains("uploaded 100%"), "the upload shows its progress: {printed}");
+    let followed = printed;
     assert!(followed.contains("GREETING=hello from the runtime env"), "{followed}");
     assert!(followed.contains("the driver reads payload 42"), "{followed}");
     for name in ["a", "b"] {
@@ -134,6 +136,16 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     assert_eq!(details["type"], "SUBMISSION");
     assert_eq!(details["driver_exit_code"], 0);
     assert_eq!(details["account"], "acme", "the submitting account pays");
+    let steps: Vec<&str> =
+        details["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(
+        steps[0] == "submitted by account acme" && steps[1].contains("fetching and unpacking its packages"),
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|step| step.starts_with("entrypoint started")), "{steps:?}");
+    assert!(steps.last().unwrap().starts_with("Succeeded"), "{steps:?}");
+    let status = cluster.ionet(&["job", "status", id, "--api-key", &key]);
+    assert!(status.contains("Events:") && status.contains("placed on node"), "{status}");
     let driver_node = details["driver_node_id"].as_str().unwrap();
     let head = cluster.ionet(&["status", "--json"]);
     let head_node = serde_json::from_str::<Vec<serde_json::Value>>(&head)
@@ -180,6 +192,43 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     cluster.ionet(&["job", "delete", id, "--api-key", &key]);
     let gone = cluster.ionet_fails(&["job", "status", id, "--api-key", &key]);
     assert!(gone.contains("does not exist"), "{gone}");
+    drop(cluster);
+}
+
+/// A Rust program built elsewhere (this test binary, stripped, as a tenant's laptop would
+/// build it) shipped in the job's working dir runs as the job's driver and as its workers
+/// on both nodes, which never built it.
+fn a_rust_binary_shipped_in_the_working_dir_runs_its_tasks_on_the_nodes() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=b"]);
+    let key = account_key(&cluster, "acme");
+    let project = tempfile::tempdir().unwrap();
+    let binary = project.path().join("trainer");
+    let stripped = std::process::Command::new("strip").arg("-o").arg(&binary).arg(entrypoint()).status().unwrap();
+    assert!(stripped.success(), "strip the test binary");
+    std::fs::write(project.path().join("data.txt"), "payload 42\n").unwrap();
+    let dir = project.path().to_string_lossy().into_owned();
+    let env = runtime_env("tasks");
+    let followed = cluster.ionet(&[
+        "job",
+        "submit",
+        "--api-key",
+        &key,
+        "--working-dir",
+        &dir,
+        "--runtime-env-json",
+        &env,
+        "--",
+        "./trainer",
+    ]);
+    for name in ["a", "b"] {
+        let expected = format!("hello from node {name}: payload 42 / hello from the runtime env");
+        assert!(
+            followed.lines().any(|line| line.starts_with("(shout pid=") && line.ends_with(&expected)),
+            "{followed}"
+        );
+    }
     drop(cluster);
 }
 
@@ -278,6 +327,10 @@ fn main() {
                 a_submitted_job_runs_on_the_cluster_and_its_output_comes_back,
             ),
             ("a_stopped_job_ends_with_its_workers", a_stopped_job_ends_with_its_workers),
+            (
+                "a_rust_binary_shipped_in_the_working_dir_runs_its_tasks_on_the_nodes",
+                a_rust_binary_shipped_in_the_working_dir_runs_its_tasks_on_the_nodes,
+            ),
             ("bad_submissions_are_refused_clearly", bad_submissions_are_refused_clearly),
         ],
         Duration::from_secs(180),
