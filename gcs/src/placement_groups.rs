@@ -152,6 +152,8 @@ struct Group {
     committed: HashMap<u32, NodeId>,
     /// While a reservation is in flight: the nodes asked to prepare its bundles.
     reserving: Vec<(NodeId, String)>,
+    /// Its bundles go on this node or nowhere.
+    pinned: Option<NodeId>,
 }
 
 impl Group {
@@ -163,6 +165,7 @@ impl Group {
             sequence: self.sequence,
             reserving_node_ids: self.reserving.iter().map(|(node, _)| node.to_vec()).collect(),
             reserving_node_addresses: self.reserving.iter().map(|(_, address)| address.clone()).collect(),
+            pinned_node_id: self.pinned.map(|node| node.to_vec()).unwrap_or_default(),
         }
     }
 
@@ -191,6 +194,9 @@ impl Group {
             detached: stored.detached,
             committed,
             reserving: nodes_of(&stored.reserving_node_ids, &stored.reserving_node_addresses)?,
+            pinned: (!stored.pinned_node_id.is_empty())
+                .then(|| NodeId::from_bytes(&stored.pinned_node_id))
+                .transpose()?,
         };
         Ok((id, group))
     }
@@ -362,6 +368,30 @@ impl PlacementGroups {
         job_id: Vec<u8>,
         detached: bool,
     ) -> IonetResult<PlacementGroupId> {
+        self.create_group(bundles, strategy, name, job_id, detached, None).await
+    }
+
+    /// A group whose bundles go on `node` or nowhere (the job server reserves what a
+    /// submitted job's entrypoint holds on the node it chose).
+    pub async fn create_on(
+        &self,
+        node: NodeId,
+        bundles: Vec<ResourceSet>,
+        name: String,
+        job_id: Vec<u8>,
+    ) -> IonetResult<PlacementGroupId> {
+        self.create_group(bundles, PlacementStrategy::StrictPack, name, job_id, false, Some(node)).await
+    }
+
+    async fn create_group(
+        &self,
+        bundles: Vec<ResourceSet>,
+        strategy: PlacementStrategy,
+        name: String,
+        job_id: Vec<u8>,
+        detached: bool,
+        pinned: Option<NodeId>,
+    ) -> IonetResult<PlacementGroupId> {
         ionet_common::JobId::from_bytes(&job_id).map_err(|err| {
             IonetError::InvalidArgument(format!(
                 "a placement group needs the job creating it (its bundles are billed to that job): {err}"
@@ -390,6 +420,7 @@ impl PlacementGroups {
                 pending_reason: String::new(),
                 detached,
                 reserving: Vec::new(),
+                pinned,
             },
         );
         if let Err(err) = self.persist(id).await {
@@ -507,12 +538,15 @@ impl PlacementGroups {
             .collect();
         self.requeue_groups_on_lost_nodes(&alive).await;
 
-        let mut pending: Vec<(u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy, Vec<u8>)> = self
+        type Pending = (u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy, Vec<u8>, Option<NodeId>);
+        let mut pending: Vec<Pending> = self
             .lock()
             .iter()
             // One whose old bundles are still to cancel waits for that first.
             .filter(|(_, group)| group.state == PlacementGroupState::Pending && group.reserving.is_empty())
-            .map(|(id, group)| (group.sequence, *id, group.bundles.clone(), group.strategy, group.job_id.clone()))
+            .map(|(id, group)| {
+                (group.sequence, *id, group.bundles.clone(), group.strategy, group.job_id.clone(), group.pinned)
+            })
             .collect();
         if pending.is_empty() {
             return;
@@ -529,8 +563,14 @@ impl PlacementGroups {
                 Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
             }
         }
-        for (_, id, bundles, strategy, job_id) in pending {
-            let outcome = match solve_placement_group(&view, &bundles, strategy) {
+        for (_, id, bundles, strategy, job_id, pinned) in pending {
+            let decision = match pinned {
+                // Its node or nowhere: the node's own accounting says whether it fits.
+                Some(node) if addresses.contains_key(&node) => PlacementDecision::Placed(vec![node; bundles.len()]),
+                Some(node) => PlacementDecision::Wait { reason: format!("its node {} is not alive", node.short()) },
+                None => solve_placement_group(&view, &bundles, strategy),
+            };
+            let outcome = match decision {
                 PlacementDecision::Placed(chosen) => {
                     match self.reserve(id, &job_id, &bundles, &chosen, &addresses).await {
                         Ok(placed) => {

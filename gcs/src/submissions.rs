@@ -28,10 +28,11 @@ use ionet_common::authz::Principal;
 use ionet_common::credential::Issuer;
 use ionet_common::jobs::{check_pip, checked_submission_id, package_name_of_uri};
 use ionet_common::resources::{CPU, GPU, MEMORY};
-use ionet_common::rpc::proto::common::{JobPackages, JobState, NodeInfo, NodeState};
+use ionet_common::rpc::proto::common::{JobInfo, JobPackages, JobState, NodeInfo, NodeState};
+use ionet_common::rpc::proto::gcs::PlacementGroupState;
 use ionet_common::rpc::proto::node::{entrypoint_event, RunEntrypointRequest, StopEntrypointRequest};
 use ionet_common::rpc::NodeManagerClient;
-use ionet_common::{IonetError, IonetResult, JobId, Quantity, ResourceSet};
+use ionet_common::{IonetError, IonetResult, JobId, NodeId, PlacementGroupId, Quantity, ResourceSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::GcsResult;
@@ -48,6 +49,8 @@ pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long the head waits for the entrypoint's node to reserve what it holds.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after a stop the head ends a submission whose node has not (the node's
 /// grace between SIGTERM and SIGKILL is 3 s).
 const STOP_ENFORCED_AFTER: Duration = Duration::from_secs(6);
@@ -99,6 +102,12 @@ pub struct SubmitRequest {
     pub entrypoint_resources: Option<BTreeMap<String, f64>>,
     #[serde(default)]
     pub entrypoint_label_selector: Option<BTreeMap<String, String>>,
+    /// ionet's: the model of the entrypoint's GPUs (`A100-80GB`).
+    #[serde(default)]
+    pub entrypoint_gpu_type: Option<String>,
+    /// ionet's: the most the entrypoint's node may ask per GPU-hour, in USD.
+    #[serde(default)]
+    pub entrypoint_max_price_per_gpu_hour: Option<f64>,
 }
 
 /// The node a submission's entrypoint runs on.
@@ -127,6 +136,12 @@ pub struct Submission {
     /// What the entrypoint holds on its node (CPU, GPU, memory, custom).
     pub resources: BTreeMap<String, f64>,
     pub label_selector: BTreeMap<String, String>,
+    /// The model its GPUs must be.
+    #[serde(default)]
+    pub gpu_type: Option<String>,
+    /// The most its node may ask per GPU-hour (micro-USD).
+    #[serde(default)]
+    pub max_price_micros: Option<u64>,
     pub driver: Option<DriverNode>,
     pub driver_exit_code: Option<i32>,
     /// A stop was asked for (its end is STOPPED, whatever the exit).
@@ -324,6 +339,22 @@ impl Submissions {
             return Err(IonetError::InvalidArgument("the entrypoint is empty: name the command to run".into()));
         }
         let resources = entrypoint_resources(&request)?;
+        let max_price_micros = match request.entrypoint_max_price_per_gpu_hour {
+            None => None,
+            Some(usd) if usd.is_finite() && usd >= 0.0 => Some((usd * 1_000_000.0).round() as u64),
+            Some(usd) => {
+                return Err(IonetError::InvalidArgument(format!(
+                    "entrypoint_max_price_per_gpu_hour must be a price in USD, not {usd}"
+                )))
+            }
+        };
+        if (request.entrypoint_gpu_type.is_some() || max_price_micros.is_some())
+            && request.entrypoint_num_gpus.unwrap_or(0.0) <= 0.0
+        {
+            return Err(IonetError::InvalidArgument(
+                "a GPU type or a price names the entrypoint's GPUs: ask for some (entrypoint_num_gpus, --gpus)".into(),
+            ));
+        }
         let runtime_env = request.runtime_env.unwrap_or_default();
         env_vars_of(&runtime_env)?;
         let packages = packages_of(&runtime_env)?;
@@ -354,6 +385,8 @@ impl Submissions {
             runtime_env,
             resources,
             label_selector: request.entrypoint_label_selector.unwrap_or_default(),
+            gpu_type: request.entrypoint_gpu_type.filter(|model| !model.trim().is_empty()),
+            max_price_micros,
             driver: None,
             driver_exit_code: None,
             stop_requested: false,
@@ -614,6 +647,19 @@ impl Submissions {
             if preparing.is_empty() { String::new() } else { format!(": {}", preparing.join(", ")) }
         );
         self.event(&id, placed).await;
+        // What the entrypoint holds is reserved on its node for a job of its own (paid by
+        // the account, metered as any bundle), until the submission ends.
+        let mut held = None;
+        if !record.resources.is_empty() {
+            match self.hold(&id, &record, &node).await {
+                Ok(group) => held = Some(group),
+                Err(why) => {
+                    let message = format!("could not hold the entrypoint's resources on node {}: {why}", node.address);
+                    return self.end(&id, Status::Failed, message, None).await;
+                }
+            }
+            self.event(&id, format!("holding {} on it", describe(&record.resources))).await;
+        }
         let credential =
             self.issuer.issue_submission(&id, &record.credential_nonce, &record.account, SUBMISSION_CREDENTIAL_TTL);
         let request = RunEntrypointRequest {
@@ -623,6 +669,9 @@ impl Submissions {
             credential,
             gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             packages: Some(packages),
+            placement_group_id: held.map(|group| group.to_vec()).unwrap_or_default(),
+            bundle_index: 0,
+            gpus: record.resources.get(GPU).map_or(0, |gpus| gpus.ceil() as u32),
         };
         let started = match self.runner.client(&node.address) {
             Ok(mut client) => client.run_entrypoint(request).await.map_err(IonetError::from),
@@ -690,16 +739,60 @@ impl Submissions {
         }
     }
 
+    /// Reserves what `record`'s entrypoint holds on `node`: a job of its own (its
+    /// submission's: it ends with it) and a one-bundle placement group of that job on the
+    /// node; its id once the node committed it.
+    async fn hold(&self, id: &str, record: &Submission, node: &NodeInfo) -> IonetResult<PlacementGroupId> {
+        let job = self
+            .state
+            .add_job(JobInfo {
+                entrypoint: format!("the entrypoint of submission {id}"),
+                payer_account: record.account.clone(),
+                submission_id: id.to_string(),
+                ..Default::default()
+            })
+            .await?;
+        let group = self
+            .placement_groups
+            .create_on(
+                NodeId::from_bytes(&node.node_id)?,
+                vec![resource_set(&record.resources)?],
+                format!("entrypoint of {id}"),
+                job.job_id.clone(),
+            )
+            .await?;
+        let deadline = tokio::time::Instant::now() + HOLD_TIMEOUT;
+        loop {
+            match self.placement_groups.state_of(&group) {
+                Some(PlacementGroupState::Created) => return Ok(group),
+                Some(PlacementGroupState::Pending) if tokio::time::Instant::now() < deadline => {}
+                _ => {
+                    let why = self.placement_groups.get(&group).map(|group| group.pending_reason).unwrap_or_default();
+                    let _ = self.placement_groups.remove(&group).await;
+                    return Err(IonetError::Unavailable(if why.is_empty() {
+                        "the node did not reserve it".into()
+                    } else {
+                        why
+                    }));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The node to run `record`'s entrypoint on: alive, taking workloads, matching its
     /// labels, with its resources free; the cheapest, then not the head's, then the most
     /// free CPUs.
     fn pick_node(&self, record: &Submission) -> Result<NodeInfo, String> {
         let demand = resource_set(&record.resources).map_err(|err| err.to_string())?;
         let nodes = self.state.nodes(false);
-        let mut fits: Vec<NodeInfo> = nodes
+        let matching: Vec<NodeInfo> = nodes
             .into_iter()
             .filter(|node| node.state == NodeState::Alive as i32 && !node.no_workloads)
             .filter(|node| record.label_selector.iter().all(|(key, value)| node.labels.get(key) == Some(value)))
+            .filter(|node| {
+                record.gpu_type.as_ref().is_none_or(|model| node.accelerator_type.eq_ignore_ascii_case(model))
+            })
             .filter(|node| {
                 node.available
                     .as_ref()
@@ -707,16 +800,34 @@ impl Submissions {
                     .is_some_and(|available| available.contains(&demand))
             })
             .collect();
+        let usd = |micros: u64| micros as f64 / 1_000_000.0;
+        let mut fits: Vec<NodeInfo> = matching
+            .iter()
+            .filter(|node| record.max_price_micros.is_none_or(|most| node.price_per_gpu_hour_micros <= most))
+            .cloned()
+            .collect();
         if fits.is_empty() {
-            return Err(format!(
-                "no alive node taking work has {} free{}",
+            let what = format!(
+                "{}{}{}",
                 describe(&record.resources),
+                record.gpu_type.as_ref().map(|model| format!(" ({model})")).unwrap_or_default(),
                 if record.label_selector.is_empty() {
                     String::new()
                 } else {
                     format!(" with labels {:?}", record.label_selector)
                 }
-            ));
+            );
+            let cheapest = matching.iter().min_by_key(|node| node.price_per_gpu_hour_micros);
+            return Err(match (cheapest, record.max_price_micros) {
+                (Some(node), Some(most)) => format!(
+                    "no node with {what} free asks at most ${:.2} per GPU-hour: the cheapest that fits, node {}, \
+                     asks ${:.2}",
+                    usd(most),
+                    &hex::encode(&node.node_id)[..8],
+                    usd(node.price_per_gpu_hour_micros)
+                ),
+                _ => format!("no alive node taking work has {what} free"),
+            });
         }
         let gpus = demand.get(GPU);
         let cost = |node: &NodeInfo| {

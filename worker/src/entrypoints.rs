@@ -70,6 +70,8 @@ pub struct Entrypoints {
     /// Under it, each entrypoint's working directory.
     work_root: PathBuf,
     setting: Mutex<EntrypointSetting>,
+    /// The node's leases (GPU ids for entrypoints that hold GPUs).
+    leases: std::sync::OnceLock<Arc<crate::lease::Leases>>,
     /// The node's unpacked packages.
     cache: Arc<PackageCache>,
     /// The node's installed requirements.
@@ -84,7 +86,25 @@ impl Entrypoints {
         cache: Arc<PackageCache>,
         envs: Arc<PipEnvs>,
     ) -> Self {
-        Self { running: Arc::default(), identities, log_dir, work_root, setting: Default::default(), cache, envs }
+        Self {
+            running: Arc::default(),
+            identities,
+            log_dir,
+            work_root,
+            setting: Default::default(),
+            leases: Default::default(),
+            cache,
+            envs,
+        }
+    }
+
+    /// The node's leases, whose GPUs entrypoints holding a bundle take ids from.
+    pub fn set_leases(&self, leases: Arc<crate::lease::Leases>) {
+        let _ = self.leases.set(leases);
+    }
+
+    fn leases(&self) -> IonetResult<&Arc<crate::lease::Leases>> {
+        self.leases.get().ok_or_else(|| IonetError::Internal("entrypoints have no lease book to take GPUs from".into()))
     }
 
     /// What entrypoints started from now on are told about this node.
@@ -142,6 +162,12 @@ impl Entrypoints {
         let setting = self.setting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let packages = request.packages.clone().unwrap_or_default();
         let credential = Bearer::new(&request.credential)?;
+        // The GPUs its bundle holds for it, seen by it alone until it ends.
+        let gpus = match request.gpus {
+            0 => None,
+            count => Some(self.leases()?.take_gpus(&request.placement_group_id, request.bundle_index, count)?),
+        };
+        let mut guard = GpuGuard { leases: self.leases.get().cloned(), gpus };
         let mut unpacked = self
             .cache
             .unpack_all(&packages, account, identity.map(|identity| identity.gid), &request.gcs_address, &credential)
@@ -189,8 +215,10 @@ impl Entrypoints {
                 command.env(name, value);
             }
         }
+        let visible = guard.gpus.as_ref().map(|gpus| gpus.gpu_ids()).unwrap_or_default();
+        let visible = visible.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         command
-            .env("CUDA_VISIBLE_DEVICES", "")
+            .env("CUDA_VISIBLE_DEVICES", &visible)
             .env("IONET_ADDRESS", &request.gcs_address)
             .env("IONET_API_KEY", &request.credential)
             .env("IONET_DRIVER_NODE", &setting.node_address)
@@ -236,7 +264,9 @@ impl Entrypoints {
         let running = self.running.clone();
         let id = id.to_string();
         let cleanup = work_dir.clone();
+        let gpus = guard.take();
         tokio::spawn(async move {
+            let _gpus = gpus;
             let _ = sender.send(event(entrypoint_event::Event::StartedPid(pid))).await;
             let mut tail = Tail { path: log_path, offset: 0 };
             let status = loop {
@@ -314,6 +344,27 @@ fn work_dir(root: &Path, id: &str, working_dir: Option<&Path>, owner: Option<(u3
         }
     }
     Ok(dir)
+}
+
+/// GPU ids an entrypoint took, given back when it ends (or when it never started).
+struct GpuGuard {
+    leases: Option<Arc<crate::lease::Leases>>,
+    gpus: Option<ionet_scheduler::GpuAssignment>,
+}
+
+impl GpuGuard {
+    /// The guard, moved out (the caller's copy gives nothing back).
+    fn take(&mut self) -> GpuGuard {
+        GpuGuard { leases: self.leases.clone(), gpus: self.gpus.take() }
+    }
+}
+
+impl Drop for GpuGuard {
+    fn drop(&mut self) {
+        if let (Some(leases), Some(gpus)) = (&self.leases, self.gpus.take()) {
+            leases.return_gpus(&gpus);
+        }
+    }
 }
 
 /// Gives back an entrypoint's place in the running table unless it started.

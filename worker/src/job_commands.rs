@@ -56,9 +56,17 @@ pub struct JobSubmitArgs {
     /// CPUs the entrypoint holds on its node (default 0, as Ray).
     #[arg(long = "entrypoint-num-cpus")]
     pub entrypoint_num_cpus: Option<f64>,
-    /// GPUs the entrypoint holds on its node (default 0).
-    #[arg(long = "entrypoint-num-gpus")]
+    /// GPUs the entrypoint holds on its node (default 0): reserved there for it, and
+    /// metered, while it runs. The node is the cheapest that has them free.
+    #[arg(long = "entrypoint-num-gpus", visible_alias = "gpus")]
     pub entrypoint_num_gpus: Option<f64>,
+    /// The model of those GPUs, e.g. A100-80GB.
+    #[arg(long = "gpu-type")]
+    pub gpu_type: Option<String>,
+    /// The most the node may ask per GPU-hour, in USD, e.g. 1.5 (none asks less: the job
+    /// is refused, saying what the cheapest asks).
+    #[arg(long = "max-price")]
+    pub max_price: Option<f64>,
     /// Bytes of memory the entrypoint holds on its node.
     #[arg(long = "entrypoint-memory")]
     pub entrypoint_memory: Option<u64>,
@@ -368,6 +376,12 @@ pub fn submit(args: JobSubmitArgs) -> Result<()> {
     }
     if let Some(memory) = args.entrypoint_memory {
         request["entrypoint_memory"] = Value::from(memory);
+    }
+    if let Some(model) = &args.gpu_type {
+        request["entrypoint_gpu_type"] = Value::from(model.clone());
+    }
+    if let Some(price) = args.max_price {
+        request["entrypoint_max_price_per_gpu_hour"] = Value::from(price);
     }
     runtime()?.block_on(async {
         server.upload_local_dirs(&mut runtime_env).await?;

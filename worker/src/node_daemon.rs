@@ -605,6 +605,7 @@ impl NodeDaemon {
             packages,
             envs,
         );
+        entrypoints.set_leases(leases.clone());
         entrypoints.set(EntrypointSetting { node_address: advertised.clone(), cluster_ca: options.cluster_ca.clone() });
         let shared = Arc::new(NodeShared {
             node_id,

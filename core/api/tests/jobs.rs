@@ -273,6 +273,88 @@ fn a_stopped_job_ends_with_its_workers() {
     drop(cluster);
 }
 
+/// `--gpus 2 --gpu-type A100-80GB --max-price 1.5` runs the entrypoint on the cheaper of
+/// two matching nodes, holding its GPUs there (they are not free to others while it runs,
+/// it sees them, and the lease is metered to the account); a price no node asks is
+/// refused, naming the cheapest.
+fn gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let gpu_node = |price: &str, name: &str| {
+        [
+            "--num-cpus",
+            "1",
+            "--num-gpus",
+            "4",
+            "--gpu-type",
+            "A100-80GB",
+            "--price-per-gpu-hour",
+            price,
+            "--labels",
+            name,
+        ]
+        .map(str::to_string)
+    };
+    for (price, name) in [("1.40", "name=cheap"), ("1.45", "name=dear")] {
+        let args = gpu_node(price, name);
+        cluster.add_node(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    cluster.add_node(&["--num-cpus", "1", "--num-gpus", "4", "--gpu-type", "H100", "--price-per-gpu-hour", "0.5"]);
+    let key = account_key(&cluster, "acme");
+    let gpus = ["--gpus", "2", "--gpu-type", "A100-80GB", "--max-price", "1.5"];
+    let script = "echo visible=$CUDA_VISIBLE_DEVICES; sleep 600";
+    let args: Vec<&str> = ["job", "submit", "--no-wait", "--api-key", &key]
+        .into_iter()
+        .chain(gpus)
+        .chain(["--", "sh", "-c", script])
+        .collect();
+    let id = cluster.ionet(&args).trim().to_string();
+    let mut details = serde_json::Value::Null;
+    wait_until("the entrypoint runs", Duration::from_secs(60), || {
+        details = serde_json::from_str(&cluster.ionet(&["job", "status", &id, "--json", "--api-key", &key])).unwrap();
+        details["status"] == "RUNNING" && cluster.ionet(&["job", "logs", &id, "--api-key", &key]).contains("visible=")
+    });
+    let cheap = harness_node(&cluster, "cheap");
+    assert_eq!(details["driver_node_id"].as_str(), Some(cheap.as_str()), "the cheaper A100 node: {details}");
+    let logs = cluster.ionet(&["job", "logs", &id, "--api-key", &key]);
+    let visible = logs.lines().find_map(|line| line.strip_prefix("visible=")).unwrap_or_default();
+    assert_eq!(visible.split(',').count(), 2, "it sees its 2 GPUs: {logs}");
+    // Held there: the node offers 2 of its 4 GPUs to others while it runs.
+    let free_gpus = |cluster: &Cluster| {
+        let nodes: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["status", "--json"])).unwrap();
+        let node = nodes.iter().find(|node| node["node_id"] == cheap.as_str()).cloned().unwrap();
+        node["resources_available"]["GPU"].as_f64()
+    };
+    wait_until("the node holds 2 of its GPUs", Duration::from_secs(10), || free_gpus(&cluster) == Some(2.0));
+    // Metered to the account: a lease of 2 GPUs on that node.
+    wait_until("the entrypoint's GPUs are metered", Duration::from_secs(30), || {
+        let usage: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["usage", "--json"])).unwrap();
+        usage.iter().any(|record| {
+            record["payer_account"] == "acme"
+                && record["node_id"] == cheap.as_str()
+                && record["resources"]["GPU"] == 2.0
+        })
+    });
+    cluster.ionet(&["job", "stop", &id, "--api-key", &key]);
+    wait_until("its GPUs are free again", Duration::from_secs(30), || free_gpus(&cluster) == Some(4.0));
+
+    // Under a price no A100 node asks: refused, naming the cheapest.
+    let args: Vec<&str> =
+        ["job", "submit", "--api-key", &key, "--gpus", "2", "--gpu-type", "A100-80GB", "--max-price", "1.0"]
+            .into_iter()
+            .chain(["--", "true"])
+            .collect();
+    let refused = cluster.ionet_fails(&args);
+    assert!(refused.contains("asks at most $1.00 per GPU-hour") && refused.contains("asks $1.40"), "{refused}");
+    drop(cluster);
+}
+
+/// A node's id (hex) by its `name` label, as `ionet status` lists it.
+fn harness_node(cluster: &Cluster, name: &str) -> String {
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["status", "--json"])).unwrap();
+    let node = nodes.iter().find(|node| node["labels"]["name"] == name).unwrap_or_else(|| panic!("no node {name}"));
+    node["node_id"].as_str().unwrap().to_string()
+}
+
 /// Bad submissions get a clear error naming what and why; nothing runs.
 fn bad_submissions_are_refused_clearly() {
     let cluster = Cluster::start(&["--num-cpus", "1"]);
@@ -332,6 +414,10 @@ fn main() {
                 a_rust_binary_shipped_in_the_working_dir_runs_its_tasks_on_the_nodes,
             ),
             ("bad_submissions_are_refused_clearly", bad_submissions_are_refused_clearly),
+            (
+                "gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node",
+                gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node,
+            ),
         ],
         Duration::from_secs(180),
     );

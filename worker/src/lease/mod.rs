@@ -381,6 +381,36 @@ impl Leases {
         clamped(&self.lock().available)
     }
 
+    /// Ids of `count` GPUs for a process this node runs that holds them through bundle
+    /// `index` of placement group `group` (a submitted job's entrypoint): taken from the
+    /// free ones, so no lease gets them until [`Leases::return_gpus`].
+    pub fn take_gpus(&self, group: &[u8], index: u32, count: u32) -> IonetResult<GpuAssignment> {
+        let key = (PlacementGroupId::from_bytes(group)?, index);
+        let mut state = self.lock();
+        let held = state.bundles.get(&key).map(|bundle| bundle.total.get(GPU)).ok_or_else(|| {
+            IonetError::FailedPrecondition(format!(
+                "bundle {index} of placement group {} is not held here",
+                key.0.short()
+            ))
+        })?;
+        let wanted = Quantity::whole(i64::from(count));
+        if held < wanted {
+            return Err(IonetError::FailedPrecondition(format!("the bundle holds {held} GPUs, not {count}")));
+        }
+        state
+            .gpus
+            .allocate(wanted)
+            .map_err(|err| IonetError::Internal(err.to_string()))?
+            .ok_or_else(|| IonetError::Unavailable(format!("{count} GPUs are not free on this node")))
+    }
+
+    /// Gives back GPU ids [`Leases::take_gpus`] took.
+    pub fn return_gpus(&self, assignment: &GpuAssignment) {
+        if let Err(err) = self.lock().gpus.release(assignment) {
+            tracing::error!(error = %err, "gpu accounting refused an entrypoint's release");
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         self.lock().processes.len()
     }
