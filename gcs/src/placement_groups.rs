@@ -448,6 +448,11 @@ impl PlacementGroups {
     }
 
     /// The job that created the group (and is billed for it), if it exists.
+    /// Whether group `id` is pinned to a node (the job server's, for an entrypoint).
+    pub fn is_pinned(&self, id: &PlacementGroupId) -> bool {
+        self.lock().get(id).is_some_and(|group| group.pinned.is_some())
+    }
+
     pub fn job_of(&self, id: &PlacementGroupId) -> Option<Vec<u8>> {
         self.lock().get(id).map(|group| group.job_id.clone())
     }

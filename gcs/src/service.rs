@@ -570,6 +570,13 @@ impl Gcs for GcsService {
             .job_of(&id)
             .ok_or_else(|| Status::not_found(format!("placement group {} does not exist", id.short())))?;
         principal.may_act_for_account(&self.state.payer_of(&job_id_of(&owner)?))?;
+        // What a submitted job's entrypoint holds (metered) ends with its submission only.
+        if self.placement_groups.is_pinned(&id) && principal != Principal::Admin {
+            return Err(Status::permission_denied(format!(
+                "placement group {} holds a submitted job's entrypoint: it ends with the submission",
+                id.short()
+            )));
+        }
         self.placement_groups.remove(&id).await?;
         Ok(Response::new(RemovePlacementGroupReply {}))
     }

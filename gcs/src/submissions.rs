@@ -49,6 +49,8 @@ pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often the head checks that what a running entrypoint holds is still held.
+const HOLD_CHECK: Duration = Duration::from_secs(1);
 /// How long the head waits for the entrypoint's node to reserve what it holds.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after a stop the head ends a submission whose node has not (the node's
@@ -669,7 +671,7 @@ impl Submissions {
             credential,
             gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             packages: Some(packages),
-            placement_group_id: held.map(|group| group.to_vec()).unwrap_or_default(),
+            placement_group_id: held.as_ref().map(|group| group.to_vec()).unwrap_or_default(),
             bundle_index: 0,
             gpus: record.resources.get(GPU).map_or(0, |gpus| gpus.ceil() as u32),
         };
@@ -686,8 +688,27 @@ impl Submissions {
         };
         let node_id = hex::encode(&node.node_id);
         let mut log = LogFile::create(self.log_path(&id));
+        let mut check = tokio::time::interval(HOLD_CHECK);
         loop {
-            let event = match events.message().await {
+            let message = tokio::select! {
+                message = events.message() => message,
+                _ = check.tick() => {
+                    // What it holds went (its payer's credit ran out, say): it stops too, or
+                    // it would run on unmetered.
+                    let Some(group) = held else { continue };
+                    if self.placement_groups.state_of(&group) == Some(PlacementGroupState::Created) {
+                        continue;
+                    }
+                    let why = self.placement_groups.get(&group).map(|group| group.pending_reason).unwrap_or_default();
+                    let request = StopEntrypointRequest { submission_id: id.clone() };
+                    if let Ok(mut client) = self.runner.client(&node.address) {
+                        let _ = client.stop_entrypoint(request).await;
+                    }
+                    let message = format!("the entrypoint's resources were released: {why}");
+                    return self.end(&id, Status::Failed, message, None).await;
+                }
+            };
+            let event = match message {
                 Ok(Some(event)) => event.event,
                 Ok(None) => None,
                 Err(status) => {

@@ -209,21 +209,24 @@ def test_bad_runtime_envs_are_refused_clearly(cluster, api_key, project):
 def test_a_jobs_requirements_are_installed_once_per_node_and_shared(cluster, api_key, tmp_path, wheels):
     (tmp_path / "main.py").write_text(PIP_MAIN)
     env = json.dumps({"pip": {"packages": ["tinypkg"], "pip_install_options": ["--no-index", "--find-links", wheels]}})
-    outputs = []
+    env_dirs = []
+    between = None
     for _ in range(2):
         done = job_cli(
             cluster, api_key, "submit", "--working-dir", str(tmp_path), "--runtime-env-json", env,
             "--", "python3", "main.py",
         )
         assert "tasks import tinypkg [42, 42] on 2 nodes" in done.stdout, done.stdout
-        outputs.append(done.stdout)
-    env_dirs = [line.split("env ", 1)[1].strip() for out in outputs for line in out.splitlines() if line.startswith("env ")]
-    assert len(env_dirs) == 2 and env_dirs[0] == env_dirs[1], env_dirs
-    # Built once: the second job found the environment the first one built.
-    marker = json.loads(open(os.path.join(env_dirs[0], ".ionet-env.json")).read())
-    assert marker["packages"] == ["tinypkg"], marker
-    mode = os.stat(env_dirs[0]).st_mode & 0o777
-    assert mode == 0o755 and os.stat(env_dirs[0]).st_uid == os.geteuid(), "nobody but the daemon may change it"
+        env_dirs += [line.split("env ", 1)[1].strip() for line in done.stdout.splitlines() if line.startswith("env ")]
+        between = between or time.time() * 1000
+    # One environment per requirements (the same name on every node; the first job's tasks
+    # ran on both nodes, so both built it then).
+    assert len(env_dirs) == 2 and os.path.basename(env_dirs[0]) == os.path.basename(env_dirs[1]), env_dirs
+    # Built once: the second job's driver found an environment built before it started.
+    marker = json.loads(open(os.path.join(env_dirs[1], ".ionet-env.json")).read())
+    assert marker["packages"] == ["tinypkg"] and marker["built_at_ms"] < between, (marker, between)
+    mode = os.stat(env_dirs[1]).st_mode & 0o777
+    assert mode == 0o755 and os.stat(env_dirs[1]).st_uid == os.geteuid(), "nobody but the daemon may change it"
 
 
 def test_a_requirement_that_fails_to_install_fails_the_job_clearly(cluster, api_key, wheels):

@@ -33,13 +33,14 @@ use crate::identities::WorkerIdentities;
 use crate::packages::PackageCache;
 use crate::pip_envs::PipEnvs;
 
-/// The interpreter a Python entrypoint's requirements are installed for.
-const PYTHON: &str = "python3";
 use ionet_common::auth::Bearer;
 
 /// What an entrypoint's drivers pass on to their workers: the runtime environment's
 /// packages and `env_vars`, as JSON.
 pub const RUNTIME_ENV_ENV: &str = "IONET_RUNTIME_ENV";
+/// The entrypoint's copy of its job's working dir (where its drivers find the programs it
+/// ships).
+pub const WORKING_DIR_ENV: &str = "IONET_WORKING_DIR";
 
 /// How often a running entrypoint's output file is read.
 const OUTPUT_PASS: Duration = Duration::from_millis(50);
@@ -98,7 +99,7 @@ impl Entrypoints {
         }
     }
 
-    /// The node's leases, whose GPUs entrypoints holding a bundle take ids from.
+    /// The node's leases, whose bundles entrypoints occupy.
     pub fn set_leases(&self, leases: Arc<crate::lease::Leases>) {
         let _ = self.leases.set(leases);
     }
@@ -162,20 +163,25 @@ impl Entrypoints {
         let setting = self.setting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let packages = request.packages.clone().unwrap_or_default();
         let credential = Bearer::new(&request.credential)?;
-        // The GPUs its bundle holds for it, seen by it alone until it ends.
-        let gpus = match request.gpus {
-            0 => None,
-            count => Some(self.leases()?.take_gpus(&request.placement_group_id, request.bundle_index, count)?),
+        // The bundle the head holds for it: its alone while it runs (no lease in it), its
+        // GPUs seen by it alone.
+        let occupied = match request.placement_group_id.is_empty() {
+            true => None,
+            false => Some(self.leases()?.occupy_bundle(&request.placement_group_id, request.bundle_index)?),
         };
-        let mut guard = GpuGuard { leases: self.leases.get().cloned(), gpus };
+        let mut guard = BundleGuard {
+            leases: self.leases.get().cloned(),
+            bundle: (request.placement_group_id.clone(), request.bundle_index),
+            held: occupied,
+        };
         let mut unpacked = self
             .cache
             .unpack_all(&packages, account, identity.map(|identity| identity.gid), &request.gcs_address, &credential)
             .await
             .map_err(|err| IonetError::FailedPrecondition(format!("the job's packages: {err}")))?;
-        // Its requirements, installed with the node's `python3` (what `python3` on its
-        // PATH is, which is what a Python entrypoint runs).
-        if let Some(env) = self.envs.ensure(&packages, PYTHON).await? {
+        // Its requirements, installed by the node's `python3` (what `python3` on its PATH
+        // is, which is what a Python entrypoint runs).
+        if let Some(env) = self.envs.ensure(&packages, crate::pip_envs::NODE_PYTHON).await? {
             unpacked.add_env(env);
         }
         let owner = identity.map(|identity| (identity.uid, identity.gid));
@@ -215,7 +221,7 @@ impl Entrypoints {
                 command.env(name, value);
             }
         }
-        let visible = guard.gpus.as_ref().map(|gpus| gpus.gpu_ids()).unwrap_or_default();
+        let visible = guard.held.as_ref().map(|(gpus, _)| gpus.gpu_ids()).unwrap_or_default();
         let visible = visible.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         command
             .env("CUDA_VISIBLE_DEVICES", &visible)
@@ -225,6 +231,7 @@ impl Entrypoints {
             .env("IONET_JOB_SUBMISSION_ID", id)
             .env("PYTHONUNBUFFERED", "1")
             .env("HOME", &work_dir)
+            .env(WORKING_DIR_ENV, &work_dir)
             .env(RUNTIME_ENV_ENV, runtime_env.to_string());
         if let Some(ca) = &setting.cluster_ca {
             let path = work_dir.join(".ionet_cluster_ca.pem");
@@ -346,23 +353,25 @@ fn work_dir(root: &Path, id: &str, working_dir: Option<&Path>, owner: Option<(u3
     Ok(dir)
 }
 
-/// GPU ids an entrypoint took, given back when it ends (or when it never started).
-struct GpuGuard {
+/// The bundle an entrypoint occupies, given back when it ends (or when it never started).
+struct BundleGuard {
     leases: Option<Arc<crate::lease::Leases>>,
-    gpus: Option<ionet_scheduler::GpuAssignment>,
+    bundle: (Vec<u8>, u32),
+    /// Its GPU ids, and all it holds.
+    held: Option<(ionet_scheduler::GpuAssignment, ionet_common::ResourceSet)>,
 }
 
-impl GpuGuard {
+impl BundleGuard {
     /// The guard, moved out (the caller's copy gives nothing back).
-    fn take(&mut self) -> GpuGuard {
-        GpuGuard { leases: self.leases.clone(), gpus: self.gpus.take() }
+    fn take(&mut self) -> BundleGuard {
+        BundleGuard { leases: self.leases.clone(), bundle: self.bundle.clone(), held: self.held.take() }
     }
 }
 
-impl Drop for GpuGuard {
+impl Drop for BundleGuard {
     fn drop(&mut self) {
-        if let (Some(leases), Some(gpus)) = (&self.leases, self.gpus.take()) {
-            leases.return_gpus(&gpus);
+        if let (Some(leases), Some((gpus, held))) = (&self.leases, self.held.take()) {
+            leases.vacate_bundle(&self.bundle.0, self.bundle.1, &gpus, &held);
         }
     }
 }

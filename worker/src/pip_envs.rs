@@ -29,6 +29,10 @@ use sha2::{Digest, Sha256};
 
 use crate::identities::WorkerIdentities;
 
+/// The interpreter requirements are installed by (and for): the node's own `python3`,
+/// found on the daemon's PATH, never a program a job names (the install starts with the
+/// daemon's rights).
+pub const NODE_PYTHON: &str = "python3";
 /// How long a build may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// How much of a failed build's output its error carries.
@@ -168,18 +172,16 @@ impl PipEnvs {
             .map_err(|err| {
                 IonetError::FailedPrecondition(format!("cannot run {tool} to install {:?}: {err}", packages.pip))
             });
-        // Nothing the build started runs on (the uid was fresh: its processes are the
-        // build's alone), so nothing changes the tree while the daemon takes it over.
+        // Nobody may enter the tree any more but the daemon (the builder's processes, or a
+        // program of its uid left elsewhere, cannot reach it; its parent is the daemon's),
+        // and nothing the build started runs on (the uid was fresh: its processes are the
+        // build's alone).
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        std::os::unix::fs::lchown(into, Some(uid), Some(gid))?;
+        std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o700))?;
         if let Some(builder) = builder {
-            let _ = tokio::process::Command::new("kill")
-                .args(["-KILL", "-1"])
-                .uid(builder.uid)
-                .gid(builder.gid)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            kill_all_of(builder.uid, builder.gid).await;
         }
         let output = output?;
         if !output.status.success() {
@@ -197,6 +199,11 @@ impl PipEnvs {
             )));
         }
         std::fs::remove_dir_all(&home)?;
+        if let Some(builder) = builder {
+            // Only what the build made is taken over: a link to, or a second name of, a
+            // file elsewhere fails the build.
+            take_over(into, builder.uid)?;
+        }
         let built_at_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let marker = serde_json::json!({
@@ -205,29 +212,73 @@ impl PipEnvs {
             "options": packages.pip_options,
             "built_at_ms": built_at_ms,
         });
-        take_over(into)?;
-        std::fs::write(into.join(MARKER), marker.to_string())?;
-        std::fs::set_permissions(into.join(MARKER), std::fs::Permissions::from_mode(0o644))?;
+        // Written new, never through whatever the build left under that name.
+        let marker_path = into.join(MARKER);
+        if std::fs::symlink_metadata(&marker_path).is_ok() {
+            std::fs::remove_file(&marker_path)?;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&marker_path)?;
+        std::io::Write::write_all(&mut file, marker.to_string().as_bytes())?;
+        std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o755))?;
         Ok(())
     }
 }
 
-/// Makes the tree at `path` the daemon's own, readable (and, where it was, executable) by
-/// all, writable by nobody else; links are left as they are, never followed.
-fn take_over(path: &Path) -> IonetResult<()> {
+/// Kills every process of `uid` (a builder's: fresh, so they are the build's alone).
+async fn kill_all_of(uid: u32, gid: u32) {
+    // A child that becomes `uid` and signals all it may: every process of that uid, itself
+    // too (so it never gets to run anything).
+    let mut command = tokio::process::Command::new("/bin/true");
+    command.uid(uid).gid(gid).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: kill is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::kill(-1, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    if let Ok(mut child) = command.spawn() {
+        let _ = child.wait().await;
+    }
+}
+
+/// Makes the tree at `path`, which the builder `builder` made, the daemon's own, readable
+/// (and, where it was, executable) by all, writable by nobody else. Links are left as
+/// they are, never followed; an entry the builder does not own, or a file with a second
+/// name (a hard link to a file elsewhere), fails it.
+fn take_over(path: &Path, builder: u32) -> IonetResult<()> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path)?;
     if meta.file_type().is_symlink() {
         return Ok(());
     }
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let own_top = meta.uid() == uid;
+    if !own_top && meta.uid() != builder || meta.is_file() && meta.nlink() > 1 {
+        return Err(IonetError::FailedPrecondition(format!(
+            "runtime_env setup failed: the install left {} (not its own, or a second name of a file elsewhere)",
+            path.display()
+        )));
+    }
     std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    let mode = meta.permissions().mode();
-    let shared = if meta.is_dir() || mode & 0o100 != 0 { 0o755 } else { 0o644 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(shared))?;
+    let shared = if meta.is_dir() || meta.mode() & 0o100 != 0 { 0o755 } else { 0o644 };
+    if !meta.is_dir() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(shared))?;
+    }
     if meta.is_dir() {
         for entry in std::fs::read_dir(path)? {
-            take_over(&entry?.path())?;
+            take_over(&entry?.path(), builder)?;
+        }
+        // A directory is opened to others once all under it is the daemon's.
+        if !own_top {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(shared))?;
         }
     }
     Ok(())

@@ -388,7 +388,8 @@ fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
     // A program the job ships in its working dir (a Rust binary built elsewhere) is named
     // relative to it: each node starts the job's workers in its own unpacked copy.
     if !submitted.working_dir.is_empty() {
-        if let (Some(program), Ok(here)) = (command.argv.first_mut(), std::env::current_dir()) {
+        let working_dir = std::env::var_os(ionet_worker::entrypoints::WORKING_DIR_ENV).map(std::path::PathBuf::from);
+        if let (Some(program), Some(here)) = (command.argv.first_mut(), working_dir) {
             if let Ok(inside) = std::path::Path::new(program.as_str()).strip_prefix(&here) {
                 *program = format!("./{}", inside.display());
             }

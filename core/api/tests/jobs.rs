@@ -300,6 +300,7 @@ fn gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node() {
     }
     cluster.add_node(&["--num-cpus", "1", "--num-gpus", "4", "--gpu-type", "H100", "--price-per-gpu-hour", "0.5"]);
     let key = account_key(&cluster, "acme");
+    cluster.ionet(&["credits", "add", "--account", "acme", "--amount", "100"]);
     let gpus = ["--gpus", "2", "--gpu-type", "A100-80GB", "--max-price", "1.5"];
     let script = "echo visible=$CUDA_VISIBLE_DEVICES; sleep 600";
     let args: Vec<&str> = ["job", "submit", "--no-wait", "--api-key", &key]
@@ -324,7 +325,7 @@ fn gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node() {
         let node = nodes.iter().find(|node| node["node_id"] == cheap.as_str()).cloned().unwrap();
         node["resources_available"]["GPU"].as_f64()
     };
-    wait_until("the node holds 2 of its GPUs", Duration::from_secs(10), || free_gpus(&cluster) == Some(2.0));
+    wait_until("the node holds 2 of its GPUs", Duration::from_secs(30), || free_gpus(&cluster) == Some(2.0));
     // Metered to the account: a lease of 2 GPUs on that node.
     wait_until("the entrypoint's GPUs are metered", Duration::from_secs(30), || {
         let usage: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["usage", "--json"])).unwrap();
@@ -334,7 +335,34 @@ fn gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node() {
                 && record["resources"]["GPU"] == 2.0
         })
     });
+    // The tenant's own driver sees the group that holds them and may not end it (that
+    // would end its metering while the entrypoint keeps the GPUs).
+    let config = ionet::InitConfig {
+        session_dir: Some(cluster.session().to_path_buf()),
+        api_key: Some(key.clone()),
+        ..Default::default()
+    };
+    ionet::init(config.address("auto")).unwrap();
+    let held = ionet::placement_group_table().unwrap();
+    let held = held.iter().find(|group| group.name == format!("entrypoint of {id}")).expect("the entrypoint's group");
+    let refused = ionet::remove_placement_group(&ionet::PlacementGroup::from_id(held.id).unwrap()).unwrap_err();
+    assert!(refused.to_string().contains("ends with the submission"), "{refused}");
+    ionet::shutdown();
     cluster.ionet(&["job", "stop", &id, "--api-key", &key]);
+    wait_until("its GPUs are free again", Duration::from_secs(30), || free_gpus(&cluster) == Some(4.0));
+
+    // An account that cannot pay for them holds them only until the head sees it: its
+    // entrypoint stops (it would run on unmetered), saying why, and the GPUs come back.
+    let broke = account_key(&cluster, "broke");
+    let args: Vec<&str> =
+        ["job", "submit", "--no-wait", "--api-key", &broke].into_iter().chain(gpus).chain(["--", "sleep", "600"]).collect();
+    let id = cluster.ionet(&args).trim().to_string();
+    wait_until("the unfunded entrypoint ends", Duration::from_secs(60), || {
+        let details: serde_json::Value =
+            serde_json::from_str(&cluster.ionet(&["job", "status", &id, "--json", "--api-key", &broke])).unwrap();
+        details["status"] == "FAILED"
+            && details["message"].as_str().is_some_and(|message| message.contains("cannot cover its leases"))
+    });
     wait_until("its GPUs are free again", Duration::from_secs(30), || free_gpus(&cluster) == Some(4.0));
 
     // Under a price no A100 node asks: refused, naming the cheapest.

@@ -381,34 +381,51 @@ impl Leases {
         clamped(&self.lock().available)
     }
 
-    /// Ids of `count` GPUs for a process this node runs that holds them through bundle
-    /// `index` of placement group `group` (a submitted job's entrypoint): taken from the
-    /// free ones, so no lease gets them until [`Leases::return_gpus`].
-    pub fn take_gpus(&self, group: &[u8], index: u32, count: u32) -> IonetResult<GpuAssignment> {
+    /// Bundle `index` of placement group `group`, whole, for a process this node runs
+    /// (a submitted job's entrypoint): no lease is granted in it while the process holds
+    /// it, and the ids of its GPUs are taken from the free ones, the process's alone
+    /// until [`Leases::vacate_bundle`].
+    pub fn occupy_bundle(&self, group: &[u8], index: u32) -> IonetResult<(GpuAssignment, ResourceSet)> {
         let key = (PlacementGroupId::from_bytes(group)?, index);
         let mut state = self.lock();
-        let held = state.bundles.get(&key).map(|bundle| bundle.total.get(GPU)).ok_or_else(|| {
+        let state = &mut *state;
+        let bundle = state.bundles.get_mut(&key).ok_or_else(|| {
             IonetError::FailedPrecondition(format!(
                 "bundle {index} of placement group {} is not held here",
                 key.0.short()
             ))
         })?;
-        let wanted = Quantity::whole(i64::from(count));
-        if held < wanted {
-            return Err(IonetError::FailedPrecondition(format!("the bundle holds {held} GPUs, not {count}")));
+        if !bundle.committed || bundle.available != bundle.total {
+            return Err(IonetError::FailedPrecondition(format!(
+                "bundle {index} of placement group {} is not committed and free",
+                key.0.short()
+            )));
         }
-        state
+        let wanted = bundle.total.get(GPU);
+        let gpus = state
             .gpus
             .allocate(wanted)
             .map_err(|err| IonetError::Internal(err.to_string()))?
-            .ok_or_else(|| IonetError::Unavailable(format!("{count} GPUs are not free on this node")))
+            .ok_or_else(|| IonetError::Unavailable(format!("{wanted} GPUs are not free on this node")))?;
+        bundle.available = ResourceSet::new();
+        Ok((gpus, bundle.total.clone()))
     }
 
-    /// Gives back GPU ids [`Leases::take_gpus`] took.
-    pub fn return_gpus(&self, assignment: &GpuAssignment) {
-        if let Err(err) = self.lock().gpus.release(assignment) {
+    /// Gives back what [`Leases::occupy_bundle`] took: the bundle's room (`held`) to the
+    /// bundle, or to the node when the bundle was cancelled meanwhile (which gave back
+    /// only its free part), and its GPU ids.
+    pub fn vacate_bundle(&self, group: &[u8], index: u32, gpus: &GpuAssignment, held: &ResourceSet) {
+        let mut state = self.lock();
+        let bundle = PlacementGroupId::from_bytes(group).ok().and_then(|group| state.bundles.get_mut(&(group, index)));
+        match bundle {
+            Some(bundle) => bundle.available = bundle.total.clone(),
+            None => state.available.add(held),
+        }
+        if let Err(err) = state.gpus.release(gpus) {
             tracing::error!(error = %err, "gpu accounting refused an entrypoint's release");
         }
+        drop(state);
+        self.freed.notify_waiters();
     }
 
     pub fn worker_count(&self) -> usize {

@@ -83,13 +83,10 @@ impl Leases {
             cache.unpack_all(packages, &account, gid, &gcs_address, &credential).await.map_err(|err| {
                 IonetError::FailedPrecondition(format!("cannot start a worker of job {job_id}: its packages: {err}"))
             })?;
-        // Its requirements, installed for the interpreter the worker runs (a Python
-        // worker's command starts with it), else for the node's `python3`.
-        let program = command.argv.first().map(String::as_str).unwrap_or_default();
-        let named = std::path::Path::new(program).file_name().and_then(|name| name.to_str()).unwrap_or_default();
-        let python = if named.starts_with("python") { program } else { "python3" };
+        // Its requirements, installed by the node's own `python3` (never a program the job
+        // names: the install runs with the daemon's rights until it drops them).
         if let Some(envs) = self.pip_envs.get() {
-            if let Some(env) = envs.ensure(packages, python).await? {
+            if let Some(env) = envs.ensure(packages, crate::pip_envs::NODE_PYTHON).await? {
                 unpacked.add_env(env);
             }
         } else if !packages.pip.is_empty() {
