@@ -20,7 +20,9 @@ import sys
 import tempfile
 import time
 
-MARKER = "first-line-of-the-entrypoint"
+MARKER = "first-printed-line"
+# An interpreter every user may run (a node runs the entrypoint as a user of its own).
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
 
 def first_line(argv, env=None) -> float:
@@ -29,7 +31,7 @@ def first_line(argv, env=None) -> float:
     seconds = float("nan")
     for line in process.stdout:
         # The entrypoint's line, not the CLI echoing the command it submits.
-        if MARKER in line and "submit" not in line.lower() and "entrypoint" not in line.lower():
+        if MARKER in line and "submit" not in line.lower():
             seconds = time.monotonic() - started
             break
     process.wait()
@@ -57,7 +59,7 @@ def ionet(binary: str, runs: int, scratch: str) -> None:
         submit = [binary, "job", "submit", "--temp-dir", session, "--api-key", key]
         echo = [first_line(submit + ["--", "echo", MARKER]) for _ in range(runs)]
         packed = [
-            first_line(submit + ["--working-dir", working_dir(scratch, run), "--", sys.executable, "main.py"])
+            first_line(submit + ["--working-dir", working_dir(scratch, run), "--", PYTHON, "main.py"])
             for run in range(runs)
         ]
         report("ionet", echo, packed)
@@ -72,7 +74,7 @@ def ray(binary: str, runs: int, scratch: str) -> None:
         submit = [binary, "job", "submit", "--address", "http://127.0.0.1:8265"]
         echo = [first_line(submit + ["--", "echo", MARKER], env) for _ in range(runs)]
         packed = [
-            first_line(submit + ["--working-dir", working_dir(scratch, runs + run), "--", "python3", "main.py"], env)
+            first_line(submit + ["--working-dir", working_dir(scratch, runs + run), "--", PYTHON, "main.py"], env)
             for run in range(runs)
         ]
         report("ray", echo, packed)
