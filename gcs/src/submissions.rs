@@ -971,7 +971,11 @@ fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> Ione
             Some(list @ serde_json::Value::Array(_)) => (strings(tool, list)?, Vec::new()),
             Some(serde_json::Value::Object(spec)) => {
                 let requirements = strings(tool, spec.get("packages").unwrap_or(&serde_json::Value::Null))?;
-                let options = match spec.get(&format!("{tool}_install_options")).or(spec.get("pip_install_options")) {
+                let options = match spec
+                    .get(&format!("{tool}_pip_install_options"))
+                    .or(spec.get(&format!("{tool}_install_options")))
+                    .or(spec.get("pip_install_options"))
+                {
                     Some(options) => strings(tool, options)?,
                     None => Vec::new(),
                 };
@@ -1119,6 +1123,8 @@ mod tests {
         let pip = serde_json::from_str(r#"{"pip": {"packages": ["x"], "pip_install_options": ["--user"]}}"#).unwrap();
         let refused = packages_of(&pip).unwrap_err().to_string();
         assert!(refused.contains("is not allowed"), "{refused}");
+        let uv = r#"{"uv": {"packages": ["x"], "uv_pip_install_options": ["--no-index"]}}"#;
+        assert_eq!(packages_of(&serde_json::from_str(uv).unwrap()).unwrap().pip_options, ["--no-index"], "Ray's key");
         let listed = packages_of(&serde_json::from_str(r#"{"uv": ["x==1"]}"#).unwrap()).unwrap();
         assert_eq!((listed.pip, listed.pip_tool), (vec!["x==1".to_string()], "uv".to_string()));
         let number = env(r#"{"env_vars": {"A": 1}}"#).unwrap_err().to_string();

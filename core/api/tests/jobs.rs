@@ -354,8 +354,11 @@ fn gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node() {
     // An account that cannot pay for them holds them only until the head sees it: its
     // entrypoint stops (it would run on unmetered), saying why, and the GPUs come back.
     let broke = account_key(&cluster, "broke");
-    let args: Vec<&str> =
-        ["job", "submit", "--no-wait", "--api-key", &broke].into_iter().chain(gpus).chain(["--", "sleep", "600"]).collect();
+    let args: Vec<&str> = ["job", "submit", "--no-wait", "--api-key", &broke]
+        .into_iter()
+        .chain(gpus)
+        .chain(["--", "sleep", "600"])
+        .collect();
     let id = cluster.ionet(&args).trim().to_string();
     wait_until("the unfunded entrypoint ends", Duration::from_secs(60), || {
         let details: serde_json::Value =
