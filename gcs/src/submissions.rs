@@ -195,7 +195,7 @@ impl Submission {
             "driver_info": match (driver, jobs.last()) {
                 (Some(driver), Some(job)) => serde_json::json!({
                     "id": job.hex(),
-                    "node_ip_address": host_of(&driver.address),
+                    "node_ip_address": ionet_common::tls::host_of(&driver.address),
                     "pid": driver.pid.to_string(),
                 }),
                 _ => serde_json::Value::Null,
@@ -217,11 +217,6 @@ impl Submission {
             "job_ids": jobs.iter().map(|job| job.hex()).collect::<Vec<_>>(),
         })
     }
-}
-
-fn host_of(address: &str) -> String {
-    let bare = address.split("://").last().unwrap_or(address);
-    bare.rsplit_once(':').map(|(host, _)| host).unwrap_or(bare).trim_matches(['[', ']']).to_string()
 }
 
 /// What runs entrypoints on nodes (the nodes' `NodeManager` over gRPC; tests may stand in).

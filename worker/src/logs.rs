@@ -105,8 +105,7 @@ pub fn prefix_of(line: &LogLine, ip: &str) -> String {
 /// The host part of `host:port`.
 pub fn ip_of(address: &str) -> &str {
     // A node serving TLS is listed as `https://host:port`.
-    let bare = address.split_once("://").map_or(address, |(_, rest)| rest);
-    bare.rsplit_once(':').map_or(bare, |(host, _)| host)
+    ionet_common::tls::host_of(address)
 }
 
 /// Up to `limit` bytes of `path` from `offset`, and whether more lie beyond them.
