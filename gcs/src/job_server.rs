@@ -12,10 +12,12 @@
 //! credential, which providers' nodes hold, reads none (their environments may hold
 //! secrets).
 //!
-//! Routes and shapes are Ray's (Jobs API version 4). Deviations: `GET
-//! /api/jobs/{id}/logs?offset=N` (ionet's own) returns the output from byte `N` and the
-//! `offset` to ask from next, for following a job without re-reading it (Ray's
-//! `logs/tail` WebSocket is not served yet); job details carry ionet's `account` and
+//! Routes and shapes are Ray's (Jobs API version 4), with the WebSocket of `GET
+//! /api/jobs/{id}/logs/tail` (what `ray job submit` and `ionet job logs --follow` follow a
+//! job's output with: text messages as the output grows, closed once the job ended and
+//! all of it was sent). Additions: `GET /api/jobs/{id}/logs?offset=N` returns the output
+//! from byte `N` and the `offset` to ask from next (following without a WebSocket); job
+//! details carry ionet's `account` and
 //! `job_ids` beside Ray's fields (Ray's client ignores them); deleting a running job is
 //! a 400, not Ray's 500; a submit naming a field this server does not know is refused
 //! unless the field is null.
@@ -24,6 +26,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -60,6 +63,7 @@ pub fn router(submissions: Arc<Submissions>, authorizer: Authorizer) -> Router {
         .route("/api/jobs/{submission_id}", get(details).delete(remove))
         .route("/api/jobs/{submission_id}/stop", post(stop))
         .route("/api/jobs/{submission_id}/logs", get(logs))
+        .route("/api/jobs/{submission_id}/logs/tail", get(tail_logs))
         .route(
             "/api/packages/{protocol}/{package_name}",
             get(package_exists)
@@ -259,6 +263,63 @@ async fn logs(
             Ok(Json(serde_json::json!({ "logs": logs, "offset": next })).into_response())
         }
     }
+}
+
+/// How often a followed job's output is read while nothing new came.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Ray's `logs/tail`: a WebSocket carrying the job's output as it grows (a submission
+/// that is unknown, or another account's, is a 404 before the upgrade).
+async fn tail_logs(
+    State(served): State<Served>,
+    Path(id): Path<String>,
+    axum::Extension(principal): axum::Extension<Principal>,
+    upgrade: WebSocketUpgrade,
+) -> Answer {
+    served.submissions.get(&principal, &id)?;
+    Ok(upgrade.on_upgrade(move |socket| follow(served, principal, id, socket)).into_response())
+}
+
+/// Sends submission `id`'s output on `socket` from the start until the job ended and
+/// everything it wrote went, then closes; stops early when the client leaves.
+async fn follow(served: Served, principal: Principal, id: String, mut socket: WebSocket) {
+    let mut offset = 0;
+    let why = loop {
+        // The status first: output read after the job ended is all of it.
+        let ended = match served.submissions.get(&principal, &id) {
+            Ok(record) => record.status.is_terminal(),
+            Err(err) => break format!("submission {id}: {err}"),
+        };
+        let (logs, next) = match served.submissions.logs(&principal, &id, offset).await {
+            Ok(read) => read,
+            Err(err) => break format!("reading submission {id}'s output: {err}"),
+        };
+        if !logs.is_empty() {
+            if socket.send(Message::Text(logs.into())).await.is_err() {
+                return;
+            }
+        } else if ended {
+            break String::new();
+        }
+        let caught_up = next - offset < crate::submissions::MAX_LOGS_READ;
+        offset = next;
+        if caught_up {
+            // Wait for more output, unless the client closed meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(TAIL_POLL) => {}
+                received = socket.recv() => match received {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    };
+    if !why.is_empty() {
+        tracing::warn!(submission = %id, "stopped following a job's output: {why}");
+    }
+    // A close frame with its code: Ray's client takes one without it for a broken connection.
+    let normal = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
+    let _ = socket.send(Message::Close(Some(normal))).await;
 }
 
 /// The account whose submissions and packages `principal` (an account's key, or the

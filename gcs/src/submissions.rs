@@ -46,7 +46,7 @@ use crate::storage::Table;
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// The most output one read of a submission's logs returns (Ray's whole-output read
 /// returns all of it: the head keeps at most [`MAX_LOG_BYTES`]).
-const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
+pub(crate) const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often the head checks that what a running entrypoint holds is still held.

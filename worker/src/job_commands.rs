@@ -19,7 +19,7 @@ use crate::cli::SessionArgs;
 use crate::packages::PACKAGE_URI_SCHEME;
 use crate::session::SessionDir;
 
-/// How often a followed job's output and status are read.
+/// How often a stopped job's status is read until it ended.
 const FOLLOW_PASS: Duration = Duration::from_millis(200);
 
 /// How a job command finds the job server and speaks to it.
@@ -138,6 +138,8 @@ struct JobServer {
     base: String,
     client: reqwest::Client,
     credential: String,
+    /// The cluster CA (PEM), when the server speaks TLS.
+    ca: Option<String>,
 }
 
 impl JobServer {
@@ -155,6 +157,7 @@ impl JobServer {
             bail!("the job server address {base:?} needs its scheme: http://HOST:PORT or https://HOST:PORT");
         }
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        let mut ca = None;
         if base.starts_with("https://") {
             let pem = session.cluster_ca_to_trust()?.ok_or_else(|| {
                 anyhow!(
@@ -164,6 +167,7 @@ impl JobServer {
             })?;
             let certificate = reqwest::Certificate::from_pem(pem.as_bytes()).context("the cluster CA")?;
             builder = builder.add_root_certificate(certificate);
+            ca = Some(pem);
         }
         let credential = match &args.api_key {
             Some(key) if !key.trim().is_empty() => key.trim().to_string(),
@@ -174,7 +178,7 @@ impl JobServer {
                 )
             })?,
         };
-        Ok(Self { base, client: builder.build()?, credential })
+        Ok(Self { base, client: builder.build()?, credential, ca })
     }
 
     /// Sends `method path` (with a JSON body); the JSON answer, or the server's error.
@@ -253,28 +257,87 @@ impl JobServer {
         self.call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None).await
     }
 
-    /// Prints the job's output from `offset` until it ends (or only what there is, when
-    /// `follow` is false); the job's details at the end.
+    /// Prints the job's output: what there is, or (`follow`) all of it as it is written
+    /// until the job ends; the job's details at the end.
     async fn print_logs(&self, id: &str, follow: bool) -> Result<Value> {
-        let mut offset = 0u64;
-        loop {
-            // Status first: output read after it ended is all there is.
-            let details = self.details(id).await?;
-            let ended = is_terminal(&details);
-            let read = self.call(reqwest::Method::GET, &format!("/api/jobs/{id}/logs?offset={offset}"), None).await?;
-            let text = read["logs"].as_str().unwrap_or_default();
+        if follow {
+            self.tail(id).await?;
+        } else {
+            let read = self.call(reqwest::Method::GET, &format!("/api/jobs/{id}/logs"), None).await?;
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes())?;
+            out.write_all(read["logs"].as_str().unwrap_or_default().as_bytes())?;
             out.flush()?;
-            offset = read["offset"].as_u64().unwrap_or(offset + text.len() as u64);
-            if !follow || (ended && text.is_empty()) {
-                return Ok(details);
+        }
+        self.details(id).await
+    }
+
+    /// Follows the job's output over the job server's WebSocket (Ray's `logs/tail`),
+    /// printing it until the server closes it (the job ended and all of it came).
+    async fn tail(&self, id: &str) -> Result<()> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let (scheme, authority) = self.base.split_once("://").expect("the address was checked to have a scheme");
+        let url = format!("{}://{authority}/api/jobs/{id}/logs/tail", if scheme == "https" { "wss" } else { "ws" });
+        let mut request = url.as_str().into_client_request().with_context(|| format!("the address {url}"))?;
+        let bearer = format!("Bearer {}", self.credential).parse().context("the credential is not a header value")?;
+        request.headers_mut().insert(reqwest::header::AUTHORIZATION, bearer);
+        let reach = || format!("cannot reach the job server at {}", self.base);
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(authority))
+            .await
+            .map_err(|_| anyhow!("connecting took over 10 s"))
+            .with_context(reach)?
+            .with_context(reach)?;
+        match &self.ca {
+            Some(pem) => {
+                let host = ionet_common::tls::host_of(authority).trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                    .with_context(|| format!("{host:?} is not a host name to check the certificate of"))?;
+                let config = ionet_common::tls::http_client_config(pem)?;
+                let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.with_context(reach)?;
+                print_tail(request, tls, id).await
             }
-            if text.is_empty() {
-                tokio::time::sleep(FOLLOW_PASS).await;
-            }
+            None => print_tail(request, tcp, id).await,
         }
     }
+}
+
+/// Prints what the WebSocket of `request` on `stream` carries until it closes.
+async fn print_tail<S>(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    stream: S,
+    id: &str,
+) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_stream::StreamExt;
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    let (mut socket, _) = match tokio_tungstenite::client_async(request, stream).await {
+        Ok(connected) => connected,
+        Err(Error::Http(response)) => {
+            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            bail!("GET /api/jobs/{id}/logs/tail: {}: {}", response.status(), body.trim());
+        }
+        Err(err) => return Err(err).context("following the job's output"),
+    };
+    // The server closes with "normal" once the job ended and all its output went (what
+    // Ray's client checks too); anything else is a broken follow.
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    loop {
+        let message = socket.next().await.ok_or_else(|| anyhow!("the job server's connection broke"));
+        let text = match message?.context("following the job's output")? {
+            Message::Text(text) => text.as_str().as_bytes().to_vec(),
+            Message::Binary(bytes) => bytes.to_vec(),
+            Message::Close(Some(frame)) if frame.code == CloseCode::Normal => break,
+            Message::Close(frame) => {
+                bail!("the job server stopped following the job's output ({frame:?}): follow it again")
+            }
+            _ => continue,
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(&text)?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// `bytes` as a request body that shows how much of it went (a bar on a terminal, a line

@@ -130,6 +130,10 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     // The job server kept it all, and says how it went.
     let logs = cluster.ionet(&["job", "logs", id, "--api-key", &key]);
     assert!(logs.contains("hello from node a") && logs.contains("hello from node b"), "{logs}");
+    // Followed over the WebSocket tail (Ray's `logs/tail`) after it ended: all of it, then
+    // the server closes.
+    let tailed = cluster.ionet(&["job", "logs", id, "--follow", "--api-key", &key]);
+    assert_eq!(tailed, logs, "the tail carries the whole output");
     let details: serde_json::Value =
         serde_json::from_str(&cluster.ionet(&["job", "status", id, "--json", "--api-key", &key])).unwrap();
     assert_eq!(details["status"], "SUCCEEDED", "{details}");
@@ -167,7 +171,9 @@ fn a_submitted_job_runs_on_the_cluster_and_its_output_comes_back() {
     let theirs: Vec<serde_json::Value> =
         serde_json::from_str(&cluster.ionet(&["job", "list", "--json", "--api-key", &other])).unwrap();
     assert!(theirs.is_empty(), "a tenant lists only its own submissions: {theirs:?}");
-    for command in [&["job", "logs", id][..], &["job", "stop", id], &["job", "delete", id]] {
+    for command in
+        [&["job", "logs", id][..], &["job", "logs", id, "--follow"], &["job", "stop", id], &["job", "delete", id]]
+    {
         let args: Vec<&str> = command.iter().copied().chain(["--api-key", other.as_str()]).collect();
         let refused = cluster.ionet_fails(&args);
         assert!(refused.contains("404") && refused.contains(&format!("Job {id} does not exist")), "{refused}");

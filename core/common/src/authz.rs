@@ -349,6 +349,7 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("DELETE", "/api/jobs/{submission_id}", Access::Submit),
     http("POST", "/api/jobs/{submission_id}/stop", Access::Submit),
     http("GET", "/api/jobs/{submission_id}/logs", Access::Submit),
+    http("GET", "/api/jobs/{submission_id}/logs/tail", Access::Submit),
     // Packages (working_dir, py_modules): an account's own.
     http("GET", "/api/packages/{protocol}/{package_name}", Access::Submit),
     http("PUT", "/api/packages/{protocol}/{package_name}", Access::Submit),

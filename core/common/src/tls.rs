@@ -486,6 +486,20 @@ pub fn client_config(address: &str) -> IonetResult<tonic::transport::ClientTlsCo
         .timeout(HANDSHAKE_TIMEOUT))
 }
 
+/// The rustls settings of an HTTP/1.1 client (the job server's WebSocket tail) trusting
+/// the cluster CA in `pem` and nothing else.
+pub fn http_client_config(pem: &str) -> IonetResult<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certificate_of_pem(pem)?).map_err(|err| failed("trusting the cluster CA", err))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| failed("configuring TLS", err))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Fetches the cluster CA from the head at `address` (`https://host:port`), trusting it
 /// only if its hash is `expected` and the head's certificate verifies under it: what a
 /// machine joining with `--ca-hash` does first. Returns the CA (PEM).
