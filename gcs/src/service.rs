@@ -478,6 +478,43 @@ impl Gcs for GcsService {
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
+    async fn has_package(&self, request: Request<GetPackageRequest>) -> Result<Response<HasPackageReply>, Status> {
+        let account = own_packages(&Principal::of(&request)?)?;
+        let exists = self.submissions.packages().exists(&account, &request.into_inner().name)?;
+        Ok(Response::new(HasPackageReply { exists }))
+    }
+
+    async fn put_package(
+        &self,
+        request: Request<tonic::Streaming<PutPackageRequest>>,
+    ) -> Result<Response<PutPackageReply>, Status> {
+        let account = own_packages(&Principal::of(&request)?)?;
+        let mut chunks = request.into_inner();
+        let mut name = None;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            let named = name.get_or_insert_with(|| chunk.name.clone());
+            if !chunk.name.is_empty() && chunk.name != *named {
+                return Err(Status::invalid_argument(format!(
+                    "an upload of package {named} went on as {}: one package per upload",
+                    chunk.name
+                )));
+            }
+            if (bytes.len() + chunk.data.len()) as u64 > ionet_common::jobs::MAX_PACKAGE_BYTES {
+                return Err(ionet_common::IonetError::InvalidArgument(format!(
+                    "package {named} is larger than {} MiB, the most a package may be: leave large files out \
+                     (runtime_env excludes) and fetch them in the job",
+                    ionet_common::jobs::MAX_PACKAGE_BYTES / (1024 * 1024)
+                ))
+                .into());
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let name = name.ok_or_else(|| Status::invalid_argument("an upload of a package carried no chunk"))?;
+        self.submissions.packages().put(&account, &name, bytes.into()).await?;
+        Ok(Response::new(PutPackageReply {}))
+    }
+
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
@@ -683,5 +720,15 @@ impl Gcs for GcsService {
         principal.may_act_for_account(&self.state.payer_of(&owner))?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
+    }
+}
+
+/// The account whose packages `principal` uploads: an account's key's own, or (the
+/// operator) `default`'s. A job's or a submission's credential, which providers' nodes
+/// hold, writes none (the table refuses them first).
+fn own_packages(principal: &Principal) -> Result<String, Status> {
+    match principal {
+        Principal::Account(_) | Principal::Admin => Ok(principal.account().unwrap_or_default().to_string()),
+        other => Err(Status::permission_denied(format!("{other} uploads no packages: an account's key does"))),
     }
 }

@@ -26,9 +26,9 @@ use dashmap::DashMap;
 use ionet_common::auth::Bearer;
 use ionet_common::authz::Principal;
 use ionet_common::credential::Issuer;
-use ionet_common::jobs::{check_pip, checked_submission_id, package_name_of_uri};
+use ionet_common::jobs::{checked_submission_id, package_name_of_uri};
 use ionet_common::resources::{CPU, GPU, MEMORY};
-use ionet_common::rpc::proto::common::{JobInfo, JobPackages, JobState, NodeInfo, NodeState};
+use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState};
 use ionet_common::rpc::proto::gcs::PlacementGroupState;
 use ionet_common::rpc::proto::node::{entrypoint_event, RunEntrypointRequest, StopEntrypointRequest};
 use ionet_common::rpc::NodeManagerClient;
@@ -56,11 +56,6 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after a stop the head ends a submission whose node has not (the node's
 /// grace between SIGTERM and SIGKILL is 3 s).
 const STOP_ENFORCED_AFTER: Duration = Duration::from_secs(6);
-/// Keys of a runtime environment the head knows (`excludes` is the client's: what it
-/// left out of the packages).
-const RUNTIME_ENV_KEYS: [&str; 6] = ["env_vars", "working_dir", "py_modules", "excludes", "pip", "uv"];
-/// Keys of Ray's runtime environments this head does not support yet.
-const RUNTIME_ENV_LATER: [&str; 5] = ["conda", "container", "image_uri", "java_jars", "config"];
 
 /// Where a submission is (Ray's `JobStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,7 +316,7 @@ impl Submissions {
     pub fn ships(&self, id: &str, nonce: &str, name: &str) -> bool {
         self.is_live(id, nonce)
             && self.records.get(id).is_some_and(|record| {
-                packages_of(&record.runtime_env).is_ok_and(|packages| {
+                ionet_common::jobs::packages_of(&record.runtime_env).is_ok_and(|packages| {
                     Some(&packages.working_dir)
                         .into_iter()
                         .chain(&packages.py_modules)
@@ -353,8 +348,8 @@ impl Submissions {
             ));
         }
         let runtime_env = request.runtime_env.unwrap_or_default();
-        env_vars_of(&runtime_env)?;
-        let packages = packages_of(&runtime_env)?;
+        ionet_common::jobs::env_vars_of(&runtime_env)?;
+        let packages = ionet_common::jobs::packages_of(&runtime_env)?;
         for uri in packages.py_modules.iter().chain(Some(&packages.working_dir).filter(|uri| !uri.is_empty())) {
             let name = package_name_of_uri(uri)?;
             if !self.packages.exists(account, name)? {
@@ -629,7 +624,7 @@ impl Submissions {
                 return self.end(&id, Status::Failed, format!("no node can run the entrypoint: {why}"), None).await
             }
         };
-        let packages = packages_of(&record.runtime_env).unwrap_or_default();
+        let packages = ionet_common::jobs::packages_of(&record.runtime_env).unwrap_or_default();
         let mut preparing = Vec::new();
         if !packages.working_dir.is_empty() || !packages.py_modules.is_empty() {
             preparing.push("fetching and unpacking its packages".to_string());
@@ -662,7 +657,7 @@ impl Submissions {
         let request = RunEntrypointRequest {
             submission_id: id.clone(),
             entrypoint: record.entrypoint.clone(),
-            env: env_vars_of(&record.runtime_env).unwrap_or_default(),
+            env: ionet_common::jobs::env_vars_of(&record.runtime_env).unwrap_or_default(),
             credential,
             gcs_address: self.head_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             packages: Some(packages),
@@ -877,137 +872,6 @@ fn owned_by(principal: &Principal, record: &Submission) -> IonetResult<()> {
     }
 }
 
-/// A runtime environment's `env_vars`, after checking every key of it is known.
-fn env_vars_of(
-    runtime_env: &serde_json::Map<String, serde_json::Value>,
-) -> IonetResult<std::collections::HashMap<String, String>> {
-    for key in runtime_env.keys() {
-        if RUNTIME_ENV_LATER.contains(&key.as_str()) {
-            return Err(IonetError::InvalidArgument(format!(
-                "runtime_env key {key:?} is not supported by this head yet (supported: {})",
-                RUNTIME_ENV_KEYS.join(", ")
-            )));
-        }
-        if !RUNTIME_ENV_KEYS.contains(&key.as_str()) {
-            return Err(IonetError::InvalidArgument(format!(
-                "unknown runtime_env key {key:?}: known keys are {}",
-                RUNTIME_ENV_KEYS.join(", ")
-            )));
-        }
-    }
-    let mut env = std::collections::HashMap::new();
-    match runtime_env.get("env_vars") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::Object(vars)) => {
-            for (name, value) in vars {
-                let serde_json::Value::String(value) = value else {
-                    return Err(IonetError::InvalidArgument(format!(
-                        "runtime_env env_vars[{name:?}] must be a string, not {value}"
-                    )));
-                };
-                if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
-                    return Err(IonetError::InvalidArgument(format!(
-                        "runtime_env env_vars has an invalid variable {name:?}"
-                    )));
-                }
-                env.insert(name.clone(), value.clone());
-            }
-        }
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!(
-                "runtime_env env_vars must be an object of strings, not {other}"
-            )))
-        }
-    }
-    Ok(env)
-}
-
-/// The packages a runtime environment names (`working_dir`, `py_modules`: uploaded
-/// packages' URIs), checked for shape.
-fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> IonetResult<JobPackages> {
-    let mut packages = JobPackages::default();
-    match runtime_env.get("working_dir") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::String(uri)) => {
-            package_name_of_uri(uri)?;
-            packages.working_dir = uri.clone();
-        }
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!("runtime_env working_dir must be a string, not {other}")))
-        }
-    }
-    match runtime_env.get("py_modules") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::Array(uris)) => {
-            for uri in uris {
-                let serde_json::Value::String(uri) = uri else {
-                    return Err(IonetError::InvalidArgument(format!(
-                        "runtime_env py_modules must be a list of strings, not one holding {uri}"
-                    )));
-                };
-                package_name_of_uri(uri)?;
-                packages.py_modules.push(uri.clone());
-            }
-        }
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!("runtime_env py_modules must be a list, not {other}")))
-        }
-    }
-    match runtime_env.get("excludes") {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Array(_)) => {}
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
-        }
-    }
-    for tool in ["pip", "uv"] {
-        let (requirements, options) = match runtime_env.get(tool) {
-            None | Some(serde_json::Value::Null) => continue,
-            // Ray's forms: a list of requirements, or {"packages": [...], options}.
-            Some(list @ serde_json::Value::Array(_)) => (strings(tool, list)?, Vec::new()),
-            Some(serde_json::Value::Object(spec)) => {
-                let requirements = strings(tool, spec.get("packages").unwrap_or(&serde_json::Value::Null))?;
-                let options = match spec
-                    .get(&format!("{tool}_pip_install_options"))
-                    .or(spec.get(&format!("{tool}_install_options")))
-                    .or(spec.get("pip_install_options"))
-                {
-                    Some(options) => strings(tool, options)?,
-                    None => Vec::new(),
-                };
-                (requirements, options)
-            }
-            Some(other) => {
-                return Err(IonetError::InvalidArgument(format!(
-                    "runtime_env {tool} must be a list of requirements or {{\"packages\": [...]}}, not {other}"
-                )))
-            }
-        };
-        if !packages.pip_tool.is_empty() {
-            return Err(IonetError::InvalidArgument("runtime_env may name pip or uv, not both".into()));
-        }
-        packages.pip = requirements;
-        packages.pip_options = options;
-        packages.pip_tool = tool.to_string();
-    }
-    check_pip(&packages)?;
-    Ok(packages)
-}
-
-/// A runtime environment's list of strings under `key`.
-fn strings(key: &str, value: &serde_json::Value) -> IonetResult<Vec<String>> {
-    let serde_json::Value::Array(items) = value else {
-        return Err(IonetError::InvalidArgument(format!("runtime_env {key} needs a list of strings, not {value}")));
-    };
-    items
-        .iter()
-        .map(|item| {
-            item.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| IonetError::InvalidArgument(format!("runtime_env {key} holds {item}, not a string")))
-        })
-        .collect()
-}
-
 /// What the entrypoint holds (Ray's defaults: no CPU, no GPU).
 fn entrypoint_resources(request: &SubmitRequest) -> IonetResult<BTreeMap<String, f64>> {
     let mut resources = request.entrypoint_resources.clone().unwrap_or_default();
@@ -1106,21 +970,25 @@ mod tests {
 
     #[test]
     fn runtime_env_keys_are_checked_and_env_vars_must_be_strings() {
-        let env = |json: &str| env_vars_of(&serde_json::from_str(json).unwrap());
+        let env = |json: &str| ionet_common::jobs::env_vars_of(&serde_json::from_str(json).unwrap());
         assert_eq!(env(r#"{"env_vars": {"A": "1"}}"#).unwrap().get("A").map(String::as_str), Some("1"));
         let unknown = env(r#"{"colour": "blue"}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown runtime_env key \"colour\""), "{unknown}");
         let later = env(r#"{"conda": "env.yaml"}"#).unwrap_err().to_string();
         let working_dir = serde_json::from_str(r#"{"working_dir": "/home/me/project"}"#).unwrap();
-        let local = packages_of(&working_dir).unwrap_err().to_string();
+        let local = ionet_common::jobs::packages_of(&working_dir).unwrap_err().to_string();
         assert!(local.contains("is not an uploaded package"), "{local}");
         assert!(later.contains("\"conda\" is not supported"), "{later}");
         let pip = serde_json::from_str(r#"{"pip": {"packages": ["x"], "pip_install_options": ["--user"]}}"#).unwrap();
-        let refused = packages_of(&pip).unwrap_err().to_string();
+        let refused = ionet_common::jobs::packages_of(&pip).unwrap_err().to_string();
         assert!(refused.contains("is not allowed"), "{refused}");
         let uv = r#"{"uv": {"packages": ["x"], "uv_pip_install_options": ["--no-index"]}}"#;
-        assert_eq!(packages_of(&serde_json::from_str(uv).unwrap()).unwrap().pip_options, ["--no-index"], "Ray's key");
-        let listed = packages_of(&serde_json::from_str(r#"{"uv": ["x==1"]}"#).unwrap()).unwrap();
+        assert_eq!(
+            ionet_common::jobs::packages_of(&serde_json::from_str(uv).unwrap()).unwrap().pip_options,
+            ["--no-index"],
+            "Ray's key"
+        );
+        let listed = ionet_common::jobs::packages_of(&serde_json::from_str(r#"{"uv": ["x==1"]}"#).unwrap()).unwrap();
         assert_eq!((listed.pip, listed.pip_tool), (vec!["x==1".to_string()], "uv".to_string()));
         let number = env(r#"{"env_vars": {"A": 1}}"#).unwrap_err().to_string();
         assert!(number.contains("must be a string"), "{number}");

@@ -9,6 +9,7 @@ signatures.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import uuid
@@ -46,6 +47,7 @@ def init(
     _gpu_type: Optional[str] = None,
     payer_account: Optional[str] = None,
     log_to_driver: bool = True,
+    runtime_env: Optional[Dict[str, Any]] = None,
     **kwargs: Any,
 ) -> None:
     """Joins a cluster, or starts one inside this process, as `ray.init`.
@@ -63,6 +65,12 @@ def init(
         the providers); default: the account the cluster bills jobs to by default.
     log_to_driver: print what this job's workers print, as Ray does: each line prefixed
         with `(task pid=…, ip=…)`, repeats across workers folded.
+    runtime_env: Ray's runtime environment for every worker of this job:
+        `working_dir` and `py_modules` (local directories, uploaded once to the head
+        with the account's key and unpacked on each node; or `gcs://` URIs already
+        uploaded), `excludes`, `env_vars`, `pip` / `uv` (installed once per node per
+        set of requirements). In a submitted job it replaces the submission's key by
+        key (`env_vars` merged).
 
     Ray's logging and dashboard arguments are accepted and ignored; unlike Ray, nothing
     is returned.
@@ -89,6 +97,7 @@ def init(
         os.getcwd(),
         payer_account or "",
         log_to_driver,
+        None if runtime_env is None else _runtime_env_json(runtime_env),
     )
     _export.forget_exports()
     global _shutdown_registered
@@ -97,6 +106,16 @@ def init(
         _shutdown_registered = True
     for hook in list(_after_init):
         hook()
+
+
+def _runtime_env_json(runtime_env: Any) -> str:
+    """A runtime environment as the native side reads it (Ray's dict shape)."""
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"runtime_env must be a dict, not {type(runtime_env).__name__}")
+    try:
+        return json.dumps(runtime_env)
+    except TypeError as err:
+        raise TypeError(f"runtime_env must hold only JSON values (strings, lists, dicts): {err}") from None
 
 
 # Called at the end of every `init` (e.g. tqdm_ray starts the actor its bars report to).

@@ -58,11 +58,13 @@ def init(
     worker_cwd: str,
     payer_account: str = "",
     log_to_driver: bool = True,
+    runtime_env_json: Optional[str] = None,
 ) -> None:
     """Joins the cluster at `address` ("auto" or "host:port"), or starts an embedded one
     (None). Node daemons start this job's workers with `worker_argv` in `worker_cwd`,
     with `worker_env` added to their environment. With `log_to_driver`, what the job's
-    workers print is printed here, prefixed with the task, pid and node."""
+    workers print is printed here, prefixed with the task, pid and node. The job's
+    workers start inside `runtime_env_json` (Ray's runtime_env, as JSON)."""
 
 def shutdown() -> None: ...
 def is_initialized() -> bool:

@@ -4,7 +4,7 @@
 use super::*;
 
 #[pyfunction]
-#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true))]
+#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true, runtime_env_json = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn init(
     py: Python<'_>,
@@ -21,7 +21,12 @@ pub(crate) fn init(
     worker_cwd: String,
     payer_account: String,
     log_to_driver: bool,
+    runtime_env_json: Option<String>,
 ) -> PyResult<()> {
+    let runtime_env = runtime_env_json
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|err| PyValueError::new_err(format!("runtime_env is not JSON: {err}")))?;
     // Workers start workers too (nested tasks and actors): they need the command.
     let argv_json = serde_json::to_string(&worker_argv).map_err(|err| PyValueError::new_err(err.to_string()))?;
     worker_env.insert(ionet::WORKER_ARGV_ENV.to_string(), argv_json);
@@ -37,6 +42,7 @@ pub(crate) fn init(
         worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd, packages: None }),
         payer_account,
         log_to_driver: Some(log_to_driver),
+        runtime_env,
         ..InitConfig::default()
     };
     py.detach(move || ionet::init(config)).or_raise()

@@ -196,6 +196,86 @@ def test_the_python_client_submits_follows_and_stops_a_job(cluster, api_key, pro
         client.get_job_info(job)
 
 
+INIT_MAIN = textwrap.dedent(
+    """
+    import os, sys, tempfile
+    import ionet
+
+    session, project, modules = sys.argv[1:4]
+    ionet.init(
+        address="auto",
+        _session_dir=session,
+        runtime_env={
+            "working_dir": project,
+            "py_modules": [modules],
+            "excludes": ["*.secret"],
+            "env_vars": {"GREETING": "hello from init"},
+        },
+    )
+
+    @ionet.remote(num_cpus=2)
+    def work(rendezvous):
+        import time
+        import helper, shared_mod
+        open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open("data.txt") as data:
+            payload = data.read().strip()
+        shipped = sorted(os.listdir("."))
+        return helper.greet(), shared_mod.NAME, payload, os.environ["GREETING"], shipped, os.getcwd(), ionet.get_runtime_context().get_node_id()
+
+    rendezvous = tempfile.mkdtemp()
+    os.chmod(rendezvous, 0o1777)
+    for result in ionet.get([work.remote(rendezvous) for _ in range(2)], timeout=120):
+        print("task", *result, sep=" | ")
+    ionet.shutdown()
+    """
+)
+
+
+def test_init_runtime_env_ships_the_working_dir_modules_and_env_vars(cluster, api_key, project, tmp_path_factory):
+    (project / "key.secret").write_text("not shipped\n")
+    modules = tmp_path_factory.mktemp("libs") / "shared_mod"
+    modules.mkdir()
+    (modules / "__init__.py").write_text("NAME = 'shared module'\n")
+    # The driver runs elsewhere: its tasks find the project only through the runtime_env.
+    elsewhere = tmp_path_factory.mktemp("driver")
+    (elsewhere / "driver.py").write_text(INIT_MAIN)
+    env = dict(os.environ, IONET_API_KEY=api_key)
+    done = subprocess.run(
+        [sys.executable, "driver.py", str(cluster.session_dir), str(project), str(modules)],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{cluster.logs()}"
+    tasks = [line.split(" | ")[1:] for line in done.stdout.splitlines() if line.startswith("task | ")]
+    assert len(tasks) == 2, done.stdout
+    for greeting, module, payload, env_var, shipped, cwd, _ in tasks:
+        assert (greeting, module, payload, env_var) == ("hello from helper", "shared module", "payload 42", "hello from init")
+        assert "key.secret" not in shipped and "data.txt" in shipped, shipped
+        assert cwd != str(project), "the task ran in the node's unpacked copy"
+    assert len({node for *_, node in tasks}) == 2, "tasks ran on both nodes"
+
+    # Bad input is refused before the job starts, naming what is wrong.
+    for runtime_env, expected in [
+        ({"colour": "blue"}, 'unknown runtime_env key "colour"'),
+        ({"working_dir": str(project / "main.py")}, "not a directory to pack"),
+        ({"env_vars": {"A": 1}}, "must be a string"),
+    ]:
+        bad = textwrap.dedent(
+            f"""
+            import ionet
+            try:
+                ionet.init(address="auto", _session_dir={str(cluster.session_dir)!r}, runtime_env={runtime_env!r})
+            except Exception as err:
+                print("refused:", type(err).__name__, err)
+            """
+        )
+        done = subprocess.run([sys.executable, "-c", bad], env=env, capture_output=True, text=True, timeout=60)
+        assert "refused:" in done.stdout and expected in done.stdout, (runtime_env, done.stdout, done.stderr)
+
+
 def test_bad_runtime_envs_are_refused_clearly(cluster, api_key, project):
     client = JobSubmissionClient(api_key=api_key, _session_dir=str(cluster.session_dir))
     with pytest.raises(RuntimeError, match='unknown runtime_env key "colour"'):

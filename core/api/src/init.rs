@@ -64,6 +64,11 @@ pub struct InitConfig {
     /// re-executed with the same arguments). Language bindings set their own (Python:
     /// `python -m ionet._worker`).
     pub worker_command: Option<WorkerCommand>,
+    /// Ray's `runtime_env` for every worker of this job (`serde_json::json!({"working_dir":
+    /// "./project", "env_vars": {...}, "pip": [...]})`): local directories are uploaded to
+    /// the head (with the account's key) and unpacked on each node that runs the job's
+    /// workers. Keys: `working_dir`, `py_modules`, `env_vars`, `pip`, `uv`, `excludes`.
+    pub runtime_env: Option<serde_json::Value>,
     /// Joining only: the node daemon this driver works through (its `host:port` as the
     /// cluster lists it). Default: the head's when the head runs on this machine, else
     /// one on this machine. A driver on a worker machine names that machine's daemon, so
@@ -95,6 +100,11 @@ impl InitConfig {
 
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
+        self
+    }
+
+    pub fn runtime_env(mut self, runtime_env: serde_json::Value) -> Self {
+        self.runtime_env = Some(runtime_env);
         self
     }
 
@@ -147,7 +157,18 @@ pub fn init(config: InitConfig) -> IonetResult<()> {
             "ionet is already initialised; call ionet::shutdown() first".into(),
         ));
     }
-    block_on(init_driver(config))
+    block_on(async {
+        let started = init_driver(config).await;
+        if started.is_err() {
+            // A cluster this call started ends with it (a bad runtime_env, say).
+            let embedded = EMBEDDED.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(embedded) = embedded {
+                embedded.node.shutdown("the driver failed to start").await;
+                embedded.gcs.shutdown().await;
+            }
+        }
+        started
+    })
 }
 
 /// Whether `init` has run (and `shutdown` has not).
@@ -420,6 +441,13 @@ async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
     };
     let (listener, address) = serve_core_worker(&node_address).await?;
     let mut gcs = rpc::gcs_client(&gcs_address, &starter).await?;
+    // The job's tasks and actors find named actors in the driver's namespace.
+    let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
+    command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
+    submitted_runtime_env(&mut command)?;
+    if let Some(runtime_env) = &config.runtime_env {
+        crate::runtime_env::apply(&mut gcs, runtime_env, &mut command).await?;
+    }
     let started = gcs
         .add_job(AddJobRequest {
             driver_address: address.clone(),
@@ -429,13 +457,7 @@ async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
             // Empty: the account of the key (or, for the operator, `default`).
             payer_account: config.payer_account.clone(),
             // The only command node daemons will start the job's workers with.
-            worker_command: Some({
-                // The job's tasks and actors find named actors in the driver's namespace.
-                let mut command = config.worker_command.clone().unwrap_or_else(worker_command);
-                command.env.insert(NAMESPACE_ENV.to_string(), config.namespace.clone());
-                submitted_runtime_env(&mut command)?;
-                command
-            }),
+            worker_command: Some(command),
         })
         .await?
         .into_inner();

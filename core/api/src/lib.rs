@@ -56,6 +56,7 @@ mod owner;
 mod placement_group;
 pub mod raw;
 mod runtime;
+mod runtime_env;
 mod service;
 mod slots;
 mod submit;

@@ -31,6 +31,40 @@ fn linger() -> u32 {
     0
 }
 
+/// What a task's working dir and environment gave it.
+#[ionet::remote]
+fn environment() -> String {
+    let data = std::fs::read_to_string("data.txt").unwrap_or_else(|err| format!("no data.txt: {err}"));
+    format!("{} / {}", data.trim(), std::env::var("GREETING").unwrap_or_default())
+}
+
+/// Set in this binary re-run as a driver of its own embedded cluster with
+/// `InitConfig::runtime_env` naming this working dir.
+const INIT_DRIVER_ENV: &str = "IONET_TEST_INIT_DRIVER";
+
+fn init_driver(working_dir: &str) {
+    let runtime_env = serde_json::json!({ "working_dir": working_dir, "env_vars": { "GREETING": "from init" } });
+    ionet::init(InitConfig::default().num_cpus(1.0).runtime_env(runtime_env)).expect("the driver starts");
+    let seen = ionet::get_timeout(&environment::remote(), Duration::from_secs(60)).unwrap();
+    println!("the task saw {seen}");
+    ionet::shutdown();
+}
+
+/// A Rust driver's `InitConfig::runtime_env` reaches its tasks: its working dir, packed
+/// and uploaded to the (embedded) head, unpacked for the task's worker, and its env_vars.
+fn a_rust_drivers_runtime_env_reaches_its_tasks() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("data.txt"), "payload 7\n").unwrap();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(INIT_DRIVER_ENV, project.path())
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(printed.contains("the task saw payload 7 / from init"), "{printed}");
+}
+
 /// The entrypoint the tests submit (this binary, started by a node for the job server).
 fn submitted_driver(mode: &str) {
     // No address: the entrypoint is told where its cluster is (IONET_ADDRESS).
@@ -439,6 +473,10 @@ fn main() {
         submitted_driver(&mode);
         std::process::exit(0);
     }
+    if let Ok(working_dir) = std::env::var(INIT_DRIVER_ENV) {
+        init_driver(&working_dir);
+        std::process::exit(0);
+    }
     harness::run(
         &[
             (
@@ -451,6 +489,7 @@ fn main() {
                 a_rust_binary_shipped_in_the_working_dir_runs_its_tasks_on_the_nodes,
             ),
             ("bad_submissions_are_refused_clearly", bad_submissions_are_refused_clearly),
+            ("a_rust_drivers_runtime_env_reaches_its_tasks", a_rust_drivers_runtime_env_reaches_its_tasks),
             (
                 "gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node",
                 gpus_and_a_price_place_the_entrypoint_on_the_cheapest_node,

@@ -266,6 +266,9 @@ pub const TABLE: &[Rule] = &[
     // The handler serves a package the caller's own job or submission ships (an
     // account's key: any of the account's).
     row("/ionet.gcs.Gcs/GetPackage", Access::Read),
+    // A driver's init uploads its account's packages: its account's key (as the job server).
+    row("/ionet.gcs.Gcs/HasPackage", Access::Submit),
+    row("/ionet.gcs.Gcs/PutPackage", Access::Submit),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
@@ -717,7 +720,8 @@ mod tests {
         for rule in TABLE {
             let path = rule.path;
             assert_eq!(decide(&Principal::Joiner, path, None).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
-            let account_may = path == "/ionet.gcs.Gcs/AddJob" || rule.access == Access::Read;
+            // An account's key starts jobs, uploads its packages, and reads.
+            let account_may = path == "/ionet.gcs.Gcs/AddJob" || matches!(rule.access, Access::Read | Access::Submit);
             assert_eq!(decide(&Principal::Account("a".into()), path, None).is_ok(), account_may, "{path}");
             let node_may = matches!(
                 rule.access,

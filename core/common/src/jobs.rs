@@ -1,6 +1,8 @@
 //! Names submitted jobs share between the head and the nodes: submission ids and the
 //! packages a job ships (Ray's `working_dir` and `py_modules`, `gcs://<name>`). Both
-//! name files on the head and on nodes, so both are checked the same way everywhere.
+//! name files on the head and on nodes, so both are checked the same way everywhere. And
+//! what a runtime environment may say (its keys, `env_vars`, packages and requirements),
+//! read alike by the head's submissions and a driver's `init(runtime_env=…)`.
 
 use crate::error::{IonetError, IonetResult};
 use crate::rpc::proto::common::JobPackages;
@@ -109,6 +111,143 @@ pub fn package_name_of_uri(uri: &str) -> IonetResult<&str> {
         ))
     })?;
     checked_package_name(name)
+}
+
+/// Keys of a runtime environment ionet applies (`excludes` is the uploader's: what it
+/// left out of the packages).
+pub const RUNTIME_ENV_KEYS: [&str; 6] = ["env_vars", "working_dir", "py_modules", "excludes", "pip", "uv"];
+/// Keys of Ray's runtime environments ionet does not support yet.
+pub const RUNTIME_ENV_LATER: [&str; 5] = ["conda", "container", "image_uri", "java_jars", "config"];
+
+/// A runtime environment's `env_vars`, after checking every key of it is known.
+pub fn env_vars_of(
+    runtime_env: &serde_json::Map<String, serde_json::Value>,
+) -> IonetResult<std::collections::HashMap<String, String>> {
+    for key in runtime_env.keys() {
+        if RUNTIME_ENV_LATER.contains(&key.as_str()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "runtime_env key {key:?} is not supported by ionet yet (supported: {})",
+                RUNTIME_ENV_KEYS.join(", ")
+            )));
+        }
+        if !RUNTIME_ENV_KEYS.contains(&key.as_str()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "unknown runtime_env key {key:?}: known keys are {}",
+                RUNTIME_ENV_KEYS.join(", ")
+            )));
+        }
+    }
+    let mut env = std::collections::HashMap::new();
+    match runtime_env.get("env_vars") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(vars)) => {
+            for (name, value) in vars {
+                let serde_json::Value::String(value) = value else {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env env_vars[{name:?}] must be a string, not {value}"
+                    )));
+                };
+                if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env env_vars has an invalid variable {name:?}"
+                    )));
+                }
+                env.insert(name.clone(), value.clone());
+            }
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!(
+                "runtime_env env_vars must be an object of strings, not {other}"
+            )))
+        }
+    }
+    Ok(env)
+}
+
+/// The packages a runtime environment names (`working_dir`, `py_modules`: uploaded
+/// packages' URIs), checked for shape.
+pub fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> IonetResult<JobPackages> {
+    let mut packages = JobPackages::default();
+    match runtime_env.get("working_dir") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(uri)) => {
+            package_name_of_uri(uri)?;
+            packages.working_dir = uri.clone();
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env working_dir must be a string, not {other}")))
+        }
+    }
+    match runtime_env.get("py_modules") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(uris)) => {
+            for uri in uris {
+                let serde_json::Value::String(uri) = uri else {
+                    return Err(IonetError::InvalidArgument(format!(
+                        "runtime_env py_modules must be a list of strings, not one holding {uri}"
+                    )));
+                };
+                package_name_of_uri(uri)?;
+                packages.py_modules.push(uri.clone());
+            }
+        }
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env py_modules must be a list, not {other}")))
+        }
+    }
+    match runtime_env.get("excludes") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Array(_)) => {}
+        Some(other) => {
+            return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
+        }
+    }
+    for tool in ["pip", "uv"] {
+        let (requirements, options) = match runtime_env.get(tool) {
+            None | Some(serde_json::Value::Null) => continue,
+            // Ray's forms: a list of requirements, or {"packages": [...], options}.
+            Some(list @ serde_json::Value::Array(_)) => (strings(tool, list)?, Vec::new()),
+            Some(serde_json::Value::Object(spec)) => {
+                let requirements = strings(tool, spec.get("packages").unwrap_or(&serde_json::Value::Null))?;
+                let options = match spec
+                    .get(&format!("{tool}_pip_install_options"))
+                    .or(spec.get(&format!("{tool}_install_options")))
+                    .or(spec.get("pip_install_options"))
+                {
+                    Some(options) => strings(tool, options)?,
+                    None => Vec::new(),
+                };
+                (requirements, options)
+            }
+            Some(other) => {
+                return Err(IonetError::InvalidArgument(format!(
+                    "runtime_env {tool} must be a list of requirements or {{\"packages\": [...]}}, not {other}"
+                )))
+            }
+        };
+        if !packages.pip_tool.is_empty() {
+            return Err(IonetError::InvalidArgument("runtime_env may name pip or uv, not both".into()));
+        }
+        packages.pip = requirements;
+        packages.pip_options = options;
+        packages.pip_tool = tool.to_string();
+    }
+    check_pip(&packages)?;
+    Ok(packages)
+}
+
+/// A runtime environment's list of strings under `key`.
+fn strings(key: &str, value: &serde_json::Value) -> IonetResult<Vec<String>> {
+    let serde_json::Value::Array(items) = value else {
+        return Err(IonetError::InvalidArgument(format!("runtime_env {key} needs a list of strings, not {value}")));
+    };
+    items
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| IonetError::InvalidArgument(format!("runtime_env {key} holds {item}, not a string")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
