@@ -805,6 +805,7 @@ impl Actors {
             // Actors are not tasks in a tree: served with the driver's tasks.
             depth: 1,
             avoid_nodes: Vec::new(),
+            runtime_env: spec.runtime_env.clone(),
         }
     }
 

@@ -10,6 +10,7 @@ takes 1 CPU and is retried 3 times; an actor takes no CPU).
 
 from __future__ import annotations
 
+import json
 from numbers import Real
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -120,6 +121,19 @@ def _label_selector(name: str, value: Any) -> Dict[str, str]:
     return dict(value)
 
 
+def _runtime_env(name: str, value: Any) -> Optional[str]:
+    """Ray's runtime_env of a task or actor (its env_vars and pip / uv requirements), as
+    JSON for the native side, which checks it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"option {name} must be a dict, got {value!r}")
+    try:
+        return json.dumps(value)
+    except TypeError as err:
+        raise TypeError(f"option {name} must hold only JSON values (strings, lists, dicts): {err}") from None
+
+
 _RESOURCE_OPTIONS = {
     "num_cpus": _number,
     "num_gpus": _number,
@@ -128,6 +142,7 @@ _RESOURCE_OPTIONS = {
     "accelerator_type": _string,
     "scheduling_strategy": _scheduling_strategy,
     "label_selector": _label_selector,
+    "runtime_env": _runtime_env,
 }
 
 _TASK_OPTIONS = {

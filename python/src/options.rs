@@ -41,7 +41,7 @@ impl Options {
         accelerator_type = None, resources = None, max_retries = None, retry_exceptions = None,
         max_calls = None, scheduling_strategy = None, placement_group = None, bundle_index = -1,
         label_selector = None, name = None, namespace = None, lifetime = None, get_if_exists = false,
-        max_restarts = None, max_task_retries = None, max_concurrency = None,
+        max_restarts = None, max_task_retries = None, max_concurrency = None, runtime_env = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -66,6 +66,7 @@ impl Options {
         max_restarts: Option<i32>,
         max_task_retries: Option<i32>,
         max_concurrency: Option<u32>,
+        runtime_env: Option<String>,
     ) -> PyResult<Self> {
         let defaults = if actor {
             ActorOptions::default()
@@ -90,6 +91,16 @@ impl Options {
                 label_selector: label_selector.unwrap_or_default(),
                 placement_group: placement_group
                     .map(|group| Ok::<_, ionet::IonetError>((group.parse()?, bundle_from_ray(bundle_index)?)))
+                    .transpose()?,
+                runtime_env: runtime_env
+                    .map(|json| {
+                        let value: serde_json::Value = serde_json::from_str(&json).map_err(|err| {
+                            ionet::IonetError::InvalidArgument(format!("runtime_env is not JSON: {err}"))
+                        })?;
+                        // Checked now, so a bad one fails the `.options()` call naming it.
+                        ionet_common::jobs::task_runtime_env(&value)?;
+                        Ok::<_, ionet::IonetError>(value)
+                    })
                     .transpose()?,
             };
             // Parsed now, so a bad selector fails the `.options()` call naming it.

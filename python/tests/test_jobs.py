@@ -276,6 +276,84 @@ def test_init_runtime_env_ships_the_working_dir_modules_and_env_vars(cluster, ap
         assert "refused:" in done.stdout and expected in done.stdout, (runtime_env, done.stdout, done.stderr)
 
 
+PER_TASK_MAIN = textwrap.dedent(
+    """
+    import json, os, sys
+    import ionet
+
+    session, wheels = sys.argv[1:3]
+    ionet.init(address="auto", _session_dir=session, runtime_env={"env_vars": {"A": "job", "B": "job"}})
+
+    @ionet.remote
+    def seen():
+        return os.environ.get("A"), os.environ.get("B"), os.getpid()
+
+    @ionet.remote
+    def parent():
+        # What a task starts inherits its environment.
+        return ionet.get(seen.remote())
+
+    @ionet.remote
+    def imports():
+        import tinypkg
+        return tinypkg.VALUE
+
+    @ionet.remote
+    class Holder:
+        def read(self):
+            return os.environ.get("B")
+
+    own = {"env_vars": {"B": "task"}}
+    pip = {"pip": {"packages": ["tinypkg"], "pip_install_options": ["--no-index", "--find-links", wheels]}}
+    plain = ionet.get(seen.remote(), timeout=60)
+    again = ionet.get(seen.remote(), timeout=60)
+    result = {
+        "plain": plain[:2],
+        "own": ionet.get(seen.options(runtime_env=own).remote(), timeout=60),
+        "nested": ionet.get(parent.options(runtime_env=own).remote(), timeout=60)[:2],
+        "actor": ionet.get(Holder.options(runtime_env={"env_vars": {"B": "actor"}}).remote().read.remote(), timeout=60),
+        "pip": ionet.get(imports.options(runtime_env=pip).remote(), timeout=120),
+        "plain_pids": [plain[2], again[2]],
+    }
+    try:
+        ionet.get(imports.remote(), timeout=60)
+        result["isolated"] = False
+    except Exception as err:
+        result["isolated"] = "tinypkg" in str(err)
+    for bad in [{"working_dir": "."}, {"colour": "blue"}, {"env_vars": {"A": 1}}]:
+        try:
+            seen.options(runtime_env=bad).remote()
+        except Exception as err:
+            result.setdefault("refused", []).append(str(err))
+    print("RESULT", json.dumps(result))
+    ionet.shutdown()
+    """
+)
+
+
+def test_tasks_and_actors_run_inside_their_own_runtime_env(cluster, api_key, wheels, tmp_path):
+    (tmp_path / "driver.py").write_text(PER_TASK_MAIN)
+    done = subprocess.run(
+        [sys.executable, "driver.py", str(cluster.session_dir), wheels],
+        cwd=tmp_path, env=dict(os.environ, IONET_API_KEY=api_key), capture_output=True, text=True, timeout=240,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"{done.stdout}\n{done.stderr}\n{cluster.logs()}"
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["plain"] == ["job", "job"]
+    # Its own env_vars over the job's, in a worker of its own (not the job's idle one).
+    own_a, own_b, own_pid = result["own"]
+    assert (own_a, own_b) == ("job", "task") and own_pid not in result["plain_pids"], result
+    assert result["nested"] == ["job", "task"], "a nested task inherits its parent's environment"
+    assert result["actor"] == "actor"
+    assert result["pip"] == 42 and result["isolated"], "the requirement is the task's alone"
+    refused = result["refused"]
+    assert len(refused) == 3, refused
+    assert "working_dir is the job's" in refused[0], refused
+    assert 'unknown runtime_env key "colour"' in refused[1], refused
+    assert "must be a string" in refused[2], refused
+
+
 def test_bad_runtime_envs_are_refused_clearly(cluster, api_key, project):
     client = JobSubmissionClient(api_key=api_key, _session_dir=str(cluster.session_dir))
     with pytest.raises(RuntimeError, match='unknown runtime_env key "colour"'):

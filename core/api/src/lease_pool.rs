@@ -98,7 +98,10 @@ impl CoreWorker {
     ) -> IonetResult<Arc<ShapePool>> {
         let bundle = options.placement_group;
         let (strategy, labels) = (&options.scheduling_strategy, &options.label_selector);
-        let key = format!("{demand}|{strategy:?}|{labels:?}|{bundle:?}|{max_calls:?}");
+        let own = options.runtime_env.as_ref().map(ionet_common::jobs::task_runtime_env).transpose()?;
+        let runtime_env = ionet_common::jobs::merged_runtime_env(self.runtime_env.as_ref(), own.as_ref());
+        let env_name = runtime_env.as_ref().map(ionet_common::jobs::runtime_env_json).unwrap_or_default();
+        let key = format!("{demand}|{strategy:?}|{labels:?}|{bundle:?}|{max_calls:?}|{env_name}");
         if let Some(pool) = self.pools.get(&key) {
             return Ok(pool.clone());
         }
@@ -114,6 +117,7 @@ impl CoreWorker {
                 holder_address: self.address.to_string(),
                 depth: 1,
                 avoid_nodes: Vec::new(),
+                runtime_env,
             },
             leases: Mutex::new(Vec::new()),
             notify: Notify::new(),

@@ -115,6 +115,10 @@ pub struct TaskOptions {
     pub label_selector: BTreeMap<String, String>,
     /// Run inside this bundle (group id, bundle index), from its reserved resources.
     pub placement_group: Option<(PlacementGroupId, u32)>,
+    /// Ray's `runtime_env` of this task or actor, over its job's (and inherited by what it
+    /// starts): `env_vars` (merged, its own winning) and `pip` / `uv` requirements
+    /// (replacing the job's). Its workers run inside it and serve nothing else.
+    pub runtime_env: Option<serde_json::Value>,
 }
 
 impl Default for TaskOptions {
@@ -131,11 +135,18 @@ impl Default for TaskOptions {
             scheduling_strategy: SchedulingStrategy::Default,
             label_selector: BTreeMap::new(),
             placement_group: None,
+            runtime_env: None,
         }
     }
 }
 
 impl TaskOptions {
+    /// See [`TaskOptions::runtime_env`] (e.g. `json!({"env_vars": {"MODE": "eval"}})`).
+    pub fn runtime_env(mut self, runtime_env: serde_json::Value) -> Self {
+        self.runtime_env = Some(runtime_env);
+        self
+    }
+
     pub fn num_cpus(mut self, cpus: f64) -> Self {
         self.num_cpus = cpus;
         self

@@ -83,6 +83,9 @@ pub(crate) struct CoreWorker {
     pub(crate) gcs_address: String,
     pub(crate) objects: OwnedObjects,
     pub(crate) pools: DashMap<String, Arc<ShapePool>>,
+    /// The runtime environment this worker was started inside (a task's or actor's own,
+    /// [`ionet_common::worker_env::RUNTIME_ENV`]): what it starts inherits it.
+    pub(crate) runtime_env: Option<ionet_common::rpc::proto::common::RuntimeEnv>,
     /// The driver's namespace (named actors are found in it by default).
     pub(crate) namespace: String,
     /// Identifies this process to the actors it calls (their per-caller call order).
@@ -240,6 +243,7 @@ impl CoreWorker {
             gcs_address: gcs_address.clone(),
             objects: OwnedObjects::default(),
             pools: DashMap::new(),
+            runtime_env: inherited_runtime_env(worker_id.is_some()),
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
@@ -511,5 +515,20 @@ pub(crate) async fn upkeep(worker: std::sync::Weak<CoreWorker>) {
         ticker.tick().await;
         let Some(worker) = worker.upgrade() else { return };
         worker.return_idle_leases(false, LEASE_LINGER).await;
+    }
+}
+
+/// The runtime environment a worker was started inside, if any (a driver: none).
+fn inherited_runtime_env(is_worker: bool) -> Option<ionet_common::rpc::proto::common::RuntimeEnv> {
+    let json = std::env::var(ionet_common::worker_env::RUNTIME_ENV).ok().filter(|_| is_worker)?;
+    let parsed = serde_json::from_str(&json)
+        .map_err(|err| IonetError::InvalidArgument(err.to_string()))
+        .and_then(|value| ionet_common::jobs::task_runtime_env(&value));
+    match parsed {
+        Ok(runtime_env) => Some(runtime_env),
+        Err(err) => {
+            tracing::warn!("this worker's runtime environment does not parse ({err}): its tasks start in the job's");
+            None
+        }
     }
 }

@@ -47,11 +47,15 @@ fn init_driver(working_dir: &str) {
     ionet::init(InitConfig::default().num_cpus(1.0).runtime_env(runtime_env)).expect("the driver starts");
     let seen = ionet::get_timeout(&environment::remote(), Duration::from_secs(60)).unwrap();
     println!("the task saw {seen}");
+    let own = TaskOptions::default().runtime_env(serde_json::json!({ "env_vars": { "GREETING": "from the task" } }));
+    let seen = ionet::get_timeout(&environment::options(own).remote(), Duration::from_secs(60)).unwrap();
+    println!("the task with its own runtime_env saw {seen}");
     ionet::shutdown();
 }
 
 /// A Rust driver's `InitConfig::runtime_env` reaches its tasks: its working dir, packed
-/// and uploaded to the (embedded) head, unpacked for the task's worker, and its env_vars.
+/// and uploaded to the (embedded) head, unpacked for the task's worker, and its env_vars;
+/// a task's own `TaskOptions::runtime_env` adds to it.
 fn a_rust_drivers_runtime_env_reaches_its_tasks() {
     let project = tempfile::tempdir().unwrap();
     std::fs::write(project.path().join("data.txt"), "payload 7\n").unwrap();
@@ -63,6 +67,7 @@ fn a_rust_drivers_runtime_env_reaches_its_tasks() {
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{printed}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(printed.contains("the task saw payload 7 / from init"), "{printed}");
+    assert!(printed.contains("the task with its own runtime_env saw payload 7 / from the task"), "{printed}");
 }
 
 /// The entrypoint the tests submit (this binary, started by a node for the job server).

@@ -5,7 +5,7 @@
 //! read alike by the head's submissions and a driver's `init(runtime_env=…)`.
 
 use crate::error::{IonetError, IonetResult};
-use crate::rpc::proto::common::JobPackages;
+use crate::rpc::proto::common::{JobPackages, RuntimeEnv, WorkerCommand};
 
 /// Options of `pip install` a runtime environment may pass (where packages come from and
 /// which kind), each with whether it takes a value.
@@ -248,6 +248,80 @@ fn strings(key: &str, value: &serde_json::Value) -> IonetResult<Vec<String>> {
                 .ok_or_else(|| IonetError::InvalidArgument(format!("runtime_env {key} holds {item}, not a string")))
         })
         .collect()
+}
+
+/// A task's or actor's `runtime_env` (Ray's shape): its `env_vars` and `pip` / `uv`.
+/// `working_dir` and `py_modules` are the job's (`init`, or the submission): refused here,
+/// saying so.
+pub fn task_runtime_env(runtime_env: &serde_json::Value) -> IonetResult<RuntimeEnv> {
+    let serde_json::Value::Object(runtime_env) = runtime_env else {
+        return Err(IonetError::InvalidArgument(format!("runtime_env must be a mapping, not {runtime_env}")));
+    };
+    let env_vars = env_vars_of(runtime_env)?;
+    for key in ["working_dir", "py_modules"] {
+        if runtime_env.get(key).is_some_and(|value| !value.is_null()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "runtime_env {key} is the job's: set it in init(runtime_env=...) or the job's submission (a task or \
+                 actor may add env_vars and pip or uv requirements)"
+            )));
+        }
+    }
+    let packages = packages_of(runtime_env)?;
+    Ok(RuntimeEnv { env_vars, packages: (!packages.pip.is_empty()).then_some(packages) })
+}
+
+/// `child` over `parent` (a task's environment over the one its submitter runs in, as
+/// Ray's inheritance): env_vars merged, the child's winning; the child's requirements
+/// replacing the parent's when it names any. `None` when neither says anything.
+pub fn merged_runtime_env(parent: Option<&RuntimeEnv>, child: Option<&RuntimeEnv>) -> Option<RuntimeEnv> {
+    let mut merged = parent.cloned().unwrap_or_default();
+    if let Some(child) = child {
+        merged.env_vars.extend(child.env_vars.iter().map(|(name, value)| (name.clone(), value.clone())));
+        if child.packages.as_ref().is_some_and(|packages| !packages.pip.is_empty()) {
+            merged.packages = child.packages.clone();
+        }
+    }
+    let empty = merged.env_vars.is_empty() && merged.packages.as_ref().is_none_or(|packages| packages.pip.is_empty());
+    (!empty).then_some(merged)
+}
+
+/// `runtime_env` as Ray's JSON, keys sorted: what names it (worker pools are keyed by it)
+/// and what a worker started inside it reads back ([`task_runtime_env`] parses it).
+pub fn runtime_env_json(runtime_env: &RuntimeEnv) -> String {
+    let env_vars: std::collections::BTreeMap<&String, &String> = runtime_env.env_vars.iter().collect();
+    let mut json = serde_json::json!({ "env_vars": env_vars });
+    if let Some(packages) = runtime_env.packages.as_ref().filter(|packages| !packages.pip.is_empty()) {
+        let tool = if packages.pip_tool.is_empty() { "pip" } else { packages.pip_tool.as_str() };
+        json[tool] = serde_json::json!({ "packages": packages.pip, "pip_install_options": packages.pip_options });
+    }
+    json.to_string()
+}
+
+/// Starts a worker of `command` inside `runtime_env` (a task's or actor's own): its
+/// env_vars added, its requirements replacing the job's, and the environment named in
+/// [`crate::worker_env::RUNTIME_ENV`] for the worker's own tasks to inherit. Checked
+/// first: a request carries it.
+pub fn apply_runtime_env(command: &mut WorkerCommand, runtime_env: &RuntimeEnv) -> IonetResult<()> {
+    for (name, value) in &runtime_env.env_vars {
+        if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+            return Err(IonetError::InvalidArgument(format!("runtime_env env_vars has an invalid variable {name:?}")));
+        }
+    }
+    if let Some(packages) = runtime_env.packages.as_ref().filter(|packages| !packages.pip.is_empty()) {
+        if !packages.working_dir.is_empty() || !packages.py_modules.is_empty() {
+            return Err(IonetError::InvalidArgument(
+                "a task's or actor's runtime_env ships no packages of its own: they are the job's".into(),
+            ));
+        }
+        check_pip(packages)?;
+        let shipped = command.packages.get_or_insert_with(JobPackages::default);
+        shipped.pip = packages.pip.clone();
+        shipped.pip_options = packages.pip_options.clone();
+        shipped.pip_tool = packages.pip_tool.clone();
+    }
+    command.env.extend(runtime_env.env_vars.iter().map(|(name, value)| (name.clone(), value.clone())));
+    command.env.insert(crate::worker_env::RUNTIME_ENV.to_string(), runtime_env_json(runtime_env));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub const OUTPUT_FOLLOWED: &str = "IONET_WORKER_OUTPUT_FOLLOWED";
 /// A line a worker writes to its output before the lines of a task or actor it starts
 /// running: this marker, then the name (Ray's `(name pid=…, ip=…)` prefix comes from it).
 pub const OUTPUT_NAME_MARKER: &str = ":ionet_task:";
+/// Set when the worker was started inside a task's or actor's own runtime environment
+/// (Ray's JSON, [`crate::jobs::runtime_env_json`]): the tasks and actors it starts
+/// inherit it.
+pub const RUNTIME_ENV: &str = "IONET_WORKER_RUNTIME_ENV";
 const WORKER_ID: &str = "IONET_WORKER_ID";
 const NODE_ADDRESS: &str = "IONET_NODE_ADDRESS";
 const NODE_ID: &str = "IONET_NODE_ID";

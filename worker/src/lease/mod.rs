@@ -645,8 +645,12 @@ impl Leases {
         }
         self.job_credentials.insert(job_id, credential);
         self.job_accounts.insert(job_id, account);
-        // What the job declared when it was created, never what a request says.
-        let command = self.job_command(job_id).await?;
+        // What the job declared when it was created, never what a request says; a task's or
+        // actor's own environment adds its env_vars and requirements (never the program).
+        let mut command = self.job_command(job_id).await?;
+        if let Some(runtime_env) = &request.runtime_env {
+            ionet_common::jobs::apply_runtime_env(&mut command, runtime_env)?;
+        }
         let (strategy, selectors) = placement(&request)?;
         let mut avoid: Vec<NodeId> =
             request.avoid_nodes.iter().take(MAX_AVOIDED).filter_map(|id| NodeId::from_bytes(id).ok()).collect();
@@ -764,7 +768,9 @@ impl Leases {
         holder: String,
     ) -> IonetResult<RequestWorkerLeaseReply> {
         let gpu_ids = gpus.as_ref().map(|assignment| assignment.gpu_ids()).unwrap_or_default();
-        let key = PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone() };
+        let runtime_env = command.env.get(ionet_common::worker_env::RUNTIME_ENV).cloned().unwrap_or_default();
+        let key =
+            PoolKey { job_id: job_id.to_vec(), argv: command.argv.clone(), gpu_ids: gpu_ids.clone(), runtime_env };
         let granted = |worker: WorkerId| Granted {
             resources: resources.clone(),
             gpus: gpus.clone(),

@@ -22,12 +22,13 @@ use ionet_common::{JobId, LeaseId, NodeId, PlacementGroupId, WorkerId};
 use ionet_scheduler::{ClusterView, GpuAllocator, GpuAssignment};
 
 /// What a pool of reusable workers is keyed by: an idle worker serves only the same job,
-/// command and GPU ids.
+/// command, GPU ids and runtime environment (a task's or actor's own, as its JSON).
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub(super) struct PoolKey {
     pub job_id: Vec<u8>,
     pub argv: Vec<String>,
     pub gpu_ids: Vec<u32>,
+    pub runtime_env: String,
 }
 
 /// A worker process this daemon started.

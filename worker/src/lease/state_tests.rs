@@ -64,7 +64,7 @@ fn nth_lease(state: &LeaseState, n: usize) -> Option<LeaseId> {
 }
 
 fn key() -> PoolKey {
-    PoolKey { job_id: vec![1], argv: vec!["worker".into()], gpu_ids: Vec::new() }
+    PoolKey { job_id: vec![1], argv: vec!["worker".into()], gpu_ids: Vec::new(), runtime_env: String::new() }
 }
 
 /// Applies `op` as `Leases` would (the same calls in the same order).

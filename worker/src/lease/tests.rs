@@ -67,7 +67,7 @@ fn lease_one_cpu(leases: &Leases) -> (WorkerId, LeaseId) {
         blocked: false,
         released: Quantity::ZERO,
     };
-    let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
+    let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new(), runtime_env: String::new() };
     state
         .processes
         .insert(worker, Process { pid: 0, key, address: String::new(), doing: Doing::Starting, holding: false });
@@ -139,7 +139,7 @@ fn idle_workers_past_the_soft_limit_get_a_grace() {
         (0..3).map(|_| std::process::Command::new("sleep").arg("60").spawn().unwrap()).collect();
     let now = Instant::now();
     let idle = |child: &std::process::Child, since: Instant| {
-        let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new() };
+        let key = PoolKey { job_id: Vec::new(), argv: Vec::new(), gpu_ids: Vec::new(), runtime_env: String::new() };
         (
             WorkerId::random(),
             Process { pid: child.id(), key, address: String::new(), doing: Doing::Idle { since }, holding: false },
