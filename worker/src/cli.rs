@@ -73,8 +73,12 @@ pub struct DrainArgs {
 #[derive(Debug, Args, Clone)]
 pub struct LogsArgs {
     /// The job (hex id, e.g. 00000001).
+    #[arg(long, required_unless_present = "actor")]
+    pub job: Option<String>,
+    /// Only this actor's output: its id (or a prefix of it) or its name, as `ionet list
+    /// actors` shows them (its job is then the actor's).
     #[arg(long)]
-    pub job: String,
+    pub actor: Option<String>,
     /// Only this node: its id or a prefix of it (as `ionet status` shows it).
     #[arg(long)]
     pub node: Option<String>,

@@ -465,17 +465,29 @@ fn operator_call(head: &HeadArgs, ttl: &str) -> Result<(String, Bearer, Duration
     Ok((address, admin, parse_duration(ttl)?))
 }
 
-/// `ionet logs --job J [--node N] [--follow]`: what the job's workers printed on each
+/// `ionet logs --job J [--actor A] [--node N] [--follow]`: what the job's workers (or one actor) printed on each
 /// live node (or one), each line with its prefix; with `--follow`, what they print next
 /// too. Reading another's job needs the admin credential (or the job's own).
 pub fn logs(args: LogsArgs) -> Result<()> {
-    let job: JobId = args.job.parse()?;
     let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
     let address = resolve_head_address(args.head.address.as_deref(), &session)?;
     let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut gcs = rpc::gcs_client(&address, &credential).await?;
+        // An actor's: its job, its node and its worker.
+        let (job, actor_node, worker_address) = match &args.actor {
+            Some(actor) => {
+                let (job, node, worker) = find_actor(&mut gcs, actor).await?;
+                if let Some(named) = &args.job {
+                    if named.parse::<JobId>()? != job {
+                        bail!("actor {actor} is of job {job}, not {named}");
+                    }
+                }
+                (job, Some(node), worker)
+            }
+            None => (args.job.as_deref().unwrap_or_default().parse::<JobId>()?, None, String::new()),
+        };
         let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
         let wanted = args.node.as_deref().map(|node| node.trim().to_ascii_lowercase());
         let nodes: Vec<_> = nodes
@@ -483,14 +495,18 @@ pub fn logs(args: LogsArgs) -> Result<()> {
             .nodes
             .into_iter()
             .filter(|node| wanted.as_ref().is_none_or(|wanted| hex::encode(&node.node_id).starts_with(wanted)))
+            .filter(|node| actor_node.as_ref().is_none_or(|actor_node| *actor_node == node.node_id))
             .collect();
         if nodes.is_empty() {
-            bail!("no live node's id starts with {:?} (see `ionet status`)", args.node.unwrap_or_default());
+            match &args.actor {
+                Some(actor) => bail!("actor {actor} runs on no live node (matching --node)"),
+                None => bail!("no live node's id starts with {:?} (see `ionet status`)", args.node.unwrap_or_default()),
+            }
         }
         let mut streams = Vec::new();
         for node in nodes {
             let channel = rpc::connect(&node.address, &credential, Duration::from_secs(5)).await?;
-            let request = StreamLogsRequest { job_id: job.to_vec() };
+            let request = StreamLogsRequest { job_id: job.to_vec(), worker_address: worker_address.clone() };
             let mut client = NodeManagerClient::new(channel).max_decoding_message_size(rpc::DEFAULT_MAX_MESSAGE_BYTES);
             let stream = client.stream_logs(request).await.map_err(IonetError::from)?;
             streams.push((crate::logs::ip_of(&node.address).to_string(), stream.into_inner()));
@@ -515,6 +531,39 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The live actor `wanted` names (its id or a prefix of it, or its name): its job, its
+/// node's id and its worker's address.
+async fn find_actor(gcs: &mut rpc::GcsClient, wanted: &str) -> Result<(JobId, Vec<u8>, String)> {
+    let wanted = wanted.trim();
+    let reply = gcs
+        .list_actors(ionet_common::rpc::proto::gcs::ListActorsRequest { include_dead: true })
+        .await
+        .map_err(IonetError::from)?;
+    let lowered = wanted.to_ascii_lowercase();
+    let matching: Vec<_> = reply
+        .into_inner()
+        .actors
+        .into_iter()
+        .filter(|actor| {
+            let spec = actor.spec.clone().unwrap_or_default();
+            spec.name == wanted || (lowered.len() >= 4 && hex::encode(&spec.actor_id).starts_with(&lowered))
+        })
+        .collect();
+    let actor = match matching.as_slice() {
+        [actor] => actor.clone(),
+        [] => bail!("no actor has the id or name {wanted:?} (see `ionet list actors --all`)"),
+        _ => bail!("{} actors match {wanted:?}: give more of the id", matching.len()),
+    };
+    let spec = actor.spec.clone().unwrap_or_default();
+    if actor.address.is_empty() {
+        let state = ionet_common::rpc::proto::gcs::ActorState::try_from(actor.state)
+            .map(|state| state.as_str_name().to_string())
+            .unwrap_or_else(|_| actor.state.to_string());
+        bail!("actor {wanted} is {state}, not running: what it printed is in its job's logs (--job)");
+    }
+    Ok((JobId::from_bytes(&spec.job_id)?, actor.node_id, actor.address))
 }
 
 /// `ionet drain --node N --deadline 60s`: gives the node notice to leave, then waits

@@ -396,9 +396,21 @@ impl NodeManager for NodeManagerService {
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let principal = Principal::of(&request)?;
-        let job = JobId::from_bytes(&request.into_inner().job_id)?;
+        let request = request.into_inner();
+        let job = JobId::from_bytes(&request.job_id)?;
         principal.may_act_for_job(&job)?;
         let leases = self.shared.leases.clone();
+        // One worker's (an actor's) output only: its pid's file.
+        let only = if request.worker_address.is_empty() {
+            None
+        } else {
+            Some(leases.pid_of_worker_at(job, &request.worker_address).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no worker of job {job} serves at {} on this node (it ended, or runs elsewhere)",
+                    request.worker_address
+                ))
+            })?)
+        };
         let (batches, stream) = tokio::sync::mpsc::channel(4);
         // The stream ends when the daemon stops (else its server would wait for it).
         let mut stopped = self.stopped.clone();
@@ -414,7 +426,10 @@ impl NodeManager for NodeManagerService {
                     _ = pass.tick() => {}
                     _ = stopped.changed() => return,
                 }
-                let files = leases.job_log_files(job);
+                let mut files = leases.job_log_files(job);
+                if let Some(pid) = only {
+                    files.retain(|(file_pid, _)| *file_pid == pid);
+                }
                 let Ok((read, (lines, caught_up))) = tokio::task::spawn_blocking(move || {
                     let passed = tail.pass(&files);
                     (tail, passed)

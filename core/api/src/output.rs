@@ -335,7 +335,9 @@ async fn follow_node(
         drop(worker);
         let mut client =
             NodeManagerClient::new(channel).max_decoding_message_size(ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES);
-        if let Ok(response) = client.stream_logs(StreamLogsRequest { job_id: job.to_vec() }).await {
+        if let Ok(response) =
+            client.stream_logs(StreamLogsRequest { job_id: job.to_vec(), worker_address: String::new() }).await
+        {
             let mut batches = response.into_inner();
             while let Ok(Some(batch)) = batches.message().await {
                 follower.print(batch.lines, &ip);

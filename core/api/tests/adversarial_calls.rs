@@ -524,7 +524,7 @@ fn a_tenant_acts_only_for_its_own_job() {
         let cancel = CancelBundleRequest { placement_group_id: group_id, bundle_index: 0 };
         denied(daemon.cancel_bundle(cancel).await, "cancelling a bundle on a node");
         // Nor to read what the victim's workers print.
-        let logs = StreamLogsRequest { job_id: victim_job.to_vec() };
+        let logs = StreamLogsRequest { job_id: victim_job.to_vec(), worker_address: String::new() };
         denied(daemon.stream_logs(logs).await, "reading another tenant's workers' output");
         // Nor to say whether the victim's worker holds objects (keeping it from being
         // stopped when idle, or letting it be stopped with the victim's objects).

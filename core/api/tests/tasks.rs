@@ -764,6 +764,21 @@ fn node_named_in(cluster: &Cluster, name: &str) -> String {
 /// Workers printing the same line at once in the printing driver.
 const CHANTS: usize = 8;
 
+/// A detached actor that prints (its output is read by `ionet logs --actor`).
+pub struct Crier;
+
+#[ionet::actor]
+impl Crier {
+    pub fn new() -> Self {
+        Crier
+    }
+
+    pub fn cry(&mut self, what: String) -> u32 {
+        println!("the crier cries {what}");
+        std::process::id()
+    }
+}
+
 /// Set in a re-executed test binary that plays a driver whose output is read.
 const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
 
@@ -786,6 +801,10 @@ fn printing_driver(session: String) {
     let pids: BTreeSet<u32> = ionet::get_all(&chants).unwrap().into_iter().collect();
     assert_eq!(pids.len(), CHANTS, "each chant ran in a worker of its own");
     assert_eq!(ionet::get_timeout(&count_epochs::remote(), Duration::from_secs(60)).unwrap(), 3);
+    // Outlives the driver, for `ionet logs --actor`.
+    let crier = Crier::options(ionet::actor::ActorOptions::new().name("crier").detached()).remote().unwrap();
+    let pid = ionet::get_timeout(&crier.cry("hear ye".to_string()), Duration::from_secs(60)).unwrap();
+    println!("crier pid {pid}");
     ionet::shutdown();
 }
 
@@ -830,6 +849,13 @@ fn what_tasks_print_reaches_the_driver_prefixed_and_folded() {
     let a = node_named_in(&cluster, "a");
     let only_a = cluster.ionet(&["logs", "--job", job, "--node", &a[..8]]);
     assert!(only_a.contains("hello from node a") && !only_a.contains("hello from node b"), "{only_a}");
+    // One actor's output, found by its name (its job is the actor's).
+    let crier = cluster.ionet(&["logs", "--actor", "crier"]);
+    let pid = stdout.lines().find_map(|line| line.strip_prefix("crier pid ")).expect("the crier cried");
+    assert_eq!(crier.trim().lines().count(), 1, "the actor's lines only: {crier}");
+    assert!(crier.contains(&format!("pid={pid}")) && crier.trim().ends_with("the crier cries hear ye"), "{crier}");
+    let unknown = cluster.ionet_fails(&["logs", "--actor", "nobody"]);
+    assert!(unknown.contains("no actor has the id or name \"nobody\""), "{unknown}");
     drop(cluster);
 }
 

@@ -902,6 +902,13 @@ impl Leases {
     }
 
     /// The output files of `job`'s workers started here (pid, path), oldest first.
+    /// The pid of `job`'s worker serving at `address` here, if it runs.
+    pub fn pid_of_worker_at(&self, job: JobId, address: &str) -> Option<u32> {
+        let job = job.to_vec();
+        let state = self.lock();
+        state.processes.values().find(|process| process.address == address && process.key.job_id == job).map(|p| p.pid)
+    }
+
     pub fn job_log_files(&self, job: JobId) -> Vec<(u32, std::path::PathBuf)> {
         self.job_logs.get(&job).map(|files| files.clone()).unwrap_or_default()
     }
