@@ -602,7 +602,13 @@ impl NodeDaemon {
         // Entrypoints' directories and unpacked packages: under a directory of the daemon's
         // own, made now with a name nobody can guess, which others may pass through and
         // not write in (so nothing a tenant plants is ever taken for them).
-        let scratch = tempfile::Builder::new().prefix("ionet-node-").tempdir()?;
+        // Named with the daemon's pid, so a later daemon removes what a killed one left.
+        let scratch_root = std::env::temp_dir();
+        let swept = scratch_root.clone();
+        std::thread::spawn(move || remove_dead_scratch(&swept));
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&scratch_root)?;
         let work_root = scratch.path().join("entrypoints");
         let package_root = scratch.path().join("packages");
         let env_root = scratch.path().join("envs");
@@ -1019,5 +1025,64 @@ async fn run_membership(
                 }
             }
         }
+    }
+}
+
+/// What a node daemon's scratch directory (entrypoints, packages, environments) is
+/// named: this, the daemon's pid, `-`, random.
+const SCRATCH_PREFIX: &str = "ionet-node-";
+
+/// Removes the scratch directories under `root` of daemons that no longer run (killed
+/// before they could remove their own): those of this process's user whose pid is gone.
+fn remove_dead_scratch(root: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(SCRATCH_PREFIX).and_then(|rest| rest.split_once('-')).map(|(pid, _)| pid)
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let ours = std::fs::symlink_metadata(entry.path()).is_ok_and(|meta| meta.is_dir() && meta.uid() == me);
+        if !ours || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(dir = %entry.path().display(), "removed the scratch directory of a dead node daemon")
+            }
+            Err(err) => {
+                tracing::debug!(dir = %entry.path().display(), error = %err, "could not remove a dead daemon's scratch")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+
+    #[test]
+    fn only_dead_daemons_scratch_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        let dead = ended.id();
+        ended.wait().unwrap();
+        let dead_dir = root.path().join(format!("{SCRATCH_PREFIX}{dead}-abc"));
+        std::fs::create_dir_all(dead_dir.join("envs/x")).unwrap();
+        std::fs::write(dead_dir.join("envs/x/file"), "left behind").unwrap();
+        let live_dir = root.path().join(format!("{SCRATCH_PREFIX}{}-def", std::process::id()));
+        let other = root.path().join(format!("{SCRATCH_PREFIX}unnamed"));
+        let file = root.path().join(format!("{SCRATCH_PREFIX}{dead}-file"));
+        for dir in [&live_dir, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        std::fs::write(&file, "not a directory").unwrap();
+        remove_dead_scratch(root.path());
+        assert!(!dead_dir.exists(), "a dead daemon's scratch goes");
+        assert!(live_dir.exists() && other.exists() && file.exists(), "a live daemon's, and anything else, stays");
     }
 }
