@@ -201,7 +201,7 @@ async fn version() -> Json<serde_json::Value> {
 async fn submit(State(served): State<Served>, request: Request) -> Answer {
     // An account's key (the table): the operator's submissions are paid by `default`, as
     // its drivers' jobs are.
-    let account = package_account(&principal(request.extensions())?)?;
+    let account = crate::packages::own_account(&principal(request.extensions())?)?;
     let body = axum::body::to_bytes(request.into_body(), MAX_SUBMIT_BYTES)
         .await
         .map_err(|err| Failure(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body: {err}")))?;
@@ -267,6 +267,8 @@ async fn logs(
 
 /// How often a followed job's output is read while nothing new came.
 const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// The most output one WebSocket message carries (Ray's client takes up to 4 MiB).
+const TAIL_CHUNK: u64 = 1024 * 1024;
 
 /// Ray's `logs/tail`: a WebSocket carrying the job's output as it grows (a submission
 /// that is unknown, or another account's, is a 404 before the upgrade).
@@ -280,33 +282,39 @@ async fn tail_logs(
     Ok(upgrade.on_upgrade(move |socket| follow(served, principal, id, socket)).into_response())
 }
 
-/// Sends submission `id`'s output on `socket` from the start until the job ended and
-/// everything it wrote went, then closes; stops early when the client leaves.
+/// Sends submission `id`'s output on `socket` from the start, in messages of at most
+/// [`TAIL_CHUNK`] bytes, until the job ended and everything it wrote went; then closes
+/// with code 1000 ("normal": all of it came), or 1011 when it could not go on (the
+/// submission deleted meanwhile, its output unreadable). Stops when the client leaves.
 async fn follow(served: Served, principal: Principal, id: String, mut socket: WebSocket) {
+    use axum::extract::ws::{close_code, CloseFrame};
     let mut offset = 0;
-    let why = loop {
+    let failure = loop {
         // The status first: output read after the job ended is all of it.
         let ended = match served.submissions.get(&principal, &id) {
             Ok(record) => record.status.is_terminal(),
-            Err(err) => break format!("submission {id}: {err}"),
+            Err(err) => break Some(format!("submission {id}: {err}")),
         };
-        let (logs, next) = match served.submissions.logs(&principal, &id, offset).await {
+        let (logs, next) = match served.submissions.logs_up_to(&principal, &id, offset, TAIL_CHUNK).await {
             Ok(read) => read,
-            Err(err) => break format!("reading submission {id}'s output: {err}"),
+            Err(err) => break Some(format!("reading submission {id}'s output: {err}")),
         };
         if !logs.is_empty() {
             if socket.send(Message::Text(logs.into())).await.is_err() {
                 return;
             }
         } else if ended {
-            break String::new();
+            break None;
         }
-        let caught_up = next - offset < crate::submissions::MAX_LOGS_READ;
+        let caught_up = next - offset < TAIL_CHUNK;
         offset = next;
-        if caught_up {
-            // Wait for more output, unless the client closed meanwhile.
+        // Caught up: wait for more output, unless the client closes meanwhile (what it
+        // sends otherwise is ignored).
+        let pause = tokio::time::sleep(TAIL_POLL);
+        tokio::pin!(pause);
+        while caught_up {
             tokio::select! {
-                _ = tokio::time::sleep(TAIL_POLL) => {}
+                _ = &mut pause => break,
                 received = socket.recv() => match received {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                     Some(Ok(_)) => {}
@@ -314,21 +322,20 @@ async fn follow(served: Served, principal: Principal, id: String, mut socket: We
             }
         }
     };
-    if !why.is_empty() {
-        tracing::warn!(submission = %id, "stopped following a job's output: {why}");
-    }
     // A close frame with its code: Ray's client takes one without it for a broken connection.
-    let normal = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
-    let _ = socket.send(Message::Close(Some(normal))).await;
-}
-
-/// The account whose submissions and packages `principal` (an account's key, or the
-/// operator) reads and writes.
-fn package_account(principal: &Principal) -> Result<String, Failure> {
-    match principal {
-        Principal::Account(_) | Principal::Admin => Ok(principal.account().unwrap_or_default().to_string()),
-        other => Err(Failure(StatusCode::FORBIDDEN, format!("{other} has no submissions or packages of its own"))),
-    }
+    let frame = match failure {
+        None => CloseFrame { code: close_code::NORMAL, reason: "".into() },
+        Some(why) => {
+            tracing::warn!(submission = %id, "stopped following a job's output: {why}");
+            // A close frame's reason is at most 123 bytes.
+            let mut end = why.len().min(120);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            CloseFrame { code: close_code::ERROR, reason: why[..end].into() }
+        }
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
 /// Packages live under Ray's `gcs` protocol (what its clients name them with).
@@ -346,7 +353,7 @@ async fn package_exists(
     request: Request,
 ) -> Answer {
     checked_protocol(&protocol)?;
-    let account = package_account(&principal(request.extensions())?)?;
+    let account = crate::packages::own_account(&principal(request.extensions())?)?;
     if served.submissions.packages().exists(&account, &name)? {
         Ok(StatusCode::OK.into_response())
     } else {
@@ -360,7 +367,7 @@ async fn upload_package(
     request: Request,
 ) -> Answer {
     checked_protocol(&protocol)?;
-    let account = package_account(&principal(request.extensions())?)?;
+    let account = crate::packages::own_account(&principal(request.extensions())?)?;
     let body = axum::body::to_bytes(request.into_body(), MAX_PACKAGE_BYTES as usize).await.map_err(|_| {
         Failure(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -69,3 +69,16 @@ impl PackageStore {
         }
     }
 }
+
+/// The account whose submissions and packages `principal` reads and writes: an account's
+/// key's own, or (the operator) `default`'s. A job's or a submission's credential, which
+/// providers' nodes hold, has none.
+pub fn own_account(principal: &ionet_common::authz::Principal) -> IonetResult<String> {
+    use ionet_common::authz::Principal;
+    match principal {
+        Principal::Account(_) | Principal::Admin => Ok(principal.account().unwrap_or_default().to_string()),
+        other => Err(IonetError::PermissionDenied(format!(
+            "{other} has no submissions or packages of its own (an account's API key has)"
+        ))),
+    }
+}

@@ -337,6 +337,33 @@ impl Gcs for GcsService {
             other => return Err(Status::permission_denied(format!("{other} may not start a job"))),
         }
         let worker_command = checked_worker_command(request.worker_command)?;
+        // The packages a job ships are ones its account uploaded, and a submission's
+        // drivers (whose credential a provider's node holds) ship their submission's only:
+        // a node fetches what the job ships with the job's credential.
+        if let Some(packages) = &worker_command.packages {
+            let uris =
+                Some(&packages.working_dir).into_iter().filter(|uri| !uri.is_empty()).chain(&packages.py_modules);
+            for uri in uris {
+                let name = ionet_common::jobs::package_name_of_uri(uri)?;
+                let shipped = match &principal {
+                    Principal::Submission { id, nonce, .. } => self.submissions.ships(id, nonce, name),
+                    _ => self.submissions.packages().exists(&request.payer_account, name)?,
+                };
+                if !shipped {
+                    return Err(Status::failed_precondition(match &principal {
+                        Principal::Submission { id, .. } => format!(
+                            "package {name} is not one submission {id} ships: a submitted job's drivers ship their \
+                             submission's packages only"
+                        ),
+                        _ => format!(
+                            "package {name} was not uploaded by account {}: upload it first (init's runtime_env \
+                             uploads local directories)",
+                            request.payer_account
+                        ),
+                    }));
+                }
+            }
+        }
         let job = self
             .state
             .add_job(JobInfo {
@@ -479,7 +506,7 @@ impl Gcs for GcsService {
     }
 
     async fn has_package(&self, request: Request<GetPackageRequest>) -> Result<Response<HasPackageReply>, Status> {
-        let account = own_packages(&Principal::of(&request)?)?;
+        let account = crate::packages::own_account(&Principal::of(&request)?)?;
         let exists = self.submissions.packages().exists(&account, &request.into_inner().name)?;
         Ok(Response::new(HasPackageReply { exists }))
     }
@@ -488,11 +515,14 @@ impl Gcs for GcsService {
         &self,
         request: Request<tonic::Streaming<PutPackageRequest>>,
     ) -> Result<Response<PutPackageReply>, Status> {
-        let account = own_packages(&Principal::of(&request)?)?;
+        let account = crate::packages::own_account(&Principal::of(&request)?)?;
         let mut chunks = request.into_inner();
         let mut name = None;
         let mut bytes = Vec::new();
         while let Some(chunk) = chunks.message().await? {
+            if name.is_none() {
+                ionet_common::jobs::checked_package_name(&chunk.name)?;
+            }
             let named = name.get_or_insert_with(|| chunk.name.clone());
             if !chunk.name.is_empty() && chunk.name != *named {
                 return Err(Status::invalid_argument(format!(
@@ -720,15 +750,5 @@ impl Gcs for GcsService {
         principal.may_act_for_account(&self.state.payer_of(&owner))?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
-    }
-}
-
-/// The account whose packages `principal` uploads: an account's key's own, or (the
-/// operator) `default`'s. A job's or a submission's credential, which providers' nodes
-/// hold, writes none (the table refuses them first).
-fn own_packages(principal: &Principal) -> Result<String, Status> {
-    match principal {
-        Principal::Account(_) | Principal::Admin => Ok(principal.account().unwrap_or_default().to_string()),
-        other => Err(Status::permission_denied(format!("{other} uploads no packages: an account's key does"))),
     }
 }

@@ -46,7 +46,7 @@ use crate::storage::Table;
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// The most output one read of a submission's logs returns (Ray's whole-output read
 /// returns all of it: the head keeps at most [`MAX_LOG_BYTES`]).
-pub(crate) const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
+const MAX_LOGS_READ: u64 = MAX_LOG_BYTES;
 /// How long a submission credential lasts (it is refused once the submission ends).
 const SUBMISSION_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often the head checks that what a running entrypoint holds is still held.
@@ -501,6 +501,18 @@ impl Submissions {
     /// [`MAX_LOGS_READ`] bytes, ending on a whole character unless it ended); and the offset
     /// after it.
     pub async fn logs(&self, principal: &Principal, id: &str, offset: u64) -> IonetResult<(String, u64)> {
+        self.logs_up_to(principal, id, offset, MAX_LOGS_READ).await
+    }
+
+    /// [`Submissions::logs`], at most `limit` bytes (at most [`MAX_LOGS_READ`]).
+    pub async fn logs_up_to(
+        &self,
+        principal: &Principal,
+        id: &str,
+        offset: u64,
+        limit: u64,
+    ) -> IonetResult<(String, u64)> {
+        let limit = limit.min(MAX_LOGS_READ);
         let record = self.get(principal, id)?;
         let path = self.log_path(id);
         let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
@@ -512,7 +524,7 @@ impl Submissions {
             };
             file.seek(std::io::SeekFrom::Start(offset))?;
             let mut bytes = Vec::new();
-            file.take(MAX_LOGS_READ).read_to_end(&mut bytes)?;
+            file.take(limit).read_to_end(&mut bytes)?;
             Ok(bytes)
         })
         .await

@@ -1,12 +1,13 @@
 //! The head's job server refuses what its authorization table does not allow, before any
-//! handler runs, and a submission's credential starts jobs only while it runs.
+//! handler runs, and a submission's credential starts jobs only while it runs; a job
+//! ships only packages its account uploaded.
 
 use std::time::Duration;
 
 use ionet_common::authz::{Access, HTTP_TABLE};
 use ionet_common::config::ClusterConfig;
-use ionet_common::rpc::proto::common::WorkerCommand;
-use ionet_common::rpc::proto::gcs::AddJobRequest;
+use ionet_common::rpc::proto::common::{JobPackages, WorkerCommand};
+use ionet_common::rpc::proto::gcs::{AddJobRequest, GetPackageRequest, PutPackageRequest};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
 async fn head() -> (GcsServer, String) {
@@ -119,5 +120,59 @@ async fn a_credential_of_an_earlier_submission_of_the_same_id_starts_nothing() {
     let second = server.submissions().get(&admin, "nightly").unwrap().credential_nonce;
     assert_ne!(first, second, "each submission's credential is its own");
     assert!(!server.submissions().is_live("nightly", &first));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_ships_only_packages_its_account_uploaded() {
+    let (server, _) = head().await;
+    let address = server.address().to_string();
+    let acme = server.account_credential("acme", Duration::from_secs(60));
+    let rival = server.account_credential("rival", Duration::from_secs(60));
+    let name = "_ray_pkg_0123456789abcdef.zip";
+    let shipping = AddJobRequest {
+        worker_command: Some(WorkerCommand {
+            argv: vec!["/bin/true".into()],
+            packages: Some(JobPackages { working_dir: format!("gcs://{name}"), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut gcs = ionet_common::rpc::gcs_client(&address, &acme).await.unwrap();
+    let has = |name: &str| GetPackageRequest { name: name.to_string() };
+    assert!(!gcs.has_package(has(name)).await.unwrap().into_inner().exists);
+    let refused = gcs.add_job(shipping.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("was not uploaded by account acme"), "{}", refused.message());
+
+    // Uploaded in chunks, it may be shipped.
+    let mut zip = b"PK\x03\x04".to_vec();
+    zip.resize(3 << 20, 7);
+    let chunks: Vec<PutPackageRequest> =
+        zip.chunks(1 << 20).map(|data| PutPackageRequest { name: name.into(), data: data.to_vec() }).collect();
+    gcs.put_package(tokio_stream::iter(chunks)).await.unwrap();
+    assert!(gcs.has_package(has(name)).await.unwrap().into_inner().exists);
+    let started = gcs.add_job(shipping.clone()).await.unwrap().into_inner();
+
+    // Another account has none of it; a job's credential (a provider's node holds it)
+    // uploads nothing; an upload is one package.
+    let mut theirs = ionet_common::rpc::gcs_client(&address, &rival).await.unwrap();
+    assert!(!theirs.has_package(has(name)).await.unwrap().into_inner().exists);
+    assert_eq!(theirs.add_job(shipping).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+    let mut as_job = ionet_common::rpc::gcs_client(&address, &job).await.unwrap();
+    let planted = vec![PutPackageRequest { name: "_ray_pkg_planted.zip".into(), data: b"PK".to_vec() }];
+    assert_eq!(
+        as_job.put_package(tokio_stream::iter(planted)).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let two = vec![
+        PutPackageRequest { name: "_ray_pkg_a.zip".into(), data: b"PK".to_vec() },
+        PutPackageRequest { name: "_ray_pkg_b.zip".into(), data: b"PK".to_vec() },
+    ];
+    let mixed = gcs.put_package(tokio_stream::iter(two)).await.unwrap_err();
+    assert_eq!(mixed.code(), tonic::Code::InvalidArgument, "{}", mixed.message());
+    let traversal = vec![PutPackageRequest { name: "../escape.zip".into(), data: b"PK".to_vec() }];
+    assert_eq!(gcs.put_package(tokio_stream::iter(traversal)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     server.shutdown().await;
 }

@@ -244,10 +244,13 @@ def test_init_runtime_env_ships_the_working_dir_modules_and_env_vars(cluster, ap
     elsewhere = tmp_path_factory.mktemp("driver")
     (elsewhere / "driver.py").write_text(INIT_MAIN)
     env = dict(os.environ, IONET_API_KEY=api_key)
-    done = subprocess.run(
-        [sys.executable, "driver.py", str(cluster.session_dir), str(project), str(modules)],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=180,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "driver.py", str(cluster.session_dir), str(project), str(modules)],
+            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=100,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"OUT {err.stdout} ERR {err.stderr[-5000:] if err.stderr else ''} " + cluster.command("status") + cluster.logs())
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{cluster.logs()}"
     tasks = [line.split(" | ")[1:] for line in done.stdout.splitlines() if line.startswith("task | ")]
     assert len(tasks) == 2, done.stdout

@@ -551,10 +551,15 @@ async fn find_actor(gcs: &mut rpc::GcsClient, wanted: &str) -> Result<(JobId, Ve
             spec.name == wanted || (lowered.len() >= 4 && hex::encode(&spec.actor_id).starts_with(&lowered))
         })
         .collect();
-    let actor = match matching.as_slice() {
-        [actor] => actor.clone(),
-        [] => bail!("no actor has the id or name {wanted:?} (see `ionet list actors --all`)"),
-        _ => bail!("{} actors match {wanted:?}: give more of the id", matching.len()),
+    // A live actor first (a name may have been used by actors that died before it).
+    let live: Vec<_> = matching.iter().filter(|actor| !actor.address.is_empty()).cloned().collect();
+    let actor = match (live.as_slice(), matching.as_slice()) {
+        ([actor], _) | ([], [actor]) => actor.clone(),
+        ([], []) => bail!("no actor has the id or name {wanted:?} (see `ionet list actors --all`)"),
+        ([], _) => bail!("no actor {wanted:?} is running (see `ionet list actors --all`)"),
+        (several, _) => {
+            bail!("{} running actors match {wanted:?} (in different namespaces?): give its id", several.len())
+        }
     };
     let spec = actor.spec.clone().unwrap_or_default();
     if actor.address.is_empty() {

@@ -125,6 +125,8 @@ struct NodeShared {
     entrypoints: Entrypoints,
     /// Their directories and the unpacked packages (removed when the daemon ends).
     _scratch: tempfile::TempDir,
+    /// Locked while the daemon runs: the scratch directory is in use ([`remove_dead_scratch`]).
+    _scratch_lock: std::fs::File,
 }
 
 impl NodeShared {
@@ -616,6 +618,7 @@ impl NodeDaemon {
             std::fs::DirBuilder::new().recursive(true).create(dir)?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         }
+        let scratch_lock = lock_scratch(scratch.path())?;
         let packages = Arc::new(PackageCache::new(package_root));
         let envs = Arc::new(crate::pip_envs::PipEnvs::new(env_root, options.worker_identities.clone()));
         leases.set_package_cache(packages.clone(), envs.clone());
@@ -646,6 +649,7 @@ impl NodeDaemon {
             notice: watch::channel(None).0,
             entrypoints,
             _scratch: scratch,
+            _scratch_lock: scratch_lock,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -1031,24 +1035,52 @@ async fn run_membership(
 /// What a node daemon's scratch directory (entrypoints, packages, environments) is
 /// named: this, the daemon's pid, `-`, random.
 const SCRATCH_PREFIX: &str = "ionet-node-";
+/// The file in a scratch directory its daemon holds locked while it runs.
+const SCRATCH_LOCK: &str = ".in-use";
+/// A scratch directory whose lock file is younger than this is left alone (its daemon may
+/// be between making the file and locking it).
+const SCRATCH_GRACE: Duration = Duration::from_secs(30);
 
-/// Removes the scratch directories under `root` of daemons that no longer run (killed
-/// before they could remove their own): those of this process's user whose pid is gone.
+/// Makes and locks (`flock`, exclusive) the lock file of the scratch directory `dir`;
+/// the lock goes with the daemon's process, however it ends.
+fn lock_scratch(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::options().write(true).create_new(true).open(dir.join(SCRATCH_LOCK))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Removes the scratch directories under `root` that no daemon uses any more (killed
+/// before it could remove its own): this user's, whose lock file nobody holds. One whose
+/// lock is held (a running daemon, in this PID namespace or another sharing the
+/// directory) or that has no lock file stays.
 fn remove_dead_scratch(root: &std::path::Path) {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(root) else { return };
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(SCRATCH_PREFIX).and_then(|rest| rest.split_once('-')).map(|(pid, _)| pid)
-        else {
+        if !entry.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
             continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        }
         let ours = std::fs::symlink_metadata(entry.path()).is_ok_and(|meta| meta.is_dir() && meta.uid() == me);
-        if !ours || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if !ours {
             continue;
+        }
+        let lock_path = entry.path().join(SCRATCH_LOCK);
+        let Ok(meta) = std::fs::symlink_metadata(&lock_path) else { continue };
+        let young = meta.modified().ok().and_then(|at| at.elapsed().ok()).is_none_or(|age| age < SCRATCH_GRACE);
+        if !meta.is_file() || young {
+            continue;
+        }
+        let Ok(lock) = std::fs::File::open(&lock_path) else { continue };
+        // SAFETY: flock on a descriptor this function owns (released when it closes).
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // held: in use
         }
         match std::fs::remove_dir_all(entry.path()) {
             Ok(()) => {
@@ -1065,24 +1097,38 @@ fn remove_dead_scratch(root: &std::path::Path) {
 mod scratch_tests {
     use super::*;
 
+    /// A scratch directory as a daemon leaves it, its lock file made `age` ago.
+    fn scratch(root: &std::path::Path, name: &str, age: Duration) -> std::path::PathBuf {
+        let dir = root.join(format!("{SCRATCH_PREFIX}{name}"));
+        std::fs::create_dir_all(dir.join("envs/x")).unwrap();
+        std::fs::write(dir.join("envs/x/file"), "left behind").unwrap();
+        let lock = std::fs::File::create(dir.join(SCRATCH_LOCK)).unwrap();
+        lock.set_modified(std::time::SystemTime::now() - age).unwrap();
+        dir
+    }
+
     #[test]
-    fn only_dead_daemons_scratch_is_removed() {
+    fn only_scratch_nobody_holds_is_removed() {
         let root = tempfile::tempdir().unwrap();
-        let mut ended = std::process::Command::new("true").spawn().unwrap();
-        let dead = ended.id();
-        ended.wait().unwrap();
-        let dead_dir = root.path().join(format!("{SCRATCH_PREFIX}{dead}-abc"));
-        std::fs::create_dir_all(dead_dir.join("envs/x")).unwrap();
-        std::fs::write(dead_dir.join("envs/x/file"), "left behind").unwrap();
-        let live_dir = root.path().join(format!("{SCRATCH_PREFIX}{}-def", std::process::id()));
-        let other = root.path().join(format!("{SCRATCH_PREFIX}unnamed"));
-        let file = root.path().join(format!("{SCRATCH_PREFIX}{dead}-file"));
-        for dir in [&live_dir, &other] {
-            std::fs::create_dir(dir).unwrap();
-        }
+        let old = SCRATCH_GRACE * 2;
+        let dead = scratch(root.path(), "1-dead", old);
+        let live = scratch(root.path(), "2-live", old);
+        std::fs::remove_file(live.join(SCRATCH_LOCK)).unwrap();
+        let _held = lock_scratch(&live).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(live.join(SCRATCH_LOCK))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - old)
+            .unwrap();
+        let starting = scratch(root.path(), "3-starting", Duration::ZERO);
+        let unlocked_format = root.path().join(format!("{SCRATCH_PREFIX}older"));
+        std::fs::create_dir(&unlocked_format).unwrap();
+        let file = root.path().join(format!("{SCRATCH_PREFIX}a-file"));
         std::fs::write(&file, "not a directory").unwrap();
         remove_dead_scratch(root.path());
-        assert!(!dead_dir.exists(), "a dead daemon's scratch goes");
-        assert!(live_dir.exists() && other.exists() && file.exists(), "a live daemon's, and anything else, stays");
+        assert!(!dead.exists(), "a dead daemon's scratch goes");
+        assert!(live.join("envs/x/file").exists(), "a running daemon's stays");
+        assert!(starting.exists() && unlocked_format.exists() && file.exists(), "so does anything else");
     }
 }

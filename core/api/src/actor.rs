@@ -340,11 +340,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             placement_group_id: bundle.map(|(group, _)| group.to_vec()).unwrap_or_default(),
             bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
             strategy: Some(options.resources.wire_strategy()?),
-            runtime_env: {
-                let own =
-                    options.resources.runtime_env.as_ref().map(ionet_common::jobs::task_runtime_env).transpose()?;
-                ionet_common::jobs::merged_runtime_env(worker.runtime_env.as_ref(), own.as_ref())
-            },
+            runtime_env: worker.runtime_env_of(&options.resources)?,
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
         // Asked again while the head restarts: it answers a create it already took with

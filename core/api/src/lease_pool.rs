@@ -90,6 +90,16 @@ impl ShapePool {
 }
 
 impl CoreWorker {
+    /// The runtime environment a task or actor with `options` runs inside: its own over
+    /// the one this process runs inside (`None`: the job's).
+    pub(crate) fn runtime_env_of(
+        &self,
+        options: &TaskOptions,
+    ) -> IonetResult<Option<ionet_common::rpc::proto::common::RuntimeEnv>> {
+        let own = options.runtime_env.as_ref().map(ionet_common::jobs::task_runtime_env).transpose()?;
+        Ok(ionet_common::jobs::merged_runtime_env(self.runtime_env.as_ref(), own.as_ref()))
+    }
+
     pub(crate) fn pool(
         &self,
         demand: &ResourceSet,
@@ -98,8 +108,7 @@ impl CoreWorker {
     ) -> IonetResult<Arc<ShapePool>> {
         let bundle = options.placement_group;
         let (strategy, labels) = (&options.scheduling_strategy, &options.label_selector);
-        let own = options.runtime_env.as_ref().map(ionet_common::jobs::task_runtime_env).transpose()?;
-        let runtime_env = ionet_common::jobs::merged_runtime_env(self.runtime_env.as_ref(), own.as_ref());
+        let runtime_env = self.runtime_env_of(options)?;
         let env_name = runtime_env.as_ref().map(ionet_common::jobs::runtime_env_json).unwrap_or_default();
         let key = format!("{demand}|{strategy:?}|{labels:?}|{bundle:?}|{max_calls:?}|{env_name}");
         if let Some(pool) = self.pools.get(&key) {

@@ -34,23 +34,13 @@ pub(crate) async fn apply(gcs: &mut GcsClient, runtime_env: &Value, command: &mu
     // Its shape first: nothing is uploaded for an environment that is refused anyway.
     env_vars_of(runtime_env)?;
     let mut uploaded = runtime_env.clone();
-    let excludes = match runtime_env.get("excludes") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(patterns)) => patterns
-            .iter()
-            .map(|pattern| {
-                pattern.as_str().map(str::to_string).ok_or_else(|| {
-                    IonetError::InvalidArgument(format!("runtime_env excludes holds {pattern}, not a string"))
-                })
-            })
-            .collect::<IonetResult<_>>()?,
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
-        }
-    };
+    let excludes = ionet_common::jobs::excludes_of(runtime_env)?;
     if let Some(Value::String(dir)) = uploaded.get_mut("working_dir") {
         if !dir.starts_with(PACKAGE_URI_SCHEME) {
-            *dir = upload(gcs, Path::new(dir.as_str()), &excludes, false).await?;
+            *dir = match submitted_working_dir(dir, command) {
+                Some(uri) => uri,
+                None => upload(gcs, Path::new(dir.as_str()), &excludes, false).await?,
+            };
         }
     }
     if let Some(Value::Array(modules)) = uploaded.get_mut("py_modules") {
@@ -67,6 +57,17 @@ pub(crate) async fn apply(gcs: &mut GcsClient, runtime_env: &Value, command: &mu
     command.env.extend(env_vars);
     command.packages = merged(command.packages.take(), packages, &uploaded);
     Ok(())
+}
+
+/// The submission's working dir package when `dir` is where this entrypoint runs (its
+/// unpacked copy: `init(runtime_env={"working_dir": "."})` in a submitted program, which
+/// uploads nothing).
+fn submitted_working_dir(dir: &str, command: &WorkerCommand) -> Option<String> {
+    let here = std::env::var_os(ionet_worker::entrypoints::WORKING_DIR_ENV)?;
+    let shipped =
+        command.packages.as_ref().map(|packages| packages.working_dir.clone()).filter(|uri| !uri.is_empty())?;
+    let same = std::fs::canonicalize(dir).ok()? == std::fs::canonicalize(here).ok()?;
+    same.then_some(shipped)
 }
 
 /// `before` (a submission's packages) with what `runtime_env` names replacing it, key by

@@ -147,11 +147,7 @@ pub fn env_vars_of(
                         "runtime_env env_vars[{name:?}] must be a string, not {value}"
                     )));
                 };
-                if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
-                    return Err(IonetError::InvalidArgument(format!(
-                        "runtime_env env_vars has an invalid variable {name:?}"
-                    )));
-                }
+                check_env_var(name, value)?;
                 env.insert(name.clone(), value.clone());
             }
         }
@@ -195,12 +191,7 @@ pub fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> 
             return Err(IonetError::InvalidArgument(format!("runtime_env py_modules must be a list, not {other}")))
         }
     }
-    match runtime_env.get("excludes") {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Array(_)) => {}
-        Some(other) => {
-            return Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}")))
-        }
-    }
+    excludes_of(runtime_env)?;
     for tool in ["pip", "uv"] {
         let (requirements, options) = match runtime_env.get(tool) {
             None | Some(serde_json::Value::Null) => continue,
@@ -233,6 +224,23 @@ pub fn packages_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> 
     }
     check_pip(&packages)?;
     Ok(packages)
+}
+
+/// A variable a runtime environment may set.
+fn check_env_var(name: &str, value: &str) -> IonetResult<()> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+        return Err(IonetError::InvalidArgument(format!("runtime_env env_vars has an invalid variable {name:?}")));
+    }
+    Ok(())
+}
+
+/// A runtime environment's `excludes` (patterns its uploader left out of the packages).
+pub fn excludes_of(runtime_env: &serde_json::Map<String, serde_json::Value>) -> IonetResult<Vec<String>> {
+    match runtime_env.get("excludes") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(list @ serde_json::Value::Array(_)) => strings("excludes", list),
+        Some(other) => Err(IonetError::InvalidArgument(format!("runtime_env excludes must be a list, not {other}"))),
+    }
 }
 
 /// A runtime environment's list of strings under `key`.
@@ -303,9 +311,7 @@ pub fn runtime_env_json(runtime_env: &RuntimeEnv) -> String {
 /// first: a request carries it.
 pub fn apply_runtime_env(command: &mut WorkerCommand, runtime_env: &RuntimeEnv) -> IonetResult<()> {
     for (name, value) in &runtime_env.env_vars {
-        if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
-            return Err(IonetError::InvalidArgument(format!("runtime_env env_vars has an invalid variable {name:?}")));
-        }
+        check_env_var(name, value)?;
     }
     if let Some(packages) = runtime_env.packages.as_ref().filter(|packages| !packages.pip.is_empty()) {
         if !packages.working_dir.is_empty() || !packages.py_modules.is_empty() {

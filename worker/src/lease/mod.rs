@@ -141,6 +141,8 @@ const MAX_STARTS_PER_GRANT: u32 = 3;
 
 /// A request waiting this long (then twice as long, and so on) logs what the node holds.
 const LONG_WAIT: Duration = Duration::from_secs(10);
+/// How long a request spilled here waits before it may be spilled on again.
+const RESPILL_AFTER: Duration = Duration::from_secs(2);
 
 /// How often, at most, waiting requests press the holders of this node's leases.
 const PRESS_INTERVAL: Duration = Duration::from_millis(20);
@@ -689,7 +691,11 @@ impl Leases {
             let step = match &bundle {
                 Some(key) => self.decide_bundle(key, &demand),
                 None => {
-                    self.decide(&demand, &strategy, &selectors, request.no_spillback, ticket, request.depth, &avoid)
+                    // A request another node sent here stays, unless it waited long enough
+                    // for the views to have moved on (two requests spilled here at once on
+                    // one stale view, while another node sits free, go on there).
+                    let pinned = request.no_spillback && since.elapsed() < RESPILL_AFTER;
+                    self.decide(&demand, &strategy, &selectors, pinned, ticket, request.depth, &avoid)
                 }
             };
             match step {
@@ -901,7 +907,6 @@ impl Leases {
         Ok(())
     }
 
-    /// The output files of `job`'s workers started here (pid, path), oldest first.
     /// The pid of `job`'s worker serving at `address` here, if it runs.
     pub fn pid_of_worker_at(&self, job: JobId, address: &str) -> Option<u32> {
         let job = job.to_vec();
@@ -909,6 +914,7 @@ impl Leases {
         state.processes.values().find(|process| process.address == address && process.key.job_id == job).map(|p| p.pid)
     }
 
+    /// The output files of `job`'s workers started here (pid, path), oldest first.
     pub fn job_log_files(&self, job: JobId) -> Vec<(u32, std::path::PathBuf)> {
         self.job_logs.get(&job).map(|files| files.clone()).unwrap_or_default()
     }

@@ -118,6 +118,9 @@ impl Leases {
         let mut process = tokio::process::Command::new(&command.argv[0]);
         process
             .args(&command.argv[1..])
+            // A runtime environment the daemon itself ran in is not its workers' (theirs is
+            // in the command when they have one of their own).
+            .env_remove(ionet_common::worker_env::RUNTIME_ENV)
             .envs(&command.env)
             .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
             // Secrets the daemon itself was started with are not its workers' to inherit.
