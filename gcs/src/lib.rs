@@ -55,6 +55,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod submissions;
+pub mod task_events;
 
 pub use error::{GcsError, GcsResult};
 pub use metering::{Metering, MeteringOptions};

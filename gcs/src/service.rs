@@ -36,6 +36,8 @@ pub struct GcsService {
     tls: Option<HeadTls>,
     /// Submitted jobs: a submission's credential starts jobs only while it runs.
     submissions: Arc<Submissions>,
+    /// Tasks as their owners reported them (the state API).
+    tasks: crate::task_events::TaskTable,
 }
 
 impl GcsService {
@@ -47,7 +49,16 @@ impl GcsService {
         tls: Option<HeadTls>,
         submissions: Arc<Submissions>,
     ) -> Self {
-        Self { state, placement_groups, actors, issuer, node_credentials: dashmap::DashMap::new(), tls, submissions }
+        Self {
+            state,
+            placement_groups,
+            actors,
+            issuer,
+            node_credentials: dashmap::DashMap::new(),
+            tls,
+            submissions,
+            tasks: crate::task_events::TaskTable::new(crate::task_events::MAX_TASKS),
+        }
     }
 
     /// The intermediate certificate a registering node asked for (empty: it did not ask,
@@ -543,6 +554,41 @@ impl Gcs for GcsService {
         let name = name.ok_or_else(|| Status::invalid_argument("an upload of a package carried no chunk"))?;
         self.submissions.packages().put(&account, &name, bytes.into()).await?;
         Ok(Response::new(PutPackageReply {}))
+    }
+
+    async fn add_task_events(
+        &self,
+        request: Request<AddTaskEventsRequest>,
+    ) -> Result<Response<AddTaskEventsReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let Principal::Job { job, account } = &principal else {
+            return Err(Status::permission_denied(format!("{principal} owns no tasks to report")));
+        };
+        let request = request.into_inner();
+        // A job reports its own tasks only.
+        if let Some(other) = request.events.iter().find(|event| event.job_id != job.to_vec()) {
+            return Err(Status::permission_denied(format!(
+                "job {job} may report its own tasks only, not one of job {}",
+                hex::encode(&other.job_id)
+            )));
+        }
+        self.tasks.add(account, request.events, request.dropped);
+        Ok(Response::new(AddTaskEventsReply {}))
+    }
+
+    async fn list_tasks(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let state = TaskState::try_from(request.state).unwrap_or(TaskState::Unspecified);
+        let limit = if request.limit == 0 { 10_000 } else { request.limit as usize };
+        let listing =
+            self.tasks.list(|account| principal.sees_account(account), &request.job_id, state, &request.name, limit);
+        Ok(Response::new(ListTasksReply {
+            tasks: listing.rows,
+            total: listing.total,
+            dropped_events: listing.dropped_events,
+            forgotten_tasks: listing.forgotten_tasks,
+        }))
     }
 
     type SubscribeStream = EventStream;

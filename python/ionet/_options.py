@@ -147,6 +147,7 @@ _RESOURCE_OPTIONS = {
 
 _TASK_OPTIONS = {
     **_RESOURCE_OPTIONS,
+    "name": _string,
     "max_retries": _integer(-1),
     "retry_exceptions": _retry_exceptions,
     "max_calls": _integer(0),

@@ -82,7 +82,9 @@ class RemoteFunction:
         self._options = options
         checked, self._num_returns = _options.task_options(options)
         streams = self._num_returns in (_generator.STREAMING, _generator.DYNAMIC)
-        self._native_options = _options.native(checked, generator=streams)
+        # What the state API and the timeline call its tasks (Ray: the function's name).
+        named = {"name": getattr(function, "__qualname__", getattr(function, "__name__", "task")), **checked}
+        self._native_options = _options.native(named, generator=streams)
         self._context = capture_options(options)
         assigned = _options.assigned_resources(options)
         if assigned is not None:

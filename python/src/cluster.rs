@@ -218,3 +218,23 @@ pub(crate) fn runtime_context(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("is_worker", context.is_worker)?;
     Ok(dict)
 }
+
+/// Tasks of this job's account as the head last heard of them (`ionet.util.state`), as
+/// JSON: a list of Ray's `list_tasks` rows.
+#[pyfunction]
+#[pyo3(signature = (job = None, state = None, name = None, limit = 0))]
+pub(crate) fn list_tasks(
+    py: Python<'_>,
+    job: Option<String>,
+    state: Option<String>,
+    name: Option<String>,
+    limit: u32,
+) -> PyResult<String> {
+    let rows = py
+        .detach(move || {
+            let job = job.map(|job| job.parse::<ionet::JobId>()).transpose()?;
+            ionet::state::list_tasks(ionet::state::TaskFilter { job, state, name, limit })
+        })
+        .or_raise()?;
+    serde_json::to_string(&rows).map_err(|err| PyValueError::new_err(err.to_string()))
+}

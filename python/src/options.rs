@@ -102,6 +102,8 @@ impl Options {
                         Ok::<_, ionet::IonetError>(value)
                     })
                     .transpose()?,
+                // A task's name (an actor's names the actor, below).
+                name: if actor { None } else { name.clone().filter(|name| !name.is_empty()) },
             };
             // Parsed now, so a bad selector fails the `.options()` call naming it.
             task.wire_strategy()?;

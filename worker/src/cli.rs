@@ -20,6 +20,11 @@ pub enum Command {
     /// List cluster state: `ionet list actors`.
     #[command(subcommand)]
     List(ListCommand),
+    /// Counts of the cluster's state: `ionet summary tasks [--job J]`.
+    #[command(subcommand)]
+    Summary(SummaryCommand),
+    /// Tasks that ran, as a Chrome trace (open in Perfetto): `ionet timeline --job J -o trace.json`.
+    Timeline(crate::state_commands::TimelineArgs),
     /// Stop the daemons this machine started (found through the session directory).
     Stop(StopArgs),
     /// Give a node notice to leave: `ionet drain --node 3f2a --deadline 60s`. It takes no
@@ -415,6 +420,15 @@ pub struct UsageArgs {
 pub enum ListCommand {
     /// Actors: state, node, resources, restarts, cause of death.
     Actors(ListActorsArgs),
+    /// Tasks as their owners reported them: state, node, attempt, why one waits, what one
+    /// failed with (`--job J --state FAILED --json`).
+    Tasks(crate::state_commands::ListTasksArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SummaryCommand {
+    /// How many tasks of each name are in each state.
+    Tasks(crate::state_commands::TaskFilterArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -553,6 +567,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => commands::start(args),
         Command::Status(args) => commands::status(args),
         Command::List(ListCommand::Actors(args)) => commands::list_actors(args),
+        Command::List(ListCommand::Tasks(args)) => crate::state_commands::list_tasks(args),
+        Command::Summary(SummaryCommand::Tasks(args)) => crate::state_commands::summary_tasks(args),
+        Command::Timeline(args) => crate::state_commands::timeline(args),
         Command::Stop(args) => commands::stop(args),
         Command::Drain(args) => commands::drain(args),
         Command::Logs(args) => commands::logs(args),

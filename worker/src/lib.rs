@@ -30,4 +30,5 @@ pub mod packages;
 pub mod pip_envs;
 pub mod quote_command;
 pub mod session;
+pub mod state_commands;
 pub mod status;

@@ -520,6 +520,8 @@ pub fn shutdown() {
             follower.finish(LOG_FLUSH_PATIENCE).await;
         }
         worker.return_idle_leases(true, Duration::ZERO).await;
+        // The head hears how this driver's tasks ended before the job is finished.
+        worker.task_events.flush(Duration::from_secs(2)).await;
         // The head hears the returns from the holder before the job is marked finished.
         worker.held.flush(Duration::from_secs(2)).await;
         if let Ok(mut gcs) = rpc::gcs_client(&worker.gcs_address, &worker.credential).await {

@@ -29,6 +29,7 @@ use ionet_common::{IonetError, ObjectId};
 
 use crate::options::{SchedulingStrategy, TaskOptions};
 use crate::runtime::{self, CoreWorker, ObjectState, TaskSpec};
+use ionet_common::rpc::proto::gcs::TaskState;
 
 /// Tasks run here inside one another at most this deep on the executor thread (each
 /// level is a few frames of its large stack), and on other threads (a short Rust task
@@ -109,7 +110,19 @@ pub(crate) fn run_waited_tasks(worker: &Arc<CoreWorker>, ids: impl DoubleEndedIt
         }
         NESTING.with(|nesting| nesting.set(nesting.get() + 1));
         worker.inline_running.insert(id, spec.task_id);
+        let here = |event: &mut ionet_common::rpc::proto::gcs::TaskEvent| {
+            event.node_id = worker.node_id.to_vec();
+            event.worker_address = worker.address.to_string();
+        };
+        worker.task_events.record(spec.task_id, TaskState::Running, here);
         let state = run_here(worker, &spec);
+        match &state {
+            ObjectState::Failed(error) => worker.task_events.record(spec.task_id, TaskState::Failed, |event| {
+                here(event);
+                event.error = error.to_string();
+            }),
+            _ => worker.task_events.record(spec.task_id, TaskState::Finished, here),
+        }
         worker.inline_running.remove(&id);
         NESTING.with(|nesting| nesting.set(nesting.get() - 1));
         spec.entry.settle(state);

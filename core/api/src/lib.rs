@@ -59,8 +59,10 @@ mod runtime;
 mod runtime_env;
 mod service;
 mod slots;
+pub mod state;
 mod submit;
 pub mod task;
+mod task_events;
 mod task_stream;
 pub mod testing;
 

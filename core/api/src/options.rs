@@ -119,6 +119,9 @@ pub struct TaskOptions {
     /// starts): `env_vars` (merged, its own winning) and `pip` / `uv` requirements
     /// (replacing the job's). Its workers run inside it and serve nothing else.
     pub runtime_env: Option<serde_json::Value>,
+    /// What the state API and the timeline call the task (Ray's task `name`; default:
+    /// its function's).
+    pub name: Option<String>,
 }
 
 impl Default for TaskOptions {
@@ -136,11 +139,18 @@ impl Default for TaskOptions {
             label_selector: BTreeMap::new(),
             placement_group: None,
             runtime_env: None,
+            name: None,
         }
     }
 }
 
 impl TaskOptions {
+    /// See [`TaskOptions::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// See [`TaskOptions::runtime_env`] (e.g. `json!({"env_vars": {"MODE": "eval"}})`).
     pub fn runtime_env(mut self, runtime_env: serde_json::Value) -> Self {
         self.runtime_env = Some(runtime_env);

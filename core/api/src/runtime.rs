@@ -126,6 +126,8 @@ pub(crate) struct CoreWorker {
     pub(crate) generators: DashMap<ObjectId, Arc<crate::generator::GeneratorState>>,
     /// The holder's word on this process's leases, for the head's metering.
     pub(crate) held: crate::held::HeldLeases,
+    /// What this process sees of the tasks it submits, for the head's state API.
+    pub(crate) task_events: crate::task_events::TaskEvents,
     /// How this process's stored task returns were made, to make them again if lost.
     pub(crate) lineage: crate::lineage::Lineage,
     /// Objects lent to this process by the workers that own them, and lent by it.
@@ -269,6 +271,12 @@ impl CoreWorker {
                 gcs_address.clone(),
                 credential.clone(),
                 job_id,
+            ),
+            task_events: crate::task_events::TaskEvents::start(
+                tokio_runtime().handle(),
+                gcs_address.clone(),
+                credential.clone(),
+                job_id.to_vec(),
             ),
             lineage: crate::lineage::Lineage::default(),
             borrows: crate::borrows::Borrows::default(),

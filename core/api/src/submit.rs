@@ -16,6 +16,7 @@ use crate::lineage::Recipe;
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::TaskOptions;
 use crate::runtime::{current_or_panic, CoreWorker, ObjectEntry, ObjectState};
+use ionet_common::rpc::proto::gcs::TaskState;
 
 pub(crate) struct TaskSpec {
     pub(crate) task_id: TaskId,
@@ -110,10 +111,22 @@ pub(crate) fn submit_task<R>(
     if stealable {
         worker.stealable.insert(return_id, spec.clone());
     }
+    let name = spec.options.name.clone().unwrap_or_else(|| spec.function.to_string());
+    if spec.args_ready(&worker) {
+        worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
+            event.name = name;
+            event.reason = waiting_reason(&spec.options);
+        });
+    } else {
+        worker.task_events.record(spec.task_id, TaskState::PendingArgsAvail, |event| {
+            event.name = name;
+            event.reason = "waiting for its arguments (objects other tasks make)".into();
+        });
+    }
     let runner = worker.clone();
     worker.handle.spawn(async move {
         match execute(&runner, &spec).await {
-            Ok(None) => {} // run by this process while it waited: settled there
+            Ok(None) => {} // run by this process while it waited: settled (and recorded) there
             Ok(Some(state)) => {
                 let stored = matches!(state, ObjectState::Stored(_));
                 spec.entry.settle(state);
@@ -131,6 +144,7 @@ pub(crate) fn submit_task<R>(
                 }
             }
             Err(error) => {
+                runner.task_events.record(spec.task_id, TaskState::Failed, |event| event.error = error.to_string());
                 spec.entry.settle(ObjectState::Failed(Arc::new(error)));
             }
         }
@@ -251,6 +265,17 @@ pub(crate) fn reconstruct(
     })
 }
 
+/// Why a task with `options` waits for a lease (what it asks for).
+fn waiting_reason(options: &TaskOptions) -> String {
+    match options.demand() {
+        Ok(demand) => match &options.accelerator_type {
+            Some(model) => format!("waiting for a worker lease of {demand} on a {model} node"),
+            None => format!("waiting for a worker lease of {demand}"),
+        },
+        Err(_) => "waiting for a worker lease".into(),
+    }
+}
+
 /// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
 /// `None` when this process ran it itself meanwhile (see `crate::inline`).
 async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
@@ -261,8 +286,18 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
     let mut claimed = false;
     // Leases found dead before a push, in a row: a few are free, then each costs an attempt.
     let mut dead_before_push = 0u32;
+    // Whether the state API heard it waits for a lease (its submission said so when its
+    // arguments were ready then).
+    let mut told_waiting = spec.args_ready(worker);
     loop {
         let args = resolve_args(worker, spec).await?;
+        if !told_waiting {
+            worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
+                event.attempt = attempt;
+                event.reason = waiting_reason(&spec.options);
+            });
+            told_waiting = true;
+        }
         let estimate = pool.estimate(spec.profile);
         let Some(lease) = worker.acquire(&pool, estimate, spec, !claimed).await? else {
             return Ok(None); // run by this process while it waited: settled there
@@ -316,6 +351,11 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
             sequence: 0,
             depth: spec.depth,
         };
+        worker.task_events.record(spec.task_id, TaskState::Running, |event| {
+            event.attempt = attempt;
+            event.node_id = lease.node_id.clone();
+            event.worker_address = lease.worker_address.clone();
+        });
         let pushed = lease.tasks.push(request).await;
         worker.running_tasks.remove(&spec.return_id);
         if spec.entry.is_settled() {
@@ -341,6 +381,14 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
                 }
                 worker.release(&pool, &lease, estimate);
                 worker.retire_if_spent(&pool, &lease).await;
+                if !matches!(reply.result, Some(push_task_reply::Result::Failure(_)) | None) {
+                    worker.task_events.record(spec.task_id, TaskState::Finished, |event| {
+                        event.attempt = attempt;
+                        event.node_id = lease.node_id.clone();
+                        event.worker_address = lease.worker_address.clone();
+                        event.run_us = reply.run_micros;
+                    });
+                }
                 match reply.result {
                     Some(push_task_reply::Result::Inline(bytes)) => {
                         return Ok(Some(ObjectState::Inline(Arc::new(bytes))))
@@ -350,6 +398,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
                         let retryable = failure.kind != task_failure::Kind::FinalError as i32;
                         if spec.options.retry_exceptions && retryable && attempt < spec.options.max_retries {
                             attempt += 1;
+                            told_waiting = false;
                             continue;
                         }
                         return Err(crate::task::task_failed(failure.function_name.clone(), failure));
@@ -366,6 +415,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
                 }
                 if attempt < spec.options.max_retries {
                     attempt += 1;
+                    told_waiting = false;
                     tracing::warn!(task = %spec.task_id.short(), function = spec.function, attempt, error = %status.message(), "worker failed; retrying the task");
                     continue;
                 }

@@ -779,6 +779,105 @@ impl Crier {
     }
 }
 
+/// Holds its resources until `path` exists (at most 60 s).
+#[ionet::remote]
+fn hold_until(path: String) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&path).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    1
+}
+
+/// Set in a re-executed test binary that plays the driver whose tasks the state API lists
+/// (its value: the session, then the file that ends it).
+const STATE_DRIVER_ENV: &str = "IONET_TEST_STATE_DRIVER";
+
+/// 1,000 tasks on two nodes (100 of them named `ping`), one that fails, one holding the
+/// only GPU and one waiting for it; says `ready`, then waits for `release` to exist.
+fn state_driver(session: &str, release: &str) {
+    let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
+    ionet::init(config.address("auto")).unwrap();
+    println!("job {}", ionet::get_runtime_context().unwrap().job_id.hex());
+    let spread = || TaskOptions::default().scheduling_strategy(SchedulingStrategy::Spread);
+    let squares: Vec<_> = (0..900).map(|x| square::options(spread()).remote(x)).collect();
+    let pings: Vec<_> = (0..100).map(|x| square::options(spread().name("ping")).remote(x)).collect();
+    ionet::get_all(&squares).unwrap();
+    ionet::get_all(&pings).unwrap();
+    assert!(ionet::get_timeout(&boom::remote("the model diverged".to_string()), Duration::from_secs(60)).is_err());
+    let gpu = || TaskOptions::default().num_gpus(1.0).num_cpus(0.0);
+    let holder = hold_until::options(gpu()).remote(release.to_string());
+    let waiter = hold_until::options(gpu().name("gpu waiter")).remote(release.to_string());
+    println!("ready");
+    ionet::get_timeout(&holder, Duration::from_secs(90)).unwrap();
+    ionet::get_timeout(&waiter, Duration::from_secs(90)).unwrap();
+    ionet::shutdown();
+}
+
+/// The state API on a running two-node cluster: `ionet list tasks` lists a job's 1,000
+/// tasks finished on both nodes, a failed one with its error, one waiting for the GPU
+/// another holds with that reason; `ionet summary tasks` counts them; `ionet timeline`
+/// writes 100 `ping` slices on two nodes as Chrome trace JSON.
+fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
+    cluster.add_node(&["--num-cpus", "2", "--num-gpus", "1", "--gpu-type", "A100-80GB", "--labels", "name=b"]);
+    let release = temp_path("release");
+    let mut driver = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(STATE_DRIVER_ENV, format!("{}\n{}", cluster.session().display(), release.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(driver.stdout.take().unwrap()));
+    let job = lines.next().unwrap().unwrap().strip_prefix("job ").expect("the driver names its job").to_string();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+
+    let list = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let args: Vec<&str> =
+            ["list", "tasks", "--job", job.as_str(), "--json"].iter().copied().chain(extra.iter().copied()).collect();
+        serde_json::from_str(&cluster.ionet(&args)).unwrap()
+    };
+    // Events reach the head within a second or two of happening.
+    wait_until("the waiting GPU task listed", Duration::from_secs(30), || {
+        list(&["--state", "PENDING_NODE_ASSIGNMENT"]).len() == 1 && list(&["--state", "FINISHED"]).len() == 1_000
+    });
+    let finished = list(&["--state", "FINISHED"]);
+    let nodes: BTreeSet<&str> = finished.iter().map(|task| task["node_id"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "finished on both nodes");
+    assert!(finished.iter().all(|task| task["start_time_ms"].as_u64() <= task["end_time_ms"].as_u64()));
+    let waiting = &list(&["--state", "PENDING_NODE_ASSIGNMENT"])[0];
+    assert_eq!(waiting["name"], "gpu waiter");
+    assert!(waiting["pending_reason"].as_str().unwrap().contains("GPU: 1"), "{waiting}");
+    let failed = list(&["--state", "FAILED"]);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["name"], "tasks::boom", "a Rust task is named by its function's path");
+    assert!(failed[0]["error_message"].as_str().unwrap().contains("the model diverged"), "{}", failed[0]);
+    let running = list(&["--state", "RUNNING"]);
+    assert_eq!(running.len(), 1, "the GPU holder runs: {running:?}");
+
+    let summary = cluster.ionet(&["summary", "tasks", "--job", &job]);
+    assert!(summary.contains("FINISHED: 900") && summary.contains("FINISHED: 100"), "{summary}");
+    let trace_path = temp_path("trace.json");
+    let trace_file = trace_path.to_string_lossy().into_owned();
+    cluster.ionet(&["timeline", "--job", &job, "--name", "ping", "-o", &trace_file]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
+    let slices: Vec<&serde_json::Value> =
+        trace["traceEvents"].as_array().unwrap().iter().filter(|event| event["ph"] == "X").collect();
+    assert_eq!(slices.len(), 100);
+    let pids: BTreeSet<u64> = slices.iter().map(|slice| slice["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), 2, "slices on two nodes");
+    assert!(slices.iter().all(|slice| slice["name"] == "ping" && slice["dur"].is_u64()));
+
+    // Another account sees none of it.
+    let created: serde_json::Value =
+        serde_json::from_str(&cluster.ionet(&["account", "create", "rival", "--json"])).unwrap();
+    let rival = created["api_key"].as_str().unwrap();
+    let theirs = cluster.ionet(&["list", "tasks", "--job", &job, "--json", "--credential", rival]);
+    assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&theirs).unwrap().len(), 0);
+    std::fs::write(&release, "go").unwrap();
+    assert!(driver.wait().unwrap().success());
+}
+
 /// Set in a re-executed test binary that plays a driver whose output is read.
 const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
 
@@ -861,6 +960,11 @@ fn what_tasks_print_reaches_the_driver_prefixed_and_folded() {
 
 fn main() {
     ionet::testing::run_worker_if_requested();
+    if let Ok(given) = std::env::var(STATE_DRIVER_ENV) {
+        let (session, release) = given.split_once('\n').unwrap();
+        state_driver(session, release);
+        std::process::exit(0);
+    }
     if let Ok(session) = std::env::var(PRINTING_DRIVER_ENV) {
         printing_driver(session);
         std::process::exit(0);
@@ -871,6 +975,10 @@ fn main() {
             (
                 "what_tasks_print_reaches_the_driver_prefixed_and_folded",
                 what_tasks_print_reaches_the_driver_prefixed_and_folded,
+            ),
+            (
+                "the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons",
+                the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons,
             ),
             (
                 "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",

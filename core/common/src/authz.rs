@@ -269,6 +269,10 @@ pub const TABLE: &[Rule] = &[
     // A driver's init uploads its account's packages: its account's key (as the job server).
     row("/ionet.gcs.Gcs/HasPackage", Access::Submit),
     row("/ionet.gcs.Gcs/PutPackage", Access::Submit),
+    // Task events: a job's own processes report their own job's tasks (the handler checks
+    // which job); anyone reads, the handler keeping each to its account's tasks.
+    row("/ionet.gcs.Gcs/AddTaskEvents", Access::Job),
+    row("/ionet.gcs.Gcs/ListTasks", Access::Read),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),

@@ -1,0 +1,62 @@
+"""The state API, as Ray's `ray.util.state`: the tasks of this job's account as the head
+last heard of them (their owners report them, batched, within about a second).
+
+    from ionet.util.state import list_tasks, summarize_tasks
+    list_tasks(filters=[("state", "=", "FAILED")])
+
+Each task is a dict with Ray's fields: `task_id`, `job_id`, `name`,
+`func_or_class_name`, `state`, `type`, `attempt_number`, `node_id`, `error_message`,
+plus ionet's `worker_address` and `pending_reason` (why a task waits), and
+`creation_time_ms`, `start_time_ms`, `end_time_ms`. Actor tasks are not listed yet.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ionet import _core, _ionet
+
+# Filters the head applies (with "="); any other is applied here.
+_HEAD_FILTERS = {"job_id": "job", "state": "state", "name": "name"}
+
+
+def list_tasks(
+    filters: Optional[Sequence[Tuple[str, str, Any]]] = None,
+    limit: int = 10_000,
+    detail: bool = False,
+    **_ray_options: Any,
+) -> List[Dict[str, Any]]:
+    """Tasks matching `filters` (Ray's `(key, "=" or "!=", value)` triples), oldest first,
+    at most `limit`. `detail` and Ray's other options are accepted; every field is given."""
+    _core.ensure_initialized()
+    asked: Dict[str, Any] = {}
+    local = []
+    for key, predicate, value in filters or []:
+        if predicate not in ("=", "!="):
+            raise ValueError(f"filter predicate {predicate!r} is not supported: use '=' or '!='")
+        if predicate == "=" and key in _HEAD_FILTERS and _HEAD_FILTERS[key] not in asked:
+            asked[_HEAD_FILTERS[key]] = str(value)
+        else:
+            local.append((key, predicate, value))
+    # Filtered here too: the head's limit is only safe when nothing is left to filter here.
+    rows = json.loads(_ionet.list_tasks(limit=0 if local else int(limit), **asked))
+    for key, predicate, value in local:
+        rows = [row for row in rows if (str(row.get(key)) == str(value)) == (predicate == "=")]
+    return rows[: int(limit)]
+
+
+def get_task(task_id: str) -> Optional[Dict[str, Any]]:
+    """The task of this id (hex), or None."""
+    return next((row for row in list_tasks() if row["task_id"] == task_id), None)
+
+
+def summarize_tasks(**_ray_options: Any) -> Dict[str, Any]:
+    """Tasks counted by name and state, in Ray's shape:
+    `{"cluster": {"summary": {name: {"state_counts": {...}, "type": ...}}, "total_tasks": N}}`."""
+    summary: Dict[str, Dict[str, Any]] = {}
+    rows = list_tasks()
+    for row in rows:
+        entry = summary.setdefault(row["name"], {"func_or_class_name": row["name"], "type": row["type"], "state_counts": {}})
+        entry["state_counts"][row["state"]] = entry["state_counts"].get(row["state"], 0) + 1
+    return {"cluster": {"summary": summary, "total_tasks": len(rows)}}
