@@ -37,7 +37,7 @@ pub struct GcsService {
     /// Submitted jobs: a submission's credential starts jobs only while it runs.
     submissions: Arc<Submissions>,
     /// Tasks as their owners reported them (the state API).
-    tasks: crate::task_events::TaskTable,
+    tasks: Arc<crate::task_events::TaskTable>,
 }
 
 impl GcsService {
@@ -49,6 +49,25 @@ impl GcsService {
         tls: Option<HeadTls>,
         submissions: Arc<Submissions>,
     ) -> Self {
+        let tasks = Arc::new(crate::task_events::TaskTable::new(
+            crate::task_events::MAX_TASKS,
+            crate::task_events::MAX_TASKS_PER_ACCOUNT,
+        ));
+        // However a job ends (its driver said so, or died), its tasks still open end too.
+        let mut events = state.subscribe();
+        let ended = Arc::downgrade(&tasks);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ClusterEvent { event: Some(cluster_event::Event::JobFinished(job)), .. }) => {
+                        let Some(tasks) = ended.upgrade() else { return };
+                        tasks.end_job(&job.job_id, now_us());
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         Self {
             state,
             placement_groups,
@@ -57,7 +76,7 @@ impl GcsService {
             node_credentials: dashmap::DashMap::new(),
             tls,
             submissions,
-            tasks: crate::task_events::TaskTable::new(crate::task_events::MAX_TASKS),
+            tasks,
         }
     }
 
@@ -565,8 +584,18 @@ impl Gcs for GcsService {
             return Err(Status::permission_denied(format!("{principal} owns no tasks to report")));
         };
         let request = request.into_inner();
+        if request.events.len() > crate::task_events::MAX_EVENTS_PER_REPORT {
+            return Err(Status::invalid_argument(format!(
+                "a report carries at most {} task events, not {}",
+                crate::task_events::MAX_EVENTS_PER_REPORT,
+                request.events.len()
+            )));
+        }
+        if let Some(bad) = request.events.iter().find(|event| event.task_id.len() != ionet_common::TaskId::LEN) {
+            return Err(Status::invalid_argument(format!("{} is no task id", hex::encode(&bad.task_id))));
+        }
         // A job reports its own tasks only.
-        if let Some(other) = request.events.iter().find(|event| event.job_id != job.to_vec()) {
+        if let Some(other) = request.events.iter().find(|event| event.job_id != job.as_bytes()) {
             return Err(Status::permission_denied(format!(
                 "job {job} may report its own tasks only, not one of job {}",
                 hex::encode(&other.job_id)
@@ -580,9 +609,17 @@ impl Gcs for GcsService {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
         let state = TaskState::try_from(request.state).unwrap_or(TaskState::Unspecified);
-        let limit = if request.limit == 0 { 10_000 } else { request.limit as usize };
+        let limit = if request.limit == 0 { 10_000 } else { (request.limit as usize).min(10_000) };
+        // A job's credential (a provider's node holds it) reads its own job's tasks only.
+        let mut job_filter = request.job_id.clone();
+        if let Principal::Job { job, .. } = &principal {
+            if !job_filter.is_empty() && job_filter != job.as_bytes() {
+                return Ok(Response::new(ListTasksReply::default()));
+            }
+            job_filter = job.to_vec();
+        }
         let listing =
-            self.tasks.list(|account| principal.sees_account(account), &request.job_id, state, &request.name, limit);
+            self.tasks.list(|account| principal.sees_account(account), &job_filter, state, &request.name, limit);
         Ok(Response::new(ListTasksReply {
             tasks: listing.rows,
             total: listing.total,
@@ -797,4 +834,12 @@ impl Gcs for GcsService {
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }
+}
+
+/// Now, in microseconds since the Unix epoch.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_micros() as u64)
+        .unwrap_or(0)
 }

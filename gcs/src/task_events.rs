@@ -3,20 +3,29 @@
 //! the state API (`Gcs/ListTasks`: `ionet list tasks`, `ionet summary tasks`, `ionet
 //! timeline`).
 //!
-//! Bounded: at most [`MAX_TASKS`] rows; past it the oldest row goes (counted, and shown
-//! beside every listing), as do events senders dropped when their own buffer was full.
-//! Kept in memory only for now: a restarted head starts empty.
+//! Rows are keyed by job and task, so a job's events touch its own rows only. Bounded per
+//! account ([`MAX_TASKS_PER_ACCOUNT`]) and in all ([`MAX_TASKS`]): past a bound the
+//! account's (or the largest account's) oldest row goes, counted for that account; texts
+//! are cut to a bound ([`MAX_TEXT`]), so one tenant's flood costs the others nothing.
+//! Events a sender dropped are counted for its account too. When a job ends, its tasks
+//! still open end as failed. Kept in memory only for now: a restarted head starts empty.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ionet_common::rpc::proto::gcs::{TaskEvent, TaskRow, TaskState};
 
-/// The most tasks the head keeps.
+/// The most tasks the head keeps, and the most of one account's.
 pub const MAX_TASKS: usize = 100_000;
+pub const MAX_TASKS_PER_ACCOUNT: usize = 50_000;
+/// The most events one report may carry (what one sender's batch holds).
+pub const MAX_EVENTS_PER_REPORT: usize = 10_000;
+/// The longest error kept (bytes); names, reasons and addresses are cut to 256.
+pub const MAX_TEXT: usize = 8 * 1024;
+const MAX_SHORT_TEXT: usize = 256;
 
-/// A listing: matching rows (oldest first, at most the limit), how many matched, and what
-/// was lost.
+/// A listing: matching rows (oldest first within an account, at most the limit), how
+/// many matched, and what was lost of the accounts the caller sees.
 pub struct Listing {
     pub rows: Vec<TaskRow>,
     pub total: u64,
@@ -24,54 +33,115 @@ pub struct Listing {
     pub forgotten_tasks: u64,
 }
 
+/// One account's rows, oldest first, and its losses.
 #[derive(Default)]
-struct Inner {
-    /// By task id: the row and its job's account (who may read it).
-    rows: HashMap<Vec<u8>, (TaskRow, String)>,
-    /// Task ids, first heard first.
+struct Account {
     order: VecDeque<Vec<u8>>,
     dropped_events: u64,
     forgotten_tasks: u64,
 }
 
+#[derive(Default)]
+struct Inner {
+    /// By job id and task id: the row and its account.
+    rows: HashMap<Vec<u8>, (TaskRow, Arc<str>)>,
+    accounts: HashMap<Arc<str>, Account>,
+}
+
 pub struct TaskTable {
     capacity: usize,
+    per_account: usize,
     inner: Mutex<Inner>,
 }
 
+fn key(job_id: &[u8], task_id: &[u8]) -> Vec<u8> {
+    [job_id, task_id].concat()
+}
+
+fn is_terminal(state: i32) -> bool {
+    state == TaskState::Finished as i32 || state == TaskState::Failed as i32
+}
+
+/// `text` cut to at most `limit` bytes, on a character boundary.
+fn cut(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 impl TaskTable {
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), inner: Mutex::new(Inner::default()) }
+    pub fn new(capacity: usize, per_account: usize) -> Self {
+        Self { capacity: capacity.max(1), per_account: per_account.max(1), inner: Mutex::new(Inner::default()) }
     }
 
     /// Applies `events` of `account`'s tasks (in the order they happened), and counts the
-    /// `dropped` ones their sender lost.
-    pub fn add(&self, account: &str, events: Vec<TaskEvent>, dropped: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.dropped_events += dropped;
+    /// `dropped` ones their sender lost. Events of unknown states are skipped.
+    pub fn add(&self, account: &Arc<str>, events: Vec<TaskEvent>, dropped: u64) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        let own = inner.accounts.entry(account.clone()).or_default();
+        own.dropped_events = own.dropped_events.saturating_add(dropped);
         for event in events {
-            if !inner.rows.contains_key(&event.task_id) {
-                while inner.rows.len() >= self.capacity {
-                    let Some(oldest) = inner.order.pop_front() else { break };
-                    if inner.rows.remove(&oldest).is_some() {
-                        inner.forgotten_tasks += 1;
-                    }
-                }
+            if TaskState::try_from(event.state).is_err() || event.state == TaskState::Unspecified as i32 {
+                continue;
+            }
+            let key = key(&event.job_id, &event.task_id);
+            if !inner.rows.contains_key(&key) {
+                self.make_room(inner, account);
                 let row = TaskRow {
                     task_id: event.task_id.clone(),
                     job_id: event.job_id.clone(),
                     submitted_us: event.time_us,
                     ..Default::default()
                 };
-                inner.order.push_back(event.task_id.clone());
-                inner.rows.insert(event.task_id.clone(), (row, account.to_string()));
+                inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
+                inner.rows.insert(key.clone(), (row, account.clone()));
             }
-            let Some((row, _)) = inner.rows.get_mut(&event.task_id) else { continue };
-            apply(row, event);
+            if let Some((row, _)) = inner.rows.get_mut(&key) {
+                apply(row, event);
+            }
         }
     }
 
-    /// The rows `sees` lets the caller read (by their account) that match the filters.
+    /// Frees a row for `account`: its own oldest when it holds its share, else the
+    /// largest account's oldest when the table is full.
+    fn make_room(&self, inner: &mut Inner, account: &Arc<str>) {
+        let own = inner.accounts.get(account).map_or(0, |own| own.order.len());
+        let victim = if own >= self.per_account {
+            Some(account.clone())
+        } else if inner.rows.len() >= self.capacity {
+            inner.accounts.iter().max_by_key(|(_, rows)| rows.order.len()).map(|(name, _)| name.clone())
+        } else {
+            None
+        };
+        let Some(victim) = victim else { return };
+        let Some(rows) = inner.accounts.get_mut(&victim) else { return };
+        if let Some(oldest) = rows.order.pop_front() {
+            if inner.rows.remove(&oldest).is_some() {
+                rows.forgotten_tasks += 1;
+            }
+        }
+    }
+
+    /// Ends `job_id`'s tasks still open (its driver ended): failed, saying so.
+    pub fn end_job(&self, job_id: &[u8], time_us: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for (row, _) in inner.rows.values_mut() {
+            if row.job_id == job_id && !is_terminal(row.state) {
+                row.state = TaskState::Failed as i32;
+                row.error = "the job ended before the task did".into();
+                row.reason.clear();
+                row.ended_us = time_us;
+            }
+        }
+    }
+
+    /// The rows of the accounts `sees` lets the caller read that match the filters.
     pub fn list(
         &self,
         sees: impl Fn(&str) -> bool,
@@ -81,54 +151,58 @@ impl TaskTable {
         limit: usize,
     ) -> Listing {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows = Vec::new();
-        let mut total = 0u64;
-        for id in &inner.order {
-            let Some((row, account)) = inner.rows.get(id) else { continue };
-            let matches = sees(account)
-                && (job_id.is_empty() || row.job_id == job_id)
-                && (state == TaskState::Unspecified || row.state == state as i32)
-                && (name.is_empty() || row.name == name);
-            if matches {
-                total += 1;
-                if rows.len() < limit {
-                    rows.push(row.clone());
+        let mut listing = Listing { rows: Vec::new(), total: 0, dropped_events: 0, forgotten_tasks: 0 };
+        for (account, rows) in &inner.accounts {
+            if !sees(account) {
+                continue;
+            }
+            listing.dropped_events = listing.dropped_events.saturating_add(rows.dropped_events);
+            listing.forgotten_tasks = listing.forgotten_tasks.saturating_add(rows.forgotten_tasks);
+            for key in &rows.order {
+                let Some((row, _)) = inner.rows.get(key) else { continue };
+                let matches = (job_id.is_empty() || row.job_id == job_id)
+                    && (state == TaskState::Unspecified || row.state == state as i32)
+                    && (name.is_empty() || row.name.eq_ignore_ascii_case(name));
+                if matches {
+                    listing.total += 1;
+                    if listing.rows.len() < limit {
+                        listing.rows.push(row.clone());
+                    }
                 }
             }
         }
-        Listing { rows, total, dropped_events: inner.dropped_events, forgotten_tasks: inner.forgotten_tasks }
+        listing
     }
 }
 
-/// `event` applied to `row`: the state and what it says of where, when and why.
+/// `event` applied to `row`: the state and what it says of where, when and why. An ended
+/// task stays ended (a late word from a path that lost the race to run it); its owner
+/// records an end only once it retries no more.
 fn apply(row: &mut TaskRow, event: TaskEvent) {
     if !event.name.is_empty() {
-        row.name = event.name;
+        row.name = cut(event.name, MAX_SHORT_TEXT);
     }
-    // An ended task stays ended (a late word from a path that lost the race to run it,
-    // say); its owner records an end only once it retries no more.
-    let terminal = |state: i32| state == TaskState::Finished as i32 || state == TaskState::Failed as i32;
-    if terminal(row.state) && !terminal(event.state) {
+    if is_terminal(row.state) && !is_terminal(event.state) {
         return;
     }
     row.state = event.state;
     row.attempt = row.attempt.max(event.attempt);
     match TaskState::try_from(event.state).unwrap_or(TaskState::Unspecified) {
         TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment => {
-            row.reason = event.reason;
+            row.reason = cut(event.reason, MAX_SHORT_TEXT);
         }
         TaskState::Running => {
             row.reason.clear();
             row.node_id = event.node_id;
-            row.worker_address = event.worker_address;
+            row.worker_address = cut(event.worker_address, MAX_SHORT_TEXT);
             row.started_us = event.time_us;
         }
         TaskState::Finished | TaskState::Failed => {
             row.reason.clear();
-            row.error = event.error;
+            row.error = cut(event.error, MAX_TEXT);
             if !event.node_id.is_empty() {
                 row.node_id = event.node_id;
-                row.worker_address = event.worker_address;
+                row.worker_address = cut(event.worker_address, MAX_SHORT_TEXT);
             }
             row.ended_us = event.time_us;
             // The worker's own measure of the run, when it ran.
@@ -149,28 +223,43 @@ mod tests {
     }
 
     #[test]
-    fn rows_follow_their_events_and_stay_bounded() {
-        let table = TaskTable::new(2);
+    fn rows_follow_their_events_and_stay_bounded_per_account() {
+        let (acme, rival): (Arc<str>, Arc<str>) = ("acme".into(), "rival".into());
+        let table = TaskTable::new(3, 2);
         let mut first = event(1, TaskState::PendingNodeAssignment, 10);
         first.name = "train".into();
         first.reason = "waiting for a lease of {GPU: 1}".into();
-        table.add("acme", vec![first], 3);
+        table.add(&acme, vec![first], 3);
         let waiting = table.list(|_| true, &[], TaskState::Unspecified, "", 10);
         assert_eq!(waiting.rows[0].reason, "waiting for a lease of {GPU: 1}");
         let mut done = event(1, TaskState::Finished, 100);
         done.run_us = 40;
         done.node_id = vec![9];
-        table.add("acme", vec![event(1, TaskState::Running, 50), done], 0);
-        let row = &table.list(|_| true, &[], TaskState::Finished, "train", 10).rows[0];
+        done.error = "x".repeat(MAX_TEXT * 2);
+        table.add(&acme, vec![event(1, TaskState::Running, 50), done], 0);
+        let row = &table.list(|_| true, &[], TaskState::Finished, "TRAIN", 10).rows[0];
         assert_eq!((row.started_us, row.ended_us, row.node_id.clone()), (60, 100, vec![9]));
-        assert!(row.reason.is_empty());
-        table.add("acme", vec![event(1, TaskState::PendingNodeAssignment, 120)], 0);
+        assert!(row.reason.is_empty() && row.error.len() == MAX_TEXT, "texts are cut");
+        table.add(&acme, vec![event(1, TaskState::PendingNodeAssignment, 120)], 0);
         assert_eq!(table.list(|_| true, &[], TaskState::Finished, "", 10).total, 1, "an ended task stays ended");
-        // Another account's rows are not shown; past the bound the oldest goes, counted.
-        table.add("rival", vec![event(2, TaskState::Running, 5), event(3, TaskState::Running, 6)], 0);
-        let acme = table.list(|account| account == "acme", &[], TaskState::Unspecified, "", 10);
-        assert_eq!((acme.total, acme.dropped_events, acme.forgotten_tasks), (0, 3, 1));
+
+        // The same task id in another job is another row; a flood of one account goes from
+        // its own rows; the losses are the account's own.
+        let mut elsewhere = event(1, TaskState::Running, 5);
+        elsewhere.job_id = vec![2];
+        table.add(&rival, vec![elsewhere, event(2, TaskState::Running, 6), event(3, TaskState::Running, 7)], 0);
+        let theirs = table.list(|account| account == "rival", &[], TaskState::Unspecified, "", 10);
+        assert_eq!((theirs.total, theirs.dropped_events, theirs.forgotten_tasks), (2, 0, 1));
+        let ours = table.list(|account| account == "acme", &[], TaskState::Unspecified, "", 10);
+        assert_eq!((ours.total, ours.dropped_events, ours.forgotten_tasks), (1, 3, 0), "acme's row stays");
         let all = table.list(|_| true, &[], TaskState::Unspecified, "", 1);
-        assert_eq!((all.rows.len(), all.total), (1, 2), "the limit cuts, the total counts");
+        assert_eq!((all.rows.len(), all.total), (1, 3), "the limit cuts, the total counts");
+
+        // A job that ends ends its open tasks.
+        table.end_job(&[1], 200);
+        let open = table.list(|_| true, &[1], TaskState::Running, "", 10);
+        assert_eq!(open.total, 0);
+        let ended = table.list(|account| account == "rival", &[1], TaskState::Failed, "", 10);
+        assert!(ended.rows.iter().all(|row| row.error.contains("job ended")), "{:?}", ended.rows);
     }
 }

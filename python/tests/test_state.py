@@ -44,5 +44,8 @@ def test_tasks_are_listed_with_rays_fields():
     summary = summarize_tasks()["cluster"]["summary"]
     assert summary["measured"]["state_counts"]["FINISHED"] == 20
     assert summary["exploding"]["state_counts"] == {"FAILED": 1}
+    assert len(list_tasks(filters=[("state", "!=", "finished"), ("name", "=", "measured")])) == 0
+    with pytest.raises(ValueError, match="cannot be filtered on 'colour'"):
+        list_tasks(filters=[("colour", "=", "red")])
     with pytest.raises(Exception, match="is no task state"):
         list_tasks(filters=[("state", "=", "SLEEPING")])

@@ -441,6 +441,7 @@ pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
     };
     runtime::block_on(async {
         let request = KillActorRequest { actor_id: hosted.id.to_vec(), no_restart: true };
+        worker.task_events.flush(Duration::from_millis(300)).await;
         worker.call_head(request, |mut gcs, request| async move { gcs.kill_actor(request).await }).await?;
         IonetResult::Ok(())
     })?;

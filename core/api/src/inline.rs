@@ -106,7 +106,9 @@ pub(crate) fn run_waited_tasks(worker: &Arc<CoreWorker>, ids: impl DoubleEndedIt
         worker.stealable.remove(&id);
         spec.taken.notify_one(); // its pushing future stops waiting for a lease
         if spec.entry.is_settled() {
-            continue; // cancelled before it started
+            // Cancelled before it started.
+            worker.task_events.record(spec.task_id, TaskState::Failed, |event| event.error = "cancelled".into());
+            continue;
         }
         NESTING.with(|nesting| nesting.set(nesting.get() + 1));
         worker.inline_running.insert(id, spec.task_id);

@@ -557,8 +557,10 @@ impl CoreWorkerRpc for CoreWorkerService {
 
     async fn exit(&self, _request: Request<ExitRequest>) -> Result<Response<ExitReply>, Status> {
         if self.worker.is_worker {
-            tokio::spawn(async {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let worker = self.worker.clone();
+            tokio::spawn(async move {
+                // What its own tasks did reaches the head first (briefly).
+                worker.task_events.flush(Duration::from_millis(300)).await;
                 std::process::exit(0);
             });
         }

@@ -108,11 +108,10 @@ pub(crate) fn submit_task<R>(
         reconstructions: AtomicU32::new(0),
         rebuilding: tokio::sync::Mutex::new(()),
     });
-    if stealable {
-        worker.stealable.insert(return_id, spec.clone());
-    }
+    // Its first event before anyone may run it (a run here records its own).
     let name = spec.options.name.clone().unwrap_or_else(|| spec.function.to_string());
-    if spec.args_ready(&worker) {
+    let args_ready = spec.args_ready(&worker);
+    if args_ready {
         worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
             event.name = name;
             event.reason = waiting_reason(&spec.options);
@@ -123,9 +122,12 @@ pub(crate) fn submit_task<R>(
             event.reason = "waiting for its arguments (objects other tasks make)".into();
         });
     }
+    if stealable {
+        worker.stealable.insert(return_id, spec.clone());
+    }
     let runner = worker.clone();
     worker.handle.spawn(async move {
-        match execute(&runner, &spec).await {
+        match execute(&runner, &spec, args_ready).await {
             Ok(None) => {} // run by this process while it waited: settled (and recorded) there
             Ok(Some(state)) => {
                 let stored = matches!(state, ObjectState::Stored(_));
@@ -252,7 +254,7 @@ pub(crate) fn reconstruct(
             return Ok(());
         }
         spec.claimed.store(false, Ordering::SeqCst);
-        match execute(worker, &spec).await {
+        match execute(worker, &spec, false).await {
             Ok(Some(state)) => {
                 entry.settle(state);
             }
@@ -278,7 +280,7 @@ fn waiting_reason(options: &TaskOptions) -> String {
 
 /// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
 /// `None` when this process ran it itself meanwhile (see `crate::inline`).
-async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Option<ObjectState>> {
+async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) -> IonetResult<Option<ObjectState>> {
     let demand = spec.options.demand()?;
     let max_calls = (spec.options.max_calls > 0).then_some((spec.function, spec.options.max_calls));
     let pool = worker.pool(&demand, &spec.options, max_calls)?;
@@ -288,7 +290,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec) -> IonetResult<Optio
     let mut dead_before_push = 0u32;
     // Whether the state API heard it waits for a lease (its submission said so when its
     // arguments were ready then).
-    let mut told_waiting = spec.args_ready(worker);
+    let mut told_waiting = told_waiting;
     loop {
         let args = resolve_args(worker, spec).await?;
         if !told_waiting {

@@ -102,7 +102,10 @@ impl TaskEvents {
     /// Sends every event recorded so far (a driver's last, before it leaves), waiting up
     /// to `timeout`.
     pub(crate) async fn flush(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, send_all(&self.shared)).await;
+        // A send of its own: a timeout here never cuts a batch off mid-way (lost uncounted).
+        let shared = self.shared.clone();
+        let sending = tokio::spawn(async move { send_all(&shared).await });
+        let _ = tokio::time::timeout(timeout, sending).await;
     }
 }
 

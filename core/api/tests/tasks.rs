@@ -838,8 +838,13 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
         serde_json::from_str(&cluster.ionet(&args)).unwrap()
     };
     // Events reach the head within a second or two of happening.
-    wait_until("the waiting GPU task listed", Duration::from_secs(30), || {
-        list(&["--state", "PENDING_NODE_ASSIGNMENT"]).len() == 1 && list(&["--state", "FINISHED"]).len() == 1_000
+    wait_until("the job's tasks listed as they are", Duration::from_secs(30), || {
+        let waiting = list(&["--state", "PENDING_NODE_ASSIGNMENT"]);
+        waiting.len() == 1
+            && waiting[0]["name"] == "gpu waiter"
+            && list(&["--state", "FAILED"]).len() == 1
+            && list(&["--state", "RUNNING"]).len() == 1
+            && list(&["--state", "FINISHED"]).len() == 1_000
     });
     let finished = list(&["--state", "FINISHED"]);
     let nodes: BTreeSet<&str> = finished.iter().map(|task| task["node_id"].as_str().unwrap()).collect();

@@ -7,7 +7,9 @@ last heard of them (their owners report them, batched, within about a second).
 Each task is a dict with Ray's fields: `task_id`, `job_id`, `name`,
 `func_or_class_name`, `state`, `type`, `attempt_number`, `node_id`, `error_message`,
 plus ionet's `worker_address` and `pending_reason` (why a task waits), and
-`creation_time_ms`, `start_time_ms`, `end_time_ms`. Actor tasks are not listed yet.
+`creation_time_ms`, `start_time_ms`, `end_time_ms`. A program (holding its job's
+credential) sees its own job's tasks; actor tasks are not listed yet. At most 10,000 rows
+come from the head per call (filters on other fields apply to those).
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ def list_tasks(
     # Filtered here too: the head's limit is only safe when nothing is left to filter here.
     rows = json.loads(_ionet.list_tasks(limit=0 if local else int(limit), **asked))
     for key, predicate, value in local:
-        rows = [row for row in rows if (str(row.get(key)) == str(value)) == (predicate == "=")]
+        if rows and key not in rows[0]:
+            raise ValueError(f"tasks cannot be filtered on {key!r}: the fields are {', '.join(sorted(rows[0]))}")
+        # As Ray's: strings match whatever their case; a row without the field matches neither.
+        wanted = str(value).lower()
+        rows = [
+            row for row in rows
+            if row.get(key) is not None and (str(row[key]).lower() == wanted) == (predicate == "=")
+        ]
     return rows[: int(limit)]
 
 
