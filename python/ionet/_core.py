@@ -9,13 +9,12 @@ signatures.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import sys
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ionet import _export, _ionet
+from ionet import _export, _ionet, _options
 from ionet._ionet import ObjectRef
 from ionet._serialization import deserialize, serialize
 
@@ -97,7 +96,7 @@ def init(
         os.getcwd(),
         payer_account or "",
         log_to_driver,
-        None if runtime_env is None else _runtime_env_json(runtime_env),
+        _options._runtime_env("runtime_env", runtime_env),
     )
     _export.forget_exports()
     global _shutdown_registered
@@ -106,16 +105,6 @@ def init(
         _shutdown_registered = True
     for hook in list(_after_init):
         hook()
-
-
-def _runtime_env_json(runtime_env: Any) -> str:
-    """A runtime environment as the native side reads it (Ray's dict shape)."""
-    if not isinstance(runtime_env, dict):
-        raise TypeError(f"runtime_env must be a dict, not {type(runtime_env).__name__}")
-    try:
-        return json.dumps(runtime_env)
-    except TypeError as err:
-        raise TypeError(f"runtime_env must hold only JSON values (strings, lists, dicts): {err}") from None
 
 
 # Called at the end of every `init` (e.g. tqdm_ray starts the actor its bars report to).

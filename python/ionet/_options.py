@@ -122,8 +122,8 @@ def _label_selector(name: str, value: Any) -> Dict[str, str]:
 
 
 def _runtime_env(name: str, value: Any) -> Optional[str]:
-    """Ray's runtime_env of a task or actor (its env_vars and pip / uv requirements), as
-    JSON for the native side, which checks it."""
+    """Ray's runtime_env (a job's in `init`; a task's or actor's: its env_vars and pip /
+    uv requirements), as JSON for the native side, which checks it."""
     if value is None:
         return None
     if not isinstance(value, dict):
