@@ -62,14 +62,7 @@ fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
         Some(job) => job.parse::<JobId>()?.to_vec(),
         None => Vec::new(),
     };
-    let state = match &filter.state {
-        Some(state) => TaskState::from_str_name(&state.trim().to_ascii_uppercase()).with_context(|| {
-            format!(
-                "{state:?} is no task state: PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING, FINISHED, FAILED"
-            )
-        })? as i32,
-        None => 0,
-    };
+    let state = task_state_named(filter.state.as_deref())?;
     let request =
         ListTasksRequest { job_id, state, name: filter.name.clone().unwrap_or_default(), limit: filter.limit };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -78,6 +71,17 @@ fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
         Ok::<_, IonetError>(gcs.list_tasks(request).await.map_err(IonetError::from)?.into_inner())
     })?;
     Ok(reply)
+}
+
+/// The wire value of a task state named as Ray names it (any case); 0 (any) for none.
+pub fn task_state_named(state: Option<&str>) -> Result<i32, IonetError> {
+    let Some(state) = state else { return Ok(0) };
+    match TaskState::from_str_name(&state.trim().to_ascii_uppercase()) {
+        Some(known) if known != TaskState::Unspecified => Ok(known as i32),
+        _ => Err(IonetError::InvalidArgument(format!(
+            "{state:?} is no task state: PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING, FINISHED, FAILED"
+        ))),
+    }
 }
 
 fn state_name(row: &TaskRow) -> &'static str {

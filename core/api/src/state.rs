@@ -1,8 +1,8 @@
 //! The state API for programs (Ray's `ray.util.state`): the tasks of this job's account
 //! as the head last heard of them (`Gcs/ListTasks`), each with Ray's `list_tasks` fields.
 
-use ionet_common::rpc::proto::gcs::{ListTasksRequest, TaskState};
-use ionet_common::{IonetError, IonetResult, JobId};
+use ionet_common::rpc::proto::gcs::ListTasksRequest;
+use ionet_common::{IonetResult, JobId};
 
 use crate::runtime;
 
@@ -22,14 +22,7 @@ pub struct TaskFilter {
 /// (`task_id`, `name`, `state`, `node_id`, `error_message`, `pending_reason`, times).
 pub fn list_tasks(filter: TaskFilter) -> IonetResult<Vec<serde_json::Value>> {
     let worker = runtime::current()?;
-    let state = match &filter.state {
-        Some(state) => TaskState::from_str_name(&state.trim().to_ascii_uppercase()).ok_or_else(|| {
-            IonetError::InvalidArgument(format!(
-                "{state:?} is no task state: PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING, FINISHED, FAILED"
-            ))
-        })? as i32,
-        None => 0,
-    };
+    let state = ionet_worker::state_commands::task_state_named(filter.state.as_deref())?;
     let request = ListTasksRequest {
         job_id: filter.job.map(|job| job.to_vec()).unwrap_or_default(),
         state,
