@@ -61,7 +61,7 @@ impl GcsService {
                 match events.recv().await {
                     Ok(ClusterEvent { event: Some(cluster_event::Event::JobFinished(job)), .. }) => {
                         let Some(tasks) = ended.upgrade() else { return };
-                        tasks.end_job(&job.job_id, now_us());
+                        tasks.end_job(&job.job_id, ionet_common::clock::now_us());
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -834,12 +834,4 @@ impl Gcs for GcsService {
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
     }
-}
-
-/// Now, in microseconds since the Unix epoch.
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|since| since.as_micros() as u64)
-        .unwrap_or(0)
 }

@@ -1,13 +1,16 @@
 //! The head's job server refuses what its authorization table does not allow, before any
 //! handler runs, and a submission's credential starts jobs only while it runs; a job
-//! ships only packages its account uploaded.
+//! ships only packages its account uploaded; task events are written by a job for its
+//! own tasks and read by its account (a job's credential: its own job's only).
 
 use std::time::Duration;
 
 use ionet_common::authz::{Access, HTTP_TABLE};
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobPackages, WorkerCommand};
-use ionet_common::rpc::proto::gcs::{AddJobRequest, GetPackageRequest, PutPackageRequest};
+use ionet_common::rpc::proto::gcs::{
+    AddJobRequest, AddTaskEventsRequest, GetPackageRequest, ListTasksRequest, PutPackageRequest, TaskEvent, TaskState,
+};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
 async fn head() -> (GcsServer, String) {
@@ -174,5 +177,64 @@ async fn a_job_ships_only_packages_its_account_uploaded() {
     assert_eq!(mixed.code(), tonic::Code::InvalidArgument, "{}", mixed.message());
     let traversal = vec![PutPackageRequest { name: "../escape.zip".into(), data: b"PK".to_vec() }];
     assert_eq!(gcs.put_package(tokio_stream::iter(traversal)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn task_events_are_a_jobs_own_and_its_accounts_to_read() {
+    let (server, _) = head().await;
+    let address = server.address().to_string();
+    let start = |account: &str| {
+        let key = server.account_credential(account, Duration::from_secs(60));
+        let address = address.clone();
+        async move {
+            let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+            let request = AddJobRequest {
+                worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+                ..Default::default()
+            };
+            let started = gcs.add_job(request).await.unwrap().into_inner();
+            let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+            (started.job.unwrap().job_id, ionet_common::rpc::gcs_client(&address, &job).await.unwrap(), gcs)
+        }
+    };
+    let (first, mut first_job, mut acme) = start("acme").await;
+    let (second, mut second_job, _) = start("acme").await;
+    let (_, mut rival_job, mut rival) = start("rival").await;
+    let event = |job: &[u8], task: u8| TaskEvent {
+        task_id: vec![task; ionet_common::TaskId::LEN],
+        job_id: job.to_vec(),
+        name: format!("task {task}"),
+        state: TaskState::Running as i32,
+        ..Default::default()
+    };
+    let report = |events: Vec<TaskEvent>| AddTaskEventsRequest { events, dropped: 0 };
+    first_job.add_task_events(report(vec![event(&first, 1)])).await.unwrap();
+    second_job.add_task_events(report(vec![event(&second, 2)])).await.unwrap();
+
+    // A job writes its own tasks only, in bounded, well-formed reports.
+    let foreign = first_job.add_task_events(report(vec![event(&second, 3)])).await.unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::PermissionDenied, "{}", foreign.message());
+    let mut short = event(&first, 4);
+    short.task_id = vec![4];
+    assert_eq!(first_job.add_task_events(report(vec![short])).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let flood = (0..10_001).map(|_| event(&first, 5)).collect();
+    assert_eq!(first_job.add_task_events(report(flood)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // An account's key starts jobs; it reports no tasks of its own.
+    let keyed = acme.add_task_events(report(vec![event(&first, 6)])).await.unwrap_err();
+    assert_eq!(keyed.code(), tonic::Code::PermissionDenied);
+
+    let names = |reply: ionet_common::rpc::proto::gcs::ListTasksReply| -> Vec<String> {
+        reply.tasks.into_iter().map(|task| task.name).collect()
+    };
+    let all = ListTasksRequest::default();
+    // The account's key reads both of its jobs; a job's credential (a provider's node
+    // holds it) its own job only; another account nothing.
+    assert_eq!(names(acme.list_tasks(all.clone()).await.unwrap().into_inner()), ["task 1", "task 2"]);
+    assert_eq!(names(first_job.list_tasks(all.clone()).await.unwrap().into_inner()), ["task 1"]);
+    let other_job = ListTasksRequest { job_id: second.clone(), ..Default::default() };
+    assert!(names(first_job.list_tasks(other_job.clone()).await.unwrap().into_inner()).is_empty());
+    assert!(names(rival.list_tasks(other_job).await.unwrap().into_inner()).is_empty());
+    assert!(names(rival_job.list_tasks(all).await.unwrap().into_inner()).is_empty());
     server.shutdown().await;
 }

@@ -73,15 +73,11 @@ impl TaskEvents {
 
     /// Records that task `task_id` is now in `state`; `fill` adds what the state says.
     pub(crate) fn record(&self, task_id: TaskId, state: TaskState, fill: impl FnOnce(&mut TaskEvent)) {
-        let time_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|since| since.as_micros() as u64)
-            .unwrap_or_default();
         let mut event = TaskEvent {
             task_id: task_id.to_vec(),
             job_id: self.shared.job_id.clone(),
             state: state as i32,
-            time_us,
+            time_us: ionet_common::clock::now_us(),
             ..Default::default()
         };
         fill(&mut event);
