@@ -1,6 +1,7 @@
-//! The head's job server: Ray's Jobs REST API over HTTP (default port 8265), so `ionet
-//! job …`, `ionet.job_submission.JobSubmissionClient` and Ray's own `ray job submit` and
-//! `JobSubmissionClient` pointed at an ionet head all work.
+//! The head's HTTP server: Ray's Jobs REST API (default port 8265), so `ionet job …`,
+//! `ionet.job_submission.JobSubmissionClient` and Ray's own `ray job submit` and
+//! `JobSubmissionClient` pointed at an ionet head all work; and Prometheus's `/metrics`
+//! ([`crate::metrics`]).
 //!
 //! Same rules as every endpoint of the cluster: TLS whenever the head speaks TLS (its
 //! certificate, offering `http/1.1`); every request carries a credential the head issued
@@ -39,6 +40,7 @@ use ionet_common::IonetError;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
+use crate::metrics::{HeadMetrics, View};
 use crate::submissions::{Submissions, SubmitRequest};
 use ionet_common::jobs::MAX_PACKAGE_BYTES;
 
@@ -50,13 +52,15 @@ const RAY_COMPATIBLE_VERSION: &str = "2.45.0";
 #[derive(Clone)]
 struct Served {
     submissions: Arc<Submissions>,
+    metrics: Arc<HeadMetrics>,
     authorizer: Arc<Authorizer>,
 }
 
-/// The job server's routes, behind the authorization table.
-pub fn router(submissions: Arc<Submissions>, authorizer: Authorizer) -> Router {
-    let served = Served { submissions, authorizer: Arc::new(authorizer) };
+/// The head's HTTP routes (the job server's and `/metrics`), behind the authorization table.
+pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authorizer: Authorizer) -> Router {
+    let served = Served { submissions, metrics, authorizer: Arc::new(authorizer) };
     Router::new()
+        .route("/metrics", get(metrics_text))
         .route("/api/version", get(version))
         .route("/api/jobs/", get(list).post(submit))
         .route("/api/jobs", get(list).post(submit))
@@ -187,6 +191,15 @@ fn principal(headers: &axum::http::Extensions) -> Result<Principal, Failure> {
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| Failure(StatusCode::FORBIDDEN, "the request did not pass authorization".into()))
+}
+
+/// Prometheus metrics, as much of them as the caller's credential may see.
+async fn metrics_text(State(served): State<Served>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let view = View::of(&principal)
+        .ok_or_else(|| Failure(StatusCode::FORBIDDEN, format!("{principal} may not read the metrics")))?;
+    let text = served.metrics.render(&view).await.map_err(IonetError::from)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn version() -> Json<serde_json::Value> {

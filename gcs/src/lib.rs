@@ -36,6 +36,8 @@
 //! Submitted jobs ([`submissions`], served by [`job_server`]: Ray's Jobs REST API over
 //! HTTP): the head places each entrypoint on a node, which runs it under a submission
 //! credential and streams its output back; the head keeps the output and the status.
+//! The same HTTP server answers Prometheus at `/metrics` ([`metrics`]: nodes, work and
+//! money, each credential shown its own part).
 //!
 //! Actors and placement groups are written to storage with every change and taken back
 //! when the head starts ([`actors::Actors::restore`],
@@ -46,6 +48,7 @@ pub mod error;
 pub mod job_server;
 pub mod metering;
 pub mod metering_service;
+pub mod metrics;
 pub mod packages;
 #[cfg(feature = "solana")]
 pub mod payouts;

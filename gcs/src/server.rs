@@ -22,6 +22,7 @@ use crate::actors::Actors;
 use crate::error::{GcsError, GcsResult};
 use crate::metering::{Metering, MeteringOptions};
 use crate::metering_service::MeteringService;
+use crate::metrics::HeadMetrics;
 use crate::placement_groups::{GrpcBundleAgent, PlacementGroups};
 use crate::service::{GcsService, HeadTls};
 use crate::state::GcsState;
@@ -90,6 +91,8 @@ pub struct GcsServer {
     placement_task: JoinHandle<()>,
     placement_groups: Arc<PlacementGroups>,
     submissions: Arc<Submissions>,
+    /// What `/metrics` reads.
+    metrics: Arc<HeadMetrics>,
     /// What the control store's server presents (TLS), and the job server's too.
     certificate: Option<Arc<ServerCert>>,
     /// Turns true when the server stops.
@@ -161,6 +164,11 @@ impl GcsServer {
             job_dir.join("packages"),
         )
         .await?;
+        let tasks = Arc::new(crate::task_events::TaskTable::new(
+            crate::task_events::MAX_TASKS,
+            crate::task_events::MAX_TASKS_PER_ACCOUNT,
+        ));
+        let metrics = Arc::new(HeadMetrics::new(state.clone(), metering.clone(), tasks.clone(), submissions.clone()));
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),
@@ -168,6 +176,7 @@ impl GcsServer {
             issuer.clone(),
             options.tls.clone(),
             submissions.clone(),
+            tasks,
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -211,13 +220,15 @@ impl GcsServer {
             placement_task,
             placement_groups,
             submissions,
+            metrics,
             certificate,
             stopped: job_server_stopped,
             _job_logs: job_logs,
         })
     }
 
-    /// Serves the job server ([`crate::job_server`], Ray's Jobs REST API) on `listener`
+    /// Serves the head's HTTP server ([`crate::job_server`]: Ray's Jobs REST API, and
+    /// [`crate::metrics`]) on `listener`
     /// until the control store stops: over TLS when the control store speaks it, with its
     /// credentials. `head_address` is where submitted jobs' drivers join (the head's
     /// advertised address, or the list of heads).
@@ -225,7 +236,11 @@ impl GcsServer {
         let local = listener.local_addr().map_err(IonetError::from)?;
         let incoming = ionet_common::rpc::incoming_http(listener, self.certificate.as_ref())?;
         self.submissions.set_head_address(head_address);
-        let router = crate::job_server::router(self.submissions.clone(), Authorizer::new(Some(self.issuer.verifier())));
+        let router = crate::job_server::router(
+            self.submissions.clone(),
+            self.metrics.clone(),
+            Authorizer::new(Some(self.issuer.verifier())),
+        );
         tokio::spawn(crate::job_server::serve(router, incoming, local, self.stopped.clone()));
         tracing::info!(address = %local, "job server serving");
         Ok(local)

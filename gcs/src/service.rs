@@ -48,11 +48,8 @@ impl GcsService {
         issuer: Issuer,
         tls: Option<HeadTls>,
         submissions: Arc<Submissions>,
+        tasks: Arc<crate::task_events::TaskTable>,
     ) -> Self {
-        let tasks = Arc::new(crate::task_events::TaskTable::new(
-            crate::task_events::MAX_TASKS,
-            crate::task_events::MAX_TASKS_PER_ACCOUNT,
-        ));
         // However a job ends (its driver said so, or died), its tasks still open end too.
         let mut events = state.subscribe();
         let ended = Arc::downgrade(&tasks);
@@ -782,10 +779,10 @@ impl Gcs for GcsService {
         let role: Role = request.role.parse().map_err(|err: ionet_common::IonetError| Status::from(err))?;
         let (default_ttl, max_ttl) = match role {
             Role::Join => (DEFAULT_JOIN_TTL, MAX_JOIN_TTL),
-            Role::Account => (DEFAULT_ACCOUNT_TTL, MAX_ACCOUNT_TTL),
+            Role::Account | Role::Metrics => (DEFAULT_ACCOUNT_TTL, MAX_ACCOUNT_TTL),
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "tokens are made for joining nodes (`node`) and accounts (`account`); the {other} credential is the head's to write"
+                    "tokens are made for joining nodes (`node`), accounts (`account`) and metrics scrapers (`metrics`); the {other} credential is the head's to write"
                 )))
             }
         };

@@ -63,6 +63,8 @@ pub struct GcsState {
     /// Objects whose primary copy a node moved elsewhere before it left: (the address
     /// it moved from, the address holding it now).
     moves: DashMap<ObjectId, (String, String)>,
+    /// Heartbeats taken since this process started (a metric).
+    heartbeats: AtomicU64,
 }
 
 /// One account's use of the KV.
@@ -197,7 +199,13 @@ impl GcsState {
             kv_use: Arc::new(std::sync::Mutex::new(kv_use)),
             unfunded: std::sync::RwLock::new(HashMap::new()),
             moves,
+            heartbeats: AtomicU64::new(0),
         }))
+    }
+
+    /// How many heartbeats this process has taken.
+    pub fn heartbeats_received(&self) -> u64 {
+        self.heartbeats.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The account paying for `job` (`default` for the operator's, or an unknown job).
@@ -379,6 +387,7 @@ impl GcsState {
 
     /// Records a heartbeat: the node is alive now and has `available` free.
     pub fn heartbeat(&self, node_id: &[u8], available: Option<ResourceQuantities>) -> GcsResult<()> {
+        self.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let node_id = NodeId::from_bytes(node_id)?;
         let available = available.map(|quantities| quantities.to_set()).transpose()?;
         let mut node = self.nodes.get_mut(&node_id).ok_or_else(|| {

@@ -33,12 +33,31 @@ pub struct Listing {
     pub forgotten_tasks: u64,
 }
 
-/// One account's rows, oldest first, and its losses.
+/// One account's rows, oldest first, its losses, and what it has reported since the
+/// head started (counters for the metrics: they only grow).
 #[derive(Default)]
 struct Account {
     order: VecDeque<Vec<u8>>,
     dropped_events: u64,
     forgotten_tasks: u64,
+    events: u64,
+    finished: u64,
+    failed: u64,
+}
+
+/// One account's tasks in numbers (for `/metrics`): rows kept by state, and counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountCounts {
+    pub account: String,
+    /// Rows kept, by state (indexed by [`TaskState`] as `i32`).
+    pub by_state: [u64; 6],
+    /// Events taken, events its senders dropped, rows forgotten to make room.
+    pub events: u64,
+    pub dropped_events: u64,
+    pub forgotten_tasks: u64,
+    /// Tasks that ended, since the head started.
+    pub finished: u64,
+    pub failed: u64,
 }
 
 #[derive(Default)]
@@ -52,6 +71,16 @@ pub struct TaskTable {
     capacity: usize,
     per_account: usize,
     inner: Mutex<Inner>,
+}
+
+impl Account {
+    fn count_end(&mut self, state: i32) {
+        if state == TaskState::Finished as i32 {
+            self.finished += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
 }
 
 fn key(job_id: &[u8], task_id: &[u8]) -> Vec<u8> {
@@ -86,6 +115,7 @@ impl TaskTable {
         let inner = &mut *guard;
         let own = inner.accounts.entry(account.clone()).or_default();
         own.dropped_events = own.dropped_events.saturating_add(dropped);
+        own.events = own.events.saturating_add(events.len() as u64);
         for event in events {
             if TaskState::try_from(event.state).is_err() || event.state == TaskState::Unspecified as i32 {
                 continue;
@@ -102,8 +132,12 @@ impl TaskTable {
                 inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
                 inner.rows.insert(key.clone(), (row, account.clone()));
             }
-            if let Some((row, _)) = inner.rows.get_mut(&key) {
-                apply(row, event);
+            let Some((row, _)) = inner.rows.get_mut(&key) else { continue };
+            let was_open = !is_terminal(row.state);
+            apply(row, event);
+            if was_open && is_terminal(row.state) {
+                let ended = row.state;
+                inner.accounts.entry(account.clone()).or_default().count_end(ended);
             }
         }
     }
@@ -130,15 +164,48 @@ impl TaskTable {
 
     /// Ends `job_id`'s tasks still open (its driver ended): failed, saying so.
     pub fn end_job(&self, job_id: &[u8], time_us: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for (row, _) in inner.rows.values_mut() {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        for (row, account) in inner.rows.values_mut() {
             if row.job_id == job_id && !is_terminal(row.state) {
                 row.state = TaskState::Failed as i32;
                 row.error = "the job ended before the task did".into();
                 row.reason.clear();
                 row.ended_us = time_us;
+                inner.accounts.entry(account.clone()).or_default().count_end(row.state);
             }
         }
+    }
+
+    /// Each account's numbers that `sees` lets the caller read, by account name.
+    pub fn counts(&self, sees: impl Fn(&str) -> bool) -> Vec<AccountCounts> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts: Vec<AccountCounts> = inner
+            .accounts
+            .iter()
+            .filter(|(account, _)| sees(account))
+            .map(|(account, own)| {
+                let mut by_state = [0u64; 6];
+                for key in &own.order {
+                    if let Some((row, _)) = inner.rows.get(key) {
+                        if let Some(slot) = usize::try_from(row.state).ok().and_then(|at| by_state.get_mut(at)) {
+                            *slot += 1;
+                        }
+                    }
+                }
+                AccountCounts {
+                    account: account.to_string(),
+                    by_state,
+                    events: own.events,
+                    dropped_events: own.dropped_events,
+                    forgotten_tasks: own.forgotten_tasks,
+                    finished: own.finished,
+                    failed: own.failed,
+                }
+            })
+            .collect();
+        counts.sort_by(|a, b| a.account.cmp(&b.account));
+        counts
     }
 
     /// The rows of the accounts `sees` lets the caller read that match the filters.
@@ -261,5 +328,26 @@ mod tests {
         assert_eq!(open.total, 0);
         let ended = table.list(|account| account == "rival", &[1], TaskState::Failed, "", 10);
         assert!(ended.rows.iter().all(|row| row.error.contains("job ended")), "{:?}", ended.rows);
+
+        // The numbers the metrics show: rows by state, and counters that only grow.
+        let counts = table.counts(|_| true);
+        let acme_counts = AccountCounts {
+            account: "acme".into(),
+            by_state: [0, 0, 0, 0, 1, 0],
+            events: 4,
+            dropped_events: 3,
+            finished: 1,
+            ..Default::default()
+        };
+        let rival_counts = AccountCounts {
+            account: "rival".into(),
+            by_state: [0, 0, 0, 0, 0, 2],
+            events: 3,
+            forgotten_tasks: 1,
+            failed: 2,
+            ..Default::default()
+        };
+        assert_eq!(counts, vec![acme_counts.clone(), rival_counts]);
+        assert_eq!(table.counts(|account| account == "acme"), vec![acme_counts], "each sees its own");
     }
 }

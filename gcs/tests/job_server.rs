@@ -9,7 +9,8 @@ use ionet_common::authz::{Access, HTTP_TABLE};
 use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobPackages, WorkerCommand};
 use ionet_common::rpc::proto::gcs::{
-    AddJobRequest, AddTaskEventsRequest, GetPackageRequest, ListTasksRequest, PutPackageRequest, TaskEvent, TaskState,
+    AddJobRequest, AddTaskEventsRequest, CreateTokenRequest, GetAllNodesRequest, GetPackageRequest, ListTasksRequest,
+    PutPackageRequest, TaskEvent, TaskState,
 };
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
@@ -55,6 +56,11 @@ async fn every_route_is_served_behind_its_row() {
                 assert!(body.contains("requires an account's API key"), "{body}");
             }
             Access::Read => assert_eq!((rule.route, status), ("/api/version", 200), "{body}"),
+            // The public face of the cluster, nothing of any account's.
+            Access::Metrics => {
+                assert_eq!((rule.route, status), ("/metrics", 200), "{body}");
+                assert!(body.contains("ionet_nodes") && !body.contains("account="), "{body}");
+            }
             other => panic!("{} {} has an unexpected row: {other:?}", rule.method, rule.route),
         }
     }
@@ -236,5 +242,100 @@ async fn task_events_are_a_jobs_own_and_its_accounts_to_read() {
     assert!(names(first_job.list_tasks(other_job.clone()).await.unwrap().into_inner()).is_empty());
     assert!(names(rival.list_tasks(other_job).await.unwrap().into_inner()).is_empty());
     assert!(names(rival_job.list_tasks(all).await.unwrap().into_inner()).is_empty());
+    server.shutdown().await;
+}
+
+/// The value of the sample `series` (name and labels, as encoded) in metrics `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_show_each_credential_its_own_and_the_scrapers_token_reads_nothing_else() {
+    let (server, base) = head().await;
+    let address = server.address().to_string();
+    let start = |account: &str| {
+        let key = server.account_credential(account, Duration::from_secs(60));
+        let address = address.clone();
+        async move {
+            let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+            let request = AddJobRequest {
+                worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+                ..Default::default()
+            };
+            let started = gcs.add_job(request).await.unwrap().into_inner();
+            let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+            (started.job.unwrap().job_id, ionet_common::rpc::gcs_client(&address, &job).await.unwrap(), key, job)
+        }
+    };
+    let (acme_job, mut acme_gcs, acme_key, acme_job_credential) = start("acme").await;
+    let (rival_job, mut rival_gcs, rival_key, _) = start("rival").await;
+    let event = |job: &[u8], task: u8, state: TaskState| TaskEvent {
+        task_id: vec![task; ionet_common::TaskId::LEN],
+        job_id: job.to_vec(),
+        state: state as i32,
+        ..Default::default()
+    };
+    let report = |events: Vec<TaskEvent>| AddTaskEventsRequest { events, dropped: 0 };
+    let acme_events = vec![
+        event(&acme_job, 1, TaskState::Running),
+        event(&acme_job, 2, TaskState::Running),
+        event(&acme_job, 2, TaskState::Finished),
+    ];
+    acme_gcs.add_task_events(report(acme_events)).await.unwrap();
+    rival_gcs.add_task_events(report(vec![event(&rival_job, 1, TaskState::Running)])).await.unwrap();
+
+    let scrape = |credential: String| {
+        let base = base.clone();
+        async move {
+            let response =
+                reqwest::Client::new().get(format!("{base}/metrics")).bearer_auth(credential).send().await.unwrap();
+            let (status, kind) = (response.status().as_u16(), response.headers()["content-type"].clone());
+            let text = response.text().await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            assert!(kind.to_str().unwrap().starts_with("application/openmetrics-text"), "{kind:?}");
+            assert!(text.ends_with("# EOF\n"), "{text}");
+            text
+        }
+    };
+    // An account's key: its own account's tasks and jobs, no stranger's.
+    let acme = scrape(acme_key.as_str().to_string()).await;
+    assert_eq!(sample(&acme, r#"ionet_tasks{state="RUNNING",account="acme"}"#), Some(1.0), "{acme}");
+    assert_eq!(sample(&acme, r#"ionet_tasks{state="FINISHED",account="acme"}"#), Some(1.0), "{acme}");
+    assert_eq!(sample(&acme, r#"ionet_task_events_total{account="acme"}"#), Some(3.0), "{acme}");
+    assert_eq!(sample(&acme, r#"ionet_tasks_finished_total{account="acme"}"#), Some(1.0), "{acme}");
+    assert_eq!(sample(&acme, r#"ionet_jobs{state="RUNNING",account="acme"}"#), Some(1.0), "{acme}");
+    assert!(!acme.contains("rival"), "{acme}");
+    let rival = scrape(rival_key.as_str().to_string()).await;
+    assert_eq!(sample(&rival, r#"ionet_tasks{state="RUNNING",account="rival"}"#), Some(1.0), "{rival}");
+    assert!(!rival.contains("acme"), "{rival}");
+    // A job's credential (a provider's node holds it): the public face only.
+    let public = scrape(acme_job_credential.as_str().to_string()).await;
+    assert!(public.contains("ionet_nodes{") && !public.contains("account="), "{public}");
+
+    // The scraper's token, made by the operator: the whole cluster, and nothing else.
+    let admin = server.admin_credential(Duration::from_secs(60));
+    let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
+    let token = operator
+        .create_token(CreateTokenRequest { role: "metrics".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let all = scrape(token.clone()).await;
+    for account in ["acme", "rival"] {
+        let series = format!(r#"ionet_tasks{{state="RUNNING",account="{account}"}}"#);
+        assert_eq!(sample(&all, &series), Some(1.0), "{all}");
+    }
+    let (status, body) = call(&base, "GET", "/api/jobs/", Some(&token)).await;
+    assert_eq!(status, 403, "{body}");
+    let scraper = ionet_common::auth::Bearer::new(&token).unwrap();
+    let mut gcs = ionet_common::rpc::gcs_client(&address, &scraper).await.unwrap();
+    let refused = gcs.get_all_nodes(GetAllNodesRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{}", refused.message());
+    // Only the operator makes one.
+    let mut tenant = ionet_common::rpc::gcs_client(&address, &acme_key).await.unwrap();
+    let refused = tenant.create_token(CreateTokenRequest { role: "metrics".into(), ..Default::default() }).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
     server.shutdown().await;
 }

@@ -155,7 +155,8 @@ pub enum TokenCommand {
 
 #[derive(Debug, Args, Clone)]
 pub struct TokenCreateArgs {
-    /// What the token is for: `node` (a machine joining the cluster).
+    /// What the token is for: `node` (a machine joining the cluster), or `metrics` (a
+    /// Prometheus scraper: reads the head's `/metrics`, nothing else).
     #[arg(long, default_value = "node")]
     pub role: String,
     /// How long it is valid: seconds, or with a unit (`30m`, `24h`, `7d`).

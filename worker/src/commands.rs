@@ -624,9 +624,16 @@ pub fn token_create(args: TokenCreateArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "token": token, "role": args.role, "expires_at": expires_at }));
     } else {
         println!("{token}");
-        eprintln!(
-            "valid until {expires_at} (Unix seconds); join with: ionet start --address {address} --join-token <it>"
-        );
+        if args.role == "metrics" {
+            eprintln!(
+                "valid until {expires_at} (Unix seconds); a Prometheus scrape job sends it as its bearer credential \
+                 (`authorization: {{credentials_file: …}}`) to the head's /metrics"
+            );
+        } else {
+            eprintln!(
+                "valid until {expires_at} (Unix seconds); join with: ionet start --address {address} --join-token <it>"
+            );
+        }
     }
     Ok(())
 }

@@ -62,6 +62,8 @@ pub enum Principal {
     /// A submitted job's entrypoint (its node holds the credential): it starts jobs paid
     /// by `account` while submission `id` (the one the head gave `nonce`) runs.
     Submission { id: Arc<str>, nonce: Arc<str>, account: Arc<str> },
+    /// A metrics scraper: reads `/metrics` as the operator sees it, nothing else.
+    Metrics,
 }
 
 impl Principal {
@@ -104,7 +106,7 @@ impl Principal {
             Principal::Account(own)
             | Principal::Job { account: own, .. }
             | Principal::Submission { account: own, .. } => **own == *account,
-            Principal::Joiner | Principal::Node(_) | Principal::Control => false,
+            Principal::Joiner | Principal::Node(_) | Principal::Control | Principal::Metrics => false,
         }
     }
 
@@ -116,7 +118,7 @@ impl Principal {
             Principal::Account(account) | Principal::Job { account, .. } | Principal::Submission { account, .. } => {
                 Some(account)
             }
-            Principal::Joiner | Principal::Node(_) | Principal::Control => None,
+            Principal::Joiner | Principal::Node(_) | Principal::Control | Principal::Metrics => None,
         }
     }
 
@@ -140,6 +142,7 @@ impl fmt::Display for Principal {
             Principal::Job { job, account } => write!(f, "job {job} (account {account})"),
             Principal::Control => f.write_str("the head's control plane"),
             Principal::Submission { id, account, .. } => write!(f, "submitted job {id} (account {account})"),
+            Principal::Metrics => f.write_str("metrics scraper"),
         }
     }
 }
@@ -177,6 +180,9 @@ pub enum Access {
     /// A tenant's own process, or a node daemon holding a lease it granted (asking for
     /// idle leases back).
     TenantOrNode,
+    /// The metrics (`/metrics`): the scraper's credential and every node, account, job or
+    /// submission credential, each shown its own part (the handler scopes it).
+    Metrics,
 }
 
 impl Access {
@@ -198,6 +204,14 @@ impl Access {
             (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
             (Access::TenantOrNode, Principal::Node(_)) => true,
             (Access::Control, Principal::Control) => true,
+            (
+                Access::Metrics,
+                Principal::Metrics
+                | Principal::Node(_)
+                | Principal::Account(_)
+                | Principal::Job { .. }
+                | Principal::Submission { .. },
+            ) => true,
             _ => false,
         }
     }
@@ -218,6 +232,7 @@ impl Access {
             Access::TenantOrNode => {
                 "a credential of a job of the account this process belongs to, or a node credential"
             }
+            Access::Metrics => "a metrics, node, account, job or submission credential",
         }
     }
 }
@@ -360,6 +375,9 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     // Packages (working_dir, py_modules): an account's own.
     http("GET", "/api/packages/{protocol}/{package_name}", Access::Submit),
     http("PUT", "/api/packages/{protocol}/{package_name}", Access::Submit),
+    // Prometheus metrics: the operator's and the scraper's whole view; a tenant's
+    // credential its account's part, a node's its own (`gcs::metrics`).
+    http("GET", "/metrics", Access::Metrics),
 ];
 
 /// Whether `principal` may make a `method` request to `route` of the head's HTTP server.
@@ -395,6 +413,7 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
     match claims.role {
         Role::Admin => Ok(Principal::Admin),
         Role::Control => Ok(Principal::Control),
+        Role::Metrics => Ok(Principal::Metrics),
         Role::Join => Ok(Principal::Joiner),
         Role::Node => claims
             .node_id
@@ -724,6 +743,8 @@ mod tests {
         for rule in TABLE {
             let path = rule.path;
             assert_eq!(decide(&Principal::Joiner, path, None).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
+            // A metrics scraper's token makes no call at all (it reads `/metrics` only).
+            assert!(decide(&Principal::Metrics, path, None).is_err(), "{path}");
             // An account's key starts jobs, uploads its packages, and reads.
             let account_may = path == "/ionet.gcs.Gcs/AddJob" || matches!(rule.access, Access::Read | Access::Submit);
             assert_eq!(decide(&Principal::Account("a".into()), path, None).is_ok(), account_may, "{path}");
@@ -743,6 +764,15 @@ mod tests {
             let tenant_row = matches!(rule.access, Access::Tenant | Access::TenantOrNode);
             assert_eq!(decide(&job, path, Some("acme")).is_ok(), job_may || tenant_row, "{path}");
             assert_eq!(decide(&stranger, path, Some("acme")).is_ok(), job_may, "{path}");
+        }
+        for rule in HTTP_TABLE {
+            let scraper_may = (rule.method, rule.route) == ("GET", "/metrics");
+            assert_eq!(
+                decide_http(&Principal::Metrics, rule.method, rule.route).is_ok(),
+                scraper_may,
+                "{}",
+                rule.route
+            );
         }
         let refused = decide(&stranger, "/ionet.worker.CoreWorker/ActorCalls", Some("acme")).unwrap_err();
         assert!(refused.contains("globex") && refused.contains("account this process belongs to"), "{refused}");

@@ -51,6 +51,10 @@ pub enum Role {
     /// the submission ended), and read the cluster, nothing else. The node running the
     /// entrypoint holds it, never the account's key.
     Submission,
+    /// A metrics scraper (Prometheus): reads the head's `/metrics` with the operator's
+    /// view of the cluster and its money, and nothing else (`ionet token create --role
+    /// metrics`), so the scraper's configuration holds no right to act.
+    Metrics,
 }
 
 impl fmt::Display for Role {
@@ -63,6 +67,7 @@ impl fmt::Display for Role {
             Role::Job => "job",
             Role::Control => "control",
             Role::Submission => "submission",
+            Role::Metrics => "metrics",
         })
     }
 }
@@ -76,8 +81,9 @@ impl std::str::FromStr for Role {
             "join" | "node" => Ok(Role::Join),
             "account" => Ok(Role::Account),
             "job" => Ok(Role::Job),
+            "metrics" => Ok(Role::Metrics),
             other => Err(IonetError::InvalidArgument(format!(
-                "unknown role {other:?}: a token is for `node` (to join a machine), `account` or `admin`"
+                "unknown role {other:?}: a token is for `node` (to join a machine), `account`, `metrics` (a scraper) or `admin`"
             ))),
         }
     }

@@ -1,0 +1,360 @@
+//! The head's Prometheus metrics (`GET /metrics` on the head's HTTP server, beside the job
+//! server): the cluster's nodes and prices, jobs, submissions and tasks by state, and its
+//! money (what each job has cost so far, what each provider's nodes have earned, the
+//! protocol's fees, payers' credits), in the OpenMetrics text format (`prometheus-client`
+//! encodes it; Prometheus scrapes it as it is).
+//!
+//! Each scrape reads the tables as they are now and is shown what its credential may see
+//! ([`View`]): the operator's credential and the scraper's (`ionet token create --role
+//! metrics`, a credential that reads this and nothing else) the whole cluster; an
+//! account's key the cluster's public face (nodes, their resources and prices, as
+//! `Gcs/GetAllNodes` shows) and its own account's jobs, tasks, bills and credit; a node's
+//! credential the public face and its own node's earnings and its wallet's balance; a
+//! job's or a submission's credential (providers' nodes hold those) the public face
+//! only. Counters (`…_total`) only grow while the head runs
+//! (task events taken, tasks ended, heartbeats); gauges are the state at the scrape.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use ionet_common::authz::Principal;
+use ionet_common::resources::{Quantity, ResourceSet};
+use ionet_common::rpc::proto::common::{JobState, NodeState};
+use ionet_common::rpc::proto::gcs::TaskState;
+use ionet_common::{JobId, NodeId};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::error::GcsResult;
+use crate::metering::{Metering, DEFAULT_PAYER};
+use crate::state::GcsState;
+use crate::submissions::{Status, Submissions};
+use crate::task_events::TaskTable;
+
+/// The content type of the answer (OpenMetrics 1.0 text).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What one scrape may see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The whole cluster and all its money: the operator, the metrics scraper.
+    All,
+    /// The public face and one account's own.
+    Account(String),
+    /// The public face and one node's own earnings.
+    Node(NodeId),
+    /// The public face only.
+    Public,
+}
+
+impl View {
+    /// The view of `principal` (`None`: it may read no metrics).
+    pub fn of(principal: &Principal) -> Option<View> {
+        match principal {
+            Principal::Admin | Principal::Metrics => Some(View::All),
+            Principal::Node(node) => Some(View::Node(*node)),
+            Principal::Account(account) => Some(View::Account(account.to_string())),
+            Principal::Job { .. } | Principal::Submission { .. } => Some(View::Public),
+            Principal::Joiner | Principal::Control => None,
+        }
+    }
+
+    fn sees_account(&self, account: &str) -> bool {
+        match self {
+            View::All => true,
+            View::Account(own) => own == account,
+            View::Node(_) | View::Public => false,
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+type CounterFamily = Family<Labels, Counter<u64>>;
+
+/// One scrape's registry: families registered as they are made.
+struct Sheet {
+    registry: Registry,
+}
+
+impl Sheet {
+    fn gauge(&mut self, name: &str, help: &str) -> GaugeFamily {
+        let family = GaugeFamily::default();
+        self.registry.register(name, help, family.clone());
+        family
+    }
+
+    fn counter(&mut self, name: &str, help: &str) -> CounterFamily {
+        let family = CounterFamily::default();
+        self.registry.register(name, help, family.clone());
+        family
+    }
+}
+
+fn set(family: &GaugeFamily, labels: Labels, value: f64) {
+    family.get_or_create(&labels).set(value);
+}
+
+fn count(family: &CounterFamily, labels: Labels, value: u64) {
+    family.get_or_create(&labels).inc_by(value);
+}
+
+fn usd(micros: u64) -> f64 {
+    micros as f64 / 1e6
+}
+
+fn node_state(state: i32) -> &'static str {
+    match NodeState::try_from(state) {
+        Ok(NodeState::Alive) => "alive",
+        Ok(NodeState::Draining) => "draining",
+        Ok(NodeState::Dead) => "dead",
+        _ => "unknown",
+    }
+}
+
+fn task_state(state: usize) -> &'static str {
+    match i32::try_from(state).ok().and_then(|state| TaskState::try_from(state).ok()) {
+        Some(TaskState::PendingArgsAvail) => "PENDING_ARGS_AVAIL",
+        Some(TaskState::PendingNodeAssignment) => "PENDING_NODE_ASSIGNMENT",
+        Some(TaskState::Running) => "RUNNING",
+        Some(TaskState::Finished) => "FINISHED",
+        Some(TaskState::Failed) => "FAILED",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn submission_status(status: Status) -> &'static str {
+    match status {
+        Status::Pending => "PENDING",
+        Status::Running => "RUNNING",
+        Status::Stopped => "STOPPED",
+        Status::Succeeded => "SUCCEEDED",
+        Status::Failed => "FAILED",
+    }
+}
+
+/// Reads the head's tables for a scrape.
+pub struct HeadMetrics {
+    state: Arc<GcsState>,
+    metering: Arc<Metering>,
+    tasks: Arc<TaskTable>,
+    submissions: Arc<Submissions>,
+}
+
+impl HeadMetrics {
+    pub fn new(
+        state: Arc<GcsState>,
+        metering: Arc<Metering>,
+        tasks: Arc<TaskTable>,
+        submissions: Arc<Submissions>,
+    ) -> Self {
+        Self { state, metering, tasks, submissions }
+    }
+
+    /// The metrics `view` may see, as OpenMetrics text.
+    pub async fn render(&self, view: &View) -> GcsResult<String> {
+        let mut sheet = Sheet { registry: Registry::with_prefix("ionet") };
+        self.nodes(&mut sheet, view);
+        if matches!(view, View::All | View::Account(_)) {
+            self.work(&mut sheet, view);
+        }
+        self.money(&mut sheet, view).await?;
+        let mut text = String::new();
+        encode(&mut text, &sheet.registry).map_err(|err| crate::error::GcsError::Storage(err.to_string()))?;
+        Ok(text)
+    }
+
+    /// The public face: nodes, their resources and prices, heartbeats.
+    fn nodes(&self, sheet: &mut Sheet, _view: &View) {
+        let nodes_by_state = sheet.gauge("nodes", "Nodes by state.");
+        let info = sheet.gauge("node_info", "One per node: its state, GPU model and whether it is the head's.");
+        let total =
+            sheet.gauge("node_resource_total", "What a live node has, by resource (GPU, CPU, memory bytes, ...).");
+        let available = sheet.gauge("node_resource_available", "What a live node has free, by resource.");
+        let gpu_price = sheet.gauge("node_gpu_price_usd_per_hour", "What a node's provider asks per GPU-hour (USD).");
+        let cpu_price = sheet.gauge("node_cpu_price_usd_per_hour", "What a node's provider asks per CPU-hour (USD).");
+        let age = sheet.gauge("node_heartbeat_age_seconds", "Seconds since a live node's last heartbeat.");
+        let heartbeats = sheet.counter("heartbeats", "Heartbeats the head took since it started.");
+        count(&heartbeats, vec![], self.state.heartbeats_received());
+        for state in ["alive", "draining", "dead"] {
+            set(&nodes_by_state, vec![("state", state.into())], 0.0);
+        }
+        let now = self.state.now_ms();
+        for node in self.state.nodes(true) {
+            let Ok(id) = NodeId::from_bytes(&node.node_id) else { continue };
+            let state = node_state(node.state);
+            nodes_by_state.get_or_create(&vec![("state", state.into())]).inc();
+            let gpu_type = match node.gpus.first() {
+                Some(gpu) => gpu.model.clone(),
+                None => node.accelerator_type.clone(),
+            };
+            let node_label = || ("node_id", id.hex());
+            set(
+                &info,
+                vec![
+                    node_label(),
+                    ("state", state.into()),
+                    ("gpu_type", gpu_type.clone()),
+                    ("is_head", node.is_head.to_string()),
+                ],
+                1.0,
+            );
+            if node.state == NodeState::Dead as i32 {
+                continue;
+            }
+            let resources = |quantities: &Option<ionet_common::rpc::proto::common::ResourceQuantities>| {
+                quantities.clone().unwrap_or_default().to_set().unwrap_or_else(|_| ResourceSet::new())
+            };
+            for (family, set_of) in [(&total, resources(&node.total)), (&available, resources(&node.available))] {
+                for (resource, quantity) in set_of.iter() {
+                    if resource.starts_with(ionet_common::resources::ACCELERATOR_PREFIX) {
+                        continue;
+                    }
+                    set(family, vec![node_label(), ("resource", resource.to_string())], Quantity::as_f64(quantity));
+                }
+            }
+            if !node.gpus.is_empty() {
+                set(&gpu_price, vec![node_label(), ("gpu_type", gpu_type)], usd(node.price_per_gpu_hour_micros));
+            }
+            set(&cpu_price, vec![node_label()], usd(node.price_per_cpu_hour_micros));
+            set(&age, vec![node_label()], now.saturating_sub(node.last_heartbeat_ms) as f64 / 1e3);
+        }
+    }
+
+    /// Jobs, submissions and tasks of the accounts the view sees.
+    fn work(&self, sheet: &mut Sheet, view: &View) {
+        let jobs = sheet.gauge("jobs", "Jobs by state and paying account.");
+        for job in self.state.jobs() {
+            let account = payer(&job.payer_account);
+            if !view.sees_account(&account) {
+                continue;
+            }
+            let state = if job.state == JobState::Finished as i32 { "FINISHED" } else { "RUNNING" };
+            jobs.get_or_create(&vec![("state", state.into()), ("account", account)]).inc();
+        }
+        let submissions = sheet.gauge("submissions", "Submitted jobs by status and account.");
+        for submission in self.submissions.list(&Principal::Admin) {
+            if view.sees_account(&submission.account) {
+                let labels =
+                    vec![("status", submission_status(submission.status).into()), ("account", submission.account)];
+                submissions.get_or_create(&labels).inc();
+            }
+        }
+        let tasks = sheet.gauge("tasks", "Tasks the head keeps a row of, by state and account.");
+        let events = sheet.counter("task_events", "Task events the head took, by account.");
+        let dropped = sheet.counter("task_events_dropped", "Task events their senders dropped (buffer full, refused).");
+        let forgotten = sheet.counter("tasks_forgotten", "Task rows the head forgot to stay within its bounds.");
+        let finished = sheet.counter("tasks_finished", "Tasks that finished, by account.");
+        let failed =
+            sheet.counter("tasks_failed", "Tasks that failed (their owner gave up, or their job ended first).");
+        for counts in self.tasks.counts(|account| view.sees_account(account)) {
+            let account = || vec![("account", counts.account.clone())];
+            for (state, rows) in counts.by_state.iter().enumerate().skip(1) {
+                set(
+                    &tasks,
+                    vec![("state", task_state(state).into()), ("account", counts.account.clone())],
+                    *rows as f64,
+                );
+            }
+            count(&events, account(), counts.events);
+            count(&dropped, account(), counts.dropped_events);
+            count(&forgotten, account(), counts.forgotten_tasks);
+            count(&finished, account(), counts.finished);
+            count(&failed, account(), counts.failed);
+        }
+    }
+
+    /// Money: bills of jobs, earnings of nodes, fees, balances.
+    async fn money(&self, sheet: &mut Sheet, view: &View) -> GcsResult<()> {
+        let fee_bps = u64::from(self.state.config().protocol_fee_bps);
+        let fee_of = |cost: u64| cost.saturating_mul(fee_bps) / 10_000;
+        let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD).");
+        let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD).");
+        let job_leases = sheet.gauge("job_running_leases", "A job's leases running now.");
+        let node_earned = sheet
+            .gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD).");
+        let records = self.metering.list_usage(None, None).await?;
+        let mut by_job: BTreeMap<(Vec<u8>, String), (u64, u64, u64)> = BTreeMap::new();
+        let mut by_node: BTreeMap<(Vec<u8>, String), u64> = BTreeMap::new();
+        let (mut fees, mut running) = (0u64, 0u64);
+        for record in &records {
+            let account = payer(&record.payer_account);
+            let fee = fee_of(record.cost_micros);
+            fees = fees.saturating_add(fee);
+            running += u64::from(record.open);
+            if view.sees_account(&account) {
+                let entry = by_job.entry((record.job_id.clone(), account)).or_default();
+                entry.0 = entry.0.saturating_add(record.cost_micros);
+                entry.1 = entry.1.saturating_add(fee);
+                entry.2 += u64::from(record.open);
+            }
+            let own_node = match view {
+                View::All => true,
+                View::Node(node) => record.node_id == node.as_bytes(),
+                View::Account(_) | View::Public => false,
+            };
+            if own_node {
+                let entry = by_node.entry((record.node_id.clone(), record.provider_wallet.clone())).or_default();
+                *entry = entry.saturating_add(record.cost_micros.saturating_sub(fee));
+            }
+        }
+        for ((job, account), (cost, fee, leases)) in by_job {
+            let Ok(job) = JobId::from_bytes(&job) else { continue };
+            let labels = || vec![("job_id", job.to_string()), ("account", account.clone())];
+            set(&job_cost, labels(), usd(cost));
+            set(&job_fee, labels(), usd(fee));
+            set(&job_leases, labels(), leases as f64);
+        }
+        for ((node, wallet), earned) in by_node {
+            let Ok(node) = NodeId::from_bytes(&node) else { continue };
+            set(&node_earned, vec![("node_id", node.hex()), ("wallet", wallet)], usd(earned));
+        }
+
+        // The ledger's balances: credits of the payers the view sees, providers' settled
+        // earnings (a node sees its wallet's), the protocol's treasury (the operator's).
+        let credit = sheet.gauge("account_credit_usd", "A payer's prepaid credit left (USD; negative: debt).");
+        let provider =
+            sheet.gauge("provider_balance_usd", "A provider wallet's settled earnings not yet paid out (USD).");
+        let own_wallet = match view {
+            View::Node(node) => self.state.node(node).map(|node| node.wallet),
+            _ => None,
+        };
+        for (account, balance) in self.metering.balances().await? {
+            match account {
+                ionet_settlement::Account::Payer(name) if view.sees_account(&name) => {
+                    set(&credit, vec![("account", name)], balance as f64 / 1e6);
+                }
+                ionet_settlement::Account::Provider(wallet)
+                    if *view == View::All || own_wallet.as_deref() == Some(wallet.as_str()) =>
+                {
+                    set(&provider, vec![("wallet", wallet)], balance as f64 / 1e6);
+                }
+                ionet_settlement::Account::Treasury if *view == View::All => {
+                    let treasury = sheet.gauge("treasury_balance_usd", "The protocol's settled fees (USD).");
+                    set(&treasury, vec![], balance as f64 / 1e6);
+                }
+                _ => {}
+            }
+        }
+        if *view == View::All {
+            let fee_gauge = sheet.gauge("protocol_fees_usd", "The protocol's fees in all usage so far (USD).");
+            set(&fee_gauge, vec![], usd(fees));
+            let leases = sheet.gauge("leases_running", "Leases running now, on every node.");
+            set(&leases, vec![], running as f64);
+        }
+        Ok(())
+    }
+}
+
+/// A job's payer as metering bills it.
+fn payer(account: &str) -> String {
+    if account.trim().is_empty() {
+        DEFAULT_PAYER.to_string()
+    } else {
+        account.to_string()
+    }
+}
