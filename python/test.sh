@@ -21,7 +21,18 @@ if [ -x "$venv/bin/python" ] && ! "$venv/bin/python" -c "$runnable_by_all"; then
 fi
 if [ ! -x "$venv/bin/python" ]; then
   "$base_python" -m venv "$venv"
-  "$venv/bin/pip" install -q "maturin==1.16.*" cloudpickle numpy pyarrow pytest pytest-timeout
+fi
+# The test dependencies, added to a venv an earlier checkout made too. prometheus_client
+# is Prometheus's own parser of the metrics format (test_metrics.py).
+if ! "$venv/bin/python" -c "import maturin, cloudpickle, numpy, pyarrow, pytest, pytest_timeout, prometheus_client" 2>/dev/null; then
+  "$venv/bin/pip" install -q "maturin==1.16.*" cloudpickle numpy pyarrow pytest pytest-timeout prometheus_client
+fi
+# A real Prometheus server scrapes a head in test_metrics.py: Debian's package.
+if ! command -v prometheus >/dev/null; then
+  sudo_if_needed=""
+  if [ "$(id -u)" != 0 ]; then sudo_if_needed=sudo; fi
+  $sudo_if_needed apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 # From the repository root, so that the source tree's python/ionet (without the native
 # module) is not on sys.path in place of the installed package.

@@ -24,21 +24,17 @@
 //! unless the field is null.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ionet_common::authz::{decide_http, Authorizer, Principal};
-use ionet_common::rpc::{Incoming, ServerStream};
+use ionet_common::authz::{Authorizer, Principal};
 use ionet_common::IonetError;
-use tokio::sync::watch;
-use tokio_stream::StreamExt;
 
 use crate::metrics::{HeadMetrics, View};
 use crate::submissions::{Submissions, SubmitRequest};
@@ -74,89 +70,8 @@ pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authoriz
                 .put(upload_package)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_PACKAGE_BYTES as usize + 1)),
         )
-        .route_layer(middleware::from_fn_with_state(served.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(served.authorizer.clone(), crate::http::authorize))
         .with_state(served)
-}
-
-/// Serves `router` on `incoming` (see [`ionet_common::rpc::incoming_http`]) until `stopped`.
-pub async fn serve(router: Router, incoming: Incoming, local: SocketAddr, mut stopped: watch::Receiver<bool>) {
-    let listener = Connections { incoming, local };
-    let served = axum::serve(listener, router.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        },
-    );
-    if let Err(err) = served.await {
-        tracing::error!(error = %err, "the job server stopped");
-    }
-}
-
-/// The accepted connections (TLS or plain) as axum takes them.
-struct Connections {
-    incoming: Incoming,
-    local: SocketAddr,
-}
-
-/// The address a request came from (for refusals' log lines).
-#[derive(Clone, Copy, Debug)]
-struct Peer(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Connections>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Connections>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::serve::Listener for Connections {
-    type Io = ServerStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(stream)) => {
-                    use tonic::transport::server::Connected;
-                    let peer = stream.connect_info().remote_addr.unwrap_or(self.local);
-                    return (stream, peer);
-                }
-                Some(Err(err)) => tracing::debug!(error = %err, "a job server connection failed before its request"),
-                // The listener is gone: nothing more comes.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// Every request passes its route's row before its handler; the principal goes with it.
-async fn authorize(State(served): State<Served>, matched: MatchedPath, mut request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_string();
-    let route = matched.as_str().to_string();
-    let peer = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<Peer>>()
-        .map_or_else(|| "unknown".to_string(), |info| info.0 .0.to_string());
-    let header = request.headers().get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes().to_vec());
-    let principal = match served.authorizer.authenticate(header.as_deref()) {
-        Ok(principal) => principal,
-        Err(why) => {
-            tracing::warn!(%peer, %method, %route, reason = why, "refused an unauthenticated request");
-            let message = format!(
-                "{why}: send `Authorization: Bearer <credential>` with a credential the head issued (an account's \
-                 API key)"
-            );
-            return (StatusCode::UNAUTHORIZED, message).into_response();
-        }
-    };
-    if let Err(why) = decide_http(&principal, &method, &route) {
-        tracing::warn!(%peer, %method, %route, %principal, "refused a request: {why}");
-        return (StatusCode::FORBIDDEN, why).into_response();
-    }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
 }
 
 /// An error as the job server answers it: a status and what went wrong.

@@ -45,6 +45,7 @@
 
 pub mod actors;
 pub mod error;
+pub mod http;
 pub mod job_server;
 pub mod metering;
 pub mod metering_service;

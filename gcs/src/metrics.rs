@@ -163,6 +163,9 @@ impl HeadMetrics {
             self.work(&mut sheet, view);
         }
         self.money(&mut sheet, view).await?;
+        if *view == View::All {
+            ionet_common::rpc_metrics::rpc_metrics().register(&mut sheet.registry);
+        }
         let mut text = String::new();
         encode(&mut text, &sheet.registry).map_err(|err| crate::error::GcsError::Storage(err.to_string()))?;
         Ok(text)
@@ -170,15 +173,15 @@ impl HeadMetrics {
 
     /// The public face: nodes, their resources and prices, heartbeats.
     fn nodes(&self, sheet: &mut Sheet, _view: &View) {
-        let nodes_by_state = sheet.gauge("nodes", "Nodes by state.");
-        let info = sheet.gauge("node_info", "One per node: its state, GPU model and whether it is the head's.");
+        let nodes_by_state = sheet.gauge("nodes", "Nodes by state");
+        let info = sheet.gauge("node_info", "One per node: its state, GPU model and whether it is the head's");
         let total =
-            sheet.gauge("node_resource_total", "What a live node has, by resource (GPU, CPU, memory bytes, ...).");
-        let available = sheet.gauge("node_resource_available", "What a live node has free, by resource.");
-        let gpu_price = sheet.gauge("node_gpu_price_usd_per_hour", "What a node's provider asks per GPU-hour (USD).");
-        let cpu_price = sheet.gauge("node_cpu_price_usd_per_hour", "What a node's provider asks per CPU-hour (USD).");
-        let age = sheet.gauge("node_heartbeat_age_seconds", "Seconds since a live node's last heartbeat.");
-        let heartbeats = sheet.counter("heartbeats", "Heartbeats the head took since it started.");
+            sheet.gauge("node_resource_total", "What a live node has, by resource (GPU, CPU, memory bytes, ...)");
+        let available = sheet.gauge("node_resource_available", "What a live node has free, by resource");
+        let gpu_price = sheet.gauge("node_gpu_price_usd_per_hour", "What a node's provider asks per GPU-hour (USD)");
+        let cpu_price = sheet.gauge("node_cpu_price_usd_per_hour", "What a node's provider asks per CPU-hour (USD)");
+        let age = sheet.gauge("node_heartbeat_age_seconds", "Seconds since a live node's last heartbeat");
+        let heartbeats = sheet.counter("heartbeats", "Heartbeats the head took since it started");
         count(&heartbeats, vec![], self.state.heartbeats_received());
         for state in ["alive", "draining", "dead"] {
             set(&nodes_by_state, vec![("state", state.into())], 0.0);
@@ -227,7 +230,7 @@ impl HeadMetrics {
 
     /// Jobs, submissions and tasks of the accounts the view sees.
     fn work(&self, sheet: &mut Sheet, view: &View) {
-        let jobs = sheet.gauge("jobs", "Jobs by state and paying account.");
+        let jobs = sheet.gauge("jobs", "Jobs by state and paying account");
         for job in self.state.jobs() {
             let account = payer(&job.payer_account);
             if !view.sees_account(&account) {
@@ -236,7 +239,7 @@ impl HeadMetrics {
             let state = if job.state == JobState::Finished as i32 { "FINISHED" } else { "RUNNING" };
             jobs.get_or_create(&vec![("state", state.into()), ("account", account)]).inc();
         }
-        let submissions = sheet.gauge("submissions", "Submitted jobs by status and account.");
+        let submissions = sheet.gauge("submissions", "Submitted jobs by status and account");
         for submission in self.submissions.list(&Principal::Admin) {
             if view.sees_account(&submission.account) {
                 let labels =
@@ -244,13 +247,13 @@ impl HeadMetrics {
                 submissions.get_or_create(&labels).inc();
             }
         }
-        let tasks = sheet.gauge("tasks", "Tasks the head keeps a row of, by state and account.");
-        let events = sheet.counter("task_events", "Task events the head took, by account.");
-        let dropped = sheet.counter("task_events_dropped", "Task events their senders dropped (buffer full, refused).");
-        let forgotten = sheet.counter("tasks_forgotten", "Task rows the head forgot to stay within its bounds.");
-        let finished = sheet.counter("tasks_finished", "Tasks that finished, by account.");
+        let tasks = sheet.gauge("tasks", "Tasks the head keeps a row of, by state and account");
+        let events = sheet.counter("task_events", "Task events the head took, by account");
+        let dropped = sheet.counter("task_events_dropped", "Task events their senders dropped (buffer full, refused)");
+        let forgotten = sheet.counter("tasks_forgotten", "Task rows the head forgot to stay within its bounds");
+        let finished = sheet.counter("tasks_finished", "Tasks that finished, by account");
         let failed =
-            sheet.counter("tasks_failed", "Tasks that failed (their owner gave up, or their job ended first).");
+            sheet.counter("tasks_failed", "Tasks that failed (their owner gave up, or their job ended first)");
         for counts in self.tasks.counts(|account| view.sees_account(account)) {
             let account = || vec![("account", counts.account.clone())];
             for (state, rows) in counts.by_state.iter().enumerate().skip(1) {
@@ -272,11 +275,11 @@ impl HeadMetrics {
     async fn money(&self, sheet: &mut Sheet, view: &View) -> GcsResult<()> {
         let fee_bps = u64::from(self.state.config().protocol_fee_bps);
         let fee_of = |cost: u64| cost.saturating_mul(fee_bps) / 10_000;
-        let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD).");
-        let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD).");
-        let job_leases = sheet.gauge("job_running_leases", "A job's leases running now.");
+        let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD)");
+        let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD)");
+        let job_leases = sheet.gauge("job_running_leases", "A job's leases running now");
         let node_earned = sheet
-            .gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD).");
+            .gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD)");
         let records = self.metering.list_usage(None, None).await?;
         let mut by_job: BTreeMap<(Vec<u8>, String), (u64, u64, u64)> = BTreeMap::new();
         let mut by_node: BTreeMap<(Vec<u8>, String), u64> = BTreeMap::new();
@@ -316,9 +319,9 @@ impl HeadMetrics {
 
         // The ledger's balances: credits of the payers the view sees, providers' settled
         // earnings (a node sees its wallet's), the protocol's treasury (the operator's).
-        let credit = sheet.gauge("account_credit_usd", "A payer's prepaid credit left (USD; negative: debt).");
+        let credit = sheet.gauge("account_credit_usd", "A payer's prepaid credit left (USD; negative: debt)");
         let provider =
-            sheet.gauge("provider_balance_usd", "A provider wallet's settled earnings not yet paid out (USD).");
+            sheet.gauge("provider_balance_usd", "A provider wallet's settled earnings not yet paid out (USD)");
         let own_wallet = match view {
             View::Node(node) => self.state.node(node).map(|node| node.wallet),
             _ => None,
@@ -334,16 +337,16 @@ impl HeadMetrics {
                     set(&provider, vec![("wallet", wallet)], balance as f64 / 1e6);
                 }
                 ionet_settlement::Account::Treasury if *view == View::All => {
-                    let treasury = sheet.gauge("treasury_balance_usd", "The protocol's settled fees (USD).");
+                    let treasury = sheet.gauge("treasury_balance_usd", "The protocol's settled fees (USD)");
                     set(&treasury, vec![], balance as f64 / 1e6);
                 }
                 _ => {}
             }
         }
         if *view == View::All {
-            let fee_gauge = sheet.gauge("protocol_fees_usd", "The protocol's fees in all usage so far (USD).");
+            let fee_gauge = sheet.gauge("protocol_fees_usd", "The protocol's fees in all usage so far (USD)");
             set(&fee_gauge, vec![], usd(fees));
-            let leases = sheet.gauge("leases_running", "Leases running now, on every node.");
+            let leases = sheet.gauge("leases_running", "Leases running now, on every node");
             set(&leases, vec![], running as f64);
         }
         Ok(())

@@ -241,7 +241,7 @@ impl GcsServer {
             self.metrics.clone(),
             Authorizer::new(Some(self.issuer.verifier())),
         );
-        tokio::spawn(crate::job_server::serve(router, incoming, local, self.stopped.clone()));
+        tokio::spawn(crate::http::serve(router, incoming, local, self.stopped.clone()));
         tracing::info!(address = %local, "job server serving");
         Ok(local)
     }

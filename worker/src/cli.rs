@@ -207,6 +207,10 @@ pub struct StartArgs {
     /// same machine comes back at the address drivers and the cluster already know.
     #[arg(long = "node-manager-port", default_value_t = 0)]
     pub node_manager_port: u16,
+    /// Port of this node's Prometheus metrics (`/metrics`; 0 picks a free one: the head
+    /// lists every node's at `/api/prometheus/targets` for Prometheus to discover).
+    #[arg(long = "metrics-port", visible_alias = "metrics-export-port", default_value_t = 0)]
+    pub metrics_port: u16,
     /// Address the servers bind to. Loopback by default; bound to anything else, they
     /// speak TLS only (a node there joins a head serving TLS).
     #[arg(long = "bind", visible_alias = "host", default_value = "127.0.0.1")]

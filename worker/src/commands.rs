@@ -392,6 +392,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
         worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
+        metrics_port: Some(args.metrics_port),
     })
     .await?;
     node.wait_registered(Duration::from_secs(args.connect_timeout)).await?;
@@ -744,6 +745,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         object_store_capacity: args.object_store_memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
         worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
+        metrics_port: Some(args.metrics_port),
     })
     .await?;
     if let Err(err) = node.wait_registered(Duration::from_secs(args.connect_timeout)).await {

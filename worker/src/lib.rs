@@ -24,6 +24,7 @@ pub mod logging;
 pub mod logs;
 pub mod metering_commands;
 pub mod node_daemon;
+pub mod node_metrics;
 pub mod node_spec;
 pub mod objects;
 pub mod packages;

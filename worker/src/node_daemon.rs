@@ -89,6 +89,9 @@ pub struct NodeDaemonOptions {
     /// The cluster CA (PEM) when the cluster speaks TLS: the node then serves TLS only,
     /// under the certificate the head issues it at registration, and its workers too.
     pub cluster_ca: Option<String>,
+    /// Serve Prometheus metrics on this port (0: a free one) of `bind_host`
+    /// ([`crate::node_metrics`]); `None`: no metrics server.
+    pub metrics_port: Option<u16>,
 }
 
 /// How often a job's output is read for a driver following it (`StreamLogs`).
@@ -114,6 +117,8 @@ struct NodeShared {
     started: Instant,
     connected: AtomicBool,
     registrations: AtomicU64,
+    /// Heartbeats the head took (a metric).
+    heartbeats_sent: AtomicU64,
     tls: Option<NodeTls>,
     /// Woken when the node starts draining: the membership loop tells the head.
     drain_requested: tokio::sync::Notify,
@@ -543,6 +548,36 @@ impl NodeManager for NodeManagerService {
     }
 }
 
+/// Serves the node's metrics ([`crate::node_metrics`]) on `listener` until `stopped`:
+/// over TLS with the node's certificate when the cluster speaks TLS.
+fn serve_metrics(
+    shared: &Arc<NodeShared>,
+    listener: TcpListener,
+    stopped: watch::Receiver<bool>,
+) -> IonetResult<tokio::task::JoinHandle<()>> {
+    let local = listener.local_addr()?;
+    let incoming = rpc::incoming_http(listener, shared.tls.as_ref().map(|tls| &tls.certificate))?;
+    let reader = Arc::downgrade(shared);
+    let gpus: Vec<(u32, String)> = shared.info.gpus.iter().map(|gpu| (gpu.index, gpu.model.clone())).collect();
+    let read = Arc::new(move || {
+        let Some(shared) = reader.upgrade() else { return crate::node_metrics::NodeReadings::default() };
+        let indices: Vec<u32> = gpus.iter().map(|(index, _)| *index).collect();
+        crate::node_metrics::NodeReadings {
+            leases: shared.leases.readings(&indices),
+            total: shared.info.total.clone().unwrap_or_default().to_set().unwrap_or_default(),
+            store: shared.objects.store.stats(),
+            gpus: gpus.clone(),
+            heartbeats_sent: shared.heartbeats_sent.load(Ordering::Relaxed),
+            registrations: shared.registrations.load(Ordering::Relaxed),
+            connected: shared.connected.load(Ordering::Relaxed),
+            uptime_seconds: shared.started.elapsed().as_secs_f64(),
+        }
+    });
+    let router = crate::node_metrics::router(shared.node_id, read, shared.authorizer.clone());
+    tracing::info!(address = %local, "node metrics serving");
+    Ok(tokio::spawn(ionet_gcs::http::serve(router, incoming, local, stopped)))
+}
+
 impl NodeDaemon {
     /// Binds the node's server and starts the registration/heartbeat loop. Returns once
     /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
@@ -563,7 +598,17 @@ impl NodeDaemon {
         let scheme = if node_tls.is_some() { "https://" } else { "" };
         let advertised = format!("{scheme}{}:{}", options.advertise_host, address.port());
         let incoming = rpc::incoming(listener, node_tls.as_ref().map(|tls| &tls.certificate))?;
+        let metrics_listener = match options.metrics_port {
+            Some(port) => Some(TcpListener::bind((options.bind_host.as_str(), port)).await.map_err(|err| {
+                IonetError::Unavailable(format!("cannot bind the metrics server on {}:{port}: {err}", options.bind_host))
+            })?),
+            None => None,
+        };
         let mut info = options.spec.to_node_info(&node_id, &advertised, options.is_head);
+        if let Some(listener) = &metrics_listener {
+            let http_scheme = if node_tls.is_some() { "https://" } else { "http://" };
+            info.metrics_address = format!("{http_scheme}{}:{}", options.advertise_host, listener.local_addr()?.port());
+        }
         info.public_key = options.node_key.public_key().to_vec();
         info.no_workloads = !options.runs_workloads;
         let credential = SharedCredential::new(&options.join_credential);
@@ -643,6 +688,7 @@ impl NodeDaemon {
             started: Instant::now(),
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
+            heartbeats_sent: AtomicU64::new(0),
             tls: node_tls,
             drain_requested: tokio::sync::Notify::new(),
             drain_told: AtomicBool::new(false),
@@ -670,13 +716,18 @@ impl NodeDaemon {
                 tracing::error!(error = %err, "node server failed");
             }
         });
+        let mut tasks = vec![serve];
+        if let Some(listener) = metrics_listener {
+            tasks.push(serve_metrics(&shared, listener, stopped.clone())?);
+        }
         let channel = rpc::connect_lazy_shared(&options.gcs_address, &credential, Duration::from_secs(2))?;
         let client = GcsClient::new(channel.clone());
         shared.leases.attach_control_store(channel);
         let heartbeat = tokio::spawn(run_membership(shared.clone(), client, options.config.clone(), stopped.clone()));
         let reaper = tokio::spawn(reap_idle_workers(shared.leases.clone(), stopped));
         tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");
-        Ok(Self { shared, address, stop, tasks: vec![serve, heartbeat, reaper] })
+        tasks.extend([heartbeat, reaper]);
+        Ok(Self { shared, address, stop, tasks })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -972,6 +1023,7 @@ async fn run_membership(
             match client.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
+                    shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                     // The head renews the node's credential before it runs out.
                     if let Ok(renewed) = Bearer::new(&reply.get_ref().node_credential) {
                         shared.credential.replace(&renewed);

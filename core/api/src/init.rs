@@ -310,6 +310,8 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
         // The embedded cluster runs the program's own code: as the program's user.
         worker_identities: None,
         cluster_ca: None,
+        // The program's own embedded cluster: no metrics server (ionet start serves one).
+        metrics_port: None,
     })
     .await?;
     node.wait_registered(Duration::from_secs(30)).await?;

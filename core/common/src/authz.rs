@@ -587,12 +587,22 @@ where
         let header = request.headers().get(AUTHORIZATION).map(|value| value.as_bytes());
         let peer =
             request.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|info| info.remote_addr());
+        let method = crate::rpc_metrics::method_label(request.uri().path());
         match self.authorizer.admit(request.uri().path(), header, peer) {
             Ok(principal) => {
                 request.extensions_mut().insert(principal);
-                Box::pin(self.inner.call(request))
+                let started = std::time::Instant::now();
+                let answer = self.inner.call(request);
+                Box::pin(async move {
+                    let answered = answer.await;
+                    crate::rpc_metrics::rpc_metrics().answered(method, started.elapsed());
+                    answered
+                })
             }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                crate::rpc_metrics::rpc_metrics().refused(method, status.code());
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
         }
     }
 }

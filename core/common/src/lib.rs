@@ -36,6 +36,7 @@ pub mod jobs;
 pub mod lease;
 pub mod resources;
 pub mod rpc;
+pub mod rpc_metrics;
 pub mod tls;
 pub mod worker_env;
 

@@ -85,6 +85,23 @@ struct Worker {
 }
 
 /// The lease side of a node daemon.
+/// A node's leases and workers at one moment ([`Leases::readings`]).
+#[derive(Clone, Debug, Default)]
+pub struct LeaseReadings {
+    pub workers: usize,
+    pub idle_workers: usize,
+    pub leases: usize,
+    /// Leases granted since the daemon started.
+    pub granted_total: u64,
+    /// Requests waiting here for resources.
+    pub waiting: usize,
+    /// Placement-group bundles reserved here.
+    pub bundles: usize,
+    pub available: ResourceSet,
+    /// Each GPU index with the share of it leased out (0 to 1).
+    pub gpus_leased: Vec<(u32, f64)>,
+}
+
 pub struct Leases {
     node_id: NodeId,
     address: String,
@@ -432,6 +449,25 @@ impl Leases {
 
     pub fn worker_count(&self) -> usize {
         self.lock().processes.len()
+    }
+
+    /// The node's work in numbers, for its `/metrics`; `gpus` names the node's GPU
+    /// indices (each read as the share of it leased out).
+    pub fn readings(&self, gpus: &[u32]) -> LeaseReadings {
+        let state = self.lock();
+        LeaseReadings {
+            workers: state.processes.len(),
+            idle_workers: state.idle_count(),
+            leases: state.leases.len(),
+            granted_total: state.granted_total,
+            waiting: state.waiters.len(),
+            bundles: state.bundles.len(),
+            available: clamped(&state.available),
+            gpus_leased: gpus
+                .iter()
+                .map(|index| (*index, 1.0 - state.gpus.free_share(*index).map_or(0.0, |free| free.as_f64())))
+                .collect(),
+        }
     }
 
     /// Replaces the cluster view with the control store's node table.

@@ -132,6 +132,8 @@ pub(super) struct LeaseState {
     pub released_leases: usize,
     /// When holders were last pressed to give back idle leases.
     pub pressed_at: Option<Instant>,
+    /// Leases granted since the daemon started (a metric).
+    pub granted_total: u64,
 }
 
 impl LeaseState {
@@ -148,6 +150,7 @@ impl LeaseState {
             next_ticket: 0,
             released_leases: 0,
             pressed_at: None,
+            granted_total: 0,
         }
     }
 
@@ -213,6 +216,7 @@ impl LeaseState {
         }
         process.doing = Doing::Leased(lease_id);
         self.leases.insert(lease_id, granted);
+        self.granted_total += 1;
         true
     }
 

@@ -1,0 +1,206 @@
+"""Prometheus metrics: the head's `/metrics`, read by Prometheus's own parser, shows
+tasks, nodes and money, its counters moving as tasks run; a real Prometheus server
+scraping the head with a metrics token answers a PromQL query for a job's cost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+import ionet
+from ionet import _ionet
+
+from conftest import GPU_TYPE, ProcessCluster, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+# $36 a GPU-hour: a cent a GPU-second, so a second of work shows.
+PRICE_PER_GPU_HOUR = "36"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
+    try:
+        # The head runs nothing; a provider's node with two priced (simulated) GPUs.
+        cluster.start_head(num_cpus=0)
+        cluster.command(
+            "start", "--address", cluster.head_address, "--num-cpus", "2", "--num-gpus", "2",
+            "--gpu-type", GPU_TYPE, "--price-per-gpu-hour", PRICE_PER_GPU_HOUR,
+        )  # fmt: skip
+        cluster.command("credits", "add", "--account", "default", "--amount", "100")
+        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace="metrics")
+        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == 2, what="two alive nodes")
+        yield cluster
+    finally:
+        ionet.shutdown()
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def scraper_token(cluster):
+    """The credential a scraper holds: reads /metrics, nothing else."""
+    return json.loads(cluster.command("token", "create", "--role", "metrics", "--json"))["token"]
+
+
+def job_server(cluster):
+    address, _operator, ca = _ionet.job_server_defaults(str(cluster.session_dir))
+    return address, ca
+
+
+def scrape(cluster, credential):
+    """{(sample name, sorted labels): value} of the head's /metrics, read by Prometheus's
+    OpenMetrics parser (which refuses anything malformed)."""
+    address, ca = job_server(cluster)
+    context = ssl.create_default_context(cadata=ca) if address.startswith("https://") else None
+    request = urllib.request.Request(address + "/metrics", headers={"Authorization": f"Bearer {credential}"})
+    with urllib.request.urlopen(request, timeout=30, context=context) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@ionet.remote(num_gpus=1)
+def train(step):
+    time.sleep(0.2)
+    return step
+
+
+@ionet.remote(num_gpus=1)
+def diverge():
+    raise ValueError("the loss is NaN")
+
+
+def test_metrics_show_work_and_money_and_move_as_tasks_run(cluster, scraper_token):
+    before = scrape(cluster, scraper_token)
+    finished_before = value(before, "ionet_tasks_finished_total", account="default") or 0
+    failed_before = value(before, "ionet_tasks_failed_total", account="default") or 0
+    node = next(node for node in ionet.nodes() if node["Resources"].get("GPU"))
+    node_id = node["NodeID"]
+    assert value(before, "ionet_node_gpu_price_usd_per_hour", node_id=node_id, gpu_type=GPU_TYPE) == 36.0
+    assert value(before, "ionet_node_resource_total", node_id=node_id, resource="GPU") == 2.0
+    assert value(before, "ionet_nodes", state="alive") == 2.0
+
+    assert ionet.get([train.remote(step) for step in range(20)], timeout=120) == list(range(20))
+    with pytest.raises(Exception, match="the loss is NaN"):
+        ionet.get(diverge.remote(), timeout=120)
+    job = ionet.get_runtime_context().get_job_id()
+
+    def moved():
+        now = scrape(cluster, scraper_token)
+        finished = value(now, "ionet_tasks_finished_total", account="default") or 0
+        failed = value(now, "ionet_tasks_failed_total", account="default") or 0
+        return finished >= finished_before + 20 and failed >= failed_before + 1
+
+    wait_for(moved, timeout=30, what="the task counters moved")
+    after = scrape(cluster, scraper_token)
+    # 21 GPU tasks of at least 0.2 s at a cent a GPU-second: at least 4 cents.
+    cost = value(after, "ionet_job_cost_usd", job_id=job, account="default")
+    assert cost is not None and cost >= 0.04, sorted(key for key in after if key[0] == "ionet_job_cost_usd")
+    fee = value(after, "ionet_job_fee_usd", job_id=job, account="default")
+    assert fee == pytest.approx(cost * 0.025, rel=0.05, abs=1e-6)
+    earned = [v for (name, labels), v in after.items() if name == "ionet_node_earned_usd" and ("node_id", node_id) in labels]
+    assert earned and earned[0] > 0, "the provider's node has earned"
+    assert value(after, "ionet_account_credit_usd", account="default") is not None
+    assert value(after, "ionet_heartbeats_total") > value(before, "ionet_heartbeats_total")
+
+
+def test_an_account_reads_its_own_metrics_only(cluster, scraper_token):
+    key = json.loads(cluster.command("account", "create", "acme", "--json"))["api_key"]
+    mine = scrape(cluster, key)
+    assert value(mine, "ionet_nodes", state="alive") == 2.0, "the public face"
+    assert not any(dict(labels).get("account") == "default" for _, labels in mine), "nothing of another account"
+    # A token that reads metrics starts nothing: the job server refuses it.
+    address, ca = job_server(cluster)
+    context = ssl.create_default_context(cadata=ca) if address.startswith("https://") else None
+    request = urllib.request.Request(address + "/api/jobs/", headers={"Authorization": f"Bearer {scraper_token}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30, context=context)
+    assert refused.value.code == 403
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_prometheus_server_scrapes_the_head_and_answers_a_jobs_cost(cluster, scraper_token, tmp_path):
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "Debian's prometheus package is installed by python/test.sh"
+    assert ionet.get([train.remote(step) for step in range(5)], timeout=120) == list(range(5))
+    job = ionet.get_runtime_context().get_job_id()
+    address, ca = job_server(cluster)
+    target = urllib.parse.urlsplit(address)
+    (tmp_path / "token").write_text(scraper_token)
+    scrape_config = {
+        "job_name": "ionet",
+        "scheme": target.scheme,
+        "metrics_path": "/metrics",
+        "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "token")},
+        "static_configs": [{"targets": [target.netloc]}],
+    }
+    if target.scheme == "https":
+        (tmp_path / "ca.pem").write_text(ca)
+        scrape_config["tls_config"] = {"ca_file": str(tmp_path / "ca.pem")}
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [scrape_config]}
+    # JSON is YAML: Prometheus reads it as it is.
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "wb"),
+    )
+
+    def query(promql):
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                answer = json.load(response)
+        except OSError:
+            return None
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    try:
+        cost = f'ionet_job_cost_usd{{job_id="{job}"}}'
+        wait_for(lambda: bool(query(cost)), timeout=60, what=f"Prometheus answering {cost}")
+        (series,) = query(cost)
+        assert series["metric"]["account"] == "default" and float(series["value"][1]) > 0, series
+        (up,) = query('up{job="ionet"}')
+        assert up["value"][1] == "1", "the scrape succeeds (TLS, the bearer token)"
+        finished = query('sum(ionet_tasks_finished_total{account="default"})')
+        assert finished and float(finished[0]["value"][1]) >= 5, finished
+    except AssertionError:
+        server.terminate()
+        server.wait(timeout=30)
+        print((tmp_path / "prometheus.log").read_text()[-4000:])
+        raise
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)

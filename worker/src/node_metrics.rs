@@ -1,0 +1,142 @@
+//! A node daemon's Prometheus metrics: `GET /metrics` on its metrics port (`ionet start
+//! --metrics-port`, a free one by default; the head lists every node's for Prometheus's
+//! HTTP service discovery at `/api/prometheus/targets`). Served over TLS with the node's
+//! certificate whenever the cluster speaks TLS, behind the same row of
+//! [`ionet_common::authz::HTTP_TABLE`] as the head's; a node's numbers are its provider's
+//! machine, so they are shown to the operator, the metrics scraper and the node itself.
+//!
+//! What it shows: workers (idle and leased), leases running, granted and waiting,
+//! bundles, resources total and free, each GPU's share leased out, the object store's
+//! use and spills, heartbeats sent and registrations, and the gRPC calls of the node's
+//! servers (counted and timed by the authorization layer). GPU utilisation and memory as
+//! the hardware sees them (NVML) are not read yet: machines here have no GPU.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ionet_common::authz::{Authorizer, Principal};
+use ionet_common::resources::{ResourceSet, ACCELERATOR_PREFIX};
+use ionet_common::NodeId;
+use ionet_object_store::StoreStats;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::lease::LeaseReadings;
+
+/// What one scrape reads of the node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeReadings {
+    pub leases: LeaseReadings,
+    pub total: ResourceSet,
+    pub store: StoreStats,
+    /// Each GPU index and its model.
+    pub gpus: Vec<(u32, String)>,
+    pub heartbeats_sent: u64,
+    pub registrations: u64,
+    pub connected: bool,
+    pub uptime_seconds: f64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge<f64, AtomicU64>> {
+    let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let family = Family::<Labels, Counter<u64>>::default();
+    registry.register(name, help, family.clone());
+    family.get_or_create(&vec![]).inc_by(value);
+}
+
+fn single(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    gauge(registry, name, help).get_or_create(&vec![]).set(value);
+}
+
+/// `readings` as OpenMetrics text, prefixed `ionet_node_` (and the calls `ionet_rpc_`).
+pub fn render(readings: &NodeReadings) -> String {
+    let mut registry = Registry::with_prefix("ionet");
+    let node = &mut registry;
+    let leases = &readings.leases;
+    let workers = gauge(node, "node_workers", "Worker processes of this node, by state");
+    workers.get_or_create(&vec![("state", "idle".into())]).set(leases.idle_workers as f64);
+    let busy = leases.workers.saturating_sub(leases.idle_workers);
+    workers.get_or_create(&vec![("state", "leased".into())]).set(busy as f64);
+    single(node, "node_leases_running", "Leases this node holds granted now", leases.leases as f64);
+    counter(node, "node_leases_granted", "Leases this node granted since it started", leases.granted_total);
+    single(node, "node_lease_requests_waiting", "Lease requests waiting here for resources", leases.waiting as f64);
+    single(node, "node_bundles", "Placement-group bundles reserved on this node", leases.bundles as f64);
+    let total = gauge(node, "node_resources_total", "What this node offers, by resource");
+    let available = gauge(node, "node_resources_available", "What this node has free, by resource");
+    for (family, set) in [(&total, &readings.total), (&available, &leases.available)] {
+        for (resource, quantity) in set.iter().filter(|(name, _)| !name.starts_with(ACCELERATOR_PREFIX)) {
+            family.get_or_create(&vec![("resource", resource.to_string())]).set(quantity.as_f64());
+        }
+    }
+    let gpus = gauge(node, "node_gpu_leased_ratio", "The share of each GPU leased out (0 to 1)");
+    for (index, leased) in &leases.gpus_leased {
+        let model = readings.gpus.iter().find(|(at, _)| at == index).map(|(_, model)| model.clone());
+        gpus.get_or_create(&vec![("gpu", index.to_string()), ("gpu_type", model.unwrap_or_default())]).set(*leased);
+    }
+    let store = &readings.store;
+    single(node, "node_object_store_capacity_bytes", "The object store's shared memory", store.capacity as f64);
+    let bytes = gauge(node, "node_object_store_bytes", "Bytes of objects, by where they are");
+    bytes.get_or_create(&vec![("location", "memory".into())]).set(store.bytes_in_memory as f64);
+    bytes.get_or_create(&vec![("location", "spilled".into())]).set(store.bytes_spilled as f64);
+    bytes.get_or_create(&vec![("location", "pinned".into())]).set(store.bytes_pinned as f64);
+    let objects = gauge(node, "node_object_store_objects", "Objects, by where they are");
+    objects.get_or_create(&vec![("location", "memory".into())]).set(store.objects_in_memory as f64);
+    objects.get_or_create(&vec![("location", "spilled".into())]).set(store.objects_spilled as f64);
+    objects.get_or_create(&vec![("location", "unsealed".into())]).set(store.objects_unsealed as f64);
+    counter(node, "node_heartbeats_sent", "Heartbeats the head took from this node", readings.heartbeats_sent);
+    counter(node, "node_registrations", "Times this node registered with the head", readings.registrations);
+    single(node, "node_connected", "1 while the head answers this node's heartbeats", f64::from(u8::from(readings.connected)));
+    single(node, "node_uptime_seconds", "Seconds since this daemon started", readings.uptime_seconds);
+    ionet_common::rpc_metrics::rpc_metrics().register(node);
+    let mut text = String::new();
+    if let Err(err) = encode(&mut text, &registry) {
+        tracing::error!(error = %err, "could not encode the node's metrics");
+    }
+    text
+}
+
+#[derive(Clone)]
+struct Served {
+    node_id: NodeId,
+    read: Arc<dyn Fn() -> NodeReadings + Send + Sync>,
+}
+
+/// The metrics server's routes: `/metrics`, behind the authorization table.
+pub fn router(node_id: NodeId, read: Arc<dyn Fn() -> NodeReadings + Send + Sync>, authorizer: Authorizer) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::new(authorizer), ionet_gcs::http::authorize))
+        .with_state(Served { node_id, read })
+}
+
+async fn metrics(State(served): State<Served>, request: Request) -> Response {
+    match ionet_gcs::http::principal(request.extensions()) {
+        Some(Principal::Admin | Principal::Metrics) => {}
+        Some(Principal::Node(node)) if node == served.node_id => {}
+        Some(other) => {
+            let why = format!("{other} may not read node {}'s metrics: the operator's, a scraper's or its own", served.node_id.short());
+            return (StatusCode::FORBIDDEN, why).into_response();
+        }
+        None => return (StatusCode::FORBIDDEN, "the request did not pass authorization").into_response(),
+    }
+    let read = served.read.clone();
+    match tokio::task::spawn_blocking(move || render(&read())).await {
+        Ok(text) => ([(axum::http::header::CONTENT_TYPE, ionet_gcs::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the metrics failed: {err}")).into_response(),
+    }
+}
