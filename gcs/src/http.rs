@@ -109,4 +109,3 @@ pub async fn authorize(
     request.extensions_mut().insert(principal);
     next.run(request).await
 }
-

@@ -57,6 +57,7 @@ pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authoriz
     let served = Served { submissions, metrics, authorizer: Arc::new(authorizer) };
     Router::new()
         .route("/metrics", get(metrics_text))
+        .route("/api/prometheus/targets", get(prometheus_targets))
         .route("/api/version", get(version))
         .route("/api/jobs/", get(list).post(submit))
         .route("/api/jobs", get(list).post(submit))
@@ -115,6 +116,13 @@ async fn metrics_text(State(served): State<Served>, request: Request) -> Answer 
         .ok_or_else(|| Failure(StatusCode::FORBIDDEN, format!("{principal} may not read the metrics")))?;
     let text = served.metrics.render(&view).await.map_err(IonetError::from)?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// Prometheus's HTTP service discovery: every live node daemon's metrics server, with
+/// its node's id, GPU model and whether it is the head's (what `GetAllNodes` shows anyone
+/// holding a credential).
+async fn prometheus_targets(State(served): State<Served>) -> Json<serde_json::Value> {
+    Json(serde_json::Value::Array(served.metrics.node_targets()))
 }
 
 async fn version() -> Json<serde_json::Value> {

@@ -10,8 +10,8 @@
 //! account's key the cluster's public face (nodes, their resources and prices, as
 //! `Gcs/GetAllNodes` shows) and its own account's jobs, tasks, bills and credit; a node's
 //! credential the public face and its own node's earnings and its wallet's balance; a
-//! job's or a submission's credential (providers' nodes hold those) the public face
-//! only. Counters (`…_total`) only grow while the head runs
+//! job's or a submission's credential (providers' nodes hold those) and the node
+//! scraper's (`--role node-metrics`, which node daemons see) the public face only. Counters (`…_total`) only grow while the head runs
 //! (task events taken, tasks ended, heartbeats); gauges are the state at the scrape.
 
 use std::collections::BTreeMap;
@@ -58,7 +58,7 @@ impl View {
             Principal::Admin | Principal::Metrics => Some(View::All),
             Principal::Node(node) => Some(View::Node(*node)),
             Principal::Account(account) => Some(View::Account(account.to_string())),
-            Principal::Job { .. } | Principal::Submission { .. } => Some(View::Public),
+            Principal::Job { .. } | Principal::Submission { .. } | Principal::NodeMetrics => Some(View::Public),
             Principal::Joiner | Principal::Control => None,
         }
     }
@@ -171,6 +171,37 @@ impl HeadMetrics {
         Ok(text)
     }
 
+    /// Every live node's metrics server as Prometheus's HTTP service discovery lists
+    /// targets. A node names its own (`NodeInfo.metrics_address`); one whose host is not
+    /// its node's host is left out, so a provider cannot point the scraper elsewhere.
+    pub fn node_targets(&self) -> Vec<serde_json::Value> {
+        let mut targets = Vec::new();
+        for node in self.state.nodes(false) {
+            let Ok(id) = NodeId::from_bytes(&node.node_id) else { continue };
+            let Some((scheme, host_port)) = node.metrics_address.split_once("://") else { continue };
+            let node_host = node.address.rsplit_once("://").map_or(node.address.as_str(), |(_, rest)| rest);
+            let host_of = |address: &str| address.rsplit_once(':').map(|(host, _)| host.to_string());
+            if !matches!(scheme, "http" | "https")
+                || host_of(host_port).is_none()
+                || host_of(host_port) != host_of(node_host)
+            {
+                tracing::warn!(node = %id.short(), metrics = %node.metrics_address, address = %node.address, "a node's metrics address is not on its host; not listed");
+                continue;
+            }
+            let gpu_type = node.gpus.first().map_or(node.accelerator_type.clone(), |gpu| gpu.model.clone());
+            targets.push(serde_json::json!({
+                "targets": [host_port],
+                "labels": {
+                    "__scheme__": scheme,
+                    "node_id": id.hex(),
+                    "gpu_type": gpu_type,
+                    "is_head": node.is_head.to_string(),
+                },
+            }));
+        }
+        targets
+    }
+
     /// The public face: nodes, their resources and prices, heartbeats.
     fn nodes(&self, sheet: &mut Sheet, _view: &View) {
         let nodes_by_state = sheet.gauge("nodes", "Nodes by state");
@@ -252,8 +283,7 @@ impl HeadMetrics {
         let dropped = sheet.counter("task_events_dropped", "Task events their senders dropped (buffer full, refused)");
         let forgotten = sheet.counter("tasks_forgotten", "Task rows the head forgot to stay within its bounds");
         let finished = sheet.counter("tasks_finished", "Tasks that finished, by account");
-        let failed =
-            sheet.counter("tasks_failed", "Tasks that failed (their owner gave up, or their job ended first)");
+        let failed = sheet.counter("tasks_failed", "Tasks that failed (their owner gave up, or their job ended first)");
         for counts in self.tasks.counts(|account| view.sees_account(account)) {
             let account = || vec![("account", counts.account.clone())];
             for (state, rows) in counts.by_state.iter().enumerate().skip(1) {
@@ -278,8 +308,8 @@ impl HeadMetrics {
         let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD)");
         let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD)");
         let job_leases = sheet.gauge("job_running_leases", "A job's leases running now");
-        let node_earned = sheet
-            .gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD)");
+        let node_earned =
+            sheet.gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD)");
         let records = self.metering.list_usage(None, None).await?;
         let mut by_job: BTreeMap<(Vec<u8>, String), (u64, u64, u64)> = BTreeMap::new();
         let mut by_node: BTreeMap<(Vec<u8>, String), u64> = BTreeMap::new();

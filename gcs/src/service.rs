@@ -779,10 +779,10 @@ impl Gcs for GcsService {
         let role: Role = request.role.parse().map_err(|err: ionet_common::IonetError| Status::from(err))?;
         let (default_ttl, max_ttl) = match role {
             Role::Join => (DEFAULT_JOIN_TTL, MAX_JOIN_TTL),
-            Role::Account | Role::Metrics => (DEFAULT_ACCOUNT_TTL, MAX_ACCOUNT_TTL),
+            Role::Account | Role::Metrics | Role::NodeMetrics => (DEFAULT_ACCOUNT_TTL, MAX_ACCOUNT_TTL),
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "tokens are made for joining nodes (`node`), accounts (`account`) and metrics scrapers (`metrics`); the {other} credential is the head's to write"
+                    "tokens are made for joining nodes (`node`), accounts (`account`) and metrics scrapers (`metrics`, `node-metrics`); the {other} credential is the head's to write"
                 )))
             }
         };

@@ -58,8 +58,8 @@ async fn every_route_is_served_behind_its_row() {
             Access::Read => assert_eq!((rule.route, status), ("/api/version", 200), "{body}"),
             // The public face of the cluster, nothing of any account's.
             Access::Metrics => {
-                assert_eq!((rule.route, status), ("/metrics", 200), "{body}");
-                assert!(body.contains("ionet_nodes") && !body.contains("account="), "{body}");
+                assert_eq!(status, 200, "{} {}: {body}", rule.method, rule.route);
+                assert!(!body.contains("account="), "{body}");
             }
             other => panic!("{} {} has an unexpected row: {other:?}", rule.method, rule.route),
         }
@@ -337,5 +337,50 @@ async fn metrics_show_each_credential_its_own_and_the_scrapers_token_reads_nothi
     let mut tenant = ionet_common::rpc::gcs_client(&address, &acme_key).await.unwrap();
     let refused = tenant.create_token(CreateTokenRequest { role: "metrics".into(), ..Default::default() }).await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn prometheus_discovers_each_nodes_metrics_on_its_own_host_only() {
+    use ionet_common::rpc::proto::common::NodeInfo;
+    let (server, base) = head().await;
+    let node = |address: &str, metrics: &str| NodeInfo {
+        node_id: ionet_common::NodeId::random().to_vec(),
+        address: address.into(),
+        metrics_address: metrics.into(),
+        public_key: vec![7; 32],
+        ..Default::default()
+    };
+    let honest = node("https://10.1.2.3:7000", "https://10.1.2.3:7001");
+    // A provider naming another machine's address as its metrics server: the scraper
+    // would send its token there.
+    let liar = node("https://10.1.2.4:7000", "https://10.9.9.9:443");
+    let silent = node("127.0.0.1:7000", "");
+    for info in [&honest, &liar, &silent] {
+        server.state().register_node(info.clone()).await.unwrap();
+    }
+    let admin = server.admin_credential(Duration::from_secs(60));
+    let mut operator = ionet_common::rpc::gcs_client(&server.address().to_string(), &admin).await.unwrap();
+    let token = operator
+        .create_token(CreateTokenRequest { role: "node-metrics".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (status, body) = call(&base, "GET", "/api/prometheus/targets", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let targets: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let honest_id = hex::encode(&honest.node_id);
+    assert_eq!(
+        targets,
+        serde_json::json!([{
+            "targets": ["10.1.2.3:7001"],
+            "labels": { "__scheme__": "https", "node_id": honest_id, "gpu_type": "", "is_head": "false" },
+        }])
+    );
+    // The node scraper's token reads the head's public face only.
+    let (status, body) = call(&base, "GET", "/metrics", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ionet_nodes{") && !body.contains("account=") && !body.contains("ionet_rpc"), "{body}");
     server.shutdown().await;
 }

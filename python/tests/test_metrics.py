@@ -1,10 +1,14 @@
 """Prometheus metrics: the head's `/metrics`, read by Prometheus's own parser, shows
-tasks, nodes and money, its counters moving as tasks run; a real Prometheus server
-scraping the head with a metrics token answers a PromQL query for a job's cost."""
+tasks, nodes and money, its counters moving as tasks run; each node daemon's shows its
+workers, leases and object store; a real Prometheus server, configured by
+examples/monitoring/prometheus.yml (the head with the metrics token, the nodes it
+discovers through the head with the node scraper's token), answers a PromQL query for a
+job's cost and every query of examples/monitoring/grafana-dashboard.json."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -13,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -32,8 +37,9 @@ PRICE_PER_GPU_HOUR = "36"
 def cluster(tmp_path_factory):
     cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
     try:
-        # The head runs nothing; a provider's node with two priced (simulated) GPUs.
-        cluster.start_head(num_cpus=0)
+        # The head (serving TLS, as a cluster across machines does) runs nothing; a
+        # provider's node with two priced (simulated) GPUs.
+        cluster.command("start", "--head", "--port", "0", "--num-cpus", "0", "--tls")
         cluster.command(
             "start", "--address", cluster.head_address, "--num-cpus", "2", "--num-gpus", "2",
             "--gpu-type", GPU_TYPE, "--price-per-gpu-hour", PRICE_PER_GPU_HOUR,
@@ -143,27 +149,73 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_a_prometheus_server_scrapes_the_head_and_answers_a_jobs_cost(cluster, scraper_token, tmp_path):
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "monitoring"
+
+
+def node_targets(cluster, credential):
+    address, ca = job_server(cluster)
+    request = urllib.request.Request(
+        address + "/api/prometheus/targets", headers={"Authorization": f"Bearer {credential}"}
+    )
+    with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca)) as response:
+        return json.load(response)
+
+
+def test_each_node_serves_its_own_metrics_to_the_node_scraper(cluster, scraper_token):
+    node_token = json.loads(cluster.command("token", "create", "--role", "node-metrics", "--json"))["token"]
+    targets = node_targets(cluster, node_token)
+    assert len(targets) == 2 and all(target["labels"]["__scheme__"] == "https" for target in targets), targets
+    (gpu_node,) = [target for target in targets if target["labels"]["gpu_type"] == GPU_TYPE]
+    _, ca = job_server(cluster)
+    url = f"https://{gpu_node['targets'][0]}/metrics"
+
+    def read(credential):
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {credential}"})
+        with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca)) as response:
+            samples = {}
+            for family in text_string_to_metric_families(response.read().decode()):
+                for sample in family.samples:
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            return samples
+
+    before = read(node_token)
+    # Tasks of a shape the driver holds no lease for: the node grants new ones.
+    half = train.options(num_gpus=0.5)
+    assert ionet.get([half.remote(step) for step in range(4)], timeout=120) == list(range(4))
+    after = read(node_token)
+    assert value(after, "ionet_node_leases_granted_total") > value(before, "ionet_node_leases_granted_total")
+    assert value(after, "ionet_node_resources_total", resource="GPU") == 2.0
+    assert value(after, "ionet_node_object_store_capacity_bytes") > 0
+    assert value(after, "ionet_node_gpu_leased_ratio", gpu="0", gpu_type=GPU_TYPE) is not None
+    assert value(after, "ionet_node_heartbeats_sent_total") > 0
+    assert any(name == "ionet_rpc_server_calls_total" for name, _ in after), "the node's gRPC calls are counted"
+    # The head's metrics token is never to reach a provider's daemon: refused, saying so.
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {scraper_token}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca))
+    assert refused.value.code == 403 and b"node-metrics" in refused.value.read()
+
+
+def test_a_prometheus_server_scrapes_the_cluster_and_answers_a_jobs_cost(cluster, scraper_token, tmp_path):
     prometheus = shutil.which("prometheus")
     assert prometheus, "Debian's prometheus package is installed by python/test.sh"
     assert ionet.get([train.remote(step) for step in range(5)], timeout=120) == list(range(5))
     job = ionet.get_runtime_context().get_job_id()
     address, ca = job_server(cluster)
-    target = urllib.parse.urlsplit(address)
-    (tmp_path / "token").write_text(scraper_token)
-    scrape_config = {
-        "job_name": "ionet",
-        "scheme": target.scheme,
-        "metrics_path": "/metrics",
-        "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "token")},
-        "static_configs": [{"targets": [target.netloc]}],
-    }
-    if target.scheme == "https":
-        (tmp_path / "ca.pem").write_text(ca)
-        scrape_config["tls_config"] = {"ca_file": str(tmp_path / "ca.pem")}
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [scrape_config]}
-    # JSON is YAML: Prometheus reads it as it is.
-    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    node_token = json.loads(cluster.command("token", "create", "--role", "node-metrics", "--json"))["token"]
+    # An epoch settled (providers' balances), and a call the head refuses (the node
+    # scraper's token settles nothing): every panel of the dashboard has data.
+    cluster.command("settle")
+    with pytest.raises(RuntimeError, match="may not call"):
+        cluster.command("settle", "--credential", node_token)
+    (tmp_path / "ionet-metrics.token").write_text(scraper_token)
+    (tmp_path / "ionet-node-metrics.token").write_text(node_token)
+    (tmp_path / "ionet-ca.pem").write_text(ca)
+    # The example configuration as an operator fills it in (and scraping every second).
+    config = (EXAMPLES / "prometheus.yml").read_text()
+    config = config.replace("HEAD_HOST:8265", urllib.parse.urlsplit(address).netloc)
+    config = config.replace("/etc/prometheus/", f"{tmp_path}/").replace("15s", "1s").replace("30s", "1s")
+    (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
     server = subprocess.Popen(
         [
@@ -191,10 +243,23 @@ def test_a_prometheus_server_scrapes_the_head_and_answers_a_jobs_cost(cluster, s
         wait_for(lambda: bool(query(cost)), timeout=60, what=f"Prometheus answering {cost}")
         (series,) = query(cost)
         assert series["metric"]["account"] == "default" and float(series["value"][1]) > 0, series
-        (up,) = query('up{job="ionet"}')
-        assert up["value"][1] == "1", "the scrape succeeds (TLS, the bearer token)"
+        # Every target is up: the head (TLS, the metrics token) and both node daemons,
+        # found through the head (TLS, the node scraper's token).
+        wait_for(lambda: len(query("up == 1") or []) == 3, timeout=60, what="three targets up")
+        granted = query('sum(ionet_node_leases_granted_total{job="ionet-nodes"})')
+        assert granted and float(granted[0]["value"][1]) >= 5, granted
         finished = query('sum(ionet_tasks_finished_total{account="default"})')
         assert finished and float(finished[0]["value"][1]) >= 5, finished
+        # Every panel of the Grafana dashboard is a query Prometheus takes, over metrics
+        # it has.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=5) as response:
+            names = set(json.load(response)["data"])
+        dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                assert query(target["expr"]) is not None, (panel["title"], target["expr"])
+                for name in re.findall(r"ionet_[a-z_]+", target["expr"]):
+                    assert name in names, (panel["title"], name)
     except AssertionError:
         server.terminate()
         server.wait(timeout=30)

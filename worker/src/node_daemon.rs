@@ -600,7 +600,10 @@ impl NodeDaemon {
         let incoming = rpc::incoming(listener, node_tls.as_ref().map(|tls| &tls.certificate))?;
         let metrics_listener = match options.metrics_port {
             Some(port) => Some(TcpListener::bind((options.bind_host.as_str(), port)).await.map_err(|err| {
-                IonetError::Unavailable(format!("cannot bind the metrics server on {}:{port}: {err}", options.bind_host))
+                IonetError::Unavailable(format!(
+                    "cannot bind the metrics server on {}:{port}: {err}",
+                    options.bind_host
+                ))
             })?),
             None => None,
         };

@@ -3,7 +3,10 @@
 //! HTTP service discovery at `/api/prometheus/targets`). Served over TLS with the node's
 //! certificate whenever the cluster speaks TLS, behind the same row of
 //! [`ionet_common::authz::HTTP_TABLE`] as the head's; a node's numbers are its provider's
-//! machine, so they are shown to the operator, the metrics scraper and the node itself.
+//! machine, so they are shown to the operator, the node scraper (`ionet token create
+//! --role node-metrics`: a token worth nothing anywhere else, since every provider's
+//! daemon sees it) and the node itself. The head's metrics token is refused here, so a
+//! misconfigured scrape never hands it to a provider.
 //!
 //! What it shows: workers (idle and leased), leases running, granted and waiting,
 //! bundles, resources total and free, each GPU's share leased out, the object store's
@@ -100,7 +103,12 @@ pub fn render(readings: &NodeReadings) -> String {
     objects.get_or_create(&vec![("location", "unsealed".into())]).set(store.objects_unsealed as f64);
     counter(node, "node_heartbeats_sent", "Heartbeats the head took from this node", readings.heartbeats_sent);
     counter(node, "node_registrations", "Times this node registered with the head", readings.registrations);
-    single(node, "node_connected", "1 while the head answers this node's heartbeats", f64::from(u8::from(readings.connected)));
+    single(
+        node,
+        "node_connected",
+        "1 while the head answers this node's heartbeats",
+        f64::from(u8::from(readings.connected)),
+    );
     single(node, "node_uptime_seconds", "Seconds since this daemon started", readings.uptime_seconds);
     ionet_common::rpc_metrics::rpc_metrics().register(node);
     let mut text = String::new();
@@ -126,10 +134,20 @@ pub fn router(node_id: NodeId, read: Arc<dyn Fn() -> NodeReadings + Send + Sync>
 
 async fn metrics(State(served): State<Served>, request: Request) -> Response {
     match ionet_gcs::http::principal(request.extensions()) {
-        Some(Principal::Admin | Principal::Metrics) => {}
+        Some(Principal::Admin | Principal::NodeMetrics) => {}
         Some(Principal::Node(node)) if node == served.node_id => {}
+        // The head's scraper token reads every account's money there; a provider's
+        // daemon must never be sent it.
+        Some(Principal::Metrics) => {
+            let why = "a node daemon takes the node scraper's token (`ionet token create --role node-metrics`), \
+                       not the head's metrics token: the node's provider would see it";
+            return (StatusCode::FORBIDDEN, why).into_response();
+        }
         Some(other) => {
-            let why = format!("{other} may not read node {}'s metrics: the operator's, a scraper's or its own", served.node_id.short());
+            let why = format!(
+                "{other} may not read node {}'s metrics: the operator's, a scraper's or its own",
+                served.node_id.short()
+            );
             return (StatusCode::FORBIDDEN, why).into_response();
         }
         None => return (StatusCode::FORBIDDEN, "the request did not pass authorization").into_response(),

@@ -64,6 +64,8 @@ pub enum Principal {
     Submission { id: Arc<str>, nonce: Arc<str>, account: Arc<str> },
     /// A metrics scraper: reads `/metrics` as the operator sees it, nothing else.
     Metrics,
+    /// A scraper of node daemons: reads their `/metrics` (the head's public face only).
+    NodeMetrics,
 }
 
 impl Principal {
@@ -106,7 +108,11 @@ impl Principal {
             Principal::Account(own)
             | Principal::Job { account: own, .. }
             | Principal::Submission { account: own, .. } => **own == *account,
-            Principal::Joiner | Principal::Node(_) | Principal::Control | Principal::Metrics => false,
+            Principal::Joiner
+            | Principal::Node(_)
+            | Principal::Control
+            | Principal::Metrics
+            | Principal::NodeMetrics => false,
         }
     }
 
@@ -118,7 +124,11 @@ impl Principal {
             Principal::Account(account) | Principal::Job { account, .. } | Principal::Submission { account, .. } => {
                 Some(account)
             }
-            Principal::Joiner | Principal::Node(_) | Principal::Control | Principal::Metrics => None,
+            Principal::Joiner
+            | Principal::Node(_)
+            | Principal::Control
+            | Principal::Metrics
+            | Principal::NodeMetrics => None,
         }
     }
 
@@ -143,6 +153,7 @@ impl fmt::Display for Principal {
             Principal::Control => f.write_str("the head's control plane"),
             Principal::Submission { id, account, .. } => write!(f, "submitted job {id} (account {account})"),
             Principal::Metrics => f.write_str("metrics scraper"),
+            Principal::NodeMetrics => f.write_str("node metrics scraper"),
         }
     }
 }
@@ -207,6 +218,7 @@ impl Access {
             (
                 Access::Metrics,
                 Principal::Metrics
+                | Principal::NodeMetrics
                 | Principal::Node(_)
                 | Principal::Account(_)
                 | Principal::Job { .. }
@@ -232,7 +244,7 @@ impl Access {
             Access::TenantOrNode => {
                 "a credential of a job of the account this process belongs to, or a node credential"
             }
-            Access::Metrics => "a metrics, node, account, job or submission credential",
+            Access::Metrics => "a metrics, node-metrics, node, account, job or submission credential",
         }
     }
 }
@@ -378,6 +390,8 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     // Prometheus metrics: the operator's and the scraper's whole view; a tenant's
     // credential its account's part, a node's its own (`gcs::metrics`).
     http("GET", "/metrics", Access::Metrics),
+    // Prometheus's service discovery of node daemons' metrics (the public node table).
+    http("GET", "/api/prometheus/targets", Access::Metrics),
 ];
 
 /// Whether `principal` may make a `method` request to `route` of the head's HTTP server.
@@ -414,6 +428,7 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
         Role::Admin => Ok(Principal::Admin),
         Role::Control => Ok(Principal::Control),
         Role::Metrics => Ok(Principal::Metrics),
+        Role::NodeMetrics => Ok(Principal::NodeMetrics),
         Role::Join => Ok(Principal::Joiner),
         Role::Node => claims
             .node_id
@@ -755,6 +770,7 @@ mod tests {
             assert_eq!(decide(&Principal::Joiner, path, None).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
             // A metrics scraper's token makes no call at all (it reads `/metrics` only).
             assert!(decide(&Principal::Metrics, path, None).is_err(), "{path}");
+            assert!(decide(&Principal::NodeMetrics, path, None).is_err(), "{path}");
             // An account's key starts jobs, uploads its packages, and reads.
             let account_may = path == "/ionet.gcs.Gcs/AddJob" || matches!(rule.access, Access::Read | Access::Submit);
             assert_eq!(decide(&Principal::Account("a".into()), path, None).is_ok(), account_may, "{path}");
@@ -776,7 +792,7 @@ mod tests {
             assert_eq!(decide(&stranger, path, Some("acme")).is_ok(), job_may, "{path}");
         }
         for rule in HTTP_TABLE {
-            let scraper_may = (rule.method, rule.route) == ("GET", "/metrics");
+            let scraper_may = rule.method == "GET" && matches!(rule.route, "/metrics" | "/api/prometheus/targets");
             assert_eq!(
                 decide_http(&Principal::Metrics, rule.method, rule.route).is_ok(),
                 scraper_may,

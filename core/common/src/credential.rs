@@ -55,6 +55,10 @@ pub enum Role {
     /// view of the cluster and its money, and nothing else (`ionet token create --role
     /// metrics`), so the scraper's configuration holds no right to act.
     Metrics,
+    /// A scraper of node daemons (`ionet token create --role node-metrics`): reads each
+    /// node's `/metrics` and, on the head, only the public face. Providers' daemons see
+    /// it, so it is worth nothing to them.
+    NodeMetrics,
 }
 
 impl fmt::Display for Role {
@@ -68,6 +72,7 @@ impl fmt::Display for Role {
             Role::Control => "control",
             Role::Submission => "submission",
             Role::Metrics => "metrics",
+            Role::NodeMetrics => "node-metrics",
         })
     }
 }
@@ -82,8 +87,9 @@ impl std::str::FromStr for Role {
             "account" => Ok(Role::Account),
             "job" => Ok(Role::Job),
             "metrics" => Ok(Role::Metrics),
+            "node-metrics" => Ok(Role::NodeMetrics),
             other => Err(IonetError::InvalidArgument(format!(
-                "unknown role {other:?}: a token is for `node` (to join a machine), `account`, `metrics` (a scraper) or `admin`"
+                "unknown role {other:?}: a token is for `node` (to join a machine), `account`, `metrics` (a scraper of the head), `node-metrics` (a scraper of node daemons) or `admin`"
             ))),
         }
     }

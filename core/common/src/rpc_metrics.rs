@@ -65,7 +65,11 @@ impl RpcMetrics {
 
     /// Adds the families to `registry` (they keep counting: the registry shares them).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("rpc_server_calls", "gRPC calls this process's servers admitted, by method", self.calls.clone());
+        registry.register(
+            "rpc_server_calls",
+            "gRPC calls this process's servers admitted, by method",
+            self.calls.clone(),
+        );
         registry.register(
             "rpc_server_latency_seconds",
             "Time from an admitted gRPC call to its answer's headers, by method",
