@@ -27,12 +27,17 @@ fi
 if ! "$venv/bin/python" -c "import maturin, cloudpickle, numpy, pyarrow, pytest, pytest_timeout, prometheus_client" 2>/dev/null; then
   "$venv/bin/pip" install -q "maturin==1.16.*" cloudpickle numpy pyarrow pytest pytest-timeout prometheus_client
 fi
-# A real Prometheus server scrapes a head in test_metrics.py: Debian's package.
-if ! command -v prometheus >/dev/null; then
+# Debian's packages the tests run for real: a Prometheus server scraping a cluster
+# (test_metrics.py) and a headless Chromium reading the dashboard (test_dashboard.py).
+missing=""
+command -v prometheus >/dev/null || missing="$missing prometheus"
+command -v chromium >/dev/null || missing="$missing chromium fonts-dejavu-core"
+if [ -n "$missing" ]; then
   sudo_if_needed=""
   if [ "$(id -u)" != 0 ]; then sudo_if_needed=sudo; fi
   $sudo_if_needed apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 # From the repository root, so that the source tree's python/ionet (without the native
 # module) is not on sys.path in place of the installed package.

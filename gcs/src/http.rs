@@ -90,6 +90,10 @@ pub async fn authorize(
         .extensions()
         .get::<axum::extract::ConnectInfo<Peer>>()
         .map_or_else(|| "unknown".to_string(), |info| info.0 .0.to_string());
+    // A page holding no data: no credential asked, none looked at.
+    if ionet_common::authz::http_route_is_public(&method, &route) {
+        return next.run(request).await;
+    }
     let header = request.headers().get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes().to_vec());
     let principal = match authorizer.authenticate(header.as_deref()) {
         Ok(principal) => principal,

@@ -55,6 +55,7 @@ struct Served {
 /// The head's HTTP routes (the job server's and `/metrics`), behind the authorization table.
 pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authorizer: Authorizer) -> Router {
     let served = Served { submissions, metrics, authorizer: Arc::new(authorizer) };
+    let dashboard = crate::dashboard::router(served.metrics.clone(), served.authorizer.clone());
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/api/prometheus/targets", get(prometheus_targets))
@@ -73,6 +74,7 @@ pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authoriz
         )
         .route_layer(middleware::from_fn_with_state(served.authorizer.clone(), crate::http::authorize))
         .with_state(served)
+        .merge(dashboard)
 }
 
 /// An error as the job server answers it: a status and what went wrong.

@@ -44,6 +44,7 @@
 //! [`placement_groups::PlacementGroups::restore`]), so a restarted head loses neither.
 
 pub mod actors;
+pub mod dashboard;
 pub mod error;
 pub mod http;
 pub mod job_server;

@@ -63,7 +63,7 @@ impl View {
         }
     }
 
-    fn sees_account(&self, account: &str) -> bool {
+    pub fn sees_account(&self, account: &str) -> bool {
         match self {
             View::All => true,
             View::Account(own) => own == account,
@@ -153,6 +153,22 @@ impl HeadMetrics {
         submissions: Arc<Submissions>,
     ) -> Self {
         Self { state, metering, tasks, submissions }
+    }
+
+    pub fn state(&self) -> &Arc<GcsState> {
+        &self.state
+    }
+
+    pub fn metering(&self) -> &Arc<Metering> {
+        &self.metering
+    }
+
+    pub fn tasks(&self) -> &Arc<TaskTable> {
+        &self.tasks
+    }
+
+    pub fn submissions(&self) -> &Arc<Submissions> {
+        &self.submissions
     }
 
     /// The metrics `view` may see, as OpenMetrics text.
@@ -301,49 +317,52 @@ impl HeadMetrics {
         }
     }
 
-    /// Money: bills of jobs, earnings of nodes, fees, balances.
-    async fn money(&self, sheet: &mut Sheet, view: &View) -> GcsResult<()> {
+    /// Usage so far, summed: per job the view sees (its records and running leases), per
+    /// node the view sees the earnings of, and in all.
+    pub async fn usage_totals(&self, view: &View) -> GcsResult<UsageTotals> {
         let fee_bps = u64::from(self.state.config().protocol_fee_bps);
         let fee_of = |cost: u64| cost.saturating_mul(fee_bps) / 10_000;
+        let mut totals = UsageTotals::default();
+        for record in self.metering.list_usage(None, None).await? {
+            let account = payer(&record.payer_account);
+            let fee = fee_of(record.cost_micros);
+            totals.fees = totals.fees.saturating_add(fee);
+            totals.running += u64::from(record.open);
+            if let (true, Ok(job)) = (view.sees_account(&account), JobId::from_bytes(&record.job_id)) {
+                let bill = totals.by_job.entry((job, account)).or_default();
+                bill.cost = bill.cost.saturating_add(record.cost_micros);
+                bill.fee = bill.fee.saturating_add(fee);
+                bill.leases += u64::from(record.open);
+            }
+            let Ok(node) = NodeId::from_bytes(&record.node_id) else { continue };
+            let own_node = match view {
+                View::All => true,
+                View::Node(own) => *own == node,
+                View::Account(_) | View::Public => false,
+            };
+            if own_node {
+                let earned = totals.by_node.entry((node, record.provider_wallet.clone())).or_default();
+                *earned = earned.saturating_add(record.cost_micros.saturating_sub(fee));
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Money: bills of jobs, earnings of nodes, fees, balances.
+    async fn money(&self, sheet: &mut Sheet, view: &View) -> GcsResult<()> {
         let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD)");
         let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD)");
         let job_leases = sheet.gauge("job_running_leases", "A job's leases running now");
         let node_earned =
             sheet.gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD)");
-        let records = self.metering.list_usage(None, None).await?;
-        let mut by_job: BTreeMap<(Vec<u8>, String), (u64, u64, u64)> = BTreeMap::new();
-        let mut by_node: BTreeMap<(Vec<u8>, String), u64> = BTreeMap::new();
-        let (mut fees, mut running) = (0u64, 0u64);
-        for record in &records {
-            let account = payer(&record.payer_account);
-            let fee = fee_of(record.cost_micros);
-            fees = fees.saturating_add(fee);
-            running += u64::from(record.open);
-            if view.sees_account(&account) {
-                let entry = by_job.entry((record.job_id.clone(), account)).or_default();
-                entry.0 = entry.0.saturating_add(record.cost_micros);
-                entry.1 = entry.1.saturating_add(fee);
-                entry.2 += u64::from(record.open);
-            }
-            let own_node = match view {
-                View::All => true,
-                View::Node(node) => record.node_id == node.as_bytes(),
-                View::Account(_) | View::Public => false,
-            };
-            if own_node {
-                let entry = by_node.entry((record.node_id.clone(), record.provider_wallet.clone())).or_default();
-                *entry = entry.saturating_add(record.cost_micros.saturating_sub(fee));
-            }
-        }
-        for ((job, account), (cost, fee, leases)) in by_job {
-            let Ok(job) = JobId::from_bytes(&job) else { continue };
+        let UsageTotals { by_job, by_node, fees, running } = self.usage_totals(view).await?;
+        for ((job, account), JobBill { cost, fee, leases }) in by_job {
             let labels = || vec![("job_id", job.to_string()), ("account", account.clone())];
             set(&job_cost, labels(), usd(cost));
             set(&job_fee, labels(), usd(fee));
             set(&job_leases, labels(), leases as f64);
         }
         for ((node, wallet), earned) in by_node {
-            let Ok(node) = NodeId::from_bytes(&node) else { continue };
             set(&node_earned, vec![("node_id", node.hex()), ("wallet", wallet)], usd(earned));
         }
 
@@ -383,8 +402,28 @@ impl HeadMetrics {
     }
 }
 
+/// One job's bill so far (micro-USD) and its leases running now.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobBill {
+    pub cost: u64,
+    pub fee: u64,
+    pub leases: u64,
+}
+
+/// Usage summed for a view ([`HeadMetrics::usage_totals`]).
+#[derive(Debug, Default)]
+pub struct UsageTotals {
+    /// By job and paying account.
+    pub by_job: BTreeMap<(JobId, String), JobBill>,
+    /// What each node earned its wallet after the fee (micro-USD).
+    pub by_node: BTreeMap<(NodeId, String), u64>,
+    /// Fees and leases running, in all (whatever the view).
+    pub fees: u64,
+    pub running: u64,
+}
+
 /// A job's payer as metering bills it.
-fn payer(account: &str) -> String {
+pub(crate) fn payer(account: &str) -> String {
     if account.trim().is_empty() {
         DEFAULT_PAYER.to_string()
     } else {

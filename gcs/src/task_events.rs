@@ -177,6 +177,23 @@ impl TaskTable {
         }
     }
 
+    /// Rows kept by job and state (indexed by [`TaskState`] as `i32`), of the accounts
+    /// `sees` lets the caller read.
+    pub fn job_counts(&self, sees: impl Fn(&str) -> bool) -> HashMap<Vec<u8>, [u64; 6]> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts: HashMap<Vec<u8>, [u64; 6]> = HashMap::new();
+        for (row, account) in inner.rows.values() {
+            if !sees(account) {
+                continue;
+            }
+            let Ok(at) = usize::try_from(row.state) else { continue };
+            if let Some(slot) = counts.entry(row.job_id.clone()).or_default().get_mut(at) {
+                *slot += 1;
+            }
+        }
+        counts
+    }
+
     /// Each account's numbers that `sees` lets the caller read, by account name.
     pub fn counts(&self, sees: impl Fn(&str) -> bool) -> Vec<AccountCounts> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -41,7 +41,14 @@ async fn every_route_is_served_behind_its_row() {
     let (server, base) = head().await;
     let job = server.submission_credential("s-1", "n", "acme", Duration::from_secs(60));
     for rule in HTTP_TABLE {
-        // Every row is a route the server serves, and refuses without a credential.
+        // The dashboard's page holds no data: anyone may load it.
+        if rule.access == Access::Public {
+            let (status, body) = call(&base, rule.method, rule.route, None).await;
+            assert_eq!((rule.route, status), ("/", 200), "{body}");
+            assert!(body.contains("<title>ionet dashboard</title>"), "{body}");
+            continue;
+        }
+        // Every other row is a route the server serves, and refuses without a credential.
         let (status, body) = call(&base, rule.method, rule.route, None).await;
         assert_eq!(status, 401, "{} {} without a credential: {body}", rule.method, rule.route);
         assert!(body.contains("missing credential"), "{body}");
@@ -55,7 +62,11 @@ async fn every_route_is_served_behind_its_row() {
                 assert_eq!(status, 403, "{} {} by an entrypoint: {body}", rule.method, rule.route);
                 assert!(body.contains("requires an account's API key"), "{body}");
             }
-            Access::Read => assert_eq!((rule.route, status), ("/api/version", 200), "{body}"),
+            // The version, and the dashboard's data as the public face: nothing of an account's.
+            Access::Read => {
+                assert_eq!(status, 200, "{} {}: {body}", rule.method, rule.route);
+                assert!(!body.contains("acme"), "{body}");
+            }
             // The public face of the cluster, nothing of any account's.
             Access::Metrics => {
                 assert_eq!(status, 200, "{} {}: {body}", rule.method, rule.route);

@@ -194,6 +194,10 @@ pub enum Access {
     /// The metrics (`/metrics`): the scraper's credential and every node, account, job or
     /// submission credential, each shown its own part (the handler scopes it).
     Metrics,
+    /// Anyone, with no credential at all: HTTP pages that hold no data (the dashboard's
+    /// page, whose script asks the data routes with the visitor's credential). No RPC
+    /// may have this row.
+    Public,
 }
 
 impl Access {
@@ -215,6 +219,7 @@ impl Access {
             (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
             (Access::TenantOrNode, Principal::Node(_)) => true,
             (Access::Control, Principal::Control) => true,
+            (Access::Public, _) => true,
             (
                 Access::Metrics,
                 Principal::Metrics
@@ -245,6 +250,7 @@ impl Access {
                 "a credential of a job of the account this process belongs to, or a node credential"
             }
             Access::Metrics => "a metrics, node-metrics, node, account, job or submission credential",
+            Access::Public => "nothing",
         }
     }
 }
@@ -390,9 +396,21 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     // Prometheus metrics: the operator's and the scraper's whole view; a tenant's
     // credential its account's part, a node's its own (`gcs::metrics`).
     http("GET", "/metrics", Access::Metrics),
+    // The dashboard: its page (no data in it; anyone may load it), and the data its
+    // script asks with the visitor's credential, each shown its own part.
+    http("GET", "/", Access::Public),
+    http("GET", "/api/v0/nodes", Access::Read),
+    http("GET", "/api/v0/jobs", Access::Read),
+    http("GET", "/api/v0/tasks", Access::Read),
+    http("GET", "/api/v0/market", Access::Read),
     // Prometheus's service discovery of node daemons' metrics (the public node table).
     http("GET", "/api/prometheus/targets", Access::Metrics),
 ];
+
+/// Whether `route` of the head's HTTP server is open to anyone without a credential.
+pub fn http_route_is_public(method: &str, route: &str) -> bool {
+    HTTP_TABLE.iter().any(|rule| rule.method == method && rule.route == route && rule.access == Access::Public)
+}
 
 /// Whether `principal` may make a `method` request to `route` of the head's HTTP server.
 pub fn decide_http(principal: &Principal, method: &str, route: &str) -> Result<(), String> {
@@ -768,6 +786,7 @@ mod tests {
         for rule in TABLE {
             let path = rule.path;
             assert_eq!(decide(&Principal::Joiner, path, None).is_ok(), path == "/ionet.gcs.Gcs/RegisterNode", "{path}");
+            assert_ne!(rule.access, Access::Public, "{path}: every RPC takes a credential");
             // A metrics scraper's token makes no call at all (it reads `/metrics` only).
             assert!(decide(&Principal::Metrics, path, None).is_err(), "{path}");
             assert!(decide(&Principal::NodeMetrics, path, None).is_err(), "{path}");
@@ -792,7 +811,8 @@ mod tests {
             assert_eq!(decide(&stranger, path, Some("acme")).is_ok(), job_may, "{path}");
         }
         for rule in HTTP_TABLE {
-            let scraper_may = rule.method == "GET" && matches!(rule.route, "/metrics" | "/api/prometheus/targets");
+            let scraper_may = rule.access == Access::Public
+                || (rule.method == "GET" && matches!(rule.route, "/metrics" | "/api/prometheus/targets"));
             assert_eq!(
                 decide_http(&Principal::Metrics, rule.method, rule.route).is_ok(),
                 scraper_may,
