@@ -890,3 +890,39 @@ impl Actors {
         }
     }
 }
+
+/// An actor state as Ray names it.
+pub fn state_name(state: i32) -> &'static str {
+    match ActorState::try_from(state).unwrap_or(ActorState::Unspecified) {
+        ActorState::PendingCreation => "PENDING_CREATION",
+        ActorState::Alive => "ALIVE",
+        ActorState::Restarting => "RESTARTING",
+        ActorState::Dead => "DEAD",
+        ActorState::Unspecified => "UNKNOWN",
+    }
+}
+
+/// One actor as the state API shows it (Ray's `ray list actors` fields where they
+/// exist): for `ionet list actors`, `ionet.util.state.list_actors` and the dashboard.
+pub fn actor_json(actor: &ActorInfo) -> ionet_common::IonetResult<serde_json::Value> {
+    let spec = actor.spec.clone().unwrap_or_default();
+    let resources = spec.resources.clone().unwrap_or_default().to_set()?;
+    let resources: serde_json::Map<String, serde_json::Value> =
+        resources.iter().map(|(name, quantity)| (name.to_string(), serde_json::json!(quantity.as_f64()))).collect();
+    Ok(serde_json::json!({
+        "actor_id": hex::encode(&spec.actor_id),
+        "class_name": spec.class_name,
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "state": state_name(actor.state),
+        "job_id": hex::encode(&spec.job_id),
+        "node_id": hex::encode(&actor.node_id),
+        "address": actor.address,
+        "resources": resources,
+        "gpu_ids": actor.gpu_ids,
+        "restarts": actor.restarts,
+        "max_restarts": spec.max_restarts,
+        "detached": spec.detached,
+        "death_cause": actor.death_cause,
+    }))
+}

@@ -51,13 +51,22 @@ pub fn router(metrics: Arc<HeadMetrics>, authorizer: Arc<Authorizer>) -> Router 
 
 async fn page() -> Response {
     // The page's script reads the credential from the address's fragment, which never
-    // reaches a server; nothing may frame the page or load scripts from elsewhere.
+    // reaches a server. Only the page's own script runs (its nonce is new each time, so
+    // markup a slip let through runs nothing); nothing may frame the page.
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let policy = format!(
+        "default-src 'self'; script-src 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; img-src data:; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    );
+    let Ok(policy) = axum::http::HeaderValue::from_str(&policy) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "the page's policy is not a header").into_response();
+    };
     let headers = [
-        (axum::http::header::CONTENT_SECURITY_POLICY, "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"),
-        (axum::http::header::REFERRER_POLICY, "no-referrer"),
-        (axum::http::header::CACHE_CONTROL, "no-store"),
+        (axum::http::header::CONTENT_SECURITY_POLICY, policy),
+        (axum::http::header::REFERRER_POLICY, axum::http::HeaderValue::from_static("no-referrer")),
+        (axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store")),
     ];
-    (headers, Html(PAGE)).into_response()
+    (headers, Html(PAGE.replacen("<script>", &format!("<script nonce=\"{nonce}\">"), 1))).into_response()
 }
 
 fn view_of(request: &Request) -> Result<View, Response> {
@@ -96,7 +105,13 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
         Err(refused) => return refused,
     };
     let earned = match metrics.usage_totals(&view).await {
-        Ok(totals) => totals.by_node.into_iter().map(|((node, _), earned)| (node, earned)).collect::<BTreeMap<_, _>>(),
+        Ok(totals) => {
+            let mut earned: BTreeMap<NodeId, u64> = BTreeMap::new();
+            for ((node, _wallet), micros) in totals.by_node {
+                *earned.entry(node).or_default() += micros;
+            }
+            earned
+        }
         Err(err) => return failure(err.into()),
     };
     let now = metrics.state().now_ms();
@@ -301,6 +316,10 @@ async fn market(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Re
     // The live quote: per GPU model, the cheapest price asked and the GPUs free now.
     let mut models: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
     for node in metrics.state().nodes(false) {
+        // What a tenant can rent now: nodes taking work, not draining.
+        if node.no_workloads || node.state != NodeState::Alive as i32 {
+            continue;
+        }
         let Some(gpu) = node.gpus.first() else { continue };
         let total = node.total.clone().unwrap_or_default().to_set().unwrap_or_default();
         let available = node.available.clone().unwrap_or_default().to_set().unwrap_or_default();

@@ -188,34 +188,62 @@ impl HeadMetrics {
     }
 
     /// Every live node's metrics server as Prometheus's HTTP service discovery lists
-    /// targets. A node names its own (`NodeInfo.metrics_address`); one whose host is not
-    /// its node's host is left out, so a provider cannot point the scraper elsewhere.
+    /// targets. A node names its own (`NodeInfo.metrics_address`), and the scraper will
+    /// send it a credential: so a node is listed only when that address is the very IP
+    /// its registration came from (loopback for a node on the head's machine), over
+    /// https in a cluster that speaks TLS; a provider cannot point the scraper at
+    /// another machine, nor make it speak plain HTTP.
     pub fn node_targets(&self) -> Vec<serde_json::Value> {
         let mut targets = Vec::new();
         for node in self.state.nodes(false) {
             let Ok(id) = NodeId::from_bytes(&node.node_id) else { continue };
-            let Some((scheme, host_port)) = node.metrics_address.split_once("://") else { continue };
-            let node_host = node.address.rsplit_once("://").map_or(node.address.as_str(), |(_, rest)| rest);
-            let host_of = |address: &str| address.rsplit_once(':').map(|(host, _)| host.to_string());
-            if !matches!(scheme, "http" | "https")
-                || host_of(host_port).is_none()
-                || host_of(host_port) != host_of(node_host)
-            {
-                tracing::warn!(node = %id.short(), metrics = %node.metrics_address, address = %node.address, "a node's metrics address is not on its host; not listed");
-                continue;
+            match self.scrape_target(&id, &node) {
+                Ok((scheme, host_port)) => {
+                    let gpu_type = node.gpus.first().map_or(node.accelerator_type.clone(), |gpu| gpu.model.clone());
+                    targets.push(serde_json::json!({
+                        "targets": [host_port],
+                        "labels": {
+                            "__scheme__": scheme,
+                            "node_id": id.hex(),
+                            "gpu_type": label_text(&gpu_type),
+                            "is_head": node.is_head.to_string(),
+                        },
+                    }));
+                }
+                Err(why) if node.metrics_address.is_empty() => tracing::trace!(node = %id.short(), why),
+                Err(why) => {
+                    tracing::warn!(node = %id.short(), metrics = %node.metrics_address, "not listed for scraping: {why}")
+                }
             }
-            let gpu_type = node.gpus.first().map_or(node.accelerator_type.clone(), |gpu| gpu.model.clone());
-            targets.push(serde_json::json!({
-                "targets": [host_port],
-                "labels": {
-                    "__scheme__": scheme,
-                    "node_id": id.hex(),
-                    "gpu_type": gpu_type,
-                    "is_head": node.is_head.to_string(),
-                },
-            }));
         }
         targets
+    }
+
+    /// The scheme and `host:port` to scrape `node` at, or why not.
+    fn scrape_target(
+        &self,
+        id: &NodeId,
+        node: &ionet_common::rpc::proto::common::NodeInfo,
+    ) -> Result<(String, String), String> {
+        let (scheme, host_port) = node.metrics_address.split_once("://").ok_or("no metrics address")?;
+        let tls = ionet_common::rpc::is_tls_address(&node.address);
+        if scheme != if tls { "https" } else { "http" } {
+            return Err(format!(
+                "a node of a {} cluster serves its metrics over {}",
+                if tls { "TLS" } else { "plain" },
+                if tls { "https" } else { "http" }
+            ));
+        }
+        let (host, port) = host_port.rsplit_once(':').ok_or("no port")?;
+        port.parse::<u16>().map_err(|_| "no port")?;
+        let host: std::net::IpAddr =
+            host.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| "its host is not an IP address")?;
+        let from = self.state.registered_from(id).ok_or("its registration's address is unknown to this head")?;
+        let same = if from.is_loopback() { host.is_loopback() } else { host == from };
+        if !same {
+            return Err(format!("it names {host}, and registered from {from}"));
+        }
+        Ok((scheme.to_string(), host_port.to_string()))
     }
 
     /// The public face: nodes, their resources and prices, heartbeats.
@@ -243,6 +271,12 @@ impl HeadMetrics {
                 None => node.accelerator_type.clone(),
             };
             let node_label = || ("node_id", id.hex());
+            // Dead nodes are counted, and show no series of their own: one join token can
+            // register many ids, and the table keeps every one.
+            if node.state == NodeState::Dead as i32 {
+                continue;
+            }
+            let gpu_type = label_text(&gpu_type);
             set(
                 &info,
                 vec![
@@ -253,18 +287,18 @@ impl HeadMetrics {
                 ],
                 1.0,
             );
-            if node.state == NodeState::Dead as i32 {
-                continue;
-            }
             let resources = |quantities: &Option<ionet_common::rpc::proto::common::ResourceQuantities>| {
                 quantities.clone().unwrap_or_default().to_set().unwrap_or_else(|_| ResourceSet::new())
             };
             for (family, set_of) in [(&total, resources(&node.total)), (&available, resources(&node.available))] {
-                for (resource, quantity) in set_of.iter() {
-                    if resource.starts_with(ionet_common::resources::ACCELERATOR_PREFIX) {
-                        continue;
-                    }
-                    set(family, vec![node_label(), ("resource", resource.to_string())], Quantity::as_f64(quantity));
+                // The standard resources and a few custom ones: a provider names as many
+                // as it likes, and each would be series of its own.
+                let shown = set_of
+                    .iter()
+                    .filter(|(resource, _)| !resource.starts_with(ionet_common::resources::ACCELERATOR_PREFIX))
+                    .take(MAX_RESOURCES_PER_NODE);
+                for (resource, quantity) in shown {
+                    set(family, vec![node_label(), ("resource", label_text(resource))], Quantity::as_f64(quantity));
                 }
             }
             if !node.gpus.is_empty() {
@@ -323,6 +357,10 @@ impl HeadMetrics {
         let fee_bps = u64::from(self.state.config().protocol_fee_bps);
         let fee_of = |cost: u64| cost.saturating_mul(fee_bps) / 10_000;
         let mut totals = UsageTotals::default();
+        // The public face holds no money: no pass over the usage for it.
+        if *view == View::Public {
+            return Ok(totals);
+        }
         for record in self.metering.list_usage(None, None).await? {
             let account = payer(&record.payer_account);
             let fee = fee_of(record.cost_micros);
@@ -341,8 +379,9 @@ impl HeadMetrics {
                 View::Account(_) | View::Public => false,
             };
             if own_node {
+                // The provider earns the whole cost; the fee is the payer's, on top.
                 let earned = totals.by_node.entry((node, record.provider_wallet.clone())).or_default();
-                *earned = earned.saturating_add(record.cost_micros.saturating_sub(fee));
+                *earned = earned.saturating_add(record.cost_micros);
             }
         }
         Ok(totals)
@@ -351,10 +390,12 @@ impl HeadMetrics {
     /// Money: bills of jobs, earnings of nodes, fees, balances.
     async fn money(&self, sheet: &mut Sheet, view: &View) -> GcsResult<()> {
         let job_cost = sheet.gauge("job_cost_usd", "What a job has cost so far (records and running leases, USD)");
-        let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee in a job's cost so far (USD)");
+        let job_fee = sheet.gauge("job_fee_usd", "The protocol's fee on a job's cost so far, paid on top of it (USD)");
         let job_leases = sheet.gauge("job_running_leases", "A job's leases running now");
-        let node_earned =
-            sheet.gauge("node_earned_usd", "What a node's leases have earned its provider so far, after the fee (USD)");
+        let node_earned = sheet.gauge(
+            "node_earned_usd",
+            "What a node's leases have earned its provider so far (USD; the payer pays the fee on top)",
+        );
         let UsageTotals { by_job, by_node, fees, running } = self.usage_totals(view).await?;
         for ((job, account), JobBill { cost, fee, leases }) in by_job {
             let labels = || vec![("job_id", job.to_string()), ("account", account.clone())];
@@ -366,23 +407,18 @@ impl HeadMetrics {
             set(&node_earned, vec![("node_id", node.hex()), ("wallet", wallet)], usd(earned));
         }
 
-        // The ledger's balances: credits of the payers the view sees, providers' settled
-        // earnings (a node sees its wallet's), the protocol's treasury (the operator's).
+        // The ledger's balances: credits of the payers the view sees; providers' settled
+        // earnings and the protocol's treasury (the operator's).
         let credit = sheet.gauge("account_credit_usd", "A payer's prepaid credit left (USD; negative: debt)");
         let provider =
             sheet.gauge("provider_balance_usd", "A provider wallet's settled earnings not yet paid out (USD)");
-        let own_wallet = match view {
-            View::Node(node) => self.state.node(node).map(|node| node.wallet),
-            _ => None,
-        };
         for (account, balance) in self.metering.balances().await? {
             match account {
                 ionet_settlement::Account::Payer(name) if view.sees_account(&name) => {
                     set(&credit, vec![("account", name)], balance as f64 / 1e6);
                 }
-                ionet_settlement::Account::Provider(wallet)
-                    if *view == View::All || own_wallet.as_deref() == Some(wallet.as_str()) =>
-                {
+                // A wallet is a node's word, not proof of owning it: the operator's only.
+                ionet_settlement::Account::Provider(wallet) if *view == View::All => {
                     set(&provider, vec![("wallet", wallet)], balance as f64 / 1e6);
                 }
                 ionet_settlement::Account::Treasury if *view == View::All => {
@@ -400,6 +436,18 @@ impl HeadMetrics {
         }
         Ok(())
     }
+}
+
+/// The most resources of one node shown (custom resources past them are left out).
+const MAX_RESOURCES_PER_NODE: usize = 16;
+
+/// A provider's text as a label value: at most 64 bytes (a model name, a resource).
+fn label_text(text: &str) -> String {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// One job's bill so far (micro-USD) and its leases running now.

@@ -227,6 +227,7 @@ impl Gcs for GcsService {
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeReply>, Status> {
         let principal = Principal::of(&request)?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let node = request.node.ok_or_else(|| Status::invalid_argument("register_node without a node"))?;
         let node_id = node_id_of(&node.node_id)?;
@@ -250,6 +251,9 @@ impl Gcs for GcsService {
         let public_key = node.public_key.clone();
         let tls_certificate = self.certify(&principal, &node, &request.tls_public_key)?;
         self.state.register_node(node).await?;
+        if let Some(peer) = peer {
+            self.state.note_registered_from(node_id, peer.ip());
+        }
         self.node_credentials.insert(node_id, (std::time::Instant::now(), public_key.clone()));
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
@@ -598,7 +602,10 @@ impl Gcs for GcsService {
                 hex::encode(&other.job_id)
             )));
         }
-        self.tasks.add(account, request.events, request.dropped);
+        // What a sender says it dropped is its word: bounded, so one report cannot make the
+        // counter mean nothing.
+        let dropped = request.dropped.min(crate::task_events::MAX_DROPPED_PER_REPORT);
+        self.tasks.add(account, request.events, dropped);
         Ok(Response::new(AddTaskEventsReply {}))
     }
 

@@ -65,6 +65,9 @@ pub struct GcsState {
     moves: DashMap<ObjectId, (String, String)>,
     /// Heartbeats taken since this process started (a metric).
     heartbeats: AtomicU64,
+    /// The address each node's latest registration came from (this process's runs only):
+    /// the one host a node may name for its metrics server.
+    registered_from: DashMap<NodeId, std::net::IpAddr>,
 }
 
 /// One account's use of the KV.
@@ -200,7 +203,22 @@ impl GcsState {
             unfunded: std::sync::RwLock::new(HashMap::new()),
             moves,
             heartbeats: AtomicU64::new(0),
+            registered_from: DashMap::new(),
         }))
+    }
+
+    /// Notes that `node`'s registration came from `peer`.
+    pub fn note_registered_from(&self, node: NodeId, peer: std::net::IpAddr) {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.registered_from.insert(node, peer);
+    }
+
+    /// Where `node`'s latest registration with this process came from.
+    pub fn registered_from(&self, node: &NodeId) -> Option<std::net::IpAddr> {
+        self.registered_from.get(node).map(|peer| *peer)
     }
 
     /// How many heartbeats this process has taken.
@@ -387,7 +405,6 @@ impl GcsState {
 
     /// Records a heartbeat: the node is alive now and has `available` free.
     pub fn heartbeat(&self, node_id: &[u8], available: Option<ResourceQuantities>) -> GcsResult<()> {
-        self.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let node_id = NodeId::from_bytes(node_id)?;
         let available = available.map(|quantities| quantities.to_set()).transpose()?;
         let mut node = self.nodes.get_mut(&node_id).ok_or_else(|| {
@@ -412,6 +429,7 @@ impl GcsState {
             node.available = Some(ResourceQuantities::from_set(&available));
         }
         node.last_heartbeat_ms = self.clock.now_ms();
+        self.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -20,6 +20,8 @@ pub const MAX_TASKS: usize = 100_000;
 pub const MAX_TASKS_PER_ACCOUNT: usize = 50_000;
 /// The most events one report may carry (what one sender's batch holds).
 pub const MAX_EVENTS_PER_REPORT: usize = 10_000;
+/// The most dropped events one report may claim (ten senders' full buffers).
+pub const MAX_DROPPED_PER_REPORT: u64 = 1_000_000;
 /// The longest error kept (bytes); names, reasons and addresses are cut to 256.
 pub const MAX_TEXT: usize = 8 * 1024;
 const MAX_SHORT_TEXT: usize = 256;

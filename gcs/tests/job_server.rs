@@ -352,26 +352,49 @@ async fn metrics_show_each_credential_its_own_and_the_scrapers_token_reads_nothi
 }
 
 #[tokio::test]
-async fn prometheus_discovers_each_nodes_metrics_on_its_own_host_only() {
+async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_from_only() {
+    use ionet_common::credential::{registration_message, KeyPair};
     use ionet_common::rpc::proto::common::NodeInfo;
+    use ionet_common::rpc::proto::gcs::RegisterNodeRequest;
     let (server, base) = head().await;
-    let node = |address: &str, metrics: &str| NodeInfo {
+    let admin = server.admin_credential(Duration::from_secs(60));
+    let mut operator = ionet_common::rpc::gcs_client(&server.address().to_string(), &admin).await.unwrap();
+    // Nodes registering from this machine (127.0.0.1), each naming a metrics address.
+    let register = |address: &str, metrics: &str| {
+        let mut client = operator.clone();
+        let key = KeyPair::generate();
+        let node = NodeInfo {
+            node_id: ionet_common::NodeId::random().to_vec(),
+            address: address.into(),
+            metrics_address: metrics.into(),
+            public_key: key.public_key().to_vec(),
+            ..Default::default()
+        };
+        let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
+        let request = RegisterNodeRequest { node: Some(node.clone()), proof, tls_public_key: Vec::new() };
+        async move {
+            client.register_node(request).await.unwrap();
+            hex::encode(&node.node_id)
+        }
+    };
+    let honest = register("127.0.0.1:7000", "http://127.0.0.1:7001").await;
+    // Providers naming another machine as their metrics server (the scraper would send
+    // its token there): both of its addresses, or only the metrics one; and one asking
+    // for plain HTTP in the wrong scheme.
+    register("10.9.9.9:7000", "http://10.9.9.9:9090").await;
+    register("127.0.0.1:7002", "http://169.254.169.254:80").await;
+    register("127.0.0.1:7003", "https://127.0.0.1:7004").await;
+    register("127.0.0.1:7005", "").await;
+    // A node the head only read from storage: where it registered from is unknown.
+    let stored = NodeInfo {
         node_id: ionet_common::NodeId::random().to_vec(),
-        address: address.into(),
-        metrics_address: metrics.into(),
+        address: "127.0.0.1:7006".into(),
+        metrics_address: "http://127.0.0.1:7007".into(),
         public_key: vec![7; 32],
         ..Default::default()
     };
-    let honest = node("https://10.1.2.3:7000", "https://10.1.2.3:7001");
-    // A provider naming another machine's address as its metrics server: the scraper
-    // would send its token there.
-    let liar = node("https://10.1.2.4:7000", "https://10.9.9.9:443");
-    let silent = node("127.0.0.1:7000", "");
-    for info in [&honest, &liar, &silent] {
-        server.state().register_node(info.clone()).await.unwrap();
-    }
-    let admin = server.admin_credential(Duration::from_secs(60));
-    let mut operator = ionet_common::rpc::gcs_client(&server.address().to_string(), &admin).await.unwrap();
+    server.state().register_node(stored).await.unwrap();
+
     let token = operator
         .create_token(CreateTokenRequest { role: "node-metrics".into(), ..Default::default() })
         .await
@@ -381,17 +404,63 @@ async fn prometheus_discovers_each_nodes_metrics_on_its_own_host_only() {
     let (status, body) = call(&base, "GET", "/api/prometheus/targets", Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     let targets: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let honest_id = hex::encode(&honest.node_id);
     assert_eq!(
         targets,
         serde_json::json!([{
-            "targets": ["10.1.2.3:7001"],
-            "labels": { "__scheme__": "https", "node_id": honest_id, "gpu_type": "", "is_head": "false" },
+            "targets": ["127.0.0.1:7001"],
+            "labels": { "__scheme__": "http", "node_id": honest, "gpu_type": "", "is_head": "false" },
         }])
     );
     // The node scraper's token reads the head's public face only.
     let (status, body) = call(&base, "GET", "/metrics", Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("ionet_nodes{") && !body.contains("account=") && !body.contains("ionet_rpc"), "{body}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_dashboards_data_is_each_accounts_own() {
+    let (server, base) = head().await;
+    let address = server.address().to_string();
+    let mut keys = Vec::new();
+    for account in ["acme", "rival"] {
+        let key = server.account_credential(account, Duration::from_secs(60));
+        let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+        let request = AddJobRequest {
+            worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+            ..Default::default()
+        };
+        let started = gcs.add_job(request).await.unwrap().into_inner();
+        let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+        let mut job_gcs = ionet_common::rpc::gcs_client(&address, &job).await.unwrap();
+        let event = TaskEvent {
+            task_id: vec![1; ionet_common::TaskId::LEN],
+            job_id: started.job.unwrap().job_id,
+            name: format!("{account}-secret-task"),
+            state: TaskState::Failed as i32,
+            error: format!("{account}'s error"),
+            ..Default::default()
+        };
+        job_gcs.add_task_events(AddTaskEventsRequest { events: vec![event], dropped: 0 }).await.unwrap();
+        keys.push((account, key));
+    }
+    for (account, key) in &keys {
+        let other = if *account == "acme" { "rival" } else { "acme" };
+        for route in ["/api/v0/nodes", "/api/v0/jobs", "/api/v0/tasks", "/api/v0/market"] {
+            let (status, body) = call(&base, "GET", route, Some(key.as_str())).await;
+            assert_eq!(status, 200, "{route}: {body}");
+            assert!(!body.contains(other), "{account} reads {other}'s in {route}: {body}");
+        }
+        let (_, tasks) = call(&base, "GET", "/api/v0/tasks?state=failed", Some(key.as_str())).await;
+        assert!(tasks.contains(&format!("{account}'s error")), "{tasks}");
+        let (_, jobs) = call(&base, "GET", "/api/v0/jobs", Some(key.as_str())).await;
+        assert!(jobs.contains(&format!("\"account\":\"{account}\"")), "{jobs}");
+    }
+    // Bad filters are refused, saying why.
+    let (status, body) = call(&base, "GET", "/api/v0/tasks?state=SLEEPING", Some(keys[0].1.as_str())).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no task state"), "{body}");
+    let (status, _) = call(&base, "GET", "/api/v0/tasks?colour=red", Some(keys[0].1.as_str())).await;
+    assert_eq!(status, 400);
     server.shutdown().await;
 }

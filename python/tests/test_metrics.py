@@ -124,7 +124,8 @@ def test_metrics_show_work_and_money_and_move_as_tasks_run(cluster, scraper_toke
     fee = value(after, "ionet_job_fee_usd", job_id=job, account="default")
     assert fee == pytest.approx(cost * 0.025, rel=0.05, abs=1e-6)
     earned = [v for (name, labels), v in after.items() if name == "ionet_node_earned_usd" and ("node_id", node_id) in labels]
-    assert earned and earned[0] > 0, "the provider's node has earned"
+    # The provider earns the whole cost (its node ran every lease); the fee is on top.
+    assert earned and earned[0] == pytest.approx(cost, rel=0.05), (earned, cost)
     assert value(after, "ionet_account_credit_usd", account="default") is not None
     assert value(after, "ionet_heartbeats_total") > value(before, "ionet_heartbeats_total")
 
@@ -183,12 +184,12 @@ def test_each_node_serves_its_own_metrics_to_the_node_scraper(cluster, scraper_t
     half = train.options(num_gpus=0.5)
     assert ionet.get([half.remote(step) for step in range(4)], timeout=120) == list(range(4))
     after = read(node_token)
-    assert value(after, "ionet_node_leases_granted_total") > value(before, "ionet_node_leases_granted_total")
-    assert value(after, "ionet_node_resources_total", resource="GPU") == 2.0
-    assert value(after, "ionet_node_object_store_capacity_bytes") > 0
-    assert value(after, "ionet_node_gpu_leased_ratio", gpu="0", gpu_type=GPU_TYPE) is not None
-    assert value(after, "ionet_node_heartbeats_sent_total") > 0
-    assert any(name == "ionet_rpc_server_calls_total" for name, _ in after), "the node's gRPC calls are counted"
+    assert value(after, "ionet_daemon_leases_granted_total") > value(before, "ionet_daemon_leases_granted_total")
+    assert value(after, "ionet_daemon_resources_total", resource="GPU") == 2.0
+    assert value(after, "ionet_daemon_object_store_capacity_bytes") > 0
+    assert value(after, "ionet_daemon_gpu_leased_ratio", gpu="0", gpu_type=GPU_TYPE) is not None
+    assert value(after, "ionet_daemon_heartbeats_sent_total") > 0
+    assert any(name == "ionet_daemon_rpc_server_calls_total" for name, _ in after), "the node's gRPC calls are counted"
     # The head's metrics token is never to reach a provider's daemon: refused, saying so.
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {scraper_token}"})
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -246,18 +247,22 @@ def test_a_prometheus_server_scrapes_the_cluster_and_answers_a_jobs_cost(cluster
         # Every target is up: the head (TLS, the metrics token) and both node daemons,
         # found through the head (TLS, the node scraper's token).
         wait_for(lambda: len(query("up == 1") or []) == 3, timeout=60, what="three targets up")
-        granted = query('sum(ionet_node_leases_granted_total{job="ionet-nodes"})')
+        # A daemon's scrape keeps its own families only: none of the head's names.
+        assert not query('count({job="ionet-nodes", __name__!~"ionet_daemon_.*|up|scrape_.*"})')
+        granted = query('sum(ionet_daemon_leases_granted_total{job="ionet-nodes"})')
         assert granted and float(granted[0]["value"][1]) >= 5, granted
         finished = query('sum(ionet_tasks_finished_total{account="default"})')
         assert finished and float(finished[0]["value"][1]) >= 5, finished
         # Every panel of the Grafana dashboard is a query Prometheus takes, over metrics
-        # it has.
+        # it has, with data (rates need a few scrapes first).
+        wait_for(lambda: float((query('count_over_time(up{job="ionet-head"}[1m])') or [{"value": [0, "0"]}])[0]["value"][1]) >= 4,
+                 timeout=60, what="four scrapes of the head")  # fmt: skip
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=5) as response:
             names = set(json.load(response)["data"])
         dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
-                assert query(target["expr"]) is not None, (panel["title"], target["expr"])
+                assert query(target["expr"]), (panel["title"], target["expr"], "has no data")
                 for name in re.findall(r"ionet_[a-z_]+", target["expr"]):
                     assert name in names, (panel["title"], name)
     except AssertionError:

@@ -66,50 +66,52 @@ fn single(registry: &mut Registry, name: &str, help: &str, value: f64) {
     gauge(registry, name, help).get_or_create(&vec![]).set(value);
 }
 
-/// `readings` as OpenMetrics text, prefixed `ionet_node_` (and the calls `ionet_rpc_`).
+/// `readings` as OpenMetrics text, every family prefixed `ionet_daemon_` (the calls too):
+/// a scrape of a provider's daemon keeps only those names, so a daemon cannot speak for
+/// the head's families (costs, credits, fees).
 pub fn render(readings: &NodeReadings) -> String {
-    let mut registry = Registry::with_prefix("ionet");
+    let mut registry = Registry::with_prefix("ionet_daemon");
     let node = &mut registry;
     let leases = &readings.leases;
-    let workers = gauge(node, "node_workers", "Worker processes of this node, by state");
+    let workers = gauge(node, "workers", "Worker processes of this node, by state");
     workers.get_or_create(&vec![("state", "idle".into())]).set(leases.idle_workers as f64);
     let busy = leases.workers.saturating_sub(leases.idle_workers);
     workers.get_or_create(&vec![("state", "leased".into())]).set(busy as f64);
-    single(node, "node_leases_running", "Leases this node holds granted now", leases.leases as f64);
-    counter(node, "node_leases_granted", "Leases this node granted since it started", leases.granted_total);
-    single(node, "node_lease_requests_waiting", "Lease requests waiting here for resources", leases.waiting as f64);
-    single(node, "node_bundles", "Placement-group bundles reserved on this node", leases.bundles as f64);
-    let total = gauge(node, "node_resources_total", "What this node offers, by resource");
-    let available = gauge(node, "node_resources_available", "What this node has free, by resource");
+    single(node, "leases_running", "Leases this node holds granted now", leases.leases as f64);
+    counter(node, "leases_granted", "Leases this node granted since it started", leases.granted_total);
+    single(node, "lease_requests_waiting", "Lease requests waiting here for resources", leases.waiting as f64);
+    single(node, "bundles", "Placement-group bundles reserved on this node", leases.bundles as f64);
+    let total = gauge(node, "resources_total", "What this node offers, by resource");
+    let available = gauge(node, "resources_available", "What this node has free, by resource");
     for (family, set) in [(&total, &readings.total), (&available, &leases.available)] {
         for (resource, quantity) in set.iter().filter(|(name, _)| !name.starts_with(ACCELERATOR_PREFIX)) {
             family.get_or_create(&vec![("resource", resource.to_string())]).set(quantity.as_f64());
         }
     }
-    let gpus = gauge(node, "node_gpu_leased_ratio", "The share of each GPU leased out (0 to 1)");
+    let gpus = gauge(node, "gpu_leased_ratio", "The share of each GPU leased out (0 to 1)");
     for (index, leased) in &leases.gpus_leased {
         let model = readings.gpus.iter().find(|(at, _)| at == index).map(|(_, model)| model.clone());
         gpus.get_or_create(&vec![("gpu", index.to_string()), ("gpu_type", model.unwrap_or_default())]).set(*leased);
     }
     let store = &readings.store;
-    single(node, "node_object_store_capacity_bytes", "The object store's shared memory", store.capacity as f64);
-    let bytes = gauge(node, "node_object_store_bytes", "Bytes of objects, by where they are");
+    single(node, "object_store_capacity_bytes", "The object store's shared memory", store.capacity as f64);
+    let bytes = gauge(node, "object_store_bytes", "Bytes of objects, by where they are");
     bytes.get_or_create(&vec![("location", "memory".into())]).set(store.bytes_in_memory as f64);
     bytes.get_or_create(&vec![("location", "spilled".into())]).set(store.bytes_spilled as f64);
     bytes.get_or_create(&vec![("location", "pinned".into())]).set(store.bytes_pinned as f64);
-    let objects = gauge(node, "node_object_store_objects", "Objects, by where they are");
+    let objects = gauge(node, "object_store_objects", "Objects, by where they are");
     objects.get_or_create(&vec![("location", "memory".into())]).set(store.objects_in_memory as f64);
     objects.get_or_create(&vec![("location", "spilled".into())]).set(store.objects_spilled as f64);
     objects.get_or_create(&vec![("location", "unsealed".into())]).set(store.objects_unsealed as f64);
-    counter(node, "node_heartbeats_sent", "Heartbeats the head took from this node", readings.heartbeats_sent);
-    counter(node, "node_registrations", "Times this node registered with the head", readings.registrations);
+    counter(node, "heartbeats_sent", "Heartbeats the head took from this node", readings.heartbeats_sent);
+    counter(node, "registrations", "Times this node registered with the head", readings.registrations);
     single(
         node,
-        "node_connected",
+        "connected",
         "1 while the head answers this node's heartbeats",
         f64::from(u8::from(readings.connected)),
     );
-    single(node, "node_uptime_seconds", "Seconds since this daemon started", readings.uptime_seconds);
+    single(node, "uptime_seconds", "Seconds since this daemon started", readings.uptime_seconds);
     ionet_common::rpc_metrics::rpc_metrics().register(node);
     let mut text = String::new();
     if let Err(err) = encode(&mut text, &registry) {

@@ -114,41 +114,9 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
     Ok(out)
 }
 
-fn actor_state_name(state: i32) -> &'static str {
-    use ionet_common::rpc::proto::gcs::ActorState;
-    match ActorState::try_from(state).unwrap_or(ActorState::Unspecified) {
-        ActorState::PendingCreation => "PENDING_CREATION",
-        ActorState::Alive => "ALIVE",
-        ActorState::Restarting => "RESTARTING",
-        ActorState::Dead => "DEAD",
-        ActorState::Unspecified => "UNKNOWN",
-    }
-}
-
 /// One JSON object per actor (Ray's `ray list actors` fields where they exist).
 pub fn actors_json(actors: &[ionet_common::rpc::proto::gcs::ActorInfo]) -> IonetResult<Value> {
-    let mut rows = Vec::with_capacity(actors.len());
-    for actor in actors {
-        let spec = actor.spec.clone().unwrap_or_default();
-        let resources = spec.resources.clone().unwrap_or_default().to_set()?;
-        rows.push(json!({
-            "actor_id": hex::encode(&spec.actor_id),
-            "class_name": spec.class_name,
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "state": actor_state_name(actor.state),
-            "job_id": hex::encode(&spec.job_id),
-            "node_id": hex::encode(&actor.node_id),
-            "address": actor.address,
-            "resources": resource_map(&resources),
-            "gpu_ids": actor.gpu_ids,
-            "restarts": actor.restarts,
-            "max_restarts": spec.max_restarts,
-            "detached": spec.detached,
-            "death_cause": actor.death_cause,
-        }));
-    }
-    Ok(Value::Array(rows))
+    Ok(Value::Array(actors.iter().map(ionet_gcs::actors::actor_json).collect::<IonetResult<_>>()?))
 }
 
 /// A fixed-width table, one line per actor.
@@ -174,7 +142,7 @@ pub fn actors_table(actors: &[ionet_common::rpc::proto::gcs::ActorInfo]) -> Ione
             id,
             class,
             spec.name,
-            actor_state_name(actor.state),
+            ionet_gcs::actors::state_name(actor.state),
             node,
             actor.restarts,
             resources.to_string(),
