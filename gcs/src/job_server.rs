@@ -1,15 +1,17 @@
 //! The head's HTTP server: Ray's Jobs REST API (default port 8265), so `ionet job …`,
 //! `ionet.job_submission.JobSubmissionClient` and Ray's own `ray job submit` and
-//! `JobSubmissionClient` pointed at an ionet head all work; and Prometheus's `/metrics`
-//! ([`crate::metrics`]).
+//! `JobSubmissionClient` pointed at an ionet head all work; Prometheus's `/metrics` and
+//! discovery of node daemons ([`crate::metrics`]); and the dashboard
+//! ([`crate::dashboard`]: its page, open to anyone since it holds no data, and its data
+//! routes, each credential shown its own part).
 //!
 //! Same rules as every endpoint of the cluster: TLS whenever the head speaks TLS (its
 //! certificate, offering `http/1.1`); every request carries a credential the head issued
 //! (`Authorization: Bearer …`, Ray's `headers=` argument) and passes the route's row of
 //! [`ionet_common::authz::HTTP_TABLE`] before its handler runs (401 without a valid
-//! credential, 403 naming the right it lacks). Every route but the version takes an
-//! account's API key (or the operator's credential); a tenant sees its own account's
-//! submissions only (another's look absent, 404), and a job's or a submission's
+//! credential, 403 naming the right it lacks). Every job-server route but the version
+//! takes an account's API key (or the operator's credential); a tenant sees its own
+//! account's submissions only (another's look absent, 404), and a job's or a submission's
 //! credential, which providers' nodes hold, reads none (their environments may hold
 //! secrets).
 //!

@@ -463,7 +463,7 @@ pub struct JobBill {
 pub struct UsageTotals {
     /// By job and paying account.
     pub by_job: BTreeMap<(JobId, String), JobBill>,
-    /// What each node earned its wallet after the fee (micro-USD).
+    /// What each node earned its wallet (micro-USD; the payer pays the fee on top).
     pub by_node: BTreeMap<(NodeId, String), u64>,
     /// Fees and leases running, in all (whatever the view).
     pub fees: u64,

@@ -155,8 +155,9 @@ pub enum TokenCommand {
 
 #[derive(Debug, Args, Clone)]
 pub struct TokenCreateArgs {
-    /// What the token is for: `node` (a machine joining the cluster), or `metrics` (a
-    /// Prometheus scraper: reads the head's `/metrics`, nothing else).
+    /// What the token is for: `node` (a machine joining the cluster), `metrics` (a
+    /// Prometheus scraper of the head: reads its `/metrics`, nothing else) or
+    /// `node-metrics` (a scraper of node daemons: reads theirs, and the head's public face).
     #[arg(long, default_value = "node")]
     pub role: String,
     /// How long it is valid: seconds, or with a unit (`30m`, `24h`, `7d`).

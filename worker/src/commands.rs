@@ -625,7 +625,7 @@ pub fn token_create(args: TokenCreateArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "token": token, "role": args.role, "expires_at": expires_at }));
     } else {
         println!("{token}");
-        if args.role == "metrics" {
+        if args.role == "metrics" || args.role == "node-metrics" {
             eprintln!(
                 "valid until {expires_at} (Unix seconds); a Prometheus scrape job sends it as its bearer credential \
                  (`authorization: {{credentials_file: …}}`) to the head's /metrics"

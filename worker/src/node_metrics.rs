@@ -4,9 +4,11 @@
 //! certificate whenever the cluster speaks TLS, behind the same row of
 //! [`ionet_common::authz::HTTP_TABLE`] as the head's; a node's numbers are its provider's
 //! machine, so they are shown to the operator, the node scraper (`ionet token create
-//! --role node-metrics`: a token worth nothing anywhere else, since every provider's
-//! daemon sees it) and the node itself. The head's metrics token is refused here, so a
-//! misconfigured scrape never hands it to a provider.
+//! --role node-metrics`, which every scraped daemon sees: on the head it reads only the
+//! public face, so a provider holding it learns there nothing new, but it does read every
+//! daemon's numbers) and the node itself. The head's metrics token is refused here, so a
+//! scrape configured with it fails at once instead of working; the daemon has been sent
+//! it all the same, so the operator should make a new one.
 //!
 //! What it shows: workers (idle and leased), leases running, granted and waiting,
 //! bundles, resources total and free, each GPU's share leased out, the object store's
@@ -142,7 +144,7 @@ async fn metrics(State(served): State<Served>, request: Request) -> Response {
         // daemon must never be sent it.
         Some(Principal::Metrics) => {
             let why = "a node daemon takes the node scraper's token (`ionet token create --role node-metrics`), \
-                       not the head's metrics token: the node's provider would see it";
+                       not the head's metrics token (this node's provider has been sent it: make a new one)";
             return (StatusCode::FORBIDDEN, why).into_response();
         }
         Some(other) => {

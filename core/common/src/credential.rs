@@ -57,7 +57,7 @@ pub enum Role {
     Metrics,
     /// A scraper of node daemons (`ionet token create --role node-metrics`): reads each
     /// node's `/metrics` and, on the head, only the public face. Providers' daemons see
-    /// it, so it is worth nothing to them.
+    /// it: the head shows it no more than any credential sees.
     NodeMetrics,
 }
 
