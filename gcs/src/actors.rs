@@ -911,7 +911,7 @@ pub fn actor_json(actor: &ActorInfo) -> ionet_common::IonetResult<serde_json::Va
         resources.iter().map(|(name, quantity)| (name.to_string(), serde_json::json!(quantity.as_f64()))).collect();
     Ok(serde_json::json!({
         "actor_id": hex::encode(&spec.actor_id),
-        "class_name": spec.class_name,
+        "class_name": if spec.display_class.is_empty() { &spec.class_name } else { &spec.display_class },
         "name": spec.name,
         "namespace": spec.namespace,
         "state": state_name(actor.state),

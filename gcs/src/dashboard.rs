@@ -11,6 +11,8 @@
 //!   submissions.
 //! - `GET /api/v0/tasks?job_id=&state=&name=&limit=`: task rows (state, node, why one
 //!   waits, error), at most 1,000.
+//! - `GET /api/v0/actors`: the actors of the accounts the caller sees: class, name,
+//!   state, node, restarts, why one died.
 //! - `GET /api/v0/market`: the marketplace: credits of the payers the caller sees, what
 //!   each job spent, providers' nodes' earnings (the operator's or a node's own), fees
 //!   (the operator's), and the live price and free GPUs per model (anyone).
@@ -45,6 +47,7 @@ pub fn router(metrics: Arc<HeadMetrics>, authorizer: Arc<Authorizer>) -> Router 
         .route("/api/v0/jobs", get(jobs))
         .route("/api/v0/tasks", get(tasks))
         .route("/api/v0/market", get(market))
+        .route("/api/v0/actors", get(actors))
         .route_layer(axum::middleware::from_fn_with_state(authorizer, crate::http::authorize))
         .with_state(metrics)
 }
@@ -274,6 +277,29 @@ async fn tasks(State(metrics): State<Arc<HeadMetrics>>, query: Query<TaskQuery>,
         "forgotten_tasks": listing.forgotten_tasks,
     }))
     .into_response()
+}
+
+async fn actors(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {
+    let view = match view_of(&request) {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    let mut rows = Vec::new();
+    for actor in metrics.actors().list(true) {
+        let job = actor.spec.as_ref().and_then(|spec| JobId::from_bytes(&spec.job_id).ok());
+        let account = job.map(|job| metrics.state().payer_of(&job)).unwrap_or_else(|| "default".into());
+        if !view.sees_account(&account) {
+            continue;
+        }
+        match crate::actors::actor_json(&actor) {
+            Ok(mut row) => {
+                row["account"] = json!(account);
+                rows.push(row);
+            }
+            Err(err) => return failure(err),
+        }
+    }
+    Json(json!({ "actors": rows })).into_response()
 }
 
 async fn market(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {

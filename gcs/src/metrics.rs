@@ -143,6 +143,7 @@ pub struct HeadMetrics {
     metering: Arc<Metering>,
     tasks: Arc<TaskTable>,
     submissions: Arc<Submissions>,
+    actors: Arc<crate::actors::Actors>,
 }
 
 impl HeadMetrics {
@@ -151,8 +152,13 @@ impl HeadMetrics {
         metering: Arc<Metering>,
         tasks: Arc<TaskTable>,
         submissions: Arc<Submissions>,
+        actors: Arc<crate::actors::Actors>,
     ) -> Self {
-        Self { state, metering, tasks, submissions }
+        Self { state, metering, tasks, submissions, actors }
+    }
+
+    pub fn actors(&self) -> &Arc<crate::actors::Actors> {
+        &self.actors
     }
 
     pub fn state(&self) -> &Arc<GcsState> {

@@ -168,7 +168,13 @@ impl GcsServer {
             crate::task_events::MAX_TASKS,
             crate::task_events::MAX_TASKS_PER_ACCOUNT,
         ));
-        let metrics = Arc::new(HeadMetrics::new(state.clone(), metering.clone(), tasks.clone(), submissions.clone()));
+        let metrics = Arc::new(HeadMetrics::new(
+            state.clone(),
+            metering.clone(),
+            tasks.clone(),
+            submissions.clone(),
+            actors.clone(),
+        ));
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),

@@ -59,7 +59,9 @@ class ActorClass:
             return self.options(**captured_options(self._options)).remote(*args, **kwargs)
         if self._context:
             kwargs = {**kwargs, _context.CONTEXT_KEY: self._context}
-        native = _ionet.create_actor(self._exported.key(), _arguments.pack(args, kwargs), self._native_options)
+        native = _ionet.create_actor(
+            self._exported.key(), _arguments.pack(args, kwargs), self._native_options, self.__name__
+        )
         return ActorHandle(native, self.__name__, self._method_options)
 
     def _remote(

@@ -91,14 +91,17 @@ pub(crate) fn submit_task(
 }
 
 #[pyfunction]
+#[pyo3(signature = (class_key, args, options, class_name = None))]
 pub(crate) fn create_actor(
     py: Python<'_>,
     class_key: &[u8],
     args: &Bound<'_, PyList>,
     options: &Options,
+    class_name: Option<String>,
 ) -> PyResult<PyActorHandle> {
     let all = keyed_args(class_key, args)?;
-    let actor = options.actor.clone();
+    let mut actor = options.actor.clone();
+    actor.class_label = class_name.filter(|name| !name.is_empty());
     let inner = py.detach(move || ionet::create_actor(PYTHON_ACTOR, actor, all)).or_raise()?;
     Ok(PyActorHandle { inner })
 }

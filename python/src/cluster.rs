@@ -219,6 +219,22 @@ pub(crate) fn runtime_context(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(dict)
 }
 
+/// The state API's other listings (`ionet.util.state`): `what` is `actors`, `nodes` or
+/// `jobs`; JSON, a list of rows.
+#[pyfunction]
+pub(crate) fn list_state(py: Python<'_>, what: &str) -> PyResult<String> {
+    let what = what.to_string();
+    let rows = py
+        .detach(move || match what.as_str() {
+            "actors" => ionet::state::list_actors(),
+            "nodes" => ionet::state::list_nodes(),
+            "jobs" => ionet::state::list_jobs(),
+            other => Err(ionet::IonetError::InvalidArgument(format!("no listing of {other:?}"))),
+        })
+        .or_raise()?;
+    serde_json::to_string(&rows).map_err(|err| PyValueError::new_err(err.to_string()))
+}
+
 /// Tasks of this job's account as the head last heard of them (`ionet.util.state`), as
 /// JSON: a list of Ray's `list_tasks` rows.
 #[pyfunction]

@@ -114,6 +114,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(_actor_handle_from_wire, module)?,
         wrap_pyfunction!(init, module)?,
         wrap_pyfunction!(cluster::list_tasks, module)?,
+        wrap_pyfunction!(cluster::list_state, module)?,
         wrap_pyfunction!(shutdown, module)?,
         wrap_pyfunction!(is_initialized, module)?,
         wrap_pyfunction!(run_worker, module)?,

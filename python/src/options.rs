@@ -118,6 +118,7 @@ impl Options {
             max_restarts: max_restarts.unwrap_or(defaults.max_restarts),
             max_task_retries: max_task_retries.unwrap_or(defaults.max_task_retries),
             max_concurrency: max_concurrency.unwrap_or(defaults.max_concurrency),
+            class_label: None,
         };
         Ok(Options { actor, generator })
     }

@@ -49,6 +49,12 @@ def train(step):
 
 
 @ionet.remote
+class ParameterServer:
+    def ping(self):
+        return "pong"
+
+
+@ionet.remote
 def load_batch():
     raise ValueError("the batch was empty")
 
@@ -105,6 +111,10 @@ def test_each_page_shows_the_clusters_nodes_jobs_costs_and_failures(cluster):
     assert GPU_TYPE in market and "Protocol fees so far" in market and "default" in market
     jobs = browse(cluster, "/jobs")
     assert job in jobs
+    server = ParameterServer.options(name="ps").remote()
+    assert ionet.get(server.ping.remote(), timeout=60) == "pong"
+    actors = browse(cluster, "/actors")
+    assert "ParameterServer" in actors and ">ps<" in actors and "ALIVE" in actors, actors[-3000:]
 
 
 def test_what_tenants_name_is_shown_as_text_never_run(cluster):

@@ -4,7 +4,7 @@ them, with their names, states, nodes and errors."""
 import pytest
 
 import ionet
-from ionet.util.state import list_tasks, summarize_tasks
+from ionet.util.state import list_actors, list_jobs, list_nodes, list_tasks, summarize_actors, summarize_tasks
 
 from conftest import wait_for
 
@@ -49,3 +49,33 @@ def test_tasks_are_listed_with_rays_fields():
         list_tasks(filters=[("colour", "=", "red")])
     with pytest.raises(Exception, match="is no task state"):
         list_tasks(filters=[("state", "=", "SLEEPING")])
+
+
+@ionet.remote
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def add(self):
+        self.count += 1
+        return self.count
+
+
+def test_actors_nodes_and_jobs_are_listed_with_rays_fields():
+    counters = [Counter.options(name=f"counter-{i}").remote() for i in range(3)]
+    assert ionet.get([counter.add.remote() for counter in counters]) == [1, 1, 1]
+    ionet.kill(counters[0])
+    wait_for(lambda: len(list_actors(filters=[("state", "=", "DEAD"), ("class_name", "=", "Counter")])) == 1,
+             what="the killed actor listed dead")  # fmt: skip
+    alive = list_actors(filters=[("state", "=", "alive"), ("class_name", "=", "Counter")])
+    assert sorted(row["name"] for row in alive) == ["counter-1", "counter-2"]
+    node = ionet.get_runtime_context().get_node_id()
+    assert {row["node_id"] for row in alive} == {node}
+    assert summarize_actors()["cluster"]["summary"]["Counter"]["state_counts"]["ALIVE"] >= 2
+    (only,) = list_nodes()
+    assert only["node_id"] == node and only["state"] == "ALIVE" and only["resources_total"]["GPU"] == 2
+    job = ionet.get_runtime_context().get_job_id()
+    mine = list_jobs(filters=[("job_id", "=", job)])
+    assert len(mine) == 1 and mine[0]["status"] == "RUNNING" and mine[0]["type"] == "DRIVER", mine
+    with pytest.raises(ValueError, match="cannot be filtered on 'colour'"):
+        list_actors(filters=[("colour", "=", "red")])

@@ -133,6 +133,9 @@ pub struct ActorOptions {
     pub max_task_retries: i32,
     /// Calls run at once (1: one at a time, in each caller's order).
     pub max_concurrency: u32,
+    /// What the state API calls the class (a Python class's qualified name, where the
+    /// registered class is Python's generic one); `None`: the registered class's name.
+    pub class_label: Option<String>,
 }
 
 impl Default for ActorOptions {
@@ -146,6 +149,7 @@ impl Default for ActorOptions {
             max_restarts: 0,
             max_task_retries: 0,
             max_concurrency: 1,
+            class_label: None,
         }
     }
 }
@@ -341,6 +345,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             bundle_index: bundle.map(|(_, index)| index).unwrap_or_default(),
             strategy: Some(options.resources.wire_strategy()?),
             runtime_env: worker.runtime_env_of(&options.resources)?,
+            display_class: options.class_label.clone().unwrap_or_default(),
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
         // Asked again while the head restarts: it answers a create it already took with

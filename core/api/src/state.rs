@@ -1,7 +1,8 @@
 //! The state API for programs (Ray's `ray.util.state`): the tasks of this job's account
-//! as the head last heard of them (`Gcs/ListTasks`), each with Ray's `list_tasks` fields.
+//! as the head last heard of them (`Gcs/ListTasks`), each with Ray's `list_tasks` fields;
+//! its actors and jobs, and the cluster's nodes.
 
-use ionet_common::rpc::proto::gcs::ListTasksRequest;
+use ionet_common::rpc::proto::gcs::{GetAllJobsRequest, GetAllNodesRequest, ListActorsRequest, ListTasksRequest};
 use ionet_common::{IonetResult, JobId};
 
 use crate::runtime;
@@ -35,4 +36,57 @@ pub fn list_tasks(filter: TaskFilter) -> IonetResult<Vec<serde_json::Value>> {
         worker.call_head(request, |mut gcs, request| async move { gcs.list_tasks(request).await }).await
     })?;
     Ok(reply.tasks.iter().map(ionet_worker::state_commands::row_json).collect())
+}
+
+/// The actors of this job's account (dead ones too), as Ray's `list_actors` shows them
+/// (`actor_id`, `class_name`, `name`, `state`, `job_id`, `node_id`, `death_cause`, …).
+pub fn list_actors() -> IonetResult<Vec<serde_json::Value>> {
+    let worker = runtime::current()?;
+    let request = ListActorsRequest { include_dead: true };
+    let reply =
+        runtime::block_on(worker.call_head(request, |mut gcs, request| async move { gcs.list_actors(request).await }))?;
+    reply.actors.iter().map(ionet_gcs::actors::actor_json).collect()
+}
+
+/// Every node of the cluster (dead ones too): id, state, resources, GPUs, price.
+pub fn list_nodes() -> IonetResult<Vec<serde_json::Value>> {
+    let worker = runtime::current()?;
+    let request = GetAllNodesRequest { include_dead: true };
+    let reply = runtime::block_on(
+        worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await }),
+    )?;
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
+    match ionet_worker::status::nodes_json(&reply.nodes, now_ms)? {
+        serde_json::Value::Array(rows) => Ok(rows),
+        other => Ok(vec![other]),
+    }
+}
+
+/// The jobs of this job's account: id, state (`RUNNING` or `FINISHED`), who pays, when,
+/// and the submission that started it.
+pub fn list_jobs() -> IonetResult<Vec<serde_json::Value>> {
+    let worker = runtime::current()?;
+    let reply = runtime::block_on(
+        worker.call_head(GetAllJobsRequest {}, |mut gcs, request| async move { gcs.get_all_jobs(request).await }),
+    )?;
+    Ok(reply
+        .jobs
+        .iter()
+        .map(|job| {
+            let finished = job.state == ionet_common::rpc::proto::common::JobState::Finished as i32;
+            serde_json::json!({
+                "job_id": ionet_common::JobId::from_bytes(&job.job_id).map(|id| id.hex()).unwrap_or_default(),
+                "type": if job.submission_id.is_empty() { "DRIVER" } else { "SUBMISSION" },
+                "status": if finished { "FINISHED" } else { "RUNNING" },
+                "account": if job.payer_account.is_empty() { "default" } else { job.payer_account.as_str() },
+                "namespace": job.namespace,
+                "entrypoint": job.entrypoint,
+                "submission_id": job.submission_id,
+                "driver_pid": job.driver_pid,
+                "start_time": job.start_time_ms,
+                "end_time": job.end_time_ms,
+            })
+        })
+        .collect())
 }

@@ -287,11 +287,12 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/CreatePlacementGroup", Access::Job),
     row("/ionet.gcs.Gcs/GetPlacementGroup", Access::Job),
     row("/ionet.gcs.Gcs/RemovePlacementGroup", Access::Job),
-    row("/ionet.gcs.Gcs/ListPlacementGroups", Access::Job),
+    // Listings show each caller its own account's (the state API, `ionet list`).
+    row("/ionet.gcs.Gcs/ListPlacementGroups", Access::Read),
     row("/ionet.gcs.Gcs/CreateActor", Access::Job),
     row("/ionet.gcs.Gcs/GetActor", Access::Job),
     row("/ionet.gcs.Gcs/GetNamedActor", Access::Job),
-    row("/ionet.gcs.Gcs/ListActors", Access::Job),
+    row("/ionet.gcs.Gcs/ListActors", Access::Read),
     row("/ionet.gcs.Gcs/KillActor", Access::Job),
     row("/ionet.gcs.Gcs/CreateToken", Access::Admin),
     row("/ionet.gcs.Gcs/ObjectsMoved", Access::Node),
@@ -403,6 +404,7 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("GET", "/api/v0/jobs", Access::Read),
     http("GET", "/api/v0/tasks", Access::Read),
     http("GET", "/api/v0/market", Access::Read),
+    http("GET", "/api/v0/actors", Access::Read),
     // Prometheus's service discovery of node daemons' metrics (the public node table).
     http("GET", "/api/prometheus/targets", Access::Metrics),
 ];

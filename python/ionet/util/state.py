@@ -1,8 +1,10 @@
 """The state API, as Ray's `ray.util.state`: the tasks of this job's account as the head
-last heard of them (their owners report them, batched, within about a second).
+last heard of them (their owners report them, batched, within about a second); its
+actors and jobs; the cluster's nodes.
 
-    from ionet.util.state import list_tasks, summarize_tasks
+    from ionet.util.state import list_tasks, list_actors, summarize_tasks
     list_tasks(filters=[("state", "=", "FAILED")])
+    list_actors(filters=[("state", "=", "ALIVE")])
 
 Each task is a dict with Ray's fields: `task_id`, `job_id`, `name`,
 `func_or_class_name`, `state`, `type`, `attempt_number`, `node_id`, `error_message`,
@@ -21,6 +23,60 @@ from ionet import _core, _ionet
 
 # Filters the head applies (with "="); any other is applied here.
 _HEAD_FILTERS = {"job_id": "job", "state": "state", "name": "name"}
+
+
+def _filtered(what: str, rows: List[Dict[str, Any]], filters, limit: int) -> List[Dict[str, Any]]:
+    """`rows` that pass Ray's `(key, "=" or "!=", value)` filters (strings in any case), at
+    most `limit`."""
+    for key, predicate, value in filters or []:
+        if predicate not in ("=", "!="):
+            raise ValueError(f"filter predicate {predicate!r} is not supported: use '=' or '!='")
+        if rows and key not in rows[0]:
+            raise ValueError(f"{what} cannot be filtered on {key!r}: the fields are {', '.join(sorted(rows[0]))}")
+        # As Ray's: strings match whatever their case; a row without the field matches neither.
+        wanted = str(value).lower()
+        rows = [
+            row for row in rows
+            if row.get(key) is not None and (str(row[key]).lower() == wanted) == (predicate == "=")
+        ]
+    return rows[: int(limit)]
+
+
+def _listing(what: str) -> List[Dict[str, Any]]:
+    _core.ensure_initialized()
+    return json.loads(_ionet.list_state(what))
+
+
+def list_actors(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
+    """This job's account's actors, dead ones too (Ray's fields: `actor_id`, `class_name`,
+    `name`, `state`, `job_id`, `node_id`, `death_cause`, …)."""
+    return _filtered("actors", _listing("actors"), filters, limit)
+
+
+def get_actor(actor_id: str) -> Optional[Dict[str, Any]]:
+    """The actor of this id (hex), or None."""
+    return next((row for row in list_actors() if row["actor_id"] == actor_id), None)
+
+
+def list_nodes(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
+    """The cluster's nodes, dead ones too: `node_id`, `state`, resources, GPUs, price."""
+    return _filtered("nodes", _listing("nodes"), filters, limit)
+
+
+def list_jobs(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
+    """This account's jobs: `job_id`, `type` (DRIVER or SUBMISSION), `status`, who pays,
+    `start_time`, `end_time`."""
+    return _filtered("jobs", _listing("jobs"), filters, limit)
+
+
+def summarize_actors(**_ray_options: Any) -> Dict[str, Any]:
+    """Actors counted by class and state, in Ray's shape."""
+    summary: Dict[str, Dict[str, Any]] = {}
+    rows = list_actors()
+    for row in rows:
+        entry = summary.setdefault(row["class_name"], {"class_name": row["class_name"], "state_counts": {}})
+        entry["state_counts"][row["state"]] = entry["state_counts"].get(row["state"], 0) + 1
+    return {"cluster": {"summary": summary, "total_actors": len(rows)}}
 
 
 def list_tasks(
@@ -43,16 +99,7 @@ def list_tasks(
             local.append((key, predicate, value))
     # Filtered here too: the head's limit is only safe when nothing is left to filter here.
     rows = json.loads(_ionet.list_tasks(limit=0 if local else int(limit), **asked))
-    for key, predicate, value in local:
-        if rows and key not in rows[0]:
-            raise ValueError(f"tasks cannot be filtered on {key!r}: the fields are {', '.join(sorted(rows[0]))}")
-        # As Ray's: strings match whatever their case; a row without the field matches neither.
-        wanted = str(value).lower()
-        rows = [
-            row for row in rows
-            if row.get(key) is not None and (str(row[key]).lower() == wanted) == (predicate == "=")
-        ]
-    return rows[: int(limit)]
+    return _filtered("tasks", rows, local, limit)
 
 
 def get_task(task_id: str) -> Optional[Dict[str, Any]]:
