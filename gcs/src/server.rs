@@ -168,6 +168,12 @@ impl GcsServer {
             crate::task_events::MAX_TASKS,
             crate::task_events::MAX_TASKS_PER_ACCOUNT,
         ));
+        // A head with storage keeps task rows there: what an earlier run wrote first.
+        let persistent = !matches!(options.storage, StorageLocation::Memory);
+        if persistent {
+            let restored = crate::task_events::load(&tasks, state.storage().clone()).await?;
+            tracing::info!(rows = restored, "task rows restored from storage");
+        }
         let metrics = Arc::new(HeadMetrics::new(
             state.clone(),
             metering.clone(),
@@ -182,7 +188,7 @@ impl GcsServer {
             issuer.clone(),
             options.tls.clone(),
             submissions.clone(),
-            tasks,
+            tasks.clone(),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -205,6 +211,10 @@ impl GcsServer {
                 }),
         );
         let mut background_tasks = metering.spawn_tasks(events, stopped.clone());
+        if persistent {
+            let persisting = crate::task_events::persist(tasks.clone(), state.storage().clone(), stopped.clone());
+            background_tasks.push(tokio::spawn(persisting));
+        }
         #[cfg(feature = "solana")]
         if let Some(settings) = options.payouts {
             let payouts = crate::payouts::Payouts::open(settings, metering.clone()).await?;

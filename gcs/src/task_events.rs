@@ -8,12 +8,20 @@
 //! account's (or the largest account's) oldest row goes, counted for that account; texts
 //! are cut to a bound ([`MAX_TEXT`]), so one tenant's flood costs the others nothing.
 //! Events a sender dropped are counted for its account too. When a job ends, its tasks
-//! still open end as failed. Kept in memory only for now: a restarted head starts empty.
+//! still open end as failed. A head with storage writes the rows that changed there once
+//! a second ([`persist`], `Table::Tasks`, rows gone from memory deleted with them) and
+//! reads them back when it starts ([`TaskTable::restore`]), so a restarted head, or one
+//! whose cluster has stopped, still shows the past; the counters start again from zero.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use ionet_common::rpc::proto::gcs::{TaskEvent, TaskRow, TaskState};
+use ionet_common::rpc::proto::gcs::{StoredTaskRow, TaskEvent, TaskRow, TaskState};
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::storage::{GcsStorage, StorageWrite, Table};
 
 /// The most tasks the head keeps, and the most of one account's.
 pub const MAX_TASKS: usize = 100_000;
@@ -67,6 +75,26 @@ struct Inner {
     /// By job id and task id: the row and its account.
     rows: HashMap<Vec<u8>, (TaskRow, Arc<str>)>,
     accounts: HashMap<Arc<str>, Account>,
+    /// With storage: the rows changed, and those forgotten, since the last write.
+    persistent: bool,
+    changed: HashSet<Vec<u8>>,
+    forgotten: HashSet<Vec<u8>>,
+}
+
+impl Inner {
+    fn touched(&mut self, key: &[u8]) {
+        if self.persistent {
+            self.forgotten.remove(key);
+            self.changed.insert(key.to_vec());
+        }
+    }
+
+    fn forgot(&mut self, key: &[u8]) {
+        if self.persistent {
+            self.changed.remove(key);
+            self.forgotten.insert(key.to_vec());
+        }
+    }
 }
 
 pub struct TaskTable {
@@ -141,6 +169,7 @@ impl TaskTable {
                 let ended = row.state;
                 inner.accounts.entry(account.clone()).or_default().count_end(ended);
             }
+            inner.touched(&key);
         }
     }
 
@@ -160,6 +189,7 @@ impl TaskTable {
         if let Some(oldest) = rows.order.pop_front() {
             if inner.rows.remove(&oldest).is_some() {
                 rows.forgotten_tasks += 1;
+                inner.forgot(&oldest);
             }
         }
     }
@@ -168,13 +198,76 @@ impl TaskTable {
     pub fn end_job(&self, job_id: &[u8], time_us: u64) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
-        for (row, account) in inner.rows.values_mut() {
+        let mut ended = Vec::new();
+        for (key, (row, account)) in inner.rows.iter_mut() {
             if row.job_id == job_id && !is_terminal(row.state) {
                 row.state = TaskState::Failed as i32;
                 row.error = "the job ended before the task did".into();
                 row.reason.clear();
                 row.ended_us = time_us;
                 inner.accounts.entry(account.clone()).or_default().count_end(row.state);
+                ended.push(key.clone());
+            }
+        }
+        for key in ended {
+            inner.touched(&key);
+        }
+    }
+
+    /// Takes the rows `stored` holds (oldest first by when they were submitted), within
+    /// the bounds, and from then on notes every change for [`persist`].
+    pub fn restore(&self, mut stored: Vec<StoredTaskRow>) -> usize {
+        stored.sort_by_key(|stored| stored.row.as_ref().map_or(0, |row| row.submitted_us));
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        // From now on changes are noted: a row restoring forgets to make room goes from
+        // storage too, at the next write.
+        inner.persistent = true;
+        let mut taken = 0;
+        for StoredTaskRow { account, row } in stored {
+            let Some(row) = row else { continue };
+            let account: Arc<str> = account.into();
+            let key = key(&row.job_id, &row.task_id);
+            if inner.rows.contains_key(&key) {
+                continue;
+            }
+            self.make_room(inner, &account);
+            inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
+            inner.rows.insert(key, (row, account));
+            taken += 1;
+        }
+        taken
+    }
+
+    /// The rows changed and forgotten since the last call, as storage writes.
+    fn take_writes(&self) -> Vec<StorageWrite> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        let mut writes = Vec::with_capacity(inner.changed.len() + inner.forgotten.len());
+        for key in inner.forgotten.drain() {
+            writes.push(StorageWrite::Delete { table: Table::Tasks, key });
+        }
+        for key in std::mem::take(&mut inner.changed) {
+            if let Some((row, account)) = inner.rows.get(&key) {
+                let stored = StoredTaskRow { account: account.to_string(), row: Some(row.clone()) };
+                writes.push(StorageWrite::Put { table: Table::Tasks, key, value: stored.encode_to_vec() });
+            }
+        }
+        writes
+    }
+
+    /// Writes that could not be made, noted again for the next try.
+    fn retry(&self, writes: Vec<StorageWrite>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for write in writes {
+            match write {
+                StorageWrite::Put { key, .. } if !inner.forgotten.contains(&key) => {
+                    inner.changed.insert(key);
+                }
+                StorageWrite::Delete { key, .. } if !inner.changed.contains(&key) => {
+                    inner.forgotten.insert(key);
+                }
+                _ => {}
             }
         }
     }
@@ -258,6 +351,48 @@ impl TaskTable {
             }
         }
         listing
+    }
+}
+
+/// How often the rows that changed are written to storage.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Reads the rows `storage` holds into `table` (what an earlier run of the head kept).
+pub async fn load(table: &TaskTable, storage: Arc<dyn GcsStorage>) -> crate::error::GcsResult<usize> {
+    let entries = crate::state::blocking(move || storage.scan_prefix(Table::Tasks, b"")).await?;
+    let mut stored = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        match StoredTaskRow::decode(value.as_slice()) {
+            Ok(row) => stored.push(row),
+            Err(err) => {
+                tracing::warn!(key = %hex::encode(&key), error = %err, "a stored task row is unreadable; skipped")
+            }
+        }
+    }
+    Ok(table.restore(stored))
+}
+
+/// Writes `table`'s changed rows to `storage` once a second, and once more when
+/// `stopped` turns true. A failed write is tried again with the next.
+pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(PERSIST_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = stopped.wait_for(|stop| *stop) => true,
+        };
+        let writes = table.take_writes();
+        if !writes.is_empty() {
+            let (storage, batch) = (storage.clone(), writes.clone());
+            if let Err(err) = crate::state::blocking(move || storage.write_all(&batch)).await {
+                tracing::warn!(error = %err, rows = writes.len(), "could not write task rows; trying again");
+                table.retry(writes);
+            }
+        }
+        if last {
+            return;
+        }
     }
 }
 

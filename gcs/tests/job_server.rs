@@ -464,3 +464,62 @@ async fn the_dashboards_data_is_each_accounts_own() {
     assert_eq!(status, 400);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn task_rows_outlive_a_head_with_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || {
+        let mut options = GcsServerOptions::new(ClusterConfig::default());
+        options.storage = ionet_gcs::storage::StorageLocation::File(dir.path().join("gcs.redb"));
+        options.signing_key_path = Some(dir.path().join("signing_key"));
+        options
+    };
+    let start = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        GcsServer::start(options(), listener).await.unwrap()
+    };
+    let first = start().await;
+    let key = first.account_credential("acme", Duration::from_secs(600));
+    let address = first.address().to_string();
+    let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+    let request = AddJobRequest {
+        worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let started = gcs.add_job(request).await.unwrap().into_inner();
+    let job_id = started.job.unwrap().job_id;
+    let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+    let mut job_gcs = ionet_common::rpc::gcs_client(&address, &job).await.unwrap();
+    let event = |task: u8, state: TaskState, error: &str| TaskEvent {
+        task_id: vec![task; ionet_common::TaskId::LEN],
+        job_id: job_id.clone(),
+        name: format!("step-{task}"),
+        state: state as i32,
+        error: error.into(),
+        time_us: 1_000 + u64::from(task),
+        ..Default::default()
+    };
+    let events = vec![event(1, TaskState::Finished, ""), event(2, TaskState::Failed, "the loss is NaN")];
+    job_gcs.add_task_events(AddTaskEventsRequest { events, dropped: 0 }).await.unwrap();
+    first.shutdown().await;
+
+    // The head starts again on the same storage: the past is still there, each row its
+    // account's.
+    let second = start().await;
+    let address = second.address().to_string();
+    let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+    let listed = gcs.list_tasks(ListTasksRequest::default()).await.unwrap().into_inner();
+    let rows: Vec<(String, i32, String)> =
+        listed.tasks.iter().map(|row| (row.name.clone(), row.state, row.error.clone())).collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("step-1".into(), TaskState::Finished as i32, String::new()),
+            ("step-2".into(), TaskState::Failed as i32, "the loss is NaN".into()),
+        ]
+    );
+    let rival = second.account_credential("rival", Duration::from_secs(600));
+    let mut rival = ionet_common::rpc::gcs_client(&address, &rival).await.unwrap();
+    assert!(rival.list_tasks(ListTasksRequest::default()).await.unwrap().into_inner().tasks.is_empty());
+    second.shutdown().await;
+}

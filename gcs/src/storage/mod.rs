@@ -63,10 +63,12 @@ pub enum Table {
     ObjectMoves,
     /// Jobs submitted to the job server, keyed by submission id (JSON, Ray's shape).
     Submissions,
+    /// Tasks as their owners reported them, keyed by job id and task id (`StoredTaskRow`).
+    Tasks,
 }
 
 impl Table {
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 11] = [
         Table::Nodes,
         Table::Jobs,
         Table::Kv,
@@ -77,6 +79,7 @@ impl Table {
         Table::PlacementGroups,
         Table::ObjectMoves,
         Table::Submissions,
+        Table::Tasks,
     ];
 
     fn name(self) -> &'static str {
@@ -91,6 +94,7 @@ impl Table {
             Table::PlacementGroups => "placement_groups",
             Table::ObjectMoves => "object_moves",
             Table::Submissions => "submissions",
+            Table::Tasks => "tasks",
         }
     }
 }
