@@ -334,6 +334,15 @@ impl HeadMetrics {
                 submissions.get_or_create(&labels).inc();
             }
         }
+        let actors = sheet.gauge("actors", "Actors by state and account");
+        for actor in self.actors.list(true) {
+            let job = actor.spec.as_ref().and_then(|spec| JobId::from_bytes(&spec.job_id).ok());
+            let account = job.map(|job| self.state.payer_of(&job)).unwrap_or_else(|| DEFAULT_PAYER.into());
+            if view.sees_account(&account) {
+                let labels = vec![("state", crate::actors::state_name(actor.state).into()), ("account", account)];
+                actors.get_or_create(&labels).inc();
+            }
+        }
         let tasks = sheet.gauge("tasks", "Tasks the head keeps a row of, by state and account");
         let events = sheet.counter("task_events", "Task events the head took, by account");
         let dropped = sheet.counter("task_events_dropped", "Task events their senders dropped (buffer full, refused)");
