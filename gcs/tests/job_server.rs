@@ -36,6 +36,35 @@ async fn call(base: &str, method: &str, route: &str, credential: Option<&str>) -
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+/// A job started by `account`'s key on `server`: its id, clients speaking with its own
+/// credential and with the key, the key and the job's credential.
+struct StartedJob {
+    job_id: Vec<u8>,
+    job: ionet_common::rpc::GcsClient,
+    account: ionet_common::rpc::GcsClient,
+    key: ionet_common::auth::Bearer,
+    credential: ionet_common::auth::Bearer,
+}
+
+async fn start_job(server: &GcsServer, account: &str) -> StartedJob {
+    let address = server.address().to_string();
+    let key = server.account_credential(account, Duration::from_secs(600));
+    let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
+    let request = AddJobRequest {
+        worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let started = gcs.add_job(request).await.unwrap().into_inner();
+    let credential = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
+    StartedJob {
+        job_id: started.job.unwrap().job_id,
+        job: ionet_common::rpc::gcs_client(&address, &credential).await.unwrap(),
+        account: gcs,
+        key,
+        credential,
+    }
+}
+
 #[tokio::test]
 async fn every_route_is_served_behind_its_row() {
     let (server, base) = head().await;
@@ -200,24 +229,9 @@ async fn a_job_ships_only_packages_its_account_uploaded() {
 #[tokio::test]
 async fn task_events_are_a_jobs_own_and_its_accounts_to_read() {
     let (server, _) = head().await;
-    let address = server.address().to_string();
-    let start = |account: &str| {
-        let key = server.account_credential(account, Duration::from_secs(60));
-        let address = address.clone();
-        async move {
-            let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
-            let request = AddJobRequest {
-                worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
-                ..Default::default()
-            };
-            let started = gcs.add_job(request).await.unwrap().into_inner();
-            let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
-            (started.job.unwrap().job_id, ionet_common::rpc::gcs_client(&address, &job).await.unwrap(), gcs)
-        }
-    };
-    let (first, mut first_job, mut acme) = start("acme").await;
-    let (second, mut second_job, _) = start("acme").await;
-    let (_, mut rival_job, mut rival) = start("rival").await;
+    let StartedJob { job_id: first, job: mut first_job, account: mut acme, .. } = start_job(&server, "acme").await;
+    let StartedJob { job_id: second, job: mut second_job, .. } = start_job(&server, "acme").await;
+    let StartedJob { job: mut rival_job, account: mut rival, .. } = start_job(&server, "rival").await;
     let event = |job: &[u8], task: u8| TaskEvent {
         task_id: vec![task; ionet_common::TaskId::LEN],
         job_id: job.to_vec(),
@@ -265,22 +279,9 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 async fn metrics_show_each_credential_its_own_and_the_scrapers_token_reads_nothing_else() {
     let (server, base) = head().await;
     let address = server.address().to_string();
-    let start = |account: &str| {
-        let key = server.account_credential(account, Duration::from_secs(60));
-        let address = address.clone();
-        async move {
-            let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
-            let request = AddJobRequest {
-                worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
-                ..Default::default()
-            };
-            let started = gcs.add_job(request).await.unwrap().into_inner();
-            let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
-            (started.job.unwrap().job_id, ionet_common::rpc::gcs_client(&address, &job).await.unwrap(), key, job)
-        }
-    };
-    let (acme_job, mut acme_gcs, acme_key, acme_job_credential) = start("acme").await;
-    let (rival_job, mut rival_gcs, rival_key, _) = start("rival").await;
+    let StartedJob { job_id: acme_job, job: mut acme_gcs, key: acme_key, credential: acme_job_credential, .. } =
+        start_job(&server, "acme").await;
+    let StartedJob { job_id: rival_job, job: mut rival_gcs, key: rival_key, .. } = start_job(&server, "rival").await;
     let event = |job: &[u8], task: u8, state: TaskState| TaskEvent {
         task_id: vec![task; ionet_common::TaskId::LEN],
         job_id: job.to_vec(),
@@ -421,21 +422,12 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
 #[tokio::test]
 async fn the_dashboards_data_is_each_accounts_own() {
     let (server, base) = head().await;
-    let address = server.address().to_string();
     let mut keys = Vec::new();
     for account in ["acme", "rival"] {
-        let key = server.account_credential(account, Duration::from_secs(60));
-        let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
-        let request = AddJobRequest {
-            worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
-            ..Default::default()
-        };
-        let started = gcs.add_job(request).await.unwrap().into_inner();
-        let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
-        let mut job_gcs = ionet_common::rpc::gcs_client(&address, &job).await.unwrap();
+        let StartedJob { job_id, job: mut job_gcs, key, .. } = start_job(&server, account).await;
         let event = TaskEvent {
             task_id: vec![1; ionet_common::TaskId::LEN],
-            job_id: started.job.unwrap().job_id,
+            job_id,
             name: format!("{account}-secret-task"),
             state: TaskState::Failed as i32,
             error: format!("{account}'s error"),
@@ -479,17 +471,7 @@ async fn task_rows_outlive_a_head_with_storage() {
         GcsServer::start(options(), listener).await.unwrap()
     };
     let first = start().await;
-    let key = first.account_credential("acme", Duration::from_secs(600));
-    let address = first.address().to_string();
-    let mut gcs = ionet_common::rpc::gcs_client(&address, &key).await.unwrap();
-    let request = AddJobRequest {
-        worker_command: Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() }),
-        ..Default::default()
-    };
-    let started = gcs.add_job(request).await.unwrap().into_inner();
-    let job_id = started.job.unwrap().job_id;
-    let job = ionet_common::auth::Bearer::new(&started.job_credential).unwrap();
-    let mut job_gcs = ionet_common::rpc::gcs_client(&address, &job).await.unwrap();
+    let StartedJob { job_id, job: mut job_gcs, key, .. } = start_job(&first, "acme").await;
     let event = |task: u8, state: TaskState, error: &str| TaskEvent {
         task_id: vec![task; ionet_common::TaskId::LEN],
         job_id: job_id.clone(),

@@ -4,7 +4,8 @@
   A100-80GB GPUs, 4 units of a custom resource), for one test module.
 - `process_cluster`: a head and two nodes started as daemons with the `ionet` command
   (three nodes of 2 CPUs, one session directory), joined with `init(address="auto")`,
-  for one test module.
+  for one test module; `joined_cluster` makes others (a provider's priced GPU node, a
+  head that runs nothing or speaks TLS).
 
 A process holds one cluster at a time, so each module uses one of them.
 """
@@ -89,16 +90,32 @@ class ProcessCluster:
         return "\n".join(texts)
 
 
-@pytest.fixture(scope="module")
-def process_cluster(tmp_path_factory):
+def joined_cluster(tmp_path_factory, namespace, head_cpus=2, cpu_nodes=2, gpu_price=None, head_args=()):
+    """Yields a cluster of daemons this process has joined: a head with `head_cpus` CPUs
+    (`head_args` added to its start), `cpu_nodes` nodes of 2 CPUs, and with `gpu_price`
+    (USD per GPU-hour) a provider's node of 2 CPUs and 2 simulated GPUs at that price,
+    with credit for the operator's jobs. Stopped after."""
     cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
     try:
-        cluster.start_head(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace="tests")
-        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == 3, what="three alive nodes")
+        cluster.command("start", "--head", "--port", "0", "--num-cpus", str(head_cpus), *head_args)
+        nodes = 1 + cpu_nodes
+        if gpu_price is not None:
+            cluster.command(
+                "start", "--address", cluster.head_address, "--num-cpus", "2", "--num-gpus", "2",
+                "--gpu-type", GPU_TYPE, "--price-per-gpu-hour", str(gpu_price),
+            )  # fmt: skip
+            cluster.command("credits", "add", "--account", "default", "--amount", "100")
+            nodes += 1
+        for _ in range(cpu_nodes):
+            cluster.add_node(num_cpus=2)
+        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace=namespace)
+        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == nodes, what=f"{nodes} alive nodes")
         yield cluster
     finally:
         ionet.shutdown()
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def process_cluster(tmp_path_factory):
+    yield from joined_cluster(tmp_path_factory, "tests")

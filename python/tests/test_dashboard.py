@@ -16,7 +16,7 @@ import pytest
 import ionet
 from ionet import _ionet
 
-from conftest import GPU_TYPE, ProcessCluster, wait_for
+from conftest import GPU_TYPE, joined_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,21 +25,7 @@ ARTIFACTS = Path(os.environ.get("IONET_TEST_ARTIFACTS", Path(__file__).resolve()
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
-    try:
-        cluster.start_head(num_cpus=0)
-        cluster.command(
-            "start", "--address", cluster.head_address, "--num-cpus", "2", "--num-gpus", "2",
-            "--gpu-type", GPU_TYPE, "--price-per-gpu-hour", "2.50",
-        )  # fmt: skip
-        cluster.add_node(num_cpus=2)
-        cluster.command("credits", "add", "--account", "default", "--amount", "100")
-        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace="dashboard")
-        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == 3, what="three alive nodes")
-        yield cluster
-    finally:
-        ionet.shutdown()
-        cluster.stop()
+    yield from joined_cluster(tmp_path_factory, "dashboard", head_cpus=0, cpu_nodes=1, gpu_price="2.50")
 
 
 @ionet.remote(num_gpus=1)

@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 import ionet
 from ionet import _ionet
 
-from conftest import GPU_TYPE, ProcessCluster, wait_for
+from conftest import GPU_TYPE, joined_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,22 +35,10 @@ PRICE_PER_GPU_HOUR = "36"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
-    try:
-        # The head (serving TLS, as a cluster across machines does) runs nothing; a
-        # provider's node with two priced (simulated) GPUs.
-        cluster.command("start", "--head", "--port", "0", "--num-cpus", "0", "--tls")
-        cluster.command(
-            "start", "--address", cluster.head_address, "--num-cpus", "2", "--num-gpus", "2",
-            "--gpu-type", GPU_TYPE, "--price-per-gpu-hour", PRICE_PER_GPU_HOUR,
-        )  # fmt: skip
-        cluster.command("credits", "add", "--account", "default", "--amount", "100")
-        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace="metrics")
-        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == 2, what="two alive nodes")
-        yield cluster
-    finally:
-        ionet.shutdown()
-        cluster.stop()
+    # The head (serving TLS, as a cluster across machines does) runs nothing; a
+    # provider's node with two priced (simulated) GPUs.
+    yield from joined_cluster(tmp_path_factory, "metrics", head_cpus=0, cpu_nodes=0, gpu_price=PRICE_PER_GPU_HOUR,
+                              head_args=("--tls",))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

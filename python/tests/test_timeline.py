@@ -10,24 +10,14 @@ import pytest
 
 import ionet
 
-from conftest import ProcessCluster, wait_for
+from conftest import joined_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = ProcessCluster(tmp_path_factory.mktemp("session"))
-    try:
-        cluster.start_head(num_cpus=0)
-        cluster.add_node(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        ionet.init(address="auto", _session_dir=str(cluster.session_dir), namespace="timeline")
-        wait_for(lambda: sum(node["Alive"] for node in ionet.nodes()) == 3, what="three alive nodes")
-        yield cluster
-    finally:
-        ionet.shutdown()
-        cluster.stop()
+    yield from joined_cluster(tmp_path_factory, "timeline", head_cpus=0, cpu_nodes=2)
 
 
 @ionet.remote(scheduling_strategy="SPREAD")
