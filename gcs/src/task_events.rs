@@ -156,7 +156,8 @@ impl TaskTable {
                 let row = TaskRow {
                     task_id: event.task_id.clone(),
                     job_id: event.job_id.clone(),
-                    submitted_us: event.time_us,
+                    // An event its owner merged earlier ones into says when it began.
+                    submitted_us: if event.submitted_us > 0 { event.submitted_us } else { event.time_us },
                     ..Default::default()
                 };
                 inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
@@ -426,9 +427,12 @@ fn apply(row: &mut TaskRow, event: TaskEvent) {
                 row.worker_address = cut(event.worker_address, MAX_SHORT_TEXT);
             }
             row.ended_us = event.time_us;
-            // The worker's own measure of the run, when it ran.
+            // The worker's own measure of the run, when it ran; else when its owner saw
+            // it start (an event it merged the start into).
             if event.run_us > 0 {
                 row.started_us = event.time_us.saturating_sub(event.run_us);
+            } else if event.started_us > 0 {
+                row.started_us = event.started_us;
             }
         }
         TaskState::Unspecified => {}
