@@ -276,6 +276,14 @@ impl Actors {
         if spec.class_name.is_empty() {
             return Err(IonetError::InvalidArgument("actor without a class name".into()));
         }
+        if spec.display_class.len() > 256 || spec.display_class.chars().any(char::is_control) {
+            return Err(IonetError::InvalidArgument(format!(
+                "an actor's shown class name is printable text of at most 256 bytes, not {:?}",
+                spec.display_class.chars().take(64).collect::<String>()
+            )));
+        }
+        // Its resources must read as resources (the listings show them).
+        spec.resources.clone().unwrap_or_default().to_set()?;
         if spec.max_restarts < -1 || spec.max_task_retries < -1 {
             return Err(IonetError::InvalidArgument(format!(
                 "max_restarts and max_task_retries must be -1 (forever) or more, got {} and {}",

@@ -299,10 +299,17 @@ impl HeadMetrics {
             for (family, set_of) in [(&total, resources(&node.total)), (&available, resources(&node.available))] {
                 // The standard resources and a few custom ones: a provider names as many
                 // as it likes, and each would be series of its own.
-                let shown = set_of
+                let standard = |name: &str| {
+                    use ionet_common::resources::{CPU, GPU, GPU_MEMORY, MEMORY};
+                    [CPU, GPU, MEMORY, GPU_MEMORY].contains(&name)
+                };
+                let custom = set_of
                     .iter()
-                    .filter(|(resource, _)| !resource.starts_with(ionet_common::resources::ACCELERATOR_PREFIX))
+                    .filter(|(resource, _)| {
+                        !standard(resource) && !resource.starts_with(ionet_common::resources::ACCELERATOR_PREFIX)
+                    })
                     .take(MAX_RESOURCES_PER_NODE);
+                let shown = set_of.iter().filter(|(resource, _)| standard(resource)).chain(custom);
                 for (resource, quantity) in shown {
                     set(family, vec![node_label(), ("resource", label_text(resource))], Quantity::as_f64(quantity));
                 }
@@ -453,7 +460,8 @@ impl HeadMetrics {
     }
 }
 
-/// The most resources of one node shown (custom resources past them are left out).
+/// The most custom resources of one node shown, beside CPU, GPU and memory (past them
+/// they are left out).
 const MAX_RESOURCES_PER_NODE: usize = 16;
 
 /// A provider's text as a label value: at most 64 bytes (a model name, a resource).

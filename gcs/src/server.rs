@@ -93,6 +93,9 @@ pub struct GcsServer {
     submissions: Arc<Submissions>,
     /// What `/metrics` reads.
     metrics: Arc<HeadMetrics>,
+    /// Writes task rows to storage (a head with storage); stopped after the server.
+    persist_task: Option<JoinHandle<()>>,
+    persist_stop: watch::Sender<bool>,
     /// What the control store's server presents (TLS), and the job server's too.
     certificate: Option<Arc<ServerCert>>,
     /// Turns true when the server stops.
@@ -172,6 +175,13 @@ impl GcsServer {
         let persistent = !matches!(options.storage, StorageLocation::Memory);
         if persistent {
             let restored = crate::task_events::load(&tasks, state.storage().clone()).await?;
+            // A job that finished while the head was away (or before its rows' last write)
+            // ends its open rows, as it would have here.
+            for job in state.jobs() {
+                if job.state == ionet_common::rpc::proto::common::JobState::Finished as i32 {
+                    tasks.end_job(&job.job_id, job.end_time_ms.saturating_mul(1000));
+                }
+            }
             tracing::info!(rows = restored, "task rows restored from storage");
         }
         let metrics = Arc::new(HeadMetrics::new(
@@ -211,10 +221,11 @@ impl GcsServer {
                 }),
         );
         let mut background_tasks = metering.spawn_tasks(events, stopped.clone());
-        if persistent {
-            let persisting = crate::task_events::persist(tasks.clone(), state.storage().clone(), stopped.clone());
-            background_tasks.push(tokio::spawn(persisting));
-        }
+        // Task rows are written a last time once the server has stopped taking calls.
+        let (persist_stop, persist_stopped) = watch::channel(false);
+        let persist_task = persistent.then(|| {
+            tokio::spawn(crate::task_events::persist(tasks.clone(), state.storage().clone(), persist_stopped))
+        });
         #[cfg(feature = "solana")]
         if let Some(settings) = options.payouts {
             let payouts = crate::payouts::Payouts::open(settings, metering.clone()).await?;
@@ -237,6 +248,8 @@ impl GcsServer {
             placement_groups,
             submissions,
             metrics,
+            persist_task,
+            persist_stop,
             certificate,
             stopped: job_server_stopped,
             _job_logs: job_logs,
@@ -314,6 +327,11 @@ impl GcsServer {
                 tracing::warn!(error = %err, "control store server ended with an error")
             }
             Err(err) => tracing::warn!(error = %err, "control store server task failed"),
+        }
+        // No call changes a task row any more: the last of them go to storage.
+        let _ = self.persist_stop.send(true);
+        if let Some(task) = self.persist_task {
+            let _ = task.await;
         }
     }
 

@@ -704,9 +704,12 @@ impl Gcs for GcsService {
     ) -> Result<Response<ListPlacementGroupsReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut groups = self.placement_groups.list();
+        // A submission's credential (its node, a provider's, holds it) lists none.
+        let sees =
+            |account: &str| !matches!(principal, Principal::Submission { .. }) && principal.sees_account(account);
         groups.retain(|group| {
             ionet_common::PlacementGroupId::from_bytes(&group.placement_group_id)
-                .is_ok_and(|id| principal.sees_account(&self.account_of_group(&id)))
+                .is_ok_and(|id| sees(&self.account_of_group(&id)))
         });
         Ok(Response::new(ListPlacementGroupsReply { groups }))
     }
@@ -777,7 +780,10 @@ impl Gcs for GcsService {
     async fn list_actors(&self, request: Request<ListActorsRequest>) -> Result<Response<ListActorsReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut actors = self.actors.list(request.into_inner().include_dead);
-        actors.retain(|actor| principal.sees_account(&self.account_of_actor(actor)));
+        // A submission's credential (its node, a provider's, holds it) lists none.
+        let sees =
+            |account: &str| !matches!(principal, Principal::Submission { .. }) && principal.sees_account(account);
+        actors.retain(|actor| sees(&self.account_of_actor(actor)));
         Ok(Response::new(ListActorsReply { actors }))
     }
 

@@ -79,6 +79,8 @@ struct Inner {
     persistent: bool,
     changed: HashSet<Vec<u8>>,
     forgotten: HashSet<Vec<u8>>,
+    /// The rows storage holds (at most the table's rows): only those are deleted.
+    stored: HashSet<Vec<u8>>,
 }
 
 impl Inner {
@@ -92,7 +94,9 @@ impl Inner {
     fn forgot(&mut self, key: &[u8]) {
         if self.persistent {
             self.changed.remove(key);
-            self.forgotten.insert(key.to_vec());
+            if self.stored.remove(key) {
+                self.forgotten.insert(key.to_vec());
+            }
         }
     }
 }
@@ -165,12 +169,16 @@ impl TaskTable {
             }
             let Some((row, _)) = inner.rows.get_mut(&key) else { continue };
             let was_open = !is_terminal(row.state);
+            let before = inner.persistent.then(|| row.clone());
             apply(row, event);
+            let changed = before.as_ref() != Some(&*row);
             if was_open && is_terminal(row.state) {
                 let ended = row.state;
                 inner.accounts.entry(account.clone()).or_default().count_end(ended);
             }
-            inner.touched(&key);
+            if changed {
+                inner.touched(&key);
+            }
         }
     }
 
@@ -234,27 +242,40 @@ impl TaskTable {
             }
             self.make_room(inner, &account);
             inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
+            inner.stored.insert(key.clone());
             inner.rows.insert(key, (row, account));
             taken += 1;
         }
         taken
     }
 
-    /// The rows changed and forgotten since the last call, as storage writes.
+    /// Up to [`MAX_WRITES`] of the rows changed and forgotten since the last call, as
+    /// storage writes (deletes first); the rest wait for the next call.
     fn take_writes(&self) -> Vec<StorageWrite> {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
-        let mut writes = Vec::with_capacity(inner.changed.len() + inner.forgotten.len());
-        for key in inner.forgotten.drain() {
+        let mut writes = Vec::new();
+        let forgotten: Vec<Vec<u8>> = inner.forgotten.iter().take(MAX_WRITES).cloned().collect();
+        for key in forgotten {
+            inner.forgotten.remove(&key);
             writes.push(StorageWrite::Delete { table: Table::Tasks, key });
         }
-        for key in std::mem::take(&mut inner.changed) {
+        let changed: Vec<Vec<u8>> = inner.changed.iter().take(MAX_WRITES - writes.len()).cloned().collect();
+        for key in changed {
+            inner.changed.remove(&key);
             if let Some((row, account)) = inner.rows.get(&key) {
                 let stored = StoredTaskRow { account: account.to_string(), row: Some(row.clone()) };
-                writes.push(StorageWrite::Put { table: Table::Tasks, key, value: stored.encode_to_vec() });
+                writes.push(StorageWrite::Put { table: Table::Tasks, key: key.clone(), value: stored.encode_to_vec() });
+                inner.stored.insert(key);
             }
         }
         writes
+    }
+
+    /// Whether rows wait to be written.
+    fn has_writes(&self) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        !inner.changed.is_empty() || !inner.forgotten.is_empty()
     }
 
     /// Writes that could not be made, noted again for the next try.
@@ -357,6 +378,8 @@ impl TaskTable {
 
 /// How often the rows that changed are written to storage.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// The most rows one storage write carries (a flood is written over several).
+const MAX_WRITES: usize = 1_000;
 
 /// Reads the rows `storage` holds into `table` (what an earlier run of the head kept).
 pub async fn load(table: &TaskTable, storage: Arc<dyn GcsStorage>) -> crate::error::GcsResult<usize> {
@@ -373,8 +396,9 @@ pub async fn load(table: &TaskTable, storage: Arc<dyn GcsStorage>) -> crate::err
     Ok(table.restore(stored))
 }
 
-/// Writes `table`'s changed rows to `storage` once a second, and once more when
-/// `stopped` turns true. A failed write is tried again with the next.
+/// Writes `table`'s changed rows to `storage` once a second, in writes of at most
+/// [`MAX_WRITES`] rows, and all of them once more when `stopped` turns true (sent once no
+/// call can change a row any more). A failed write is tried again with the next.
 pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut stopped: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(PERSIST_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,12 +407,13 @@ pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut st
             _ = ticker.tick() => false,
             _ = stopped.wait_for(|stop| *stop) => true,
         };
-        let writes = table.take_writes();
-        if !writes.is_empty() {
+        while table.has_writes() {
+            let writes = table.take_writes();
             let (storage, batch) = (storage.clone(), writes.clone());
             if let Err(err) = crate::state::blocking(move || storage.write_all(&batch)).await {
                 tracing::warn!(error = %err, rows = writes.len(), "could not write task rows; trying again");
                 table.retry(writes);
+                break;
             }
         }
         if last {
@@ -507,5 +532,27 @@ mod tests {
         };
         assert_eq!(counts, vec![acme_counts.clone(), rival_counts]);
         assert_eq!(table.counts(|account| account == "acme"), vec![acme_counts], "each sees its own");
+    }
+
+    #[test]
+    fn storage_gets_rows_that_changed_and_deletes_only_what_it_holds() {
+        let acme: Arc<str> = "acme".into();
+        let table = TaskTable::new(10, 2);
+        table.restore(Vec::new());
+        let puts = |writes: &[StorageWrite]| writes.iter().filter(|w| matches!(w, StorageWrite::Put { .. })).count();
+        let deletes = |writes: &[StorageWrite]| writes.len() - puts(writes);
+        table.add(&acme, vec![event(1, TaskState::Running, 10)], 0);
+        assert_eq!(puts(&table.take_writes()), 1);
+        // The same word again changes nothing: nothing to write.
+        table.add(&acme, vec![event(1, TaskState::Running, 10)], 0);
+        assert!(table.take_writes().is_empty());
+        // Rows forgotten to make room go from storage only if storage had them.
+        table.add(&acme, vec![event(2, TaskState::Running, 20), event(3, TaskState::Running, 30)], 0);
+        let writes = table.take_writes();
+        assert_eq!((puts(&writes), deletes(&writes)), (2, 1), "row 1, written, goes");
+        let flood: Vec<TaskEvent> = (4..9).map(|task| event(task, TaskState::Running, 40)).collect();
+        table.add(&acme, flood, 0);
+        let writes = table.take_writes();
+        assert_eq!((puts(&writes), deletes(&writes)), (2, 2), "rows 2 and 3 go; rows 4 to 6 were never written");
     }
 }

@@ -131,7 +131,8 @@ pub fn actors_table(actors: &[ionet_common::rpc::proto::gcs::ActorInfo]) -> Ione
     for actor in actors {
         let spec = actor.spec.clone().unwrap_or_default();
         let resources = spec.resources.clone().unwrap_or_default().to_set()?;
-        let class = spec.class_name.rsplit("::").next().unwrap_or_default().to_string();
+        let shown = if spec.display_class.is_empty() { &spec.class_name } else { &spec.display_class };
+        let class = shown.rsplit("::").next().unwrap_or_default().to_string();
         let mut node = hex::encode(&actor.node_id);
         node.truncate(8);
         let mut id = hex::encode(&spec.actor_id);

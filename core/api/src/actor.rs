@@ -133,8 +133,8 @@ pub struct ActorOptions {
     pub max_task_retries: i32,
     /// Calls run at once (1: one at a time, in each caller's order).
     pub max_concurrency: u32,
-    /// What the state API calls the class (a Python class's qualified name, where the
-    /// registered class is Python's generic one); `None`: the registered class's name.
+    /// What the state API calls the class (a Python class's name, where the registered
+    /// class is Python's generic one); `None`: the registered class's name.
     pub class_label: Option<String>,
 }
 

@@ -74,8 +74,11 @@ fn merge(old: &mut TaskEvent, new: TaskEvent) {
     if old.state == TaskState::Running as i32 && old.started_us == 0 {
         old.started_us = old.time_us;
     }
-    if new.state == TaskState::Running as i32 {
-        old.started_us = new.time_us;
+    match TaskState::try_from(new.state) {
+        Ok(TaskState::Running) => old.started_us = new.time_us,
+        // Waiting again (a retry): the earlier run is not this one's start.
+        Ok(TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment) => old.started_us = 0,
+        _ => {}
     }
     old.state = new.state;
     old.time_us = new.time_us;
