@@ -87,17 +87,6 @@ fn quantity(set: &ResourceSet, name: &str) -> f64 {
     set.get(name).as_f64()
 }
 
-fn task_state_name(state: i32) -> &'static str {
-    match TaskState::try_from(state).unwrap_or(TaskState::Unspecified) {
-        TaskState::PendingArgsAvail => "PENDING_ARGS_AVAIL",
-        TaskState::PendingNodeAssignment => "PENDING_NODE_ASSIGNMENT",
-        TaskState::Running => "RUNNING",
-        TaskState::Finished => "FINISHED",
-        TaskState::Failed => "FAILED",
-        TaskState::Unspecified => "UNSPECIFIED",
-    }
-}
-
 fn failure(error: IonetError) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
 }
@@ -177,7 +166,7 @@ async fn jobs(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Resp
             .iter()
             .enumerate()
             .filter(|(_, count)| **count > 0)
-            .map(|(state, count)| (task_state_name(state as i32).to_string(), json!(count)))
+            .map(|(state, count)| (crate::task_events::state_name(state as i32).to_string(), json!(count)))
             .collect();
         rows.push(json!({
             "job_id": id.hex(),
@@ -202,7 +191,7 @@ async fn jobs(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Resp
             json!({
                 "submission_id": submission.submission_id,
                 "account": submission.account,
-                "status": format!("{:?}", submission.status).to_uppercase(),
+                "status": crate::metrics::submission_status(submission.status),
                 "message": submission.message,
                 "entrypoint": submission.entrypoint,
                 "start_time_ms": submission.start_time,
@@ -258,7 +247,7 @@ async fn tasks(State(metrics): State<Arc<HeadMetrics>>, query: Query<TaskQuery>,
                 "task_id": hex::encode(&row.task_id),
                 "job_id": hex::encode(&row.job_id),
                 "name": row.name,
-                "state": task_state_name(row.state),
+                "state": crate::task_events::state_name(row.state),
                 "attempt": row.attempt,
                 "node_id": hex_or_empty(&row.node_id),
                 "worker_address": row.worker_address,

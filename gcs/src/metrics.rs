@@ -21,7 +21,6 @@ use std::sync::Arc;
 use ionet_common::authz::Principal;
 use ionet_common::resources::{Quantity, ResourceSet};
 use ionet_common::rpc::proto::common::{JobState, NodeState};
-use ionet_common::rpc::proto::gcs::TaskState;
 use ionet_common::{JobId, NodeId};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -116,18 +115,7 @@ fn node_state(state: i32) -> &'static str {
     }
 }
 
-fn task_state(state: usize) -> &'static str {
-    match i32::try_from(state).ok().and_then(|state| TaskState::try_from(state).ok()) {
-        Some(TaskState::PendingArgsAvail) => "PENDING_ARGS_AVAIL",
-        Some(TaskState::PendingNodeAssignment) => "PENDING_NODE_ASSIGNMENT",
-        Some(TaskState::Running) => "RUNNING",
-        Some(TaskState::Finished) => "FINISHED",
-        Some(TaskState::Failed) => "FAILED",
-        _ => "UNSPECIFIED",
-    }
-}
-
-fn submission_status(status: Status) -> &'static str {
+pub(crate) fn submission_status(status: Status) -> &'static str {
     match status {
         Status::Pending => "PENDING",
         Status::Running => "RUNNING",
@@ -361,7 +349,10 @@ impl HeadMetrics {
             for (state, rows) in counts.by_state.iter().enumerate().skip(1) {
                 set(
                     &tasks,
-                    vec![("state", task_state(state).into()), ("account", counts.account.clone())],
+                    vec![
+                        ("state", crate::task_events::state_name(state as i32).into()),
+                        ("account", counts.account.clone()),
+                    ],
                     *rows as f64,
                 );
             }

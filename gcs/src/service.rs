@@ -40,6 +40,13 @@ pub struct GcsService {
     tasks: Arc<crate::task_events::TaskTable>,
 }
 
+/// Whether a listing of actors or placement groups shows `principal` what belongs to
+/// `account`: its own account's, as `sees_account`; a submission's credential (its node, a
+/// provider's, holds it) none.
+fn lists_for(principal: &Principal, account: &str) -> bool {
+    !matches!(principal, Principal::Submission { .. }) && principal.sees_account(account)
+}
+
 impl GcsService {
     pub fn new(
         state: Arc<GcsState>,
@@ -704,12 +711,9 @@ impl Gcs for GcsService {
     ) -> Result<Response<ListPlacementGroupsReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut groups = self.placement_groups.list();
-        // A submission's credential (its node, a provider's, holds it) lists none.
-        let sees =
-            |account: &str| !matches!(principal, Principal::Submission { .. }) && principal.sees_account(account);
         groups.retain(|group| {
             ionet_common::PlacementGroupId::from_bytes(&group.placement_group_id)
-                .is_ok_and(|id| sees(&self.account_of_group(&id)))
+                .is_ok_and(|id| lists_for(&principal, &self.account_of_group(&id)))
         });
         Ok(Response::new(ListPlacementGroupsReply { groups }))
     }
@@ -780,10 +784,7 @@ impl Gcs for GcsService {
     async fn list_actors(&self, request: Request<ListActorsRequest>) -> Result<Response<ListActorsReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut actors = self.actors.list(request.into_inner().include_dead);
-        // A submission's credential (its node, a provider's, holds it) lists none.
-        let sees =
-            |account: &str| !matches!(principal, Principal::Submission { .. }) && principal.sees_account(account);
-        actors.retain(|actor| sees(&self.account_of_actor(actor)));
+        actors.retain(|actor| lists_for(&principal, &self.account_of_actor(actor)));
         Ok(Response::new(ListActorsReply { actors }))
     }
 

@@ -121,6 +121,14 @@ fn key(job_id: &[u8], task_id: &[u8]) -> Vec<u8> {
     [job_id, task_id].concat()
 }
 
+/// A task state as Ray names it (`RUNNING`, `PENDING_NODE_ASSIGNMENT`, …).
+pub fn state_name(state: i32) -> &'static str {
+    match TaskState::try_from(state) {
+        Ok(TaskState::Unspecified) | Err(_) => "UNSPECIFIED",
+        Ok(known) => known.as_str_name(),
+    }
+}
+
 fn is_terminal(state: i32) -> bool {
     state == TaskState::Finished as i32 || state == TaskState::Failed as i32
 }

@@ -505,3 +505,47 @@ async fn task_rows_outlive_a_head_with_storage() {
     assert!(rival.list_tasks(ListTasksRequest::default()).await.unwrap().into_inner().tasks.is_empty());
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn actor_listings_are_each_accounts_own_and_a_submissions_credential_lists_none() {
+    use ionet_common::rpc::proto::gcs::{ActorSpec, CreateActorRequest, ListActorsRequest};
+    use ionet_common::{Quantity, ResourceSet};
+    let (server, base) = head().await;
+    let StartedJob { job_id, job: mut job_gcs, key, .. } = start_job(&server, "acme").await;
+    // No node has the resource: the actor waits, listed.
+    let spec = ActorSpec {
+        actor_id: ionet_common::ActorId::random().to_vec(),
+        job_id,
+        class_name: "ionet.python.actor".into(),
+        display_class: "ParameterServer".into(),
+        resources: Some((&ResourceSet::new().with("no-such-resource", Quantity::whole(1))).into()),
+        ..Default::default()
+    };
+    job_gcs.create_actor(CreateActorRequest { spec: Some(spec.clone()), get_if_exists: false }).await.unwrap();
+    let listed = |credential: ionet_common::auth::Bearer| {
+        let address = server.address().to_string();
+        async move {
+            let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await.unwrap();
+            gcs.list_actors(ListActorsRequest { include_dead: true }).await.unwrap().into_inner().actors.len()
+        }
+    };
+    assert_eq!(listed(key.clone()).await, 1, "the account's key lists its actor");
+    assert_eq!(listed(server.account_credential("rival", Duration::from_secs(60))).await, 0);
+    let record_less = server.submission_credential("s-1", "n", "acme", Duration::from_secs(60));
+    assert_eq!(listed(record_less).await, 0, "a submission's credential (a provider's node holds it) lists none");
+    let (_, body) = call(&base, "GET", "/api/v0/actors", Some(key.as_str())).await;
+    assert!(body.contains("\"class_name\":\"ParameterServer\""), "{body}");
+    let (_, body) = call(
+        &base,
+        "GET",
+        "/api/v0/actors",
+        Some(server.account_credential("rival", Duration::from_secs(60)).as_str()),
+    )
+    .await;
+    assert_eq!(body, "{\"actors\":[]}");
+    // A shown class name is printable text.
+    let bad = ActorSpec { actor_id: ionet_common::ActorId::random().to_vec(), display_class: "a\nb".into(), ..spec };
+    let refused = job_gcs.create_actor(CreateActorRequest { spec: Some(bad), get_if_exists: false }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{}", refused.message());
+    server.shutdown().await;
+}

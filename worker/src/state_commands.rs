@@ -85,7 +85,7 @@ pub fn task_state_named(state: Option<&str>) -> Result<i32, IonetError> {
 }
 
 fn state_name(row: &TaskRow) -> &'static str {
-    TaskState::try_from(row.state).unwrap_or(TaskState::Unspecified).as_str_name()
+    ionet_gcs::task_events::state_name(row.state)
 }
 
 /// A row as Ray's state API names its fields (plus ionet's worker address and reason).
