@@ -199,6 +199,7 @@ impl GcsServer {
             options.tls.clone(),
             submissions.clone(),
             tasks.clone(),
+            crate::objects::ObjectListing::new(state.clone(), issuer.clone(), control.clone()),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);

@@ -38,6 +38,8 @@ pub struct GcsService {
     submissions: Arc<Submissions>,
     /// Tasks as their owners reported them (the state API).
     tasks: Arc<crate::task_events::TaskTable>,
+    /// Who holds which object (`ionet memory`), asked of the nodes and drivers.
+    objects: Arc<crate::objects::ObjectListing>,
 }
 
 /// Whether a listing of actors or placement groups shows `principal` what belongs to
@@ -56,6 +58,7 @@ impl GcsService {
         tls: Option<HeadTls>,
         submissions: Arc<Submissions>,
         tasks: Arc<crate::task_events::TaskTable>,
+        objects: Arc<crate::objects::ObjectListing>,
     ) -> Self {
         // However a job ends (its driver said so, or died), its tasks still open end too.
         let mut events = state.subscribe();
@@ -81,6 +84,7 @@ impl GcsService {
             tls,
             submissions,
             tasks,
+            objects,
         }
     }
 
@@ -637,6 +641,31 @@ impl Gcs for GcsService {
             dropped_events: listing.dropped_events,
             forgotten_tasks: listing.forgotten_tasks,
         }))
+    }
+
+    async fn list_objects(&self, request: Request<ListObjectsRequest>) -> Result<Response<ListObjectsReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let mut job = match request.job_id.as_slice() {
+            [] => None,
+            bytes => Some(JobId::from_bytes(bytes)?),
+        };
+        let scope = match &principal {
+            Principal::Admin => crate::objects::Scope::All,
+            other => match other.account() {
+                Some(account) if lists_for(other, account) => crate::objects::Scope::Account(account.to_string()),
+                _ => return Ok(Response::new(ListObjectsReply::default())),
+            },
+        };
+        // A job's credential (a provider's node holds it) reads its own job's objects only.
+        if let Principal::Job { job: own, .. } = &principal {
+            if job.is_some_and(|job| job != *own) {
+                return Ok(Response::new(ListObjectsReply::default()));
+            }
+            job = Some(*own);
+        }
+        let limit = if request.limit == 0 { crate::objects::MAX_ROWS } else { request.limit as usize };
+        Ok(Response::new(self.objects.list(&scope, job, limit).await))
     }
 
     type SubscribeStream = EventStream;

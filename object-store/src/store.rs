@@ -89,6 +89,17 @@ pub struct StoreStats {
     pub bytes_free_for_reuse: u64,
 }
 
+/// One sealed object of the store, as [`LocalObjectStore::list`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub id: ObjectId,
+    pub size: u64,
+    pub in_memory: bool,
+    pub spilled: bool,
+    /// Readers holding it in memory right now.
+    pub pins: u32,
+}
+
 /// An object created and not yet sealed: its file exists at [`CreatedObject::path`],
 /// sized and allocated, and is mapped writable here. Dropping it only unmaps; the object
 /// stays unsealed (for another process to write) until `seal` or `abort`.
@@ -632,6 +643,32 @@ impl LocalObjectStore {
             }
         }
         stats
+    }
+
+    /// The sealed objects, largest first, at most `limit` of them; and whether there were
+    /// more. One pass under the store's lock.
+    pub fn list(&self, limit: usize) -> (Vec<StoredEntry>, bool) {
+        let inner = self.lock();
+        let mut entries: Vec<StoredEntry> = inner
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.sealed)
+            .map(|(id, entry)| StoredEntry {
+                id: *id,
+                size: entry.size,
+                in_memory: entry.in_memory,
+                spilled: entry.spilled,
+                pins: entry.pins,
+            })
+            .collect();
+        drop(inner);
+        let more = entries.len() > limit;
+        if more {
+            entries.select_nth_unstable_by(limit, |a, b| b.size.cmp(&a.size));
+            entries.truncate(limit);
+        }
+        entries.sort_unstable_by(|a, b| b.size.cmp(&a.size).then(a.id.cmp(&b.id)));
+        (entries, more)
     }
 
     fn spill_path(&self, id: &ObjectId) -> PathBuf {

@@ -229,6 +229,7 @@ pub(crate) fn list_state(py: Python<'_>, what: &str) -> PyResult<String> {
             "actors" => ionet::state::list_actors(),
             "nodes" => ionet::state::list_nodes(),
             "jobs" => ionet::state::list_jobs(),
+            "objects" => ionet::state::list_objects(None, 0),
             other => Err(ionet::IonetError::InvalidArgument(format!("no listing of {other:?}"))),
         })
         .or_raise()?;

@@ -25,6 +25,9 @@ pub enum Command {
     Summary(SummaryCommand),
     /// Tasks that ran, as a Chrome trace (open in Perfetto): `ionet timeline --job J -o trace.json`.
     Timeline(crate::state_commands::TimelineArgs),
+    /// Who holds which object, on which node, how large, and why it is alive (Ray's `ray
+    /// memory`).
+    Memory(crate::object_commands::ObjectFilterArgs),
     /// Stop the daemons this machine started (found through the session directory).
     Stop(StopArgs),
     /// Give a node notice to leave: `ionet drain --node 3f2a --deadline 60s`. It takes no
@@ -429,12 +432,17 @@ pub enum ListCommand {
     /// Tasks as their owners reported them: state, node, attempt, why one waits, what one
     /// failed with (`--job J --state FAILED --json`).
     Tasks(crate::state_commands::ListTasksArgs),
+    /// Objects and who holds them: size, why alive, holder's process and node, where
+    /// stored (asked now of every node and driver).
+    Objects(crate::object_commands::ListObjectsArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SummaryCommand {
     /// How many tasks of each name are in each state.
     Tasks(crate::state_commands::TaskFilterArgs),
+    /// Objects and bytes by why they are alive.
+    Objects(crate::object_commands::ObjectFilterArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -576,6 +584,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(ListCommand::Tasks(args)) => crate::state_commands::list_tasks(args),
         Command::Summary(SummaryCommand::Tasks(args)) => crate::state_commands::summary_tasks(args),
         Command::Timeline(args) => crate::state_commands::timeline(args),
+        Command::List(ListCommand::Objects(args)) => crate::object_commands::list_objects(args),
+        Command::Summary(SummaryCommand::Objects(args)) => crate::object_commands::summary_objects(args),
+        Command::Memory(args) => crate::object_commands::memory(args),
         Command::Stop(args) => commands::stop(args),
         Command::Drain(args) => commands::drain(args),
         Command::Logs(args) => commands::logs(args),

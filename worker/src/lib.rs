@@ -26,6 +26,7 @@ pub mod metering_commands;
 pub mod node_daemon;
 pub mod node_metrics;
 pub mod node_spec;
+pub mod object_commands;
 pub mod objects;
 pub mod packages;
 pub mod pip_envs;

@@ -34,7 +34,7 @@ use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
     CommitBundleRequest, CreateObjectReply, CreateObjectRequest, DrainReply, DrainRequest, EndLeasesReply,
     EndLeasesRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest,
-    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, LogBatch,
+    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, ListNodeObjectsReply, ListNodeObjectsRequest, LogBatch,
     PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
     RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
     SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, StreamLogsRequest,
@@ -242,6 +242,22 @@ impl NodeManager for NodeManagerService {
         }
         self.shared.objects.add_location(&request.object_id, request.holder_address)?;
         Ok(Response::new(AddObjectLocationReply {}))
+    }
+
+    async fn list_objects(
+        &self,
+        request: Request<ListNodeObjectsRequest>,
+    ) -> Result<Response<ListNodeObjectsReply>, Status> {
+        let request = request.into_inner();
+        let account = (!request.account.is_empty()).then_some(request.account.as_str());
+        let limit = match request.limit {
+            0 => 10_000,
+            limit => limit.min(10_000),
+        };
+        let (objects, truncated) = self.shared.objects.listing(account, limit as usize);
+        // Within the head's own bound on this answer.
+        let workers = self.shared.leases.worker_references(account, limit, Duration::from_secs(2)).await;
+        Ok(Response::new(ListNodeObjectsReply { objects, truncated, workers }))
     }
 
     async fn free_objects(&self, request: Request<FreeObjectsRequest>) -> Result<Response<FreeObjectsReply>, Status> {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use ionet_common::auth::SharedCredential;
 use ionet_common::authz::Principal;
-use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest, TakenObject};
+use ionet_common::rpc::proto::node::{AddObjectLocationRequest, FreeObjectsRequest, NodeObject, TakenObject};
 use ionet_common::rpc::{self, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, ObjectId};
 use ionet_object_store::{LocalObjectStore, ObjectStoreError, Puller, StoreConfig};
@@ -113,6 +113,36 @@ impl NodeObjects {
     pub fn owner_check(&self) -> ionet_object_store::OwnerCheck {
         let creators = self.creators.clone();
         Arc::new(move |id, account| creators.get(id).is_some_and(|owner| **owner == *account))
+    }
+
+    /// The store's sealed objects of `account` (every account's when `None`), largest
+    /// first, at most `limit`; and whether there were more.
+    pub fn listing(&self, account: Option<&str>, limit: usize) -> (Vec<NodeObject>, bool) {
+        let (entries, _) = self.store.list(usize::MAX);
+        let mut objects = Vec::new();
+        let mut more = false;
+        for entry in entries {
+            let owner = self.creators.get(&entry.id).map(|owner| owner.to_string()).unwrap_or_default();
+            if account.is_some_and(|account| account != owner) {
+                continue;
+            }
+            if objects.len() == limit {
+                more = true;
+                break;
+            }
+            objects.push(NodeObject {
+                object_id: entry.id.to_vec(),
+                size: entry.size,
+                account: owner,
+                primary: self.primaries.contains_key(&entry.id),
+                spilled: entry.spilled,
+                in_memory: entry.in_memory,
+                pins: entry.pins,
+                owner_address: self.owner_of.get(&entry.id).map(|owner| owner.to_string()).unwrap_or_default(),
+                copies: self.copies.get(&entry.id).map_or(0, |copies| copies.len() as u32),
+            });
+        }
+        (objects, more)
     }
 
     pub fn dir(&self) -> String {

@@ -27,6 +27,10 @@ pub struct TaskFilterArgs {
     /// Only tasks of this name (their function's, or the `name` option).
     #[arg(long)]
     pub name: Option<String>,
+    /// Only tasks whose field has this value (`--filter node_id=…`; fields as `--json`
+    /// names them, any case; repeatable).
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    pub filters: Vec<String>,
     /// The most tasks listed (oldest first).
     #[arg(long, default_value_t = 10_000)]
     pub limit: u32,
@@ -66,11 +70,49 @@ fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
     let request =
         ListTasksRequest { job_id, state, name: filter.name.clone().unwrap_or_default(), limit: filter.limit };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = runtime.block_on(async {
+    let mut reply = runtime.block_on(async {
         let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
         Ok::<_, IonetError>(gcs.list_tasks(request).await.map_err(IonetError::from)?.into_inner())
     })?;
+    if !filter.filters.is_empty() {
+        let filters = parse_filters(&filter.filters)?;
+        reply.tasks.retain(|row| passes(&row_json(row), &filters));
+    }
     Ok(reply)
+}
+
+/// `key=value` filters, as the list commands take them.
+fn parse_filters(filters: &[String]) -> Result<Vec<(String, String)>> {
+    filters
+        .iter()
+        .map(|filter| match filter.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.trim().to_string())),
+            _ => bail!("a filter is KEY=VALUE (e.g. state=FAILED), not {filter:?}"),
+        })
+        .collect()
+}
+
+/// Whether `row` has every field of `filters` with its value (strings in any case; a
+/// missing or null field matches nothing).
+fn passes(row: &Value, filters: &[(String, String)]) -> bool {
+    filters.iter().all(|(key, wanted)| match &row[key.as_str()] {
+        Value::Null => false,
+        Value::String(text) => text.eq_ignore_ascii_case(wanted),
+        other => other.to_string().eq_ignore_ascii_case(wanted),
+    })
+}
+
+/// The rows of a listing that pass `filters` (`key=value`); a key no row has is refused,
+/// naming the fields there are.
+pub fn filter_rows(rows: Vec<Value>, filters: &[String]) -> Result<Vec<Value>> {
+    let filters = parse_filters(filters)?;
+    if let Some(Value::Object(first)) = rows.first() {
+        if let Some((key, _)) = filters.iter().find(|(key, _)| !first.contains_key(key)) {
+            let fields: Vec<&str> = first.keys().map(String::as_str).collect();
+            bail!("no field {key:?} to filter on: the fields are {}", fields.join(", "));
+        }
+    }
+    Ok(rows.into_iter().filter(|row| passes(row, &filters)).collect())
 }
 
 /// The wire value of a task state named as Ray names it (any case); 0 (any) for none.

@@ -59,6 +59,8 @@ use crate::runtime::CoreWorker;
 /// The local count of an object of another process: shared by every handle of it here.
 pub(crate) struct Borrowed {
     id: ObjectId,
+    /// Its owner (for `ionet memory`).
+    owner: Arc<str>,
     /// The processes that lent it here, with how many lends each (given back on drop).
     lenders: Mutex<Vec<(Arc<str>, u32)>>,
 }
@@ -128,6 +130,14 @@ pub(crate) struct Borrows {
     /// How many handles `lent` holds (counted before each goes in, so never below it):
     /// read by this worker's holding report (`crate::blocked`).
     lends_out: Arc<AtomicUsize>,
+}
+
+/// What [`Borrows::census`] counts.
+#[derive(Default)]
+pub(crate) struct Census {
+    pub borrowed: Vec<(ObjectId, Arc<str>, usize)>,
+    pub lent: std::collections::HashMap<ObjectId, usize>,
+    pub captured: std::collections::HashMap<ObjectId, usize>,
 }
 
 /// The most lends one reply may carry (more are not registered, and so never released:
@@ -263,7 +273,7 @@ impl Borrows {
         if let Some(borrowed) = slot.upgrade() {
             return borrowed;
         }
-        let borrowed = Arc::new(Borrowed { id, lenders: Mutex::new(Vec::new()) });
+        let borrowed = Arc::new(Borrowed { id, owner: owner.clone(), lenders: Mutex::new(Vec::new()) });
         *slot = Arc::downgrade(&borrowed);
         borrowed
     }
@@ -392,6 +402,29 @@ impl Borrows {
         }
         self.lends_changed(lent.len());
         lent
+    }
+
+    /// What the borrows keep alive, for `ionet memory`: each borrowed object with its
+    /// owner and its handles here; how many lends of each object are out; how many owned
+    /// values hold each object inside.
+    pub(crate) fn census(&self) -> Census {
+        let mut census = Census::default();
+        for held in self.held.iter() {
+            if let Some(borrowed) = held.value().upgrade() {
+                // One count is the `upgrade` itself.
+                let handles = Arc::strong_count(&borrowed).saturating_sub(1);
+                census.borrowed.push((borrowed.id, borrowed.owner.clone(), handles));
+            }
+        }
+        for out in self.lent.iter() {
+            *census.lent.entry(*out.key()).or_default() += out.value().len();
+        }
+        for inside in self.contained.iter() {
+            for handle in inside.value() {
+                *census.captured.entry(handle.id()).or_default() += 1;
+            }
+        }
+        census
     }
 
     /// The count of lends out, for this worker's holding report.

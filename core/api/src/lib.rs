@@ -48,6 +48,7 @@ mod init;
 pub mod inline;
 mod lease_pool;
 mod lineage;
+mod memory;
 mod object_ref;
 mod object_store;
 mod options;

@@ -180,6 +180,15 @@ impl OwnedObjects {
             .map(|(_, entry)| entry.state())
     }
 
+    /// Each owned object with its outcome so far and its counted handles (for `ionet
+    /// memory`; one pass, values shared, not copied).
+    pub(crate) fn snapshot(&self) -> Vec<(ObjectId, ObjectState, usize)> {
+        self.entries
+            .iter()
+            .map(|entry| (*entry.key(), entry.state(), entry.references.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// How many objects are owned here.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
+    ListReferencesReply, ListReferencesRequest,
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
     BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply,
     ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest,
@@ -545,6 +546,17 @@ impl CoreWorkerRpc for CoreWorkerService {
         let ids = request.object_ids.iter().map(|id| ObjectId::from_bytes(id)).collect::<Result<Vec<_>, _>>()?;
         let lent = self.worker.borrows.lend_owned(&self.worker, &ids, &request.borrower_address);
         Ok(Response::new(BorrowObjectsReply { lent: lent.iter().map(ObjectId::to_vec).collect() }))
+    }
+
+    async fn list_references(
+        &self,
+        request: Request<ListReferencesRequest>,
+    ) -> Result<Response<ListReferencesReply>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => crate::memory::MAX_ROWS,
+            limit => limit as usize,
+        };
+        Ok(Response::new(self.worker.references(limit)))
     }
 
     async fn return_idle_leases(

@@ -1,8 +1,10 @@
 //! The state API for programs (Ray's `ray.util.state`): the tasks of this job's account
 //! as the head last heard of them (`Gcs/ListTasks`), each with Ray's `list_tasks` fields;
-//! its actors and jobs, and the cluster's nodes.
+//! its actors and jobs, the cluster's nodes, and who holds which object (`Gcs/ListObjects`).
 
-use ionet_common::rpc::proto::gcs::{GetAllJobsRequest, GetAllNodesRequest, ListActorsRequest, ListTasksRequest};
+use ionet_common::rpc::proto::gcs::{
+    GetAllJobsRequest, GetAllNodesRequest, ListActorsRequest, ListObjectsRequest, ListTasksRequest,
+};
 use ionet_common::{IonetResult, JobId};
 
 use crate::runtime;
@@ -89,4 +91,16 @@ pub fn list_jobs() -> IonetResult<Vec<serde_json::Value>> {
             })
         })
         .collect())
+}
+
+/// This account's objects and who holds them (asked now of every live node and running
+/// driver), largest first, as Ray's `list_objects` shows them (`object_id`,
+/// `object_size`, `reference_type`, `type`, `pid`, `ip`, `node_id`, `task_status`, …);
+/// only `job`'s holders when one is named; at most `limit` (0: 10,000).
+pub fn list_objects(job: Option<JobId>, limit: u32) -> IonetResult<Vec<serde_json::Value>> {
+    let worker = runtime::current()?;
+    let request = ListObjectsRequest { job_id: job.map(|job| job.to_vec()).unwrap_or_default(), limit };
+    let reply =
+        runtime::block_on(worker.call_head(request, |mut gcs, request| async move { gcs.list_objects(request).await }))?;
+    Ok(reply.objects.iter().map(ionet_worker::object_commands::object_json).collect())
 }

@@ -793,8 +793,31 @@ fn hold_until(path: String) -> u64 {
 /// (its value: the session, then the file that ends it).
 const STATE_DRIVER_ENV: &str = "IONET_TEST_STATE_DRIVER";
 
+/// An actor that keeps the refs it is given (borrowed from the driver) and says where it
+/// runs.
+pub struct Holder {
+    refs: Vec<ionet::ObjectRef<Vec<u8>>>,
+}
+
+#[ionet::actor]
+impl Holder {
+    pub fn new() -> Self {
+        Holder { refs: Vec::new() }
+    }
+
+    pub fn hold(&mut self, refs: Vec<ionet::ObjectRef<Vec<u8>>>) -> u32 {
+        self.refs = refs;
+        std::process::id()
+    }
+
+    pub fn node(&self) -> String {
+        ionet::get_runtime_context().unwrap().node_id.hex()
+    }
+}
+
 /// 1,000 tasks on two nodes (100 of them named `ping`), one that fails, one holding the
-/// only GPU and one waiting for it; says `ready`, then waits for `release` to exist.
+/// only GPU and one waiting for it; 10 actors, one of them keeping an 8 MiB object the
+/// driver put; says what it made, then `ready`, then waits for `release` to exist.
 fn state_driver(session: &str, release: &str) {
     let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
     ionet::init(config.address("auto")).unwrap();
@@ -808,9 +831,19 @@ fn state_driver(session: &str, release: &str) {
     let gpu = || TaskOptions::default().num_gpus(1.0).num_cpus(0.0);
     let holder = hold_until::options(gpu()).remote(release.to_string());
     let waiter = hold_until::options(gpu().name("gpu waiter")).remote(release.to_string());
+    let spread_actor = || ionet::actor::ActorOptions::new().scheduling_strategy(SchedulingStrategy::Spread);
+    let holders: Vec<HolderHandle> = (0..10).map(|_| Holder::options(spread_actor()).remote().unwrap()).collect();
+    let placed: Vec<String> = holders
+        .iter()
+        .map(|holder| format!("{}={}", holder.actor_handle().id().hex(), ionet::get(&holder.node()).unwrap()))
+        .collect();
+    println!("actors {}", placed.join(","));
+    let big = ionet::put(&vec![5u8; 8 << 20]).unwrap();
+    println!("big {} held by {} and {}", big.id().hex(), std::process::id(), ionet::get(&holders[0].hold(vec![big.clone()])).unwrap());
     println!("ready");
     ionet::get_timeout(&holder, Duration::from_secs(90)).unwrap();
     ionet::get_timeout(&waiter, Duration::from_secs(90)).unwrap();
+    drop((big, holders));
     ionet::shutdown();
 }
 
@@ -830,7 +863,23 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(driver.stdout.take().unwrap()));
     let job = lines.next().unwrap().unwrap().strip_prefix("job ").expect("the driver names its job").to_string();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // What the driver made, on lines of their own (its workers' output may come between).
+    let mut said = std::collections::BTreeMap::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "ready" {
+            break;
+        }
+        if let Some((word, rest)) = line.split_once(' ').filter(|(word, _)| ["actors", "big"].contains(word)) {
+            said.insert(word.to_string(), rest.to_string());
+        }
+    }
+    let actors: Vec<(String, String)> = said["actors"]
+        .split(',')
+        .map(|placed| placed.split_once('=').map(|(actor, node)| (actor.to_string(), node.to_string())).unwrap())
+        .collect();
+    let big: Vec<&str> = said["big"].split(' ').collect();
+    let (big_id, driver_pid, holder_pid) = (big[0].to_string(), big[3].to_string(), big[5].to_string());
 
     let list = |extra: &[&str]| -> Vec<serde_json::Value> {
         let args: Vec<&str> =
@@ -873,12 +922,42 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     assert_eq!(pids.len(), 2, "slices on two nodes");
     assert!(slices.iter().all(|slice| slice["name"] == "ping" && slice["dur"].is_u64()));
 
+    // Its 10 actors, alive where they say they run.
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["list", "actors", "--json"])).unwrap();
+    for (actor, node) in &actors {
+        let row = listed.iter().find(|row| row["actor_id"] == actor.as_str()).expect("every actor listed");
+        assert_eq!((row["state"].as_str(), row["node_id"].as_str()), (Some("ALIVE"), Some(node.as_str())), "{row}");
+    }
+
+    // `ionet memory` names the holders of the large object: the driver that put it, the
+    // actor that keeps it, and the node whose store has it.
+    let objects: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["list", "objects", "--json", "--filter", &format!("object_id={big_id}")]))
+            .unwrap();
+    let holder = |kind: &str| objects.iter().find(|row| row["type"] == kind).unwrap_or_else(|| panic!("{kind} in {objects:?}"));
+    let driver_row = holder("DRIVER");
+    assert_eq!(driver_row["pid"].to_string(), driver_pid);
+    assert_eq!(driver_row["reference_type"], "LOCAL_REFERENCE");
+    assert_eq!(driver_row["task_status"], "IN_STORE");
+    assert_eq!(driver_row["object_size"].as_u64().map(|size| size >= 8 << 20), Some(true), "{driver_row}");
+    assert_eq!(driver_row["store_node_ids"].as_array().map(Vec::len), Some(1), "{driver_row}");
+    let actor_row = holder("WORKER");
+    assert_eq!((actor_row["pid"].to_string(), actor_row["reference_type"].as_str()), (holder_pid.clone(), Some("BORROWED")));
+    assert_eq!(actor_row["object_size"], driver_row["object_size"], "sized by the store");
+    let memory = cluster.ionet(&["memory", "--job", &job]);
+    let line = memory.lines().find(|line| line.contains(&big_id[..16])).unwrap_or_else(|| panic!("{memory}"));
+    assert!(line.contains(&driver_pid) && line.contains("DRIVER") && line.contains("8.0 MiB"), "{memory}");
+    let summary = cluster.ionet(&["summary", "objects", "--job", &job]);
+    assert!(summary.contains("BORROWED") && summary.contains("LOCAL_REFERENCE"), "{summary}");
+
     // Another account sees none of it.
     let created: serde_json::Value =
         serde_json::from_str(&cluster.ionet(&["account", "create", "rival", "--json"])).unwrap();
     let rival = created["api_key"].as_str().unwrap();
     let theirs = cluster.ionet(&["list", "tasks", "--job", &job, "--json", "--credential", rival]);
     assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&theirs).unwrap().len(), 0);
+    let theirs = cluster.ionet(&["list", "objects", "--json", "--credential", rival]);
+    assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&theirs).unwrap().len(), 0, "{theirs}");
     std::fs::write(&release, "go").unwrap();
     assert!(driver.wait().unwrap().success());
 }

@@ -307,6 +307,7 @@ pub const TABLE: &[Rule] = &[
     // which job); anyone reads, the handler keeping each to its account's tasks.
     row("/ionet.gcs.Gcs/AddTaskEvents", Access::Job),
     row("/ionet.gcs.Gcs/ListTasks", Access::Read),
+    row("/ionet.gcs.Gcs/ListObjects", Access::Read),
     // Metering and the ledger (head). Moving money is the operator's alone.
     row("/ionet.metering.Metering/LeaseStarted", Access::Node),
     row("/ionet.metering.Metering/LeaseEnded", Access::Node),
@@ -338,6 +339,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/AddObjectLocation", Access::Peer),
     row("/ionet.node.NodeManager/TakeObjects", Access::Peer),
     row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
+    row("/ionet.node.NodeManager/ListObjects", Access::Control),
     row("/ionet.node.NodeManager/PrepareBundle", Access::Control),
     row("/ionet.node.NodeManager/CommitBundle", Access::Control),
     row("/ionet.node.NodeManager/CancelBundle", Access::Control),
@@ -359,6 +361,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.worker.CoreWorker/CancelTask", Access::Tenant),
     row("/ionet.worker.CoreWorker/ReleaseBorrows", Access::Tenant),
     row("/ionet.worker.CoreWorker/BorrowObjects", Access::Tenant),
+    row("/ionet.worker.CoreWorker/ListReferences", Access::Tenant),
 ];
 
 /// One route of the head's HTTP server (the job server, Ray's Jobs REST API): its method,

@@ -127,3 +127,20 @@ fn writers_of_other_users_cannot_turn_the_store_on_other_files() {
     let reused = fs::metadata(layout::unsealed_path(store.dir(), &id(6))).unwrap();
     assert_eq!((reused.ino(), reused.gid(), reused.permissions().mode() & 0o777), (waiting.ino(), 4242, 0o660));
 }
+
+#[test]
+fn a_listing_shows_sealed_objects_largest_first_and_says_when_it_was_cut() {
+    let store = LocalObjectStore::new(StoreConfig::with_capacity(1 << 20)).unwrap();
+    for n in 1..=4u8 {
+        store.put(id(n), &vec![n; usize::from(n) * 100]).unwrap();
+    }
+    let _unsealed = store.create(id(9), 50).unwrap();
+    let (all, more) = store.list(10);
+    assert!(!more);
+    assert_eq!(all.iter().map(|entry| entry.id).collect::<Vec<_>>(), vec![id(4), id(3), id(2), id(1)]);
+    assert_eq!(all[0].size, 400);
+    assert!(all.iter().all(|entry| entry.in_memory && !entry.spilled));
+    let (two, more) = store.list(2);
+    assert!(more);
+    assert_eq!(two.iter().map(|entry| entry.size).collect::<Vec<_>>(), vec![400, 300]);
+}

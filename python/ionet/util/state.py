@@ -69,6 +69,26 @@ def list_jobs(filters=None, limit: int = 10_000, detail: bool = False, **_ray_op
     return _filtered("jobs", _listing("jobs"), filters, limit)
 
 
+def list_objects(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
+    """This account's objects, one row per holder, largest first (asked now of every node
+    and driver): `object_id`, `object_size`, `reference_type` (why it is alive), `type`
+    (DRIVER, WORKER, or STORE for a stored copy no process that answered holds), `pid`,
+    `ip`, `node_id`, `job_id`, `task_status`, `store_node_ids`, `spilled`."""
+    return _filtered("objects", _listing("objects"), filters, limit)
+
+
+def summarize_objects(**_ray_options: Any) -> Dict[str, Any]:
+    """Objects counted by why they are alive, with their bytes."""
+    summary: Dict[str, Dict[str, Any]] = {}
+    rows = list_objects()
+    for row in rows:
+        entry = summary.setdefault(row["reference_type"], {"reference_type": row["reference_type"], "count": 0, "total_size": 0})
+        entry["count"] += 1
+        entry["total_size"] += row["object_size"]
+    distinct = {row["object_id"] for row in rows}
+    return {"cluster": {"summary": summary, "total_objects": len(distinct), "total_size_bytes": sum({row["object_id"]: row["object_size"] for row in rows}.values())}}
+
+
 def summarize_actors(**_ray_options: Any) -> Dict[str, Any]:
     """Actors counted by class and state, in Ray's shape."""
     summary: Dict[str, Dict[str, Any]] = {}

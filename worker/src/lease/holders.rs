@@ -63,6 +63,64 @@ impl Leases {
         }
     }
 
+    /// The reference tables of the worker processes running here for `account`'s jobs
+    /// (every account's when `None`), for `ionet memory`: each asked at once with its
+    /// own job's credential, at most `limit` rows each, bounded by `timeout`.
+    pub async fn worker_references(
+        &self,
+        account: Option<&str>,
+        limit: u32,
+        timeout: Duration,
+    ) -> Vec<ionet_common::rpc::proto::node::NodeWorkerReferences> {
+        let workers: Vec<(String, ionet_common::JobId, u32)> = {
+            let state = self.lock();
+            state
+                .processes
+                .values()
+                .filter(|process| !process.address.is_empty())
+                .filter_map(|process| {
+                    let job = ionet_common::JobId::from_bytes(&process.key.job_id).ok()?;
+                    Some((process.address.clone(), job, process.pid))
+                })
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (address, job, pid) in workers {
+            let job_account = self.job_accounts.get(&job).map(|account| account.clone());
+            if account.is_some_and(|account| job_account.as_deref() != Some(account)) {
+                continue;
+            }
+            let credential = self.job_credentials.get(&job).map(|credential| credential.clone());
+            asks.spawn(async move {
+                let answer = match credential.map(|credential| ionet_common::rpc::connect_lazy(&address, &credential, timeout)) {
+                    Some(Ok(channel)) => {
+                        let request = ionet_common::rpc::proto::worker::ListReferencesRequest { limit };
+                        let mut client = ionet_common::rpc::CoreWorkerClient::new(channel);
+                        match tokio::time::timeout(timeout, client.list_references(request)).await {
+                            Ok(Ok(reply)) => Some(reply.into_inner()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                ionet_common::rpc::proto::node::NodeWorkerReferences {
+                    address,
+                    job_id: job.to_vec(),
+                    pid,
+                    answered: answer.is_some(),
+                    references: answer,
+                }
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(answer) = answer {
+                answers.push(answer);
+            }
+        }
+        answers
+    }
+
     /// Ends the leases whose holder's address refuses connections (its process is gone;
     /// a probe that times out proves nothing, as with a partitioned network), as failed: the
     /// leased workers are killed, since they may still run the dead holder's tasks, and

@@ -1,0 +1,248 @@
+//! `ionet memory` on the head (`Gcs/ListObjects`): who holds which object, where, how
+//! large and why, asked now and never stored.
+//!
+//! Invariants:
+//! - Each live node is asked (`NodeManager/ListObjects`, the head's control credential)
+//!   for its store's sealed objects and its worker processes' reference tables (the node
+//!   asks each worker with the job's credential it holds; the head hands no job's
+//!   credential to a node's word). Running jobs' drivers are asked by the head itself
+//!   (`CoreWorker/ListReferences`), each with a short-lived credential of its own job, at
+//!   the address its job registered: whatever listens there learns nothing more.
+//! - What a caller sees is its account's (the operator: all): nodes are told the account
+//!   and every row is checked again here, by the payer of its holder's job or the
+//!   account its store recorded, so a node answering for another tenant shows nothing.
+//! - Asks go out at once, at most [`MAX_CONCURRENT`] at a time, each bounded by
+//!   [`ASK_TIMEOUT`]; those that do not answer in time are counted, not waited for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ionet_common::auth::Bearer;
+use ionet_common::credential::Issuer;
+use ionet_common::rpc::proto::common::{JobState, NodeState};
+use ionet_common::rpc::proto::gcs::{ListObjectsReply, ObjectRow};
+use ionet_common::rpc::proto::node::{ListNodeObjectsRequest, NodeObject};
+use ionet_common::rpc::proto::worker::{ListReferencesReply, ListReferencesRequest, ReferenceRow};
+use ionet_common::rpc::{self, CoreWorkerClient, NodeManagerClient};
+use ionet_common::JobId;
+use tokio::sync::Semaphore;
+
+use crate::state::GcsState;
+
+/// How long one node or driver has to answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most asks in flight at once.
+pub const MAX_CONCURRENT: usize = 64;
+/// The most rows one listing returns.
+pub const MAX_ROWS: usize = 10_000;
+/// How long the credential a driver is asked with lives.
+const ASK_CREDENTIAL_TTL: Duration = Duration::from_secs(60);
+
+/// Whose objects a listing shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every account's (the operator).
+    All,
+    /// One account's.
+    Account(String),
+}
+
+impl Scope {
+    fn sees(&self, account: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Account(own) => own == account,
+        }
+    }
+}
+
+pub struct ObjectListing {
+    state: Arc<GcsState>,
+    issuer: Issuer,
+    /// The head's control credential (nodes answer it).
+    control: Bearer,
+}
+
+/// One holder's answer: where it runs and what it holds.
+struct Holder {
+    kind: &'static str,
+    address: String,
+    node_id: Vec<u8>,
+    references: ListReferencesReply,
+}
+
+impl ObjectListing {
+    pub fn new(state: Arc<GcsState>, issuer: Issuer, control: Bearer) -> Arc<Self> {
+        Arc::new(Self { state, issuer, control })
+    }
+
+    /// The objects `scope` may see, largest first (at most `limit`, and [`MAX_ROWS`]);
+    /// only `job`'s holders when one is named.
+    pub async fn list(&self, scope: &Scope, job: Option<JobId>, limit: usize) -> ListObjectsReply {
+        let limit = limit.clamp(1, MAX_ROWS);
+        let account = match scope {
+            Scope::All => String::new(),
+            Scope::Account(account) => account.clone(),
+        };
+        let gate = Arc::new(Semaphore::new(MAX_CONCURRENT));
+        let mut asks = tokio::task::JoinSet::new();
+        for node in self.state.nodes(false) {
+            if node.state != NodeState::Alive as i32 {
+                continue;
+            }
+            let Ok(channel) = rpc::connect_lazy(&node.address, &self.control, ASK_TIMEOUT) else { continue };
+            let (gate, request) = (gate.clone(), ListNodeObjectsRequest { account: account.clone(), limit: limit as u32 });
+            asks.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                let answer =
+                    tokio::time::timeout(ASK_TIMEOUT, NodeManagerClient::new(channel).list_objects(request)).await;
+                match answer {
+                    Ok(Ok(reply)) => Answer::Node(node.node_id, reply.into_inner()),
+                    _ => Answer::Unanswered,
+                }
+            });
+        }
+        for driver in self.state.jobs() {
+            let job_id = driver.job_id.clone();
+            let payer = driver.payer_account.clone();
+            if driver.state != JobState::Running as i32
+                || driver.driver_address.is_empty()
+                || !scope.sees(&payer)
+                || job.is_some_and(|job| job.as_bytes() != job_id.as_slice())
+            {
+                continue;
+            }
+            let Ok(credential) = Bearer::new(&self.issuer.issue_job(&job_id, &payer, ASK_CREDENTIAL_TTL)) else {
+                continue;
+            };
+            let Ok(channel) = rpc::connect_lazy(&driver.driver_address, &credential, ASK_TIMEOUT) else { continue };
+            let (gate, address) = (gate.clone(), driver.driver_address.clone());
+            let request = ListReferencesRequest { limit: limit as u32 };
+            asks.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                let answer =
+                    tokio::time::timeout(ASK_TIMEOUT, CoreWorkerClient::new(channel).list_references(request)).await;
+                match answer {
+                    // A driver speaks for its own job only.
+                    Ok(Ok(reply)) if reply.get_ref().job_id == job_id => {
+                        let references = reply.into_inner();
+                        Answer::Holder(Holder { kind: "DRIVER", address, node_id: references.node_id.clone(), references })
+                    }
+                    _ => Answer::Unanswered,
+                }
+            });
+        }
+        let mut merged = Merge::default();
+        while let Some(answer) = asks.join_next().await {
+            match answer {
+                Ok(Answer::Node(node_id, reply)) => {
+                    merged.truncated |= reply.truncated;
+                    for object in reply.objects {
+                        if scope.sees(&object.account) {
+                            merged.store.entry(object.object_id.clone()).or_default().push((node_id.clone(), object));
+                        }
+                    }
+                    for worker in reply.workers {
+                        let Some(references) = worker.references.filter(|_| worker.answered) else {
+                            merged.unanswered += 1;
+                            continue;
+                        };
+                        merged.holders.push(Holder { kind: "WORKER", address: worker.address, node_id: node_id.clone(), references });
+                    }
+                }
+                Ok(Answer::Holder(holder)) => merged.holders.push(holder),
+                Ok(Answer::Unanswered) | Err(_) => merged.unanswered += 1,
+            }
+        }
+        // A holder's rows count when its job is one the caller may see (a node's word on
+        // which job a worker runs is checked against the head's own table).
+        merged.holders.retain(|holder| {
+            JobId::from_bytes(&holder.references.job_id).is_ok_and(|holder_job| {
+                scope.sees(&self.state.payer_of(&holder_job)) && job.is_none_or(|job| job == holder_job)
+            })
+        });
+        merged.rows(job.is_none(), limit)
+    }
+}
+
+enum Answer {
+    Node(Vec<u8>, ionet_common::rpc::proto::node::ListNodeObjectsReply),
+    Holder(Holder),
+    Unanswered,
+}
+
+#[derive(Default)]
+struct Merge {
+    /// Each stored object's copies: (node id, the node's row).
+    store: HashMap<Vec<u8>, Vec<(Vec<u8>, NodeObject)>>,
+    holders: Vec<Holder>,
+    unanswered: u32,
+    truncated: bool,
+}
+
+impl Merge {
+    /// One row per holder's reference (sized and located by the stores), then one per
+    /// stored copy nobody who answered holds (when `store_rows`); largest first.
+    fn rows(self, store_rows: bool, limit: usize) -> ListObjectsReply {
+        let Merge { store, holders, unanswered, truncated } = self;
+        let mut held: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        let mut rows = Vec::new();
+        for holder in &holders {
+            for reference in &holder.references.rows {
+                held.insert(&reference.object_id);
+                rows.push(holder_row(holder, reference, store.get(&reference.object_id)));
+            }
+        }
+        if store_rows {
+            for (object_id, copies) in &store {
+                if held.contains(object_id.as_slice()) {
+                    continue;
+                }
+                let store_node_ids: Vec<Vec<u8>> = copies.iter().map(|(node, _)| node.clone()).collect();
+                for (node_id, object) in copies {
+                    rows.push(ObjectRow {
+                        object_id: object_id.clone(),
+                        size: object.size,
+                        reference_type: if object.primary { "PINNED_IN_MEMORY" } else { "COPY" }.into(),
+                        holder_type: "STORE".into(),
+                        node_id: node_id.clone(),
+                        store_node_ids: store_node_ids.clone(),
+                        spilled: object.spilled,
+                        state: "IN_STORE".into(),
+                        owner_address: object.owner_address.clone(),
+                        ..ObjectRow::default()
+                    });
+                }
+            }
+        }
+        let truncated = truncated || rows.len() > limit || holders.iter().any(|holder| holder.references.truncated);
+        rows.sort_unstable_by(|a, b| {
+            b.size.cmp(&a.size).then_with(|| a.object_id.cmp(&b.object_id)).then_with(|| a.pid.cmp(&b.pid))
+        });
+        rows.truncate(limit);
+        ListObjectsReply { objects: rows, unanswered, truncated }
+    }
+}
+
+fn holder_row(holder: &Holder, reference: &ReferenceRow, copies: Option<&Vec<(Vec<u8>, NodeObject)>>) -> ObjectRow {
+    let copies = copies.map(Vec::as_slice).unwrap_or_default();
+    let stored_size = copies.iter().map(|(_, object)| object.size).max().unwrap_or(0);
+    ObjectRow {
+        object_id: reference.object_id.clone(),
+        size: if reference.size == 0 { stored_size } else { reference.size },
+        reference_type: reference.reference_type.clone(),
+        job_id: holder.references.job_id.clone(),
+        holder_address: holder.address.clone(),
+        pid: holder.references.pid,
+        holder_type: holder.kind.into(),
+        node_id: holder.node_id.clone(),
+        store_node_ids: copies.iter().map(|(node, _)| node.clone()).collect(),
+        spilled: copies.iter().any(|(_, object)| object.spilled),
+        state: reference.state.clone(),
+        owned: reference.owned,
+        handles: reference.handles,
+        lent: reference.lent,
+        owner_address: reference.owner_address.clone(),
+    }
+}
