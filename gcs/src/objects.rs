@@ -92,7 +92,8 @@ impl ObjectListing {
                 continue;
             }
             let Ok(channel) = rpc::connect_lazy(&node.address, &self.control, ASK_TIMEOUT) else { continue };
-            let (gate, request) = (gate.clone(), ListNodeObjectsRequest { account: account.clone(), limit: limit as u32 });
+            let (gate, request) =
+                (gate.clone(), ListNodeObjectsRequest { account: account.clone(), limit: limit as u32 });
             asks.spawn(async move {
                 let _turn = gate.acquire_owned().await;
                 let answer =
@@ -127,7 +128,12 @@ impl ObjectListing {
                     // A driver speaks for its own job only.
                     Ok(Ok(reply)) if reply.get_ref().job_id == job_id => {
                         let references = reply.into_inner();
-                        Answer::Holder(Holder { kind: "DRIVER", address, node_id: references.node_id.clone(), references })
+                        Answer::Holder(Holder {
+                            kind: "DRIVER",
+                            address,
+                            node_id: references.node_id.clone(),
+                            references,
+                        })
                     }
                     _ => Answer::Unanswered,
                 }
@@ -148,7 +154,12 @@ impl ObjectListing {
                             merged.unanswered += 1;
                             continue;
                         };
-                        merged.holders.push(Holder { kind: "WORKER", address: worker.address, node_id: node_id.clone(), references });
+                        merged.holders.push(Holder {
+                            kind: "WORKER",
+                            address: worker.address,
+                            node_id: node_id.clone(),
+                            references,
+                        });
                     }
                 }
                 Ok(Answer::Holder(holder)) => merged.holders.push(holder),
@@ -244,5 +255,68 @@ fn holder_row(holder: &Holder, reference: &ReferenceRow, copies: Option<&Vec<(Ve
         handles: reference.handles,
         lent: reference.lent,
         owner_address: reference.owner_address.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(id: u8, size: u64, kind: &str) -> ReferenceRow {
+        ReferenceRow { object_id: vec![id], size, reference_type: kind.into(), ..ReferenceRow::default() }
+    }
+
+    fn stored(id: u8, size: u64, primary: bool) -> NodeObject {
+        NodeObject { object_id: vec![id], size, primary, account: "acme".into(), ..NodeObject::default() }
+    }
+
+    #[test]
+    fn holders_are_sized_by_the_stores_and_unheld_copies_are_listed_largest_first() {
+        let mut merge = Merge::default();
+        merge.store.insert(vec![1], vec![(vec![0xa], stored(1, 800, true)), (vec![0xb], stored(1, 800, false))]);
+        merge.store.insert(vec![2], vec![(vec![0xa], stored(2, 300, true))]);
+        let references = ListReferencesReply {
+            rows: vec![reference(1, 0, "BORROWED"), reference(3, 50, "LOCAL_REFERENCE")],
+            pid: 42,
+            job_id: vec![0, 0, 0, 1],
+            ..ListReferencesReply::default()
+        };
+        merge.holders.push(Holder { kind: "WORKER", address: "10.0.0.1:5".into(), node_id: vec![0xb], references });
+        let reply = merge.rows(true, 10);
+        let listed: Vec<(u8, u64, &str, &str)> = reply
+            .objects
+            .iter()
+            .map(|row| (row.object_id[0], row.size, row.reference_type.as_str(), row.holder_type.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (1, 800, "BORROWED", "WORKER"),
+                (2, 300, "PINNED_IN_MEMORY", "STORE"),
+                (3, 50, "LOCAL_REFERENCE", "WORKER")
+            ]
+        );
+        assert_eq!(reply.objects[0].store_node_ids, vec![vec![0xa], vec![0xb]]);
+        assert_eq!(reply.objects[0].pid, 42);
+        assert!(!reply.truncated);
+    }
+
+    #[test]
+    fn a_listing_past_its_limit_keeps_the_largest_and_says_so() {
+        let mut merge = Merge::default();
+        for id in 0..5u8 {
+            merge.store.insert(vec![id], vec![(vec![0xa], stored(id, u64::from(id) * 10, true))]);
+        }
+        let reply = merge.rows(true, 2);
+        assert!(reply.truncated);
+        assert_eq!(reply.objects.iter().map(|row| row.size).collect::<Vec<_>>(), vec![40, 30]);
+        assert!(Merge::default().rows(false, 2).objects.is_empty());
+    }
+
+    #[test]
+    fn a_scope_sees_its_own_account_only() {
+        assert!(Scope::All.sees("anyone"));
+        assert!(Scope::Account("acme".into()).sees("acme"));
+        assert!(!Scope::Account("acme".into()).sees("rival"));
     }
 }

@@ -79,3 +79,24 @@ def test_actors_nodes_and_jobs_are_listed_with_rays_fields():
     assert len(mine) == 1 and mine[0]["status"] == "RUNNING" and mine[0]["type"] == "DRIVER", mine
     with pytest.raises(ValueError, match="cannot be filtered on 'colour'"):
         list_actors(filters=[("colour", "=", "red")])
+
+
+def test_objects_are_listed_with_their_holder_and_why_they_live():
+    import os
+
+    from ionet.util.state import list_objects, summarize_objects
+
+    weights = ionet.put(b"w" * (3 << 20))
+    small = ionet.put("a small value")
+    rows = list_objects(filters=[("object_id", "=", weights.hex())])
+    assert len(rows) == 1, rows
+    (row,) = rows
+    assert row["type"] == "DRIVER" and row["pid"] == os.getpid(), row
+    assert row["reference_type"] == "LOCAL_REFERENCE" and row["task_status"] == "IN_STORE", row
+    assert row["object_size"] >= 3 << 20 and row["store_node_ids"] == [ionet.get_runtime_context().get_node_id()], row
+    inline = list_objects(filters=[("object_id", "=", small.hex())])
+    assert [item["task_status"] for item in inline] == ["INLINE"], inline
+    summary = summarize_objects()["cluster"]
+    assert summary["summary"]["LOCAL_REFERENCE"]["total_size"] >= 3 << 20, summary
+    del weights
+    wait_for(lambda: not list_objects(filters=[("object_id", "=", row["object_id"])]), what="the freed object gone")

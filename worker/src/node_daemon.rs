@@ -34,11 +34,11 @@ use ionet_common::rpc::proto::node::{
     AddObjectLocationReply, AddObjectLocationRequest, CancelBundleReply, CancelBundleRequest, CommitBundleReply,
     CommitBundleRequest, CreateObjectReply, CreateObjectRequest, DrainReply, DrainRequest, EndLeasesReply,
     EndLeasesRequest, EnsureObjectLocalReply, EnsureObjectLocalRequest, FreeObjectsReply, FreeObjectsRequest,
-    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, ListNodeObjectsReply, ListNodeObjectsRequest, LogBatch,
-    PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply, RegisterWorkerRequest, RequestWorkerLeaseReply,
-    RequestWorkerLeaseRequest, ReturnWorkerLeaseReply, ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest,
-    SetWorkerBlockedReply, SetWorkerBlockedRequest, SetWorkerHoldingReply, SetWorkerHoldingRequest, StreamLogsRequest,
-    TakeObjectsReply, TakeObjectsRequest,
+    GetNodeStatsReply, GetNodeStatsRequest, IssueCertificateReply, IssueCertificateRequest, ListNodeObjectsReply,
+    ListNodeObjectsRequest, LogBatch, PrepareBundleReply, PrepareBundleRequest, RegisterWorkerReply,
+    RegisterWorkerRequest, RequestWorkerLeaseReply, RequestWorkerLeaseRequest, ReturnWorkerLeaseReply,
+    ReturnWorkerLeaseRequest, SealObjectReply, SealObjectRequest, SetWorkerBlockedReply, SetWorkerBlockedRequest,
+    SetWorkerHoldingReply, SetWorkerHoldingRequest, StreamLogsRequest, TakeObjectsReply, TakeObjectsRequest,
 };
 use ionet_common::rpc::proto::node::{
     EntrypointEvent, RunEntrypointRequest, StopEntrypointReply, StopEntrypointRequest,

@@ -52,7 +52,8 @@ impl CoreWorker {
             .snapshot()
             .into_iter()
             .map(|(id, state, handles)| {
-                let (lent, captured, args) = (count(&census.lent, &id), count(&census.captured, &id), count(&actor_args, &id));
+                let (lent, captured, args) =
+                    (count(&census.lent, &id), count(&census.captured, &id), count(&actor_args, &id));
                 let (state_name, size, node_address) = match &state {
                     ObjectState::Pending => ("PENDING", 0, String::new()),
                     ObjectState::Inline(bytes) => ("INLINE", bytes.len() as u64, String::new()),

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
-    ListReferencesReply, ListReferencesRequest,
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
     BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply,
-    ExitRequest, GetObjectReply, GetObjectRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest,
-    ReleaseBorrowsReply, ReleaseBorrowsRequest, ReplyBatch, ReportGeneratorItemReply, ReportGeneratorItemRequest,
-    ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
+    ExitRequest, GetObjectReply, GetObjectRequest, ListReferencesReply, ListReferencesRequest, NumberedReply,
+    PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply, ReleaseBorrowsRequest, ReplyBatch,
+    ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg,
+    TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;

@@ -100,7 +100,8 @@ pub fn list_jobs() -> IonetResult<Vec<serde_json::Value>> {
 pub fn list_objects(job: Option<JobId>, limit: u32) -> IonetResult<Vec<serde_json::Value>> {
     let worker = runtime::current()?;
     let request = ListObjectsRequest { job_id: job.map(|job| job.to_vec()).unwrap_or_default(), limit };
-    let reply =
-        runtime::block_on(worker.call_head(request, |mut gcs, request| async move { gcs.list_objects(request).await }))?;
+    let reply = runtime::block_on(
+        worker.call_head(request, |mut gcs, request| async move { gcs.list_objects(request).await }),
+    )?;
     Ok(reply.objects.iter().map(ionet_worker::object_commands::object_json).collect())
 }

@@ -18,7 +18,8 @@ use ionet::rpc::proto::gcs::{
     HeartbeatRequest, KillActorRequest, MarkJobFinishedRequest, RegisterNodeRequest, RemovePlacementGroupRequest,
 };
 use ionet::rpc::proto::gcs::{
-    GetActorRequest, GetNamedActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListPlacementGroupsRequest,
+    GetActorRequest, GetNamedActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListObjectsRequest,
+    ListPlacementGroupsRequest,
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
@@ -26,10 +27,12 @@ use ionet::rpc::proto::metering::{
     LeaseStartedRequest, ListUsageRequest, RefundRequest, ReportHeldLeasesRequest, ReportLeasesRequest, SettleRequest,
 };
 use ionet::rpc::proto::node::{
-    AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, RequestWorkerLeaseRequest, SealObjectRequest,
-    SetWorkerHoldingRequest, StreamLogsRequest,
+    AddObjectLocationRequest, CancelBundleRequest, FreeObjectsRequest, ListNodeObjectsRequest,
+    RequestWorkerLeaseRequest, SealObjectRequest, SetWorkerHoldingRequest, StreamLogsRequest,
 };
-use ionet::rpc::proto::worker::{BorrowObjectsRequest, CancelTaskRequest, ExitRequest, ReleaseBorrowsRequest};
+use ionet::rpc::proto::worker::{
+    BorrowObjectsRequest, CancelTaskRequest, ExitRequest, ListReferencesRequest, ReleaseBorrowsRequest,
+};
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
 use tonic::Code;
@@ -554,7 +557,18 @@ fn a_tenant_acts_only_for_its_own_job() {
             let borrow =
                 BorrowObjectsRequest { object_ids: vec![stored.id().to_vec()], borrower_address: "10.6.6.6:1".into() };
             denied(victim.borrow_objects(borrow).await, "pinning another tenant's objects");
+            let references = ListReferencesRequest { limit: 0 };
+            denied(victim.list_references(references).await, "reading what another tenant's process holds");
         }
+        // Nor to see the victim's objects: the operator does, she does not, and the nodes
+        // list theirs to the head alone.
+        let stored_id = stored.id().to_vec();
+        let everyone = operator.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
+        assert!(everyone.objects.iter().any(|row| row.object_id == stored_id), "the operator sees it: {everyone:?}");
+        let hers = as_mallory.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
+        assert!(hers.objects.iter().all(|row| row.job_id == own_job.to_vec()), "her own job's only: {hers:?}");
+        assert!(!hers.objects.iter().any(|row| row.object_id == stored_id), "{hers:?}");
+        denied(daemon.list_objects(ListNodeObjectsRequest::default()).await, "listing a node's objects");
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();
     });

@@ -839,7 +839,12 @@ fn state_driver(session: &str, release: &str) {
         .collect();
     println!("actors {}", placed.join(","));
     let big = ionet::put(&vec![5u8; 8 << 20]).unwrap();
-    println!("big {} held by {} and {}", big.id().hex(), std::process::id(), ionet::get(&holders[0].hold(vec![big.clone()])).unwrap());
+    println!(
+        "big {} held by {} and {}",
+        big.id().hex(),
+        std::process::id(),
+        ionet::get(&holders[0].hold(vec![big.clone()])).unwrap()
+    );
     println!("ready");
     ionet::get_timeout(&holder, Duration::from_secs(90)).unwrap();
     ionet::get_timeout(&waiter, Duration::from_secs(90)).unwrap();
@@ -931,10 +936,16 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
 
     // `ionet memory` names the holders of the large object: the driver that put it, the
     // actor that keeps it, and the node whose store has it.
-    let objects: Vec<serde_json::Value> =
-        serde_json::from_str(&cluster.ionet(&["list", "objects", "--json", "--filter", &format!("object_id={big_id}")]))
-            .unwrap();
-    let holder = |kind: &str| objects.iter().find(|row| row["type"] == kind).unwrap_or_else(|| panic!("{kind} in {objects:?}"));
+    let objects: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&[
+        "list",
+        "objects",
+        "--json",
+        "--filter",
+        &format!("object_id={big_id}"),
+    ]))
+    .unwrap();
+    let holder =
+        |kind: &str| objects.iter().find(|row| row["type"] == kind).unwrap_or_else(|| panic!("{kind} in {objects:?}"));
     let driver_row = holder("DRIVER");
     assert_eq!(driver_row["pid"].to_string(), driver_pid);
     assert_eq!(driver_row["reference_type"], "LOCAL_REFERENCE");
@@ -942,7 +953,10 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     assert_eq!(driver_row["object_size"].as_u64().map(|size| size >= 8 << 20), Some(true), "{driver_row}");
     assert_eq!(driver_row["store_node_ids"].as_array().map(Vec::len), Some(1), "{driver_row}");
     let actor_row = holder("WORKER");
-    assert_eq!((actor_row["pid"].to_string(), actor_row["reference_type"].as_str()), (holder_pid.clone(), Some("BORROWED")));
+    assert_eq!(
+        (actor_row["pid"].to_string(), actor_row["reference_type"].as_str()),
+        (holder_pid.clone(), Some("BORROWED"))
+    );
     assert_eq!(actor_row["object_size"], driver_row["object_size"], "sized by the store");
     let memory = cluster.ionet(&["memory", "--job", &job]);
     let line = memory.lines().find(|line| line.contains(&big_id[..16])).unwrap_or_else(|| panic!("{memory}"));

@@ -92,7 +92,9 @@ impl Leases {
             }
             let credential = self.job_credentials.get(&job).map(|credential| credential.clone());
             asks.spawn(async move {
-                let answer = match credential.map(|credential| ionet_common::rpc::connect_lazy(&address, &credential, timeout)) {
+                let answer = match credential
+                    .map(|credential| ionet_common::rpc::connect_lazy(&address, &credential, timeout))
+                {
                     Some(Ok(channel)) => {
                         let request = ionet_common::rpc::proto::worker::ListReferencesRequest { limit };
                         let mut client = ionet_common::rpc::CoreWorkerClient::new(channel);
