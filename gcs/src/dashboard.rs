@@ -13,6 +13,11 @@
 //!   waits, error), at most 1,000.
 //! - `GET /api/v0/actors`: the actors of the accounts the caller sees: class, name,
 //!   state, node, restarts, why one died.
+//! - `GET /api/v0/placement_groups`: the groups of the accounts the caller sees: state,
+//!   strategy, each bundle's node and resources, why one waits.
+//! - `GET /api/v0/objects?job_id=&limit=`: who holds which object of the caller's
+//!   account (the operator: all), asked now of the nodes and drivers
+//!   ([`crate::objects`]); at most 1,000 rows, largest first.
 //! - `GET /api/v0/market`: the marketplace: credits of the payers the caller sees, what
 //!   each job spent, providers' nodes' earnings (the operator's or a node's own), fees
 //!   (the operator's), and the live price and free GPUs per model (anyone).
@@ -48,6 +53,8 @@ pub fn router(metrics: Arc<HeadMetrics>, authorizer: Arc<Authorizer>) -> Router 
         .route("/api/v0/tasks", get(tasks))
         .route("/api/v0/market", get(market))
         .route("/api/v0/actors", get(actors))
+        .route("/api/v0/placement_groups", get(placement_groups))
+        .route("/api/v0/objects", get(objects))
         .route_layer(axum::middleware::from_fn_with_state(authorizer, crate::http::authorize))
         .with_state(metrics)
 }
@@ -290,6 +297,63 @@ async fn actors(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Re
         }
     }
     Json(json!({ "actors": rows })).into_response()
+}
+
+async fn placement_groups(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {
+    let view = match view_of(&request) {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    let mut rows = Vec::new();
+    for group in metrics.placement_groups().list() {
+        let account = JobId::from_bytes(&group.job_id)
+            .map(|job| metrics.state().payer_of(&job))
+            .unwrap_or_else(|_| "default".into());
+        if !view.sees_account(&account) {
+            continue;
+        }
+        match crate::placement_groups::group_json(&group) {
+            Ok(mut row) => {
+                row["account"] = json!(account);
+                rows.push(row);
+            }
+            Err(err) => tracing::warn!(error = %err, "a placement group's row could not be shown"),
+        }
+    }
+    Json(json!({ "placement_groups": rows })).into_response()
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ObjectQuery {
+    job_id: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn objects(State(metrics): State<Arc<HeadMetrics>>, query: Query<ObjectQuery>, request: Request) -> Response {
+    let view = match view_of(&request) {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    let job = match query.job_id.as_deref().filter(|job| !job.is_empty()) {
+        Some(text) => match text.parse::<JobId>() {
+            Ok(job) => Some(job),
+            Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+        },
+        None => None,
+    };
+    // Objects are private: a node's or a job's view has none to see.
+    let scope = match view {
+        View::All => crate::objects::Scope::All,
+        View::Account(account) => crate::objects::Scope::Account(account),
+        View::Node(_) | View::Public => {
+            return Json(json!({ "objects": [], "unanswered": 0, "truncated": false })).into_response();
+        }
+    };
+    let limit = query.limit.unwrap_or(MAX_TASK_ROWS).min(MAX_TASK_ROWS);
+    let reply = metrics.objects().list(&scope, job, limit).await;
+    let rows: Vec<Value> = reply.objects.iter().map(crate::objects::object_json).collect();
+    Json(json!({ "objects": rows, "unanswered": reply.unanswered, "truncated": reply.truncated })).into_response()
 }
 
 async fn market(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {

@@ -132,17 +132,34 @@ pub struct HeadMetrics {
     tasks: Arc<TaskTable>,
     submissions: Arc<Submissions>,
     actors: Arc<crate::actors::Actors>,
+    placement_groups: Arc<crate::placement_groups::PlacementGroups>,
+    objects: Arc<crate::objects::ObjectListing>,
+}
+
+/// The head's tables a scrape and the dashboard read.
+pub struct HeadTables {
+    pub state: Arc<GcsState>,
+    pub metering: Arc<Metering>,
+    pub tasks: Arc<TaskTable>,
+    pub submissions: Arc<Submissions>,
+    pub actors: Arc<crate::actors::Actors>,
+    pub placement_groups: Arc<crate::placement_groups::PlacementGroups>,
+    pub objects: Arc<crate::objects::ObjectListing>,
 }
 
 impl HeadMetrics {
-    pub fn new(
-        state: Arc<GcsState>,
-        metering: Arc<Metering>,
-        tasks: Arc<TaskTable>,
-        submissions: Arc<Submissions>,
-        actors: Arc<crate::actors::Actors>,
-    ) -> Self {
-        Self { state, metering, tasks, submissions, actors }
+    pub fn new(tables: HeadTables) -> Self {
+        let HeadTables { state, metering, tasks, submissions, actors, placement_groups, objects } = tables;
+        Self { state, metering, tasks, submissions, actors, placement_groups, objects }
+    }
+
+    pub fn placement_groups(&self) -> &Arc<crate::placement_groups::PlacementGroups> {
+        &self.placement_groups
+    }
+
+    /// Who holds which object (asked of the nodes and drivers when read).
+    pub fn objects(&self) -> &Arc<crate::objects::ObjectListing> {
+        &self.objects
     }
 
     pub fn actors(&self) -> &Arc<crate::actors::Actors> {

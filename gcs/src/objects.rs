@@ -26,6 +26,7 @@ use ionet_common::rpc::proto::node::{ListNodeObjectsRequest, NodeObject};
 use ionet_common::rpc::proto::worker::{ListReferencesReply, ListReferencesRequest, ReferenceRow};
 use ionet_common::rpc::{self, CoreWorkerClient, NodeManagerClient};
 use ionet_common::JobId;
+use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::state::GcsState;
@@ -258,9 +259,49 @@ fn holder_row(holder: &Holder, reference: &ReferenceRow, copies: Option<&Vec<(Ve
     }
 }
 
+/// The host part of a process's address (`https://10.0.0.2:4000` → `10.0.0.2`).
+fn host_of(address: &str) -> &str {
+    let bare = address.split("://").last().unwrap_or(address);
+    match bare.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => bare,
+    }
+}
+
+/// A row as Ray's state API names its fields (plus ionet's: where it is stored, whether
+/// its holder owns it, its handles and lends).
+pub fn object_json(row: &ObjectRow) -> Value {
+    let text = |value: &str| (!value.is_empty()).then(|| value.to_string());
+    json!({
+        "object_id": hex::encode(&row.object_id),
+        "object_size": row.size,
+        "reference_type": row.reference_type,
+        "type": row.holder_type,
+        "pid": (row.pid != 0).then_some(row.pid),
+        "ip": text(host_of(&row.holder_address)),
+        "node_id": (!row.node_id.is_empty()).then(|| hex::encode(&row.node_id)),
+        "job_id": (!row.job_id.is_empty()).then(|| hex::encode(&row.job_id)),
+        "task_status": text(&row.state),
+        "owned": row.owned,
+        "handles": row.handles,
+        "lent": row.lent,
+        "owner_address": text(&row.owner_address),
+        "holder_address": text(&row.holder_address),
+        "store_node_ids": row.store_node_ids.iter().map(hex::encode).collect::<Vec<_>>(),
+        "spilled": row.spilled,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_holders_host_is_read_from_its_address() {
+        assert_eq!(host_of("https://10.0.0.2:4000"), "10.0.0.2");
+        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:80"), "::1");
+    }
 
     fn reference(id: u8, size: u64, kind: &str) -> ReferenceRow {
         ReferenceRow { object_id: vec![id], size, reference_type: kind.into(), ..ReferenceRow::default() }

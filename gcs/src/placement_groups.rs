@@ -760,7 +760,44 @@ fn row(id: &PlacementGroupId, group: &Group) -> GetPlacementGroupReply {
         strategy: strategy_to_wire(group.strategy) as i32,
         name: group.name.clone(),
         placement_group_id: id.to_vec(),
+        job_id: group.job_id.clone(),
     }
+}
+
+/// A group as Ray's `list_placement_groups` shows it (`placement_group_id`, `name`,
+/// `creator_job_id`, `state`, `strategy`, `bundles` with each one's node and resources),
+/// plus why a pending group waits.
+pub fn group_json(group: &GetPlacementGroupReply) -> IonetResult<serde_json::Value> {
+    let state = match PlacementGroupState::try_from(group.state) {
+        Ok(PlacementGroupState::Created) => "CREATED",
+        Ok(PlacementGroupState::Removed) => "REMOVED",
+        Ok(PlacementGroupState::Pending) | Err(_) => "PENDING",
+    };
+    let strategy = match WireStrategy::try_from(group.strategy) {
+        Ok(WireStrategy::Spread) => "SPREAD",
+        Ok(WireStrategy::StrictPack) => "STRICT_PACK",
+        Ok(WireStrategy::StrictSpread) => "STRICT_SPREAD",
+        Ok(WireStrategy::Pack) | Err(_) => "PACK",
+    };
+    let mut bundles = Vec::new();
+    for (index, bundle) in group.bundles.iter().enumerate() {
+        let resources: serde_json::Map<String, serde_json::Value> = bundle
+            .to_set()?
+            .iter()
+            .map(|(name, quantity)| (name.to_string(), serde_json::json!(quantity.as_f64())))
+            .collect();
+        let node = group.bundle_node_ids.get(index).filter(|node| !node.is_empty()).map(hex::encode);
+        bundles.push(serde_json::json!({ "bundle_index": index, "node_id": node, "unit_resources": resources }));
+    }
+    Ok(serde_json::json!({
+        "placement_group_id": hex::encode(&group.placement_group_id),
+        "name": group.name,
+        "creator_job_id": hex::encode(&group.job_id),
+        "state": state,
+        "strategy": strategy,
+        "bundles": bundles,
+        "pending_reason": (!group.pending_reason.is_empty()).then(|| group.pending_reason.clone()),
+    }))
 }
 
 #[cfg(test)]

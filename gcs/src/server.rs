@@ -184,13 +184,16 @@ impl GcsServer {
             }
             tracing::info!(rows = restored, "task rows restored from storage");
         }
-        let metrics = Arc::new(HeadMetrics::new(
-            state.clone(),
-            metering.clone(),
-            tasks.clone(),
-            submissions.clone(),
-            actors.clone(),
-        ));
+        let objects = crate::objects::ObjectListing::new(state.clone(), issuer.clone(), control.clone());
+        let metrics = Arc::new(HeadMetrics::new(crate::metrics::HeadTables {
+            state: state.clone(),
+            metering: metering.clone(),
+            tasks: tasks.clone(),
+            submissions: submissions.clone(),
+            actors: actors.clone(),
+            placement_groups: placement_groups.clone(),
+            objects: objects.clone(),
+        }));
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),
             placement_groups.clone(),
@@ -199,7 +202,7 @@ impl GcsServer {
             options.tls.clone(),
             submissions.clone(),
             tasks.clone(),
-            crate::objects::ObjectListing::new(state.clone(), issuer.clone(), control.clone()),
+            objects,
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);

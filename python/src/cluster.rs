@@ -230,6 +230,7 @@ pub(crate) fn list_state(py: Python<'_>, what: &str) -> PyResult<String> {
             "nodes" => ionet::state::list_nodes(),
             "jobs" => ionet::state::list_jobs(),
             "objects" => ionet::state::list_objects(None, 0),
+            "placement_groups" => ionet::state::list_placement_groups(),
             other => Err(ionet::IonetError::InvalidArgument(format!("no listing of {other:?}"))),
         })
         .or_raise()?;

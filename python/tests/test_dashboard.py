@@ -124,3 +124,19 @@ def test_without_a_credential_the_page_asks_for_one_and_shows_nothing(cluster):
     forged = subprocess.run(argv + [f"{address}/#/&key=ionet1.forged"], capture_output=True, text=True, timeout=120, check=True)
     forged = rendered(forged.stdout)
     assert "Sign in" in forged and "401" in forged, forged[-2000:]
+
+
+def test_the_placement_groups_and_objects_pages_show_what_the_job_holds(cluster):
+    import os
+
+    from ionet.util.placement_group import placement_group
+
+    group = placement_group([{"CPU": 0.5}, {"GPU": 1}], strategy="SPREAD", name="trainers")
+    assert group.wait(60)
+    weights = ionet.put(b"w" * (6 << 20))
+    groups = browse(cluster, "/placement_groups")
+    assert ">trainers<" in groups and "CREATED" in groups and "SPREAD" in groups, groups[-3000:]
+    assert "GPU 1 on" in groups, "each bundle with its resources and node"
+    objects = browse(cluster, "/objects")
+    assert weights.hex()[:8] in objects and "6.0 MiB" in objects, objects[-3000:]
+    assert f"<td>{os.getpid()}</td>" in objects and "LOCAL_REFERENCE" in objects and "DRIVER" in objects

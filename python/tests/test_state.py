@@ -100,3 +100,19 @@ def test_objects_are_listed_with_their_holder_and_why_they_live():
     assert summary["summary"]["LOCAL_REFERENCE"]["total_size"] >= 3 << 20, summary
     del weights
     wait_for(lambda: not list_objects(filters=[("object_id", "=", row["object_id"])]), what="the freed object gone")
+
+
+def test_placement_groups_are_listed_with_their_bundles():
+    from ionet.util.placement_group import placement_group, remove_placement_group
+    from ionet.util.state import list_placement_groups
+
+    group = placement_group([{"CPU": 1}, {"GPU": 1}], strategy="PACK", name="listed-group")
+    assert group.wait(60)
+    (row,) = list_placement_groups(filters=[("name", "=", "listed-group")])
+    assert row["state"] == "CREATED" and row["strategy"] == "PACK", row
+    assert row["creator_job_id"] == ionet.get_runtime_context().get_job_id()
+    node = ionet.get_runtime_context().get_node_id()
+    assert [(b["node_id"], b["unit_resources"]) for b in row["bundles"]] == [(node, {"CPU": 1.0}), (node, {"GPU": 1.0})]
+    remove_placement_group(group)
+    wait_for(lambda: list_placement_groups(filters=[("name", "=", "listed-group")])[0]["state"] == "REMOVED",
+             what="the removed group listed so")  # fmt: skip

@@ -427,6 +427,13 @@ pub struct UsageArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ListCommand {
+    /// Nodes, dead ones too: state, address, GPUs, price.
+    Nodes(crate::list_commands::ListArgs),
+    /// Jobs your account pays for (the operator: all): DRIVER or SUBMISSION, status.
+    Jobs(crate::list_commands::ListArgs),
+    /// Placement groups: state, strategy, each bundle's node and resources.
+    #[command(name = "placement-groups")]
+    PlacementGroups(crate::list_commands::ListArgs),
     /// Actors: state, node, resources, restarts, cause of death.
     Actors(ListActorsArgs),
     /// Tasks as their owners reported them: state, node, attempt, why one waits, what one
@@ -585,6 +592,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Summary(SummaryCommand::Tasks(args)) => crate::state_commands::summary_tasks(args),
         Command::Timeline(args) => crate::state_commands::timeline(args),
         Command::List(ListCommand::Objects(args)) => crate::object_commands::list_objects(args),
+        Command::List(ListCommand::Nodes(args)) => crate::list_commands::list(crate::list_commands::Table::Nodes, args),
+        Command::List(ListCommand::Jobs(args)) => crate::list_commands::list(crate::list_commands::Table::Jobs, args),
+        Command::List(ListCommand::PlacementGroups(args)) => {
+            crate::list_commands::list(crate::list_commands::Table::PlacementGroups, args)
+        }
         Command::Summary(SummaryCommand::Objects(args)) => crate::object_commands::summary_objects(args),
         Command::Memory(args) => crate::object_commands::memory(args),
         Command::Stop(args) => commands::stop(args),

@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod identities;
 pub mod job_commands;
 pub mod lease;
+pub mod list_commands;
 pub mod logging;
 pub mod logs;
 pub mod metering_commands;

@@ -8,9 +8,9 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
-use ionet_common::rpc::proto::gcs::{ListObjectsReply, ListObjectsRequest, ObjectRow};
+use ionet_common::rpc::proto::gcs::{ListObjectsReply, ListObjectsRequest};
 use ionet_common::{IonetError, JobId};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::cli::HeadArgs;
 use crate::commands::{resolve_head_address, resolve_reader_credential};
@@ -56,41 +56,11 @@ fn fetch(filter: &ObjectFilterArgs) -> Result<(ListObjectsReply, Vec<Value>)> {
         let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
         Ok::<_, IonetError>(gcs.list_objects(request).await.map_err(IonetError::from)?.into_inner())
     })?;
-    let rows = crate::state_commands::filter_rows(reply.objects.iter().map(object_json).collect(), &filter.filters)?;
+    let rows = crate::state_commands::filter_rows(
+        reply.objects.iter().map(ionet_gcs::objects::object_json).collect(),
+        &filter.filters,
+    )?;
     Ok((reply, rows))
-}
-
-/// The host part of a process's address (`https://10.0.0.2:4000` → `10.0.0.2`).
-fn host_of(address: &str) -> &str {
-    let bare = address.split("://").last().unwrap_or(address);
-    match bare.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-        None => bare,
-    }
-}
-
-/// A row as Ray's state API names its fields (plus ionet's: where it is stored, whether
-/// its holder owns it, its handles and lends).
-pub fn object_json(row: &ObjectRow) -> Value {
-    let text = |value: &str| (!value.is_empty()).then(|| value.to_string());
-    json!({
-        "object_id": hex::encode(&row.object_id),
-        "object_size": row.size,
-        "reference_type": row.reference_type,
-        "type": row.holder_type,
-        "pid": (row.pid != 0).then_some(row.pid),
-        "ip": text(host_of(&row.holder_address)),
-        "node_id": (!row.node_id.is_empty()).then(|| hex::encode(&row.node_id)),
-        "job_id": (!row.job_id.is_empty()).then(|| hex::encode(&row.job_id)),
-        "task_status": text(&row.state),
-        "owned": row.owned,
-        "handles": row.handles,
-        "lent": row.lent,
-        "owner_address": text(&row.owner_address),
-        "holder_address": text(&row.holder_address),
-        "store_node_ids": row.store_node_ids.iter().map(hex::encode).collect::<Vec<_>>(),
-        "spilled": row.spilled,
-    })
 }
 
 /// What was not seen (a line for stderr).
@@ -243,11 +213,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_hosts_read_as_people_write_them() {
+    fn sizes_read_as_people_write_them() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
-        assert_eq!(host_of("https://10.0.0.2:4000"), "10.0.0.2");
-        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:80"), "::1");
     }
 }

@@ -3,7 +3,8 @@
 //! its actors and jobs, the cluster's nodes, and who holds which object (`Gcs/ListObjects`).
 
 use ionet_common::rpc::proto::gcs::{
-    GetAllJobsRequest, GetAllNodesRequest, ListActorsRequest, ListObjectsRequest, ListTasksRequest,
+    GetAllJobsRequest, GetAllNodesRequest, ListActorsRequest, ListObjectsRequest, ListPlacementGroupsRequest,
+    ListTasksRequest,
 };
 use ionet_common::{IonetResult, JobId};
 
@@ -72,25 +73,7 @@ pub fn list_jobs() -> IonetResult<Vec<serde_json::Value>> {
     let reply = runtime::block_on(
         worker.call_head(GetAllJobsRequest {}, |mut gcs, request| async move { gcs.get_all_jobs(request).await }),
     )?;
-    Ok(reply
-        .jobs
-        .iter()
-        .map(|job| {
-            let finished = job.state == ionet_common::rpc::proto::common::JobState::Finished as i32;
-            serde_json::json!({
-                "job_id": ionet_common::JobId::from_bytes(&job.job_id).map(|id| id.hex()).unwrap_or_default(),
-                "type": if job.submission_id.is_empty() { "DRIVER" } else { "SUBMISSION" },
-                "status": if finished { "FINISHED" } else { "RUNNING" },
-                "account": if job.payer_account.is_empty() { "default" } else { job.payer_account.as_str() },
-                "namespace": job.namespace,
-                "entrypoint": job.entrypoint,
-                "submission_id": job.submission_id,
-                "driver_pid": job.driver_pid,
-                "start_time": job.start_time_ms,
-                "end_time": job.end_time_ms,
-            })
-        })
-        .collect())
+    Ok(reply.jobs.iter().map(ionet_worker::list_commands::job_json).collect())
 }
 
 /// This account's objects and who holds them (asked now of every live node and running
@@ -103,5 +86,15 @@ pub fn list_objects(job: Option<JobId>, limit: u32) -> IonetResult<Vec<serde_jso
     let reply = runtime::block_on(
         worker.call_head(request, |mut gcs, request| async move { gcs.list_objects(request).await }),
     )?;
-    Ok(reply.objects.iter().map(ionet_worker::object_commands::object_json).collect())
+    Ok(reply.objects.iter().map(ionet_gcs::objects::object_json).collect())
+}
+
+/// This account's placement groups, as Ray's `list_placement_groups` shows them
+/// (`placement_group_id`, `name`, `creator_job_id`, `state`, `strategy`, `bundles`).
+pub fn list_placement_groups() -> IonetResult<Vec<serde_json::Value>> {
+    let worker = runtime::current()?;
+    let reply = runtime::block_on(worker.call_head(ListPlacementGroupsRequest {}, |mut gcs, request| async move {
+        gcs.list_placement_groups(request).await
+    }))?;
+    reply.groups.iter().map(ionet_gcs::placement_groups::group_json).collect()
 }

@@ -927,6 +927,22 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     assert_eq!(pids.len(), 2, "slices on two nodes");
     assert!(slices.iter().all(|slice| slice["name"] == "ping" && slice["dur"].is_u64()));
 
+    // The nodes and the job, as `ionet list` shows them.
+    let nodes: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["list", "nodes", "--json", "--filter", "state=alive"])).unwrap();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    let jobs: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["list", "jobs", "--json", "--filter", &format!("job_id={job}")]))
+            .unwrap();
+    assert_eq!(
+        (jobs.len(), jobs[0]["status"].as_str(), jobs[0]["type"].as_str()),
+        (1, Some("RUNNING"), Some("DRIVER"))
+    );
+    let table = cluster.ionet(&["list", "nodes"]);
+    assert!(table.starts_with("NODE_ID") && table.contains("ALIVE") && table.contains("3 rows"), "{table}");
+    let refused = cluster.ionet_fails(&["list", "nodes", "--filter", "colour=red"]);
+    assert!(refused.contains("no field \"colour\" to filter on"), "{refused}");
+
     // Its 10 actors, alive where they say they run.
     let listed: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["list", "actors", "--json"])).unwrap();
     for (actor, node) in &actors {

@@ -408,6 +408,8 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("GET", "/api/v0/tasks", Access::Read),
     http("GET", "/api/v0/market", Access::Read),
     http("GET", "/api/v0/actors", Access::Read),
+    http("GET", "/api/v0/placement_groups", Access::Read),
+    http("GET", "/api/v0/objects", Access::Read),
     // Prometheus's service discovery of node daemons' metrics (the public node table).
     http("GET", "/api/prometheus/targets", Access::Metrics),
 ];

@@ -1,6 +1,7 @@
 """The state API, as Ray's `ray.util.state`: the tasks of this job's account as the head
 last heard of them (their owners report them, batched, within about a second); its
-actors and jobs; the cluster's nodes.
+actors, jobs, placement groups and objects (who holds which, asked now); the cluster's
+nodes.
 
     from ionet.util.state import list_tasks, list_actors, summarize_tasks
     list_tasks(filters=[("state", "=", "FAILED")])
@@ -67,6 +68,13 @@ def list_jobs(filters=None, limit: int = 10_000, detail: bool = False, **_ray_op
     """This account's jobs: `job_id`, `type` (DRIVER or SUBMISSION), `status`, who pays,
     `start_time`, `end_time`."""
     return _filtered("jobs", _listing("jobs"), filters, limit)
+
+
+def list_placement_groups(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
+    """This account's placement groups: `placement_group_id`, `name`, `creator_job_id`,
+    `state`, `strategy`, `bundles` (each with `node_id` and `unit_resources`),
+    `pending_reason`."""
+    return _filtered("placement groups", _listing("placement_groups"), filters, limit)
 
 
 def list_objects(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:

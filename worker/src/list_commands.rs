@@ -1,0 +1,134 @@
+//! `ionet list nodes|jobs|placement-groups`: the head's tables as rows with Ray's field
+//! names (`--json` for scripts, `--filter key=value` on those fields), each credential
+//! shown what the head shows it (every node to anyone; an account's own jobs and groups).
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Args;
+use ionet_common::rpc::proto::common::{JobInfo, JobState};
+use ionet_common::rpc::proto::gcs::{GetAllJobsRequest, GetAllNodesRequest, ListPlacementGroupsRequest};
+use ionet_common::IonetError;
+use serde_json::{json, Value};
+
+use crate::cli::HeadArgs;
+use crate::commands::{resolve_head_address, resolve_reader_credential};
+use crate::session::SessionDir;
+
+#[derive(Debug, Args, Clone)]
+pub struct ListArgs {
+    /// Only rows whose field has this value (`--filter state=ALIVE`; fields as `--json`
+    /// names them, any case; repeatable).
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    pub filters: Vec<String>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub head: HeadArgs,
+}
+
+/// What to list.
+#[derive(Clone, Copy, Debug)]
+pub enum Table {
+    Nodes,
+    Jobs,
+    PlacementGroups,
+}
+
+/// A job as Ray's `list_jobs` shows it (plus who pays and the submission that started it).
+pub fn job_json(job: &JobInfo) -> Value {
+    let finished = job.state == JobState::Finished as i32;
+    json!({
+        "job_id": hex::encode(&job.job_id),
+        "type": if job.submission_id.is_empty() { "DRIVER" } else { "SUBMISSION" },
+        "status": if finished { "FINISHED" } else { "RUNNING" },
+        "account": if job.payer_account.is_empty() { "default" } else { job.payer_account.as_str() },
+        "namespace": job.namespace,
+        "entrypoint": job.entrypoint,
+        "submission_id": job.submission_id,
+        "driver_pid": job.driver_pid,
+        "start_time": job.start_time_ms,
+        "end_time": job.end_time_ms,
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+}
+
+/// The rows of `table`, as the head shows them to `args`'s credential.
+fn fetch(table: Table, args: &ListArgs) -> Result<Vec<Value>> {
+    crate::logging::init_client();
+    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
+    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
+    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rows = runtime.block_on(async {
+        let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
+        let rows = match table {
+            Table::Nodes => {
+                let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?.into_inner().nodes;
+                match crate::status::nodes_json(&nodes, now_ms())? {
+                    Value::Array(rows) => rows,
+                    other => vec![other],
+                }
+            }
+            Table::Jobs => {
+                gcs.get_all_jobs(GetAllJobsRequest {}).await?.into_inner().jobs.iter().map(job_json).collect()
+            }
+            Table::PlacementGroups => gcs
+                .list_placement_groups(ListPlacementGroupsRequest {})
+                .await?
+                .into_inner()
+                .groups
+                .iter()
+                .map(ionet_gcs::placement_groups::group_json)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok::<_, IonetError>(rows)
+    })?;
+    crate::state_commands::filter_rows(rows, &args.filters)
+}
+
+/// A field of a row as one cell of text (`-` for none; ids cut to 16 characters).
+fn cell(row: &Value, field: &str) -> String {
+    match &row[field] {
+        Value::Null => "-".into(),
+        Value::String(text) if field.ends_with("_id") && text.len() > 16 => text[..16].to_string(),
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items.len().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `ionet list nodes|jobs|placement-groups`.
+pub fn list(table: Table, args: ListArgs) -> Result<()> {
+    let rows = fetch(table, &args)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    let columns: &[&str] = match table {
+        Table::Nodes => &["node_id", "state", "address", "accelerator_type", "price_per_gpu_hour", "is_head"],
+        Table::Jobs => &["job_id", "type", "status", "account", "driver_pid", "entrypoint"],
+        Table::PlacementGroups => &["placement_group_id", "name", "state", "strategy", "creator_job_id", "bundles"],
+    };
+    let cells: Vec<Vec<String>> =
+        rows.iter().map(|row| columns.iter().map(|field| cell(row, field)).collect()).collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(index, field)| cells.iter().map(|row| row[index].len()).chain([field.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |texts: Vec<String>| -> String {
+        texts.iter().zip(&widths).map(|(text, width)| format!("{text:<width$}")).collect::<Vec<_>>().join("  ")
+    };
+    writeln!(out, "{}", line(columns.iter().map(|field| field.to_ascii_uppercase()).collect()).trim_end())?;
+    for row in cells {
+        writeln!(out, "{}", line(row).trim_end())?;
+    }
+    writeln!(out, "{} rows", rows.len())?;
+    Ok(())
+}
