@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ionet_common::rpc::proto::gcs::{StoredTaskRow, TaskEvent, TaskRow, TaskState};
+use ionet_common::{JobId, TaskId};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -47,7 +48,7 @@ pub struct Listing {
 /// head started (counters for the metrics: they only grow).
 #[derive(Default)]
 struct Account {
-    order: VecDeque<Vec<u8>>,
+    order: VecDeque<Key>,
     dropped_events: u64,
     forgotten_tasks: u64,
     events: u64,
@@ -73,29 +74,29 @@ pub struct AccountCounts {
 #[derive(Default)]
 struct Inner {
     /// By job id and task id: the row and its account.
-    rows: HashMap<Vec<u8>, (TaskRow, Arc<str>)>,
-    accounts: HashMap<Arc<str>, Account>,
+    rows: HashMap<Key, (TaskRow, Arc<str>), ahash::RandomState>,
+    accounts: HashMap<Arc<str>, Account, ahash::RandomState>,
     /// With storage: the rows changed, and those forgotten, since the last write.
     persistent: bool,
-    changed: HashSet<Vec<u8>>,
-    forgotten: HashSet<Vec<u8>>,
+    changed: HashSet<Key, ahash::RandomState>,
+    forgotten: HashSet<Key, ahash::RandomState>,
     /// The rows storage holds (at most the table's rows): only those are deleted.
-    stored: HashSet<Vec<u8>>,
+    stored: HashSet<Key, ahash::RandomState>,
 }
 
 impl Inner {
-    fn touched(&mut self, key: &[u8]) {
+    fn touched(&mut self, key: &Key) {
         if self.persistent {
             self.forgotten.remove(key);
-            self.changed.insert(key.to_vec());
+            self.changed.insert(*key);
         }
     }
 
-    fn forgot(&mut self, key: &[u8]) {
+    fn forgot(&mut self, key: &Key) {
         if self.persistent {
             self.changed.remove(key);
             if self.stored.remove(key) {
-                self.forgotten.insert(key.to_vec());
+                self.forgotten.insert(*key);
             }
         }
     }
@@ -117,8 +118,18 @@ impl Account {
     }
 }
 
-fn key(job_id: &[u8], task_id: &[u8]) -> Vec<u8> {
-    [job_id, task_id].concat()
+/// A row's key: its job's id then its task's (fixed size: no allocation per row).
+type Key = [u8; JobId::LEN + TaskId::LEN];
+
+/// The key of a task of a job; `None` for ids of the wrong length.
+fn key(job_id: &[u8], task_id: &[u8]) -> Option<Key> {
+    if job_id.len() != JobId::LEN || task_id.len() != TaskId::LEN {
+        return None;
+    }
+    let mut key = [0u8; JobId::LEN + TaskId::LEN];
+    key[..JobId::LEN].copy_from_slice(job_id);
+    key[JobId::LEN..].copy_from_slice(task_id);
+    Some(key)
 }
 
 /// A task state as Ray names it (`RUNNING`, `PENDING_NODE_ASSIGNMENT`, …).
@@ -158,22 +169,22 @@ impl TaskTable {
         let own = inner.accounts.entry(account.clone()).or_default();
         own.dropped_events = own.dropped_events.saturating_add(dropped);
         own.events = own.events.saturating_add(events.len() as u64);
-        for event in events {
+        for mut event in events {
             if TaskState::try_from(event.state).is_err() || event.state == TaskState::Unspecified as i32 {
                 continue;
             }
-            let key = key(&event.job_id, &event.task_id);
+            let Some(key) = key(&event.job_id, &event.task_id) else { continue };
             if !inner.rows.contains_key(&key) {
                 self.make_room(inner, account);
                 let row = TaskRow {
-                    task_id: event.task_id.clone(),
-                    job_id: event.job_id.clone(),
+                    task_id: std::mem::take(&mut event.task_id),
+                    job_id: std::mem::take(&mut event.job_id),
                     // An event its owner merged earlier ones into says when it began.
                     submitted_us: if event.submitted_us > 0 { event.submitted_us } else { event.time_us },
                     ..Default::default()
                 };
-                inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
-                inner.rows.insert(key.clone(), (row, account.clone()));
+                inner.accounts.entry(account.clone()).or_default().order.push_back(key);
+                inner.rows.insert(key, (row, account.clone()));
             }
             let Some((row, _)) = inner.rows.get_mut(&key) else { continue };
             let was_open = !is_terminal(row.state);
@@ -223,7 +234,7 @@ impl TaskTable {
                 row.reason.clear();
                 row.ended_us = time_us;
                 inner.accounts.entry(account.clone()).or_default().count_end(row.state);
-                ended.push(key.clone());
+                ended.push(*key);
             }
         }
         for key in ended {
@@ -244,13 +255,13 @@ impl TaskTable {
         for StoredTaskRow { account, row } in stored {
             let Some(row) = row else { continue };
             let account: Arc<str> = account.into();
-            let key = key(&row.job_id, &row.task_id);
+            let Some(key) = key(&row.job_id, &row.task_id) else { continue };
             if inner.rows.contains_key(&key) {
                 continue;
             }
             self.make_room(inner, &account);
-            inner.accounts.entry(account.clone()).or_default().order.push_back(key.clone());
-            inner.stored.insert(key.clone());
+            inner.accounts.entry(account.clone()).or_default().order.push_back(key);
+            inner.stored.insert(key);
             inner.rows.insert(key, (row, account));
             taken += 1;
         }
@@ -263,17 +274,21 @@ impl TaskTable {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
         let mut writes = Vec::new();
-        let forgotten: Vec<Vec<u8>> = inner.forgotten.iter().take(MAX_WRITES).cloned().collect();
+        let forgotten: Vec<Key> = inner.forgotten.iter().take(MAX_WRITES).copied().collect();
         for key in forgotten {
             inner.forgotten.remove(&key);
-            writes.push(StorageWrite::Delete { table: Table::Tasks, key });
+            writes.push(StorageWrite::Delete { table: Table::Tasks, key: key.to_vec() });
         }
-        let changed: Vec<Vec<u8>> = inner.changed.iter().take(MAX_WRITES - writes.len()).cloned().collect();
+        let changed: Vec<Key> = inner.changed.iter().take(MAX_WRITES - writes.len()).copied().collect();
         for key in changed {
             inner.changed.remove(&key);
             if let Some((row, account)) = inner.rows.get(&key) {
                 let stored = StoredTaskRow { account: account.to_string(), row: Some(row.clone()) };
-                writes.push(StorageWrite::Put { table: Table::Tasks, key: key.clone(), value: stored.encode_to_vec() });
+                writes.push(StorageWrite::Put {
+                    table: Table::Tasks,
+                    key: key.to_vec(),
+                    value: stored.encode_to_vec(),
+                });
                 inner.stored.insert(key);
             }
         }
@@ -291,13 +306,20 @@ impl TaskTable {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for write in writes {
             match write {
-                StorageWrite::Put { key, .. } if !inner.forgotten.contains(&key) => {
-                    inner.changed.insert(key);
+                StorageWrite::Put { key, .. } => {
+                    if let Ok(key) = Key::try_from(key.as_slice()) {
+                        if !inner.forgotten.contains(&key) {
+                            inner.changed.insert(key);
+                        }
+                    }
                 }
-                StorageWrite::Delete { key, .. } if !inner.changed.contains(&key) => {
-                    inner.forgotten.insert(key);
+                StorageWrite::Delete { key, .. } => {
+                    if let Ok(key) = Key::try_from(key.as_slice()) {
+                        if !inner.changed.contains(&key) {
+                            inner.forgotten.insert(key);
+                        }
+                    }
                 }
-                _ => {}
             }
         }
     }
@@ -476,8 +498,18 @@ fn apply(row: &mut TaskRow, event: TaskEvent) {
 mod tests {
     use super::*;
 
+    fn job(n: u8) -> Vec<u8> {
+        vec![0, 0, 0, n]
+    }
+
     fn event(task: u8, state: TaskState, time_us: u64) -> TaskEvent {
-        TaskEvent { task_id: vec![task], job_id: vec![1], state: state as i32, time_us, ..Default::default() }
+        TaskEvent {
+            task_id: vec![task; TaskId::LEN],
+            job_id: job(1),
+            state: state as i32,
+            time_us,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -504,7 +536,7 @@ mod tests {
         // The same task id in another job is another row; a flood of one account goes from
         // its own rows; the losses are the account's own.
         let mut elsewhere = event(1, TaskState::Running, 5);
-        elsewhere.job_id = vec![2];
+        elsewhere.job_id = job(2);
         table.add(&rival, vec![elsewhere, event(2, TaskState::Running, 6), event(3, TaskState::Running, 7)], 0);
         let theirs = table.list(|account| account == "rival", &[], TaskState::Unspecified, "", 10);
         assert_eq!((theirs.total, theirs.dropped_events, theirs.forgotten_tasks), (2, 0, 1));
@@ -514,10 +546,10 @@ mod tests {
         assert_eq!((all.rows.len(), all.total), (1, 3), "the limit cuts, the total counts");
 
         // A job that ends ends its open tasks.
-        table.end_job(&[1], 200);
-        let open = table.list(|_| true, &[1], TaskState::Running, "", 10);
+        table.end_job(&job(1), 200);
+        let open = table.list(|_| true, &job(1), TaskState::Running, "", 10);
         assert_eq!(open.total, 0);
-        let ended = table.list(|account| account == "rival", &[1], TaskState::Failed, "", 10);
+        let ended = table.list(|account| account == "rival", &job(1), TaskState::Failed, "", 10);
         assert!(ended.rows.iter().all(|row| row.error.contains("job ended")), "{:?}", ended.rows);
 
         // The numbers the metrics show: rows by state, and counters that only grow.

@@ -269,13 +269,27 @@ pub(crate) fn reconstruct(
 
 /// Why a task with `options` waits for a lease (what it asks for).
 fn waiting_reason(options: &TaskOptions) -> String {
-    match options.demand() {
-        Ok(demand) => match &options.accelerator_type {
+    thread_local! {
+        /// The last demand this thread described, and its text: a stream of tasks of
+        /// one shape formats it once.
+        static LAST: std::cell::RefCell<Option<(ionet_common::resources::ResourceSet, Option<String>, String)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let Ok(demand) = options.demand() else { return "waiting for a worker lease".into() };
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((known, model, text)) = last.as_ref() {
+            if *known == demand && *model == options.accelerator_type {
+                return text.clone();
+            }
+        }
+        let text = match &options.accelerator_type {
             Some(model) => format!("waiting for a worker lease of {demand} on a {model} node"),
             None => format!("waiting for a worker lease of {demand}"),
-        },
-        Err(_) => "waiting for a worker lease".into(),
-    }
+        };
+        *last = Some((demand, options.accelerator_type.clone(), text.clone()));
+        text
+    })
 }
 
 /// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
@@ -384,10 +398,9 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
                 worker.release(&pool, &lease, estimate);
                 worker.retire_if_spent(&pool, &lease).await;
                 if !matches!(reply.result, Some(push_task_reply::Result::Failure(_)) | None) {
+                    // Where it ran went with its RUNNING event.
                     worker.task_events.record(spec.task_id, TaskState::Finished, |event| {
                         event.attempt = attempt;
-                        event.node_id = lease.node_id.clone();
-                        event.worker_address = lease.worker_address.clone();
                         event.run_us = reply.run_micros;
                     });
                 }

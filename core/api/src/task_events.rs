@@ -15,7 +15,7 @@
 //! `IONET_TASK_EVENTS=0` in a process's environment turns its recording off (nothing is
 //! recorded, nothing sent): the baseline the events' cost is measured against.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,8 +27,9 @@ use ionet_common::TaskId;
 
 /// The most events waiting to be sent.
 pub(crate) const CAPACITY: usize = 100_000;
-/// The most events one batch carries.
-const MAX_BATCH: usize = 10_000;
+/// The most events one batch carries: small enough that encoding one holds a runtime
+/// thread for well under a millisecond.
+const MAX_BATCH: usize = 2_000;
 /// How long events gather before they go.
 const PERIOD: Duration = Duration::from_secs(1);
 /// The variable that turns recording off (`0`, `false`, `off`).
@@ -41,8 +42,9 @@ struct Pending {
     events: VecDeque<(TaskId, TaskEvent)>,
     /// The sequence number of `events[0]` (one per event ever queued).
     base: u64,
-    /// Each waiting task's event, by sequence number.
-    index: HashMap<TaskId, u64>,
+    /// Each waiting task's event, by sequence number (the ids are this process's own:
+    /// a fast hash).
+    index: rustc_hash::FxHashMap<TaskId, u64>,
 }
 
 impl Pending {
