@@ -64,7 +64,10 @@ impl ClusterView {
     pub fn schedule(&self, demand: &Demand, strategy: &SchedulingStrategy, local_node: Option<&NodeId>) -> Decision {
         match strategy {
             SchedulingStrategy::Default => self.schedule_hybrid(demand, local_node),
-            SchedulingStrategy::Spread => self.place_or_diagnose(demand, Order::LeastUtilised),
+            SchedulingStrategy::Spread => match self.spread_pick(demand) {
+                Some(slot) => Decision::Place(self.entry(slot).view.node_id),
+                None => self.diagnose(demand),
+            },
             SchedulingStrategy::Cost => self.place_or_diagnose(demand, Order::Cheapest),
             SchedulingStrategy::NodeAffinity { node_id, soft } => {
                 self.schedule_affinity(demand, node_id, *soft, local_node)
@@ -215,6 +218,19 @@ mod tests {
         assert_eq!(relaxed.schedule(&demand, &SchedulingStrategy::Default, Some(&local)), Decision::Place(local));
         // Without a local node: least utilised.
         assert_eq!(view.schedule(&demand, &SchedulingStrategy::Default, None), Decision::Place(id(1)));
+    }
+
+    #[test]
+    fn spread_goes_round_the_nodes_even_for_what_uses_nothing() {
+        let view = view(vec![cpu_node(1, 4), cpu_node(2, 4), cpu_node(3, 4)]);
+        let nothing = Demand::new(ionet_common::ResourceSet::new());
+        let chosen: Vec<NodeId> =
+            (0..4).map(|_| view.schedule(&nothing, &SchedulingStrategy::Spread, None).node().unwrap()).collect();
+        assert_eq!(chosen, vec![id(1), id(2), id(3), id(1)]);
+        // A view that replaces it (a refresh) goes on from there.
+        let mut refreshed = view.clone();
+        refreshed.continue_spread_of(&view);
+        assert_eq!(refreshed.schedule(&nothing, &SchedulingStrategy::Spread, None).node(), Some(id(2)));
     }
 
     #[test]

@@ -171,6 +171,8 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
     let mut view = build(specs);
     let mut held: Vec<(NodeId, ResourceSet)> = Vec::new();
     let mut decisions = Vec::new();
+    // SPREAD's turn: the nodes that fit, in id order, taken round robin.
+    let mut spread_turn = 0usize;
     for op in ops {
         match op {
             Op::Release(pick) => {
@@ -193,7 +195,13 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                         let chosen = view.node(node).unwrap();
                         prop_assert!(demand.fits_now(chosen), "placed where it does not fit");
                         let expected = match strategy {
-                            SchedulingStrategy::Spread => reference(&view, demand, false),
+                            SchedulingStrategy::Spread => {
+                                let mut fitting: Vec<NodeId> =
+                                    view.nodes().filter(|n| demand.fits_now(n)).map(|n| n.node_id).collect();
+                                fitting.sort();
+                                spread_turn += 1;
+                                Some(fitting[(spread_turn - 1) % fitting.len()])
+                            }
                             SchedulingStrategy::Cost => reference(&view, demand, true),
                             SchedulingStrategy::Default => {
                                 let local_ok = local

@@ -943,12 +943,14 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     let refused = cluster.ionet_fails(&["list", "nodes", "--filter", "colour=red"]);
     assert!(refused.contains("no field \"colour\" to filter on"), "{refused}");
 
-    // Its 10 actors, alive where they say they run.
+    // Its 10 actors (spread), alive where they say they run.
     let listed: Vec<serde_json::Value> = serde_json::from_str(&cluster.ionet(&["list", "actors", "--json"])).unwrap();
     for (actor, node) in &actors {
         let row = listed.iter().find(|row| row["actor_id"] == actor.as_str()).expect("every actor listed");
         assert_eq!((row["state"].as_str(), row["node_id"].as_str()), (Some("ALIVE"), Some(node.as_str())), "{row}");
     }
+    // SPREAD sends actors round the nodes (all three: they use no CPU while they run).
+    assert_eq!(actors.iter().map(|(_, node)| node).collect::<BTreeSet<_>>().len(), 3, "actors on every node");
 
     // `ionet memory` names the holders of the large object: the driver that put it, the
     // actor that keeps it, and the node whose store has it.

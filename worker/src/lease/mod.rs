@@ -485,7 +485,9 @@ impl Leases {
                 Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
             }
         }
-        self.lock().view = view;
+        let mut state = self.lock();
+        view.continue_spread_of(&state.view);
+        state.view = view;
     }
 
     /// Alive nodes in the cluster view that spillback decisions read.
