@@ -575,6 +575,16 @@ fn serve_metrics(
     let incoming = rpc::incoming_http(listener, shared.tls.as_ref().map(|tls| &tls.certificate))?;
     let reader = Arc::downgrade(shared);
     let gpus: Vec<(u32, String)> = shared.info.gpus.iter().map(|gpu| (gpu.index, gpu.model.clone())).collect();
+    // The GPUs' own readings where an NVIDIA driver is (opened once; asked each scrape).
+    let monitor = match crate::gpu::GpuMonitor::open(&shared.info.gpus) {
+        Ok(monitor) => Some(Arc::new(monitor)),
+        Err(why) => {
+            if !shared.info.gpus.is_empty() {
+                tracing::info!(%why, "GPU use is not read from the hardware; each GPU's leased share is shown");
+            }
+            None
+        }
+    };
     let read = Arc::new(move || {
         let Some(shared) = reader.upgrade() else { return crate::node_metrics::NodeReadings::default() };
         let indices: Vec<u32> = gpus.iter().map(|(index, _)| *index).collect();
@@ -583,6 +593,7 @@ fn serve_metrics(
             total: shared.info.total.clone().unwrap_or_default().to_set().unwrap_or_default(),
             store: shared.objects.store.stats(),
             gpus: gpus.clone(),
+            gpu_use: monitor.as_ref().map(|monitor| monitor.read()).unwrap_or_default(),
             heartbeats_sent: shared.heartbeats_sent.load(Ordering::Relaxed),
             registrations: shared.registrations.load(Ordering::Relaxed),
             connected: shared.connected.load(Ordering::Relaxed),

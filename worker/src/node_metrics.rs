@@ -44,6 +44,8 @@ pub struct NodeReadings {
     pub store: StoreStats,
     /// Each GPU index and its model.
     pub gpus: Vec<(u32, String)>,
+    /// Each GPU's use as its hardware reports it (none without an NVIDIA driver).
+    pub gpu_use: Vec<crate::gpu::GpuUse>,
     pub heartbeats_sent: u64,
     pub registrations: u64,
     pub connected: bool,
@@ -94,6 +96,19 @@ pub fn render(readings: &NodeReadings) -> String {
     for (index, leased) in &leases.gpus_leased {
         let model = readings.gpus.iter().find(|(at, _)| at == index).map(|(_, model)| model.clone());
         gpus.get_or_create(&vec![("gpu", index.to_string()), ("gpu_type", model.unwrap_or_default())]).set(*leased);
+    }
+    let model_of = |index: u32| {
+        readings.gpus.iter().find(|(at, _)| *at == index).map(|(_, model)| model.clone()).unwrap_or_default()
+    };
+    let utilisation =
+        gauge(node, "gpu_utilization_ratio", "The share of the last sample a kernel ran on each GPU (NVML; 0 to 1)");
+    let used = gauge(node, "gpu_memory_used_bytes", "Memory in use on each GPU (NVML)");
+    let installed = gauge(node, "gpu_memory_total_bytes", "Memory installed on each GPU (NVML)");
+    for gpu in &readings.gpu_use {
+        let labels = vec![("gpu", gpu.index.to_string()), ("gpu_type", model_of(gpu.index))];
+        utilisation.get_or_create(&labels).set(gpu.utilisation);
+        used.get_or_create(&labels).set(gpu.memory_used_bytes as f64);
+        installed.get_or_create(&labels).set(gpu.memory_total_bytes as f64);
     }
     let store = &readings.store;
     single(node, "object_store_capacity_bytes", "The object store's shared memory", store.capacity as f64);
@@ -160,5 +175,32 @@ async fn metrics(State(served): State<Served>, request: Request) -> Response {
     match tokio::task::spawn_blocking(move || render(&read())).await {
         Ok(text) => ([(axum::http::header::CONTENT_TYPE, ionet_gcs::metrics::CONTENT_TYPE)], text).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the metrics failed: {err}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_gpus_own_readings_are_shown_with_its_model() {
+        let readings = NodeReadings {
+            gpus: vec![(0, "A100-80GB".into()), (1, "A100-80GB".into())],
+            gpu_use: vec![crate::gpu::GpuUse {
+                index: 1,
+                utilisation: 0.75,
+                memory_used_bytes: 1 << 30,
+                memory_total_bytes: 80 << 30,
+            }],
+            ..NodeReadings::default()
+        };
+        let text = render(&readings);
+        assert!(text.contains(r#"ionet_daemon_gpu_utilization_ratio{gpu="1",gpu_type="A100-80GB"} 0.75"#), "{text}");
+        assert!(text.contains(r#"ionet_daemon_gpu_memory_used_bytes{gpu="1",gpu_type="A100-80GB"} 1073741824"#));
+        assert!(text.contains(r#"ionet_daemon_gpu_memory_total_bytes{gpu="1",gpu_type="A100-80GB"} 85899345920"#));
+        assert!(!text.contains(r#"gpu_utilization_ratio{gpu="0""#), "a GPU without readings shows none");
+        // Without a driver there are no readings, and the families are empty.
+        let bare = render(&NodeReadings::default());
+        assert!(!bare.contains("ionet_daemon_gpu_utilization_ratio{"), "{bare}");
     }
 }
