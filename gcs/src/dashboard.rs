@@ -280,23 +280,38 @@ async fn actors(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Re
         Ok(view) => view,
         Err(refused) => return refused,
     };
+    let rows = visible_rows(&metrics, &view, metrics.actors().list(true), "an actor's", |actor| {
+        (actor.spec.as_ref().map(|spec| spec.job_id.clone()).unwrap_or_default(), crate::actors::actor_json(actor))
+    });
+    Json(json!({ "actors": rows })).into_response()
+}
+
+/// The rows of `items` whose job's payer `view` sees, each with that account; `row`
+/// gives an item's job id and its row (one unreadable item costs its own row only).
+fn visible_rows<T>(
+    metrics: &HeadMetrics,
+    view: &View,
+    items: Vec<T>,
+    what: &str,
+    row: impl Fn(&T) -> (Vec<u8>, Result<Value, IonetError>),
+) -> Vec<Value> {
     let mut rows = Vec::new();
-    for actor in metrics.actors().list(true) {
-        let job = actor.spec.as_ref().and_then(|spec| JobId::from_bytes(&spec.job_id).ok());
-        let account = job.map(|job| metrics.state().payer_of(&job)).unwrap_or_else(|| "default".into());
+    for item in &items {
+        let (job, shown) = row(item);
+        let account =
+            JobId::from_bytes(&job).map(|job| metrics.state().payer_of(&job)).unwrap_or_else(|_| "default".into());
         if !view.sees_account(&account) {
             continue;
         }
-        // One actor's unreadable spec costs its own row, not the listing.
-        match crate::actors::actor_json(&actor) {
-            Ok(mut row) => {
-                row["account"] = json!(account);
-                rows.push(row);
+        match shown {
+            Ok(mut shown) => {
+                shown["account"] = json!(account);
+                rows.push(shown);
             }
-            Err(err) => tracing::warn!(error = %err, "an actor's row could not be shown"),
+            Err(err) => tracing::warn!(error = %err, "{what} row could not be shown"),
         }
     }
-    Json(json!({ "actors": rows })).into_response()
+    rows
 }
 
 async fn placement_groups(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {
@@ -304,22 +319,9 @@ async fn placement_groups(State(metrics): State<Arc<HeadMetrics>>, request: Requ
         Ok(view) => view,
         Err(refused) => return refused,
     };
-    let mut rows = Vec::new();
-    for group in metrics.placement_groups().list() {
-        let account = JobId::from_bytes(&group.job_id)
-            .map(|job| metrics.state().payer_of(&job))
-            .unwrap_or_else(|_| "default".into());
-        if !view.sees_account(&account) {
-            continue;
-        }
-        match crate::placement_groups::group_json(&group) {
-            Ok(mut row) => {
-                row["account"] = json!(account);
-                rows.push(row);
-            }
-            Err(err) => tracing::warn!(error = %err, "a placement group's row could not be shown"),
-        }
-    }
+    let rows = visible_rows(&metrics, &view, metrics.placement_groups().list(), "a placement group's", |group| {
+        (group.job_id.clone(), crate::placement_groups::group_json(group))
+    });
     Json(json!({ "placement_groups": rows })).into_response()
 }
 
