@@ -58,7 +58,7 @@ impl View {
             Principal::Node(node) => Some(View::Node(*node)),
             Principal::Account(account) => Some(View::Account(account.to_string())),
             Principal::Job { .. } | Principal::Submission { .. } | Principal::NodeMetrics => Some(View::Public),
-            Principal::Joiner | Principal::Control => None,
+            Principal::Joiner | Principal::Control | Principal::Inspect(_) => None,
         }
     }
 

@@ -2,17 +2,23 @@
 //! large and why, asked now and never stored.
 //!
 //! Invariants:
-//! - Each live node is asked (`NodeManager/ListObjects`, the head's control credential)
-//!   for its store's sealed objects and its worker processes' reference tables (the node
-//!   asks each worker with the job's credential it holds; the head hands no job's
-//!   credential to a node's word). Running jobs' drivers are asked by the head itself
-//!   (`CoreWorker/ListReferences`), each with a short-lived credential of its own job, at
-//!   the address its job registered: whatever listens there learns nothing more.
+//! - Each live node is asked (`NodeManager/ListObjects`) for its store's sealed objects
+//!   and its worker processes' reference tables, with a credential minted for that node
+//!   alone and living seconds (`Role::Inspect`): a node that keeps it can ask no other
+//!   node. The node asks each worker with the job's credential it already holds; the head
+//!   hands no job's credential to a node's word. Running jobs' drivers are asked by the
+//!   head itself (`CoreWorker/ListReferences`, which a process answers for its own job
+//!   only), each with a credential of its own job living seconds, at the one address its
+//!   job registered.
 //! - What a caller sees is its account's (the operator: all): nodes are told the account
 //!   and every row is checked again here, by the payer of its holder's job or the
 //!   account its store recorded, so a node answering for another tenant shows nothing.
-//! - Asks go out at once, at most [`MAX_CONCURRENT`] at a time, each bounded by
-//!   [`ASK_TIMEOUT`]; those that do not answer in time are counted, not waited for.
+//! - Asks go out at once, at most [`MAX_CONCURRENT`] at a time across every listing, and
+//!   at most [`MAX_LISTINGS`] listings at once (others wait their turn), each ask bounded
+//!   by [`ASK_TIMEOUT`]; those that do not answer in time are counted, not waited for.
+//! - What a holder says is its word on itself: a worker's rows count only for the job
+//!   its node started it for, a reference's kind and state are one of the known words,
+//!   and a stored object's size is the store's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,12 +39,19 @@ use crate::state::GcsState;
 
 /// How long one node or driver has to answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
-/// The most asks in flight at once.
+/// The most asks in flight at once, across listings.
 pub const MAX_CONCURRENT: usize = 64;
+/// The most listings at once.
+pub const MAX_LISTINGS: usize = 4;
 /// The most rows one listing returns.
 pub const MAX_ROWS: usize = 10_000;
-/// How long the credential a driver is asked with lives.
-const ASK_CREDENTIAL_TTL: Duration = Duration::from_secs(60);
+/// How long the credentials a node or a driver is asked with live.
+const ASK_CREDENTIAL_TTL: Duration = Duration::from_secs(10);
+/// The most bytes one answer may carry.
+const MAX_ANSWER_BYTES: usize = ionet_common::rpc::DEFAULT_MAX_MESSAGE_BYTES;
+/// The words a reference's kind may be, and its state.
+const REFERENCE_TYPES: [&str; 5] = ["LOCAL_REFERENCE", "CAPTURED_IN_OBJECT", "ACTOR_ARGUMENT", "LENT", "BORROWED"];
+const STATES: [&str; 4] = ["PENDING", "INLINE", "IN_STORE", "FAILED"];
 
 /// Whose objects a listing shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,9 +73,11 @@ impl Scope {
 
 pub struct ObjectListing {
     state: Arc<GcsState>,
+    /// Mints each ask's credential (a node's, a driver's job's).
     issuer: Issuer,
-    /// The head's control credential (nodes answer it).
-    control: Bearer,
+    /// Asks in flight, and listings running, across callers.
+    asks: Arc<Semaphore>,
+    listings: Semaphore,
 }
 
 /// One holder's answer: where it runs and what it holds.
@@ -74,8 +89,13 @@ struct Holder {
 }
 
 impl ObjectListing {
-    pub fn new(state: Arc<GcsState>, issuer: Issuer, control: Bearer) -> Arc<Self> {
-        Arc::new(Self { state, issuer, control })
+    pub fn new(state: Arc<GcsState>, issuer: Issuer) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            issuer,
+            asks: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            listings: Semaphore::new(MAX_LISTINGS),
+        })
     }
 
     /// The objects `scope` may see, largest first (at most `limit`, and [`MAX_ROWS`]);
@@ -86,19 +106,23 @@ impl ObjectListing {
             Scope::All => String::new(),
             Scope::Account(account) => account.clone(),
         };
-        let gate = Arc::new(Semaphore::new(MAX_CONCURRENT));
+        let Ok(_listing) = self.listings.acquire().await else { return ListObjectsReply::default() };
+        let gate = &self.asks;
         let mut asks = tokio::task::JoinSet::new();
         for node in self.state.nodes(false) {
             if node.state != NodeState::Alive as i32 {
                 continue;
             }
-            let Ok(channel) = rpc::connect_lazy(&node.address, &self.control, ASK_TIMEOUT) else { continue };
+            let Ok(credential) = Bearer::new(&self.issuer.issue_inspect(&node.node_id, ASK_CREDENTIAL_TTL)) else {
+                continue;
+            };
+            let Ok(channel) = rpc::connect_lazy(&node.address, &credential, ASK_TIMEOUT) else { continue };
             let (gate, request) =
                 (gate.clone(), ListNodeObjectsRequest { account: account.clone(), limit: limit as u32 });
             asks.spawn(async move {
                 let _turn = gate.acquire_owned().await;
-                let answer =
-                    tokio::time::timeout(ASK_TIMEOUT, NodeManagerClient::new(channel).list_objects(request)).await;
+                let mut client = NodeManagerClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
+                let answer = tokio::time::timeout(ASK_TIMEOUT, client.list_objects(request)).await;
                 match answer {
                     Ok(Ok(reply)) => Answer::Node(node.node_id, reply.into_inner()),
                     _ => Answer::Unanswered,
@@ -107,9 +131,12 @@ impl ObjectListing {
         }
         for driver in self.state.jobs() {
             let job_id = driver.job_id.clone();
-            let payer = driver.payer_account.clone();
+            let Ok(driver_job) = JobId::from_bytes(&job_id) else { continue };
+            let payer = self.state.payer_of(&driver_job);
+            // One address, as the job registered it (no list for the head to go round).
             if driver.state != JobState::Running as i32
                 || driver.driver_address.is_empty()
+                || driver.driver_address.contains(',')
                 || !scope.sees(&payer)
                 || job.is_some_and(|job| job.as_bytes() != job_id.as_slice())
             {
@@ -123,8 +150,8 @@ impl ObjectListing {
             let request = ListReferencesRequest { limit: limit as u32 };
             asks.spawn(async move {
                 let _turn = gate.acquire_owned().await;
-                let answer =
-                    tokio::time::timeout(ASK_TIMEOUT, CoreWorkerClient::new(channel).list_references(request)).await;
+                let mut client = CoreWorkerClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
+                let answer = tokio::time::timeout(ASK_TIMEOUT, client.list_references(request)).await;
                 match answer {
                     // A driver speaks for its own job only.
                     Ok(Ok(reply)) if reply.get_ref().job_id == job_id => {
@@ -155,6 +182,11 @@ impl ObjectListing {
                             merged.unanswered += 1;
                             continue;
                         };
+                        // A worker speaks for the job its node started it for, no other.
+                        if references.job_id != worker.job_id {
+                            merged.unanswered += 1;
+                            continue;
+                        }
                         merged.holders.push(Holder {
                             kind: "WORKER",
                             address: worker.address,
@@ -240,10 +272,12 @@ impl Merge {
 fn holder_row(holder: &Holder, reference: &ReferenceRow, copies: Option<&Vec<(Vec<u8>, NodeObject)>>) -> ObjectRow {
     let copies = copies.map(Vec::as_slice).unwrap_or_default();
     let stored_size = copies.iter().map(|(_, object)| object.size).max().unwrap_or(0);
+    let known = |word: &str, words: &[&str]| if words.contains(&word) { word.to_string() } else { String::new() };
     ObjectRow {
         object_id: reference.object_id.clone(),
-        size: if reference.size == 0 { stored_size } else { reference.size },
-        reference_type: reference.reference_type.clone(),
+        // The store's word on a stored object's size, the holder's on a value it keeps.
+        size: if stored_size > 0 { stored_size } else { reference.size },
+        reference_type: known(&reference.reference_type, &REFERENCE_TYPES),
         job_id: holder.references.job_id.clone(),
         holder_address: holder.address.clone(),
         pid: holder.references.pid,
@@ -251,7 +285,7 @@ fn holder_row(holder: &Holder, reference: &ReferenceRow, copies: Option<&Vec<(Ve
         node_id: holder.node_id.clone(),
         store_node_ids: copies.iter().map(|(node, _)| node.clone()).collect(),
         spilled: copies.iter().any(|(_, object)| object.spilled),
-        state: reference.state.clone(),
+        state: known(&reference.state, &STATES),
         owned: reference.owned,
         handles: reference.handles,
         lent: reference.lent,
@@ -271,7 +305,11 @@ fn host_of(address: &str) -> &str {
 /// A row as Ray's state API names its fields (plus ionet's: where it is stored, whether
 /// its holder owns it, its handles and lends).
 pub fn object_json(row: &ObjectRow) -> Value {
-    let text = |value: &str| (!value.is_empty()).then(|| value.to_string());
+    // Addresses are the holders' and nodes' words: no control characters reach a terminal.
+    let text = |value: &str| {
+        let clean: String = value.chars().filter(|c| !c.is_control()).collect();
+        (!clean.is_empty()).then_some(clean)
+    };
     json!({
         "object_id": hex::encode(&row.object_id),
         "object_size": row.size,

@@ -184,7 +184,7 @@ impl GcsServer {
             }
             tracing::info!(rows = restored, "task rows restored from storage");
         }
-        let objects = crate::objects::ObjectListing::new(state.clone(), issuer.clone(), control.clone());
+        let objects = crate::objects::ObjectListing::new(state.clone(), issuer.clone());
         let metrics = Arc::new(HeadMetrics::new(crate::metrics::HeadTables {
             state: state.clone(),
             metering: metering.clone(),

@@ -124,10 +124,10 @@ pub struct ClusterView {
     everyone: Tier,
     by_accelerator: BTreeMap<String, Tier>,
     hybrid_threshold_ppm: u32,
-    /// Where the next SPREAD placement starts (round robin over the nodes that fit, as
-    /// Ray's): shared by the clones of a view, and carried to the view that replaces it
-    /// ([`ClusterView::continue_spread_of`]).
-    spread_next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The node the last SPREAD placement went to: the next starts after it (round robin
+    /// over the nodes that fit, as Ray's). Shared by the clones of a view, and carried to
+    /// the view that replaces it ([`ClusterView::continue_spread_of`]).
+    spread_last: std::sync::Arc<std::sync::Mutex<Option<NodeId>>>,
 }
 
 impl Default for ClusterView {
@@ -145,37 +145,32 @@ impl ClusterView {
             everyone: Tier::default(),
             by_accelerator: BTreeMap::new(),
             hybrid_threshold_ppm: (DEFAULT_HYBRID_THRESHOLD * 1e6) as u32,
-            spread_next: Default::default(),
+            spread_last: Default::default(),
         }
     }
 
     /// This view spreads on from where `previous` got to (a refreshed view keeps going
     /// round the nodes rather than starting at the first again).
     pub fn continue_spread_of(&mut self, previous: &ClusterView) {
-        self.spread_next = previous.spread_next.clone();
+        self.spread_last = previous.spread_last.clone();
     }
 
     /// The node the next SPREAD placement of `demand` goes to: the nodes it fits now, in
     /// id order, taken in turn (a placement that uses nothing, as an actor's, still
     /// moves on; utilisation alone would send every such one to the same node).
     pub(crate) fn spread_pick(&self, demand: &Demand) -> Option<Slot> {
-        let tier = match &demand.accelerator_type {
-            Some(model) => self.by_accelerator.get(model)?,
-            None => &self.everyone,
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut last = self.spread_last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The nodes after the last one, then from the first round to it: no copy, and a
+        // walk only as far as the first that fits.
+        let (after, before) = match *last {
+            Some(node) => (self.ids.range((Excluded(node), Unbounded)), Some(self.ids.range(..=node))),
+            None => (self.ids.range::<NodeId, _>(..), None),
         };
-        let mut fitting: Vec<(NodeId, Slot)> = tier
-            .all
-            .by_util
-            .iter()
-            .filter(|key| demand.fits_now(&self.entry(key.2).view))
-            .map(|key| (key.1, key.2))
-            .collect();
-        if fitting.is_empty() {
-            return None;
-        }
-        fitting.sort_unstable();
-        let turn = self.spread_next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(fitting[turn % fitting.len()].1)
+        let (node, slot) =
+            after.chain(before.into_iter().flatten()).find(|(_, slot)| demand.fits_now(&self.entry(**slot).view))?;
+        *last = Some(*node);
+        Some(*slot)
     }
 
     /// Sets the hybrid policy's utilisation threshold (clamped to 0..=1).

@@ -17,9 +17,8 @@ pub enum SchedulingStrategy {
     /// ([`ClusterView::with_hybrid_threshold`], 0.5 by default), else the least utilised
     /// feasible node.
     Default,
-    /// The least utilised feasible node, local or not. Apply each placement to the view
-    /// ([`ClusterView::allocate`]) before the next decision, or every decision picks the
-    /// same node.
+    /// The nodes that fit now taken in turn (round robin by node id, as Ray's), local or
+    /// not: what uses nothing while it runs (an actor) still goes round the nodes.
     Spread,
     /// That node. Hard: wait for it (or infeasible if it can never fit or is gone). Soft:
     /// that node if it has room now, else as `Default`.
@@ -228,8 +227,11 @@ mod tests {
             (0..4).map(|_| view.schedule(&nothing, &SchedulingStrategy::Spread, None).node().unwrap()).collect();
         assert_eq!(chosen, vec![id(1), id(2), id(3), id(1)]);
         // A view that replaces it (a refresh) goes on from there.
-        let mut refreshed = view.clone();
-        refreshed.continue_spread_of(&view);
+        let mut refreshed = crate::testing::view(vec![cpu_node(1, 4), cpu_node(2, 4), cpu_node(3, 4)]);
+        assert_eq!(refreshed.schedule(&nothing, &SchedulingStrategy::Spread, None).node(), Some(id(1)), "a new view");
+        let mut refreshed_again = crate::testing::view(vec![cpu_node(1, 4), cpu_node(2, 4), cpu_node(3, 4)]);
+        refreshed_again.continue_spread_of(&view);
+        refreshed = refreshed_again;
         assert_eq!(refreshed.schedule(&nothing, &SchedulingStrategy::Spread, None).node(), Some(id(2)));
     }
 

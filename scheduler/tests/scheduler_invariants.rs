@@ -171,8 +171,9 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
     let mut view = build(specs);
     let mut held: Vec<(NodeId, ResourceSet)> = Vec::new();
     let mut decisions = Vec::new();
-    // SPREAD's turn: the nodes that fit, in id order, taken round robin.
-    let mut spread_turn = 0usize;
+    // SPREAD's turn: the first node that fits after the last one chosen, in id order,
+    // going round.
+    let mut spread_last: Option<NodeId> = None;
     for op in ops {
         match op {
             Op::Release(pick) => {
@@ -199,8 +200,13 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                                 let mut fitting: Vec<NodeId> =
                                     view.nodes().filter(|n| demand.fits_now(n)).map(|n| n.node_id).collect();
                                 fitting.sort();
-                                spread_turn += 1;
-                                Some(fitting[(spread_turn - 1) % fitting.len()])
+                                let next = fitting
+                                    .iter()
+                                    .find(|n| spread_last.is_none_or(|last| **n > last))
+                                    .or(fitting.first())
+                                    .copied();
+                                spread_last = next;
+                                next
                             }
                             SchedulingStrategy::Cost => reference(&view, demand, true),
                             SchedulingStrategy::Default => {

@@ -248,6 +248,17 @@ impl NodeManager for NodeManagerService {
         &self,
         request: Request<ListNodeObjectsRequest>,
     ) -> Result<Response<ListNodeObjectsReply>, Status> {
+        // The head's ask of this node (minted for it alone), or the operator.
+        match Principal::of(&request)? {
+            Principal::Admin => {}
+            Principal::Inspect(node) if node == self.shared.node_id => {}
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "{other} may not list what node {} holds",
+                    self.shared.node_id.short()
+                )))
+            }
+        }
         let request = request.into_inner();
         let account = (!request.account.is_empty()).then_some(request.account.as_str());
         let limit = match request.limit {

@@ -76,7 +76,10 @@ fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
     })?;
     if !filter.filters.is_empty() {
         let filters = parse_filters(&filter.filters)?;
+        known_fields(&row_json(&TaskRow::default()), &filters)?;
         reply.tasks.retain(|row| passes(&row_json(row), &filters));
+        // What the head matched is more than what passed here: the count shown is ours.
+        reply.total = reply.tasks.len() as u64;
     }
     Ok(reply)
 }
@@ -106,13 +109,20 @@ fn passes(row: &Value, filters: &[(String, String)]) -> bool {
 /// naming the fields there are.
 pub fn filter_rows(rows: Vec<Value>, filters: &[String]) -> Result<Vec<Value>> {
     let filters = parse_filters(filters)?;
-    if let Some(Value::Object(first)) = rows.first() {
-        if let Some((key, _)) = filters.iter().find(|(key, _)| !first.contains_key(key)) {
-            let fields: Vec<&str> = first.keys().map(String::as_str).collect();
-            bail!("no field {key:?} to filter on: the fields are {}", fields.join(", "));
-        }
+    if let Some(first) = rows.first() {
+        known_fields(first, &filters)?;
     }
     Ok(rows.into_iter().filter(|row| passes(row, &filters)).collect())
+}
+
+/// Refuses a filter on a field `row` does not have, naming those it has.
+fn known_fields(row: &Value, filters: &[(String, String)]) -> Result<()> {
+    let Value::Object(fields) = row else { return Ok(()) };
+    if let Some((key, _)) = filters.iter().find(|(key, _)| !fields.contains_key(key)) {
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        bail!("no field {key:?} to filter on: the fields are {}", names.join(", "));
+    }
+    Ok(())
 }
 
 /// The wire value of a task state named as Ray names it (any case); 0 (any) for none.

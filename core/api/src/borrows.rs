@@ -409,8 +409,11 @@ impl Borrows {
     /// values hold each object inside.
     pub(crate) fn census(&self) -> Census {
         let mut census = Census::default();
-        for held in self.held.iter() {
-            if let Some(borrowed) = held.value().upgrade() {
+        // Upgraded only once the map is let go: the last handle of one may go meanwhile,
+        // and its drop (ours, then) takes the map's lock.
+        let weaks: Vec<Weak<Borrowed>> = self.held.iter().map(|held| held.value().clone()).collect();
+        for weak in weaks {
+            if let Some(borrowed) = weak.upgrade() {
                 // One count is the `upgrade` itself.
                 let handles = Arc::strong_count(&borrowed).saturating_sub(1);
                 census.borrowed.push((borrowed.id, borrowed.owner.clone(), handles));

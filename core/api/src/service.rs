@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ionet_common::authz::Principal;
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
@@ -552,6 +553,9 @@ impl CoreWorkerRpc for CoreWorkerService {
         &self,
         request: Request<ListReferencesRequest>,
     ) -> Result<Response<ListReferencesReply>, Status> {
+        // What a process holds is its own job's to read: another job of the account (a
+        // provider runs those) may not list it.
+        Principal::of(&request)?.may_act_for_job(&self.worker.job_id)?;
         let limit = match request.into_inner().limit {
             0 => crate::memory::MAX_ROWS,
             limit => limit as usize,

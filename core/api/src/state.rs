@@ -76,8 +76,8 @@ pub fn list_jobs() -> IonetResult<Vec<serde_json::Value>> {
     Ok(reply.jobs.iter().map(ionet_worker::list_commands::job_json).collect())
 }
 
-/// This account's objects and who holds them (asked now of every live node and running
-/// driver), largest first, as Ray's `list_objects` shows them (`object_id`,
+/// This job's objects and who holds them (asked now of every live node and its driver;
+/// a program holds its job's credential, which reads its own job's), largest first, as Ray's `list_objects` shows them (`object_id`,
 /// `object_size`, `reference_type`, `type`, `pid`, `ip`, `node_id`, `task_status`, …);
 /// only `job`'s holders when one is named; at most `limit` (0: 10,000).
 pub fn list_objects(job: Option<JobId>, limit: u32) -> IonetResult<Vec<serde_json::Value>> {

@@ -216,6 +216,17 @@ fn every_rpc_is_answered_as_the_table_says() {
             }
         }
     }
+    // The head's ask of what a node holds is minted for that node alone: another node's
+    // refuses it (a provider that kept one can ask no other node).
+    let issuer = head_of(&cluster);
+    let own_node = ionet::get_runtime_context().unwrap().node_id;
+    let ask = |node: NodeId| Bearer::new(&issuer.issue_inspect(&node.to_vec(), Duration::from_secs(60))).unwrap();
+    let list = "/ionet.node.NodeManager/ListObjects";
+    let mine = call(&node, list, Some(ask(own_node).as_str()), Vec::new());
+    assert_eq!(mine.0, Code::Ok, "{mine:?}");
+    let theirs = call(&node, list, Some(ask(provider.node_id).as_str()), Vec::new());
+    assert_eq!(theirs.0, Code::PermissionDenied, "{theirs:?}");
+    assert!(theirs.1.contains("may not list what node"), "{theirs:?}");
     assert!(TABLE.iter().any(|rule| rule.access == Access::Admin), "the walk met admin-only calls");
     assert!(TABLE.iter().any(|rule| rule.access == Access::Tenant), "the walk met a tenant's own calls");
 }
@@ -565,9 +576,12 @@ fn a_tenant_acts_only_for_its_own_job() {
         let stored_id = stored.id().to_vec();
         let everyone = operator.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
         assert!(everyone.objects.iter().any(|row| row.object_id == stored_id), "the operator sees it: {everyone:?}");
+        // Neither her job's credential nor her account's key lists it.
         let hers = as_mallory.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
-        assert!(hers.objects.iter().all(|row| row.job_id == own_job.to_vec()), "her own job's only: {hers:?}");
         assert!(!hers.objects.iter().any(|row| row.object_id == stored_id), "{hers:?}");
+        let mut as_account = ionet::rpc::gcs_client(&head, &mallory).await.unwrap();
+        let accounts = as_account.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
+        assert!(accounts.objects.is_empty(), "her account holds nothing; she sees nothing: {accounts:?}");
         denied(daemon.list_objects(ListNodeObjectsRequest::default()).await, "listing a node's objects");
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();

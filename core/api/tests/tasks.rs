@@ -977,8 +977,11 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     );
     assert_eq!(actor_row["object_size"], driver_row["object_size"], "sized by the store");
     let memory = cluster.ionet(&["memory", "--job", &job]);
-    let line = memory.lines().find(|line| line.contains(&big_id[..16])).unwrap_or_else(|| panic!("{memory}"));
-    assert!(line.contains(&driver_pid) && line.contains("DRIVER") && line.contains("8.0 MiB"), "{memory}");
+    let holding: Vec<&str> = memory.lines().filter(|line| line.contains(&big_id[..16])).collect();
+    let driver_line = holding.iter().find(|line| line.contains("DRIVER")).unwrap_or_else(|| panic!("{memory}"));
+    assert!(driver_line.contains(&driver_pid) && driver_line.contains("8.0 MiB"), "{memory}");
+    let actor_line = holding.iter().find(|line| line.contains("WORKER")).unwrap_or_else(|| panic!("{memory}"));
+    assert!(actor_line.contains(&holder_pid) && actor_line.contains("BORROWED"), "{memory}");
     let summary = cluster.ionet(&["summary", "objects", "--job", &job]);
     assert!(summary.contains("BORROWED") && summary.contains("LOCAL_REFERENCE"), "{summary}");
 

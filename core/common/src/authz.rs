@@ -66,6 +66,8 @@ pub enum Principal {
     Metrics,
     /// A scraper of node daemons: reads their `/metrics` (the head's public face only).
     NodeMetrics,
+    /// The head asking one node what its store and workers hold (`ionet memory`).
+    Inspect(NodeId),
 }
 
 impl Principal {
@@ -112,7 +114,8 @@ impl Principal {
             | Principal::Node(_)
             | Principal::Control
             | Principal::Metrics
-            | Principal::NodeMetrics => false,
+            | Principal::NodeMetrics
+            | Principal::Inspect(_) => false,
         }
     }
 
@@ -128,7 +131,8 @@ impl Principal {
             | Principal::Node(_)
             | Principal::Control
             | Principal::Metrics
-            | Principal::NodeMetrics => None,
+            | Principal::NodeMetrics
+            | Principal::Inspect(_) => None,
         }
     }
 
@@ -154,6 +158,7 @@ impl fmt::Display for Principal {
             Principal::Submission { id, account, .. } => write!(f, "submitted job {id} (account {account})"),
             Principal::Metrics => f.write_str("metrics scraper"),
             Principal::NodeMetrics => f.write_str("node metrics scraper"),
+            Principal::Inspect(node) => write!(f, "the head asking node {} what it holds", node.short()),
         }
     }
 }
@@ -194,6 +199,9 @@ pub enum Access {
     /// The metrics (`/metrics`): the scraper's credential and every node, account, job or
     /// submission credential, each shown its own part (the handler scopes it).
     Metrics,
+    /// The head asking one node what it holds (`ionet memory`): a credential minted for
+    /// that node alone (its handler checks which).
+    Inspect,
     /// Anyone, with no credential at all: HTTP pages that hold no data (the dashboard's
     /// page, whose script asks the data routes with the visitor's credential). No RPC
     /// may have this row.
@@ -219,6 +227,7 @@ impl Access {
             (Access::Tenant | Access::TenantOrNode, Principal::Job { account, .. }) => own_tenant(account),
             (Access::TenantOrNode, Principal::Node(_)) => true,
             (Access::Control, Principal::Control) => true,
+            (Access::Inspect, Principal::Inspect(_)) => true,
             (Access::Public, _) => true,
             (
                 Access::Metrics,
@@ -250,6 +259,7 @@ impl Access {
                 "a credential of a job of the account this process belongs to, or a node credential"
             }
             Access::Metrics => "a metrics, node-metrics, node, account, job or submission credential",
+            Access::Inspect => "the head's ask of this node (an inspect credential)",
             Access::Public => "nothing",
         }
     }
@@ -339,7 +349,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.node.NodeManager/AddObjectLocation", Access::Peer),
     row("/ionet.node.NodeManager/TakeObjects", Access::Peer),
     row("/ionet.node.NodeManager/FreeObjects", Access::JobOrPeer),
-    row("/ionet.node.NodeManager/ListObjects", Access::Control),
+    row("/ionet.node.NodeManager/ListObjects", Access::Inspect),
     row("/ionet.node.NodeManager/PrepareBundle", Access::Control),
     row("/ionet.node.NodeManager/CommitBundle", Access::Control),
     row("/ionet.node.NodeManager/CancelBundle", Access::Control),
@@ -455,6 +465,12 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
         Role::Metrics => Ok(Principal::Metrics),
         Role::NodeMetrics => Ok(Principal::NodeMetrics),
         Role::Join => Ok(Principal::Joiner),
+        Role::Inspect => claims
+            .node_id
+            .and_then(|hex_id| hex::decode(hex_id).ok())
+            .and_then(|bytes| NodeId::from_bytes(&bytes).ok())
+            .map(Principal::Inspect)
+            .ok_or("inspect credential without a valid node id"),
         Role::Node => claims
             .node_id
             .and_then(|hex_id| hex::decode(hex_id).ok())

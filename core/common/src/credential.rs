@@ -59,6 +59,10 @@ pub enum Role {
     /// node's `/metrics` and, on the head, only the public face. Providers' daemons see
     /// it: the head shows it no more than any credential sees.
     NodeMetrics,
+    /// The head asking one node ([`Claims::node_id`]) what its store and workers hold
+    /// (`ionet memory`): minted for each ask, for that node alone, living seconds, so a
+    /// node that keeps it can ask no other.
+    Inspect,
 }
 
 impl fmt::Display for Role {
@@ -73,6 +77,7 @@ impl fmt::Display for Role {
             Role::Submission => "submission",
             Role::Metrics => "metrics",
             Role::NodeMetrics => "node-metrics",
+            Role::Inspect => "inspect",
         })
     }
 }
@@ -265,6 +270,11 @@ impl Issuer {
             ..Claims::new(Role::Node, ttl)
         };
         self.sign(&claims)
+    }
+
+    /// The head's ask of node `node_id` what it holds, valid for `ttl`.
+    pub fn issue_inspect(&self, node_id: &[u8], ttl: Duration) -> String {
+        self.sign(&Claims { node_id: Some(hex::encode(node_id)), ..Claims::new(Role::Inspect, ttl) })
     }
 
     /// An account's API key: starts jobs paid by `account`, valid for `ttl`.

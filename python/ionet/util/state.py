@@ -78,8 +78,9 @@ def list_placement_groups(filters=None, limit: int = 10_000, detail: bool = Fals
 
 
 def list_objects(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
-    """This account's objects, one row per holder, largest first (asked now of every node
-    and driver): `object_id`, `object_size`, `reference_type` (why it is alive), `type`
+    """This job's objects, one row per holder, largest first (asked now of every node and
+    the driver; an account's key or the operator's credential, through `ionet list
+    objects`, sees its account's or all, with the stores' copies nobody holds): `object_id`, `object_size`, `reference_type` (why it is alive), `type`
     (DRIVER, WORKER, or STORE for a stored copy no process that answered holds), `pid`,
     `ip`, `node_id`, `job_id`, `task_status`, `store_node_ids`, `spilled`."""
     return _filtered("objects", _listing("objects"), filters, limit)
