@@ -14,7 +14,8 @@
 //!   and every row is checked again here, by the payer of its holder's job or the
 //!   account its store recorded, so a node answering for another tenant shows nothing.
 //! - Asks go out at once, at most [`MAX_CONCURRENT`] at a time across every listing, and
-//!   at most [`MAX_LISTINGS`] listings at once (others wait their turn), each ask bounded
+//!   at most [`MAX_LISTINGS`] listings at once and one per account (others wait their
+//!   turn: one tenant cannot hold every slot), each ask bounded
 //!   by [`ASK_TIMEOUT`]; those that do not answer in time are counted, not waited for.
 //! - What a holder says is its word on itself: a worker's rows count only for the job
 //!   its node started it for, a reference's kind and state are one of the known words,
@@ -78,6 +79,8 @@ pub struct ObjectListing {
     /// Asks in flight, and listings running, across callers.
     asks: Arc<Semaphore>,
     listings: Semaphore,
+    /// One listing at a time per account (the operator's is `""`).
+    per_account: dashmap::DashMap<String, Arc<Semaphore>>,
 }
 
 /// One holder's answer: where it runs and what it holds.
@@ -95,6 +98,7 @@ impl ObjectListing {
             issuer,
             asks: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             listings: Semaphore::new(MAX_LISTINGS),
+            per_account: dashmap::DashMap::new(),
         })
     }
 
@@ -106,7 +110,21 @@ impl ObjectListing {
             Scope::All => String::new(),
             Scope::Account(account) => account.clone(),
         };
-        let Ok(_listing) = self.listings.acquire().await else { return ListObjectsReply::default() };
+        // The account's own turn first, then one of the cluster's slots. An account's gate
+        // is dropped from the map once nobody holds or waits for it (bounded by callers).
+        let own = self.per_account.entry(account.clone()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone();
+        let Ok(own_turn) = own.clone().acquire_owned().await else { return ListObjectsReply::default() };
+        let Ok(slot) = self.listings.acquire().await else { return ListObjectsReply::default() };
+        let reply = self.ask_all(scope, &account, job, limit).await;
+        drop(slot);
+        drop(own_turn);
+        self.per_account.remove_if(&account, |_, gate| Arc::strong_count(gate) <= 2 && gate.available_permits() == 1);
+        reply
+    }
+
+    /// One listing's asks and merge (the caller holds its turns).
+    async fn ask_all(&self, scope: &Scope, account: &str, job: Option<JobId>, limit: usize) -> ListObjectsReply {
+        let account = account.to_string();
         let gate = &self.asks;
         let mut asks = tokio::task::JoinSet::new();
         for node in self.state.nodes(false) {
@@ -390,6 +408,31 @@ mod tests {
         assert!(reply.truncated);
         assert_eq!(reply.objects.iter().map(|row| row.size).collect::<Vec<_>>(), vec![40, 30]);
         assert!(Merge::default().rows(false, 2).objects.is_empty());
+    }
+
+    /// One listing at a time per account: another account's goes ahead meanwhile, and an
+    /// account's gate goes once nobody holds it.
+    #[tokio::test]
+    async fn an_account_lists_one_at_a_time_and_others_go_ahead() {
+        let clock = ionet_common::clock::ManualClock::new(1_000_000);
+        let config = ionet_common::config::ClusterConfig::default();
+        let storage = Arc::new(crate::storage::MemoryStorage::new());
+        let state = GcsState::open(config, storage, Arc::new(clock)).await.unwrap();
+        let listing = ObjectListing::new(state, Issuer::generate());
+        let acme = Scope::Account("acme".into());
+        // Acme's turn is taken (a listing of acme's under way).
+        let gate = listing.per_account.entry("acme".into()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone();
+        let held = gate.clone().acquire_owned().await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(200), listing.list(&acme, None, 10)).await;
+        assert!(waiting.is_err(), "acme's second listing waits its turn");
+        let rival = Scope::Account("rival".into());
+        let theirs = tokio::time::timeout(Duration::from_secs(10), listing.list(&rival, None, 10)).await;
+        assert!(theirs.is_ok(), "another account's goes ahead");
+        drop(held);
+        drop(gate);
+        let done = tokio::time::timeout(Duration::from_secs(10), listing.list(&acme, None, 10)).await;
+        assert!(done.is_ok(), "acme's turn comes once the first is done");
+        assert!(listing.per_account.is_empty(), "no gate is kept for nobody");
     }
 
     #[test]
