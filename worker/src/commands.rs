@@ -855,13 +855,29 @@ pub fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// Asks the head `head` names with a reader's credential (an API key, or the operator's
+/// from the session directory): `ask` gets a connected client, on a runtime of the
+/// command's own. The state API's commands read the head through this.
+pub(crate) fn ask_head<T, F>(head: &HeadArgs, ask: impl FnOnce(rpc::GcsClient) -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T, IonetError>>,
+{
+    logging::init_client();
+    let session = SessionDir::resolve(head.session.temp_dir.as_deref());
+    let address = resolve_head_address(head.address.as_deref(), &session)?;
+    let credential = resolve_reader_credential(head.credential.as_deref(), &session)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(runtime.block_on(async { ask(rpc::gcs_client(&address, &credential).await?).await })?)
+}
+
 /// `ionet list actors`.
 pub fn list_actors(args: ListActorsArgs) -> Result<()> {
-    logging::init_client();
-    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
-    show_actors(&address, &credential, args.all, args.json)
+    let include_dead = args.all;
+    let actors = ask_head(&args.head, |mut gcs| async move {
+        let request = ionet_common::rpc::proto::gcs::ListActorsRequest { include_dead };
+        Ok(gcs.list_actors(request).await?.into_inner().actors)
+    })?;
+    print_actors(&actors, args.json)
 }
 
 fn show_actors(address: &str, credential: &Bearer, include_dead: bool, json: bool) -> Result<()> {
@@ -871,10 +887,14 @@ fn show_actors(address: &str, credential: &Bearer, include_dead: bool, json: boo
         let reply = client.list_actors(ionet_common::rpc::proto::gcs::ListActorsRequest { include_dead }).await?;
         Ok::<_, ionet_common::IonetError>(reply.into_inner().actors)
     })?;
+    print_actors(&actors, json)
+}
+
+fn print_actors(actors: &[ionet_common::rpc::proto::gcs::ActorInfo], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&status::actors_json(&actors)?)?);
+        println!("{}", serde_json::to_string_pretty(&status::actors_json(actors)?)?);
     } else {
-        print!("{}", status::actors_table(&actors)?);
+        print!("{}", status::actors_table(actors)?);
     }
     Ok(())
 }

@@ -8,12 +8,9 @@ use anyhow::Result;
 use clap::Args;
 use ionet_common::rpc::proto::common::{JobInfo, JobState};
 use ionet_common::rpc::proto::gcs::{GetAllJobsRequest, GetAllNodesRequest, ListPlacementGroupsRequest};
-use ionet_common::IonetError;
 use serde_json::{json, Value};
 
 use crate::cli::HeadArgs;
-use crate::commands::{resolve_head_address, resolve_reader_credential};
-use crate::session::SessionDir;
 
 #[derive(Debug, Args, Clone)]
 pub struct ListArgs {
@@ -53,26 +50,13 @@ pub fn job_json(job: &JobInfo) -> Value {
     })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
-}
-
 /// The rows of `table`, as the head shows them to `args`'s credential.
 fn fetch(table: Table, args: &ListArgs) -> Result<Vec<Value>> {
-    crate::logging::init_client();
-    let session = SessionDir::resolve(args.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(args.head.address.as_deref(), &session)?;
-    let credential = resolve_reader_credential(args.head.credential.as_deref(), &session)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let rows = runtime.block_on(async {
-        let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
+    let rows = crate::commands::ask_head(&args.head, |mut gcs| async move {
         let rows = match table {
             Table::Nodes => {
                 let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?.into_inner().nodes;
-                match crate::status::nodes_json(&nodes, now_ms())? {
-                    Value::Array(rows) => rows,
-                    other => vec![other],
-                }
+                crate::status::node_rows(&nodes, ionet_common::clock::now_ms())?
             }
             Table::Jobs => {
                 gcs.get_all_jobs(GetAllJobsRequest {}).await?.into_inner().jobs.iter().map(job_json).collect()
@@ -86,9 +70,17 @@ fn fetch(table: Table, args: &ListArgs) -> Result<Vec<Value>> {
                 .map(ionet_gcs::placement_groups::group_json)
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        Ok::<_, IonetError>(rows)
+        Ok(rows)
     })?;
-    crate::state_commands::filter_rows(rows, &args.filters)
+    // With no row to read the fields from, an empty record's are the fields.
+    let template = match table {
+        Table::Nodes => {
+            crate::status::node_rows(&[Default::default()], 0).ok().and_then(|rows| rows.into_iter().next())
+        }
+        Table::Jobs => Some(job_json(&JobInfo::default())),
+        Table::PlacementGroups => ionet_gcs::placement_groups::group_json(&Default::default()).ok(),
+    };
+    crate::state_commands::filter_rows(rows, &args.filters, template.as_ref())
 }
 
 /// A field of a row as one cell of text (`-` for none; ids cut to 16 characters).
@@ -131,4 +123,23 @@ pub fn list(table: Table, args: ListArgs) -> Result<()> {
     }
     writeln!(out, "{} rows", rows.len())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A misspelt field is refused even when the listing is empty: each table knows its
+    /// fields from an empty record.
+    #[test]
+    fn each_table_knows_its_fields_without_a_row() {
+        let node = crate::status::node_rows(&[Default::default()], 0).unwrap().remove(0);
+        let group = ionet_gcs::placement_groups::group_json(&Default::default()).unwrap();
+        for (template, field) in [(node, "state"), (job_json(&JobInfo::default()), "status"), (group, "strategy")] {
+            let kept = crate::state_commands::filter_rows(Vec::new(), &[format!("{field}=x")], Some(&template));
+            assert!(kept.unwrap().is_empty());
+            let refused = crate::state_commands::filter_rows(Vec::new(), &["colour=red".into()], Some(&template));
+            assert!(refused.unwrap_err().to_string().contains("no field \"colour\""));
+        }
+    }
 }

@@ -9,12 +9,10 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use ionet_common::rpc::proto::gcs::{ListObjectsReply, ListObjectsRequest};
-use ionet_common::{IonetError, JobId};
+use ionet_common::JobId;
 use serde_json::Value;
 
 use crate::cli::HeadArgs;
-use crate::commands::{resolve_head_address, resolve_reader_credential};
-use crate::session::SessionDir;
 
 #[derive(Debug, Args, Clone)]
 pub struct ObjectFilterArgs {
@@ -42,24 +40,20 @@ pub struct ListObjectsArgs {
 }
 
 fn fetch(filter: &ObjectFilterArgs) -> Result<(ListObjectsReply, Vec<Value>)> {
-    crate::logging::init_client();
-    let session = SessionDir::resolve(filter.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(filter.head.address.as_deref(), &session)?;
-    let credential = resolve_reader_credential(filter.head.credential.as_deref(), &session)?;
     let job_id = match &filter.job {
         Some(job) => job.parse::<JobId>()?.to_vec(),
         None => Vec::new(),
     };
     let request = ListObjectsRequest { job_id, limit: filter.limit };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = runtime.block_on(async {
-        let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
-        Ok::<_, IonetError>(gcs.list_objects(request).await.map_err(IonetError::from)?.into_inner())
-    })?;
-    let rows = crate::state_commands::filter_rows(
-        reply.objects.iter().map(ionet_gcs::objects::object_json).collect(),
-        &filter.filters,
-    )?;
+    let reply =
+        crate::commands::ask_head(
+            &filter.head,
+            |mut gcs| async move { Ok(gcs.list_objects(request).await?.into_inner()) },
+        )?;
+    // Checked against a row's fields even when no row came (a misspelt field is refused).
+    let template = ionet_gcs::objects::object_json(&Default::default());
+    let rows = reply.objects.iter().map(ionet_gcs::objects::object_json).collect();
+    let rows = crate::state_commands::filter_rows(rows, &filter.filters, Some(&template))?;
     Ok((reply, rows))
 }
 
@@ -130,7 +124,7 @@ pub fn list_objects(args: ListObjectsArgs) -> Result<()> {
     Ok(())
 }
 
-/// `ionet summary objects`: objects and bytes by why they are alive, and by node.
+/// `ionet summary objects`: rows and bytes by why the objects are alive.
 pub fn summary_objects(filter: ObjectFilterArgs) -> Result<()> {
     let (reply, rows) = fetch(&filter)?;
     let mut by_reason: BTreeMap<String, (u64, u64)> = BTreeMap::new();

@@ -12,8 +12,6 @@ use ionet_common::{IonetError, JobId};
 use serde_json::{json, Value};
 
 use crate::cli::HeadArgs;
-use crate::commands::{resolve_head_address, resolve_reader_credential};
-use crate::session::SessionDir;
 
 #[derive(Debug, Args, Clone)]
 pub struct TaskFilterArgs {
@@ -58,10 +56,6 @@ pub struct TimelineArgs {
 
 /// Asks the head for the tasks `filter` names.
 fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
-    crate::logging::init_client();
-    let session = SessionDir::resolve(filter.head.session.temp_dir.as_deref());
-    let address = resolve_head_address(filter.head.address.as_deref(), &session)?;
-    let credential = resolve_reader_credential(filter.head.credential.as_deref(), &session)?;
     let job_id = match &filter.job {
         Some(job) => job.parse::<JobId>()?.to_vec(),
         None => Vec::new(),
@@ -69,11 +63,11 @@ fn fetch(filter: &TaskFilterArgs) -> Result<ListTasksReply> {
     let state = task_state_named(filter.state.as_deref())?;
     let request =
         ListTasksRequest { job_id, state, name: filter.name.clone().unwrap_or_default(), limit: filter.limit };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut reply = runtime.block_on(async {
-        let mut gcs = ionet_common::rpc::gcs_client(&address, &credential).await?;
-        Ok::<_, IonetError>(gcs.list_tasks(request).await.map_err(IonetError::from)?.into_inner())
-    })?;
+    let mut reply =
+        crate::commands::ask_head(
+            &filter.head,
+            |mut gcs| async move { Ok(gcs.list_tasks(request).await?.into_inner()) },
+        )?;
     if !filter.filters.is_empty() {
         let filters = parse_filters(&filter.filters)?;
         known_fields(&row_json(&TaskRow::default()), &filters)?;
@@ -105,12 +99,12 @@ fn passes(row: &Value, filters: &[(String, String)]) -> bool {
     })
 }
 
-/// The rows of a listing that pass `filters` (`key=value`); a key no row has is refused,
-/// naming the fields there are.
-pub fn filter_rows(rows: Vec<Value>, filters: &[String]) -> Result<Vec<Value>> {
+/// The rows of a listing that pass `filters` (`key=value`); a key the rows (or, when
+/// there are none, `template`) do not have is refused, naming the fields there are.
+pub fn filter_rows(rows: Vec<Value>, filters: &[String], template: Option<&Value>) -> Result<Vec<Value>> {
     let filters = parse_filters(filters)?;
-    if let Some(first) = rows.first() {
-        known_fields(first, &filters)?;
+    if let Some(fields) = rows.first().or(template) {
+        known_fields(fields, &filters)?;
     }
     Ok(rows.into_iter().filter(|row| passes(row, &filters)).collect())
 }

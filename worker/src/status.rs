@@ -26,6 +26,11 @@ fn sets(node: &NodeInfo) -> IonetResult<(ResourceSet, ResourceSet)> {
 
 /// One JSON object per node; resource quantities as numbers, as Ray prints them.
 pub fn nodes_json(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Value> {
+    Ok(Value::Array(node_rows(nodes, now_ms)?))
+}
+
+/// Each node as a row of [`nodes_json`].
+pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
     let mut rows = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (total, available) = sets(node)?;
@@ -50,7 +55,7 @@ pub fn nodes_json(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Value> {
             "death_cause": node.death_cause,
         }));
     }
-    Ok(Value::Array(rows))
+    Ok(rows)
 }
 
 fn gib(bytes: u64) -> String {

@@ -58,12 +58,7 @@ pub fn list_nodes() -> IonetResult<Vec<serde_json::Value>> {
     let reply = runtime::block_on(
         worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await }),
     )?;
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
-    match ionet_worker::status::nodes_json(&reply.nodes, now_ms)? {
-        serde_json::Value::Array(rows) => Ok(rows),
-        other => Ok(vec![other]),
-    }
+    ionet_worker::status::node_rows(&reply.nodes, ionet_common::clock::now_ms())
 }
 
 /// The jobs of this job's account: id, state (`RUNNING` or `FINISHED`), who pays, when,
