@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use ionet::config::ClusterConfig;
 use ionet::rpc::proto::common::{GpuInfo, NodeInfo, WorkerCommand};
-use ionet::rpc::proto::gcs::{AddJobRequest, AddTaskEventsRequest, TaskEvent, TaskState};
+use ionet::rpc::proto::gcs::{AddJobRequest, AddTaskEventsRequest, TaskState};
 use ionet::{NodeId, Quantity, ResourceSet};
+use ionet_common::task_event_batch::{BatchBuilder, Event};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -57,26 +58,27 @@ async fn main() {
     let job = ionet::auth::Bearer::new(&started.job_credential).unwrap();
     let mut job_gcs = ionet::rpc::gcs_client(&server.address().to_string(), &job).await.unwrap();
     let states = [TaskState::Finished, TaskState::Finished, TaskState::Finished, TaskState::Failed, TaskState::Running];
-    let mut events: Vec<TaskEvent> = (0..tasks)
-        .map(|n| {
-            let mut task_id = vec![0u8; ionet::TaskId::LEN];
+    let names: Vec<String> = (0..20).map(|n| format!("step_{n}")).collect();
+    let mut sent = 0u64;
+    while sent < tasks {
+        let mut batch = BatchBuilder::new(&job_id);
+        for n in sent..tasks.min(sent + 10_000) {
+            let mut task_id = [0u8; ionet::TaskId::LEN];
             task_id[..8].copy_from_slice(&n.to_le_bytes());
             let state = states[(n % states.len() as u64) as usize];
-            TaskEvent {
-                task_id,
-                job_id: job_id.clone(),
-                name: format!("step_{}", n % 20),
-                state: state as i32,
+            batch.push(&Event {
+                task_id: &task_id,
+                name: &names[(n % 20) as usize],
+                state,
                 time_us: 1_000_000 + n,
-                error: if state == TaskState::Failed { "ValueError: the loss is NaN".into() } else { String::new() },
+                error: if state == TaskState::Failed { "ValueError: the loss is NaN" } else { "" },
                 run_us: 1_000,
                 ..Default::default()
-            }
-        })
-        .collect();
-    while !events.is_empty() {
-        let batch: Vec<TaskEvent> = events.drain(..events.len().min(10_000)).collect();
-        job_gcs.add_task_events(AddTaskEventsRequest { events: batch, dropped: 0 }).await.unwrap();
+            });
+        }
+        sent = tasks.min(sent + 10_000);
+        let request = AddTaskEventsRequest { events: Some(batch.finish()), dropped: 0 };
+        job_gcs.add_task_events(request).await.unwrap();
     }
 
     let client = reqwest::Client::new();

@@ -596,27 +596,27 @@ impl Gcs for GcsService {
             return Err(Status::permission_denied(format!("{principal} owns no tasks to report")));
         };
         let request = request.into_inner();
-        if request.events.len() > crate::task_events::MAX_EVENTS_PER_REPORT {
+        let batch = request.events.unwrap_or_default();
+        let count = batch.task_ids.len() / ionet_common::TaskId::LEN;
+        if count > crate::task_events::MAX_EVENTS_PER_REPORT {
             return Err(Status::invalid_argument(format!(
-                "a report carries at most {} task events, not {}",
+                "a report carries at most {} task events, not {count}",
                 crate::task_events::MAX_EVENTS_PER_REPORT,
-                request.events.len()
             )));
         }
-        if let Some(bad) = request.events.iter().find(|event| event.task_id.len() != ionet_common::TaskId::LEN) {
-            return Err(Status::invalid_argument(format!("{} is no task id", hex::encode(&bad.task_id))));
-        }
         // A job reports its own tasks only.
-        if let Some(other) = request.events.iter().find(|event| event.job_id != job.as_bytes()) {
+        if !batch.task_ids.is_empty() && batch.job_id != job.as_bytes() {
             return Err(Status::permission_denied(format!(
-                "job {job} may report its own tasks only, not one of job {}",
-                hex::encode(&other.job_id)
+                "job {job} may report its own tasks only, not those of job {}",
+                hex::encode(&batch.job_id)
             )));
         }
         // What a sender says it dropped is its word: bounded, so one report cannot make the
         // counter mean nothing.
         let dropped = request.dropped.min(crate::task_events::MAX_DROPPED_PER_REPORT);
-        self.tasks.add(account, request.events, dropped);
+        self.tasks.add(account, &batch, dropped).map_err(|why| {
+            Status::invalid_argument(format!("a report of task events that does not hold together: {why}"))
+        })?;
         Ok(Response::new(AddTaskEventsReply {}))
     }
 

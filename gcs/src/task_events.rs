@@ -17,7 +17,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ionet_common::rpc::proto::gcs::{StoredTaskRow, TaskEvent, TaskRow, TaskState};
+use ionet_common::rpc::proto::gcs::{StoredTaskRow, TaskEventBatch, TaskRow, TaskState};
+use ionet_common::task_event_batch::BatchEvent;
 use ionet_common::{JobId, TaskId};
 use prost::Message;
 use tokio::sync::watch;
@@ -71,10 +72,153 @@ pub struct AccountCounts {
     pub failed: u64,
 }
 
+/// A task as the head keeps it: numbers, and texts shared with the other rows of the
+/// report that brought them (a report names each distinct text once). The listing's
+/// [`TaskRow`] is made only when it is listed.
+#[derive(Clone, PartialEq)]
+struct Row {
+    account: Arc<str>,
+    state: TaskState,
+    attempt: u32,
+    name: Option<Arc<str>>,
+    reason: Option<Arc<str>>,
+    node_id: Option<Arc<[u8]>>,
+    worker_address: Option<Arc<str>>,
+    error: Option<Arc<str>>,
+    submitted_us: u64,
+    started_us: u64,
+    ended_us: u64,
+}
+
+impl Row {
+    fn new(account: Arc<str>, submitted_us: u64) -> Self {
+        Self {
+            account,
+            state: TaskState::Unspecified,
+            attempt: 0,
+            name: None,
+            reason: None,
+            node_id: None,
+            worker_address: None,
+            error: None,
+            submitted_us,
+            started_us: 0,
+            ended_us: 0,
+        }
+    }
+
+    /// The row as the state API lists it.
+    fn listed(&self, key: &Key) -> TaskRow {
+        let text = |text: &Option<Arc<str>>| text.as_deref().unwrap_or_default().to_owned();
+        TaskRow {
+            task_id: key[JobId::LEN..].to_vec(),
+            job_id: key[..JobId::LEN].to_vec(),
+            name: text(&self.name),
+            state: self.state as i32,
+            attempt: self.attempt,
+            node_id: self.node_id.as_deref().unwrap_or_default().to_vec(),
+            worker_address: text(&self.worker_address),
+            error: text(&self.error),
+            reason: text(&self.reason),
+            submitted_us: self.submitted_us,
+            started_us: self.started_us,
+            ended_us: self.ended_us,
+        }
+    }
+
+    /// A listed row read back (from storage), as `account`'s.
+    fn from_listed(row: TaskRow, account: Arc<str>) -> Self {
+        let text = |text: String| (!text.is_empty()).then(|| Arc::<str>::from(text));
+        Self {
+            account,
+            state: TaskState::try_from(row.state).unwrap_or(TaskState::Unspecified),
+            attempt: row.attempt,
+            name: text(cut(row.name, MAX_SHORT_TEXT)),
+            reason: text(cut(row.reason, MAX_SHORT_TEXT)),
+            node_id: (!row.node_id.is_empty()).then(|| Arc::from(row.node_id)),
+            worker_address: text(cut(row.worker_address, MAX_SHORT_TEXT)),
+            error: text(cut(row.error, MAX_TEXT)),
+            submitted_us: row.submitted_us,
+            started_us: row.started_us,
+            ended_us: row.ended_us,
+        }
+    }
+}
+
+/// One event of a report, its texts as the rows keep them.
+struct Update {
+    state: TaskState,
+    time_us: u64,
+    attempt: u32,
+    submitted_us: u64,
+    started_us: u64,
+    run_us: u64,
+    name: Option<Arc<str>>,
+    reason: Option<Arc<str>>,
+    node_id: Option<Arc<[u8]>>,
+    worker_address: Option<Arc<str>>,
+    error: Option<Arc<str>>,
+}
+
+/// A report's texts, each made once (cut to its bound) when an event first names it.
+struct Texts<'a> {
+    batch: &'a TaskEventBatch,
+    short: Vec<Option<Arc<str>>>,
+    long: Vec<Option<Arc<str>>>,
+    nodes: Vec<Option<Arc<[u8]>>>,
+}
+
+impl<'a> Texts<'a> {
+    fn new(batch: &'a TaskEventBatch) -> Self {
+        Self {
+            batch,
+            short: vec![None; batch.texts.len()],
+            long: vec![None; batch.texts.len()],
+            nodes: vec![None; batch.node_ids.len()],
+        }
+    }
+
+    fn text(&mut self, reference: u32, long: bool) -> Option<Arc<str>> {
+        let at = reference.checked_sub(1)? as usize;
+        let (made, limit) = if long { (&mut self.long, MAX_TEXT) } else { (&mut self.short, MAX_SHORT_TEXT) };
+        let slot = made.get_mut(at)?;
+        if slot.is_none() {
+            let text = self.batch.texts.get(at)?;
+            *slot = Some(Arc::from(cut_str(text, limit)));
+        }
+        slot.clone()
+    }
+
+    fn node(&mut self, reference: u32) -> Option<Arc<[u8]>> {
+        let at = reference.checked_sub(1)? as usize;
+        let slot = self.nodes.get_mut(at)?;
+        if slot.is_none() {
+            *slot = Some(Arc::from(self.batch.node_ids.get(at)?.as_slice()));
+        }
+        slot.clone()
+    }
+
+    fn update(&mut self, event: &BatchEvent<'_>) -> Update {
+        Update {
+            state: event.state,
+            time_us: event.time_us,
+            attempt: event.attempt,
+            submitted_us: event.submitted_us,
+            started_us: event.started_us,
+            run_us: event.run_us,
+            name: self.text(event.name, false),
+            reason: self.text(event.reason, false),
+            node_id: self.node(event.node),
+            worker_address: self.text(event.worker_address, false),
+            error: self.text(event.error, true),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    /// By job id and task id: the row and its account.
-    rows: HashMap<Key, (TaskRow, Arc<str>), ahash::RandomState>,
+    /// By job id and task id.
+    rows: HashMap<Key, Row, ahash::RandomState>,
     accounts: HashMap<Arc<str>, Account, ahash::RandomState>,
     /// With storage: the rows changed, and those forgotten, since the last write.
     persistent: bool,
@@ -109,8 +253,8 @@ pub struct TaskTable {
 }
 
 impl Account {
-    fn count_end(&mut self, state: i32) {
-        if state == TaskState::Finished as i32 {
+    fn count_end(&mut self, state: TaskState) {
+        if state == TaskState::Finished {
             self.finished += 1;
         } else {
             self.failed += 1;
@@ -140,20 +284,26 @@ pub fn state_name(state: i32) -> &'static str {
     }
 }
 
-fn is_terminal(state: i32) -> bool {
-    state == TaskState::Finished as i32 || state == TaskState::Failed as i32
+fn is_terminal(state: TaskState) -> bool {
+    matches!(state, TaskState::Finished | TaskState::Failed)
 }
 
 /// `text` cut to at most `limit` bytes, on a character boundary.
 fn cut(mut text: String, limit: usize) -> String {
-    if text.len() > limit {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
+    let kept = cut_str(&text, limit).len();
+    text.truncate(kept);
     text
+}
+
+fn cut_str(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 impl TaskTable {
@@ -161,65 +311,90 @@ impl TaskTable {
         Self { capacity: capacity.max(1), per_account: per_account.max(1), inner: Mutex::new(Inner::default()) }
     }
 
-    /// Applies `events` of `account`'s tasks (in the order they happened), and counts the
-    /// `dropped` ones their sender lost. Events of unknown states are skipped.
-    pub fn add(&self, account: &Arc<str>, events: Vec<TaskEvent>, dropped: u64) {
+    /// Applies the events of `batch` (of `account`'s tasks, in the order they happened),
+    /// and counts the `dropped` ones their sender lost. A batch that does not hold
+    /// together ([`TaskEventBatch::check`]) is refused whole, saying why.
+    pub fn add(&self, account: &Arc<str>, batch: &TaskEventBatch, dropped: u64) -> Result<(), String> {
+        let count = batch.check()?;
+        if count > 0 && batch.job_id.len() != JobId::LEN {
+            return Err(format!("{} is no job id", hex::encode(&batch.job_id)));
+        }
+        let mut texts = Texts::new(batch);
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
-        let own = inner.accounts.entry(account.clone()).or_default();
-        own.dropped_events = own.dropped_events.saturating_add(dropped);
-        own.events = own.events.saturating_add(events.len() as u64);
-        for mut event in events {
-            if TaskState::try_from(event.state).is_err() || event.state == TaskState::Unspecified as i32 {
-                continue;
-            }
-            let Some(key) = key(&event.job_id, &event.task_id) else { continue };
-            if !inner.rows.contains_key(&key) {
-                self.make_room(inner, account);
-                let row = TaskRow {
-                    task_id: std::mem::take(&mut event.task_id),
-                    job_id: std::mem::take(&mut event.job_id),
+        let mut key: Key = [0; JobId::LEN + TaskId::LEN];
+        if count > 0 {
+            key[..JobId::LEN].copy_from_slice(&batch.job_id);
+        }
+        let (mut finished, mut failed, mut new_rows) = (0u64, 0u64, Vec::new());
+        for at in 0..count {
+            let event = batch.event(at);
+            key[JobId::LEN..].copy_from_slice(event.task_id);
+            let update = texts.update(&event);
+            let (row, new) = match inner.rows.entry(key) {
+                std::collections::hash_map::Entry::Occupied(row) => (row.into_mut(), false),
+                std::collections::hash_map::Entry::Vacant(slot) => {
                     // An event its owner merged earlier ones into says when it began.
-                    submitted_us: if event.submitted_us > 0 { event.submitted_us } else { event.time_us },
-                    ..Default::default()
-                };
-                inner.accounts.entry(account.clone()).or_default().order.push_back(key);
-                inner.rows.insert(key, (row, account.clone()));
-            }
-            let Some((row, _)) = inner.rows.get_mut(&key) else { continue };
+                    let submitted_us = if update.submitted_us > 0 { update.submitted_us } else { update.time_us };
+                    (slot.insert(Row::new(account.clone(), submitted_us)), true)
+                }
+            };
             let was_open = !is_terminal(row.state);
-            let before = inner.persistent.then(|| row.clone());
-            apply(row, event);
-            let changed = before.as_ref() != Some(&*row);
+            let before = (inner.persistent && !new).then(|| row.clone());
+            apply(row, update);
+            let changed = new || before.as_ref() != Some(&*row);
             if was_open && is_terminal(row.state) {
-                let ended = row.state;
-                inner.accounts.entry(account.clone()).or_default().count_end(ended);
+                match row.state {
+                    TaskState::Finished => finished += 1,
+                    _ => failed += 1,
+                }
+            }
+            if new {
+                new_rows.push(key);
             }
             if changed {
                 inner.touched(&key);
             }
         }
+        let own = inner.accounts.entry(account.clone()).or_default();
+        own.dropped_events = own.dropped_events.saturating_add(dropped);
+        own.events = own.events.saturating_add(count as u64);
+        own.finished += finished;
+        own.failed += failed;
+        own.order.extend(new_rows);
+        // Within the bounds again (a report's new rows may have gone past them).
+        self.make_room(inner, account);
+        Ok(())
     }
 
-    /// Frees a row for `account`: its own oldest when it holds its share, else the
-    /// largest account's oldest when the table is full.
+    /// Forgets rows until the table is within its bounds: `account`'s own oldest while
+    /// it holds more than its share, then the largest account's oldest while the table
+    /// holds more than its capacity.
     fn make_room(&self, inner: &mut Inner, account: &Arc<str>) {
-        let own = inner.accounts.get(account).map_or(0, |own| own.order.len());
-        let victim = if own >= self.per_account {
-            Some(account.clone())
-        } else if inner.rows.len() >= self.capacity {
-            inner.accounts.iter().max_by_key(|(_, rows)| rows.order.len()).map(|(name, _)| name.clone())
-        } else {
-            None
-        };
-        let Some(victim) = victim else { return };
-        let Some(rows) = inner.accounts.get_mut(&victim) else { return };
-        if let Some(oldest) = rows.order.pop_front() {
-            if inner.rows.remove(&oldest).is_some() {
-                rows.forgotten_tasks += 1;
-                inner.forgot(&oldest);
+        while inner.accounts.get(account).is_some_and(|own| own.order.len() > self.per_account) {
+            Self::forget_oldest(inner, account);
+        }
+        while inner.rows.len() > self.capacity {
+            let Some(largest) =
+                inner.accounts.iter().max_by_key(|(_, rows)| rows.order.len()).map(|(name, _)| name.clone())
+            else {
+                return;
+            };
+            if !Self::forget_oldest(inner, &largest) {
+                return;
             }
         }
+    }
+
+    /// Forgets `account`'s oldest row (false: it has none).
+    fn forget_oldest(inner: &mut Inner, account: &Arc<str>) -> bool {
+        let Some(rows) = inner.accounts.get_mut(account) else { return false };
+        let Some(oldest) = rows.order.pop_front() else { return false };
+        if inner.rows.remove(&oldest).is_some() {
+            rows.forgotten_tasks += 1;
+            inner.forgot(&oldest);
+        }
+        true
     }
 
     /// Ends `job_id`'s tasks still open (its driver ended): failed, saying so.
@@ -227,13 +402,14 @@ impl TaskTable {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
         let mut ended = Vec::new();
-        for (key, (row, account)) in inner.rows.iter_mut() {
-            if row.job_id == job_id && !is_terminal(row.state) {
-                row.state = TaskState::Failed as i32;
-                row.error = "the job ended before the task did".into();
-                row.reason.clear();
+        let error: Arc<str> = "the job ended before the task did".into();
+        for (key, row) in inner.rows.iter_mut() {
+            if key[..JobId::LEN] == *job_id && !is_terminal(row.state) {
+                row.state = TaskState::Failed;
+                row.error = Some(error.clone());
+                row.reason = None;
                 row.ended_us = time_us;
-                inner.accounts.entry(account.clone()).or_default().count_end(row.state);
+                inner.accounts.entry(row.account.clone()).or_default().count_end(row.state);
                 ended.push(*key);
             }
         }
@@ -259,10 +435,10 @@ impl TaskTable {
             if inner.rows.contains_key(&key) {
                 continue;
             }
-            self.make_room(inner, &account);
             inner.accounts.entry(account.clone()).or_default().order.push_back(key);
             inner.stored.insert(key);
-            inner.rows.insert(key, (row, account));
+            inner.rows.insert(key, Row::from_listed(row, account.clone()));
+            self.make_room(inner, &account);
             taken += 1;
         }
         taken
@@ -282,8 +458,8 @@ impl TaskTable {
         let changed: Vec<Key> = inner.changed.iter().take(MAX_WRITES - writes.len()).copied().collect();
         for key in changed {
             inner.changed.remove(&key);
-            if let Some((row, account)) = inner.rows.get(&key) {
-                let stored = StoredTaskRow { account: account.to_string(), row: Some(row.clone()) };
+            if let Some(row) = inner.rows.get(&key) {
+                let stored = StoredTaskRow { account: row.account.to_string(), row: Some(row.listed(&key)) };
                 writes.push(StorageWrite::Put {
                     table: Table::Tasks,
                     key: key.to_vec(),
@@ -329,12 +505,11 @@ impl TaskTable {
     pub fn job_counts(&self, sees: impl Fn(&str) -> bool) -> HashMap<Vec<u8>, [u64; 6]> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts: HashMap<Vec<u8>, [u64; 6]> = HashMap::new();
-        for (row, account) in inner.rows.values() {
-            if !sees(account) {
+        for (key, row) in &inner.rows {
+            if !sees(&row.account) {
                 continue;
             }
-            let Ok(at) = usize::try_from(row.state) else { continue };
-            if let Some(slot) = counts.entry(row.job_id.clone()).or_default().get_mut(at) {
+            if let Some(slot) = counts.entry(key[..JobId::LEN].to_vec()).or_default().get_mut(row.state as usize) {
                 *slot += 1;
             }
         }
@@ -351,10 +526,8 @@ impl TaskTable {
             .map(|(account, own)| {
                 let mut by_state = [0u64; 6];
                 for key in &own.order {
-                    if let Some((row, _)) = inner.rows.get(key) {
-                        if let Some(slot) = usize::try_from(row.state).ok().and_then(|at| by_state.get_mut(at)) {
-                            *slot += 1;
-                        }
+                    if let Some(slot) = inner.rows.get(key).and_then(|row| by_state.get_mut(row.state as usize)) {
+                        *slot += 1;
                     }
                 }
                 AccountCounts {
@@ -390,14 +563,14 @@ impl TaskTable {
             listing.dropped_events = listing.dropped_events.saturating_add(rows.dropped_events);
             listing.forgotten_tasks = listing.forgotten_tasks.saturating_add(rows.forgotten_tasks);
             for key in &rows.order {
-                let Some((row, _)) = inner.rows.get(key) else { continue };
-                let matches = (job_id.is_empty() || row.job_id == job_id)
-                    && (state == TaskState::Unspecified || row.state == state as i32)
-                    && (name.is_empty() || row.name.eq_ignore_ascii_case(name));
+                let Some(row) = inner.rows.get(key) else { continue };
+                let matches = (job_id.is_empty() || key[..JobId::LEN] == *job_id)
+                    && (state == TaskState::Unspecified || row.state == state)
+                    && (name.is_empty() || row.name.as_deref().is_some_and(|own| own.eq_ignore_ascii_case(name)));
                 if matches {
                     listing.total += 1;
                     if listing.rows.len() < limit {
-                        listing.rows.push(row.clone());
+                        listing.rows.push(row.listed(key));
                     }
                 }
             }
@@ -455,31 +628,29 @@ pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut st
 /// `event` applied to `row`: the state and what it says of where, when and why. An ended
 /// task stays ended (a late word from a path that lost the race to run it); its owner
 /// records an end only once it retries no more.
-fn apply(row: &mut TaskRow, event: TaskEvent) {
-    if !event.name.is_empty() {
-        row.name = cut(event.name, MAX_SHORT_TEXT);
+fn apply(row: &mut Row, event: Update) {
+    if event.name.is_some() {
+        row.name = event.name;
     }
     if is_terminal(row.state) && !is_terminal(event.state) {
         return;
     }
     row.state = event.state;
     row.attempt = row.attempt.max(event.attempt);
-    match TaskState::try_from(event.state).unwrap_or(TaskState::Unspecified) {
-        TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment => {
-            row.reason = cut(event.reason, MAX_SHORT_TEXT);
-        }
+    match event.state {
+        TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment => row.reason = event.reason,
         TaskState::Running => {
-            row.reason.clear();
+            row.reason = None;
             row.node_id = event.node_id;
-            row.worker_address = cut(event.worker_address, MAX_SHORT_TEXT);
+            row.worker_address = event.worker_address;
             row.started_us = event.time_us;
         }
         TaskState::Finished | TaskState::Failed => {
-            row.reason.clear();
-            row.error = cut(event.error, MAX_TEXT);
-            if !event.node_id.is_empty() {
+            row.reason = None;
+            row.error = event.error;
+            if event.node_id.is_some() {
                 row.node_id = event.node_id;
-                row.worker_address = cut(event.worker_address, MAX_SHORT_TEXT);
+                row.worker_address = event.worker_address;
             }
             row.ended_us = event.time_us;
             // The worker's own measure of the run, when it ran; else when its owner saw
@@ -497,19 +668,23 @@ fn apply(row: &mut TaskRow, event: TaskEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ionet_common::task_event_batch::{BatchBuilder, Event};
 
     fn job(n: u8) -> Vec<u8> {
         vec![0, 0, 0, n]
     }
 
-    fn event(task: u8, state: TaskState, time_us: u64) -> TaskEvent {
-        TaskEvent {
-            task_id: vec![task; TaskId::LEN],
-            job_id: job(1),
-            state: state as i32,
-            time_us,
-            ..Default::default()
+    fn event(task: u8, state: TaskState, time_us: u64) -> Event<'static> {
+        Event { task_id: Box::leak(vec![task; TaskId::LEN].into_boxed_slice()), state, time_us, ..Default::default() }
+    }
+
+    /// A report of job `job`'s `events`.
+    fn of(job_number: u8, events: &[Event<'_>]) -> TaskEventBatch {
+        let mut batch = BatchBuilder::new(&job(job_number));
+        for event in events {
+            batch.push(event);
         }
+        batch.finish()
     }
 
     #[test]
@@ -517,27 +692,27 @@ mod tests {
         let (acme, rival): (Arc<str>, Arc<str>) = ("acme".into(), "rival".into());
         let table = TaskTable::new(3, 2);
         let mut first = event(1, TaskState::PendingNodeAssignment, 10);
-        first.name = "train".into();
-        first.reason = "waiting for a lease of {GPU: 1}".into();
-        table.add(&acme, vec![first], 3);
+        first.name = "train";
+        first.reason = "waiting for a lease of {GPU: 1}";
+        table.add(&acme, &of(1, &[first]), 3).unwrap();
         let waiting = table.list(|_| true, &[], TaskState::Unspecified, "", 10);
         assert_eq!(waiting.rows[0].reason, "waiting for a lease of {GPU: 1}");
         let mut done = event(1, TaskState::Finished, 100);
         done.run_us = 40;
-        done.node_id = vec![9];
-        done.error = "x".repeat(MAX_TEXT * 2);
-        table.add(&acme, vec![event(1, TaskState::Running, 50), done], 0);
+        done.node_id = &[9];
+        let long = "x".repeat(MAX_TEXT * 2);
+        done.error = &long;
+        table.add(&acme, &of(1, &[event(1, TaskState::Running, 50), done]), 0).unwrap();
         let row = &table.list(|_| true, &[], TaskState::Finished, "TRAIN", 10).rows[0];
         assert_eq!((row.started_us, row.ended_us, row.node_id.clone()), (60, 100, vec![9]));
         assert!(row.reason.is_empty() && row.error.len() == MAX_TEXT, "texts are cut");
-        table.add(&acme, vec![event(1, TaskState::PendingNodeAssignment, 120)], 0);
+        table.add(&acme, &of(1, &[event(1, TaskState::PendingNodeAssignment, 120)]), 0).unwrap();
         assert_eq!(table.list(|_| true, &[], TaskState::Finished, "", 10).total, 1, "an ended task stays ended");
 
         // The same task id in another job is another row; a flood of one account goes from
         // its own rows; the losses are the account's own.
-        let mut elsewhere = event(1, TaskState::Running, 5);
-        elsewhere.job_id = job(2);
-        table.add(&rival, vec![elsewhere, event(2, TaskState::Running, 6), event(3, TaskState::Running, 7)], 0);
+        table.add(&rival, &of(2, &[event(1, TaskState::Running, 5)]), 0).unwrap();
+        table.add(&rival, &of(1, &[event(2, TaskState::Running, 6), event(3, TaskState::Running, 7)]), 0).unwrap();
         let theirs = table.list(|account| account == "rival", &[], TaskState::Unspecified, "", 10);
         assert_eq!((theirs.total, theirs.dropped_events, theirs.forgotten_tasks), (2, 0, 1));
         let ours = table.list(|account| account == "acme", &[], TaskState::Unspecified, "", 10);
@@ -581,17 +756,17 @@ mod tests {
         table.restore(Vec::new());
         let puts = |writes: &[StorageWrite]| writes.iter().filter(|w| matches!(w, StorageWrite::Put { .. })).count();
         let deletes = |writes: &[StorageWrite]| writes.len() - puts(writes);
-        table.add(&acme, vec![event(1, TaskState::Running, 10)], 0);
+        table.add(&acme, &of(1, &[event(1, TaskState::Running, 10)]), 0).unwrap();
         assert_eq!(puts(&table.take_writes()), 1);
         // The same word again changes nothing: nothing to write.
-        table.add(&acme, vec![event(1, TaskState::Running, 10)], 0);
+        table.add(&acme, &of(1, &[event(1, TaskState::Running, 10)]), 0).unwrap();
         assert!(table.take_writes().is_empty());
         // Rows forgotten to make room go from storage only if storage had them.
-        table.add(&acme, vec![event(2, TaskState::Running, 20), event(3, TaskState::Running, 30)], 0);
+        table.add(&acme, &of(1, &[event(2, TaskState::Running, 20), event(3, TaskState::Running, 30)]), 0).unwrap();
         let writes = table.take_writes();
         assert_eq!((puts(&writes), deletes(&writes)), (2, 1), "row 1, written, goes");
-        let flood: Vec<TaskEvent> = (4..9).map(|task| event(task, TaskState::Running, 40)).collect();
-        table.add(&acme, flood, 0);
+        let flood: Vec<Event<'_>> = (4..9).map(|task| event(task, TaskState::Running, 40)).collect();
+        table.add(&acme, &of(1, &flood), 0).unwrap();
         let writes = table.take_writes();
         assert_eq!((puts(&writes), deletes(&writes)), (2, 2), "rows 2 and 3 go; rows 4 to 6 were never written");
     }

@@ -10,8 +10,9 @@ use ionet_common::config::ClusterConfig;
 use ionet_common::rpc::proto::common::{JobPackages, WorkerCommand};
 use ionet_common::rpc::proto::gcs::{
     AddJobRequest, AddTaskEventsRequest, CreateTokenRequest, GetAllNodesRequest, GetPackageRequest, ListTasksRequest,
-    PutPackageRequest, TaskEvent, TaskState,
+    PutPackageRequest, TaskState,
 };
+use ionet_common::task_event_batch::{BatchBuilder, Event};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
 async fn head() -> (GcsServer, String) {
@@ -64,6 +65,26 @@ async fn start_job(server: &GcsServer, account: &str) -> StartedJob {
         credential,
     }
 }
+
+/// A report of job `job`'s task `events`.
+fn report(job: &[u8], events: &[Event<'_>]) -> AddTaskEventsRequest {
+    let mut batch = BatchBuilder::new(job);
+    for event in events {
+        batch.push(event);
+    }
+    AddTaskEventsRequest { events: Some(batch.finish()), dropped: 0 }
+}
+
+/// Task ids `[n; TaskId::LEN]`, by n.
+const TASK_IDS: [[u8; ionet_common::TaskId::LEN]; 8] = {
+    let mut ids = [[0; ionet_common::TaskId::LEN]; 8];
+    let mut n = 0;
+    while n < 8 {
+        ids[n] = [n as u8; ionet_common::TaskId::LEN];
+        n += 1;
+    }
+    ids
+};
 
 #[tokio::test]
 async fn every_route_is_served_behind_its_row() {
@@ -232,27 +253,34 @@ async fn task_events_are_a_jobs_own_and_its_accounts_to_read() {
     let StartedJob { job_id: first, job: mut first_job, account: mut acme, .. } = start_job(&server, "acme").await;
     let StartedJob { job_id: second, job: mut second_job, .. } = start_job(&server, "acme").await;
     let StartedJob { job: mut rival_job, account: mut rival, .. } = start_job(&server, "rival").await;
-    let event = |job: &[u8], task: u8| TaskEvent {
-        task_id: vec![task; ionet_common::TaskId::LEN],
-        job_id: job.to_vec(),
-        name: format!("task {task}"),
-        state: TaskState::Running as i32,
+    let names: Vec<String> = (0..8).map(|task| format!("task {task}")).collect();
+    let event = |task: usize| Event {
+        task_id: &TASK_IDS[task],
+        name: &names[task],
+        state: TaskState::Running,
         ..Default::default()
     };
-    let report = |events: Vec<TaskEvent>| AddTaskEventsRequest { events, dropped: 0 };
-    first_job.add_task_events(report(vec![event(&first, 1)])).await.unwrap();
-    second_job.add_task_events(report(vec![event(&second, 2)])).await.unwrap();
+    first_job.add_task_events(report(&first, &[event(1)])).await.unwrap();
+    second_job.add_task_events(report(&second, &[event(2)])).await.unwrap();
 
     // A job writes its own tasks only, in bounded, well-formed reports.
-    let foreign = first_job.add_task_events(report(vec![event(&second, 3)])).await.unwrap_err();
+    let foreign = first_job.add_task_events(report(&second, &[event(3)])).await.unwrap_err();
     assert_eq!(foreign.code(), tonic::Code::PermissionDenied, "{}", foreign.message());
-    let mut short = event(&first, 4);
-    short.task_id = vec![4];
-    assert_eq!(first_job.add_task_events(report(vec![short])).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    let flood = (0..10_001).map(|_| event(&first, 5)).collect();
-    assert_eq!(first_job.add_task_events(report(flood)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let short = Event { task_id: &[4], ..event(4) };
+    let refused = first_job.add_task_events(report(&first, &[short])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("no whole number"), "{}", refused.message());
+    let mut uneven = report(&first, &[event(4), event(5)]);
+    uneven.events.as_mut().unwrap().states.pop();
+    let refused = first_job.add_task_events(uneven).await.unwrap_err();
+    assert!(refused.message().contains("the column states holds 1"), "{}", refused.message());
+    let flood: Vec<Event<'_>> = (0..10_001).map(|_| event(5)).collect();
+    assert_eq!(
+        first_job.add_task_events(report(&first, &flood)).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
     // An account's key starts jobs; it reports no tasks of its own.
-    let keyed = acme.add_task_events(report(vec![event(&first, 6)])).await.unwrap_err();
+    let keyed = acme.add_task_events(report(&first, &[event(6)])).await.unwrap_err();
     assert_eq!(keyed.code(), tonic::Code::PermissionDenied);
 
     let names = |reply: ionet_common::rpc::proto::gcs::ListTasksReply| -> Vec<String> {
@@ -282,20 +310,10 @@ async fn metrics_show_each_credential_its_own_and_the_scrapers_token_reads_nothi
     let StartedJob { job_id: acme_job, job: mut acme_gcs, key: acme_key, credential: acme_job_credential, .. } =
         start_job(&server, "acme").await;
     let StartedJob { job_id: rival_job, job: mut rival_gcs, key: rival_key, .. } = start_job(&server, "rival").await;
-    let event = |job: &[u8], task: u8, state: TaskState| TaskEvent {
-        task_id: vec![task; ionet_common::TaskId::LEN],
-        job_id: job.to_vec(),
-        state: state as i32,
-        ..Default::default()
-    };
-    let report = |events: Vec<TaskEvent>| AddTaskEventsRequest { events, dropped: 0 };
-    let acme_events = vec![
-        event(&acme_job, 1, TaskState::Running),
-        event(&acme_job, 2, TaskState::Running),
-        event(&acme_job, 2, TaskState::Finished),
-    ];
-    acme_gcs.add_task_events(report(acme_events)).await.unwrap();
-    rival_gcs.add_task_events(report(vec![event(&rival_job, 1, TaskState::Running)])).await.unwrap();
+    let event = |task: usize, state: TaskState| Event { task_id: &TASK_IDS[task], state, ..Default::default() };
+    let acme_events = [event(1, TaskState::Running), event(2, TaskState::Running), event(2, TaskState::Finished)];
+    acme_gcs.add_task_events(report(&acme_job, &acme_events)).await.unwrap();
+    rival_gcs.add_task_events(report(&rival_job, &[event(1, TaskState::Running)])).await.unwrap();
 
     let scrape = |credential: String| {
         let base = base.clone();
@@ -425,15 +443,10 @@ async fn the_dashboards_data_is_each_accounts_own() {
     let mut keys = Vec::new();
     for account in ["acme", "rival"] {
         let StartedJob { job_id, job: mut job_gcs, key, .. } = start_job(&server, account).await;
-        let event = TaskEvent {
-            task_id: vec![1; ionet_common::TaskId::LEN],
-            job_id,
-            name: format!("{account}-secret-task"),
-            state: TaskState::Failed as i32,
-            error: format!("{account}'s error"),
-            ..Default::default()
-        };
-        job_gcs.add_task_events(AddTaskEventsRequest { events: vec![event], dropped: 0 }).await.unwrap();
+        let (name, error) = (format!("{account}-secret-task"), format!("{account}'s error"));
+        let event =
+            Event { task_id: &TASK_IDS[1], name: &name, state: TaskState::Failed, error: &error, ..Default::default() };
+        job_gcs.add_task_events(report(&job_id, &[event])).await.unwrap();
         keys.push((account, key));
     }
     for (account, key) in &keys {
@@ -472,17 +485,17 @@ async fn task_rows_outlive_a_head_with_storage() {
     };
     let first = start().await;
     let StartedJob { job_id, job: mut job_gcs, key, .. } = start_job(&first, "acme").await;
-    let event = |task: u8, state: TaskState, error: &str| TaskEvent {
-        task_id: vec![task; ionet_common::TaskId::LEN],
-        job_id: job_id.clone(),
-        name: format!("step-{task}"),
-        state: state as i32,
-        error: error.into(),
-        time_us: 1_000 + u64::from(task),
+    let names = ["step-0", "step-1", "step-2"];
+    let event = |task: usize, state: TaskState, error: &'static str| Event {
+        task_id: &TASK_IDS[task],
+        name: names[task],
+        state,
+        error,
+        time_us: 1_000 + task as u64,
         ..Default::default()
     };
-    let events = vec![event(1, TaskState::Finished, ""), event(2, TaskState::Failed, "the loss is NaN")];
-    job_gcs.add_task_events(AddTaskEventsRequest { events, dropped: 0 }).await.unwrap();
+    let events = [event(1, TaskState::Finished, ""), event(2, TaskState::Failed, "the loss is NaN")];
+    job_gcs.add_task_events(report(&job_id, &events)).await.unwrap();
     first.shutdown().await;
 
     // The head starts again on the same storage: the past is still there, each row its

@@ -45,6 +45,8 @@ pub(crate) struct Lease {
     pub(crate) node_address: String,
     /// The leased worker's own address (for cancels).
     pub(crate) worker_address: String,
+    /// The node and worker, as the state API's events of its tasks say where they ran.
+    pub(crate) place: Arc<crate::task_events::Place>,
     pub(crate) tasks: TaskStream,
     /// Tasks pushed and not answered yet, and the sum of their expected run times in
     /// microseconds (both changed under the pool's `leases` lock).
@@ -392,9 +394,14 @@ async fn request_lease(worker: Arc<CoreWorker>, pool: Arc<ShapePool>, depth: u32
                 worker.held.returned(&granted.lease_id, &granted.node_id);
             }
         })?;
+        let place = Arc::new(crate::task_events::Place {
+            node_id: granted.node_id.clone(),
+            worker_address: granted.worker_address.clone(),
+        });
         Ok(Lease {
             lease_id: granted.lease_id,
             node_id: granted.node_id,
+            place,
             metered,
             node_address,
             worker_address: granted.worker_address.clone(),

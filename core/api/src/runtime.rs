@@ -231,6 +231,7 @@ impl CoreWorker {
         inline_threshold: usize,
         store_dir: &str,
     ) -> Arc<Self> {
+        let here = crate::task_events::Place { node_id: node_id.to_vec(), worker_address: address.clone() };
         Arc::new(Self {
             address: address.into(),
             node_id,
@@ -277,6 +278,7 @@ impl CoreWorker {
                 gcs_address.clone(),
                 credential.clone(),
                 job_id.to_vec(),
+                here,
             ),
             lineage: crate::lineage::Lineage::default(),
             borrows: crate::borrows::Borrows::default(),

@@ -109,17 +109,20 @@ pub(crate) fn submit_task<R>(
         rebuilding: tokio::sync::Mutex::new(()),
     });
     // Its first event before anyone may run it (a run here records its own).
-    let name = spec.options.name.clone().unwrap_or_else(|| spec.function.to_string());
+    let name: std::borrow::Cow<'static, str> = match &spec.options.name {
+        Some(name) => name.clone().into(),
+        None => spec.function.into(),
+    };
     let args_ready = spec.args_ready(&worker);
     if args_ready {
         worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
-            event.name = name;
-            event.reason = waiting_reason(&spec.options);
+            event.name = Some(name);
+            event.reason = Some(waiting_reason(&spec.options));
         });
     } else {
         worker.task_events.record(spec.task_id, TaskState::PendingArgsAvail, |event| {
-            event.name = name;
-            event.reason = "waiting for its arguments (objects other tasks make)".into();
+            event.name = Some(name);
+            event.reason = Some(waiting_for_arguments());
         });
     }
     if stealable {
@@ -146,7 +149,9 @@ pub(crate) fn submit_task<R>(
                 }
             }
             Err(error) => {
-                runner.task_events.record(spec.task_id, TaskState::Failed, |event| event.error = error.to_string());
+                runner
+                    .task_events
+                    .record(spec.task_id, TaskState::Failed, |event| event.error = Some(error.to_string()));
                 spec.entry.settle(ObjectState::Failed(Arc::new(error)));
             }
         }
@@ -268,28 +273,50 @@ pub(crate) fn reconstruct(
 }
 
 /// Why a task with `options` waits for a lease (what it asks for).
-fn waiting_reason(options: &TaskOptions) -> String {
+fn waiting_reason(options: &TaskOptions) -> Arc<str> {
+    /// What a task asks for (the parts of its options its demand is made of).
+    type Asks = (f64, f64, u64, Option<String>, std::collections::BTreeMap<String, f64>);
     thread_local! {
-        /// The last demand this thread described, and its text: a stream of tasks of
-        /// one shape formats it once.
-        static LAST: std::cell::RefCell<Option<(ionet_common::resources::ResourceSet, Option<String>, String)>> =
-            const { std::cell::RefCell::new(None) };
+        /// The last asks this thread described, and its text: a stream of tasks of one
+        /// shape formats it once, and compares its options only.
+        static LAST: std::cell::RefCell<Option<(Asks, Arc<str>)>> = const { std::cell::RefCell::new(None) };
     }
-    let Ok(demand) = options.demand() else { return "waiting for a worker lease".into() };
+    let same = |asks: &Asks| {
+        asks.0 == options.num_cpus
+            && asks.1 == options.num_gpus
+            && asks.2 == options.memory
+            && asks.3 == options.accelerator_type
+            && asks.4 == options.resources
+    };
     LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((known, model, text)) = last.as_ref() {
-            if *known == demand && *model == options.accelerator_type {
+        if let Some((asks, text)) = last.borrow().as_ref() {
+            if same(asks) {
                 return text.clone();
             }
         }
-        let text = match &options.accelerator_type {
-            Some(model) => format!("waiting for a worker lease of {demand} on a {model} node"),
-            None => format!("waiting for a worker lease of {demand}"),
+        let text: Arc<str> = match (options.demand(), &options.accelerator_type) {
+            (Ok(demand), Some(model)) => format!("waiting for a worker lease of {demand} on a {model} node").into(),
+            (Ok(demand), None) => format!("waiting for a worker lease of {demand}").into(),
+            (Err(_), _) => "waiting for a worker lease".into(),
         };
-        *last = Some((demand, options.accelerator_type.clone(), text.clone()));
+        let asks = (
+            options.num_cpus,
+            options.num_gpus,
+            options.memory,
+            options.accelerator_type.clone(),
+            options.resources.clone(),
+        );
+        *last.borrow_mut() = Some((asks, text.clone()));
         text
     })
+}
+
+/// Why a task waits before it asks for a lease.
+fn waiting_for_arguments() -> Arc<str> {
+    thread_local! {
+        static TEXT: Arc<str> = "waiting for its arguments (objects other tasks make)".into();
+    }
+    TEXT.with(Arc::clone)
 }
 
 /// Pushes the task to a leased worker (retrying per its options) and gives its outcome;
@@ -310,7 +337,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
         if !told_waiting {
             worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
                 event.attempt = attempt;
-                event.reason = waiting_reason(&spec.options);
+                event.reason = Some(waiting_reason(&spec.options));
             });
             told_waiting = true;
         }
@@ -369,8 +396,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
         };
         worker.task_events.record(spec.task_id, TaskState::Running, |event| {
             event.attempt = attempt;
-            event.node_id = lease.node_id.clone();
-            event.worker_address = lease.worker_address.clone();
+            event.place = Some(lease.place.clone());
         });
         let pushed = lease.tasks.push(request).await;
         worker.running_tasks.remove(&spec.return_id);

@@ -15,14 +15,16 @@
 //! `IONET_TASK_EVENTS=0` in a process's environment turns its recording off (nothing is
 //! recorded, nothing sent): the baseline the events' cost is measured against.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ionet_common::auth::Bearer;
-use ionet_common::rpc::proto::gcs::{AddTaskEventsRequest, TaskEvent, TaskState};
+use ionet_common::rpc::proto::gcs::{AddTaskEventsRequest, TaskState};
 use ionet_common::rpc::{self, GcsClient};
+use ionet_common::task_event_batch::{BatchBuilder, Event};
 use ionet_common::TaskId;
 
 /// The most events waiting to be sent.
@@ -35,66 +37,123 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// The variable that turns recording off (`0`, `false`, `off`).
 pub const TASK_EVENTS_ENV: &str = "IONET_TASK_EVENTS";
 
-/// Events waiting to be sent, oldest first; a task's one event stands for all its
+/// Where a task runs: a node and a worker. One per lease (and one for this process),
+/// shared by the events of every task run there.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub(crate) node_id: Vec<u8>,
+    pub(crate) worker_address: String,
+}
+
+/// What an event says besides its state (each part optional).
+#[derive(Default)]
+pub(crate) struct Update {
+    pub(crate) attempt: u32,
+    /// On a task's first event.
+    pub(crate) name: Option<Cow<'static, str>>,
+    /// While it waits: why.
+    pub(crate) reason: Option<Arc<str>>,
+    /// Running and after.
+    pub(crate) place: Option<Arc<Place>>,
+    pub(crate) error: Option<String>,
+    /// Ended after running: how long it ran on its worker.
+    pub(crate) run_us: u64,
+}
+
+/// A task's events since the last batch, as one: its latest state, and what the earlier
+/// ones said that the latest does not.
+struct Entry {
+    task_id: TaskId,
+    state: TaskState,
+    time_us: u64,
+    submitted_us: u64,
+    started_us: u64,
+    update: Update,
+}
+
+impl Entry {
+    /// `new` (of `state` at `time_us`), a later event of the same task, merged in.
+    fn merge(&mut self, state: TaskState, time_us: u64, new: Update) {
+        if self.submitted_us == 0 {
+            self.submitted_us = self.time_us;
+        }
+        if self.state == TaskState::Running && self.started_us == 0 {
+            self.started_us = self.time_us;
+        }
+        match state {
+            TaskState::Running => self.started_us = time_us,
+            // Waiting again (a retry): the earlier run is not this one's start.
+            TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment => self.started_us = 0,
+            _ => {}
+        }
+        self.state = state;
+        self.time_us = time_us;
+        let old = &mut self.update;
+        old.attempt = old.attempt.max(new.attempt);
+        if new.name.is_some() {
+            old.name = new.name;
+        }
+        old.reason = new.reason;
+        if new.place.is_some() {
+            old.place = new.place;
+        }
+        old.error = new.error;
+        old.run_us = new.run_us;
+    }
+
+    fn event(&self) -> Event<'_> {
+        let update = &self.update;
+        Event {
+            task_id: self.task_id.as_bytes(),
+            state: self.state,
+            time_us: self.time_us,
+            attempt: update.attempt,
+            submitted_us: self.submitted_us,
+            started_us: self.started_us,
+            run_us: update.run_us,
+            name: update.name.as_deref().unwrap_or_default(),
+            reason: update.reason.as_deref().unwrap_or_default(),
+            node_id: update.place.as_ref().map_or(&[][..], |place| &place.node_id[..]),
+            worker_address: update.place.as_ref().map_or("", |place| &place.worker_address[..]),
+            error: update.error.as_deref().unwrap_or_default(),
+        }
+    }
+}
+
+/// Events waiting to be sent, oldest first; a task's one entry stands for all its
 /// events since the last batch.
 #[derive(Default)]
 struct Pending {
-    events: VecDeque<(TaskId, TaskEvent)>,
-    /// The sequence number of `events[0]` (one per event ever queued).
+    entries: VecDeque<Entry>,
+    /// The sequence number of `entries[0]` (one per entry ever queued).
     base: u64,
-    /// Each waiting task's event, by sequence number (the ids are this process's own:
+    /// Each waiting task's entry, by sequence number (the ids are this process's own:
     /// a fast hash).
     index: rustc_hash::FxHashMap<TaskId, u64>,
 }
 
 impl Pending {
     fn len(&self) -> usize {
-        self.events.len()
+        self.entries.len()
     }
 
-    /// Takes up to `count` of the oldest events.
-    fn take(&mut self, count: usize) -> Vec<TaskEvent> {
-        let count = count.min(self.events.len());
-        let mut taken = Vec::with_capacity(count);
-        for (offset, (task_id, mut event)) in self.events.drain(..count).enumerate() {
-            if self.index.get(&task_id) == Some(&(self.base + offset as u64)) {
-                self.index.remove(&task_id);
+    /// Takes up to `count` of the oldest entries (all of them at once when they are
+    /// fewer: no copy).
+    fn take(&mut self, count: usize) -> VecDeque<Entry> {
+        if self.entries.len() <= count {
+            self.base += self.entries.len() as u64;
+            self.index.clear();
+            return std::mem::take(&mut self.entries);
+        }
+        let taken: VecDeque<Entry> = self.entries.drain(..count).collect();
+        for (offset, entry) in taken.iter().enumerate() {
+            if self.index.get(&entry.task_id) == Some(&(self.base + offset as u64)) {
+                self.index.remove(&entry.task_id);
             }
-            event.task_id = task_id.to_vec();
-            taken.push(event);
         }
         self.base += count as u64;
         taken
     }
-}
-
-/// `new` merged into `old`, a later event of the same task that has not been sent.
-fn merge(old: &mut TaskEvent, new: TaskEvent) {
-    if old.submitted_us == 0 {
-        old.submitted_us = old.time_us;
-    }
-    if old.state == TaskState::Running as i32 && old.started_us == 0 {
-        old.started_us = old.time_us;
-    }
-    match TaskState::try_from(new.state) {
-        Ok(TaskState::Running) => old.started_us = new.time_us,
-        // Waiting again (a retry): the earlier run is not this one's start.
-        Ok(TaskState::PendingArgsAvail | TaskState::PendingNodeAssignment) => old.started_us = 0,
-        _ => {}
-    }
-    old.state = new.state;
-    old.time_us = new.time_us;
-    old.attempt = old.attempt.max(new.attempt);
-    if !new.name.is_empty() {
-        old.name = new.name;
-    }
-    old.reason = new.reason;
-    if !new.node_id.is_empty() {
-        old.node_id = new.node_id;
-        old.worker_address = new.worker_address;
-    }
-    old.error = new.error;
-    old.run_us = new.run_us;
 }
 
 struct Shared {
@@ -111,17 +170,21 @@ struct Shared {
 /// This process's recorder of its tasks' events.
 pub(crate) struct TaskEvents {
     shared: Arc<Shared>,
+    /// This process as a place tasks run (those it runs itself).
+    here: Arc<Place>,
     /// False: `IONET_TASK_EVENTS` turned recording off.
     enabled: bool,
 }
 
 impl TaskEvents {
-    /// Starts the sender on `handle`, for `job_id`'s tasks, to the head at `gcs_address`.
+    /// Starts the sender on `handle`, for `job_id`'s tasks, to the head at `gcs_address`;
+    /// `here` is this process.
     pub(crate) fn start(
         handle: &tokio::runtime::Handle,
         gcs_address: String,
         credential: Bearer,
         job_id: Vec<u8>,
+        here: Place,
     ) -> Self {
         let shared = Arc::new(Shared {
             job_id,
@@ -146,33 +209,45 @@ impl TaskEvents {
             std::env::var(TASK_EVENTS_ENV).map(|value| value.trim().to_ascii_lowercase()).as_deref(),
             Ok("0" | "false" | "off" | "no")
         );
-        Self { shared, enabled }
+        Self { shared, here: Arc::new(here), enabled }
+    }
+
+    /// This process, as where a task it runs itself runs.
+    pub(crate) fn here(&self) -> Arc<Place> {
+        self.here.clone()
     }
 
     /// Records that task `task_id` is now in `state`; `fill` adds what the state says.
-    pub(crate) fn record(&self, task_id: TaskId, state: TaskState, fill: impl FnOnce(&mut TaskEvent)) {
+    pub(crate) fn record(&self, task_id: TaskId, state: TaskState, fill: impl FnOnce(&mut Update)) {
         if !self.enabled {
             return;
         }
-        // The job's id goes on when the batch is sent.
-        let mut event = TaskEvent { state: state as i32, time_us: ionet_common::clock::now_us(), ..Default::default() };
-        fill(&mut event);
+        let time_us = ionet_common::clock::now_us();
+        let mut update = Update::default();
+        fill(&mut update);
         let full = {
             let mut guard = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
             let pending = &mut *guard;
-            if let Some(at) = pending.index.get(&task_id).and_then(|seq| seq.checked_sub(pending.base)) {
-                if let Some((_, waiting)) = pending.events.get_mut(at as usize) {
-                    merge(waiting, event);
-                    return;
-                }
-            }
-            if pending.len() >= CAPACITY {
+            if pending.len() >= CAPACITY && !pending.index.contains_key(&task_id) {
                 pending.take(1);
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
             let seq = pending.base + pending.len() as u64;
-            pending.events.push_back((task_id, event));
-            pending.index.insert(task_id, seq);
+            match pending.index.entry(task_id) {
+                std::collections::hash_map::Entry::Occupied(waiting) => {
+                    let at = waiting.get().checked_sub(pending.base);
+                    if let Some(entry) = at.and_then(|at| pending.entries.get_mut(at as usize)) {
+                        entry.merge(state, time_us, update);
+                        return;
+                    }
+                    // Not waiting any more (taken): a new entry.
+                    *waiting.into_mut() = seq;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(seq);
+                }
+            }
+            pending.entries.push_back(Entry { task_id, state, time_us, submitted_us: 0, started_us: 0, update });
             pending.len() >= MAX_BATCH
         };
         if full {
@@ -194,20 +269,23 @@ impl TaskEvents {
 async fn send_all(shared: &Shared) {
     let mut client = shared.sending.lock().await;
     loop {
-        let mut events = shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).take(MAX_BATCH);
-        for event in &mut events {
-            event.job_id = shared.job_id.clone();
-        }
+        let entries = shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).take(MAX_BATCH);
         let dropped = shared.dropped.swap(0, Ordering::Relaxed);
-        if events.is_empty() && dropped == 0 {
+        if entries.is_empty() && dropped == 0 {
             return;
         }
-        let count = events.len() as u64;
+        let count = entries.len() as u64;
+        let mut batch = BatchBuilder::new(&shared.job_id);
+        for entry in &entries {
+            batch.push(&entry.event());
+        }
+        drop(entries);
         if client.is_none() {
             *client = rpc::gcs_client(&shared.gcs_address, &shared.credential).await.ok();
         }
+        let request = AddTaskEventsRequest { events: Some(batch.finish()), dropped };
         let sent = match client.as_mut() {
-            Some(gcs) => gcs.add_task_events(AddTaskEventsRequest { events, dropped }).await.map(|_| ()),
+            Some(gcs) => gcs.add_task_events(request).await.map(|_| ()),
             None => Err(tonic::Status::unavailable("the head is not reachable")),
         };
         if let Err(status) = sent {
@@ -223,20 +301,30 @@ async fn send_all(shared: &Shared) {
 mod tests {
     use super::*;
 
+    fn place() -> Place {
+        Place { node_id: vec![7; 28], worker_address: "127.0.0.1:9".into() }
+    }
+
     /// A million tasks' events with the head unreachable: at most [`CAPACITY`] wait, the
     /// rest are dropped and counted, none is lost uncounted.
     #[tokio::test]
     async fn a_million_events_stay_bounded_and_every_drop_is_counted() {
         let credential = Bearer::new("ionet1.test").unwrap();
         // Nothing listens on port 1: every send fails.
-        let events =
-            TaskEvents::start(&tokio::runtime::Handle::current(), "127.0.0.1:1".into(), credential, vec![1; 4]);
+        let events = TaskEvents::start(
+            &tokio::runtime::Handle::current(),
+            "127.0.0.1:1".into(),
+            credential,
+            vec![1; 4],
+            place(),
+        );
         assert!(events.enabled);
         const TASKS: u64 = 1_000_000;
         for n in 0..TASKS {
             let mut id = [0u8; TaskId::LEN];
             id[..8].copy_from_slice(&n.to_le_bytes());
-            events.record(TaskId::from_bytes(&id).unwrap(), TaskState::Running, |event| event.name = "step".into());
+            events
+                .record(TaskId::from_bytes(&id).unwrap(), TaskState::Running, |event| event.name = Some("step".into()));
             if n % 100_000 == 0 {
                 let waiting = events.shared.buffer.lock().unwrap().len();
                 assert_eq!(events.shared.buffer.lock().unwrap().index.len(), waiting, "one index entry an event");
@@ -257,31 +345,37 @@ mod tests {
     #[tokio::test]
     async fn a_tasks_unsent_events_are_merged_into_one() {
         let credential = Bearer::new("ionet1.test").unwrap();
-        let events =
-            TaskEvents::start(&tokio::runtime::Handle::current(), "127.0.0.1:1".into(), credential, vec![1; 4]);
+        let events = TaskEvents::start(
+            &tokio::runtime::Handle::current(),
+            "127.0.0.1:1".into(),
+            credential,
+            vec![1; 4],
+            place(),
+        );
         let (first, second) =
             (TaskId::from_bytes(&[1; TaskId::LEN]).unwrap(), TaskId::from_bytes(&[2; TaskId::LEN]).unwrap());
         events.record(first, TaskState::PendingNodeAssignment, |event| {
-            event.name = "train".into();
-            event.reason = "waiting for a lease of {GPU: 1}".into();
+            event.name = Some("train".into());
+            event.reason = Some("waiting for a lease of {GPU: 1}".into());
         });
-        events.record(second, TaskState::PendingArgsAvail, |event| event.name = "eval".into());
-        events.record(first, TaskState::Running, |event| {
-            event.node_id = vec![9];
-            event.worker_address = "10.0.0.1:7000".into();
-        });
+        events.record(second, TaskState::PendingArgsAvail, |event| event.name = Some("eval".into()));
+        let worker = Arc::new(Place { node_id: vec![9], worker_address: "10.0.0.1:7000".into() });
+        events.record(first, TaskState::Running, |event| event.place = Some(worker.clone()));
         events.record(first, TaskState::Finished, |event| event.run_us = 40);
         let taken = events.shared.buffer.lock().unwrap().take(10);
-        let (train, eval) = (&taken[0], &taken[1]);
+        let (train, eval) = (taken[0].event(), taken[1].event());
         assert_eq!(taken.len(), 2);
-        assert_eq!((train.task_id.as_slice(), train.state), (&first.to_vec()[..], TaskState::Finished as i32));
-        assert_eq!((train.name.as_str(), train.node_id.as_slice(), train.run_us), ("train", &[9u8][..], 40));
+        assert_eq!((train.task_id, train.state), (first.as_bytes(), TaskState::Finished));
+        assert_eq!(
+            (train.name, train.node_id, train.worker_address, train.run_us),
+            ("train", &[9u8][..], "10.0.0.1:7000", 40)
+        );
         assert!(train.submitted_us > 0 && train.started_us >= train.submitted_us && train.time_us >= train.started_us);
         assert!(train.reason.is_empty(), "a task that ran waits for nothing");
-        assert_eq!((eval.name.as_str(), eval.state), ("eval", TaskState::PendingArgsAvail as i32));
+        assert_eq!((eval.name, eval.state), ("eval", TaskState::PendingArgsAvail));
         // Once sent, a task's next event starts a new one.
         events.record(second, TaskState::Running, |_| {});
         let next = events.shared.buffer.lock().unwrap().take(10);
-        assert_eq!((next.len(), next[0].state, next[0].submitted_us), (1, TaskState::Running as i32, 0));
+        assert_eq!((next.len(), next[0].state, next[0].submitted_us), (1, TaskState::Running, 0));
     }
 }

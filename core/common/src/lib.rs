@@ -37,6 +37,7 @@ pub mod lease;
 pub mod resources;
 pub mod rpc;
 pub mod rpc_metrics;
+pub mod task_event_batch;
 pub mod tls;
 pub mod worker_env;
 
