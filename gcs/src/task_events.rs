@@ -85,6 +85,8 @@ struct Row {
     node_id: Option<Arc<[u8]>>,
     worker_address: Option<Arc<str>>,
     error: Option<Arc<str>>,
+    /// An actor task's actor.
+    actor_id: Option<Arc<[u8]>>,
     submitted_us: u64,
     started_us: u64,
     ended_us: u64,
@@ -101,6 +103,7 @@ impl Row {
             node_id: None,
             worker_address: None,
             error: None,
+            actor_id: None,
             submitted_us,
             started_us: 0,
             ended_us: 0,
@@ -123,6 +126,7 @@ impl Row {
             submitted_us: self.submitted_us,
             started_us: self.started_us,
             ended_us: self.ended_us,
+            actor_id: self.actor_id.as_deref().unwrap_or_default().to_vec(),
         }
     }
 
@@ -138,6 +142,7 @@ impl Row {
             node_id: (!row.node_id.is_empty()).then(|| Arc::from(row.node_id)),
             worker_address: text(cut(row.worker_address, MAX_SHORT_TEXT)),
             error: text(cut(row.error, MAX_TEXT)),
+            actor_id: (!row.actor_id.is_empty()).then(|| Arc::from(row.actor_id)),
             submitted_us: row.submitted_us,
             started_us: row.started_us,
             ended_us: row.ended_us,
@@ -158,14 +163,16 @@ struct Update {
     node_id: Option<Arc<[u8]>>,
     worker_address: Option<Arc<str>>,
     error: Option<Arc<str>>,
+    actor_id: Option<Arc<[u8]>>,
 }
 
-/// A report's texts, each made once (cut to its bound) when an event first names it.
+/// A report's texts and ids, each made once (a text cut to its bound) when an event
+/// first names it.
 struct Texts<'a> {
     batch: &'a TaskEventBatch,
     short: Vec<Option<Arc<str>>>,
     long: Vec<Option<Arc<str>>>,
-    nodes: Vec<Option<Arc<[u8]>>>,
+    ids: Vec<Option<Arc<[u8]>>>,
 }
 
 impl<'a> Texts<'a> {
@@ -174,7 +181,7 @@ impl<'a> Texts<'a> {
             batch,
             short: vec![None; batch.texts.len()],
             long: vec![None; batch.texts.len()],
-            nodes: vec![None; batch.node_ids.len()],
+            ids: vec![None; batch.ids.len()],
         }
     }
 
@@ -189,11 +196,11 @@ impl<'a> Texts<'a> {
         slot.clone()
     }
 
-    fn node(&mut self, reference: u32) -> Option<Arc<[u8]>> {
+    fn id(&mut self, reference: u32) -> Option<Arc<[u8]>> {
         let at = reference.checked_sub(1)? as usize;
-        let slot = self.nodes.get_mut(at)?;
+        let slot = self.ids.get_mut(at)?;
         if slot.is_none() {
-            *slot = Some(Arc::from(self.batch.node_ids.get(at)?.as_slice()));
+            *slot = Some(Arc::from(self.batch.ids.get(at)?.as_slice()));
         }
         slot.clone()
     }
@@ -208,9 +215,10 @@ impl<'a> Texts<'a> {
             run_us: event.run_us,
             name: self.text(event.name, false),
             reason: self.text(event.reason, false),
-            node_id: self.node(event.node),
+            node_id: self.id(event.node),
             worker_address: self.text(event.worker_address, false),
             error: self.text(event.error, true),
+            actor_id: self.id(event.actor),
         }
     }
 }
@@ -631,6 +639,9 @@ pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut st
 fn apply(row: &mut Row, event: Update) {
     if event.name.is_some() {
         row.name = event.name;
+    }
+    if event.actor_id.is_some() {
+        row.actor_id = event.actor_id;
     }
     if is_terminal(row.state) && !is_terminal(event.state) {
         return;

@@ -72,6 +72,12 @@ def test_actors_nodes_and_jobs_are_listed_with_rays_fields():
     node = ionet.get_runtime_context().get_node_id()
     assert {row["node_id"] for row in alive} == {node}
     assert summarize_actors()["cluster"]["summary"]["Counter"]["state_counts"]["ALIVE"] >= 2
+    # Their calls are tasks too, named by class and method, each naming its actor.
+    wait_for(lambda: len(list_tasks(filters=[("name", "=", "Counter.add"), ("state", "=", "FINISHED")])) == 3,
+             what="the actors' calls listed finished")  # fmt: skip
+    calls = list_tasks(filters=[("name", "=", "Counter.add")])
+    assert {row["actor_id"] for row in calls} == {counter._native.hex() for counter in counters}, calls
+    assert all(row["type"] == "ACTOR_TASK" and row["node_id"] == node for row in calls), calls
     (only,) = list_nodes()
     assert only["node_id"] == node and only["state"] == "ALIVE" and only["resources_total"]["GPU"] == 2
     job = ionet.get_runtime_context().get_job_id()

@@ -19,11 +19,11 @@ use ionet_common::rpc::proto::gcs::{
     ActorInfo, ActorSpec, ActorState, CreateActorRequest, GetActorRequest, GetNamedActorRequest, KillActorRequest,
 };
 use ionet_common::rpc::GcsClient;
-use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
+use ionet_common::{ActorId, IonetError, IonetResult, ObjectId};
 use serde::{Deserialize, Serialize};
 
-pub(crate) use crate::actor_client::{ActorCall, ActorClient};
-use tokio::sync::{mpsc, Semaphore};
+pub(crate) use crate::actor_client::ActorClient;
+use tokio::sync::Semaphore;
 
 use crate::object_ref::{Arg, ObjectRef};
 use crate::options::{SchedulingStrategy, TaskOptions};
@@ -261,14 +261,7 @@ impl ActorHandle {
         let worker = runtime::current().unwrap_or_else(|err| panic!("{err}"));
         let return_id = ObjectId::random();
         let object = worker.new_object(return_id, ObjectState::Pending);
-        let client = worker.actor_client(self);
-        let call = ActorCall { method: method.into(), args, return_id, task_id: TaskId::random(), attempt: 0 };
-        if let Err(mpsc::error::SendError(call)) = client.queue.send(call) {
-            worker.settle_object(
-                &call.return_id,
-                ObjectState::Failed(Arc::new(IonetError::Internal("the actor's call queue is closed".into()))),
-            );
-        }
+        worker.actor_client(self).submit(method, args, return_id);
         object
     }
 

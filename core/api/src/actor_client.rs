@@ -6,13 +6,17 @@
 //! calls it left unanswered are retried on the next incarnation up to `max_task_retries`
 //! (one that never reached the worker, always), else fail with `ActorDied`, or with the
 //! error the actor died of (`Infeasible`).
+//!
+//! Each call is a task of the state API (`ACTOR_TASK`, named `Class.method`): queued
+//! (or waiting for its arguments) when made, running once sent to the actor's worker,
+//! then finished or failed, recorded like the tasks of `crate::submit`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ionet_common::rpc::proto::gcs::{ActorInfo, ActorState, GetActorRequest};
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorState, GetActorRequest, TaskState};
 use ionet_common::rpc::proto::worker::{
     push_task_reply, ActorCallBatch, NumberedReply, PushActorTaskRequest, PushTaskReply,
 };
@@ -23,6 +27,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::actor_policy::{self, AfterBreak, Delivery};
 use crate::object_ref::Arg;
 use crate::runtime::{self, CoreWorker, ObjectState};
+use crate::task_events::{Place, Update};
 
 /// An actor's state as its worker holds it: `&self` methods share it, `&mut self` methods
 /// hold it alone; blocking methods lock it from their thread, async ones across awaits.
@@ -56,6 +61,55 @@ impl ActorClient {
     /// means every older one is gone.
     pub(crate) fn learn(&self, info: &ActorInfo) {
         self.shared.learn(info);
+    }
+
+    /// Queues a call of `method` (its first event recorded): it goes to the actor in the
+    /// order made.
+    pub(crate) fn submit(&self, method: &str, args: Vec<Arg>, return_id: ObjectId) {
+        let (method, name) = self.shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(method);
+        let call = ActorCall { method, args, return_id, task_id: TaskId::random(), attempt: 0 };
+        let worker = &self.shared.worker;
+        let ready = call.args.iter().all(|arg| match arg {
+            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
+            _ => true,
+        });
+        let state = if ready { TaskState::PendingNodeAssignment } else { TaskState::PendingArgsAvail };
+        worker.task_events.record(call.task_id, state, |event| {
+            event.name = Some(name.into());
+            event.actor_id = Some(self.shared.actor_id.clone());
+            event.reason =
+                Some(if ready { self.shared.queued.clone() } else { crate::submit::waiting_for_arguments() });
+        });
+        if let Err(mpsc::error::SendError(call)) = self.queue.send(call) {
+            self.shared.fail(&call, Arc::new(IonetError::Internal("the actor's call queue is closed".into())));
+        }
+    }
+}
+
+/// The names this process's calls of one actor are listed under (`Class.method`), made
+/// once a method; the class as the actor's row shows it once that is known.
+struct Names {
+    class: Arc<str>,
+    by_method: HashMap<Box<str>, (Arc<str>, Arc<str>)>,
+}
+
+impl Names {
+    /// A method's name and its calls' name.
+    fn of(&mut self, method: &str) -> (Arc<str>, Arc<str>) {
+        if let Some(known) = self.by_method.get(method) {
+            return known.clone();
+        }
+        let made: (Arc<str>, Arc<str>) = (method.into(), format!("{}.{method}", self.class).into());
+        self.by_method.insert(method.into(), made.clone());
+        made
+    }
+
+    /// The class as the actor's row shows it (a Python class's own name).
+    fn shown_as(&mut self, class: &str) {
+        if !class.is_empty() && *self.class != *class {
+            self.class = class.into();
+            self.by_method.clear();
+        }
     }
 }
 
@@ -112,6 +166,8 @@ async fn watch_actor(shared: std::sync::Weak<SenderShared>) {
 /// the caller's next sequence number in it.
 struct Connection {
     incarnation: u32,
+    /// The actor's node and worker (its calls' events say where they ran).
+    place: Arc<Place>,
     next_sequence: u64,
     batches: mpsc::UnboundedSender<ActorCallBatch>,
     sent: Arc<Mutex<SentCalls>>,
@@ -142,6 +198,41 @@ struct SenderShared {
     max_task_retries: AtomicI64,
     /// The worker address and sent calls of the current stream (read by cancels).
     current: Mutex<Option<(String, Arc<Mutex<SentCalls>>)>>,
+    /// What the calls' events say: the actor, their names, why a queued call waits.
+    actor_id: Arc<[u8]>,
+    names: Mutex<Names>,
+    queued: Arc<str>,
+}
+
+impl SenderShared {
+    /// Records an event of `call` (its attempt; `fill` adds what the state says).
+    fn record(&self, call: &ActorCall, state: TaskState, fill: impl FnOnce(&mut Update)) {
+        self.worker.task_events.record(call.task_id, state, |event| {
+            event.attempt = call.attempt;
+            fill(event);
+        });
+    }
+
+    /// Fails `call` with `error` (recorded).
+    fn fail(&self, call: &ActorCall, error: Arc<IonetError>) {
+        self.record(call, TaskState::Failed, |event| event.error = Some(error.to_string()));
+        self.worker.settle_object(&call.return_id, ObjectState::Failed(error));
+    }
+
+    /// Settles `call` with the actor's `state` for it (recorded: finished, or failed
+    /// with what; it ran for `run_us`).
+    fn answered(&self, call: &ActorCall, state: ObjectState, run_us: u64) {
+        match &state {
+            ObjectState::Failed(error) => {
+                self.record(call, TaskState::Failed, |event| {
+                    event.error = Some(error.to_string());
+                    event.run_us = run_us;
+                });
+            }
+            _ => self.record(call, TaskState::Finished, |event| event.run_us = run_us),
+        }
+        self.worker.settle_object(&call.return_id, state);
+    }
 }
 
 impl ActorClient {
@@ -155,6 +246,9 @@ impl ActorClient {
             broken: AtomicI64::new(-1),
             max_task_retries: AtomicI64::new(0),
             current: Mutex::new(None),
+            actor_id: actor.id.to_vec().into(),
+            names: Mutex::new(Names { class: actor.class.as_str().into(), by_method: HashMap::new() }),
+            queued: format!("queued for actor {} ({})", actor.class, actor.id.short()).into(),
         });
         worker.handle.spawn(send_calls(shared.clone(), calls));
         worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
@@ -180,7 +274,7 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
         }
         for call in taken {
             if let Some(error) = &dead {
-                worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
+                shared.fail(&call, error.clone());
                 continue;
             }
             // Whatever may wait goes after the calls gathered so far are on their way: an
@@ -191,7 +285,7 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
                 Ok(args) => args,
                 Err(error) => {
-                    worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                    shared.fail(&call, Arc::new(error));
                     continue;
                 }
             };
@@ -206,12 +300,12 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                     Ok(Ok(fresh)) => connection = Some(fresh),
                     Ok(Err(error)) => {
                         let error = Arc::new(error);
-                        worker.settle_object(&call.return_id, ObjectState::Failed(error.clone()));
+                        shared.fail(&call, error.clone());
                         dead = Some(error);
                         continue;
                     }
                     Err(error) => {
-                        worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+                        shared.fail(&call, Arc::new(error));
                         continue;
                     }
                 }
@@ -237,6 +331,8 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 return_object_id: call.return_id.to_vec(),
                 inline_threshold: worker.inline_threshold as u64,
             };
+            // Named again: the class may be shown by its own name by now (a Python class's).
+            let name = shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(&call.method).1;
             let mut sent = current.sent.lock().unwrap_or_else(|p| p.into_inner());
             if sent.closed {
                 // The stream ended meanwhile: the call goes round again, to the next incarnation.
@@ -244,6 +340,10 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 requeue(&shared, call);
                 continue;
             }
+            shared.record(&call, TaskState::Running, |event| {
+                event.name = Some(name.into());
+                event.place = Some(current.place.clone());
+            });
             sent.calls.insert(sequence, (call, permit));
             drop(sent);
             current.next_sequence += 1;
@@ -266,10 +366,9 @@ fn flush(connection: &Option<Connection>, batch: &mut Vec<PushActorTaskRequest>)
 }
 
 fn requeue(shared: &SenderShared, call: ActorCall) {
-    let return_id = call.return_id;
-    if let Err(mpsc::error::SendError(_)) = shared.queue.send(call) {
-        let closed = IonetError::Internal("the actor's call queue is closed".into());
-        shared.worker.settle_object(&return_id, ObjectState::Failed(Arc::new(closed)));
+    shared.record(&call, TaskState::PendingNodeAssignment, |event| event.reason = Some(shared.queued.clone()));
+    if let Err(mpsc::error::SendError(call)) = shared.queue.send(call) {
+        shared.fail(&call, Arc::new(IonetError::Internal("the actor's call queue is closed".into())));
     }
 }
 
@@ -277,16 +376,17 @@ fn requeue(shared: &SenderShared, call: ActorCall) {
 fn open_stream(
     shared: &Arc<SenderShared>,
     incarnation: u32,
-    address: &str,
+    place: Arc<Place>,
     channel: ionet_common::rpc::AuthChannel,
 ) -> Connection {
     let (batches, outgoing) = mpsc::unbounded_channel();
     // The first batch names this process: the actor lends it refs in its replies.
     let _ = batches.send(ActorCallBatch { calls: Vec::new(), caller_address: shared.worker.address.to_string() });
     let sent = Arc::new(Mutex::new(SentCalls::default()));
-    let reader = read_replies(shared.clone(), incarnation, address.into(), channel, outgoing, sent.clone());
+    let address = place.worker_address.as_str().into();
+    let reader = read_replies(shared.clone(), incarnation, address, channel, outgoing, sent.clone());
     shared.worker.handle.spawn(reader);
-    Connection { incarnation, next_sequence: 0, batches, sent }
+    Connection { incarnation, place, next_sequence: 0, batches, sent }
 }
 
 /// Settles each reply as it comes; when the stream ends, the calls still unanswered are
@@ -326,8 +426,9 @@ async fn read_replies(
                     if shared.worker.objects.get(&call.return_id).is_none() {
                         borrows.forget_container(&call.return_id);
                     }
+                    let run_us = reply.run_micros;
                     let state = reply_state(&shared, &call.method, reply);
-                    shared.worker.settle_object(&call.return_id, state);
+                    shared.answered(&call, state, run_us);
                     drop((call, permit)); // releases argument refs and the in-flight slot
                 }
             })
@@ -361,7 +462,7 @@ async fn read_replies(
         }
         let cause = cause.as_deref().unwrap_or_default();
         let error = IonetError::ActorDied(format!("{cause}; call {} was lost ({})", call.method, ended.message()));
-        shared.worker.settle_object(&call.return_id, ObjectState::Failed(Arc::new(error)));
+        shared.fail(&call, Arc::new(error));
     }
 }
 
@@ -409,11 +510,13 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
         )?;
         let spec = info.spec.clone().unwrap_or_default();
         shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
+        shared.names.lock().unwrap_or_else(|p| p.into_inner()).shown_as(&spec.display_class);
         match ActorState::try_from(info.state).unwrap_or(ActorState::Unspecified) {
             ActorState::Dead => return Ok(Err(death_error(&shared.actor, &info))),
             ActorState::Alive if i64::from(info.incarnation) > broken => {
                 let channel = worker.channel(&info.address)?;
-                let connection = open_stream(shared, info.incarnation, &info.address, channel);
+                let place = Arc::new(Place { node_id: info.node_id.clone(), worker_address: info.address.clone() });
+                let connection = open_stream(shared, info.incarnation, place, channel);
                 *shared.current.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((info.address.clone(), connection.sent.clone()));
                 return Ok(Ok(connection));

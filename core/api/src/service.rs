@@ -156,6 +156,7 @@ async fn run_async_call(
     inline_threshold: u64,
     call: actor::MethodFuture,
 ) -> PushTaskReply {
+    let started = Instant::now();
     let outcome: Outcome = match tokio::spawn(call).await {
         Ok(value) => {
             let store = worker.clone();
@@ -167,7 +168,9 @@ async fn run_async_call(
         Err(err) if err.is_panic() => Err(err.into_panic()),
         Err(err) => Ok(Err(Failure::error(format!("the method's task was cancelled: {err}")))),
     };
-    reply_of(worker, function_name, task_bytes, outcome)
+    let mut reply = reply_of(worker, function_name, task_bytes, outcome);
+    reply.run_micros = started.elapsed().as_micros() as u64;
+    reply
 }
 
 /// Checks a pushed task and reads its arguments: the reply at once when it cannot run

@@ -109,8 +109,8 @@ pub(crate) fn submit_task<R>(
         rebuilding: tokio::sync::Mutex::new(()),
     });
     // Its first event before anyone may run it (a run here records its own).
-    let name: std::borrow::Cow<'static, str> = match &spec.options.name {
-        Some(name) => name.clone().into(),
+    let name: crate::task_events::Name = match &spec.options.name {
+        Some(name) => Arc::<str>::from(name.as_str()).into(),
         None => spec.function.into(),
     };
     let args_ready = spec.args_ready(&worker);
@@ -312,7 +312,7 @@ fn waiting_reason(options: &TaskOptions) -> Arc<str> {
 }
 
 /// Why a task waits before it asks for a lease.
-fn waiting_for_arguments() -> Arc<str> {
+pub(crate) fn waiting_for_arguments() -> Arc<str> {
     thread_local! {
         static TEXT: Arc<str> = "waiting for its arguments (objects other tasks make)".into();
     }

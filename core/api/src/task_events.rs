@@ -15,7 +15,6 @@
 //! `IONET_TASK_EVENTS=0` in a process's environment turns its recording off (nothing is
 //! recorded, nothing sent): the baseline the events' cost is measured against.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,12 +44,44 @@ pub(crate) struct Place {
     pub(crate) worker_address: String,
 }
 
+/// A task's name as its events carry it: a function's (not copied), or one made once and
+/// shared (an actor's `Class.method`, a task's `name` option).
+#[derive(Clone, Debug)]
+pub(crate) enum Name {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Name::Static(name) => name,
+            Name::Shared(name) => name,
+        }
+    }
+}
+
+impl From<&'static str> for Name {
+    fn from(name: &'static str) -> Self {
+        Name::Static(name)
+    }
+}
+
+impl From<Arc<str>> for Name {
+    fn from(name: Arc<str>) -> Self {
+        Name::Shared(name)
+    }
+}
+
 /// What an event says besides its state (each part optional).
 #[derive(Default)]
 pub(crate) struct Update {
     pub(crate) attempt: u32,
     /// On a task's first event.
-    pub(crate) name: Option<Cow<'static, str>>,
+    pub(crate) name: Option<Name>,
+    /// An actor task's actor (on its first event).
+    pub(crate) actor_id: Option<Arc<[u8]>>,
     /// While it waits: why.
     pub(crate) reason: Option<Arc<str>>,
     /// Running and after.
@@ -93,6 +124,9 @@ impl Entry {
         if new.name.is_some() {
             old.name = new.name;
         }
+        if new.actor_id.is_some() {
+            old.actor_id = new.actor_id;
+        }
         old.reason = new.reason;
         if new.place.is_some() {
             old.place = new.place;
@@ -116,6 +150,7 @@ impl Entry {
             node_id: update.place.as_ref().map_or(&[][..], |place| &place.node_id[..]),
             worker_address: update.place.as_ref().map_or("", |place| &place.worker_address[..]),
             error: update.error.as_deref().unwrap_or_default(),
+            actor_id: update.actor_id.as_deref().unwrap_or_default(),
         }
     }
 }

@@ -817,7 +817,8 @@ impl Holder {
 
 /// 1,000 tasks on two nodes (100 of them named `ping`), one that fails, one holding the
 /// only GPU and one waiting for it; 10 actors, one of them keeping an 8 MiB object the
-/// driver put; says what it made, then `ready`, then waits for `release` to exist.
+/// driver put, and one waiting for the GPU with a call queued for it; says what it made,
+/// then `ready`, then waits for `release` to exist.
 fn state_driver(session: &str, release: &str) {
     let config = InitConfig { session_dir: Some(session.into()), ..Default::default() };
     ionet::init(config.address("auto")).unwrap();
@@ -838,6 +839,8 @@ fn state_driver(session: &str, release: &str) {
         .map(|holder| format!("{}={}", holder.actor_handle().id().hex(), ionet::get(&holder.node()).unwrap()))
         .collect();
     println!("actors {}", placed.join(","));
+    let gpu_actor = Holder::options(ionet::actor::ActorOptions::new().num_gpus(1.0).num_cpus(0.0)).remote().unwrap();
+    let _queued = gpu_actor.node();
     let big = ionet::put(&vec![5u8; 8 << 20]).unwrap();
     println!(
         "big {} held by {} and {}",
@@ -847,6 +850,8 @@ fn state_driver(session: &str, release: &str) {
     );
     println!("ready");
     ionet::get_timeout(&holder, Duration::from_secs(90)).unwrap();
+    // The GPU may have gone to the actor: the waiting task has it once the actor is gone.
+    ionet::kill(&gpu_actor, true).unwrap();
     ionet::get_timeout(&waiter, Duration::from_secs(90)).unwrap();
     drop((big, holders));
     ionet::shutdown();
@@ -854,8 +859,9 @@ fn state_driver(session: &str, release: &str) {
 
 /// The state API on a running two-node cluster: `ionet list tasks` lists a job's 1,000
 /// tasks finished on both nodes, a failed one with its error, one waiting for the GPU
-/// another holds with that reason; `ionet summary tasks` counts them; `ionet timeline`
-/// writes 100 `ping` slices on two nodes as Chrome trace JSON.
+/// another holds with that reason, and its actors' calls where they ran; `ionet summary
+/// tasks` counts them; `ionet timeline` writes 100 `ping` slices on two nodes as Chrome
+/// trace JSON.
 fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     let mut cluster = Cluster::start(&["--num-cpus", "0"]);
     cluster.add_node(&["--num-cpus", "2", "--labels", "name=a"]);
@@ -893,18 +899,20 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     };
     // Events reach the head within a second or two of happening.
     wait_until("the job's tasks listed as they are", Duration::from_secs(30), || {
-        let waiting = list(&["--state", "PENDING_NODE_ASSIGNMENT"]);
+        let waiting = list(&["--state", "PENDING_NODE_ASSIGNMENT", "--filter", "type=NORMAL_TASK"]);
         waiting.len() == 1
             && waiting[0]["name"] == "gpu waiter"
+            && list(&["--state", "PENDING_NODE_ASSIGNMENT", "--filter", "type=ACTOR_TASK"]).len() == 1
             && list(&["--state", "FAILED"]).len() == 1
             && list(&["--state", "RUNNING"]).len() == 1
-            && list(&["--state", "FINISHED"]).len() == 1_000
+            && list(&["--state", "FINISHED", "--filter", "type=NORMAL_TASK"]).len() == 1_000
+            && list(&["--state", "FINISHED", "--filter", "type=ACTOR_TASK"]).len() == 11
     });
-    let finished = list(&["--state", "FINISHED"]);
+    let finished = list(&["--state", "FINISHED", "--filter", "type=NORMAL_TASK"]);
     let nodes: BTreeSet<&str> = finished.iter().map(|task| task["node_id"].as_str().unwrap()).collect();
     assert_eq!(nodes.len(), 2, "finished on both nodes");
     assert!(finished.iter().all(|task| task["start_time_ms"].as_u64() <= task["end_time_ms"].as_u64()));
-    let waiting = &list(&["--state", "PENDING_NODE_ASSIGNMENT"])[0];
+    let waiting = &list(&["--state", "PENDING_NODE_ASSIGNMENT", "--filter", "type=NORMAL_TASK"])[0];
     assert_eq!(waiting["name"], "gpu waiter");
     assert!(waiting["pending_reason"].as_str().unwrap().contains("GPU: 1"), "{waiting}");
     let failed = list(&["--state", "FAILED"]);
@@ -913,6 +921,29 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     assert!(failed[0]["error_message"].as_str().unwrap().contains("the model diverged"), "{}", failed[0]);
     let running = list(&["--state", "RUNNING"]);
     assert_eq!(running.len(), 1, "the GPU holder runs: {running:?}");
+    // Its actors' calls are tasks too (`Class.method`): each `node` call ran where its
+    // actor lives.
+    let calls = list(&["--name", "tasks::Holder.node", "--state", "FINISHED"]);
+    assert_eq!(calls.len(), 10, "{calls:?}");
+    for call in &calls {
+        let actor = call["actor_id"].as_str().unwrap_or_else(|| panic!("an actor task names its actor: {call}"));
+        let node = &actors.iter().find(|(id, _)| id == actor).expect("a call of one of the driver's actors").1;
+        assert_eq!(
+            (call["type"].as_str(), call["state"].as_str(), call["node_id"].as_str()),
+            (Some("ACTOR_TASK"), Some("FINISHED"), Some(node.as_str())),
+            "{call}"
+        );
+        assert!(call["start_time_ms"].as_u64() <= call["end_time_ms"].as_u64(), "{call}");
+    }
+    assert_eq!(list(&["--name", "tasks::Holder.hold"]).len(), 1);
+    // A call to an actor still waiting for the GPU is queued, and says for what.
+    let queued = list(&["--name", "tasks::Holder.node", "--state", "PENDING_NODE_ASSIGNMENT"]);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert!(
+        queued[0]["pending_reason"].as_str().unwrap().starts_with("queued for actor tasks::Holder"),
+        "{}",
+        queued[0]
+    );
 
     let summary = cluster.ionet(&["summary", "tasks", "--job", &job]);
     assert!(summary.contains("FINISHED: 900") && summary.contains("FINISHED: 100"), "{summary}");
@@ -926,6 +957,10 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     let pids: BTreeSet<u64> = slices.iter().map(|slice| slice["pid"].as_u64().unwrap()).collect();
     assert_eq!(pids.len(), 2, "slices on two nodes");
     assert!(slices.iter().all(|slice| slice["name"] == "ping" && slice["dur"].is_u64()));
+    cluster.ionet(&["timeline", "--job", &job, "--name", "tasks::Holder.node", "-o", &trace_file]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
+    let calls = trace["traceEvents"].as_array().unwrap().iter().filter(|event| event["ph"] == "X").count();
+    assert_eq!(calls, 10, "an actor's calls are slices of the timeline too");
 
     // The nodes and the job, as `ionet list` shows them.
     let nodes: Vec<serde_json::Value> =

@@ -4,7 +4,7 @@
 //!
 //! Columns cost what a task's event says and little more: packed numbers, the task ids
 //! one after another, each distinct text (a function's name, a worker's address, a
-//! waiting reason) and node id once per batch, named by index. Reading a batch allocates
+//! waiting reason) and id (a node's, an actor's) once per batch, named by index. Reading a batch allocates
 //! nothing per event.
 
 use std::collections::HashMap;
@@ -28,10 +28,12 @@ pub struct Event<'a> {
     pub node_id: &'a [u8],
     pub worker_address: &'a str,
     pub error: &'a str,
+    /// An actor task's actor (empty: a normal task).
+    pub actor_id: &'a [u8],
 }
 
 /// One event of a checked batch: numbers, and its texts as references into the batch
-/// ([`TaskEventBatch::text`], [`TaskEventBatch::node`]; 0: none).
+/// ([`TaskEventBatch::text`], [`TaskEventBatch::id`]; 0: none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchEvent<'a> {
     pub task_id: &'a [u8],
@@ -46,17 +48,19 @@ pub struct BatchEvent<'a> {
     pub node: u32,
     pub worker_address: u32,
     pub error: u32,
+    pub actor: u32,
 }
 
 /// Builds one batch of one job's events.
 pub struct BatchBuilder {
     batch: TaskEventBatch,
     texts: HashMap<String, u32, ahash::RandomState>,
-    nodes: HashMap<Vec<u8>, u32, ahash::RandomState>,
+    ids: HashMap<Vec<u8>, u32, ahash::RandomState>,
     /// Each text column's last reference (a stream of one function's tasks names the
     /// same texts event after event: compared, not hashed).
     last: [u32; 4],
-    last_node: u32,
+    /// Each id column's last reference, likewise.
+    last_id: [u32; 2],
 }
 
 /// The text columns, as [`BatchBuilder::text`] remembers their last reference.
@@ -64,15 +68,18 @@ const NAME: usize = 0;
 const REASON: usize = 1;
 const WORKER_ADDRESS: usize = 2;
 const ERROR: usize = 3;
+/// The id columns, likewise.
+const NODE: usize = 0;
+const ACTOR: usize = 1;
 
 impl BatchBuilder {
     pub fn new(job_id: &[u8]) -> Self {
         Self {
             batch: TaskEventBatch { job_id: job_id.to_vec(), ..Default::default() },
             texts: HashMap::default(),
-            nodes: HashMap::default(),
+            ids: HashMap::default(),
             last: [0; 4],
-            last_node: 0,
+            last_id: [0; 2],
         }
     }
 
@@ -107,36 +114,38 @@ impl BatchBuilder {
         at
     }
 
-    fn node(&mut self, node_id: &[u8]) -> u32 {
-        if node_id.is_empty() {
+    /// The reference of `id` in `column`, the id added if it is new.
+    fn id(&mut self, column: usize, id: &[u8]) -> u32 {
+        if id.is_empty() {
             return 0;
         }
-        let last = self.last_node;
-        if last > 0 && self.batch.node_ids[last as usize - 1] == node_id {
+        let last = self.last_id[column];
+        if last > 0 && self.batch.ids[last as usize - 1] == id {
             return last;
         }
-        let at = match self.nodes.get(node_id) {
+        let at = match self.ids.get(id) {
             Some(&at) => at,
             None => {
-                self.batch.node_ids.push(node_id.to_vec());
-                let at = self.batch.node_ids.len() as u32;
-                self.nodes.insert(node_id.to_vec(), at);
+                self.batch.ids.push(id.to_vec());
+                let at = self.batch.ids.len() as u32;
+                self.ids.insert(id.to_vec(), at);
                 at
             }
         };
-        self.last_node = at;
+        self.last_id[column] = at;
         at
     }
 
     /// Adds `event` (its task id must be [`TaskId::LEN`] bytes for the head to take the
     /// batch).
     pub fn push(&mut self, event: &Event<'_>) {
-        let (name, reason, node, worker_address, error) = (
+        let (name, reason, node, worker_address, error, actor) = (
             self.text(NAME, event.name),
             self.text(REASON, event.reason),
-            self.node(event.node_id),
+            self.id(NODE, event.node_id),
             self.text(WORKER_ADDRESS, event.worker_address),
             self.text(ERROR, event.error),
+            self.id(ACTOR, event.actor_id),
         );
         let batch = &mut self.batch;
         batch.task_ids.extend_from_slice(event.task_id);
@@ -151,6 +160,7 @@ impl BatchBuilder {
         batch.nodes.push(node);
         batch.worker_addresses.push(worker_address);
         batch.errors.push(error);
+        batch.actors.push(actor);
     }
 
     /// The batch, its all-zero columns left out.
@@ -170,6 +180,7 @@ impl BatchBuilder {
         drop_zeros(&mut batch.nodes);
         drop_zeros(&mut batch.worker_addresses);
         drop_zeros(&mut batch.errors);
+        drop_zeros(&mut batch.actors);
         batch
     }
 }
@@ -199,6 +210,7 @@ impl TaskEventBatch {
             ("nodes", self.nodes.len()),
             ("worker_addresses", self.worker_addresses.len()),
             ("errors", self.errors.len()),
+            ("actors", self.actors.len()),
         ];
         for (column, length) in lengths {
             let required = matches!(column, "states" | "times_us");
@@ -224,9 +236,11 @@ impl TaskEventBatch {
                 return Err(format!("the column {column} names text {bad}, but the batch holds {texts}"));
             }
         }
-        let nodes = self.node_ids.len() as u32;
-        if let Some(bad) = self.nodes.iter().find(|&&at| at > nodes) {
-            return Err(format!("the column nodes names node {bad}, but the batch holds {nodes}"));
+        let ids = self.ids.len() as u32;
+        for (column, references) in [("nodes", &self.nodes), ("actors", &self.actors)] {
+            if let Some(bad) = references.iter().find(|&&at| at > ids) {
+                return Err(format!("the column {column} names id {bad}, but the batch holds {ids}"));
+            }
         }
         Ok(count)
     }
@@ -252,6 +266,7 @@ impl TaskEventBatch {
             node: reference(&self.nodes),
             worker_address: reference(&self.worker_addresses),
             error: reference(&self.errors),
+            actor: reference(&self.actors),
         }
     }
 
@@ -260,9 +275,9 @@ impl TaskEventBatch {
         reference.checked_sub(1).and_then(|at| self.texts.get(at as usize)).map(String::as_str)
     }
 
-    /// The node id a reference names (0: none).
-    pub fn node(&self, reference: u32) -> Option<&[u8]> {
-        reference.checked_sub(1).and_then(|at| self.node_ids.get(at as usize)).map(Vec::as_slice)
+    /// The id (a node's, an actor's) a reference names (0: none).
+    pub fn id(&self, reference: u32) -> Option<&[u8]> {
+        reference.checked_sub(1).and_then(|at| self.ids.get(at as usize)).map(Vec::as_slice)
     }
 }
 
@@ -283,21 +298,23 @@ mod tests {
                 node_id: &[7; 28],
                 worker_address: "10.0.0.1:7000",
                 error: if n == 3 { "boom" } else { "" },
+                actor_id: if n % 10 == 0 { &[9; 16] } else { &[] },
                 ..Default::default()
             });
         }
         let batch = builder.finish();
         assert_eq!(batch.check(), Ok(100));
-        assert_eq!((batch.texts.len(), batch.node_ids.len()), (4, 1), "each text once");
+        assert_eq!((batch.texts.len(), batch.ids.len()), (4, 2), "each text and id once");
         assert!(batch.attempts.is_empty() && batch.reasons.is_empty(), "columns of zeros are left out");
         let third = batch.event(3);
         assert_eq!((third.task_id, third.state, third.time_us), (&[3u8; TaskId::LEN][..], TaskState::Finished, 1_003));
         assert_eq!((batch.text(third.name), batch.text(third.error)), (Some("eval"), Some("boom")));
         assert_eq!(batch.text(batch.event(4).name), Some("step"));
         assert_eq!(
-            (batch.node(third.node), batch.text(third.worker_address)),
+            (batch.id(third.node), batch.text(third.worker_address)),
             (Some(&[7u8; 28][..]), Some("10.0.0.1:7000"))
         );
+        assert_eq!((batch.id(third.actor), batch.id(batch.event(10).actor)), (None, Some(&[9u8; 16][..])));
         assert_eq!((batch.text(batch.event(4).error), batch.text(third.reason)), (None, None));
     }
 
@@ -321,8 +338,11 @@ mod tests {
         assert!(unknown.check().unwrap_err().contains("77 is no task state"));
         unknown.states[0] = TaskState::Unspecified as i32;
         assert!(unknown.check().is_err(), "UNSPECIFIED is no state an event reports");
-        let mut node = good;
+        let mut node = good.clone();
         node.nodes = vec![0, 1];
-        assert!(node.check().unwrap_err().contains("node 1"));
+        assert!(node.check().unwrap_err().contains("nodes names id 1"));
+        let mut actor = good;
+        actor.actors = vec![1, 0];
+        assert!(actor.check().unwrap_err().contains("actors names id 1"));
     }
 }
