@@ -1032,6 +1032,59 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
     assert!(driver.wait().unwrap().success());
 }
 
+/// A process's resident memory, in KiB (Linux's /proc).
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A million tasks run on a real cluster: the head keeps at most its bound of task rows
+/// for the job's account, forgets the oldest ones and counts them (none lost uncounted),
+/// and its memory stops growing once the bound is reached.
+fn a_million_tasks_keep_the_heads_task_events_bounded() {
+    let tasks: u64 = 1_000_000;
+    const CHUNK: u64 = 20_000;
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    cluster.add_node(&["--num-cpus", "2"]);
+    cluster.init();
+    let job = ionet::get_runtime_context().unwrap().job_id.hex();
+    let started = Instant::now();
+    let mut resident = Vec::new();
+    for chunk in 0..tasks / CHUNK {
+        let refs: Vec<_> = (chunk * CHUNK..(chunk + 1) * CHUNK).map(square::remote).collect();
+        let values = ionet::get_all(&refs).unwrap();
+        assert_eq!(values.last(), Some(&(((chunk + 1) * CHUNK - 1) * ((chunk + 1) * CHUNK - 1))));
+        resident.push(resident_kib(cluster.pid(0)));
+    }
+    eprintln!("{tasks} tasks in {:?}; the head's resident KiB after each {CHUNK}: {resident:?}", started.elapsed());
+    // Every task is listed, or counted as forgotten or dropped: none goes uncounted.
+    let counted = |printed: &str| -> (u64, u64, u64) {
+        let shown = printed.lines().find(|line| line.ends_with("matching tasks shown")).expect(printed);
+        let total: u64 = shown.split(' ').nth(2).unwrap().parse().unwrap();
+        let note = printed.lines().find(|line| line.starts_with("note: ")).unwrap_or_default();
+        let numbers: Vec<u64> = note.split(' ').filter_map(|word| word.parse().ok()).collect();
+        (total, numbers.first().copied().unwrap_or(0), numbers.get(1).copied().unwrap_or(0))
+    };
+    let mut last = (0, 0, 0);
+    wait_until("every task's events counted by the head", Duration::from_secs(60), || {
+        last = counted(&cluster.run_ionet_output(&["list", "tasks", "--job", &job, "--limit", "1"]));
+        let (listed, dropped, forgotten) = last;
+        listed + forgotten >= tasks - dropped
+    });
+    let (listed, dropped, forgotten) = last;
+    eprintln!("listed {listed}, dropped on the way {dropped}, forgotten {forgotten}");
+    assert!(listed <= 50_000, "the head keeps at most its bound of one account's tasks: {listed}");
+    assert!(forgotten >= tasks.saturating_sub(50_000 + dropped), "the rest forgotten and counted: {last:?}");
+    // Past the bound the head grows no more: its memory after the last chunks is that
+    // after the first half's, give or take what an allocator keeps.
+    let half = resident[resident.len() / 2];
+    let end = *resident.last().unwrap();
+    assert!(end < half + half / 10, "the head grew from {half} KiB to {end} KiB over the second half");
+    ionet::shutdown();
+    drop(cluster);
+}
+
 /// Set in a re-executed test binary that plays a driver whose output is read.
 const PRINTING_DRIVER_ENV: &str = "IONET_TEST_PRINTING_DRIVER";
 
@@ -1134,6 +1187,7 @@ fn main() {
                 "the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons",
                 the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons,
             ),
+            ("a_million_tasks_keep_the_heads_task_events_bounded", a_million_tasks_keep_the_heads_task_events_bounded),
             (
                 "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",
                 tasks_of_a_killed_node_run_elsewhere_before_the_head_notices,

@@ -189,6 +189,11 @@ impl Cluster {
         }
     }
 
+    /// The process id of daemon `index` (0: the head).
+    pub fn pid(&self, index: usize) -> u32 {
+        self.daemons[index].id()
+    }
+
     /// Kills daemon `index` (SIGKILL: no goodbye to the cluster); its workers die with it.
     pub fn kill(&mut self, index: usize) {
         let daemon = &mut self.daemons[index];
