@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::actor_policy::{self, AfterBreak, Delivery};
 use crate::object_ref::Arg;
 use crate::runtime::{self, CoreWorker, ObjectState};
-use crate::task_events::{Place, Update};
+use crate::task_events::{Place, Tracked, Update};
 
 /// An actor's state as its worker holds it: `&self` methods share it, `&mut self` methods
 /// hold it alone; blocking methods lock it from their thread, async ones across awaits.
@@ -36,7 +36,8 @@ pub(crate) struct ActorCall {
     pub(crate) method: Arc<str>,
     pub(crate) args: Vec<Arg>,
     pub(crate) return_id: ObjectId,
-    pub(crate) task_id: TaskId,
+    /// The call as a task of the state API.
+    pub(crate) task: Tracked,
     pub(crate) attempt: u32,
 }
 
@@ -53,7 +54,7 @@ impl ActorClient {
         let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner());
         let (address, sent) = current.as_ref()?;
         let sent = sent.lock().unwrap_or_else(|p| p.into_inner());
-        let task_id = sent.calls.values().find(|(call, _)| call.return_id == *id)?.0.task_id;
+        let task_id = sent.calls.values().find(|(call, _)| call.return_id == *id)?.0.task.task_id;
         Some((address.clone(), task_id))
     }
 
@@ -66,20 +67,26 @@ impl ActorClient {
     /// Queues a call of `method` (its first event recorded): it goes to the actor in the
     /// order made.
     pub(crate) fn submit(&self, method: &str, args: Vec<Arg>, return_id: ObjectId) {
-        let (method, name) = self.shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(method);
-        let call = ActorCall { method, args, return_id, task_id: TaskId::random(), attempt: 0 };
         let worker = &self.shared.worker;
-        let ready = call.args.iter().all(|arg| match arg {
-            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
-            _ => true,
-        });
-        let state = if ready { TaskState::PendingNodeAssignment } else { TaskState::PendingArgsAvail };
-        worker.task_events.record(call.task_id, state, |event| {
-            event.name = Some(name.into());
-            event.actor_id = Some(self.shared.actor_id.clone());
-            event.reason =
-                Some(if ready { self.shared.queued.clone() } else { crate::submit::waiting_for_arguments() });
-        });
+        let task = worker.task_events.admit(TaskId::random());
+        let call = if task.recorded() {
+            let (method, name) = self.shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(method);
+            let call = ActorCall { method, args, return_id, task, attempt: 0 };
+            let ready = call.args.iter().all(|arg| match arg {
+                Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
+                _ => true,
+            });
+            let state = if ready { TaskState::PendingNodeAssignment } else { TaskState::PendingArgsAvail };
+            worker.task_events.record(call.task, state, |event| {
+                event.name = Some(name.into());
+                event.actor_id = Some(self.shared.actor_id.clone());
+                event.reason =
+                    Some(if ready { self.shared.queued.clone() } else { crate::submit::waiting_for_arguments() });
+            });
+            call
+        } else {
+            ActorCall { method: method.into(), args, return_id, task, attempt: 0 }
+        };
         if let Err(mpsc::error::SendError(call)) = self.queue.send(call) {
             self.shared.fail(&call, Arc::new(IonetError::Internal("the actor's call queue is closed".into())));
         }
@@ -207,7 +214,7 @@ struct SenderShared {
 impl SenderShared {
     /// Records an event of `call` (its attempt; `fill` adds what the state says).
     fn record(&self, call: &ActorCall, state: TaskState, fill: impl FnOnce(&mut Update)) {
-        self.worker.task_events.record(call.task_id, state, |event| {
+        self.worker.task_events.record(call.task, state, |event| {
             event.attempt = call.attempt;
             fill(event);
         });
@@ -327,12 +334,13 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 sequence,
                 method: call.method.to_string(),
                 args,
-                task_id: call.task_id.to_vec(),
+                task_id: call.task.task_id.to_vec(),
                 return_object_id: call.return_id.to_vec(),
                 inline_threshold: worker.inline_threshold as u64,
             };
             // Named again: the class may be shown by its own name by now (a Python class's).
-            let name = shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(&call.method).1;
+            let name =
+                call.task.recorded().then(|| shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(&call.method).1);
             let mut sent = current.sent.lock().unwrap_or_else(|p| p.into_inner());
             if sent.closed {
                 // The stream ended meanwhile: the call goes round again, to the next incarnation.
@@ -341,7 +349,7 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 continue;
             }
             shared.record(&call, TaskState::Running, |event| {
-                event.name = Some(name.into());
+                event.name = name.map(Into::into);
                 event.place = Some(current.place.clone());
             });
             sent.calls.insert(sequence, (call, permit));

@@ -107,20 +107,20 @@ pub(crate) fn run_waited_tasks(worker: &Arc<CoreWorker>, ids: impl DoubleEndedIt
         spec.taken.notify_one(); // its pushing future stops waiting for a lease
         if spec.entry.is_settled() {
             // Cancelled before it started.
-            worker.task_events.record(spec.task_id, TaskState::Failed, |event| event.error = Some("cancelled".into()));
+            worker.task_events.record(spec.events, TaskState::Failed, |event| event.error = Some("cancelled".into()));
             continue;
         }
         NESTING.with(|nesting| nesting.set(nesting.get() + 1));
         worker.inline_running.insert(id, spec.task_id);
         let here = |event: &mut crate::task_events::Update| event.place = Some(worker.task_events.here());
-        worker.task_events.record(spec.task_id, TaskState::Running, here);
+        worker.task_events.record(spec.events, TaskState::Running, here);
         let state = run_here(worker, &spec);
         match &state {
-            ObjectState::Failed(error) => worker.task_events.record(spec.task_id, TaskState::Failed, |event| {
+            ObjectState::Failed(error) => worker.task_events.record(spec.events, TaskState::Failed, |event| {
                 here(event);
                 event.error = Some(error.to_string());
             }),
-            _ => worker.task_events.record(spec.task_id, TaskState::Finished, here),
+            _ => worker.task_events.record(spec.events, TaskState::Finished, here),
         }
         worker.inline_running.remove(&id);
         NESTING.with(|nesting| nesting.set(nesting.get() - 1));

@@ -20,6 +20,8 @@ use ionet_common::rpc::proto::gcs::TaskState;
 
 pub(crate) struct TaskSpec {
     pub(crate) task_id: TaskId,
+    /// The task as its events know it (whether they are recorded).
+    pub(crate) events: crate::task_events::Tracked,
     pub(crate) function: &'static str,
     /// What the task's run time is learnt under: its function (for Python, the Python
     /// function the generic task runs).
@@ -56,8 +58,10 @@ impl TaskSpec {
 /// A spec for tests of what keeps specs: `arg_bytes` of inline argument, for `entry`.
 #[cfg(test)]
 pub(crate) fn spec_for_test(return_id: ObjectId, entry: Arc<ObjectEntry>, arg_bytes: usize) -> Arc<TaskSpec> {
+    let task_id = TaskId::random();
     Arc::new(TaskSpec {
-        task_id: TaskId::random(),
+        task_id,
+        events: crate::task_events::Tracked::unrecorded(task_id),
         function: "test",
         profile: 0,
         options: TaskOptions::default(),
@@ -94,8 +98,10 @@ pub(crate) fn submit_task<R>(
         worker.children.entry(parent).or_default().push(return_id);
     }
     let stealable = crate::inline::eligible(&worker, &options);
+    let task_id = TaskId::random();
     let spec = Arc::new(TaskSpec {
-        task_id: TaskId::random(),
+        task_id,
+        events: worker.task_events.admit(task_id),
         function,
         profile,
         options,
@@ -109,19 +115,21 @@ pub(crate) fn submit_task<R>(
         rebuilding: tokio::sync::Mutex::new(()),
     });
     // Its first event before anyone may run it (a run here records its own).
-    let name: crate::task_events::Name = match &spec.options.name {
-        Some(name) => Arc::<str>::from(name.as_str()).into(),
-        None => spec.function.into(),
+    let name = || -> crate::task_events::Name {
+        match &spec.options.name {
+            Some(name) => Arc::<str>::from(name.as_str()).into(),
+            None => spec.function.into(),
+        }
     };
     let args_ready = spec.args_ready(&worker);
     if args_ready {
-        worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
-            event.name = Some(name);
+        worker.task_events.record(spec.events, TaskState::PendingNodeAssignment, |event| {
+            event.name = Some(name());
             event.reason = Some(waiting_reason(&spec.options));
         });
     } else {
-        worker.task_events.record(spec.task_id, TaskState::PendingArgsAvail, |event| {
-            event.name = Some(name);
+        worker.task_events.record(spec.events, TaskState::PendingArgsAvail, |event| {
+            event.name = Some(name());
             event.reason = Some(waiting_for_arguments());
         });
     }
@@ -151,7 +159,7 @@ pub(crate) fn submit_task<R>(
             Err(error) => {
                 runner
                     .task_events
-                    .record(spec.task_id, TaskState::Failed, |event| event.error = Some(error.to_string()));
+                    .record(spec.events, TaskState::Failed, |event| event.error = Some(error.to_string()));
                 spec.entry.settle(ObjectState::Failed(Arc::new(error)));
             }
         }
@@ -335,7 +343,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
     loop {
         let args = resolve_args(worker, spec).await?;
         if !told_waiting {
-            worker.task_events.record(spec.task_id, TaskState::PendingNodeAssignment, |event| {
+            worker.task_events.record(spec.events, TaskState::PendingNodeAssignment, |event| {
                 event.attempt = attempt;
                 event.reason = Some(waiting_reason(&spec.options));
             });
@@ -394,7 +402,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
             sequence: 0,
             depth: spec.depth,
         };
-        worker.task_events.record(spec.task_id, TaskState::Running, |event| {
+        worker.task_events.record(spec.events, TaskState::Running, |event| {
             event.attempt = attempt;
             event.place = Some(lease.place.clone());
         });
@@ -425,7 +433,7 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
                 worker.retire_if_spent(&pool, &lease).await;
                 if !matches!(reply.result, Some(push_task_reply::Result::Failure(_)) | None) {
                     // Where it ran went with its RUNNING event.
-                    worker.task_events.record(spec.task_id, TaskState::Finished, |event| {
+                    worker.task_events.record(spec.events, TaskState::Finished, |event| {
                         event.attempt = attempt;
                         event.run_us = reply.run_micros;
                     });

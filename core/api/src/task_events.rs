@@ -12,6 +12,13 @@
 //! told to the head with the next batch (listings show the count). A batch the head does
 //! not take is dropped the same way: events never hold a task up.
 //!
+//! Bounded in rate too: a process records the events of at most [`RATE`] new tasks a
+//! second (`IONET_TASK_EVENTS_PER_SECOND`); a task past it is not recorded at all, from
+//! its submission to its end (so no row is left half told), and counted as dropped. A
+//! flood of tiny tasks (a quarter of a million a second) would otherwise spend a good
+//! part of the machine on rows the head forgets within a fraction of a second (it keeps
+//! 50,000 an account); work of tasks that last milliseconds or more is never near it.
+//!
 //! `IONET_TASK_EVENTS=0` in a process's environment turns its recording off (nothing is
 //! recorded, nothing sent): the baseline the events' cost is measured against.
 
@@ -35,6 +42,34 @@ const MAX_BATCH: usize = 2_000;
 const PERIOD: Duration = Duration::from_secs(1);
 /// The variable that turns recording off (`0`, `false`, `off`).
 pub const TASK_EVENTS_ENV: &str = "IONET_TASK_EVENTS";
+/// The most new tasks a second whose events a process records, unless
+/// [`RATE_ENV`] says otherwise.
+pub(crate) const RATE: u64 = 10_000;
+/// The variable that sets that rate (a whole number, at most [`MAX_RATE`]).
+pub const RATE_ENV: &str = "IONET_TASK_EVENTS_PER_SECOND";
+/// The most a rate may be (what a count in [`TaskEvents::admitted`] holds).
+const MAX_RATE: u64 = (1 << COUNT_BITS) - 1;
+const COUNT_BITS: u32 = 24;
+
+/// A task as its events know it: its id, and whether they are recorded (decided once, at
+/// its submission: [`TaskEvents::admit`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tracked {
+    pub(crate) task_id: TaskId,
+    recorded: bool,
+}
+
+impl Tracked {
+    /// A task whose events are not recorded.
+    #[cfg(test)]
+    pub(crate) fn unrecorded(task_id: TaskId) -> Self {
+        Self { task_id, recorded: false }
+    }
+
+    pub(crate) fn recorded(&self) -> bool {
+        self.recorded
+    }
+}
 
 /// Where a task runs: a node and a worker. One per lease (and one for this process),
 /// shared by the events of every task run there.
@@ -209,6 +244,11 @@ pub(crate) struct TaskEvents {
     here: Arc<Place>,
     /// False: `IONET_TASK_EVENTS` turned recording off.
     enabled: bool,
+    /// The most new tasks a second recorded.
+    rate: u64,
+    /// The second new tasks were last admitted in (the high bits) and how many were
+    /// (the low [`COUNT_BITS`]).
+    admitted: AtomicU64,
 }
 
 impl TaskEvents {
@@ -244,7 +284,39 @@ impl TaskEvents {
             std::env::var(TASK_EVENTS_ENV).map(|value| value.trim().to_ascii_lowercase()).as_deref(),
             Ok("0" | "false" | "off" | "no")
         );
-        Self { shared, here: Arc::new(here), enabled }
+        let rate = std::env::var(RATE_ENV).ok().and_then(|value| value.trim().parse::<u64>().ok()).unwrap_or(RATE);
+        Self { shared, here: Arc::new(here), enabled, rate: rate.min(MAX_RATE), admitted: AtomicU64::new(0) }
+    }
+
+    /// Whether the events of task `task_id`, submitted now, are recorded: at most
+    /// [`RATE`] new tasks' a second are (the others are counted as dropped).
+    pub(crate) fn admit(&self, task_id: TaskId) -> Tracked {
+        let recorded = self.enabled && self.admit_in(ionet_common::clock::now_us() / 1_000_000);
+        Tracked { task_id, recorded }
+    }
+
+    /// Admits one more new task in `second`, if fewer than the rate were.
+    fn admit_in(&self, second: u64) -> bool {
+        if self.rate == 0 {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let mut current = self.admitted.load(Ordering::Relaxed);
+        loop {
+            let (window, count) = (current >> COUNT_BITS, current & MAX_RATE);
+            let next = if window != second & (u64::MAX >> COUNT_BITS) {
+                (second << COUNT_BITS) | 1
+            } else if count < self.rate {
+                current + 1
+            } else {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            match self.admitted.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// This process, as where a task it runs itself runs.
@@ -252,11 +324,13 @@ impl TaskEvents {
         self.here.clone()
     }
 
-    /// Records that task `task_id` is now in `state`; `fill` adds what the state says.
-    pub(crate) fn record(&self, task_id: TaskId, state: TaskState, fill: impl FnOnce(&mut Update)) {
-        if !self.enabled {
+    /// Records that `task` is now in `state` (if its events are recorded); `fill` adds
+    /// what the state says.
+    pub(crate) fn record(&self, task: Tracked, state: TaskState, fill: impl FnOnce(&mut Update)) {
+        if !task.recorded {
             return;
         }
+        let task_id = task.task_id;
         let time_us = ionet_common::clock::now_us();
         let mut update = Update::default();
         fill(&mut update);
@@ -358,8 +432,8 @@ mod tests {
         for n in 0..TASKS {
             let mut id = [0u8; TaskId::LEN];
             id[..8].copy_from_slice(&n.to_le_bytes());
-            events
-                .record(TaskId::from_bytes(&id).unwrap(), TaskState::Running, |event| event.name = Some("step".into()));
+            let task = Tracked { task_id: TaskId::from_bytes(&id).unwrap(), recorded: true };
+            events.record(task, TaskState::Running, |event| event.name = Some("step".into()));
             if n % 100_000 == 0 {
                 let waiting = events.shared.buffer.lock().unwrap().len();
                 assert_eq!(events.shared.buffer.lock().unwrap().index.len(), waiting, "one index entry an event");
@@ -387,8 +461,8 @@ mod tests {
             vec![1; 4],
             place(),
         );
-        let (first, second) =
-            (TaskId::from_bytes(&[1; TaskId::LEN]).unwrap(), TaskId::from_bytes(&[2; TaskId::LEN]).unwrap());
+        let tracked = |byte: u8| Tracked { task_id: TaskId::from_bytes(&[byte; TaskId::LEN]).unwrap(), recorded: true };
+        let (first, second) = (tracked(1), tracked(2));
         events.record(first, TaskState::PendingNodeAssignment, |event| {
             event.name = Some("train".into());
             event.reason = Some("waiting for a lease of {GPU: 1}".into());
@@ -400,7 +474,7 @@ mod tests {
         let taken = events.shared.buffer.lock().unwrap().take(10);
         let (train, eval) = (taken[0].event(), taken[1].event());
         assert_eq!(taken.len(), 2);
-        assert_eq!((train.task_id, train.state), (first.as_bytes(), TaskState::Finished));
+        assert_eq!((train.task_id, train.state), (first.task_id.as_bytes(), TaskState::Finished));
         assert_eq!(
             (train.name, train.node_id, train.worker_address, train.run_us),
             ("train", &[9u8][..], "10.0.0.1:7000", 40)
@@ -412,5 +486,32 @@ mod tests {
         events.record(second, TaskState::Running, |_| {});
         let next = events.shared.buffer.lock().unwrap().take(10);
         assert_eq!((next.len(), next[0].state, next[0].submitted_us), (1, TaskState::Running, 0));
+    }
+
+    /// At most the rate of new tasks a second are recorded; the rest are counted as
+    /// dropped, and their events (all of them) are not recorded.
+    #[tokio::test]
+    async fn past_the_rate_a_new_tasks_events_are_not_recorded_and_counted() {
+        let credential = Bearer::new("ionet1.test").unwrap();
+        let mut events = TaskEvents::start(
+            &tokio::runtime::Handle::current(),
+            "127.0.0.1:1".into(),
+            credential,
+            vec![1; 4],
+            place(),
+        );
+        events.rate = 3;
+        let admitted: Vec<bool> = (0..5).map(|_| events.admit_in(100)).collect();
+        assert_eq!(admitted, [true, true, true, false, false]);
+        assert_eq!(events.shared.dropped.load(Ordering::Relaxed), 2);
+        assert!(events.admit_in(101), "a new second admits again");
+        assert!(events.admit_in(101) && events.admit_in(101) && !events.admit_in(101));
+        let refused = Tracked { task_id: TaskId::random(), recorded: false };
+        events.record(refused, TaskState::Running, |_| {});
+        events.record(refused, TaskState::Finished, |_| {});
+        assert_eq!(events.shared.buffer.lock().unwrap().len(), 0, "nothing of a task not admitted");
+        events.rate = 0;
+        assert!(!events.admit_in(102), "a rate of 0 records nothing");
+        assert_eq!(events.shared.dropped.load(Ordering::Relaxed), 4);
     }
 }
