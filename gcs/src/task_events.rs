@@ -710,12 +710,12 @@ mod tests {
         assert_eq!(waiting.rows[0].reason, "waiting for a lease of {GPU: 1}");
         let mut done = event(1, TaskState::Finished, 100);
         done.run_us = 40;
-        done.node_id = &[9];
+        done.node_id = &[9; 28];
         let long = "x".repeat(MAX_TEXT * 2);
         done.error = &long;
         table.add(&acme, &of(1, &[event(1, TaskState::Running, 50), done]), 0).unwrap();
         let row = &table.list(|_| true, &[], TaskState::Finished, "TRAIN", 10).rows[0];
-        assert_eq!((row.started_us, row.ended_us, row.node_id.clone()), (60, 100, vec![9]));
+        assert_eq!((row.started_us, row.ended_us, row.node_id.clone()), (60, 100, vec![9; 28]));
         assert!(row.reason.is_empty() && row.error.len() == MAX_TEXT, "texts are cut");
         table.add(&acme, &of(1, &[event(1, TaskState::PendingNodeAssignment, 120)]), 0).unwrap();
         assert_eq!(table.list(|_| true, &[], TaskState::Finished, "", 10).total, 1, "an ended task stays ended");

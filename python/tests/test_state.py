@@ -73,11 +73,14 @@ def test_actors_nodes_and_jobs_are_listed_with_rays_fields():
     assert {row["node_id"] for row in alive} == {node}
     assert summarize_actors()["cluster"]["summary"]["Counter"]["state_counts"]["ALIVE"] >= 2
     # Their calls are tasks too, named by class and method, each naming its actor.
-    wait_for(lambda: len(list_tasks(filters=[("name", "=", "Counter.add"), ("state", "=", "FINISHED")])) == 3,
-             what="the actors' calls listed finished")  # fmt: skip
-    calls = list_tasks(filters=[("name", "=", "Counter.add")])
-    assert {row["actor_id"] for row in calls} == {counter._native.hex() for counter in counters}, calls
-    assert all(row["type"] == "ACTOR_TASK" and row["node_id"] == node for row in calls), calls
+    ids = {counter._native.hex() for counter in counters}
+
+    def calls():
+        return [row for row in list_tasks(filters=[("name", "=", "Counter.add")]) if row["actor_id"] in ids]
+
+    wait_for(lambda: [row["state"] for row in calls()] == ["FINISHED"] * 3, what="the actors' calls listed finished")
+    assert {row["actor_id"] for row in calls()} == ids
+    assert all(row["type"] == "ACTOR_TASK" and row["node_id"] == node for row in calls()), calls()
     (only,) = list_nodes()
     assert only["node_id"] == node and only["state"] == "ALIVE" and only["resources_total"]["GPU"] == 2
     job = ionet.get_runtime_context().get_job_id()

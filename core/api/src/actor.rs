@@ -346,7 +346,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
         let info = actor_row(
             worker.call_head(request, |mut gcs, request| async move { gcs.create_actor(request).await }).await?.actor,
         )?;
-        let handle = handle_of(info)?;
+        let handle = handle_of(&worker, info)?;
         // Only for the actor this call made (`get_if_exists` may answer another's).
         if !inside.is_empty() && handle.id.as_bytes() == actor_id.as_slice() {
             if let dashmap::mapref::entry::Entry::Vacant(entry) = worker.actor_args.entry(handle.id) {
@@ -393,9 +393,14 @@ async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId
     }
 }
 
-fn handle_of(info: ActorInfo) -> IonetResult<ActorHandle> {
+/// The handle of the actor `info` is the row of (the class it is shown by remembered).
+fn handle_of(worker: &CoreWorker, info: ActorInfo) -> IonetResult<ActorHandle> {
     let spec = info.spec.unwrap_or_default();
-    Ok(ActorHandle { id: ActorId::from_bytes(&spec.actor_id)?, class: spec.class_name })
+    let id = ActorId::from_bytes(&spec.actor_id)?;
+    if !spec.display_class.is_empty() {
+        worker.actor_classes.insert(id, spec.display_class.as_str().into());
+    }
+    Ok(ActorHandle { id, class: spec.class_name })
 }
 
 /// The live actor named `name` in `namespace` (`None`: the driver's namespace).
@@ -411,7 +416,7 @@ pub fn get_actor<H: ActorClassHandle>(name: &str, namespace: Option<&str>) -> Io
                 .actor,
         )
     })?;
-    let handle = handle_of(info)?;
+    let handle = handle_of(&worker, info)?;
     if handle.class != H::CLASS {
         return Err(IonetError::InvalidArgument(format!(
             "the actor named {name:?} is a {}, not a {}",

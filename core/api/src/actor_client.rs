@@ -21,7 +21,7 @@ use ionet_common::rpc::proto::worker::{
     push_task_reply, ActorCallBatch, NumberedReply, PushActorTaskRequest, PushTaskReply,
 };
 use ionet_common::rpc::CoreWorkerClient;
-use ionet_common::{IonetError, IonetResult, ObjectId, TaskId};
+use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::actor_policy::{self, AfterBreak, Delivery};
@@ -70,51 +70,65 @@ impl ActorClient {
         let worker = &self.shared.worker;
         let task = worker.task_events.admit(TaskId::random());
         let call = if task.recorded() {
-            let (method, name) = self.shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(method);
+            let (method, name, queued) = self.shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(method);
             let call = ActorCall { method, args, return_id, task, attempt: 0 };
-            let ready = call.args.iter().all(|arg| match arg {
-                Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
-                _ => true,
-            });
+            let ready = crate::submit::args_ready(worker, &call.args);
             let state = if ready { TaskState::PendingNodeAssignment } else { TaskState::PendingArgsAvail };
             worker.task_events.record(call.task, state, |event| {
                 event.name = Some(name.into());
                 event.actor_id = Some(self.shared.actor_id.clone());
-                event.reason =
-                    Some(if ready { self.shared.queued.clone() } else { crate::submit::waiting_for_arguments() });
+                event.reason = Some(if ready { queued } else { crate::submit::waiting_for_arguments() });
             });
             call
         } else {
             ActorCall { method: method.into(), args, return_id, task, attempt: 0 }
         };
         if let Err(mpsc::error::SendError(call)) = self.queue.send(call) {
-            self.shared.fail(&call, Arc::new(IonetError::Internal("the actor's call queue is closed".into())));
+            self.shared.fail(&call, queue_closed());
         }
     }
+}
+
+/// Why a call fails when its actor's queue is gone (this process is stopping).
+fn queue_closed() -> Arc<IonetError> {
+    Arc::new(IonetError::Internal("the actor's call queue is closed".into()))
 }
 
 /// The names this process's calls of one actor are listed under (`Class.method`), made
-/// once a method; the class as the actor's row shows it once that is known.
+/// once a method, and why a queued call waits; by the class as the actor's row shows it
+/// (a Python class's own name) once this process knows it.
 struct Names {
     class: Arc<str>,
+    actor: ActorId,
     by_method: HashMap<Box<str>, (Arc<str>, Arc<str>)>,
+    queued: Arc<str>,
 }
 
 impl Names {
-    /// A method's name and its calls' name.
-    fn of(&mut self, method: &str) -> (Arc<str>, Arc<str>) {
-        if let Some(known) = self.by_method.get(method) {
-            return known.clone();
+    fn new(class: &str, actor: ActorId) -> Self {
+        Self { class: class.into(), actor, by_method: HashMap::new(), queued: Self::queued_text(class, actor) }
+    }
+
+    fn queued_text(class: &str, actor: ActorId) -> Arc<str> {
+        format!("queued for actor {class} ({})", actor.short()).into()
+    }
+
+    /// A method's name, its calls' name and why one waits while queued.
+    fn of(&mut self, method: &str) -> (Arc<str>, Arc<str>, Arc<str>) {
+        let queued = self.queued.clone();
+        if let Some((method, name)) = self.by_method.get(method) {
+            return (method.clone(), name.clone(), queued);
         }
         let made: (Arc<str>, Arc<str>) = (method.into(), format!("{}.{method}", self.class).into());
         self.by_method.insert(method.into(), made.clone());
-        made
+        (made.0, made.1, queued)
     }
 
-    /// The class as the actor's row shows it (a Python class's own name).
+    /// The class as the actor's row shows it.
     fn shown_as(&mut self, class: &str) {
         if !class.is_empty() && *self.class != *class {
             self.class = class.into();
+            self.queued = Self::queued_text(class, self.actor);
             self.by_method.clear();
         }
     }
@@ -208,7 +222,6 @@ struct SenderShared {
     /// What the calls' events say: the actor, their names, why a queued call waits.
     actor_id: Arc<[u8]>,
     names: Mutex<Names>,
-    queued: Arc<str>,
 }
 
 impl SenderShared {
@@ -226,9 +239,22 @@ impl SenderShared {
         self.worker.settle_object(&call.return_id, ObjectState::Failed(error));
     }
 
+    /// Whether `call`'s object was settled before its answer (its owner cancelled it):
+    /// recorded as failed, cancelled.
+    fn cancelled(&self, call: &ActorCall) -> bool {
+        let settled = self.worker.objects.get(&call.return_id).is_some_and(|entry| entry.is_settled());
+        if settled {
+            self.record(call, TaskState::Failed, |event| event.error = Some("cancelled by its owner".into()));
+        }
+        settled
+    }
+
     /// Settles `call` with the actor's `state` for it (recorded: finished, or failed
     /// with what; it ran for `run_us`).
     fn answered(&self, call: &ActorCall, state: ObjectState, run_us: u64) {
+        if call.task.recorded() && self.cancelled(call) {
+            return;
+        }
         match &state {
             ObjectState::Failed(error) => {
                 self.record(call, TaskState::Failed, |event| {
@@ -254,8 +280,10 @@ impl ActorClient {
             max_task_retries: AtomicI64::new(0),
             current: Mutex::new(None),
             actor_id: actor.id.to_vec().into(),
-            names: Mutex::new(Names { class: actor.class.as_str().into(), by_method: HashMap::new() }),
-            queued: format!("queued for actor {} ({})", actor.class, actor.id.short()).into(),
+            names: Mutex::new(Names::new(
+                &worker.actor_classes.get(&actor.id).map_or_else(|| actor.class.as_str().into(), |shown| shown.clone()),
+                actor.id,
+            )),
         });
         worker.handle.spawn(send_calls(shared.clone(), calls));
         worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
@@ -284,11 +312,15 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                 shared.fail(&call, error.clone());
                 continue;
             }
+            if shared.cancelled(&call) {
+                continue; // not sent: nobody waits for its answer
+            }
             // Whatever may wait goes after the calls gathered so far are on their way: an
             // argument may be the result of one of them.
             if call.args.iter().any(|arg| matches!(arg, Arg::Ref(_))) {
                 flush(&connection, &mut batch);
             }
+            let waited = call.task.recorded() && !crate::submit::args_ready(&worker, &call.args);
             let args = match runtime::resolve_call_args(&worker, &call.method, &call.args).await {
                 Ok(args) => args,
                 Err(error) => {
@@ -296,6 +328,11 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
                     continue;
                 }
             };
+            if waited {
+                // Its arguments are here now: it waits for its actor.
+                let queued = shared.names.lock().unwrap_or_else(|p| p.into_inner()).queued.clone();
+                shared.record(&call, TaskState::PendingNodeAssignment, |event| event.reason = Some(queued));
+            }
             let broken = shared.broken.load(Ordering::SeqCst);
             let usable = connection.as_ref().is_some_and(|c| {
                 i64::from(c.incarnation) > broken && !c.sent.lock().unwrap_or_else(|p| p.into_inner()).closed
@@ -341,6 +378,8 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             // Named again: the class may be shown by its own name by now (a Python class's).
             let name =
                 call.task.recorded().then(|| shared.names.lock().unwrap_or_else(|p| p.into_inner()).of(&call.method).1);
+            // The actor again: the row says so even if the first event was dropped.
+            let actor_id = call.task.recorded().then(|| shared.actor_id.clone());
             let mut sent = current.sent.lock().unwrap_or_else(|p| p.into_inner());
             if sent.closed {
                 // The stream ended meanwhile: the call goes round again, to the next incarnation.
@@ -350,6 +389,7 @@ async fn send_calls(shared: Arc<SenderShared>, mut calls: mpsc::UnboundedReceive
             }
             shared.record(&call, TaskState::Running, |event| {
                 event.name = name.map(Into::into);
+                event.actor_id = actor_id;
                 event.place = Some(current.place.clone());
             });
             sent.calls.insert(sequence, (call, permit));
@@ -374,9 +414,12 @@ fn flush(connection: &Option<Connection>, batch: &mut Vec<PushActorTaskRequest>)
 }
 
 fn requeue(shared: &SenderShared, call: ActorCall) {
-    shared.record(&call, TaskState::PendingNodeAssignment, |event| event.reason = Some(shared.queued.clone()));
+    if call.task.recorded() {
+        let queued = shared.names.lock().unwrap_or_else(|p| p.into_inner()).queued.clone();
+        shared.record(&call, TaskState::PendingNodeAssignment, |event| event.reason = Some(queued));
+    }
     if let Err(mpsc::error::SendError(call)) = shared.queue.send(call) {
-        shared.fail(&call, Arc::new(IonetError::Internal("the actor's call queue is closed".into())));
+        shared.fail(&call, queue_closed());
     }
 }
 

@@ -91,6 +91,9 @@ pub(crate) struct CoreWorker {
     /// Identifies this process to the actors it calls (their per-caller call order).
     pub(crate) caller_id: ObjectId,
     pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
+    /// The class names actors this process learnt of are shown by, where it is not their
+    /// registered one (a Python class's): their calls are listed under it.
+    pub(crate) actor_classes: DashMap<ionet_common::ActorId, Arc<str>>,
     /// Refs inside the constructor arguments of actors this process created, held while
     /// the actor lives: its constructor runs again on every restart.
     pub(crate) actor_args: DashMap<ionet_common::ActorId, Vec<crate::object_ref::ObjectRef<()>>>,
@@ -250,6 +253,7 @@ impl CoreWorker {
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
+            actor_classes: DashMap::new(),
             actor_args: DashMap::new(),
             hosted: OnceLock::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),

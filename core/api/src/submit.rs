@@ -48,11 +48,16 @@ pub(crate) struct TaskSpec {
 impl TaskSpec {
     /// Whether its arguments can be read now, without waiting for another task.
     pub(crate) fn args_ready(&self, worker: &CoreWorker) -> bool {
-        self.args.iter().all(|arg| match arg {
-            Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
-            _ => true,
-        })
+        args_ready(worker, &self.args)
     }
+}
+
+/// Whether every ref among `args` is ready in this process (a task's or a call's).
+pub(crate) fn args_ready(worker: &CoreWorker, args: &[Arg]) -> bool {
+    args.iter().all(|arg| match arg {
+        Arg::Ref(reference) => worker.is_ready_here(&reference.id()),
+        _ => true,
+    })
 }
 
 /// A spec for tests of what keeps specs: `arg_bytes` of inline argument, for `entry`.

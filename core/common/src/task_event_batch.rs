@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::ids::TaskId;
+use crate::ids::{ActorId, NodeId, TaskId};
 use crate::rpc::proto::gcs::{TaskEventBatch, TaskState};
 
 /// One event, as its recorder sees it (texts empty: none).
@@ -185,10 +185,20 @@ impl BatchBuilder {
     }
 }
 
+/// A task's type as Ray's state API names it: `ACTOR_TASK` when it names an actor (a
+/// row's or an event's actor id), else `NORMAL_TASK`.
+pub fn task_type(actor_id: &[u8]) -> &'static str {
+    if actor_id.is_empty() {
+        "NORMAL_TASK"
+    } else {
+        "ACTOR_TASK"
+    }
+}
+
 impl TaskEventBatch {
-    /// How many events it carries, once every column agrees on it, each text reference
-    /// names a text it carries and each state is known (not `UNSPECIFIED`); else what is
-    /// wrong.
+    /// How many events it carries, once every column agrees on it, each reference names a
+    /// text or id it carries (an id of the length its column's kind has) and each state is
+    /// known (not `UNSPECIFIED`); else what is wrong.
     pub fn check(&self) -> Result<usize, String> {
         if self.task_ids.len() % TaskId::LEN != 0 {
             return Err(format!(
@@ -237,10 +247,18 @@ impl TaskEventBatch {
             }
         }
         let ids = self.ids.len() as u32;
-        for (column, references) in [("nodes", &self.nodes), ("actors", &self.actors)] {
+        for (column, references, length) in
+            [("nodes", &self.nodes, NodeId::LEN), ("actors", &self.actors, ActorId::LEN)]
+        {
             if let Some(bad) = references.iter().find(|&&at| at > ids) {
                 return Err(format!("the column {column} names id {bad}, but the batch holds {ids}"));
             }
+            if let Some(bad) = references.iter().filter_map(|&at| self.id(at)).find(|id| id.len() != length) {
+                return Err(format!("the column {column} names an id of {} bytes, not {length}", bad.len()));
+            }
+        }
+        if let Some(bad) = self.ids.iter().find(|id| id.len() > NodeId::LEN.max(ActorId::LEN)) {
+            return Err(format!("an id of {} bytes is no node's or actor's", bad.len()));
         }
         Ok(count)
     }
@@ -344,5 +362,10 @@ mod tests {
         let mut actor = good;
         actor.actors = vec![1, 0];
         assert!(actor.check().unwrap_err().contains("actors names id 1"));
+        actor.ids = vec![vec![5; 28]];
+        assert!(actor.check().unwrap_err().contains("an id of 28 bytes, not 16"), "a node's id is no actor's");
+        actor.actors = vec![0, 0];
+        actor.ids = vec![vec![5; 4096]];
+        assert!(actor.check().unwrap_err().contains("4096 bytes"));
     }
 }
