@@ -355,8 +355,15 @@ fn gpu_actor_waits_for_the_gpu() {
     }
     let state = second.actor_handle().info().unwrap().state;
     assert_eq!(state, ionet::ActorState::PendingCreation);
+    // A call cancelled while it waits for the actor is never sent; the next one is.
+    let cancelled = second.record(7);
+    ionet::cancel(&cancelled, false, false).unwrap();
+    let kept = second.record(8);
     ionet::kill(&first, true).unwrap();
     assert_eq!(ionet::get_timeout(&devices, Duration::from_secs(60)).unwrap(), ("0".to_string(), vec![0]));
+    assert!(matches!(ionet::get(&cancelled), Err(IonetError::Cancelled(_))), "{:?}", ionet::get(&cancelled));
+    assert_eq!(ionet::get_timeout(&kept, Duration::from_secs(60)).unwrap(), 1, "the cancelled call did not run");
+    assert_eq!(ionet::get(&second.seen()).unwrap(), vec![8]);
 }
 
 /// Regression: an actor killed while it held leases for its own tasks left those CPUs
