@@ -61,6 +61,7 @@ pub fn router(submissions: Arc<Submissions>, metrics: Arc<HeadMetrics>, authoriz
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/api/prometheus/targets", get(prometheus_targets))
+        .route("/api/nodes/{node_id}/metrics", get(node_metrics))
         .route("/api/version", get(version))
         .route("/api/jobs/", get(list).post(submit))
         .route("/api/jobs", get(list).post(submit))
@@ -122,11 +123,41 @@ async fn metrics_text(State(served): State<Served>, request: Request) -> Answer 
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-/// Prometheus's HTTP service discovery: every live node daemon's metrics server, with
-/// its node's id, GPU model and whether it is the head's (what `GetAllNodes` shows anyone
-/// holding a credential).
-async fn prometheus_targets(State(served): State<Served>) -> Json<serde_json::Value> {
-    Json(serde_json::Value::Array(served.metrics.node_targets()))
+/// Prometheus's HTTP service discovery: every live node daemon, scraped through this
+/// head at the address the scraper reached it by (`crate::node_scrape`), with its node's
+/// id, GPU model and whether it is the head's (what `GetAllNodes` shows anyone holding a
+/// credential).
+async fn prometheus_targets(State(served): State<Served>, request: Request) -> Answer {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .filter(|host| !host.is_empty() && host.chars().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| {
+            Failure(StatusCode::BAD_REQUEST, "the request names no Host: the targets are this head".into())
+        })?;
+    Ok(Json(serde_json::Value::Array(served.metrics.node_scrape().targets(host))).into_response())
+}
+
+/// A node daemon's metrics, fetched now by the head with a credential minted for that
+/// node alone: for the operator, the scrapers' tokens and the node itself.
+async fn node_metrics(State(served): State<Served>, Path(node_id): Path<String>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    let refused = |other: &Principal| {
+        let why = format!("{other} may not read node {node_id}'s metrics: the operator, a scraper or the node");
+        Failure(StatusCode::FORBIDDEN, why)
+    };
+    if !matches!(principal, Principal::Admin | Principal::Metrics | Principal::NodeMetrics | Principal::Node(_)) {
+        return Err(refused(&principal));
+    }
+    let node = node_id
+        .parse::<ionet_common::NodeId>()
+        .map_err(|err| Failure(StatusCode::BAD_REQUEST, format!("{node_id:?} is no node id: {err}")))?;
+    if matches!(principal, Principal::Node(own) if own != node) {
+        return Err(refused(&principal));
+    }
+    let text = served.metrics.node_scrape().fetch(&node).await.map_err(|(status, why)| Failure(status, why))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn version() -> Json<serde_json::Value> {

@@ -51,6 +51,7 @@ pub mod job_server;
 pub mod metering;
 pub mod metering_service;
 pub mod metrics;
+pub mod node_scrape;
 pub mod objects;
 pub mod packages;
 #[cfg(feature = "solana")]

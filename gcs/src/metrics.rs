@@ -11,7 +11,8 @@
 //! `Gcs/GetAllNodes` shows) and its own account's jobs, tasks, bills and credit; a node's
 //! credential the public face and its own node's earnings and its wallet's balance; a
 //! job's or a submission's credential (providers' nodes hold those) and the node
-//! scraper's (`--role node-metrics`, which node daemons see) the public face only. Counters (`…_total`) only grow while the head runs
+//! scraper's (`--role node-metrics`, which reads node daemons' through the head:
+//! `crate::node_scrape`) the public face only. Counters (`…_total`) only grow while the head runs
 //! (task events taken, tasks ended, heartbeats); gauges are the state at the scrape.
 
 use std::collections::BTreeMap;
@@ -134,6 +135,7 @@ pub struct HeadMetrics {
     actors: Arc<crate::actors::Actors>,
     placement_groups: Arc<crate::placement_groups::PlacementGroups>,
     objects: Arc<crate::objects::ObjectListing>,
+    nodes: crate::node_scrape::NodeScrape,
 }
 
 /// The head's tables a scrape and the dashboard read.
@@ -145,12 +147,20 @@ pub struct HeadTables {
     pub actors: Arc<crate::actors::Actors>,
     pub placement_groups: Arc<crate::placement_groups::PlacementGroups>,
     pub objects: Arc<crate::objects::ObjectListing>,
+    /// Mints the credentials node daemons' metrics are fetched with.
+    pub issuer: ionet_common::credential::Issuer,
 }
 
 impl HeadMetrics {
     pub fn new(tables: HeadTables) -> Self {
-        let HeadTables { state, metering, tasks, submissions, actors, placement_groups, objects } = tables;
-        Self { state, metering, tasks, submissions, actors, placement_groups, objects }
+        let HeadTables { state, metering, tasks, submissions, actors, placement_groups, objects, issuer } = tables;
+        let nodes = crate::node_scrape::NodeScrape::new(state.clone(), issuer);
+        Self { state, metering, tasks, submissions, actors, placement_groups, objects, nodes }
+    }
+
+    /// Node daemons' metrics, scraped through the head.
+    pub fn node_scrape(&self) -> &crate::node_scrape::NodeScrape {
+        &self.nodes
     }
 
     pub fn placement_groups(&self) -> &Arc<crate::placement_groups::PlacementGroups> {
@@ -196,65 +206,6 @@ impl HeadMetrics {
         let mut text = String::new();
         encode(&mut text, &sheet.registry).map_err(|err| crate::error::GcsError::Storage(err.to_string()))?;
         Ok(text)
-    }
-
-    /// Every live node's metrics server as Prometheus's HTTP service discovery lists
-    /// targets. A node names its own (`NodeInfo.metrics_address`), and the scraper will
-    /// send it a credential: so a node is listed only when that address is the very IP
-    /// its registration came from (loopback for a node on the head's machine), over
-    /// https in a cluster that speaks TLS; a provider cannot point the scraper at
-    /// another machine, nor make it speak plain HTTP.
-    pub fn node_targets(&self) -> Vec<serde_json::Value> {
-        let mut targets = Vec::new();
-        for node in self.state.nodes(false) {
-            let Ok(id) = NodeId::from_bytes(&node.node_id) else { continue };
-            match self.scrape_target(&id, &node) {
-                Ok((scheme, host_port)) => {
-                    let gpu_type = node.gpus.first().map_or(node.accelerator_type.clone(), |gpu| gpu.model.clone());
-                    targets.push(serde_json::json!({
-                        "targets": [host_port],
-                        "labels": {
-                            "__scheme__": scheme,
-                            "node_id": id.hex(),
-                            "gpu_type": label_text(&gpu_type),
-                            "is_head": node.is_head.to_string(),
-                        },
-                    }));
-                }
-                Err(why) if node.metrics_address.is_empty() => tracing::trace!(node = %id.short(), why),
-                Err(why) => {
-                    tracing::warn!(node = %id.short(), metrics = %node.metrics_address, "not listed for scraping: {why}")
-                }
-            }
-        }
-        targets
-    }
-
-    /// The scheme and `host:port` to scrape `node` at, or why not.
-    fn scrape_target(
-        &self,
-        id: &NodeId,
-        node: &ionet_common::rpc::proto::common::NodeInfo,
-    ) -> Result<(String, String), String> {
-        let (scheme, host_port) = node.metrics_address.split_once("://").ok_or("no metrics address")?;
-        let tls = ionet_common::rpc::is_tls_address(&node.address);
-        if scheme != if tls { "https" } else { "http" } {
-            return Err(format!(
-                "a node of a {} cluster serves its metrics over {}",
-                if tls { "TLS" } else { "plain" },
-                if tls { "https" } else { "http" }
-            ));
-        }
-        let (host, port) = host_port.rsplit_once(':').ok_or("no port")?;
-        port.parse::<u16>().map_err(|_| "no port")?;
-        let host: std::net::IpAddr =
-            host.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| "its host is not an IP address")?;
-        let from = self.state.registered_from(id).ok_or("its registration's address is unknown to this head")?;
-        let same = if from.is_loopback() { host.is_loopback() } else { host == from };
-        if !same {
-            return Err(format!("it names {host}, and registered from {from}"));
-        }
-        Ok((scheme.to_string(), host_port.to_string()))
     }
 
     /// The public face: nodes, their resources and prices, heartbeats.
@@ -473,7 +424,7 @@ impl HeadMetrics {
 const MAX_RESOURCES_PER_NODE: usize = 16;
 
 /// A provider's text as a label value: at most 64 bytes (a model name, a resource).
-fn label_text(text: &str) -> String {
+pub(crate) fn label_text(text: &str) -> String {
     let mut end = text.len().min(64);
     while !text.is_char_boundary(end) {
         end -= 1;

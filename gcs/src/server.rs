@@ -193,6 +193,7 @@ impl GcsServer {
             actors: actors.clone(),
             placement_groups: placement_groups.clone(),
             objects: objects.clone(),
+            issuer: issuer.clone(),
         }));
         let service = GeneratedGcsServer::new(GcsService::new(
             state.clone(),

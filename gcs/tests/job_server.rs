@@ -24,7 +24,7 @@ async fn head() -> (GcsServer, String) {
 }
 
 async fn call(base: &str, method: &str, route: &str, credential: Option<&str>) -> (u16, String) {
-    let path = route.replace("{submission_id}", "nobody-1");
+    let path = route.replace("{submission_id}", "nobody-1").replace("{node_id}", &"ab".repeat(28));
     let client = reqwest::Client::new();
     let mut request = client.request(method.parse().unwrap(), format!("{base}{path}"));
     if let Some(credential) = credential {
@@ -116,6 +116,11 @@ async fn every_route_is_served_behind_its_row() {
             Access::Read => {
                 assert_eq!(status, 200, "{} {}: {body}", rule.method, rule.route);
                 assert!(!body.contains("acme"), "{body}");
+            }
+            // A node's metrics: the operator's, a scraper's or the node's own.
+            Access::Metrics if rule.route.contains("{node_id}") => {
+                assert_eq!(status, 403, "{} {}: {body}", rule.method, rule.route);
+                assert!(body.contains("may not read node"), "{body}");
             }
             // The public face of the cluster, nothing of any account's.
             Access::Metrics => {
@@ -423,13 +428,30 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
     let (status, body) = call(&base, "GET", "/api/prometheus/targets", Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     let targets: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let head = base.trim_start_matches("http://");
     assert_eq!(
         targets,
         serde_json::json!([{
-            "targets": ["127.0.0.1:7001"],
-            "labels": { "__scheme__": "http", "node_id": honest, "gpu_type": "", "is_head": "false" },
+            "targets": [head],
+            "labels": {
+                "__scheme__": "http",
+                "__metrics_path__": format!("/api/nodes/{honest}/metrics"),
+                "instance": "127.0.0.1:7001",
+                "node_id": honest,
+                "gpu_type": "",
+                "is_head": "false",
+            },
         }])
     );
+    // Scraped through the head: a node that does not answer is a 502 saying which; a
+    // node not scraped, or none, a 404; no id, a 400.
+    let (status, body) = call(&base, "GET", &format!("/api/nodes/{honest}/metrics"), Some(&token)).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&format!("node {}'s metrics", &honest[..8])), "{body}");
+    let (status, body) = call(&base, "GET", &format!("/api/nodes/{}/metrics", "ab".repeat(28)), Some(&token)).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = call(&base, "GET", "/api/nodes/nonsense/metrics", Some(&token)).await;
+    assert_eq!((status, body.contains("is no node id")), (400, true), "{body}");
     // The node scraper's token reads the head's public face only.
     let (status, body) = call(&base, "GET", "/metrics", Some(&token)).await;
     assert_eq!(status, 200, "{body}");

@@ -150,22 +150,31 @@ def node_targets(cluster, credential):
         return json.load(response)
 
 
-def test_each_node_serves_its_own_metrics_to_the_node_scraper(cluster, scraper_token):
+def test_each_node_is_scraped_through_the_head_and_never_sent_a_scrapers_token(cluster, scraper_token):
     node_token = json.loads(cluster.command("token", "create", "--role", "node-metrics", "--json"))["token"]
     targets = node_targets(cluster, node_token)
+    address, ca = job_server(cluster)
+    head = urllib.parse.urlsplit(address).netloc
     assert len(targets) == 2 and all(target["labels"]["__scheme__"] == "https" for target in targets), targets
+    assert all(target["targets"] == [head] for target in targets), "every daemon is scraped through the head"
     (gpu_node,) = [target for target in targets if target["labels"]["gpu_type"] == GPU_TYPE]
-    _, ca = job_server(cluster)
-    url = f"https://{gpu_node['targets'][0]}/metrics"
+    url = f"https://{head}{gpu_node['labels']['__metrics_path__']}"
+    assert gpu_node["labels"]["__metrics_path__"] == f"/api/nodes/{gpu_node['labels']['node_id']}/metrics"
 
-    def read(credential):
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {credential}"})
+    def read(credential, at=url):
+        request = urllib.request.Request(at, headers={"Authorization": f"Bearer {credential}"})
         with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca)) as response:
             samples = {}
             for family in text_string_to_metric_families(response.read().decode()):
                 for sample in family.samples:
                     samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
             return samples
+
+    def refused(credential, at):
+        request = urllib.request.Request(at, headers={"Authorization": f"Bearer {credential}"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca))
+        return error.value.code, error.value.read().decode()
 
     before = read(node_token)
     # Tasks of a shape the driver holds no lease for: the node grants new ones.
@@ -178,11 +187,18 @@ def test_each_node_serves_its_own_metrics_to_the_node_scraper(cluster, scraper_t
     assert value(after, "ionet_daemon_gpu_leased_ratio", gpu="0", gpu_type=GPU_TYPE) is not None
     assert value(after, "ionet_daemon_heartbeats_sent_total") > 0
     assert any(name == "ionet_daemon_rpc_server_calls_total" for name, _ in after), "the node's gRPC calls are counted"
-    # The head's metrics token is never to reach a provider's daemon: refused, saying so.
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {scraper_token}"})
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cadata=ca))
-    assert refused.value.code == 403 and b"node-metrics" in refused.value.read()
+    # The daemon itself takes no scraper's token (its provider could replay it): the
+    # node scraper's nor the head's metrics token, saying where to scrape.
+    daemon = f"https://{gpu_node['labels']['instance']}/metrics"
+    for token in (node_token, scraper_token):
+        code, said = refused(token, daemon)
+        assert code == 403 and "scraped through the head" in said, said
+    # A tenant's credential reads no node's metrics through the head; an unknown node is none.
+    key = json.loads(cluster.command("account", "create", "scrape-tenant", "--json"))["api_key"]
+    code, said = refused(key, url)
+    assert code == 403 and "may not read node" in said, said
+    code, said = refused(node_token, f"https://{head}/api/nodes/{'ab' * 28}/metrics")
+    assert code == 404 and "no live node" in said, said
 
 
 def test_a_prometheus_server_scrapes_the_cluster_and_answers_a_jobs_cost(cluster, scraper_token, tmp_path):

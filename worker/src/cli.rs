@@ -160,7 +160,8 @@ pub enum TokenCommand {
 pub struct TokenCreateArgs {
     /// What the token is for: `node` (a machine joining the cluster), `metrics` (a
     /// Prometheus scraper of the head: reads its `/metrics`, nothing else) or
-    /// `node-metrics` (a scraper of node daemons: reads theirs, and the head's public face).
+    /// `node-metrics` (a scraper of node daemons: reads theirs through the head, and the
+    /// head's public face).
     #[arg(long, default_value = "node")]
     pub role: String,
     /// How long it is valid: seconds, or with a unit (`30m`, `24h`, `7d`).

@@ -3,12 +3,11 @@
 //! HTTP service discovery at `/api/prometheus/targets`). Served over TLS with the node's
 //! certificate whenever the cluster speaks TLS, behind the same row of
 //! [`ionet_common::authz::HTTP_TABLE`] as the head's; a node's numbers are its provider's
-//! machine, so they are shown to the operator, the node scraper (`ionet token create
-//! --role node-metrics`, which every scraped daemon sees: on the head it reads only the
-//! public face, so a provider holding it learns there nothing new, but it does read every
-//! daemon's numbers) and the node itself. The head's metrics token is refused here, so a
-//! scrape configured with it fails at once instead of working; the daemon has been sent
-//! it all the same, so the operator should make a new one.
+//! machine, so they are shown to the operator, the node itself and the head, which
+//! fetches them for Prometheus with a credential minted for this node alone
+//! (`ionet_gcs::node_scrape`). A scraper's token (either role) is refused here, saying to
+//! scrape through the head: a daemon's provider could replay whatever it is sent (it has
+//! been sent it all the same, so the operator should make a new one).
 //!
 //! What it shows: workers (idle and leased), leases running, granted and waiting,
 //! bundles, resources total and free, each GPU's share leased out, the object store's
@@ -153,18 +152,22 @@ pub fn router(node_id: NodeId, read: Arc<dyn Fn() -> NodeReadings + Send + Sync>
 
 async fn metrics(State(served): State<Served>, request: Request) -> Response {
     match ionet_gcs::http::principal(request.extensions()) {
-        Some(Principal::Admin | Principal::NodeMetrics) => {}
-        Some(Principal::Node(node)) if node == served.node_id => {}
-        // The head's scraper token reads every account's money there; a provider's
-        // daemon must never be sent it.
-        Some(Principal::Metrics) => {
-            let why = "a node daemon takes the node scraper's token (`ionet token create --role node-metrics`), \
-                       not the head's metrics token (this node's provider has been sent it: make a new one)";
+        Some(Principal::Admin) => {}
+        Some(Principal::Node(node) | Principal::Inspect(node)) if node == served.node_id => {}
+        // A scraper's token is for the head alone (a daemon's provider could replay it):
+        // node daemons are scraped through the head.
+        Some(Principal::Metrics | Principal::NodeMetrics) => {
+            let why = format!(
+                "node daemons are scraped through the head (GET /api/nodes/{}/metrics there, as its \
+                 /api/prometheus/targets lists them), never sent a scraper's token: this node's provider \
+                 has been sent it, so make a new one",
+                served.node_id.hex()
+            );
             return (StatusCode::FORBIDDEN, why).into_response();
         }
         Some(other) => {
             let why = format!(
-                "{other} may not read node {}'s metrics: the operator's, a scraper's or its own",
+                "{other} may not read node {}'s metrics: the operator's credential, its own, or the head's for it",
                 served.node_id.short()
             );
             return (StatusCode::FORBIDDEN, why).into_response();

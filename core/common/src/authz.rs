@@ -158,7 +158,7 @@ impl fmt::Display for Principal {
             Principal::Submission { id, account, .. } => write!(f, "submitted job {id} (account {account})"),
             Principal::Metrics => f.write_str("metrics scraper"),
             Principal::NodeMetrics => f.write_str("node metrics scraper"),
-            Principal::Inspect(node) => write!(f, "the head asking node {} what it holds", node.short()),
+            Principal::Inspect(node) => write!(f, "the head reading node {}", node.short()),
         }
     }
 }
@@ -197,7 +197,9 @@ pub enum Access {
     /// idle leases back).
     TenantOrNode,
     /// The metrics (`/metrics`): the scraper's credential and every node, account, job or
-    /// submission credential, each shown its own part (the handler scopes it).
+    /// submission credential, each shown its own part (the handler scopes it); on a node
+    /// daemon, the head's fetch with a credential minted for that node (its handler
+    /// checks which).
     Metrics,
     /// The head asking one node what it holds (`ionet memory`): a credential minted for
     /// that node alone (its handler checks which).
@@ -236,7 +238,8 @@ impl Access {
                 | Principal::Node(_)
                 | Principal::Account(_)
                 | Principal::Job { .. }
-                | Principal::Submission { .. },
+                | Principal::Submission { .. }
+                | Principal::Inspect(_),
             ) => true,
             _ => false,
         }
@@ -420,8 +423,12 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("GET", "/api/v0/actors", Access::Read),
     http("GET", "/api/v0/placement_groups", Access::Read),
     http("GET", "/api/v0/objects", Access::Read),
-    // Prometheus's service discovery of node daemons' metrics (the public node table).
+    // Prometheus's service discovery of node daemons' metrics (the public node table),
+    // each scraped through the head: the scrapers, the operator and the node itself
+    // (the handler checks which node); the head fetches it with a credential minted for
+    // that node alone.
     http("GET", "/api/prometheus/targets", Access::Metrics),
+    http("GET", "/api/nodes/{node_id}/metrics", Access::Metrics),
 ];
 
 /// Whether `route` of the head's HTTP server is open to anyone without a credential.
@@ -835,7 +842,8 @@ mod tests {
         }
         for rule in HTTP_TABLE {
             let scraper_may = rule.access == Access::Public
-                || (rule.method == "GET" && matches!(rule.route, "/metrics" | "/api/prometheus/targets"));
+                || (rule.method == "GET"
+                    && matches!(rule.route, "/metrics" | "/api/prometheus/targets" | "/api/nodes/{node_id}/metrics"));
             assert_eq!(
                 decide_http(&Principal::Metrics, rule.method, rule.route).is_ok(),
                 scraper_may,

@@ -56,12 +56,12 @@ pub enum Role {
     /// metrics`), so the scraper's configuration holds no right to act.
     Metrics,
     /// A scraper of node daemons (`ionet token create --role node-metrics`): reads each
-    /// node's `/metrics` and, on the head, only the public face. Providers' daemons see
-    /// it: the head shows it no more than any credential sees.
+    /// node's metrics through the head (`/api/nodes/{id}/metrics`) and, on the head, only
+    /// the public face. It is sent to the head alone: a daemon refuses it.
     NodeMetrics,
-    /// The head asking one node ([`Claims::node_id`]) what its store and workers hold
-    /// (`ionet memory`): minted for each ask, for that node alone, living seconds, so a
-    /// node that keeps it can ask no other.
+    /// The head reading one node ([`Claims::node_id`]): what its store and workers hold
+    /// (`ionet memory`), its metrics (a scrape through the head): minted for each read,
+    /// for that node alone, living seconds, so a node that keeps it can read no other.
     Inspect,
 }
 

@@ -461,6 +461,11 @@ impl rustls::server::ResolvesServerCert for ServerCert {
 /// The cluster CAs this process trusts (PEM).
 static TRUSTED: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
+/// The cluster CAs this process trusts (PEM), for a client of its own (HTTP).
+pub fn trusted_pems() -> Vec<String> {
+    TRUSTED.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Trusts the cluster CA in `pem` for every TLS connection this process makes.
 pub fn trust(pem: &str) -> IonetResult<()> {
     let pem = pem_of(&certificate_of_pem(pem)?);
