@@ -140,22 +140,19 @@ async fn prometheus_targets(State(served): State<Served>, request: Request) -> A
 }
 
 /// A node daemon's metrics, fetched now by the head with a credential minted for that
-/// node alone: for the operator, the scrapers' tokens and the node itself.
+/// node alone: for the operator and the scrapers' tokens (a node reads its own daemon
+/// directly; none makes the head fetch, so a provider cannot keep the head waiting on
+/// a daemon that answers slowly).
 async fn node_metrics(State(served): State<Served>, Path(node_id): Path<String>, request: Request) -> Answer {
     let principal = principal(request.extensions())?;
-    let refused = |other: &Principal| {
-        let why = format!("{other} may not read node {node_id}'s metrics: the operator, a scraper or the node");
-        Failure(StatusCode::FORBIDDEN, why)
-    };
-    if !matches!(principal, Principal::Admin | Principal::Metrics | Principal::NodeMetrics | Principal::Node(_)) {
-        return Err(refused(&principal));
+    if !matches!(principal, Principal::Admin | Principal::Metrics | Principal::NodeMetrics) {
+        let why =
+            format!("{principal} may not read node {node_id}'s metrics through the head: the operator or a scraper");
+        return Err(Failure(StatusCode::FORBIDDEN, why));
     }
     let node = node_id
         .parse::<ionet_common::NodeId>()
         .map_err(|err| Failure(StatusCode::BAD_REQUEST, format!("{node_id:?} is no node id: {err}")))?;
-    if matches!(principal, Principal::Node(own) if own != node) {
-        return Err(refused(&principal));
-    }
     let text = served.metrics.node_scrape().fetch(&node).await.map_err(|(status, why)| Failure(status, why))?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -424,9 +424,8 @@ pub const HTTP_TABLE: &[HttpRule] = &[
     http("GET", "/api/v0/placement_groups", Access::Read),
     http("GET", "/api/v0/objects", Access::Read),
     // Prometheus's service discovery of node daemons' metrics (the public node table),
-    // each scraped through the head: the scrapers, the operator and the node itself
-    // (the handler checks which node); the head fetches it with a credential minted for
-    // that node alone.
+    // each scraped through the head (the scrapers and the operator: the handler checks);
+    // the head fetches it with a credential minted for that node alone.
     http("GET", "/api/prometheus/targets", Access::Metrics),
     http("GET", "/api/nodes/{node_id}/metrics", Access::Metrics),
 ];
