@@ -417,19 +417,17 @@ mod tests {
         Place { node_id: vec![7; 28], worker_address: "127.0.0.1:9".into() }
     }
 
+    /// A recorder whose head never answers (nothing listens on port 1: every send fails).
+    fn unheard() -> TaskEvents {
+        let credential = Bearer::new("ionet1.test").unwrap();
+        TaskEvents::start(&tokio::runtime::Handle::current(), "127.0.0.1:1".into(), credential, vec![1; 4], place())
+    }
+
     /// A million tasks' events with the head unreachable: at most [`CAPACITY`] wait, the
     /// rest are dropped and counted, none is lost uncounted.
     #[tokio::test]
     async fn a_million_events_stay_bounded_and_every_drop_is_counted() {
-        let credential = Bearer::new("ionet1.test").unwrap();
-        // Nothing listens on port 1: every send fails.
-        let events = TaskEvents::start(
-            &tokio::runtime::Handle::current(),
-            "127.0.0.1:1".into(),
-            credential,
-            vec![1; 4],
-            place(),
-        );
+        let events = unheard();
         assert!(events.enabled);
         const TASKS: u64 = 1_000_000;
         for n in 0..TASKS {
@@ -456,14 +454,7 @@ mod tests {
     /// A task's events not sent yet become one, which says all the head needs.
     #[tokio::test]
     async fn a_tasks_unsent_events_are_merged_into_one() {
-        let credential = Bearer::new("ionet1.test").unwrap();
-        let events = TaskEvents::start(
-            &tokio::runtime::Handle::current(),
-            "127.0.0.1:1".into(),
-            credential,
-            vec![1; 4],
-            place(),
-        );
+        let events = unheard();
         let tracked = |byte: u8| Tracked { task_id: TaskId::from_bytes(&[byte; TaskId::LEN]).unwrap(), recorded: true };
         let (first, second) = (tracked(1), tracked(2));
         events.record(first, TaskState::PendingNodeAssignment, |event| {
@@ -495,14 +486,7 @@ mod tests {
     /// dropped, and their events (all of them) are not recorded.
     #[tokio::test]
     async fn past_the_rate_a_new_tasks_events_are_not_recorded_and_counted() {
-        let credential = Bearer::new("ionet1.test").unwrap();
-        let mut events = TaskEvents::start(
-            &tokio::runtime::Handle::current(),
-            "127.0.0.1:1".into(),
-            credential,
-            vec![1; 4],
-            place(),
-        );
+        let mut events = unheard();
         events.rate = 3;
         let admitted: Vec<bool> = (0..5).map(|_| events.admit_in(100)).collect();
         assert_eq!(admitted, [true, true, true, false, false]);

@@ -72,6 +72,37 @@ const ERROR: usize = 3;
 const NODE: usize = 0;
 const ACTOR: usize = 1;
 
+/// The reference (index plus one; 0 for an empty value) of `value` in `table`, the value
+/// added if it is new; `last` is its column's last reference, compared before hashing.
+fn intern<Q>(
+    table: &mut Vec<Q::Owned>,
+    index: &mut HashMap<Q::Owned, u32, ahash::RandomState>,
+    last: &mut u32,
+    value: &Q,
+) -> u32
+where
+    Q: ?Sized + ToOwned + Eq + std::hash::Hash + AsRef<[u8]>,
+    Q::Owned: std::borrow::Borrow<Q> + Eq + std::hash::Hash,
+{
+    if value.as_ref().is_empty() {
+        return 0;
+    }
+    if *last > 0 && std::borrow::Borrow::<Q>::borrow(&table[*last as usize - 1]) == value {
+        return *last;
+    }
+    let at = match index.get(value) {
+        Some(&at) => at,
+        None => {
+            table.push(value.to_owned());
+            let at = table.len() as u32;
+            index.insert(value.to_owned(), at);
+            at
+        }
+    };
+    *last = at;
+    at
+}
+
 impl BatchBuilder {
     pub fn new(job_id: &[u8]) -> Self {
         Self {
@@ -94,46 +125,12 @@ impl BatchBuilder {
 
     /// The reference of `text` in `column`, the text added if it is new.
     fn text(&mut self, column: usize, text: &str) -> u32 {
-        if text.is_empty() {
-            return 0;
-        }
-        let last = self.last[column];
-        if last > 0 && self.batch.texts[last as usize - 1] == text {
-            return last;
-        }
-        let at = match self.texts.get(text) {
-            Some(&at) => at,
-            None => {
-                self.batch.texts.push(text.to_owned());
-                let at = self.batch.texts.len() as u32;
-                self.texts.insert(text.to_owned(), at);
-                at
-            }
-        };
-        self.last[column] = at;
-        at
+        intern(&mut self.batch.texts, &mut self.texts, &mut self.last[column], text)
     }
 
     /// The reference of `id` in `column`, the id added if it is new.
     fn id(&mut self, column: usize, id: &[u8]) -> u32 {
-        if id.is_empty() {
-            return 0;
-        }
-        let last = self.last_id[column];
-        if last > 0 && self.batch.ids[last as usize - 1] == id {
-            return last;
-        }
-        let at = match self.ids.get(id) {
-            Some(&at) => at,
-            None => {
-                self.batch.ids.push(id.to_vec());
-                let at = self.batch.ids.len() as u32;
-                self.ids.insert(id.to_vec(), at);
-                at
-            }
-        };
-        self.last_id[column] = at;
-        at
+        intern(&mut self.batch.ids, &mut self.ids, &mut self.last_id[column], id)
     }
 
     /// Adds `event` (its task id must be [`TaskId::LEN`] bytes for the head to take the
