@@ -1,7 +1,8 @@
 //! The head's HTTP server: Ray's Jobs REST API (default port 8265), so `ionet job …`,
 //! `ionet.job_submission.JobSubmissionClient` and Ray's own `ray job submit` and
-//! `JobSubmissionClient` pointed at an ionet head all work; Prometheus's `/metrics` and
-//! discovery of node daemons ([`crate::metrics`]); and the dashboard
+//! `JobSubmissionClient` pointed at an ionet head all work; Prometheus's `/metrics`
+//! ([`crate::metrics`]) and node daemons' metrics, discovered and scraped through the head
+//! ([`crate::node_scrape`]); and the dashboard
 //! ([`crate::dashboard`]: its page, open to anyone since it holds no data, and its data
 //! routes, each credential shown its own part).
 //!
@@ -128,21 +129,27 @@ async fn metrics_text(State(served): State<Served>, request: Request) -> Answer 
 /// id, GPU model and whether it is the head's (what `GetAllNodes` shows anyone holding a
 /// credential).
 async fn prometheus_targets(State(served): State<Served>, request: Request) -> Answer {
+    let principal = principal(request.extensions())?;
+    if View::of(&principal).is_none() {
+        return Err(Failure(StatusCode::FORBIDDEN, format!("{principal} may not read the metrics' targets")));
+    }
+    // The targets are this head, as the scraper reached it: a host and port, nothing else.
     let host = request
         .headers()
         .get(axum::http::header::HOST)
         .and_then(|host| host.to_str().ok())
-        .filter(|host| !host.is_empty() && host.chars().all(|c| c.is_ascii_graphic()))
+        .and_then(|host| host.parse::<axum::http::uri::Authority>().ok())
+        .filter(|host| !host.as_str().contains('@'))
         .ok_or_else(|| {
-            Failure(StatusCode::BAD_REQUEST, "the request names no Host: the targets are this head".into())
+            Failure(StatusCode::BAD_REQUEST, "the request names no host:port: the targets are this head".into())
         })?;
+    let host = host.as_str();
     Ok(Json(serde_json::Value::Array(served.metrics.node_scrape().targets(host))).into_response())
 }
 
 /// A node daemon's metrics, fetched now by the head with a credential minted for that
 /// node alone: for the operator and the scrapers' tokens (a node reads its own daemon
-/// directly; none makes the head fetch, so a provider cannot keep the head waiting on
-/// a daemon that answers slowly).
+/// directly: no provider makes the head fetch).
 async fn node_metrics(State(served): State<Served>, Path(node_id): Path<String>, request: Request) -> Answer {
     let principal = principal(request.extensions())?;
     if !matches!(principal, Principal::Admin | Principal::Metrics | Principal::NodeMetrics) {

@@ -13,9 +13,12 @@
 //! only when that address is the very IP its registration came from (loopback for a node
 //! on the head's machine), over https in a cluster that speaks TLS (trusting the cluster
 //! CA only): a provider cannot point the head at another machine, nor make it speak
-//! plain HTTP. An answer is read up to [`MAX_BODY`] within [`FETCH_TIMEOUT`].
+//! plain HTTP. An answer is read up to [`MAX_BODY`] within [`FETCH_TIMEOUT`], at most
+//! [`MAX_FETCHES`] at once; the scrapers' tokens alone (and the operator's) make the head
+//! fetch. Registrations that reach the head through a proxy on its own machine all come
+//! from loopback, and may then name any loopback port: run none in front of it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -25,8 +28,13 @@ use ionet_common::NodeId;
 
 use crate::state::GcsState;
 
-/// How long the head waits for a node's metrics.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the head waits for a node's metrics (less than Prometheus's own 10 s, so its
+/// scrape sees why).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(8);
+/// The most fetches at once (more wait their turn, within [`FETCH_TIMEOUT`]).
+const MAX_FETCHES: usize = 32;
+/// The most of a refusal's text kept.
+const MAX_REFUSAL: usize = 512;
 /// The largest answer taken from a node (Prometheus's `body_size_limit` for a daemon).
 pub const MAX_BODY: usize = 4 << 20;
 /// How long the credential the head sends a node is good for.
@@ -37,8 +45,9 @@ pub struct NodeScrape {
     state: Arc<GcsState>,
     issuer: Issuer,
     /// One HTTP client for every fetch (its connections are kept), trusting the cluster
-    /// CAs this process trusts, made at the first fetch.
-    client: OnceLock<Result<reqwest::Client, String>>,
+    /// CAs this process trusts: made again when it trusts more (the count it was made for).
+    client: Mutex<Option<(usize, reqwest::Client)>>,
+    fetches: tokio::sync::Semaphore,
 }
 
 /// Why a node's metrics could not be given: the HTTP status and what to say.
@@ -46,7 +55,7 @@ pub type Refusal = (StatusCode, String);
 
 impl NodeScrape {
     pub fn new(state: Arc<GcsState>, issuer: Issuer) -> Self {
-        Self { state, issuer, client: OnceLock::new() }
+        Self { state, issuer, client: Mutex::new(None), fetches: tokio::sync::Semaphore::new(MAX_FETCHES) }
     }
 
     /// Every live node as Prometheus's HTTP service discovery lists targets: the head at
@@ -105,19 +114,25 @@ impl NodeScrape {
         Ok((scheme.to_string(), host_port.to_string()))
     }
 
-    fn client(&self) -> Result<&reqwest::Client, Refusal> {
-        let made = self.client.get_or_init(|| {
-            let mut builder = reqwest::Client::builder()
-                .timeout(FETCH_TIMEOUT)
-                .tls_built_in_root_certs(false)
-                .redirect(reqwest::redirect::Policy::none());
-            for pem in ionet_common::tls::trusted_pems() {
-                let certificate = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|err| err.to_string())?;
-                builder = builder.add_root_certificate(certificate);
-            }
-            builder.build().map_err(|err| err.to_string())
-        });
-        made.as_ref().map_err(|why| (StatusCode::INTERNAL_SERVER_ERROR, format!("the head's HTTP client: {why}")))
+    fn client(&self) -> Result<reqwest::Client, Refusal> {
+        let trusted = ionet_common::tls::trusted_pems();
+        let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((count, client)) = cached.as_ref().filter(|(count, _)| *count == trusted.len()) {
+            let _ = count;
+            return Ok(client.clone());
+        }
+        let failed = |why: String| (StatusCode::INTERNAL_SERVER_ERROR, format!("the head's HTTP client: {why}"));
+        let mut builder = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .tls_built_in_root_certs(false)
+            .redirect(reqwest::redirect::Policy::none());
+        for pem in &trusted {
+            let certificate = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|err| failed(err.to_string()))?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let client = builder.build().map_err(|err| failed(err.to_string()))?;
+        *cached = Some((trusted.len(), client.clone()));
+        Ok(client)
     }
 
     /// Node `id`'s metrics text, fetched now with a credential minted for it alone.
@@ -130,6 +145,11 @@ impl NodeScrape {
         let (scheme, host_port) = self
             .target(id, &node)
             .map_err(|why| (StatusCode::NOT_FOUND, format!("node {} is not scraped: {why}", id.short())))?;
+        let busy = || (StatusCode::SERVICE_UNAVAILABLE, format!("the head is fetching {MAX_FETCHES} nodes' metrics"));
+        let _turn = tokio::time::timeout(FETCH_TIMEOUT, self.fetches.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())?;
         let credential = self.issuer.issue_inspect(&node.node_id, CREDENTIAL_TTL);
         let unreachable = |why: String| (StatusCode::BAD_GATEWAY, format!("node {}'s metrics: {why}", id.short()));
         let mut response = self
@@ -139,17 +159,21 @@ impl NodeScrape {
             .send()
             .await
             .map_err(|err| unreachable(err.to_string()))?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let said = response.text().await.unwrap_or_default();
-            return Err(unreachable(format!("it answered {status}: {}", said.chars().take(512).collect::<String>())));
-        }
+        let status = response.status();
+        let limit = if status.is_success() { MAX_BODY } else { MAX_REFUSAL };
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|err| unreachable(err.to_string()))? {
-            if body.len() + chunk.len() > MAX_BODY {
+            if body.len() + chunk.len() > limit {
+                if !status.is_success() {
+                    body.extend_from_slice(&chunk[..limit - body.len()]);
+                    break;
+                }
                 return Err(unreachable(format!("its answer is larger than {MAX_BODY} bytes")));
             }
             body.extend_from_slice(&chunk);
+        }
+        if !status.is_success() {
+            return Err(unreachable(format!("it answered {status}: {}", String::from_utf8_lossy(&body))));
         }
         String::from_utf8(body).map_err(|_| unreachable("its answer is not UTF-8 text".into()))
     }

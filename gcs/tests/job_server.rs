@@ -117,7 +117,7 @@ async fn every_route_is_served_behind_its_row() {
                 assert_eq!(status, 200, "{} {}: {body}", rule.method, rule.route);
                 assert!(!body.contains("acme"), "{body}");
             }
-            // A node's metrics: the operator's, a scraper's or the node's own.
+            // A node's metrics through the head: the operator's or a scraper's.
             Access::Metrics if rule.route.contains("{node_id}") => {
                 assert_eq!(status, 403, "{} {}: {body}", rule.method, rule.route);
                 assert!(body.contains("may not read node"), "{body}");
@@ -406,7 +406,7 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
     // its token there): both of its addresses, or only the metrics one; and one asking
     // for plain HTTP in the wrong scheme.
     register("10.9.9.9:7000", "http://10.9.9.9:9090").await;
-    register("127.0.0.1:7002", "http://169.254.169.254:80").await;
+    let elsewhere = register("127.0.0.1:7002", "http://169.254.169.254:80").await;
     register("127.0.0.1:7003", "https://127.0.0.1:7004").await;
     register("127.0.0.1:7005", "").await;
     // A node the head only read from storage: where it registered from is unknown.
@@ -452,6 +452,10 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
     assert_eq!(status, 404, "{body}");
     let (status, body) = call(&base, "GET", "/api/nodes/nonsense/metrics", Some(&token)).await;
     assert_eq!((status, body.contains("is no node id")), (400, true), "{body}");
+    // A node naming another machine is not fetched through the head either.
+    let (status, body) = call(&base, "GET", &format!("/api/nodes/{elsewhere}/metrics"), Some(&token)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("is not scraped") && body.contains("169.254.169.254"), "{body}");
     // The node scraper's token reads the head's public face only.
     let (status, body) = call(&base, "GET", "/metrics", Some(&token)).await;
     assert_eq!(status, 200, "{body}");

@@ -1,6 +1,6 @@
 //! A node daemon's Prometheus metrics: `GET /metrics` on its metrics port (`ionet start
-//! --metrics-port`, a free one by default; the head lists every node's for Prometheus's
-//! HTTP service discovery at `/api/prometheus/targets`). Served over TLS with the node's
+//! --metrics-port`, a free one by default; Prometheus reads it through the head, which
+//! lists every node at `/api/prometheus/targets` and fetches it). Served over TLS with the node's
 //! certificate whenever the cluster speaks TLS, behind the same row of
 //! [`ionet_common::authz::HTTP_TABLE`] as the head's; a node's numbers are its provider's
 //! machine, so they are shown to the operator, the node itself and the head, which

@@ -261,7 +261,10 @@ impl Access {
             Access::TenantOrNode => {
                 "a credential of a job of the account this process belongs to, or a node credential"
             }
-            Access::Metrics => "a metrics, node-metrics, node, account, job or submission credential",
+            Access::Metrics => {
+                "a metrics, node-metrics, node, account, job or submission credential (on a node daemon, \
+                 the head's read of that node)"
+            }
             Access::Inspect => "the head's ask of this node (an inspect credential)",
             Access::Public => "nothing",
         }
@@ -469,7 +472,9 @@ fn principal_of(claims: crate::credential::Claims) -> Result<Principal, &'static
         Role::Admin => Ok(Principal::Admin),
         Role::Control => Ok(Principal::Control),
         Role::Metrics => Ok(Principal::Metrics),
-        Role::NodeMetrics => Ok(Principal::NodeMetrics),
+        Role::NodeMetrics if claims.version >= Role::NodeMetrics.version() => Ok(Principal::NodeMetrics),
+        Role::NodeMetrics => Err("a node-metrics token made before node daemons were scraped through the head \
+             (every daemon scraped was sent it): make a new one with `ionet token create --role node-metrics`"),
         Role::Join => Ok(Principal::Joiner),
         Role::Inspect => claims
             .node_id

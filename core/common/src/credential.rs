@@ -123,6 +123,11 @@ pub struct Claims {
     /// again after a delete): the head issued it this nonce, and no other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// Which version of its role's rules it was made under (0: before versions). A
+    /// node-metrics token of version 0 was sent to every node daemon scraped (before
+    /// daemons were scraped through the head): refused ([`Role::version`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; the credential is refused from then on.
@@ -140,8 +145,25 @@ impl Claims {
             job_id: None,
             submission_id: None,
             nonce: None,
+            version: role.version(),
             issued_at,
             expires_at: issued_at.saturating_add(ttl.as_secs()),
+        }
+    }
+}
+
+fn is_zero(version: &u32) -> bool {
+    *version == 0
+}
+
+impl Role {
+    /// The version of this role's rules credentials are made under now: a credential of
+    /// an older one is refused. Node-metrics tokens are at 1 since node daemons are
+    /// scraped through the head (a version-0 token went to every daemon).
+    pub const fn version(self) -> u32 {
+        match self {
+            Role::NodeMetrics => 1,
+            _ => 0,
         }
     }
 }
@@ -387,6 +409,20 @@ mod tests {
 
         let other = Issuer::generate();
         assert_eq!(other.verifier().verify(credential.as_bytes()), Err("credential not signed by this cluster's head"));
+    }
+
+    /// A node-metrics token of the days daemons were sent it is refused; one made now
+    /// is taken.
+    #[test]
+    fn a_node_metrics_token_made_before_scraping_through_the_head_is_refused() {
+        let head = Issuer::generate();
+        let authorizer = crate::authz::Authorizer::new(Some(head.verifier()));
+        let bearer = |token: String| format!("Bearer {token}").into_bytes();
+        let old = head.sign(&Claims { version: 0, ..Claims::new(Role::NodeMetrics, Duration::from_secs(60)) });
+        let refused = authorizer.authenticate(Some(&bearer(old))).unwrap_err();
+        assert!(refused.contains("made before node daemons were scraped through the head"), "{refused}");
+        let new = head.issue(Role::NodeMetrics, Duration::from_secs(60));
+        assert_eq!(authorizer.authenticate(Some(&bearer(new))), Ok(crate::authz::Principal::NodeMetrics));
     }
 
     #[test]
