@@ -115,12 +115,12 @@ impl NodeScrape {
     }
 
     fn client(&self) -> Result<reqwest::Client, Refusal> {
-        let trusted = ionet_common::tls::trusted_pems();
         let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((count, client)) = cached.as_ref().filter(|(count, _)| *count == trusted.len()) {
-            let _ = count;
+        let trusting = ionet_common::tls::trusted_count();
+        if let Some((_, client)) = cached.as_ref().filter(|(count, _)| *count == trusting) {
             return Ok(client.clone());
         }
+        let trusted = ionet_common::tls::trusted_pems();
         let failed = |why: String| (StatusCode::INTERNAL_SERVER_ERROR, format!("the head's HTTP client: {why}"));
         let mut builder = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)

@@ -397,16 +397,16 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
         let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
         let request = RegisterNodeRequest { node: Some(node.clone()), proof, tls_public_key: Vec::new() };
         async move {
-            client.register_node(request).await.unwrap();
-            hex::encode(&node.node_id)
+            let reply = client.register_node(request).await.unwrap().into_inner();
+            (hex::encode(&node.node_id), reply.node_credential)
         }
     };
-    let honest = register("127.0.0.1:7000", "http://127.0.0.1:7001").await;
+    let (honest, honest_credential) = register("127.0.0.1:7000", "http://127.0.0.1:7001").await;
     // Providers naming another machine as their metrics server (the scraper would send
     // its token there): both of its addresses, or only the metrics one; and one asking
     // for plain HTTP in the wrong scheme.
     register("10.9.9.9:7000", "http://10.9.9.9:9090").await;
-    let elsewhere = register("127.0.0.1:7002", "http://169.254.169.254:80").await;
+    let (elsewhere, _) = register("127.0.0.1:7002", "http://169.254.169.254:80").await;
     register("127.0.0.1:7003", "https://127.0.0.1:7004").await;
     register("127.0.0.1:7005", "").await;
     // A node the head only read from storage: where it registered from is unknown.
@@ -448,6 +448,11 @@ async fn prometheus_discovers_each_nodes_metrics_at_the_address_it_registered_fr
     let (status, body) = call(&base, "GET", &format!("/api/nodes/{honest}/metrics"), Some(&token)).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains(&format!("node {}'s metrics", &honest[..8])), "{body}");
+    // A node may not make the head fetch, not even its own (it reads its daemon directly).
+    let (status, body) =
+        call(&base, "GET", &format!("/api/nodes/{honest}/metrics"), Some(honest_credential.as_str())).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may not read node"), "{body}");
     let (status, body) = call(&base, "GET", &format!("/api/nodes/{}/metrics", "ab".repeat(28)), Some(&token)).await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = call(&base, "GET", "/api/nodes/nonsense/metrics", Some(&token)).await;

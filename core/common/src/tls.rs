@@ -461,6 +461,12 @@ impl rustls::server::ResolvesServerCert for ServerCert {
 /// The cluster CAs this process trusts (PEM).
 static TRUSTED: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
+/// How many cluster CAs this process trusts (a client made from them is stale once it
+/// trusts more).
+pub fn trusted_count() -> usize {
+    TRUSTED.read().unwrap_or_else(|p| p.into_inner()).len()
+}
+
 /// The cluster CAs this process trusts (PEM), for a client of its own (HTTP).
 pub fn trusted_pems() -> Vec<String> {
     TRUSTED.read().unwrap_or_else(|p| p.into_inner()).clone()
