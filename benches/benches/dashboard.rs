@@ -1,7 +1,11 @@
-//! How long the dashboard's overview takes the head to answer with a cluster of 100 nodes
-//! and 10,000 tasks recorded: the page, then the three data routes its script asks at
-//! once (`/api/v0/nodes`, `/api/v0/jobs`, `/api/v0/tasks?state=FAILED&limit=5`), as the
-//! operator sees them. A real head in this process, over HTTP on loopback.
+//! How long the dashboard's overview takes with a cluster of 100 nodes and 10,000 tasks
+//! recorded. First the head's side: the page, then the three data routes its script asks at
+//! once (`/api/v0/nodes`, `/api/v0/jobs`, `/api/v0/tasks?state=FAILED&limit=5`). Then the
+//! operator's: a real browser (headless Chromium, driven over its DevTools protocol) opening
+//! the overview afresh each round, timed from the start of the navigation to the first page
+//! with the cluster's data on screen (the page's own `ionet-first-render` mark; target
+//! < 300 ms). A real head in this process, over HTTP on loopback; without a `chromium` on
+//! the PATH the browser's part is skipped, saying so.
 //!
 //!   cargo bench -p ionet-benches --bench dashboard -- [--nodes 100] [--tasks 10000] [--rounds 30]
 
@@ -116,5 +120,117 @@ async fn main() {
         percentile(&data_times, 0.5).as_secs_f64() * 1e3,
         percentile(&data_times, 0.95).as_secs_f64() * 1e3
     );
+    match browser_first_render(&format!("{base}/#/&key={}", admin.as_str()), rounds).await {
+        Ok(mut renders) => {
+            renders.sort();
+            println!(
+                "  in Chromium, navigation to first render: median {:>7.2} ms   p95 {:>7.2} ms",
+                percentile(&renders, 0.5).as_secs_f64() * 1e3,
+                percentile(&renders, 0.95).as_secs_f64() * 1e3
+            );
+        }
+        Err(why) => println!("  in Chromium: not measured: {why}"),
+    }
     server.shutdown().await;
+}
+
+/// Each round's time from the start of a navigation to the overview with its data on screen,
+/// as headless Chromium renders it: the browser is started once (a fresh profile), and each
+/// round leaves the page for `about:blank` and opens `url` again, then reads the time the
+/// page recorded (`document.body.dataset.firstRenderMs`, from `performance.now()`).
+async fn browser_first_render(url: &str, rounds: usize) -> Result<Vec<Duration>, String> {
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::AsyncBufReadExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let chromium = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("chromium")).find(|file| file.is_file()))
+        .ok_or("no chromium on the PATH (python/test.sh installs Debian's)")?;
+    let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // As root in a container Chromium runs only without its own sandbox.
+    let mut browser = tokio::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0", "--window-size=1280,1000"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting chromium: {e}"))?;
+    // It says where its DevTools listen on its standard error.
+    let mut lines = tokio::io::BufReader::new(browser.stderr.take().expect("piped")).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(at) = line.strip_prefix("DevTools listening on ws://") {
+                return at.split('/').next().map(str::to_string);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or("chromium did not say where its DevTools listen")?;
+    // Keep reading its standard error so that it never blocks writing it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let targets: serde_json::Value = reqwest::get(format!("http://{listening}/json/list"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let page = targets
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["type"] == "page"))
+        .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+        .ok_or("chromium has no page to drive")?
+        .to_string();
+    let stream = tokio::net::TcpStream::connect(&listening).await.map_err(|e| e.to_string())?;
+    let (mut socket, _) = tokio_tungstenite::client_async(page.as_str(), stream).await.map_err(|e| e.to_string())?;
+
+    // One DevTools command, answered by the reply with its id (events between are skipped).
+    let mut next_id = 0u64;
+    let mut call = async |method: &str, params: serde_json::Value| -> Result<serde_json::Value, String> {
+        next_id += 1;
+        let id = next_id;
+        let command = serde_json::json!({ "id": id, "method": method, "params": params });
+        socket.send(Message::text(command.to_string())).await.map_err(|e| e.to_string())?;
+        while let Some(message) = socket.next().await {
+            let Message::Text(text) = message.map_err(|e| e.to_string())? else { continue };
+            let reply: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            if reply["id"] == id {
+                return match reply.get("error") {
+                    Some(error) => Err(format!("{method}: {error}")),
+                    None => Ok(reply["result"].clone()),
+                };
+            }
+        }
+        Err("chromium closed its DevTools connection".into())
+    };
+
+    let mut renders = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        call("Page.navigate", serde_json::json!({ "url": "about:blank" })).await?;
+        call("Page.navigate", serde_json::json!({ "url": url })).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let read = serde_json::json!({ "expression": "document.body && document.body.dataset.firstRenderMs || ''", "returnByValue": true });
+        loop {
+            let result = call("Runtime.evaluate", read.clone()).await?;
+            if let Some(ms) = result["result"]["value"].as_str().and_then(|v| v.parse::<u64>().ok()) {
+                renders.push(Duration::from_millis(ms));
+                break;
+            }
+            if Instant::now() > deadline {
+                let shown = call("Runtime.evaluate", serde_json::json!({ "expression": "document.body ? document.body.innerText.slice(0, 300) : ''", "returnByValue": true })).await?;
+                return Err(format!(
+                    "round {round}: no first render within 30 s; the page shows {}",
+                    shown["result"]["value"]
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(renders)
 }
