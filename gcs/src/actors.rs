@@ -18,6 +18,13 @@
 //!   never meet: one cannot take or find another's); a DEAD actor frees its name.
 //! - Every change bumps `version`, which `GetActor` waiters watch.
 //!
+//! Each incarnation's creation is recorded in the head's task table as its creator records
+//! a task: one row per actor, the task that creates it (`ACTOR_CREATION_TASK`,
+//! `Class.__init__`, [`TaskId::actor_creation`]), whose attempts are its incarnations:
+//! waiting for a lease and why, running its constructor on which node and worker, finished
+//! when the actor is ALIVE, failed with why when it never was. The state API lists it and
+//! the timeline draws it.
+//!
 //! Every change of a row is written to the head's storage (`Table::Actors`) before
 //! anyone can learn of it (a create is answered, an ALIVE address is published), with
 //! the lease an incarnation runs on written before its constructor is called. A head
@@ -38,12 +45,13 @@ use ionet_common::failover::ClusterChannel;
 use ionet_common::lease::{self, Backoff, LeaseOutcome};
 use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
-use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, StoredActor};
+use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, StoredActor, TaskState};
 use ionet_common::rpc::proto::metering::HeldLease;
 use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
-use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId};
+use ionet_common::task_event_batch::{BatchBuilder, Event as TaskEvent};
+use ionet_common::{ActorId, IonetError, IonetResult, JobId, PlacementGroupId, TaskId};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -52,6 +60,7 @@ use crate::metering::Metering;
 use crate::placement_groups::PlacementGroups;
 use crate::state::{blocking, GcsState};
 use crate::storage::Table;
+use crate::task_events::TaskTable;
 
 /// Pause between placement attempts that failed for a reason that may pass.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -75,6 +84,8 @@ pub struct Actors {
     placement_groups: Arc<PlacementGroups>,
     /// The head holds actors' leases: it gives the holder's word for them.
     metering: Arc<Metering>,
+    /// Where each incarnation's creation is recorded, as a task.
+    tasks: Arc<TaskTable>,
     rows: Mutex<HashMap<ActorId, Row>>,
     /// (account, namespace, name) → actor, for actors not DEAD.
     names: Mutex<HashMap<(String, String, String), ActorId>>,
@@ -102,12 +113,14 @@ impl Actors {
         issuer: Issuer,
         placement_groups: Arc<PlacementGroups>,
         metering: Arc<Metering>,
+        tasks: Arc<TaskTable>,
     ) -> Arc<Self> {
         Arc::new(Actors {
             state,
             issuer,
             placement_groups,
             metering,
+            tasks,
             rows: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             owners: DashMap::new(),
@@ -123,6 +136,39 @@ impl Actors {
         let bytes = StoredActor { info: Some(row.info.clone()), lease_id, lease_node_address }.encode_to_vec();
         let storage = self.state.storage().clone();
         blocking(move || storage.put(Table::Actors, actor_id.as_bytes(), &bytes)).await
+    }
+
+    /// Records a step of the actor's creation task (attempt `incarnation`) in the head's
+    /// task table, as the creator's account's: `step` says the state and what goes with it
+    /// (the task, its name, its actor and the time are filled in here).
+    fn record_creation(&self, spec: &ActorSpec, incarnation: u32, step: TaskEvent<'_>) {
+        let (Ok(job), Ok(actor)) = (JobId::from_bytes(&spec.job_id), ActorId::from_bytes(&spec.actor_id)) else {
+            return;
+        };
+        let class = if spec.display_class.is_empty() { &spec.class_name } else { &spec.display_class };
+        let name = format!("{class}.__init__");
+        let task_id = TaskId::actor_creation(&actor);
+        let mut batch = BatchBuilder::new(&spec.job_id);
+        batch.push(&TaskEvent {
+            task_id: task_id.as_bytes(),
+            name: &name,
+            actor_id: actor.as_bytes(),
+            attempt: incarnation,
+            time_us: ionet_common::clock::now_us(),
+            ..step
+        });
+        let account: Arc<str> = self.state.payer_of(&job).into();
+        if let Err(why) = self.tasks.add(&account, &batch.finish(), 0) {
+            tracing::warn!(actor = %actor, %why, "the actor's creation could not be recorded");
+        }
+    }
+
+    /// Records the end of a creation that never made the actor ALIVE: the cause the row
+    /// holds (when it is DEAD), else `cause`.
+    fn record_creation_failed(&self, actor_id: &ActorId, spec: &ActorSpec, incarnation: u32, cause: &str) {
+        let recorded = lock(&self.rows).get(actor_id).map(|row| row.info.death_cause.clone()).unwrap_or_default();
+        let error = if recorded.is_empty() { cause } else { recorded.as_str() };
+        self.record_creation(spec, incarnation, TaskEvent { state: TaskState::Failed, error, ..Default::default() });
     }
 
     /// Changes the actor's row: `change` works on a copy (`None`: no change), the copy is
@@ -621,15 +667,26 @@ impl Actors {
     async fn place(self: Arc<Self>, actor_id: ActorId, incarnation: u32) {
         let Ok(info) = self.get(actor_id.as_bytes()) else { return };
         let spec = info.spec.unwrap_or_default();
+        fn waiting(reason: &str) -> TaskEvent<'_> {
+            TaskEvent { state: TaskState::PendingNodeAssignment, reason, ..Default::default() }
+        }
+        let asks = match spec.resources.clone().unwrap_or_default().to_set() {
+            Ok(resources) => format!("waiting for a worker lease of {resources}"),
+            Err(_) => "waiting for a worker lease".to_string(),
+        };
+        self.record_creation(&spec, incarnation, waiting(&asks));
         let credential = match self.job_credential(&spec.job_id) {
             Ok(credential) => credential,
             Err(error) => {
                 let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
                 self.mark_dead_with(actor_id, incarnation, &cause, Some(&error)).await;
+                self.record_creation_failed(&actor_id, &spec, incarnation, &cause);
                 return;
             }
         };
         let mut warned = false;
+        // Why the last attempt to place it waited (recorded when it changes).
+        let mut last_reason = String::new();
         let mut backoff = Backoff::new(None);
         while self.still_wanted(&actor_id, incarnation) {
             // The lease is the job's: asked with its credential, which its worker is given.
@@ -657,18 +714,24 @@ impl Actors {
                 LeaseOutcome::Infeasible(reason) if incarnation == 0 && spec.placement_group_id.is_empty() => {
                     let error = IonetError::Infeasible(format!("actor {} cannot be placed: {reason}", spec.class_name));
                     self.mark_dead_with(actor_id, incarnation, &error.to_string(), Some(&error)).await;
+                    self.record_creation_failed(&actor_id, &spec, incarnation, &error.to_string());
                     return;
                 }
                 // The request itself is wrong: asking again cannot help.
                 LeaseOutcome::Refused(error) => {
                     let cause = format!("actor {} cannot be placed: {error}", spec.class_name);
                     self.mark_dead_with(actor_id, incarnation, &cause, Some(&error)).await;
+                    self.record_creation_failed(&actor_id, &spec, incarnation, &cause);
                     return;
                 }
                 LeaseOutcome::Infeasible(reason) | LeaseOutcome::Unavailable(reason) => {
                     if !warned {
                         tracing::warn!(actor = %actor_id, %reason, "actor cannot be placed yet; retrying");
                         warned = true;
+                    }
+                    if reason != last_reason {
+                        self.record_creation(&spec, incarnation, waiting(&reason));
+                        last_reason = reason;
                     }
                     tokio::time::sleep(backoff.after_failure().unwrap_or(Backoff::LONGEST)).await;
                     continue;
@@ -681,6 +744,16 @@ impl Actors {
                 }
                 return;
             }
+            self.record_creation(
+                &spec,
+                incarnation,
+                TaskEvent {
+                    state: TaskState::Running,
+                    node_id: &lease.node_id,
+                    worker_address: &lease.worker_address,
+                    ..Default::default()
+                },
+            );
             let created = match self.channel(&lease.worker_address, &credential) {
                 Ok(channel) => CoreWorkerClient::new(channel)
                     .create_actor(CreateActorRequest {
@@ -702,10 +775,13 @@ impl Actors {
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
                     self.mark_dead(actor_id, incarnation, &cause).await;
+                    self.record_creation_failed(&actor_id, &spec, incarnation, &cause);
                     return;
                 }
                 Err(status) => {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
+                    let reason = format!("placing it again: its worker did not start it: {}", status.message());
+                    self.record_creation(&spec, incarnation, waiting(&reason));
                     self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
@@ -731,6 +807,7 @@ impl Actors {
                     // Killed while its constructor ran.
                     self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
+                    self.record_creation_failed(&actor_id, &spec, incarnation, "killed while it was created");
                     return;
                 }
                 Err(err) => {
@@ -743,10 +820,22 @@ impl Actors {
                 }
             }
             tracing::info!(actor = %actor_id, incarnation, worker = %lease.worker_address, "actor alive");
+            self.record_creation(
+                &spec,
+                incarnation,
+                TaskEvent {
+                    state: TaskState::Finished,
+                    node_id: &lease.node_id,
+                    worker_address: &lease.worker_address,
+                    ..Default::default()
+                },
+            );
             self.bump();
             tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
             return;
         }
+        // No longer wanted: killed (or its owner gone) before it was placed.
+        self.record_creation_failed(&actor_id, &spec, incarnation, "killed before it was created");
     }
 
     async fn mark_dead(&self, actor_id: ActorId, incarnation: u32, cause: &str) {

@@ -147,8 +147,27 @@ impl GcsServer {
         let placement_groups = PlacementGroups::new(state.clone(), nodes.clone());
         metering.set_stopper(nodes);
         metering.set_head_holdings(placement_groups.clone());
-        let actors = Actors::new(state.clone(), issuer.clone(), placement_groups.clone(), metering.clone());
-        // What a previous run of the head left: groups first (actors may sit in them).
+        let tasks = Arc::new(crate::task_events::TaskTable::new(
+            crate::task_events::MAX_TASKS,
+            crate::task_events::MAX_TASKS_PER_ACCOUNT,
+        ));
+        let actors =
+            Actors::new(state.clone(), issuer.clone(), placement_groups.clone(), metering.clone(), tasks.clone());
+        // What a previous run of the head left: task rows first (actors' creations add to
+        // them), then groups (actors may sit in them), then actors. A head with storage
+        // keeps task rows there.
+        let persistent = !matches!(options.storage, StorageLocation::Memory);
+        if persistent {
+            let restored = crate::task_events::load(&tasks, state.storage().clone()).await?;
+            // A job that finished while the head was away (or before its rows' last write)
+            // ends its open rows, as it would have here.
+            for job in state.jobs() {
+                if job.state == ionet_common::rpc::proto::common::JobState::Finished as i32 {
+                    tasks.end_job(&job.job_id, job.end_time_ms.saturating_mul(1000));
+                }
+            }
+            tracing::info!(rows = restored, "task rows restored from storage");
+        }
         placement_groups.restore().await?;
         actors.restore().await?;
         let (job_dir, job_logs) = match options.job_dir.clone() {
@@ -167,23 +186,6 @@ impl GcsServer {
             job_dir.join("packages"),
         )
         .await?;
-        let tasks = Arc::new(crate::task_events::TaskTable::new(
-            crate::task_events::MAX_TASKS,
-            crate::task_events::MAX_TASKS_PER_ACCOUNT,
-        ));
-        // A head with storage keeps task rows there: what an earlier run wrote first.
-        let persistent = !matches!(options.storage, StorageLocation::Memory);
-        if persistent {
-            let restored = crate::task_events::load(&tasks, state.storage().clone()).await?;
-            // A job that finished while the head was away (or before its rows' last write)
-            // ends its open rows, as it would have here.
-            for job in state.jobs() {
-                if job.state == ionet_common::rpc::proto::common::JobState::Finished as i32 {
-                    tasks.end_job(&job.job_id, job.end_time_ms.saturating_mul(1000));
-                }
-            }
-            tracing::info!(rows = restored, "task rows restored from storage");
-        }
         let objects = crate::objects::ObjectListing::new(state.clone(), issuer.clone());
         let metrics = Arc::new(HeadMetrics::new(crate::metrics::HeadTables {
             state: state.clone(),

@@ -634,8 +634,9 @@ pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut st
 }
 
 /// `event` applied to `row`: the state and what it says of where, when and why. An ended
-/// task stays ended (a late word from a path that lost the race to run it); its owner
-/// records an end only once it retries no more.
+/// task stays ended (a late word from a path that lost the race to run it; its owner
+/// records an end only once it retries no more) until a later attempt begins: an actor's
+/// restart runs its creation task again.
 fn apply(row: &mut Row, event: Update) {
     if event.name.is_some() {
         row.name = event.name;
@@ -644,7 +645,13 @@ fn apply(row: &mut Row, event: Update) {
         row.actor_id = event.actor_id;
     }
     if is_terminal(row.state) && !is_terminal(event.state) {
-        return;
+        if event.attempt <= row.attempt {
+            return;
+        }
+        // Begun again: what ended the last attempt is no longer what the row says.
+        row.error = None;
+        row.started_us = 0;
+        row.ended_us = 0;
     }
     row.state = event.state;
     row.attempt = row.attempt.max(event.attempt);
@@ -758,6 +765,26 @@ mod tests {
         };
         assert_eq!(counts, vec![acme_counts.clone(), rival_counts]);
         assert_eq!(table.counts(|account| account == "acme"), vec![acme_counts], "each sees its own");
+    }
+
+    #[test]
+    fn a_later_attempt_begins_an_ended_task_again() {
+        let acme: Arc<str> = "acme".into();
+        let table = TaskTable::new(10, 10);
+        let mut failed = event(1, TaskState::Failed, 100);
+        failed.error = "the worker died";
+        table.add(&acme, &of(1, &[event(1, TaskState::Running, 50), failed]), 0).unwrap();
+        table.add(&acme, &of(1, &[event(1, TaskState::PendingNodeAssignment, 110)]), 0).unwrap();
+        assert_eq!(table.list(|_| true, &[], TaskState::Failed, "", 10).total, 1, "the same attempt: still ended");
+        let mut again = event(1, TaskState::PendingNodeAssignment, 120);
+        again.attempt = 1;
+        table.add(&acme, &of(1, &[again]), 0).unwrap();
+        let row = &table.list(|_| true, &[], TaskState::Unspecified, "", 10).rows[0];
+        assert_eq!(
+            (row.state, row.attempt, row.error.as_str(), row.started_us, row.ended_us),
+            (TaskState::PendingNodeAssignment as i32, 1, "", 0, 0),
+            "attempt 1 waits afresh"
+        );
     }
 
     #[test]

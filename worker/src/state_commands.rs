@@ -143,7 +143,7 @@ pub fn row_json(row: &TaskRow) -> Value {
         "name": row.name,
         "func_or_class_name": row.name,
         "state": state_name(row),
-        "type": ionet_common::task_event_batch::task_type(&row.actor_id),
+        "type": ionet_common::task_event_batch::task_type(&row.task_id, &row.actor_id),
         "actor_id": (!row.actor_id.is_empty()).then(|| hex::encode(&row.actor_id)),
         "attempt_number": row.attempt,
         "node_id": (!row.node_id.is_empty()).then(|| hex::encode(&row.node_id)),

@@ -339,6 +339,26 @@ fn killed_actor_restarts_or_dies() {
         Err(IonetError::ActorDied(message)) => assert!(message.contains("refusing to start"), "{message}"),
         other => panic!("expected the constructor's failure, got {other:?}"),
     }
+
+    // Each creation is a task of the state API (`Class.__init__`): the restarted actor's
+    // in its second attempt, the dead one's first done, the picky one's failed with why.
+    let creation = |actor: ionet::ActorId| {
+        let tasks = ionet::state::list_tasks(ionet::state::TaskFilter::default()).unwrap();
+        let row = tasks.into_iter().find(|row| row["actor_id"] == actor.hex() && row["type"] == "ACTOR_CREATION_TASK");
+        row.map(|row| {
+            let text = |field: &str| row[field].as_str().unwrap_or_default().to_string();
+            (text("name"), text("state"), row["attempt_number"].as_u64().unwrap(), text("error_message"))
+        })
+    };
+    let (name, state, attempt, _) = creation(restarting.actor_handle().id()).expect("the restarted actor's creation");
+    assert_eq!((name.as_str(), state.as_str(), attempt), ("actors::Counter.__init__", "FINISHED", 1));
+    let (_, state, attempt, _) = creation(mortal.actor_handle().id()).expect("the dead actor's creation");
+    assert_eq!((state.as_str(), attempt), ("FINISHED", 0), "it was created; its worker died after");
+    wait_until("the failed constructor listed", Duration::from_secs(30), || {
+        creation(picky.actor_handle().id()).is_some_and(|(name, state, _, error)| {
+            name == "actors::Picky.__init__" && state == "FAILED" && error.contains("refusing to start")
+        })
+    });
 }
 
 fn gpu_actor_waits_for_the_gpu() {

@@ -913,6 +913,8 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
             && list(&["--state", "RUNNING"]).len() == 1
             && list(&["--state", "FINISHED", "--filter", "type=NORMAL_TASK"]).len() == 1_000
             && list(&["--state", "FINISHED", "--filter", "type=ACTOR_TASK"]).len() == 11
+            && list(&["--state", "FINISHED", "--filter", "type=ACTOR_CREATION_TASK"]).len() == 10
+            && list(&["--state", "PENDING_NODE_ASSIGNMENT", "--filter", "type=ACTOR_CREATION_TASK"]).len() == 1
     });
     let finished = list(&["--state", "FINISHED", "--filter", "type=NORMAL_TASK"]);
     let nodes: BTreeSet<&str> = finished.iter().map(|task| task["node_id"].as_str().unwrap()).collect();
@@ -942,6 +944,21 @@ fn the_state_api_lists_a_jobs_tasks_with_states_nodes_and_reasons() {
         assert!(call["start_time_ms"].as_u64() <= call["end_time_ms"].as_u64(), "{call}");
     }
     assert_eq!(list(&["--name", "tasks::Holder.hold"]).len(), 1);
+    // Each actor's creation is a task too (`Class.__init__`), run where the actor lives;
+    // the GPU actor's waits, saying for what.
+    let created = list(&["--filter", "type=ACTOR_CREATION_TASK", "--state", "FINISHED"]);
+    for creation in &created {
+        let actor = creation["actor_id"].as_str().unwrap();
+        let node = &actors.iter().find(|(id, _)| id == actor).expect("a creation of one of the driver's actors").1;
+        assert_eq!(
+            (creation["name"].as_str(), creation["node_id"].as_str(), creation["attempt_number"].as_u64()),
+            (Some("tasks::Holder.__init__"), Some(node.as_str()), Some(0)),
+            "{creation}"
+        );
+        assert!(creation["start_time_ms"].as_u64() <= creation["end_time_ms"].as_u64(), "{creation}");
+    }
+    let creating = &list(&["--filter", "type=ACTOR_CREATION_TASK", "--state", "PENDING_NODE_ASSIGNMENT"])[0];
+    assert!(creating["pending_reason"].as_str().unwrap().contains("GPU: 1"), "{creating}");
     // A call to an actor still waiting for the GPU is queued, and says for what.
     let queued = list(&["--name", "tasks::Holder.node", "--state", "PENDING_NODE_ASSIGNMENT"]);
     assert_eq!(queued.len(), 1, "{queued:?}");

@@ -142,6 +142,24 @@ define_id!(
     PlacementGroupId, 18, "placement group id"
 );
 
+impl TaskId {
+    /// The task that creates `actor` (each incarnation is an attempt of it): the actor's
+    /// id, then eight bytes of `0xff` (a random task id has them with odds of 2^-64).
+    pub fn actor_creation(actor: &ActorId) -> Self {
+        let mut bytes = [0xff; TaskId::LEN];
+        bytes[..ActorId::LEN].copy_from_slice(actor.as_bytes());
+        Self(bytes)
+    }
+
+    /// Whether `task_id` (bytes) is the task that creates the actor `actor_id` (bytes).
+    pub fn is_actor_creation(task_id: &[u8], actor_id: &[u8]) -> bool {
+        actor_id.len() == ActorId::LEN
+            && task_id.len() == TaskId::LEN
+            && task_id[..ActorId::LEN] == *actor_id
+            && task_id[ActorId::LEN..].iter().all(|byte| *byte == 0xff)
+    }
+}
+
 impl JobId {
     /// Job ids are assigned by the control store in sequence.
     pub fn from_sequence(sequence: u32) -> Self {
@@ -171,6 +189,16 @@ mod tests {
         let err = NodeId::from_bytes(&[1, 2, 3]).unwrap_err();
         assert_eq!(err.to_string(), "invalid argument: node id must be 28 bytes, got 3");
         assert!("zz".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn an_actors_creation_task_is_known_by_its_actor() {
+        let actor = ActorId::random();
+        let creation = TaskId::actor_creation(&actor);
+        assert!(TaskId::is_actor_creation(creation.as_bytes(), actor.as_bytes()));
+        assert!(!TaskId::is_actor_creation(creation.as_bytes(), ActorId::random().as_bytes()));
+        assert!(!TaskId::is_actor_creation(TaskId::random().as_bytes(), actor.as_bytes()));
+        assert!(!TaskId::is_actor_creation(creation.as_bytes(), &[]));
     }
 
     #[test]

@@ -182,11 +182,14 @@ impl BatchBuilder {
     }
 }
 
-/// A task's type as Ray's state API names it: `ACTOR_TASK` when it names an actor (a
-/// row's or an event's actor id), else `NORMAL_TASK`.
-pub fn task_type(actor_id: &[u8]) -> &'static str {
+/// A task's type as Ray's state API names it: `ACTOR_CREATION_TASK` for the task that
+/// creates its actor ([`TaskId::actor_creation`]), `ACTOR_TASK` for another naming an
+/// actor (a row's or an event's actor id), else `NORMAL_TASK`.
+pub fn task_type(task_id: &[u8], actor_id: &[u8]) -> &'static str {
     if actor_id.is_empty() {
         "NORMAL_TASK"
+    } else if TaskId::is_actor_creation(task_id, actor_id) {
+        "ACTOR_CREATION_TASK"
     } else {
         "ACTOR_TASK"
     }

@@ -8,8 +8,9 @@ nodes.
     list_actors(filters=[("state", "=", "ALIVE")])
 
 Each task is a dict with Ray's fields: `task_id`, `job_id`, `name`,
-`func_or_class_name`, `state`, `type` (`NORMAL_TASK`, or `ACTOR_TASK` with its
-`actor_id`), `attempt_number`, `node_id`, `error_message`, plus ionet's `worker_address`
+`func_or_class_name`, `state`, `type` (`NORMAL_TASK`; `ACTOR_TASK` with its
+`actor_id`; `ACTOR_CREATION_TASK`, `Class.__init__`, whose attempts are the actor's
+incarnations), `attempt_number`, `node_id`, `error_message`, plus ionet's `worker_address`
 and `pending_reason` (why a task waits), and `creation_time_ms`, `start_time_ms`,
 `end_time_ms`. A program (holding its job's credential) sees its own job's tasks, its
 actor calls among them (`Class.method`). At most 10,000 rows
