@@ -266,6 +266,10 @@ def test_a_prometheus_server_scrapes_the_cluster_and_answers_a_jobs_cost(cluster
         dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
+                if "real GPU" in panel.get("description", ""):
+                    # NVML's readings: none here (declared GPUs); the query must still parse.
+                    assert query(target["expr"]) is not None, (panel["title"], target["expr"], "is refused")
+                    continue
                 assert query(target["expr"]), (panel["title"], target["expr"], "has no data")
                 for name in re.findall(r"ionet_[a-z_]+", target["expr"]):
                     assert name in names, (panel["title"], name)

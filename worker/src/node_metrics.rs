@@ -205,5 +205,25 @@ mod tests {
         // Without a driver there are no readings, and the families are empty.
         let bare = render(&NodeReadings::default());
         assert!(!bare.contains("ionet_daemon_gpu_utilization_ratio{"), "{bare}");
+
+        // The Grafana dashboard's node panels ask for families a daemon serves (its GPU
+        // panels, empty where no GPU is real, included: Prometheus cannot check those names).
+        let mut readings = readings;
+        readings.leases.gpus_leased = vec![(1, 0.5)];
+        let text = render(&readings);
+        let dashboard = include_str!("../../examples/monitoring/grafana-dashboard.json");
+        let asked: std::collections::BTreeSet<&str> = dashboard
+            .match_indices("ionet_daemon_")
+            .map(|(at, _)| {
+                let name = &dashboard[at..];
+                &name[..name.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(name.len())]
+            })
+            .collect();
+        assert!(asked.contains("ionet_daemon_gpu_utilization_ratio"), "{asked:?}");
+        for name in asked {
+            let served =
+                text.lines().any(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])));
+            assert!(served, "{name} is asked by the dashboard but not served: {text}");
+        }
     }
 }
