@@ -9,8 +9,11 @@
 //! is submitted, runs and finishes within one batch costs one event to send and to apply.
 //!
 //! Bounded: at most [`CAPACITY`] events wait here; past it the oldest go, counted and
-//! told to the head with the next batch (listings show the count). A batch the head does
-//! not take is dropped the same way: events never hold a task up.
+//! told to the head with the next batch (listings show the count). A batch that cannot
+//! reach the head (it is restarting, or its connection broke) is kept and sent first
+//! once it answers again, for up to [`KEEP_UNSENT`] attempts, one a period; a batch the
+//! head refuses, or one kept past that, is dropped the same way: events never hold a task
+//! up.
 //!
 //! Bounded in rate too: a process records the events of at most [`RATE`] new tasks a
 //! second (`IONET_TASK_EVENTS_PER_SECOND`); a task past it is not recorded at all, from
@@ -40,6 +43,10 @@ pub(crate) const CAPACITY: usize = 100_000;
 const MAX_BATCH: usize = 2_000;
 /// How long events gather before they go.
 const PERIOD: Duration = Duration::from_secs(1);
+/// How many times a batch that could not reach the head is sent before it is dropped
+/// (a period apart: a minute, the time a head takes to come back or a standby to take
+/// over, with room).
+const KEEP_UNSENT: u32 = 60;
 /// The variable that turns recording off (`0`, `false`, `off`).
 pub const TASK_EVENTS_ENV: &str = "IONET_TASK_EVENTS";
 /// The most new tasks a second whose events a process records, unless
@@ -232,7 +239,7 @@ struct Shared {
     dropped: AtomicU64,
     wake: Arc<tokio::sync::Notify>,
     /// Held while a batch is taken and sent: batches reach the head in order.
-    sending: tokio::sync::Mutex<Option<GcsClient>>,
+    sending: tokio::sync::Mutex<Sender>,
     gcs_address: String,
     credential: Bearer,
 }
@@ -266,7 +273,7 @@ impl TaskEvents {
             buffer: Mutex::new(Pending::default()),
             dropped: AtomicU64::new(0),
             wake: Arc::new(tokio::sync::Notify::new()),
-            sending: tokio::sync::Mutex::new(None),
+            sending: tokio::sync::Mutex::new(Sender::default()),
             gcs_address,
             credential,
         });
@@ -377,35 +384,76 @@ impl TaskEvents {
     }
 }
 
-/// Takes and sends what waits, in batches, in order.
+/// The sending side: the connection to the head, and the batch that could not reach it.
+#[derive(Default)]
+struct Sender {
+    client: Option<GcsClient>,
+    unsent: Option<Unsent>,
+}
+
+/// A batch that could not reach the head: sent first next time.
+struct Unsent {
+    request: AddTaskEventsRequest,
+    /// Its events (its own count of dropped ones aside).
+    events: u64,
+    /// Sends that failed.
+    attempts: u32,
+}
+
+impl Unsent {
+    /// What it carries, counted as dropped when it is.
+    fn lost(&self) -> u64 {
+        self.events + self.request.dropped
+    }
+}
+
+/// Whether a failed send may succeed later: the head could not be reached, or the call
+/// broke on the way (not a refusal, which says the same again).
+fn may_pass(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+}
+
+/// Sends the batch kept from before, then takes and sends what waits, in batches, in
+/// order.
 async fn send_all(shared: &Shared) {
-    let mut client = shared.sending.lock().await;
+    let mut sender = shared.sending.lock().await;
+    let sender = &mut *sender;
     loop {
-        let entries = shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).take(MAX_BATCH);
-        let dropped = shared.dropped.swap(0, Ordering::Relaxed);
-        if entries.is_empty() && dropped == 0 {
-            return;
+        let mut unsent = match sender.unsent.take() {
+            Some(unsent) => unsent,
+            None => {
+                let entries = shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).take(MAX_BATCH);
+                let dropped = shared.dropped.swap(0, Ordering::Relaxed);
+                if entries.is_empty() && dropped == 0 {
+                    return;
+                }
+                let mut batch = BatchBuilder::new(&shared.job_id);
+                for entry in &entries {
+                    batch.push(&entry.event());
+                }
+                let request = AddTaskEventsRequest { events: Some(batch.finish()), dropped };
+                Unsent { request, events: entries.len() as u64, attempts: 0 }
+            }
+        };
+        if sender.client.is_none() {
+            sender.client = rpc::gcs_client(&shared.gcs_address, &shared.credential).await.ok();
         }
-        let count = entries.len() as u64;
-        let mut batch = BatchBuilder::new(&shared.job_id);
-        for entry in &entries {
-            batch.push(&entry.event());
-        }
-        drop(entries);
-        if client.is_none() {
-            *client = rpc::gcs_client(&shared.gcs_address, &shared.credential).await.ok();
-        }
-        let request = AddTaskEventsRequest { events: Some(batch.finish()), dropped };
-        let sent = match client.as_mut() {
-            Some(gcs) => gcs.add_task_events(request).await.map(|_| ()),
+        let sent = match sender.client.as_mut() {
+            Some(gcs) => gcs.add_task_events(unsent.request.clone()).await.map(|_| ()),
             None => Err(tonic::Status::unavailable("the head is not reachable")),
         };
-        if let Err(status) = sent {
-            tracing::debug!(error = %status.message(), events = count, "task events dropped: the head did not take them");
-            shared.dropped.fetch_add(count + dropped, Ordering::Relaxed);
-            *client = None;
-            return;
+        let Err(status) = sent else { continue };
+        sender.client = None;
+        unsent.attempts += 1;
+        if may_pass(&status) && unsent.attempts < KEEP_UNSENT {
+            tracing::debug!(error = %status.message(), events = unsent.events, "task events kept: the head did not answer");
+            sender.unsent = Some(unsent);
+        } else {
+            tracing::debug!(error = %status.message(), events = unsent.events, "task events dropped: the head did not take them");
+            shared.dropped.fetch_add(unsent.lost(), Ordering::Relaxed);
         }
+        return;
     }
 }
 
@@ -443,12 +491,69 @@ mod tests {
         }
         events.flush(Duration::from_secs(30)).await;
         // No batch in flight while the sender's lock is held: each event is in one place.
-        let _no_send = events.shared.sending.lock().await;
-        let waiting = events.shared.buffer.lock().unwrap().len() as u64;
+        let sender = events.shared.sending.lock().await;
+        let kept = sender.unsent.as_ref().map_or(0, Unsent::lost);
+        let kept_events = sender.unsent.as_ref().map_or(0, |unsent| unsent.events);
+        assert!(kept_events <= MAX_BATCH as u64, "one batch at most is kept to be sent again");
+        let buffered = events.shared.buffer.lock().unwrap().len() as u64;
+        assert!(buffered <= CAPACITY as u64);
+        // The kept batch's events, and the drops it tells of.
+        let waiting = buffered + kept;
         let dropped = events.shared.dropped.load(Ordering::Relaxed);
-        assert!(waiting <= CAPACITY as u64);
-        assert_eq!(waiting + dropped, TASKS, "every event is waiting or counted as dropped");
-        assert!(dropped >= TASKS - CAPACITY as u64);
+        assert_eq!(waiting + dropped, TASKS, "every event is waiting (or kept) or counted as dropped");
+        assert!(dropped + kept - kept_events >= TASKS - (CAPACITY + MAX_BATCH) as u64);
+    }
+
+    /// A head on `listener`, its tables and signing key in `dir` (a second one started
+    /// there carries on from the first).
+    async fn head_in(dir: &std::path::Path, listener: tokio::net::TcpListener) -> ionet_gcs::GcsServer {
+        let mut options = ionet_gcs::GcsServerOptions::new(ionet_common::config::ClusterConfig::default());
+        options.storage = ionet_gcs::storage::StorageLocation::File(dir.join("gcs.redb"));
+        options.signing_key_path = Some(dir.join("signing.key"));
+        ionet_gcs::GcsServer::start(options, listener).await.unwrap()
+    }
+
+    /// A batch sent while the head is away (restarting) is kept and reaches the head once
+    /// it is back, ahead of later ones: the rows of tasks that ran meanwhile are listed,
+    /// and nothing is counted as dropped.
+    #[tokio::test]
+    async fn a_batch_the_head_missed_while_away_reaches_it_once_back() {
+        use ionet_common::rpc::proto::common::WorkerCommand;
+        use ionet_common::rpc::proto::gcs::{AddJobRequest, ListTasksRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let head = head_in(dir.path(), listener).await;
+        let admin = head.admin_credential(Duration::from_secs(600));
+        let mut gcs = rpc::gcs_client(&address.to_string(), &admin).await.unwrap();
+        let worker_command = Some(WorkerCommand { argv: vec!["/bin/true".into()], ..Default::default() });
+        let job = gcs.add_job(AddJobRequest { worker_command, ..Default::default() }).await.unwrap().into_inner();
+        let (job_id, credential) = (job.job.unwrap().job_id, Bearer::new(&job.job_credential).unwrap());
+        let events =
+            TaskEvents::start(&tokio::runtime::Handle::current(), address.to_string(), credential, job_id, place());
+        let task = |byte: u8| Tracked { task_id: TaskId::from_bytes(&[byte; TaskId::LEN]).unwrap(), recorded: true };
+        events.record(task(1), TaskState::Finished, |event| event.name = Some("before".into()));
+        events.flush(Duration::from_secs(30)).await;
+        head.shutdown().await;
+
+        // The head is away: the batch is kept, not dropped.
+        events.record(task(2), TaskState::Finished, |event| event.name = Some("while away".into()));
+        events.flush(Duration::from_secs(30)).await;
+        assert!(events.shared.sending.lock().await.unsent.is_some(), "the batch is kept");
+        assert_eq!(events.shared.dropped.load(Ordering::Relaxed), 0);
+        events.record(task(3), TaskState::Finished, |event| event.name = Some("after".into()));
+
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let head = head_in(dir.path(), listener).await;
+        events.flush(Duration::from_secs(30)).await;
+        let mut gcs = rpc::gcs_client(&address.to_string(), &admin).await.unwrap();
+        let listed = gcs.list_tasks(ListTasksRequest::default()).await.unwrap().into_inner();
+        let mut names: Vec<&str> = listed.tasks.iter().map(|row| row.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["after", "before", "while away"]);
+        assert_eq!(listed.dropped_events, 0, "nothing was lost");
+        assert!(events.shared.sending.lock().await.unsent.is_none());
+        head.shutdown().await;
     }
 
     /// A task's events not sent yet become one, which says all the head needs.
