@@ -1,0 +1,59 @@
+"""The README's first command, the main job (`bash examples/local-cluster.sh`), as a newcomer
+runs it: providers join, a tenant's sweep runs on the cheapest GPUs, the epoch is settled.
+Its output is checked here (the script checks its receipt against the settlement and the
+lease records itself, and fails otherwise), and nothing it started is left running."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def processes_of(session: Path) -> list[str]:
+    """The processes whose environment names `session` (the daemons and their workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"IONET_SESSION_DIR={session}".encode() in environ:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_the_main_job_runs_pays_every_provider_and_stops_what_it_started(tmp_path):
+    session = tmp_path / "session"
+    env = {**os.environ, "IONET_SESSION_DIR": str(session)}
+    env.pop("KEEP", None)
+    env.pop("IONET_API_KEY", None)
+    done = subprocess.run(["bash", "examples/local-cluster.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
+    out = done.stdout
+    assert done.returncode == 0, out[-6000:] + done.stderr[-4000:]
+    # Three providers of different models, prices and regions joined, and all were used:
+    # the trials went to the cheapest GPUs free.
+    for wallet, model in [("dc-frankfurt", "A100-80GB"), ("miner-ohio", "RTX4090"), ("dc-singapore", "H100")]:
+        assert f"provider {wallet} joined" in out, out
+        assert re.search(rf"^  {wallet} +earned \$0\.\d+$", out, re.M), out
+    trials = re.findall(r"^  trial +\d+/18 .* on node [0-9a-f]{8} \((\S+) GPU", out, re.M)
+    assert len(trials) == 18, out
+    assert "RTX4090" in trials, "the cheapest GPUs took trials"
+    assert "best: lr 0.01 l2 0:" in out and "checked: every trial's answer matches training it here" in out
+    assert "4 GPU(s) for 1 h" in out, "the tenant saw a quote"
+    assert "checked: each lease costs its time at its node's price" in out
+    seconds = int(re.search(r"main job done in (\d+) s after the build", out).group(1))
+    assert seconds < 60, out
+    wait_for(lambda: processes_of(session) == [], timeout=30, what="everything the main job started to stop")
