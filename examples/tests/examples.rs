@@ -69,6 +69,20 @@ fn the_sweeps_trials_match_training_here_and_the_best_is_known() {
 }
 
 #[test]
+fn the_parameter_server_trains_what_the_same_steps_give_here() {
+    let out = run(env!("CARGO_BIN_EXE_parameter_server"), &[], Duration::from_secs(300));
+    assert_eq!(out.lines().filter(|line| line.starts_with("step ")).count(), 5, "progress shown: {out}");
+    assert!(out.contains("checked: the weights are those the same steps give here"), "{out}");
+}
+
+#[test]
+fn batch_inference_scores_every_row_as_the_model_does_here() {
+    let out = run(env!("CARGO_BIN_EXE_batch_inference"), &[], Duration::from_secs(300));
+    assert!(out.starts_with("80000 rows in 40 Arrow batches scored by 2 GPU actors"), "{out}");
+    assert!(out.contains("checked: every score matches the model run here"), "{out}");
+}
+
+#[test]
 fn the_readmes_rust_example_runs_as_written() {
     let out = run(env!("CARGO_BIN_EXE_readme"), &[], Duration::from_secs(300));
     assert_eq!(out.trim(), "[0, 1, 4, 9] 49");
