@@ -1,7 +1,6 @@
-"""Every Python example (`examples/python/`) at its small size, and every Python block of
-the README, run as a user runs them: a fresh interpreter, an embedded cluster of its own.
-Each example checks its own answer and exits non-zero when it is wrong; what it printed
-is checked here too."""
+"""Every Python example (`examples/python/`) at its small size, run as a user runs it: a
+fresh interpreter, an embedded cluster of its own. Each checks its own answer and exits
+non-zero when it is wrong; what it printed is checked here too."""
 
 from __future__ import annotations
 
@@ -45,19 +44,3 @@ def test_each_example_runs_and_checks_its_answer(example, checked, tmp_path):
     if example == "sweep.py":
         assert len(re.findall(r"^  trial +\d+/18 ", out, re.M)) == 18, "progress is shown as trials finish"
         assert "best: lr 0.01 l2 0.0:" in out, "the known best trial wins"
-
-
-def readme_blocks(language: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
-
-
-def test_the_readmes_python_runs_as_written(tmp_path):
-    blocks = readme_blocks("python")
-    assert blocks, "the README has Python"
-    for number, block in enumerate(blocks):
-        script = tmp_path / f"readme_{number}.py"
-        script.write_text(block)
-        out = run([str(script)], tmp_path)
-        if "square.remote(i) for i in range(4)" in block:
-            assert out.startswith("[0, 1, 4, 9]\n1 {"), out
