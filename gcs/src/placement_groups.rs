@@ -37,7 +37,8 @@ use ionet_common::rpc::proto::node::{
 use ionet_common::rpc::{AuthChannel, NodeManagerClient};
 use ionet_common::{IonetError, IonetResult, JobId, LeaseId, NodeId, PlacementGroupId};
 use ionet_scheduler::{
-    solve_placement_group, ClusterView, Gpu, NodeState, NodeView, PlacementDecision, PlacementStrategy,
+    solve_placement_group_ordered, ClusterView, Gpu, NodeOrder, NodeState, NodeView, PlacementDecision,
+    PlacementStrategy,
 };
 use prost::Message;
 use tokio::sync::{watch, Notify};
@@ -140,6 +141,8 @@ struct Group {
     job_id: Vec<u8>,
     bundles: Vec<ResourceSet>,
     strategy: PlacementStrategy,
+    /// Which nodes its solver tries first (a tenant's `cheapest_first`).
+    order: NodeOrder,
     state: PlacementGroupState,
     /// Once CREATED: the node and address of each bundle.
     nodes: Vec<(NodeId, String)>,
@@ -188,6 +191,7 @@ impl Group {
             job_id: stored.job_id,
             bundles: row.bundles.iter().map(|bundle| bundle.clone().to_set()).collect::<IonetResult<_>>()?,
             strategy: strategy_from_wire(row.strategy)?,
+            order: if row.cheapest_first { NodeOrder::Cheapest } else { NodeOrder::Utilisation },
             state,
             nodes,
             pending_reason: row.pending_reason,
@@ -356,10 +360,11 @@ impl PlacementGroups {
         name: String,
         job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
-        self.create_with_lifetime(bundles, strategy, name, job_id, false).await
+        self.create_with_lifetime(bundles, strategy, name, job_id, false, NodeOrder::Utilisation).await
     }
 
-    /// [`PlacementGroups::create`]; a `detached` group outlives its job.
+    /// [`PlacementGroups::create`]; a `detached` group outlives its job; `order`: which
+    /// nodes its solver tries first.
     pub async fn create_with_lifetime(
         &self,
         bundles: Vec<ResourceSet>,
@@ -367,8 +372,9 @@ impl PlacementGroups {
         name: String,
         job_id: Vec<u8>,
         detached: bool,
+        order: NodeOrder,
     ) -> IonetResult<PlacementGroupId> {
-        self.create_group(bundles, strategy, name, job_id, detached, None).await
+        self.create_group(bundles, (strategy, order), name, job_id, detached, None).await
     }
 
     /// A group whose bundles go on `node` or nowhere (the job server reserves what a
@@ -380,13 +386,14 @@ impl PlacementGroups {
         name: String,
         job_id: Vec<u8>,
     ) -> IonetResult<PlacementGroupId> {
-        self.create_group(bundles, PlacementStrategy::StrictPack, name, job_id, false, Some(node)).await
+        let strategy = (PlacementStrategy::StrictPack, NodeOrder::Utilisation);
+        self.create_group(bundles, strategy, name, job_id, false, Some(node)).await
     }
 
     async fn create_group(
         &self,
         bundles: Vec<ResourceSet>,
-        strategy: PlacementStrategy,
+        (strategy, order): (PlacementStrategy, NodeOrder),
         name: String,
         job_id: Vec<u8>,
         detached: bool,
@@ -414,6 +421,7 @@ impl PlacementGroups {
                 job_id,
                 bundles,
                 strategy,
+                order,
                 state: PlacementGroupState::Pending,
                 nodes: Vec::new(),
                 committed: HashMap::new(),
@@ -543,14 +551,16 @@ impl PlacementGroups {
             .collect();
         self.requeue_groups_on_lost_nodes(&alive).await;
 
-        type Pending = (u64, PlacementGroupId, Vec<ResourceSet>, PlacementStrategy, Vec<u8>, Option<NodeId>);
+        type Pending =
+            (u64, PlacementGroupId, Vec<ResourceSet>, (PlacementStrategy, NodeOrder), Vec<u8>, Option<NodeId>);
         let mut pending: Vec<Pending> = self
             .lock()
             .iter()
             // One whose old bundles are still to cancel waits for that first.
             .filter(|(_, group)| group.state == PlacementGroupState::Pending && group.reserving.is_empty())
             .map(|(id, group)| {
-                (group.sequence, *id, group.bundles.clone(), group.strategy, group.job_id.clone(), group.pinned)
+                let strategy = (group.strategy, group.order);
+                (group.sequence, *id, group.bundles.clone(), strategy, group.job_id.clone(), group.pinned)
             })
             .collect();
         if pending.is_empty() {
@@ -568,12 +578,12 @@ impl PlacementGroups {
                 Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
             }
         }
-        for (_, id, bundles, strategy, job_id, pinned) in pending {
+        for (_, id, bundles, (strategy, order), job_id, pinned) in pending {
             let decision = match pinned {
                 // Its node or nowhere: the node's own accounting says whether it fits.
                 Some(node) if addresses.contains_key(&node) => PlacementDecision::Placed(vec![node; bundles.len()]),
                 Some(node) => PlacementDecision::Wait { reason: format!("its node {} is not alive", node.short()) },
-                None => solve_placement_group(&view, &bundles, strategy),
+                None => solve_placement_group_ordered(&view, &bundles, strategy, order),
             };
             let outcome = match decision {
                 PlacementDecision::Placed(chosen) => {
@@ -761,6 +771,7 @@ fn row(id: &PlacementGroupId, group: &Group) -> GetPlacementGroupReply {
         name: group.name.clone(),
         placement_group_id: id.to_vec(),
         job_id: group.job_id.clone(),
+        cheapest_first: group.order == NodeOrder::Cheapest,
     }
 }
 
@@ -795,6 +806,7 @@ pub fn group_json(group: &GetPlacementGroupReply) -> IonetResult<serde_json::Val
         "creator_job_id": hex::encode(&group.job_id),
         "state": state,
         "strategy": strategy,
+        "cheapest_first": group.cheapest_first,
         "bundles": bundles,
         "pending_reason": (!group.pending_reason.is_empty()).then(|| group.pending_reason.clone()),
     }))

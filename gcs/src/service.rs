@@ -23,6 +23,7 @@ use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
 use crate::state::{payer_account, GcsState, KvScope};
 use crate::submissions::Submissions;
+use ionet_scheduler::NodeOrder;
 
 pub struct GcsService {
     state: Arc<GcsState>,
@@ -715,9 +716,10 @@ impl Gcs for GcsService {
         let bundles =
             request.bundles.iter().map(|bundle| bundle.to_set()).collect::<ionet_common::IonetResult<Vec<_>>>()?;
         let strategy = strategy_from_wire(request.strategy)?;
+        let order = if request.cheapest_first { NodeOrder::Cheapest } else { NodeOrder::Utilisation };
         let id = self
             .placement_groups
-            .create_with_lifetime(bundles, strategy, request.name, request.job_id, request.detached)
+            .create_with_lifetime(bundles, strategy, request.name, request.job_id, request.detached, order)
             .await?;
         Ok(Response::new(CreatePlacementGroupReply { placement_group_id: id.to_vec() }))
     }

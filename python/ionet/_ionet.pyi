@@ -125,7 +125,9 @@ def get_gpu_ids() -> List[int]: ...
 def runtime_context() -> Dict[str, Any]:
     """job_id, node_id, task_id, actor_id, gpu_ids, namespace."""
 
-def placement_group(bundles: List[Dict[str, float]], strategy: str, name: str, detached: bool = False) -> str:
+def placement_group(
+    bundles: List[Dict[str, float]], strategy: str, name: str, detached: bool = False, cheapest_first: bool = False
+) -> str:
     """Asks for a group; its id (hex)."""
 
 def placement_group_wait(pg_id: str, timeout: Optional[float]) -> bool: ...

@@ -7,13 +7,14 @@ pub(crate) fn group(id: &str) -> PyResult<ionet::PlacementGroupId> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (bundles, strategy, name = String::new(), detached = false))]
+#[pyo3(signature = (bundles, strategy, name = String::new(), detached = false, cheapest_first = false))]
 pub(crate) fn placement_group(
     py: Python<'_>,
     bundles: Vec<BTreeMap<String, f64>>,
     strategy: &str,
     name: String,
     detached: bool,
+    cheapest_first: bool,
 ) -> PyResult<String> {
     use ionet::PlacementStrategy;
     let strategy = match strategy {
@@ -27,15 +28,8 @@ pub(crate) fn placement_group(
             )))
         }
     };
-    let created = py
-        .detach(move || {
-            if detached {
-                ionet::detached_placement_group(bundles, strategy, &name)
-            } else {
-                ionet::named_placement_group(bundles, strategy, &name)
-            }
-        })
-        .or_raise()?;
+    let options = ionet::PlacementGroupOptions { name, detached, cheapest_first };
+    let created = py.detach(move || ionet::placement_group_with(bundles, strategy, options)).or_raise()?;
     Ok(created.id().hex())
 }
 

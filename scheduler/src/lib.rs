@@ -47,7 +47,9 @@ pub use error::{SchedulerError, SchedulerResult};
 pub use gpu::{GpuAllocator, GpuAssignment};
 pub use labels::LabelSelector;
 pub use node::{Gpu, NodeState, NodeView};
-pub use placement_group::{solve_placement_group, PlacementDecision, PlacementStrategy};
+pub use placement_group::{
+    solve_placement_group, solve_placement_group_ordered, NodeOrder, PlacementDecision, PlacementStrategy,
+};
 pub use policy::{Decision, SchedulingStrategy};
 pub use quote::{quote, ListPrice, PriceTable, Quote, QuotePlacement, QuoteRefusal, QuoteRequest};
 

@@ -16,6 +16,12 @@
 //! - `Spread`: bundles in order onto distinct nodes while any unused node holds them, then
 //!   round-robin over the nodes already used.
 //!
+//! With [`NodeOrder::Cheapest`] (a tenant's `cheapest_first`) the nodes are visited by
+//! their price per GPU-hour, cheapest first (least utilised first among equal prices), for
+//! a group that asks for GPUs: `StrictPack` takes the cheapest node that holds it all,
+//! `Pack` and the spreads open the cheapest nodes first. The topology a strategy promises
+//! comes first; the price decides among the placements that keep it.
+//!
 //! The greedy passes are best effort: for `Pack`, `Spread` and `StrictSpread` an exact
 //! search might find a placement where they report `Wait` or `Infeasible`.
 
@@ -48,6 +54,16 @@ impl fmt::Display for PlacementStrategy {
     }
 }
 
+/// Which nodes the solver tries first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeOrder {
+    /// Least utilised first (`StrictPack`: the most utilised that fits, best fit).
+    #[default]
+    Utilisation,
+    /// Cheapest per GPU-hour first, for a group that asks for GPUs.
+    Cheapest,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlacementDecision {
     /// The node of each bundle, in bundle order.
@@ -65,10 +81,20 @@ pub fn solve_placement_group(
     bundles: &[ResourceSet],
     strategy: PlacementStrategy,
 ) -> PlacementDecision {
+    solve_placement_group_ordered(view, bundles, strategy, NodeOrder::Utilisation)
+}
+
+/// [`solve_placement_group`], trying nodes in `order`.
+pub fn solve_placement_group_ordered(
+    view: &ClusterView,
+    bundles: &[ResourceSet],
+    strategy: PlacementStrategy,
+    order: NodeOrder,
+) -> PlacementDecision {
     if bundles.is_empty() {
         return PlacementDecision::Infeasible { reason: "a placement group needs at least one bundle".to_string() };
     }
-    let problem = Problem::new(view, bundles);
+    let problem = Problem::new(view, bundles, order);
     if problem.nodes.is_empty() {
         return PlacementDecision::Infeasible {
             reason: format!("{strategy} placement group of {} bundles: the cluster has no alive nodes", bundles.len()),
@@ -102,8 +128,9 @@ struct Problem<'a> {
     needs: Vec<i64>,
     accelerators: Vec<Option<String>>,
     bundles: Vec<ResourceSet>,
-    /// Alive nodes, least utilised first.
+    /// Alive nodes, least utilised first (or cheapest first: `order`).
     nodes: Vec<&'a NodeView>,
+    order: NodeOrder,
 }
 
 /// Remaining capacity per node, loaded from the view the first time a node is looked at.
@@ -148,7 +175,7 @@ impl Table<'_, '_> {
 }
 
 impl<'a> Problem<'a> {
-    fn new(view: &'a ClusterView, bundles: &[ResourceSet]) -> Self {
+    fn new(view: &'a ClusterView, bundles: &[ResourceSet], mut order: NodeOrder) -> Self {
         let mut accelerators = Vec::with_capacity(bundles.len());
         let mut consumed = Vec::with_capacity(bundles.len());
         for bundle in bundles {
@@ -179,8 +206,15 @@ impl<'a> Problem<'a> {
             .cloned()
             .flatten()
             .filter(|first| accelerators.iter().all(|a| a.as_deref() == Some(first.as_str())));
-        let nodes = view.alive_nodes_of(common.as_deref()).collect();
-        Self { names, needs, accelerators, bundles: consumed, nodes }
+        let mut nodes: Vec<&NodeView> = view.alive_nodes_of(common.as_deref()).collect();
+        if !names.iter().any(|name| name == GPU) {
+            order = NodeOrder::Utilisation; // Prices are per GPU-hour: nothing to compare.
+        }
+        if order == NodeOrder::Cheapest {
+            // Stable: among equal prices, least utilised first still.
+            nodes.sort_by_key(|node| node.price_per_gpu_hour);
+        }
+        Self { names, needs, accelerators, bundles: consumed, nodes, order }
     }
 
     fn need(&self, bundle: usize) -> &[i64] {
@@ -230,8 +264,12 @@ impl<'a> Problem<'a> {
                 *total += need;
             }
         }
-        // Best fit: the most utilised node that holds everything.
-        let node = (0..self.nodes.len()).rev().find(|node| table.fits(*node, &sum, accelerator))?;
+        // Best fit: the most utilised node that holds everything; or the cheapest.
+        let fits = |node: &usize| table.fits(*node, &sum, accelerator);
+        let node = match self.order {
+            NodeOrder::Utilisation => (0..self.nodes.len()).rev().find(fits)?,
+            NodeOrder::Cheapest => (0..self.nodes.len()).find(fits)?,
+        };
         Some(vec![node; self.bundles.len()])
     }
 
@@ -360,6 +398,33 @@ mod tests {
         nodes.sort();
         nodes.dedup();
         nodes.len()
+    }
+
+    #[test]
+    fn cheapest_first_keeps_the_strategy_and_takes_the_cheapest_gpus() {
+        // Node 1 at $3.00, node 2 at $0.50, node 3 at $1.20 per GPU-hour, 4 GPUs each.
+        let view = view(vec![
+            gpu_node(1, 16, "A100-80GB", 4, 300),
+            gpu_node(2, 16, "A100-80GB", 4, 50),
+            gpu_node(3, 16, "A100-80GB", 4, 120),
+        ]);
+        let cheapest = |bundles: &[ResourceSet], strategy| {
+            placed(solve_placement_group_ordered(&view, bundles, strategy, NodeOrder::Cheapest))
+        };
+        assert_eq!(cheapest(&[gpus(2, "2"), gpus(2, "2")], PlacementStrategy::StrictPack), vec![id(2); 2]);
+        assert_eq!(cheapest(&vec![gpus(2, "2"); 3], PlacementStrategy::Pack), vec![id(2), id(2), id(3)]);
+        assert_eq!(cheapest(&vec![gpus(2, "1"); 2], PlacementStrategy::StrictSpread), vec![id(2), id(3)]);
+        assert_eq!(cheapest(&vec![gpus(2, "1"); 3], PlacementStrategy::Spread), vec![id(2), id(3), id(1)]);
+        // Without it the same pack goes by utilisation (the most utilised, then highest id).
+        let default =
+            placed(solve_placement_group(&view, &[gpus(2, "2"), gpus(2, "2")], PlacementStrategy::StrictPack));
+        assert_eq!(default, vec![id(3); 2]);
+        // A group asking no GPU has no price to compare: the usual order.
+        let cpus = [gpus(4, "0")];
+        assert_eq!(
+            placed(solve_placement_group_ordered(&view, &cpus, PlacementStrategy::StrictPack, NodeOrder::Cheapest)),
+            placed(solve_placement_group(&view, &cpus, PlacementStrategy::StrictPack))
+        );
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub use object_ref::{collect_contained, Arg, IntoArg, ObjectRef};
 pub use options::{bundle_from_ray, retries_from_ray, SchedulingStrategy, TaskOptions, ANY_BUNDLE};
 pub use placement_group::{
     detached_placement_group, named_placement_group, placement_group, placement_group_info, placement_group_table,
-    remove_placement_group,
+    placement_group_with, remove_placement_group, PlacementGroupOptions,
 };
 
 #[doc(hidden)]

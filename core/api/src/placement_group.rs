@@ -125,7 +125,7 @@ pub fn named_placement_group(
     strategy: PlacementStrategy,
     name: &str,
 ) -> IonetResult<PlacementGroup> {
-    create_placement_group(bundles, strategy, name, false)
+    placement_group_with(bundles, strategy, PlacementGroupOptions { name: name.into(), ..Default::default() })
 }
 
 /// [`named_placement_group`] that outlives this job (Ray's `lifetime="detached"`): it
@@ -135,14 +135,39 @@ pub fn detached_placement_group(
     strategy: PlacementStrategy,
     name: &str,
 ) -> IonetResult<PlacementGroup> {
-    create_placement_group(bundles, strategy, name, true)
+    placement_group_with(
+        bundles,
+        strategy,
+        PlacementGroupOptions { name: name.into(), detached: true, ..Default::default() },
+    )
+}
+
+/// How [`placement_group_with`] makes a group, beyond its bundles and strategy.
+#[derive(Clone, Debug, Default)]
+pub struct PlacementGroupOptions {
+    /// Shown in the listings (empty: none).
+    pub name: String,
+    /// Outlives this job (Ray's `lifetime="detached"`), until [`remove_placement_group`].
+    pub detached: bool,
+    /// A group asking for GPUs goes on the cheapest nodes per GPU-hour that keep its
+    /// strategy (a `StrictPack` on the cheapest node that holds it all), rather than the
+    /// least utilised.
+    pub cheapest_first: bool,
+}
+
+/// A placement group of `bundles` placed by `strategy`, as `options` says.
+pub fn placement_group_with(
+    bundles: Vec<BTreeMap<String, f64>>,
+    strategy: PlacementStrategy,
+    options: PlacementGroupOptions,
+) -> IonetResult<PlacementGroup> {
+    create_placement_group(bundles, strategy, options)
 }
 
 fn create_placement_group(
     bundles: Vec<BTreeMap<String, f64>>,
     strategy: PlacementStrategy,
-    name: &str,
-    detached: bool,
+    options: PlacementGroupOptions,
 ) -> IonetResult<PlacementGroup> {
     let worker = runtime::current()?;
     let sets = bundles
@@ -162,9 +187,10 @@ fn create_placement_group(
     let request = CreatePlacementGroupRequest {
         bundles: sets.iter().map(ResourceQuantities::from_set).collect(),
         strategy: wire as i32,
-        name: name.to_string(),
+        name: options.name,
         job_id: worker.job_id.to_vec(),
-        detached,
+        detached: options.detached,
+        cheapest_first: options.cheapest_first,
     };
     let reply = block_on(async {
         let mut gcs = ionet_common::rpc::GcsClient::new(worker.channel(&worker.gcs_address)?);

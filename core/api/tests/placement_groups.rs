@@ -109,6 +109,54 @@ fn strict_spread_group_runs_each_task_on_its_bundles_node() {
     drop(cluster);
 }
 
+/// Three GPU providers at $2.10, $0.35 and $1.20 per GPU-hour: a group asked cheapest
+/// first lands on the cheapest nodes that keep its strategy (a strict pack on the cheapest
+/// node with room, a spread over the two cheapest), and says so in the listing; its tasks
+/// run there.
+fn cheapest_first_groups_take_the_cheapest_gpus_that_keep_the_strategy() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    for (price, model) in [("2.10", "H100"), ("0.35", "RTX4090"), ("1.20", "A100-80GB")] {
+        cluster.add_node(&["--num-cpus", "4", "--num-gpus", "2", "--gpu-type", model, "--price-per-gpu-hour", price]);
+    }
+    cluster.init();
+    harness::wait_until("three GPU nodes to register", Duration::from_secs(30), || {
+        ionet::nodes().unwrap().iter().filter(|node| node.is_alive() && node.gpus.len() == 2).count() == 3
+    });
+    let model_of: BTreeMap<String, String> =
+        ionet::nodes().unwrap().into_iter().map(|node| (node.node_id.hex(), node.accelerator_type)).collect();
+    let gpu_bundles = |count: usize| -> Vec<BTreeMap<String, f64>> {
+        (0..count).map(|_| BTreeMap::from([("CPU".to_string(), 1.0), ("GPU".to_string(), 1.0)])).collect()
+    };
+    let cheapest = ionet::PlacementGroupOptions { cheapest_first: true, ..Default::default() };
+    let models = |group: &ionet::PlacementGroup| -> Vec<String> {
+        assert!(group.wait(Duration::from_secs(30)).unwrap(), "the group is placed");
+        group.bundle_nodes().unwrap().iter().map(|node| model_of[&node.hex()].clone()).collect()
+    };
+
+    let packed = ionet::placement_group_with(gpu_bundles(2), PlacementStrategy::StrictPack, cheapest.clone()).unwrap();
+    assert_eq!(models(&packed), ["RTX4090", "RTX4090"], "both GPUs of the cheapest node");
+    let (_, ran_on) = ionet::get_timeout(
+        &where_am_i::options(TaskOptions::default().num_gpus(1.0).placement_group(&packed, 1)).remote(1),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(model_of[&ran_on], "RTX4090", "its task runs on the bundle's node");
+    // The cheapest node is full: the next cheapest that holds a whole pack.
+    let next = ionet::placement_group_with(gpu_bundles(2), PlacementStrategy::StrictPack, cheapest.clone()).unwrap();
+    assert_eq!(models(&next), ["A100-80GB", "A100-80GB"]);
+    ionet::remove_placement_group(&packed).unwrap();
+    ionet::remove_placement_group(&next).unwrap();
+    let spread = ionet::placement_group_with(gpu_bundles(2), PlacementStrategy::StrictSpread, cheapest).unwrap();
+    let mut spread_models = models(&spread);
+    spread_models.sort();
+    assert_eq!(spread_models, ["A100-80GB", "RTX4090"], "a strict spread over the two cheapest nodes");
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&cluster.ionet(&["list", "placement-groups", "--json"])).unwrap();
+    let row = listed.iter().find(|row| row["placement_group_id"] == spread.id().hex()).expect("listed");
+    assert_eq!(row["cheapest_first"], true, "{row}");
+    drop(cluster);
+}
+
 fn main() {
     // Workers inherit the driver's environment through their node daemon's: the marker
     // path is shared by the driver and its workers.
@@ -116,10 +164,16 @@ fn main() {
         std::env::set_var("IONET_PG_TEST_DRIVER", std::process::id().to_string());
     }
     harness::run(
-        &[(
-            "strict_spread_group_runs_each_task_on_its_bundles_node",
-            strict_spread_group_runs_each_task_on_its_bundles_node,
-        )],
+        &[
+            (
+                "strict_spread_group_runs_each_task_on_its_bundles_node",
+                strict_spread_group_runs_each_task_on_its_bundles_node,
+            ),
+            (
+                "cheapest_first_groups_take_the_cheapest_gpus_that_keep_the_strategy",
+                cheapest_first_groups_take_the_cheapest_gpus_that_keep_the_strategy,
+            ),
+        ],
         Duration::from_secs(180),
     );
 }

@@ -58,6 +58,7 @@ def placement_group(
     strategy: str = "PACK",
     name: str = "",
     lifetime: Optional[str] = None,
+    cheapest_first: bool = False,
     **ignored: Any,
 ) -> PlacementGroup:
     """Asks for a group of `bundles` (each a dict of resource name to quantity).
@@ -66,6 +67,8 @@ def placement_group(
     STRICT_PACK (one node), STRICT_SPREAD (one node per bundle).
     name: found again with `get_placement_group(name)`, from any driver.
     lifetime: None (removed when this job ends) or "detached" (kept until removed).
+    cheapest_first (ionet's own): a group asking for GPUs goes on the cheapest nodes per
+        GPU-hour that keep its strategy, rather than the least utilised.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -74,7 +77,7 @@ def placement_group(
     if not isinstance(bundles, list) or not bundles:
         raise ValueError("bundles must be a non-empty list of dicts")
     specs = [_bundle(index, bundle) for index, bundle in enumerate(bundles)]
-    return PlacementGroup(_ionet.placement_group(specs, strategy, name, lifetime == "detached"), specs)
+    return PlacementGroup(_ionet.placement_group(specs, strategy, name, lifetime == "detached", cheapest_first), specs)
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
