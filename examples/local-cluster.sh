@@ -5,8 +5,9 @@
 #   1. An operator starts a head; three GPU providers join it, each with a key of its own
 #      and its own GPU model, price and region.
 #   2. A tenant gets an account with $25 of credit and a quote for 4 GPUs.
-#   3. The tenant's ML job runs: a hyperparameter sweep (examples/src/bin/sweep.rs), one
-#      GPU task a trial, each placed on the cheapest GPU free, every lease metered.
+#   3. The tenant's ML job runs: a hyperparameter sweep (examples/src/bin/sweep.rs) that
+#      reserves the 4 cheapest GPUs free as a placement group and runs one GPU task a
+#      trial in it, every lease metered.
 #   4. The operator settles the epoch: the tenant's receipt, each provider's earnings and
 #      the protocol fee, checked against each other; then everything started is stopped.
 #
@@ -50,7 +51,7 @@ api_key=$("$ionet" account create acme 2>/dev/null)
 "$ionet" credits add --account acme --amount 25
 "$ionet" quote --gpus 4 --hours 1
 
-say "3. acme's job: a hyperparameter sweep, one GPU task a trial, cheapest GPUs first"
+say "3. acme's job: a hyperparameter sweep on the 4 cheapest GPUs, one GPU task a trial"
 IONET_API_KEY="$api_key" "$target/sweep" --address auto | tee "$IONET_SESSION_DIR/sweep.out"
 job=$(sed -n 's/^job \([0-9a-f]*\)$/\1/p' "$IONET_SESSION_DIR/sweep.out")
 

@@ -21,18 +21,27 @@ pub struct Args {
     pub address: Option<String>,
     /// `--large`: the larger size.
     pub large: bool,
+    /// `--gpus N`: how many GPUs an example that reserves them asks for (default 4).
+    pub gpus: usize,
 }
 
 impl Args {
     /// This process's arguments (`--address A`, `--large`); anything else is refused,
     /// saying what the example takes.
     pub fn parse(usage: &str) -> Args {
-        let mut args = Args::default();
+        let mut args = Args { gpus: 4, ..Args::default() };
         let mut given = std::env::args().skip(1);
         while let Some(arg) = given.next() {
             match arg.as_str() {
                 "--address" => args.address = given.next(),
                 "--large" => args.large = true,
+                "--gpus" => match given.next().and_then(|count| count.parse().ok()).filter(|count| *count > 0) {
+                    Some(count) => args.gpus = count,
+                    None => {
+                        eprintln!("--gpus takes a whole number above 0\n\n{usage}");
+                        std::process::exit(2);
+                    }
+                },
                 "-h" | "--help" => {
                     println!("{usage}\n\n  --address HEAD:PORT|auto   join a running cluster (else start one here)\n  --large                    the larger size");
                     std::process::exit(0);

@@ -18,9 +18,11 @@
 //!
 //! With [`NodeOrder::Cheapest`] (a tenant's `cheapest_first`) the nodes are visited by
 //! their price per GPU-hour, cheapest first (least utilised first among equal prices), for
-//! a group that asks for GPUs: `StrictPack` takes the cheapest node that holds it all,
-//! `Pack` and the spreads open the cheapest nodes first. The topology a strategy promises
-//! comes first; the price decides among the placements that keep it.
+//! a group that asks for GPUs: `StrictPack` takes the cheapest node that holds it all;
+//! `Pack` fills the cheapest nodes first, each before the next is opened (so two cheap
+//! nodes are preferred to one dear node that would hold it all); the spreads open the
+//! cheapest nodes first. The topology a strict strategy promises comes first; the price
+//! decides among the placements that keep it.
 //!
 //! The greedy passes are best effort: for `Pack`, `Spread` and `StrictSpread` an exact
 //! search might find a placement where they report `Wait` or `Infeasible`.
@@ -238,6 +240,9 @@ impl<'a> Problem<'a> {
         let mut table = self.table(capacity);
         match strategy {
             PlacementStrategy::StrictPack => self.strict_pack(&mut table),
+            // Cheapest first, a pack fills the cheapest nodes before opening dearer ones
+            // (one dear node that holds it all is not preferred to two cheap ones).
+            PlacementStrategy::Pack if self.order == NodeOrder::Cheapest => self.pack(&mut table),
             PlacementStrategy::Pack => self.strict_pack(&mut table).or_else(|| self.pack(&mut self.table(capacity))),
             PlacementStrategy::StrictSpread => self.spread(&mut table, true),
             PlacementStrategy::Spread => self.spread(&mut table, false),
@@ -415,7 +420,16 @@ mod tests {
         assert_eq!(cheapest(&vec![gpus(2, "2"); 3], PlacementStrategy::Pack), vec![id(2), id(2), id(3)]);
         assert_eq!(cheapest(&vec![gpus(2, "1"); 2], PlacementStrategy::StrictSpread), vec![id(2), id(3)]);
         assert_eq!(cheapest(&vec![gpus(2, "1"); 3], PlacementStrategy::Spread), vec![id(2), id(3), id(1)]);
-        // Without it the same pack goes by utilisation (the most utilised, then highest id).
+        // A pack fills the cheapest node before the next, rather than taking one dear
+        // node that holds it all.
+        let small_cheap =
+            crate::testing::view(vec![gpu_node(1, 16, "A100-80GB", 4, 120), gpu_node(2, 16, "RTX4090", 2, 35)]);
+        let four = vec![gpus(1, "1"); 4];
+        let packed =
+            placed(solve_placement_group_ordered(&small_cheap, &four, PlacementStrategy::Pack, NodeOrder::Cheapest));
+        assert_eq!(packed, vec![id(2), id(2), id(1), id(1)]);
+        assert_eq!(placed(solve_placement_group(&small_cheap, &four, PlacementStrategy::Pack)), vec![id(1); 4]);
+        // Without it the same strict pack goes by utilisation (the most utilised, then highest id).
         let default =
             placed(solve_placement_group(&view, &[gpus(2, "2"), gpus(2, "2")], PlacementStrategy::StrictPack));
         assert_eq!(default, vec![id(3); 2]);

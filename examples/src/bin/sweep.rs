@@ -1,21 +1,24 @@
 //! A hyperparameter sweep on the cheapest GPUs: ridge regression trained by minibatch SGD
-//! for each pair of learning rate and L2 penalty in a grid, one GPU task a trial, each
-//! placed on the cheapest node with a GPU free (`SchedulingStrategy::Cost`). The dataset
-//! is put in the object store once and read by every trial; progress is printed as trials
-//! finish, with where each ran and at what price. The driver then trains every trial here
-//! too and checks the cluster's answers are the same, best trial included.
+//! for each pair of learning rate and L2 penalty in a grid, one GPU task a trial. The
+//! sweep first reserves its GPUs as a placement group, the cheapest the cluster has free
+//! (`cheapest_first`), and runs its trials in that group's bundles, so it never holds
+//! more than those GPUs; `--gpus N` sets how many (default 4). The dataset is put in the
+//! object store once and read by every trial; progress is printed as trials finish, with
+//! where each ran and at what price. The driver then trains every trial here too and
+//! checks the cluster's answers are the same, best trial included.
 //!
 //! (The trials compute on the CPU: the point is where they are placed and what they cost.
 //! A real one would hand its batches to the GPU it was given, `ionet::get_gpu_ids()`.)
 //!
 //!   cargo run -p ionet-examples --bin sweep                  # embedded cluster, 4 declared GPUs: 18 trials
+//!   cargo run -p ionet-examples --bin sweep -- --gpus 2      # the same on 2 of them
 //!   cargo run -p ionet-examples --bin sweep -- --large       # 48 trials on 10 times the data
 //!   IONET_API_KEY=<key> cargo run -p ionet-examples --bin sweep -- --address HEAD:6380
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ionet::{SchedulingStrategy, TaskOptions};
+use ionet::{PlacementGroupOptions, PlacementStrategy, TaskOptions};
 use ionet_examples::{Args, Rng};
 use serde::{Deserialize, Serialize};
 
@@ -125,7 +128,7 @@ fn run_trial(data: Dataset, trial: Trial, epochs: u32) -> Outcome {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse("sweep: a hyperparameter sweep, one GPU task a trial, on the cheapest GPUs");
+    let args = Args::parse("sweep: a hyperparameter sweep, one GPU task a trial, on the cheapest GPUs [--gpus N]");
     // Alone on a laptop: 4 GPUs declared (none needed: the trials compute on the CPU).
     let embedded = ionet::InitConfig::default().num_cpus(4.0).num_gpus(4).gpu_type("A100-80GB");
     ionet::init(args.init_config(embedded))?;
@@ -142,16 +145,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Where trials may run: each node's GPU model, price and region.
     let nodes: HashMap<String, ionet::Node> =
         ionet::nodes()?.into_iter().map(|node| (node.node_id.hex(), node)).collect();
+    let price_of = |node_id: &str| match nodes.get(node_id) {
+        Some(node) if node.price_per_gpu_hour > 0 => ionet::resources::format_usd(node.price_per_gpu_hour),
+        Some(_) => "0 (unpriced)".to_string(),
+        None => "?".to_string(),
+    };
+
+    // The sweep's GPUs: the cheapest the cluster has free, reserved together (on as few
+    // nodes as hold them), each bundle a GPU and a CPU.
+    let bundle = std::collections::BTreeMap::from([("GPU".to_string(), 1.0), ("CPU".to_string(), 1.0)]);
+    let cheapest = PlacementGroupOptions { name: "sweep".into(), cheapest_first: true, ..Default::default() };
+    let group = ionet::placement_group_with(vec![bundle; args.gpus], PlacementStrategy::Pack, cheapest)?;
+    if !group.wait(Duration::from_secs(120))? {
+        return Err(format!("{} GPUs could not be reserved within 2 minutes", args.gpus).into());
+    }
+    let reserved: Vec<String> = group.bundle_nodes()?.iter().map(|node| node.hex()).collect();
+    let hourly: u64 = reserved.iter().filter_map(|node| nodes.get(node)).map(|node| node.price_per_gpu_hour).sum();
+    println!(
+        "reserved {} GPUs, the cheapest free, for ${} an hour:",
+        reserved.len(),
+        ionet::resources::format_usd(hourly)
+    );
+    for node in reserved.iter().collect::<std::collections::BTreeSet<_>>() {
+        let model = nodes.get(node).map(|node| node.accelerator_type.clone()).unwrap_or_default();
+        let count = reserved.iter().filter(|held| *held == node).count();
+        println!("  {count} x {model} on node {} at ${}/GPU-h", &node[..8], price_of(node));
+    }
     let data = Dataset::generate(rows, 16, 7);
     let data_ref = ionet::put(&data)?;
-    println!(
-        "{} trials of ridge regression ({rows} rows, 16 features, {epochs} epochs), one GPU each, cheapest GPUs first",
-        trials.len()
-    );
+    println!("{} trials of ridge regression ({rows} rows, 16 features, {epochs} epochs), one GPU each", trials.len());
     let started = Instant::now();
-    let cheapest = TaskOptions::default().num_gpus(1.0).scheduling_strategy(SchedulingStrategy::Cost);
+    let in_the_group = TaskOptions::default().num_gpus(1.0).placement_group_any_bundle(&group);
     let mut pending: Vec<_> =
-        trials.iter().map(|&trial| run_trial::options(cheapest.clone()).remote(&data_ref, trial, epochs)).collect();
+        trials.iter().map(|&trial| run_trial::options(in_the_group.clone()).remote(&data_ref, trial, epochs)).collect();
     let mut outcomes = Vec::with_capacity(trials.len());
     while !pending.is_empty() {
         let (done, rest) = ionet::wait(&pending, 1, Some(Duration::from_secs(600)))?;
@@ -161,17 +187,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pending = rest;
         for finished in done {
             let outcome = ionet::get(&finished)?;
-            let (model, price, region) = match nodes.get(&outcome.node_id) {
-                Some(node) => (
-                    node.accelerator_type.clone(),
-                    match node.price_per_gpu_hour {
-                        0 => "0 (unpriced)".to_string(),
-                        price => ionet::resources::format_usd(price),
-                    },
-                    node.labels.get("region").cloned().unwrap_or_else(|| "-".into()),
-                ),
-                None => ("?".into(), "?".into(), "-".into()),
+            let (model, region) = match nodes.get(&outcome.node_id) {
+                Some(node) => {
+                    (node.accelerator_type.clone(), node.labels.get("region").cloned().unwrap_or_else(|| "-".into()))
+                }
+                None => ("?".into(), "-".into()),
             };
+            let price = price_of(&outcome.node_id);
             println!(
                 "  trial {:>2}/{}  lr {:<6} l2 {:<6} validation MSE {:>10.6}  {:.2} s on node {} ({model} GPU {:?}, ${price}/GPU-h, region {region})",
                 outcomes.len() + 1,
@@ -196,6 +218,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         outcomes.len(),
         started.elapsed().as_secs_f64()
     );
+    ionet::remove_placement_group(&group)?;
     ionet::shutdown();
 
     // The same trials here: the cluster's answers must be these, bit for bit.
