@@ -56,6 +56,11 @@ IONET_API_KEY="$api_key" "$target/sweep" --address auto | tee "$IONET_SESSION_DI
 job=$(sed -n 's/^job \([0-9a-f]*\)$/\1/p' "$IONET_SESSION_DIR/sweep.out")
 
 say "4. The operator settles the epoch: acme's receipt, what each provider earned, the fee"
+# The job's leases close as its workers go: the receipt is final once none is open.
+for _ in $(seq 100); do
+  "$ionet" usage --job "$job" --json | python3 -c 'import json, sys; sys.exit(any(r["open"] for r in json.load(sys.stdin)))' && break
+  sleep 0.1
+done
 "$ionet" job cost "$job"
 "$ionet" job cost "$job" --json > "$IONET_SESSION_DIR/receipt.json"
 "$ionet" settle --json > "$IONET_SESSION_DIR/settled.json"
@@ -79,6 +84,7 @@ assert lines, "the job leased nothing"
 wallets = {record["node_id"]: record["provider_wallet"] for record in usage}
 exact = defaultdict(int)  # per provider's wallet: the exact cost x DENOMINATOR
 for line in lines:
+    assert not line["open"], line
     ms = line["end_ms"] - line["start_ms"]
     units = lambda name: round(float(line["resources"].get(name, 0)) * 10_000)
     numerator = ms * (units("GPU") * line["price_per_gpu_hour_micros"] + units("CPU") * line["price_per_cpu_hour_micros"])
@@ -94,6 +100,7 @@ earned = {p["wallet"]: p["revenue_micros"] for p in settled["providers"]}
 payouts = {wallet: numerator // DENOMINATOR for wallet, numerator in exact.items()}
 print(f"settled: acme paid {usd(payer['usage_micros'])} + fee {usd(payer['fee_micros'])}, "
       f"credit left {usd(payer['balance_after_micros'])} of $25")
+assert set(earned) == set(payouts), ("paid providers", sorted(earned), sorted(payouts))
 for wallet, payout in sorted(payouts.items()):
     assert earned.get(wallet) == payout, (wallet, earned.get(wallet), payout)
     print(f"  {wallet:<14} earned {usd(payout)}")

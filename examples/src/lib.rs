@@ -43,7 +43,11 @@ impl Args {
                     }
                 },
                 "-h" | "--help" => {
-                    println!("{usage}\n\n  --address HEAD:PORT|auto   join a running cluster (else start one here)\n  --large                    the larger size");
+                    println!(
+                        "{usage}\n\n  --address HEAD:PORT|auto   join a running cluster (else start one here)\n  \
+                         --large                    the larger size\n  \
+                         --gpus N                   GPUs to reserve, for an example that reserves them (default 4)"
+                    );
                     std::process::exit(0);
                 }
                 other => {

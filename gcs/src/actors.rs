@@ -140,11 +140,15 @@ impl Actors {
 
     /// Records a step of the actor's creation task (attempt `incarnation`) in the head's
     /// task table, as the creator's account's: `step` says the state and what goes with it
-    /// (the task, its name, its actor and the time are filled in here).
+    /// (the task, its name, its actor and the time are filled in here). Nothing of an
+    /// incarnation a later one superseded (a kill that restarts it) is recorded.
     fn record_creation(&self, spec: &ActorSpec, incarnation: u32, step: TaskEvent<'_>) {
         let (Ok(job), Ok(actor)) = (JobId::from_bytes(&spec.job_id), ActorId::from_bytes(&spec.actor_id)) else {
             return;
         };
+        if !lock(&self.rows).get(&actor).is_some_and(|row| row.info.incarnation == incarnation) {
+            return;
+        }
         let class = if spec.display_class.is_empty() { &spec.class_name } else { &spec.display_class };
         let name = format!("{class}.__init__");
         let task_id = TaskId::actor_creation(&actor);
@@ -666,6 +670,11 @@ impl Actors {
     /// constructor fails (DEAD), or the actor is killed meanwhile.
     async fn place(self: Arc<Self>, actor_id: ActorId, incarnation: u32) {
         let Ok(info) = self.get(actor_id.as_bytes()) else { return };
+        // Nothing to place (a dead actor whose lease a restarted head returned, or one
+        // killed already): nothing to record either.
+        if !self.still_wanted(&actor_id, incarnation) {
+            return;
+        }
         let spec = info.spec.unwrap_or_default();
         fn waiting(reason: &str) -> TaskEvent<'_> {
             TaskEvent { state: TaskState::PendingNodeAssignment, reason, ..Default::default() }

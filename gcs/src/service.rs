@@ -612,6 +612,16 @@ impl Gcs for GcsService {
                 hex::encode(&batch.job_id)
             )));
         }
+        // Actors' creations are the head's to record (it places them): a report may not
+        // speak for one.
+        if let Some(at) = (0..count).find(|at| {
+            let id = &batch.task_ids[at * ionet_common::TaskId::LEN..(at + 1) * ionet_common::TaskId::LEN];
+            id[ionet_common::ActorId::LEN..].iter().all(|byte| *byte == 0xff)
+        }) {
+            return Err(Status::invalid_argument(format!(
+                "event {at} names an actor's creation task (its id ends in eight 0xff bytes): the head records those"
+            )));
+        }
         // What a sender says it dropped is its word: bounded, so one report cannot make the
         // counter mean nothing.
         let dropped = request.dropped.min(crate::task_events::MAX_DROPPED_PER_REPORT);

@@ -349,7 +349,9 @@ impl TaskTable {
             };
             let was_open = !is_terminal(row.state);
             let before = (inner.persistent && !new).then(|| row.clone());
-            apply(row, update);
+            let reopens = row.actor_id.as_deref().is_some_and(|actor| TaskId::is_actor_creation(event.task_id, actor))
+                || update.actor_id.as_deref().is_some_and(|actor| TaskId::is_actor_creation(event.task_id, actor));
+            apply(row, update, reopens);
             let changed = new || before.as_ref() != Some(&*row);
             if was_open && is_terminal(row.state) {
                 match row.state {
@@ -635,9 +637,9 @@ pub async fn persist(table: Arc<TaskTable>, storage: Arc<dyn GcsStorage>, mut st
 
 /// `event` applied to `row`: the state and what it says of where, when and why. An ended
 /// task stays ended (a late word from a path that lost the race to run it; its owner
-/// records an end only once it retries no more) until a later attempt begins: an actor's
-/// restart runs its creation task again.
-fn apply(row: &mut Row, event: Update) {
+/// records an end only once it retries no more), except that a later attempt of an actor's
+/// creation (`reopens`: the head's own rows, the actor restarted) begins it again.
+fn apply(row: &mut Row, event: Update, reopens: bool) {
     if event.name.is_some() {
         row.name = event.name;
     }
@@ -645,11 +647,13 @@ fn apply(row: &mut Row, event: Update) {
         row.actor_id = event.actor_id;
     }
     if is_terminal(row.state) && !is_terminal(event.state) {
-        if event.attempt <= row.attempt {
+        if !reopens || event.attempt <= row.attempt {
             return;
         }
-        // Begun again: what ended the last attempt is no longer what the row says.
+        // Begun again: what ended the last attempt, and where it ran, is not this one's.
         row.error = None;
+        row.node_id = None;
+        row.worker_address = None;
         row.started_us = 0;
         row.ended_us = 0;
     }
@@ -768,23 +772,41 @@ mod tests {
     }
 
     #[test]
-    fn a_later_attempt_begins_an_ended_task_again() {
+    fn a_later_attempt_begins_an_ended_actor_creation_again_and_nothing_else() {
         let acme: Arc<str> = "acme".into();
         let table = TaskTable::new(10, 10);
-        let mut failed = event(1, TaskState::Failed, 100);
+        let actor = ionet_common::ActorId::from_array([5; ionet_common::ActorId::LEN]);
+        let creation = TaskId::actor_creation(&actor);
+        let step = |state, time_us, attempt| Event {
+            task_id: creation.as_bytes(),
+            actor_id: actor.as_bytes(),
+            node_id: &[9; 28],
+            state,
+            time_us,
+            attempt,
+            ..Default::default()
+        };
+        let mut failed = step(TaskState::Failed, 100, 0);
         failed.error = "the worker died";
-        table.add(&acme, &of(1, &[event(1, TaskState::Running, 50), failed]), 0).unwrap();
-        table.add(&acme, &of(1, &[event(1, TaskState::PendingNodeAssignment, 110)]), 0).unwrap();
+        table.add(&acme, &of(1, &[step(TaskState::Running, 50, 0), failed]), 0).unwrap();
+        table.add(&acme, &of(1, &[step(TaskState::PendingNodeAssignment, 110, 0)]), 0).unwrap();
         assert_eq!(table.list(|_| true, &[], TaskState::Failed, "", 10).total, 1, "the same attempt: still ended");
-        let mut again = event(1, TaskState::PendingNodeAssignment, 120);
-        again.attempt = 1;
+        let mut again = step(TaskState::PendingNodeAssignment, 120, 1);
+        again.node_id = &[];
         table.add(&acme, &of(1, &[again]), 0).unwrap();
         let row = &table.list(|_| true, &[], TaskState::Unspecified, "", 10).rows[0];
         assert_eq!(
-            (row.state, row.attempt, row.error.as_str(), row.started_us, row.ended_us),
-            (TaskState::PendingNodeAssignment as i32, 1, "", 0, 0),
-            "attempt 1 waits afresh"
+            (row.state, row.attempt, row.error.as_str(), row.node_id.len(), row.started_us, row.ended_us),
+            (TaskState::PendingNodeAssignment as i32, 1, "", 0, 0, 0),
+            "attempt 1 waits afresh, nowhere yet"
         );
+
+        // Any other task stays ended, whatever attempt a later word names.
+        table.add(&acme, &of(2, &[event(3, TaskState::Finished, 10)]), 0).unwrap();
+        let mut late = event(3, TaskState::Running, 20);
+        late.attempt = 7;
+        table.add(&acme, &of(2, &[late]), 0).unwrap();
+        assert_eq!(table.list(|_| true, &job(2), TaskState::Finished, "", 10).total, 1);
     }
 
     #[test]

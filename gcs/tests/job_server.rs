@@ -284,6 +284,14 @@ async fn task_events_are_a_jobs_own_and_its_accounts_to_read() {
         first_job.add_task_events(report(&first, &flood)).await.unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
+    // An actor's creation is the head's to record: a job may not speak for one (nor
+    // begin an ended one again).
+    let actor = ionet_common::ActorId::from_array([3; ionet_common::ActorId::LEN]);
+    let creation = ionet_common::TaskId::actor_creation(&actor);
+    let forged = Event { task_id: creation.as_bytes(), actor_id: actor.as_bytes(), attempt: u32::MAX, ..event(7) };
+    let refused = first_job.add_task_events(report(&first, &[forged])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("the head records those"), "{}", refused.message());
     // An account's key starts jobs; it reports no tasks of its own.
     let keyed = acme.add_task_events(report(&first, &[event(6)])).await.unwrap_err();
     assert_eq!(keyed.code(), tonic::Code::PermissionDenied);

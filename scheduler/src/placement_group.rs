@@ -22,7 +22,8 @@
 //! `Pack` fills the cheapest nodes first, each before the next is opened (so two cheap
 //! nodes are preferred to one dear node that would hold it all); the spreads open the
 //! cheapest nodes first. The topology a strict strategy promises comes first; the price
-//! decides among the placements that keep it.
+//! decides among the placements that keep it. A node that names no price (an operator's
+//! own, or a laptop's declared GPUs) counts as free, so it comes first, as in quotes.
 //!
 //! The greedy passes are best effort: for `Pack`, `Spread` and `StrictSpread` an exact
 //! search might find a placement where they report `Wait` or `Infeasible`.
@@ -269,11 +270,24 @@ impl<'a> Problem<'a> {
                 *total += need;
             }
         }
-        // Best fit: the most utilised node that holds everything; or the cheapest.
-        let fits = |node: &usize| table.fits(*node, &sum, accelerator);
+        // Best fit: the most utilised node that holds everything (cheapest first: the
+        // most utilised of the cheapest that hold it).
         let node = match self.order {
-            NodeOrder::Utilisation => (0..self.nodes.len()).rev().find(fits)?,
-            NodeOrder::Cheapest => (0..self.nodes.len()).find(fits)?,
+            NodeOrder::Utilisation => (0..self.nodes.len()).rev().find(|node| table.fits(*node, &sum, accelerator))?,
+            NodeOrder::Cheapest => {
+                let first = (0..self.nodes.len()).find(|node| table.fits(*node, &sum, accelerator))?;
+                let price = self.nodes[first].price_per_gpu_hour;
+                let mut best = first;
+                for node in first + 1..self.nodes.len() {
+                    if self.nodes[node].price_per_gpu_hour != price {
+                        break;
+                    }
+                    if table.fits(node, &sum, accelerator) {
+                        best = node;
+                    }
+                }
+                best
+            }
         };
         Some(vec![node; self.bundles.len()])
     }
@@ -429,6 +443,14 @@ mod tests {
             placed(solve_placement_group_ordered(&small_cheap, &four, PlacementStrategy::Pack, NodeOrder::Cheapest));
         assert_eq!(packed, vec![id(2), id(2), id(1), id(1)]);
         assert_eq!(placed(solve_placement_group(&small_cheap, &four, PlacementStrategy::Pack)), vec![id(1); 4]);
+        // Among equal prices a strict pack is a best fit still: the most utilised.
+        let mut equal =
+            crate::testing::view(vec![gpu_node(1, 16, "A100-80GB", 4, 50), gpu_node(2, 16, "A100-80GB", 4, 50)]);
+        equal.allocate(&id(1), &gpus(0, "1")).unwrap();
+        let two = vec![gpus(1, "1"); 2];
+        let packed =
+            placed(solve_placement_group_ordered(&equal, &two, PlacementStrategy::StrictPack, NodeOrder::Cheapest));
+        assert_eq!(packed, vec![id(1); 2]);
         // Without it the same strict pack goes by utilisation (the most utilised, then highest id).
         let default =
             placed(solve_placement_group(&view, &[gpus(2, "2"), gpus(2, "2")], PlacementStrategy::StrictPack));

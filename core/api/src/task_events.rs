@@ -10,10 +10,10 @@
 //!
 //! Bounded: at most [`CAPACITY`] events wait here; past it the oldest go, counted and
 //! told to the head with the next batch (listings show the count). A batch that cannot
-//! reach the head (it is restarting, or its connection broke) is kept and sent first
-//! once it answers again, for up to [`KEEP_UNSENT`] attempts, one a period; a batch the
-//! head refuses, or one kept past that, is dropped the same way: events never hold a task
-//! up.
+//! reach the head (it is restarting, or failing over) is kept and sent first once it
+//! answers again, tried once a period for up to [`KEEP_UNSENT_FOR`] (later batches wait
+//! behind it, bounded by the buffer); a batch the head refuses, or one kept past that, is
+//! dropped the same way: events never hold a task up.
 //!
 //! Bounded in rate too: a process records the events of at most [`RATE`] new tasks a
 //! second (`IONET_TASK_EVENTS_PER_SECOND`); a task past it is not recorded at all, from
@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ionet_common::auth::Bearer;
 use ionet_common::rpc::proto::gcs::{AddTaskEventsRequest, TaskState};
@@ -43,10 +43,9 @@ pub(crate) const CAPACITY: usize = 100_000;
 const MAX_BATCH: usize = 2_000;
 /// How long events gather before they go.
 const PERIOD: Duration = Duration::from_secs(1);
-/// How many times a batch that could not reach the head is sent before it is dropped
-/// (a period apart: a minute, the time a head takes to come back or a standby to take
-/// over, with room).
-const KEEP_UNSENT: u32 = 60;
+/// How long a batch that could not reach the head is kept (tried once a period) before
+/// it is dropped: the time a head takes to come back or a standby to take over, with room.
+const KEEP_UNSENT_FOR: Duration = Duration::from_secs(60);
 /// The variable that turns recording off (`0`, `false`, `off`).
 pub const TASK_EVENTS_ENV: &str = "IONET_TASK_EVENTS";
 /// The most new tasks a second whose events a process records, unless
@@ -284,7 +283,7 @@ impl TaskEvents {
             loop {
                 let _ = tokio::time::timeout(PERIOD, wake.notified()).await;
                 let Some(shared) = weak.upgrade() else { return };
-                send_all(&shared).await;
+                send_all(&shared, false).await;
             }
         });
         let enabled = !matches!(
@@ -375,11 +374,16 @@ impl TaskEvents {
     }
 
     /// Sends every event recorded so far (a driver's last, before it leaves), waiting up
-    /// to `timeout`.
+    /// to `timeout`: a batch the head did not answer is tried again meanwhile.
     pub(crate) async fn flush(&self, timeout: Duration) {
         // A send of its own: a timeout here never cuts a batch off mid-way (lost uncounted).
         let shared = self.shared.clone();
-        let sending = tokio::spawn(async move { send_all(&shared).await });
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sending = tokio::spawn(async move {
+            while !send_all(&shared, true).await && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(PERIOD / 4).await;
+            }
+        });
         let _ = tokio::time::timeout(timeout, sending).await;
     }
 }
@@ -396,8 +400,9 @@ struct Unsent {
     request: AddTaskEventsRequest,
     /// Its events (its own count of dropped ones aside).
     events: u64,
-    /// Sends that failed.
-    attempts: u32,
+    /// When its first send failed (`None`: not sent yet), and when to try it again.
+    failed_at: Option<Instant>,
+    retry_at: Instant,
 }
 
 impl Unsent {
@@ -407,33 +412,39 @@ impl Unsent {
     }
 }
 
-/// Whether a failed send may succeed later: the head could not be reached, or the call
-/// broke on the way (not a refusal, which says the same again).
+/// Whether a failed send may succeed later: the head could not be reached (not a
+/// refusal, which says the same again, nor a call cut off after the head may have taken
+/// it, which sent again would count twice).
 fn may_pass(status: &tonic::Status) -> bool {
-    use tonic::Code;
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    status.code() == tonic::Code::Unavailable
 }
 
-/// Sends the batch kept from before, then takes and sends what waits, in batches, in
-/// order.
-async fn send_all(shared: &Shared) {
+/// Sends the batch kept from before (once its time to try again came, or at once when
+/// `eager`: a flush), then takes and sends what waits, in batches, in order. Whether
+/// nothing is left kept.
+async fn send_all(shared: &Shared, eager: bool) -> bool {
     let mut sender = shared.sending.lock().await;
     let sender = &mut *sender;
     loop {
         let mut unsent = match sender.unsent.take() {
+            // Not yet: later batches wait behind it (in the buffer, bounded).
+            Some(unsent) if !eager && Instant::now() < unsent.retry_at => {
+                sender.unsent = Some(unsent);
+                return false;
+            }
             Some(unsent) => unsent,
             None => {
                 let entries = shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).take(MAX_BATCH);
                 let dropped = shared.dropped.swap(0, Ordering::Relaxed);
                 if entries.is_empty() && dropped == 0 {
-                    return;
+                    return true;
                 }
                 let mut batch = BatchBuilder::new(&shared.job_id);
                 for entry in &entries {
                     batch.push(&entry.event());
                 }
                 let request = AddTaskEventsRequest { events: Some(batch.finish()), dropped };
-                Unsent { request, events: entries.len() as u64, attempts: 0 }
+                Unsent { request, events: entries.len() as u64, failed_at: None, retry_at: Instant::now() }
             }
         };
         if sender.client.is_none() {
@@ -445,15 +456,17 @@ async fn send_all(shared: &Shared) {
         };
         let Err(status) = sent else { continue };
         sender.client = None;
-        unsent.attempts += 1;
-        if may_pass(&status) && unsent.attempts < KEEP_UNSENT {
+        let now = Instant::now();
+        let failed_at = *unsent.failed_at.get_or_insert(now);
+        if may_pass(&status) && now.duration_since(failed_at) < KEEP_UNSENT_FOR {
             tracing::debug!(error = %status.message(), events = unsent.events, "task events kept: the head did not answer");
+            unsent.retry_at = now + PERIOD;
             sender.unsent = Some(unsent);
-        } else {
-            tracing::debug!(error = %status.message(), events = unsent.events, "task events dropped: the head did not take them");
-            shared.dropped.fetch_add(unsent.lost(), Ordering::Relaxed);
+            return false;
         }
-        return;
+        tracing::debug!(error = %status.message(), events = unsent.events, "task events dropped: the head did not take them");
+        shared.dropped.fetch_add(unsent.lost(), Ordering::Relaxed);
+        return true;
     }
 }
 
@@ -489,7 +502,7 @@ mod tests {
                 assert!(waiting <= CAPACITY, "{waiting} events wait after {n}");
             }
         }
-        events.flush(Duration::from_secs(30)).await;
+        events.flush(Duration::from_secs(1)).await;
         // No batch in flight while the sender's lock is held: each event is in one place.
         let sender = events.shared.sending.lock().await;
         let kept = sender.unsent.as_ref().map_or(0, Unsent::lost);
@@ -538,7 +551,7 @@ mod tests {
 
         // The head is away: the batch is kept, not dropped.
         events.record(task(2), TaskState::Finished, |event| event.name = Some("while away".into()));
-        events.flush(Duration::from_secs(30)).await;
+        events.flush(Duration::from_secs(1)).await;
         assert!(events.shared.sending.lock().await.unsent.is_some(), "the batch is kept");
         assert_eq!(events.shared.dropped.load(Ordering::Relaxed), 0);
         events.record(task(3), TaskState::Finished, |event| event.name = Some("after".into()));
