@@ -614,10 +614,11 @@ impl Gcs for GcsService {
         }
         // Actors' creations are the head's to record (it places them): a report may not
         // speak for one.
-        if let Some(at) = (0..count).find(|at| {
-            let id = &batch.task_ids[at * ionet_common::TaskId::LEN..(at + 1) * ionet_common::TaskId::LEN];
-            id[ionet_common::ActorId::LEN..].iter().all(|byte| *byte == 0xff)
-        }) {
+        if let Some(at) = batch
+            .task_ids
+            .chunks_exact(ionet_common::TaskId::LEN)
+            .position(ionet_common::TaskId::names_an_actor_creation)
+        {
             return Err(Status::invalid_argument(format!(
                 "event {at} names an actor's creation task (its id ends in eight 0xff bytes): the head records those"
             )));

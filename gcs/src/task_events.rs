@@ -349,9 +349,8 @@ impl TaskTable {
             };
             let was_open = !is_terminal(row.state);
             let before = (inner.persistent && !new).then(|| row.clone());
-            let reopens = row.actor_id.as_deref().is_some_and(|actor| TaskId::is_actor_creation(event.task_id, actor))
-                || update.actor_id.as_deref().is_some_and(|actor| TaskId::is_actor_creation(event.task_id, actor));
-            apply(row, update, reopens);
+            // Only the head records creation tasks (a report naming one is refused).
+            apply(row, update, TaskId::names_an_actor_creation(event.task_id));
             let changed = new || before.as_ref() != Some(&*row);
             if was_open && is_terminal(row.state) {
                 match row.state {

@@ -151,12 +151,15 @@ impl TaskId {
         Self(bytes)
     }
 
+    /// Whether `task_id` (bytes) has the form of an actor's creation task (some actor's
+    /// id, then eight `0xff` bytes): the head's to record, no owner's.
+    pub fn names_an_actor_creation(task_id: &[u8]) -> bool {
+        task_id.len() == TaskId::LEN && task_id[ActorId::LEN..].iter().all(|byte| *byte == 0xff)
+    }
+
     /// Whether `task_id` (bytes) is the task that creates the actor `actor_id` (bytes).
     pub fn is_actor_creation(task_id: &[u8], actor_id: &[u8]) -> bool {
-        actor_id.len() == ActorId::LEN
-            && task_id.len() == TaskId::LEN
-            && task_id[..ActorId::LEN] == *actor_id
-            && task_id[ActorId::LEN..].iter().all(|byte| *byte == 0xff)
+        Self::names_an_actor_creation(task_id) && task_id[..ActorId::LEN] == *actor_id
     }
 }
 
@@ -199,6 +202,9 @@ mod tests {
         assert!(!TaskId::is_actor_creation(creation.as_bytes(), ActorId::random().as_bytes()));
         assert!(!TaskId::is_actor_creation(TaskId::random().as_bytes(), actor.as_bytes()));
         assert!(!TaskId::is_actor_creation(creation.as_bytes(), &[]));
+        assert!(TaskId::names_an_actor_creation(creation.as_bytes()));
+        assert!(!TaskId::names_an_actor_creation(TaskId::random().as_bytes()));
+        assert!(!TaskId::names_an_actor_creation(&[0xff; 8]), "a short id names nothing");
     }
 
     #[test]
