@@ -146,6 +146,14 @@ fn cheapest_first_groups_take_the_cheapest_gpus_that_keep_the_strategy() {
     assert_eq!(models(&next), ["A100-80GB", "A100-80GB"]);
     ionet::remove_placement_group(&packed).unwrap();
     ionet::remove_placement_group(&next).unwrap();
+    // The head places by what the nodes last said they have free: wait until they say so.
+    harness::wait_until("the removed groups' GPUs to be free again", Duration::from_secs(30), || {
+        ionet::nodes()
+            .unwrap()
+            .iter()
+            .filter(|node| node.gpus.len() == 2)
+            .all(|node| node.available.get("GPU") == Quantity::whole(2))
+    });
     let spread = ionet::placement_group_with(gpu_bundles(2), PlacementStrategy::StrictSpread, cheapest).unwrap();
     let mut spread_models = models(&spread);
     spread_models.sort();
