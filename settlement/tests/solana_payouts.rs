@@ -12,7 +12,8 @@ use ionet_settlement::solana::plan::associated_token_address;
 use ionet_settlement::solana::svm::SvmChain;
 use ionet_settlement::solana::{
     AttemptState, ChainAccount, EpochPayouts, MemoryPayoutStore, PayoutAsset, PayoutChain, PayoutConfig, PayoutOutcome,
-    PayoutReport, PayoutStore, RedbPayoutStore, SignatureStatus, SolanaPayouter, PACKET_DATA_SIZE, TOKEN_PROGRAM_ID,
+    PayoutReport, PayoutStore, RedbPayoutStore, RpcChain, SignatureStatus, SolanaPayouter, PACKET_DATA_SIZE,
+    TOKEN_PROGRAM_ID,
 };
 use ionet_settlement::{EpochSpec, EpochSummary, Ledger, LedgerConfig, MemoryStore, SettlementError, SettlementResult};
 use ionet_settlement::{RecordId, UsageRecord};
@@ -475,10 +476,57 @@ fn a_nonce_account_the_authority_cannot_pay_for_is_an_error_not_a_spin() {
 /// The head reads its deposit address over Solana's JSON-RPC: every landed transfer into
 /// it, oldest first, across more than one page of `getSignaturesForAddress`, then only
 /// those after the last one read; transfers elsewhere are not returned.
+/// The head's path in a deployment: the payouter speaks JSON-RPC to a node
+/// ([`RpcChain`]), here the in-process runtime behind its loopback front. A nonce account
+/// is made, every provider is paid its exact amount once, and the balances, statuses and
+/// accounts read over RPC are the runtime's.
+#[test]
+fn nonce_payouts_through_the_rpc_client_against_the_runtime_behind_its_rpc_front() {
+    let setup = token_setup(12, 10_000_000_000);
+    let nonce = Keypair::new();
+    let summary = settled_epoch(5, &setup.providers);
+    let want = expected(&summary, &setup.providers);
+    let url = setup.chain.serve_rpc().unwrap();
+    let asset = PayoutAsset::Token { mint: setup.mint, decimals: 6 };
+    let config = PayoutConfig { nonce_account: Some(nonce.pubkey()), ..config(asset) };
+    let mut payouter =
+        SolanaPayouter::new(RpcChain::new(&url), MemoryPayoutStore::new(), setup.authority.insecure_clone(), config)
+            .unwrap();
+    assert_eq!(payouter.ensure_nonce_account(&nonce).unwrap(), nonce.pubkey());
+    let report = payouter.pay_epoch(&summary).unwrap();
+    assert_each_batch_landed_once(&report);
+    assert_eq!(provider_token_balances(&setup), want);
+    assert_eq!(payouter.pay_epoch(&summary).unwrap().outcome, PayoutOutcome::AlreadyPaid);
+    assert_eq!(provider_token_balances(&setup), want, "paid once");
+
+    // What a wallet or explorer reads over the same RPC front.
+    let client = solana_rpc_client::rpc_client::RpcClient::new(url);
+    let account = associated_token_address(&setup.providers[3], &setup.mint);
+    let balance = client.get_token_account_balance(&account).unwrap();
+    assert_eq!((balance.amount, balance.decimals), (want[3].to_string(), 6));
+    assert_eq!(balance.ui_amount_string, format!("{}", want[3] as f64 / 1e6));
+    assert_eq!(client.get_balance(&setup.authority.pubkey()).unwrap(), setup.chain.lamports(&setup.authority.pubkey()));
+    let signature: Signature = report.batches[0].signature.parse().unwrap();
+    let status = client.get_signature_statuses(&[signature]).unwrap().value[0].clone().unwrap();
+    assert!(status.err.is_none(), "{status:?}");
+    assert_eq!(client.get_account(&account).unwrap().owner, TOKEN_PROGRAM_ID);
+    let unknown = Keypair::new().pubkey();
+    assert!(client.get_account_with_commitment(&unknown, Default::default()).unwrap().value.is_none());
+    let refused = client.get_token_account_balance(&unknown).unwrap_err().to_string();
+    assert!(refused.contains("not a token account"), "{refused}");
+    // A transaction the runtime refuses (a transfer of more lamports than the payer has)
+    // is refused to the sender, as a node's preflight refuses it.
+    let poor = Keypair::new();
+    let transfer = solana_system_interface::instruction::transfer(&poor.pubkey(), &unknown, 5);
+    let blockhash = client.get_latest_blockhash().unwrap();
+    let transaction = Transaction::new_signed_with_payer(&[transfer], Some(&poor.pubkey()), &[&poor], blockhash);
+    let refused = client.send_transaction(&transaction).unwrap_err().to_string();
+    assert!(refused.contains("simulation failed"), "{refused}");
+}
+
 #[test]
 fn deposits_are_read_over_rpc_across_pages_and_after_a_cursor() {
     use ionet_settlement::solana::deposits::{self, DepositSource};
-    use ionet_settlement::solana::RpcChain;
 
     let svm = SvmChain::new();
     let (owner, tenant, elsewhere) = (Keypair::new().pubkey(), Keypair::new(), Keypair::new().pubkey());

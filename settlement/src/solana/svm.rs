@@ -51,8 +51,13 @@ impl SvmChain {
         }
     }
 
-    fn svm(&self) -> MutexGuard<'_, LiteSVM> {
+    pub(super) fn svm(&self) -> MutexGuard<'_, LiteSVM> {
         self.svm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The runtime's "slot": how many transactions landed through it.
+    pub(super) fn slot(&self) -> u64 {
+        self.history().len() as u64
     }
 
     /// The transactions that landed through this chain, oldest first.
