@@ -1,5 +1,6 @@
 """The README's first command, the main job (`bash examples/local-cluster.sh`), as a newcomer
-runs it: providers join, a tenant's sweep runs on the cheapest GPUs, the epoch is settled.
+runs it: providers join, a tenant's sweep runs on the cheapest GPUs, the epoch is settled
+and the providers are paid on a local Solana chain.
 Its output is checked here (the script checks its receipt against the settlement and the
 lease records itself, and fails otherwise), and nothing it started is left running."""
 
@@ -58,7 +59,17 @@ def test_the_main_job_runs_pays_every_provider_and_stops_what_it_started(tmp_pat
     assert not re.search(r"^  dc-singapore +earned", out, re.M), "the dearest provider was not used"
     assert "best: lr 0.01 l2 0:" in out and "checked: every trial's answer matches training it here" in out
     assert "checked: each lease costs its time at its node's price" in out
+    # The head paid on the local chain: the payouts landed, and each wallet's balance, read
+    # from the chain by the script, is what its provider earned (the script fails
+    # otherwise); the provider that ran nothing holds nothing.
+    assert "a local Solana chain (the in-process runtime) serves JSON-RPC at http://127.0.0.1:" in out, out
+    assert re.search(r"^ +0 +1 +2 +0\.\d+ +landed +\w{80,90}$", out, re.M), "one batch paying both providers landed"
+    assert "payout transaction(s) landed; each wallet holds what its provider earned" in out, out
+    for wallet in ["dc-frankfurt", "miner-ohio"]:
+        assert re.search(rf"^  {wallet} +wallet \w+ holds 0\.0*[1-9]\d* devUSD on chain$", out, re.M), out
+    assert re.search(r"^  dc-singapore +wallet \w+ holds 0\.000000 devUSD on chain$", out, re.M), out
     # Its time after the build is reported (the target is under a minute), not asserted:
     # speed is the benchmarks' to measure.
     assert re.search(r"main job done in \d+ s after the build", out), out
+    # The chain included: it runs in a daemon of the session too.
     wait_for(lambda: processes_of(session) == [], timeout=30, what="everything the main job started to stop")

@@ -53,6 +53,15 @@ pub enum Command {
     Earnings(EarningsArgs),
     /// On-chain payouts of settled epochs (a head started with --payout-rpc-url).
     Payouts(PayoutsArgs),
+    /// A local Solana chain to pay providers on: `ionet devnet start` (the in-process
+    /// runtime behind JSON-RPC on loopback, with a funded payout authority and a test
+    /// dollar; `ionet stop` stops it). Needs a binary built with the `devnet` feature.
+    #[command(subcommand)]
+    Devnet(DevnetCommand),
+    /// Solana wallets: `ionet wallet new FILE` makes a provider's payout keypair and prints
+    /// its address; `ionet wallet balance ADDRESS` reads what it holds of the payout asset.
+    #[command(subcommand)]
+    Wallet(WalletCommand),
     /// Prepaid credits of payer accounts (1 credit = 1 USD).
     #[command(subcommand)]
     Credits(CreditsCommand),
@@ -315,6 +324,20 @@ pub struct PayoutArgs {
     /// <session dir>/payouts.redb.
     #[arg(long = "payout-store")]
     pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevnetCommand {
+    /// Start the local chain in the background, funded, and print the head's payout flags.
+    Start(crate::devnet::DevnetStartArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalletCommand {
+    /// Write a new keypair to FILE (Solana CLI format, mode 0600) and print its address.
+    New(crate::devnet::WalletNewArgs),
+    /// What an address holds of the payout asset, read from a Solana RPC node.
+    Balance(crate::devnet::WalletBalanceArgs),
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -615,6 +638,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Settle(args) => metering_commands::settle(args),
         Command::Earnings(args) => metering_commands::earnings(args),
         Command::Payouts(args) => metering_commands::payouts(args),
+        Command::Devnet(DevnetCommand::Start(args)) => crate::devnet::devnet_start(args),
+        Command::Wallet(WalletCommand::New(args)) => crate::devnet::wallet_new(args),
+        Command::Wallet(WalletCommand::Balance(args)) => crate::devnet::wallet_balance(args),
         Command::Credits(CreditsCommand::Add(args)) => metering_commands::credits_add(args),
         Command::Credits(CreditsCommand::Refund(args)) => metering_commands::credits_refund(args),
         Command::Credits(CreditsCommand::DepositAddress(args)) => metering_commands::deposits(args, true),

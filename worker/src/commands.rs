@@ -112,15 +112,45 @@ fn without_join_token(
 
 fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     let role = if args.head { "head" } else { "node" };
-    let out_path = session.logs().join(format!("{role}.out"));
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path)?;
-    let mut command = std::process::Command::new(this_program()?);
     // A join token travels to the daemon in its environment (private once it runs), never
     // on its command line, which every process on the machine may read.
     let (argv, join_token) = without_join_token(std::env::args_os().skip(1));
-    if let Some(token) = join_token {
-        command.env("IONET_JOIN_TOKEN", token);
+    let env: Vec<_> = join_token.into_iter().map(|token| ("IONET_JOIN_TOKEN", token)).collect();
+    let pid = spawn_daemon(role, argv, &env, session, Duration::from_secs(args.connect_timeout + 30))?;
+    if args.head {
+        let address = session.head_address().unwrap_or_default();
+        println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
+        let pin = match session.cluster_ca().filter(|_| rpc::is_tls_address(&address)) {
+            Some(pem) => format!(" --ca-hash {}", tls::ca_hash_of_pem(&pem)?),
+            None => String::new(),
+        };
+        match create_token(&address, session, "node", Duration::from_secs(24 * 3600)) {
+            Ok((join, _)) => println!(
+                "join machines with: ionet start --address {address}{pin} --join-token {join}\n\
+                 (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)"
+            ),
+            Err(err) => println!("could not make a join token ({err}); make one with `ionet token create --role node`"),
+        }
+    } else {
+        println!("ionet node started (pid {pid}); session {}", session.path().display());
     }
+    Ok(())
+}
+
+/// Relaunches this program with `argv --block` as a detached daemon of `session` and
+/// returns its pid once it has written its pid file (`<role>-<pid>.pid`), which it does
+/// when ready; its raw output goes to `logs/<role>.out`.
+pub(crate) fn spawn_daemon(
+    role: &str,
+    argv: Vec<std::ffi::OsString>,
+    env: &[(&str, std::ffi::OsString)],
+    session: &SessionDir,
+    timeout: Duration,
+) -> Result<u32> {
+    let out_path = session.logs().join(format!("{role}.out"));
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path)?;
+    let mut command = std::process::Command::new(this_program()?);
+    command.envs(env.iter().map(|(name, value)| (name, value)));
     command
         .args(argv)
         .arg("--block")
@@ -142,7 +172,7 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
     let mut child = command.spawn().context("cannot launch the daemon")?;
     let pid = child.id();
     let ready = session.pid_file(role, pid);
-    let deadline = Instant::now() + Duration::from_secs(args.connect_timeout + 30);
+    let deadline = Instant::now() + timeout;
     while !ready.exists() {
         if let Some(exit) = child.try_wait()? {
             let log = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -154,24 +184,7 @@ fn launch_in_background(args: &StartArgs, session: &SessionDir) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if args.head {
-        let address = session.head_address().unwrap_or_default();
-        println!("ionet head started at {address} (pid {pid}); session {}", session.path().display());
-        let pin = match session.cluster_ca().filter(|_| rpc::is_tls_address(&address)) {
-            Some(pem) => format!(" --ca-hash {}", tls::ca_hash_of_pem(&pem)?),
-            None => String::new(),
-        };
-        match create_token(&address, session, "node", Duration::from_secs(24 * 3600)) {
-            Ok((join, _)) => println!(
-                "join machines with: ionet start --address {address}{pin} --join-token {join}\n\
-                 (the join token is valid 24 h; make more with `ionet token create --role node --ttl 24h`)"
-            ),
-            Err(err) => println!("could not make a join token ({err}); make one with `ionet token create --role node`"),
-        }
-    } else {
-        println!("ionet node started (pid {pid}); session {}", session.path().display());
-    }
-    Ok(())
+    Ok(pid)
 }
 
 /// The host other machines should use to reach this one.
@@ -195,7 +208,7 @@ fn advertise_host(explicit: Option<&str>, bind_host: &str, peer: Option<&str>) -
     }
 }
 
-async fn wait_for_signal() -> &'static str {
+pub(crate) async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
@@ -899,7 +912,7 @@ fn print_actors(actors: &[ionet_common::rpc::proto::gcs::ActorInfo], json: bool)
     Ok(())
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc tells it apart.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty() && stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')).unwrap_or(false)
@@ -924,7 +937,8 @@ pub fn stop(args: StopArgs) -> Result<()> {
     let session = SessionDir::resolve(args.session.temp_dir.as_deref());
     let daemons = session.daemons();
     let mut stopped = 0;
-    for role in ["node", "head"] {
+    // A local chain (`ionet devnet start`) last: the head may be paying through it.
+    for role in ["node", "head", "devnet"] {
         let group: Vec<_> = daemons.iter().filter(|daemon| daemon.role == role).collect();
         for daemon in &group {
             if alive(daemon.pid) && is_ionet_daemon(daemon.pid) {

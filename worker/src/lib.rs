@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod cluster_view;
 pub mod commands;
+pub mod devnet;
 pub mod entrypoints;
 pub mod gpu;
 pub mod identities;

@@ -350,11 +350,13 @@ pub fn balances(args: BalancesArgs) -> Result<()> {
         println!("the ledger is empty");
         return Ok(());
     }
-    println!("{:<40}  {:>16}", "ACCOUNT", "BALANCE (USD)");
+    // As wide as the longest account (a provider's Solana address makes 53 characters).
+    let width = balances.iter().map(|b| b.account.len()).max().unwrap_or(0).max(20);
+    println!("{:<width$}  {:>16}", "ACCOUNT", "BALANCE (USD)");
     for balance in &balances {
-        println!("{:<40}  {:>16}", balance.account, signed_usd(balance.balance_micros));
+        println!("{:<width$}  {:>16}", balance.account, signed_usd(balance.balance_micros));
     }
-    println!("{:<40}  {:>16}", "(sum)", signed_usd(sum));
+    println!("{:<width$}  {:>16}", "(sum)", signed_usd(sum));
     Ok(())
 }
 
