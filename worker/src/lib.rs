@@ -10,7 +10,8 @@
 //!
 //! The binary is thin: [`cli`] parses arguments, [`commands`] wires the parts
 //! together. Daemons started on one machine find each other, and `ionet status` and
-//! `ionet stop` find them, through the session directory ([`session`]).
+//! `ionet stop` find them, through the session directory ([`session`]). [`devnet`] runs a
+//! local Solana chain to pay providers on and makes and reads their payout wallets.
 
 pub mod cli;
 pub mod cluster_view;
