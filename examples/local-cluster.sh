@@ -119,9 +119,12 @@ earned = {p["wallet"]: p["revenue_micros"] for p in settled["providers"]}
 payouts = {wallet: numerator // DENOMINATOR for wallet, numerator in exact.items()}
 print(f"settled: acme paid {usd(payer['usage_micros'])} + fee {usd(payer['fee_micros'])}, "
       f"credit left {usd(payer['balance_after_micros'])} of $25")
+if (payer["usage_micros"], payer["fee_micros"]) != (receipt["total_cost_micros"], receipt["total_fee_micros"]):
+    print("  (the receipt rounds each lease down to the micro-dollar; settlement sums a provider's "
+          "exact costs first and rounds once, so they can differ by a few micro-dollars)")
 paid = {wallet for wallet, revenue in earned.items() if revenue > 0}
 assert paid == set(payouts), ("paid providers", sorted(paid), sorted(payouts))
-for wallet, payout in sorted(payouts.items()):
+for wallet, payout in sorted(payouts.items(), key=lambda item: name_of[item[0]]):
     assert earned.get(wallet) == payout, (wallet, earned.get(wallet), payout)
     print(f"  {name_of[wallet]:<14} earned {usd(payout)}")
 assert payer["usage_micros"] == sum(payouts.values()), (payer, payouts)
