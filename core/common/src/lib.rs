@@ -16,6 +16,8 @@
 //!   authenticated channel helpers and the one error ↔ gRPC status mapping;
 //! - [`lease`]: the one lease requester (tasks and actors) and its typed outcome;
 //! - [`worker_env`]: the worker-process protocol (what a daemon tells a worker it starts);
+//! - [`gpu_proof`]: the compute and memory challenges by which the head checks that a
+//!   node's GPUs are what its provider declares (prover and verifier, CPU backend);
 //! - [`error`]: [`IonetError`], the error every layer converts into.
 //!
 //! How the processes talk: node daemons register with the global control store
@@ -31,6 +33,7 @@ pub mod credential;
 pub mod error;
 pub mod failover;
 pub mod files;
+pub mod gpu_proof;
 pub mod ids;
 pub mod jobs;
 pub mod lease;
