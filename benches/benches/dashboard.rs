@@ -43,7 +43,9 @@ async fn main() {
             address: format!("127.0.0.{}:{}", 2 + index / 200, 7000 + index),
             total: Some((&total).into()),
             available: Some((&total).into()),
-            gpus: (0..8).map(|gpu| GpuInfo { index: gpu, model: "A100-80GB".into(), memory_bytes: 80 << 30 }).collect(),
+            gpus: (0..8)
+                .map(|gpu| GpuInfo { index: gpu, model: "A100-80GB".into(), memory_bytes: 80 << 30, simulated: true })
+                .collect(),
             price_per_gpu_hour_micros: 1_200_000,
             public_key: vec![7; 32],
             ..Default::default()

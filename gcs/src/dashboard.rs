@@ -401,7 +401,7 @@ async fn market(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Re
     let mut models: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
     for node in metrics.state().nodes(false) {
         // What a tenant can rent now: nodes taking work, not draining.
-        if node.no_workloads || node.state != NodeState::Alive as i32 {
+        if node.no_workloads || node.state != NodeState::Alive as i32 || ionet_common::gpu_proof::held_back(&node) {
             continue;
         }
         let Some(gpu) = node.gpus.first() else { continue };

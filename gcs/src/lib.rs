@@ -46,6 +46,7 @@
 pub mod actors;
 pub mod dashboard;
 pub mod error;
+pub mod gpu_checks;
 pub mod http;
 pub mod job_server;
 pub mod metering;

@@ -465,6 +465,15 @@ impl Metering {
                 node_id.short()
             )));
         }
+        if ionet_common::gpu_proof::held_back(&node) {
+            let check = node.gpu_check.clone().unwrap_or_default();
+            let why = if check.reason.is_empty() { "not passed yet".to_string() } else { check.reason };
+            return Err(IonetError::FailedPrecondition(format!(
+                "node {} takes no leases until its GPUs pass the head's check ({why}); lease {lease_id} is not billed",
+                node_id.short()
+            ))
+            .into());
+        }
         let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
         let payer_account =
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };

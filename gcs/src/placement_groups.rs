@@ -252,8 +252,9 @@ pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     view.labels = node.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
     view.price_per_gpu_hour = node.price_per_gpu_hour_micros;
     view.state = match WireNodeState::try_from(node.state).unwrap_or(WireNodeState::Unspecified) {
-        // A node that runs no workloads takes nothing new, as a draining one.
-        WireNodeState::Alive if node.no_workloads => NodeState::Draining,
+        // A node that runs no workloads takes nothing new, as a draining one; nor does
+        // one whose GPUs have not passed the head's check (or failed it).
+        WireNodeState::Alive if node.no_workloads || ionet_common::gpu_proof::held_back(node) => NodeState::Draining,
         WireNodeState::Alive => NodeState::Alive,
         WireNodeState::Draining => NodeState::Draining,
         WireNodeState::Dead | WireNodeState::Unspecified => NodeState::Dead,

@@ -41,6 +41,8 @@ pub struct GcsService {
     tasks: Arc<crate::task_events::TaskTable>,
     /// Who holds which object (`ionet memory`), asked of the nodes and drivers.
     objects: Arc<crate::objects::ObjectListing>,
+    /// Checks of nodes' GPUs under way.
+    gpu_checks: crate::gpu_checks::GpuChecks,
 }
 
 /// Whether a listing of actors or placement groups shows `principal` what belongs to
@@ -86,7 +88,25 @@ impl GcsService {
             submissions,
             tasks,
             objects,
+            gpu_checks: Default::default(),
         }
+    }
+
+    /// Records what a node's answer to its GPU check came to, and what to tell it.
+    async fn gpu_check_outcome(
+        &self,
+        node_id: NodeId,
+        outcome: crate::gpu_checks::Outcome,
+    ) -> Result<Option<ionet_common::rpc::proto::common::GpuCheck>, Status> {
+        use crate::gpu_checks::Outcome;
+        let verdict = match outcome {
+            Outcome::Sampled(_) => return Ok(None),
+            Outcome::Passed { tflops, bandwidth_gb_per_s, took } => {
+                Ok((tflops, bandwidth_gb_per_s, took.as_millis() as u64))
+            }
+            Outcome::Failed(reason) => Err(reason),
+        };
+        Ok(Some(self.state.record_gpu_check(&node_id, verdict).await?))
     }
 
     /// The intermediate certificate a registering node asked for (empty: it did not ask,
@@ -338,6 +358,55 @@ impl Gcs for GcsService {
         principal.may_act_for_node(&node_id_of(&request.node_id)?)?;
         self.state.drain_node(&request.node_id, &request.reason, request.exiting).await?;
         Ok(Response::new(DrainNodeReply {}))
+    }
+
+    async fn start_gpu_check(
+        &self,
+        request: Request<StartGpuCheckRequest>,
+    ) -> Result<Response<StartGpuCheckReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let node_id = node_id_of(&request.get_ref().node_id)?;
+        principal.may_act_for_node(&node_id)?;
+        let node = self.state.node(&node_id).ok_or_else(|| {
+            Status::not_found(format!("node {} is not registered with this control store", node_id.short()))
+        })?;
+        let allowance = Duration::from_millis(self.state.config.gpu_check_deadline_ms);
+        let reply = self.gpu_checks.start(&node, allowance).map_err(Status::failed_precondition)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn commit_gpu_check(
+        &self,
+        request: Request<CommitGpuCheckRequest>,
+    ) -> Result<Response<CommitGpuCheckReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let node_id = node_id_of(&request.node_id)?;
+        principal.may_act_for_node(&node_id)?;
+        let outcome =
+            self.gpu_checks.commit(node_id, request.check_id, &request.commits).map_err(Status::failed_precondition)?;
+        if let crate::gpu_checks::Outcome::Sampled(samples) = outcome {
+            return Ok(Response::new(CommitGpuCheckReply { samples }));
+        }
+        let check = self.gpu_check_outcome(node_id, outcome).await?.unwrap_or_default();
+        Err(Status::failed_precondition(format!("node {} failed its GPU check: {}", node_id.short(), check.reason)))
+    }
+
+    async fn reveal_gpu_check(
+        &self,
+        request: Request<RevealGpuCheckRequest>,
+    ) -> Result<Response<RevealGpuCheckReply>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let node_id = node_id_of(&request.node_id)?;
+        principal.may_act_for_node(&node_id)?;
+        let outcome = self
+            .gpu_checks
+            .reveal(node_id, request.check_id, request.reveals)
+            .await
+            .map_err(Status::failed_precondition)?;
+        let check = self.gpu_check_outcome(node_id, outcome).await?;
+        Ok(Response::new(RevealGpuCheckReply { check }))
     }
 
     async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {

@@ -21,7 +21,9 @@ use dashmap::DashMap;
 use ionet_common::authz::Principal;
 use ionet_common::clock::Clock;
 use ionet_common::config::ClusterConfig;
-use ionet_common::rpc::proto::common::{JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::common::{
+    GpuCheck, GpuCheckState, JobInfo, JobState, NodeInfo, NodeState, ResourceQuantities,
+};
 use ionet_common::rpc::proto::gcs::{cluster_event::Event, ClusterEvent};
 use ionet_common::{IonetError, JobId, NodeId, ObjectId};
 use prost::Message;
@@ -393,6 +395,21 @@ impl GcsState {
         }
         let now = self.clock.now_ms();
         node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
+        // The head's word on the GPUs, never the node's: kept while the node declares the
+        // same GPUs (a quarantined node does not clear itself by registering again), else
+        // pending until the node passes a check.
+        let known =
+            self.nodes.get(&node_id).and_then(|known| (known.gpus == node.gpus).then(|| known.gpu_check.clone()));
+        let has_gpus = !node.gpus.is_empty() || !total.get(ionet_common::resources::GPU).is_zero();
+        node.gpu_check = match known.flatten() {
+            Some(check) => Some(check),
+            None if !has_gpus => None,
+            None => Some(GpuCheck {
+                state: GpuCheckState::Pending as i32,
+                simulated: node.gpus.iter().any(|gpu| gpu.simulated),
+                ..Default::default()
+            }),
+        };
         node.last_heartbeat_ms = now;
         node.state = NodeState::Alive as i32;
         node.death_cause.clear();
@@ -401,6 +418,57 @@ impl GcsState {
         self.nodes.insert(node_id, node.clone());
         self.publish(Event::NodeAdded(node));
         Ok(())
+    }
+
+    /// Registers a node as one whose GPUs then passed the head's check (unit tests of what
+    /// a checked node may do; the check itself: `worker/tests/gpu_checks.rs`).
+    #[cfg(test)]
+    pub(crate) async fn register_checked_node(&self, node: NodeInfo) -> GcsResult<()> {
+        let node_id = NodeId::from_bytes(&node.node_id)?;
+        self.register_node(node).await?;
+        self.record_gpu_check(&node_id, Ok((1.0, 1.0, 1))).await.map(drop)
+    }
+
+    /// Records the verdict of a check of a node's GPUs: a pass (with the measured lower
+    /// bounds and how long it took) or a failure (quarantined, with the reason).
+    pub async fn record_gpu_check(
+        &self,
+        node_id: &NodeId,
+        verdict: Result<(f64, f64, u64), String>,
+    ) -> GcsResult<GpuCheck> {
+        let node = {
+            let mut entry = self.nodes.get_mut(node_id).ok_or_else(|| {
+                IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
+            })?;
+            let mut check = entry.gpu_check.clone().unwrap_or_default();
+            check.simulated = entry.gpus.iter().any(|gpu| gpu.simulated);
+            check.checked_at_ms = self.clock.now_ms();
+            match &verdict {
+                Ok((tflops, bandwidth, took_ms)) => {
+                    check.state = GpuCheckState::Passed as i32;
+                    check.passes += 1;
+                    check.tflops = *tflops;
+                    check.bandwidth_gb_per_s = *bandwidth;
+                    check.took_ms = *took_ms;
+                }
+                Err(reason) => {
+                    check.state = GpuCheckState::Failed as i32;
+                    check.failures += 1;
+                    check.reason = reason.clone();
+                }
+            }
+            entry.gpu_check = Some(check);
+            entry.clone()
+        };
+        self.persist_node(&node).await?;
+        match &verdict {
+            Ok((tflops, _, took_ms)) => {
+                tracing::info!(node = %node_id.short(), tflops, took_ms, "node passed its GPU check")
+            }
+            Err(reason) => tracing::warn!(node = %node_id.short(), reason, "node failed its GPU check: quarantined"),
+        }
+        self.publish(Event::NodeAdded(node.clone()));
+        Ok(node.gpu_check.unwrap_or_default())
     }
 
     /// Records a heartbeat: the node is alive now and has `available` free.

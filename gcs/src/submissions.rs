@@ -811,7 +811,9 @@ impl Submissions {
         let nodes = self.state.nodes(false);
         let matching: Vec<NodeInfo> = nodes
             .into_iter()
-            .filter(|node| node.state == NodeState::Alive as i32 && !node.no_workloads)
+            .filter(|node| {
+                node.state == NodeState::Alive as i32 && !node.no_workloads && !ionet_common::gpu_proof::held_back(node)
+            })
             .filter(|node| record.label_selector.iter().all(|(key, value)| node.labels.get(key) == Some(value)))
             .filter(|node| {
                 record.gpu_type.as_ref().is_none_or(|model| node.accelerator_type.eq_ignore_ascii_case(model))

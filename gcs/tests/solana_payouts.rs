@@ -127,6 +127,8 @@ async fn run_leases(server: &GcsServer, clock: &ManualClock, wallets: &[String],
     for wallet in wallets {
         let node = gpu_node(wallet, "1.20");
         state.register_node(node.clone()).await.unwrap();
+        // Its GPUs passed the head's check (that check's own tests: worker/tests/gpu_checks.rs).
+        state.record_gpu_check(&NodeId::from_bytes(&node.node_id).unwrap(), Ok((1.0, 1.0, 1))).await.unwrap();
         let lease = start_two_party(server, job, &node, &gpus).await;
         leases.push(lease);
     }
@@ -338,6 +340,8 @@ async fn usage_nobody_funded_is_a_receivable_paid_once_the_payer_pays() {
     server.metering().add_credits("frugal", 1_000_000).await.unwrap();
     let node = gpu_node(&wallet, "1.20");
     state.register_node(node.clone()).await.unwrap();
+    // Its GPUs passed the head's check (that check's own tests: worker/tests/gpu_checks.rs).
+    state.record_gpu_check(&NodeId::from_bytes(&node.node_id).unwrap(), Ok((1.0, 1.0, 1))).await.unwrap();
     let gpus: ResourceSet = ResourceSet::new().with(GPU, Quantity::whole(2));
     let lease = start_two_party(&server, job, &node, &gpus).await;
     clock.advance_ms(HOUR);

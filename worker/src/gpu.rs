@@ -32,7 +32,12 @@ pub fn detect() -> Result<Vec<GpuInfo>, String> {
         // SAFETY: `device` is a valid handle returned by the driver just above.
         let memory = unsafe { result::device::total_mem(device) }
             .map_err(|err| format!("CUDA device {ordinal} memory: {err:?}"))?;
-        gpus.push(GpuInfo { index: ordinal as u32, model: normalise_model(&model), memory_bytes: memory as u64 });
+        gpus.push(GpuInfo {
+            index: ordinal as u32,
+            model: normalise_model(&model),
+            memory_bytes: memory as u64,
+            simulated: false,
+        });
     }
     Ok(gpus)
 }
@@ -179,7 +184,7 @@ mod monitor_tests {
     use super::*;
 
     fn declared() -> Vec<GpuInfo> {
-        vec![GpuInfo { index: 0, model: "A100-80GB".into(), memory_bytes: 80 * GIB }]
+        vec![GpuInfo { index: 0, model: "A100-80GB".into(), memory_bytes: 80 * GIB, simulated: true }]
     }
 
     /// Runs only on a machine without a CUDA driver (every machine here): the node

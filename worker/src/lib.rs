@@ -19,6 +19,7 @@ pub mod commands;
 pub mod devnet;
 pub mod entrypoints;
 pub mod gpu;
+pub mod gpu_check;
 pub mod identities;
 pub mod job_commands;
 pub mod lease;

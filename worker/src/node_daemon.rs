@@ -117,6 +117,10 @@ struct NodeShared {
     started: Instant,
     connected: AtomicBool,
     registrations: AtomicU64,
+    /// The last check of the node's GPUs: the head's verdict or why there is none (`None`
+    /// until one ends; nodes without GPUs have none).
+    gpu_check: std::sync::Mutex<Option<Result<ionet_common::rpc::proto::common::GpuCheck, String>>>,
+    gpu_check_running: AtomicBool,
     /// Heartbeats the head took (a metric).
     heartbeats_sent: AtomicU64,
     tls: Option<NodeTls>,
@@ -729,6 +733,8 @@ impl NodeDaemon {
             started: Instant::now(),
             connected: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
+            gpu_check: std::sync::Mutex::new(None),
+            gpu_check_running: AtomicBool::new(false),
             heartbeats_sent: AtomicU64::new(0),
             tls: node_tls,
             drain_requested: tokio::sync::Notify::new(),
@@ -784,13 +790,23 @@ impl NodeDaemon {
         &self.shared.info.address
     }
 
-    /// Waits until the node has registered at least once.
+    /// Waits until the node has registered at least once and, if it has GPUs, their first
+    /// check has ended (passed or not: a node that failed runs, taking no work).
     pub async fn wait_registered(&self, timeout: Duration) -> IonetResult<()> {
         let deadline = Instant::now() + timeout;
-        while self.shared.registrations.load(Ordering::SeqCst) == 0 {
+        let checking = || {
+            !self.shared.info.gpus.is_empty()
+                && self.shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_none()
+        };
+        while self.shared.registrations.load(Ordering::SeqCst) == 0 || checking() {
             if Instant::now() >= deadline {
+                let what = if self.shared.registrations.load(Ordering::SeqCst) == 0 {
+                    "register with the control store"
+                } else {
+                    "finish the check of its GPUs"
+                };
                 return Err(IonetError::Timeout(format!(
-                    "node {} did not register with the control store within {timeout:?}",
+                    "node {} did not {what} within {timeout:?}",
                     self.shared.node_id.short()
                 )));
             }
@@ -1002,8 +1018,47 @@ async fn run_membership(
                     }
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
+                    let mut checked = false;
                     if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
-                        shared.leases.refresh_view(&reply.into_inner().nodes);
+                        let nodes = reply.into_inner().nodes;
+                        shared.leases.refresh_view(&nodes);
+                        checked = nodes.iter().any(|node| {
+                            node.node_id == shared.info.node_id
+                                && node.gpu_check.as_ref().is_some_and(|check| {
+                                    check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32
+                                })
+                        });
+                    }
+                    // GPUs the head has not seen pass are checked now, beside the heartbeats.
+                    if !shared.info.gpus.is_empty()
+                        && !checked
+                        && !shared.gpu_check_running.swap(true, Ordering::SeqCst)
+                    {
+                        let (shared, mut client) = (shared.clone(), client.clone());
+                        tokio::spawn(async move {
+                            let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
+                            match &outcome {
+                                Ok(check)
+                                    if check.state
+                                        == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32 =>
+                                {
+                                    tracing::info!(node = %shared.node_id.short(), tflops = check.tflops, took_ms = check.took_ms, "the node's GPUs passed the head's check")
+                                }
+                                Ok(check) => {
+                                    tracing::error!(node = %shared.node_id.short(), reason = %check.reason, "the node's GPUs failed the head's check: it takes no work")
+                                }
+                                Err(why) => {
+                                    tracing::error!(node = %shared.node_id.short(), %why, "the node's GPUs could not be checked: it takes no work")
+                                }
+                            }
+                            *shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
+                            shared.gpu_check_running.store(false, Ordering::SeqCst);
+                        });
+                    } else if checked {
+                        let mut last = shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        if last.is_none() {
+                            *last = Some(Ok(Default::default()));
+                        }
                     }
                     let count = shared.registrations.fetch_add(1, Ordering::SeqCst) + 1;
                     tracing::info!(node = %shared.node_id.short(), registrations = count, "registered with the control store");

@@ -127,7 +127,8 @@ fn declared_gpus(count: u32, model: Option<&str>, memory: Option<u64>) -> IonetR
     }
     let model = model.map(str::to_string).unwrap_or_else(|| "GPU".to_string());
     let memory_bytes = memory.or_else(|| gpu::known_memory_bytes(&model)).unwrap_or(0);
-    Ok((0..count).map(|index| GpuInfo { index, model: model.clone(), memory_bytes }).collect())
+    // Declared, not found through the driver: simulated (checked on the CPU, never rewarded).
+    Ok((0..count).map(|index| GpuInfo { index, model: model.clone(), memory_bytes, simulated: true }).collect())
 }
 
 fn detect_memory_bytes() -> Option<u64> {

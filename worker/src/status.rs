@@ -53,9 +53,47 @@ pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
             "last_heartbeat_ms": node.last_heartbeat_ms,
             "heartbeat_age_ms": now_ms.saturating_sub(node.last_heartbeat_ms),
             "death_cause": node.death_cause,
+            "gpu_check": gpu_check_json(node),
         }));
     }
     Ok(rows)
+}
+
+/// The head's check of the node's GPUs, as `ionet status --json` shows it.
+fn gpu_check_json(node: &NodeInfo) -> Value {
+    let check = node.gpu_check.clone().unwrap_or_default();
+    json!({
+        "state": gpu_check_state(&check),
+        "reason": check.reason,
+        "simulated": check.simulated,
+        "tflops": check.tflops,
+        "bandwidth_gb_per_s": check.bandwidth_gb_per_s,
+        "checked_at_ms": check.checked_at_ms,
+        "passes": check.passes,
+        "failures": check.failures,
+        "took_ms": check.took_ms,
+    })
+}
+
+fn gpu_check_state(check: &ionet_common::rpc::proto::common::GpuCheck) -> &'static str {
+    use ionet_common::rpc::proto::common::GpuCheckState;
+    match GpuCheckState::try_from(check.state) {
+        Ok(GpuCheckState::Pending) => "pending",
+        Ok(GpuCheckState::Passed) => "passed",
+        Ok(GpuCheckState::Failed) => "failed",
+        Ok(GpuCheckState::None) | Err(_) => "none",
+    }
+}
+
+/// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`, or `-`.
+fn gpu_check_cell(node: &NodeInfo) -> String {
+    let check = node.gpu_check.clone().unwrap_or_default();
+    match gpu_check_state(&check) {
+        "none" => "-".into(),
+        "failed" => format!("FAILED: {}", check.reason),
+        state if check.simulated => format!("{state} (simulated)"),
+        state => state.to_string(),
+    }
 }
 
 fn gib(bytes: u64) -> String {
@@ -64,8 +102,9 @@ fn gib(bytes: u64) -> String {
 
 /// A fixed-width table, one line per node.
 pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
-    let header = ["NODE", "ADDRESS", "STATE", "CPU", "GPU", "GPU MODEL", "VRAM", "$/GPU-H", "LABELS", "HEARTBEAT"];
-    let mut rows: Vec<[String; 10]> = Vec::with_capacity(nodes.len());
+    let header =
+        ["NODE", "ADDRESS", "STATE", "CPU", "GPU", "GPU MODEL", "VRAM", "$/GPU-H", "LABELS", "HEARTBEAT", "GPU CHECK"];
+    let mut rows: Vec<[String; 11]> = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (total, available) = sets(node)?;
         let pair = |name: &str| format!("{}/{}", available.get(name), total.get(name));
@@ -96,6 +135,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
             format_usd(node.price_per_gpu_hour_micros),
             if labels.is_empty() { "-".into() } else { labels.join(",") },
             age,
+            gpu_check_cell(node),
         ]);
     }
     let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();

@@ -139,7 +139,9 @@ async fn join_as_provider(address: &str, admin: &Bearer) -> Provider {
     let join = join_token(address, admin).await;
     let mut joiner = ionet::rpc::gcs_client(address, &join).await.unwrap();
     let (node_id, key) = (NodeId::random(), KeyPair::generate());
-    let reply = joiner.register_node(registration(node_id, &key, 1)).await.unwrap().into_inner();
+    // A CPU: a node offering GPUs takes no leases until they pass the head's check
+    // (`worker/tests/gpu_checks.rs`), and these tests are about what else it may do.
+    let reply = joiner.register_node(registration(node_id, &key, 0)).await.unwrap().into_inner();
     Provider { node_id, key, credential: Bearer::new(&reply.node_credential).unwrap() }
 }
 

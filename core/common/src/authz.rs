@@ -288,6 +288,9 @@ pub const TABLE: &[Rule] = &[
     // The control store (head).
     row("/ionet.gcs.Gcs/RegisterNode", Access::Register),
     row("/ionet.gcs.Gcs/Heartbeat", Access::Node),
+    row("/ionet.gcs.Gcs/StartGpuCheck", Access::Node),
+    row("/ionet.gcs.Gcs/CommitGpuCheck", Access::Node),
+    row("/ionet.gcs.Gcs/RevealGpuCheck", Access::Node),
     row("/ionet.gcs.Gcs/DrainNode", Access::Node),
     row("/ionet.gcs.Gcs/GetAllNodes", Access::Read),
     row("/ionet.gcs.Gcs/AddJob", Access::StartJob),

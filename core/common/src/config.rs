@@ -47,6 +47,10 @@ pub struct ClusterConfig {
     /// lease's CPUs at once (each may make the node start another worker); 0: eight per
     /// CPU, at least 64.
     pub max_blocked_workers: usize,
+    /// How long a node has to answer the check of its GPUs: the whole check for simulated
+    /// GPUs, and for real ones the allowance (network, hashing) on top of the time their
+    /// declared model's published figures give.
+    pub gpu_check_deadline_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -66,6 +70,7 @@ impl Default for ClusterConfig {
             reward_pool_per_hour_micros: 0,
             credit_horizon_ms: 10 * 60_000,
             max_blocked_workers: 0,
+            gpu_check_deadline_ms: 10_000,
         }
     }
 }
@@ -128,6 +133,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_REWARD_POOL_PER_HOUR_MICROS", &mut self.reward_pool_per_hour_micros)?;
         read(&lookup, "IONET_CREDIT_HORIZON_MS", &mut self.credit_horizon_ms)?;
         read(&lookup, "IONET_MAX_BLOCKED_WORKERS", &mut self.max_blocked_workers)?;
+        read(&lookup, "IONET_GPU_CHECK_DEADLINE_MS", &mut self.gpu_check_deadline_ms)?;
         Ok(())
     }
 

@@ -528,6 +528,15 @@ pub fn pick(rng: &mut impl rand::Rng, limit: u32, count: usize) -> Vec<u32> {
     picked
 }
 
+/// Whether the head's check of `node`'s GPUs keeps it from new work: not passed yet, or
+/// failed (quarantined).
+pub fn held_back(node: &crate::rpc::proto::common::NodeInfo) -> bool {
+    use crate::rpc::proto::common::GpuCheckState;
+    node.gpu_check.as_ref().is_some_and(|check| {
+        matches!(GpuCheckState::try_from(check.state), Ok(GpuCheckState::Pending | GpuCheckState::Failed))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

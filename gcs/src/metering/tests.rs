@@ -89,7 +89,7 @@ fn balance(balances: &[(Account, i64)], account: Account) -> i64 {
 async fn interval_times_price_is_exact_and_settles_once() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 4, "2.50", "wallet-a")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 4, "2.50", "wallet-a")).await.unwrap();
     let job = job(&f.state, "alice").await;
     f.metering.add_credits("alice", 100_000_000).await.unwrap();
     let lease = LeaseId::random();
@@ -135,7 +135,7 @@ async fn interval_times_price_is_exact_and_settles_once() {
 async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "3.60", "")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "3.60", "")).await.unwrap();
     let job = job(&f.state, "").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, node, job, gpus("0.5")).await.unwrap();
@@ -162,7 +162,7 @@ async fn an_open_lease_is_cut_at_the_epoch_end_and_survives_a_restart() {
     let clock = ManualClock::new(START);
     let f = fixture_on(storage.clone(), clock.clone()).await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "1", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "1", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
@@ -226,8 +226,8 @@ async fn scheduled_epochs_close_on_boundaries() {
 async fn a_node_ends_only_its_own_leases_and_leases_only_what_it_has() {
     let f = fixture().await;
     let (mine, theirs) = (NodeId::random(), NodeId::random());
-    f.state.register_node(gpu_node(mine, 2, "1.00", "wallet-mine")).await.unwrap();
-    f.state.register_node(gpu_node(theirs, 2, "1.00", "wallet-theirs")).await.unwrap();
+    f.state.register_checked_node(gpu_node(mine, 2, "1.00", "wallet-mine")).await.unwrap();
+    f.state.register_checked_node(gpu_node(theirs, 2, "1.00", "wallet-theirs")).await.unwrap();
     let job = job(&f.state, "alice").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, theirs, job, gpus("2")).await.unwrap();
@@ -249,7 +249,7 @@ async fn a_node_ends_only_its_own_leases_and_leases_only_what_it_has() {
 async fn a_node_that_withholds_its_end_is_billed_only_to_the_holders_return() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
     let job = job(&f.state, "alice").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
@@ -277,7 +277,7 @@ async fn a_node_that_withholds_its_end_is_billed_only_to_the_holders_return() {
 async fn a_lease_no_holder_asked_for_makes_no_record() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 2, "2.00", "provider")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 2, "2.00", "provider")).await.unwrap();
     let other = job(&f.state, "mallory").await;
     let job = job(&f.state, "alice").await;
     // The node says it granted a lease the job never asked for.
@@ -306,7 +306,7 @@ async fn a_lease_no_holder_asked_for_makes_no_record() {
 async fn a_holder_that_ends_a_lease_early_ends_it_for_the_node_too() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "1.00", "provider")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "1.00", "provider")).await.unwrap();
     let job = job(&f.state, "alice").await;
     let lease = LeaseId::random();
     // The holder's words come late (batched): their ages date them back, by 2 s at most.
@@ -335,7 +335,7 @@ async fn half_said_leases_survive_a_restart() {
     let clock = ManualClock::new(START);
     let f = fixture_on(storage.clone(), clock.clone()).await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     let (node_first, holder_first) = (LeaseId::random(), LeaseId::random());
     f.metering.lease_started(&node_says(node_first, node, job, gpus("1"))).await.unwrap();
@@ -357,7 +357,7 @@ async fn half_said_leases_survive_a_restart() {
 async fn a_finished_jobs_leases_end_with_it() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 1, "3.60", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, node, job, gpus("1")).await.unwrap();
@@ -382,7 +382,7 @@ async fn a_payer_out_of_credit_gets_no_new_leases_and_its_running_ones_end() {
     let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
     let node = NodeId::random();
     // $3.60 per GPU-hour: $0.06 a minute, $0.0615 with the 2.5% fee.
-    state.register_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
+    state.register_checked_node(gpu_node(node, 1, "3.60", "provider")).await.unwrap();
     let job = job(&state, "alice").await;
     let thrifty = job_with_credit(&state, &metering, "bob", 1_000_000).await;
     metering.add_credits("alice", 61_500).await.unwrap();
@@ -425,8 +425,8 @@ async fn job_with_credit(state: &GcsState, metering: &Metering, payer: &str, mic
 async fn the_heads_own_leases_outlive_their_job_and_a_holder_cannot_name_another_node() {
     let f = fixture().await;
     let (node, elsewhere) = (NodeId::random(), NodeId::random());
-    f.state.register_node(gpu_node(node, 2, "1.00", "w")).await.unwrap();
-    f.state.register_node(gpu_node(elsewhere, 2, "1.00", "v")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 2, "1.00", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(elsewhere, 2, "1.00", "v")).await.unwrap();
     let job = job(&f.state, "bob").await;
     f.metering.add_credits("bob", 100_000_000).await.unwrap();
     // A detached actor's lease, held by the head: the job's end does not end it.
@@ -469,7 +469,7 @@ impl HeadHoldings for OneBundle {
 async fn a_bundle_is_metered_once_for_what_it_reserves() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 8, "1.00", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 8, "1.00", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     f.metering.set_head_holdings(Arc::new(OneBundle(ResourceSet::new().with(GPU, Quantity::whole(2)))));
     let bundle = |lease: LeaseId, count: &str, index: u32| proto::LeaseStartedRequest {
@@ -490,7 +490,7 @@ async fn a_bundle_is_metered_once_for_what_it_reserves() {
 async fn a_lease_bills_no_more_than_its_holder_asked_for() {
     let f = fixture().await;
     let node = NodeId::random();
-    f.state.register_node(gpu_node(node, 8, "3.60", "w")).await.unwrap();
+    f.state.register_checked_node(gpu_node(node, 8, "3.60", "w")).await.unwrap();
     let job = job(&f.state, "bob").await;
     f.metering.add_credits("bob", 100_000_000).await.unwrap();
     let lease = LeaseId::random();

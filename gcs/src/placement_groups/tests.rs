@@ -62,7 +62,7 @@ async fn cluster_of(nodes: usize) -> Arc<GcsState> {
             available: Some((&cpus).into()),
             ..Default::default()
         };
-        state.register_node(node).await.unwrap();
+        state.register_checked_node(node).await.unwrap();
     }
     state
 }
@@ -158,7 +158,7 @@ async fn a_payer_out_of_credit_loses_its_placement_groups() {
         wallet: "provider".into(),
         ..Default::default()
     };
-    state.register_node(gpu_node).await.unwrap();
+    state.register_checked_node(gpu_node).await.unwrap();
     let job = state.add_job(JobInfo { payer_account: "frugal".into(), ..Default::default() }).await.unwrap().job_id;
     let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
     let nodes = Arc::new(FakeNodes::default());

@@ -1,0 +1,319 @@
+//! The head's checks of nodes' GPUs: the verifier side of [`ionet_common::gpu_proof`].
+//!
+//! A node with GPUs registers as `PENDING` and takes no work (its record tells every
+//! scheduler to pass it by, and the head bills none of its leases) until it passes. It asks
+//! for its check (`StartGpuCheck`): a fresh seed per GPU, sizes and a deadline. Simulated
+//! (declared) GPUs get a small product and a 1 MiB fill and the configured deadline; real
+//! ones a 4096² product and a fill of their declared memory, due within what their model's
+//! published figures take, slowed by [`SLOWDOWN_ALLOWED`], plus the configured allowance.
+//! It commits (`CommitGpuCheck`, answered with the rows and chunks sampled now) and
+//! reveals (`RevealGpuCheck`, answered with the verdict). Both must arrive by the deadline,
+//! counted from the challenge on the head's clock. A pass records the measured lower
+//! bounds; a failure quarantines the node (`FAILED`, with the reason) until it passes
+//! again. The record lives in the node's row ([`GcsState::record_gpu_check`]), so it is
+//! stored, listed with the node and kept across the node's re-registrations.
+//!
+//! [`SLOWDOWN_ALLOWED`]: ionet_common::gpu_proof::SLOWDOWN_ALLOWED
+
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ionet_common::gpu_proof::{self, ComputeTask, GpuChallenge, GpuCommit, GpuReveal, MemoryTask, Opening, Sample};
+use ionet_common::rpc::proto::common::NodeInfo;
+use ionet_common::rpc::proto::gcs as wire;
+use ionet_common::NodeId;
+use rand::RngCore;
+
+/// Sizes of a simulated GPU's check: about 4 M multiply-adds and a 1 MiB fill.
+const SIMULATED_N: u32 = 128;
+const SIMULATED_K: u32 = 128;
+const SIMULATED_CHUNK_BYTES: u32 = 4096;
+const SIMULATED_CHUNKS: u32 = 256;
+/// Sizes of a real GPU's check: a 4096² product (137 GFLOP) and its declared memory.
+const REAL_N: u32 = 4096;
+const REAL_K: u32 = 4096;
+const REAL_CHUNK_BYTES: u32 = 1 << 20;
+/// Rows and chunks opened per GPU: a node wrong on a tenth of either is caught with
+/// probability 1 − 0.9¹⁶ ≈ 81% per check, on half of either with 99.998%.
+const ROWS_SAMPLED: usize = 16;
+const CHUNKS_SAMPLED: usize = 16;
+
+/// A check under way for one node.
+struct Open {
+    check_id: u64,
+    challenges: Vec<GpuChallenge>,
+    started: Instant,
+    deadline: Duration,
+    /// Set by the commit: what it committed, what was sampled, and when.
+    committed: Option<(Vec<GpuCommit>, Vec<Sample>, Duration)>,
+}
+
+/// What a node's answer came to.
+pub enum Outcome {
+    /// More is expected: the samples to open.
+    Sampled(Vec<wire::GpuSample>),
+    Passed {
+        tflops: f64,
+        bandwidth_gb_per_s: f64,
+        took: Duration,
+    },
+    Failed(String),
+}
+
+/// The checks under way, by node.
+#[derive(Default)]
+pub struct GpuChecks {
+    open: DashMap<NodeId, Open>,
+}
+
+impl GpuChecks {
+    /// A fresh challenge for every GPU of `node`, replacing any check it had under way.
+    pub fn start(&self, node: &NodeInfo, allowance: Duration) -> Result<wire::StartGpuCheckReply, String> {
+        let node_id = NodeId::from_bytes(&node.node_id).map_err(|err| err.to_string())?;
+        if node.gpus.is_empty() {
+            return Err(format!("node {} lists no GPUs to check", node_id.short()));
+        }
+        let total = node.total.clone().unwrap_or_default().to_set().map_err(|err| err.to_string())?;
+        let declared = total.get(ionet_common::resources::GPU);
+        if declared.as_f64() > node.gpus.len() as f64 {
+            return Err(format!(
+                "node {} offers {declared} GPUs but lists {}: each GPU it offers must be listed to be checked",
+                node_id.short(),
+                node.gpus.len()
+            ));
+        }
+        let mut rng = rand::thread_rng();
+        let mut seed = || {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            seed
+        };
+        let mut challenges = Vec::with_capacity(node.gpus.len());
+        let mut deadline = allowance;
+        for gpu in &node.gpus {
+            let (compute, memory) = if gpu.simulated {
+                (
+                    ComputeTask { seed: seed(), n: SIMULATED_N, k: SIMULATED_K },
+                    MemoryTask { seed: seed(), chunk_bytes: SIMULATED_CHUNK_BYTES, chunks: SIMULATED_CHUNKS },
+                )
+            } else {
+                let chunks = (gpu.memory_bytes / u64::from(REAL_CHUNK_BYTES)).clamp(1, u64::from(u32::MAX)) as u32;
+                let compute = ComputeTask { seed: seed(), n: REAL_N, k: REAL_K };
+                let memory = MemoryTask { seed: seed(), chunk_bytes: REAL_CHUNK_BYTES, chunks };
+                // A model without published figures is held to the slowest listed.
+                let model = if gpu_proof::published(&gpu.model).is_some() { gpu.model.as_str() } else { "T4" };
+                let due = gpu_proof::deadline_for(model, &compute, &memory, allowance).unwrap_or(allowance);
+                deadline = deadline.max(due);
+                (compute, memory)
+            };
+            challenges.push(GpuChallenge { gpu_index: gpu.index, compute, memory });
+        }
+        let check_id = rng.next_u64();
+        let reply = wire::StartGpuCheckReply {
+            check_id,
+            challenges: challenges.iter().map(challenge_to_wire).collect(),
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        self.open.insert(node_id, Open { check_id, challenges, started: Instant::now(), deadline, committed: None });
+        Ok(reply)
+    }
+
+    /// The node's commit: past the deadline or malformed, a failure; else the samples.
+    pub fn commit(&self, node_id: NodeId, check_id: u64, commits: &[wire::GpuCommit]) -> Result<Outcome, String> {
+        let mut open = self.open_check(node_id, check_id)?;
+        let (elapsed, deadline) = (open.started.elapsed(), open.deadline);
+        if elapsed > deadline {
+            drop(open);
+            self.open.remove(&node_id);
+            return Ok(Outcome::Failed(late(elapsed, deadline)));
+        }
+        let commits = match commits_from_wire(&open.challenges, commits) {
+            Ok(commits) => commits,
+            Err(why) => {
+                drop(open);
+                self.open.remove(&node_id);
+                return Ok(Outcome::Failed(why));
+            }
+        };
+        let mut rng = rand::thread_rng();
+        let samples: Vec<Sample> = open
+            .challenges
+            .iter()
+            .map(|challenge| Sample {
+                gpu_index: challenge.gpu_index,
+                rows: gpu_proof::pick(&mut rng, challenge.compute.n, ROWS_SAMPLED),
+                chunks: gpu_proof::pick(&mut rng, challenge.memory.chunks, CHUNKS_SAMPLED),
+            })
+            .collect();
+        let wire_samples = samples
+            .iter()
+            .map(|sample| wire::GpuSample {
+                gpu_index: sample.gpu_index,
+                rows: sample.rows.clone(),
+                chunks: sample.chunks.clone(),
+            })
+            .collect();
+        open.committed = Some((commits, samples, elapsed));
+        Ok(Outcome::Sampled(wire_samples))
+    }
+
+    /// The node's reveal: verified on a blocking thread (a real GPU's rows are 16 M
+    /// multiply-adds each); the check is over either way.
+    pub async fn reveal(
+        &self,
+        node_id: NodeId,
+        check_id: u64,
+        reveals: Vec<wire::GpuReveal>,
+    ) -> Result<Outcome, String> {
+        drop(self.open_check(node_id, check_id)?);
+        let (_, open) = self.open.remove(&node_id).ok_or("the check was ended meanwhile")?;
+        let elapsed = open.started.elapsed();
+        if elapsed > open.deadline {
+            return Ok(Outcome::Failed(late(elapsed, open.deadline)));
+        }
+        let Some((commits, samples, committed_after)) = open.committed else {
+            return Ok(Outcome::Failed("revealed before committing".into()));
+        };
+        let challenges = open.challenges;
+        let verdict = tokio::task::spawn_blocking(move || {
+            let mut tflops = f64::INFINITY;
+            let mut bandwidth = f64::INFINITY;
+            for (((challenge, commit), sample), reveal) in challenges.iter().zip(&commits).zip(&samples).zip(&reveals) {
+                let reveal = match reveal_from_wire(reveal) {
+                    Ok(reveal) => reveal,
+                    Err(why) => return Outcome::Failed(format!("GPU {}: {why}", challenge.gpu_index)),
+                };
+                match gpu_proof::verify(challenge, commit, sample, &reveal, committed_after, open.deadline) {
+                    gpu_proof::Verdict::Passed { tflops: t, bandwidth_gb_per_s: b } => {
+                        tflops = tflops.min(t);
+                        bandwidth = bandwidth.min(b);
+                    }
+                    gpu_proof::Verdict::Failed(why) => return Outcome::Failed(why),
+                }
+            }
+            if reveals.len() != challenges.len() {
+                return Outcome::Failed(format!(
+                    "revealed {} GPU(s) of the {} challenged",
+                    reveals.len(),
+                    challenges.len()
+                ));
+            }
+            Outcome::Passed { tflops, bandwidth_gb_per_s: bandwidth, took: open.started.elapsed() }
+        })
+        .await
+        .map_err(|err| format!("verifying the check failed: {err}"))?;
+        Ok(verdict)
+    }
+
+    fn open_check(
+        &self,
+        node_id: NodeId,
+        check_id: u64,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, NodeId, Open>, String> {
+        match self.open.get_mut(&node_id) {
+            Some(open) if open.check_id == check_id => Ok(open),
+            _ => Err(format!(
+                "node {} has no GPU check {check_id} under way (ask for one with StartGpuCheck)",
+                node_id.short()
+            )),
+        }
+    }
+}
+
+fn late(elapsed: Duration, deadline: Duration) -> String {
+    format!("answered in {:.2} s, past the deadline of {:.2} s", elapsed.as_secs_f64(), deadline.as_secs_f64())
+}
+
+fn challenge_to_wire(challenge: &GpuChallenge) -> wire::GpuChallenge {
+    wire::GpuChallenge {
+        gpu_index: challenge.gpu_index,
+        compute_seed: challenge.compute.seed.to_vec(),
+        n: challenge.compute.n,
+        k: challenge.compute.k,
+        memory_seed: challenge.memory.seed.to_vec(),
+        chunk_bytes: challenge.memory.chunk_bytes,
+        chunks: challenge.memory.chunks,
+    }
+}
+
+/// The challenge a node was sent, read back on the node.
+pub fn challenge_from_wire(challenge: &wire::GpuChallenge) -> Result<GpuChallenge, String> {
+    let challenge = GpuChallenge {
+        gpu_index: challenge.gpu_index,
+        compute: ComputeTask { seed: digest(&challenge.compute_seed, "compute seed")?, n: challenge.n, k: challenge.k },
+        memory: MemoryTask {
+            seed: digest(&challenge.memory_seed, "memory seed")?,
+            chunk_bytes: challenge.chunk_bytes,
+            chunks: challenge.chunks,
+        },
+    };
+    gpu_proof::check_sizes(&challenge)?;
+    Ok(challenge)
+}
+
+fn digest(bytes: &[u8], what: &str) -> Result<gpu_proof::Digest, String> {
+    bytes.try_into().map_err(|_| format!("a {what} of {} bytes, not 32", bytes.len()))
+}
+
+fn commits_from_wire(challenges: &[GpuChallenge], commits: &[wire::GpuCommit]) -> Result<Vec<GpuCommit>, String> {
+    let challenged: Vec<u32> = challenges.iter().map(|challenge| challenge.gpu_index).collect();
+    let committed: Vec<u32> = commits.iter().map(|commit| commit.gpu_index).collect();
+    if challenged != committed {
+        return Err(format!("committed for GPUs {committed:?}, challenged {challenged:?}"));
+    }
+    commits
+        .iter()
+        .map(|commit| {
+            Ok(GpuCommit {
+                gpu_index: commit.gpu_index,
+                compute_root: digest(&commit.compute_root, "compute root")?,
+                memory_root: digest(&commit.memory_root, "memory root")?,
+            })
+        })
+        .collect()
+}
+
+fn reveal_from_wire(reveal: &wire::GpuReveal) -> Result<GpuReveal, String> {
+    let openings = |openings: &[wire::GpuOpening]| -> Result<Vec<Opening>, String> {
+        openings
+            .iter()
+            .map(|opening| {
+                Ok(Opening {
+                    index: opening.index,
+                    data: opening.data.clone(),
+                    path: opening.path.iter().map(|node| digest(node, "Merkle path node")).collect::<Result<_, _>>()?,
+                })
+            })
+            .collect()
+    };
+    Ok(GpuReveal { gpu_index: reveal.gpu_index, rows: openings(&reveal.rows)?, chunks: openings(&reveal.chunks)? })
+}
+
+/// What a node sends: its commit for an answer.
+pub fn commit_to_wire(commit: &GpuCommit) -> wire::GpuCommit {
+    wire::GpuCommit {
+        gpu_index: commit.gpu_index,
+        compute_root: commit.compute_root.to_vec(),
+        memory_root: commit.memory_root.to_vec(),
+    }
+}
+
+/// What a node sends: its reveal.
+pub fn reveal_to_wire(reveal: &GpuReveal) -> wire::GpuReveal {
+    let openings = |openings: &[Opening]| {
+        openings
+            .iter()
+            .map(|opening| wire::GpuOpening {
+                index: opening.index,
+                data: opening.data.clone(),
+                path: opening.path.iter().map(|node| node.to_vec()).collect(),
+            })
+            .collect()
+    };
+    wire::GpuReveal { gpu_index: reveal.gpu_index, rows: openings(&reveal.rows), chunks: openings(&reveal.chunks) }
+}
+
+/// A sample as the node reads it.
+pub fn sample_from_wire(sample: &wire::GpuSample) -> Sample {
+    Sample { gpu_index: sample.gpu_index, rows: sample.rows.clone(), chunks: sample.chunks.clone() }
+}

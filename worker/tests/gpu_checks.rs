@@ -1,0 +1,253 @@
+//! The head's check of nodes' GPUs against a live head: an honest node daemon with
+//! simulated GPUs passes and is schedulable within seconds of joining; cheating nodes (test
+//! clients holding their own node keys and answering the check as a cheat would: a cached
+//! product, a skipped fill, a late answer) are quarantined with the reason in `ionet status
+//! --json`, and the head bills none of their leases; a node that never answers takes no
+//! work either, and registering again clears nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{wait_until, TestCluster};
+use ionet_common::auth::Bearer;
+use ionet_common::credential::{registration_message, KeyPair};
+use ionet_common::gpu_proof::{chunk_leaf, row_bytes, Answer, CpuProver, GpuChallenge, Prover};
+use ionet_common::resources::{Quantity, ResourceSet, CPU, GPU};
+use ionet_common::rpc::proto::common::{GpuInfo, NodeInfo};
+use ionet_common::rpc::proto::gcs::{
+    AddJobRequest, CommitGpuCheckRequest, CreateTokenRequest, HeartbeatRequest, RegisterNodeRequest,
+    RevealGpuCheckRequest, StartGpuCheckRequest,
+};
+use ionet_common::rpc::proto::metering::LeaseStartedRequest;
+use ionet_common::rpc::GcsClient;
+use ionet_common::{LeaseId, NodeId};
+use ionet_gcs::gpu_checks::{challenge_from_wire, commit_to_wire, reveal_to_wire, sample_from_wire};
+use serde_json::Value;
+
+/// A head whose GPU checks are due within 1.5 s (simulated GPUs answer in well under).
+fn cluster() -> (TestCluster, tempfile::TempDir) {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("ionet.toml");
+    std::fs::write(&config, "gpu_check_deadline_ms = 1500\n").unwrap();
+    (TestCluster::start(&["--config", config.to_str().unwrap()]), config_dir)
+}
+
+fn node_row(cluster: &TestCluster, node_id: &str) -> Value {
+    let status = cluster.status_json();
+    status.as_array().unwrap().iter().find(|node| node["node_id"] == node_id).cloned().expect("the node is listed")
+}
+
+#[test]
+fn an_honest_node_with_simulated_gpus_passes_and_is_schedulable_within_seconds_of_joining() {
+    let (mut cluster, _config) = cluster();
+    let joined = Instant::now();
+    cluster.add_node(&["--num-gpus", "4", "--gpu-type", "A100-80GB"]);
+    // `add_node` returns once the daemon is ready: registered and its GPUs checked.
+    let status = cluster.status_json();
+    let node = status.as_array().unwrap().iter().find(|node| !node["gpus"].as_array().unwrap().is_empty()).unwrap();
+    let check = &node["gpu_check"];
+    assert_eq!(check["state"], "passed", "{node:#}");
+    assert_eq!(check["simulated"], true);
+    assert_eq!(check["passes"], 1);
+    let registered = node["registered_at_ms"].as_u64().unwrap();
+    let checked = check["checked_at_ms"].as_u64().unwrap();
+    assert!(
+        checked >= registered && checked - registered < 10_000,
+        "checked {} ms after joining",
+        checked - registered
+    );
+    assert!(joined.elapsed() < Duration::from_secs(10));
+    assert!(check["tflops"].as_f64().unwrap() > 0.0 && check["bandwidth_gb_per_s"].as_f64().unwrap() > 0.0);
+    let table = cluster.ionet_ok(&["status"]);
+    assert!(table.contains("GPU CHECK") && table.contains("passed (simulated)"), "{table}");
+
+    // Schedulable: the head bills a lease of its GPUs.
+    let job = add_job(&cluster);
+    let node_id = hex::decode(node["node_id"].as_str().unwrap()).unwrap();
+    let mut metering = cluster.metering_client();
+    cluster.runtime.block_on(metering.lease_started(lease(&node_id, &job))).expect("a checked node's lease is billed");
+}
+
+/// A node of the test's own: its key, its id, and a client holding its node credential.
+struct Cheat {
+    node_id: NodeId,
+    key: KeyPair,
+    info: NodeInfo,
+    client: GcsClient,
+}
+
+fn join(cluster: &TestCluster, gpus: u32) -> Cheat {
+    let mut operator = cluster.admin_client();
+    let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
+    let join = cluster.runtime.block_on(operator.create_token(request)).unwrap().into_inner().token;
+    let (node_id, key) = (NodeId::random(), KeyPair::generate());
+    let total = ResourceSet::new().with(CPU, Quantity::whole(4)).with(GPU, Quantity::whole(i64::from(gpus)));
+    let info = NodeInfo {
+        node_id: node_id.to_vec(),
+        address: "127.0.0.1:1".into(),
+        total: Some((&total).into()),
+        available: Some((&total).into()),
+        gpus: (0..gpus)
+            .map(|index| GpuInfo { index, model: "H100".into(), memory_bytes: 80 << 30, simulated: true })
+            .collect(),
+        accelerator_type: "H100".into(),
+        public_key: key.public_key().to_vec(),
+        wallet: "cheat-wallet".into(),
+        ..Default::default()
+    };
+    let mut joiner = cluster.client_with(&Bearer::new(&join).unwrap());
+    let credential = register(cluster, &mut joiner, &info, &key);
+    let client = cluster.client_with(&credential);
+    // It heartbeats, as any node that wants to stay in the cluster does.
+    let mut beating = client.clone();
+    cluster.runtime.spawn(async move {
+        loop {
+            let request = HeartbeatRequest { node_id: node_id.to_vec(), available: None };
+            if beating.heartbeat(request).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(common::HEARTBEAT_INTERVAL_MS)).await;
+        }
+    });
+    Cheat { node_id, key, info, client }
+}
+
+fn register(cluster: &TestCluster, client: &mut GcsClient, info: &NodeInfo, key: &KeyPair) -> Bearer {
+    let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
+    let request = RegisterNodeRequest { node: Some(info.clone()), proof, ..Default::default() };
+    let reply = cluster.runtime.block_on(client.register_node(request)).expect("registered").into_inner();
+    Bearer::new(&reply.node_credential).unwrap()
+}
+
+/// Answers the check with `answer` (what the cheat computes for each challenge), after
+/// `delay`; the head's verdict or its refusal.
+fn answer_check(
+    cluster: &TestCluster,
+    cheat: &mut Cheat,
+    delay: Duration,
+    answer: impl Fn(&GpuChallenge) -> Answer,
+) -> Result<ionet_common::rpc::proto::common::GpuCheck, tonic::Status> {
+    let node_id = cheat.node_id.to_vec();
+    cluster.runtime.block_on(async {
+        let start = cheat.client.start_gpu_check(StartGpuCheckRequest { node_id: node_id.clone() }).await?.into_inner();
+        let answers: Vec<Answer> =
+            start.challenges.iter().map(|challenge| answer(&challenge_from_wire(challenge).unwrap())).collect();
+        tokio::time::sleep(delay).await;
+        let commits = answers.iter().map(|answer| commit_to_wire(&answer.commit())).collect();
+        let request = CommitGpuCheckRequest { node_id: node_id.clone(), check_id: start.check_id, commits };
+        let samples = cheat.client.commit_gpu_check(request).await?.into_inner().samples;
+        let reveals = answers
+            .iter()
+            .zip(&samples)
+            .map(|(answer, sample)| reveal_to_wire(&answer.reveal(&sample_from_wire(sample)).unwrap()))
+            .collect();
+        let request = RevealGpuCheckRequest { node_id, check_id: start.check_id, reveals };
+        Ok(cheat.client.reveal_gpu_check(request).await?.into_inner().check.expect("a verdict"))
+    })
+}
+
+fn add_job(cluster: &TestCluster) -> Vec<u8> {
+    let mut operator = cluster.admin_client();
+    let request = AddJobRequest {
+        payer_account: "acme".into(),
+        worker_command: Some(ionet_common::rpc::proto::common::WorkerCommand {
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    cluster.runtime.block_on(operator.add_job(request)).unwrap().into_inner().job.unwrap().job_id
+}
+
+fn lease(node_id: &[u8], job: &[u8]) -> LeaseStartedRequest {
+    let one_gpu = ResourceSet::new().with(GPU, Quantity::whole(1));
+    LeaseStartedRequest {
+        lease_id: LeaseId::random().to_vec(),
+        node_id: node_id.to_vec(),
+        job_id: job.to_vec(),
+        resources: Some((&one_gpu).into()),
+        ..Default::default()
+    }
+}
+
+/// The honest product, with every chunk of the fill after the first third left as zeros
+/// (and committed so: the tree is of what it holds).
+fn skipped_fill(challenge: &GpuChallenge) -> Answer {
+    let memory = challenge.memory.clone();
+    let held = move |j: u32| {
+        if j < memory.chunks / 3 {
+            memory.chunk(j)
+        } else {
+            vec![0; memory.chunk_bytes as usize]
+        }
+    };
+    let b = challenge.compute.b_matrix();
+    let rows = (0..challenge.compute.n).map(|i| row_bytes(&challenge.compute.row(i, &b))).collect();
+    let leaves = (0..challenge.memory.chunks).map(|j| chunk_leaf(j, &held(j))).collect();
+    Answer::new(challenge.gpu_index, rows, leaves, Box::new(held))
+}
+
+#[test]
+fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not_billed() {
+    let (cluster, _config) = cluster();
+    let job = add_job(&cluster);
+    let mut metering = cluster.metering_client();
+
+    // Never answered: pending, and no lease of it is billed.
+    let silent = join(&cluster, 2);
+    let row = node_row(&cluster, &silent.node_id.hex());
+    assert_eq!(row["gpu_check"]["state"], "pending", "{row:#}");
+    let refused = cluster.runtime.block_on(metering.lease_started(lease(&silent.node_id.to_vec(), &job))).unwrap_err();
+    assert!(refused.message().contains("takes no leases until its GPUs pass the head's check"), "{refused:?}");
+
+    // A cached product: the right sizes, another seed's numbers.
+    let mut cached = join(&cluster, 2);
+    let check = answer_check(&cluster, &mut cached, Duration::ZERO, |challenge| {
+        let mut stale = challenge.clone();
+        stale.compute.seed = [7; 32];
+        CpuProver.run(&stale).unwrap()
+    })
+    .unwrap();
+    assert!(check.reason.contains("of the product is wrong"), "{check:?}");
+
+    // Memory filled a third of the way.
+    let mut lazy = join(&cluster, 2);
+    let check = answer_check(&cluster, &mut lazy, Duration::ZERO, skipped_fill).unwrap();
+    assert!(check.reason.contains("does not hold the fill"), "{check:?}");
+
+    // Right, but after the deadline: refused at the commit.
+    let mut slow = join(&cluster, 1);
+    let late =
+        answer_check(&cluster, &mut slow, Duration::from_millis(1_700), |challenge| CpuProver.run(challenge).unwrap())
+            .unwrap_err();
+    assert!(late.message().contains("past the deadline of 1.50 s"), "{late:?}");
+
+    for (cheat, why) in
+        [(&cached, "of the product is wrong"), (&lazy, "does not hold the fill"), (&slow, "past the deadline")]
+    {
+        let row = node_row(&cluster, &cheat.node_id.hex());
+        assert_eq!(row["gpu_check"]["state"], "failed", "{row:#}");
+        assert!(row["gpu_check"]["reason"].as_str().unwrap().contains(why), "{row:#}");
+        assert_eq!(row["gpu_check"]["failures"], 1);
+        let refused =
+            cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).unwrap_err();
+        assert!(refused.message().contains(why), "the refusal says why: {refused:?}");
+    }
+    let table = cluster.ionet_ok(&["status"]);
+    assert!(table.contains("FAILED: GPU 0: answered in") || table.contains("FAILED: answered in"), "{table}");
+
+    // Registering again clears nothing: the head keeps its word on the same GPUs.
+    let mut again = cluster.client_with(&cluster.admin_credential());
+    register(&cluster, &mut again, &cached.info, &cached.key);
+    assert_eq!(node_row(&cluster, &cached.node_id.hex())["gpu_check"]["state"], "failed");
+
+    // An honest answer afterwards lifts the quarantine.
+    let check =
+        answer_check(&cluster, &mut cached, Duration::ZERO, |challenge| CpuProver.run(challenge).unwrap()).unwrap();
+    assert!(check.reason.contains("of the product is wrong"), "the last failure stays on record: {check:?}");
+    wait_until("the quarantine to lift", Duration::from_secs(10), || {
+        node_row(&cluster, &cached.node_id.hex())["gpu_check"]["state"] == "passed"
+    });
+    cluster.runtime.block_on(metering.lease_started(lease(&cached.node_id.to_vec(), &job))).expect("billed again");
+}
