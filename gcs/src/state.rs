@@ -445,6 +445,9 @@ impl GcsState {
             check.checked_at_ms = self.clock.now_ms();
             match &verdict {
                 Ok((tflops, bandwidth, took_ms)) => {
+                    if check.state != GpuCheckState::Passed as i32 {
+                        check.passed_since_ms = check.checked_at_ms;
+                    }
                     check.state = GpuCheckState::Passed as i32;
                     check.passes += 1;
                     check.tflops = *tflops;
@@ -453,6 +456,8 @@ impl GcsState {
                 }
                 Err(reason) => {
                     check.state = GpuCheckState::Failed as i32;
+                    check.last_failed_at_ms = check.checked_at_ms;
+                    check.passed_since_ms = 0;
                     check.failures += 1;
                     check.reason = reason.clone();
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ionet_common::resources::GPU;
-use ionet_common::rpc::proto::common::NodeState;
+use ionet_common::rpc::proto::common::{GpuCheckState, NodeState};
 use ionet_common::NodeId;
 use ionet_settlement::{EpochSpec, EpochSummary, NodeAvailability, SettleOutcome};
 use tokio::sync::watch;
@@ -44,7 +44,9 @@ impl Metering {
         self.apply(changes).await
     }
 
-    /// Each GPU node's verified uptime in `(previous_end_ms, end_ms]`.
+    /// Each GPU node's verified uptime in `(previous_end_ms, end_ms]`: only real GPUs
+    /// passing the head's check count, from when they passed; a node that failed a check
+    /// in the epoch has none (its rewards are withheld), and simulated GPUs never earn.
     fn availability(&self, previous_end_ms: u64, end_ms: u64) -> Vec<NodeAvailability> {
         let mut availability = Vec::new();
         for node in self.state.nodes(true) {
@@ -55,7 +57,12 @@ impl Metering {
             if gpus.is_zero() {
                 continue;
             }
-            let from = node.registered_at_ms.max(previous_end_ms);
+            let check = node.gpu_check.clone().unwrap_or_default();
+            let passing = check.state == GpuCheckState::Passed as i32 && check.passed_since_ms > 0;
+            if !passing || check.simulated || check.last_failed_at_ms > previous_end_ms {
+                continue;
+            }
+            let from = node.registered_at_ms.max(previous_end_ms).max(check.passed_since_ms);
             let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
             availability.push(NodeAvailability {
                 node_id,

@@ -504,3 +504,49 @@ async fn a_lease_bills_no_more_than_its_holder_asked_for() {
     assert_eq!(billed.get(GPU), Quantity::whole(1));
     assert_eq!(record.cost_micros, 10_000, "10 s of one GPU at $3.60/h");
 }
+
+#[tokio::test]
+async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_did_not_fail_in_the_epoch() {
+    let clock = ManualClock::new(START);
+    let config = ClusterConfig {
+        heartbeat_interval_ms: 100,
+        heartbeat_timeout_ms: 10 * 3_600_000,
+        reward_pool_per_hour_micros: 1_000_000,
+        ..Default::default()
+    };
+    let state = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
+    let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
+    let [honest, cheat, simulated, unchecked] = [(); 4].map(|_| NodeId::random());
+    state.register_checked_node(gpu_node(honest, 4, "1", "honest")).await.unwrap();
+    state.register_checked_node(gpu_node(cheat, 4, "1", "cheat")).await.unwrap();
+    let mut declared = gpu_node(simulated, 4, "1", "simulated");
+    declared.gpus = (0..4)
+        .map(|index| ionet_common::rpc::proto::common::GpuInfo {
+            index,
+            model: "A100-80GB".into(),
+            memory_bytes: 80 << 30,
+            simulated: true,
+        })
+        .collect();
+    state.register_checked_node(declared).await.unwrap();
+    state.register_node(gpu_node(unchecked, 4, "1", "unchecked")).await.unwrap();
+    // Half an hour in, the cheat fails a check (and passes the next one at once).
+    clock.advance_ms(1_800_000);
+    state.record_gpu_check(&cheat, Err("GPU 1: row 3 of the product is wrong".into())).await.unwrap();
+    state.record_gpu_check(&cheat, Ok((1.0, 1.0, 1))).await.unwrap();
+    clock.advance_ms(1_800_000);
+
+    let summary = metering.settle_at(START + 3_600_000, false).await.unwrap();
+    let reward = |wallet: &str| summary.providers.iter().find(|p| p.wallet == wallet).map_or(0, |p| p.reward);
+    assert!(reward("honest") > 0, "{summary:?}");
+    assert_eq!(reward("honest"), summary.total_rewards, "the only node earning takes the whole pool");
+    for wallet in ["cheat", "simulated", "unchecked"] {
+        assert_eq!(reward(wallet), 0, "{wallet} earns no availability reward: {summary:?}");
+    }
+    // The next epoch, the cheat's passing time counts again; the simulated node's never.
+    clock.advance_ms(3_600_000);
+    let next = metering.settle_at(START + 7_200_000, false).await.unwrap();
+    let reward = |wallet: &str| next.providers.iter().find(|p| p.wallet == wallet).map_or(0, |p| p.reward);
+    assert!(reward("cheat") > 0 && reward("honest") > 0, "{next:?}");
+    assert_eq!(reward("simulated"), 0);
+}
