@@ -60,13 +60,66 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// The checks under way, by node.
+/// When a node's next check is due, and since when it has been asked for it.
+struct Schedule {
+    next: Instant,
+    asked: Option<Instant>,
+}
+
+/// What a heartbeat tells a node of its checks.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Due {
+    No,
+    /// Ask for a check now.
+    Now,
+    /// It was asked long enough ago and did not take it: a failure.
+    Missed(String),
+}
+
+/// The checks under way, and when each node's next is due.
 #[derive(Default)]
 pub struct GpuChecks {
     open: DashMap<NodeId, Open>,
+    schedule: DashMap<NodeId, Schedule>,
 }
 
 impl GpuChecks {
+    /// Schedules `node`'s next check after one that took `took`: a random time around
+    /// `interval`, stretched so checks take at most `idle_share_bps` of the time between.
+    pub fn schedule_next(&self, node: NodeId, took: Duration, interval: Duration, idle_share_bps: u32) {
+        let floor = took.mul_f64(10_000.0 / f64::from(idle_share_bps.max(1)));
+        let mean = interval.max(floor);
+        let next = Instant::now() + mean.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+        self.schedule.insert(node, Schedule { next, asked: None });
+    }
+
+    /// Whether a heartbeat of `node` (whose GPUs are `idle`, none leased) should ask it for
+    /// a check; one asked `grace` ago and not started since has missed it. A node with a
+    /// GPU leased is not asked: the check waits until they are all free.
+    pub fn on_heartbeat(&self, node: NodeId, idle: bool, grace: Duration) -> Due {
+        if self.open.contains_key(&node) {
+            return Due::No;
+        }
+        let Some(mut schedule) = self.schedule.get_mut(&node) else { return Due::No };
+        let now = Instant::now();
+        if let Some(asked) = schedule.asked {
+            let waited = now.duration_since(asked);
+            if waited > grace {
+                self.schedule.remove(&node);
+                return Due::Missed(format!(
+                    "asked for a check of its GPUs {:.1} s ago, it did not take it",
+                    waited.as_secs_f64()
+                ));
+            }
+            return Due::Now;
+        }
+        if now < schedule.next || !idle {
+            return Due::No;
+        }
+        schedule.asked = Some(now);
+        Due::Now
+    }
+
     /// A fresh challenge for every GPU of `node`, replacing any check it had under way.
     pub fn start(&self, node: &NodeInfo, allowance: Duration) -> Result<wire::StartGpuCheckReply, String> {
         let node_id = NodeId::from_bytes(&node.node_id).map_err(|err| err.to_string())?;
@@ -316,4 +369,36 @@ pub fn reveal_to_wire(reveal: &GpuReveal) -> wire::GpuReveal {
 /// A sample as the node reads it.
 pub fn sample_from_wire(sample: &wire::GpuSample) -> Sample {
     Sample { gpu_index: sample.gpu_index, rows: sample.rows.clone(), chunks: sample.chunks.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_check_is_asked_for_only_when_due_and_every_gpu_is_free() {
+        let checks = GpuChecks::default();
+        let node = NodeId::random();
+        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::No, "no check before the first ended");
+        checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
+        assert_eq!(checks.on_heartbeat(node, false, GRACE), Due::No, "a GPU is leased: the check waits");
+        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::Now);
+        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::Now, "asked until it starts");
+        assert!(
+            matches!(checks.on_heartbeat(node, false, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
+        );
+        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::No, "a miss is recorded once");
+    }
+
+    #[test]
+    fn checks_take_at_most_their_share_of_idle_time() {
+        let checks = GpuChecks::default();
+        let node = NodeId::random();
+        // A 2 s check at 1% of idle time: the next is at least 100 s away (200 s ± half).
+        checks.schedule_next(node, Duration::from_secs(2), Duration::from_secs(1), 100);
+        let next = checks.schedule.get(&node).unwrap().next.duration_since(Instant::now());
+        assert!(next >= Duration::from_secs(99) && next <= Duration::from_secs(300), "{next:?}");
+    }
 }

@@ -99,14 +99,42 @@ impl GcsService {
         outcome: crate::gpu_checks::Outcome,
     ) -> Result<Option<ionet_common::rpc::proto::common::GpuCheck>, Status> {
         use crate::gpu_checks::Outcome;
-        let verdict = match outcome {
+        let config = &self.state.config;
+        let (verdict, took) = match outcome {
             Outcome::Sampled(_) => return Ok(None),
             Outcome::Passed { tflops, bandwidth_gb_per_s, took } => {
-                Ok((tflops, bandwidth_gb_per_s, took.as_millis() as u64))
+                (Ok((tflops, bandwidth_gb_per_s, took.as_millis() as u64)), took)
             }
-            Outcome::Failed(reason) => Err(reason),
+            Outcome::Failed(reason) => (Err(reason), Duration::from_millis(config.gpu_check_deadline_ms)),
         };
-        Ok(Some(self.state.record_gpu_check(&node_id, verdict).await?))
+        let check = self.state.record_gpu_check(&node_id, verdict).await?;
+        // The next, at a random time (a quarantined node gets its chance to pass again).
+        let interval = Duration::from_millis(config.gpu_check_interval_ms);
+        self.gpu_checks.schedule_next(node_id, took, interval, config.gpu_check_idle_share_bps);
+        Ok(Some(check))
+    }
+
+    /// Whether this heartbeat asks the node for a check of its GPUs (recording a check it
+    /// was asked for and did not take as a failure).
+    async fn gpu_check_due(&self, node_id: NodeId) -> Result<bool, Status> {
+        let Some(node) = self.state.node(&node_id) else { return Ok(false) };
+        let total = node.total.clone().unwrap_or_default().to_set().unwrap_or_default();
+        let available = node.available.clone().unwrap_or_default().to_set().unwrap_or_default();
+        let gpus = total.get(ionet_common::resources::GPU);
+        if gpus.is_zero() {
+            return Ok(false);
+        }
+        let idle = available.get(ionet_common::resources::GPU) >= gpus;
+        let config = &self.state.config;
+        let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);
+        match self.gpu_checks.on_heartbeat(node_id, idle, grace) {
+            crate::gpu_checks::Due::No => Ok(false),
+            crate::gpu_checks::Due::Now => Ok(true),
+            crate::gpu_checks::Due::Missed(reason) => {
+                self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;
+                Ok(false)
+            }
+        }
     }
 
     /// The intermediate certificate a registering node asked for (empty: it did not ask,
@@ -309,10 +337,12 @@ impl Gcs for GcsService {
             .into_iter()
             .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
             .collect();
+        let gpu_check_due = self.gpu_check_due(node_id).await?;
         Ok(Response::new(HeartbeatReply {
             incarnation: self.state.incarnation(),
             node_credential: self.renewed_credential(&principal, node_id),
             unfunded_jobs,
+            gpu_check_due,
         }))
     }
 

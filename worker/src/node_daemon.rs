@@ -971,6 +971,30 @@ async fn reap_idle_workers(leases: Arc<Leases>, mut stopped: watch::Receiver<boo
     }
 }
 
+/// Runs a check of the node's GPUs against the head in the background, unless one runs.
+fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
+    if shared.gpu_check_running.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let (shared, mut client) = (shared.clone(), client.clone());
+    tokio::spawn(async move {
+        let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
+        match &outcome {
+            Ok(check) if check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32 => {
+                tracing::info!(node = %shared.node_id.short(), tflops = check.tflops, took_ms = check.took_ms, "the node's GPUs passed the head's check")
+            }
+            Ok(check) => {
+                tracing::error!(node = %shared.node_id.short(), reason = %check.reason, "the node's GPUs failed the head's check: it takes no work")
+            }
+            Err(why) => {
+                tracing::error!(node = %shared.node_id.short(), %why, "the node's GPUs could not be checked: it takes no work")
+            }
+        }
+        *shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
+        shared.gpu_check_running.store(false, Ordering::SeqCst);
+    });
+}
+
 /// Registers, heartbeats, re-registers after any loss, and drains on stop.
 async fn run_membership(
     shared: Arc<NodeShared>,
@@ -1030,30 +1054,8 @@ async fn run_membership(
                         });
                     }
                     // GPUs the head has not seen pass are checked now, beside the heartbeats.
-                    if !shared.info.gpus.is_empty()
-                        && !checked
-                        && !shared.gpu_check_running.swap(true, Ordering::SeqCst)
-                    {
-                        let (shared, mut client) = (shared.clone(), client.clone());
-                        tokio::spawn(async move {
-                            let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
-                            match &outcome {
-                                Ok(check)
-                                    if check.state
-                                        == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32 =>
-                                {
-                                    tracing::info!(node = %shared.node_id.short(), tflops = check.tflops, took_ms = check.took_ms, "the node's GPUs passed the head's check")
-                                }
-                                Ok(check) => {
-                                    tracing::error!(node = %shared.node_id.short(), reason = %check.reason, "the node's GPUs failed the head's check: it takes no work")
-                                }
-                                Err(why) => {
-                                    tracing::error!(node = %shared.node_id.short(), %why, "the node's GPUs could not be checked: it takes no work")
-                                }
-                            }
-                            *shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
-                            shared.gpu_check_running.store(false, Ordering::SeqCst);
-                        });
+                    if !shared.info.gpus.is_empty() && !checked {
+                        spawn_gpu_check(&shared, &client);
                     } else if checked {
                         let mut last = shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                         if last.is_none() {
@@ -1131,6 +1133,10 @@ async fn run_membership(
                         .filter_map(|job| Some((JobId::from_bytes(&job.job_id).ok()?, job.reason.clone())))
                         .collect();
                     shared.leases.set_unfunded(unfunded);
+                    // The head asks for a check of the GPUs at random idle times.
+                    if reply.get_ref().gpu_check_due && !shared.info.gpus.is_empty() {
+                        spawn_gpu_check(&shared, &client);
+                    }
                     // Refresh the cluster view used for spillback.
                     if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
                         shared.leases.refresh_view(&reply.into_inner().nodes);

@@ -51,6 +51,12 @@ pub struct ClusterConfig {
     /// GPUs, and for real ones the allowance (network, hashing) on top of the time their
     /// declared model's published figures give.
     pub gpu_check_deadline_ms: u64,
+    /// Mean time between checks of a node's GPUs after the first (each drawn at random
+    /// between half and one and a half times it, only while no GPU of the node is leased).
+    pub gpu_check_interval_ms: u64,
+    /// Most of a node's idle time its checks may take, in basis points: the interval is
+    /// stretched so that the last check's duration is at most this share of it.
+    pub gpu_check_idle_share_bps: u32,
 }
 
 impl Default for ClusterConfig {
@@ -71,6 +77,8 @@ impl Default for ClusterConfig {
             credit_horizon_ms: 10 * 60_000,
             max_blocked_workers: 0,
             gpu_check_deadline_ms: 10_000,
+            gpu_check_interval_ms: 3_600_000,
+            gpu_check_idle_share_bps: 100,
         }
     }
 }
@@ -134,6 +142,8 @@ impl ClusterConfig {
         read(&lookup, "IONET_CREDIT_HORIZON_MS", &mut self.credit_horizon_ms)?;
         read(&lookup, "IONET_MAX_BLOCKED_WORKERS", &mut self.max_blocked_workers)?;
         read(&lookup, "IONET_GPU_CHECK_DEADLINE_MS", &mut self.gpu_check_deadline_ms)?;
+        read(&lookup, "IONET_GPU_CHECK_INTERVAL_MS", &mut self.gpu_check_interval_ms)?;
+        read(&lookup, "IONET_GPU_CHECK_IDLE_SHARE_BPS", &mut self.gpu_check_idle_share_bps)?;
         Ok(())
     }
 
@@ -155,6 +165,15 @@ impl ClusterConfig {
                 "protocol_fee_bps ({}) must be at most 10000",
                 self.protocol_fee_bps
             )));
+        }
+        if self.gpu_check_idle_share_bps == 0 || self.gpu_check_idle_share_bps > 10_000 {
+            return Err(IonetError::Config(format!(
+                "gpu_check_idle_share_bps ({}) must be between 1 and 10000",
+                self.gpu_check_idle_share_bps
+            )));
+        }
+        if self.gpu_check_interval_ms == 0 || self.gpu_check_deadline_ms == 0 {
+            return Err(IonetError::Config("gpu_check_interval_ms and gpu_check_deadline_ms must be positive".into()));
         }
         if self.max_kv_value_bytes >= self.max_message_bytes {
             return Err(IonetError::Config("max_kv_value_bytes must be below max_message_bytes".into()));

@@ -1,0 +1,56 @@
+"""The head checks a node's GPUs again at random idle times, never while one is leased:
+an actor holding both GPUs of a node holds its checks off, which resume once it is gone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import ionet
+from conftest import joined_cluster, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def checked_cluster(tmp_path_factory, monkeypatch):
+    # Checks due every ~0.4 s (each takes a fraction of that), as often as heartbeats come.
+    monkeypatch.setenv("IONET_GPU_CHECK_INTERVAL_MS", "400")
+    monkeypatch.setenv("IONET_GPU_CHECK_IDLE_SHARE_BPS", "10000")
+    yield from joined_cluster(tmp_path_factory, "gpu-checks", head_cpus=1, cpu_nodes=0, gpu_price=1.0)
+
+
+def gpu_node(cluster) -> dict:
+    nodes = json.loads(cluster.command("status", "--json"))
+    (node,) = [node for node in nodes if node["gpus"]]
+    return node
+
+
+def gpu_check(cluster) -> dict:
+    return gpu_node(cluster)["gpu_check"]
+
+
+def test_checks_recur_at_idle_times_and_wait_while_a_gpu_is_leased(checked_cluster):
+    assert gpu_check(checked_cluster)["state"] == "passed"
+    wait_for(lambda: gpu_check(checked_cluster)["passes"] >= 3, timeout=60, what="checks to recur while idle")
+
+    @ionet.remote(num_gpus=2)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    assert ionet.get(holder.ping.remote(), timeout=60) == 1
+    # Once a heartbeat has told the head both GPUs are leased, no check starts: watch for
+    # several heartbeats (1 s apart).
+    wait_for(lambda: gpu_node(checked_cluster)["resources_available"].get("GPU", 0) == 0, what="the lease to show")
+    held = gpu_check(checked_cluster)["passes"]
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert gpu_check(checked_cluster)["passes"] == held, "a check ran while both GPUs were leased"
+        time.sleep(0.2)
+    ionet.kill(holder)
+    wait_for(lambda: gpu_check(checked_cluster)["passes"] > held, timeout=60, what="checks to resume")
+    assert gpu_check(checked_cluster)["state"] == "passed"
