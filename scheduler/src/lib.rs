@@ -51,7 +51,7 @@ pub use placement_group::{
     solve_placement_group, solve_placement_group_ordered, NodeOrder, PlacementDecision, PlacementStrategy,
 };
 pub use policy::{Decision, SchedulingStrategy};
-pub use quote::{quote, ListPrice, PriceTable, Quote, QuotePlacement, QuoteRefusal, QuoteRequest};
+pub use quote::{quote, ListPrice, PriceTable, Quote, QuotePlacement, QuoteRank, QuoteRefusal, QuoteRequest};
 
 #[cfg(test)]
 mod testing;

@@ -41,6 +41,10 @@ pub struct NodeView {
     /// What the provider asks per GPU-hour; 0 for nodes without GPUs.
     pub price_per_gpu_hour: MicroUsd,
     pub state: NodeState,
+    /// FP32 TFLOPS of one of its GPUs, in thousandths: what the head measured when its
+    /// real GPUs passed their check, or its model's published figure for simulated ones;
+    /// 0 when unknown.
+    pub gpu_tflops_milli: u64,
 }
 
 impl NodeView {
@@ -55,6 +59,7 @@ impl NodeView {
             labels: BTreeMap::new(),
             price_per_gpu_hour: 0,
             state: NodeState::Alive,
+            gpu_tflops_milli: 0,
         }
     }
 

@@ -96,6 +96,21 @@ pub struct QuoteRequest {
     pub max_price_per_gpu_hour: Option<MicroUsd>,
     /// How long the GPUs are wanted; fractions allowed (priced to the milli-hour).
     pub hours: f64,
+    /// What "cheapest" means.
+    #[serde(default)]
+    pub rank: QuoteRank,
+}
+
+/// How a quote ranks GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuoteRank {
+    /// Lowest price per GPU-hour first.
+    #[default]
+    Price,
+    /// Lowest price per TFLOP-hour first (price per GPU-hour over the GPU's FP32 TFLOPS,
+    /// as measured by the head's check): a slower GPU that is cheaper still for the work
+    /// it does comes first. GPUs of unknown speed come last.
+    PerTflop,
 }
 
 /// GPUs taken from one node.
@@ -106,6 +121,16 @@ pub struct QuotePlacement {
     pub region: Option<String>,
     pub gpus: u32,
     pub price_per_gpu_hour: MicroUsd,
+    /// The node's per-GPU FP32 TFLOPS in thousandths (0: unknown).
+    pub gpu_tflops_milli: u64,
+}
+
+impl QuotePlacement {
+    /// Micro-USD per TFLOP-hour, if the speed is known.
+    pub fn price_per_tflop_hour(&self) -> Option<MicroUsd> {
+        (self.gpu_tflops_milli > 0)
+            .then(|| (self.price_per_gpu_hour as u128 * 1000 / self.gpu_tflops_milli as u128) as MicroUsd)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -114,6 +139,8 @@ pub struct Quote {
     pub placements: Vec<QuotePlacement>,
     pub gpus: u32,
     pub hours: f64,
+    /// How the placements were ranked.
+    pub rank: QuoteRank,
     /// Sum over placements of GPUs × price per GPU-hour.
     pub hourly: MicroUsd,
     pub total: MicroUsd,
@@ -237,7 +264,18 @@ pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> 
         }
     }
     candidates.sort_by(|(a, a_free), (b, b_free)| {
-        a.price_per_gpu_hour.cmp(&b.price_per_gpu_hour).then(b_free.cmp(a_free)).then(a.node_id.cmp(&b.node_id))
+        let first = match request.rank {
+            QuoteRank::Price => a.price_per_gpu_hour.cmp(&b.price_per_gpu_hour),
+            // a.price / a.tflops against b.price / b.tflops, crosswise; unknown speed last.
+            QuoteRank::PerTflop => (a.gpu_tflops_milli == 0).cmp(&(b.gpu_tflops_milli == 0)).then(
+                (a.price_per_gpu_hour as u128 * b.gpu_tflops_milli as u128)
+                    .cmp(&(b.price_per_gpu_hour as u128 * a.gpu_tflops_milli as u128)),
+            ),
+        };
+        first
+            .then(a.price_per_gpu_hour.cmp(&b.price_per_gpu_hour))
+            .then(b_free.cmp(a_free))
+            .then(a.node_id.cmp(&b.node_id))
     });
     let available: u32 = candidates.iter().map(|(_, free)| *free).sum();
     if available < request.gpus {
@@ -257,6 +295,7 @@ pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> 
             region: node.labels.get("region").cloned(),
             gpus: take,
             price_per_gpu_hour: node.price_per_gpu_hour,
+            gpu_tflops_milli: node.gpu_tflops_milli,
         });
     }
     let millihours = (request.hours * 1000.0).round() as u128;
@@ -282,6 +321,7 @@ pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> 
         placements,
         gpus: request.gpus,
         hours: request.hours,
+        rank: request.rank,
         hourly,
         total,
         list_hourly,
@@ -355,7 +395,47 @@ mod tests {
             region: Some("eu".into()),
             max_price_per_gpu_hour: None,
             hours: 2.0,
+            rank: QuoteRank::Price,
         }
+    }
+
+    /// A node whose GPUs measured `tflops` each.
+    fn measured(n: u32, model: &str, price_usd_cents: u64, tflops: f64) -> NodeView {
+        let mut node = gpu_node(n, 16, model, 4, price_usd_cents);
+        node.gpu_tflops_milli = (tflops * 1000.0) as u64;
+        node
+    }
+
+    #[test]
+    fn ranked_per_tflop_a_slower_gpu_that_is_cheaper_for_its_work_comes_first() {
+        let mut view = ClusterView::new();
+        // A T4 at $0.10 does 8.1 TFLOPS ($0.0123 per TFLOP-hour); an H100 at $2.10 does 67
+        // ($0.0313); an A100 at $0.60 does 19.5 ($0.0308); a node of unknown speed at $0.05.
+        for node in [
+            measured(1, "H100", 210, 67.0),
+            measured(2, "T4", 10, 8.1),
+            measured(3, "A100-80GB", 60, 19.5),
+            measured(4, "L4", 5, 0.0),
+        ] {
+            view.upsert_node(node).unwrap();
+        }
+        let ask = |gpus: u32, rank: QuoteRank| {
+            let request = QuoteRequest { gpu_type: None, region: None, rank, ..request(gpus) };
+            let quote = quote(&view, request, &PriceTable::builtin()).unwrap();
+            quote.placements.iter().map(|p| p.accelerator_type.clone().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(ask(4, QuoteRank::PerTflop), ["T4"], "slower but cheaper per TFLOP-hour");
+        assert_eq!(ask(12, QuoteRank::PerTflop), ["T4", "A100-80GB", "H100"], "then by price per TFLOP-hour");
+        assert_eq!(ask(16, QuoteRank::PerTflop).last().unwrap(), "L4", "unknown speed last");
+        // By price alone the A100 comes after the unknown L4, and the H100 last.
+        assert_eq!(ask(16, QuoteRank::Price), ["L4", "T4", "A100-80GB", "H100"]);
+        let view_quote = quote(
+            &view,
+            QuoteRequest { gpu_type: None, region: None, rank: QuoteRank::PerTflop, ..request(4) },
+            &PriceTable::builtin(),
+        )
+        .unwrap();
+        assert_eq!(view_quote.placements[0].price_per_tflop_hour(), Some(12_345), "$0.10 / 8.1 TFLOPS");
     }
 
     #[test]

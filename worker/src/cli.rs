@@ -598,6 +598,11 @@ pub struct QuoteArgs {
     /// For how many hours (fractions allowed).
     #[arg(long, default_value_t = 1.0)]
     pub hours: f64,
+    /// What cheapest means: `price` per GPU-hour, or `per-tflop`: price per TFLOP-hour
+    /// (the GPU's FP32 TFLOPS as the head measured them; published figures for simulated
+    /// GPUs).
+    #[arg(long, default_value = "price", value_parser = ["price", "per-tflop"])]
+    pub rank: String,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,

@@ -9,7 +9,7 @@ use ionet_common::resources::{format_usd, parse_usd};
 use ionet_common::rpc::proto::common::NodeInfo;
 use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_common::IonetError;
-use ionet_scheduler::{ClusterView, PriceTable, Quote, QuoteRequest};
+use ionet_scheduler::{ClusterView, PriceTable, Quote, QuoteRank, QuoteRequest};
 use serde_json::{json, Value};
 
 use crate::cli::QuoteArgs;
@@ -31,6 +31,7 @@ fn request(args: &QuoteArgs) -> Result<QuoteRequest> {
             .map(|text| parse_usd(text).map_err(|_| anyhow!("--max-price {text:?} is not a USD amount such as 2.0")))
             .transpose()?,
         hours: args.hours,
+        rank: if args.rank == "per-tflop" { QuoteRank::PerTflop } else { QuoteRank::Price },
     })
 }
 
@@ -59,7 +60,10 @@ fn quote_json(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) -> Value {
             "region": p.region,
             "price_per_gpu_hour_micros": p.price_per_gpu_hour,
             "price_per_gpu_hour": format_usd(p.price_per_gpu_hour),
+            "gpu_tflops": p.gpu_tflops_milli as f64 / 1000.0,
+            "price_per_tflop_hour_micros": p.price_per_tflop_hour(),
         })).collect::<Vec<_>>(),
+        "rank": match quote.rank { QuoteRank::Price => "price", QuoteRank::PerTflop => "per-tflop" },
         "hourly_micros": quote.hourly,
         "hourly": format_usd(quote.hourly),
         "total_micros": quote.total,
@@ -85,16 +89,25 @@ fn print_quote(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) {
         format_usd(quote.hourly),
         format_usd(quote.total)
     );
-    println!("  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {}", "NODE", "ADDRESS", "GPUS", "TYPE", "USD/GPU-H", "REGION");
+    println!(
+        "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}",
+        "NODE", "ADDRESS", "GPUS", "TYPE", "USD/GPU-H", "REGION", "TFLOPS", "USD/TFLOP-H"
+    );
     for p in &quote.placements {
+        let tflops =
+            if p.gpu_tflops_milli > 0 { format!("{:.1}", p.gpu_tflops_milli as f64 / 1000.0) } else { "?".into() };
+        let per_tflop =
+            p.price_per_tflop_hour().map(|micros| format!("{:.4}", micros as f64 / 1e6)).unwrap_or("?".into());
         println!(
-            "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {}",
+            "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}",
             p.node_id.short(),
             addresses.get(p.node_id.as_bytes()).map(String::as_str).unwrap_or("?"),
             p.gpus,
             p.accelerator_type.as_deref().unwrap_or("GPU"),
             format_usd(p.price_per_gpu_hour),
-            p.region.as_deref().unwrap_or("-")
+            p.region.as_deref().unwrap_or("-"),
+            tflops,
+            per_tflop,
         );
     }
     match (quote.list_hourly, quote.list_total, quote.saving) {
@@ -174,6 +187,7 @@ mod tests {
             region: None,
             max_price_per_gpu_hour: None,
             hours: 24.0,
+            rank: QuoteRank::Price,
         };
         let priced = ionet_scheduler::quote(&cluster_view(&nodes), ask, &PriceTable::builtin()).unwrap();
         assert_eq!(priced.hourly, 6_000_000);

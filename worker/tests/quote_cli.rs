@@ -129,3 +129,28 @@ fn quote_refusal_says_what_is_short() {
     let stderr = cluster.ionet_err(&["quote", "--gpus", "1", "--max-price", "cheap"]);
     assert!(stderr.contains("--max-price \"cheap\""), "{stderr}");
 }
+
+#[test]
+fn quote_ranked_per_tflop_puts_the_cheapest_work_first_not_the_cheapest_gpu() {
+    let mut cluster = TestCluster::start(&[]);
+    for (model, price) in [("T4", "0.35"), ("A100-80GB", "0.60"), ("H100", "2.10")] {
+        cluster.add_node(&["--num-gpus", "4", "--gpu-type", model, "--price-per-gpu-hour", price]);
+    }
+    let models = |quote: &Value| -> Vec<String> {
+        quote["placements"].as_array().unwrap().iter().map(|p| p["accelerator_type"].as_str().unwrap().into()).collect()
+    };
+    // By price the T4 is cheapest; per TFLOP-hour (simulated GPUs: their models' published
+    // FP32 figures, 8.1, 19.5 and 67) the A100 ($0.0308) beats the H100 ($0.0313) and the
+    // T4 ($0.0432).
+    assert_eq!(models(&quote_json(&cluster, &["--gpus", "4"])), ["T4"]);
+    let ranked = quote_json(&cluster, &["--gpus", "12", "--rank", "per-tflop"]);
+    assert_eq!(models(&ranked), ["A100-80GB", "H100", "T4"], "{ranked:#}");
+    assert_eq!(ranked["rank"], "per-tflop");
+    assert_eq!(ranked["placements"][0]["gpu_tflops"], 19.5);
+    assert_eq!(ranked["placements"][0]["price_per_tflop_hour_micros"], 30_769);
+    let text = cluster.ionet_ok(&["quote", "--gpus", "4", "--rank", "per-tflop"]);
+    assert!(text.contains("USD/TFLOP-H") && text.contains("0.0308"), "{text}");
+    let refused = cluster.ionet(&["quote", "--gpus", "4", "--rank", "fastest"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("invalid value 'fastest'"), "{stderr}");
+}
