@@ -37,6 +37,8 @@ const REAL_CHUNK_BYTES: u32 = 1 << 20;
 /// probability 1 − 0.9¹⁶ ≈ 81% per check, on half of either with 99.998%.
 const ROWS_SAMPLED: usize = 16;
 const CHUNKS_SAMPLED: usize = 16;
+/// Most GPUs one node may list (and the head check at once).
+const MAX_GPUS: usize = 64;
 
 /// A check under way for one node.
 struct Open {
@@ -97,27 +99,50 @@ impl GpuChecks {
     /// a check; one asked `grace` ago and not started since has missed it. A node with a
     /// GPU leased is not asked: the check waits until they are all free.
     pub fn on_heartbeat(&self, node: NodeId, idle: bool, grace: Duration) -> Due {
+        // A check started and left unanswered past its deadline is over: a failure.
+        if let Some((_, open)) = self.open.remove_if(&node, |_, open| open.started.elapsed() > open.deadline) {
+            return Due::Missed(format!(
+                "left its check unanswered past the deadline of {:.2} s",
+                open.deadline.as_secs_f64()
+            ));
+        }
         if self.open.contains_key(&node) {
             return Due::No;
         }
-        let Some(mut schedule) = self.schedule.get_mut(&node) else { return Due::No };
-        let now = Instant::now();
-        if let Some(asked) = schedule.asked {
-            let waited = now.duration_since(asked);
-            if waited > grace {
-                self.schedule.remove(&node);
-                return Due::Missed(format!(
-                    "asked for a check of its GPUs {:.1} s ago, it did not take it",
-                    waited.as_secs_f64()
-                ));
+        let waited = {
+            let Some(mut schedule) = self.schedule.get_mut(&node) else { return Due::No };
+            let now = Instant::now();
+            match schedule.asked {
+                Some(asked) if now.duration_since(asked) > grace => now.duration_since(asked),
+                Some(_) => return Due::Now,
+                None if now < schedule.next || !idle => return Due::No,
+                None => {
+                    schedule.asked = Some(now);
+                    return Due::Now;
+                }
             }
-            return Due::Now;
+        };
+        // The guard is dropped: removing under it would wait on its own shard's lock.
+        self.schedule.remove(&node);
+        Due::Missed(format!("asked for a check of its GPUs {:.1} s ago, it did not take it", waited.as_secs_f64()))
+    }
+
+    /// Schedules a check for a node that has had its first (by this head or an earlier
+    /// one: the schedule is not stored) and has none scheduled.
+    pub fn ensure_scheduled(&self, node: NodeId, interval: Duration) {
+        if self.open.contains_key(&node) {
+            return;
         }
-        if now < schedule.next || !idle {
-            return Due::No;
-        }
-        schedule.asked = Some(now);
-        Due::Now
+        self.schedule.entry(node).or_insert_with(|| Schedule {
+            next: Instant::now() + interval.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5)),
+            asked: None,
+        });
+    }
+
+    /// Ends a check the node left under way (it asked for another): the reason to record
+    /// as a failure, if there was one.
+    pub fn abandon(&self, node: NodeId) -> Option<String> {
+        self.open.remove(&node).map(|_| "asked for a new check with one under way: the one it left is failed".into())
     }
 
     /// A fresh challenge for every GPU of `node`, replacing any check it had under way.
@@ -125,6 +150,13 @@ impl GpuChecks {
         let node_id = NodeId::from_bytes(&node.node_id).map_err(|err| err.to_string())?;
         if node.gpus.is_empty() {
             return Err(format!("node {} lists no GPUs to check", node_id.short()));
+        }
+        if node.gpus.len() > MAX_GPUS {
+            return Err(format!(
+                "node {} lists {} GPUs; at most {MAX_GPUS} are checked on one node",
+                node_id.short(),
+                node.gpus.len()
+            ));
         }
         let total = node.total.clone().unwrap_or_default().to_set().map_err(|err| err.to_string())?;
         let declared = total.get(ionet_common::resources::GPU);
@@ -175,19 +207,20 @@ impl GpuChecks {
     pub fn commit(&self, node_id: NodeId, check_id: u64, commits: &[wire::GpuCommit]) -> Result<Outcome, String> {
         let mut open = self.open_check(node_id, check_id)?;
         let (elapsed, deadline) = (open.started.elapsed(), open.deadline);
-        if elapsed > deadline {
-            drop(open);
-            self.open.remove(&node_id);
-            return Ok(Outcome::Failed(late(elapsed, deadline)));
-        }
-        let commits = match commits_from_wire(&open.challenges, commits) {
-            Ok(commits) => commits,
-            Err(why) => {
-                drop(open);
-                self.open.remove(&node_id);
-                return Ok(Outcome::Failed(why));
-            }
+        let failure = if elapsed > deadline {
+            Some(late(elapsed, deadline))
+        } else if open.committed.is_some() {
+            // Committing again would draw new samples until they fell on what it got right.
+            Some("committed twice to one check".to_string())
+        } else {
+            commits_from_wire(&open.challenges, commits).err()
         };
+        if let Some(why) = failure {
+            drop(open);
+            self.open.remove_if(&node_id, |_, open| open.check_id == check_id);
+            return Ok(Outcome::Failed(why));
+        }
+        let commits = commits_from_wire(&open.challenges, commits)?;
         let mut rng = rand::thread_rng();
         let samples: Vec<Sample> = open
             .challenges
@@ -219,7 +252,10 @@ impl GpuChecks {
         reveals: Vec<wire::GpuReveal>,
     ) -> Result<Outcome, String> {
         drop(self.open_check(node_id, check_id)?);
-        let (_, open) = self.open.remove(&node_id).ok_or("the check was ended meanwhile")?;
+        let (_, open) = self
+            .open
+            .remove_if(&node_id, |_, open| open.check_id == check_id)
+            .ok_or("the check was ended meanwhile")?;
         let elapsed = open.started.elapsed();
         if elapsed > open.deadline {
             return Ok(Outcome::Failed(late(elapsed, open.deadline)));
@@ -309,10 +345,14 @@ fn digest(bytes: &[u8], what: &str) -> Result<gpu_proof::Digest, String> {
 }
 
 fn commits_from_wire(challenges: &[GpuChallenge], commits: &[wire::GpuCommit]) -> Result<Vec<GpuCommit>, String> {
-    let challenged: Vec<u32> = challenges.iter().map(|challenge| challenge.gpu_index).collect();
-    let committed: Vec<u32> = commits.iter().map(|commit| commit.gpu_index).collect();
-    if challenged != committed {
-        return Err(format!("committed for GPUs {committed:?}, challenged {challenged:?}"));
+    let challenged = challenges.iter().map(|challenge| challenge.gpu_index);
+    if !challenged.eq(commits.iter().map(|commit| commit.gpu_index)) {
+        // Counts, not the lists: what a node sends does not go into its record whole.
+        return Err(format!(
+            "committed for {} GPU(s), not the {} challenged in order",
+            commits.len(),
+            challenges.len()
+        ));
     }
     commits
         .iter()
@@ -390,6 +430,54 @@ mod tests {
             matches!(checks.on_heartbeat(node, false, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
         );
         assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::No, "a miss is recorded once");
+    }
+
+    fn node_with_gpus(gpus: u32) -> NodeInfo {
+        let total = ionet_common::ResourceSet::new()
+            .with(ionet_common::resources::GPU, ionet_common::Quantity::whole(i64::from(gpus)));
+        NodeInfo {
+            node_id: NodeId::random().to_vec(),
+            total: Some((&total).into()),
+            gpus: (0..gpus)
+                .map(|index| ionet_common::rpc::proto::common::GpuInfo {
+                    index,
+                    model: "H100".into(),
+                    memory_bytes: 80 << 30,
+                    simulated: true,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_second_commit_fails_the_check() {
+        use ionet_common::gpu_proof::{CpuProver, Prover};
+        let checks = GpuChecks::default();
+        let node = node_with_gpus(2);
+        let node_id = NodeId::from_bytes(&node.node_id).unwrap();
+        let start = checks.start(&node, Duration::from_secs(60)).unwrap();
+        let commits: Vec<_> = start
+            .challenges
+            .iter()
+            .map(|challenge| commit_to_wire(&CpuProver.run(&challenge_from_wire(challenge).unwrap()).unwrap().commit()))
+            .collect();
+        assert!(matches!(checks.commit(node_id, start.check_id, &commits), Ok(Outcome::Sampled(_))));
+        let again = checks.commit(node_id, start.check_id, &commits);
+        assert!(matches!(&again, Ok(Outcome::Failed(why)) if why == "committed twice to one check"));
+        assert!(checks.commit(node_id, start.check_id, &commits).is_err(), "the check is over");
+    }
+
+    #[test]
+    fn a_check_left_unanswered_past_its_deadline_fails_at_the_next_heartbeat() {
+        let checks = GpuChecks::default();
+        let node = node_with_gpus(1);
+        let node_id = NodeId::from_bytes(&node.node_id).unwrap();
+        checks.start(&node, Duration::ZERO).unwrap();
+        let due = checks.on_heartbeat(node_id, true, GRACE);
+        assert!(matches!(&due, Due::Missed(why) if why.contains("unanswered past the deadline")), "{due:?}");
+        assert_eq!(checks.on_heartbeat(node_id, true, GRACE), Due::No);
+        assert!(checks.start(&node_with_gpus(65), Duration::ZERO).unwrap_err().contains("at most 64"));
     }
 
     #[test]

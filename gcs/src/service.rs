@@ -126,6 +126,11 @@ impl GcsService {
         }
         let idle = available.get(ionet_common::resources::GPU) >= gpus;
         let config = &self.state.config;
+        // Checked before (maybe by an earlier head): the next is scheduled.
+        let pending = ionet_common::rpc::proto::common::GpuCheckState::Pending as i32;
+        if node.gpu_check.as_ref().is_some_and(|check| check.state != pending) {
+            self.gpu_checks.ensure_scheduled(node_id, Duration::from_millis(config.gpu_check_interval_ms));
+        }
         let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);
         match self.gpu_checks.on_heartbeat(node_id, idle, grace) {
             crate::gpu_checks::Due::No => Ok(false),
@@ -400,6 +405,9 @@ impl Gcs for GcsService {
         let node = self.state.node(&node_id).ok_or_else(|| {
             Status::not_found(format!("node {} is not registered with this control store", node_id.short()))
         })?;
+        if let Some(reason) = self.gpu_checks.abandon(node_id) {
+            self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;
+        }
         let allowance = Duration::from_millis(self.state.config.gpu_check_deadline_ms);
         let reply = self.gpu_checks.start(&node, allowance).map_err(Status::failed_precondition)?;
         Ok(Response::new(reply))

@@ -399,16 +399,25 @@ impl GcsState {
         // same GPUs (a quarantined node does not clear itself by registering again), else
         // pending until the node passes a check.
         let known =
-            self.nodes.get(&node_id).and_then(|known| (known.gpus == node.gpus).then(|| known.gpu_check.clone()));
+            self.nodes.get(&node_id).and_then(|known| Some((known.gpus == node.gpus, known.gpu_check.clone()?)));
         let has_gpus = !node.gpus.is_empty() || !total.get(ionet_common::resources::GPU).is_zero();
-        node.gpu_check = match known.flatten() {
-            Some(check) => Some(check),
-            None if !has_gpus => None,
-            None => Some(GpuCheck {
-                state: GpuCheckState::Pending as i32,
-                simulated: node.gpus.iter().any(|gpu| gpu.simulated),
-                ..Default::default()
-            }),
+        node.gpu_check = match known {
+            Some((true, check)) => Some(check),
+            _ if !has_gpus => None,
+            // Other GPUs: checked afresh, its record of failures kept (a changed list does
+            // not wash an epoch's failure away).
+            known => {
+                let history = known.map(|(_, check)| check).unwrap_or_default();
+                Some(GpuCheck {
+                    state: GpuCheckState::Pending as i32,
+                    simulated: node.gpus.iter().any(|gpu| gpu.simulated),
+                    reason: history.reason,
+                    passes: history.passes,
+                    failures: history.failures,
+                    last_failed_at_ms: history.last_failed_at_ms,
+                    ..Default::default()
+                })
+            }
         };
         node.last_heartbeat_ms = now;
         node.state = NodeState::Alive as i32;

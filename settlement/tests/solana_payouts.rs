@@ -473,9 +473,6 @@ fn a_nonce_account_the_authority_cannot_pay_for_is_an_error_not_a_spin() {
     assert!(err.to_string().contains("did not appear"), "{err}");
 }
 
-/// The head reads its deposit address over Solana's JSON-RPC: every landed transfer into
-/// it, oldest first, across more than one page of `getSignaturesForAddress`, then only
-/// those after the last one read; transfers elsewhere are not returned.
 /// The head's path in a deployment: the payouter speaks JSON-RPC to a node
 /// ([`RpcChain`]), here the in-process runtime behind its loopback front. A nonce account
 /// is made, every provider is paid its exact amount once, and the balances, statuses and
@@ -524,6 +521,9 @@ fn nonce_payouts_through_the_rpc_client_against_the_runtime_behind_its_rpc_front
     assert!(refused.contains("simulation failed"), "{refused}");
 }
 
+/// The head reads its deposit address over Solana's JSON-RPC: every landed transfer into
+/// it, oldest first, across more than one page of `getSignaturesForAddress`, then only
+/// those after the last one read; transfers elsewhere are not returned.
 #[test]
 fn deposits_are_read_over_rpc_across_pages_and_after_a_cursor() {
     use ionet_settlement::solana::deposits::{self, DepositSource};

@@ -44,9 +44,9 @@ impl Metering {
         self.apply(changes).await
     }
 
-    /// Each GPU node's verified uptime in `(previous_end_ms, end_ms]`: only real GPUs
-    /// passing the head's check count, from when they passed; a node that failed a check
-    /// in the epoch has none (its rewards are withheld), and simulated GPUs never earn.
+    /// Each GPU node's uptime in `(previous_end_ms, end_ms]`, reported with its power cost;
+    /// it earns availability rewards only for real GPUs passing the head's check, from when
+    /// they passed: none in an epoch with a failed check, never for simulated GPUs.
     fn availability(&self, previous_end_ms: u64, end_ms: u64) -> Vec<NodeAvailability> {
         let mut availability = Vec::new();
         for node in self.state.nodes(true) {
@@ -59,10 +59,11 @@ impl Metering {
             }
             let check = node.gpu_check.clone().unwrap_or_default();
             let passing = check.state == GpuCheckState::Passed as i32 && check.passed_since_ms > 0;
-            if !passing || check.simulated || check.last_failed_at_ms > previous_end_ms {
-                continue;
+            let rewarded = passing && !check.simulated && check.last_failed_at_ms <= previous_end_ms;
+            let mut from = node.registered_at_ms.max(previous_end_ms);
+            if rewarded {
+                from = from.max(check.passed_since_ms);
             }
-            let from = node.registered_at_ms.max(previous_end_ms).max(check.passed_since_ms);
             let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
             availability.push(NodeAvailability {
                 node_id,
@@ -71,6 +72,7 @@ impl Metering {
                 gpu_capacity: gpus,
                 declared_watts: node.power_watts,
                 electricity_price_per_kwh: node.electricity_price_per_kwh_micros,
+                rewarded,
             });
         }
         availability

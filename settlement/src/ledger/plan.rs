@@ -80,11 +80,22 @@ pub struct NodeAvailability {
     pub declared_watts: u64,
     /// Declared electricity price, micro-USD per kWh.
     pub electricity_price_per_kwh: MicroUsd,
+    /// Whether its uptime earns availability rewards (the control plane says no for GPUs
+    /// that have not proved themselves); its uptime and power cost are reported either way.
+    #[serde(default = "rewarded_by_default")]
+    pub rewarded: bool,
+}
+
+fn rewarded_by_default() -> bool {
+    true
 }
 
 impl NodeAvailability {
-    /// Reward weight: uptime ms × GPU units (1/10000 GPU).
+    /// Reward weight: uptime ms × GPU units (1/10000 GPU); 0 when not rewarded.
     pub fn weight(&self) -> u128 {
+        if !self.rewarded {
+            return 0;
+        }
         self.uptime_ms as u128 * self.gpu_capacity.units().max(0) as u128
     }
 
@@ -607,6 +618,7 @@ mod tests {
             gpu_capacity: Quantity::whole(8),
             declared_watts: 3_000,
             electricity_price_per_kwh: 150_000,
+            rewarded: true,
         };
         // 3 kW for 1 h at $0.15/kWh = $0.45.
         assert_eq!(node.power_cost(), 450_000);

@@ -93,6 +93,7 @@ fn spec(index: usize) -> EpochSpec {
             gpu_capacity: Quantity::whole(8),
             declared_watts: 2_500,
             electricity_price_per_kwh: 120_000,
+            rewarded: true,
         },
         NodeAvailability {
             node_id: NodeId::from_array([8; 28]),
@@ -101,6 +102,7 @@ fn spec(index: usize) -> EpochSpec {
             gpu_capacity: Quantity::from_units(5_000),
             declared_watts: 400,
             electricity_price_per_kwh: 120_000,
+            rewarded: true,
         },
     ];
     spec
@@ -397,6 +399,7 @@ fn rewards_split_by_uptime_times_gpus_with_remainder_to_treasury() {
         gpu_capacity: Quantity::whole(gpus),
         declared_watts: 1_000,
         electricity_price_per_kwh: 100_000,
+        rewarded: true,
     };
     let mut spec = EpochSpec::new(0, 3_600_000);
     // Weights 8·h, 1·h + 1·h (two nodes of wallet-b), 0: shares 8/10, 2/10, 0.

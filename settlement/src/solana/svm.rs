@@ -219,7 +219,10 @@ fn advances_a_nonce(transaction: &Transaction) -> bool {
 
 impl PayoutChain for SvmChain {
     fn send_transaction(&mut self, transaction: &Transaction) -> SettlementResult<Signature> {
-        let signature = transaction.signatures[0];
+        let Some(&signature) = transaction.signatures.first() else {
+            let message = "a transaction without a signature".to_string();
+            return Err(SettlementError::Chain { operation: "send_transaction", message });
+        };
         let mut svm = self.svm();
         // A nonce advances once per blockhash; a real chain moves to a new blockhash every
         // slot, litesvm only when told: a durable-nonce transaction starts a new slot.
