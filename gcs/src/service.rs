@@ -117,18 +117,13 @@ impl GcsService {
     /// Whether this heartbeat asks the node for a check of its GPUs (recording a check it
     /// was asked for and did not take as a failure).
     async fn gpu_check_due(&self, node_id: NodeId) -> Result<bool, Status> {
-        let Some(node) = self.state.node(&node_id) else { return Ok(false) };
-        let total = node.total.clone().unwrap_or_default().to_set().unwrap_or_default();
-        let available = node.available.clone().unwrap_or_default().to_set().unwrap_or_default();
-        let gpus = total.get(ionet_common::resources::GPU);
-        if gpus.is_zero() {
+        let Some((has_gpus, idle, checked)) = self.state.gpu_check_view(&node_id) else { return Ok(false) };
+        if !has_gpus {
             return Ok(false);
         }
-        let idle = available.get(ionet_common::resources::GPU) >= gpus;
         let config = &self.state.config;
         // Checked before (maybe by an earlier head): the next is scheduled.
-        let pending = ionet_common::rpc::proto::common::GpuCheckState::Pending as i32;
-        if node.gpu_check.as_ref().is_some_and(|check| check.state != pending) {
+        if checked {
             self.gpu_checks.ensure_scheduled(node_id, Duration::from_millis(config.gpu_check_interval_ms));
         }
         let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);

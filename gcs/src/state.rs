@@ -438,6 +438,19 @@ impl GcsState {
         self.record_gpu_check(&node_id, Ok((1.0, 1.0, 1))).await.map(drop)
     }
 
+    /// What the heartbeat's check schedule needs of a node, read in place (no copy of the
+    /// row on the heartbeat path): whether it offers GPUs, whether all were free at its last
+    /// report, and whether a check of them has ended (passed or failed).
+    pub fn gpu_check_view(&self, node_id: &NodeId) -> Option<(bool, bool, bool)> {
+        let node = self.nodes.get(node_id)?;
+        let gpus = |set: &Option<ResourceQuantities>| {
+            set.as_ref().and_then(|set| set.units.get(ionet_common::resources::GPU)).copied().unwrap_or(0)
+        };
+        let total = gpus(&node.total);
+        let ended = node.gpu_check.as_ref().is_some_and(|check| check.state != GpuCheckState::Pending as i32);
+        Some((total > 0, gpus(&node.available) >= total, ended))
+    }
+
     /// Records the verdict of a check of a node's GPUs: a pass (with the measured lower
     /// bounds and how long it took) or a failure (quarantined, with the reason).
     pub async fn record_gpu_check(

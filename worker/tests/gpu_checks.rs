@@ -195,14 +195,30 @@ fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not
     let mut metering = cluster.metering_client();
 
     // Never answered: pending, and no lease of it is billed.
-    let silent = join(&cluster, 2);
+    let mut silent = join(&cluster, 2);
     let row = node_row(&cluster, &silent.node_id.hex());
     assert_eq!(row["gpu_check"]["state"], "pending", "{row:#}");
     let refused = cluster.runtime.block_on(metering.lease_started(lease(&silent.node_id.to_vec(), &job))).unwrap_err();
     assert!(refused.message().contains("takes no leases until its GPUs pass the head's check"), "{refused:?}");
 
-    // A cached product: the right sizes, another seed's numbers.
+    // A node asks for, or answers, only its own check.
     let mut cached = join(&cluster, 2);
+    let other = cluster
+        .runtime
+        .block_on(silent.client.start_gpu_check(StartGpuCheckRequest { node_id: cached.node_id.to_vec() }))
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    let stranger = cluster
+        .runtime
+        .block_on(
+            silent
+                .client
+                .commit_gpu_check(CommitGpuCheckRequest { node_id: cached.node_id.to_vec(), ..Default::default() }),
+        )
+        .unwrap_err();
+    assert_eq!(stranger.code(), tonic::Code::PermissionDenied, "{stranger:?}");
+
+    // A cached product: the right sizes, another seed's numbers.
     let check = answer_check(&cluster, &mut cached, Duration::ZERO, |challenge| {
         let mut stale = challenge.clone();
         stale.compute.seed = [7; 32];
