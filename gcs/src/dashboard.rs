@@ -142,9 +142,24 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
             "heartbeat_age_s": if alive { now.saturating_sub(node.last_heartbeat_ms) as f64 / 1e3 } else { 0.0 },
             "death_cause": node.death_cause,
             "earned_usd": earned.get(&id).map(|micros| usd(*micros)),
+            "gpu_check": gpu_check_words(&node),
         }));
     }
     Json(json!({ "nodes": rows })).into_response()
+}
+
+/// The head's check of a node's GPUs, in words: `passed`, `passed (simulated)`,
+/// `pending`, `failed: why`, or empty for a node without GPUs.
+fn gpu_check_words(node: &ionet_common::rpc::proto::common::NodeInfo) -> String {
+    use ionet_common::rpc::proto::common::GpuCheckState;
+    let Some(check) = &node.gpu_check else { return String::new() };
+    let simulated = if check.simulated { " (simulated)" } else { "" };
+    match GpuCheckState::try_from(check.state) {
+        Ok(GpuCheckState::Passed) => format!("passed{simulated}"),
+        Ok(GpuCheckState::Pending) => format!("pending{simulated}"),
+        Ok(GpuCheckState::Failed) => format!("failed: {}", check.reason),
+        _ => String::new(),
+    }
 }
 
 async fn jobs(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Response {

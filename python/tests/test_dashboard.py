@@ -83,6 +83,7 @@ def test_each_page_shows_the_clusters_nodes_jobs_costs_and_failures(cluster):
     for node in nodes:
         assert node[:8] in overview, (node, overview[-3000:])
     assert GPU_TYPE in overview and "$2.50" in overview, "the GPU node's model and price"
+    assert "GPU check" in overview and "passed (simulated)" in overview, "the head's check of the GPU node"
     assert job in overview and "the batch was empty" in overview, "the job and the alert of its failed task"
 
     page = browse(cluster, f"/job/{job}", width=640, screenshot="dashboard-job.png")
