@@ -207,20 +207,22 @@ impl GpuChecks {
     pub fn commit(&self, node_id: NodeId, check_id: u64, commits: &[wire::GpuCommit]) -> Result<Outcome, String> {
         let mut open = self.open_check(node_id, check_id)?;
         let (elapsed, deadline) = (open.started.elapsed(), open.deadline);
-        let failure = if elapsed > deadline {
-            Some(late(elapsed, deadline))
+        let read = if elapsed > deadline {
+            Err(late(elapsed, deadline))
         } else if open.committed.is_some() {
             // Committing again would draw new samples until they fell on what it got right.
-            Some("committed twice to one check".to_string())
+            Err("committed twice to one check".to_string())
         } else {
-            commits_from_wire(&open.challenges, commits).err()
+            commits_from_wire(&open.challenges, commits)
         };
-        if let Some(why) = failure {
-            drop(open);
-            self.open.remove_if(&node_id, |_, open| open.check_id == check_id);
-            return Ok(Outcome::Failed(why));
-        }
-        let commits = commits_from_wire(&open.challenges, commits)?;
+        let commits = match read {
+            Ok(commits) => commits,
+            Err(why) => {
+                drop(open);
+                self.open.remove_if(&node_id, |_, open| open.check_id == check_id);
+                return Ok(Outcome::Failed(why));
+            }
+        };
         let mut rng = rand::thread_rng();
         let samples: Vec<Sample> = open
             .challenges
