@@ -151,14 +151,12 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
 /// The head's check of a node's GPUs, in words: `passed`, `passed (simulated)`,
 /// `pending`, `failed: why`, or empty for a node without GPUs.
 fn gpu_check_words(node: &ionet_common::rpc::proto::common::NodeInfo) -> String {
-    use ionet_common::rpc::proto::common::GpuCheckState;
     let Some(check) = &node.gpu_check else { return String::new() };
-    let simulated = if check.simulated { " (simulated)" } else { "" };
-    match GpuCheckState::try_from(check.state) {
-        Ok(GpuCheckState::Passed) => format!("passed{simulated}"),
-        Ok(GpuCheckState::Pending) => format!("pending{simulated}"),
-        Ok(GpuCheckState::Failed) => format!("failed: {}", check.reason),
-        _ => String::new(),
+    match ionet_common::gpu_proof::state_name(check) {
+        "none" => String::new(),
+        "failed" => format!("failed: {}", check.reason),
+        state if check.simulated => format!("{state} (simulated)"),
+        state => state.to_string(),
     }
 }
 

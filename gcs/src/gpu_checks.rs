@@ -130,7 +130,8 @@ impl GpuChecks {
     /// Schedules a check for a node that has had its first (by this head or an earlier
     /// one: the schedule is not stored) and has none scheduled.
     pub fn ensure_scheduled(&self, node: NodeId, interval: Duration) {
-        if self.open.contains_key(&node) {
+        // Read first: a heartbeat of a scheduled node takes no write lock.
+        if self.schedule.contains_key(&node) || self.open.contains_key(&node) {
             return;
         }
         self.schedule.entry(node).or_insert_with(|| Schedule {

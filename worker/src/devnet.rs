@@ -203,7 +203,7 @@ pub fn wallet_new(args: WalletNewArgs) -> Result<()> {
 pub fn wallet_balance(args: WalletBalanceArgs) -> Result<()> {
     #[cfg(feature = "solana")]
     {
-        use ionet_settlement::solana::plan::associated_token_address;
+        use ionet_settlement::solana::plan::{associated_token_address, token_account_amount};
         use ionet_settlement::solana::{PayoutAsset, PayoutChain, RpcChain};
 
         let session = SessionDir::resolve(args.session.temp_dir.as_deref());
@@ -223,12 +223,7 @@ pub fn wallet_balance(args: WalletBalanceArgs) -> Result<()> {
         let (amount, decimals) = match &asset {
             PayoutAsset::Token { mint, decimals } => {
                 let account = chain.get_account(&associated_token_address(&owner, mint))?;
-                // An SPL token account's amount: bytes 64..72, after its mint and owner.
-                let amount = account
-                    .and_then(|account| {
-                        account.data.get(64..72).map(|bytes| u64::from_le_bytes(bytes.try_into().unwrap()))
-                    })
-                    .unwrap_or(0);
+                let amount = account.and_then(|account| token_account_amount(&account.data)).unwrap_or(0);
                 (amount, *decimals)
             }
             PayoutAsset::Sol { .. } => (chain.get_account(&owner)?.map_or(0, |account| account.lamports), 9),

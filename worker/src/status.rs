@@ -63,7 +63,7 @@ pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
 fn gpu_check_json(node: &NodeInfo) -> Value {
     let check = node.gpu_check.clone().unwrap_or_default();
     json!({
-        "state": gpu_check_state(&check),
+        "state": ionet_common::gpu_proof::state_name(&check),
         "reason": check.reason,
         "simulated": check.simulated,
         "tflops": check.tflops,
@@ -75,20 +75,10 @@ fn gpu_check_json(node: &NodeInfo) -> Value {
     })
 }
 
-fn gpu_check_state(check: &ionet_common::rpc::proto::common::GpuCheck) -> &'static str {
-    use ionet_common::rpc::proto::common::GpuCheckState;
-    match GpuCheckState::try_from(check.state) {
-        Ok(GpuCheckState::Pending) => "pending",
-        Ok(GpuCheckState::Passed) => "passed",
-        Ok(GpuCheckState::Failed) => "failed",
-        Ok(GpuCheckState::None) | Err(_) => "none",
-    }
-}
-
 /// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`, or `-`.
 fn gpu_check_cell(node: &NodeInfo) -> String {
     let check = node.gpu_check.clone().unwrap_or_default();
-    match gpu_check_state(&check) {
+    match ionet_common::gpu_proof::state_name(&check) {
         "none" => "-".into(),
         "failed" => format!("FAILED: {}", check.reason),
         state if check.simulated => format!("{state} (simulated)"),

@@ -545,6 +545,18 @@ pub fn pick(rng: &mut impl rand::Rng, limit: u32, count: usize) -> Vec<u32> {
     picked
 }
 
+/// A check's state in words: `none`, `pending`, `passed` or `failed` (what `ionet status
+/// --json` and the dashboard show).
+pub fn state_name(check: &crate::rpc::proto::common::GpuCheck) -> &'static str {
+    use crate::rpc::proto::common::GpuCheckState;
+    match GpuCheckState::try_from(check.state) {
+        Ok(GpuCheckState::Pending) => "pending",
+        Ok(GpuCheckState::Passed) => "passed",
+        Ok(GpuCheckState::Failed) => "failed",
+        Ok(GpuCheckState::None) | Err(_) => "none",
+    }
+}
+
 /// Whether the head's check of `node`'s GPUs keeps it from new work: not passed yet, or
 /// failed (quarantined).
 pub fn held_back(node: &crate::rpc::proto::common::NodeInfo) -> bool {

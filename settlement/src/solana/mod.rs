@@ -423,12 +423,7 @@ impl<C: PayoutChain, S: PayoutStore> SolanaPayouter<C, S> {
         let available = match (&self.config.asset, self.chain.get_account(&source)?) {
             (_, None) => 0,
             (PayoutAsset::Sol { .. }, Some(account)) => account.lamports,
-            // SPL token account layout: mint (32), owner (32), amount (u64 LE), ...
-            (PayoutAsset::Token { .. }, Some(account)) => account
-                .data
-                .get(64..72)
-                .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
-                .unwrap_or(0),
+            (PayoutAsset::Token { .. }, Some(account)) => plan::token_account_amount(&account.data).unwrap_or(0),
         };
         if available < needed {
             return Err(SettlementError::PayoutFundsShort {

@@ -198,6 +198,12 @@ pub fn source_account(asset: &PayoutAsset, authority: &Pubkey) -> Pubkey {
     }
 }
 
+/// The amount an SPL token account's data holds (layout: mint 32 bytes, owner 32, amount
+/// u64 LE, ...); `None` when the data is too short to be one.
+pub fn token_account_amount(data: &[u8]) -> Option<u64> {
+    data.get(64..72).map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+}
+
 pub fn associated_token_address(wallet: &Pubkey, mint: &Pubkey) -> Pubkey {
     spl_associated_token_account_interface::address::get_associated_token_address_with_program_id(
         wallet,

@@ -73,7 +73,7 @@ impl SvmChain {
     pub fn token_balance(&self, account: &Pubkey) -> u64 {
         self.svm()
             .get_account(account)
-            .and_then(|account| account.data.get(64..72).map(|amount| u64::from_le_bytes(amount.try_into().unwrap())))
+            .and_then(|account| super::plan::token_account_amount(&account.data))
             .unwrap_or(0)
     }
 

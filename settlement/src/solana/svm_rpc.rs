@@ -200,7 +200,7 @@ fn token_account_balance(params: &[Value], chain: &SvmChain) -> Answer {
         return Err(not_a_token_account());
     }
     let mint = Pubkey::try_from(&account.data[..32]).map_err(|_| not_a_token_account())?;
-    let amount = u64::from_le_bytes(account.data[64..72].try_into().map_err(|_| not_a_token_account())?);
+    let amount = super::plan::token_account_amount(&account.data).ok_or_else(not_a_token_account)?;
     // A mint's decimals are its 45th byte (after the authority option and the supply).
     let decimals = svm.get_account(&mint).and_then(|mint| mint.data.get(44).copied()).unwrap_or(0);
     drop(svm);
