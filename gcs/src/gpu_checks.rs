@@ -4,7 +4,7 @@
 //! scheduler to pass it by, and the head bills none of its leases) until it passes. It asks
 //! for its check (`StartGpuCheck`): a fresh seed per GPU, sizes and a deadline. Simulated
 //! (declared) GPUs get a small product and a 1 MiB fill and the configured deadline; real
-//! ones a 4096² product and a fill of their declared memory, due within what their model's
+//! ones a 4096² product and a fill of nine tenths of their declared memory, due within what their model's
 //! published figures take, slowed by [`SLOWDOWN_ALLOWED`], plus the configured allowance.
 //! It commits (`CommitGpuCheck`, answered with the rows and chunks sampled now) and
 //! reveals (`RevealGpuCheck`, answered with the verdict). Both must arrive by the deadline,
@@ -29,10 +29,13 @@ const SIMULATED_N: u32 = 128;
 const SIMULATED_K: u32 = 128;
 const SIMULATED_CHUNK_BYTES: u32 = 4096;
 const SIMULATED_CHUNKS: u32 = 256;
-/// Sizes of a real GPU's check: a 4096² product (137 GFLOP) and its declared memory.
+/// Sizes of a real GPU's check: a 4096² product (137 GFLOP) and most of its declared memory.
 const REAL_N: u32 = 4096;
 const REAL_K: u32 = 4096;
 const REAL_CHUNK_BYTES: u32 = 1 << 20;
+/// Tenths of a real GPU's declared memory the fill takes: the rest is the driver's, the
+/// context's and the leaves'.
+const REAL_FILL_TENTHS: u64 = 9;
 /// Rows and chunks opened per GPU: a node wrong on a tenth of either is caught with
 /// probability 1 − 0.9¹⁶ ≈ 81% per check, on half of either with 99.998%.
 const ROWS_SAMPLED: usize = 16;
@@ -183,7 +186,8 @@ impl GpuChecks {
                     MemoryTask { seed: seed(), chunk_bytes: SIMULATED_CHUNK_BYTES, chunks: SIMULATED_CHUNKS },
                 )
             } else {
-                let chunks = (gpu.memory_bytes / u64::from(REAL_CHUNK_BYTES)).clamp(1, u64::from(u32::MAX)) as u32;
+                let fill = gpu.memory_bytes / 10 * REAL_FILL_TENTHS;
+                let chunks = (fill / u64::from(REAL_CHUNK_BYTES)).clamp(1, u64::from(u32::MAX)) as u32;
                 let compute = ComputeTask { seed: seed(), n: REAL_N, k: REAL_K };
                 let memory = MemoryTask { seed: seed(), chunk_bytes: REAL_CHUNK_BYTES, chunks };
                 // A model without published figures is held to the slowest listed.
@@ -451,6 +455,24 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_real_gpu_fills_most_of_its_memory_within_what_its_model_takes() {
+        let mut node = node_with_gpus(1);
+        node.gpus[0].simulated = false;
+        let start = checks_start(&node);
+        let challenge = challenge_from_wire(&start.challenges[0]).unwrap();
+        assert_eq!(challenge.compute.n, REAL_N);
+        assert_eq!(challenge.memory.bytes(), (80u64 << 30) / 10 * 9, "nine tenths of the declared 80 GiB");
+        let allowance = Duration::from_secs(1);
+        let due = Duration::from_millis(start.deadline_ms);
+        assert!(due > allowance && due < allowance * 2, "the H100's published figures: {due:?}");
+        ionet_common::gpu_proof::check_sizes(&challenge).expect("a size the provers accept");
+    }
+
+    fn checks_start(node: &NodeInfo) -> wire::StartGpuCheckReply {
+        GpuChecks::default().start(node, Duration::from_secs(1)).unwrap()
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The node's side of the head's GPU check (see `ionet_gcs::gpu_checks`): ask for the
-//! challenge, run it (the CPU prover for simulated GPUs), commit, open what the head
-//! samples, and learn the verdict. A node whose GPUs are real needs the CUDA prover,
-//! which this build does not have yet: it says so and stays unchecked (taking no work)
-//! rather than answer on the CPU and be quarantined for slowness.
+//! challenge, run it (the CPU prover for simulated GPUs, the CUDA prover for real ones),
+//! commit, open what the head samples, and learn the verdict. A node with real GPUs but
+//! without what the CUDA prover loads (cuBLAS, NVRTC) says so and stays unchecked
+//! (taking no work) rather than answer on the CPU and be quarantined for slowness.
 
-use ionet_common::gpu_proof::{Answer, CpuProver, Prover};
+use ionet_common::gpu_proof::{Answer, CpuProver, GpuChallenge, Prover};
 use ionet_common::rpc::proto::common::{GpuCheck, NodeInfo};
 use ionet_common::rpc::proto::gcs::{CommitGpuCheckRequest, RevealGpuCheckRequest, StartGpuCheckRequest};
 use ionet_common::rpc::GcsClient;
@@ -13,12 +13,14 @@ use ionet_gcs::gpu_checks::{challenge_from_wire, commit_to_wire, reveal_to_wire,
 /// Runs one check of `node`'s GPUs against the head; the head's verdict, or why there
 /// is none.
 pub async fn prove(node: &NodeInfo, client: &mut GcsClient) -> Result<GpuCheck, String> {
-    if let Some(real) = node.gpus.iter().find(|gpu| !gpu.simulated) {
-        return Err(format!(
-            "GPU {} ({}) is real and this build has no CUDA prover yet: the node cannot answer the head's check",
-            real.index, real.model
-        ));
-    }
+    let mut cuda = match node.gpus.iter().find(|gpu| !gpu.simulated) {
+        Some(real) => Some(
+            crate::cuda_prover::CudaProver::new()
+                .map_err(|why| format!("GPU {} ({}) is real and cannot be checked: {why}", real.index, real.model))?,
+        ),
+        None => None,
+    };
+    let simulated: Vec<u32> = node.gpus.iter().filter(|gpu| gpu.simulated).map(|gpu| gpu.index).collect();
     let node_id = node.node_id.clone();
     let status = |what: &'static str| move |status: tonic::Status| format!("{what}: {}", status.message());
     let start = client
@@ -28,7 +30,11 @@ pub async fn prove(node: &NodeInfo, client: &mut GcsClient) -> Result<GpuCheck, 
         .into_inner();
     let challenges = start.challenges.iter().map(challenge_from_wire).collect::<Result<Vec<_>, _>>()?;
     let answers: Vec<Answer> = tokio::task::spawn_blocking(move || {
-        challenges.iter().map(|challenge| CpuProver.run(challenge)).collect::<Result<Vec<_>, String>>()
+        let mut answer = |challenge: &GpuChallenge| match cuda.as_mut() {
+            Some(cuda) if !simulated.contains(&challenge.gpu_index) => cuda.run(challenge),
+            _ => CpuProver.run(challenge),
+        };
+        challenges.iter().map(&mut answer).collect::<Result<Vec<_>, String>>()
     })
     .await
     .map_err(|err| format!("the prover failed: {err}"))??;

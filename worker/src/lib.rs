@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod cluster_view;
 pub mod commands;
+pub mod cuda_prover;
 pub mod devnet;
 pub mod entrypoints;
 pub mod gpu;

@@ -114,7 +114,7 @@ pub const PUBLISHED: &[ModelFigures] = &[
 /// peak. A card posing as one 4× faster than it is misses the deadline only where the work
 /// outweighs the allowance added for the network: at today's sizes (a 4096² product, a
 /// few ms on a data-centre GPU) and the default 10 s allowance, only a gross pretence is
-/// caught by time; sizing the work to the allowance comes with the CUDA prover.
+/// caught by time; sizing the work to the allowance is still to come.
 pub const SLOWDOWN_ALLOWED: f64 = 4.0;
 
 /// The published figures of `model` (case and spacing ignored), if the head knows them.
@@ -205,6 +205,12 @@ impl ComputeTask {
         entry(key(&self.seed, b"B"), u64::from(i) * u64::from(self.n) + u64::from(j))
     }
 
+    /// The keys of `A` and `B`: entry `i` (row-major) of either is
+    /// `splitmix64(key ^ i·golden) mod 9 − 4`, what a GPU generates in parallel.
+    pub fn keys(&self) -> (u64, u64) {
+        (key(&self.seed, b"A"), key(&self.seed, b"B"))
+    }
+
     /// `B`, row-major (`k×n`).
     pub fn b_matrix(&self) -> Vec<i32> {
         let key = key(&self.seed, b"B");
@@ -234,9 +240,15 @@ impl MemoryTask {
         u64::from(self.chunk_bytes) * u64::from(self.chunks)
     }
 
+    /// The key of the fill: word `i` of it (little-endian, chunk after chunk) is
+    /// `splitmix64(key ^ i·golden)`.
+    pub fn key(&self) -> u64 {
+        key(&self.seed, b"M")
+    }
+
     /// Chunk `j` of the fill.
     pub fn chunk(&self, j: u32) -> Vec<u8> {
-        let key = key(&self.seed, b"M");
+        let key = self.key();
         let words = u64::from(self.chunk_bytes / 8);
         let first = u64::from(j) * words;
         (first..first + words).flat_map(|index| splitmix64(key ^ index.wrapping_mul(GOLDEN)).to_le_bytes()).collect()
