@@ -149,12 +149,13 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
 }
 
 /// The head's check of a node's GPUs, in words: `passed`, `passed (simulated)`,
-/// `pending`, `failed: why`, or empty for a node without GPUs.
+/// `pending`, `failed: why`, `untrusted: why`, or empty for a node without GPUs.
 fn gpu_check_words(node: &ionet_common::rpc::proto::common::NodeInfo) -> String {
     let Some(check) = &node.gpu_check else { return String::new() };
     match ionet_common::gpu_proof::state_name(check) {
         "none" => String::new(),
         "failed" => format!("failed: {}", check.reason),
+        "untrusted" => format!("untrusted: {}", ionet_common::gpu_proof::held_back_because(check)),
         state if check.simulated => format!("{state} (simulated)"),
         state => state.to_string(),
     }

@@ -143,6 +143,11 @@ impl GpuChecks {
         });
     }
 
+    /// Asks `node` for a check at its next idle heartbeat (the operator cleared it).
+    pub fn due_now(&self, node: NodeId) {
+        self.schedule.insert(node, Schedule { next: Instant::now(), asked: None });
+    }
+
     /// Ends a check the node left under way (it asked for another): the reason to record
     /// as a failure, if there was one.
     pub fn abandon(&self, node: NodeId) -> Option<String> {

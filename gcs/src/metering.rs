@@ -466,8 +466,7 @@ impl Metering {
             )));
         }
         if ionet_common::gpu_proof::held_back(&node) {
-            let check = node.gpu_check.clone().unwrap_or_default();
-            let why = if check.reason.is_empty() { "not passed yet".to_string() } else { check.reason };
+            let why = ionet_common::gpu_proof::held_back_because(&node.gpu_check.clone().unwrap_or_default());
             return Err(IonetError::FailedPrecondition(format!(
                 "node {} takes no leases until its GPUs pass the head's check ({why}); lease {lease_id} is not billed",
                 node_id.short()

@@ -442,6 +442,19 @@ impl Gcs for GcsService {
         Ok(Response::new(RevealGpuCheckReply { check }))
     }
 
+    async fn clear_untrusted(
+        &self,
+        request: Request<ClearUntrustedRequest>,
+    ) -> Result<Response<ClearUntrustedReply>, Status> {
+        let node_id = node_id_of(&request.into_inner().node_id)?;
+        let check = self.state.clear_untrusted(&node_id).await?;
+        // Its latest check failed: the next is asked for at once, not an interval away.
+        if check.state != ionet_common::rpc::proto::common::GpuCheckState::Passed as i32 {
+            self.gpu_checks.due_now(node_id);
+        }
+        Ok(Response::new(ClearUntrustedReply { check: Some(check) }))
+    }
+
     async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {
         Ok(Response::new(GetAllNodesReply { nodes: self.state.nodes(request.into_inner().include_dead) }))
     }

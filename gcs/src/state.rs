@@ -415,6 +415,9 @@ impl GcsState {
                     passes: history.passes,
                     failures: history.failures,
                     last_failed_at_ms: history.last_failed_at_ms,
+                    recent_failures_ms: history.recent_failures_ms,
+                    untrusted_since_ms: history.untrusted_since_ms,
+                    cleared_at_ms: history.cleared_at_ms,
                     ..Default::default()
                 })
             }
@@ -477,11 +480,29 @@ impl GcsState {
                     check.took_ms = *took_ms;
                 }
                 Err(reason) => {
+                    let now = check.checked_at_ms;
                     check.state = GpuCheckState::Failed as i32;
-                    check.last_failed_at_ms = check.checked_at_ms;
+                    check.last_failed_at_ms = now;
                     check.passed_since_ms = 0;
                     check.failures += 1;
                     check.reason = reason.clone();
+                    // Failures within the window (at most as many as it takes); enough of
+                    // them and only the operator trusts the node again.
+                    let window = self.config.gpu_check_untrusted_window_ms;
+                    let enough = self.config.gpu_check_untrusted_failures.max(1) as usize;
+                    check.recent_failures_ms.retain(|&at| at.saturating_add(window) > now);
+                    check.recent_failures_ms.push(now);
+                    let excess = check.recent_failures_ms.len().saturating_sub(enough);
+                    check.recent_failures_ms.drain(..excess);
+                    if check.recent_failures_ms.len() >= enough && check.untrusted_since_ms == 0 {
+                        check.untrusted_since_ms = now;
+                        tracing::warn!(
+                            node = %node_id.short(),
+                            failures = enough,
+                            "node failed {enough} GPU checks within {} s: untrusted until the operator clears it",
+                            window / 1000
+                        );
+                    }
                 }
             }
             entry.gpu_check = Some(check);
@@ -494,6 +515,35 @@ impl GcsState {
             }
             Err(reason) => tracing::warn!(node = %node_id.short(), reason, "node failed its GPU check: quarantined"),
         }
+        self.publish(Event::NodeAdded(node.clone()));
+        Ok(node.gpu_check.unwrap_or_default())
+    }
+
+    /// The operator's word that an untrusted node may be trusted again: its failures
+    /// within the window are forgotten (its counts stay on record). It takes work again
+    /// once its latest check passed.
+    pub async fn clear_untrusted(&self, node_id: &NodeId) -> GcsResult<GpuCheck> {
+        let node = {
+            let mut entry = self.nodes.get_mut(node_id).ok_or_else(|| {
+                IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
+            })?;
+            let mut check = entry.gpu_check.clone().unwrap_or_default();
+            if check.untrusted_since_ms == 0 {
+                return Err(IonetError::FailedPrecondition(format!(
+                    "node {} is not untrusted (its GPU check is {})",
+                    node_id.short(),
+                    ionet_common::gpu_proof::state_name(&check)
+                ))
+                .into());
+            }
+            check.untrusted_since_ms = 0;
+            check.recent_failures_ms.clear();
+            check.cleared_at_ms = self.clock.now_ms();
+            entry.gpu_check = Some(check);
+            entry.clone()
+        };
+        self.persist_node(&node).await?;
+        tracing::info!(node = %node_id.short(), "the operator cleared an untrusted node");
         self.publish(Event::NodeAdded(node.clone()));
         Ok(node.gpu_check.unwrap_or_default())
     }
@@ -953,6 +1003,63 @@ mod tests {
 
         let restarted = GcsState::open(config, storage, Arc::new(clock)).await.unwrap();
         assert_eq!(restarted.object_moves("10.0.0.1:1", &[kept]), vec!["10.0.0.3:1".to_string()], "kept in storage");
+    }
+
+    #[tokio::test]
+    async fn repeated_failed_gpu_checks_within_the_window_make_a_node_untrusted_until_the_operator_clears_it() {
+        use ionet_common::gpu_proof::{held_back, state_name};
+        let clock = ManualClock::new(1_000_000);
+        let config = ClusterConfig { gpu_check_untrusted_window_ms: 3_600_000, ..Default::default() };
+        let gcs = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
+        let id = NodeId::random();
+        let mut info = node(id, 1);
+        info.gpus = vec![ionet_common::rpc::proto::common::GpuInfo {
+            index: 0,
+            model: "H100".into(),
+            memory_bytes: 80 << 30,
+            simulated: true,
+        }];
+        gcs.register_checked_node(info.clone()).await.unwrap();
+        let fail = |why: &str| gcs.record_gpu_check(&id, Err(why.to_string()));
+        let check = |gcs: &GcsState| gcs.node(&id).unwrap().gpu_check.unwrap();
+
+        // Two failures, then a third two hours later: never three within the hour.
+        fail("late").await.unwrap();
+        fail("late").await.unwrap();
+        clock.advance_ms(2 * 3_600_000);
+        fail("late").await.unwrap();
+        assert_eq!(state_name(&check(&gcs)), "failed", "{:?}", check(&gcs));
+        assert_eq!(check(&gcs).recent_failures_ms.len(), 1, "older failures left the window");
+        clock.advance_ms(600_000);
+        fail("late").await.unwrap();
+        let third = fail("row 3 of the product is wrong").await.unwrap();
+        assert_eq!(state_name(&third), "untrusted");
+        assert_eq!(third.untrusted_since_ms, clock.now_ms());
+        assert_eq!(third.failures, 5);
+
+        // A pass, or registering with other GPUs, does not trust it again.
+        let passed = gcs.record_gpu_check(&id, Ok((1.0, 1.0, 1))).await.unwrap();
+        assert_eq!(state_name(&passed), "untrusted");
+        assert!(held_back(&gcs.node(&id).unwrap()), "an untrusted node takes no work");
+        let because = ionet_common::gpu_proof::held_back_because(&passed);
+        assert!(
+            because.contains("untrusted after 3 failed checks") && because.contains("product is wrong"),
+            "{because}"
+        );
+        info.gpus[0].memory_bytes += 1;
+        gcs.register_node(info).await.unwrap();
+        assert_eq!(state_name(&check(&gcs)), "untrusted", "re-registering clears nothing");
+        gcs.record_gpu_check(&id, Ok((1.0, 1.0, 1))).await.unwrap();
+
+        // The operator clears it: it takes work on its passing check.
+        let cleared = gcs.clear_untrusted(&id).await.unwrap();
+        assert_eq!((state_name(&cleared), cleared.cleared_at_ms), ("passed", clock.now_ms()));
+        assert!(cleared.recent_failures_ms.is_empty() && cleared.failures == 5, "counts stay on record");
+        assert!(!held_back(&gcs.node(&id).unwrap()));
+        let again = gcs.clear_untrusted(&id).await.unwrap_err();
+        assert!(again.to_string().contains("is not untrusted (its GPU check is passed)"), "{again}");
+        let unknown = gcs.clear_untrusted(&NodeId::random()).await.unwrap_err();
+        assert!(unknown.to_string().contains("is not registered"), "{unknown}");
     }
 
     #[tokio::test]

@@ -34,6 +34,10 @@ pub enum Command {
     /// new leases, its actors restart elsewhere, its running tasks may finish until the
     /// deadline, then it leaves (the operator's admin credential).
     Drain(DrainArgs),
+    /// Trust a node again that repeated failed GPU checks marked untrusted: `ionet trust
+    /// --node 3f2a` (the operator's admin credential). It takes work again once its latest
+    /// check passed; if that failed, it is checked again at once.
+    Trust(TrustArgs),
     /// Usage records the head metered (ended and open leases).
     Usage(UsageArgs),
     /// What a job's workers printed: `ionet logs --job 00000001 [--node 3f2a] [--follow]`
@@ -83,6 +87,15 @@ pub struct DrainArgs {
     /// How long its running tasks may take to finish, e.g. 60s or 10m.
     #[arg(long, default_value = "60s")]
     pub deadline: String,
+    #[command(flatten)]
+    pub head: HeadArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TrustArgs {
+    /// The node: its id or a prefix of it (as `ionet status` shows it).
+    #[arg(long)]
+    pub node: String,
     #[command(flatten)]
     pub head: HeadArgs,
 }
@@ -630,6 +643,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Memory(args) => crate::object_commands::memory(args),
         Command::Stop(args) => commands::stop(args),
         Command::Drain(args) => commands::drain(args),
+        Command::Trust(args) => commands::trust(args),
         Command::Logs(args) => commands::logs(args),
         Command::Usage(args) => metering_commands::usage(args),
         Command::Job(JobCommand::Cost(args)) => metering_commands::job_cost(args),

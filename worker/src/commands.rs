@@ -13,7 +13,8 @@ use ionet_common::auth::Bearer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::KeyPair;
 use ionet_common::resources::{parse_usd, Quantity, ResourceSet};
-use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest};
+use ionet_common::rpc::proto::common::{GpuCheckState, NodeInfo};
+use ionet_common::rpc::proto::gcs::{ClearUntrustedRequest, CreateTokenRequest, GetAllNodesRequest};
 use ionet_common::rpc::proto::node::node_manager_client::NodeManagerClient;
 use ionet_common::rpc::proto::node::{DrainRequest, StreamLogsRequest};
 use ionet_common::tls::{self, ClusterCa};
@@ -25,7 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::cli::{
     AccountCreateArgs, DrainArgs, HeadArgs, ListActorsArgs, LogsArgs, PayoutArgs, ResourceArgs, StartArgs, StatusArgs,
-    StopArgs, TokenCreateArgs,
+    StopArgs, TokenCreateArgs, TrustArgs,
 };
 use crate::identities::WorkerIdentities;
 use crate::node_daemon::{NodeDaemon, NodeDaemonOptions};
@@ -593,19 +594,7 @@ pub fn drain(args: DrainArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut gcs = rpc::gcs_client(&address, &admin).await?;
-        let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
-        let wanted = args.node.trim().to_ascii_lowercase();
-        let matching: Vec<_> = nodes
-            .into_inner()
-            .nodes
-            .into_iter()
-            .filter(|node| hex::encode(&node.node_id).starts_with(&wanted))
-            .collect();
-        let node = match matching.as_slice() {
-            [node] => node.clone(),
-            [] => bail!("no live node's id starts with {:?} (see `ionet status`)", args.node),
-            _ => bail!("{} live nodes' ids start with {:?}: give more of the id", matching.len(), args.node),
-        };
+        let node = live_node(&mut gcs, &args.node).await?;
         let channel = rpc::connect(&node.address, &admin, Duration::from_secs(5)).await?;
         let request = DrainRequest {
             deadline_ms: deadline.as_millis() as u64,
@@ -627,6 +616,40 @@ pub fn drain(args: DrainArgs) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    })
+}
+
+/// The live node whose id starts with `prefix` (one only).
+async fn live_node(gcs: &mut rpc::GcsClient, prefix: &str) -> Result<NodeInfo> {
+    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+    let wanted = prefix.trim().to_ascii_lowercase();
+    let matching: Vec<_> =
+        nodes.into_inner().nodes.into_iter().filter(|node| hex::encode(&node.node_id).starts_with(&wanted)).collect();
+    match matching.as_slice() {
+        [node] => Ok(node.clone()),
+        [] => bail!("no live node's id starts with {prefix:?} (see `ionet status`)"),
+        _ => bail!("{} live nodes' ids start with {prefix:?}: give more of the id", matching.len()),
+    }
+}
+
+/// `ionet trust --node N`: the operator clears a node marked untrusted.
+pub fn trust(args: TrustArgs) -> Result<()> {
+    let (address, admin, _) = operator_call(&args.head, "0s")?;
+    SessionDir::resolve(args.head.session.temp_dir.as_deref()).trust_cluster_ca(&address)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut gcs = rpc::gcs_client(&address, &admin).await?;
+        let node = live_node(&mut gcs, &args.node).await?;
+        let request = ClearUntrustedRequest { node_id: node.node_id.clone() };
+        let check =
+            gcs.clear_untrusted(request).await.map_err(IonetError::from)?.into_inner().check.unwrap_or_default();
+        let short = &hex::encode(&node.node_id)[..8];
+        if check.state == GpuCheckState::Passed as i32 {
+            println!("node {short} is trusted again and takes work: its latest GPU check passed");
+        } else {
+            println!("node {short} is trusted again: it takes work once it passes the GPU check it is now asked for");
+        }
+        Ok(())
     })
 }
 

@@ -72,15 +72,21 @@ fn gpu_check_json(node: &NodeInfo) -> Value {
         "passes": check.passes,
         "failures": check.failures,
         "took_ms": check.took_ms,
+        "recent_failures_ms": check.recent_failures_ms,
+        "untrusted_since_ms": check.untrusted_since_ms,
+        "cleared_at_ms": check.cleared_at_ms,
+        "held_back_because": ionet_common::gpu_proof::held_back_because(&check),
     })
 }
 
-/// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`, or `-`.
+/// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`,
+/// `UNTRUSTED: why`, or `-`.
 fn gpu_check_cell(node: &NodeInfo) -> String {
     let check = node.gpu_check.clone().unwrap_or_default();
     match ionet_common::gpu_proof::state_name(&check) {
         "none" => "-".into(),
         "failed" => format!("FAILED: {}", check.reason),
+        "untrusted" => format!("UNTRUSTED: {}", ionet_common::gpu_proof::held_back_because(&check)),
         state if check.simulated => format!("{state} (simulated)"),
         state => state.to_string(),
     }

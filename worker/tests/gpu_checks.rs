@@ -14,10 +14,10 @@ use ionet_common::auth::Bearer;
 use ionet_common::credential::{registration_message, KeyPair};
 use ionet_common::gpu_proof::{chunk_leaf, row_bytes, Answer, CpuProver, GpuChallenge, Prover};
 use ionet_common::resources::{Quantity, ResourceSet, CPU, GPU};
-use ionet_common::rpc::proto::common::{GpuInfo, NodeInfo};
+use ionet_common::rpc::proto::common::{GpuCheckState, GpuInfo, NodeInfo};
 use ionet_common::rpc::proto::gcs::{
-    AddJobRequest, CommitGpuCheckRequest, CreateTokenRequest, HeartbeatRequest, RegisterNodeRequest,
-    RevealGpuCheckRequest, StartGpuCheckRequest,
+    AddJobRequest, ClearUntrustedRequest, CommitGpuCheckRequest, CreateTokenRequest, HeartbeatRequest,
+    RegisterNodeRequest, RevealGpuCheckRequest, StartGpuCheckRequest,
 };
 use ionet_common::rpc::proto::metering::LeaseStartedRequest;
 use ionet_common::rpc::GcsClient;
@@ -27,9 +27,13 @@ use serde_json::Value;
 
 /// A head whose GPU checks are due within 1.5 s (simulated GPUs answer in well under).
 fn cluster() -> (TestCluster, tempfile::TempDir) {
+    cluster_with("")
+}
+
+fn cluster_with(settings: &str) -> (TestCluster, tempfile::TempDir) {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("ionet.toml");
-    std::fs::write(&config, "gpu_check_deadline_ms = 1500\n").unwrap();
+    std::fs::write(&config, format!("gpu_check_deadline_ms = 1500\n{settings}")).unwrap();
     (TestCluster::start(&["--config", config.to_str().unwrap()]), config_dir)
 }
 
@@ -278,4 +282,53 @@ fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not
         node_row(&cluster, &cached.node_id.hex())["gpu_check"]["state"] == "passed"
     });
     cluster.runtime.block_on(metering.lease_started(lease(&cached.node_id.to_vec(), &job))).expect("billed again");
+}
+
+#[test]
+fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
+    let (cluster, _config) = cluster_with("gpu_check_untrusted_failures = 2\n");
+    let job = add_job(&cluster);
+    let mut metering = cluster.metering_client();
+    let mut cheat = join(&cluster, 1);
+    let cached = |challenge: &GpuChallenge| {
+        let mut stale = challenge.clone();
+        stale.compute.seed = [7; 32];
+        CpuProver.run(&stale).unwrap()
+    };
+    let honest = |challenge: &GpuChallenge| CpuProver.run(challenge).unwrap();
+    answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap();
+    assert_eq!(node_row(&cluster, &cheat.node_id.hex())["gpu_check"]["state"], "failed", "one failure quarantines");
+    answer_check(&cluster, &mut cheat, Duration::ZERO, skipped_fill).unwrap();
+
+    // Two within the window: untrusted, and passing does not lift it.
+    let check = answer_check(&cluster, &mut cheat, Duration::ZERO, honest).unwrap();
+    assert_eq!((check.state, check.passes), (GpuCheckState::Passed as i32, 1));
+    let row = node_row(&cluster, &cheat.node_id.hex());
+    let shown = &row["gpu_check"];
+    assert_eq!(shown["state"], "untrusted", "{row:#}");
+    assert!(shown["untrusted_since_ms"].as_u64().unwrap() > 0);
+    assert_eq!(shown["recent_failures_ms"].as_array().unwrap().len(), 2);
+    let because = shown["held_back_because"].as_str().unwrap();
+    assert!(
+        because.contains("untrusted after 2 failed checks") && because.contains("does not hold the fill"),
+        "{because}"
+    );
+    let refused = cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).unwrap_err();
+    assert!(refused.message().contains("untrusted after 2 failed checks"), "{refused:?}");
+    let table = cluster.ionet_ok(&["status"]);
+    assert!(table.contains("UNTRUSTED: untrusted after 2 failed checks"), "{table}");
+
+    // Only the operator trusts it again: not the node itself.
+    let request = ClearUntrustedRequest { node_id: cheat.node_id.to_vec() };
+    let denied = cluster.runtime.block_on(cheat.client.clear_untrusted(request)).unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let hex = cheat.node_id.hex();
+    let said = cluster.ionet_ok(&["trust", "--node", &hex[..8]]);
+    assert!(said.contains("is trusted again and takes work"), "{said}");
+    let row = node_row(&cluster, &hex);
+    assert_eq!(row["gpu_check"]["state"], "passed", "{row:#}");
+    assert!(row["gpu_check"]["cleared_at_ms"].as_u64().unwrap() > 0);
+    cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).expect("billed again");
+    let twice = cluster.ionet_err(&["trust", "--node", &hex[..8]]);
+    assert!(twice.contains("is not untrusted"), "{twice}");
 }

@@ -291,6 +291,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/StartGpuCheck", Access::Node),
     row("/ionet.gcs.Gcs/CommitGpuCheck", Access::Node),
     row("/ionet.gcs.Gcs/RevealGpuCheck", Access::Node),
+    // Trusting a node again after repeated failed checks is the operator's word alone.
+    row("/ionet.gcs.Gcs/ClearUntrusted", Access::Admin),
     row("/ionet.gcs.Gcs/DrainNode", Access::Node),
     row("/ionet.gcs.Gcs/GetAllNodes", Access::Read),
     row("/ionet.gcs.Gcs/AddJob", Access::StartJob),

@@ -57,6 +57,10 @@ pub struct ClusterConfig {
     /// Most of a node's idle time its checks may take, in basis points: the interval is
     /// stretched so that the last check's duration is at most this share of it.
     pub gpu_check_idle_share_bps: u32,
+    /// Failed checks within [`ClusterConfig::gpu_check_untrusted_window_ms`] that mark a
+    /// node untrusted until the operator clears it (`ionet trust`).
+    pub gpu_check_untrusted_failures: u32,
+    pub gpu_check_untrusted_window_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -79,6 +83,8 @@ impl Default for ClusterConfig {
             gpu_check_deadline_ms: 10_000,
             gpu_check_interval_ms: 3_600_000,
             gpu_check_idle_share_bps: 100,
+            gpu_check_untrusted_failures: 3,
+            gpu_check_untrusted_window_ms: 24 * 3_600_000,
         }
     }
 }
@@ -144,6 +150,8 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_DEADLINE_MS", &mut self.gpu_check_deadline_ms)?;
         read(&lookup, "IONET_GPU_CHECK_INTERVAL_MS", &mut self.gpu_check_interval_ms)?;
         read(&lookup, "IONET_GPU_CHECK_IDLE_SHARE_BPS", &mut self.gpu_check_idle_share_bps)?;
+        read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_FAILURES", &mut self.gpu_check_untrusted_failures)?;
+        read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_WINDOW_MS", &mut self.gpu_check_untrusted_window_ms)?;
         Ok(())
     }
 
@@ -174,6 +182,11 @@ impl ClusterConfig {
         }
         if self.gpu_check_interval_ms == 0 || self.gpu_check_deadline_ms == 0 {
             return Err(IonetError::Config("gpu_check_interval_ms and gpu_check_deadline_ms must be positive".into()));
+        }
+        if self.gpu_check_untrusted_failures == 0 || self.gpu_check_untrusted_window_ms == 0 {
+            return Err(IonetError::Config(
+                "gpu_check_untrusted_failures and gpu_check_untrusted_window_ms must be positive".into(),
+            ));
         }
         if self.max_kv_value_bytes >= self.max_message_bytes {
             return Err(IonetError::Config("max_kv_value_bytes must be below max_message_bytes".into()));

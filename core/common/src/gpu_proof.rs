@@ -557,10 +557,13 @@ pub fn pick(rng: &mut impl rand::Rng, limit: u32, count: usize) -> Vec<u32> {
     picked
 }
 
-/// A check's state in words: `none`, `pending`, `passed` or `failed` (what `ionet status
-/// --json` and the dashboard show).
+/// A check's state in words: `none`, `pending`, `passed`, `failed` or `untrusted` (what
+/// `ionet status --json` and the dashboard show).
 pub fn state_name(check: &crate::rpc::proto::common::GpuCheck) -> &'static str {
     use crate::rpc::proto::common::GpuCheckState;
+    if check.untrusted_since_ms != 0 {
+        return "untrusted";
+    }
     match GpuCheckState::try_from(check.state) {
         Ok(GpuCheckState::Pending) => "pending",
         Ok(GpuCheckState::Passed) => "passed",
@@ -569,13 +572,28 @@ pub fn state_name(check: &crate::rpc::proto::common::GpuCheck) -> &'static str {
     }
 }
 
-/// Whether the head's check of `node`'s GPUs keeps it from new work: not passed yet, or
-/// failed (quarantined).
+/// Whether the head's check of `node`'s GPUs keeps it from new work: not passed yet,
+/// failed (quarantined), or untrusted until the operator clears it.
 pub fn held_back(node: &crate::rpc::proto::common::NodeInfo) -> bool {
     use crate::rpc::proto::common::GpuCheckState;
     node.gpu_check.as_ref().is_some_and(|check| {
-        matches!(GpuCheckState::try_from(check.state), Ok(GpuCheckState::Pending | GpuCheckState::Failed))
+        check.untrusted_since_ms != 0
+            || matches!(GpuCheckState::try_from(check.state), Ok(GpuCheckState::Pending | GpuCheckState::Failed))
     })
+}
+
+/// Why the head's check keeps `check`'s node from work, in words (empty: it does not).
+pub fn held_back_because(check: &crate::rpc::proto::common::GpuCheck) -> String {
+    match state_name(check) {
+        "untrusted" => format!(
+            "untrusted after {} failed checks until the operator clears it (`ionet trust`); the last: {}",
+            check.recent_failures_ms.len(),
+            check.reason
+        ),
+        "failed" => check.reason.clone(),
+        "pending" => "not passed yet".into(),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]

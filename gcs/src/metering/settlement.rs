@@ -59,7 +59,10 @@ impl Metering {
             }
             let check = node.gpu_check.clone().unwrap_or_default();
             let passing = check.state == GpuCheckState::Passed as i32 && check.passed_since_ms > 0;
-            let rewarded = passing && !check.simulated && check.last_failed_at_ms <= previous_end_ms;
+            let rewarded = passing
+                && !check.simulated
+                && check.untrusted_since_ms == 0
+                && check.last_failed_at_ms <= previous_end_ms;
             let mut from = node.registered_at_ms.max(previous_end_ms);
             if rewarded {
                 from = from.max(check.passed_since_ms);

@@ -516,9 +516,10 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     };
     let state = GcsState::open(config, Arc::new(MemoryStorage::new()), Arc::new(clock.clone())).await.unwrap();
     let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
-    let [honest, cheat, simulated, unchecked] = [(); 4].map(|_| NodeId::random());
+    let [honest, cheat, simulated, unchecked, distrusted] = [(); 5].map(|_| NodeId::random());
     state.register_checked_node(gpu_node(honest, 4, "1", "honest")).await.unwrap();
     state.register_checked_node(gpu_node(cheat, 4, "1", "cheat")).await.unwrap();
+    state.register_checked_node(gpu_node(distrusted, 4, "1", "distrusted")).await.unwrap();
     let mut declared = gpu_node(simulated, 4, "1", "simulated");
     declared.gpus = (0..4)
         .map(|index| ionet_common::rpc::proto::common::GpuInfo {
@@ -534,13 +535,18 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     clock.advance_ms(1_800_000);
     state.record_gpu_check(&cheat, Err("GPU 1: row 3 of the product is wrong".into())).await.unwrap();
     state.record_gpu_check(&cheat, Ok((1.0, 1.0, 1))).await.unwrap();
+    // Another fails three (untrusted until the operator clears it), then passes.
+    for _ in 0..3 {
+        state.record_gpu_check(&distrusted, Err("GPU 0: memory chunk 9 does not hold the fill".into())).await.unwrap();
+    }
+    state.record_gpu_check(&distrusted, Ok((1.0, 1.0, 1))).await.unwrap();
     clock.advance_ms(1_800_000);
 
     let summary = metering.settle_at(START + 3_600_000, false).await.unwrap();
     let reward = |wallet: &str| summary.providers.iter().find(|p| p.wallet == wallet).map_or(0, |p| p.reward);
     assert!(reward("honest") > 0, "{summary:?}");
     assert_eq!(reward("honest"), summary.total_rewards, "the only node earning takes the whole pool");
-    for wallet in ["cheat", "simulated", "unchecked"] {
+    for wallet in ["cheat", "simulated", "unchecked", "distrusted"] {
         assert_eq!(reward(wallet), 0, "{wallet} earns no availability reward: {summary:?}");
     }
     // The next epoch, the cheat's passing time counts again; the simulated node's never.
@@ -549,4 +555,5 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     let reward = |wallet: &str| next.providers.iter().find(|p| p.wallet == wallet).map_or(0, |p| p.reward);
     assert!(reward("cheat") > 0 && reward("honest") > 0, "{next:?}");
     assert_eq!(reward("simulated"), 0);
+    assert_eq!(reward("distrusted"), 0, "untrusted, it earns nothing however its checks go");
 }
