@@ -143,6 +143,10 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
             "death_cause": node.death_cause,
             "earned_usd": earned.get(&id).map(|micros| usd(*micros)),
             "gpu_check": gpu_check_words(&node),
+            "gpu_tflops": ionet_common::gpu_proof::gpu_tflops_milli(&node) as f64 / 1000.0,
+            "gpu_tflops_measured": ionet_common::gpu_proof::tflops_measured(&node),
+            "reliability": f64::from(ionet_common::reliability::score_bps(&node, now))
+                / f64::from(ionet_common::reliability::FULL),
         }));
     }
     Json(json!({ "nodes": rows })).into_response()

@@ -557,6 +557,9 @@ impl Metering {
             if let Some(first) = lease.sides.node_started {
                 return Ok((first, Changes::default()));
             }
+            if lease.node.is_none() {
+                self.state.note_lease(&node_id);
+            }
             lease.node = Some(node_side);
             lease.sides.node_started = Some(started);
             if head_holds {
@@ -755,6 +758,7 @@ impl Metering {
     /// last heartbeat. Returns how many records that closed.
     pub async fn end_leases_of_dead_nodes(&self) -> GcsResult<usize> {
         let now = self.state.now_ms();
+        let mut lost = std::collections::HashMap::new();
         let changes = {
             let mut book = self.book();
             let dead: Vec<(LeaseId, u64)> = book
@@ -768,6 +772,9 @@ impl Metering {
             let mut changes = Changes::default();
             for (lease_id, last_heartbeat_ms) in dead {
                 if let Some(lease) = book.open.get_mut(&lease_id) {
+                    if lease.sides.forced_end.is_none() && lease.node.is_some() {
+                        *lost.entry(lease.node_id).or_insert(0u64) += 1;
+                    }
                     lease.sides.forced_end.get_or_insert((last_heartbeat_ms, EndedBy::NodeDead));
                     tracing::info!(lease = %lease_id, node = %lease.node_id.short(), end_ms = last_heartbeat_ms, "lease ended by its node's death");
                 }
@@ -778,6 +785,10 @@ impl Metering {
         };
         let ended = changes.records.len();
         self.apply(changes).await?;
+        // Leases a node's death ended count against its reliability.
+        for (node_id, lost) in lost {
+            self.state.note_leases_lost(&node_id, lost).await?;
+        }
         Ok(ended)
     }
 

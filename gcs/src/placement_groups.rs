@@ -251,7 +251,9 @@ pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     view.accelerator_type = (!node.accelerator_type.is_empty()).then(|| node.accelerator_type.clone());
     view.labels = node.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
     view.price_per_gpu_hour = node.price_per_gpu_hour_micros;
-    view.gpu_tflops_milli = gpu_tflops_milli(node);
+    view.gpu_tflops_milli = ionet_common::gpu_proof::gpu_tflops_milli(node);
+    view.reliability_bps =
+        ionet_common::reliability::score_bps(node, node.last_heartbeat_ms.max(node.registered_at_ms));
     view.state = match WireNodeState::try_from(node.state).unwrap_or(WireNodeState::Unspecified) {
         // A node that runs no workloads takes nothing new, as a draining one; nor does
         // one whose GPUs have not passed the head's check (or failed it).
@@ -261,22 +263,6 @@ pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
         WireNodeState::Dead | WireNodeState::Unspecified => NodeState::Dead,
     };
     Ok(view)
-}
-
-/// A node's per-GPU FP32 TFLOPS in thousandths for ranking: what the head measured at its
-/// last passed check for real GPUs; the published figure of the declared model for
-/// simulated ones (a CPU's speed says nothing of the model they stand for); 0 if unknown.
-fn gpu_tflops_milli(node: &NodeInfo) -> u64 {
-    let check = node.gpu_check.clone().unwrap_or_default();
-    let passed = check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32;
-    if passed && !check.simulated && check.tflops.is_finite() && check.tflops > 0.0 {
-        return (check.tflops * 1000.0) as u64;
-    }
-    let model = node.gpus.first().map(|gpu| gpu.model.as_str()).unwrap_or(node.accelerator_type.as_str());
-    match ionet_common::gpu_proof::published(model) {
-        Some(figures) if check.simulated || !passed => (figures.fp32_tflops * 1000.0) as u64,
-        _ => 0,
-    }
 }
 
 /// What a node reserves for a bundle: an `accelerator_type:` entry constrains the node,

@@ -395,6 +395,18 @@ impl GcsState {
         }
         let now = self.clock.now_ms();
         node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
+        // The head's record of how it kept its word, never the node's: time it was gone
+        // since it was declared dead counts against it.
+        node.reliability = Some(match self.nodes.get(&node_id) {
+            Some(known) => {
+                let mut record = known.reliability.clone().unwrap_or_default();
+                if known.state == NodeState::Dead as i32 {
+                    record.down_ms += now.saturating_sub(known.last_heartbeat_ms);
+                }
+                record
+            }
+            None => Default::default(),
+        });
         // The head's word on the GPUs, never the node's: kept while the node declares the
         // same GPUs (a quarantined node does not clear itself by registering again), else
         // pending until the node passes a check.
@@ -546,6 +558,26 @@ impl GcsState {
         tracing::info!(node = %node_id.short(), "the operator cleared an untrusted node");
         self.publish(Event::NodeAdded(node.clone()));
         Ok(node.gpu_check.unwrap_or_default())
+    }
+
+    /// Counts a lease the head bills on `node_id` toward its reliability (in memory: stored
+    /// with the node's row at its next write).
+    pub fn note_lease(&self, node_id: &NodeId) {
+        if let Some(mut node) = self.nodes.get_mut(node_id) {
+            node.reliability.get_or_insert_with(Default::default).leases += 1;
+        }
+    }
+
+    /// Counts leases that `node_id`'s death ended against its reliability.
+    pub async fn note_leases_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
+        let node = {
+            let Some(mut node) = self.nodes.get_mut(node_id) else { return Ok(()) };
+            node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+            node.clone()
+        };
+        self.persist_node(&node).await?;
+        self.publish(Event::NodeAdded(node));
+        Ok(())
     }
 
     /// Records a heartbeat: the node is alive now and has `available` free.

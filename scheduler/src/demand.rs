@@ -23,6 +23,8 @@ pub struct Demand {
     pub min_gpu_memory_per_gpu: Option<u64>,
     /// Every selector must match the node's labels.
     pub label_selectors: Vec<LabelSelector>,
+    /// The node's reliability score must be at least this, in basis points.
+    pub min_reliability_bps: Option<u32>,
 }
 
 impl Demand {
@@ -40,6 +42,11 @@ impl Demand {
 
     pub fn with_min_gpu_memory_per_gpu(mut self, bytes: u64) -> Self {
         self.min_gpu_memory_per_gpu = Some(bytes);
+        self
+    }
+
+    pub fn with_min_reliability_bps(mut self, bps: u32) -> Self {
+        self.min_reliability_bps = Some(bps);
         self
     }
 
@@ -75,6 +82,9 @@ impl Demand {
                 return false;
             }
         }
+        if self.min_reliability_bps.is_some_and(|min| node.reliability_bps < min) {
+            return false;
+        }
         self.label_selectors.iter().all(|selector| selector.matches(&node.labels))
     }
 
@@ -107,6 +117,9 @@ impl fmt::Display for Demand {
         if !self.label_selectors.is_empty() {
             let selectors: Vec<String> = self.label_selectors.iter().map(|s| s.to_string()).collect();
             write!(f, " where {}", selectors.join(" and "))?;
+        }
+        if let Some(min) = self.min_reliability_bps {
+            write!(f, " on nodes of reliability >= {}", ionet_common::reliability::format(min))?;
         }
         Ok(())
     }

@@ -45,6 +45,9 @@ pub struct NodeView {
     /// real GPUs passed their check, or its model's published figure for simulated ones;
     /// 0 when unknown.
     pub gpu_tflops_milli: u64,
+    /// The head's reliability score of the node, in basis points (10 000: never failed
+    /// anyone; see `ionet_common::reliability`).
+    pub reliability_bps: u32,
 }
 
 impl NodeView {
@@ -60,6 +63,7 @@ impl NodeView {
             price_per_gpu_hour: 0,
             state: NodeState::Alive,
             gpu_tflops_milli: 0,
+            reliability_bps: ionet_common::reliability::FULL,
         }
     }
 

@@ -185,6 +185,9 @@ fn describe_node(node: &crate::NodeView) -> String {
         let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         text.push_str(&format!(" [{}]", labels.join(", ")));
     }
+    if node.reliability_bps < ionet_common::reliability::FULL {
+        text.push_str(&format!(" reliability {}", ionet_common::reliability::format(node.reliability_bps)));
+    }
     text
 }
 
@@ -217,6 +220,24 @@ mod tests {
         assert_eq!(relaxed.schedule(&demand, &SchedulingStrategy::Default, Some(&local)), Decision::Place(local));
         // Without a local node: least utilised.
         assert_eq!(view.schedule(&demand, &SchedulingStrategy::Default, None), Decision::Place(id(1)));
+    }
+
+    #[test]
+    fn a_minimum_reliability_passes_over_nodes_that_score_below_it_under_every_strategy() {
+        let mut flaky = gpu_node(1, 8, "A100-80GB", 4, 50);
+        flaky.reliability_bps = 7_000;
+        let view = view(vec![flaky, gpu_node(2, 8, "A100-80GB", 4, 300)]);
+        let demand = Demand::new(gpus(0, "1")).with_min_reliability_bps(9_000);
+        for strategy in [SchedulingStrategy::Cost, SchedulingStrategy::Default, SchedulingStrategy::Spread] {
+            assert_eq!(view.schedule(&demand, &strategy, Some(&id(1))), Decision::Place(id(2)), "{strategy:?}");
+        }
+        assert_eq!(view.schedule(&Demand::new(gpus(0, "1")), &SchedulingStrategy::Cost, None), Decision::Place(id(1)));
+        let only_flaky = crate::testing::view(vec![view.node(&id(1)).unwrap().clone()]);
+        let decision = only_flaky.schedule(&demand, &SchedulingStrategy::Cost, None);
+        assert!(
+            matches!(&decision, Decision::Infeasible { reason } if reason.contains("on nodes of reliability >= 0.90")),
+            "{decision}"
+        );
     }
 
     #[test]

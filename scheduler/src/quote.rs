@@ -99,6 +99,9 @@ pub struct QuoteRequest {
     /// What "cheapest" means.
     #[serde(default)]
     pub rank: QuoteRank,
+    /// Only nodes whose reliability score is at least this, in basis points.
+    #[serde(default)]
+    pub min_reliability_bps: Option<u32>,
 }
 
 /// How a quote ranks GPUs.
@@ -123,6 +126,8 @@ pub struct QuotePlacement {
     pub price_per_gpu_hour: MicroUsd,
     /// The node's per-GPU FP32 TFLOPS in thousandths (0: unknown).
     pub gpu_tflops_milli: u64,
+    /// The head's reliability score of the node, in basis points.
+    pub reliability_bps: u32,
 }
 
 impl QuotePlacement {
@@ -244,6 +249,7 @@ pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> 
     let matches_except_price = |node: &NodeView| {
         request.min_gpu_memory_bytes.is_none_or(|min| node.min_gpu_memory_bytes().is_some_and(|have| have >= min))
             && request.region.as_ref().is_none_or(|region| node.labels.get("region") == Some(region))
+            && request.min_reliability_bps.is_none_or(|min| node.reliability_bps >= min)
     };
     let within_price =
         |node: &NodeView| request.max_price_per_gpu_hour.is_none_or(|max| node.price_per_gpu_hour <= max);
@@ -296,6 +302,7 @@ pub fn quote(view: &ClusterView, request: QuoteRequest, prices: &PriceTable) -> 
             gpus: take,
             price_per_gpu_hour: node.price_per_gpu_hour,
             gpu_tflops_milli: node.gpu_tflops_milli,
+            reliability_bps: node.reliability_bps,
         });
     }
     let millihours = (request.hours * 1000.0).round() as u128;
@@ -343,6 +350,9 @@ fn refusal(request: &QuoteRequest, available: u32, busy: u32, above_price: u32) 
     }
     if let Some(region) = &request.region {
         ask.push_str(&format!(" in region {region}"));
+    }
+    if let Some(min) = request.min_reliability_bps {
+        ask.push_str(&format!(" on nodes of reliability >= {}", ionet_common::reliability::format(min)));
     }
     let cap = request.max_price_per_gpu_hour.map(|max| format!("${}/GPU-h", format_usd(max)));
     if let Some(cap) = &cap {
@@ -396,6 +406,7 @@ mod tests {
             max_price_per_gpu_hour: None,
             hours: 2.0,
             rank: QuoteRank::Price,
+            min_reliability_bps: None,
         }
     }
 
@@ -436,6 +447,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(view_quote.placements[0].price_per_tflop_hour(), Some(12_345), "$0.10 / 8.1 TFLOPS");
+    }
+
+    #[test]
+    fn a_minimum_reliability_leaves_out_nodes_that_score_below_it() {
+        let mut view = cluster();
+        let mut flaky = view.node(&id(2)).unwrap().clone();
+        flaky.reliability_bps = 6_000;
+        view.upsert_node(flaky).unwrap();
+        let all = quote(&view, request(4), &PriceTable::builtin()).unwrap();
+        assert_eq!((all.placements[0].node_id, all.placements[0].reliability_bps), (id(2), 6_000), "the cheapest");
+        let ask = QuoteRequest { min_reliability_bps: Some(9_000), ..request(4) };
+        let reliable = quote(&view, ask.clone(), &PriceTable::builtin()).unwrap();
+        assert!(reliable.placements.iter().all(|p| p.node_id != id(2) && p.reliability_bps == 10_000), "{reliable:?}");
+        let refusal = quote(&view, QuoteRequest { gpus: 12, ..ask }, &PriceTable::builtin()).unwrap_err();
+        assert!(refusal.to_string().contains("on nodes of reliability >= 0.90"), "{refusal}");
     }
 
     #[test]

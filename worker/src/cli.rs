@@ -616,6 +616,10 @@ pub struct QuoteArgs {
     /// GPUs).
     #[arg(long, default_value = "price", value_parser = ["price", "per-tflop"])]
     pub rank: String,
+    /// Only nodes whose reliability score (uptime, GPU checks, leases lost to the node's
+    /// death; as `ionet status` shows it) is at least this share, e.g. 0.95.
+    #[arg(long = "min-reliability")]
+    pub min_reliability: Option<f64>,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,

@@ -32,6 +32,11 @@ fn request(args: &QuoteArgs) -> Result<QuoteRequest> {
             .transpose()?,
         hours: args.hours,
         rank: if args.rank == "per-tflop" { QuoteRank::PerTflop } else { QuoteRank::Price },
+        min_reliability_bps: args
+            .min_reliability
+            .map(ionet_common::reliability::parse_share)
+            .transpose()
+            .map_err(|why| anyhow!("--min-reliability: {why}"))?,
     })
 }
 
@@ -62,6 +67,7 @@ fn quote_json(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) -> Value {
             "price_per_gpu_hour": format_usd(p.price_per_gpu_hour),
             "gpu_tflops": p.gpu_tflops_milli as f64 / 1000.0,
             "price_per_tflop_hour_micros": p.price_per_tflop_hour(),
+            "reliability": f64::from(p.reliability_bps) / f64::from(ionet_common::reliability::FULL),
         })).collect::<Vec<_>>(),
         "rank": match quote.rank { QuoteRank::Price => "price", QuoteRank::PerTflop => "per-tflop" },
         "hourly_micros": quote.hourly,
@@ -90,8 +96,8 @@ fn print_quote(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) {
         format_usd(quote.total)
     );
     println!(
-        "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}",
-        "NODE", "ADDRESS", "GPUS", "TYPE", "USD/GPU-H", "REGION", "TFLOPS", "USD/TFLOP-H"
+        "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}  {:>11}",
+        "NODE", "ADDRESS", "GPUS", "TYPE", "USD/GPU-H", "REGION", "TFLOPS", "USD/TFLOP-H", "RELIABILITY"
     );
     for p in &quote.placements {
         let tflops =
@@ -99,7 +105,7 @@ fn print_quote(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) {
         let per_tflop =
             p.price_per_tflop_hour().map(|micros| format!("{:.4}", micros as f64 / 1e6)).unwrap_or("?".into());
         println!(
-            "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}",
+            "  {:<8}  {:<22}  {:>4}  {:<12}  {:>12}  {:<6}  {:>8}  {:>12}  {:>11}",
             p.node_id.short(),
             addresses.get(p.node_id.as_bytes()).map(String::as_str).unwrap_or("?"),
             p.gpus,
@@ -108,6 +114,7 @@ fn print_quote(quote: &Quote, addresses: &BTreeMap<Vec<u8>, String>) {
             p.region.as_deref().unwrap_or("-"),
             tflops,
             per_tflop,
+            ionet_common::reliability::format(p.reliability_bps),
         );
     }
     match (quote.list_hourly, quote.list_total, quote.saving) {
@@ -188,6 +195,7 @@ mod tests {
             max_price_per_gpu_hour: None,
             hours: 24.0,
             rank: QuoteRank::Price,
+            min_reliability_bps: None,
         };
         let priced = ionet_scheduler::quote(&cluster_view(&nodes), ask, &PriceTable::builtin()).unwrap();
         assert_eq!(priced.hourly, 6_000_000);

@@ -3,6 +3,7 @@
 use ionet_common::resources::{self, format_usd, ResourceSet};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState};
 use ionet_common::IonetResult;
+use ionet_common::{gpu_proof, reliability};
 use serde_json::{json, Value};
 
 fn state_name(state: i32) -> &'static str {
@@ -34,6 +35,7 @@ pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
     let mut rows = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (total, available) = sets(node)?;
+        let record = node.reliability.clone().unwrap_or_default();
         rows.push(json!({
             "node_id": hex::encode(&node.node_id),
             "address": node.address,
@@ -54,6 +56,14 @@ pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
             "heartbeat_age_ms": now_ms.saturating_sub(node.last_heartbeat_ms),
             "death_cause": node.death_cause,
             "gpu_check": gpu_check_json(node),
+            "gpu_tflops": gpu_proof::gpu_tflops_milli(node) as f64 / 1000.0,
+            "gpu_tflops_measured": gpu_proof::tflops_measured(node),
+            "reliability": f64::from(reliability::score_bps(node, now_ms)) / f64::from(reliability::FULL),
+            "reliability_record": {
+                "down_ms": record.down_ms,
+                "leases": record.leases,
+                "leases_lost": record.leases_lost,
+            },
         }));
     }
     Ok(rows)
@@ -79,6 +89,16 @@ fn gpu_check_json(node: &NodeInfo) -> Value {
     })
 }
 
+/// Per-GPU FP32 TFLOPS: measured (`17.3`), published for the declared model
+/// (`19.5 (published)`), or `-`.
+fn tflops_cell(node: &NodeInfo) -> String {
+    match gpu_proof::gpu_tflops_milli(node) {
+        0 => "-".into(),
+        milli if gpu_proof::tflops_measured(node) => format!("{:.1}", milli as f64 / 1000.0),
+        milli => format!("{:.1} (published)", milli as f64 / 1000.0),
+    }
+}
+
 /// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`,
 /// `UNTRUSTED: why`, or `-`.
 fn gpu_check_cell(node: &NodeInfo) -> String {
@@ -98,9 +118,22 @@ fn gib(bytes: u64) -> String {
 
 /// A fixed-width table, one line per node.
 pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
-    let header =
-        ["NODE", "ADDRESS", "STATE", "CPU", "GPU", "GPU MODEL", "VRAM", "$/GPU-H", "LABELS", "HEARTBEAT", "GPU CHECK"];
-    let mut rows: Vec<[String; 11]> = Vec::with_capacity(nodes.len());
+    let header = [
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "CPU",
+        "GPU",
+        "GPU MODEL",
+        "VRAM",
+        "$/GPU-H",
+        "TFLOPS",
+        "RELIABILITY",
+        "LABELS",
+        "HEARTBEAT",
+        "GPU CHECK",
+    ];
+    let mut rows: Vec<[String; 13]> = Vec::with_capacity(nodes.len());
     for node in nodes {
         let (total, available) = sets(node)?;
         let pair = |name: &str| format!("{}/{}", available.get(name), total.get(name));
@@ -129,6 +162,8 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
             if node.accelerator_type.is_empty() { "-".into() } else { node.accelerator_type.clone() },
             vram,
             format_usd(node.price_per_gpu_hour_micros),
+            tflops_cell(node),
+            reliability::format(reliability::score_bps(node, now_ms)),
             if labels.is_empty() { "-".into() } else { labels.join(",") },
             age,
             gpu_check_cell(node),

@@ -596,6 +596,31 @@ pub fn held_back_because(check: &crate::rpc::proto::common::GpuCheck) -> String 
     }
 }
 
+/// A node's per-GPU FP32 TFLOPS in thousandths for ranking: what the head measured at its
+/// last passed check for real GPUs; the published figure of the declared model for
+/// simulated ones (a CPU's speed says nothing of the model they stand for); 0 if unknown.
+pub fn gpu_tflops_milli(node: &crate::rpc::proto::common::NodeInfo) -> u64 {
+    let check = node.gpu_check.clone().unwrap_or_default();
+    let passed = check.state == crate::rpc::proto::common::GpuCheckState::Passed as i32;
+    if tflops_measured(node) {
+        return (check.tflops * 1000.0) as u64;
+    }
+    let model = node.gpus.first().map(|gpu| gpu.model.as_str()).unwrap_or(node.accelerator_type.as_str());
+    match published(model) {
+        Some(figures) if check.simulated || !passed => (figures.fp32_tflops * 1000.0) as u64,
+        _ => 0,
+    }
+}
+
+/// Whether [`gpu_tflops_milli`] of `node` is what the head measured (not a published figure).
+pub fn tflops_measured(node: &crate::rpc::proto::common::NodeInfo) -> bool {
+    let check = node.gpu_check.clone().unwrap_or_default();
+    check.state == crate::rpc::proto::common::GpuCheckState::Passed as i32
+        && !check.simulated
+        && check.tflops.is_finite()
+        && check.tflops > 0.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@ pub mod gpu_proof;
 pub mod ids;
 pub mod jobs;
 pub mod lease;
+pub mod reliability;
 pub mod resources;
 pub mod rpc;
 pub mod rpc_metrics;

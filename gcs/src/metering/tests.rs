@@ -154,6 +154,22 @@ async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     assert_eq!(records[0].cost_micros, 350);
     let err = f.metering.lease_started(&node_says(LeaseId::random(), node, job, gpus("1"))).await.unwrap_err();
     assert!(err.to_string().contains("is dead"), "{err}");
+
+    // Its reliability: one lease, lost to its death (counted once, however often the
+    // dead nodes' leases are ended); the time it stays gone counts against it too.
+    assert_eq!(f.metering.end_leases_of_dead_nodes().await.unwrap(), 0);
+    let record = f.state.node(&node).unwrap().reliability.unwrap();
+    assert_eq!((record.leases, record.leases_lost, record.down_ms), (1, 1, 0));
+    f.clock.advance_ms(10_000);
+    let mut back = gpu_node(node, 1, "3.60", "");
+    back.reliability = Some(ionet_common::rpc::proto::common::NodeReliability::default());
+    f.state.register_node(back).await.unwrap();
+    let node_info = f.state.node(&node).unwrap();
+    let record = node_info.reliability.clone().unwrap();
+    assert_eq!((record.leases, record.leases_lost), (1, 1), "the head's record, not the node's word");
+    assert_eq!(record.down_ms, 11_500, "gone from its last heartbeat until it came back");
+    let score = ionet_common::reliability::score_bps(&node_info, f.state.now_ms());
+    assert!(score < 5_000, "half its life gone, its only lease lost: {score}");
 }
 
 #[tokio::test]
