@@ -474,6 +474,17 @@ impl Metering {
             .into());
         }
         let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
+        // The job's own requirement, judged by the head's score, not the node's view of it.
+        let score = ionet_common::reliability::score_bps(&node, self.state.now_ms());
+        if score < job.min_reliability_bps {
+            return Err(IonetError::FailedPrecondition(format!(
+                "node {} scores {} for reliability, below job {job_id}'s minimum of {}; lease {lease_id} is not billed",
+                node_id.short(),
+                ionet_common::reliability::format(score),
+                ionet_common::reliability::format(job.min_reliability_bps)
+            ))
+            .into());
+        }
         let payer_account =
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
         let bundle = (!request.placement_group_id.is_empty())

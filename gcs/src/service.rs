@@ -462,6 +462,13 @@ impl Gcs for GcsService {
     async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {
         let principal = Principal::of(&request)?;
         let mut request = request.into_inner();
+        if request.min_reliability_bps > ionet_common::reliability::FULL {
+            return Err(Status::invalid_argument(format!(
+                "min_reliability_bps {} is above {} (a share of 1)",
+                request.min_reliability_bps,
+                ionet_common::reliability::FULL
+            )));
+        }
         let mut submission_id = String::new();
         // The payer is the account of the credential, never a field a tenant chooses.
         match &principal {
@@ -532,6 +539,7 @@ impl Gcs for GcsService {
                 payer_account: request.payer_account,
                 worker_command: Some(worker_command),
                 submission_id,
+                min_reliability_bps: request.min_reliability_bps,
                 ..Default::default()
             })
             .await?;
@@ -560,7 +568,10 @@ impl Gcs for GcsService {
         // A job's command is its own (a node asks with the job's credential).
         principal.may_act_for_job(&job_id)?;
         let job = self.state.job(&job_id).ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
-        Ok(Response::new(GetJobWorkerCommandReply { worker_command: job.worker_command }))
+        Ok(Response::new(GetJobWorkerCommandReply {
+            worker_command: job.worker_command,
+            min_reliability_bps: job.min_reliability_bps,
+        }))
     }
 
     async fn mark_job_finished(

@@ -47,6 +47,7 @@ def init(
     payer_account: Optional[str] = None,
     log_to_driver: bool = True,
     runtime_env: Optional[Dict[str, Any]] = None,
+    min_reliability: Optional[float] = None,
     **kwargs: Any,
 ) -> None:
     """Joins a cluster, or starts one inside this process, as `ray.init`.
@@ -70,6 +71,10 @@ def init(
         uploaded), `excludes`, `env_vars`, `pip` / `uv` (installed once per node per
         set of requirements). In a submitted job it replaces the submission's key by
         key (`env_vars` merged).
+    min_reliability: run this job's tasks and actors only on nodes whose reliability
+        score (0 to 1: uptime, GPU checks, leases lost to the node's death, as the head
+        keeps them; `ionet status`) is at least this; the head bills no lease of the job
+        on another. Default: any node (or `IONET_MIN_RELIABILITY`).
 
     Ray's logging and dashboard arguments are accepted and ignored; unlike Ray, nothing
     is returned.
@@ -97,6 +102,7 @@ def init(
         payer_account or "",
         log_to_driver,
         _options._runtime_env("runtime_env", runtime_env),
+        None if min_reliability is None else float(min_reliability),
     )
     _export.forget_exports()
     global _shutdown_registered

@@ -4,7 +4,7 @@
 use super::*;
 
 #[pyfunction]
-#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true, runtime_env_json = None))]
+#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true, runtime_env_json = None, min_reliability = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn init(
     py: Python<'_>,
@@ -22,6 +22,7 @@ pub(crate) fn init(
     payer_account: String,
     log_to_driver: bool,
     runtime_env_json: Option<String>,
+    min_reliability: Option<f64>,
 ) -> PyResult<()> {
     let runtime_env = runtime_env_json
         .map(|json| serde_json::from_str(&json))
@@ -43,6 +44,7 @@ pub(crate) fn init(
         payer_account,
         log_to_driver: Some(log_to_driver),
         runtime_env,
+        min_reliability,
         ..InitConfig::default()
     };
     py.detach(move || ionet::init(config)).or_raise()

@@ -54,3 +54,24 @@ def test_checks_recur_at_idle_times_and_wait_while_a_gpu_is_leased(checked_clust
     ionet.kill(holder)
     wait_for(lambda: gpu_check(checked_cluster)["passes"] > held, timeout=60, what="checks to resume")
     assert gpu_check(checked_cluster)["state"] == "passed"
+
+
+def test_a_job_may_run_on_reliable_nodes_only():
+    with pytest.raises(ValueError, match="min_reliability must be a share between 0 and 1"):
+        ionet.init(num_cpus=1, min_reliability=1.5)
+    assert not ionet.is_initialized()
+    # A fresh node has failed nobody: it scores 1.0 and takes the job's work.
+    ionet.init(num_cpus=1, min_reliability=0.99)
+    try:
+
+        @ionet.remote
+        def one() -> int:
+            return 1
+
+        assert ionet.get(one.remote(), timeout=60) == 1
+        from ionet.util.state import list_jobs
+
+        (job,) = [job for job in list_jobs() if job["status"] == "RUNNING"]
+        assert job["min_reliability"] == 0.99, job
+    finally:
+        ionet.shutdown()

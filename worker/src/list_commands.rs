@@ -47,6 +47,7 @@ pub fn job_json(job: &JobInfo) -> Value {
         "driver_pid": job.driver_pid,
         "start_time": job.start_time_ms,
         "end_time": job.end_time_ms,
+        "min_reliability": f64::from(job.min_reliability_bps) / f64::from(ionet_common::reliability::FULL),
     })
 }
 

@@ -76,6 +76,13 @@ fn an_honest_node_with_simulated_gpus_passes_and_is_schedulable_within_seconds_o
     let node_id = hex::decode(node["node_id"].as_str().unwrap()).unwrap();
     let mut metering = cluster.metering_client();
     cluster.runtime.block_on(metering.lease_started(lease(&node_id, &job))).expect("a checked node's lease is billed");
+
+    // A job's least reliability is a share of 1.
+    let mut operator = cluster.admin_client();
+    let request = AddJobRequest { min_reliability_bps: 10_001, ..Default::default() };
+    let refused = cluster.runtime.block_on(operator.add_job(request)).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("min_reliability_bps 10001 is above 10000"), "{refused:?}");
 }
 
 /// A node of the test's own: its key, its id, and a client holding its node credential.

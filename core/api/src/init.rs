@@ -75,9 +75,19 @@ pub struct InitConfig {
     /// it keeps working while the head restarts. A submitted job's entrypoint is given
     /// its node's in `IONET_DRIVER_NODE`, the default then.
     pub node_address: Option<String>,
+    /// The least reliability score (a share, 0 to 1) a node must have to run this job's
+    /// tasks and actors: the head's score of its uptime, GPU checks and leases lost to its
+    /// death (`ionet status`). Schedulers pass other nodes by and the head bills no lease
+    /// of the job on one. Default: any node (or `IONET_MIN_RELIABILITY`).
+    pub min_reliability: Option<f64>,
 }
 
 impl InitConfig {
+    pub fn min_reliability(mut self, share: f64) -> Self {
+        self.min_reliability = Some(share);
+        self
+    }
+
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.address = Some(address.into());
         self
@@ -428,7 +438,24 @@ fn submitted_runtime_env(command: &mut WorkerCommand) -> IonetResult<()> {
     Ok(())
 }
 
+/// The job's least reliability of a node in basis points: `share`, else
+/// `IONET_MIN_RELIABILITY`, else 0 (any node).
+fn min_reliability_bps(share: Option<f64>) -> IonetResult<u32> {
+    let share = match share {
+        Some(share) => share,
+        None => match std::env::var("IONET_MIN_RELIABILITY") {
+            Ok(text) if !text.trim().is_empty() => text.trim().parse::<f64>().map_err(|_| {
+                IonetError::InvalidArgument(format!("IONET_MIN_RELIABILITY={text:?} is not a share such as 0.95"))
+            })?,
+            _ => return Ok(0),
+        },
+    };
+    ionet_common::reliability::parse_share(share).map_err(IonetError::InvalidArgument)
+}
+
 async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
+    // Checked before anything starts.
+    let min_reliability_bps = min_reliability_bps(config.min_reliability)?;
     let from_env =
         |name: &str| std::env::var(name).ok().map(|value| value.trim().to_string()).filter(|v| !v.is_empty());
     if config.address.is_none() {
@@ -460,6 +487,7 @@ async fn init_driver(mut config: InitConfig) -> IonetResult<()> {
             payer_account: config.payer_account.clone(),
             // The only command node daemons will start the job's workers with.
             worker_command: Some(command),
+            min_reliability_bps,
         })
         .await?
         .into_inner();

@@ -573,3 +573,22 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     assert_eq!(reward("simulated"), 0);
     assert_eq!(reward("distrusted"), 0, "untrusted, it earns nothing however its checks go");
 }
+
+#[tokio::test]
+async fn a_job_pays_for_no_lease_on_a_node_below_its_minimum_reliability() {
+    let f = fixture().await;
+    let (flaky, steady) = (NodeId::random(), NodeId::random());
+    f.state.register_checked_node(gpu_node(flaky, 1, "1", "flaky")).await.unwrap();
+    f.state.register_checked_node(gpu_node(steady, 1, "1", "steady")).await.unwrap();
+    // Two checks passed, one failed: (2 + 1) / (3 + 1) = 0.75.
+    f.state.record_gpu_check(&flaky, Err("GPU 0: row 1 of the product is wrong".into())).await.unwrap();
+    f.state.record_gpu_check(&flaky, Ok((1.0, 1.0, 1))).await.unwrap();
+    let strict = f.state.add_job(JobInfo { min_reliability_bps: 9_000, ..Default::default() }).await.unwrap();
+    let strict = JobId::from_bytes(&strict.job_id).unwrap();
+    let refused = f.metering.lease_started(&node_says(LeaseId::random(), flaky, strict, gpus("1"))).await.unwrap_err();
+    assert!(refused.to_string().contains("scores 0.75 for reliability, below job"), "{refused}");
+    assert!(refused.to_string().contains("minimum of 0.90"), "{refused}");
+    f.metering.lease_started(&node_says(LeaseId::random(), steady, strict, gpus("1"))).await.expect("a reliable node");
+    let any = job(&f.state, "").await;
+    f.metering.lease_started(&node_says(LeaseId::random(), flaky, any, gpus("1"))).await.expect("no minimum");
+}

@@ -68,7 +68,7 @@ def list_nodes(filters=None, limit: int = 10_000, detail: bool = False, **_ray_o
 
 def list_jobs(filters=None, limit: int = 10_000, detail: bool = False, **_ray_options: Any) -> List[Dict[str, Any]]:
     """This account's jobs: `job_id`, `type` (DRIVER or SUBMISSION), `status`, who pays,
-    `start_time`, `end_time`."""
+    `start_time`, `end_time`, `min_reliability` (0: any node)."""
     return _filtered("jobs", _listing("jobs"), filters, limit)
 
 

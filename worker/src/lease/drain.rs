@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use ionet_common::resources::ResourceSet;
 use ionet_common::NodeId;
-use ionet_scheduler::{LabelSelector, SchedulingStrategy};
+use ionet_scheduler::SchedulingStrategy;
 
 use super::process::kill;
 use super::Leases;
@@ -51,7 +51,7 @@ impl Leases {
         &self,
         demand: &ResourceSet,
         strategy: &SchedulingStrategy,
-        selectors: &[LabelSelector],
+        needs: &super::Needs,
         avoid: &[NodeId],
     ) -> Option<(NodeId, String)> {
         let pinned = match strategy {
@@ -64,7 +64,7 @@ impl Leases {
             .nodes()
             .filter(|node| node.node_id != self.node_id && node.state == ionet_scheduler::NodeState::Alive)
             .filter(|node| !avoid.contains(&node.node_id) && pinned.is_none_or(|pinned| pinned == node.node_id))
-            .filter(|node| node.total.contains(demand) && selectors.iter().all(|s| s.matches(&node.labels)))
+            .filter(|node| node.total.contains(demand) && needs.admits(node))
             .collect();
         let target = candidates
             .iter()

@@ -114,6 +114,9 @@ pub struct Leases {
     job_accounts: DashMap<JobId, Arc<str>>,
     /// What starts each job's workers, as the control store has it.
     job_commands: DashMap<JobId, WorkerCommand>,
+    /// Each job's least reliability of a node to run on, as the head told it with the
+    /// job's command (0: any).
+    job_min_reliability: DashMap<JobId, u32>,
     /// Where each job's workers here write their output (pid, file), kept after they exit
     /// so what they printed last can still be read (`crate::logs`).
     job_logs: DashMap<JobId, Vec<(u32, std::path::PathBuf)>>,
@@ -177,8 +180,37 @@ impl Drop for WaiterTicket<'_> {
     }
 }
 
-/// Where a request may run: its strategy, and the label selectors a node must match.
-fn placement(request: &RequestWorkerLeaseRequest) -> IonetResult<(SchedulingStrategy, Vec<LabelSelector>)> {
+/// What a node must be to take a request besides room: labelled to match every selector
+/// and, for a job that asks for it, at least as reliable as the job's minimum (the
+/// head's score, as the node table shows it).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Needs {
+    pub(crate) selectors: Vec<LabelSelector>,
+    pub(crate) min_reliability_bps: u32,
+}
+
+impl Needs {
+    pub(crate) fn admits(&self, node: &ionet_scheduler::NodeView) -> bool {
+        node.reliability_bps >= self.min_reliability_bps
+            && self.selectors.iter().all(|selector| selector.matches(&node.labels))
+    }
+
+    /// `resources` as the scheduler's demand, with these needs.
+    fn demand(&self, resources: &ResourceSet) -> Demand {
+        let mut demand = Demand::new(resources.clone());
+        for selector in &self.selectors {
+            demand = demand.with_label_selector(selector.clone());
+        }
+        if self.min_reliability_bps > 0 {
+            demand = demand.with_min_reliability_bps(self.min_reliability_bps);
+        }
+        demand
+    }
+}
+
+/// Where a request may run: its strategy, and the label selectors a node must match (the
+/// job's minimum reliability is the job's, never the request's: set by the caller).
+fn placement(request: &RequestWorkerLeaseRequest) -> IonetResult<(SchedulingStrategy, Needs)> {
     let wire = request.strategy.clone().unwrap_or_default();
     let strategy = match SchedulingKind::try_from(wire.kind).unwrap_or(SchedulingKind::Default) {
         SchedulingKind::Default => SchedulingStrategy::Default,
@@ -193,7 +225,7 @@ fn placement(request: &RequestWorkerLeaseRequest) -> IonetResult<(SchedulingStra
         .iter()
         .map(|text| LabelSelector::parse(text).map_err(|err| IonetError::InvalidArgument(err.to_string())))
         .collect::<IonetResult<Vec<_>>>()?;
-    Ok((strategy, selectors))
+    Ok((strategy, Needs { selectors, min_reliability_bps: 0 }))
 }
 
 impl Leases {
@@ -212,6 +244,7 @@ impl Leases {
             job_accounts: DashMap::new(),
             job_logs: DashMap::new(),
             job_commands: DashMap::new(),
+            job_min_reliability: DashMap::new(),
             gcs_channel: std::sync::OnceLock::new(),
             identities: std::sync::OnceLock::new(),
             packages: std::sync::OnceLock::new(),
@@ -314,10 +347,11 @@ impl Leases {
         };
         let mut client = ionet_common::rpc::GcsClient::new(ionet_common::rpc::with_credential(channel, &credential));
         let reply = client.get_job_worker_command(GetJobWorkerCommandRequest { job_id: job_id.to_vec() }).await?;
-        let command =
-            reply.into_inner().worker_command.filter(|command| !command.argv.is_empty()).ok_or_else(|| {
-                IonetError::FailedPrecondition(format!("job {job_id} declared no command to start its workers"))
-            })?;
+        let reply = reply.into_inner();
+        let command = reply.worker_command.filter(|command| !command.argv.is_empty()).ok_or_else(|| {
+            IonetError::FailedPrecondition(format!("job {job_id} declared no command to start its workers"))
+        })?;
+        self.job_min_reliability.insert(job_id, reply.min_reliability_bps);
         self.job_commands.insert(job_id, command.clone());
         Ok(command)
     }
@@ -499,7 +533,7 @@ impl Leases {
         &self,
         demand: &ResourceSet,
         strategy: &SchedulingStrategy,
-        selectors: &[LabelSelector],
+        needs: &Needs,
         no_spillback: bool,
         ticket: Option<u64>,
         depth: u32,
@@ -510,15 +544,25 @@ impl Leases {
         let fits_now = |state: &LeaseState| {
             state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
         };
-        // This node's labels, read only when the request names some.
-        let own_labels = if selectors.is_empty() {
-            Default::default()
+        // This node as the head lists it (labels, reliability), read only when the request
+        // needs something of it.
+        let own = if needs.selectors.is_empty() && needs.min_reliability_bps == 0 {
+            None
         } else {
-            state.view.node(&self.node_id).map(|node| node.labels.clone()).unwrap_or_default()
+            Some(
+                state
+                    .view
+                    .node(&self.node_id)
+                    .cloned()
+                    .unwrap_or_else(|| ionet_scheduler::NodeView::new(self.node_id, ResourceSet::new())),
+            )
         };
-        let labelled = selectors.iter().all(|selector| selector.matches(&own_labels));
+        let own_labels = own.as_ref().map(|own| own.labels.clone()).unwrap_or_default();
+        let labelled = needs.selectors.iter().all(|selector| selector.matches(&own_labels));
+        let own_reliability = own.as_ref().map_or(ionet_common::reliability::FULL, |own| own.reliability_bps);
+        let reliable = own_reliability >= needs.min_reliability_bps;
         let no_workloads = self.no_workloads.load(std::sync::atomic::Ordering::Relaxed);
-        let fits_ever = state.total.contains(demand) && labelled && !no_workloads;
+        let fits_ever = state.total.contains(demand) && labelled && reliable && !no_workloads;
         let grant = |state: &mut LeaseState| -> Step { state.take(demand, None, "resources are busy") };
         let local_or_wait = |state: &mut LeaseState, why: &str| -> Step {
             if no_workloads {
@@ -528,11 +572,18 @@ impl Leases {
                     self.node_id.short()
                 ))
             } else if !labelled {
-                let wanted: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+                let wanted: Vec<String> = needs.selectors.iter().map(ToString::to_string).collect();
                 Step::Infeasible(format!(
                     "no node can ever fit {demand} with labels [{}]: node {} is labelled {own_labels:?}",
                     wanted.join(", "),
                     self.node_id.short()
+                ))
+            } else if !reliable {
+                Step::Infeasible(format!(
+                    "the job runs only on nodes of reliability >= {}: node {} scores {}",
+                    ionet_common::reliability::format(needs.min_reliability_bps),
+                    self.node_id.short(),
+                    ionet_common::reliability::format(own_reliability)
                 ))
             } else if !fits_ever {
                 Step::Infeasible(format!(
@@ -586,10 +637,7 @@ impl Leases {
             SchedulingStrategy::NodeAffinity { .. } => SchedulingStrategy::Default,
             other => other.clone(),
         };
-        let mut wanted = Demand::new(demand.clone());
-        for selector in selectors {
-            wanted = wanted.with_label_selector(selector.clone());
-        }
+        let wanted = needs.demand(demand);
         // Nodes its requester could not reach are left out of this choice (their state is
         // put back after it): a spill there would fail again until the head declares them.
         let avoided: Vec<NodeId> = avoid
@@ -610,9 +658,10 @@ impl Leases {
         // Only an avoided node could ever take it: not infeasible, it waits for that one
         // (queued there below, as if nothing were avoided: it may be restarting).
         if let Decision::Infeasible { reason } = &decision {
-            let an_avoided_node_fits = avoided.iter().filter_map(|node_id| state.view.node(node_id)).any(|node| {
-                node.total.contains(demand) && selectors.iter().all(|selector| selector.matches(&node.labels))
-            });
+            let an_avoided_node_fits = avoided
+                .iter()
+                .filter_map(|node_id| state.view.node(node_id))
+                .any(|node| node.total.contains(demand) && needs.admits(node));
             if an_avoided_node_fits {
                 decision = Decision::Wait { reason: reason.clone() };
             }
@@ -636,7 +685,7 @@ impl Leases {
                     let could = |node: &&ionet_scheduler::NodeView| {
                         node.state == ionet_scheduler::NodeState::Alive
                             && node.total.contains(demand)
-                            && selectors.iter().all(|selector| selector.matches(&node.labels))
+                            && needs.admits(node)
                     };
                     let target = state
                         .view
@@ -691,7 +740,8 @@ impl Leases {
         if let Some(runtime_env) = &request.runtime_env {
             ionet_common::jobs::apply_runtime_env(&mut command, runtime_env)?;
         }
-        let (strategy, selectors) = placement(&request)?;
+        let (strategy, mut needs) = placement(&request)?;
+        needs.min_reliability_bps = self.job_min_reliability.get(&job_id).map_or(0, |min| *min);
         let mut avoid: Vec<NodeId> =
             request.avoid_nodes.iter().take(MAX_AVOIDED).filter_map(|id| NodeId::from_bytes(id).ok()).collect();
         avoid.sort_unstable();
@@ -714,7 +764,7 @@ impl Leases {
                 // Leaving: the request goes to another node, or its requester asks again
                 // elsewhere (an unreachable or leaving spill target is avoided).
                 let elsewhere = (bundle.is_none() && !request.no_spillback)
-                    .then(|| self.elsewhere(&demand, &strategy, &selectors, &avoid))
+                    .then(|| self.elsewhere(&demand, &strategy, &needs, &avoid))
                     .flatten();
                 return match elsewhere {
                     Some((node_id, node_address)) => Ok(RequestWorkerLeaseReply {
@@ -733,7 +783,7 @@ impl Leases {
                     // for the views to have moved on (two requests spilled here at once on
                     // one stale view, while another node sits free, go on there).
                     let pinned = request.no_spillback && since.elapsed() < RESPILL_AFTER;
-                    self.decide(&demand, &strategy, &selectors, pinned, ticket, request.depth, &avoid)
+                    self.decide(&demand, &strategy, &needs, pinned, ticket, request.depth, &avoid)
                 }
             };
             match step {

@@ -183,14 +183,14 @@ fn deeper_waiting_requests_go_first() {
     // A request at depth 3 waits here (ticket 7); one CPU comes free.
     leases.lock().waiters.insert(7, (3, one.clone()));
     assert!(
-        matches!(leases.decide(&one, &strategy, &[], true, None, 1, &[]), Step::Wait(_)),
+        matches!(leases.decide(&one, &strategy, &Needs::default(), true, None, 1, &[]), Step::Wait(_)),
         "a shallower request took the CPU a deeper one waits for"
     );
-    assert!(matches!(leases.decide(&one, &strategy, &[], true, Some(7), 3, &[]), Step::Grant(..)));
+    assert!(matches!(leases.decide(&one, &strategy, &Needs::default(), true, Some(7), 3, &[]), Step::Grant(..)));
     // With room for both, nobody waits.
     let leases = leases_with(2);
     leases.lock().waiters.insert(7, (3, one.clone()));
-    assert!(matches!(leases.decide(&one, &strategy, &[], true, None, 1, &[]), Step::Grant(..)));
+    assert!(matches!(leases.decide(&one, &strategy, &Needs::default(), true, None, 1, &[]), Step::Grant(..)));
 }
 
 /// A lease request whose caller goes away while its worker starts (the caller's
@@ -250,7 +250,7 @@ fn a_draining_node_sends_requests_only_where_they_may_go() {
     let one = ResourceSet::new().with(CPU, Quantity::whole(1));
     let any = SchedulingStrategy::Default;
     let target = |strategy: &SchedulingStrategy, avoid: &[NodeId]| {
-        leases.elsewhere(&one, strategy, &[], avoid).map(|(node, _)| node)
+        leases.elsewhere(&one, strategy, &Default::default(), avoid).map(|(node, _)| node)
     };
     assert!(target(&any, &[]).is_some_and(|node| node == b || node == c));
     assert_eq!(target(&any, &[b]), Some(c), "not where its requester could not reach");
@@ -260,4 +260,49 @@ fn a_draining_node_sends_requests_only_where_they_may_go() {
     assert_eq!(target(&on_b, &[b]), None, "pinned to a node it cannot reach");
     let here = SchedulingStrategy::NodeAffinity { node_id: leases.node_id, soft: false };
     assert_eq!(target(&here, &[]), None, "pinned to the leaving node");
+}
+
+/// A job's least reliability: a node that scores below it sends the job's requests to one
+/// that does, and when none does, the request is infeasible and says why.
+#[test]
+fn a_job_that_asks_for_reliable_nodes_is_placed_only_on_them() {
+    let leases = leases(2);
+    let other = NodeId::random();
+    let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+    let node = |id: NodeId, address: &str, down_ms: u64| NodeInfo {
+        node_id: id.to_vec(),
+        address: address.into(),
+        total: Some((&two).into()),
+        available: Some((&two).into()),
+        state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
+        registered_at_ms: 1_000,
+        last_heartbeat_ms: 11_000,
+        reliability: Some(ionet_common::rpc::proto::common::NodeReliability { down_ms, ..Default::default() }),
+        ..Default::default()
+    };
+    // This node was gone half its life (0.50); the other never (1.00).
+    leases.refresh_view(&[node(leases.node_id, "self:1", 5_000), node(other, "other:1", 0)]);
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    let any = SchedulingStrategy::Default;
+    let strict = Needs { min_reliability_bps: 9_000, ..Default::default() };
+    assert!(matches!(leases.decide(&one, &any, &Needs::default(), false, None, 1, &[]), Step::Grant(..)));
+    assert!(
+        matches!(leases.decide(&one, &any, &strict, false, None, 1, &[]), Step::Spill(node, _) if node == other),
+        "sent on to the reliable node"
+    );
+    let lenient = Needs { min_reliability_bps: 5_000, ..Default::default() };
+    assert!(matches!(leases.decide(&one, &any, &lenient, false, None, 1, &[]), Step::Grant(..)));
+
+    leases.refresh_view(&[node(leases.node_id, "self:1", 5_000)]);
+    match leases.decide(&one, &any, &strict, false, None, 1, &[]) {
+        Step::Infeasible(why) => {
+            assert!(why.contains("reliability >= 0.90") && why.contains("reliability 0.50"), "{why}")
+        }
+        _ => panic!("no node is reliable enough: infeasible"),
+    }
+    // Sent here by another node on a stale view: refused, not run.
+    match leases.decide(&one, &any, &strict, true, None, 1, &[]) {
+        Step::Infeasible(why) => assert!(why.contains("node") && why.contains("scores 0.50"), "{why}"),
+        _ => panic!("a node below the job's minimum does not take its work"),
+    }
 }
