@@ -145,7 +145,7 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
             "gpu_check": gpu_check_words(&node),
             "gpu_tflops": ionet_common::gpu_proof::gpu_tflops_milli(&node) as f64 / 1000.0,
             "gpu_tflops_measured": ionet_common::gpu_proof::tflops_measured(&node),
-            "reliability": f64::from(ionet_common::reliability::score_bps(&node, now))
+            "reliability": f64::from(ionet_common::reliability::listed_score_bps(&node))
                 / f64::from(ionet_common::reliability::FULL),
         }));
     }

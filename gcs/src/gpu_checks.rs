@@ -145,7 +145,11 @@ impl GpuChecks {
 
     /// Asks `node` for a check at its next idle heartbeat (the operator cleared it).
     pub fn due_now(&self, node: NodeId) {
-        self.schedule.insert(node, Schedule { next: Instant::now(), asked: None });
+        // One already asked for keeps its grace running.
+        self.schedule
+            .entry(node)
+            .and_modify(|schedule| schedule.next = Instant::now())
+            .or_insert_with(|| Schedule { next: Instant::now(), asked: None });
     }
 
     /// Ends a check the node left under way (it asked for another): the reason to record

@@ -568,14 +568,16 @@ impl Metering {
             if let Some(first) = lease.sides.node_started {
                 return Ok((first, Changes::default()));
             }
-            if lease.node.is_none() {
-                self.state.note_lease(&node_id);
-            }
+            let was_started = lease.sides.start().is_some();
             lease.node = Some(node_side);
             lease.sides.node_started = Some(started);
             if head_holds {
                 lease.sides.holder_started = Some(started);
                 lease.held_by_head = true;
+            }
+            // A lease counts toward its node's reliability once both sides say it started.
+            if !was_started && lease.sides.start().is_some() {
+                self.state.note_lease(&node_id);
             }
             lease.last_word_ms = now;
             let mut changes = Changes::default();
@@ -703,8 +705,12 @@ impl Metering {
                 let at = two_party::stamp(now, held.age_ms);
                 lease.held_by_head |= by_head;
                 if held.granted {
+                    let was_started = lease.sides.start().is_some();
                     if lease.sides.holder_ended.is_none() {
                         lease.sides.holder_started.get_or_insert(at);
+                    }
+                    if !was_started && lease.sides.start().is_some() {
+                        self.state.note_lease(&node_id);
                     }
                     if let Some(asked) = held.resources.as_ref().and_then(|asked| asked.clone().to_set().ok()) {
                         lease.holder_resources.get_or_insert(asked);
@@ -783,7 +789,8 @@ impl Metering {
             let mut changes = Changes::default();
             for (lease_id, last_heartbeat_ms) in dead {
                 if let Some(lease) = book.open.get_mut(&lease_id) {
-                    if lease.sides.forced_end.is_none() && lease.node.is_some() {
+                    // Lost to its death: a lease both sides started that nobody had ended.
+                    if lease.sides.start().is_some() && lease.sides.end().is_none() {
                         *lost.entry(lease.node_id).or_insert(0u64) += 1;
                     }
                     lease.sides.forced_end.get_or_insert((last_heartbeat_ms, EndedBy::NodeDead));
@@ -798,7 +805,9 @@ impl Metering {
         self.apply(changes).await?;
         // Leases a node's death ended count against its reliability.
         for (node_id, lost) in lost {
-            self.state.note_leases_lost(&node_id, lost).await?;
+            if let Err(err) = self.state.note_leases_lost(&node_id, lost).await {
+                tracing::error!(node = %node_id.short(), lost, error = %err, "could not record leases lost to a node's death");
+            }
         }
         Ok(ended)
     }

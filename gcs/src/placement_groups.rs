@@ -219,6 +219,13 @@ pub struct PlacementGroups {
     writing: tokio::sync::Mutex<()>,
 }
 
+impl PlacementGroups {
+    /// The least reliability of a node the group's job runs on (0: any).
+    fn min_reliability_of(&self, job_id: &[u8]) -> u32 {
+        JobId::from_bytes(job_id).ok().and_then(|job| self.state.job(&job)).map_or(0, |job| job.min_reliability_bps)
+    }
+}
+
 pub fn strategy_from_wire(raw: i32) -> IonetResult<PlacementStrategy> {
     Ok(match WireStrategy::try_from(raw) {
         Ok(WireStrategy::Pack) => PlacementStrategy::Pack,
@@ -252,8 +259,7 @@ pub fn node_view(node: &NodeInfo) -> IonetResult<NodeView> {
     view.labels = node.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
     view.price_per_gpu_hour = node.price_per_gpu_hour_micros;
     view.gpu_tflops_milli = ionet_common::gpu_proof::gpu_tflops_milli(node);
-    view.reliability_bps =
-        ionet_common::reliability::score_bps(node, node.last_heartbeat_ms.max(node.registered_at_ms));
+    view.reliability_bps = ionet_common::reliability::listed_score_bps(node);
     view.state = match WireNodeState::try_from(node.state).unwrap_or(WireNodeState::Unspecified) {
         // A node that runs no workloads takes nothing new, as a draining one; nor does
         // one whose GPUs have not passed the head's check (or failed it).
@@ -587,7 +593,29 @@ impl PlacementGroups {
                 // Its node or nowhere: the node's own accounting says whether it fits.
                 Some(node) if addresses.contains_key(&node) => PlacementDecision::Placed(vec![node; bundles.len()]),
                 Some(node) => PlacementDecision::Wait { reason: format!("its node {} is not alive", node.short()) },
-                None => solve_placement_group_ordered(&view, &bundles, strategy, order),
+                None => match self.min_reliability_of(&job_id) {
+                    0 => solve_placement_group_ordered(&view, &bundles, strategy, order),
+                    // The job runs only on nodes reliable enough: the others are left out.
+                    min => {
+                        let mut reliable = view.clone();
+                        let below: Vec<NodeId> =
+                            view.nodes().filter(|node| node.reliability_bps < min).map(|node| node.node_id).collect();
+                        for node_id in &below {
+                            let _ = reliable.set_state(node_id, NodeState::Draining);
+                        }
+                        let need = format!(
+                            " (its job runs only on nodes of reliability >= {})",
+                            ionet_common::reliability::format(min)
+                        );
+                        match solve_placement_group_ordered(&reliable, &bundles, strategy, order) {
+                            PlacementDecision::Wait { reason } => PlacementDecision::Wait { reason: reason + &need },
+                            PlacementDecision::Infeasible { reason } => {
+                                PlacementDecision::Infeasible { reason: reason + &need }
+                            }
+                            placed => placed,
+                        }
+                    }
+                },
             };
             let outcome = match decision {
                 PlacementDecision::Placed(chosen) => {

@@ -409,19 +409,20 @@ impl GcsState {
         });
         // The head's word on the GPUs, never the node's: kept while the node declares the
         // same GPUs (a quarantined node does not clear itself by registering again), else
-        // pending until the node passes a check.
+        // pending until the node passes a check; its history is kept whatever it declares
+        // (registering without GPUs for a while clears nothing either).
         let known =
             self.nodes.get(&node_id).and_then(|known| Some((known.gpus == node.gpus, known.gpu_check.clone()?)));
         let has_gpus = !node.gpus.is_empty() || !total.get(ionet_common::resources::GPU).is_zero();
         node.gpu_check = match known {
             Some((true, check)) => Some(check),
-            _ if !has_gpus => None,
-            // Other GPUs: checked afresh, its record of failures kept (a changed list does
-            // not wash an epoch's failure away).
+            None if !has_gpus => None,
+            // Other GPUs (or none now): checked afresh, its record of failures kept (a
+            // changed list does not wash an epoch's failure away).
             known => {
                 let history = known.map(|(_, check)| check).unwrap_or_default();
                 Some(GpuCheck {
-                    state: GpuCheckState::Pending as i32,
+                    state: if has_gpus { GpuCheckState::Pending } else { GpuCheckState::None } as i32,
                     simulated: node.gpus.iter().any(|gpu| gpu.simulated),
                     reason: history.reason,
                     passes: history.passes,
@@ -499,12 +500,18 @@ impl GcsState {
                     check.failures += 1;
                     check.reason = reason.clone();
                     // Failures within the window (at most as many as it takes); enough of
-                    // them and only the operator trusts the node again.
+                    // them and only the operator trusts the node again. Once untrusted,
+                    // the ones that made it so stay on record (with later ones, to 64).
                     let window = self.config.gpu_check_untrusted_window_ms;
                     let enough = self.config.gpu_check_untrusted_failures.max(1) as usize;
-                    check.recent_failures_ms.retain(|&at| at.saturating_add(window) > now);
+                    let kept = if check.untrusted_since_ms == 0 {
+                        check.recent_failures_ms.retain(|&at| at.saturating_add(window) > now);
+                        enough
+                    } else {
+                        enough.max(64)
+                    };
                     check.recent_failures_ms.push(now);
-                    let excess = check.recent_failures_ms.len().saturating_sub(enough);
+                    let excess = check.recent_failures_ms.len().saturating_sub(kept);
                     check.recent_failures_ms.drain(..excess);
                     if check.recent_failures_ms.len() >= enough && check.untrusted_since_ms == 0 {
                         check.untrusted_since_ms = now;
@@ -560,24 +567,23 @@ impl GcsState {
         Ok(node.gpu_check.unwrap_or_default())
     }
 
-    /// Counts a lease the head bills on `node_id` toward its reliability (in memory: stored
-    /// with the node's row at its next write).
+    /// Counts a lease both sides started on `node_id` toward its reliability (in memory:
+    /// stored with the node's row at its next write).
     pub fn note_lease(&self, node_id: &NodeId) {
         if let Some(mut node) = self.nodes.get_mut(node_id) {
             node.reliability.get_or_insert_with(Default::default).leases += 1;
         }
     }
 
-    /// Counts leases that `node_id`'s death ended against its reliability.
+    /// Counts leases that `node_id`'s death ended against its reliability (stored; the
+    /// node is dead, so nothing is published until it registers again).
     pub async fn note_leases_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
         let node = {
             let Some(mut node) = self.nodes.get_mut(node_id) else { return Ok(()) };
             node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
             node.clone()
         };
-        self.persist_node(&node).await?;
-        self.publish(Event::NodeAdded(node));
-        Ok(())
+        self.persist_node(&node).await
     }
 
     /// Records a heartbeat: the node is alive now and has `available` free.
@@ -1079,8 +1085,16 @@ mod tests {
             "{because}"
         );
         info.gpus[0].memory_bytes += 1;
-        gcs.register_node(info).await.unwrap();
+        gcs.register_node(info.clone()).await.unwrap();
         assert_eq!(state_name(&check(&gcs)), "untrusted", "re-registering clears nothing");
+        // Nor does registering a while without GPUs, then with them again.
+        let mut bare = node(id, 0);
+        bare.total = None;
+        gcs.register_node(bare).await.unwrap();
+        assert_eq!(state_name(&check(&gcs)), "untrusted", "{:?}", check(&gcs));
+        assert!(held_back(&gcs.node(&id).unwrap()), "an untrusted node without GPUs takes no work either");
+        gcs.register_node(info).await.unwrap();
+        assert_eq!((state_name(&check(&gcs)), check(&gcs).failures), ("untrusted", 5));
         gcs.record_gpu_check(&id, Ok((1.0, 1.0, 1))).await.unwrap();
 
         // The operator clears it: it takes work on its passing check.

@@ -594,7 +594,7 @@ pub fn drain(args: DrainArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut gcs = rpc::gcs_client(&address, &admin).await?;
-        let node = live_node(&mut gcs, &args.node).await?;
+        let node = find_node(&mut gcs, &args.node, false).await?;
         let channel = rpc::connect(&node.address, &admin, Duration::from_secs(5)).await?;
         let request = DrainRequest {
             deadline_ms: deadline.as_millis() as u64,
@@ -619,16 +619,18 @@ pub fn drain(args: DrainArgs) -> Result<()> {
     })
 }
 
-/// The live node whose id starts with `prefix` (one only).
-async fn live_node(gcs: &mut rpc::GcsClient, prefix: &str) -> Result<NodeInfo> {
-    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+/// The node whose id starts with `prefix` (one only), among the live ones or, with
+/// `include_dead`, all.
+async fn find_node(gcs: &mut rpc::GcsClient, prefix: &str, include_dead: bool) -> Result<NodeInfo> {
+    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead }).await.map_err(IonetError::from)?;
     let wanted = prefix.trim().to_ascii_lowercase();
     let matching: Vec<_> =
         nodes.into_inner().nodes.into_iter().filter(|node| hex::encode(&node.node_id).starts_with(&wanted)).collect();
+    let which = if include_dead { "" } else { "live " };
     match matching.as_slice() {
         [node] => Ok(node.clone()),
-        [] => bail!("no live node's id starts with {prefix:?} (see `ionet status`)"),
-        _ => bail!("{} live nodes' ids start with {prefix:?}: give more of the id", matching.len()),
+        [] => bail!("no {which}node's id starts with {prefix:?} (see `ionet status`)"),
+        _ => bail!("{} {which}nodes' ids start with {prefix:?}: give more of the id", matching.len()),
     }
 }
 
@@ -639,7 +641,8 @@ pub fn trust(args: TrustArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut gcs = rpc::gcs_client(&address, &admin).await?;
-        let node = live_node(&mut gcs, &args.node).await?;
+        // A dead node may be cleared too, before it comes back.
+        let node = find_node(&mut gcs, &args.node, true).await?;
         let request = ClearUntrustedRequest { node_id: node.node_id.clone() };
         let check =
             gcs.clear_untrusted(request).await.map_err(IonetError::from)?.into_inner().check.unwrap_or_default();

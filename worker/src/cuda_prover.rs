@@ -23,7 +23,8 @@ const KERNELS: &str = include_str!("cuda/prover.cu");
 const BLOCK: u32 = 256;
 const MAX_BLOCKS: u64 = 1 << 16;
 
-/// Runs challenges on this machine's GPUs.
+/// Runs challenges on this machine's GPUs (a clone per GPU, each in a thread of its own).
+#[derive(Clone)]
 pub struct CudaProver {
     ptx: Ptx,
 }

@@ -58,7 +58,7 @@ pub fn node_rows(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<Vec<Value>> {
             "gpu_check": gpu_check_json(node),
             "gpu_tflops": gpu_proof::gpu_tflops_milli(node) as f64 / 1000.0,
             "gpu_tflops_measured": gpu_proof::tflops_measured(node),
-            "reliability": f64::from(reliability::score_bps(node, now_ms)) / f64::from(reliability::FULL),
+            "reliability": f64::from(reliability::listed_score_bps(node)) / f64::from(reliability::FULL),
             "reliability_record": {
                 "down_ms": record.down_ms,
                 "leases": record.leases,
@@ -163,7 +163,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now_ms: u64) -> IonetResult<String> {
             vram,
             format_usd(node.price_per_gpu_hour_micros),
             tflops_cell(node),
-            reliability::format(reliability::score_bps(node, now_ms)),
+            reliability::format(reliability::listed_score_bps(node)),
             if labels.is_empty() { "-".into() } else { labels.join(",") },
             age,
             gpu_check_cell(node),

@@ -1,8 +1,10 @@
 //! The CUDA prover's kernels (`worker/src/cuda/prover.cu`) run only where a GPU is; their
 //! logic is checked here on every machine by compiling the same source as C++ on the host,
 //! one thread standing in for the grid, and comparing every output with the CPU prover's:
-//! the seeded matrices, their product's rows (row-major, as the CUDA prover lays it out)
-//! and the SHA-256 leaves of the memory fill.
+//! the seeded matrices (A directly; B through the product the harness computes from them
+//! with its own loop) and the SHA-256 leaves of the memory fill. The cuBLAS call itself
+//! (its argument order and leading dimensions) is checked only where a GPU is, by
+//! `cuda_prover.rs`.
 
 use std::io::Write as _;
 use std::process::Command;
@@ -31,7 +33,7 @@ int main(int argc, char** argv) {
     ionet_entries(b, key_b, k * n);
     for (ionet_u64 i = 0; i < n * k; i++) printf("%d ", (int)a[i]);
     printf("\n");
-    // The product in row-major order (what cuBLAS computes as the column-major Bᵀ·Aᵀ).
+    // The product in row-major order, by the harness's own loop (not cuBLAS's).
     for (ionet_u64 i = 0; i < n; i++)
         for (ionet_u64 p = 0; p < k; p++)
             for (ionet_u64 j = 0; j < n; j++) c[i * n + j] += a[i * k + p] * b[p * n + j];

@@ -66,10 +66,10 @@ fn an_honest_node_with_simulated_gpus_passes_and_is_schedulable_within_seconds_o
     // Measured performance and reliability wherever nodes are listed: a simulated GPU is
     // ranked by its model's published figure (the CPU's speed says nothing of it).
     assert_eq!((node["gpu_tflops"].as_f64(), node["gpu_tflops_measured"].as_bool()), (Some(19.5), Some(false)));
-    assert_eq!(node["reliability"], 1.0, "{node:#}");
+    assert_eq!(node["reliability"], 0.6667, "a first pass: (1 + 1) / (1 + 2): {node:#}");
     let table = cluster.ionet_ok(&["status"]);
     assert!(table.contains("GPU CHECK") && table.contains("passed (simulated)"), "{table}");
-    assert!(table.contains("RELIABILITY") && table.contains("19.5 (published)") && table.contains("1.00"), "{table}");
+    assert!(table.contains("RELIABILITY") && table.contains("19.5 (published)") && table.contains("0.67"), "{table}");
 
     // Schedulable: the head bills a lease of its GPUs.
     let job = add_job(&cluster);
@@ -341,7 +341,7 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
     let row = node_row(&cluster, &hex);
     assert_eq!(row["gpu_check"]["state"], "passed", "{row:#}");
     assert!(row["gpu_check"]["cleared_at_ms"].as_u64().unwrap() > 0);
-    assert_eq!(row["reliability"], 0.5, "two failed checks in four, the one pass and the prior: {row:#}");
+    assert_eq!(row["reliability"], 0.4, "one pass, two failures, and the prior: (1 + 1) / (3 + 2): {row:#}");
     cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).expect("billed again");
     let twice = cluster.ionet_err(&["trust", "--node", &hex[..8]]);
     assert!(twice.contains("is not untrusted"), "{twice}");

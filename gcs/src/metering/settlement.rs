@@ -65,7 +65,8 @@ impl Metering {
                 && check.last_failed_at_ms <= previous_end_ms;
             let mut from = node.registered_at_ms.max(previous_end_ms);
             if rewarded {
-                from = from.max(check.passed_since_ms);
+                // From when it passed, and never for time it was untrusted (cleared since).
+                from = from.max(check.passed_since_ms).max(check.cleared_at_ms);
             }
             let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
             availability.push(NodeAvailability {

@@ -139,6 +139,8 @@ async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     let job = job(&f.state, "").await;
     let lease = LeaseId::random();
     start_both(&f.metering, lease, node, job, gpus("0.5")).await.unwrap();
+    // A start the node alone speaks of (no holder confirms it) counts for nothing.
+    f.metering.lease_started(&node_says(LeaseId::random(), node, job, gpus("0.5"))).await.unwrap();
     f.clock.advance_ms(700);
     f.state.heartbeat(node.as_bytes(), None).unwrap();
     f.clock.advance_ms(1_500);
@@ -155,8 +157,9 @@ async fn a_dead_node_ends_its_leases_at_its_last_heartbeat() {
     let err = f.metering.lease_started(&node_says(LeaseId::random(), node, job, gpus("1"))).await.unwrap_err();
     assert!(err.to_string().contains("is dead"), "{err}");
 
-    // Its reliability: one lease, lost to its death (counted once, however often the
-    // dead nodes' leases are ended); the time it stays gone counts against it too.
+    // Its reliability: one lease (both sides started it), lost to its death (counted once,
+    // however often the dead nodes' leases are ended); the time it stays gone counts
+    // against it too.
     assert_eq!(f.metering.end_leases_of_dead_nodes().await.unwrap(), 0);
     let record = f.state.node(&node).unwrap().reliability.unwrap();
     assert_eq!((record.leases, record.leases_lost, record.down_ms), (1, 1, 0));
@@ -572,6 +575,14 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     assert!(reward("cheat") > 0 && reward("honest") > 0, "{next:?}");
     assert_eq!(reward("simulated"), 0);
     assert_eq!(reward("distrusted"), 0, "untrusted, it earns nothing however its checks go");
+    // Cleared half-way through the next epoch: it earns for the half since, not before.
+    clock.advance_ms(1_800_000);
+    state.clear_untrusted(&distrusted).await.unwrap();
+    clock.advance_ms(1_800_000);
+    let third = metering.settle_at(START + 3 * 3_600_000, false).await.unwrap();
+    let reward = |wallet: &str| third.providers.iter().find(|p| p.wallet == wallet).map_or(0, |p| p.reward);
+    assert!(reward("distrusted") > 0, "{third:?}");
+    assert!(reward("distrusted").abs_diff(reward("honest") / 2) <= 1, "{third:?}");
 }
 
 #[tokio::test]
@@ -580,14 +591,14 @@ async fn a_job_pays_for_no_lease_on_a_node_below_its_minimum_reliability() {
     let (flaky, steady) = (NodeId::random(), NodeId::random());
     f.state.register_checked_node(gpu_node(flaky, 1, "1", "flaky")).await.unwrap();
     f.state.register_checked_node(gpu_node(steady, 1, "1", "steady")).await.unwrap();
-    // Two checks passed, one failed: (2 + 1) / (3 + 1) = 0.75.
+    // Two checks passed, one failed: (2 + 1) / (3 + 2) = 0.60; the other passed one: 0.67.
     f.state.record_gpu_check(&flaky, Err("GPU 0: row 1 of the product is wrong".into())).await.unwrap();
     f.state.record_gpu_check(&flaky, Ok((1.0, 1.0, 1))).await.unwrap();
-    let strict = f.state.add_job(JobInfo { min_reliability_bps: 9_000, ..Default::default() }).await.unwrap();
+    let strict = f.state.add_job(JobInfo { min_reliability_bps: 6_500, ..Default::default() }).await.unwrap();
     let strict = JobId::from_bytes(&strict.job_id).unwrap();
     let refused = f.metering.lease_started(&node_says(LeaseId::random(), flaky, strict, gpus("1"))).await.unwrap_err();
-    assert!(refused.to_string().contains("scores 0.75 for reliability, below job"), "{refused}");
-    assert!(refused.to_string().contains("minimum of 0.90"), "{refused}");
+    assert!(refused.to_string().contains("scores 0.60 for reliability, below job"), "{refused}");
+    assert!(refused.to_string().contains("minimum of 0.65"), "{refused}");
     f.metering.lease_started(&node_says(LeaseId::random(), steady, strict, gpus("1"))).await.expect("a reliable node");
     let any = job(&f.state, "").await;
     f.metering.lease_started(&node_says(LeaseId::random(), flaky, any, gpus("1"))).await.expect("no minimum");

@@ -242,3 +242,31 @@ async fn a_restarted_head_keeps_its_groups_and_redoes_a_reservation_cut_short() 
     let sequence = |id: &PlacementGroupId| restarted.lock().get(id).unwrap().sequence;
     assert!(sequence(&later) > sequence(&cut));
 }
+
+/// A job that runs only on reliable nodes has its groups placed only on them.
+#[tokio::test]
+async fn a_jobs_groups_go_only_to_nodes_as_reliable_as_it_asks() {
+    let state = cluster_of(3).await;
+    let flaky = state.nodes(false).into_iter().find(|node| node.address == "node-0:1").unwrap();
+    let flaky = NodeId::from_bytes(&flaky.node_id).unwrap();
+    // Passing again after a failure: (2 + 1) / (3 + 2) = 0.60; the others passed once: 0.67.
+    state.record_gpu_check(&flaky, Err("GPU 0: answered late".into())).await.unwrap();
+    state.record_gpu_check(&flaky, Ok((1.0, 1.0, 1))).await.unwrap();
+    let job = state
+        .add_job(ionet_common::rpc::proto::common::JobInfo { min_reliability_bps: 6_500, ..Default::default() })
+        .await
+        .unwrap();
+    let nodes = Arc::new(FakeNodes::default());
+    let groups = PlacementGroups::new(state, nodes.clone());
+    let two = groups.create(cpu_bundles(2), PlacementStrategy::StrictSpread, String::new(), job.job_id.clone()).await;
+    let two = two.unwrap();
+    let three = groups.create(cpu_bundles(3), PlacementStrategy::StrictSpread, String::new(), job.job_id).await;
+    let three = three.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), groups.place_pending()).await.unwrap();
+    assert_eq!(groups.state_of(&two), Some(PlacementGroupState::Created));
+    let placed = groups.get(&two).unwrap();
+    assert!(!placed.bundle_node_addresses.contains(&"node-0:1".to_string()), "{placed:?}");
+    assert_eq!(groups.state_of(&three), Some(PlacementGroupState::Pending), "three reliable nodes there are not");
+    let why = groups.get(&three).unwrap().pending_reason;
+    assert!(why.contains("its job runs only on nodes of reliability >= 0.65"), "{why}");
+}
