@@ -988,17 +988,26 @@ impl Metering {
         blocking(move || Ok(ledger.lock().balances()?.into_iter().collect())).await
     }
 
-    /// A provider's earnings per settled epoch and its current balance.
-    pub async fn earnings(&self, wallet: &str) -> GcsResult<(Vec<ProviderEarnings>, i64)> {
+    /// A provider's earnings per settled epoch (with why its nodes' availability rewards
+    /// were withheld in each, if they were) and its current balance.
+    pub async fn earnings(&self, wallet: &str) -> GcsResult<(Vec<(ProviderEarnings, Vec<String>)>, i64)> {
         if wallet.trim().is_empty() {
             return Err(invalid("wallet is empty".into()));
         }
-        let (ledger, wallet) = (self.ledger.clone(), wallet.to_string());
-        blocking(move || {
+        let (ledger, owned) = (self.ledger.clone(), wallet.to_string());
+        let (epochs, balance) = blocking(move || {
             let ledger = ledger.lock();
-            Ok((ledger.earnings(&wallet)?, ledger.balance(&Account::provider(&wallet))?))
+            Ok((ledger.earnings(&owned)?, ledger.balance(&Account::provider(&owned))?))
         })
-        .await
+        .await?;
+        let epochs = epochs
+            .into_iter()
+            .map(|epoch| {
+                let withheld = self.withheld(epoch.epoch_id, wallet);
+                (epoch, withheld)
+            })
+            .collect();
+        Ok((epochs, balance))
     }
 
     /// Starts the two background tasks: ending leases of dead nodes (on `events`, plus a

@@ -226,7 +226,7 @@ impl MeteringRpc for MeteringService {
         Ok(Response::new(EarningsReply {
             epochs: epochs
                 .into_iter()
-                .map(|epoch| ProviderEarnings {
+                .map(|(epoch, rewards_withheld)| ProviderEarnings {
                     epoch_id: epoch.epoch_id,
                     revenue_micros: epoch.revenue,
                     reward_micros: epoch.reward,
@@ -234,6 +234,7 @@ impl MeteringRpc for MeteringService {
                     net_micros: epoch.net,
                     uptime_ms: epoch.uptime_ms,
                     gpu_capacity_units: epoch.gpu_capacity.units(),
+                    rewards_withheld,
                 })
                 .collect(),
             balance_micros,

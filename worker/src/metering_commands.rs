@@ -458,6 +458,7 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
                     "net_micros": e.net_micros,
                     "uptime_ms": e.uptime_ms,
                     "gpu_capacity": e.gpu_capacity_units as f64 / ionet_common::resources::SCALE as f64,
+                    "rewards_withheld": e.rewards_withheld,
                 })
             })
             .collect();
@@ -489,6 +490,9 @@ pub fn earnings(args: EarningsArgs) -> Result<()> {
                 signed_usd(e.net_micros),
                 e.uptime_ms / 1000
             );
+            for why in &e.rewards_withheld {
+                println!("        reward withheld: {why}");
+            }
         }
     }
     println!(

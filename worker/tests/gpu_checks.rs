@@ -206,7 +206,7 @@ fn skipped_fill(challenge: &GpuChallenge) -> Answer {
 
 #[test]
 fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not_billed() {
-    let (cluster, _config) = cluster();
+    let (cluster, _config) = cluster_with("reward_pool_per_hour_micros = 3600000000\n");
     let job = add_job(&cluster);
     let mut metering = cluster.metering_client();
 
@@ -294,6 +294,22 @@ fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not
         node_row(&cluster, &cached.node_id.hex())["gpu_check"]["state"] == "passed"
     });
     cluster.runtime.block_on(metering.lease_started(lease(&cached.node_id.to_vec(), &job))).expect("billed again");
+
+    // The epoch's availability rewards are withheld from every one of them, and the
+    // provider's earnings say why, node by node.
+    cluster.ionet_ok(&["settle"]);
+    let earnings: Value =
+        serde_json::from_str(&cluster.ionet_ok(&["earnings", "--wallet", "cheat-wallet", "--json"])).unwrap();
+    let epoch = &earnings["epochs"][0];
+    assert_eq!(epoch["reward_micros"], 0, "{earnings:#}");
+    let withheld: Vec<&str> =
+        epoch["rewards_withheld"].as_array().unwrap().iter().map(|why| why.as_str().unwrap()).collect();
+    assert_eq!(withheld.len(), 4, "{withheld:?}");
+    for why in ["does not hold the fill", "past the deadline", "it failed a GPU check this epoch", "not passed"] {
+        assert!(withheld.iter().any(|line| line.contains(why)), "{why}: {withheld:?}");
+    }
+    let table = cluster.ionet_ok(&["earnings", "--wallet", "cheat-wallet"]);
+    assert!(table.contains(&format!("reward withheld: node {}: ", lazy.node_id.short())), "{table}");
 }
 
 #[test]

@@ -15,6 +15,16 @@ use tokio::sync::watch;
 use super::{wallet_of, Changes, Metering};
 use crate::error::GcsResult;
 use crate::state::blocking;
+use crate::storage::Table;
+
+/// Where why a wallet's rewards of an epoch were withheld is kept (`Meta` table, JSON).
+fn withheld_key(epoch_id: u64, wallet: &str) -> Vec<u8> {
+    let mut key = b"withheld/".to_vec();
+    key.extend_from_slice(&epoch_id.to_be_bytes());
+    key.push(b'/');
+    key.extend_from_slice(wallet.as_bytes());
+    key
+}
 
 impl Metering {
     /// Cuts every lease open before `end_ms` there: a record for the part before, the
@@ -46,9 +56,10 @@ impl Metering {
 
     /// Each GPU node's uptime in `(previous_end_ms, end_ms]`, reported with its power cost;
     /// it earns availability rewards only for real GPUs passing the head's check, from when
-    /// they passed: none in an epoch with a failed check, never for simulated GPUs.
-    fn availability(&self, previous_end_ms: u64, end_ms: u64) -> Vec<NodeAvailability> {
-        let mut availability = Vec::new();
+    /// they passed: none in an epoch with a failed check, never for simulated GPUs. With
+    /// it, why each node not rewarded is not: `(wallet, "node 3f2a…: why")`.
+    fn availability(&self, previous_end_ms: u64, end_ms: u64) -> (Vec<NodeAvailability>, Vec<(String, String)>) {
+        let (mut availability, mut withheld) = (Vec::new(), Vec::new());
         for node in self.state.nodes(true) {
             let Ok(node_id) = NodeId::from_bytes(&node.node_id) else {
                 continue;
@@ -59,19 +70,33 @@ impl Metering {
             }
             let check = node.gpu_check.clone().unwrap_or_default();
             let passing = check.state == GpuCheckState::Passed as i32 && check.passed_since_ms > 0;
-            let rewarded = passing
-                && !check.simulated
-                && check.untrusted_since_ms == 0
-                && check.last_failed_at_ms <= previous_end_ms;
+            // Every reason that applies, the check's own first.
+            let mut reasons = Vec::new();
+            if check.untrusted_since_ms != 0 {
+                reasons.push(ionet_common::gpu_proof::held_back_because(&check));
+            } else if check.last_failed_at_ms > previous_end_ms {
+                reasons.push(format!("it failed a GPU check this epoch: {}", check.reason));
+            } else if !passing {
+                reasons.push("its GPUs have not passed the head's check".to_string());
+            }
+            if check.simulated {
+                reasons.push("its GPUs are simulated (declared, checked on the CPU): never rewarded".to_string());
+            }
+            let why = (!reasons.is_empty()).then(|| reasons.join("; "));
+            let rewarded = why.is_none();
             let mut from = node.registered_at_ms.max(previous_end_ms);
             if rewarded {
                 // From when it passed, and never for time it was untrusted (cleared since).
                 from = from.max(check.passed_since_ms).max(check.cleared_at_ms);
             }
             let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
+            let provider_wallet = wallet_of(&node, &node_id);
+            if let Some(why) = why {
+                withheld.push((provider_wallet.clone(), format!("node {}: {why}", node_id.short())));
+            }
             availability.push(NodeAvailability {
                 node_id,
-                provider_wallet: wallet_of(&node, &node_id),
+                provider_wallet,
                 uptime_ms: to.saturating_sub(from),
                 gpu_capacity: gpus,
                 declared_watts: node.power_watts,
@@ -79,7 +104,7 @@ impl Metering {
                 rewarded,
             });
         }
-        availability
+        (availability, withheld)
     }
 
     /// Closes the next epoch at `end_ms` (or plans it, when `dry_run`: open leases are
@@ -97,7 +122,8 @@ impl Metering {
         // The first epoch's reward pool accrues from when metering began.
         let start_ms =
             if last.is_some() { previous_end } else { self.last_epoch_end_ms.load(Ordering::SeqCst).min(end_ms) };
-        let spec = EpochSpec { epoch_id, start_ms, end_ms, availability: self.availability(previous_end, end_ms) };
+        let (availability, withheld) = self.availability(previous_end, end_ms);
+        let spec = EpochSpec { epoch_id, start_ms, end_ms, availability };
         let ledger = self.ledger.clone();
         if dry_run {
             return blocking(move || Ok(ledger.lock().dry_run(&spec)?.summary)).await;
@@ -106,10 +132,19 @@ impl Metering {
         let outcome = blocking(move || Ok(ledger.lock().settle_epoch(&spec)?)).await?;
         if let SettleOutcome::Settled(summary) = &outcome {
             // What the epoch charged is owed no more: it is in the balances now.
-            let mut book = self.book();
-            for payer in &summary.payers {
-                if let Some(owed) = book.owed.get_mut(&payer.payer) {
-                    *owed = owed.saturating_sub(payer.usage.saturating_add(payer.fee));
+            {
+                let mut book = self.book();
+                for payer in &summary.payers {
+                    if let Some(owed) = book.owed.get_mut(&payer.payer) {
+                        *owed = owed.saturating_sub(payer.usage.saturating_add(payer.fee));
+                    }
+                }
+            }
+            // Why nodes earned no availability reward, for their providers' earnings (only
+            // when there was a pool to earn from). Words, not money: kept beside the ledger.
+            if self.state.config().reward_pool_per_hour_micros > 0 && !withheld.is_empty() {
+                if let Err(err) = self.keep_withheld(epoch_id, withheld).await {
+                    tracing::warn!(epoch = epoch_id, error = %err, "could not keep why rewards were withheld");
                 }
             }
         }
@@ -118,6 +153,33 @@ impl Metering {
         Ok(match outcome {
             SettleOutcome::Settled(summary) | SettleOutcome::AlreadySettled(summary) => summary,
         })
+    }
+
+    /// Stores, per wallet, why its nodes earned no reward in `epoch_id`.
+    async fn keep_withheld(&self, epoch_id: u64, withheld: Vec<(String, String)>) -> GcsResult<()> {
+        let mut by_wallet: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (wallet, why) in withheld {
+            by_wallet.entry(wallet).or_default().push(why);
+        }
+        let storage = self.state.storage().clone();
+        blocking(move || {
+            for (wallet, notes) in by_wallet {
+                let value =
+                    serde_json::to_vec(&notes).map_err(|err| crate::error::GcsError::Storage(err.to_string()))?;
+                storage.put(Table::Meta, &withheld_key(epoch_id, &wallet), &value)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Why `wallet`'s nodes earned no reward in `epoch_id` (empty: nothing was withheld,
+    /// or it is not known).
+    pub(super) fn withheld(&self, epoch_id: u64, wallet: &str) -> Vec<String> {
+        match self.state.storage().get(Table::Meta, &withheld_key(epoch_id, wallet)) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     /// Closes the epoch now (control-store clock).

@@ -127,7 +127,8 @@ async fn interval_times_price_is_exact_and_settles_once() {
     assert_eq!((second.epoch_id, second.records, second.total_usage), (1, 0, 0));
     assert_eq!(f.metering.balances().await.unwrap(), balances);
     let (earnings, provider_balance) = f.metering.earnings("wallet-a").await.unwrap();
-    assert_eq!(earnings[0].revenue, 7_500_000);
+    assert_eq!(earnings[0].0.revenue, 7_500_000);
+    assert!(earnings[0].1.is_empty(), "no reward pool, nothing withheld");
     assert_eq!(provider_balance, 7_500_000);
 }
 
@@ -568,6 +569,18 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     for wallet in ["cheat", "simulated", "unchecked", "distrusted"] {
         assert_eq!(reward(wallet), 0, "{wallet} earns no availability reward: {summary:?}");
     }
+    // Each provider's earnings say why.
+    let mut withheld = std::collections::HashMap::new();
+    for wallet in ["honest", "cheat", "simulated", "unchecked", "distrusted"] {
+        let (earnings, _) = metering.earnings(wallet).await.unwrap();
+        withheld.insert(wallet, earnings[0].1.join("; "));
+    }
+    assert_eq!(withheld["honest"], "");
+    assert!(withheld["cheat"].contains("it failed a GPU check this epoch: GPU 1: row 3 of the product is wrong"));
+    assert!(withheld["cheat"].starts_with(&format!("node {}: ", cheat.short())), "{withheld:?}");
+    assert!(withheld["simulated"].contains("its GPUs are simulated"));
+    assert!(withheld["unchecked"].contains("have not passed the head's check"));
+    assert!(withheld["distrusted"].contains("untrusted after 3 failed checks"), "{withheld:?}");
     // The next epoch, the cheat's passing time counts again; the simulated node's never.
     clock.advance_ms(3_600_000);
     let next = metering.settle_at(START + 7_200_000, false).await.unwrap();
