@@ -69,6 +69,20 @@ pub enum Outcome {
 struct Schedule {
     next: Instant,
     asked: Option<Instant>,
+    /// Since when, with its check due, the node has said a GPU is busy while the head's
+    /// lease book has no lease of its GPUs running (a lease not reported yet, or a dodge).
+    busy_unbilled_since: Option<Instant>,
+}
+
+/// What a heartbeat's node is doing with its GPUs, by its word and by the head's book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuUse {
+    /// The head's lease book has a lease of its GPUs running: never checked now.
+    Leased,
+    /// No lease the head knows of, and the node says its GPUs are free.
+    Idle,
+    /// No lease the head knows of, yet the node says a GPU is busy.
+    Busy,
 }
 
 /// What a heartbeat tells a node of its checks.
@@ -86,6 +100,8 @@ pub enum Due {
 pub struct GpuChecks {
     open: DashMap<NodeId, Open>,
     schedule: DashMap<NodeId, Schedule>,
+    /// When each node last started a check.
+    started: DashMap<NodeId, Instant>,
 }
 
 impl GpuChecks {
@@ -95,13 +111,16 @@ impl GpuChecks {
         let floor = took.mul_f64(10_000.0 / f64::from(idle_share_bps.max(1)));
         let mean = interval.max(floor);
         let next = Instant::now() + mean.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
-        self.schedule.insert(node, Schedule { next, asked: None });
+        self.schedule.insert(node, Schedule { next, asked: None, busy_unbilled_since: None });
     }
 
-    /// Whether a heartbeat of `node` (whose GPUs are `idle`, none leased) should ask it for
-    /// a check; one asked `grace` ago and not started since has missed it. A node with a
-    /// GPU leased is not asked: the check waits until they are all free.
-    pub fn on_heartbeat(&self, node: NodeId, idle: bool, grace: Duration) -> Due {
+    /// Whether a heartbeat of `node` should ask it for a check; one asked `grace` ago and
+    /// not started since has missed it. `uses` says what its GPUs are doing, asked only
+    /// when a check is due (it reads the head's lease book). A node with a GPU leased by
+    /// the head's book is not asked: the check waits until none is. One that says a GPU
+    /// is busy while the book has no lease of it waits too, but only for `grace`: a lease
+    /// the node has not reported by then is not one the check could disturb.
+    pub fn on_heartbeat(&self, node: NodeId, uses: impl FnOnce() -> GpuUse, grace: Duration) -> Due {
         // A check started and left unanswered past its deadline is over: a failure.
         if let Some((_, open)) = self.open.remove_if(&node, |_, open| open.started.elapsed() > open.deadline) {
             return Due::Missed(format!(
@@ -118,9 +137,24 @@ impl GpuChecks {
             match schedule.asked {
                 Some(asked) if now.duration_since(asked) > grace => now.duration_since(asked),
                 Some(_) => return Due::Now,
-                None if now < schedule.next || !idle => return Due::No,
+                None if now < schedule.next => return Due::No,
                 None => {
+                    let ask = match uses() {
+                        GpuUse::Leased => {
+                            schedule.busy_unbilled_since = None;
+                            false
+                        }
+                        GpuUse::Idle => true,
+                        GpuUse::Busy => {
+                            let since = *schedule.busy_unbilled_since.get_or_insert(now);
+                            now.duration_since(since) > grace
+                        }
+                    };
+                    if !ask {
+                        return Due::No;
+                    }
                     schedule.asked = Some(now);
+                    schedule.busy_unbilled_since = None;
                     return Due::Now;
                 }
             }
@@ -140,16 +174,43 @@ impl GpuChecks {
         self.schedule.entry(node).or_insert_with(|| Schedule {
             next: Instant::now() + interval.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5)),
             asked: None,
+            busy_unbilled_since: None,
         });
     }
 
     /// Asks `node` for a check at its next idle heartbeat (the operator cleared it).
     pub fn due_now(&self, node: NodeId) {
         // One already asked for keeps its grace running.
-        self.schedule
-            .entry(node)
-            .and_modify(|schedule| schedule.next = Instant::now())
-            .or_insert_with(|| Schedule { next: Instant::now(), asked: None });
+        self.schedule.entry(node).and_modify(|schedule| schedule.next = Instant::now()).or_insert_with(|| Schedule {
+            next: Instant::now(),
+            asked: None,
+            busy_unbilled_since: None,
+        });
+    }
+
+    /// Whether `node` may start a check now: always when the head asked for one; unasked,
+    /// only while it is not passing (`not_passing`: its first, or to lift a quarantine),
+    /// and at most once per `gap` (each check costs the head a recomputation).
+    pub fn may_start(&self, node: NodeId, not_passing: bool, gap: Duration) -> Result<(), String> {
+        if self.schedule.get(&node).is_some_and(|schedule| schedule.asked.is_some()) {
+            return Ok(());
+        }
+        if !not_passing {
+            return Err(format!(
+                "node {} passed its last GPU check: the next is the head's to ask for (in a heartbeat reply)",
+                node.short()
+            ));
+        }
+        let since = self.started.get(&node).map(|started| started.elapsed());
+        if let Some(since) = since.filter(|since| *since < gap) {
+            return Err(format!(
+                "node {} may start a GPU check unasked at most once per {:.0} s: again in {:.0} s",
+                node.short(),
+                gap.as_secs_f64(),
+                (gap - since).as_secs_f64().ceil()
+            ));
+        }
+        Ok(())
     }
 
     /// Ends a check the node left under way (it asked for another): the reason to record
@@ -214,6 +275,7 @@ impl GpuChecks {
             deadline_ms: deadline.as_millis() as u64,
         };
         self.open.insert(node_id, Open { check_id, challenges, started: Instant::now(), deadline, committed: None });
+        self.started.insert(node_id, Instant::now());
         Ok(reply)
     }
 
@@ -435,17 +497,58 @@ mod tests {
 
     #[test]
     fn a_check_is_asked_for_only_when_due_and_every_gpu_is_free() {
+        let (idle, leased, busy) = (|| GpuUse::Idle, || GpuUse::Leased, || GpuUse::Busy);
         let checks = GpuChecks::default();
         let node = NodeId::random();
-        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::No, "no check before the first ended");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "no check before the first ended");
         checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
-        assert_eq!(checks.on_heartbeat(node, false, GRACE), Due::No, "a GPU is leased: the check waits");
-        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::Now);
-        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::Now, "asked until it starts");
+        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::No, "a GPU is leased: the check waits");
+        assert_eq!(checks.on_heartbeat(node, busy, GRACE), Due::No, "busy by its word: waits a while");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::Now);
+        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::Now, "asked until it starts");
         assert!(
-            matches!(checks.on_heartbeat(node, false, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
+            matches!(checks.on_heartbeat(node, leased, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
         );
-        assert_eq!(checks.on_heartbeat(node, true, GRACE), Due::No, "a miss is recorded once");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "a miss is recorded once");
+    }
+
+    #[test]
+    fn a_node_starts_checks_unasked_only_while_not_passing_and_at_most_once_per_gap() {
+        let checks = GpuChecks::default();
+        let node = node_with_gpus(1);
+        let id = NodeId::from_bytes(&node.node_id).unwrap();
+        let gap = Duration::from_secs(30);
+        checks.may_start(id, true, gap).expect("its first");
+        checks.start(&node, Duration::from_secs(60)).unwrap();
+        let again = checks.may_start(id, true, gap).unwrap_err();
+        assert!(again.contains("at most once per 30 s: again in 30 s"), "{again}");
+        checks.may_start(id, true, Duration::ZERO).expect("no gap configured");
+        let passed = checks.may_start(id, false, Duration::ZERO).unwrap_err();
+        assert!(passed.contains("passed its last GPU check: the next is the head's to ask for"), "{passed}");
+        // Asked by the head: whenever.
+        checks.schedule_next(id, Duration::ZERO, Duration::ZERO, 10_000);
+        checks.open.clear();
+        assert_eq!(checks.on_heartbeat(id, || GpuUse::Idle, GRACE), Due::Now);
+        checks.may_start(id, false, gap).expect("asked");
+    }
+
+    #[test]
+    fn a_node_that_says_it_is_busy_with_no_lease_the_head_knows_of_is_checked_after_a_grace() {
+        let checks = GpuChecks::default();
+        let node = NodeId::random();
+        checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
+        let short = Duration::from_millis(30);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::No, "a lease it has not reported yet");
+        std::thread::sleep(short * 2);
+        // A lease the book learns of resets the wait: a real one keeps the check off.
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short), Due::No);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::No, "waits afresh");
+        std::thread::sleep(short * 2);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::Now, "busy by its word alone: checked");
+        // The book is read only when a check is due.
+        let fresh = NodeId::random();
+        checks.ensure_scheduled(fresh, Duration::from_secs(3600));
+        assert_eq!(checks.on_heartbeat(fresh, || panic!("read the lease book for a check not due"), short), Due::No);
     }
 
     fn node_with_gpus(gpus: u32) -> NodeInfo {
@@ -508,9 +611,9 @@ mod tests {
         let node = node_with_gpus(1);
         let node_id = NodeId::from_bytes(&node.node_id).unwrap();
         checks.start(&node, Duration::ZERO).unwrap();
-        let due = checks.on_heartbeat(node_id, true, GRACE);
+        let due = checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE);
         assert!(matches!(&due, Due::Missed(why) if why.contains("unanswered past the deadline")), "{due:?}");
-        assert_eq!(checks.on_heartbeat(node_id, true, GRACE), Due::No);
+        assert_eq!(checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE), Due::No);
         assert!(checks.start(&node_with_gpus(65), Duration::ZERO).unwrap_err().contains("at most 64"));
     }
 

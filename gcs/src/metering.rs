@@ -50,7 +50,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ionet_common::resources::MicroUsd;
+use ionet_common::resources::{MicroUsd, GPU};
 use ionet_common::rpc::proto::common::NodeState;
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::ClusterEvent;
@@ -986,6 +986,17 @@ impl Metering {
     pub async fn balances(&self) -> GcsResult<Vec<(Account, i64)>> {
         let ledger = self.ledger.clone();
         blocking(move || Ok(ledger.lock().balances()?.into_iter().collect())).await
+    }
+
+    /// Whether the lease book has a lease of `node`'s GPUs running (both sides said it
+    /// started, nobody ended it): what keeps the head's checks off its GPUs. A node's word
+    /// alone does not count (it could report grants nobody holds to dodge its checks).
+    pub fn gpus_leased_on(&self, node: &NodeId) -> bool {
+        self.book().open.values().any(|lease| {
+            lease.node_id == *node
+                && lease.is_running()
+                && lease.node.as_ref().is_some_and(|side| !side.resources.get(GPU).is_zero())
+        })
     }
 
     /// A provider's earnings per settled epoch (with why its nodes' availability rewards

@@ -206,6 +206,7 @@ impl GcsServer {
             submissions.clone(),
             tasks.clone(),
             objects,
+            metering.clone(),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);

@@ -43,6 +43,8 @@ pub struct GcsService {
     objects: Arc<crate::objects::ObjectListing>,
     /// Checks of nodes' GPUs under way.
     gpu_checks: crate::gpu_checks::GpuChecks,
+    /// The lease book: whether a node's GPUs are leased, by the head's record.
+    metering: Arc<crate::metering::Metering>,
 }
 
 /// Whether a listing of actors or placement groups shows `principal` what belongs to
@@ -62,6 +64,7 @@ impl GcsService {
         submissions: Arc<Submissions>,
         tasks: Arc<crate::task_events::TaskTable>,
         objects: Arc<crate::objects::ObjectListing>,
+        metering: Arc<crate::metering::Metering>,
     ) -> Self {
         // However a job ends (its driver said so, or died), its tasks still open end too.
         let mut events = state.subscribe();
@@ -89,6 +92,7 @@ impl GcsService {
             tasks,
             objects,
             gpu_checks: Default::default(),
+            metering,
         }
     }
 
@@ -127,7 +131,15 @@ impl GcsService {
             self.gpu_checks.ensure_scheduled(node_id, Duration::from_millis(config.gpu_check_interval_ms));
         }
         let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);
-        match self.gpu_checks.on_heartbeat(node_id, idle, grace) {
+        let uses = || {
+            use crate::gpu_checks::GpuUse;
+            match (self.metering.gpus_leased_on(&node_id), idle) {
+                (true, _) => GpuUse::Leased,
+                (false, true) => GpuUse::Idle,
+                (false, false) => GpuUse::Busy,
+            }
+        };
+        match self.gpu_checks.on_heartbeat(node_id, uses, grace) {
             crate::gpu_checks::Due::No => Ok(false),
             crate::gpu_checks::Due::Now => Ok(true),
             crate::gpu_checks::Due::Missed(reason) => {
@@ -400,6 +412,9 @@ impl Gcs for GcsService {
         let node = self.state.node(&node_id).ok_or_else(|| {
             Status::not_found(format!("node {} is not registered with this control store", node_id.short()))
         })?;
+        let gap = Duration::from_millis(self.state.config.gpu_check_min_gap_ms);
+        let not_passing = ionet_common::gpu_proof::held_back(&node);
+        self.gpu_checks.may_start(node_id, not_passing, gap).map_err(Status::failed_precondition)?;
         if let Some(reason) = self.gpu_checks.abandon(node_id) {
             self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;
         }

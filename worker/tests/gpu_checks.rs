@@ -206,7 +206,8 @@ fn skipped_fill(challenge: &GpuChallenge) -> Answer {
 
 #[test]
 fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not_billed() {
-    let (cluster, _config) = cluster_with("reward_pool_per_hour_micros = 3600000000\n");
+    // Cheats answer again at once here (a node not passing may, once per gap).
+    let (cluster, _config) = cluster_with("reward_pool_per_hour_micros = 3600000000\ngpu_check_min_gap_ms = 0\n");
     let job = add_job(&cluster);
     let mut metering = cluster.metering_client();
 
@@ -314,7 +315,7 @@ fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not
 
 #[test]
 fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
-    let (cluster, _config) = cluster_with("gpu_check_untrusted_failures = 2\n");
+    let (cluster, _config) = cluster_with("gpu_check_untrusted_failures = 2\ngpu_check_min_gap_ms = 0\n");
     let job = add_job(&cluster);
     let mut metering = cluster.metering_client();
     let mut cheat = join(&cluster, 1);
@@ -361,4 +362,22 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
     cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).expect("billed again");
     let twice = cluster.ionet_err(&["trust", "--node", &hex[..8]]);
     assert!(twice.contains("is not untrusted"), "{twice}");
+}
+
+#[test]
+fn a_node_cannot_make_the_head_verify_checks_at_will() {
+    let (cluster, _config) = cluster();
+    let mut cheat = join(&cluster, 1);
+    let cached = |challenge: &GpuChallenge| {
+        let mut stale = challenge.clone();
+        stale.compute.seed = [7; 32];
+        CpuProver.run(&stale).unwrap()
+    };
+    answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap();
+    // Quarantined, it may try again, but not at once: each check costs the head work.
+    let again = answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    assert!(again.message().contains("may start a GPU check unasked at most once per 30 s"), "{again:?}");
+    let row = node_row(&cluster, &cheat.node_id.hex());
+    assert_eq!((row["gpu_check"]["state"].as_str(), row["gpu_check"]["failures"].as_u64()), (Some("failed"), Some(1)));
 }

@@ -52,7 +52,8 @@ pub struct ClusterConfig {
     /// declared model's published figures give.
     pub gpu_check_deadline_ms: u64,
     /// Mean time between checks of a node's GPUs after the first (each drawn at random
-    /// between half and one and a half times it, only while no GPU of the node is leased).
+    /// between half and one and a half times it, never while the head's lease book has a
+    /// lease of the node's GPUs running).
     pub gpu_check_interval_ms: u64,
     /// Most of a node's idle time its checks may take, in basis points: the interval is
     /// stretched so that the last check's duration is at most this share of it.
@@ -61,6 +62,9 @@ pub struct ClusterConfig {
     /// node untrusted until the operator clears it (`ionet trust`).
     pub gpu_check_untrusted_failures: u32,
     pub gpu_check_untrusted_window_ms: u64,
+    /// Least time between checks a node starts unasked (its first, or again while it is
+    /// not passing): each costs the head a recomputation of the sampled rows.
+    pub gpu_check_min_gap_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -85,6 +89,7 @@ impl Default for ClusterConfig {
             gpu_check_idle_share_bps: 100,
             gpu_check_untrusted_failures: 3,
             gpu_check_untrusted_window_ms: 24 * 3_600_000,
+            gpu_check_min_gap_ms: 30_000,
         }
     }
 }
@@ -152,6 +157,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_IDLE_SHARE_BPS", &mut self.gpu_check_idle_share_bps)?;
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_FAILURES", &mut self.gpu_check_untrusted_failures)?;
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_WINDOW_MS", &mut self.gpu_check_untrusted_window_ms)?;
+        read(&lookup, "IONET_GPU_CHECK_MIN_GAP_MS", &mut self.gpu_check_min_gap_ms)?;
         Ok(())
     }
 
