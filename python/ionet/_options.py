@@ -90,7 +90,7 @@ def _concurrency_groups(name: str, value: Any) -> Any:
 
 
 def _scheduling_strategy(name: str, value: Any) -> Any:
-    """The native form: None, a strategy's text ("DEFAULT", "SPREAD", "COST",
+    """The native form: None, a strategy's text ("DEFAULT", "SPREAD", "COST", "COST_PER_TFLOP",
     "node:<id>[:soft]": the native side parses it, and refuses an unknown one), or
     ("placement_group", id, index); index -1 is any bundle of the group."""
     if value is None or isinstance(value, str):
@@ -108,7 +108,7 @@ def _scheduling_strategy(name: str, value: Any) -> Any:
             )
         return ("placement_group", str(value.placement_group.id), index)
     raise ValueError(
-        f"option {name} must be 'DEFAULT', 'SPREAD', 'COST', a NodeAffinitySchedulingStrategy or a "
+        f"option {name} must be 'DEFAULT', 'SPREAD', 'COST', 'COST_PER_TFLOP', a NodeAffinitySchedulingStrategy or a "
         f"PlacementGroupSchedulingStrategy, got {value!r}"
     )
 

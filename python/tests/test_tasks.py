@@ -136,6 +136,7 @@ def test_cost_strategy_and_label_selectors():
     # One node here: COST runs on it; a selector no node's labels match is unschedulable,
     # and a malformed one is refused when the options are given.
     assert ionet.get(add.options(scheduling_strategy="COST").remote(1, 2), timeout=60) == 3
+    assert ionet.get(add.options(scheduling_strategy="COST_PER_TFLOP").remote(1, 3), timeout=60) == 4
     assert ionet.get(add.options(label_selector={"region": "!asia"}).remote(2, 2), timeout=60) == 4
     with pytest.raises(ionet.exceptions.TaskUnschedulableError, match="region"):
         ionet.get(add.options(label_selector={"region": "in(asia, eu)"}).remote(1), timeout=60)

@@ -8,8 +8,9 @@
 //! - `available` never exceeds `total` and never goes negative (changes that would are
 //!   refused with an error and change nothing).
 //!
-//! Index layout. Alive nodes are keyed twice, by `(utilisation, node id)` and by
-//! `(price per GPU-hour, utilisation, node id)`, in `BTreeSet`s (so iteration order is
+//! Index layout. Alive nodes are keyed three times, by `(utilisation, node id)`, by
+//! `(price per GPU-hour, utilisation, node id)` and by `(price per TFLOP-hour, utilisation,
+//! node id)`, in `BTreeSet`s (so iteration order is
 //! deterministic), and each key is filed in three places: the set of all alive nodes, the
 //! set of its free-GPU bucket (free whole GPUs 0, 1, 2-3, 4-7, 8-15, 16+), and the same two
 //! under its accelerator model. A demand for `g` GPUs of model `m` only looks at `m`'s buckets
@@ -53,16 +54,20 @@ pub(crate) fn gpu_bucket(gpus: Quantity) -> usize {
 struct Ordered {
     by_util: BTreeSet<UtilKey>,
     by_price: BTreeSet<PriceKey>,
+    /// Keyed by price per TFLOP-hour ([`MicroUsd::MAX`] for unknown speed).
+    by_per_tflop: BTreeSet<PriceKey>,
 }
 
 impl Ordered {
     fn insert(&mut self, key: &IndexKey, id: NodeId, slot: Slot) {
         self.by_util.insert((key.util, id, slot));
         self.by_price.insert((key.price, key.util, id, slot));
+        self.by_per_tflop.insert((key.per_tflop, key.util, id, slot));
     }
     fn remove(&mut self, key: &IndexKey, id: NodeId, slot: Slot) {
         self.by_util.remove(&(key.util, id, slot));
         self.by_price.remove(&(key.price, key.util, id, slot));
+        self.by_per_tflop.remove(&(key.per_tflop, key.util, id, slot));
     }
 }
 
@@ -95,6 +100,7 @@ impl Tier {
 struct IndexKey {
     util: u32,
     price: MicroUsd,
+    per_tflop: MicroUsd,
     /// `None` for a node with no free GPU at all: no GPU demand can go there.
     bucket: Option<usize>,
     accelerator: Option<String>,
@@ -113,6 +119,8 @@ pub(crate) enum Order {
     LeastUtilised,
     /// Lowest price per GPU-hour, then utilisation, then node id.
     Cheapest,
+    /// Lowest price per TFLOP-hour (unknown speed last), then utilisation, then node id.
+    CheapestPerTflop,
 }
 
 /// Every node the scheduler knows; see the module docs for the index.
@@ -354,6 +362,7 @@ impl ClusterView {
         let key = IndexKey {
             util: entry.view.utilisation_ppm(),
             price: entry.view.price_per_gpu_hour,
+            per_tflop: entry.view.price_per_tflop_hour().unwrap_or(MicroUsd::MAX),
             bucket: {
                 let free = entry.view.available.get(GPU);
                 (!free.is_zero()).then(|| gpu_bucket(free))
@@ -419,10 +428,11 @@ impl ClusterView {
                 }
                 best.map(|key| key.2)
             }
-            Order::Cheapest => {
+            Order::Cheapest | Order::CheapestPerTflop => {
                 let mut best: Option<PriceKey> = None;
                 for set in sets.iter().rev() {
-                    for key in &set.by_price {
+                    let keys = if order == Order::Cheapest { &set.by_price } else { &set.by_per_tflop };
+                    for key in keys {
                         if best.is_some_and(|best| *key >= best) {
                             break;
                         }

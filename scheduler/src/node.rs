@@ -67,6 +67,13 @@ impl NodeView {
         }
     }
 
+    /// Micro-USD per TFLOP-hour of its GPUs (price per GPU-hour over per-GPU TFLOPS), if
+    /// their speed is known.
+    pub fn price_per_tflop_hour(&self) -> Option<MicroUsd> {
+        (self.gpu_tflops_milli > 0)
+            .then(|| (self.price_per_gpu_hour as u128 * 1000 / self.gpu_tflops_milli as u128) as MicroUsd)
+    }
+
     /// Adds `count` GPUs of `model` with `memory_bytes` each: sets `GPU`, `GPU_memory` and
     /// `accelerator_type:<model>` in total and available, the GPU list and the accelerator type.
     pub fn with_gpus(mut self, model: &str, count: u32, memory_bytes: u64) -> Self {

@@ -25,6 +25,11 @@ pub enum SchedulingStrategy {
     NodeAffinity { node_id: NodeId, soft: bool },
     /// The cheapest feasible node by price per GPU-hour; ties by utilisation, then node id.
     Cost,
+    /// The cheapest feasible node by price per TFLOP-hour: its price per GPU-hour over its
+    /// GPUs' FP32 TFLOPS as the head measured them (published figures for simulated ones),
+    /// so a slower GPU that is cheaper for the work it does comes first; nodes of unknown
+    /// speed last; ties by utilisation, then node id.
+    CostPerTflop,
 }
 
 /// The answer for one demand.
@@ -68,6 +73,7 @@ impl ClusterView {
                 None => self.diagnose(demand),
             },
             SchedulingStrategy::Cost => self.place_or_diagnose(demand, Order::Cheapest),
+            SchedulingStrategy::CostPerTflop => self.place_or_diagnose(demand, Order::CheapestPerTflop),
             SchedulingStrategy::NodeAffinity { node_id, soft } => {
                 self.schedule_affinity(demand, node_id, *soft, local_node)
             }

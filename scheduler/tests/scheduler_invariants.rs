@@ -2,8 +2,9 @@
 //!
 //! - no resource is ever over-allocated (every placement is applied and must succeed;
 //!   available stays within 0..=total);
-//! - Spread, Cost and Default decisions equal a linear scan's best node (so the index
-//!   never hides a node), and Cost never picks a dearer node than another feasible one;
+//! - Spread, Cost, CostPerTflop and Default decisions equal a linear scan's best node (so
+//!   the index never hides a node), and Cost never picks a dearer node than another
+//!   feasible one;
 //! - Wait means no node fits now but one would when idle; Infeasible means none ever would;
 //! - the same input gives the same output;
 //! - placement groups never over-commit a node and strict strategies always hold.
@@ -35,6 +36,8 @@ struct NodeSpec {
     price_cents: u64,
     region: u8,
     state: u8,
+    /// Per-GPU TFLOPS in thousandths (0: unknown).
+    tflops_milli: u64,
 }
 
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
@@ -45,14 +48,16 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::sample::select(vec![30u64, 40, 40, 150, 190, 250]),
         0u8..3,
         0u8..10,
+        prop::sample::select(vec![0u64, 8_100, 19_500, 19_500, 82_600]),
     )
-        .prop_map(|(cpus, gpus, model, price_cents, region, state)| NodeSpec {
+        .prop_map(|(cpus, gpus, model, price_cents, region, state, tflops_milli)| NodeSpec {
             cpus,
             gpus,
             model,
             price_cents,
             region,
             state,
+            tflops_milli,
         })
 }
 
@@ -67,6 +72,7 @@ fn build(specs: &[NodeSpec]) -> ClusterView {
             node = node.with_gpus(MODELS[spec.model], spec.gpus, memory * GIB);
         }
         node = node.with_price(spec.price_cents * 10_000);
+        node.gpu_tflops_milli = spec.tflops_milli;
         match spec.region {
             0 => node = node.with_label("region", "eu"),
             1 => node = node.with_label("region", "us"),
@@ -127,6 +133,7 @@ fn op(node_count: u32) -> impl Strategy<Value = Op> {
         Just(SchedulingStrategy::Default),
         Just(SchedulingStrategy::Spread),
         Just(SchedulingStrategy::Cost),
+        Just(SchedulingStrategy::CostPerTflop),
         (1..=node_count + 1, any::<bool>())
             .prop_map(|(n, soft)| { SchedulingStrategy::NodeAffinity { node_id: id(n), soft } }),
     ];
@@ -145,12 +152,23 @@ fn scenario() -> impl Strategy<Value = (Vec<NodeSpec>, Vec<Op>)> {
     })
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Rank {
+    Utilisation,
+    Price,
+    PerTflop,
+}
+
 /// The best node by a linear scan of every node.
-fn reference(view: &ClusterView, demand: &Demand, cost: bool) -> Option<NodeId> {
+fn reference(view: &ClusterView, demand: &Demand, rank: Rank) -> Option<NodeId> {
     view.nodes()
         .filter(|node| demand.fits_now(node))
         .min_by_key(|node| {
-            let price = if cost { node.price_per_gpu_hour } else { 0 };
+            let price = match rank {
+                Rank::Utilisation => 0,
+                Rank::Price => node.price_per_gpu_hour,
+                Rank::PerTflop => node.price_per_tflop_hour().unwrap_or(u64::MAX),
+            };
             (price, node.utilisation_ppm(), node.node_id)
         })
         .map(|node| node.node_id)
@@ -208,14 +226,15 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                                 spread_last = next;
                                 next
                             }
-                            SchedulingStrategy::Cost => reference(&view, demand, true),
+                            SchedulingStrategy::Cost => reference(&view, demand, Rank::Price),
+                            SchedulingStrategy::CostPerTflop => reference(&view, demand, Rank::PerTflop),
                             SchedulingStrategy::Default => {
                                 let local_ok = local
                                     .and_then(|l| view.node(&l))
                                     .filter(|l| demand.fits_now(l) && l.utilisation_ppm() < 500_000);
                                 match local_ok {
                                     Some(l) => Some(l.node_id),
-                                    None => reference(&view, demand, false),
+                                    None => reference(&view, demand, Rank::Utilisation),
                                 }
                             }
                             SchedulingStrategy::NodeAffinity { .. } => Some(*node),

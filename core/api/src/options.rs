@@ -21,13 +21,16 @@ pub enum SchedulingStrategy {
     NodeAffinity { node_id: NodeId, soft: bool },
     /// On the cheapest node that fits, by its price per GPU-hour (ties: the least used).
     Cost,
+    /// On the node that fits whose GPUs are cheapest for the work they do: price per
+    /// TFLOP-hour, the head's measured speed (published figures for simulated GPUs).
+    CostPerTflop,
 }
 
 impl std::str::FromStr for SchedulingStrategy {
     type Err = ionet_common::IonetError;
 
     /// A strategy by its text, the one grammar Rust and Python share: `DEFAULT`, `SPREAD`,
-    /// `COST` (any case), `node:<hex id>` (only that node) or `node:<hex id>:soft`
+    /// `COST`, `COST_PER_TFLOP` (any case), `node:<hex id>` (only that node) or `node:<hex id>:soft`
     /// (elsewhere when it cannot). [`Display`](std::fmt::Display) writes the same forms.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let invalid = |why: String| ionet_common::IonetError::InvalidArgument(why);
@@ -46,8 +49,10 @@ impl std::str::FromStr for SchedulingStrategy {
             "DEFAULT" => Ok(SchedulingStrategy::Default),
             "SPREAD" => Ok(SchedulingStrategy::Spread),
             "COST" => Ok(SchedulingStrategy::Cost),
+            "COST_PER_TFLOP" => Ok(SchedulingStrategy::CostPerTflop),
             _ => Err(invalid(format!(
-                "unknown scheduling strategy {text:?} (DEFAULT, SPREAD, COST, node:<id> or node:<id>:soft)"
+                "unknown scheduling strategy {text:?} (DEFAULT, SPREAD, COST, COST_PER_TFLOP, node:<id> or \
+                 node:<id>:soft)"
             ))),
         }
     }
@@ -59,6 +64,7 @@ impl std::fmt::Display for SchedulingStrategy {
             SchedulingStrategy::Default => f.write_str("DEFAULT"),
             SchedulingStrategy::Spread => f.write_str("SPREAD"),
             SchedulingStrategy::Cost => f.write_str("COST"),
+            SchedulingStrategy::CostPerTflop => f.write_str("COST_PER_TFLOP"),
             SchedulingStrategy::NodeAffinity { node_id, soft: false } => write!(f, "node:{}", node_id.hex()),
             SchedulingStrategy::NodeAffinity { node_id, soft: true } => write!(f, "node:{}:soft", node_id.hex()),
         }
@@ -216,6 +222,9 @@ impl TaskOptions {
             SchedulingStrategy::Default => WireStrategy::default(),
             SchedulingStrategy::Spread => WireStrategy { kind: SchedulingKind::Spread as i32, ..Default::default() },
             SchedulingStrategy::Cost => WireStrategy { kind: SchedulingKind::Cost as i32, ..Default::default() },
+            SchedulingStrategy::CostPerTflop => {
+                WireStrategy { kind: SchedulingKind::CostPerTflop as i32, ..Default::default() }
+            }
             SchedulingStrategy::NodeAffinity { node_id, soft } => WireStrategy {
                 kind: SchedulingKind::NodeAffinity as i32,
                 node_id: node_id.to_vec(),
@@ -279,6 +288,7 @@ mod tests {
             Just(SchedulingStrategy::Default),
             Just(SchedulingStrategy::Spread),
             Just(SchedulingStrategy::Cost),
+            Just(SchedulingStrategy::CostPerTflop),
             (any::<[u8; 28]>(), any::<bool>()).prop_map(|(id, soft)| SchedulingStrategy::NodeAffinity {
                 node_id: NodeId::from_bytes(&id).unwrap(),
                 soft

@@ -501,6 +501,47 @@ fn a_node_given_notice_moves_its_objects_and_actors() {
 
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
+/// COST takes the lowest price per GPU-hour; COST_PER_TFLOP the lowest price per
+/// TFLOP-hour: an H100 at $1.50 (67 TFLOPS, $0.022 per TFLOP-hour) before an A100 at $1.00
+/// (19.5 TFLOPS, $0.051), by the published figures of these simulated models.
+fn cost_per_tflop_prefers_the_gpu_cheapest_for_its_work() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    for (model, region, price) in [("A100-80GB", "us", "1.0"), ("H100", "ap", "1.5")] {
+        let labels = format!("region={region}");
+        cluster.add_node(&[
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "1",
+            "--gpu-type",
+            model,
+            "--labels",
+            &labels,
+            "--price-per-gpu-hour",
+            price,
+        ]);
+    }
+    cluster.ionet(&["credits", "add", "--account", "default", "--amount", "10"]);
+    cluster.init();
+    let region_of = |node_hex: &str| -> String {
+        let nodes = ionet::nodes().unwrap();
+        let node = nodes.iter().find(|node| node.node_id.hex() == node_hex);
+        node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
+    };
+    let run = |strategy: SchedulingStrategy| {
+        let options = TaskOptions::default().num_gpus(1.0).scheduling_strategy(strategy);
+        let (_, node) =
+            ionet::get_timeout(&square_where::options(options).remote(3u64), Duration::from_secs(60)).unwrap();
+        region_of(&node)
+    };
+    for _ in 0..2 {
+        assert_eq!(run(SchedulingStrategy::Cost), "us", "COST: the lower price per GPU-hour");
+        assert_eq!(run(SchedulingStrategy::CostPerTflop), "ap", "COST_PER_TFLOP: the lower price per TFLOP-hour");
+    }
+    assert_eq!("cost_per_tflop".parse::<SchedulingStrategy>().unwrap(), SchedulingStrategy::CostPerTflop);
+    assert_eq!(SchedulingStrategy::CostPerTflop.to_string(), "COST_PER_TFLOP");
+}
+
 fn cost_and_label_selectors_choose_the_node() {
     let gpu_node = |region: &str, price: &str| {
         let labels = format!("region={region}");
@@ -1235,6 +1276,10 @@ fn main() {
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
             ("queued_tasks_wait_out_a_daemon_restart", queued_tasks_wait_out_a_daemon_restart),
             ("cost_and_label_selectors_choose_the_node", cost_and_label_selectors_choose_the_node),
+            (
+                "cost_per_tflop_prefers_the_gpu_cheapest_for_its_work",
+                cost_per_tflop_prefers_the_gpu_cheapest_for_its_work,
+            ),
             ("gpu_lease_is_metered_and_settled_to_the_provider", gpu_lease_is_metered_and_settled_to_the_provider),
             ("an_unfunded_payer_gets_no_more_gpus", an_unfunded_payer_gets_no_more_gpus),
             ("placement_group_bundle_is_metered_once", placement_group_bundle_is_metered_once),

@@ -216,6 +216,7 @@ fn placement(request: &RequestWorkerLeaseRequest) -> IonetResult<(SchedulingStra
         SchedulingKind::Default => SchedulingStrategy::Default,
         SchedulingKind::Spread => SchedulingStrategy::Spread,
         SchedulingKind::Cost => SchedulingStrategy::Cost,
+        SchedulingKind::CostPerTflop => SchedulingStrategy::CostPerTflop,
         SchedulingKind::NodeAffinity => {
             SchedulingStrategy::NodeAffinity { node_id: NodeId::from_bytes(&wire.node_id)?, soft: wire.soft }
         }
