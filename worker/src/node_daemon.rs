@@ -979,6 +979,10 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
     let (shared, mut client) = (shared.clone(), client.clone());
     tokio::spawn(async move {
         let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
+        if let Ok(check) = &outcome {
+            let passed = check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32;
+            shared.leases.set_held_back(!passed || check.untrusted_since_ms != 0);
+        }
         match &outcome {
             Ok(check) if check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32 => {
                 tracing::info!(node = %shared.node_id.short(), tflops = check.tflops, took_ms = check.took_ms, "the node's GPUs passed the head's check")

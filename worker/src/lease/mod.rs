@@ -152,6 +152,9 @@ pub struct Leases {
     holder_channels: DashMap<String, ionet_common::rpc::AuthChannel>,
     /// This node takes no leases: every request goes to another node, or is refused.
     no_workloads: std::sync::atomic::AtomicBool,
+    /// The head's check of this node's GPUs holds it back (not passed, failed, untrusted),
+    /// as of the last view: it grants nothing (the head would bill none of it).
+    held_back: std::sync::atomic::AtomicBool,
     /// Leaving: no new leases (`drain`).
     draining: std::sync::atomic::AtomicBool,
 }
@@ -265,6 +268,7 @@ impl Leases {
             cluster_ca: Mutex::new(String::new()),
             holder_channels: DashMap::new(),
             no_workloads: std::sync::atomic::AtomicBool::new(false),
+            held_back: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -512,6 +516,10 @@ impl Leases {
             if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
                 self.addresses.insert(node_id, node.address.clone());
                 self.node_addresses.insert(node.address.clone());
+                if node_id == self.node_id {
+                    let held = ionet_common::gpu_proof::held_back(node);
+                    self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             match node_view(node) {
                 Ok(node) => {
@@ -523,6 +531,14 @@ impl Leases {
         let mut state = self.lock();
         view.continue_spread_of(&state.view);
         state.view = view;
+    }
+
+    /// The head's verdict on this node's GPUs, as soon as it comes (before the next view).
+    pub fn set_held_back(&self, held: bool) {
+        self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
+        if !held {
+            self.freed.notify_waiters();
+        }
     }
 
     /// Alive nodes in the cluster view that spillback decisions read.
@@ -591,6 +607,11 @@ impl Leases {
                     "no node can ever fit {demand}: node {} has {} in all",
                     self.node_id.short(),
                     state.total
+                ))
+            } else if self.held_back.load(std::sync::atomic::Ordering::Relaxed) {
+                Step::Wait(format!(
+                    "node {} takes no work until its GPUs pass the head's check (`ionet status`: GPU CHECK)",
+                    self.node_id.short()
                 ))
             } else if fits_now(state) && !state.outranked(ticket, depth, demand) {
                 grant(state)

@@ -306,3 +306,30 @@ fn a_job_that_asks_for_reliable_nodes_is_placed_only_on_them() {
         _ => panic!("a node below the job's minimum does not take its work"),
     }
 }
+
+/// A node the head's GPU check holds back grants nothing itself (the head would bill none
+/// of it), even to a request sent here to stay; it takes work again once it passes.
+#[test]
+fn a_node_held_back_by_its_gpu_check_grants_nothing() {
+    use ionet_common::rpc::proto::common::{GpuCheck, GpuCheckState};
+    let leases = leases(2);
+    let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+    let own = |state: GpuCheckState| NodeInfo {
+        node_id: leases.node_id.to_vec(),
+        address: "self:1".into(),
+        total: Some((&two).into()),
+        available: Some((&two).into()),
+        state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
+        gpu_check: Some(GpuCheck { state: state as i32, reason: "GPU 0: answered late".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1));
+    let any = SchedulingStrategy::Default;
+    leases.refresh_view(&[own(GpuCheckState::Failed)]);
+    match leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]) {
+        Step::Wait(why) => assert!(why.contains("takes no work until its GPUs pass the head's check"), "{why}"),
+        _ => panic!("a quarantined node granted a lease"),
+    }
+    leases.refresh_view(&[own(GpuCheckState::Passed)]);
+    assert!(matches!(leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]), Step::Grant(..)));
+}
