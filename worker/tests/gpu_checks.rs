@@ -187,6 +187,13 @@ fn lease(node_id: &[u8], job: &[u8]) -> LeaseStartedRequest {
     }
 }
 
+/// A cached product: the right sizes, another seed's numbers.
+fn cached_product(challenge: &GpuChallenge) -> Answer {
+    let mut stale = challenge.clone();
+    stale.compute.seed = [7; 32];
+    CpuProver.run(&stale).unwrap()
+}
+
 /// The honest product, with every chunk of the fill after the first third left as zeros
 /// (and committed so: the tree is of what it holds).
 fn skipped_fill(challenge: &GpuChallenge) -> Answer {
@@ -236,12 +243,7 @@ fn cheating_nodes_are_quarantined_with_the_reason_shown_and_their_leases_are_not
     assert_eq!(stranger.code(), tonic::Code::PermissionDenied, "{stranger:?}");
 
     // A cached product: the right sizes, another seed's numbers.
-    let check = answer_check(&cluster, &mut cached, Duration::ZERO, |challenge| {
-        let mut stale = challenge.clone();
-        stale.compute.seed = [7; 32];
-        CpuProver.run(&stale).unwrap()
-    })
-    .unwrap();
+    let check = answer_check(&cluster, &mut cached, Duration::ZERO, cached_product).unwrap();
     assert!(check.reason.contains("of the product is wrong"), "{check:?}");
 
     // Memory filled a third of the way.
@@ -319,13 +321,8 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
     let job = add_job(&cluster);
     let mut metering = cluster.metering_client();
     let mut cheat = join(&cluster, 1);
-    let cached = |challenge: &GpuChallenge| {
-        let mut stale = challenge.clone();
-        stale.compute.seed = [7; 32];
-        CpuProver.run(&stale).unwrap()
-    };
     let honest = |challenge: &GpuChallenge| CpuProver.run(challenge).unwrap();
-    answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap();
+    answer_check(&cluster, &mut cheat, Duration::ZERO, cached_product).unwrap();
     assert_eq!(node_row(&cluster, &cheat.node_id.hex())["gpu_check"]["state"], "failed", "one failure quarantines");
     answer_check(&cluster, &mut cheat, Duration::ZERO, skipped_fill).unwrap();
 
@@ -368,14 +365,9 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
 fn a_node_cannot_make_the_head_verify_checks_at_will() {
     let (cluster, _config) = cluster();
     let mut cheat = join(&cluster, 1);
-    let cached = |challenge: &GpuChallenge| {
-        let mut stale = challenge.clone();
-        stale.compute.seed = [7; 32];
-        CpuProver.run(&stale).unwrap()
-    };
-    answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap();
+    answer_check(&cluster, &mut cheat, Duration::ZERO, cached_product).unwrap();
     // Quarantined, it may try again, but not at once: each check costs the head work.
-    let again = answer_check(&cluster, &mut cheat, Duration::ZERO, cached).unwrap_err();
+    let again = answer_check(&cluster, &mut cheat, Duration::ZERO, cached_product).unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     assert!(again.message().contains("may start a GPU check unasked at most once per 30 s"), "{again:?}");
     let row = node_row(&cluster, &cheat.node_id.hex());

@@ -501,6 +501,13 @@ fn a_node_given_notice_moves_its_objects_and_actors() {
 
 /// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
 /// label, and one no node matches is refused as infeasible.
+/// The `region` label of the node whose id is `node_hex`.
+fn region_of(node_hex: &str) -> String {
+    let nodes = ionet::nodes().unwrap();
+    let node = nodes.iter().find(|node| node.node_id.hex() == node_hex);
+    node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
+}
+
 /// COST takes the lowest price per GPU-hour; COST_PER_TFLOP the lowest price per
 /// TFLOP-hour: an H100 at $1.50 (67 TFLOPS, $0.022 per TFLOP-hour) before an A100 at $1.00
 /// (19.5 TFLOPS, $0.051), by the published figures of these simulated models.
@@ -523,11 +530,6 @@ fn cost_per_tflop_prefers_the_gpu_cheapest_for_its_work() {
     }
     cluster.ionet(&["credits", "add", "--account", "default", "--amount", "10"]);
     cluster.init();
-    let region_of = |node_hex: &str| -> String {
-        let nodes = ionet::nodes().unwrap();
-        let node = nodes.iter().find(|node| node.node_id.hex() == node_hex);
-        node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
-    };
     let run = |strategy: SchedulingStrategy| {
         let options = TaskOptions::default().num_gpus(1.0).scheduling_strategy(strategy);
         let (_, node) =
@@ -556,11 +558,6 @@ fn cost_and_label_selectors_choose_the_node() {
     // Priced GPUs need credit to lease (the driver's jobs are paid by `default`).
     cluster.ionet(&["credits", "add", "--account", "default", "--amount", "10"]);
     cluster.init();
-    let region_of = |node_hex: &str| -> String {
-        let nodes = ionet::nodes().unwrap();
-        let node = nodes.iter().find(|node| node.node_id.hex() == node_hex);
-        node.and_then(|node| node.labels.get("region").cloned()).unwrap_or_default()
-    };
     let run = |options: TaskOptions| {
         ionet::get_timeout(&square_where::options(options).remote(3u64), Duration::from_secs(60)).map(|(_, node)| node)
     };
