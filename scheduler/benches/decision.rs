@@ -1,4 +1,5 @@
-//! Latency of one scheduling decision at 100, 1,000 and 10,000 nodes with 10 GPU models.
+//! Latency of one scheduling decision at 100, 1,000 and 10,000 nodes with 10 GPU models,
+//! and of keeping the view's indexes as a decision's resources are taken and given back.
 
 mod common;
 
@@ -41,6 +42,7 @@ fn bench_decisions(c: &mut Criterion) {
             ("default", SchedulingStrategy::Default),
             ("spread", SchedulingStrategy::Spread),
             ("cost", SchedulingStrategy::Cost),
+            ("cost_per_tflop", SchedulingStrategy::CostPerTflop),
         ] {
             group.bench_with_input(BenchmarkId::new(name, nodes), &nodes, |b, _| {
                 let mut next = 0usize;
@@ -54,5 +56,25 @@ fn bench_decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decisions);
+/// Taking a node's resources and giving them back: every index the node is keyed in
+/// (utilisation, price, price per TFLOP-hour, per bucket and model) moves twice.
+fn bench_allocate_release(c: &mut Criterion) {
+    let mut group = c.benchmark_group("allocate_release");
+    let nodes = 10_000u32;
+    let mut view = cluster(nodes, Some(8));
+    let one = ResourceSet::new().with(CPU, Quantity::whole(1)).with(GPU, Quantity::whole(1));
+    group.bench_function(BenchmarkId::from_parameter(nodes), |b| {
+        let mut next = 0u32;
+        b.iter(|| {
+            next = (next + 7919) % nodes;
+            let node = common::id(next);
+            if view.allocate(&node, &one).is_ok() {
+                view.release(&node, &one).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decisions, bench_allocate_release);
 criterion_main!(benches);

@@ -7,6 +7,9 @@ use ionet_scheduler::{ClusterView, NodeView};
 pub const MODELS: [&str; 10] =
     ["H100", "A100-80GB", "A100-40GB", "L40S", "A10G", "RTX4090", "RTX3090", "V100", "T4", "L4"];
 
+/// Each model's published FP32 TFLOPS in thousandths (what a passed check ranks by).
+const TFLOPS_MILLI: [u64; 10] = [67_000, 19_500, 19_500, 91_600, 31_200, 82_600, 35_600, 15_700, 8_100, 30_300];
+
 /// A small deterministic generator, so every run benches the same cluster.
 pub struct Lcg(pub u64);
 
@@ -39,6 +42,7 @@ pub fn cluster(count: u32, gpus_per_node: Option<u32>) -> ClusterView {
             node = node
                 .with_gpus(MODELS[model], gpu_count, 24 << 30)
                 .with_price(200_000 + 150_000 * (10 - model as u64) + rng.next(50) * 10_000);
+            node.gpu_tflops_milli = TFLOPS_MILLI[model];
         }
         node = node.with_label("region", ["eu", "us", "ap"][rng.next(3) as usize]);
         // Random load: take some CPUs and GPUs.
