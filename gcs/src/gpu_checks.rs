@@ -72,7 +72,13 @@ struct Schedule {
     /// Since when, with its check due, the node has said a GPU is busy while the head's
     /// lease book has no lease of its GPUs running (a lease not reported yet, or a dodge).
     busy_unbilled_since: Option<Instant>,
+    /// When the lease book last showed a lease of its GPUs running (read again only after
+    /// [`BOOK_READ_EVERY`]: a long lease does not make every heartbeat scan the book).
+    leased_at: Option<Instant>,
 }
+
+/// How often a due node's heartbeat reads the lease book while its GPUs stay leased.
+const BOOK_READ_EVERY: Duration = Duration::from_secs(5);
 
 /// What a heartbeat's node is doing with its GPUs, by its word and by the head's book.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +117,7 @@ impl GpuChecks {
         let floor = took.mul_f64(10_000.0 / f64::from(idle_share_bps.max(1)));
         let mean = interval.max(floor);
         let next = Instant::now() + mean.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
-        self.schedule.insert(node, Schedule { next, asked: None, busy_unbilled_since: None });
+        self.schedule.insert(node, Schedule { next, asked: None, busy_unbilled_since: None, leased_at: None });
     }
 
     /// Whether a heartbeat of `node` should ask it for a check; one asked `grace` ago and
@@ -131,33 +137,43 @@ impl GpuChecks {
         if self.open.contains_key(&node) {
             return Due::No;
         }
+        let now = Instant::now();
         let waited = {
-            let Some(mut schedule) = self.schedule.get_mut(&node) else { return Due::No };
-            let now = Instant::now();
+            let Some(schedule) = self.schedule.get(&node) else { return Due::No };
             match schedule.asked {
-                Some(asked) if now.duration_since(asked) > grace => now.duration_since(asked),
+                Some(asked) if now.duration_since(asked) > grace => Some(now.duration_since(asked)),
                 Some(_) => return Due::Now,
                 None if now < schedule.next => return Due::No,
-                None => {
-                    let ask = match uses() {
-                        GpuUse::Leased => {
-                            schedule.busy_unbilled_since = None;
-                            false
-                        }
-                        GpuUse::Idle => true,
-                        GpuUse::Busy => {
-                            let since = *schedule.busy_unbilled_since.get_or_insert(now);
-                            now.duration_since(since) > grace
-                        }
-                    };
-                    if !ask {
-                        return Due::No;
-                    }
-                    schedule.asked = Some(now);
-                    schedule.busy_unbilled_since = None;
-                    return Due::Now;
+                // Leased at the last look: the book is read again only every few seconds.
+                None if schedule.leased_at.is_some_and(|at| now.duration_since(at) < BOOK_READ_EVERY.min(grace)) => {
+                    return Due::No
                 }
+                None => None,
             }
+        };
+        let Some(waited) = waited else {
+            // Due: what its GPUs are doing, read with no guard of the schedule held.
+            let uses = uses();
+            let Some(mut schedule) = self.schedule.get_mut(&node) else { return Due::No };
+            let ask = match uses {
+                GpuUse::Leased => {
+                    schedule.busy_unbilled_since = None;
+                    schedule.leased_at = Some(now);
+                    false
+                }
+                GpuUse::Idle => true,
+                GpuUse::Busy => {
+                    let since = *schedule.busy_unbilled_since.get_or_insert(now);
+                    now.duration_since(since) > grace
+                }
+            };
+            if !ask || schedule.asked.is_some() {
+                return if schedule.asked.is_some() { Due::Now } else { Due::No };
+            }
+            schedule.asked = Some(now);
+            schedule.busy_unbilled_since = None;
+            schedule.leased_at = None;
+            return Due::Now;
         };
         // The guard is dropped: removing under it would wait on its own shard's lock.
         self.schedule.remove(&node);
@@ -175,6 +191,7 @@ impl GpuChecks {
             next: Instant::now() + interval.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5)),
             asked: None,
             busy_unbilled_since: None,
+            leased_at: None,
         });
     }
 
@@ -185,6 +202,7 @@ impl GpuChecks {
             next: Instant::now(),
             asked: None,
             busy_unbilled_since: None,
+            leased_at: None,
         });
     }
 
@@ -502,7 +520,6 @@ mod tests {
         let node = NodeId::random();
         assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "no check before the first ended");
         checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
-        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::No, "a GPU is leased: the check waits");
         assert_eq!(checks.on_heartbeat(node, busy, GRACE), Due::No, "busy by its word: waits a while");
         assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::Now);
         assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::Now, "asked until it starts");
@@ -510,6 +527,10 @@ mod tests {
             matches!(checks.on_heartbeat(node, leased, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
         );
         assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "a miss is recorded once");
+        // Leased by the book: the check waits, and the book is not read again at once.
+        checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
+        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::No, "a GPU is leased: the check waits");
+        assert_eq!(checks.on_heartbeat(node, || panic!("read the book again at once"), GRACE), Due::No);
     }
 
     #[test]
@@ -542,6 +563,7 @@ mod tests {
         std::thread::sleep(short * 2);
         // A lease the book learns of resets the wait: a real one keeps the check off.
         assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short), Due::No);
+        std::thread::sleep(short * 2);
         assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::No, "waits afresh");
         std::thread::sleep(short * 2);
         assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::Now, "busy by its word alone: checked");

@@ -989,13 +989,14 @@ impl Metering {
     }
 
     /// Whether the lease book has a lease of `node`'s GPUs running (both sides said it
-    /// started, nobody ended it): what keeps the head's checks off its GPUs. A node's word
-    /// alone does not count (it could report grants nobody holds to dodge its checks).
+    /// started, nobody ended it, and what is billed of it includes a GPU): what keeps the
+    /// head's checks off its GPUs. A node's word alone does not count (it could report
+    /// grants nobody holds, or GPUs in a CPU lease, to dodge its checks).
     pub fn gpus_leased_on(&self, node: &NodeId) -> bool {
         self.book().open.values().any(|lease| {
             lease.node_id == *node
                 && lease.is_running()
-                && lease.node.as_ref().is_some_and(|side| !side.resources.get(GPU).is_zero())
+                && lease.billed_resources().is_some_and(|billed| !billed.get(GPU).is_zero())
         })
     }
 
@@ -1005,20 +1006,22 @@ impl Metering {
         if wallet.trim().is_empty() {
             return Err(invalid("wallet is empty".into()));
         }
-        let (ledger, owned) = (self.ledger.clone(), wallet.to_string());
-        let (epochs, balance) = blocking(move || {
-            let ledger = ledger.lock();
-            Ok((ledger.earnings(&owned)?, ledger.balance(&Account::provider(&owned))?))
+        let (ledger, storage, wallet) = (self.ledger.clone(), self.state.storage().clone(), wallet.to_string());
+        blocking(move || {
+            let (epochs, balance) = {
+                let ledger = ledger.lock();
+                (ledger.earnings(&wallet)?, ledger.balance(&Account::provider(&wallet))?)
+            };
+            let epochs = epochs
+                .into_iter()
+                .map(|epoch| {
+                    let withheld = settlement::withheld(storage.as_ref(), epoch.epoch_id, &wallet);
+                    (epoch, withheld)
+                })
+                .collect();
+            Ok((epochs, balance))
         })
-        .await?;
-        let epochs = epochs
-            .into_iter()
-            .map(|epoch| {
-                let withheld = self.withheld(epoch.epoch_id, wallet);
-                (epoch, withheld)
-            })
-            .collect();
-        Ok((epochs, balance))
+        .await
     }
 
     /// Starts the two background tasks: ending leases of dead nodes (on `events`, plus a

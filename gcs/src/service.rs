@@ -126,9 +126,14 @@ impl GcsService {
             return Ok(false);
         }
         let config = &self.state.config;
-        // Checked before (maybe by an earlier head): the next is scheduled.
+        // Checked before (maybe by an earlier head): the next is scheduled. Never checked
+        // (its own first start refused or lost): the head asks for one soon, so a node is
+        // never left pending for want of asking.
         if checked {
             self.gpu_checks.ensure_scheduled(node_id, Duration::from_millis(config.gpu_check_interval_ms));
+        } else {
+            let soon = Duration::from_millis(config.gpu_check_min_gap_ms).max(Duration::from_secs(30));
+            self.gpu_checks.ensure_scheduled(node_id, soon);
         }
         let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);
         let uses = || {
@@ -413,7 +418,12 @@ impl Gcs for GcsService {
             Status::not_found(format!("node {} is not registered with this control store", node_id.short()))
         })?;
         let gap = Duration::from_millis(self.state.config.gpu_check_min_gap_ms);
-        let not_passing = ionet_common::gpu_proof::held_back(&node);
+        // Its latest check's state alone (an untrusted node that passed gains nothing by
+        // checking again and again).
+        let not_passing = node
+            .gpu_check
+            .as_ref()
+            .is_some_and(|check| check.state != ionet_common::rpc::proto::common::GpuCheckState::Passed as i32);
         self.gpu_checks.may_start(node_id, not_passing, gap).map_err(Status::failed_precondition)?;
         if let Some(reason) = self.gpu_checks.abandon(node_id) {
             self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;

@@ -487,7 +487,10 @@ impl GcsState {
                         check.passed_since_ms = check.checked_at_ms;
                     }
                     check.state = GpuCheckState::Passed as i32;
-                    check.passes += 1;
+                    // Passes while untrusted earn nothing toward its score.
+                    if check.untrusted_since_ms == 0 {
+                        check.passes += 1;
+                    }
                     check.tflops = *tflops;
                     check.bandwidth_gb_per_s = *bandwidth;
                     check.took_ms = *took_ms;
@@ -1081,7 +1084,8 @@ mod tests {
         assert!(held_back(&gcs.node(&id).unwrap()), "an untrusted node takes no work");
         let because = ionet_common::gpu_proof::held_back_because(&passed);
         assert!(
-            because.contains("untrusted after 3 failed checks") && because.contains("product is wrong"),
+            because.contains("untrusted after repeated failed checks (3 on record)")
+                && because.contains("product is wrong"),
             "{because}"
         );
         info.gpus[0].memory_bytes += 1;

@@ -73,6 +73,10 @@ impl ClusterView {
                 None => self.diagnose(demand),
             },
             SchedulingStrategy::Cost => self.place_or_diagnose(demand, Order::Cheapest),
+            // A demand for no GPU has no TFLOPS to pay for: the cheapest node.
+            SchedulingStrategy::CostPerTflop if demand.gpus().is_zero() => {
+                self.place_or_diagnose(demand, Order::Cheapest)
+            }
             SchedulingStrategy::CostPerTflop => self.place_or_diagnose(demand, Order::CheapestPerTflop),
             SchedulingStrategy::NodeAffinity { node_id, soft } => {
                 self.schedule_affinity(demand, node_id, *soft, local_node)

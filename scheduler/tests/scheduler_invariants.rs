@@ -227,6 +227,9 @@ fn run(specs: &[NodeSpec], ops: &[Op]) -> Result<Vec<Decision>, TestCaseError> {
                                 next
                             }
                             SchedulingStrategy::Cost => reference(&view, demand, Rank::Price),
+                            SchedulingStrategy::CostPerTflop if demand.gpus().is_zero() => {
+                                reference(&view, demand, Rank::Price)
+                            }
                             SchedulingStrategy::CostPerTflop => reference(&view, demand, Rank::PerTflop),
                             SchedulingStrategy::Default => {
                                 let local_ok = local

@@ -328,7 +328,11 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
 
     // Two within the window: untrusted, and passing does not lift it.
     let check = answer_check(&cluster, &mut cheat, Duration::ZERO, honest).unwrap();
-    assert_eq!((check.state, check.passes), (GpuCheckState::Passed as i32, 1));
+    assert_eq!(
+        (check.state, check.passes),
+        (GpuCheckState::Passed as i32, 0),
+        "a pass while untrusted counts for nothing"
+    );
     let row = node_row(&cluster, &cheat.node_id.hex());
     let shown = &row["gpu_check"];
     assert_eq!(shown["state"], "untrusted", "{row:#}");
@@ -336,13 +340,14 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
     assert_eq!(shown["recent_failures_ms"].as_array().unwrap().len(), 2);
     let because = shown["held_back_because"].as_str().unwrap();
     assert!(
-        because.contains("untrusted after 2 failed checks") && because.contains("does not hold the fill"),
+        because.contains("untrusted after repeated failed checks (2 on record)")
+            && because.contains("does not hold the fill"),
         "{because}"
     );
     let refused = cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).unwrap_err();
-    assert!(refused.message().contains("untrusted after 2 failed checks"), "{refused:?}");
+    assert!(refused.message().contains("untrusted after repeated failed checks (2 on record)"), "{refused:?}");
     let table = cluster.ionet_ok(&["status"]);
-    assert!(table.contains("UNTRUSTED: untrusted after 2 failed checks"), "{table}");
+    assert!(table.contains("UNTRUSTED: untrusted after repeated failed checks (2 on record)"), "{table}");
     assert_eq!(row["reliability"], 0.0, "an untrusted node scores nothing");
 
     // Only the operator trusts it again: not the node itself.
@@ -355,7 +360,7 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
     let row = node_row(&cluster, &hex);
     assert_eq!(row["gpu_check"]["state"], "passed", "{row:#}");
     assert!(row["gpu_check"]["cleared_at_ms"].as_u64().unwrap() > 0);
-    assert_eq!(row["reliability"], 0.4, "one pass, two failures, and the prior: (1 + 1) / (3 + 2): {row:#}");
+    assert_eq!(row["reliability"], 0.25, "no pass counted, two failures, and the prior: 1 / 4: {row:#}");
     cluster.runtime.block_on(metering.lease_started(lease(&cheat.node_id.to_vec(), &job))).expect("billed again");
     let twice = cluster.ionet_err(&["trust", "--node", &hex[..8]]);
     assert!(twice.contains("is not untrusted"), "{twice}");

@@ -499,8 +499,6 @@ fn a_node_given_notice_moves_its_objects_and_actors() {
     drop(cluster);
 }
 
-/// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
-/// label, and one no node matches is refused as infeasible.
 /// The `region` label of the node whose id is `node_hex`.
 fn region_of(node_hex: &str) -> String {
     let nodes = ionet::nodes().unwrap();
@@ -544,6 +542,8 @@ fn cost_per_tflop_prefers_the_gpu_cheapest_for_its_work() {
     assert_eq!(SchedulingStrategy::CostPerTflop.to_string(), "COST_PER_TFLOP");
 }
 
+/// `COST` picks the cheaper of two fitting nodes; label selectors (Ray's forms) pick by
+/// label, and one no node matches is refused as infeasible.
 fn cost_and_label_selectors_choose_the_node() {
     let gpu_node = |region: &str, price: &str| {
         let labels = format!("region={region}");

@@ -586,7 +586,8 @@ pub fn held_back(node: &crate::rpc::proto::common::NodeInfo) -> bool {
 pub fn held_back_because(check: &crate::rpc::proto::common::GpuCheck) -> String {
     match state_name(check) {
         "untrusted" => format!(
-            "untrusted after {} failed checks until the operator clears it (`ionet trust`); the last: {}",
+            "untrusted after repeated failed checks ({} on record) until the operator clears it (`ionet trust`); \
+             the last: {}",
             check.recent_failures_ms.len(),
             check.reason
         ),
@@ -596,26 +597,35 @@ pub fn held_back_because(check: &crate::rpc::proto::common::GpuCheck) -> String 
     }
 }
 
-/// A node's per-GPU FP32 TFLOPS in thousandths for ranking: what the head measured at its
-/// last passed check for real GPUs; the published figure of the declared model for
-/// simulated ones (a CPU's speed says nothing of the model they stand for); 0 if unknown.
+/// A node's per-GPU FP32 TFLOPS in thousandths for ranking: the published figure of its
+/// GPUs' model (the slowest of them), which a passed check vouches for; what the head
+/// measured only for a real model it has no figure of. The head's measurement is a lower
+/// bound timed from challenge to commit (the fill, hashing and network included), so it
+/// cannot be set against published figures; timing the product alone is not built. 0 if
+/// unknown.
 pub fn gpu_tflops_milli(node: &crate::rpc::proto::common::NodeInfo) -> u64 {
-    let check = node.gpu_check.clone().unwrap_or_default();
-    let passed = check.state == crate::rpc::proto::common::GpuCheckState::Passed as i32;
+    let figures: Option<Vec<f64>> = if node.gpus.is_empty() {
+        published(&node.accelerator_type).map(|figures| vec![figures.fp32_tflops])
+    } else {
+        node.gpus.iter().map(|gpu| published(&gpu.model).map(|figures| figures.fp32_tflops)).collect()
+    };
+    if let Some(slowest) = figures.and_then(|figures| figures.into_iter().reduce(f64::min)) {
+        return (slowest * 1000.0) as u64;
+    }
     if tflops_measured(node) {
+        let check = node.gpu_check.clone().unwrap_or_default();
         return (check.tflops * 1000.0) as u64;
     }
-    let model = node.gpus.first().map(|gpu| gpu.model.as_str()).unwrap_or(node.accelerator_type.as_str());
-    match published(model) {
-        Some(figures) if check.simulated || !passed => (figures.fp32_tflops * 1000.0) as u64,
-        _ => 0,
-    }
+    0
 }
 
-/// Whether [`gpu_tflops_milli`] of `node` is what the head measured (not a published figure).
+/// Whether [`gpu_tflops_milli`] of `node` is what the head measured (a real model without
+/// published figures that passed its check), not a published figure.
 pub fn tflops_measured(node: &crate::rpc::proto::common::NodeInfo) -> bool {
     let check = node.gpu_check.clone().unwrap_or_default();
-    check.state == crate::rpc::proto::common::GpuCheckState::Passed as i32
+    let unlisted = node.gpus.iter().any(|gpu| published(&gpu.model).is_none());
+    unlisted
+        && check.state == crate::rpc::proto::common::GpuCheckState::Passed as i32
         && !check.simulated
         && check.tflops.is_finite()
         && check.tflops > 0.0

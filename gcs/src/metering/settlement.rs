@@ -17,6 +17,15 @@ use crate::error::GcsResult;
 use crate::state::blocking;
 use crate::storage::Table;
 
+/// Why `wallet`'s nodes earned no reward in `epoch_id` (empty: nothing was withheld, or
+/// it is not known). Blocking: storage is read.
+pub(super) fn withheld(storage: &dyn crate::storage::GcsStorage, epoch_id: u64, wallet: &str) -> Vec<String> {
+    match storage.get(Table::Meta, &withheld_key(epoch_id, wallet)) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
 /// Where why a wallet's rewards of an epoch were withheld is kept (`Meta` table, JSON).
 fn withheld_key(epoch_id: u64, wallet: &str) -> Vec<u8> {
     let mut key = b"withheld/".to_vec();
@@ -91,7 +100,8 @@ impl Metering {
             }
             let to = if node.state == NodeState::Dead as i32 { node.last_heartbeat_ms.min(end_ms) } else { end_ms };
             let provider_wallet = wallet_of(&node, &node_id);
-            if let Some(why) = why {
+            // Said only of a node that was there in the epoch (not of one long gone).
+            if let Some(why) = why.filter(|_| to > from) {
                 withheld.push((provider_wallet.clone(), format!("node {}: {why}", node_id.short())));
             }
             availability.push(NodeAvailability {
@@ -171,15 +181,6 @@ impl Metering {
             Ok(())
         })
         .await
-    }
-
-    /// Why `wallet`'s nodes earned no reward in `epoch_id` (empty: nothing was withheld,
-    /// or it is not known).
-    pub(super) fn withheld(&self, epoch_id: u64, wallet: &str) -> Vec<String> {
-        match self.state.storage().get(Table::Meta, &withheld_key(epoch_id, wallet)) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            _ => Vec::new(),
-        }
     }
 
     /// Closes the epoch now (control-store clock).

@@ -580,7 +580,7 @@ async fn availability_rewards_go_only_to_real_gpus_that_passed_their_check_and_d
     assert!(withheld["cheat"].starts_with(&format!("node {}: ", cheat.short())), "{withheld:?}");
     assert!(withheld["simulated"].contains("its GPUs are simulated"));
     assert!(withheld["unchecked"].contains("have not passed the head's check"));
-    assert!(withheld["distrusted"].contains("untrusted after 3 failed checks"), "{withheld:?}");
+    assert!(withheld["distrusted"].contains("untrusted after repeated failed checks (3 on record)"), "{withheld:?}");
     // The next epoch, the cheat's passing time counts again; the simulated node's never.
     clock.advance_ms(3_600_000);
     let next = metering.settle_at(START + 7_200_000, false).await.unwrap();

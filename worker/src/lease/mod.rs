@@ -626,7 +626,9 @@ impl Leases {
         }
         if let SchedulingStrategy::NodeAffinity { node_id, soft } = strategy {
             if *node_id == self.node_id {
-                if fits_ever || !soft {
+                // Soft: a node held back by its GPU check sends it elsewhere.
+                let held = self.held_back.load(std::sync::atomic::Ordering::Relaxed);
+                if (fits_ever && !held) || !soft {
                     return local_or_wait(&mut state, "waiting for resources on the node it is pinned to");
                 }
             } else if let Some(target) = state

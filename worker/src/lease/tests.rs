@@ -330,6 +330,15 @@ fn a_node_held_back_by_its_gpu_check_grants_nothing() {
         Step::Wait(why) => assert!(why.contains("takes no work until its GPUs pass the head's check"), "{why}"),
         _ => panic!("a quarantined node granted a lease"),
     }
+    // A soft preference for this node goes elsewhere meanwhile.
+    let other = NodeId::random();
+    let elsewhere =
+        NodeInfo { node_id: other.to_vec(), address: "other:1".into(), gpu_check: None, ..own(GpuCheckState::Passed) };
+    leases.refresh_view(&[own(GpuCheckState::Failed), elsewhere]);
+    let soft_here = SchedulingStrategy::NodeAffinity { node_id: leases.node_id, soft: true };
+    assert!(
+        matches!(leases.decide(&one, &soft_here, &Needs::default(), false, None, 1, &[]), Step::Spill(node, _) if node == other)
+    );
     leases.refresh_view(&[own(GpuCheckState::Passed)]);
     assert!(matches!(leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]), Step::Grant(..)));
 }
