@@ -118,6 +118,9 @@ fn cheapest_first_groups_take_the_cheapest_gpus_that_keep_the_strategy() {
     for (price, model) in [("2.10", "H100"), ("0.35", "RTX4090"), ("1.20", "A100-80GB")] {
         cluster.add_node(&["--num-cpus", "4", "--num-gpus", "2", "--gpu-type", model, "--price-per-gpu-hour", price]);
     }
+    // Priced GPUs need credit: without it the head removes the groups (the funding watcher
+    // raced the test's asserts).
+    cluster.ionet(&["credits", "add", "--account", "default", "--amount", "10"]);
     cluster.init();
     harness::wait_until("three GPU nodes to register", Duration::from_secs(30), || {
         ionet::nodes().unwrap().iter().filter(|node| node.is_alive() && node.gpus.len() == 2).count() == 3

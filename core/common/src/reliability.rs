@@ -6,8 +6,9 @@
 //!   cluster (time between being declared dead and registering again counts against it);
 //! - **checks**: `(passes + 1) / (passes + failures + 2)` over its GPU checks: a node with
 //!   GPUs earns its score by passing them over time (0.5 before its first, 0.67 after it,
-//!   0.95 after 19 passes in a row), so a provider gains nothing by starting over under a
-//!   fresh node id; 1 for a node without GPUs (nothing to check);
+//!   0.95 after 19 passes in a row), so starting over under a fresh node id leaves a
+//!   provider well short of an established record (not of a bad one); 1 for a node without
+//!   GPUs (nothing to check);
 //! - **leases**: `(kept + 1) / (leases + 1)`, where the leases not kept are those the
 //!   node's death ended.
 //!
