@@ -475,8 +475,10 @@ impl Metering {
         }
         let job = self.state.job(&job_id).ok_or_else(|| not_found(format!("job {job_id} does not exist")))?;
         // The job's own requirement, judged by the head's score, not the node's view of it.
-        let score = ionet_common::reliability::score_bps(&node, self.state.now_ms());
-        if score < job.min_reliability_bps {
+        // Scored only for a job that asks (the lease path stays as it was for the rest).
+        let score = || ionet_common::reliability::score_bps(&node, self.state.now_ms());
+        if let Some(score) = (job.min_reliability_bps > 0).then(score).filter(|&score| score < job.min_reliability_bps)
+        {
             return Err(IonetError::FailedPrecondition(format!(
                 "node {} scores {} for reliability, below job {job_id}'s minimum of {}; lease {lease_id} is not billed",
                 node_id.short(),

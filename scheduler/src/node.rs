@@ -50,6 +50,12 @@ pub struct NodeView {
     pub reliability_bps: u32,
 }
 
+/// Micro-USD per TFLOP-hour: `price_per_gpu_hour` over per-GPU TFLOPS (in thousandths);
+/// `None` when the speed is unknown (0). What COST_PER_TFLOP and quotes rank by.
+pub fn price_per_tflop_hour(price_per_gpu_hour: MicroUsd, gpu_tflops_milli: u64) -> Option<MicroUsd> {
+    (gpu_tflops_milli > 0).then(|| (price_per_gpu_hour as u128 * 1000 / gpu_tflops_milli as u128) as MicroUsd)
+}
+
 impl NodeView {
     /// An alive node with everything available, no GPUs, labels or price.
     pub fn new(node_id: NodeId, total: ResourceSet) -> Self {
@@ -70,8 +76,7 @@ impl NodeView {
     /// Micro-USD per TFLOP-hour of its GPUs (price per GPU-hour over per-GPU TFLOPS), if
     /// their speed is known.
     pub fn price_per_tflop_hour(&self) -> Option<MicroUsd> {
-        (self.gpu_tflops_milli > 0)
-            .then(|| (self.price_per_gpu_hour as u128 * 1000 / self.gpu_tflops_milli as u128) as MicroUsd)
+        price_per_tflop_hour(self.price_per_gpu_hour, self.gpu_tflops_milli)
     }
 
     /// Adds `count` GPUs of `model` with `memory_bytes` each: sets `GPU`, `GPU_memory` and

@@ -133,8 +133,7 @@ pub struct QuotePlacement {
 impl QuotePlacement {
     /// Micro-USD per TFLOP-hour, if the speed is known.
     pub fn price_per_tflop_hour(&self) -> Option<MicroUsd> {
-        (self.gpu_tflops_milli > 0)
-            .then(|| (self.price_per_gpu_hour as u128 * 1000 / self.gpu_tflops_milli as u128) as MicroUsd)
+        crate::node::price_per_tflop_hour(self.price_per_gpu_hour, self.gpu_tflops_milli)
     }
 }
 

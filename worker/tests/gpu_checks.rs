@@ -352,7 +352,12 @@ fn repeated_failures_make_a_node_untrusted_until_the_operator_clears_it() {
 
     // Only the operator trusts it again: not the node itself.
     let request = ClearUntrustedRequest { node_id: cheat.node_id.to_vec() };
-    let denied = cluster.runtime.block_on(cheat.client.clear_untrusted(request)).unwrap_err();
+    let denied = cluster.runtime.block_on(cheat.client.clear_untrusted(request.clone())).unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // Nor a tenant.
+    let tenant = cluster.ionet_ok(&["account", "create", "acme"]);
+    let mut tenant = cluster.client_with(&Bearer::new(tenant.trim()).unwrap());
+    let denied = cluster.runtime.block_on(tenant.clear_untrusted(request)).unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     let hex = cheat.node_id.hex();
     let said = cluster.ionet_ok(&["trust", "--node", &hex[..8]]);

@@ -31,7 +31,8 @@ pub fn score_bps(node: &NodeInfo, now_ms: u64) -> u32 {
     let lifetime = now_ms.saturating_sub(node.registered_at_ms).max(1);
     let uptime = 1.0 - (record.down_ms.min(lifetime) as f64 / lifetime as f64);
     let (passes, failures) = (f64::from(check.passes), f64::from(check.failures));
-    let checked = node.gpu_check.is_some() && (check.state != 0 || passes + failures > 0.0);
+    let checked = node.gpu_check.is_some()
+        && (check.state != crate::rpc::proto::common::GpuCheckState::None as i32 || passes + failures > 0.0);
     let checks = if checked { (passes + 1.0) / (passes + failures + 2.0) } else { 1.0 };
     let lost = record.leases_lost.min(record.leases) as f64;
     let leases = (record.leases as f64 - lost + 1.0) / (record.leases as f64 + 1.0);
