@@ -153,7 +153,7 @@ async fn nodes(State(metrics): State<Arc<HeadMetrics>>, request: Request) -> Res
 }
 
 /// The head's check of a node's GPUs, in words: `passed`, `passed (simulated)`,
-/// `pending`, `failed: why`, `untrusted: why`, or empty for a node without GPUs.
+/// `pending`, `overdue`, `failed: why`, `untrusted: why`, or empty for a node without GPUs.
 fn gpu_check_words(node: &ionet_common::rpc::proto::common::NodeInfo) -> String {
     let Some(check) = &node.gpu_check else { return String::new() };
     match ionet_common::gpu_proof::state_name(check) {

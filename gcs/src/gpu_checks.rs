@@ -75,6 +75,15 @@ struct Schedule {
     /// When the lease book last showed a lease of its GPUs running (read again only after
     /// [`BOOK_READ_EVERY`]: a long lease does not make every heartbeat scan the book).
     leased_at: Option<Instant>,
+    /// Whether it has been told it is overdue (a lease put its check off too long).
+    overdue: bool,
+}
+
+impl Schedule {
+    /// Due at `next`, not asked yet.
+    fn at(next: Instant) -> Self {
+        Self { next, asked: None, busy_unbilled_since: None, leased_at: None, overdue: false }
+    }
 }
 
 /// How often a due node's heartbeat reads the lease book while its GPUs stay leased.
@@ -99,6 +108,9 @@ pub enum Due {
     Now,
     /// It was asked long enough ago and did not take it: a failure.
     Missed(String),
+    /// A lease of its GPUs has put its due check off for longer than allowed: it takes no
+    /// new leases and earns no rewards until it passes (said once per schedule).
+    Overdue,
 }
 
 /// The checks under way, and when each node's next is due.
@@ -117,16 +129,24 @@ impl GpuChecks {
         let floor = took.mul_f64(10_000.0 / f64::from(idle_share_bps.max(1)));
         let mean = interval.max(floor);
         let next = Instant::now() + mean.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
-        self.schedule.insert(node, Schedule { next, asked: None, busy_unbilled_since: None, leased_at: None });
+        self.schedule.insert(node, Schedule::at(next));
     }
 
     /// Whether a heartbeat of `node` should ask it for a check; one asked `grace` ago and
     /// not started since has missed it. `uses` says what its GPUs are doing, asked only
     /// when a check is due (it reads the head's lease book). A node with a GPU leased by
-    /// the head's book is not asked: the check waits until none is. One that says a GPU
-    /// is busy while the book has no lease of it waits too, but only for `grace`: a lease
-    /// the node has not reported by then is not one the check could disturb.
-    pub fn on_heartbeat(&self, node: NodeId, uses: impl FnOnce() -> GpuUse, grace: Duration) -> Due {
+    /// the head's book is not asked: the check waits until none is, but once it has
+    /// waited `max_defer` the node is overdue (a provider leasing a sliver of its own GPU
+    /// to itself would never be checked again). One that says a GPU is busy while the book
+    /// has no lease of it waits too, but only for `grace`: a lease the node has not
+    /// reported by then is not one the check could disturb.
+    pub fn on_heartbeat(
+        &self,
+        node: NodeId,
+        uses: impl FnOnce() -> GpuUse,
+        grace: Duration,
+        max_defer: Duration,
+    ) -> Due {
         // A check started and left unanswered past its deadline is over: a failure.
         if let Some((_, open)) = self.open.remove_if(&node, |_, open| open.started.elapsed() > open.deadline) {
             return Due::Missed(format!(
@@ -159,6 +179,10 @@ impl GpuChecks {
                 GpuUse::Leased => {
                     schedule.busy_unbilled_since = None;
                     schedule.leased_at = Some(now);
+                    if !schedule.overdue && now.saturating_duration_since(schedule.next) > max_defer {
+                        schedule.overdue = true;
+                        return Due::Overdue;
+                    }
                     false
                 }
                 GpuUse::Idle => true,
@@ -187,35 +211,44 @@ impl GpuChecks {
         if self.schedule.contains_key(&node) || self.open.contains_key(&node) {
             return;
         }
-        self.schedule.entry(node).or_insert_with(|| Schedule {
-            next: Instant::now() + interval.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5)),
-            asked: None,
-            busy_unbilled_since: None,
-            leased_at: None,
+        self.schedule.entry(node).or_insert_with(|| {
+            Schedule::at(Instant::now() + interval.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5)))
         });
     }
 
     /// Asks `node` for a check at its next idle heartbeat (the operator cleared it).
     pub fn due_now(&self, node: NodeId) {
         // One already asked for keeps its grace running.
-        self.schedule.entry(node).and_modify(|schedule| schedule.next = Instant::now()).or_insert_with(|| Schedule {
-            next: Instant::now(),
-            asked: None,
-            busy_unbilled_since: None,
-            leased_at: None,
-        });
+        self.schedule
+            .entry(node)
+            .and_modify(|schedule| schedule.next = Instant::now())
+            .or_insert_with(|| Schedule::at(Instant::now()));
     }
 
     /// Whether `node` may start a check now: always when the head asked for one; unasked,
-    /// only while it is not passing (`not_passing`: its first, or to lift a quarantine),
+    /// only while it is not passing (`not_passing`: its first, to lift a quarantine, or
+    /// overdue), never while the head's book has a lease of its GPUs running (`leased`),
     /// and at most once per `gap` (each check costs the head a recomputation).
-    pub fn may_start(&self, node: NodeId, not_passing: bool, gap: Duration) -> Result<(), String> {
+    pub fn may_start(
+        &self,
+        node: NodeId,
+        not_passing: bool,
+        leased: impl FnOnce() -> bool,
+        gap: Duration,
+    ) -> Result<(), String> {
         if self.schedule.get(&node).is_some_and(|schedule| schedule.asked.is_some()) {
             return Ok(());
         }
         if !not_passing {
             return Err(format!(
                 "node {} passed its last GPU check: the next is the head's to ask for (in a heartbeat reply)",
+                node.short()
+            ));
+        }
+        if leased() {
+            return Err(format!(
+                "node {} has a lease of its GPUs running: a check never lands on a leased GPU (the head asks \
+                 for one once they are free)",
                 node.short()
             ));
         }
@@ -512,25 +545,26 @@ mod tests {
     use super::*;
 
     const GRACE: Duration = Duration::from_secs(60);
+    const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
     fn a_check_is_asked_for_only_when_due_and_every_gpu_is_free() {
         let (idle, leased, busy) = (|| GpuUse::Idle, || GpuUse::Leased, || GpuUse::Busy);
         let checks = GpuChecks::default();
         let node = NodeId::random();
-        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "no check before the first ended");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE, HOUR), Due::No, "no check before the first ended");
         checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
-        assert_eq!(checks.on_heartbeat(node, busy, GRACE), Due::No, "busy by its word: waits a while");
-        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::Now);
-        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::Now, "asked until it starts");
+        assert_eq!(checks.on_heartbeat(node, busy, GRACE, HOUR), Due::No, "busy by its word: waits a while");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE, HOUR), Due::Now);
+        assert_eq!(checks.on_heartbeat(node, leased, GRACE, HOUR), Due::Now, "asked until it starts");
         assert!(
-            matches!(checks.on_heartbeat(node, leased, Duration::ZERO), Due::Missed(why) if why.contains("did not take it"))
+            matches!(checks.on_heartbeat(node, leased, Duration::ZERO, HOUR), Due::Missed(why) if why.contains("did not take it"))
         );
-        assert_eq!(checks.on_heartbeat(node, idle, GRACE), Due::No, "a miss is recorded once");
+        assert_eq!(checks.on_heartbeat(node, idle, GRACE, HOUR), Due::No, "a miss is recorded once");
         // Leased by the book: the check waits, and the book is not read again at once.
         checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
-        assert_eq!(checks.on_heartbeat(node, leased, GRACE), Due::No, "a GPU is leased: the check waits");
-        assert_eq!(checks.on_heartbeat(node, || panic!("read the book again at once"), GRACE), Due::No);
+        assert_eq!(checks.on_heartbeat(node, leased, GRACE, HOUR), Due::No, "a GPU is leased: the check waits");
+        assert_eq!(checks.on_heartbeat(node, || panic!("read the book again at once"), GRACE, HOUR), Due::No);
     }
 
     #[test]
@@ -539,18 +573,20 @@ mod tests {
         let node = node_with_gpus(1);
         let id = NodeId::from_bytes(&node.node_id).unwrap();
         let gap = Duration::from_secs(30);
-        checks.may_start(id, true, gap).expect("its first");
+        let leased = checks.may_start(id, true, || true, gap).unwrap_err();
+        assert!(leased.contains("a check never lands on a leased GPU"), "{leased}");
+        checks.may_start(id, true, || false, gap).expect("its first");
         checks.start(&node, Duration::from_secs(60)).unwrap();
-        let again = checks.may_start(id, true, gap).unwrap_err();
+        let again = checks.may_start(id, true, || false, gap).unwrap_err();
         assert!(again.contains("at most once per 30 s: again in 30 s"), "{again}");
-        checks.may_start(id, true, Duration::ZERO).expect("no gap configured");
-        let passed = checks.may_start(id, false, Duration::ZERO).unwrap_err();
+        checks.may_start(id, true, || false, Duration::ZERO).expect("no gap configured");
+        let passed = checks.may_start(id, false, || false, Duration::ZERO).unwrap_err();
         assert!(passed.contains("passed its last GPU check: the next is the head's to ask for"), "{passed}");
         // Asked by the head: whenever.
         checks.schedule_next(id, Duration::ZERO, Duration::ZERO, 10_000);
         checks.open.clear();
-        assert_eq!(checks.on_heartbeat(id, || GpuUse::Idle, GRACE), Due::Now);
-        checks.may_start(id, false, gap).expect("asked");
+        assert_eq!(checks.on_heartbeat(id, || GpuUse::Idle, GRACE, HOUR), Due::Now);
+        checks.may_start(id, false, || true, gap).expect("asked");
     }
 
     #[test]
@@ -559,18 +595,46 @@ mod tests {
         let node = NodeId::random();
         checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
         let short = Duration::from_millis(30);
-        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::No, "a lease it has not reported yet");
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short, HOUR), Due::No, "a lease it has not reported yet");
         std::thread::sleep(short * 2);
         // A lease the book learns of resets the wait: a real one keeps the check off.
-        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short), Due::No);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short, HOUR), Due::No);
         std::thread::sleep(short * 2);
-        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::No, "waits afresh");
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short, HOUR), Due::No, "waits afresh");
         std::thread::sleep(short * 2);
-        assert_eq!(checks.on_heartbeat(node, || GpuUse::Busy, short), Due::Now, "busy by its word alone: checked");
+        assert_eq!(
+            checks.on_heartbeat(node, || GpuUse::Busy, short, HOUR),
+            Due::Now,
+            "busy by its word alone: checked"
+        );
         // The book is read only when a check is due.
         let fresh = NodeId::random();
         checks.ensure_scheduled(fresh, Duration::from_secs(3600));
-        assert_eq!(checks.on_heartbeat(fresh, || panic!("read the lease book for a check not due"), short), Due::No);
+        assert_eq!(
+            checks.on_heartbeat(fresh, || panic!("read the lease book for a check not due"), short, HOUR),
+            Due::No
+        );
+    }
+
+    #[test]
+    fn a_lease_puts_a_due_check_off_only_so_long_then_the_node_is_overdue_once() {
+        let checks = GpuChecks::default();
+        let node = NodeId::random();
+        let max_defer = Duration::from_millis(40);
+        checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, GRACE, max_defer), Due::No, "deferred");
+        std::thread::sleep(max_defer + Duration::from_millis(10));
+        // The book is read again (a short grace shortens how long a look lasts).
+        let short_grace = Duration::from_millis(5);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short_grace, max_defer), Due::Overdue);
+        std::thread::sleep(short_grace * 2);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, short_grace, max_defer), Due::No, "said once");
+        // Its GPUs free at last (at the next look at the book): asked.
+        std::thread::sleep(short_grace * 2);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Idle, short_grace, max_defer), Due::Now);
+        // A pass schedules afresh: the next deferral has its full allowance again.
+        checks.schedule_next(node, Duration::ZERO, Duration::ZERO, 10_000);
+        assert_eq!(checks.on_heartbeat(node, || GpuUse::Leased, GRACE, HOUR), Due::No);
     }
 
     fn node_with_gpus(gpus: u32) -> NodeInfo {
@@ -633,9 +697,9 @@ mod tests {
         let node = node_with_gpus(1);
         let node_id = NodeId::from_bytes(&node.node_id).unwrap();
         checks.start(&node, Duration::ZERO).unwrap();
-        let due = checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE);
+        let due = checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE, HOUR);
         assert!(matches!(&due, Due::Missed(why) if why.contains("unanswered past the deadline")), "{due:?}");
-        assert_eq!(checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE), Due::No);
+        assert_eq!(checks.on_heartbeat(node_id, || GpuUse::Idle, GRACE, HOUR), Due::No);
         assert!(checks.start(&node_with_gpus(65), Duration::ZERO).unwrap_err().contains("at most 64"));
     }
 

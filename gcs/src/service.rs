@@ -144,9 +144,14 @@ impl GcsService {
                 (false, false) => GpuUse::Busy,
             }
         };
-        match self.gpu_checks.on_heartbeat(node_id, uses, grace) {
+        let max_defer = Duration::from_millis(config.gpu_check_max_defer_ms);
+        match self.gpu_checks.on_heartbeat(node_id, uses, grace, max_defer) {
             crate::gpu_checks::Due::No => Ok(false),
             crate::gpu_checks::Due::Now => Ok(true),
+            crate::gpu_checks::Due::Overdue => {
+                self.state.record_gpu_check_overdue(&node_id).await?;
+                Ok(false)
+            }
             crate::gpu_checks::Due::Missed(reason) => {
                 self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;
                 Ok(false)
@@ -424,7 +429,8 @@ impl Gcs for GcsService {
             .gpu_check
             .as_ref()
             .is_some_and(|check| check.state != ionet_common::rpc::proto::common::GpuCheckState::Passed as i32);
-        self.gpu_checks.may_start(node_id, not_passing, gap).map_err(Status::failed_precondition)?;
+        let leased = || self.metering.gpus_leased_on(&node_id);
+        self.gpu_checks.may_start(node_id, not_passing, leased, gap).map_err(Status::failed_precondition)?;
         if let Some(reason) = self.gpu_checks.abandon(node_id) {
             self.gpu_check_outcome(node_id, crate::gpu_checks::Outcome::Failed(reason)).await?;
         }

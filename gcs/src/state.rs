@@ -541,6 +541,31 @@ impl GcsState {
         Ok(node.gpu_check.unwrap_or_default())
     }
 
+    /// Records that a lease of `node_id`'s GPUs has put its due check off for longer than
+    /// allowed: `OVERDUE`, no new leases and no availability rewards until it passes (not
+    /// a failure: its running leases finish, then the check runs). Only a passing node
+    /// becomes overdue; one pending or quarantined is held back already.
+    pub async fn record_gpu_check_overdue(&self, node_id: &NodeId) -> GcsResult<()> {
+        let node = {
+            let Some(mut entry) = self.nodes.get_mut(node_id) else { return Ok(()) };
+            let Some(check) = entry.gpu_check.as_mut().filter(|check| check.state == GpuCheckState::Passed as i32)
+            else {
+                return Ok(());
+            };
+            check.state = GpuCheckState::Overdue as i32;
+            check.passed_since_ms = 0;
+            entry.clone()
+        };
+        self.persist_node(&node).await?;
+        tracing::warn!(
+            node = %node_id.short(),
+            max_defer_s = self.config.gpu_check_max_defer_ms / 1000,
+            "a lease of the node's GPUs put its due check off too long: no new leases until it passes one"
+        );
+        self.publish(Event::NodeAdded(node));
+        Ok(())
+    }
+
     /// The operator's word that an untrusted node may be trusted again: its failures
     /// within the window are forgotten (its counts stay on record). It takes work again
     /// once its latest check passed.
@@ -1110,6 +1135,22 @@ mod tests {
         assert!(again.to_string().contains("is not untrusted (its GPU check is passed)"), "{again}");
         let unknown = gcs.clear_untrusted(&NodeId::random()).await.unwrap_err();
         assert!(unknown.to_string().contains("is not registered"), "{unknown}");
+
+        // A lease put its check off too long: held back and unrewarded, no failure, until
+        // its next pass.
+        gcs.record_gpu_check_overdue(&id).await.unwrap();
+        let overdue = check(&gcs);
+        assert_eq!((state_name(&overdue), overdue.passed_since_ms, overdue.failures), ("overdue", 0, 5));
+        assert!(held_back(&gcs.node(&id).unwrap()), "an overdue node takes no new work");
+        assert!(ionet_common::gpu_proof::held_back_because(&overdue).contains("its next check is overdue"));
+        clock.advance_ms(1000);
+        let passed = gcs.record_gpu_check(&id, Ok((1.0, 1.0, 1))).await.unwrap();
+        assert_eq!((state_name(&passed), passed.passed_since_ms), ("passed", clock.now_ms()));
+        // Only a passing node becomes overdue: a failed one stays failed.
+        fail("late").await.unwrap();
+        gcs.record_gpu_check_overdue(&id).await.unwrap();
+        assert_eq!(state_name(&check(&gcs)), "failed");
+        gcs.record_gpu_check_overdue(&NodeId::random()).await.expect("an unknown node: nothing to record");
     }
 
     #[tokio::test]

@@ -99,13 +99,14 @@ fn tflops_cell(node: &NodeInfo) -> String {
     }
 }
 
-/// The table's cell: `passed`, `passed (simulated)`, `pending`, `FAILED: why`,
-/// `UNTRUSTED: why`, or `-`.
+/// The table's cell: `passed`, `passed (simulated)`, `pending`, `OVERDUE` (a lease put
+/// its check off too long), `FAILED: why`, `UNTRUSTED: why`, or `-`.
 fn gpu_check_cell(node: &NodeInfo) -> String {
     let check = node.gpu_check.clone().unwrap_or_default();
     match ionet_common::gpu_proof::state_name(&check) {
         "none" => "-".into(),
         "failed" => format!("FAILED: {}", check.reason),
+        "overdue" => "OVERDUE: no new leases until its check runs".into(),
         "untrusted" => format!("UNTRUSTED: {}", ionet_common::gpu_proof::held_back_because(&check)),
         state if check.simulated => format!("{state} (simulated)"),
         state => state.to_string(),

@@ -65,6 +65,14 @@ pub struct ClusterConfig {
     /// Least time between checks a node starts unasked (its first, or again while it is
     /// not passing): each costs the head a recomputation of the sampled rows.
     pub gpu_check_min_gap_ms: u64,
+    /// Longest a lease of a node's GPUs may put off its due check: past it the node is
+    /// `OVERDUE` (no new leases, no availability rewards; running leases finish) until it
+    /// passes, so a provider leasing a sliver of its own GPU to itself cannot dodge checks.
+    pub gpu_check_max_defer_ms: u64,
+    /// Whether nodes beyond the head's own machine may offer simulated GPUs (declared,
+    /// checked on the CPU, billable). Off by default: on a marketplace a provider's
+    /// simulated GPU is a GPU nobody can verify; a test cluster across machines turns it on.
+    pub accept_remote_simulated_gpus: bool,
 }
 
 impl Default for ClusterConfig {
@@ -90,6 +98,8 @@ impl Default for ClusterConfig {
             gpu_check_untrusted_failures: 3,
             gpu_check_untrusted_window_ms: 24 * 3_600_000,
             gpu_check_min_gap_ms: 30_000,
+            gpu_check_max_defer_ms: 4 * 3_600_000,
+            accept_remote_simulated_gpus: false,
         }
     }
 }
@@ -134,7 +144,7 @@ impl ClusterConfig {
                 *slot = text
                     .trim()
                     .parse()
-                    .map_err(|_| IonetError::Config(format!("{name}={text:?} is not a valid number")))?;
+                    .map_err(|_| IonetError::Config(format!("{name}={text:?} is not a valid value")))?;
             }
             Ok(())
         }
@@ -158,6 +168,8 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_FAILURES", &mut self.gpu_check_untrusted_failures)?;
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_WINDOW_MS", &mut self.gpu_check_untrusted_window_ms)?;
         read(&lookup, "IONET_GPU_CHECK_MIN_GAP_MS", &mut self.gpu_check_min_gap_ms)?;
+        read(&lookup, "IONET_GPU_CHECK_MAX_DEFER_MS", &mut self.gpu_check_max_defer_ms)?;
+        read(&lookup, "IONET_ACCEPT_REMOTE_SIMULATED_GPUS", &mut self.accept_remote_simulated_gpus)?;
         Ok(())
     }
 
@@ -186,8 +198,10 @@ impl ClusterConfig {
                 self.gpu_check_idle_share_bps
             )));
         }
-        if self.gpu_check_interval_ms == 0 || self.gpu_check_deadline_ms == 0 {
-            return Err(IonetError::Config("gpu_check_interval_ms and gpu_check_deadline_ms must be positive".into()));
+        if self.gpu_check_interval_ms == 0 || self.gpu_check_deadline_ms == 0 || self.gpu_check_max_defer_ms == 0 {
+            return Err(IonetError::Config(
+                "gpu_check_interval_ms, gpu_check_deadline_ms and gpu_check_max_defer_ms must be positive".into(),
+            ));
         }
         if self.gpu_check_untrusted_failures == 0 || self.gpu_check_untrusted_window_ms == 0 {
             return Err(IonetError::Config(
@@ -222,7 +236,7 @@ mod tests {
         assert!(err.to_string().contains("unknown field"), "{err}");
         let mut config = ClusterConfig::default();
         let err = config.apply_env(|_| Some("soon".into())).unwrap_err();
-        assert!(err.to_string().contains("is not a valid number"), "{err}");
+        assert!(err.to_string().contains("is not a valid value"), "{err}");
         let config = ClusterConfig { heartbeat_timeout_ms: 500, ..Default::default() };
         assert!(config.validate().is_err());
         let config = ClusterConfig { protocol_fee_bps: 10_001, ..Default::default() };

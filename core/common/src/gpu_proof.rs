@@ -557,7 +557,7 @@ pub fn pick(rng: &mut impl rand::Rng, limit: u32, count: usize) -> Vec<u32> {
     picked
 }
 
-/// A check's state in words: `none`, `pending`, `passed`, `failed` or `untrusted` (what
+/// A check's state in words: `none`, `pending`, `passed`, `failed`, `overdue` or `untrusted` (what
 /// `ionet status --json` and the dashboard show).
 pub fn state_name(check: &crate::rpc::proto::common::GpuCheck) -> &'static str {
     use crate::rpc::proto::common::GpuCheckState;
@@ -568,17 +568,22 @@ pub fn state_name(check: &crate::rpc::proto::common::GpuCheck) -> &'static str {
         Ok(GpuCheckState::Pending) => "pending",
         Ok(GpuCheckState::Passed) => "passed",
         Ok(GpuCheckState::Failed) => "failed",
+        Ok(GpuCheckState::Overdue) => "overdue",
         Ok(GpuCheckState::None) | Err(_) => "none",
     }
 }
 
 /// Whether the head's check of `node`'s GPUs keeps it from new work: not passed yet,
-/// failed (quarantined), or untrusted until the operator clears it.
+/// failed (quarantined), overdue (a lease put its check off too long), or untrusted until
+/// the operator clears it.
 pub fn held_back(node: &crate::rpc::proto::common::NodeInfo) -> bool {
     use crate::rpc::proto::common::GpuCheckState;
     node.gpu_check.as_ref().is_some_and(|check| {
         check.untrusted_since_ms != 0
-            || matches!(GpuCheckState::try_from(check.state), Ok(GpuCheckState::Pending | GpuCheckState::Failed))
+            || matches!(
+                GpuCheckState::try_from(check.state),
+                Ok(GpuCheckState::Pending | GpuCheckState::Failed | GpuCheckState::Overdue)
+            )
     })
 }
 
@@ -593,6 +598,9 @@ pub fn held_back_because(check: &crate::rpc::proto::common::GpuCheck) -> String 
         ),
         "failed" => check.reason.clone(),
         "pending" => "not passed yet".into(),
+        "overdue" => "its next check is overdue: a lease of its GPUs put it off longer than the head allows \
+                      (`gpu_check_max_defer_ms`); no new leases until it passes one"
+            .into(),
         _ => String::new(),
     }
 }

@@ -85,6 +85,8 @@ impl Metering {
                 reasons.push(ionet_common::gpu_proof::held_back_because(&check));
             } else if check.last_failed_at_ms > previous_end_ms {
                 reasons.push(format!("it failed a GPU check this epoch: {}", check.reason));
+            } else if check.state == GpuCheckState::Overdue as i32 {
+                reasons.push(ionet_common::gpu_proof::held_back_because(&check));
             } else if !passing {
                 reasons.push("its GPUs have not passed the head's check".to_string());
             }
