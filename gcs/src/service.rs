@@ -159,6 +159,30 @@ impl GcsService {
         }
     }
 
+    /// Simulated GPUs (declared, checked on the CPU, yet billable) are taken only from a
+    /// node on the head's own machine (loopback), unless the operator accepts them from
+    /// anywhere (`accept_remote_simulated_gpus`, for a test cluster across machines): on
+    /// a marketplace a stranger's simulated GPU is one nobody can verify.
+    fn may_offer_simulated_gpus(&self, node: &NodeInfo, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
+        if self.state.config.accept_remote_simulated_gpus || !node.gpus.iter().any(|gpu| gpu.simulated) {
+            return Ok(());
+        }
+        let loopback = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+            v4 => v4.is_loopback(),
+        };
+        if peer.is_some_and(|peer| loopback(peer.ip())) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "node {} offers simulated GPUs from {}: this head takes simulated GPUs only from its own machine \
+             (a GPU nobody can verify is not offered to strangers); a test cluster across machines sets \
+             accept_remote_simulated_gpus = true (IONET_ACCEPT_REMOTE_SIMULATED_GPUS) on the head",
+            NodeId::from_bytes(&node.node_id).map(|id| id.short()).unwrap_or_default(),
+            peer.map_or_else(|| "an unknown address".to_string(), |peer| peer.ip().to_string())
+        )))
+    }
+
     /// The intermediate certificate a registering node asked for (empty: it did not ask,
     /// or the head does not speak TLS). A node is certified for the host of its own
     /// address only; a provider's node naming the head's host (other than loopback, where
@@ -330,6 +354,7 @@ impl Gcs for GcsService {
                 node_id.short()
             )));
         }
+        self.may_offer_simulated_gpus(&node, peer)?;
         let public_key = node.public_key.clone();
         let tls_certificate = self.certify(&principal, &node, &request.tls_public_key)?;
         self.state.register_node(node).await?;

@@ -383,3 +383,72 @@ fn a_node_cannot_make_the_head_verify_checks_at_will() {
     let row = node_row(&cluster, &cheat.node_id.hex());
     assert_eq!((row["gpu_check"]["state"].as_str(), row["gpu_check"]["failures"].as_u64()), (Some("failed"), Some(1)));
 }
+
+/// A non-loopback address of this machine: the source of its route toward a public
+/// address (connecting a UDP socket sends nothing), if it has one.
+fn machine_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("8.8.8.8:53").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn simulated_gpus_are_taken_only_from_the_heads_own_machine_unless_the_operator_accepts_them() {
+    let Some(ip) = machine_address() else {
+        eprintln!("skipped: this machine has no address but loopback to join from");
+        return;
+    };
+    for accept in [false, true] {
+        // The head serves on the machine's own address: a node joining through it is not
+        // on loopback, as a provider's machine would not be.
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("ionet.toml");
+        std::fs::write(&config, format!("accept_remote_simulated_gpus = {accept}\n")).unwrap();
+        let cluster = TestCluster::start(&["--config", config.to_str().unwrap(), "--host", &ip.to_string()]);
+        assert!(cluster.address().contains(&ip.to_string()), "{}", cluster.address());
+        // A head other machines can reach speaks TLS only: this process trusts its CA.
+        let ca = std::fs::read_to_string(cluster.session().join("ca.pem")).expect("the head wrote its CA");
+        ionet_common::tls::trust(&ca).unwrap();
+        let mut operator = cluster.admin_client();
+        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
+        let join = cluster.runtime.block_on(operator.create_token(request)).unwrap().into_inner().token;
+        let (node_id, key) = (NodeId::random(), KeyPair::generate());
+        let total = ResourceSet::new().with(CPU, Quantity::whole(2)).with(GPU, Quantity::whole(2));
+        let info = NodeInfo {
+            node_id: node_id.to_vec(),
+            address: format!("{ip}:1"),
+            total: Some((&total).into()),
+            available: Some((&total).into()),
+            gpus: (0..2)
+                .map(|index| GpuInfo { index, model: "A100-80GB".into(), memory_bytes: 80 << 30, simulated: true })
+                .collect(),
+            public_key: key.public_key().to_vec(),
+            ..Default::default()
+        };
+        let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
+        let request = RegisterNodeRequest { node: Some(info), proof, ..Default::default() };
+        let mut joiner = cluster.client_with(&Bearer::new(&join).unwrap());
+        let answer = cluster.runtime.block_on(joiner.register_node(request));
+        if accept {
+            // A real node daemon joining through the machine's address: accepted, checked.
+            answer.expect_err("a node of a TLS cluster registers with its https:// address and certificate key");
+            let mut cluster = cluster;
+            cluster.add_node(&["--num-gpus", "2", "--gpu-type", "A100-80GB"]);
+            let status = cluster.status_json();
+            let node = status.as_array().unwrap().iter().find(|node| !node["gpus"].as_array().unwrap().is_empty());
+            let node = node.expect("the node with simulated GPUs joined");
+            assert_eq!(node["gpu_check"]["state"], "passed", "{node:#}");
+        } else {
+            let refused = answer.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+            assert!(
+                refused.message().contains(&format!("offers simulated GPUs from {ip}"))
+                    && refused.message().contains("accept_remote_simulated_gpus = true"),
+                "{refused:?}"
+            );
+            let listed = cluster.status_json();
+            assert!(listed.as_array().unwrap().iter().all(|node| node["node_id"] != node_id.hex()), "not registered");
+        }
+    }
+}
