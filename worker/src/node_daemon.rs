@@ -977,8 +977,11 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
         return;
     }
     let (shared, mut client) = (shared.clone(), client.clone());
+    // No lease is granted while the check runs: it never shares a GPU with one.
+    shared.leases.set_checking(true);
     tokio::spawn(async move {
         let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
+        shared.leases.set_checking(false);
         if let Ok(check) = &outcome {
             let passed = check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32;
             shared.leases.set_held_back(!passed || check.untrusted_since_ms != 0);

@@ -34,7 +34,7 @@ impl Leases {
             return Step::Wait("waiting for room in the placement-group bundle".into());
         }
         // Held back by the head's GPU check, it grants nothing (the head would bill none).
-        if self.held_back.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.held() {
             return Step::Wait(format!(
                 "node {} takes no work until its GPUs pass the head's check (`ionet status`: GPU CHECK)",
                 self.node_id.short()

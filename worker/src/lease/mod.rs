@@ -155,6 +155,9 @@ pub struct Leases {
     /// The head's check of this node's GPUs holds it back (not passed, failed, untrusted),
     /// as of the last view: it grants nothing (the head would bill none of it).
     held_back: std::sync::atomic::AtomicBool,
+    /// A check of this node's GPUs is running: no new lease until it ends (a check never
+    /// lands on a GPU leased meanwhile, whatever the head's book says).
+    checking: std::sync::atomic::AtomicBool,
     /// Leaving: no new leases (`drain`).
     draining: std::sync::atomic::AtomicBool,
 }
@@ -269,6 +272,7 @@ impl Leases {
             holder_channels: DashMap::new(),
             no_workloads: std::sync::atomic::AtomicBool::new(false),
             held_back: std::sync::atomic::AtomicBool::new(false),
+            checking: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -541,6 +545,21 @@ impl Leases {
         }
     }
 
+    /// A check of this node's GPUs starts (`true`) or ends: no new lease meanwhile.
+    pub fn set_checking(&self, checking: bool) {
+        self.checking.store(checking, std::sync::atomic::Ordering::SeqCst);
+        if !checking {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Whether this node grants nothing now: held back by the head's check of its GPUs,
+    /// or running one.
+    fn held(&self) -> bool {
+        self.held_back.load(std::sync::atomic::Ordering::Relaxed)
+            || self.checking.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Alive nodes in the cluster view that spillback decisions read.
     pub fn nodes_in_view(&self) -> usize {
         self.lock().view.alive_count()
@@ -608,7 +627,7 @@ impl Leases {
                     self.node_id.short(),
                     state.total
                 ))
-            } else if self.held_back.load(std::sync::atomic::Ordering::Relaxed) {
+            } else if self.held() {
                 Step::Wait(format!(
                     "node {} takes no work until its GPUs pass the head's check (`ionet status`: GPU CHECK)",
                     self.node_id.short()
@@ -627,7 +646,7 @@ impl Leases {
         if let SchedulingStrategy::NodeAffinity { node_id, soft } = strategy {
             if *node_id == self.node_id {
                 // Soft: a node held back by its GPU check sends it elsewhere.
-                let held = self.held_back.load(std::sync::atomic::Ordering::Relaxed);
+                let held = self.held();
                 if (fits_ever && !held) || !soft {
                     return local_or_wait(&mut state, "waiting for resources on the node it is pinned to");
                 }

@@ -339,6 +339,17 @@ fn a_node_held_back_by_its_gpu_check_grants_nothing() {
     assert!(
         matches!(leases.decide(&one, &soft_here, &Needs::default(), false, None, 1, &[]), Step::Spill(node, _) if node == other)
     );
+    // Overdue (a lease put its check off too long): no new work either.
+    leases.refresh_view(&[own(GpuCheckState::Overdue)]);
+    assert!(matches!(leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]), Step::Wait(_)));
     leases.refresh_view(&[own(GpuCheckState::Passed)]);
+    // While a check of its GPUs runs, whatever the head's view says, nothing is granted.
+    leases.set_checking(true);
+    leases.refresh_view(&[own(GpuCheckState::Passed)]);
+    match leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]) {
+        Step::Wait(why) => assert!(why.contains("takes no work until its GPUs pass the head's check"), "{why}"),
+        _ => panic!("a lease granted during a check of the node's GPUs"),
+    }
+    leases.set_checking(false);
     assert!(matches!(leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]), Step::Grant(..)));
 }
