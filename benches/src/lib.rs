@@ -2,6 +2,8 @@
 //! Per-crate micro-benchmarks live beside their crate (`scheduler/benches`,
 //! `settlement/benches`).
 
+pub mod sim;
+
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

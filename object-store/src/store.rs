@@ -217,6 +217,17 @@ pub struct LocalObjectStore {
 
 /// Removes `<root>/<prefix>-<pid>-*` directories whose process no longer exists.
 fn remove_orphans(root: &Path, prefix: &str) {
+    // Once per process and root: what a dead process left is there when this one starts,
+    // and a process holding many stores (a simulated fleet) would sweep once per store.
+    static SWEPT: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = (root.to_path_buf(), prefix.to_string());
+        if swept.contains(&key) {
+            return;
+        }
+        swept.push(key);
+    }
     let Ok(entries) = fs::read_dir(root) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -696,8 +696,12 @@ impl NodeDaemon {
         // not write in (so nothing a tenant plants is ever taken for them).
         // Named with the daemon's pid, so a later daemon removes what a killed one left.
         let scratch_root = std::env::temp_dir();
+        // Once per process (one holding many daemons, a simulated fleet, sweeps once).
+        static SWEPT: std::sync::Once = std::sync::Once::new();
         let swept = scratch_root.clone();
-        std::thread::spawn(move || remove_dead_scratch(&swept));
+        SWEPT.call_once(|| {
+            std::thread::spawn(move || remove_dead_scratch(&swept));
+        });
         let scratch = tempfile::Builder::new()
             .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
             .tempdir_in(&scratch_root)?;
@@ -775,6 +779,12 @@ impl NodeDaemon {
         tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");
         tasks.extend([heartbeat, reaper]);
         Ok(Self { shared, address, stop, tasks })
+    }
+
+    /// How many times the node has registered with the head (again after the head lost
+    /// it: a restart, or it declared the node dead).
+    pub fn registrations(&self) -> u64 {
+        self.shared.registrations.load(Ordering::SeqCst)
     }
 
     pub fn node_id(&self) -> NodeId {

@@ -1,0 +1,35 @@
+//! How a head's cost grows with its cluster: real node daemons (fleets of `ionet-sim`
+//! processes) join one real head, then a steady window is measured (see
+//! `ionet_benches::sim`).
+//!
+//!   cargo bench -p ionet-benches --bench cluster_sim -- [--nodes 100,1000,10000] [--seconds 20]
+
+use std::time::Duration;
+
+use ionet_benches::sim::{simulate, SimOptions};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|arg| arg == "--list") {
+        return; // cargo bench --list
+    }
+    let value = |name: &str| args.iter().position(|arg| arg == name).and_then(|index| args.get(index + 1)).cloned();
+    let counts: Vec<usize> = value("--nodes")
+        .unwrap_or_else(|| "100,1000".into())
+        .split(',')
+        .map(|count| count.trim().parse().expect("--nodes takes counts separated by commas"))
+        .collect();
+    let seconds: u64 = value("--seconds").and_then(|text| text.parse().ok()).unwrap_or(20);
+    for nodes in counts {
+        let options = SimOptions {
+            binary: env!("CARGO_BIN_EXE_ionet-sim").into(),
+            nodes,
+            window: Duration::from_secs(seconds),
+            register_timeout: Duration::from_secs(600),
+        };
+        match simulate(&options) {
+            Ok(report) => println!("{report}"),
+            Err(why) => println!("cluster sim: {nodes} nodes: failed: {why}"),
+        }
+    }
+}

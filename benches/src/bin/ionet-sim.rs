@@ -1,0 +1,34 @@
+//! The cluster simulator's parts (see `ionet_benches::sim`):
+//!
+//!   ionet-sim head --dir D
+//!   ionet-sim fleet --address A --token-file F --nodes N
+
+use std::path::PathBuf;
+
+fn flag(args: &[String], name: &str) -> Result<String, String> {
+    args.iter()
+        .position(|arg| arg == name)
+        .and_then(|index| args.get(index + 1))
+        .cloned()
+        .ok_or_else(|| format!("{name} is required"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("head") => flag(&args, "--dir").and_then(|dir| ionet_benches::sim::serve_head(&PathBuf::from(dir))),
+        Some("fleet") => (|| {
+            let nodes = flag(&args, "--nodes")?.parse().map_err(|_| "--nodes takes a count".to_string())?;
+            ionet_benches::sim::run_fleet(
+                &flag(&args, "--address")?,
+                &PathBuf::from(flag(&args, "--token-file")?),
+                nodes,
+            )
+        })(),
+        _ => Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N".into()),
+    };
+    if let Err(why) = outcome {
+        eprintln!("ionet-sim: {why}");
+        std::process::exit(1);
+    }
+}

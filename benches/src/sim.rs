@@ -1,0 +1,473 @@
+//! The cluster simulator: one real head in a process of its own and many real node
+//! daemons ([`ionet_worker::node_daemon::NodeDaemon`]: the real registration, heartbeat,
+//! cluster-view refresh, lease and spillback code) in a few fleet processes, so that
+//! thousands of nodes join one head on one machine. It reports what grows with the
+//! cluster: the head's CPU and memory, the latency a node sees for its heartbeat and its
+//! view of the cluster, how long a fleet takes to register, and false deaths (nodes the
+//! head declared dead though their daemons ran throughout).
+//!
+//! The fleet runs no tasks here (the benchmark is about the control plane): its nodes
+//! offer CPUs and take leases like any node, but nothing asks them for any.
+//!
+//! Both the head and a fleet are the `ionet-sim` binary of this crate (`ionet-sim head`,
+//! `ionet-sim fleet`); [`simulate`] starts them and measures.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ionet_common::auth::Bearer;
+use ionet_common::config::ClusterConfig;
+use ionet_common::credential::{registration_message, KeyPair};
+use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::{CreateTokenRequest, GetAllNodesRequest, HeartbeatRequest, RegisterNodeRequest};
+use ionet_common::{NodeId, Quantity, ResourceSet};
+
+/// Most node daemons one fleet process holds: each takes three descriptors (its server's
+/// listener, its connection to the head, its scratch lock), and a process may have 20,000
+/// here.
+pub const NODES_PER_FLEET: usize = 2_500;
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The `ionet-sim` binary.
+    pub binary: PathBuf,
+    pub nodes: usize,
+    /// How long the steady window lasts, after every node registered.
+    pub window: Duration,
+    /// Longest the fleet may take to register.
+    pub register_timeout: Duration,
+}
+
+/// What the simulation measured.
+#[derive(Clone, Debug)]
+pub struct SimReport {
+    pub nodes: usize,
+    /// From starting the fleet processes to every node registered (their daemons' own
+    /// word), and to the head listing every one alive.
+    pub registered_in: Duration,
+    pub listed_in: Duration,
+    /// The head's CPU over the steady window, as a share of one core.
+    pub head_cpu_share: f64,
+    /// The fleet processes' CPU over the window, in cores (what the simulation itself costs).
+    pub fleet_cpu_cores: f64,
+    /// The head's resident memory at the end of the window, in MiB.
+    pub head_rss_mib: f64,
+    /// A probe node's heartbeats (20 a second) over the window: median and 99th percentile.
+    pub heartbeat_p50: Duration,
+    pub heartbeat_p99: Duration,
+    /// The whole node table as a node reads it for its view (`GetAllNodes`), once a second.
+    pub view_p50: Duration,
+    pub view_p99: Duration,
+    /// Nodes of the fleet the head declared dead, and registrations beyond each node's first.
+    pub false_deaths: usize,
+    pub reregistrations: u64,
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            out,
+            "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s); steady window: \
+             head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms, \
+             node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
+             false deaths {}, re-registrations {}",
+            self.nodes,
+            self.registered_in.as_secs_f64(),
+            self.listed_in.as_secs_f64(),
+            100.0 * self.head_cpu_share,
+            self.head_rss_mib,
+            ms(self.heartbeat_p50),
+            ms(self.heartbeat_p99),
+            ms(self.view_p50),
+            ms(self.view_p99),
+            self.fleet_cpu_cores,
+            self.false_deaths,
+            self.reregistrations
+        )
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn failed(what: &str, why: impl std::fmt::Display) -> String {
+    format!("{what}: {why}")
+}
+
+/// A child process of the simulation that says what it has to say in lines on stdout and
+/// ends when its stdin closes.
+struct Part {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Part {
+    fn spawn(binary: &Path, args: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|err| failed(&format!("starting {}", binary.display()), err))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Ok(Self { child, stdin, lines })
+    }
+
+    /// Its next line, within `timeout`.
+    fn line(&mut self, timeout: Duration, what: &str) -> Result<String, String> {
+        self.lines.recv_timeout(timeout).map_err(|_| {
+            let status = self.child.try_wait().ok().flatten();
+            format!("{what}: no word within {timeout:?} (exited: {status:?})")
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes its stdin and waits for it to end.
+    fn stop(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB (`/proc/<pid>/status`).
+pub fn resident_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[Duration], share: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * share).round() as usize]
+}
+
+/// Runs the simulation: a head, `options.nodes` nodes in fleets of at most
+/// [`NODES_PER_FLEET`], a steady window; stops everything and reports.
+pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
+    let dir = tempfile::tempdir().map_err(|err| failed("a temp dir", err))?;
+    let mut head = Part::spawn(&options.binary, &["head", "--dir", &dir.path().to_string_lossy()])?;
+    let address = head.line(Duration::from_secs(60), "the head's address")?;
+    let admin = Bearer::new(&head.line(Duration::from_secs(10), "the head's admin credential")?)
+        .map_err(|err| failed("the head's admin credential", err))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|err| failed("a runtime", err))?;
+    let mut operator = runtime
+        .block_on(ionet_common::rpc::gcs_client(&address, &admin))
+        .map_err(|err| failed("connecting to the head", err))?;
+    // The fleet joins as providers' nodes do: with a join token.
+    let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 3600, ..Default::default() };
+    let token =
+        runtime.block_on(operator.create_token(request)).map_err(|err| failed("a join token", err))?.into_inner().token;
+    let token_file = dir.path().join("join_token");
+    std::fs::write(&token_file, &token).map_err(|err| failed("writing the join token", err))?;
+
+    // Every fleet at once: the nodes register together, as after a head's restart.
+    let started = Instant::now();
+    let mut fleets = Vec::new();
+    let mut left = options.nodes;
+    while left > 0 {
+        let count = left.min(NODES_PER_FLEET);
+        left -= count;
+        let args = [
+            "fleet",
+            "--address",
+            &address,
+            "--token-file",
+            &token_file.to_string_lossy(),
+            "--nodes",
+            &count.to_string(),
+        ];
+        fleets.push(Part::spawn(&options.binary, &args.iter().map(|arg| arg.as_ref()).collect::<Vec<&str>>())?);
+    }
+    for fleet in &mut fleets {
+        let line = fleet.line(options.register_timeout, "a fleet registering")?;
+        if !line.starts_with("registered") {
+            return Err(format!("a fleet could not register: {line}"));
+        }
+    }
+    let registered_in = started.elapsed();
+    let alive = |operator: &mut ionet_common::rpc::GcsClient| -> Result<Vec<NodeInfo>, String> {
+        let reply = runtime.block_on(operator.get_all_nodes(GetAllNodesRequest { include_dead: true }));
+        Ok(reply.map_err(|err| failed("reading the node table", err))?.into_inner().nodes)
+    };
+    let deadline = Instant::now() + options.register_timeout;
+    loop {
+        let nodes = alive(&mut operator)?;
+        if nodes.iter().filter(|node| node.state == NodeState::Alive as i32).count() >= options.nodes {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the head lists {} of {} nodes alive", nodes.len(), options.nodes));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed_in = started.elapsed();
+
+    // The steady window: a probe node heartbeats 20 times a second and reads the node
+    // table once a second, as a node does; the head's CPU is read before and after.
+    let probe = runtime.block_on(register_probe(&address, &token))?;
+    let head_cpu_before = crate::process_cpu_seconds(head.pid()).unwrap_or_default();
+    let fleet_cpu =
+        |fleets: &[Part]| -> f64 { fleets.iter().filter_map(|fleet| crate::process_cpu_seconds(fleet.pid())).sum() };
+    let fleet_cpu_before = fleet_cpu(&fleets);
+    let window_started = Instant::now();
+    let (heartbeats, views) = runtime.block_on(probe.run(options.window));
+    let window = window_started.elapsed().as_secs_f64();
+    let head_cpu_share = (crate::process_cpu_seconds(head.pid()).unwrap_or_default() - head_cpu_before) / window;
+    let fleet_cpu_cores = (fleet_cpu(&fleets) - fleet_cpu_before) / window;
+    let head_rss_mib = resident_kib(head.pid()).unwrap_or_default() as f64 / 1024.0;
+
+    let nodes = alive(&mut operator)?;
+    let false_deaths = nodes.iter().filter(|node| node.state == NodeState::Dead as i32).count();
+    let mut reregistrations = 0;
+    for fleet in &mut fleets {
+        if let Some(stdin) = fleet.stdin.as_mut() {
+            let _ = writeln!(stdin, "report");
+        }
+        let line = fleet.line(Duration::from_secs(30), "a fleet's report")?;
+        reregistrations += line
+            .strip_prefix("registrations ")
+            .and_then(|count| count.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("a fleet's report: {line}"))?;
+    }
+    // Each node's first registration is not one again.
+    let reregistrations = reregistrations.saturating_sub(options.nodes as u64);
+    for fleet in fleets {
+        fleet.stop();
+    }
+    head.stop();
+    Ok(SimReport {
+        nodes: options.nodes,
+        registered_in,
+        listed_in,
+        head_cpu_share,
+        fleet_cpu_cores,
+        head_rss_mib,
+        heartbeat_p50: percentile(&heartbeats, 0.5),
+        heartbeat_p99: percentile(&heartbeats, 0.99),
+        view_p50: percentile(&views, 0.5),
+        view_p99: percentile(&views, 0.99),
+        false_deaths,
+        reregistrations,
+    })
+}
+
+/// A node of the simulation's own, registered by hand, timing what a node asks.
+struct Probe {
+    node_id: NodeId,
+    client: ionet_common::rpc::GcsClient,
+}
+
+async fn register_probe(address: &str, token: &str) -> Result<Probe, String> {
+    let key = KeyPair::generate();
+    let node_id = NodeId::random();
+    let total = ResourceSet::new().with("CPU", Quantity::whole(1));
+    let info = NodeInfo {
+        node_id: node_id.to_vec(),
+        address: "127.0.0.1:1".into(),
+        total: Some(ResourceQuantities::from_set(&total)),
+        available: Some(ResourceQuantities::from_set(&total)),
+        public_key: key.public_key().to_vec(),
+        no_workloads: true,
+        ..Default::default()
+    };
+    let join = Bearer::new(token).map_err(|err| failed("the join token", err))?;
+    let mut joiner =
+        ionet_common::rpc::gcs_client(address, &join).await.map_err(|err| failed("connecting the probe", err))?;
+    let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
+    let reply = joiner
+        .register_node(RegisterNodeRequest { node: Some(info), proof, ..Default::default() })
+        .await
+        .map_err(|err| failed("registering the probe", err))?;
+    let credential = Bearer::new(&reply.into_inner().node_credential).map_err(|err| failed("its credential", err))?;
+    let client =
+        ionet_common::rpc::gcs_client(address, &credential).await.map_err(|err| failed("connecting the probe", err))?;
+    Ok(Probe { node_id, client })
+}
+
+impl Probe {
+    /// Heartbeats 20 times a second and reads the node table once a second for `window`:
+    /// each one's latency, sorted.
+    async fn run(mut self, window: Duration) -> (Vec<Duration>, Vec<Duration>) {
+        let (mut heartbeats, mut views) = (Vec::new(), Vec::new());
+        let end = Instant::now() + window;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut beat = 0u64;
+        while Instant::now() < end {
+            tick.tick().await;
+            let started = Instant::now();
+            let request = HeartbeatRequest { node_id: self.node_id.to_vec(), available: None };
+            if self.client.heartbeat(request).await.is_ok() {
+                heartbeats.push(started.elapsed());
+            }
+            beat += 1;
+            if beat % 20 == 0 {
+                let started = Instant::now();
+                if self.client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.is_ok() {
+                    views.push(started.elapsed());
+                }
+            }
+        }
+        heartbeats.sort();
+        views.sort();
+        (heartbeats, views)
+    }
+}
+
+/// `ionet-sim head --dir D`: a real control store on loopback with its tables in a file
+/// under `D` (as `ionet start --head` keeps them), printing its address and the admin
+/// credential, serving until stdin closes.
+pub fn serve_head(dir: &Path) -> Result<(), String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|err| failed("a runtime", err))?;
+    runtime.block_on(async {
+        let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|err| failed("binding the head", err))?;
+        let mut options = ionet_gcs::GcsServerOptions::new(config);
+        options.storage = ionet_gcs::storage::StorageLocation::File(dir.join("tables.redb"));
+        options.ledger_path = Some(dir.join("ledger.redb"));
+        options.signing_key_path = Some(dir.join("signing_key"));
+        let server = ionet_gcs::GcsServer::start(options, listener).await.map_err(|err| failed("the head", err))?;
+        println!("{}", server.address());
+        println!("{}", server.admin_credential(Duration::from_secs(24 * 3600)).as_str());
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        })
+        .await
+        .map_err(|err| failed("waiting for stdin", err))?;
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+/// `ionet-sim fleet --address A --token-file F --nodes N`: N real node daemons joining
+/// the head with the join token in F, all at once. Prints `registered` once every one has
+/// (or why not); on each `report` line read, `registrations <total>`; stops them when
+/// stdin closes.
+pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|err| failed("a runtime", err))?;
+    let token = std::fs::read_to_string(token_file).map_err(|err| failed("reading the join token", err))?;
+    let join = Bearer::new(token.trim()).map_err(|err| failed("the join token", err))?;
+    let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
+    runtime.block_on(async {
+        let started = futures::future::join_all((0..nodes).map(|_| {
+            let options = daemon_options(address, &join, &config);
+            ionet_worker::node_daemon::NodeDaemon::start(options)
+        }))
+        .await;
+        let daemons: Vec<_> = match started.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(daemons) => daemons,
+            Err(err) => {
+                println!("failed: starting a node daemon: {err}");
+                return Err(failed("starting a node daemon", err));
+            }
+        };
+        let registered =
+            futures::future::join_all(daemons.iter().map(|daemon| daemon.wait_registered(Duration::from_secs(600))))
+                .await;
+        if let Some(Err(err)) = registered.into_iter().find(Result::is_err) {
+            println!("failed: {err}");
+            return Err(failed("registering", err));
+        }
+        println!("registered {nodes}");
+        let (send, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                if line.trim() == "report" && send.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        while reports.recv().await.is_some() {
+            let total: u64 = daemons.iter().map(|daemon| daemon.registrations()).sum();
+            println!("registrations {total}");
+        }
+        futures::future::join_all(daemons.into_iter().map(|daemon| daemon.shutdown("the simulation ended"))).await;
+        Ok(())
+    })
+}
+
+fn daemon_options(
+    address: &str,
+    join: &Bearer,
+    config: &ClusterConfig,
+) -> ionet_worker::node_daemon::NodeDaemonOptions {
+    let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("memory", Quantity::whole(32 << 30));
+    ionet_worker::node_daemon::NodeDaemonOptions {
+        gcs_address: address.to_string(),
+        join_credential: join.clone(),
+        node_key: KeyPair::generate(),
+        config: config.clone(),
+        spec: ionet_worker::node_spec::NodeSpec {
+            total,
+            gpus: Vec::new(),
+            accelerator_type: String::new(),
+            labels: Default::default(),
+            price_per_gpu_hour: 0,
+            price_per_cpu_hour: 0,
+            wallet: String::new(),
+            power_watts: 0,
+            electricity_price_per_kwh: 0,
+        },
+        bind_host: "127.0.0.1".into(),
+        port: 0,
+        advertise_host: "127.0.0.1".into(),
+        is_head: false,
+        runs_workloads: true,
+        workers: ionet_worker::lease::WorkerPoolOptions {
+            idle_timeout: Duration::from_secs(60),
+            max_idle_workers: 1,
+            log_dir: None,
+            max_blocked_workers: 8,
+        },
+        object_store_capacity: 64 << 20,
+        worker_identities: None,
+        cluster_ca: None,
+        metrics_port: None,
+    }
+}
