@@ -115,8 +115,11 @@ fn main() {
                 let mut ticker = tokio::time::interval(Duration::from_secs(1));
                 while Instant::now() < stop_at {
                     ticker.tick().await;
-                    let request =
-                        HeartbeatRequest { node_id: node_id.to_vec(), available: changing.then(|| available.clone()) };
+                    let request = HeartbeatRequest {
+                        node_id: node_id.to_vec(),
+                        available: changing.then(|| available.clone()),
+                        ..Default::default()
+                    };
                     if client.heartbeat(request).await.is_ok() {
                         absorbed.fetch_add(1, Ordering::Relaxed);
                     }

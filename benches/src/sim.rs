@@ -55,15 +55,21 @@ pub struct SimReport {
     pub fleet_cpu_cores: f64,
     /// The head's resident memory at the end of the window, in MiB.
     pub head_rss_mib: f64,
-    /// A probe node's heartbeats (20 a second) over the window: median and 99th percentile.
+    /// A probe node's heartbeats (20 a second, each reading what changed in the node
+    /// table, as a node's does) over the window: median and 99th percentile.
     pub heartbeat_p50: Duration,
     pub heartbeat_p99: Duration,
-    /// The whole node table as a node reads it for its view (`GetAllNodes`), once a second.
+    /// The whole node table as a node reads it when it (re)joins (`GetAllNodes`), once a
+    /// second.
     pub view_p50: Duration,
     pub view_p99: Duration,
     /// Nodes of the fleet the head declared dead, and registrations beyond each node's first.
     pub false_deaths: usize,
     pub reregistrations: u64,
+    /// The fewest and most alive nodes a fleet node's cluster view held at the end (the
+    /// fleet and the probe, which joined after the fleet: learnt from heartbeat deltas).
+    pub view_least: usize,
+    pub view_most: usize,
 }
 
 impl std::fmt::Display for SimReport {
@@ -73,7 +79,7 @@ impl std::fmt::Display for SimReport {
             "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s); steady window: \
              head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms, \
              node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
-             false deaths {}, re-registrations {}",
+             false deaths {}, re-registrations {}, nodes in each node's view {}..{}",
             self.nodes,
             self.registered_in.as_secs_f64(),
             self.listed_in.as_secs_f64(),
@@ -85,7 +91,9 @@ impl std::fmt::Display for SimReport {
             ms(self.view_p99),
             self.fleet_cpu_cores,
             self.false_deaths,
-            self.reregistrations
+            self.reregistrations,
+            self.view_least,
+            self.view_most
         )
     }
 }
@@ -227,7 +235,8 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     }
     let registered_in = started.elapsed();
     let alive = |operator: &mut ionet_common::rpc::GcsClient| -> Result<Vec<NodeInfo>, String> {
-        let reply = runtime.block_on(operator.get_all_nodes(GetAllNodesRequest { include_dead: true }));
+        let reply =
+            runtime.block_on(operator.get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() }));
         Ok(reply.map_err(|err| failed("reading the node table", err))?.into_inner().nodes)
     };
     let deadline = Instant::now() + options.register_timeout;
@@ -259,16 +268,19 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
 
     let nodes = alive(&mut operator)?;
     let false_deaths = nodes.iter().filter(|node| node.state == NodeState::Dead as i32).count();
-    let mut reregistrations = 0;
+    let (mut reregistrations, mut view_least, mut view_most) = (0, usize::MAX, 0);
     for fleet in &mut fleets {
         if let Some(stdin) = fleet.stdin.as_mut() {
             let _ = writeln!(stdin, "report");
         }
         let line = fleet.line(Duration::from_secs(30), "a fleet's report")?;
-        reregistrations += line
-            .strip_prefix("registrations ")
-            .and_then(|count| count.trim().parse::<u64>().ok())
-            .ok_or_else(|| format!("a fleet's report: {line}"))?;
+        let numbers: Vec<u64> = line.split(' ').filter_map(|word| word.parse().ok()).collect();
+        let [registrations, least, most] = numbers[..] else {
+            return Err(format!("a fleet's report: {line}"));
+        };
+        reregistrations += registrations;
+        view_least = view_least.min(least as usize);
+        view_most = view_most.max(most as usize);
     }
     // Each node's first registration is not one again.
     let reregistrations = reregistrations.saturating_sub(options.nodes as u64);
@@ -289,6 +301,8 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         view_p99: percentile(&views, 0.99),
         false_deaths,
         reregistrations,
+        view_least,
+        view_most,
     })
 }
 
@@ -308,7 +322,6 @@ async fn register_probe(address: &str, token: &str) -> Result<Probe, String> {
         total: Some(ResourceQuantities::from_set(&total)),
         available: Some(ResourceQuantities::from_set(&total)),
         public_key: key.public_key().to_vec(),
-        no_workloads: true,
         ..Default::default()
     };
     let join = Bearer::new(token).map_err(|err| failed("the join token", err))?;
@@ -333,17 +346,33 @@ impl Probe {
         let end = Instant::now() + window;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut beat = 0u64;
+        // As a node does: each heartbeat reads what changed in the node table since.
+        let mut view_at = (0, 0);
         while Instant::now() < end {
             tick.tick().await;
             let started = Instant::now();
-            let request = HeartbeatRequest { node_id: self.node_id.to_vec(), available: None };
-            if self.client.heartbeat(request).await.is_ok() {
+            let request = HeartbeatRequest {
+                node_id: self.node_id.to_vec(),
+                available: None,
+                read_view: true,
+                view_since_version: view_at.0,
+                view_since_incarnation: view_at.1,
+            };
+            if let Ok(reply) = self.client.heartbeat(request).await {
                 heartbeats.push(started.elapsed());
+                if let Some(view) = reply.into_inner().view {
+                    view_at = (view.version, view.incarnation);
+                }
             }
             beat += 1;
             if beat % 20 == 0 {
                 let started = Instant::now();
-                if self.client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.is_ok() {
+                if self
+                    .client
+                    .get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() })
+                    .await
+                    .is_ok()
+                {
                     views.push(started.elapsed());
                 }
             }
@@ -425,7 +454,9 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), S
         });
         while reports.recv().await.is_some() {
             let total: u64 = daemons.iter().map(|daemon| daemon.registrations()).sum();
-            println!("registrations {total}");
+            let views = daemons.iter().map(|daemon| daemon.nodes_in_view());
+            let (least, most) = views.fold((usize::MAX, 0), |(least, most), view| (least.min(view), most.max(view)));
+            println!("registrations {total} views {least} {most}");
         }
         futures::future::join_all(daemons.into_iter().map(|daemon| daemon.shutdown("the simulation ended"))).await;
         Ok(())

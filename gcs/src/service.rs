@@ -281,6 +281,19 @@ impl GcsService {
     /// A fresh credential for the node heartbeating as itself, if the one it holds was
     /// issued a day ago or more (or by an earlier run of the head, which kept its key);
     /// else empty.
+    /// The node table for a reader at `since` of `since_incarnation`: what changed since,
+    /// or all of it.
+    fn nodes_read(&self, include_dead: bool, since: u64, since_incarnation: u64) -> GetAllNodesReply {
+        let read = self.state.nodes_since(include_dead, since, since_incarnation);
+        GetAllNodesReply {
+            nodes: read.nodes,
+            version: read.version,
+            incarnation: self.state.incarnation(),
+            delta: read.delta,
+            removed: read.removed.iter().map(|node| node.to_vec()).collect(),
+        }
+    }
+
     fn renewed_credential(&self, principal: &Principal, node_id: NodeId) -> String {
         if *principal != Principal::Node(node_id) {
             return String::new();
@@ -385,11 +398,15 @@ impl Gcs for GcsService {
             .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
             .collect();
         let gpu_check_due = self.gpu_check_due(node_id).await?;
+        let view = request
+            .read_view
+            .then(|| self.nodes_read(false, request.view_since_version, request.view_since_incarnation));
         Ok(Response::new(HeartbeatReply {
             incarnation: self.state.incarnation(),
             node_credential: self.renewed_credential(&principal, node_id),
             unfunded_jobs,
             gpu_check_due,
+            view,
         }))
     }
 
@@ -512,7 +529,8 @@ impl Gcs for GcsService {
     }
 
     async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {
-        Ok(Response::new(GetAllNodesReply { nodes: self.state.nodes(request.into_inner().include_dead) }))
+        let request = request.into_inner();
+        Ok(Response::new(self.nodes_read(request.include_dead, request.since_version, request.since_incarnation)))
     }
 
     async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {

@@ -39,6 +39,28 @@ const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 const MAX_MOVES_PER_CALL: usize = 100_000;
 /// How many events a slow subscriber may fall behind before its stream is cut.
 const EVENT_BUFFER: usize = 4096;
+/// How many changes of node rows are remembered for readers of deltas (a reader further
+/// behind reads the whole table).
+const NODE_CHANGES_KEPT: usize = 1 << 16;
+
+/// The node rows changed, in order: what a node refreshing its view asks for instead of
+/// the whole table (which, read by every node every second, costs the head the square of
+/// the cluster's size).
+#[derive(Default)]
+struct NodeChanges {
+    /// The latest change's number (this process's: a reader of another incarnation reads
+    /// the whole table).
+    version: u64,
+    log: std::collections::VecDeque<(u64, NodeId)>,
+}
+
+/// A read of the node table: every row, or those changed since the reader's version.
+pub struct NodesRead {
+    pub nodes: Vec<NodeInfo>,
+    pub removed: Vec<NodeId>,
+    pub version: u64,
+    pub delta: bool,
+}
 
 pub struct GcsState {
     pub(crate) config: ClusterConfig,
@@ -67,6 +89,8 @@ pub struct GcsState {
     moves: DashMap<ObjectId, (String, String)>,
     /// Heartbeats taken since this process started (a metric).
     heartbeats: AtomicU64,
+    /// Which node rows changed when, for delta reads of the table.
+    node_changes: std::sync::Mutex<NodeChanges>,
     /// The address each node's latest registration came from (this process's runs only):
     /// the one host a node may name for its metrics server.
     registered_from: DashMap<NodeId, std::net::IpAddr>,
@@ -205,8 +229,54 @@ impl GcsState {
             unfunded: std::sync::RwLock::new(HashMap::new()),
             moves,
             heartbeats: AtomicU64::new(0),
+            node_changes: std::sync::Mutex::new(NodeChanges::default()),
             registered_from: DashMap::new(),
         }))
+    }
+
+    /// Notes that `node`'s row changed as a view of the cluster sees it (called after the
+    /// change, possibly under the row's guard: the log's lock is taken last everywhere).
+    fn node_changed(&self, node: NodeId) {
+        let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        changes.version += 1;
+        let version = changes.version;
+        changes.log.push_back((version, node));
+        if changes.log.len() > NODE_CHANGES_KEPT {
+            changes.log.pop_front();
+        }
+    }
+
+    /// The node table as a reader holding `since` (a version of incarnation
+    /// `since_incarnation`) needs it: only the rows changed since, when this process still
+    /// remembers every change since then; else every row. Nodes dead since are listed in
+    /// `removed` when dead ones are not asked for.
+    pub fn nodes_since(&self, include_dead: bool, since: u64, since_incarnation: u64) -> NodesRead {
+        let (version, changed) = {
+            let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let known = since > 0
+                && since_incarnation == self.incarnation
+                && since <= changes.version
+                && changes.log.front().map_or(since == changes.version, |(oldest, _)| *oldest <= since + 1);
+            let changed: Option<Vec<NodeId>> = known.then(|| {
+                let start = changes.log.partition_point(|(version, _)| *version <= since);
+                changes.log.range(start..).map(|(_, node)| *node).collect()
+            });
+            (changes.version, changed)
+        };
+        // Rows are read after the log: a change logged later is in the next read.
+        let Some(mut changed) = changed else {
+            return NodesRead { nodes: self.nodes(include_dead), removed: Vec::new(), version, delta: false };
+        };
+        changed.sort_unstable();
+        changed.dedup();
+        let (mut nodes, mut removed) = (Vec::new(), Vec::new());
+        for node_id in changed {
+            match self.nodes.get(&node_id) {
+                Some(row) if include_dead || row.state != NodeState::Dead as i32 => nodes.push(row.clone()),
+                _ => removed.push(node_id),
+            }
+        }
+        NodesRead { nodes, removed, version, delta: true }
     }
 
     /// Notes that `node`'s registration came from `peer`.
@@ -441,6 +511,7 @@ impl GcsState {
         self.persist_node(&node).await?;
         tracing::info!(node = %node_id.short(), address = %node.address, resources = %total, "node registered");
         self.nodes.insert(node_id, node.clone());
+        self.node_changed(node_id);
         self.publish(Event::NodeAdded(node));
         Ok(())
     }
@@ -528,6 +599,7 @@ impl GcsState {
                 }
             }
             entry.gpu_check = Some(check);
+            self.node_changed(*node_id);
             entry.clone()
         };
         self.persist_node(&node).await?;
@@ -554,6 +626,7 @@ impl GcsState {
             };
             check.state = GpuCheckState::Overdue as i32;
             check.passed_since_ms = 0;
+            self.node_changed(*node_id);
             entry.clone()
         };
         self.persist_node(&node).await?;
@@ -587,6 +660,7 @@ impl GcsState {
             check.recent_failures_ms.clear();
             check.cleared_at_ms = self.clock.now_ms();
             entry.gpu_check = Some(check);
+            self.node_changed(*node_id);
             entry.clone()
         };
         self.persist_node(&node).await?;
@@ -596,7 +670,8 @@ impl GcsState {
     }
 
     /// Counts a lease both sides started on `node_id` toward its reliability (in memory:
-    /// stored with the node's row at its next write).
+    /// stored with the node's row at its next write; readers of deltas see it with the
+    /// row's next change, a lease's start changing what the node has free anyway).
     pub fn note_lease(&self, node_id: &NodeId) {
         if let Some(mut node) = self.nodes.get_mut(node_id) {
             node.reliability.get_or_insert_with(Default::default).leases += 1;
@@ -609,6 +684,7 @@ impl GcsState {
         let node = {
             let Some(mut node) = self.nodes.get_mut(node_id) else { return Ok(()) };
             node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+            self.node_changed(*node_id);
             node.clone()
         };
         self.persist_node(&node).await
@@ -637,7 +713,11 @@ impl GcsState {
                     node_id.short()
                 )));
             }
-            node.available = Some(ResourceQuantities::from_set(&available));
+            let available = Some(ResourceQuantities::from_set(&available));
+            if node.available != available {
+                node.available = available;
+                self.node_changed(node_id);
+            }
         }
         node.last_heartbeat_ms = self.clock.now_ms();
         self.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -660,6 +740,7 @@ impl GcsState {
             } else {
                 entry.state = NodeState::Draining as i32;
             }
+            self.node_changed(node_id);
             entry.clone()
         };
         self.persist_node(&node).await?;
@@ -683,6 +764,7 @@ impl GcsState {
             if entry.state != NodeState::Dead as i32 && silent_for > timeout {
                 entry.state = NodeState::Dead as i32;
                 entry.death_cause = format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
+                self.node_changed(*entry.key());
                 dead.push((*entry.key(), entry.clone()));
             }
         }
@@ -1019,6 +1101,59 @@ mod tests {
             available: Some((&total).into()),
             ..Default::default()
         }
+    }
+
+    /// A node refreshing its view reads only what changed: registrations, a changed
+    /// availability (not a heartbeat that changes nothing), a death (as a removal); a
+    /// reader of another incarnation, or further behind than the log remembers, reads all.
+    #[tokio::test]
+    async fn a_view_reads_only_the_node_rows_changed_since_its_version() {
+        let clock = ManualClock::new(1_000);
+        let gcs = state(&clock).await;
+        let ids: Vec<NodeId> = (0..3).map(|_| NodeId::random()).collect();
+        for id in &ids {
+            gcs.register_node(node(*id, 2)).await.unwrap();
+        }
+        let incarnation = gcs.incarnation();
+        let full = gcs.nodes_since(false, 0, 0);
+        assert!(!full.delta && full.nodes.len() == 3 && full.version == 3);
+        let idle = gcs.nodes_since(false, full.version, incarnation);
+        assert!(idle.delta && idle.nodes.is_empty() && idle.removed.is_empty() && idle.version == 3);
+
+        // Heartbeats that change nothing change nothing; one with less free does.
+        for id in &ids {
+            gcs.heartbeat(&id.to_vec(), node(*id, 2).available).unwrap();
+        }
+        assert!(gcs.nodes_since(false, 3, incarnation).nodes.is_empty(), "no change, no rows");
+        let one = ResourceSet::new().with(GPU, Quantity::whole(1));
+        gcs.heartbeat(&ids[1].to_vec(), Some((&one).into())).unwrap();
+        let changed = gcs.nodes_since(false, 3, incarnation);
+        assert_eq!(changed.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
+        assert_eq!(changed.version, 4);
+
+        // The others fall silent and die: removals for a view of the living, rows for one
+        // with the dead.
+        clock.advance_ms(900);
+        gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
+        clock.advance_ms(200);
+        gcs.check_heartbeats().await.unwrap();
+        let mut dead = gcs.nodes_since(false, 4, incarnation);
+        dead.removed.sort();
+        let mut expected = vec![ids[0], ids[2]];
+        expected.sort();
+        assert!(dead.delta && dead.nodes.is_empty() && dead.removed == expected);
+        assert_eq!(gcs.nodes_since(true, 4, incarnation).nodes.len(), 2, "dead rows for a reader of the dead");
+
+        // Another incarnation's version, or one ahead of this process: everything.
+        assert!(!gcs.nodes_since(false, 4, incarnation ^ 1).delta);
+        assert!(!gcs.nodes_since(false, 999, incarnation).delta);
+        // Further behind than the log remembers: everything.
+        for _ in 0..NODE_CHANGES_KEPT {
+            gcs.node_changed(ids[1]);
+        }
+        let behind = gcs.nodes_since(false, 4, incarnation);
+        assert!(!behind.delta && behind.nodes.len() == 1, "the living, whole");
+        assert!(gcs.nodes_since(false, behind.version - 1, incarnation).delta);
     }
 
     async fn state(clock: &ManualClock) -> Arc<GcsState> {

@@ -503,7 +503,10 @@ pub fn logs(args: LogsArgs) -> Result<()> {
             }
             None => (args.job.as_deref().unwrap_or_default().parse::<JobId>()?, None, String::new()),
         };
-        let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+        let nodes = gcs
+            .get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() })
+            .await
+            .map_err(IonetError::from)?;
         let wanted = args.node.as_deref().map(|node| node.trim().to_ascii_lowercase());
         let nodes: Vec<_> = nodes
             .into_inner()
@@ -606,7 +609,10 @@ pub fn drain(args: DrainArgs) -> Result<()> {
         let margin = Duration::from_secs(15);
         let until = std::time::Instant::now() + deadline + margin;
         loop {
-            let live = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await.map_err(IonetError::from)?;
+            let live = gcs
+                .get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() })
+                .await
+                .map_err(IonetError::from)?;
             if !live.into_inner().nodes.iter().any(|live| live.node_id == node.node_id) {
                 println!("node {short} left the cluster");
                 return Ok(());
@@ -622,7 +628,8 @@ pub fn drain(args: DrainArgs) -> Result<()> {
 /// The node whose id starts with `prefix` (one only), among the live ones or, with
 /// `include_dead`, all.
 async fn find_node(gcs: &mut rpc::GcsClient, prefix: &str, include_dead: bool) -> Result<NodeInfo> {
-    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead }).await.map_err(IonetError::from)?;
+    let nodes =
+        gcs.get_all_nodes(GetAllNodesRequest { include_dead, ..Default::default() }).await.map_err(IonetError::from)?;
     let wanted = prefix.trim().to_ascii_lowercase();
     let matching: Vec<_> =
         nodes.into_inner().nodes.into_iter().filter(|node| hex::encode(&node.node_id).starts_with(&wanted)).collect();
@@ -882,7 +889,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
         let mut client = ionet_common::rpc::gcs_client(&address, &credential).await?;
-        let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?;
+        let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() }).await?;
         Ok::<_, ionet_common::IonetError>(reply.into_inner().nodes)
     })?;
     let now = ionet_common::clock::now_ms();

@@ -56,7 +56,11 @@ fn fetch(table: Table, args: &ListArgs) -> Result<Vec<Value>> {
     let rows = crate::commands::ask_head(&args.head, |mut gcs| async move {
         let rows = match table {
             Table::Nodes => {
-                let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: true }).await?.into_inner().nodes;
+                let nodes = gcs
+                    .get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() })
+                    .await?
+                    .into_inner()
+                    .nodes;
                 crate::status::node_rows(&nodes, ionet_common::clock::now_ms())?
             }
             Table::Jobs => {

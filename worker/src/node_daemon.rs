@@ -781,6 +781,11 @@ impl NodeDaemon {
         Ok(Self { shared, address, stop, tasks })
     }
 
+    /// How many alive nodes its cluster view (for spillback) holds.
+    pub fn nodes_in_view(&self) -> usize {
+        self.shared.leases.nodes_in_view()
+    }
+
     /// How many times the node has registered with the head (again after the head lost
     /// it: a restart, or it declared the node dead).
     pub fn registrations(&self) -> u64 {
@@ -1022,6 +1027,9 @@ async fn run_membership(
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
     let mut attempt = 0u32;
     let mut incarnation: u64;
+    // Where the node's view of the cluster stands: the version and incarnation of the
+    // head's last node-table read (0: read it whole).
+    let mut view_at = (0u64, 0u64);
     let mut reported: Option<ResourceSet>;
     'membership: loop {
         // Step 1: register.
@@ -1060,8 +1068,11 @@ async fn run_membership(
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
                     let mut checked = false;
-                    if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
-                        let nodes = reply.into_inner().nodes;
+                    let request = GetAllNodesRequest { include_dead: false, ..Default::default() };
+                    if let Ok(reply) = client.get_all_nodes(request).await {
+                        let reply = reply.into_inner();
+                        view_at = (reply.version, reply.incarnation);
+                        let nodes = reply.nodes;
                         shared.leases.refresh_view(&nodes);
                         checked = nodes.iter().any(|node| {
                             node.node_id == shared.info.node_id
@@ -1134,6 +1145,9 @@ async fn run_membership(
             let request = HeartbeatRequest {
                 node_id: shared.node_id.to_vec(),
                 available: changed.then(|| ResourceQuantities::from_set(&available)),
+                read_view: true,
+                view_since_version: view_at.0,
+                view_since_incarnation: view_at.1,
             };
             match client.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
@@ -1154,9 +1168,17 @@ async fn run_membership(
                     if reply.get_ref().gpu_check_due && !shared.info.gpus.is_empty() {
                         spawn_gpu_check(&shared, &client);
                     }
-                    // Refresh the cluster view used for spillback.
-                    if let Ok(reply) = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await {
-                        shared.leases.refresh_view(&reply.into_inner().nodes);
+                    // The cluster view used for spillback, refreshed with what changed since
+                    // the last read, which came with the heartbeat's reply (the whole table,
+                    // read by every node every second, would cost the head the square of the
+                    // cluster's size, and a call of its own per node).
+                    if let Some(view) = reply.into_inner().view {
+                        view_at = (view.version, view.incarnation);
+                        if view.delta {
+                            shared.leases.apply_view_delta(&view.nodes, &view.removed);
+                        } else {
+                            shared.leases.refresh_view(&view.nodes);
+                        }
                     }
                 }
                 Ok(_) => {

@@ -150,7 +150,7 @@ pub fn quote(args: QuoteArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let nodes = runtime.block_on(async {
         let mut client = ionet_common::rpc::gcs_client(&address, &credential).await?;
-        let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?;
+        let reply = client.get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() }).await?;
         Ok::<_, IonetError>(reply.into_inner().nodes)
     })?;
     let addresses: BTreeMap<Vec<u8>, String> =

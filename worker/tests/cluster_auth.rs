@@ -110,13 +110,21 @@ fn malformed_oversize_and_unknown_requests_get_errors_and_the_head_keeps_serving
     let mut operator = cluster.admin_client();
     let status = cluster
         .runtime
-        .block_on(operator.heartbeat(HeartbeatRequest { node_id: NodeId::random().to_vec(), available: None }))
+        .block_on(operator.heartbeat(HeartbeatRequest {
+            node_id: NodeId::random().to_vec(),
+            available: None,
+            ..Default::default()
+        }))
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("is not registered"), "{}", status.message());
     let status = cluster
         .runtime
-        .block_on(operator.heartbeat(HeartbeatRequest { node_id: vec![1, 2, 3], available: None }))
+        .block_on(operator.heartbeat(HeartbeatRequest {
+            node_id: vec![1, 2, 3],
+            available: None,
+            ..Default::default()
+        }))
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("node id must be 28 bytes, got 3"), "{}", status.message());

@@ -67,7 +67,7 @@ fn killed_node_is_declared_dead_within_timeout_and_published() {
 
     let nodes = cluster
         .runtime
-        .block_on(cluster.client().get_all_nodes(GetAllNodesRequest { include_dead: true }))
+        .block_on(cluster.client().get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() }))
         .unwrap()
         .into_inner()
         .nodes;

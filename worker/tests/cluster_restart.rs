@@ -53,7 +53,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
         .unwrap();
     let node_id = cluster
         .runtime
-        .block_on(client.get_all_nodes(GetAllNodesRequest { include_dead: false }))
+        .block_on(client.get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() }))
         .unwrap()
         .into_inner()
         .nodes
@@ -93,7 +93,7 @@ fn restarted_head_keeps_jobs_and_kv_and_nodes_come_back() {
     wait_until("the node re-registers", Duration::from_secs(30), || {
         let nodes = cluster
             .runtime
-            .block_on(client.get_all_nodes(GetAllNodesRequest { include_dead: true }))
+            .block_on(client.get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() }))
             .unwrap()
             .into_inner()
             .nodes;

@@ -119,7 +119,7 @@ fn join(cluster: &TestCluster, gpus: u32) -> Cheat {
     let mut beating = client.clone();
     cluster.runtime.spawn(async move {
         loop {
-            let request = HeartbeatRequest { node_id: node_id.to_vec(), available: None };
+            let request = HeartbeatRequest { node_id: node_id.to_vec(), available: None, ..Default::default() };
             if beating.heartbeat(request).await.is_err() {
                 return;
             }

@@ -188,7 +188,7 @@ pub fn wait_flags<T>(
 pub fn nodes() -> IonetResult<Vec<crate::Node>> {
     let worker = runtime::current()?;
     let rows = block_on(async {
-        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: true };
+        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: true, ..Default::default() };
         let reply = worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await });
         Ok::<_, IonetError>(reply.await?.nodes)
     })?;

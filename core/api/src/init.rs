@@ -345,7 +345,8 @@ async fn join(config: &InitConfig) -> IonetResult<Found> {
     // The key that starts the job reads the cluster first (an account may read its nodes).
     let starter = job_starter(config, &session)?;
     let mut gcs = rpc::gcs_client(&address, &starter).await?;
-    let nodes = gcs.get_all_nodes(GetAllNodesRequest { include_dead: false }).await?.into_inner().nodes;
+    let nodes =
+        gcs.get_all_nodes(GetAllNodesRequest { include_dead: false, ..Default::default() }).await?.into_inner().nodes;
     // A list of heads (an active one and its standbys) is on one network: the first's host.
     let host = host_of(ionet_common::failover::addresses(&address).first().copied().unwrap_or(&address));
     let alive: Vec<_> = nodes.into_iter().filter(|node| node.state == NodeState::Alive as i32).collect();

@@ -311,7 +311,7 @@ async fn look_for_nodes(worker: std::sync::Weak<CoreWorker>, follower: Arc<Follo
 
 /// The live nodes of the cluster: id and daemon address.
 async fn live_nodes(worker: &CoreWorker) -> ionet_common::IonetResult<Vec<(NodeId, String)>> {
-    let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false };
+    let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false, ..Default::default() };
     let reply = worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await }).await?;
     Ok(reply
         .nodes

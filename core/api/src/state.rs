@@ -54,7 +54,7 @@ pub fn list_actors() -> IonetResult<Vec<serde_json::Value>> {
 /// Every node of the cluster (dead ones too): id, state, resources, GPUs, price.
 pub fn list_nodes() -> IonetResult<Vec<serde_json::Value>> {
     let worker = runtime::current()?;
-    let request = GetAllNodesRequest { include_dead: true };
+    let request = GetAllNodesRequest { include_dead: true, ..Default::default() };
     let reply = runtime::block_on(
         worker.call_head(request, |mut gcs, request| async move { gcs.get_all_nodes(request).await }),
     )?;

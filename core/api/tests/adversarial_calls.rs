@@ -263,7 +263,9 @@ fn a_provider_acts_only_for_its_own_node() {
         );
 
         let message = denied(
-            as_mallory.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
+            as_mallory
+                .heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None, ..Default::default() })
+                .await,
             "a heartbeat for another node",
         );
         assert!(message.contains(&mallory.node_id.short()) && message.contains(&victim.node_id.short()), "{message}");
@@ -392,7 +394,7 @@ fn a_provider_acts_only_for_its_own_node() {
         let request = ListUsageRequest { node_id: mallory.node_id.to_vec(), ..Default::default() };
         assert!(ledger.list_usage(request).await.unwrap().into_inner().records.is_empty());
         let status = as_mallory
-            .heartbeat(HeartbeatRequest { node_id: mallory.node_id.to_vec(), available: eight })
+            .heartbeat(HeartbeatRequest { node_id: mallory.node_id.to_vec(), available: eight, ..Default::default() })
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -400,7 +402,9 @@ fn a_provider_acts_only_for_its_own_node() {
         let (_, job) = start_job(&head, &admin, "").await.unwrap();
         let mut tenant = ionet::rpc::gcs_client(&head, &job).await.unwrap();
         denied(
-            tenant.heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None }).await,
+            tenant
+                .heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None, ..Default::default() })
+                .await,
             "a heartbeat with a job's credential",
         );
 

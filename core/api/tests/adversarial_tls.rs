@@ -197,7 +197,9 @@ fn plaintext_and_impostors_are_refused() {
             .timeout(Duration::from_secs(15))
             .connect_lazy();
         let mut client = ionet::rpc::proto::gcs::gcs_client::GcsClient::new(channel);
-        client.get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest { include_dead: true }).await
+        client
+            .get_all_nodes(ionet::rpc::proto::gcs::GetAllNodesRequest { include_dead: true, ..Default::default() })
+            .await
     });
     let status = refused.expect_err("a plaintext call to a TLS port fails");
     assert_ne!(status.code(), tonic::Code::PermissionDenied, "it never reaches the authorization layer: {status}");

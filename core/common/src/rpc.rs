@@ -830,7 +830,7 @@ mod tests {
                 sum.add(&set);
                 sum.add(&set);
             }
-            let request = proto::gcs::HeartbeatRequest { node_id, available: Some(quantities) };
+            let request = proto::gcs::HeartbeatRequest { node_id, available: Some(quantities), ..Default::default() };
             decode_everything(&request.encode_to_vec());
         }
     }

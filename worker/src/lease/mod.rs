@@ -400,7 +400,13 @@ impl Leases {
     async fn refresh_from_control_store(&self) -> bool {
         let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut client) = client else { return false };
-        match client.get_all_nodes(ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false }).await {
+        match client
+            .get_all_nodes(ionet_common::rpc::proto::gcs::GetAllNodesRequest {
+                include_dead: false,
+                ..Default::default()
+            })
+            .await
+        {
             Ok(reply) => {
                 self.refresh_view(&reply.into_inner().nodes);
                 true
@@ -535,6 +541,35 @@ impl Leases {
         let mut state = self.lock();
         view.continue_spread_of(&state.view);
         state.view = view;
+    }
+
+    /// Applies what changed in the control store's node table since the last read: rows
+    /// changed (`nodes`) and nodes gone (`removed`); a node's view stays as it was besides.
+    pub fn apply_view_delta(&self, nodes: &[NodeInfo], removed: &[Vec<u8>]) {
+        let mut views = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
+                self.addresses.insert(node_id, node.address.clone());
+                self.node_addresses.insert(node.address.clone());
+                if node_id == self.node_id {
+                    let held = ionet_common::gpu_proof::held_back(node);
+                    self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            match node_view(node) {
+                Ok(view) => views.push(view),
+                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
+            }
+        }
+        let mut state = self.lock();
+        for view in views {
+            let _ = state.view.upsert_node(view);
+        }
+        for node in removed {
+            if let Ok(node_id) = NodeId::from_bytes(node) {
+                state.view.remove_node(&node_id);
+            }
+        }
     }
 
     /// The head's verdict on this node's GPUs, as soon as it comes (before the next view).
