@@ -60,13 +60,16 @@ where
     Ok(object)
 }
 
-/// The bytes of every object, fetched concurrently; fails with the first error.
+/// The bytes of every object, fetched concurrently (at most
+/// [`GET_CONCURRENCY`](crate::api::GET_CONCURRENCY) at once); fails with the first error.
 pub fn get_raw(objects: &[ObjectRef<Raw>], timeout: Option<Duration>) -> IonetResult<Vec<ObjectBytes>> {
     let worker = runtime::current()?;
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
-    let fetched = worker.block_on_objects(futures::future::join_all(
-        objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), deadline)),
-    ));
+    let fetches = objects.iter().map(|object| worker.fetch(object.id(), object.owner_address(), deadline));
+    let fetched: Vec<_> = worker.block_on_objects(futures::StreamExt::collect(futures::StreamExt::buffered(
+        futures::stream::iter(fetches),
+        crate::api::GET_CONCURRENCY,
+    )));
     fetched.into_iter().map(|bytes| bytes.map(ObjectBytes::whole)).collect()
 }
 

@@ -135,6 +135,8 @@ pub(crate) struct CoreWorker {
     pub(crate) lineage: crate::lineage::Lineage,
     /// Objects lent to this process by the workers that own them, and lent by it.
     pub(crate) borrows: crate::borrows::Borrows,
+    /// Tasks submitted here and not settled (a driver's `remote()` waits past a bound).
+    pub(crate) pending: crate::submit::Pending,
 }
 
 static TOKIO: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -286,6 +288,7 @@ impl CoreWorker {
             ),
             lineage: crate::lineage::Lineage::default(),
             borrows: crate::borrows::Borrows::default(),
+            pending: crate::submit::Pending::from_env(),
         })
     }
 

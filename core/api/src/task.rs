@@ -146,7 +146,16 @@ pub fn decode_arg<T: DeserializeOwned>(arg: &ArgBytes, index: usize) -> Result<T
     decode_value(arg.as_slice()).map_err(|why| Failure::bad_arguments(format!("argument {index}: {why}")))
 }
 
-/// Submits a call of the registered function `name`; returns at once.
+pub use crate::submit::{DEFAULT_MAX_PENDING_TASKS, MAX_PENDING_TASKS_ENV};
+
+/// How many tasks this process has submitted that have not finished (a driver's
+/// `remote()` waits while [`MAX_PENDING_TASKS_ENV`] are); 0 before `init`.
+pub fn pending_tasks() -> usize {
+    crate::runtime::current().map(|worker| worker.pending.count()).unwrap_or(0)
+}
+
+/// Submits a call of the registered function `name`; returns once the task is counted
+/// (a driver with too many pending waits first).
 pub fn submit<R>(name: &'static str, options: TaskOptions, args: Vec<Arg>) -> ObjectRef<R> {
     runtime::submit_task(name, &[], options, args)
 }

@@ -4,6 +4,8 @@
 mod harness;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{free_port, node_named, temp_path, wait_until, Cluster};
@@ -1100,29 +1102,61 @@ fn resident_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// A million tasks run on a real cluster, every one recorded (the driver's rate raised
-/// past what it submits): the head keeps at most its bound of task rows for the job's
-/// account, forgets the oldest ones and counts them (none lost uncounted), and its memory
-/// stops growing once the bound is reached.
+/// A million tasks submitted at once by one driver on a real cluster, every one recorded
+/// (the driver's rate raised past what it submits): the driver's `remote()` waits while
+/// too many are pending, so its memory stays bounded; the head keeps at most its bound of
+/// task rows for the job's account, forgets the oldest ones and counts them (none lost
+/// uncounted), and its memory stops growing once the bound is reached.
 fn a_million_tasks_keep_the_heads_task_events_bounded() {
     let tasks: u64 = 1_000_000;
-    const CHUNK: u64 = 20_000;
+    const PENDING: usize = 50_000;
     let mut cluster = Cluster::start(&["--num-cpus", "0"]);
     cluster.add_node(&["--num-cpus", "2"]);
     // Read once, by the recorder `init` starts (the daemons are started already).
     std::env::set_var("IONET_TASK_EVENTS_PER_SECOND", "1000000");
+    std::env::set_var(ionet::task::MAX_PENDING_TASKS_ENV, PENDING.to_string());
     cluster.init();
     std::env::remove_var("IONET_TASK_EVENTS_PER_SECOND");
+    std::env::remove_var(ionet::task::MAX_PENDING_TASKS_ENV);
     let job = ionet::get_runtime_context().unwrap().job_id.hex();
+    // The driver's (this process's) and the head's memory, and the driver's pending
+    // tasks, sampled throughout.
+    let driver_before = resident_kib(std::process::id());
+    let done = Arc::new(AtomicBool::new(false));
+    let head = cluster.pid(0);
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut driver_peak, mut pending_peak, mut head_resident) = (0, 0, Vec::new());
+            while !done.load(Ordering::SeqCst) {
+                driver_peak = driver_peak.max(resident_kib(std::process::id()));
+                pending_peak = pending_peak.max(ionet::task::pending_tasks());
+                head_resident.push(resident_kib(head));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (driver_peak, pending_peak, head_resident)
+        })
+    };
     let started = Instant::now();
-    let mut resident = Vec::new();
-    for chunk in 0..tasks / CHUNK {
-        let refs: Vec<_> = (chunk * CHUNK..(chunk + 1) * CHUNK).map(square::remote).collect();
-        let values = ionet::get_all(&refs).unwrap();
-        assert_eq!(values.last(), Some(&(((chunk + 1) * CHUNK - 1) * ((chunk + 1) * CHUNK - 1))));
-        resident.push(resident_kib(cluster.pid(0)));
-    }
-    eprintln!("{tasks} tasks in {:?}; the head's resident KiB after each {CHUNK}: {resident:?}", started.elapsed());
+    let refs: Vec<_> = (0..tasks).map(square::remote).collect();
+    let submitted = started.elapsed();
+    let driver_submitted = resident_kib(std::process::id());
+    let values = ionet::get_all(&refs).unwrap();
+    assert_eq!(values.len() as u64, tasks);
+    assert_eq!(values.last(), Some(&((tasks - 1) * (tasks - 1))));
+    let finished = started.elapsed();
+    drop((refs, values));
+    done.store(true, Ordering::SeqCst);
+    let (driver_peak, pending_peak, resident) = sampler.join().unwrap();
+    eprintln!(
+        "{tasks} tasks submitted in {submitted:?}, all done in {finished:?}; driver resident {driver_before} KiB \
+         before, {driver_submitted} KiB once submitted, {driver_peak} KiB at most; at most {pending_peak} pending"
+    );
+    assert!(pending_peak <= PENDING, "remote() waits while {PENDING} are pending: {pending_peak} were");
+    // Bounded: its pending tasks and a million settled return values (the refs this
+    // driver holds), not a million tasks in flight, nor what they freed.
+    let grown = driver_peak.saturating_sub(driver_before);
+    assert!(grown < 1536 * 1024, "the driver grew by {grown} KiB");
     // Every task is listed, or counted as forgotten or dropped: none goes uncounted.
     let counted = |printed: &str| -> (u64, u64, u64) {
         let shown = printed.lines().find(|line| line.ends_with("matching tasks shown")).expect(printed);
@@ -1142,8 +1176,8 @@ fn a_million_tasks_keep_the_heads_task_events_bounded() {
     assert!(listed <= 50_000, "the head keeps at most its bound of one account's tasks: {listed}");
     assert!(dropped < tasks / 100, "the driver recorded (nearly) every task: {last:?}");
     assert!(forgotten >= tasks - 50_000 - dropped, "the rest forgotten and counted: {last:?}");
-    // Past the bound the head grows no more: its memory over the last chunks is that
-    // around the middle, give or take what an allocator keeps.
+    // Past the bound the head grows no more: its memory at the end is that around the
+    // middle, give or take what an allocator keeps.
     let middle = resident[resident.len() / 2 - 2..resident.len() / 2 + 2].iter().max().unwrap();
     let end = resident[resident.len() - 4..].iter().max().unwrap();
     assert!(end < &(middle + middle / 10), "the head grew from {middle} KiB to {end} KiB over the second half");
