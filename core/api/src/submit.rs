@@ -96,21 +96,11 @@ pub(crate) struct Pending {
     count: Mutex<usize>,
     settled: std::sync::Condvar,
     limit: usize,
-    /// Tasks settled since the heap was last trimmed.
-    since_trim: AtomicU32,
 }
-
-/// How many tasks settle between trims of the heap (see [`Pending::settle`]).
-const SETTLED_PER_TRIM: u32 = 50_000;
 
 impl Pending {
     pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            count: Mutex::new(0),
-            settled: std::sync::Condvar::new(),
-            limit: limit.max(1),
-            since_trim: AtomicU32::new(0),
-        }
+        Self { count: Mutex::new(0), settled: std::sync::Condvar::new(), limit: limit.max(1) }
     }
 
     /// The limit from the environment, or the default.
@@ -147,29 +137,11 @@ impl Pending {
         *count = count.saturating_sub(1);
         drop(count);
         self.settled.notify_one();
-        // glibc keeps what a million short-lived tasks freed, in holes between the
-        // long-lived entries of their results, resident: a driver of a million tasks grew
-        // by 3 GiB of which 150 MiB was live. Every so many settled, the heap's free pages
-        // go back to the system (a walk of the heap: tens of milliseconds at most, once per
-        // 50,000 tasks).
-        if self.since_trim.fetch_add(1, Ordering::Relaxed) + 1 >= SETTLED_PER_TRIM {
-            self.since_trim.store(0, Ordering::Relaxed);
-            trim_heap();
-        }
     }
 
     /// How many are pending now.
     pub(crate) fn count(&self) -> usize {
         *self.count.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Hands the heap's free pages back to the system (glibc; nothing elsewhere).
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
