@@ -59,6 +59,8 @@ pub struct SimReport {
     /// table, as a node's does) over the window: median and 99th percentile.
     pub heartbeat_p50: Duration,
     pub heartbeat_p99: Duration,
+    /// Probe heartbeats the head refused or did not answer (counted, not timed).
+    pub heartbeats_failed: usize,
     /// The whole node table as a node reads it when it (re)joins (`GetAllNodes`), once a
     /// second.
     pub view_p50: Duration,
@@ -77,7 +79,7 @@ impl std::fmt::Display for SimReport {
         write!(
             out,
             "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s); steady window: \
-             head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms, \
+             head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms ({} failed), \
              node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
              false deaths {}, re-registrations {}, nodes in each node's view {}..{}",
             self.nodes,
@@ -87,6 +89,7 @@ impl std::fmt::Display for SimReport {
             self.head_rss_mib,
             ms(self.heartbeat_p50),
             ms(self.heartbeat_p99),
+            self.heartbeats_failed,
             ms(self.view_p50),
             ms(self.view_p99),
             self.fleet_cpu_cores,
@@ -260,7 +263,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         |fleets: &[Part]| -> f64 { fleets.iter().filter_map(|fleet| crate::process_cpu_seconds(fleet.pid())).sum() };
     let fleet_cpu_before = fleet_cpu(&fleets);
     let window_started = Instant::now();
-    let (heartbeats, views) = runtime.block_on(probe.run(options.window));
+    let (heartbeats, views, heartbeats_failed) = runtime.block_on(probe.run(options.window));
     let window = window_started.elapsed().as_secs_f64();
     let head_cpu_share = (crate::process_cpu_seconds(head.pid()).unwrap_or_default() - head_cpu_before) / window;
     let fleet_cpu_cores = (fleet_cpu(&fleets) - fleet_cpu_before) / window;
@@ -297,6 +300,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         head_rss_mib,
         heartbeat_p50: percentile(&heartbeats, 0.5),
         heartbeat_p99: percentile(&heartbeats, 0.99),
+        heartbeats_failed,
         view_p50: percentile(&views, 0.5),
         view_p99: percentile(&views, 0.99),
         false_deaths,
@@ -341,8 +345,8 @@ async fn register_probe(address: &str, token: &str) -> Result<Probe, String> {
 impl Probe {
     /// Heartbeats 20 times a second and reads the node table once a second for `window`:
     /// each one's latency, sorted.
-    async fn run(mut self, window: Duration) -> (Vec<Duration>, Vec<Duration>) {
-        let (mut heartbeats, mut views) = (Vec::new(), Vec::new());
+    async fn run(mut self, window: Duration) -> (Vec<Duration>, Vec<Duration>, usize) {
+        let (mut heartbeats, mut views, mut failed) = (Vec::new(), Vec::new(), 0);
         let end = Instant::now() + window;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut beat = 0u64;
@@ -358,11 +362,14 @@ impl Probe {
                 view_since_version: view_at.0,
                 view_since_incarnation: view_at.1,
             };
-            if let Ok(reply) = self.client.heartbeat(request).await {
-                heartbeats.push(started.elapsed());
-                if let Some(view) = reply.into_inner().view {
-                    view_at = (view.version, view.incarnation);
+            match self.client.heartbeat(request).await {
+                Ok(reply) => {
+                    heartbeats.push(started.elapsed());
+                    if let Some(view) = reply.into_inner().view {
+                        view_at = (view.version, view.incarnation);
+                    }
                 }
+                Err(_) => failed += 1,
             }
             beat += 1;
             if beat % 20 == 0 {
@@ -379,7 +386,7 @@ impl Probe {
         }
         heartbeats.sort();
         views.sort();
-        (heartbeats, views)
+        (heartbeats, views, failed)
     }
 }
 
@@ -412,8 +419,9 @@ pub fn serve_head(dir: &Path) -> Result<(), String> {
 
 /// `ionet-sim fleet --address A --token-file F --nodes N`: N real node daemons joining
 /// the head with the join token in F, all at once. Prints `registered` once every one has
-/// (or why not); on each `report` line read, `registrations <total>`; stops them when
-/// stdin closes.
+/// (or why not); on each `report` line read, `registrations <total> views <least> <most>`
+/// (registrations of all its nodes, and the fewest and most nodes in one node's view);
+/// stops them when stdin closes.
 pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -423,6 +431,7 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), S
     let token = std::fs::read_to_string(token_file).map_err(|err| failed("reading the join token", err))?;
     let join = Bearer::new(token.trim()).map_err(|err| failed("the join token", err))?;
     let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
+    raise_descriptor_limit(nodes * 3 + 256)?;
     runtime.block_on(async {
         let started = futures::future::join_all((0..nodes).map(|_| {
             let options = daemon_options(address, &join, &config);
@@ -461,6 +470,29 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), S
         futures::future::join_all(daemons.into_iter().map(|daemon| daemon.shutdown("the simulation ended"))).await;
         Ok(())
     })
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit; an error if
+/// that is below `needed`.
+fn raise_descriptor_limit(needed: usize) -> Result<(), String> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct passed, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(failed("reading the descriptor limit", std::io::Error::last_os_error()));
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(failed("raising the descriptor limit", std::io::Error::last_os_error()));
+        }
+    }
+    if (limit.rlim_cur as usize) < needed {
+        return Err(format!(
+            "a fleet of this size needs {needed} descriptors; this process may have {}",
+            limit.rlim_cur
+        ));
+    }
+    Ok(())
 }
 
 fn daemon_options(

@@ -12,7 +12,8 @@ fn a_hundred_simulated_nodes_join_one_head_and_none_is_declared_dead() {
     let options = SimOptions {
         binary: env!("CARGO_BIN_EXE_ionet-sim").into(),
         nodes: 100,
-        window: Duration::from_secs(5),
+        // Longer than the heartbeat timeout (10 s): a node the head lost would be dead.
+        window: Duration::from_secs(12),
         register_timeout: Duration::from_secs(120),
     };
     let report = simulate(&options).expect("the simulation runs");
@@ -20,6 +21,7 @@ fn a_hundred_simulated_nodes_join_one_head_and_none_is_declared_dead() {
     assert_eq!(report.nodes, 100);
     assert_eq!(report.false_deaths, 0, "{report}");
     assert_eq!(report.reregistrations, 0, "{report}");
+    assert_eq!(report.heartbeats_failed, 0, "{report}");
     // Every node's view holds the whole fleet and the probe that joined after it (its
     // heartbeat replies carried the change).
     assert_eq!((report.view_least, report.view_most), (101, 101), "{report}");

@@ -121,15 +121,15 @@ impl GcsService {
     /// Whether this heartbeat asks the node for a check of its GPUs (recording a check it
     /// was asked for and did not take as a failure).
     async fn gpu_check_due(&self, node_id: NodeId) -> Result<bool, Status> {
-        let Some((has_gpus, idle, checked)) = self.state.gpu_check_view(&node_id) else { return Ok(false) };
+        let Some((has_gpus, idle, waiting)) = self.state.gpu_check_view(&node_id) else { return Ok(false) };
         if !has_gpus {
             return Ok(false);
         }
         let config = &self.state.config;
         // Checked before (maybe by an earlier head): the next is scheduled. Never checked
-        // (its own first start refused or lost): the head asks for one soon, so a node is
-        // never left pending for want of asking.
-        if checked {
+        // (its own first start refused or lost), or overdue when this head started: the
+        // head asks for one soon, so a node is never left held back for want of asking.
+        if !waiting {
             self.gpu_checks.ensure_scheduled(node_id, Duration::from_millis(config.gpu_check_interval_ms));
         } else {
             let soon = Duration::from_millis(config.gpu_check_min_gap_ms).max(Duration::from_secs(30));
@@ -160,18 +160,34 @@ impl GcsService {
     }
 
     /// Simulated GPUs (declared, checked on the CPU, yet billable) are taken only from a
-    /// node on the head's own machine (loopback), unless the operator accepts them from
-    /// anywhere (`accept_remote_simulated_gpus`, for a test cluster across machines): on
-    /// a marketplace a stranger's simulated GPU is one nobody can verify.
-    fn may_offer_simulated_gpus(&self, node: &NodeInfo, peer: Option<std::net::SocketAddr>) -> Result<(), Status> {
-        if self.state.config.accept_remote_simulated_gpus || !node.gpus.iter().any(|gpu| gpu.simulated) {
+    /// node registering over loopback, one the operator registers (the head's own node,
+    /// whatever address it joins through), or one whose simulated GPUs were taken before
+    /// (registering again after a head restart), unless the operator accepts them from
+    /// anywhere (`accept_remote_simulated_gpus`, for a test cluster across machines): on a
+    /// marketplace a stranger's simulated GPU is one nobody can verify. A forwarder on the
+    /// head's machine (a port forward, a sidecar) makes every caller look like loopback:
+    /// such a head must not forward node registrations.
+    fn may_offer_simulated_gpus(
+        &self,
+        node: &NodeInfo,
+        principal: &Principal,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
+        if self.state.config.accept_remote_simulated_gpus
+            || !node.gpus.iter().any(|gpu| gpu.simulated)
+            || matches!(principal, Principal::Admin)
+        {
             return Ok(());
         }
+        let taken_before = NodeId::from_bytes(&node.node_id)
+            .ok()
+            .and_then(|id| self.state.node(&id))
+            .is_some_and(|row| row.gpus.iter().any(|gpu| gpu.simulated));
         let loopback = |ip: std::net::IpAddr| match ip {
             std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
             v4 => v4.is_loopback(),
         };
-        if peer.is_some_and(|peer| loopback(peer.ip())) {
+        if taken_before || peer.is_some_and(|peer| loopback(peer.ip())) {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
@@ -278,9 +294,6 @@ impl GcsService {
         job.map(|job| self.state.payer_of(&job)).unwrap_or_else(|| "default".into())
     }
 
-    /// A fresh credential for the node heartbeating as itself, if the one it holds was
-    /// issued a day ago or more (or by an earlier run of the head, which kept its key);
-    /// else empty.
     /// The node table for a reader at `since` of `since_incarnation`: what changed since,
     /// or all of it.
     fn nodes_read(&self, include_dead: bool, since: u64, since_incarnation: u64) -> GetAllNodesReply {
@@ -294,6 +307,9 @@ impl GcsService {
         }
     }
 
+    /// A fresh credential for the node heartbeating as itself, if the one it holds was
+    /// issued a day ago or more (or by an earlier run of the head, which kept its key);
+    /// else empty.
     fn renewed_credential(&self, principal: &Principal, node_id: NodeId) -> String {
         if *principal != Principal::Node(node_id) {
             return String::new();
@@ -367,7 +383,7 @@ impl Gcs for GcsService {
                 node_id.short()
             )));
         }
-        self.may_offer_simulated_gpus(&node, peer)?;
+        self.may_offer_simulated_gpus(&node, &principal, peer)?;
         let public_key = node.public_key.clone();
         let tls_certificate = self.certify(&principal, &node, &request.tls_public_key)?;
         self.state.register_node(node).await?;

@@ -39,6 +39,8 @@ const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 const MAX_MOVES_PER_CALL: usize = 100_000;
 /// How many events a slow subscriber may fall behind before its stream is cut.
 const EVENT_BUFFER: usize = 4096;
+/// How far (in basis points) a node's reliability score moves before views learn it.
+const SCORE_MOVE_LOGGED: u32 = 50;
 /// How many changes of node rows are remembered for readers of deltas (a reader further
 /// behind reads the whole table).
 const NODE_CHANGES_KEPT: usize = 1 << 16;
@@ -91,6 +93,9 @@ pub struct GcsState {
     heartbeats: AtomicU64,
     /// Which node rows changed when, for delta reads of the table.
     node_changes: std::sync::Mutex<NodeChanges>,
+    /// Each node's reliability score as views last learnt it: the score moves with time
+    /// and counts no row change logs, so a move of [`SCORE_MOVE_LOGGED`] is logged as one.
+    listed_scores: DashMap<NodeId, u32>,
     /// The address each node's latest registration came from (this process's runs only):
     /// the one host a node may name for its metrics server.
     registered_from: DashMap<NodeId, std::net::IpAddr>,
@@ -230,6 +235,7 @@ impl GcsState {
             moves,
             heartbeats: AtomicU64::new(0),
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
+            listed_scores: DashMap::new(),
             registered_from: DashMap::new(),
         }))
     }
@@ -527,15 +533,18 @@ impl GcsState {
 
     /// What the heartbeat's check schedule needs of a node, read in place (no copy of the
     /// row on the heartbeat path): whether it offers GPUs, whether all were free at its last
-    /// report, and whether a check of them has ended (passed or failed).
+    /// report, and whether it waits for a check to take work again (never checked, or
+    /// overdue: not a failure, which waits for its next check as a pass does).
     pub fn gpu_check_view(&self, node_id: &NodeId) -> Option<(bool, bool, bool)> {
         let node = self.nodes.get(node_id)?;
         let gpus = |set: &Option<ResourceQuantities>| {
             set.as_ref().and_then(|set| set.units.get(ionet_common::resources::GPU)).copied().unwrap_or(0)
         };
         let total = gpus(&node.total);
-        let ended = node.gpu_check.as_ref().is_some_and(|check| check.state != GpuCheckState::Pending as i32);
-        Some((total > 0, gpus(&node.available) >= total, ended))
+        let waiting = node.gpu_check.as_ref().is_some_and(|check| {
+            check.state == GpuCheckState::Pending as i32 || check.state == GpuCheckState::Overdue as i32
+        });
+        Some((total > 0, gpus(&node.available) >= total, waiting))
     }
 
     /// Records the verdict of a check of a node's GPUs: a pass (with the measured lower
@@ -761,6 +770,15 @@ impl GcsState {
         let mut dead = Vec::new();
         for mut entry in self.nodes.iter_mut() {
             let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
+            // A score that moved (uptime, leases counted, time) reaches the views.
+            if entry.state != NodeState::Dead as i32 {
+                let score = ionet_common::reliability::listed_score_bps(&entry);
+                let mut listed = self.listed_scores.entry(*entry.key()).or_insert(score);
+                if listed.abs_diff(score) >= SCORE_MOVE_LOGGED {
+                    *listed = score;
+                    self.node_changed(*entry.key());
+                }
+            }
             if entry.state != NodeState::Dead as i32 && silent_for > timeout {
                 entry.state = NodeState::Dead as i32;
                 entry.death_cause = format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
@@ -1143,6 +1161,17 @@ mod tests {
         expected.sort();
         assert!(dead.delta && dead.nodes.is_empty() && dead.removed == expected);
         assert_eq!(gcs.nodes_since(true, 4, incarnation).nodes.len(), 2, "dead rows for a reader of the dead");
+
+        // A score that moves with no change of the row logged (leases counted as they
+        // start, time) reaches views at the next sweep.
+        let swept = gcs.nodes_since(false, 0, 0).version;
+        gcs.note_lease(&ids[1]);
+        gcs.nodes.get_mut(&ids[1]).unwrap().reliability.get_or_insert_with(Default::default).leases_lost = 1;
+        gcs.check_heartbeats().await.unwrap();
+        let moved = gcs.nodes_since(false, swept, incarnation);
+        assert_eq!(moved.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
+        gcs.check_heartbeats().await.unwrap();
+        assert!(gcs.nodes_since(false, moved.version, incarnation).nodes.is_empty(), "logged once");
 
         // Another incarnation's version, or one ahead of this process: everything.
         assert!(!gcs.nodes_since(false, 4, incarnation ^ 1).delta);

@@ -992,8 +992,17 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
         return;
     }
     let (shared, mut client) = (shared.clone(), client.clone());
-    // No lease is granted while the check runs: it never shares a GPU with one.
+    // No lease is granted while the check runs: it never shares a GPU with one. The flags
+    // go down however the check ends (a panic in the prover too).
+    struct Checking(Arc<NodeShared>);
+    impl Drop for Checking {
+        fn drop(&mut self) {
+            self.0.leases.set_checking(false);
+            self.0.gpu_check_running.store(false, Ordering::SeqCst);
+        }
+    }
     shared.leases.set_checking(true);
+    let checking = Checking(shared.clone());
     tokio::spawn(async move {
         let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
         shared.leases.set_checking(false);
@@ -1013,7 +1022,7 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
             }
         }
         *shared.gpu_check.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
-        shared.gpu_check_running.store(false, Ordering::SeqCst);
+        drop(checking);
     });
 }
 
@@ -1027,9 +1036,6 @@ async fn run_membership(
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
     let mut attempt = 0u32;
     let mut incarnation: u64;
-    // Where the node's view of the cluster stands: the version and incarnation of the
-    // head's last node-table read (0: read it whole).
-    let mut view_at = (0u64, 0u64);
     let mut reported: Option<ResourceSet>;
     'membership: loop {
         // Step 1: register.
@@ -1071,9 +1077,8 @@ async fn run_membership(
                     let request = GetAllNodesRequest { include_dead: false, ..Default::default() };
                     if let Ok(reply) = client.get_all_nodes(request).await {
                         let reply = reply.into_inner();
-                        view_at = (reply.version, reply.incarnation);
                         let nodes = reply.nodes;
-                        shared.leases.refresh_view(&nodes);
+                        shared.leases.refresh_view_at(&nodes, (reply.incarnation, reply.version));
                         checked = nodes.iter().any(|node| {
                             node.node_id == shared.info.node_id
                                 && node.gpu_check.as_ref().is_some_and(|check| {
@@ -1142,12 +1147,14 @@ async fn run_membership(
             // (registration carries them too): an idle fleet sends ids and nothing else.
             let available = shared.available();
             let changed = reported.as_ref() != Some(&available);
+            // What changed in the node table since the view the node holds comes back.
+            let since = shared.leases.view_at();
             let request = HeartbeatRequest {
                 node_id: shared.node_id.to_vec(),
                 available: changed.then(|| ResourceQuantities::from_set(&available)),
                 read_view: true,
-                view_since_version: view_at.0,
-                view_since_incarnation: view_at.1,
+                view_since_version: since.1,
+                view_since_incarnation: since.0,
             };
             match client.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
@@ -1173,11 +1180,11 @@ async fn run_membership(
                     // read by every node every second, would cost the head the square of the
                     // cluster's size, and a call of its own per node).
                     if let Some(view) = reply.into_inner().view {
-                        view_at = (view.version, view.incarnation);
+                        let at = (view.incarnation, view.version);
                         if view.delta {
-                            shared.leases.apply_view_delta(&view.nodes, &view.removed);
+                            shared.leases.apply_view_delta(&view.nodes, &view.removed, since, at);
                         } else {
-                            shared.leases.refresh_view(&view.nodes);
+                            shared.leases.refresh_view_at(&view.nodes, at);
                         }
                     }
                 }

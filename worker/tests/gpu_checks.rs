@@ -427,7 +427,7 @@ fn simulated_gpus_are_taken_only_from_the_heads_own_machine_unless_the_operator_
             ..Default::default()
         };
         let proof = key.sign(&registration_message(&info.node_id, &info.public_key)).to_vec();
-        let request = RegisterNodeRequest { node: Some(info), proof, ..Default::default() };
+        let request = RegisterNodeRequest { node: Some(info.clone()), proof: proof.clone(), ..Default::default() };
         let mut joiner = cluster.client_with(&Bearer::new(&join).unwrap());
         let answer = cluster.runtime.block_on(joiner.register_node(request));
         if accept {
@@ -449,6 +449,12 @@ fn simulated_gpus_are_taken_only_from_the_heads_own_machine_unless_the_operator_
             );
             let listed = cluster.status_json();
             assert!(listed.as_array().unwrap().iter().all(|node| node["node_id"] != node_id.hex()), "not registered");
+            // The operator's own registration (the head's own node joins so, through any
+            // address) is the operator's word.
+            let request = RegisterNodeRequest { node: Some(info), proof, ..Default::default() };
+            let registered = cluster.runtime.block_on(operator.register_node(request));
+            let refused_tls = registered.expect_err("a node of a TLS cluster names its certificate key");
+            assert!(refused_tls.message().contains("must join with its https:// address"), "{refused_tls:?}");
         }
     }
 }

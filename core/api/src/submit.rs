@@ -139,9 +139,23 @@ impl Pending {
         self.settled.notify_one();
     }
 
+    /// One task counted until the guard drops (its future ends, panics or is dropped).
+    fn counted(worker: Arc<CoreWorker>) -> PendingTask {
+        PendingTask(worker)
+    }
+
     /// How many are pending now.
     pub(crate) fn count(&self) -> usize {
         *self.count.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A pending task's place in [`Pending`], given back when dropped.
+struct PendingTask(Arc<CoreWorker>);
+
+impl Drop for PendingTask {
+    fn drop(&mut self) {
+        self.0.pending.settle();
     }
 }
 
@@ -209,7 +223,9 @@ pub(crate) fn submit_task<R>(
         worker.stealable.insert(return_id, spec.clone());
     }
     let runner = worker.clone();
+    let counted = Pending::counted(worker.clone());
     worker.handle.spawn(async move {
+        let _counted = counted;
         match execute(&runner, &spec, args_ready).await {
             Ok(None) => {} // run by this process while it waited: settled (and recorded) there
             Ok(Some(state)) => {
@@ -239,7 +255,6 @@ pub(crate) fn submit_task<R>(
             runner.stealable.remove(&return_id);
         }
         drop(spec); // releases the argument refs held while the task was pending
-        runner.pending.settle();
     });
     object
 }

@@ -169,7 +169,17 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_WINDOW_MS", &mut self.gpu_check_untrusted_window_ms)?;
         read(&lookup, "IONET_GPU_CHECK_MIN_GAP_MS", &mut self.gpu_check_min_gap_ms)?;
         read(&lookup, "IONET_GPU_CHECK_MAX_DEFER_MS", &mut self.gpu_check_max_defer_ms)?;
-        read(&lookup, "IONET_ACCEPT_REMOTE_SIMULATED_GPUS", &mut self.accept_remote_simulated_gpus)?;
+        if let Some(text) = lookup("IONET_ACCEPT_REMOTE_SIMULATED_GPUS") {
+            self.accept_remote_simulated_gpus = match text.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => {
+                    return Err(IonetError::Config(format!(
+                        "IONET_ACCEPT_REMOTE_SIMULATED_GPUS={text:?} is not true or false"
+                    )))
+                }
+            };
+        }
         Ok(())
     }
 

@@ -400,15 +400,11 @@ impl Leases {
     async fn refresh_from_control_store(&self) -> bool {
         let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut client) = client else { return false };
-        match client
-            .get_all_nodes(ionet_common::rpc::proto::gcs::GetAllNodesRequest {
-                include_dead: false,
-                ..Default::default()
-            })
-            .await
-        {
+        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false, ..Default::default() };
+        match client.get_all_nodes(request).await {
             Ok(reply) => {
-                self.refresh_view(&reply.into_inner().nodes);
+                let reply = reply.into_inner();
+                self.refresh_view_at(&reply.nodes, (reply.incarnation, reply.version));
                 true
             }
             Err(_) => false,
@@ -519,49 +515,48 @@ impl Leases {
         }
     }
 
-    /// Replaces the cluster view with the control store's node table.
+    /// Replaces the cluster view with the control store's node table, of unknown age (a
+    /// delta reader reads it whole next).
     pub fn refresh_view(&self, nodes: &[NodeInfo]) {
-        let mut view = ClusterView::new();
-        for node in nodes {
-            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
-                self.addresses.insert(node_id, node.address.clone());
-                self.node_addresses.insert(node.address.clone());
-                if node_id == self.node_id {
-                    let held = ionet_common::gpu_proof::held_back(node);
-                    self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-            match node_view(node) {
-                Ok(node) => {
-                    let _ = view.upsert_node(node);
-                }
-                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
-            }
-        }
-        let mut state = self.lock();
-        view.continue_spread_of(&state.view);
-        state.view = view;
+        self.refresh_view_at(nodes, (0, 0));
     }
 
-    /// Applies what changed in the control store's node table since the last read: rows
-    /// changed (`nodes`) and nodes gone (`removed`); a node's view stays as it was besides.
-    pub fn apply_view_delta(&self, nodes: &[NodeInfo], removed: &[Vec<u8>]) {
-        let mut views = Vec::with_capacity(nodes.len());
-        for node in nodes {
-            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
-                self.addresses.insert(node_id, node.address.clone());
-                self.node_addresses.insert(node.address.clone());
-                if node_id == self.node_id {
-                    let held = ionet_common::gpu_proof::held_back(node);
-                    self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-            match node_view(node) {
-                Ok(view) => views.push(view),
-                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
-            }
+    /// Replaces the cluster view with the node table as of `at` (incarnation, version),
+    /// unless the view is newer already (a read answered after a later delta was applied:
+    /// a node dead since would come back).
+    pub fn refresh_view_at(&self, nodes: &[NodeInfo], at: (u64, u64)) {
+        let older = |state: &LeaseState| at.1 != 0 && state.view_at.0 == at.0 && state.view_at.1 > at.1;
+        if older(&self.lock()) {
+            return;
+        }
+        let mut view = ClusterView::new();
+        for node in self.learn_rows(nodes) {
+            let _ = view.upsert_node(node);
         }
         let mut state = self.lock();
+        if older(&state) {
+            return;
+        }
+        self.learn_own_row(nodes);
+        view.continue_spread_of(&state.view);
+        state.view = view;
+        state.view_at = at;
+    }
+
+    /// Applies what changed in the control store's node table from `since` to `at`
+    /// (incarnation, version): rows changed (`nodes`) and nodes gone (`removed`); the rest
+    /// of the view stays. A delta from anywhere but where the view stands is dropped (the
+    /// next read asks from there).
+    pub fn apply_view_delta(&self, nodes: &[NodeInfo], removed: &[Vec<u8>], since: (u64, u64), at: (u64, u64)) {
+        if self.lock().view_at != since {
+            return;
+        }
+        let views = self.learn_rows(nodes);
+        let mut state = self.lock();
+        if state.view_at != since {
+            return;
+        }
+        self.learn_own_row(nodes);
         for view in views {
             let _ = state.view.upsert_node(view);
         }
@@ -569,6 +564,36 @@ impl Leases {
             if let Ok(node_id) = NodeId::from_bytes(node) {
                 state.view.remove_node(&node_id);
             }
+        }
+        state.view_at = at;
+    }
+
+    /// Where the cluster view stands: (incarnation, version) of the head's node table.
+    pub fn view_at(&self) -> (u64, u64) {
+        self.lock().view_at
+    }
+
+    /// The addresses of `nodes`, and their rows as the scheduler's views.
+    fn learn_rows(&self, nodes: &[NodeInfo]) -> Vec<ionet_scheduler::NodeView> {
+        let mut views = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            if let Ok(node_id) = NodeId::from_bytes(&node.node_id) {
+                self.addresses.insert(node_id, node.address.clone());
+                self.node_addresses.insert(node.address.clone());
+            }
+            match node_view(node) {
+                Ok(view) => views.push(view),
+                Err(err) => tracing::warn!(error = %err, "skipping a malformed node record"),
+            }
+        }
+        views
+    }
+
+    /// The head's word on this node's own GPU check, if `nodes` holds its row.
+    fn learn_own_row(&self, nodes: &[NodeInfo]) {
+        if let Some(own) = nodes.iter().find(|node| node.node_id == self.node_id.as_bytes()) {
+            let held = ionet_common::gpu_proof::held_back(own);
+            self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
         }
     }
 

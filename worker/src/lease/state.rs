@@ -124,6 +124,9 @@ pub(super) struct LeaseState {
     pub leases: HashMap<LeaseId, Granted>,
     pub processes: HashMap<WorkerId, Process>,
     pub view: ClusterView,
+    /// Where `view` stands in the head's node table: (incarnation, version); (0, 0) for a
+    /// view of unknown age (a delta reader then reads it whole).
+    pub view_at: (u64, u64),
     pub bundles: HashMap<BundleKey, Bundle>,
     /// Requests for the general pool waiting here: their depth and demand, by ticket.
     pub waiters: HashMap<u64, (u32, ResourceSet)>,
@@ -145,6 +148,7 @@ impl LeaseState {
             leases: HashMap::new(),
             processes: HashMap::new(),
             view: ClusterView::new(),
+            view_at: (0, 0),
             bundles: HashMap::new(),
             waiters: HashMap::new(),
             next_ticket: 0,
