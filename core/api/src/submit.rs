@@ -3,7 +3,7 @@
 //! object, retrying per its options; and the run of a task its submitter took to run
 //! itself while waiting (`crate::inline`) is told apart by the task's `claimed` flag.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,14 +93,24 @@ pub const DEFAULT_MAX_PENDING_TASKS: usize = 100_000;
 /// submitting children while holding its lease's CPUs could wait on its own siblings),
 /// nor does a thread of the async runtime.
 pub(crate) struct Pending {
-    count: Mutex<usize>,
+    /// Tasks pending; read and changed without the lock on the submit path.
+    count: AtomicUsize,
+    /// Threads waiting for room: a settling task takes the lock to wake one only then.
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
     settled: std::sync::Condvar,
     limit: usize,
 }
 
 impl Pending {
     pub(crate) fn new(limit: usize) -> Self {
-        Self { count: Mutex::new(0), settled: std::sync::Condvar::new(), limit: limit.max(1) }
+        Self {
+            count: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            settled: std::sync::Condvar::new(),
+            limit: limit.max(1),
+        }
     }
 
     /// The limit from the environment, or the default.
@@ -111,15 +121,37 @@ impl Pending {
 
     /// Counts one more task; first, when `may_wait`, waits while `limit` are pending.
     fn admit(&self, may_wait: bool) {
-        let mut count = self.count.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !may_wait {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        loop {
+            let count = self.count.load(Ordering::SeqCst);
+            if count < self.limit {
+                if self.count.compare_exchange_weak(count, count + 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                    return;
+                }
+                continue;
+            }
+            self.wait_for_room();
+        }
+    }
+
+    /// Waits until fewer than `limit` are pending (a settling task wakes it; said in the
+    /// log after 30 s).
+    fn wait_for_room(&self) {
+        let mut guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Counted as waiting before the count is read again: a task settling after that
+        // read sees the waiter and wakes it under the lock.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut warned = false;
-        while may_wait && *count >= self.limit {
+        while self.count.load(Ordering::SeqCst) >= self.limit {
             let (next, waited) = self
                 .settled
-                .wait_timeout(count, Duration::from_secs(30))
+                .wait_timeout(guard, Duration::from_secs(30))
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            count = next;
-            if waited.timed_out() && !warned && *count >= self.limit {
+            guard = next;
+            if waited.timed_out() && !warned && self.count.load(Ordering::SeqCst) >= self.limit {
                 warned = true;
                 tracing::warn!(
                     limit = self.limit,
@@ -129,14 +161,15 @@ impl Pending {
                 );
             }
         }
-        *count += 1;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn settle(&self) {
-        let mut count = self.count.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *count = count.saturating_sub(1);
-        drop(count);
-        self.settled.notify_one();
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.settled.notify_one();
+        }
     }
 
     /// One task counted until the guard drops (its future ends, panics or is dropped).
@@ -146,7 +179,7 @@ impl Pending {
 
     /// How many are pending now.
     pub(crate) fn count(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.count.load(Ordering::SeqCst)
     }
 }
 
@@ -563,5 +596,40 @@ async fn execute(worker: &Arc<CoreWorker>, spec: &TaskSpec, told_waiting: bool) 
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    /// A driver's thread waits at the limit and goes on as soon as one settles; a
+    /// worker's (`may_wait` false) never waits.
+    #[test]
+    fn remote_waits_at_the_limit_and_goes_on_when_one_settles() {
+        let pending = Arc::new(Pending::new(2));
+        pending.admit(true);
+        pending.admit(true);
+        pending.admit(false);
+        assert_eq!(pending.count(), 3, "a worker is never held back");
+        let admitted = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (pending, admitted) = (pending.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                pending.admit(true);
+                admitted.store(true, Ordering::SeqCst);
+            })
+        };
+        // Still at the limit after one settles (3 → 2): it waits on.
+        pending.settle();
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        while std::time::Instant::now() < deadline {
+            assert!(!admitted.load(Ordering::SeqCst), "admitted with 2 of 2 pending");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pending.settle();
+        waiter.join().unwrap();
+        assert!(admitted.load(Ordering::SeqCst));
+        assert_eq!(pending.count(), 2);
     }
 }
