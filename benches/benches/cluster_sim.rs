@@ -2,7 +2,7 @@
 //! processes) join one real head, then a steady window is measured (see
 //! `ionet_benches::sim`).
 //!
-//!   cargo bench -p ionet-benches --bench cluster_sim -- [--nodes 100,1000,10000] [--seconds 20]
+//!   cargo bench -p ionet-benches --bench cluster_sim -- [--nodes 100,1000,10000] [--seconds 20] [--view-nodes 1000]
 
 use std::time::Duration;
 
@@ -20,10 +20,13 @@ fn main() {
         .map(|count| count.trim().parse().expect("--nodes takes counts separated by commas"))
         .collect();
     let seconds: u64 = value("--seconds").and_then(|text| text.parse().ok()).unwrap_or(20);
+    // Nodes keeping a view of the cluster (all of them up to this many).
+    let view_nodes: usize = value("--view-nodes").and_then(|text| text.parse().ok()).unwrap_or(1000);
     for nodes in counts {
         let options = SimOptions {
             binary: env!("CARGO_BIN_EXE_ionet-sim").into(),
             nodes,
+            view_nodes,
             window: Duration::from_secs(seconds),
             register_timeout: Duration::from_secs(600),
         };

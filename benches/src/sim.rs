@@ -35,6 +35,10 @@ pub struct SimOptions {
     /// The `ionet-sim` binary.
     pub binary: PathBuf,
     pub nodes: usize,
+    /// How many of them keep a view of the cluster, as every real node does (a view is
+    /// the size of the cluster: thousands of them do not fit one machine); the rest
+    /// heartbeat without reading the node table.
+    pub view_nodes: usize,
     /// How long the steady window lasts, after every node registered.
     pub window: Duration,
     /// Longest the fleet may take to register.
@@ -72,6 +76,7 @@ pub struct SimReport {
     /// fleet and the probe, which joined after the fleet: learnt from heartbeat deltas).
     pub view_least: usize,
     pub view_most: usize,
+    pub view_nodes: usize,
 }
 
 impl std::fmt::Display for SimReport {
@@ -81,7 +86,7 @@ impl std::fmt::Display for SimReport {
             "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s); steady window: \
              head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms ({} failed), \
              node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
-             false deaths {}, re-registrations {}, nodes in each node's view {}..{}",
+             false deaths {}, re-registrations {}, nodes in each node's view {}..{} ({} nodes keep one)",
             self.nodes,
             self.registered_in.as_secs_f64(),
             self.listed_in.as_secs_f64(),
@@ -96,7 +101,8 @@ impl std::fmt::Display for SimReport {
             self.false_deaths,
             self.reregistrations,
             self.view_least,
-            self.view_most
+            self.view_most,
+            self.view_nodes
         )
     }
 }
@@ -215,20 +221,27 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     // Every fleet at once: the nodes register together, as after a head's restart.
     let started = Instant::now();
     let mut fleets = Vec::new();
-    let mut left = options.nodes;
+    let (mut left, mut views_left) = (options.nodes, options.view_nodes.min(options.nodes));
+    let token_path = token_file.to_string_lossy().into_owned();
     while left > 0 {
         let count = left.min(NODES_PER_FLEET);
+        // Views spread evenly over the fleets.
+        let views = views_left.div_ceil(left.div_ceil(NODES_PER_FLEET)).min(count);
         left -= count;
+        views_left -= views;
+        let (count_text, views_text) = (count.to_string(), views.to_string());
         let args = [
             "fleet",
             "--address",
             &address,
             "--token-file",
-            &token_file.to_string_lossy(),
+            &token_path,
             "--nodes",
-            &count.to_string(),
+            &count_text,
+            "--view-nodes",
+            &views_text,
         ];
-        fleets.push(Part::spawn(&options.binary, &args.iter().map(|arg| arg.as_ref()).collect::<Vec<&str>>())?);
+        fleets.push(Part::spawn(&options.binary, &args)?);
     }
     for fleet in &mut fleets {
         let line = fleet.line(options.register_timeout, "a fleet registering")?;
@@ -282,8 +295,11 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
             return Err(format!("a fleet's report: {line}"));
         };
         reregistrations += registrations;
-        view_least = view_least.min(least as usize);
-        view_most = view_most.max(most as usize);
+        // A fleet keeping no view reports none.
+        if most > 0 {
+            view_least = view_least.min(least as usize);
+            view_most = view_most.max(most as usize);
+        }
     }
     // Each node's first registration is not one again.
     let reregistrations = reregistrations.saturating_sub(options.nodes as u64);
@@ -307,6 +323,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         reregistrations,
         view_least,
         view_most,
+        view_nodes: options.view_nodes.min(options.nodes),
     })
 }
 
@@ -422,7 +439,7 @@ pub fn serve_head(dir: &Path) -> Result<(), String> {
 /// (or why not); on each `report` line read, `registrations <total> views <least> <most>`
 /// (registrations of all its nodes, and the fewest and most nodes in one node's view);
 /// stops them when stdin closes.
-pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), String> {
+pub fn run_fleet(address: &str, token_file: &Path, nodes: usize, view_nodes: usize) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -433,8 +450,8 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), S
     let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
     raise_descriptor_limit(nodes * 3 + 256)?;
     runtime.block_on(async {
-        let started = futures::future::join_all((0..nodes).map(|_| {
-            let options = daemon_options(address, &join, &config);
+        let started = futures::future::join_all((0..nodes).map(|index| {
+            let options = daemon_options(address, &join, &config, index < view_nodes);
             ionet_worker::node_daemon::NodeDaemon::start(options)
         }))
         .await;
@@ -463,7 +480,7 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize) -> Result<(), S
         });
         while reports.recv().await.is_some() {
             let total: u64 = daemons.iter().map(|daemon| daemon.registrations()).sum();
-            let views = daemons.iter().map(|daemon| daemon.nodes_in_view());
+            let views = daemons.iter().take(view_nodes).map(|daemon| daemon.nodes_in_view());
             let (least, most) = views.fold((usize::MAX, 0), |(least, most), view| (least.min(view), most.max(view)));
             println!("registrations {total} views {least} {most}");
         }
@@ -499,6 +516,7 @@ fn daemon_options(
     address: &str,
     join: &Bearer,
     config: &ClusterConfig,
+    keeps_view: bool,
 ) -> ionet_worker::node_daemon::NodeDaemonOptions {
     let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("memory", Quantity::whole(32 << 30));
     ionet_worker::node_daemon::NodeDaemonOptions {
@@ -532,5 +550,6 @@ fn daemon_options(
         worker_identities: None,
         cluster_ca: None,
         metrics_port: None,
+        keeps_view,
     }
 }

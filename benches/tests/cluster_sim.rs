@@ -12,6 +12,7 @@ fn a_hundred_simulated_nodes_join_one_head_and_none_is_declared_dead() {
     let options = SimOptions {
         binary: env!("CARGO_BIN_EXE_ionet-sim").into(),
         nodes: 100,
+        view_nodes: 100,
         // Longer than the heartbeat timeout (10 s): a node the head lost would be dead.
         window: Duration::from_secs(12),
         register_timeout: Duration::from_secs(120),

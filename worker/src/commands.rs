@@ -407,6 +407,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
         metrics_port: Some(args.metrics_port),
+        keeps_view: true,
     })
     .await?;
     node.wait_registered(Duration::from_secs(args.connect_timeout)).await?;
@@ -792,6 +793,7 @@ async fn run_node(args: StartArgs, session: SessionDir) -> Result<()> {
         worker_identities: worker_identities(&args, &session)?,
         cluster_ca,
         metrics_port: Some(args.metrics_port),
+        keeps_view: true,
     })
     .await?;
     if let Err(err) = node.wait_registered(Duration::from_secs(args.connect_timeout)).await {

@@ -92,6 +92,10 @@ pub struct NodeDaemonOptions {
     /// Serve Prometheus metrics on this port (0: a free one) of `bind_host`
     /// ([`crate::node_metrics`]); `None`: no metrics server.
     pub metrics_port: Option<u16>,
+    /// Whether the node keeps a view of the cluster (for spillback; every real node
+    /// does). The cluster simulator runs most of its nodes without one: a view is the
+    /// size of the cluster, and thousands of them do not fit one machine.
+    pub keeps_view: bool,
 }
 
 /// How often a job's output is read for a driver following it (`StreamLogs`).
@@ -121,6 +125,8 @@ struct NodeShared {
     /// until one ends; nodes without GPUs have none).
     gpu_check: std::sync::Mutex<Option<Result<ionet_common::rpc::proto::common::GpuCheck, String>>>,
     gpu_check_running: AtomicBool,
+    /// Whether it reads the node table for a view (see [`NodeDaemonOptions::keeps_view`]).
+    keeps_view: bool,
     /// Heartbeats the head took (a metric).
     heartbeats_sent: AtomicU64,
     tls: Option<NodeTls>,
@@ -739,6 +745,7 @@ impl NodeDaemon {
             registrations: AtomicU64::new(0),
             gpu_check: std::sync::Mutex::new(None),
             gpu_check_running: AtomicBool::new(false),
+            keeps_view: options.keeps_view,
             heartbeats_sent: AtomicU64::new(0),
             tls: node_tls,
             drain_requested: tokio::sync::Notify::new(),
@@ -1075,7 +1082,8 @@ async fn run_membership(
                     shared.connected.store(true, Ordering::SeqCst);
                     let mut checked = false;
                     let request = GetAllNodesRequest { include_dead: false, ..Default::default() };
-                    if let Ok(reply) = client.get_all_nodes(request).await {
+                    let read = if shared.keeps_view { client.get_all_nodes(request).await.ok() } else { None };
+                    if let Some(reply) = read {
                         let reply = reply.into_inner();
                         let nodes = reply.nodes;
                         shared.leases.refresh_view_at(&nodes, (reply.incarnation, reply.version));
@@ -1152,7 +1160,7 @@ async fn run_membership(
             let request = HeartbeatRequest {
                 node_id: shared.node_id.to_vec(),
                 available: changed.then(|| ResourceQuantities::from_set(&available)),
-                read_view: true,
+                read_view: shared.keeps_view,
                 view_since_version: since.1,
                 view_since_incarnation: since.0,
             };

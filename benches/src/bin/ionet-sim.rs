@@ -1,7 +1,7 @@
 //! The cluster simulator's parts (see `ionet_benches::sim`):
 //!
 //!   ionet-sim head --dir D
-//!   ionet-sim fleet --address A --token-file F --nodes N
+//!   ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K]
 
 use std::path::PathBuf;
 
@@ -19,13 +19,17 @@ fn main() {
         Some("head") => flag(&args, "--dir").and_then(|dir| ionet_benches::sim::serve_head(&PathBuf::from(dir))),
         Some("fleet") => (|| {
             let nodes = flag(&args, "--nodes")?.parse().map_err(|_| "--nodes takes a count".to_string())?;
-            ionet_benches::sim::run_fleet(
-                &flag(&args, "--address")?,
-                &PathBuf::from(flag(&args, "--token-file")?),
-                nodes,
-            )
+            let views = match flag(&args, "--view-nodes") {
+                Ok(text) => text.parse().map_err(|_| "--view-nodes takes a count".to_string())?,
+                Err(_) => nodes,
+            };
+            let (address, token_file) = (flag(&args, "--address")?, PathBuf::from(flag(&args, "--token-file")?));
+            ionet_benches::sim::run_fleet(&address, &token_file, nodes, views)
         })(),
-        _ => Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N".into()),
+        _ => {
+            Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K]"
+                .into())
+        }
     };
     if let Err(why) = outcome {
         eprintln!("ionet-sim: {why}");

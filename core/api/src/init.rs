@@ -322,6 +322,7 @@ async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
         cluster_ca: None,
         // The program's own embedded cluster: no metrics server (ionet start serves one).
         metrics_port: None,
+        keeps_view: true,
     })
     .await?;
     node.wait_registered(Duration::from_secs(30)).await?;
