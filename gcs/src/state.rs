@@ -679,8 +679,8 @@ impl GcsState {
     }
 
     /// Counts a lease both sides started on `node_id` toward its reliability (in memory:
-    /// stored with the node's row at its next write; readers of deltas see it with the
-    /// row's next change, a lease's start changing what the node has free anyway).
+    /// stored with the node's row at its next write; readers of deltas learn the score it
+    /// moves at the heartbeat sweep, [`GcsState::check_heartbeats`]).
     pub fn note_lease(&self, node_id: &NodeId) {
         if let Some(mut node) = self.nodes.get_mut(node_id) {
             node.reliability.get_or_insert_with(Default::default).leases += 1;
@@ -746,6 +746,7 @@ impl GcsState {
             if exiting {
                 entry.state = NodeState::Dead as i32;
                 entry.death_cause = format!("drained: {reason}");
+                self.listed_scores.remove(&node_id);
             } else {
                 entry.state = NodeState::Draining as i32;
             }
@@ -783,6 +784,8 @@ impl GcsState {
                 entry.state = NodeState::Dead as i32;
                 entry.death_cause = format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
                 self.node_changed(*entry.key());
+                // Learnt again if it comes back: the table of scores does not grow with deaths.
+                self.listed_scores.remove(entry.key());
                 dead.push((*entry.key(), entry.clone()));
             }
         }
@@ -1161,6 +1164,10 @@ mod tests {
         expected.sort();
         assert!(dead.delta && dead.nodes.is_empty() && dead.removed == expected);
         assert_eq!(gcs.nodes_since(true, 4, incarnation).nodes.len(), 2, "dead rows for a reader of the dead");
+        assert!(
+            !gcs.listed_scores.contains_key(&ids[0]) && gcs.listed_scores.contains_key(&ids[1]),
+            "no score kept for the dead"
+        );
 
         // A score that moves with no change of the row logged (leases counted as they
         // start, time) reaches views at the next sweep.

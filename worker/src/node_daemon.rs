@@ -1012,7 +1012,8 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
     let checking = Checking(shared.clone());
     tokio::spawn(async move {
         let outcome = crate::gpu_check::prove(&shared.info, &mut client).await;
-        shared.leases.set_checking(false);
+        // The verdict first, then the end of the check (dropping the guard): a waiting
+        // lease never slips in between on a node that just failed.
         if let Ok(check) = &outcome {
             let passed = check.state == ionet_common::rpc::proto::common::GpuCheckState::Passed as i32;
             shared.leases.set_held_back(!passed || check.untrusted_since_ms != 0);

@@ -113,10 +113,23 @@ impl Pending {
         }
     }
 
-    /// The limit from the environment, or the default.
+    /// The limit from the environment, or the default (a value that is no count is said
+    /// in the log, not taken silently).
     pub(crate) fn from_env() -> Self {
-        let limit = std::env::var(MAX_PENDING_TASKS_ENV).ok().and_then(|text| text.trim().parse().ok());
-        Self::new(limit.unwrap_or(DEFAULT_MAX_PENDING_TASKS))
+        let limit = match std::env::var(MAX_PENDING_TASKS_ENV) {
+            Ok(text) => match text.trim().parse::<usize>() {
+                Ok(limit) if limit > 0 => limit,
+                _ => {
+                    tracing::warn!(
+                        value = %text,
+                        "{MAX_PENDING_TASKS_ENV} takes a count of tasks above 0: {DEFAULT_MAX_PENDING_TASKS} is used"
+                    );
+                    DEFAULT_MAX_PENDING_TASKS
+                }
+            },
+            Err(_) => DEFAULT_MAX_PENDING_TASKS,
+        };
+        Self::new(limit)
     }
 
     /// Counts one more task; first, when `may_wait`, waits while `limit` are pending.
@@ -172,18 +185,14 @@ impl Pending {
         }
     }
 
-    /// One task counted until the guard drops (its future ends, panics or is dropped).
-    fn counted(worker: Arc<CoreWorker>) -> PendingTask {
-        PendingTask(worker)
-    }
-
     /// How many are pending now.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
 }
 
-/// A pending task's place in [`Pending`], given back when dropped.
+/// A pending task's place in [`Pending`], given back when dropped (its future ends,
+/// panics or is dropped).
 struct PendingTask(Arc<CoreWorker>);
 
 impl Drop for PendingTask {
@@ -255,11 +264,12 @@ pub(crate) fn submit_task<R>(
     if stealable {
         worker.stealable.insert(return_id, spec.clone());
     }
-    let runner = worker.clone();
-    let counted = Pending::counted(worker.clone());
+    // The task's place among the pending, given back when its future ends however it
+    // ends; the worker it holds is the one the future runs with.
+    let counted = PendingTask(worker.clone());
     worker.handle.spawn(async move {
-        let _counted = counted;
-        match execute(&runner, &spec, args_ready).await {
+        let runner = &counted.0;
+        match execute(runner, &spec, args_ready).await {
             Ok(None) => {} // run by this process while it waited: settled (and recorded) there
             Ok(Some(state)) => {
                 let stored = matches!(state, ObjectState::Stored(_));

@@ -592,8 +592,8 @@ impl Leases {
     /// The head's word on this node's own GPU check, if `nodes` holds its row.
     fn learn_own_row(&self, nodes: &[NodeInfo]) {
         if let Some(own) = nodes.iter().find(|node| node.node_id == self.node_id.as_bytes()) {
-            let held = ionet_common::gpu_proof::held_back(own);
-            self.held_back.store(held, std::sync::atomic::Ordering::SeqCst);
+            // Let go (cleared, passed): requests waiting here are woken.
+            self.set_held_back(ionet_common::gpu_proof::held_back(own));
         }
     }
 
@@ -687,11 +687,13 @@ impl Leases {
                     self.node_id.short(),
                     state.total
                 ))
-            } else if self.held() {
+            } else if self.held_back.load(std::sync::atomic::Ordering::Relaxed) {
                 Step::Wait(format!(
                     "node {} takes no work until its GPUs pass the head's check (`ionet status`: GPU CHECK)",
                     self.node_id.short()
                 ))
+            } else if self.checking.load(std::sync::atomic::Ordering::Relaxed) {
+                Step::Wait(format!("node {} takes no work while its GPUs are checked", self.node_id.short()))
             } else if fits_now(state) && !state.outranked(ticket, depth, demand) {
                 grant(state)
             } else if fits_now(state) {

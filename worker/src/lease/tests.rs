@@ -347,7 +347,7 @@ fn a_node_held_back_by_its_gpu_check_grants_nothing() {
     leases.set_checking(true);
     leases.refresh_view(&[own(GpuCheckState::Passed)]);
     match leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]) {
-        Step::Wait(why) => assert!(why.contains("takes no work until its GPUs pass the head's check"), "{why}"),
+        Step::Wait(why) => assert!(why.contains("takes no work while its GPUs are checked"), "{why}"),
         _ => panic!("a lease granted during a check of the node's GPUs"),
     }
     leases.set_checking(false);
