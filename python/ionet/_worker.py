@@ -12,6 +12,9 @@ from ionet import _ionet
 
 
 def main() -> None:
+    # What the worker creates (compiled modules included) is its user's alone; the
+    # native side sets it again, with dying with the node daemon.
+    os.umask(0o077)
     driver_path = os.environ.get("IONET_PYTHONPATH")
     if driver_path:
         entries = driver_path.split(os.pathsep)

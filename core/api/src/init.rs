@@ -569,6 +569,8 @@ pub fn shutdown() {
 
 /// The worker process: serves tasks for its node daemon until told to stop.
 fn run_worker() -> ! {
+    // Before any thread: it dies with its daemon, and creates files for its user alone.
+    ionet_common::worker_env::settle_worker_process(|name| std::env::var(name).ok());
     // A panicking task is reported to its caller with its message; one line here is enough.
     std::panic::set_hook(Box::new(|info| {
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();

@@ -32,6 +32,21 @@ fn slow_where(x: u64, millis: u64) -> (u64, String) {
     (x, ionet::get_runtime_context().unwrap().node_id.hex())
 }
 
+/// Writes its worker's pid to `path`, then runs for `millis`.
+#[ionet::remote]
+fn pid_then_sleep(path: String, millis: u64) {
+    std::fs::write(&path, std::process::id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_millis(millis));
+}
+
+/// Whether process `pid` is gone (exited, or a zombie nobody reaped).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// Marks `path` when it starts, then runs for `millis`.
 #[ionet::remote]
 fn marked_where(path: String, millis: u64) -> String {
@@ -382,6 +397,39 @@ fn tasks_of_a_killed_node_run_elsewhere_before_the_head_notices() {
         head_view.iter().any(|node| node.node_id == a && node.state == ionet::NodeState::Alive),
         "the head had not yet declared node a dead: recovery did not wait for it"
     );
+    drop(cluster);
+}
+
+/// A node SIGKILLed while its workers run long tasks: they die with it at once (none is
+/// left running unowned until its task ends), whether the node runs them as users of
+/// their own (a root daemon: set up between fork and exec) or as its own user (spawned
+/// without a fork: the worker sees to it itself).
+fn a_killed_nodes_workers_die_with_it() {
+    let mut cluster = Cluster::start(&["--num-cpus", "0"]);
+    let own_users = cluster.add_node(&["--num-cpus", "1", "--labels", "name=a"]);
+    let daemon_user = cluster.add_node(&["--num-cpus", "1", "--labels", "name=b", "--insecure-workers-as-daemon-user"]);
+    cluster.init();
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let node_id = node_named(name).node_id;
+        let on = TaskOptions::default()
+            .max_retries(0)
+            .scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id, soft: false });
+        let path = temp_path(&format!("worker-pid-{name}")).to_string_lossy().into_owned();
+        let long = pid_then_sleep::options(on).remote(path.clone(), 600_000);
+        wait_until("the long task to start", Duration::from_secs(60), || {
+            std::fs::read_to_string(&path).is_ok_and(|pid| !pid.is_empty())
+        });
+        let worker: u32 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+        assert!(!process_gone(worker));
+        running.push((long, worker));
+    }
+    cluster.kill(own_users);
+    cluster.kill(daemon_user);
+    for (long, worker) in running {
+        wait_until("the killed node's worker to die with it", Duration::from_secs(10), || process_gone(worker));
+        assert!(ionet::get_timeout(&long, Duration::from_secs(60)).is_err(), "the task failed with its node");
+    }
     drop(cluster);
 }
 
@@ -1292,6 +1340,7 @@ fn main() {
                 "tasks_of_a_killed_node_run_elsewhere_before_the_head_notices",
                 tasks_of_a_killed_node_run_elsewhere_before_the_head_notices,
             ),
+            ("a_killed_nodes_workers_die_with_it", a_killed_nodes_workers_die_with_it),
             (
                 "a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones",
                 a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones,

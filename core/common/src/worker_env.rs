@@ -6,8 +6,12 @@
 //! to join its node is in the variables [`WorkerEnv::to_vars`] lists, except its job's
 //! credential, which never enters the environment (where any process of the same user
 //! could read it in `/proc/<pid>/environ`): the daemon writes it into a pipe the worker
-//! inherits ([`CredentialPipe`]), and the worker reads it once ([`take_credential`]) and
-//! makes itself undumpable ([`keep_memory_private`]). The language
+//! hands the worker as its standard input ([`CredentialPipe`]), and the worker reads it
+//! once ([`take_credential`], which leaves `/dev/null` in its place) and makes itself
+//! undumpable ([`keep_memory_private`]). What a daemon cannot set without forking
+//! (which copies its page tables: most of a worker's start in a large daemon) the worker
+//! sets itself first thing ([`settle_worker_process`]): it dies with its daemon and
+//! creates files for its own user alone. The language
 //! bindings' own variables (worker argv, namespace) travel in the lease request's
 //! `WorkerCommand` and are not part of this protocol.
 
@@ -32,6 +36,8 @@ const NODE_ID: &str = "IONET_NODE_ID";
 const JOB_ID: &str = "IONET_JOB_ID";
 const GPU_IDS: &str = "IONET_GPU_IDS";
 const CREDENTIAL_FD: &str = "IONET_CREDENTIAL_FD";
+/// The pid of the daemon that started the worker: the worker dies with it.
+const DAEMON_PID: &str = "IONET_DAEMON_PID";
 const OBJECT_STORE_DIR: &str = "IONET_OBJECT_STORE_DIR";
 const GCS_ADDRESS: &str = "IONET_GCS_ADDRESS";
 const HEAD_KEY: &str = "IONET_HEAD_KEY";
@@ -112,8 +118,9 @@ impl WorkerEnv {
     }
 }
 
-/// A pipe holding a worker's credential, its write end already closed: the worker
-/// inherits the read end (its number in [`CREDENTIAL_FD`]) and reads the credential whole.
+/// A pipe holding a worker's credential, its write end already closed: the worker gets
+/// the read end as its standard input ([`CREDENTIAL_FD`] says `0`) and reads the
+/// credential whole.
 pub struct CredentialPipe {
     read: std::os::fd::OwnedFd,
 }
@@ -128,7 +135,7 @@ impl CredentialPipe {
         }
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two descriptors on success; both close on exec, so no
-        // other child inherits them (the worker's own start clears the flag on its copy).
+        // other child inherits them (the worker's copy is its stdin, duplicated at spawn).
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
@@ -139,25 +146,39 @@ impl CredentialPipe {
         Ok(Self { read })
     }
 
-    /// The variable telling the worker where to read.
-    pub fn var(&self) -> (&'static str, String) {
-        use std::os::fd::AsRawFd;
-        (CREDENTIAL_FD, self.read.as_raw_fd().to_string())
+    /// The variables telling the worker where to read its credential, and which daemon
+    /// it dies with (this process).
+    pub fn vars(&self) -> [(&'static str, String); 2] {
+        [(CREDENTIAL_FD, "0".to_string()), (DAEMON_PID, std::process::id().to_string())]
     }
 
-    /// In the child between fork and exec: keeps the read end open across exec.
-    /// Async-signal-safe (one `fcntl`).
-    pub fn inherit_in_child(fd: std::os::fd::RawFd) -> std::io::Result<()> {
-        // SAFETY: fcntl on a descriptor this process holds.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-            return Err(std::io::Error::last_os_error());
+    /// The read end, to be the worker's standard input.
+    pub fn into_stdin(self) -> std::process::Stdio {
+        std::process::Stdio::from(self.read)
+    }
+}
+
+/// First thing in a worker process, before any thread starts: what its daemon would
+/// otherwise have set between fork and exec. It dies when its daemon dies (at once if
+/// that already happened), and what it creates is its own user's alone (umask 077).
+/// A worker whose parent is not the daemon (a command wrapped by a shell or a launcher)
+/// still dies if the daemon is already gone; the wrapper is the daemon's child.
+pub fn settle_worker_process(lookup: impl Fn(&str) -> Option<String>) {
+    // SAFETY: umask, prctl, getppid and kill(pid, 0) have no memory effects.
+    unsafe {
+        libc::umask(0o077);
+        let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return };
+        if libc::getppid() == daemon {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The daemon may have died between the spawn and the line above.
+            if libc::getppid() == daemon {
+                return;
+            }
+        } else if libc::kill(daemon, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            return;
         }
-        Ok(())
-    }
-
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.read.as_raw_fd()
+        eprintln!("ionet worker: its node daemon (pid {daemon}) is gone");
+        std::process::exit(1);
     }
 }
 
@@ -172,7 +193,7 @@ pub fn take_credential(lookup: impl Fn(&str) -> Option<String>) -> IonetResult<S
         text.parse().map_err(|_| IonetError::Config(format!("{CREDENTIAL_FD}: {text:?} is not a descriptor")))?;
     // SAFETY: the daemon passed this descriptor for this process to read once; checked to
     // be open before it is owned.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+    if fd == 1 || fd == 2 || fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
         return Err(IonetError::Config(format!("{CREDENTIAL_FD}: descriptor {fd} is not open")));
     }
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
@@ -184,7 +205,17 @@ pub fn take_credential(lookup: impl Fn(&str) -> Option<String>) -> IonetResult<S
         return Err(IonetError::Config(format!("{CREDENTIAL_FD}: descriptor {fd} is not the credential pipe")));
     }
     let mut credential = String::new();
-    file.read_to_string(&mut credential)?;
+    let read = file.read_to_string(&mut credential);
+    if fd == 0 {
+        // Standard input stays open, on nothing: what later reads it (a task) finds EOF.
+        std::mem::forget(file);
+        let null = std::fs::File::open("/dev/null")?;
+        // SAFETY: dup2 onto this process's stdin, whose pipe was read whole above.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } == -1 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    read?;
     Ok(credential.trim().to_string())
 }
 
@@ -228,16 +259,18 @@ mod tests {
     #[test]
     fn a_credential_travels_through_a_pipe_read_once() {
         let pipe = CredentialPipe::holding("ionet1.claims.signature").unwrap();
-        let (name, fd) = pipe.var();
-        assert_eq!(fd, pipe.raw_fd().to_string());
-        // The worker owns (and closes) its end; here it is this process's own copy.
-        // SAFETY: dup of a descriptor this test holds.
-        let copy = unsafe { libc::dup(pipe.raw_fd()) };
+        let [(name, fd), (_, daemon)] = pipe.vars();
+        assert_eq!((fd.as_str(), daemon), ("0", std::process::id().to_string()));
+        // The worker owns (and closes) its end; here it is a descriptor of this process.
+        let read: std::os::fd::OwnedFd = pipe.read;
+        let copy = std::os::fd::IntoRawFd::into_raw_fd(read);
         let lookup = |wanted: &str| (wanted == name).then(|| copy.to_string());
         assert_eq!(take_credential(lookup).unwrap(), "ionet1.claims.signature");
+        assert!(take_credential(lookup).is_err(), "read once");
         assert!(take_credential(|_| None).unwrap_err().to_string().contains(CREDENTIAL_FD));
         assert!(take_credential(|_| Some("stdin".into())).is_err());
-        assert!(take_credential(|_| Some("0".into())).is_err(), "never a standard stream");
+        assert!(take_credential(|_| Some("1".into())).is_err(), "never an output stream");
+        assert!(take_credential(|_| Some("2".into())).is_err(), "never an output stream");
     }
 
     #[test]

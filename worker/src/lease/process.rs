@@ -1,7 +1,7 @@
 //! Worker processes: how a daemon starts one (telling it its place in the environment
 //! protocol of `ionet_common::worker_env`), learns its address, stops it, and sees it exit.
 
-use std::process::Stdio;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,12 +126,11 @@ impl Leases {
             // Secrets the daemon itself was started with are not its workers' to inherit.
             .env_remove("IONET_JOIN_TOKEN")
             .env_remove("IONET_CREDENTIAL")
-            .env_remove("IONET_API_KEY")
-            .stdin(Stdio::null());
-        // The credential never enters the environment: the worker reads it from a pipe.
+            .env_remove("IONET_API_KEY");
+        // The credential never enters the environment: the worker reads it from a pipe,
+        // its standard input.
         let credential = self.credential_pipe(job_id)?;
-        process.env(credential.var().0, credential.var().1);
-        let credential_fd = credential.raw_fd();
+        process.envs(credential.vars()).stdin(credential.into_stdin());
         // A root daemon runs each job's workers as a user of their own.
         let mut runs_as = None;
         if let Some(identities) = self.identities.get() {
@@ -173,18 +172,31 @@ impl Leases {
             // Not followed here: the worker must not name its output (it goes to a terminal).
             process.env_remove(ionet_common::worker_env::OUTPUT_FOLLOWED);
         }
-        // SAFETY: chdir, prctl and fcntl are async-signal-safe; a worker must not outlive its
-        // node daemon, and keeps the credential pipe's read end (closed on exec otherwise).
-        unsafe {
-            process.pre_exec(move || {
-                if libc::chdir(cwd.as_ref().map_or(c"/".as_ptr(), |cwd| cwd.as_ptr())) != 0 {
-                    libc::chdir(c"/".as_ptr());
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // What the worker writes is its own alone unless it says otherwise.
-                libc::umask(0o077);
-                CredentialPipe::inherit_in_child(credential_fd)
-            });
+        match runs_as {
+            // Another user: set between fork and exec, where the check is the worker's own.
+            // SAFETY: chdir, prctl and umask are async-signal-safe.
+            Some(_) => unsafe {
+                process.pre_exec(move || {
+                    if libc::chdir(cwd.as_ref().map_or(c"/".as_ptr(), |cwd| cwd.as_ptr())) != 0 {
+                        libc::chdir(c"/".as_ptr());
+                    }
+                    // A worker must not outlive its node daemon (the worker checks again).
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    // What the worker writes is its own alone unless it says otherwise.
+                    libc::umask(0o077);
+                    Ok(())
+                });
+            },
+            // The daemon's own user: no code between fork and exec, so the spawn needs no
+            // fork (a fork copies this daemon's page tables, most of a worker's start when
+            // the daemon is large); the worker settles itself (`settle_worker_process`).
+            None => {
+                let dir = cwd
+                    .as_ref()
+                    .map(|cwd| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(cwd.as_bytes())))
+                    .filter(|dir| dir.is_dir());
+                process.current_dir(dir.unwrap_or_else(|| "/".into()));
+            }
         }
         let (sender, receiver) = oneshot::channel();
         self.starting.insert(worker_id, (job_id, sender));
@@ -211,7 +223,7 @@ impl Leases {
             }
         };
         // The worker holds its copy of the pipe now; this end closes here.
-        drop(credential);
+        drop(process);
         let pid = child.id().unwrap_or(0);
         if let Some(path) = log_path {
             let mut files = self.job_logs.entry(job_id).or_default();
