@@ -60,14 +60,15 @@ class IonetNodes:
         ).stdout.strip()
         self.count = 0
 
-    def add(self):
+    def add(self, object_store_bytes=None):
         self.count += 1
+        memory = ["--object-store-memory", str(object_store_bytes)] if object_store_bytes else []
         key = os.path.join(self.session, f"node-{self.count}.key")
         # The join token travels in the environment, never on a command line (which any
         # process of the machine may read).
         return subprocess.Popen(
             self.cli + ["start", "--block", "--address", self.address, "--ca-hash", self.ca_hash,
-                        "--node-key", key, "--num-cpus", "2"],
+                        "--node-key", key, "--num-cpus", "2"] + memory,
             env={**os.environ, "IONET_JOIN_TOKEN": self.join},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -89,13 +90,15 @@ class IonetNodes:
 
 
 class RayNodes:
-    def __init__(self):
+    def __init__(self, head_object_store_bytes=None):
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        memory = {"object_store_memory": head_object_store_bytes} if head_object_store_bytes else {}
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **memory})
 
-    def add(self):
-        return self.cluster.add_node(num_cpus=2)
+    def add(self, object_store_bytes=None):
+        memory = {"object_store_memory": object_store_bytes} if object_store_bytes else {}
+        return self.cluster.add_node(num_cpus=2, **memory)
 
     def kill(self, node):
         self.cluster.remove_node(node, allow_graceful=False)

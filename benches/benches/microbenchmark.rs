@@ -145,6 +145,28 @@ fn actor_lines(filter: &Option<String>, seconds: f64, clients: usize) {
     }
 }
 
+/// The scale line, only when named (`-- "1m tasks"`): a million no-op tasks
+/// submitted at once from this driver (backpressure holds at most
+/// `IONET_MAX_PENDING_TASKS` pending) and all gotten; prints the time and this process's
+/// peak memory (it hosts the embedded cluster's daemons too).
+fn million_tasks(filter: &Option<String>) {
+    if !filter.as_ref().is_some_and(|filter| "1m tasks queued".contains(filter.as_str())) {
+        return;
+    }
+    let started = Instant::now();
+    let refs: Vec<ObjectRef<u8>> = (0..1_000_000).map(|_| small_value::remote()).collect();
+    let submitted = started.elapsed();
+    ionet::get_all(&refs).unwrap();
+    let took = started.elapsed();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status.lines().find(|line| line.starts_with("VmHWM")).unwrap_or("VmHWM: ?").to_string();
+    println!(
+        "1m tasks queued and done in {:.1} s (submitted in {:.1} s); {peak}",
+        took.as_secs_f64(),
+        submitted.as_secs_f64()
+    );
+}
+
 /// A lease of one CPU asked of the local node daemon and given back, as a core worker
 /// does (its worker is reused): the lease path with the node's metering reports on, or
 /// off with `IONET_METERING=off` (compare the two runs).
@@ -287,8 +309,23 @@ fn main() {
         });
         clients * 1000
     });
+    // As Ray's: 100 groups of one small bundle made, waited for, and removed.
+    timeit("placement group create/removal", &filter, seconds, || {
+        let bundle = std::collections::BTreeMap::from([("CPU".to_string(), 0.001)]);
+        let groups: Vec<_> = (0..100)
+            .map(|_| ionet::placement_group(vec![bundle.clone()], ionet::PlacementStrategy::Pack).unwrap())
+            .collect();
+        for group in &groups {
+            assert!(group.wait(Duration::from_secs(30)).unwrap(), "placed");
+        }
+        for group in &groups {
+            ionet::remove_placement_group(group).unwrap();
+        }
+        100
+    });
     lease_line(&filter, seconds);
     actor_lines(&filter, seconds, clients);
+    million_tasks(&filter);
     drop((value, many, container));
     ionet::shutdown();
     let _ = Duration::ZERO;

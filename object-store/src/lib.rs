@@ -49,5 +49,5 @@ pub use error::{ObjectStoreError, ObjectStoreResult};
 pub use ionet_common::ObjectId;
 pub use pull::Puller;
 pub use service::{ObjectManagerService, OwnerCheck, PullStream, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES};
-pub use store::{CreatedObject, LocalObjectStore, StoreConfig, StoreStats, StoredEntry};
+pub use store::{CreatedObject, LocalObjectStore, StoreConfig, StoreStats, StoredEntry, StreamedObject};
 pub use view::ObjectView;

@@ -27,7 +27,7 @@ use ionet_common::ObjectId;
 
 use crate::error::{ObjectStoreError, ObjectStoreResult};
 use crate::service::MAX_CHUNK_BYTES;
-use crate::store::{CreatedObject, LocalObjectStore};
+use crate::store::{LocalObjectStore, StreamedObject};
 use crate::view::ObjectView;
 
 type SharedPull = Shared<BoxFuture<'static, ObjectStoreResult<ObjectView>>>;
@@ -192,7 +192,7 @@ impl PullerInner {
         .map_err(|_| broken(format!("the peer did not answer within {stall:?}")))?;
         let mut stream = answer.map_err(pull_failed)?.into_inner();
 
-        let mut created: Option<(CreatedObject, AbortGuard)> = None;
+        let mut created: Option<(StreamedObject, AbortGuard)> = None;
         let mut received: u64 = 0;
         loop {
             let next = tokio::time::timeout(stall, stream.message())
@@ -215,12 +215,12 @@ impl PullerInner {
             if created.is_none() {
                 let store = self.store.clone();
                 let size = chunk.total_size;
-                let object = tokio::task::spawn_blocking(move || store.create(id, size))
+                let object = tokio::task::spawn_blocking(move || store.create_streamed(id, size))
                     .await
                     .map_err(|err| broken(format!("create task failed: {err}")))??;
                 created = Some((object, AbortGuard::new(self.store.clone(), id)));
             }
-            let (object, _) = created.as_mut().expect("created above");
+            let (object, _) = created.as_ref().expect("created above");
             let total = object.size();
             let len = chunk.data.len() as u64;
             if chunk.total_size != total {
@@ -235,7 +235,7 @@ impl PullerInner {
                     chunk.offset
                 )));
             }
-            object.as_mut_slice()[received as usize..(received + len) as usize].copy_from_slice(&chunk.data);
+            object.write_at(&chunk.data, received)?;
             received += len;
         }
         let Some((object, guard)) = created else {

@@ -130,6 +130,38 @@ impl CreatedObject {
     }
 }
 
+/// An object arriving in pieces (a pull), written with `pwrite` at each piece's offset
+/// rather than through a mapping; [`LocalObjectStore::seal`] it once every byte is written,
+/// or abort it.
+pub struct StreamedObject {
+    id: ObjectId,
+    path: PathBuf,
+    size: u64,
+    file: File,
+}
+
+impl StreamedObject {
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes `data` at `offset`; refused past the object's size.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> ObjectStoreResult<()> {
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > self.size) {
+            return Err(ObjectStoreError::io_at(
+                &format!("write {} bytes at {offset} of {}", data.len(), self.size),
+                &self.path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "past the object's end"),
+            ));
+        }
+        self.file.write_all_at(data, offset).map_err(|err| ObjectStoreError::io_at("write", &self.path, err))
+    }
+}
+
 struct Entry {
     size: u64,
     sealed: bool,
@@ -309,6 +341,16 @@ impl LocalObjectStore {
             }
         };
         Ok(CreatedObject { id, path, size, map })
+    }
+
+    /// Reserves `size` bytes for a new object that arrives in pieces (a pull) and creates
+    /// its unsealed file, neither allocated nor mapped: each piece is a `pwrite`, so the
+    /// kernel allocates and fills each page in one pass (allocating first zeroed every
+    /// page: most of the time of eight nodes reading a GiB at once), and a full tmpfs is
+    /// ENOSPC from the write, never SIGBUS.
+    pub fn create_streamed(&self, id: ObjectId, size: u64) -> ObjectStoreResult<StreamedObject> {
+        let (file, path) = self.create_file(id, size, false, None)?;
+        Ok(StreamedObject { id, path, size, file })
     }
 
     /// Reserves `size` bytes for a new object and creates its unsealed file, allocated,

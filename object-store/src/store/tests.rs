@@ -26,6 +26,27 @@ fn id(n: u8) -> ObjectId {
 }
 
 #[test]
+fn a_streamed_object_is_written_in_pieces_then_sealed() {
+    let store = LocalObjectStore::new(StoreConfig::with_capacity(3000)).unwrap();
+    let object = store.create_streamed(id(1), 2000).unwrap();
+    assert_eq!(store.stats().bytes_in_memory, 2000, "reserved at creation");
+    object.write_at(&[1; 1500], 0).unwrap();
+    object.write_at(&[2; 500], 1500).unwrap();
+    assert!(object.write_at(&[3; 1], 2000).is_err(), "nothing past its end");
+    assert!(store.get(&id(1)).unwrap().is_none(), "unreadable before its seal");
+    drop(object);
+    let view = store.seal(&id(1)).unwrap();
+    assert_eq!(view.len(), 2000);
+    assert!(view[..1500].iter().all(|&b| b == 1) && view[1500..].iter().all(|&b| b == 2));
+    // Never more than the capacity; an aborted one gives its room back.
+    assert!(store.create_streamed(id(2), 3001).is_err());
+    let small = store.create_streamed(id(3), 1000).unwrap();
+    drop(small);
+    store.abort(&id(3)).unwrap();
+    assert_eq!(store.stats().bytes_in_memory, 2000);
+}
+
+#[test]
 fn a_get_makes_an_object_recently_used() {
     let store = LocalObjectStore::new(StoreConfig::with_capacity(3000)).unwrap();
     for n in 0..3 {
