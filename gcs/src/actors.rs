@@ -17,6 +17,9 @@
 //! - A name is unique per namespace among one account's actors not DEAD (tenants' names
 //!   never meet: one cannot take or find another's); a DEAD actor frees its name.
 //! - Every change bumps `version`, which `GetActor` waiters watch.
+//! - At most `max_dead_actors` DEAD actors are remembered: past it the longest dead (whose
+//!   lease is returned) are forgotten, in memory and in storage, so a cluster creating
+//!   and ending actors for ever keeps its head's memory bounded.
 //!
 //! Each incarnation's creation is recorded in the head's task table as its creator records
 //! a task: one row per actor, the task that creates it (`ACTOR_CREATION_TASK`,
@@ -34,7 +37,7 @@
 //! placed again (the lease of a creation cut short is returned as failed first, so no
 //! second copy ever runs), and names resolve as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,7 +62,7 @@ use crate::error::{GcsError, GcsResult};
 use crate::metering::Metering;
 use crate::placement_groups::PlacementGroups;
 use crate::state::{blocking, GcsState};
-use crate::storage::Table;
+use crate::storage::{StorageWrite, Table};
 use crate::task_events::TaskTable;
 
 /// Pause between placement attempts that failed for a reason that may pass.
@@ -97,6 +100,8 @@ pub struct Actors {
     /// Serialises writes of rows to storage: each writes the row as it is when its turn
     /// comes, so the last write is always the newest state.
     writing: tokio::sync::Mutex<()>,
+    /// DEAD actors, longest dead first: the ones forgotten past `max_dead_actors`.
+    dead: Mutex<VecDeque<ActorId>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -127,6 +132,7 @@ impl Actors {
             channels: DashMap::new(),
             version: watch::channel(0).0,
             writing: tokio::sync::Mutex::new(()),
+            dead: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -215,6 +221,7 @@ impl Actors {
         let stored = blocking(move || storage.scan_prefix(Table::Actors, b"")).await?;
         let mut alive = Vec::new();
         let mut placing = Vec::new();
+        let mut dead = Vec::new();
         {
             let mut rows = lock(&self.rows);
             let mut names = lock(&self.names);
@@ -229,6 +236,7 @@ impl Actors {
                 let lease = (!row.lease_id.is_empty()).then_some((row.lease_id, row.lease_node_address));
                 match state_of(&info) {
                     ActorState::Dead => {
+                        dead.push((info.created_at_ms, actor_id));
                         if let Some(lease) = lease.clone() {
                             placing.push((actor_id, info.incarnation, Some(lease), spec.clone()));
                         }
@@ -248,6 +256,10 @@ impl Actors {
             }
         }
         let restored = stored.len();
+        // Storage keeps no time of death: the oldest created are taken as the longest dead.
+        dead.sort();
+        lock(&self.dead).extend(dead.into_iter().map(|(_, actor_id)| actor_id));
+        self.forget_longest_dead().await;
         for (actor_id, incarnation, address, spec) in alive {
             self.watch_owner_of(&spec);
             match self.job_credential(&spec.job_id) {
@@ -545,16 +557,18 @@ impl Actors {
                 tokio::spawn(async move {
                     actors.return_lease_surely(&job_id, &lease_id, &node_address).await;
                     actors.forget_lease(actor_id, &lease_id).await;
-                    if let Some(incarnation) = restart {
-                        actors.place(actor_id, incarnation).await;
+                    match restart {
+                        Some(incarnation) => actors.place(actor_id, incarnation).await,
+                        None => actors.remember_dead(actor_id).await,
                     }
                 });
                 return Ok(true);
             }
             self.forget_lease(actor_id, &lease_id).await;
         }
-        if let Some(incarnation) = restart {
-            tokio::spawn(self.clone().place(actor_id, incarnation));
+        match restart {
+            Some(incarnation) => drop(tokio::spawn(self.clone().place(actor_id, incarnation))),
+            None => self.remember_dead(actor_id).await,
         }
         Ok(true)
     }
@@ -859,14 +873,15 @@ impl Actors {
                 if row.info.incarnation != incarnation {
                     return None;
                 }
+                let newly_dead = state_of(&row.info) != ActorState::Dead;
                 row.info.state = ActorState::Dead as i32;
                 row.info.death_cause = cause.to_string();
                 row.info.death_error = error.map(ionet_common::rpc::status::detail_of);
                 let spec = row.info.spec.clone().unwrap_or_default();
-                Some((!spec.name.is_empty()).then(|| name_key(&spec)))
+                Some(((!spec.name.is_empty()).then(|| name_key(&spec)), newly_dead))
             })
             .await;
-        let Ok(Some(freed_name)) = marked else { return };
+        let Ok(Some((freed_name, newly_dead))) = marked else { return };
         if let Some(key) = freed_name {
             let mut names = lock(&self.names);
             if names.get(&key) == Some(&actor_id) {
@@ -874,7 +889,61 @@ impl Actors {
             }
         }
         tracing::warn!(actor = %actor_id, cause, "actor dead");
+        if newly_dead {
+            self.remember_dead(actor_id).await;
+        }
         self.bump();
+    }
+
+    /// Counts a newly DEAD actor among the remembered, forgetting the longest dead past
+    /// the limit.
+    async fn remember_dead(&self, actor_id: ActorId) {
+        lock(&self.dead).push_back(actor_id);
+        self.forget_longest_dead().await;
+    }
+
+    /// Forgets the longest dead actors past `max_dead_actors`, in memory and in storage.
+    /// One whose lease is not yet returned is kept (its row says where to return it).
+    async fn forget_longest_dead(&self) {
+        let limit = self.state.config().max_dead_actors;
+        if lock(&self.dead).len() <= limit {
+            return;
+        }
+        // Under the writers' turn: no write of a row can follow its deletion.
+        let _writing = self.writing.lock().await;
+        let mut forgotten = Vec::new();
+        {
+            let mut dead = lock(&self.dead);
+            let mut rows = lock(&self.rows);
+            let mut kept = Vec::new();
+            while dead.len() + kept.len() > limit {
+                let Some(actor_id) = dead.pop_front() else { break };
+                match rows.get(&actor_id) {
+                    Some(row) if state_of(&row.info) != ActorState::Dead => {}
+                    Some(row) if row.lease.is_some() => kept.push(actor_id),
+                    Some(_) => {
+                        rows.remove(&actor_id);
+                        forgotten.push(actor_id);
+                    }
+                    None => {}
+                }
+            }
+            for actor_id in kept.into_iter().rev() {
+                dead.push_front(actor_id);
+            }
+        }
+        if forgotten.is_empty() {
+            return;
+        }
+        let writes: Vec<StorageWrite> = forgotten
+            .iter()
+            .map(|actor_id| StorageWrite::Delete { table: Table::Actors, key: actor_id.to_vec() })
+            .collect();
+        let storage = self.state.storage().clone();
+        if let Err(err) = blocking(move || storage.write_all(&writes)).await {
+            tracing::warn!(error = %err, actors = forgotten.len(), "could not delete forgotten dead actors from storage");
+        }
+        tracing::debug!(actors = forgotten.len(), limit, "forgot the longest dead actors");
     }
 
     /// Whom to ask for the actor's lease, and what: outside a placement group, the

@@ -260,6 +260,32 @@ def _async_actor_multi():
         yield lambda: ionet.get([call_actors.remote(servers, 5000) for _ in range(4)])
 
 
+@benchmark("actor creations", 10)
+def _actor_creations():
+    def body():
+        actors = [Actor.remote() for _ in range(10)]
+        ionet.get([actor.small_value.remote() for actor in actors])
+        for actor in actors:
+            ionet.kill(actor)
+
+    yield body
+
+
+@benchmark("placement group create/removal", 100)
+def _placement_groups():
+    from ionet.util.placement_group import placement_group, remove_placement_group
+
+    def body():
+        # As Ray's: 100 groups of one small bundle made, waited for, and removed.
+        groups = [placement_group([{"CPU": 0.001}]) for _ in range(100)]
+        for group in groups:
+            group.wait(timeout_seconds=30)
+        for group in groups:
+            remove_placement_group(group)
+
+    yield body
+
+
 def timeit(name: str, body: Callable[[], object], multiplier: float, seconds: float) -> None:
     """Ray's timing: calls `body` for a warm-up, then in steps for TRIALS × `seconds`;
     prints the mean and standard deviation of the rates."""

@@ -402,6 +402,38 @@ fn leases_of_a_killed_actor_come_back() {
     ionet::shutdown();
 }
 
+/// The head remembers at most `max_dead_actors` DEAD actors: past it the longest dead are
+/// forgotten (listed no more), the newest dead stay listed, and live ones are untouched.
+fn the_head_forgets_the_longest_dead_actors_past_its_limit() {
+    let mut cluster = Cluster::start_with_env(&[], &[("IONET_MAX_DEAD_ACTORS", "3")]);
+    cluster.init();
+    let dead_ids = || -> Vec<String> {
+        let actors = ionet::state::list_actors().unwrap();
+        let mut dead: Vec<String> = actors
+            .iter()
+            .filter(|actor| actor["state"] == "DEAD")
+            .map(|actor| actor["actor_id"].as_str().unwrap().to_string())
+            .collect();
+        dead.sort();
+        dead
+    };
+    let live = Counter::options(ActorOptions::new().num_cpus(0.0)).remote(100).unwrap();
+    let mut killed = Vec::new();
+    for start in 0..6 {
+        let actor = Counter::options(ActorOptions::new().num_cpus(0.0)).remote(start).unwrap();
+        assert_eq!(ionet::get(&actor.incr(1)).unwrap(), start + 1);
+        ionet::kill(&actor, true).unwrap();
+        let id = ionet::ActorClassHandle::handle(&actor).id().hex();
+        wait_until("the killed actor to be DEAD", Duration::from_secs(30), || dead_ids().contains(&id));
+        killed.push(id);
+    }
+    let mut newest = killed[3..].to_vec();
+    newest.sort();
+    assert_eq!(dead_ids(), newest, "the three longest dead are forgotten, the newest three kept");
+    assert_eq!(ionet::get(&live.incr(1)).unwrap(), 101, "a live actor is untouched");
+    drop(cluster);
+}
+
 fn hundred_concurrent_calls_share_one_actor() {
     ionet::init(InitConfig::default().num_cpus(2.0)).unwrap();
     let sleeper = Sleeper::options(ActorOptions::new().max_concurrency(100)).remote().unwrap();
@@ -691,6 +723,10 @@ fn main() {
             ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
+            (
+                "the_head_forgets_the_longest_dead_actors_past_its_limit",
+                the_head_forgets_the_longest_dead_actors_past_its_limit,
+            ),
             ("an_actor_no_node_can_fit_fails_as_infeasible", an_actor_no_node_can_fit_fails_as_infeasible),
             ("head_restarted_from_storage_loses_nothing", head_restarted_from_storage_loses_nothing),
             ("head_restarted_from_redis_loses_nothing", head_restarted_from_redis_loses_nothing),
