@@ -220,6 +220,13 @@ impl HeadMetrics {
         let age = sheet.gauge("node_heartbeat_age_seconds", "Seconds since a live node's last heartbeat");
         let heartbeats = sheet.counter("heartbeats", "Heartbeats the head took since it started");
         count(&heartbeats, vec![], self.state.heartbeats_received());
+        let reads = sheet.counter(
+            "node_table_reads",
+            "Reads of the node table the head answered: whole, or by delta (what changed since the reader's version)",
+        );
+        let (whole, delta) = self.state.node_reads();
+        count(&reads, vec![("kind", "whole".into())], whole);
+        count(&reads, vec![("kind", "delta".into())], delta);
         for state in ["alive", "draining", "dead"] {
             set(&nodes_by_state, vec![("state", state.into())], 0.0);
         }

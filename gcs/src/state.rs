@@ -91,6 +91,8 @@ pub struct GcsState {
     moves: DashMap<ObjectId, (String, String)>,
     /// Heartbeats taken since this process started (a metric).
     heartbeats: AtomicU64,
+    /// Reads of the node table answered whole, and by delta ([`GcsState::nodes_since`]).
+    node_reads: [AtomicU64; 2],
     /// Which node rows changed when, for delta reads of the table.
     node_changes: std::sync::Mutex<NodeChanges>,
     /// Each node's reliability score as views last learnt it: the score moves with time
@@ -234,6 +236,7 @@ impl GcsState {
             unfunded: std::sync::RwLock::new(HashMap::new()),
             moves,
             heartbeats: AtomicU64::new(0),
+            node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
             listed_scores: DashMap::new(),
             registered_from: DashMap::new(),
@@ -271,8 +274,10 @@ impl GcsState {
         };
         // Rows are read after the log: a change logged later is in the next read.
         let Some(mut changed) = changed else {
+            self.node_reads[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return NodesRead { nodes: self.nodes(include_dead), removed: Vec::new(), version, delta: false };
         };
+        self.node_reads[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         changed.sort_unstable();
         changed.dedup();
         let (mut nodes, mut removed) = (Vec::new(), Vec::new());
@@ -297,6 +302,12 @@ impl GcsState {
     /// Where `node`'s latest registration with this process came from.
     pub fn registered_from(&self, node: &NodeId) -> Option<std::net::IpAddr> {
         self.registered_from.get(node).map(|peer| *peer)
+    }
+
+    /// How many reads of the node table this process answered (whole, by delta).
+    pub fn node_reads(&self) -> (u64, u64) {
+        let read = |index: usize| self.node_reads[index].load(std::sync::atomic::Ordering::Relaxed);
+        (read(0), read(1))
     }
 
     /// How many heartbeats this process has taken.

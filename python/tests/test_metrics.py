@@ -83,6 +83,32 @@ def diverge():
     raise ValueError("the loss is NaN")
 
 
+@ionet.remote(num_gpus=64)
+def too_big():
+    return 0
+
+
+def test_requests_nothing_fits_read_only_what_changed_of_the_node_table(cluster, scraper_token):
+    # A node asked for what no node fits looks at the cluster once more before refusing:
+    # it reads what changed since its view, never the whole table (which a tenant could
+    # otherwise make every node read, as often as it liked).
+    before = scrape(cluster, scraper_token)
+    refs = [too_big.remote() for _ in range(20)]
+    for ref in refs:
+        with pytest.raises(Exception, match="GPU: 64"):
+            ionet.get(ref, timeout=60)
+    after = scrape(cluster, scraper_token)
+    whole = value(after, "ionet_node_table_reads_total", kind="whole") - value(
+        before, "ionet_node_table_reads_total", kind="whole"
+    )
+    delta = value(after, "ionet_node_table_reads_total", kind="delta") - value(
+        before, "ionet_node_table_reads_total", kind="delta"
+    )
+    # The scrapes themselves read nothing; heartbeats read deltas.
+    assert whole == 0, whole
+    assert delta > 0
+
+
 def test_metrics_show_work_and_money_and_move_as_tasks_run(cluster, scraper_token):
     before = scrape(cluster, scraper_token)
     finished_before = value(before, "ionet_tasks_finished_total", account="default") or 0

@@ -143,6 +143,12 @@ pub struct Leases {
     options: WorkerPoolOptions,
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Instant, MeterEvent)>>>,
     gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
+    /// One refresh of the view at a time; callers that waited for one take its result
+    /// (a request naming an unknown node, or one nothing fits, costs the head at most one
+    /// read in flight per node, and a delta read at that).
+    /// Holds the number of the last refresh that succeeded; `refreshes` counts those started.
+    refreshing: tokio::sync::Mutex<u64>,
+    refreshes: std::sync::atomic::AtomicU64,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
     /// The head's public key (hex), once the node has registered: told to workers.
@@ -265,6 +271,8 @@ impl Leases {
             options,
             metering: Mutex::new(None),
             gcs: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(0),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
             head_key: Mutex::new(String::new()),
@@ -398,17 +406,41 @@ impl Leases {
 
     /// Reads the node table now; whether it could.
     async fn refresh_from_control_store(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let asked = self.refreshes.load(Ordering::SeqCst);
+        let mut last_done = self.refreshing.lock().await;
+        if *last_done > asked {
+            // A refresh that started after this caller asked has succeeded meanwhile.
+            return true;
+        }
+        let number = self.refreshes.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut client) = client else { return false };
-        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest { include_dead: false, ..Default::default() };
-        match client.get_all_nodes(request).await {
+        // What changed since the view's version (the whole table only when the view is of
+        // another incarnation or too far behind).
+        let since = self.view_at();
+        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest {
+            include_dead: false,
+            since_incarnation: since.0,
+            since_version: since.1,
+        };
+        let refreshed = match client.get_all_nodes(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
-                self.refresh_view_at(&reply.nodes, (reply.incarnation, reply.version));
+                let at = (reply.incarnation, reply.version);
+                if reply.delta {
+                    self.apply_view_delta(&reply.nodes, &reply.removed, since, at);
+                } else {
+                    self.refresh_view_at(&reply.nodes, at);
+                }
                 true
             }
             Err(_) => false,
+        };
+        if refreshed {
+            *last_done = number;
         }
+        refreshed
     }
 
     /// Connects the leases to the control store: for fresh views, and to report every
