@@ -905,7 +905,8 @@ impl Actors {
     /// Forgets the longest dead actors past `max_dead_actors`, in memory and in storage.
     /// One whose lease is not yet returned is kept (its row says where to return it).
     async fn forget_longest_dead(&self) {
-        let limit = self.state.config().max_dead_actors;
+        // The actor just marked dead is always remembered (its failure is recorded next).
+        let limit = self.state.config().max_dead_actors.max(1);
         if lock(&self.dead).len() <= limit {
             return;
         }

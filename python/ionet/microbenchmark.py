@@ -279,7 +279,7 @@ def _placement_groups():
         # As Ray's: 100 groups of one small bundle made, waited for, and removed.
         groups = [placement_group([{"CPU": 0.001}]) for _ in range(100)]
         for group in groups:
-            group.wait(timeout_seconds=30)
+            assert group.wait(timeout_seconds=30), "placed"
         for group in groups:
             remove_placement_group(group)
 

@@ -104,7 +104,7 @@ def test_requests_nothing_fits_read_only_what_changed_of_the_node_table(cluster,
     delta = value(after, "ionet_node_table_reads_total", kind="delta") - value(
         before, "ionet_node_table_reads_total", kind="delta"
     )
-    # The scrapes themselves read nothing; heartbeats read deltas.
+    # The scrapes themselves read nothing; heartbeats read deltas (so `delta` says little).
     assert whole == 0, whole
     assert delta > 0
 

@@ -569,8 +569,11 @@ pub fn shutdown() {
 
 /// The worker process: serves tasks for its node daemon until told to stop.
 fn run_worker() -> ! {
-    // Before any thread: it dies with its daemon, and creates files for its user alone.
+    // Before any thread: it dies with its daemon, and creates files for its user alone;
+    // its credential is read and the variables naming its descriptors forgotten.
     ionet_common::worker_env::settle_worker_process(|name| std::env::var(name).ok());
+    let credential = ionet_common::worker_env::take_credential(|name| std::env::var(name).ok());
+    ionet_common::worker_env::forget_process_vars();
     // A panicking task is reported to its caller with its message; one line here is enough.
     std::panic::set_hook(Box::new(|info| {
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
@@ -583,7 +586,7 @@ fn run_worker() -> ! {
             std::process::exit(2)
         });
         let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
-        let credential = Bearer::new(&ionet_common::worker_env::take_credential(|name| std::env::var(name).ok())?)?;
+        let credential = Bearer::new(&credential?)?;
         // What this process holds (its job's credential) is not for other processes of
         // its user to read.
         ionet_common::worker_env::keep_memory_private();

@@ -405,7 +405,7 @@ fn leases_of_a_killed_actor_come_back() {
 /// The head remembers at most `max_dead_actors` DEAD actors: past it the longest dead are
 /// forgotten (listed no more), the newest dead stay listed, and live ones are untouched.
 fn the_head_forgets_the_longest_dead_actors_past_its_limit() {
-    let mut cluster = Cluster::start_with_env(&[], &[("IONET_MAX_DEAD_ACTORS", "3")]);
+    let cluster = Cluster::start_with_env(&[], &[("IONET_MAX_DEAD_ACTORS", "3")]);
     cluster.init();
     let dead_ids = || -> Vec<String> {
         let actors = ionet::state::list_actors().unwrap();

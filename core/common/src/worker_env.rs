@@ -159,27 +159,53 @@ impl CredentialPipe {
 }
 
 /// First thing in a worker process, before any thread starts: what its daemon would
-/// otherwise have set between fork and exec. It dies when its daemon dies (at once if
-/// that already happened), and what it creates is its own user's alone (umask 077).
-/// A worker whose parent is not the daemon (a command wrapped by a shell or a launcher)
-/// still dies if the daemon is already gone; the wrapper is the daemon's child.
+/// otherwise have set between fork and exec. What it creates is its own user's alone
+/// (umask 077), and it dies with its parent: the daemon, or a launcher the job's command
+/// runs it through (which itself does not die with the daemon: a job's command should
+/// `exec` its worker). A daemon that died before this ran is no longer an ancestor of the
+/// process (its children were handed to another): the worker exits at once.
 pub fn settle_worker_process(lookup: impl Fn(&str) -> Option<String>) {
-    // SAFETY: umask, prctl, getppid and kill(pid, 0) have no memory effects.
+    // SAFETY: umask and prctl have no memory effects.
     unsafe {
         libc::umask(0o077);
-        let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return };
-        if libc::getppid() == daemon {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            // The daemon may have died between the spawn and the line above.
-            if libc::getppid() == daemon {
-                return;
-            }
-        } else if libc::kill(daemon, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
-            return;
-        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return };
+    if !is_ancestor(daemon) {
         eprintln!("ionet worker: its node daemon (pid {daemon}) is gone");
         std::process::exit(1);
     }
+}
+
+/// Whether `pid` is this process's parent, or its parent's, and so on (a dead process,
+/// reaped or not, and a pid reused since, never is).
+fn is_ancestor(pid: libc::pid_t) -> bool {
+    // SAFETY: getppid has no memory effects.
+    let mut current = unsafe { libc::getppid() };
+    for _ in 0..64 {
+        if current == pid {
+            return true;
+        }
+        if current <= 1 {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{current}/stat")) else { return false };
+        // `pid (comm) state ppid …`: the command may hold spaces and parentheses.
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+        match parent {
+            Some(parent) => current = parent,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Takes the worker-protocol variables that name this process's own descriptors and
+/// parent out of its environment, once read: a program a task starts must not take its
+/// own standard input for a credential.
+pub fn forget_process_vars() {
+    std::env::remove_var(CREDENTIAL_FD);
+    std::env::remove_var(DAEMON_PID);
 }
 
 /// The worker's side: reads its credential from the descriptor its daemon named, and
@@ -266,11 +292,24 @@ mod tests {
         let copy = std::os::fd::IntoRawFd::into_raw_fd(read);
         let lookup = |wanted: &str| (wanted == name).then(|| copy.to_string());
         assert_eq!(take_credential(lookup).unwrap(), "ionet1.claims.signature");
-        assert!(take_credential(lookup).is_err(), "read once");
         assert!(take_credential(|_| None).unwrap_err().to_string().contains(CREDENTIAL_FD));
         assert!(take_credential(|_| Some("stdin".into())).is_err());
         assert!(take_credential(|_| Some("1".into())).is_err(), "never an output stream");
         assert!(take_credential(|_| Some("2".into())).is_err(), "never an output stream");
+    }
+
+    #[test]
+    fn a_daemon_counts_while_it_is_an_ancestor() {
+        // SAFETY: getppid has no memory effects.
+        let parent = unsafe { libc::getppid() };
+        assert!(is_ancestor(parent));
+        assert!(!is_ancestor(std::process::id() as libc::pid_t), "not its own ancestor");
+        assert!(!is_ancestor(999_999_999), "no such process");
+        // A child of this process is not its ancestor either.
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(!is_ancestor(child.id() as libc::pid_t));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

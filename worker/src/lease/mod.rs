@@ -146,8 +146,8 @@ pub struct Leases {
     /// One refresh of the view at a time; callers that waited for one take its result
     /// (a request naming an unknown node, or one nothing fits, costs the head at most one
     /// read in flight per node, and a delta read at that).
-    /// Holds the number of the last refresh that succeeded; `refreshes` counts those started.
-    refreshing: tokio::sync::Mutex<u64>,
+    /// Holds the number and the outcome of the last refresh; `refreshes` counts those started.
+    refreshing: tokio::sync::Mutex<(u64, bool)>,
     refreshes: std::sync::atomic::AtomicU64,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
@@ -271,7 +271,7 @@ impl Leases {
             options,
             metering: Mutex::new(None),
             gcs: Mutex::new(None),
-            refreshing: tokio::sync::Mutex::new(0),
+            refreshing: tokio::sync::Mutex::new((0, false)),
             refreshes: std::sync::atomic::AtomicU64::new(0),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
@@ -404,43 +404,53 @@ impl Leases {
         *self.object_store_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
-    /// Reads the node table now; whether it could.
+    /// Brings the node view up to the head's table now; whether it could. One refresh
+    /// runs at a time: a caller that waited for one that started after it asked takes
+    /// that one's outcome (a head that does not answer is asked once, not once per caller).
     async fn refresh_from_control_store(&self) -> bool {
         use std::sync::atomic::Ordering;
         let asked = self.refreshes.load(Ordering::SeqCst);
-        let mut last_done = self.refreshing.lock().await;
-        if *last_done > asked {
-            // A refresh that started after this caller asked has succeeded meanwhile.
-            return true;
+        let mut last = self.refreshing.lock().await;
+        if last.0 > asked {
+            return last.1;
         }
         let number = self.refreshes.fetch_add(1, Ordering::SeqCst) + 1;
+        let refreshed = self.read_view_from_control_store().await;
+        *last = (number, refreshed);
+        refreshed
+    }
+
+    /// Reads what changed of the node table since the view's version (the head answers
+    /// with the whole table when the view is of another incarnation or too far behind).
+    async fn read_view_from_control_store(&self) -> bool {
         let client = self.gcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut client) = client else { return false };
-        // What changed since the view's version (the whole table only when the view is of
-        // another incarnation or too far behind).
-        let since = self.view_at();
-        let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest {
-            include_dead: false,
-            since_incarnation: since.0,
-            since_version: since.1,
-        };
-        let refreshed = match client.get_all_nodes(request).await {
-            Ok(reply) => {
-                let reply = reply.into_inner();
-                let at = (reply.incarnation, reply.version);
-                if reply.delta {
-                    self.apply_view_delta(&reply.nodes, &reply.removed, since, at);
-                } else {
-                    self.refresh_view_at(&reply.nodes, at);
-                }
-                true
+        let mut since = self.view_at();
+        for _ in 0..2 {
+            let request = ionet_common::rpc::proto::gcs::GetAllNodesRequest {
+                include_dead: false,
+                since_incarnation: since.0,
+                since_version: since.1,
+            };
+            let Ok(reply) = client.get_all_nodes(request).await else { return false };
+            let reply = reply.into_inner();
+            let at = (reply.incarnation, reply.version);
+            if !reply.delta {
+                // Applied unless the view is newer already (then it holds all of it).
+                self.refresh_view_at(&reply.nodes, at);
+                return true;
             }
-            Err(_) => false,
-        };
-        if refreshed {
-            *last_done = number;
+            if self.apply_view_delta(&reply.nodes, &reply.removed, since, at) {
+                return true;
+            }
+            let now = self.view_at();
+            if now.0 == at.0 && now.1 >= at.1 {
+                return true; // a heartbeat's delta took the view as far meanwhile
+            }
+            // A heartbeat's older delta moved the view meanwhile: read the whole table.
+            since = (0, 0);
         }
-        refreshed
+        false
     }
 
     /// Connects the leases to the control store: for fresh views, and to report every
@@ -579,14 +589,14 @@ impl Leases {
     /// (incarnation, version): rows changed (`nodes`) and nodes gone (`removed`); the rest
     /// of the view stays. A delta from anywhere but where the view stands is dropped (the
     /// next read asks from there).
-    pub fn apply_view_delta(&self, nodes: &[NodeInfo], removed: &[Vec<u8>], since: (u64, u64), at: (u64, u64)) {
+    pub fn apply_view_delta(&self, nodes: &[NodeInfo], removed: &[Vec<u8>], since: (u64, u64), at: (u64, u64)) -> bool {
         if self.lock().view_at != since {
-            return;
+            return false;
         }
         let views = self.learn_rows(nodes);
         let mut state = self.lock();
         if state.view_at != since {
-            return;
+            return false;
         }
         self.learn_own_row(nodes);
         for view in views {
@@ -598,6 +608,7 @@ impl Leases {
             }
         }
         state.view_at = at;
+        true
     }
 
     /// Where the cluster view stands: (incarnation, version) of the head's node table.
