@@ -22,19 +22,12 @@ import time
 
 import numpy as np
 
+from failover import wait_for
 from chaos import IonetNodes, RayNodes
 
 NODES = int(os.environ.get("BROADCAST_NODES", "8"))
 SIZE = int(os.environ.get("BROADCAST_BYTES", str(1 << 30)))
 ROUNDS = int(os.environ.get("BROADCAST_ROUNDS", "3"))
-
-
-def wait_for(what, condition, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def main():
