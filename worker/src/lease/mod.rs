@@ -143,10 +143,10 @@ pub struct Leases {
     options: WorkerPoolOptions,
     metering: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Instant, MeterEvent)>>>,
     gcs: Mutex<Option<ionet_common::rpc::GcsClient>>,
-    /// One refresh of the view at a time; callers that waited for one take its result
-    /// (a request naming an unknown node, or one nothing fits, costs the head at most one
-    /// read in flight per node, and a delta read at that).
-    /// Holds the number and the outcome of the last refresh; `refreshes` counts those started.
+    /// One refresh of the view at a time (a request naming an unknown node, or one
+    /// nothing fits, costs the head at most one read in flight per node, and a delta read
+    /// at that): holds the number and the outcome of the last; `refreshes` counts those
+    /// started.
     refreshing: tokio::sync::Mutex<(u64, bool)>,
     refreshes: std::sync::atomic::AtomicU64,
     object_store_dir: Mutex<String>,
@@ -558,8 +558,10 @@ impl Leases {
     }
 
     /// Replaces the cluster view with the control store's node table, of unknown age (a
-    /// delta reader reads it whole next).
-    pub fn refresh_view(&self, nodes: &[NodeInfo]) {
+    /// delta reader reads it whole next). Nodes always know the version they read: for
+    /// tests.
+    #[cfg(test)]
+    pub(crate) fn refresh_view(&self, nodes: &[NodeInfo]) {
         self.refresh_view_at(nodes, (0, 0));
     }
 
