@@ -103,6 +103,10 @@ def init(
         log_to_driver,
         _options._runtime_env("runtime_env", runtime_env),
         None if min_reliability is None else float(min_reliability),
+        # Workers forked from a forkserver per job and node that has imported ionet
+        # (`ionet._forkserver`); IONET_NO_FORKSERVER=1 starts each in an interpreter of
+        # its own.
+        worker_forks=os.environ.get("IONET_NO_FORKSERVER", "") in ("", "0"),
     )
     _export.forget_exports()
     global _shutdown_registered

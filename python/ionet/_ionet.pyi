@@ -59,16 +59,23 @@ def init(
     payer_account: str = "",
     log_to_driver: bool = True,
     runtime_env_json: Optional[str] = None,
+    min_reliability: Optional[float] = None,
+    worker_forks: bool = False,
 ) -> None:
     """Joins the cluster at `address` ("auto" or "host:port"), or starts an embedded one
     (None). Node daemons start this job's workers with `worker_argv` in `worker_cwd`,
     with `worker_env` added to their environment. With `log_to_driver`, what the job's
     workers print is printed here, prefixed with the task, pid and node. The job's
-    workers start inside `runtime_env_json` (Ray's runtime_env, as JSON)."""
+    workers start inside `runtime_env_json` (Ray's runtime_env, as JSON). With
+    `worker_forks`, each node forks them from a forkserver of the job (`ionet._forkserver`)."""
 
 def shutdown() -> None: ...
 def is_initialized() -> bool:
     """True in a driver after `init`, and in a worker."""
+
+def settle_forkserver() -> None:
+    """In a forkserver, first: it dies with its node daemon, and what it creates is its
+    user's alone."""
 
 def run_worker() -> NoReturn:
     """Serves tasks in a worker process started by a node daemon, until stopped."""

@@ -2,7 +2,9 @@
 
 The driver passes its `sys.path` in `IONET_PYTHONPATH`, so the worker imports what the
 driver can (the modules of its scripts and tests, which functions pickled by reference
-name). Then the native worker serves tasks until the daemon stops it.
+name). Then the native worker serves tasks until the daemon stops it. Started as its
+job's forkserver (`ionet._forkserver`), it forks the workers instead, each of which
+goes on here.
 """
 
 import os
@@ -19,6 +21,11 @@ def main() -> None:
     if driver_path:
         entries = driver_path.split(os.pathsep)
         sys.path[:] = entries + [entry for entry in sys.path if entry not in entries]
+    if os.environ.pop("IONET_FORKSERVER", None) == "1":
+        # The job's forkserver on this node: returns in each worker it forks.
+        from ionet import _forkserver
+
+        _forkserver.serve()
     # What tasks print reaches the output file (followed for the driver) line by line,
     # in order with the native side's lines naming the task.
     for stream in (sys.stdout, sys.stderr):

@@ -4,7 +4,7 @@
 use super::*;
 
 #[pyfunction]
-#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true, runtime_env_json = None, min_reliability = None))]
+#[pyo3(signature = (address, num_cpus, num_gpus, gpu_type, resources, namespace, session_dir, object_store_memory, worker_argv, worker_env, worker_cwd, payer_account = String::new(), log_to_driver = true, runtime_env_json = None, min_reliability = None, worker_forks = false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn init(
     py: Python<'_>,
@@ -23,6 +23,7 @@ pub(crate) fn init(
     log_to_driver: bool,
     runtime_env_json: Option<String>,
     min_reliability: Option<f64>,
+    worker_forks: bool,
 ) -> PyResult<()> {
     let runtime_env = runtime_env_json
         .map(|json| serde_json::from_str(&json))
@@ -40,7 +41,13 @@ pub(crate) fn init(
         namespace,
         session_dir: session_dir.map(Into::into),
         object_store_memory,
-        worker_command: Some(WorkerCommand { argv: worker_argv, env: worker_env, cwd: worker_cwd, packages: None }),
+        worker_command: Some(WorkerCommand {
+            argv: worker_argv,
+            env: worker_env,
+            cwd: worker_cwd,
+            packages: None,
+            forks: worker_forks,
+        }),
         payer_account,
         log_to_driver: Some(log_to_driver),
         runtime_env,
@@ -58,6 +65,13 @@ pub(crate) fn shutdown(py: Python<'_>) {
 #[pyfunction]
 pub(crate) fn is_initialized() -> bool {
     ionet::is_initialized()
+}
+
+/// In a forkserver a node daemon started: what a worker sets first, before any thread
+/// (it dies with its daemon, and creates files for its user alone).
+#[pyfunction]
+pub(crate) fn settle_forkserver() {
+    ionet::worker_env::settle_worker_process(|name| std::env::var(name).ok());
 }
 
 /// In a worker process started by a node daemon: serves tasks until killed.

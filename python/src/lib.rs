@@ -118,6 +118,7 @@ fn _ionet(module: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(shutdown, module)?,
         wrap_pyfunction!(is_initialized, module)?,
         wrap_pyfunction!(run_worker, module)?,
+        wrap_pyfunction!(settle_forkserver, module)?,
         wrap_pyfunction!(cli_main, module)?,
         wrap_pyfunction!(kv_put, module)?,
         wrap_pyfunction!(kv_get, module)?,

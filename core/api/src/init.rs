@@ -215,7 +215,8 @@ fn worker_command() -> WorkerCommand {
         })
         .collect();
     let cwd = std::env::current_dir().map(|dir| dir.to_string_lossy().into_owned()).unwrap_or_default();
-    WorkerCommand { argv, env, cwd, packages: None }
+    // A Rust worker is a process of its own (a forkserver is for interpreters' starts).
+    WorkerCommand { argv, env, cwd, packages: None, forks: false }
 }
 
 /// Binds this process's own server at its node's host: TLS (`https://`) when its node's

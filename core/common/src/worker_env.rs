@@ -149,13 +149,29 @@ impl CredentialPipe {
     /// The variables telling the worker where to read its credential, and which daemon
     /// it dies with (this process).
     pub fn vars(&self) -> [(&'static str, String); 2] {
-        [(CREDENTIAL_FD, "0".to_string()), (DAEMON_PID, std::process::id().to_string())]
+        [(CREDENTIAL_FD, "0".to_string()), daemon_var()]
     }
 
     /// The read end, to be the worker's standard input.
     pub fn into_stdin(self) -> std::process::Stdio {
         std::process::Stdio::from(self.read)
     }
+
+    /// The read end, to be passed to the forkserver that makes it its worker's standard
+    /// input.
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        self.read
+    }
+}
+
+/// Set (to `1`) in a forkserver's environment (a job's command that `forks`): the
+/// program serves its node daemon's fork requests on its standard input, a socket, and
+/// each child it forks goes on as a worker (with its own protocol variables).
+pub const FORKSERVER: &str = "IONET_FORKSERVER";
+
+/// The variable naming this process as the daemon a forkserver dies with.
+pub fn daemon_var() -> (&'static str, String) {
+    (DAEMON_PID, std::process::id().to_string())
 }
 
 /// First thing in a worker process, before any thread starts: what its daemon would

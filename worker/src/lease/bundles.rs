@@ -5,7 +5,6 @@
 use ionet_common::resources::ResourceSet;
 use ionet_common::{IonetError, IonetResult, JobId, LeaseId, PlacementGroupId};
 
-use super::process::kill;
 use super::state::{BundleKey, Step};
 use super::{Leases, MeterEvent};
 
@@ -108,7 +107,7 @@ impl Leases {
         // leases end (resources back to the general pool) as their processes exit.
         for pid in doomed {
             tracing::info!(pid, "stopping a worker of a removed placement-group bundle");
-            kill(pid);
+            self.kill(pid);
         }
         self.freed.notify_waiters();
         Ok(removed)

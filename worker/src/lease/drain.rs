@@ -9,7 +9,6 @@ use ionet_common::resources::ResourceSet;
 use ionet_common::NodeId;
 use ionet_scheduler::SchedulingStrategy;
 
-use super::process::kill;
 use super::Leases;
 
 impl Leases {
@@ -34,7 +33,7 @@ impl Leases {
             .collect();
         drop(state);
         for pid in &pids {
-            kill(*pid);
+            self.kill(*pid);
         }
         pids.len()
     }

@@ -52,6 +52,7 @@ use crate::cluster_view::node_view;
 
 mod bundles;
 mod drain;
+mod forkserver;
 mod holders;
 mod metering;
 mod process;
@@ -63,7 +64,6 @@ use metering::{report_leases, MeterEvent};
 pub const METERING_ENV: &str = "IONET_METERING";
 /// The most unreachable nodes one lease request may ask to avoid.
 const MAX_AVOIDED: usize = 16;
-use process::kill;
 use state::{clamped, BundleKey, Granted, LeaseState, PoolKey, Step};
 
 pub struct WorkerPoolOptions {
@@ -108,6 +108,10 @@ pub struct Leases {
     /// Each job's credential, from its last lease request: the workers started for the
     /// job are given it (and nothing broader).
     job_credentials: DashMap<JobId, Bearer>,
+    /// The jobs' forkservers on this node (a Python job's workers are forked from one).
+    forkservers: forkserver::Forkservers,
+    /// The pidfd of each worker a forkserver forked, by pid: how it is stopped.
+    pidfds: DashMap<u32, Arc<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>>,
     /// Jobs the head says their payer cannot cover, with why (replaced every heartbeat).
     unfunded: std::sync::RwLock<std::collections::HashMap<JobId, String>>,
     /// The account of each job that asked for a lease here.
@@ -253,6 +257,8 @@ impl Leases {
             node_id,
             address,
             job_credentials: DashMap::new(),
+            forkservers: forkserver::Forkservers::default(),
+            pidfds: DashMap::new(),
             unfunded: std::sync::RwLock::new(std::collections::HashMap::new()),
             job_accounts: DashMap::new(),
             job_logs: DashMap::new(),
@@ -1111,7 +1117,7 @@ impl Leases {
             ended
         };
         if let Some(pid) = ended.stop {
-            kill(pid);
+            self.kill(pid);
         }
         self.freed.notify_waiters();
         Some(ended.granted)

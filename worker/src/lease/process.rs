@@ -1,6 +1,7 @@
 //! Worker processes: how a daemon starts one (telling it its place in the environment
 //! protocol of `ionet_common::worker_env`), learns its address, stops it, and sees it exit.
 
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use ionet_common::worker_env::{CredentialPipe, WorkerEnv};
 use ionet_common::{IonetError, IonetResult, JobId, WorkerId};
 use tokio::sync::oneshot;
 
+use super::forkserver::{self, ForkRequest, Forked};
 use super::state::{Doing, Granted, PoolKey, Process};
 use super::{Leases, MeterEvent, Worker};
 
@@ -107,14 +109,27 @@ impl Leases {
         Ok(())
     }
 
-    pub(super) async fn start_worker(
-        self: &Arc<Self>,
-        job_id: JobId,
+    /// Who `job_id`'s workers run as: `None` for this daemon's own user, else (a root
+    /// daemon) the job's own uid and gid.
+    fn runs_as(&self, job_id: JobId) -> IonetResult<Option<(u32, u32)>> {
+        let Some(identities) = self.identities.get() else { return Ok(None) };
+        let account = self
+            .job_accounts
+            .get(&job_id)
+            .map(|account| account.clone())
+            .ok_or_else(|| IonetError::Internal(format!("no account of job {job_id} to start its worker as")))?;
+        let identity = identities.of_job(job_id, &account)?;
+        Ok(Some((identity.uid, identity.gid)))
+    }
+
+    /// What starts `command` for its job here (a worker, or its forkserver): the program
+    /// and its environment, its user and directory; not what is each worker's own.
+    fn job_process(
+        &self,
         command: &WorkerCommand,
-        key: PoolKey,
-    ) -> IonetResult<Worker> {
-        let worker_id = WorkerId::random();
-        let unpacked = self.unpack_packages(job_id, command).await?;
+        unpacked: Option<&crate::packages::Unpacked>,
+        runs_as: Option<(u32, u32)>,
+    ) -> tokio::process::Command {
         let mut process = tokio::process::Command::new(&command.argv[0]);
         process
             .args(&command.argv[1..])
@@ -122,31 +137,21 @@ impl Leases {
             // in the command when they have one of their own).
             .env_remove(ionet_common::worker_env::RUNTIME_ENV)
             .envs(&command.env)
-            .envs(self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars())
             // Secrets the daemon itself was started with are not its workers' to inherit.
             .env_remove("IONET_JOIN_TOKEN")
             .env_remove("IONET_CREDENTIAL")
-            .env_remove("IONET_API_KEY");
-        // The credential never enters the environment: the worker reads it from a pipe,
-        // its standard input.
-        let credential = self.credential_pipe(job_id)?;
-        process.envs(credential.vars()).stdin(credential.into_stdin());
+            .env_remove("IONET_API_KEY")
+            // Each worker is told whether its output is followed.
+            .env_remove(ionet_common::worker_env::OUTPUT_FOLLOWED);
         // A root daemon runs each job's workers as a user of their own.
-        let mut runs_as = None;
-        if let Some(identities) = self.identities.get() {
-            let account =
-                self.job_accounts.get(&job_id).map(|account| account.clone()).ok_or_else(|| {
-                    IonetError::Internal(format!("no account of job {job_id} to start its worker as"))
-                })?;
-            let identity = identities.of_job(job_id, &account)?;
-            process.uid(identity.uid).gid(identity.gid);
-            runs_as = Some(identity.uid);
+        if let Some((uid, gid)) = runs_as {
+            process.uid(uid).gid(gid);
         }
         // The driver's directory, where this machine has it and the worker may enter it
         // (a driver elsewhere, or a directory of another user: the root instead). Changed
         // into after the worker became its job's user, so the check is the worker's own.
         let mut cwd = std::ffi::CString::new(command.cwd.as_bytes()).ok().filter(|_| !command.cwd.is_empty());
-        if let Some(unpacked) = &unpacked {
+        if let Some(unpacked) = unpacked {
             // The job ships its code: the worker starts in its working dir, with it and its
             // modules first on its Python path.
             if let Some(dir) = &unpacked.working_dir {
@@ -160,17 +165,6 @@ impl Leases {
             if let Some(path) = unpacked.path_before(path.as_deref()) {
                 process.env("PATH", path);
             }
-        }
-        let mut log_path = None;
-        if let Some(dir) = &self.options.log_dir {
-            // The whole id, and a file of its own: another job's output is never appended to.
-            let path = dir.join(format!("worker-{}.log", worker_id.hex()));
-            let file = std::fs::File::options().write(true).create_new(true).open(&path)?;
-            process.stdout(file.try_clone()?).stderr(file).env(ionet_common::worker_env::OUTPUT_FOLLOWED, "1");
-            log_path = Some(path);
-        } else {
-            // Not followed here: the worker must not name its output (it goes to a terminal).
-            process.env_remove(ionet_common::worker_env::OUTPUT_FOLLOWED);
         }
         match runs_as {
             // Another user: set between fork and exec, where the check is the worker's own.
@@ -198,34 +192,119 @@ impl Leases {
                 process.current_dir(dir.unwrap_or_else(|| "/".into()));
             }
         }
-        let (sender, receiver) = oneshot::channel();
-        self.starting.insert(worker_id, (job_id, sender));
-        let mut child = match process.spawn() {
-            Ok(child) => child,
-            Err(err) => {
-                self.starting.remove(&worker_id);
-                let why = match runs_as {
-                    Some(uid) if err.kind() == std::io::ErrorKind::PermissionDenied => format!(
-                        " (the job's workers run as uid {uid}, a user of their own: its program, and every \
-                         directory above it, must be readable and executable by all users)"
-                    ),
-                    _ => String::new(),
-                };
-                let message = format!("cannot start a worker of job {job_id} with {:?}: {err}{why}", command.argv[0]);
-                // A program that is missing or not runnable stays so: the job hears it; a
-                // fork that failed for want of memory or processes is tried again.
-                return Err(match err.kind() {
-                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => {
-                        IonetError::FailedPrecondition(message)
-                    }
-                    _ => IonetError::Internal(message),
-                });
+        process
+    }
+
+    /// The forkserver of `command`: the job's process, its output to a file of the job's
+    /// where this node keeps them.
+    fn forkserver_process(
+        &self,
+        job_id: JobId,
+        command: &WorkerCommand,
+        unpacked: Option<&crate::packages::Unpacked>,
+        runs_as: Option<(u32, u32)>,
+    ) -> IonetResult<tokio::process::Command> {
+        let mut process = self.job_process(command, unpacked, runs_as);
+        if let Some(dir) = &self.options.log_dir {
+            let path = dir.join(format!("forkserver-{}.log", job_id.hex()));
+            let file = std::fs::File::options().append(true).create(true).open(path)?;
+            process.stdout(file.try_clone()?).stderr(file);
+        }
+        Ok(process)
+    }
+
+    /// Starts a worker of `command`: forked by its job's forkserver when the command
+    /// forks and the server does, else a process of its own.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn(
+        &self,
+        job_id: JobId,
+        command: &WorkerCommand,
+        unpacked: Option<&crate::packages::Unpacked>,
+        runs_as: Option<(u32, u32)>,
+        vars: &[(&'static str, String)],
+        output: Option<&std::fs::File>,
+    ) -> IonetResult<Spawned> {
+        if command.forks {
+            let credential = self.credential_pipe(job_id)?;
+            let mut vars = vars.to_vec();
+            vars.extend(credential.vars());
+            // SAFETY: geteuid has no memory effects.
+            let uid = runs_as.map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
+            let key = forkserver::key_of(job_id, command, uid);
+            let request = ForkRequest { vars: &vars, credential: credential.into_fd(), output: output.map(AsFd::as_fd) };
+            let start = || self.forkserver_process(job_id, command, unpacked, runs_as);
+            match self.forkservers.fork(key, job_id, start, uid, request).await {
+                Ok(forked) => {
+                    self.pidfds.insert(forked.pid, forked.pidfd.clone());
+                    return Ok(Spawned::Forked(forked));
+                }
+                Err(err) => tracing::warn!(job = %job_id, error = %err, "a worker starts without its job's forkserver"),
             }
-        };
+        }
+        let mut process = self.job_process(command, unpacked, runs_as);
+        process.envs(vars.iter().cloned());
+        // The credential never enters the environment: the worker reads it from a pipe,
+        // its standard input.
+        let credential = self.credential_pipe(job_id)?;
+        process.envs(credential.vars()).stdin(credential.into_stdin());
+        if let Some(file) = output {
+            process.stdout(file.try_clone()?).stderr(file.try_clone()?);
+        }
+        let child = process.spawn().map_err(|err| {
+            let why = match runs_as {
+                Some((uid, _)) if err.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                    " (the job's workers run as uid {uid}, a user of their own: its program, and every \
+                     directory above it, must be readable and executable by all users)"
+                ),
+                _ => String::new(),
+            };
+            let message = format!("cannot start a worker of job {job_id} with {:?}: {err}{why}", command.argv[0]);
+            // A program that is missing or not runnable stays so: the job hears it; a
+            // fork that failed for want of memory or processes is tried again.
+            match err.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => {
+                    IonetError::FailedPrecondition(message)
+                }
+                _ => IonetError::Internal(message),
+            }
+        })?;
         // The worker holds its copy of the pipe now; this end closes here.
         drop(process);
-        let pid = child.id().unwrap_or(0);
-        if let Some(path) = log_path {
+        Ok(Spawned::Child(child))
+    }
+
+    pub(super) async fn start_worker(
+        self: &Arc<Self>,
+        job_id: JobId,
+        command: &WorkerCommand,
+        key: PoolKey,
+    ) -> IonetResult<Worker> {
+        let worker_id = WorkerId::random();
+        let unpacked = self.unpack_packages(job_id, command).await?;
+        let runs_as = self.runs_as(job_id)?;
+        let mut vars = self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars();
+        let mut output = None;
+        if let Some(dir) = &self.options.log_dir {
+            // The whole id, and a file of its own: another job's output is never appended to.
+            let path = dir.join(format!("worker-{}.log", worker_id.hex()));
+            let file = std::fs::File::options().write(true).create_new(true).open(&path)?;
+            vars.push((ionet_common::worker_env::OUTPUT_FOLLOWED, "1".into()));
+            output = Some((file, path));
+        }
+        let (sender, receiver) = oneshot::channel();
+        self.starting.insert(worker_id, (job_id, sender));
+        let spawned =
+            self.spawn(job_id, command, unpacked.as_ref(), runs_as, &vars, output.as_ref().map(|(file, _)| file)).await;
+        let mut spawned = match spawned {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                self.starting.remove(&worker_id);
+                return Err(err);
+            }
+        };
+        let pid = spawned.pid();
+        if let Some((_, path)) = output {
             let mut files = self.job_logs.entry(job_id).or_default();
             files.push((pid, path));
             // Bounded: a job that started more workers here than this is followed for its
@@ -238,10 +317,9 @@ impl Leases {
         self.lock().processes.insert(worker_id, starting);
         let address = tokio::select! {
             address = receiver => address.map_err(|_| IonetError::Internal("worker registration dropped".into())),
-            status = child.wait() => Err(IonetError::Internal(format!(
-                "worker {} exited before registering ({}); is ionet::init() called first in main?",
+            status = spawned.wait() => Err(IonetError::Internal(format!(
+                "worker {} exited before registering ({status}); is ionet::init() called first in main?",
                 worker_id.short(),
-                status.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string())
             ))),
             _ = tokio::time::sleep(WORKER_START_TIMEOUT) => Err(IonetError::Timeout(format!(
                 "worker {} did not register within {WORKER_START_TIMEOUT:?}", worker_id.short()
@@ -252,7 +330,8 @@ impl Leases {
             Err(err) => {
                 self.starting.remove(&worker_id);
                 self.lock().processes.remove(&worker_id);
-                let _ = child.start_kill();
+                spawned.kill();
+                self.pidfds.remove(&pid);
                 return Err(err);
             }
         };
@@ -264,11 +343,12 @@ impl Leases {
         let leases = self.clone();
         let exited_address = address.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = spawned.wait().await;
             if let Some(hook) = leases.on_worker_exit.get() {
                 hook(exited_address);
             }
-            leases.worker_exited(worker_id, status.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string()));
+            leases.worker_exited(worker_id, status);
+            leases.pidfds.remove(&pid);
         });
         tracing::debug!(worker = %worker_id.short(), pid, %address, "worker started");
         Ok(Worker { worker_id, address })
@@ -298,24 +378,72 @@ impl Leases {
         let doomed =
             self.lock().reap_idle(Instant::now(), options.max_idle_workers, options.idle_timeout, EXCESS_IDLE_GRACE);
         for pid in doomed {
-            kill(pid);
+            self.kill(pid);
+        }
+        // A job's forkserver goes once the job has had no worker here for the idle time.
+        let busy: std::collections::HashSet<Vec<u8>> =
+            self.lock().processes.values().map(|process| process.key.job_id.clone()).collect();
+        self.forkservers.reap(options.idle_timeout, |job_id| busy.contains(&job_id.to_vec()));
+    }
+
+    /// Stops every worker (daemon shutdown), and the forkservers.
+    pub fn stop_all_workers(&self) {
+        self.forkservers.stop_all();
+        let pids: Vec<u32> = self.lock().processes.values().map(|process| process.pid).collect();
+        for pid in pids {
+            self.kill(pid);
         }
     }
 
-    /// Stops every worker (daemon shutdown).
-    pub fn stop_all_workers(&self) {
-        let pids: Vec<u32> = self.lock().processes.values().map(|process| process.pid).collect();
-        for pid in pids {
-            kill(pid);
+    /// Stops a worker this daemon started (by its pidfd when a forkserver forked it).
+    pub(super) fn kill(&self, pid: u32) {
+        if let Some(pidfd) = self.pidfds.get(&pid) {
+            forkserver::kill(&pidfd);
+        } else if pid > 0 {
+            // SAFETY: signalling a child process this daemon started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
         }
+    }
+
+    /// How many forkservers run on this node.
+    pub fn forkservers_running(&self) -> usize {
+        self.forkservers.running()
     }
 }
 
-pub(super) fn kill(pid: u32) {
-    if pid > 0 {
-        // SAFETY: signalling a child process this daemon started.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
+/// A worker process as started: this daemon's child, or a forkserver's.
+enum Spawned {
+    Child(tokio::process::Child),
+    Forked(Forked),
+}
+
+impl Spawned {
+    fn pid(&self) -> u32 {
+        match self {
+            Spawned::Child(child) => child.id().unwrap_or(0),
+            Spawned::Forked(forked) => forked.pid,
+        }
+    }
+
+    /// Waits for the process to exit; how it ended, where known.
+    async fn wait(&mut self) -> String {
+        match self {
+            Spawned::Child(child) => child.wait().await.map(|s| s.to_string()).unwrap_or_else(|err| err.to_string()),
+            Spawned::Forked(forked) => match forked.pidfd.readable().await {
+                Ok(_) => "exited; forked by its job's forkserver".into(),
+                Err(err) => err.to_string(),
+            },
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Spawned::Child(child) => {
+                let _ = child.start_kill();
+            }
+            Spawned::Forked(forked) => forkserver::kill(&forked.pidfd),
         }
     }
 }
