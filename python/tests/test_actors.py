@@ -1,11 +1,15 @@
 """Actors on an embedded cluster: state, order, names, handles, death."""
 
+import os
+import signal
 import uuid
 
 import pytest
 
 import ionet
 from ionet.exceptions import ActorDiedError, RayActorError
+
+from conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("local_cluster")
 
@@ -179,3 +183,45 @@ def test_a_ref_an_actor_returns_in_a_list_outlives_the_actors_own_handle():
     gc.collect()
     assert ionet.get(keeper.forget.remote(), timeout=60) == 0
     assert ionet.get(inner, timeout=60) == "made by the actor"
+
+
+@ionet.remote
+class WhereAmI:
+    def process(self):
+        return {
+            "pid": os.getpid(),
+            "parent": os.getppid(),
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "forkserver": os.environ.get("IONET_FORKSERVER"),
+        }
+
+
+def _state(pid):
+    """A process's state letter ("Z" a zombie), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_a_jobs_actors_are_forked_from_its_forkserver_and_outlive_its_death():
+    actors = [WhereAmI.options(num_gpus=1).remote() for _ in range(2)]
+    first, second = ionet.get([actor.process.remote() for actor in actors], timeout=60)
+    # Each a process of its own, with the GPU leased to it, forked from one server (the
+    # job's worker program, not the node daemon: this driver in an embedded cluster).
+    assert first["pid"] != second["pid"]
+    assert first["parent"] == second["parent"] != os.getpid()
+    assert sorted([first["gpus"], second["gpus"]]) == ["0", "1"]
+    assert first["forkserver"] is None, "a forked worker is told it is a worker, not a server"
+    server = first["parent"]
+    with open(f"/proc/{server}/cmdline") as cmdline:
+        assert "ionet._worker" in cmdline.read().split("\0")
+    for actor in actors:
+        ionet.kill(actor)
+    # The server dies: the job's next actors still start (from another server).
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: _state(server) in (None, "Z"), what="the forkserver died")
+    third = ionet.get(WhereAmI.remote().process.remote(), timeout=60)
+    assert third["parent"] != server
+    assert _state(third["pid"]) not in (None, "Z")

@@ -180,7 +180,8 @@ impl Server {
             .env(ionet_common::worker_env::FORKSERVER, "1")
             .envs([ionet_common::worker_env::daemon_var()])
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|err| IonetError::Internal(format!("cannot start a forkserver: {err}")))?;
+        let mut child =
+            command.spawn().map_err(|err| IonetError::Internal(format!("cannot start a forkserver: {err}")))?;
         // Its end closes here: the server's exit is this end's end of file.
         drop(command);
         let channel = register(ours)?;
@@ -340,5 +341,121 @@ async fn receive(channel: &AsyncFd<OwnedFd>) -> IonetResult<(serde_json::Value, 
         let message = serde_json::from_slice(&bytes)
             .map_err(|err| IonetError::Internal(format!("the forkserver sent what is not JSON: {err}")))?;
         return Ok((message, fds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use ionet_common::worker_env::CredentialPipe;
+
+    use super::*;
+
+    fn pidfd_of(pid: u32) -> OwnedFd {
+        rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap()
+    }
+
+    fn uid() -> u32 {
+        rustix::process::geteuid().as_raw()
+    }
+
+    #[test]
+    fn only_a_pidfd_of_a_live_child_of_the_server_as_the_jobs_user_is_taken() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = pidfd_of(child.id());
+        let me = std::process::id();
+        assert_eq!(verify_forked(&pidfd, me, uid()).unwrap(), child.id());
+        // Another parent's, another user's, not a pidfd at all.
+        assert!(matches!(verify_forked(&pidfd, 1, uid()), Err(IonetError::PermissionDenied(_))));
+        assert!(matches!(verify_forked(&pidfd, me, uid() + 1), Err(IonetError::PermissionDenied(_))));
+        let file: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        assert!(matches!(verify_forked(&file, me, uid()), Err(IonetError::PermissionDenied(_))));
+        // Gone (exited, reaped or not): refused, and its pid is never signalled.
+        kill(&register_blocking(pidfd_of(child.id())));
+        child.wait().unwrap();
+        assert!(has_exited(pidfd.as_fd()));
+        assert!(matches!(verify_forked(&pidfd, me, uid()), Err(IonetError::PermissionDenied(_))));
+    }
+
+    /// Registers `fd` in a runtime made for the call (for `kill`, which needs none).
+    fn register_blocking(fd: OwnedFd) -> AsyncFd<OwnedFd> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let _entered = runtime.enter();
+        register(fd).unwrap()
+    }
+
+    /// A forkserver in a few lines of Python: honest (forks `sleep`) or lying (answers
+    /// with a pidfd of its parent, the daemon).
+    fn server(mode: &str) -> tokio::process::Command {
+        let script = r#"
+import os, socket, sys
+channel = socket.socket(fileno=0)
+channel.send(b'{"ready": true}')
+while True:
+    message, fds, _, _ = socket.recv_fds(channel, 1 << 20, 2)
+    if not message:
+        sys.exit(0)
+    for fd in fds:
+        os.close(fd)
+    if sys.argv[1] == "honest":
+        target = os.fork()
+        if target == 0:
+            os.execv("/bin/sleep", ["sleep", "30"])
+    else:
+        target = os.getppid()
+    pidfd = os.pidfd_open(target)
+    socket.send_fds(channel, [b"{}"], [pidfd])
+    os.close(pidfd)
+"#;
+        let mut command = tokio::process::Command::new("python3");
+        command.args(["-c", script, mode]);
+        command
+    }
+
+    fn request<'a>(vars: &'a [(&'static str, String)]) -> ForkRequest<'a> {
+        ForkRequest { vars, credential: CredentialPipe::holding("credential").unwrap().into_fd(), output: None }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forkserver_that_names_another_process_is_stopped_and_that_process_spared() {
+        let servers = Forkservers::default();
+        let job = JobId::from_sequence(1);
+        let vars = [("IONET_WORKER_ID", "00".to_string())];
+        let forked = tokio::time::timeout(
+            Duration::from_secs(30),
+            servers.fork("lying".into(), job, || Ok(server("lying")), uid(), request(&vars)),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(forked, Err(IonetError::PermissionDenied(_))), "{:?}", forked.err());
+        assert_eq!(servers.running(), 0, "the lying server was stopped");
+        // Its job's workers start directly for a while (no new server is asked).
+        let again = servers.fork("lying".into(), job, || panic!("not started again"), uid(), request(&vars)).await;
+        assert!(matches!(again, Err(IonetError::Unavailable(_))));
+
+        // An honest one: its child is watched and stopped through the pidfd, and the
+        // server goes once idle with no worker of its job left.
+        let forked = tokio::time::timeout(
+            Duration::from_secs(30),
+            servers.fork("honest".into(), job, || Ok(server("honest")), uid(), request(&vars)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!has_exited(forked.pidfd.get_ref().as_fd()));
+        kill(&forked.pidfd);
+        let _exited = tokio::time::timeout(Duration::from_secs(10), forked.pidfd.readable()).await.unwrap().unwrap();
+        assert_eq!(servers.running(), 1);
+        servers.reap(Duration::from_secs(3600), |_| false);
+        assert_eq!(servers.running(), 1, "used just now: kept");
+        servers.reap(Duration::ZERO, |_| true);
+        assert_eq!(servers.running(), 1, "its job still has workers here: kept");
+        servers.reap(Duration::ZERO, |_| false);
+        assert_eq!(servers.running(), 0);
     }
 }

@@ -232,7 +232,8 @@ impl Leases {
             // SAFETY: geteuid has no memory effects.
             let uid = runs_as.map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
             let key = forkserver::key_of(job_id, command, uid);
-            let request = ForkRequest { vars: &vars, credential: credential.into_fd(), output: output.map(AsFd::as_fd) };
+            let request =
+                ForkRequest { vars: &vars, credential: credential.into_fd(), output: output.map(AsFd::as_fd) };
             let start = || self.forkserver_process(job_id, command, unpacked, runs_as);
             match self.forkservers.fork(key, job_id, start, uid, request).await {
                 Ok(forked) => {
