@@ -16,7 +16,9 @@
 //!   non-detached actors. A node declared dead ends the actors on it the same way.
 //! - A name is unique per namespace among one account's actors not DEAD (tenants' names
 //!   never meet: one cannot take or find another's); a DEAD actor frees its name.
-//! - Every change bumps `version`, which `GetActor` waiters watch.
+//! - Every change of an actor bumps its version, which its `GetActor` waiters watch (a
+//!   waiter wakes for its own actor's changes only: a thousand waiting callers cost a
+//!   change one wake, not a thousand).
 //! - At most `max_dead_actors` DEAD actors are remembered: past it the longest dead (whose
 //!   lease is returned) are forgotten, in memory and in storage, so a cluster creating
 //!   and ending actors for ever keeps its head's memory bounded.
@@ -96,7 +98,9 @@ pub struct Actors {
     owners: DashMap<String, ()>,
     /// Connections by address, shared between the head's credential and the jobs'.
     channels: DashMap<String, ClusterChannel>,
-    version: watch::Sender<u64>,
+    /// The version of each actor `GetActor` calls wait on (made by the first waiter,
+    /// dropped with the last).
+    versions: Mutex<HashMap<ActorId, watch::Sender<u64>>>,
     /// Serialises writes of rows to storage: each writes the row as it is when its turn
     /// comes, so the last write is always the newest state.
     writing: tokio::sync::Mutex<()>,
@@ -106,6 +110,22 @@ pub struct Actors {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A `GetActor` call waiting on an actor: the actor's version goes with the last one.
+struct Leaving<'a> {
+    versions: &'a Mutex<HashMap<ActorId, watch::Sender<u64>>>,
+    id: ActorId,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        let mut versions = lock(self.versions);
+        // This waiter's receiver is gone by now (dropped before this guard).
+        if versions.get(&self.id).is_some_and(|version| version.receiver_count() == 0) {
+            versions.remove(&self.id);
+        }
+    }
 }
 
 fn state_of(info: &ActorInfo) -> ActorState {
@@ -130,7 +150,7 @@ impl Actors {
             names: Mutex::new(HashMap::new()),
             owners: DashMap::new(),
             channels: DashMap::new(),
-            version: watch::channel(0).0,
+            versions: Mutex::new(HashMap::new()),
             writing: tokio::sync::Mutex::new(()),
             dead: Mutex::new(VecDeque::new()),
         })
@@ -287,7 +307,9 @@ impl Actors {
         }
         if restored > 0 {
             tracing::info!(actors = restored, "actors restored from storage");
-            self.bump();
+            for version in lock(&self.versions).values() {
+                version.send_modify(|version| *version += 1);
+            }
         }
         Ok(restored)
     }
@@ -326,8 +348,11 @@ impl Actors {
         Bearer::new(&self.issuer.issue_job(job_id, &account, crate::service::JOB_CREDENTIAL_TTL))
     }
 
-    fn bump(&self) {
-        self.version.send_modify(|version| *version += 1);
+    /// Wakes the calls waiting on `actor_id`'s row.
+    fn bump(&self, actor_id: &ActorId) {
+        if let Some(version) = lock(&self.versions).get(actor_id) {
+            version.send_modify(|version| *version += 1);
+        }
     }
 
     /// Registers an actor and starts placing it. With `get_if_exists`, a live actor of the
@@ -405,7 +430,7 @@ impl Actors {
             return Err(IonetError::Unavailable(format!("the control store could not store the actor: {err}")));
         }
         tracing::info!(actor = %actor_id, class = %spec.class_name, name = %spec.name, "actor registered");
-        self.bump();
+        self.bump(&actor_id);
         self.watch_owner_of(&spec);
         tokio::spawn(self.clone().place(actor_id, 0));
         Ok(info)
@@ -422,7 +447,11 @@ impl Actors {
     /// Waits until the actor is ALIVE in an incarnation newer than `newer_than` (-1: any),
     /// or DEAD; returns its row then, or as it is when `timeout` passes.
     pub async fn wait(&self, actor_id: &[u8], newer_than: i64, timeout: Duration) -> IonetResult<ActorInfo> {
-        let mut version = self.version.subscribe();
+        let id = ActorId::from_bytes(actor_id)?;
+        // However the wait ends (its call dropped included), the last waiter's leaving
+        // drops the actor's version (the guard is dropped after the receiver below).
+        let _leaving = Leaving { versions: &self.versions, id };
+        let mut version = lock(&self.versions).entry(id).or_insert_with(|| watch::channel(0).0).subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             version.borrow_and_update();
@@ -547,7 +576,7 @@ impl Actors {
             }
         }
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
-        self.bump();
+        self.bump(&actor_id);
         if let Some(((lease_id, node_address), job_id)) = lease {
             if !self.return_lease(&job_id, lease_id.clone(), &node_address, true).await {
                 // Its worker may still run (its node cannot be reached): the lease stays
@@ -853,7 +882,7 @@ impl Actors {
                     ..Default::default()
                 },
             );
-            self.bump();
+            self.bump(&actor_id);
             tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
             return;
         }
@@ -892,7 +921,7 @@ impl Actors {
         if newly_dead {
             self.remember_dead(actor_id).await;
         }
-        self.bump();
+        self.bump(&actor_id);
     }
 
     /// Counts a newly DEAD actor among the remembered, forgetting the longest dead past

@@ -241,6 +241,12 @@ impl CoreWorker {
     pub(crate) fn add_lease(&self, pool: &ShapePool, lease: Lease) {
         pool.leases.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(lease));
         pool.notify.notify_one();
+        self.leased.notify_waiters();
+    }
+
+    /// Whether any pool holds a lease.
+    pub(crate) fn holds_leases(&self) -> bool {
+        self.pools.iter().any(|pool| !pool.leases.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
     }
 
     /// Takes a lease whose worker failed out of its pool now and gives it back to its

@@ -83,6 +83,8 @@ pub(crate) struct CoreWorker {
     pub(crate) gcs_address: String,
     pub(crate) objects: OwnedObjects,
     pub(crate) pools: DashMap<String, Arc<ShapePool>>,
+    /// Told when a lease joins a pool: the upkeep, idle while none is held, wakes.
+    pub(crate) leased: Arc<tokio::sync::Notify>,
     /// The runtime environment this worker was started inside (a task's or actor's own,
     /// [`ionet_common::worker_env::RUNTIME_ENV`]): what it starts inherits it.
     pub(crate) runtime_env: Option<ionet_common::rpc::proto::common::RuntimeEnv>,
@@ -251,6 +253,7 @@ impl CoreWorker {
             gcs_address: gcs_address.clone(),
             objects: OwnedObjects::default(),
             pools: DashMap::new(),
+            leased: Arc::new(tokio::sync::Notify::new()),
             runtime_env: inherited_runtime_env(worker_id.is_some()),
             namespace,
             caller_id: ObjectId::random(),
@@ -525,13 +528,29 @@ pub(crate) fn hex_short(bytes: &[u8]) -> String {
     text
 }
 
-/// Background upkeep of a core worker: returns idle leases.
+/// How often the upkeep looks again while no lease is held (whether the worker is gone).
+const UPKEEP_IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// Background upkeep of a core worker: returns idle leases. While it holds none it
+/// sleeps until one is added (a thousand idle actors' processes do not each wake ten
+/// times a second for nothing).
 pub(crate) async fn upkeep(worker: std::sync::Weak<CoreWorker>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let Some(worker) = worker.upgrade() else { return };
-        worker.return_idle_leases(false, LEASE_LINGER).await;
+        let Some(current) = worker.upgrade() else { return };
+        let leased = current.leased.clone();
+        let notified = leased.notified();
+        tokio::pin!(notified);
+        // Listening before looking: a lease added in between still wakes it.
+        notified.as_mut().enable();
+        if !current.holds_leases() {
+            drop(current);
+            let _ = tokio::time::timeout(UPKEEP_IDLE_CHECK, notified).await;
+            continue;
+        }
+        current.return_idle_leases(false, LEASE_LINGER).await;
     }
 }
 
