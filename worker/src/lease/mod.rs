@@ -3,7 +3,8 @@
 //! The book itself (pools, leases, bundles, worker processes) and its accounting
 //! invariants are in [`state`], one struct under one lock, never held across an await;
 //! this module serves requests around it (decide, grant, return, blocked workers), with
-//! `process` (starting and stopping workers), `bundles` (placement-group reservations),
+//! `process` (starting and stopping workers), `forkserver` (a job's workers forked from
+//! a server of its own), `bundles` (placement-group reservations),
 //! `holders` (pressing and probing lease holders) and `metering`. Its own rules:
 //! - A granted lease holds one worker process exclusively; the worker was started with
 //!   `CUDA_VISIBLE_DEVICES` set to exactly the GPU ids of the lease (whole GPUs exclusive,
@@ -11,7 +12,9 @@
 //!   command and GPU ids.
 //! - A request this node cannot serve now is answered with a node that can (spillback,
 //!   from the cluster view refreshed every heartbeat), or waits here if only this node
-//!   could; one no node could ever serve is answered `infeasible`, never left waiting.
+//!   could; one no node could ever serve is answered `infeasible`, never left waiting. A
+//!   spill counts against its target in the view until the view next moves on, no longer
+//!   (a delta carries a row only when the head's changed).
 //! - A leased worker whose task is blocked in `get`/`wait` gives its lease's CPUs back
 //!   (`released`) while at most `max_blocked_workers` leases have done so, so the tasks it
 //!   waits for can run (Ray's blocked-worker release); past the cap a blocked worker keeps
@@ -591,6 +594,7 @@ impl Leases {
         view.continue_spread_of(&state.view);
         state.view = view;
         state.view_at = at;
+        state.spilled.clear();
     }
 
     /// Applies what changed in the control store's node table from `since` to `at`
@@ -607,6 +611,9 @@ impl Leases {
             return false;
         }
         self.learn_own_row(nodes);
+        for (node_id, demand) in std::mem::take(&mut state.spilled) {
+            let _ = state.view.release(&node_id, &demand);
+        }
         for view in views {
             let _ = state.view.upsert_node(view);
         }
@@ -826,8 +833,10 @@ impl Leases {
             Decision::Place(node_id) if node_id == self.node_id => local_or_wait(&mut state, "resources are busy"),
             Decision::Place(node_id) => match self.address_of(&node_id) {
                 Some(address) => {
-                    // Count it there until the next refresh, so a burst spreads.
-                    let _ = state.view.allocate(&node_id, demand);
+                    // Count it there until the view next moves on, so a burst spreads.
+                    if state.view.allocate(&node_id, demand).is_ok() {
+                        state.spilled.push((node_id, demand.clone()));
+                    }
                     Step::Spill(node_id, address)
                 }
                 None => local_or_wait(&mut state, "resources are busy"),

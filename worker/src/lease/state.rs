@@ -127,6 +127,10 @@ pub(super) struct LeaseState {
     /// Where `view` stands in the head's node table: (incarnation, version); (0, 0) for a
     /// view of unknown age (a delta reader then reads it whole).
     pub view_at: (u64, u64),
+    /// Requests this node sent to others, counted against them in `view` until the view
+    /// next moves on (a burst spreads); then given back, since a delta carries a row only
+    /// when the head's changed, which a short task between two heartbeats never makes.
+    pub spilled: Vec<(NodeId, ResourceSet)>,
     pub bundles: HashMap<BundleKey, Bundle>,
     /// Requests for the general pool waiting here: their depth and demand, by ticket.
     pub waiters: HashMap<u64, (u32, ResourceSet)>,
@@ -149,6 +153,7 @@ impl LeaseState {
             processes: HashMap::new(),
             view: ClusterView::new(),
             view_at: (0, 0),
+            spilled: Vec::new(),
             bundles: HashMap::new(),
             waiters: HashMap::new(),
             next_ticket: 0,

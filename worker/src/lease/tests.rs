@@ -353,3 +353,31 @@ fn a_node_held_back_by_its_gpu_check_grants_nothing() {
     leases.set_checking(false);
     assert!(matches!(leases.decide(&one, &any, &Needs::default(), true, None, 1, &[]), Step::Grant(..)));
 }
+
+/// A spill counts against its target in this node's view only until the view next moves
+/// on: a delta that does not carry the target's row (its use came and went between its
+/// heartbeats, so the head's row never changed) must not leave it full here for ever.
+#[test]
+fn a_spill_counts_against_its_target_only_until_the_next_view() {
+    // Two CPUs here, both busy: a request waits here unless the other node has room.
+    let leases = leases(2);
+    let other = NodeId::random();
+    let two = ResourceSet::new().with(CPU, Quantity::whole(2));
+    leases.lock().available.try_subtract(&two).unwrap();
+    let row = NodeInfo {
+        node_id: other.to_vec(),
+        address: "other:1".into(),
+        total: Some((&two).into()),
+        available: Some((&two).into()),
+        state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
+        ..Default::default()
+    };
+    leases.refresh_view_at(&[row], (1, 1));
+    let any = SchedulingStrategy::Default;
+    let spilled = |leases: &Leases| matches!(leases.decide(&two, &any, &Needs::default(), false, None, 1, &[]), Step::Spill(node, _) if node == other);
+    assert!(spilled(&leases));
+    assert!(!spilled(&leases), "a burst spreads: the first spill is counted there");
+    // The head's next word changes nothing of the other node: its room is back.
+    assert!(leases.apply_view_delta(&[], &[], (1, 1), (1, 2)));
+    assert!(spilled(&leases), "the spill was forgotten with the view it was counted in");
+}
