@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from typing import List
+from typing import List, Set
 
 # The longest request the daemon sends (a worker's variables: addresses, the cluster's
 # CA certificate, the head's key).
@@ -42,6 +42,9 @@ def serve() -> None:
     # writes to those objects, so the pages holding them stay shared.
     gc.freeze()
     signal.signal(signal.SIGCHLD, _reap)
+    # Ctrl-C in a terminal the driver shares reaches the whole process group: the server
+    # is the daemon's to stop (its workers get Python's own handler back).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel.send(json.dumps({"ready": True}).encode())
     while True:
         message, fds, _flags, _address = socket.recv_fds(channel, _MAX_REQUEST_BYTES, 2)
@@ -60,13 +63,20 @@ def serve() -> None:
             continue
         if pid == 0:
             return
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as err:
+            _children.add(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            channel.send(json.dumps({"error": f"pidfd_open: {err}"}).encode())
+            continue
         try:
             socket.send_fds(channel, [b"{}"], [pidfd])
         finally:
             os.close(pidfd)
-            # Unblocked only now: a child that died at once is reaped after its pidfd is
-            # open (a pid reaped before could be another process's by then).
+            # Reaped only from now on: a child that died at once is reaped after its
+            # pidfd is open (a pid reaped before could be another process's by then).
+            _children.add(pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
@@ -89,6 +99,8 @@ def _fork(channel: socket.socket, request: dict, fds: List[int]) -> int:
     # The child: a worker now, with nothing of the server's.
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _children.clear()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         channel.close()
         os.dup2(fds[0], 0)
@@ -104,12 +116,17 @@ def _fork(channel: socket.socket, request: dict, fds: List[int]) -> int:
     return 0
 
 
+# The children whose pidfd the daemon holds: the only ones reaped (a Python handler may
+# run between a fork and its pidfd's opening, when the new child must not be reaped yet).
+_children: Set[int] = set()
+
+
 def _reap(_signum: int, _frame: object) -> None:
     """Collects the exit of every child that ended (the daemon watches them by pidfd)."""
-    while True:
+    for pid in list(_children):
         try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
+            done, _status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            done = pid
+        if done == pid:
+            _children.discard(pid)

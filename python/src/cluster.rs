@@ -68,10 +68,13 @@ pub(crate) fn is_initialized() -> bool {
 }
 
 /// In a forkserver a node daemon started: what a worker sets first, before any thread
-/// (it dies with its daemon, and creates files for its user alone).
+/// (it dies with its daemon, creates files for its user alone, and its memory is not
+/// readable by other processes of its user).
 #[pyfunction]
 pub(crate) fn settle_forkserver() {
-    ionet::worker_env::settle_worker_process(|name| std::env::var(name).ok());
+    let _ = ionet::worker_env::settle_worker_process(|name| std::env::var(name).ok());
+    // Every worker's credential pipe passes through it: not for other processes to read.
+    ionet::worker_env::keep_memory_private();
 }
 
 /// In a worker process started by a node daemon: serves tasks until killed.

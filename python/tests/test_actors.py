@@ -217,11 +217,13 @@ def test_a_jobs_actors_are_forked_from_its_forkserver_and_outlive_its_death():
     server = first["parent"]
     with open(f"/proc/{server}/cmdline") as cmdline:
         assert "ionet._worker" in cmdline.read().split("\0")
-    for actor in actors:
-        ionet.kill(actor)
-    # The server dies: the job's next actors still start (from another server).
+    ionet.kill(actors[1])
+    # The server dies: the actor it forked lives on, and the job's next actors still start
+    # (from another server).
     os.kill(server, signal.SIGKILL)
     wait_for(lambda: _state(server) in (None, "Z"), what="the forkserver died")
+    assert ionet.get(actors[0].process.remote(), timeout=60)["pid"] == first["pid"]
     third = ionet.get(WhereAmI.remote().process.remote(), timeout=60)
     assert third["parent"] != server
     assert _state(third["pid"]) not in (None, "Z")
+    ionet.kill(actors[0])

@@ -1,6 +1,8 @@
 """A cluster of three daemons started with the `ionet` command: placement across nodes,
 node affinity, objects moving between nodes, and a second driver."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -214,3 +216,39 @@ def test_what_tasks_print_reaches_the_driver_prefixed_and_folded(process_cluster
     # One worker's own lines of one kind all show.
     epochs = [line for line in output.splitlines() if line.startswith("(count_epochs pid=") and line.endswith(" done")]
     assert len(epochs) == 3, output
+
+
+def _state(pid):
+    """A process's state letter ("Z" a zombie), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+@ionet.remote(resources={"doomed": 1})
+class OnTheDoomedNode:
+    def pid(self):
+        return os.getpid()
+
+
+def test_a_forked_worker_dies_with_its_node_daemon(process_cluster):
+    # Last in this module: it kills a node of its own.
+    process_cluster.command(
+        "start", "--address", process_cluster.head_address, "--num-cpus", "1", "--resources", '{"doomed": 1}'
+    )
+    actor = OnTheDoomedNode.remote()
+    worker = ionet.get(actor.pid.remote(), timeout=60)
+    server = _parent(worker)
+    daemon = _parent(server)
+    with open(f"/proc/{server}/cmdline") as cmdline:
+        assert "ionet._worker" in cmdline.read(), "forked by the job's forkserver"
+    # Its daemon killed outright: the worker (not the daemon's child) goes too.
+    os.kill(daemon, signal.SIGKILL)
+    wait_for(lambda: _state(worker) in (None, "Z"), timeout=30, what="the forked worker died with its daemon")

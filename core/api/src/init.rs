@@ -572,7 +572,7 @@ pub fn shutdown() {
 fn run_worker() -> ! {
     // Before any thread: it dies with its daemon, and creates files for its user alone;
     // its credential is read and the variables naming its descriptors forgotten.
-    ionet_common::worker_env::settle_worker_process(|name| std::env::var(name).ok());
+    let daemon = ionet_common::worker_env::settle_worker_process(|name| std::env::var(name).ok());
     let credential = ionet_common::worker_env::take_credential(|name| std::env::var(name).ok());
     ionet_common::worker_env::forget_process_vars();
     // A panicking task is reported to its caller with its message; one line here is enough.
@@ -586,6 +586,15 @@ fn run_worker() -> ! {
             eprintln!("ionet worker: {err}; worker processes are started by node daemons");
             std::process::exit(2)
         });
+        if let Some(daemon) = daemon {
+            // Forked by a forkserver: it ends with its daemon, whatever becomes of the server.
+            // SAFETY: the pidfd is owned by the `AsyncFd` for as long as it lives.
+            let watched = unsafe { tokio::io::unix::AsyncFd::register(daemon) }.map_err(std::io::Error::from)?;
+            tokio::spawn(async move {
+                let _gone = watched.readable().await;
+                std::process::exit(1);
+            });
+        }
         let (node_address, worker_id) = (told.node_address.clone(), told.worker_id);
         let credential = Bearer::new(&credential?)?;
         // What this process holds (its job's credential) is not for other processes of

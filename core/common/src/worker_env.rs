@@ -174,22 +174,50 @@ pub fn daemon_var() -> (&'static str, String) {
     (DAEMON_PID, std::process::id().to_string())
 }
 
+/// Set (to `1`) in the variables of a worker a forkserver forks: it watches its daemon
+/// itself rather than dying with its parent (the server may end before its workers).
+pub const FORKED: &str = "IONET_WORKER_FORKED";
+
+/// The variables of a worker a forkserver forks, beyond its own.
+pub fn forked_var() -> (&'static str, String) {
+    (FORKED, "1".into())
+}
+
 /// First thing in a worker process, before any thread starts: what its daemon would
 /// otherwise have set between fork and exec. What it creates is its own user's alone
 /// (umask 077), and it dies with its parent: the daemon, or a launcher the job's command
 /// runs it through (which itself does not die with the daemon: a job's command should
-/// `exec` its worker). A daemon that died before this ran is no longer an ancestor of the
-/// process (its children were handed to another): the worker exits at once.
-pub fn settle_worker_process(lookup: impl Fn(&str) -> Option<String>) {
+/// `exec` its worker). A worker a forkserver forked outlives the server instead (the
+/// job's actors on it do not end with it): it is given a pidfd of its daemon to watch,
+/// and exits when that is readable. A daemon that died before this ran is no longer an
+/// ancestor of the process (its children were handed to another): the worker exits at
+/// once.
+pub fn settle_worker_process(lookup: impl Fn(&str) -> Option<String>) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let forked = lookup(FORKED).is_some_and(|value| value == "1");
     // SAFETY: umask and prctl have no memory effects.
     unsafe {
         libc::umask(0o077);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if !forked {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
     }
-    let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return };
-    if !is_ancestor(daemon) {
+    let gone = |daemon| -> ! {
         eprintln!("ionet worker: its node daemon (pid {daemon}) is gone");
         std::process::exit(1);
+    };
+    let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return None };
+    // Opened before the daemon is found among the ancestors: then it is that process's.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = forked.then(|| unsafe { libc::syscall(libc::SYS_pidfd_open, daemon, 0) });
+    if !is_ancestor(daemon) {
+        gone(daemon);
+    }
+    match pidfd {
+        None => None,
+        Some(fd) if fd < 0 => gone(daemon),
+        // SAFETY: a fresh descriptor, owned here.
+        Some(fd) => Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }),
     }
 }
 
@@ -222,6 +250,7 @@ fn is_ancestor(pid: libc::pid_t) -> bool {
 pub fn forget_process_vars() {
     std::env::remove_var(CREDENTIAL_FD);
     std::env::remove_var(DAEMON_PID);
+    std::env::remove_var(FORKED);
 }
 
 /// The worker's side: reads its credential from the descriptor its daemon named, and

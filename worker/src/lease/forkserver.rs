@@ -15,8 +15,9 @@
 //! job's own code: what it answers is checked. The pidfd must be of a live process that
 //! the server itself forked, as the job's user, since it becomes the daemon's way to stop
 //! the worker (a pidfd of another process would have the daemon kill that one). A server
-//! that fails to start, dies, stalls or answers wrongly is stopped, and the job's workers
-//! start directly for a while.
+//! that fails to start, stalls or answers wrongly is stopped, and the job's workers start
+//! directly for a while; one that died is started again at the next worker. The workers it
+//! forked outlive it (they watch the daemon themselves: `worker_env::FORKED`).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -146,6 +147,10 @@ impl Forkservers {
     pub fn reap(&self, idle: Duration, busy: impl Fn(&JobId) -> bool) {
         let now = Instant::now();
         self.slots.retain(|_, slot| {
+            // One a fork is about to use (it holds the slot, not yet its lock) stays.
+            if Arc::strong_count(slot) > 1 {
+                return true;
+            }
             let Ok(mut slot) = slot.try_lock() else { return true };
             let unused = slot.last_used.is_none_or(|used| now.duration_since(used) > idle);
             if slot.server.is_some() && unused && !slot.job_id.as_ref().is_some_and(&busy) {
@@ -217,7 +222,8 @@ impl Server {
         let (Some(pidfd), true) = (fds.pop(), fds.is_empty()) else {
             return Err(IonetError::Internal(format!("the forkserver answered {reply} without one pidfd")));
         };
-        let server_pid = self.child.id().unwrap_or(0);
+        let server_pid =
+            self.child.id().ok_or_else(|| IonetError::Internal("the forkserver exited as it forked".into()))?;
         let pid = verify_forked(&pidfd, server_pid, uid)?;
         Ok(Forked { pid, pidfd: Arc::new(register(pidfd)?) })
     }

@@ -213,10 +213,9 @@ impl Leases {
         Ok(process)
     }
 
-    /// Starts a worker of `command`: forked by its job's forkserver when the command
-    /// forks and the server does, else a process of its own.
-    #[allow(clippy::too_many_arguments)]
-    async fn spawn(
+    /// Forks a worker of `command` from its job's forkserver (started first if need be);
+    /// an error means the worker is to be started as a process of its own.
+    async fn fork_worker(
         &self,
         job_id: JobId,
         command: &WorkerCommand,
@@ -225,24 +224,31 @@ impl Leases {
         vars: &[(&'static str, String)],
         output: Option<&std::fs::File>,
     ) -> IonetResult<Spawned> {
-        if command.forks {
-            let credential = self.credential_pipe(job_id)?;
-            let mut vars = vars.to_vec();
-            vars.extend(credential.vars());
-            // SAFETY: geteuid has no memory effects.
-            let uid = runs_as.map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
-            let key = forkserver::key_of(job_id, command, uid);
-            let request =
-                ForkRequest { vars: &vars, credential: credential.into_fd(), output: output.map(AsFd::as_fd) };
-            let start = || self.forkserver_process(job_id, command, unpacked, runs_as);
-            match self.forkservers.fork(key, job_id, start, uid, request).await {
-                Ok(forked) => {
-                    self.pidfds.insert(forked.pid, forked.pidfd.clone());
-                    return Ok(Spawned::Forked(forked));
-                }
-                Err(err) => tracing::warn!(job = %job_id, error = %err, "a worker starts without its job's forkserver"),
-            }
-        }
+        let credential = self.credential_pipe(job_id)?;
+        let mut vars = vars.to_vec();
+        vars.extend(credential.vars());
+        vars.push(ionet_common::worker_env::forked_var());
+        // SAFETY: geteuid has no memory effects.
+        let uid = runs_as.map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
+        let key = forkserver::key_of(job_id, command, uid);
+        let request = ForkRequest { vars: &vars, credential: credential.into_fd(), output: output.map(AsFd::as_fd) };
+        let start = || self.forkserver_process(job_id, command, unpacked, runs_as);
+        let forked = self.forkservers.fork(key, job_id, start, uid, request).await?;
+        self.pidfds.insert(forked.pid, forked.pidfd.clone());
+        Ok(Spawned::Forked(forked))
+    }
+
+    /// Starts a worker of `command` as a process of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &self,
+        job_id: JobId,
+        command: &WorkerCommand,
+        unpacked: Option<&crate::packages::Unpacked>,
+        runs_as: Option<(u32, u32)>,
+        vars: &[(&'static str, String)],
+        output: Option<&std::fs::File>,
+    ) -> IonetResult<Spawned> {
         let mut process = self.job_process(command, unpacked, runs_as);
         process.envs(vars.iter().cloned());
         // The credential never enters the environment: the worker reads it from a pipe,
@@ -275,15 +281,10 @@ impl Leases {
         Ok(Spawned::Child(child))
     }
 
-    pub(super) async fn start_worker(
-        self: &Arc<Self>,
-        job_id: JobId,
-        command: &WorkerCommand,
-        key: PoolKey,
-    ) -> IonetResult<Worker> {
+    /// A worker about to start: its id (awaited in `starting`), its protocol variables and
+    /// its output file where this node keeps them.
+    fn prepare_worker(&self, job_id: JobId, key: &PoolKey) -> IonetResult<Attempt> {
         let worker_id = WorkerId::random();
-        let unpacked = self.unpack_packages(job_id, command).await?;
-        let runs_as = self.runs_as(job_id)?;
         let mut vars = self.worker_env(worker_id, job_id, &key.gpu_ids).to_vars();
         let mut output = None;
         if let Some(dir) = &self.options.log_dir {
@@ -295,8 +296,37 @@ impl Leases {
         }
         let (sender, receiver) = oneshot::channel();
         self.starting.insert(worker_id, (job_id, sender));
-        let spawned =
-            self.spawn(job_id, command, unpacked.as_ref(), runs_as, &vars, output.as_ref().map(|(file, _)| file)).await;
+        Ok(Attempt { worker_id, vars, output, receiver })
+    }
+
+    pub(super) async fn start_worker(
+        self: &Arc<Self>,
+        job_id: JobId,
+        command: &WorkerCommand,
+        key: PoolKey,
+    ) -> IonetResult<Worker> {
+        let unpacked = self.unpack_packages(job_id, command).await?;
+        let runs_as = self.runs_as(job_id)?;
+        let mut attempt = self.prepare_worker(job_id, &key)?;
+        let mut spawned = None;
+        if command.forks {
+            let (worker_id, vars, output) = (attempt.worker_id, &attempt.vars, attempt.output.as_ref());
+            match self.fork_worker(job_id, command, unpacked.as_ref(), runs_as, vars, output.map(|(f, _)| f)).await {
+                Ok(forked) => spawned = Some(forked),
+                Err(err) => {
+                    tracing::warn!(job = %job_id, error = %err, "a worker starts without its job's forkserver");
+                    // A child the server may have forked all the same is not this worker:
+                    // the one started instead has an id (and output file) of its own.
+                    self.starting.remove(&worker_id);
+                    attempt = self.prepare_worker(job_id, &key)?;
+                }
+            }
+        }
+        let Attempt { worker_id, vars, output, receiver } = attempt;
+        let spawned = match spawned {
+            Some(spawned) => Ok(spawned),
+            None => self.spawn(job_id, command, unpacked.as_ref(), runs_as, &vars, output.as_ref().map(|(f, _)| f)),
+        };
         let mut spawned = match spawned {
             Ok(spawned) => spawned,
             Err(err) => {
@@ -332,7 +362,7 @@ impl Leases {
                 self.starting.remove(&worker_id);
                 self.lock().processes.remove(&worker_id);
                 spawned.kill();
-                self.pidfds.remove(&pid);
+                self.forget_pidfd(pid, &spawned);
                 return Err(err);
             }
         };
@@ -349,7 +379,7 @@ impl Leases {
                 hook(exited_address);
             }
             leases.worker_exited(worker_id, status);
-            leases.pidfds.remove(&pid);
+            leases.forget_pidfd(pid, &spawned);
         });
         tracing::debug!(worker = %worker_id.short(), pid, %address, "worker started");
         Ok(Worker { worker_id, address })
@@ -396,6 +426,14 @@ impl Leases {
         }
     }
 
+    /// Forgets a forked worker's pidfd: its own entry only (its pid, free once the server
+    /// reaped it, may be another forked worker's by now).
+    fn forget_pidfd(&self, pid: u32, spawned: &Spawned) {
+        if let Spawned::Forked(forked) = spawned {
+            self.pidfds.remove_if(&pid, |_, pidfd| Arc::ptr_eq(pidfd, &forked.pidfd));
+        }
+    }
+
     /// Stops a worker this daemon started (by its pidfd when a forkserver forked it).
     pub(super) fn kill(&self, pid: u32) {
         if let Some(pidfd) = self.pidfds.get(&pid) {
@@ -412,6 +450,14 @@ impl Leases {
     pub fn forkservers_running(&self) -> usize {
         self.forkservers.running()
     }
+}
+
+/// A worker about to start (`Leases::prepare_worker`).
+struct Attempt {
+    worker_id: WorkerId,
+    vars: Vec<(&'static str, String)>,
+    output: Option<(std::fs::File, std::path::PathBuf)>,
+    receiver: oneshot::Receiver<String>,
 }
 
 /// A worker process as started: this daemon's child, or a forkserver's.
