@@ -35,6 +35,15 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
         time.sleep(0.05)
 
 
+def process_state(pid: int):
+    """A process's state letter ("Z" a zombie), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
     ionet.init(

@@ -9,7 +9,7 @@ import pytest
 import ionet
 from ionet.exceptions import ActorDiedError, RayActorError
 
-from conftest import wait_for
+from conftest import process_state, wait_for
 
 pytestmark = pytest.mark.usefixtures("local_cluster")
 
@@ -196,15 +196,6 @@ class WhereAmI:
         }
 
 
-def _state(pid):
-    """A process's state letter ("Z" a zombie), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 def test_a_jobs_actors_are_forked_from_its_forkserver_and_outlive_its_death():
     actors = [WhereAmI.options(num_gpus=1).remote() for _ in range(2)]
     first, second = ionet.get([actor.process.remote() for actor in actors], timeout=60)
@@ -221,9 +212,9 @@ def test_a_jobs_actors_are_forked_from_its_forkserver_and_outlive_its_death():
     # The server dies: the actor it forked lives on, and the job's next actors still start
     # (from another server).
     os.kill(server, signal.SIGKILL)
-    wait_for(lambda: _state(server) in (None, "Z"), what="the forkserver died")
+    wait_for(lambda: process_state(server) in (None, "Z"), what="the forkserver died")
     assert ionet.get(actors[0].process.remote(), timeout=60)["pid"] == first["pid"]
     third = ionet.get(WhereAmI.remote().process.remote(), timeout=60)
     assert third["parent"] != server
-    assert _state(third["pid"]) not in (None, "Z")
+    assert process_state(third["pid"]) not in (None, "Z")
     ionet.kill(actors[0])

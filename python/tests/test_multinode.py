@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import ionet
-from conftest import wait_for
+from conftest import process_state, wait_for
 from ionet.util import placement_group, placement_group_table, remove_placement_group
 from ionet.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -218,15 +218,6 @@ def test_what_tasks_print_reaches_the_driver_prefixed_and_folded(process_cluster
     assert len(epochs) == 3, output
 
 
-def _state(pid):
-    """A process's state letter ("Z" a zombie), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 def _parent(pid):
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
@@ -251,4 +242,4 @@ def test_a_forked_worker_dies_with_its_node_daemon(process_cluster):
         assert "ionet._worker" in cmdline.read(), "forked by the job's forkserver"
     # Its daemon killed outright: the worker (not the daemon's child) goes too.
     os.kill(daemon, signal.SIGKILL)
-    wait_for(lambda: _state(worker) in (None, "Z"), timeout=30, what="the forked worker died with its daemon")
+    wait_for(lambda: process_state(worker) in (None, "Z"), timeout=30, what="the forked worker died with its daemon")

@@ -206,7 +206,7 @@ pub fn settle_worker_process(lookup: impl Fn(&str) -> Option<String>) -> Option<
         eprintln!("ionet worker: its node daemon (pid {daemon}) is gone");
         std::process::exit(1);
     };
-    let Some(daemon) = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok()) else { return None };
+    let daemon = lookup(DAEMON_PID).and_then(|pid| pid.parse::<libc::pid_t>().ok())?;
     // Opened before the daemon is found among the ancestors: then it is that process's.
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = forked.then(|| unsafe { libc::syscall(libc::SYS_pidfd_open, daemon, 0) });

@@ -213,17 +213,10 @@ impl Leases {
         Ok(process)
     }
 
-    /// Forks a worker of `command` from its job's forkserver (started first if need be);
-    /// an error means the worker is to be started as a process of its own.
-    async fn fork_worker(
-        &self,
-        job_id: JobId,
-        command: &WorkerCommand,
-        unpacked: Option<&crate::packages::Unpacked>,
-        runs_as: Option<(u32, u32)>,
-        vars: &[(&'static str, String)],
-        output: Option<&std::fs::File>,
-    ) -> IonetResult<Spawned> {
+    /// Forks a worker from its job's forkserver (started first if need be); an error
+    /// means the worker is to be started as a process of its own.
+    async fn fork_worker(&self, launch: Launch<'_>) -> IonetResult<Spawned> {
+        let Launch { job_id, command, unpacked, runs_as, vars, output } = launch;
         let credential = self.credential_pipe(job_id)?;
         let mut vars = vars.to_vec();
         vars.extend(credential.vars());
@@ -238,17 +231,9 @@ impl Leases {
         Ok(Spawned::Forked(forked))
     }
 
-    /// Starts a worker of `command` as a process of its own.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn(
-        &self,
-        job_id: JobId,
-        command: &WorkerCommand,
-        unpacked: Option<&crate::packages::Unpacked>,
-        runs_as: Option<(u32, u32)>,
-        vars: &[(&'static str, String)],
-        output: Option<&std::fs::File>,
-    ) -> IonetResult<Spawned> {
+    /// Starts a worker as a process of its own.
+    fn spawn(&self, launch: Launch<'_>) -> IonetResult<Spawned> {
+        let Launch { job_id, command, unpacked, runs_as, vars, output } = launch;
         let mut process = self.job_process(command, unpacked, runs_as);
         process.envs(vars.iter().cloned());
         // The credential never enters the environment: the worker reads it from a pipe,
@@ -310,8 +295,10 @@ impl Leases {
         let mut attempt = self.prepare_worker(job_id, &key)?;
         let mut spawned = None;
         if command.forks {
-            let (worker_id, vars, output) = (attempt.worker_id, &attempt.vars, attempt.output.as_ref());
-            match self.fork_worker(job_id, command, unpacked.as_ref(), runs_as, vars, output.map(|(f, _)| f)).await {
+            let worker_id = attempt.worker_id;
+            let output = attempt.output.as_ref().map(|(file, _)| file);
+            let launch = Launch { job_id, command, unpacked: unpacked.as_ref(), runs_as, vars: &attempt.vars, output };
+            match self.fork_worker(launch).await {
                 Ok(forked) => spawned = Some(forked),
                 Err(err) => {
                     tracing::warn!(job = %job_id, error = %err, "a worker starts without its job's forkserver");
@@ -325,7 +312,10 @@ impl Leases {
         let Attempt { worker_id, vars, output, receiver } = attempt;
         let spawned = match spawned {
             Some(spawned) => Ok(spawned),
-            None => self.spawn(job_id, command, unpacked.as_ref(), runs_as, &vars, output.as_ref().map(|(f, _)| f)),
+            None => {
+                let output = output.as_ref().map(|(file, _)| file);
+                self.spawn(Launch { job_id, command, unpacked: unpacked.as_ref(), runs_as, vars: &vars, output })
+            }
         };
         let mut spawned = match spawned {
             Ok(spawned) => spawned,
@@ -450,6 +440,18 @@ impl Leases {
     pub fn forkservers_running(&self) -> usize {
         self.forkservers.running()
     }
+}
+
+/// What a worker is started with, forked or not.
+#[derive(Clone, Copy)]
+struct Launch<'a> {
+    job_id: JobId,
+    command: &'a WorkerCommand,
+    unpacked: Option<&'a crate::packages::Unpacked>,
+    /// `None`: the daemon's own user; else (a root daemon) the job's uid and gid.
+    runs_as: Option<(u32, u32)>,
+    vars: &'a [(&'static str, String)],
+    output: Option<&'a std::fs::File>,
 }
 
 /// A worker about to start (`Leases::prepare_worker`).
