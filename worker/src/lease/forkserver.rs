@@ -160,6 +160,11 @@ impl Forkservers {
         });
     }
 
+    /// Whether no forkserver is known (none running, none recently failed).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// Stops every forkserver (daemon shutdown).
     pub fn stop_all(&self) {
         self.slots.clear();

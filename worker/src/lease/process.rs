@@ -401,10 +401,13 @@ impl Leases {
         for pid in doomed {
             self.kill(pid);
         }
-        // A job's forkserver goes once the job has had no worker here for the idle time.
-        let busy: std::collections::HashSet<Vec<u8>> =
-            self.lock().processes.values().map(|process| process.key.job_id.clone()).collect();
-        self.forkservers.reap(options.idle_timeout, |job_id| busy.contains(&job_id.to_vec()));
+        // A job's forkserver goes when unused for the idle time while its job has no
+        // worker here.
+        if !self.forkservers.is_empty() {
+            let busy: std::collections::HashSet<Vec<u8>> =
+                self.lock().processes.values().map(|process| process.key.job_id.clone()).collect();
+            self.forkservers.reap(options.idle_timeout, |job_id| busy.contains(&job_id.to_vec()));
+        }
     }
 
     /// Stops every worker (daemon shutdown), and the forkservers.
@@ -434,11 +437,6 @@ impl Leases {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-    }
-
-    /// How many forkservers run on this node.
-    pub fn forkservers_running(&self) -> usize {
-        self.forkservers.running()
     }
 }
 
