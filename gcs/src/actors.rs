@@ -52,7 +52,7 @@ use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuant
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, StoredActor, TaskState};
 use ionet_common::rpc::proto::metering::HeldLease;
-use ionet_common::rpc::proto::node::{RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+use ionet_common::rpc::proto::node::{LeaseGranted, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::task_event_batch::{BatchBuilder, Event as TaskEvent};
@@ -66,6 +66,8 @@ use crate::placement_groups::PlacementGroups;
 use crate::state::{blocking, GcsState};
 use crate::storage::{StorageWrite, Table};
 use crate::task_events::TaskTable;
+
+mod hosts;
 
 /// Pause between placement attempts that failed for a reason that may pass.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -106,6 +108,10 @@ pub struct Actors {
     writing: tokio::sync::Mutex<()>,
     /// DEAD actors, longest dead first: the ones forgotten past `max_dead_actors`.
     dead: Mutex<VecDeque<ActorId>>,
+    /// Shared processes and their actors (`hosts`).
+    hosts: Mutex<hosts::Hosts>,
+    /// Held while a new shared process of a key is leased.
+    host_starts: DashMap<hosts::HostKey, Arc<tokio::sync::Mutex<()>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +159,8 @@ impl Actors {
             versions: Mutex::new(HashMap::new()),
             writing: tokio::sync::Mutex::new(()),
             dead: Mutex::new(VecDeque::new()),
+            hosts: Mutex::new(hosts::Hosts::default()),
+            host_starts: DashMap::new(),
         })
     }
 
@@ -266,6 +274,20 @@ impl Actors {
                             names.insert(self.name_key(&spec), actor_id);
                         }
                         if state == ActorState::Alive {
+                            if let (true, Some((lease_id, node_address))) = (spec.share_process, lease.clone()) {
+                                // Its shared process, known again from the actors in it.
+                                let host = hosts::Host {
+                                    lease: LeaseGranted {
+                                        lease_id,
+                                        worker_address: info.address.clone(),
+                                        node_id: info.node_id.clone(),
+                                        ..Default::default()
+                                    },
+                                    node_address,
+                                    actors: std::collections::HashSet::from([actor_id]),
+                                };
+                                lock(&self.hosts).add(hosts::host_key(&spec), host);
+                            }
                             alive.push((actor_id, info.incarnation, info.address.clone(), spec.clone()));
                         } else {
                             placing.push((actor_id, info.incarnation, lease.clone(), spec.clone()));
@@ -284,7 +306,8 @@ impl Actors {
             self.watch_owner_of(&spec);
             match self.job_credential(&spec.job_id) {
                 Ok(credential) => {
-                    tokio::spawn(self.clone().watch_worker(actor_id, incarnation, address, credential));
+                    let guest = spec.share_process.then_some(actor_id);
+                    tokio::spawn(self.clone().watch_worker(actor_id, incarnation, address, guest, credential));
                 }
                 Err(err) => tracing::warn!(actor = %actor_id, error = %err, "cannot watch a restored actor"),
             }
@@ -299,7 +322,7 @@ impl Actors {
                 // the actor; it goes (the lease returned as failed) before another is
                 // placed.
                 if let Some((lease_id, node_address)) = lease {
-                    actors.return_lease_surely(&spec.job_id, &lease_id, &node_address).await;
+                    actors.end_on_surely(&spec, actor_id, incarnation, &lease_id, &node_address).await;
                     actors.forget_lease(actor_id, &lease_id).await;
                 }
                 actors.place(actor_id, incarnation).await;
@@ -375,6 +398,13 @@ impl Actors {
             return Err(IonetError::InvalidArgument(format!(
                 "max_restarts and max_task_retries must be -1 (forever) or more, got {} and {}",
                 spec.max_restarts, spec.max_task_retries
+            )));
+        }
+        let holds = spec.resources.as_ref().is_some_and(|r| r.units.values().any(|units| *units > 0));
+        if spec.share_process && (holds || !spec.placement_group_id.is_empty()) {
+            return Err(IonetError::InvalidArgument(format!(
+                "actor {} cannot share a process: a shared process holds no resources, outside placement groups",
+                spec.class_name
             )));
         }
         spec.max_concurrency = spec.max_concurrency.max(1);
@@ -564,7 +594,7 @@ impl Actors {
                 let freed_name = (!restart && !spec.name.is_empty()).then(|| name_key(&spec));
                 // Kept (and stored) until it is returned: a head that dies in between
                 // returns it when it comes back.
-                let lease = row.lease.clone().map(|lease| (lease, spec.job_id));
+                let lease = row.lease.clone().map(|lease| (lease, spec));
                 Some((lease, restart.then_some(info.incarnation), freed_name))
             })
             .await?;
@@ -577,14 +607,14 @@ impl Actors {
         }
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
         self.bump(&actor_id);
-        if let Some(((lease_id, node_address), job_id)) = lease {
-            if !self.return_lease(&job_id, lease_id.clone(), &node_address, true).await {
+        if let Some(((lease_id, node_address), spec)) = lease {
+            if !self.end_on(&spec, actor_id, incarnation, &lease_id, &node_address).await {
                 // Its worker may still run (its node cannot be reached): the lease stays
                 // recorded, asked back until surely gone, and only then does the next
                 // incarnation start: never two at once.
                 let actors = self.clone();
                 tokio::spawn(async move {
-                    actors.return_lease_surely(&job_id, &lease_id, &node_address).await;
+                    actors.end_on_surely(&spec, actor_id, incarnation, &lease_id, &node_address).await;
                     actors.forget_lease(actor_id, &lease_id).await;
                     match restart {
                         Some(incarnation) => actors.place(actor_id, incarnation).await,
@@ -659,6 +689,44 @@ impl Actors {
             tokio::time::sleep(RETRY_PAUSE * 2).await;
         }
         tracing::error!(node = %node_address, "an actor's lease could not be returned in ten minutes; going on without");
+    }
+
+    /// Ends incarnation `incarnation` of an actor running on lease `lease_id`: its own
+    /// process's lease is returned as failed (which kills the process); a guest of a
+    /// shared process is ended there (`hosts`). Whether it surely no longer runs.
+    async fn end_on(
+        self: &Arc<Self>,
+        spec: &ActorSpec,
+        actor_id: ActorId,
+        incarnation: u32,
+        lease_id: &[u8],
+        node_address: &str,
+    ) -> bool {
+        if spec.share_process {
+            return self.leave_host(spec, actor_id, incarnation, lease_id, node_address).await;
+        }
+        self.return_lease(&spec.job_id, lease_id.to_vec(), node_address, true).await
+    }
+
+    /// [`Actors::end_on`] until it is surely ended (as [`Actors::return_lease_surely`]).
+    async fn end_on_surely(
+        self: &Arc<Self>,
+        spec: &ActorSpec,
+        actor_id: ActorId,
+        incarnation: u32,
+        lease_id: &[u8],
+        node_address: &str,
+    ) {
+        if !spec.share_process {
+            return self.return_lease_surely(&spec.job_id, lease_id, node_address).await;
+        }
+        for _ in 0..600 {
+            if self.end_on(spec, actor_id, incarnation, lease_id, node_address).await {
+                return;
+            }
+            tokio::time::sleep(RETRY_PAUSE * 2).await;
+        }
+        tracing::error!(node = %node_address, "a shared actor could not be ended in ten minutes; going on without");
     }
 
     /// Forgets lease `lease_id` of the actor once returned (a newer one is kept).
@@ -743,6 +811,7 @@ impl Actors {
         while self.still_wanted(&actor_id, incarnation) {
             // The lease is the job's: asked with its credential, which its worker is given.
             let outcome = match self.target(&spec, incarnation) {
+                Ok(_) if spec.share_process => self.host_seat(&spec, actor_id, incarnation, &credential).await,
                 Ok((address, request)) => {
                     lease::request(|address| self.channel(address, &credential), address, request).await
                 }
@@ -790,7 +859,11 @@ impl Actors {
                 }
             };
             if !self.record_lease(actor_id, incarnation, &lease.lease_id, &node_address).await {
-                self.return_lease(&spec.job_id, lease.lease_id, &node_address, false).await;
+                if spec.share_process {
+                    self.leave_host(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                } else {
+                    self.return_lease(&spec.job_id, lease.lease_id, &node_address, false).await;
+                }
                 if self.still_wanted(&actor_id, incarnation) {
                     continue; // Its lease could not be stored: placed again.
                 }
@@ -815,6 +888,7 @@ impl Actors {
                         max_concurrency: spec.max_concurrency,
                         incarnation,
                         job_id: spec.job_id.clone(),
+                        shared: spec.share_process,
                     })
                     .await
                     .map(|reply| reply.into_inner().failure),
@@ -823,7 +897,7 @@ impl Actors {
             match created {
                 Ok(None) => {}
                 Ok(Some(failure)) => {
-                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
                     self.mark_dead(actor_id, incarnation, &cause).await;
@@ -834,7 +908,7 @@ impl Actors {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
                     let reason = format!("placing it again: its worker did not start it: {}", status.message());
                     self.record_creation(&spec, incarnation, waiting(&reason));
-                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
@@ -857,7 +931,7 @@ impl Actors {
                 Ok(Some(())) => {}
                 Ok(None) => {
                     // Killed while its constructor ran.
-                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     self.record_creation_failed(&actor_id, &spec, incarnation, "killed while it was created");
                     return;
@@ -865,7 +939,7 @@ impl Actors {
                 Err(err) => {
                     // Not stored, so not published: this worker goes and another is placed.
                     tracing::error!(actor = %actor_id, error = %err, "could not store the actor alive; placing again");
-                    self.return_lease_surely(&spec.job_id, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
@@ -883,7 +957,8 @@ impl Actors {
                 },
             );
             self.bump(&actor_id);
-            tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, credential));
+            let watched = spec.share_process.then_some(actor_id);
+            tokio::spawn(self.clone().watch_worker(actor_id, incarnation, lease.worker_address, watched, credential));
             return;
         }
         // No longer wanted: killed (or its owner gone) before it was placed.
@@ -1014,17 +1089,20 @@ impl Actors {
         }
     }
 
-    /// Holds a `Watch` stream to the worker; when it ends, the worker is gone. (Boxed: it
-    /// closes the cycle place → watch → restart → place.)
+    /// Holds a `Watch` stream to the worker (for a guest of a shared process, to the
+    /// actor in it: `guest`); when it ends, the worker is gone. (Boxed: it closes the
+    /// cycle place → watch → restart → place.)
     fn watch_worker(
         self: Arc<Self>,
         actor_id: ActorId,
         incarnation: u32,
         address: String,
+        guest: Option<ActorId>,
         credential: Bearer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
-            let cause = match self.watch(&address, &credential).await {
+            let cause = match self.watch(&address, guest, &credential).await {
+                Ok(()) if guest.is_some() => "the actor ended in its shared process, or the process exited".to_string(),
                 Ok(()) => "the actor's worker process exited".to_string(),
                 Err(why) => format!("the actor's worker process died ({why})"),
             };
@@ -1034,7 +1112,7 @@ impl Actors {
 
     /// Holds a `Watch` stream to an owner; when it ends, its non-detached actors die.
     async fn watch_owner(self: Arc<Self>, owner: String, credential: Bearer) {
-        let _ = self.watch(&owner, &credential).await;
+        let _ = self.watch(&owner, None, &credential).await;
         self.owners.remove(&owner);
         let owned: Vec<(ActorId, u32)> = lock(&self.rows)
             .iter()
@@ -1052,10 +1130,11 @@ impl Actors {
 
     /// Returns when the stream to `address` ends: `Ok` for an orderly end, `Err` for a
     /// broken connection.
-    async fn watch(&self, address: &str, credential: &Bearer) -> Result<(), String> {
+    async fn watch(&self, address: &str, actor: Option<ActorId>, credential: &Bearer) -> Result<(), String> {
         let channel = self.channel(address, credential).map_err(|err| err.to_string())?;
+        let actor_id = actor.map(|actor| actor.to_vec()).unwrap_or_default();
         let mut stream = CoreWorkerClient::new(channel)
-            .watch(WatchRequest {})
+            .watch(WatchRequest { actor_id })
             .await
             .map_err(|status| status.message().to_string())?
             .into_inner();

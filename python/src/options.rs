@@ -119,6 +119,8 @@ impl Options {
             max_task_retries: max_task_retries.unwrap_or(defaults.max_task_retries),
             max_concurrency: max_concurrency.unwrap_or(defaults.max_concurrency),
             class_label: None,
+            // Python actors keep a process each (one interpreter lock per actor).
+            share_process: false,
         };
         Ok(Options { actor, generator })
     }

@@ -136,6 +136,13 @@ pub struct ActorOptions {
     /// What the state API calls the class (a Python class's name, where the registered
     /// class is Python's generic one); `None`: the registered class's name.
     pub class_label: Option<String>,
+    /// May live in a worker process shared with other such actors of the job on its node
+    /// (no process start of its own: many light actors are created fast). Only for an
+    /// actor of no resources outside placement groups. Such an actor shares its
+    /// process's fate: a crash (or `std::process::exit`) of one ends all of them (each
+    /// restarts per its `max_restarts`), and a kill ends it between calls: a call
+    /// running then finishes on its thread, its result dropped.
+    pub share_process: bool,
 }
 
 impl Default for ActorOptions {
@@ -150,6 +157,7 @@ impl Default for ActorOptions {
             max_task_retries: 0,
             max_concurrency: 1,
             class_label: None,
+            share_process: false,
         }
     }
 }
@@ -229,6 +237,12 @@ impl ActorOptions {
         self.max_concurrency = calls;
         self
     }
+
+    /// See [`ActorOptions::share_process`].
+    pub fn share_process(mut self, share: bool) -> Self {
+        self.share_process = share;
+        self
+    }
 }
 
 /// An untyped handle to an actor: cheap to clone, serialisable (pass it to tasks and
@@ -300,6 +314,13 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
     if options.max_concurrency == 0 {
         return Err(IonetError::InvalidArgument("max_concurrency must be at least 1".into()));
     }
+    if options.share_process && (!resources.is_empty() || options.resources.placement_group.is_some()) {
+        return Err(IonetError::InvalidArgument(format!(
+            "actor {class} cannot share a process: it holds {} (a shared process holds no resources, \
+             outside placement groups)",
+            if resources.is_empty() { "a placement-group bundle".to_string() } else { resources.to_string() }
+        )));
+    }
     runtime::block_on(async {
         // Constructor arguments are kept by value, so a restart can run it again; the refs
         // inside them are held here while the actor lives (each incarnation reads them).
@@ -339,6 +360,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             strategy: Some(options.resources.wire_strategy()?),
             runtime_env: worker.runtime_env_of(&options.resources)?,
             display_class: options.class_label.clone().unwrap_or_default(),
+            share_process: options.share_process,
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
         // Asked again while the head restarts: it answers a create it already took with
@@ -435,21 +457,37 @@ pub fn kill(actor: &impl ActorClassHandle, no_restart: bool) -> IonetResult<()> 
 
 /// Ends the actor this worker hosts for good, from inside one of its methods (Ray's
 /// `exit_actor`): it is DEAD without restarts, the call running and those queued fail
-/// with `ActorDied`, and this process exits. Returns only with the error that says why it
-/// could not (called outside an actor, or the control store unreachable).
+/// with `ActorDied`, and this process exits (an actor sharing a process ends alone: the
+/// call running unwinds, and the process goes on with its other actors). Returns only
+/// with the error that says why it could not (called outside an actor, or the control
+/// store unreachable).
 pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
     let worker = runtime::current()?;
-    let Some(hosted) = worker.hosted.get().cloned() else {
-        return Err(IonetError::FailedPrecondition("exit_actor() is called from inside an actor's method".into()));
+    let (actor_id, guest) = match (crate::context::current_guest(), worker.hosted.get()) {
+        (Some((id, _)), _) => (id, true),
+        (None, Some(hosted)) => (hosted.id, false),
+        (None, None) => {
+            return Err(IonetError::FailedPrecondition(
+                "exit_actor() is called from inside an actor's method".into(),
+            ))
+        }
     };
     runtime::block_on(async {
-        let request = KillActorRequest { actor_id: hosted.id.to_vec(), no_restart: true };
+        let request = KillActorRequest { actor_id: actor_id.to_vec(), no_restart: true };
         worker.task_events.flush(Duration::from_millis(300)).await;
         worker.call_head(request, |mut gcs, request| async move { gcs.kill_actor(request).await }).await?;
         IonetResult::Ok(())
     })?;
+    if guest {
+        // The head ended it here before answering: nothing waits for this call's reply.
+        // Unwinding (without the panic hook) ends the call where it stands.
+        std::panic::resume_unwind(Box::new(ActorExited));
+    }
     std::process::exit(0)
 }
+
+/// What a guest actor's call unwinds with after `exit_actor()`.
+struct ActorExited;
 
 pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
     let worker = runtime::current()?;
@@ -460,7 +498,8 @@ pub fn kill_handle(actor: &ActorHandle, no_restart: bool) -> IonetResult<()> {
     })
 }
 
-/// The actor a worker process hosts.
+/// An actor a worker process hosts: the one of its own process, or one of those a
+/// shared process hosts (a guest, `CreateActorRequest.shared`).
 pub(crate) struct HostedActor {
     pub(crate) id: ActorId,
     pub(crate) incarnation: u32,
@@ -468,6 +507,11 @@ pub(crate) struct HostedActor {
     pub(crate) instance: Arc<ActorInstance>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) max_concurrency: usize,
+    /// A guest's own executor for its ordered calls (`None`: the process's).
+    executor: Option<crate::executor::Executor>,
+    /// Set when a guest is ended (`EndActor`): it takes no more calls, its queued calls
+    /// are dropped, its streams and `Watch` end.
+    ended: tokio::sync::watch::Sender<bool>,
 }
 
 impl HostedActor {
@@ -477,6 +521,7 @@ impl HostedActor {
         class: &'static ActorClass,
         instance: Box<dyn Any + Send + Sync>,
         max_concurrency: u32,
+        executor: Option<crate::executor::Executor>,
     ) -> Self {
         let max_concurrency = max_concurrency.max(1);
         HostedActor {
@@ -486,12 +531,41 @@ impl HostedActor {
             instance: Arc::new(tokio::sync::RwLock::new(instance)),
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
             max_concurrency: max_concurrency as usize,
+            executor,
+            ended: tokio::sync::watch::channel(false).0,
         }
     }
 
     /// Whether each caller's calls run one at a time, in order (`max_concurrency == 1`).
     pub(crate) fn ordered(&self) -> bool {
         self.max_concurrency == 1
+    }
+
+    /// Whether it is a guest of a shared process.
+    pub(crate) fn is_guest(&self) -> bool {
+        self.executor.is_some()
+    }
+
+    /// Runs an ordered call after those given before it: on the guest's own executor, or
+    /// the process's.
+    pub(crate) fn run_in_order(&self, worker: &CoreWorker, function: Option<&str>, job: crate::executor::Job) {
+        match &self.executor {
+            Some(executor) => executor.run_in_order(function, job),
+            None => worker.run_in_order(function, job),
+        }
+    }
+
+    pub(crate) fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    /// Resolves once the actor is ended (never for the actor of its own process).
+    pub(crate) fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ended.subscribe()
     }
 }
 

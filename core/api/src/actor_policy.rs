@@ -151,7 +151,7 @@ mod tests {
             let credential = ionet_common::auth::Bearer::new("credential").unwrap();
             let channel = ionet_common::rpc::connect_lazy(&address, &credential, Duration::from_secs(2)).unwrap();
             let refused = CoreWorkerClient::new(channel)
-                .watch(ionet_common::rpc::proto::worker::WatchRequest {})
+                .watch(ionet_common::rpc::proto::worker::WatchRequest::default())
                 .await
                 .expect_err("nothing listens there");
             assert!(never_delivered(&refused), "a refused connection: {refused:?}");

@@ -2,12 +2,44 @@
 
 use std::cell::RefCell;
 
-use ionet_common::{JobId, NodeId, TaskId};
+use ionet_common::{ActorId, JobId, NodeId, TaskId};
 
 thread_local! {
+    /// The guest actor (of a shared process) whose blocking call runs on this thread.
+    static CURRENT_GUEST: std::cell::Cell<Option<(ActorId, u32)>> = const { std::cell::Cell::new(None) };
     static CURRENT_TASK: RefCell<Option<TaskId>> = const { RefCell::new(None) };
     /// The running task's depth in its tree of tasks (0 outside a task: a driver, an actor).
     static CURRENT_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+tokio::task_local! {
+    /// The guest actor whose async method this task runs.
+    static ASYNC_GUEST: (ActorId, u32);
+}
+
+/// Runs `call` as a call of guest actor `guest` (the one it names on this thread, then
+/// whichever did before).
+pub(crate) fn with_guest<R>(guest: Option<(ActorId, u32)>, call: impl FnOnce() -> R) -> R {
+    if guest.is_none() {
+        return call();
+    }
+    let outer = CURRENT_GUEST.with(|current| current.replace(guest));
+    let result = call();
+    CURRENT_GUEST.with(|current| current.set(outer));
+    result
+}
+
+/// `method` as an async method of guest actor `guest`.
+pub(crate) fn in_guest(guest: Option<(ActorId, u32)>, method: crate::actor::MethodFuture) -> crate::actor::MethodFuture {
+    match guest {
+        Some(guest) => Box::pin(ASYNC_GUEST.scope(guest, method)),
+        None => method,
+    }
+}
+
+/// The guest actor (of a shared process) whose call runs here, if any.
+pub(crate) fn current_guest() -> Option<(ActorId, u32)> {
+    CURRENT_GUEST.with(std::cell::Cell::get).or_else(|| ASYNC_GUEST.try_with(|guest| *guest).ok())
 }
 
 pub(crate) fn set_current_task(task: Option<TaskId>, depth: u32) {
@@ -100,14 +132,17 @@ pub struct RuntimeContext {
 /// The context of the calling thread.
 pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
     let runtime = crate::runtime::current()?;
+    let guest = current_guest();
     Ok(RuntimeContext {
         job_id: runtime.job_id,
         node_id: runtime.node_id,
         task_id: CURRENT_TASK.with(|current| *current.borrow()),
         gpu_ids: runtime.gpu_ids.clone(),
         is_worker: runtime.is_worker,
-        actor_id: runtime.hosted.get().map(|hosted| hosted.id),
-        actor_incarnation: runtime.hosted.get().map_or(0, |hosted| hosted.incarnation),
+        actor_id: guest.map(|(id, _)| id).or_else(|| runtime.hosted.get().map(|hosted| hosted.id)),
+        actor_incarnation: guest.map(|(_, incarnation)| incarnation).unwrap_or_else(|| {
+            runtime.hosted.get().map_or(0, |hosted| hosted.incarnation)
+        }),
         worker_id: runtime.worker_id.map(|id| id.hex()),
         namespace: runtime.namespace.clone(),
     })

@@ -1,5 +1,7 @@
 //! The executor: the one thread that runs this process's tasks and its ordered actor's
-//! calls, one at a time, in the order they were given.
+//! calls, one at a time, in the order they were given. A process hosting several actors
+//! (a shared process) gives each ordered one an executor of its own
+//! ([`Executor::beside`]), which shares what it learnt of run times.
 //!
 //! User code runs here, off the runtime's threads, so it may block (or call `get`) as long
 //! as it likes. Invariants (unit-tested below):
@@ -24,6 +26,8 @@ pub(crate) const INLINE_LIMIT_MICROS: u64 = 50;
 /// The executor thread's stack: room for tasks run inside the tasks waiting for them
 /// (`crate::inline`).
 const EXECUTOR_STACK_BYTES: usize = 64 << 20;
+/// The stack of an executor beside the process's own (an actor's in a shared process).
+const GUEST_STACK_BYTES: usize = 8 << 20;
 
 pub(crate) struct Executor {
     /// The runtime user code may reach from the executor thread (to spawn, or for a handle).
@@ -36,8 +40,11 @@ pub(crate) struct Executor {
     pending: Arc<AtomicUsize>,
     /// Held while a job runs (on the executor, or in place): one at a time.
     running: Arc<Mutex<()>>,
-    /// Recent run time of each function run here, in microseconds.
-    run_times: DashMap<String, u64>,
+    /// Recent run time of each function run here, in microseconds (shared by the
+    /// executors of one process).
+    run_times: Arc<DashMap<String, u64>>,
+    /// The thread's stack size.
+    stack_bytes: usize,
 }
 
 impl Executor {
@@ -48,7 +55,23 @@ impl Executor {
             jobs: OnceLock::new(),
             pending: Arc::new(AtomicUsize::new(0)),
             running: Arc::new(Mutex::new(())),
-            run_times: DashMap::new(),
+            run_times: Arc::new(DashMap::new()),
+            stack_bytes: EXECUTOR_STACK_BYTES,
+        }
+    }
+
+    /// Another executor of the same process (an actor's own, in a shared process): its
+    /// own thread and order, the run times shared, a smaller stack (nothing runs inline
+    /// in a process hosting actors).
+    pub(crate) fn beside(&self) -> Self {
+        Self {
+            handle: self.handle.clone(),
+            on_start: self.on_start,
+            jobs: OnceLock::new(),
+            pending: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(Mutex::new(())),
+            run_times: self.run_times.clone(),
+            stack_bytes: GUEST_STACK_BYTES,
         }
     }
 
@@ -88,7 +111,7 @@ impl Executor {
             (self.handle.clone(), self.pending.clone(), self.running.clone(), self.on_start);
         std::thread::Builder::new()
             .name("ionet-executor".into())
-            .stack_size(EXECUTOR_STACK_BYTES)
+            .stack_size(self.stack_bytes)
             .spawn(move || {
                 let _runtime = handle.enter();
                 on_start();

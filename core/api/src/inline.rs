@@ -74,7 +74,7 @@ pub(crate) fn eligible(worker: &CoreWorker, options: &TaskOptions) -> bool {
         && enabled()
         && !SUBMITTING_KEPT_APART.with(Cell::get)
         && worker.gpu_ids.is_empty()
-        && worker.hosted.get().is_none()
+        && !worker.hosts_actors()
         && crate::context::current_task_id().is_some()
         && options.num_cpus <= 1.0
         && options.num_gpus == 0.0

@@ -101,6 +101,8 @@ pub(crate) struct CoreWorker {
     pub(crate) actor_args: DashMap<ionet_common::ActorId, Vec<crate::object_ref::ObjectRef<()>>>,
     /// The actor this worker process hosts, once created.
     pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
+    /// The actors this worker hosts as a shared process (none while `hosted` is set).
+    pub(crate) guests: DashMap<ionet_common::ActorId, Arc<crate::actor::HostedActor>>,
     /// The thread that runs this worker's tasks and its ordered actor's calls.
     executor: Executor,
     /// Set when the process leaves the cluster: `Watch` streams end.
@@ -261,6 +263,7 @@ impl CoreWorker {
             actor_classes: DashMap::new(),
             actor_args: DashMap::new(),
             hosted: OnceLock::new(),
+            guests: DashMap::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,
             channels: Channels::new(credential.clone(), tokio_runtime().handle().clone()),
@@ -316,6 +319,24 @@ impl CoreWorker {
     /// (see [`Executor`]).
     pub(crate) fn run_in_order(&self, function: Option<&str>, job: Job) {
         self.executor.run_in_order(function, job)
+    }
+
+    /// An executor of a guest actor: its own thread and order.
+    pub(crate) fn executor_beside(&self) -> Executor {
+        self.executor.beside()
+    }
+
+    /// The actor `id` this process hosts (its own, or a guest), if any.
+    pub(crate) fn hosted_actor(&self, id: &ionet_common::ActorId) -> Option<Arc<crate::actor::HostedActor>> {
+        match self.hosted.get() {
+            Some(hosted) => (hosted.id == *id).then(|| hosted.clone()),
+            None => self.guests.get(id).map(|guest| guest.clone()),
+        }
+    }
+
+    /// Whether this process hosts an actor (its own, or guests).
+    pub(crate) fn hosts_actors(&self) -> bool {
+        self.hosted.get().is_some() || !self.guests.is_empty()
     }
 
     /// Notes how long a call of `function` ran.

@@ -9,7 +9,8 @@ use ionet_common::authz::Principal;
 use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWorkerRpc;
 use ionet_common::rpc::proto::worker::{
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
-    BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, ExitReply,
+    BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, EndActorReply,
+    EndActorRequest, ExitReply,
     ExitRequest, GetObjectReply, GetObjectRequest, ListReferencesReply, ListReferencesRequest, NumberedReply,
     PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply, ReleaseBorrowsRequest, ReplyBatch,
     ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg,
@@ -206,6 +207,7 @@ async fn prepare_task(
         depth: request.depth,
         lend_to: Lending::to(caller, Default::default()),
         shown_as: function.name,
+        guest: None,
     };
     let (worker, replies) = (worker.clone(), replies.clone());
     let job: Job = Box::new(move || call.run_and_reply(&worker, Box::new(move || invoke(args)), &replies));
@@ -221,18 +223,17 @@ fn malformed_reply(worker: &CoreWorker, function: &str, task_id: &[u8], why: imp
 /// The actor this worker hosts, if it is the one (and incarnation) the call is for.
 fn hosted_actor(worker: &CoreWorker, call: &PushActorTaskRequest) -> Result<Arc<HostedActor>, Status> {
     let actor_id = ActorId::from_bytes(&call.actor_id)?;
-    let Some(hosted) = worker.hosted.get().cloned() else {
+    let Some(hosted) = worker.hosted_actor(&actor_id) else {
         return Err(Status::failed_precondition(format!(
-            "this worker hosts no actor (asked for {})",
+            "this worker does not host actor {} (it ended here, or never ran here)",
             actor_id.short()
         )));
     };
-    if hosted.id != actor_id || hosted.incarnation != call.incarnation {
+    if hosted.incarnation != call.incarnation {
         return Err(Status::failed_precondition(format!(
-            "this worker hosts actor {} incarnation {}, not {} incarnation {}",
+            "this worker hosts actor {} incarnation {}, not incarnation {}",
             hosted.id.short(),
             hosted.incarnation,
-            actor_id.short(),
             call.incarnation
         )));
     }
@@ -252,6 +253,8 @@ struct DecodedCall {
     lend_to: Option<Lending>,
     /// What its output is shown under (its function, or its actor's class).
     shown_as: &'static str,
+    /// The guest actor it is a call of, in a shared process.
+    guest: Option<(ActorId, u32)>,
 }
 
 /// What a remote caller is lent by a call, and how to tell what the call kept.
@@ -276,17 +279,19 @@ impl DecodedCall {
     fn run_and_reply(self, worker: &CoreWorker, run: BlockingCall, replies: &ReplySender) {
         let task_id = TaskId::from_bytes(&self.task_id).ok();
         crate::output::name_output(self.shown_as);
-        let reply = run_blocking(
-            worker,
-            &self.method,
-            &self.task_id,
-            task_id,
-            self.depth,
-            self.return_id,
-            self.threshold,
-            self.lend_to,
-            run,
-        );
+        let reply = context::with_guest(self.guest, || {
+            run_blocking(
+                worker,
+                &self.method,
+                &self.task_id,
+                task_id,
+                self.depth,
+                self.return_id,
+                self.threshold,
+                self.lend_to,
+                run,
+            )
+        });
         let _ = replies.send(Ok(NumberedReply { sequence: self.sequence, reply: Some(reply) }));
     }
 }
@@ -328,6 +333,7 @@ async fn decode_call(
         depth: 0,
         lend_to: None,
         shown_as: hosted.class.name,
+        guest: hosted.is_guest().then_some((hosted.id, hosted.incarnation)),
     };
     // A Rust method decodes its arguments here, before it runs.
     let (method, revived) = crate::borrows::collect_decoded(|| {
@@ -336,7 +342,10 @@ async fn decode_call(
     decoded.lend_to = Lending::to(caller, revived);
     match method {
         Ok(MethodCall::Blocking(run)) => Decoded::Blocking((decoded, run)),
-        Ok(MethodCall::Async(run)) => Decoded::Async(decoded, run),
+        Ok(MethodCall::Async(run)) => {
+            let run = context::in_guest(decoded.guest, run);
+            Decoded::Async(decoded, run)
+        }
         Err(failure) => Decoded::Done(failure_reply(worker, &decoded.method, &decoded.task_id, failure)),
     }
 }
@@ -346,7 +355,7 @@ async fn decode_call(
 /// stream wakes one thread per lane, not one per call.
 fn run_in_lanes(
     worker: &Arc<CoreWorker>,
-    hosted: &HostedActor,
+    hosted: &Arc<HostedActor>,
     calls: Vec<(DecodedCall, BlockingCall)>,
     replies: &ReplySender,
 ) {
@@ -356,14 +365,16 @@ fn run_in_lanes(
     let lanes = calls.len().min(hosted.max_concurrency);
     let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(calls)));
     for _ in 0..lanes {
-        let (worker, queue, replies, permits) =
-            (worker.clone(), queue.clone(), replies.clone(), hosted.permits.clone());
+        let (worker, queue, replies, hosted) = (worker.clone(), queue.clone(), replies.clone(), hosted.clone());
         tokio::spawn(async move {
-            let Ok(permit) = permits.acquire_owned().await else { return };
+            let Ok(permit) = hosted.permits.clone().acquire_owned().await else { return };
             let _ = tokio::task::spawn_blocking(move || {
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                     let Some((call, run)) = next else { break };
+                    if hosted.is_ended() {
+                        break; // Ended meanwhile: its stream failed what it left.
+                    }
                     call.run_and_reply(&worker, run, &replies);
                 }
                 drop(permit);
@@ -603,8 +614,15 @@ impl CoreWorkerRpc for CoreWorkerService {
             };
             Ok(Response::new(CreateActorReply { failure: Some(failure) }))
         };
+        // A worker hosts one actor of its own, or guests (a shared process), never both.
         if let Some(hosted) = self.worker.hosted.get() {
             return Err(Status::failed_precondition(format!("this worker already hosts actor {}", hosted.id.short())));
+        }
+        if !request.shared && !self.worker.guests.is_empty() {
+            return Err(Status::failed_precondition("this worker hosts shared actors; an actor of its own needs another"));
+        }
+        if self.worker.guests.contains_key(&actor_id) {
+            return Err(Status::failed_precondition(format!("this worker already hosts actor {}", actor_id.short())));
         }
         let Some(class) = actor::lookup_class(&request.class_name) else {
             let why = format!("no actor class named {} in this binary", request.class_name);
@@ -621,12 +639,42 @@ impl CoreWorkerRpc for CoreWorkerService {
             Ok(Err(failure)) => return failed(task_failure::Kind::Error, failure.message),
             Err(payload) => return failed(task_failure::Kind::Panic, panic_message(payload.as_ref())),
         };
-        let hosted = HostedActor::new(actor_id, request.incarnation, class, instance, request.max_concurrency);
-        if self.worker.hosted.set(Arc::new(hosted)).is_err() {
-            return Err(Status::failed_precondition("this worker started another actor meanwhile"));
+        let executor = request.shared.then(|| self.worker.executor_beside());
+        let hosted =
+            Arc::new(HostedActor::new(actor_id, request.incarnation, class, instance, request.max_concurrency, executor));
+        let placed = if request.shared {
+            match self.worker.guests.entry(actor_id) {
+                dashmap::mapref::entry::Entry::Vacant(entry) => {
+                    entry.insert(hosted);
+                    true
+                }
+                dashmap::mapref::entry::Entry::Occupied(_) => false,
+            }
+        } else {
+            self.worker.hosted.set(hosted).is_ok()
+        };
+        if !placed {
+            return Err(Status::failed_precondition("this worker started that actor, or another, meanwhile"));
         }
-        tracing::info!(actor = %actor_id, class = class.name, "actor constructed");
+        tracing::info!(actor = %actor_id, class = class.name, shared = request.shared, "actor constructed");
         Ok(Response::new(CreateActorReply { failure: None }))
+    }
+
+    async fn end_actor(&self, request: Request<EndActorRequest>) -> Result<Response<EndActorReply>, Status> {
+        let request = request.into_inner();
+        let actor_id = ActorId::from_bytes(&request.actor_id)?;
+        if self.worker.hosted.get().is_some_and(|hosted| hosted.id == actor_id) {
+            return Err(Status::failed_precondition(
+                "that actor has this process to itself: it ends with its process (its lease returned as failed)",
+            ));
+        }
+        // Only that incarnation: an end asked late never ends a later one.
+        let removed = self.worker.guests.remove_if(&actor_id, |_, guest| guest.incarnation == request.incarnation);
+        if let Some((_, guest)) = removed {
+            guest.end();
+            tracing::info!(actor = %actor_id, "shared actor ended");
+        }
+        Ok(Response::new(EndActorReply {}))
     }
 
     type ActorCallsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplyBatch, Status>> + Send>>;
@@ -643,7 +691,21 @@ impl CoreWorkerRpc for CoreWorkerService {
             // once every call taken has answered. The caller names itself in the
             // stream's first batch.
             let mut caller: Arc<str> = Arc::from("");
-            while let Ok(Some(batch)) = incoming.message().await {
+            // A stream carries the calls of one actor: a guest's end fails what it left.
+            let mut ended: Option<(ActorId, tokio::sync::watch::Receiver<bool>)> = None;
+            loop {
+                let next = match &mut ended {
+                    Some((actor_id, ended)) => tokio::select! {
+                        next = incoming.message() => next,
+                        _ = ended.wait_for(|ended| *ended) => {
+                            let why = format!("actor {} was ended in its shared process", actor_id.short());
+                            let _ = replies.send(Err(Status::unavailable(why)));
+                            return;
+                        }
+                    },
+                    None => incoming.message().await,
+                };
+                let Ok(Some(batch)) = next else { break };
                 if caller.is_empty() && !batch.caller_address.is_empty() {
                     caller = batch.caller_address.as_str().into();
                 }
@@ -656,6 +718,9 @@ impl CoreWorkerRpc for CoreWorkerService {
                             return;
                         }
                     };
+                    if hosted.is_guest() && ended.is_none() {
+                        ended = Some((hosted.id, hosted.ended()));
+                    }
                     let sequence = call.sequence;
                     let ordered = hosted.ordered();
                     match decode_call(&worker, &hosted, call, &caller).await {
@@ -666,17 +731,27 @@ impl CoreWorkerRpc for CoreWorkerService {
                         // (each caller's stream keeps its order): see `run_in_order`.
                         Decoded::Blocking((call, run)) if ordered => {
                             let (worker_ref, replies, method) = (worker.clone(), replies.clone(), call.method.clone());
-                            worker.run_in_order(
+                            let actor = hosted.clone();
+                            hosted.run_in_order(
+                                &worker,
                                 hosted.class.in_place.then_some(method.as_str()),
-                                Box::new(move || call.run_and_reply(&worker_ref, run, &replies)),
+                                Box::new(move || {
+                                    if !actor.is_ended() {
+                                        call.run_and_reply(&worker_ref, run, &replies);
+                                    }
+                                }),
                             );
                         }
                         Decoded::Async(call, run) if ordered => {
-                            let (worker_ref, replies) = (worker.clone(), replies.clone());
+                            let (worker_ref, replies, actor) = (worker.clone(), replies.clone(), hosted.clone());
                             // Never in place: it runs on the event loop, waited for here.
-                            worker.run_in_order(
+                            hosted.run_in_order(
+                                &worker,
                                 None,
                                 Box::new(move || {
+                                    if actor.is_ended() {
+                                        return;
+                                    }
                                     let handle = worker_ref.handle.clone();
                                     let reply = handle.block_on(run_async_call(
                                         &worker_ref,
@@ -709,8 +784,11 @@ impl CoreWorkerRpc for CoreWorkerService {
                         }
                     }
                 }
-                if let Some(hosted) = worker.hosted.get() {
-                    run_in_lanes(&worker, hosted, blocking, &replies);
+                if let Some(hosted) = blocking.first().and_then(|(call, _)| {
+                    let actor_id = call.guest.map(|(id, _)| id).or_else(|| worker.hosted.get().map(|hosted| hosted.id));
+                    actor_id.and_then(|id| worker.hosted_actor(&id))
+                }) {
+                    run_in_lanes(&worker, &hosted, blocking, &replies);
                 }
             }
         });
@@ -719,13 +797,32 @@ impl CoreWorkerRpc for CoreWorkerService {
 
     type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
-    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        // Watching one actor: the stream ends when it does, too.
+        let mut actor_ended = match request.actor_id.is_empty() {
+            true => None,
+            false => {
+                let actor_id = ActorId::from_bytes(&request.actor_id)?;
+                let Some(hosted) = self.worker.hosted_actor(&actor_id) else {
+                    return Err(Status::not_found(format!("this worker does not host actor {}", actor_id.short())));
+                };
+                Some(hosted.ended())
+            }
+        };
         let mut stopping = self.worker.stopping.subscribe();
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(1);
         tokio::spawn(async move {
+            let actor_ended = async {
+                match &mut actor_ended {
+                    Some(ended) => drop(ended.wait_for(|ended| *ended).await),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stopping.wait_for(|stopping| *stopping) => {}
                 _ = sender.closed() => {}
+                _ = actor_ended => {}
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))

@@ -47,6 +47,20 @@ impl Counter {
         std::process::id()
     }
 
+    /// The actor id and incarnation the method's context names.
+    pub fn whoami(&self) -> (String, u32) {
+        let context = ionet::get_runtime_context().unwrap();
+        (context.actor_id.map(|id| id.hex()).unwrap_or_default(), context.actor_incarnation)
+    }
+
+    /// Ends the actor from inside (`exit_actor`).
+    pub fn leave(&self) -> i64 {
+        match ionet::exit_actor() {
+            Ok(never) => match never {},
+            Err(err) => panic!("exit_actor failed: {err}"),
+        }
+    }
+
     pub fn devices(&self) -> (String, Vec<u32>) {
         (std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(), ionet::get_gpu_ids())
     }
@@ -361,6 +375,83 @@ fn killed_actor_restarts_or_dies() {
     });
 }
 
+/// Actors that share a process: one process for many (each its own state and context),
+/// each ended alone (kill, restart, `exit_actor`, calls queued behind a running one fail
+/// at once), and all of them ended when the process dies (each by its own rules).
+fn actors_sharing_a_process_live_and_end_apart() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init();
+    let shared = |restarts: i32| ActorOptions::new().share_process(true).max_restarts(restarts);
+    let actors: Vec<CounterHandle> =
+        (0..6).map(|index| Counter::options(shared(if index < 2 { 1 } else { 0 })).remote(index * 10).unwrap()).collect();
+    let pids = ionet::get_all(&actors.iter().map(|actor| actor.pid()).collect::<Vec<_>>()).unwrap();
+    assert!(pids.iter().all(|pid| *pid == pids[0]), "one process hosts them all: {pids:?}");
+    let alone = Counter::remote(0i64).unwrap();
+    assert_ne!(ionet::get(&alone.pid()).unwrap(), pids[0], "an actor not sharing has its own process");
+    for (index, actor) in actors.iter().enumerate() {
+        assert_eq!(ionet::get(&actor.incr(1)).unwrap(), index as i64 * 10 + 1, "each its own state");
+        let (id, incarnation) = ionet::get(&actor.whoami()).unwrap();
+        assert_eq!((id, incarnation), (actor.actor_handle().id().hex(), 0), "each call knows its actor");
+    }
+    let refused = Counter::options(ActorOptions::new().share_process(true).num_cpus(1.0)).remote(0i64);
+    match refused {
+        Err(IonetError::InvalidArgument(message)) => assert!(message.contains("cannot share"), "{message}"),
+        other => panic!("an actor holding a CPU cannot share a process, got {other:?}"),
+    }
+
+    // Killed for good while a call runs: the calls queued behind it fail at once, and
+    // the process and its other actors live on.
+    let running = actors[2].slow_incr(3_000);
+    let queued = actors[2].get();
+    std::thread::sleep(Duration::from_millis(300)); // the slow call has started
+    let killed_at = Instant::now();
+    ionet::kill(&actors[2], true).unwrap();
+    match ionet::get_timeout(&queued, Duration::from_secs(60)) {
+        Err(IonetError::ActorDied(_)) => {}
+        other => panic!("a call queued behind the killed actor's running one must fail, got {other:?}"),
+    }
+    assert!(killed_at.elapsed() < Duration::from_millis(2_500), "it did not wait for the running call");
+    assert!(ionet::get_timeout(&running, Duration::from_secs(60)).is_err(), "the running call's reply is dropped");
+    assert_eq!(ionet::get(&actors[3].pid()).unwrap(), pids[0], "the process lives on");
+    assert_eq!(ionet::get(&actors[3].get()).unwrap(), 31, "its other actors keep their state");
+
+    // Killed with a restart left: a fresh instance, in a shared process again.
+    ionet::kill(&actors[0], false).unwrap();
+    wait_until("the shared actor to restart", Duration::from_secs(60), || {
+        actors[0].actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+    });
+    assert_eq!(ionet::get_timeout(&actors[0].get(), Duration::from_secs(60)).unwrap(), 0, "the constructor ran again");
+    assert_eq!(ionet::get(&actors[0].whoami()).unwrap().1, 1);
+    assert_eq!(ionet::get(&actors[1].get()).unwrap(), 11, "a neighbour is untouched");
+
+    // `exit_actor` inside a shared actor ends it alone.
+    match ionet::get_timeout(&actors[4].leave(), Duration::from_secs(60)) {
+        Err(IonetError::ActorDied(_)) => {}
+        other => panic!("the call that exits fails as actor-died, got {other:?}"),
+    }
+    wait_until("the exited actor to be DEAD", Duration::from_secs(30), || {
+        actors[4].actor_handle().info().is_ok_and(|info| info.state == ionet::ActorState::Dead)
+    });
+    assert_eq!(ionet::get(&actors[5].pid()).unwrap(), pids[0], "the process lives on after exit_actor");
+
+    // The process dies: each of its actors restarts or dies by its own rules.
+    let host = ionet::get(&actors[1].pid()).unwrap();
+    sigkill(host);
+    wait_until("the shared actor with a restart left to come back", Duration::from_secs(60), || {
+        actors[1].actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+    });
+    assert_eq!(ionet::get_timeout(&actors[1].get(), Duration::from_secs(60)).unwrap(), 10);
+    assert_ne!(ionet::get(&actors[1].pid()).unwrap(), host);
+    for mortal in [&actors[3], &actors[5]] {
+        match ionet::get_timeout(&mortal.get(), Duration::from_secs(60)) {
+            Err(IonetError::ActorDied(_)) => {}
+            other => panic!("an actor without restarts dies with its shared process, got {other:?}"),
+        }
+    }
+    assert_eq!(ionet::get(&alone.get()).unwrap(), 0, "an actor of its own process is untouched");
+    drop(cluster);
+}
+
 fn gpu_actor_waits_for_the_gpu() {
     let cluster = Cluster::start(&["--num-cpus", "4", "--num-gpus", "1", "--gpu-type", "A100-80GB"]);
     cluster.init();
@@ -672,6 +763,20 @@ impl Keeper {
     pub fn pid(&self) -> u32 {
         std::process::id()
     }
+
+    /// The actor id and incarnation the method's context names.
+    pub fn whoami(&self) -> (String, u32) {
+        let context = ionet::get_runtime_context().unwrap();
+        (context.actor_id.map(|id| id.hex()).unwrap_or_default(), context.actor_incarnation)
+    }
+
+    /// Ends the actor from inside (`exit_actor`).
+    pub fn leave(&self) -> i64 {
+        match ionet::exit_actor() {
+            Ok(never) => match never {},
+            Err(err) => panic!("exit_actor failed: {err}"),
+        }
+    }
 }
 
 /// A ref inside an actor's constructor arguments lives while the actor does, though its
@@ -720,6 +825,7 @@ fn main() {
             ("handle_passed_to_tasks_on_two_nodes", handle_passed_to_tasks_on_two_nodes),
             ("named_detached_actor_outlives_its_driver", named_detached_actor_outlives_its_driver),
             ("killed_actor_restarts_or_dies", killed_actor_restarts_or_dies),
+            ("actors_sharing_a_process_live_and_end_apart", actors_sharing_a_process_live_and_end_apart),
             ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),

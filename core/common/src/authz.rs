@@ -375,6 +375,7 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.worker.CoreWorker/GetObject", Access::Tenant),
     row("/ionet.worker.CoreWorker/Exit", Access::Tenant),
     row("/ionet.worker.CoreWorker/CreateActor", Access::Tenant),
+    row("/ionet.worker.CoreWorker/EndActor", Access::Tenant),
     row("/ionet.worker.CoreWorker/ActorCalls", Access::Tenant),
     row("/ionet.worker.CoreWorker/Watch", Access::Tenant),
     row("/ionet.worker.CoreWorker/ReturnIdleLeases", Access::TenantOrNode),
