@@ -140,7 +140,39 @@ fn actor_lines(filter: &Option<String>, seconds: f64, clients: usize) {
         }
         10
     });
+    timeit("actor creations (shared process)", filter, seconds, || {
+        let options = || ionet::ActorOptions::new().share_process(true);
+        let created: Vec<BenchHandle> = (0..10).map(|_| Bench::options(options()).remote().unwrap()).collect();
+        let ready: Vec<ObjectRef<u8>> = created.iter().map(|actor| actor.small_value()).collect();
+        ionet::get_all(&ready).unwrap();
+        for actor in &created {
+            ionet::kill(actor, true).unwrap();
+        }
+        10
+    });
     for actor in actors.iter().chain([&actor, &concurrent]) {
+        let _ = ionet::kill(actor, true);
+    }
+}
+
+/// The actor line, only when named (`-- "10k actors"`): ten thousand actors of no
+/// resources sharing processes, created at once and each called once; prints the rate
+/// at which they were created and ready, then kills them.
+fn ten_thousand_actors(filter: &Option<String>) {
+    if !filter.as_ref().is_some_and(|filter| filter.starts_with("10k actors")) {
+        return;
+    }
+    // `IONET_BENCH_ACTORS` sets another count.
+    let count: usize = std::env::var("IONET_BENCH_ACTORS").ok().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let options = || ionet::ActorOptions::new().share_process(true);
+    let started = Instant::now();
+    let created: Vec<BenchHandle> = (0..count).map(|_| Bench::options(options()).remote().unwrap()).collect();
+    let ready: Vec<ObjectRef<u8>> = created.iter().map(|actor| actor.small_value()).collect();
+    ionet::get_all(&ready).unwrap();
+    let took = started.elapsed();
+    let rate = count as f64 / took.as_secs_f64();
+    println!("10k actors ({count}) created and ready in {:.1} s: {rate:.0} per second", took.as_secs_f64());
+    for actor in &created {
         let _ = ionet::kill(actor, true);
     }
 }
@@ -326,6 +358,7 @@ fn main() {
     lease_line(&filter, seconds);
     actor_lines(&filter, seconds, clients);
     million_tasks(&filter);
+    ten_thousand_actors(&filter);
     drop((value, many, container));
     ionet::shutdown();
     let _ = Duration::ZERO;

@@ -467,9 +467,7 @@ pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
         (Some((id, _)), _) => (id, true),
         (None, Some(hosted)) => (hosted.id, false),
         (None, None) => {
-            return Err(IonetError::FailedPrecondition(
-                "exit_actor() is called from inside an actor's method".into(),
-            ))
+            return Err(IonetError::FailedPrecondition("exit_actor() is called from inside an actor's method".into()))
         }
     };
     runtime::block_on(async {

@@ -30,7 +30,10 @@ pub(crate) fn with_guest<R>(guest: Option<(ActorId, u32)>, call: impl FnOnce() -
 }
 
 /// `method` as an async method of guest actor `guest`.
-pub(crate) fn in_guest(guest: Option<(ActorId, u32)>, method: crate::actor::MethodFuture) -> crate::actor::MethodFuture {
+pub(crate) fn in_guest(
+    guest: Option<(ActorId, u32)>,
+    method: crate::actor::MethodFuture,
+) -> crate::actor::MethodFuture {
     match guest {
         Some(guest) => Box::pin(ASYNC_GUEST.scope(guest, method)),
         None => method,
@@ -140,9 +143,9 @@ pub fn get_runtime_context() -> ionet_common::IonetResult<RuntimeContext> {
         gpu_ids: runtime.gpu_ids.clone(),
         is_worker: runtime.is_worker,
         actor_id: guest.map(|(id, _)| id).or_else(|| runtime.hosted.get().map(|hosted| hosted.id)),
-        actor_incarnation: guest.map(|(_, incarnation)| incarnation).unwrap_or_else(|| {
-            runtime.hosted.get().map_or(0, |hosted| hosted.incarnation)
-        }),
+        actor_incarnation: guest
+            .map(|(_, incarnation)| incarnation)
+            .unwrap_or_else(|| runtime.hosted.get().map_or(0, |hosted| hosted.incarnation)),
         worker_id: runtime.worker_id.map(|id| id.hex()),
         namespace: runtime.namespace.clone(),
     })

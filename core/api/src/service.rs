@@ -10,11 +10,10 @@ use ionet_common::rpc::proto::worker::core_worker_server::CoreWorker as CoreWork
 use ionet_common::rpc::proto::worker::{
     generator_item, get_object_reply, push_task_reply, task_arg, task_failure, ActorCallBatch, BorrowObjectsReply,
     BorrowObjectsRequest, CancelTaskReply, CancelTaskRequest, CreateActorReply, CreateActorRequest, EndActorReply,
-    EndActorRequest, ExitReply,
-    ExitRequest, GetObjectReply, GetObjectRequest, ListReferencesReply, ListReferencesRequest, NumberedReply,
-    PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply, ReleaseBorrowsRequest, ReplyBatch,
-    ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply, ReturnIdleLeasesRequest, TaskArg,
-    TaskBatch, TaskFailure, WatchEvent, WatchRequest,
+    EndActorRequest, ExitReply, ExitRequest, GetObjectReply, GetObjectRequest, ListReferencesReply,
+    ListReferencesRequest, NumberedReply, PushActorTaskRequest, PushTaskReply, PushTaskRequest, ReleaseBorrowsReply,
+    ReleaseBorrowsRequest, ReplyBatch, ReportGeneratorItemReply, ReportGeneratorItemRequest, ReturnIdleLeasesReply,
+    ReturnIdleLeasesRequest, TaskArg, TaskBatch, TaskFailure, WatchEvent, WatchRequest,
 };
 use ionet_common::{ActorId, IonetError, ObjectId, TaskId};
 use tokio::sync::mpsc;
@@ -619,7 +618,9 @@ impl CoreWorkerRpc for CoreWorkerService {
             return Err(Status::failed_precondition(format!("this worker already hosts actor {}", hosted.id.short())));
         }
         if !request.shared && !self.worker.guests.is_empty() {
-            return Err(Status::failed_precondition("this worker hosts shared actors; an actor of its own needs another"));
+            return Err(Status::failed_precondition(
+                "this worker hosts shared actors; an actor of its own needs another",
+            ));
         }
         if self.worker.guests.contains_key(&actor_id) {
             return Err(Status::failed_precondition(format!("this worker already hosts actor {}", actor_id.short())));
@@ -640,8 +641,14 @@ impl CoreWorkerRpc for CoreWorkerService {
             Err(payload) => return failed(task_failure::Kind::Panic, panic_message(payload.as_ref())),
         };
         let executor = request.shared.then(|| self.worker.executor_beside());
-        let hosted =
-            Arc::new(HostedActor::new(actor_id, request.incarnation, class, instance, request.max_concurrency, executor));
+        let hosted = Arc::new(HostedActor::new(
+            actor_id,
+            request.incarnation,
+            class,
+            instance,
+            request.max_concurrency,
+            executor,
+        ));
         let placed = if request.shared {
             match self.worker.guests.entry(actor_id) {
                 dashmap::mapref::entry::Entry::Vacant(entry) => {

@@ -382,8 +382,9 @@ fn actors_sharing_a_process_live_and_end_apart() {
     let cluster = Cluster::start(&["--num-cpus", "2"]);
     cluster.init();
     let shared = |restarts: i32| ActorOptions::new().share_process(true).max_restarts(restarts);
-    let actors: Vec<CounterHandle> =
-        (0..6).map(|index| Counter::options(shared(if index < 2 { 1 } else { 0 })).remote(index * 10).unwrap()).collect();
+    let actors: Vec<CounterHandle> = (0..6)
+        .map(|index| Counter::options(shared(if index < 2 { 1 } else { 0 })).remote(index * 10).unwrap())
+        .collect();
     let pids = ionet::get_all(&actors.iter().map(|actor| actor.pid()).collect::<Vec<_>>()).unwrap();
     assert!(pids.iter().all(|pid| *pid == pids[0]), "one process hosts them all: {pids:?}");
     let alone = Counter::remote(0i64).unwrap();
@@ -418,7 +419,10 @@ fn actors_sharing_a_process_live_and_end_apart() {
     // Killed with a restart left: a fresh instance, in a shared process again.
     ionet::kill(&actors[0], false).unwrap();
     wait_until("the shared actor to restart", Duration::from_secs(60), || {
-        actors[0].actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+        actors[0]
+            .actor_handle()
+            .info()
+            .is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
     });
     assert_eq!(ionet::get_timeout(&actors[0].get(), Duration::from_secs(60)).unwrap(), 0, "the constructor ran again");
     assert_eq!(ionet::get(&actors[0].whoami()).unwrap().1, 1);
@@ -438,7 +442,10 @@ fn actors_sharing_a_process_live_and_end_apart() {
     let host = ionet::get(&actors[1].pid()).unwrap();
     sigkill(host);
     wait_until("the shared actor with a restart left to come back", Duration::from_secs(60), || {
-        actors[1].actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+        actors[1]
+            .actor_handle()
+            .info()
+            .is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
     });
     assert_eq!(ionet::get_timeout(&actors[1].get(), Duration::from_secs(60)).unwrap(), 10);
     assert_ne!(ionet::get(&actors[1].pid()).unwrap(), host);
@@ -449,6 +456,25 @@ fn actors_sharing_a_process_live_and_end_apart() {
         }
     }
     assert_eq!(ionet::get(&alone.get()).unwrap(), 0, "an actor of its own process is untouched");
+    drop(cluster);
+}
+
+/// Thousands of actors created at once by one driver, each called once: every one is
+/// ready. (Regression: the head's HTTP/2 connection window let h2 end the driver's
+/// connection mid-burst, its guard against floods of small frames.)
+fn thousands_of_actors_created_at_once_are_all_ready() {
+    let cluster = Cluster::start(&["--num-cpus", "2"]);
+    cluster.init();
+    let count = 10_000;
+    let actors: Vec<CounterHandle> = (0..count)
+        .map(|index| Counter::options(ActorOptions::new().share_process(true)).remote(index).unwrap())
+        .collect();
+    let values: Vec<_> = actors.iter().map(|actor| actor.incr(1)).collect();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    for (index, value) in values.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert_eq!(ionet::get_timeout(value, left).unwrap(), index as i64 + 1);
+    }
     drop(cluster);
 }
 
@@ -826,6 +852,7 @@ fn main() {
             ("named_detached_actor_outlives_its_driver", named_detached_actor_outlives_its_driver),
             ("killed_actor_restarts_or_dies", killed_actor_restarts_or_dies),
             ("actors_sharing_a_process_live_and_end_apart", actors_sharing_a_process_live_and_end_apart),
+            ("thousands_of_actors_created_at_once_are_all_ready", thousands_of_actors_created_at_once_are_all_ready),
             ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),

@@ -294,15 +294,27 @@ pub type AuthorizedRouter =
     tonic::transport::server::Router<tower_layer::Stack<crate::authz::AuthorizeLayer, tower_layer::Identity>>;
 
 /// Most streams one connection may hold open at once (HTTP/2's
-/// `SETTINGS_MAX_CONCURRENT_STREAMS`; tonic's default is none). A client past it waits for
-/// a stream to end rather than failing; a peer cannot make a server hold unbounded state.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; tonic's default is none): a peer cannot make a server
+/// hold unbounded state. A client past it should wait for a stream to end, but hyper's can
+/// hang there for good (hyperium/hyper#3559), and a driver keeps a long poll on the head
+/// per actor handle it holds: with 4,096, ten thousand actors created at once hung one run
+/// in two. It is well above what a driver needs.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32_768;
+
+/// How much a peer may send on one connection before the server reads it (HTTP/2's
+/// connection window; hyper's default is 1 MiB). h2 also ends a connection whose unread
+/// small DATA frames outgrow half of it (its guard against floods of tiny frames,
+/// `ENHANCE_YOUR_CALM`): a driver creating ten thousand actors at once sends the head that
+/// many small requests, a few hundred kilobytes of them unread while the head is busy,
+/// which ended its connection mid-burst with 1 MiB.
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
 /// Every ionet server starts here: no call reaches a handler unless `authorizer` admits it,
 /// and no connection holds more than [`MAX_STREAMS_PER_CONNECTION`] streams.
 pub fn server(authorizer: crate::authz::Authorizer) -> AuthorizedServer {
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .layer(crate::authz::AuthorizeLayer::new(authorizer))
 }
 

@@ -137,11 +137,17 @@ impl Actors {
             return seat;
         }
         let outcome = match self.target(spec, incarnation) {
-            Ok((address, request)) => lease::request(|address| self.channel(address, credential), address, request).await,
+            Ok((address, request)) => {
+                lease::request(|address| self.channel(address, credential), address, request).await
+            }
             Err(outcome) => outcome,
         };
         if let LeaseOutcome::Granted { lease, node_address } = &outcome {
-            let host = Host { lease: (**lease).clone(), node_address: node_address.clone(), actors: HashSet::from([actor_id]) };
+            let host = Host {
+                lease: (**lease).clone(),
+                node_address: node_address.clone(),
+                actors: HashSet::from([actor_id]),
+            };
             lock(&self.hosts).add(key, host);
             tracing::info!(worker = %lease.worker_address, "a shared process leased for actors");
         }
@@ -187,7 +193,8 @@ impl Actors {
         if ended {
             if lock(&self.hosts).vacate(&key, lease_id, &actor_id) {
                 let actors = self.clone();
-                let (lease_id, node_address, job_id) = (lease_id.to_vec(), node_address.to_string(), spec.job_id.clone());
+                let (lease_id, node_address, job_id) =
+                    (lease_id.to_vec(), node_address.to_string(), spec.job_id.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(HOST_LINGER).await;
                     if lock(&actors.hosts).retire(&key, &lease_id, true) {
@@ -229,11 +236,13 @@ mod tests {
         assert_eq!((lease.lease_id, node.as_str()), (vec![3], "a"), "the creator's node first");
         let seated = ActorId::random();
         let (lease, _) = hosts.seat(&key, seated, "c").unwrap();
-        assert_eq!(hosts.find(&key, &lease.lease_id).unwrap().actors.len(), 2);
+        assert_eq!(lease.lease_id, vec![2], "else the first with room");
         // The same lease learnt again (a restarted head) merges its actors.
         hosts.add(key.clone(), host(3, "a", &[ActorId::random()]));
         assert_eq!(hosts.count(), 3);
+        assert_eq!(hosts.find(&key, &[3]).unwrap().actors.len(), 2);
         assert!(!hosts.vacate(&key, &[1], &full[0]), "a host with actors left is not empty");
+        assert!(hosts.vacate(&key, &[2], &seated), "its only actor gone, a host is empty");
         assert!(!hosts.retire(&key, &[1], true), "a host with actors is not retired as empty");
         assert!(hosts.retire(&key, &[2], true), "an empty one is");
         assert!(hosts.retire(&key, &[1], false), "a failed one is, actors and all");
