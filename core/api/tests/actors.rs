@@ -702,6 +702,13 @@ fn head_restart_keeps_everything(storage: &str) {
     assert!(!group.wait(Duration::from_millis(200)).unwrap(), "no node has the resource yet");
     ionet::raw::kv_put("models", b"llama", b"weights".to_vec(), true).unwrap();
     let load = Load::start("counter", 5);
+    // Two actors sharing a process (on node b: the head's own node dies with it): the
+    // restarted head knows their process again.
+    let on_b = SchedulingStrategy::NodeAffinity { node_id: harness::node_named("b").node_id, soft: false };
+    let options = || ActorOptions::new().share_process(true).scheduling_strategy(on_b.clone());
+    let shared: Vec<CounterHandle> = (0..2).map(|_| Counter::options(options()).remote(0i64).unwrap()).collect();
+    let host = ionet::get(&shared[0].pid()).unwrap();
+    assert_eq!(ionet::get(&shared[1].incr(7)).unwrap(), 7);
     cluster.kill(0);
     // Calls that need the head wait for it (up to a minute) rather than fail.
     let asked =
@@ -714,6 +721,10 @@ fn head_restart_keeps_everything(storage: &str) {
     assert_eq!(value.unwrap(), Some(b"weights".to_vec()), "a KV read made while the head was down");
     assert!(nodes.unwrap() >= 3, "a node listing made while the head was down");
     load.check();
+    assert_eq!(ionet::get(&shared[1].incr(1)).unwrap(), 8, "a shared actor kept its state and process");
+    ionet::kill(&shared[0], true).unwrap();
+    assert_eq!(ionet::get(&shared[1].pid()).unwrap(), host, "killing its neighbour ends only the neighbour");
+    assert_eq!(ionet::get(&shared[1].get()).unwrap(), 8);
     // The group the head had pending is placed once a node with the resource joins.
     cluster.add_node(&["--num-cpus", "1", "--resources", r#"{"special": 1}"#, "--labels", "name=c"]);
     assert!(group.wait(Duration::from_secs(60)).unwrap(), "the pending placement group is created");
