@@ -8,7 +8,10 @@
 //!
 //! Invariants:
 //! - At most one incarnation of an actor runs: a new one is placed only after the old
-//!   worker's lease was returned as failed (which kills the process).
+//!   worker's lease was returned as failed (which kills the process), or, for an actor in
+//!   a shared process (`share_process`, see `hosts`), after that process ended it (or was
+//!   itself killed). A call it was running then may still finish on its thread there;
+//!   its reply goes nowhere.
 //! - The control store holds a `Watch` stream to every ALIVE actor's worker, and one to the
 //!   owner of every non-detached actor. A worker's stream ending means the worker died: the
 //!   actor RESTARTS (incarnation + 1, constructor re-run) while `restarts < max_restarts`

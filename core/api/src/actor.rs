@@ -6,10 +6,12 @@
 //! Caller side: `crate::actor_client` (one ordered call queue per actor a process calls,
 //! with its retry and delivery rules).
 //!
-//! Worker side: a worker hosts at most one actor ([`HostedActor`]). With
-//! `max_concurrency == 1` each caller's calls run one at a time in sequence order; with
-//! more, up to `max_concurrency` calls run at once on blocking threads (`&self` methods
-//! share a read lock, `&mut self` methods take the write lock).
+//! Worker side: a worker hosts one actor of its own ([`HostedActor`]), or, as a shared
+//! process (`ActorOptions::share_process`), several actors of its job ("guests"), each
+//! with its own executor thread and ended alone (`EndActor`). With `max_concurrency == 1`
+//! each caller's calls run one at a time in sequence order; with more, up to
+//! `max_concurrency` calls run at once on blocking threads (`&self` methods share a read
+//! lock, `&mut self` methods take the write lock).
 
 use std::any::Any;
 use std::sync::Arc;
