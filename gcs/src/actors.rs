@@ -55,7 +55,9 @@ use ionet_common::rpc::proto::common::{NodeState as WireNodeState, ResourceQuant
 use ionet_common::rpc::proto::gcs::cluster_event::Event;
 use ionet_common::rpc::proto::gcs::{ActorInfo, ActorSpec, ActorState, StoredActor, TaskState};
 use ionet_common::rpc::proto::metering::HeldLease;
-use ionet_common::rpc::proto::node::{LeaseGranted, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest};
+use ionet_common::rpc::proto::node::{
+    LeaseGranted, RequestWorkerLeaseRequest, ReturnWorkerLeaseRequest, SchedulingKind,
+};
 use ionet_common::rpc::proto::worker::{CreateActorRequest, WatchRequest};
 use ionet_common::rpc::{self, AuthChannel, CoreWorkerClient, NodeManagerClient};
 use ionet_common::task_event_batch::{BatchBuilder, Event as TaskEvent};
@@ -287,7 +289,8 @@ impl Actors {
                                         ..Default::default()
                                     },
                                     node_address,
-                                    actors: std::collections::HashSet::from([actor_id]),
+                                    actors: std::collections::HashSet::from([(actor_id, info.incarnation)]),
+                                    emptied: 0,
                                 };
                                 lock(&self.hosts).add(hosts::host_key(&spec), host);
                             }
@@ -404,6 +407,13 @@ impl Actors {
             )));
         }
         let holds = spec.resources.as_ref().is_some_and(|r| r.units.values().any(|units| *units > 0));
+        let spread = spec.strategy.as_ref().is_some_and(|s| s.kind == SchedulingKind::Spread as i32);
+        if spec.share_process && spread {
+            return Err(IonetError::InvalidArgument(format!(
+                "actor {} cannot both share a process and spread: the strategy places the process",
+                spec.class_name
+            )));
+        }
         if spec.share_process && (holds || !spec.placement_group_id.is_empty()) {
             return Err(IonetError::InvalidArgument(format!(
                 "actor {} cannot share a process: a shared process holds no resources, outside placement groups",

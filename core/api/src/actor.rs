@@ -138,9 +138,10 @@ pub struct ActorOptions {
     /// What the state API calls the class (a Python class's name, where the registered
     /// class is Python's generic one); `None`: the registered class's name.
     pub class_label: Option<String>,
-    /// May live in a worker process shared with other such actors of the job on its node
-    /// (no process start of its own: many light actors are created fast). Only for an
-    /// actor of no resources outside placement groups. Such an actor shares its
+    /// May live in a worker process shared with other such actors of the job (one per
+    /// runtime environment and strategy, placed as an actor of no resources; no process
+    /// start of its own: many light actors are created fast). Only for an actor of no
+    /// resources, outside placement groups, not `Spread`. Such an actor shares its
     /// process's fate: a crash (or `std::process::exit`) of one ends all of them (each
     /// restarts per its `max_restarts`), and a kill ends it between calls: a call
     /// running then finishes on its thread, its result dropped.
@@ -486,6 +487,43 @@ pub fn exit_actor() -> IonetResult<std::convert::Infallible> {
     std::process::exit(0)
 }
 
+/// A guest's constructor running: ended meanwhile (`EndActor`), it is dropped when the
+/// constructor returns, and the end is answered only then (never two incarnations).
+pub(crate) struct Construction {
+    pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    pub(crate) done: tokio::sync::watch::Sender<bool>,
+}
+
+/// Marks a guest's construction on its process while it runs; gone (and its end told)
+/// when dropped, after the guest is in the process's table or refused.
+pub(crate) struct Constructing<'a> {
+    worker: &'a CoreWorker,
+    id: ActorId,
+    pub(crate) state: Arc<Construction>,
+}
+
+impl<'a> Constructing<'a> {
+    pub(crate) fn start(worker: &'a CoreWorker, id: ActorId, incarnation: u32) -> Self {
+        let state = Arc::new(Construction {
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+            done: tokio::sync::watch::channel(false).0,
+        });
+        worker.constructing.insert(id, (incarnation, state.clone()));
+        Constructing { worker, id, state }
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.state.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Constructing<'_> {
+    fn drop(&mut self) {
+        self.worker.constructing.remove_if(&self.id, |_, (_, state)| Arc::ptr_eq(state, &self.state));
+        self.state.done.send_replace(true);
+    }
+}
+
 /// What a guest actor's call unwinds with after `exit_actor()`.
 struct ActorExited;
 
@@ -555,8 +593,10 @@ impl HostedActor {
         }
     }
 
+    /// Ends a guest: no more calls (lanes and async calls waiting for a permit give up).
     pub(crate) fn end(&self) {
         self.ended.send_replace(true);
+        self.permits.close();
     }
 
     pub(crate) fn is_ended(&self) -> bool {

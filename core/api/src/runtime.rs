@@ -103,6 +103,8 @@ pub(crate) struct CoreWorker {
     pub(crate) hosted: OnceLock<Arc<crate::actor::HostedActor>>,
     /// The actors this worker hosts as a shared process (none while `hosted` is set).
     pub(crate) guests: DashMap<ionet_common::ActorId, Arc<crate::actor::HostedActor>>,
+    /// Guests whose constructor runs now, by id: (incarnation, its construction).
+    pub(crate) constructing: DashMap<ionet_common::ActorId, (u32, Arc<crate::actor::Construction>)>,
     /// The thread that runs this worker's tasks and its ordered actor's calls.
     executor: Executor,
     /// Set when the process leaves the cluster: `Watch` streams end.
@@ -264,6 +266,7 @@ impl CoreWorker {
             actor_args: DashMap::new(),
             hosted: OnceLock::new(),
             guests: DashMap::new(),
+            constructing: DashMap::new(),
             executor: Executor::new(tokio_runtime().handle().clone(), crate::inline::mark_executor_thread),
             stopping: watch::channel(false).0,
             channels: Channels::new(credential.clone(), tokio_runtime().handle().clone()),

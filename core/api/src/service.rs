@@ -631,10 +631,22 @@ impl CoreWorkerRpc for CoreWorkerService {
         };
         let args: Vec<ArgBytes> =
             request.args.into_iter().map(|bytes| ArgBytes(Bytes::Owned(Arc::new(bytes)))).collect();
+        if request.shared && !class.in_place {
+            // Its calls may wait in ways the runtime cannot see (Python's): a process each.
+            let why = format!("actor class {} cannot share a process", request.class_name);
+            return Err(Status::invalid_argument(why));
+        }
+        let constructing =
+            request.shared.then(|| actor::Constructing::start(&self.worker, actor_id, request.incarnation));
         let construct = class.construct;
         let built = tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(|| construct(args))))
             .await
             .map_err(|err| Status::internal(format!("constructor thread failed: {err}")))?;
+        if constructing.as_ref().is_some_and(|constructing| constructing.cancelled()) {
+            // Ended while its constructor ran: that incarnation never starts.
+            tokio::task::spawn_blocking(move || drop(built));
+            return Err(Status::aborted(format!("actor {} was ended while its constructor ran", actor_id.short())));
+        }
         let instance = match built {
             Ok(Ok(instance)) => instance,
             Ok(Err(failure)) => return failed(task_failure::Kind::Error, failure.message),
@@ -660,6 +672,7 @@ impl CoreWorkerRpc for CoreWorkerService {
         } else {
             self.worker.hosted.set(hosted).is_ok()
         };
+        drop(constructing); // after the guest is in the table: an end waiting on it finds it
         if !placed {
             return Err(Status::failed_precondition("this worker started that actor, or another, meanwhile"));
         }
@@ -675,11 +688,26 @@ impl CoreWorkerRpc for CoreWorkerService {
                 "that actor has this process to itself: it ends with its process (its lease returned as failed)",
             ));
         }
+        // Being constructed: it never starts, and the end is answered once its
+        // constructor returned (never two incarnations at once).
+        let construction = self
+            .worker
+            .constructing
+            .get(&actor_id)
+            .filter(|entry| entry.0 == request.incarnation)
+            .map(|entry| entry.1.clone());
+        if let Some(construction) = construction {
+            construction.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut done = construction.done.subscribe();
+            let _ = done.wait_for(|done| *done).await;
+        }
         // Only that incarnation: an end asked late never ends a later one.
         let removed = self.worker.guests.remove_if(&actor_id, |_, guest| guest.incarnation == request.incarnation);
         if let Some((_, guest)) = removed {
             guest.end();
             tracing::info!(actor = %actor_id, "shared actor ended");
+            // Its state (and the user's `Drop`) goes off the event loop.
+            tokio::task::spawn_blocking(move || drop(guest));
         }
         Ok(Response::new(EndActorReply {}))
     }
@@ -717,6 +745,8 @@ impl CoreWorkerRpc for CoreWorkerService {
                     caller = batch.caller_address.as_str().into();
                 }
                 let mut blocking = Vec::new();
+                // The actor this batch's calls were decoded for (one per stream).
+                let mut batch_actor = None;
                 for call in batch.calls {
                     let hosted = match hosted_actor(&worker, &call) {
                         Ok(hosted) => hosted,
@@ -728,6 +758,7 @@ impl CoreWorkerRpc for CoreWorkerService {
                     if hosted.is_guest() && ended.is_none() {
                         ended = Some((hosted.id, hosted.ended()));
                     }
+                    batch_actor = Some(hosted.clone());
                     let sequence = call.sequence;
                     let ordered = hosted.ordered();
                     match decode_call(&worker, &hosted, call, &caller).await {
@@ -777,6 +808,9 @@ impl CoreWorkerRpc for CoreWorkerService {
                             let (worker, replies) = (worker.clone(), replies.clone());
                             tokio::spawn(async move {
                                 let Ok(_permit) = hosted.permits.clone().acquire_owned().await else { return };
+                                if hosted.is_ended() {
+                                    return; // Ended meanwhile: its stream failed what it left.
+                                }
                                 let reply = run_async_call(
                                     &worker,
                                     &call.method,
@@ -791,11 +825,8 @@ impl CoreWorkerRpc for CoreWorkerService {
                         }
                     }
                 }
-                if let Some(hosted) = blocking.first().and_then(|(call, _)| {
-                    let actor_id = call.guest.map(|(id, _)| id).or_else(|| worker.hosted.get().map(|hosted| hosted.id));
-                    actor_id.and_then(|id| worker.hosted_actor(&id))
-                }) {
-                    run_in_lanes(&worker, &hosted, blocking, &replies);
+                if let Some(hosted) = &batch_actor {
+                    run_in_lanes(&worker, hosted, blocking, &replies);
                 }
             }
         });

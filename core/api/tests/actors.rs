@@ -146,6 +146,28 @@ impl Picky {
     }
 }
 
+/// An actor whose constructor takes a while, logging when it starts and ends.
+pub struct SlowStart;
+
+#[ionet::actor]
+impl SlowStart {
+    pub fn new(log: String, millis: u64) -> Self {
+        let note = |what: &str| {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+            writeln!(file, "{what}").unwrap();
+        };
+        note("start");
+        std::thread::sleep(Duration::from_millis(millis));
+        note("end");
+        SlowStart
+    }
+
+    pub fn ready(&self) -> bool {
+        true
+    }
+}
+
 /// An actor that submits tasks: it holds CPU leases of its own.
 pub struct Submitter;
 
@@ -427,6 +449,19 @@ fn actors_sharing_a_process_live_and_end_apart() {
     assert_eq!(ionet::get_timeout(&actors[0].get(), Duration::from_secs(60)).unwrap(), 0, "the constructor ran again");
     assert_eq!(ionet::get(&actors[0].whoami()).unwrap().1, 1);
     assert_eq!(ionet::get(&actors[1].get()).unwrap(), 11, "a neighbour is untouched");
+
+    // Killed (restart allowed) while its constructor runs: the next incarnation's
+    // constructor starts only after that one returned (never two at once).
+    let log = harness::temp_path("slow-start");
+    let log_text = log.to_string_lossy().into_owned();
+    let slow = SlowStart::options(shared(1)).remote(log_text, 1_500u64).unwrap();
+    wait_until("the constructor to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("start"))
+    });
+    ionet::kill(&slow, false).unwrap();
+    assert!(ionet::get_timeout(&slow.ready(), Duration::from_secs(60)).unwrap(), "the next incarnation runs");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert!(lines.starts_with("start\nend\nstart\n"), "one constructor at a time:\n{lines}");
 
     // `exit_actor` inside a shared actor ends it alone.
     match ionet::get_timeout(&actors[4].leave(), Duration::from_secs(60)) {
