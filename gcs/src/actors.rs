@@ -620,6 +620,7 @@ impl Actors {
         }
         tracing::info!(actor = %actor_id, cause, restarting = restart.is_some(), "actor worker ended");
         self.bump(&actor_id);
+        self.end_children_of(actor_id);
         if let Some(((lease_id, node_address), spec)) = lease {
             if !self.end_on(&spec, actor_id, incarnation, &lease_id, &node_address).await {
                 // Its worker may still run (its node cannot be reached): the lease stays
@@ -1121,6 +1122,26 @@ impl Actors {
             };
             let _ = self.worker_ended(actor_id, incarnation, &cause, false).await;
         })
+    }
+
+    /// Ends the non-detached actors that `owner` (an actor in a shared process) created:
+    /// its process lives on, so its owner watch would not end them.
+    fn end_children_of(self: &Arc<Self>, owner: ActorId) {
+        let children: Vec<(ActorId, u32)> = lock(&self.rows)
+            .iter()
+            .filter(|(_, row)| {
+                let spec = row.info.spec.as_ref();
+                spec.is_some_and(|spec| spec.owner_actor_id == owner.as_bytes() && !spec.detached)
+                    && state_of(&row.info) != ActorState::Dead
+            })
+            .map(|(id, row)| (*id, row.info.incarnation))
+            .collect();
+        for (child, incarnation) in children {
+            let actors = self.clone();
+            tokio::spawn(async move {
+                let _ = actors.worker_ended(child, incarnation, "its owner exited", true).await;
+            });
+        }
     }
 
     /// Holds a `Watch` stream to an owner; when it ends, its non-detached actors die.

@@ -364,6 +364,7 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
             runtime_env: worker.runtime_env_of(&options.resources)?,
             display_class: options.class_label.clone().unwrap_or_default(),
             share_process: options.share_process,
+            owner_actor_id: crate::context::current_guest().map(|(id, _)| id.to_vec()).unwrap_or_default(),
         };
         let request = CreateActorRequest { spec: Some(spec), get_if_exists: options.get_if_exists };
         // Asked again while the head restarts: it answers a create it already took with

@@ -53,6 +53,11 @@ impl Counter {
         (context.actor_id.map(|id| id.hex()).unwrap_or_default(), context.actor_incarnation)
     }
 
+    /// Creates an actor of its own (not detached: it dies with this one).
+    pub fn child(&self) -> CounterHandle {
+        Counter::remote(0i64).unwrap()
+    }
+
     /// Ends the actor from inside (`exit_actor`).
     pub fn leave(&self) -> i64 {
         match ionet::exit_actor() {
@@ -463,7 +468,9 @@ fn actors_sharing_a_process_live_and_end_apart() {
     let lines = std::fs::read_to_string(&log).unwrap();
     assert!(lines.starts_with("start\nend\nstart\n"), "one constructor at a time:\n{lines}");
 
-    // `exit_actor` inside a shared actor ends it alone.
+    // `exit_actor` inside a shared actor ends it alone, and the actors it created.
+    let child = ionet::get(&actors[4].child()).unwrap();
+    assert_eq!(ionet::get(&child.incr(2)).unwrap(), 2);
     match ionet::get_timeout(&actors[4].leave(), Duration::from_secs(60)) {
         Err(IonetError::ActorDied(_)) => {}
         other => panic!("the call that exits fails as actor-died, got {other:?}"),
@@ -472,6 +479,9 @@ fn actors_sharing_a_process_live_and_end_apart() {
         actors[4].actor_handle().info().is_ok_and(|info| info.state == ionet::ActorState::Dead)
     });
     assert_eq!(ionet::get(&actors[5].pid()).unwrap(), pids[0], "the process lives on after exit_actor");
+    wait_until("the exited actor's child to be DEAD", Duration::from_secs(30), || {
+        child.actor_handle().info().is_ok_and(|info| info.state == ionet::ActorState::Dead)
+    });
 
     // The process dies: each of its actors restarts or dies by its own rules.
     let host = ionet::get(&actors[1].pid()).unwrap();
