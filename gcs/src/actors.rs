@@ -77,6 +77,21 @@ mod hosts;
 /// Pause between placement attempts that failed for a reason that may pass.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// An actor's incarnation running on a lease: what ending it takes.
+struct OnLease<'a> {
+    spec: &'a ActorSpec,
+    actor_id: ActorId,
+    incarnation: u32,
+    lease_id: &'a [u8],
+    node_address: &'a str,
+}
+
+impl<'a> OnLease<'a> {
+    fn of(spec: &'a ActorSpec, actor_id: ActorId, incarnation: u32, lease_id: &'a [u8], node_address: &'a str) -> Self {
+        OnLease { spec, actor_id, incarnation, lease_id, node_address }
+    }
+}
+
 #[derive(Clone)]
 struct Row {
     info: ActorInfo,
@@ -328,7 +343,7 @@ impl Actors {
                 // the actor; it goes (the lease returned as failed) before another is
                 // placed.
                 if let Some((lease_id, node_address)) = lease {
-                    actors.end_on_surely(&spec, actor_id, incarnation, &lease_id, &node_address).await;
+                    actors.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease_id, &node_address)).await;
                     actors.forget_lease(actor_id, &lease_id).await;
                 }
                 actors.place(actor_id, incarnation).await;
@@ -622,13 +637,13 @@ impl Actors {
         self.bump(&actor_id);
         self.end_children_of(actor_id);
         if let Some(((lease_id, node_address), spec)) = lease {
-            if !self.end_on(&spec, actor_id, incarnation, &lease_id, &node_address).await {
+            if !self.end_on(&OnLease::of(&spec, actor_id, incarnation, &lease_id, &node_address)).await {
                 // Its worker may still run (its node cannot be reached): the lease stays
                 // recorded, asked back until surely gone, and only then does the next
                 // incarnation start: never two at once.
                 let actors = self.clone();
                 tokio::spawn(async move {
-                    actors.end_on_surely(&spec, actor_id, incarnation, &lease_id, &node_address).await;
+                    actors.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease_id, &node_address)).await;
                     actors.forget_lease(actor_id, &lease_id).await;
                     match restart {
                         Some(incarnation) => actors.place(actor_id, incarnation).await,
@@ -705,42 +720,26 @@ impl Actors {
         tracing::error!(node = %node_address, "an actor's lease could not be returned in ten minutes; going on without");
     }
 
-    /// Ends incarnation `incarnation` of an actor running on lease `lease_id`: its own
-    /// process's lease is returned as failed (which kills the process); a guest of a
-    /// shared process is ended there (`hosts`). Whether it surely no longer runs.
-    async fn end_on(
-        self: &Arc<Self>,
-        spec: &ActorSpec,
-        actor_id: ActorId,
-        incarnation: u32,
-        lease_id: &[u8],
-        node_address: &str,
-    ) -> bool {
-        if spec.share_process {
-            return self.leave_host(spec, actor_id, incarnation, lease_id, node_address).await;
+    /// Ends the incarnation running `on` a lease: its own process's lease is returned as
+    /// failed (which kills the process); a guest of a shared process is ended there
+    /// (`hosts`). Whether it surely no longer runs.
+    async fn end_on(self: &Arc<Self>, on: &OnLease<'_>) -> bool {
+        if on.spec.share_process {
+            return self.leave_host(on).await;
         }
-        self.return_lease(&spec.job_id, lease_id.to_vec(), node_address, true).await
+        self.return_lease(&on.spec.job_id, on.lease_id.to_vec(), on.node_address, true).await
     }
 
-    /// [`Actors::end_on`] until it is surely ended (as [`Actors::return_lease_surely`]).
-    async fn end_on_surely(
-        self: &Arc<Self>,
-        spec: &ActorSpec,
-        actor_id: ActorId,
-        incarnation: u32,
-        lease_id: &[u8],
-        node_address: &str,
-    ) {
-        if !spec.share_process {
-            return self.return_lease_surely(&spec.job_id, lease_id, node_address).await;
-        }
+    /// [`Actors::end_on`], asking again every second until it is surely ended (given up
+    /// after ten minutes, logged, as [`Actors::return_lease_surely`]).
+    async fn end_on_surely(self: &Arc<Self>, on: &OnLease<'_>) {
         for _ in 0..600 {
-            if self.end_on(spec, actor_id, incarnation, lease_id, node_address).await {
+            if self.end_on(on).await {
                 return;
             }
             tokio::time::sleep(RETRY_PAUSE * 2).await;
         }
-        tracing::error!(node = %node_address, "a shared actor could not be ended in ten minutes; going on without");
+        tracing::error!(node = %on.node_address, "an actor could not be ended in ten minutes; going on without");
     }
 
     /// Forgets lease `lease_id` of the actor once returned (a newer one is kept).
@@ -874,7 +873,7 @@ impl Actors {
             };
             if !self.record_lease(actor_id, incarnation, &lease.lease_id, &node_address).await {
                 if spec.share_process {
-                    self.leave_host(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                    self.leave_host(&OnLease::of(&spec, actor_id, incarnation, &lease.lease_id, &node_address)).await;
                 } else {
                     self.return_lease(&spec.job_id, lease.lease_id, &node_address, false).await;
                 }
@@ -911,7 +910,8 @@ impl Actors {
             match created {
                 Ok(None) => {}
                 Ok(Some(failure)) => {
-                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease.lease_id, &node_address))
+                        .await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     let cause = format!("the constructor of {} failed: {}", spec.class_name, failure.message);
                     self.mark_dead(actor_id, incarnation, &cause).await;
@@ -922,7 +922,8 @@ impl Actors {
                     tracing::warn!(actor = %actor_id, error = %status.message(), "actor worker did not start the actor; retrying");
                     let reason = format!("placing it again: its worker did not start it: {}", status.message());
                     self.record_creation(&spec, incarnation, waiting(&reason));
-                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease.lease_id, &node_address))
+                        .await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
@@ -945,7 +946,8 @@ impl Actors {
                 Ok(Some(())) => {}
                 Ok(None) => {
                     // Killed while its constructor ran.
-                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease.lease_id, &node_address))
+                        .await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     self.record_creation_failed(&actor_id, &spec, incarnation, "killed while it was created");
                     return;
@@ -953,7 +955,8 @@ impl Actors {
                 Err(err) => {
                     // Not stored, so not published: this worker goes and another is placed.
                     tracing::error!(actor = %actor_id, error = %err, "could not store the actor alive; placing again");
-                    self.end_on_surely(&spec, actor_id, incarnation, &lease.lease_id, &node_address).await;
+                    self.end_on_surely(&OnLease::of(&spec, actor_id, incarnation, &lease.lease_id, &node_address))
+                        .await;
                     self.forget_lease(actor_id, &lease.lease_id).await;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;

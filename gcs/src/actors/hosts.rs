@@ -29,7 +29,7 @@ use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::ActorId;
 use prost::Message;
 
-use super::{lock, Actors};
+use super::{lock, Actors, OnLease};
 
 /// The most actors one shared process hosts.
 pub(super) const MAX_ACTORS_PER_HOST: usize = 1_000;
@@ -37,6 +37,8 @@ pub(super) const MAX_ACTORS_PER_HOST: usize = 1_000;
 const HOST_LINGER: Duration = Duration::from_secs(5);
 /// How long a host has to end an actor before it is taken as hung (and killed).
 const END_WAIT: Duration = Duration::from_secs(10);
+/// How many times an unreachable host is asked to end an actor.
+const END_TRIES: u32 = 3;
 
 /// What hosts are shared by: the job, and its runtime environment and strategy as bytes.
 pub(super) type HostKey = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -172,11 +174,12 @@ impl Actors {
         outcome
     }
 
-    /// Asks the host at `address` to end the guest, again while it cannot be reached,
-    /// for up to [`END_WAIT`]; whether it did.
+    /// Asks the host at `address` to end the guest: again while it cannot be reached,
+    /// a few times ([`END_TRIES`]: a blip, not a dead process, whose guests should
+    /// restart at once), and for at most [`END_WAIT`] in all; whether it did.
     async fn end_guest(&self, address: &str, credential: &Bearer, actor_id: ActorId, incarnation: u32) -> bool {
         let deadline = tokio::time::Instant::now() + END_WAIT;
-        loop {
+        for attempt in 1..=END_TRIES {
             let request = EndActorRequest { actor_id: actor_id.to_vec(), incarnation };
             let answer = match self.channel(address, credential) {
                 Ok(channel) => {
@@ -185,38 +188,29 @@ impl Actors {
                 }
                 Err(err) => Ok(Err(tonic::Status::unavailable(err.to_string()))),
             };
-            let retry = match answer {
+            match answer {
                 Ok(Ok(_)) => return true,
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable && attempt < END_TRIES => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Ok(Err(status)) => {
-                    let again = status.code() == tonic::Code::Unavailable;
-                    if !again || tokio::time::Instant::now() >= deadline {
-                        tracing::warn!(actor = %actor_id, error = %status.message(), "a shared process did not end an actor");
-                        return false;
-                    }
-                    again
+                    tracing::warn!(actor = %actor_id, error = %status.message(), "a shared process did not end an actor");
+                    return false;
                 }
                 Err(_) => {
                     tracing::warn!(actor = %actor_id, "a shared process did not answer an actor's end in time");
                     return false;
                 }
-            };
-            if retry {
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        false
     }
 
-    /// Ends incarnation `incarnation` of guest `actor_id` on its host (lease `lease_id`
-    /// at `node_address`) and unseats it. A host that cannot end it is retired (killed,
-    /// with its other actors). Whether the actor surely no longer runs.
-    pub(super) async fn leave_host(
-        self: &Arc<Self>,
-        spec: &ActorSpec,
-        actor_id: ActorId,
-        incarnation: u32,
-        lease_id: &[u8],
-        node_address: &str,
-    ) -> bool {
+    /// Ends the guest running `on` its host's lease and unseats it. A host that cannot
+    /// end it is retired (killed, with its other actors). Whether the actor surely no
+    /// longer runs.
+    pub(super) async fn leave_host(self: &Arc<Self>, on: &OnLease<'_>) -> bool {
+        let OnLease { spec, actor_id, incarnation, lease_id, node_address } = *on;
         let key = host_key(spec);
         let address = lock(&self.hosts).find(&key, lease_id).map(|host| host.lease.worker_address.clone());
         let ended = match (address, self.job_credential(&spec.job_id)) {
