@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Rows a head encodes once and sends to many nodes: shared, not copied, per reply.
+    tonic_prost_build::configure().bytes(".ionet.gcs.NodeRows.nodes").compile_fds(descriptors)?;
     Ok(())
 }

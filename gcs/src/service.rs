@@ -414,9 +414,16 @@ impl Gcs for GcsService {
             .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
             .collect();
         let gpu_check_due = self.gpu_check_due(node_id).await?;
-        let view = request
-            .read_view
-            .then(|| self.nodes_read(false, request.view_since_version, request.view_since_incarnation));
+        let view = request.read_view.then(|| {
+            let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation);
+            NodeRows {
+                nodes: read.rows,
+                version: read.version,
+                incarnation: self.state.incarnation(),
+                delta: read.delta,
+                removed: read.removed.iter().map(|node| node.to_vec()).collect(),
+            }
+        });
         Ok(Response::new(HeartbeatReply {
             incarnation: self.state.incarnation(),
             node_credential: self.renewed_credential(&principal, node_id),

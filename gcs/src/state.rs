@@ -54,6 +54,43 @@ struct NodeChanges {
     /// the whole table).
     version: u64,
     log: std::collections::VecDeque<(u64, NodeId)>,
+    /// Each node's latest change: what its row in `GcsState::encoded_rows` must be of.
+    latest: HashMap<NodeId, u64>,
+}
+
+impl NodeChanges {
+    /// The nodes changed since a reader's `since` (of incarnation `since_incarnation`),
+    /// each once, when every change since is still remembered; else `None`: the reader
+    /// needs every row.
+    fn since(&self, since: u64, since_incarnation: u64, incarnation: u64) -> Option<Vec<NodeId>> {
+        let known = since > 0
+            && since_incarnation == incarnation
+            && since <= self.version
+            && self.log.front().map_or(since == self.version, |(oldest, _)| *oldest <= since + 1);
+        known.then(|| {
+            let start = self.log.partition_point(|(version, _)| *version <= since);
+            let mut changed: Vec<NodeId> = self.log.range(start..).map(|(_, node)| *node).collect();
+            changed.sort_unstable();
+            changed.dedup();
+            changed
+        })
+    }
+}
+
+/// A node's row encoded once for every reply that carries it.
+#[derive(Clone)]
+struct EncodedRow {
+    dead: bool,
+    bytes: prost::bytes::Bytes,
+}
+
+/// A read of the node table as encoded rows (`NodeRows`): every living row, or those
+/// changed since the reader's version.
+pub struct NodeRowsRead {
+    pub rows: Vec<prost::bytes::Bytes>,
+    pub removed: Vec<NodeId>,
+    pub version: u64,
+    pub delta: bool,
 }
 
 /// A read of the node table: every row, or those changed since the reader's version.
@@ -95,6 +132,8 @@ pub struct GcsState {
     node_reads: [AtomicU64; 2],
     /// Which node rows changed when, for delta reads of the table.
     node_changes: std::sync::Mutex<NodeChanges>,
+    /// Rows as [`GcsState::node_rows_since`] last encoded them, with the change they are of.
+    encoded_rows: DashMap<NodeId, (u64, EncodedRow)>,
     /// Each node's reliability score as views last learnt it: the score moves with time
     /// and counts no row change logs, so a move of [`SCORE_MOVE_LOGGED`] is logged as one.
     listed_scores: DashMap<NodeId, u32>,
@@ -238,6 +277,7 @@ impl GcsState {
             heartbeats: AtomicU64::new(0),
             node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
+            encoded_rows: DashMap::new(),
             listed_scores: DashMap::new(),
             registered_from: DashMap::new(),
         }))
@@ -250,6 +290,7 @@ impl GcsState {
         changes.version += 1;
         let version = changes.version;
         changes.log.push_back((version, node));
+        changes.latest.insert(node, version);
         if changes.log.len() > NODE_CHANGES_KEPT {
             changes.log.pop_front();
         }
@@ -262,24 +303,14 @@ impl GcsState {
     pub fn nodes_since(&self, include_dead: bool, since: u64, since_incarnation: u64) -> NodesRead {
         let (version, changed) = {
             let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let known = since > 0
-                && since_incarnation == self.incarnation
-                && since <= changes.version
-                && changes.log.front().map_or(since == changes.version, |(oldest, _)| *oldest <= since + 1);
-            let changed: Option<Vec<NodeId>> = known.then(|| {
-                let start = changes.log.partition_point(|(version, _)| *version <= since);
-                changes.log.range(start..).map(|(_, node)| *node).collect()
-            });
-            (changes.version, changed)
+            (changes.version, changes.since(since, since_incarnation, self.incarnation))
         };
         // Rows are read after the log: a change logged later is in the next read.
-        let Some(mut changed) = changed else {
+        let Some(changed) = changed else {
             self.node_reads[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return NodesRead { nodes: self.nodes(include_dead), removed: Vec::new(), version, delta: false };
         };
         self.node_reads[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        changed.sort_unstable();
-        changed.dedup();
         let (mut nodes, mut removed) = (Vec::new(), Vec::new());
         for node_id in changed {
             match self.nodes.get(&node_id) {
@@ -288,6 +319,66 @@ impl GcsState {
             }
         }
         NodesRead { nodes, removed, version, delta: true }
+    }
+
+    /// [`Self::nodes_since`] of living nodes as encoded rows, for the many nodes that keep
+    /// a view: a row is encoded once per change of it and shared by every reply that
+    /// carries it (`encoded_rows`), not cloned and encoded again for each reader. A row is
+    /// as it was at its last change, `last_heartbeat_ms` included (a heartbeat that changes
+    /// nothing is no change; views do not read it).
+    pub fn node_rows_since(&self, since: u64, since_incarnation: u64) -> NodeRowsRead {
+        // Each row's latest change is read before the row: a row read after it is at
+        // least that new, so an encoding labelled with it is never older than its label.
+        let (version, wanted, delta) = {
+            let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match changes.since(since, since_incarnation, self.incarnation) {
+                Some(changed) => {
+                    let wanted: Vec<(NodeId, u64)> = changed
+                        .into_iter()
+                        .map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0)))
+                        .collect();
+                    (changes.version, wanted, true)
+                }
+                // Row guards are never taken under the log's lock: the ids come after it.
+                None => (changes.version, changes.latest.iter().map(|(node, at)| (*node, *at)).collect(), false),
+            }
+        };
+        let wanted = if delta {
+            wanted
+        } else {
+            // Rows never logged (restored from storage) are read as of change 0.
+            let logged: HashMap<NodeId, u64> = wanted.into_iter().collect();
+            self.nodes.iter().map(|row| (*row.key(), logged.get(row.key()).copied().unwrap_or(0))).collect()
+        };
+        self.node_reads[usize::from(delta)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut rows, mut removed) = (Vec::new(), Vec::new());
+        for (node, at) in wanted {
+            let cached = self.encoded_rows.get(&node).filter(|entry| entry.0 == at).map(|entry| entry.1.clone());
+            let encoded = match cached {
+                Some(encoded) => encoded,
+                None => {
+                    let Some(row) = self.nodes.get(&node) else {
+                        removed.push(node);
+                        continue;
+                    };
+                    let encoded = EncodedRow { dead: row.state == NodeState::Dead as i32, bytes: row.encode_to_vec().into() };
+                    drop(row);
+                    let mut entry = self.encoded_rows.entry(node).or_insert_with(|| (at, encoded.clone()));
+                    if entry.0 < at {
+                        *entry = (at, encoded.clone());
+                    }
+                    encoded
+                }
+            };
+            if encoded.dead {
+                if delta {
+                    removed.push(node);
+                }
+            } else {
+                rows.push(encoded.bytes);
+            }
+        }
+        NodeRowsRead { rows, removed, version, delta }
     }
 
     /// Notes that `node`'s registration came from `peer`.
@@ -1147,6 +1238,28 @@ mod tests {
             gcs.register_node(node(*id, 2)).await.unwrap();
         }
         let incarnation = gcs.incarnation();
+        // The rows a heartbeat carries (encoded once per change and shared) are the rows
+        // a read of the living gives, whatever changed since they were last encoded (but
+        // the time of the last heartbeat, which is no change: views do not use it).
+        let rows_match = |since: u64, incarnation: u64| {
+            let expected = gcs.nodes_since(false, since, incarnation);
+            let read = gcs.node_rows_since(since, incarnation);
+            let by_id = |nodes: &mut Vec<NodeInfo>| {
+                nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+                nodes.iter_mut().for_each(|node| node.last_heartbeat_ms = 0);
+            };
+            let mut rows: Vec<NodeInfo> = read.rows.iter().map(|row| NodeInfo::decode(row.as_ref()).unwrap()).collect();
+            let mut nodes = expected.nodes;
+            by_id(&mut rows);
+            by_id(&mut nodes);
+            assert_eq!(rows, nodes, "rows since {since}");
+            let (mut removed, mut expected_removed) = (read.removed, expected.removed);
+            removed.sort();
+            expected_removed.sort();
+            assert_eq!(removed, expected_removed, "removed since {since}");
+            assert_eq!((read.version, read.delta), (expected.version, expected.delta));
+        };
+        rows_match(0, 0);
         let full = gcs.nodes_since(false, 0, 0);
         assert!(!full.delta && full.nodes.len() == 3 && full.version == 3);
         let idle = gcs.nodes_since(false, full.version, incarnation);
@@ -1162,6 +1275,8 @@ mod tests {
         let changed = gcs.nodes_since(false, 3, incarnation);
         assert_eq!(changed.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
         assert_eq!(changed.version, 4);
+        rows_match(3, incarnation);
+        rows_match(0, 0);
 
         // The others fall silent and die: removals for a view of the living, rows for one
         // with the dead.
@@ -1175,6 +1290,8 @@ mod tests {
         expected.sort();
         assert!(dead.delta && dead.nodes.is_empty() && dead.removed == expected);
         assert_eq!(gcs.nodes_since(true, 4, incarnation).nodes.len(), 2, "dead rows for a reader of the dead");
+        rows_match(4, incarnation);
+        rows_match(0, 0);
         assert!(
             !gcs.listed_scores.contains_key(&ids[0]) && gcs.listed_scores.contains_key(&ids[1]),
             "no score kept for the dead"
@@ -1188,6 +1305,7 @@ mod tests {
         gcs.check_heartbeats().await.unwrap();
         let moved = gcs.nodes_since(false, swept, incarnation);
         assert_eq!(moved.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
+        rows_match(swept, incarnation);
         gcs.check_heartbeats().await.unwrap();
         assert!(gcs.nodes_since(false, moved.version, incarnation).nodes.is_empty(), "logged once");
 
@@ -1200,6 +1318,7 @@ mod tests {
         }
         let behind = gcs.nodes_since(false, 4, incarnation);
         assert!(!behind.delta && behind.nodes.len() == 1, "the living, whole");
+        rows_match(4, incarnation);
         assert!(gcs.nodes_since(false, behind.version - 1, incarnation).delta);
     }
 

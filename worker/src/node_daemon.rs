@@ -1190,10 +1190,13 @@ async fn run_membership(
                     // cluster's size, and a call of its own per node).
                     if let Some(view) = reply.into_inner().view {
                         let at = (view.incarnation, view.version);
-                        if view.delta {
-                            shared.leases.apply_view_delta(&view.nodes, &view.removed, since, at);
-                        } else {
-                            shared.leases.refresh_view_at(&view.nodes, at);
+                        match view.decode_nodes() {
+                            Ok(nodes) if view.delta => {
+                                shared.leases.apply_view_delta(&nodes, &view.removed, since, at);
+                            }
+                            Ok(nodes) => shared.leases.refresh_view_at(&nodes, at),
+                            // Kept as it was: the next heartbeat asks again from the same version.
+                            Err(err) => tracing::warn!(error = %err, "the head sent a node table that does not decode"),
                         }
                     }
                 }

@@ -693,6 +693,22 @@ pub async fn metering_client(address: &str, token: &Bearer) -> IonetResult<Meter
     Ok(MeteringClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES))
 }
 
+impl proto::gcs::NodeRows {
+    /// The rows, decoded; an error names the first that is not a `NodeInfo`.
+    pub fn decode_nodes(&self) -> IonetResult<Vec<proto::common::NodeInfo>> {
+        use prost::Message as _;
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(index, row)| {
+                proto::common::NodeInfo::decode(row.as_ref()).map_err(|err| {
+                    IonetError::Internal(format!("row {index} of the node table the head sent is not a node: {err}"))
+                })
+            })
+            .collect()
+    }
+}
+
 impl proto::common::ResourceQuantities {
     pub fn from_set(set: &ResourceSet) -> Self {
         Self { units: set.to_units() }
