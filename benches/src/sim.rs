@@ -52,6 +52,10 @@ pub struct SimReport {
     /// From starting the fleet processes to every node registered (their daemons' own
     /// word), and to the head listing every one alive.
     pub registered_in: Duration,
+    /// The head's CPU time from starting the fleet to every node registered: what the
+    /// registrations (and the views of the cluster joining meanwhile) cost the head, which
+    /// on this machine shares two cores with the fleet simulating the nodes.
+    pub head_cpu_registering: Duration,
     pub listed_in: Duration,
     /// The head's CPU over the steady window, as a share of one core.
     pub head_cpu_share: f64,
@@ -83,13 +87,15 @@ impl std::fmt::Display for SimReport {
     fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             out,
-            "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s); steady window: \
+            "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s; the head's CPU meanwhile \
+             {:.2} s); steady window: \
              head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms ({} failed), \
              node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
              false deaths {}, re-registrations {}, nodes in each node's view {}..{} ({} nodes keep one)",
             self.nodes,
             self.registered_in.as_secs_f64(),
             self.listed_in.as_secs_f64(),
+            self.head_cpu_registering.as_secs_f64(),
             100.0 * self.head_cpu_share,
             self.head_rss_mib,
             ms(self.heartbeat_p50),
@@ -220,6 +226,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
 
     // Every fleet at once: the nodes register together, as after a head's restart.
     let started = Instant::now();
+    let head_cpu_at_start = crate::process_cpu_seconds(head.pid()).unwrap_or_default();
     let mut fleets = Vec::new();
     let (mut left, mut views_left) = (options.nodes, options.view_nodes.min(options.nodes));
     let token_path = token_file.to_string_lossy().into_owned();
@@ -250,6 +257,8 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         }
     }
     let registered_in = started.elapsed();
+    let head_cpu_registering =
+        Duration::from_secs_f64(crate::process_cpu_seconds(head.pid()).unwrap_or_default() - head_cpu_at_start);
     let alive = |operator: &mut ionet_common::rpc::GcsClient| -> Result<Vec<NodeInfo>, String> {
         let reply =
             runtime.block_on(operator.get_all_nodes(GetAllNodesRequest { include_dead: true, ..Default::default() }));
@@ -310,6 +319,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     Ok(SimReport {
         nodes: options.nodes,
         registered_in,
+        head_cpu_registering,
         listed_in,
         head_cpu_share,
         fleet_cpu_cores,

@@ -913,6 +913,11 @@ impl GcsState {
         nodes
     }
 
+    /// Whether `node_id` is registered and alive (read in place: no copy of its row).
+    pub fn is_alive(&self, node_id: &NodeId) -> bool {
+        self.nodes.get(node_id).is_some_and(|row| row.state == NodeState::Alive as i32)
+    }
+
     pub fn node(&self, node_id: &NodeId) -> Option<NodeInfo> {
         self.nodes.get(node_id).map(|entry| entry.clone())
     }
