@@ -8,8 +8,11 @@
 //!
 //! As node daemons do, each heartbeat carries the node's available resources only
 //! when they changed; `--changing 1` makes every heartbeat carry them (the worst case).
+//! Heartbeats go on a `HeartbeatStream` per node, as node daemons send them; `--calls 1`
+//! sends each as a `Heartbeat` call instead (what nodes did before, and do with a head
+//! that has no streams).
 //!
-//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1]
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--calls 1]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -61,6 +64,7 @@ fn main() {
     let nodes = arg("--nodes", 1000) as usize;
     let seconds = arg("--seconds", 10).max(2);
     let changing = arg("--changing", 0) == 1;
+    let calls = arg("--calls", 0) == 1;
     let mut head = Command::new(std::env::current_exe().unwrap())
         .arg("--serve-head")
         .stdin(Stdio::piped())
@@ -113,6 +117,14 @@ fn main() {
                 // Stagger the fleet across the second, as real nodes started at different times are.
                 tokio::time::sleep(Duration::from_micros((index as u64 * 1_000_000) / nodes as u64)).await;
                 let mut ticker = tokio::time::interval(Duration::from_secs(1));
+                let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                let mut replies = match calls {
+                    true => None,
+                    false => {
+                        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+                        Some(client.heartbeat_stream(stream).await.expect("open a heartbeat stream").into_inner())
+                    }
+                };
                 while Instant::now() < stop_at {
                     ticker.tick().await;
                     let request = HeartbeatRequest {
@@ -120,7 +132,13 @@ fn main() {
                         available: changing.then(|| available.clone()),
                         ..Default::default()
                     };
-                    if client.heartbeat(request).await.is_ok() {
+                    let answered = match replies.as_mut() {
+                        None => client.heartbeat(request).await.is_ok(),
+                        Some(replies) => {
+                            sender.send(request).await.is_ok() && matches!(replies.message().await, Ok(Some(_)))
+                        }
+                    };
+                    if answered {
                         absorbed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -140,8 +158,9 @@ fn main() {
     drop(head.stdin.take());
     let _ = head.wait();
     println!(
-        "gcs heartbeats: {nodes} nodes at 1 Hz ({}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
+        "gcs heartbeats: {nodes} nodes at 1 Hz ({}, {}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
         if changing { "resources in every heartbeat" } else { "resources only on change" },
+        if calls { "a call each" } else { "on streams" },
         absorbed as f64 / wall,
         100.0 * cpu / wall,
         1e6 * cpu / absorbed.max(1) as f64

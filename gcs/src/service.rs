@@ -25,6 +25,13 @@ use crate::state::{payer_account, GcsState, KvScope};
 use crate::submissions::Submissions;
 use ionet_scheduler::NodeOrder;
 
+/// How long one `HeartbeatStream` lasts before the head ends it (cleanly: the node opens
+/// another). A stream is admitted by the credential it opened with, so this bounds how
+/// long a credential that ran out or was replaced still heartbeats.
+pub const HEARTBEAT_STREAM_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Every part is shared (`Arc`), so a long-lived stream's handler holds a clone.
+#[derive(Clone)]
 pub struct GcsService {
     state: Arc<GcsState>,
     placement_groups: Arc<PlacementGroups>,
@@ -32,7 +39,7 @@ pub struct GcsService {
     issuer: Issuer,
     /// When each node's current credential was issued (by this process), and its key:
     /// heartbeats renew credentials a day old.
-    node_credentials: dashmap::DashMap<NodeId, (std::time::Instant, Vec<u8>)>,
+    node_credentials: Arc<dashmap::DashMap<NodeId, (std::time::Instant, Vec<u8>)>>,
     /// The head serving TLS: the CA that certifies each node for its host.
     tls: Option<HeadTls>,
     /// Submitted jobs: a submission's credential starts jobs only while it runs.
@@ -42,7 +49,7 @@ pub struct GcsService {
     /// Who holds which object (`ionet memory`), asked of the nodes and drivers.
     objects: Arc<crate::objects::ObjectListing>,
     /// Checks of nodes' GPUs under way.
-    gpu_checks: crate::gpu_checks::GpuChecks,
+    gpu_checks: Arc<crate::gpu_checks::GpuChecks>,
     /// The lease book: whether a node's GPUs are leased, by the head's record.
     metering: Arc<crate::metering::Metering>,
 }
@@ -86,7 +93,7 @@ impl GcsService {
             placement_groups,
             actors,
             issuer,
-            node_credentials: dashmap::DashMap::new(),
+            node_credentials: Default::default(),
             tls,
             submissions,
             tasks,
@@ -307,6 +314,37 @@ impl GcsService {
         }
     }
 
+    /// A heartbeat's answer, by call or on a stream.
+    async fn answer_heartbeat(&self, principal: &Principal, request: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+        let node_id = node_id_of(&request.node_id)?;
+        principal.may_act_for_node(&node_id)?;
+        self.state.heartbeat(&request.node_id, request.available)?;
+        let unfunded_jobs = self
+            .state
+            .unfunded()
+            .into_iter()
+            .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
+            .collect();
+        let gpu_check_due = self.gpu_check_due(node_id).await?;
+        let view = request.read_view.then(|| {
+            let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation);
+            NodeRows {
+                nodes: read.rows,
+                version: read.version,
+                incarnation: self.state.incarnation(),
+                delta: read.delta,
+                removed: read.removed.iter().map(|node| node.to_vec()).collect(),
+            }
+        });
+        Ok(HeartbeatReply {
+            incarnation: self.state.incarnation(),
+            node_credential: self.renewed_credential(principal, node_id),
+            unfunded_jobs,
+            gpu_check_due,
+            view,
+        })
+    }
+
     /// A fresh credential for the node heartbeating as itself, if the one it holds was
     /// issued a day ago or more (or by an earlier run of the head, which kept its key);
     /// else empty.
@@ -403,34 +441,33 @@ impl Gcs for GcsService {
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let principal = Principal::of(&request)?;
-        let request = request.into_inner();
-        let node_id = node_id_of(&request.node_id)?;
-        principal.may_act_for_node(&node_id)?;
-        self.state.heartbeat(&request.node_id, request.available)?;
-        let unfunded_jobs = self
-            .state
-            .unfunded()
-            .into_iter()
-            .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
-            .collect();
-        let gpu_check_due = self.gpu_check_due(node_id).await?;
-        let view = request.read_view.then(|| {
-            let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation);
-            NodeRows {
-                nodes: read.rows,
-                version: read.version,
-                incarnation: self.state.incarnation(),
-                delta: read.delta,
-                removed: read.removed.iter().map(|node| node.to_vec()).collect(),
+        self.answer_heartbeat(&principal, request.into_inner()).await.map(Response::new)
+    }
+
+    type HeartbeatStreamStream = Pin<Box<dyn Stream<Item = Result<HeartbeatReply, Status>> + Send + 'static>>;
+
+    async fn heartbeat_stream(
+        &self,
+        request: Request<tonic::Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        let principal = Principal::of(&request)?;
+        let until = tokio::time::Instant::now() + HEARTBEAT_STREAM_LIFETIME;
+        // Each heartbeat answered in turn; the first refused ends the stream with its
+        // status, and the stream ends cleanly once its time is up.
+        let state = (self.clone(), principal, request.into_inner(), false);
+        let replies = futures::stream::unfold(state, move |(service, principal, mut incoming, ended)| async move {
+            if ended {
+                return None;
             }
+            let request = tokio::select! {
+                next = incoming.message() => next.ok().flatten()?,
+                _ = tokio::time::sleep_until(until) => return None,
+            };
+            let reply = service.answer_heartbeat(&principal, request).await;
+            let refused = reply.is_err();
+            Some((reply, (service, principal, incoming, refused)))
         });
-        Ok(Response::new(HeartbeatReply {
-            incarnation: self.state.incarnation(),
-            node_credential: self.renewed_credential(&principal, node_id),
-            unfunded_jobs,
-            gpu_check_due,
-            view,
-        }))
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn objects_moved(

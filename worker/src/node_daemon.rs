@@ -27,7 +27,8 @@ use ionet_common::credential::{registration_message, KeyPair, Verifier};
 use ionet_common::rpc::proto::common::{NodeInfo, NodeState, ResourceQuantities};
 use ionet_common::rpc::proto::gcs::GetAllNodesRequest;
 use ionet_common::rpc::proto::gcs::{
-    DrainNodeRequest, GetObjectMovesRequest, HeartbeatRequest, ObjectMove, ObjectsMovedRequest, RegisterNodeRequest,
+    DrainNodeRequest, GetObjectMovesRequest, HeartbeatReply, HeartbeatRequest, ObjectMove, ObjectsMovedRequest,
+    RegisterNodeRequest,
 };
 use ionet_common::rpc::proto::node::node_manager_server::{NodeManager, NodeManagerServer};
 use ionet_common::rpc::proto::node::{
@@ -1034,6 +1035,73 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
     });
 }
 
+/// A node's heartbeats on one `HeartbeatStream` (no call, headers or credential check
+/// per heartbeat at the head: a head of ten thousand nodes takes ten thousand a second),
+/// opened when needed; by calls where the head has no such stream (an older head).
+#[derive(Default)]
+struct HeartbeatStream {
+    open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>)>,
+    calls_only: bool,
+}
+
+impl HeartbeatStream {
+    fn close(&mut self) {
+        self.open = None;
+    }
+
+    /// Sends `request` and waits at most `wait` for its answer. A refusal comes back as
+    /// the status `Heartbeat` answers with (the stream is gone with it); a stream the head
+    /// ended because its time was up is replaced and the heartbeat sent again.
+    async fn send(
+        &mut self,
+        client: &mut GcsClient,
+        request: HeartbeatRequest,
+        wait: Duration,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        for _ in 0..2 {
+            if self.calls_only {
+                return client.heartbeat(request).await;
+            }
+            let (sender, replies) = match &mut self.open {
+                Some((sender, replies)) => (sender, replies),
+                None => {
+                    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+                    match tokio::time::timeout(wait, client.heartbeat_stream(stream)).await {
+                        Ok(Ok(replies)) => {
+                            let (sender, replies) = self.open.insert((sender, replies.into_inner()));
+                            (sender, replies)
+                        }
+                        Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                            self.calls_only = true;
+                            continue;
+                        }
+                        Ok(Err(status)) => return Err(status),
+                        Err(_) => return Err(Status::deadline_exceeded("the head did not open a heartbeat stream in time")),
+                    }
+                }
+            };
+            if sender.send(request.clone()).await.is_err() {
+                self.open = None;
+                continue;
+            }
+            match tokio::time::timeout(wait, replies.message()).await {
+                Ok(Ok(Some(reply))) => return Ok(Response::new(reply)),
+                Ok(Ok(None)) => self.open = None,
+                Ok(Err(status)) => {
+                    self.open = None;
+                    return Err(status);
+                }
+                Err(_) => {
+                    self.open = None;
+                    return Err(Status::deadline_exceeded("the head did not answer a heartbeat in time"));
+                }
+            }
+        }
+        Err(Status::unavailable("the head ended two heartbeat streams in a row"))
+    }
+}
+
 /// Registers, heartbeats, re-registers after any loss, and drains on stop.
 async fn run_membership(
     shared: Arc<NodeShared>,
@@ -1042,6 +1110,9 @@ async fn run_membership(
     mut stopped: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
+    // Longer than this unanswered and the head has declared the node dead anyway.
+    let reply_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
+    let mut beats = HeartbeatStream::default();
     let mut attempt = 0u32;
     let mut incarnation: u64;
     let mut reported: Option<ResourceSet>;
@@ -1128,7 +1199,8 @@ async fn run_membership(
                 _ = stopped.changed() => break 'membership,
             }
         }
-        // Step 2: heartbeat until something goes wrong.
+        // Step 2: heartbeat until something goes wrong (on a stream of this registration's).
+        beats.close();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1165,7 +1237,7 @@ async fn run_membership(
                 view_since_version: since.1,
                 view_since_incarnation: since.0,
             };
-            match client.heartbeat(request).await {
+            match beats.send(&mut client, request, reply_wait).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
                     shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);

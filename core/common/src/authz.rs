@@ -288,6 +288,7 @@ pub const TABLE: &[Rule] = &[
     // The control store (head).
     row("/ionet.gcs.Gcs/RegisterNode", Access::Register),
     row("/ionet.gcs.Gcs/Heartbeat", Access::Node),
+    row("/ionet.gcs.Gcs/HeartbeatStream", Access::Node),
     row("/ionet.gcs.Gcs/StartGpuCheck", Access::Node),
     row("/ionet.gcs.Gcs/CommitGpuCheck", Access::Node),
     row("/ionet.gcs.Gcs/RevealGpuCheck", Access::Node),
