@@ -269,6 +269,24 @@ fn a_provider_acts_only_for_its_own_node() {
             "a heartbeat for another node",
         );
         assert!(message.contains(&mallory.node_id.short()) && message.contains(&victim.node_id.short()), "{message}");
+        // On a heartbeat stream alike: her own heartbeat is answered, one for another
+        // node is refused and ends the stream.
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let mut replies = as_mallory
+            .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        let beat = |node: &NodeId| HeartbeatRequest { node_id: node.to_vec(), ..Default::default() };
+        sender.send(beat(&mallory.node_id)).await.unwrap();
+        let own = tokio::time::timeout(Duration::from_secs(30), replies.message()).await.unwrap();
+        assert!(own.unwrap().unwrap().incarnation > 0, "her own heartbeat is answered on the stream");
+        sender.send(beat(&victim.node_id)).await.unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(30), replies.message()).await.unwrap();
+        let message = denied(refused, "a heartbeat for another node on a stream");
+        assert!(message.contains(&victim.node_id.short()), "{message}");
+        let after = tokio::time::timeout(Duration::from_secs(30), replies.message()).await.unwrap();
+        assert!(matches!(after, Ok(None) | Err(_)), "the stream ends with the refusal: {after:?}");
         denied(
             as_mallory
                 .drain_node(DrainNodeRequest {
@@ -406,6 +424,11 @@ fn a_provider_acts_only_for_its_own_node() {
                 .heartbeat(HeartbeatRequest { node_id: victim.node_id.to_vec(), available: None, ..Default::default() })
                 .await,
             "a heartbeat with a job's credential",
+        );
+        let (_keep, receiver) = tokio::sync::mpsc::channel::<HeartbeatRequest>(1);
+        denied(
+            tenant.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).await,
+            "a heartbeat stream with a job's credential",
         );
 
         let after = ledger.balances(BalancesRequest {}).await.unwrap().into_inner();
