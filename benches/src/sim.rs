@@ -568,3 +568,46 @@ fn daemon_options(
         keeps_view,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head ends each heartbeat stream when its time is up; the node opens another
+    /// and heartbeats on, without registering again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_heartbeats_on_across_the_ends_of_its_streams() {
+        let config = ClusterConfig {
+            heartbeat_interval_ms: 50,
+            heartbeat_timeout_ms: 5_000,
+            heartbeat_stream_lifetime_ms: 200,
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
+        let address = server.address().to_string();
+        let admin = server.admin_credential(Duration::from_secs(600));
+        let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
+        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
+        let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
+        let daemon = ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, true))
+            .await
+            .unwrap();
+        daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
+        let state = server.state().clone();
+        let (beats, streams) = (state.heartbeats_received(), state.heartbeat_streams_opened());
+        assert!(streams <= 1, "one stream at a time: {streams}");
+        // Forty heartbeats at 20 a second span ten lifetimes of a stream.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state.heartbeats_received() < beats + 40 {
+            assert!(Instant::now() < deadline, "the node stopped heartbeating");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let opened = state.heartbeat_streams_opened() - streams;
+        assert!(opened >= 3, "the head ended its streams and the node opened others: {opened}");
+        assert_eq!(daemon.registrations(), 1, "a stream's end is not a lost registration");
+        assert!(state.is_alive(&daemon.node_id()), "alive throughout");
+        daemon.shutdown("the test ended").await;
+        server.shutdown().await;
+    }
+}

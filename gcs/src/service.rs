@@ -25,11 +25,6 @@ use crate::state::{payer_account, GcsState, KvScope};
 use crate::submissions::Submissions;
 use ionet_scheduler::NodeOrder;
 
-/// How long one `HeartbeatStream` lasts before the head ends it (cleanly: the node opens
-/// another). A stream is admitted by the credential it opened with, so this bounds how
-/// long a credential that ran out or was replaced still heartbeats.
-pub const HEARTBEAT_STREAM_LIFETIME: Duration = Duration::from_secs(600);
-
 /// Every part is shared (`Arc`), so a long-lived stream's handler holds a clone.
 #[derive(Clone)]
 pub struct GcsService {
@@ -451,7 +446,9 @@ impl Gcs for GcsService {
         request: Request<tonic::Streaming<HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
         let principal = Principal::of(&request)?;
-        let until = tokio::time::Instant::now() + HEARTBEAT_STREAM_LIFETIME;
+        let lifetime = Duration::from_millis(self.state.config.heartbeat_stream_lifetime_ms);
+        let until = tokio::time::Instant::now() + lifetime;
+        self.state.note_heartbeat_stream();
         // Each heartbeat answered in turn; the first refused ends the stream with its
         // status, and the stream ends cleanly once its time is up.
         let state = (self.clone(), principal, request.into_inner(), false);

@@ -128,6 +128,8 @@ pub struct GcsState {
     moves: DashMap<ObjectId, (String, String)>,
     /// Heartbeats taken since this process started (a metric).
     heartbeats: AtomicU64,
+    /// Heartbeat streams nodes opened since this process started.
+    heartbeat_streams: AtomicU64,
     /// Reads of the node table answered whole, and by delta ([`GcsState::nodes_since`]).
     node_reads: [AtomicU64; 2],
     /// Which node rows changed when, for delta reads of the table.
@@ -275,6 +277,7 @@ impl GcsState {
             unfunded: std::sync::RwLock::new(HashMap::new()),
             moves,
             heartbeats: AtomicU64::new(0),
+            heartbeat_streams: AtomicU64::new(0),
             node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
             encoded_rows: DashMap::new(),
@@ -399,6 +402,16 @@ impl GcsState {
     pub fn node_reads(&self) -> (u64, u64) {
         let read = |index: usize| self.node_reads[index].load(std::sync::atomic::Ordering::Relaxed);
         (read(0), read(1))
+    }
+
+    /// Counts a heartbeat stream a node opened.
+    pub fn note_heartbeat_stream(&self) {
+        self.heartbeat_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many heartbeat streams nodes opened with this process.
+    pub fn heartbeat_streams_opened(&self) -> u64 {
+        self.heartbeat_streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many heartbeats this process has taken.

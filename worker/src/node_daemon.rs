@@ -1049,7 +1049,7 @@ impl HeartbeatStream {
         self.open = None;
     }
 
-    /// Sends `request` and waits at most `wait` for its answer. A refusal comes back as
+    /// Sends `request` (on a stream opened within `wait`) and waits for its answer. A refusal comes back as
     /// the status `Heartbeat` answers with (the stream is gone with it); a stream the head
     /// ended because its time was up is replaced and the heartbeat sent again.
     async fn send(
@@ -1085,16 +1085,14 @@ impl HeartbeatStream {
                 self.open = None;
                 continue;
             }
-            match tokio::time::timeout(wait, replies.message()).await {
-                Ok(Ok(Some(reply))) => return Ok(Response::new(reply)),
-                Ok(Ok(None)) => self.open = None,
-                Ok(Err(status)) => {
+            // No deadline of its own, as a `Heartbeat` call has none: a head that is gone is
+            // found by the connection's keep-alive, and a busy one is waited for.
+            match replies.message().await {
+                Ok(Some(reply)) => return Ok(Response::new(reply)),
+                Ok(None) => self.open = None,
+                Err(status) => {
                     self.open = None;
                     return Err(status);
-                }
-                Err(_) => {
-                    self.open = None;
-                    return Err(Status::deadline_exceeded("the head did not answer a heartbeat in time"));
                 }
             }
         }
@@ -1110,8 +1108,9 @@ async fn run_membership(
     mut stopped: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
-    // Longer than this unanswered and the head has declared the node dead anyway.
-    let reply_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
+    // Longest the head may take to open a heartbeat stream: by then it has declared the
+    // node dead anyway.
+    let open_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
     let mut beats = HeartbeatStream::default();
     let mut attempt = 0u32;
     let mut incarnation: u64;
@@ -1237,7 +1236,7 @@ async fn run_membership(
                 view_since_version: since.1,
                 view_since_incarnation: since.0,
             };
-            match beats.send(&mut client, request, reply_wait).await {
+            match beats.send(&mut client, request, open_wait).await {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
                     shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,10 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// A node silent for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
+    /// How long the head keeps one of a node's heartbeat streams before ending it (the node
+    /// opens another): a stream is admitted by the credential it opened with, so this
+    /// bounds how long a credential that ran out or was replaced still heartbeats.
+    pub heartbeat_stream_lifetime_ms: u64,
     /// Largest gRPC message accepted by servers.
     pub max_message_bytes: usize,
     /// Largest value the internal KV accepts.
@@ -84,6 +88,7 @@ impl Default for ClusterConfig {
         Self {
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 10_000,
+            heartbeat_stream_lifetime_ms: 600_000,
             max_message_bytes: crate::rpc::DEFAULT_MAX_MESSAGE_BYTES,
             max_kv_value_bytes: 16 * 1024 * 1024,
             max_kv_key_bytes: 4096,
