@@ -610,4 +610,34 @@ mod tests {
         daemon.shutdown("the test ended").await;
         server.shutdown().await;
     }
+
+    /// A head stopping while nodes hold heartbeat streams (ten minutes long) stops at once:
+    /// its server waits for open streams, so they end when it stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_stops_while_nodes_hold_heartbeat_streams() {
+        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 5_000, ..Default::default() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
+        let address = server.address().to_string();
+        let admin = server.admin_credential(Duration::from_secs(600));
+        let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
+        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
+        let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
+        // A node without a view: its stream is never ended for carrying a whole table.
+        let daemon = ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, false))
+            .await
+            .unwrap();
+        daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
+        let state = server.state().clone();
+        let beats = state.heartbeats_received();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state.heartbeats_received() < beats + 5 {
+            assert!(Instant::now() < deadline, "the node stopped heartbeating");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state.heartbeat_streams_opened(), 1, "one stream, held open");
+        let stopped = tokio::time::timeout(Duration::from_secs(30), server.shutdown()).await;
+        assert!(stopped.is_ok(), "the head waited for its nodes' heartbeat streams to end");
+        daemon.shutdown("the test ended").await;
+    }
 }

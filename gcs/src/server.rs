@@ -207,6 +207,7 @@ impl GcsServer {
             tasks.clone(),
             objects,
             metering.clone(),
+            stopped.clone(),
         ))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);

@@ -25,6 +25,9 @@ use crate::state::{payer_account, GcsState, KvScope};
 use crate::submissions::Submissions;
 use ionet_scheduler::NodeOrder;
 
+/// A heartbeat stream ends after a reply carrying more rows than this (bytes).
+const LARGE_HEARTBEAT_REPLY: usize = 64 << 10;
+
 /// Every part is shared (`Arc`), so a long-lived stream's handler holds a clone.
 #[derive(Clone)]
 pub struct GcsService {
@@ -47,6 +50,8 @@ pub struct GcsService {
     gpu_checks: Arc<crate::gpu_checks::GpuChecks>,
     /// The lease book: whether a node's GPUs are leased, by the head's record.
     metering: Arc<crate::metering::Metering>,
+    /// Set when the head stops: long-lived streams end then (the server waits for them).
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Whether a listing of actors or placement groups shows `principal` what belongs to
@@ -67,6 +72,7 @@ impl GcsService {
         tasks: Arc<crate::task_events::TaskTable>,
         objects: Arc<crate::objects::ObjectListing>,
         metering: Arc<crate::metering::Metering>,
+        stopped: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         // However a job ends (its driver said so, or died), its tasks still open end too.
         let mut events = state.subscribe();
@@ -95,6 +101,7 @@ impl GcsService {
             objects,
             gpu_checks: Default::default(),
             metering,
+            stopped,
         }
     }
 
@@ -450,19 +457,36 @@ impl Gcs for GcsService {
         let until = tokio::time::Instant::now() + lifetime;
         self.state.note_heartbeat_stream();
         // Each heartbeat answered in turn; the first refused ends the stream with its
-        // status, and the stream ends cleanly once its time is up.
+        // status. It ends cleanly once its time is up, when the head stops (a server
+        // stopping waits for its streams), and after a reply that carried a whole table or
+        // a large delta (the stream's buffer keeps the size of its largest message: the
+        // node's next heartbeat opens a fresh one).
+        let stopped = self.stopped.clone();
         let state = (self.clone(), principal, request.into_inner(), false);
-        let replies = futures::stream::unfold(state, move |(service, principal, mut incoming, ended)| async move {
-            if ended {
-                return None;
+        let replies = futures::stream::unfold(state, move |(service, principal, mut incoming, ended)| {
+            let mut stopped = stopped.clone();
+            async move {
+                if ended || *stopped.borrow() {
+                    return None;
+                }
+                let request = tokio::select! {
+                    next = incoming.message() => match next {
+                        Ok(Some(request)) => request,
+                        Ok(None) => return None,
+                        Err(status) => return Some((Err(status), (service, principal, incoming, true))),
+                    },
+                    _ = tokio::time::sleep_until(until) => return None,
+                    _ = stopped.wait_for(|stop| *stop) => return None,
+                };
+                let reply = service.answer_heartbeat(&principal, request).await;
+                let last = match &reply {
+                    Ok(reply) => reply.view.as_ref().is_some_and(|view| {
+                        !view.delta || view.nodes.iter().map(|row| row.len()).sum::<usize>() > LARGE_HEARTBEAT_REPLY
+                    }),
+                    Err(_) => true,
+                };
+                Some((reply, (service, principal, incoming, last)))
             }
-            let request = tokio::select! {
-                next = incoming.message() => next.ok().flatten()?,
-                _ = tokio::time::sleep_until(until) => return None,
-            };
-            let reply = service.answer_heartbeat(&principal, request).await;
-            let refused = reply.is_err();
-            Some((reply, (service, principal, incoming, refused)))
         });
         Ok(Response::new(Box::pin(replies)))
     }

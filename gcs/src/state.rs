@@ -328,7 +328,9 @@ impl GcsState {
     /// a view: a row is encoded once per change of it and shared by every reply that
     /// carries it (`encoded_rows`), not cloned and encoded again for each reader. A row is
     /// as it was at its last change, `last_heartbeat_ms` included (a heartbeat that changes
-    /// nothing is no change; views do not read it).
+    /// nothing is no change): a view's reliability score, which reads it, is as fresh as
+    /// the sweep's logging of scores that moved by `SCORE_MOVE_LOGGED`. A dead row is kept
+    /// without its bytes (a view of the living never carries it).
     pub fn node_rows_since(&self, since: u64, since_incarnation: u64) -> NodeRowsRead {
         // Each row's latest change is read before the row: a row read after it is at
         // least that new, so an encoding labelled with it is never older than its label.
@@ -364,7 +366,9 @@ impl GcsState {
                         removed.push(node);
                         continue;
                     };
-                    let encoded = EncodedRow { dead: row.state == NodeState::Dead as i32, bytes: row.encode_to_vec().into() };
+                    let dead = row.state == NodeState::Dead as i32;
+                    let bytes = if dead { Default::default() } else { row.encode_to_vec().into() };
+                    let encoded = EncodedRow { dead, bytes };
                     drop(row);
                     let mut entry = self.encoded_rows.entry(node).or_insert_with(|| (at, encoded.clone()));
                     if entry.0 < at {

@@ -4,7 +4,8 @@
 //! Connection protocol with the control store:
 //! 1. `RegisterNode` until it succeeds, backing off (with jitter) from
 //!    `reconnect_initial_backoff_ms` up to `reconnect_max_backoff_ms`.
-//! 2. `Heartbeat` every interval. A heartbeat the head cannot place (`NOT_FOUND`: a
+//! 2. A heartbeat every interval, on a `HeartbeatStream` (by `Heartbeat` calls with a
+//!    head that has none). A heartbeat the head cannot place (`NOT_FOUND`: a
 //!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away),
 //!    or whose reply carries another incarnation than the registration's (the head
 //!    restarted between two heartbeats), goes straight back to step 1. A transport failure (head away) also goes back to
@@ -1045,8 +1046,11 @@ struct HeartbeatStream {
 }
 
 impl HeartbeatStream {
+    /// Forgets the stream, and whether the head had none (a head serving the
+    /// registration now may be another, newer one).
     fn close(&mut self) {
         self.open = None;
+        self.calls_only = false;
     }
 
     /// Sends `request` (on a stream opened within `wait`) and waits for its answer. A refusal comes back as

@@ -160,6 +160,7 @@ impl ClusterConfig {
         }
         read(&lookup, "IONET_HEARTBEAT_INTERVAL_MS", &mut self.heartbeat_interval_ms)?;
         read(&lookup, "IONET_HEARTBEAT_TIMEOUT_MS", &mut self.heartbeat_timeout_ms)?;
+        read(&lookup, "IONET_HEARTBEAT_STREAM_LIFETIME_MS", &mut self.heartbeat_stream_lifetime_ms)?;
         read(&lookup, "IONET_MAX_MESSAGE_BYTES", &mut self.max_message_bytes)?;
         read(&lookup, "IONET_MAX_KV_VALUE_BYTES", &mut self.max_kv_value_bytes)?;
         read(&lookup, "IONET_MAX_KV_KEY_BYTES", &mut self.max_kv_key_bytes)?;
@@ -202,6 +203,12 @@ impl ClusterConfig {
             return Err(IonetError::Config(format!(
                 "heartbeat_timeout_ms ({}) must exceed heartbeat_interval_ms ({})",
                 self.heartbeat_timeout_ms, self.heartbeat_interval_ms
+            )));
+        }
+        if self.heartbeat_stream_lifetime_ms <= self.heartbeat_interval_ms {
+            return Err(IonetError::Config(format!(
+                "heartbeat_stream_lifetime_ms ({}) must exceed heartbeat_interval_ms ({})",
+                self.heartbeat_stream_lifetime_ms, self.heartbeat_interval_ms
             )));
         }
         if self.epoch_length_ms == 0 {
@@ -260,6 +267,9 @@ mod tests {
         assert!(err.to_string().contains("is not a valid value"), "{err}");
         let config = ClusterConfig { heartbeat_timeout_ms: 500, ..Default::default() };
         assert!(config.validate().is_err());
+        // A heartbeat stream that ends before its first heartbeat would make nodes flap.
+        let config = ClusterConfig { heartbeat_stream_lifetime_ms: 1_000, ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("heartbeat_stream_lifetime_ms"));
         let config = ClusterConfig { protocol_fee_bps: 10_001, ..Default::default() };
         assert!(config.validate().unwrap_err().to_string().contains("10001"));
     }
