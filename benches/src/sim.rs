@@ -584,15 +584,15 @@ mod tests {
             ..Default::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
+        let server =
+            ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
         let address = server.address().to_string();
         let admin = server.admin_credential(Duration::from_secs(600));
         let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
         let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
         let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
-        let daemon = ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, true))
-            .await
-            .unwrap();
+        let daemon =
+            ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, true)).await.unwrap();
         daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
         let state = server.state().clone();
         let (beats, streams) = (state.heartbeats_received(), state.heartbeat_streams_opened());
@@ -617,7 +617,8 @@ mod tests {
     async fn a_head_stops_while_nodes_hold_heartbeat_streams() {
         let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 5_000, ..Default::default() };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
+        let server =
+            ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
         let address = server.address().to_string();
         let admin = server.admin_credential(Duration::from_secs(600));
         let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();

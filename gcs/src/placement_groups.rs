@@ -724,8 +724,7 @@ impl PlacementGroups {
             groups
                 .iter_mut()
                 .filter(|(_, group)| {
-                    group.state == PlacementGroupState::Created
-                        && group.nodes.iter().any(|(node, _)| !alive(node))
+                    group.state == PlacementGroupState::Created && group.nodes.iter().any(|(node, _)| !alive(node))
                 })
                 .map(|(id, group)| {
                     group.state = PlacementGroupState::Pending;

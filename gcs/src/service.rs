@@ -317,7 +317,11 @@ impl GcsService {
     }
 
     /// A heartbeat's answer, by call or on a stream.
-    async fn answer_heartbeat(&self, principal: &Principal, request: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+    async fn answer_heartbeat(
+        &self,
+        principal: &Principal,
+        request: HeartbeatRequest,
+    ) -> Result<HeartbeatReply, Status> {
         let node_id = node_id_of(&request.node_id)?;
         principal.may_act_for_node(&node_id)?;
         self.state.heartbeat(&request.node_id, request.available)?;

@@ -1081,7 +1081,9 @@ impl HeartbeatStream {
                             continue;
                         }
                         Ok(Err(status)) => return Err(status),
-                        Err(_) => return Err(Status::deadline_exceeded("the head did not open a heartbeat stream in time")),
+                        Err(_) => {
+                            return Err(Status::deadline_exceeded("the head did not open a heartbeat stream in time"))
+                        }
                     }
                 }
             };

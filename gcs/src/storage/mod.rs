@@ -343,8 +343,7 @@ impl RedbStorage {
             }
         }
         let database = redb::Database::create(path).map_err(|err| storage_error(path, err))?;
-        let storage =
-            Self { database, path: path.to_path_buf(), queue: Mutex::default(), committed: Condvar::new() };
+        let storage = Self { database, path: path.to_path_buf(), queue: Mutex::default(), committed: Condvar::new() };
         storage.transaction(|txn| {
             for table in Table::ALL {
                 txn.open_table(definition(table))?;
@@ -390,7 +389,9 @@ impl RedbStorage {
         match together {
             Ok(outcomes) => batch.iter().map(|(ticket, _)| *ticket).zip(outcomes.into_iter().map(Ok)).collect(),
             Err(err) if batch.len() == 1 => vec![(batch[0].0, Err(err))],
-            Err(_) => batch.into_iter().map(|(ticket, write)| (ticket, self.transaction(|txn| write.apply(txn)))).collect(),
+            Err(_) => {
+                batch.into_iter().map(|(ticket, write)| (ticket, self.transaction(|txn| write.apply(txn)))).collect()
+            }
         }
     }
 
