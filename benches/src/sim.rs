@@ -573,6 +573,35 @@ fn daemon_options(
 mod tests {
     use super::*;
 
+    /// A head of `config` and one node daemon (keeping a view or not) it registered.
+    async fn head_and_node(
+        config: &ClusterConfig,
+        keeps_view: bool,
+    ) -> (ionet_gcs::GcsServer, ionet_worker::node_daemon::NodeDaemon) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server =
+            ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
+        let address = server.address().to_string();
+        let admin = server.admin_credential(Duration::from_secs(600));
+        let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
+        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
+        let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
+        let options = daemon_options(&address, &join, config, keeps_view);
+        let daemon = ionet_worker::node_daemon::NodeDaemon::start(options).await.unwrap();
+        daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
+        (server, daemon)
+    }
+
+    /// Waits (a minute at most) until the head has taken `count` more heartbeats.
+    async fn wait_for_heartbeats(state: &ionet_gcs::state::GcsState, count: u64) {
+        let target = state.heartbeats_received() + count;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state.heartbeats_received() < target {
+            assert!(Instant::now() < deadline, "the node stopped heartbeating");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The head ends each heartbeat stream when its time is up; the node opens another
     /// and heartbeats on, without registering again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,26 +612,12 @@ mod tests {
             heartbeat_stream_lifetime_ms: 200,
             ..Default::default()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server =
-            ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
-        let address = server.address().to_string();
-        let admin = server.admin_credential(Duration::from_secs(600));
-        let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
-        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
-        let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
-        let daemon =
-            ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, true)).await.unwrap();
-        daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
+        let (server, daemon) = head_and_node(&config, true).await;
         let state = server.state().clone();
-        let (beats, streams) = (state.heartbeats_received(), state.heartbeat_streams_opened());
+        let streams = state.heartbeat_streams_opened();
         assert!(streams <= 1, "one stream at a time: {streams}");
         // Forty heartbeats at 20 a second span ten lifetimes of a stream.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while state.heartbeats_received() < beats + 40 {
-            assert!(Instant::now() < deadline, "the node stopped heartbeating");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_heartbeats(&state, 40).await;
         let opened = state.heartbeat_streams_opened() - streams;
         assert!(opened >= 3, "the head ended its streams and the node opened others: {opened}");
         assert_eq!(daemon.registrations(), 1, "a stream's end is not a lost registration");
@@ -616,26 +631,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_head_stops_while_nodes_hold_heartbeat_streams() {
         let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 5_000, ..Default::default() };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server =
-            ionet_gcs::GcsServer::start(ionet_gcs::GcsServerOptions::new(config.clone()), listener).await.unwrap();
-        let address = server.address().to_string();
-        let admin = server.admin_credential(Duration::from_secs(600));
-        let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
-        let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
-        let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
         // A node without a view: its stream is never ended for carrying a whole table.
-        let daemon = ionet_worker::node_daemon::NodeDaemon::start(daemon_options(&address, &join, &config, false))
-            .await
-            .unwrap();
-        daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
+        let (server, daemon) = head_and_node(&config, false).await;
         let state = server.state().clone();
-        let beats = state.heartbeats_received();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while state.heartbeats_received() < beats + 5 {
-            assert!(Instant::now() < deadline, "the node stopped heartbeating");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_heartbeats(&state, 5).await;
         assert_eq!(state.heartbeat_streams_opened(), 1, "one stream, held open");
         let stopped = tokio::time::timeout(Duration::from_secs(30), server.shutdown()).await;
         assert!(stopped.is_ok(), "the head waited for its nodes' heartbeat streams to end");
