@@ -465,10 +465,9 @@ impl Gcs for GcsService {
         // stopping waits for its streams), and after a reply that carried a whole table or
         // a large delta (the stream's buffer keeps the size of its largest message: the
         // node's next heartbeat opens a fresh one).
-        let stopped = self.stopped.clone();
         let state = (self.clone(), principal, request.into_inner(), false);
         let replies = futures::stream::unfold(state, move |(service, principal, mut incoming, ended)| {
-            let mut stopped = stopped.clone();
+            let mut stopped = service.stopped.clone();
             async move {
                 if ended || *stopped.borrow() {
                     return None;

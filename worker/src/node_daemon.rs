@@ -1053,9 +1053,10 @@ impl HeartbeatStream {
         self.calls_only = false;
     }
 
-    /// Sends `request` (on a stream opened within `wait`) and waits for its answer. A refusal comes back as
-    /// the status `Heartbeat` answers with (the stream is gone with it); a stream the head
-    /// ended because its time was up is replaced and the heartbeat sent again.
+    /// Sends `request` (on a stream opened within `wait`) and waits for its answer. A
+    /// refusal comes back as the status `Heartbeat` answers with (the stream is gone with
+    /// it); a stream the head ended cleanly (its time up, or after a large reply) is
+    /// replaced and the heartbeat sent again.
     async fn send(
         &mut self,
         client: &mut GcsClient,
