@@ -351,14 +351,21 @@ impl GcsServer {
 }
 
 /// Checks heartbeat deadlines a few times per interval, so a node is declared dead
-/// within timeout + one interval of its last heartbeat.
+/// within timeout + one interval of its last heartbeat (plus any time the head itself
+/// stood still meanwhile, which a check running late measures).
 async fn run_health_checks(state: Arc<GcsState>, mut stopped: watch::Receiver<bool>) {
     let period = Duration::from_millis((state.config.heartbeat_interval_ms / 4).clamp(10, 1_000));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
+            due = ticker.tick() => {
+                // A check this late means the head stood still (starved of CPU, its
+                // runtime busy): heartbeats were not taken meanwhile either.
+                let late = due.elapsed();
+                if late > period {
+                    state.note_stall(late.as_millis() as u64);
+                }
                 if let Err(err) = state.check_heartbeats().await {
                     tracing::error!(error = %err, "health check could not record a dead node");
                 }

@@ -44,6 +44,10 @@ const SCORE_MOVE_LOGGED: u32 = 50;
 /// How many changes of node rows are remembered for readers of deltas (a reader further
 /// behind reads the whole table).
 const NODE_CHANGES_KEPT: usize = 1 << 16;
+/// The most head stalls excuse a node's silence: this many heartbeat timeouts.
+const MAX_STALL_ALLOWANCE: u64 = 3;
+/// Stalls remembered (the latest).
+const MAX_STALLS_KEPT: usize = 256;
 
 /// The node rows changed, in order: what a node refreshing its view asks for instead of
 /// the whole table (which, read by every node every second, costs the head the square of
@@ -130,6 +134,9 @@ pub struct GcsState {
     heartbeats: AtomicU64,
     /// Heartbeat streams nodes opened since this process started.
     heartbeat_streams: AtomicU64,
+    /// Times this head stood still (its health checks ran late): (when it went on, for
+    /// how long), the latest last. A node is not blamed for silence the head caused.
+    stalls: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// Reads of the node table answered whole, and by delta ([`GcsState::nodes_since`]).
     node_reads: [AtomicU64; 2],
     /// Which node rows changed when, for delta reads of the table.
@@ -278,6 +285,7 @@ impl GcsState {
             moves,
             heartbeats: AtomicU64::new(0),
             heartbeat_streams: AtomicU64::new(0),
+            stalls: std::sync::Mutex::new(std::collections::VecDeque::new()),
             node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
             encoded_rows: DashMap::new(),
@@ -416,6 +424,34 @@ impl GcsState {
     /// How many heartbeat streams nodes opened with this process.
     pub fn heartbeat_streams_opened(&self) -> u64 {
         self.heartbeat_streams.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that this head stood still for `stalled_ms` until now (its process was
+    /// starved or its runtime busy): heartbeats that came meanwhile were not taken, so
+    /// that time is not counted as any node's silence ([`GcsState::check_heartbeats`]).
+    pub fn note_stall(&self, stalled_ms: u64) {
+        if stalled_ms == 0 {
+            return;
+        }
+        let now = self.clock.now_ms();
+        if stalled_ms >= self.config.heartbeat_interval_ms {
+            tracing::warn!(stalled_ms, "the control store stood still; its nodes' silence meanwhile is not counted");
+        }
+        let mut stalls = self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stalls.push_back((now, stalled_ms));
+        // Only stalls within a few timeouts can excuse a silence still running.
+        let horizon = now.saturating_sub(self.config.heartbeat_timeout_ms.saturating_mul(MAX_STALL_ALLOWANCE));
+        while stalls.len() > MAX_STALLS_KEPT || stalls.front().is_some_and(|(at, _)| *at < horizon) {
+            stalls.pop_front();
+        }
+    }
+
+    /// How long the head stood still after `since` (capped: a head that keeps stalling
+    /// still finds dead nodes, later).
+    fn stalled_since(&self, since: u64) -> u64 {
+        let stalls = self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let total: u64 = stalls.iter().filter(|(at, _)| *at > since).map(|(_, stalled)| stalled).sum();
+        total.min(self.config.heartbeat_timeout_ms.saturating_mul(MAX_STALL_ALLOWANCE))
     }
 
     /// How many heartbeats this process has taken.
@@ -890,6 +926,7 @@ impl GcsState {
         let mut dead = Vec::new();
         for mut entry in self.nodes.iter_mut() {
             let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
+            let excused = if silent_for > timeout { self.stalled_since(entry.last_heartbeat_ms) } else { 0 };
             // A score that moved (uptime, leases counted, time) reaches the views.
             if entry.state != NodeState::Dead as i32 {
                 let score = ionet_common::reliability::listed_score_bps(&entry);
@@ -899,9 +936,14 @@ impl GcsState {
                     self.node_changed(*entry.key());
                 }
             }
-            if entry.state != NodeState::Dead as i32 && silent_for > timeout {
+            if entry.state != NodeState::Dead as i32 && silent_for > timeout + excused {
                 entry.state = NodeState::Dead as i32;
-                entry.death_cause = format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)");
+                entry.death_cause = match excused {
+                    0 => format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)"),
+                    _ => format!(
+                        "missed heartbeats for {silent_for} ms (timeout {timeout} ms, plus {excused} ms the head stood still)"
+                    ),
+                };
                 self.node_changed(*entry.key());
                 // Learnt again if it comes back: the table of scores does not grow with deaths.
                 self.listed_scores.remove(entry.key());
@@ -1493,6 +1535,37 @@ mod tests {
         assert!(matches!(kinds.last(), Some(Event::NodeDead(dead)) if dead.node_id == quiet.to_vec()));
         let err = gcs.heartbeat(quiet.as_bytes(), None).unwrap_err();
         assert!(err.to_string().contains("declared dead"), "{err}");
+    }
+
+    /// A head that stood still (starved, or its runtime busy) does not blame its nodes
+    /// for the heartbeats it did not take meanwhile; a node silent beyond that still dies.
+    #[tokio::test]
+    async fn the_heads_own_stall_is_not_a_nodes_silence() {
+        let clock = ManualClock::new(1_000_000);
+        let gcs = state(&clock).await;
+        let id = NodeId::random();
+        gcs.register_node(node(id, 1)).await.unwrap();
+        // Timeout 1,000 ms: the head stands still 1,500 ms, then checks.
+        clock.advance_ms(1_600);
+        gcs.note_stall(1_500);
+        assert!(gcs.check_heartbeats().await.unwrap().is_empty(), "silent 1.6 s, 1.5 s of it the head's");
+        gcs.heartbeat(id.as_bytes(), None).unwrap();
+        // A stall before the last heartbeat excuses nothing after it.
+        clock.advance_ms(1_100);
+        let dead = gcs.check_heartbeats().await.unwrap();
+        assert_eq!(dead, vec![id]);
+        assert!(gcs.node(&id).unwrap().death_cause.contains("missed heartbeats for 1100 ms (timeout 1000 ms)"));
+        // Stalls excuse at most three timeouts: a head that keeps stalling still finds
+        // a dead node.
+        let other = NodeId::random();
+        gcs.register_node(node(other, 1)).await.unwrap();
+        for _ in 0..10 {
+            clock.advance_ms(1_000);
+            gcs.note_stall(1_000);
+        }
+        assert_eq!(gcs.check_heartbeats().await.unwrap(), vec![other]);
+        let cause = gcs.node(&other).unwrap().death_cause;
+        assert!(cause.contains("plus 3000 ms the head stood still"), "{cause}");
     }
 
     #[tokio::test]

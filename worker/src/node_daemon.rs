@@ -781,8 +781,12 @@ impl NodeDaemon {
             tasks.push(serve_metrics(&shared, listener, stopped.clone())?);
         }
         let channel = rpc::connect_lazy_shared(&options.gcs_address, &credential, Duration::from_secs(2))?;
-        let client = GcsClient::new(channel.clone());
         shared.leases.attach_control_store(channel);
+        // Membership on a connection of its own: a heartbeat never waits behind a burst
+        // of the node's other calls to the head (HTTP/2 sends one connection's frames in
+        // turn), which a head under load took for a dead node.
+        let membership = rpc::connect_lazy_shared(&options.gcs_address, &credential, Duration::from_secs(2))?;
+        let client = GcsClient::new(membership);
         let heartbeat = tokio::spawn(run_membership(shared.clone(), client, options.config.clone(), stopped.clone()));
         let reaper = tokio::spawn(reap_idle_workers(shared.leases.clone(), stopped));
         tracing::info!(node = %node_id, address = %advertised, gcs = %options.gcs_address, resources = %options.spec.total, "node daemon serving");
@@ -1118,6 +1122,8 @@ async fn run_membership(
     // Longest the head may take to open a heartbeat stream: by then it has declared the
     // node dead anyway.
     let open_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
+    // An answer this late is logged: at the timeout, the head declares the node dead.
+    let slow_answer = Duration::from_millis(config.heartbeat_timeout_ms / 4);
     let mut beats = HeartbeatStream::default();
     let mut attempt = 0u32;
     let mut incarnation: u64;
@@ -1243,7 +1249,13 @@ async fn run_membership(
                 view_since_version: since.1,
                 view_since_incarnation: since.0,
             };
-            match beats.send(&mut client, request, open_wait).await {
+            let sent = Instant::now();
+            let answer = beats.send(&mut client, request, open_wait).await;
+            let took = sent.elapsed();
+            if took > slow_answer {
+                tracing::warn!(node = %shared.node_id.short(), took_ms = took.as_millis() as u64, timeout_ms = config.heartbeat_timeout_ms, "the head answered a heartbeat late");
+            }
+            match answer {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
                     reported = Some(available);
                     shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);

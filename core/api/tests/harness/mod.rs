@@ -337,6 +337,15 @@ impl Cluster {
         }) {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
+            // Warnings first: what went wrong is often long before the last lines.
+            let warnings: Vec<&&str> =
+                lines.iter().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
+            if !warnings.is_empty() {
+                eprintln!("----- {} (first 40 warnings and errors of {})", path.display(), warnings.len());
+                for line in warnings.iter().take(40) {
+                    eprintln!("{line}");
+                }
+            }
             eprintln!("----- {} (last 40 lines)", path.display());
             for line in &lines[lines.len().saturating_sub(40)..] {
                 eprintln!("{line}");
