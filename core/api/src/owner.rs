@@ -46,7 +46,11 @@ impl ObjectState {
 pub(crate) type KeepAlive = Box<dyn Any + Send + Sync>;
 
 pub(crate) struct ObjectEntry {
-    state: watch::Sender<ObjectState>,
+    state: std::sync::Mutex<ObjectState>,
+    /// What waiters watch, made by the first (most objects are read once settled, or
+    /// never: a watch channel each was 424 of a million tasks' bytes apiece). Kept equal
+    /// to `state` under its lock.
+    watchers: std::sync::OnceLock<watch::Sender<ObjectState>>,
     references: AtomicUsize,
     _holding: Option<KeepAlive>,
 }
@@ -54,7 +58,24 @@ pub(crate) struct ObjectEntry {
 impl ObjectEntry {
     /// A new entry in `state` with one handle.
     fn new(state: ObjectState, holding: Option<KeepAlive>) -> Self {
-        Self { state: watch::channel(state).0, references: AtomicUsize::new(1), _holding: holding }
+        Self {
+            state: std::sync::Mutex::new(state),
+            watchers: std::sync::OnceLock::new(),
+            references: AtomicUsize::new(1),
+            _holding: holding,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ObjectState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Moves the state to `next` (the caller holds its lock), telling any waiters.
+    fn set(&self, current: &mut ObjectState, next: ObjectState) {
+        if let Some(watchers) = self.watchers.get() {
+            watchers.send_replace(next.clone());
+        }
+        *current = next;
     }
 
     pub(crate) fn add_reference(&self) {
@@ -68,12 +89,15 @@ impl ObjectEntry {
 
     /// The outcome so far (`Pending` until settled).
     pub(crate) fn state(&self) -> ObjectState {
-        self.state.borrow().clone()
+        self.lock().clone()
     }
 
     /// A receiver that sees the outcome when it comes (for streams that wait on it).
     pub(crate) fn subscribe(&self) -> watch::Receiver<ObjectState> {
-        self.state.subscribe()
+        // Under the lock: a channel made now starts from the current state, and a state
+        // moved later reaches it.
+        let current = self.lock();
+        self.watchers.get_or_init(|| watch::channel(current.clone()).0).subscribe()
     }
 
     /// Briefly polls, yielding the CPU, while the object is pending (at most until
@@ -90,36 +114,40 @@ impl ObjectEntry {
 
     /// Whether the object has its outcome (a value, or a failure such as a cancel).
     pub(crate) fn is_settled(&self) -> bool {
-        !self.state.borrow().is_pending()
+        !self.lock().is_pending()
     }
 
     /// Gives a pending object its outcome (one already settled keeps its own); whether
     /// this call settled it.
     pub(crate) fn settle(&self, state: ObjectState) -> bool {
-        self.state.send_if_modified(|current| {
-            let pending = current.is_pending();
-            if pending {
-                *current = state;
-            }
-            pending
-        })
+        let mut current = self.lock();
+        let pending = current.is_pending();
+        if pending {
+            self.set(&mut current, state);
+        }
+        pending
     }
 
     /// Puts an object whose stored value `lost` could not be read back to pending, for
     /// its task to run again; whether it did (not when its state moved on meanwhile).
     pub(crate) fn reset_lost(&self, lost: &StoredObject) -> bool {
-        self.state.send_if_modified(|current| {
-            let reset = matches!(current, ObjectState::Stored(stored) if stored == lost);
-            if reset {
-                *current = ObjectState::Pending;
-            }
-            reset
-        })
+        let mut current = self.lock();
+        let reset = matches!(&*current, ObjectState::Stored(stored) if stored == lost);
+        if reset {
+            self.set(&mut current, ObjectState::Pending);
+        }
+        reset
     }
 
     /// Waits for the outcome, at most until `deadline`.
     pub(crate) async fn wait(&self, id: &ObjectId, deadline: Option<Instant>) -> IonetResult<ObjectState> {
-        let mut receiver = self.state.subscribe();
+        {
+            let current = self.lock();
+            if !current.is_pending() {
+                return Ok(current.clone());
+            }
+        }
+        let mut receiver = self.subscribe();
         let ready = receiver.wait_for(|state| !state.is_pending());
         let state = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), ready)
@@ -285,5 +313,33 @@ mod tests {
         table.settle(&id, inline(3));
         let settled = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
         assert_eq!(value_of(settled), vec![3]);
+    }
+
+    /// Only an object someone waited on while pending carries a channel for waiters (a
+    /// million tasks' objects, read once settled, carried 424 bytes each for nothing); a
+    /// watcher made late still sees every move, a lost value put back to pending included.
+    #[tokio::test]
+    async fn waiters_cost_only_the_objects_they_wait_on() {
+        let table = OwnedObjects::default();
+        let id = ObjectId::random();
+        let entry = table.insert(id, ObjectState::Pending, None);
+        entry.settle(inline(1));
+        assert_eq!(value_of(entry.wait(&id, None).await.unwrap()), vec![1]);
+        assert!(entry.is_settled() && entry.watchers.get().is_none(), "no waiter, no channel");
+
+        let stored = StoredObject { object_id: id.to_vec(), size: 9, ..Default::default() };
+        let pending = table.insert(ObjectId::random(), ObjectState::Pending, None);
+        let mut watcher = pending.subscribe();
+        assert!(pending.settle(ObjectState::Stored(stored.clone())));
+        assert!(!pending.settle(inline(2)), "settled once");
+        tokio::time::timeout(Duration::from_secs(30), watcher.changed()).await.unwrap().unwrap();
+        assert!(matches!(&*watcher.borrow_and_update(), ObjectState::Stored(now) if *now == stored));
+        // Lost: back to pending for its task to run again, and the watcher sees it.
+        assert!(pending.reset_lost(&stored));
+        tokio::time::timeout(Duration::from_secs(30), watcher.changed()).await.unwrap().unwrap();
+        assert!(watcher.borrow_and_update().is_pending());
+        // A watcher made after it settled starts from the outcome.
+        pending.settle(inline(5));
+        assert_eq!(value_of(pending.subscribe().borrow().clone()), vec![5]);
     }
 }
