@@ -584,7 +584,8 @@ impl CoreWorkerRpc for CoreWorkerService {
         Ok(Response::new(ReturnIdleLeasesReply { returned: returned as u32 }))
     }
 
-    async fn exit(&self, _request: Request<ExitRequest>) -> Result<Response<ExitReply>, Status> {
+    async fn exit(&self, request: Request<ExitRequest>) -> Result<Response<ExitReply>, Status> {
+        Principal::of(&request)?.may_act_for_job(&self.worker.job_id)?;
         if self.worker.is_worker {
             let worker = self.worker.clone();
             tokio::spawn(async move {
@@ -597,6 +598,9 @@ impl CoreWorkerRpc for CoreWorkerService {
     }
 
     async fn create_actor(&self, request: Request<CreateActorRequest>) -> Result<Response<CreateActorReply>, Status> {
+        // The head places actors here with the credential of this worker's job: another
+        // job of the account may not start or end actors in this process.
+        Principal::of(&request)?.may_act_for_job(&self.worker.job_id)?;
         if !self.worker.is_worker {
             return Err(Status::failed_precondition("this process is a driver; actors live in leased workers"));
         }
@@ -681,6 +685,7 @@ impl CoreWorkerRpc for CoreWorkerService {
     }
 
     async fn end_actor(&self, request: Request<EndActorRequest>) -> Result<Response<EndActorReply>, Status> {
+        Principal::of(&request)?.may_act_for_job(&self.worker.job_id)?;
         let request = request.into_inner();
         let actor_id = ActorId::from_bytes(&request.actor_id)?;
         if self.worker.hosted.get().is_some_and(|hosted| hosted.id == actor_id) {

@@ -31,7 +31,8 @@ use ionet::rpc::proto::node::{
     RequestWorkerLeaseRequest, SealObjectRequest, SetWorkerHoldingRequest, StreamLogsRequest,
 };
 use ionet::rpc::proto::worker::{
-    BorrowObjectsRequest, CancelTaskRequest, ExitRequest, ListReferencesRequest, ReleaseBorrowsRequest,
+    BorrowObjectsRequest, CancelTaskRequest, CreateActorRequest as WorkerCreateActorRequest, EndActorRequest,
+    ExitRequest, ListReferencesRequest, ReleaseBorrowsRequest,
 };
 use ionet::rpc::RawCodec;
 use ionet::{JobId, NodeId, Quantity, ResourceSet, SchedulingStrategy, TaskOptions};
@@ -612,6 +613,26 @@ fn a_tenant_acts_only_for_its_own_job() {
         let accounts = as_account.list_objects(ListObjectsRequest::default()).await.unwrap().into_inner();
         assert!(accounts.objects.is_empty(), "her account holds nothing; she sees nothing: {accounts:?}");
         denied(daemon.list_objects(ListNodeObjectsRequest::default()).await, "listing a node's objects");
+        // Another job of the victim's own account (a colleague's, or a provider's run of
+        // its code) does not start, end or stop actors in the victim job's processes.
+        let victim_key = account_key(&head, &admin, "victim-co").await;
+        let (_, colleague) = start_job(&head, &victim_key, "").await.unwrap();
+        for address in [&driver, &actor_worker] {
+            let channel = ionet::rpc::connect(address, &colleague, Duration::from_secs(5)).await.unwrap();
+            let mut victim = ionet::rpc::CoreWorkerClient::new(channel);
+            let message = denied(victim.exit(ExitRequest {}).await, "stopping another job's process");
+            assert!(message.contains("may not act for job"), "{message}");
+            let end = EndActorRequest { actor_id: victim_actor.to_vec(), incarnation: 0 };
+            denied(victim.end_actor(end).await, "ending another job's actor in its process");
+            let create = WorkerCreateActorRequest {
+                actor_id: ionet::ActorId::random().to_vec(),
+                class_name: "Intruder".into(),
+                job_id: victim_job.to_vec(),
+                shared: true,
+                ..Default::default()
+            };
+            denied(victim.create_actor(create).await, "starting an actor in another job's process");
+        }
         // Her own job finishes fine.
         as_mallory.mark_job_finished(MarkJobFinishedRequest { job_id: own_job.to_vec() }).await.unwrap();
     });
