@@ -357,18 +357,22 @@ async fn run_health_checks(state: Arc<GcsState>, mut stopped: watch::Receiver<bo
     let period = Duration::from_millis((state.config.heartbeat_interval_ms / 4).clamp(10, 1_000));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checked = tokio::time::Instant::now();
     loop {
         tokio::select! {
             due = ticker.tick() => {
                 // A check this late means the head stood still (starved of CPU, its
-                // runtime busy): heartbeats were not taken meanwhile either.
-                let late = due.elapsed();
+                // runtime busy): heartbeats were not taken meanwhile either. Counted
+                // from when it was due, or from a period after the last check ended (a
+                // long check of its own, recording deaths, is no stall).
+                let late = tokio::time::Instant::now().saturating_duration_since(due.max(checked + period));
                 if late > period {
                     state.note_stall(late.as_millis() as u64);
                 }
                 if let Err(err) = state.check_heartbeats().await {
                     tracing::error!(error = %err, "health check could not record a dead node");
                 }
+                checked = tokio::time::Instant::now();
             }
             _ = stopped.changed() => return,
         }

@@ -446,11 +446,15 @@ impl GcsState {
         }
     }
 
-    /// How long the head stood still after `since` (capped: a head that keeps stalling
-    /// still finds dead nodes, later).
-    fn stalled_since(&self, since: u64) -> u64 {
-        let stalls = self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let total: u64 = stalls.iter().filter(|(at, _)| *at > since).map(|(_, stalled)| stalled).sum();
+    /// How long the head stood still after `since`, of `stalls` (a stall under way at
+    /// `since` counts from then; capped: a head that keeps stalling still finds dead
+    /// nodes, later).
+    fn stalled_since(&self, stalls: &[(u64, u64)], since: u64) -> u64 {
+        let total: u64 = stalls
+            .iter()
+            .filter(|(at, _)| *at > since)
+            .map(|(at, stalled)| at - at.saturating_sub(*stalled).max(since))
+            .sum();
         total.min(self.config.heartbeat_timeout_ms.saturating_mul(MAX_STALL_ALLOWANCE))
     }
 
@@ -918,17 +922,22 @@ impl GcsState {
         Ok(())
     }
 
-    /// Declares dead every live node silent for longer than the heartbeat timeout.
-    /// Returns the nodes declared dead by this call.
+    /// Declares dead every live node silent for longer than the heartbeat timeout (plus
+    /// the time the head itself stood still meanwhile, up to three timeouts). Returns the
+    /// nodes declared dead by this call.
     pub async fn check_heartbeats(&self) -> GcsResult<Vec<NodeId>> {
         let now = self.clock.now_ms();
         let timeout = self.config.heartbeat_timeout_ms;
         let mut dead = Vec::new();
+        let stalls: Vec<(u64, u64)> =
+            self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().copied().collect();
         for mut entry in self.nodes.iter_mut() {
             let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
-            let excused = if silent_for > timeout { self.stalled_since(entry.last_heartbeat_ms) } else { 0 };
+            let alive = entry.state != NodeState::Dead as i32;
+            let excused =
+                if alive && silent_for > timeout { self.stalled_since(&stalls, entry.last_heartbeat_ms) } else { 0 };
             // A score that moved (uptime, leases counted, time) reaches the views.
-            if entry.state != NodeState::Dead as i32 {
+            if alive {
                 let score = ionet_common::reliability::listed_score_bps(&entry);
                 let mut listed = self.listed_scores.entry(*entry.key()).or_insert(score);
                 if listed.abs_diff(score) >= SCORE_MOVE_LOGGED {
@@ -936,7 +945,7 @@ impl GcsState {
                     self.node_changed(*entry.key());
                 }
             }
-            if entry.state != NodeState::Dead as i32 && silent_for > timeout + excused {
+            if alive && silent_for > timeout + excused {
                 entry.state = NodeState::Dead as i32;
                 entry.death_cause = match excused {
                     0 => format!("missed heartbeats for {silent_for} ms (timeout {timeout} ms)"),
@@ -1550,11 +1559,25 @@ mod tests {
         gcs.note_stall(1_500);
         assert!(gcs.check_heartbeats().await.unwrap().is_empty(), "silent 1.6 s, 1.5 s of it the head's");
         gcs.heartbeat(id.as_bytes(), None).unwrap();
-        // A stall before the last heartbeat excuses nothing after it.
+        // A stall before the last heartbeat excuses nothing after it, and one under way
+        // at it only its part after.
         clock.advance_ms(1_100);
         let dead = gcs.check_heartbeats().await.unwrap();
         assert_eq!(dead, vec![id]);
         assert!(gcs.node(&id).unwrap().death_cause.contains("missed heartbeats for 1100 ms (timeout 1000 ms)"));
+        let third = NodeId::random();
+        gcs.register_node(node(third, 1)).await.unwrap();
+        clock.advance_ms(800);
+        gcs.heartbeat(third.as_bytes(), None).unwrap();
+        // A stall of 1,000 ms that began 300 ms before that heartbeat: 700 ms excused.
+        clock.advance_ms(700);
+        gcs.note_stall(1_000);
+        clock.advance_ms(900);
+        assert!(gcs.check_heartbeats().await.unwrap().is_empty(), "silent 1.6 s, 0.7 s of it the head's");
+        clock.advance_ms(200);
+        assert_eq!(gcs.check_heartbeats().await.unwrap(), vec![third]);
+        let cause = gcs.node(&third).unwrap().death_cause;
+        assert!(cause.contains("for 1800 ms (timeout 1000 ms, plus 700 ms the head stood still)"), "{cause}");
         // Stalls excuse at most three timeouts: a head that keeps stalling still finds
         // a dead node.
         let other = NodeId::random();
