@@ -1122,8 +1122,10 @@ async fn run_membership(
     // Longest the head may take to open a heartbeat stream: by then it has declared the
     // node dead anyway.
     let open_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
-    // An answer this late is logged: at the timeout, the head declares the node dead.
+    // An answer this late is logged (once a minute at most, with how many were late
+    // meanwhile): at the timeout, the head declares the node dead.
     let slow_answer = Duration::from_millis(config.heartbeat_timeout_ms / 4);
+    let mut late_answers = (0u64, None::<Instant>);
     let mut beats = HeartbeatStream::default();
     let mut attempt = 0u32;
     let mut incarnation: u64;
@@ -1253,7 +1255,11 @@ async fn run_membership(
             let answer = beats.send(&mut client, request, open_wait).await;
             let took = sent.elapsed();
             if took > slow_answer {
-                tracing::warn!(node = %shared.node_id.short(), took_ms = took.as_millis() as u64, timeout_ms = config.heartbeat_timeout_ms, "the head answered a heartbeat late");
+                late_answers.0 += 1;
+                if late_answers.1.is_none_or(|logged| logged.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(node = %shared.node_id.short(), took_ms = took.as_millis() as u64, timeout_ms = config.heartbeat_timeout_ms, late = late_answers.0, "the head answered a heartbeat late");
+                    late_answers = (0, Some(Instant::now()));
+                }
             }
             match answer {
                 Ok(reply) if reply.get_ref().incarnation == incarnation => {
