@@ -6,8 +6,9 @@
 //! membership changes (node added, drained, dead; job started, finished).
 //!
 //! How it talks: node daemons call `RegisterNode` once and heartbeat every interval
-//! with their available resources (`HeartbeatStream`, or `Heartbeat` calls); a health task declares dead any node
-//! silent past the timeout (not counting time the head itself stood still) and publishes it. Drivers add jobs and read the tables; any
+//! with their available resources (`HeartbeatStream`, or `Heartbeat` calls); a health
+//! task declares dead any node silent past the timeout (not counting time the head
+//! itself stood still) and publishes it. Drivers add jobs and read the tables; any
 //! node, account or job may `Subscribe`. The GCS is never on the per-task
 //! path: it holds membership, not work.
 //!
