@@ -6,13 +6,15 @@
 //! window. It reports heartbeats/s absorbed and the head process's CPU share of one
 //! core, read from /proc.
 //!
-//! As node daemons do, each heartbeat carries the node's available resources only
-//! when they changed; `--changing 1` makes every heartbeat carry them (the worst case).
-//! Heartbeats go on a `HeartbeatStream` per node, as node daemons send them; `--calls 1`
-//! sends each as a `Heartbeat` call instead (what nodes did before, and do with a head
-//! that has no streams).
+//! As node daemons do, a node heartbeats each second when its available resources
+//! changed, with them, and otherwise every quarter of the head's timeout (2.5 s by
+//! default), on a `HeartbeatStream` of its own, asking for no answer but news (`quiet`).
+//! `--changing 1` makes every node's resources change every second (the worst case: a
+//! heartbeat each second from each). The protocol before, for comparison in one sitting:
+//! `--answered 1`, each node a heartbeat each second, each answered; `--calls 1`, the
+//! same by `Heartbeat` calls (what nodes do with a head that has no streams).
 //!
-//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--calls 1]
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -65,6 +67,14 @@ fn main() {
     let seconds = arg("--seconds", 10).max(2);
     let changing = arg("--changing", 0) == 1;
     let calls = arg("--calls", 0) == 1;
+    let answered = calls || arg("--answered", 0) == 1;
+    // What a node of the default configuration does with nothing new (the bench's head
+    // has a longer timeout only so that the first nodes live while the last register).
+    let defaults = ClusterConfig::default();
+    let every = match changing || answered {
+        true => Duration::from_millis(defaults.heartbeat_interval_ms),
+        false => defaults.idle_heartbeat_interval(defaults.heartbeat_timeout_ms),
+    };
     let mut head = Command::new(std::env::current_exe().unwrap())
         .arg("--serve-head")
         .stdin(Stdio::piped())
@@ -114,9 +124,10 @@ fn main() {
             let absorbed = absorbed.clone();
             let available = ResourceQuantities::from_set(&total);
             tasks.push(tokio::spawn(async move {
-                // Stagger the fleet across the second, as real nodes started at different times are.
-                tokio::time::sleep(Duration::from_micros((index as u64 * 1_000_000) / nodes as u64)).await;
-                let mut ticker = tokio::time::interval(Duration::from_secs(1));
+                // Stagger the fleet across the period, as real nodes started at different times are.
+                let offset = every.as_micros() as u64 * index as u64 / nodes as u64;
+                tokio::time::sleep(Duration::from_micros(offset)).await;
+                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 let (sender, receiver) = tokio::sync::mpsc::channel(1);
                 let mut replies = match calls {
                     true => None,
@@ -125,21 +136,36 @@ fn main() {
                         Some(client.heartbeat_stream(stream).await.expect("open a heartbeat stream").into_inner())
                     }
                 };
+                let mut seq = 0;
                 while Instant::now() < stop_at {
-                    ticker.tick().await;
+                    seq += 1;
                     let request = HeartbeatRequest {
                         node_id: node_id.to_vec(),
                         available: changing.then(|| available.clone()),
+                        seq,
+                        quiet: !answered && seq > 1,
                         ..Default::default()
                     };
-                    let answered = match replies.as_mut() {
+                    let taken = match replies.as_mut() {
                         None => client.heartbeat(request).await.is_ok(),
-                        Some(replies) => {
+                        Some(replies) if answered || seq == 1 => {
                             sender.send(request).await.is_ok() && matches!(replies.message().await, Ok(Some(_)))
                         }
+                        // Replies (news only) read as they come, while waiting for the next tick.
+                        Some(_) => sender.send(request).await.is_ok(),
                     };
-                    if answered {
+                    if taken {
                         absorbed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    loop {
+                        tokio::select! {
+                            _ = ticker.tick() => break,
+                            reply = async { replies.as_mut().unwrap().message().await }, if replies.is_some() && !answered => {
+                                if !matches!(reply, Ok(Some(_))) {
+                                    return;
+                                }
+                            }
+                        }
                     }
                 }
             }));
@@ -158,9 +184,17 @@ fn main() {
     drop(head.stdin.take());
     let _ = head.wait();
     println!(
-        "gcs heartbeats: {nodes} nodes at 1 Hz ({}, {}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
-        if changing { "resources in every heartbeat" } else { "resources only on change" },
-        if calls { "a call each" } else { "on streams" },
+        "gcs heartbeats: {nodes} nodes ({}, {}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
+        match (changing, answered) {
+            (true, _) => "resources changing each second",
+            (false, true) => "a heartbeat each second",
+            (false, false) => "idle: a heartbeat each quarter timeout",
+        },
+        match (calls, answered) {
+            (true, _) => "a call each",
+            (false, true) => "on streams, each answered",
+            (false, false) => "on streams, quiet",
+        },
         absorbed as f64 / wall,
         100.0 * cpu / wall,
         1e6 * cpu / absorbed.max(1) as f64

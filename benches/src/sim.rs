@@ -388,6 +388,8 @@ impl Probe {
                 read_view: true,
                 view_since_version: view_at.0,
                 view_since_incarnation: view_at.1,
+                seq: beat + 1,
+                quiet: false,
             };
             match self.client.heartbeat(request).await {
                 Ok(reply) => {
@@ -608,7 +610,7 @@ mod tests {
     async fn a_node_heartbeats_on_across_the_ends_of_its_streams() {
         let config = ClusterConfig {
             heartbeat_interval_ms: 50,
-            heartbeat_timeout_ms: 5_000,
+            heartbeat_timeout_ms: 2_000,
             heartbeat_stream_lifetime_ms: 200,
             ..Default::default()
         };
@@ -616,8 +618,8 @@ mod tests {
         let state = server.state().clone();
         let streams = state.heartbeat_streams_opened();
         assert!(streams <= 1, "one stream at a time: {streams}");
-        // Forty heartbeats at 20 a second span ten lifetimes of a stream.
-        wait_for_heartbeats(&state, 40).await;
+        // Ten heartbeats of an idle node (two a second) span ten lifetimes of a stream.
+        wait_for_heartbeats(&state, 10).await;
         let opened = state.heartbeat_streams_opened() - streams;
         assert!(opened >= 3, "the head ended its streams and the node opened others: {opened}");
         assert_eq!(daemon.registrations(), 1, "a stream's end is not a lost registration");

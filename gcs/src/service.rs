@@ -325,12 +325,14 @@ impl GcsService {
         let node_id = node_id_of(&request.node_id)?;
         principal.may_act_for_node(&node_id)?;
         self.state.heartbeat(&request.node_id, request.available)?;
-        let unfunded_jobs = self
+        let mut unfunded_jobs: Vec<UnfundedJob> = self
             .state
             .unfunded()
             .into_iter()
             .map(|(job, reason)| UnfundedJob { job_id: job.to_vec(), reason })
             .collect();
+        // In one order, so that a stream can tell a set from the one it last carried.
+        unfunded_jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         let gpu_check_due = self.gpu_check_due(node_id).await?;
         let view = request.read_view.then(|| {
             let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation);
@@ -348,6 +350,7 @@ impl GcsService {
             unfunded_jobs,
             gpu_check_due,
             view,
+            answers: request.seq,
         })
     }
 
@@ -370,6 +373,31 @@ impl GcsService {
         self.node_credentials.insert(node_id, (std::time::Instant::now(), key.clone()));
         self.issuer.issue_node(node_id.as_bytes(), &key, NODE_CREDENTIAL_TTL)
     }
+}
+
+/// One node's `HeartbeatStream` at the head, between two of its heartbeats.
+struct HeartbeatStreamState {
+    service: GcsService,
+    principal: Principal,
+    incoming: tonic::Streaming<HeartbeatRequest>,
+    /// Refused, or a reply that ends the stream went out: nothing more.
+    ended: bool,
+    /// The unfunded jobs the stream's last reply carried (none yet: `None`).
+    unfunded_sent: Option<Vec<UnfundedJob>>,
+}
+
+/// Whether a heartbeat's reply tells the node anything but the unfunded jobs: a GPU check,
+/// a credential, or a node table moved on from the version the node holds (`since`:
+/// incarnation, version).
+fn has_news(reply: &HeartbeatReply, since: (u64, u64)) -> bool {
+    reply.gpu_check_due
+        || !reply.node_credential.is_empty()
+        || reply.view.as_ref().is_some_and(|view| {
+            !view.delta
+                || !view.nodes.is_empty()
+                || !view.removed.is_empty()
+                || (view.incarnation, view.version) != since
+        })
 }
 
 fn job_id_of(bytes: &[u8]) -> Result<JobId, Status> {
@@ -460,35 +488,56 @@ impl Gcs for GcsService {
         let lifetime = Duration::from_millis(self.state.config.heartbeat_stream_lifetime_ms);
         let until = tokio::time::Instant::now() + lifetime;
         self.state.note_heartbeat_stream();
-        // Each heartbeat answered in turn; the first refused ends the stream with its
+        // Each heartbeat answered in turn, but one the node sent `quiet` only if the reply
+        // has something in it (the unfunded jobs count as new when they differ from the
+        // set this stream last carried); the first refused ends the stream with its
         // status. It ends cleanly once its time is up, when the head stops (a server
         // stopping waits for its streams), and after a reply that carried a whole table or
         // a large delta (the stream's buffer keeps the size of its largest message: the
         // node's next heartbeat opens a fresh one).
-        let state = (self.clone(), principal, request.into_inner(), false);
-        let replies = futures::stream::unfold(state, move |(service, principal, mut incoming, ended)| {
-            let mut stopped = service.stopped.clone();
-            async move {
-                if ended || *stopped.borrow() {
+        let state = HeartbeatStreamState {
+            service: self.clone(),
+            principal,
+            incoming: request.into_inner(),
+            ended: false,
+            unfunded_sent: None,
+        };
+        let replies = futures::stream::unfold(state, move |mut stream| async move {
+            let mut stopped = stream.service.stopped.clone();
+            loop {
+                if stream.ended || *stopped.borrow() {
                     return None;
                 }
                 let request = tokio::select! {
-                    next = incoming.message() => match next {
+                    next = stream.incoming.message() => match next {
                         Ok(Some(request)) => request,
                         Ok(None) => return None,
-                        Err(status) => return Some((Err(status), (service, principal, incoming, true))),
+                        Err(status) => {
+                            stream.ended = true;
+                            return Some((Err(status), stream));
+                        }
                     },
                     _ = tokio::time::sleep_until(until) => return None,
                     _ = stopped.wait_for(|stop| *stop) => return None,
                 };
-                let reply = service.answer_heartbeat(&principal, request).await;
-                let last = match &reply {
-                    Ok(reply) => reply.view.as_ref().is_some_and(|view| {
-                        !view.delta || view.nodes.iter().map(|row| row.len()).sum::<usize>() > LARGE_HEARTBEAT_REPLY
-                    }),
-                    Err(_) => true,
+                let quiet = request.quiet;
+                let since = (request.view_since_incarnation, request.view_since_version);
+                let reply = match stream.service.answer_heartbeat(&stream.principal, request).await {
+                    Ok(reply) => reply,
+                    Err(status) => {
+                        stream.ended = true;
+                        return Some((Err(status), stream));
+                    }
                 };
-                Some((reply, (service, principal, incoming, last)))
+                let unfunded_new = stream.unfunded_sent.as_ref() != Some(&reply.unfunded_jobs);
+                if quiet && !unfunded_new && !has_news(&reply, since) {
+                    continue;
+                }
+                stream.unfunded_sent = Some(reply.unfunded_jobs.clone());
+                stream.ended = reply.view.as_ref().is_some_and(|view| {
+                    !view.delta || view.nodes.iter().map(|row| row.len()).sum::<usize>() > LARGE_HEARTBEAT_REPLY
+                });
+                return Some((Ok(reply), stream));
             }
         });
         Ok(Response::new(Box::pin(replies)))

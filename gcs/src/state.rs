@@ -41,6 +41,9 @@ const MAX_MOVES_PER_CALL: usize = 100_000;
 const EVENT_BUFFER: usize = 4096;
 /// How far (in basis points) a node's reliability score moves before views learn it.
 const SCORE_MOVE_LOGGED: u32 = 50;
+/// How often the health check looks for scores that moved: a score moves by the hour,
+/// and a sweep at each check (four a second) was a tenth of an idle 10,000-node head.
+const SCORE_SWEEP_MS: u64 = 1_000;
 /// How many changes of node rows are remembered for readers of deltas (a reader further
 /// behind reads the whole table).
 const NODE_CHANGES_KEPT: usize = 1 << 16;
@@ -146,6 +149,8 @@ pub struct GcsState {
     /// Each node's reliability score as views last learnt it: the score moves with time
     /// and counts no row change logs, so a move of [`SCORE_MOVE_LOGGED`] is logged as one.
     listed_scores: DashMap<NodeId, u32>,
+    /// When the health check last swept the scores (`u64::MAX`: never).
+    scores_swept_ms: AtomicU64,
     /// The address each node's latest registration came from (this process's runs only):
     /// the one host a node may name for its metrics server.
     registered_from: DashMap<NodeId, std::net::IpAddr>,
@@ -290,6 +295,7 @@ impl GcsState {
             node_changes: std::sync::Mutex::new(NodeChanges::default()),
             encoded_rows: DashMap::new(),
             listed_scores: DashMap::new(),
+            scores_swept_ms: AtomicU64::new(u64::MAX),
             registered_from: DashMap::new(),
         }))
     }
@@ -931,13 +937,18 @@ impl GcsState {
         let mut dead = Vec::new();
         let stalls: Vec<(u64, u64)> =
             self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().copied().collect();
+        let swept = self.scores_swept_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let sweep = swept == u64::MAX || now.saturating_sub(swept) >= SCORE_SWEEP_MS;
+        if sweep {
+            self.scores_swept_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
         for mut entry in self.nodes.iter_mut() {
             let silent_for = now.saturating_sub(entry.last_heartbeat_ms);
             let alive = entry.state != NodeState::Dead as i32;
             let excused =
                 if alive && silent_for > timeout { self.stalled_since(&stalls, entry.last_heartbeat_ms) } else { 0 };
             // A score that moved (uptime, leases counted, time) reaches the views.
-            if alive {
+            if alive && sweep {
                 let score = ionet_common::reliability::listed_score_bps(&entry);
                 let mut listed = self.listed_scores.entry(*entry.key()).or_insert(score);
                 if listed.abs_diff(score) >= SCORE_MOVE_LOGGED {
@@ -1371,14 +1382,21 @@ mod tests {
         );
 
         // A score that moves with no change of the row logged (leases counted as they
-        // start, time) reaches views at the next sweep.
+        // start, time) reaches views at the next sweep: a second after the last, not at
+        // every check.
         let swept = gcs.nodes_since(false, 0, 0).version;
         gcs.note_lease(&ids[1]);
         gcs.nodes.get_mut(&ids[1]).unwrap().reliability.get_or_insert_with(Default::default).leases_lost = 1;
         gcs.check_heartbeats().await.unwrap();
+        assert_eq!(gcs.nodes_since(false, swept, incarnation).version, swept, "no sweep within a second of the last");
+        clock.advance_ms(SCORE_SWEEP_MS);
+        gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
+        gcs.check_heartbeats().await.unwrap();
         let moved = gcs.nodes_since(false, swept, incarnation);
         assert_eq!(moved.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
         rows_match(swept, incarnation);
+        clock.advance_ms(SCORE_SWEEP_MS);
+        gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
         gcs.check_heartbeats().await.unwrap();
         assert!(gcs.nodes_since(false, moved.version, incarnation).nodes.is_empty(), "logged once");
 

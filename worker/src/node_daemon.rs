@@ -1043,6 +1043,8 @@ fn spawn_gpu_check(shared: &Arc<NodeShared>, client: &GcsClient) {
 /// A node's heartbeats on one `HeartbeatStream` (no call, headers or credential check
 /// per heartbeat at the head: a head of ten thousand nodes takes ten thousand a second),
 /// opened when needed; by calls where the head has no such stream (an older head).
+/// Heartbeats go out without waiting for their replies, which come as they come (one
+/// sent `quiet` is answered only with something new).
 #[derive(Default)]
 struct HeartbeatStream {
     open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>)>,
@@ -1057,30 +1059,33 @@ impl HeartbeatStream {
         self.calls_only = false;
     }
 
-    /// Sends `request` (on a stream opened within `wait`) and waits for its answer. A
-    /// refusal comes back as the status `Heartbeat` answers with (the stream is gone with
-    /// it); a stream the head ended cleanly (its time up, or after a large reply) is
-    /// replaced and the heartbeat sent again.
+    /// Whether the next heartbeat goes on a stream of its own: the first of a stream is
+    /// answered whatever it says (its reply carries the incarnation of the head serving it).
+    fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Sends `request` (on a stream opened within `wait`). By a call, its answer comes
+    /// back at once; on a stream, `None` (answers come from `next_reply`). A refusal comes
+    /// back as the status `Heartbeat` answers with.
     async fn send(
         &mut self,
         client: &mut GcsClient,
-        request: HeartbeatRequest,
+        mut request: HeartbeatRequest,
         wait: Duration,
-    ) -> Result<Response<HeartbeatReply>, Status> {
+    ) -> Result<Option<HeartbeatReply>, Status> {
         for _ in 0..2 {
             if self.calls_only {
-                return client.heartbeat(request).await;
+                request.quiet = false;
+                return client.heartbeat(request).await.map(|reply| Some(reply.into_inner()));
             }
-            let (sender, replies) = match &mut self.open {
-                Some((sender, replies)) => (sender, replies),
+            let sender = match &mut self.open {
+                Some((sender, _)) => sender,
                 None => {
                     let (sender, receiver) = tokio::sync::mpsc::channel(1);
                     let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
                     match tokio::time::timeout(wait, client.heartbeat_stream(stream)).await {
-                        Ok(Ok(replies)) => {
-                            let (sender, replies) = self.open.insert((sender, replies.into_inner()));
-                            (sender, replies)
-                        }
+                        Ok(Ok(replies)) => &mut self.open.insert((sender, replies.into_inner())).0,
                         Ok(Err(status)) if status.code() == Code::Unimplemented => {
                             self.calls_only = true;
                             continue;
@@ -1092,23 +1097,140 @@ impl HeartbeatStream {
                     }
                 }
             };
-            if sender.send(request.clone()).await.is_err() {
-                self.open = None;
-                continue;
+            if sender.send(request.clone()).await.is_ok() {
+                return Ok(None);
             }
-            // No deadline of its own, as a `Heartbeat` call has none: a head that is gone is
-            // found by the connection's keep-alive, and a busy one is waited for.
-            match replies.message().await {
-                Ok(Some(reply)) => return Ok(Response::new(reply)),
-                Ok(None) => self.open = None,
-                Err(status) => {
-                    self.open = None;
-                    return Err(status);
-                }
-            }
+            // The stream's sending half is gone (the head ended it): another, and again.
+            self.open = None;
+            request.quiet = false;
         }
         Err(Status::unavailable("the head ended two heartbeat streams in a row"))
     }
+
+    /// The next reply on the stream (never, without one). `Ok(None)`: the head ended the
+    /// stream cleanly (its time up, after a large reply, or stopping); it is forgotten, and
+    /// heartbeats sent on it since its last reply may be lost. An error ends it too.
+    async fn next_reply(&mut self) -> Result<Option<HeartbeatReply>, Status> {
+        let Some((_, replies)) = &mut self.open else { return std::future::pending().await };
+        // No deadline of its own, as a `Heartbeat` call has none: a head that is gone is
+        // found by the connection's keep-alive, and a busy one is waited for.
+        let next = replies.message().await;
+        if !matches!(next, Ok(Some(_))) {
+            self.open = None;
+        }
+        next
+    }
+}
+
+/// Heartbeats sent and not yet answered (replies come in order, and a quiet one may never
+/// be): what each asked of the node table from, and when it went.
+#[derive(Default)]
+struct InFlight {
+    sent: std::collections::VecDeque<(u64, (u64, u64), Instant)>,
+}
+
+impl InFlight {
+    /// Most kept: a head that answers nothing for this many heartbeats has long declared
+    /// the node dead.
+    const MOST: usize = 256;
+
+    fn sent(&mut self, seq: u64, since: (u64, u64)) {
+        if self.sent.len() == Self::MOST {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((seq, since, Instant::now()));
+    }
+
+    /// The heartbeat a reply naming `answers` answers (a head that names none answers
+    /// the oldest), forgetting those before it (answered silently).
+    fn answered(&mut self, answers: u64) -> Option<((u64, u64), Instant)> {
+        if answers == 0 {
+            return self.sent.pop_front().map(|(_, since, at)| (since, at));
+        }
+        while let Some((seq, since, at)) = self.sent.pop_front() {
+            if seq == answers {
+                return Some((since, at));
+            }
+            if seq > answers {
+                self.sent.push_front((seq, since, at));
+                return None;
+            }
+        }
+        None
+    }
+
+    fn clear(&mut self) {
+        self.sent.clear();
+    }
+}
+
+/// Logs an answer to a heartbeat that took longer than `slow` (once a minute at most, with
+/// how many were late meanwhile: a slow head would make a line a second on every node).
+fn note_late(shared: &NodeShared, late: &mut (u64, Option<Instant>), took: Duration, slow: Duration, timeout_ms: u64) {
+    if took <= slow {
+        return;
+    }
+    late.0 += 1;
+    if late.1.is_none_or(|logged| logged.elapsed() >= Duration::from_secs(60)) {
+        tracing::warn!(node = %shared.node_id.short(), took_ms = took.as_millis() as u64, timeout_ms, late = late.0, "the head answered a heartbeat late");
+        *late = (0, Some(Instant::now()));
+    }
+}
+
+/// What a heartbeat's reply tells the node to do about its membership.
+enum Heard {
+    Fine,
+    /// The head restarted (another incarnation): register again.
+    Restarted,
+}
+
+/// Applies a heartbeat's reply: the node's credential renewed, the unfunded jobs, a GPU
+/// check asked for, the cluster view moved on from `since` (the view the heartbeat
+/// answered held).
+fn hear(
+    shared: &Arc<NodeShared>,
+    client: &GcsClient,
+    reply: HeartbeatReply,
+    since: Option<(u64, u64)>,
+    incarnation: u64,
+) -> Heard {
+    if reply.incarnation != incarnation {
+        return Heard::Restarted;
+    }
+    // The head renews the node's credential before it runs out.
+    if let Ok(renewed) = Bearer::new(&reply.node_credential) {
+        shared.credential.replace(&renewed);
+    }
+    let unfunded = reply
+        .unfunded_jobs
+        .iter()
+        .filter_map(|job| Some((JobId::from_bytes(&job.job_id).ok()?, job.reason.clone())))
+        .collect();
+    shared.leases.set_unfunded(unfunded);
+    // The head asks for a check of the GPUs at random idle times.
+    if reply.gpu_check_due && !shared.info.gpus.is_empty() {
+        spawn_gpu_check(shared, client);
+    }
+    // The cluster view used for spillback, moved on with what changed since the view the
+    // heartbeat held, which came with the heartbeat's reply (the whole table, read by
+    // every node every second, would cost the head the square of the cluster's size, and
+    // a call of its own per node).
+    if let Some(view) = reply.view {
+        let at = (view.incarnation, view.version);
+        match view.decode_nodes() {
+            Ok(nodes) if view.delta => {
+                // A reply to a heartbeat the node no longer knows of: dropped (the next
+                // asks again from where the view stands).
+                if let Some(since) = since {
+                    shared.leases.apply_view_delta(&nodes, &view.removed, since, at);
+                }
+            }
+            Ok(nodes) => shared.leases.refresh_view_at(&nodes, at),
+            // Kept as it was: the next heartbeat asks again from the same version.
+            Err(err) => tracing::warn!(error = %err, "the head sent a node table that does not decode"),
+        }
+    }
+    Heard::Fine
 }
 
 /// Registers, heartbeats, re-registers after any loss, and drains on stop.
@@ -1122,11 +1244,14 @@ async fn run_membership(
     // Longest the head may take to open a heartbeat stream: by then it has declared the
     // node dead anyway.
     let open_wait = Duration::from_millis(config.heartbeat_timeout_ms.max(config.heartbeat_interval_ms));
-    // An answer this late is logged (once a minute at most, with how many were late
-    // meanwhile): at the timeout, the head declares the node dead.
-    let slow_answer = Duration::from_millis(config.heartbeat_timeout_ms / 4);
+    // The head's own timeout (its registration reply says it): what the node's quiet
+    // heartbeats are spaced by, and what a late answer is measured against.
+    let mut head_timeout_ms = config.heartbeat_timeout_ms;
     let mut late_answers = (0u64, None::<Instant>);
     let mut beats = HeartbeatStream::default();
+    let mut in_flight = InFlight::default();
+    let mut seq = 0u64;
+    let mut last_asked: Option<Instant>;
     let mut attempt = 0u32;
     let mut incarnation: u64;
     let mut reported: Option<ResourceSet>;
@@ -1146,6 +1271,9 @@ async fn run_membership(
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     incarnation = reply.incarnation;
+                    if reply.heartbeat_timeout_ms > 0 {
+                        head_timeout_ms = reply.heartbeat_timeout_ms;
+                    }
                     if let Some(tls) = &shared.tls {
                         match tls.authority.install(reply.tls_certificate) {
                             Ok(identity) => tls.certificate.set(identity),
@@ -1213,108 +1341,138 @@ async fn run_membership(
                 _ = stopped.changed() => break 'membership,
             }
         }
-        // Step 2: heartbeat until something goes wrong (on a stream of this registration's).
+        // Step 2: heartbeat until something goes wrong (on a stream of this registration's):
+        // each interval if something changed, else every quarter of the head's timeout.
         beats.close();
+        in_flight.clear();
+        let idle_every = config.idle_heartbeat_interval(head_timeout_ms);
+        // An answer this late is logged (once a minute at most, with how many were late
+        // meanwhile): at the timeout, the head declares the node dead.
+        let slow_answer = Duration::from_millis(head_timeout_ms / 4);
+        last_asked = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sent: Option<Instant> = None;
+        // The heartbeat last sent for an answer (and when), to see how late the head answers.
+        let mut asked: Option<(u64, Instant)> = None;
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shared.drain_requested.notified() => {}
+            let heard = tokio::select! {
+                _ = ticker.tick() => None,
+                _ = tokio::time::sleep_until(last_sent.map_or_else(tokio::time::Instant::now, |at| (at + idle_every).into())) => None,
+                _ = shared.drain_requested.notified() => None,
                 _ = stopped.changed() => break 'membership,
-            }
-            if shared.leases.is_draining() && !shared.drain_told.load(Ordering::SeqCst) {
-                let request = DrainNodeRequest {
-                    node_id: shared.node_id.to_vec(),
-                    reason: "the node was given notice to leave".into(),
-                    exiting: false,
-                };
-                match tokio::time::timeout(Duration::from_secs(2), client.drain_node(request)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) => {
-                        tracing::warn!(error = %status.message(), "the control store did not take the drain")
-                    }
-                    Err(_) => tracing::warn!("the control store did not answer the drain in time"),
-                }
-                shared.drain_told.store(true, Ordering::SeqCst);
-            }
-            // Available resources travel only when they changed since the last report
-            // (registration carries them too): an idle fleet sends ids and nothing else.
-            let available = shared.available();
-            let changed = reported.as_ref() != Some(&available);
-            // What changed in the node table since the view the node holds comes back.
-            let since = shared.leases.view_at();
-            let request = HeartbeatRequest {
-                node_id: shared.node_id.to_vec(),
-                available: changed.then(|| ResourceQuantities::from_set(&available)),
-                read_view: shared.keeps_view,
-                view_since_version: since.1,
-                view_since_incarnation: since.0,
+                reply = beats.next_reply() => Some(reply),
             };
-            let sent = Instant::now();
-            let answer = beats.send(&mut client, request, open_wait).await;
-            let took = sent.elapsed();
-            if took > slow_answer {
-                late_answers.0 += 1;
-                if late_answers.1.is_none_or(|logged| logged.elapsed() >= Duration::from_secs(60)) {
-                    tracing::warn!(node = %shared.node_id.short(), took_ms = took.as_millis() as u64, timeout_ms = config.heartbeat_timeout_ms, late = late_answers.0, "the head answered a heartbeat late");
-                    late_answers = (0, Some(Instant::now()));
+            let mut refused = None;
+            match heard {
+                None => {}
+                Some(Ok(Some(reply))) => {
+                    let answered = in_flight.answered(reply.answers);
+                    if let Some((seq, at)) = asked {
+                        if reply.answers >= seq || reply.answers == 0 {
+                            asked = None;
+                            note_late(&shared, &mut late_answers, at.elapsed(), slow_answer, head_timeout_ms);
+                        }
+                    }
+                    match hear(&shared, &client, reply, answered.map(|(since, _)| since), incarnation) {
+                        Heard::Fine => continue,
+                        Heard::Restarted => {
+                            tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
+                            continue 'membership;
+                        }
+                    }
                 }
+                // The head ended the stream: heartbeats on it since its last reply may be
+                // lost, so the next (now, on another) carries the resources again.
+                Some(Ok(None)) => {
+                    in_flight.clear();
+                    asked = None;
+                    reported = None;
+                    last_sent = None;
+                    continue;
+                }
+                Some(Err(status)) => refused = Some(status),
             }
-            match answer {
-                Ok(reply) if reply.get_ref().incarnation == incarnation => {
-                    reported = Some(available);
-                    shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
-                    // The head renews the node's credential before it runs out.
-                    if let Ok(renewed) = Bearer::new(&reply.get_ref().node_credential) {
-                        shared.credential.replace(&renewed);
+            if refused.is_none() {
+                if shared.leases.is_draining() && !shared.drain_told.load(Ordering::SeqCst) {
+                    let request = DrainNodeRequest {
+                        node_id: shared.node_id.to_vec(),
+                        reason: "the node was given notice to leave".into(),
+                        exiting: false,
+                    };
+                    match tokio::time::timeout(Duration::from_secs(2), client.drain_node(request)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(status)) => {
+                            tracing::warn!(error = %status.message(), "the control store did not take the drain")
+                        }
+                        Err(_) => tracing::warn!("the control store did not answer the drain in time"),
                     }
-                    let unfunded = reply
-                        .get_ref()
-                        .unfunded_jobs
-                        .iter()
-                        .filter_map(|job| Some((JobId::from_bytes(&job.job_id).ok()?, job.reason.clone())))
-                        .collect();
-                    shared.leases.set_unfunded(unfunded);
-                    // The head asks for a check of the GPUs at random idle times.
-                    if reply.get_ref().gpu_check_due && !shared.info.gpus.is_empty() {
-                        spawn_gpu_check(&shared, &client);
-                    }
-                    // The cluster view used for spillback, refreshed with what changed since
-                    // the last read, which came with the heartbeat's reply (the whole table,
-                    // read by every node every second, would cost the head the square of the
-                    // cluster's size, and a call of its own per node).
-                    if let Some(view) = reply.into_inner().view {
-                        let at = (view.incarnation, view.version);
-                        match view.decode_nodes() {
-                            Ok(nodes) if view.delta => {
-                                shared.leases.apply_view_delta(&nodes, &view.removed, since, at);
+                    shared.drain_told.store(true, Ordering::SeqCst);
+                }
+                // Available resources travel only when they changed since the last report
+                // (registration carries them too): an idle fleet sends ids, and seldom.
+                let available = shared.available();
+                let changed = reported.as_ref() != Some(&available);
+                let idle_due = last_sent.is_none_or(|at| at.elapsed() >= idle_every);
+                if !changed && !idle_due {
+                    continue;
+                }
+                // What changed in the node table since the view the node holds comes back.
+                let since = shared.leases.view_at();
+                seq += 1;
+                // An answer asked for on a stream's first heartbeat, and once a timeout
+                // (while none is awaited): the rest are answered only with something new.
+                let ask = !beats.is_open()
+                    || asked.is_none()
+                        && last_asked.is_none_or(|at: Instant| at.elapsed().as_millis() as u64 >= head_timeout_ms);
+                let request = HeartbeatRequest {
+                    node_id: shared.node_id.to_vec(),
+                    available: changed.then(|| ResourceQuantities::from_set(&available)),
+                    read_view: shared.keeps_view,
+                    view_since_version: since.1,
+                    view_since_incarnation: since.0,
+                    seq,
+                    quiet: !ask,
+                };
+                last_sent = Some(Instant::now());
+                if ask {
+                    asked = Some((seq, Instant::now()));
+                    last_asked = Some(Instant::now());
+                }
+                in_flight.sent(seq, since);
+                match beats.send(&mut client, request, open_wait).await {
+                    Ok(answer) => {
+                        reported = Some(available);
+                        shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                        // By a call: answered at once.
+                        if let Some(reply) = answer {
+                            let answered = in_flight.answered(reply.answers).map(|(since, _)| since);
+                            asked = None;
+                            let took = last_sent.map(|at| at.elapsed()).unwrap_or_default();
+                            note_late(&shared, &mut late_answers, took, slow_answer, head_timeout_ms);
+                            if let Heard::Restarted = hear(&shared, &client, reply, answered, incarnation) {
+                                tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
+                                continue 'membership;
                             }
-                            Ok(nodes) => shared.leases.refresh_view_at(&nodes, at),
-                            // Kept as it was: the next heartbeat asks again from the same version.
-                            Err(err) => tracing::warn!(error = %err, "the head sent a node table that does not decode"),
                         }
+                        continue;
                     }
-                }
-                Ok(_) => {
-                    tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
-                    continue 'membership;
-                }
-                Err(status) => {
-                    shared.connected.store(false, Ordering::SeqCst);
-                    let unknown = matches!(status.code(), Code::NotFound | Code::FailedPrecondition);
-                    tracing::warn!(node = %shared.node_id.short(), error = %status.message(), "heartbeat failed; registering again");
-                    if !unknown {
-                        let wait = backoff(&config, attempt);
-                        attempt = attempt.saturating_add(1);
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = stopped.changed() => break 'membership,
-                        }
-                    }
-                    continue 'membership;
+                    Err(status) => refused = Some(status),
                 }
             }
+            let Some(status) = refused else { continue };
+            shared.connected.store(false, Ordering::SeqCst);
+            let unknown = matches!(status.code(), Code::NotFound | Code::FailedPrecondition);
+            tracing::warn!(node = %shared.node_id.short(), error = %status.message(), "heartbeat failed; registering again");
+            if !unknown {
+                let wait = backoff(&config, attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => break 'membership,
+                }
+            }
+            continue 'membership;
         }
     }
     // Step 3: drain, best effort and bounded, so a daemon whose head is gone still exits.

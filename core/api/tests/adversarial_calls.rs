@@ -271,18 +271,19 @@ fn a_provider_acts_only_for_its_own_node() {
         );
         assert!(message.contains(&mallory.node_id.short()) && message.contains(&victim.node_id.short()), "{message}");
         // On a heartbeat stream alike: her own heartbeat is answered, one for another
-        // node is refused and ends the stream.
+        // node is refused and ends the stream (a quiet one too: a refusal always answers).
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
         let mut replies = as_mallory
             .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
             .unwrap()
             .into_inner();
-        let beat = |node: &NodeId| HeartbeatRequest { node_id: node.to_vec(), ..Default::default() };
-        sender.send(beat(&mallory.node_id)).await.unwrap();
+        let beat =
+            |node: &NodeId, quiet: bool| HeartbeatRequest { node_id: node.to_vec(), quiet, ..Default::default() };
+        sender.send(beat(&mallory.node_id, false)).await.unwrap();
         let own = tokio::time::timeout(Duration::from_secs(30), replies.message()).await.unwrap();
         assert!(own.unwrap().unwrap().incarnation > 0, "her own heartbeat is answered on the stream");
-        sender.send(beat(&victim.node_id)).await.unwrap();
+        sender.send(beat(&victim.node_id, true)).await.unwrap();
         let refused = tokio::time::timeout(Duration::from_secs(30), replies.message()).await.unwrap();
         let message = denied(refused, "a heartbeat for another node on a stream");
         assert!(message.contains(&victim.node_id.short()), "{message}");

@@ -13,7 +13,9 @@ use crate::error::{IonetError, IonetResult};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// How often node daemons heartbeat to the control store.
+    /// How often node daemons heartbeat to the control store when something changed (the
+    /// resources they have free); a node with nothing new heartbeats every quarter of the
+    /// head's timeout instead ([`ClusterConfig::idle_heartbeat_interval`]).
     pub heartbeat_interval_ms: u64,
     /// A node silent for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
@@ -115,6 +117,16 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// How often a node with nothing new heartbeats, for a head that declares nodes dead
+    /// after `head_timeout_ms` of silence: a quarter of it (three heartbeats may be late
+    /// or lost before the head gives up on the node), never more often than the interval.
+    /// Liveness is what such a heartbeat proves, and a quarter of a timeout proves it as
+    /// surely as each second did, at a quarter of the head's cost (Ray's health checks
+    /// are every 3 s, for 5 failures).
+    pub fn idle_heartbeat_interval(&self, head_timeout_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis((head_timeout_ms / 4).max(self.heartbeat_interval_ms))
+    }
+
     /// [`ClusterConfig::max_blocked_workers`] for a node of `cpus` CPUs.
     pub fn max_blocked_workers_for(&self, cpus: f64) -> usize {
         if self.max_blocked_workers > 0 {
