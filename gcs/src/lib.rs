@@ -5,8 +5,9 @@
 //! table (ids assigned in sequence), a namespaced internal KV, and a pub/sub stream of
 //! membership changes (node added, drained, dead; job started, finished).
 //!
-//! How it talks: node daemons call `RegisterNode` once and heartbeat every interval
-//! with their available resources (`HeartbeatStream`, or `Heartbeat` calls); a health
+//! How it talks: node daemons call `RegisterNode` once and heartbeat each interval
+//! their available resources change, every quarter of the timeout otherwise
+//! (`HeartbeatStream`, answered only with news, or `Heartbeat` calls); a health
 //! task declares dead any node silent past the timeout (not counting time the head
 //! itself stood still) and publishes it. Drivers add jobs and read the tables; any
 //! node, account or job may `Subscribe`. The GCS is never on the per-task

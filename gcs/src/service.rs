@@ -144,7 +144,9 @@ impl GcsService {
             let soon = Duration::from_millis(config.gpu_check_min_gap_ms).max(Duration::from_secs(30));
             self.gpu_checks.ensure_scheduled(node_id, soon);
         }
-        let grace = Duration::from_millis(config.gpu_check_deadline_ms + 10 * config.heartbeat_interval_ms);
+        // Ten heartbeats of a node with nothing new (each asks again) past the deadline.
+        let idle_every = config.idle_heartbeat_interval(config.heartbeat_timeout_ms);
+        let grace = Duration::from_millis(config.gpu_check_deadline_ms) + 10 * idle_every;
         let uses = || {
             use crate::gpu_checks::GpuUse;
             match (self.metering.gpus_leased_on(&node_id), idle) {
@@ -531,6 +533,8 @@ impl Gcs for GcsService {
                 };
                 let unfunded_new = stream.unfunded_sent.as_ref() != Some(&reply.unfunded_jobs);
                 if quiet && !unfunded_new && !has_news(&reply, since) {
+                    // Heartbeats buffered on the stream are taken in turn, not all at once.
+                    tokio::task::consume_budget().await;
                     continue;
                 }
                 stream.unfunded_sent = Some(reply.unfunded_jobs.clone());

@@ -4,7 +4,8 @@
 //! - The node and job tables live in memory (DashMaps) and are written through to
 //!   storage on every change of membership or state. Heartbeats touch memory only:
 //!   they carry volatile data (available resources, liveness) that a restarted head
-//!   learns again within one heartbeat interval.
+//!   learns again when the nodes register again (their streams break), or by calls
+//!   within a quarter of the timeout.
 //! - A node's `last_heartbeat_ms` and every time in the tables come from the control
 //!   store's [`Clock`], never from a node's report.
 //! - After a restart from storage, nodes that were alive get a fresh deadline, so a
@@ -938,7 +939,8 @@ impl GcsState {
         let stalls: Vec<(u64, u64)> =
             self.stalls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().copied().collect();
         let swept = self.scores_swept_ms.load(std::sync::atomic::Ordering::Relaxed);
-        let sweep = swept == u64::MAX || now.saturating_sub(swept) >= SCORE_SWEEP_MS;
+        // (A clock set back sweeps at once, rather than not until it catches up.)
+        let sweep = swept == u64::MAX || now < swept || now - swept >= SCORE_SWEEP_MS;
         if sweep {
             self.scores_swept_ms.store(now, std::sync::atomic::Ordering::Relaxed);
         }

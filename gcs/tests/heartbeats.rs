@@ -70,6 +70,11 @@ async fn quiet_heartbeats_are_answered_only_with_news() {
 
     // Nothing new: no answer. A node joining is news for the next one.
     sender.send(beat(2, true, since)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server.state().heartbeats_received() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the head did not take the second heartbeat");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (joined, _) = register(&mut operator, &address).await;
     sender.send(beat(3, true, since)).await.unwrap();
     let news = next(&mut replies).await;

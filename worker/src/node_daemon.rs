@@ -4,8 +4,10 @@
 //! Connection protocol with the control store:
 //! 1. `RegisterNode` until it succeeds, backing off (with jitter) from
 //!    `reconnect_initial_backoff_ms` up to `reconnect_max_backoff_ms`.
-//! 2. A heartbeat every interval, on a `HeartbeatStream` (by `Heartbeat` calls with a
-//!    head that has none). A heartbeat the head cannot place (`NOT_FOUND`: a
+//! 2. A heartbeat each interval its available resources changed, and every quarter of
+//!    the head's timeout otherwise, on a `HeartbeatStream` (by `Heartbeat` calls with a
+//!    head that has none); sent `quiet`, but for a stream's first and one a timeout, so
+//!    the head answers only with news, read as it comes. A heartbeat the head cannot place (`NOT_FOUND`: a
 //!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away),
 //!    or whose reply carries another incarnation than the registration's (the head
 //!    restarted between two heartbeats), goes straight back to step 1. A transport failure (head away) also goes back to
@@ -1066,18 +1068,22 @@ impl HeartbeatStream {
     }
 
     /// Sends `request` (on a stream opened within `wait`). By a call, its answer comes
-    /// back at once; on a stream, `None` (answers come from `next_reply`). A refusal comes
-    /// back as the status `Heartbeat` answers with.
+    /// back at once; on a stream, it is queued (answers come from `next_reply`). A stream
+    /// found ended is replaced, and the heartbeat sent on the new one asks for an answer
+    /// and carries all of `available` (what the old one was sent since its last reply may
+    /// be lost). A refusal comes back as the status `Heartbeat` answers with.
     async fn send(
         &mut self,
         client: &mut GcsClient,
         mut request: HeartbeatRequest,
+        available: &ResourceSet,
         wait: Duration,
-    ) -> Result<Option<HeartbeatReply>, Status> {
+    ) -> Result<Sent, Status> {
+        let mut reopened = false;
         for _ in 0..2 {
             if self.calls_only {
                 request.quiet = false;
-                return client.heartbeat(request).await.map(|reply| Some(reply.into_inner()));
+                return client.heartbeat(request).await.map(|reply| Sent::Answered(reply.into_inner()));
             }
             let sender = match &mut self.open {
                 Some((sender, _)) => sender,
@@ -1098,11 +1104,13 @@ impl HeartbeatStream {
                 }
             };
             if sender.send(request.clone()).await.is_ok() {
-                return Ok(None);
+                return Ok(Sent::Queued { reopened });
             }
             // The stream's sending half is gone (the head ended it): another, and again.
             self.open = None;
+            reopened = true;
             request.quiet = false;
+            request.available = Some(ResourceQuantities::from_set(available));
         }
         Err(Status::unavailable("the head ended two heartbeat streams in a row"))
     }
@@ -1120,6 +1128,13 @@ impl HeartbeatStream {
         }
         next
     }
+}
+
+/// A heartbeat sent: answered at once (a call), or queued on a stream (another one, if
+/// the last had ended).
+enum Sent {
+    Answered(HeartbeatReply),
+    Queued { reopened: bool },
 }
 
 /// Heartbeats sent and not yet answered (replies come in order, and a quiet one may never
@@ -1422,12 +1437,14 @@ async fn run_membership(
                 seq += 1;
                 // An answer asked for on a stream's first heartbeat, and once a timeout
                 // (while none is awaited): the rest are answered only with something new.
+                // One that asks carries the resources whatever changed (a report lost with
+                // a stream that ended is mended by the next).
                 let ask = !beats.is_open()
                     || asked.is_none()
                         && last_asked.is_none_or(|at: Instant| at.elapsed().as_millis() as u64 >= head_timeout_ms);
                 let request = HeartbeatRequest {
                     node_id: shared.node_id.to_vec(),
-                    available: changed.then(|| ResourceQuantities::from_set(&available)),
+                    available: (changed || ask).then(|| ResourceQuantities::from_set(&available)),
                     read_view: shared.keeps_view,
                     view_since_version: since.1,
                     view_since_incarnation: since.0,
@@ -1440,12 +1457,20 @@ async fn run_membership(
                     last_asked = Some(Instant::now());
                 }
                 in_flight.sent(seq, since);
-                match beats.send(&mut client, request, open_wait).await {
-                    Ok(answer) => {
+                match beats.send(&mut client, request, &available, open_wait).await {
+                    Ok(sent) => {
                         reported = Some(available);
                         shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                        // On a stream that replaced one the head ended: what was in flight
+                        // on that one is not coming, and this one asked.
+                        if let Sent::Queued { reopened: true } = sent {
+                            in_flight.clear();
+                            in_flight.sent(seq, since);
+                            asked = Some((seq, Instant::now()));
+                            last_asked = Some(Instant::now());
+                        }
                         // By a call: answered at once.
-                        if let Some(reply) = answer {
+                        if let Sent::Answered(reply) = sent {
                             let answered = in_flight.answered(reply.answers).map(|(since, _)| since);
                             asked = None;
                             let took = last_sent.map(|at| at.elapsed()).unwrap_or_default();

@@ -119,7 +119,12 @@ pub fn render(readings: &NodeReadings) -> String {
     objects.get_or_create(&vec![("location", "memory".into())]).set(store.objects_in_memory as f64);
     objects.get_or_create(&vec![("location", "spilled".into())]).set(store.objects_spilled as f64);
     objects.get_or_create(&vec![("location", "unsealed".into())]).set(store.objects_unsealed as f64);
-    counter(node, "heartbeats_sent", "Heartbeats the head took from this node", readings.heartbeats_sent);
+    counter(
+        node,
+        "heartbeats_sent",
+        "Heartbeats this node sent the head (on a stream: queued on it)",
+        readings.heartbeats_sent,
+    );
     counter(node, "registrations", "Times this node registered with the head", readings.registrations);
     single(
         node,
