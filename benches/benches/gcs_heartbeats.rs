@@ -14,7 +14,7 @@
 //! `--answered 1`, each node a heartbeat each second, each answered; `--calls 1`, the
 //! same by `Heartbeat` calls (what nodes do with a head that has no streams).
 //!
-//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1]
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--period-ms N]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -75,6 +75,12 @@ fn main() {
         true => Duration::from_millis(defaults.heartbeat_interval_ms),
         false => defaults.idle_heartbeat_interval(defaults.heartbeat_timeout_ms),
     };
+    // `--period-ms N`: each node's heartbeats N ms apart instead (a long one: the head's
+    // own cost with its nodes registered and quiet).
+    let every = match arg("--period-ms", 0) {
+        0 => every,
+        ms => Duration::from_millis(ms),
+    };
     let mut head = Command::new(std::env::current_exe().unwrap())
         .arg("--serve-head")
         .stdin(Stdio::piped())
@@ -124,10 +130,6 @@ fn main() {
             let absorbed = absorbed.clone();
             let available = ResourceQuantities::from_set(&total);
             tasks.push(tokio::spawn(async move {
-                // Stagger the fleet across the period, as real nodes started at different times are.
-                let offset = every.as_micros() as u64 * index as u64 / nodes as u64;
-                tokio::time::sleep(Duration::from_micros(offset)).await;
-                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 let (sender, receiver) = tokio::sync::mpsc::channel(1);
                 let mut replies = match calls {
                     true => None,
@@ -136,6 +138,10 @@ fn main() {
                         Some(client.heartbeat_stream(stream).await.expect("open a heartbeat stream").into_inner())
                     }
                 };
+                // Stagger the fleet across the period, as real nodes started at different times are.
+                let offset = every.as_micros() as u64 * index as u64 / nodes as u64;
+                tokio::time::sleep(Duration::from_micros(offset)).await;
+                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 let mut seq = 0;
                 while Instant::now() < stop_at {
                     seq += 1;

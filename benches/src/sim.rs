@@ -628,6 +628,41 @@ mod tests {
         server.shutdown().await;
     }
 
+    /// A node with nothing new heartbeats every quarter of the head's timeout, not every
+    /// interval, and its quiet heartbeats still bring it news: a node that joins reaches
+    /// its view.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_node_heartbeats_seldom_and_hears_news() {
+        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 2_000, ..Default::default() };
+        let (server, daemon) = head_and_node(&config, true).await;
+        let state = server.state().clone();
+        wait_for_heartbeats(&state, 1).await;
+        // Four more take three quarter timeouts at least (a heartbeat an interval: 0.2 s).
+        let started = Instant::now();
+        wait_for_heartbeats(&state, 4).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(3 * 500 - 100), "four heartbeats in {took:?}: one an interval");
+        assert!(state.is_alive(&daemon.node_id()), "alive throughout");
+
+        assert_eq!(daemon.nodes_in_view(), 1, "itself");
+        let joined = NodeInfo {
+            node_id: NodeId::random().to_vec(),
+            address: "127.0.0.1:7000".into(),
+            total: Some(ResourceQuantities::from_set(&ResourceSet::new().with("CPU", Quantity::whole(4)))),
+            available: Some(ResourceQuantities::from_set(&ResourceSet::new().with("CPU", Quantity::whole(4)))),
+            public_key: vec![7; 32],
+            ..Default::default()
+        };
+        state.register_node(joined).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.nodes_in_view() < 2 {
+            assert!(Instant::now() < deadline, "the joined node never reached the idle node's view");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        daemon.shutdown("the test ended").await;
+        server.shutdown().await;
+    }
+
     /// A head stopping while nodes hold heartbeat streams (ten minutes long) stops at once:
     /// its server waits for open streams, so they end when it stops.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
