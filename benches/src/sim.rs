@@ -667,7 +667,7 @@ mod tests {
     /// its server waits for open streams, so they end when it stops.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_head_stops_while_nodes_hold_heartbeat_streams() {
-        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 5_000, ..Default::default() };
+        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 2_000, ..Default::default() };
         // A node without a view: its stream is never ended for carrying a whole table.
         let (server, daemon) = head_and_node(&config, false).await;
         let state = server.state().clone();
