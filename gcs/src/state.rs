@@ -42,8 +42,9 @@ const MAX_MOVES_PER_CALL: usize = 100_000;
 const EVENT_BUFFER: usize = 4096;
 /// How far (in basis points) a node's reliability score moves before views learn it.
 const SCORE_MOVE_LOGGED: u32 = 50;
-/// How often the health check looks for scores that moved: a score moves by the hour,
-/// and a sweep at each check (four a second) was a tenth of an idle 10,000-node head.
+/// How often the health check looks for scores that moved: a score moves slowly, and a
+/// sweep at each check (four a second, every row) stood out in an idle 10,000-node
+/// head's profile.
 const SCORE_SWEEP_MS: u64 = 1_000;
 /// How many changes of node rows are remembered for readers of deltas (a reader further
 /// behind reads the whole table).

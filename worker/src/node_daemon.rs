@@ -7,11 +7,12 @@
 //! 2. A heartbeat each interval its available resources changed, and every quarter of
 //!    the head's timeout otherwise, on a `HeartbeatStream` (by `Heartbeat` calls with a
 //!    head that has none); sent `quiet`, but for a stream's first and one a timeout, so
-//!    the head answers only with news, read as it comes. A heartbeat the head cannot place (`NOT_FOUND`: a
-//!    head restarted without storage; `FAILED_PRECONDITION`: declared dead while away),
-//!    or whose reply carries another incarnation than the registration's (the head
-//!    restarted between two heartbeats), goes straight back to step 1. A transport failure (head away) also goes back to
-//!    step 1 after the backoff, so a restarted head learns the node's current record.
+//!    the head answers only with news, read as it comes. A heartbeat the head cannot
+//!    place (`NOT_FOUND`: a head restarted without storage; `FAILED_PRECONDITION`:
+//!    declared dead while away), or whose reply carries another incarnation than the
+//!    registration's (the head restarted between two heartbeats), goes straight back to
+//!    step 1. A transport failure (head away) also goes back to step 1 after the
+//!    backoff, so a restarted head learns the node's current record.
 //! 3. On notice to leave ([`NodeDaemon::drain`], SIGTERM): `DrainNode` (no new work; the
 //!    daemon grants nothing more, stops its actors' workers, lets running tasks finish
 //!    until the deadline), then on shutdown `DrainNode { exiting }` (gone). Both are best

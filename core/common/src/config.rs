@@ -118,11 +118,11 @@ impl Default for ClusterConfig {
 
 impl ClusterConfig {
     /// How often a node with nothing new heartbeats, for a head that declares nodes dead
-    /// after `head_timeout_ms` of silence: a quarter of it (two heartbeats may be late
-    /// or lost before the head gives up on the node, and a third nearly), never more often than the interval.
-    /// Liveness is what such a heartbeat proves, and a quarter of a timeout proves it as
-    /// surely as each second did, at a quarter of the head's cost (Ray's health checks
-    /// are every 3 s, for 5 failures).
+    /// after `head_timeout_ms` of silence: a quarter of it (two heartbeats may be late or
+    /// lost before the head gives up on the node, and a third nearly), never more often
+    /// than the interval. Liveness is all such a heartbeat proves, and a quarter of a
+    /// timeout proves it as surely as each second did (Ray's health checks are every
+    /// 3 s, for 5 failures).
     pub fn idle_heartbeat_interval(&self, head_timeout_ms: u64) -> std::time::Duration {
         std::time::Duration::from_millis((head_timeout_ms / 4).max(self.heartbeat_interval_ms))
     }
