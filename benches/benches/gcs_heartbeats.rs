@@ -2,8 +2,8 @@
 //!
 //! The bench re-executes itself as the head (a real control store in its own
 //! process), registers N simulated nodes from this process, each on its own
-//! connection, and has every node heartbeat at 1 Hz (staggered) for the measured
-//! window. It reports heartbeats/s absorbed and the head process's CPU share of one
+//! connection, and has every node heartbeat (staggered; how often: below) for the
+//! measured window. It reports heartbeats/s absorbed and the head process's CPU share of one
 //! core, read from /proc.
 //!
 //! As node daemons do, a node heartbeats each second when its available resources
@@ -139,8 +139,8 @@ fn main() {
                     }
                 };
                 // Stagger the fleet across the period, as real nodes started at different times are.
-                let offset = every.as_micros() as u64 * index as u64 / nodes as u64;
-                tokio::time::sleep(Duration::from_micros(offset)).await;
+                let offset = Duration::from_micros(every.as_micros() as u64 * index as u64 / nodes as u64);
+                tokio::time::sleep_until((Instant::now() + offset).min(stop_at).into()).await;
                 let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 let mut seq = 0;
                 while Instant::now() < stop_at {

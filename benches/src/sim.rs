@@ -618,8 +618,9 @@ mod tests {
         let state = server.state().clone();
         let streams = state.heartbeat_streams_opened();
         assert!(streams <= 1, "one stream at a time: {streams}");
-        // Ten heartbeats of an idle node (two a second) span ten lifetimes of a stream.
-        wait_for_heartbeats(&state, 10).await;
+        // Forty heartbeats at 20 a second (a 2 s timeout leaves no room for quiet ones)
+        // span ten lifetimes of a stream.
+        wait_for_heartbeats(&state, 40).await;
         let opened = state.heartbeat_streams_opened() - streams;
         assert!(opened >= 3, "the head ended its streams and the node opened others: {opened}");
         assert_eq!(daemon.registrations(), 1, "a stream's end is not a lost registration");
@@ -633,20 +634,23 @@ mod tests {
     /// its view.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_node_heartbeats_seldom_and_hears_news() {
-        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 2_000, ..Default::default() };
+        let config = ClusterConfig { heartbeat_interval_ms: 50, heartbeat_timeout_ms: 3_000, ..Default::default() };
+        let every = config.idle_heartbeat_interval(config.heartbeat_timeout_ms);
+        assert_eq!(every, Duration::from_millis(750), "a quarter of the timeout");
         let (server, daemon) = head_and_node(&config, true).await;
         let state = server.state().clone();
         wait_for_heartbeats(&state, 1).await;
-        // Four more take three quarter timeouts at least (a heartbeat an interval: 0.2 s).
+        // Four more take three idle intervals at least (a heartbeat an interval: 0.2 s).
         let started = Instant::now();
         wait_for_heartbeats(&state, 4).await;
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(3 * 500 - 100), "four heartbeats in {took:?}: one an interval");
+        assert!(took >= 3 * every - Duration::from_millis(100), "four heartbeats in {took:?}: one an interval");
         assert!(state.is_alive(&daemon.node_id()), "alive throughout");
 
         assert_eq!(daemon.nodes_in_view(), 1, "itself");
+        let joined_id = NodeId::random();
         let joined = NodeInfo {
-            node_id: NodeId::random().to_vec(),
+            node_id: joined_id.to_vec(),
             address: "127.0.0.1:7000".into(),
             total: Some(ResourceQuantities::from_set(&ResourceSet::new().with("CPU", Quantity::whole(4)))),
             available: Some(ResourceQuantities::from_set(&ResourceSet::new().with("CPU", Quantity::whole(4)))),
@@ -657,6 +661,8 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         while daemon.nodes_in_view() < 2 {
             assert!(Instant::now() < deadline, "the joined node never reached the idle node's view");
+            // It has no daemon: the test heartbeats for it, so it lives until seen.
+            state.heartbeat(&joined_id.to_vec(), None).unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         daemon.shutdown("the test ended").await;

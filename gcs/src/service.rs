@@ -388,11 +388,12 @@ struct HeartbeatStreamState {
     unfunded_sent: Option<Vec<UnfundedJob>>,
 }
 
-/// Whether a heartbeat's reply tells the node anything but the unfunded jobs: a GPU check,
-/// a credential, or a node table moved on from the version the node holds (`since`:
-/// incarnation, version).
-fn has_news(reply: &HeartbeatReply, since: (u64, u64)) -> bool {
-    reply.gpu_check_due
+/// Whether a heartbeat's reply tells the node anything: another set of unfunded jobs than
+/// the stream last carried (`unfunded_sent`), a GPU check, a credential, or a node table
+/// moved on from the version the node holds (`since`: incarnation, version).
+fn has_news(reply: &HeartbeatReply, since: (u64, u64), unfunded_sent: Option<&Vec<UnfundedJob>>) -> bool {
+    unfunded_sent != Some(&reply.unfunded_jobs)
+        || reply.gpu_check_due
         || !reply.node_credential.is_empty()
         || reply.view.as_ref().is_some_and(|view| {
             !view.delta
@@ -531,10 +532,9 @@ impl Gcs for GcsService {
                         return Some((Err(status), stream));
                     }
                 };
-                let unfunded_new = stream.unfunded_sent.as_ref() != Some(&reply.unfunded_jobs);
-                if quiet && !unfunded_new && !has_news(&reply, since) {
+                if quiet && !has_news(&reply, since, stream.unfunded_sent.as_ref()) {
                     // Heartbeats buffered on the stream are taken in turn, not all at once.
-                    tokio::task::consume_budget().await;
+                    tokio::task::coop::consume_budget().await;
                     continue;
                 }
                 stream.unfunded_sent = Some(reply.unfunded_jobs.clone());
@@ -1223,5 +1223,50 @@ impl Gcs for GcsService {
         principal.may_act_for_account(&self.state.payer_of(&owner))?;
         self.actors.kill(&request.actor_id, request.no_restart).await?;
         Ok(Response::new(KillActorReply {}))
+    }
+}
+
+#[cfg(test)]
+mod news_tests {
+    use super::*;
+
+    fn reply(unfunded: &[&[u8]], version: u64) -> HeartbeatReply {
+        HeartbeatReply {
+            incarnation: 7,
+            unfunded_jobs: unfunded
+                .iter()
+                .map(|job| UnfundedJob { job_id: job.to_vec(), reason: "its account is empty".into() })
+                .collect(),
+            view: Some(NodeRows { version, incarnation: 7, delta: true, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_quiet_heartbeat_is_answered_only_with_news() {
+        let none: &[&[u8]] = &[];
+        let quiet = reply(none, 3);
+        let empty = Vec::new();
+        assert!(!has_news(&quiet, (7, 3), Some(&empty)), "nothing new");
+        assert!(has_news(&quiet, (7, 3), None), "the stream's first reply carries the set");
+        assert!(has_news(&quiet, (7, 2), Some(&empty)), "the table moved on");
+        assert!(has_news(&quiet, (6, 3), Some(&empty)), "another incarnation's view");
+        let listed = reply(&[b"job-1"], 3);
+        assert!(has_news(&listed, (7, 3), Some(&empty)), "a job newly unfunded");
+        assert!(!has_news(&listed, (7, 3), Some(&listed.unfunded_jobs)), "the same set again");
+        assert!(has_news(&quiet, (7, 3), Some(&listed.unfunded_jobs)), "funded again: the empty set");
+        let reason = reply(&[b"job-1"], 3).unfunded_jobs;
+        let mut other = reason.clone();
+        other[0].reason = "another reason".into();
+        assert!(has_news(&listed, (7, 3), Some(&other)), "a new reason is news");
+        let check = HeartbeatReply { gpu_check_due: true, ..quiet.clone() };
+        assert!(has_news(&check, (7, 3), Some(&empty)), "a GPU check");
+        let renewed = HeartbeatReply { node_credential: "renewed".into(), ..quiet.clone() };
+        assert!(has_news(&renewed, (7, 3), Some(&empty)), "a credential");
+        let whole = HeartbeatReply {
+            view: Some(NodeRows { version: 3, incarnation: 7, delta: false, ..Default::default() }),
+            ..quiet
+        };
+        assert!(has_news(&whole, (7, 3), Some(&empty)), "a whole table");
     }
 }

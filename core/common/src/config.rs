@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{IonetError, IonetResult};
 
+/// How much of the head's timeout a node's quiet heartbeats leave after each: a node's
+/// own runtime can stand still that long under a burst (10,000 actors created at once
+/// on two cores held its heartbeats back 1.5 to 2.7 s), and a timeout of a few seconds
+/// would otherwise leave it too little.
+pub const IDLE_HEARTBEAT_SLACK_MS: u64 = 2_000;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -119,12 +125,14 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     /// How often a node with nothing new heartbeats, for a head that declares nodes dead
     /// after `head_timeout_ms` of silence: a quarter of it (two heartbeats may be late or
-    /// lost before the head gives up on the node, and a third nearly), never more often
+    /// lost before the head gives up on the node, and a third nearly), but leaving at
+    /// least [`IDLE_HEARTBEAT_SLACK_MS`] of the timeout after it, and never more often
     /// than the interval. Liveness is all such a heartbeat proves, and a quarter of a
     /// timeout proves it as surely as each second did (Ray's health checks are every
     /// 3 s, for 5 failures).
     pub fn idle_heartbeat_interval(&self, head_timeout_ms: u64) -> std::time::Duration {
-        std::time::Duration::from_millis((head_timeout_ms / 4).max(self.heartbeat_interval_ms))
+        let spaced = (head_timeout_ms / 4).min(head_timeout_ms.saturating_sub(IDLE_HEARTBEAT_SLACK_MS));
+        std::time::Duration::from_millis(spaced.max(self.heartbeat_interval_ms))
     }
 
     /// [`ClusterConfig::max_blocked_workers`] for a node of `cpus` CPUs.
@@ -257,6 +265,16 @@ impl ClusterConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quiet_heartbeats_leave_slack_in_short_timeouts() {
+        let config = ClusterConfig { heartbeat_interval_ms: 200, ..Default::default() };
+        let ms = |timeout| config.idle_heartbeat_interval(timeout).as_millis() as u64;
+        assert_eq!(ms(10_000), 2_500, "a quarter of the timeout");
+        assert_eq!(ms(4_000), 1_000);
+        assert_eq!(ms(2_400), 400, "two seconds of slack left");
+        assert_eq!(ms(2_000), 200, "no slack to spare: each interval");
+    }
+
     use super::*;
 
     #[test]
