@@ -1062,8 +1062,8 @@ impl HeartbeatStream {
         self.calls_only = false;
     }
 
-    /// Whether the next heartbeat goes on a stream of its own: the first of a stream is
-    /// answered whatever it says (its reply carries the incarnation of the head serving it).
+    /// Whether a stream is open. The heartbeat that opens one asks for an answer (its
+    /// reply carries the incarnation of the head serving the stream).
     fn is_open(&self) -> bool {
         self.open.is_some()
     }
@@ -1139,10 +1139,14 @@ enum Sent {
 }
 
 /// Heartbeats sent and not yet answered (replies come in order, and a quiet one may never
-/// be): what each asked of the node table from, and when it went.
+/// be): what each asked of the node table from; and the one last sent for an answer.
 #[derive(Default)]
 struct InFlight {
-    sent: std::collections::VecDeque<(u64, (u64, u64), Instant)>,
+    sent: std::collections::VecDeque<(u64, (u64, u64))>,
+    /// The heartbeat awaiting the answer it asked for, and when it went.
+    asked: Option<(u64, Instant)>,
+    /// When a heartbeat last asked for an answer.
+    last_asked: Option<Instant>,
 }
 
 impl InFlight {
@@ -1150,33 +1154,53 @@ impl InFlight {
     /// the node dead.
     const MOST: usize = 256;
 
-    fn sent(&mut self, seq: u64, since: (u64, u64)) {
+    /// Whether the next heartbeat should ask for an answer, `every` after the last that
+    /// did (and none awaited): how late the head answers is measured on those.
+    fn ask_due(&self, every: Duration) -> bool {
+        self.asked.is_none() && self.last_asked.is_none_or(|at| at.elapsed() >= every)
+    }
+
+    fn sent(&mut self, seq: u64, since: (u64, u64), ask: bool) {
         if self.sent.len() == Self::MOST {
             self.sent.pop_front();
         }
-        self.sent.push_back((seq, since, Instant::now()));
+        self.sent.push_back((seq, since));
+        if ask {
+            self.asked = Some((seq, Instant::now()));
+            self.last_asked = Some(Instant::now());
+        }
     }
 
     /// The heartbeat a reply naming `answers` answers (a head that names none answers
-    /// the oldest), forgetting those before it (answered silently).
-    fn answered(&mut self, answers: u64) -> Option<((u64, u64), Instant)> {
+    /// the oldest): where its view stood, if it is still known, and how long the answer
+    /// took if it was the one asked for. Those before it were answered silently.
+    fn answered(&mut self, answers: u64) -> (Option<(u64, u64)>, Option<Duration>) {
+        let took = match self.asked {
+            Some((seq, at)) if answers == 0 || answers >= seq => {
+                self.asked = None;
+                Some(at.elapsed())
+            }
+            _ => None,
+        };
         if answers == 0 {
-            return self.sent.pop_front().map(|(_, since, at)| (since, at));
+            return (self.sent.pop_front().map(|(_, since)| since), took);
         }
-        while let Some((seq, since, at)) = self.sent.pop_front() {
+        while let Some((seq, since)) = self.sent.pop_front() {
             if seq == answers {
-                return Some((since, at));
+                return (Some(since), took);
             }
             if seq > answers {
-                self.sent.push_front((seq, since, at));
-                return None;
+                self.sent.push_front((seq, since));
+                break;
             }
         }
-        None
+        (None, took)
     }
 
+    /// Forgets what was in flight (on a stream that ended: its answers are not coming).
     fn clear(&mut self) {
         self.sent.clear();
+        self.asked = None;
     }
 }
 
@@ -1200,17 +1224,27 @@ enum Heard {
     Restarted,
 }
 
-/// Applies a heartbeat's reply: the node's credential renewed, the unfunded jobs, a GPU
-/// check asked for, the cluster view moved on from `since` (the view the heartbeat
-/// answered held).
-fn hear(
-    shared: &Arc<NodeShared>,
-    client: &GcsClient,
-    reply: HeartbeatReply,
-    since: Option<(u64, u64)>,
+/// How a node reads its heartbeats' replies: the incarnation of its registration, what is
+/// in flight, and how late answers are logged.
+struct Hearing<'a> {
     incarnation: u64,
-) -> Heard {
+    in_flight: &'a mut InFlight,
+    late: &'a mut (u64, Option<Instant>),
+    slow: Duration,
+    timeout_ms: u64,
+}
+
+/// Applies a heartbeat's reply: the node's credential renewed, the unfunded jobs, a GPU
+/// check asked for, the cluster view moved on from where the view the heartbeat answered
+/// stood; an answer it asked for that came late is logged.
+fn hear(shared: &Arc<NodeShared>, client: &GcsClient, reply: HeartbeatReply, hearing: Hearing<'_>) -> Heard {
+    let (since, took) = hearing.in_flight.answered(reply.answers);
+    if let Some(took) = took {
+        note_late(shared, hearing.late, took, hearing.slow, hearing.timeout_ms);
+    }
+    let incarnation = hearing.incarnation;
     if reply.incarnation != incarnation {
+        tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
         return Heard::Restarted;
     }
     // The head renews the node's credential before it runs out.
@@ -1265,9 +1299,8 @@ async fn run_membership(
     let mut head_timeout_ms = config.heartbeat_timeout_ms;
     let mut late_answers = (0u64, None::<Instant>);
     let mut beats = HeartbeatStream::default();
-    let mut in_flight = InFlight::default();
+    let mut in_flight: InFlight;
     let mut seq = 0u64;
-    let mut last_asked: Option<Instant>;
     let mut attempt = 0u32;
     let mut incarnation: u64;
     let mut reported: Option<ResourceSet>;
@@ -1360,17 +1393,14 @@ async fn run_membership(
         // Step 2: heartbeat until something goes wrong (on a stream of this registration's):
         // each interval if something changed, else every quarter of the head's timeout.
         beats.close();
-        in_flight.clear();
         let idle_every = config.idle_heartbeat_interval(head_timeout_ms);
         // An answer this late is logged (once a minute at most, with how many were late
         // meanwhile): at the timeout, the head declares the node dead.
         let slow_answer = Duration::from_millis(head_timeout_ms / 4);
-        last_asked = None;
+        in_flight = InFlight::default();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sent: Option<Instant> = None;
-        // The heartbeat last sent for an answer (and when), to see how late the head answers.
-        let mut asked: Option<(u64, Instant)> = None;
         loop {
             let heard = tokio::select! {
                 _ = ticker.tick() => None,
@@ -1383,26 +1413,22 @@ async fn run_membership(
             match heard {
                 None => {}
                 Some(Ok(Some(reply))) => {
-                    let answered = in_flight.answered(reply.answers);
-                    if let Some((seq, at)) = asked {
-                        if reply.answers >= seq || reply.answers == 0 {
-                            asked = None;
-                            note_late(&shared, &mut late_answers, at.elapsed(), slow_answer, head_timeout_ms);
-                        }
-                    }
-                    match hear(&shared, &client, reply, answered.map(|(since, _)| since), incarnation) {
+                    let hearing = Hearing {
+                        incarnation,
+                        in_flight: &mut in_flight,
+                        late: &mut late_answers,
+                        slow: slow_answer,
+                        timeout_ms: head_timeout_ms,
+                    };
+                    match hear(&shared, &client, reply, hearing) {
                         Heard::Fine => continue,
-                        Heard::Restarted => {
-                            tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
-                            continue 'membership;
-                        }
+                        Heard::Restarted => continue 'membership,
                     }
                 }
                 // The head ended the stream: heartbeats on it since its last reply may be
                 // lost, so the next (now, on another) carries the resources again.
                 Some(Ok(None)) => {
                     in_flight.clear();
-                    asked = None;
                     reported = None;
                     last_sent = None;
                     continue;
@@ -1440,9 +1466,7 @@ async fn run_membership(
                 // (while none is awaited): the rest are answered only with something new.
                 // One that asks carries the resources whatever changed (a report lost with
                 // a stream that ended is mended by the next).
-                let ask = !beats.is_open()
-                    || asked.is_none()
-                        && last_asked.is_none_or(|at: Instant| at.elapsed().as_millis() as u64 >= head_timeout_ms);
+                let ask = !beats.is_open() || in_flight.ask_due(Duration::from_millis(head_timeout_ms));
                 let request = HeartbeatRequest {
                     node_id: shared.node_id.to_vec(),
                     available: (changed || ask).then(|| ResourceQuantities::from_set(&available)),
@@ -1453,32 +1477,31 @@ async fn run_membership(
                     quiet: !ask,
                 };
                 last_sent = Some(Instant::now());
-                if ask {
-                    asked = Some((seq, Instant::now()));
-                    last_asked = Some(Instant::now());
-                }
-                in_flight.sent(seq, since);
+                in_flight.sent(seq, since, ask);
                 match beats.send(&mut client, request, &available, open_wait).await {
                     Ok(sent) => {
                         reported = Some(available);
                         shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                         // On a stream that replaced one the head ended: what was in flight
                         // on that one is not coming, and this one asked.
-                        if let Sent::Queued { reopened: true } = sent {
-                            in_flight.clear();
-                            in_flight.sent(seq, since);
-                            asked = Some((seq, Instant::now()));
-                            last_asked = Some(Instant::now());
-                        }
-                        // By a call: answered at once.
-                        if let Sent::Answered(reply) = sent {
-                            let answered = in_flight.answered(reply.answers).map(|(since, _)| since);
-                            asked = None;
-                            let took = last_sent.map(|at| at.elapsed()).unwrap_or_default();
-                            note_late(&shared, &mut late_answers, took, slow_answer, head_timeout_ms);
-                            if let Heard::Restarted = hear(&shared, &client, reply, answered, incarnation) {
-                                tracing::info!(node = %shared.node_id.short(), "the control store restarted; registering again");
-                                continue 'membership;
+                        match sent {
+                            Sent::Queued { reopened: false } => {}
+                            Sent::Queued { reopened: true } => {
+                                in_flight.clear();
+                                in_flight.sent(seq, since, true);
+                            }
+                            // By a call (which always asks): answered at once.
+                            Sent::Answered(reply) => {
+                                let hearing = Hearing {
+                                    incarnation,
+                                    in_flight: &mut in_flight,
+                                    late: &mut late_answers,
+                                    slow: slow_answer,
+                                    timeout_ms: head_timeout_ms,
+                                };
+                                if let Heard::Restarted = hear(&shared, &client, reply, hearing) {
+                                    continue 'membership;
+                                }
                             }
                         }
                         continue;
