@@ -40,7 +40,7 @@ fn serve_head() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let config = ClusterConfig { heartbeat_timeout_ms: 30_000, ..Default::default() };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = ionet_common::rpc::listen("127.0.0.1", 0).await.unwrap();
         let server = GcsServer::start(GcsServerOptions::new(config), listener).await.unwrap();
         println!("{}", server.address());
         // The operator's credential, for registering the simulated nodes.

@@ -56,6 +56,9 @@ pub struct SimReport {
     /// registrations (and the views of the cluster joining meanwhile) cost the head, which
     /// on this machine shares two cores with the fleet simulating the nodes.
     pub head_cpu_registering: Duration,
+    /// The fleet processes' CPU time from their start to all their nodes registered:
+    /// with the head's, whether registering was bound by this machine's two cores.
+    pub fleet_cpu_registering: Duration,
     pub listed_in: Duration,
     /// The head's CPU over the steady window, as a share of one core.
     pub head_cpu_share: f64,
@@ -88,7 +91,7 @@ impl std::fmt::Display for SimReport {
         write!(
             out,
             "cluster sim: {} nodes registered in {:.2} s (listed alive by the head in {:.2} s; the head's CPU meanwhile \
-             {:.2} s); steady window: \
+             {:.2} s, the fleet's {:.2} s); steady window: \
              head CPU {:.1}% of one core, head RSS {:.0} MiB, heartbeat p50 {:.2} ms p99 {:.2} ms ({} failed), \
              node-table read p50 {:.2} ms p99 {:.2} ms, fleet CPU {:.2} cores; \
              false deaths {}, re-registrations {}, nodes in each node's view {}..{} ({} nodes keep one)",
@@ -96,6 +99,7 @@ impl std::fmt::Display for SimReport {
             self.registered_in.as_secs_f64(),
             self.listed_in.as_secs_f64(),
             self.head_cpu_registering.as_secs_f64(),
+            self.fleet_cpu_registering.as_secs_f64(),
             100.0 * self.head_cpu_share,
             self.head_rss_mib,
             ms(self.heartbeat_p50),
@@ -130,9 +134,10 @@ struct Part {
 }
 
 impl Part {
-    fn spawn(binary: &Path, args: &[&str]) -> Result<Self, String> {
+    fn spawn(binary: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<Self, String> {
         let mut child = Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -205,7 +210,7 @@ fn percentile(sorted: &[Duration], share: f64) -> Duration {
 /// [`NODES_PER_FLEET`], a steady window; stops everything and reports.
 pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     let dir = tempfile::tempdir().map_err(|err| failed("a temp dir", err))?;
-    let mut head = Part::spawn(&options.binary, &["head", "--dir", &dir.path().to_string_lossy()])?;
+    let mut head = Part::spawn(&options.binary, &["head", "--dir", &dir.path().to_string_lossy()], &[])?;
     let address = head.line(Duration::from_secs(60), "the head's address")?;
     let admin = Bearer::new(&head.line(Duration::from_secs(10), "the head's admin credential")?)
         .map_err(|err| failed("the head's admin credential", err))?;
@@ -224,6 +229,12 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     let token_file = dir.path().join("join_token");
     std::fs::write(&token_file, &token).map_err(|err| failed("writing the join token", err))?;
 
+    // Each node's scratch directories on a memory file system: 10,000 nodes' directories
+    // made at once on this machine's one disk (ext4) cost the fleet a fifth of its CPU in
+    // inode allocation, a cost each real node pays on its own disk.
+    let scratch = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" })
+        .map_err(|err| failed("a scratch dir", err))?;
+
     // Every fleet at once: the nodes register together, as after a head's restart.
     let started = Instant::now();
     let head_cpu_at_start = crate::process_cpu_seconds(head.pid()).unwrap_or_default();
@@ -236,7 +247,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         let views = views_left.div_ceil(left.div_ceil(NODES_PER_FLEET)).min(count);
         left -= count;
         views_left -= views;
-        let (count_text, views_text) = (count.to_string(), views.to_string());
+        let (count_text, views_text, fleet_text) = (count.to_string(), views.to_string(), fleets.len().to_string());
         let args = [
             "fleet",
             "--address",
@@ -247,14 +258,19 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
             &count_text,
             "--view-nodes",
             &views_text,
+            "--fleet",
+            &fleet_text,
         ];
-        fleets.push(Part::spawn(&options.binary, &args)?);
+        fleets.push(Part::spawn(&options.binary, &args, &[("TMPDIR", scratch.path())])?);
     }
+    let mut fleet_cpu_registering = Duration::ZERO;
     for fleet in &mut fleets {
         let line = fleet.line(options.register_timeout, "a fleet registering")?;
         if !line.starts_with("registered") {
             return Err(format!("a fleet could not register: {line}"));
         }
+        let cpu = line.rsplit_once(" cpu ").and_then(|(_, seconds)| seconds.parse::<f64>().ok()).unwrap_or_default();
+        fleet_cpu_registering += Duration::from_secs_f64(cpu);
     }
     let registered_in = started.elapsed();
     let head_cpu_registering =
@@ -320,6 +336,7 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
         nodes: options.nodes,
         registered_in,
         head_cpu_registering,
+        fleet_cpu_registering,
         listed_in,
         head_cpu_share,
         fleet_cpu_cores,
@@ -432,7 +449,7 @@ pub fn serve_head(dir: &Path) -> Result<(), String> {
     runtime.block_on(async {
         let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
         let listener =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|err| failed("binding the head", err))?;
+            ionet_common::rpc::listen("127.0.0.1", 0).await.map_err(|err| failed("binding the head", err))?;
         let mut options = ionet_gcs::GcsServerOptions::new(config);
         options.storage = ionet_gcs::storage::StorageLocation::File(dir.join("tables.redb"));
         options.ledger_path = Some(dir.join("ledger.redb"));
@@ -452,11 +469,18 @@ pub fn serve_head(dir: &Path) -> Result<(), String> {
 }
 
 /// `ionet-sim fleet --address A --token-file F --nodes N`: N real node daemons joining
-/// the head with the join token in F, all at once. Prints `registered` once every one has
+/// the head with the join token in F, all at once. Prints `registered <nodes> cpu <seconds>`
+/// (this process's CPU time so far) once every one has
 /// (or why not); on each `report` line read, `registrations <total> views <least> <most>`
 /// (registrations of all its nodes, and the fewest and most nodes in one node's view);
 /// stops them when stdin closes.
-pub fn run_fleet(address: &str, token_file: &Path, nodes: usize, view_nodes: usize) -> Result<(), String> {
+pub fn run_fleet(
+    address: &str,
+    token_file: &Path,
+    nodes: usize,
+    view_nodes: usize,
+    fleet: usize,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -468,7 +492,7 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize, view_nodes: usi
     raise_descriptor_limit(nodes * 3 + 256)?;
     runtime.block_on(async {
         let started = futures::future::join_all((0..nodes).map(|index| {
-            let options = daemon_options(address, &join, &config, index < view_nodes);
+            let options = daemon_options(address, &join, &config, index < view_nodes, &node_host(fleet, index));
             ionet_worker::node_daemon::NodeDaemon::start(options)
         }))
         .await;
@@ -486,7 +510,8 @@ pub fn run_fleet(address: &str, token_file: &Path, nodes: usize, view_nodes: usi
             println!("failed: {err}");
             return Err(failed("registering", err));
         }
-        println!("registered {nodes}");
+        let cpu = crate::process_cpu_seconds(std::process::id()).unwrap_or_default();
+        println!("registered {nodes} cpu {cpu:.2}");
         let (send, mut reports) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
@@ -529,11 +554,20 @@ fn raise_descriptor_limit(needed: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The loopback address node `index` of fleet `fleet` serves on: one of its own, as each
+/// real node has. With every node on 127.0.0.1, 10,000 servers and 10,000 connections to
+/// the head share one address's ephemeral ports, and the kernel's search for a free one
+/// at each bind cost the fleet a fifth of its CPU.
+fn node_host(fleet: usize, index: usize) -> String {
+    format!("127.{}.{}.{}", 1 + fleet % 254, index / 250 % 256, 1 + index % 250)
+}
+
 fn daemon_options(
     address: &str,
     join: &Bearer,
     config: &ClusterConfig,
     keeps_view: bool,
+    host: &str,
 ) -> ionet_worker::node_daemon::NodeDaemonOptions {
     let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("memory", Quantity::whole(32 << 30));
     ionet_worker::node_daemon::NodeDaemonOptions {
@@ -552,9 +586,9 @@ fn daemon_options(
             power_watts: 0,
             electricity_price_per_kwh: 0,
         },
-        bind_host: "127.0.0.1".into(),
+        bind_host: host.into(),
         port: 0,
-        advertise_host: "127.0.0.1".into(),
+        advertise_host: host.into(),
         is_head: false,
         runs_workloads: true,
         workers: ionet_worker::lease::WorkerPoolOptions {
@@ -588,7 +622,7 @@ mod tests {
         let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
         let request = CreateTokenRequest { role: "node".into(), ttl_seconds: 600, ..Default::default() };
         let join = Bearer::new(&operator.create_token(request).await.unwrap().into_inner().token).unwrap();
-        let options = daemon_options(&address, &join, config, keeps_view);
+        let options = daemon_options(&address, &join, config, keeps_view, "127.0.0.1");
         let daemon = ionet_worker::node_daemon::NodeDaemon::start(options).await.unwrap();
         daemon.wait_registered(Duration::from_secs(30)).await.unwrap();
         (server, daemon)

@@ -334,7 +334,7 @@ async fn run_head(args: StartArgs, session: SessionDir) -> Result<()> {
         StorageLocation::Redis(url) => Some(take_head_lease(url, &args).await?),
         _ => None,
     };
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
+    let listener = ionet_common::rpc::listen(&args.host, args.port)
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
@@ -429,11 +429,11 @@ const DEFAULT_DASHBOARD_PORT: u16 = 8265;
 /// this machine) any free port.
 async fn bind_job_server(args: &StartArgs) -> Result<TcpListener> {
     let port = args.dashboard_port.unwrap_or(DEFAULT_DASHBOARD_PORT);
-    match TcpListener::bind((args.host.as_str(), port)).await {
+    match ionet_common::rpc::listen(&args.host, port).await {
         Ok(listener) => Ok(listener),
         Err(err) if args.dashboard_port.is_none() && err.kind() == std::io::ErrorKind::AddrInUse => {
             tracing::warn!(port, "the job server's default port is taken: serving on a free one");
-            Ok(TcpListener::bind((args.host.as_str(), 0)).await?)
+            Ok(ionet_common::rpc::listen(&args.host, 0).await?)
         }
         Err(err) => Err(anyhow!("cannot listen on {}:{port} for the job server (--dashboard-port): {err}", args.host)),
     }

@@ -636,7 +636,7 @@ impl NodeDaemon {
     /// serving; registration proceeds in the background (see [`NodeDaemon::wait_registered`]).
     pub async fn start(options: NodeDaemonOptions) -> IonetResult<Self> {
         let entrypoint_logs = options.workers.log_dir.clone();
-        let listener = TcpListener::bind((options.bind_host.as_str(), options.port)).await.map_err(|err| {
+        let listener = ionet_common::rpc::listen(&options.bind_host, options.port).await.map_err(|err| {
             IonetError::Unavailable(format!("cannot bind node server on {}:{}: {err}", options.bind_host, options.port))
         })?;
         let address = listener.local_addr()?;
@@ -652,7 +652,7 @@ impl NodeDaemon {
         let advertised = format!("{scheme}{}:{}", options.advertise_host, address.port());
         let incoming = rpc::incoming(listener, node_tls.as_ref().map(|tls| &tls.certificate))?;
         let metrics_listener = match options.metrics_port {
-            Some(port) => Some(TcpListener::bind((options.bind_host.as_str(), port)).await.map_err(|err| {
+            Some(port) => Some(ionet_common::rpc::listen(&options.bind_host, port).await.map_err(|err| {
                 IonetError::Unavailable(format!(
                     "cannot bind the metrics server on {}:{port}: {err}",
                     options.bind_host

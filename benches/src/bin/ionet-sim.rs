@@ -1,7 +1,7 @@
 //! The cluster simulator's parts (see `ionet_benches::sim`):
 //!
 //!   ionet-sim head --dir D
-//!   ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K]
+//!   ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K] [--fleet I]
 
 use std::path::PathBuf;
 
@@ -24,10 +24,14 @@ fn main() {
                 Err(_) => nodes,
             };
             let (address, token_file) = (flag(&args, "--address")?, PathBuf::from(flag(&args, "--token-file")?));
-            ionet_benches::sim::run_fleet(&address, &token_file, nodes, views)
+            let fleet = match flag(&args, "--fleet") {
+                Ok(text) => text.parse().map_err(|_| "--fleet takes a number".to_string())?,
+                Err(_) => 0,
+            };
+            ionet_benches::sim::run_fleet(&address, &token_file, nodes, views, fleet)
         })(),
         _ => {
-            Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K]"
+            Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K] [--fleet I]"
                 .into())
         }
     };

@@ -223,7 +223,7 @@ fn worker_command() -> WorkerCommand {
 /// is.
 async fn serve_core_worker(node_address: &str) -> IonetResult<(tokio::net::TcpListener, String)> {
     let host = tls::host_of(node_address);
-    let listener = tokio::net::TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), 0)).await?;
+    let listener = rpc::listen(&host, 0).await?;
     let scheme = if rpc::is_tls_address(node_address) { "https://" } else { "" };
     let address = format!("{scheme}{host}:{}", listener.local_addr()?.port());
     Ok((listener, address))
@@ -281,7 +281,7 @@ struct Found {
 async fn start_embedded(config: &InitConfig) -> IonetResult<Found> {
     ionet_worker::logging::init_when_asked();
     let cluster_config = ClusterConfig::load(None)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = rpc::listen("127.0.0.1", 0).await?;
     let gcs =
         GcsServer::start(GcsServerOptions::new(cluster_config.clone()), listener).await.map_err(IonetError::from)?;
     let gcs_address = gcs.address().to_string();

@@ -482,6 +482,32 @@ impl tokio::io::AsyncWrite for ServerStream {
     }
 }
 
+/// The longest queue of connections not yet accepted a server asks the kernel for; Linux
+/// caps it at `net.core.somaxconn` (4,096 by default). The 128 of `TcpListener::bind`
+/// (tokio's and `std`'s) is far too short for a head whose nodes all connect at once, as
+/// after its restart: 10,000 nodes overflowed it, and each connection whose SYN was
+/// dropped waited out TCP's retransmission (1 s, then 3, 7, 15) before it was accepted.
+pub const ACCEPT_BACKLOG: u32 = 65_535;
+
+/// A server's socket on `host:port` (port 0: a free one), with [`ACCEPT_BACKLOG`]; the
+/// first of `host`'s addresses that binds.
+pub async fn listen(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let mut refused = None;
+    for address in tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port)).await? {
+        let socket =
+            if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As `TcpListener::bind` does: a restarted server rebinds its port at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => refused = Some(err),
+        }
+    }
+    Err(refused.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host} names no address to listen on"))
+    }))
+}
+
 /// The connections a server takes from `listener`.
 pub type Incoming = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<ServerStream>> + Send>>;
 
@@ -738,6 +764,53 @@ mod tests {
         assert_eq!(back.to_string(), "not found: node 3f2a… is not registered");
         let unavailable: IonetError = Status::unavailable("head away").into();
         assert!(unavailable.is_retryable());
+    }
+
+    /// A server's accept queue holds as many connections as the kernel allows, not the
+    /// 128 of `TcpListener::bind`: a head's nodes connecting at once are all taken in by
+    /// the kernel while the server is busy, none left retransmitting its SYN.
+    #[tokio::test]
+    async fn a_server_queues_as_many_connections_as_the_kernel_allows() {
+        let most = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        // Far past 128, within what the kernel allows and this process may hold open.
+        let count = most.min(1_500);
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct passed, nothing else.
+        let open_most =
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur as usize } else { 0 };
+        if open_most < count + 64 {
+            eprintln!("skipped: this process may hold {open_most} descriptors, the test needs {}", count + 64);
+            return;
+        }
+        let listener = listen("127.0.0.1", 0).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the queue.
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            connects.spawn(tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address)));
+        }
+        let mut queued = Vec::new();
+        while let Some(outcome) = connects.join_next().await {
+            if let Ok(Ok(Ok(stream))) = outcome {
+                queued.push(stream);
+            }
+        }
+        assert_eq!(queued.len(), count, "connections the server's queue took before any was accepted");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn listening_on_a_name_with_no_address_says_so() {
+        let err = listen("no-such-host.invalid", 0).await.unwrap_err();
+        assert!(!err.to_string().is_empty());
+        // A port taken by another server: the kernel's word, not a hang.
+        let taken = listen("127.0.0.1", 0).await.unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = listen("127.0.0.1", port).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     }
 
     /// Decodes `bytes` as every message a peer sends a server or a client reads from one,
