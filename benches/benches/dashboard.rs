@@ -30,9 +30,9 @@ fn percentile(sorted: &[Duration], share: f64) -> Duration {
 #[tokio::main]
 async fn main() {
     let (nodes, tasks, rounds) = (arg("--nodes", 100), arg("--tasks", 10_000), arg("--rounds", 30) as usize);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = ionet_common::rpc::listen("127.0.0.1", 0).await.unwrap();
     let server = GcsServer::start(GcsServerOptions::new(ClusterConfig::default()), listener).await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = ionet_common::rpc::listen("127.0.0.1", 0).await.unwrap();
     let base = format!("http://{}", server.serve_jobs(http, &server.address().to_string()).unwrap());
 
     // The cluster: nodes of 8 priced GPUs each.

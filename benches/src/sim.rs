@@ -453,6 +453,8 @@ impl Probe {
 /// under `D` (as `ionet start --head` keeps them), printing its address and the admin
 /// credential, serving until stdin closes.
 pub fn serve_head(dir: &Path) -> Result<(), String> {
+    // As `ionet start` does: a connection per node.
+    ionet_common::rpc::raise_descriptor_limit().map_err(|err| failed("raising the descriptor limit", err))?;
     let runtime = tokio::runtime::Runtime::new().map_err(|err| failed("a runtime", err))?;
     runtime.block_on(async {
         let config = ClusterConfig::load(None).map_err(|err| failed("the cluster config", err))?;
@@ -478,8 +480,8 @@ pub fn serve_head(dir: &Path) -> Result<(), String> {
 
 /// `ionet-sim fleet --address A --token-file F --nodes N`: N real node daemons joining
 /// the head with the join token in F, all at once. Prints `registered <nodes> cpu <seconds>`
-/// (this process's CPU time so far) once every one has
-/// (or why not); on each `report` line read, `registrations <total> views <least> <most>`
+/// (this process's CPU time so far) once every one has (or why not); on each `report`
+/// line read, `registrations <total> views <least> <most>`
 /// (registrations of all its nodes, and the fewest and most nodes in one node's view);
 /// stops them when stdin closes.
 pub fn run_fleet(
@@ -542,30 +544,19 @@ pub fn run_fleet(
 /// Raises this process's soft limit on open descriptors to its hard limit; an error if
 /// that is below `needed`.
 fn raise_descriptor_limit(needed: usize) -> Result<(), String> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write the struct passed, nothing else.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(failed("reading the descriptor limit", std::io::Error::last_os_error()));
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            return Err(failed("raising the descriptor limit", std::io::Error::last_os_error()));
-        }
-    }
-    if (limit.rlim_cur as usize) < needed {
-        return Err(format!(
-            "a fleet of this size needs {needed} descriptors; this process may have {}",
-            limit.rlim_cur
-        ));
+    let most =
+        ionet_common::rpc::raise_descriptor_limit().map_err(|err| failed("raising the descriptor limit", err))?;
+    if (most as usize) < needed {
+        return Err(format!("a fleet of this size needs {needed} descriptors; this process may have {most}"));
     }
     Ok(())
 }
 
 /// The loopback address node `index` of fleet `fleet` serves on: one of its own, as each
-/// real node has. With every node on 127.0.0.1, 10,000 servers and 10,000 connections to
-/// the head share one address's ephemeral ports, and the kernel's search for a free one
-/// at each bind cost the fleet a fifth of its CPU.
+/// real node has (its connection to the head still comes from 127.0.0.1). With every
+/// node's server on 127.0.0.1 too, 10,000 servers and 10,000 connections to the head
+/// shared one address's ephemeral ports, and the kernel's search for a free one at each
+/// bind cost the fleet a fifth of its CPU.
 fn node_host(fleet: usize, index: usize) -> String {
     format!("127.{}.{}.{}", 1 + fleet % 254, index / 250 % 256, 1 + index % 250)
 }

@@ -72,6 +72,11 @@ pub fn start(args: StartArgs) -> Result<()> {
         let role = if args.head { "head" } else { "node" };
         let daemonized = std::env::var_os(DAEMONIZED_ENV).is_some();
         let _guard = logging::init_daemon(&session.logs(), &format!("{role}-{}.log", std::process::id()), !daemonized);
+        // A connection per node at a head, per worker and peer at a node.
+        match rpc::raise_descriptor_limit() {
+            Ok(most) => tracing::info!(descriptors = most, "open descriptors allowed"),
+            Err(err) => tracing::warn!(error = %err, "cannot raise the limit on open descriptors"),
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return runtime.block_on(async {
             if args.head {

@@ -30,10 +30,11 @@ fn main() {
             };
             ionet_benches::sim::run_fleet(&address, &token_file, nodes, views, fleet)
         })(),
-        _ => {
-            Err("usage: ionet-sim head --dir D | ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K] [--fleet I]"
-                .into())
-        }
+        _ => Err(concat!(
+            "usage: ionet-sim head --dir D | ",
+            "ionet-sim fleet --address A --token-file F --nodes N [--view-nodes K] [--fleet I]"
+        )
+        .into()),
     };
     if let Err(why) = outcome {
         eprintln!("ionet-sim: {why}");

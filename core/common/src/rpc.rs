@@ -493,12 +493,21 @@ pub const ACCEPT_BACKLOG: u32 = 65_535;
 /// first of `host`'s addresses that binds.
 pub async fn listen(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
     let mut refused = None;
-    for address in tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port)).await? {
-        let socket =
-            if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        // As `TcpListener::bind` does: a restarted server rebinds its port at once.
-        socket.set_reuseaddr(true)?;
-        match socket.bind(address).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+    let addresses = tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port))
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("{host}: {err}")))?;
+    for address in addresses {
+        // An address that fails (a family this kernel lacks, a port taken) leaves the
+        // next one to try, as `TcpListener::bind` does.
+        let attempt = || {
+            let socket =
+                if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            // As `TcpListener::bind` does: a restarted server rebinds its port at once.
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(ACCEPT_BACKLOG)
+        };
+        match attempt() {
             Ok(listener) => return Ok(listener),
             Err(err) => refused = Some(err),
         }
@@ -506,6 +515,27 @@ pub async fn listen(host: &str, port: u16) -> std::io::Result<tokio::net::TcpLis
     Err(refused.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host} names no address to listen on"))
     }))
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit and returns
+/// the limit it has now. A daemon calls it at start: a head holds a connection per node,
+/// and the usual soft limit (1,024) left a head of more nodes failing every accept.
+pub fn raise_descriptor_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct passed, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur as u64)
 }
 
 /// The connections a server takes from `listener`.
@@ -775,12 +805,16 @@ mod tests {
             .ok()
             .and_then(|text| text.trim().parse::<usize>().ok())
             .unwrap_or(4096);
-        // Far past 128, within what the kernel allows and this process may hold open.
+        if most <= 128 {
+            eprintln!(
+                "skipped: this kernel queues at most {most} connections (net.core.somaxconn), no more than bind's"
+            );
+            return;
+        }
+        // Far past 128, within what the kernel allows and this process may hold open
+        // (its soft limit raised to the hard one, as a daemon's is).
         let count = most.min(1_500);
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes the struct passed, nothing else.
-        let open_most =
-            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur as usize } else { 0 };
+        let open_most = raise_descriptor_limit().unwrap_or_default() as usize;
         if open_most < count + 64 {
             eprintln!("skipped: this process may hold {open_most} descriptors, the test needs {}", count + 64);
             return;
@@ -803,14 +837,63 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn listening_on_a_name_with_no_address_says_so() {
-        let err = listen("no-such-host.invalid", 0).await.unwrap_err();
-        assert!(!err.to_string().is_empty());
+    async fn listening_where_nothing_can_bind_says_why() {
+        let within = |call| tokio::time::timeout(Duration::from_secs(30), call);
         // A port taken by another server: the kernel's word, not a hang.
         let taken = listen("127.0.0.1", 0).await.unwrap();
         let port = taken.local_addr().unwrap().port();
-        let err = listen("127.0.0.1", port).await.unwrap_err();
+        let err = within(listen("127.0.0.1", port)).await.expect("answered").unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        // A name no resolver knows (`.invalid` is reserved for that): an error, not a hang.
+        let err = within(listen("no-such-host.invalid", 0)).await.expect("answered").unwrap_err();
+        assert!(err.to_string().contains("no-such-host.invalid"), "{err}");
+    }
+
+    /// A process started with a low soft limit on descriptors (a login shell's 1,024, here
+    /// 256) has its hard limit after `raise_descriptor_limit`: run in a child of this test
+    /// binary started with the low limit, so this process's own limit is left alone.
+    #[test]
+    fn a_daemon_raises_its_descriptor_limit_to_the_hard_one() {
+        const CHILD: &str = "IONET_TEST_DESCRIPTOR_LIMIT_CHILD";
+        let read = || {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit writes the struct passed, nothing else.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+            limit
+        };
+        if std::env::var_os(CHILD).is_some() {
+            assert_eq!(read().rlim_cur, 256, "the child starts with the low limit");
+            let raised = raise_descriptor_limit().unwrap();
+            assert_eq!((raised, read().rlim_cur), (read().rlim_max as u64, read().rlim_max));
+            println!("child raised its limit to {raised}");
+            return;
+        }
+        if read().rlim_max <= 256 {
+            eprintln!("skipped: the hard limit is {}, no higher than the child's soft one", read().rlim_max);
+            return;
+        }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["--exact", "rpc::tests::a_daemon_raises_its_descriptor_limit_to_the_hard_one", "--nocapture"]);
+        child.env(CHILD, "1");
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            child.pre_exec(|| {
+                let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_cur = 256;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let output = child.output().unwrap();
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{printed}{}", String::from_utf8_lossy(&output.stderr));
+        assert!(printed.contains("child raised its limit to"), "the child ran the test: {printed}");
     }
 
     /// Decodes `bytes` as every message a peer sends a server or a client reads from one,
