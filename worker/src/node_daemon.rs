@@ -1224,23 +1224,30 @@ enum Heard {
     Restarted,
 }
 
-/// How a node reads its heartbeats' replies: the incarnation of its registration, what is
-/// in flight, and how late answers are logged.
-struct Hearing<'a> {
+/// How a node reads its heartbeats' replies while a registration lasts: its incarnation,
+/// and how late an answer is logged.
+#[derive(Clone, Copy)]
+struct Hearing {
     incarnation: u64,
-    in_flight: &'a mut InFlight,
-    late: &'a mut (u64, Option<Instant>),
     slow: Duration,
     timeout_ms: u64,
 }
 
 /// Applies a heartbeat's reply: the node's credential renewed, the unfunded jobs, a GPU
 /// check asked for, the cluster view moved on from where the view the heartbeat answered
-/// stood; an answer it asked for that came late is logged.
-fn hear(shared: &Arc<NodeShared>, client: &GcsClient, reply: HeartbeatReply, hearing: Hearing<'_>) -> Heard {
-    let (since, took) = hearing.in_flight.answered(reply.answers);
+/// stood (the heartbeat's, as `in_flight` recorded it); an answer it asked for that came
+/// late is logged (counted in `late`).
+fn hear(
+    shared: &Arc<NodeShared>,
+    client: &GcsClient,
+    reply: HeartbeatReply,
+    hearing: Hearing,
+    in_flight: &mut InFlight,
+    late: &mut (u64, Option<Instant>),
+) -> Heard {
+    let (since, took) = in_flight.answered(reply.answers);
     if let Some(took) = took {
-        note_late(shared, hearing.late, took, hearing.slow, hearing.timeout_ms);
+        note_late(shared, late, took, hearing.slow, hearing.timeout_ms);
     }
     let incarnation = hearing.incarnation;
     if reply.incarnation != incarnation {
@@ -1398,6 +1405,7 @@ async fn run_membership(
         // meanwhile): at the timeout, the head declares the node dead.
         let slow_answer = Duration::from_millis(head_timeout_ms / 4);
         in_flight = InFlight::default();
+        let hearing = Hearing { incarnation, slow: slow_answer, timeout_ms: head_timeout_ms };
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sent: Option<Instant> = None;
@@ -1413,14 +1421,7 @@ async fn run_membership(
             match heard {
                 None => {}
                 Some(Ok(Some(reply))) => {
-                    let hearing = Hearing {
-                        incarnation,
-                        in_flight: &mut in_flight,
-                        late: &mut late_answers,
-                        slow: slow_answer,
-                        timeout_ms: head_timeout_ms,
-                    };
-                    match hear(&shared, &client, reply, hearing) {
+                    match hear(&shared, &client, reply, hearing, &mut in_flight, &mut late_answers) {
                         Heard::Fine => continue,
                         Heard::Restarted => continue 'membership,
                     }
@@ -1492,14 +1493,8 @@ async fn run_membership(
                             }
                             // By a call (which always asks): answered at once.
                             Sent::Answered(reply) => {
-                                let hearing = Hearing {
-                                    incarnation,
-                                    in_flight: &mut in_flight,
-                                    late: &mut late_answers,
-                                    slow: slow_answer,
-                                    timeout_ms: head_timeout_ms,
-                                };
-                                if let Heard::Restarted = hear(&shared, &client, reply, hearing) {
+                                let heard = hear(&shared, &client, reply, hearing, &mut in_flight, &mut late_answers);
+                                if let Heard::Restarted = heard {
                                     continue 'membership;
                                 }
                             }
