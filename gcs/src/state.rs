@@ -13,6 +13,10 @@
 //!   still running re-registers and carries on.
 //! - Every change of membership publishes exactly one [`ClusterEvent`], numbered in
 //!   order by `sequence`.
+//! - At most `max_dead_nodes` dead rows are kept once metering allows more to go (no
+//!   lease open, the death in a closed epoch): the longest dead are forgotten, each
+//!   leaving its trust record (key, reliability, GPU check history) in storage alone,
+//!   taken back if the id registers again. A node id stays bound to its first key.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,10 +36,13 @@ use sha2::Digest;
 use tokio::sync::broadcast;
 
 use crate::error::{GcsError, GcsResult};
-use crate::storage::{GcsStorage, Table};
+use crate::storage::{GcsStorage, StorageWrite, Table};
 
 const JOB_COUNTER_KEY: &[u8] = b"job_counter";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+/// Set (in `Meta`) with the first node ever forgotten: until then no registration looks
+/// for a forgotten record.
+const NODES_FORGOTTEN_KEY: &[u8] = b"nodes_forgotten";
 /// Most objects one `ObjectsMoved` call may record.
 const MAX_MOVES_PER_CALL: usize = 100_000;
 /// How many events a slow subscriber may fall behind before its stream is cut.
@@ -156,6 +163,11 @@ pub struct GcsState {
     /// The address each node's latest registration came from (this process's runs only):
     /// the one host a node may name for its metrics server.
     registered_from: DashMap<NodeId, std::net::IpAddr>,
+    /// Held (shared) by each registration and (alone) by [`GcsState::forget_dead_nodes`]:
+    /// a registration never meets a row half forgotten.
+    membership: tokio::sync::RwLock<()>,
+    /// Whether any node was ever forgotten ([`NODES_FORGOTTEN_KEY`]).
+    nodes_forgotten: std::sync::atomic::AtomicBool,
 }
 
 /// One account's use of the KV.
@@ -201,6 +213,24 @@ fn tenant_of_stored_key(stored: &[u8]) -> Option<(String, String)> {
     Some((account, String::from_utf8_lossy(&rest[..namespace_end]).into_owned()))
 }
 
+/// What a forgotten node leaves behind: what its next registration takes from its row
+/// (its key, first registration, reliability with the time it has been gone, GPU check
+/// history and the GPUs it was checked with), and nothing else.
+fn trust_record(row: &NodeInfo) -> NodeInfo {
+    NodeInfo {
+        node_id: row.node_id.clone(),
+        public_key: row.public_key.clone(),
+        registered_at_ms: row.registered_at_ms,
+        last_heartbeat_ms: row.last_heartbeat_ms,
+        state: row.state,
+        death_cause: row.death_cause.clone(),
+        gpus: row.gpus.clone(),
+        gpu_check: row.gpu_check.clone(),
+        reliability: row.reliability.clone(),
+        ..Default::default()
+    }
+}
+
 /// Runs a storage call on the blocking pool: storage does file I/O and fsync.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> GcsResult<T> + Send + 'static) -> GcsResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|err| GcsError::Storage(format!("storage task failed: {err}")))?
@@ -223,7 +253,7 @@ impl GcsState {
     ) -> GcsResult<Arc<Self>> {
         let now = clock.now_ms();
         let loader = storage.clone();
-        let (nodes, jobs, cluster_id, kv_use, moved) = blocking(move || {
+        let (nodes, jobs, cluster_id, kv_use, moved, nodes_forgotten) = blocking(move || {
             let nodes = loader.scan_prefix(Table::Nodes, b"")?;
             let moved = loader.scan_prefix(Table::ObjectMoves, b"")?;
             let jobs = loader.scan_prefix(Table::Jobs, b"")?;
@@ -236,7 +266,8 @@ impl GcsState {
             let fresh_id = hex::encode(rand::random::<[u8; 8]>());
             loader.put_if_absent(Table::Meta, CLUSTER_ID_KEY, fresh_id.as_bytes())?;
             let cluster_id = loader.get(Table::Meta, CLUSTER_ID_KEY)?.unwrap_or_default();
-            Ok((nodes, jobs, String::from_utf8_lossy(&cluster_id).into_owned(), kv_use, moved))
+            let nodes_forgotten = loader.get(Table::Meta, NODES_FORGOTTEN_KEY)?.is_some();
+            Ok((nodes, jobs, String::from_utf8_lossy(&cluster_id).into_owned(), kv_use, moved, nodes_forgotten))
         })
         .await?;
 
@@ -299,6 +330,8 @@ impl GcsState {
             listed_scores: DashMap::new(),
             scores_swept_ms: AtomicU64::new(u64::MAX),
             registered_from: DashMap::new(),
+            membership: tokio::sync::RwLock::new(()),
+            nodes_forgotten: std::sync::atomic::AtomicBool::new(nodes_forgotten),
         }))
     }
 
@@ -626,9 +659,20 @@ impl GcsState {
         if let Some(key) = node.labels.keys().find(|key| key.trim().is_empty()) {
             return Err(invalid(format!("node {} has a label with an empty name {key:?}", node_id.short())));
         }
+        let _membership = self.membership.read().await;
+        // Its row, or the trust record it left when it was forgotten after its death.
+        let (known, forgotten) = match self.nodes.get(&node_id).map(|row| row.clone()) {
+            Some(row) => (Some(row), false),
+            None => {
+                let record = self.forgotten_node(&node_id).await?;
+                let forgotten = record.is_some();
+                (record, forgotten)
+            }
+        };
         // The first registration binds the id to the key; only that key's holder may use
         // the id again (a provider cannot take over another's record, wallet or price).
-        let bound = self.node_keys.entry(node_id).or_insert_with(|| node.public_key.clone()).clone();
+        let first_key = known.as_ref().map_or(&node.public_key, |known| &known.public_key).clone();
+        let bound = self.node_keys.entry(node_id).or_insert(first_key).clone();
         if bound != node.public_key {
             return Err(IonetError::PermissionDenied(format!(
                 "node {} is bound to another key: a node id is registered again only by the key it first registered with",
@@ -637,10 +681,10 @@ impl GcsState {
             .into());
         }
         let now = self.clock.now_ms();
-        node.registered_at_ms = self.nodes.get(&node_id).map(|known| known.registered_at_ms).unwrap_or(now);
+        node.registered_at_ms = known.as_ref().map(|known| known.registered_at_ms).unwrap_or(now);
         // The head's record of how it kept its word, never the node's: time it was gone
         // since it was declared dead counts against it.
-        node.reliability = Some(match self.nodes.get(&node_id) {
+        node.reliability = Some(match &known {
             Some(known) => {
                 let mut record = known.reliability.clone().unwrap_or_default();
                 if known.state == NodeState::Dead as i32 {
@@ -654,8 +698,7 @@ impl GcsState {
         // same GPUs (a quarantined node does not clear itself by registering again), else
         // pending until the node passes a check; its history is kept whatever it declares
         // (registering without GPUs for a while clears nothing either).
-        let known =
-            self.nodes.get(&node_id).and_then(|known| Some((known.gpus == node.gpus, known.gpu_check.clone()?)));
+        let known = known.and_then(|known| Some((known.gpus == node.gpus, known.gpu_check?)));
         let has_gpus = !node.gpus.is_empty() || !total.get(ionet_common::resources::GPU).is_zero();
         node.gpu_check = match known {
             Some((true, check)) => Some(check),
@@ -681,7 +724,18 @@ impl GcsState {
         node.last_heartbeat_ms = now;
         node.state = NodeState::Alive as i32;
         node.death_cause.clear();
-        self.persist_node(&node).await?;
+        if forgotten {
+            // Its row again, in place of the record it left (one commit: never both, never neither).
+            let storage = self.storage.clone();
+            let writes = vec![
+                StorageWrite::Put { table: Table::Nodes, key: node.node_id.clone(), value: node.encode_to_vec() },
+                StorageWrite::Delete { table: Table::ForgottenNodes, key: node.node_id.clone() },
+            ];
+            blocking(move || storage.write_all(&writes)).await?;
+            tracing::info!(node = %node_id.short(), "a forgotten node registered again: its record is back");
+        } else {
+            self.persist_node(&node).await?;
+        }
         tracing::info!(node = %node_id.short(), address = %node.address, resources = %total, "node registered");
         self.nodes.insert(node_id, node.clone());
         self.node_changed(node_id);
@@ -981,6 +1035,86 @@ impl GcsState {
             ids.push(node_id);
         }
         Ok(ids)
+    }
+
+    /// The trust record `node_id` left when it was forgotten after its death, if it was.
+    async fn forgotten_node(&self, node_id: &NodeId) -> GcsResult<Option<NodeInfo>> {
+        if !self.nodes_forgotten.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let storage = self.storage.clone();
+        let key = node_id.to_vec();
+        let Some(bytes) = blocking(move || storage.get(Table::ForgottenNodes, &key)).await? else {
+            return Ok(None);
+        };
+        decode(&format!("forgotten node {}", node_id.short()), &bytes).map(Some)
+    }
+
+    /// Forgets the longest dead nodes past `max_dead_nodes` among those `may_forget`
+    /// allows (metering allows a node with no lease open whose death a closed epoch
+    /// covered), in memory and in storage. What a provider could gain by being forgotten
+    /// stays: its trust record (key, reliability, GPU check history, first registration;
+    /// [`trust_record`]) is kept in storage alone, read back if the id registers again.
+    /// Returns how many were forgotten.
+    pub async fn forget_dead_nodes(&self, may_forget: impl Fn(&NodeInfo) -> bool) -> GcsResult<usize> {
+        let limit = self.config.max_dead_nodes;
+        let _membership = self.membership.write().await;
+        let mut dead: Vec<(u64, NodeId)> = self
+            .nodes
+            .iter()
+            .filter(|row| row.state == NodeState::Dead as i32)
+            .map(|row| (row.last_heartbeat_ms, *row.key()))
+            .collect();
+        if dead.len() <= limit {
+            return Ok(0);
+        }
+        dead.sort_unstable();
+        let excess = dead.len() - limit;
+        let mut forgotten = Vec::with_capacity(excess);
+        let mut writes = Vec::with_capacity(2 * excess);
+        for (_, node_id) in dead {
+            if forgotten.len() == excess {
+                break;
+            }
+            let Some(row) = self.nodes.get(&node_id) else { continue };
+            if !may_forget(&row) {
+                continue;
+            }
+            let key = node_id.to_vec();
+            writes.push(StorageWrite::Put {
+                table: Table::ForgottenNodes,
+                key: key.clone(),
+                value: trust_record(&row).encode_to_vec(),
+            });
+            writes.push(StorageWrite::Delete { table: Table::Nodes, key });
+            forgotten.push(node_id);
+        }
+        if forgotten.is_empty() {
+            return Ok(0);
+        }
+        writes.push(StorageWrite::Put { table: Table::Meta, key: NODES_FORGOTTEN_KEY.to_vec(), value: vec![1] });
+        let storage = self.storage.clone();
+        blocking(move || storage.write_all(&writes)).await?;
+        self.nodes_forgotten.store(true, Ordering::Relaxed);
+        {
+            let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for node_id in &forgotten {
+                changes.latest.remove(node_id);
+            }
+        }
+        for node_id in &forgotten {
+            self.nodes.remove(node_id);
+            self.node_keys.remove(node_id);
+            self.encoded_rows.remove(node_id);
+            self.listed_scores.remove(node_id);
+            self.registered_from.remove(node_id);
+        }
+        tracing::info!(
+            forgotten = forgotten.len(),
+            kept = limit,
+            "forgot the longest dead nodes; their trust records stay in storage"
+        );
+        Ok(forgotten.len())
     }
 
     /// Every node, oldest registration first.

@@ -81,6 +81,11 @@ pub struct ClusterConfig {
     /// past it the longest dead are forgotten, in memory and in storage, so a cluster that
     /// creates and ends actors for ever does not grow its head for ever.
     pub max_dead_actors: usize,
+    /// Most DEAD node rows the head keeps (Ray's `maximum_gcs_dead_node_cached_count`):
+    /// past it the longest dead whose leases are all settled are forgotten once an epoch
+    /// covering their death closes. Each one's trust record (its key, reliability and GPU
+    /// check history) stays in storage and comes back if it registers again.
+    pub max_dead_nodes: usize,
     /// Longest a lease of a node's GPUs may put off its due check: past it the node is
     /// `OVERDUE` (no new leases, no availability rewards; running leases finish) until it
     /// passes, so a provider leasing a sliver of its own GPU to itself cannot dodge checks.
@@ -116,6 +121,7 @@ impl Default for ClusterConfig {
             gpu_check_untrusted_window_ms: 24 * 3_600_000,
             gpu_check_min_gap_ms: 30_000,
             max_dead_actors: 100_000,
+            max_dead_nodes: 1_000,
             gpu_check_max_defer_ms: 4 * 3_600_000,
             accept_remote_simulated_gpus: false,
         }
@@ -200,6 +206,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_UNTRUSTED_WINDOW_MS", &mut self.gpu_check_untrusted_window_ms)?;
         read(&lookup, "IONET_GPU_CHECK_MIN_GAP_MS", &mut self.gpu_check_min_gap_ms)?;
         read(&lookup, "IONET_MAX_DEAD_ACTORS", &mut self.max_dead_actors)?;
+        read(&lookup, "IONET_MAX_DEAD_NODES", &mut self.max_dead_nodes)?;
         read(&lookup, "IONET_GPU_CHECK_MAX_DEFER_MS", &mut self.gpu_check_max_defer_ms)?;
         if let Some(text) = lookup("IONET_ACCEPT_REMOTE_SIMULATED_GPUS") {
             self.accept_remote_simulated_gpus = match text.trim() {

@@ -162,9 +162,25 @@ impl Metering {
         }
         self.last_epoch_end_ms.store(end_ms, Ordering::SeqCst);
         self.settled.notify_one();
+        if let Err(err) = self.forget_settled_dead_nodes(end_ms).await {
+            tracing::warn!(error = %err, "could not forget the longest dead nodes; trying after the next epoch");
+        }
         Ok(match outcome {
             SettleOutcome::Settled(summary) | SettleOutcome::AlreadySettled(summary) => summary,
         })
+    }
+
+    /// Forgets dead nodes past the head's limit whose accounts are closed: no lease open
+    /// on them in the book, and their death no later than `settled_until_ms` (the end of
+    /// an epoch closed since, which counted their availability to it).
+    async fn forget_settled_dead_nodes(&self, settled_until_ms: u64) -> GcsResult<usize> {
+        let busy: std::collections::HashSet<NodeId> = self.book().open.values().map(|lease| lease.node_id).collect();
+        self.state
+            .forget_dead_nodes(|node| {
+                node.last_heartbeat_ms <= settled_until_ms
+                    && NodeId::from_bytes(&node.node_id).is_ok_and(|node_id| !busy.contains(&node_id))
+            })
+            .await
     }
 
     /// Stores, per wallet, why its nodes earned no reward in `epoch_id`.

@@ -30,7 +30,12 @@ struct Fixture {
 }
 
 async fn fixture_on(storage: Arc<dyn GcsStorage>, clock: ManualClock) -> Fixture {
-    let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1_000, ..Default::default() };
+    fixture_with(ClusterConfig::default(), storage, clock).await
+}
+
+/// `config` with heartbeats every 100 ms, dead after a second's silence.
+async fn fixture_with(config: ClusterConfig, storage: Arc<dyn GcsStorage>, clock: ManualClock) -> Fixture {
+    let config = ClusterConfig { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1_000, ..config };
     let state = GcsState::open(config, storage.clone(), Arc::new(clock.clone())).await.unwrap();
     let metering = Metering::open(state.clone(), MeteringOptions::default()).await.unwrap();
     Fixture { clock, state, metering, storage }
@@ -615,4 +620,89 @@ async fn a_job_pays_for_no_lease_on_a_node_below_its_minimum_reliability() {
     f.metering.lease_started(&node_says(LeaseId::random(), steady, strict, gpus("1"))).await.expect("a reliable node");
     let any = job(&f.state, "").await;
     f.metering.lease_started(&node_says(LeaseId::random(), flaky, any, gpus("1"))).await.expect("no minimum");
+}
+
+/// The head keeps at most `max_dead_nodes` dead rows. Once an epoch covering their deaths
+/// has closed, the longest dead with no lease open are forgotten, in memory and in the
+/// database file; what they leave is their trust record, so one that registers again,
+/// after a restart too, gets back its first registration, the time it was gone, its
+/// untrusted GPU check, and its key binding (nobody else takes the id meanwhile).
+#[tokio::test]
+async fn the_longest_dead_nodes_are_forgotten_once_settled_and_their_records_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gcs.redb");
+    let config = ClusterConfig { max_dead_nodes: 2, gpu_check_untrusted_failures: 1, ..Default::default() };
+    let clock = ManualClock::new(START);
+    let f =
+        fixture_with(config.clone(), Arc::new(crate::storage::RedbStorage::open(&path).unwrap()), clock.clone()).await;
+    let with_key = |node: NodeId, key: u8| NodeInfo { public_key: vec![key; 32], ..gpu_node(node, 1, "1", "w") };
+    // Dying in this order: `busy` first (a lease stays open on it), then `untrusted`
+    // (it failed a GPU check), then the others; `alive` stays.
+    let nodes: Vec<NodeId> = (0..6).map(|_| NodeId::random()).collect();
+    let [busy, untrusted, second, third, last, alive] = nodes[..] else { unreachable!() };
+    for node in &nodes {
+        f.state.register_checked_node(with_key(*node, 1)).await.unwrap();
+    }
+    f.state.record_gpu_check(&untrusted, Err("wrong answers".into())).await.unwrap();
+    let job = job(&f.state, "").await;
+    start_both(&f.metering, LeaseId::random(), busy, job, gpus("1")).await.unwrap();
+    for node in [untrusted, second, third, last] {
+        f.clock.advance_ms(100);
+        f.state.heartbeat(node.as_bytes(), None).unwrap();
+    }
+    f.clock.advance_ms(1_500);
+    f.state.heartbeat(alive.as_bytes(), None).unwrap();
+    assert_eq!(f.state.check_heartbeats().await.unwrap().len(), 5);
+    let dead_ids = |state: &GcsState| {
+        let mut ids: Vec<Vec<u8>> = state
+            .nodes(true)
+            .into_iter()
+            .filter(|node| node.state == NodeState::Dead as i32)
+            .map(|node| node.node_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut ids: Vec<Vec<u8>>| {
+        ids.sort();
+        ids
+    };
+
+    // An epoch ending before `second` died covers the deaths of `busy` and `untrusted`
+    // alone, and `busy` has a lease open: only `untrusted` goes.
+    f.metering.settle_at(START + 150, false).await.unwrap();
+    assert!(f.state.node(&untrusted).is_none(), "forgotten");
+    assert_eq!(dead_ids(&f.state), sorted(vec![busy.to_vec(), second.to_vec(), third.to_vec(), last.to_vec()]));
+    // The next epoch covers them all: the longest dead past two go, but for `busy`.
+    f.metering.settle_now(false).await.unwrap();
+    assert_eq!(dead_ids(&f.state), sorted(vec![busy.to_vec(), last.to_vec()]));
+    assert_eq!(f.state.nodes(false).len(), 1, "the living are never forgotten");
+    let stored = |table| f.storage.scan_prefix(table, b"").unwrap().into_iter().map(|(key, _)| key).collect::<Vec<_>>();
+    assert_eq!(sorted(stored(Table::Nodes)), sorted(vec![busy.to_vec(), last.to_vec(), alive.to_vec()]));
+    assert_eq!(
+        sorted(stored(Table::ForgottenNodes)),
+        sorted(vec![untrusted.to_vec(), second.to_vec(), third.to_vec()])
+    );
+    // Its id stays bound to its key.
+    let err = f.state.register_node(with_key(second, 2)).await.unwrap_err();
+    assert!(err.to_string().contains("bound to another key"), "{err}");
+    assert!(f.state.node(&second).is_none(), "refused, and still forgotten");
+    let died_at = START + 100;
+    drop(f);
+
+    // A head restarted on the file: the forgotten stay forgotten until they register.
+    let g = fixture_with(config, Arc::new(crate::storage::RedbStorage::open(&path).unwrap()), clock).await;
+    assert_eq!(dead_ids(&g.state), sorted(vec![busy.to_vec(), last.to_vec()]));
+    g.clock.advance_ms(60_000);
+    g.state.register_node(with_key(untrusted, 1)).await.unwrap();
+    let back = g.state.node(&untrusted).unwrap();
+    assert_eq!(back.registered_at_ms, START, "its first registration");
+    assert_eq!(back.reliability.unwrap().down_ms, g.state.now_ms() - died_at, "gone since its death");
+    let check = back.gpu_check.unwrap();
+    assert!(check.untrusted_since_ms != 0 && check.failures == 1, "its failed check is not washed away: {check:?}");
+    assert!(ionet_common::gpu_proof::held_back(&g.state.node(&untrusted).unwrap()));
+    assert!(g.storage.get(Table::ForgottenNodes, untrusted.as_bytes()).unwrap().is_none(), "a row again, not a record");
+    assert!(g.storage.get(Table::Nodes, untrusted.as_bytes()).unwrap().is_some());
+    let err = g.state.register_node(with_key(third, 2)).await.unwrap_err();
+    assert!(err.to_string().contains("bound to another key"), "after a restart too: {err}");
 }

@@ -66,10 +66,14 @@ pub enum Table {
     Submissions,
     /// Tasks as their owners reported them, keyed by job id and task id (`StoredTaskRow`).
     Tasks,
+    /// Trust records of nodes forgotten after their death, keyed by node id (a `NodeInfo`
+    /// holding only the key, reliability and GPU check history): read when the id
+    /// registers again, never loaded whole.
+    ForgottenNodes,
 }
 
 impl Table {
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 12] = [
         Table::Nodes,
         Table::Jobs,
         Table::Kv,
@@ -81,6 +85,7 @@ impl Table {
         Table::ObjectMoves,
         Table::Submissions,
         Table::Tasks,
+        Table::ForgottenNodes,
     ];
 
     fn name(self) -> &'static str {
@@ -96,6 +101,7 @@ impl Table {
             Table::ObjectMoves => "object_moves",
             Table::Submissions => "submissions",
             Table::Tasks => "tasks",
+            Table::ForgottenNodes => "forgotten_nodes",
         }
     }
 }
