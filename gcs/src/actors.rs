@@ -19,9 +19,9 @@
 //!   non-detached actors. A node declared dead ends the actors on it the same way.
 //! - A name is unique per namespace among one account's actors not DEAD (tenants' names
 //!   never meet: one cannot take or find another's); a DEAD actor frees its name.
-//! - Every change of an actor bumps its version, which its `GetActor` waiters watch (a
-//!   waiter wakes for its own actor's changes only: a thousand waiting callers cost a
-//!   change one wake, not a thousand).
+//! - Every change of an actor bumps its version, which its `GetActor` waiters and `WatchActors`
+//!   followers watch (each wakes for its own actor's changes only: a thousand waiting callers
+//!   cost a change one wake, not a thousand).
 //! - At most `max_dead_actors` DEAD actors are remembered: past it the longest dead (whose
 //!   lease is returned) are forgotten, in memory and in storage, so a cluster creating
 //!   and ending actors for ever keeps its head's memory bounded.
@@ -520,6 +520,34 @@ impl Actors {
             }
             if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
                 return Ok(info);
+            }
+        }
+    }
+
+    /// Sends the actor's row now and again at each change of its state or incarnation,
+    /// until it is DEAD (that row sent), forgotten, or `send` says its follower is gone
+    /// (`WatchActors`). Follows the actor's version as `GetActor`'s waiters do.
+    pub async fn follow<Sent: std::future::Future<Output = bool>>(
+        &self,
+        id: ActorId,
+        mut send: impl FnMut(ActorInfo) -> Sent,
+    ) {
+        let _leaving = Leaving { versions: &self.versions, id };
+        let mut version = lock(&self.versions).entry(id).or_insert_with(|| watch::channel(0).0).subscribe();
+        let mut sent = None;
+        loop {
+            version.borrow_and_update();
+            let Ok(info) = self.get(id.as_bytes()) else { return };
+            let now = (info.state, info.incarnation);
+            if sent != Some(now) {
+                let dead = state_of(&info) == ActorState::Dead;
+                if !send(info).await || dead {
+                    return;
+                }
+                sent = Some(now);
+            }
+            if version.changed().await.is_err() {
+                return;
             }
         }
     }

@@ -3,6 +3,7 @@
 //! principals may make each call at all is the authorization table's
 //! (`ionet_common::authz`), checked before a request reaches this service.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use ionet_common::credential::{self, Issuer, Role};
 use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
-use ionet_common::{tls, JobId, NodeId, ObjectId};
+use ionet_common::{tls, ActorId, JobId, NodeId, ObjectId};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -413,6 +414,11 @@ fn node_id_of(bytes: &[u8]) -> Result<NodeId, Status> {
 
 /// Longest a `GetActor` waits before answering with the row as it is.
 const MAX_ACTOR_WAIT_MS: u64 = 60_000;
+/// Most actors one `WatchActors` stream follows at once (a process's handles; each is a
+/// task at the head until its actor is DEAD or unfollowed).
+const MAX_FOLLOWED_PER_STREAM: usize = 1_000_000;
+/// Rows a `WatchActors` stream holds for a slow reader before its actors' followers wait.
+const FOLLOWED_ROWS_BUFFERED: usize = 1024;
 
 fn wants(channels: &[Channel], event: &ClusterEvent) -> bool {
     if channels.is_empty() {
@@ -1145,6 +1151,83 @@ impl Gcs for GcsService {
             self.actors.wait(&request.actor_id, request.wait_newer_than, timeout).await?
         };
         Ok(Response::new(GetActorReply { actor: Some(actor) }))
+    }
+
+    type WatchActorsStream = Pin<Box<dyn Stream<Item = Result<WatchActorsReply, Status>> + Send + 'static>>;
+
+    async fn watch_actors(
+        &self,
+        request: Request<tonic::Streaming<WatchActorsRequest>>,
+    ) -> Result<Response<Self::WatchActorsStream>, Status> {
+        let principal = Principal::of(&request)?;
+        let mut incoming = request.into_inner();
+        let (replies, rows) = tokio::sync::mpsc::channel(FOLLOWED_ROWS_BUFFERED);
+        let service = self.clone();
+        // Reads what to follow; each actor followed is a task sending its rows. The stream
+        // ending (or the head stopping) ends them all.
+        tokio::spawn(async move {
+            let mut followed: HashMap<Vec<u8>, tokio::task::AbortHandle> = HashMap::new();
+            let mut stopped = service.stopped.clone();
+            loop {
+                let request = tokio::select! {
+                    next = incoming.message() => match next {
+                        Ok(Some(request)) => request,
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = stopped.wait_for(|stop| *stop) => break,
+                };
+                if let Some(following) = followed.remove(&request.actor_id) {
+                    following.abort();
+                }
+                if request.stop {
+                    continue;
+                }
+                if followed.len() >= MAX_FOLLOWED_PER_STREAM {
+                    followed.retain(|_, following| !following.is_finished());
+                }
+                let allowed = if followed.len() >= MAX_FOLLOWED_PER_STREAM {
+                    Err(Status::resource_exhausted(format!(
+                        "a stream follows at most {MAX_FOLLOWED_PER_STREAM} actors at once"
+                    )))
+                } else {
+                    // Where an actor runs is its account's to know (and the operator's).
+                    service.actors.get(&request.actor_id).map_err(Status::from).and_then(|actor| {
+                        principal.may_act_for_account(&service.account_of_actor(&actor))?;
+                        ActorId::from_bytes(&request.actor_id).map_err(Status::from)
+                    })
+                };
+                let id = match allowed {
+                    Ok(id) => id,
+                    Err(status) => {
+                        let refused = WatchActorsReply {
+                            actor_id: request.actor_id,
+                            actor: None,
+                            error: status.message().to_string(),
+                        };
+                        if replies.send(Ok(refused)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let (actors, replies) = (service.actors.clone(), replies.clone());
+                let following = tokio::spawn(async move {
+                    actors
+                        .follow(id, |actor| {
+                            let reply =
+                                WatchActorsReply { actor_id: id.to_vec(), actor: Some(actor), error: String::new() };
+                            let replies = replies.clone();
+                            async move { replies.send(Ok(reply)).await.is_ok() }
+                        })
+                        .await
+                });
+                followed.insert(request.actor_id, following.abort_handle());
+            }
+            for following in followed.into_values() {
+                following.abort();
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rows))))
     }
 
     async fn get_named_actor(&self, request: Request<GetNamedActorRequest>) -> Result<Response<GetActorReply>, Status> {

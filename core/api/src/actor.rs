@@ -387,6 +387,25 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
 /// Holds the refs inside actor `id`'s constructor arguments until the control store says
 /// it is dead (or forgot it), then lets them go. Ends with the process.
 async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId) {
+    // Its row as the process follows it; if the head will not follow it there, long polls.
+    let Some(current) = worker.upgrade() else { return };
+    let mut row = current.actor_rows.follow(&current, id);
+    drop(current);
+    loop {
+        match &*row.borrow_and_update() {
+            crate::actor_rows::Followed::Row(info) if info.state == ActorState::Dead as i32 => {
+                if let Some(current) = worker.upgrade() {
+                    current.actor_args.remove(&id);
+                }
+                return;
+            }
+            crate::actor_rows::Followed::Refused => break,
+            _ => {}
+        }
+        if row.changed().await.is_err() {
+            break;
+        }
+    }
     loop {
         let Some(current) = worker.upgrade() else { return };
         if *current.stopping.borrow() {

@@ -22,9 +22,10 @@ use ionet_common::rpc::proto::worker::{
 };
 use ionet_common::rpc::CoreWorkerClient;
 use ionet_common::{ActorId, IonetError, IonetResult, ObjectId, TaskId};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::actor_policy::{self, AfterBreak, Delivery};
+use crate::actor_rows::Followed;
 use crate::object_ref::Arg;
 use crate::runtime::{self, CoreWorker, ObjectState};
 use crate::task_events::{Place, Tracked, Update};
@@ -143,43 +144,41 @@ impl SenderShared {
     }
 }
 
-/// Follows the actor's row in the control store (a long poll), so that calls made after a
-/// restart go to the new incarnation without first failing on the old one. Ends with the
-/// process's core worker.
-async fn watch_actor(shared: std::sync::Weak<SenderShared>) {
-    let mut known: i64 = -1;
-    loop {
+/// Follows the actor's row (the process's one stream of them, `crate::actor_rows`), so
+/// that calls made after a restart go to the new incarnation without first failing on
+/// the old one. Ends when the actor is DEAD or its handles are gone.
+async fn watch_actor(shared: std::sync::Weak<SenderShared>, mut row: watch::Receiver<Followed>) {
+    // A row not yet seen is taken even once the channel is closed (DEAD: its last row).
+    while row.changed().await.is_ok() {
         let Some(current) = shared.upgrade() else { return };
-        if *current.worker.stopping.borrow() {
-            return;
-        }
-        let request = GetActorRequest {
-            actor_id: current.actor.id.to_vec(),
-            wait_newer_than: known,
-            timeout_ms: CONNECT_WAIT.as_millis() as u64,
-        };
-        let gcs = current.worker.gcs();
-        drop(current);
-        let reply = match gcs {
-            Ok(mut gcs) => gcs.get_actor(request).await,
-            Err(_) => return,
-        };
-        let Some(current) = shared.upgrade() else { return };
-        match reply.map(|reply| reply.into_inner().actor) {
-            Ok(Some(info)) => {
-                current.learn(&info);
+        match &*row.borrow_and_update() {
+            Followed::Row(info) => {
+                current.learn(info);
                 if info.state == ActorState::Dead as i32 {
                     return;
                 }
-                if info.state == ActorState::Alive as i32 {
-                    known = known.max(i64::from(info.incarnation));
-                }
             }
-            Ok(None) | Err(_) => {
-                drop(current);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            Followed::Refused => return,
+            Followed::Unknown => {}
         }
+    }
+}
+
+/// The actor's followed row once it is ALIVE in an incarnation newer than `broken`, or
+/// DEAD; `None` if the head will not follow it or the process stopped following.
+async fn followed_past(row: &mut watch::Receiver<Followed>, broken: i64) -> Option<ActorInfo> {
+    loop {
+        match &*row.borrow_and_update() {
+            Followed::Row(info)
+                if info.state == ActorState::Dead as i32
+                    || (info.state == ActorState::Alive as i32 && i64::from(info.incarnation) > broken) =>
+            {
+                return Some(ActorInfo::clone(info));
+            }
+            Followed::Refused => return None,
+            _ => {}
+        }
+        row.changed().await.ok()?;
     }
 }
 
@@ -286,7 +285,7 @@ impl ActorClient {
             )),
         });
         worker.handle.spawn(send_calls(shared.clone(), calls));
-        worker.handle.spawn(watch_actor(Arc::downgrade(&shared)));
+        worker.handle.spawn(watch_actor(Arc::downgrade(&shared), worker.actor_rows.follow(worker, actor.id)));
         Arc::new(ActorClient { queue, shared })
     }
 }
@@ -550,15 +549,27 @@ fn reply_state(shared: &SenderShared, method: &str, reply: PushTaskReply) -> Obj
 /// is dead, and calls fail with `error`.
 async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<Connection, IonetError>> {
     let worker = &shared.worker;
+    let mut row = worker.actor_rows.follow(worker, shared.actor.id);
     loop {
-        let request = GetActorRequest {
-            actor_id: shared.actor.id.to_vec(),
-            wait_newer_than: broken,
-            timeout_ms: CONNECT_WAIT.as_millis() as u64,
+        // The followed row once it says where to go; else (not followed, or nothing for
+        // a while: the head restarting, the actor pending long) the head's answer to a
+        // long poll, which also gives the error of an actor it will not follow.
+        let followed = match tokio::time::timeout(CONNECT_WAIT, followed_past(&mut row, broken)).await {
+            Ok(Some(info)) => Some(info),
+            Ok(None) | Err(_) => None,
         };
-        let info = actor_row(
-            worker.call_head(request, |mut gcs, request| async move { gcs.get_actor(request).await }).await?.actor,
-        )?;
+        let info = match followed {
+            Some(info) => info,
+            None => {
+                let request = GetActorRequest {
+                    actor_id: shared.actor.id.to_vec(),
+                    wait_newer_than: broken,
+                    timeout_ms: CONNECT_WAIT.as_millis() as u64,
+                };
+                let reply = worker.call_head(request, |mut gcs, request| async move { gcs.get_actor(request).await });
+                actor_row(reply.await?.actor)?
+            }
+        };
         let spec = info.spec.clone().unwrap_or_default();
         shared.max_task_retries.store(i64::from(spec.max_task_retries), Ordering::SeqCst);
         shared.names.lock().unwrap_or_else(|p| p.into_inner()).shown_as(&spec.display_class);

@@ -35,6 +35,7 @@ pub mod actor;
 mod actor_client;
 mod actor_policy;
 mod actor_pool;
+mod actor_rows;
 mod api;
 mod blocked;
 mod borrows;

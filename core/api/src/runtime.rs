@@ -93,6 +93,8 @@ pub(crate) struct CoreWorker {
     /// Identifies this process to the actors it calls (their per-caller call order).
     pub(crate) caller_id: ObjectId,
     pub(crate) actor_clients: DashMap<ionet_common::ActorId, Arc<crate::actor::ActorClient>>,
+    /// The rows of the actors this process follows, on one stream to the head.
+    pub(crate) actor_rows: crate::actor_rows::ActorRows,
     /// The class names actors this process learnt of are shown by, where it is not their
     /// registered one (a Python class's): their calls are listed under it.
     pub(crate) actor_classes: DashMap<ionet_common::ActorId, Arc<str>>,
@@ -262,6 +264,7 @@ impl CoreWorker {
             namespace,
             caller_id: ObjectId::random(),
             actor_clients: DashMap::new(),
+            actor_rows: Default::default(),
             actor_classes: DashMap::new(),
             actor_args: DashMap::new(),
             hosted: OnceLock::new(),

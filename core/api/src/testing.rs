@@ -82,6 +82,12 @@ pub fn core_worker_address() -> ionet_common::IonetResult<String> {
     Ok(crate::runtime::current()?.address.to_string())
 }
 
+/// How this process follows its actors' rows: `WatchActors` streams it opened, and the
+/// actors followed on them now.
+pub fn actor_rows_followed() -> ionet_common::IonetResult<(usize, usize)> {
+    Ok(crate::runtime::current()?.actor_rows.counts())
+}
+
 /// The CPUs this process's node daemon has free now, as it reports them.
 pub fn available_cpus() -> Option<f64> {
     let worker = crate::runtime::current().ok()?;

@@ -505,8 +505,9 @@ fn actors_sharing_a_process_live_and_end_apart() {
 }
 
 /// Thousands of actors created at once by one driver, each called once: every one is
-/// ready. (Regression: the head's HTTP/2 connection window let h2 end the driver's
-/// connection mid-burst, its guard against floods of small frames.)
+/// ready, and the driver follows them all on one stream. (Regression: the head's HTTP/2
+/// connection window let h2 end the driver's connection mid-burst, its guard against
+/// floods of small frames.)
 fn thousands_of_actors_created_at_once_are_all_ready() {
     let cluster = Cluster::start(&["--num-cpus", "2"]);
     cluster.init();
@@ -520,6 +521,9 @@ fn thousands_of_actors_created_at_once_are_all_ready() {
         let left = deadline.saturating_duration_since(Instant::now());
         assert_eq!(ionet::get_timeout(value, left).unwrap(), index as i64 + 1);
     }
+    // Their rows are followed on one stream to the head, not a long poll each (ten
+    // thousand streams on one connection, where hyper's client can hang).
+    assert_eq!(ionet::testing::actor_rows_followed().unwrap(), (1, count as usize));
     drop(cluster);
 }
 

@@ -19,7 +19,7 @@ use ionet::rpc::proto::gcs::{
 };
 use ionet::rpc::proto::gcs::{
     GetActorRequest, GetNamedActorRequest, GetPlacementGroupRequest, ListActorsRequest, ListObjectsRequest,
-    ListPlacementGroupsRequest,
+    ListPlacementGroupsRequest, WatchActorsRequest,
 };
 use ionet::rpc::proto::gcs::{KvGetRequest, KvPutRequest};
 use ionet::rpc::proto::metering::{
@@ -581,6 +581,12 @@ fn a_tenant_acts_only_for_its_own_job() {
         // another account's job (no pushed tasks, no actor calls, no exit).
         let lookup = GetActorRequest { actor_id: victim_actor.to_vec(), wait_newer_than: -1, timeout_ms: 0 };
         denied(as_mallory.get_actor(lookup.clone()).await, "finding where another tenant's actor runs");
+        // Nor by following it: the stream answers with the refusal and no row.
+        let follow = WatchActorsRequest { actor_id: victim_actor.to_vec(), stop: false };
+        let mut followed = as_mallory.watch_actors(futures::stream::iter([follow])).await.unwrap().into_inner();
+        let answer = followed.message().await.unwrap().unwrap();
+        assert!(answer.actor.is_none(), "another tenant's actor's row: {answer:?}");
+        assert!(answer.error.contains("may not act for account"), "{answer:?}");
         let listed = as_mallory.list_actors(ListActorsRequest { include_dead: true }).await.unwrap().into_inner();
         let others = listed.actors.iter().filter(|actor| actor.spec.as_ref().unwrap().job_id != own_job.to_vec());
         assert_eq!(others.count(), 0, "another tenant's actors are not listed: {listed:?}");

@@ -313,6 +313,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/ListPlacementGroups", Access::Read),
     row("/ionet.gcs.Gcs/CreateActor", Access::Job),
     row("/ionet.gcs.Gcs/GetActor", Access::Job),
+    // Each actor followed is checked as `GetActor` checks it (the caller's account's).
+    row("/ionet.gcs.Gcs/WatchActors", Access::Job),
     row("/ionet.gcs.Gcs/GetNamedActor", Access::Job),
     row("/ionet.gcs.Gcs/ListActors", Access::Read),
     row("/ionet.gcs.Gcs/KillActor", Access::Job),
