@@ -525,23 +525,30 @@ impl Actors {
     }
 
     /// Sends the actor's row now and again at each change of its state or incarnation,
-    /// until it is DEAD (that row sent), forgotten, or `send` says its follower is gone
-    /// (`WatchActors`). Follows the actor's version as `GetActor`'s waiters do.
+    /// until it is DEAD (that row sent), `send` says its follower is gone, or it is
+    /// forgotten (past `max_dead_actors`: the error is sent) (`WatchActors`). Follows the
+    /// actor's version as `GetActor`'s waiters do.
     pub async fn follow<Sent: std::future::Future<Output = bool>>(
         &self,
         id: ActorId,
-        mut send: impl FnMut(ActorInfo) -> Sent,
+        mut send: impl FnMut(IonetResult<ActorInfo>) -> Sent,
     ) {
         let _leaving = Leaving { versions: &self.versions, id };
         let mut version = lock(&self.versions).entry(id).or_insert_with(|| watch::channel(0).0).subscribe();
         let mut sent = None;
         loop {
             version.borrow_and_update();
-            let Ok(info) = self.get(id.as_bytes()) else { return };
+            let info = match self.get(id.as_bytes()) {
+                Ok(info) => info,
+                Err(err) => {
+                    send(Err(err)).await;
+                    return;
+                }
+            };
             let now = (info.state, info.incarnation);
             if sent != Some(now) {
                 let dead = state_of(&info) == ActorState::Dead;
-                if !send(info).await || dead {
+                if !send(Ok(info)).await || dead {
                     return;
                 }
                 sent = Some(now);

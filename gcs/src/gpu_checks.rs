@@ -123,6 +123,14 @@ pub struct GpuChecks {
 }
 
 impl GpuChecks {
+    /// Forgets what it keeps of nodes `known` says the head no longer holds (forgotten
+    /// after their death).
+    pub fn forget_unknown(&self, known: impl Fn(&NodeId) -> bool) {
+        self.open.retain(|node, _| known(node));
+        self.schedule.retain(|node, _| known(node));
+        self.started.retain(|node, _| known(node));
+    }
+
     /// Schedules `node`'s next check after one that took `took`: a random time around
     /// `interval`, stretched so checks take at most `idle_share_bps` of the time between.
     pub fn schedule_next(&self, node: NodeId, took: Duration, interval: Duration, idle_share_bps: u32) {

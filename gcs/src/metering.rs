@@ -920,7 +920,14 @@ impl Metering {
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
         let mut lines = Vec::new();
         for record in self.list_usage(Some(job_id), None).await? {
-            let node = NodeId::from_bytes(&record.node_id).ok().and_then(|node| self.state.node(&node));
+            let node = match NodeId::from_bytes(&record.node_id) {
+                // A node forgotten since its death left the GPUs it had in its record.
+                Ok(node) => match self.state.node(&node) {
+                    Some(row) => Some(row),
+                    None => self.state.forgotten_node(&node).await.ok().flatten(),
+                },
+                Err(_) => None,
+            };
             let gpu_model = node
                 .map(|node| match node.gpus.first() {
                     Some(gpu) => gpu.model.clone(),

@@ -412,11 +412,17 @@ fn node_id_of(bytes: &[u8]) -> Result<NodeId, Status> {
     NodeId::from_bytes(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
 }
 
+/// The answer to a follow of an actor the head will not follow, with why.
+fn refused(actor_id: Vec<u8>, status: &Status) -> WatchActorsReply {
+    WatchActorsReply { actor_id, actor: None, error: status.message().to_string() }
+}
+
 /// Longest a `GetActor` waits before answering with the row as it is.
 const MAX_ACTOR_WAIT_MS: u64 = 60_000;
 /// Most actors one `WatchActors` stream follows at once (a process's handles; each is a
-/// task at the head until its actor is DEAD or unfollowed).
-const MAX_FOLLOWED_PER_STREAM: usize = 1_000_000;
+/// task at the head until its actor is DEAD or unfollowed). Past it the process asks by
+/// `GetActor` for the rest.
+const MAX_FOLLOWED_PER_STREAM: usize = 100_000;
 /// Rows a `WatchActors` stream holds for a slow reader before its actors' followers wait.
 const FOLLOWED_ROWS_BUFFERED: usize = 1024;
 
@@ -472,6 +478,12 @@ impl Gcs for GcsService {
             self.state.note_registered_from(node_id, peer.ip());
         }
         self.node_credentials.insert(node_id, (std::time::Instant::now(), public_key.clone()));
+        // What is kept per node id outlives no node forgotten after its death (checked
+        // when it outgrows the table twice over: a node daemon's id is new at each start).
+        if self.node_credentials.len() > 2 * self.state.node_count() + 1024 {
+            self.node_credentials.retain(|node, _| self.state.knows_node(node));
+            self.gpu_checks.forget_unknown(|node| self.state.knows_node(node));
+        }
         Ok(Response::new(RegisterNodeReply {
             heartbeat_interval_ms: self.state.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.state.config.heartbeat_timeout_ms,
@@ -1163,27 +1175,32 @@ impl Gcs for GcsService {
         let mut incoming = request.into_inner();
         let (replies, rows) = tokio::sync::mpsc::channel(FOLLOWED_ROWS_BUFFERED);
         let service = self.clone();
-        // Reads what to follow; each actor followed is a task sending its rows. The stream
-        // ending (or the head stopping) ends them all.
+        // Reads what to follow; each actor followed is a task sending its rows, which says
+        // when it ends (by its number: a task replaced by a later follow of the same actor
+        // must not drop the new one). The stream ending (or the head stopping) ends them all.
         tokio::spawn(async move {
-            let mut followed: HashMap<Vec<u8>, tokio::task::AbortHandle> = HashMap::new();
+            let mut followed: HashMap<Vec<u8>, (u64, tokio::task::AbortHandle)> = HashMap::new();
+            let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
             let mut stopped = service.stopped.clone();
-            loop {
+            for number in 0u64.. {
                 let request = tokio::select! {
                     next = incoming.message() => match next {
                         Ok(Some(request)) => request,
                         Ok(None) | Err(_) => break,
                     },
+                    Some((actor_id, ending)) = endings.recv() => {
+                        if followed.get(&actor_id).is_some_and(|(current, _)| *current == ending) {
+                            followed.remove(&actor_id);
+                        }
+                        continue;
+                    }
                     _ = stopped.wait_for(|stop| *stop) => break,
                 };
-                if let Some(following) = followed.remove(&request.actor_id) {
+                if let Some((_, following)) = followed.remove(&request.actor_id) {
                     following.abort();
                 }
                 if request.stop {
                     continue;
-                }
-                if followed.len() >= MAX_FOLLOWED_PER_STREAM {
-                    followed.retain(|_, following| !following.is_finished());
                 }
                 let allowed = if followed.len() >= MAX_FOLLOWED_PER_STREAM {
                     Err(Status::resource_exhausted(format!(
@@ -1199,31 +1216,31 @@ impl Gcs for GcsService {
                 let id = match allowed {
                     Ok(id) => id,
                     Err(status) => {
-                        let refused = WatchActorsReply {
-                            actor_id: request.actor_id,
-                            actor: None,
-                            error: status.message().to_string(),
-                        };
-                        if replies.send(Ok(refused)).await.is_err() {
+                        if replies.send(Ok(refused(request.actor_id, &status))).await.is_err() {
                             break;
                         }
                         continue;
                     }
                 };
-                let (actors, replies) = (service.actors.clone(), replies.clone());
+                let (actors, replies, ended) = (service.actors.clone(), replies.clone(), ended.clone());
                 let following = tokio::spawn(async move {
                     actors
-                        .follow(id, |actor| {
-                            let reply =
-                                WatchActorsReply { actor_id: id.to_vec(), actor: Some(actor), error: String::new() };
+                        .follow(id, |row| {
+                            let reply = match row {
+                                Ok(actor) => {
+                                    WatchActorsReply { actor_id: id.to_vec(), actor: Some(actor), error: String::new() }
+                                }
+                                Err(err) => refused(id.to_vec(), &Status::from(err)),
+                            };
                             let replies = replies.clone();
                             async move { replies.send(Ok(reply)).await.is_ok() }
                         })
-                        .await
+                        .await;
+                    let _ = ended.send((id.to_vec(), number));
                 });
-                followed.insert(request.actor_id, following.abort_handle());
+                followed.insert(request.actor_id, (number, following.abort_handle()));
             }
-            for following in followed.into_values() {
+            for (_, following) in followed.into_values() {
                 following.abort();
             }
         });

@@ -225,6 +225,7 @@ fn trust_record(row: &NodeInfo) -> NodeInfo {
         state: row.state,
         death_cause: row.death_cause.clone(),
         gpus: row.gpus.clone(),
+        accelerator_type: row.accelerator_type.clone(),
         gpu_check: row.gpu_check.clone(),
         reliability: row.reliability.clone(),
         ..Default::default()
@@ -775,6 +776,8 @@ impl GcsState {
         node_id: &NodeId,
         verdict: Result<(f64, f64, u64), String>,
     ) -> GcsResult<GpuCheck> {
+        // Not while a row is forgotten (its trust record would miss this).
+        let _membership = self.membership.read().await;
         let node = {
             let mut entry = self.nodes.get_mut(node_id).ok_or_else(|| {
                 IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
@@ -848,6 +851,8 @@ impl GcsState {
     /// a failure: its running leases finish, then the check runs). Only a passing node
     /// becomes overdue; one pending or quarantined is held back already.
     pub async fn record_gpu_check_overdue(&self, node_id: &NodeId) -> GcsResult<()> {
+        // Not while a row is forgotten (its trust record would miss this).
+        let _membership = self.membership.read().await;
         let node = {
             let Some(mut entry) = self.nodes.get_mut(node_id) else { return Ok(()) };
             let Some(check) = entry.gpu_check.as_mut().filter(|check| check.state == GpuCheckState::Passed as i32)
@@ -873,6 +878,8 @@ impl GcsState {
     /// within the window are forgotten (its counts stay on record). It takes work again
     /// once its latest check passed.
     pub async fn clear_untrusted(&self, node_id: &NodeId) -> GcsResult<GpuCheck> {
+        // Not while a row is forgotten (its trust record would miss this).
+        let _membership = self.membership.read().await;
         let node = {
             let mut entry = self.nodes.get_mut(node_id).ok_or_else(|| {
                 IonetError::NotFound(format!("node {} is not registered with this control store", node_id.short()))
@@ -911,13 +918,36 @@ impl GcsState {
     /// Counts leases that `node_id`'s death ended against its reliability (stored; the
     /// node is dead, so nothing is published until it registers again).
     pub async fn note_leases_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
-        let node = {
-            let Some(mut node) = self.nodes.get_mut(node_id) else { return Ok(()) };
+        {
+            let _membership = self.membership.read().await;
+            let counted = self.nodes.get_mut(node_id).map(|mut node| {
+                node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+                self.node_changed(*node_id);
+                node.clone()
+            });
+            if let Some(node) = counted {
+                return self.persist_node(&node).await;
+            }
+        }
+        self.forgotten_lost(node_id, lost).await
+    }
+
+    /// Counts leases lost against the trust record of a node forgotten since they were
+    /// (metering ends a dead node's leases, then counts them: it may be forgotten between).
+    async fn forgotten_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
+        let _membership = self.membership.write().await;
+        // Registered again meanwhile: counted on its row.
+        let counted = self.nodes.get_mut(node_id).map(|mut node| {
             node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
-            self.node_changed(*node_id);
             node.clone()
-        };
-        self.persist_node(&node).await
+        });
+        if let Some(node) = counted {
+            return self.persist_node(&node).await;
+        }
+        let Some(mut record) = self.forgotten_node(node_id).await? else { return Ok(()) };
+        record.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+        let (storage, key, value) = (self.storage.clone(), node_id.to_vec(), record.encode_to_vec());
+        blocking(move || storage.put(Table::ForgottenNodes, &key, &value)).await
     }
 
     /// Records a heartbeat: the node is alive now and has `available` free.
@@ -956,6 +986,8 @@ impl GcsState {
 
     /// Marks a node draining (no new work) or, when `exiting`, gone.
     pub async fn drain_node(&self, node_id: &[u8], reason: &str, exiting: bool) -> GcsResult<()> {
+        // Not while a row is forgotten (its trust record would miss this).
+        let _membership = self.membership.read().await;
         let node_id = NodeId::from_bytes(node_id)?;
         let node = {
             let mut entry = self.nodes.get_mut(&node_id).ok_or_else(|| {
@@ -988,6 +1020,8 @@ impl GcsState {
     /// the time the head itself stood still meanwhile, up to three timeouts). Returns the
     /// nodes declared dead by this call.
     pub async fn check_heartbeats(&self) -> GcsResult<Vec<NodeId>> {
+        // Not while a row is forgotten (its trust record would miss this).
+        let _membership = self.membership.read().await;
         let now = self.clock.now_ms();
         let timeout = self.config.heartbeat_timeout_ms;
         let mut dead = Vec::new();
@@ -1038,7 +1072,7 @@ impl GcsState {
     }
 
     /// The trust record `node_id` left when it was forgotten after its death, if it was.
-    async fn forgotten_node(&self, node_id: &NodeId) -> GcsResult<Option<NodeInfo>> {
+    pub(crate) async fn forgotten_node(&self, node_id: &NodeId) -> GcsResult<Option<NodeInfo>> {
         if !self.nodes_forgotten.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -1104,11 +1138,13 @@ impl GcsState {
         }
         for node_id in &forgotten {
             self.nodes.remove(node_id);
-            self.node_keys.remove(node_id);
-            self.encoded_rows.remove(node_id);
-            self.listed_scores.remove(node_id);
-            self.registered_from.remove(node_id);
         }
+        // What is kept beside the rows goes with them, and whatever a registration refused
+        // or failed left behind (no registration runs now: a key without a row is one).
+        self.node_keys.retain(|node_id, _| self.nodes.contains_key(node_id));
+        self.encoded_rows.retain(|node_id, _| self.nodes.contains_key(node_id));
+        self.listed_scores.retain(|node_id, _| self.nodes.contains_key(node_id));
+        self.registered_from.retain(|node_id, _| self.nodes.contains_key(node_id));
         tracing::info!(
             forgotten = forgotten.len(),
             kept = limit,
@@ -1127,6 +1163,16 @@ impl GcsState {
             .collect();
         nodes.sort_by(|a, b| a.registered_at_ms.cmp(&b.registered_at_ms).then_with(|| a.node_id.cmp(&b.node_id)));
         nodes
+    }
+
+    /// Whether the head holds a row of `node_id` (alive or dead, not forgotten).
+    pub fn knows_node(&self, node_id: &NodeId) -> bool {
+        self.nodes.contains_key(node_id)
+    }
+
+    /// How many rows of nodes the head holds (alive or dead).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Whether `node_id` is registered and alive (read in place: no copy of its row).

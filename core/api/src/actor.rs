@@ -384,52 +384,62 @@ pub fn create_actor(class: &str, options: ActorOptions, args: Vec<Arg>) -> Ionet
     })
 }
 
+/// Whether the control store says actor `id` is DEAD (or forgot it), asked once: waiting
+/// up to `wait` for it to die; `None` when it cannot answer now (a head restarting).
+async fn actor_is_gone(worker: &std::sync::Weak<CoreWorker>, id: ActorId, wait: Duration) -> Option<bool> {
+    let mut gcs = worker.upgrade()?.gcs().ok()?;
+    // Waits for an incarnation no actor reaches: answers when it is DEAD, or at the timeout.
+    let request =
+        GetActorRequest { actor_id: id.to_vec(), wait_newer_than: i64::MAX, timeout_ms: wait.as_millis() as u64 };
+    match gcs.get_actor(request).await {
+        Ok(reply) => Some(reply.into_inner().actor.is_none_or(|info| info.state == ActorState::Dead as i32)),
+        Err(status) if status.code() == tonic::Code::NotFound => Some(true),
+        Err(_) => None,
+    }
+}
+
 /// Holds the refs inside actor `id`'s constructor arguments until the control store says
-/// it is dead (or forgot it), then lets them go. Ends with the process.
+/// it is dead (or forgot it), then lets them go. Ends with the process. Follows the
+/// actor's row as the process does (asking by `GetActor` after each quiet half minute),
+/// or by long polls when the head will not follow it.
 async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId) {
-    // Its row as the process follows it; if the head will not follow it there, long polls.
     let Some(current) = worker.upgrade() else { return };
     let mut row = current.actor_rows.follow(&current, id);
     drop(current);
+    let mut following = true;
     loop {
-        match &*row.borrow_and_update() {
-            crate::actor_rows::Followed::Row(info) if info.state == ActorState::Dead as i32 => {
-                if let Some(current) = worker.upgrade() {
-                    current.actor_args.remove(&id);
-                }
-                return;
-            }
-            crate::actor_rows::Followed::Refused => break,
-            _ => {}
-        }
-        if row.changed().await.is_err() {
-            break;
-        }
-    }
-    loop {
-        let Some(current) = worker.upgrade() else { return };
-        if *current.stopping.borrow() {
+        if worker.upgrade().is_none_or(|current| *current.stopping.borrow()) {
             return;
         }
-        // Waits for an incarnation no actor reaches: answers when it is DEAD, or at the
-        // timeout.
-        let request = GetActorRequest { actor_id: id.to_vec(), wait_newer_than: i64::MAX, timeout_ms: 30_000 };
-        let gcs = current.gcs();
-        drop(current);
-        let reply = match gcs {
-            Ok(mut gcs) => gcs.get_actor(request).await,
-            Err(_) => return,
-        };
-        let dead = match reply {
-            Ok(reply) => reply.into_inner().actor.is_none_or(|info| info.state == ActorState::Dead as i32),
-            Err(status) if status.code() == tonic::Code::NotFound => true,
-            Err(_) => {
-                // The head cannot answer now (restarting): ask again in a moment.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                false
+        let gone = if following {
+            let seen = match &*row.borrow_and_update() {
+                crate::actor_rows::Followed::Row(info) => Some(info.state == ActorState::Dead as i32),
+                crate::actor_rows::Followed::Refused => None,
+                crate::actor_rows::Followed::Unknown => Some(false),
+            };
+            match seen {
+                Some(true) => Some(true),
+                None => {
+                    following = false;
+                    continue;
+                }
+                Some(false) => match tokio::time::timeout(Duration::from_secs(30), row.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => {
+                        following = false;
+                        continue;
+                    }
+                    Err(_) => actor_is_gone(&worker, id, Duration::ZERO).await,
+                },
             }
+        } else {
+            let gone = actor_is_gone(&worker, id, Duration::from_secs(30)).await;
+            if gone.is_none() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            gone
         };
-        if dead {
+        if gone == Some(true) {
             if let Some(current) = worker.upgrade() {
                 current.actor_args.remove(&id);
             }

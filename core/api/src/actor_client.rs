@@ -148,7 +148,9 @@ impl SenderShared {
 /// that calls made after a restart go to the new incarnation without first failing on
 /// the old one. Ends when the actor is DEAD or its handles are gone.
 async fn watch_actor(shared: std::sync::Weak<SenderShared>, mut row: watch::Receiver<Followed>) {
-    // A row not yet seen is taken even once the channel is closed (DEAD: its last row).
+    // The row there already is news too (a new receiver has seen it); a row not yet seen
+    // is taken even once the channel is closed (DEAD: its last row).
+    row.mark_changed();
     while row.changed().await.is_ok() {
         let Some(current) = shared.upgrade() else { return };
         match &*row.borrow_and_update() {
@@ -551,12 +553,12 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
     let worker = &shared.worker;
     let mut row = worker.actor_rows.follow(worker, shared.actor.id);
     loop {
-        // The followed row once it says where to go; else (not followed, or nothing for
-        // a while: the head restarting, the actor pending long) the head's answer to a
-        // long poll, which also gives the error of an actor it will not follow.
-        let followed = match tokio::time::timeout(CONNECT_WAIT, followed_past(&mut row, broken)).await {
-            Ok(Some(info)) => Some(info),
-            Ok(None) | Err(_) => None,
+        // The followed row once it says where to go; else (no stream open, the head will
+        // not follow the actor, or nothing for a while: the actor pending long) the head's
+        // answer to a long poll, which also gives the error of an actor it will not follow.
+        let followed = match worker.actor_rows.is_open() {
+            true => tokio::time::timeout(CONNECT_WAIT, followed_past(&mut row, broken)).await.ok().flatten(),
+            false => None,
         };
         let info = match followed {
             Some(info) => info,

@@ -46,6 +46,11 @@ struct Inner {
     /// The open stream's requests (`None` while none is open, or before the first).
     requests: Option<mpsc::UnboundedSender<WatchActorsRequest>>,
     started: bool,
+    /// Whether a stream is open now (its replies read).
+    open: bool,
+    /// The head cannot follow actors (it serves no `WatchActors`, or this process knows
+    /// no head): every follow is refused at once, and callers ask by `GetActor`.
+    unsupported: bool,
 }
 
 fn follow_request(id: &ActorId) -> WatchActorsRequest {
@@ -61,6 +66,9 @@ impl ActorRows {
     /// said it, and each change after.
     pub(crate) fn follow(&self, worker: &Arc<CoreWorker>, id: ActorId) -> watch::Receiver<Followed> {
         let mut inner = self.lock();
+        if inner.unsupported {
+            return watch::channel(Followed::Refused).1;
+        }
         if let Some(row) = inner.followed.get(&id) {
             return row.subscribe();
         }
@@ -97,6 +105,27 @@ impl ActorRows {
         }
     }
 
+    /// Whether a stream is open now: a row not known yet comes within a round trip.
+    pub(crate) fn is_open(&self) -> bool {
+        self.lock().open
+    }
+
+    /// Notes that the stream was opened, or ended.
+    fn set_open(&self, open: bool) {
+        self.lock().open = open;
+    }
+
+    /// The head cannot follow actors: every actor followed, and every one from now on,
+    /// is refused (their callers ask by `GetActor`).
+    fn give_up(&self) {
+        let mut inner = self.lock();
+        inner.unsupported = true;
+        inner.open = false;
+        for (_, row) in inner.followed.drain() {
+            row.send_replace(Followed::Refused);
+        }
+    }
+
     /// Streams opened so far, and the actors followed now.
     pub(crate) fn counts(&self) -> (usize, usize) {
         (self.opened.load(std::sync::atomic::Ordering::Relaxed), self.lock().followed.len())
@@ -130,11 +159,14 @@ async fn run(worker: Weak<CoreWorker>) {
         drop(current);
         let opened = match gcs {
             Ok(mut gcs) => gcs.watch_actors(tokio_stream::wrappers::UnboundedReceiverStream::new(requests)).await,
-            Err(_) => return,
+            Err(_) => Err(tonic::Status::unimplemented("this process knows no control store")),
         };
         match opened {
             Ok(replies) => {
                 let mut replies = replies.into_inner();
+                if let Some(current) = worker.upgrade() {
+                    current.actor_rows.set_open(true);
+                }
                 loop {
                     let reply = tokio::select! {
                         reply = replies.message() => reply,
@@ -153,6 +185,16 @@ async fn run(worker: Weak<CoreWorker>) {
                     current.actor_rows.learn(id, news);
                     pause = Duration::from_millis(50);
                 }
+                if let Some(current) = worker.upgrade() {
+                    current.actor_rows.set_open(false);
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::debug!(error = %status.message(), "the control store cannot follow actors: asking by GetActor");
+                if let Some(current) = worker.upgrade() {
+                    current.actor_rows.give_up();
+                }
+                return;
             }
             Err(status) => {
                 tracing::debug!(error = %status.message(), "cannot follow actors on the control store; trying again");

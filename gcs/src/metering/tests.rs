@@ -635,7 +635,11 @@ async fn the_longest_dead_nodes_are_forgotten_once_settled_and_their_records_com
     let clock = ManualClock::new(START);
     let f =
         fixture_with(config.clone(), Arc::new(crate::storage::RedbStorage::open(&path).unwrap()), clock.clone()).await;
-    let with_key = |node: NodeId, key: u8| NodeInfo { public_key: vec![key; 32], ..gpu_node(node, 1, "1", "w") };
+    let with_key = |node: NodeId, key: u8| NodeInfo {
+        public_key: vec![key; 32],
+        accelerator_type: "A100-80GB".into(),
+        ..gpu_node(node, 1, "1", "w")
+    };
     // Dying in this order: `busy` first (a lease stays open on it), then `untrusted`
     // (it failed a GPU check), then the others; `alive` stays.
     let nodes: Vec<NodeId> = (0..6).map(|_| NodeId::random()).collect();
@@ -646,6 +650,10 @@ async fn the_longest_dead_nodes_are_forgotten_once_settled_and_their_records_com
     f.state.record_gpu_check(&untrusted, Err("wrong answers".into())).await.unwrap();
     let job = job(&f.state, "").await;
     start_both(&f.metering, LeaseId::random(), busy, job, gpus("1")).await.unwrap();
+    // `second` ran a lease to its end: its bill names its GPUs after it is forgotten.
+    let ended = LeaseId::random();
+    start_both(&f.metering, ended, second, job, gpus("1")).await.unwrap();
+    f.metering.lease_ended(ended.as_bytes()).await.unwrap();
     for node in [untrusted, second, third, last] {
         f.clock.advance_ms(100);
         f.state.heartbeat(node.as_bytes(), None).unwrap();
@@ -683,10 +691,16 @@ async fn the_longest_dead_nodes_are_forgotten_once_settled_and_their_records_com
         sorted(stored(Table::ForgottenNodes)),
         sorted(vec![untrusted.to_vec(), second.to_vec(), third.to_vec()])
     );
+    let bill = f.metering.job_cost(job).await.unwrap();
+    let line = bill.lines.iter().find(|line| line.lease_id == ended.to_vec()).unwrap();
+    assert_eq!((line.node_id.clone(), line.gpu_model.as_str()), (second.to_vec(), "A100-80GB"));
     // Its id stays bound to its key.
     let err = f.state.register_node(with_key(second, 2)).await.unwrap_err();
     assert!(err.to_string().contains("bound to another key"), "{err}");
     assert!(f.state.node(&second).is_none(), "refused, and still forgotten");
+    // Leases its death ended, counted once it is forgotten (metering ends them, then
+    // counts them), count against its record all the same.
+    f.state.note_leases_lost(&third, 2).await.unwrap();
     let died_at = START + 100;
     drop(f);
 
@@ -705,4 +719,6 @@ async fn the_longest_dead_nodes_are_forgotten_once_settled_and_their_records_com
     assert!(g.storage.get(Table::Nodes, untrusted.as_bytes()).unwrap().is_some());
     let err = g.state.register_node(with_key(third, 2)).await.unwrap_err();
     assert!(err.to_string().contains("bound to another key"), "after a restart too: {err}");
+    g.state.register_node(with_key(third, 1)).await.unwrap();
+    assert_eq!(g.state.node(&third).unwrap().reliability.unwrap().leases_lost, 2);
 }
