@@ -14,7 +14,12 @@
 //! `--answered 1`, each node a heartbeat each second, each answered; `--calls 1`, the
 //! same by `Heartbeat` calls (what nodes do with a head that has no streams).
 //!
-//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--period-ms N]
+//! `--views 1` has every node keep a view of the cluster as real nodes do (each
+//! heartbeat asks for the rows changed since its view; a node's first, or one on a
+//! stream the head ended after a whole table, reads every row): with `--changing 1`,
+//! each change goes to every node, the cost that grows with the square of the cluster.
+//!
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--views 1] [--period-ms N]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -26,7 +31,7 @@ use ionet::auth::Bearer;
 use ionet::config::ClusterConfig;
 use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::{NodeInfo, ResourceQuantities};
-use ionet::rpc::proto::gcs::{HeartbeatRequest, RegisterNodeRequest};
+use ionet::rpc::proto::gcs::{HeartbeatRequest, NodeRows, RegisterNodeRequest};
 use ionet::rpc::GcsClient;
 use ionet::{NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
@@ -68,6 +73,7 @@ fn main() {
     let changing = arg("--changing", 0) == 1;
     let calls = arg("--calls", 0) == 1;
     let answered = calls || arg("--answered", 0) == 1;
+    let views = arg("--views", 0) == 1;
     // What a node of the default configuration does with nothing new (the bench's head
     // has a longer timeout only so that the first nodes live while the last register).
     let defaults = ClusterConfig::default();
@@ -97,6 +103,7 @@ fn main() {
     let head_pid = head.id();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut rows_in_window = 0;
     let (absorbed, cpu, wall) = runtime.block_on(async {
         let mut operator = ionet::rpc::gcs_client(&address, &admin).await.expect("connect");
         let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("GPU", Quantity::whole(8));
@@ -124,41 +131,66 @@ fn main() {
             clients.push((client, node_id));
         }
         let absorbed = Arc::new(AtomicU64::new(0));
+        let views_rows = Arc::new(AtomicU64::new(0));
+        let less = ResourceSet::new().with("CPU", Quantity::whole(7)).with("GPU", Quantity::whole(8));
         let stop_at = Instant::now() + Duration::from_secs(seconds + 1);
         let mut tasks = Vec::new();
         for (index, (mut client, node_id)) in clients.into_iter().enumerate() {
             let absorbed = absorbed.clone();
-            let available = ResourceQuantities::from_set(&total);
+            // A change each second is a change: what is free moves between two values.
+            let available = [ResourceQuantities::from_set(&total), ResourceQuantities::from_set(&less)];
+            let views_rows = views_rows.clone();
             tasks.push(tokio::spawn(async move {
-                let (sender, receiver) = tokio::sync::mpsc::channel(1);
-                let mut replies = match calls {
-                    true => None,
-                    false => {
-                        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
-                        Some(client.heartbeat_stream(stream).await.expect("open a heartbeat stream").into_inner())
-                    }
-                };
                 // Stagger the fleet across the period, as real nodes started at different times are.
                 let offset = Duration::from_micros(every.as_micros() as u64 * index as u64 / nodes as u64);
                 tokio::time::sleep_until((Instant::now() + offset).min(stop_at).into()).await;
                 let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                // The open stream (`None`: by calls, or to be opened), and where the view stands.
+                let mut link = None;
+                let mut since = (0u64, 0u64);
                 let mut seq = 0;
                 while Instant::now() < stop_at {
+                    if link.is_none() && !calls {
+                        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+                        let Ok(replies) = client.heartbeat_stream(stream).await else { return };
+                        link = Some((sender, replies.into_inner(), true));
+                    }
                     seq += 1;
                     let request = HeartbeatRequest {
                         node_id: node_id.to_vec(),
-                        available: changing.then(|| available.clone()),
+                        available: changing.then(|| available[(seq % 2) as usize].clone()),
                         seq,
-                        quiet: !answered && seq > 1,
+                        read_view: views,
+                        view_since_incarnation: since.0,
+                        view_since_version: since.1,
                         ..Default::default()
                     };
-                    let taken = match replies.as_mut() {
-                        None => client.heartbeat(request).await.is_ok(),
-                        Some(replies) if answered || seq == 1 => {
-                            sender.send(request).await.is_ok() && matches!(replies.message().await, Ok(Some(_)))
+                    let taken = match link.as_mut() {
+                        None => match client.heartbeat(request).await {
+                            Ok(reply) => {
+                                learn_view(&mut since, reply.into_inner().view, &views_rows);
+                                true
+                            }
+                            Err(_) => false,
+                        },
+                        // A stream's first heartbeat is answered (its incarnation), as are all
+                        // with `--answered`; else replies (news only) are read as they come.
+                        Some((sender, replies, first)) if answered || *first => {
+                            let request = HeartbeatRequest { quiet: false, ..request };
+                            *first = false;
+                            match sender.send(request).await.is_ok() {
+                                true => match replies.message().await {
+                                    Ok(Some(reply)) => {
+                                        learn_view(&mut since, reply.view, &views_rows);
+                                        true
+                                    }
+                                    _ => false,
+                                },
+                                false => false,
+                            }
                         }
-                        // Replies (news only) read as they come, while waiting for the next tick.
-                        Some(_) => sender.send(request).await.is_ok(),
+                        Some((sender, _, _)) => sender.send(HeartbeatRequest { quiet: true, ..request }).await.is_ok(),
                     };
                     if taken {
                         absorbed.fetch_add(1, Ordering::Relaxed);
@@ -166,9 +198,11 @@ fn main() {
                     loop {
                         tokio::select! {
                             _ = ticker.tick() => break,
-                            reply = async { replies.as_mut().unwrap().message().await }, if replies.is_some() && !answered => {
-                                if !matches!(reply, Ok(Some(_))) {
-                                    return;
+                            reply = async { link.as_mut().unwrap().1.message().await }, if link.is_some() && !answered => {
+                                match reply {
+                                    Ok(Some(reply)) => learn_view(&mut since, reply.view, &views_rows),
+                                    // The head ends a stream after a whole table: the next tick opens another.
+                                    _ => link = None,
                                 }
                             }
                         }
@@ -180,17 +214,23 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (cpu_start, beats_start, wall_start) =
             (ionet_benches::process_cpu_seconds(head_pid).unwrap(), absorbed.load(Ordering::Relaxed), Instant::now());
+        let rows_start = views_rows.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(seconds - 1)).await;
         let cpu = ionet_benches::process_cpu_seconds(head_pid).unwrap() - cpu_start;
         let beats = absorbed.load(Ordering::Relaxed) - beats_start;
+        rows_in_window = views_rows.load(Ordering::Relaxed) - rows_start;
         let wall = wall_start.elapsed().as_secs_f64();
         futures::future::join_all(tasks).await;
         (beats, cpu, wall)
     });
     drop(head.stdin.take());
     let _ = head.wait();
+    let kept = match views {
+        true => format!(", every node keeping a view: {:.0} rows/s sent", rows_in_window as f64 / wall),
+        false => String::new(),
+    };
     println!(
-        "gcs heartbeats: {nodes} nodes ({}, {}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
+        "gcs heartbeats: {nodes} nodes ({}, {}{kept}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
         match (changing, answered) {
             (true, _) => "resources changing each second",
             (false, true) => "a heartbeat each second",
@@ -205,4 +245,13 @@ fn main() {
         100.0 * cpu / wall,
         1e6 * cpu / absorbed.max(1) as f64
     );
+}
+
+/// Moves a node's view to the rows a reply carried (where the view stands; the rows are
+/// counted, not kept: the bench measures the head).
+fn learn_view(since: &mut (u64, u64), view: Option<NodeRows>, rows: &AtomicU64) {
+    if let Some(view) = view {
+        rows.fetch_add(view.nodes.len() as u64, Ordering::Relaxed);
+        *since = (view.incarnation, view.version);
+    }
 }

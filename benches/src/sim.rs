@@ -283,11 +283,18 @@ pub fn simulate(options: &SimOptions) -> Result<SimReport, String> {
     let deadline = Instant::now() + options.register_timeout;
     loop {
         let nodes = alive(&mut operator)?;
-        if nodes.iter().filter(|node| node.state == NodeState::Alive as i32).count() >= options.nodes {
+        let living = nodes.iter().filter(|node| node.state == NodeState::Alive as i32).count();
+        if living >= options.nodes {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("the head lists {} of {} nodes alive", nodes.len(), options.nodes));
+            return Err(format!(
+                "the head lists {living} of {} nodes alive ({} dead) after {:.0} s, its CPU meanwhile {:.1} s",
+                options.nodes,
+                nodes.len() - living,
+                started.elapsed().as_secs_f64(),
+                crate::process_cpu_seconds(head.pid()).unwrap_or_default() - head_cpu_at_start
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
