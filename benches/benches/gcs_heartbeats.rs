@@ -31,7 +31,7 @@ use ionet::auth::Bearer;
 use ionet::config::ClusterConfig;
 use ionet::credential::{registration_message, KeyPair};
 use ionet::rpc::proto::common::{NodeInfo, ResourceQuantities};
-use ionet::rpc::proto::gcs::{HeartbeatRequest, NodeRows, RegisterNodeRequest};
+use ionet::rpc::proto::gcs::{HeartbeatReply, HeartbeatRequest, NodeRows, RegisterNodeRequest};
 use ionet::rpc::GcsClient;
 use ionet::{NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
@@ -141,20 +141,21 @@ fn main() {
             let available = [ResourceQuantities::from_set(&total), ResourceQuantities::from_set(&less)];
             let views_rows = views_rows.clone();
             tasks.push(tokio::spawn(async move {
+                // The open stream (`None`: by calls, or to be opened), and where the view
+                // stands. The first is opened before the window, as nodes hold theirs.
+                let mut link = None;
+                let mut since = (0u64, 0u64);
+                let mut seq = 0;
+                if !calls {
+                    link = Some(open_link(&mut client).await);
+                }
                 // Stagger the fleet across the period, as real nodes started at different times are.
                 let offset = Duration::from_micros(every.as_micros() as u64 * index as u64 / nodes as u64);
                 tokio::time::sleep_until((Instant::now() + offset).min(stop_at).into()).await;
                 let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                // The open stream (`None`: by calls, or to be opened), and where the view stands.
-                let mut link = None;
-                let mut since = (0u64, 0u64);
-                let mut seq = 0;
                 while Instant::now() < stop_at {
                     if link.is_none() && !calls {
-                        let (sender, receiver) = tokio::sync::mpsc::channel(1);
-                        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
-                        let Ok(replies) = client.heartbeat_stream(stream).await else { return };
-                        link = Some((sender, replies.into_inner(), true));
+                        link = Some(open_link(&mut client).await);
                     }
                     seq += 1;
                     let request = HeartbeatRequest {
@@ -245,6 +246,17 @@ fn main() {
         100.0 * cpu / wall,
         1e6 * cpu / absorbed.max(1) as f64
     );
+}
+
+/// A heartbeat stream to the head: where heartbeats go, the replies, and whether its
+/// first heartbeat is still to be sent (that one is answered).
+type Link = (tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>, bool);
+
+async fn open_link(client: &mut GcsClient) -> Link {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+    let replies = client.heartbeat_stream(stream).await.expect("open a heartbeat stream");
+    (sender, replies.into_inner(), true)
 }
 
 /// Moves a node's view to the rows a reply carried (where the view stands; the rows are
