@@ -103,7 +103,7 @@ fn main() {
     let head_pid = head.id();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut rows_in_window = 0;
+    let (mut rows_in_window, mut opened_in_window) = (0, 0);
     let (absorbed, cpu, wall) = runtime.block_on(async {
         let mut operator = ionet::rpc::gcs_client(&address, &admin).await.expect("connect");
         let total = ResourceSet::new().with("CPU", Quantity::whole(8)).with("GPU", Quantity::whole(8));
@@ -132,14 +132,17 @@ fn main() {
         }
         let absorbed = Arc::new(AtomicU64::new(0));
         let views_rows = Arc::new(AtomicU64::new(0));
+        // Nodes whose first heartbeat was answered, and streams opened.
+        let (ready, opened) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let less = ResourceSet::new().with("CPU", Quantity::whole(7)).with("GPU", Quantity::whole(8));
-        let stop_at = Instant::now() + Duration::from_secs(seconds + 1);
+        // Set once the window is measured: every node stops at its next tick.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
         for (index, (mut client, node_id)) in clients.into_iter().enumerate() {
             let absorbed = absorbed.clone();
             // A change each second is a change: what is free moves between two values.
             let available = [ResourceQuantities::from_set(&total), ResourceQuantities::from_set(&less)];
-            let views_rows = views_rows.clone();
+            let (views_rows, ready, opened, stop) = (views_rows.clone(), ready.clone(), opened.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 // The open stream (`None`: by calls, or to be opened), and where the view
                 // stands. The first is opened before the window, as nodes hold theirs.
@@ -147,15 +150,15 @@ fn main() {
                 let mut since = (0u64, 0u64);
                 let mut seq = 0;
                 if !calls {
-                    link = Some(open_link(&mut client).await);
+                    link = Some(open_link(&mut client, &opened).await);
                 }
                 // Stagger the fleet across the period, as real nodes started at different times are.
                 let offset = Duration::from_micros(every.as_micros() as u64 * index as u64 / nodes as u64);
-                tokio::time::sleep_until((Instant::now() + offset).min(stop_at).into()).await;
+                tokio::time::sleep(offset).await;
                 let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                while Instant::now() < stop_at {
+                while !stop.load(Ordering::Relaxed) {
                     if link.is_none() && !calls {
-                        link = Some(open_link(&mut client).await);
+                        link = Some(open_link(&mut client, &opened).await);
                     }
                     seq += 1;
                     let request = HeartbeatRequest {
@@ -171,27 +174,39 @@ fn main() {
                         None => match client.heartbeat(request).await {
                             Ok(reply) => {
                                 learn_view(&mut since, reply.into_inner().view, &views_rows);
+                                if seq == 1 {
+                                    ready.fetch_add(1, Ordering::Relaxed);
+                                }
                                 true
                             }
                             Err(_) => false,
                         },
                         // A stream's first heartbeat is answered (its incarnation), as are all
                         // with `--answered`; else replies (news only) are read as they come.
-                        Some((sender, replies, first)) if answered || *first => {
+                        Some(open) if answered || open.first => {
+                            open.first = false;
                             let request = HeartbeatRequest { quiet: false, ..request };
-                            *first = false;
-                            match sender.send(request).await.is_ok() {
-                                true => match replies.message().await {
-                                    Ok(Some(reply)) => {
-                                        learn_view(&mut since, reply.view, &views_rows);
-                                        true
+                            let reply = match open.sender.send(request).await {
+                                Ok(()) => open.replies.message().await.ok().flatten(),
+                                Err(_) => None,
+                            };
+                            match reply {
+                                Some(reply) => {
+                                    learn_view(&mut since, reply.view, &views_rows);
+                                    if seq == 1 {
+                                        ready.fetch_add(1, Ordering::Relaxed);
                                     }
-                                    _ => false,
-                                },
-                                false => false,
+                                    true
+                                }
+                                // Ended (after a whole table, or a large delta): the next
+                                // heartbeat opens another.
+                                None => {
+                                    link = None;
+                                    false
+                                }
                             }
                         }
-                        Some((sender, _, _)) => sender.send(HeartbeatRequest { quiet: true, ..request }).await.is_ok(),
+                        Some(open) => open.sender.send(HeartbeatRequest { quiet: true, ..request }).await.is_ok(),
                     };
                     if taken {
                         absorbed.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +214,7 @@ fn main() {
                     loop {
                         tokio::select! {
                             _ = ticker.tick() => break,
-                            reply = async { link.as_mut().unwrap().1.message().await }, if link.is_some() && !answered => {
+                            reply = async { link.as_mut().unwrap().replies.message().await }, if link.is_some() && !answered => {
                                 match reply {
                                     Ok(Some(reply)) => learn_view(&mut since, reply.view, &views_rows),
                                     // The head ends a stream after a whole table: the next tick opens another.
@@ -211,24 +226,36 @@ fn main() {
                 }
             }));
         }
-        // Skip the first second (ramp-up), then measure a steady window.
+        // Every node's first heartbeat answered (its stream open, its view read whole), and a
+        // second more, then a steady window.
+        let ramp = Instant::now() + Duration::from_secs(120);
+        while ready.load(Ordering::Relaxed) < nodes as u64 && Instant::now() < ramp {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (cpu_start, beats_start, wall_start) =
             (ionet_benches::process_cpu_seconds(head_pid).unwrap(), absorbed.load(Ordering::Relaxed), Instant::now());
-        let rows_start = views_rows.load(Ordering::Relaxed);
+        let (rows_start, opened_start) = (views_rows.load(Ordering::Relaxed), opened.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_secs(seconds - 1)).await;
         let cpu = ionet_benches::process_cpu_seconds(head_pid).unwrap() - cpu_start;
         let beats = absorbed.load(Ordering::Relaxed) - beats_start;
         rows_in_window = views_rows.load(Ordering::Relaxed) - rows_start;
+        opened_in_window = opened.load(Ordering::Relaxed) - opened_start;
         let wall = wall_start.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
         futures::future::join_all(tasks).await;
         (beats, cpu, wall)
     });
     drop(head.stdin.take());
     let _ = head.wait();
-    let kept = match views {
-        true => format!(", every node keeping a view: {:.0} rows/s sent", rows_in_window as f64 / wall),
-        false => String::new(),
+    let kept = if views {
+        format!(
+            ", every node keeping a view: {:.0} rows/s sent, {:.0} streams/s opened (the head ends one after a large delta)",
+            rows_in_window as f64 / wall,
+            opened_in_window as f64 / wall
+        )
+    } else {
+        String::new()
     };
     println!(
         "gcs heartbeats: {nodes} nodes ({}, {}{kept}): {:.0} heartbeats/s absorbed, head CPU {:.2}% of one core ({:.1} µs CPU per heartbeat) over {wall:.1} s",
@@ -248,15 +275,20 @@ fn main() {
     );
 }
 
-/// A heartbeat stream to the head: where heartbeats go, the replies, and whether its
-/// first heartbeat is still to be sent (that one is answered).
-type Link = (tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>, bool);
+/// A heartbeat stream to the head.
+struct Link {
+    sender: tokio::sync::mpsc::Sender<HeartbeatRequest>,
+    replies: tonic::Streaming<HeartbeatReply>,
+    /// Its first heartbeat is still to be sent (that one is answered).
+    first: bool,
+}
 
-async fn open_link(client: &mut GcsClient) -> Link {
+async fn open_link(client: &mut GcsClient, opened: &AtomicU64) -> Link {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
-    let replies = client.heartbeat_stream(stream).await.expect("open a heartbeat stream");
-    (sender, replies.into_inner(), true)
+    let replies = client.heartbeat_stream(stream).await.expect("open a heartbeat stream").into_inner();
+    opened.fetch_add(1, Ordering::Relaxed);
+    Link { sender, replies, first: true }
 }
 
 /// Moves a node's view to the rows a reply carried (where the view stands; the rows are

@@ -919,12 +919,21 @@ impl Metering {
         let payer_account =
             if job.payer_account.trim().is_empty() { DEFAULT_PAYER.to_string() } else { job.payer_account.clone() };
         let mut lines = Vec::new();
+        let mut forgotten: HashMap<NodeId, Option<ionet_common::rpc::proto::common::NodeInfo>> = HashMap::new();
         for record in self.list_usage(Some(job_id), None).await? {
             let node = match NodeId::from_bytes(&record.node_id) {
-                // A node forgotten since its death left the GPUs it had in its record.
+                // A node forgotten since its death left the GPUs it had in its record
+                // (read once per node).
                 Ok(node) => match self.state.node(&node) {
                     Some(row) => Some(row),
-                    None => self.state.forgotten_node(&node).await.ok().flatten(),
+                    None => match forgotten.get(&node) {
+                        Some(record) => record.clone(),
+                        None => {
+                            let record = self.state.forgotten_node(&node).await.ok().flatten();
+                            forgotten.insert(node, record.clone());
+                            record
+                        }
+                    },
                 },
                 Err(_) => None,
             };

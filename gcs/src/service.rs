@@ -1182,7 +1182,8 @@ impl Gcs for GcsService {
             let mut followed: HashMap<Vec<u8>, (u64, tokio::task::AbortHandle)> = HashMap::new();
             let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
             let mut stopped = service.stopped.clone();
-            for number in 0u64.. {
+            let mut started = 0u64;
+            loop {
                 let request = tokio::select! {
                     next = incoming.message() => match next {
                         Ok(Some(request)) => request,
@@ -1222,6 +1223,8 @@ impl Gcs for GcsService {
                         continue;
                     }
                 };
+                started += 1;
+                let number = started;
                 let (actors, replies, ended) = (service.actors.clone(), replies.clone(), ended.clone());
                 let following = tokio::spawn(async move {
                     actors

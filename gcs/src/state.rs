@@ -163,8 +163,9 @@ pub struct GcsState {
     /// The address each node's latest registration came from (this process's runs only):
     /// the one host a node may name for its metrics server.
     registered_from: DashMap<NodeId, std::net::IpAddr>,
-    /// Held (shared) by each registration and (alone) by [`GcsState::forget_dead_nodes`]:
-    /// a registration never meets a row half forgotten.
+    /// Held (shared) by each registration and each writer of a node row, and (alone) by
+    /// [`GcsState::forget_dead_nodes`]: none meets a row half forgotten, none lands in a
+    /// row while it is forgotten.
     membership: tokio::sync::RwLock<()>,
     /// Whether any node was ever forgotten ([`NODES_FORGOTTEN_KEY`]).
     nodes_forgotten: std::sync::atomic::AtomicBool,
@@ -939,6 +940,7 @@ impl GcsState {
         // Registered again meanwhile: counted on its row.
         let counted = self.nodes.get_mut(node_id).map(|mut node| {
             node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+            self.node_changed(*node_id);
             node.clone()
         });
         if let Some(node) = counted {
@@ -1061,10 +1063,22 @@ impl GcsState {
                 dead.push((*entry.key(), entry.clone()));
             }
         }
+        // One commit for all of them (many die at once when a network splits).
+        if !dead.is_empty() {
+            let writes: Vec<StorageWrite> = dead
+                .iter()
+                .map(|(_, node)| StorageWrite::Put {
+                    table: Table::Nodes,
+                    key: node.node_id.clone(),
+                    value: node.encode_to_vec(),
+                })
+                .collect();
+            let storage = self.storage.clone();
+            blocking(move || storage.write_all(&writes)).await?;
+        }
         let mut ids = Vec::with_capacity(dead.len());
         for (node_id, node) in dead {
             tracing::warn!(node = %node_id.short(), address = %node.address, cause = %node.death_cause, "node declared dead");
-            self.persist_node(&node).await?;
             self.publish(Event::NodeDead(node));
             ids.push(node_id);
         }

@@ -400,8 +400,8 @@ async fn actor_is_gone(worker: &std::sync::Weak<CoreWorker>, id: ActorId, wait: 
 
 /// Holds the refs inside actor `id`'s constructor arguments until the control store says
 /// it is dead (or forgot it), then lets them go. Ends with the process. Follows the
-/// actor's row as the process does (asking by `GetActor` after each quiet half minute),
-/// or by long polls when the head will not follow it.
+/// actor's row as the process does (asking by `GetActor` after a quiet half minute with
+/// no stream open), or by long polls when the head will not follow it.
 async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId) {
     let Some(current) = worker.upgrade() else { return };
     let mut row = current.actor_rows.follow(&current, id);
@@ -429,6 +429,9 @@ async fn release_args_when_dead(worker: std::sync::Weak<CoreWorker>, id: ActorId
                         following = false;
                         continue;
                     }
+                    // Quiet with the stream open: nothing happened (a forgotten actor's
+                    // follow ends refused). With none open, a look.
+                    Err(_) if worker.upgrade().is_some_and(|current| current.actor_rows.is_open()) => continue,
                     Err(_) => actor_is_gone(&worker, id, Duration::ZERO).await,
                 },
             }

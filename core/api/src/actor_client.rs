@@ -556,9 +556,10 @@ async fn connect(shared: &Arc<SenderShared>, broken: i64) -> IonetResult<Result<
         // The followed row once it says where to go; else (no stream open, the head will
         // not follow the actor, or nothing for a while: the actor pending long) the head's
         // answer to a long poll, which also gives the error of an actor it will not follow.
-        let followed = match worker.actor_rows.is_open() {
-            true => tokio::time::timeout(CONNECT_WAIT, followed_past(&mut row, broken)).await.ok().flatten(),
-            false => None,
+        let followed = if worker.actor_rows.is_open() {
+            tokio::time::timeout(CONNECT_WAIT, followed_past(&mut row, broken)).await.ok().flatten()
+        } else {
+            None
         };
         let info = match followed {
             Some(info) => info,

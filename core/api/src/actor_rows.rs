@@ -48,8 +48,8 @@ struct Inner {
     started: bool,
     /// Whether a stream is open now (its replies read).
     open: bool,
-    /// The head cannot follow actors (it serves no `WatchActors`, or this process knows
-    /// no head): every follow is refused at once, and callers ask by `GetActor`.
+    /// The head serves no `WatchActors` (an older one): every follow is refused at once,
+    /// and callers ask by `GetActor`.
     unsupported: bool,
 }
 
@@ -159,7 +159,7 @@ async fn run(worker: Weak<CoreWorker>) {
         drop(current);
         let opened = match gcs {
             Ok(mut gcs) => gcs.watch_actors(tokio_stream::wrappers::UnboundedReceiverStream::new(requests)).await,
-            Err(_) => Err(tonic::Status::unimplemented("this process knows no control store")),
+            Err(err) => Err(tonic::Status::unavailable(err.to_string())),
         };
         match opened {
             Ok(replies) => {
