@@ -1172,12 +1172,16 @@ impl Gcs for GcsService {
         request: Request<tonic::Streaming<WatchActorsRequest>>,
     ) -> Result<Response<Self::WatchActorsStream>, Status> {
         let principal = Principal::of(&request)?;
+        // Admitted by the credential it opened with: ended once its time is up, and opened
+        // again (with that process's credential as it is then).
+        let until = tokio::time::Instant::now() + Duration::from_millis(self.state.config.heartbeat_stream_lifetime_ms);
         let mut incoming = request.into_inner();
         let (replies, rows) = tokio::sync::mpsc::channel(FOLLOWED_ROWS_BUFFERED);
         let service = self.clone();
         // Reads what to follow; each actor followed is a task sending its rows, which says
         // when it ends (by its number: a task replaced by a later follow of the same actor
-        // must not drop the new one). The stream ending (or the head stopping) ends them all.
+        // must not drop the new one). The stream ending (its time up, or the head
+        // stopping) ends them all.
         tokio::spawn(async move {
             let mut followed: HashMap<Vec<u8>, (u64, tokio::task::AbortHandle)> = HashMap::new();
             let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
@@ -1196,6 +1200,7 @@ impl Gcs for GcsService {
                         continue;
                     }
                     _ = stopped.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep_until(until) => break,
                 };
                 if let Some((_, following)) = followed.remove(&request.actor_id) {
                     following.abort();

@@ -527,6 +527,29 @@ fn thousands_of_actors_created_at_once_are_all_ready() {
     drop(cluster);
 }
 
+/// The head ends a process's stream of actor rows when its time is up (it was admitted by
+/// the credential it opened with); the process opens another and follows its actors on
+/// it: a restart is still learnt, and calls go on.
+fn the_stream_of_actor_rows_is_opened_again_when_its_time_is_up() {
+    let cluster = Cluster::start_with_env(&["--num-cpus", "2"], &[("IONET_HEARTBEAT_STREAM_LIFETIME_MS", "300")]);
+    cluster.init();
+    let counter = Counter::options(ActorOptions::new().max_restarts(1)).remote(0i64).unwrap();
+    assert_eq!(ionet::get_timeout(&counter.incr(1), Duration::from_secs(60)).unwrap(), 1);
+    wait_until("the stream opened again twice", Duration::from_secs(30), || {
+        ionet::testing::actor_rows_followed().unwrap().0 >= 3
+    });
+    assert_eq!(ionet::testing::actor_rows_followed().unwrap().1, 1, "still followed");
+    assert_eq!(ionet::get_timeout(&counter.incr(1), Duration::from_secs(60)).unwrap(), 2);
+    // A restart while the streams come and go: the next call goes to the new incarnation.
+    sigkill(ionet::get_timeout(&counter.pid(), Duration::from_secs(60)).unwrap());
+    wait_until("the actor to restart", Duration::from_secs(60), || {
+        counter.actor_handle().info().is_ok_and(|info| info.incarnation == 1 && info.state == ionet::ActorState::Alive)
+    });
+    let value = ionet::get_timeout(&counter.incr(1), Duration::from_secs(60)).unwrap();
+    assert_eq!(value, 1, "the constructor ran again: state reset");
+    drop(cluster);
+}
+
 fn gpu_actor_waits_for_the_gpu() {
     let cluster = Cluster::start(&["--num-cpus", "4", "--num-gpus", "1", "--gpu-type", "A100-80GB"]);
     cluster.init();
@@ -914,6 +937,10 @@ fn main() {
             ("actors_sharing_a_process_live_and_end_apart", actors_sharing_a_process_live_and_end_apart),
             ("thousands_of_actors_created_at_once_are_all_ready", thousands_of_actors_created_at_once_are_all_ready),
             ("leases_of_a_killed_actor_come_back", leases_of_a_killed_actor_come_back),
+            (
+                "the_stream_of_actor_rows_is_opened_again_when_its_time_is_up",
+                the_stream_of_actor_rows_is_opened_again_when_its_time_is_up,
+            ),
             ("gpu_actor_waits_for_the_gpu", gpu_actor_waits_for_the_gpu),
             ("hundred_concurrent_calls_share_one_actor", hundred_concurrent_calls_share_one_actor),
             (

@@ -25,9 +25,10 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// A node silent for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
-    /// How long the head keeps one of a node's heartbeat streams before ending it (the node
-    /// opens another): a stream is admitted by the credential it opened with, so this
-    /// bounds how long a credential that ran out or was replaced still heartbeats.
+    /// How long the head keeps one of a node's heartbeat streams, or of a process's
+    /// `WatchActors` streams, before ending it (its holder opens another): a stream is
+    /// admitted by the credential it opened with, so this bounds how long a credential
+    /// that ran out or was replaced still heartbeats or hears of actors.
     pub heartbeat_stream_lifetime_ms: u64,
     /// Largest gRPC message accepted by servers.
     pub max_message_bytes: usize,
