@@ -921,16 +921,22 @@ impl GcsState {
     pub async fn note_leases_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
         {
             let _membership = self.membership.read().await;
-            let counted = self.nodes.get_mut(node_id).map(|mut node| {
-                node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
-                self.node_changed(*node_id);
-                node.clone()
-            });
-            if let Some(node) = counted {
-                return self.persist_node(&node).await;
+            if let Some(counted) = self.count_lost_on_row(node_id, lost).await {
+                return counted;
             }
         }
         self.forgotten_lost(node_id, lost).await
+    }
+
+    /// Counts `lost` leases on `node_id`'s row and stores it; `None` when the head holds
+    /// no row of it.
+    async fn count_lost_on_row(&self, node_id: &NodeId, lost: u64) -> Option<GcsResult<()>> {
+        let node = self.nodes.get_mut(node_id).map(|mut node| {
+            node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
+            self.node_changed(*node_id);
+            node.clone()
+        })?;
+        Some(self.persist_node(&node).await)
     }
 
     /// Counts leases lost against the trust record of a node forgotten since they were
@@ -938,13 +944,8 @@ impl GcsState {
     async fn forgotten_lost(&self, node_id: &NodeId, lost: u64) -> GcsResult<()> {
         let _membership = self.membership.write().await;
         // Registered again meanwhile: counted on its row.
-        let counted = self.nodes.get_mut(node_id).map(|mut node| {
-            node.reliability.get_or_insert_with(Default::default).leases_lost += lost;
-            self.node_changed(*node_id);
-            node.clone()
-        });
-        if let Some(node) = counted {
-            return self.persist_node(&node).await;
+        if let Some(counted) = self.count_lost_on_row(node_id, lost).await {
+            return counted;
         }
         let Some(mut record) = self.forgotten_node(node_id).await? else { return Ok(()) };
         record.reliability.get_or_insert_with(Default::default).leases_lost += lost;
