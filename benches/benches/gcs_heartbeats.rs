@@ -17,9 +17,12 @@
 //! `--views 1` has every node keep a view of the cluster as real nodes do (each
 //! heartbeat asks for the rows changed since its view; a node's first, or one on a
 //! stream the head ended after a whole table, reads every row): with `--changing 1`,
-//! each change goes to every node, the cost that grows with the square of the cluster.
+//! each change goes to every node, the cost that grows with the square of the cluster,
+//! unless views are sampled: nodes ask for sampled views as real ones do, and the head
+//! samples past twice `--view-sample N` nodes (128, the default; 0: whole views, the
+//! square cost).
 //!
-//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--views 1] [--period-ms N]
+//!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--views 1] [--view-sample N] [--period-ms N]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -44,7 +47,8 @@ fn arg(name: &str, default: u64) -> u64 {
 fn serve_head() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let config = ClusterConfig { heartbeat_timeout_ms: 30_000, ..Default::default() };
+        let view_sample = arg("--view-sample", ClusterConfig::default().view_sample as u64) as usize;
+        let config = ClusterConfig { heartbeat_timeout_ms: 30_000, view_sample, ..Default::default() };
         let listener = ionet_common::rpc::listen("127.0.0.1", 0).await.unwrap();
         let server = GcsServer::start(GcsServerOptions::new(config), listener).await.unwrap();
         println!("{}", server.address());
@@ -89,6 +93,7 @@ fn main() {
     };
     let mut head = Command::new(std::env::current_exe().unwrap())
         .arg("--serve-head")
+        .args(["--view-sample", &arg("--view-sample", ClusterConfig::default().view_sample as u64).to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -166,6 +171,7 @@ fn main() {
                         available: changing.then(|| available[(seq % 2) as usize].clone()),
                         seq,
                         read_view: views,
+                        sampled_view: views,
                         view_since_incarnation: since.0,
                         view_since_version: since.1,
                         ..Default::default()

@@ -420,6 +420,7 @@ impl Probe {
                 view_since_incarnation: view_at.1,
                 seq: beat + 1,
                 quiet: false,
+                sampled_view: true,
             };
             match self.client.heartbeat(request).await {
                 Ok(reply) => {

@@ -54,6 +54,7 @@ pub mod job_server;
 pub mod metering;
 pub mod metering_service;
 pub mod metrics;
+mod node_changes;
 pub mod node_scrape;
 pub mod objects;
 pub mod packages;

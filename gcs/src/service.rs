@@ -3,7 +3,7 @@
 //! principals may make each call at all is the authorization table's
 //! (`ionet_common::authz`), checked before a request reaches this service.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use ionet_common::rpc::proto::common::{JobInfo, NodeInfo};
 use ionet_common::rpc::proto::gcs::gcs_server::Gcs;
 use ionet_common::rpc::proto::gcs::*;
 use ionet_common::{tls, ActorId, JobId, NodeId, ObjectId};
+use prost::Message;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -28,6 +29,10 @@ use ionet_scheduler::NodeOrder;
 
 /// A heartbeat stream ends after a reply carrying more rows than this (bytes).
 const LARGE_HEARTBEAT_REPLY: usize = 64 << 10;
+/// Most nodes one `GetAllNodes` look-up names (or one `FindNodes` avoids).
+const MAX_NODES_LOOKED_UP: usize = 1_000;
+/// Most nodes one `FindNodes` answers with.
+const MAX_NODES_FOUND: u32 = 64;
 
 /// Every part is shared (`Arc`), so a long-lived stream's handler holds a clone.
 #[derive(Clone)]
@@ -308,15 +313,36 @@ impl GcsService {
 
     /// The node table for a reader at `since` of `since_incarnation`: what changed since,
     /// or all of it.
-    fn nodes_read(&self, include_dead: bool, since: u64, since_incarnation: u64) -> GetAllNodesReply {
-        let read = self.state.nodes_since(include_dead, since, since_incarnation);
-        GetAllNodesReply {
+    fn nodes_read(&self, request: GetAllNodesRequest) -> Result<GetAllNodesReply, Status> {
+        if !request.node_ids.is_empty() || !request.addresses.is_empty() {
+            if request.node_ids.len() + request.addresses.len() > MAX_NODES_LOOKED_UP {
+                return Err(Status::invalid_argument(format!(
+                    "{} nodes looked up in one call: at most {MAX_NODES_LOOKED_UP}",
+                    request.node_ids.len() + request.addresses.len()
+                )));
+            }
+            let ids = request.node_ids.iter().map(|id| node_id_of(id)).collect::<Result<Vec<_>, _>>()?;
+            return Ok(GetAllNodesReply {
+                nodes: self.state.look_up_nodes(&ids, &request.addresses, request.include_dead),
+                incarnation: self.state.incarnation(),
+                ..Default::default()
+            });
+        }
+        let viewer = if request.sample_for.is_empty() { None } else { Some(node_id_of(&request.sample_for)?) };
+        let read = self.state.nodes_since(
+            request.include_dead,
+            request.since_version,
+            request.since_incarnation,
+            viewer.as_ref(),
+        );
+        Ok(GetAllNodesReply {
             nodes: read.nodes,
             version: read.version,
             incarnation: self.state.incarnation(),
             delta: read.delta,
             removed: read.removed.iter().map(|node| node.to_vec()).collect(),
-        }
+            sampled: read.sampled,
+        })
     }
 
     /// A heartbeat's answer, by call or on a stream.
@@ -338,13 +364,15 @@ impl GcsService {
         unfunded_jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         let gpu_check_due = self.gpu_check_due(node_id).await?;
         let view = request.read_view.then(|| {
-            let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation);
+            let viewer = request.sampled_view.then_some(&node_id);
+            let read = self.state.node_rows_since(request.view_since_version, request.view_since_incarnation, viewer);
             NodeRows {
                 nodes: read.rows,
                 version: read.version,
                 incarnation: self.state.incarnation(),
                 delta: read.delta,
                 removed: read.removed.iter().map(|node| node.to_vec()).collect(),
+                sampled: read.sampled,
             }
         });
         Ok(HeartbeatReply {
@@ -684,8 +712,46 @@ impl Gcs for GcsService {
     }
 
     async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(self.nodes_read(request.include_dead, request.since_version, request.since_incarnation)))
+        Ok(Response::new(self.nodes_read(request.into_inner())?))
+    }
+
+    async fn find_nodes(&self, request: Request<FindNodesRequest>) -> Result<Response<FindNodesReply>, Status> {
+        let mut request = request.into_inner();
+        if request.limit == 0 || request.limit > MAX_NODES_FOUND {
+            return Err(Status::invalid_argument(format!(
+                "limit {} is not between 1 and {MAX_NODES_FOUND}",
+                request.limit
+            )));
+        }
+        if request.avoid.len() > MAX_NODES_LOOKED_UP {
+            return Err(Status::invalid_argument(format!("at most {MAX_NODES_LOOKED_UP} nodes may be avoided")));
+        }
+        let resources = request.resources.clone().unwrap_or_default().to_set().map_err(Status::from)?;
+        let mut demand = ionet_scheduler::Demand::new(resources)
+            .with_label_selectors(&request.label_selectors)
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        if request.min_reliability_bps > 0 {
+            demand = demand.with_min_reliability_bps(request.min_reliability_bps);
+        }
+        let avoid = request.avoid.iter().map(|id| node_id_of(id)).collect::<Result<HashSet<_>, _>>()?;
+        let (limit, free_now) = (request.limit as usize, request.free_now);
+        // What was asked, whoever asked it: a search that found nothing is not made again
+        // at once (the asker is among those avoided, so it is left out of the key).
+        request.avoid.clear();
+        let asked = request.encode_to_vec();
+        let found = self.state.find_nodes(asked, limit, |row| {
+            let Ok(node_id) = NodeId::from_bytes(&row.node_id) else { return false };
+            if avoid.contains(&node_id) {
+                return false;
+            }
+            let Ok(view) = crate::placement_groups::node_view(row) else { return false };
+            if free_now {
+                demand.fits_now(&view)
+            } else {
+                demand.fits_when_idle(&view)
+            }
+        });
+        Ok(Response::new(FindNodesReply { nodes: found }))
     }
 
     async fn add_job(&self, request: Request<AddJobRequest>) -> Result<Response<AddJobReply>, Status> {

@@ -36,6 +36,7 @@ use sha2::Digest;
 use tokio::sync::broadcast;
 
 use crate::error::{GcsError, GcsResult};
+use crate::node_changes::NodeChanges;
 use crate::storage::{GcsStorage, StorageWrite, Table};
 
 const JOB_COUNTER_KEY: &[u8] = b"job_counter";
@@ -53,45 +54,15 @@ const SCORE_MOVE_LOGGED: u32 = 50;
 /// sweep at each check (four a second, every row) stood out in an idle 10,000-node
 /// head's profile.
 const SCORE_SWEEP_MS: u64 = 1_000;
-/// How many changes of node rows are remembered for readers of deltas (a reader further
-/// behind reads the whole table).
-const NODE_CHANGES_KEPT: usize = 1 << 16;
+/// How long a search of the node table that found nothing is answered from memory.
+const NOTHING_FOUND_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most searches remembered as having found nothing.
+const NOTHING_FOUND_MAX: usize = 4_096;
+
 /// The most head stalls excuse a node's silence: this many heartbeat timeouts.
 const MAX_STALL_ALLOWANCE: u64 = 3;
 /// Stalls remembered (the latest).
 const MAX_STALLS_KEPT: usize = 256;
-
-/// The node rows changed, in order: what a node refreshing its view asks for instead of
-/// the whole table (which, read by every node every second, costs the head the square of
-/// the cluster's size).
-#[derive(Default)]
-struct NodeChanges {
-    /// The latest change's number (this process's: a reader of another incarnation reads
-    /// the whole table).
-    version: u64,
-    log: std::collections::VecDeque<(u64, NodeId)>,
-    /// Each node's latest change: what its row in `GcsState::encoded_rows` must be of.
-    latest: HashMap<NodeId, u64>,
-}
-
-impl NodeChanges {
-    /// The nodes changed since a reader's `since` (of incarnation `since_incarnation`),
-    /// each once, when every change since is still remembered; else `None`: the reader
-    /// needs every row.
-    fn since(&self, since: u64, since_incarnation: u64, incarnation: u64) -> Option<Vec<NodeId>> {
-        let known = since > 0
-            && since_incarnation == incarnation
-            && since <= self.version
-            && self.log.front().map_or(since == self.version, |(oldest, _)| *oldest <= since + 1);
-        known.then(|| {
-            let start = self.log.partition_point(|(version, _)| *version <= since);
-            let mut changed: Vec<NodeId> = self.log.range(start..).map(|(_, node)| *node).collect();
-            changed.sort_unstable();
-            changed.dedup();
-            changed
-        })
-    }
-}
 
 /// A node's row encoded once for every reply that carries it.
 #[derive(Clone)]
@@ -107,6 +78,8 @@ pub struct NodeRowsRead {
     pub removed: Vec<NodeId>,
     pub version: u64,
     pub delta: bool,
+    /// The rows are of the reader's sample only (see `node_changes`).
+    pub sampled: bool,
 }
 
 /// A read of the node table: every row, or those changed since the reader's version.
@@ -115,6 +88,16 @@ pub struct NodesRead {
     pub removed: Vec<NodeId>,
     pub version: u64,
     pub delta: bool,
+    /// The rows are of the reader's sample only (see `node_changes`).
+    pub sampled: bool,
+}
+
+/// The rows a read of the node table carries, each with its latest change.
+struct Wanted {
+    rows: Vec<(NodeId, u64)>,
+    version: u64,
+    delta: bool,
+    sampled: bool,
 }
 
 pub struct GcsState {
@@ -167,6 +150,10 @@ pub struct GcsState {
     /// [`GcsState::forget_dead_nodes`]: none meets a row half forgotten, none lands in a
     /// row while it is forgotten.
     membership: tokio::sync::RwLock<()>,
+    /// Searches of [`GcsState::find_nodes`] that found nothing lately, by what they asked:
+    /// asked again within `NOTHING_FOUND_KEPT`, they find nothing again without a scan
+    /// (every node of a full cluster asking each second would scan it N times a second).
+    nothing_found: std::sync::Mutex<HashMap<Vec<u8>, std::time::Instant>>,
     /// Whether any node was ever forgotten ([`NODES_FORGOTTEN_KEY`]).
     nodes_forgotten: std::sync::atomic::AtomicBool,
 }
@@ -307,6 +294,7 @@ impl GcsState {
             }
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let view_sample = config.view_sample;
         Ok(Arc::new(Self {
             config,
             storage,
@@ -327,12 +315,13 @@ impl GcsState {
             heartbeat_streams: AtomicU64::new(0),
             stalls: std::sync::Mutex::new(std::collections::VecDeque::new()),
             node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
-            node_changes: std::sync::Mutex::new(NodeChanges::default()),
+            node_changes: std::sync::Mutex::new(NodeChanges::new(view_sample)),
             encoded_rows: DashMap::new(),
             listed_scores: DashMap::new(),
             scores_swept_ms: AtomicU64::new(u64::MAX),
             registered_from: DashMap::new(),
             membership: tokio::sync::RwLock::new(()),
+            nothing_found: std::sync::Mutex::new(HashMap::new()),
             nodes_forgotten: std::sync::atomic::AtomicBool::new(nodes_forgotten),
         }))
     }
@@ -340,39 +329,73 @@ impl GcsState {
     /// Notes that `node`'s row changed as a view of the cluster sees it (called after the
     /// change, possibly under the row's guard: the log's lock is taken last everywhere).
     fn node_changed(&self, node: NodeId) {
-        let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        changes.version += 1;
-        let version = changes.version;
-        changes.log.push_back((version, node));
-        changes.latest.insert(node, version);
-        if changes.log.len() > NODE_CHANGES_KEPT {
-            changes.log.pop_front();
+        self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).changed(node);
+    }
+
+    /// Which rows a reader holding `since` (a version of incarnation `since_incarnation`)
+    /// needs, each with its latest change: those changed since, when this process still
+    /// remembers every change since then; else every row. A node keeping a sampled view
+    /// (`viewer`) is answered with the rows of its sample alone once the table is large
+    /// enough (`ClusterConfig::view_sample`).
+    fn wanted_rows(&self, since: u64, since_incarnation: u64, viewer: Option<&NodeId>) -> Wanted {
+        // Each row's latest change is read before the row: a row read after it is at
+        // least that new, so an encoding labelled with it is never older than its label.
+        let rows_now = viewer.map(|_| self.nodes.len());
+        let (version, changed, sampler) = {
+            let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(rows) = rows_now {
+                changes.resample(rows);
+            }
+            let sampler = viewer.filter(|_| changes.sampler().samples()).map(|_| changes.sampler().clone());
+            let changed = changes.since(since, since_incarnation, self.incarnation, viewer).map(|changed| {
+                changed.into_iter().map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0))).collect()
+            });
+            (changes.version, changed, sampler)
+        };
+        let sampled = sampler.is_some();
+        if let Some(rows) = changed {
+            self.node_reads[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Wanted { rows, version, delta: true, sampled };
         }
+        self.node_reads[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Row guards are never taken under the log's lock: the ids come first.
+        let ids: Vec<NodeId> = match (&sampler, viewer) {
+            (Some(sampler), Some(viewer)) => {
+                let bucket = sampler.bucket(viewer);
+                self.nodes.iter().map(|row| *row.key()).filter(|node| sampler.bucket(node) == bucket).collect()
+            }
+            _ => self.nodes.iter().map(|row| *row.key()).collect(),
+        };
+        let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Rows never logged (restored from storage) are read as of change 0.
+        let rows = ids.into_iter().map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0))).collect();
+        Wanted { rows, version, delta: false, sampled }
     }
 
     /// The node table as a reader holding `since` (a version of incarnation
-    /// `since_incarnation`) needs it: only the rows changed since, when this process still
-    /// remembers every change since then; else every row. Nodes dead since are listed in
-    /// `removed` when dead ones are not asked for.
-    pub fn nodes_since(&self, include_dead: bool, since: u64, since_incarnation: u64) -> NodesRead {
-        let (version, changed) = {
-            let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            (changes.version, changes.since(since, since_incarnation, self.incarnation))
-        };
-        // Rows are read after the log: a change logged later is in the next read.
-        let Some(changed) = changed else {
-            self.node_reads[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return NodesRead { nodes: self.nodes(include_dead), removed: Vec::new(), version, delta: false };
-        };
-        self.node_reads[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// `since_incarnation`) needs it ([`Self::wanted_rows`]): the rows changed since, or
+    /// every row, oldest registration first. Nodes dead since are listed in `removed`
+    /// when dead ones are not asked for.
+    pub fn nodes_since(
+        &self,
+        include_dead: bool,
+        since: u64,
+        since_incarnation: u64,
+        viewer: Option<&NodeId>,
+    ) -> NodesRead {
+        let wanted = self.wanted_rows(since, since_incarnation, viewer);
         let (mut nodes, mut removed) = (Vec::new(), Vec::new());
-        for node_id in changed {
+        for (node_id, _) in wanted.rows {
             match self.nodes.get(&node_id) {
                 Some(row) if include_dead || row.state != NodeState::Dead as i32 => nodes.push(row.clone()),
-                _ => removed.push(node_id),
+                _ if wanted.delta => removed.push(node_id),
+                _ => {}
             }
         }
-        NodesRead { nodes, removed, version, delta: true }
+        if !wanted.delta {
+            nodes.sort_by(|a, b| a.registered_at_ms.cmp(&b.registered_at_ms).then_with(|| a.node_id.cmp(&b.node_id)));
+        }
+        NodesRead { nodes, removed, version: wanted.version, delta: wanted.delta, sampled: wanted.sampled }
     }
 
     /// [`Self::nodes_since`] of living nodes as encoded rows, for the many nodes that keep
@@ -382,31 +405,8 @@ impl GcsState {
     /// nothing is no change): a view's reliability score, which reads it, is as fresh as
     /// the sweep's logging of scores that moved by `SCORE_MOVE_LOGGED`. A dead row is kept
     /// without its bytes (a view of the living never carries it).
-    pub fn node_rows_since(&self, since: u64, since_incarnation: u64) -> NodeRowsRead {
-        // Each row's latest change is read before the row: a row read after it is at
-        // least that new, so an encoding labelled with it is never older than its label.
-        let (version, wanted, delta) = {
-            let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            match changes.since(since, since_incarnation, self.incarnation) {
-                Some(changed) => {
-                    let wanted: Vec<(NodeId, u64)> = changed
-                        .into_iter()
-                        .map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0)))
-                        .collect();
-                    (changes.version, wanted, true)
-                }
-                // Row guards are never taken under the log's lock: the ids come after it.
-                None => (changes.version, changes.latest.iter().map(|(node, at)| (*node, *at)).collect(), false),
-            }
-        };
-        let wanted = if delta {
-            wanted
-        } else {
-            // Rows never logged (restored from storage) are read as of change 0.
-            let logged: HashMap<NodeId, u64> = wanted.into_iter().collect();
-            self.nodes.iter().map(|row| (*row.key(), logged.get(row.key()).copied().unwrap_or(0))).collect()
-        };
-        self.node_reads[usize::from(delta)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub fn node_rows_since(&self, since: u64, since_incarnation: u64, viewer: Option<&NodeId>) -> NodeRowsRead {
+        let Wanted { rows: wanted, version, delta, sampled } = self.wanted_rows(since, since_incarnation, viewer);
         let (mut rows, mut removed) = (Vec::new(), Vec::new());
         for (node, at) in wanted {
             let cached = self.encoded_rows.get(&node).filter(|entry| entry.0 == at).map(|entry| entry.1.clone());
@@ -436,7 +436,7 @@ impl GcsState {
                 rows.push(encoded.bytes);
             }
         }
-        NodeRowsRead { rows, removed, version, delta }
+        NodeRowsRead { rows, removed, version, delta, sampled }
     }
 
     /// Notes that `node`'s registration came from `peer`.
@@ -1180,6 +1180,67 @@ impl GcsState {
         nodes
     }
 
+    /// The rows of `ids` and of the nodes at `addresses` that the head holds (dead ones
+    /// with `include_dead`): what a node whose sampled view misses a node looks up.
+    pub fn look_up_nodes(&self, ids: &[NodeId], addresses: &[String], include_dead: bool) -> Vec<NodeInfo> {
+        let wanted = |row: &NodeInfo| include_dead || row.state != NodeState::Dead as i32;
+        let mut found: Vec<NodeInfo> =
+            ids.iter().filter_map(|id| self.nodes.get(id)).filter(|row| wanted(row)).map(|row| row.clone()).collect();
+        if !addresses.is_empty() {
+            let addresses: std::collections::HashSet<&str> = addresses.iter().map(String::as_str).collect();
+            let at = self.nodes.iter().filter(|row| addresses.contains(row.address.as_str()) && wanted(row));
+            found.extend(at.filter(|row| !ids.contains(row.key())).map(|row| row.value().clone()));
+        }
+        found
+    }
+
+    /// Up to `limit` living nodes that `fits`, read from a random place in the table on
+    /// (nodes asking at once are not all sent to the same few). A search that found
+    /// nothing (`asked` names it) finds nothing again for a second without a scan.
+    pub fn find_nodes(&self, asked: Vec<u8>, limit: usize, fits: impl Fn(&NodeInfo) -> bool) -> Vec<NodeInfo> {
+        {
+            let mut nothing = self.nothing_found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match nothing.get(&asked) {
+                Some(at) if at.elapsed() < NOTHING_FOUND_KEPT => return Vec::new(),
+                Some(_) => {
+                    nothing.remove(&asked);
+                }
+                None => {}
+            }
+        }
+        let rows = self.nodes.len();
+        let start = if rows == 0 { 0 } else { rand::random::<u64>() as usize % rows };
+        let mut found = Vec::new();
+        let living = |row: &NodeInfo| row.state == NodeState::Alive as i32 && fits(row);
+        // Two passes, each with guards of its own: from `start` to the end, then the rest.
+        for row in self.nodes.iter().skip(start) {
+            if found.len() == limit {
+                break;
+            }
+            if living(&row) {
+                found.push(row.value().clone());
+            }
+        }
+        for row in self.nodes.iter().take(start) {
+            if found.len() == limit {
+                break;
+            }
+            if living(&row) {
+                found.push(row.value().clone());
+            }
+        }
+        if found.is_empty() {
+            let mut nothing = self.nothing_found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if nothing.len() >= NOTHING_FOUND_MAX {
+                nothing.retain(|_, at| at.elapsed() < NOTHING_FOUND_KEPT);
+            }
+            if nothing.len() < NOTHING_FOUND_MAX {
+                nothing.insert(asked, std::time::Instant::now());
+            }
+        }
+        found
+    }
+
     /// Whether the head holds a row of `node_id` (alive or dead, not forgotten).
     pub fn knows_node(&self, node_id: &NodeId) -> bool {
         self.nodes.contains_key(node_id)
@@ -1524,8 +1585,8 @@ mod tests {
         // a read of the living gives, whatever changed since they were last encoded (but
         // the time of the last heartbeat, which is no change: views do not use it).
         let rows_match = |since: u64, incarnation: u64| {
-            let expected = gcs.nodes_since(false, since, incarnation);
-            let read = gcs.node_rows_since(since, incarnation);
+            let expected = gcs.nodes_since(false, since, incarnation, None);
+            let read = gcs.node_rows_since(since, incarnation, None);
             let by_id = |nodes: &mut Vec<NodeInfo>| {
                 nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
                 nodes.iter_mut().for_each(|node| node.last_heartbeat_ms = 0);
@@ -1542,19 +1603,19 @@ mod tests {
             assert_eq!((read.version, read.delta), (expected.version, expected.delta));
         };
         rows_match(0, 0);
-        let full = gcs.nodes_since(false, 0, 0);
+        let full = gcs.nodes_since(false, 0, 0, None);
         assert!(!full.delta && full.nodes.len() == 3 && full.version == 3);
-        let idle = gcs.nodes_since(false, full.version, incarnation);
+        let idle = gcs.nodes_since(false, full.version, incarnation, None);
         assert!(idle.delta && idle.nodes.is_empty() && idle.removed.is_empty() && idle.version == 3);
 
         // Heartbeats that change nothing change nothing; one with less free does.
         for id in &ids {
             gcs.heartbeat(&id.to_vec(), node(*id, 2).available).unwrap();
         }
-        assert!(gcs.nodes_since(false, 3, incarnation).nodes.is_empty(), "no change, no rows");
+        assert!(gcs.nodes_since(false, 3, incarnation, None).nodes.is_empty(), "no change, no rows");
         let one = ResourceSet::new().with(GPU, Quantity::whole(1));
         gcs.heartbeat(&ids[1].to_vec(), Some((&one).into())).unwrap();
-        let changed = gcs.nodes_since(false, 3, incarnation);
+        let changed = gcs.nodes_since(false, 3, incarnation, None);
         assert_eq!(changed.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
         assert_eq!(changed.version, 4);
         rows_match(3, incarnation);
@@ -1566,12 +1627,12 @@ mod tests {
         gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
         clock.advance_ms(200);
         gcs.check_heartbeats().await.unwrap();
-        let mut dead = gcs.nodes_since(false, 4, incarnation);
+        let mut dead = gcs.nodes_since(false, 4, incarnation, None);
         dead.removed.sort();
         let mut expected = vec![ids[0], ids[2]];
         expected.sort();
         assert!(dead.delta && dead.nodes.is_empty() && dead.removed == expected);
-        assert_eq!(gcs.nodes_since(true, 4, incarnation).nodes.len(), 2, "dead rows for a reader of the dead");
+        assert_eq!(gcs.nodes_since(true, 4, incarnation, None).nodes.len(), 2, "dead rows for a reader of the dead");
         rows_match(4, incarnation);
         rows_match(0, 0);
         assert!(
@@ -1582,33 +1643,37 @@ mod tests {
         // A score that moves with no change of the row logged (leases counted as they
         // start, time) reaches views at the next sweep: a second after the last, not at
         // every check.
-        let swept = gcs.nodes_since(false, 0, 0).version;
+        let swept = gcs.nodes_since(false, 0, 0, None).version;
         gcs.note_lease(&ids[1]);
         gcs.nodes.get_mut(&ids[1]).unwrap().reliability.get_or_insert_with(Default::default).leases_lost = 1;
         gcs.check_heartbeats().await.unwrap();
-        assert_eq!(gcs.nodes_since(false, swept, incarnation).version, swept, "no sweep within a second of the last");
+        assert_eq!(
+            gcs.nodes_since(false, swept, incarnation, None).version,
+            swept,
+            "no sweep within a second of the last"
+        );
         clock.advance_ms(SCORE_SWEEP_MS);
         gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
         gcs.check_heartbeats().await.unwrap();
-        let moved = gcs.nodes_since(false, swept, incarnation);
+        let moved = gcs.nodes_since(false, swept, incarnation, None);
         assert_eq!(moved.nodes.iter().map(|node| node.node_id.clone()).collect::<Vec<_>>(), vec![ids[1].to_vec()]);
         rows_match(swept, incarnation);
         clock.advance_ms(SCORE_SWEEP_MS);
         gcs.heartbeat(&ids[1].to_vec(), None).unwrap();
         gcs.check_heartbeats().await.unwrap();
-        assert!(gcs.nodes_since(false, moved.version, incarnation).nodes.is_empty(), "logged once");
+        assert!(gcs.nodes_since(false, moved.version, incarnation, None).nodes.is_empty(), "logged once");
 
         // Another incarnation's version, or one ahead of this process: everything.
-        assert!(!gcs.nodes_since(false, 4, incarnation ^ 1).delta);
-        assert!(!gcs.nodes_since(false, 999, incarnation).delta);
+        assert!(!gcs.nodes_since(false, 4, incarnation ^ 1, None).delta);
+        assert!(!gcs.nodes_since(false, 999, incarnation, None).delta);
         // Further behind than the log remembers: everything.
-        for _ in 0..NODE_CHANGES_KEPT {
+        for _ in 0..crate::node_changes::NODE_CHANGES_KEPT {
             gcs.node_changed(ids[1]);
         }
-        let behind = gcs.nodes_since(false, 4, incarnation);
+        let behind = gcs.nodes_since(false, 4, incarnation, None);
         assert!(!behind.delta && behind.nodes.len() == 1, "the living, whole");
         rows_match(4, incarnation);
-        assert!(gcs.nodes_since(false, behind.version - 1, incarnation).delta);
+        assert!(gcs.nodes_since(false, behind.version - 1, incarnation, None).delta);
     }
 
     async fn state(clock: &ManualClock) -> Arc<GcsState> {

@@ -9,22 +9,25 @@ use ionet_common::auth::Bearer;
 use ionet_common::config::ClusterConfig;
 use ionet_common::credential::{registration_message, KeyPair};
 use ionet_common::rpc::proto::common::NodeInfo;
-use ionet_common::rpc::proto::gcs::{GetAllNodesRequest, HeartbeatReply, HeartbeatRequest, RegisterNodeRequest};
+use ionet_common::rpc::proto::common::ResourceQuantities;
+use ionet_common::rpc::proto::gcs::{
+    FindNodesRequest, GetAllNodesRequest, HeartbeatReply, HeartbeatRequest, RegisterNodeRequest,
+};
 use ionet_common::rpc::GcsClient;
-use ionet_common::NodeId;
+use ionet_common::{NodeId, Quantity, ResourceSet};
 use ionet_gcs::{GcsServer, GcsServerOptions};
 
 /// Registers a node with the operator's client; its id and a client holding its own
 /// node credential.
 async fn register(operator: &mut GcsClient, address: &str) -> (NodeId, GcsClient) {
+    register_with(operator, address, NodeInfo { address: "127.0.0.1:7000".into(), ..Default::default() }).await
+}
+
+/// [`register`] of a node whose row is `node` (its id and key are filled in).
+async fn register_with(operator: &mut GcsClient, address: &str, node: NodeInfo) -> (NodeId, GcsClient) {
     let key = KeyPair::generate();
     let node_id = NodeId::random();
-    let node = NodeInfo {
-        node_id: node_id.to_vec(),
-        address: "127.0.0.1:7000".into(),
-        public_key: key.public_key().to_vec(),
-        ..Default::default()
-    };
+    let node = NodeInfo { node_id: node_id.to_vec(), public_key: key.public_key().to_vec(), ..node };
     let proof = key.sign(&registration_message(&node.node_id, &node.public_key)).to_vec();
     let request = RegisterNodeRequest { node: Some(node), proof, tls_public_key: Vec::new() };
     let reply = operator.register_node(request).await.unwrap().into_inner();
@@ -96,5 +99,118 @@ async fn quiet_heartbeats_are_answered_only_with_news() {
     let call = client.heartbeat(beat(6, true, since)).await.unwrap().into_inner();
     assert_eq!(call.answers, 6);
     assert_eq!(server.state().heartbeats_received(), 6);
+    server.shutdown().await;
+}
+
+/// Bounded views: past twice `view_sample` rows, a node asking for a sampled view is sent
+/// the rows of its own bucket (itself among them), whole and by delta, and a change of a
+/// node outside it is not sent to it. What it misses it finds: `FindNodes` searches the
+/// whole table for a demand (nodes only: a tenant may not), and `GetAllNodes` looks nodes
+/// up by id and address.
+#[tokio::test]
+async fn a_large_cluster_sends_each_node_its_sample_and_finds_the_rest() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ClusterConfig { view_sample: 2, ..Default::default() };
+    let server = GcsServer::start(GcsServerOptions::new(config), listener).await.unwrap();
+    let address = server.address().to_string();
+    let admin = server.admin_credential(Duration::from_secs(60));
+    let mut operator = ionet_common::rpc::gcs_client(&address, &admin).await.unwrap();
+    let cpus = |count: i64| Some(ResourceQuantities::from_set(&ResourceSet::new().with("CPU", Quantity::whole(count))));
+    let mut nodes = Vec::new();
+    for index in 0..16i64 {
+        let row = NodeInfo {
+            address: format!("127.0.0.1:{}", 7000 + index),
+            total: cpus(index + 1),
+            available: cpus(index + 1),
+            ..Default::default()
+        };
+        nodes.push(register_with(&mut operator, &address, row).await);
+    }
+    let ids: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
+    let view = |node: NodeId, since: (u64, u64), sampled: bool| HeartbeatRequest {
+        node_id: node.to_vec(),
+        read_view: true,
+        sampled_view: sampled,
+        view_since_incarnation: since.0,
+        view_since_version: since.1,
+        ..Default::default()
+    };
+    let rows_of = |reply: &HeartbeatReply| -> Vec<NodeId> {
+        let nodes = reply.view.as_ref().unwrap().decode_nodes().unwrap();
+        nodes.iter().map(|node| NodeId::from_bytes(&node.node_id).unwrap()).collect()
+    };
+
+    // Whole views for a node that does not ask for a sample.
+    let whole = nodes[0].1.heartbeat(view(ids[0], (0, 0), false)).await.unwrap().into_inner();
+    assert!(!whole.view.as_ref().unwrap().sampled);
+    assert_eq!(rows_of(&whole).len(), 16);
+
+    // Sixteen rows, samples of two: eight buckets, so some bucket holds two nodes or more.
+    let mut samples = Vec::new();
+    for (index, (id, client)) in nodes.iter_mut().enumerate() {
+        let reply = client.heartbeat(view(*id, (0, 0), true)).await.unwrap().into_inner();
+        let sample = rows_of(&reply);
+        let read = reply.view.unwrap();
+        assert!(read.sampled && !read.delta, "node {index}: a sample, read whole");
+        assert!(sample.contains(id), "node {index}'s sample holds itself");
+        assert!(sample.len() < 16, "node {index}'s sample is not the table: {}", sample.len());
+        samples.push((sample, (read.incarnation, read.version)));
+    }
+    let viewer = samples.iter().position(|(sample, _)| sample.len() >= 2).expect("a bucket of two");
+    let (sample, at) = samples[viewer].clone();
+    let peer = *sample.iter().find(|node| **node != ids[viewer]).unwrap();
+    let stranger = *ids.iter().find(|node| !sample.contains(node)).unwrap();
+    let index_of = |node: NodeId| ids.iter().position(|id| *id == node).unwrap();
+    for changed in [peer, stranger] {
+        let (id, client) = &mut nodes[index_of(changed)];
+        let beat = HeartbeatRequest { node_id: id.to_vec(), available: cpus(0), ..Default::default() };
+        client.heartbeat(beat).await.unwrap();
+    }
+    let delta = nodes[viewer].1.heartbeat(view(ids[viewer], at, true)).await.unwrap().into_inner();
+    assert!(delta.view.as_ref().unwrap().delta);
+    assert_eq!(rows_of(&delta), vec![peer], "the change in its bucket, not the stranger's");
+
+    // What the sample misses: found in the whole table, by demand, id or address.
+    let client = &mut nodes[viewer].1;
+    let search = |cpus_wanted: i64, limit: u32| FindNodesRequest {
+        resources: cpus(cpus_wanted),
+        free_now: true,
+        limit,
+        avoid: vec![ids[viewer].to_vec()],
+        ..Default::default()
+    };
+    let found = client.find_nodes(search(15, 8)).await.unwrap().into_inner().nodes;
+    let found: Vec<NodeId> = found.iter().map(|node| NodeId::from_bytes(&node.node_id).unwrap()).collect();
+    // Nodes 14 and 15 have 15 and 16 CPUs (one of them free of them all, unless changed above).
+    let expected: Vec<NodeId> = [14, 15]
+        .into_iter()
+        .map(|index| ids[index])
+        .filter(|node| *node != ids[viewer] && *node != peer && *node != stranger)
+        .collect();
+    assert_eq!(found.len(), expected.len(), "{found:?}");
+    assert!(found.iter().all(|node| expected.contains(node)));
+    assert!(client.find_nodes(search(17, 8)).await.unwrap().into_inner().nodes.is_empty(), "none has 17");
+    assert_eq!(client.find_nodes(search(1, 3)).await.unwrap().into_inner().nodes.len(), 3, "at most the limit");
+    let refused = client.find_nodes(search(1, 0)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let looked_up = GetAllNodesRequest {
+        node_ids: vec![stranger.to_vec()],
+        addresses: vec!["127.0.0.1:7003".into()],
+        ..Default::default()
+    };
+    let reply = client.get_all_nodes(looked_up).await.unwrap().into_inner();
+    let mut rows: Vec<NodeId> = reply.nodes.iter().map(|node| NodeId::from_bytes(&node.node_id).unwrap()).collect();
+    let mut expected = vec![stranger, ids[3]];
+    rows.sort();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(rows, expected, "exactly the nodes named");
+    assert_eq!(reply.version, 0, "a look-up is no view's version");
+
+    // A tenant may not search the table (a node's spillback only).
+    let tenant = server.account_credential("alice", Duration::from_secs(60));
+    let mut tenant = ionet_common::rpc::gcs_client(&address, &tenant).await.unwrap();
+    let refused = tenant.find_nodes(search(1, 1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     server.shutdown().await;
 }

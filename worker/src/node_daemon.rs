@@ -200,6 +200,7 @@ impl NodeManager for NodeManagerService {
             registrations: self.shared.registrations.load(Ordering::SeqCst),
             object_store_dir: self.shared.objects.dir(),
             nodes_in_view: self.shared.leases.nodes_in_view() as u32,
+            view_sampled: self.shared.leases.view_is_sampled(),
         }))
     }
 
@@ -1282,7 +1283,7 @@ fn hear(
                     shared.leases.apply_view_delta(&nodes, &view.removed, since, at);
                 }
             }
-            Ok(nodes) => shared.leases.refresh_view_at(&nodes, at),
+            Ok(nodes) => shared.leases.refresh_view_at(&nodes, at, view.sampled),
             // Kept as it was: the next heartbeat asks again from the same version.
             Err(err) => tracing::warn!(error = %err, "the head sent a node table that does not decode"),
         }
@@ -1351,12 +1352,16 @@ async fn run_membership(
                     attempt = 0;
                     shared.connected.store(true, Ordering::SeqCst);
                     let mut checked = false;
-                    let request = GetAllNodesRequest { include_dead: false, ..Default::default() };
+                    let request = GetAllNodesRequest {
+                        include_dead: false,
+                        sample_for: shared.node_id.to_vec(),
+                        ..Default::default()
+                    };
                     let read = if shared.keeps_view { client.get_all_nodes(request).await.ok() } else { None };
                     if let Some(reply) = read {
                         let reply = reply.into_inner();
                         let nodes = reply.nodes;
-                        shared.leases.refresh_view_at(&nodes, (reply.incarnation, reply.version));
+                        shared.leases.refresh_view_at(&nodes, (reply.incarnation, reply.version), reply.sampled);
                         checked = nodes.iter().any(|node| {
                             node.node_id == shared.info.node_id
                                 && node.gpu_check.as_ref().is_some_and(|check| {
@@ -1476,6 +1481,7 @@ async fn run_membership(
                     view_since_incarnation: since.0,
                     seq,
                     quiet: !ask,
+                    sampled_view: shared.keeps_view,
                 };
                 last_sent = Some(Instant::now());
                 in_flight.sent(seq, since, ask);

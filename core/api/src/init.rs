@@ -372,7 +372,8 @@ async fn join(config: &InitConfig) -> IonetResult<Found> {
 /// Waits (briefly) until the driver's node daemon knows every node the control store
 /// listed: its view is refreshed each heartbeat, and until then its spillback decisions
 /// would leave out nodes that joined just before this driver. Past the deadline the
-/// driver goes on: a node that died meanwhile never appears.
+/// driver goes on: a node that died meanwhile never appears. A view that is a sample of
+/// a large cluster never holds every node: it is not waited for.
 async fn wait_for_cluster_view(
     node: &mut NodeManagerClient,
     alive: usize,
@@ -380,7 +381,7 @@ async fn wait_for_cluster_view(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let stats = node.get_node_stats(ionet_common::rpc::proto::node::GetNodeStatsRequest {}).await?.into_inner();
-        if stats.nodes_in_view as usize >= alive || tokio::time::Instant::now() >= deadline {
+        if stats.nodes_in_view as usize >= alive || stats.view_sampled || tokio::time::Instant::now() >= deadline {
             return Ok(stats);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

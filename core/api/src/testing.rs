@@ -88,15 +88,26 @@ pub fn actor_rows_followed() -> ionet_common::IonetResult<(usize, usize)> {
     Ok(crate::runtime::current()?.actor_rows.counts())
 }
 
-/// The CPUs this process's node daemon has free now, as it reports them.
-pub fn available_cpus() -> Option<f64> {
+/// What this process's node daemon says of itself.
+fn local_node_stats() -> Option<ionet_common::rpc::proto::node::GetNodeStatsReply> {
     let worker = crate::runtime::current().ok()?;
-    let reply = crate::runtime::block_on(async {
+    crate::runtime::block_on(async {
         let mut client = ionet_common::rpc::NodeManagerClient::new(worker.channel(&worker.node_address)?);
         let request = ionet_common::rpc::proto::node::GetNodeStatsRequest {};
         ionet_common::IonetResult::Ok(client.get_node_stats(request).await?.into_inner())
     })
-    .ok()?;
-    let available = reply.node?.available?.to_set().ok()?;
+    .ok()
+}
+
+/// The CPUs this process's node daemon has free now, as it reports them.
+pub fn available_cpus() -> Option<f64> {
+    let available = local_node_stats()?.node?.available?.to_set().ok()?;
     Some(available.get(ionet_common::resources::CPU).as_f64())
+}
+
+/// This process's node daemon's view of the cluster: the alive nodes in it, and whether
+/// it is a sample of the node table (a large cluster's).
+pub fn local_view() -> Option<(usize, bool)> {
+    let stats = local_node_stats()?;
+    Some((stats.nodes_in_view as usize, stats.view_sampled))
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{free_port, node_named, temp_path, wait_until, Cluster};
+use harness::{free_port, node_named, shared_tempdir, temp_path, wait_until, Cluster};
 use ionet::{InitConfig, IonetError, SchedulingStrategy, TaskOptions};
 
 #[ionet::remote]
@@ -479,6 +479,59 @@ fn a_node_given_notice_finishes_its_tasks_and_takes_no_new_ones() {
 #[ionet::remote]
 fn bulky(seed: u8, size: usize) -> Vec<u8> {
     vec![seed; size]
+}
+
+/// Meets `expected - 1` others (each task a CPU of its own), then names its node.
+#[ionet::remote]
+fn meet_where(dir: String, expected: usize) -> String {
+    harness::meet(&dir, expected);
+    ionet::get_runtime_context().unwrap().node_id.hex()
+}
+
+#[ionet::remote]
+fn length_where(data: Vec<u8>) -> (usize, String) {
+    (data.len(), ionet::get_runtime_context().unwrap().node_id.hex())
+}
+
+/// Bounded views: a head sampling its table at one row per view (`IONET_VIEW_SAMPLE=1`,
+/// six nodes: four buckets) sends each node the rows of its own bucket only, so the
+/// driver's node does not hold the cluster. It still reaches every node, through the
+/// head: five tasks of a CPU each run at once on the five nodes that have one (found by
+/// the head's search when nothing in the sample fits, or has room), a task needing a
+/// resource one node has runs there, and an object made on one node is read on another
+/// pinned by id (each node looks up a node or address its sample misses).
+fn a_sampled_view_reaches_nodes_outside_its_sample() {
+    let mut cluster = Cluster::start_with_env(&["--num-cpus", "0"], &[("IONET_VIEW_SAMPLE", "1")]);
+    for name in ["a", "b", "c", "d"] {
+        cluster.add_node(&["--num-cpus", "1", "--labels", &format!("name={name}")]);
+    }
+    cluster.add_node(&["--num-cpus", "1", "--resources", r#"{"special": 1}"#, "--labels", "name=e"]);
+    cluster.init();
+    wait_until("the driver's node to keep a sampled view", Duration::from_secs(30), || {
+        ionet::testing::local_view().is_some_and(|(_, sampled)| sampled)
+    });
+    let (in_view, _) = ionet::testing::local_view().unwrap();
+    assert!(in_view < 6, "a sample holds fewer than the six nodes: {in_view}");
+
+    let dir = shared_tempdir();
+    let meeting = dir.path().to_string_lossy().into_owned();
+    let refs: Vec<_> = (0..5).map(|_| meet_where::remote(meeting.clone(), 5)).collect();
+    let met: BTreeSet<String> = ionet::get_all(&refs).unwrap().into_iter().collect();
+    assert_eq!(met.len(), 5, "five tasks at once on the five nodes with a CPU: {met:?}");
+
+    let special = TaskOptions::default().resource("special", 1.0);
+    let (_, node) = ionet::get(&square_where::options(special).remote(3)).unwrap();
+    assert_eq!(node, node_named("e").node_id.hex(), "the one node with the resource");
+
+    let (a, b) = (node_named("a").node_id, node_named("b").node_id);
+    let on = |node| {
+        TaskOptions::default().scheduling_strategy(SchedulingStrategy::NodeAffinity { node_id: node, soft: false })
+    };
+    let made = bulky::options(on(a)).remote(7, 2 << 20);
+    let (length, reader) = ionet::get(&length_where::options(on(b)).remote(made)).unwrap();
+    assert_eq!((length, reader), (2 << 20, b.hex()), "read whole on b, pulled from a");
+    ionet::shutdown();
+    drop(cluster);
 }
 
 /// A tally that takes its time: calls in flight when its node is given notice.
@@ -1354,6 +1407,7 @@ fn main() {
             ("killed_worker_is_retried_or_reported", killed_worker_is_retried_or_reported),
             ("gpu_tasks_get_their_own_devices", gpu_tasks_get_their_own_devices),
             ("thousand_tasks_spread_over_two_nodes", thousand_tasks_spread_over_two_nodes),
+            ("a_sampled_view_reaches_nodes_outside_its_sample", a_sampled_view_reaches_nodes_outside_its_sample),
             ("queued_tasks_wait_out_a_daemon_restart", queued_tasks_wait_out_a_daemon_restart),
             ("cost_and_label_selectors_choose_the_node", cost_and_label_selectors_choose_the_node),
             (

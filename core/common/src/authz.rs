@@ -296,6 +296,8 @@ pub const TABLE: &[Rule] = &[
     row("/ionet.gcs.Gcs/ClearUntrusted", Access::Admin),
     row("/ionet.gcs.Gcs/DrainNode", Access::Node),
     row("/ionet.gcs.Gcs/GetAllNodes", Access::Read),
+    // A node's spillback past its sampled view (a scan of the table: nodes only).
+    row("/ionet.gcs.Gcs/FindNodes", Access::Node),
     row("/ionet.gcs.Gcs/AddJob", Access::StartJob),
     row("/ionet.gcs.Gcs/MarkJobFinished", Access::Job),
     row("/ionet.gcs.Gcs/GetAllJobs", Access::Read),

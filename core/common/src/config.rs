@@ -87,6 +87,12 @@ pub struct ClusterConfig {
     /// covering their death closes. Each one's trust record (its key, reliability and GPU
     /// check history) stays in storage and comes back if it registers again.
     pub max_dead_nodes: usize,
+    /// Rows a node's view of the cluster holds on a large cluster (bounded views): once
+    /// the table holds twice this many, each node keeping a view is sent the rows of its
+    /// own hash bucket only (this many to twice this many), and asks the head for what
+    /// its sample misses; the head's cost of busy views is then this many rows per node,
+    /// not the cluster's size. 0: every view is the whole table.
+    pub view_sample: usize,
     /// Longest a lease of a node's GPUs may put off its due check: past it the node is
     /// `OVERDUE` (no new leases, no availability rewards; running leases finish) until it
     /// passes, so a provider leasing a sliver of its own GPU to itself cannot dodge checks.
@@ -123,6 +129,7 @@ impl Default for ClusterConfig {
             gpu_check_min_gap_ms: 30_000,
             max_dead_actors: 100_000,
             max_dead_nodes: 1_000,
+            view_sample: 128,
             gpu_check_max_defer_ms: 4 * 3_600_000,
             accept_remote_simulated_gpus: false,
         }
@@ -208,6 +215,7 @@ impl ClusterConfig {
         read(&lookup, "IONET_GPU_CHECK_MIN_GAP_MS", &mut self.gpu_check_min_gap_ms)?;
         read(&lookup, "IONET_MAX_DEAD_ACTORS", &mut self.max_dead_actors)?;
         read(&lookup, "IONET_MAX_DEAD_NODES", &mut self.max_dead_nodes)?;
+        read(&lookup, "IONET_VIEW_SAMPLE", &mut self.view_sample)?;
         read(&lookup, "IONET_GPU_CHECK_MAX_DEFER_MS", &mut self.gpu_check_max_defer_ms)?;
         if let Some(text) = lookup("IONET_ACCEPT_REMOTE_SIMULATED_GPUS") {
             self.accept_remote_simulated_gpus = match text.trim() {

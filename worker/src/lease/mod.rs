@@ -59,6 +59,7 @@ mod forkserver;
 mod holders;
 mod metering;
 mod process;
+mod sample;
 mod state;
 
 use metering::{report_leases, MeterEvent};
@@ -156,6 +157,10 @@ pub struct Leases {
     /// started.
     refreshing: tokio::sync::Mutex<(u64, bool)>,
     refreshes: std::sync::atomic::AtomicU64,
+    /// One look-up of nodes outside a sampled view at a time (`sample`).
+    looking_up: tokio::sync::Mutex<()>,
+    /// When this node last asked the head for nodes with room (`sample`).
+    room_searched: tokio::sync::Mutex<Option<Instant>>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
     /// The head's public key (hex), once the node has registered: told to workers.
@@ -182,6 +187,9 @@ const MAX_STARTS_PER_GRANT: u32 = 3;
 const LONG_WAIT: Duration = Duration::from_secs(10);
 /// How long a request spilled here waits before it may be spilled on again.
 const RESPILL_AFTER: Duration = Duration::from_secs(2);
+/// How long a request waits for room in a sampled view before the head is asked for
+/// nodes that have some.
+const ROOM_SEARCH_AFTER: Duration = Duration::from_millis(500);
 
 /// How often, at most, waiting requests press the holders of this node's leases.
 const PRESS_INTERVAL: Duration = Duration::from_millis(20);
@@ -282,6 +290,8 @@ impl Leases {
             gcs: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new((0, false)),
             refreshes: std::sync::atomic::AtomicU64::new(0),
+            looking_up: tokio::sync::Mutex::new(()),
+            room_searched: tokio::sync::Mutex::new(None),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
             head_key: Mutex::new(String::new()),
@@ -320,12 +330,18 @@ impl Leases {
         ids.into_iter().filter_map(|id| self.address_of(&id).map(|address| (id, address))).collect()
     }
 
-    /// The address of node `node` (the view refreshed once if it is not known yet).
+    /// The address of node `node` (the view refreshed once if it is not known yet, or the
+    /// node looked up when the view is a sample).
     pub async fn node_address(&self, node: &NodeId) -> Option<String> {
-        match self.address_of(node) {
-            Some(address) => Some(address),
-            None => self.refresh_from_control_store().await.then(|| self.address_of(node)).flatten(),
+        if let Some(address) = self.address_of(node) {
+            return Some(address);
         }
+        let learnt = if self.view_is_sampled() {
+            self.look_up(std::slice::from_ref(node), &[]).await
+        } else {
+            self.refresh_from_control_store().await
+        };
+        learnt.then(|| self.address_of(node)).flatten()
     }
 
     /// Whether `address` is a node's in the view as it is (no refresh).
@@ -335,8 +351,17 @@ impl Leases {
 
     pub async fn is_node_address(&self, address: &str) -> bool {
         let known = |leases: &Self| address == leases.address || leases.node_addresses.contains(address);
-        // A node that joined since the last refresh is found by one more.
-        known(self) || (self.refresh_from_control_store().await && known(self))
+        if known(self) {
+            return true;
+        }
+        // A node that joined since the last refresh is found by one more (or by a look-up
+        // of the address, when the view is a sample).
+        let learnt = if self.view_is_sampled() {
+            self.look_up(&[], &[address.to_string()]).await
+        } else {
+            self.refresh_from_control_store().await
+        };
+        learnt && known(self)
     }
 
     /// From now on this node grants no lease: requests are sent to other nodes (the view
@@ -440,13 +465,15 @@ impl Leases {
                 include_dead: false,
                 since_incarnation: since.0,
                 since_version: since.1,
+                sample_for: self.node_id.to_vec(),
+                ..Default::default()
             };
             let Ok(reply) = client.get_all_nodes(request).await else { return false };
             let reply = reply.into_inner();
             let at = (reply.incarnation, reply.version);
             if !reply.delta {
                 // Applied unless the view is newer already (then it holds all of it).
-                self.refresh_view_at(&reply.nodes, at);
+                self.refresh_view_at(&reply.nodes, at, reply.sampled);
                 return true;
             }
             if self.apply_view_delta(&reply.nodes, &reply.removed, since, at) {
@@ -571,13 +598,13 @@ impl Leases {
     /// tests.
     #[cfg(test)]
     pub(crate) fn refresh_view(&self, nodes: &[NodeInfo]) {
-        self.refresh_view_at(nodes, (0, 0));
+        self.refresh_view_at(nodes, (0, 0), false);
     }
 
     /// Replaces the cluster view with the node table as of `at` (incarnation, version),
-    /// unless the view is newer already (a read answered after a later delta was applied:
-    /// a node dead since would come back).
-    pub fn refresh_view_at(&self, nodes: &[NodeInfo], at: (u64, u64)) {
+    /// or with this node's sample of it (`sampled`), unless the view is newer already (a
+    /// read answered after a later delta was applied: a node dead since would come back).
+    pub fn refresh_view_at(&self, nodes: &[NodeInfo], at: (u64, u64), sampled: bool) {
         let older = |state: &LeaseState| at.1 != 0 && state.view_at.0 == at.0 && state.view_at.1 > at.1;
         if older(&self.lock()) {
             return;
@@ -594,6 +621,8 @@ impl Leases {
         view.continue_spread_of(&state.view);
         state.view = view;
         state.view_at = at;
+        state.view_sampled = sampled;
+        state.found.clear();
         state.spilled.clear();
     }
 
@@ -614,6 +643,7 @@ impl Leases {
         for (node_id, demand) in std::mem::take(&mut state.spilled) {
             let _ = state.view.release(&node_id, &demand);
         }
+        let carried: Vec<NodeId> = views.iter().map(|view| view.node_id).collect();
         for view in views {
             let _ = state.view.upsert_node(view);
         }
@@ -622,6 +652,7 @@ impl Leases {
                 state.view.remove_node(&node_id);
             }
         }
+        state.expire_found(&carried);
         state.view_at = at;
         true
     }
@@ -859,7 +890,7 @@ impl Leases {
                         .min_by_key(|node| avoided.contains(&node.node_id))
                         .map(|node| node.node_id);
                     match target.and_then(|node_id| self.address_of(&node_id).map(|address| (node_id, address))) {
-                        Some((node_id, address)) => Step::Spill(node_id, address),
+                        Some((node_id, address)) => Step::Queue(node_id, address),
                         None => Step::Wait(reason),
                     }
                 }
@@ -916,7 +947,15 @@ impl Leases {
         } else {
             Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
         };
-        let mut refreshed = false;
+        // A node it is pinned to that a sampled view does not hold is looked up first.
+        if let SchedulingStrategy::NodeAffinity { node_id, .. } = &strategy {
+            let missing =
+                *node_id != self.node_id && self.view_is_sampled() && self.lock().view.node(node_id).is_none();
+            if missing {
+                self.find_node(node_id).await;
+            }
+        }
+        let (mut refreshed, mut room_searched) = (false, false);
         let mut waiting: Option<WaiterTicket<'_>> = None;
         let since = Instant::now();
         let mut next_report = LONG_WAIT;
@@ -975,16 +1014,26 @@ impl Leases {
                         .await
                         .map_err(|_| IonetError::Internal("the lease grant was dropped unfinished".into()))?;
                 }
-                Step::Spill(node_id, node_address) => {
+                Step::Queue(..) if !room_searched && bundle.is_none() && self.view_is_sampled() => {
+                    // Nothing in a sampled view has room: the head looks in the whole
+                    // table before the request queues on a busy node.
+                    room_searched = true;
+                    self.search(&demand, &needs, &avoid, true).await;
+                    continue;
+                }
+                Step::Spill(node_id, node_address) | Step::Queue(node_id, node_address) => {
                     return Ok(RequestWorkerLeaseReply {
                         outcome: Some(Outcome::Spillback(Spillback { node_id: node_id.to_vec(), node_address })),
                     })
                 }
                 Step::Infeasible(reason) => {
-                    // The view may predate a node that just joined: look again before refusing.
+                    // The view may predate a node that just joined, or be a sample without
+                    // the nodes that fit: look again (the head searches the whole table
+                    // for a sample) before refusing.
                     if !refreshed {
                         refreshed = true;
-                        if self.refresh_from_control_store().await {
+                        let found = self.view_is_sampled() && self.search(&demand, &needs, &avoid, false).await;
+                        if found || self.refresh_from_control_store().await {
                             continue;
                         }
                     }
@@ -1007,6 +1056,14 @@ impl Leases {
                         waiting = Some(WaiterTicket { leases: self, ticket });
                     }
                     self.press_holders();
+                    // Nothing in a sampled view has room: the head looks for nodes that
+                    // have, in the whole table (at most once a second per node).
+                    // (A request sent here moves on only once it has waited `RESPILL_AFTER`.)
+                    let pinned = request.no_spillback && since.elapsed() < RESPILL_AFTER;
+                    let movable = bundle.is_none() && !pinned && since.elapsed() >= ROOM_SEARCH_AFTER;
+                    if movable && self.view_is_sampled() && self.search(&demand, &needs, &avoid, true).await {
+                        continue;
+                    }
                     // Woken when a lease ends; re-decided at least once a second, since
                     // the cluster view changes too.
                     let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;

@@ -105,6 +105,8 @@ pub(super) enum Step {
     /// The resources (and GPU ids) are taken out of their pool for it.
     Grant(ResourceSet, Option<GpuAssignment>),
     Spill(NodeId, String),
+    /// Sent to a node that could take it once free: none in the view has room now.
+    Queue(NodeId, String),
     Wait(String),
     Infeasible(String),
 }
@@ -127,6 +129,11 @@ pub(super) struct LeaseState {
     /// Where `view` stands in the head's node table: (incarnation, version); (0, 0) for a
     /// view of unknown age (a delta reader then reads it whole).
     pub view_at: (u64, u64),
+    /// `view` holds this node's sample of the table only (a large cluster), and the rows
+    /// found outside it (`found`).
+    pub view_sampled: bool,
+    /// Rows put in a sampled view from outside the sample, and when (`sample`).
+    pub found: HashMap<NodeId, Instant>,
     /// Requests this node sent to others, counted against them in `view` until the view
     /// next moves on (a burst spreads); then given back, since a delta carries a row only
     /// when the head's changed, which a short task between two heartbeats never makes.
@@ -153,6 +160,8 @@ impl LeaseState {
             processes: HashMap::new(),
             view: ClusterView::new(),
             view_at: (0, 0),
+            view_sampled: false,
+            found: HashMap::new(),
             spilled: Vec::new(),
             bundles: HashMap::new(),
             waiters: HashMap::new(),

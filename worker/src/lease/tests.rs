@@ -372,7 +372,7 @@ fn a_spill_counts_against_its_target_only_until_the_next_view() {
         state: ionet_common::rpc::proto::common::NodeState::Alive as i32,
         ..Default::default()
     };
-    leases.refresh_view_at(&[row], (1, 1));
+    leases.refresh_view_at(&[row], (1, 1), false);
     let any = SchedulingStrategy::Default;
     let spilled = |leases: &Leases| matches!(leases.decide(&two, &any, &Needs::default(), false, None, 1, &[]), Step::Spill(node, _) if node == other);
     assert!(spilled(&leases));

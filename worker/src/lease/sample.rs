@@ -1,0 +1,147 @@
+//! What a node keeping a sampled view asks the head for (bounded views, see the head's
+//! `node_changes`): on a large cluster the head sends each node the rows of its own hash
+//! bucket only, so a node it must know of outside its sample (a pull's source, a holder,
+//! a node a request is pinned to) is looked up by id or address, and a request nothing
+//! in the sample fits, or none has room for, is matched by the head against the whole
+//! table (`FindNodes`). Rows found so are kept in the view for `FOUND_KEPT` (deltas of the
+//! sample do not carry them), then dropped.
+
+use std::time::{Duration, Instant};
+
+use ionet_common::rpc::proto::common::{NodeInfo, ResourceQuantities};
+use ionet_common::rpc::proto::gcs::{FindNodesRequest, GetAllNodesRequest};
+use ionet_common::NodeId;
+use ionet_common::ResourceSet;
+
+use super::{Leases, Needs};
+
+/// How long a row found outside the sample stays in the view.
+pub(super) const FOUND_KEPT: Duration = Duration::from_secs(10);
+/// How often a node asks the head for nodes with room while its requests wait.
+const ROOM_SEARCH_EVERY: Duration = Duration::from_secs(1);
+/// Nodes one search asks for.
+const FOUND_PER_SEARCH: u32 = 8;
+
+impl Leases {
+    /// Whether the view holds only this node's sample of the table.
+    pub fn view_is_sampled(&self) -> bool {
+        self.lock().view_sampled
+    }
+
+    /// Learns the addresses of the nodes named (by id or address) from the head: what a
+    /// sampled view does not hold. One look-up at a time; whether the head answered.
+    pub(super) async fn look_up(&self, ids: &[NodeId], addresses: &[String]) -> bool {
+        let Some(mut client) = self.control_store() else { return false };
+        let _one = self.looking_up.lock().await;
+        let known = ids.iter().all(|id| self.address_of(id).is_some())
+            && addresses.iter().all(|address| self.node_addresses.contains(address));
+        if known {
+            return true; // another caller's look-up found them meanwhile
+        }
+        let request = GetAllNodesRequest {
+            include_dead: false,
+            node_ids: ids.iter().map(|id| id.to_vec()).collect(),
+            addresses: addresses.to_vec(),
+            ..Default::default()
+        };
+        match client.get_all_nodes(request).await {
+            Ok(reply) => {
+                self.learn_rows(&reply.into_inner().nodes);
+                true
+            }
+            Err(status) => {
+                tracing::debug!(%status, "the head did not answer a look-up of nodes");
+                false
+            }
+        }
+    }
+
+    /// Looks up node `node_id` and keeps its row in the view for a while (a request is
+    /// pinned to it); whether it is there now.
+    pub(super) async fn find_node(&self, node_id: &NodeId) -> bool {
+        let Some(mut client) = self.control_store() else { return false };
+        let request =
+            GetAllNodesRequest { include_dead: false, node_ids: vec![node_id.to_vec()], ..Default::default() };
+        match client.get_all_nodes(request).await {
+            Ok(reply) => self.keep_found(&reply.into_inner().nodes) > 0,
+            Err(_) => false,
+        }
+    }
+
+    /// Asks the head for nodes of the whole table that fit `demand` with `needs` (with
+    /// that much free now, when `free_now`: at most once a `ROOM_SEARCH_EVERY` per node),
+    /// and keeps them in the view for a while; whether any was found.
+    pub(super) async fn search(&self, demand: &ResourceSet, needs: &Needs, avoid: &[NodeId], free_now: bool) -> bool {
+        let Some(mut client) = self.control_store() else { return false };
+        let _one = if free_now {
+            let mut last = self.room_searched.lock().await;
+            if last.is_some_and(|at| at.elapsed() < ROOM_SEARCH_EVERY) {
+                return false;
+            }
+            *last = Some(Instant::now());
+            Some(last)
+        } else {
+            None
+        };
+        let mut avoided: Vec<Vec<u8>> = avoid.iter().map(|node| node.to_vec()).collect();
+        avoided.push(self.node_id.to_vec());
+        let request = FindNodesRequest {
+            resources: Some(ResourceQuantities::from_set(demand)),
+            label_selectors: needs.selectors.iter().map(ToString::to_string).collect(),
+            min_reliability_bps: needs.min_reliability_bps,
+            free_now,
+            limit: FOUND_PER_SEARCH,
+            avoid: avoided,
+        };
+        match client.find_nodes(request).await {
+            Ok(reply) => self.keep_found(&reply.into_inner().nodes) > 0,
+            Err(status) => {
+                tracing::debug!(%status, "the head did not answer a search of nodes");
+                false
+            }
+        }
+    }
+
+    /// Puts rows found outside the sample in the view, until `FOUND_KEPT` has passed.
+    /// A row the view holds already stays as it is (the sample's is kept fresh by deltas;
+    /// a found one counts the requests sent there since: found again, it is kept longer).
+    /// Returns how many rows the view holds of those found.
+    pub(super) fn keep_found(&self, nodes: &[NodeInfo]) -> usize {
+        let views = self.learn_rows(nodes);
+        let now = Instant::now();
+        let mut state = self.lock();
+        let mut kept = 0;
+        for view in views {
+            let node_id = view.node_id;
+            if node_id == self.node_id {
+                continue;
+            }
+            if state.view.node(&node_id).is_some() {
+                if let Some(found) = state.found.get_mut(&node_id) {
+                    *found = now;
+                }
+                kept += 1;
+            } else if state.view.upsert_node(view).is_ok() {
+                state.found.insert(node_id, now);
+                kept += 1;
+            }
+        }
+        kept
+    }
+}
+
+impl super::state::LeaseState {
+    /// Drops rows found outside the sample once `FOUND_KEPT` has passed, and forgets as
+    /// found those `rows` (a delta of the sample) now carry.
+    pub(super) fn expire_found(&mut self, rows: &[NodeId]) {
+        for node_id in rows {
+            self.found.remove(node_id);
+        }
+        let expired: Vec<NodeId> =
+            self.found.iter().filter(|(_, at)| at.elapsed() >= FOUND_KEPT).map(|(node_id, _)| *node_id).collect();
+        for node_id in expired {
+            self.found.remove(&node_id);
+            self.view.remove_node(&node_id);
+        }
+    }
+}
