@@ -19,7 +19,7 @@
 //! stream the head ended after a whole table, reads every row): with `--changing 1`,
 //! each change goes to every node, the cost that grows with the square of the cluster,
 //! unless views are sampled: nodes ask for sampled views as real ones do, and the head
-//! samples past twice `--view-sample N` nodes (128, the default; 0: whole views, the
+//! samples past twice `--view-sample N` nodes (64, the default; 0: whole views, the
 //! square cost).
 //!
 //!   cargo bench -p ionet-benches --bench gcs_heartbeats -- [--nodes 1000] [--seconds 10] [--changing 1] [--answered 1] [--calls 1] [--views 1] [--view-sample N] [--period-ms N]

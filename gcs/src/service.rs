@@ -27,7 +27,8 @@ use crate::state::{payer_account, GcsState, KvScope};
 use crate::submissions::Submissions;
 use ionet_scheduler::NodeOrder;
 
-/// A heartbeat stream ends after a reply carrying more rows than this (bytes).
+/// A heartbeat stream ends after a reply carrying more rows than this (bytes): a whole
+/// table past a few hundred nodes, or a large delta.
 const LARGE_HEARTBEAT_REPLY: usize = 64 << 10;
 /// Most nodes one `GetAllNodes` look-up names (or one `FindNodes` avoids).
 const MAX_NODES_LOOKED_UP: usize = 1_000;
@@ -541,9 +542,10 @@ impl Gcs for GcsService {
         // has something in it (the unfunded jobs count as new when they differ from the
         // set this stream last carried); the first refused ends the stream with its
         // status. It ends cleanly once its time is up, when the head stops (a server
-        // stopping waits for its streams), and after a reply that carried a whole table or
-        // a large delta (the stream's buffer keeps the size of its largest message: the
-        // node's next heartbeat opens a fresh one).
+        // stopping waits for its streams), and after a reply that carried many rows (a
+        // whole table, or a large delta: the stream's buffer keeps the size of its largest
+        // message, so the node's next heartbeat opens a fresh one; a sampled view's whole
+        // read is small, and keeps the stream).
         let state = HeartbeatStreamState {
             service: self.clone(),
             principal,
@@ -584,9 +586,10 @@ impl Gcs for GcsService {
                     continue;
                 }
                 stream.unfunded_sent = Some(reply.unfunded_jobs.clone());
-                stream.ended = reply.view.as_ref().is_some_and(|view| {
-                    !view.delta || view.nodes.iter().map(|row| row.len()).sum::<usize>() > LARGE_HEARTBEAT_REPLY
-                });
+                stream.ended = reply
+                    .view
+                    .as_ref()
+                    .is_some_and(|view| view.nodes.iter().map(|row| row.len()).sum::<usize>() > LARGE_HEARTBEAT_REPLY);
                 return Some((Ok(reply), stream));
             }
         });

@@ -129,7 +129,7 @@ impl Default for ClusterConfig {
             gpu_check_min_gap_ms: 30_000,
             max_dead_actors: 100_000,
             max_dead_nodes: 1_000,
-            view_sample: 128,
+            view_sample: 64,
             gpu_check_max_defer_ms: 4 * 3_600_000,
             accept_remote_simulated_gpus: false,
         }
