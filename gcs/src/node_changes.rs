@@ -7,8 +7,9 @@
 //! view is sent only the rows of its own hash bucket: the table is split into 2^level
 //! buckets by a keyed hash of the node id (keyed per head process, so nobody chooses
 //! their bucket), with the level such that a bucket holds `view_sample` to twice that.
-//! Each bucket has a log of its own, so a reader's delta costs what changed in its
-//! bucket, not in the cluster. What a sample misses the node asks of the head.
+//! Each bucket has a log of its own and a set of its nodes, so a reader's delta costs what
+//! changed in its bucket, and a whole read its bucket's rows, not the cluster's. What a
+//! sample misses the node asks of the head.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -69,6 +70,9 @@ pub(crate) struct NodeChanges {
     /// another sample, and is read whole again.
     sampled_since: u64,
     buckets: Vec<BucketLog>,
+    /// The nodes of each bucket (every node in `latest`): a sampled view read whole is
+    /// its bucket's rows, found without a scan of the table.
+    members: Vec<std::collections::HashSet<NodeId>>,
 }
 
 impl NodeChanges {
@@ -81,6 +85,7 @@ impl NodeChanges {
             sampler: Sampler { hasher: Default::default(), level: 0 },
             sampled_since: 0,
             buckets: vec![BucketLog::default()],
+            members: vec![Default::default()],
         }
     }
 
@@ -89,13 +94,17 @@ impl NodeChanges {
         self.version += 1;
         let version = self.version;
         self.log.push_back((version, node));
-        self.latest.insert(node, version);
+        let new = self.latest.insert(node, version).is_none();
         if self.log.len() > NODE_CHANGES_KEPT {
             self.log.pop_front();
         }
         if self.sampler.samples() {
             let kept = BUCKET_CHANGES_KEPT.max(NODE_CHANGES_KEPT >> self.sampler.level);
-            let bucket = &mut self.buckets[self.sampler.bucket(&node)];
+            let index = self.sampler.bucket(&node);
+            if new {
+                self.members[index].insert(node);
+            }
+            let bucket = &mut self.buckets[index];
             bucket.log.push_back((version, node));
             if bucket.log.len() > kept {
                 if let Some((dropped, _)) = bucket.log.pop_front() {
@@ -121,6 +130,26 @@ impl NodeChanges {
         self.sampler.level = level;
         self.buckets =
             (0..1usize << level).map(|_| BucketLog { log: VecDeque::new(), complete_from: self.version }).collect();
+        self.members = vec![Default::default(); 1usize << level];
+        if level > 0 {
+            for node in self.latest.keys() {
+                self.members[self.sampler.bucket(node)].insert(*node);
+            }
+        }
+    }
+
+    /// Forgets `node` (its row is gone from the table).
+    pub(crate) fn forget(&mut self, node: &NodeId) {
+        self.latest.remove(node);
+        if self.sampler.samples() {
+            let index = self.sampler.bucket(node);
+            self.members[index].remove(node);
+        }
+    }
+
+    /// The nodes of `viewer`'s sample, when views are sampled: its bucket's.
+    pub(crate) fn sample_of(&self, viewer: &NodeId) -> Option<Vec<NodeId>> {
+        self.sampler.samples().then(|| self.members[self.sampler.bucket(viewer)].iter().copied().collect())
     }
 
     /// Who is in which bucket now, and whether views are sampled.
@@ -225,6 +254,11 @@ mod tests {
             in_bucket
         };
         assert_eq!(seen, expected, "the viewer's bucket, itself included");
+        let mut whole = changes.sample_of(&viewer).unwrap();
+        whole.sort_unstable();
+        assert_eq!(whole, expected, "read whole: the same nodes");
+        changes.forget(&viewer);
+        assert!(!changes.sample_of(&nodes[1]).unwrap().contains(&viewer) && !changes.latest.contains_key(&viewer));
         assert!(seen.contains(&viewer));
         assert!(seen.len() < nodes.len());
         assert!(changes.since(moved, incarnation ^ 1, incarnation, Some(&viewer)).is_none(), "another incarnation");

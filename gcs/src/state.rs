@@ -294,7 +294,11 @@ impl GcsState {
             }
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let view_sample = config.view_sample;
+        // Every row is logged once, restored ones too: the log knows each bucket's nodes.
+        let mut node_changes = NodeChanges::new(config.view_sample);
+        for row in node_table.iter() {
+            node_changes.changed(*row.key());
+        }
         Ok(Arc::new(Self {
             config,
             storage,
@@ -315,7 +319,7 @@ impl GcsState {
             heartbeat_streams: AtomicU64::new(0),
             stalls: std::sync::Mutex::new(std::collections::VecDeque::new()),
             node_reads: [AtomicU64::new(0), AtomicU64::new(0)],
-            node_changes: std::sync::Mutex::new(NodeChanges::new(view_sample)),
+            node_changes: std::sync::Mutex::new(node_changes),
             encoded_rows: DashMap::new(),
             listed_scores: DashMap::new(),
             scores_swept_ms: AtomicU64::new(u64::MAX),
@@ -341,33 +345,31 @@ impl GcsState {
         // Each row's latest change is read before the row: a row read after it is at
         // least that new, so an encoding labelled with it is never older than its label.
         let rows_now = viewer.map(|_| self.nodes.len());
-        let (version, changed, sampler) = {
-            let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (version, sampled, answered) = {
+            let mut guard = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(rows) = rows_now {
-                changes.resample(rows);
+                guard.resample(rows);
             }
-            let sampler = viewer.filter(|_| changes.sampler().samples()).map(|_| changes.sampler().clone());
-            let changed = changes.since(since, since_incarnation, self.incarnation, viewer).map(|changed| {
-                changed.into_iter().map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0))).collect()
-            });
-            (changes.version, changed, sampler)
+            let changes = &*guard;
+            let latest = |node: NodeId| (node, changes.latest.get(&node).copied().unwrap_or(0));
+            let answered = match changes.since(since, since_incarnation, self.incarnation, viewer) {
+                Some(changed) => Some((true, changed.into_iter().map(latest).collect::<Vec<_>>())),
+                // A sample read whole: its bucket's nodes, which the log knows (every row
+                // is logged once at least).
+                None => viewer
+                    .and_then(|viewer| changes.sample_of(viewer))
+                    .map(|ids| (false, ids.into_iter().map(latest).collect())),
+            };
+            (changes.version, viewer.is_some() && changes.sampler().samples(), answered)
         };
-        let sampled = sampler.is_some();
-        if let Some(rows) = changed {
-            self.node_reads[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Wanted { rows, version, delta: true, sampled };
+        if let Some((delta, rows)) = answered {
+            self.node_reads[usize::from(delta)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Wanted { rows, version, delta, sampled };
         }
         self.node_reads[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Row guards are never taken under the log's lock: the ids come first.
-        let ids: Vec<NodeId> = match (&sampler, viewer) {
-            (Some(sampler), Some(viewer)) => {
-                let bucket = sampler.bucket(viewer);
-                self.nodes.iter().map(|row| *row.key()).filter(|node| sampler.bucket(node) == bucket).collect()
-            }
-            _ => self.nodes.iter().map(|row| *row.key()).collect(),
-        };
+        let ids: Vec<NodeId> = self.nodes.iter().map(|row| *row.key()).collect();
         let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Rows never logged (restored from storage) are read as of change 0.
         let rows = ids.into_iter().map(|node| (node, changes.latest.get(&node).copied().unwrap_or(0))).collect();
         Wanted { rows, version, delta: false, sampled }
     }
@@ -1148,7 +1150,7 @@ impl GcsState {
         {
             let mut changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for node_id in &forgotten {
-                changes.latest.remove(node_id);
+                changes.forget(node_id);
             }
         }
         for node_id in &forgotten {

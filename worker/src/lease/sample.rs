@@ -19,8 +19,10 @@ use super::{Leases, Needs};
 pub(super) const FOUND_KEPT: Duration = Duration::from_secs(10);
 /// How often a node asks the head for nodes with room while its requests wait.
 const ROOM_SEARCH_EVERY: Duration = Duration::from_secs(1);
-/// Nodes one search asks for.
+/// Nodes one search for a demand nothing in the sample fits asks for.
 const FOUND_PER_SEARCH: u32 = 8;
+/// Nodes one search for room asks for: a burst waiting here spreads over them.
+const ROOM_PER_SEARCH: u32 = 32;
 
 impl Leases {
     /// Whether the view holds only this node's sample of the table.
@@ -90,7 +92,7 @@ impl Leases {
             label_selectors: needs.selectors.iter().map(ToString::to_string).collect(),
             min_reliability_bps: needs.min_reliability_bps,
             free_now,
-            limit: FOUND_PER_SEARCH,
+            limit: if free_now { ROOM_PER_SEARCH } else { FOUND_PER_SEARCH },
             avoid: avoided,
         };
         match client.find_nodes(request).await {
