@@ -20,8 +20,8 @@ use ionet_common::ids::NodeId;
 /// behind reads the whole table).
 pub(crate) const NODE_CHANGES_KEPT: usize = 1 << 16;
 /// Changes each bucket's log remembers at least (a reader further behind reads its
-/// sample whole).
-const BUCKET_CHANGES_KEPT: usize = 4_096;
+/// sample whole); past 128 buckets, all of them remember `2 × NODE_CHANGES_KEPT` in all.
+const BUCKET_CHANGES_KEPT: usize = 256;
 /// Most buckets: 2^20, a million buckets of `view_sample` nodes.
 const MAX_LEVEL: u32 = 20;
 
@@ -99,7 +99,7 @@ impl NodeChanges {
             self.log.pop_front();
         }
         if self.sampler.samples() {
-            let kept = BUCKET_CHANGES_KEPT.max(NODE_CHANGES_KEPT >> self.sampler.level);
+            let kept = BUCKET_CHANGES_KEPT.max((2 * NODE_CHANGES_KEPT) >> self.sampler.level);
             let index = self.sampler.bucket(&node);
             if new {
                 self.members[index].insert(node);
@@ -196,6 +196,7 @@ fn level_for(size: usize, rows: usize, current: u32) -> u32 {
     if size == 0 {
         return 0;
     }
+    let (size, rows) = (size as u128, rows as u128);
     let mut level = current;
     while level < MAX_LEVEL && rows >= size << (level + 1) {
         level += 1;
@@ -222,6 +223,7 @@ mod tests {
         assert_eq!(level_for(128, 191, 1), 0);
         assert_eq!(level_for(128, 10, 6), 0);
         assert_eq!(level_for(1, usize::MAX / 4, 0), MAX_LEVEL);
+        assert_eq!(level_for(usize::MAX, usize::MAX, 0), 0, "no overflow");
     }
 
     #[test]
@@ -258,9 +260,16 @@ mod tests {
         whole.sort_unstable();
         assert_eq!(whole, expected, "read whole: the same nodes");
         changes.forget(&viewer);
-        assert!(!changes.sample_of(&nodes[1]).unwrap().contains(&viewer) && !changes.latest.contains_key(&viewer));
+        assert!(!changes.sample_of(&viewer).unwrap().contains(&viewer) && !changes.latest.contains_key(&viewer));
         assert!(seen.contains(&viewer));
         assert!(seen.len() < nodes.len());
         assert!(changes.since(moved, incarnation ^ 1, incarnation, Some(&viewer)).is_none(), "another incarnation");
+        // A bucket's log remembers so much: a reader further behind reads its sample whole.
+        let behind = changes.version;
+        for _ in 0..=(2 * NODE_CHANGES_KEPT) >> changes.sampler.level {
+            changes.changed(viewer);
+        }
+        assert!(changes.since(behind, incarnation, incarnation, Some(&viewer)).is_none(), "too far behind");
+        assert_eq!(changes.since(changes.version - 1, incarnation, incarnation, Some(&viewer)).unwrap(), vec![viewer]);
     }
 }

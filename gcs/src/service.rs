@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::actors::Actors;
 use crate::placement_groups::{strategy_from_wire, PlacementGroups};
-use crate::state::{payer_account, GcsState, KvScope};
+use crate::state::{payer_account, Fit, GcsState, KvScope};
 use crate::submissions::Submissions;
 use ionet_scheduler::NodeOrder;
 
@@ -34,6 +34,9 @@ const LARGE_HEARTBEAT_REPLY: usize = 64 << 10;
 const MAX_NODES_LOOKED_UP: usize = 1_000;
 /// Most nodes one `FindNodes` answers with.
 const MAX_NODES_FOUND: u32 = 64;
+/// Most label selectors one `FindNodes` names, and their longest.
+const MAX_SELECTORS_SEARCHED: usize = 32;
+const MAX_SELECTOR_BYTES: usize = 1024;
 
 /// Every part is shared (`Arc`), so a long-lived stream's handler holds a clone.
 #[derive(Clone)]
@@ -715,7 +718,20 @@ impl Gcs for GcsService {
     }
 
     async fn get_all_nodes(&self, request: Request<GetAllNodesRequest>) -> Result<Response<GetAllNodesReply>, Status> {
-        Ok(Response::new(self.nodes_read(request.into_inner())?))
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        // A node's sample is its own to read (or the operator's): a caller testing ids for
+        // the bucket they fall in could place nodes in a victim's view.
+        if !request.sample_for.is_empty() {
+            let viewer = node_id_of(&request.sample_for)?;
+            if principal != Principal::Node(viewer) && principal != Principal::Admin {
+                return Err(Status::permission_denied(format!(
+                    "{principal} may not read node {}'s sample of the table: a node reads its own",
+                    viewer.short()
+                )));
+            }
+        }
+        Ok(Response::new(self.nodes_read(request)?))
     }
 
     async fn find_nodes(&self, request: Request<FindNodesRequest>) -> Result<Response<FindNodesReply>, Status> {
@@ -729,6 +745,13 @@ impl Gcs for GcsService {
         if request.avoid.len() > MAX_NODES_LOOKED_UP {
             return Err(Status::invalid_argument(format!("at most {MAX_NODES_LOOKED_UP} nodes may be avoided")));
         }
+        if request.label_selectors.len() > MAX_SELECTORS_SEARCHED
+            || request.label_selectors.iter().any(|selector| selector.len() > MAX_SELECTOR_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_SELECTORS_SEARCHED} label selectors of {MAX_SELECTOR_BYTES} bytes each may be searched for"
+            )));
+        }
         let resources = request.resources.clone().unwrap_or_default().to_set().map_err(Status::from)?;
         let mut demand = ionet_scheduler::Demand::new(resources)
             .with_label_selectors(&request.label_selectors)
@@ -739,19 +762,17 @@ impl Gcs for GcsService {
         let avoid = request.avoid.iter().map(|id| node_id_of(id)).collect::<Result<HashSet<_>, _>>()?;
         let (limit, free_now) = (request.limit as usize, request.free_now);
         // What was asked, whoever asked it: a search that found nothing is not made again
-        // at once (the asker is among those avoided, so it is left out of the key).
+        // at once. The asker is among those avoided, so they are left out of what names
+        // the search, and a search that left out a node that fits is not remembered.
         request.avoid.clear();
-        let asked = request.encode_to_vec();
+        let asked: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(request.encode_to_vec()).into();
         let found = self.state.find_nodes(asked, limit, |row| {
-            let Ok(node_id) = NodeId::from_bytes(&row.node_id) else { return false };
-            if avoid.contains(&node_id) {
-                return false;
-            }
-            let Ok(view) = crate::placement_groups::node_view(row) else { return false };
-            if free_now {
-                demand.fits_now(&view)
-            } else {
-                demand.fits_when_idle(&view)
+            let Ok(view) = crate::placement_groups::node_view(row) else { return Fit::No };
+            let fits = if free_now { demand.fits_now(&view) } else { demand.fits_when_idle(&view) };
+            match (fits, avoid.contains(&view.node_id)) {
+                (false, _) => Fit::No,
+                (true, false) => Fit::Yes,
+                (true, true) => Fit::Avoided,
             }
         });
         Ok(Response::new(FindNodesReply { nodes: found }))

@@ -82,6 +82,14 @@ pub struct NodeRowsRead {
     pub sampled: bool,
 }
 
+/// Whether a row fits a search of the node table ([`GcsState::find_nodes`]).
+pub enum Fit {
+    Yes,
+    No,
+    /// It fits, but the asker left it out.
+    Avoided,
+}
+
 /// A read of the node table: every row, or those changed since the reader's version.
 pub struct NodesRead {
     pub nodes: Vec<NodeInfo>,
@@ -153,7 +161,7 @@ pub struct GcsState {
     /// Searches of [`GcsState::find_nodes`] that found nothing lately, by what they asked:
     /// asked again within `NOTHING_FOUND_KEPT`, they find nothing again without a scan
     /// (every node of a full cluster asking each second would scan it N times a second).
-    nothing_found: std::sync::Mutex<HashMap<Vec<u8>, std::time::Instant>>,
+    nothing_found: std::sync::Mutex<HashMap<[u8; 32], std::time::Instant>>,
     /// Whether any node was ever forgotten ([`NODES_FORGOTTEN_KEY`]).
     nodes_forgotten: std::sync::atomic::AtomicBool,
 }
@@ -1191,15 +1199,17 @@ impl GcsState {
         if !addresses.is_empty() {
             let addresses: std::collections::HashSet<&str> = addresses.iter().map(String::as_str).collect();
             let at = self.nodes.iter().filter(|row| addresses.contains(row.address.as_str()) && wanted(row));
-            found.extend(at.filter(|row| !ids.contains(row.key())).map(|row| row.value().clone()));
+            let named: std::collections::HashSet<&NodeId> = ids.iter().collect();
+            found.extend(at.filter(|row| !named.contains(row.key())).map(|row| row.value().clone()));
         }
         found
     }
 
     /// Up to `limit` living nodes that `fits`, read from a random place in the table on
-    /// (nodes asking at once are not all sent to the same few). A search that found
-    /// nothing (`asked` names it) finds nothing again for a second without a scan.
-    pub fn find_nodes(&self, asked: Vec<u8>, limit: usize, fits: impl Fn(&NodeInfo) -> bool) -> Vec<NodeInfo> {
+    /// (nodes asking at once are not all sent to the same few), each once. A search that
+    /// found nothing (`asked` names it) finds nothing again for a second without a scan,
+    /// unless it left out a node that fits ([`Fit::Avoided`]: another asker may take it).
+    pub fn find_nodes(&self, asked: [u8; 32], limit: usize, fits: impl Fn(&NodeInfo) -> Fit) -> Vec<NodeInfo> {
         {
             let mut nothing = self.nothing_found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match nothing.get(&asked) {
@@ -1212,30 +1222,26 @@ impl GcsState {
         }
         let rows = self.nodes.len();
         let start = if rows == 0 { 0 } else { rand::random::<u64>() as usize % rows };
-        let mut found = Vec::new();
-        let living = |row: &NodeInfo| row.state == NodeState::Alive as i32 && fits(row);
+        let (mut found, mut ids, mut avoided) = (Vec::new(), std::collections::HashSet::new(), false);
         // Two passes, each with guards of its own: from `start` to the end, then the rest.
-        for row in self.nodes.iter().skip(start) {
+        let rows =
+            self.nodes.iter().skip(start).chain(std::iter::once_with(|| self.nodes.iter().take(start)).flatten());
+        for row in rows {
             if found.len() == limit {
                 break;
             }
-            if living(&row) {
-                found.push(row.value().clone());
+            if row.state != NodeState::Alive as i32 {
+                continue;
+            }
+            match fits(row.value()) {
+                Fit::Yes if ids.insert(*row.key()) => found.push(row.value().clone()),
+                Fit::Avoided => avoided = true,
+                _ => {}
             }
         }
-        for row in self.nodes.iter().take(start) {
-            if found.len() == limit {
-                break;
-            }
-            if living(&row) {
-                found.push(row.value().clone());
-            }
-        }
-        if found.is_empty() {
+        if found.is_empty() && !avoided {
             let mut nothing = self.nothing_found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if nothing.len() >= NOTHING_FOUND_MAX {
-                nothing.retain(|_, at| at.elapsed() < NOTHING_FOUND_KEPT);
-            }
+            nothing.retain(|_, at| at.elapsed() < NOTHING_FOUND_KEPT);
             if nothing.len() < NOTHING_FOUND_MAX {
                 nothing.insert(asked, std::time::Instant::now());
             }

@@ -207,10 +207,32 @@ async fn a_large_cluster_sends_each_node_its_sample_and_finds_the_rest() {
     assert_eq!(rows, expected, "exactly the nodes named");
     assert_eq!(reply.version, 0, "a look-up is no view's version");
 
-    // A tenant may not search the table (a node's spillback only).
+    // A search that left out the one node that fits is not remembered as finding nothing:
+    // another node asking at once finds it.
+    let sixteen = |avoid: Vec<NodeId>| FindNodesRequest {
+        resources: cpus(16),
+        limit: 1,
+        avoid: avoid.iter().map(|node| node.to_vec()).collect(),
+        ..Default::default()
+    };
+    let none = nodes[0].1.find_nodes(sixteen(vec![ids[0], ids[15]])).await.unwrap().into_inner().nodes;
+    assert!(none.is_empty(), "the only node of 16 CPUs avoided");
+    let found = nodes[1].1.find_nodes(sixteen(vec![ids[1]])).await.unwrap().into_inner().nodes;
+    assert_eq!(found.len(), 1, "found by the next asker");
+    assert_eq!(found[0].node_id, ids[15].to_vec());
+
+    // A tenant may not search the table (a node's spillback only), nor read a node's
+    // sample; a node reads its own only.
     let tenant = server.account_credential("alice", Duration::from_secs(60));
     let mut tenant = ionet_common::rpc::gcs_client(&address, &tenant).await.unwrap();
     let refused = tenant.find_nodes(search(1, 1)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let sample_of = |node: NodeId| GetAllNodesRequest { sample_for: node.to_vec(), ..Default::default() };
+    let refused = tenant.get_all_nodes(sample_of(ids[0])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = nodes[0].1.get_all_nodes(sample_of(ids[1])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let own = nodes[0].1.get_all_nodes(sample_of(ids[0])).await.unwrap().into_inner();
+    assert!(own.sampled && own.nodes.iter().any(|node| node.node_id == ids[0].to_vec()));
     server.shutdown().await;
 }

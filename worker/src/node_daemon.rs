@@ -362,7 +362,10 @@ impl NodeManager for NodeManagerService {
             return Err(Status::invalid_argument("at most 100000 objects may be taken in one call"));
         }
         // The view was refreshed for the caller if it needed to be: copies are checked
-        // against it as it is (one look-up per copy would outlast a drain's deadline).
+        // against it as it is (one look-up per copy would outlast a drain's deadline; a
+        // sampled view looks up the holders it does not know, a thousand a call).
+        let holders = request.objects.iter().flat_map(|object| object.copies.iter());
+        self.shared.leases.look_up_addresses(holders).await;
         let leases = self.shared.leases.clone();
         let taken = self
             .shared

@@ -161,6 +161,8 @@ pub struct Leases {
     looking_up: tokio::sync::Mutex<()>,
     /// When this node last asked the head for nodes with room (`sample`).
     room_searched: tokio::sync::Mutex<Option<Instant>>,
+    /// Addresses the head said are no node's, and when (`sample`).
+    unknown_addresses: DashMap<String, Instant>,
     object_store_dir: Mutex<String>,
     gcs_address: Mutex<String>,
     /// The head's public key (hex), once the node has registered: told to workers.
@@ -292,6 +294,7 @@ impl Leases {
             refreshes: std::sync::atomic::AtomicU64::new(0),
             looking_up: tokio::sync::Mutex::new(()),
             room_searched: tokio::sync::Mutex::new(None),
+            unknown_addresses: DashMap::new(),
             object_store_dir: Mutex::new(String::new()),
             gcs_address: Mutex::new(String::new()),
             head_key: Mutex::new(String::new()),
@@ -948,6 +951,7 @@ impl Leases {
             Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
         };
         // A node it is pinned to that a sampled view does not hold is looked up first.
+        self.expire_found();
         if let SchedulingStrategy::NodeAffinity { node_id, .. } = &strategy {
             let missing =
                 *node_id != self.node_id && self.view_is_sampled() && self.lock().view.node(node_id).is_none();
@@ -1032,7 +1036,16 @@ impl Leases {
                     // for a sample) before refusing.
                     if !refreshed {
                         refreshed = true;
-                        let found = self.view_is_sampled() && self.search(&demand, &needs, &avoid, false).await;
+                        let found = self.view_is_sampled()
+                            && match &strategy {
+                                // Pinned: its node is looked up again (a search finds others).
+                                SchedulingStrategy::NodeAffinity { node_id, soft: false }
+                                    if *node_id != self.node_id =>
+                                {
+                                    self.find_node(node_id).await
+                                }
+                                _ => self.search(&demand, &needs, &avoid, false).await,
+                            };
                         if found || self.refresh_from_control_store().await {
                             continue;
                         }

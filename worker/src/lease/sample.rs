@@ -23,6 +23,21 @@ const ROOM_SEARCH_EVERY: Duration = Duration::from_secs(1);
 const FOUND_PER_SEARCH: u32 = 8;
 /// Nodes one search for room asks for: a burst waiting here spreads over them.
 const ROOM_PER_SEARCH: u32 = 32;
+/// How long a look-up or search may take: requests wait on it.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an address the head said is no node's is not asked about again.
+const UNKNOWN_KEPT: Duration = Duration::from_secs(5);
+/// Most addresses remembered as no node's.
+const UNKNOWN_MAX: usize = 10_000;
+/// Most nodes one look-up names (the head's limit).
+const LOOKED_UP_PER_CALL: usize = 1_000;
+
+/// A request to the head that gives up after `ASK_TIMEOUT`.
+fn asking<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(ASK_TIMEOUT);
+    request
+}
 
 impl Leases {
     /// Whether the view holds only this node's sample of the table.
@@ -31,29 +46,64 @@ impl Leases {
     }
 
     /// Learns the addresses of the nodes named (by id or address) from the head: what a
-    /// sampled view does not hold. One look-up at a time; whether the head answered.
+    /// sampled view does not hold. One look-up at a time, none of an address the head
+    /// said lately is no node's; whether the head answered.
     pub(super) async fn look_up(&self, ids: &[NodeId], addresses: &[String]) -> bool {
         let Some(mut client) = self.control_store() else { return false };
+        let unknown_lately =
+            |address: &String| self.unknown_addresses.get(address).is_some_and(|at| at.elapsed() < UNKNOWN_KEPT);
+        if ids.is_empty() && addresses.iter().all(unknown_lately) {
+            return true; // asked lately: no node's
+        }
         let _one = self.looking_up.lock().await;
-        let known = ids.iter().all(|id| self.address_of(id).is_some())
-            && addresses.iter().all(|address| self.node_addresses.contains(address));
-        if known {
+        let ids: Vec<Vec<u8>> = ids.iter().filter(|id| self.address_of(id).is_none()).map(|id| id.to_vec()).collect();
+        let addresses: Vec<String> = addresses
+            .iter()
+            .filter(|address| !self.node_addresses.contains(*address) && !unknown_lately(address))
+            .cloned()
+            .collect();
+        if ids.is_empty() && addresses.is_empty() {
             return true; // another caller's look-up found them meanwhile
         }
         let request = GetAllNodesRequest {
             include_dead: false,
-            node_ids: ids.iter().map(|id| id.to_vec()).collect(),
-            addresses: addresses.to_vec(),
+            node_ids: ids,
+            addresses: addresses.clone(),
             ..Default::default()
         };
-        match client.get_all_nodes(request).await {
+        match client.get_all_nodes(asking(request)).await {
             Ok(reply) => {
                 self.learn_rows(&reply.into_inner().nodes);
+                if self.unknown_addresses.len() >= UNKNOWN_MAX {
+                    self.unknown_addresses.retain(|_, at| at.elapsed() < UNKNOWN_KEPT);
+                }
+                for address in addresses.into_iter().filter(|address| !self.node_addresses.contains(address)) {
+                    if self.unknown_addresses.len() < UNKNOWN_MAX {
+                        self.unknown_addresses.insert(address, Instant::now());
+                    }
+                }
                 true
             }
             Err(status) => {
                 tracing::debug!(%status, "the head did not answer a look-up of nodes");
                 false
+            }
+        }
+    }
+
+    /// Looks up the addresses among `addresses` that a sampled view does not know (the
+    /// holders of copies a leaving node hands over), so that they are known as nodes'.
+    pub async fn look_up_addresses(&self, addresses: impl IntoIterator<Item = &String>) {
+        if !self.view_is_sampled() {
+            return;
+        }
+        let mut unknown: Vec<String> =
+            addresses.into_iter().filter(|address| !self.knows_node_address(address)).cloned().collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        for chunk in unknown.chunks(LOOKED_UP_PER_CALL) {
+            if !self.look_up(&[], chunk).await {
+                return;
             }
         }
     }
@@ -64,7 +114,7 @@ impl Leases {
         let Some(mut client) = self.control_store() else { return false };
         let request =
             GetAllNodesRequest { include_dead: false, node_ids: vec![node_id.to_vec()], ..Default::default() };
-        match client.get_all_nodes(request).await {
+        match client.get_all_nodes(asking(request)).await {
             Ok(reply) => self.keep_found(&reply.into_inner().nodes) > 0,
             Err(_) => false,
         }
@@ -95,7 +145,7 @@ impl Leases {
             limit: if free_now { ROOM_PER_SEARCH } else { FOUND_PER_SEARCH },
             avoid: avoided,
         };
-        match client.find_nodes(request).await {
+        match client.find_nodes(asking(request)).await {
             Ok(reply) => self.keep_found(&reply.into_inner().nodes) > 0,
             Err(status) => {
                 tracing::debug!(%status, "the head did not answer a search of nodes");
@@ -104,10 +154,10 @@ impl Leases {
         }
     }
 
-    /// Puts rows found outside the sample in the view, until `FOUND_KEPT` has passed.
-    /// A row the view holds already stays as it is (the sample's is kept fresh by deltas;
-    /// a found one counts the requests sent there since: found again, it is kept longer).
-    /// Returns how many rows the view holds of those found.
+    /// Puts rows found outside the sample in the view, until `FOUND_KEPT` has passed. A
+    /// row found again replaces the one held (fresher; the requests sent there since are
+    /// in it, so they no longer count against it here); a row the sample holds stays as
+    /// it is (deltas keep it fresh). Returns how many rows the view holds of those found.
     pub(super) fn keep_found(&self, nodes: &[NodeInfo]) -> usize {
         let views = self.learn_rows(nodes);
         let now = Instant::now();
@@ -118,17 +168,27 @@ impl Leases {
             if node_id == self.node_id {
                 continue;
             }
-            if state.view.node(&node_id).is_some() {
-                if let Some(found) = state.found.get_mut(&node_id) {
-                    *found = now;
-                }
+            let sampled = state.view.node(&node_id).is_some() && !state.found.contains_key(&node_id);
+            if sampled {
                 kept += 1;
-            } else if state.view.upsert_node(view).is_ok() {
+                continue;
+            }
+            state.spilled.retain(|(spilled_to, _)| *spilled_to != node_id);
+            if state.view.upsert_node(view).is_ok() {
                 state.found.insert(node_id, now);
                 kept += 1;
             }
         }
         kept
+    }
+
+    /// Drops the rows found outside the sample that were kept long enough (a found node
+    /// may have died since: deltas of the sample do not say).
+    pub(super) fn expire_found(&self) {
+        let mut state = self.lock();
+        if !state.found.is_empty() {
+            state.expire_found(&[]);
+        }
     }
 }
 
