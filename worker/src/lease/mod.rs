@@ -646,7 +646,8 @@ impl Leases {
         for (node_id, demand) in std::mem::take(&mut state.spilled) {
             let _ = state.view.release(&node_id, &demand);
         }
-        let carried: Vec<NodeId> = views.iter().map(|view| view.node_id).collect();
+        let carried: Vec<NodeId> =
+            if state.found.is_empty() { Vec::new() } else { views.iter().map(|view| view.node_id).collect() };
         for view in views {
             let _ = state.view.upsert_node(view);
         }
@@ -655,7 +656,9 @@ impl Leases {
                 state.view.remove_node(&node_id);
             }
         }
-        state.expire_found(&carried);
+        if !state.found.is_empty() {
+            state.expire_found(&carried);
+        }
         state.view_at = at;
         true
     }
@@ -728,6 +731,11 @@ impl Leases {
         avoid: &[NodeId],
     ) -> Step {
         let mut state = self.lock();
+        // Rows found outside a sampled view are dropped once kept long enough (a node
+        // found may have died since: deltas of the sample do not say).
+        if !state.found.is_empty() {
+            state.expire_found(&[]);
+        }
         let gpus = demand.get(GPU);
         let fits_now = |state: &LeaseState| {
             state.available.contains(demand) && (gpus.is_zero() || state.gpus.total_free() >= gpus)
@@ -951,7 +959,6 @@ impl Leases {
             Some((PlacementGroupId::from_bytes(&request.placement_group_id)?, request.bundle_index))
         };
         // A node it is pinned to that a sampled view does not hold is looked up first.
-        self.expire_found();
         if let SchedulingStrategy::NodeAffinity { node_id, .. } = &strategy {
             let missing =
                 *node_id != self.node_id && self.view_is_sampled() && self.lock().view.node(node_id).is_none();

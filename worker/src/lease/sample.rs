@@ -181,15 +181,6 @@ impl Leases {
         }
         kept
     }
-
-    /// Drops the rows found outside the sample that were kept long enough (a found node
-    /// may have died since: deltas of the sample do not say).
-    pub(super) fn expire_found(&self) {
-        let mut state = self.lock();
-        if !state.found.is_empty() {
-            state.expire_found(&[]);
-        }
-    }
 }
 
 impl super::state::LeaseState {
