@@ -112,13 +112,17 @@ impl NodeChanges {
                 }
             }
         }
+        if new {
+            self.resample();
+        }
     }
 
-    /// Sets the level for a table of `rows` rows: up when a bucket would hold twice the
-    /// sample, down when it would hold under three quarters of it (so that a table at a
-    /// boundary does not move every view back and forth). Every sampled view is read
-    /// whole again after a move.
-    pub(crate) fn resample(&mut self, rows: usize) {
+    /// Sets the level for the table as it is now (every row is in `latest`, logged once at
+    /// least): up when a bucket would hold twice the sample, down when it would hold under
+    /// three quarters of it (so that a table at a boundary does not move every view back
+    /// and forth). Every sampled view is read whole again after a move.
+    fn resample(&mut self) {
+        let rows = self.latest.len();
         let level = level_for(self.sample_size, rows, self.sampler.level);
         if level == self.sampler.level {
             return;
@@ -145,6 +149,7 @@ impl NodeChanges {
             let index = self.sampler.bucket(node);
             self.members[index].remove(node);
         }
+        self.resample();
     }
 
     /// The nodes of `viewer`'s sample, when views are sampled: its bucket's.
@@ -230,19 +235,23 @@ mod tests {
     fn a_sampled_reader_reads_its_own_bucket_and_reads_whole_after_a_move() {
         let mut changes = NodeChanges::new(2);
         let nodes: Vec<NodeId> = (0..64).map(|_| NodeId::random()).collect();
-        for node in &nodes {
-            changes.changed(*node);
-        }
         let incarnation = 7;
         // Under twice the sample's size: one bucket, the whole log.
-        changes.resample(3);
+        for node in &nodes[..3] {
+            changes.changed(*node);
+        }
+        assert_eq!(changes.sampler.level, 0);
         let all = changes.since(1, incarnation, incarnation, Some(&nodes[0])).unwrap();
-        assert_eq!(all.len(), 63);
-        changes.resample(nodes.len());
-        let moved = changes.version;
+        assert_eq!(all.len(), 2);
+        let before = changes.version;
+        // The level follows the table as it grows.
+        for node in &nodes[3..] {
+            changes.changed(*node);
+        }
+        let moved = changes.sampled_since;
         assert_eq!(changes.sampler.level, 5, "64 rows in buckets of 2: 32 buckets");
-        assert!(changes.since(moved - 1, incarnation, incarnation, Some(&nodes[0])).is_none(), "read before the move");
-        assert!(changes.since(moved - 1, incarnation, incarnation, None).is_some(), "whole views go on by delta");
+        assert!(changes.since(before, incarnation, incarnation, Some(&nodes[0])).is_none(), "read before the move");
+        assert!(changes.since(before, incarnation, incarnation, None).is_some(), "whole views go on by delta");
         for node in &nodes {
             changes.changed(*node);
         }

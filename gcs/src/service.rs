@@ -316,8 +316,8 @@ impl GcsService {
     }
 
     /// The node table for a reader at `since` of `since_incarnation`: what changed since,
-    /// or all of it.
-    fn nodes_read(&self, request: GetAllNodesRequest) -> Result<GetAllNodesReply, Status> {
+    /// or all of it (of `viewer`'s sample, checked to be the caller's); or the rows looked up.
+    fn nodes_read(&self, request: GetAllNodesRequest, viewer: Option<NodeId>) -> Result<GetAllNodesReply, Status> {
         if !request.node_ids.is_empty() || !request.addresses.is_empty() {
             if request.node_ids.len() + request.addresses.len() > MAX_NODES_LOOKED_UP {
                 return Err(Status::invalid_argument(format!(
@@ -332,7 +332,6 @@ impl GcsService {
                 ..Default::default()
             });
         }
-        let viewer = if request.sample_for.is_empty() { None } else { Some(node_id_of(&request.sample_for)?) };
         let read = self.state.nodes_since(
             request.include_dead,
             request.since_version,
@@ -722,8 +721,8 @@ impl Gcs for GcsService {
         let request = request.into_inner();
         // A node's sample is its own to read (or the operator's): a caller testing ids for
         // the bucket they fall in could place nodes in a victim's view.
-        if !request.sample_for.is_empty() {
-            let viewer = node_id_of(&request.sample_for)?;
+        let viewer = if request.sample_for.is_empty() { None } else { Some(node_id_of(&request.sample_for)?) };
+        if let Some(viewer) = viewer {
             if principal != Principal::Node(viewer) && principal != Principal::Admin {
                 return Err(Status::permission_denied(format!(
                     "{principal} may not read node {}'s sample of the table: a node reads its own",
@@ -731,7 +730,7 @@ impl Gcs for GcsService {
                 )));
             }
         }
-        Ok(Response::new(self.nodes_read(request)?))
+        Ok(Response::new(self.nodes_read(request, viewer)?))
     }
 
     async fn find_nodes(&self, request: Request<FindNodesRequest>) -> Result<Response<FindNodesReply>, Status> {

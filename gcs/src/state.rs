@@ -352,13 +352,9 @@ impl GcsState {
     fn wanted_rows(&self, since: u64, since_incarnation: u64, viewer: Option<&NodeId>) -> Wanted {
         // Each row's latest change is read before the row: a row read after it is at
         // least that new, so an encoding labelled with it is never older than its label.
-        let rows_now = viewer.map(|_| self.nodes.len());
         let (version, sampled, answered) = {
-            let mut guard = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(rows) = rows_now {
-                guard.resample(rows);
-            }
-            let changes = &*guard;
+            let changes = self.node_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let changes = &*changes;
             let latest = |node: NodeId| (node, changes.latest.get(&node).copied().unwrap_or(0));
             let answered = match changes.since(since, since_incarnation, self.incarnation, viewer) {
                 Some(changed) => Some((true, changed.into_iter().map(latest).collect::<Vec<_>>())),
