@@ -84,8 +84,17 @@ class IonetNodes:
         return ionet
 
     def stop(self, nodes):
+        # Stopped as an operator stops them (SIGTERM): a daemon killed outright leaves its
+        # store in /dev/shm until the next daemon on the machine sweeps it, and a
+        # broadcast's is gigabytes the next run (Ray's, in the same sitting) would lack.
         for node in nodes:
-            self.kill(node)
+            if node.poll() is None:
+                node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill(node)
         subprocess.run(self.cli + ["stop"], capture_output=True)
 
 
