@@ -61,7 +61,6 @@ pub mod packages;
 #[cfg(feature = "solana")]
 pub mod payouts;
 pub mod placement_groups;
-pub mod read_budget;
 pub mod server;
 pub mod service;
 pub mod state;

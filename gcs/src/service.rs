@@ -62,8 +62,6 @@ pub struct GcsService {
     metering: Arc<crate::metering::Metering>,
     /// Set when the head stops: long-lived streams end then (the server waits for them).
     stopped: tokio::sync::watch::Receiver<bool>,
-    /// What each caller may read of the node table.
-    read_budgets: Arc<crate::read_budget::ReadBudgets>,
 }
 
 /// Whether a listing of actors or placement groups shows `principal` what belongs to
@@ -102,6 +100,7 @@ impl GcsService {
             }
         });
         Self {
+            state,
             placement_groups,
             actors,
             issuer,
@@ -111,10 +110,8 @@ impl GcsService {
             tasks,
             objects,
             gpu_checks: Default::default(),
-            read_budgets: Arc::new(crate::read_budget::ReadBudgets::new(state.config.read_rows_per_s)),
             metering,
             stopped,
-            state,
         }
     }
 
@@ -733,23 +730,10 @@ impl Gcs for GcsService {
                 )));
             }
         }
-        // What the read may cost: the rows it names, or as many as the table holds (a read
-        // of the table, whole or since a version, or a look-up by address, which scans it).
-        let table = self.state.node_count();
-        let by_address = !request.addresses.is_empty();
-        let rows = if request.node_ids.is_empty() || by_address { table } else { request.node_ids.len() };
-        let reserved = self.read_budgets.reserve(&principal, rows, table).await?;
-        let read = self.nodes_read(request, viewer);
-        reserved.settle(match &read {
-            Ok(_) if by_address => table,
-            Ok(reply) => reply.nodes.len(),
-            Err(_) => 0,
-        });
-        Ok(Response::new(read?))
+        Ok(Response::new(self.nodes_read(request, viewer)?))
     }
 
     async fn find_nodes(&self, request: Request<FindNodesRequest>) -> Result<Response<FindNodesReply>, Status> {
-        let principal = Principal::of(&request)?;
         let mut request = request.into_inner();
         if request.limit == 0 || request.limit > MAX_NODES_FOUND {
             return Err(Status::invalid_argument(format!(
@@ -781,9 +765,7 @@ impl Gcs for GcsService {
         // the search, and a search that left out a node that fits is not remembered.
         request.avoid.clear();
         let asked: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(request.encode_to_vec()).into();
-        let table = self.state.node_count();
-        let reserved = self.read_budgets.reserve(&principal, table, table).await?;
-        let (found, visited) = self.state.find_nodes(asked, limit, |row| {
+        let found = self.state.find_nodes(asked, limit, |row| {
             let Ok(view) = crate::placement_groups::node_view(row) else { return Fit::No };
             let fits = if free_now { demand.fits_now(&view) } else { demand.fits_when_idle(&view) };
             match (fits, avoid.contains(&view.node_id)) {
@@ -792,7 +774,6 @@ impl Gcs for GcsService {
                 (true, true) => Fit::Avoided,
             }
         });
-        reserved.settle(visited);
         Ok(Response::new(FindNodesReply { nodes: found }))
     }
 

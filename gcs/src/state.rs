@@ -1205,12 +1205,11 @@ impl GcsState {
     /// (nodes asking at once are not all sent to the same few), each once. A search that
     /// found nothing (`asked` names it) finds nothing again for a second without a scan,
     /// unless it left out a node that fits ([`Fit::Avoided`]: another asker may take it).
-    /// Also says how many rows it read.
-    pub fn find_nodes(&self, asked: [u8; 32], limit: usize, fits: impl Fn(&NodeInfo) -> Fit) -> (Vec<NodeInfo>, usize) {
+    pub fn find_nodes(&self, asked: [u8; 32], limit: usize, fits: impl Fn(&NodeInfo) -> Fit) -> Vec<NodeInfo> {
         {
             let mut nothing = self.nothing_found.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match nothing.get(&asked) {
-                Some(at) if at.elapsed() < NOTHING_FOUND_KEPT => return (Vec::new(), 0),
+                Some(at) if at.elapsed() < NOTHING_FOUND_KEPT => return Vec::new(),
                 Some(_) => {
                     nothing.remove(&asked);
                 }
@@ -1219,7 +1218,7 @@ impl GcsState {
         }
         let rows = self.nodes.len();
         let start = if rows == 0 { 0 } else { rand::random::<u64>() as usize % rows };
-        let (mut found, mut ids, mut avoided, mut visited) = (Vec::new(), std::collections::HashSet::new(), false, 0);
+        let (mut found, mut ids, mut avoided) = (Vec::new(), std::collections::HashSet::new(), false);
         // Two passes, each with guards of its own: from `start` to the end, then the rest.
         let rows =
             self.nodes.iter().skip(start).chain(std::iter::once_with(|| self.nodes.iter().take(start)).flatten());
@@ -1227,7 +1226,6 @@ impl GcsState {
             if found.len() == limit {
                 break;
             }
-            visited += 1;
             if row.state != NodeState::Alive as i32 {
                 continue;
             }
@@ -1244,7 +1242,7 @@ impl GcsState {
                 nothing.insert(asked, std::time::Instant::now());
             }
         }
-        (found, visited)
+        found
     }
 
     /// Whether the head holds a row of `node_id` (alive or dead, not forgotten).

@@ -93,11 +93,6 @@ pub struct ClusterConfig {
     /// its sample misses; the head's cost of busy views is then this many rows per node,
     /// not the cluster's size. 0: every view is the whole table.
     pub view_sample: usize,
-    /// Rows of the node table each caller may read a second (whole reads, look-ups,
-    /// searches), up to a second's worth or one whole table at once: past it reads wait,
-    /// up to 2 s, then are refused, so no tenant or node reading in a loop takes the head
-    /// from the rest. The operator reads freely. 0: not limited.
-    pub read_rows_per_s: u64,
     /// Longest a lease of a node's GPUs may put off its due check: past it the node is
     /// `OVERDUE` (no new leases, no availability rewards; running leases finish) until it
     /// passes, so a provider leasing a sliver of its own GPU to itself cannot dodge checks.
@@ -135,7 +130,6 @@ impl Default for ClusterConfig {
             max_dead_actors: 100_000,
             max_dead_nodes: 1_000,
             view_sample: 64,
-            read_rows_per_s: 20_000,
             gpu_check_max_defer_ms: 4 * 3_600_000,
             accept_remote_simulated_gpus: false,
         }
@@ -222,7 +216,6 @@ impl ClusterConfig {
         read(&lookup, "IONET_MAX_DEAD_ACTORS", &mut self.max_dead_actors)?;
         read(&lookup, "IONET_MAX_DEAD_NODES", &mut self.max_dead_nodes)?;
         read(&lookup, "IONET_VIEW_SAMPLE", &mut self.view_sample)?;
-        read(&lookup, "IONET_READ_ROWS_PER_S", &mut self.read_rows_per_s)?;
         read(&lookup, "IONET_GPU_CHECK_MAX_DEFER_MS", &mut self.gpu_check_max_defer_ms)?;
         if let Some(text) = lookup("IONET_ACCEPT_REMOTE_SIMULATED_GPUS") {
             self.accept_remote_simulated_gpus = match text.trim() {
