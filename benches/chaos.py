@@ -87,12 +87,13 @@ class IonetNodes:
         # Stopped as an operator stops them (SIGTERM): a daemon killed outright leaves its
         # store in /dev/shm until the next daemon on the machine sweeps it, and a
         # broadcast's is gigabytes the next run (Ray's, in the same sitting) would lack.
+        # Longer than a node's drain deadline (30 s) and its shutdown after.
         for node in nodes:
             if node.poll() is None:
                 node.terminate()
         for node in nodes:
             try:
-                node.wait(timeout=30)
+                node.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.kill(node)
         subprocess.run(self.cli + ["stop"], capture_output=True)
